@@ -1,0 +1,63 @@
+#!/bin/sh
+# Regenerates every file in tests/data/ except tiny.txt, README.md and this
+# script.  Needs torch (Debian's python3-torch 1.13 under /usr/bin/python3);
+# not run by CI.  The checkpoints go to $CKPT_DIR (default /tmp/moas-testdata)
+# and are not committed.  Output is deterministic for a given torch build.
+#
+#   sh tests/data/regen.sh
+set -eu
+
+cd "$(dirname "$0")/../.."
+TORCH_PY=${TORCH_PY:-/usr/bin/python3}     # python with torch, for tools/train.py
+PY=${PY:-python3}                          # any python3 >= 3.9, for the converter
+CKPT_DIR=${CKPT_DIR:-/tmp/moas-testdata}
+D=tests/data
+TEXT=$D/tiny.txt
+mkdir -p "$CKPT_DIR"
+
+# 1. Six tiny random models: 2 layers, n_embd 48, 6 heads, context 64, with a
+#    spread-out init (--init-std 0.25) so that logits and gates vary.
+seed=10
+for type in baseline static moas; do
+    case $type in static) atype=static_moas ;; *) atype=$type ;; esac
+    for bias in bias nobias; do
+        seed=$((seed + 1))
+        name=tiny-$type-$bias
+        case $bias in bias) flag=--bias ;; *) flag=--no-bias ;; esac
+        $TORCH_PY tools/train.py --data $TEXT --out "$CKPT_DIR/$name.pt" --init-only \
+            --attention-type $atype $flag --n-layer 2 --n-head 6 --n-embd 48 \
+            --block-size 64 --dropout 0.0 --init-std 0.25 --seed $seed
+        $PY tools/moas-convert "$CKPT_DIR/$name.pt" -o $D/$name.gguf --vocab-text $TEXT \
+            --type f32 --name $name
+        $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+            --text-start 440 --text-len 64 --out $D/$name.golden
+    done
+done
+
+# 2. The moas model with biases as F16 (matrices and embeddings F16, norms and
+#    biases F32); its golden is the forward with matrices and embeddings rounded
+#    to float16.
+$PY tools/moas-convert "$CKPT_DIR/tiny-moas-bias.pt" -o $D/tiny-moas-f16.gguf \
+    --vocab-text $TEXT --type f16 --name tiny-moas-f16
+$TORCH_PY tools/train.py --golden "$CKPT_DIR/tiny-moas-bias.pt" --data $TEXT --text $TEXT \
+    --text-start 440 --text-len 64 --round-f16 --out $D/tiny-moas-f16.golden
+
+# 3. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
+#    biases, the reference's mask buffers and the optimizer state of two AdamW
+#    steps, plus its state_dict values as JSON (written by torch, not by us).
+$TORCH_PY tools/train.py --data $TEXT --out $D/tiny-ckpt.pt --attention-type moas --bias \
+    --mask-buffers --n-layer 1 --n-head 2 --n-embd 4 --block-size 4 --dropout 0.0 \
+    --init-std 0.3 --seed 7 --iters 2 --batch-size 2 --eval-interval 1000 --eval-iters 1 \
+    --warmup 1 --log-interval 0
+$TORCH_PY - $D/tiny-ckpt.pt $D/tiny-ckpt.json <<'EOF'
+import json, sys, torch
+ck = torch.load(sys.argv[1], map_location="cpu")
+out = {"model_args": ck["model_args"],
+       "tensors": {k: {"shape": list(v.shape), "values": v.flatten().tolist()}
+                   for k, v in ck["model"].items()}}
+with open(sys.argv[2], "w") as f:
+    json.dump(out, f, indent=0, sort_keys=True)
+    f.write("\n")
+EOF
+
+ls -l $D

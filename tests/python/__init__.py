@@ -1,0 +1,1 @@
+"""Python tests of the tools/ scripts (stdlib only)."""

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""The semantics of docs/FORMAT.md as a slow, plain-Python forward pass.
+
+Standard library only.  It reads a libmoas GGUF with tools/gguf.py and runs the
+"mixture" forward of the format's Semantics section token by token with a K/V
+cache, in double precision.  It exists to check files and goldens without
+torch or the C library (tests/python, tools/check_reference.py); it is far too
+slow for anything but the tiny test models.
+
+    python3 tools/moas_forward.py model.gguf tests/data/x.golden   # compare
+"""
+
+import math
+import os
+import struct
+import sys
+from operator import mul
+
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+import gguf  # noqa: E402
+
+
+def _rows(values, n_rows, n_cols):
+    return [values[r * n_cols:(r + 1) * n_cols] for r in range(n_rows)]
+
+
+class Model:
+    """Hyperparameters and weights (row-major lists of rows) of a GGUF model."""
+
+    def __init__(self, path):
+        r = gguf.GGUFReader(path)
+        kv = r.kv
+        if kv.get("general.architecture") != "moas":
+            raise ValueError("not a moas model")
+        self.n_ctx = kv["moas.context_length"]
+        self.C = kv["moas.embedding_length"]
+        self.L = kv["moas.block_count"]
+        self.H = kv["moas.attention.head_count"]
+        self.eps = kv["moas.attention.layer_norm_epsilon"]
+        self.kv_heads = list(kv["moas.attention.scheme_kv_heads"])
+        self.mixing = kv["moas.attention.mixing"]
+        self.bias = kv["moas.bias"]
+        self.tokens = list(kv["tokenizer.ggml.tokens"])
+        self.d = self.C // self.H
+        self._r = r
+
+    def vec(self, name):
+        return self._r.tensor_values(name) if name in self._r.tensors else None
+
+    def mat(self, name):
+        """(rows, bias or None) of a weight stored with GGUF shape [in, out]."""
+        t = self._r.tensors[name + ".weight"]
+        n_in, n_out = t.ne
+        w = _rows(self._r.tensor_values(name + ".weight"), n_out, n_in)
+        return w, self.vec(name + ".bias")
+
+
+def matvec(w, b, x):
+    y = [sum(map(mul, row, x)) for row in w]
+    if b is not None:
+        y = [v + c for v, c in zip(y, b)]
+    return y
+
+
+def layer_norm(x, w, b, eps):
+    n = len(x)
+    mean = sum(x) / n
+    var = sum((v - mean) ** 2 for v in x) / n
+    inv = 1.0 / math.sqrt(var + eps)
+    y = [(v - mean) * inv * g for v, g in zip(x, w)]
+    return y if b is None else [v + c for v, c in zip(y, b)]
+
+
+def gelu(v):
+    return 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))
+
+
+def softmax(z):
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+class Runner:
+    """Token-by-token forward with a K/V cache per layer and scheme."""
+
+    def __init__(self, m):
+        self.m = m
+        self.emb = _rows(m.vec("token_embd.weight"), len(m.tokens), m.C)
+        self.pos = _rows(m.vec("position_embd.weight"), m.n_ctx, m.C)
+        self.out = (_rows(m.vec("output.weight"), len(m.tokens), m.C)
+                    if "output.weight" in m._r.tensors else self.emb)
+        self.layers = []
+        for i in range(m.L):
+            p = "blk.%d." % i
+            layer = {
+                "attn_norm": (m.vec(p + "attn_norm.weight"), m.vec(p + "attn_norm.bias")),
+                "ffn_norm": (m.vec(p + "ffn_norm.weight"), m.vec(p + "ffn_norm.bias")),
+                "ffn_up": m.mat(p + "ffn_up"), "ffn_down": m.mat(p + "ffn_down"),
+                "schemes": [{k: m.mat("%sattn_%s.%d" % (p, k, s))
+                             for k in ("q", "k", "v", "output")}
+                            for s in range(len(m.kv_heads))],
+            }
+            if m.mixing == "router":
+                layer["router_up"] = m.mat(p + "attn_router_up")
+                layer["router_down"] = m.mat(p + "attn_router_down")
+            self.layers.append(layer)
+        self.out_norm = (m.vec("output_norm.weight"), m.vec("output_norm.bias"))
+        # cache[layer][scheme] = list of (k, v) per position
+        self.cache = [[[] for _ in m.kv_heads] for _ in range(m.L)]
+
+    def step(self, token):
+        """(logits, gates per layer) for the next token."""
+        m = self.m
+        p = len(self.cache[0][0])
+        if p >= m.n_ctx:
+            raise ValueError("context full")
+        x = [a + b for a, b in zip(self.emb[token], self.pos[p])]
+        all_gates = []
+        for li, layer in enumerate(self.layers):
+            a = layer_norm(x, *layer["attn_norm"], m.eps)
+            ys = []
+            for s, w in enumerate(layer["schemes"]):
+                n_kv = m.kv_heads[s]
+                q = matvec(*w["q"], a)
+                k = matvec(*w["k"], a)
+                v = matvec(*w["v"], a)
+                cache = self.cache[li][s]
+                cache.append((k, v))
+                o = []
+                scale = 1.0 / math.sqrt(m.d)
+                for h in range(m.H):
+                    g = h * n_kv // m.H
+                    qh = q[h * m.d:(h + 1) * m.d]
+                    sl = slice(g * m.d, (g + 1) * m.d)
+                    att = softmax([sum(map(mul, qh, kj[sl])) * scale for kj, _ in cache])
+                    oh = [0.0] * m.d
+                    for wgt, (_, vj) in zip(att, cache):
+                        vh = vj[sl]
+                        for t in range(m.d):
+                            oh[t] += wgt * vh[t]
+                    o.extend(oh)
+                ys.append(matvec(*w["output"], o))
+            if m.mixing == "router":
+                hid = [gelu(v) for v in matvec(*layer["router_up"], a)]
+                gates = softmax(matvec(*layer["router_down"], hid))
+                all_gates.append(gates)
+                y = [sum(g * ys[s][c] for s, g in enumerate(gates)) for c in range(m.C)]
+            elif m.mixing == "mean":
+                y = [sum(ys[s][c] for s in range(len(ys))) / len(ys) for c in range(m.C)]
+            else:
+                y = ys[0]
+            x = [u + v for u, v in zip(x, y)]
+            h = layer_norm(x, *layer["ffn_norm"], m.eps)
+            h = [gelu(v) for v in matvec(*layer["ffn_up"], h)]
+            x = [u + v for u, v in zip(x, matvec(*layer["ffn_down"], h))]
+        x = layer_norm(x, *self.out_norm, m.eps)
+        return matvec(self.out, None, x), all_gates
+
+
+def forward(path, tokens):
+    """(logits [T][V], gates [T][L][S]) of the model in path over tokens."""
+    runner = Runner(Model(path))
+    logits, gates = [], []
+    for t in tokens:
+        lg, g = runner.step(t)
+        logits.append(lg)
+        gates.append(g)
+    return logits, gates
+
+
+def read_golden(path):
+    """(tokens, logits [T][V], gates [T][L][S]) of a MOASGLD1 file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:8] != b"MOASGLD1":
+        raise ValueError("%s: not a golden file" % path)
+    T, V, L, S = struct.unpack_from("<4I", data, 8)
+    pos = 24
+    tokens = list(struct.unpack_from("<%di" % T, data, pos))
+    pos += 4 * T
+    flat = struct.unpack_from("<%df" % (T * V), data, pos)
+    pos += 4 * T * V
+    logits = [list(flat[t * V:(t + 1) * V]) for t in range(T)]
+    flat = struct.unpack_from("<%df" % (T * L * S), data, pos)
+    pos += 4 * T * L * S
+    if pos != len(data):
+        raise ValueError("%s: %d trailing bytes" % (path, len(data) - pos))
+    gates = [[list(flat[(t * L + li) * S:(t * L + li + 1) * S]) for li in range(L)]
+             for t in range(T)]
+    return tokens, logits, gates
+
+
+def max_diffs(path_gguf, path_golden, n_tokens=None):
+    """(max |logit diff|, max |gate diff|) of the forward against a golden."""
+    tokens, want_logits, want_gates = read_golden(path_golden)
+    if n_tokens is not None:
+        tokens = tokens[:n_tokens]
+    logits, gates = forward(path_gguf, tokens)
+    dl = max(abs(a - b) for got, want in zip(logits, want_logits) for a, b in zip(got, want))
+    dg = 0.0
+    for got, want in zip(gates, want_gates):
+        for gl, wl in zip(got, want):
+            for a, b in zip(gl, wl):
+                dg = max(dg, abs(a - b))
+    return dl, dg
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.stderr.write("usage: moas_forward.py MODEL.gguf FIXTURE.golden\n")
+        sys.exit(2)
+    dl, dg = max_diffs(sys.argv[1], sys.argv[2])
+    print("max |logit diff| %.3g, max |gate diff| %.3g" % (dl, dg))

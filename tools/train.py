@@ -1,0 +1,601 @@
+#!/usr/bin/env python3
+"""Train, initialise or evaluate a MoAS character model with PyTorch (CPU).
+
+This is libmoas's own implementation of the published MoAS architecture
+(docs/FORMAT.md, "Semantics"; SPEC.md section 1).  Its state_dict keys are the
+reference's, so checkpoints go both ways: ours load into the reference GPT (add
+--mask-buffers to also store the [1, 1, T, T] causal-mask buffers that the
+reference registers under PyTorch < 2.0), and the reference's load here.
+
+    # train (the reference's defaults: 6 layers, 6 heads, 384 wide, 256 context)
+    python3 tools/train.py --data input.txt --out ckpt.pt --attention-type moas
+
+    # a random model, no training (for test fixtures)
+    python3 tools/train.py --data tiny.txt --out tiny.pt --init-only --init-std 0.25 ...
+
+    # golden fixture: logits and router gates of one forward over a text
+    python3 tools/train.py --golden ckpt.pt --data tiny.txt --text tiny.txt \\
+        --text-start 0 --text-len 64 --out tiny.golden
+
+Needs torch (tested with Debian's 1.13) and no network.  The vocabulary is
+sorted(set(text)) of --data read as UTF-8 with universal newlines, and the data
+split is the reference's: the first 90% of the ids train, the rest validate.
+
+Golden fixture (little-endian):
+    char    magic[8] = "MOASGLD1"
+    uint32  n_tokens, n_vocab, n_layer, n_scheme      (n_scheme 0: no router)
+    int32   tokens[n_tokens]
+    float32 logits[n_tokens][n_vocab]
+    float32 gates[n_tokens][n_layer][n_scheme]
+The forward runs in float64 by default (--golden-dtype) and is stored as float32.
+"""
+
+import argparse
+import io
+import math
+import os
+import re
+import struct
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ATTENTION_TYPES = ("baseline", "static_moas", "moas")
+GQA_KV_HEADS = 2          # hard-coded in the reference
+LN_EPS = 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+class ModelArgs:
+    """The reference's model_args, the dict stored in checkpoints."""
+    KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
+            "attention_type")
+
+    def __init__(self, **kw):
+        missing = [k for k in self.KEYS if k not in kw]
+        if missing:
+            raise ValueError("model_args lacks %s" % ", ".join(missing))
+        for k in self.KEYS:
+            setattr(self, k, kw[k])
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError("unknown attention_type %r" % self.attention_type)
+        if self.n_embd % self.n_head:
+            raise ValueError("n_embd must be a multiple of n_head")
+        if self.attention_type != "baseline" and self.n_head % GQA_KV_HEADS:
+            raise ValueError("n_head must be a multiple of %d for MoAS" % GQA_KV_HEADS)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.KEYS}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose bias is optional (torch 1.13's nn.LayerNorm has no bias=)."""
+
+    def __init__(self, n, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LN_EPS)
+
+
+def causal_attention(q, k, v, n_head, drop):
+    """softmax(q k^T / sqrt(d)) v over earlier positions.
+
+    q: [B, T, H*d]; k, v: [B, T, G*d] with G dividing H.  Query head h reads
+    kv head h // (H/G).  Returns [B, T, H*d].
+    """
+    B, T, C = q.shape
+    d = C // n_head
+    n_kv = k.shape[-1] // d
+    q = q.view(B, T, n_head, d).transpose(1, 2)                   # [B, H, T, d]
+    k = k.view(B, T, n_kv, d).transpose(1, 2)                     # [B, G, T, d]
+    v = v.view(B, T, n_kv, d).transpose(1, 2)
+    if n_kv != n_head:
+        k = k.repeat_interleave(n_head // n_kv, dim=1)            # [B, H, T, d]
+        v = v.repeat_interleave(n_head // n_kv, dim=1)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))        # [B, H, T, T]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    att = att.masked_fill(future, float("-inf"))
+    att = drop(F.softmax(att, dim=-1))
+    y = att @ v                                                   # [B, H, T, d]
+    return y.transpose(1, 2).contiguous().view(B, T, C)
+
+
+class FusedAttention(nn.Module):
+    """MHA with one c_attn [3C, C] (q, k, v thirds) and c_proj."""
+
+    def __init__(self, a, mask_buffers):
+        super().__init__()
+        self.n_head = a.n_head
+        self.c_attn = nn.Linear(a.n_embd, 3 * a.n_embd, bias=a.bias)
+        self.c_proj = nn.Linear(a.n_embd, a.n_embd, bias=a.bias)
+        self.attn_dropout = nn.Dropout(a.dropout)
+        self.resid_dropout = nn.Dropout(a.dropout)
+        if mask_buffers:
+            add_mask_buffer(self, a.block_size)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)
+        y = causal_attention(q, k, v, self.n_head, self.attn_dropout)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class SplitAttention(nn.Module):
+    """GQA (n_kv > 1) or MQA (n_kv = 1): q_proj, k_proj, v_proj, c_proj."""
+
+    def __init__(self, a, n_kv, mask_buffers):
+        super().__init__()
+        d = a.n_embd // a.n_head
+        self.n_head = a.n_head
+        self.q_proj = nn.Linear(a.n_embd, a.n_embd, bias=a.bias)
+        self.k_proj = nn.Linear(a.n_embd, n_kv * d, bias=a.bias)
+        self.v_proj = nn.Linear(a.n_embd, n_kv * d, bias=a.bias)
+        self.c_proj = nn.Linear(a.n_embd, a.n_embd, bias=a.bias)
+        self.attn_dropout = nn.Dropout(a.dropout)
+        self.resid_dropout = nn.Dropout(a.dropout)
+        if mask_buffers:
+            add_mask_buffer(self, a.block_size)
+
+    def forward(self, x):
+        y = causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.n_head,
+                             self.attn_dropout)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def add_mask_buffer(module, T):
+    # The name and shape the reference uses under PyTorch < 2.0.  Unused here.
+    module.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+
+
+class SchemeMixture(nn.Module):
+    """MHA, GQA and MQA branches mixed by their mean or by a per-token router."""
+
+    def __init__(self, a, routed, mask_buffers):
+        super().__init__()
+        self.mha = FusedAttention(a, mask_buffers)
+        self.gqa = SplitAttention(a, GQA_KV_HEADS, mask_buffers)
+        self.mqa = SplitAttention(a, 1, mask_buffers)
+        self.router = None
+        if routed:
+            hidden = a.n_embd // 4
+            self.router = nn.Sequential(nn.Linear(a.n_embd, hidden, bias=a.bias), nn.GELU(),
+                                        nn.Linear(hidden, 3, bias=a.bias))
+            self.gate_dropout = nn.Dropout(a.dropout)
+
+    def forward(self, x):
+        """(output [B, T, C], gates [B, T, 3] before dropout, or None)."""
+        outs = torch.stack([self.mha(x), self.gqa(x), self.mqa(x)], dim=2)   # [B, T, 3, C]
+        if self.router is None:
+            return outs.sum(dim=2) / 3.0, None
+        gates = F.softmax(self.router(x), dim=-1)                             # [B, T, 3]
+        y = (self.gate_dropout(gates).unsqueeze(-1) * outs).sum(dim=2)
+        return y, gates
+
+
+class MLP(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.c_fc = nn.Linear(a.n_embd, 4 * a.n_embd, bias=a.bias)
+        self.c_proj = nn.Linear(4 * a.n_embd, a.n_embd, bias=a.bias)
+        self.dropout = nn.Dropout(a.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, a, mask_buffers):
+        super().__init__()
+        self.ln_1 = LayerNorm(a.n_embd, a.bias)
+        if a.attention_type == "baseline":
+            self.attn = FusedAttention(a, mask_buffers)
+        else:
+            self.attn = SchemeMixture(a, a.attention_type == "moas", mask_buffers)
+        self.ln_2 = LayerNorm(a.n_embd, a.bias)
+        self.mlp = MLP(a)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        if isinstance(self.attn, SchemeMixture):
+            y, gates = self.attn(h)
+        else:
+            y, gates = self.attn(h), None
+        x = x + y
+        x = x + self.mlp(self.ln_2(x))
+        return x, gates
+
+
+class MoASGPT(nn.Module):
+    def __init__(self, a, mask_buffers=False):
+        super().__init__()
+        self.args = a
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(a.vocab_size, a.n_embd),
+            wpe=nn.Embedding(a.block_size, a.n_embd),
+            h=nn.ModuleList([Block(a, mask_buffers) for _ in range(a.n_layer)]),
+            ln_f=LayerNorm(a.n_embd, a.bias),
+        ))
+        self.lm_head = nn.Linear(a.n_embd, a.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight      # tied, as published
+        self.emb_dropout = nn.Dropout(a.dropout)
+
+    def untie(self):
+        self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
+
+    def forward(self, idx):
+        """(logits [B, T, V] at every position, [gates [B, T, 3] per layer] or [])."""
+        B, T = idx.shape
+        if T > self.args.block_size:
+            raise ValueError("sequence of %d exceeds block_size %d" % (T, self.args.block_size))
+        pos = torch.arange(T, device=idx.device)
+        x = self.emb_dropout(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        all_gates = []
+        for block in self.transformer.h:
+            x, gates = block(x)
+            if gates is not None:
+                all_gates.append(gates)
+        return self.lm_head(self.transformer.ln_f(x)), all_gates
+
+
+def init_weights(model, std=None, seed_norm=0.2):
+    """The reference's init, or with std given a spread-out one for fixtures.
+
+    Reference: Linear and Embedding weights N(0, 0.02), every c_proj.weight
+    N(0, 0.02/sqrt(2*n_layer)), biases 0, LayerNorm weight 1 and bias 0.
+    With std: every Linear/Embedding weight and Linear bias N(0, std),
+    LayerNorm weights 1 + N(0, seed_norm) and biases N(0, seed_norm), so that
+    logits and router gates vary noticeably in a tiny random model.
+    """
+    n_layer = model.args.n_layer
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            owner = name.rsplit(".", 1)
+            is_norm = re.search(r"(^|\.)(ln_1|ln_2|ln_f)\.(weight|bias)$", name) is not None
+            if std is None:
+                if is_norm:
+                    p.fill_(1.0 if owner[1] == "weight" else 0.0)
+                elif owner[1] == "bias":
+                    p.zero_()
+                elif name.endswith("c_proj.weight"):
+                    p.normal_(0.0, 0.02 / math.sqrt(2 * n_layer))
+                else:
+                    p.normal_(0.0, 0.02)
+            else:
+                if is_norm:
+                    p.normal_(0.0, seed_norm)
+                    if owner[1] == "weight":
+                        p.add_(1.0)
+                else:
+                    p.normal_(0.0, std)
+
+
+# ---------------------------------------------------------------------------
+# Data and checkpoints
+# ---------------------------------------------------------------------------
+
+def read_text(path):
+    with open(path, "r", encoding="utf-8") as f:      # universal newlines, as the reference
+        return f.read()
+
+
+def build_vocab(text):
+    chars = sorted(set(text))
+    return chars, {c: i for i, c in enumerate(chars)}
+
+
+MASK_KEY = re.compile(r"transformer\.h\.\d+\.attn(\.(mha|gqa|mqa))?\.bias")
+
+
+def clean_state_dict(sd):
+    """Strip torch.compile/DDP prefixes and drop causal-mask buffers."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        if MASK_KEY.fullmatch(k) and v.dim() == 4:
+            continue
+        out[k] = v
+    return out
+
+
+def _converter():
+    """tools/moas-convert as a module: its restricted checkpoint reader."""
+    import importlib.machinery
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "moas-convert")
+    loader = importlib.machinery.SourceFileLoader("moas_convert", path)
+    spec = importlib.util.spec_from_loader("moas_convert", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def load_checkpoint(path, unsafe=False):
+    """(model, model_args dict) from a reference-layout checkpoint.
+
+    By default the file is read with moas-convert's restricted unpickler, which
+    runs no code from it (torch 1.13's weights_only loader rejects the floats
+    every checkpoint holds).  unsafe=True uses torch.load as is.
+    """
+    if unsafe:
+        ck = torch.load(path, map_location="cpu")
+        margs, sd = ck["model_args"], ck["model"]
+    else:
+        conv = _converter()
+        try:
+            ck = conv.load_torch_zip(path)
+            if not isinstance(ck, dict) or "model" not in ck or "model_args" not in ck:
+                raise conv.ConvertError("no 'model' and 'model_args' entries")
+            margs, sd = ck["model_args"], {}
+            for k, t in ck["model"].items():
+                if not isinstance(t, conv.LazyTensor):
+                    continue
+                if MASK_KEY.fullmatch(k.replace("_orig_mod.", "")) and len(t.shape) == 4:
+                    continue
+                vals = t.floats(k)
+                sd[k] = torch.frombuffer(vals, dtype=torch.float32).clone().view(t.shape)
+        except conv.ConvertError as e:
+            sys.exit("train.py: cannot load %s: %s" % (path, e))
+    a = ModelArgs(**margs)
+    model = MoASGPT(a)
+    sd = clean_state_dict(sd)
+    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"],
+                                                   sd["transformer.wte.weight"]):
+        model.untie()
+    model.load_state_dict(sd, strict=True)
+    return model, margs
+
+
+def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, config):
+    ck = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_args": model.args.as_dict(),
+        "iter_num": iter_num,
+        "best_val_loss": torch.tensor(float(best_val_loss)),
+        "config": config,
+    }
+    buf = io.BytesIO()          # zip records then live under "archive/", as torch >= 2 names them
+    torch.save(ck, buf)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.99)):
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def load_balance_loss(gates_per_layer):
+    """Mean over layers of MSE(mean gate per scheme, 1/3), as in the reference."""
+    if not gates_per_layer:
+        return None
+    losses = []
+    for g in gates_per_layer:
+        mean = g.mean(dim=(0, 1))
+        losses.append(F.mse_loss(mean, torch.full_like(mean, 1.0 / mean.numel())))
+    return sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+def cmd_train(o):
+    text = read_text(o.data)
+    chars, stoi = build_vocab(text)
+    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    n = len(ids)
+    train_ids, val_ids = ids[:int(n * 0.9)], ids[int(n * 0.9):]
+    torch.manual_seed(o.seed)
+    a = ModelArgs(n_layer=o.n_layer, n_head=o.n_head, n_embd=o.n_embd, block_size=o.block_size,
+                  bias=o.bias, vocab_size=len(chars), dropout=o.dropout,
+                  attention_type=o.attention_type)
+    model = MoASGPT(a, mask_buffers=o.mask_buffers)
+    init_weights(model, o.init_std)
+    n_params = sum(p.numel() for p in model.parameters())
+    log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, %.3fM params"
+        % (a.attention_type, a.n_layer, a.n_head, a.n_embd, a.block_size, a.bias,
+           a.vocab_size, n_params / 1e6))
+    optimizer = make_optimizer(model, o.lr)
+    golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
+                   "unsafe_load", "out", "threads")
+    config = {k: v for k, v in vars(o).items()
+              if k not in golden_opts and isinstance(v, (int, float, str, bool))}
+    if o.init_only:
+        save_checkpoint(o.out, model, optimizer, 0, float("inf"), config)
+        log("saved random-init checkpoint %s" % o.out)
+        return
+    if len(val_ids) <= o.block_size or len(train_ids) <= o.block_size:
+        sys.exit("train.py: %s is too short for block_size %d (train %d, val %d chars)"
+                 % (o.data, o.block_size, len(train_ids), len(val_ids)))
+
+    def batch(split):
+        data = train_ids if split == "train" else val_ids
+        ix = torch.randint(len(data) - o.block_size, (o.batch_size,))
+        x = torch.stack([data[i:i + o.block_size] for i in ix])
+        y = torch.stack([data[i + 1:i + 1 + o.block_size] for i in ix])
+        return x, y
+
+    @torch.no_grad()
+    def estimate():
+        model.eval()
+        res = {}
+        for split in ("train", "val"):
+            losses = []
+            for _ in range(o.eval_iters):
+                x, y = batch(split)
+                logits, _ = model(x)
+                losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item())
+            res[split] = sum(losses) / len(losses)
+        model.train()
+        return res
+
+    def lr_at(it):
+        if it < o.warmup:
+            return o.lr * (it + 1) / o.warmup
+        if o.iters <= o.warmup:
+            return o.lr
+        ratio = min(1.0, (it - o.warmup) / (o.iters - o.warmup))
+        return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
+
+    t_start = time.time()
+    best = float("inf")
+    model.train()
+    for it in range(o.iters + 1):
+        if it % o.eval_interval == 0 or it == o.iters:
+            ev = estimate()
+            best = min(best, ev["val"])
+            log("iter %d: train %.4f, val %.4f nats/char, lr %.2e, %.1fs"
+                % (it, ev["train"], ev["val"], lr_at(min(it, o.iters - 1)),
+                   time.time() - t_start))
+        if it == o.iters:
+            break
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(it)
+        x, y = batch("train")
+        logits, gates = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        lb = load_balance_loss(gates)
+        total = loss if lb is None else loss + o.load_balance_weight * lb
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        if o.log_interval and it % o.log_interval == 0:
+            extra = ""
+            if gates:
+                mean = torch.stack([g.mean(dim=(0, 1)) for g in gates]).mean(0)
+                extra = ", gates " + " ".join("%.3f" % v for v in mean.tolist())
+            log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
+    save_checkpoint(o.out, model, optimizer, o.iters, best, config)
+    log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
+
+
+def cmd_golden(o):
+    model, _ = load_checkpoint(o.golden, o.unsafe_load)
+    a = model.args
+    chars, stoi = build_vocab(read_text(o.data))
+    if len(chars) != a.vocab_size:
+        sys.exit("train.py: %s has %d characters, the model's vocab_size is %d"
+                 % (o.data, len(chars), a.vocab_size))
+    text = read_text(o.text) if os.path.isfile(o.text) else o.text
+    text = text[o.text_start:]
+    if o.text_len is not None:
+        text = text[:o.text_len]
+    if not 1 <= len(text) <= a.block_size:
+        sys.exit("train.py: golden text has %d characters; need 1..block_size (%d)"
+                 % (len(text), a.block_size))
+    bad = sorted(set(c for c in text if c not in stoi))
+    if bad:
+        sys.exit("train.py: golden text has characters outside the vocabulary: %r" % bad)
+    if o.round_f16:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:                  # matrices and embeddings
+                    p.copy_(p.half().float())
+    dtype = {"float64": torch.float64, "float32": torch.float32}[o.golden_dtype]
+    model = model.to(dtype).eval()
+    tokens = [stoi[c] for c in text]
+    with torch.no_grad():
+        logits, gates = model(torch.tensor([tokens]))
+    logits = logits[0].float()                                     # [T, V]
+    n_scheme = 3 if gates else 0
+    g = torch.stack([x[0] for x in gates], dim=1).float() if gates else torch.zeros(0)  # [T, L, 3]
+    with open(o.out, "wb") as f:
+        f.write(b"MOASGLD1")
+        f.write(struct.pack("<4I", len(tokens), a.vocab_size, a.n_layer, n_scheme))
+        f.write(struct.pack("<%di" % len(tokens), *tokens))
+        f.write(struct.pack("<%df" % logits.numel(), *logits.flatten().tolist()))
+        if n_scheme:
+            f.write(struct.pack("<%df" % g.numel(), *g.flatten().tolist()))
+    msg = "wrote %s: %d tokens, logits in [%.3f, %.3f]" % (
+        o.out, len(tokens), logits.min().item(), logits.max().item())
+    if n_scheme:
+        msg += ", gates in [%.3f, %.3f], argmax counts %s" % (
+            g.min().item(), g.max().item(),
+            torch.bincount(g.argmax(-1).flatten(), minlength=3).tolist())
+    log(msg)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 2)[2])
+    ap.add_argument("--data", required=True, help="training text (UTF-8); defines the vocabulary")
+    ap.add_argument("--out", required=True, help="checkpoint to write (golden file with --golden)")
+    m = ap.add_argument_group("model")
+    m.add_argument("--attention-type", choices=ATTENTION_TYPES, default="moas")
+    m.add_argument("--n-layer", type=int, default=6)
+    m.add_argument("--n-head", type=int, default=6)
+    m.add_argument("--n-embd", type=int, default=384)
+    m.add_argument("--block-size", type=int, default=256)
+    m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="biases in every Linear and LayerNorm (reference training: off)")
+    m.add_argument("--dropout", type=float, default=0.2)
+    m.add_argument("--mask-buffers", action="store_true",
+                   help="also store the reference's [1,1,T,T] causal-mask buffers")
+    t = ap.add_argument_group("training")
+    t.add_argument("--iters", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=12)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--min-lr", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--eval-interval", type=int, default=200)
+    t.add_argument("--eval-iters", type=int, default=20)
+    t.add_argument("--log-interval", type=int, default=50)
+    t.add_argument("--load-balance-weight", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
+    t.add_argument("--init-std", type=float, default=None,
+                   help="init std for all weights and biases, LayerNorm weights/biases "
+                        "perturbed too (default: the reference's init)")
+    g = ap.add_argument_group("golden fixture")
+    g.add_argument("--golden", metavar="CKPT", help="write a golden fixture for this checkpoint")
+    g.add_argument("--text", help="golden text, or a file holding it")
+    g.add_argument("--text-start", type=int, default=0, help="first character of --text to use")
+    g.add_argument("--text-len", type=int, default=None, help="characters of --text to use")
+    g.add_argument("--round-f16", action="store_true",
+                   help="round matrices and embeddings to float16 first (an F16 GGUF's values)")
+    g.add_argument("--golden-dtype", choices=("float64", "float32"), default="float64")
+    g.add_argument("--unsafe-load", action="store_true",
+                   help="read the checkpoint with torch.load, which runs its pickle "
+                        "(default: moas-convert's restricted reader)")
+    o = ap.parse_args(argv)
+    if o.golden and o.text is None:
+        ap.error("--golden needs --text")
+    return o
+
+
+def main(argv=None):
+    o = parse_args(argv)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    if o.golden:
+        cmd_golden(o)
+    else:
+        cmd_train(o)
+
+
+if __name__ == "__main__":
+    main()
