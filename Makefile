@@ -1,0 +1,176 @@
+# libmoas - plain GNU make, no configure step.
+#
+#   make                 static + shared library, moas.pc, bin/moas
+#   make test            everything CI runs
+#   make check           the C unit tests only
+#   make run             build, then generate text from the shipped model
+#   make install PREFIX=/usr/local [DESTDIR=...]   /   make uninstall
+#   make OPENMP=0        build without OpenMP;  make CC=clang;  make V=1 (loud)
+#   make asan            the C tests under AddressSanitizer + UBSan (own BUILD dir)
+
+# ---- version: one source of truth, the public header ----------------------------
+VERSION_MAJOR := $(shell sed -n 's/^\#define MOAS_VERSION_MAJOR \([0-9]*\)/\1/p' include/moas.h)
+VERSION_MINOR := $(shell sed -n 's/^\#define MOAS_VERSION_MINOR \([0-9]*\)/\1/p' include/moas.h)
+VERSION_PATCH := $(shell sed -n 's/^\#define MOAS_VERSION_PATCH \([0-9]*\)/\1/p' include/moas.h)
+VERSION       := $(VERSION_MAJOR).$(VERSION_MINOR).$(VERSION_PATCH)
+
+# ---- directories ---------------------------------------------------------------
+PREFIX       ?= /usr/local
+LIBDIR       ?= $(PREFIX)/lib
+INCLUDEDIR   ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+BINDIR       ?= $(PREFIX)/bin
+BUILD        ?= build
+LIBOUT       ?= lib
+BINOUT       ?= bin
+
+# ---- flags ---------------------------------------------------------------------
+CFLAGS   ?= -O2 -g
+OPENMP   ?= 1
+WERROR   ?= 0
+MOAS_CFLAGS := -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+               -Wpointer-arith -Wcast-align -Wformat=2 -Wundef -Wvla -Wwrite-strings \
+               -D_POSIX_C_SOURCE=200809L
+ifeq ($(WERROR),1)
+MOAS_CFLAGS += -Werror
+endif
+ifeq ($(DEBUG),1)
+CFLAGS      := -O0 -g
+MOAS_CFLAGS += -DMOAS_DEBUG
+endif
+ifeq ($(OPENMP),1)
+OMP_FLAGS := -fopenmp
+endif
+LIB_CFLAGS := -fPIC -fvisibility=hidden -DMOAS_BUILD -Iinclude -Isrc
+
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+UNAME_S := $(shell uname -s)
+SHLIB_REAL   := libmoas.so.$(VERSION)
+SHLIB_SONAME := libmoas.so.$(VERSION_MAJOR)
+ifeq ($(UNAME_S),Darwin)
+SHLIB_LDFLAGS := -dynamiclib -install_name $(LIBDIR)/$(SHLIB_SONAME)
+else
+SHLIB_LDFLAGS := -shared -Wl,-soname,$(SHLIB_SONAME) -Wl,--version-script,src/libmoas.map \
+                 -Wl,--no-undefined
+endif
+
+# ---- sources -------------------------------------------------------------------
+LIB_SRCS := $(wildcard src/*.c)
+LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
+DEPS     := $(LIB_OBJS:.o=.d)
+
+STATIC_LIB := $(LIBOUT)/libmoas.a
+SHARED_LIB := $(LIBOUT)/$(SHLIB_REAL)
+
+.PHONY: all lib examples test check run install uninstall clean asan lint
+all: lib $(LIBOUT)/moas.pc $(BINOUT)/moas
+
+lib: $(STATIC_LIB) $(SHARED_LIB)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(OMP_FLAGS) $(CFLAGS) $(MOREFLAGS) \
+	    -MMD -MP -c -o $@ $<
+
+$(STATIC_LIB): $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)rm -f $@ && $(AR) rcs $@ $^
+
+$(SHARED_LIB): $(LIB_OBJS) src/libmoas.map
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(SHLIB_LDFLAGS) $(CFLAGS) $(MOREFLAGS) $(LDFLAGS) -o $@ $(LIB_OBJS) \
+	    $(OMP_FLAGS) -lm
+	$(Q)ln -sf $(SHLIB_REAL) $(LIBOUT)/$(SHLIB_SONAME)
+	$(Q)ln -sf $(SHLIB_REAL) $(LIBOUT)/libmoas.so
+
+# moas.pc names the install directories, so `install` writes it again with the
+# PREFIX/LIBDIR of that command line; lib/moas.pc is the default prefix's.
+LIBS_PRIVATE := -lm $(OMP_FLAGS)
+PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+             -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+             -e 's|@LIBS_PRIVATE@|$(LIBS_PRIVATE)|' moas.pc.in
+$(LIBOUT)/moas.pc: moas.pc.in include/moas.h Makefile
+	@mkdir -p $(dir $@)
+	$(Q)$(PC_SED) > $@
+
+# ---- programs ------------------------------------------------------------------
+# Programs link the static library: one self-contained binary, no rpath games.
+PROG_CFLAGS := $(MOAS_CFLAGS) -Iinclude -Isrc $(OMP_FLAGS) $(CFLAGS) $(MOREFLAGS)
+PROG_LIBS   := $(STATIC_LIB) -lm $(OMP_FLAGS)
+
+$(BINOUT)/moas: tools/moas.c $(STATIC_LIB)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/moas.c $(PROG_LIBS) $(LDFLAGS)
+
+# ---- tests ---------------------------------------------------------------------
+TEST_SRCS := $(wildcard tests/*.c tests/support/*.c)
+TEST_BIN  := $(BUILD)/tests/run_tests
+
+$(TEST_BIN): $(TEST_SRCS) $(wildcard tests/*.h tests/support/*.h) $(STATIC_LIB)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) -DMOAS_DEBUG -Itests -o $@ $(TEST_SRCS) $(PROG_LIBS) $(LDFLAGS)
+
+check: $(TEST_BIN)
+	$(TEST_BIN)
+
+# `make test` is what CI runs: unit tests, the Python tool tests, the CLI smoke test,
+# the installed pkg-config consumer (shared and static), then the unit tests again
+# built without OpenMP and a warning-free build with the other compiler.
+OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
+test: all $(TEST_BIN)
+	$(TEST_BIN)
+	python3 -m unittest discover -s tests/python -t . -q
+	sh tests/cli.sh $(BINOUT)/moas
+	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
+	$(MAKE) --no-print-directory check OPENMP=0 BUILD=build-noomp LIBOUT=build-noomp/lib \
+	    BINOUT=build-noomp/bin
+	$(MAKE) --no-print-directory lib CC=$(OTHER_CC) WERROR=1 BUILD=build-$(OTHER_CC) \
+	    LIBOUT=build-$(OTHER_CC)/lib
+
+# The shipped model, generating from a prompt: the README's one-command demo.
+MODEL ?= models/moas-kjv.gguf
+run: all
+	$(BINOUT)/moas generate -m $(MODEL) -p "And God said, " -n 300 --temp 0.8 --seed 1
+
+asan:
+	$(MAKE) check BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
+	    MOREFLAGS="-g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+
+# ---- install -------------------------------------------------------------------
+install: all
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) \
+	    $(DESTDIR)$(BINDIR)
+	install -m 644 include/moas.h $(DESTDIR)$(INCLUDEDIR)/moas.h
+	install -m 644 $(STATIC_LIB) $(DESTDIR)$(LIBDIR)/libmoas.a
+	install -m 755 $(SHARED_LIB) $(DESTDIR)$(LIBDIR)/$(SHLIB_REAL)
+	ln -sf $(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/$(SHLIB_SONAME)
+	ln -sf $(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/libmoas.so
+	$(PC_SED) > $(DESTDIR)$(PKGCONFIGDIR)/moas.pc
+	install -m 755 $(BINOUT)/moas $(DESTDIR)$(BINDIR)/moas
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/moas.h $(DESTDIR)$(LIBDIR)/libmoas.a \
+	    $(DESTDIR)$(LIBDIR)/$(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/$(SHLIB_SONAME) \
+	    $(DESTDIR)$(LIBDIR)/libmoas.so $(DESTDIR)$(PKGCONFIGDIR)/moas.pc \
+	    $(DESTDIR)$(BINDIR)/moas
+
+# No exit/abort/printing in the library, and every public function documented.
+lint:
+	@! grep -nE '\b(exit|abort|printf|fprintf|puts|assert)\(' src/*.c src/*.h \
+	    | grep -v 'snprintf\|vsnprintf' || { echo "lint: forbidden call in src/"; exit 1; }
+	@echo "lint: ok"
+
+clean:
+	rm -rf build build-* $(LIBOUT) $(BINOUT)
+
+-include $(DEPS)

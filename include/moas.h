@@ -1,0 +1,787 @@
+/*
+ * moas.h - the public interface of libmoas.
+ *
+ * libmoas runs character language models whose attention layers are a Mixture of
+ * Attention Schemes (MoAS): per token, a learned router weighs multi-head (MHA),
+ * grouped-query (GQA) and multi-query (MQA) attention. It loads a GGUF model file,
+ * decodes token by token with a KV cache, and exposes every routing decision.
+ *
+ * QUICK START (the same program as examples/simple.c)
+ *
+ *     #include <moas.h>
+ *     #include <stdio.h>
+ *
+ *     int main(int argc, char **argv) {
+ *         moas_model *model = NULL;
+ *         moas_context *ctx = NULL;
+ *         moas_sampler *smp = NULL;
+ *         const char *prompt = argc > 2 ? argv[2] : "In the beginning";
+ *         int32_t tokens[256];
+ *         size_t n_tokens = 0;
+ *
+ *         if (argc < 2 ||
+ *             moas_model_load(argv[1], NULL, &model) != MOAS_OK ||
+ *             moas_context_create(model, NULL, &ctx) != MOAS_OK ||
+ *             moas_sampler_create(NULL, moas_model_n_vocab(model), &smp) != MOAS_OK ||
+ *             moas_tokenize(model, prompt, (size_t)-1, tokens, 256, &n_tokens) != MOAS_OK ||
+ *             moas_context_decode_batch(ctx, tokens, (int32_t)n_tokens, NULL,
+ *                                       MOAS_LOGITS_LAST) != MOAS_OK) {
+ *             fprintf(stderr, "error: %s\n", moas_last_error());
+ *             return 1;
+ *         }
+ *         fputs(prompt, stdout);
+ *         for (int i = 0; i < 100 && moas_context_n_past(ctx) < moas_context_n_ctx(ctx); i++) {
+ *             int32_t token;
+ *             moas_sampler_sample(smp, moas_context_logits(ctx), &token);
+ *             fputs(moas_token_text(model, token), stdout);
+ *             if (moas_context_decode(ctx, token, NULL) != MOAS_OK) break;
+ *         }
+ *         putchar('\n');
+ *         moas_sampler_free(smp);
+ *         moas_context_free(ctx);
+ *         moas_model_free(model);
+ *         return 0;
+ *     }
+ *
+ * THREADING. A model is read-only once loaded: any number of contexts, on any number
+ * of threads, may share it. A context or a sampler belongs to one thread at a time;
+ * calls on different contexts never interfere. A context may use several threads
+ * inside one call (OpenMP, `n_threads`); results do not depend on that number.
+ *
+ * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
+ * pointer beyond the call unless the function's documentation says so (a memory
+ * buffer given to moas_model_load_memory(), an allocator). Objects created by the
+ * library are released with their own _free function, which accepts NULL. Pointers
+ * the library returns ("borrowed") stay valid as long as the object they came from,
+ * unless the documentation names an earlier end (the next call on the same context).
+ *
+ * ERRORS. Every fallible function returns a moas_status: MOAS_OK (0) or a negative
+ * code. moas_status_string() gives a fixed sentence per code; moas_last_error() gives
+ * the exact cause of the calling thread's last failure ("gguf: tensor 'blk.1.ffn_up.weight'
+ * ends at byte 90112 but the file has 90000"). A failed call changes nothing the caller
+ * can observe: constructors set *out to NULL and leak nothing; a context keeps its
+ * cache, position and counters. The library never aborts, exits or prints; it speaks
+ * only through a log callback the caller installs.
+ *
+ * STABILITY. Functions, types and enum values declared here keep their meaning and
+ * binary layout for every 1.x release; new functions, enum values and parameter-struct
+ * fields are only appended. Parameter structs begin with a `size` field that their
+ * _init() function sets, so an older program keeps working with a newer library.
+ * The ABI is checked against a baseline on every CI run (docs/API.md).
+ */
+#ifndef MOAS_H
+#define MOAS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  if defined(MOAS_BUILD)
+#    define MOAS_API __declspec(dllexport)
+#  else
+#    define MOAS_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__) && defined(MOAS_BUILD)
+#  define MOAS_API __attribute__((visibility("default")))
+#else
+#  define MOAS_API
+#endif
+
+/* ======================================================================
+ *  Version
+ * ====================================================================== */
+
+#define MOAS_VERSION_MAJOR 1
+#define MOAS_VERSION_MINOR 0
+#define MOAS_VERSION_PATCH 0
+#define MOAS_VERSION_NUMBER \
+    (MOAS_VERSION_MAJOR * 10000 + MOAS_VERSION_MINOR * 100 + MOAS_VERSION_PATCH)
+#define MOAS_VERSION_STRING "1.0.0"
+
+/*
+ * moas_version_number() - the version of the library actually linked.
+ *
+ * Compare with MOAS_VERSION_NUMBER to check that the header an application was
+ * compiled with matches the library it runs with (same major version).
+ *
+ * Returns: MAJOR * 10000 + MINOR * 100 + PATCH, e.g. 10000 for 1.0.0.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API int32_t moas_version_number(void);
+
+/*
+ * moas_version_string() - the linked library's version as text.
+ *
+ * Returns: a static string such as "1.0.0", never NULL.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API const char *moas_version_string(void);
+
+/* ======================================================================
+ *  Status and errors
+ * ====================================================================== */
+
+/* One row per status: name, pinned value, message. Rows are only ever appended. */
+#define MOAS_STATUS_MAP(X)                                                        \
+    X(OK,                    0, "success")                                        \
+    X(ERR_INVALID_ARG,      -1, "invalid argument")                               \
+    X(ERR_NO_MEMORY,        -2, "out of memory")                                  \
+    X(ERR_IO,               -3, "cannot read the model file")                     \
+    X(ERR_BAD_FORMAT,       -4, "not a GGUF version 3 file")                      \
+    X(ERR_CORRUPT,          -5, "model file is truncated or inconsistent")        \
+    X(ERR_UNSUPPORTED,      -6, "model needs a feature this build lacks")         \
+    X(ERR_CONTEXT_FULL,     -7, "context length reached")                         \
+    X(ERR_UNKNOWN_CHAR,     -8, "text has a character outside the vocabulary")    \
+    X(ERR_BUFFER_TOO_SMALL, -9, "output buffer too small")                        \
+    X(ERR_NOT_FOUND,       -10, "no such metadata key or tensor")                 \
+    X(ERR_WRONG_TYPE,      -11, "metadata value has another type")               \
+    X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")
+
+typedef enum moas_status {
+#define MOAS_STATUS_ENUM_(name_, value_, msg_) MOAS_##name_ = value_,
+    MOAS_STATUS_MAP(MOAS_STATUS_ENUM_)
+#undef MOAS_STATUS_ENUM_
+    MOAS_STATUS_COUNT = 13 /* number of statuses, not a status */
+} moas_status;
+
+/*
+ * moas_status_string() - a fixed sentence describing a status.
+ *
+ * Returns: a static NUL-terminated string, never NULL; "unknown status" for a value
+ *          outside the table.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API const char *moas_status_string(moas_status status);
+
+/*
+ * moas_last_error() - the cause of this thread's most recent failure.
+ *
+ * Every failing libmoas call records, for the calling thread only, a message naming
+ * the exact cause (a tensor, an offset, a token id). A successful call does not clear
+ * it. The text stays valid until this thread's next failing libmoas call.
+ *
+ * Returns: a NUL-terminated string, never NULL; "" if nothing has failed yet.
+ * Thread safety: safe; each thread sees its own message.   Allocates: no.
+ */
+MOAS_API const char *moas_last_error(void);
+
+/* ======================================================================
+ *  Logging and allocation
+ * ====================================================================== */
+
+typedef enum moas_log_level {
+    MOAS_LOG_ERROR = 0,
+    MOAS_LOG_WARN  = 1,
+    MOAS_LOG_INFO  = 2,
+    MOAS_LOG_DEBUG = 3,
+    MOAS_LOG_LEVEL_COUNT
+} moas_log_level;
+
+/* A log callback receives one complete line without a trailing newline. It may be
+ * called from any thread that calls into the object it was given to. */
+typedef void (*moas_log_fn)(void *user, moas_log_level level, const char *message);
+
+/*
+ * A caller-supplied allocator, attached to one object through its params. `alloc`
+ * returns NULL on failure; `free` accepts NULL. The library asks for no particular
+ * alignment beyond what malloc() guarantees. The struct and its functions must stay
+ * valid for the whole life of the object. NULL in params means malloc()/free().
+ */
+typedef struct moas_allocator {
+    void *(*alloc)(void *user, size_t size);  /* returns NULL on failure */
+    void (*free)(void *user, void *ptr);      /* accepts NULL */
+    void *user;                               /* handed back unchanged */
+} moas_allocator;
+
+/* ======================================================================
+ *  Model
+ * ====================================================================== */
+
+typedef struct moas_model moas_model;  /* opaque; read-only once loaded */
+
+/* Element types, numbered as in GGUF. */
+typedef enum moas_type {
+    MOAS_TYPE_F32  = 0,   /* IEEE binary32 */
+    MOAS_TYPE_F16  = 1,   /* IEEE binary16 */
+    MOAS_TYPE_Q8_0 = 8,   /* blocks of 32: an f16 scale, then 32 int8 */
+    MOAS_TYPE_BF16 = 30   /* bfloat16 */
+} moas_type;
+
+/* How a layer combines the outputs of its attention schemes. */
+typedef enum moas_mixing {
+    MOAS_MIXING_SINGLE = 0,  /* one scheme (a plain MHA, GQA or MQA model) */
+    MOAS_MIXING_MEAN   = 1,  /* the mean of all schemes ("static MoAS") */
+    MOAS_MIXING_ROUTER = 2,  /* per-token softmax gates from a router ("dynamic MoAS") */
+    MOAS_MIXING_COUNT
+} moas_mixing;
+
+/* How the schemes of a layer relate to each other's projections. */
+typedef enum moas_kv_sharing {
+    MOAS_KV_SHARING_INDEPENDENT = 0,  /* each scheme has its own Q, K, V, output */
+    MOAS_KV_SHARING_POOLED      = 1,  /* reserved: shared projections, pooled K/V */
+    MOAS_KV_SHARING_COUNT
+} moas_kv_sharing;
+
+typedef struct moas_model_params {
+    uint32_t size;                    /* sizeof(moas_model_params); set by _init() */
+    int32_t use_mmap;                 /* 1 (default): map the file read-only; 0: read it */
+    moas_log_fn log;                  /* NULL (default): the library stays silent */
+    void *log_user;                   /* handed back to `log` unchanged; default NULL */
+    const moas_allocator *allocator;  /* NULL (default): malloc/free; must outlive the model */
+} moas_model_params;
+
+/*
+ * moas_model_params_init() - fill `params` with the defaults.
+ *
+ * Always call this before setting fields, so that fields added by a later version
+ * get their defaults. `params` may not be NULL.
+ *
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API void moas_model_params_init(moas_model_params *params);
+
+/*
+ * moas_model_load() - open a GGUF model file.
+ * CONSTRUCTOR: moas_model
+ *
+ * Maps the file at `path` read-only (or reads it, if params->use_mmap is 0) and checks
+ * its header, metadata, tensor directory and every tensor the architecture needs
+ * (presence, shape, type) before returning. Weights are used in place from the
+ * mapping. `params` may be NULL for defaults. On success *out holds a model to release
+ * with moas_model_free(); on failure *out is NULL, nothing is leaked and
+ * moas_last_error() names the cause. The model must outlive every context made from it.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (`path` or `out` NULL, bad params->size),
+ *          MOAS_ERR_IO (cannot open, stat, map or read), MOAS_ERR_BAD_FORMAT (magic or
+ *          version), MOAS_ERR_CORRUPT (truncated or inconsistent file, missing or
+ *          misshapen tensor), MOAS_ERR_UNSUPPORTED (architecture, tensor type or
+ *          feature this version lacks), MOAS_ERR_NO_MEMORY.
+ * Thread safety: safe.   Allocates: yes.
+ */
+MOAS_API moas_status moas_model_load(const char *path, const moas_model_params *params,
+                                     moas_model **out);
+
+/*
+ * moas_model_load_memory() - open a GGUF model held in memory.
+ * CONSTRUCTOR: moas_model
+ *
+ * Like moas_model_load(), for the `size` bytes at `data`. The buffer is borrowed: it
+ * must stay valid and unchanged until moas_model_free(). Weights are used in place,
+ * so if `data` is not 4-byte aligned (malloc() and mmap() always are), the library
+ * copies the buffer once into an aligned one of its own (moas_model_tensor() reports
+ * where each tensor's data lives). params->use_mmap is ignored.
+ *
+ * Returns: as moas_model_load(), without MOAS_ERR_IO; MOAS_ERR_INVALID_ARG also when
+ *          `data` is NULL.
+ * Thread safety: safe.   Allocates: yes.
+ */
+MOAS_API moas_status moas_model_load_memory(const void *data, size_t size,
+                                            const moas_model_params *params,
+                                            moas_model **out);
+
+/*
+ * moas_model_free() - release a model and its mapping.
+ * DESTRUCTOR: moas_model
+ *
+ * Every context made from `model` must have been freed first. NULL is a no-op.
+ *
+ * Thread safety: not while any other thread uses `model`.   Allocates: no.
+ */
+MOAS_API void moas_model_free(moas_model *model);
+
+/* Hyperparameters. `model` must not be NULL; these cannot fail. */
+MOAS_API const char *moas_model_arch(const moas_model *model);  /* "moas" */
+MOAS_API const char *moas_model_name(const moas_model *model);  /* general.name, or "" */
+MOAS_API int32_t moas_model_n_layer(const moas_model *model);   /* transformer blocks */
+MOAS_API int32_t moas_model_n_embd(const moas_model *model);    /* model width C */
+MOAS_API int32_t moas_model_n_head(const moas_model *model);    /* query heads H */
+MOAS_API int32_t moas_model_head_dim(const moas_model *model);  /* C / H */
+MOAS_API int32_t moas_model_n_ff(const moas_model *model);      /* MLP width */
+MOAS_API int32_t moas_model_n_vocab(const moas_model *model);   /* tokens (characters) */
+MOAS_API int32_t moas_model_n_ctx_train(const moas_model *model); /* trained positions */
+MOAS_API int32_t moas_model_n_scheme(const moas_model *model);  /* attention schemes, >= 1 */
+MOAS_API moas_mixing moas_model_mixing(const moas_model *model);
+MOAS_API moas_kv_sharing moas_model_kv_sharing(const moas_model *model);
+MOAS_API int32_t moas_model_has_bias(const moas_model *model);  /* 1 if Linear/LN biases */
+MOAS_API uint64_t moas_model_n_params(const moas_model *model); /* elements of all tensors */
+
+/*
+ * moas_model_scheme_n_kv() - KV heads stored per token by attention scheme `scheme`.
+ *
+ * For the published MoAS layout this is n_head for scheme 0 (MHA), 2 for scheme 1
+ * (GQA) and 1 for scheme 2 (MQA).
+ *
+ * Returns: a divisor of moas_model_n_head(), or 0 when `scheme` is out of range.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API int32_t moas_model_scheme_n_kv(const moas_model *model, int32_t scheme);
+
+/* A tensor of the model file, as moas_model_tensor() reports it. */
+typedef struct moas_tensor_info {
+    uint32_t size;       /* set by the caller to sizeof(moas_tensor_info) */
+    const char *name;    /* borrowed from the model, e.g. "blk.0.attn_q.1.weight" */
+    moas_type type;      /* element type */
+    int32_t n_dims;      /* 1..4 */
+    int64_t ne[4];       /* elements per dimension, fastest first; unused ones are 1 */
+    uint64_t offset;     /* byte offset of the data from the start of the file */
+    uint64_t n_bytes;    /* bytes of data */
+    const void *data;    /* borrowed; the weights, in the model's mapping or buffer */
+} moas_tensor_info;
+
+/*
+ * moas_model_n_tensors() - how many tensors the file has.
+ *
+ * Returns: the count (tensors the architecture does not use included).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API int64_t moas_model_n_tensors(const moas_model *model);
+
+/*
+ * moas_model_tensor() - describe tensor number `index` of the file.
+ *
+ * `info->size` must be set by the caller; the library fills only the fields that fit
+ * in that size. Tensors are numbered 0 .. moas_model_n_tensors()-1 in file order.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, `index` out of range,
+ *          info->size too small for `name`).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_tensor(const moas_model *model, int64_t index,
+                                       moas_tensor_info *info);
+
+/*
+ * moas_model_tensor_find() - the index of the tensor called `name`.
+ *
+ * Returns: MOAS_OK with *index set, MOAS_ERR_NOT_FOUND, or MOAS_ERR_INVALID_ARG (NULL).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_tensor_find(const moas_model *model, const char *name,
+                                            int64_t *index);
+
+/* Types of GGUF metadata values, numbered as in GGUF. */
+typedef enum moas_meta_type {
+    MOAS_META_UINT8   = 0,
+    MOAS_META_INT8    = 1,
+    MOAS_META_UINT16  = 2,
+    MOAS_META_INT16   = 3,
+    MOAS_META_UINT32  = 4,
+    MOAS_META_INT32   = 5,
+    MOAS_META_FLOAT32 = 6,
+    MOAS_META_BOOL    = 7,
+    MOAS_META_STRING  = 8,
+    MOAS_META_ARRAY   = 9,
+    MOAS_META_UINT64  = 10,
+    MOAS_META_INT64   = 11,
+    MOAS_META_FLOAT64 = 12,
+    MOAS_META_TYPE_COUNT
+} moas_meta_type;
+
+/*
+ * moas_model_meta_count() - how many metadata keys the file has.
+ *
+ * Returns: the count; keys are numbered 0 .. count-1 in file order.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API int64_t moas_model_meta_count(const moas_model *model);
+
+/*
+ * moas_model_meta_key() - the name of metadata key number `index`.
+ *
+ * Returns: a borrowed NUL-terminated string, or NULL when `index` is out of range.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API const char *moas_model_meta_key(const moas_model *model, int64_t index);
+
+/*
+ * moas_model_meta_type() - the type of the value stored under `key`.
+ *
+ * For an array, *type is MOAS_META_ARRAY; moas_model_meta_array() tells its element
+ * type and length.
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, or MOAS_ERR_INVALID_ARG (NULL argument).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_type(const moas_model *model, const char *key,
+                                          moas_meta_type *type);
+
+/*
+ * moas_model_meta_int() - read an integer value, of any GGUF integer type.
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, MOAS_ERR_WRONG_TYPE (not an integer, or a
+ *          uint64 above INT64_MAX), or MOAS_ERR_INVALID_ARG (NULL argument).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_int(const moas_model *model, const char *key,
+                                         int64_t *value);
+
+/*
+ * moas_model_meta_float() - read a float32 or float64 value.
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, MOAS_ERR_WRONG_TYPE, or MOAS_ERR_INVALID_ARG.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_float(const moas_model *model, const char *key,
+                                           double *value);
+
+/*
+ * moas_model_meta_bool() - read a bool value as 0 or 1.
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, MOAS_ERR_WRONG_TYPE, or MOAS_ERR_INVALID_ARG.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_bool(const moas_model *model, const char *key,
+                                          int32_t *value);
+
+/*
+ * moas_model_meta_string() - read a string value.
+ *
+ * *value receives a borrowed NUL-terminated copy and *length (may be NULL) its length
+ * in bytes; a GGUF string may hold NUL bytes, so trust *length over strlen().
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, MOAS_ERR_WRONG_TYPE, or MOAS_ERR_INVALID_ARG.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_string(const moas_model *model, const char *key,
+                                            const char **value, size_t *length);
+
+/*
+ * moas_model_meta_array() - the element type and length of an array value.
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, MOAS_ERR_WRONG_TYPE (not an array), or
+ *          MOAS_ERR_INVALID_ARG (NULL argument).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_array(const moas_model *model, const char *key,
+                                           moas_meta_type *elem_type, uint64_t *n_elems);
+
+/*
+ * moas_model_meta_array_int() - element `index` of an integer array.
+ * moas_model_meta_array_float() - element `index` of a float array.
+ * moas_model_meta_array_string() - element `index` of a string array (borrowed,
+ *                                  NUL-terminated; `length` may be NULL).
+ *
+ * Returns: MOAS_OK, MOAS_ERR_NOT_FOUND, MOAS_ERR_WRONG_TYPE (not an array of that kind),
+ *          or MOAS_ERR_INVALID_ARG (NULL argument, `index` out of range).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_model_meta_array_int(const moas_model *model, const char *key,
+                                               uint64_t index, int64_t *value);
+MOAS_API moas_status moas_model_meta_array_float(const moas_model *model, const char *key,
+                                                 uint64_t index, double *value);
+MOAS_API moas_status moas_model_meta_array_string(const moas_model *model, const char *key,
+                                                  uint64_t index, const char **value,
+                                                  size_t *length);
+
+/* ======================================================================
+ *  Context
+ * ====================================================================== */
+
+typedef struct moas_context moas_context;  /* opaque; one thread at a time */
+
+/* How a context runs the attention schemes. */
+typedef enum moas_mode {
+    MOAS_MODE_MIXTURE = 0,  /* exact: every scheme runs, outputs mixed as trained */
+    MOAS_MODE_ROUTED  = 1,  /* reserved: top-1 scheme per token (not in this version) */
+    MOAS_MODE_COUNT
+} moas_mode;
+
+/* Which kernels a context uses. */
+typedef enum moas_kernels {
+    MOAS_KERNELS_AUTO = 0,  /* the fastest this CPU supports, chosen at context creation */
+    MOAS_KERNELS_REF  = 1,  /* the portable reference loops (for testing) */
+    MOAS_KERNELS_COUNT
+} moas_kernels;
+
+/* Which logits moas_context_decode_batch() computes. */
+typedef enum moas_logits {
+    MOAS_LOGITS_NONE = 0,  /* none: prompt prefill whose logits nobody reads */
+    MOAS_LOGITS_LAST = 1,  /* the last token's (also kept in moas_context_logits()) */
+    MOAS_LOGITS_ALL  = 2,  /* every token's: `logits` is [n_tokens][n_vocab] */
+    MOAS_LOGITS_COUNT
+} moas_logits;
+
+typedef struct moas_context_params {
+    uint32_t size;                    /* sizeof(moas_context_params); set by _init() */
+    int32_t n_ctx;                    /* tokens the cache holds; 0 (default): trained length */
+    int32_t n_threads;                /* threads per call; 0 (default): OpenMP's default */
+    moas_mode mode;                   /* default MOAS_MODE_MIXTURE */
+    moas_type kv_type;                /* MOAS_TYPE_F32 (default) or MOAS_TYPE_F16 */
+    moas_kernels kernels;             /* default MOAS_KERNELS_AUTO */
+    moas_log_fn log;                  /* NULL (default): silent */
+    void *log_user;                   /* handed back to `log` unchanged; default NULL */
+    const moas_allocator *allocator;  /* NULL (default): malloc/free; must outlive ctx */
+} moas_context_params;
+
+/*
+ * moas_context_params_init() - fill `params` with the defaults.
+ *
+ * `params` may not be NULL.
+ *
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API void moas_context_params_init(moas_context_params *params);
+
+/*
+ * moas_context_create() - make an inference context for `model`.
+ * CONSTRUCTOR: moas_context
+ *
+ * Allocates everything decoding will need, once: activations, scratch, the KV cache at
+ * full capacity and the routing records. `params` may be NULL for defaults. The model
+ * is borrowed and must outlive the context. On failure *out is NULL and nothing leaks.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, n_ctx negative or above
+ *          the trained length, n_threads negative, unknown mode, kv_type or kernels, bad
+ *          params->size), MOAS_ERR_UNSUPPORTED (a mode this version lacks),
+ *          MOAS_ERR_NO_MEMORY.
+ * Thread safety: safe (the model is only read).   Allocates: yes.
+ */
+MOAS_API moas_status moas_context_create(const moas_model *model,
+                                         const moas_context_params *params,
+                                         moas_context **out);
+
+/*
+ * moas_context_free() - release a context.
+ * DESTRUCTOR: moas_context
+ *
+ * NULL is a no-op.
+ *
+ * Thread safety: not while another thread uses `ctx`.   Allocates: no.
+ */
+MOAS_API void moas_context_free(moas_context *ctx);
+
+/*
+ * moas_context_decode() - run the model on the next token.
+ * METHOD: moas_context
+ *
+ * Computes the logits for `token` at position moas_context_n_past(ctx), stores its
+ * keys and values in the cache and records its routing. The logits are kept in the
+ * context (moas_context_logits()) and, when `logits` is not NULL, also copied to the
+ * caller's moas_model_n_vocab() floats. On failure nothing changes: cache, position,
+ * logits and routing records are as before, and the context stays usable.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `token` outside [0, n_vocab)),
+ *          MOAS_ERR_CONTEXT_FULL (n_ctx tokens already stored).
+ * Thread safety: one thread per context.   Allocates: never.
+ */
+MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits);
+
+/*
+ * moas_context_decode_batch() - run the model on `n_tokens` consecutive tokens.
+ * METHOD: moas_context
+ *
+ * Equivalent to moas_context_decode() on each token in turn (the same logits, cache
+ * and routing), but checks every token and the room left before touching anything:
+ * either all tokens are stored or none. `which` selects the logits written to
+ * `logits`: MOAS_LOGITS_NONE (then `logits` may be NULL), MOAS_LOGITS_LAST
+ * ([n_vocab] floats; may be NULL, the context keeps them anyway) or MOAS_LOGITS_ALL
+ * ([n_tokens][n_vocab] floats, required). `n_tokens` may be 0.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, NULL `tokens` with n_tokens
+ *          > 0, negative n_tokens, a token outside [0, n_vocab) — its index is named —,
+ *          unknown `which`, MOAS_LOGITS_ALL with NULL `logits`),
+ *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx).
+ * Thread safety: one thread per context.   Allocates: never.
+ */
+MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
+                                               int32_t n_tokens, float *logits,
+                                               moas_logits which);
+
+/*
+ * moas_context_logits() - the logits of the last decoded token.
+ *
+ * Returns: a borrowed array of moas_model_n_vocab() floats, valid until the next call
+ *          that decodes, truncates, resets or frees `ctx`; NULL when no token has been
+ *          decoded since creation, reset or a truncate.
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API const float *moas_context_logits(const moas_context *ctx);
+
+/* Context state. `ctx` must not be NULL; these cannot fail. */
+MOAS_API int32_t moas_context_n_past(const moas_context *ctx);    /* tokens in the cache */
+MOAS_API int32_t moas_context_n_ctx(const moas_context *ctx);     /* capacity in tokens */
+MOAS_API moas_mode moas_context_mode(const moas_context *ctx);
+MOAS_API const moas_model *moas_context_model(const moas_context *ctx);
+MOAS_API const char *moas_context_kernels_name(const moas_context *ctx); /* e.g. "ref" */
+
+/*
+ * moas_context_reset() - forget every token: empty the cache and the routing records.
+ * METHOD: moas_context
+ *
+ * The context is as freshly created. `ctx` may not be NULL.
+ *
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API void moas_context_reset(moas_context *ctx);
+
+/*
+ * moas_context_truncate() - keep only the first `n_keep` tokens of the cache.
+ * METHOD: moas_context
+ *
+ * Afterwards the context is exactly as if only those tokens had been decoded: the next
+ * decode is at position `n_keep` and gives the same results as in that history.
+ * moas_context_logits() returns NULL until the next decode.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `n_keep` < 0 or > n_past).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep);
+
+/* ======================================================================
+ *  Routing and KV accounting
+ * ====================================================================== */
+
+/*
+ * moas_context_routes() - the routing of positions [pos, pos + n_pos).
+ * METHOD: moas_context
+ *
+ * Copies, for every position in the range (all < n_past) and every layer, in
+ * position-major order:
+ *   gates    [n_pos][n_layer][n_scheme]  the scheme weights the layer used: the
+ *            router's softmax gates, 1/n_scheme each for mean mixing, 1 for single;
+ *   schemes  [n_pos][n_layer]  the scheme with the largest gate (the first on ties);
+ *   kv_heads [n_pos][n_layer]  KV heads the cache stores for that token and layer
+ *            (in mixture mode every scheme's: the sum of their n_kv).
+ * Any of the three arrays may be NULL. n_pos may be 0.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, range outside [0, n_past)).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_routes(const moas_context *ctx, int32_t pos, int32_t n_pos,
+                                         float *gates, int32_t *schemes, int32_t *kv_heads);
+
+/*
+ * moas_context_kv_bytes_used() - bytes of keys and values the cache holds now.
+ * moas_context_kv_bytes_reserved() - bytes allocated for keys and values at capacity.
+ *
+ * `layer` selects one layer, or -1 for the sum over all layers. Used bytes count what
+ * the stored tokens occupy (their KV heads times head_dim times two times the element
+ * size), plus the per-token bookkeeping; reserved bytes count the same at n_ctx tokens.
+ * docs/KV_CACHE.md gives the formulas.
+ *
+ * Returns: the byte count; 0 for a `layer` out of range.
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer);
+MOAS_API size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer);
+
+/* ======================================================================
+ *  Tokenizer
+ * ====================================================================== */
+
+/*
+ * moas_tokenize() - turn UTF-8 text into token ids, one per character.
+ *
+ * Reads `text_len` bytes of `text`, or up to its NUL when `text_len` is (size_t)-1.
+ * Writes at most `n_max` ids to `tokens` and the number of ids the whole text needs
+ * to *n_tokens (also when that is more than `n_max`; `tokens` may then be NULL to
+ * ask for the count). A character outside the vocabulary, or invalid UTF-8, is an
+ * error naming the character and its byte offset.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_UNKNOWN_CHAR, MOAS_ERR_BUFFER_TOO_SMALL (needs more
+ *          than `n_max`; *n_tokens says how many), MOAS_ERR_INVALID_ARG (NULL
+ *          `model`, `text` or `n_tokens`; NULL `tokens` with n_max > 0).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_tokenize(const moas_model *model, const char *text,
+                                   size_t text_len, int32_t *tokens, size_t n_max,
+                                   size_t *n_tokens);
+
+/*
+ * moas_detokenize() - turn token ids into UTF-8 text.
+ *
+ * Writes the text of the `n_tokens` ids and a terminating NUL into `text` (`capacity`
+ * bytes), and its length without the NUL into *length, also when it does not fit.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_BUFFER_TOO_SMALL (then `text` holds nothing useful;
+ *          *length says how much is needed), MOAS_ERR_INVALID_ARG (NULL argument, an
+ *          id outside [0, n_vocab)).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_detokenize(const moas_model *model, const int32_t *tokens,
+                                     size_t n_tokens, char *text, size_t capacity,
+                                     size_t *length);
+
+/*
+ * moas_token_text() - the text of one token.
+ *
+ * Returns: a borrowed NUL-terminated UTF-8 string, or NULL for an id outside
+ *          [0, n_vocab) or a NULL `model`.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API const char *moas_token_text(const moas_model *model, int32_t token);
+
+/* ======================================================================
+ *  Sampler
+ * ====================================================================== */
+
+typedef struct moas_sampler moas_sampler;  /* opaque; one thread at a time */
+
+typedef struct moas_sampler_params {
+    uint32_t size;                    /* sizeof(moas_sampler_params); set by _init() */
+    float temperature;                /* 0: greedy (argmax); default 1.0 */
+    int32_t top_k;                    /* keep the k most likely; 0 (default): all */
+    float top_p;                      /* keep the smallest set with mass >= p; default 1.0 */
+    uint64_t seed;                    /* random stream; same seed, same choices; default 0 */
+    const moas_allocator *allocator;  /* NULL (default): malloc/free */
+} moas_sampler_params;
+
+/*
+ * moas_sampler_params_init() - fill `params` with the defaults.
+ *
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API void moas_sampler_params_init(moas_sampler_params *params);
+
+/*
+ * moas_sampler_create() - make a sampler for logits of `n_vocab` entries.
+ * CONSTRUCTOR: moas_sampler
+ *
+ * Greedy when temperature is 0; otherwise softmax(logits / temperature), cut to top_k
+ * then top_p, renormalised, drawn with a generator seeded by `seed`. `params` may be
+ * NULL for defaults.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `out`, n_vocab < 1, temperature
+ *          negative or not finite, top_k negative, top_p outside (0, 1], bad size),
+ *          MOAS_ERR_NO_MEMORY.
+ * Thread safety: safe.   Allocates: yes (scratch for n_vocab entries, once).
+ */
+MOAS_API moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_vocab,
+                                         moas_sampler **out);
+
+/*
+ * moas_sampler_free() - release a sampler. NULL is a no-op.
+ * DESTRUCTOR: moas_sampler
+ */
+MOAS_API void moas_sampler_free(moas_sampler *sampler);
+
+/*
+ * moas_sampler_sample() - choose a token from `logits` (n_vocab floats).
+ * METHOD: moas_sampler
+ *
+ * Advances the random stream by one draw (greedy draws nothing). NaN logits are never
+ * chosen; if every logit is NaN or -infinity the call fails.
+ *
+ * Returns: MOAS_OK with *token set, or MOAS_ERR_INVALID_ARG (NULL argument, no
+ *          finite logit).
+ * Thread safety: one thread per sampler.   Allocates: never.
+ */
+MOAS_API moas_status moas_sampler_sample(moas_sampler *sampler, const float *logits,
+                                         int32_t *token);
+
+/*
+ * moas_sampler_reseed() - restart the random stream from `seed`.
+ * METHOD: moas_sampler
+ *
+ * `sampler` may not be NULL.
+ */
+MOAS_API void moas_sampler_reseed(moas_sampler *sampler, uint64_t seed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOAS_H */

@@ -1,0 +1,250 @@
+/*
+ * forward.c - one token through the model: embeddings, the attention schemes and
+ * their mixing, the MLP, the output head.
+ *
+ * Owns: the numeric definition of a forward step (docs/FORMAT.md, "Semantics") and the
+ * KV-cache writes and reads it implies. Does not own: allocation (context.c), kernels
+ * (ops_*.c). Everything here works on buffers the context allocated once; nothing is
+ * allocated per token.
+ *
+ * Follows the published PyTorch model (SPEC.md section 1) step for step, so that logits
+ * agree to float32 round-off: LayerNorm with biased variance, exact erf GELU, scores
+ * q.k scaled by 1/sqrt(head_dim) after the dot product, mean mixing as a sum divided
+ * by the number of schemes.
+ */
+#include "context.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Below this many multiply-adds a matrix-vector product stays on one thread: waking
+ * the others costs more than it saves. */
+#define PARALLEL_MIN_WORK (1 << 15)
+
+/* Dot product of row r of `w` with x, in the row's stored type. */
+static inline float row_dot(const moas_ops *ops, const moas_weight *w, int32_t r,
+                            const float *x) {
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+    switch (w->type) {
+    case MOAS_TYPE_F16:
+        return ops->dot_f16((const uint16_t *)(const void *)row, x, w->n_cols);
+    case MOAS_TYPE_Q8_0:
+        return ops->dot_q8_0((const moas_block_q8_0 *)(const void *)row, x, w->n_cols);
+    default:
+        return ops->dot_f32((const float *)(const void *)row, x, w->n_cols);
+    }
+}
+
+/* y = W x (+ b).   W [n_rows, n_cols], x [n_cols], y [n_rows], b [n_rows] or NULL */
+static void matvec(const moas_context *ctx, const moas_weight *w, const float *x,
+                   const float *b, float *y) {
+    const moas_ops *ops = ctx->ops;
+    const bool parallel = (int64_t)w->n_rows * w->n_cols >= PARALLEL_MIN_WORK;
+    (void)parallel;
+
+    MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
+    for (int32_t r = 0; r < w->n_rows; r++) {
+        y[r] = row_dot(ops, w, r, x) + (b != NULL ? b[r] : 0.0f);
+    }
+}
+
+/* out = row r of an embedding table, as f32.   out [n_cols] */
+static void embedding_row(const moas_weight *w, int32_t r, float *out) {
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+    if (w->type == MOAS_TYPE_F16) {
+        const uint16_t *h = (const uint16_t *)(const void *)row;
+        for (int32_t i = 0; i < w->n_cols; i++) {
+            out[i] = moas__f16_to_f32(h[i]);
+        }
+    } else {
+        memcpy(out, row, (size_t)w->n_cols * sizeof *out);
+    }
+}
+
+/* out = LayerNorm(x) * w (+ b), mean and biased variance over n. Moments are summed
+ * in double so the result does not depend on summation order.   all [n] */
+static void layernorm(float *out, const float *x, const float *w, const float *b, int32_t n,
+                      float eps) {
+    double sum = 0.0, sq = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        sum += x[i];
+    }
+    const double mean = sum / n;
+    for (int32_t i = 0; i < n; i++) {
+        const double dx = x[i] - mean;
+        sq += dx * dx;
+    }
+    const float inv_std = (float)(1.0 / sqrt(sq / n + eps));
+    for (int32_t i = 0; i < n; i++) {
+        const float y = ((float)(x[i] - mean)) * inv_std * w[i];
+        out[i] = b != NULL ? y + b[i] : y;
+    }
+}
+
+/* The exact GELU, 0.5 x (1 + erf(x / sqrt 2)), as nn.GELU() computes by default. */
+static void gelu(float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+    }
+}
+
+/* In-place softmax over n scores. */
+static void softmax(float *x, int32_t n) {
+    float max = x[0], sum = 0.0f;
+    for (int32_t i = 1; i < n; i++) {
+        max = x[i] > max ? x[i] : max;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int32_t i = 0; i < n; i++) {
+        x[i] *= inv;
+    }
+}
+
+/* Store n f32 values at `dst` in the cache's element type. */
+static void kv_store(const moas_context *ctx, void *dst, const float *src, int32_t n) {
+    if (ctx->kv_type == MOAS_TYPE_F16) {
+        uint16_t *h = dst;
+        for (int32_t i = 0; i < n; i++) {
+            h[i] = moas__f32_to_f16(src[i]);
+        }
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof *src);
+    }
+}
+
+/* The scheme weights of layer l for the current token: router gates, the mean, or 1.
+ *   xb [C] normed input, gates [S] out */
+static void scheme_gates(moas_context *ctx, const moas_layer *layer, const float *xb,
+                         float *gates) {
+    const moas_model *m = ctx->model;
+
+    if (m->mixing != MOAS_MIXING_ROUTER) {
+        for (int32_t s = 0; s < m->n_scheme; s++) {
+            gates[s] = 1.0f / (float)m->n_scheme;
+        }
+        return;
+    }
+    /* g = softmax(W_down GELU(W_up xb + b_up) + b_down) */
+    matvec(ctx, &layer->router_up, xb, layer->router_up_b, ctx->hb);   // [R]
+    gelu(ctx->hb, m->n_router);
+    matvec(ctx, &layer->router_down, ctx->hb, layer->router_down_b, gates);  // [S]
+    softmax(gates, m->n_scheme);
+}
+
+/* Causal attention of the token at `pos` over one scheme's cache, all heads.
+ *   q [n_head, head_dim], out [n_head, head_dim]; scores in ctx->att [n_head, n_ctx] */
+static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *q, int32_t pos,
+                   float *out) {
+    const moas_model *m = ctx->model;
+    const moas_ops *ops = ctx->ops;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim, n_kv = kv->n_kv;
+    const size_t row_elems = (size_t)n_kv * head_dim;   /* one token's row in the stream */
+    const size_t esize = ctx->kv_elem_bytes;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
+    const bool parallel = (int64_t)(pos + 1) * head_dim * n_head >= PARALLEL_MIN_WORK;
+    (void)parallel;
+
+    MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
+    for (int32_t h = 0; h < n_head; h++) {
+        const float *qh = q + (size_t)h * head_dim;
+        float *ah = ctx->att + (size_t)h * ctx->n_ctx;
+        float *oh = out + (size_t)h * head_dim;
+        /* Query head h reads KV head h * n_kv / n_head: itself under MHA, its group
+         * under GQA (repeat_interleave in the reference), head 0 under MQA. */
+        const size_t kvh_off = (size_t)(h * n_kv / n_head) * head_dim;
+
+        for (int32_t j = 0; j <= pos; j++) {
+            const uint8_t *kj = (const uint8_t *)kv->k + ((size_t)j * row_elems + kvh_off) * esize;
+            const float dot = f16 ? ops->dot_f16((const uint16_t *)(const void *)kj, qh, head_dim)
+                                  : ops->dot_f32((const float *)(const void *)kj, qh, head_dim);
+            ah[j] = dot * scale;
+        }
+        softmax(ah, pos + 1);
+
+        memset(oh, 0, (size_t)head_dim * sizeof *oh);
+        for (int32_t j = 0; j <= pos; j++) {
+            const uint8_t *vj = (const uint8_t *)kv->v + ((size_t)j * row_elems + kvh_off) * esize;
+            if (f16) {
+                ops->axpy_f16(oh, ah[j], (const uint16_t *)(const void *)vj, head_dim);
+            } else {
+                ops->axpy_f32(oh, ah[j], (const float *)(const void *)vj, head_dim);
+            }
+        }
+    }
+}
+
+/* One scheme's attention branch for the token at `pos`: project, store K/V, attend,
+ * project out.   xb [C] normed input, y [C] out */
+static void scheme_branch(moas_context *ctx, const moas_scheme_weights *sw, moas_kv_stream *kv,
+                          const float *xb, int32_t pos, float *y) {
+    const moas_model *m = ctx->model;
+    const int32_t kv_dim = sw->n_kv * m->head_dim;
+    const size_t row_bytes = (size_t)kv_dim * ctx->kv_elem_bytes;
+    float *k = ctx->kv_tmp;            /* [kv_dim] */
+    float *v = ctx->kv_tmp + m->n_embd; /* [kv_dim] */
+
+    matvec(ctx, &sw->wq, xb, sw->bq, ctx->q);
+    matvec(ctx, &sw->wk, xb, sw->bk, k);
+    matvec(ctx, &sw->wv, xb, sw->bv, v);
+    kv_store(ctx, (uint8_t *)kv->k + (size_t)pos * row_bytes, k, kv_dim);
+    kv_store(ctx, (uint8_t *)kv->v + (size_t)pos * row_bytes, v, kv_dim);
+
+    attend(ctx, kv, ctx->q, pos, ctx->att_out);
+    matvec(ctx, &sw->wo, ctx->att_out, sw->bo, y);
+}
+
+void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
+    const moas_model *m = ctx->model;
+    const int32_t C = m->n_embd, S = m->n_scheme, pos = ctx->n_past;
+    float *x = ctx->x;
+
+    /* x = token embedding + position embedding */
+    embedding_row(&m->tok_embd, token, x);
+    embedding_row(&m->pos_embd, pos, ctx->xb);
+    for (int32_t i = 0; i < C; i++) {
+        x[i] += ctx->xb[i];
+    }
+
+    for (int32_t l = 0; l < m->n_layer; l++) {
+        const moas_layer *layer = &m->layers[l];
+        moas_kv_stream *kv = &ctx->kv[(size_t)l * S];
+        float *gates = ctx->route_gates + ((size_t)pos * m->n_layer + l) * S;  /* [S] */
+
+        /* attention: every scheme's branch, mixed by the gates */
+        layernorm(ctx->xb, x, layer->attn_norm_w, layer->attn_norm_b, C, m->norm_eps);
+        scheme_gates(ctx, layer, ctx->xb, gates);
+        memset(ctx->mix, 0, (size_t)C * sizeof *ctx->mix);
+        for (int32_t s = 0; s < S; s++) {
+            scheme_branch(ctx, &layer->scheme[s], &kv[s], ctx->xb, pos, ctx->xb2);
+            /* mean mixing sums then divides, as the reference does */
+            const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[s] : 1.0f;
+            for (int32_t i = 0; i < C; i++) {
+                ctx->mix[i] += g * ctx->xb2[i];
+            }
+        }
+        for (int32_t i = 0; i < C; i++) {
+            x[i] += m->mixing == MOAS_MIXING_MEAN ? ctx->mix[i] / (float)S : ctx->mix[i];
+        }
+
+        /* MLP: x += W_down GELU(W_up LN(x) + b_up) + b_down */
+        layernorm(ctx->xb, x, layer->ffn_norm_w, layer->ffn_norm_b, C, m->norm_eps);
+        matvec(ctx, &layer->ffn_up, ctx->xb, layer->ffn_up_b, ctx->hb);
+        gelu(ctx->hb, m->n_ff);
+        matvec(ctx, &layer->ffn_down, ctx->hb, layer->ffn_down_b, ctx->xb2);
+        for (int32_t i = 0; i < C; i++) {
+            x[i] += ctx->xb2[i];
+        }
+    }
+
+    /* logits = output . LN(x) */
+    if (want_logits) {
+        layernorm(ctx->xb, x, m->out_norm_w, m->out_norm_b, C, m->norm_eps);
+        matvec(ctx, &m->output, ctx->xb, NULL, ctx->logits);
+    }
+    ctx->logits_valid = want_logits;
+}

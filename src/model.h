@@ -1,0 +1,81 @@
+/*
+ * model.h - a loaded model: hyperparameters, typed views of every weight, and the
+ * character vocabulary. Built and checked by model.c; read by everything else.
+ */
+#ifndef MOAS_MODEL_H
+#define MOAS_MODEL_H
+
+#include "core.h"
+#include "gguf.h"
+
+/* At most this many attention schemes per layer (the reference has 3). */
+#define MOAS_MAX_SCHEMES 8
+
+/* A matrix used in place: n_rows rows of n_cols elements of `type`, row-major.
+ * For an embedding table a "row" is one token's (or position's) vector. */
+typedef struct moas_weight {
+    const void *data;
+    moas_type type;
+    int32_t n_rows;     /* output features (or table entries) */
+    int32_t n_cols;     /* input features (or vector width)   */
+    size_t row_bytes;   /* bytes per row in `type` */
+} moas_weight;
+
+typedef struct moas_scheme_weights {
+    int32_t n_kv;                   /* KV heads of this scheme */
+    moas_weight wq, wk, wv, wo;     /* [C, C], [n_kv*d, C], [n_kv*d, C], [C, C] (rows, cols) */
+    const float *bq, *bk, *bv, *bo; /* biases, or NULL without bias */
+} moas_scheme_weights;
+
+typedef struct moas_layer {
+    const float *attn_norm_w, *attn_norm_b;      /* [C] */
+    moas_scheme_weights scheme[MOAS_MAX_SCHEMES];
+    moas_weight router_up, router_down;          /* [R, C], [S, R]; router mixing only */
+    const float *router_up_b, *router_down_b;    /* [R], [S] or NULL */
+    const float *ffn_norm_w, *ffn_norm_b;        /* [C] */
+    moas_weight ffn_up, ffn_down;                /* [n_ff, C], [C, n_ff] */
+    const float *ffn_up_b, *ffn_down_b;          /* [n_ff], [C] or NULL */
+} moas_layer;
+
+struct moas_model {
+    /* where the bytes live */
+    const moas_allocator *alloc;
+    moas_allocator alloc_copy;  /* the caller's allocator, copied; alloc points here */
+    moas_log_fn log;
+    void *log_user;
+    void *map;                  /* mmap'ed file, or NULL */
+    size_t map_size;
+    void *owned;                /* our heap copy of the file (read or realigned), or NULL */
+    const uint8_t *image;       /* the GGUF image: map, owned copy or caller's buffer */
+    size_t image_size;
+    moas_gguf *gguf;
+
+    /* hyperparameters (names as in docs/FORMAT.md) */
+    int32_t n_layer, n_embd, n_head, head_dim, n_ff, n_vocab, n_ctx_train;
+    int32_t n_scheme, n_router;
+    int32_t scheme_n_kv[MOAS_MAX_SCHEMES];
+    moas_mixing mixing;
+    moas_kv_sharing kv_sharing;
+    bool bias;
+    float norm_eps;
+    const char *name;
+    uint64_t n_params;
+
+    /* weights */
+    moas_weight tok_embd;          /* [n_vocab, C] */
+    moas_weight pos_embd;          /* [n_ctx_train, C] */
+    moas_weight output;            /* [n_vocab, C]; tok_embd when tied */
+    const float *out_norm_w, *out_norm_b;
+    moas_layer *layers;            /* [n_layer] */
+
+    /* vocabulary */
+    const moas_gguf_string *vocab; /* [n_vocab] token texts, owned by gguf */
+    uint32_t *vocab_cp;            /* [n_vocab] code point of each token */
+    int32_t *cp_order;             /* [n_vocab] token ids sorted by code point */
+};
+
+/* Decode one UTF-8 character from s[0..len): its code point and byte length, or
+ * false for invalid or truncated UTF-8 (overlong forms, surrogates, > U+10FFFF). */
+bool moas__utf8_decode(const char *s, size_t len, uint32_t *cp, size_t *n_bytes);
+
+#endif /* MOAS_MODEL_H */

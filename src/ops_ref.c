@@ -1,0 +1,63 @@
+/*
+ * ops_ref.c - the reference kernels: the specification of every entry in moas_ops.
+ *
+ * Plain loops, accumulating in float in index order, so a result is reproducible from
+ * the definition alone. SIMD tables are tested against these at awkward lengths.
+ */
+#include "ops.h"
+
+static float dot_f32_ref(const float *w, const float *x, int32_t n) {
+    float sum = 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        sum += w[i] * x[i];
+    }
+    return sum;
+}
+
+static float dot_f16_ref(const uint16_t *w, const float *x, int32_t n) {
+    float sum = 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        sum += moas__f16_to_f32(w[i]) * x[i];
+    }
+    return sum;
+}
+
+/* Each block contributes d * (q . x); the scale is applied once per block, as the
+ * format intends. */
+static float dot_q8_0_ref(const moas_block_q8_0 *w, const float *x, int32_t n) {
+    float sum = 0.0f;
+    for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
+        float block = 0.0f;
+        for (int32_t i = 0; i < MOAS_QK8_0; i++) {
+            block += (float)w[b].q[i] * x[b * MOAS_QK8_0 + i];
+        }
+        sum += moas__f16_to_f32(w[b].d) * block;
+    }
+    return sum;
+}
+
+static void axpy_f32_ref(float *y, float a, const float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        y[i] += a * x[i];
+    }
+}
+
+static void axpy_f16_ref(float *y, float a, const uint16_t *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        y[i] += a * moas__f16_to_f32(x[i]);
+    }
+}
+
+const moas_ops moas__ops_ref = {
+    .name = "ref",
+    .dot_f32 = dot_f32_ref,
+    .dot_f16 = dot_f16_ref,
+    .dot_q8_0 = dot_q8_0_ref,
+    .axpy_f32 = axpy_f32_ref,
+    .axpy_f16 = axpy_f16_ref,
+};
+
+const moas_ops *moas__ops_select(moas_kernels kind) {
+    (void)kind;
+    return &moas__ops_ref;
+}

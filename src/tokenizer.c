@@ -1,0 +1,98 @@
+/*
+ * tokenizer.c - the character tokenizer: one token per Unicode code point.
+ *
+ * The vocabulary is the model's `tokenizer.ggml.tokens`, checked at load (one code
+ * point each, all distinct) and indexed by code point (model.c), so text -> ids is a
+ * binary search per character and ids -> text a copy.
+ */
+#include "model.h"
+
+#include <string.h>
+
+/* The token whose character is `cp`, or -1. */
+static int32_t find_token(const moas_model *m, uint32_t cp) {
+    int32_t lo = 0, hi = m->n_vocab - 1;
+    while (lo <= hi) {
+        const int32_t mid = lo + (hi - lo) / 2;
+        const uint32_t mid_cp = m->vocab_cp[m->cp_order[mid]];
+        if (mid_cp == cp) {
+            return m->cp_order[mid];
+        }
+        if (mid_cp < cp) {
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return -1;
+}
+
+moas_status moas_tokenize(const moas_model *m, const char *text, size_t text_len,
+                          int32_t *tokens, size_t n_max, size_t *n_tokens) {
+    size_t n = 0;
+
+    MOAS_RETURN_IF(m == NULL || text == NULL || n_tokens == NULL || (tokens == NULL && n_max > 0),
+                   MOAS_ERR_INVALID_ARG, "tokenize: %s is NULL",
+                   m == NULL ? "model" : text == NULL ? "text" : n_tokens == NULL ? "n_tokens"
+                                                                                  : "tokens");
+    if (text_len == (size_t)-1) {
+        text_len = strlen(text);
+    }
+    for (size_t at = 0; at < text_len;) {
+        uint32_t cp;
+        size_t n_bytes;
+        int32_t id;
+
+        MOAS_RETURN_IF(!moas__utf8_decode(text + at, text_len - at, &cp, &n_bytes),
+                       MOAS_ERR_UNKNOWN_CHAR, "tokenize: invalid UTF-8 at byte offset %zu (byte 0x%02x)",
+                       at, (unsigned)(unsigned char)text[at]);
+        id = find_token(m, cp);
+        MOAS_RETURN_IF(id < 0, MOAS_ERR_UNKNOWN_CHAR,
+                       "tokenize: character '%.*s' (U+%04X) at byte offset %zu is not in the "
+                       "vocabulary", cp < 0x20 || cp == 0x7f ? 0 : (int)n_bytes, text + at,
+                       (unsigned)cp, at);
+        if (n < n_max) {
+            tokens[n] = id;
+        }
+        n++;
+        at += n_bytes;
+    }
+    *n_tokens = n;
+    MOAS_RETURN_IF(n > n_max, MOAS_ERR_BUFFER_TOO_SMALL,
+                   "tokenize: the text needs %zu tokens, the buffer holds %zu", n, n_max);
+    return MOAS_OK;
+}
+
+moas_status moas_detokenize(const moas_model *m, const int32_t *tokens, size_t n_tokens,
+                            char *text, size_t capacity, size_t *length) {
+    size_t len = 0;
+
+    MOAS_RETURN_IF(m == NULL || (tokens == NULL && n_tokens > 0) || length == NULL ||
+                   (text == NULL && capacity > 0), MOAS_ERR_INVALID_ARG,
+                   "detokenize: NULL argument");
+    for (size_t i = 0; i < n_tokens; i++) {
+        MOAS_RETURN_IF(tokens[i] < 0 || tokens[i] >= m->n_vocab, MOAS_ERR_INVALID_ARG,
+                       "detokenize: token %d at index %zu is outside the vocabulary [0, %d)",
+                       tokens[i], i, m->n_vocab);
+        len += (size_t)m->vocab[tokens[i]].len;
+    }
+    *length = len;
+    MOAS_RETURN_IF(len >= capacity, MOAS_ERR_BUFFER_TOO_SMALL,
+                   "detokenize: the text needs %zu bytes and a NUL, the buffer holds %zu", len,
+                   capacity);
+    len = 0;
+    for (size_t i = 0; i < n_tokens; i++) {
+        const moas_gguf_string *t = &m->vocab[tokens[i]];
+        memcpy(text + len, t->text, (size_t)t->len);
+        len += (size_t)t->len;
+    }
+    text[len] = '\0';
+    return MOAS_OK;
+}
+
+const char *moas_token_text(const moas_model *m, int32_t token) {
+    if (m == NULL || token < 0 || token >= m->n_vocab) {
+        return NULL;
+    }
+    return m->vocab[token].text;
+}

@@ -1,0 +1,128 @@
+/* test_alloc.c - allocation through the caller's allocator: nothing per token, nothing
+ * leaked, and every allocation failure at creation reported cleanly. */
+#include "test.h"
+
+#include "support/tiny_model.h"
+
+#include <stdlib.h>
+
+typedef struct {
+    long n_alloc;       /* successful allocations */
+    long n_free;        /* frees of non-NULL pointers */
+    long fail_at;       /* fail the allocation with this number (1-based); 0: never */
+    long n_calls;
+} counting;
+
+static void *count_alloc(void *user, size_t size) {
+    counting *c = user;
+    if (++c->n_calls == c->fail_at) {
+        return NULL;
+    }
+    c->n_alloc++;
+    return malloc(size);
+}
+
+static void count_free(void *user, void *ptr) {
+    counting *c = user;
+    if (ptr != NULL) {
+        c->n_free++;
+    }
+    free(ptr);
+}
+
+TEST(decode_allocates_nothing_and_free_releases_everything) {
+    counting c = {0, 0, 0, 0};
+    const moas_allocator alloc = {count_alloc, count_free, &c};
+    moas_model_params mp;
+    moas_context_params cp;
+    moas_sampler_params sp;
+    moas_model *m;
+    moas_context *ctx;
+    moas_sampler *smp;
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 1, &size);
+    int32_t tokens[20];
+
+    moas_model_params_init(&mp);
+    mp.allocator = &alloc;
+    moas_context_params_init(&cp);
+    cp.allocator = &alloc;
+    moas_sampler_params_init(&sp);
+    sp.allocator = &alloc;
+    sp.top_k = 5;
+    sp.top_p = 0.9f;
+    ASSERT_OK(moas_model_load_memory(image, size, &mp, &m));
+    ASSERT_OK(moas_context_create(m, &cp, &ctx));
+    ASSERT_OK(moas_sampler_create(&sp, moas_model_n_vocab(m), &smp));
+    ASSERT_TRUE(c.n_alloc > 0);
+    const long after_create = c.n_calls;
+
+    for (int i = 0; i < 20; i++) {
+        tokens[i] = i % moas_model_n_vocab(m);
+    }
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 10, NULL, MOAS_LOGITS_LAST));
+    for (int i = 0; i < 20; i++) {
+        int32_t t;
+        ASSERT_OK(moas_sampler_sample(smp, moas_context_logits(ctx), &t));
+        ASSERT_OK(moas_context_decode(ctx, t, NULL));
+    }
+    ASSERT_OK(moas_context_truncate(ctx, 3));
+    moas_context_reset(ctx);
+    ASSERT_EQ(c.n_calls, after_create);   /* not one allocation per token */
+
+    moas_sampler_free(smp);
+    moas_context_free(ctx);
+    moas_model_free(m);
+    ASSERT_EQ(c.n_free, c.n_alloc);       /* and nothing leaked */
+    free(image);
+    return TEST_PASS;
+}
+
+/* Fail allocation 1, 2, 3, ... of model load and context creation until the call
+ * succeeds: each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
+TEST(allocation_failures_at_creation_are_clean) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 1, &size);
+    moas_model *good;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &good));
+
+    for (int what = 0; what < 3; what++) {
+        for (long n = 1;; n++) {
+            counting c = {0, 0, n, 0};
+            const moas_allocator alloc = {count_alloc, count_free, &c};
+            moas_status st;
+            void *obj = &c;
+            if (what == 0) {
+                moas_model_params p;
+                moas_model_params_init(&p);
+                p.allocator = &alloc;
+                st = moas_model_load_memory(image, size, &p, (moas_model **)&obj);
+                if (st == MOAS_OK) moas_model_free(obj);
+            } else if (what == 1) {
+                moas_context_params p;
+                moas_context_params_init(&p);
+                p.allocator = &alloc;
+                st = moas_context_create(good, &p, (moas_context **)&obj);
+                if (st == MOAS_OK) moas_context_free(obj);
+            } else {
+                moas_sampler_params p;
+                moas_sampler_params_init(&p);
+                p.allocator = &alloc;
+                st = moas_sampler_create(&p, 40, (moas_sampler **)&obj);
+                if (st == MOAS_OK) moas_sampler_free(obj);
+            }
+            ASSERT_EQ(c.n_free, c.n_alloc);
+            if (st == MOAS_OK) {
+                ASSERT_TRUE(n > 1);   /* at least one allocation was failed and survived */
+                break;
+            }
+            ASSERT_STATUS(st, MOAS_ERR_NO_MEMORY);
+            ASSERT_TRUE(obj == NULL);
+            ASSERT_TRUE(strstr(moas_last_error(), "memory") != NULL);
+            ASSERT_TRUE(n < 1000);
+        }
+    }
+    moas_model_free(good);
+    free(image);
+    return TEST_PASS;
+}

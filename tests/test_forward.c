@@ -1,0 +1,465 @@
+/*
+ * test_forward.c - the forward pass against PyTorch, and the decode invariants.
+ *
+ * Golden fixtures (tests/data/README.md) hold the float32 logits at every position and
+ * the router gates, computed by PyTorch for tiny random models of each attention type.
+ * libmoas must match them within float32 round-off, both when the text is decoded as
+ * one batch and token by token.
+ */
+#include "test.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Logits are of order 1..10; float32 round-off over two layers stays near 1e-6.
+ * 1e-4 is the product's promise (SPEC.md section 3). Gates are in [0, 1]. */
+#define LOGIT_TOLERANCE 1e-4
+#define GATE_TOLERANCE 1e-5
+
+typedef struct {
+    uint32_t n_tokens, n_vocab, n_layer, n_scheme;
+    int32_t *tokens;   /* [n_tokens] */
+    float *logits;     /* [n_tokens][n_vocab] */
+    float *gates;      /* [n_tokens][n_layer][n_scheme] */
+} golden;
+
+static void golden_free(golden *g) {
+    free(g->tokens);
+    free(g->logits);
+    free(g->gates);
+    memset(g, 0, sizeof *g);
+}
+
+/* Read NAME.golden (format in tests/data/README.md); 0 on success. Fixtures are
+ * little-endian, as is every host we test on. */
+static int golden_read(const char *name, golden *g) {
+    char magic[8];
+    FILE *f = fopen(test_data(name), "rb");
+    int ok;
+
+    memset(g, 0, sizeof *g);
+    if (f == NULL) {
+        test_report(__FILE__, __LINE__, "golden_read", "cannot open %s", test_data(name));
+        return 1;
+    }
+    ok = fread(magic, 1, 8, f) == 8 && memcmp(magic, "MOASGLD1", 8) == 0 &&
+         fread(&g->n_tokens, 4, 1, f) == 1 && fread(&g->n_vocab, 4, 1, f) == 1 &&
+         fread(&g->n_layer, 4, 1, f) == 1 && fread(&g->n_scheme, 4, 1, f) == 1 &&
+         g->n_tokens > 0 && g->n_tokens <= 4096 && g->n_vocab <= 4096 && g->n_layer <= 64 &&
+         g->n_scheme <= 8;
+    if (ok) {
+        const size_t n_logits = (size_t)g->n_tokens * g->n_vocab;
+        const size_t n_gates = (size_t)g->n_tokens * g->n_layer * g->n_scheme;
+        g->tokens = malloc(g->n_tokens * sizeof *g->tokens);
+        g->logits = malloc(n_logits * sizeof *g->logits);
+        g->gates = malloc((n_gates ? n_gates : 1) * sizeof *g->gates);
+        ok = g->tokens && g->logits && g->gates &&
+             fread(g->tokens, 4, g->n_tokens, f) == g->n_tokens &&
+             fread(g->logits, 4, n_logits, f) == n_logits &&
+             fread(g->gates, 4, n_gates, f) == n_gates && fgetc(f) == EOF;
+    }
+    fclose(f);
+    if (!ok) {
+        test_report(__FILE__, __LINE__, "golden_read", "%s is malformed", test_data(name));
+        golden_free(g);
+        return 1;
+    }
+    return 0;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= worst)) {   /* NaN makes it infinite */
+            worst = d == d ? d : INFINITY;
+        }
+    }
+    return worst;
+}
+
+/* Decode the golden text as one batch and token by token, with the given kernels and
+ * thread count, and compare logits and gates with PyTorch's. */
+static int check_golden(const char *model_file, const char *golden_file, moas_kernels kernels,
+                        int32_t n_threads) {
+    moas_model *model = NULL;
+    moas_context *ctx = NULL;
+    moas_context_params cp;
+    golden g;
+    float *logits, *gates;
+
+    if (golden_read(golden_file, &g) != 0) {
+        return TEST_FAIL;
+    }
+    ASSERT_OK(moas_model_load(test_data(model_file), NULL, &model));
+    ASSERT_EQ(moas_model_n_vocab(model), g.n_vocab);
+    ASSERT_EQ(moas_model_n_layer(model), g.n_layer);
+    const int32_t S = moas_model_n_scheme(model);
+    ASSERT_TRUE(g.n_scheme == 0 || (int32_t)g.n_scheme == S);
+
+    moas_context_params_init(&cp);
+    cp.kernels = kernels;
+    cp.n_threads = n_threads;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    const size_t n_logits = (size_t)g.n_tokens * g.n_vocab;
+    logits = malloc(n_logits * sizeof *logits);
+    gates = malloc((size_t)g.n_tokens * g.n_layer * S * sizeof *gates);
+    ASSERT_TRUE(logits != NULL && gates != NULL);
+
+    for (int pass = 0; pass < 2; pass++) {
+        moas_context_reset(ctx);
+        if (pass == 0) {
+            ASSERT_OK(moas_context_decode_batch(ctx, g.tokens, (int32_t)g.n_tokens, logits,
+                                                MOAS_LOGITS_ALL));
+        } else {
+            for (uint32_t i = 0; i < g.n_tokens; i++) {
+                ASSERT_OK(moas_context_decode(ctx, g.tokens[i], logits + (size_t)i * g.n_vocab));
+            }
+        }
+        ASSERT_EQ(moas_context_n_past(ctx), g.n_tokens);
+        const double logit_err = max_abs_diff(logits, g.logits, n_logits);
+        if (!(logit_err <= LOGIT_TOLERANCE)) {
+            test_report(__FILE__, __LINE__, model_file, "%s pass: max |logit diff| %.3g > %.3g",
+                        pass ? "token-by-token" : "batch", logit_err, LOGIT_TOLERANCE);
+            return TEST_FAIL;
+        }
+        double gate_err = 0.0;
+        if (g.n_scheme > 0) {
+            ASSERT_OK(moas_context_routes(ctx, 0, (int32_t)g.n_tokens, gates, NULL, NULL));
+            gate_err = max_abs_diff(gates, g.gates, (size_t)g.n_tokens * g.n_layer * g.n_scheme);
+            if (!(gate_err <= GATE_TOLERANCE)) {
+                test_report(__FILE__, __LINE__, model_file, "max |gate diff| %.3g > %.3g",
+                            gate_err, GATE_TOLERANCE);
+                return TEST_FAIL;
+            }
+        }
+        printf("#   %s, %s kernels, %d thread(s), %s: max |logit diff| %.2e, max |gate diff| "
+               "%.2e\n", model_file, moas_context_kernels_name(ctx), n_threads,
+               pass ? "token by token" : "batch", logit_err, gate_err);
+    }
+    free(logits);
+    free(gates);
+    golden_free(&g);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* Every fixture, with the reference kernels and with the fastest this CPU has. */
+static int check_golden_all_kernels(const char *name) {
+    char model_file[128], golden_file[128];
+    snprintf(model_file, sizeof model_file, "%s.gguf", name);
+    snprintf(golden_file, sizeof golden_file, "%s.golden", name);
+    if (check_golden(model_file, golden_file, MOAS_KERNELS_REF, 1) != TEST_PASS ||
+        check_golden(model_file, golden_file, MOAS_KERNELS_AUTO, 0) != TEST_PASS) {
+        return TEST_FAIL;
+    }
+    return TEST_PASS;
+}
+
+TEST(golden_baseline_bias_matches_pytorch) { return check_golden_all_kernels("tiny-baseline-bias"); }
+TEST(golden_baseline_nobias_matches_pytorch) { return check_golden_all_kernels("tiny-baseline-nobias"); }
+TEST(golden_static_bias_matches_pytorch) { return check_golden_all_kernels("tiny-static-bias"); }
+TEST(golden_static_nobias_matches_pytorch) { return check_golden_all_kernels("tiny-static-nobias"); }
+TEST(golden_moas_bias_matches_pytorch) { return check_golden_all_kernels("tiny-moas-bias"); }
+TEST(golden_moas_nobias_matches_pytorch) { return check_golden_all_kernels("tiny-moas-nobias"); }
+TEST(golden_moas_f16_weights_match_pytorch) { return check_golden_all_kernels("tiny-moas-f16"); }
+
+/* ---- decode invariants on the router model ------------------------------------ */
+
+static const char *invariant_model = "tiny-moas-bias.gguf";
+
+/* Tokens from a fixed generator, valid for the model. */
+static void pseudo_tokens(int32_t *tokens, int32_t n, int32_t n_vocab, uint32_t seed) {
+    for (int32_t i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        tokens[i] = (int32_t)((seed >> 8) % (uint32_t)n_vocab);
+    }
+}
+
+/* Decoding incrementally gives, at every length, exactly the logits of decoding that
+ * prefix from scratch: the cache holds everything the past contributes. */
+TEST(incremental_decode_equals_recompute) {
+    moas_model *model;
+    moas_context *inc, *fresh;
+    int32_t tokens[64];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    const int32_t n = moas_model_n_ctx_train(model) < 64 ? moas_model_n_ctx_train(model) : 64;
+    float *want = malloc((size_t)n_vocab * sizeof *want);
+    ASSERT_TRUE(want != NULL);
+    pseudo_tokens(tokens, n, n_vocab, 7);
+    ASSERT_OK(moas_context_create(model, NULL, &inc));
+    ASSERT_OK(moas_context_create(model, NULL, &fresh));
+    for (int32_t k = 1; k <= n; k++) {
+        ASSERT_OK(moas_context_decode(inc, tokens[k - 1], NULL));
+        moas_context_reset(fresh);
+        ASSERT_OK(moas_context_decode_batch(fresh, tokens, k, want, MOAS_LOGITS_LAST));
+        ASSERT_TRUE(memcmp(moas_context_logits(inc), want, (size_t)n_vocab * sizeof *want) == 0);
+    }
+    free(want);
+    moas_context_free(inc);
+    moas_context_free(fresh);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* Truncating to n_keep and decoding other tokens equals never having gone further. */
+TEST(truncate_then_redecode_equals_uninterrupted_run) {
+    moas_model *model;
+    moas_context *a, *b;
+    int32_t first[48], second[48];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    const int32_t S = moas_model_n_scheme(model), L = moas_model_n_layer(model);
+    pseudo_tokens(first, 48, n_vocab, 11);
+    pseudo_tokens(second, 48, n_vocab, 12);
+    ASSERT_OK(moas_context_create(model, NULL, &a));
+    ASSERT_OK(moas_context_create(model, NULL, &b));
+
+    /* a: 40 tokens, back to 17, then 20 others; b: the same 17, then the 20 others */
+    ASSERT_OK(moas_context_decode_batch(a, first, 40, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_truncate(a, 17));
+    ASSERT_EQ(moas_context_n_past(a), 17);
+    ASSERT_TRUE(moas_context_logits(a) == NULL);
+    ASSERT_OK(moas_context_decode_batch(a, second, 20, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(b, first, 17, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_decode_batch(b, second, 20, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(a), moas_context_logits(b),
+                       (size_t)n_vocab * sizeof(float)) == 0);
+
+    /* the routing records agree too */
+    float ga[37 * 8 * 8], gb[37 * 8 * 8];
+    ASSERT_TRUE(L * S <= 64);
+    ASSERT_OK(moas_context_routes(a, 0, 37, ga, NULL, NULL));
+    ASSERT_OK(moas_context_routes(b, 0, 37, gb, NULL, NULL));
+    ASSERT_TRUE(memcmp(ga, gb, (size_t)37 * L * S * sizeof(float)) == 0);
+    ASSERT_EQ(moas_context_kv_bytes_used(a, -1), moas_context_kv_bytes_used(b, -1));
+
+    /* truncate to the current length is a no-op; beyond it, or negative, is refused */
+    ASSERT_OK(moas_context_truncate(a, 37));
+    ASSERT_STATUS(moas_context_truncate(a, 38), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_truncate(a, -1), MOAS_ERR_INVALID_ARG);
+    ASSERT_EQ(moas_context_n_past(a), 37);
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* Results do not depend on the thread count: rows and heads are split, never sums. */
+TEST(logits_identical_for_any_thread_count) {
+    moas_model *model;
+    moas_context_params cp;
+    int32_t tokens[64];
+    float *one, *two;
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    const int32_t n = moas_model_n_ctx_train(model) < 64 ? moas_model_n_ctx_train(model) : 64;
+    pseudo_tokens(tokens, n, n_vocab, 5);
+    one = malloc((size_t)n * n_vocab * sizeof *one);
+    two = malloc((size_t)n * n_vocab * sizeof *two);
+    ASSERT_TRUE(one && two);
+    for (int32_t t = 1; t <= 3; t++) {
+        moas_context *ctx;
+        moas_context_params_init(&cp);
+        cp.n_threads = t;
+        ASSERT_OK(moas_context_create(model, &cp, &ctx));
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens, n, t == 1 ? one : two, MOAS_LOGITS_ALL));
+        if (t > 1) {
+            ASSERT_TRUE(memcmp(one, two, (size_t)n * n_vocab * sizeof *one) == 0);
+        }
+        moas_context_free(ctx);
+    }
+    free(one);
+    free(two);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* A failed call changes nothing: bad token ids and a full context. */
+TEST(decode_errors_leave_context_unchanged) {
+    moas_model *model;
+    moas_context *ctx, *ref;
+    moas_context_params cp;
+    int32_t tokens[16];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    pseudo_tokens(tokens, 16, n_vocab, 3);
+    moas_context_params_init(&cp);
+    cp.n_ctx = 8;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    ASSERT_OK(moas_context_create(model, &cp, &ref));
+
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 5, NULL, MOAS_LOGITS_LAST));
+    ASSERT_STATUS(moas_context_decode(ctx, -1, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "-1") != NULL);
+    ASSERT_STATUS(moas_context_decode(ctx, n_vocab, NULL), MOAS_ERR_INVALID_ARG);
+    tokens[7] = n_vocab + 5;   /* the batch is refused whole, before anything runs */
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens + 5, 3, NULL, MOAS_LOGITS_LAST),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "index 2") != NULL);
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, 4, NULL, MOAS_LOGITS_LAST),
+                  MOAS_ERR_CONTEXT_FULL);
+    ASSERT_STATUS(moas_context_decode_batch(ctx, NULL, 1, NULL, MOAS_LOGITS_LAST),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, -1, NULL, MOAS_LOGITS_LAST),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, 1, NULL, MOAS_LOGITS_ALL),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, 1, NULL, (moas_logits)9),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_decode(NULL, 0, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_EQ(moas_context_n_past(ctx), 5);
+
+    /* still usable, and as if the failures never happened */
+    ASSERT_OK(moas_context_decode_batch(ref, tokens, 5, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(ref),
+                       (size_t)n_vocab * sizeof(float)) == 0);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 8, 3, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(ref, tokens + 8, 3, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(ref),
+                       (size_t)n_vocab * sizeof(float)) == 0);
+    ASSERT_EQ(moas_context_n_past(ctx), 8);
+    ASSERT_STATUS(moas_context_decode(ctx, 0, NULL), MOAS_ERR_CONTEXT_FULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "8") != NULL);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 0, NULL, MOAS_LOGITS_NONE));
+    ASSERT_EQ(moas_context_n_past(ctx), 8);
+
+    moas_context_reset(ctx);
+    ASSERT_EQ(moas_context_n_past(ctx), 0);
+    ASSERT_TRUE(moas_context_logits(ctx) == NULL);
+    ASSERT_OK(moas_context_decode(ctx, tokens[0], NULL));
+    moas_context_free(ctx);
+    moas_context_free(ref);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+TEST(context_params_are_checked) {
+    moas_model *model;
+    moas_context *ctx = (moas_context *)&ctx;   /* must be overwritten with NULL */
+    moas_context_params cp;
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_train = moas_model_n_ctx_train(model);
+    moas_context_params_init(&cp);
+    cp.n_ctx = n_train + 1;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(ctx == NULL);
+    cp.n_ctx = -1;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    moas_context_params_init(&cp);
+    cp.n_threads = -2;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    moas_context_params_init(&cp);
+    cp.kv_type = MOAS_TYPE_Q8_0;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    moas_context_params_init(&cp);
+    cp.mode = (moas_mode)7;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    moas_context_params_init(&cp);
+    cp.size = 2;   /* smaller than the size field itself */
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    cp.size = sizeof cp + 8;   /* a newer header's struct */
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_create(NULL, NULL, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_create(model, NULL, NULL), MOAS_ERR_INVALID_ARG);
+
+    /* an older caller's struct that stops after n_ctx gets defaults for the rest */
+    moas_context_params_init(&cp);
+    cp.n_ctx = 5;
+    cp.size = (uint32_t)(offsetof(moas_context_params, n_ctx) + sizeof cp.n_ctx);
+    cp.kv_type = (moas_type)99;   /* past the caller's size: never read */
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    ASSERT_EQ(moas_context_n_ctx(ctx), 5);
+    ASSERT_EQ(moas_context_mode(ctx), MOAS_MODE_MIXTURE);
+    moas_context_free(ctx);
+
+    ASSERT_OK(moas_context_create(model, NULL, &ctx));
+    ASSERT_EQ(moas_context_n_ctx(ctx), n_train);
+    ASSERT_TRUE(moas_context_model(ctx) == model);
+    moas_context_free(ctx);
+    moas_context_free(NULL);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* Mixture mode stores every scheme's heads for every token: bytes follow exactly. */
+TEST(mixture_kv_bytes_follow_formula) {
+    moas_model *model;
+    moas_context *ctx;
+    moas_context_params cp;
+    int32_t tokens[10];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t L = moas_model_n_layer(model), d = moas_model_head_dim(model);
+    size_t heads = 0;
+    for (int32_t s = 0; s < moas_model_n_scheme(model); s++) {
+        heads += (size_t)moas_model_scheme_n_kv(model, s);
+    }
+    pseudo_tokens(tokens, 10, moas_model_n_vocab(model), 1);
+    for (int k = 0; k < 2; k++) {
+        const size_t elem = k == 0 ? 4 : 2;
+        moas_context_params_init(&cp);
+        cp.kv_type = k == 0 ? MOAS_TYPE_F32 : MOAS_TYPE_F16;
+        cp.n_ctx = 12;
+        ASSERT_OK(moas_context_create(model, &cp, &ctx));
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), 0);
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens, 10, NULL, MOAS_LOGITS_NONE));
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, 0), 10 * heads * d * 2 * elem);
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), (size_t)L * 10 * heads * d * 2 * elem);
+        ASSERT_EQ(moas_context_kv_bytes_reserved(ctx, -1), (size_t)L * 12 * heads * d * 2 * elem);
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, L), 0);
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -2), 0);
+
+        int32_t kv_heads[10 * 8], schemes[10 * 8];
+        ASSERT_OK(moas_context_routes(ctx, 0, 10, NULL, schemes, kv_heads));
+        for (int32_t i = 0; i < 10 * L; i++) {
+            ASSERT_EQ(kv_heads[i], heads);
+            ASSERT_TRUE(schemes[i] >= 0 && schemes[i] < moas_model_n_scheme(model));
+        }
+        ASSERT_STATUS(moas_context_routes(ctx, 5, 6, NULL, NULL, NULL), MOAS_ERR_INVALID_ARG);
+        ASSERT_STATUS(moas_context_routes(ctx, -1, 1, NULL, NULL, NULL), MOAS_ERR_INVALID_ARG);
+        moas_context_free(ctx);
+    }
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* An f16 KV cache stays close to f32: keys and values lose 11 bits of mantissa. */
+TEST(f16_kv_cache_close_to_f32) {
+    moas_model *model;
+    moas_context *a, *b;
+    moas_context_params cp;
+    int32_t tokens[64];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    const int32_t n = moas_model_n_ctx_train(model) < 64 ? moas_model_n_ctx_train(model) : 64;
+    pseudo_tokens(tokens, n, n_vocab, 9);
+    moas_context_params_init(&cp);
+    ASSERT_OK(moas_context_create(model, &cp, &a));
+    cp.kv_type = MOAS_TYPE_F16;
+    ASSERT_OK(moas_context_create(model, &cp, &b));
+    float *la = malloc((size_t)n * n_vocab * sizeof *la);
+    float *lb = malloc((size_t)n * n_vocab * sizeof *lb);
+    ASSERT_TRUE(la && lb);
+    ASSERT_OK(moas_context_decode_batch(a, tokens, n, la, MOAS_LOGITS_ALL));
+    ASSERT_OK(moas_context_decode_batch(b, tokens, n, lb, MOAS_LOGITS_ALL));
+    /* relative error of f16 is 2^-11; through two layers the logits move by a few
+     * 1e-3 at most on this model */
+    const double err = max_abs_diff(la, lb, (size_t)n * n_vocab);
+    ASSERT_TRUE(err > 0.0);    /* the cache really is f16 */
+    ASSERT_NEAR(err, 0.0, 1e-2);
+    free(la);
+    free(lb);
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_model_free(model);
+    return TEST_PASS;
+}

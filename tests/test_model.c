@@ -1,0 +1,512 @@
+/*
+ * test_model.c - loading and binding a model: path and buffer agree, every query
+ * answers from the file, and every architecture-level fault is refused with a
+ * message naming it, leaving nothing behind.
+ */
+#include "test.h"
+
+#include "support/tiny_model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* ---- log capture --------------------------------------------------------------- */
+
+typedef struct {
+    int n_lines;
+    char last[512];
+} log_capture;
+
+static void capture(void *user, moas_log_level level, const char *message) {
+    log_capture *c = user;
+    (void)level;
+    c->n_lines++;
+    snprintf(c->last, sizeof c->last, "%s", message);
+}
+
+/* ---- helpers ------------------------------------------------------------------- */
+
+static char tmp_path[64];
+
+/* Write `size` bytes to a temporary file; its path in tmp_path. */
+static int write_temp(const void *data, size_t size) {
+    snprintf(tmp_path, sizeof tmp_path, "/tmp/moas_test_%d.gguf", (int)(size % 100000));
+    FILE *f = fopen(tmp_path, "wb");
+    if (f == NULL) {
+        return 1;
+    }
+    const int ok = fwrite(data, 1, size, f) == size;
+    return fclose(f) == 0 && ok ? 0 : 1;
+}
+
+/* Load a tiny model built from `cfg` and expect `want`, with `needle` in the message. */
+static int expect_load(const tiny_model_config *cfg, moas_status want, const char *needle) {
+    size_t size;
+    uint8_t *image = tiny_model_image(cfg, 1, &size);
+    moas_model *model = (moas_model *)&size;   /* must become NULL on failure */
+    ASSERT_TRUE(image != NULL);
+    moas_status st = moas_model_load_memory(image, size, NULL, &model);
+    if (st != want || (needle != NULL && strstr(moas_last_error(), needle) == NULL)) {
+        test_report(__FILE__, __LINE__, "expect_load", "status %d (want %d), message \"%s\" "
+                    "should name \"%s\"", (int)st, (int)want, moas_last_error(),
+                    needle ? needle : "");
+        free(image);
+        moas_model_free(st == MOAS_OK ? model : NULL);
+        return TEST_FAIL;
+    }
+    if (st != MOAS_OK) {
+        ASSERT_TRUE(model == NULL);
+    }
+    moas_model_free(st == MOAS_OK ? model : NULL);
+    free(image);
+    return TEST_PASS;
+}
+
+/* ---- good loads ---------------------------------------------------------------- */
+
+TEST(model_path_and_buffer_loads_agree) {
+    moas_model *a, *b, *c;
+    moas_model_params p;
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 3, &size);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_EQ(write_temp(image, size), 0);
+
+    ASSERT_OK(moas_model_load(tmp_path, NULL, &a));
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &b));
+    moas_model_params_init(&p);
+    p.use_mmap = 0;
+    ASSERT_OK(moas_model_load(tmp_path, &p, &c));
+
+    const moas_model *models[3] = {a, b, c};
+    for (int i = 0; i < 3; i++) {
+        const moas_model *m = models[i];
+        ASSERT_STR_EQ(moas_model_arch(m), "moas");
+        ASSERT_STR_EQ(moas_model_name(m), "tiny");
+        ASSERT_EQ(moas_model_n_layer(m), 2);
+        ASSERT_EQ(moas_model_n_embd(m), 16);
+        ASSERT_EQ(moas_model_n_head(m), 4);
+        ASSERT_EQ(moas_model_head_dim(m), 4);
+        ASSERT_EQ(moas_model_n_ff(m), 64);
+        ASSERT_EQ(moas_model_n_vocab(m), 40);
+        ASSERT_EQ(moas_model_n_ctx_train(m), 32);
+        ASSERT_EQ(moas_model_n_scheme(m), 3);
+        ASSERT_EQ(moas_model_scheme_n_kv(m, 0), 4);
+        ASSERT_EQ(moas_model_scheme_n_kv(m, 1), 2);
+        ASSERT_EQ(moas_model_scheme_n_kv(m, 2), 1);
+        ASSERT_EQ(moas_model_scheme_n_kv(m, 3), 0);
+        ASSERT_EQ(moas_model_scheme_n_kv(m, -1), 0);
+        ASSERT_EQ(moas_model_mixing(m), MOAS_MIXING_ROUTER);
+        ASSERT_EQ(moas_model_kv_sharing(m), MOAS_KV_SHARING_INDEPENDENT);
+        ASSERT_EQ(moas_model_has_bias(m), 1);
+        ASSERT_EQ(moas_model_n_tensors(m), tiny_model_n_tensors(NULL));
+        ASSERT_EQ(moas_model_n_params(m), moas_model_n_params(a));
+    }
+
+    /* every tensor: same name, shape and bytes through all three */
+    for (int64_t i = 0; i < moas_model_n_tensors(a); i++) {
+        moas_tensor_info ta, tb, tc;
+        ta.size = tb.size = tc.size = sizeof ta;
+        ASSERT_OK(moas_model_tensor(a, i, &ta));
+        ASSERT_OK(moas_model_tensor(b, i, &tb));
+        ASSERT_OK(moas_model_tensor(c, i, &tc));
+        ASSERT_STR_EQ(ta.name, tb.name);
+        ASSERT_STR_EQ(ta.name, tc.name);
+        ASSERT_EQ(ta.n_bytes, tb.n_bytes);
+        ASSERT_EQ(ta.offset, tb.offset);
+        ASSERT_EQ(ta.offset % 64, 0);
+        ASSERT_TRUE(memcmp(ta.data, tb.data, ta.n_bytes) == 0);
+        ASSERT_TRUE(memcmp(ta.data, tc.data, ta.n_bytes) == 0);
+        ASSERT_TRUE(memcmp(tb.data, image + tb.offset, tb.n_bytes) == 0);
+        int64_t found;
+        ASSERT_OK(moas_model_tensor_find(b, ta.name, &found));
+        ASSERT_EQ(found, i);
+    }
+    /* a buffer load uses the caller's bytes in place */
+    moas_tensor_info t;
+    t.size = sizeof t;
+    ASSERT_OK(moas_model_tensor(b, 0, &t));
+    ASSERT_TRUE((const uint8_t *)t.data == image + t.offset);
+
+    /* and the models compute the same thing */
+    moas_context *ca, *cb;
+    const int32_t tokens[5] = {1, 2, 3, 4, 5};
+    ASSERT_OK(moas_context_create(a, NULL, &ca));
+    ASSERT_OK(moas_context_create(b, NULL, &cb));
+    ASSERT_OK(moas_context_decode_batch(ca, tokens, 5, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(cb, tokens, 5, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(ca), moas_context_logits(cb), 40 * sizeof(float)) == 0);
+    moas_context_free(ca);
+    moas_context_free(cb);
+
+    moas_model_free(a);
+    moas_model_free(b);
+    moas_model_free(c);
+    moas_model_free(NULL);
+    remove(tmp_path);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A buffer that is not aligned for in-place use is copied, and works the same. */
+TEST(model_misaligned_buffer_is_copied) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 3, &size);
+    uint8_t *shifted = malloc(size + 1);
+    moas_model *a, *b;
+    moas_tensor_info t;
+    ASSERT_TRUE(image && shifted);
+    memcpy(shifted + 1, image, size);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &a));
+    ASSERT_OK(moas_model_load_memory(shifted + 1, size, NULL, &b));
+    memset(shifted, 0xEE, size + 1);   /* the copy no longer needs the caller's bytes */
+    t.size = sizeof t;
+    ASSERT_OK(moas_model_tensor(b, 1, &t));
+    ASSERT_EQ((uintptr_t)t.data % 4, 0);
+    moas_tensor_info ta;
+    ta.size = sizeof ta;
+    ASSERT_OK(moas_model_tensor(a, 1, &ta));
+    ASSERT_TRUE(memcmp(ta.data, t.data, t.n_bytes) == 0);
+    moas_model_free(a);
+    moas_model_free(b);
+    free(shifted);
+    free(image);
+    return TEST_PASS;
+}
+
+TEST(model_metadata_getters_read_typed_values) {
+    moas_model *m;
+    size_t size, len;
+    uint8_t *image = tiny_model_image(NULL, 3, &size);
+    moas_meta_type type, elem;
+    int64_t iv;
+    double fv;
+    int32_t bv;
+    uint64_t n;
+    const char *sv;
+
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_TRUE(moas_model_meta_count(m) >= 12);
+    ASSERT_STR_EQ(moas_model_meta_key(m, 0), "general.architecture");
+    ASSERT_TRUE(moas_model_meta_key(m, moas_model_meta_count(m)) == NULL);
+    ASSERT_TRUE(moas_model_meta_key(m, -1) == NULL);
+
+    ASSERT_OK(moas_model_meta_string(m, "general.architecture", &sv, &len));
+    ASSERT_STR_EQ(sv, "moas");
+    ASSERT_EQ(len, 4);
+    ASSERT_OK(moas_model_meta_int(m, "moas.block_count", &iv));
+    ASSERT_EQ(iv, 2);
+    ASSERT_OK(moas_model_meta_float(m, "moas.attention.layer_norm_epsilon", &fv));
+    ASSERT_NEAR(fv, 1e-5, 1e-12);
+    ASSERT_OK(moas_model_meta_bool(m, "moas.bias", &bv));
+    ASSERT_EQ(bv, 1);
+    ASSERT_OK(moas_model_meta_type(m, "moas.attention.scheme_kv_heads", &type));
+    ASSERT_EQ(type, MOAS_META_ARRAY);
+    ASSERT_OK(moas_model_meta_array(m, "moas.attention.scheme_kv_heads", &elem, &n));
+    ASSERT_EQ(n, 3);
+    ASSERT_OK(moas_model_meta_array_int(m, "moas.attention.scheme_kv_heads", 1, &iv));
+    ASSERT_EQ(iv, 2);
+    ASSERT_OK(moas_model_meta_array_string(m, "tokenizer.ggml.tokens", 0, &sv, &len));
+    ASSERT_EQ(len, 1);
+    ASSERT_STR_EQ(sv, moas_token_text(m, 0));
+
+    /* wrong type, missing key, out-of-range index, NULL */
+    ASSERT_STATUS(moas_model_meta_int(m, "general.architecture", &iv), MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_string(m, "moas.block_count", &sv, NULL), MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_float(m, "moas.bias", &fv), MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_bool(m, "moas.block_count", &bv), MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_array(m, "moas.block_count", &elem, &n), MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_array_string(m, "moas.attention.scheme_kv_heads", 0, &sv, NULL),
+                  MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_array_int(m, "tokenizer.ggml.tokens", 0, &iv),
+                  MOAS_ERR_WRONG_TYPE);
+    ASSERT_STATUS(moas_model_meta_int(m, "no.such.key", &iv), MOAS_ERR_NOT_FOUND);
+    ASSERT_TRUE(strstr(moas_last_error(), "no.such.key") != NULL);
+    ASSERT_STATUS(moas_model_meta_array_int(m, "moas.attention.scheme_kv_heads", 3, &iv),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_meta_int(m, NULL, &iv), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_meta_int(m, "moas.block_count", NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_meta_int(NULL, "moas.block_count", &iv), MOAS_ERR_INVALID_ARG);
+
+    /* tensor queries */
+    int64_t index;
+    moas_tensor_info t;
+    ASSERT_OK(moas_model_tensor_find(m, "blk.1.attn_k.2.weight", &index));
+    t.size = sizeof t;
+    ASSERT_OK(moas_model_tensor(m, index, &t));
+    ASSERT_EQ(t.type, MOAS_TYPE_F32);
+    ASSERT_EQ(t.n_dims, 2);
+    ASSERT_EQ(t.ne[0], 16);
+    ASSERT_EQ(t.ne[1], 4);   /* MQA: one KV head of head_dim 4 */
+    ASSERT_EQ(t.ne[2], 1);
+    ASSERT_EQ(t.n_bytes, 16 * 4 * 4);
+    ASSERT_STATUS(moas_model_tensor_find(m, "blk.2.attn_k.0.weight", &index), MOAS_ERR_NOT_FOUND);
+    ASSERT_STATUS(moas_model_tensor(m, -1, &t), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_tensor(m, moas_model_n_tensors(m), &t), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_tensor(m, 0, NULL), MOAS_ERR_INVALID_ARG);
+    /* an older caller's struct that ends after `name` gets only what fits */
+    moas_tensor_info small;
+    memset(&small, 0x5A, sizeof small);
+    small.size = (uint32_t)(offsetof(moas_tensor_info, name) + sizeof small.name);
+    ASSERT_OK(moas_model_tensor(m, index, &small));
+    ASSERT_STR_EQ(small.name, "blk.1.attn_k.2.weight");
+    ASSERT_EQ(small.n_dims, 0x5A5A5A5A);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* ---- architecture-level faults ------------------------------------------------- */
+
+TEST(model_refuses_missing_or_misshapen_tensors) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.omit_tensor = "blk.1.ffn_up.weight";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "'blk.1.ffn_up.weight' is missing")) return TEST_FAIL;
+    cfg.omit_tensor = "blk.0.attn_router_down.bias";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "blk.0.attn_router_down.bias")) return TEST_FAIL;
+    cfg.omit_tensor = "output_norm.weight";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "output_norm.weight")) return TEST_FAIL;
+    cfg.omit_tensor = "blk.0.attn_v.1.weight";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "blk.0.attn_v.1.weight")) return TEST_FAIL;
+
+    /* the file says bias=false but carries bias tensors: inconsistent */
+    tiny_model_config_default(&cfg);
+    cfg.bias = true;
+    size_t size;
+    uint8_t *image;
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    cfg.omit_key = "moas.bias";
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    gguf_writer_add_bool(w, "moas.bias", false);
+    image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    moas_model *m = (moas_model *)&size;
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "moas.bias is false") != NULL);
+    ASSERT_TRUE(m == NULL);
+    free(image);
+
+    /* a scheme's K with the wrong number of heads: declared [4, 2, 1], stored [4, 4, 1]
+     * in layer 0 scheme 1 */
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "moas.attention.scheme_kv_heads";
+    w = gguf_writer_create();
+    cfg.scheme_n_kv[1] = 4;
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    const uint32_t heads[3] = {4, 2, 1};
+    gguf_writer_add_array(w, "moas.attention.scheme_kv_heads", MOAS_META_UINT32, heads, 3);
+    image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "has shape [16, 16], expected [16, 8]") != NULL);
+    free(image);
+    return TEST_PASS;
+}
+
+TEST(model_refuses_bad_hyperparameters) {
+    tiny_model_config cfg;
+
+    /* head_count 5 does not divide the width 16 */
+    size_t size;
+    moas_model *m;
+    gguf_writer *w = gguf_writer_create();
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "moas.attention.head_count";
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    gguf_writer_add_u32(w, "moas.attention.head_count", 5);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "not a multiple of head_count 5") != NULL);
+    free(image);
+
+    tiny_model_config_default(&cfg);
+    cfg.scheme_n_kv[1] = 3;   /* does not divide 4 */
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "scheme 1 has 3 KV heads")) return TEST_FAIL;
+
+    tiny_model_config_default(&cfg);
+    cfg.mixing = MOAS_MIXING_SINGLE;   /* with three schemes */
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "exactly one scheme")) return TEST_FAIL;
+
+    tiny_model_config_default(&cfg);
+    cfg.kv_sharing = "pooled";
+    if (expect_load(&cfg, MOAS_ERR_UNSUPPORTED, "pooled")) return TEST_FAIL;
+    cfg.kv_sharing = "telepathic";
+    if (expect_load(&cfg, MOAS_ERR_UNSUPPORTED, "telepathic")) return TEST_FAIL;
+
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "moas.context_length";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "moas.context_length")) return TEST_FAIL;
+    cfg.omit_key = "moas.router.hidden_length";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "moas.router.hidden_length")) return TEST_FAIL;
+    cfg.omit_key = "tokenizer.ggml.tokens";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "tokenizer.ggml.tokens")) return TEST_FAIL;
+    cfg.omit_key = "general.architecture";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "general.architecture")) return TEST_FAIL;
+
+    tiny_model_config_default(&cfg);
+    cfg.eps = 0.0f;
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "layer_norm_epsilon")) return TEST_FAIL;
+
+    /* a vocabulary entry of two characters, and a repeated character */
+    static const char *const two_chars[3] = {"a", "bc", "d"};
+    static const char *const repeated[3] = {"a", "b", "a"};
+    tiny_model_config_default(&cfg);
+    cfg.vocab = two_chars;
+    cfg.n_vocab = 3;
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "token 1 is not exactly one UTF-8 character"))
+        return TEST_FAIL;
+    cfg.vocab = repeated;
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "tokens 0 and 2 are the same character"))
+        return TEST_FAIL;
+
+    /* another architecture */
+    w = gguf_writer_create();
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "general.architecture";
+    gguf_writer_add_string(w, "general.architecture", "llama");
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+    ASSERT_TRUE(strstr(moas_last_error(), "'llama'") != NULL);
+    free(image);
+    return TEST_PASS;
+}
+
+TEST(model_refuses_unsupported_weight_types) {
+    tiny_model_config cfg;
+    size_t size;
+    moas_model *m;
+
+    /* BF16 is a GGUF type the reader knows, but no moas tensor may use it */
+    tiny_model_config_default(&cfg);
+    cfg.omit_tensor = "blk.0.ffn_norm.weight";
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    uint16_t ones[16];
+    for (int i = 0; i < 16; i++) {
+        ones[i] = 0x3f80;
+    }
+    const int64_t ne[1] = {16};
+    ASSERT_TRUE(gguf_writer_add_tensor(w, "blk.0.ffn_norm.weight", MOAS_TYPE_BF16, 1, ne, ones) >= 0);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+    ASSERT_TRUE(strstr(moas_last_error(), "blk.0.ffn_norm.weight") != NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "BF16") != NULL || strstr(moas_last_error(), "bf16"));
+    free(image);
+
+    /* F16 and Q8_0 matrices and F16 embeddings load and decode */
+    tiny_model_config_default(&cfg);
+    cfg.n_embd = 32;
+    cfg.n_ff = 64;
+    cfg.mat_type = MOAS_TYPE_Q8_0;
+    cfg.emb_type = MOAS_TYPE_F16;
+    cfg.router_hidden = 32;
+    cfg.tied = false;
+    image = tiny_model_image(&cfg, 2, &size);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_context *ctx;
+    ASSERT_OK(moas_context_create(m, NULL, &ctx));
+    const int32_t tokens[3] = {0, 1, 2};
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 3, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(isfinite(moas_context_logits(ctx)[0]));
+    moas_context_free(ctx);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A proper prefix of a valid file is a truncated file: refused, nothing left behind. */
+TEST(model_refuses_every_truncation) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 5, &size);
+    ASSERT_TRUE(image != NULL);
+    for (size_t n = 0; n < size; n++) {
+        moas_model *m = (moas_model *)&size;
+        uint8_t *copy = malloc(n ? n : 1);   /* exactly n bytes: ASan sees any overread */
+        ASSERT_TRUE(copy != NULL);
+        memcpy(copy, image, n);
+        const moas_status st = moas_model_load_memory(copy, n, NULL, &m);
+        if (!(st == MOAS_ERR_CORRUPT || st == MOAS_ERR_BAD_FORMAT) || m != NULL ||
+            moas_last_error()[0] == '\0') {
+            test_report(__FILE__, __LINE__, "truncation", "%zu of %zu bytes: status %d, %s", n,
+                        size, (int)st, moas_last_error());
+            return TEST_FAIL;
+        }
+        free(copy);
+    }
+    free(image);
+    return TEST_PASS;
+}
+
+TEST(model_load_errors_name_the_cause) {
+    moas_model *m = (moas_model *)&m;
+    moas_model_params p;
+    log_capture log = {0, ""};
+
+    ASSERT_STATUS(moas_model_load("/nonexistent/model.gguf", NULL, &m), MOAS_ERR_IO);
+    ASSERT_TRUE(m == NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "/nonexistent/model.gguf") != NULL);
+    ASSERT_STATUS(moas_model_load("/tmp", NULL, &m), MOAS_ERR_IO);
+    ASSERT_STATUS(moas_model_load(NULL, NULL, &m), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_load("x", NULL, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_model_load_memory(NULL, 10, NULL, &m), MOAS_ERR_INVALID_ARG);
+
+    /* an empty file, and a file that is not GGUF */
+    ASSERT_EQ(write_temp("", 0), 0);
+    ASSERT_STATUS(moas_model_load(tmp_path, NULL, &m), MOAS_ERR_CORRUPT);
+    ASSERT_EQ(write_temp("PK\003\004 this is a zip", 18), 0);
+    ASSERT_STATUS(moas_model_load(tmp_path, NULL, &m), MOAS_ERR_BAD_FORMAT);
+    remove(tmp_path);
+
+    /* the log hears the same message, and only when it is set */
+    moas_model_params_init(&p);
+    p.log = capture;
+    p.log_user = &log;
+    ASSERT_STATUS(moas_model_load("/nonexistent/x.gguf", &p, &m), MOAS_ERR_IO);
+    ASSERT_EQ(log.n_lines, 1);
+    ASSERT_STR_EQ(log.last, moas_last_error());
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 1, &size);
+    ASSERT_OK(moas_model_load_memory(image, size, &p, &m));
+    ASSERT_EQ(log.n_lines, 1);   /* success is silent */
+    moas_model_free(m);
+    free(image);
+
+    /* params with a size this library does not know */
+    moas_model_params_init(&p);
+    p.size = 3;
+    ASSERT_STATUS(moas_model_load("x", &p, &m), MOAS_ERR_INVALID_ARG);
+    return TEST_PASS;
+}
+
+/* A model is read-only: contexts on several threads could share it; here, several
+ * contexts interleaved on one thread do not disturb each other. */
+TEST(model_shared_by_interleaved_contexts) {
+    moas_model *m;
+    moas_context *a, *b;
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 4, &size);
+    const int32_t ta[6] = {1, 5, 9, 2, 6, 3}, tb[6] = {7, 7, 0, 1, 30, 2};
+    float la[40], lb[40];
+
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_OK(moas_context_create(m, NULL, &a));
+    ASSERT_OK(moas_context_create(m, NULL, &b));
+    for (int i = 0; i < 6; i++) {
+        ASSERT_OK(moas_context_decode(a, ta[i], la));
+        ASSERT_OK(moas_context_decode(b, tb[i], lb));
+    }
+    moas_context_reset(a);
+    ASSERT_OK(moas_context_decode_batch(a, tb, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(a), lb, sizeof lb) == 0);
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}

@@ -1,0 +1,91 @@
+/* test_ops.c - half-precision conversions and the reference kernels, against values
+ * worked out by hand from the IEEE 754 and ggml Q8_0 definitions. */
+#include "test.h"
+
+#include "f16.h"
+#include "ops.h"
+
+TEST(f16_to_f32_exact_cases) {
+    ASSERT_NEAR(moas__f16_to_f32(0x3c00), 1.0, 0);
+    ASSERT_NEAR(moas__f16_to_f32(0xc000), -2.0, 0);
+    ASSERT_NEAR(moas__f16_to_f32(0x7bff), 65504.0, 0);
+    ASSERT_NEAR(moas__f16_to_f32(0x0001), 5.9604644775390625e-8, 0);   /* 2^-24 */
+    ASSERT_NEAR(moas__f16_to_f32(0x03ff), 6.097555160522461e-5, 0);    /* largest subnormal */
+    ASSERT_NEAR(moas__f16_to_f32(0x0400), 6.103515625e-5, 0);          /* 2^-14 */
+    ASSERT_TRUE(isinf(moas__f16_to_f32(0x7c00)) && moas__f16_to_f32(0x7c00) > 0);
+    ASSERT_TRUE(isnan(moas__f16_to_f32(0x7e00)));
+    ASSERT_TRUE(signbit(moas__f16_to_f32(0x8000)) && moas__f16_to_f32(0x8000) == 0.0f);
+    ASSERT_NEAR(moas__bf16_to_f32(0x3f80), 1.0, 0);
+    return TEST_PASS;
+}
+
+TEST(f32_to_f16_rounds_to_nearest_even) {
+    ASSERT_EQ(moas__f32_to_f16(1.0f), 0x3c00);
+    ASSERT_EQ(moas__f32_to_f16(-0.0f), 0x8000);
+    ASSERT_EQ(moas__f32_to_f16(65504.0f), 0x7bff);
+    ASSERT_EQ(moas__f32_to_f16(65519.0f), 0x7bff);       /* below the halfway point */
+    ASSERT_EQ(moas__f32_to_f16(65520.0f), 0x7c00);       /* halfway: even is infinity */
+    ASSERT_EQ(moas__f32_to_f16(1e10f), 0x7c00);
+    ASSERT_EQ(moas__f32_to_f16(1.0f + 0x1p-11f), 0x3c00); /* tie, to even (down) */
+    ASSERT_EQ(moas__f32_to_f16(1.0f + 0x3p-11f), 0x3c02); /* tie, to even (up) */
+    ASSERT_EQ(moas__f32_to_f16(1.0f + 0x1p-12f), 0x3c00); /* below half an ulp */
+    ASSERT_EQ(moas__f32_to_f16(0x1p-24f), 0x0001);
+    ASSERT_EQ(moas__f32_to_f16(0x1p-25f), 0x0000);       /* tie between 0 and 2^-24: 0 */
+    ASSERT_EQ(moas__f32_to_f16(0x3p-25f), 0x0002);       /* tie between 1 and 2 ulps: 2 */
+    ASSERT_EQ(moas__f32_to_f16(0x1p-14f - 0x1p-25f), 0x0400); /* rounds up into normals */
+    ASSERT_EQ(moas__f32_to_f16(INFINITY), 0x7c00);
+    ASSERT_EQ(moas__f32_to_f16(-INFINITY), 0xfc00);
+    ASSERT_TRUE((moas__f32_to_f16(NAN) & 0x7c00) == 0x7c00 && (moas__f32_to_f16(NAN) & 0x3ff));
+    return TEST_PASS;
+}
+
+/* Every finite half survives the trip to float and back unchanged. */
+TEST(f16_round_trip_is_exact_for_all_values) {
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) {
+            continue;   /* NaN payloads need not survive */
+        }
+        ASSERT_EQ(moas__f32_to_f16(moas__f16_to_f32((uint16_t)h)), h);
+    }
+    return TEST_PASS;
+}
+
+/* Q8_0: one block with scale 0.5 and q = -16..15: dot with all-ones x is
+ * 0.5 * sum(-16..15) = 0.5 * -16 = -8; with x = 2 it doubles. */
+TEST(ref_dot_q8_0_hand_computed) {
+    moas_block_q8_0 blocks[2];
+    float x[64];
+    blocks[0].d = moas__f32_to_f16(0.5f);
+    blocks[1].d = moas__f32_to_f16(-0.25f);
+    for (int i = 0; i < 32; i++) {
+        blocks[0].q[i] = (int8_t)(i - 16);
+        blocks[1].q[i] = (int8_t)(i % 2 ? 127 : -127);
+    }
+    for (int i = 0; i < 64; i++) {
+        x[i] = i < 32 ? 1.0f : 2.0f;
+    }
+    ASSERT_NEAR(moas__ops_ref.dot_q8_0(blocks, x, 32), -8.0, 0);
+    /* second block: 16 * 127 - 16 * 127 = 0 */
+    ASSERT_NEAR(moas__ops_ref.dot_q8_0(blocks, x, 64), -8.0, 0);
+    x[33] = 3.0f;   /* the odd element 33 has q = +127: adds -0.25 * 127 * (3 - 2) */
+    ASSERT_NEAR(moas__ops_ref.dot_q8_0(blocks, x, 64), -8.0 - 31.75, 0);
+    return TEST_PASS;
+}
+
+TEST(ref_dot_and_axpy_hand_computed) {
+    const float w[5] = {1, 2, 3, 4, 5}, x[5] = {1, -1, 0.5f, 2, -2};
+    uint16_t h[5];
+    float y[5] = {1, 1, 1, 1, 1};
+    for (int i = 0; i < 5; i++) {
+        h[i] = moas__f32_to_f16(w[i]);
+    }
+    /* 1 - 2 + 1.5 + 8 - 10 = -1.5 */
+    ASSERT_NEAR(moas__ops_ref.dot_f32(w, x, 5), -1.5, 0);
+    ASSERT_NEAR(moas__ops_ref.dot_f16(h, x, 5), -1.5, 0);
+    moas__ops_ref.axpy_f32(y, 2.0f, w, 5);
+    ASSERT_NEAR(y[4], 11.0, 0);
+    moas__ops_ref.axpy_f16(y, -1.0f, h, 5);
+    ASSERT_NEAR(y[4], 6.0, 0);
+    ASSERT_NEAR(y[0], 2.0, 0);
+    return TEST_PASS;
+}

@@ -1,0 +1,110 @@
+/* test_tokenizer.c - characters <-> ids on a real vocabulary (tests/data/tiny.txt's
+ * 47 characters, among them é, ï, – and —), UTF-8 handling and the error paths. */
+#include "test.h"
+
+static const char *vocab_model = "tiny-moas-bias.gguf";
+
+/* The reference vocabulary is the sorted set of characters: ids follow code points. */
+TEST(tokenize_follows_sorted_vocabulary) {
+    moas_model *model;
+    int32_t tokens[16];
+    size_t n;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_EQ(moas_model_n_vocab(model), 47);
+    ASSERT_STR_EQ(moas_token_text(model, 0), "\n");
+    ASSERT_STR_EQ(moas_token_text(model, 1), " ");
+    ASSERT_STR_EQ(moas_token_text(model, 46), "\xe2\x80\x94");   /* — U+2014, the largest */
+    ASSERT_TRUE(moas_token_text(model, 47) == NULL);
+    ASSERT_TRUE(moas_token_text(model, -1) == NULL);
+    ASSERT_TRUE(moas_token_text(NULL, 0) == NULL);
+
+    /* ids computed from the sorted set of tiny.txt in Python, not from our table */
+    ASSERT_OK(moas_tokenize(model, "A \xc3\xa9\xe2\x80\x94\n", (size_t)-1, tokens, 16, &n));
+    ASSERT_EQ(n, 5);
+    ASSERT_EQ(tokens[0], 11);   /* 'A' after "\n (),.156:;" */
+    ASSERT_EQ(tokens[1], 1);
+    ASSERT_EQ(tokens[2], 43);   /* é */
+    ASSERT_EQ(tokens[3], 46);   /* — */
+    ASSERT_EQ(tokens[4], 0);
+
+    /* round trip through detokenize */
+    char text[32];
+    size_t len;
+    ASSERT_OK(moas_detokenize(model, tokens, n, text, sizeof text, &len));
+    ASSERT_EQ(len, 8);
+    ASSERT_STR_EQ(text, "A \xc3\xa9\xe2\x80\x94\n");
+
+    /* an explicit length stops early, also in the middle of nothing special */
+    ASSERT_OK(moas_tokenize(model, "AAAA", 2, tokens, 16, &n));
+    ASSERT_EQ(n, 2);
+    ASSERT_OK(moas_tokenize(model, "", (size_t)-1, tokens, 16, &n));
+    ASSERT_EQ(n, 0);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+TEST(tokenize_names_unknown_character_and_offset) {
+    moas_model *model;
+    int32_t tokens[16];
+    size_t n;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_STATUS(moas_tokenize(model, "And Q", (size_t)-1, tokens, 16, &n), MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "'Q'") != NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "U+0051") != NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "offset 4") != NULL);
+    /* a non-ASCII character outside the vocabulary: ü at byte 2 */
+    ASSERT_STATUS(moas_tokenize(model, "A \xc3\xbc", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "U+00FC") != NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "offset 2") != NULL);
+    /* invalid UTF-8: a lone continuation byte, a truncated sequence, an overlong '/' ,
+     * a surrogate */
+    ASSERT_STATUS(moas_tokenize(model, "A\x80", (size_t)-1, tokens, 16, &n), MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "invalid UTF-8 at byte offset 1") != NULL);
+    ASSERT_STATUS(moas_tokenize(model, "\xc3", (size_t)-1, tokens, 16, &n), MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STATUS(moas_tokenize(model, "\xc0\xaf", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STATUS(moas_tokenize(model, "\xed\xa0\x80", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    /* a control character is named by code point only */
+    ASSERT_STATUS(moas_tokenize(model, "\t", (size_t)-1, tokens, 16, &n), MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "U+0009") != NULL);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+TEST(tokenize_reports_needed_size) {
+    moas_model *model;
+    int32_t tokens[4] = {-7, -7, -7, -7};
+    size_t n = 0;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_STATUS(moas_tokenize(model, "And God", (size_t)-1, NULL, 0, &n),
+                  MOAS_ERR_BUFFER_TOO_SMALL);
+    ASSERT_EQ(n, 7);
+    ASSERT_STATUS(moas_tokenize(model, "And God", (size_t)-1, tokens, 3, &n),
+                  MOAS_ERR_BUFFER_TOO_SMALL);
+    ASSERT_EQ(n, 7);
+    ASSERT_EQ(tokens[3], -7);   /* nothing written past n_max */
+    ASSERT_STATUS(moas_tokenize(model, NULL, 0, tokens, 4, &n), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_tokenize(model, "A", 1, NULL, 4, &n), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_tokenize(model, "A", 1, tokens, 4, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_tokenize(NULL, "A", 1, tokens, 4, &n), MOAS_ERR_INVALID_ARG);
+
+    char text[4];
+    size_t len = 0;
+    const int32_t ids[3] = {11, 43, 46};   /* "Aé—": 1 + 2 + 3 bytes */
+    ASSERT_STATUS(moas_detokenize(model, ids, 3, text, sizeof text, &len),
+                  MOAS_ERR_BUFFER_TOO_SMALL);
+    ASSERT_EQ(len, 6);
+    const int32_t bad[2] = {0, 47};
+    ASSERT_STATUS(moas_detokenize(model, bad, 2, text, sizeof text, &len), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "47") != NULL);
+    ASSERT_OK(moas_detokenize(model, ids, 0, text, 1, &len));
+    ASSERT_EQ(len, 0);
+    ASSERT_STR_EQ(text, "");
+    moas_model_free(model);
+    return TEST_PASS;
+}

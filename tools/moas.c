@@ -1,0 +1,574 @@
+/*
+ * moas.c - the `moas` command-line program: generate, perplexity, logits, inspect.
+ *
+ * A thin client of the public API (it includes nothing but moas.h and libc), so it
+ * doubles as a worked example. Every failure prints the library's message and exits
+ * with status 1; usage errors exit with status 2.
+ */
+#include "moas.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- small helpers ------------------------------------------------------------ */
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2), noreturn))
+#endif
+static void die(const char *fmt, ...);
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    fputs("moas: error: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+/* Exit with the library's message when `st` is a failure. */
+static void check(moas_status st, const char *what) {
+    if (st != MOAS_OK) {
+        die("%s: %s (%s)", what, moas_last_error(), moas_status_string(st));
+    }
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The whole file at `path`, NUL-terminated; its length in *len. */
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    char *buf = NULL;
+    size_t cap = 0, n = 0;
+
+    if (f == NULL) {
+        die("cannot open '%s': %s", path, strerror(errno));
+    }
+    for (;;) {
+        if (n + 1 >= cap) {
+            cap = cap ? cap * 2 : 1 << 16;
+            buf = realloc(buf, cap);
+            if (buf == NULL) {
+                die("out of memory reading '%s'", path);
+            }
+        }
+        const size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0) {
+            break;
+        }
+    }
+    if (ferror(f)) {
+        die("cannot read '%s'", path);
+    }
+    fclose(f);
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+}
+
+/* Text -> freshly allocated token ids. */
+static int32_t *tokenize_all(const moas_model *model, const char *text, size_t len,
+                             size_t *n_tokens) {
+    int32_t *tokens;
+    moas_status st = moas_tokenize(model, text, len, NULL, 0, n_tokens);
+    if (st != MOAS_OK && st != MOAS_ERR_BUFFER_TOO_SMALL) {
+        check(st, "tokenize");
+    }
+    tokens = malloc((*n_tokens ? *n_tokens : 1) * sizeof *tokens);
+    if (tokens == NULL) {
+        die("out of memory for %zu tokens", *n_tokens);
+    }
+    check(moas_tokenize(model, text, len, tokens, *n_tokens, n_tokens), "tokenize");
+    return tokens;
+}
+
+/* ---- options ------------------------------------------------------------------ */
+
+typedef struct {
+    const char *model_path;
+    const char *prompt;
+    const char *text_path;
+    const char *out_path;
+    int n_predict;
+    float temperature;
+    int top_k;
+    float top_p;
+    unsigned long long seed;
+    int n_threads;
+    int n_ctx;
+    moas_mode mode;
+    moas_type kv_type;
+    int json;
+} options;
+
+static void usage(void) {
+    fputs("usage: moas COMMAND -m MODEL [options]\n"
+          "\n"
+          "commands:\n"
+          "  generate    -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
+          "  perplexity  -f TEXT [--json]\n"
+          "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
+          "  inspect     (metadata, tensors, parameters, KV bytes per token)\n"
+          "\n"
+          "common options:\n"
+          "  -m, --model PATH     GGUF model file\n"
+          "  -t, --threads N      threads per call (default: all)\n"
+          "  -c, --ctx N          context length (default: the trained length)\n"
+          "      --mode M         mixture (default) or routed\n"
+          "      --kv-type T      f32 (default) or f16\n",
+          stderr);
+    exit(2);
+}
+
+static const char *need_value(int argc, char **argv, int *i) {
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "moas: option %s needs a value\n", argv[*i]);
+        usage();
+    }
+    return argv[++*i];
+}
+
+static long parse_long(const char *s, const char *what, long min, long max) {
+    char *end;
+    errno = 0;
+    const long v = strtol(s, &end, 10);
+    if (errno != 0 || *end != '\0' || end == s || v < min || v > max) {
+        die("%s must be an integer in [%ld, %ld], got '%s'", what, min, max, s);
+    }
+    return v;
+}
+
+static float parse_float(const char *s, const char *what) {
+    char *end;
+    errno = 0;
+    const float v = strtof(s, &end);
+    if (errno != 0 || *end != '\0' || end == s) {
+        die("%s must be a number, got '%s'", what, s);
+    }
+    return v;
+}
+
+static void parse_options(int argc, char **argv, options *o) {
+    memset(o, 0, sizeof *o);
+    o->n_predict = 256;
+    o->temperature = 0.8f;
+    o->top_p = 1.0f;
+    o->mode = MOAS_MODE_MIXTURE;
+    o->kv_type = MOAS_TYPE_F32;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+            o->model_path = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
+            o->prompt = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "-f") || !strcmp(a, "--file")) {
+            o->text_path = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
+            o->out_path = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
+            o->n_predict = (int)parse_long(need_value(argc, argv, &i), "-n", 0, 1L << 30);
+        } else if (!strcmp(a, "--temp")) {
+            o->temperature = parse_float(need_value(argc, argv, &i), "--temp");
+        } else if (!strcmp(a, "--top-k")) {
+            o->top_k = (int)parse_long(need_value(argc, argv, &i), "--top-k", 0, 1L << 30);
+        } else if (!strcmp(a, "--top-p")) {
+            o->top_p = parse_float(need_value(argc, argv, &i), "--top-p");
+        } else if (!strcmp(a, "--seed")) {
+            o->seed = (unsigned long long)parse_long(need_value(argc, argv, &i), "--seed", 0,
+                                                     0x7fffffffL);
+        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            o->n_threads = (int)parse_long(need_value(argc, argv, &i), "--threads", 1, 1024);
+        } else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) {
+            o->n_ctx = (int)parse_long(need_value(argc, argv, &i), "--ctx", 1, 1L << 30);
+        } else if (!strcmp(a, "--mode")) {
+            const char *m = need_value(argc, argv, &i);
+            if (!strcmp(m, "mixture")) {
+                o->mode = MOAS_MODE_MIXTURE;
+            } else if (!strcmp(m, "routed")) {
+                o->mode = MOAS_MODE_ROUTED;
+            } else {
+                die("--mode must be mixture or routed, got '%s'", m);
+            }
+        } else if (!strcmp(a, "--kv-type")) {
+            const char *t = need_value(argc, argv, &i);
+            if (!strcmp(t, "f32")) {
+                o->kv_type = MOAS_TYPE_F32;
+            } else if (!strcmp(t, "f16")) {
+                o->kv_type = MOAS_TYPE_F16;
+            } else {
+                die("--kv-type must be f32 or f16, got '%s'", t);
+            }
+        } else if (!strcmp(a, "--json")) {
+            o->json = 1;
+        } else {
+            fprintf(stderr, "moas: unknown option '%s'\n", a);
+            usage();
+        }
+    }
+    if (o->model_path == NULL) {
+        fprintf(stderr, "moas: -m MODEL is required\n");
+        usage();
+    }
+}
+
+static moas_model *load_model(const options *o) {
+    moas_model *model;
+    check(moas_model_load(o->model_path, NULL, &model), "cannot load the model");
+    return model;
+}
+
+static moas_context *new_context(const moas_model *model, const options *o) {
+    moas_context_params p;
+    moas_context *ctx;
+    moas_context_params_init(&p);
+    p.n_ctx = o->n_ctx;
+    p.n_threads = o->n_threads;
+    p.mode = o->mode;
+    p.kv_type = o->kv_type;
+    check(moas_context_create(model, &p, &ctx), "cannot create a context");
+    return ctx;
+}
+
+static const char *mode_name(moas_mode mode) {
+    return mode == MOAS_MODE_ROUTED ? "routed" : "mixture";
+}
+
+/* ---- generate ----------------------------------------------------------------- */
+
+/* Generation beyond the context: the published model only knows positions below its
+ * trained length, so when the cache is full the last half of the window is decoded
+ * again from position 0 and generation continues from there. */
+static int cmd_generate(const options *o) {
+    moas_model *model = load_model(o);
+    moas_context *ctx = new_context(model, o);
+    moas_sampler_params sp;
+    moas_sampler *smp;
+    const char *prompt = o->prompt ? o->prompt : "";
+    const int32_t n_ctx = moas_context_n_ctx(ctx);
+    size_t n_prompt;
+    int32_t *tokens, *window;
+    int32_t n_window = 0;
+
+    moas_sampler_params_init(&sp);
+    sp.temperature = o->temperature;
+    sp.top_k = o->top_k;
+    sp.top_p = o->top_p;
+    sp.seed = o->seed;
+    check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
+
+    tokens = tokenize_all(model, prompt, strlen(prompt), &n_prompt);
+    if (n_prompt == 0) {
+        die("the prompt is empty: give at least one character with -p");
+    }
+    window = malloc((size_t)n_ctx * sizeof *window);
+    if (window == NULL) {
+        die("out of memory");
+    }
+    /* a prompt longer than the context keeps its end */
+    const size_t start = n_prompt > (size_t)n_ctx ? n_prompt - (size_t)n_ctx : 0;
+    for (size_t i = start; i < n_prompt; i++) {
+        window[n_window++] = tokens[i];
+    }
+    check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
+    fputs(prompt, stdout);
+    fflush(stdout);
+
+    const double t0 = now_seconds();
+    for (int i = 0; i < o->n_predict; i++) {
+        int32_t token;
+        check(moas_sampler_sample(smp, moas_context_logits(ctx), &token), "sample");
+        fputs(moas_token_text(model, token), stdout);
+        fflush(stdout);
+        if (n_window == n_ctx) {
+            const int32_t keep = n_ctx / 2;
+            memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
+            n_window = keep;
+            moas_context_reset(ctx);
+            check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_NONE),
+                  "decode");
+        }
+        window[n_window++] = token;
+        check(moas_context_decode(ctx, token, NULL), "decode");
+    }
+    const double dt = now_seconds() - t0;
+    fputc('\n', stdout);
+    fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s\n",
+            o->n_predict, dt, dt > 0 ? o->n_predict / dt : 0.0, mode_name(o->mode),
+            moas_context_kernels_name(ctx));
+
+    free(window);
+    free(tokens);
+    moas_sampler_free(smp);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return 0;
+}
+
+/* ---- perplexity and logits ---------------------------------------------------- */
+
+/* Walk `tokens` in consecutive windows of the context length, each from an empty
+ * cache, decoding token by token. For every token after the first of its window,
+ * `visit` sees the logits that predicted it. */
+typedef void (*logits_visitor)(void *user, const float *logits, int32_t n_vocab, int32_t next);
+
+typedef struct {
+    double nll;        /* summed negative log-likelihood, nats */
+    size_t n_scored;   /* tokens predicted */
+    size_t kv_bytes;   /* KV bytes at the end of the longest window */
+} score;
+
+static void score_visit(void *user, const float *logits, int32_t n_vocab, int32_t next) {
+    score *s = user;
+    double max = logits[0], sum = 0.0;
+    for (int32_t i = 1; i < n_vocab; i++) {
+        max = logits[i] > max ? logits[i] : max;
+    }
+    for (int32_t i = 0; i < n_vocab; i++) {
+        sum += exp((double)logits[i] - max);
+    }
+    s->nll += log(sum) + max - (double)logits[next];
+    s->n_scored++;
+}
+
+static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_tokens,
+                           logits_visitor visit, void *user, size_t *kv_bytes) {
+    const int32_t n_ctx = moas_context_n_ctx(ctx);
+    const int32_t n_vocab = moas_model_n_vocab(moas_context_model(ctx));
+    const double t0 = now_seconds();
+
+    *kv_bytes = 0;
+    for (size_t begin = 0; begin < n_tokens; begin += (size_t)n_ctx) {
+        const size_t end = begin + (size_t)n_ctx < n_tokens ? begin + (size_t)n_ctx : n_tokens;
+        moas_context_reset(ctx);
+        for (size_t i = begin; i < end; i++) {
+            check(moas_context_decode(ctx, tokens[i], NULL), "decode");
+            if (visit != NULL && i + 1 < end) {
+                visit(user, moas_context_logits(ctx), n_vocab, tokens[i + 1]);
+            }
+        }
+        const size_t used = moas_context_kv_bytes_used(ctx, -1);
+        *kv_bytes = used > *kv_bytes ? used : *kv_bytes;
+    }
+    return now_seconds() - t0;
+}
+
+static int cmd_perplexity(const options *o) {
+    moas_model *model = load_model(o);
+    moas_context *ctx = new_context(model, o);
+    size_t len, n_tokens;
+    score s = {0, 0, 0};
+
+    if (o->text_path == NULL) {
+        die("perplexity needs -f TEXT");
+    }
+    char *text = read_file(o->text_path, &len);
+    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    if (n_tokens < 2) {
+        die("'%s' has %zu characters; at least 2 are needed", o->text_path, n_tokens);
+    }
+    const double dt = walk_windows(ctx, tokens, n_tokens, score_visit, &s, &s.kv_bytes);
+    const double nats = s.nll / (double)s.n_scored;
+    const double tok_s = dt > 0 ? (double)n_tokens / dt : 0.0;
+
+    if (o->json) {
+        printf("{\"mode\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, \"n_ctx\": %d, "
+               "\"nats_per_token\": %.6f, \"perplexity\": %.6f, \"tokens_per_second\": %.1f, "
+               "\"kv_bytes\": %zu}\n",
+               mode_name(o->mode), n_tokens, s.n_scored, moas_context_n_ctx(ctx), nats, exp(nats),
+               tok_s, s.kv_bytes);
+    } else {
+        printf("mode            %s\n", mode_name(o->mode));
+        printf("tokens          %zu (%zu scored, windows of %d)\n", n_tokens, s.n_scored,
+               moas_context_n_ctx(ctx));
+        printf("nats/token      %.4f\n", nats);
+        printf("perplexity      %.4f\n", exp(nats));
+        printf("tokens/s        %.1f\n", tok_s);
+        printf("KV bytes        %zu (at the end of the longest window)\n", s.kv_bytes);
+    }
+    free(tokens);
+    free(text);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return 0;
+}
+
+static int cmd_logits(const options *o) {
+    moas_model *model = load_model(o);
+    moas_context *ctx = new_context(model, o);
+    const int32_t n_ctx = moas_context_n_ctx(ctx);
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    size_t len, n_tokens;
+
+    if (o->text_path == NULL || o->out_path == NULL) {
+        die("logits needs -f TEXT and -o OUT");
+    }
+    char *text = read_file(o->text_path, &len);
+    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    FILE *out = fopen(o->out_path, "wb");
+    if (out == NULL) {
+        die("cannot create '%s': %s", o->out_path, strerror(errno));
+    }
+    /* Logits of every position, in windows of the context length from an empty cache,
+     * written as they come; float32 on every platform we build for is IEEE
+     * little-endian. */
+    for (size_t i = 0; i < n_tokens; i++) {
+        if (i % (size_t)n_ctx == 0) {
+            moas_context_reset(ctx);
+        }
+        check(moas_context_decode(ctx, tokens[i], NULL), "decode");
+        if (fwrite(moas_context_logits(ctx), sizeof(float), (size_t)n_vocab, out) !=
+            (size_t)n_vocab) {
+            die("cannot write '%s'", o->out_path);
+        }
+    }
+    if (fclose(out) != 0) {
+        die("cannot write '%s'", o->out_path);
+    }
+    fprintf(stderr, "moas: wrote %zu x %d logits to %s\n", n_tokens, n_vocab, o->out_path);
+    free(tokens);
+    free(text);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return 0;
+}
+
+/* ---- inspect ------------------------------------------------------------------ */
+
+static const char *type_name(moas_type t) {
+    switch (t) {
+    case MOAS_TYPE_F32: return "f32";
+    case MOAS_TYPE_F16: return "f16";
+    case MOAS_TYPE_Q8_0: return "q8_0";
+    case MOAS_TYPE_BF16: return "bf16";
+    default: return "?";
+    }
+}
+
+static void print_meta_value(const moas_model *model, const char *key) {
+    moas_meta_type type, elem;
+    uint64_t n;
+    int64_t iv;
+    double fv;
+    int32_t bv;
+    const char *sv;
+    size_t slen;
+
+    check(moas_model_meta_type(model, key, &type), "metadata");
+    if (type == MOAS_META_STRING) {
+        check(moas_model_meta_string(model, key, &sv, &slen), "metadata");
+        printf("\"%.*s\"", slen > 80 ? 80 : (int)slen, sv);
+    } else if (type == MOAS_META_BOOL) {
+        check(moas_model_meta_bool(model, key, &bv), "metadata");
+        printf("%s", bv ? "true" : "false");
+    } else if (type == MOAS_META_FLOAT32 || type == MOAS_META_FLOAT64) {
+        check(moas_model_meta_float(model, key, &fv), "metadata");
+        printf("%g", fv);
+    } else if (type == MOAS_META_ARRAY) {
+        check(moas_model_meta_array(model, key, &elem, &n), "metadata");
+        printf("[");
+        for (uint64_t i = 0; i < n && i < 8; i++) {
+            if (elem == MOAS_META_STRING) {
+                check(moas_model_meta_array_string(model, key, i, &sv, &slen), "metadata");
+                printf("%s\"%s\"", i ? ", " : "", strcmp(sv, "\n") ? sv : "\\n");
+            } else if (elem == MOAS_META_FLOAT32 || elem == MOAS_META_FLOAT64) {
+                check(moas_model_meta_array_float(model, key, i, &fv), "metadata");
+                printf("%s%g", i ? ", " : "", fv);
+            } else if (moas_model_meta_array_int(model, key, i, &iv) == MOAS_OK) {
+                printf("%s%lld", i ? ", " : "", (long long)iv);
+            } else {
+                printf("%s?", i ? ", " : "");
+            }
+        }
+        printf("%s] (%llu)", n > 8 ? ", ..." : "", (unsigned long long)n);
+    } else if (moas_model_meta_int(model, key, &iv) == MOAS_OK) {
+        printf("%lld", (long long)iv);
+    } else {
+        printf("(unsigned 64-bit beyond INT64_MAX)");
+    }
+}
+
+static int cmd_inspect(const options *o) {
+    static const char *mixing_names[] = {"single", "mean", "router"};
+    moas_model *model = load_model(o);
+    const int32_t n_scheme = moas_model_n_scheme(model);
+    const int32_t head_dim = moas_model_head_dim(model);
+    const int32_t n_layer = moas_model_n_layer(model);
+    const int32_t n_head = moas_model_n_head(model);
+    long long all_heads = 0;
+
+    printf("model           %s (%s)\n", o->model_path, moas_model_arch(model));
+    printf("layers          %d\n", n_layer);
+    printf("width           %d (%d heads of %d)\n", moas_model_n_embd(model), n_head, head_dim);
+    printf("mlp width       %d\n", moas_model_n_ff(model));
+    printf("vocabulary      %d characters\n", moas_model_n_vocab(model));
+    printf("context         %d tokens\n", moas_model_n_ctx_train(model));
+    printf("mixing          %s, %s biases\n", mixing_names[moas_model_mixing(model)],
+           moas_model_has_bias(model) ? "with" : "no");
+    printf("parameters      %llu\n", (unsigned long long)moas_model_n_params(model));
+    printf("\nscheme  kv heads  KV bytes/token (all layers, f32 / f16)\n");
+    for (int32_t s = 0; s < n_scheme; s++) {
+        const long long heads = moas_model_scheme_n_kv(model, s);
+        const long long per_token = heads * head_dim * 2 * n_layer;
+        all_heads += heads;
+        printf("%6d  %8lld  %lld / %lld\n", s, heads, per_token * 4, per_token * 2);
+    }
+    printf("mixture mode stores every scheme: %lld / %lld bytes per token\n",
+           all_heads * head_dim * 2 * n_layer * 4, all_heads * head_dim * 2 * n_layer * 2);
+
+    printf("\nmetadata (%lld keys)\n", (long long)moas_model_meta_count(model));
+    for (int64_t i = 0; i < moas_model_meta_count(model); i++) {
+        const char *key = moas_model_meta_key(model, i);
+        printf("  %-40s ", key);
+        print_meta_value(model, key);
+        putchar('\n');
+    }
+    printf("\ntensors (%lld)\n", (long long)moas_model_n_tensors(model));
+    for (int64_t i = 0; i < moas_model_n_tensors(model); i++) {
+        moas_tensor_info info;
+        info.size = sizeof info;
+        check(moas_model_tensor(model, i, &info), "tensor");
+        printf("  %-32s %-5s [", info.name, type_name(info.type));
+        for (int32_t d = 0; d < info.n_dims; d++) {
+            printf("%s%lld", d ? ", " : "", (long long)info.ne[d]);
+        }
+        printf("]  %llu bytes\n", (unsigned long long)info.n_bytes);
+    }
+    moas_model_free(model);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    options o;
+
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+        usage();
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("moas %s\n", moas_version_string());
+        return 0;
+    }
+    parse_options(argc, argv, &o);
+    if (!strcmp(argv[1], "generate")) {
+        return cmd_generate(&o);
+    } else if (!strcmp(argv[1], "perplexity")) {
+        return cmd_perplexity(&o);
+    } else if (!strcmp(argv[1], "logits")) {
+        return cmd_logits(&o);
+    } else if (!strcmp(argv[1], "inspect")) {
+        return cmd_inspect(&o);
+    }
+    fprintf(stderr, "moas: unknown command '%s'\n", argv[1]);
+    usage();
+    return 2;
+}
