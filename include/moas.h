@@ -304,8 +304,8 @@ MOAS_API int32_t moas_model_n_ff(const moas_model *model);      /* MLP width */
 MOAS_API int32_t moas_model_n_vocab(const moas_model *model);   /* tokens (characters) */
 MOAS_API int32_t moas_model_n_ctx_train(const moas_model *model); /* trained positions */
 MOAS_API int32_t moas_model_n_scheme(const moas_model *model);  /* attention schemes, >= 1 */
-MOAS_API moas_mixing moas_model_mixing(const moas_model *model);
-MOAS_API moas_kv_sharing moas_model_kv_sharing(const moas_model *model);
+MOAS_API moas_mixing moas_model_mixing(const moas_model *model);   /* how schemes combine */
+MOAS_API moas_kv_sharing moas_model_kv_sharing(const moas_model *model); /* projections */
 MOAS_API int32_t moas_model_has_bias(const moas_model *model);  /* 1 if Linear/LN biases */
 MOAS_API uint64_t moas_model_n_params(const moas_model *model); /* elements of all tensors */
 
@@ -485,9 +485,25 @@ typedef struct moas_context moas_context;  /* opaque; one thread at a time */
 /* How a context runs the attention schemes. */
 typedef enum moas_mode {
     MOAS_MODE_MIXTURE = 0,  /* exact: every scheme runs, outputs mixed as trained */
-    MOAS_MODE_ROUTED  = 1,  /* reserved: top-1 scheme per token (not in this version) */
+    MOAS_MODE_ROUTED  = 1,  /* one scheme per token and layer; its K/V alone are stored */
     MOAS_MODE_COUNT
 } moas_mode;
+
+/*
+ * A route callback, called for every token and layer as the token is decoded, after
+ * the router and before the layer's attention. `gates` holds the layer's n_scheme
+ * scheme weights for this token (docs/ROUTING.md); `proposed` is the scheme the
+ * context would use: the forced scheme if one is set, else the largest gate.
+ *
+ * In routed mode the return value is the scheme to use; a value outside
+ * [0, n_scheme) keeps `proposed`. A KV budget still applies after the callback (it
+ * may replace the choice with a cheaper scheme). In mixture mode every scheme runs
+ * and the return value is ignored: the callback only observes.
+ *
+ * The callback runs on the decoding thread and must not call the same context.
+ */
+typedef int32_t (*moas_route_fn)(void *user, int32_t pos, int32_t layer, const float *gates,
+                                 int32_t n_scheme, int32_t proposed);
 
 /* Which kernels a context uses. */
 typedef enum moas_kernels {
@@ -514,6 +530,12 @@ typedef struct moas_context_params {
     moas_log_fn log;                  /* NULL (default): silent */
     void *log_user;                   /* handed back to `log` unchanged; default NULL */
     const moas_allocator *allocator;  /* NULL (default): malloc/free; must outlive ctx */
+    int32_t forced_scheme;            /* routed mode: -1 (default) router decides; else this
+                                         scheme for every token (moas_context_force_scheme) */
+    uint64_t kv_budget_bytes;         /* 0 (default): none; else a cap on
+                                         moas_context_kv_bytes_used(ctx, -1) (docs/ROUTING.md) */
+    moas_route_fn route_fn;           /* NULL (default): no callback */
+    void *route_user;                 /* handed back to `route_fn` unchanged */
 } moas_context_params;
 
 /*
@@ -534,9 +556,9 @@ MOAS_API void moas_context_params_init(moas_context_params *params);
  * is borrowed and must outlive the context. On failure *out is NULL and nothing leaks.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, n_ctx negative or above
- *          the trained length, n_threads negative, unknown mode, kv_type or kernels, bad
- *          params->size), MOAS_ERR_UNSUPPORTED (a mode this version lacks),
- *          MOAS_ERR_NO_MEMORY.
+ *          the trained length, n_threads negative, unknown mode, kv_type or kernels,
+ *          forced_scheme outside [-1, n_scheme) or set in mixture mode, a kv budget
+ *          below one token's cheapest KV, bad params->size), MOAS_ERR_NO_MEMORY.
  * Thread safety: safe (the model is only read).   Allocates: yes.
  */
 MOAS_API moas_status moas_context_create(const moas_model *model,
@@ -564,7 +586,8 @@ MOAS_API void moas_context_free(moas_context *ctx);
  * logits and routing records are as before, and the context stays usable.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `token` outside [0, n_vocab)),
- *          MOAS_ERR_CONTEXT_FULL (n_ctx tokens already stored).
+ *          MOAS_ERR_CONTEXT_FULL (n_ctx tokens already stored, or the KV budget has no
+ *          room for even the cheapest scheme's K/V of one more token).
  * Thread safety: one thread per context.   Allocates: never.
  */
 MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits);
@@ -583,7 +606,8 @@ MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, NULL `tokens` with n_tokens
  *          > 0, negative n_tokens, a token outside [0, n_vocab) — its index is named —,
  *          unknown `which`, MOAS_LOGITS_ALL with NULL `logits`),
- *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx).
+ *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx, or the KV budget cannot
+ *          hold the batch even with the cheapest scheme everywhere).
  * Thread safety: one thread per context.   Allocates: never.
  */
 MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
@@ -603,8 +627,8 @@ MOAS_API const float *moas_context_logits(const moas_context *ctx);
 /* Context state. `ctx` must not be NULL; these cannot fail. */
 MOAS_API int32_t moas_context_n_past(const moas_context *ctx);    /* tokens in the cache */
 MOAS_API int32_t moas_context_n_ctx(const moas_context *ctx);     /* capacity in tokens */
-MOAS_API moas_mode moas_context_mode(const moas_context *ctx);
-MOAS_API const moas_model *moas_context_model(const moas_context *ctx);
+MOAS_API moas_mode moas_context_mode(const moas_context *ctx);     /* as created */
+MOAS_API const moas_model *moas_context_model(const moas_context *ctx); /* borrowed */
 MOAS_API const char *moas_context_kernels_name(const moas_context *ctx); /* e.g. "ref" */
 
 /*
@@ -640,11 +664,14 @@ MOAS_API moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep);
  *
  * Copies, for every position in the range (all < n_past) and every layer, in
  * position-major order:
- *   gates    [n_pos][n_layer][n_scheme]  the scheme weights the layer used: the
- *            router's softmax gates, 1/n_scheme each for mean mixing, 1 for single;
- *   schemes  [n_pos][n_layer]  the scheme with the largest gate (the first on ties);
- *   kv_heads [n_pos][n_layer]  KV heads the cache stores for that token and layer
- *            (in mixture mode every scheme's: the sum of their n_kv).
+ *   gates    [n_pos][n_layer][n_scheme]  the layer's scheme weights for the token: the
+ *            router's softmax gates, 1/n_scheme each for mean mixing, 1 for single
+ *            (as computed, before any forcing, callback or budget);
+ *   schemes  [n_pos][n_layer]  routed mode: the scheme that ran; mixture mode: the
+ *            scheme with the largest gate (the first on ties), i.e. routed mode's pick;
+ *   kv_heads [n_pos][n_layer]  KV heads the cache stores for that token and layer:
+ *            routed mode n_kv of the scheme that ran; mixture mode every scheme's (the
+ *            sum of their n_kv).
  * Any of the three arrays may be NULL. n_pos may be 0.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, range outside [0, n_past)).
@@ -654,13 +681,68 @@ MOAS_API moas_status moas_context_routes(const moas_context *ctx, int32_t pos, i
                                          float *gates, int32_t *schemes, int32_t *kv_heads);
 
 /*
+ * moas_context_scheme_counts() - tokens per scheme in one layer, or in all.
+ * METHOD: moas_context
+ *
+ * Writes to `counts` [n_scheme] how many of the n_past stored tokens used each scheme
+ * in `layer` (routed mode: the scheme that ran; mixture mode: the largest gate), or,
+ * for `layer` -1, the sum over layers (token-layer pairs).
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, `layer` outside
+ *          [-1, n_layer)).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_scheme_counts(const moas_context *ctx, int32_t layer,
+                                                int32_t *counts);
+
+/*
+ * moas_context_force_scheme() - route every following token to `scheme`.
+ * METHOD: moas_context
+ *
+ * Routed mode only. `scheme` -1 returns the choice to the router. Takes effect from the
+ * next decoded token, so a caller may force one token and release the next.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `scheme` outside
+ *          [-1, n_scheme), or a context in mixture mode).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme);
+
+/*
+ * moas_context_set_kv_budget() - cap the KV bytes the context may use.
+ * METHOD: moas_context
+ *
+ * `bytes` 0 removes the cap. In routed mode the choice of scheme leans toward
+ * cheaper schemes as use approaches the cap, so that a full context fits when the cap
+ * allows it (policy in docs/ROUTING.md); in mixture mode the cap only limits the
+ * number of tokens. Tokens already stored are kept even if they exceed a new cap.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, a nonzero cap below what one
+ *          token needs with the cheapest scheme in every layer).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes);
+
+/*
+ * moas_context_set_route_callback() - install or remove (`fn` NULL) the route callback.
+ * METHOD: moas_context
+ *
+ * See moas_route_fn. `ctx` may not be NULL.
+ *
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API void moas_context_set_route_callback(moas_context *ctx, moas_route_fn fn, void *user);
+
+/*
  * moas_context_kv_bytes_used() - bytes of keys and values the cache holds now.
  * moas_context_kv_bytes_reserved() - bytes allocated for keys and values at capacity.
  *
  * `layer` selects one layer, or -1 for the sum over all layers. Used bytes count what
- * the stored tokens occupy (their KV heads times head_dim times two times the element
- * size), plus the per-token bookkeeping; reserved bytes count the same at n_ctx tokens.
- * docs/KV_CACHE.md gives the formulas.
+ * the stored tokens occupy: their KV heads times head_dim times two (K and V) times the
+ * element size, plus, in routed mode, 5 bytes of bookkeeping per token and layer (where
+ * its heads start, which scheme it used). Reserved bytes are what the context
+ * allocated for n_ctx tokens: in routed mode room for the most expensive scheme at
+ * every position. docs/KV_CACHE.md gives the formulas.
  *
  * Returns: the byte count; 0 for a `layer` out of range.
  * Thread safety: one thread per context.   Allocates: no.

@@ -24,6 +24,7 @@ void moas_context_params_init(moas_context_params *params) {
     params->mode = MOAS_MODE_MIXTURE;
     params->kv_type = MOAS_TYPE_F32;
     params->kernels = MOAS_KERNELS_AUTO;
+    params->forced_scheme = -1;
 }
 
 /* Check and complete the caller's params against `m`. */
@@ -42,9 +43,12 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
                    "context_create: n_threads %d is negative", p->n_threads);
     MOAS_RETURN_IF((unsigned)p->mode >= MOAS_MODE_COUNT, MOAS_ERR_INVALID_ARG,
                    "context_create: unknown mode %d", (int)p->mode);
-    MOAS_RETURN_IF(p->mode == MOAS_MODE_ROUTED, MOAS_ERR_UNSUPPORTED,
-                   "context_create: routed mode is not available in libmoas %s",
-                   MOAS_VERSION_STRING);
+    MOAS_RETURN_IF(p->forced_scheme < -1 || p->forced_scheme >= m->n_scheme,
+                   MOAS_ERR_INVALID_ARG, "context_create: forced_scheme %d outside [-1, %d)",
+                   p->forced_scheme, m->n_scheme);
+    MOAS_RETURN_IF(p->forced_scheme >= 0 && p->mode != MOAS_MODE_ROUTED, MOAS_ERR_INVALID_ARG,
+                   "context_create: forcing scheme %d needs routed mode (mixture runs every "
+                   "scheme)", p->forced_scheme);
     MOAS_RETURN_IF(p->kv_type != MOAS_TYPE_F32 && p->kv_type != MOAS_TYPE_F16,
                    MOAS_ERR_INVALID_ARG, "context_create: kv_type %d is not F32 (0) or F16 (1)",
                    (int)p->kv_type);
@@ -66,15 +70,44 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
     return MOAS_OK;
 }
 
-/* Bytes of K and V one token stores in one layer in mixture mode: every scheme's
- * heads. */
-static size_t token_kv_bytes(const moas_context *ctx) {
+uint64_t moas__kv_token_bytes(const moas_context *ctx, int32_t s) {
     const moas_model *m = ctx->model;
-    size_t heads = 0;
-    for (int32_t s = 0; s < m->n_scheme; s++) {
-        heads += (size_t)m->scheme_n_kv[s];
+    const uint64_t head_bytes = (uint64_t)m->head_dim * 2 * ctx->kv_elem_bytes;   /* K and V */
+    uint64_t heads = 0;
+
+    if (s >= 0) {
+        return (uint64_t)m->scheme_n_kv[s] * head_bytes + MOAS_ROUTED_TOKEN_META_BYTES;
     }
-    return heads * (size_t)m->head_dim * 2 * ctx->kv_elem_bytes;
+    for (int32_t i = 0; i < m->n_scheme; i++) {
+        heads += (uint64_t)m->scheme_n_kv[i];
+    }
+    return heads * head_bytes;
+}
+
+/* The scheme with the fewest KV heads (the first of equals). */
+static int32_t cheapest_scheme(const moas_model *m) {
+    int32_t best = 0;
+    for (int32_t s = 1; s < m->n_scheme; s++) {
+        best = m->scheme_n_kv[s] < m->scheme_n_kv[best] ? s : best;
+    }
+    return best;
+}
+
+/* The fewest bytes one more token can add over all layers: every scheme in mixture
+ * mode, the cheapest scheme everywhere in routed mode. */
+static uint64_t min_token_bytes(const moas_context *ctx) {
+    const int32_t s = ctx->mode == MOAS_MODE_ROUTED ? cheapest_scheme(ctx->model) : -1;
+    return moas__kv_token_bytes(ctx, s) * (uint64_t)ctx->model->n_layer;
+}
+
+/* A budget must hold at least one token: the cheapest way to store it in every layer. */
+static moas_status check_budget(moas_context *ctx, uint64_t bytes) {
+    const uint64_t one = min_token_bytes(ctx);
+    MOAS_RETURN_IF(bytes != 0 && bytes < one, MOAS_ERR_INVALID_ARG,
+                   "kv budget: %llu bytes cannot hold one token (at least %llu)",
+                   (unsigned long long)bytes, (unsigned long long)one);
+    ctx->kv_budget = bytes;
+    return MOAS_OK;
 }
 
 /* Carve `n` floats from an arena cursor. */
@@ -93,10 +126,10 @@ static moas_status allocate(moas_context *ctx) {
     float *cursor;
     uint8_t *kv_cursor;
 
-    /* activations: x, xb, xb2, mix, q, kv_tmp (2C), att_out, hb, att, gates, logits.
+    /* activations: x, xb, xb2, mix, q, kv_tmp (2C), att_out, hb, att, logits.
      * Sizes come from a validated model (each dimension at most 2^22), so these sums
      * cannot overflow a 64-bit size_t; the KV total is checked anyway. */
-    n_floats = 8 * C + hidden + (size_t)m->n_head * n_ctx + S + (size_t)m->n_vocab;
+    n_floats = 8 * C + hidden + (size_t)m->n_head * n_ctx + (size_t)m->n_vocab;
     ctx->scratch = moas__calloc(ctx->alloc, n_floats, sizeof(float));
     MOAS_RETURN_IF(ctx->scratch == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for %zu activation floats", n_floats);
@@ -110,35 +143,51 @@ static moas_status allocate(moas_context *ctx) {
     ctx->att_out = carve(&cursor, C);
     ctx->hb = carve(&cursor, hidden);
     ctx->att = carve(&cursor, (size_t)m->n_head * n_ctx);
-    ctx->gates = carve(&cursor, S);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 
-    /* the KV cache, every layer and scheme at full capacity */
-    ctx->kv = moas__calloc(ctx->alloc, L * S, sizeof *ctx->kv);
-    MOAS_RETURN_IF(ctx->kv == NULL, MOAS_ERR_NO_MEMORY, "context_create: no memory for the KV index");
-    layer_bytes = token_kv_bytes(ctx);
+    /* the KV cache at full capacity: in mixture mode a stream per layer and scheme,
+     * in routed mode one ragged stream per layer with room for the widest scheme at
+     * every position */
+    int32_t max_kv = 0;
+    for (int32_t s = 0; s < m->n_scheme; s++) {
+        max_kv = m->scheme_n_kv[s] > max_kv ? m->scheme_n_kv[s] : max_kv;
+    }
+    ctx->n_streams = ctx->mode == MOAS_MODE_ROUTED ? (int32_t)L : (int32_t)(L * S);
+    ctx->kv = moas__calloc(ctx->alloc, (size_t)ctx->n_streams, sizeof *ctx->kv);
+    MOAS_RETURN_IF(ctx->kv == NULL, MOAS_ERR_NO_MEMORY,
+                   "context_create: no memory for the KV index");
+    layer_bytes = ctx->mode == MOAS_MODE_ROUTED
+                      ? (size_t)max_kv * (size_t)m->head_dim * 2 * ctx->kv_elem_bytes
+                      : (size_t)moas__kv_token_bytes(ctx, -1);
     MOAS_RETURN_IF(!moas__size_mul(layer_bytes, n_ctx, &kv_bytes) ||
                    !moas__size_mul(kv_bytes, L, &kv_bytes), MOAS_ERR_NO_MEMORY,
                    "context_create: a KV cache of %d tokens does not fit in memory", ctx->n_ctx);
     ctx->kv_arena = moas__malloc(ctx->alloc, kv_bytes);
     MOAS_RETURN_IF(ctx->kv_arena == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for a KV cache of %zu bytes", kv_bytes);
+    if (ctx->mode == MOAS_MODE_ROUTED) {
+        ctx->kv_offsets = moas__calloc(ctx->alloc, L * (n_ctx + 1), sizeof *ctx->kv_offsets);
+        MOAS_RETURN_IF(ctx->kv_offsets == NULL, MOAS_ERR_NO_MEMORY,
+                       "context_create: no memory for the KV offsets");
+    }
     kv_cursor = ctx->kv_arena;
-    for (size_t l = 0; l < L; l++) {
-        for (size_t s = 0; s < S; s++) {
-            moas_kv_stream *kv = &ctx->kv[l * S + s];
-            const size_t stream_bytes =
-                n_ctx * (size_t)m->scheme_n_kv[s] * (size_t)m->head_dim * ctx->kv_elem_bytes;
-            kv->n_kv = m->scheme_n_kv[s];
-            kv->k = kv_cursor;
-            kv->v = kv_cursor + stream_bytes;
-            kv_cursor += 2 * stream_bytes;
-        }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas_kv_stream *kv = &ctx->kv[i];
+        const int32_t n_kv =
+            ctx->mode == MOAS_MODE_ROUTED ? max_kv : m->scheme_n_kv[i % (int32_t)S];
+        const size_t stream_bytes =
+            n_ctx * (size_t)n_kv * (size_t)m->head_dim * ctx->kv_elem_bytes;
+        kv->n_kv = n_kv;
+        kv->off = ctx->mode == MOAS_MODE_ROUTED ? ctx->kv_offsets + (size_t)i * (n_ctx + 1) : NULL;
+        kv->k = kv_cursor;
+        kv->v = kv_cursor + stream_bytes;
+        kv_cursor += 2 * stream_bytes;
     }
 
     /* routing records */
     ctx->route_gates = moas__calloc(ctx->alloc, n_ctx * L * S, sizeof(float));
-    MOAS_RETURN_IF(ctx->route_gates == NULL, MOAS_ERR_NO_MEMORY,
+    ctx->route_scheme = moas__calloc(ctx->alloc, n_ctx * L, sizeof(uint8_t));
+    MOAS_RETURN_IF(ctx->route_gates == NULL || ctx->route_scheme == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for routing records");
     return MOAS_OK;
 }
@@ -191,7 +240,11 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     ctx->kv_type = p.kv_type;
     ctx->kv_elem_bytes = p.kv_type == MOAS_TYPE_F16 ? 2 : 4;
     ctx->ops = moas__ops_select(p.kernels);
-    if ((st = allocate(ctx)) != MOAS_OK) {
+    ctx->forced_scheme = p.forced_scheme;
+    ctx->route_fn = p.route_fn;
+    ctx->route_user = p.route_user;
+    if ((st = check_budget(ctx, p.kv_budget_bytes)) != MOAS_OK ||
+        (st = allocate(ctx)) != MOAS_OK) {
         context_failed(log, log_user);
         moas_context_free(ctx);
         return st;
@@ -212,7 +265,9 @@ void moas_context_free(moas_context *ctx) {
     moas__free(alloc, ctx->scratch);
     moas__free(alloc, ctx->kv);
     moas__free(alloc, ctx->kv_arena);
+    moas__free(alloc, ctx->kv_offsets);
     moas__free(alloc, ctx->route_gates);
+    moas__free(alloc, ctx->route_scheme);
     moas__free(alloc, ctx);
 }
 
@@ -240,6 +295,105 @@ static moas_status check_token(const moas_context *ctx, int32_t token, const cha
     return MOAS_ERR_INVALID_ARG;
 }
 
+/* Bytes of K/V (and routed bookkeeping) in `layer`, or all layers for -1, when the
+ * first `n_tokens` positions are stored. */
+static uint64_t kv_bytes_at(const moas_context *ctx, int32_t layer, int32_t n_tokens) {
+    const moas_model *m = ctx->model;
+    const uint64_t head_bytes = (uint64_t)m->head_dim * 2 * ctx->kv_elem_bytes;
+    uint64_t total = 0;
+
+    for (int32_t l = 0; l < m->n_layer; l++) {
+        if (layer != -1 && layer != l) {
+            continue;
+        }
+        if (ctx->mode == MOAS_MODE_ROUTED) {
+            total += (uint64_t)ctx->kv[l].off[n_tokens] * head_bytes +
+                     (uint64_t)n_tokens * MOAS_ROUTED_TOKEN_META_BYTES;
+        } else {
+            total += (uint64_t)n_tokens * moas__kv_token_bytes(ctx, -1);
+        }
+    }
+    return total;
+}
+
+/* Is there room for `n` more tokens: positions, and bytes under the KV budget? */
+static moas_status check_room(const moas_context *ctx, int32_t n, const char *what) {
+    MOAS_RETURN_IF(n > ctx->n_ctx - ctx->n_past, MOAS_ERR_CONTEXT_FULL,
+                   "%s: %d token(s) do not fit: %d of %d positions are free", what, n,
+                   ctx->n_ctx - ctx->n_past, ctx->n_ctx);
+    if (ctx->kv_budget != 0) {
+        const uint64_t used = kv_bytes_at(ctx, -1, ctx->n_past);
+        const uint64_t need = (uint64_t)n * min_token_bytes(ctx);
+        MOAS_RETURN_IF(used > ctx->kv_budget || need > ctx->kv_budget - used,
+                       MOAS_ERR_CONTEXT_FULL, "%s: KV budget of %llu bytes reached: %llu used, "
+                       "%d token(s) need at least %llu more", what,
+                       (unsigned long long)ctx->kv_budget, (unsigned long long)used, n,
+                       (unsigned long long)need);
+    }
+    return MOAS_OK;
+}
+
+/* Routed mode with a budget: plan the next token, `n_after` more to follow in this
+ * call. The token should stay within an even share of what is left per free position
+ * (so the share never shrinks and a full context fits when the budget allows), and
+ * must leave room for the cheapest scheme in the tokens after it. */
+static void plan_token(moas_context *ctx, int32_t n_after) {
+    if (ctx->mode != MOAS_MODE_ROUTED || ctx->kv_budget == 0) {
+        return;
+    }
+    const uint64_t left = ctx->kv_budget - kv_bytes_at(ctx, -1, ctx->n_past);
+    const uint64_t room = left - (uint64_t)n_after * min_token_bytes(ctx);
+    const uint64_t rate = left / (uint64_t)(ctx->n_ctx - ctx->n_past);
+    ctx->plan_room = room;
+    ctx->plan_rate = rate < room ? rate : room;
+    ctx->plan_spent = 0;
+}
+
+int32_t moas__route_choose(moas_context *ctx, int32_t layer, const float *gates) {
+    const moas_model *m = ctx->model;
+    const int32_t S = m->n_scheme;
+    int32_t choice = 0;
+
+    /* the proposal: the forced scheme, else the largest gate (the first on ties) */
+    if (ctx->forced_scheme >= 0) {
+        choice = ctx->forced_scheme;
+    } else {
+        for (int32_t s = 1; s < S; s++) {
+            choice = gates[s] > gates[choice] ? s : choice;
+        }
+    }
+    if (ctx->route_fn != NULL) {
+        const int32_t r = ctx->route_fn(ctx->route_user, ctx->n_past, layer, gates, S, choice);
+        choice = r >= 0 && r < S ? r : choice;
+    }
+    if (ctx->kv_budget == 0) {
+        return choice;
+    }
+
+    /* The budget: this layer may spend an even share of what the token's plan has
+     * left, and never so much that a later layer could not afford the cheapest scheme.
+     * Over the allowance, the most favoured scheme that fits wins; failing that, the
+     * cheapest, which the plan always leaves room for. */
+    const int32_t cheap = cheapest_scheme(m);
+    const uint64_t later = (uint64_t)(m->n_layer - layer - 1) * moas__kv_token_bytes(ctx, cheap);
+    const uint64_t hard = ctx->plan_room - ctx->plan_spent - later;
+    const uint64_t share = ctx->plan_rate > ctx->plan_spent
+                               ? (ctx->plan_rate - ctx->plan_spent) / (uint64_t)(m->n_layer - layer)
+                               : 0;
+    const uint64_t allow = share < hard ? share : hard;
+    if (moas__kv_token_bytes(ctx, choice) > allow) {
+        int32_t best = -1;
+        for (int32_t s = 0; s < S; s++) {
+            if (moas__kv_token_bytes(ctx, s) <= allow && (best < 0 || gates[s] > gates[best])) {
+                best = s;
+            }
+        }
+        choice = best >= 0 ? best : cheap;
+    }
+    ctx->plan_spent += moas__kv_token_bytes(ctx, choice);
+    return choice;
+}
+
 moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits) {
     moas_status st;
 
@@ -247,13 +401,11 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
         moas__set_error("context_decode: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if ((st = check_token(ctx, token, "context_decode", -1)) != MOAS_OK) {
+    if ((st = check_token(ctx, token, "context_decode", -1)) != MOAS_OK ||
+        (st = check_room(ctx, 1, "context_decode")) != MOAS_OK) {
         return fail(ctx, st);
     }
-    if (ctx->n_past >= ctx->n_ctx) {
-        moas__set_error("context_decode: the context holds %d tokens, its capacity", ctx->n_ctx);
-        return fail(ctx, MOAS_ERR_CONTEXT_FULL);
-    }
+    plan_token(ctx, 0);
     moas__forward(ctx, token, true);
     ctx->n_past++;
     if (logits != NULL) {
@@ -285,14 +437,13 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
             return fail(ctx, st);
         }
     }
-    if (n_tokens > ctx->n_ctx - ctx->n_past) {
-        moas__set_error("%s: %d tokens do not fit: %d of %d positions are free", what, n_tokens,
-                        ctx->n_ctx - ctx->n_past, ctx->n_ctx);
-        return fail(ctx, MOAS_ERR_CONTEXT_FULL);
+    if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK) {
+        return fail(ctx, st);
     }
     for (int32_t i = 0; i < n_tokens; i++) {
         const bool last = i == n_tokens - 1;
         const bool want = which == MOAS_LOGITS_ALL || (which == MOAS_LOGITS_LAST && last);
+        plan_token(ctx, n_tokens - i - 1);
         moas__forward(ctx, tokens[i], want);
         ctx->n_past++;
         if (want && logits != NULL) {
@@ -319,6 +470,8 @@ void moas_context_reset(moas_context *ctx) {
     ctx->logits_valid = false;
 }
 
+/* Positions below n_keep, their ragged offsets included, are untouched by later
+ * decodes, so moving n_past back restores the earlier state exactly. */
 moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
     if (ctx == NULL) {
         moas__set_error("context_truncate: ctx is NULL");
@@ -355,39 +508,94 @@ moas_status moas_context_routes(const moas_context *ctx, int32_t pos, int32_t n_
     for (int32_t i = 0; i < n_pos; i++) {
         for (int32_t l = 0; l < m->n_layer; l++) {
             const size_t rec = (size_t)(pos + i) * m->n_layer + l;
-            const float *g = ctx->route_gates + rec * S;
             const size_t out = (size_t)i * m->n_layer + l;
-            int32_t best = 0;
-            for (int32_t s = 1; s < S; s++) {
-                best = g[s] > g[best] ? s : best;
-            }
+            const int32_t s = ctx->route_scheme[rec];
             if (gates != NULL) {
-                memcpy(gates + out * S, g, (size_t)S * sizeof *g);
+                memcpy(gates + out * S, ctx->route_gates + rec * S, (size_t)S * sizeof *gates);
             }
             if (schemes != NULL) {
-                schemes[out] = best;
+                schemes[out] = s;
             }
             if (kv_heads != NULL) {
-                kv_heads[out] = all_heads;
+                kv_heads[out] = ctx->mode == MOAS_MODE_ROUTED ? m->scheme_n_kv[s] : all_heads;
             }
         }
     }
     return MOAS_OK;
 }
 
-static size_t kv_bytes_for(const moas_context *ctx, int32_t layer, int32_t n_tokens) {
-    const int32_t n_layer = ctx->model->n_layer;
-    if (layer < -1 || layer >= n_layer) {
-        return 0;
+moas_status moas_context_scheme_counts(const moas_context *ctx, int32_t layer, int32_t *counts) {
+    if (ctx == NULL || counts == NULL) {
+        moas__set_error("context_scheme_counts: %s is NULL", ctx == NULL ? "ctx" : "counts");
+        return ctx == NULL ? MOAS_ERR_INVALID_ARG : fail(ctx, MOAS_ERR_INVALID_ARG);
     }
-    const size_t per_layer = token_kv_bytes(ctx) * (size_t)n_tokens;
-    return layer == -1 ? per_layer * (size_t)n_layer : per_layer;
+    const moas_model *m = ctx->model;
+    if (layer < -1 || layer >= m->n_layer) {
+        moas__set_error("context_scheme_counts: layer %d outside [-1, %d)", layer, m->n_layer);
+        return fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    memset(counts, 0, (size_t)m->n_scheme * sizeof *counts);
+    for (int32_t j = 0; j < ctx->n_past; j++) {
+        for (int32_t l = 0; l < m->n_layer; l++) {
+            if (layer == -1 || layer == l) {
+                counts[ctx->route_scheme[(size_t)j * m->n_layer + l]]++;
+            }
+        }
+    }
+    return MOAS_OK;
+}
+
+moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme) {
+    if (ctx == NULL) {
+        moas__set_error("context_force_scheme: ctx is NULL");
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if (scheme < -1 || scheme >= ctx->model->n_scheme ||
+        (scheme >= 0 && ctx->mode != MOAS_MODE_ROUTED)) {
+        moas__set_error("context_force_scheme: %s", ctx->mode != MOAS_MODE_ROUTED
+                                                        ? "forcing a scheme needs routed mode"
+                                                        : "scheme outside [-1, n_scheme)");
+        return fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    ctx->forced_scheme = scheme;
+    return MOAS_OK;
+}
+
+moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes) {
+    moas_status st;
+    if (ctx == NULL) {
+        moas__set_error("context_set_kv_budget: ctx is NULL");
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if ((st = check_budget(ctx, bytes)) != MOAS_OK) {
+        return fail(ctx, st);
+    }
+    return MOAS_OK;
+}
+
+void moas_context_set_route_callback(moas_context *ctx, moas_route_fn fn, void *user) {
+    ctx->route_fn = fn;
+    ctx->route_user = user;
 }
 
 size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer) {
-    return kv_bytes_for(ctx, layer, ctx->n_past);
+    if (layer < -1 || layer >= ctx->model->n_layer) {
+        return 0;
+    }
+    return (size_t)kv_bytes_at(ctx, layer, ctx->n_past);
 }
 
 size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer) {
-    return kv_bytes_for(ctx, layer, ctx->n_ctx);
+    const moas_model *m = ctx->model;
+    if (layer < -1 || layer >= m->n_layer) {
+        return 0;
+    }
+    uint64_t per_layer;
+    if (ctx->mode == MOAS_MODE_ROUTED) {
+        per_layer = (uint64_t)ctx->n_ctx * ((uint64_t)ctx->kv[0].n_kv * (uint64_t)m->head_dim * 2 *
+                                                ctx->kv_elem_bytes + MOAS_ROUTED_TOKEN_META_BYTES);
+    } else {
+        per_layer = (uint64_t)ctx->n_ctx * moas__kv_token_bytes(ctx, -1);
+    }
+    return (size_t)(layer == -1 ? per_layer * (uint64_t)m->n_layer : per_layer);
 }

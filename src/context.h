@@ -8,13 +8,30 @@
 #include "model.h"
 #include "ops.h"
 
-/* One scheme's keys and values in one layer, for every position of the context.
- * Row `pos` holds that token's n_kv heads of head_dim elements, in kv_type. */
+/*
+ * One stream of cached keys and values in one layer. Heads of head_dim elements are
+ * packed back to back; token j's heads are [first(j), first(j) + n_kv(j)):
+ *   uniform stream (mixture mode, one per layer and scheme): first(j) = j * n_kv;
+ *   ragged stream (routed mode, one per layer): first(j) = off[j], n_kv(j) =
+ *   off[j + 1] - off[j], so off[n_past] is the number of heads in use.
+ */
 typedef struct moas_kv_stream {
-    void *k;        /* [n_ctx, n_kv * head_dim] */
-    void *v;        /* [n_ctx, n_kv * head_dim] */
-    int32_t n_kv;
+    void *k;          /* [capacity heads, head_dim] in the cache's element type */
+    void *v;          /* [capacity heads, head_dim] */
+    uint32_t *off;    /* [n_ctx + 1] first head of each token; NULL for a uniform stream */
+    int32_t n_kv;     /* uniform stream: heads per token */
 } moas_kv_stream;
+
+/* Bookkeeping a ragged stream keeps per token: off[j] and the scheme record. */
+#define MOAS_ROUTED_TOKEN_META_BYTES (sizeof(uint32_t) + sizeof(uint8_t))
+
+static inline uint32_t moas__kv_first(const moas_kv_stream *kv, int32_t j) {
+    return kv->off != NULL ? kv->off[j] : (uint32_t)j * (uint32_t)kv->n_kv;
+}
+
+static inline int32_t moas__kv_heads(const moas_kv_stream *kv, int32_t j) {
+    return kv->off != NULL ? (int32_t)(kv->off[j + 1] - kv->off[j]) : kv->n_kv;
+}
 
 struct moas_context {
     const moas_model *model;
@@ -31,6 +48,12 @@ struct moas_context {
     moas_type kv_type;       /* F32 or F16 */
     size_t kv_elem_bytes;    /* 4 or 2 */
 
+    /* routing control */
+    int32_t forced_scheme;   /* -1: the router decides */
+    uint64_t kv_budget;      /* 0: none */
+    moas_route_fn route_fn;
+    void *route_user;
+
     /* activations of the token being decoded (one arena) */
     float *x;                /* [C] residual stream */
     float *xb;               /* [C] normed input of a sublayer */
@@ -41,21 +64,38 @@ struct moas_context {
     float *att_out;          /* [C] attention output of one scheme, heads side by side */
     float *hb;               /* [max(n_ff, R)] MLP or router hidden */
     float *att;              /* [n_head, n_ctx] attention scores */
-    float *gates;            /* [S] this layer's scheme weights */
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
     void *scratch;           /* the arena above */
 
-    /* the KV cache: [n_layer, n_scheme] streams in one allocation */
-    moas_kv_stream *kv;      /* [n_layer * n_scheme] */
+    /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams, routed mode
+     * [n_layer] ragged streams; all data in kv_arena */
+    moas_kv_stream *kv;
+    int32_t n_streams;
     void *kv_arena;
+    uint32_t *kv_offsets;    /* routed mode: [n_layer, n_ctx + 1] the streams' `off` */
 
-    /* routing records, [n_ctx, n_layer, n_scheme] */
-    float *route_gates;
+    /* routing records */
+    float *route_gates;      /* [n_ctx, n_layer, n_scheme] gates as computed */
+    uint8_t *route_scheme;   /* [n_ctx, n_layer] scheme that ran (routed) or largest gate */
+
+    /* the budget plan of the token being decoded (routed mode with a budget) */
+    uint64_t plan_rate;      /* bytes this token should stay within */
+    uint64_t plan_room;      /* bytes this token may use at most */
+    uint64_t plan_spent;     /* bytes this token has used so far */
 };
 
-/* Run one token at position ctx->n_past through the model, store its K/V and gates,
- * and compute logits when `want_logits`. The caller has checked `token` and room. */
+/* Run one token at position ctx->n_past through the model, store its K/V and routing,
+ * and compute logits when `want_logits`. The caller has checked `token` and room, and
+ * in routed mode with a budget has set the plan_* fields. */
 void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
+
+/* Routed mode: choose the scheme of the current token in `layer` from its `gates`,
+ * applying the forced scheme, the callback and the budget plan (context.c). */
+int32_t moas__route_choose(moas_context *ctx, int32_t layer, const float *gates);
+
+/* Bytes of K and V (and routed bookkeeping) one token stores in one layer with
+ * scheme `s`, or with every scheme in mixture mode (s = -1). */
+uint64_t moas__kv_token_bytes(const moas_context *ctx, int32_t s);
 
 #endif /* MOAS_CONTEXT_H */

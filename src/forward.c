@@ -7,10 +7,11 @@
  * (ops_*.c). Everything here works on buffers the context allocated once; nothing is
  * allocated per token.
  *
- * Follows the published PyTorch model (SPEC.md section 1) step for step, so that logits
- * agree to float32 round-off: LayerNorm with biased variance, exact erf GELU, scores
- * q.k scaled by 1/sqrt(head_dim) after the dot product, mean mixing as a sum divided
- * by the number of schemes.
+ * Mixture mode follows the published PyTorch model (SPEC.md section 1) step for step,
+ * so that logits agree to float32 round-off: LayerNorm with biased variance, exact erf
+ * GELU, scores q.k scaled by 1/sqrt(head_dim) after the dot product, mean mixing as a
+ * sum divided by the number of schemes. Routed mode runs one scheme per token and
+ * layer (docs/ROUTING.md).
  */
 #include "context.h"
 
@@ -135,67 +136,131 @@ static void scheme_gates(moas_context *ctx, const moas_layer *layer, const float
     softmax(gates, m->n_scheme);
 }
 
-/* Causal attention of the token at `pos` over one scheme's cache, all heads.
- *   q [n_head, head_dim], out [n_head, head_dim]; scores in ctx->att [n_head, n_ctx] */
+/* Causal attention of the token at `pos` over one KV stream, all query heads.
+ *   q [n_head, head_dim], out [n_head, head_dim]; scores in ctx->att [n_head, n_ctx]
+ *
+ * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
+ * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
+ * under MQA. The loops run over tokens and their stored heads, so a K or V row that
+ * serves a group of query heads is read once for the whole group, never expanded. */
 static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *q, int32_t pos,
                    float *out) {
     const moas_model *m = ctx->model;
     const moas_ops *ops = ctx->ops;
-    const int32_t n_head = m->n_head, head_dim = m->head_dim, n_kv = kv->n_kv;
-    const size_t row_elems = (size_t)n_kv * head_dim;   /* one token's row in the stream */
-    const size_t esize = ctx->kv_elem_bytes;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim, n_ctx = ctx->n_ctx;
+    const size_t row_bytes = (size_t)head_dim * ctx->kv_elem_bytes;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
     const bool parallel = (int64_t)(pos + 1) * head_dim * n_head >= PARALLEL_MIN_WORK;
+    float *att = ctx->att;
     (void)parallel;
 
+    /* scores: att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim) */
     MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
-    for (int32_t h = 0; h < n_head; h++) {
-        const float *qh = q + (size_t)h * head_dim;
-        float *ah = ctx->att + (size_t)h * ctx->n_ctx;
-        float *oh = out + (size_t)h * head_dim;
-        /* Query head h reads KV head h * n_kv / n_head: itself under MHA, its group
-         * under GQA (repeat_interleave in the reference), head 0 under MQA. */
-        const size_t kvh_off = (size_t)(h * n_kv / n_head) * head_dim;
-
-        for (int32_t j = 0; j <= pos; j++) {
-            const uint8_t *kj = (const uint8_t *)kv->k + ((size_t)j * row_elems + kvh_off) * esize;
-            const float dot = f16 ? ops->dot_f16((const uint16_t *)(const void *)kj, qh, head_dim)
-                                  : ops->dot_f32((const float *)(const void *)kj, qh, head_dim);
-            ah[j] = dot * scale;
+    for (int32_t j = 0; j <= pos; j++) {
+        const uint32_t first = moas__kv_first(kv, j);
+        const int32_t n_kv = moas__kv_heads(kv, j);
+        const int32_t group = n_head / n_kv;   /* query heads per stored head */
+        for (int32_t g = 0; g < n_kv; g++) {
+            const void *k = (const uint8_t *)kv->k + (size_t)(first + (uint32_t)g) * row_bytes;
+            for (int32_t h = g * group; h < (g + 1) * group; h++) {
+                const float *qh = q + (size_t)h * head_dim;
+                const float dot =
+                    f16 ? ops->dot_f16(k, qh, head_dim) : ops->dot_f32(k, qh, head_dim);
+                att[(size_t)h * n_ctx + j] = dot * scale;
+            }
         }
-        softmax(ah, pos + 1);
+    }
+    for (int32_t h = 0; h < n_head; h++) {
+        softmax(att + (size_t)h * n_ctx, pos + 1);
+    }
 
-        memset(oh, 0, (size_t)head_dim * sizeof *oh);
-        for (int32_t j = 0; j <= pos; j++) {
-            const uint8_t *vj = (const uint8_t *)kv->v + ((size_t)j * row_elems + kvh_off) * esize;
-            if (f16) {
-                ops->axpy_f16(oh, ah[j], (const uint16_t *)(const void *)vj, head_dim);
-            } else {
-                ops->axpy_f32(oh, ah[j], (const float *)(const void *)vj, head_dim);
+    /* out_h = sum_j att[h][j] v_{j, h n_kv(j) / n_head}, accumulated in token order */
+    memset(out, 0, (size_t)n_head * head_dim * sizeof *out);
+    for (int32_t j = 0; j <= pos; j++) {
+        const uint32_t first = moas__kv_first(kv, j);
+        const int32_t n_kv = moas__kv_heads(kv, j);
+        const int32_t group = n_head / n_kv;
+        for (int32_t g = 0; g < n_kv; g++) {
+            const void *v = (const uint8_t *)kv->v + (size_t)(first + (uint32_t)g) * row_bytes;
+            for (int32_t h = g * group; h < (g + 1) * group; h++) {
+                float *oh = out + (size_t)h * head_dim;
+                const float a = att[(size_t)h * n_ctx + j];
+                if (f16) {
+                    ops->axpy_f16(oh, a, v, head_dim);
+                } else {
+                    ops->axpy_f32(oh, a, v, head_dim);
+                }
             }
         }
     }
 }
 
-/* One scheme's attention branch for the token at `pos`: project, store K/V, attend,
- * project out.   xb [C] normed input, y [C] out */
+/* One scheme's attention branch for the token at `pos`: project, store its K/V at the
+ * stream's heads [first, first + n_kv), attend, project out.
+ *   xb [C] normed input, y [C] out */
 static void scheme_branch(moas_context *ctx, const moas_scheme_weights *sw, moas_kv_stream *kv,
                           const float *xb, int32_t pos, float *y) {
     const moas_model *m = ctx->model;
     const int32_t kv_dim = sw->n_kv * m->head_dim;
-    const size_t row_bytes = (size_t)kv_dim * ctx->kv_elem_bytes;
-    float *k = ctx->kv_tmp;            /* [kv_dim] */
+    const size_t head_bytes = (size_t)m->head_dim * ctx->kv_elem_bytes;
+    const uint32_t first = moas__kv_first(kv, pos);
+    float *k = ctx->kv_tmp;             /* [kv_dim] */
     float *v = ctx->kv_tmp + m->n_embd; /* [kv_dim] */
 
     matvec(ctx, &sw->wq, xb, sw->bq, ctx->q);
     matvec(ctx, &sw->wk, xb, sw->bk, k);
     matvec(ctx, &sw->wv, xb, sw->bv, v);
-    kv_store(ctx, (uint8_t *)kv->k + (size_t)pos * row_bytes, k, kv_dim);
-    kv_store(ctx, (uint8_t *)kv->v + (size_t)pos * row_bytes, v, kv_dim);
+    kv_store(ctx, (uint8_t *)kv->k + (size_t)first * head_bytes, k, kv_dim);
+    kv_store(ctx, (uint8_t *)kv->v + (size_t)first * head_bytes, v, kv_dim);
 
     attend(ctx, kv, ctx->q, pos, ctx->att_out);
     matvec(ctx, &sw->wo, ctx->att_out, sw->bo, y);
+}
+
+/* The scheme with the largest gate, the first on ties. */
+static int32_t largest_gate(const float *gates, int32_t n) {
+    int32_t best = 0;
+    for (int32_t s = 1; s < n; s++) {
+        best = gates[s] > gates[best] ? s : best;
+    }
+    return best;
+}
+
+/* Mixture mode: every scheme's branch runs and their outputs are mixed.
+ *   xb [C] normed input; x [C] residual, updated */
+static void attention_mixture(moas_context *ctx, int32_t l, const float *gates, float *x) {
+    const moas_model *m = ctx->model;
+    const int32_t C = m->n_embd, S = m->n_scheme, pos = ctx->n_past;
+
+    memset(ctx->mix, 0, (size_t)C * sizeof *ctx->mix);
+    for (int32_t s = 0; s < S; s++) {
+        scheme_branch(ctx, &m->layers[l].scheme[s], &ctx->kv[(size_t)l * S + s], ctx->xb, pos,
+                      ctx->xb2);
+        /* mean mixing sums then divides, as the reference does */
+        const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[s] : 1.0f;
+        for (int32_t i = 0; i < C; i++) {
+            ctx->mix[i] += g * ctx->xb2[i];
+        }
+    }
+    for (int32_t i = 0; i < C; i++) {
+        x[i] += m->mixing == MOAS_MIXING_MEAN ? ctx->mix[i] / (float)S : ctx->mix[i];
+    }
+}
+
+/* Routed mode: only scheme `s` runs; its K/V take n_kv(s) heads of the layer's ragged
+ * stream and its output enters the residual at full weight (the top-1 gate
+ * renormalised to 1).   x [C] residual, updated */
+static void attention_routed(moas_context *ctx, int32_t l, int32_t s, float *x) {
+    const moas_model *m = ctx->model;
+    const int32_t pos = ctx->n_past;
+    moas_kv_stream *kv = &ctx->kv[l];
+
+    kv->off[pos + 1] = kv->off[pos] + (uint32_t)m->scheme_n_kv[s];
+    scheme_branch(ctx, &m->layers[l].scheme[s], kv, ctx->xb, pos, ctx->xb2);
+    for (int32_t i = 0; i < m->n_embd; i++) {
+        x[i] += ctx->xb2[i];
+    }
 }
 
 void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
@@ -212,23 +277,23 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
 
     for (int32_t l = 0; l < m->n_layer; l++) {
         const moas_layer *layer = &m->layers[l];
-        moas_kv_stream *kv = &ctx->kv[(size_t)l * S];
-        float *gates = ctx->route_gates + ((size_t)pos * m->n_layer + l) * S;  /* [S] */
+        const size_t rec = (size_t)pos * m->n_layer + l;
+        float *gates = ctx->route_gates + rec * S;   /* [S] recorded as computed */
 
-        /* attention: every scheme's branch, mixed by the gates */
+        /* attention: gates from the normed input, then the scheme branches */
         layernorm(ctx->xb, x, layer->attn_norm_w, layer->attn_norm_b, C, m->norm_eps);
         scheme_gates(ctx, layer, ctx->xb, gates);
-        memset(ctx->mix, 0, (size_t)C * sizeof *ctx->mix);
-        for (int32_t s = 0; s < S; s++) {
-            scheme_branch(ctx, &layer->scheme[s], &kv[s], ctx->xb, pos, ctx->xb2);
-            /* mean mixing sums then divides, as the reference does */
-            const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[s] : 1.0f;
-            for (int32_t i = 0; i < C; i++) {
-                ctx->mix[i] += g * ctx->xb2[i];
+        if (ctx->mode == MOAS_MODE_ROUTED) {
+            const int32_t s = moas__route_choose(ctx, l, gates);
+            ctx->route_scheme[rec] = (uint8_t)s;
+            attention_routed(ctx, l, s, x);
+        } else {
+            const int32_t best = largest_gate(gates, S);
+            ctx->route_scheme[rec] = (uint8_t)best;
+            if (ctx->route_fn != NULL) {   /* observes only: every scheme runs */
+                (void)ctx->route_fn(ctx->route_user, pos, l, gates, S, best);
             }
-        }
-        for (int32_t i = 0; i < C; i++) {
-            x[i] += m->mixing == MOAS_MIXING_MEAN ? ctx->mix[i] / (float)S : ctx->mix[i];
+            attention_mixture(ctx, l, gates, x);
         }
 
         /* MLP: x += W_down GELU(W_up LN(x) + b_up) + b_down */

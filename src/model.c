@@ -56,8 +56,9 @@ static moas_status read_uint(const moas_gguf *g, const char *key, int64_t max, b
         break;
     case MOAS_META_INT8: case MOAS_META_INT16: case MOAS_META_INT32: case MOAS_META_INT64:
         value = kv->value.v.i64;
-        MOAS_RETURN_IF(value > max, MOAS_ERR_CORRUPT, "model: key '%s' is %lld, above the limit %lld",
-                       key, (long long)value, (long long)max);
+        MOAS_RETURN_IF(value > max, MOAS_ERR_CORRUPT,
+                       "model: key '%s' is %lld, above the limit %lld", key, (long long)value,
+                       (long long)max);
         break;
     default:
         MOAS_RETURN_IF(true, MOAS_ERR_CORRUPT, "model: key '%s' must be an integer, has type %d",
@@ -107,7 +108,8 @@ static moas_status read_hparams(moas_model *m) {
     MOAS_RETURN_IF(kv == NULL, MOAS_ERR_CORRUPT,
                    "model: required key 'moas.attention.layer_norm_epsilon' is missing");
     MOAS_RETURN_IF(kv->value.type != MOAS_META_FLOAT32 && kv->value.type != MOAS_META_FLOAT64,
-                   MOAS_ERR_CORRUPT, "model: key 'moas.attention.layer_norm_epsilon' must be a float");
+                   MOAS_ERR_CORRUPT,
+                   "model: key 'moas.attention.layer_norm_epsilon' must be a float");
     MOAS_RETURN_IF(!(kv->value.v.f64 > 0.0 && kv->value.v.f64 < 1.0), MOAS_ERR_CORRUPT,
                    "model: layer_norm_epsilon %g is outside (0, 1)", kv->value.v.f64);
     m->norm_eps = (float)kv->value.v.f64;

@@ -45,6 +45,41 @@ assert abs(math.exp(r["nats_per_token"]) - r["perplexity"]) < 1e-3 * r["perplexi
 assert r["kv_bytes"] > 0, r
 PY
 
+# routed mode: the reported KV bytes are the formula applied to the reported counts
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routed.json"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --mode routed --kv-type f16 --json >"$tmp/routed16.json"
+python3 - "$tmp/routed.json" "$tmp/routed16.json" "$tmp/ppl.json" <<'PY' || fail "perplexity --mode routed --json"
+import json, sys
+mix = json.load(open(sys.argv[3]))
+for path, elem in ((sys.argv[1], 4), (sys.argv[2], 2)):
+    r = json.load(open(path))
+    assert r["mode"] == "routed", r
+    pairs, heads = r["kv_window_scheme_pairs"], r["scheme_kv_heads"]
+    assert sum(pairs) == r["kv_window_tokens"] * r["n_layer"], r
+    want = sum(p * h for p, h in zip(pairs, heads)) * r["head_dim"] * 2 * elem + 5 * sum(pairs)
+    assert r["kv_bytes"] == want, (r["kv_bytes"], want)
+    assert abs(sum(r["scheme_shares"]) - 1) < 1e-5, r
+    assert r["kv_bytes_per_token"] < r["mha_kv_bytes_per_token"] + 5 * r["n_layer"], r
+# mixture mode stores every scheme's heads: (6 + 2 + 1) / 6 of an MHA cache
+assert abs(mix["kv_bytes_per_token"] * 6 - mix["mha_kv_bytes_per_token"] * 9) < 1e-6, mix
+PY
+
+"$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl"
+python3 - "$tmp/routes.jsonl" <<'PY' || fail "routes --json"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
+assert len(rows) == 537 * 2, len(rows)
+heads = {0: 6, 1: 2, 2: 1}
+for r in rows:
+    assert set(r) >= {"pos", "layer", "gates", "scheme", "kv_heads", "char"}, r
+    assert r["kv_heads"] == heads[r["scheme"]], r
+    assert abs(sum(r["gates"]) - 1) < 1e-4, r
+assert rows[0]["char"] == "I" and rows[0]["pos"] == 0
+PY
+"$moas" routes -m "$model" -f "$data/tiny.txt" --no-color | grep -q '^layer 1  *MHA' || fail "routes map"
+"$moas" generate -m "$model" -p "And" -n 10 --show-routes --no-color 2>/dev/null | grep -q '^text  *And' \
+    || fail "generate --show-routes"
+
 # logits: every position of the file's exact bytes, [n_tokens][n_vocab] float32
 printf 'And God saw' >"$tmp/text"
 "$moas" logits -m "$model" -f "$tmp/text" -o "$tmp/logits" 2>/dev/null

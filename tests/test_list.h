@@ -55,6 +55,14 @@ X(context_params_are_checked)
 X(mixture_kv_bytes_follow_formula)
 X(f16_kv_cache_close_to_f32)
 
+/* tests/test_routing.c */
+X(routed_kv_bytes_follow_formula_for_random_routing)
+X(routed_forced_mha_equals_mha_branch_alone)
+X(routed_force_and_callback_take_effect)
+X(routed_kv_budget_holds)
+X(routed_batch_and_truncate_equal_uninterrupted)
+X(routed_f16_cache_close_to_f32)
+
 /* tests/test_tokenizer.c */
 X(tokenize_follows_sorted_vocabulary)
 X(tokenize_names_unknown_character_and_offset)

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- small helpers ------------------------------------------------------------ */
 
@@ -110,6 +111,8 @@ typedef struct {
     moas_mode mode;
     moas_type kv_type;
     int json;
+    int show_routes;
+    int color;       /* 1: ANSI colours; default: when stdout is a terminal */
 } options;
 
 static void usage(void) {
@@ -117,7 +120,9 @@ static void usage(void) {
           "\n"
           "commands:\n"
           "  generate    -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
+          "              [--show-routes]\n"
           "  perplexity  -f TEXT [--json]\n"
+          "  routes      -f TEXT [--json] [--no-color]   (the scheme of every token and layer)\n"
           "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
           "  inspect     (metadata, tensors, parameters, KV bytes per token)\n"
           "\n"
@@ -166,6 +171,7 @@ static void parse_options(int argc, char **argv, options *o) {
     o->top_p = 1.0f;
     o->mode = MOAS_MODE_MIXTURE;
     o->kv_type = MOAS_TYPE_F32;
+    o->color = isatty(STDOUT_FILENO);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
@@ -211,6 +217,12 @@ static void parse_options(int argc, char **argv, options *o) {
             }
         } else if (!strcmp(a, "--json")) {
             o->json = 1;
+        } else if (!strcmp(a, "--show-routes")) {
+            o->show_routes = 1;
+        } else if (!strcmp(a, "--no-color")) {
+            o->color = 0;
+        } else if (!strcmp(a, "--color")) {
+            o->color = 1;
         } else {
             fprintf(stderr, "moas: unknown option '%s'\n", a);
             usage();
@@ -242,6 +254,166 @@ static moas_context *new_context(const moas_model *model, const options *o) {
 
 static const char *mode_name(moas_mode mode) {
     return mode == MOAS_MODE_ROUTED ? "routed" : "mixture";
+}
+
+/* ---- routes ------------------------------------------------------------------- */
+
+/* A short name for a scheme from its KV heads: MHA stores all, MQA one, GQA between. */
+static const char *scheme_label(const moas_model *model, int32_t s, char *buf, size_t cap) {
+    const int32_t n_kv = moas_model_scheme_n_kv(model, s), n_head = moas_model_n_head(model);
+    if (n_kv == n_head) {
+        snprintf(buf, cap, "MHA");
+    } else if (n_kv == 1) {
+        snprintf(buf, cap, "MQA");
+    } else {
+        snprintf(buf, cap, "GQA-%d", n_kv);
+    }
+    return buf;
+}
+
+/* ANSI background colours by scheme: red for the most KV heads, green for the fewest. */
+static const char *scheme_color(int32_t s) {
+    static const char *colors[] = {"41", "43", "42", "44", "45", "46", "47", "100"};
+    return colors[s % 8];
+}
+
+/* Print token `t` as one visible cell: a newline as a pilcrow. */
+static void put_cell(FILE *f, const moas_model *model, int32_t t) {
+    const char *text = moas_token_text(model, t);
+    fputs(strcmp(text, "\n") == 0 ? "\xc2\xb6" : text, f);
+}
+
+/* Draw the routing of the n tokens stored in ctx: the text in rows of 64 characters,
+ * under each row one line per layer whose cells are coloured by the scheme that token
+ * used there (or show its number, without colour); then each layer's shares. */
+static void print_route_map(FILE *f, const moas_context *ctx, const int32_t *tokens, int32_t n,
+                            int color) {
+    const moas_model *model = moas_context_model(ctx);
+    const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
+    int32_t *schemes = malloc((size_t)(n > 0 ? n : 1) * L * sizeof *schemes);
+    char label[16];
+
+    if (schemes == NULL) {
+        die("out of memory");
+    }
+    check(moas_context_routes(ctx, 0, n, NULL, schemes, NULL), "routes");
+    fprintf(f, "schemes:");
+    for (int32_t s = 0; s < S; s++) {
+        if (color) {
+            fprintf(f, "  \033[30;%sm %s \033[0m", scheme_color(s), scheme_label(model, s, label, sizeof label));
+        } else {
+            fprintf(f, "  %d = %s", s, scheme_label(model, s, label, sizeof label));
+        }
+    }
+    fprintf(f, "   (%s)\n\n", moas_context_mode(ctx) == MOAS_MODE_ROUTED
+                                ? "routed mode: the scheme that ran"
+                                : "mixture mode: the largest gate");
+    for (int32_t start = 0; start < n; start += 64) {
+        const int32_t end = start + 64 < n ? start + 64 : n;
+        fprintf(f, "text     ");
+        for (int32_t j = start; j < end; j++) {
+            put_cell(f, model, tokens[j]);
+        }
+        fputc('\n', f);
+        for (int32_t l = 0; l < L; l++) {
+            fprintf(f, "layer %-3d", l);
+            for (int32_t j = start; j < end; j++) {
+                const int32_t s = schemes[(size_t)j * L + l];
+                if (color) {
+                    fprintf(f, "\033[30;%sm", scheme_color(s));
+                    put_cell(f, model, tokens[j]);
+                    fputs("\033[0m", f);
+                } else {
+                    fputc('0' + (s % 10), f);
+                }
+            }
+            fputc('\n', f);
+        }
+        fputc('\n', f);
+    }
+    for (int32_t l = 0; l < L; l++) {
+        fprintf(f, "layer %-3d", l);
+        for (int32_t s = 0; s < S; s++) {
+            int32_t count = 0;
+            for (int32_t j = 0; j < n; j++) {
+                count += schemes[(size_t)j * L + l] == s;
+            }
+            fprintf(f, "  %s %5.1f%%", scheme_label(model, s, label, sizeof label),
+                    n > 0 ? 100.0 * count / n : 0.0);
+        }
+        fputc('\n', f);
+    }
+    free(schemes);
+}
+
+/* A JSON string holding the text of token t. */
+static void put_json_char(FILE *f, const moas_model *model, int32_t t) {
+    const unsigned char *c = (const unsigned char *)moas_token_text(model, t);
+    fputc('"', f);
+    for (; *c; c++) {
+        if (*c == '"' || *c == '\\') {
+            fprintf(f, "\\%c", *c);
+        } else if (*c == '\n') {
+            fputs("\\n", f);
+        } else if (*c < 0x20) {
+            fprintf(f, "\\u%04x", *c);
+        } else {
+            fputc(*c, f);
+        }
+    }
+    fputc('"', f);
+}
+
+/* Decode TEXT window by window; print one JSON object per token and layer, or the map
+ * of each window. */
+static int cmd_routes(const options *o) {
+    moas_model *model = load_model(o);
+    moas_context *ctx = new_context(model, o);
+    const int32_t n_ctx = moas_context_n_ctx(ctx);
+    const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
+    size_t len, n_tokens;
+
+    if (o->text_path == NULL) {
+        die("routes needs -f TEXT");
+    }
+    char *text = read_file(o->text_path, &len);
+    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    float *gates = malloc((size_t)n_ctx * L * S * sizeof *gates);
+    int32_t *schemes = malloc((size_t)n_ctx * L * sizeof *schemes);
+    int32_t *heads = malloc((size_t)n_ctx * L * sizeof *heads);
+    if (gates == NULL || schemes == NULL || heads == NULL) {
+        die("out of memory");
+    }
+    for (size_t begin = 0; begin < n_tokens; begin += (size_t)n_ctx) {
+        const int32_t n = (int32_t)(n_tokens - begin < (size_t)n_ctx ? n_tokens - begin : (size_t)n_ctx);
+        moas_context_reset(ctx);
+        check(moas_context_decode_batch(ctx, tokens + begin, n, NULL, MOAS_LOGITS_NONE), "decode");
+        if (!o->json) {
+            print_route_map(stdout, ctx, tokens + begin, n, o->color);
+            continue;
+        }
+        check(moas_context_routes(ctx, 0, n, gates, schemes, heads), "routes");
+        for (int32_t j = 0; j < n; j++) {
+            for (int32_t l = 0; l < L; l++) {
+                const size_t rec = (size_t)j * L + l;
+                printf("{\"pos\": %zu, \"layer\": %d, \"char\": ", begin + (size_t)j, l);
+                put_json_char(stdout, model, tokens[begin + (size_t)j]);
+                printf(", \"gates\": [");
+                for (int32_t s = 0; s < S; s++) {
+                    printf("%s%.6g", s ? ", " : "", gates[rec * S + (size_t)s]);
+                }
+                printf("], \"scheme\": %d, \"kv_heads\": %d}\n", schemes[rec], heads[rec]);
+            }
+        }
+    }
+    free(gates);
+    free(schemes);
+    free(heads);
+    free(tokens);
+    free(text);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return 0;
 }
 
 /* ---- generate ----------------------------------------------------------------- */
@@ -306,6 +478,10 @@ static int cmd_generate(const options *o) {
     fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s\n",
             o->n_predict, dt, dt > 0 ? o->n_predict / dt : 0.0, mode_name(o->mode),
             moas_context_kernels_name(ctx));
+    if (o->show_routes) {   /* the window in the cache now: the text's last n_ctx tokens */
+        fputc('\n', stdout);
+        print_route_map(stdout, ctx, window, moas_context_n_past(ctx), o->color);
+    }
 
     free(window);
     free(tokens);
@@ -341,13 +517,22 @@ static void score_visit(void *user, const float *logits, int32_t n_vocab, int32_
     s->n_scored++;
 }
 
+/* Also sums, over all windows, the token-layer pairs per scheme into scheme_pairs
+ * [n_scheme], and reports the KV bytes, length and per-scheme token-layer pairs
+ * (window_pairs [n_scheme]) of the window that used the most KV bytes. */
 static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_tokens,
-                           logits_visitor visit, void *user, size_t *kv_bytes) {
+                           logits_visitor visit, void *user, size_t *kv_bytes,
+                           int32_t *window_tokens, long long *scheme_pairs,
+                           int32_t *window_pairs) {
     const int32_t n_ctx = moas_context_n_ctx(ctx);
-    const int32_t n_vocab = moas_model_n_vocab(moas_context_model(ctx));
+    const moas_model *model = moas_context_model(ctx);
+    const int32_t n_vocab = moas_model_n_vocab(model), S = moas_model_n_scheme(model);
+    int32_t counts[8];
     const double t0 = now_seconds();
 
     *kv_bytes = 0;
+    *window_tokens = 0;
+    memset(scheme_pairs, 0, (size_t)S * sizeof *scheme_pairs);
     for (size_t begin = 0; begin < n_tokens; begin += (size_t)n_ctx) {
         const size_t end = begin + (size_t)n_ctx < n_tokens ? begin + (size_t)n_ctx : n_tokens;
         moas_context_reset(ctx);
@@ -358,7 +543,15 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
             }
         }
         const size_t used = moas_context_kv_bytes_used(ctx, -1);
-        *kv_bytes = used > *kv_bytes ? used : *kv_bytes;
+        check(moas_context_scheme_counts(ctx, -1, counts), "scheme counts");
+        if (used > *kv_bytes) {
+            *kv_bytes = used;
+            *window_tokens = moas_context_n_past(ctx);
+            memcpy(window_pairs, counts, (size_t)S * sizeof *counts);
+        }
+        for (int32_t s = 0; s < S; s++) {
+            scheme_pairs[s] += counts[s];
+        }
     }
     return now_seconds() - t0;
 }
@@ -377,16 +570,50 @@ static int cmd_perplexity(const options *o) {
     if (n_tokens < 2) {
         die("'%s' has %zu characters; at least 2 are needed", o->text_path, n_tokens);
     }
-    const double dt = walk_windows(ctx, tokens, n_tokens, score_visit, &s, &s.kv_bytes);
+    long long pairs[8], all_pairs = 0;
+    int32_t window_tokens, window_pairs[8];
+    char label[16];
+    const int32_t S = moas_model_n_scheme(model);
+    const double dt = walk_windows(ctx, tokens, n_tokens, score_visit, &s, &s.kv_bytes,
+                                   &window_tokens, pairs, window_pairs);
     const double nats = s.nll / (double)s.n_scored;
     const double tok_s = dt > 0 ? (double)n_tokens / dt : 0.0;
+    const double kv_per_token = (double)s.kv_bytes / window_tokens;
+    /* what a plain MHA cache of the same element type holds per token */
+    const long long mha_per_token = (long long)moas_model_n_layer(model) * moas_model_n_embd(model) *
+                                    2 * (o->kv_type == MOAS_TYPE_F16 ? 2 : 4);
+    for (int32_t i = 0; i < S; i++) {
+        all_pairs += pairs[i];
+    }
 
     if (o->json) {
-        printf("{\"mode\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, \"n_ctx\": %d, "
-               "\"nats_per_token\": %.6f, \"perplexity\": %.6f, \"tokens_per_second\": %.1f, "
-               "\"kv_bytes\": %zu}\n",
-               mode_name(o->mode), n_tokens, s.n_scored, moas_context_n_ctx(ctx), nats, exp(nats),
-               tok_s, s.kv_bytes);
+        printf("{\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
+               "\"n_ctx\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
+               "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
+               "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
+               mode_name(o->mode), o->kv_type == MOAS_TYPE_F16 ? "f16" : "f32", n_tokens,
+               s.n_scored, moas_context_n_ctx(ctx), nats, exp(nats), tok_s, s.kv_bytes,
+               kv_per_token, mha_per_token);
+        for (int32_t i = 0; i < S; i++) {
+            printf("%s%.6f", i ? ", " : "", (double)pairs[i] / (double)all_pairs);
+        }
+        printf("], \"schemes\": [");
+        for (int32_t i = 0; i < S; i++) {
+            printf("%s\"%s\"", i ? ", " : "", scheme_label(model, i, label, sizeof label));
+        }
+        /* enough to recompute kv_bytes: sum_s pairs_s n_kv(s) head_dim 2 elem (+ 5 bytes
+         * of bookkeeping per token-layer pair in routed mode) */
+        printf("], \"scheme_kv_heads\": [");
+        for (int32_t i = 0; i < S; i++) {
+            printf("%s%d", i ? ", " : "", moas_model_scheme_n_kv(model, i));
+        }
+        printf("], \"head_dim\": %d, \"n_layer\": %d, \"kv_window_tokens\": %d, "
+               "\"kv_window_scheme_pairs\": [", moas_model_head_dim(model),
+               moas_model_n_layer(model), window_tokens);
+        for (int32_t i = 0; i < S; i++) {
+            printf("%s%d", i ? ", " : "", window_pairs[i]);
+        }
+        printf("]}\n");
     } else {
         printf("mode            %s\n", mode_name(o->mode));
         printf("tokens          %zu (%zu scored, windows of %d)\n", n_tokens, s.n_scored,
@@ -394,7 +621,15 @@ static int cmd_perplexity(const options *o) {
         printf("nats/token      %.4f\n", nats);
         printf("perplexity      %.4f\n", exp(nats));
         printf("tokens/s        %.1f\n", tok_s);
-        printf("KV bytes        %zu (at the end of the longest window)\n", s.kv_bytes);
+        printf("KV bytes        %zu at the end of the longest window (%d tokens)\n", s.kv_bytes,
+               window_tokens);
+        printf("KV bytes/token  %.1f (a plain MHA cache: %lld)\n", kv_per_token, mha_per_token);
+        printf("scheme shares  ");
+        for (int32_t i = 0; i < S; i++) {
+            printf(" %s %.1f%%", scheme_label(model, i, label, sizeof label),
+                   100.0 * (double)pairs[i] / (double)all_pairs);
+        }
+        printf("\n");
     }
     free(tokens);
     free(text);
@@ -563,6 +798,8 @@ int main(int argc, char **argv) {
         return cmd_generate(&o);
     } else if (!strcmp(argv[1], "perplexity")) {
         return cmd_perplexity(&o);
+    } else if (!strcmp(argv[1], "routes")) {
+        return cmd_routes(&o);
     } else if (!strcmp(argv[1], "logits")) {
         return cmd_logits(&o);
     } else if (!strcmp(argv[1], "inspect")) {
