@@ -129,6 +129,7 @@ check: $(TEST_BIN)
 OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
 test: all $(TEST_BIN)
 	$(TEST_BIN)
+	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	python3 -m unittest discover -s tests/python -t . -q
 	sh tests/cli.sh $(BINOUT)/moas
 	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
