@@ -22,7 +22,9 @@ which real checkpoints carry).  Then it
      (all positions: the reference returns them when targets are given),
      in float32 and in float64, and the router gates (read by a hook),
   4. runs tools/moas_forward.py (docs/FORMAT.md semantics in plain Python) on
-     the converted GGUF against the same reference logits.
+     the converted GGUF against the same reference logits,
+  5. runs libmoas itself (`bin/moas logits`, token-by-token decode) on the
+     converted GGUF against the same reference logits.
 
 Needs torch and numpy; not run by CI.  Exit status 1 if any difference
 exceeds the tolerance.
@@ -46,6 +48,7 @@ import moas_forward  # noqa: E402
 
 REF_FILES = ("moht_gpt.py", "moht_components.py")
 TOL_LOGITS = 1e-4
+MOAS_BIN = os.environ.get("MOAS_BIN", os.path.join(os.path.dirname(HERE), "bin", "moas"))
 
 
 class LayerNormShim(torch.nn.Module):
@@ -160,8 +163,8 @@ def main():
 
     worst, seed = 0.0, 100
     print("max |difference| against the reference's own forward:")
-    print("%-22s %12s %12s %12s %12s" % ("model", "golden-f32", "golden-f64", "gates-f64",
-                                         "gguf-py-f64"))
+    print("%-22s %12s %12s %12s %12s %12s" % ("model", "golden-f32", "golden-f64", "gates-f64",
+                                              "gguf-py-f64", "libmoas"))
     for atype in ("moas", "static_moas", "baseline"):
         for bias in (False, True):
             seed += 1
@@ -200,11 +203,19 @@ def main():
                 gdiff = (gg - gates64).abs().max().item()
             py_logits, _ = moas_forward.forward(out, tokens)
             pydiff = (torch.tensor(py_logits, dtype=torch.float64) - ref64).abs().max().item()
-            print("%-22s %12.3g %12.3g %12s %12.3g   (logits in [%.2f, %.2f])"
+            # libmoas: the exact characters, decoded token by token by bin/moas
+            window = os.path.join(work, tag + ".txt")
+            with open(window, "w", encoding="utf-8", newline="") as f:
+                f.write(text[440:440 + T])
+            raw = os.path.join(work, tag + ".f32")
+            run([MOAS_BIN, "logits", "-m", out, "-f", window, "-o", raw])
+            c_logits = torch.from_numpy(np.fromfile(raw, dtype="<f4").astype(np.float64))
+            cdiff = (c_logits.reshape(ref64.shape) - ref64).abs().max().item()
+            print("%-22s %12.3g %12.3g %12s %12.3g %12.3g   (logits in [%.2f, %.2f])"
                   % (tag, diffs[0], diffs[1], "%.3g" % gdiff if gates64 is not None else "-",
-                     pydiff,
+                     pydiff, cdiff,
                      ref64.min().item(), ref64.max().item()))
-            worst = max(worst, diffs[0], diffs[1], pydiff)
+            worst = max(worst, diffs[0], diffs[1], pydiff, cdiff)
     # The other direction: our checkpoints (with --mask-buffers) load strictly
     # into the reference GPT and give the logits of our golden.
     print("our train.py checkpoints loaded into the reference GPT (strict), max |difference|:")
