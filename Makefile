@@ -76,7 +76,15 @@ $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(OMP_FLAGS) $(CFLAGS) $(MOREFLAGS) \
-	    -MMD -MP -c -o $@ $<
+	    $(ARCH_FLAGS) -MMD -MP -c -o $@ $<
+
+# SIMD kernel tables: ISA flags for these two objects only, and only when the compiler
+# targets x86-64 (elsewhere the files compile to nothing). ops_select.c checks the CPU
+# before any of their code runs.
+ifneq ($(filter x86_64-% amd64-%,$(shell $(CC) -dumpmachine)),)
+$(BUILD)/src/ops_avx2.o:   ARCH_FLAGS := -mavx2 -mfma -mf16c
+$(BUILD)/src/ops_avx512.o: ARCH_FLAGS := -mavx512f -mfma -mf16c
+endif
 
 $(STATIC_LIB): $(LIB_OBJS)
 	@mkdir -p $(dir $@)
@@ -110,6 +118,24 @@ $(BINOUT)/moas: tools/moas.c $(STATIC_LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/moas.c $(PROG_LIBS) $(LDFLAGS)
+
+# Kernel micro-benchmark, every table this CPU runs (not part of `all`).
+.PHONY: bench-kernels
+bench-kernels: $(BUILD)/tools/bench_kernels
+	$(BUILD)/tools/bench_kernels
+
+$(BUILD)/tools/bench_kernels: tools/bench_kernels.c src/ops.h src/f16.h $(STATIC_LIB)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/bench_kernels.c $(PROG_LIBS) $(LDFLAGS)
+
+# Random-weight models of any shape, for benchmarks (tools/random_model.c).
+RANDOM_MODEL := $(BUILD)/tools/random_model
+$(RANDOM_MODEL): tools/random_model.c tests/support/tiny_model.c tests/support/gguf_writer.c \
+                 $(wildcard tests/support/*.h)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) -Itests -o $@ $(filter %.c,$^) -lm $(LDFLAGS)
 
 # ---- tests ---------------------------------------------------------------------
 TEST_SRCS := $(wildcard tests/*.c tests/support/*.c)

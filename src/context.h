@@ -66,13 +66,13 @@ struct moas_context {
     float *att;              /* [n_head, n_ctx] attention scores */
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
-    void *scratch;           /* the arena above */
+    void *scratch;           /* the allocation holding the arena above */
 
     /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams, routed mode
      * [n_layer] ragged streams; all data in kv_arena */
     moas_kv_stream *kv;
     int32_t n_streams;
-    void *kv_arena;
+    void *kv_arena;          /* the allocation holding every stream's K and V */
     uint32_t *kv_offsets;    /* routed mode: [n_layer, n_ctx + 1] the streams' `off` */
 
     /* routing records */

@@ -2,8 +2,15 @@
  * ops.h - the table of hot kernels.
  *
  * ops_ref.c holds the portable reference of every kernel: plain loops, always built,
- * and the specification the SIMD versions are tested against. A context picks one
- * table when it is created and keeps the pointer.
+ * and the specification the SIMD versions are tested against (tests/test_kernels.c).
+ * ops_avx2.c and ops_avx512.c hold x86-64 tables, each compiled with its own ISA flags;
+ * ops_select.c picks one from the CPU's features. A context picks one table when it
+ * is created and keeps the pointer.
+ *
+ * Every kernel accepts any n >= 0 and pointers with only their element type's
+ * alignment. A given table's result depends only on the values and n, never on the
+ * pointers' alignment or the thread calling it; different tables may differ by
+ * float rounding (the summation order differs).
  */
 #ifndef MOAS_OPS_H
 #define MOAS_OPS_H
@@ -26,7 +33,27 @@ typedef struct moas_ops {
 
 extern const moas_ops moas__ops_ref;
 
-/* The fastest table this CPU runs, or the reference when `kind` asks for it. */
+#if defined(__x86_64__)
+/* ops_avx2.c, ops_avx512.c: call only where moas__ops_runs_here() says so. */
+extern const moas_ops moas__ops_avx2;    /* "avx2":   AVX2 + FMA + F16C */
+extern const moas_ops moas__ops_avx512;  /* "avx512": AVX-512F + AVX2 + FMA + F16C */
+
+/* AVX2 kernels the avx512 table reuses where 512-bit vectors do not pay. */
+float moas__dot_f32_avx2(const float *w, const float *x, int32_t n);
+void moas__axpy_f32_avx2(float *y, float a, const float *x, int32_t n);
+void moas__axpy_f16_avx2(float *y, float a, const uint16_t *x, int32_t n);
+#endif
+
+/* Every table built for this architecture, fastest first, ending with the reference,
+ * then NULL. Tests and benchmarks walk it; a context uses moas__ops_select(). */
+extern const moas_ops *const moas__ops_tables[];
+
+/* Whether this CPU, and the OS's saved register state, can run `ops`. Detects the
+ * features afresh on each call; the reference runs everywhere. */
+bool moas__ops_runs_here(const moas_ops *ops);
+
+/* The fastest table this CPU runs, or the reference when `kind` asks for it. Called
+ * once per context, at creation; the context keeps the pointer. */
 const moas_ops *moas__ops_select(moas_kernels kind);
 
 #endif /* MOAS_OPS_H */

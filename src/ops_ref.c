@@ -56,8 +56,3 @@ const moas_ops moas__ops_ref = {
     .axpy_f32 = axpy_f32_ref,
     .axpy_f16 = axpy_f16_ref,
 };
-
-const moas_ops *moas__ops_select(moas_kernels kind) {
-    (void)kind;
-    return &moas__ops_ref;
-}

@@ -112,6 +112,8 @@ typedef struct {
     moas_type kv_type;
     int json;
     int show_routes;
+    int n_prompt;    /* bench: prompt tokens */
+    int repeats;     /* bench: repetitions, the median is reported */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
 } options;
 
@@ -125,6 +127,7 @@ static void usage(void) {
           "  routes      -f TEXT [--json] [--no-color]   (the scheme of every token and layer)\n"
           "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
           "  inspect     (metadata, tensors, parameters, KV bytes per token)\n"
+          "  bench       [-p 512] [-n 128] [-r 5] [--json]  (prefill and decode tokens/s)\n"
           "\n"
           "common options:\n"
           "  -m, --model PATH     GGUF model file\n"
@@ -172,11 +175,13 @@ static void parse_options(int argc, char **argv, options *o) {
     o->mode = MOAS_MODE_MIXTURE;
     o->kv_type = MOAS_TYPE_F32;
     o->color = isatty(STDOUT_FILENO);
+    o->n_prompt = 512;
+    o->repeats = 5;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
             o->model_path = need_value(argc, argv, &i);
-        } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
+        } else if ((!strcmp(a, "-p") && strcmp(argv[1], "bench") != 0) || !strcmp(a, "--prompt")) {
             o->prompt = need_value(argc, argv, &i);
         } else if (!strcmp(a, "-f") || !strcmp(a, "--file")) {
             o->text_path = need_value(argc, argv, &i);
@@ -217,6 +222,10 @@ static void parse_options(int argc, char **argv, options *o) {
             }
         } else if (!strcmp(a, "--json")) {
             o->json = 1;
+        } else if (!strcmp(a, "--prompt-tokens") || (!strcmp(a, "-p") && !strcmp(argv[1], "bench"))) {
+            o->n_prompt = (int)parse_long(need_value(argc, argv, &i), "-p", 1, 1L << 20);
+        } else if (!strcmp(a, "-r") || !strcmp(a, "--repeats")) {
+            o->repeats = (int)parse_long(need_value(argc, argv, &i), "-r", 1, 1000);
         } else if (!strcmp(a, "--show-routes")) {
             o->show_routes = 1;
         } else if (!strcmp(a, "--no-color")) {
@@ -678,6 +687,145 @@ static int cmd_logits(const options *o) {
     return 0;
 }
 
+/* ---- bench -------------------------------------------------------------------- */
+
+static int compare_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, compare_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Weight bytes and multiply-adds one token reads through the matrices, given how often
+ * each scheme ran in each layer (share[l * S + s]; 1 for every scheme in mixture mode).
+ * The output matrix (token_embd when tied) counts only when `with_output`. */
+static void matrix_cost(const moas_model *model, const double *share, int with_output,
+                        double *bytes, double *macs) {
+    const int32_t S = moas_model_n_scheme(model);
+    int tied = 1;
+    int64_t index;
+
+    if (moas_model_tensor_find(model, "output.weight", &index) == MOAS_OK) {
+        tied = 0;
+    }
+    *bytes = *macs = 0.0;
+    for (int64_t i = 0; i < moas_model_n_tensors(model); i++) {
+        moas_tensor_info t;
+        int l, s, used;
+        double weight = 1.0;
+        t.size = sizeof t;
+        check(moas_model_tensor(model, i, &t), "tensor");
+        const char *name = t.name;
+        if (t.n_dims != 2 || strstr(name, ".weight") == NULL || !strcmp(name, "position_embd.weight")) {
+            continue;   /* vectors, and embedding rows (a few bytes per token) */
+        }
+        if (!strcmp(name, "token_embd.weight")) {
+            if (!tied || !with_output) {
+                continue;
+            }
+        } else if (!strcmp(name, "output.weight") && !with_output) {
+            continue;
+        }
+        char kind[32];
+        if (sscanf(name, "blk.%d.attn_%31[a-z].%d.weight%n", &l, kind, &s, &used) == 3 &&
+            s >= 0 && s < S) {
+            weight = share[l * S + s];
+        }
+        *bytes += weight * (double)t.n_bytes;
+        *macs += weight * (double)t.ne[0] * (double)t.ne[1];
+    }
+}
+
+static int cmd_bench(const options *o) {
+    moas_model *model = load_model(o);
+    const int32_t n_train = moas_model_n_ctx_train(model);
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
+    options oc = *o;
+    int n_prompt = o->n_prompt, n_gen = o->n_predict;
+
+    if (n_prompt + n_gen > n_train) {   /* keep the whole run inside the trained context */
+        n_prompt = n_train / 2 < n_prompt ? n_train / 2 : n_prompt;
+        n_gen = n_train - n_prompt < n_gen ? n_train - n_prompt : n_gen;
+    }
+    oc.n_ctx = n_prompt + n_gen;
+    moas_context *ctx = new_context(model, &oc);
+    int32_t *tokens = malloc((size_t)(n_prompt + n_gen) * sizeof *tokens);
+    double *t_prefill = malloc((size_t)o->repeats * sizeof *t_prefill);
+    double *t_decode = malloc((size_t)o->repeats * sizeof *t_decode);
+    double *share = calloc((size_t)L * S, sizeof *share);
+    int32_t counts[8];
+    if (!tokens || !t_prefill || !t_decode || !share) {
+        die("out of memory");
+    }
+    uint32_t seed = 12345;
+    for (int i = 0; i < n_prompt + n_gen; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        tokens[i] = (int32_t)((seed >> 8) % (uint32_t)n_vocab);
+    }
+
+    /* one warm-up run, then the measured ones */
+    for (int r = -1; r < o->repeats; r++) {
+        moas_context_reset(ctx);
+        const double t0 = now_seconds();
+        check(moas_context_decode_batch(ctx, tokens, n_prompt, NULL, MOAS_LOGITS_LAST), "prefill");
+        const double t1 = now_seconds();
+        for (int i = 0; i < n_gen; i++) {
+            check(moas_context_decode(ctx, tokens[n_prompt + i], NULL), "decode");
+        }
+        const double t2 = now_seconds();
+        if (r >= 0) {
+            t_prefill[r] = t1 - t0;
+            t_decode[r] = t2 - t1;
+        }
+    }
+    for (int32_t l = 0; l < L; l++) {
+        check(moas_context_scheme_counts(ctx, l, counts), "scheme counts");
+        for (int32_t s = 0; s < S; s++) {
+            share[l * S + s] = o->mode == MOAS_MODE_ROUTED
+                                   ? (double)counts[s] / moas_context_n_past(ctx) : 1.0;
+        }
+    }
+    const double prefill_tok_s = n_prompt / median(t_prefill, o->repeats);
+    const double decode_tok_s = n_gen > 0 ? n_gen / median(t_decode, o->repeats) : 0.0;
+    double dec_bytes, dec_macs, pre_bytes, pre_macs;
+    matrix_cost(model, share, 1, &dec_bytes, &dec_macs);
+    matrix_cost(model, share, 0, &pre_bytes, &pre_macs);
+    const double dec_gbs = dec_bytes * decode_tok_s * 1e-9;
+    const double dec_gflops = 2.0 * dec_macs * decode_tok_s * 1e-9;
+    const double pre_gflops = 2.0 * pre_macs * prefill_tok_s * 1e-9;
+
+    if (o->json) {
+        printf("{\"model\": \"%s\", \"mode\": \"%s\", \"kernels\": \"%s\", \"threads\": %d, "
+               "\"n_prompt\": %d, \"n_decode\": %d, \"repeats\": %d, \"prefill_tok_s\": %.1f, "
+               "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
+               "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
+               o->model_path, mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
+               n_prompt, n_gen, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
+               dec_gflops, pre_gflops);
+    } else {
+        printf("model            %s (%s mode, %s kernels, %s threads)\n", o->model_path,
+               mode_name(o->mode), moas_context_kernels_name(ctx),
+               o->n_threads ? "fixed" : "default");
+        printf("prefill          %8.1f tokens/s  (%d tokens, median of %d; %.2f GFLOP/s in matrices)\n",
+               prefill_tok_s, n_prompt, o->repeats, pre_gflops);
+        printf("decode           %8.1f tokens/s  (%d tokens, median of %d)\n", decode_tok_s, n_gen,
+               o->repeats);
+        printf("weights/token    %.0f bytes -> %.2f GB/s, %.2f GFLOP/s\n", dec_bytes, dec_gbs,
+               dec_gflops);
+    }
+    free(tokens);
+    free(t_prefill);
+    free(t_decode);
+    free(share);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return 0;
+}
+
 /* ---- inspect ------------------------------------------------------------------ */
 
 static const char *type_name(moas_type t) {
@@ -798,6 +946,8 @@ int main(int argc, char **argv) {
         return cmd_generate(&o);
     } else if (!strcmp(argv[1], "perplexity")) {
         return cmd_perplexity(&o);
+    } else if (!strcmp(argv[1], "bench")) {
+        return cmd_bench(&o);
     } else if (!strcmp(argv[1], "routes")) {
         return cmd_routes(&o);
     } else if (!strcmp(argv[1], "logits")) {

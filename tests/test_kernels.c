@@ -1,0 +1,580 @@
+/* test_kernels.c - every SIMD kernel table this CPU runs, against the reference
+ * (ops_ref.c), at awkward lengths, aligned and misaligned, with random data from a
+ * seeded generator and with special values; and the choice of table.
+ *
+ * The tables differ from the reference only in the order of float operations and in
+ * fusing multiply-adds, so results are compared with tolerances derived from float32
+ * rounding (below), never with a guess. */
+#include "test.h"
+
+#include "f16.h"
+#include "ops.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
+/* ---- tolerances ---------------------------------------------------------------- */
+
+/* Unit roundoff of binary32: one rounding moves a value by at most u times itself. */
+#define U32 0x1p-24
+
+/* Dot products. Both sides round n products (or fuse them) and n additions, in
+ * different orders, so each is within gamma_n * S of the exact sum, where
+ * S = sum |w_i x_i| and gamma_n ~ n u (Higham, Accuracy and Stability, 3.1). That
+ * worst case assumes every rounding goes the same way; for data with random signs the
+ * errors add like a random walk and grow as sqrt(n) u S. We allow
+ *     |simd - ref| <= DOT_TOL_UNITS * sqrt(n) * u * S,
+ * which for n <= 4 is at least the worst case of both sides (2 n u S) and for longer
+ * rows leaves a margin of several random-walk standard deviations. S is computed in
+ * double from the exact products. Each length runs twice: with random signs (the
+ * partial sums cancel, errors stay near u S) and with all terms positive (no
+ * cancellation: the partial sums grow with n and the sqrt(n) is real; the largest
+ * |simd - ref| / (sqrt(n) u S) seen over 200 such rows per length was 1.25). */
+#define DOT_TOL_UNITS 4.0
+
+/* axpy, elementwise, with e = y + a x exact. A fused table rounds once:
+ * |f - e| <= u |e|. The reference rounds a x, then the sum:
+ * |r - e| <= u |a x| (1 + u) + u |e|. As |e| <= |y| + |a x|,
+ *     |f - r| <= (3 + u) u (|y| + |a x|),   and AXPY_TOL_UNITS is 3 + u rounded up. */
+#define AXPY_TOL_UNITS 3.000001
+
+static double dot_tol(int32_t n, double sum_abs) {
+    return DOT_TOL_UNITS * sqrt((double)n) * U32 * sum_abs;
+}
+
+/* ---- data ---------------------------------------------------------------------- */
+
+/* splitmix64: a fixed seed gives the same data on every platform. */
+static uint64_t next_u64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15u);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    return z ^ (z >> 31);
+}
+
+/* Uniform in [-1, 1), 24 random bits. */
+static float next_sym(uint64_t *s) {
+    return (float)((int32_t)(next_u64(s) >> 40) - (1 << 23)) * 0x1p-23f;
+}
+
+/* Uniform in [-1, 1), or in [0, 1] when `positive`. */
+static float next_val(uint64_t *s, bool positive) {
+    const float v = next_sym(s);
+    return positive ? fabsf(v) : v;
+}
+
+/* A buffer of n elements of `esize` bytes starting `off` elements past a 64-byte
+ * boundary. One spare byte keeps n = 0 a real allocation; a read of even one element
+ * past the end still touches unallocated bytes, which AddressSanitizer reports. */
+static void *alloc_at(size_t n, size_t esize, size_t off, void **base) {
+    *base = NULL;
+    if (posix_memalign(base, 64, (n + off) * esize + 1) != 0) {
+        return NULL;
+    }
+    return (char *)*base + off * esize;
+}
+
+/* Lengths that end a vector loop early, late and exactly, for 8- and 16-wide
+ * vectors with 4x unrolling, plus one longer than any cache-line trick. */
+static const int32_t lengths[] = {0,  1,  2,  3,   7,   8,   9,   15,   16,  17,
+                                  31, 33, 63, 64, 65, 127, 257, 1000, 4097};
+/* Q8_0 rows are whole blocks of 32: one, an odd and an even count, and a long row. */
+static const int32_t lengths_q8_0[] = {0, 32, 64, 96, 160, 1024, 4096};
+
+#define N_LENGTHS (sizeof lengths / sizeof lengths[0])
+#define N_LENGTHS_Q8_0 (sizeof lengths_q8_0 / sizeof lengths_q8_0[0])
+
+/* Reports a failed comparison with everything needed to reproduce it. */
+#define CHECK_NEAR(what_, n_, off_, got_, want_, tol_)                                   \
+    do {                                                                                 \
+        double cg_ = (double)(got_), cw_ = (double)(want_), ct_ = (double)(tol_);        \
+        if (!(fabs(cg_ - cw_) <= ct_)) {                                                 \
+            test_report(__FILE__, __LINE__, what_,                                       \
+                        "%s, n=%d, offset %d: %.9g vs ref %.9g, difference %.3g > %.3g", \
+                        ops->name, (int)(n_), (int)(off_), cg_, cw_, fabs(cg_ - cw_),    \
+                        ct_);                                                            \
+            return TEST_FAIL;                                                            \
+        }                                                                                \
+    } while (0)
+
+/* Same table, same values, different address: bit for bit the same result. */
+#define CHECK_SAME_BITS(what_, n_, a_, b_)                                               \
+    do {                                                                                 \
+        float ca_ = (a_), cb_ = (b_);                                                    \
+        if (memcmp(&ca_, &cb_, sizeof ca_) != 0) {                                       \
+            test_report(__FILE__, __LINE__, what_,                                       \
+                        "%s, n=%d: %.9g aligned but %.9g misaligned", ops->name,         \
+                        (int)(n_), (double)ca_, (double)cb_);                            \
+            return TEST_FAIL;                                                            \
+        }                                                                                \
+    } while (0)
+
+/* ---- the comparisons, one per kernel ------------------------------------------------ */
+
+static int check_dot_f32(const moas_ops *ops) {
+    uint64_t seed = 1;
+    for (size_t k = 0; k < 2 * N_LENGTHS; k++) {
+        const int32_t n = lengths[k / 2];
+        const bool positive = k % 2;
+        float got[2];
+        for (int off = 0; off < 2; off++) {
+            void *wb, *xb;
+            float *w = alloc_at((size_t)n, sizeof *w, (size_t)off, &wb);
+            float *x = alloc_at((size_t)n, sizeof *x, (size_t)off, &xb);
+            ASSERT_TRUE(w != NULL && x != NULL);
+            uint64_t s = seed;  /* the same values at both offsets */
+            double sum_abs = 0;
+            for (int32_t i = 0; i < n; i++) {
+                w[i] = next_val(&s, positive);
+                x[i] = next_val(&s, positive);
+                sum_abs += fabs((double)w[i] * x[i]);
+            }
+            got[off] = ops->dot_f32(w, x, n);
+            CHECK_NEAR("dot_f32", n, off, got[off], moas__ops_ref.dot_f32(w, x, n),
+                       dot_tol(n, sum_abs));
+            free(wb);
+            free(xb);
+        }
+        CHECK_SAME_BITS("dot_f32", n, got[0], got[1]);
+        seed += 1000;
+    }
+    return TEST_PASS;
+}
+
+static int check_dot_f16(const moas_ops *ops) {
+    uint64_t seed = 2;
+    for (size_t k = 0; k < 2 * N_LENGTHS; k++) {
+        const int32_t n = lengths[k / 2];
+        const bool positive = k % 2;
+        float got[2];
+        for (int off = 0; off < 2; off++) {
+            void *wb, *xb;
+            uint16_t *w = alloc_at((size_t)n, sizeof *w, (size_t)off, &wb);
+            float *x = alloc_at((size_t)n, sizeof *x, (size_t)off, &xb);
+            ASSERT_TRUE(w != NULL && x != NULL);
+            uint64_t s = seed;
+            double sum_abs = 0;
+            for (int32_t i = 0; i < n; i++) {
+                w[i] = moas__f32_to_f16(next_val(&s, positive) * 4.0f);
+                x[i] = next_val(&s, positive);
+                sum_abs += fabs((double)moas__f16_to_f32(w[i]) * x[i]);
+            }
+            got[off] = ops->dot_f16(w, x, n);
+            CHECK_NEAR("dot_f16", n, off, got[off], moas__ops_ref.dot_f16(w, x, n),
+                       dot_tol(n, sum_abs));
+            free(wb);
+            free(xb);
+        }
+        CHECK_SAME_BITS("dot_f16", n, got[0], got[1]);
+        seed += 1000;
+    }
+    return TEST_PASS;
+}
+
+/* Quantized as a converter would: per block d = max|w| / 127 rounded to f16 and
+ * q = round(w / d), here drawn directly with scales spanning four decades. */
+static void fill_q8_0(moas_block_q8_0 *w, float *x, int32_t n, bool positive, uint64_t *s) {
+    for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
+        const float scale = ldexpf(1.0f + 0.5f * next_sym(s), -(int)(next_u64(s) % 14));
+        w[b].d = moas__f32_to_f16(scale / 127.0f);
+        for (int i = 0; i < MOAS_QK8_0; i++) {
+            const int32_t q = (int32_t)(next_u64(s) % 255) - 127;
+            w[b].q[i] = (int8_t)(positive && q < 0 ? -q : q);
+        }
+    }
+    for (int32_t i = 0; i < n; i++) {
+        x[i] = next_val(s, positive);
+    }
+}
+
+static double sum_abs_q8_0(const moas_block_q8_0 *w, const float *x, int32_t n) {
+    double sum_abs = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const moas_block_q8_0 *b = &w[i / MOAS_QK8_0];
+        sum_abs += fabs((double)moas__f16_to_f32(b->d) * b->q[i % MOAS_QK8_0] * x[i]);
+    }
+    return sum_abs;
+}
+
+static int check_dot_q8_0(const moas_ops *ops) {
+    uint64_t seed = 3;
+    for (size_t k = 0; k < 2 * N_LENGTHS_Q8_0; k++) {
+        const int32_t n = lengths_q8_0[k / 2], nb = n / MOAS_QK8_0;
+        const bool positive = k % 2;
+        float got[2];
+        for (int off = 0; off < 2; off++) {
+            void *wb, *xb;
+            moas_block_q8_0 *w = alloc_at((size_t)nb, sizeof *w, (size_t)off, &wb);
+            float *x = alloc_at((size_t)n, sizeof *x, (size_t)off, &xb);
+            ASSERT_TRUE(w != NULL && x != NULL);
+            uint64_t s = seed;
+            fill_q8_0(w, x, n, positive, &s);
+            got[off] = ops->dot_q8_0(w, x, n);
+            CHECK_NEAR("dot_q8_0", n, off, got[off], moas__ops_ref.dot_q8_0(w, x, n),
+                       dot_tol(n, sum_abs_q8_0(w, x, n)));
+            free(wb);
+            free(xb);
+        }
+        CHECK_SAME_BITS("dot_q8_0", n, got[0], got[1]);
+        seed += 1000;
+    }
+    return TEST_PASS;
+}
+
+/* y gets one guard element past n that must survive. x[i] is read as f32 or f16. */
+static int check_axpy(const moas_ops *ops, bool f16) {
+    const char *what = f16 ? "axpy_f16" : "axpy_f32";
+    const size_t esize = f16 ? sizeof(uint16_t) : sizeof(float);
+    const float guard = 12345.0f;
+    uint64_t seed = f16 ? 5 : 4;
+    for (size_t k = 0; k < N_LENGTHS; k++) {
+        const int32_t n = lengths[k];
+        float *first = malloc(((size_t)n + 1) * sizeof *first);   /* result at offset 0 */
+        float *y0 = malloc(((size_t)n + 1) * sizeof *y0);         /* y before the call */
+        ASSERT_TRUE(first != NULL && y0 != NULL);
+        for (int off = 0; off < 2; off++) {
+            void *yb, *rb, *xb;
+            float *y = alloc_at((size_t)n + 1, sizeof *y, (size_t)off, &yb);
+            float *r = alloc_at((size_t)n + 1, sizeof *r, (size_t)off, &rb);
+            void *x = alloc_at((size_t)n, esize, (size_t)off, &xb);
+            uint16_t *xh = x;
+            float *xf = x;
+            ASSERT_TRUE(y != NULL && r != NULL && x != NULL);
+            uint64_t s = seed;
+            const float a = next_sym(&s) * 3.0f;
+            for (int32_t i = 0; i < n; i++) {
+                y0[i] = y[i] = r[i] = next_sym(&s);
+                if (f16) {
+                    xh[i] = moas__f32_to_f16(next_sym(&s));
+                } else {
+                    xf[i] = next_sym(&s);
+                }
+            }
+            y[n] = r[n] = guard;
+            if (f16) {
+                ops->axpy_f16(y, a, xh, n);
+                moas__ops_ref.axpy_f16(r, a, xh, n);
+            } else {
+                ops->axpy_f32(y, a, xf, n);
+                moas__ops_ref.axpy_f32(r, a, xf, n);
+            }
+            for (int32_t i = 0; i < n; i++) {
+                const double xi = f16 ? (double)moas__f16_to_f32(xh[i]) : (double)xf[i];
+                CHECK_NEAR(what, n, off, y[i], r[i],
+                           AXPY_TOL_UNITS * U32 * (fabs((double)y0[i]) + fabs(a * xi)));
+                if (off == 0) {
+                    first[i] = y[i];
+                } else {
+                    CHECK_SAME_BITS(what, n, first[i], y[i]);
+                }
+            }
+            ASSERT_TRUE(y[n] == guard);
+            free(yb);
+            free(rb);
+            free(xb);
+        }
+        free(first);
+        free(y0);
+        seed += 1000;
+    }
+    return TEST_PASS;
+}
+
+static int check_axpy_f32(const moas_ops *ops) { return check_axpy(ops, false); }
+static int check_axpy_f16(const moas_ops *ops) { return check_axpy(ops, true); }
+
+/* ---- special values -------------------------------------------------------------- */
+
+/* Widening: 1 * h + (-0) is h exactly, for every binary16 h, so axpy_f16 from y = -0
+ * must reproduce moas__f16_to_f32 bit for bit: zeros of both signs, all subnormals,
+ * infinities, and NaN as NaN. 65536 is a whole number of vectors; 65535 values at an
+ * odd address put the last ones in the scalar tail. */
+static int check_every_f16_widens_exactly(const moas_ops *ops) {
+    const int32_t n = 0x10000;
+    uint16_t *h = malloc((size_t)n * sizeof *h);
+    float *y = malloc((size_t)n * sizeof *y);
+    ASSERT_TRUE(h != NULL && y != NULL);
+    for (int32_t start = 0; start < 2; start++) {
+        for (int32_t i = 0; i < n; i++) {
+            h[i] = (uint16_t)i;
+            y[i] = -0.0f;
+        }
+        ops->axpy_f16(y + start, 1.0f, h + start, n - start);
+        for (int32_t i = start; i < n; i++) {
+            const float want = moas__f16_to_f32(h[i]);
+            if (isnan(want) ? !isnan(y[i]) : memcmp(&want, &y[i], sizeof want) != 0) {
+                test_report(__FILE__, __LINE__, "axpy_f16 widening",
+                            "%s: half 0x%04x gave %.9g, want %.9g", ops->name, (unsigned)h[i],
+                            (double)y[i], (double)want);
+                free(h);
+                free(y);
+                return TEST_FAIL;
+            }
+        }
+    }
+    free(h);
+    free(y);
+    return TEST_PASS;
+}
+
+/* Subnormal half weights (every one, both signs) in a dot product: exact products
+ * scaled up by x ~ 2^20, so only the summation rounds. Lengths end in each loop. */
+static int check_f16_subnormal_dot(const moas_ops *ops) {
+    enum { N_SUB = 2 * 0x3ff };
+    static const int32_t ns[] = {N_SUB, N_SUB - 1, N_SUB - 9, N_SUB - 30};
+    uint16_t w[N_SUB];
+    float x[N_SUB];
+    uint64_t s = 6;
+    for (int32_t i = 0; i < N_SUB; i++) {
+        w[i] = (uint16_t)((i % 2 ? 0x8000u : 0) | (uint32_t)(1 + i / 2));
+        x[i] = 0x1p20f * (1.0f + 0.5f * next_sym(&s));
+    }
+    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
+        const int32_t n = ns[k];
+        double sum_abs = 0;
+        for (int32_t i = 0; i < n; i++) {
+            sum_abs += fabs((double)moas__f16_to_f32(w[i]) * x[i]);
+        }
+        CHECK_NEAR("dot_f16 subnormals", n, 0, ops->dot_f16(w, x, n),
+                   moas__ops_ref.dot_f16(w, x, n), dot_tol(n, sum_abs));
+    }
+    return TEST_PASS;
+}
+
+/* One infinity (or NaN) anywhere, in a vector lane or in the tail, decides the dot
+ * product as it does in the reference: +inf * positive = +inf, inf * 0 = NaN. */
+static int check_inf_and_nan_in_dot(const moas_ops *ops) {
+    enum { N = 77 };   /* 64 + 8 + 5: a 64-wide step, an 8-wide step and a tail */
+    float w[N], x[N];
+    uint16_t h[N];
+    uint64_t s = 7;
+    for (int32_t k = 0; k < N; k++) {
+        for (int32_t i = 0; i < N; i++) {
+            w[i] = next_sym(&s);
+            x[i] = 0.5f + 0.25f * next_sym(&s);   /* positive */
+            h[i] = moas__f32_to_f16(w[i]);
+        }
+        w[k] = INFINITY;
+        h[k] = 0x7c00;
+        float d32 = ops->dot_f32(w, x, N), d16 = ops->dot_f16(h, x, N);
+        if (!(isinf(d32) && d32 > 0 && isinf(d16) && d16 > 0)) {
+            test_report(__FILE__, __LINE__, "inf in dot", "%s: +inf at %d gave %g, %g",
+                        ops->name, (int)k, (double)d32, (double)d16);
+            return TEST_FAIL;
+        }
+        x[k] = 0.0f;   /* inf * 0 */
+        d32 = ops->dot_f32(w, x, N);
+        d16 = ops->dot_f16(h, x, N);
+        if (!(isnan(d32) && isnan(d16))) {
+            test_report(__FILE__, __LINE__, "inf * 0 in dot", "%s: at %d gave %g, %g",
+                        ops->name, (int)k, (double)d32, (double)d16);
+            return TEST_FAIL;
+        }
+    }
+    return TEST_PASS;
+}
+
+/* Q8_0 scales. An infinite scale makes the result non-finite: the reference scales
+ * the block's sum and gets an infinity (NaN if the sum is 0); a SIMD table scales
+ * per-lane partial sums, and lanes of both signs give NaN. Which one is not part of
+ * the contract. A subnormal scale still counts, within the usual tolerance. */
+static int check_q8_0_special_scales(const moas_ops *ops) {
+    enum { NB = 5, N = NB * MOAS_QK8_0 };
+    moas_block_q8_0 w[NB];
+    float x[N];
+    uint64_t s = 8;
+    fill_q8_0(w, x, N, false, &s);
+    for (int32_t b = 0; b < NB; b++) {
+        const uint16_t saved = w[b].d;
+        w[b].d = b % 2 ? 0xfc00 : 0x7c00;  /* -inf, +inf */
+        const float got = ops->dot_q8_0(w, x, N), want = moas__ops_ref.dot_q8_0(w, x, N);
+        if (isfinite(got) || isfinite(want)) {
+            test_report(__FILE__, __LINE__, "inf scale", "%s: block %d gave %g, ref %g",
+                        ops->name, (int)b, (double)got, (double)want);
+            return TEST_FAIL;
+        }
+        w[b].d = saved;
+    }
+    for (int32_t b = 0; b < NB; b++) {
+        w[b].d = (uint16_t)(0x0001 + 0x77 * b);  /* subnormal halves */
+    }
+    CHECK_NEAR("q8_0 subnormal scales", N, 0, ops->dot_q8_0(w, x, N),
+               moas__ops_ref.dot_q8_0(w, x, N), dot_tol(N, sum_abs_q8_0(w, x, N)));
+    return TEST_PASS;
+}
+
+/* An infinity in x reaches y at that element only; the others stay within the
+ * ordinary tolerance. */
+static int check_inf_in_axpy(const moas_ops *ops) {
+    enum { N = 77 };
+    const float a = 0.5f;
+    float y0[N], y[N], r[N], x[N];
+    uint64_t s = 9;
+    for (int32_t k = 0; k < N; k += 3) {
+        for (int32_t i = 0; i < N; i++) {
+            y0[i] = y[i] = r[i] = next_sym(&s);
+            x[i] = next_sym(&s);
+        }
+        x[k] = -INFINITY;
+        ops->axpy_f32(y, a, x, N);
+        moas__ops_ref.axpy_f32(r, a, x, N);
+        for (int32_t i = 0; i < N; i++) {
+            if (i == k) {
+                ASSERT_TRUE(isinf(y[i]) && y[i] < 0);
+            } else {
+                CHECK_NEAR("axpy_f32 beside inf", N, 0, y[i], r[i],
+                           AXPY_TOL_UNITS * U32 * (fabs((double)y0[i]) + fabs((double)a * x[i])));
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
+static int check_special_values(const moas_ops *ops) {
+    int rc;
+    if ((rc = check_every_f16_widens_exactly(ops)) != TEST_PASS) return rc;
+    if ((rc = check_f16_subnormal_dot(ops)) != TEST_PASS) return rc;
+    if ((rc = check_inf_and_nan_in_dot(ops)) != TEST_PASS) return rc;
+    if ((rc = check_q8_0_special_scales(ops)) != TEST_PASS) return rc;
+    return check_inf_in_axpy(ops);
+}
+
+/* ---- the tests, per table ---------------------------------------------------------- */
+
+static const moas_ops *find_table(const char *name) {
+    for (size_t i = 0; moas__ops_tables[i] != NULL; i++) {
+        if (strcmp(moas__ops_tables[i]->name, name) == 0) {
+            return moas__ops_tables[i];
+        }
+    }
+    return NULL;
+}
+
+/* Runs `check` on the table `name`, or skips: not built here, or not runnable here. */
+static int on_table(const char *name, const char *needs, int (*check)(const moas_ops *)) {
+    static char reason[160];
+    const moas_ops *ops = find_table(name);
+    if (ops == NULL) {
+        snprintf(reason, sizeof reason, "no %s table on this architecture", name);
+        return test_skip(reason);
+    }
+    if (!moas__ops_runs_here(ops)) {
+        snprintf(reason, sizeof reason, "this CPU lacks %s", needs);
+        return test_skip(reason);
+    }
+    return check(ops);
+}
+
+#define KERNEL_TESTS(table_, needs_)                                                     \
+    TEST(kernels_##table_##_dot_f32_matches_ref) {                                       \
+        return on_table(#table_, needs_, check_dot_f32);                                 \
+    }                                                                                    \
+    TEST(kernels_##table_##_dot_f16_matches_ref) {                                       \
+        return on_table(#table_, needs_, check_dot_f16);                                 \
+    }                                                                                    \
+    TEST(kernels_##table_##_dot_q8_0_matches_ref) {                                      \
+        return on_table(#table_, needs_, check_dot_q8_0);                                \
+    }                                                                                    \
+    TEST(kernels_##table_##_axpy_f32_matches_ref) {                                      \
+        return on_table(#table_, needs_, check_axpy_f32);                                \
+    }                                                                                    \
+    TEST(kernels_##table_##_axpy_f16_matches_ref) {                                      \
+        return on_table(#table_, needs_, check_axpy_f16);                                \
+    }                                                                                    \
+    TEST(kernels_##table_##_special_values) {                                            \
+        return on_table(#table_, needs_, check_special_values);                          \
+    }
+
+KERNEL_TESTS(avx2, "AVX2, FMA or F16C")
+KERNEL_TESTS(avx512, "AVX-512F, AVX2, FMA or F16C")
+
+/* The reference compared with itself: the harness and tolerances accept it, so a
+ * failure above is the table's, not the test's. Runs on every architecture. */
+KERNEL_TESTS(ref, "nothing")
+
+/* ---- selection ------------------------------------------------------------------- */
+
+/* The table the CPU's features call for, found without libmoas: GCC/Clang builtins
+ * and CPUID, and on Linux the kernel's own flag list too. */
+#if defined(__x86_64__) && defined(__GNUC__)
+static const char *expected_table_builtin(void) {
+    unsigned eax, ebx, ecx, edx;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    if (avx2 && __builtin_cpu_supports("avx512f")) return "avx512";
+    return avx2 ? "avx2" : "ref";
+}
+
+/* Whether a "flags : a b c" line lists `flag` as a whole word. */
+static bool has_flag(const char *line, const char *flag) {
+    const size_t n = strlen(flag);
+    for (const char *p = strstr(line, flag); p != NULL; p = strstr(p + 1, flag)) {
+        if (p[-1] == ' ' && (p[n] == ' ' || p[n] == '\n' || p[n] == '\0')) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* NULL when /proc/cpuinfo is not there to read. */
+static const char *expected_table_cpuinfo(void) {
+    static char line[16384];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    const char *found = NULL;
+    if (f == NULL) {
+        return NULL;
+    }
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (strncmp(line, "flags", 5) == 0) {
+            const bool avx2 = has_flag(line, "avx2") && has_flag(line, "fma") &&
+                              has_flag(line, "f16c");
+            found = avx2 && has_flag(line, "avx512f") ? "avx512" : avx2 ? "avx2" : "ref";
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+#endif
+
+TEST(kernels_select_ref_or_fastest_runnable) {
+    ASSERT_TRUE(moas__ops_select(MOAS_KERNELS_REF) == &moas__ops_ref);
+    ASSERT_STR_EQ(moas__ops_ref.name, "ref");
+
+    const moas_ops *best = moas__ops_select(MOAS_KERNELS_AUTO);
+    ASSERT_TRUE(best != NULL && moas__ops_runs_here(best));
+    /* The first runnable table in the list, which is ordered fastest first. */
+    for (size_t i = 0; moas__ops_tables[i] != best; i++) {
+        ASSERT_TRUE(moas__ops_tables[i] != NULL);
+        ASSERT_TRUE(!moas__ops_runs_here(moas__ops_tables[i]));
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    ASSERT_STR_EQ(best->name, expected_table_builtin());
+    const char *from_cpuinfo = expected_table_cpuinfo();
+    if (from_cpuinfo != NULL) {
+        ASSERT_STR_EQ(best->name, from_cpuinfo);
+    }
+#else
+    ASSERT_STR_EQ(best->name, "ref");
+#endif
+    return TEST_PASS;
+}
+
+/* Every table fills every entry, names are distinct, the reference comes last. */
+TEST(kernels_tables_are_complete) {
+    size_t n = 0;
+    for (; moas__ops_tables[n] != NULL; n++) {
+        const moas_ops *t = moas__ops_tables[n];
+        ASSERT_TRUE(t->name != NULL && t->dot_f32 != NULL && t->dot_f16 != NULL &&
+                    t->dot_q8_0 != NULL && t->axpy_f32 != NULL && t->axpy_f16 != NULL);
+        for (size_t j = 0; j < n; j++) {
+            ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);
+        }
+    }
+    ASSERT_TRUE(n >= 1 && moas__ops_tables[n - 1] == &moas__ops_ref);
+    return TEST_PASS;
+}

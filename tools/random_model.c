@@ -1,0 +1,151 @@
+/*
+ * random_model.c - write a moas GGUF file of any shape with random weights, for
+ * benchmarks. Speed does not depend on what the weights are, only on their shape and
+ * type, so this is how libmoas is measured on shapes no one trained for it (GPT-2
+ * small, the 6-layer 384-wide model of docs/PERFORMANCE.md).
+ *
+ *   random_model -o OUT.gguf [--layers 6] [--embd 384] [--heads 6] [--ff 4*embd]
+ *                [--vocab 256] [--ctx 1024] [--schemes H,2,1 | --mha] [--mixing router]
+ *                [--type f32|f16|q8_0] [--untied] [--no-bias] [--seed 1]
+ *
+ * The file follows docs/FORMAT.md exactly; it is built by the same generator the tests
+ * use (tests/support/tiny_model.c). A vocabulary larger than printable ASCII uses
+ * consecutive code points from U+0100.
+ */
+#include "support/tiny_model.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void usage(void) {
+    fputs("usage: random_model -o OUT.gguf [--layers N] [--embd C] [--heads H] [--ff F]\n"
+          "                    [--vocab V] [--ctx T] [--schemes a,b,c | --mha]\n"
+          "                    [--mixing single|mean|router] [--type f32|f16|q8_0]\n"
+          "                    [--untied] [--no-bias] [--seed S]\n", stderr);
+    exit(2);
+}
+
+static long number(const char *s, const char *what) {
+    char *end;
+    errno = 0;
+    const long v = strtol(s, &end, 10);
+    if (errno || *end || v < 1 || v > (1L << 24)) {
+        fprintf(stderr, "random_model: %s must be a positive integer, got '%s'\n", what, s);
+        exit(2);
+    }
+    return v;
+}
+
+/* UTF-8 of code point cp into buf (at least 5 bytes). */
+static void utf8(unsigned cp, char *buf) {
+    if (cp < 0x80) {
+        buf[0] = (char)cp, buf[1] = 0;
+    } else if (cp < 0x800) {
+        buf[0] = (char)(0xc0 | cp >> 6), buf[1] = (char)(0x80 | (cp & 0x3f)), buf[2] = 0;
+    } else if (cp < 0x10000) {
+        buf[0] = (char)(0xe0 | cp >> 12), buf[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+        buf[2] = (char)(0x80 | (cp & 0x3f)), buf[3] = 0;
+    } else {
+        buf[0] = (char)(0xf0 | cp >> 18), buf[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+        buf[2] = (char)(0x80 | ((cp >> 6) & 0x3f)), buf[3] = (char)(0x80 | (cp & 0x3f));
+        buf[4] = 0;
+    }
+}
+
+int main(int argc, char **argv) {
+    tiny_model_config cfg;
+    const char *out = NULL, *schemes = NULL;
+    int mha = 0;
+    unsigned long long seed = 1;
+
+    tiny_model_config_default(&cfg);
+    cfg.n_layer = 6, cfg.n_embd = 384, cfg.n_head = 6, cfg.n_ff = 0;
+    cfg.n_ctx_train = 1024;
+    cfg.n_vocab = 256;
+    cfg.mixing = MOAS_MIXING_ROUTER;
+    cfg.name = "random";
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-o") && v) out = v, i++;
+        else if (!strcmp(a, "--layers") && v) cfg.n_layer = (int32_t)number(v, a), i++;
+        else if (!strcmp(a, "--embd") && v) cfg.n_embd = (int32_t)number(v, a), i++;
+        else if (!strcmp(a, "--heads") && v) cfg.n_head = (int32_t)number(v, a), i++;
+        else if (!strcmp(a, "--ff") && v) cfg.n_ff = (int32_t)number(v, a), i++;
+        else if (!strcmp(a, "--vocab") && v) cfg.n_vocab = (int32_t)number(v, a), i++;
+        else if (!strcmp(a, "--ctx") && v) cfg.n_ctx_train = (int32_t)number(v, a), i++;
+        else if (!strcmp(a, "--seed") && v) seed = (unsigned long long)number(v, a), i++;
+        else if (!strcmp(a, "--schemes") && v) schemes = v, i++;
+        else if (!strcmp(a, "--mha")) mha = 1;
+        else if (!strcmp(a, "--untied")) cfg.tied = false;
+        else if (!strcmp(a, "--no-bias")) cfg.bias = false;
+        else if (!strcmp(a, "--mixing") && v) {
+            cfg.mixing = !strcmp(v, "single") ? MOAS_MIXING_SINGLE
+                         : !strcmp(v, "mean") ? MOAS_MIXING_MEAN : MOAS_MIXING_ROUTER;
+            i++;
+        } else if (!strcmp(a, "--type") && v) {
+            cfg.mat_type = !strcmp(v, "f16") ? MOAS_TYPE_F16
+                           : !strcmp(v, "q8_0") ? MOAS_TYPE_Q8_0 : MOAS_TYPE_F32;
+            cfg.emb_type = cfg.mat_type == MOAS_TYPE_F32 ? MOAS_TYPE_F32 : MOAS_TYPE_F16;
+            i++;
+        } else {
+            usage();
+        }
+    }
+    if (out == NULL || cfg.n_embd % cfg.n_head != 0) {
+        usage();
+    }
+    if (cfg.n_ff == 0) {
+        cfg.n_ff = 4 * cfg.n_embd;
+    }
+    cfg.router_hidden = cfg.n_embd / 4;
+    if (mha) {   /* a plain MHA model: one scheme, no router */
+        cfg.n_scheme = 1;
+        cfg.scheme_n_kv[0] = cfg.n_head;
+        cfg.mixing = MOAS_MIXING_SINGLE;
+    } else {
+        const char *p = schemes ? schemes : "";
+        cfg.n_scheme = 0;
+        if (schemes == NULL) {   /* the published layout */
+            cfg.n_scheme = 3;
+            cfg.scheme_n_kv[0] = cfg.n_head, cfg.scheme_n_kv[1] = 2, cfg.scheme_n_kv[2] = 1;
+        }
+        while (*p && cfg.n_scheme < TINY_MODEL_MAX_SCHEMES) {
+            cfg.scheme_n_kv[cfg.n_scheme++] = (int32_t)strtol(p, (char **)&p, 10);
+            p += *p == ',';
+        }
+    }
+
+    /* vocabulary: printable ASCII first, then code points from U+0100 */
+    char **vocab = malloc((size_t)cfg.n_vocab * sizeof *vocab);
+    char *text = malloc((size_t)cfg.n_vocab * 5);
+    if (vocab == NULL || text == NULL) {
+        fprintf(stderr, "random_model: out of memory\n");
+        return 1;
+    }
+    for (int32_t i = 0; i < cfg.n_vocab; i++) {
+        const unsigned cp = i < 95 ? 0x20u + (unsigned)i : 0x100u + (unsigned)(i - 95);
+        vocab[i] = text + (size_t)i * 5;
+        utf8(cp >= 0xd800 ? cp + 0x800 : cp, vocab[i]);   /* skip the surrogates */
+    }
+    cfg.vocab = (const char *const *)vocab;
+
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, seed, &size);
+    if (image == NULL) {
+        fprintf(stderr, "random_model: cannot build this shape (check the arguments)\n");
+        return 1;
+    }
+    FILE *f = fopen(out, "wb");
+    if (f == NULL || fwrite(image, 1, size, f) != size || fclose(f) != 0) {
+        fprintf(stderr, "random_model: cannot write '%s'\n", out);
+        return 1;
+    }
+    fprintf(stderr, "random_model: wrote %s (%zu bytes)\n", out, size);
+    free(image);
+    free(vocab);
+    free(text);
+    return 0;
+}
