@@ -158,6 +158,17 @@ typedef enum moas_status {
 MOAS_API const char *moas_status_string(moas_status status);
 
 /*
+ * moas_status_name() - the name of a status, as spelled in this header.
+ *
+ * For bindings that have no access to MOAS_STATUS_MAP.
+ *
+ * Returns: a static string such as "MOAS_ERR_CORRUPT", never NULL; "MOAS_UNKNOWN" for a
+ *          value outside the table.
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API const char *moas_status_name(moas_status status);
+
+/*
  * moas_last_error() - the cause of this thread's most recent failure.
  *
  * Every failing libmoas call records, for the calling thread only, a message naming
@@ -222,7 +233,7 @@ typedef enum moas_mixing {
 /* How the schemes of a layer relate to each other's projections. */
 typedef enum moas_kv_sharing {
     MOAS_KV_SHARING_INDEPENDENT = 0,  /* each scheme has its own Q, K, V, output */
-    MOAS_KV_SHARING_POOLED      = 1,  /* reserved: shared projections, pooled K/V */
+    MOAS_KV_SHARING_POOLED      = 1,  /* one Q, K, V, output; K/V mean-pooled per scheme */
     MOAS_KV_SHARING_COUNT
 } moas_kv_sharing;
 
@@ -235,14 +246,20 @@ typedef struct moas_model_params {
 } moas_model_params;
 
 /*
- * moas_model_params_init() - fill `params` with the defaults.
+ * moas_model_params_init_sized() - fill the caller's `size` bytes of `params` with the
+ *                                  defaults, and set params->size to what was filled.
+ * moas_model_params_init(params) - the same with the caller's sizeof (a macro).
  *
- * Always call this before setting fields, so that fields added by a later version
- * get their defaults. `params` may not be NULL.
+ * Always initialise params this way before setting fields: fields added by a later
+ * version then get their defaults, and a program built against an older, smaller
+ * struct is never written past its end. FFI callers pass their struct's size. Nothing
+ * is written when `params` is NULL or `size` cannot hold the size field.
  *
  * Thread safety: safe.   Allocates: no.
  */
-MOAS_API void moas_model_params_init(moas_model_params *params);
+MOAS_API void moas_model_params_init_sized(moas_model_params *params, size_t size);
+#define moas_model_params_init(params_) \
+    moas_model_params_init_sized((params_), sizeof *(params_))
 
 /*
  * moas_model_load() - open a GGUF model file.
@@ -524,9 +541,9 @@ typedef struct moas_context_params {
     uint32_t size;                    /* sizeof(moas_context_params); set by _init() */
     int32_t n_ctx;                    /* tokens the cache holds; 0 (default): trained length */
     int32_t n_threads;                /* threads per call; 0 (default): OpenMP's default */
-    moas_mode mode;                   /* default MOAS_MODE_MIXTURE */
-    moas_type kv_type;                /* MOAS_TYPE_F32 (default) or MOAS_TYPE_F16 */
-    moas_kernels kernels;             /* default MOAS_KERNELS_AUTO */
+    int32_t mode;                     /* a moas_mode; default MOAS_MODE_MIXTURE */
+    int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default) or _F16 */
+    int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
     moas_log_fn log;                  /* NULL (default): silent */
     void *log_user;                   /* handed back to `log` unchanged; default NULL */
     const moas_allocator *allocator;  /* NULL (default): malloc/free; must outlive ctx */
@@ -539,13 +556,20 @@ typedef struct moas_context_params {
 } moas_context_params;
 
 /*
- * moas_context_params_init() - fill `params` with the defaults.
+ * moas_context_params_init_sized() - fill the caller's `size` bytes of `params` with the
+ *                                  defaults, and set params->size to what was filled.
+ * moas_context_params_init(params) - the same with the caller's sizeof (a macro).
  *
- * `params` may not be NULL.
+ * Always initialise params this way before setting fields: fields added by a later
+ * version then get their defaults, and a program built against an older, smaller
+ * struct is never written past its end. FFI callers pass their struct's size. Nothing
+ * is written when `params` is NULL or `size` cannot hold the size field.
  *
  * Thread safety: safe.   Allocates: no.
  */
-MOAS_API void moas_context_params_init(moas_context_params *params);
+MOAS_API void moas_context_params_init_sized(moas_context_params *params, size_t size);
+#define moas_context_params_init(params_) \
+    moas_context_params_init_sized((params_), sizeof *(params_))
 
 /*
  * moas_context_create() - make an inference context for `model`.
@@ -619,7 +643,8 @@ MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t 
  *
  * Returns: a borrowed array of moas_model_n_vocab() floats, valid until the next call
  *          that decodes, truncates, resets or frees `ctx`; NULL when no token has been
- *          decoded since creation, reset or a truncate.
+ *          decoded since creation, reset or a truncate, or when the last call was a
+ *          moas_context_decode_batch() with MOAS_LOGITS_NONE.
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API const float *moas_context_logits(const moas_context *ctx);
@@ -812,11 +837,20 @@ typedef struct moas_sampler_params {
 } moas_sampler_params;
 
 /*
- * moas_sampler_params_init() - fill `params` with the defaults.
+ * moas_sampler_params_init_sized() - fill the caller's `size` bytes of `params` with the
+ *                                  defaults, and set params->size to what was filled.
+ * moas_sampler_params_init(params) - the same with the caller's sizeof (a macro).
+ *
+ * Always initialise params this way before setting fields: fields added by a later
+ * version then get their defaults, and a program built against an older, smaller
+ * struct is never written past its end. FFI callers pass their struct's size. Nothing
+ * is written when `params` is NULL or `size` cannot hold the size field.
  *
  * Thread safety: safe.   Allocates: no.
  */
-MOAS_API void moas_sampler_params_init(moas_sampler_params *params);
+MOAS_API void moas_sampler_params_init_sized(moas_sampler_params *params, size_t size);
+#define moas_sampler_params_init(params_) \
+    moas_sampler_params_init_sized((params_), sizeof *(params_))
 
 /*
  * moas_sampler_create() - make a sampler for logits of `n_vocab` entries.

@@ -18,13 +18,14 @@
 #include <omp.h>
 #endif
 
-void moas_context_params_init(moas_context_params *params) {
-    memset(params, 0, sizeof *params);
-    params->size = sizeof *params;
-    params->mode = MOAS_MODE_MIXTURE;
-    params->kv_type = MOAS_TYPE_F32;
-    params->kernels = MOAS_KERNELS_AUTO;
-    params->forced_scheme = -1;
+void moas_context_params_init_sized(moas_context_params *params, size_t size) {
+    moas_context_params p;
+    memset(&p, 0, sizeof p);
+    p.mode = MOAS_MODE_MIXTURE;
+    p.kv_type = MOAS_TYPE_F32;
+    p.kernels = MOAS_KERNELS_AUTO;
+    p.forced_scheme = -1;
+    moas__params_fill(params, size, &p, sizeof p);
 }
 
 /* Check and complete the caller's params against `m`. */
@@ -41,7 +42,7 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
                    "learned positions stop there)", p->n_ctx, m->n_ctx_train);
     MOAS_RETURN_IF(p->n_threads < 0, MOAS_ERR_INVALID_ARG,
                    "context_create: n_threads %d is negative", p->n_threads);
-    MOAS_RETURN_IF((unsigned)p->mode >= MOAS_MODE_COUNT, MOAS_ERR_INVALID_ARG,
+    MOAS_RETURN_IF(p->mode < 0 || p->mode >= MOAS_MODE_COUNT, MOAS_ERR_INVALID_ARG,
                    "context_create: unknown mode %d", (int)p->mode);
     MOAS_RETURN_IF(p->forced_scheme < -1 || p->forced_scheme >= m->n_scheme,
                    MOAS_ERR_INVALID_ARG, "context_create: forced_scheme %d outside [-1, %d)",
@@ -52,7 +53,7 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
     MOAS_RETURN_IF(p->kv_type != MOAS_TYPE_F32 && p->kv_type != MOAS_TYPE_F16,
                    MOAS_ERR_INVALID_ARG, "context_create: kv_type %d is not F32 (0) or F16 (1)",
                    (int)p->kv_type);
-    MOAS_RETURN_IF((unsigned)p->kernels >= MOAS_KERNELS_COUNT, MOAS_ERR_INVALID_ARG,
+    MOAS_RETURN_IF(p->kernels < 0 || p->kernels >= MOAS_KERNELS_COUNT, MOAS_ERR_INVALID_ARG,
                    "context_create: unknown kernels %d", (int)p->kernels);
     MOAS_RETURN_IF(p->allocator != NULL &&
                    (p->allocator->alloc == NULL || p->allocator->free == NULL),
@@ -77,6 +78,9 @@ uint64_t moas__kv_token_bytes(const moas_context *ctx, int32_t s) {
 
     if (s >= 0) {
         return (uint64_t)m->scheme_n_kv[s] * head_bytes + MOAS_ROUTED_TOKEN_META_BYTES;
+    }
+    if (m->kv_sharing == MOAS_KV_SHARING_POOLED) {   /* the gate-mixed K/V, all heads */
+        return (uint64_t)m->n_head * head_bytes;
     }
     for (int32_t i = 0; i < m->n_scheme; i++) {
         heads += (uint64_t)m->scheme_n_kv[i];
@@ -141,11 +145,12 @@ static moas_status allocate(moas_context *ctx) {
     float *cursor;
     uint8_t *kv_cursor;
 
-    /* activations: x, xb, xb2, mix, q, kv_tmp (2C), att_out, hb, att, logits.
+    /* activations: x, xb, xb2, mix, q, kv_tmp (2C), kv_pool (2C), pool_tmp, att_out, hb,
+     * att, logits.
      * Sizes come from a validated model (each dimension at most 2^22), so these sums
      * cannot overflow a 64-bit size_t; the KV total is checked anyway. */
-    /* each buffer rounded up to 16 floats (64 bytes): 10 buffers, at most 15 each */
-    n_floats = 8 * C + hidden + (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 10 * 15;
+    /* each buffer rounded up to 16 floats (64 bytes): 12 buffers, at most 15 each */
+    n_floats = 11 * C + hidden + (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 12 * 15;
     cursor = alloc_aligned(ctx->alloc, n_floats * sizeof(float), &ctx->scratch);
     MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for %zu activation floats", n_floats);
@@ -156,19 +161,22 @@ static moas_status allocate(moas_context *ctx) {
     ctx->mix = carve(&cursor, C);
     ctx->q = carve(&cursor, C);
     ctx->kv_tmp = carve(&cursor, 2 * C);
+    ctx->kv_pool = carve(&cursor, 2 * C);
+    ctx->pool_tmp = carve(&cursor, C);
     ctx->att_out = carve(&cursor, C);
     ctx->hb = carve(&cursor, hidden);
     ctx->att = carve(&cursor, (size_t)m->n_head * n_ctx);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 
-    /* the KV cache at full capacity: in mixture mode a stream per layer and scheme,
-     * in routed mode one ragged stream per layer with room for the widest scheme at
-     * every position */
+    /* the KV cache at full capacity: in mixture mode a stream per layer and scheme
+     * (pooled models: one, of all H heads), in routed mode one ragged stream per layer
+     * with room for the widest scheme at every position */
+    const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
     int32_t max_kv = 0;
     for (int32_t s = 0; s < m->n_scheme; s++) {
         max_kv = m->scheme_n_kv[s] > max_kv ? m->scheme_n_kv[s] : max_kv;
     }
-    ctx->n_streams = ctx->mode == MOAS_MODE_ROUTED ? (int32_t)L : (int32_t)(L * S);
+    ctx->n_streams = ctx->mode == MOAS_MODE_ROUTED || pooled ? (int32_t)L : (int32_t)(L * S);
     ctx->kv = moas__calloc(ctx->alloc, (size_t)ctx->n_streams, sizeof *ctx->kv);
     MOAS_RETURN_IF(ctx->kv == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for the KV index");
@@ -188,8 +196,9 @@ static moas_status allocate(moas_context *ctx) {
     }
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         moas_kv_stream *kv = &ctx->kv[i];
-        const int32_t n_kv =
-            ctx->mode == MOAS_MODE_ROUTED ? max_kv : m->scheme_n_kv[i % (int32_t)S];
+        const int32_t n_kv = ctx->mode == MOAS_MODE_ROUTED ? max_kv
+                             : pooled                      ? m->n_head
+                                                           : m->scheme_n_kv[i % (int32_t)S];
         const size_t stream_bytes =
             n_ctx * (size_t)n_kv * (size_t)m->head_dim * ctx->kv_elem_bytes;
         kv->n_kv = n_kv;
@@ -251,10 +260,10 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     ctx->log_user = p.log_user;
     ctx->n_ctx = p.n_ctx;
     ctx->n_threads = p.n_threads;
-    ctx->mode = p.mode;
-    ctx->kv_type = p.kv_type;
+    ctx->mode = (moas_mode)p.mode;
+    ctx->kv_type = (moas_type)p.kv_type;
     ctx->kv_elem_bytes = p.kv_type == MOAS_TYPE_F16 ? 2 : 4;
-    ctx->ops = moas__ops_select(p.kernels);
+    ctx->ops = moas__ops_select((moas_kernels)p.kernels);
     ctx->forced_scheme = p.forced_scheme;
     ctx->route_fn = p.route_fn;
     ctx->route_user = p.route_user;
@@ -516,9 +525,13 @@ moas_status moas_context_routes(const moas_context *ctx, int32_t pos, int32_t n_
     }
     const moas_model *m = ctx->model;
     const int32_t S = m->n_scheme;
+    /* mixture mode stores every scheme's heads, or a pooled model's mix of all H */
     int32_t all_heads = 0;
     for (int32_t s = 0; s < S; s++) {
         all_heads += m->scheme_n_kv[s];
+    }
+    if (m->kv_sharing == MOAS_KV_SHARING_POOLED) {
+        all_heads = m->n_head;
     }
     for (int32_t i = 0; i < n_pos; i++) {
         for (int32_t l = 0; l < m->n_layer; l++) {

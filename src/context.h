@@ -61,6 +61,8 @@ struct moas_context {
     float *mix;              /* [C] attention output mixed over the schemes */
     float *q;                /* [C] queries of one scheme */
     float *kv_tmp;           /* [2, C] keys and values of one scheme before storing */
+    float *kv_pool;          /* [2, C] pooled models: the K and V to store */
+    float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
     float *att_out;          /* [C] attention output of one scheme, heads side by side */
     float *hb;               /* [max(n_ff, R)] MLP or router hidden */
     float *att;              /* [n_head, n_ctx] attention scores */

@@ -37,6 +37,18 @@ const char *moas_status_string(moas_status status) {
     }
 }
 
+const char *moas_status_name(moas_status status) {
+    switch (status) {
+#define MOAS_STATUS_NAME_(name_, value_, msg_) \
+    case MOAS_##name_:                          \
+        return "MOAS_" #name_;
+        MOAS_STATUS_MAP(MOAS_STATUS_NAME_)
+#undef MOAS_STATUS_NAME_
+    default:
+        return "MOAS_UNKNOWN";
+    }
+}
+
 const char *moas_last_error(void) {
     return error_text;
 }
@@ -113,6 +125,16 @@ void moas__free(const moas_allocator *alloc, void *ptr) {
     } else {
         free(ptr);
     }
+}
+
+void moas__params_fill(void *params, size_t size, void *defaults, size_t full_size) {
+    uint32_t filled;
+    if (params == NULL || size < sizeof(uint32_t)) {
+        return;
+    }
+    filled = (uint32_t)(size < full_size ? size : full_size);
+    memcpy(defaults, &filled, sizeof filled);
+    memcpy(params, defaults, filled);
 }
 
 bool moas__params_copy(void *dst, size_t dst_size, const void *src) {

@@ -87,6 +87,11 @@ static inline bool moas__size_add(size_t a, size_t b, size_t *out) {
     return true;
 }
 
+/* Copy the defaults in `defaults` (a full struct of `full_size` bytes whose first field
+ * is the uint32_t size) into the caller's struct of `size` bytes: only what fits, and
+ * with the size field saying how much that was. */
+void moas__params_fill(void *params, size_t size, void *defaults, size_t full_size);
+
 /* Read the caller's params struct safely whatever its `size`: start from the
  * defaults, then copy the first `size` bytes the caller provided. Returns false when
  * `size` is too small to hold even the size field, or larger than we know (a newer

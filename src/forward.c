@@ -266,6 +266,79 @@ static void attention_routed(moas_context *ctx, int32_t l, int32_t s, float *x) 
     }
 }
 
+/* Pooled models: the mean of each group of n_head / n_kv consecutive heads of `full`.
+ *   full [n_head, head_dim] -> out [n_kv, head_dim] */
+static void pool_heads(const float *full, int32_t n_head, int32_t head_dim, int32_t n_kv,
+                       float *out) {
+    const int32_t group = n_head / n_kv;
+    for (int32_t i = 0; i < n_kv; i++) {
+        for (int32_t e = 0; e < head_dim; e++) {
+            float sum = 0.0f;
+            for (int32_t h = i * group; h < (i + 1) * group; h++) {
+                sum += full[(size_t)h * head_dim + e];
+            }
+            out[(size_t)i * head_dim + e] = sum / (float)group;
+        }
+    }
+}
+
+/* Pooled models, mixture mode: out[h] = sum_s g_s pool_s(full)[h n_kv(s) / n_head], the
+ * gate-weighted mix of every scheme's pooled heads broadcast back to n_head heads.
+ *   full [n_head, head_dim] -> out [n_head, head_dim]; tmp [n_head, head_dim] scratch */
+static void mix_pooled(const moas_model *m, const float *gates, const float *full, float *tmp,
+                       float *out) {
+    const int32_t n_head = m->n_head, head_dim = m->head_dim;
+    memset(out, 0, (size_t)n_head * head_dim * sizeof *out);
+    for (int32_t s = 0; s < m->n_scheme; s++) {
+        const int32_t n_kv = m->scheme_n_kv[s];
+        pool_heads(full, n_head, head_dim, n_kv, tmp);
+        for (int32_t h = 0; h < n_head; h++) {
+            const float *src = tmp + (size_t)(h * n_kv / n_head) * head_dim;
+            for (int32_t e = 0; e < head_dim; e++) {
+                out[(size_t)h * head_dim + e] += gates[s] * src[e];
+            }
+        }
+    }
+}
+
+/* Pooled models: one Q, one full K/V and one output projection per layer. Mixture mode
+ * (s = -1) stores the gate-mixed pooled K/V with all heads; routed mode stores scheme
+ * s's pooled K/V with n_kv(s) heads. The output enters the residual at weight 1 in both.
+ *   x [C] residual, updated */
+static void attention_pooled(moas_context *ctx, int32_t l, const float *gates, int32_t s,
+                             float *x) {
+    const moas_model *m = ctx->model;
+    const moas_scheme_weights *sw = &m->layers[l].shared;
+    const int32_t C = m->n_embd, pos = ctx->n_past;
+    const size_t head_bytes = (size_t)m->head_dim * ctx->kv_elem_bytes;
+    moas_kv_stream *kv = &ctx->kv[l];
+    float *k = ctx->kv_tmp, *v = ctx->kv_tmp + C;        /* [C] each: all heads */
+    float *kp = ctx->kv_pool, *vp = ctx->kv_pool + C;    /* [n_kv * head_dim] each */
+    int32_t n_kv = m->n_head;
+
+    matvec(ctx, &sw->wq, ctx->xb, sw->bq, ctx->q);
+    matvec(ctx, &sw->wk, ctx->xb, sw->bk, k);
+    matvec(ctx, &sw->wv, ctx->xb, sw->bv, v);
+    if (s < 0) {
+        mix_pooled(m, gates, k, ctx->pool_tmp, kp);
+        mix_pooled(m, gates, v, ctx->pool_tmp, vp);
+    } else {
+        n_kv = m->scheme_n_kv[s];
+        kv->off[pos + 1] = kv->off[pos] + (uint32_t)n_kv;
+        pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
+        pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
+    }
+    const uint32_t first = moas__kv_first(kv, pos);
+    kv_store(ctx, (uint8_t *)kv->k + (size_t)first * head_bytes, kp, n_kv * m->head_dim);
+    kv_store(ctx, (uint8_t *)kv->v + (size_t)first * head_bytes, vp, n_kv * m->head_dim);
+
+    attend(ctx, kv, ctx->q, pos, ctx->att_out);
+    matvec(ctx, &sw->wo, ctx->att_out, sw->bo, ctx->xb2);
+    for (int32_t i = 0; i < C; i++) {
+        x[i] += ctx->xb2[i];
+    }
+}
+
 void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
     const moas_model *m = ctx->model;
     const int32_t C = m->n_embd, S = m->n_scheme, pos = ctx->n_past;
@@ -286,17 +359,26 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
         /* attention: gates from the normed input, then the scheme branches */
         layernorm(ctx->xb, x, layer->attn_norm_w, layer->attn_norm_b, C, m->norm_eps);
         scheme_gates(ctx, layer, ctx->xb, gates);
+        const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
         if (ctx->mode == MOAS_MODE_ROUTED) {
             const int32_t s = moas__route_choose(ctx, l, gates);
             ctx->route_scheme[rec] = (uint8_t)s;
-            attention_routed(ctx, l, s, x);
+            if (pooled) {
+                attention_pooled(ctx, l, gates, s, x);
+            } else {
+                attention_routed(ctx, l, s, x);
+            }
         } else {
             const int32_t best = largest_gate(gates, S);
             ctx->route_scheme[rec] = (uint8_t)best;
             if (ctx->route_fn != NULL) {   /* observes only: every scheme runs */
                 (void)ctx->route_fn(ctx->route_user, pos, l, gates, S, best);
             }
-            attention_mixture(ctx, l, gates, x);
+            if (pooled) {
+                attention_pooled(ctx, l, gates, -1, x);
+            } else {
+                attention_mixture(ctx, l, gates, x);
+            }
         }
 
         /* MLP: x += W_down GELU(W_up LN(x) + b_up) + b_down */

@@ -151,12 +151,21 @@ static moas_status read_hparams(moas_model *m) {
     }
 
     MOAS_TRY(read_string(g, "moas.attention.kv_sharing", false, &sharing));
-    MOAS_RETURN_IF(strcmp(sharing, "pooled") == 0, MOAS_ERR_UNSUPPORTED,
-                   "model: kv_sharing 'pooled' is not supported by libmoas %s",
-                   MOAS_VERSION_STRING);
-    MOAS_RETURN_IF(strcmp(sharing, "independent") != 0, MOAS_ERR_UNSUPPORTED,
-                   "model: kv_sharing '%s' is unknown", sharing);
-    m->kv_sharing = MOAS_KV_SHARING_INDEPENDENT;
+    if (strcmp(sharing, "pooled") == 0) {
+        /* pooling groups the H heads of one full K/V, so some scheme must keep all H */
+        int32_t max_kv = 0;
+        for (int32_t s = 0; s < m->n_scheme; s++) {
+            max_kv = m->scheme_n_kv[s] > max_kv ? m->scheme_n_kv[s] : max_kv;
+        }
+        MOAS_RETURN_IF(max_kv != m->n_head, MOAS_ERR_CORRUPT,
+                       "model: kv_sharing 'pooled' needs a scheme with all %d heads, the widest "
+                       "keeps %d", m->n_head, max_kv);
+        m->kv_sharing = MOAS_KV_SHARING_POOLED;
+    } else {
+        MOAS_RETURN_IF(strcmp(sharing, "independent") != 0, MOAS_ERR_UNSUPPORTED,
+                       "model: kv_sharing '%s' is unknown (independent, pooled)", sharing);
+        m->kv_sharing = MOAS_KV_SHARING_INDEPENDENT;
+    }
 
     kv = moas__gguf_find_kv(g, "moas.bias");
     MOAS_RETURN_IF(kv == NULL, MOAS_ERR_CORRUPT, "model: required key 'moas.bias' is missing");
@@ -290,7 +299,19 @@ static moas_status bind_layer(moas_model *m, int32_t l) {
 
     snprintf(prefix, sizeof prefix, "blk.%d.attn_norm", l);
     MOAS_TRY(bind_norm(m, prefix, &layer->attn_norm_w, &layer->attn_norm_b));
-    for (int32_t s = 0; s < m->n_scheme; s++) {
+    if (m->kv_sharing == MOAS_KV_SHARING_POOLED) {
+        moas_scheme_weights *sw = &layer->shared;
+        sw->n_kv = m->n_head;
+        snprintf(prefix, sizeof prefix, "blk.%d.attn_q", l);
+        MOAS_TRY(bind_linear(m, prefix, C, C, &sw->wq, &sw->bq));
+        snprintf(prefix, sizeof prefix, "blk.%d.attn_k", l);
+        MOAS_TRY(bind_linear(m, prefix, C, C, &sw->wk, &sw->bk));
+        snprintf(prefix, sizeof prefix, "blk.%d.attn_v", l);
+        MOAS_TRY(bind_linear(m, prefix, C, C, &sw->wv, &sw->bv));
+        snprintf(prefix, sizeof prefix, "blk.%d.attn_output", l);
+        MOAS_TRY(bind_linear(m, prefix, C, C, &sw->wo, &sw->bo));
+    }
+    for (int32_t s = 0; s < m->n_scheme && m->kv_sharing == MOAS_KV_SHARING_INDEPENDENT; s++) {
         moas_scheme_weights *sw = &layer->scheme[s];
         const int32_t kv_dim = m->scheme_n_kv[s] * m->head_dim;
         sw->n_kv = m->scheme_n_kv[s];
@@ -664,10 +685,11 @@ void moas_model_free(moas_model *m) {
     moas__free(alloc, m);
 }
 
-void moas_model_params_init(moas_model_params *params) {
-    memset(params, 0, sizeof *params);
-    params->size = sizeof *params;
-    params->use_mmap = 1;
+void moas_model_params_init_sized(moas_model_params *params, size_t size) {
+    moas_model_params p;
+    memset(&p, 0, sizeof p);
+    p.use_mmap = 1;
+    moas__params_fill(params, size, &p, sizeof p);
 }
 
 /* ---- queries ----------------------------------------------------------------- */

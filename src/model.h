@@ -29,7 +29,8 @@ typedef struct moas_scheme_weights {
 
 typedef struct moas_layer {
     const float *attn_norm_w, *attn_norm_b;      /* [C] */
-    moas_scheme_weights scheme[MOAS_MAX_SCHEMES];
+    moas_scheme_weights scheme[MOAS_MAX_SCHEMES]; /* independent K/V: one set per scheme */
+    moas_scheme_weights shared;                  /* pooled K/V: the one set, K/V with H heads */
     moas_weight router_up, router_down;          /* [R, C], [S, R]; router mixing only */
     const float *router_up_b, *router_down_b;    /* [R], [S] or NULL */
     const float *ffn_norm_w, *ffn_norm_b;        /* [C] */

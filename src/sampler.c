@@ -26,13 +26,14 @@ struct moas_sampler {
     candidate *cand;          /* [n_vocab] scratch */
 };
 
-void moas_sampler_params_init(moas_sampler_params *params) {
-    memset(params, 0, sizeof *params);
-    params->size = sizeof *params;
-    params->temperature = 1.0f;
-    params->top_k = 0;
-    params->top_p = 1.0f;
-    params->seed = 0;
+void moas_sampler_params_init_sized(moas_sampler_params *params, size_t size) {
+    moas_sampler_params p;
+    memset(&p, 0, sizeof p);
+    p.temperature = 1.0f;
+    p.top_k = 0;
+    p.top_p = 1.0f;
+    p.seed = 0;
+    moas__params_fill(params, size, &p, sizeof p);
 }
 
 /* splitmix64 turns any seed (0 included) into a well-mixed non-zero state. */

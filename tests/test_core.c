@@ -34,6 +34,34 @@ TEST(status_strings_cover_every_status) {
     return TEST_PASS;
 }
 
+/* A program built against an older, smaller struct: init writes only its bytes. */
+TEST(params_init_never_writes_past_the_callers_size) {
+    unsigned char buf[sizeof(moas_context_params) + 16];
+    moas_context_params p;
+    const size_t old_size = offsetof(moas_context_params, n_threads);   /* size, n_ctx */
+
+    memset(buf, 0xAB, sizeof buf);
+    moas_context_params_init_sized((moas_context_params *)(void *)buf, old_size);
+    memcpy(&p, buf, sizeof p);
+    ASSERT_EQ(p.size, old_size);
+    ASSERT_EQ(p.n_ctx, 0);
+    for (size_t i = old_size; i < sizeof buf; i++) {
+        ASSERT_EQ(buf[i], 0xAB);
+    }
+    memset(buf, 0xAB, sizeof buf);   /* a newer, larger struct: filled up to ours */
+    moas_sampler_params_init_sized((moas_sampler_params *)(void *)buf, sizeof buf);
+    ASSERT_EQ(((moas_sampler_params *)(void *)buf)->size, sizeof(moas_sampler_params));
+    ASSERT_EQ(buf[sizeof(moas_sampler_params)], 0xAB);
+    moas_model_params_init_sized(NULL, 100);                 /* harmless */
+    memset(buf, 0xAB, sizeof buf);
+    moas_model_params_init_sized((moas_model_params *)(void *)buf, 2);   /* too small: nothing */
+    ASSERT_EQ(buf[0], 0xAB);
+    ASSERT_STR_EQ(moas_status_name(MOAS_ERR_CORRUPT), "MOAS_ERR_CORRUPT");
+    ASSERT_STR_EQ(moas_status_name(MOAS_OK), "MOAS_OK");
+    ASSERT_STR_EQ(moas_status_name((moas_status)5), "MOAS_UNKNOWN");
+    return TEST_PASS;
+}
+
 TEST(params_init_sets_size_and_defaults) {
     moas_model_params mp;
     moas_context_params cp;

@@ -81,7 +81,7 @@ static double max_abs_diff(const float *a, const float *b, size_t n) {
 /* Decode the golden text as one batch and token by token, with the given kernels and
  * thread count, and compare logits and gates with PyTorch's. */
 static int check_golden(const char *model_file, const char *golden_file, moas_kernels kernels,
-                        int32_t n_threads) {
+                        int32_t n_threads, moas_mode mode) {
     moas_model *model = NULL;
     moas_context *ctx = NULL;
     moas_context_params cp;
@@ -100,6 +100,7 @@ static int check_golden(const char *model_file, const char *golden_file, moas_ke
     moas_context_params_init(&cp);
     cp.kernels = kernels;
     cp.n_threads = n_threads;
+    cp.mode = mode;
     ASSERT_OK(moas_context_create(model, &cp, &ctx));
     const size_t n_logits = (size_t)g.n_tokens * g.n_vocab;
     logits = malloc(n_logits * sizeof *logits);
@@ -133,8 +134,9 @@ static int check_golden(const char *model_file, const char *golden_file, moas_ke
                 return TEST_FAIL;
             }
         }
-        printf("#   %s, %s kernels, %d thread(s), %s: max |logit diff| %.2e, max |gate diff| "
-               "%.2e\n", model_file, moas_context_kernels_name(ctx), n_threads,
+        printf("#   %s, %s mode, %s kernels, %d thread(s), %s: max |logit diff| %.2e, max |gate "
+               "diff| %.2e\n", model_file, mode == MOAS_MODE_ROUTED ? "routed" : "mixture",
+               moas_context_kernels_name(ctx), n_threads,
                pass ? "token by token" : "batch", logit_err, gate_err);
     }
     free(logits);
@@ -145,16 +147,20 @@ static int check_golden(const char *model_file, const char *golden_file, moas_ke
     return TEST_PASS;
 }
 
-/* Every fixture, with the reference kernels and with the fastest this CPU has. */
-static int check_golden_all_kernels(const char *name) {
+/* A fixture, with the reference kernels and with the fastest this CPU has. */
+static int check_golden_mode(const char *name, const char *golden_suffix, moas_mode mode) {
     char model_file[128], golden_file[128];
     snprintf(model_file, sizeof model_file, "%s.gguf", name);
-    snprintf(golden_file, sizeof golden_file, "%s.golden", name);
-    if (check_golden(model_file, golden_file, MOAS_KERNELS_REF, 1) != TEST_PASS ||
-        check_golden(model_file, golden_file, MOAS_KERNELS_AUTO, 0) != TEST_PASS) {
+    snprintf(golden_file, sizeof golden_file, "%s%s.golden", name, golden_suffix);
+    if (check_golden(model_file, golden_file, MOAS_KERNELS_REF, 1, mode) != TEST_PASS ||
+        check_golden(model_file, golden_file, MOAS_KERNELS_AUTO, 0, mode) != TEST_PASS) {
         return TEST_FAIL;
     }
     return TEST_PASS;
+}
+
+static int check_golden_all_kernels(const char *name) {
+    return check_golden_mode(name, "", MOAS_MODE_MIXTURE);
 }
 
 TEST(golden_baseline_bias_matches_pytorch) { return check_golden_all_kernels("tiny-baseline-bias"); }
@@ -164,6 +170,21 @@ TEST(golden_static_nobias_matches_pytorch) { return check_golden_all_kernels("ti
 TEST(golden_moas_bias_matches_pytorch) { return check_golden_all_kernels("tiny-moas-bias"); }
 TEST(golden_moas_nobias_matches_pytorch) { return check_golden_all_kernels("tiny-moas-nobias"); }
 TEST(golden_moas_f16_weights_match_pytorch) { return check_golden_all_kernels("tiny-moas-f16"); }
+
+/* Pooled K/V models: PyTorch's soft mixture, and its hard top-1 routing (tools/train.py
+ * --golden-mode routed), against libmoas's mixture and routed modes. */
+TEST(golden_pooled_bias_mixture_matches_pytorch) {
+    return check_golden_all_kernels("tiny-pooled-bias");
+}
+TEST(golden_pooled_nobias_mixture_matches_pytorch) {
+    return check_golden_all_kernels("tiny-pooled-nobias");
+}
+TEST(golden_pooled_bias_routed_matches_pytorch) {
+    return check_golden_mode("tiny-pooled-bias", "-routed", MOAS_MODE_ROUTED);
+}
+TEST(golden_pooled_nobias_routed_matches_pytorch) {
+    return check_golden_mode("tiny-pooled-nobias", "-routed", MOAS_MODE_ROUTED);
+}
 
 /* ---- decode invariants on the router model ------------------------------------ */
 

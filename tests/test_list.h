@@ -4,6 +4,7 @@
 X(version_macros_match_runtime)
 X(status_strings_cover_every_status)
 X(params_init_sets_size_and_defaults)
+X(params_init_never_writes_past_the_callers_size)
 
 /* tests/test_gguf.c */
 X(gguf_reads_every_value_type)
@@ -69,6 +70,10 @@ X(golden_static_nobias_matches_pytorch)
 X(golden_moas_bias_matches_pytorch)
 X(golden_moas_nobias_matches_pytorch)
 X(golden_moas_f16_weights_match_pytorch)
+X(golden_pooled_bias_mixture_matches_pytorch)
+X(golden_pooled_nobias_mixture_matches_pytorch)
+X(golden_pooled_bias_routed_matches_pytorch)
+X(golden_pooled_nobias_routed_matches_pytorch)
 X(incremental_decode_equals_recompute)
 X(truncate_then_redecode_equals_uninterrupted_run)
 X(logits_identical_for_any_thread_count)
@@ -79,6 +84,7 @@ X(f16_kv_cache_close_to_f32)
 
 /* tests/test_routing.c */
 X(routed_kv_bytes_follow_formula_for_random_routing)
+X(pooled_kv_bytes_follow_formula)
 X(routed_forced_mha_equals_mha_branch_alone)
 X(routed_force_and_callback_take_effect)
 X(routed_kv_budget_holds)
@@ -101,3 +107,4 @@ X(sampler_top_k_keeps_the_k_most_likely)
 /* tests/test_alloc.c */
 X(decode_allocates_nothing_and_free_releases_everything)
 X(allocation_failures_at_creation_are_clean)
+

@@ -330,10 +330,19 @@ TEST(model_refuses_bad_hyperparameters) {
     cfg.mixing = MOAS_MIXING_SINGLE;   /* with three schemes */
     if (expect_load(&cfg, MOAS_ERR_CORRUPT, "exactly one scheme")) return TEST_FAIL;
 
+    /* pooled K/V needs a scheme that keeps every head: [4, 2, 1] has one, [2, 1] not */
     tiny_model_config_default(&cfg);
     cfg.kv_sharing = "pooled";
-    if (expect_load(&cfg, MOAS_ERR_UNSUPPORTED, "pooled")) return TEST_FAIL;
+    cfg.n_scheme = 2;
+    cfg.scheme_n_kv[0] = 2;
+    cfg.scheme_n_kv[1] = 1;
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "needs a scheme with all 4 heads")) return TEST_FAIL;
+    tiny_model_config_default(&cfg);
+    cfg.kv_sharing = "pooled";
+    cfg.omit_tensor = "blk.1.attn_v.weight";
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "'blk.1.attn_v.weight' is missing")) return TEST_FAIL;
     cfg.kv_sharing = "telepathic";
+    cfg.omit_tensor = NULL;
     if (expect_load(&cfg, MOAS_ERR_UNSUPPORTED, "telepathic")) return TEST_FAIL;
 
     tiny_model_config_default(&cfg);

@@ -44,9 +44,12 @@ static int32_t random_route(void *user, int32_t pos, int32_t layer, const float 
 
 /* Bytes in use equal sum_j n_kv(s_j) * head_dim * 2 * sizeof(element) + bookkeeping,
  * per layer, for a random routing, at every length, in f32 and f16. */
-TEST(routed_kv_bytes_follow_formula_for_random_routing) {
+static int check_routed_kv_bytes(const char *kv_sharing) {
+    tiny_model_config cfg;
     size_t size;
-    uint8_t *image = tiny_model_image(NULL, 11, &size);
+    tiny_model_config_default(&cfg);
+    cfg.kv_sharing = kv_sharing;
+    uint8_t *image = tiny_model_image(&cfg, 11, &size);
     moas_model *m;
     int32_t tokens[N_CTX], schemes[N_CTX * N_LAYER], heads[N_CTX * N_LAYER];
 
@@ -88,6 +91,41 @@ TEST(routed_kv_bytes_follow_formula_for_random_routing) {
         ASSERT_STATUS(moas_context_scheme_counts(ctx, 2, counts), MOAS_ERR_INVALID_ARG);
         moas_context_free(ctx);
     }
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+TEST(routed_kv_bytes_follow_formula_for_random_routing) {
+    return check_routed_kv_bytes("independent");
+}
+
+/* A pooled model stores the same bytes for the same routing; in mixture mode it keeps
+ * one gate-mixed K/V of all heads per token, an MHA cache's worth. */
+TEST(pooled_kv_bytes_follow_formula) {
+    tiny_model_config cfg;
+    size_t size;
+    moas_model *m;
+    moas_context *ctx;
+    int32_t tokens[10], heads[10 * N_LAYER];
+
+    if (check_routed_kv_bytes("pooled") != TEST_PASS) {
+        return TEST_FAIL;
+    }
+    tiny_model_config_default(&cfg);
+    cfg.kv_sharing = "pooled";
+    uint8_t *image = tiny_model_image(&cfg, 11, &size);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_kv_sharing(m), MOAS_KV_SHARING_POOLED);
+    ASSERT_OK(moas_context_create(m, NULL, &ctx));
+    pseudo_tokens(tokens, 10, 40, 3);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 10, NULL, MOAS_LOGITS_LAST));
+    ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), (size_t)N_LAYER * 10 * 4 * HEAD_DIM * 2 * 4);
+    ASSERT_OK(moas_context_routes(ctx, 0, 10, NULL, NULL, heads));
+    for (int32_t i = 0; i < 10 * N_LAYER; i++) {
+        ASSERT_EQ(heads[i], 4);
+    }
+    moas_context_free(ctx);
     moas_model_free(m);
     free(image);
     return TEST_PASS;

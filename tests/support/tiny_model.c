@@ -347,7 +347,8 @@ int32_t tiny_model_n_tensors(const tiny_model_config *cfg) {
         cfg = &def;
     }
     const int32_t b = cfg->bias ? 2 : 1;  // tensors per Linear or LayerNorm
-    int32_t per_layer = b + 4 * cfg->n_scheme * b + b + 2 * b;
+    const bool pooled = cfg->kv_sharing != NULL && strcmp(cfg->kv_sharing, "pooled") == 0;
+    int32_t per_layer = b + 4 * (pooled ? 1 : cfg->n_scheme) * b + b + 2 * b;
     if (cfg->mixing == MOAS_MIXING_ROUTER) {
         per_layer += 2 * b;
     }
@@ -378,7 +379,16 @@ bool tiny_model_write(const tiny_model_config *cfg, uint64_t seed, gguf_writer *
     for (int32_t l = 0; ok && l < cfg->n_layer; l++) {
         snprintf(name, sizeof name, "blk.%d.attn_norm", (int)l);
         ok = add_norm(cfg, seed, w, name);
-        for (int32_t s = 0; ok && s < cfg->n_scheme; s++) {
+        if (cfg->kv_sharing != NULL && strcmp(cfg->kv_sharing, "pooled") == 0) {
+            /* pooled K/V: one set of projections, K and V with all heads */
+            static const char *const proj[4] = {"q", "k", "v", "output"};
+            for (int i = 0; ok && i < 4; i++) {
+                snprintf(name, sizeof name, "blk.%d.attn_%s", (int)l, proj[i]);
+                ok = add_linear(cfg, seed, w, name, n_embd, n_embd);
+            }
+        }
+        for (int32_t s = 0; ok && s < cfg->n_scheme &&
+                            !(cfg->kv_sharing && strcmp(cfg->kv_sharing, "pooled") == 0); s++) {
             const int64_t n_kv_embd = cfg->scheme_n_kv[s] * head_dim;
             snprintf(name, sizeof name, "blk.%d.attn_q.%d", (int)l, (int)s);
             ok = ok && add_linear(cfg, seed, w, name, n_embd, n_embd);

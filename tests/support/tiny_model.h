@@ -46,7 +46,7 @@ typedef struct tiny_model_config {
                              layout at GGUF's default 32 */
     float eps;            /* moas.attention.layer_norm_epsilon; default 1e-5 */
     const char *name;     /* general.name; default "tiny"; NULL: no key */
-    const char *kv_sharing;    /* default "independent" */
+    const char *kv_sharing;    /* default "independent"; "pooled": shared attn_{q,k,v,output} */
     const char *omit_key;      /* NULL (default), or a key to leave out */
     const char *omit_tensor;   /* NULL (default), or a tensor to leave out */
 } tiny_model_config;
