@@ -2,12 +2,16 @@
 """The semantics of docs/FORMAT.md as a slow, plain-Python forward pass.
 
 Standard library only.  It reads a libmoas GGUF with tools/gguf.py and runs the
-"mixture" forward of the format's Semantics section token by token with a K/V
-cache, in double precision.  It exists to check files and goldens without
-torch or the C library (tests/python, tools/check_reference.py); it is far too
-slow for anything but the tiny test models.
+forward of the format's Semantics section token by token with a K/V cache, in
+double precision: the "mixture" mode for every model, and for kv_sharing
+"pooled" models also the "routed" mode (per token and layer the argmax scheme
+of the router's gates, lowest index on ties, whose pooled K/V are cached with
+n_kv(s) heads).  It exists to check files and goldens without torch or the C
+library (tests/python, tools/check_reference.py); it is far too slow for
+anything but the tiny test models.
 
-    python3 tools/moas_forward.py model.gguf tests/data/x.golden   # compare
+    python3 tools/moas_forward.py model.gguf tests/data/x.golden            # compare
+    python3 tools/moas_forward.py model.gguf x-routed.golden --mode routed
 """
 
 import math
@@ -39,6 +43,9 @@ class Model:
         self.eps = kv["moas.attention.layer_norm_epsilon"]
         self.kv_heads = list(kv["moas.attention.scheme_kv_heads"])
         self.mixing = kv["moas.attention.mixing"]
+        self.kv_sharing = kv.get("moas.attention.kv_sharing", "independent")
+        if self.kv_sharing not in ("independent", "pooled"):
+            raise ValueError("unknown kv_sharing %r" % self.kv_sharing)
         self.bias = kv["moas.bias"]
         self.tokens = list(kv["tokenizer.ggml.tokens"])
         self.d = self.C // self.H
@@ -82,11 +89,42 @@ def softmax(z):
     return [v / s for v in e]
 
 
-class Runner:
-    """Token-by-token forward with a K/V cache per layer and scheme."""
+def argmax(values):
+    """Index of the largest value, the lowest one on ties."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
 
-    def __init__(self, m):
-        self.m = m
+
+def pool_heads(x, H, n_kv, d):
+    """pool_s(x): the mean of each group of H/n_kv consecutive heads, n_kv heads."""
+    grp = H // n_kv
+    out = []
+    for i in range(n_kv):
+        for t in range(d):
+            acc = 0.0
+            for h in range(i * grp, (i + 1) * grp):
+                acc += x[h * d + t]
+            out.append(acc / grp)
+    return out
+
+
+class Runner:
+    """Token-by-token forward with a K/V cache per layer (and scheme).
+
+    mode "mixture" (every model) or "routed" (kv_sharing "pooled" only).
+    """
+
+    def __init__(self, m, mode="mixture"):
+        if mode not in ("mixture", "routed"):
+            raise ValueError("mode must be 'mixture' or 'routed'")
+        if mode == "routed" and m.kv_sharing != "pooled":
+            raise ValueError("routed mode is implemented for kv_sharing 'pooled' only")
+        self.m, self.mode = m, mode
+        self.pooled = m.kv_sharing == "pooled"
+        self.n_past = 0
         self.emb = _rows(m.vec("token_embd.weight"), len(m.tokens), m.C)
         self.pos = _rows(m.vec("position_embd.weight"), m.n_ctx, m.C)
         self.out = (_rows(m.vec("output.weight"), len(m.tokens), m.C)
@@ -98,28 +136,106 @@ class Runner:
                 "attn_norm": (m.vec(p + "attn_norm.weight"), m.vec(p + "attn_norm.bias")),
                 "ffn_norm": (m.vec(p + "ffn_norm.weight"), m.vec(p + "ffn_norm.bias")),
                 "ffn_up": m.mat(p + "ffn_up"), "ffn_down": m.mat(p + "ffn_down"),
-                "schemes": [{k: m.mat("%sattn_%s.%d" % (p, k, s))
-                             for k in ("q", "k", "v", "output")}
-                            for s in range(len(m.kv_heads))],
             }
+            if self.pooled:
+                layer["pooled"] = {k: m.mat("%sattn_%s" % (p, k))
+                                   for k in ("q", "k", "v", "output")}
+            else:
+                layer["schemes"] = [{k: m.mat("%sattn_%s.%d" % (p, k, s))
+                                     for k in ("q", "k", "v", "output")}
+                                    for s in range(len(m.kv_heads))]
             if m.mixing == "router":
                 layer["router_up"] = m.mat(p + "attn_router_up")
                 layer["router_down"] = m.mat(p + "attn_router_down")
             self.layers.append(layer)
         self.out_norm = (m.vec("output_norm.weight"), m.vec("output_norm.bias"))
-        # cache[layer][scheme] = list of (k, v) per position
-        self.cache = [[[] for _ in m.kv_heads] for _ in range(m.L)]
+        # independent: cache[layer][scheme] = list of (k, v) per position
+        # pooled: cache[layer] = list of (k, v, n_kv) per position
+        self.cache = [[[] for _ in m.kv_heads] if not self.pooled else []
+                      for _ in range(m.L)]
+        # pooled: the scheme chosen per position and layer (routed mode)
+        self.chosen = []
+
+    def gates(self, layer, a):
+        m = self.m
+        if m.mixing == "router":
+            hid = [gelu(v) for v in matvec(*layer["router_up"], a)]
+            return softmax(matvec(*layer["router_down"], hid))
+        S = len(m.kv_heads)
+        return [1.0 / S] * S
+
+    def attend(self, q, cache):
+        """Causal attention of query q over cache [(k, v, n_kv)]: query head h
+        reads kv head h*n_kv/H of each cached token."""
+        m = self.m
+        scale = 1.0 / math.sqrt(m.d)
+        o = []
+        for h in range(m.H):
+            qh = q[h * m.d:(h + 1) * m.d]
+            sls = [slice((h * n // m.H) * m.d, (h * n // m.H + 1) * m.d) for _, _, n in cache]
+            att = softmax([sum(map(mul, qh, kj[sl])) * scale
+                           for (kj, _, _), sl in zip(cache, sls)])
+            oh = [0.0] * m.d
+            for wgt, (_, vj, _), sl in zip(att, cache, sls):
+                vh = vj[sl]
+                for t in range(m.d):
+                    oh[t] += wgt * vh[t]
+            o.extend(oh)
+        return o
+
+    def pooled_attention(self, li, layer, a):
+        """(y, gates, chosen scheme or None) of a kv_sharing "pooled" layer."""
+        m = self.m
+        w = layer["pooled"]
+        gates = self.gates(layer, a)
+        q = matvec(*w["q"], a)
+        k = matvec(*w["k"], a)
+        v = matvec(*w["v"], a)
+        pk = [pool_heads(k, m.H, n, m.d) for n in m.kv_heads]
+        pv = [pool_heads(v, m.H, n, m.d) for n in m.kv_heads]
+        if self.mode == "routed":
+            s = argmax(gates)
+            entry = (pk[s], pv[s], m.kv_heads[s])
+        else:
+            s = None
+
+            def mix(pools):
+                out = []
+                for h in range(m.H):
+                    for t in range(m.d):
+                        acc = None
+                        for si, (n, pool) in enumerate(zip(m.kv_heads, pools)):
+                            term = gates[si] * pool[(h * n // m.H) * m.d + t]
+                            acc = term if acc is None else acc + term
+                        out.append(acc)
+                return out
+            entry = (mix(pk), mix(pv), m.H)
+        self.cache[li].append(entry)
+        y = matvec(*w["output"], self.attend(q, self.cache[li]))
+        return y, gates, s
 
     def step(self, token):
         """(logits, gates per layer) for the next token."""
         m = self.m
-        p = len(self.cache[0][0])
+        p = self.n_past
         if p >= m.n_ctx:
             raise ValueError("context full")
+        self.n_past += 1
         x = [a + b for a, b in zip(self.emb[token], self.pos[p])]
         all_gates = []
+        chosen = []
         for li, layer in enumerate(self.layers):
             a = layer_norm(x, *layer["attn_norm"], m.eps)
+            if self.pooled:
+                y, gates, s = self.pooled_attention(li, layer, a)
+                if m.mixing == "router":
+                    all_gates.append(gates)
+                chosen.append(s)
+                x = [u + v for u, v in zip(x, y)]
+                h = layer_norm(x, *layer["ffn_norm"], m.eps)
+                h = [gelu(v) for v in matvec(*layer["ffn_up"], h)]
+                x = [u + v for u, v in zip(x, matvec(*layer["ffn_down"], h))]
+                continue
             ys = []
             for s, w in enumerate(layer["schemes"]):
                 n_kv = m.kv_heads[s]
@@ -155,13 +271,21 @@ class Runner:
             h = layer_norm(x, *layer["ffn_norm"], m.eps)
             h = [gelu(v) for v in matvec(*layer["ffn_up"], h)]
             x = [u + v for u, v in zip(x, matvec(*layer["ffn_down"], h))]
+        if self.pooled:
+            self.chosen.append(chosen)
         x = layer_norm(x, *self.out_norm, m.eps)
         return matvec(self.out, None, x), all_gates
 
+    def kv_heads_cached(self, layer):
+        """Heads of K (likewise V) the layer's cache holds."""
+        if self.pooled:
+            return sum(n for _, _, n in self.cache[layer])
+        return sum(n * len(c) for n, c in zip(self.m.kv_heads, self.cache[layer]))
 
-def forward(path, tokens):
+
+def forward(path, tokens, mode="mixture"):
     """(logits [T][V], gates [T][L][S]) of the model in path over tokens."""
-    runner = Runner(Model(path))
+    runner = Runner(Model(path), mode)
     logits, gates = [], []
     for t in tokens:
         lg, g = runner.step(t)
@@ -192,12 +316,12 @@ def read_golden(path):
     return tokens, logits, gates
 
 
-def max_diffs(path_gguf, path_golden, n_tokens=None):
+def max_diffs(path_gguf, path_golden, n_tokens=None, mode="mixture"):
     """(max |logit diff|, max |gate diff|) of the forward against a golden."""
     tokens, want_logits, want_gates = read_golden(path_golden)
     if n_tokens is not None:
         tokens = tokens[:n_tokens]
-    logits, gates = forward(path_gguf, tokens)
+    logits, gates = forward(path_gguf, tokens, mode)
     dl = max(abs(a - b) for got, want in zip(logits, want_logits) for a, b in zip(got, want))
     dg = 0.0
     for got, want in zip(gates, want_gates):
@@ -208,8 +332,14 @@ def max_diffs(path_gguf, path_golden, n_tokens=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.stderr.write("usage: moas_forward.py MODEL.gguf FIXTURE.golden\n")
+    args = sys.argv[1:]
+    mode = "mixture"
+    if len(args) == 4 and args[2] == "--mode" and args[3] in ("mixture", "routed"):
+        mode = args[3]
+        args = args[:2]
+    if len(args) != 2:
+        sys.stderr.write("usage: moas_forward.py MODEL.gguf FIXTURE.golden "
+                         "[--mode mixture|routed]\n")
         sys.exit(2)
-    dl, dg = max_diffs(sys.argv[1], sys.argv[2])
+    dl, dg = max_diffs(args[0], args[1], mode=mode)
     print("max |logit diff| %.3g, max |gate diff| %.3g" % (dl, dg))

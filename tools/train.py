@@ -17,11 +17,27 @@ reference registers under PyTorch < 2.0), and the reference's load here.
     python3 tools/train.py --golden ckpt.pt --data tiny.txt --text tiny.txt \\
         --text-start 0 --text-len 64 --out tiny.golden
 
+    # the routed-KV variant (SPEC section 4), trained soft, then straight-through
+    # top-1, with a penalty on the expected kv heads per token
+    python3 tools/train.py --data input.txt --out pooled.pt --attention-type pooled_moas \\
+        --kv-penalty 0.05 --hard-top1-from 1500
+
+Attention types: baseline, static_moas and moas are the published ones.
+pooled_moas is libmoas's routed-KV variant (docs/FORMAT.md, "Pooled K/V"): per
+layer one q_proj, k_proj, v_proj (all [C, C], H heads) and c_proj, plus the
+router (router.0, GELU, router.2) on ln_1's output.  Scheme s keeps a token's
+K/V mean-pooled over groups of H/n_kv(s) consecutive heads (--schemes, default
+H,2,1); training mixes the pooled K/V with the gates (soft) and, from
+--hard-top1-from on, with a straight-through one-hot of the gates' argmax.
+--kv-penalty adds lambda * (mean over tokens and layers of sum_s g_s n_kv(s)/H)
+to the loss.  model_args of such a checkpoint carry 'schemes'.
+
 Needs torch (tested with Debian's 1.13) and no network.  The vocabulary is
 sorted(set(text)) of --data read as UTF-8 with universal newlines, and the data
 split is the reference's: the first 90% of the ids train, the rest validate.
 
-Golden fixture (little-endian):
+Golden fixture (little-endian; --golden-mode routed: pooled_moas only, hard
+top-1 routing with the argmax of the gates, lowest index on ties):
     char    magic[8] = "MOASGLD1"
     uint32  n_tokens, n_vocab, n_layer, n_scheme      (n_scheme 0: no router)
     int32   tokens[n_tokens]
@@ -43,7 +59,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ATTENTION_TYPES = ("baseline", "static_moas", "moas")
+ATTENTION_TYPES = ("baseline", "static_moas", "moas", "pooled_moas")
 GQA_KV_HEADS = 2          # hard-coded in the reference
 LN_EPS = 1e-5
 
@@ -53,7 +69,11 @@ LN_EPS = 1e-5
 # ---------------------------------------------------------------------------
 
 class ModelArgs:
-    """The reference's model_args, the dict stored in checkpoints."""
+    """The reference's model_args, the dict stored in checkpoints.
+
+    pooled_moas models also carry 'schemes', the kv-head count of each scheme
+    (default [H, 2, 1]); the published types never do.
+    """
     KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
             "attention_type")
 
@@ -67,11 +87,45 @@ class ModelArgs:
             raise ValueError("unknown attention_type %r" % self.attention_type)
         if self.n_embd % self.n_head:
             raise ValueError("n_embd must be a multiple of n_head")
-        if self.attention_type != "baseline" and self.n_head % GQA_KV_HEADS:
+        self.schemes = None
+        if self.attention_type == "pooled_moas":
+            schemes = kw.get("schemes")
+            if schemes is None:
+                schemes = [self.n_head, GQA_KV_HEADS, 1]
+            self.schemes = [int(n) for n in schemes]
+            check_schemes(self.schemes, self.n_head)
+        elif kw.get("schemes") is not None:
+            raise ValueError("'schemes' is for pooled_moas models only")
+        elif self.attention_type != "baseline" and self.n_head % GQA_KV_HEADS:
             raise ValueError("n_head must be a multiple of %d for MoAS" % GQA_KV_HEADS)
 
     def as_dict(self):
-        return {k: getattr(self, k) for k in self.KEYS}
+        d = {k: getattr(self, k) for k in self.KEYS}
+        if self.schemes is not None:
+            d["schemes"] = list(self.schemes)
+        return d
+
+
+def check_schemes(schemes, n_head):
+    """docs/FORMAT.md: 1 to 8 schemes, each dividing H, the largest equal to H."""
+    if not 1 <= len(schemes) <= 8:
+        raise ValueError("need 1 to 8 schemes, got %d" % len(schemes))
+    bad = [n for n in schemes if n < 1 or n_head % n]
+    if bad:
+        raise ValueError("scheme kv heads %s do not divide n_head %d" % (bad, n_head))
+    if max(schemes) != n_head:
+        raise ValueError("the largest scheme must have n_head (%d) kv heads, got %s"
+                         % (n_head, schemes))
+
+
+def parse_schemes(spec, n_head):
+    """'H,2,1' -> [n_head, 2, 1]."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        out.append(n_head if item.upper() == "H" else int(item))
+    check_schemes(out, n_head)
+    return out
 
 
 class LayerNorm(nn.Module):
@@ -180,6 +234,66 @@ class SchemeMixture(nn.Module):
         return y, gates
 
 
+class PooledAttention(nn.Module):
+    """The routed-KV variant (SPEC section 4, docs/FORMAT.md "Pooled K/V").
+
+    One q_proj, k_proj, v_proj (H heads each) and c_proj shared by all schemes.
+    Scheme s keeps K/V mean-pooled over groups of H/n_kv(s) consecutive heads;
+    query head h reads pooled head h*n_kv(s)/H.  routing "soft" mixes the
+    broadcast pooled K/V with the router's gates; "hard" with the one-hot of
+    their argmax (lowest index on ties), straight-through when gradients flow
+    (forward: exactly the one-hot, which is routed mode; backward: through g).
+    """
+
+    def __init__(self, a, mask_buffers):
+        super().__init__()
+        C = a.n_embd
+        self.n_head = a.n_head
+        self.schemes = list(a.schemes)
+        self.q_proj = nn.Linear(C, C, bias=a.bias)
+        self.k_proj = nn.Linear(C, C, bias=a.bias)
+        self.v_proj = nn.Linear(C, C, bias=a.bias)
+        self.c_proj = nn.Linear(C, C, bias=a.bias)
+        hidden = C // 4
+        self.router = nn.Sequential(nn.Linear(C, hidden, bias=a.bias), nn.GELU(),
+                                    nn.Linear(hidden, len(self.schemes), bias=a.bias))
+        self.attn_dropout = nn.Dropout(a.dropout)
+        self.resid_dropout = nn.Dropout(a.dropout)
+        if mask_buffers:
+            add_mask_buffer(self, a.block_size)
+
+    def mix(self, x, weights):
+        """sum_s weights[..., s] * broadcast(pool_s(x)); x [B, T, C] -> [B, T, C]."""
+        B, T, C = x.shape
+        H = self.n_head
+        d = C // H
+        x = x.view(B, T, H, d)
+        out = None
+        for s, n_kv in enumerate(self.schemes):
+            pooled = x.view(B, T, n_kv, H // n_kv, d).mean(dim=3)          # [B, T, n_kv, d]
+            if n_kv != H:
+                pooled = pooled.repeat_interleave(H // n_kv, dim=2)        # [B, T, H, d]
+            term = weights[..., s, None, None] * pooled
+            out = term if out is None else out + term
+        return out.reshape(B, T, C)
+
+    def forward(self, x, routing="soft"):
+        """(output [B, T, C], soft gates [B, T, S])."""
+        gates = F.softmax(self.router(x), dim=-1)
+        if routing == "soft":
+            w = gates
+        elif routing == "hard":
+            w = F.one_hot(gates.argmax(dim=-1), len(self.schemes)).to(gates.dtype)
+            if gates.requires_grad:
+                w = w + (gates - gates.detach())       # forward: exactly one-hot
+        else:
+            raise ValueError("routing must be 'soft' or 'hard', not %r" % (routing,))
+        k = self.mix(self.k_proj(x), w)
+        v = self.mix(self.v_proj(x), w)
+        y = causal_attention(self.q_proj(x), k, v, self.n_head, self.attn_dropout)
+        return self.resid_dropout(self.c_proj(y)), gates
+
+
 class MLP(nn.Module):
     def __init__(self, a):
         super().__init__()
@@ -197,15 +311,19 @@ class Block(nn.Module):
         self.ln_1 = LayerNorm(a.n_embd, a.bias)
         if a.attention_type == "baseline":
             self.attn = FusedAttention(a, mask_buffers)
+        elif a.attention_type == "pooled_moas":
+            self.attn = PooledAttention(a, mask_buffers)
         else:
             self.attn = SchemeMixture(a, a.attention_type == "moas", mask_buffers)
         self.ln_2 = LayerNorm(a.n_embd, a.bias)
         self.mlp = MLP(a)
 
-    def forward(self, x):
+    def forward(self, x, routing="soft"):
         h = self.ln_1(x)
         if isinstance(self.attn, SchemeMixture):
             y, gates = self.attn(h)
+        elif isinstance(self.attn, PooledAttention):
+            y, gates = self.attn(h, routing)
         else:
             y, gates = self.attn(h), None
         x = x + y
@@ -230,8 +348,11 @@ class MoASGPT(nn.Module):
     def untie(self):
         self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
 
-    def forward(self, idx):
-        """(logits [B, T, V] at every position, [gates [B, T, 3] per layer] or [])."""
+    def forward(self, idx, routing="soft"):
+        """(logits [B, T, V] at every position, [gates [B, T, S] per layer] or []).
+
+        routing ("soft" or "hard") matters for pooled_moas only.
+        """
         B, T = idx.shape
         if T > self.args.block_size:
             raise ValueError("sequence of %d exceeds block_size %d" % (T, self.args.block_size))
@@ -239,7 +360,7 @@ class MoASGPT(nn.Module):
         x = self.emb_dropout(self.transformer.wte(idx) + self.transformer.wpe(pos))
         all_gates = []
         for block in self.transformer.h:
-            x, gates = block(x)
+            x, gates = block(x, routing)
             if gates is not None:
                 all_gates.append(gates)
         return self.lm_head(self.transformer.ln_f(x)), all_gates
@@ -379,6 +500,15 @@ def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.99)):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
+def kv_fractions(gates_per_layer, schemes, n_head):
+    """(expected kv fraction sum_s g_s n_kv(s)/H, the argmax's n_kv/H), each the
+    mean over tokens and layers; the first keeps its gradient."""
+    cost = torch.tensor([n / n_head for n in schemes], dtype=gates_per_layer[0].dtype)
+    soft = torch.stack([(g * cost).sum(-1).mean() for g in gates_per_layer]).mean()
+    hard = torch.stack([cost[g.argmax(-1)].mean() for g in gates_per_layer]).mean()
+    return soft, hard
+
+
 def load_balance_loss(gates_per_layer):
     """Mean over layers of MSE(mean gate per scheme, 1/3), as in the reference."""
     if not gates_per_layer:
@@ -401,20 +531,34 @@ def cmd_train(o):
     n = len(ids)
     train_ids, val_ids = ids[:int(n * 0.9)], ids[int(n * 0.9):]
     torch.manual_seed(o.seed)
+    pooled = o.attention_type == "pooled_moas"
+    extra = {}
+    if pooled:
+        try:
+            extra["schemes"] = parse_schemes(o.schemes or "H,%d,1" % GQA_KV_HEADS, o.n_head)
+        except ValueError as e:
+            sys.exit("train.py: --schemes: %s" % e)
+    elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
+        sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
+                 "--attention-type pooled_moas")
     a = ModelArgs(n_layer=o.n_layer, n_head=o.n_head, n_embd=o.n_embd, block_size=o.block_size,
                   bias=o.bias, vocab_size=len(chars), dropout=o.dropout,
-                  attention_type=o.attention_type)
+                  attention_type=o.attention_type, **extra)
     model = MoASGPT(a, mask_buffers=o.mask_buffers)
     init_weights(model, o.init_std)
     n_params = sum(p.numel() for p in model.parameters())
-    log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, %.3fM params"
+    log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, %.3fM params%s"
         % (a.attention_type, a.n_layer, a.n_head, a.n_embd, a.block_size, a.bias,
-           a.vocab_size, n_params / 1e6))
+           a.vocab_size, n_params / 1e6,
+           ", schemes %s, kv penalty %g, hard top-1 from %s"
+           % (a.schemes, o.kv_penalty, o.hard_top1_from) if pooled else ""))
     optimizer = make_optimizer(model, o.lr)
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
-                   "unsafe_load", "out", "threads")
+                   "golden_mode", "unsafe_load", "out", "threads")
+    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from")
     config = {k: v for k, v in vars(o).items()
-              if k not in golden_opts and isinstance(v, (int, float, str, bool))}
+              if k not in golden_opts and (pooled or k not in pooled_opts)
+              and isinstance(v, (int, float, str, bool))}
     if o.init_only:
         save_checkpoint(o.out, model, optimizer, 0, float("inf"), config)
         log("saved random-init checkpoint %s" % o.out)
@@ -429,6 +573,28 @@ def cmd_train(o):
         x = torch.stack([data[i:i + o.block_size] for i in ix])
         y = torch.stack([data[i + 1:i + 1 + o.block_size] for i in ix])
         return x, y
+
+    def routing_at(it):
+        return "hard" if o.hard_top1_from is not None and it >= o.hard_top1_from else "soft"
+
+    @torch.no_grad()
+    def estimate_pooled():
+        """Losses under soft and hard routing on the same batches, kv fractions."""
+        model.eval()
+        res = {}
+        for split in ("train", "val"):
+            acc = {"soft": 0.0, "hard": 0.0, "kv_soft": 0.0, "kv_hard": 0.0}
+            for _ in range(o.eval_iters):
+                x, y = batch(split)
+                for routing in ("soft", "hard"):
+                    logits, gates = model(x, routing)
+                    acc[routing] += F.cross_entropy(logits.view(-1, logits.size(-1)),
+                                                    y.view(-1)).item()
+                    kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
+                    acc["kv_" + routing] += (kv_soft if routing == "soft" else kv_hard).item()
+            res[split] = {k: v / o.eval_iters for k, v in acc.items()}
+        model.train()
+        return res
 
     @torch.no_grad()
     def estimate():
@@ -456,7 +622,15 @@ def cmd_train(o):
     best = float("inf")
     model.train()
     for it in range(o.iters + 1):
-        if it % o.eval_interval == 0 or it == o.iters:
+        if (it % o.eval_interval == 0 or it == o.iters) and pooled:
+            ev = estimate_pooled()
+            tr, va = ev["train"], ev["val"]
+            best = min(best, va[routing_at(min(it, o.iters - 1))])
+            log("iter %d: train %.4f (hard %.4f), val %.4f (hard %.4f) nats/char, "
+                "val kv fraction %.3f (hard %.3f), lr %.2e, %.1fs"
+                % (it, tr["soft"], tr["hard"], va["soft"], va["hard"], va["kv_soft"],
+                   va["kv_hard"], lr_at(min(it, o.iters - 1)), time.time() - t_start))
+        elif it % o.eval_interval == 0 or it == o.iters:
             ev = estimate()
             best = min(best, ev["val"])
             log("iter %d: train %.4f, val %.4f nats/char, lr %.2e, %.1fs"
@@ -467,10 +641,19 @@ def cmd_train(o):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(it)
         x, y = batch("train")
-        logits, gates = model(x)
+        if pooled:
+            if it == o.hard_top1_from:
+                log("iter %d: switching to straight-through top-1 routing" % it)
+            logits, gates = model(x, routing_at(it))
+        else:
+            logits, gates = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         lb = load_balance_loss(gates)
         total = loss if lb is None else loss + o.load_balance_weight * lb
+        if pooled:
+            kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
+            if o.kv_penalty:
+                total = total + o.kv_penalty * kv_soft
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if o.grad_clip > 0:
@@ -481,6 +664,8 @@ def cmd_train(o):
             if gates:
                 mean = torch.stack([g.mean(dim=(0, 1)) for g in gates]).mean(0)
                 extra = ", gates " + " ".join("%.3f" % v for v in mean.tolist())
+            if pooled:
+                extra += ", kv fraction %.3f (hard %.3f)" % (kv_soft.item(), kv_hard.item())
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
     save_checkpoint(o.out, model, optimizer, o.iters, best, config)
     log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
@@ -489,6 +674,9 @@ def cmd_train(o):
 def cmd_golden(o):
     model, _ = load_checkpoint(o.golden, o.unsafe_load)
     a = model.args
+    if o.golden_mode == "routed" and a.attention_type != "pooled_moas":
+        sys.exit("train.py: --golden-mode routed needs a pooled_moas model (this one is %s)"
+                 % a.attention_type)
     chars, stoi = build_vocab(read_text(o.data))
     if len(chars) != a.vocab_size:
         sys.exit("train.py: %s has %d characters, the model's vocab_size is %d"
@@ -511,11 +699,13 @@ def cmd_golden(o):
     dtype = {"float64": torch.float64, "float32": torch.float32}[o.golden_dtype]
     model = model.to(dtype).eval()
     tokens = [stoi[c] for c in text]
+    routing = {"mixture": "soft", "routed": "hard"}[o.golden_mode]
     with torch.no_grad():
-        logits, gates = model(torch.tensor([tokens]))
+        logits, gates = model(torch.tensor([tokens]), routing)
     logits = logits[0].float()                                     # [T, V]
-    n_scheme = 3 if gates else 0
-    g = torch.stack([x[0] for x in gates], dim=1).float() if gates else torch.zeros(0)  # [T, L, 3]
+    n_scheme = gates[0].shape[-1] if gates else 0
+    g64 = torch.stack([x[0] for x in gates], dim=1) if gates else None     # [T, L, S]
+    g = g64.float() if gates else torch.zeros(0)
     with open(o.out, "wb") as f:
         f.write(b"MOASGLD1")
         f.write(struct.pack("<4I", len(tokens), a.vocab_size, a.n_layer, n_scheme))
@@ -528,7 +718,13 @@ def cmd_golden(o):
     if n_scheme:
         msg += ", gates in [%.3f, %.3f], argmax counts %s" % (
             g.min().item(), g.max().item(),
-            torch.bincount(g.argmax(-1).flatten(), minlength=3).tolist())
+            torch.bincount(g.argmax(-1).flatten(), minlength=n_scheme).tolist())
+        if n_scheme > 1:
+            top2 = g64.topk(2, dim=-1).values
+            msg += ", min top-1 margin %.2g" % (top2[..., 0] - top2[..., 1]).min().item()
+        if a.attention_type == "pooled_moas":
+            msg += ", %s, kv fraction %.3f" % (o.golden_mode, kv_fractions(
+                gates, a.schemes, a.n_head)[0 if o.golden_mode == "mixture" else 1].item())
     log(msg)
 
 
@@ -553,6 +749,8 @@ def parse_args(argv=None):
     m.add_argument("--dropout", type=float, default=0.2)
     m.add_argument("--mask-buffers", action="store_true",
                    help="also store the reference's [1,1,T,T] causal-mask buffers")
+    m.add_argument("--schemes", metavar="H,2,1", default=None,
+                   help="pooled_moas: kv heads of each scheme, H for n_head (default H,2,1)")
     t = ap.add_argument_group("training")
     t.add_argument("--iters", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=12)
@@ -564,6 +762,11 @@ def parse_args(argv=None):
     t.add_argument("--eval-iters", type=int, default=20)
     t.add_argument("--log-interval", type=int, default=50)
     t.add_argument("--load-balance-weight", type=float, default=0.01)
+    t.add_argument("--kv-penalty", type=float, default=0.0, metavar="LAMBDA",
+                   help="pooled_moas: add LAMBDA * mean_{tokens,layers} sum_s g_s n_kv(s)/H "
+                        "to the loss")
+    t.add_argument("--hard-top1-from", type=int, default=None, metavar="ITER",
+                   help="pooled_moas: straight-through top-1 routing from this iteration on")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
@@ -578,6 +781,9 @@ def parse_args(argv=None):
     g.add_argument("--round-f16", action="store_true",
                    help="round matrices and embeddings to float16 first (an F16 GGUF's values)")
     g.add_argument("--golden-dtype", choices=("float64", "float32"), default="float64")
+    g.add_argument("--golden-mode", choices=("mixture", "routed"), default="mixture",
+                   help="routed (pooled_moas only): hard top-1 routing, the argmax of the "
+                        "gates (lowest index on ties); the gates stored are the soft ones")
     g.add_argument("--unsafe-load", action="store_true",
                    help="read the checkpoint with torch.load, which runs its pickle "
                         "(default: moas-convert's restricted reader)")

@@ -42,7 +42,26 @@ $PY tools/moas-convert "$CKPT_DIR/tiny-moas-bias.pt" -o $D/tiny-moas-f16.gguf \
 $TORCH_PY tools/train.py --golden "$CKPT_DIR/tiny-moas-bias.pt" --data $TEXT --text $TEXT \
     --text-start 440 --text-len 64 --round-f16 --out $D/tiny-moas-f16.golden
 
-# 3. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
+# 3. The routed-KV variant (SPEC section 4, docs/FORMAT.md "Pooled K/V"):
+#    pooled_moas, schemes [6, 2, 1], same shapes and init.  Two goldens each:
+#    mixture (soft gates) and routed (hard top-1).  Seeds 19 and 20 were picked
+#    so that routed mode chooses every scheme in every layer (at least 10 times)
+#    and, in the routed goldens, no top-1 gate is within 6e-3 of the runner-up.
+for bias in bias nobias; do
+    case $bias in bias) flag=--bias; seed=19 ;; *) flag=--no-bias; seed=20 ;; esac
+    name=tiny-pooled-$bias
+    $TORCH_PY tools/train.py --data $TEXT --out "$CKPT_DIR/$name.pt" --init-only \
+        --attention-type pooled_moas $flag --n-layer 2 --n-head 6 --n-embd 48 \
+        --block-size 64 --dropout 0.0 --init-std 0.25 --seed $seed
+    $PY tools/moas-convert "$CKPT_DIR/$name.pt" -o $D/$name.gguf --vocab-text $TEXT \
+        --type f32 --name $name
+    $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+        --text-start 440 --text-len 64 --golden-mode mixture --out $D/$name.golden
+    $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+        --text-start 440 --text-len 64 --golden-mode routed --out $D/$name-routed.golden
+done
+
+# 4. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
 #    biases, the reference's mask buffers and the optimizer state of two AdamW
 #    steps, plus its state_dict values as JSON (written by torch, not by us).
 $TORCH_PY tools/train.py --data $TEXT --out $D/tiny-ckpt.pt --attention-type moas --bias \

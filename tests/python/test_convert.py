@@ -203,7 +203,7 @@ VOCAB = sorted(set(TEXT))
 
 
 def model_tensors(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB), n_ff=None, R=None, G_=2,
-                  seed=1):
+                  seed=1, n_scheme=3):
     """OrderedDict reference key -> (shape, f32 values) of a random model."""
     rnd = random.Random(seed)
     d = C // H
@@ -235,6 +235,11 @@ def model_tensors(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB), n_ff=None, R=No
         if atype == "baseline":
             lin(p + "attn.c_attn", 3 * C, C)
             lin(p + "attn.c_proj", C, C)
+        elif atype == "pooled_moas":
+            for m in ("q_proj", "k_proj", "v_proj", "c_proj"):
+                lin(p + "attn." + m, C, C)
+            lin(p + "attn.router.0", R, C)
+            lin(p + "attn.router.2", n_scheme, R)
         else:
             lin(p + "attn.mha.c_attn", 3 * C, C)
             lin(p + "attn.mha.c_proj", C, C)
@@ -277,6 +282,13 @@ def expected_gguf(sd, atype, bias, C=8, L=2):
         copy(blk + ".attn_norm", p + "ln_1")
         if atype == "baseline":
             fused(blk, p + "attn", 0)
+        elif atype == "pooled_moas":
+            # docs/FORMAT.md "Pooled K/V": no scheme index.
+            for part, src in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"),
+                              ("output", "c_proj")):
+                copy("%s.attn_%s" % (blk, part), "%sattn.%s" % (p, src))
+            copy(blk + ".attn_router_up", p + "attn.router.0")
+            copy(blk + ".attn_router_down", p + "attn.router.2")
         else:
             fused(blk, p + "attn.mha", 0)
             for s, br in ((1, "gqa"), (2, "mqa")):
@@ -338,9 +350,12 @@ def build_checkpoint(path, sd, model_args, key_prefix="", tie="shared", extra_sd
     ck.write(path, root, prefix=prefix)
 
 
-def margs(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB)):
-    return {"n_layer": L, "n_head": H, "n_embd": C, "block_size": T, "bias": bias,
-            "vocab_size": V, "dropout": 0.0, "attention_type": atype}
+def margs(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB), schemes=None):
+    a = {"n_layer": L, "n_head": H, "n_embd": C, "block_size": T, "bias": bias,
+         "vocab_size": V, "dropout": 0.0, "attention_type": atype}
+    if schemes is not None:
+        a["schemes"] = schemes
+    return a
 
 
 class Tmp(unittest.TestCase):
@@ -519,7 +534,7 @@ class TestGGUF(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class TestConvert(Tmp):
-    def check_model(self, r, atype, bias, sd, C=8, H=4, L=2, T=4, types=None):
+    def check_model(self, r, atype, bias, sd, C=8, H=4, L=2, T=4, types=None, schemes=None):
         kv = r.kv
         self.assertEqual(kv["general.architecture"], "moas")
         self.assertEqual(kv["general.alignment"], 64)
@@ -532,13 +547,16 @@ class TestConvert(Tmp):
         self.assertAlmostEqual(kv["moas.attention.layer_norm_epsilon"], 1e-5, places=10)
         self.assertEqual(r.kv_types["moas.attention.layer_norm_epsilon"][0], gguf.FLOAT32)
         self.assertEqual(kv["moas.attention.scheme_kv_heads"],
-                         [H] if atype == "baseline" else [H, 2, 1])
+                         schemes or ([H] if atype == "baseline" else [H, 2, 1]))
+        self.assertEqual(r.kv_types["moas.attention.scheme_kv_heads"], (gguf.ARRAY, gguf.UINT32))
         self.assertEqual(kv["moas.attention.mixing"],
-                         {"baseline": "single", "static_moas": "mean", "moas": "router"}[atype])
-        self.assertEqual(kv["moas.attention.kv_sharing"], "independent")
+                         {"baseline": "single", "static_moas": "mean", "moas": "router",
+                          "pooled_moas": "router"}[atype])
+        self.assertEqual(kv["moas.attention.kv_sharing"],
+                         "pooled" if atype == "pooled_moas" else "independent")
         self.assertEqual(kv["moas.bias"], bias)
         self.assertEqual(r.kv_types["moas.bias"][0], gguf.BOOL)
-        if atype == "moas":
+        if atype in ("moas", "pooled_moas"):
             self.assertEqual(kv["moas.router.hidden_length"], C // 4)
         else:
             self.assertNotIn("moas.router.hidden_length", kv)
@@ -571,6 +589,62 @@ class TestConvert(Tmp):
                     self.assertEqual(any(n.endswith(".bias") for n in r.tensors), bias)
         self.assertNotIn("torch", sys.modules)          # the converter ran in-process
         self.assertNotIn("numpy", sys.modules)
+
+    def test_pooled_checkpoint(self):
+        """tools/train.py --attention-type pooled_moas -> docs/FORMAT.md "Pooled K/V"."""
+        for bias in (True, False):
+            with self.subTest(bias=bias):
+                sd = model_tensors("pooled_moas", bias)
+                ck = self.path("pooled-%s.pt" % bias)
+                build_checkpoint(ck, sd, margs("pooled_moas", bias, schemes=[4, 2, 1]))
+                r = self.convert_ok(ck)
+                self.check_model(r, "pooled_moas", bias, sd)
+                names = sorted(n for n in r.tensors if n.startswith("blk.0.attn_"))
+                want = ["blk.0.attn_%s.%s" % (t, k) for t in ("k", "norm", "output", "q",
+                                                                "router_down", "router_up", "v")
+                        for k in (("bias", "weight") if bias else ("weight",))]
+                self.assertEqual(names, sorted(want))
+                self.assertEqual(r.tensors["blk.1.attn_k.weight"].ne, (8, 8))   # all H heads
+                self.assertEqual(r.tensors["blk.1.attn_router_down.weight"].ne, (2, 3))
+        # Without 'schemes' in model_args: the reference's [H, 2, 1]; with a
+        # mask buffer (attn.bias) as torch < 2 would store one.
+        sd = model_tensors("pooled_moas", True)
+        tril = [1.0 if j <= i else 0.0 for i in range(4) for j in range(4)]
+        build_checkpoint(ck, sd, margs("pooled_moas", True), key_prefix="_orig_mod.",
+                         extra_sd={"transformer.h.1.attn.bias":
+                                   lambda c: c.new_tensor(tril, (1, 1, 4, 4))})
+        self.check_model(self.convert_ok(ck), "pooled_moas", True, sd)
+
+    def test_pooled_schemes(self):
+        ck = self.path("c.pt")
+        # Two schemes, MHA and MQA.
+        sd = model_tensors("pooled_moas", False, n_scheme=2)
+        build_checkpoint(ck, sd, margs("pooled_moas", False, schemes=[4, 1]))
+        self.check_model(self.convert_ok(ck), "pooled_moas", False, sd, schemes=[4, 1])
+        # As a string, e.g. from safetensors metadata.
+        build_checkpoint(ck, sd, margs("pooled_moas", False, schemes="H,1"))
+        self.check_model(self.convert_ok(ck), "pooled_moas", False, sd, schemes=[4, 1])
+        # The router must have one output per scheme.
+        build_checkpoint(ck, sd, margs("pooled_moas", False, schemes=[4, 2, 1]))
+        self.convert_fails(ck, "'transformer.h.0.attn.router.2.weight'",
+                           "shape [2, 2], expected [3, 2]")
+        for bad in ([3, 1], [2, 1], [], [4, 0], "4,x", 4):
+            build_checkpoint(ck, sd, margs("pooled_moas", False, schemes=bad))
+            self.convert_fails(ck, "schemes")
+        # Attention type from the keys; n_head is not in the shapes.
+        sd = model_tensors("pooled_moas", False)
+        ma = margs("pooled_moas", False)
+        del ma["attention_type"]
+        build_checkpoint(ck, sd, ma)
+        self.check_model(self.convert_ok(ck), "pooled_moas", False, sd)
+        del ma["n_head"]
+        build_checkpoint(ck, sd, ma)
+        self.convert_fails(ck, "n_head", "pooled_moas", "--config")
+        # A pooled key in another type's checkpoint is unexpected.
+        sd = model_tensors("moas", False)
+        build_checkpoint(ck, sd, margs("moas", False), extra_sd={
+            "transformer.h.0.attn.k_proj.weight": lambda c: c.new_tensor([0.0] * 64, (8, 8))})
+        self.convert_fails(ck, "unexpected tensor 'transformer.h.0.attn.k_proj.weight'")
 
     def test_command_line(self):
         sd = model_tensors("moas", True)
@@ -941,6 +1015,59 @@ class TestFixtures(unittest.TestCase):
                     self.assertGreater(max(g for t in gates for l in t for g in l), 0.6)
                 else:
                     self.assertEqual(gates[0], [[], []])
+
+    def test_pooled_goldens(self):
+        """The pooled models (kv_sharing "pooled") reproduce their mixture golden
+        (soft gates) and their routed golden (hard top-1, K/V cached with n_kv(s)
+        heads), and routed mode chooses every scheme in every layer."""
+        for name in ("tiny-pooled-bias", "tiny-pooled-nobias"):
+            path = os.path.join(DATA, name + ".gguf")
+            r = gguf.GGUFReader(path)
+            self.assertEqual(r.kv["moas.attention.kv_sharing"], "pooled")
+            self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [6, 2, 1])
+            self.assertEqual(r.kv["moas.attention.mixing"], "router")
+            self.assertEqual(r.kv["moas.embedding_length"], 48)
+            self.assertEqual(r.kv["moas.context_length"], 64)
+            self.assertEqual(r.kv["moas.bias"], name.endswith("-bias"))
+            self.assertNotIn("blk.0.attn_q.0.weight", r.tensors)
+            self.assertEqual(r.tensors["blk.0.attn_k.weight"].ne, (48, 48))
+            model = moas_forward.Model(path)
+            goldens = {}
+            for mode in ("mixture", "routed"):
+                with self.subTest(name=name, mode=mode):
+                    golden = os.path.join(DATA, name + ("-routed" if mode == "routed" else "")
+                                          + ".golden")
+                    tokens, want_logits, want_gates = moas_forward.read_golden(golden)
+                    goldens[mode] = want_logits
+                    self.assertEqual(len(tokens), 64)
+                    self.assertEqual(len(want_gates[0]), 2)
+                    self.assertEqual(len(want_gates[0][0]), 3)
+                    runner = moas_forward.Runner(model, mode)
+                    dl = dg = 0.0
+                    for t, tok in enumerate(tokens):
+                        logits, gates = runner.step(tok)
+                        dl = max(dl, max(abs(a - b) for a, b in zip(logits, want_logits[t])))
+                        dg = max(dg, max(abs(a - b) for gl, wl in zip(gates, want_gates[t])
+                                         for a, b in zip(gl, wl)))
+                    self.assertLess(dl, 1e-4)
+                    self.assertLess(dg, 1e-5)
+                    if mode == "mixture":
+                        for layer in range(2):
+                            self.assertEqual(runner.kv_heads_cached(layer), 6 * 64)
+                        continue
+                    for layer in range(2):
+                        chosen = [c[layer] for c in runner.chosen]
+                        # the golden's (soft) gates decide the scheme
+                        self.assertEqual(chosen, [moas_forward.argmax(want_gates[t][layer])
+                                                  for t in range(64)])
+                        counts = [chosen.count(s) for s in range(3)]
+                        self.assertGreaterEqual(min(counts), 5, counts)
+                        self.assertEqual(runner.kv_heads_cached(layer),
+                                         6 * counts[0] + 2 * counts[1] + counts[2])
+            # Routing changes the result: the two goldens are different forwards.
+            diff = max(abs(a - b) for ra, rb in zip(goldens["mixture"], goldens["routed"])
+                       for a, b in zip(ra, rb))
+            self.assertGreater(diff, 0.1)
 
     def test_golden_text_is_tiny_txt(self):
         with open(os.path.join(DATA, "tiny.txt"), encoding="utf-8") as f:
