@@ -159,6 +159,7 @@ test: all $(TEST_BIN)
 	python3 -m unittest discover -s tests/python -t . -q
 	sh tests/cli.sh $(BINOUT)/moas
 	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
+	$(MAKE) --no-print-directory cpp-example rust-example consumers
 	$(MAKE) --no-print-directory check OPENMP=0 BUILD=build-noomp LIBOUT=build-noomp/lib \
 	    BINOUT=build-noomp/bin
 	$(MAKE) --no-print-directory lib CC=$(OTHER_CC) WERROR=1 BUILD=build-$(OTHER_CC) \
@@ -190,6 +191,42 @@ uninstall:
 	    $(DESTDIR)$(LIBDIR)/$(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/$(SHLIB_SONAME) \
 	    $(DESTDIR)$(LIBDIR)/libmoas.so $(DESTDIR)$(PKGCONFIGDIR)/moas.pc \
 	    $(DESTDIR)$(BINDIR)/moas
+
+# ---- other languages, consumers, ABI baseline (docs/API.md) ---------------------
+#   make cpp-example     examples/cpp/generate.cpp (RAII header moas.hpp), -std=c++17 -Werror, run
+#   make rust-example    examples/rust: cargo build + test, offline (SKIP when cargo is absent)
+#   make consumers       C++, Rust and Python against an installed prefix found by pkg-config
+#   make abi-check       lib/libmoas.so's ABI against abi/libmoas.abi (abigail-tools)
+#   make abi-update      rewrite abi/libmoas.abi; refuses an incompatible change without a
+#                        new SONAME major (ABI_FORCE=1 overrides)
+.PHONY: cpp-example rust-example consumers abi-check abi-update
+EXAMPLE_MODEL := tests/data/tiny-moas-bias.gguf
+CARGO ?= $(firstword $(shell command -v cargo 2>/dev/null) $(wildcard $(HOME)/.cargo/bin/cargo))
+CPP_EXAMPLE := $(BUILD)/examples/cpp/generate
+
+$(CPP_EXAMPLE): examples/cpp/generate.cpp examples/cpp/moas.hpp include/moas.h $(STATIC_LIB)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CXX     $@")
+	$(Q)$(CXX) -std=c++17 -Wall -Wextra -Werror -Iinclude $(CFLAGS) $(MOREFLAGS) -o $@ \
+	    examples/cpp/generate.cpp $(PROG_LIBS) $(LDFLAGS)
+
+cpp-example: $(CPP_EXAMPLE)
+	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
+
+rust-example: lib
+	$(Q)if [ -z "$(CARGO)" ]; then echo "*** SKIP: rust example (cargo not found) ***"; exit 0; fi; \
+	export CARGO_TARGET_DIR=$(abspath $(BUILD))/rust MOAS_LIB_DIR=$(abspath $(LIBOUT)) && \
+	(cd examples/rust && $(CARGO) build --offline -q && $(CARGO) test --offline -q) && \
+	sh tests/consumers.sh run-example rust-example $(abspath $(BUILD))/rust/debug/generate
+
+consumers: all
+	$(Q)sh tests/consumers.sh all "$(MAKE)" "$(CXX)" "$(CARGO)"
+
+abi-check: lib
+	$(Q)sh tools/abi.sh check $(SHARED_LIB) abi/libmoas.abi abi/libmoas.suppr
+
+abi-update: lib
+	$(Q)sh tools/abi.sh update $(SHARED_LIB) abi/libmoas.abi abi/libmoas.suppr
 
 # No exit/abort/printing in the library, and every public function documented.
 lint:

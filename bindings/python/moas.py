@@ -1,0 +1,1022 @@
+"""moas - Python bindings for libmoas (ctypes, standard library only).
+
+libmoas runs character language models whose attention is a Mixture of Attention
+Schemes (MoAS). This module wraps the whole C API of include/moas.h, which stays the
+reference for what each call does; here are only the Python-specific rules.
+
+    import moas
+    with moas.Model("tests/data/tiny-moas-bias.gguf") as model, model.context() as ctx:
+        logits = ctx.decode_batch(model.tokenize("And God"))   # zero-copy view
+        token = moas.Sampler(model, temperature=0).sample(logits)
+        print(model.token_text(token))
+
+The library. It is found, in this order, at
+  1. the path in the environment variable MOAS_LIBRARY (a .so file);
+  2. `pkg-config --variable=libdir moas`, i.e. an installed libmoas;
+  3. lib/ of the source tree this file sits in (bindings/python/../../lib).
+It is loaded on first use; load_library(path) loads a given file instead.
+
+Errors. Every failing call raises MoasError, which carries the status code
+(`.status`, a Status), its name (`.name`, "MOAS_ERR_INVALID_ARG"), the library's fixed
+sentence for it (`.status_string`) and the exact cause (`.message`, from
+moas_last_error()). Calls on a closed object raise MoasError(MOAS_ERR_INVALID_ARG).
+
+Lifetimes. Model, Context and Sampler own a C object each and release it on close(),
+at the end of a `with` block, or when garbage collected. A Context keeps its Model
+alive; closing a Model first closes the contexts made from it, as the C API requires.
+A model loaded from bytes keeps those bytes alive (a writable buffer is exported, so a
+bytearray cannot be resized while the model lives). Callbacks (route, log, allocator)
+are kept alive by the object they were given to.
+
+Logits without copying. Context.logits() (and what decode() and decode_batch() return,
+except decode_batch(..., logits="all"), which fills a new buffer of its own)
+is a read-only memoryview of n_vocab floats over the library's own buffer. It is valid
+until the next decode, decode_batch, truncate, reset or close of that context; those
+calls release it, after which any use raises ValueError. Slices or other buffers made
+from the view are not tracked: copy (`list(view)`, `bytes(view)`) what must outlive
+the next decode.
+
+Threads. As in C: a Model may be shared by threads; a Context or a Sampler is used by
+one thread at a time. ctypes releases the GIL during every call into the library.
+"""
+
+import ctypes
+import enum
+import os
+import subprocess
+import sys
+import weakref
+from collections import namedtuple
+
+__all__ = [
+    "MoasError", "Status", "LogLevel", "Type", "Mixing", "KvSharing", "MetaType", "Mode",
+    "Kernels", "Logits", "Model", "Context", "Sampler", "TensorInfo", "Routes", "Allocator",
+    "load_library", "library", "library_path", "version_number", "version_string",
+    "status_string", "status_name", "last_error", "ABI_MAJOR",
+]
+
+ABI_MAJOR = 1  # the SONAME major (libmoas.so.1) whose ABI this module declares
+
+# ---- enums (values pinned in moas.h) ------------------------------------------------
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERR_INVALID_ARG = -1
+    ERR_NO_MEMORY = -2
+    ERR_IO = -3
+    ERR_BAD_FORMAT = -4
+    ERR_CORRUPT = -5
+    ERR_UNSUPPORTED = -6
+    ERR_CONTEXT_FULL = -7
+    ERR_UNKNOWN_CHAR = -8
+    ERR_BUFFER_TOO_SMALL = -9
+    ERR_NOT_FOUND = -10
+    ERR_WRONG_TYPE = -11
+    ERR_INTERNAL = -12
+
+
+class LogLevel(enum.IntEnum):
+    ERROR = 0
+    WARN = 1
+    INFO = 2
+    DEBUG = 3
+
+
+class Type(enum.IntEnum):
+    F32 = 0
+    F16 = 1
+    Q8_0 = 8
+    BF16 = 30
+
+
+class Mixing(enum.IntEnum):
+    SINGLE = 0
+    MEAN = 1
+    ROUTER = 2
+
+
+class KvSharing(enum.IntEnum):
+    INDEPENDENT = 0
+    POOLED = 1
+
+
+class MetaType(enum.IntEnum):
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+class Mode(enum.IntEnum):
+    MIXTURE = 0
+    ROUTED = 1
+
+
+class Kernels(enum.IntEnum):
+    AUTO = 0
+    REF = 1
+
+
+class Logits(enum.IntEnum):
+    NONE = 0
+    LAST = 1
+    ALL = 2
+
+
+_INT_META = {MetaType.UINT8, MetaType.INT8, MetaType.UINT16, MetaType.INT16,
+             MetaType.UINT32, MetaType.INT32, MetaType.UINT64, MetaType.INT64}
+_FLOAT_META = {MetaType.FLOAT32, MetaType.FLOAT64}
+
+# ---- C types --------------------------------------------------------------------------
+
+c_status = ctypes.c_int   # enums are int-sized in the C ABI
+c_enum = ctypes.c_int
+
+LOG_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, c_enum, ctypes.c_char_p)
+ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                            ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_int32)
+ALLOC_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+FREE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class Allocator(ctypes.Structure):
+    """struct moas_allocator. Pass an instance as `allocator=`; the object it is given
+    to keeps it (and so its function objects) alive."""
+    _fields_ = [("alloc", ALLOC_FN), ("free", FREE_FN), ("user", ctypes.c_void_p)]
+
+
+class ModelParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("use_mmap", ctypes.c_int32),
+                ("log", LOG_FN), ("log_user", ctypes.c_void_p),
+                ("allocator", ctypes.POINTER(Allocator))]
+
+
+class ContextParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("n_ctx", ctypes.c_int32),
+                ("n_threads", ctypes.c_int32), ("mode", ctypes.c_int32),
+                ("kv_type", ctypes.c_int32), ("kernels", ctypes.c_int32), ("log", LOG_FN), ("log_user", ctypes.c_void_p),
+                ("allocator", ctypes.POINTER(Allocator)), ("forced_scheme", ctypes.c_int32),
+                ("kv_budget_bytes", ctypes.c_uint64), ("route_fn", ROUTE_FN),
+                ("route_user", ctypes.c_void_p)]
+
+
+class SamplerParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("temperature", ctypes.c_float),
+                ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
+                ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator))]
+
+
+class TensorInfoC(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("name", ctypes.c_char_p), ("type", c_enum),
+                ("n_dims", ctypes.c_int32), ("ne", ctypes.c_int64 * 4),
+                ("offset", ctypes.c_uint64), ("n_bytes", ctypes.c_uint64),
+                ("data", ctypes.c_void_p)]
+
+
+_P = ctypes.POINTER
+_i32, _i64, _u64, _f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
+_sz, _vp, _cp = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
+
+# name: (restype, argtypes). Handles are passed as void pointers. This table is the
+# whole of moas.h; tests/python/test_binding.py checks it against the header.
+_SIGNATURES = {
+    "moas_version_number": (_i32, []),
+    "moas_version_string": (_cp, []),
+    "moas_status_string": (_cp, [c_status]),
+    "moas_status_name": (_cp, [c_status]),
+    "moas_last_error": (_cp, []),
+    "moas_model_params_init_sized": (None, [_vp, ctypes.c_size_t]),
+    "moas_model_load": (c_status, [_cp, _P(ModelParams), _P(_vp)]),
+    "moas_model_load_memory": (c_status, [_vp, _sz, _P(ModelParams), _P(_vp)]),
+    "moas_model_free": (None, [_vp]),
+    "moas_model_arch": (_cp, [_vp]),
+    "moas_model_name": (_cp, [_vp]),
+    "moas_model_n_layer": (_i32, [_vp]),
+    "moas_model_n_embd": (_i32, [_vp]),
+    "moas_model_n_head": (_i32, [_vp]),
+    "moas_model_head_dim": (_i32, [_vp]),
+    "moas_model_n_ff": (_i32, [_vp]),
+    "moas_model_n_vocab": (_i32, [_vp]),
+    "moas_model_n_ctx_train": (_i32, [_vp]),
+    "moas_model_n_scheme": (_i32, [_vp]),
+    "moas_model_mixing": (c_enum, [_vp]),
+    "moas_model_kv_sharing": (c_enum, [_vp]),
+    "moas_model_has_bias": (_i32, [_vp]),
+    "moas_model_n_params": (_u64, [_vp]),
+    "moas_model_scheme_n_kv": (_i32, [_vp, _i32]),
+    "moas_model_n_tensors": (_i64, [_vp]),
+    "moas_model_tensor": (c_status, [_vp, _i64, _P(TensorInfoC)]),
+    "moas_model_tensor_find": (c_status, [_vp, _cp, _P(_i64)]),
+    "moas_model_meta_count": (_i64, [_vp]),
+    "moas_model_meta_key": (_cp, [_vp, _i64]),
+    "moas_model_meta_type": (c_status, [_vp, _cp, _P(c_enum)]),
+    "moas_model_meta_int": (c_status, [_vp, _cp, _P(_i64)]),
+    "moas_model_meta_float": (c_status, [_vp, _cp, _P(ctypes.c_double)]),
+    "moas_model_meta_bool": (c_status, [_vp, _cp, _P(_i32)]),
+    "moas_model_meta_string": (c_status, [_vp, _cp, _P(_vp), _P(_sz)]),
+    "moas_model_meta_array": (c_status, [_vp, _cp, _P(c_enum), _P(_u64)]),
+    "moas_model_meta_array_int": (c_status, [_vp, _cp, _u64, _P(_i64)]),
+    "moas_model_meta_array_float": (c_status, [_vp, _cp, _u64, _P(ctypes.c_double)]),
+    "moas_model_meta_array_string": (c_status, [_vp, _cp, _u64, _P(_vp), _P(_sz)]),
+    "moas_context_params_init_sized": (None, [_vp, ctypes.c_size_t]),
+    "moas_context_create": (c_status, [_vp, _P(ContextParams), _P(_vp)]),
+    "moas_context_free": (None, [_vp]),
+    "moas_context_decode": (c_status, [_vp, _i32, _P(_f32)]),
+    "moas_context_decode_batch": (c_status, [_vp, _P(_i32), _i32, _P(_f32), c_enum]),
+    "moas_context_logits": (_P(_f32), [_vp]),
+    "moas_context_n_past": (_i32, [_vp]),
+    "moas_context_n_ctx": (_i32, [_vp]),
+    "moas_context_mode": (c_enum, [_vp]),
+    "moas_context_model": (_vp, [_vp]),
+    "moas_context_kernels_name": (_cp, [_vp]),
+    "moas_context_reset": (None, [_vp]),
+    "moas_context_truncate": (c_status, [_vp, _i32]),
+    "moas_context_routes": (c_status, [_vp, _i32, _i32, _P(_f32), _P(_i32), _P(_i32)]),
+    "moas_context_scheme_counts": (c_status, [_vp, _i32, _P(_i32)]),
+    "moas_context_force_scheme": (c_status, [_vp, _i32]),
+    "moas_context_set_kv_budget": (c_status, [_vp, _u64]),
+    "moas_context_set_route_callback": (None, [_vp, ROUTE_FN, _vp]),
+    "moas_context_kv_bytes_used": (_sz, [_vp, _i32]),
+    "moas_context_kv_bytes_reserved": (_sz, [_vp, _i32]),
+    "moas_tokenize": (c_status, [_vp, _cp, _sz, _P(_i32), _sz, _P(_sz)]),
+    "moas_detokenize": (c_status, [_vp, _P(_i32), _sz, _cp, _sz, _P(_sz)]),
+    "moas_token_text": (_cp, [_vp, _i32]),
+    "moas_sampler_params_init_sized": (None, [_vp, ctypes.c_size_t]),
+    "moas_sampler_create": (c_status, [_P(SamplerParams), _i32, _P(_vp)]),
+    "moas_sampler_free": (None, [_vp]),
+    "moas_sampler_sample": (c_status, [_vp, _P(_f32), _P(_i32)]),
+    "moas_sampler_reseed": (None, [_vp, _u64]),
+}
+
+# ---- finding and loading the library ------------------------------------------------
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.platform == "darwin":
+    _SONAME = "libmoas.%d.dylib" % ABI_MAJOR
+else:
+    _SONAME = "libmoas.so.%d" % ABI_MAJOR
+
+_lib = None
+_lib_path = None
+
+
+def _candidates():
+    """Paths to try, in the documented order (MOAS_LIBRARY alone when it is set)."""
+    env = os.environ.get("MOAS_LIBRARY")
+    if env:
+        return [env]
+    found = []
+    try:
+        out = subprocess.run(["pkg-config", "--variable=libdir", "moas"], check=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             universal_newlines=True).stdout.strip()
+        if out:
+            found.append(os.path.join(out, _SONAME))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    found.append(os.path.join(_HERE, os.pardir, os.pardir, "lib", _SONAME))
+    return found
+
+
+def load_library(path=None):
+    """Load libmoas from `path`, or from the first candidate that exists, and declare
+    every function. Returns the ctypes.CDLL. Raises OSError if none loads."""
+    global _lib, _lib_path
+    paths = [path] if path else _candidates()
+    errors = []
+    for p in paths:
+        if not os.path.exists(p):
+            errors.append("%s: no such file" % p)
+            continue
+        try:
+            lib = ctypes.CDLL(os.path.abspath(p))
+        except OSError as e:
+            errors.append("%s: %s" % (p, e))
+            continue
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        major = lib.moas_version_number() // 10000
+        if major != ABI_MAJOR:
+            errors.append("%s: version %s, this module needs %d.x"
+                          % (p, lib.moas_version_string().decode(), ABI_MAJOR))
+            continue
+        _check_struct_sizes(lib)
+        _lib, _lib_path = lib, os.path.abspath(p)
+        return lib
+    raise OSError("libmoas not found (set MOAS_LIBRARY, install it with pkg-config, or run "
+                  "make in the source tree):\n  " + "\n  ".join(errors))
+
+
+def library():
+    """The loaded ctypes.CDLL, loading it first if needed."""
+    return _lib if _lib is not None else load_library()
+
+
+def library_path():
+    """The absolute path of the loaded library (loading it first if needed)."""
+    library()
+    return _lib_path
+
+
+def _library_sizeof(init):
+    """sizeof() of a params struct as the library knows it: given more room than it
+    needs, _params_init_sized fills its own size and says so in the `size` field."""
+    buf = ctypes.create_string_buffer(4096)
+    init(buf, len(buf))
+    return ctypes.c_uint32.from_buffer(buf).value
+
+
+def _check_struct_sizes(lib):
+    for init, cls in ((lib.moas_model_params_init_sized, ModelParams),
+                      (lib.moas_context_params_init_sized, ContextParams),
+                      (lib.moas_sampler_params_init_sized, SamplerParams)):
+        if _library_sizeof(init) < ctypes.sizeof(cls):
+            raise OSError("libmoas: %s is larger here than in the library" % cls.__name__)
+
+
+def _params(init, cls):
+    """The library's defaults in our declaration of the struct: _params_init_sized
+    fills our sizeof bytes and sets `size` to what it filled (moas.h, STABILITY)."""
+    params = cls()
+    init(ctypes.byref(params), ctypes.sizeof(cls))
+    return params
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+class MoasError(Exception):
+    """A libmoas call failed. `status` (Status or int), `name` ("MOAS_ERR_..."),
+    `status_string` (the fixed sentence) and `message` (moas_last_error())."""
+
+    def __init__(self, status, message=""):
+        try:
+            status = Status(status)
+        except ValueError:
+            pass
+        self.status = status
+        self.name = status_name(status)
+        self.status_string = status_string(status)
+        self.message = message
+        super().__init__(status, message)
+
+    def __str__(self):
+        return "%s (%s): %s" % (self.name, self.status_string, self.message)
+
+
+def _check(status):
+    """Raise MoasError for a failed status, with this thread's moas_last_error()."""
+    if status != Status.OK:
+        raise MoasError(status, last_error())
+
+
+def _closed(what):
+    return MoasError(Status.ERR_INVALID_ARG, "%s is closed" % what)
+
+
+def version_number():
+    return library().moas_version_number()
+
+
+def version_string():
+    return library().moas_version_string().decode()
+
+
+def status_string(status):
+    return library().moas_status_string(int(status)).decode()
+
+
+def status_name(status):
+    """"MOAS_ERR_CORRUPT" and the like; "MOAS_UNKNOWN" for a value outside the table."""
+    return library().moas_status_name(int(status)).decode()
+
+
+def last_error():
+    return library().moas_last_error().decode("utf-8", "replace")
+
+
+def _log_callback(fn):
+    """A ctypes log callback calling fn(level, message), or a NULL one."""
+    if fn is None:
+        return LOG_FN()
+
+    def log(_user, level, message):
+        try:
+            fn(LogLevel(level), message.decode("utf-8", "replace"))
+        except Exception:  # an exception cannot cross the C frames
+            pass
+    return LOG_FN(log)
+
+
+def _enum(cls, value):
+    return cls[value.upper()] if isinstance(value, str) else cls(value)
+
+
+def _text(ptr, length=None):
+    if ptr is None:
+        return None
+    raw = ctypes.string_at(ptr, length) if length is not None else ptr
+    return raw.decode("utf-8", "surrogateescape")
+
+
+# ---- model ----------------------------------------------------------------------------
+
+TensorInfo = namedtuple("TensorInfo", "index name type shape offset n_bytes data")
+TensorInfo.__doc__ = """One tensor of the file. `shape` is GGUF order (fastest first);
+`data` is a read-only memoryview of its n_bytes bytes, valid while the model is open."""
+
+
+class Model:
+    """A loaded GGUF model (moas_model). Read-only; may be shared by threads."""
+
+    def __init__(self, path, *, use_mmap=True, log=None, allocator=None):
+        self._ptr = None
+        self._contexts = weakref.WeakSet()
+        self._buffer = None
+        params = self._make_params(log, allocator)
+        params.use_mmap = 1 if use_mmap else 0
+        out = ctypes.c_void_p()
+        _check(library().moas_model_load(os.fsencode(path), ctypes.byref(params),
+                                         ctypes.byref(out)))
+        self._ptr = out.value
+
+    @classmethod
+    def from_bytes(cls, data, *, log=None, allocator=None):
+        """Load a model held in memory: bytes, bytearray, memoryview, mmap, ... The
+        buffer is borrowed (moas_model_load_memory), so the model keeps it alive; a
+        writable one must not be changed while the model is open."""
+        self = cls.__new__(cls)
+        self._ptr = None
+        self._contexts = weakref.WeakSet()
+        params = self._make_params(log, allocator)
+        # ctypes.cast() would tie these objects into a reference cycle, and so keep a
+        # bytearray exported after close(): pass the objects themselves as void *.
+        if isinstance(data, bytes):
+            keep = data
+            size = len(data)
+        else:
+            view = memoryview(data).cast("B")
+            if view.readonly:
+                keep = view.tobytes()   # ctypes cannot address a read-only buffer
+            else:
+                keep = (ctypes.c_char * view.nbytes).from_buffer(view)
+            size = view.nbytes
+        self._buffer = keep
+        out = ctypes.c_void_p()
+        _check(library().moas_model_load_memory(keep, size, ctypes.byref(params),
+                                                ctypes.byref(out)))
+        self._ptr = out.value
+        return self
+
+    def _make_params(self, log, allocator):
+        params = _params(library().moas_model_params_init_sized, ModelParams)
+        self._log = _log_callback(log)
+        params.log = self._log
+        self._allocator = allocator
+        if allocator is not None:
+            params.allocator = ctypes.pointer(allocator)
+        return params
+
+    # lifetime
+    def close(self):
+        """Free the model, after the contexts made from it. Idempotent."""
+        for ctx in list(self._contexts):
+            ctx.close()
+        if self._ptr is not None:
+            library().moas_model_free(self._ptr)
+            self._ptr = None
+        self._buffer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None and _lib is not None:
+            self.close()
+
+    @property
+    def closed(self):
+        return self._ptr is None
+
+    def _p(self):
+        if self._ptr is None:
+            raise _closed("model")
+        return self._ptr
+
+    def _call(self, name, *args):
+        return getattr(library(), name)(self._p(), *args)
+
+    # hyperparameters
+    arch = property(lambda self: self._call("moas_model_arch").decode())
+    name = property(lambda self: _text(self._call("moas_model_name")))
+    n_layer = property(lambda self: self._call("moas_model_n_layer"))
+    n_embd = property(lambda self: self._call("moas_model_n_embd"))
+    n_head = property(lambda self: self._call("moas_model_n_head"))
+    head_dim = property(lambda self: self._call("moas_model_head_dim"))
+    n_ff = property(lambda self: self._call("moas_model_n_ff"))
+    n_vocab = property(lambda self: self._call("moas_model_n_vocab"))
+    n_ctx_train = property(lambda self: self._call("moas_model_n_ctx_train"))
+    n_scheme = property(lambda self: self._call("moas_model_n_scheme"))
+    mixing = property(lambda self: Mixing(self._call("moas_model_mixing")))
+    kv_sharing = property(lambda self: KvSharing(self._call("moas_model_kv_sharing")))
+    has_bias = property(lambda self: bool(self._call("moas_model_has_bias")))
+    n_params = property(lambda self: self._call("moas_model_n_params"))
+
+    def scheme_n_kv(self, scheme):
+        """KV heads stored per token by `scheme`; MoasError if out of range."""
+        n = self._call("moas_model_scheme_n_kv", scheme)
+        if n == 0:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "scheme %d outside [0, %d)" % (scheme, self.n_scheme))
+        return n
+
+    @property
+    def schemes(self):
+        """KV heads of every scheme, e.g. [6, 2, 1] (MHA, GQA, MQA)."""
+        return [self.scheme_n_kv(s) for s in range(self.n_scheme)]
+
+    # tensors
+    @property
+    def n_tensors(self):
+        return self._call("moas_model_n_tensors")
+
+    def tensor_find(self, name):
+        index = ctypes.c_int64()
+        _check(self._call("moas_model_tensor_find", name.encode(), ctypes.byref(index)))
+        return index.value
+
+    def tensor(self, key):
+        """The TensorInfo of tensor number `key`, or of the tensor called `key`."""
+        index = self.tensor_find(key) if isinstance(key, str) else key
+        info = TensorInfoC()
+        info.size = ctypes.sizeof(TensorInfoC)
+        _check(self._call("moas_model_tensor", index, ctypes.byref(info)))
+        data = None
+        if info.data and info.n_bytes:
+            raw = (ctypes.c_char * info.n_bytes).from_address(info.data)
+            data = memoryview(raw).cast("B").toreadonly()
+        try:
+            ttype = Type(info.type)
+        except ValueError:
+            ttype = info.type
+        return TensorInfo(index, info.name.decode(), ttype, tuple(info.ne[:info.n_dims]),
+                          info.offset, info.n_bytes, data)
+
+    def tensors(self):
+        return [self.tensor(i) for i in range(self.n_tensors)]
+
+    # metadata
+    @property
+    def meta_count(self):
+        return self._call("moas_model_meta_count")
+
+    def meta_key(self, index):
+        key = self._call("moas_model_meta_key", index)
+        if key is None:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "metadata index %d outside [0, %d)" % (index, self.meta_count))
+        return key.decode()
+
+    def meta_keys(self):
+        return [self.meta_key(i) for i in range(self.meta_count)]
+
+    def meta_type(self, key):
+        t = ctypes.c_int()
+        _check(self._call("moas_model_meta_type", key.encode(), ctypes.byref(t)))
+        return MetaType(t.value)
+
+    def meta_int(self, key):
+        v = ctypes.c_int64()
+        _check(self._call("moas_model_meta_int", key.encode(), ctypes.byref(v)))
+        return v.value
+
+    def meta_float(self, key):
+        v = ctypes.c_double()
+        _check(self._call("moas_model_meta_float", key.encode(), ctypes.byref(v)))
+        return v.value
+
+    def meta_bool(self, key):
+        v = ctypes.c_int32()
+        _check(self._call("moas_model_meta_bool", key.encode(), ctypes.byref(v)))
+        return bool(v.value)
+
+    def meta_string(self, key):
+        """A string value as str (undecodable bytes as surrogate escapes)."""
+        p, n = ctypes.c_void_p(), ctypes.c_size_t()
+        _check(self._call("moas_model_meta_string", key.encode(), ctypes.byref(p),
+                          ctypes.byref(n)))
+        return _text(p.value, n.value)
+
+    def meta_array(self, key):
+        """(element MetaType, length) of an array value."""
+        t, n = ctypes.c_int(), ctypes.c_uint64()
+        _check(self._call("moas_model_meta_array", key.encode(), ctypes.byref(t),
+                          ctypes.byref(n)))
+        return MetaType(t.value), n.value
+
+    def meta_array_int(self, key, index):
+        v = ctypes.c_int64()
+        _check(self._call("moas_model_meta_array_int", key.encode(), index, ctypes.byref(v)))
+        return v.value
+
+    def meta_array_float(self, key, index):
+        v = ctypes.c_double()
+        _check(self._call("moas_model_meta_array_float", key.encode(), index, ctypes.byref(v)))
+        return v.value
+
+    def meta_array_string(self, key, index):
+        p, n = ctypes.c_void_p(), ctypes.c_size_t()
+        _check(self._call("moas_model_meta_array_string", key.encode(), index,
+                          ctypes.byref(p), ctypes.byref(n)))
+        return _text(p.value, n.value)
+
+    def meta(self, key):
+        """The value under `key` as a Python value of its type; arrays as lists."""
+        t = self.meta_type(key)
+        if t == MetaType.ARRAY:
+            elem, n = self.meta_array(key)
+            get = (self.meta_array_string if elem == MetaType.STRING else
+                   self.meta_array_float if elem in _FLOAT_META else self.meta_array_int)
+            values = [get(key, i) for i in range(n)]
+            return [bool(v) for v in values] if elem == MetaType.BOOL else values
+        if t == MetaType.STRING:
+            return self.meta_string(key)
+        if t == MetaType.BOOL:
+            return self.meta_bool(key)
+        if t in _FLOAT_META:
+            return self.meta_float(key)
+        return self.meta_int(key)
+
+    def metadata(self):
+        """Every key and its value, in file order."""
+        return {k: self.meta(k) for k in self.meta_keys()}
+
+    # tokenizer
+    def tokenize(self, text):
+        """Token ids of `text` (str or UTF-8 bytes), one per character."""
+        raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+        cap = max(len(raw), 1)   # one id per character, so at most one per byte
+        ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
+        _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
+        return ids[:n.value]
+
+    def detokenize(self, tokens):
+        tokens = list(tokens)
+        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
+        cap = 4 * len(tokens) + 1   # a character is at most 4 UTF-8 bytes
+        buf, n = ctypes.create_string_buffer(cap), ctypes.c_size_t()
+        _check(self._call("moas_detokenize", ids, len(tokens), buf, cap, ctypes.byref(n)))
+        return buf.raw[:n.value].decode("utf-8", "surrogateescape")
+
+    def token_text(self, token):
+        text = self._call("moas_token_text", token)
+        if text is None:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "token %d outside [0, %d)" % (token, self.n_vocab))
+        return text.decode("utf-8", "surrogateescape")
+
+    @property
+    def vocab(self):
+        return [self.token_text(i) for i in range(self.n_vocab)]
+
+    def context(self, **params):
+        """A new Context for this model; see Context for the parameters."""
+        return Context(self, **params)
+
+    def __repr__(self):
+        if self._ptr is None:
+            return "<moas.Model closed>"
+        return "<moas.Model %r: %d layers, %d heads, schemes %s, vocab %d>" % (
+            self.name, self.n_layer, self.n_head, self.schemes, self.n_vocab)
+
+
+# ---- context --------------------------------------------------------------------------
+
+Routes = namedtuple("Routes", "gates schemes kv_heads")
+Routes.__doc__ = """Routing of a range of positions: memoryviews of Python-owned copies,
+gates float [n_pos][n_layer][n_scheme], schemes and kv_heads int32 [n_pos][n_layer]."""
+
+
+class Context:
+    """An inference stream (moas_context): KV cache, position, routing records.
+
+    Parameters, all optional, as moas_context_params: n_ctx (0: trained length),
+    n_threads (0: OpenMP's default), mode ("mixture" | "routed" or Mode), kv_type
+    ("f32" | "f16" or Type), kernels ("auto" | "ref"), forced_scheme (-1: the router),
+    kv_budget (bytes, 0: none), route_callback (see set_route_callback), log
+    (fn(level, message)), allocator (an Allocator).
+    """
+
+    def __init__(self, model, *, n_ctx=0, n_threads=0, mode=Mode.MIXTURE, kv_type=Type.F32,
+                 kernels=Kernels.AUTO, forced_scheme=-1, kv_budget=0, route_callback=None,
+                 log=None, allocator=None):
+        self._ptr = None
+        self._views = []
+        self._route = None
+        self._route_error = None
+        self.model = model
+        params = _params(library().moas_context_params_init_sized, ContextParams)
+        params.n_ctx, params.n_threads = n_ctx, n_threads
+        params.mode = _enum(Mode, mode)
+        params.kv_type = _enum(Type, kv_type)
+        params.kernels = _enum(Kernels, kernels)
+        params.forced_scheme = forced_scheme
+        params.kv_budget_bytes = kv_budget
+        self._log = _log_callback(log)
+        params.log = self._log
+        self._allocator = allocator
+        if allocator is not None:
+            params.allocator = ctypes.pointer(allocator)
+        self._route = self._route_callback(route_callback)
+        params.route_fn = self._route
+        out = ctypes.c_void_p()
+        _check(library().moas_context_create(model._p(), ctypes.byref(params),
+                                             ctypes.byref(out)))
+        self._ptr = out.value
+        self._n_vocab = model.n_vocab
+        self._n_layer = model.n_layer
+        self._n_scheme = model.n_scheme
+        model._contexts.add(self)
+
+    # lifetime
+    def close(self):
+        self._invalidate()
+        if self._ptr is not None:
+            library().moas_context_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None and _lib is not None:
+            self.close()
+
+    @property
+    def closed(self):
+        return self._ptr is None
+
+    def _p(self):
+        if self._ptr is None:
+            raise _closed("context")
+        return self._ptr
+
+    def _call(self, name, *args):
+        return getattr(library(), name)(self._p(), *args)
+
+    # the logits view
+    def _invalidate(self):
+        """Release every logits view handed out: the buffer is about to change."""
+        for view in self._views:
+            try:
+                view.release()
+            except BufferError:   # something still exports it (numpy, a cast)
+                pass
+        self._views.clear()
+
+    def logits(self):
+        """The last decoded token's logits as a read-only memoryview of n_vocab floats
+        over the library's buffer (no copy), or None when there are none (nothing
+        decoded since creation, reset or truncate, or decode_batch with logits="none").
+        Released by the next decode, decode_batch, truncate, reset or close."""
+        if self._views:
+            try:
+                self._views[-1].nbytes   # still usable, unless its holder released it
+                return self._views[-1]
+            except ValueError:
+                self._views.pop()
+        ptr = self._call("moas_context_logits")
+        if not ptr:
+            return None
+        raw = memoryview((ctypes.c_float * self._n_vocab).from_address(
+            ctypes.addressof(ptr.contents)))
+        view = raw.cast("B").cast("f").toreadonly()
+        raw.release()
+        self._views.append(view)
+        return view
+
+    # decoding
+    def _run(self, name, *args):
+        """Call a decoding function; a route callback's exception undoes the call
+        (truncate restores the exact earlier state) and is raised."""
+        n_past = self._call("moas_context_n_past")
+        self._invalidate()
+        self._route_error = None
+        status = self._call(name, *args)
+        if self._route_error is not None:
+            error, self._route_error = self._route_error, None
+            if status == Status.OK:
+                self._call("moas_context_truncate", n_past)
+            raise error
+        _check(status)
+
+    def decode(self, token):
+        """Decode one token; returns the logits view (see logits())."""
+        self._run("moas_context_decode", token, None)
+        return self.logits()
+
+    def decode_batch(self, tokens, logits="last"):
+        """Decode consecutive tokens, all or none. `logits` "last" (default) returns the
+        logits view, "none" returns None (and leaves no logits), "all" returns a new
+        list of n_tokens memoryviews of n_vocab floats, rows of one new buffer that the
+        caller owns."""
+        tokens = list(tokens)
+        which = _enum(Logits, logits)
+        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
+        out = None
+        if which == Logits.ALL:
+            out = (ctypes.c_float * max(len(tokens) * self._n_vocab, 1))()
+        self._run("moas_context_decode_batch", ids, len(tokens), out, which)
+        if which == Logits.ALL:
+            flat = memoryview(out).cast("B").cast("f")
+            v = self._n_vocab
+            return [flat[i * v:(i + 1) * v] for i in range(len(tokens))]
+        return self.logits() if which == Logits.LAST else None
+
+    def reset(self):
+        self._invalidate()
+        self._call("moas_context_reset")
+
+    def truncate(self, n_keep):
+        self._invalidate()
+        _check(self._call("moas_context_truncate", n_keep))
+
+    # state
+    n_past = property(lambda self: self._call("moas_context_n_past"))
+    n_ctx = property(lambda self: self._call("moas_context_n_ctx"))
+    mode = property(lambda self: Mode(self._call("moas_context_mode")))
+    kernels_name = property(lambda self: self._call("moas_context_kernels_name").decode())
+
+    # routing
+    def routes(self, pos=0, n_pos=None):
+        """Routes of positions [pos, pos + n_pos) (default: to n_past)."""
+        if n_pos is None:
+            n_pos = max(self.n_past - pos, 0)
+        L, S = self._n_layer, self._n_scheme
+        gates = (ctypes.c_float * max(n_pos * L * S, 1))()
+        schemes = (ctypes.c_int32 * max(n_pos * L, 1))()
+        heads = (ctypes.c_int32 * max(n_pos * L, 1))()
+        _check(self._call("moas_context_routes", pos, n_pos, gates, schemes, heads))
+
+        def view(buf, fmt, shape):
+            v = memoryview(buf).cast("B")
+            return v.cast(fmt, shape) if n_pos else v[:0].cast(fmt)
+        return Routes(view(gates, "f", (n_pos, L, S)), view(schemes, "i", (n_pos, L)),
+                      view(heads, "i", (n_pos, L)))
+
+    def scheme_counts(self, layer=-1):
+        """Stored tokens per scheme in `layer`, or token-layer pairs for -1."""
+        counts = (ctypes.c_int32 * self._n_scheme)()
+        _check(self._call("moas_context_scheme_counts", layer, counts))
+        return list(counts)
+
+    def force_scheme(self, scheme):
+        _check(self._call("moas_context_force_scheme", scheme))
+
+    def set_kv_budget(self, nbytes):
+        _check(self._call("moas_context_set_kv_budget", nbytes))
+
+    def _route_callback(self, fn):
+        if fn is None:
+            return ROUTE_FN()
+        ref = weakref.ref(self)   # no cycle through the C callback
+
+        def route(_user, pos, layer, gates, n_scheme, proposed):
+            try:
+                choice = fn(pos, layer, tuple(gates[:n_scheme]), proposed)
+                return proposed if choice is None else int(choice)
+            except BaseException as e:   # cannot cross the C frames: raised after the call
+                ctx = ref()
+                if ctx is not None and ctx._route_error is None:
+                    ctx._route_error = e
+                return proposed
+        return ROUTE_FN(route)
+
+    def set_route_callback(self, fn):
+        """Install fn(pos, layer, gates, proposed) -> scheme or None (keep `proposed`),
+        called per token and layer; or remove it with None. Routed mode uses the answer
+        (a KV budget still applies); mixture mode only observes. If fn raises, the
+        decode is undone and the exception propagates from decode()."""
+        callback = self._route_callback(fn)
+        self._call("moas_context_set_route_callback", callback, None)
+        self._route = callback
+
+    def _layer(self, layer):
+        if not -1 <= layer < self._n_layer:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "layer %d outside [-1, %d)" % (layer, self._n_layer))
+        return layer
+
+    def kv_bytes_used(self, layer=-1):
+        return self._call("moas_context_kv_bytes_used", self._layer(layer))
+
+    def kv_bytes_reserved(self, layer=-1):
+        return self._call("moas_context_kv_bytes_reserved", self._layer(layer))
+
+    def __repr__(self):
+        if self._ptr is None:
+            return "<moas.Context closed>"
+        return "<moas.Context %s, %d/%d tokens, kernels %s>" % (
+            self.mode.name.lower(), self.n_past, self.n_ctx, self.kernels_name)
+
+
+# ---- sampler --------------------------------------------------------------------------
+
+
+class Sampler:
+    """Chooses tokens from logits (moas_sampler): greedy when temperature is 0, else
+    softmax(logits / temperature) cut to top_k then top_p, drawn from a seeded stream.
+    `vocab` is a Model or the number of logits."""
+
+    def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, allocator=None):
+        self._ptr = None
+        self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else int(vocab)
+        params = _params(library().moas_sampler_params_init_sized, SamplerParams)
+        params.temperature, params.top_k, params.top_p, params.seed = (
+            temperature, top_k, top_p, seed)
+        self._allocator = allocator
+        if allocator is not None:
+            params.allocator = ctypes.pointer(allocator)
+        out = ctypes.c_void_p()
+        _check(library().moas_sampler_create(ctypes.byref(params), self.n_vocab,
+                                             ctypes.byref(out)))
+        self._ptr = out.value
+
+    def close(self):
+        if self._ptr is not None:
+            library().moas_sampler_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None and _lib is not None:
+            self.close()
+
+    @property
+    def closed(self):
+        return self._ptr is None
+
+    def _p(self):
+        if self._ptr is None:
+            raise _closed("sampler")
+        return self._ptr
+
+    def _pointer(self, logits):
+        """A float pointer to n_vocab logits, and what keeps them alive."""
+        if isinstance(logits, Context):
+            ptr = logits._call("moas_context_logits")
+            if not ptr:
+                raise MoasError(Status.ERR_INVALID_ARG, "the context has no logits")
+            return ptr, logits
+        try:
+            view = memoryview(logits)
+        except TypeError:
+            values = list(logits)   # a plain sequence: copied
+            if len(values) != self.n_vocab:
+                raise MoasError(Status.ERR_INVALID_ARG, "%d logits, the sampler needs %d"
+                                % (len(values), self.n_vocab)) from None
+            buf = (ctypes.c_float * self.n_vocab)(*values)
+            return buf, buf
+        if view.itemsize != 4 or view.format not in ("f", "<f", "=f") or \
+                view.nbytes != 4 * self.n_vocab:
+            raise MoasError(Status.ERR_INVALID_ARG, "logits must be %d float32 values"
+                            % self.n_vocab)
+        if view.readonly:   # our logits view, bytes, ...: copy (n_vocab floats)
+            buf = (ctypes.c_float * self.n_vocab).from_buffer_copy(view.cast("B"))
+        else:
+            buf = (ctypes.c_float * self.n_vocab).from_buffer(view.cast("B"))
+        return buf, buf
+
+    def sample(self, logits):
+        """A token id chosen from `logits`: n_vocab float32 values as a buffer (the
+        view from Context.logits(), array('f'), ...), a sequence, or a Context (its
+        current logits, read in place)."""
+        ptr, _keep = self._pointer(logits)
+        token = ctypes.c_int32()
+        _check(library().moas_sampler_sample(self._p(), ptr, ctypes.byref(token)))
+        return token.value
+
+    def reseed(self, seed):
+        library().moas_sampler_reseed(self._p(), seed)

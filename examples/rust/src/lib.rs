@@ -1,0 +1,801 @@
+//! Safe Rust bindings to libmoas, written by hand against `include/moas.h` (no crates).
+//!
+//! [`ffi`] declares the whole C API. [`Model`], [`Context`] and [`Sampler`] own one C
+//! object each and free it in `Drop`. Every failing call returns [`Error`]: the status,
+//! its name and `moas_last_error()`.
+//!
+//! The C API's lifetime rules become borrows: a `Context<'m>` borrows its `Model`, so the
+//! model outlives it; `Context::logits()` borrows the context, and every call that
+//! changes the logits (`decode`, `decode_batch`, `truncate`, `reset`) takes `&mut self`,
+//! so a stale logits slice cannot exist.
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::raw::c_char;
+use std::path::Path;
+use std::ptr::{self, NonNull};
+
+/// The C declarations of `include/moas.h`, one for one.
+#[allow(non_camel_case_types)]
+pub mod ffi {
+    use std::os::raw::{c_char, c_int, c_void};
+
+    pub type moas_status = c_int;
+    pub type moas_log_level = c_int;
+    pub type moas_type = c_int;
+    pub type moas_mixing = c_int;
+    pub type moas_kv_sharing = c_int;
+    pub type moas_meta_type = c_int;
+    pub type moas_mode = c_int;
+    pub type moas_kernels = c_int;
+    pub type moas_logits = c_int;
+
+    pub const MOAS_OK: moas_status = 0;
+    pub const MOAS_ERR_INVALID_ARG: moas_status = -1;
+    pub const MOAS_TYPE_F32: moas_type = 0;
+    pub const MOAS_TYPE_F16: moas_type = 1;
+    pub const MOAS_MODE_MIXTURE: moas_mode = 0;
+    pub const MOAS_MODE_ROUTED: moas_mode = 1;
+    pub const MOAS_KERNELS_AUTO: moas_kernels = 0;
+    pub const MOAS_LOGITS_NONE: moas_logits = 0;
+    pub const MOAS_LOGITS_LAST: moas_logits = 1;
+    pub const MOAS_LOGITS_ALL: moas_logits = 2;
+
+    #[repr(C)]
+    pub struct moas_model {
+        _opaque: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct moas_context {
+        _opaque: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct moas_sampler {
+        _opaque: [u8; 0],
+    }
+
+    pub type moas_log_fn = Option<
+        unsafe extern "C" fn(user: *mut c_void, level: moas_log_level, message: *const c_char),
+    >;
+    pub type moas_route_fn = Option<
+        unsafe extern "C" fn(
+            user: *mut c_void,
+            pos: i32,
+            layer: i32,
+            gates: *const f32,
+            n_scheme: i32,
+            proposed: i32,
+        ) -> i32,
+    >;
+
+    #[repr(C)]
+    pub struct moas_allocator {
+        pub alloc: Option<unsafe extern "C" fn(user: *mut c_void, size: usize) -> *mut c_void>,
+        pub free: Option<unsafe extern "C" fn(user: *mut c_void, ptr: *mut c_void)>,
+        pub user: *mut c_void,
+    }
+
+    #[repr(C)]
+    pub struct moas_model_params {
+        pub size: u32,
+        pub use_mmap: i32,
+        pub log: moas_log_fn,
+        pub log_user: *mut c_void,
+        pub allocator: *const moas_allocator,
+    }
+
+    #[repr(C)]
+    pub struct moas_context_params {
+        pub size: u32,
+        pub n_ctx: i32,
+        pub n_threads: i32,
+        pub mode: i32,    // a moas_mode
+        pub kv_type: i32, // a moas_type
+        pub kernels: i32, // a moas_kernels
+        pub log: moas_log_fn,
+        pub log_user: *mut c_void,
+        pub allocator: *const moas_allocator,
+        pub forced_scheme: i32,
+        pub kv_budget_bytes: u64,
+        pub route_fn: moas_route_fn,
+        pub route_user: *mut c_void,
+    }
+
+    #[repr(C)]
+    pub struct moas_sampler_params {
+        pub size: u32,
+        pub temperature: f32,
+        pub top_k: i32,
+        pub top_p: f32,
+        pub seed: u64,
+        pub allocator: *const moas_allocator,
+    }
+
+    #[repr(C)]
+    pub struct moas_tensor_info {
+        pub size: u32,
+        pub name: *const c_char,
+        pub type_: moas_type,
+        pub n_dims: i32,
+        pub ne: [i64; 4],
+        pub offset: u64,
+        pub n_bytes: u64,
+        pub data: *const c_void,
+    }
+
+    extern "C" {
+        pub fn moas_version_number() -> i32;
+        pub fn moas_version_string() -> *const c_char;
+        pub fn moas_status_string(status: moas_status) -> *const c_char;
+        pub fn moas_status_name(status: moas_status) -> *const c_char;
+        pub fn moas_last_error() -> *const c_char;
+
+        pub fn moas_model_params_init_sized(params: *mut moas_model_params, size: usize);
+        pub fn moas_model_load(
+            path: *const c_char,
+            params: *const moas_model_params,
+            out: *mut *mut moas_model,
+        ) -> moas_status;
+        pub fn moas_model_load_memory(
+            data: *const c_void,
+            size: usize,
+            params: *const moas_model_params,
+            out: *mut *mut moas_model,
+        ) -> moas_status;
+        pub fn moas_model_free(model: *mut moas_model);
+        pub fn moas_model_arch(model: *const moas_model) -> *const c_char;
+        pub fn moas_model_name(model: *const moas_model) -> *const c_char;
+        pub fn moas_model_n_layer(model: *const moas_model) -> i32;
+        pub fn moas_model_n_embd(model: *const moas_model) -> i32;
+        pub fn moas_model_n_head(model: *const moas_model) -> i32;
+        pub fn moas_model_head_dim(model: *const moas_model) -> i32;
+        pub fn moas_model_n_ff(model: *const moas_model) -> i32;
+        pub fn moas_model_n_vocab(model: *const moas_model) -> i32;
+        pub fn moas_model_n_ctx_train(model: *const moas_model) -> i32;
+        pub fn moas_model_n_scheme(model: *const moas_model) -> i32;
+        pub fn moas_model_mixing(model: *const moas_model) -> moas_mixing;
+        pub fn moas_model_kv_sharing(model: *const moas_model) -> moas_kv_sharing;
+        pub fn moas_model_has_bias(model: *const moas_model) -> i32;
+        pub fn moas_model_n_params(model: *const moas_model) -> u64;
+        pub fn moas_model_scheme_n_kv(model: *const moas_model, scheme: i32) -> i32;
+        pub fn moas_model_n_tensors(model: *const moas_model) -> i64;
+        pub fn moas_model_tensor(
+            model: *const moas_model,
+            index: i64,
+            info: *mut moas_tensor_info,
+        ) -> moas_status;
+        pub fn moas_model_tensor_find(
+            model: *const moas_model,
+            name: *const c_char,
+            index: *mut i64,
+        ) -> moas_status;
+        pub fn moas_model_meta_count(model: *const moas_model) -> i64;
+        pub fn moas_model_meta_key(model: *const moas_model, index: i64) -> *const c_char;
+        pub fn moas_model_meta_type(
+            model: *const moas_model,
+            key: *const c_char,
+            type_: *mut moas_meta_type,
+        ) -> moas_status;
+        pub fn moas_model_meta_int(
+            model: *const moas_model,
+            key: *const c_char,
+            value: *mut i64,
+        ) -> moas_status;
+        pub fn moas_model_meta_float(
+            model: *const moas_model,
+            key: *const c_char,
+            value: *mut f64,
+        ) -> moas_status;
+        pub fn moas_model_meta_bool(
+            model: *const moas_model,
+            key: *const c_char,
+            value: *mut i32,
+        ) -> moas_status;
+        pub fn moas_model_meta_string(
+            model: *const moas_model,
+            key: *const c_char,
+            value: *mut *const c_char,
+            length: *mut usize,
+        ) -> moas_status;
+        pub fn moas_model_meta_array(
+            model: *const moas_model,
+            key: *const c_char,
+            elem_type: *mut moas_meta_type,
+            n_elems: *mut u64,
+        ) -> moas_status;
+        pub fn moas_model_meta_array_int(
+            model: *const moas_model,
+            key: *const c_char,
+            index: u64,
+            value: *mut i64,
+        ) -> moas_status;
+        pub fn moas_model_meta_array_float(
+            model: *const moas_model,
+            key: *const c_char,
+            index: u64,
+            value: *mut f64,
+        ) -> moas_status;
+        pub fn moas_model_meta_array_string(
+            model: *const moas_model,
+            key: *const c_char,
+            index: u64,
+            value: *mut *const c_char,
+            length: *mut usize,
+        ) -> moas_status;
+
+        pub fn moas_context_params_init_sized(params: *mut moas_context_params, size: usize);
+        pub fn moas_context_create(
+            model: *const moas_model,
+            params: *const moas_context_params,
+            out: *mut *mut moas_context,
+        ) -> moas_status;
+        pub fn moas_context_free(ctx: *mut moas_context);
+        pub fn moas_context_decode(
+            ctx: *mut moas_context,
+            token: i32,
+            logits: *mut f32,
+        ) -> moas_status;
+        pub fn moas_context_decode_batch(
+            ctx: *mut moas_context,
+            tokens: *const i32,
+            n_tokens: i32,
+            logits: *mut f32,
+            which: moas_logits,
+        ) -> moas_status;
+        pub fn moas_context_logits(ctx: *const moas_context) -> *const f32;
+        pub fn moas_context_n_past(ctx: *const moas_context) -> i32;
+        pub fn moas_context_n_ctx(ctx: *const moas_context) -> i32;
+        pub fn moas_context_mode(ctx: *const moas_context) -> moas_mode;
+        pub fn moas_context_model(ctx: *const moas_context) -> *const moas_model;
+        pub fn moas_context_kernels_name(ctx: *const moas_context) -> *const c_char;
+        pub fn moas_context_reset(ctx: *mut moas_context);
+        pub fn moas_context_truncate(ctx: *mut moas_context, n_keep: i32) -> moas_status;
+        pub fn moas_context_routes(
+            ctx: *const moas_context,
+            pos: i32,
+            n_pos: i32,
+            gates: *mut f32,
+            schemes: *mut i32,
+            kv_heads: *mut i32,
+        ) -> moas_status;
+        pub fn moas_context_scheme_counts(
+            ctx: *const moas_context,
+            layer: i32,
+            counts: *mut i32,
+        ) -> moas_status;
+        pub fn moas_context_force_scheme(ctx: *mut moas_context, scheme: i32) -> moas_status;
+        pub fn moas_context_set_kv_budget(ctx: *mut moas_context, bytes: u64) -> moas_status;
+        pub fn moas_context_set_route_callback(
+            ctx: *mut moas_context,
+            fn_: moas_route_fn,
+            user: *mut c_void,
+        );
+        pub fn moas_context_kv_bytes_used(ctx: *const moas_context, layer: i32) -> usize;
+        pub fn moas_context_kv_bytes_reserved(ctx: *const moas_context, layer: i32) -> usize;
+
+        pub fn moas_tokenize(
+            model: *const moas_model,
+            text: *const c_char,
+            text_len: usize,
+            tokens: *mut i32,
+            n_max: usize,
+            n_tokens: *mut usize,
+        ) -> moas_status;
+        pub fn moas_detokenize(
+            model: *const moas_model,
+            tokens: *const i32,
+            n_tokens: usize,
+            text: *mut c_char,
+            capacity: usize,
+            length: *mut usize,
+        ) -> moas_status;
+        pub fn moas_token_text(model: *const moas_model, token: i32) -> *const c_char;
+
+        pub fn moas_sampler_params_init_sized(params: *mut moas_sampler_params, size: usize);
+        pub fn moas_sampler_create(
+            params: *const moas_sampler_params,
+            n_vocab: i32,
+            out: *mut *mut moas_sampler,
+        ) -> moas_status;
+        pub fn moas_sampler_free(sampler: *mut moas_sampler);
+        pub fn moas_sampler_sample(
+            sampler: *mut moas_sampler,
+            logits: *const f32,
+            token: *mut i32,
+        ) -> moas_status;
+        pub fn moas_sampler_reseed(sampler: *mut moas_sampler, seed: u64);
+    }
+}
+
+// ---- errors ---------------------------------------------------------------------------
+
+/// The names of moas.h's status table, by -value.
+const STATUS_NAMES: [&str; 13] = [
+    "MOAS_OK",
+    "MOAS_ERR_INVALID_ARG",
+    "MOAS_ERR_NO_MEMORY",
+    "MOAS_ERR_IO",
+    "MOAS_ERR_BAD_FORMAT",
+    "MOAS_ERR_CORRUPT",
+    "MOAS_ERR_UNSUPPORTED",
+    "MOAS_ERR_CONTEXT_FULL",
+    "MOAS_ERR_UNKNOWN_CHAR",
+    "MOAS_ERR_BUFFER_TOO_SMALL",
+    "MOAS_ERR_NOT_FOUND",
+    "MOAS_ERR_WRONG_TYPE",
+    "MOAS_ERR_INTERNAL",
+];
+
+/// A failed call: its status and the library's message for this failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    pub status: i32,
+    pub message: String,
+}
+
+impl Error {
+    /// "MOAS_ERR_IO" for -3.
+    pub fn name(&self) -> &'static str {
+        usize::try_from(-i64::from(self.status))
+            .ok()
+            .and_then(|i| STATUS_NAMES.get(i).copied())
+            .unwrap_or("MOAS_STATUS_UNKNOWN")
+    }
+
+    /// moas_status_string(): the fixed sentence for the status.
+    pub fn status_string(&self) -> String {
+        unsafe { text(ffi::moas_status_string(self.status)) }
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn invalid(message: String) -> Error {
+        Error {
+            status: ffi::MOAS_ERR_INVALID_ARG,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.name(),
+            self.status_string(),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Ok, or an Error carrying this thread's moas_last_error().
+fn check(status: ffi::moas_status) -> Result<()> {
+    if status == ffi::MOAS_OK {
+        return Ok(());
+    }
+    let message = unsafe { CStr::from_ptr(ffi::moas_last_error()) };
+    Err(Error {
+        status,
+        message: message.to_string_lossy().into_owned(),
+    })
+}
+
+/// A borrowed C string as &str; None for NULL or invalid UTF-8.
+unsafe fn text<'a>(p: *const c_char) -> Option<&'a str> {
+    if p.is_null() {
+        None
+    } else {
+        CStr::from_ptr(p).to_str().ok()
+    }
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::invalid(format!("{s:?} contains a NUL byte")))
+}
+
+/// The library's defaults for a params struct whose first field is `u32 size`. The
+/// library's _init writes its own sizeof, which a newer library may make larger than our
+/// declaration, so it writes into a larger scratch buffer; `size` is then set to ours.
+fn params<T>(init: unsafe extern "C" fn(*mut T, usize)) -> T {
+    // _params_init_sized fills exactly our size_of::<T>() bytes (defaults, and `size`
+    // set to what it filled), however large the library's own struct is.
+    let mut p = std::mem::MaybeUninit::<T>::zeroed();
+    unsafe {
+        init(p.as_mut_ptr(), std::mem::size_of::<T>());
+        p.assume_init()
+    }
+}
+
+/// The version of the library actually linked, e.g. "1.0.0".
+pub fn version() -> &'static str {
+    unsafe { text(ffi::moas_version_string()) }.unwrap_or("")
+}
+
+// ---- model ----------------------------------------------------------------------------
+
+/// A loaded model. Read-only, so it may be shared by threads.
+pub struct Model {
+    ptr: NonNull<ffi::moas_model>,
+    _bytes: Option<Box<[u8]>>, // moas_model_load_memory borrows these until the model is freed
+}
+
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Map and check a GGUF file (moas_model_load).
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        let c = cstring(
+            path.to_str()
+                .ok_or_else(|| Error::invalid(format!("{path:?}: not UTF-8")))?,
+        )?;
+        let mut out = ptr::null_mut();
+        check(unsafe { ffi::moas_model_load(c.as_ptr(), ptr::null(), &mut out) })?;
+        Ok(Model {
+            ptr: NonNull::new(out).expect("moas_model_load returned OK and NULL"),
+            _bytes: None,
+        })
+    }
+
+    /// Load a model held in memory (moas_model_load_memory); the model owns the bytes.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Model> {
+        let bytes = bytes.into_boxed_slice();
+        let mut out = ptr::null_mut();
+        check(unsafe {
+            ffi::moas_model_load_memory(bytes.as_ptr().cast(), bytes.len(), ptr::null(), &mut out)
+        })?;
+        Ok(Model {
+            ptr: NonNull::new(out).expect("OK and NULL"),
+            _bytes: Some(bytes),
+        })
+    }
+
+    pub fn as_ptr(&self) -> *const ffi::moas_model {
+        self.ptr.as_ptr()
+    }
+
+    pub fn name(&self) -> &str {
+        unsafe { text(ffi::moas_model_name(self.as_ptr())) }.unwrap_or("")
+    }
+    pub fn n_layer(&self) -> i32 {
+        unsafe { ffi::moas_model_n_layer(self.as_ptr()) }
+    }
+    pub fn n_head(&self) -> i32 {
+        unsafe { ffi::moas_model_n_head(self.as_ptr()) }
+    }
+    pub fn head_dim(&self) -> i32 {
+        unsafe { ffi::moas_model_head_dim(self.as_ptr()) }
+    }
+    pub fn n_vocab(&self) -> i32 {
+        unsafe { ffi::moas_model_n_vocab(self.as_ptr()) }
+    }
+    pub fn n_ctx_train(&self) -> i32 {
+        unsafe { ffi::moas_model_n_ctx_train(self.as_ptr()) }
+    }
+    pub fn n_scheme(&self) -> i32 {
+        unsafe { ffi::moas_model_n_scheme(self.as_ptr()) }
+    }
+
+    /// KV heads per token of each scheme, e.g. [6, 2, 1] (MHA, GQA, MQA).
+    pub fn schemes(&self) -> Vec<i32> {
+        (0..self.n_scheme())
+            .map(|s| unsafe { ffi::moas_model_scheme_n_kv(self.as_ptr(), s) })
+            .collect()
+    }
+
+    /// An integer metadata value (moas_model_meta_int).
+    pub fn meta_int(&self, key: &str) -> Result<i64> {
+        let key = cstring(key)?;
+        let mut v = 0;
+        check(unsafe { ffi::moas_model_meta_int(self.as_ptr(), key.as_ptr(), &mut v) })?;
+        Ok(v)
+    }
+
+    /// Token ids of `text`, one per character (moas_tokenize).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<i32>> {
+        let mut ids = vec![0i32; text.len()]; // one id per character: at most one per byte
+        let mut n = 0usize;
+        check(unsafe {
+            ffi::moas_tokenize(
+                self.as_ptr(),
+                text.as_ptr().cast(),
+                text.len(),
+                ids.as_mut_ptr(),
+                ids.len(),
+                &mut n,
+            )
+        })?;
+        ids.truncate(n);
+        Ok(ids)
+    }
+
+    /// The text of `tokens` (moas_detokenize).
+    pub fn detokenize(&self, tokens: &[i32]) -> Result<String> {
+        let mut buf = vec![0u8; 4 * tokens.len() + 1]; // a character is at most 4 bytes
+        let mut len = 0usize;
+        check(unsafe {
+            ffi::moas_detokenize(
+                self.as_ptr(),
+                tokens.as_ptr(),
+                tokens.len(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut len,
+            )
+        })?;
+        buf.truncate(len);
+        String::from_utf8(buf).map_err(|e| Error::invalid(e.to_string()))
+    }
+
+    /// The text of one token; None outside [0, n_vocab).
+    pub fn token_text(&self, token: i32) -> Option<&str> {
+        unsafe { text(ffi::moas_token_text(self.as_ptr(), token)) }
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        unsafe { ffi::moas_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---- context --------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every scheme runs, outputs mixed as trained (exact).
+    Mixture,
+    /// One scheme per token and layer; only its K/V are stored.
+    Routed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+/// moas_context_params, the fields a Rust caller sets. Default: the C defaults.
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    pub n_ctx: i32,     // 0: the trained length
+    pub n_threads: i32, // 0: OpenMP's default
+    pub mode: Mode,
+    pub kv_type: KvType,
+    pub forced_scheme: Option<i32>, // routed mode: this scheme for every token
+    pub kv_budget: u64,             // bytes, 0: none
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        ContextParams {
+            n_ctx: 0,
+            n_threads: 0,
+            mode: Mode::Mixture,
+            kv_type: KvType::F32,
+            forced_scheme: None,
+            kv_budget: 0,
+        }
+    }
+}
+
+/// The routing of a range of positions, flattened position-major as in moas.h.
+#[derive(Clone, Debug, Default)]
+pub struct Routes {
+    pub gates: Vec<f32>,    // [n_pos][n_layer][n_scheme]
+    pub schemes: Vec<i32>,  // [n_pos][n_layer]
+    pub kv_heads: Vec<i32>, // [n_pos][n_layer]
+}
+
+/// An inference stream over a model it borrows. One thread at a time (Send, not Sync).
+pub struct Context<'m> {
+    ptr: NonNull<ffi::moas_context>,
+    n_vocab: usize,
+    n_layer: usize,
+    n_scheme: usize,
+    _model: PhantomData<&'m Model>,
+}
+
+unsafe impl Send for Context<'_> {}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, p: &ContextParams) -> Result<Context<'m>> {
+        let mut c = params(ffi::moas_context_params_init_sized);
+        c.n_ctx = p.n_ctx;
+        c.n_threads = p.n_threads;
+        c.mode = match p.mode {
+            Mode::Mixture => ffi::MOAS_MODE_MIXTURE,
+            Mode::Routed => ffi::MOAS_MODE_ROUTED,
+        };
+        c.kv_type = match p.kv_type {
+            KvType::F32 => ffi::MOAS_TYPE_F32,
+            KvType::F16 => ffi::MOAS_TYPE_F16,
+        };
+        c.forced_scheme = p.forced_scheme.unwrap_or(-1);
+        c.kv_budget_bytes = p.kv_budget;
+        let mut out = ptr::null_mut();
+        check(unsafe { ffi::moas_context_create(model.as_ptr(), &c, &mut out) })?;
+        Ok(Context {
+            ptr: NonNull::new(out).expect("OK and NULL"),
+            n_vocab: model.n_vocab() as usize,
+            n_layer: model.n_layer() as usize,
+            n_scheme: model.n_scheme() as usize,
+            _model: PhantomData,
+        })
+    }
+
+    fn raw(&self) -> *const ffi::moas_context {
+        self.ptr.as_ptr()
+    }
+
+    /// Decode one token; its logits are then in logits().
+    pub fn decode(&mut self, token: i32) -> Result<()> {
+        check(unsafe { ffi::moas_context_decode(self.ptr.as_ptr(), token, ptr::null_mut()) })
+    }
+
+    /// Decode consecutive tokens, all or none; the last one's logits are in logits().
+    pub fn decode_batch(&mut self, tokens: &[i32]) -> Result<()> {
+        let n =
+            i32::try_from(tokens.len()).map_err(|_| Error::invalid("too many tokens".into()))?;
+        check(unsafe {
+            ffi::moas_context_decode_batch(
+                self.ptr.as_ptr(),
+                tokens.as_ptr(),
+                n,
+                ptr::null_mut(),
+                ffi::MOAS_LOGITS_LAST,
+            )
+        })
+    }
+
+    /// The last decoded token's logits, in the library's buffer (no copy); None when
+    /// nothing was decoded since creation, reset or truncate.
+    pub fn logits(&self) -> Option<&[f32]> {
+        let p = unsafe { ffi::moas_context_logits(self.raw()) };
+        (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p, self.n_vocab) })
+    }
+
+    pub fn n_past(&self) -> i32 {
+        unsafe { ffi::moas_context_n_past(self.raw()) }
+    }
+    pub fn n_ctx(&self) -> i32 {
+        unsafe { ffi::moas_context_n_ctx(self.raw()) }
+    }
+    pub fn kernels_name(&self) -> &str {
+        unsafe { text(ffi::moas_context_kernels_name(self.raw())) }.unwrap_or("")
+    }
+
+    pub fn truncate(&mut self, n_keep: i32) -> Result<()> {
+        check(unsafe { ffi::moas_context_truncate(self.ptr.as_ptr(), n_keep) })
+    }
+    pub fn reset(&mut self) {
+        unsafe { ffi::moas_context_reset(self.ptr.as_ptr()) }
+    }
+
+    /// Routed mode: use `scheme` for every following token, or the router for None.
+    pub fn force_scheme(&mut self, scheme: Option<i32>) -> Result<()> {
+        check(unsafe { ffi::moas_context_force_scheme(self.ptr.as_ptr(), scheme.unwrap_or(-1)) })
+    }
+
+    pub fn set_kv_budget(&mut self, bytes: u64) -> Result<()> {
+        check(unsafe { ffi::moas_context_set_kv_budget(self.ptr.as_ptr(), bytes) })
+    }
+
+    /// Routing of positions [pos, pos + n_pos).
+    pub fn routes(&self, pos: i32, n_pos: i32) -> Result<Routes> {
+        let pairs = usize::try_from(n_pos).unwrap_or(0) * self.n_layer;
+        let mut r = Routes {
+            gates: vec![0.0; pairs * self.n_scheme],
+            schemes: vec![0; pairs],
+            kv_heads: vec![0; pairs],
+        };
+        check(unsafe {
+            ffi::moas_context_routes(
+                self.raw(),
+                pos,
+                n_pos,
+                r.gates.as_mut_ptr(),
+                r.schemes.as_mut_ptr(),
+                r.kv_heads.as_mut_ptr(),
+            )
+        })?;
+        Ok(r)
+    }
+
+    /// Stored tokens per scheme in `layer`, or token-layer pairs over all layers for -1.
+    pub fn scheme_counts(&self, layer: i32) -> Result<Vec<i32>> {
+        let mut counts = vec![0; self.n_scheme];
+        check(unsafe { ffi::moas_context_scheme_counts(self.raw(), layer, counts.as_mut_ptr()) })?;
+        Ok(counts)
+    }
+
+    /// Bytes of K/V stored in `layer`, or in all layers for -1.
+    pub fn kv_bytes_used(&self, layer: i32) -> usize {
+        unsafe { ffi::moas_context_kv_bytes_used(self.raw(), layer) }
+    }
+    pub fn kv_bytes_reserved(&self, layer: i32) -> usize {
+        unsafe { ffi::moas_context_kv_bytes_reserved(self.raw(), layer) }
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        unsafe { ffi::moas_context_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---- sampler --------------------------------------------------------------------------
+
+/// moas_sampler_params. Default: the C defaults (temperature 1, all tokens, seed 0).
+#[derive(Clone, Debug)]
+pub struct SamplerParams {
+    pub temperature: f32, // 0: greedy
+    pub top_k: i32,       // 0: all
+    pub top_p: f32,       // 1: all
+    pub seed: u64,
+}
+
+impl Default for SamplerParams {
+    fn default() -> Self {
+        SamplerParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+pub struct Sampler {
+    ptr: NonNull<ffi::moas_sampler>,
+    n_vocab: usize,
+}
+
+unsafe impl Send for Sampler {}
+
+impl Sampler {
+    pub fn new(n_vocab: i32, p: &SamplerParams) -> Result<Sampler> {
+        let mut c = params(ffi::moas_sampler_params_init_sized);
+        c.temperature = p.temperature;
+        c.top_k = p.top_k;
+        c.top_p = p.top_p;
+        c.seed = p.seed;
+        let mut out = ptr::null_mut();
+        check(unsafe { ffi::moas_sampler_create(&c, n_vocab, &mut out) })?;
+        Ok(Sampler {
+            ptr: NonNull::new(out).expect("OK and NULL"),
+            n_vocab: n_vocab as usize,
+        })
+    }
+
+    /// A token chosen from `logits`, which must hold n_vocab values.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<i32> {
+        if logits.len() != self.n_vocab {
+            return Err(Error::invalid(format!(
+                "{} logits, the sampler needs {}",
+                logits.len(),
+                self.n_vocab
+            )));
+        }
+        let mut token = 0;
+        check(unsafe { ffi::moas_sampler_sample(self.ptr.as_ptr(), logits.as_ptr(), &mut token) })?;
+        Ok(token)
+    }
+
+    pub fn reseed(&mut self, seed: u64) {
+        unsafe { ffi::moas_sampler_reseed(self.ptr.as_ptr(), seed) }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        unsafe { ffi::moas_sampler_free(self.ptr.as_ptr()) }
+    }
+}

@@ -1,0 +1,210 @@
+//! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
+use moas::{Context, ContextParams, KvType, Mode, Model, Sampler, SamplerParams};
+
+const TEXT: &str = "And God said, Let there be light: and there was light.";
+
+fn data(name: &str) -> String {
+    format!("{}/../../tests/data/{}", env!("CARGO_MANIFEST_DIR"), name)
+}
+
+fn model() -> Model {
+    Model::load(data("tiny-moas-bias.gguf")).expect("the test model loads")
+}
+
+#[test]
+fn links_the_library_build_rs_found() {
+    let from = env!("MOAS_LINKED_FROM");
+    assert!(from.contains(": /"), "{from}");
+    assert_eq!(moas::version().split('.').next(), Some("1"));
+}
+
+#[test]
+fn load_reports_hyperparameters() {
+    let m = model();
+    assert_eq!(m.name(), "tiny-moas-bias");
+    assert_eq!(
+        (m.n_layer(), m.n_head(), m.head_dim(), m.n_vocab()),
+        (2, 6, 8, 47)
+    );
+    assert_eq!(m.n_ctx_train(), 64);
+    assert_eq!(m.schemes(), vec![6, 2, 1]);
+    assert_eq!(m.meta_int("moas.block_count"), Ok(2));
+    let bytes = std::fs::read(data("tiny-moas-bias.gguf")).unwrap();
+    let from_memory = Model::from_bytes(bytes).unwrap();
+    assert_eq!(from_memory.schemes(), m.schemes());
+}
+
+#[test]
+fn decode_one_by_one_equals_batch() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let mut a = Context::new(&m, &ContextParams::default()).unwrap();
+    let mut b = Context::new(
+        &m,
+        &ContextParams {
+            n_threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(a.logits().is_none());
+    a.decode_batch(&ids).unwrap();
+    for &t in &ids {
+        b.decode(t).unwrap();
+    }
+    assert_eq!(a.n_past(), ids.len() as i32);
+    let (la, lb) = (a.logits().unwrap(), b.logits().unwrap());
+    assert_eq!(la.len(), 47);
+    assert_eq!(la, lb);
+    assert!(la.iter().all(|x| x.is_finite()));
+
+    // truncate, then decode again: the same as never having gone further
+    let keep = 10;
+    a.truncate(keep).unwrap();
+    assert!(a.logits().is_none());
+    a.decode_batch(&ids[keep as usize..]).unwrap();
+    assert_eq!(a.logits().unwrap(), b.logits().unwrap());
+    a.reset();
+    assert_eq!(a.n_past(), 0);
+}
+
+#[test]
+fn tokenize_round_trip() {
+    let m = model();
+    let text = std::fs::read_to_string(data("tiny.txt")).unwrap();
+    let ids = m.tokenize(&text).unwrap();
+    assert_eq!(ids.len(), text.chars().count());
+    assert_eq!(m.detokenize(&ids).unwrap(), text);
+    assert_eq!(m.token_text(m.tokenize("é").unwrap()[0]), Some("é"));
+    assert_eq!(m.token_text(47), None);
+    assert_eq!(m.tokenize("").unwrap(), Vec::<i32>::new());
+}
+
+#[test]
+fn routed_mode_counts_and_kv_bytes() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let n = ids.len() as i32;
+    for (kv_type, elem) in [(KvType::F32, 4), (KvType::F16, 2)] {
+        let p = ContextParams {
+            mode: Mode::Routed,
+            kv_type,
+            ..Default::default()
+        };
+        let mut ctx = Context::new(&m, &p).unwrap();
+        ctx.decode_batch(&ids).unwrap();
+        let counts = ctx.scheme_counts(-1).unwrap();
+        assert_eq!(counts.iter().sum::<i32>(), 2 * n);
+        assert_eq!(ctx.scheme_counts(0).unwrap().iter().sum::<i32>(), n);
+        // docs/KV_CACHE.md: stored heads * head_dim * 2 * element size + 5 per token-layer
+        let routes = ctx.routes(0, n).unwrap();
+        let heads: i32 = routes.kv_heads.iter().sum();
+        assert_eq!(
+            ctx.kv_bytes_used(-1),
+            heads as usize * 8 * 2 * elem + 5 * 2 * n as usize
+        );
+        let by_count: i32 = counts.iter().zip([6, 2, 1]).map(|(c, h)| c * h).sum();
+        assert_eq!(heads, by_count);
+        assert!(routes
+            .gates
+            .chunks(3)
+            .all(|g| (g.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+    }
+
+    let p = ContextParams {
+        mode: Mode::Routed,
+        forced_scheme: Some(2),
+        ..Default::default()
+    };
+    let mut mqa = Context::new(&m, &p).unwrap();
+    mqa.decode_batch(&ids).unwrap();
+    assert_eq!(mqa.scheme_counts(-1).unwrap(), vec![0, 0, 2 * n]);
+    mqa.force_scheme(None).unwrap();
+}
+
+#[test]
+fn errors_carry_status_and_message() {
+    let e = Model::load("/nonexistent/model.gguf").err().unwrap();
+    assert_eq!((e.status, e.name()), (-3, "MOAS_ERR_IO"));
+    assert!(
+        e.message.contains("/nonexistent/model.gguf"),
+        "{}",
+        e.message
+    );
+    assert!(e
+        .to_string()
+        .starts_with("MOAS_ERR_IO (cannot read the model file): "));
+
+    let m = model();
+    let e = m.tokenize("Quiz").unwrap_err();
+    assert_eq!(e.name(), "MOAS_ERR_UNKNOWN_CHAR");
+    assert!(e.message.contains("U+0051"), "{}", e.message);
+    assert_eq!(
+        m.meta_int("general.name").unwrap_err().name(),
+        "MOAS_ERR_WRONG_TYPE"
+    );
+
+    let mut ctx = Context::new(
+        &m,
+        &ContextParams {
+            n_ctx: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ctx.decode(47).unwrap_err().name(), "MOAS_ERR_INVALID_ARG");
+    ctx.decode_batch(&[1, 2]).unwrap();
+    assert_eq!(ctx.decode(3).unwrap_err().name(), "MOAS_ERR_CONTEXT_FULL");
+    assert_eq!(ctx.n_past(), 2); // a failed call changes nothing
+    assert_eq!(ctx.force_scheme(Some(0)).unwrap_err().status, -1); // mixture mode
+    assert!(Context::new(
+        &m,
+        &ContextParams {
+            n_ctx: 65,
+            ..Default::default()
+        }
+    )
+    .is_err());
+
+    let mut s = Sampler::new(47, &SamplerParams::default()).unwrap();
+    assert!(s.sample(&[0.0; 3]).is_err());
+    assert!(Sampler::new(
+        47,
+        &SamplerParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+    )
+    .is_err());
+}
+
+#[test]
+fn sampler_is_greedy_at_zero_and_seeded_otherwise() {
+    let m = model();
+    let mut ctx = Context::new(&m, &ContextParams::default()).unwrap();
+    ctx.decode_batch(&m.tokenize("And God").unwrap()).unwrap();
+    let logits = ctx.logits().unwrap();
+    let argmax = (0..47)
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap() as i32;
+    let mut greedy = Sampler::new(
+        47,
+        &SamplerParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(greedy.sample(logits).unwrap(), argmax);
+
+    let p = SamplerParams {
+        seed: 9,
+        ..Default::default()
+    };
+    let (mut a, mut b) = (Sampler::new(47, &p).unwrap(), Sampler::new(47, &p).unwrap());
+    let xs: Vec<i32> = (0..20).map(|_| a.sample(logits).unwrap()).collect();
+    let ys: Vec<i32> = (0..20).map(|_| b.sample(logits).unwrap()).collect();
+    assert_eq!(xs, ys);
+    a.reseed(9);
+    assert_eq!(a.sample(logits).unwrap(), xs[0]);
+}

@@ -1,0 +1,72 @@
+"""docs/API.md shows code that runs: its complete programs are the example files byte for
+byte, each of those files is built and run by `make test`, and the page, the Rust `ffi`
+block and the ABI suppressions keep up with include/moas.h."""
+import os
+import re
+import unittest
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUOTE = re.compile(r"<!-- quote: (\S+) -->\n```(\w+)\n(.*?)```\n", re.S)
+
+
+def read(path):
+    with open(os.path.join(TOP, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def header_functions():
+    return sorted(set(re.findall(r"MOAS_API\s+[^;(]*?\b(moas_\w+)\s*\(", read("include/moas.h"))))
+
+
+class ApiDoc(unittest.TestCase):
+    def setUp(self):
+        self.doc = read("docs/API.md")
+
+    def test_quoted_programs_are_the_files(self):
+        quotes = QUOTE.findall(self.doc)
+        self.assertEqual(len(quotes), self.doc.count("<!-- quote:"), "a quote without a block")
+        for path, _lang, body in quotes:
+            self.assertEqual(body, read(path), "docs/API.md's copy of %s is stale" % path)
+
+    def test_one_program_per_language(self):
+        langs = {lang: path for path, lang, _ in QUOTE.findall(self.doc)}
+        self.assertEqual(sorted(langs), ["c", "cpp", "python", "rust"])
+
+    def test_quoted_programs_run_in_make_test(self):
+        runners = read("Makefile") + "".join(
+            read(os.path.join("tests", f)) for f in os.listdir(os.path.join(TOP, "tests"))
+            if f.endswith(".sh")) + read("tests/python/test_binding.py")
+        for path, _lang, _ in QUOTE.findall(self.doc):
+            # a Rust program is run through its crate's directory
+            crate = path.split("/src/")[0] if "/src/" in path else None
+            self.assertTrue(path in runners or (crate and crate in runners),
+                            "%s is quoted but nothing in make test runs it" % path)
+        self.assertIn('path = "src/main.rs"', read("examples/rust/Cargo.toml"))
+
+    def test_every_public_function_is_in_the_tour(self):
+        missing = []
+        for name in header_functions():
+            if name in self.doc:
+                continue
+            # table shorthand: `_n_layer` after moas_model, `_array_float` after moas_model_meta
+            short = [name[len(p):] for p in ("moas_model_meta", "moas_model", "moas_context",
+                                            "moas_sampler") if name.startswith(p + "_")]
+            if not any(re.search(r"`" + re.escape(s) + r"[`(]", self.doc) for s in short):
+                missing.append(name)
+        self.assertEqual(missing, [], "docs/API.md does not mention these")
+
+    def test_rust_ffi_declares_the_whole_header(self):
+        lib = read("examples/rust/src/lib.rs")
+        declared = set(re.findall(r"pub fn (moas_\w+)\(", lib))
+        self.assertEqual(set(header_functions()) - declared, set(), "missing from the ffi block")
+        self.assertEqual(declared - set(header_functions()), set(), "not in moas.h")
+
+    def test_abi_suppressions_name_every_count_enumerator(self):
+        counts = set(re.findall(r"^\s+(MOAS_\w+_COUNT)\b", read("include/moas.h"), re.M))
+        self.assertIn("MOAS_MODE_COUNT", counts)
+        listed = set(re.findall(r"MOAS_\w+_COUNT", read("abi/libmoas.suppr")))
+        self.assertEqual(counts - listed, set())
+
+
+if __name__ == "__main__":
+    unittest.main()
