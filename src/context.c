@@ -168,6 +168,23 @@ static moas_status allocate(moas_context *ctx) {
     ctx->att = carve(&cursor, (size_t)m->n_head * n_ctx);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 
+    /* batch activations */
+    const size_t rows = (size_t)MOAS_BATCH;
+    const size_t c16 = (C + 15) & ~(size_t)15, h16 = (hidden + 15) & ~(size_t)15;
+    cursor = alloc_aligned(ctx->alloc, (9 * c16 + h16) * rows * sizeof(float), &ctx->batch_scratch);
+    MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
+                   "context_create: no memory for batch activations");
+    ctx->bx = carve(&cursor, rows * c16);
+    ctx->bxb = carve(&cursor, rows * c16);
+    ctx->bq = carve(&cursor, rows * c16);
+    ctx->bk = carve(&cursor, rows * c16);
+    ctx->bv = carve(&cursor, rows * c16);
+    ctx->batt = carve(&cursor, rows * c16);
+    ctx->bmix = carve(&cursor, rows * c16);
+    ctx->by = carve(&cursor, rows * c16);
+    ctx->bsel = carve(&cursor, rows * c16);
+    ctx->bhb = carve(&cursor, rows * h16);
+
     /* the KV cache at full capacity: in mixture mode a stream per layer and scheme
      * (pooled models: one, of all H heads), in routed mode one ragged stream per layer
      * with room for the widest scheme at every position */
@@ -287,6 +304,7 @@ void moas_context_free(moas_context *ctx) {
     alloc_copy = ctx->alloc_copy;
     alloc = ctx->alloc != NULL ? &alloc_copy : NULL;
     moas__free(alloc, ctx->scratch);
+    moas__free(alloc, ctx->batch_scratch);
     moas__free(alloc, ctx->kv);
     moas__free(alloc, ctx->kv_arena);
     moas__free(alloc, ctx->kv_offsets);
@@ -373,7 +391,7 @@ static void plan_token(moas_context *ctx, int32_t n_after) {
     ctx->plan_spent = 0;
 }
 
-int32_t moas__route_choose(moas_context *ctx, int32_t layer, const float *gates) {
+int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const float *gates) {
     const moas_model *m = ctx->model;
     const int32_t S = m->n_scheme;
     int32_t choice = 0;
@@ -387,7 +405,7 @@ int32_t moas__route_choose(moas_context *ctx, int32_t layer, const float *gates)
         }
     }
     if (ctx->route_fn != NULL) {
-        const int32_t r = ctx->route_fn(ctx->route_user, ctx->n_past, layer, gates, S, choice);
+        const int32_t r = ctx->route_fn(ctx->route_user, pos, layer, gates, S, choice);
         choice = r >= 0 && r < S ? r : choice;
     }
     if (ctx->kv_budget == 0) {
@@ -464,17 +482,31 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
     if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK) {
         return fail(ctx, st);
     }
-    for (int32_t i = 0; i < n_tokens; i++) {
-        const bool last = i == n_tokens - 1;
-        const bool want = which == MOAS_LOGITS_ALL || (which == MOAS_LOGITS_LAST && last);
-        plan_token(ctx, n_tokens - i - 1);
-        moas__forward(ctx, tokens[i], want);
-        ctx->n_past++;
-        if (want && logits != NULL) {
-            float *dst = which == MOAS_LOGITS_ALL ? logits + (size_t)i * ctx->model->n_vocab
-                                                  : logits;
-            memcpy(dst, ctx->logits, (size_t)ctx->model->n_vocab * sizeof *dst);
+    const size_t n_vocab = (size_t)ctx->model->n_vocab;
+    if (ctx->mode == MOAS_MODE_ROUTED && ctx->kv_budget != 0) {
+        /* the budget plans token by token, with every layer of a token before the next */
+        for (int32_t i = 0; i < n_tokens; i++) {
+            const bool last = i == n_tokens - 1;
+            const bool want = which == MOAS_LOGITS_ALL || (which == MOAS_LOGITS_LAST && last);
+            plan_token(ctx, n_tokens - i - 1);
+            moas__forward(ctx, tokens[i], want);
+            ctx->n_past++;
+            if (want && which == MOAS_LOGITS_ALL) {
+                memcpy(logits + (size_t)i * n_vocab, ctx->logits, n_vocab * sizeof *logits);
+            }
         }
+    } else {
+        /* blocks of MOAS_BATCH tokens: each weight row is read once per block */
+        for (int32_t i = 0; i < n_tokens; i += MOAS_BATCH) {
+            const int32_t n = n_tokens - i < MOAS_BATCH ? n_tokens - i : MOAS_BATCH;
+            moas__forward_batch(ctx, tokens + i, n,
+                                which == MOAS_LOGITS_ALL ? logits + (size_t)i * n_vocab : NULL,
+                                which == MOAS_LOGITS_LAST && i + n == n_tokens);
+            ctx->n_past += n;
+        }
+    }
+    if (which == MOAS_LOGITS_LAST && logits != NULL && n_tokens > 0) {
+        memcpy(logits, ctx->logits, n_vocab * sizeof *logits);
     }
     return MOAS_OK;
 }

@@ -70,6 +70,20 @@ struct moas_context {
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
     void *scratch;           /* the allocation holding the arena above */
 
+    /* activations of a batch of up to MOAS_BATCH tokens (one arena), rows of C floats
+     * unless said otherwise */
+    float *bx;               /* [B, C] residual streams */
+    float *bxb;              /* [B, C] normed inputs */
+    float *bq;               /* [B, C] queries */
+    float *bk;               /* [B, C] keys (all heads for pooled models) */
+    float *bv;               /* [B, C] values */
+    float *batt;             /* [B, C] attention outputs */
+    float *bmix;             /* [B, C] attention outputs mixed over the schemes */
+    float *by;               /* [B, C] a projection's outputs */
+    float *bsel;             /* [B, C] the rows of one scheme's tokens (routed) */
+    float *bhb;              /* [B, max(n_ff, R)] MLP or router hidden */
+    void *batch_scratch;     /* the allocation holding the arena above */
+
     /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams, routed mode
      * [n_layer] ragged streams; all data in kv_arena */
     moas_kv_stream *kv;
@@ -92,9 +106,21 @@ struct moas_context {
  * in routed mode with a budget has set the plan_* fields. */
 void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
 
-/* Routed mode: choose the scheme of the current token in `layer` from its `gates`,
+/* Routed mode: choose the scheme of the token at `pos` in `layer` from its `gates`,
  * applying the forced scheme, the callback and the budget plan (context.c). */
-int32_t moas__route_choose(moas_context *ctx, int32_t layer, const float *gates);
+int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const float *gates);
+
+/* Tokens the batched forward pass takes at once: enough to read each weight row once
+ * for many tokens, few enough that their activations stay in cache. */
+#define MOAS_BATCH 32
+
+/* Run tokens[0 .. n) (n <= MOAS_BATCH) at positions n_past .. n_past + n - 1 through the
+ * model together, exactly as n calls of moas__forward would (the same arithmetic, in
+ * the same order, for every number). Logits: for every token into `all` ([n, n_vocab])
+ * when it is not NULL, and the last token's into ctx->logits when `want_last`. Not for
+ * routed mode with a KV budget, whose plan is per token. The caller advances n_past. */
+void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
+                         bool want_last);
 
 /* Bytes of K and V (and routed bookkeeping) one token stores in one layer with
  * scheme `s`, or with every scheme in mixture mode (s = -1). */

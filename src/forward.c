@@ -361,7 +361,7 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
         scheme_gates(ctx, layer, ctx->xb, gates);
         const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
         if (ctx->mode == MOAS_MODE_ROUTED) {
-            const int32_t s = moas__route_choose(ctx, l, gates);
+            const int32_t s = moas__route_choose(ctx, pos, l, gates);
             ctx->route_scheme[rec] = (uint8_t)s;
             if (pooled) {
                 attention_pooled(ctx, l, gates, s, x);
@@ -397,4 +397,271 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
         matvec(ctx, &m->output, ctx->xb, NULL, ctx->logits);
     }
     ctx->logits_valid = want_logits;
+}
+
+/* ---- batched forward: many tokens through each layer together ------------------- */
+
+/* Y[t] = W X[t] (+ b) for the n rows of X: each weight row is read once for all rows,
+ * with the same dot product moas__forward uses, so every number is the same.
+ *   X [n, C_in] rows of stride ldx, Y [n, n_rows] rows of stride ldy */
+static void matmat(const moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
+                   const float *b, float *Y, size_t ldy, int32_t n) {
+    const moas_ops *ops = ctx->ops;
+    const bool parallel = (int64_t)w->n_rows * w->n_cols * n >= PARALLEL_MIN_WORK;
+    (void)parallel;
+
+    MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
+    for (int32_t r = 0; r < w->n_rows; r++) {
+        const float bias = b != NULL ? b[r] : 0.0f;
+        for (int32_t t = 0; t < n; t++) {
+            Y[(size_t)t * ldy + r] = row_dot(ops, w, r, X + (size_t)t * ldx) + bias;
+        }
+    }
+}
+
+/* Store row t of K and V (kv_dim values each) as token pos's heads in `kv`. */
+static void store_kv_row(const moas_context *ctx, moas_kv_stream *kv, int32_t pos,
+                         const float *k, const float *v, int32_t kv_dim) {
+    const size_t head_bytes = (size_t)ctx->model->head_dim * ctx->kv_elem_bytes;
+    const uint32_t first = moas__kv_first(kv, pos);
+    kv_store(ctx, (uint8_t *)kv->k + (size_t)first * head_bytes, k, kv_dim);
+    kv_store(ctx, (uint8_t *)kv->v + (size_t)first * head_bytes, v, kv_dim);
+}
+
+/* Mixture mode, independent schemes: each scheme's K/V for every token of the batch,
+ * then each token's attention, then the output projection, mixed by the gates.
+ *   gates: route_gates rows of the batch's tokens, stride L * S */
+static void batch_attention_mixture(moas_context *ctx, int32_t l, int32_t pos0, int32_t n,
+                                    const float *gates, size_t gate_stride) {
+    const moas_model *m = ctx->model;
+    const int32_t C = m->n_embd, S = m->n_scheme;
+
+    memset(ctx->bmix, 0, (size_t)n * C * sizeof *ctx->bmix);
+    for (int32_t s = 0; s < S; s++) {
+        const moas_scheme_weights *sw = &m->layers[l].scheme[s];
+        moas_kv_stream *kv = &ctx->kv[(size_t)l * S + s];
+        const int32_t kv_dim = sw->n_kv * m->head_dim;
+        matmat(ctx, &sw->wq, ctx->bxb, C, sw->bq, ctx->bq, C, n);
+        matmat(ctx, &sw->wk, ctx->bxb, C, sw->bk, ctx->bk, C, n);
+        matmat(ctx, &sw->wv, ctx->bxb, C, sw->bv, ctx->bv, C, n);
+        for (int32_t t = 0; t < n; t++) {
+            store_kv_row(ctx, kv, pos0 + t, ctx->bk + (size_t)t * C, ctx->bv + (size_t)t * C,
+                         kv_dim);
+        }
+        for (int32_t t = 0; t < n; t++) {
+            attend(ctx, kv, ctx->bq + (size_t)t * C, pos0 + t, ctx->batt + (size_t)t * C);
+        }
+        matmat(ctx, &sw->wo, ctx->batt, C, sw->bo, ctx->by, C, n);
+        for (int32_t t = 0; t < n; t++) {
+            const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[(size_t)t * gate_stride + s]
+                                                            : 1.0f;
+            for (int32_t i = 0; i < C; i++) {
+                ctx->bmix[(size_t)t * C + i] += g * ctx->by[(size_t)t * C + i];
+            }
+        }
+    }
+    for (int32_t t = 0; t < n; t++) {
+        float *x = ctx->bx + (size_t)t * C;
+        const float *mix = ctx->bmix + (size_t)t * C;
+        for (int32_t i = 0; i < C; i++) {
+            x[i] += m->mixing == MOAS_MIXING_MEAN ? mix[i] / (float)S : mix[i];
+        }
+    }
+}
+
+/* Routed mode, independent schemes: the batch's tokens grouped by their scheme; each
+ * group's rows go through that scheme's projections together. All K/V are stored
+ * before any token attends, and each token reads only positions up to its own.
+ *   schemes [n] the scheme of each token in this layer */
+static void batch_attention_routed(moas_context *ctx, int32_t l, int32_t pos0, int32_t n,
+                                   const uint8_t *schemes, size_t scheme_stride) {
+    const moas_model *m = ctx->model;
+    const int32_t C = m->n_embd;
+    moas_kv_stream *kv = &ctx->kv[l];
+    int32_t idx[MOAS_BATCH];
+
+    for (int32_t t = 0; t < n; t++) {   /* the ragged offsets, in position order */
+        const int32_t s = schemes[(size_t)t * scheme_stride];
+        kv->off[pos0 + t + 1] = kv->off[pos0 + t] + (uint32_t)m->scheme_n_kv[s];
+    }
+    for (int pass = 0; pass < 2; pass++) {   /* 0: Q, K, V; 1: output projections */
+        for (int32_t s = 0; s < m->n_scheme; s++) {
+            const moas_scheme_weights *sw = &m->layers[l].scheme[s];
+            int32_t n_sel = 0;
+            for (int32_t t = 0; t < n; t++) {
+                if (schemes[(size_t)t * scheme_stride] == s) {
+                    idx[n_sel++] = t;
+                }
+            }
+            if (n_sel == 0) {
+                continue;
+            }
+            const float *src = pass == 0 ? ctx->bxb : ctx->batt;
+            for (int32_t i = 0; i < n_sel; i++) {   /* gather the group's rows */
+                memcpy(ctx->bsel + (size_t)i * C, src + (size_t)idx[i] * C, (size_t)C * sizeof(float));
+            }
+            if (pass == 0) {
+                matmat(ctx, &sw->wq, ctx->bsel, C, sw->bq, ctx->by, C, n_sel);
+                matmat(ctx, &sw->wk, ctx->bsel, C, sw->bk, ctx->bk, C, n_sel);
+                matmat(ctx, &sw->wv, ctx->bsel, C, sw->bv, ctx->bv, C, n_sel);
+                for (int32_t i = 0; i < n_sel; i++) {
+                    memcpy(ctx->bq + (size_t)idx[i] * C, ctx->by + (size_t)i * C,
+                           (size_t)C * sizeof(float));
+                    store_kv_row(ctx, kv, pos0 + idx[i], ctx->bk + (size_t)i * C,
+                                 ctx->bv + (size_t)i * C, sw->n_kv * m->head_dim);
+                }
+            } else {
+                matmat(ctx, &sw->wo, ctx->bsel, C, sw->bo, ctx->by, C, n_sel);
+                for (int32_t i = 0; i < n_sel; i++) {
+                    float *x = ctx->bx + (size_t)idx[i] * C;
+                    for (int32_t e = 0; e < C; e++) {
+                        x[e] += ctx->by[(size_t)i * C + e];
+                    }
+                }
+            }
+        }
+        if (pass == 0) {
+            for (int32_t t = 0; t < n; t++) {
+                attend(ctx, kv, ctx->bq + (size_t)t * C, pos0 + t, ctx->batt + (size_t)t * C);
+            }
+        }
+    }
+}
+
+/* Pooled models: one set of projections for the whole batch; each token's K/V mixed
+ * (mixture) or pooled for its scheme (routed) before it is stored. */
+static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, int32_t n,
+                                   const float *gates, size_t gate_stride,
+                                   const uint8_t *schemes, size_t scheme_stride) {
+    const moas_model *m = ctx->model;
+    const moas_scheme_weights *sw = &m->layers[l].shared;
+    const int32_t C = m->n_embd;
+    moas_kv_stream *kv = &ctx->kv[l];
+    float *kp = ctx->kv_pool, *vp = ctx->kv_pool + C;
+
+    matmat(ctx, &sw->wq, ctx->bxb, C, sw->bq, ctx->bq, C, n);
+    matmat(ctx, &sw->wk, ctx->bxb, C, sw->bk, ctx->bk, C, n);
+    matmat(ctx, &sw->wv, ctx->bxb, C, sw->bv, ctx->bv, C, n);
+    for (int32_t t = 0; t < n; t++) {
+        const float *k = ctx->bk + (size_t)t * C, *v = ctx->bv + (size_t)t * C;
+        int32_t n_kv = m->n_head;
+        if (ctx->mode == MOAS_MODE_ROUTED) {
+            n_kv = m->scheme_n_kv[schemes[(size_t)t * scheme_stride]];
+            kv->off[pos0 + t + 1] = kv->off[pos0 + t] + (uint32_t)n_kv;
+            pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
+            pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
+        } else {
+            mix_pooled(m, gates + (size_t)t * gate_stride, k, ctx->pool_tmp, kp);
+            mix_pooled(m, gates + (size_t)t * gate_stride, v, ctx->pool_tmp, vp);
+        }
+        store_kv_row(ctx, kv, pos0 + t, kp, vp, n_kv * m->head_dim);
+    }
+    for (int32_t t = 0; t < n; t++) {
+        attend(ctx, kv, ctx->bq + (size_t)t * C, pos0 + t, ctx->batt + (size_t)t * C);
+    }
+    matmat(ctx, &sw->wo, ctx->batt, C, sw->bo, ctx->by, C, n);
+    for (int32_t t = 0; t < n; t++) {
+        for (int32_t i = 0; i < C; i++) {
+            ctx->bx[(size_t)t * C + i] += ctx->by[(size_t)t * C + i];
+        }
+    }
+}
+
+void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
+                         bool want_last) {
+    const moas_model *m = ctx->model;
+    const int32_t C = m->n_embd, S = m->n_scheme, L = m->n_layer, pos0 = ctx->n_past;
+    const size_t gate_stride = (size_t)L * S, scheme_stride = (size_t)L;
+
+    /* x = token embedding + position embedding, row by row */
+    for (int32_t t = 0; t < n; t++) {
+        float *x = ctx->bx + (size_t)t * C;
+        embedding_row(&m->tok_embd, tokens[t], x);
+        embedding_row(&m->pos_embd, pos0 + t, ctx->xb);
+        for (int32_t i = 0; i < C; i++) {
+            x[i] += ctx->xb[i];
+        }
+    }
+
+    for (int32_t l = 0; l < L; l++) {
+        const moas_layer *layer = &m->layers[l];
+        float *gates = ctx->route_gates + ((size_t)pos0 * L + l) * S;      /* stride L S */
+        uint8_t *schemes = ctx->route_scheme + (size_t)pos0 * L + l;         /* stride L */
+
+        /* gates of every token, from its normed input */
+        for (int32_t t = 0; t < n; t++) {
+            layernorm(ctx->bxb + (size_t)t * C, ctx->bx + (size_t)t * C, layer->attn_norm_w,
+                      layer->attn_norm_b, C, m->norm_eps);
+        }
+        if (m->mixing == MOAS_MIXING_ROUTER) {
+            matmat(ctx, &layer->router_up, ctx->bxb, C, layer->router_up_b, ctx->bhb,
+                   (size_t)m->n_router, n);
+            for (int32_t t = 0; t < n; t++) {
+                gelu(ctx->bhb + (size_t)t * m->n_router, m->n_router);
+            }
+            matmat(ctx, &layer->router_down, ctx->bhb, (size_t)m->n_router,
+                   layer->router_down_b, gates, gate_stride, n);
+            for (int32_t t = 0; t < n; t++) {
+                softmax(gates + (size_t)t * gate_stride, S);
+            }
+        } else {
+            for (int32_t t = 0; t < n; t++) {
+                for (int32_t s = 0; s < S; s++) {
+                    gates[(size_t)t * gate_stride + s] = 1.0f / (float)S;
+                }
+            }
+        }
+
+        /* each token's scheme, in position order (a callback sees them in that order) */
+        for (int32_t t = 0; t < n; t++) {
+            const float *g = gates + (size_t)t * gate_stride;
+            if (ctx->mode == MOAS_MODE_ROUTED) {
+                schemes[(size_t)t * scheme_stride] = (uint8_t)moas__route_choose(ctx, pos0 + t, l, g);
+            } else {
+                const int32_t best = largest_gate(g, S);
+                schemes[(size_t)t * scheme_stride] = (uint8_t)best;
+                if (ctx->route_fn != NULL) {
+                    (void)ctx->route_fn(ctx->route_user, pos0 + t, l, g, S, best);
+                }
+            }
+        }
+
+        if (m->kv_sharing == MOAS_KV_SHARING_POOLED) {
+            batch_attention_pooled(ctx, l, pos0, n, gates, gate_stride, schemes, scheme_stride);
+        } else if (ctx->mode == MOAS_MODE_ROUTED) {
+            batch_attention_routed(ctx, l, pos0, n, schemes, scheme_stride);
+        } else {
+            batch_attention_mixture(ctx, l, pos0, n, gates, gate_stride);
+        }
+
+        /* MLP, all rows */
+        for (int32_t t = 0; t < n; t++) {
+            layernorm(ctx->bxb + (size_t)t * C, ctx->bx + (size_t)t * C, layer->ffn_norm_w,
+                      layer->ffn_norm_b, C, m->norm_eps);
+        }
+        matmat(ctx, &layer->ffn_up, ctx->bxb, C, layer->ffn_up_b, ctx->bhb, (size_t)m->n_ff, n);
+        for (int32_t t = 0; t < n; t++) {
+            gelu(ctx->bhb + (size_t)t * m->n_ff, m->n_ff);
+        }
+        matmat(ctx, &layer->ffn_down, ctx->bhb, (size_t)m->n_ff, layer->ffn_down_b, ctx->by, C, n);
+        for (int32_t t = 0; t < n; t++) {
+            for (int32_t i = 0; i < C; i++) {
+                ctx->bx[(size_t)t * C + i] += ctx->by[(size_t)t * C + i];
+            }
+        }
+    }
+
+    /* logits only where asked: every row, or the last */
+    for (int32_t t = 0; t < n; t++) {
+        const bool last = t == n - 1;
+        if (all == NULL && !(last && want_last)) {
+            continue;
+        }
+        layernorm(ctx->xb, ctx->bx + (size_t)t * C, m->out_norm_w, m->out_norm_b, C, m->norm_eps);
+        matvec(ctx, &m->output, ctx->xb, NULL, ctx->logits);
+        if (all != NULL) {
+            memcpy(all + (size_t)t * m->n_vocab, ctx->logits, (size_t)m->n_vocab * sizeof(float));
+        }
+    }
+    ctx->logits_valid = want_last || all != NULL;
 }
