@@ -517,7 +517,10 @@ typedef enum moas_mode {
  * may replace the choice with a cheaper scheme). In mixture mode every scheme runs
  * and the return value is ignored: the callback only observes.
  *
- * The callback runs on the decoding thread and must not call the same context.
+ * The callback runs on the decoding thread and must not call the same context. Within
+ * one moas_context_decode_batch() call it sees blocks of tokens layer by layer (every
+ * token's layer 0, then layer 1, ...), so its answer must depend only on its arguments
+ * (and state of its own that does not assume token-major order).
  */
 typedef int32_t (*moas_route_fn)(void *user, int32_t pos, int32_t layer, const float *gates,
                                  int32_t n_scheme, int32_t proposed);
