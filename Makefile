@@ -129,6 +129,12 @@ $(BUILD)/tools/bench_kernels: tools/bench_kernels.c src/ops.h src/f16.h $(STATIC
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/bench_kernels.c $(PROG_LIBS) $(LDFLAGS)
 
+# The benchmarks of docs/PERFORMANCE.md: random-weight models of the benchmark shapes,
+# moas bench on each (JSON lines). Minutes, and the machine should be otherwise idle.
+.PHONY: bench
+bench: all $(BUILD)/tools/random_model
+	sh tools/bench.sh $(BINOUT) $(BUILD)/tools
+
 # Random-weight models of any shape, for benchmarks (tools/random_model.c).
 RANDOM_MODEL := $(BUILD)/tools/random_model
 $(RANDOM_MODEL): tools/random_model.c tests/support/tiny_model.c tests/support/gguf_writer.c \

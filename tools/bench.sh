@@ -1,0 +1,53 @@
+#!/bin/sh
+# bench.sh [BIN_DIR] [TOOLS_BUILD_DIR] - the benchmarks of docs/PERFORMANCE.md.
+#
+# Makes random-weight models of the benchmark shapes (tools/random_model.c) under
+# build/bench/, then runs `moas bench` on each at 1 and 2 threads: prefill of 512
+# tokens and decode of 128, median of 5 runs, one JSON object per line. Shapes:
+#   shipped   models/moas-kjv.gguf (4 layers, 192 wide, MoAS), mixture and routed
+#   small     6 layers, 384 wide, 6 heads, vocab 256: plain MHA in f32, f16, q8_0;
+#             and MoAS (schemes 6,2,1) in f32, mixture and routed
+#   gpt2      12 layers, 768 wide, 12 heads, vocab 50257, untied: f32, f16, q8_0
+# BENCH_SHAPES="shipped small" limits the set; BENCH_REPEATS changes the repeats.
+set -eu
+bin=${1:-bin}
+tools=${2:-build/tools}
+out=build/bench
+shapes=${BENCH_SHAPES:-shipped small gpt2}
+repeats=${BENCH_REPEATS:-5}
+mkdir -p "$out"
+
+model() {   # model NAME ARGS...: build/bench/NAME.gguf, made once
+    name=$1; shift
+    [ -f "$out/$name.gguf" ] || "$tools/random_model" -o "$out/$name.gguf" "$@" 2>/dev/null
+    echo "$out/$name.gguf"
+}
+
+run() {     # run MODEL MODE
+    for t in 1 2; do
+        "$bin/moas" bench -m "$1" --mode "$2" -t "$t" -p 512 -n 128 -r "$repeats" --json
+    done
+}
+
+for shape in $shapes; do
+    case $shape in
+    shipped)
+        [ -f models/moas-kjv.gguf ] || { echo "bench: models/moas-kjv.gguf missing" >&2; continue; }
+        run models/moas-kjv.gguf mixture
+        run models/moas-kjv.gguf routed ;;
+    small)
+        for type in f32 f16 q8_0; do
+            run "$(model small-mha-$type --layers 6 --embd 384 --heads 6 --vocab 256 --mha \
+                   --no-bias --type $type)" mixture
+        done
+        m=$(model small-moas-f32 --layers 6 --embd 384 --heads 6 --vocab 256 --no-bias)
+        run "$m" mixture
+        run "$m" routed ;;
+    gpt2)
+        for type in f32 f16 q8_0; do
+            run "$(model gpt2-$type --layers 12 --embd 768 --heads 12 --vocab 50257 --mha \
+                   --untied --type $type)" mixture
+        done ;;
+    *) echo "bench: unknown shape '$shape'" >&2; exit 2 ;;
+    esac
+done
