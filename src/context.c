@@ -363,7 +363,7 @@ static moas_status check_room(const moas_context *ctx, int32_t n, const char *wh
     MOAS_RETURN_IF(n > ctx->n_ctx - ctx->n_past, MOAS_ERR_CONTEXT_FULL,
                    "%s: %d token(s) do not fit: %d of %d positions are free", what, n,
                    ctx->n_ctx - ctx->n_past, ctx->n_ctx);
-    if (ctx->kv_budget != 0) {
+    if (ctx->kv_budget != 0 && n > 0) {   /* an empty batch always fits */
         const uint64_t used = kv_bytes_at(ctx, -1, ctx->n_past);
         const uint64_t need = (uint64_t)n * min_token_bytes(ctx);
         MOAS_RETURN_IF(used > ctx->kv_budget || need > ctx->kv_budget - used,

@@ -503,6 +503,7 @@ static moas_status model_new(const moas_model_params *params, moas_model **out) 
     }
     m->log = p.log;
     m->log_user = p.log_user;
+    m->use_mmap = p.use_mmap != 0;
     *out = m;
     return MOAS_OK;
 }
@@ -528,7 +529,8 @@ static moas_status own_copy(moas_model *m, size_t size, uint8_t **image) {
 
 /* Report a failure to the params' log and release the half-built model. */
 static moas_status load_failed(moas_model *m, moas_status st, const moas_model_params *params) {
-    if (params != NULL && params->size >= offsetof(moas_model_params, log_user) &&
+    if (params != NULL &&
+        params->size >= offsetof(moas_model_params, log_user) + sizeof params->log_user &&
         params->log != NULL) {
         moas__log_error(params->log, params->log_user);
     }
@@ -620,7 +622,7 @@ moas_status moas_model_load(const char *path, const moas_model_params *params,
         return load_failed(NULL, MOAS_ERR_INVALID_ARG, params);
     }
     if ((st = model_new(params, &m)) != MOAS_OK ||
-        (st = map_file(m, path, params == NULL || params->use_mmap != 0)) != MOAS_OK ||
+        (st = map_file(m, path, m->use_mmap)) != MOAS_OK ||
         (st = build(m)) != MOAS_OK) {
         return load_failed(m, st, params);
     }

@@ -44,6 +44,7 @@ struct moas_model {
     moas_allocator alloc_copy;  /* the caller's allocator, copied; alloc points here */
     moas_log_fn log;
     void *log_user;
+    bool use_mmap;              /* from the params: map the file (else read it) */
     void *map;                  /* mmap'ed file, or NULL */
     size_t map_size;
     void *owned;                /* our heap copy of the file (read or realigned), or NULL */

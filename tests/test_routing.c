@@ -321,6 +321,7 @@ TEST(routed_kv_budget_holds) {
     ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, 2, NULL, MOAS_LOGITS_LAST),
                   MOAS_ERR_CONTEXT_FULL);
     ASSERT_EQ(moas_context_n_past(ctx), 10);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 0, NULL, MOAS_LOGITS_NONE));   /* empty */
     ASSERT_STATUS(moas_context_set_kv_budget(ctx, mqa_token - 1), MOAS_ERR_INVALID_ARG);
     ASSERT_OK(moas_context_set_kv_budget(ctx, 0));   /* lifted: decoding goes on */
     ASSERT_OK(moas_context_decode(ctx, tokens[10], NULL));
