@@ -437,8 +437,40 @@ TensorInfo.__doc__ = """One tensor of the file. `shape` is GGUF order (fastest f
 `data` is a read-only memoryview of its n_bytes bytes, valid while the model is open."""
 
 
-class Model:
+class _Handle:
+    """A library object owned by Python: released by close(), a `with` block, or the
+    garbage collector. Calls on a closed handle raise MoasError."""
+
+    _kind = "object"
+    _ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None and _lib is not None:
+            self.close()
+
+    @property
+    def closed(self):
+        return self._ptr is None
+
+    def _p(self):
+        if self._ptr is None:
+            raise _closed(self._kind)
+        return self._ptr
+
+    def _call(self, name, *args):
+        return getattr(library(), name)(self._p(), *args)
+
+
+class Model(_Handle):
     """A loaded GGUF model (moas_model). Read-only; may be shared by threads."""
+
+    _kind = "model"
 
     def __init__(self, path, *, use_mmap=True, log=None, allocator=None):
         self._ptr = None
@@ -498,27 +530,6 @@ class Model:
             self._ptr = None
         self._buffer = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_ptr", None) is not None and _lib is not None:
-            self.close()
-
-    @property
-    def closed(self):
-        return self._ptr is None
-
-    def _p(self):
-        if self._ptr is None:
-            raise _closed("model")
-        return self._ptr
-
-    def _call(self, name, *args):
-        return getattr(library(), name)(self._p(), *args)
 
     # hyperparameters
     arch = property(lambda self: self._call("moas_model_arch").decode())
@@ -711,7 +722,7 @@ Routes.__doc__ = """Routing of a range of positions: memoryviews of Python-owned
 gates float [n_pos][n_layer][n_scheme], schemes and kv_heads int32 [n_pos][n_layer]."""
 
 
-class Context:
+class Context(_Handle):
     """An inference stream (moas_context): KV cache, position, routing records.
 
     Parameters, all optional, as moas_context_params: n_ctx (0: trained length),
@@ -720,6 +731,8 @@ class Context:
     kv_budget (bytes, 0: none), route_callback (see set_route_callback), log
     (fn(level, message)), allocator (an Allocator).
     """
+
+    _kind = "context"
 
     def __init__(self, model, *, n_ctx=0, n_threads=0, mode=Mode.MIXTURE, kv_type=Type.F32,
                  kernels=Kernels.AUTO, forced_scheme=-1, kv_budget=0, route_callback=None,
@@ -759,27 +772,6 @@ class Context:
             library().moas_context_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_ptr", None) is not None and _lib is not None:
-            self.close()
-
-    @property
-    def closed(self):
-        return self._ptr is None
-
-    def _p(self):
-        if self._ptr is None:
-            raise _closed("context")
-        return self._ptr
-
-    def _call(self, name, *args):
-        return getattr(library(), name)(self._p(), *args)
 
     # the logits view
     def _invalidate(self):
@@ -940,10 +932,12 @@ class Context:
 # ---- sampler --------------------------------------------------------------------------
 
 
-class Sampler:
+class Sampler(_Handle):
     """Chooses tokens from logits (moas_sampler): greedy when temperature is 0, else
     softmax(logits / temperature) cut to top_k then top_p, drawn from a seeded stream.
     `vocab` is a Model or the number of logits."""
+
+    _kind = "sampler"
 
     def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, allocator=None):
         self._ptr = None
@@ -964,24 +958,6 @@ class Sampler:
             library().moas_sampler_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_ptr", None) is not None and _lib is not None:
-            self.close()
-
-    @property
-    def closed(self):
-        return self._ptr is None
-
-    def _p(self):
-        if self._ptr is None:
-            raise _closed("sampler")
-        return self._ptr
 
     def _pointer(self, logits):
         """A float pointer to n_vocab logits, and what keeps them alive."""
