@@ -161,6 +161,7 @@ check: $(TEST_BIN)
 OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
 test: all $(TEST_BIN)
 	$(TEST_BIN)
+	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	python3 -m unittest discover -s tests/python -t . -q
 	sh tests/cli.sh $(BINOUT)/moas
@@ -177,8 +178,137 @@ run: all
 	$(BINOUT)/moas generate -m $(MODEL) -p "And God said, " -n 300 --temp 0.8 --seed 1
 
 asan:
-	$(MAKE) check BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
+	$(MAKE) check fuzz-replay BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
 	    MOREFLAGS="-g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+
+# ---- fuzzing, ThreadSanitizer, valgrind (docs/TESTING.md) ----------------------
+#   make fuzz-replay     the committed corpus through each fuzz target, no libFuzzer
+#                        (part of `make test`; `make asan` runs it instrumented)
+#   make fuzz            libFuzzer binaries: clang, ASan + UBSan, in build-fuzz/
+#   make fuzz-run FUZZ_SECONDS=60   each target for that long; new inputs go to
+#                        build-fuzz/corpus/<target>, crashes to build-fuzz/artifacts/
+#   make fuzz-merge      add what fuzz-run found (new edges only) to tests/fuzz/corpus
+#   make fuzz-coverage   lines of src/ that corpus reaches (clang, llvm-cov)
+#   make tsan            the C tests under ThreadSanitizer, OPENMP=0 (libgomp is not
+#                        instrumented: TSan would report its barriers as races)
+#   make valgrind        bin/moas inspect, generate, perplexity under memcheck, OPENMP=0
+.PHONY: fuzz fuzz-bins fuzz-run fuzz-replay fuzz-corpus fuzz-merge fuzz-coverage tsan valgrind
+FUZZ_TARGETS := load tokenize decode
+FUZZ_SUPPORT := tests/support/tiny_model.c tests/support/gguf_writer.c
+FUZZ_DEPS    := tests/fuzz/fuzz.h $(wildcard tests/support/*.h) $(STATIC_LIB)
+# fuzz_decode drives the routed-mode API too once src/context.c implements it.
+FUZZ_DEFS    := $(if $(shell grep -l moas_context_force_scheme src/context.c 2>/dev/null),-DFUZZ_ROUTED)
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS   ?=
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+# tests/test_concurrency.c starts POSIX threads.
+$(TEST_BIN): LDFLAGS += -pthread
+
+$(BUILD)/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c $(FUZZ_SUPPORT) $(FUZZ_DEPS)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) $(FUZZ_DEFS) -Itests -o $@ $< tests/fuzz/replay.c $(FUZZ_SUPPORT) \
+	    $(PROG_LIBS) $(LDFLAGS)
+
+fuzz-replay: $(FUZZ_TARGETS:%=$(BUILD)/fuzz/replay_%)
+	$(Q)for t in $(FUZZ_TARGETS); do \
+	    $(BUILD)/fuzz/replay_$$t tests/fuzz/corpus/$$t || exit 1; done
+
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_SUPPORT) $(FUZZ_DEPS)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) $(FUZZ_DEFS) -Itests -fsanitize=fuzzer -o $@ $< $(FUZZ_SUPPORT) \
+	    $(PROG_LIBS) $(LDFLAGS)
+
+fuzz-bins: $(FUZZ_TARGETS:%=$(BUILD)/fuzz/fuzz_%)
+
+# Rewrite the seed corpora from tests/fuzz/gen_corpus.c (crash-* files are kept).
+fuzz-corpus: $(BUILD)/fuzz/gen_corpus
+	mkdir -p $(FUZZ_TARGETS:%=tests/fuzz/corpus/%)
+	$(BUILD)/fuzz/gen_corpus tests/fuzz/corpus
+
+$(BUILD)/fuzz/gen_corpus: tests/fuzz/gen_corpus.c $(FUZZ_SUPPORT) $(FUZZ_DEPS)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(PROG_CFLAGS) -Itests -o $@ $< $(FUZZ_SUPPORT) $(PROG_LIBS) $(LDFLAGS)
+
+# The library too is built with coverage and sanitizers, and with MOAS_DEBUG so that a
+# broken internal invariant traps.
+fuzz:
+	$(MAKE) --no-print-directory fuzz-bins CC=$(FUZZ_CC) OPENMP=0 BUILD=$(FUZZ_BUILD) \
+	    LIBOUT=$(FUZZ_BUILD)/lib BINOUT=$(FUZZ_BUILD)/bin \
+	    MOREFLAGS="-g -O1 -DMOAS_DEBUG -fsanitize=fuzzer-no-link $(FUZZ_SAN)"
+
+fuzz-run: fuzz
+	for t in $(FUZZ_TARGETS); do \
+	    dict=tests/fuzz/fuzz_$$t.dict; [ -f $$dict ] && dict=-dict=$$dict || dict=; \
+	    mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/artifacts/$$t && \
+	    $(FUZZ_BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	        -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$t/ $$dict \
+	        $(FUZZ_FLAGS) $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t || exit 1; \
+	done
+
+# Add to the committed corpus the inputs fuzz-run found that reach new edges (libFuzzer
+# names them by their SHA-1); review the size before committing.
+fuzz-merge: fuzz
+	for t in $(FUZZ_TARGETS); do \
+	    $(FUZZ_BUILD)/fuzz/fuzz_$$t -merge=1 -use_counters=0 tests/fuzz/corpus/$$t \
+	        $(FUZZ_BUILD)/corpus/$$t || exit 1; \
+	done
+
+# Which lines of src/ the corpus reaches (clang source coverage, llvm-cov): the
+# committed corpus plus whatever fuzz-run added in $(FUZZ_BUILD)/corpus/.
+LLVM_PROFDATA ?= llvm-profdata
+LLVM_COV      ?= llvm-cov
+fuzz-coverage:
+	$(MAKE) --no-print-directory $(FUZZ_TARGETS:%=build-cov/fuzz/replay_%) CC=clang OPENMP=0 \
+	    BUILD=build-cov LIBOUT=build-cov/lib BINOUT=build-cov/bin \
+	    MOREFLAGS="-g -O0 -fprofile-instr-generate -fcoverage-mapping"
+	rm -f build-cov/*.profraw
+	for t in $(FUZZ_TARGETS); do \
+	    extra=$(FUZZ_BUILD)/corpus/$$t; [ -d $$extra ] || extra=; \
+	    LLVM_PROFILE_FILE=build-cov/$$t.profraw build-cov/fuzz/replay_$$t \
+	        tests/fuzz/corpus/$$t $$extra || exit 1; \
+	done
+	$(LLVM_PROFDATA) merge -o build-cov/fuzz.profdata build-cov/*.profraw
+	$(LLVM_COV) report build-cov/fuzz/replay_load $(FUZZ_TARGETS:%=-object build-cov/fuzz/replay_%) \
+	    -instr-profile=build-cov/fuzz.profdata $(LIB_SRCS)
+
+TSAN_CC ?= clang
+tsan:
+	TSAN_OPTIONS="halt_on_error=1 $$TSAN_OPTIONS" $(MAKE) --no-print-directory check \
+	    CC=$(TSAN_CC) OPENMP=0 BUILD=build-tsan-$(TSAN_CC) LIBOUT=build-tsan-$(TSAN_CC)/lib \
+	    BINOUT=build-tsan-$(TSAN_CC)/bin \
+	    MOREFLAGS="-g -O1 -fsanitize=thread -fno-omit-frame-pointer"
+
+# The shipped model when it is there, else the tiny test model; the text is the plain
+# ASCII first five verses of tests/data/tiny.txt, which both vocabularies cover.
+VALGRIND       ?= valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=all \
+                  --show-leak-kinds=all --quiet
+VALGRIND_ERR   ?= valgrind --error-exitcode=99 --leak-check=full \
+                  --errors-for-leak-kinds=definite,indirect,possible --quiet
+VALGRIND_MODEL ?= $(firstword $(wildcard models/moas-kjv.gguf) tests/data/tiny-moas-bias.gguf)
+VALGRIND_TEXT  ?= build-valgrind/genesis.txt
+valgrind:
+	$(MAKE) --no-print-directory build-valgrind/bin/moas OPENMP=0 BUILD=build-valgrind \
+	    LIBOUT=build-valgrind/lib BINOUT=build-valgrind/bin
+	head -n 5 tests/data/tiny.txt > build-valgrind/genesis.txt
+	$(VALGRIND) build-valgrind/bin/moas inspect -m $(VALGRIND_MODEL) >/dev/null
+	$(VALGRIND) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And God said" -n 60 \
+	    --seed 1 >/dev/null
+	$(VALGRIND) build-valgrind/bin/moas perplexity -m $(VALGRIND_MODEL) -f $(VALGRIND_TEXT) \
+	    >/dev/null
+	@# Error paths must exit 1 (the program's own failure), not 99 (a memcheck error).
+	@# The program exit()s from deep inside, so blocks its frames still point to are
+	@# "still reachable" there, and only lost blocks count.
+	head -c 3000 $(VALGRIND_MODEL) > build-valgrind/cut.gguf
+	$(VALGRIND_ERR) build-valgrind/bin/moas generate -m build-valgrind/cut.gguf -p "A" \
+	    2>build-valgrind/err.txt; test $$? -eq 1 || { cat build-valgrind/err.txt; exit 1; }
+	$(VALGRIND_ERR) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And \`" \
+	    2>build-valgrind/err.txt; test $$? -eq 1 || { cat build-valgrind/err.txt; exit 1; }
+	@echo "valgrind: clean"
 
 # ---- install -------------------------------------------------------------------
 install: all

@@ -699,7 +699,7 @@ MOAS_API moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep);
  *            scheme with the largest gate (the first on ties), i.e. routed mode's pick;
  *   kv_heads [n_pos][n_layer]  KV heads the cache stores for that token and layer:
  *            routed mode n_kv of the scheme that ran; mixture mode every scheme's (the
- *            sum of their n_kv).
+ *            sum of their n_kv), or for a pooled model n_head (one mix of all heads).
  * Any of the three arrays may be NULL. n_pos may be 0.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, range outside [0, n_past)).

@@ -79,6 +79,10 @@ static moas_status read_string(const moas_gguf *g, const char *key, bool require
     }
     MOAS_RETURN_IF(kv->value.type != MOAS_META_STRING, MOAS_ERR_CORRUPT,
                    "model: key '%s' must be a string, has type %d", key, (int)kv->value.type);
+    /* the text is compared as a C string: "moas\0llama" must not pass for "moas" */
+    MOAS_RETURN_IF(strlen(kv->value.v.str.text) != kv->value.v.str.len, MOAS_ERR_CORRUPT,
+                   "model: key '%s' holds a NUL byte inside its %llu bytes", key,
+                   (unsigned long long)kv->value.v.str.len);
     *out = kv->value.v.str.text;
     return MOAS_OK;
 }

@@ -108,3 +108,11 @@ X(sampler_top_k_keeps_the_k_most_likely)
 X(decode_allocates_nothing_and_free_releases_everything)
 X(allocation_failures_at_creation_are_clean)
 
+/* tests/test_concurrency.c */
+X(concurrency_shared_model_matches_sequential)
+X(concurrency_last_error_is_per_thread)
+
+/* tests/test_bad_inputs.c */
+X(bad_inputs_hyperparameters_out_of_range_or_mistyped)
+X(bad_inputs_unknown_tokenizer_or_mixing_is_unsupported)
+X(bad_inputs_sampler_params_size_is_checked)

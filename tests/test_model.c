@@ -371,6 +371,18 @@ TEST(model_refuses_bad_hyperparameters) {
     if (expect_load(&cfg, MOAS_ERR_CORRUPT, "tokens 0 and 2 are the same character"))
         return TEST_FAIL;
 
+    /* an architecture with a NUL inside: not "moas" */
+    w = gguf_writer_create();
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "general.architecture";
+    gguf_writer_add_string_n(w, "general.architecture", "moas\0llama", 10);
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "NUL byte") != NULL);
+    free(image);
+
     /* another architecture */
     w = gguf_writer_create();
     tiny_model_config_default(&cfg);

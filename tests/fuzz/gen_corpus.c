@@ -1,0 +1,289 @@
+/*
+ * gen_corpus.c - write the seed corpora of the fuzz targets: gen_corpus DIR writes
+ * DIR/load/, DIR/tokenize/ and DIR/decode/ (make fuzz-corpus: tests/fuzz/corpus).
+ *
+ * Seeds are small on purpose: a fuzzer mutates a 3 KB model far faster than a 300 KB
+ * one, and every structure of the format is already in the small ones.
+ *   load/     valid tiny models in each architecture variant and weight type (F32,
+ *             F16, Q8_0; router, mean, single; independent and pooled K/V; one and
+ *             two layers; tied and untied;
+ *             with and without biases; alignment 1, 32, and 32 by default), one
+ *             with a key of every value type and an array of every element type, a
+ *             multi-byte vocabulary, and truncations of one of them inside each
+ *             section;
+ *   tokenize/ texts for fuzz_tokenize (byte 0: flags; fuzz_tokenize.c);
+ *   decode/   programs for fuzz_decode (layout in fuzz_decode.c).
+ * Files that fuzzing found and that once failed are added by hand as crash-*; this
+ * program never deletes them.
+ */
+#include "support/tiny_model.h"
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures;
+
+static void write_file(const char *dir, const char *sub, const char *name, const void *data,
+                       size_t size) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s/%s", dir, sub, name);
+    FILE *f = fopen(path, "wb");
+    if (f == NULL || fwrite(data, 1, size, f) != size || fclose(f) != 0) {
+        fprintf(stderr, "gen_corpus: cannot write %s\n", path);
+        failures++;
+    }
+}
+
+/* A small model: 1 layer, width 8, 2 heads, schemes [2, 1], 8 positions, 8 tokens. */
+static void small_config(tiny_model_config *cfg) {
+    tiny_model_config_default(cfg);
+    cfg->n_layer = 1;
+    cfg->n_embd = 8;
+    cfg->n_head = 2;
+    cfg->n_ff = 8;
+    cfg->n_ctx_train = 8;
+    cfg->n_scheme = 2;
+    cfg->scheme_n_kv[0] = 2;
+    cfg->scheme_n_kv[1] = 1;
+    cfg->router_hidden = 2;
+    cfg->n_vocab = 8;
+    cfg->alignment = 32;
+}
+
+static void model_seed(const char *dir, const char *name, const tiny_model_config *cfg,
+                       uint64_t seed) {
+    size_t size;
+    uint8_t *image = tiny_model_image(cfg, seed, &size);
+    if (image == NULL) {
+        fprintf(stderr, "gen_corpus: cannot build %s\n", name);
+        failures++;
+        return;
+    }
+    write_file(dir, "load", name, image, size);
+    free(image);
+}
+
+static void load_seeds(const char *dir) {
+    tiny_model_config cfg;
+    static const char *const multibyte[6] = {"a", " ", "\xc3\xa9", "\xe2\x80\x94",
+                                             "\xf0\x9f\x98\x80", "Z"};
+
+    small_config(&cfg);
+    model_seed(dir, "small-router-f32.gguf", &cfg, 1);
+    cfg.alignment = 1;
+    model_seed(dir, "small-router-align1.gguf", &cfg, 2);
+    cfg.alignment = 0;   /* no general.alignment: GGUF's default 32 */
+    model_seed(dir, "small-router-noalign.gguf", &cfg, 3);
+
+    small_config(&cfg);
+    cfg.mixing = MOAS_MIXING_MEAN;
+    cfg.bias = false;
+    cfg.tied = false;
+    model_seed(dir, "small-mean-nobias-untied.gguf", &cfg, 4);
+
+    small_config(&cfg);
+    cfg.n_scheme = 1;
+    cfg.scheme_n_kv[0] = 1;
+    cfg.mixing = MOAS_MIXING_SINGLE;
+    cfg.mat_type = MOAS_TYPE_F16;
+    cfg.emb_type = MOAS_TYPE_F16;
+    model_seed(dir, "small-single-mqa-f16.gguf", &cfg, 5);
+
+    small_config(&cfg);
+    cfg.n_embd = 32;
+    cfg.n_ff = 32;
+    cfg.router_hidden = 32;
+    cfg.mat_type = MOAS_TYPE_Q8_0;
+    cfg.emb_type = MOAS_TYPE_F16;
+    cfg.n_ctx_train = 4;
+    model_seed(dir, "small-router-q8_0.gguf", &cfg, 6);
+
+    small_config(&cfg);   /* one Q, K, V, output per layer; K/V pooled per scheme */
+    cfg.kv_sharing = "pooled";
+    model_seed(dir, "small-pooled-router.gguf", &cfg, 9);
+
+    small_config(&cfg);
+    cfg.vocab = multibyte;
+    cfg.n_vocab = 6;
+    cfg.name = NULL;
+    model_seed(dir, "small-multibyte-vocab.gguf", &cfg, 7);
+
+    /* the first small model plus a key of every value type and an array of every
+     * element type, for the loader's metadata getters */
+    small_config(&cfg);
+    gguf_writer *w = gguf_writer_create();
+    if (w == NULL || !tiny_model_write(&cfg, 10, w)) {
+        failures++;
+    } else {
+        const uint8_t u8s[3] = {0, 7, 255};
+        const int16_t i16s[2] = {-300, 300};
+        const uint32_t u32s[2] = {1, 4000000000u};
+        const int64_t i64s[2] = {INT64_MIN, INT64_MAX};
+        const uint64_t u64s[2] = {1, UINT64_MAX};
+        const float f32s[3] = {0.5f, -1e30f, 3.0f};
+        const double f64s[2] = {1e-300, -2.5};
+        const bool bools[3] = {true, false, true};
+        static const char *const strs[2] = {"one", ""};
+        static const char *const nul_strs[1] = {"a\0b"};
+        const size_t nul_lens[1] = {3};
+        gguf_writer_add_u8(w, "x.u8", 200);
+        gguf_writer_add_i8(w, "x.i8", -100);
+        gguf_writer_add_u16(w, "x.u16", 60000);
+        gguf_writer_add_i16(w, "x.i16", -30000);
+        gguf_writer_add_u32(w, "x.u32", 4000000000u);
+        gguf_writer_add_i32(w, "x.i32", -2000000000);
+        gguf_writer_add_u64(w, "x.u64", UINT64_MAX);
+        gguf_writer_add_i64(w, "x.i64", INT64_MIN);
+        gguf_writer_add_f32(w, "x.f32", -0.25f);
+        gguf_writer_add_f64(w, "x.f64", 1e300);
+        gguf_writer_add_bool(w, "x.bool", true);
+        gguf_writer_add_string_n(w, "x.str", "nul\0inside", 10);
+        gguf_writer_add_array(w, "x.a.u8", MOAS_META_UINT8, u8s, 3);
+        gguf_writer_add_array(w, "x.a.i16", MOAS_META_INT16, i16s, 2);
+        gguf_writer_add_array(w, "x.a.u32", MOAS_META_UINT32, u32s, 2);
+        gguf_writer_add_array(w, "x.a.i64", MOAS_META_INT64, i64s, 2);
+        gguf_writer_add_array(w, "x.a.u64", MOAS_META_UINT64, u64s, 2);
+        gguf_writer_add_array(w, "x.a.f32", MOAS_META_FLOAT32, f32s, 3);
+        gguf_writer_add_array(w, "x.a.f64", MOAS_META_FLOAT64, f64s, 2);
+        gguf_writer_add_array(w, "x.a.bool", MOAS_META_BOOL, bools, 3);
+        gguf_writer_add_array(w, "x.a.empty", MOAS_META_UINT8, u8s, 0);
+        gguf_writer_add_array_string(w, "x.a.str", strs, 2);
+        gguf_writer_add_array_string_n(w, "x.a.nul", nul_strs, nul_lens, 1);
+        size_t size;
+        uint8_t *image = gguf_writer_finish(w, &size);
+        if (image == NULL) {
+            failures++;
+        } else {
+            write_file(dir, "load", "small-every-value-type.gguf", image, size);
+            free(image);
+        }
+    }
+    gguf_writer_free(w);
+
+    small_config(&cfg);   /* two layers, three schemes */
+    cfg.n_layer = 2;
+    cfg.n_scheme = 3;
+    cfg.scheme_n_kv[2] = 1;
+    cfg.router_hidden = 3;
+    model_seed(dir, "small-2layer-3scheme.gguf", &cfg, 8);
+
+    /* truncations of the first small model inside the header, the metadata, the
+     * tensor directory and the data */
+    size_t size;
+    small_config(&cfg);
+    uint8_t *image = tiny_model_image(&cfg, 1, &size);
+    if (image == NULL) {
+        failures++;
+        return;
+    }
+    /* nothing, the magic, inside n_kv, inside the metadata, inside the tensor data,
+     * and the last tensor one byte short */
+    const size_t cut_list[6] = {0, 4, 20, 200, size / 2, size - 1};
+    for (int i = 0; i < 6; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "truncated-at-%zu.gguf", cut_list[i]);
+        write_file(dir, "load", name, image, cut_list[i]);
+    }
+    free(image);
+}
+
+static void tokenize_seeds(const char *dir) {
+    static const struct {
+        const char *name;
+        const char *bytes;
+        size_t len;
+    } seeds[] = {
+        {"ascii", "\x00" "a z.A\nb", 8},
+        {"multibyte", "\x01" "a\xc3\xa9\xe2\x80\x94\xf0\x9f\x98\x80\xf4\x8f\xbf\xbf", 16},
+        {"edges", "\x00" "\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xed\x9f\xbf\xee\x80\x80\xef\xbf\xbf"
+                  "\xf0\x90\x80\x80", 22},
+        {"nul-inside", "\x10" "a\x00" "b", 4},
+        {"unknown-char", "\x00" "abc", 4},
+        {"invalid-utf8", "\x00" "a\x80" "b\xc3", 5},
+        {"overlong", "\x00" "\xc0\xaf\xe0\x80\xaf", 6},
+        {"surrogate", "\x00" "\xed\xa0\x80", 4},
+        {"too-big", "\x00" "\xf4\x90\x80\x80", 5},
+        {"short-buffer", "\x0a" "aaaaaaaaaaaa", 13},
+        {"count-only", "\x03" "a b", 4},
+    };
+    for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+        write_file(dir, "tokenize", seeds[i].name, seeds[i].bytes, seeds[i].len);
+    }
+}
+
+/* Opcodes as in fuzz_decode.c. */
+enum { DECODE, BATCH, TRUNCATE, RESET, ROUTES, KV_BYTES, VERIFY, BAD_ARGS, GENERATE, FORCE,
+       BUDGET, CALLBACK };
+#define DECODE_TO_BUFFER 132   /* 132 % 12 == DECODE, with the high bit: logits copied */
+
+static void decode_seeds(const char *dir) {
+    static const uint8_t decode_some[] = {
+        0x00, 15, 0x01, DECODE, 3, DECODE_TO_BUFFER, 7, DECODE, 39, VERIFY, ROUTES, 0, 3, 0,
+        KV_BYTES, 0, KV_BYTES, 1, DECODE, 250, VERIFY};
+    static const uint8_t batch_truncate[] = {
+        0x01, 9, 0x00, BATCH, 0x02, 6, 1, 2, 3, 4, 5, 6, TRUNCATE, 2, DECODE, 9, VERIFY,
+        BATCH, 0x01, 3, 10, 11, 12, TRUNCATE, 0, BATCH, 0x00, 2, 1, 1, VERIFY};
+    static const uint8_t fill_up[] = {
+        0x02, 3, 0x04, BATCH, 0x01, 4, 1, 2, 3, 4, DECODE, 5, BATCH, 0x02, 1, 7, VERIFY,
+        TRUNCATE, 3, DECODE, 5, VERIFY, RESET, VERIFY};
+    static const uint8_t odd_ranges[] = {
+        0x00, 7, 0x00, BATCH, 0x01, 5, 1, 2, 3, 4, 5, ROUTES, 225, 230, 0, ROUTES, 4, 2, 1,
+        ROUTES, 6, 0, 0, ROUTES, 0, 231, 2, KV_BYTES, 201, KV_BYTES, 206, TRUNCATE, 226,
+        TRUNCATE, 228, VERIFY};
+    static const uint8_t bad_args[] = {
+        0x0c, 5, 0x00, DECODE, 1, BAD_ARGS, 0, BAD_ARGS, 1, BAD_ARGS, 2, BAD_ARGS, 3, BAD_ARGS,
+        4, BAD_ARGS, 5, BAD_ARGS, 6, BAD_ARGS, 7, DECODE, 241, DECODE, 242, DECODE, 243,
+        BATCH, 0x03, 2, 1, 2, BATCH, 0x04, 2, 1, 2, BATCH, 0x5a, 2, 1, 2, BATCH, 0x12, 2, 1,
+        2, VERIFY};
+    static const uint8_t generate[] = {
+        0x00, 15, 0x21, DECODE, 1, GENERATE, GENERATE, GENERATE, GENERATE, VERIFY, TRUNCATE, 2,
+        GENERATE, GENERATE, VERIFY};
+    static const uint8_t routed[] = {
+        0x10, 15, 0x00, BATCH, 0x01, 3, 1, 2, 3, FORCE, 3, DECODE, 4, FORCE, 0, DECODE, 5,
+        CALLBACK, 7, DECODE, 6, ROUTES, 0, 5, 0, KV_BYTES, 0, BUDGET, 0x05, DECODE, 7,
+        BATCH, 0x02, 2, 8, 9, BUDGET, 0x02, BUDGET, 0x00, CALLBACK, 0, RESET, BATCH, 0x01,
+        4, 1, 2, 3, 4, VERIFY};
+    static const uint8_t routed_budget[] = {
+        0x1c, 15, 0x00, BUDGET, 0x09, BATCH, 0x01, 6, 1, 2, 3, 4, 5, 6, ROUTES, 0, 6, 0,
+        KV_BYTES, 0, DECODE, 7, DECODE, 8, TRUNCATE, 3, BATCH, 0x02, 3, 1, 1, 1, BUDGET, 0x06,
+        DECODE, 1, VERIFY};
+    static const uint8_t pooled[] = {
+        0x20, 15, 0x00, BATCH, 0x02, 5, 1, 2, 3, 4, 5, ROUTES, 0, 5, 0, KV_BYTES, 0, TRUNCATE,
+        2, DECODE, 6, VERIFY};
+    static const uint8_t pooled_routed[] = {
+        0x34, 15, 0x00, BATCH, 0x01, 4, 1, 2, 3, 4, FORCE, 2, DECODE, 5, FORCE, 0, BUDGET, 0x09,
+        BATCH, 0x02, 3, 6, 7, 8, ROUTES, 0, 8, 0, KV_BYTES, 0, TRUNCATE, 3, VERIFY};
+    static const struct {
+        const char *name;
+        const uint8_t *bytes;
+        size_t len;
+    } seeds[] = {
+        {"decode-some", decode_some, sizeof decode_some},
+        {"pooled", pooled, sizeof pooled},
+        {"pooled-routed", pooled_routed, sizeof pooled_routed},
+        {"batch-truncate", batch_truncate, sizeof batch_truncate},
+        {"fill-up", fill_up, sizeof fill_up},
+        {"odd-ranges", odd_ranges, sizeof odd_ranges},
+        {"bad-args", bad_args, sizeof bad_args},
+        {"generate", generate, sizeof generate},
+        {"routed", routed, sizeof routed},
+        {"routed-budget", routed_budget, sizeof routed_budget},
+    };
+    for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+        write_file(dir, "decode", seeds[i].name, seeds[i].bytes, seeds[i].len);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s CORPUS_DIR (with load/, tokenize/ and decode/ in it)\n",
+                argv[0]);
+        return 2;
+    }
+    load_seeds(argv[1]);
+    tokenize_seeds(argv[1]);
+    decode_seeds(argv[1]);
+    return failures == 0 ? 0 : 1;
+}

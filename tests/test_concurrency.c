@@ -1,0 +1,335 @@
+/*
+ * test_concurrency.c - one model, several threads: the model is read-only once loaded,
+ * so contexts on different threads compute exactly what they would alone, and each
+ * thread keeps its own moas_last_error().
+ *
+ * Uses POSIX threads (tests only; the library itself creates no threads but OpenMP's).
+ * `make tsan` runs these under ThreadSanitizer, built without OpenMP (libgomp is not
+ * instrumented, so TSan would report its internal synchronisation as races).
+ */
+#include "test.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define N_THREADS 4
+#define N_ROUNDS 3
+#define N_GENERATE 8
+
+static const char *shared_model = "tiny-moas-bias.gguf";
+
+/* What one stream computes: every logit row, the routes, KV bytes, sampled tokens. */
+typedef struct {
+    const moas_model *model;
+    const char *text;       /* all of tiny.txt */
+    size_t text_len;
+    int32_t slice;          /* which part of the text this stream decodes */
+    int32_t n_tokens;       /* tokens of the slice decoded (n_ctx - N_GENERATE) */
+    float *logits;          /* [n_tokens][n_vocab] */
+    float *gates;           /* [n_ctx][n_layer][n_scheme] */
+    int32_t *schemes;       /* [n_ctx][n_layer] */
+    float *final_logits;    /* [n_vocab] after truncate and re-decode */
+    int32_t generated[N_GENERATE];
+    size_t kv_used;
+    char error[512];        /* empty, or what went wrong */
+} stream;
+
+static void stream_fail(stream *s, const char *what) {
+    if (s->error[0] == '\0') {
+        snprintf(s->error, sizeof s->error, "slice %d: %s: %s", (int)s->slice, what,
+                 moas_last_error());
+    }
+}
+
+/* Decode one slice of the text, several times over, through every kind of call: a
+ * batch, single tokens, sampling, routes, truncate and re-decode. Each round must
+ * repeat the first exactly. Runs on whatever thread calls it. */
+static void run_stream(stream *s) {
+    const moas_model *m = s->model;
+    const int32_t n_vocab = moas_model_n_vocab(m), n_layer = moas_model_n_layer(m);
+    const int32_t n_scheme = moas_model_n_scheme(m);
+    const int32_t n_ctx = moas_model_n_ctx_train(m);
+    const int32_t n = n_ctx - N_GENERATE, half = n / 2;
+    moas_context_params cp;
+    moas_sampler_params sp;
+    moas_context *ctx = NULL;
+    moas_sampler *smp = NULL;
+    size_t n_all = 0;
+    int32_t *all = malloc(s->text_len * sizeof *all);
+    const size_t n_logits = (size_t)n * n_vocab, n_routes = (size_t)n_ctx * n_layer;
+    float *logits = malloc(n_logits * sizeof *logits);
+    float *gates = malloc(n_routes * n_scheme * sizeof *gates);
+    int32_t *schemes = malloc(n_routes * sizeof *schemes);
+    float *final_logits = malloc((size_t)n_vocab * sizeof *final_logits);
+    int32_t generated[N_GENERATE];
+
+    s->n_tokens = n;
+    s->logits = malloc(n_logits * sizeof *s->logits);
+    s->gates = malloc(n_routes * n_scheme * sizeof *s->gates);
+    s->schemes = malloc(n_routes * sizeof *s->schemes);
+    s->final_logits = malloc((size_t)n_vocab * sizeof *s->final_logits);
+    if (!all || !logits || !gates || !schemes || !final_logits || !s->logits || !s->gates ||
+        !s->schemes || !s->final_logits) {
+        stream_fail(s, "out of memory");
+        goto done;
+    }
+
+    /* the tokenizer is shared too: each thread tokenizes the whole text itself */
+    if (moas_tokenize(m, s->text, s->text_len, all, s->text_len, &n_all) != MOAS_OK) {
+        stream_fail(s, "tokenize");
+        goto done;
+    }
+    const size_t start = (size_t)s->slice * (n_all - (size_t)n) / (N_THREADS - 1);
+    const int32_t *tokens = all + start;
+
+    moas_context_params_init(&cp);
+    cp.n_threads = 1;
+    moas_sampler_params_init(&sp);
+    sp.temperature = 0.8f;
+    sp.top_k = 10;
+    sp.seed = 1000u + (uint64_t)s->slice;
+    if (moas_context_create(m, &cp, &ctx) != MOAS_OK ||
+        moas_sampler_create(&sp, n_vocab, &smp) != MOAS_OK) {
+        stream_fail(s, "create");
+        goto done;
+    }
+    for (int round = 0; round < N_ROUNDS; round++) {
+        moas_context_reset(ctx);
+        moas_sampler_reseed(smp, sp.seed);
+        /* the first half as a batch, the rest one token at a time */
+        if (moas_context_decode_batch(ctx, tokens, half, logits, MOAS_LOGITS_ALL) != MOAS_OK) {
+            stream_fail(s, "decode_batch");
+            break;
+        }
+        for (int32_t i = half; i < n; i++) {
+            if (moas_context_decode(ctx, tokens[i], logits + (size_t)i * n_vocab) != MOAS_OK) {
+                stream_fail(s, "decode");
+                break;
+            }
+        }
+        /* then generate to the end of the context */
+        for (int i = 0; i < N_GENERATE && s->error[0] == '\0'; i++) {
+            if (moas_sampler_sample(smp, moas_context_logits(ctx), &generated[i]) != MOAS_OK ||
+                moas_context_decode(ctx, generated[i], NULL) != MOAS_OK) {
+                stream_fail(s, "generate");
+            }
+        }
+        if (s->error[0] != '\0' ||
+            moas_context_routes(ctx, 0, n_ctx, gates, schemes, NULL) != MOAS_OK) {
+            stream_fail(s, "routes");
+            break;
+        }
+        const size_t kv_used = moas_context_kv_bytes_used(ctx, -1);
+        /* back to a third, and the rest of the text again as one batch */
+        if (moas_context_truncate(ctx, n / 3) != MOAS_OK ||
+            moas_context_decode_batch(ctx, tokens + n / 3, n - n / 3, NULL, MOAS_LOGITS_LAST) !=
+                MOAS_OK) {
+            stream_fail(s, "truncate and re-decode");
+            break;
+        }
+        memcpy(final_logits, moas_context_logits(ctx), (size_t)n_vocab * sizeof *final_logits);
+
+        if (round == 0) {
+            memcpy(s->logits, logits, n_logits * sizeof *logits);
+            memcpy(s->gates, gates, n_routes * n_scheme * sizeof *gates);
+            memcpy(s->schemes, schemes, n_routes * sizeof *schemes);
+            memcpy(s->final_logits, final_logits, (size_t)n_vocab * sizeof *final_logits);
+            memcpy(s->generated, generated, sizeof generated);
+            s->kv_used = kv_used;
+        } else if (memcmp(s->logits, logits, n_logits * sizeof *logits) != 0 ||
+                   memcmp(s->gates, gates, n_routes * n_scheme * sizeof *gates) != 0 ||
+                   memcmp(s->schemes, schemes, n_routes * sizeof *schemes) != 0 ||
+                   memcmp(s->final_logits, final_logits, (size_t)n_vocab * sizeof(float)) != 0 ||
+                   memcmp(s->generated, generated, sizeof generated) != 0 ||
+                   s->kv_used != kv_used) {
+            stream_fail(s, "a later round differs from the first");
+        }
+        /* re-decoding after a truncate gives the uninterrupted run's last logits */
+        if (memcmp(final_logits, logits + (size_t)(n - 1) * n_vocab,
+                   (size_t)n_vocab * sizeof *final_logits) != 0) {
+            stream_fail(s, "truncate + re-decode differs from the uninterrupted run");
+        }
+    }
+done:
+    moas_sampler_free(smp);
+    moas_context_free(ctx);
+    free(all);
+    free(logits);
+    free(gates);
+    free(schemes);
+    free(final_logits);
+}
+
+static void stream_free(stream *s) {
+    free(s->logits);
+    free(s->gates);
+    free(s->schemes);
+    free(s->final_logits);
+}
+
+static pthread_barrier_t start_line;
+
+static void *stream_thread(void *arg) {
+    pthread_barrier_wait(&start_line);   /* all four decode at the same time */
+    run_stream(arg);
+    return NULL;
+}
+
+static char *read_text(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    char *buf = malloc(4096);
+    *len = 0;
+    if (f != NULL && buf != NULL) {
+        *len = fread(buf, 1, 4096, f);
+    }
+    if (f != NULL) {
+        fclose(f);
+    }
+    return buf;
+}
+
+/* Four threads, each with its own context on one shared model, decode four different
+ * slices of tiny.txt at the same time: every logit, gate, route, sampled token and KV
+ * count is bitwise what the same four streams give one after another on this thread. */
+TEST(concurrency_shared_model_matches_sequential) {
+    moas_model *model;
+    stream seq[N_THREADS], par[N_THREADS];
+    pthread_t threads[N_THREADS];
+    size_t text_len;
+    char *text = read_text(test_data("tiny.txt"), &text_len);
+
+    ASSERT_TRUE(text != NULL && text_len > 300);
+    ASSERT_OK(moas_model_load(test_data(shared_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model), n_layer = moas_model_n_layer(model);
+    const int32_t n_ctx = moas_model_n_ctx_train(model);
+    ASSERT_TRUE(n_ctx > N_GENERATE + 8);
+
+    memset(seq, 0, sizeof seq);
+    memset(par, 0, sizeof par);
+    for (int t = 0; t < N_THREADS; t++) {
+        seq[t].model = par[t].model = model;
+        seq[t].text = par[t].text = text;
+        seq[t].text_len = par[t].text_len = text_len;
+        seq[t].slice = par[t].slice = t;
+    }
+    for (int t = 0; t < N_THREADS; t++) {
+        run_stream(&seq[t]);
+        if (seq[t].error[0] != '\0') {
+            test_report(__FILE__, __LINE__, "sequential", "%s", seq[t].error);
+            return TEST_FAIL;
+        }
+    }
+
+    ASSERT_EQ(pthread_barrier_init(&start_line, NULL, N_THREADS), 0);
+    for (int t = 0; t < N_THREADS; t++) {
+        ASSERT_EQ(pthread_create(&threads[t], NULL, stream_thread, &par[t]), 0);
+    }
+    for (int t = 0; t < N_THREADS; t++) {
+        ASSERT_EQ(pthread_join(threads[t], NULL), 0);
+    }
+    pthread_barrier_destroy(&start_line);
+
+    for (int t = 0; t < N_THREADS; t++) {
+        const stream *a = &seq[t], *b = &par[t];
+        const size_t n_routes = (size_t)n_ctx * n_layer;
+        if (b->error[0] != '\0') {
+            test_report(__FILE__, __LINE__, "concurrent", "%s", b->error);
+            return TEST_FAIL;
+        }
+        ASSERT_TRUE(memcmp(a->logits, b->logits, (size_t)a->n_tokens * n_vocab * sizeof(float)) == 0);
+        ASSERT_TRUE(memcmp(a->gates, b->gates,
+                           n_routes * moas_model_n_scheme(model) * sizeof(float)) == 0);
+        ASSERT_TRUE(memcmp(a->schemes, b->schemes, n_routes * sizeof(int32_t)) == 0);
+        ASSERT_TRUE(memcmp(a->final_logits, b->final_logits, (size_t)n_vocab * sizeof(float)) == 0);
+        ASSERT_TRUE(memcmp(a->generated, b->generated, sizeof a->generated) == 0);
+        ASSERT_EQ(a->kv_used, b->kv_used);
+        /* and the streams really differ from each other */
+        if (t > 0) {
+            ASSERT_TRUE(memcmp(seq[0].logits, a->logits, (size_t)n_vocab * sizeof(float)) != 0);
+        }
+    }
+    for (int t = 0; t < N_THREADS; t++) {
+        stream_free(&seq[t]);
+        stream_free(&par[t]);
+    }
+    moas_model_free(model);
+    free(text);
+    return TEST_PASS;
+}
+
+/* ---- per-thread last error ------------------------------------------------------- */
+
+typedef struct {
+    const moas_model *model;
+    int id;
+    char seen_first[512];   /* this thread's message before it failed */
+    char mine[512];         /* the message of its own failure */
+    char after[512];        /* its message after the other thread failed */
+    int failed_as_expected;
+} error_probe;
+
+static pthread_barrier_t turn;
+
+/* Thread 0 fails first, then waits while thread 1 fails with another message; each
+ * must keep seeing its own. Every thread passes every barrier, whatever happens. */
+static void *error_thread(void *arg) {
+    error_probe *p = arg;
+    int32_t tokens[4];
+    size_t n;
+
+    snprintf(p->seen_first, sizeof p->seen_first, "%s", moas_last_error());
+    if (p->id == 0) {
+        moas_context *ctx = NULL;
+        if (moas_context_create(p->model, NULL, &ctx) == MOAS_OK) {
+            p->failed_as_expected = moas_context_decode(ctx, -5, NULL) == MOAS_ERR_INVALID_ARG;
+            moas_context_free(ctx);   /* success: leaves the message alone */
+        }
+        snprintf(p->mine, sizeof p->mine, "%s", moas_last_error());
+    }
+    pthread_barrier_wait(&turn);
+    if (p->id == 1) {
+        p->failed_as_expected =
+            moas_tokenize(p->model, "And Q", (size_t)-1, tokens, 4, &n) == MOAS_ERR_UNKNOWN_CHAR;
+        snprintf(p->mine, sizeof p->mine, "%s", moas_last_error());
+    }
+    pthread_barrier_wait(&turn);
+    snprintf(p->after, sizeof p->after, "%s", moas_last_error());
+    return NULL;
+}
+
+TEST(concurrency_last_error_is_per_thread) {
+    moas_model *model;
+    error_probe probes[2];
+    pthread_t threads[2];
+    moas_model *none = NULL;
+
+    ASSERT_OK(moas_model_load(test_data(shared_model), NULL, &model));
+    /* this thread's own failure, which the others must not disturb */
+    ASSERT_STATUS(moas_model_load("/nonexistent/concurrency.gguf", NULL, &none), MOAS_ERR_IO);
+    char main_message[512];
+    snprintf(main_message, sizeof main_message, "%s", moas_last_error());
+
+    memset(probes, 0, sizeof probes);
+    ASSERT_EQ(pthread_barrier_init(&turn, NULL, 2), 0);
+    for (int t = 0; t < 2; t++) {
+        probes[t].model = model;
+        probes[t].id = t;
+        ASSERT_EQ(pthread_create(&threads[t], NULL, error_thread, &probes[t]), 0);
+    }
+    for (int t = 0; t < 2; t++) {
+        ASSERT_EQ(pthread_join(threads[t], NULL), 0);
+    }
+    pthread_barrier_destroy(&turn);
+
+    for (int t = 0; t < 2; t++) {
+        ASSERT_STR_EQ(probes[t].seen_first, "");    /* a new thread starts clean */
+        ASSERT_TRUE(probes[t].failed_as_expected);
+        ASSERT_STR_EQ(probes[t].after, probes[t].mine);   /* unchanged by the other */
+    }
+    ASSERT_TRUE(strstr(probes[0].mine, "-5") != NULL);
+    ASSERT_TRUE(strstr(probes[1].mine, "'Q'") != NULL);
+    ASSERT_STR_EQ(moas_last_error(), main_message);
+    moas_model_free(model);
+    return TEST_PASS;
+}
