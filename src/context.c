@@ -145,26 +145,16 @@ static moas_status allocate(moas_context *ctx) {
     float *cursor;
     uint8_t *kv_cursor;
 
-    /* activations: x, xb, xb2, mix, q, kv_tmp (2C), kv_pool (2C), pool_tmp, att_out, hb,
-     * att, logits.
-     * Sizes come from a validated model (each dimension at most 2^22), so these sums
-     * cannot overflow a 64-bit size_t; the KV total is checked anyway. */
-    /* each buffer rounded up to 16 floats (64 bytes): 12 buffers, at most 15 each */
-    n_floats = 11 * C + hidden + (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 12 * 15;
+    /* per-token scratch: xb, kv_pool (2C), pool_tmp, att, logits; each buffer rounded up
+     * to 16 floats (64 bytes): 5 buffers, at most 15 each */
+    n_floats = 4 * C + (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 5 * 15;
     cursor = alloc_aligned(ctx->alloc, n_floats * sizeof(float), &ctx->scratch);
     MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for %zu activation floats", n_floats);
     memset(cursor, 0, n_floats * sizeof(float));
-    ctx->x = carve(&cursor, C);
     ctx->xb = carve(&cursor, C);
-    ctx->xb2 = carve(&cursor, C);
-    ctx->mix = carve(&cursor, C);
-    ctx->q = carve(&cursor, C);
-    ctx->kv_tmp = carve(&cursor, 2 * C);
     ctx->kv_pool = carve(&cursor, 2 * C);
     ctx->pool_tmp = carve(&cursor, C);
-    ctx->att_out = carve(&cursor, C);
-    ctx->hb = carve(&cursor, hidden);
     ctx->att = carve(&cursor, (size_t)m->n_head * n_ctx);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 

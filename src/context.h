@@ -54,17 +54,10 @@ struct moas_context {
     moas_route_fn route_fn;
     void *route_user;
 
-    /* activations of the token being decoded (one arena) */
-    float *x;                /* [C] residual stream */
-    float *xb;               /* [C] normed input of a sublayer */
-    float *xb2;              /* [C] a sublayer's output */
-    float *mix;              /* [C] attention output mixed over the schemes */
-    float *q;                /* [C] queries of one scheme */
-    float *kv_tmp;           /* [2, C] keys and values of one scheme before storing */
+    /* per-token scratch (one arena) */
+    float *xb;               /* [C] a position embedding, or the last row's final norm */
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
-    float *att_out;          /* [C] attention output of one scheme, heads side by side */
-    float *hb;               /* [max(n_ff, R)] MLP or router hidden */
     float *att;              /* [n_head, n_ctx] attention scores */
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */

@@ -120,25 +120,6 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
     }
 }
 
-/* The scheme weights of layer l for the current token: router gates, the mean, or 1.
- *   xb [C] normed input, gates [S] out */
-static void scheme_gates(moas_context *ctx, const moas_layer *layer, const float *xb,
-                         float *gates) {
-    const moas_model *m = ctx->model;
-
-    if (m->mixing != MOAS_MIXING_ROUTER) {
-        for (int32_t s = 0; s < m->n_scheme; s++) {
-            gates[s] = 1.0f / (float)m->n_scheme;
-        }
-        return;
-    }
-    /* g = softmax(W_down GELU(W_up xb + b_up) + b_down) */
-    matvec(ctx, &layer->router_up, xb, layer->router_up_b, ctx->hb);   // [R]
-    gelu(ctx->hb, m->n_router);
-    matvec(ctx, &layer->router_down, ctx->hb, layer->router_down_b, gates);  // [S]
-    softmax(gates, m->n_scheme);
-}
-
 /* Causal attention of the token at `pos` over one KV stream, all query heads.
  *   q [n_head, head_dim], out [n_head, head_dim]; scores in ctx->att [n_head, n_ctx]
  *
@@ -199,28 +180,6 @@ static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *q, 
     }
 }
 
-/* One scheme's attention branch for the token at `pos`: project, store its K/V at the
- * stream's heads [first, first + n_kv), attend, project out.
- *   xb [C] normed input, y [C] out */
-static void scheme_branch(moas_context *ctx, const moas_scheme_weights *sw, moas_kv_stream *kv,
-                          const float *xb, int32_t pos, float *y) {
-    const moas_model *m = ctx->model;
-    const int32_t kv_dim = sw->n_kv * m->head_dim;
-    const size_t head_bytes = (size_t)m->head_dim * ctx->kv_elem_bytes;
-    const uint32_t first = moas__kv_first(kv, pos);
-    float *k = ctx->kv_tmp;             /* [kv_dim] */
-    float *v = ctx->kv_tmp + m->n_embd; /* [kv_dim] */
-
-    matvec(ctx, &sw->wq, xb, sw->bq, ctx->q);
-    matvec(ctx, &sw->wk, xb, sw->bk, k);
-    matvec(ctx, &sw->wv, xb, sw->bv, v);
-    kv_store(ctx, (uint8_t *)kv->k + (size_t)first * head_bytes, k, kv_dim);
-    kv_store(ctx, (uint8_t *)kv->v + (size_t)first * head_bytes, v, kv_dim);
-
-    attend(ctx, kv, ctx->q, pos, ctx->att_out);
-    matvec(ctx, &sw->wo, ctx->att_out, sw->bo, y);
-}
-
 /* The scheme with the largest gate, the first on ties. */
 static int32_t largest_gate(const float *gates, int32_t n) {
     int32_t best = 0;
@@ -228,42 +187,6 @@ static int32_t largest_gate(const float *gates, int32_t n) {
         best = gates[s] > gates[best] ? s : best;
     }
     return best;
-}
-
-/* Mixture mode: every scheme's branch runs and their outputs are mixed.
- *   xb [C] normed input; x [C] residual, updated */
-static void attention_mixture(moas_context *ctx, int32_t l, const float *gates, float *x) {
-    const moas_model *m = ctx->model;
-    const int32_t C = m->n_embd, S = m->n_scheme, pos = ctx->n_past;
-
-    memset(ctx->mix, 0, (size_t)C * sizeof *ctx->mix);
-    for (int32_t s = 0; s < S; s++) {
-        scheme_branch(ctx, &m->layers[l].scheme[s], &ctx->kv[(size_t)l * S + s], ctx->xb, pos,
-                      ctx->xb2);
-        /* mean mixing sums then divides, as the reference does */
-        const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[s] : 1.0f;
-        for (int32_t i = 0; i < C; i++) {
-            ctx->mix[i] += g * ctx->xb2[i];
-        }
-    }
-    for (int32_t i = 0; i < C; i++) {
-        x[i] += m->mixing == MOAS_MIXING_MEAN ? ctx->mix[i] / (float)S : ctx->mix[i];
-    }
-}
-
-/* Routed mode: only scheme `s` runs; its K/V take n_kv(s) heads of the layer's ragged
- * stream and its output enters the residual at full weight (the top-1 gate
- * renormalised to 1).   x [C] residual, updated */
-static void attention_routed(moas_context *ctx, int32_t l, int32_t s, float *x) {
-    const moas_model *m = ctx->model;
-    const int32_t pos = ctx->n_past;
-    moas_kv_stream *kv = &ctx->kv[l];
-
-    kv->off[pos + 1] = kv->off[pos] + (uint32_t)m->scheme_n_kv[s];
-    scheme_branch(ctx, &m->layers[l].scheme[s], kv, ctx->xb, pos, ctx->xb2);
-    for (int32_t i = 0; i < m->n_embd; i++) {
-        x[i] += ctx->xb2[i];
-    }
 }
 
 /* Pooled models: the mean of each group of n_head / n_kv consecutive heads of `full`.
@@ -301,102 +224,10 @@ static void mix_pooled(const moas_model *m, const float *gates, const float *ful
     }
 }
 
-/* Pooled models: one Q, one full K/V and one output projection per layer. Mixture mode
- * (s = -1) stores the gate-mixed pooled K/V with all heads; routed mode stores scheme
- * s's pooled K/V with n_kv(s) heads. The output enters the residual at weight 1 in both.
- *   x [C] residual, updated */
-static void attention_pooled(moas_context *ctx, int32_t l, const float *gates, int32_t s,
-                             float *x) {
-    const moas_model *m = ctx->model;
-    const moas_scheme_weights *sw = &m->layers[l].shared;
-    const int32_t C = m->n_embd, pos = ctx->n_past;
-    const size_t head_bytes = (size_t)m->head_dim * ctx->kv_elem_bytes;
-    moas_kv_stream *kv = &ctx->kv[l];
-    float *k = ctx->kv_tmp, *v = ctx->kv_tmp + C;        /* [C] each: all heads */
-    float *kp = ctx->kv_pool, *vp = ctx->kv_pool + C;    /* [n_kv * head_dim] each */
-    int32_t n_kv = m->n_head;
-
-    matvec(ctx, &sw->wq, ctx->xb, sw->bq, ctx->q);
-    matvec(ctx, &sw->wk, ctx->xb, sw->bk, k);
-    matvec(ctx, &sw->wv, ctx->xb, sw->bv, v);
-    if (s < 0) {
-        mix_pooled(m, gates, k, ctx->pool_tmp, kp);
-        mix_pooled(m, gates, v, ctx->pool_tmp, vp);
-    } else {
-        n_kv = m->scheme_n_kv[s];
-        kv->off[pos + 1] = kv->off[pos] + (uint32_t)n_kv;
-        pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
-        pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
-    }
-    const uint32_t first = moas__kv_first(kv, pos);
-    kv_store(ctx, (uint8_t *)kv->k + (size_t)first * head_bytes, kp, n_kv * m->head_dim);
-    kv_store(ctx, (uint8_t *)kv->v + (size_t)first * head_bytes, vp, n_kv * m->head_dim);
-
-    attend(ctx, kv, ctx->q, pos, ctx->att_out);
-    matvec(ctx, &sw->wo, ctx->att_out, sw->bo, ctx->xb2);
-    for (int32_t i = 0; i < C; i++) {
-        x[i] += ctx->xb2[i];
-    }
-}
-
+/* One token is a batch of one: with a single row, the batch's layer-by-layer order is
+ * the token's own order, so there is one implementation of a forward step. */
 void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
-    const moas_model *m = ctx->model;
-    const int32_t C = m->n_embd, S = m->n_scheme, pos = ctx->n_past;
-    float *x = ctx->x;
-
-    /* x = token embedding + position embedding */
-    embedding_row(&m->tok_embd, token, x);
-    embedding_row(&m->pos_embd, pos, ctx->xb);
-    for (int32_t i = 0; i < C; i++) {
-        x[i] += ctx->xb[i];
-    }
-
-    for (int32_t l = 0; l < m->n_layer; l++) {
-        const moas_layer *layer = &m->layers[l];
-        const size_t rec = (size_t)pos * m->n_layer + l;
-        float *gates = ctx->route_gates + rec * S;   /* [S] recorded as computed */
-
-        /* attention: gates from the normed input, then the scheme branches */
-        layernorm(ctx->xb, x, layer->attn_norm_w, layer->attn_norm_b, C, m->norm_eps);
-        scheme_gates(ctx, layer, ctx->xb, gates);
-        const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
-        if (ctx->mode == MOAS_MODE_ROUTED) {
-            const int32_t s = moas__route_choose(ctx, pos, l, gates);
-            ctx->route_scheme[rec] = (uint8_t)s;
-            if (pooled) {
-                attention_pooled(ctx, l, gates, s, x);
-            } else {
-                attention_routed(ctx, l, s, x);
-            }
-        } else {
-            const int32_t best = largest_gate(gates, S);
-            ctx->route_scheme[rec] = (uint8_t)best;
-            if (ctx->route_fn != NULL) {   /* observes only: every scheme runs */
-                (void)ctx->route_fn(ctx->route_user, pos, l, gates, S, best);
-            }
-            if (pooled) {
-                attention_pooled(ctx, l, gates, -1, x);
-            } else {
-                attention_mixture(ctx, l, gates, x);
-            }
-        }
-
-        /* MLP: x += W_down GELU(W_up LN(x) + b_up) + b_down */
-        layernorm(ctx->xb, x, layer->ffn_norm_w, layer->ffn_norm_b, C, m->norm_eps);
-        matvec(ctx, &layer->ffn_up, ctx->xb, layer->ffn_up_b, ctx->hb);
-        gelu(ctx->hb, m->n_ff);
-        matvec(ctx, &layer->ffn_down, ctx->hb, layer->ffn_down_b, ctx->xb2);
-        for (int32_t i = 0; i < C; i++) {
-            x[i] += ctx->xb2[i];
-        }
-    }
-
-    /* logits = output . LN(x) */
-    if (want_logits) {
-        layernorm(ctx->xb, x, m->out_norm_w, m->out_norm_b, C, m->norm_eps);
-        matvec(ctx, &m->output, ctx->xb, NULL, ctx->logits);
-    }
-    ctx->logits_valid = want_logits;
+    moas__forward_batch(ctx, &token, 1, NULL, want_logits);
 }
 
 /* ---- batched forward: many tokens through each layer together ------------------- */
