@@ -25,30 +25,42 @@
  * slower than 1 thread while another process kept the second core busy. */
 #define PARALLEL_MIN_WORK (1 << 18)
 
-/* Dot product of row r of `w` with x, in the row's stored type. */
-static inline float row_dot(const moas_ops *ops, const moas_weight *w, int32_t r,
-                            const float *x) {
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
-    switch (w->type) {
-    case MOAS_TYPE_F16:
-        return ops->dot_f16((const uint16_t *)(const void *)row, x, w->n_cols);
-    case MOAS_TYPE_Q8_0:
-        return ops->dot_q8_0((const moas_block_q8_0 *)(const void *)row, x, w->n_cols);
-    default:
-        return ops->dot_f32((const float *)(const void *)row, x, w->n_cols);
-    }
-}
-
-/* y = W x (+ b).   W [n_rows, n_cols], x [n_cols], y [n_rows], b [n_rows] or NULL */
-static void matvec(const moas_context *ctx, const moas_weight *w, const float *x,
-                   const float *b, float *y) {
+/* Y[t] = W X[t] (+ b) for the n rows of X, by the table's matrix kernel for W's
+ * type. The kernel's elements do not depend on n or on which rows a thread takes
+ * (ops.h), so a token decoded alone, in a prefill block, or on any number of threads
+ * gets the same bits. Threads split the rows in whole tiles.
+ *   X [n, n_cols] rows of stride ldx, Y [n, n_rows] rows of stride ldy, b [n_rows] */
+static void matmat(const moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
+                   const float *b, float *Y, size_t ldy, int32_t n) {
     const moas_ops *ops = ctx->ops;
-    const bool parallel = (int64_t)w->n_rows * w->n_cols >= PARALLEL_MIN_WORK;
-    (void)parallel;
+    void (*matmul)(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
+                   float *, size_t) = w->type == MOAS_TYPE_F16    ? ops->matmul_f16
+                                      : w->type == MOAS_TYPE_Q8_0 ? ops->matmul_q8_0
+                                                                  : ops->matmul_f32;
+    const int32_t n_threads = ctx->n_threads;
+    const bool parallel = n_threads > 1 && (int64_t)w->n_rows * w->n_cols * n >= PARALLEL_MIN_WORK;
 
-    MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
-    for (int32_t r = 0; r < w->n_rows; r++) {
-        y[r] = row_dot(ops, w, r, x) + (b != NULL ? b[r] : 0.0f);
+    if (!parallel) {
+        matmul(w->data, w->row_bytes, w->n_rows, X, ldx, n, w->n_cols, Y, ldy);
+    } else {
+        /* one contiguous slice of rows per thread, a multiple of 16 rows */
+        const int32_t slice = ((w->n_rows + n_threads - 1) / n_threads + 15) / 16 * 16;
+        MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
+        for (int32_t i = 0; i < n_threads; i++) {
+            const int32_t r0 = i * slice;
+            const int32_t r1 = r0 + slice < w->n_rows ? r0 + slice : w->n_rows;
+            if (r0 < r1) {
+                matmul((const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes,
+                       r1 - r0, X, ldx, n, w->n_cols, Y + r0, ldy);
+            }
+        }
+    }
+    if (b != NULL) {
+        for (int32_t t = 0; t < n; t++) {
+            for (int32_t r = 0; r < w->n_rows; r++) {
+                Y[(size_t)t * ldy + r] += b[r];
+            }
+        }
     }
 }
 
@@ -231,24 +243,6 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
 }
 
 /* ---- batched forward: many tokens through each layer together ------------------- */
-
-/* Y[t] = W X[t] (+ b) for the n rows of X: each weight row is read once for all rows,
- * with the same dot product moas__forward uses, so every number is the same.
- *   X [n, C_in] rows of stride ldx, Y [n, n_rows] rows of stride ldy */
-static void matmat(const moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
-                   const float *b, float *Y, size_t ldy, int32_t n) {
-    const moas_ops *ops = ctx->ops;
-    const bool parallel = (int64_t)w->n_rows * w->n_cols * n >= PARALLEL_MIN_WORK;
-    (void)parallel;
-
-    MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
-    for (int32_t r = 0; r < w->n_rows; r++) {
-        const float bias = b != NULL ? b[r] : 0.0f;
-        for (int32_t t = 0; t < n; t++) {
-            Y[(size_t)t * ldy + r] = row_dot(ops, w, r, X + (size_t)t * ldx) + bias;
-        }
-    }
-}
 
 /* Store row t of K and V (kv_dim values each) as token pos's heads in `kv`. */
 static void store_kv_row(const moas_context *ctx, moas_kv_stream *kv, int32_t pos,
@@ -489,7 +483,7 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
             continue;
         }
         layernorm(ctx->xb, ctx->bx + (size_t)t * C, m->out_norm_w, m->out_norm_b, C, m->norm_eps);
-        matvec(ctx, &m->output, ctx->xb, NULL, ctx->logits);
+        matmat(ctx, &m->output, ctx->xb, 0, NULL, ctx->logits, 0, 1);
         if (all != NULL) {
             memcpy(all + (size_t)t * m->n_vocab, ctx->logits, (size_t)m->n_vocab * sizeof(float));
         }

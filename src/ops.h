@@ -26,6 +26,20 @@ typedef struct moas_ops {
     float (*dot_f16)(const uint16_t *w, const float *x, int32_t n);
     float (*dot_q8_0)(const moas_block_q8_0 *w, const float *x, int32_t n); /* n % 32 == 0 */
 
+    /* Matrix products, for the projections: for r < n_rows and t < n_tok,
+     *   y[t * ldy + r] = (row r of w) . (x + t * ldx),
+     * rows of n columns in the kernel's weight type, `row_bytes` apart (n % 32 == 0
+     * for Q8_0). Each element of y is the same bits whatever n_rows and n_tok are and
+     * wherever it sits among them, so a batch of tokens gives what its tokens give one
+     * at a time, and any split of the rows among threads gives the same result. The
+     * summation order may differ from the dot kernels' of the same table. */
+    void (*matmul_f32)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
+                       size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
+    void (*matmul_f16)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
+                       size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
+    void (*matmul_q8_0)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
+                        size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
+
     /* y += a * x over n elements, x in f32 or f16 (value rows of the KV cache). */
     void (*axpy_f32)(float *y, float a, const float *x, int32_t n);
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int32_t n);

@@ -168,11 +168,30 @@ void moas__axpy_f16_avx2(float *y, float a, const uint16_t *x, int32_t n) {
     }
 }
 
+#define MM_VEC __m256
+#define MM_LANES 8
+#define MM_ZERO() _mm256_setzero_ps()
+#define MM_LOADX(p) _mm256_loadu_ps(p)
+#define MM_LOAD_F16(p) load8_f16(p)
+#define MM_LOAD_I8(p) load8_i8(p)
+#define MM_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define MM_MUL(a, b) _mm256_mul_ps(a, b)
+#define MM_SET1(f) _mm256_set1_ps(f)
+#define MM_HSUM(v) hsum8(v)
+#define MM_TILE_ROWS 4
+#define MM_TILE_TOKS 2
+#define MM_DECODE_ROWS 8
+#define MM_NAME(base) base##_avx2
+#include "ops_matmul.h"
+
 const moas_ops moas__ops_avx2 = {
     .name = "avx2",
     .dot_f32 = moas__dot_f32_avx2,
     .dot_f16 = dot_f16_avx2,
     .dot_q8_0 = dot_q8_0_avx2,
+    .matmul_f32 = matmul_f32_avx2,
+    .matmul_f16 = matmul_f16_avx2,
+    .matmul_q8_0 = matmul_q8_0_avx2,
     .axpy_f32 = moas__axpy_f32_avx2,
     .axpy_f16 = moas__axpy_f16_avx2,
 };

@@ -98,11 +98,30 @@ static float dot_q8_0_avx512(const moas_block_q8_0 *w, const float *x, int32_t n
     return hsum16(_mm512_add_ps(acc0, acc1));
 }
 
+#define MM_VEC __m512
+#define MM_LANES 16
+#define MM_ZERO() _mm512_setzero_ps()
+#define MM_LOADX(p) _mm512_loadu_ps(p)
+#define MM_LOAD_F16(p) load16_f16(p)
+#define MM_LOAD_I8(p) load16_i8(p)
+#define MM_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define MM_MUL(a, b) _mm512_mul_ps(a, b)
+#define MM_SET1(f) _mm512_set1_ps(f)
+#define MM_HSUM(v) hsum16(v)
+#define MM_TILE_ROWS 4
+#define MM_TILE_TOKS 4
+#define MM_DECODE_ROWS 8
+#define MM_NAME(base) base##_avx512
+#include "ops_matmul.h"
+
 const moas_ops moas__ops_avx512 = {
     .name = "avx512",
     .dot_f32 = moas__dot_f32_avx2,    /* see the top of this file */
     .dot_f16 = dot_f16_avx512,
     .dot_q8_0 = dot_q8_0_avx512,
+    .matmul_f32 = matmul_f32_avx512,
+    .matmul_f16 = matmul_f16_avx512,
+    .matmul_q8_0 = matmul_q8_0_avx512,
     .axpy_f32 = moas__axpy_f32_avx2,
     .axpy_f16 = moas__axpy_f16_avx2,
 };

@@ -48,11 +48,45 @@ static void axpy_f16_ref(float *y, float a, const uint16_t *x, int32_t n) {
     }
 }
 
+/* Every element by the table's own dot product: trivially position-independent. */
+static void matmul_f32_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
+                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
+    for (int32_t t = 0; t < n_tok; t++) {
+        for (int32_t r = 0; r < n_rows; r++) {
+            const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
+            y[(size_t)t * ldy + r] = dot_f32_ref(row, x + (size_t)t * ldx, n);
+        }
+    }
+}
+
+static void matmul_f16_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
+                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
+    for (int32_t t = 0; t < n_tok; t++) {
+        for (int32_t r = 0; r < n_rows; r++) {
+            const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
+            y[(size_t)t * ldy + r] = dot_f16_ref(row, x + (size_t)t * ldx, n);
+        }
+    }
+}
+
+static void matmul_q8_0_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
+                            size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
+    for (int32_t t = 0; t < n_tok; t++) {
+        for (int32_t r = 0; r < n_rows; r++) {
+            const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
+            y[(size_t)t * ldy + r] = dot_q8_0_ref(row, x + (size_t)t * ldx, n);
+        }
+    }
+}
+
 const moas_ops moas__ops_ref = {
     .name = "ref",
     .dot_f32 = dot_f32_ref,
     .dot_f16 = dot_f16_ref,
     .dot_q8_0 = dot_q8_0_ref,
+    .matmul_f32 = matmul_f32_ref,
+    .matmul_f16 = matmul_f16_ref,
+    .matmul_q8_0 = matmul_q8_0_ref,
     .axpy_f32 = axpy_f32_ref,
     .axpy_f16 = axpy_f16_ref,
 };

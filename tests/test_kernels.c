@@ -225,6 +225,140 @@ static int check_dot_q8_0(const moas_ops *ops) {
     return TEST_PASS;
 }
 
+/* matmul: every element against the reference dot product of its row and token
+ * (within dot_tol), and bit for bit against the same table computing that element
+ * alone (n_rows = n_tok = 1) or inside a slice of rows starting elsewhere: an
+ * element's bits must not depend on the tile it fell into (ops.h). Shapes cover the
+ * tiles' edges: rows and tokens below, at and past the 4x4, 4x2 and 8x1 tiles. Y has
+ * a stride past n_rows whose padding must survive. */
+enum { MM_F32, MM_F16, MM_Q8_0 };
+
+static void matmul_call(const moas_ops *ops, int type, const void *w, size_t row_bytes,
+                        int32_t n_rows, const float *x, size_t ldx, int32_t n_tok, int32_t n,
+                        float *y, size_t ldy) {
+    (type == MM_F32   ? ops->matmul_f32
+     : type == MM_F16 ? ops->matmul_f16
+                      : ops->matmul_q8_0)(w, row_bytes, n_rows, x, ldx, n_tok, n, y, ldy);
+}
+
+static float ref_dot(int type, const void *row, const float *x, int32_t n, double *sum_abs) {
+    double s = 0;
+    for (int32_t i = 0; i < n; i++) {
+        double wi;
+        if (type == MM_F32) {
+            wi = ((const float *)row)[i];
+        } else if (type == MM_F16) {
+            wi = moas__f16_to_f32(((const uint16_t *)row)[i]);
+        } else {
+            const moas_block_q8_0 *b = (const moas_block_q8_0 *)row + i / MOAS_QK8_0;
+            wi = (double)moas__f16_to_f32(b->d) * b->q[i % MOAS_QK8_0];
+        }
+        s += fabs(wi * x[i]);
+    }
+    *sum_abs = s;
+    return type == MM_F32   ? moas__ops_ref.dot_f32(row, x, n)
+           : type == MM_F16 ? moas__ops_ref.dot_f16(row, x, n)
+                            : moas__ops_ref.dot_q8_0(row, x, n);
+}
+
+static int check_matmul_type(const moas_ops *ops, int type) {
+    static const int32_t rows[] = {1, 3, 4, 5, 8, 9, 13, 17};
+    static const int32_t toks[] = {1, 2, 3, 4, 5, 9};
+    static const int32_t ns_f[] = {1, 7, 16, 17, 33, 65, 257};
+    static const int32_t ns_q[] = {32, 96, 160};
+    const char *what = type == MM_F32 ? "matmul_f32" : type == MM_F16 ? "matmul_f16" : "matmul_q8_0";
+    const int32_t *ns = type == MM_Q8_0 ? ns_q : ns_f;
+    const size_t n_ns = type == MM_Q8_0 ? 3 : 7;
+    uint64_t seed = 77 + (uint64_t)type;
+
+    for (size_t a = 0; a < n_ns; a++) {
+        const int32_t n = ns[a];
+        const size_t row_bytes = type == MM_F32   ? (size_t)n * 4
+                                 : type == MM_F16 ? (size_t)n * 2
+                                                  : (size_t)(n / MOAS_QK8_0) * sizeof(moas_block_q8_0);
+        for (size_t b = 0; b < sizeof rows / sizeof rows[0]; b++) {
+            for (size_t c = 0; c < sizeof toks / sizeof toks[0]; c++) {
+                const int32_t n_rows = rows[b], n_tok = toks[c];
+                const size_t ldx = (size_t)n + 3, ldy = (size_t)n_rows + 2;
+                void *wb, *xb, *yb, *zb;
+                uint8_t *w = alloc_at(row_bytes * (size_t)n_rows, 1, 2, &wb);  /* misaligned */
+                float *x = alloc_at(ldx * (size_t)n_tok, sizeof *x, 1, &xb);
+                float *y = alloc_at(ldy * (size_t)n_tok, sizeof *y, 0, &yb);
+                float *z = alloc_at(ldy * (size_t)n_tok, sizeof *z, 0, &zb);
+                ASSERT_TRUE(w != NULL && x != NULL && y != NULL && z != NULL);
+                for (int32_t r = 0; r < n_rows; r++) {
+                    uint8_t *row = w + (size_t)r * row_bytes;
+                    for (int32_t i = 0; i < n; i++) {
+                        const float v = next_val(&seed, (r + c) % 2 == 1);
+                        if (type == MM_F32) {
+                            memcpy(row + (size_t)i * 4, &v, 4);
+                        } else if (type == MM_F16) {
+                            const uint16_t h = moas__f32_to_f16(4.0f * v);
+                            memcpy(row + (size_t)i * 2, &h, 2);
+                        }
+                    }
+                    if (type == MM_Q8_0) {
+                        float scratch[160];
+                        moas_block_q8_0 blocks[5];
+                        fill_q8_0(blocks, scratch, n, r % 2 == 1, &seed);
+                        memcpy(row, blocks, row_bytes);
+                    }
+                }
+                for (size_t i = 0; i < ldx * (size_t)n_tok; i++) {
+                    x[i] = next_val(&seed, false);
+                }
+                for (size_t i = 0; i < ldy * (size_t)n_tok; i++) {
+                    y[i] = z[i] = -1234.5f;
+                }
+                matmul_call(ops, type, w, row_bytes, n_rows, x, ldx, n_tok, n, y, ldy);
+                /* rows 1.. as a slice of their own: other tile boundaries */
+                if (n_rows > 1) {
+                    matmul_call(ops, type, w + row_bytes, row_bytes, n_rows - 1, x, ldx, n_tok,
+                                n, z + 1, ldy);
+                }
+                for (int32_t t = 0; t < n_tok; t++) {
+                    for (int32_t r = 0; r < (int32_t)ldy; r++) {
+                        const float got = y[(size_t)t * ldy + r];
+                        if (r >= n_rows) {
+                            ASSERT_TRUE(got == -1234.5f);  /* padding untouched */
+                            continue;
+                        }
+                        const uint8_t *row = w + (size_t)r * row_bytes;
+                        const float *xt = x + (size_t)t * ldx;
+                        double sum_abs;
+                        const float want = ref_dot(type, row, xt, n, &sum_abs);
+                        CHECK_NEAR(what, n, r, got, want, dot_tol(n, sum_abs));
+                        float alone;
+                        matmul_call(ops, type, row, row_bytes, 1, xt, ldx, 1, n, &alone, 1);
+                        if (memcmp(&alone, &got, sizeof got) != 0 ||
+                            (r > 0 && memcmp(&z[(size_t)t * ldy + r], &got, sizeof got) != 0)) {
+                            test_report(__FILE__, __LINE__, what,
+                                        "%s, n=%d, %d rows x %d tokens: element (%d, %d) is "
+                                        "%.9g in the tile, %.9g alone, %.9g in a slice",
+                                        ops->name, (int)n, (int)n_rows, (int)n_tok, (int)r,
+                                        (int)t, (double)got, (double)alone,
+                                        (double)z[(size_t)t * ldy + r]);
+                            return TEST_FAIL;
+                        }
+                    }
+                }
+                free(wb);
+                free(xb);
+                free(yb);
+                free(zb);
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
+static int check_matmul(const moas_ops *ops) {
+    int rc;
+    if ((rc = check_matmul_type(ops, MM_F32)) != TEST_PASS) return rc;
+    if ((rc = check_matmul_type(ops, MM_F16)) != TEST_PASS) return rc;
+    return check_matmul_type(ops, MM_Q8_0);
+}
+
 /* y gets one guard element past n that must survive. x[i] is read as f32 or f16. */
 static int check_axpy(const moas_ops *ops, bool f16) {
     const char *what = f16 ? "axpy_f16" : "axpy_f32";
@@ -479,6 +613,9 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
     TEST(kernels_##table_##_dot_q8_0_matches_ref) {                                      \
         return on_table(#table_, needs_, check_dot_q8_0);                                \
     }                                                                                    \
+    TEST(kernels_##table_##_matmul_matches_ref_and_tiles_agree) {                        \
+        return on_table(#table_, needs_, check_matmul);                                  \
+    }                                                                                    \
     TEST(kernels_##table_##_axpy_f32_matches_ref) {                                      \
         return on_table(#table_, needs_, check_axpy_f32);                                \
     }                                                                                    \
@@ -570,7 +707,8 @@ TEST(kernels_tables_are_complete) {
     for (; moas__ops_tables[n] != NULL; n++) {
         const moas_ops *t = moas__ops_tables[n];
         ASSERT_TRUE(t->name != NULL && t->dot_f32 != NULL && t->dot_f16 != NULL &&
-                    t->dot_q8_0 != NULL && t->axpy_f32 != NULL && t->axpy_f16 != NULL);
+                    t->dot_q8_0 != NULL && t->axpy_f32 != NULL && t->axpy_f16 != NULL &&
+                    t->matmul_f32 != NULL && t->matmul_f16 != NULL && t->matmul_q8_0 != NULL);
         for (size_t j = 0; j < n; j++) {
             ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);
         }
