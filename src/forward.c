@@ -97,29 +97,6 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
     }
 }
 
-/* The exact GELU, 0.5 x (1 + erf(x / sqrt 2)), as nn.GELU() computes by default. */
-static void gelu(float *x, int32_t n) {
-    for (int32_t i = 0; i < n; i++) {
-        x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
-    }
-}
-
-/* In-place softmax over n scores. */
-static void softmax(float *x, int32_t n) {
-    float max = x[0], sum = 0.0f;
-    for (int32_t i = 1; i < n; i++) {
-        max = x[i] > max ? x[i] : max;
-    }
-    for (int32_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
-    const float inv = 1.0f / sum;
-    for (int32_t i = 0; i < n; i++) {
-        x[i] *= inv;
-    }
-}
-
 /* Store n f32 values at `dst` in the cache's element type. */
 static void kv_store(const moas_context *ctx, void *dst, const float *src, int32_t n) {
     if (ctx->kv_type == MOAS_TYPE_F16) {
@@ -132,63 +109,62 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
     }
 }
 
+/* Scores of the tokens [j0, j1) for every query head: one kernel call per token.
+ *   att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim) */
+static void score_tokens(const moas_context *ctx, const moas_kv_stream *kv, const float *q,
+                         int32_t j0, int32_t j1, float *att) {
+    const moas_model *m = ctx->model;
+    const size_t row_bytes = (size_t)m->head_dim * ctx->kv_elem_bytes;
+    const float scale = 1.0f / sqrtf((float)m->head_dim);
+    void (*scores)(const void *, int32_t, const float *, int32_t, int32_t, float, float *,
+                   size_t) =
+        ctx->kv_type == MOAS_TYPE_F16 ? ctx->ops->attn_scores_f16 : ctx->ops->attn_scores_f32;
+    for (int32_t j = j0; j < j1; j++) {
+        const void *k = (const uint8_t *)kv->k + (size_t)moas__kv_first(kv, j) * row_bytes;
+        scores(k, moas__kv_heads(kv, j), q, m->n_head, m->head_dim, scale, att + j,
+               (size_t)ctx->n_ctx);
+    }
+}
+
 /* Causal attention of the token at `pos` over one KV stream, all query heads.
  *   q [n_head, head_dim], out [n_head, head_dim]; scores in ctx->att [n_head, n_ctx]
  *
  * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
  * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
- * under MQA. The loops run over tokens and their stored heads, so a K or V row that
- * serves a group of query heads is read once for the whole group, never expanded. */
+ * under MQA. The kernels take one token at a time with all its stored heads, so a K or
+ * V row that serves a group of query heads is read once for the whole group, never
+ * expanded. Threads split the tokens' scores; the value sum runs in token order. */
 static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *q, int32_t pos,
                    float *out) {
     const moas_model *m = ctx->model;
-    const moas_ops *ops = ctx->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim, n_ctx = ctx->n_ctx;
+    const int32_t n_threads = ctx->n_threads;
     const size_t row_bytes = (size_t)head_dim * ctx->kv_elem_bytes;
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
-    const bool parallel = (int64_t)(pos + 1) * head_dim * n_head >= PARALLEL_MIN_WORK;
+    const bool parallel =
+        n_threads > 1 && (int64_t)(pos + 1) * head_dim * n_head >= PARALLEL_MIN_WORK;
     float *att = ctx->att;
-    (void)parallel;
 
-    /* scores: att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim) */
-    MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, parallel)
-    for (int32_t j = 0; j <= pos; j++) {
-        const uint32_t first = moas__kv_first(kv, j);
-        const int32_t n_kv = moas__kv_heads(kv, j);
-        const int32_t group = n_head / n_kv;   /* query heads per stored head */
-        for (int32_t g = 0; g < n_kv; g++) {
-            const void *k = (const uint8_t *)kv->k + (size_t)(first + (uint32_t)g) * row_bytes;
-            for (int32_t h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + (size_t)h * head_dim;
-                const float dot =
-                    f16 ? ops->dot_f16(k, qh, head_dim) : ops->dot_f32(k, qh, head_dim);
-                att[(size_t)h * n_ctx + j] = dot * scale;
-            }
+    if (!parallel) {
+        score_tokens(ctx, kv, q, 0, pos + 1, att);
+    } else {
+        const int32_t slice = (pos + 1 + n_threads - 1) / n_threads;
+        MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
+        for (int32_t i = 0; i < n_threads; i++) {
+            const int32_t j0 = i * slice, j1 = j0 + slice < pos + 1 ? j0 + slice : pos + 1;
+            score_tokens(ctx, kv, q, j0, j1, att);
         }
     }
     for (int32_t h = 0; h < n_head; h++) {
-        softmax(att + (size_t)h * n_ctx, pos + 1);
+        ctx->ops->softmax(att + (size_t)h * n_ctx, pos + 1);
     }
 
     /* out_h = sum_j att[h][j] v_{j, h n_kv(j) / n_head}, accumulated in token order */
+    void (*mix)(const void *, int32_t, const float *, size_t, int32_t, int32_t, float *) =
+        ctx->kv_type == MOAS_TYPE_F16 ? ctx->ops->attn_mix_f16 : ctx->ops->attn_mix_f32;
     memset(out, 0, (size_t)n_head * head_dim * sizeof *out);
     for (int32_t j = 0; j <= pos; j++) {
-        const uint32_t first = moas__kv_first(kv, j);
-        const int32_t n_kv = moas__kv_heads(kv, j);
-        const int32_t group = n_head / n_kv;
-        for (int32_t g = 0; g < n_kv; g++) {
-            const void *v = (const uint8_t *)kv->v + (size_t)(first + (uint32_t)g) * row_bytes;
-            for (int32_t h = g * group; h < (g + 1) * group; h++) {
-                float *oh = out + (size_t)h * head_dim;
-                const float a = att[(size_t)h * n_ctx + j];
-                if (f16) {
-                    ops->axpy_f16(oh, a, v, head_dim);
-                } else {
-                    ops->axpy_f32(oh, a, v, head_dim);
-                }
-            }
-        }
+        const void *v = (const uint8_t *)kv->v + (size_t)moas__kv_first(kv, j) * row_bytes;
+        mix(v, moas__kv_heads(kv, j), att + j, (size_t)n_ctx, n_head, head_dim, out);
     }
 }
 
@@ -422,12 +398,12 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
             matmat(ctx, &layer->router_up, ctx->bxb, C, layer->router_up_b, ctx->bhb,
                    (size_t)m->n_router, n);
             for (int32_t t = 0; t < n; t++) {
-                gelu(ctx->bhb + (size_t)t * m->n_router, m->n_router);
+                ctx->ops->gelu(ctx->bhb + (size_t)t * m->n_router, m->n_router);
             }
             matmat(ctx, &layer->router_down, ctx->bhb, (size_t)m->n_router,
                    layer->router_down_b, gates, gate_stride, n);
             for (int32_t t = 0; t < n; t++) {
-                softmax(gates + (size_t)t * gate_stride, S);
+                ctx->ops->softmax(gates + (size_t)t * gate_stride, S);
             }
         } else {
             for (int32_t t = 0; t < n; t++) {
@@ -466,7 +442,7 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         }
         matmat(ctx, &layer->ffn_up, ctx->bxb, C, layer->ffn_up_b, ctx->bhb, (size_t)m->n_ff, n);
         for (int32_t t = 0; t < n; t++) {
-            gelu(ctx->bhb + (size_t)t * m->n_ff, m->n_ff);
+            ctx->ops->gelu(ctx->bhb + (size_t)t * m->n_ff, m->n_ff);
         }
         matmat(ctx, &layer->ffn_down, ctx->bhb, (size_t)m->n_ff, layer->ffn_down_b, ctx->by, C, n);
         for (int32_t t = 0; t < n; t++) {

@@ -40,6 +40,26 @@ typedef struct moas_ops {
     void (*matmul_q8_0)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
                         size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
 
+    /* Attention over one cached token whose n_kv heads are contiguous rows of
+     * head_dim (f32 or f16) at k or v; query head h reads row h * n_kv / n_head:
+     *   scores[h * stride] = (q_h . k_row) * scale                     (attn_scores)
+     *   out_h += p[h * stride] * v_row, elementwise fused or not        (attn_mix)
+     * q and out are [n_head, head_dim]. */
+    void (*attn_scores_f32)(const void *k, int32_t n_kv, const float *q, int32_t n_head,
+                            int32_t head_dim, float scale, float *scores, size_t stride);
+    void (*attn_scores_f16)(const void *k, int32_t n_kv, const float *q, int32_t n_head,
+                            int32_t head_dim, float scale, float *scores, size_t stride);
+    void (*attn_mix_f32)(const void *v, int32_t n_kv, const float *p, size_t stride,
+                         int32_t n_head, int32_t head_dim, float *out);
+    void (*attn_mix_f16)(const void *v, int32_t n_kv, const float *p, size_t stride,
+                         int32_t n_head, int32_t head_dim, float *out);
+
+    /* x = softmax(x) over n >= 0 elements, largest first subtracted. */
+    void (*softmax)(float *x, int32_t n);
+    /* x = GELU(x) = 0.5 x (1 + erf(x / sqrt 2)) elementwise (the exact-erf GELU, not the
+     * tanh one); the SIMD tables approximate erf within 1e-6 absolute (ops_simd.h). */
+    void (*gelu)(float *x, int32_t n);
+
     /* y += a * x over n elements, x in f32 or f16 (value rows of the KV cache). */
     void (*axpy_f32)(float *y, float a, const float *x, int32_t n);
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int32_t n);

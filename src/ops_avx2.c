@@ -28,6 +28,14 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The largest of the eight lanes. */
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 /* Eight halves from any address, widened exactly (subnormals, infinities, NaN). */
 static inline __m256 load8_f16(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
@@ -178,11 +186,23 @@ void moas__axpy_f16_avx2(float *y, float a, const uint16_t *x, int32_t n) {
 #define MM_MUL(a, b) _mm256_mul_ps(a, b)
 #define MM_SET1(f) _mm256_set1_ps(f)
 #define MM_HSUM(v) hsum8(v)
+#define MM_STORE(p, v) _mm256_storeu_ps(p, v)
+#define MM_ADD(a, b) _mm256_add_ps(a, b)
+#define MM_DIV(a, b) _mm256_div_ps(a, b)
+#define MM_MAX(a, b) _mm256_max_ps(a, b)
+#define MM_HMAX(v) hmax8(v)
+#define MM_ABS(v) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)
+#define MM_ROUND(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MM_POW2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define MM_COPYSIGN(mag, sign)                                                            \
+    _mm256_or_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), mag),                            \
+                 _mm256_and_ps(_mm256_set1_ps(-0.0f), sign))
 #define MM_TILE_ROWS 4
 #define MM_TILE_TOKS 2
 #define MM_DECODE_ROWS 8
 #define MM_NAME(base) base##_avx2
-#include "ops_matmul.h"
+#include "ops_simd.h"
 
 const moas_ops moas__ops_avx2 = {
     .name = "avx2",
@@ -192,6 +212,12 @@ const moas_ops moas__ops_avx2 = {
     .matmul_f32 = matmul_f32_avx2,
     .matmul_f16 = matmul_f16_avx2,
     .matmul_q8_0 = matmul_q8_0_avx2,
+    .attn_scores_f32 = attn_scores_f32_avx2,
+    .attn_scores_f16 = attn_scores_f16_avx2,
+    .attn_mix_f32 = attn_mix_f32_avx2,
+    .attn_mix_f16 = attn_mix_f16_avx2,
+    .softmax = softmax_avx2,
+    .gelu = gelu_avx2,
     .axpy_f32 = moas__axpy_f32_avx2,
     .axpy_f16 = moas__axpy_f16_avx2,
 };

@@ -108,11 +108,24 @@ static float dot_q8_0_avx512(const moas_block_q8_0 *w, const float *x, int32_t n
 #define MM_MUL(a, b) _mm512_mul_ps(a, b)
 #define MM_SET1(f) _mm512_set1_ps(f)
 #define MM_HSUM(v) hsum16(v)
+#define MM_STORE(p, v) _mm512_storeu_ps(p, v)
+#define MM_ADD(a, b) _mm512_add_ps(a, b)
+#define MM_DIV(a, b) _mm512_div_ps(a, b)
+#define MM_MAX(a, b) _mm512_max_ps(a, b)
+#define MM_HMAX(v) _mm512_reduce_max_ps(v)
+#define MM_ABS(v) _mm512_abs_ps(v)
+#define MM_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MM_POW2(n) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define MM_COPYSIGN(mag, sign)                                                            \
+    _mm512_castsi512_ps(_mm512_or_si512(                                                  \
+        _mm512_and_si512(_mm512_castps_si512(mag), _mm512_set1_epi32(0x7fffffff)),        \
+        _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32((int)0x80000000u))))
 #define MM_TILE_ROWS 4
 #define MM_TILE_TOKS 4
 #define MM_DECODE_ROWS 8
 #define MM_NAME(base) base##_avx512
-#include "ops_matmul.h"
+#include "ops_simd.h"
 
 const moas_ops moas__ops_avx512 = {
     .name = "avx512",
@@ -122,6 +135,12 @@ const moas_ops moas__ops_avx512 = {
     .matmul_f32 = matmul_f32_avx512,
     .matmul_f16 = matmul_f16_avx512,
     .matmul_q8_0 = matmul_q8_0_avx512,
+    .attn_scores_f32 = attn_scores_f32_avx512,
+    .attn_scores_f16 = attn_scores_f16_avx512,
+    .attn_mix_f32 = attn_mix_f32_avx512,
+    .attn_mix_f16 = attn_mix_f16_avx512,
+    .softmax = softmax_avx512,
+    .gelu = gelu_avx512,
     .axpy_f32 = moas__axpy_f32_avx2,
     .axpy_f16 = moas__axpy_f16_avx2,
 };

@@ -6,6 +6,8 @@
  */
 #include "ops.h"
 
+#include <math.h>
+
 static float dot_f32_ref(const float *w, const float *x, int32_t n) {
     float sum = 0.0f;
     for (int32_t i = 0; i < n; i++) {
@@ -79,6 +81,63 @@ static void matmul_q8_0_ref(const void *w, size_t row_bytes, int32_t n_rows, con
     }
 }
 
+static void attn_scores_f32_ref(const void *k, int32_t n_kv, const float *q, int32_t n_head,
+                                int32_t head_dim, float scale, float *scores, size_t stride) {
+    for (int32_t h = 0; h < n_head; h++) {
+        const float *row = (const float *)k + (size_t)(h * n_kv / n_head) * head_dim;
+        scores[(size_t)h * stride] = dot_f32_ref(row, q + (size_t)h * head_dim, head_dim) * scale;
+    }
+}
+
+static void attn_scores_f16_ref(const void *k, int32_t n_kv, const float *q, int32_t n_head,
+                                int32_t head_dim, float scale, float *scores, size_t stride) {
+    for (int32_t h = 0; h < n_head; h++) {
+        const uint16_t *row = (const uint16_t *)k + (size_t)(h * n_kv / n_head) * head_dim;
+        scores[(size_t)h * stride] = dot_f16_ref(row, q + (size_t)h * head_dim, head_dim) * scale;
+    }
+}
+
+static void attn_mix_f32_ref(const void *v, int32_t n_kv, const float *p, size_t stride,
+                             int32_t n_head, int32_t head_dim, float *out) {
+    for (int32_t h = 0; h < n_head; h++) {
+        const float *row = (const float *)v + (size_t)(h * n_kv / n_head) * head_dim;
+        axpy_f32_ref(out + (size_t)h * head_dim, p[(size_t)h * stride], row, head_dim);
+    }
+}
+
+static void attn_mix_f16_ref(const void *v, int32_t n_kv, const float *p, size_t stride,
+                             int32_t n_head, int32_t head_dim, float *out) {
+    for (int32_t h = 0; h < n_head; h++) {
+        const uint16_t *row = (const uint16_t *)v + (size_t)(h * n_kv / n_head) * head_dim;
+        axpy_f16_ref(out + (size_t)h * head_dim, p[(size_t)h * stride], row, head_dim);
+    }
+}
+
+static void softmax_ref(float *x, int32_t n) {
+    if (n <= 0) {
+        return;
+    }
+    float max = x[0], sum = 0.0f;
+    for (int32_t i = 1; i < n; i++) {
+        max = x[i] > max ? x[i] : max;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int32_t i = 0; i < n; i++) {
+        x[i] *= inv;
+    }
+}
+
+/* As nn.GELU() computes by default, with libm's erff. */
+static void gelu_ref(float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+    }
+}
+
 const moas_ops moas__ops_ref = {
     .name = "ref",
     .dot_f32 = dot_f32_ref,
@@ -87,6 +146,12 @@ const moas_ops moas__ops_ref = {
     .matmul_f32 = matmul_f32_ref,
     .matmul_f16 = matmul_f16_ref,
     .matmul_q8_0 = matmul_q8_0_ref,
+    .attn_scores_f32 = attn_scores_f32_ref,
+    .attn_scores_f16 = attn_scores_f16_ref,
+    .attn_mix_f32 = attn_mix_f32_ref,
+    .attn_mix_f16 = attn_mix_f16_ref,
+    .softmax = softmax_ref,
+    .gelu = gelu_ref,
     .axpy_f32 = axpy_f32_ref,
     .axpy_f16 = axpy_f16_ref,
 };

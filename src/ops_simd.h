@@ -1,0 +1,350 @@
+/*
+ * ops_simd.h - the kernels both SIMD tables share, written once over a vector
+ * vocabulary, so the two widths cannot drift apart.
+ *
+ * Included by ops_avx2.c and ops_avx512.c after they define:
+ *
+ *   MM_VEC, MM_LANES          the vector type and its floats
+ *   MM_ZERO(), MM_LOADX(p)    zero; MM_LANES floats from any address; MM_STORE(p, v)
+ *   MM_LOAD_F16(p)            MM_LANES halves, widened; MM_LOAD_I8(p) int8 as floats
+ *   MM_FMA(a, b, c), MM_MUL(a, b), MM_ADD(a, b), MM_DIV(a, b), MM_MAX(a, b),
+ *   MM_SET1(f), MM_HSUM(v), MM_HMAX(v), MM_ABS(v), MM_ROUND(v) (to nearest, ties to
+ *   even), MM_POW2(n) (2^n for integral n in [-126, 127]), MM_COPYSIGN(mag, sign)
+ *   MM_TILE_ROWS, MM_TILE_TOKS  the matmul tile for batches (rows x tokens)
+ *   MM_DECODE_ROWS            matmul rows per step for a single token
+ *   MM_NAME(base)             base ## _ ## table name
+ *
+ * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
+ * attn_mix_f32/f16, softmax and gelu (ops.h).
+ */
+
+/* ---- matrix products -------------------------------------------------------------
+ *
+ * Every output element has one accumulator: MM_LANES lanes, added to in column order
+ * one vector step at a time (for Q8_0 one block at a time: the block's products
+ * summed across its vectors, then scaled by the block's d), then the lanes summed by
+ * MM_HSUM and the scalar tail added with fmaf in column order. A tile only decides how
+ * many such chains run side by side, so an element's bits do not depend on the tile
+ * it fell into: batches equal single tokens, threads may split the rows anywhere.
+ * Independence comes from the tile instead of from splitting one sum into several: a
+ * tile of R x T outputs keeps R x T fused multiply-adds in flight, and each weight
+ * vector loaded serves T tokens, each token vector R rows.
+ */
+
+#define MM_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Loads MM_LANES weights of row `row` (a byte pointer) at column i, as floats. */
+MM_ALWAYS_INLINE MM_VEC mm_load_w_f32(const uint8_t *row, int32_t i) {
+    return MM_LOADX((const float *)(const void *)row + i);
+}
+MM_ALWAYS_INLINE MM_VEC mm_load_w_f16(const uint8_t *row, int32_t i) {
+    return MM_LOAD_F16((const uint16_t *)(const void *)row + i);
+}
+MM_ALWAYS_INLINE float mm_scalar_w_f32(const uint8_t *row, int32_t i) {
+    return ((const float *)(const void *)row)[i];
+}
+MM_ALWAYS_INLINE float mm_scalar_w_f16(const uint8_t *row, int32_t i) {
+    return _cvtsh_ss(((const uint16_t *)(const void *)row)[i]);
+}
+
+/* An R x T tile of f32 or f16 rows (R, T compile-time constants after inlining). */
+#define MM_DEFINE_TILE(type)                                                               \
+    MM_ALWAYS_INLINE void mm_tile_##type(const uint8_t *w, size_t row_bytes, const float *x,  \
+                                         size_t ldx, int32_t n, float *y, size_t ldy,      \
+                                         const int R, const int T) {                       \
+        MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T];                                           \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
+            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) acc[r][t] = MM_ZERO();     \
+        }                                                                                  \
+        int32_t i = 0;                                                                     \
+        for (; i + MM_LANES <= n; i += MM_LANES) {                                         \
+            MM_VEC xv[MM_TILE_MAX_T];                                                      \
+            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                          \
+                xv[t] = MM_LOADX(x + (size_t)t * ldx + i);                                 \
+            }                                                                              \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                          \
+                const MM_VEC wv = mm_load_w_##type(w + (size_t)r * row_bytes, i);          \
+                _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                      \
+                    acc[r][t] = MM_FMA(wv, xv[t], acc[r][t]);                              \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
+            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                          \
+                float sum = MM_HSUM(acc[r][t]);                                            \
+                for (int32_t j = i; j < n; j++) {                                          \
+                    sum = fmaf(mm_scalar_w_##type(w + (size_t)r * row_bytes, j),           \
+                               x[(size_t)t * ldx + j], sum);                               \
+                }                                                                          \
+                y[(size_t)t * ldy + r] = sum;                                              \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+#define MM_TILE_MAX_R (MM_TILE_ROWS > MM_DECODE_ROWS ? MM_TILE_ROWS : MM_DECODE_ROWS)
+#define MM_TILE_MAX_T MM_TILE_TOKS
+
+MM_DEFINE_TILE(f32)
+MM_DEFINE_TILE(f16)
+
+/* An R x T tile of Q8_0 rows: per block, each row's 32 int8 are widened once and
+ * serve all T tokens. */
+MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const float *x,
+                                   size_t ldx, int32_t n, float *y, size_t ldy, const int R,
+                                   const int T) {
+    enum { STEPS = MOAS_QK8_0 / MM_LANES };
+    MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) acc[r][t] = MM_ZERO();
+    }
+    for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            const moas_block_q8_0 *blk =
+                (const moas_block_q8_0 *)(const void *)(w + (size_t)r * row_bytes) + b;
+            const MM_VEC d = MM_SET1(_cvtsh_ss(blk->d));
+            MM_VEC q[STEPS];
+            _Pragma("GCC unroll 8") for (int k = 0; k < STEPS; k++) {
+                q[k] = MM_LOAD_I8(blk->q + k * MM_LANES);
+            }
+            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+                const float *xb = x + (size_t)t * ldx + (size_t)b * MOAS_QK8_0;
+                MM_VEC p = MM_MUL(q[0], MM_LOADX(xb));
+                _Pragma("GCC unroll 8") for (int k = 1; k < STEPS; k++) {
+                    p = MM_FMA(q[k], MM_LOADX(xb + k * MM_LANES), p);
+                }
+                acc[r][t] = MM_FMA(d, p, acc[r][t]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+            y[(size_t)t * ldy + r] = MM_HSUM(acc[r][t]);
+        }
+    }
+}
+
+/* The driver: rows outer, so a tile's weight rows stay in L1 while every token of the
+ * batch passes over them; the tokens (at most a prefill block) stay in L2. */
+#define MM_DEFINE_MATMUL(type)                                                             \
+    static void MM_NAME(matmul_##type)(const void *w_, size_t row_bytes, int32_t n_rows,   \
+                                       const float *x, size_t ldx, int32_t n_tok, int32_t n, \
+                                       float *y, size_t ldy) {                             \
+        const uint8_t *w = w_;                                                             \
+        int32_t r = 0;                                                                     \
+        if (n_tok == 1) {                                                                  \
+            for (; r + MM_DECODE_ROWS <= n_rows; r += MM_DECODE_ROWS) {                    \
+                mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, ldy, \
+                               MM_DECODE_ROWS, 1);                                         \
+            }                                                                              \
+        } else {                                                                           \
+            for (; r + MM_TILE_ROWS <= n_rows; r += MM_TILE_ROWS) {                        \
+                const uint8_t *wr = w + (size_t)r * row_bytes;                             \
+                int32_t t = 0;                                                             \
+                for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                     \
+                    mm_tile_##type(wr, row_bytes, x + (size_t)t * ldx, ldx, n,             \
+                                   y + (size_t)t * ldy + r, ldy, MM_TILE_ROWS,             \
+                                   MM_TILE_TOKS);                                          \
+                }                                                                          \
+                for (; t < n_tok; t++) {                                                   \
+                    mm_tile_##type(wr, row_bytes, x + (size_t)t * ldx, ldx, n,             \
+                                   y + (size_t)t * ldy + r, ldy, MM_TILE_ROWS, 1);         \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        for (; r < n_rows; r++) {                                                          \
+            for (int32_t t = 0; t < n_tok; t++) {                                          \
+                mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x + (size_t)t * ldx,  \
+                               ldx, n, y + (size_t)t * ldy + r, ldy, 1, 1);                \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+MM_DEFINE_MATMUL(f32)
+MM_DEFINE_MATMUL(f16)
+MM_DEFINE_MATMUL(q8_0)
+
+/* ---- attention over one cached token ------------------------------------------------
+ *
+ * A token's n_kv stored heads are contiguous rows of head_dim; query head h reads row
+ * h * n_kv / n_head. One call per token instead of one per head: the rows stay in
+ * registers or L1 across the heads that share them. */
+
+MM_ALWAYS_INLINE MM_VEC mm_load_kv_f32(const void *row, int32_t i) {
+    return MM_LOADX((const float *)row + i);
+}
+MM_ALWAYS_INLINE MM_VEC mm_load_kv_f16(const void *row, int32_t i) {
+    return MM_LOAD_F16((const uint16_t *)row + i);
+}
+MM_ALWAYS_INLINE float mm_scalar_kv_f32(const void *row, int32_t i) {
+    return ((const float *)row)[i];
+}
+MM_ALWAYS_INLINE float mm_scalar_kv_f16(const void *row, int32_t i) {
+    return _cvtsh_ss(((const uint16_t *)row)[i]);
+}
+
+#define MM_DEFINE_ATTN(type, esize)                                                        \
+    static void MM_NAME(attn_scores_##type)(const void *k, int32_t n_kv, const float *q,   \
+                                            int32_t n_head, int32_t head_dim, float scale, \
+                                            float *scores, size_t stride) {                \
+        for (int32_t h = 0; h < n_head; h++) {                                             \
+            const uint8_t *row =                                                           \
+                (const uint8_t *)k + (size_t)(h * n_kv / n_head) * head_dim * (esize);     \
+            const float *qh = q + (size_t)h * head_dim;                                    \
+            MM_VEC acc = MM_ZERO();                                                        \
+            int32_t i = 0;                                                                 \
+            for (; i + MM_LANES <= head_dim; i += MM_LANES) {                              \
+                acc = MM_FMA(mm_load_kv_##type(row, i), MM_LOADX(qh + i), acc);            \
+            }                                                                              \
+            float sum = MM_HSUM(acc);                                                      \
+            for (; i < head_dim; i++) {                                                    \
+                sum = fmaf(mm_scalar_kv_##type(row, i), qh[i], sum);                       \
+            }                                                                              \
+            scores[(size_t)h * stride] = sum * scale;                                      \
+        }                                                                                  \
+    }                                                                                      \
+    static void MM_NAME(attn_mix_##type)(const void *v, int32_t n_kv, const float *p,      \
+                                         size_t stride, int32_t n_head, int32_t head_dim,  \
+                                         float *out) {                                     \
+        for (int32_t h = 0; h < n_head; h++) {                                             \
+            const uint8_t *row =                                                           \
+                (const uint8_t *)v + (size_t)(h * n_kv / n_head) * head_dim * (esize);     \
+            float *oh = out + (size_t)h * head_dim;                                        \
+            const float a = p[(size_t)h * stride];                                         \
+            const MM_VEC va = MM_SET1(a);                                                  \
+            int32_t i = 0;                                                                 \
+            for (; i + MM_LANES <= head_dim; i += MM_LANES) {                              \
+                MM_STORE(oh + i, MM_FMA(va, mm_load_kv_##type(row, i), MM_LOADX(oh + i))); \
+            }                                                                              \
+            for (; i < head_dim; i++) {                                                    \
+                oh[i] = fmaf(a, mm_scalar_kv_##type(row, i), oh[i]);                       \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+MM_DEFINE_ATTN(f32, 4)
+MM_DEFINE_ATTN(f16, 2)
+
+/* ---- exp, softmax, GELU ------------------------------------------------------------
+ *
+ * exp(x) for x <= 0 (softmax's x - max, GELU's -z^2): 2^n e^r with n = round(x log2 e)
+ * and r = x - n ln 2 (ln 2 in two parts, so r is nearly exact), e^r by its Taylor
+ * polynomial of degree 7 on |r| <= ln2 / 2 (truncation below 2^-27, under a quarter
+ * of an ulp). Inputs below -87 give exp(-87) (1.6e-38) instead of something smaller:
+ * no difference after the sums these feed. NaN stays NaN. The scalar twin does the
+ * same operations with fmaf, so a tail element gets the bits a vector lane would. */
+
+#define MM_EXP_LOW (-87.0f)
+#define MM_LOG2E 1.44269504088896341f
+#define MM_LN2_HI 0.693145751953125f          /* 11 bits: n * LN2_HI is exact */
+#define MM_LN2_LO 1.42860682030941723212e-6f
+static const float mm_exp_coef[8] = {1.0f,          1.0f,          0.5f,           1.0f / 6,
+                                     1.0f / 24,     1.0f / 120,    1.0f / 720,     1.0f / 5040};
+
+MM_ALWAYS_INLINE MM_VEC mm_exp(MM_VEC x) {
+    x = MM_MAX(MM_SET1(MM_EXP_LOW), x);   /* x second: a NaN x is kept */
+    const MM_VEC n = MM_ROUND(MM_MUL(x, MM_SET1(MM_LOG2E)));
+    MM_VEC r = MM_FMA(n, MM_SET1(-MM_LN2_HI), x);
+    r = MM_FMA(n, MM_SET1(-MM_LN2_LO), r);
+    MM_VEC p = MM_SET1(mm_exp_coef[7]);
+    _Pragma("GCC unroll 8") for (int c = 6; c >= 0; c--) {
+        p = MM_FMA(p, r, MM_SET1(mm_exp_coef[c]));
+    }
+    return MM_MUL(p, MM_POW2(n));
+}
+
+MM_ALWAYS_INLINE float mm_exp1(float x) {
+    x = x > MM_EXP_LOW || x != x ? x : MM_EXP_LOW;
+    const float n = nearbyintf(x * MM_LOG2E);
+    float r = fmaf(n, -MM_LN2_HI, x);
+    r = fmaf(n, -MM_LN2_LO, r);
+    float p = mm_exp_coef[7];
+    for (int c = 6; c >= 0; c--) {
+        p = fmaf(p, r, mm_exp_coef[c]);
+    }
+    return x != x ? x : p * ldexpf(1.0f, (int)n);
+}
+
+/* x = softmax(x): max, then exp(x - max) summed in lanes (tail in order), then scaled
+ * by 1 / sum. */
+static void MM_NAME(softmax)(float *x, int32_t n) {
+    if (n <= 0) {
+        return;
+    }
+    float max = x[0];
+    int32_t i = 0;
+    if (n >= MM_LANES) {
+        MM_VEC vmax = MM_LOADX(x);
+        for (i = MM_LANES; i + MM_LANES <= n; i += MM_LANES) {
+            vmax = MM_MAX(vmax, MM_LOADX(x + i));
+        }
+        max = MM_HMAX(vmax);
+    }
+    for (; i < n; i++) {
+        max = x[i] > max ? x[i] : max;
+    }
+    const MM_VEC vm = MM_SET1(max);
+    MM_VEC vsum = MM_ZERO();
+    for (i = 0; i + MM_LANES <= n; i += MM_LANES) {
+        const MM_VEC e = mm_exp(MM_ADD(MM_LOADX(x + i), MM_MUL(vm, MM_SET1(-1.0f))));
+        MM_STORE(x + i, e);
+        vsum = MM_ADD(vsum, e);
+    }
+    float sum = MM_HSUM(vsum);
+    for (; i < n; i++) {
+        x[i] = mm_exp1(x[i] - max);
+        sum += x[i];
+    }
+    const MM_VEC inv = MM_SET1(1.0f / sum);
+    for (i = 0; i + MM_LANES <= n; i += MM_LANES) {
+        MM_STORE(x + i, MM_MUL(MM_LOADX(x + i), inv));
+    }
+    for (; i < n; i++) {
+        x[i] *= 1.0f / sum;
+    }
+}
+
+/* GELU with the exact-erf definition, 0.5 x (1 + erf(x / sqrt 2)), erf by
+ * Abramowitz and Stegun 7.1.26: erf(a) = 1 - t (a1 + t (a2 + ... t a5)) exp(-a^2),
+ * t = 1 / (1 + p a), for a = |z| (odd symmetry for z < 0): 1.5e-7 absolute by
+ * construction, up to 5e-7 in float near z = 0 where 1 - t p e cancels. The golden
+ * logits stay within 5e-6 of PyTorch with it (tests/test_forward.c). */
+#define MM_ERF_P 0.3275911f
+static const float mm_erf_coef[5] = {0.254829592f, -0.284496736f, 1.421413741f,
+                                     -1.453152027f, 1.061405429f};
+
+MM_ALWAYS_INLINE MM_VEC mm_gelu(MM_VEC x) {
+    const MM_VEC z = MM_MUL(x, MM_SET1(0.70710678118654752f));
+    const MM_VEC a = MM_ABS(z);
+    const MM_VEC t = MM_DIV(MM_SET1(1.0f), MM_FMA(MM_SET1(MM_ERF_P), a, MM_SET1(1.0f)));
+    MM_VEC p = MM_SET1(mm_erf_coef[4]);
+    _Pragma("GCC unroll 8") for (int c = 3; c >= 0; c--) {
+        p = MM_FMA(p, t, MM_SET1(mm_erf_coef[c]));
+    }
+    const MM_VEC e = mm_exp(MM_MUL(MM_MUL(a, a), MM_SET1(-1.0f)));
+    const MM_VEC erf_a = MM_FMA(MM_MUL(p, t), MM_MUL(e, MM_SET1(-1.0f)), MM_SET1(1.0f));
+    const MM_VEC erf_z = MM_COPYSIGN(erf_a, z);
+    return MM_MUL(MM_MUL(MM_SET1(0.5f), x), MM_ADD(MM_SET1(1.0f), erf_z));
+}
+
+MM_ALWAYS_INLINE float mm_gelu1(float x) {
+    const float z = x * 0.70710678118654752f;
+    const float a = fabsf(z);
+    const float t = 1.0f / fmaf(MM_ERF_P, a, 1.0f);
+    float p = mm_erf_coef[4];
+    for (int c = 3; c >= 0; c--) {
+        p = fmaf(p, t, mm_erf_coef[c]);
+    }
+    const float e = mm_exp1((a * a) * -1.0f);
+    const float erf_a = fmaf(p * t, e * -1.0f, 1.0f);
+    return (0.5f * x) * (1.0f + copysignf(erf_a, z));
+}
+
+static void MM_NAME(gelu)(float *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + MM_LANES <= n; i += MM_LANES) {
+        MM_STORE(x + i, mm_gelu(MM_LOADX(x + i)));
+    }
+    for (; i < n; i++) {
+        x[i] = mm_gelu1(x[i]);
+    }
+}
