@@ -355,9 +355,9 @@ static void print_route_map(FILE *f, const moas_context *ctx, const int32_t *tok
     free(schemes);
 }
 
-/* A JSON string holding the text of token t. */
-static void put_json_char(FILE *f, const moas_model *model, int32_t t) {
-    const unsigned char *c = (const unsigned char *)moas_token_text(model, t);
+/* `text` as a JSON string. */
+static void put_json_string(FILE *f, const char *text) {
+    const unsigned char *c = (const unsigned char *)text;
     fputc('"', f);
     for (; *c; c++) {
         if (*c == '"' || *c == '\\') {
@@ -371,6 +371,11 @@ static void put_json_char(FILE *f, const moas_model *model, int32_t t) {
         }
     }
     fputc('"', f);
+}
+
+/* A JSON string holding the text of token t. */
+static void put_json_char(FILE *f, const moas_model *model, int32_t t) {
+    put_json_string(f, moas_token_text(model, t));
 }
 
 /* Decode TEXT window by window; print one JSON object per token and layer, or the map
@@ -799,11 +804,13 @@ static int cmd_bench(const options *o) {
     const double pre_gflops = 2.0 * pre_macs * prefill_tok_s * 1e-9;
 
     if (o->json) {
-        printf("{\"model\": \"%s\", \"mode\": \"%s\", \"kernels\": \"%s\", \"threads\": %d, "
+        fputs("{\"model\": ", stdout);
+        put_json_string(stdout, o->model_path);
+        printf(", \"mode\": \"%s\", \"kernels\": \"%s\", \"threads\": %d, "
                "\"n_prompt\": %d, \"n_decode\": %d, \"repeats\": %d, \"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
-               o->model_path, mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
+               mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
                n_prompt, n_gen, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
                dec_gflops, pre_gflops);
     } else {
