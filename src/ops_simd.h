@@ -31,7 +31,17 @@
  * vector loaded serves T tokens, each token vector R rows.
  */
 
+#include <string.h>
+
 #define MM_ALWAYS_INLINE static inline __attribute__((always_inline))
+/* A single token's tile asks for the same bytes of the next tile as it goes: its rows
+ * are short (hundreds of bytes), too short for the hardware prefetcher to get ahead of
+ * eight streams. Measured on Zen 5 with a 5 MB f16 matrix in L3: 57-61 -> 78-81
+ * GFLOP/s, f32 35 -> 43; two or four tiles ahead did worse. A prefetch past the end of
+ * the matrix is a hint, never a load: it cannot fault. */
+#define MM_PREFETCH_TILES 1
+#define MM_WBYTES_f32 4
+#define MM_WBYTES_f16 2
 
 /* Loads MM_LANES weights of row `row` (a byte pointer) at column i, as floats. */
 MM_ALWAYS_INLINE MM_VEC mm_load_w_f32(const uint8_t *row, int32_t i) {
@@ -63,6 +73,10 @@ MM_ALWAYS_INLINE float mm_scalar_w_f16(const uint8_t *row, int32_t i) {
                 xv[t] = MM_LOADX(x + (size_t)t * ldx + i);                                 \
             }                                                                              \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                          \
+                if (T == 1) {                                                              \
+                    __builtin_prefetch(w + (size_t)(r + MM_PREFETCH_TILES * R) * row_bytes + \
+                                       (size_t)i * MM_WBYTES_##type);                      \
+                }                                                                          \
                 const MM_VEC wv = mm_load_w_##type(w + (size_t)r * row_bytes, i);          \
                 _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                      \
                     acc[r][t] = MM_FMA(wv, xv[t], acc[r][t]);                              \
@@ -101,6 +115,9 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
             const moas_block_q8_0 *blk =
                 (const moas_block_q8_0 *)(const void *)(w + (size_t)r * row_bytes) + b;
+            if (T == 1) {
+                __builtin_prefetch((const uint8_t *)blk + (size_t)MM_PREFETCH_TILES * R * row_bytes);
+            }
             const MM_VEC d = MM_SET1(_cvtsh_ss(blk->d));
             MM_VEC q[STEPS];
             _Pragma("GCC unroll 8") for (int k = 0; k < STEPS; k++) {
@@ -261,7 +278,10 @@ MM_ALWAYS_INLINE float mm_exp1(float x) {
     for (int c = 6; c >= 0; c--) {
         p = fmaf(p, r, mm_exp_coef[c]);
     }
-    return x != x ? x : p * ldexpf(1.0f, (int)n);
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;   /* 2^n, as MM_POW2 */
+    float pow2;
+    memcpy(&pow2, &bits, sizeof pow2);
+    return x != x ? x : p * pow2;
 }
 
 /* x = softmax(x): max, then exp(x - max) summed in lanes (tail in order), then scaled
