@@ -267,6 +267,7 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     ctx->log_user = p.log_user;
     ctx->n_ctx = p.n_ctx;
     ctx->n_threads = p.n_threads;
+    ctx->parallel_min_work = MOAS_PARALLEL_MIN_WORK;
     ctx->mode = (moas_mode)p.mode;
     ctx->kv_type = (moas_type)p.kv_type;
     ctx->kv_elem_bytes = p.kv_type == MOAS_TYPE_F16 ? 2 : 4;

@@ -43,6 +43,9 @@ struct moas_context {
 
     int32_t n_ctx;           /* capacity in tokens */
     int32_t n_threads;       /* threads for parallel loops (>= 1) */
+    int64_t parallel_min_work; /* multiply-adds below which a loop stays on one thread
+                                * (MOAS_PARALLEL_MIN_WORK; tests lower it to 0 so that
+                                * tiny models take the parallel paths too) */
     int32_t n_past;          /* tokens stored */
     moas_mode mode;
     moas_type kv_type;       /* F32 or F16 */
@@ -102,6 +105,13 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
 /* Routed mode: choose the scheme of the token at `pos` in `layer` from its `gates`,
  * applying the forced scheme, the callback and the budget plan (context.c). */
 int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const float *gates);
+
+/* Below this many multiply-adds a loop stays on one thread. Waking the other threads
+ * costs a few microseconds on an idle machine and a scheduler time slice on a busy
+ * one; 2^18 multiply-adds (tens of microseconds of work) pay for it. Measured on the
+ * 4-layer, 192-wide shipped shape: 2 threads with the old 2^15 threshold decoded 80x
+ * slower than 1 thread while another process kept the second core busy. */
+#define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 18)
 
 /* Tokens the batched forward pass takes at once: enough to read each weight row once
  * for many tokens, few enough that their activations stay in cache. */

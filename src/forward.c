@@ -18,50 +18,79 @@
 #include <math.h>
 #include <string.h>
 
-/* Below this many multiply-adds a loop stays on one thread. Waking the other threads
- * costs a few microseconds on an idle machine and a scheduler time slice on a busy
- * one; 2^18 multiply-adds (tens of microseconds of work) pay for it. Measured on the
- * 4-layer, 192-wide shipped shape: 2 threads with the old 2^15 threshold decoded 80x
- * slower than 1 thread while another process kept the second core busy. */
-#define PARALLEL_MIN_WORK (1 << 18)
 
-/* Y[t] = W X[t] (+ b) for the n rows of X, by the table's matrix kernel for W's
- * type. The kernel's elements do not depend on n or on which rows a thread takes
+/* One projection of a block of rows: Y[t] = W X[t] (+ b).   Y [n, n_rows], stride ldy */
+typedef struct {
+    const moas_weight *w;
+    const float *b;   /* [n_rows] or NULL */
+    float *Y;
+    size_t ldy;
+} projection;
+
+/* Rows [r0, r1) of projection p for the n rows of X, by the table's matrix kernel
+ * for W's type. The kernel's elements do not depend on n or on the rows it is given
  * (ops.h), so a token decoded alone, in a prefill block, or on any number of threads
- * gets the same bits. Threads split the rows in whole tiles.
- *   X [n, n_cols] rows of stride ldx, Y [n, n_rows] rows of stride ldy, b [n_rows] */
-static void matmat(const moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
-                   const float *b, float *Y, size_t ldy, int32_t n) {
+ * gets the same bits. */
+static void project_rows(const moas_context *ctx, const projection *p, const float *X,
+                         size_t ldx, int32_t n, int32_t r0, int32_t r1) {
     const moas_ops *ops = ctx->ops;
+    const moas_weight *w = p->w;
     void (*matmul)(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
                    float *, size_t) = w->type == MOAS_TYPE_F16    ? ops->matmul_f16
                                       : w->type == MOAS_TYPE_Q8_0 ? ops->matmul_q8_0
                                                                   : ops->matmul_f32;
+    if (r0 < r1) {
+        matmul((const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, X,
+               ldx, n, w->n_cols, p->Y + r0, p->ldy);
+    }
+}
+
+/* Several projections of the same n rows of X (Q, K and V), in one parallel region
+ * when they are worth it: each thread takes one slice of every projection's rows, a
+ * multiple of 16 rows, so no thread waits for another between them.
+ *   X [n, n_cols] rows of stride ldx */
+static void project(const moas_context *ctx, const projection *p, int32_t n_proj,
+                    const float *X, size_t ldx, int32_t n) {
     const int32_t n_threads = ctx->n_threads;
-    const bool parallel = n_threads > 1 && (int64_t)w->n_rows * w->n_cols * n >= PARALLEL_MIN_WORK;
+    int64_t work = 0;
+    for (int32_t i = 0; i < n_proj; i++) {
+        work += (int64_t)p[i].w->n_rows * p[i].w->n_cols * n;
+    }
+    const bool parallel = n_threads > 1 && work >= ctx->parallel_min_work;
 
     if (!parallel) {
-        matmul(w->data, w->row_bytes, w->n_rows, X, ldx, n, w->n_cols, Y, ldy);
+        for (int32_t i = 0; i < n_proj; i++) {
+            project_rows(ctx, &p[i], X, ldx, n, 0, p[i].w->n_rows);
+        }
     } else {
-        /* one contiguous slice of rows per thread, a multiple of 16 rows */
-        const int32_t slice = ((w->n_rows + n_threads - 1) / n_threads + 15) / 16 * 16;
         MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
-        for (int32_t i = 0; i < n_threads; i++) {
-            const int32_t r0 = i * slice;
-            const int32_t r1 = r0 + slice < w->n_rows ? r0 + slice : w->n_rows;
-            if (r0 < r1) {
-                matmul((const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes,
-                       r1 - r0, X, ldx, n, w->n_cols, Y + r0, ldy);
+        for (int32_t t = 0; t < n_threads; t++) {
+            for (int32_t i = 0; i < n_proj; i++) {
+                const int32_t rows = p[i].w->n_rows;
+                const int32_t slice = ((rows + n_threads - 1) / n_threads + 15) / 16 * 16;
+                const int32_t r0 = t * slice < rows ? t * slice : rows;
+                project_rows(ctx, &p[i], X, ldx, n, r0, r0 + slice < rows ? r0 + slice : rows);
             }
         }
     }
-    if (b != NULL) {
-        for (int32_t t = 0; t < n; t++) {
-            for (int32_t r = 0; r < w->n_rows; r++) {
-                Y[(size_t)t * ldy + r] += b[r];
+    for (int32_t i = 0; i < n_proj; i++) {
+        if (p[i].b != NULL) {
+            for (int32_t t = 0; t < n; t++) {
+                float *y = p[i].Y + (size_t)t * p[i].ldy;
+                for (int32_t r = 0; r < p[i].w->n_rows; r++) {
+                    y[r] += p[i].b[r];
+                }
             }
         }
     }
+}
+
+/* Y[t] = W X[t] (+ b) for the n rows of X.
+ *   X [n, n_cols] rows of stride ldx, Y [n, n_rows] rows of stride ldy, b [n_rows] */
+static void matmat(const moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
+                   const float *b, float *Y, size_t ldy, int32_t n) {
+    const projection p = {w, b, Y, ldy};
+    project(ctx, &p, 1, X, ldx, n);
 }
 
 /* out = row r of an embedding table, as f32.   out [n_cols] */
@@ -109,20 +138,36 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
     }
 }
 
-/* Scores of the tokens [j0, j1) for every query head: one kernel call per token.
- *   att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim) */
-static void score_tokens(const moas_context *ctx, const moas_kv_stream *kv, const float *q,
-                         int32_t j0, int32_t j1, float *att) {
+/* Attention of query heads [h0, h1) of the token at `pos` over one KV stream: scores
+ * against every cached token, softmax, the value sum in token order. One kernel call
+ * per cached token covers all the heads of the range.
+ *   att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
+ *   out_h = sum_j softmax(att[h])_j v_{j, h n_kv(j) / n_head} */
+static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, const float *q,
+                         int32_t pos, int32_t h0, int32_t h1, float *out) {
     const moas_model *m = ctx->model;
-    const size_t row_bytes = (size_t)m->head_dim * ctx->kv_elem_bytes;
-    const float scale = 1.0f / sqrtf((float)m->head_dim);
-    void (*scores)(const void *, int32_t, const float *, int32_t, int32_t, float, float *,
-                   size_t) =
-        ctx->kv_type == MOAS_TYPE_F16 ? ctx->ops->attn_scores_f16 : ctx->ops->attn_scores_f32;
-    for (int32_t j = j0; j < j1; j++) {
+    const moas_ops *ops = ctx->ops;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim;
+    const size_t row_bytes = (size_t)head_dim * ctx->kv_elem_bytes, n_ctx = (size_t)ctx->n_ctx;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
+    void (*scores)(const void *, int32_t, const float *, int32_t, int32_t, int32_t, int32_t,
+                   float, float *, size_t) = f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
+    void (*mix)(const void *, int32_t, const float *, size_t, int32_t, int32_t, int32_t,
+                int32_t, float *) = f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
+    float *att = ctx->att;
+
+    for (int32_t j = 0; j <= pos; j++) {
         const void *k = (const uint8_t *)kv->k + (size_t)moas__kv_first(kv, j) * row_bytes;
-        scores(k, moas__kv_heads(kv, j), q, m->n_head, m->head_dim, scale, att + j,
-               (size_t)ctx->n_ctx);
+        scores(k, moas__kv_heads(kv, j), q, n_head, h0, h1, head_dim, scale, att + j, n_ctx);
+    }
+    for (int32_t h = h0; h < h1; h++) {
+        ops->softmax(att + (size_t)h * n_ctx, pos + 1);
+    }
+    memset(out + (size_t)h0 * head_dim, 0, (size_t)(h1 - h0) * head_dim * sizeof *out);
+    for (int32_t j = 0; j <= pos; j++) {
+        const void *v = (const uint8_t *)kv->v + (size_t)moas__kv_first(kv, j) * row_bytes;
+        mix(v, moas__kv_heads(kv, j), att + j, n_ctx, n_head, h0, h1, head_dim, out);
     }
 }
 
@@ -131,40 +176,26 @@ static void score_tokens(const moas_context *ctx, const moas_kv_stream *kv, cons
  *
  * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
  * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
- * under MQA. The kernels take one token at a time with all its stored heads, so a K or
- * V row that serves a group of query heads is read once for the whole group, never
- * expanded. Threads split the tokens' scores; the value sum runs in token order. */
+ * under MQA. The kernels take one token at a time with its stored heads, so a K or V
+ * row that serves a group of query heads is read once for the whole group, never
+ * expanded. Threads split the query heads: each head's numbers are the same whoever
+ * computes them. */
 static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *q, int32_t pos,
                    float *out) {
-    const moas_model *m = ctx->model;
-    const int32_t n_head = m->n_head, head_dim = m->head_dim, n_ctx = ctx->n_ctx;
-    const int32_t n_threads = ctx->n_threads;
-    const size_t row_bytes = (size_t)head_dim * ctx->kv_elem_bytes;
-    const bool parallel =
-        n_threads > 1 && (int64_t)(pos + 1) * head_dim * n_head >= PARALLEL_MIN_WORK;
-    float *att = ctx->att;
+    const int32_t n_head = ctx->model->n_head, n_threads = ctx->n_threads;
+    const bool parallel = n_threads > 1 &&
+                          (int64_t)2 * (pos + 1) * ctx->model->head_dim * n_head >= ctx->parallel_min_work;
 
     if (!parallel) {
-        score_tokens(ctx, kv, q, 0, pos + 1, att);
+        attend_heads(ctx, kv, q, pos, 0, n_head, out);
     } else {
-        const int32_t slice = (pos + 1 + n_threads - 1) / n_threads;
         MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
         for (int32_t i = 0; i < n_threads; i++) {
-            const int32_t j0 = i * slice, j1 = j0 + slice < pos + 1 ? j0 + slice : pos + 1;
-            score_tokens(ctx, kv, q, j0, j1, att);
+            const int32_t h0 = i * n_head / n_threads, h1 = (i + 1) * n_head / n_threads;
+            if (h0 < h1) {
+                attend_heads(ctx, kv, q, pos, h0, h1, out);
+            }
         }
-    }
-    for (int32_t h = 0; h < n_head; h++) {
-        ctx->ops->softmax(att + (size_t)h * n_ctx, pos + 1);
-    }
-
-    /* out_h = sum_j att[h][j] v_{j, h n_kv(j) / n_head}, accumulated in token order */
-    void (*mix)(const void *, int32_t, const float *, size_t, int32_t, int32_t, float *) =
-        ctx->kv_type == MOAS_TYPE_F16 ? ctx->ops->attn_mix_f16 : ctx->ops->attn_mix_f32;
-    memset(out, 0, (size_t)n_head * head_dim * sizeof *out);
-    for (int32_t j = 0; j <= pos; j++) {
-        const void *v = (const uint8_t *)kv->v + (size_t)moas__kv_first(kv, j) * row_bytes;
-        mix(v, moas__kv_heads(kv, j), att + j, (size_t)n_ctx, n_head, head_dim, out);
     }
 }
 
@@ -242,9 +273,10 @@ static void batch_attention_mixture(moas_context *ctx, int32_t l, int32_t pos0, 
         const moas_scheme_weights *sw = &m->layers[l].scheme[s];
         moas_kv_stream *kv = &ctx->kv[(size_t)l * S + s];
         const int32_t kv_dim = sw->n_kv * m->head_dim;
-        matmat(ctx, &sw->wq, ctx->bxb, C, sw->bq, ctx->bq, C, n);
-        matmat(ctx, &sw->wk, ctx->bxb, C, sw->bk, ctx->bk, C, n);
-        matmat(ctx, &sw->wv, ctx->bxb, C, sw->bv, ctx->bv, C, n);
+        const projection qkv[3] = {{&sw->wq, sw->bq, ctx->bq, C},
+                                   {&sw->wk, sw->bk, ctx->bk, C},
+                                   {&sw->wv, sw->bv, ctx->bv, C}};
+        project(ctx, qkv, 3, ctx->bxb, C, n);
         for (int32_t t = 0; t < n; t++) {
             store_kv_row(ctx, kv, pos0 + t, ctx->bk + (size_t)t * C, ctx->bv + (size_t)t * C,
                          kv_dim);
@@ -302,9 +334,10 @@ static void batch_attention_routed(moas_context *ctx, int32_t l, int32_t pos0, i
                 memcpy(ctx->bsel + (size_t)i * C, src + (size_t)idx[i] * C, (size_t)C * sizeof(float));
             }
             if (pass == 0) {
-                matmat(ctx, &sw->wq, ctx->bsel, C, sw->bq, ctx->by, C, n_sel);
-                matmat(ctx, &sw->wk, ctx->bsel, C, sw->bk, ctx->bk, C, n_sel);
-                matmat(ctx, &sw->wv, ctx->bsel, C, sw->bv, ctx->bv, C, n_sel);
+                const projection qkv[3] = {{&sw->wq, sw->bq, ctx->by, C},
+                                           {&sw->wk, sw->bk, ctx->bk, C},
+                                           {&sw->wv, sw->bv, ctx->bv, C}};
+                project(ctx, qkv, 3, ctx->bsel, C, n_sel);
                 for (int32_t i = 0; i < n_sel; i++) {
                     memcpy(ctx->bq + (size_t)idx[i] * C, ctx->by + (size_t)i * C,
                            (size_t)C * sizeof(float));
@@ -340,9 +373,10 @@ static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, i
     moas_kv_stream *kv = &ctx->kv[l];
     float *kp = ctx->kv_pool, *vp = ctx->kv_pool + C;
 
-    matmat(ctx, &sw->wq, ctx->bxb, C, sw->bq, ctx->bq, C, n);
-    matmat(ctx, &sw->wk, ctx->bxb, C, sw->bk, ctx->bk, C, n);
-    matmat(ctx, &sw->wv, ctx->bxb, C, sw->bv, ctx->bv, C, n);
+    const projection qkv[3] = {{&sw->wq, sw->bq, ctx->bq, C},
+                               {&sw->wk, sw->bk, ctx->bk, C},
+                               {&sw->wv, sw->bv, ctx->bv, C}};
+    project(ctx, qkv, 3, ctx->bxb, C, n);
     for (int32_t t = 0; t < n; t++) {
         const float *k = ctx->bk + (size_t)t * C, *v = ctx->bv + (size_t)t * C;
         int32_t n_kv = m->n_head;

@@ -201,9 +201,10 @@ MM_ALWAYS_INLINE float mm_scalar_kv_f16(const void *row, int32_t i) {
 
 #define MM_DEFINE_ATTN(type, esize)                                                        \
     static void MM_NAME(attn_scores_##type)(const void *k, int32_t n_kv, const float *q,   \
-                                            int32_t n_head, int32_t head_dim, float scale, \
-                                            float *scores, size_t stride) {                \
-        for (int32_t h = 0; h < n_head; h++) {                                             \
+                                            int32_t n_head, int32_t h0, int32_t h1,        \
+                                            int32_t head_dim, float scale, float *scores,  \
+                                            size_t stride) {                               \
+        for (int32_t h = h0; h < h1; h++) {                                                \
             const uint8_t *row =                                                           \
                 (const uint8_t *)k + (size_t)(h * n_kv / n_head) * head_dim * (esize);     \
             const float *qh = q + (size_t)h * head_dim;                                    \
@@ -220,9 +221,9 @@ MM_ALWAYS_INLINE float mm_scalar_kv_f16(const void *row, int32_t i) {
         }                                                                                  \
     }                                                                                      \
     static void MM_NAME(attn_mix_##type)(const void *v, int32_t n_kv, const float *p,      \
-                                         size_t stride, int32_t n_head, int32_t head_dim,  \
-                                         float *out) {                                     \
-        for (int32_t h = 0; h < n_head; h++) {                                             \
+                                         size_t stride, int32_t n_head, int32_t h0,        \
+                                         int32_t h1, int32_t head_dim, float *out) {       \
+        for (int32_t h = h0; h < h1; h++) {                                                \
             const uint8_t *row =                                                           \
                 (const uint8_t *)v + (size_t)(h * n_kv / n_head) * head_dim * (esize);     \
             float *oh = out + (size_t)h * head_dim;                                        \

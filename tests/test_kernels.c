@@ -389,11 +389,11 @@ static int check_attention(const moas_ops *ops) {
                 }
                 const float scale = 0.17f;
                 if (f16) {
-                    ops->attn_scores_f16(kh, n_kv, q, n_head, d, scale, sc, stride);
-                    ops->attn_mix_f16(vh, n_kv, p, stride, n_head, d, out);
+                    ops->attn_scores_f16(kh, n_kv, q, n_head, 0, n_head, d, scale, sc, stride);
+                    ops->attn_mix_f16(vh, n_kv, p, stride, n_head, 0, n_head, d, out);
                 } else {
-                    ops->attn_scores_f32(kf, n_kv, q, n_head, d, scale, sc, stride);
-                    ops->attn_mix_f32(vf, n_kv, p, stride, n_head, d, out);
+                    ops->attn_scores_f32(kf, n_kv, q, n_head, 0, n_head, d, scale, sc, stride);
+                    ops->attn_mix_f32(vf, n_kv, p, stride, n_head, 0, n_head, d, out);
                 }
                 for (int32_t h = 0; h < n_head; h++) {
                     const int32_t row = h * n_kv / n_head;
