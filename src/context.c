@@ -145,9 +145,10 @@ static moas_status allocate(moas_context *ctx) {
     float *cursor;
     uint8_t *kv_cursor;
 
-    /* per-token scratch: xb, kv_pool (2C), pool_tmp, att, logits; each buffer rounded up
-     * to 16 floats (64 bytes): 5 buffers, at most 15 each */
-    n_floats = 4 * C + (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 5 * 15;
+    /* per-token scratch: xb, kv_pool (2C), pool_tmp, att, att_rows (32-bit, as many as
+     * att), logits; each buffer rounded up to 16 floats (64 bytes): 6 buffers, at most
+     * 15 each */
+    n_floats = 4 * C + 2 * (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 6 * 15;
     cursor = alloc_aligned(ctx->alloc, n_floats * sizeof(float), &ctx->scratch);
     MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for %zu activation floats", n_floats);
@@ -156,6 +157,7 @@ static moas_status allocate(moas_context *ctx) {
     ctx->kv_pool = carve(&cursor, 2 * C);
     ctx->pool_tmp = carve(&cursor, C);
     ctx->att = carve(&cursor, (size_t)m->n_head * n_ctx);
+    ctx->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)m->n_head * n_ctx);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 
     /* batch activations */

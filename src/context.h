@@ -62,6 +62,7 @@ struct moas_context {
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
     float *att;              /* [n_head, n_ctx] attention scores */
+    uint32_t *att_rows;      /* [n_head, n_ctx] each cached token's K/V row per head */
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
     void *scratch;           /* the allocation holding the arena above */

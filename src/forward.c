@@ -138,36 +138,46 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
     }
 }
 
-/* Attention of query heads [h0, h1) of the token at `pos` over one KV stream: scores
- * against every cached token, softmax, the value sum in token order. One kernel call
- * per cached token covers all the heads of the range.
+/* Attention of query heads [h0, h1) of the token at `pos` over one KV stream: per
+ * head, the row each cached token keeps for it, the scores, softmax, the value sum.
  *   att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
  *   out_h = sum_j softmax(att[h])_j v_{j, h n_kv(j) / n_head} */
 static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, const float *q,
                          int32_t pos, int32_t h0, int32_t h1, float *out) {
     const moas_model *m = ctx->model;
     const moas_ops *ops = ctx->ops;
-    const int32_t n_head = m->n_head, head_dim = m->head_dim;
-    const size_t row_bytes = (size_t)head_dim * ctx->kv_elem_bytes, n_ctx = (size_t)ctx->n_ctx;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim, n = pos + 1;
+    const size_t n_ctx = (size_t)ctx->n_ctx;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
-    void (*scores)(const void *, int32_t, const float *, int32_t, int32_t, int32_t, int32_t,
-                   float, float *, size_t) = f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
-    void (*mix)(const void *, int32_t, const float *, size_t, int32_t, int32_t, int32_t,
-                int32_t, float *) = f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
-    float *att = ctx->att;
+    void (*scores)(const void *, const uint32_t *, int32_t, const float *, int32_t, float,
+                   float *) = f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
+    void (*mix)(const void *, const uint32_t *, int32_t, const float *, int32_t, float *) =
+        f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
 
-    for (int32_t j = 0; j <= pos; j++) {
-        const void *k = (const uint8_t *)kv->k + (size_t)moas__kv_first(kv, j) * row_bytes;
-        scores(k, moas__kv_heads(kv, j), q, n_head, h0, h1, head_dim, scale, att + j, n_ctx);
-    }
     for (int32_t h = h0; h < h1; h++) {
-        ops->softmax(att + (size_t)h * n_ctx, pos + 1);
-    }
-    memset(out + (size_t)h0 * head_dim, 0, (size_t)(h1 - h0) * head_dim * sizeof *out);
-    for (int32_t j = 0; j <= pos; j++) {
-        const void *v = (const uint8_t *)kv->v + (size_t)moas__kv_first(kv, j) * row_bytes;
-        mix(v, moas__kv_heads(kv, j), att + j, n_ctx, n_head, h0, h1, head_dim, out);
+        uint32_t *rows = ctx->att_rows + (size_t)h * n_ctx;
+        float *att = ctx->att + (size_t)h * n_ctx;
+        if (kv->off == NULL) {
+            const uint32_t n_kv = (uint32_t)kv->n_kv, g = (uint32_t)(h * kv->n_kv / n_head);
+            for (int32_t j = 0; j < n; j++) {
+                rows[j] = (uint32_t)j * n_kv + g;
+            }
+        } else {
+            int32_t last_n_kv = -1, g = 0;   /* a division only when n_kv changes */
+            for (int32_t j = 0; j < n; j++) {
+                const int32_t n_kv = (int32_t)(kv->off[j + 1] - kv->off[j]);
+                if (n_kv != last_n_kv) {
+                    last_n_kv = n_kv;
+                    g = h * n_kv / n_head;
+                }
+                rows[j] = kv->off[j] + (uint32_t)g;
+            }
+        }
+        const float *qh = q + (size_t)h * head_dim;
+        scores(kv->k, rows, n, qh, head_dim, scale, att);
+        ops->softmax(att, n);
+        mix(kv->v, rows, n, att, head_dim, out + (size_t)h * head_dim);
     }
 }
 

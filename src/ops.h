@@ -40,20 +40,21 @@ typedef struct moas_ops {
     void (*matmul_q8_0)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
                         size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
 
-    /* Attention over one cached token whose n_kv heads are contiguous rows of
-     * head_dim (f32 or f16) at k or v; query head h in [h0, h1) of n_head reads row
-     * h * n_kv / n_head:
-     *   scores[h * stride] = (q_h . k_row) * scale                     (attn_scores)
-     *   out_h += p[h * stride] * v_row, elementwise fused or not        (attn_mix)
-     * q and out are [n_head, head_dim]. */
-    void (*attn_scores_f32)(const void *k, int32_t n_kv, const float *q, int32_t n_head,
-                            int32_t h0, int32_t h1, int32_t head_dim, float scale, float *scores, size_t stride);
-    void (*attn_scores_f16)(const void *k, int32_t n_kv, const float *q, int32_t n_head,
-                            int32_t h0, int32_t h1, int32_t head_dim, float scale, float *scores, size_t stride);
-    void (*attn_mix_f32)(const void *v, int32_t n_kv, const float *p, size_t stride,
-                         int32_t n_head, int32_t h0, int32_t h1, int32_t head_dim, float *out);
-    void (*attn_mix_f16)(const void *v, int32_t n_kv, const float *p, size_t stride,
-                         int32_t n_head, int32_t h0, int32_t h1, int32_t head_dim, float *out);
+    /* Attention of one query head over n cached tokens: token j's key or value row
+     * for this head is row rows[j] of k or v (rows of head_dim, f32 or f16, the
+     * cache's element type), so one kernel serves uniform and ragged streams.
+     *   scores[j] = (q . k_row(j)) * scale                          (attn_scores)
+     *   out = sum over j = 0, 1, ... of p[j] v_row(j), from 0        (attn_mix)
+     * Each score, and each element of out, is the same bits whatever n and its
+     * position: a query decoded alone and inside a batch agree. */
+    void (*attn_scores_f32)(const void *k, const uint32_t *rows, int32_t n, const float *q,
+                            int32_t head_dim, float scale, float *scores);
+    void (*attn_scores_f16)(const void *k, const uint32_t *rows, int32_t n, const float *q,
+                            int32_t head_dim, float scale, float *scores);
+    void (*attn_mix_f32)(const void *v, const uint32_t *rows, int32_t n, const float *p,
+                         int32_t head_dim, float *out);
+    void (*attn_mix_f16)(const void *v, const uint32_t *rows, int32_t n, const float *p,
+                         int32_t head_dim, float *out);
 
     /* x = softmax(x) over n >= 0 elements, largest first subtracted. */
     void (*softmax)(float *x, int32_t n);

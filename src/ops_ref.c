@@ -7,6 +7,7 @@
 #include "ops.h"
 
 #include <math.h>
+#include <string.h>
 
 static float dot_f32_ref(const float *w, const float *x, int32_t n) {
     float sum = 0.0f;
@@ -81,39 +82,35 @@ static void matmul_q8_0_ref(const void *w, size_t row_bytes, int32_t n_rows, con
     }
 }
 
-static void attn_scores_f32_ref(const void *k, int32_t n_kv, const float *q, int32_t n_head,
-                                int32_t h0, int32_t h1, int32_t head_dim, float scale,
-                                float *scores, size_t stride) {
-    for (int32_t h = h0; h < h1; h++) {
-        const float *row = (const float *)k + (size_t)(h * n_kv / n_head) * head_dim;
-        scores[(size_t)h * stride] = dot_f32_ref(row, q + (size_t)h * head_dim, head_dim) * scale;
+static void attn_scores_f32_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
+                                int32_t head_dim, float scale, float *scores) {
+    for (int32_t j = 0; j < n; j++) {
+        const float *row = (const float *)k + (size_t)rows[j] * head_dim;
+        scores[j] = dot_f32_ref(row, q, head_dim) * scale;
     }
 }
 
-static void attn_scores_f16_ref(const void *k, int32_t n_kv, const float *q, int32_t n_head,
-                                int32_t h0, int32_t h1, int32_t head_dim, float scale,
-                                float *scores, size_t stride) {
-    for (int32_t h = h0; h < h1; h++) {
-        const uint16_t *row = (const uint16_t *)k + (size_t)(h * n_kv / n_head) * head_dim;
-        scores[(size_t)h * stride] = dot_f16_ref(row, q + (size_t)h * head_dim, head_dim) * scale;
+static void attn_scores_f16_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
+                                int32_t head_dim, float scale, float *scores) {
+    for (int32_t j = 0; j < n; j++) {
+        const uint16_t *row = (const uint16_t *)k + (size_t)rows[j] * head_dim;
+        scores[j] = dot_f16_ref(row, q, head_dim) * scale;
     }
 }
 
-static void attn_mix_f32_ref(const void *v, int32_t n_kv, const float *p, size_t stride,
-                             int32_t n_head, int32_t h0, int32_t h1, int32_t head_dim,
-                             float *out) {
-    for (int32_t h = h0; h < h1; h++) {
-        const float *row = (const float *)v + (size_t)(h * n_kv / n_head) * head_dim;
-        axpy_f32_ref(out + (size_t)h * head_dim, p[(size_t)h * stride], row, head_dim);
+static void attn_mix_f32_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
+                             int32_t head_dim, float *out) {
+    memset(out, 0, (size_t)head_dim * sizeof *out);
+    for (int32_t j = 0; j < n; j++) {
+        axpy_f32_ref(out, p[j], (const float *)v + (size_t)rows[j] * head_dim, head_dim);
     }
 }
 
-static void attn_mix_f16_ref(const void *v, int32_t n_kv, const float *p, size_t stride,
-                             int32_t n_head, int32_t h0, int32_t h1, int32_t head_dim,
-                             float *out) {
-    for (int32_t h = h0; h < h1; h++) {
-        const uint16_t *row = (const uint16_t *)v + (size_t)(h * n_kv / n_head) * head_dim;
-        axpy_f16_ref(out + (size_t)h * head_dim, p[(size_t)h * stride], row, head_dim);
+static void attn_mix_f16_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
+                             int32_t head_dim, float *out) {
+    memset(out, 0, (size_t)head_dim * sizeof *out);
+    for (int32_t j = 0; j < n; j++) {
+        axpy_f16_ref(out, p[j], (const uint16_t *)v + (size_t)rows[j] * head_dim, head_dim);
     }
 }
 

@@ -180,67 +180,103 @@ MM_DEFINE_MATMUL(f32)
 MM_DEFINE_MATMUL(f16)
 MM_DEFINE_MATMUL(q8_0)
 
-/* ---- attention over one cached token ------------------------------------------------
+/* ---- attention of one query head ------------------------------------------------
  *
- * A token's n_kv stored heads are contiguous rows of head_dim; query head h reads row
- * h * n_kv / n_head. One call per token instead of one per head: the rows stay in
- * registers or L1 across the heads that share them. */
+ * Scores: each one chain of MM_LANES lanes over head_dim, MM_HSUM, the scalar tail,
+ * times scale; four keys at a time for independent chains, which does not change a
+ * score's bits. Value sum: the output columns stay in registers (up to four vectors at
+ * a time) while every key's row passes, each element fused-multiply-added in key
+ * order from 0, tail columns likewise with fmaf. */
 
-MM_ALWAYS_INLINE MM_VEC mm_load_kv_f32(const void *row, int32_t i) {
-    return MM_LOADX((const float *)row + i);
+MM_ALWAYS_INLINE MM_VEC mm_load_kv_f32(const uint8_t *row, int32_t i) {
+    return MM_LOADX((const float *)(const void *)row + i);
 }
-MM_ALWAYS_INLINE MM_VEC mm_load_kv_f16(const void *row, int32_t i) {
-    return MM_LOAD_F16((const uint16_t *)row + i);
-}
-MM_ALWAYS_INLINE float mm_scalar_kv_f32(const void *row, int32_t i) {
-    return ((const float *)row)[i];
-}
-MM_ALWAYS_INLINE float mm_scalar_kv_f16(const void *row, int32_t i) {
-    return _cvtsh_ss(((const uint16_t *)row)[i]);
+MM_ALWAYS_INLINE MM_VEC mm_load_kv_f16(const uint8_t *row, int32_t i) {
+    return MM_LOAD_F16((const uint16_t *)(const void *)row + i);
 }
 
-#define MM_DEFINE_ATTN(type, esize)                                                        \
-    static void MM_NAME(attn_scores_##type)(const void *k, int32_t n_kv, const float *q,   \
-                                            int32_t n_head, int32_t h0, int32_t h1,        \
-                                            int32_t head_dim, float scale, float *scores,  \
-                                            size_t stride) {                               \
-        for (int32_t h = h0; h < h1; h++) {                                                \
-            const uint8_t *row =                                                           \
-                (const uint8_t *)k + (size_t)(h * n_kv / n_head) * head_dim * (esize);     \
-            const float *qh = q + (size_t)h * head_dim;                                    \
-            MM_VEC acc = MM_ZERO();                                                        \
-            int32_t i = 0;                                                                 \
-            for (; i + MM_LANES <= head_dim; i += MM_LANES) {                              \
-                acc = MM_FMA(mm_load_kv_##type(row, i), MM_LOADX(qh + i), acc);            \
+MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float *q, int32_t i,
+                                     int32_t head_dim, int f16) {
+    for (; i < head_dim; i++) {
+        sum = fmaf(f16 ? mm_scalar_w_f16(row, i) : mm_scalar_w_f32(row, i), q[i], sum);
+    }
+    return sum;
+}
+
+#define MM_DEFINE_ATTN(type, esize, is_f16)                                                \
+    static void MM_NAME(attn_scores_##type)(const void *k, const uint32_t *rows, int32_t n, \
+                                            const float *q, int32_t head_dim, float scale, \
+                                            float *scores) {                               \
+        const size_t row_bytes = (size_t)head_dim * (esize);                               \
+        const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
+        int32_t j = 0;                                                                     \
+        for (; j + 4 <= n; j += 4) {                                                       \
+            const uint8_t *r0 = (const uint8_t *)k + rows[j] * row_bytes;                  \
+            const uint8_t *r1 = (const uint8_t *)k + rows[j + 1] * row_bytes;              \
+            const uint8_t *r2 = (const uint8_t *)k + rows[j + 2] * row_bytes;              \
+            const uint8_t *r3 = (const uint8_t *)k + rows[j + 3] * row_bytes;              \
+            MM_VEC a0 = MM_ZERO(), a1 = MM_ZERO(), a2 = MM_ZERO(), a3 = MM_ZERO();         \
+            for (int32_t i = 0; i < whole; i += MM_LANES) {                                \
+                const MM_VEC qv = MM_LOADX(q + i);                                         \
+                a0 = MM_FMA(mm_load_kv_##type(r0, i), qv, a0);                             \
+                a1 = MM_FMA(mm_load_kv_##type(r1, i), qv, a1);                             \
+                a2 = MM_FMA(mm_load_kv_##type(r2, i), qv, a2);                             \
+                a3 = MM_FMA(mm_load_kv_##type(r3, i), qv, a3);                             \
             }                                                                              \
-            float sum = MM_HSUM(acc);                                                      \
-            for (; i < head_dim; i++) {                                                    \
-                sum = fmaf(mm_scalar_kv_##type(row, i), qh[i], sum);                       \
+            scores[j] = mm_score_tail(MM_HSUM(a0), r0, q, whole, head_dim, is_f16) * scale; \
+            scores[j + 1] = mm_score_tail(MM_HSUM(a1), r1, q, whole, head_dim, is_f16) * scale; \
+            scores[j + 2] = mm_score_tail(MM_HSUM(a2), r2, q, whole, head_dim, is_f16) * scale; \
+            scores[j + 3] = mm_score_tail(MM_HSUM(a3), r3, q, whole, head_dim, is_f16) * scale; \
+        }                                                                                  \
+        for (; j < n; j++) {                                                               \
+            const uint8_t *r0 = (const uint8_t *)k + rows[j] * row_bytes;                  \
+            MM_VEC a0 = MM_ZERO();                                                         \
+            for (int32_t i = 0; i < whole; i += MM_LANES) {                                \
+                a0 = MM_FMA(mm_load_kv_##type(r0, i), MM_LOADX(q + i), a0);                \
             }                                                                              \
-            scores[(size_t)h * stride] = sum * scale;                                      \
+            scores[j] = mm_score_tail(MM_HSUM(a0), r0, q, whole, head_dim, is_f16) * scale; \
         }                                                                                  \
     }                                                                                      \
-    static void MM_NAME(attn_mix_##type)(const void *v, int32_t n_kv, const float *p,      \
-                                         size_t stride, int32_t n_head, int32_t h0,        \
-                                         int32_t h1, int32_t head_dim, float *out) {       \
-        for (int32_t h = h0; h < h1; h++) {                                                \
-            const uint8_t *row =                                                           \
-                (const uint8_t *)v + (size_t)(h * n_kv / n_head) * head_dim * (esize);     \
-            float *oh = out + (size_t)h * head_dim;                                        \
-            const float a = p[(size_t)h * stride];                                         \
-            const MM_VEC va = MM_SET1(a);                                                  \
-            int32_t i = 0;                                                                 \
-            for (; i + MM_LANES <= head_dim; i += MM_LANES) {                              \
-                MM_STORE(oh + i, MM_FMA(va, mm_load_kv_##type(row, i), MM_LOADX(oh + i))); \
+    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, int32_t n,   \
+                                         const float *p, int32_t head_dim, float *out) {   \
+        const size_t row_bytes = (size_t)head_dim * (esize);                               \
+        const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
+        int32_t c = 0;                                                                     \
+        for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
+            MM_VEC o0 = MM_ZERO(), o1 = MM_ZERO(), o2 = MM_ZERO(), o3 = MM_ZERO();         \
+            for (int32_t j = 0; j < n; j++) {                                              \
+                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
+                const MM_VEC a = MM_SET1(p[j]);                                            \
+                o0 = MM_FMA(a, mm_load_kv_##type(r, c), o0);                               \
+                o1 = MM_FMA(a, mm_load_kv_##type(r, c + MM_LANES), o1);                    \
+                o2 = MM_FMA(a, mm_load_kv_##type(r, c + 2 * MM_LANES), o2);                \
+                o3 = MM_FMA(a, mm_load_kv_##type(r, c + 3 * MM_LANES), o3);                \
             }                                                                              \
-            for (; i < head_dim; i++) {                                                    \
-                oh[i] = fmaf(a, mm_scalar_kv_##type(row, i), oh[i]);                       \
+            MM_STORE(out + c, o0);                                                         \
+            MM_STORE(out + c + MM_LANES, o1);                                              \
+            MM_STORE(out + c + 2 * MM_LANES, o2);                                          \
+            MM_STORE(out + c + 3 * MM_LANES, o3);                                          \
+        }                                                                                  \
+        for (; c < whole; c += MM_LANES) {                                                 \
+            MM_VEC o0 = MM_ZERO();                                                         \
+            for (int32_t j = 0; j < n; j++) {                                              \
+                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
+                o0 = MM_FMA(MM_SET1(p[j]), mm_load_kv_##type(r, c), o0);                   \
             }                                                                              \
+            MM_STORE(out + c, o0);                                                         \
+        }                                                                                  \
+        for (; c < head_dim; c++) {                                                        \
+            float o = 0.0f;                                                                \
+            for (int32_t j = 0; j < n; j++) {                                              \
+                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
+                o = fmaf(p[j], is_f16 ? mm_scalar_w_f16(r, c) : mm_scalar_w_f32(r, c), o); \
+            }                                                                              \
+            out[c] = o;                                                                    \
         }                                                                                  \
     }
 
-MM_DEFINE_ATTN(f32, 4)
-MM_DEFINE_ATTN(f16, 2)
+MM_DEFINE_ATTN(f32, 4, 0)
+MM_DEFINE_ATTN(f16, 2, 1)
 
 /* ---- exp, softmax, GELU ------------------------------------------------------------
  *

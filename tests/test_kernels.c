@@ -359,63 +359,74 @@ static int check_matmul(const moas_ops *ops) {
     return check_matmul_type(ops, MM_Q8_0);
 }
 
-/* attn_scores / attn_mix: one token's n_kv stored heads against n_head query heads,
- * per head the reference dot (within dot_tol, then scaled) or axpy (within the axpy
- * bound), at head sizes around the vector widths and every head grouping. */
+/* attn_scores / attn_mix: one query head over n cached rows picked by a row index
+ * (in any order, repeated, as ragged streams give them), at head sizes around the
+ * vector widths and key counts around the four-key step. Scores against the reference
+ * dot (dot_tol, then one more rounding for the scale); each score also bit for bit
+ * against the same table scoring that key alone. The value sum against the reference
+ * within 2 n u sum_j |p_j v_j| (both sides round n sequential additions). */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
-    static const int32_t groupings[][2] = {{6, 6}, {6, 2}, {6, 1}, {4, 4}, {4, 2}, {1, 1}, {12, 3}};
+    static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
+    enum { POOL = 11, MAXD = 128, MAXN = 37 };
     uint64_t seed = 91;
     for (size_t a = 0; a < sizeof dims / sizeof dims[0]; a++) {
-        for (size_t g = 0; g < sizeof groupings / sizeof groupings[0]; g++) {
+        for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
             for (int f16 = 0; f16 < 2; f16++) {
-                const int32_t d = dims[a], n_head = groupings[g][0], n_kv = groupings[g][1];
-                const size_t stride = 3;
-                float q[12 * 128], kf[12 * 128], vf[12 * 128], out[12 * 128], want[12 * 128];
-                float sc[12 * 3], p[12 * 3];
-                uint16_t kh[12 * 128], vh[12 * 128];
-                for (int32_t i = 0; i < n_head * d; i++) {
+                const int32_t d = dims[a], n = counts[c];
+                static float q[MAXD], kf[POOL * MAXD], vf[POOL * MAXD], out[MAXD], want[MAXD];
+                static uint16_t kh[POOL * MAXD], vh[POOL * MAXD];
+                float sc[MAXN], p[MAXN];
+                uint32_t rows[MAXN];
+                for (int32_t i = 0; i < d; i++) {
                     q[i] = next_val(&seed, false);
-                    out[i] = want[i] = next_val(&seed, false);
                 }
-                for (int32_t i = 0; i < n_kv * d; i++) {
+                for (int32_t i = 0; i < POOL * d; i++) {
                     kh[i] = moas__f32_to_f16(next_val(&seed, false));
                     vh[i] = moas__f32_to_f16(next_val(&seed, false));
                     kf[i] = f16 ? moas__f16_to_f32(kh[i]) : next_val(&seed, false);
                     vf[i] = f16 ? moas__f16_to_f32(vh[i]) : next_val(&seed, false);
                 }
-                for (int32_t h = 0; h < n_head; h++) {
-                    p[(size_t)h * stride] = next_val(&seed, true);
+                for (int32_t j = 0; j < n; j++) {
+                    rows[j] = (uint32_t)(next_u64(&seed) % POOL);
+                    p[j] = next_val(&seed, true);
                 }
                 const float scale = 0.17f;
+                const char *what_s = f16 ? "attn_scores_f16" : "attn_scores_f32";
+                const char *what_m = f16 ? "attn_mix_f16" : "attn_mix_f32";
                 if (f16) {
-                    ops->attn_scores_f16(kh, n_kv, q, n_head, 0, n_head, d, scale, sc, stride);
-                    ops->attn_mix_f16(vh, n_kv, p, stride, n_head, 0, n_head, d, out);
+                    ops->attn_scores_f16(kh, rows, n, q, d, scale, sc);
+                    ops->attn_mix_f16(vh, rows, n, p, d, out);
                 } else {
-                    ops->attn_scores_f32(kf, n_kv, q, n_head, 0, n_head, d, scale, sc, stride);
-                    ops->attn_mix_f32(vf, n_kv, p, stride, n_head, 0, n_head, d, out);
+                    ops->attn_scores_f32(kf, rows, n, q, d, scale, sc);
+                    ops->attn_mix_f32(vf, rows, n, p, d, out);
                 }
-                for (int32_t h = 0; h < n_head; h++) {
-                    const int32_t row = h * n_kv / n_head;
-                    const float *k = kf + (size_t)row * d, *v = vf + (size_t)row * d;
-                    const float *qh = q + (size_t)h * d;
+                for (int32_t j = 0; j < n; j++) {
+                    const float *k = kf + (size_t)rows[j] * d;
                     double sum_abs = 0;
                     for (int32_t i = 0; i < d; i++) {
-                        sum_abs += fabs((double)k[i] * qh[i]);
+                        sum_abs += fabs((double)k[i] * q[i]);
                     }
-                    const float ref = moas__ops_ref.dot_f32(k, qh, d) * scale;
-                    /* one more rounding (the scale) on each side */
-                    CHECK_NEAR(f16 ? "attn_scores_f16" : "attn_scores_f32", d, h,
-                               sc[(size_t)h * stride], ref,
+                    const float ref = moas__ops_ref.dot_f32(k, q, d) * scale;
+                    CHECK_NEAR(what_s, d, j, sc[j], ref,
                                (dot_tol(d, sum_abs) + 2 * U32 * fabs(ref / scale)) * scale);
-                    moas__ops_ref.axpy_f32(want + (size_t)h * d, p[(size_t)h * stride], v, d);
-                    for (int32_t i = 0; i < d; i++) {
-                        const double y0 = out[(size_t)h * d + i];
-                        CHECK_NEAR(f16 ? "attn_mix_f16" : "attn_mix_f32", d, h, y0,
-                                   want[(size_t)h * d + i],
-                                   AXPY_TOL_UNITS * U32 *
-                                       (fabs(want[(size_t)h * d + i]) + 2 * fabs((double)p[(size_t)h * stride] * v[i])));
+                    float alone;
+                    if (f16) {
+                        ops->attn_scores_f16(kh, &rows[j], 1, q, d, scale, &alone);
+                    } else {
+                        ops->attn_scores_f32(kf, &rows[j], 1, q, d, scale, &alone);
                     }
+                    CHECK_SAME_BITS(what_s, d, sc[j], alone);
+                }
+                for (int32_t i = 0; i < d; i++) {
+                    double sum_abs = 0, w = 0;
+                    for (int32_t j = 0; j < n; j++) {
+                        const double t = (double)p[j] * vf[(size_t)rows[j] * d + i];
+                        sum_abs += fabs(t);
+                        w += t;
+                    }
+                    want[i] = (float)w;
+                    CHECK_NEAR(what_m, d, i, out[i], want[i], 2.0 * (n + 1) * U32 * sum_abs);
                 }
             }
         }
