@@ -543,7 +543,7 @@ typedef enum moas_logits {
 typedef struct moas_context_params {
     uint32_t size;                    /* sizeof(moas_context_params); set by _init() */
     int32_t n_ctx;                    /* tokens the cache holds; 0 (default): trained length */
-    int32_t n_threads;                /* threads per call; 0 (default): OpenMP's default */
+    int32_t n_threads;                /* threads per call (<= 1024); 0: OpenMP's default */
     int32_t mode;                     /* a moas_mode; default MOAS_MODE_MIXTURE */
     int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default) or _F16 */
     int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
@@ -583,7 +583,8 @@ MOAS_API void moas_context_params_init_sized(moas_context_params *params, size_t
  * is borrowed and must outlive the context. On failure *out is NULL and nothing leaks.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, n_ctx negative or above
- *          the trained length, n_threads negative, unknown mode, kv_type or kernels,
+ *          the trained length, n_threads outside [0, 1024], unknown mode, kv_type or
+ *          kernels,
  *          forced_scheme outside [-1, n_scheme) or set in mixture mode, a kv budget
  *          below one token's cheapest KV, bad params->size), MOAS_ERR_NO_MEMORY.
  * Thread safety: safe (the model is only read).   Allocates: yes.

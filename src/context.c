@@ -40,8 +40,9 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
     MOAS_RETURN_IF(p->n_ctx < 0 || p->n_ctx > m->n_ctx_train, MOAS_ERR_INVALID_ARG,
                    "context_create: n_ctx %d outside [0, %d] (0 means the trained length; "
                    "learned positions stop there)", p->n_ctx, m->n_ctx_train);
-    MOAS_RETURN_IF(p->n_threads < 0, MOAS_ERR_INVALID_ARG,
-                   "context_create: n_threads %d is negative", p->n_threads);
+    MOAS_RETURN_IF(p->n_threads < 0 || p->n_threads > MOAS_MAX_THREADS, MOAS_ERR_INVALID_ARG,
+                   "context_create: n_threads %d outside [0, %d]", p->n_threads,
+                   MOAS_MAX_THREADS);
     MOAS_RETURN_IF(p->mode < 0 || p->mode >= MOAS_MODE_COUNT, MOAS_ERR_INVALID_ARG,
                    "context_create: unknown mode %d", (int)p->mode);
     MOAS_RETURN_IF(p->forced_scheme < -1 || p->forced_scheme >= m->n_scheme,
@@ -63,7 +64,8 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
     }
     if (p->n_threads == 0) {
 #if defined(_OPENMP)
-        p->n_threads = omp_get_max_threads();
+        p->n_threads = omp_get_max_threads() < MOAS_MAX_THREADS ? omp_get_max_threads()
+                                                                : MOAS_MAX_THREADS;
 #else
         p->n_threads = 1;
 #endif
@@ -145,10 +147,11 @@ static moas_status allocate(moas_context *ctx) {
     float *cursor;
     uint8_t *kv_cursor;
 
-    /* per-token scratch: xb, kv_pool (2C), pool_tmp, att, att_rows (32-bit, as many as
-     * att), logits; each buffer rounded up to 16 floats (64 bytes): 6 buffers, at most
-     * 15 each */
-    n_floats = 4 * C + 2 * (size_t)m->n_head * n_ctx + (size_t)m->n_vocab + 6 * 15;
+    /* per-token scratch: xb, kv_pool (2C), pool_tmp, logits, and per thread the
+     * attention scores and rows (32-bit, one float each); each buffer rounded up to 16
+     * floats (64 bytes): 6 buffers, at most 15 each */
+    const size_t att_floats = (size_t)ctx->n_threads * (MOAS_ATT_QUERIES + 1) * n_ctx;
+    n_floats = 4 * C + att_floats + (size_t)m->n_vocab + 6 * 15;
     cursor = alloc_aligned(ctx->alloc, n_floats * sizeof(float), &ctx->scratch);
     MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for %zu activation floats", n_floats);
@@ -156,8 +159,8 @@ static moas_status allocate(moas_context *ctx) {
     ctx->xb = carve(&cursor, C);
     ctx->kv_pool = carve(&cursor, 2 * C);
     ctx->pool_tmp = carve(&cursor, C);
-    ctx->att = carve(&cursor, (size_t)m->n_head * n_ctx);
-    ctx->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)m->n_head * n_ctx);
+    ctx->att = carve(&cursor, (size_t)ctx->n_threads * MOAS_ATT_QUERIES * n_ctx);
+    ctx->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)ctx->n_threads * n_ctx);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 
     /* batch activations */

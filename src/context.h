@@ -61,8 +61,8 @@ struct moas_context {
     float *xb;               /* [C] a position embedding, or the last row's final norm */
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
-    float *att;              /* [n_head, n_ctx] attention scores */
-    uint32_t *att_rows;      /* [n_head, n_ctx] each cached token's K/V row per head */
+    float *att;              /* per thread [MOAS_ATT_QUERIES, n_ctx] attention scores */
+    uint32_t *att_rows;      /* per thread [n_ctx] each cached token's K/V row for a head */
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
     void *scratch;           /* the allocation holding the arena above */
@@ -113,6 +113,15 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * 4-layer, 192-wide shipped shape: 2 threads with the old 2^15 threshold decoded 80x
  * slower than 1 thread while another process kept the second core busy. */
 #define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 18)
+
+/* Threads a context may use: each has its own attention scratch. */
+#define MOAS_MAX_THREADS 1024
+
+/* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K or V rows, 16 KB
+ * at head_dim 64 in f32, stay in L1) with up to MOAS_ATT_QUERIES queries of a block
+ * at a time, whose scores rows are the per-thread scratch. */
+#define MOAS_ATT_QUERIES 16
+#define MOAS_ATT_KEYS 64
 
 /* Tokens the batched forward pass takes at once: enough to read each weight row once
  * for many tokens, few enough that their activations stay in cache. */

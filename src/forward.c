@@ -138,15 +138,24 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
     }
 }
 
-/* Attention of query heads [h0, h1) of the token at `pos` over one KV stream: per
- * head, the row each cached token keeps for it, the scores, softmax, the value sum.
- *   att[h][j] = q_h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
- *   out_h = sum_j softmax(att[h])_j v_{j, h n_kv(j) / n_head} */
-static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, const float *q,
-                         int32_t pos, int32_t h0, int32_t h1, float *out) {
+/* Attention of query heads [h0, h1) for the n queries of a block (positions pos0 ..
+ * pos0 + n - 1, causal) over one KV stream, with one thread's scratch: att
+ * [MOAS_ATT_QUERIES, n_ctx] scores and rows [n_ctx].
+ *   att[t][j] = q_t,h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
+ *   out_t,h = sum_j softmax(att[t])_j v_{j, h n_kv(j) / n_head}
+ *
+ * Per head, the row each cached token keeps for it is found once for the block. Then
+ * up to MOAS_ATT_QUERIES queries go together through the keys in runs of
+ * MOAS_ATT_KEYS, so a run of K (then V) rows is read from memory once and from L1 by
+ * every query, instead of once per query. Each score is the kernel's for its key
+ * alone, and each output element's sum runs over the keys in order from the first,
+ * whatever the runs: a query's numbers are the same in a block and decoded alone. */
+static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, const float *Q,
+                         size_t ldq, int32_t pos0, int32_t n, int32_t h0, int32_t h1, float *OUT,
+                         size_t ldo, float *att, uint32_t *rows) {
     const moas_model *m = ctx->model;
     const moas_ops *ops = ctx->ops;
-    const int32_t n_head = m->n_head, head_dim = m->head_dim, n = pos + 1;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const size_t n_ctx = (size_t)ctx->n_ctx;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
@@ -156,16 +165,15 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
         f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
 
     for (int32_t h = h0; h < h1; h++) {
-        uint32_t *rows = ctx->att_rows + (size_t)h * n_ctx;
-        float *att = ctx->att + (size_t)h * n_ctx;
+        const int32_t n_keys = pos0 + n;
         if (kv->off == NULL) {
             const uint32_t n_kv = (uint32_t)kv->n_kv, g = (uint32_t)(h * kv->n_kv / n_head);
-            for (int32_t j = 0; j < n; j++) {
+            for (int32_t j = 0; j < n_keys; j++) {
                 rows[j] = (uint32_t)j * n_kv + g;
             }
         } else {
             int32_t last_n_kv = -1, g = 0;   /* a division only when n_kv changes */
-            for (int32_t j = 0; j < n; j++) {
+            for (int32_t j = 0; j < n_keys; j++) {
                 const int32_t n_kv = (int32_t)(kv->off[j + 1] - kv->off[j]);
                 if (n_kv != last_n_kv) {
                     last_n_kv = n_kv;
@@ -174,36 +182,64 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                 rows[j] = kv->off[j] + (uint32_t)g;
             }
         }
-        const float *qh = q + (size_t)h * head_dim;
-        scores(kv->k, rows, n, qh, head_dim, scale, att);
-        ops->softmax(att, n);
-        mix(kv->v, rows, n, att, head_dim, out + (size_t)h * head_dim);
+        for (int32_t q0 = 0; q0 < n; q0 += MOAS_ATT_QUERIES) {
+            const int32_t nq = n - q0 < MOAS_ATT_QUERIES ? n - q0 : MOAS_ATT_QUERIES;
+            const int32_t seen = pos0 + q0 + nq;   /* keys the last query sees */
+            for (int32_t k0 = 0; k0 < seen; k0 += MOAS_ATT_KEYS) {
+                for (int32_t t = 0; t < nq; t++) {
+                    const int32_t end = pos0 + q0 + t + 1, k1 = k0 + MOAS_ATT_KEYS;
+                    const int32_t nk = (end < k1 ? end : k1) - k0;
+                    if (nk > 0) {
+                        const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
+                        scores(kv->k, rows + k0, nk, q, head_dim, scale, att + (size_t)t * n_ctx + k0);
+                    }
+                }
+            }
+            for (int32_t t = 0; t < nq; t++) {
+                ops->softmax(att + (size_t)t * n_ctx, pos0 + q0 + t + 1);
+                memset(OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim, 0,
+                       (size_t)head_dim * sizeof *OUT);
+            }
+            for (int32_t k0 = 0; k0 < seen; k0 += MOAS_ATT_KEYS) {
+                for (int32_t t = 0; t < nq; t++) {
+                    const int32_t end = pos0 + q0 + t + 1, k1 = k0 + MOAS_ATT_KEYS;
+                    const int32_t nk = (end < k1 ? end : k1) - k0;
+                    if (nk > 0) {
+                        float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
+                        mix(kv->v, rows + k0, nk, att + (size_t)t * n_ctx + k0, head_dim, out);
+                    }
+                }
+            }
+        }
     }
 }
 
-/* Causal attention of the token at `pos` over one KV stream, all query heads.
- *   q [n_head, head_dim], out [n_head, head_dim]; scores in ctx->att [n_head, n_ctx]
+/* Causal attention of a block of n queries (positions pos0 .. pos0 + n - 1, their K/V
+ * already stored) over one KV stream, all query heads.
+ *   Q [n, n_head * head_dim] rows of stride ldq, OUT likewise with stride ldo
  *
  * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
  * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
- * under MQA. The kernels take one token at a time with its stored heads, so a K or V
- * row that serves a group of query heads is read once for the whole group, never
- * expanded. Threads split the query heads: each head's numbers are the same whoever
- * computes them. */
-static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *q, int32_t pos,
-                   float *out) {
+ * under MQA; a K or V row that serves a group of query heads is read where it is,
+ * never expanded. Threads split the query heads, each with its own scratch: each
+ * head's numbers are the same whoever computes them. */
+static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *Q, size_t ldq,
+                   int32_t pos0, int32_t n, float *OUT, size_t ldo) {
     const int32_t n_head = ctx->model->n_head, n_threads = ctx->n_threads;
-    const bool parallel = n_threads > 1 &&
-                          (int64_t)2 * (pos + 1) * ctx->model->head_dim * n_head >= ctx->parallel_min_work;
+    const size_t att_stride = (size_t)MOAS_ATT_QUERIES * (size_t)ctx->n_ctx;
+    const int64_t work = (int64_t)2 * ctx->model->head_dim * n_head * n * (pos0 + (n + 1) / 2);
+    const bool parallel = n_threads > 1 && work >= ctx->parallel_min_work;
 
     if (!parallel) {
-        attend_heads(ctx, kv, q, pos, 0, n_head, out);
+        attend_heads(ctx, kv, Q, ldq, pos0, n, 0, n_head, OUT, ldo, ctx->att, ctx->att_rows);
     } else {
         MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
         for (int32_t i = 0; i < n_threads; i++) {
             const int32_t h0 = i * n_head / n_threads, h1 = (i + 1) * n_head / n_threads;
             if (h0 < h1) {
-                attend_heads(ctx, kv, q, pos, h0, h1, out);
+                attend_heads(ctx, kv, Q, ldq, pos0, n, h0, h1, OUT, ldo,
+                             ctx->att + (size_t)i * att_stride,
+                             ctx->att_rows + (size_t)i * (size_t)ctx->n_ctx);
             }
         }
     }
@@ -291,9 +327,7 @@ static void batch_attention_mixture(moas_context *ctx, int32_t l, int32_t pos0, 
             store_kv_row(ctx, kv, pos0 + t, ctx->bk + (size_t)t * C, ctx->bv + (size_t)t * C,
                          kv_dim);
         }
-        for (int32_t t = 0; t < n; t++) {
-            attend(ctx, kv, ctx->bq + (size_t)t * C, pos0 + t, ctx->batt + (size_t)t * C);
-        }
+        attend(ctx, kv, ctx->bq, C, pos0, n, ctx->batt, C);
         matmat(ctx, &sw->wo, ctx->batt, C, sw->bo, ctx->by, C, n);
         for (int32_t t = 0; t < n; t++) {
             const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[(size_t)t * gate_stride + s]
@@ -365,9 +399,7 @@ static void batch_attention_routed(moas_context *ctx, int32_t l, int32_t pos0, i
             }
         }
         if (pass == 0) {
-            for (int32_t t = 0; t < n; t++) {
-                attend(ctx, kv, ctx->bq + (size_t)t * C, pos0 + t, ctx->batt + (size_t)t * C);
-            }
+            attend(ctx, kv, ctx->bq, C, pos0, n, ctx->batt, C);
         }
     }
 }
@@ -401,9 +433,7 @@ static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, i
         }
         store_kv_row(ctx, kv, pos0 + t, kp, vp, n_kv * m->head_dim);
     }
-    for (int32_t t = 0; t < n; t++) {
-        attend(ctx, kv, ctx->bq + (size_t)t * C, pos0 + t, ctx->batt + (size_t)t * C);
-    }
+    attend(ctx, kv, ctx->bq, C, pos0, n, ctx->batt, C);
     matmat(ctx, &sw->wo, ctx->batt, C, sw->bo, ctx->by, C, n);
     for (int32_t t = 0; t < n; t++) {
         for (int32_t i = 0; i < C; i++) {

@@ -44,9 +44,10 @@ typedef struct moas_ops {
      * for this head is row rows[j] of k or v (rows of head_dim, f32 or f16, the
      * cache's element type), so one kernel serves uniform and ragged streams.
      *   scores[j] = (q . k_row(j)) * scale                          (attn_scores)
-     *   out = sum over j = 0, 1, ... of p[j] v_row(j), from 0        (attn_mix)
-     * Each score, and each element of out, is the same bits whatever n and its
-     * position: a query decoded alone and inside a batch agree. */
+     *   out += p[j] v_row(j) for j = 0, 1, ..., n - 1, in that order   (attn_mix)
+     * Each score is the same bits whatever n and its position, and a value sum split
+     * into runs of keys equals one call over all of them: a query decoded alone and
+     * inside a batch agree. */
     void (*attn_scores_f32)(const void *k, const uint32_t *rows, int32_t n, const float *q,
                             int32_t head_dim, float scale, float *scores);
     void (*attn_scores_f16)(const void *k, const uint32_t *rows, int32_t n, const float *q,

@@ -7,7 +7,6 @@
 #include "ops.h"
 
 #include <math.h>
-#include <string.h>
 
 static float dot_f32_ref(const float *w, const float *x, int32_t n) {
     float sum = 0.0f;
@@ -100,7 +99,6 @@ static void attn_scores_f16_ref(const void *k, const uint32_t *rows, int32_t n, 
 
 static void attn_mix_f32_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
                              int32_t head_dim, float *out) {
-    memset(out, 0, (size_t)head_dim * sizeof *out);
     for (int32_t j = 0; j < n; j++) {
         axpy_f32_ref(out, p[j], (const float *)v + (size_t)rows[j] * head_dim, head_dim);
     }
@@ -108,7 +106,6 @@ static void attn_mix_f32_ref(const void *v, const uint32_t *rows, int32_t n, con
 
 static void attn_mix_f16_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
                              int32_t head_dim, float *out) {
-    memset(out, 0, (size_t)head_dim * sizeof *out);
     for (int32_t j = 0; j < n; j++) {
         axpy_f16_ref(out, p[j], (const uint16_t *)v + (size_t)rows[j] * head_dim, head_dim);
     }

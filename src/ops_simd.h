@@ -186,7 +186,8 @@ MM_DEFINE_MATMUL(q8_0)
  * times scale; four keys at a time for independent chains, which does not change a
  * score's bits. Value sum: the output columns stay in registers (up to four vectors at
  * a time) while every key's row passes, each element fused-multiply-added in key
- * order from 0, tail columns likewise with fmaf. */
+ * order onto what out held, tail columns likewise with fmaf; so a sum split into runs
+ * of keys gives what one call over all of them gives. */
 
 MM_ALWAYS_INLINE MM_VEC mm_load_kv_f32(const uint8_t *row, int32_t i) {
     return MM_LOADX((const float *)(const void *)row + i);
@@ -243,7 +244,8 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t c = 0;                                                                     \
         for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
-            MM_VEC o0 = MM_ZERO(), o1 = MM_ZERO(), o2 = MM_ZERO(), o3 = MM_ZERO();         \
+            MM_VEC o0 = MM_LOADX(out + c), o1 = MM_LOADX(out + c + MM_LANES);              \
+            MM_VEC o2 = MM_LOADX(out + c + 2 * MM_LANES), o3 = MM_LOADX(out + c + 3 * MM_LANES); \
             for (int32_t j = 0; j < n; j++) {                                              \
                 const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
                 const MM_VEC a = MM_SET1(p[j]);                                            \
@@ -258,7 +260,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             MM_STORE(out + c + 3 * MM_LANES, o3);                                          \
         }                                                                                  \
         for (; c < whole; c += MM_LANES) {                                                 \
-            MM_VEC o0 = MM_ZERO();                                                         \
+            MM_VEC o0 = MM_LOADX(out + c);                                                 \
             for (int32_t j = 0; j < n; j++) {                                              \
                 const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
                 o0 = MM_FMA(MM_SET1(p[j]), mm_load_kv_##type(r, c), o0);                   \
@@ -266,7 +268,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             MM_STORE(out + c, o0);                                                         \
         }                                                                                  \
         for (; c < head_dim; c++) {                                                        \
-            float o = 0.0f;                                                                \
+            float o = out[c];                                                              \
             for (int32_t j = 0; j < n; j++) {                                              \
                 const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
                 o = fmaf(p[j], is_f16 ? mm_scalar_w_f16(r, c) : mm_scalar_w_f32(r, c), o); \

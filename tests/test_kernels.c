@@ -363,8 +363,9 @@ static int check_matmul(const moas_ops *ops) {
  * (in any order, repeated, as ragged streams give them), at head sizes around the
  * vector widths and key counts around the four-key step. Scores against the reference
  * dot (dot_tol, then one more rounding for the scale); each score also bit for bit
- * against the same table scoring that key alone. The value sum against the reference
- * within 2 n u sum_j |p_j v_j| (both sides round n sequential additions). */
+ * against the same table scoring that key alone. The value sum, added onto what out
+ * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
+ * round n sequential additions), and bit for bit against the same sum in two runs. */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
@@ -391,15 +392,24 @@ static int check_attention(const moas_ops *ops) {
                     rows[j] = (uint32_t)(next_u64(&seed) % POOL);
                     p[j] = next_val(&seed, true);
                 }
+                float out0[MAXD], split[MAXD];
+                for (int32_t i = 0; i < d; i++) {
+                    out[i] = split[i] = out0[i] = next_val(&seed, false);
+                }
                 const float scale = 0.17f;
                 const char *what_s = f16 ? "attn_scores_f16" : "attn_scores_f32";
                 const char *what_m = f16 ? "attn_mix_f16" : "attn_mix_f32";
+                const int32_t cut = n / 3;   /* the value sum in two runs of keys */
                 if (f16) {
                     ops->attn_scores_f16(kh, rows, n, q, d, scale, sc);
                     ops->attn_mix_f16(vh, rows, n, p, d, out);
+                    ops->attn_mix_f16(vh, rows, cut, p, d, split);
+                    ops->attn_mix_f16(vh, rows + cut, n - cut, p + cut, d, split);
                 } else {
                     ops->attn_scores_f32(kf, rows, n, q, d, scale, sc);
                     ops->attn_mix_f32(vf, rows, n, p, d, out);
+                    ops->attn_mix_f32(vf, rows, cut, p, d, split);
+                    ops->attn_mix_f32(vf, rows + cut, n - cut, p + cut, d, split);
                 }
                 for (int32_t j = 0; j < n; j++) {
                     const float *k = kf + (size_t)rows[j] * d;
@@ -419,7 +429,7 @@ static int check_attention(const moas_ops *ops) {
                     CHECK_SAME_BITS(what_s, d, sc[j], alone);
                 }
                 for (int32_t i = 0; i < d; i++) {
-                    double sum_abs = 0, w = 0;
+                    double sum_abs = fabs(out0[i]), w = out0[i];
                     for (int32_t j = 0; j < n; j++) {
                         const double t = (double)p[j] * vf[(size_t)rows[j] * d + i];
                         sum_abs += fabs(t);
@@ -427,6 +437,7 @@ static int check_attention(const moas_ops *ops) {
                     }
                     want[i] = (float)w;
                     CHECK_NEAR(what_m, d, i, out[i], want[i], 2.0 * (n + 1) * U32 * sum_abs);
+                    CHECK_SAME_BITS(what_m, d, out[i], split[i]);
                 }
             }
         }
