@@ -121,7 +121,7 @@ static float dot_q8_0_avx512(const moas_block_q8_0 *w, const float *x, int32_t n
     _mm512_castsi512_ps(_mm512_or_si512(                                                  \
         _mm512_and_si512(_mm512_castps_si512(mag), _mm512_set1_epi32(0x7fffffff)),        \
         _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32((int)0x80000000u))))
-#define MM_TILE_ROWS 4
+#define MM_TILE_ROWS 6   /* 6 x 4 beat 4 x 4 by 4-5% and 8 x 4, 4 x 8 (bench_kernels) */
 #define MM_TILE_TOKS 4
 #define MM_DECODE_ROWS 8
 #define MM_NAME(base) base##_avx512

@@ -229,7 +229,7 @@ static int check_dot_q8_0(const moas_ops *ops) {
  * (within dot_tol), and bit for bit against the same table computing that element
  * alone (n_rows = n_tok = 1) or inside a slice of rows starting elsewhere: an
  * element's bits must not depend on the tile it fell into (ops.h). Shapes cover the
- * tiles' edges: rows and tokens below, at and past the 4x4, 4x2 and 8x1 tiles. Y has
+ * tiles' edges: rows and tokens below, at and past the 6x4, 4x2 and 8x1 tiles. Y has
  * a stride past n_rows whose padding must survive. */
 enum { MM_F32, MM_F16, MM_Q8_0 };
 
@@ -262,7 +262,7 @@ static float ref_dot(int type, const void *row, const float *x, int32_t n, doubl
 }
 
 static int check_matmul_type(const moas_ops *ops, int type) {
-    static const int32_t rows[] = {1, 3, 4, 5, 8, 9, 13, 17};
+    static const int32_t rows[] = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17};
     static const int32_t toks[] = {1, 2, 3, 4, 5, 9};
     static const int32_t ns_f[] = {1, 7, 16, 17, 33, 65, 257};
     static const int32_t ns_q[] = {32, 96, 160};
