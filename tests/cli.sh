@@ -89,6 +89,20 @@ expect_error 1 "cannot open" "$moas" inspect -m "$tmp/missing.gguf"
 printf 'GGUF\003\000\000\000' >"$tmp/short.gguf"
 expect_error 1 "gguf" "$moas" inspect -m "$tmp/short.gguf"
 head -c 3000 "$model" >"$tmp/cut.gguf"
+# bench: the JSON has the promised fields, runs are clamped to the trained context,
+# and a model path needing escapes still gives valid JSON
+cp "$model" "$tmp/q\"uote.gguf"
+"$moas" bench -m "$tmp/q\"uote.gguf" -p 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
+"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json"
+python3 - "$tmp/bench.json" "$tmp/bench2.json" <<'PY' || fail "bench --json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["model"].endswith('q"uote.gguf'), r["model"]
+assert (r["n_prompt"], r["n_decode"], r["depth"], r["repeats"], r["mode"]) == (8, 6, 4, 2, "routed"), r
+assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["weight_bytes_per_token"] > 0, r
+c = json.load(open(sys.argv[2]))
+assert 0 < c["n_prompt"] <= 64 and c["depth"] == 0 and 0 < c["n_decode"] <= 64, c
+PY
 expect_error 1 "moas: error" "$moas" generate -m "$tmp/cut.gguf" -p "A"
 expect_error 1 "not in the vocabulary" "$moas" generate -m "$model" -p "And Q"
 expect_error 1 "context" "$moas" generate -m "$model" -p "A" --ctx 100000

@@ -6,7 +6,7 @@
 # tokens and decode of 128, median of 5 runs, one JSON object per line. Shapes:
 #   shipped   models/moas-kjv.gguf (4 layers, 192 wide, MoAS), mixture and routed
 #   small     6 layers, 384 wide, 6 heads, vocab 256: plain MHA in f32, f16, q8_0;
-#             and MoAS (schemes 6,2,1) in f32, mixture and routed
+#             and MoAS (schemes 6,2,1) in f32 and f16, mixture and routed
 #   gpt2      12 layers, 768 wide, 12 heads, vocab 50257, untied: f32, f16, q8_0
 # BENCH_SHAPES="shipped small" limits the set; BENCH_REPEATS changes the repeats.
 set -eu
@@ -40,9 +40,12 @@ for shape in $shapes; do
             run "$(model small-mha-$type --layers 6 --embd 384 --heads 6 --vocab 256 --mha \
                    --no-bias --type $type)" mixture
         done
-        m=$(model small-moas-f32 --layers 6 --embd 384 --heads 6 --vocab 256 --no-bias)
-        run "$m" mixture
-        run "$m" routed ;;
+        for type in f32 f16; do
+            m=$(model small-moas-$type --layers 6 --embd 384 --heads 6 --vocab 256 --no-bias \
+                --type $type)
+            run "$m" mixture
+            run "$m" routed
+        done ;;
     gpt2)
         for type in f32 f16 q8_0; do
             run "$(model gpt2-$type --layers 12 --embd 768 --heads 12 --vocab 50257 --mha \

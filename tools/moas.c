@@ -113,6 +113,7 @@ typedef struct {
     int json;
     int show_routes;
     int n_prompt;    /* bench: prompt tokens */
+    int depth;       /* bench: tokens in the cache before decoding starts */
     int repeats;     /* bench: repetitions, the median is reported */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
 } options;
@@ -127,7 +128,8 @@ static void usage(void) {
           "  routes      -f TEXT [--json] [--no-color]   (the scheme of every token and layer)\n"
           "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
           "  inspect     (metadata, tensors, parameters, KV bytes per token)\n"
-          "  bench       [-p 512] [-n 128] [-r 5] [--json]  (prefill and decode tokens/s)\n"
+          "  bench       [-p 512] [-n 128] [-d 0] [-r 5] [--json]  (prefill tokens/s from an\n"
+          "              empty cache; decode tokens/s after -d cached tokens)\n"
           "\n"
           "common options:\n"
           "  -m, --model PATH     GGUF model file\n"
@@ -224,6 +226,8 @@ static void parse_options(int argc, char **argv, options *o) {
             o->json = 1;
         } else if (!strcmp(a, "--prompt-tokens") || (!strcmp(a, "-p") && !strcmp(argv[1], "bench"))) {
             o->n_prompt = (int)parse_long(need_value(argc, argv, &i), "-p", 1, 1L << 20);
+        } else if (!strcmp(a, "-d") || !strcmp(a, "--depth")) {
+            o->depth = (int)parse_long(need_value(argc, argv, &i), "-d", 0, 1L << 20);
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repeats")) {
             o->repeats = (int)parse_long(need_value(argc, argv, &i), "-r", 1, 1000);
         } else if (!strcmp(a, "--show-routes")) {
@@ -750,15 +754,15 @@ static int cmd_bench(const options *o) {
     const int32_t n_vocab = moas_model_n_vocab(model);
     const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
     options oc = *o;
-    int n_prompt = o->n_prompt, n_gen = o->n_predict;
+    int n_prompt = o->n_prompt, n_gen = o->n_predict, depth = o->depth;
 
-    if (n_prompt + n_gen > n_train) {   /* keep the whole run inside the trained context */
-        n_prompt = n_train / 2 < n_prompt ? n_train / 2 : n_prompt;
-        n_gen = n_train - n_prompt < n_gen ? n_train - n_prompt : n_gen;
-    }
-    oc.n_ctx = n_prompt + n_gen;
+    /* keep every run inside the trained context */
+    n_prompt = n_prompt < n_train ? n_prompt : n_train;
+    depth = depth < n_train - 1 ? depth : n_train - 1;
+    n_gen = n_gen < n_train - depth ? n_gen : n_train - depth;
+    oc.n_ctx = n_prompt > depth + n_gen ? n_prompt : depth + n_gen;
     moas_context *ctx = new_context(model, &oc);
-    int32_t *tokens = malloc((size_t)(n_prompt + n_gen) * sizeof *tokens);
+    int32_t *tokens = malloc((size_t)oc.n_ctx * sizeof *tokens);
     double *t_prefill = malloc((size_t)o->repeats * sizeof *t_prefill);
     double *t_decode = malloc((size_t)o->repeats * sizeof *t_decode);
     double *share = calloc((size_t)L * S, sizeof *share);
@@ -767,24 +771,31 @@ static int cmd_bench(const options *o) {
         die("out of memory");
     }
     uint32_t seed = 12345;
-    for (int i = 0; i < n_prompt + n_gen; i++) {
+    for (int i = 0; i < oc.n_ctx; i++) {
         seed = seed * 1664525u + 1013904223u;
         tokens[i] = (int32_t)((seed >> 8) % (uint32_t)n_vocab);
     }
 
-    /* one warm-up run, then the measured ones */
+    /* one warm-up run, then the measured ones: the prompt from an empty cache (logits
+     * of its last token), then from `depth` cached tokens (filled untimed) n_gen more
+     * one at a time, logits every token, as llama-bench's pp and tg tests do */
     for (int r = -1; r < o->repeats; r++) {
         moas_context_reset(ctx);
         const double t0 = now_seconds();
         check(moas_context_decode_batch(ctx, tokens, n_prompt, NULL, MOAS_LOGITS_LAST), "prefill");
         const double t1 = now_seconds();
-        for (int i = 0; i < n_gen; i++) {
-            check(moas_context_decode(ctx, tokens[n_prompt + i], NULL), "decode");
+        moas_context_reset(ctx);
+        if (depth > 0) {
+            check(moas_context_decode_batch(ctx, tokens, depth, NULL, MOAS_LOGITS_NONE), "depth");
         }
         const double t2 = now_seconds();
+        for (int i = 0; i < n_gen; i++) {
+            check(moas_context_decode(ctx, tokens[depth + i], NULL), "decode");
+        }
+        const double t3 = now_seconds();
         if (r >= 0) {
             t_prefill[r] = t1 - t0;
-            t_decode[r] = t2 - t1;
+            t_decode[r] = t3 - t2;
         }
     }
     for (int32_t l = 0; l < L; l++) {
@@ -807,11 +818,12 @@ static int cmd_bench(const options *o) {
         fputs("{\"model\": ", stdout);
         put_json_string(stdout, o->model_path);
         printf(", \"mode\": \"%s\", \"kernels\": \"%s\", \"threads\": %d, "
-               "\"n_prompt\": %d, \"n_decode\": %d, \"repeats\": %d, \"prefill_tok_s\": %.1f, "
+               "\"n_prompt\": %d, \"n_decode\": %d, \"depth\": %d, \"repeats\": %d, "
+               "\"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
                mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
-               n_prompt, n_gen, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
+               n_prompt, n_gen, depth, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
                dec_gflops, pre_gflops);
     } else {
         printf("model            %s (%s mode, %s kernels, %s threads)\n", o->model_path,
@@ -819,8 +831,8 @@ static int cmd_bench(const options *o) {
                o->n_threads ? "fixed" : "default");
         printf("prefill          %8.1f tokens/s  (%d tokens, median of %d; %.2f GFLOP/s in matrices)\n",
                prefill_tok_s, n_prompt, o->repeats, pre_gflops);
-        printf("decode           %8.1f tokens/s  (%d tokens, median of %d)\n", decode_tok_s, n_gen,
-               o->repeats);
+        printf("decode           %8.1f tokens/s  (%d tokens after %d cached, median of %d)\n",
+               decode_tok_s, n_gen, depth, o->repeats);
         printf("weights/token    %.0f bytes -> %.2f GB/s, %.2f GFLOP/s\n", dec_bytes, dec_gbs,
                dec_gflops);
     }
