@@ -191,7 +191,8 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                     const int32_t nk = (end < k1 ? end : k1) - k0;
                     if (nk > 0) {
                         const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
-                        scores(kv->k, rows + k0, nk, q, head_dim, scale, att + (size_t)t * n_ctx + k0);
+                        scores(kv->k, rows + k0, nk, q, head_dim, scale,
+                               att + (size_t)t * n_ctx + k0);
                     }
                 }
             }
@@ -375,7 +376,8 @@ static void batch_attention_routed(moas_context *ctx, int32_t l, int32_t pos0, i
             }
             const float *src = pass == 0 ? ctx->bxb : ctx->batt;
             for (int32_t i = 0; i < n_sel; i++) {   /* gather the group's rows */
-                memcpy(ctx->bsel + (size_t)i * C, src + (size_t)idx[i] * C, (size_t)C * sizeof(float));
+                memcpy(ctx->bsel + (size_t)i * C, src + (size_t)idx[i] * C,
+                       (size_t)C * sizeof(float));
             }
             if (pass == 0) {
                 const projection qkv[3] = {{&sw->wq, sw->bq, ctx->by, C},
@@ -491,7 +493,8 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         for (int32_t t = 0; t < n; t++) {
             const float *g = gates + (size_t)t * gate_stride;
             if (ctx->mode == MOAS_MODE_ROUTED) {
-                schemes[(size_t)t * scheme_stride] = (uint8_t)moas__route_choose(ctx, pos0 + t, l, g);
+                schemes[(size_t)t * scheme_stride] =
+                    (uint8_t)moas__route_choose(ctx, pos0 + t, l, g);
             } else {
                 const int32_t best = largest_gate(g, S);
                 schemes[(size_t)t * scheme_stride] = (uint8_t)best;

@@ -1,16 +1,18 @@
 /*
- * ops.h - the table of hot kernels.
+ * ops.h - the table of hot kernels: the matrix products of the projections, the
+ * attention of one query head over cached keys and values, softmax and GELU.
  *
  * ops_ref.c holds the portable reference of every kernel: plain loops, always built,
  * and the specification the SIMD versions are tested against (tests/test_kernels.c).
  * ops_avx2.c and ops_avx512.c hold x86-64 tables, each compiled with its own ISA flags;
+ * both take their kernels from one template, ops_simd.h, at their vector width.
  * ops_select.c picks one from the CPU's features. A context picks one table when it
  * is created and keeps the pointer.
  *
- * Every kernel accepts any n >= 0 and pointers with only their element type's
- * alignment. A given table's result depends only on the values and n, never on the
- * pointers' alignment or the thread calling it; different tables may differ by
- * float rounding (the summation order differs).
+ * Every kernel accepts any n >= 0 (and n_rows, n_tok, head_dim >= 0) and pointers with
+ * only their element type's alignment. A given table's result depends only on the
+ * values and n, never on the pointers' alignment or the thread calling it; different
+ * tables may differ by float rounding (the summation order differs).
  */
 #ifndef MOAS_OPS_H
 #define MOAS_OPS_H
@@ -21,18 +23,13 @@
 typedef struct moas_ops {
     const char *name;  /* "ref", "avx2", ... */
 
-    /* Dot products of a weight row (in its stored type) with an f32 vector of n. */
-    float (*dot_f32)(const float *w, const float *x, int32_t n);
-    float (*dot_f16)(const uint16_t *w, const float *x, int32_t n);
-    float (*dot_q8_0)(const moas_block_q8_0 *w, const float *x, int32_t n); /* n % 32 == 0 */
-
     /* Matrix products, for the projections: for r < n_rows and t < n_tok,
      *   y[t * ldy + r] = (row r of w) . (x + t * ldx),
      * rows of n columns in the kernel's weight type, `row_bytes` apart (n % 32 == 0
-     * for Q8_0). Each element of y is the same bits whatever n_rows and n_tok are and
-     * wherever it sits among them, so a batch of tokens gives what its tokens give one
-     * at a time, and any split of the rows among threads gives the same result. The
-     * summation order may differ from the dot kernels' of the same table. */
+     * for Q8_0; n = 0 is a product of empty rows: every y is 0). Each element of y is
+     * the same bits whatever n_rows and n_tok are and wherever it sits among them, so
+     * a batch of tokens gives what its tokens give one at a time, and any split of the
+     * rows among threads gives the same result. */
     void (*matmul_f32)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
                        size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
     void (*matmul_f16)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
@@ -62,10 +59,6 @@ typedef struct moas_ops {
     /* x = GELU(x) = 0.5 x (1 + erf(x / sqrt 2)) elementwise (the exact-erf GELU, not the
      * tanh one); the SIMD tables approximate erf within 1e-6 absolute (ops_simd.h). */
     void (*gelu)(float *x, int32_t n);
-
-    /* y += a * x over n elements, x in f32 or f16 (value rows of the KV cache). */
-    void (*axpy_f32)(float *y, float a, const float *x, int32_t n);
-    void (*axpy_f16)(float *y, float a, const uint16_t *x, int32_t n);
 } moas_ops;
 
 extern const moas_ops moas__ops_ref;
@@ -74,11 +67,6 @@ extern const moas_ops moas__ops_ref;
 /* ops_avx2.c, ops_avx512.c: call only where moas__ops_runs_here() says so. */
 extern const moas_ops moas__ops_avx2;    /* "avx2":   AVX2 + FMA + F16C */
 extern const moas_ops moas__ops_avx512;  /* "avx512": AVX-512F + AVX2 + FMA + F16C */
-
-/* AVX2 kernels the avx512 table reuses where 512-bit vectors do not pay. */
-float moas__dot_f32_avx2(const float *w, const float *x, int32_t n);
-void moas__axpy_f32_avx2(float *y, float a, const float *x, int32_t n);
-void moas__axpy_f16_avx2(float *y, float a, const uint16_t *x, int32_t n);
 #endif
 
 /* Every table built for this architecture, fastest first, ending with the reference,

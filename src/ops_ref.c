@@ -8,6 +8,9 @@
 
 #include <math.h>
 
+/* The dot products and y += a x below are not table entries: the matrix products and
+ * the attention kernels are defined through them. */
+
 static float dot_f32_ref(const float *w, const float *x, int32_t n) {
     float sum = 0.0f;
     for (int32_t i = 0; i < n; i++) {
@@ -50,7 +53,7 @@ static void axpy_f16_ref(float *y, float a, const uint16_t *x, int32_t n) {
     }
 }
 
-/* Every element by the table's own dot product: trivially position-independent. */
+/* Every element by a dot product above: trivially position-independent. */
 static void matmul_f32_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
                            size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
     for (int32_t t = 0; t < n_tok; t++) {
@@ -138,9 +141,6 @@ static void gelu_ref(float *x, int32_t n) {
 
 const moas_ops moas__ops_ref = {
     .name = "ref",
-    .dot_f32 = dot_f32_ref,
-    .dot_f16 = dot_f16_ref,
-    .dot_q8_0 = dot_q8_0_ref,
     .matmul_f32 = matmul_f32_ref,
     .matmul_f16 = matmul_f16_ref,
     .matmul_q8_0 = matmul_q8_0_ref,
@@ -150,6 +150,4 @@ const moas_ops moas__ops_ref = {
     .attn_mix_f16 = attn_mix_f16_ref,
     .softmax = softmax_ref,
     .gelu = gelu_ref,
-    .axpy_f32 = axpy_f32_ref,
-    .axpy_f16 = axpy_f16_ref,
 };

@@ -47,8 +47,9 @@ static unsigned cpu_features(void) {
 }
 
 /* Whether a CPU with `features` runs `ops`: each table needs what its file was
- * compiled for (the Makefile's per-file flags). The AVX-512 table also uses AVX2
- * entries, where 512-bit vectors do not pay, so it needs AVX2 as well. */
+ * compiled for (the Makefile's per-file flags). The AVX-512 file is compiled with
+ * -mavx512f, which lets the compiler emit AVX2 instructions too, and uses F16C and FMA
+ * in its helpers, so that table needs the AVX2 set as well. */
 static bool runs_with(const moas_ops *ops, unsigned features) {
     const unsigned avx2 = FEAT_AVX2 | FEAT_FMA | FEAT_F16C;
     if (ops == &moas__ops_avx512) {

@@ -22,8 +22,10 @@
 /* Unit roundoff of binary32: one rounding moves a value by at most u times itself. */
 #define U32 0x1p-24
 
-/* Dot products. Both sides round n products (or fuse them) and n additions, in
- * different orders, so each is within gamma_n * S of the exact sum, where
+/* Dot products: each matmul element (one row of w with one token of x; the one-row
+ * checks below call matmul with one of each) and each attn_scores score before its
+ * scaling. Both sides round n products (or fuse them) and n additions, in different
+ * orders, so each is within gamma_n * S of the exact sum, where
  * S = sum |w_i x_i| and gamma_n ~ n u (Higham, Accuracy and Stability, 3.1). That
  * worst case assumes every rounding goes the same way; for data with random signs the
  * errors add like a random walk and grow as sqrt(n) u S. We allow
@@ -33,11 +35,12 @@
  * double from the exact products. Each length runs twice: with random signs (the
  * partial sums cancel, errors stay near u S) and with all terms positive (no
  * cancellation: the partial sums grow with n and the sqrt(n) is real; the largest
- * |simd - ref| / (sqrt(n) u S) seen over 200 such rows per length was 1.25). */
+ * |simd - ref| / (sqrt(n) u S) seen for a one-row matmul of either SIMD table over
+ * 200 such rows per length was 1.40, at n = 2, and 1.15 from n = 16 on). */
 #define DOT_TOL_UNITS 4.0
 
-/* axpy, elementwise, with e = y + a x exact. A fused table rounds once:
- * |f - e| <= u |e|. The reference rounds a x, then the sum:
+/* y += a x (an axpy): attn_mix with one key, elementwise, with e = y + a x exact. A
+ * fused table rounds once: |f - e| <= u |e|. The reference rounds a x, then the sum:
  * |r - e| <= u |a x| (1 + u) + u |e|. As |e| <= |y| + |a x|,
  *     |f - r| <= (3 + u) u (|y| + |a x|),   and AXPY_TOL_UNITS is 3 + u rounded up. */
 #define AXPY_TOL_UNITS 3.000001
@@ -113,9 +116,52 @@ static const int32_t lengths_q8_0[] = {0, 32, 64, 96, 160, 1024, 4096};
         }                                                                                \
     } while (0)
 
+/* ---- dot products and axpy through the kernels the library uses -------------------
+ *
+ * A dot product of one weight row with x is matmul with n_rows = n_tok = 1 (row_bytes
+ * the row's size, ldx = n, ldy = 1); y += a x is attn_mix with one key: row 0 of
+ * v = x, weight a, head_dim n, adding onto out = y. y starts at a value no kernel
+ * computes here, so an output never written shows. */
+#define UNWRITTEN (-1234.5f)
+
+static float row_dot_f32(const moas_ops *ops, const float *w, const float *x, int32_t n) {
+    float y = UNWRITTEN;
+    ops->matmul_f32(w, (size_t)n * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1);
+    return y;
+}
+
+static float row_dot_f16(const moas_ops *ops, const uint16_t *w, const float *x, int32_t n) {
+    float y = UNWRITTEN;
+    ops->matmul_f16(w, (size_t)n * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1);
+    return y;
+}
+
+/* n % 32 == 0 */
+static float row_dot_q8_0(const moas_ops *ops, const moas_block_q8_0 *w, const float *x,
+                          int32_t n) {
+    float y = UNWRITTEN;
+    ops->matmul_q8_0(w, (size_t)(n / MOAS_QK8_0) * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1);
+    return y;
+}
+
+static void one_key_axpy_f32(const moas_ops *ops, float *y, float a, const float *x,
+                             int32_t n) {
+    static const uint32_t row0 = 0;
+    ops->attn_mix_f32(x, &row0, 1, &a, n, y);
+}
+
+static void one_key_axpy_f16(const moas_ops *ops, float *y, float a, const uint16_t *x,
+                             int32_t n) {
+    static const uint32_t row0 = 0;
+    ops->attn_mix_f16(x, &row0, 1, &a, n, y);
+}
+
 /* ---- the comparisons, one per kernel ------------------------------------------------ */
 
-static int check_dot_f32(const moas_ops *ops) {
+/* matmul with one row and one token, at every length (n = 0 included: an empty row
+ * gives exactly 0), with operands aligned and one element off, which must give the
+ * same bits. */
+static int check_one_row_f32(const moas_ops *ops) {
     uint64_t seed = 1;
     for (size_t k = 0; k < 2 * N_LENGTHS; k++) {
         const int32_t n = lengths[k / 2];
@@ -133,19 +179,22 @@ static int check_dot_f32(const moas_ops *ops) {
                 x[i] = next_val(&s, positive);
                 sum_abs += fabs((double)w[i] * x[i]);
             }
-            got[off] = ops->dot_f32(w, x, n);
-            CHECK_NEAR("dot_f32", n, off, got[off], moas__ops_ref.dot_f32(w, x, n),
-                       dot_tol(n, sum_abs));
+            got[off] = row_dot_f32(ops, w, x, n);
+            if (n == 0) {
+                ASSERT_TRUE(got[off] == 0.0f);   /* empty rows: exactly 0 */
+            }
+            CHECK_NEAR("matmul_f32 one row", n, off, got[off],
+                       row_dot_f32(&moas__ops_ref, w, x, n), dot_tol(n, sum_abs));
             free(wb);
             free(xb);
         }
-        CHECK_SAME_BITS("dot_f32", n, got[0], got[1]);
+        CHECK_SAME_BITS("matmul_f32 one row", n, got[0], got[1]);
         seed += 1000;
     }
     return TEST_PASS;
 }
 
-static int check_dot_f16(const moas_ops *ops) {
+static int check_one_row_f16(const moas_ops *ops) {
     uint64_t seed = 2;
     for (size_t k = 0; k < 2 * N_LENGTHS; k++) {
         const int32_t n = lengths[k / 2];
@@ -163,13 +212,16 @@ static int check_dot_f16(const moas_ops *ops) {
                 x[i] = next_val(&s, positive);
                 sum_abs += fabs((double)moas__f16_to_f32(w[i]) * x[i]);
             }
-            got[off] = ops->dot_f16(w, x, n);
-            CHECK_NEAR("dot_f16", n, off, got[off], moas__ops_ref.dot_f16(w, x, n),
-                       dot_tol(n, sum_abs));
+            got[off] = row_dot_f16(ops, w, x, n);
+            if (n == 0) {
+                ASSERT_TRUE(got[off] == 0.0f);   /* empty rows: exactly 0 */
+            }
+            CHECK_NEAR("matmul_f16 one row", n, off, got[off],
+                       row_dot_f16(&moas__ops_ref, w, x, n), dot_tol(n, sum_abs));
             free(wb);
             free(xb);
         }
-        CHECK_SAME_BITS("dot_f16", n, got[0], got[1]);
+        CHECK_SAME_BITS("matmul_f16 one row", n, got[0], got[1]);
         seed += 1000;
     }
     return TEST_PASS;
@@ -200,7 +252,7 @@ static double sum_abs_q8_0(const moas_block_q8_0 *w, const float *x, int32_t n) 
     return sum_abs;
 }
 
-static int check_dot_q8_0(const moas_ops *ops) {
+static int check_one_row_q8_0(const moas_ops *ops) {
     uint64_t seed = 3;
     for (size_t k = 0; k < 2 * N_LENGTHS_Q8_0; k++) {
         const int32_t n = lengths_q8_0[k / 2], nb = n / MOAS_QK8_0;
@@ -213,13 +265,17 @@ static int check_dot_q8_0(const moas_ops *ops) {
             ASSERT_TRUE(w != NULL && x != NULL);
             uint64_t s = seed;
             fill_q8_0(w, x, n, positive, &s);
-            got[off] = ops->dot_q8_0(w, x, n);
-            CHECK_NEAR("dot_q8_0", n, off, got[off], moas__ops_ref.dot_q8_0(w, x, n),
+            got[off] = row_dot_q8_0(ops, w, x, n);
+            if (n == 0) {
+                ASSERT_TRUE(got[off] == 0.0f);   /* empty rows: exactly 0 */
+            }
+            CHECK_NEAR("matmul_q8_0 one row", n, off, got[off],
+                       row_dot_q8_0(&moas__ops_ref, w, x, n),
                        dot_tol(n, sum_abs_q8_0(w, x, n)));
             free(wb);
             free(xb);
         }
-        CHECK_SAME_BITS("dot_q8_0", n, got[0], got[1]);
+        CHECK_SAME_BITS("matmul_q8_0 one row", n, got[0], got[1]);
         seed += 1000;
     }
     return TEST_PASS;
@@ -256,9 +312,9 @@ static float ref_dot(int type, const void *row, const float *x, int32_t n, doubl
         s += fabs(wi * x[i]);
     }
     *sum_abs = s;
-    return type == MM_F32   ? moas__ops_ref.dot_f32(row, x, n)
-           : type == MM_F16 ? moas__ops_ref.dot_f16(row, x, n)
-                            : moas__ops_ref.dot_q8_0(row, x, n);
+    return type == MM_F32   ? row_dot_f32(&moas__ops_ref, row, x, n)
+           : type == MM_F16 ? row_dot_f16(&moas__ops_ref, row, x, n)
+                            : row_dot_q8_0(&moas__ops_ref, row, x, n);
 }
 
 static int check_matmul_type(const moas_ops *ops, int type) {
@@ -419,7 +475,7 @@ static int check_attention(const moas_ops *ops) {
                     for (int32_t i = 0; i < d; i++) {
                         sum_abs += fabs((double)k[i] * q[i]);
                     }
-                    const float ref = moas__ops_ref.dot_f32(k, q, d) * scale;
+                    const float ref = row_dot_f32(&moas__ops_ref, k, q, d) * scale;
                     CHECK_NEAR(what_s, d, j, sc[j], ref,
                                (dot_tol(d, sum_abs) + 2 * U32 * fabs(ref / scale)) * scale);
                     float alone;
@@ -504,9 +560,10 @@ static int check_gelu(const moas_ops *ops) {
     return TEST_PASS;
 }
 
-/* y gets one guard element past n that must survive. x[i] is read as f32 or f16. */
-static int check_axpy(const moas_ops *ops, bool f16) {
-    const char *what = f16 ? "axpy_f16" : "axpy_f32";
+/* attn_mix with one key (y += a x), at every length, aligned and misaligned. y gets
+ * one guard element past n that must survive. x[i] is read as f32 or f16. */
+static int check_one_key(const moas_ops *ops, bool f16) {
+    const char *what = f16 ? "attn_mix_f16 one key" : "attn_mix_f32 one key";
     const size_t esize = f16 ? sizeof(uint16_t) : sizeof(float);
     const float guard = 12345.0f;
     uint64_t seed = f16 ? 5 : 4;
@@ -535,11 +592,11 @@ static int check_axpy(const moas_ops *ops, bool f16) {
             }
             y[n] = r[n] = guard;
             if (f16) {
-                ops->axpy_f16(y, a, xh, n);
-                moas__ops_ref.axpy_f16(r, a, xh, n);
+                one_key_axpy_f16(ops, y, a, xh, n);
+                one_key_axpy_f16(&moas__ops_ref, r, a, xh, n);
             } else {
-                ops->axpy_f32(y, a, xf, n);
-                moas__ops_ref.axpy_f32(r, a, xf, n);
+                one_key_axpy_f32(ops, y, a, xf, n);
+                one_key_axpy_f32(&moas__ops_ref, r, a, xf, n);
             }
             for (int32_t i = 0; i < n; i++) {
                 const double xi = f16 ? (double)moas__f16_to_f32(xh[i]) : (double)xf[i];
@@ -563,15 +620,15 @@ static int check_axpy(const moas_ops *ops, bool f16) {
     return TEST_PASS;
 }
 
-static int check_axpy_f32(const moas_ops *ops) { return check_axpy(ops, false); }
-static int check_axpy_f16(const moas_ops *ops) { return check_axpy(ops, true); }
+static int check_one_key_f32(const moas_ops *ops) { return check_one_key(ops, false); }
+static int check_one_key_f16(const moas_ops *ops) { return check_one_key(ops, true); }
 
 /* ---- special values -------------------------------------------------------------- */
 
-/* Widening: 1 * h + (-0) is h exactly, for every binary16 h, so axpy_f16 from y = -0
- * must reproduce moas__f16_to_f32 bit for bit: zeros of both signs, all subnormals,
- * infinities, and NaN as NaN. 65536 is a whole number of vectors; 65535 values at an
- * odd address put the last ones in the scalar tail. */
+/* Widening: 1 * h + (-0) is h exactly, for every binary16 h, so attn_mix_f16 with one
+ * key of weight 1 onto out = -0 must reproduce moas__f16_to_f32 bit for bit: zeros of
+ * both signs, all subnormals, infinities, and NaN as NaN. 65536 is a whole number of
+ * vectors; 65535 values at an odd address put the last ones in the scalar tail. */
 static int check_every_f16_widens_exactly(const moas_ops *ops) {
     const int32_t n = 0x10000;
     uint16_t *h = malloc((size_t)n * sizeof *h);
@@ -582,11 +639,11 @@ static int check_every_f16_widens_exactly(const moas_ops *ops) {
             h[i] = (uint16_t)i;
             y[i] = -0.0f;
         }
-        ops->axpy_f16(y + start, 1.0f, h + start, n - start);
+        one_key_axpy_f16(ops, y + start, 1.0f, h + start, n - start);
         for (int32_t i = start; i < n; i++) {
             const float want = moas__f16_to_f32(h[i]);
             if (isnan(want) ? !isnan(y[i]) : memcmp(&want, &y[i], sizeof want) != 0) {
-                test_report(__FILE__, __LINE__, "axpy_f16 widening",
+                test_report(__FILE__, __LINE__, "attn_mix_f16 widening",
                             "%s: half 0x%04x gave %.9g, want %.9g", ops->name, (unsigned)h[i],
                             (double)y[i], (double)want);
                 free(h);
@@ -600,8 +657,9 @@ static int check_every_f16_widens_exactly(const moas_ops *ops) {
     return TEST_PASS;
 }
 
-/* Subnormal half weights (every one, both signs) in a dot product: exact products
- * scaled up by x ~ 2^20, so only the summation rounds. Lengths end in each loop. */
+/* Subnormal half weights (every one, both signs) in a one-row matmul_f16: exact
+ * products scaled up by x ~ 2^20, so only the summation rounds. Lengths end in each
+ * loop. */
 static int check_f16_subnormal_dot(const moas_ops *ops) {
     enum { N_SUB = 2 * 0x3ff };
     static const int32_t ns[] = {N_SUB, N_SUB - 1, N_SUB - 9, N_SUB - 30};
@@ -618,16 +676,17 @@ static int check_f16_subnormal_dot(const moas_ops *ops) {
         for (int32_t i = 0; i < n; i++) {
             sum_abs += fabs((double)moas__f16_to_f32(w[i]) * x[i]);
         }
-        CHECK_NEAR("dot_f16 subnormals", n, 0, ops->dot_f16(w, x, n),
-                   moas__ops_ref.dot_f16(w, x, n), dot_tol(n, sum_abs));
+        CHECK_NEAR("matmul_f16 subnormals", n, 0, row_dot_f16(ops, w, x, n),
+                   row_dot_f16(&moas__ops_ref, w, x, n), dot_tol(n, sum_abs));
     }
     return TEST_PASS;
 }
 
-/* One infinity (or NaN) anywhere, in a vector lane or in the tail, decides the dot
- * product as it does in the reference: +inf * positive = +inf, inf * 0 = NaN. */
+/* One infinity (or NaN) anywhere, in a vector lane or in the tail, decides a one-row
+ * matmul (f32 and f16 weights) as it does in the reference: +inf * positive = +inf,
+ * inf * 0 = NaN. */
 static int check_inf_and_nan_in_dot(const moas_ops *ops) {
-    enum { N = 77 };   /* 64 + 8 + 5: a 64-wide step, an 8-wide step and a tail */
+    enum { N = 77 };   /* 9 * 8 + 5 = 4 * 16 + 13: vector steps and a tail at both widths */
     float w[N], x[N];
     uint16_t h[N];
     uint64_t s = 7;
@@ -639,15 +698,15 @@ static int check_inf_and_nan_in_dot(const moas_ops *ops) {
         }
         w[k] = INFINITY;
         h[k] = 0x7c00;
-        float d32 = ops->dot_f32(w, x, N), d16 = ops->dot_f16(h, x, N);
+        float d32 = row_dot_f32(ops, w, x, N), d16 = row_dot_f16(ops, h, x, N);
         if (!(isinf(d32) && d32 > 0 && isinf(d16) && d16 > 0)) {
             test_report(__FILE__, __LINE__, "inf in dot", "%s: +inf at %d gave %g, %g",
                         ops->name, (int)k, (double)d32, (double)d16);
             return TEST_FAIL;
         }
         x[k] = 0.0f;   /* inf * 0 */
-        d32 = ops->dot_f32(w, x, N);
-        d16 = ops->dot_f16(h, x, N);
+        d32 = row_dot_f32(ops, w, x, N);
+        d16 = row_dot_f16(ops, h, x, N);
         if (!(isnan(d32) && isnan(d16))) {
             test_report(__FILE__, __LINE__, "inf * 0 in dot", "%s: at %d gave %g, %g",
                         ops->name, (int)k, (double)d32, (double)d16);
@@ -657,10 +716,11 @@ static int check_inf_and_nan_in_dot(const moas_ops *ops) {
     return TEST_PASS;
 }
 
-/* Q8_0 scales. An infinite scale makes the result non-finite: the reference scales
- * the block's sum and gets an infinity (NaN if the sum is 0); a SIMD table scales
- * per-lane partial sums, and lanes of both signs give NaN. Which one is not part of
- * the contract. A subnormal scale still counts, within the usual tolerance. */
+/* Q8_0 scales, in a one-row matmul_q8_0. An infinite scale makes the result
+ * non-finite: the reference scales the block's sum and gets an infinity (NaN if the
+ * sum is 0); a SIMD table scales per-lane partial sums, and lanes of both signs give
+ * NaN. Which one is not part of the contract. A subnormal scale still counts, within
+ * the usual tolerance. */
 static int check_q8_0_special_scales(const moas_ops *ops) {
     enum { NB = 5, N = NB * MOAS_QK8_0 };
     moas_block_q8_0 w[NB];
@@ -670,7 +730,8 @@ static int check_q8_0_special_scales(const moas_ops *ops) {
     for (int32_t b = 0; b < NB; b++) {
         const uint16_t saved = w[b].d;
         w[b].d = b % 2 ? 0xfc00 : 0x7c00;  /* -inf, +inf */
-        const float got = ops->dot_q8_0(w, x, N), want = moas__ops_ref.dot_q8_0(w, x, N);
+        const float got = row_dot_q8_0(ops, w, x, N);
+        const float want = row_dot_q8_0(&moas__ops_ref, w, x, N);
         if (isfinite(got) || isfinite(want)) {
             test_report(__FILE__, __LINE__, "inf scale", "%s: block %d gave %g, ref %g",
                         ops->name, (int)b, (double)got, (double)want);
@@ -681,13 +742,13 @@ static int check_q8_0_special_scales(const moas_ops *ops) {
     for (int32_t b = 0; b < NB; b++) {
         w[b].d = (uint16_t)(0x0001 + 0x77 * b);  /* subnormal halves */
     }
-    CHECK_NEAR("q8_0 subnormal scales", N, 0, ops->dot_q8_0(w, x, N),
-               moas__ops_ref.dot_q8_0(w, x, N), dot_tol(N, sum_abs_q8_0(w, x, N)));
+    CHECK_NEAR("q8_0 subnormal scales", N, 0, row_dot_q8_0(ops, w, x, N),
+               row_dot_q8_0(&moas__ops_ref, w, x, N), dot_tol(N, sum_abs_q8_0(w, x, N)));
     return TEST_PASS;
 }
 
-/* An infinity in x reaches y at that element only; the others stay within the
- * ordinary tolerance. */
+/* attn_mix_f32 with one key: an infinity in the value row x reaches y at that element
+ * only; the others stay within the ordinary tolerance. */
 static int check_inf_in_axpy(const moas_ops *ops) {
     enum { N = 77 };
     const float a = 0.5f;
@@ -699,13 +760,13 @@ static int check_inf_in_axpy(const moas_ops *ops) {
             x[i] = next_sym(&s);
         }
         x[k] = -INFINITY;
-        ops->axpy_f32(y, a, x, N);
-        moas__ops_ref.axpy_f32(r, a, x, N);
+        one_key_axpy_f32(ops, y, a, x, N);
+        one_key_axpy_f32(&moas__ops_ref, r, a, x, N);
         for (int32_t i = 0; i < N; i++) {
             if (i == k) {
                 ASSERT_TRUE(isinf(y[i]) && y[i] < 0);
             } else {
-                CHECK_NEAR("axpy_f32 beside inf", N, 0, y[i], r[i],
+                CHECK_NEAR("attn_mix_f32 beside inf", N, 0, y[i], r[i],
                            AXPY_TOL_UNITS * U32 * (fabs((double)y0[i]) + fabs((double)a * x[i])));
             }
         }
@@ -749,14 +810,14 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
 }
 
 #define KERNEL_TESTS(table_, needs_)                                                     \
-    TEST(kernels_##table_##_dot_f32_matches_ref) {                                       \
-        return on_table(#table_, needs_, check_dot_f32);                                 \
+    TEST(kernels_##table_##_matmul_one_row_f32_matches_ref) {                            \
+        return on_table(#table_, needs_, check_one_row_f32);                             \
     }                                                                                    \
-    TEST(kernels_##table_##_dot_f16_matches_ref) {                                       \
-        return on_table(#table_, needs_, check_dot_f16);                                 \
+    TEST(kernels_##table_##_matmul_one_row_f16_matches_ref) {                            \
+        return on_table(#table_, needs_, check_one_row_f16);                             \
     }                                                                                    \
-    TEST(kernels_##table_##_dot_q8_0_matches_ref) {                                      \
-        return on_table(#table_, needs_, check_dot_q8_0);                                \
+    TEST(kernels_##table_##_matmul_one_row_q8_0_matches_ref) {                           \
+        return on_table(#table_, needs_, check_one_row_q8_0);                            \
     }                                                                                    \
     TEST(kernels_##table_##_matmul_matches_ref_and_tiles_agree) {                        \
         return on_table(#table_, needs_, check_matmul);                                  \
@@ -767,11 +828,11 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
         if (rc_ == TEST_PASS) rc_ = on_table(#table_, needs_, check_gelu);               \
         return rc_;                                                                      \
     }                                                                                    \
-    TEST(kernels_##table_##_axpy_f32_matches_ref) {                                      \
-        return on_table(#table_, needs_, check_axpy_f32);                                \
+    TEST(kernels_##table_##_attn_mix_one_key_f32_matches_ref) {                          \
+        return on_table(#table_, needs_, check_one_key_f32);                             \
     }                                                                                    \
-    TEST(kernels_##table_##_axpy_f16_matches_ref) {                                      \
-        return on_table(#table_, needs_, check_axpy_f16);                                \
+    TEST(kernels_##table_##_attn_mix_one_key_f16_matches_ref) {                          \
+        return on_table(#table_, needs_, check_one_key_f16);                             \
     }                                                                                    \
     TEST(kernels_##table_##_special_values) {                                            \
         return on_table(#table_, needs_, check_special_values);                          \
@@ -857,9 +918,8 @@ TEST(kernels_tables_are_complete) {
     size_t n = 0;
     for (; moas__ops_tables[n] != NULL; n++) {
         const moas_ops *t = moas__ops_tables[n];
-        ASSERT_TRUE(t->name != NULL && t->dot_f32 != NULL && t->dot_f16 != NULL &&
-                    t->dot_q8_0 != NULL && t->axpy_f32 != NULL && t->axpy_f16 != NULL &&
-                    t->matmul_f32 != NULL && t->matmul_f16 != NULL && t->matmul_q8_0 != NULL &&
+        ASSERT_TRUE(t->name != NULL && t->matmul_f32 != NULL && t->matmul_f16 != NULL &&
+                    t->matmul_q8_0 != NULL &&
                     t->attn_scores_f32 != NULL && t->attn_scores_f16 != NULL &&
                     t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL && t->softmax != NULL &&
                     t->gelu != NULL);

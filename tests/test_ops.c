@@ -50,9 +50,29 @@ TEST(f16_round_trip_is_exact_for_all_values) {
     return TEST_PASS;
 }
 
+/* The reference's dot product of one weight row with x is its matmul with one row and
+ * one token; y += a x is its attn_mix with one key (row 0 of v = x, weight a). */
+typedef void matmul_fn(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
+                       float *, size_t);
+typedef void attn_mix_fn(const void *, const uint32_t *, int32_t, const float *, int32_t,
+                         float *);
+
+static float one_row(matmul_fn *matmul, const void *w, size_t row_bytes, const float *x,
+                     int32_t n) {
+    float y = NAN;
+    matmul(w, row_bytes, 1, x, (size_t)n, 1, n, &y, 1);
+    return y;
+}
+
+static void one_key(attn_mix_fn *attn_mix, float *y, float a, const void *x, int32_t n) {
+    const uint32_t row = 0;
+    attn_mix(x, &row, 1, &a, n, y);
+}
+
 /* Q8_0: one block with scale 0.5 and q = -16..15: dot with all-ones x is
  * 0.5 * sum(-16..15) = 0.5 * -16 = -8; with x = 2 it doubles. */
-TEST(ref_dot_q8_0_hand_computed) {
+TEST(ref_matmul_one_row_q8_0_hand_computed) {
+    matmul_fn *const mm = moas__ops_ref.matmul_q8_0;
     moas_block_q8_0 blocks[2];
     float x[64];
     blocks[0].d = moas__f32_to_f16(0.5f);
@@ -64,15 +84,15 @@ TEST(ref_dot_q8_0_hand_computed) {
     for (int i = 0; i < 64; i++) {
         x[i] = i < 32 ? 1.0f : 2.0f;
     }
-    ASSERT_NEAR(moas__ops_ref.dot_q8_0(blocks, x, 32), -8.0, 0);
+    ASSERT_NEAR(one_row(mm, blocks, sizeof blocks[0], x, 32), -8.0, 0);
     /* second block: 16 * 127 - 16 * 127 = 0 */
-    ASSERT_NEAR(moas__ops_ref.dot_q8_0(blocks, x, 64), -8.0, 0);
+    ASSERT_NEAR(one_row(mm, blocks, sizeof blocks, x, 64), -8.0, 0);
     x[33] = 3.0f;   /* the odd element 33 has q = +127: adds -0.25 * 127 * (3 - 2) */
-    ASSERT_NEAR(moas__ops_ref.dot_q8_0(blocks, x, 64), -8.0 - 31.75, 0);
+    ASSERT_NEAR(one_row(mm, blocks, sizeof blocks, x, 64), -8.0 - 31.75, 0);
     return TEST_PASS;
 }
 
-TEST(ref_dot_and_axpy_hand_computed) {
+TEST(ref_matmul_one_row_and_attn_mix_one_key_hand_computed) {
     const float w[5] = {1, 2, 3, 4, 5}, x[5] = {1, -1, 0.5f, 2, -2};
     uint16_t h[5];
     float y[5] = {1, 1, 1, 1, 1};
@@ -80,11 +100,11 @@ TEST(ref_dot_and_axpy_hand_computed) {
         h[i] = moas__f32_to_f16(w[i]);
     }
     /* 1 - 2 + 1.5 + 8 - 10 = -1.5 */
-    ASSERT_NEAR(moas__ops_ref.dot_f32(w, x, 5), -1.5, 0);
-    ASSERT_NEAR(moas__ops_ref.dot_f16(h, x, 5), -1.5, 0);
-    moas__ops_ref.axpy_f32(y, 2.0f, w, 5);
+    ASSERT_NEAR(one_row(moas__ops_ref.matmul_f32, w, sizeof w, x, 5), -1.5, 0);
+    ASSERT_NEAR(one_row(moas__ops_ref.matmul_f16, h, sizeof h, x, 5), -1.5, 0);
+    one_key(moas__ops_ref.attn_mix_f32, y, 2.0f, w, 5);
     ASSERT_NEAR(y[4], 11.0, 0);
-    moas__ops_ref.axpy_f16(y, -1.0f, h, 5);
+    one_key(moas__ops_ref.attn_mix_f16, y, -1.0f, h, 5);
     ASSERT_NEAR(y[4], 6.0, 0);
     ASSERT_NEAR(y[0], 2.0, 0);
     return TEST_PASS;

@@ -3,14 +3,17 @@
  *
  *   bench_kernels [rounds [offset]]   default 15 rounds, offset 0
  *
- * Three parts. "hot": one call on a row that stays in L1, at attention's head
- * dims (32, 64) and at 192, 768 and 3072 (n_embd and 4 * n_embd of small models).
- * "matmul": whole weight matrices through the matmul kernels, as forward.c runs
- * them, for one token and for a block of 32. "memory": a plain read of 1 GiB with 1
- * and 2 threads, the bandwidth decode figures are compared with. Tables are
- * measured interleaved, each round starting with the next one, so a noisy neighbour
- * slows all of them alike; the median over rounds is printed. GFLOP/s counts a multiply-add as 2 flops; GB/s counts the bytes the kernel
- * must move (see bytes_per_elem).
+ * Four parts. "hot": one call on one row that stays in L1, at attention's head dims
+ * (32, 64) and at 192, 768 and 3072 (n_embd and 4 * n_embd of small models): the
+ * matmul kernels with one row and one token (a dot product) and attn_mix with one
+ * key (y += a x). "attention": attn_scores and attn_mix of one query head over 256
+ * cached keys of head_dim 64, as forward.c calls them. "matmul": whole weight
+ * matrices through the matmul kernels, as forward.c runs them, for one token and for
+ * a block of 32. "memory": a plain read of 1 GiB with 1 and 2 threads, the bandwidth
+ * decode figures are compared with. Tables are measured interleaved, each round
+ * starting with the next one, so a noisy neighbour slows all of them alike; the
+ * median over rounds is printed. GFLOP/s counts a multiply-add as 2 flops; GB/s
+ * counts the bytes the kernel must move (see bytes_per_elem).
  *
  * Every array starts `offset` bytes past a 64-byte boundary: 0 is what GGUF's
  * 64-byte tensor alignment gives weight rows whose size is a multiple of 64; 16 is
@@ -26,22 +29,24 @@
 
 enum { MAX_TABLES = 8, MAX_ROUNDS = 101 };
 
-enum kernel { DOT_F32, DOT_F16, DOT_Q8_0, AXPY_F32, AXPY_F16, MATMUL_F32, MATMUL_F16,
-              MATMUL_Q8_0, N_KERNELS };
-static const char *const kernel_names[N_KERNELS] = {"dot_f32",    "dot_f16",    "dot_q8_0",
-                                                     "axpy_f32",   "axpy_f16",   "matmul_f32",
-                                                     "matmul_f16", "matmul_q8_0"};
+/* The operands of a kernel are n_rows x n_cols x n_tok: weight rows x columns x
+ * tokens for matmul, cached keys x head_dim x 1 for the attention kernels. */
+enum kernel { MATMUL_F32, MATMUL_F16, MATMUL_Q8_0, ATTN_SCORES_F32, ATTN_SCORES_F16,
+              ATTN_MIX_F32, ATTN_MIX_F16, N_KERNELS };
+static const char *const kernel_names[N_KERNELS] = {
+    "matmul_f32",      "matmul_f16",   "matmul_q8_0", "attn_scores_f32",
+    "attn_scores_f16", "attn_mix_f32", "attn_mix_f16"};
 
-/* Bytes read or written per element: the weights (or axpy's x), plus, unless
- * `weights_only`, the f32 vector x of a dot or y read and written by axpy. A matvec
- * reuses x across rows from cache, so there only the weights count. */
+/* Bytes read or written per element: the weights (or the cached K or V rows), plus,
+ * unless `weights_only`, the f32 vector x of a one-row matmul (q of attn_scores), or
+ * out read and written by attn_mix. A matrix product reuses x across rows from cache,
+ * and attention over many keys reuses q or out, so there only the rows count. */
 static double bytes_per_elem(enum kernel k, bool weights_only) {
-    const double other = weights_only ? 0 : k == AXPY_F32 || k == AXPY_F16 ? 8 : 4;
+    const double other = weights_only ? 0 : k == ATTN_MIX_F32 || k == ATTN_MIX_F16 ? 8 : 4;
     switch (k) {
-    case DOT_F32:
     case MATMUL_F32:
-    case AXPY_F32: return 4 + other;
-    case DOT_Q8_0:
+    case ATTN_SCORES_F32:
+    case ATTN_MIX_F32: return 4 + other;
     case MATMUL_Q8_0: return (double)sizeof(moas_block_q8_0) / MOAS_QK8_0 + other;
     default: return 2 + other;
     }
@@ -71,13 +76,16 @@ static float next_sym(void) {
     return (float)((int32_t)(rng >> 40) - (1 << 23)) * 0x1p-23f;
 }
 
-/* Operands for n_rows rows of n_cols, every type at once, and n_tok input rows. */
+/* Operands for n_rows rows of n_cols, every type at once, and n_tok input rows; for
+ * attention, the rows are the cached keys (or values) in order and p their weights. */
+enum { N_ARRAYS = 7 };
 typedef struct {
     int32_t n_rows, n_cols, n_tok;
-    float *w32, *x, *y;
+    float *w32, *x, *y, *p;
     uint16_t *w16;
     moas_block_q8_0 *wq;
-    void *base[5];
+    uint32_t *rows;
+    void *base[N_ARRAYS];
 } operands;
 
 static size_t offset;  /* bytes past a 64-byte boundary for every array */
@@ -101,7 +109,9 @@ static int operands_init(operands *o, int32_t n_rows, int32_t n_cols, int32_t n_
     o->wq = alloc_at(o, 2, n / MOAS_QK8_0 * sizeof *o->wq);
     o->x = alloc_at(o, 3, (size_t)n_cols * (size_t)n_tok * sizeof *o->x);
     o->y = alloc_at(o, 4, ny * sizeof *o->y);
-    if (!o->w32 || !o->w16 || !o->wq || !o->x || !o->y) {
+    o->p = alloc_at(o, 5, (size_t)n_rows * sizeof *o->p);
+    o->rows = alloc_at(o, 6, (size_t)n_rows * sizeof *o->rows);
+    if (!o->w32 || !o->w16 || !o->wq || !o->x || !o->y || !o->p || !o->rows) {
         return -1;
     }
     for (size_t i = 0; i < n; i++) {
@@ -120,11 +130,15 @@ static int operands_init(operands *o, int32_t n_rows, int32_t n_cols, int32_t n_
     for (size_t i = 0; i < ny; i++) {
         o->y[i] = next_sym();
     }
+    for (int32_t j = 0; j < n_rows; j++) {
+        o->rows[j] = (uint32_t)j;
+        o->p[j] = 1e-7f;   /* a tiny weight keeps attn_mix's out bounded over many calls */
+    }
     return 0;
 }
 
 static void operands_free(operands *o) {
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < N_ARRAYS; i++) {
         free(o->base[i]);
     }
 }
@@ -160,33 +174,33 @@ static double read_bandwidth(const uint64_t *p, size_t bytes, int threads) {
     return median(gbs, 5);
 }
 
-/* `reps` passes over all rows of `o` with kernel k of `t`; nanoseconds per pass. */
+/* `reps` calls of kernel k of `t` over all of `o`; nanoseconds per call. */
 static double run(const moas_ops *t, enum kernel k, const operands *o, int reps) {
     const int32_t nc = o->n_cols;
+    const size_t row_bytes = (size_t)(bytes_per_elem(k, true) * nc);
     float acc = 0.0f;
     const double t0 = now_ns();
-    for (int r = 0; r < reps && k >= MATMUL_F32; r++) {   /* the whole matrix per call */
-        const size_t row_bytes = (size_t)(bytes_per_elem(k, true) * nc);
-        const void *w = k == MATMUL_F32 ? (const void *)o->w32
-                        : k == MATMUL_F16 ? (const void *)o->w16 : (const void *)o->wq;
-        (k == MATMUL_F32   ? t->matmul_f32
-         : k == MATMUL_F16 ? t->matmul_f16
-                           : t->matmul_q8_0)(w, row_bytes, o->n_rows, o->x, (size_t)nc, o->n_tok,
-                                             nc, o->y, (size_t)o->n_rows);
-        acc += o->y[0];
-    }
-    for (int r = 0; r < reps && k < MATMUL_F32; r++) {
-        for (int32_t row = 0; row < o->n_rows; row++) {
-            const size_t off = (size_t)row * (size_t)nc;
-            switch (k) {
-            case DOT_F32: acc += t->dot_f32(o->w32 + off, o->x, nc); break;
-            case DOT_F16: acc += t->dot_f16(o->w16 + off, o->x, nc); break;
-            case DOT_Q8_0: acc += t->dot_q8_0(o->wq + off / MOAS_QK8_0, o->x, nc); break;
-            /* a tiny a keeps y bounded over many passes */
-            case AXPY_F32: t->axpy_f32(o->y, 1e-7f, o->w32 + off, nc); break;
-            default: t->axpy_f16(o->y, 1e-7f, o->w16 + off, nc); break;
-            }
+    for (int r = 0; r < reps; r++) {
+        switch (k) {
+        case ATTN_SCORES_F32:
+            t->attn_scores_f32(o->w32, o->rows, o->n_rows, o->x, nc, 0.125f, o->y);
+            break;
+        case ATTN_SCORES_F16:
+            t->attn_scores_f16(o->w16, o->rows, o->n_rows, o->x, nc, 0.125f, o->y);
+            break;
+        case ATTN_MIX_F32: t->attn_mix_f32(o->w32, o->rows, o->n_rows, o->p, nc, o->y); break;
+        case ATTN_MIX_F16: t->attn_mix_f16(o->w16, o->rows, o->n_rows, o->p, nc, o->y); break;
+        default: {   /* the whole matrix per call */
+            const void *w = k == MATMUL_F32 ? (const void *)o->w32
+                            : k == MATMUL_F16 ? (const void *)o->w16 : (const void *)o->wq;
+            (k == MATMUL_F32   ? t->matmul_f32
+             : k == MATMUL_F16 ? t->matmul_f16
+                               : t->matmul_q8_0)(w, row_bytes, o->n_rows, o->x, (size_t)nc,
+                                                 o->n_tok, nc, o->y, (size_t)o->n_rows);
+            break;
         }
+        }
+        acc += o->y[0];
     }
     const double dt = now_ns() - t0;
     sink = acc + o->y[0];
@@ -223,10 +237,9 @@ static void bench(const moas_ops *const *tables, int n_tables, enum kernel k,
         if (i == n_tables - 1) {
             ref_ns = m;
         }
-        const double per_call = k >= MATMUL_F32 ? m : m / o->n_rows;
-        printf("%-11s %5d x %-5d x %2d %-7s %11.1f ns/call %7.2f GFLOP/s %7.2f GB/s %6.2fx\n",
+        printf("%-15s %5d x %-5d x %2d %-7s %11.1f ns/call %7.2f GFLOP/s %7.2f GB/s %6.2fx\n",
                kernel_names[k], (int)o->n_rows, (int)o->n_cols, (int)o->n_tok, tables[i]->name,
-               per_call, flops / m, bytes_per_elem(k, weights_only) * elems / m, ref_ns / m);
+               m, flops / m, bytes_per_elem(k, weights_only) * elems / m, ref_ns / m);
     }
 }
 
@@ -256,16 +269,34 @@ int main(int argc, char **argv) {
     printf("# speedup is against ref\n");
 
     static const int32_t hot[] = {32, 64, 192, 768, 3072};
-    printf("\n# hot: one row in L1, one call per row; GB/s counts w and x (dot), x and y "
-           "twice (axpy)\n");
+    static const enum kernel hot_kernels[] = {MATMUL_F32, MATMUL_F16, MATMUL_Q8_0, ATTN_MIX_F32,
+                                              ATTN_MIX_F16};
+    printf("\n# hot: one row in L1, one call: matmul of 1 row x n x 1 token (a dot product), "
+           "attn_mix of 1 key x head_dim (y += a x); GB/s counts w and x (matmul), v and out "
+           "twice (attn_mix)\n");
     for (size_t s = 0; s < sizeof hot / sizeof hot[0]; s++) {
         operands o;
         if (operands_init(&o, 1, hot[s], 1) != 0) {
             fprintf(stderr, "out of memory\n");
             return 1;
         }
-        for (int k = 0; k < MATMUL_F32; k++) {
-            bench(tables, n_tables, (enum kernel)k, &o, rounds, 2e5, false);
+        for (size_t k = 0; k < sizeof hot_kernels / sizeof hot_kernels[0]; k++) {
+            bench(tables, n_tables, hot_kernels[k], &o, rounds, 2e5, false);
+        }
+        operands_free(&o);
+    }
+
+    /* One query head over 256 cached tokens at head_dim 64: 64 KB of f32 keys, in L2. */
+    printf("\n# attention: one query head, keys x head_dim, one call; GB/s counts the K or V "
+           "rows only\n");
+    {
+        operands o;
+        if (operands_init(&o, 256, 64, 1) != 0) {
+            fprintf(stderr, "out of memory\n");
+            return 1;
+        }
+        for (int k = ATTN_SCORES_F32; k <= ATTN_MIX_F16; k++) {
+            bench(tables, n_tables, (enum kernel)k, &o, rounds, 2e5, true);
         }
         operands_free(&o);
     }
