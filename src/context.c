@@ -273,6 +273,7 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     ctx->n_ctx = p.n_ctx;
     ctx->n_threads = p.n_threads;
     ctx->parallel_min_work = MOAS_PARALLEL_MIN_WORK;
+    ctx->mm_hints = model->image_size > MOAS_STREAM_MODEL_BYTES ? MOAS_MM_STREAM : 0;
     ctx->mode = (moas_mode)p.mode;
     ctx->kv_type = (moas_type)p.kv_type;
     ctx->kv_elem_bytes = p.kv_type == MOAS_TYPE_F16 ? 2 : 4;

@@ -43,6 +43,7 @@ struct moas_context {
 
     int32_t n_ctx;           /* capacity in tokens */
     int32_t n_threads;       /* threads for parallel loops (>= 1) */
+    unsigned mm_hints;       /* matmul hints for this model's weights (MOAS_MM_*) */
     int64_t parallel_min_work; /* multiply-adds below which a loop stays on one thread
                                 * (MOAS_PARALLEL_MIN_WORK; tests lower it to 0 so that
                                 * tiny models take the parallel paths too) */
@@ -113,6 +114,12 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * 4-layer, 192-wide shipped shape: 2 threads with the old 2^15 threshold decoded 80x
  * slower than 1 thread while another process kept the second core busy. */
 #define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 18)
+
+/* A model file larger than this has its weights streamed from memory at every token
+ * (no last-level cache holds it), so single-token products read rows front to back
+ * (MOAS_MM_STREAM). 64 MB: twice the 32 MB L3 of a Zen 5 CCD; the 44 MB 6-layer f32
+ * benchmark model still gains from the cache-friendly order. */
+#define MOAS_STREAM_MODEL_BYTES ((size_t)64 << 20)
 
 /* Threads a context may use: each has its own attention scratch. */
 #define MOAS_MAX_THREADS 1024

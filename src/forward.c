@@ -36,12 +36,13 @@ static void project_rows(const moas_context *ctx, const projection *p, const flo
     const moas_ops *ops = ctx->ops;
     const moas_weight *w = p->w;
     void (*matmul)(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
-                   float *, size_t) = w->type == MOAS_TYPE_F16    ? ops->matmul_f16
-                                      : w->type == MOAS_TYPE_Q8_0 ? ops->matmul_q8_0
-                                                                  : ops->matmul_f32;
+                   float *, size_t, unsigned) =
+        w->type == MOAS_TYPE_F16    ? ops->matmul_f16
+        : w->type == MOAS_TYPE_Q8_0 ? ops->matmul_q8_0
+                                    : ops->matmul_f32;
     if (r0 < r1) {
         matmul((const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, X,
-               ldx, n, w->n_cols, p->Y + r0, p->ldy);
+               ldx, n, w->n_cols, p->Y + r0, p->ldy, ctx->mm_hints);
     }
 }
 

@@ -20,6 +20,11 @@
 #include "core.h"
 #include "f16.h"
 
+/* matmul hints. STREAM: the weights come from memory, not cache (a model much larger
+ * than the last-level cache): a single token reads rows one at a time, front to back,
+ * which the hardware prefetcher follows best. */
+#define MOAS_MM_STREAM 1u
+
 typedef struct moas_ops {
     const char *name;  /* "ref", "avx2", ... */
 
@@ -29,13 +34,17 @@ typedef struct moas_ops {
      * for Q8_0; n = 0 is a product of empty rows: every y is 0). Each element of y is
      * the same bits whatever n_rows and n_tok are and wherever it sits among them, so
      * a batch of tokens gives what its tokens give one at a time, and any split of the
-     * rows among threads gives the same result. */
+     * rows among threads gives the same result. `hints` (MOAS_MM_*) choose how the
+     * work is ordered, never what is computed: the bits are the same for any hints. */
     void (*matmul_f32)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                       size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
+                       size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                       unsigned hints);
     void (*matmul_f16)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                       size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
+                       size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                       unsigned hints);
     void (*matmul_q8_0)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                        size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy);
+                        size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                        unsigned hints);
 
     /* Attention of one query head over n cached tokens: token j's key or value row
      * for this head is row rows[j] of k or v (rows of head_dim, f32 or f16, the

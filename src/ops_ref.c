@@ -55,7 +55,9 @@ static void axpy_f16_ref(float *y, float a, const uint16_t *x, int32_t n) {
 
 /* Every element by a dot product above: trivially position-independent. */
 static void matmul_f32_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
+                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                           unsigned hints) {
+    (void)hints;
     for (int32_t t = 0; t < n_tok; t++) {
         for (int32_t r = 0; r < n_rows; r++) {
             const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
@@ -65,7 +67,9 @@ static void matmul_f32_ref(const void *w, size_t row_bytes, int32_t n_rows, cons
 }
 
 static void matmul_f16_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
+                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                           unsigned hints) {
+    (void)hints;
     for (int32_t t = 0; t < n_tok; t++) {
         for (int32_t r = 0; r < n_rows; r++) {
             const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
@@ -75,7 +79,9 @@ static void matmul_f16_ref(const void *w, size_t row_bytes, int32_t n_rows, cons
 }
 
 static void matmul_q8_0_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                            size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy) {
+                            size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                            unsigned hints) {
+    (void)hints;
     for (int32_t t = 0; t < n_tok; t++) {
         for (int32_t r = 0; r < n_rows; r++) {
             const void *row = (const uint8_t *)w + (size_t)r * row_bytes;

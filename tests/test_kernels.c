@@ -126,13 +126,13 @@ static const int32_t lengths_q8_0[] = {0, 32, 64, 96, 160, 1024, 4096};
 
 static float row_dot_f32(const moas_ops *ops, const float *w, const float *x, int32_t n) {
     float y = UNWRITTEN;
-    ops->matmul_f32(w, (size_t)n * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1);
+    ops->matmul_f32(w, (size_t)n * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1, 0);
     return y;
 }
 
 static float row_dot_f16(const moas_ops *ops, const uint16_t *w, const float *x, int32_t n) {
     float y = UNWRITTEN;
-    ops->matmul_f16(w, (size_t)n * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1);
+    ops->matmul_f16(w, (size_t)n * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1, 0);
     return y;
 }
 
@@ -140,7 +140,7 @@ static float row_dot_f16(const moas_ops *ops, const uint16_t *w, const float *x,
 static float row_dot_q8_0(const moas_ops *ops, const moas_block_q8_0 *w, const float *x,
                           int32_t n) {
     float y = UNWRITTEN;
-    ops->matmul_q8_0(w, (size_t)(n / MOAS_QK8_0) * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1);
+    ops->matmul_q8_0(w, (size_t)(n / MOAS_QK8_0) * sizeof *w, 1, x, (size_t)n, 1, n, &y, 1, 0);
     return y;
 }
 
@@ -283,18 +283,19 @@ static int check_one_row_q8_0(const moas_ops *ops) {
 
 /* matmul: every element against the reference dot product of its row and token
  * (within dot_tol), and bit for bit against the same table computing that element
- * alone (n_rows = n_tok = 1) or inside a slice of rows starting elsewhere: an
- * element's bits must not depend on the tile it fell into (ops.h). Shapes cover the
+ * alone (n_rows = n_tok = 1) or inside a slice of rows starting elsewhere, computed
+ * with the streaming hint: an element's bits must not depend on the tile it fell into
+ * or the order of work (ops.h). Shapes cover the
  * tiles' edges: rows and tokens below, at and past the 6x4, 4x2 and 8x1 tiles. Y has
  * a stride past n_rows whose padding must survive. */
 enum { MM_F32, MM_F16, MM_Q8_0 };
 
 static void matmul_call(const moas_ops *ops, int type, const void *w, size_t row_bytes,
                         int32_t n_rows, const float *x, size_t ldx, int32_t n_tok, int32_t n,
-                        float *y, size_t ldy) {
+                        float *y, size_t ldy, unsigned hints) {
     (type == MM_F32   ? ops->matmul_f32
      : type == MM_F16 ? ops->matmul_f16
-                      : ops->matmul_q8_0)(w, row_bytes, n_rows, x, ldx, n_tok, n, y, ldy);
+                      : ops->matmul_q8_0)(w, row_bytes, n_rows, x, ldx, n_tok, n, y, ldy, hints);
 }
 
 static float ref_dot(int type, const void *row, const float *x, int32_t n, double *sum_abs) {
@@ -368,11 +369,12 @@ static int check_matmul_type(const moas_ops *ops, int type) {
                 for (size_t i = 0; i < ldy * (size_t)n_tok; i++) {
                     y[i] = z[i] = -1234.5f;
                 }
-                matmul_call(ops, type, w, row_bytes, n_rows, x, ldx, n_tok, n, y, ldy);
-                /* rows 1.. as a slice of their own: other tile boundaries */
+                matmul_call(ops, type, w, row_bytes, n_rows, x, ldx, n_tok, n, y, ldy, 0);
+                /* rows 1.. as a slice of their own (other tile boundaries), with the
+                 * streaming hint (another order of work) */
                 if (n_rows > 1) {
                     matmul_call(ops, type, w + row_bytes, row_bytes, n_rows - 1, x, ldx, n_tok,
-                                n, z + 1, ldy);
+                                n, z + 1, ldy, MOAS_MM_STREAM);
                 }
                 for (int32_t t = 0; t < n_tok; t++) {
                     for (int32_t r = 0; r < (int32_t)ldy; r++) {
@@ -387,7 +389,7 @@ static int check_matmul_type(const moas_ops *ops, int type) {
                         const float want = ref_dot(type, row, xt, n, &sum_abs);
                         CHECK_NEAR(what, n, r, got, want, dot_tol(n, sum_abs));
                         float alone;
-                        matmul_call(ops, type, row, row_bytes, 1, xt, ldx, 1, n, &alone, 1);
+                        matmul_call(ops, type, row, row_bytes, 1, xt, ldx, 1, n, &alone, 1, 0);
                         if (memcmp(&alone, &got, sizeof got) != 0 ||
                             (r > 0 && memcmp(&z[(size_t)t * ldy + r], &got, sizeof got) != 0)) {
                             test_report(__FILE__, __LINE__, what,

@@ -53,14 +53,14 @@ TEST(f16_round_trip_is_exact_for_all_values) {
 /* The reference's dot product of one weight row with x is its matmul with one row and
  * one token; y += a x is its attn_mix with one key (row 0 of v = x, weight a). */
 typedef void matmul_fn(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
-                       float *, size_t);
+                       float *, size_t, unsigned);
 typedef void attn_mix_fn(const void *, const uint32_t *, int32_t, const float *, int32_t,
                          float *);
 
 static float one_row(matmul_fn *matmul, const void *w, size_t row_bytes, const float *x,
                      int32_t n) {
     float y = NAN;
-    matmul(w, row_bytes, 1, x, (size_t)n, 1, n, &y, 1);
+    matmul(w, row_bytes, 1, x, (size_t)n, 1, n, &y, 1, 0);
     return y;
 }
 

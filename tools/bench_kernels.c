@@ -196,7 +196,10 @@ static double run(const moas_ops *t, enum kernel k, const operands *o, int reps)
             (k == MATMUL_F32   ? t->matmul_f32
              : k == MATMUL_F16 ? t->matmul_f16
                                : t->matmul_q8_0)(w, row_bytes, o->n_rows, o->x, (size_t)nc,
-                                                 o->n_tok, nc, o->y, (size_t)o->n_rows);
+                                                 o->n_tok, nc, o->y, (size_t)o->n_rows,
+                                                 /* as forward.c does for a model this big */
+                                                 row_bytes * o->n_rows > ((size_t)64 << 20)
+                                                     ? MOAS_MM_STREAM : 0);
             break;
         }
         }
