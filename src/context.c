@@ -150,7 +150,8 @@ static moas_status allocate(moas_context *ctx) {
     /* per-token scratch: xb, kv_pool (2C), pool_tmp, logits, and per thread the
      * attention scores and rows (32-bit, one float each); each buffer rounded up to 16
      * floats (64 bytes): 6 buffers, at most 15 each */
-    const size_t att_floats = (size_t)ctx->n_threads * (MOAS_ATT_QUERIES + 1) * n_ctx;
+    const size_t att_floats =
+        (size_t)ctx->n_threads * ((size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS + n_ctx);
     n_floats = 4 * C + att_floats + (size_t)m->n_vocab + 6 * 15;
     cursor = alloc_aligned(ctx->alloc, n_floats * sizeof(float), &ctx->scratch);
     MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
@@ -159,7 +160,7 @@ static moas_status allocate(moas_context *ctx) {
     ctx->xb = carve(&cursor, C);
     ctx->kv_pool = carve(&cursor, 2 * C);
     ctx->pool_tmp = carve(&cursor, C);
-    ctx->att = carve(&cursor, (size_t)ctx->n_threads * MOAS_ATT_QUERIES * n_ctx);
+    ctx->att = carve(&cursor, (size_t)ctx->n_threads * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
     ctx->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)ctx->n_threads * n_ctx);
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 

@@ -62,7 +62,7 @@ struct moas_context {
     float *xb;               /* [C] a position embedding, or the last row's final norm */
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
-    float *att;              /* per thread [MOAS_ATT_QUERIES, n_ctx] attention scores */
+    float *att;              /* per thread [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */
     uint32_t *att_rows;      /* per thread [n_ctx] each cached token's K/V row for a head */
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
@@ -124,9 +124,9 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
 /* Threads a context may use: each has its own attention scratch. */
 #define MOAS_MAX_THREADS 1024
 
-/* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K or V rows, 16 KB
+/* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K and V rows, 32 KB
  * at head_dim 64 in f32, stay in L1) with up to MOAS_ATT_QUERIES queries of a block
- * at a time, whose scores rows are the per-thread scratch. */
+ * at a time, whose scores for the run are the per-thread scratch. */
 #define MOAS_ATT_QUERIES 16
 #define MOAS_ATT_KEYS 64
 

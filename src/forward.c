@@ -141,29 +141,33 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
 
 /* Attention of query heads [h0, h1) for the n queries of a block (positions pos0 ..
  * pos0 + n - 1, causal) over one KV stream, with one thread's scratch: att
- * [MOAS_ATT_QUERIES, n_ctx] scores and rows [n_ctx].
- *   att[t][j] = q_t,h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
- *   out_t,h = sum_j softmax(att[t])_j v_{j, h n_kv(j) / n_head}
+ * [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores and rows [n_ctx].
+ *   s_tj = q_t,h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
+ *   out_t,h = sum_j softmax_j(s_t) v_{j, h n_kv(j) / n_head}
  *
- * Per head, the row each cached token keeps for it is found once for the block. Then
- * up to MOAS_ATT_QUERIES queries go together through the keys in runs of
- * MOAS_ATT_KEYS, so a run of K (then V) rows is read from memory once and from L1 by
- * every query, instead of once per query. Each score is the kernel's for its key
- * alone, and each output element's sum runs over the keys in order from the first,
- * whatever the runs: a query's numbers are the same in a block and decoded alone. */
+ * Per head, the row each cached token keeps for it is found once for the block. Up to
+ * MOAS_ATT_QUERIES queries then go through the keys together in runs of
+ * MOAS_ATT_KEYS, so a run's K and V rows are read from memory once and from L1 by
+ * every query. Softmax is online (as in flash attention): per query a running
+ * maximum m and sum l; a run whose scores raise m first rescales l and the output by
+ * exp(m_old - m_new), then adds its exp(s - m) and their values. No row of scores
+ * longer than a run is kept. Runs start at multiples of MOAS_ATT_KEYS of the key
+ * position, the same whether a query is decoded alone or in a block, so the same
+ * operations happen in the same order: a query's numbers are the same bits either
+ * way. */
 static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, const float *Q,
                          size_t ldq, int32_t pos0, int32_t n, int32_t h0, int32_t h1, float *OUT,
                          size_t ldo, float *att, uint32_t *rows) {
     const moas_model *m = ctx->model;
     const moas_ops *ops = ctx->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
-    const size_t n_ctx = (size_t)ctx->n_ctx;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
     void (*scores)(const void *, const uint32_t *, int32_t, const float *, int32_t, float,
                    float *) = f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
     void (*mix)(const void *, const uint32_t *, int32_t, const float *, int32_t, float *) =
         f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
+    float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
 
     for (int32_t h = h0; h < h1; h++) {
         const int32_t n_keys = pos0 + n;
@@ -186,19 +190,9 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
         for (int32_t q0 = 0; q0 < n; q0 += MOAS_ATT_QUERIES) {
             const int32_t nq = n - q0 < MOAS_ATT_QUERIES ? n - q0 : MOAS_ATT_QUERIES;
             const int32_t seen = pos0 + q0 + nq;   /* keys the last query sees */
-            for (int32_t k0 = 0; k0 < seen; k0 += MOAS_ATT_KEYS) {
-                for (int32_t t = 0; t < nq; t++) {
-                    const int32_t end = pos0 + q0 + t + 1, k1 = k0 + MOAS_ATT_KEYS;
-                    const int32_t nk = (end < k1 ? end : k1) - k0;
-                    if (nk > 0) {
-                        const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
-                        scores(kv->k, rows + k0, nk, q, head_dim, scale,
-                               att + (size_t)t * n_ctx + k0);
-                    }
-                }
-            }
             for (int32_t t = 0; t < nq; t++) {
-                ops->softmax(att + (size_t)t * n_ctx, pos0 + q0 + t + 1);
+                run_max[t] = -INFINITY;
+                run_sum[t] = 0.0f;
                 memset(OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim, 0,
                        (size_t)head_dim * sizeof *OUT);
             }
@@ -206,10 +200,34 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                 for (int32_t t = 0; t < nq; t++) {
                     const int32_t end = pos0 + q0 + t + 1, k1 = k0 + MOAS_ATT_KEYS;
                     const int32_t nk = (end < k1 ? end : k1) - k0;
-                    if (nk > 0) {
-                        float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
-                        mix(kv->v, rows + k0, nk, att + (size_t)t * n_ctx + k0, head_dim, out);
+                    if (nk <= 0) {
+                        continue;
                     }
+                    const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
+                    float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
+                    float *s = att + (size_t)t * MOAS_ATT_KEYS;
+                    scores(kv->k, rows + k0, nk, q, head_dim, scale, s);
+                    float mx = run_max[t];
+                    for (int32_t j = 0; j < nk; j++) {
+                        mx = s[j] > mx ? s[j] : mx;
+                    }
+                    if (mx > run_max[t] && run_max[t] != -INFINITY) {
+                        const float shrink = expf(run_max[t] - mx);
+                        run_sum[t] *= shrink;
+                        for (int32_t e = 0; e < head_dim; e++) {
+                            out[e] *= shrink;
+                        }
+                    }
+                    run_max[t] = mx;
+                    run_sum[t] += ops->exp_sum(s, nk, mx);
+                    mix(kv->v, rows + k0, nk, s, head_dim, out);
+                }
+            }
+            for (int32_t t = 0; t < nq; t++) {
+                float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
+                const float inv = 1.0f / run_sum[t];
+                for (int32_t e = 0; e < head_dim; e++) {
+                    out[e] *= inv;
                 }
             }
         }
@@ -228,7 +246,7 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
 static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *Q, size_t ldq,
                    int32_t pos0, int32_t n, float *OUT, size_t ldo) {
     const int32_t n_head = ctx->model->n_head, n_threads = ctx->n_threads;
-    const size_t att_stride = (size_t)MOAS_ATT_QUERIES * (size_t)ctx->n_ctx;
+    const size_t att_stride = (size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
     const int64_t work = (int64_t)2 * ctx->model->head_dim * n_head * n * (pos0 + (n + 1) / 2);
     const bool parallel = n_threads > 1 && work >= ctx->parallel_min_work;
 

@@ -63,6 +63,9 @@ typedef struct moas_ops {
     void (*attn_mix_f16)(const void *v, const uint32_t *rows, int32_t n, const float *p,
                          int32_t head_dim, float *out);
 
+    /* x = exp(x - max) over n >= 0 elements with every x <= max (the SIMD tables'
+     * exp is for arguments <= 0); returns the sum of the results. */
+    float (*exp_sum)(float *x, int32_t n, float max);
     /* x = softmax(x) over n >= 0 elements, largest first subtracted. */
     void (*softmax)(float *x, int32_t n);
     /* x = GELU(x) = 0.5 x (1 + erf(x / sqrt 2)) elementwise (the exact-erf GELU, not the

@@ -86,6 +86,7 @@ const moas_ops moas__ops_avx2 = {
     .attn_scores_f16 = attn_scores_f16_avx2,
     .attn_mix_f32 = attn_mix_f32_avx2,
     .attn_mix_f16 = attn_mix_f16_avx2,
+    .exp_sum = exp_sum_avx2,
     .softmax = softmax_avx2,
     .gelu = gelu_avx2,
 };

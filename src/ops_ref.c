@@ -120,18 +120,24 @@ static void attn_mix_f16_ref(const void *v, const uint32_t *rows, int32_t n, con
     }
 }
 
-static void softmax_ref(float *x, int32_t n) {
-    if (n <= 0) {
-        return;
-    }
-    float max = x[0], sum = 0.0f;
-    for (int32_t i = 1; i < n; i++) {
-        max = x[i] > max ? x[i] : max;
-    }
+static float exp_sum_ref(float *x, int32_t n, float max) {
+    float sum = 0.0f;
     for (int32_t i = 0; i < n; i++) {
         x[i] = expf(x[i] - max);
         sum += x[i];
     }
+    return sum;
+}
+
+static void softmax_ref(float *x, int32_t n) {
+    if (n <= 0) {
+        return;
+    }
+    float max = x[0];
+    for (int32_t i = 1; i < n; i++) {
+        max = x[i] > max ? x[i] : max;
+    }
+    const float sum = exp_sum_ref(x, n, max);
     const float inv = 1.0f / sum;
     for (int32_t i = 0; i < n; i++) {
         x[i] *= inv;
@@ -154,6 +160,7 @@ const moas_ops moas__ops_ref = {
     .attn_scores_f16 = attn_scores_f16_ref,
     .attn_mix_f32 = attn_mix_f32_ref,
     .attn_mix_f16 = attn_mix_f16_ref,
+    .exp_sum = exp_sum_ref,
     .softmax = softmax_ref,
     .gelu = gelu_ref,
 };

@@ -15,7 +15,7 @@
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
- * attn_mix_f32/f16, softmax and gelu (ops.h).
+ * attn_mix_f32/f16, exp_sum, softmax and gelu (ops.h).
  */
 
 /* ---- matrix products -------------------------------------------------------------
@@ -339,8 +339,26 @@ MM_ALWAYS_INLINE float mm_exp1(float x) {
     return x != x ? x : p * pow2;
 }
 
-/* x = softmax(x): max, then exp(x - max) summed in lanes (tail in order), then scaled
- * by 1 / sum. */
+/* x = exp(x - max), returning the sum of the new x: summed in lanes, then the tail in
+ * order. */
+static float MM_NAME(exp_sum)(float *x, int32_t n, float max) {
+    const MM_VEC vm = MM_SET1(max);
+    MM_VEC vsum = MM_ZERO();
+    int32_t i = 0;
+    for (; i + MM_LANES <= n; i += MM_LANES) {
+        const MM_VEC e = mm_exp(MM_ADD(MM_LOADX(x + i), MM_MUL(vm, MM_SET1(-1.0f))));
+        MM_STORE(x + i, e);
+        vsum = MM_ADD(vsum, e);
+    }
+    float sum = MM_HSUM(vsum);
+    for (; i < n; i++) {
+        x[i] = mm_exp1(x[i] - max);
+        sum += x[i];
+    }
+    return sum;
+}
+
+/* x = softmax(x): the max, exp_sum, then a scaling by 1 / sum. */
 static void MM_NAME(softmax)(float *x, int32_t n) {
     if (n <= 0) {
         return;
@@ -357,18 +375,7 @@ static void MM_NAME(softmax)(float *x, int32_t n) {
     for (; i < n; i++) {
         max = x[i] > max ? x[i] : max;
     }
-    const MM_VEC vm = MM_SET1(max);
-    MM_VEC vsum = MM_ZERO();
-    for (i = 0; i + MM_LANES <= n; i += MM_LANES) {
-        const MM_VEC e = mm_exp(MM_ADD(MM_LOADX(x + i), MM_MUL(vm, MM_SET1(-1.0f))));
-        MM_STORE(x + i, e);
-        vsum = MM_ADD(vsum, e);
-    }
-    float sum = MM_HSUM(vsum);
-    for (; i < n; i++) {
-        x[i] = mm_exp1(x[i] - max);
-        sum += x[i];
-    }
+    const float sum = MM_NAME(exp_sum)(x, n, max);
     const MM_VEC inv = MM_SET1(1.0f / sum);
     for (i = 0; i + MM_LANES <= n; i += MM_LANES) {
         MM_STORE(x + i, MM_MUL(MM_LOADX(x + i), inv));

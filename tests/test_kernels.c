@@ -505,7 +505,10 @@ static int check_attention(const moas_ops *ops) {
     return TEST_PASS;
 }
 
-/* softmax: each probability within (8 + 2n) u of itself against the reference: both
+/* exp_sum, for x <= max: each exponential within 4 u of libm's (the SIMD exp is within
+ * 2 ulp; below e^-87 it gives e^-87, hence the absolute 2^-120), the sum within
+ * (4 + 2n) u of the exact one (n additions on each side).
+ * softmax: each probability within (8 + 2n) u of itself against the reference: both
  * sides round n exponentials (the SIMD exp is within 2 ulp), a sum of n terms (at
  * most n u relative each) and a scaling. Probabilities sum to 1 within the same bound,
  * and inputs far below the maximum give (almost) 0. */
@@ -516,10 +519,24 @@ static int check_softmax(const moas_ops *ops) {
         for (int spread = 0; spread < 3; spread++) {
             const int32_t n = ns[a];
             const float range = spread == 0 ? 1.0f : spread == 1 ? 30.0f : 200.0f;
-            float x[1000], r[1000];
+            float x[1000], r[1000], e[1000], er[1000];
             for (int32_t i = 0; i < n; i++) {
-                x[i] = r[i] = range * next_val(&seed, false);
+                x[i] = r[i] = e[i] = er[i] = range * next_val(&seed, false);
             }
+            /* exp_sum against an offset above the maximum (as a running maximum can be) */
+            float off = -INFINITY;
+            for (int32_t i = 0; i < n; i++) {
+                off = x[i] > off ? x[i] : off;
+            }
+            off += 0.25f * range;
+            const double se = ops->exp_sum(e, n, off), ser = moas__ops_ref.exp_sum(er, n, off);
+            double se_exact = 0;
+            for (int32_t i = 0; i < n; i++) {
+                CHECK_NEAR("exp_sum", n, i, e[i], er[i], 4 * U32 * er[i] + 0x1p-120);
+                se_exact += exp((double)x[i] - off);
+            }
+            CHECK_NEAR("exp_sum total", n, 0, se, ser,
+                       (4.0 + 2.0 * n) * U32 * se_exact + n * 0x1p-120);
             ops->softmax(x, n);
             moas__ops_ref.softmax(r, n);
             double sum = 0;
