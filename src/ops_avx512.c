@@ -17,10 +17,11 @@
  * token: a row of 192 to 3072 in L1, 1.5-2.3x for f32 and f16 and 1.1-1.3x for Q8_0,
  * about equal at attention's head_dim 32-64; whole matrices from L2/L3, 1.1-1.3x for
  * f16 and 1.2-1.6x for Q8_0 (widening the weights, not memory, limits AVX2 there).
- * f32, with twice f16's bytes to move, gains least: 13-15% slower than AVX2 on a
- * 2.4 MB matrix, 1.1-1.5x on 9.4 MB and 154 MB ones. A 77 MB f16 matrix streamed
- * from memory was 25-30% slower than AVX2. Attention over 256 keys at head_dim 64:
- * scores equal, the value sum 1.2x (f32) and 1.9x (f16).
+ * f32, with twice f16's bytes to move, gains least: 0.85-1.1x AVX2 on a 2.4 MB
+ * matrix, 1.1-1.5x on 9.4 MB and 154 MB ones. Matrices streamed from memory (77 MB
+ * f16, with MOAS_MM_STREAM) ranged from 0.7x to 1.8x AVX2 between runs on the shared
+ * machine: memory, not the kernel, sets that pace. Attention over 256 keys at
+ * head_dim 64: scores equal, the value sum 1.2x (f32) and 1.9x (f16).
  */
 #include "ops.h"
 
