@@ -179,7 +179,7 @@ run: all
 
 asan:
 	$(MAKE) check fuzz-replay BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
-	    MOREFLAGS="-g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+	    MOREFLAGS="-g -O1 -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
 # ---- fuzzing, ThreadSanitizer, valgrind (docs/TESTING.md) ----------------------
 #   make fuzz-replay     the committed corpus through each fuzz target, no libFuzzer
@@ -202,7 +202,7 @@ FUZZ_BUILD   ?= build-fuzz
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS   ?=
-FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_SAN     := -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 # tests/test_concurrency.c starts POSIX threads.
 $(TEST_BIN): LDFLAGS += -pthread

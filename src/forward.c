@@ -8,16 +8,16 @@
  * allocated per token.
  *
  * Mixture mode follows the published PyTorch model (SPEC.md section 1) step for step,
- * so that logits agree to float32 round-off: LayerNorm with biased variance, exact erf
- * GELU, scores q.k scaled by 1/sqrt(head_dim) after the dot product, mean mixing as a
- * sum divided by the number of schemes. Routed mode runs one scheme per token and
- * layer (docs/ROUTING.md).
+ * so that logits agree to float32 round-off: LayerNorm with biased variance, the erf
+ * GELU (libm's erf in the reference kernels, one within 1e-6 in the SIMD ones),
+ * scores q.k scaled by 1/sqrt(head_dim) after the dot product, mean mixing as a sum
+ * divided by the number of schemes. Routed mode runs one scheme per token and layer
+ * (docs/ROUTING.md).
  */
 #include "context.h"
 
 #include <math.h>
 #include <string.h>
-
 
 /* One projection of a block of rows: Y[t] = W X[t] (+ b).   Y [n, n_rows], stride ldy */
 typedef struct {

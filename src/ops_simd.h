@@ -306,6 +306,7 @@ MM_DEFINE_ATTN(f16, 2, 1)
  * same operations with fmaf, so a tail element gets the bits a vector lane would. */
 
 #define MM_EXP_LOW (-87.0f)
+#define MM_EXP_HIGH 88.0f
 #define MM_LOG2E 1.44269504088896341f
 #define MM_LN2_HI 0.693145751953125f          /* 11 bits: n * LN2_HI is exact */
 #define MM_LN2_LO 1.42860682030941723212e-6f
@@ -325,7 +326,12 @@ MM_ALWAYS_INLINE MM_VEC mm_exp(MM_VEC x) {
 }
 
 MM_ALWAYS_INLINE float mm_exp1(float x) {
-    x = x > MM_EXP_LOW || x != x ? x : MM_EXP_LOW;
+    if (x != x) {
+        return x;
+    }
+    /* below: as the vector version; above: outside the domain (a NaN or infinite score
+     * can get here), capped so that n fits the exponent instead of overflowing int */
+    x = x > MM_EXP_LOW ? (x < MM_EXP_HIGH ? x : MM_EXP_HIGH) : MM_EXP_LOW;
     const float n = nearbyintf(x * MM_LOG2E);
     float r = fmaf(n, -MM_LN2_HI, x);
     r = fmaf(n, -MM_LN2_LO, r);
@@ -336,7 +342,7 @@ MM_ALWAYS_INLINE float mm_exp1(float x) {
     const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;   /* 2^n, as MM_POW2 */
     float pow2;
     memcpy(&pow2, &bits, sizeof pow2);
-    return x != x ? x : p * pow2;
+    return p * pow2;
 }
 
 /* x = exp(x - max), returning the sum of the new x: summed in lanes, then the tail in
