@@ -406,6 +406,12 @@ TEST(context_params_are_checked) {
     moas_context_params_init(&cp);
     cp.n_threads = -2;
     ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    cp.n_threads = 1025;   /* each thread has attention scratch: 1024 at most */
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "n_threads 1025") != NULL);
+    cp.n_threads = 1024;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    moas_context_free(ctx);
     moas_context_params_init(&cp);
     cp.kv_type = MOAS_TYPE_Q8_0;
     ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
