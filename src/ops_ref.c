@@ -53,42 +53,24 @@ static void axpy_f16_ref(float *y, float a, const uint16_t *x, int32_t n) {
     }
 }
 
-/* Every element by a dot product above: trivially position-independent. */
-static void matmul_f32_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
-                           unsigned hints) {
-    (void)hints;
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int32_t r = 0; r < n_rows; r++) {
-            const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
-            y[(size_t)t * ldy + r] = dot_f32_ref(row, x + (size_t)t * ldx, n);
-        }
+/* Every element by a dot product above: trivially position-independent; the hints
+ * change nothing here. */
+#define DEFINE_MATMUL_REF(type)                                                            \
+    static void matmul_##type##_ref(const void *w, size_t row_bytes, int32_t n_rows,       \
+                                    const float *x, size_t ldx, int32_t n_tok, int32_t n,  \
+                                    float *y, size_t ldy, unsigned hints) {                \
+        (void)hints;                                                                       \
+        for (int32_t t = 0; t < n_tok; t++) {                                              \
+            for (int32_t r = 0; r < n_rows; r++) {                                         \
+                const void *row = (const uint8_t *)w + (size_t)r * row_bytes;              \
+                y[(size_t)t * ldy + r] = dot_##type##_ref(row, x + (size_t)t * ldx, n);    \
+            }                                                                              \
+        }                                                                                  \
     }
-}
 
-static void matmul_f16_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                           size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
-                           unsigned hints) {
-    (void)hints;
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int32_t r = 0; r < n_rows; r++) {
-            const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
-            y[(size_t)t * ldy + r] = dot_f16_ref(row, x + (size_t)t * ldx, n);
-        }
-    }
-}
-
-static void matmul_q8_0_ref(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
-                            size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
-                            unsigned hints) {
-    (void)hints;
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int32_t r = 0; r < n_rows; r++) {
-            const void *row = (const uint8_t *)w + (size_t)r * row_bytes;
-            y[(size_t)t * ldy + r] = dot_q8_0_ref(row, x + (size_t)t * ldx, n);
-        }
-    }
-}
+DEFINE_MATMUL_REF(f32)
+DEFINE_MATMUL_REF(f16)
+DEFINE_MATMUL_REF(q8_0)
 
 static void attn_scores_f32_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
                                 int32_t head_dim, float scale, float *scores) {
