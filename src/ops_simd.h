@@ -116,7 +116,8 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
             const moas_block_q8_0 *blk =
                 (const moas_block_q8_0 *)(const void *)(w + (size_t)r * row_bytes) + b;
             if (P) {
-                __builtin_prefetch((const uint8_t *)blk + (size_t)MM_PREFETCH_TILES * R * row_bytes);
+                __builtin_prefetch((const uint8_t *)blk +
+                                   (size_t)MM_PREFETCH_TILES * R * row_bytes);
             }
             const MM_VEC d = MM_SET1(_cvtsh_ss(blk->d));
             MM_VEC q[STEPS];

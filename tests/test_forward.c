@@ -290,7 +290,8 @@ TEST(logits_identical_for_any_thread_count) {
 
             ASSERT_OK(moas_model_load(test_data(models[mi]), NULL, &model));
             const int32_t n_vocab = moas_model_n_vocab(model);
-            const int32_t n = moas_model_n_ctx_train(model) < 48 ? moas_model_n_ctx_train(model) : 48;
+            const int32_t n_train = moas_model_n_ctx_train(model);
+            const int32_t n = n_train < 48 ? n_train : 48;
             const int32_t n_prompt = n - 8;
             pseudo_tokens(tokens, n, n_vocab, 5 + (uint32_t)mi);
             one = malloc((size_t)n * n_vocab * sizeof *one);

@@ -323,16 +323,19 @@ static int check_matmul_type(const moas_ops *ops, int type) {
     static const int32_t toks[] = {1, 2, 3, 4, 5, 9};
     static const int32_t ns_f[] = {1, 7, 16, 17, 33, 65, 257};
     static const int32_t ns_q[] = {32, 96, 160};
-    const char *what = type == MM_F32 ? "matmul_f32" : type == MM_F16 ? "matmul_f16" : "matmul_q8_0";
+    const char *what = type == MM_F32   ? "matmul_f32"
+                       : type == MM_F16 ? "matmul_f16"
+                                        : "matmul_q8_0";
     const int32_t *ns = type == MM_Q8_0 ? ns_q : ns_f;
     const size_t n_ns = type == MM_Q8_0 ? 3 : 7;
     uint64_t seed = 77 + (uint64_t)type;
 
     for (size_t a = 0; a < n_ns; a++) {
         const int32_t n = ns[a];
+        const size_t q8_bytes = (size_t)(n / MOAS_QK8_0) * sizeof(moas_block_q8_0);
         const size_t row_bytes = type == MM_F32   ? (size_t)n * 4
                                  : type == MM_F16 ? (size_t)n * 2
-                                                  : (size_t)(n / MOAS_QK8_0) * sizeof(moas_block_q8_0);
+                                                  : q8_bytes;
         for (size_t b = 0; b < sizeof rows / sizeof rows[0]; b++) {
             for (size_t c = 0; c < sizeof toks / sizeof toks[0]; c++) {
                 const int32_t n_rows = rows[b], n_tok = toks[c];
