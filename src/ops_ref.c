@@ -27,16 +27,13 @@ static float dot_f16_ref(const uint16_t *w, const float *x, int32_t n) {
     return sum;
 }
 
-/* Each block contributes d * (q . x); the scale is applied once per block, as the
- * format intends. */
+/* A Q8_0 weight is the value d * q (docs/FORMAT.md), exact in float, so the product
+ * is the f32 one over those values. */
 static float dot_q8_0_ref(const moas_block_q8_0 *w, const float *x, int32_t n) {
     float sum = 0.0f;
-    for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
-        float block = 0.0f;
-        for (int32_t i = 0; i < MOAS_QK8_0; i++) {
-            block += (float)w[b].q[i] * x[b * MOAS_QK8_0 + i];
-        }
-        sum += moas__f16_to_f32(w[b].d) * block;
+    for (int32_t i = 0; i < n; i++) {
+        const moas_block_q8_0 *blk = &w[i / MOAS_QK8_0];
+        sum += moas__f16_to_f32(blk->d) * (float)blk->q[i % MOAS_QK8_0] * x[i];
     }
     return sum;
 }

@@ -21,9 +21,8 @@
 /* ---- matrix products -------------------------------------------------------------
  *
  * Every output element has one accumulator: MM_LANES lanes, added to in column order
- * one vector step at a time (for Q8_0 one block at a time: the block's products
- * summed across its vectors, then scaled by the block's d), then the lanes summed by
- * MM_HSUM and the scalar tail added with fmaf in column order. A tile only decides how
+ * one vector step at a time (a Q8_0 weight being the float d * q), then the lanes
+ * summed by MM_HSUM and the scalar tail added with fmaf in column order. A tile only decides how
  * many such chains run side by side, so an element's bits do not depend on the tile
  * it fell into: batches equal single tokens, threads may split the rows anywhere.
  * Independence comes from the tile instead of from splitting one sum into several: a
@@ -57,14 +56,41 @@ MM_ALWAYS_INLINE float mm_scalar_w_f16(const uint8_t *row, int32_t i) {
     return _cvtsh_ss(((const uint16_t *)(const void *)row)[i]);
 }
 
-/* An R x T tile of f32 or f16 rows (R, T compile-time constants after inlining). */
+/* MM_LANES Q8_0 weights as the values d * q. The product is exact in float (an 11-bit
+ * significand times a 7-bit integer), so a Q8_0 product is the f32 product over these
+ * values, whether they are made once per token (mm_tile_q8_0: widen q, convert,
+ * multiply) or once for a group of tokens (mm_panel_q8_0: q rides in the significand
+ * of 1.5 2^23 + q, an integer add, and one fused multiply-add takes
+ * d (1.5 2^23 + q) - d 1.5 2^23 with a single rounding; 5-8% faster there). The two
+ * agree on every finite d; an infinite or NaN d takes the multiply in both. */
+MM_ALWAYS_INLINE MM_VEC mm_q8_0_values(MM_VEC d, const int8_t *q) {
+    return MM_MUL(d, MM_LOAD_I8(q));
+}
+MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const int8_t *q) {
+    return MM_FMA(d, MM_LOAD_I8_BIASED(q), minus_d_bias);
+}
+
+#define MM_WOFF_f32(i) ((size_t)(i) * 4)
+#define MM_WOFF_f16(i) ((size_t)(i) * 2)
+
+#define MM_TILE_MAX_R (MM_TILE_ROWS > MM_DECODE_ROWS ? MM_TILE_ROWS : MM_DECODE_ROWS)
+#define MM_TILE_MAX_T MM_TILE_TOKS
+
+/* An R x T tile (R, T, P compile-time constants after inlining) over columns [0, n).
+ * A tile may cover the columns in pieces: all but the last piece a multiple of
+ * MM_LANES wide, `first` starting the chains at zero instead of taking them from
+ * `chains` (element [t * MM_TILE_MAX_R + r]), `last` finishing them into y instead of
+ * leaving them there. Storing a chain and loading it back changes no bit. */
 #define MM_DEFINE_TILE(type)                                                               \
     MM_ALWAYS_INLINE void mm_tile_##type(const uint8_t *w, size_t row_bytes, const float *x,  \
                                          size_t ldx, int32_t n, float *y, size_t ldy,      \
-                                         const int R, const int T, const int P) {          \
+                                         const int R, const int T, const int P,            \
+                                         MM_VEC *chains, int first, int last) {            \
         MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T];                                           \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
-            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) acc[r][t] = MM_ZERO();     \
+            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                          \
+                acc[r][t] = first ? MM_ZERO() : chains[t * MM_TILE_MAX_R + r];             \
+            }                                                                              \
         }                                                                                  \
         int32_t i = 0;                                                                     \
         for (; i + MM_LANES <= n; i += MM_LANES) {                                         \
@@ -75,7 +101,7 @@ MM_ALWAYS_INLINE float mm_scalar_w_f16(const uint8_t *row, int32_t i) {
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                          \
                 if (P) {                                                                   \
                     __builtin_prefetch(w + (size_t)(r + MM_PREFETCH_TILES * R) * row_bytes + \
-                                       (size_t)i * MM_WBYTES_##type);                      \
+                                       MM_WOFF_##type(i));                                 \
                 }                                                                          \
                 const MM_VEC wv = mm_load_w_##type(w + (size_t)r * row_bytes, i);          \
                 _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                      \
@@ -85,6 +111,10 @@ MM_ALWAYS_INLINE float mm_scalar_w_f16(const uint8_t *row, int32_t i) {
         }                                                                                  \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
             _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                          \
+                if (!last) {                                                               \
+                    chains[t * MM_TILE_MAX_R + r] = acc[r][t];                             \
+                    continue;                                                              \
+                }                                                                          \
                 float sum = MM_HSUM(acc[r][t]);                                            \
                 for (int32_t j = i; j < n; j++) {                                          \
                     sum = fmaf(mm_scalar_w_##type(w + (size_t)r * row_bytes, j),           \
@@ -95,21 +125,22 @@ MM_ALWAYS_INLINE float mm_scalar_w_f16(const uint8_t *row, int32_t i) {
         }                                                                                  \
     }
 
-#define MM_TILE_MAX_R (MM_TILE_ROWS > MM_DECODE_ROWS ? MM_TILE_ROWS : MM_DECODE_ROWS)
-#define MM_TILE_MAX_T MM_TILE_TOKS
-
 MM_DEFINE_TILE(f32)
 MM_DEFINE_TILE(f16)
 
-/* An R x T tile of Q8_0 rows: per block, each row's 32 int8 are widened once and
- * serve all T tokens. */
+/* The Q8_0 tile computes what MM_DEFINE_TILE(q8_0) would, a block at a time: each
+ * row's scale is widened once per block instead of once per vector step, which
+ * kept a single token's product 25% slower. */
 MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const float *x,
                                    size_t ldx, int32_t n, float *y, size_t ldy, const int R,
-                                   const int T, const int P) {
+                                   const int T, const int P, MM_VEC *chains, int first,
+                                   int last) {
     enum { STEPS = MOAS_QK8_0 / MM_LANES };
     MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T];
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) acc[r][t] = MM_ZERO();
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+            acc[r][t] = first ? MM_ZERO() : chains[t * MM_TILE_MAX_R + r];
+        }
     }
     for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
@@ -120,26 +151,104 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
                                    (size_t)MM_PREFETCH_TILES * R * row_bytes);
             }
             const MM_VEC d = MM_SET1(_cvtsh_ss(blk->d));
-            MM_VEC q[STEPS];
             _Pragma("GCC unroll 8") for (int k = 0; k < STEPS; k++) {
-                q[k] = MM_LOAD_I8(blk->q + k * MM_LANES);
-            }
-            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
-                const float *xb = x + (size_t)t * ldx + (size_t)b * MOAS_QK8_0;
-                MM_VEC p = MM_MUL(q[0], MM_LOADX(xb));
-                _Pragma("GCC unroll 8") for (int k = 1; k < STEPS; k++) {
-                    p = MM_FMA(q[k], MM_LOADX(xb + k * MM_LANES), p);
+                const MM_VEC wv = mm_q8_0_values(d, blk->q + k * MM_LANES);
+                _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+                    const float *xb = x + (size_t)t * ldx + (size_t)b * MOAS_QK8_0;
+                    acc[r][t] = MM_FMA(wv, MM_LOADX(xb + k * MM_LANES), acc[r][t]);
                 }
-                acc[r][t] = MM_FMA(d, p, acc[r][t]);
             }
         }
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
         _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
-            y[(size_t)t * ldy + r] = MM_HSUM(acc[r][t]);
+            if (last) {
+                y[(size_t)t * ldy + r] = MM_HSUM(acc[r][t]);
+            } else {
+                chains[t * MM_TILE_MAX_R + r] = acc[r][t];
+            }
         }
     }
 }
+
+/* Q8_0 for a batch of tokens: the rows of a tile are made into floats once, a panel
+ * of MM_PANEL_COLS columns at a time, and the f32 tile runs over the panel for every
+ * token of a group of MM_PANEL_TOKS, carrying the chains from panel to panel. Made
+ * in the tile itself, the values cost a multiply and two conversions per weight
+ * vector per token tile; here, once per group. The panel (6 x 512 floats, 12 KB)
+ * and a token tile's columns stay in L1. */
+#define MM_PANEL_COLS 512
+#define MM_PANEL_TOKS 32
+MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
+                                    float *panel, const int R) {
+    for (int r = 0; r < R; r++) {
+        const moas_block_q8_0 *blk =
+            (const moas_block_q8_0 *)(const void *)(w + (size_t)r * row_bytes) + c0 / MOAS_QK8_0;
+        for (int32_t b = 0; b < kc / MOAS_QK8_0; b++, blk++) {
+            float *out = panel + (size_t)r * kc + b * MOAS_QK8_0;
+            const MM_VEC d = MM_SET1(_cvtsh_ss(blk->d));
+            if ((blk->d & 0x7c00) == 0x7c00) {   /* infinite or NaN */
+                _Pragma("GCC unroll 8") for (int k = 0; k < MOAS_QK8_0 / MM_LANES; k++) {
+                    MM_STORE(out + k * MM_LANES, mm_q8_0_values(d, blk->q + k * MM_LANES));
+                }
+                continue;
+            }
+            const MM_VEC minus_d_bias = MM_MUL(d, MM_SET1(-12582912.0f));
+            _Pragma("GCC unroll 8") for (int k = 0; k < MOAS_QK8_0 / MM_LANES; k++) {
+                MM_STORE(out + k * MM_LANES,
+                         mm_q8_0_values_fma(d, minus_d_bias, blk->q + k * MM_LANES));
+            }
+        }
+    }
+}
+
+MM_ALWAYS_INLINE void mm_rows_q8_0(const uint8_t *w, size_t row_bytes, const float *x,
+                                   size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
+                                   const int R) {
+    float panel[MM_TILE_MAX_R * MM_PANEL_COLS] __attribute__((aligned(64)));
+    MM_VEC chains[MM_PANEL_TOKS * MM_TILE_MAX_R];
+    for (int32_t g = 0; g < n_tok; g += MM_PANEL_TOKS) {
+        const int32_t g_tok = n_tok - g < MM_PANEL_TOKS ? n_tok - g : MM_PANEL_TOKS;
+        for (int32_t c0 = 0; c0 < n; c0 += MM_PANEL_COLS) {
+            const int32_t kc = n - c0 < MM_PANEL_COLS ? n - c0 : MM_PANEL_COLS;
+            const int first = c0 == 0, last = c0 + kc == n;
+            mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
+            const uint8_t *p = (const uint8_t *)panel;
+            const size_t p_bytes = (size_t)kc * sizeof(float);
+            int32_t t = 0;
+            for (; t + MM_TILE_TOKS <= g_tok; t += MM_TILE_TOKS) {
+                const size_t at = (size_t)(g + t);
+                mm_tile_f32(p, p_bytes, x + at * ldx + c0, ldx, kc, y + at * ldy, ldy, R,
+                            MM_TILE_TOKS, 0, chains + (size_t)t * MM_TILE_MAX_R, first, last);
+            }
+            for (; t < g_tok; t++) {
+                const size_t at = (size_t)(g + t);
+                mm_tile_f32(p, p_bytes, x + at * ldx + c0, ldx, kc, y + at * ldy, ldy, R, 1,
+                            0, chains + (size_t)t * MM_TILE_MAX_R, first, last);
+            }
+        }
+    }
+}
+
+/* A batch of f32 or f16 rows: R rows at a time, every token of the batch passing
+ * over them in tiles of MM_TILE_TOKS. */
+#define MM_DEFINE_ROWS(type)                                                               \
+    MM_ALWAYS_INLINE void mm_rows_##type(const uint8_t *w, size_t row_bytes, const float *x, \
+                                         size_t ldx, int32_t n_tok, int32_t n, float *y,   \
+                                         size_t ldy, const int R) {                        \
+        int32_t t = 0;                                                                     \
+        for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                             \
+            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, n, y + (size_t)t * ldy, \
+                           ldy, R, MM_TILE_TOKS, 0, NULL, 1, 1);                           \
+        }                                                                                  \
+        for (; t < n_tok; t++) {                                                           \
+            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, n, y + (size_t)t * ldy, \
+                           ldy, R, 1, 0, NULL, 1, 1);                                      \
+        }                                                                                  \
+    }
+
+MM_DEFINE_ROWS(f32)
+MM_DEFINE_ROWS(f16)
 
 /* The driver: rows outer, so a tile's weight rows stay in L1 while every token of the
  * batch passes over them; the tokens (at most a prefill block) stay in L2. A single
@@ -158,38 +267,26 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
                                        float *y, size_t ldy, unsigned hints) {             \
         const uint8_t *w = w_;                                                             \
         int32_t r = 0;                                                                     \
-        if (n_tok == 1 && MM_STREAMS_##type && (hints & MOAS_MM_STREAM)) {                 \
+        if (n_tok == 1) {                                                                  \
+            if (!(MM_STREAMS_##type && (hints & MOAS_MM_STREAM))) {                        \
+                for (; r + MM_DECODE_ROWS <= n_rows; r += MM_DECODE_ROWS) {                \
+                    mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
+                                   ldy, MM_DECODE_ROWS, 1, 1, NULL, 1, 1);                 \
+                }                                                                          \
+            }                                                                              \
             for (; r < n_rows; r++) {                                                      \
                 mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, ldy, \
-                               1, 1, 0);                                                   \
+                               1, 1, 0, NULL, 1, 1);                                       \
             }                                                                              \
             return;                                                                        \
         }                                                                                  \
-        if (n_tok == 1) {                                                                  \
-            for (; r + MM_DECODE_ROWS <= n_rows; r += MM_DECODE_ROWS) {                    \
-                mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, ldy, \
-                               MM_DECODE_ROWS, 1, 1);                                      \
-            }                                                                              \
-        } else {                                                                           \
-            for (; r + MM_TILE_ROWS <= n_rows; r += MM_TILE_ROWS) {                        \
-                const uint8_t *wr = w + (size_t)r * row_bytes;                             \
-                int32_t t = 0;                                                             \
-                for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                     \
-                    mm_tile_##type(wr, row_bytes, x + (size_t)t * ldx, ldx, n,             \
-                                   y + (size_t)t * ldy + r, ldy, MM_TILE_ROWS,             \
-                                   MM_TILE_TOKS, 0);                                       \
-                }                                                                          \
-                for (; t < n_tok; t++) {                                                   \
-                    mm_tile_##type(wr, row_bytes, x + (size_t)t * ldx, ldx, n,             \
-                                   y + (size_t)t * ldy + r, ldy, MM_TILE_ROWS, 1, 0);      \
-                }                                                                          \
-            }                                                                              \
+        for (; r + MM_TILE_ROWS <= n_rows; r += MM_TILE_ROWS) {                            \
+            mm_rows_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n_tok, n, y + r,  \
+                           ldy, MM_TILE_ROWS);                                             \
         }                                                                                  \
         for (; r < n_rows; r++) {                                                          \
-            for (int32_t t = 0; t < n_tok; t++) {                                          \
-                mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x + (size_t)t * ldx,  \
-                               ldx, n, y + (size_t)t * ldy + r, ldy, 1, 1, 0);             \
-            }                                                                              \
+            mm_rows_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n_tok, n, y + r,  \
+                           ldy, 1);                                                        \
         }                                                                                  \
     }
 
