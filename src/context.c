@@ -165,7 +165,7 @@ static moas_status allocate(moas_context *ctx) {
     ctx->logits = carve(&cursor, (size_t)m->n_vocab);
 
     /* batch activations */
-    const size_t rows = (size_t)MOAS_BATCH;
+    const size_t rows = (size_t)ctx->batch_tokens;
     const size_t c16 = (C + 15) & ~(size_t)15, h16 = (hidden + 15) & ~(size_t)15;
     cursor = alloc_aligned(ctx->alloc, (9 * c16 + h16) * rows * sizeof(float), &ctx->batch_scratch);
     MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
@@ -274,6 +274,7 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     ctx->n_ctx = p.n_ctx;
     ctx->n_threads = p.n_threads;
     ctx->parallel_min_work = MOAS_PARALLEL_MIN_WORK;
+    ctx->batch_tokens = ctx->n_ctx < MOAS_BATCH ? ctx->n_ctx : MOAS_BATCH;
     ctx->mm_hints = model->image_size > MOAS_STREAM_MODEL_BYTES ? MOAS_MM_STREAM : 0;
     ctx->mode = (moas_mode)p.mode;
     ctx->kv_type = (moas_type)p.kv_type;
@@ -494,9 +495,10 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
             }
         }
     } else {
-        /* blocks of MOAS_BATCH tokens: each weight row is read once per block */
-        for (int32_t i = 0; i < n_tokens; i += MOAS_BATCH) {
-            const int32_t n = n_tokens - i < MOAS_BATCH ? n_tokens - i : MOAS_BATCH;
+        /* blocks of batch_tokens: each weight row is read once per block */
+        const int32_t block = ctx->batch_tokens;
+        for (int32_t i = 0; i < n_tokens; i += block) {
+            const int32_t n = n_tokens - i < block ? n_tokens - i : block;
             moas__forward_batch(ctx, tokens + i, n,
                                 which == MOAS_LOGITS_ALL ? logits + (size_t)i * n_vocab : NULL,
                                 which == MOAS_LOGITS_LAST && i + n == n_tokens);

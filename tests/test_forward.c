@@ -203,7 +203,9 @@ static void pseudo_tokens(int32_t *tokens, int32_t n, int32_t n_vocab, uint32_t 
 }
 
 /* Decoding incrementally gives, at every length, exactly the logits of decoding that
- * prefix from scratch: the cache holds everything the past contributes. */
+ * prefix from scratch: the cache holds everything the past contributes. The prefix
+ * goes through blocks of 1 to 13 tokens (the context's full block is larger than
+ * these models' contexts), so blocks split anywhere give the same bits too. */
 TEST(incremental_decode_equals_recompute) {
     moas_model *model;
     moas_context *inc, *fresh;
@@ -220,6 +222,7 @@ TEST(incremental_decode_equals_recompute) {
     for (int32_t k = 1; k <= n; k++) {
         ASSERT_OK(moas_context_decode(inc, tokens[k - 1], NULL));
         moas_context_reset(fresh);
+        fresh->batch_tokens = 1 + k % 13;
         ASSERT_OK(moas_context_decode_batch(fresh, tokens, k, want, MOAS_LOGITS_LAST));
         ASSERT_TRUE(memcmp(moas_context_logits(inc), want, (size_t)n_vocab * sizeof *want) == 0);
     }
@@ -277,7 +280,8 @@ TEST(truncate_then_redecode_equals_uninterrupted_run) {
 /* Results do not depend on the thread count: rows and heads are split, never sums.
  * The parallel threshold is lowered to 0, so that these tiny models take every
  * parallel path (projections, attention heads) that large models take; a prompt of
- * 40 tokens goes through a block of 32 and a block of 8, then 8 tokens one by one. */
+ * 40 tokens goes through a block of 32 and a block of 8 (the block lowered from
+ * MOAS_BATCH), then 8 tokens one by one. */
 TEST(logits_identical_for_any_thread_count) {
     static const char *const models[] = {"tiny-moas-bias.gguf", "tiny-static-nobias.gguf",
                                          "tiny-pooled-bias.gguf", "tiny-baseline-bias.gguf"};
@@ -306,6 +310,7 @@ TEST(logits_identical_for_any_thread_count) {
                 cp.kv_type = t == 3 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
                 ASSERT_OK(moas_context_create(model, &cp, &ctx));
                 ctx->parallel_min_work = 0;
+                ctx->batch_tokens = 32;
                 ASSERT_OK(moas_context_decode_batch(ctx, tokens, n_prompt, out, MOAS_LOGITS_ALL));
                 for (int32_t i = n_prompt; i < n; i++) {
                     ASSERT_OK(moas_context_decode(ctx, tokens[i], out + (size_t)i * n_vocab));
