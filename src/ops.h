@@ -35,7 +35,8 @@ typedef struct moas_ops {
      * the same bits whatever n_rows and n_tok are and wherever it sits among them, so
      * a batch of tokens gives what its tokens give one at a time, and any split of the
      * rows among threads gives the same result. `hints` (MOAS_MM_*) choose how the
-     * work is ordered, never what is computed: the bits are the same for any hints. */
+     * work is ordered, never what is computed: the bits are the same for any hints.
+     * The SIMD tables use up to 40 KB of stack for a batch (ops_simd.h). */
     void (*matmul_f32)(const void *w, size_t row_bytes, int32_t n_rows, const float *x,
                        size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
                        unsigned hints);

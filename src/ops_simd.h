@@ -171,14 +171,21 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
     }
 }
 
-/* Q8_0 for a batch of tokens: the rows of a tile are made into floats once, a panel
- * of MM_PANEL_COLS columns at a time, and the f32 tile runs over the panel for every
- * token of a group of MM_PANEL_TOKS, carrying the chains from panel to panel. Made
- * in the tile itself, the values cost a multiply and two conversions per weight
- * vector per token tile; here, once per group. The panel (6 x 512 floats, 12 KB)
- * and a token tile's columns stay in L1. */
-#define MM_PANEL_COLS 512
-#define MM_PANEL_TOKS 32
+/* ---- a batch of tokens ------------------------------------------------------------
+ *
+ * R rows (one tile's) against every token of the batch, in tiles of MM_TILE_TOKS
+ * tokens. Rows wider than MM_CHUNK_COLS are taken a chunk of columns at a time, for
+ * groups of MM_GROUP_TOKS tokens, the chains carried from chunk to chunk: a chunk of
+ * the tile's rows (6 x 1024 f32, 24 KB) stays in L1 while the group's tokens pass,
+ * where a whole 3072-wide row tile (72 KB) would come from L2 for every token tile.
+ * Q8_0 rows are first made into floats (mm_panel_q8_0), a chunk at a time, and the
+ * f32 tile runs over them: made in the tile itself, the values would cost a multiply
+ * and two conversions per weight vector per token tile; here, once per chunk and
+ * group (once per row tile when the rows fit one chunk). */
+#define MM_CHUNK_COLS 1024
+#define MM_GROUP_TOKS 32
+#define MM_WOFF_q8_0(i) ((size_t)(i) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
+
 MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
                                     float *panel, const int R) {
     for (int r = 0; r < R; r++) {
@@ -202,53 +209,60 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
     }
 }
 
-MM_ALWAYS_INLINE void mm_rows_q8_0(const uint8_t *w, size_t row_bytes, const float *x,
-                                   size_t ldx, int32_t n_tok, int32_t n, float *y, size_t ldy,
-                                   const int R) {
-    float panel[MM_TILE_MAX_R * MM_PANEL_COLS] __attribute__((aligned(64)));
-    MM_VEC chains[MM_PANEL_TOKS * MM_TILE_MAX_R];
-    for (int32_t g = 0; g < n_tok; g += MM_PANEL_TOKS) {
-        const int32_t g_tok = n_tok - g < MM_PANEL_TOKS ? n_tok - g : MM_PANEL_TOKS;
-        for (int32_t c0 = 0; c0 < n; c0 += MM_PANEL_COLS) {
-            const int32_t kc = n - c0 < MM_PANEL_COLS ? n - c0 : MM_PANEL_COLS;
-            const int first = c0 == 0, last = c0 + kc == n;
-            mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
-            const uint8_t *p = (const uint8_t *)panel;
-            const size_t p_bytes = (size_t)kc * sizeof(float);
-            int32_t t = 0;
-            for (; t + MM_TILE_TOKS <= g_tok; t += MM_TILE_TOKS) {
-                const size_t at = (size_t)(g + t);
-                mm_tile_f32(p, p_bytes, x + at * ldx + c0, ldx, kc, y + at * ldy, ldy, R,
-                            MM_TILE_TOKS, 0, chains + (size_t)t * MM_TILE_MAX_R, first, last);
-            }
-            for (; t < g_tok; t++) {
-                const size_t at = (size_t)(g + t);
-                mm_tile_f32(p, p_bytes, x + at * ldx + c0, ldx, kc, y + at * ldy, ldy, R, 1,
-                            0, chains + (size_t)t * MM_TILE_MAX_R, first, last);
-            }
-        }
+/* Tokens [0, n_tok) of x against columns [0, kc) of R rows w (f32 or f16, or a Q8_0
+ * panel passed as f32), token t's chains at chains[t * MM_TILE_MAX_R]. */
+#define MM_DEFINE_TILES(type)                                                              \
+    MM_ALWAYS_INLINE void mm_tiles_##type(const uint8_t *w, size_t row_bytes, const float *x, \
+                                          size_t ldx, int32_t n_tok, int32_t kc, float *y, \
+                                          size_t ldy, const int R, MM_VEC *chains,         \
+                                          int first, int last) {                           \
+        int32_t t = 0;                                                                     \
+        for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                             \
+            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
+                           ldy, R, MM_TILE_TOKS, 0, chains + (size_t)t * MM_TILE_MAX_R,    \
+                           first, last);                                                   \
+        }                                                                                  \
+        for (; t < n_tok; t++) {                                                           \
+            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
+                           ldy, R, 1, 0, chains + (size_t)t * MM_TILE_MAX_R, first, last); \
+        }                                                                                  \
     }
-}
 
-/* A batch of f32 or f16 rows: R rows at a time, every token of the batch passing
- * over them in tiles of MM_TILE_TOKS. */
-#define MM_DEFINE_ROWS(type)                                                               \
+MM_DEFINE_TILES(f32)
+MM_DEFINE_TILES(f16)
+MM_DEFINE_TILES(q8_0)   /* named by MM_DEFINE_ROWS(q8_0), which takes the panel instead */
+
+/* The batch of R rows; the Q8_0 panel is MM_TILE_ROWS x MM_CHUNK_COLS floats. */
+#define MM_DEFINE_ROWS(type, make_panel)                                                   \
     MM_ALWAYS_INLINE void mm_rows_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                          size_t ldx, int32_t n_tok, int32_t n, float *y,   \
                                          size_t ldy, const int R) {                        \
-        int32_t t = 0;                                                                     \
-        for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                             \
-            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, n, y + (size_t)t * ldy, \
-                           ldy, R, MM_TILE_TOKS, 0, NULL, 1, 1);                           \
-        }                                                                                  \
-        for (; t < n_tok; t++) {                                                           \
-            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, n, y + (size_t)t * ldy, \
-                           ldy, R, 1, 0, NULL, 1, 1);                                      \
+        MM_VEC chains[MM_GROUP_TOKS * MM_TILE_MAX_R];                                      \
+        float panel[make_panel ? MM_TILE_ROWS * MM_CHUNK_COLS : 1]                         \
+            __attribute__((aligned(64)));                                                  \
+        const int32_t group = n <= MM_CHUNK_COLS ? n_tok : MM_GROUP_TOKS;                  \
+        for (int32_t g = 0; g < n_tok; g += group) {                                       \
+            const int32_t g_tok = n_tok - g < group ? n_tok - g : group;                   \
+            for (int32_t c0 = 0; c0 < n; c0 += MM_CHUNK_COLS) {                            \
+                const int32_t kc = n - c0 < MM_CHUNK_COLS ? n - c0 : MM_CHUNK_COLS;        \
+                const int first = c0 == 0, last = c0 + kc == n;                            \
+                const float *xg = x + (size_t)g * ldx + c0;                                \
+                float *yg = y + (size_t)g * ldy;                                           \
+                if (make_panel) {                                                          \
+                    mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);                         \
+                    mm_tiles_f32((const uint8_t *)panel, (size_t)kc * sizeof(float), xg,   \
+                                 ldx, g_tok, kc, yg, ldy, R, chains, first, last);         \
+                } else {                                                                   \
+                    mm_tiles_##type(w + MM_WOFF_##type(c0), row_bytes, xg, ldx, g_tok, kc, \
+                                    yg, ldy, R, chains, first, last);                      \
+                }                                                                          \
+            }                                                                              \
         }                                                                                  \
     }
 
-MM_DEFINE_ROWS(f32)
-MM_DEFINE_ROWS(f16)
+MM_DEFINE_ROWS(f32, 0)
+MM_DEFINE_ROWS(f16, 0)
+MM_DEFINE_ROWS(q8_0, 1)
 
 /* The driver: rows outer, so a tile's weight rows stay in L1 while every token of the
  * batch passes over them; the tokens (at most a prefill block) stay in L2. A single

@@ -320,15 +320,16 @@ static float ref_dot(int type, const void *row, const float *x, int32_t n, doubl
 
 static int check_matmul_type(const moas_ops *ops, int type) {
     static const int32_t rows[] = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17};
-    /* 37 tokens: more than a Q8_0 panel's group of 32; 544 columns: more than its 512 */
+    /* 37 tokens: more than a group of 32; 1041 and 1056 columns: more than a chunk of
+     * 1024 (ops_simd.h), 1041 with a scalar tail after it */
     static const int32_t toks[] = {1, 2, 3, 4, 5, 9, 37};
-    static const int32_t ns_f[] = {1, 7, 16, 17, 33, 65, 257};
+    static const int32_t ns_f[] = {1, 7, 16, 17, 33, 65, 257, 1041};
     static const int32_t ns_q[] = {32, 96, 160, 544, 1056};
     const char *what = type == MM_F32   ? "matmul_f32"
                        : type == MM_F16 ? "matmul_f16"
                                         : "matmul_q8_0";
     const int32_t *ns = type == MM_Q8_0 ? ns_q : ns_f;
-    const size_t n_ns = type == MM_Q8_0 ? 5 : 7;
+    const size_t n_ns = type == MM_Q8_0 ? 5 : 8;
     uint64_t seed = 77 + (uint64_t)type;
 
     for (size_t a = 0; a < n_ns; a++) {

@@ -9,7 +9,7 @@
  * key (y += a x). "attention": attn_scores and attn_mix of one query head over 256
  * cached keys of head_dim 64, as forward.c calls them. "matmul": whole weight
  * matrices through the matmul kernels, as forward.c runs them, for one token and for
- * a block of 32. "memory": a plain read of 1 GiB with 1 and 2 threads, the bandwidth
+ * a block of 128. "memory": a plain read of 1 GiB with 1 and 2 threads, the bandwidth
  * decode figures are compared with. Tables are measured interleaved, each round
  * starting with the next one, so a noisy neighbour slows all of them alike; the
  * median over rounds is printed. GFLOP/s counts a multiply-add as 2 flops; GB/s
@@ -305,12 +305,12 @@ int main(int argc, char **argv) {
     }
 
     /* Matrices as forward.c multiplies them: the default 6-layer shape's MLP
-     * up-projection (2.4 MB in f32, in L2/L3), GPT-2 small's (9.4 MB), and a 77 MB f16
-     * output matrix of GPT-2's shape that only memory can hold; one token (decode) and a
-     * block of 32 (prefill). */
-    static const int32_t mm[][3] = {{1536, 384, 1}, {3072, 768, 1}, {50257, 768, 1},
-                                    {1536, 384, 32}, {3072, 768, 32}};
-    printf("\n# matmul: a whole weight matrix times 1 or 32 token rows, one call; GB/s "
+     * up-projection (2.4 MB in f32, in L2/L3), GPT-2 small's (9.4 MB) and its
+     * down-projection (3072 columns), and a 77 MB f16 output matrix of GPT-2's shape
+     * that only memory can hold; one token (decode) and a block of 128 (prefill). */
+    static const int32_t mm[][3] = {{1536, 384, 1},   {3072, 768, 1},   {50257, 768, 1},
+                                    {1536, 384, 128}, {3072, 768, 128}, {768, 3072, 128}};
+    printf("\n# matmul: a whole weight matrix times 1 or 128 token rows, one call; GB/s "
            "counts weights only\n");
     for (size_t s = 0; s < sizeof mm / sizeof mm[0]; s++) {
         operands o;
