@@ -165,8 +165,8 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
     const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
     void (*scores)(const void *, const uint32_t *, int32_t, const float *, int32_t, float,
                    float *) = f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
-    void (*mix)(const void *, const uint32_t *, int32_t, const float *, int32_t, float *) =
-        f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
+    void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+                int32_t, float *, size_t) = f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
 
     for (int32_t h = h0; h < h1; h++) {
@@ -197,8 +197,13 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                        (size_t)head_dim * sizeof *OUT);
             }
             for (int32_t k0 = 0; k0 < seen; k0 += MOAS_ATT_KEYS) {
+                /* query t sees keys up to pos0 + q0 + t: those from t_full on see the
+                 * whole run, and their value sums go in one call */
+                const int32_t k1 = k0 + MOAS_ATT_KEYS;
+                int32_t t_full = k1 - (pos0 + q0 + 1);
+                t_full = t_full < 0 ? 0 : t_full > nq ? nq : t_full;
                 for (int32_t t = 0; t < nq; t++) {
-                    const int32_t end = pos0 + q0 + t + 1, k1 = k0 + MOAS_ATT_KEYS;
+                    const int32_t end = pos0 + q0 + t + 1;
                     const int32_t nk = (end < k1 ? end : k1) - k0;
                     if (nk <= 0) {
                         continue;
@@ -220,7 +225,14 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                     }
                     run_max[t] = mx;
                     run_sum[t] += ops->exp_sum(s, nk, mx);
-                    mix(kv->v, rows + k0, nk, s, head_dim, out);
+                    if (t < t_full) {
+                        mix(kv->v, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
+                    }
+                }
+                if (t_full < nq) {
+                    mix(kv->v, rows + k0, MOAS_ATT_KEYS, att + (size_t)t_full * MOAS_ATT_KEYS,
+                        MOAS_ATT_KEYS, nq - t_full, head_dim,
+                        OUT + (size_t)(q0 + t_full) * ldo + (size_t)h * head_dim, ldo);
                 }
             }
             for (int32_t t = 0; t < nq; t++) {

@@ -83,6 +83,7 @@ static inline __m256 load8_i8_biased(const int8_t *p) {
 #define MM_TILE_ROWS 4
 #define MM_TILE_TOKS 2
 #define MM_DECODE_ROWS 8
+#define MM_MIX_QUERIES 2   /* 8 output vectors + 4 value vectors of 16 registers */
 #define MM_NAME(base) base##_avx2
 #include "ops_simd.h"
 

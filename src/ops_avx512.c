@@ -86,6 +86,7 @@ static inline __m512 load16_i8_biased(const int8_t *p) {
 #define MM_TILE_ROWS 6   /* 6 x 4 beat 4 x 4 by 4-5% and 8 x 4, 4 x 8 (bench_kernels) */
 #define MM_TILE_TOKS 4
 #define MM_DECODE_ROWS 8
+#define MM_MIX_QUERIES 4   /* 16 output vectors + 4 value vectors in registers */
 #define MM_NAME(base) base##_avx512
 #include "ops_simd.h"
 

@@ -86,16 +86,22 @@ static void attn_scores_f16_ref(const void *k, const uint32_t *rows, int32_t n, 
 }
 
 static void attn_mix_f32_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                             int32_t head_dim, float *out) {
-    for (int32_t j = 0; j < n; j++) {
-        axpy_f32_ref(out, p[j], (const float *)v + (size_t)rows[j] * head_dim, head_dim);
+                             size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo) {
+    for (int32_t t = 0; t < nq; t++) {
+        for (int32_t j = 0; j < n; j++) {
+            axpy_f32_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],
+                         (const float *)v + (size_t)rows[j] * head_dim, head_dim);
+        }
     }
 }
 
 static void attn_mix_f16_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                             int32_t head_dim, float *out) {
-    for (int32_t j = 0; j < n; j++) {
-        axpy_f16_ref(out, p[j], (const uint16_t *)v + (size_t)rows[j] * head_dim, head_dim);
+                             size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo) {
+    for (int32_t t = 0; t < nq; t++) {
+        for (int32_t j = 0; j < n; j++) {
+            axpy_f16_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],
+                         (const uint16_t *)v + (size_t)rows[j] * head_dim, head_dim);
+        }
     }
 }
 

@@ -6,12 +6,14 @@
  *
  *   MM_VEC, MM_LANES          the vector type and its floats
  *   MM_ZERO(), MM_LOADX(p)    zero; MM_LANES floats from any address; MM_STORE(p, v)
- *   MM_LOAD_F16(p)            MM_LANES halves, widened; MM_LOAD_I8(p) int8 as floats
+ *   MM_LOAD_F16(p)            MM_LANES halves, widened; MM_LOAD_I8(p) int8 as floats;
+ *   MM_LOAD_I8_BIASED(p)      int8 q as the floats 1.5 2^23 + q (an integer add)
  *   MM_FMA(a, b, c), MM_MUL(a, b), MM_ADD(a, b), MM_DIV(a, b), MM_MAX(a, b),
  *   MM_SET1(f), MM_HSUM(v), MM_HMAX(v), MM_ABS(v), MM_ROUND(v) (to nearest, ties to
  *   even), MM_POW2(n) (2^n for integral n in [-126, 127]), MM_COPYSIGN(mag, sign)
  *   MM_TILE_ROWS, MM_TILE_TOKS  the matmul tile for batches (rows x tokens)
  *   MM_DECODE_ROWS            matmul rows per step for a single token
+ *   MM_MIX_QUERIES            queries per step of a value sum
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
@@ -313,9 +315,10 @@ MM_DEFINE_MATMUL(q8_0)
  * Scores: each one chain of MM_LANES lanes over head_dim, MM_HSUM, the scalar tail,
  * times scale; four keys at a time for independent chains, which does not change a
  * score's bits. Value sum: the output columns stay in registers (up to four vectors at
- * a time) while every key's row passes, each element fused-multiply-added in key
- * order onto what out held, tail columns likewise with fmaf; so a sum split into runs
- * of keys gives what one call over all of them gives. */
+ * a time, for up to MM_MIX_QUERIES queries) while every key's row passes, each
+ * element fused-multiply-added in key order onto what out held, tail columns likewise
+ * with fmaf; so a sum split into runs of keys gives what one call over all of them
+ * gives, and a query's sums do not depend on the queries beside it. */
 
 MM_ALWAYS_INLINE MM_VEC mm_load_kv_f32(const uint8_t *row, int32_t i) {
     return MM_LOADX((const float *)(const void *)row + i);
@@ -366,42 +369,79 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             scores[j] = mm_score_tail(MM_HSUM(a0), r0, q, whole, head_dim, is_f16) * scale; \
         }                                                                                  \
     }                                                                                      \
-    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, int32_t n,   \
-                                         const float *p, int32_t head_dim, float *out) {   \
+    /* Q queries (a compile-time constant after inlining) at once: each value row      \
+     * loaded serves all of them, and Q times as many chains are in flight. */          \
+    MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, int32_t n,    \
+                                        const float *p, size_t ldp, int32_t head_dim,      \
+                                        float *out, size_t ldo, const int Q) {             \
         const size_t row_bytes = (size_t)head_dim * (esize);                               \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t c = 0;                                                                     \
         for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
-            MM_VEC o0 = MM_LOADX(out + c), o1 = MM_LOADX(out + c + MM_LANES);              \
-            MM_VEC o2 = MM_LOADX(out + c + 2 * MM_LANES), o3 = MM_LOADX(out + c + 3 * MM_LANES); \
+            MM_VEC o[MM_MIX_QUERIES][4];                                                   \
+            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
+                    o[t][u] = MM_LOADX(out + (size_t)t * ldo + c + u * MM_LANES);          \
+                }                                                                          \
+            }                                                                              \
             for (int32_t j = 0; j < n; j++) {                                              \
                 const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
-                const MM_VEC a = MM_SET1(p[j]);                                            \
-                o0 = MM_FMA(a, mm_load_kv_##type(r, c), o0);                               \
-                o1 = MM_FMA(a, mm_load_kv_##type(r, c + MM_LANES), o1);                    \
-                o2 = MM_FMA(a, mm_load_kv_##type(r, c + 2 * MM_LANES), o2);                \
-                o3 = MM_FMA(a, mm_load_kv_##type(r, c + 3 * MM_LANES), o3);                \
+                MM_VEC vr[4];                                                              \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
+                    vr[u] = mm_load_kv_##type(r, c + u * MM_LANES);                        \
+                }                                                                          \
+                _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                      \
+                    const MM_VEC a = MM_SET1(p[(size_t)t * ldp + j]);                      \
+                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                  \
+                        o[t][u] = MM_FMA(a, vr[u], o[t][u]);                               \
+                    }                                                                      \
+                }                                                                          \
             }                                                                              \
-            MM_STORE(out + c, o0);                                                         \
-            MM_STORE(out + c + MM_LANES, o1);                                              \
-            MM_STORE(out + c + 2 * MM_LANES, o2);                                          \
-            MM_STORE(out + c + 3 * MM_LANES, o3);                                          \
+            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
+                    MM_STORE(out + (size_t)t * ldo + c + u * MM_LANES, o[t][u]);           \
+                }                                                                          \
+            }                                                                              \
         }                                                                                  \
         for (; c < whole; c += MM_LANES) {                                                 \
-            MM_VEC o0 = MM_LOADX(out + c);                                                 \
-            for (int32_t j = 0; j < n; j++) {                                              \
-                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
-                o0 = MM_FMA(MM_SET1(p[j]), mm_load_kv_##type(r, c), o0);                   \
+            MM_VEC o[MM_MIX_QUERIES];                                                      \
+            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
+                o[t] = MM_LOADX(out + (size_t)t * ldo + c);                                \
             }                                                                              \
-            MM_STORE(out + c, o0);                                                         \
+            for (int32_t j = 0; j < n; j++) {                                              \
+                const MM_VEC vr =                                                          \
+                    mm_load_kv_##type((const uint8_t *)v + rows[j] * row_bytes, c);        \
+                _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                      \
+                    o[t] = MM_FMA(MM_SET1(p[(size_t)t * ldp + j]), vr, o[t]);              \
+                }                                                                          \
+            }                                                                              \
+            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
+                MM_STORE(out + (size_t)t * ldo + c, o[t]);                                 \
+            }                                                                              \
         }                                                                                  \
         for (; c < head_dim; c++) {                                                        \
-            float o = out[c];                                                              \
-            for (int32_t j = 0; j < n; j++) {                                              \
-                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
-                o = fmaf(p[j], is_f16 ? mm_scalar_w_f16(r, c) : mm_scalar_w_f32(r, c), o); \
+            for (int t = 0; t < Q; t++) {                                                  \
+                float o = out[(size_t)t * ldo + c];                                        \
+                for (int32_t j = 0; j < n; j++) {                                          \
+                    const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;           \
+                    o = fmaf(p[(size_t)t * ldp + j],                                       \
+                             is_f16 ? mm_scalar_w_f16(r, c) : mm_scalar_w_f32(r, c), o);   \
+                }                                                                          \
+                out[(size_t)t * ldo + c] = o;                                              \
             }                                                                              \
-            out[c] = o;                                                                    \
+        }                                                                                  \
+    }                                                                                      \
+    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, int32_t n,   \
+                                         const float *p, size_t ldp, int32_t nq,           \
+                                         int32_t head_dim, float *out, size_t ldo) {       \
+        int32_t t = 0;                                                                     \
+        for (; t + MM_MIX_QUERIES <= nq; t += MM_MIX_QUERIES) {                            \
+            mm_mix_##type(v, rows, n, p + (size_t)t * ldp, ldp, head_dim,                  \
+                          out + (size_t)t * ldo, ldo, MM_MIX_QUERIES);                     \
+        }                                                                                  \
+        for (; t < nq; t++) {                                                              \
+            mm_mix_##type(v, rows, n, p + (size_t)t * ldp, ldp, head_dim,                  \
+                          out + (size_t)t * ldo, ldo, 1);                                  \
         }                                                                                  \
     }
 

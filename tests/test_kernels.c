@@ -147,13 +147,13 @@ static float row_dot_q8_0(const moas_ops *ops, const moas_block_q8_0 *w, const f
 static void one_key_axpy_f32(const moas_ops *ops, float *y, float a, const float *x,
                              int32_t n) {
     static const uint32_t row0 = 0;
-    ops->attn_mix_f32(x, &row0, 1, &a, n, y);
+    ops->attn_mix_f32(x, &row0, 1, &a, 1, 1, n, y, (size_t)n);
 }
 
 static void one_key_axpy_f16(const moas_ops *ops, float *y, float a, const uint16_t *x,
                              int32_t n) {
     static const uint32_t row0 = 0;
-    ops->attn_mix_f16(x, &row0, 1, &a, n, y);
+    ops->attn_mix_f16(x, &row0, 1, &a, 1, 1, n, y, (size_t)n);
 }
 
 /* ---- the comparisons, one per kernel ------------------------------------------------ */
@@ -430,7 +430,8 @@ static int check_matmul(const moas_ops *ops) {
  * dot (dot_tol, then one more rounding for the scale); each score also bit for bit
  * against the same table scoring that key alone. The value sum, added onto what out
  * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
- * round n sequential additions), and bit for bit against the same sum in two runs. */
+ * round n sequential additions), and bit for bit against the same sum in two runs, and
+ * against each query's sum alone when 1 to 7 queries go in one call. */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
@@ -465,16 +466,44 @@ static int check_attention(const moas_ops *ops) {
                 const char *what_s = f16 ? "attn_scores_f16" : "attn_scores_f32";
                 const char *what_m = f16 ? "attn_mix_f16" : "attn_mix_f32";
                 const int32_t cut = n / 3;   /* the value sum in two runs of keys */
+                void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t,
+                            int32_t, int32_t, float *, size_t) =
+                    f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
+                const void *v = f16 ? (const void *)vh : (const void *)vf;
                 if (f16) {
                     ops->attn_scores_f16(kh, rows, n, q, d, scale, sc);
-                    ops->attn_mix_f16(vh, rows, n, p, d, out);
-                    ops->attn_mix_f16(vh, rows, cut, p, d, split);
-                    ops->attn_mix_f16(vh, rows + cut, n - cut, p + cut, d, split);
                 } else {
                     ops->attn_scores_f32(kf, rows, n, q, d, scale, sc);
-                    ops->attn_mix_f32(vf, rows, n, p, d, out);
-                    ops->attn_mix_f32(vf, rows, cut, p, d, split);
-                    ops->attn_mix_f32(vf, rows + cut, n - cut, p + cut, d, split);
+                }
+                mix(v, rows, n, p, 1, 1, d, out, 1);
+                mix(v, rows, cut, p, 1, 1, d, split, 1);
+                mix(v, rows + cut, n - cut, p + cut, 1, 1, d, split, 1);
+
+                /* NQ queries in one call: each the bits of that query alone; out's
+                 * padding between queries untouched */
+                enum { NQ = 7, LDO = MAXD + 3 };
+                static float pm[NQ][MAXN], om[NQ][LDO], oa[MAXD];
+                for (int32_t t = 0; t < NQ; t++) {
+                    for (int32_t j = 0; j < n; j++) {
+                        pm[t][j] = next_val(&seed, true);
+                    }
+                    for (int32_t i = 0; i < LDO; i++) {
+                        om[t][i] = i < d ? next_val(&seed, false) : -1234.5f;
+                    }
+                }
+                for (int32_t nq = 1; nq <= NQ; nq++) {
+                    static float ob[NQ][LDO];
+                    memcpy(ob, om, sizeof ob);
+                    mix(v, rows, n, pm[0], MAXN, nq, d, ob[0], LDO);
+                    for (int32_t t = 0; t < NQ; t++) {
+                        memcpy(oa, om[t], sizeof oa);
+                        if (t < nq) {
+                            mix(v, rows, n, pm[t], MAXN, 1, d, oa, MAXD);
+                        }
+                        for (int32_t i = 0; i < LDO; i++) {
+                            CHECK_SAME_BITS(what_m, d, ob[t][i], i < d ? oa[i] : om[t][i]);
+                        }
+                    }
                 }
                 for (int32_t j = 0; j < n; j++) {
                     const float *k = kf + (size_t)rows[j] * d;
