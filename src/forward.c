@@ -163,8 +163,9 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
-    void (*scores)(const void *, const uint32_t *, int32_t, const float *, int32_t, float,
-                   float *) = f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
+    void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+                   int32_t, float, float *, size_t) =
+        f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
     void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
                 int32_t, float *, size_t) = f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
@@ -198,10 +199,16 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
             }
             for (int32_t k0 = 0; k0 < seen; k0 += MOAS_ATT_KEYS) {
                 /* query t sees keys up to pos0 + q0 + t: those from t_full on see the
-                 * whole run, and their value sums go in one call */
+                 * whole run, and their scores and value sums go in one call each */
                 const int32_t k1 = k0 + MOAS_ATT_KEYS;
                 int32_t t_full = k1 - (pos0 + q0 + 1);
                 t_full = t_full < 0 ? 0 : t_full > nq ? nq : t_full;
+                if (t_full < nq) {
+                    scores(kv->k, rows + k0, MOAS_ATT_KEYS,
+                           Q + (size_t)(q0 + t_full) * ldq + (size_t)h * head_dim, ldq,
+                           nq - t_full, head_dim, scale, att + (size_t)t_full * MOAS_ATT_KEYS,
+                           MOAS_ATT_KEYS);
+                }
                 for (int32_t t = 0; t < nq; t++) {
                     const int32_t end = pos0 + q0 + t + 1;
                     const int32_t nk = (end < k1 ? end : k1) - k0;
@@ -211,7 +218,9 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                     const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
                     float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
                     float *s = att + (size_t)t * MOAS_ATT_KEYS;
-                    scores(kv->k, rows + k0, nk, q, head_dim, scale, s);
+                    if (t < t_full) {
+                        scores(kv->k, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
+                    }
                     float mx = run_max[t];
                     for (int32_t j = 0; j < nk; j++) {
                         mx = s[j] > mx ? s[j] : mx;

@@ -50,17 +50,19 @@ typedef struct moas_ops {
     /* Attention of one query head over n cached tokens: token j's key or value row
      * for this head is row rows[j] of k or v (rows of head_dim, f32 or f16, the
      * cache's element type), so one kernel serves uniform and ragged streams.
-     *   scores[j] = (q . k_row(j)) * scale                          (attn_scores)
-     *   out_t += p_t[j] v_row(j) for j = 0, 1, ..., n - 1, in that order, for each of
-     *   nq queries t: p_t = p + t * ldp, out_t = out + t * ldo       (attn_mix)
-     * Each score is the same bits whatever n and its position, and a value sum is the
-     * same bits whatever nq and the query's place among them, and split into runs of
-     * keys equals one call over all of them: a query decoded alone and inside a batch
-     * agree. */
+     * For each of nq queries t (q_t = q + t * ldq, scores_t = scores + t * lds, p_t =
+     * p + t * ldp, out_t = out + t * ldo):
+     *   scores_t[j] = (q_t . k_row(j)) * scale                           (attn_scores)
+     *   out_t += p_t[j] v_row(j) for j = 0, 1, ..., n - 1, in that order (attn_mix)
+     * Each score is the same bits whatever n, nq and its place among them, and a value
+     * sum likewise, and split into runs of keys it equals one call over all of them: a
+     * query decoded alone and inside a batch agree. */
     void (*attn_scores_f32)(const void *k, const uint32_t *rows, int32_t n, const float *q,
-                            int32_t head_dim, float scale, float *scores);
+                            size_t ldq, int32_t nq, int32_t head_dim, float scale,
+                            float *scores, size_t lds);
     void (*attn_scores_f16)(const void *k, const uint32_t *rows, int32_t n, const float *q,
-                            int32_t head_dim, float scale, float *scores);
+                            size_t ldq, int32_t nq, int32_t head_dim, float scale,
+                            float *scores, size_t lds);
     void (*attn_mix_f32)(const void *v, const uint32_t *rows, int32_t n, const float *p,
                          size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
     void (*attn_mix_f16)(const void *v, const uint32_t *rows, int32_t n, const float *p,

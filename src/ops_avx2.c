@@ -84,6 +84,15 @@ static inline __m256 load8_i8_biased(const int8_t *p) {
 #define MM_TILE_TOKS 2
 #define MM_DECODE_ROWS 8
 #define MM_MIX_QUERIES 2   /* 8 output vectors + 4 value vectors of 16 registers */
+#define MM_SCORE_QUERIES 2 /* 8 chains: 4 keys x 2 queries */
+#define MM_SCORES_4xQ(acc, scale, out, lds)                                                \
+    do {                                                                                   \
+        for (int t_ = 0; t_ < 2; t_++) {                                                   \
+            for (int u_ = 0; u_ < 4; u_++) {                                               \
+                (out)[t_ * (lds) + u_] = hsum8((acc)[u_ * 2 + t_]) * (scale);              \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
 #define MM_NAME(base) base##_avx2
 #include "ops_simd.h"
 

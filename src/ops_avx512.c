@@ -40,6 +40,43 @@ static inline float hsum16(__m512 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Sixteen lane sums at once, each taken in hsum16's order, so that lane
+ * 4 (i % 4) + i / 4 of the result is bit for bit hsum16(v[i]): at each level, where hsum16
+ * adds a vector's upper half to its lower half, this adds the halves of two vectors
+ * at a time, packed into one (2 shuffles and an add for two sums, instead of one
+ * sum's 4 extractions and adds). For scores: v[4 u + t] (key u, query t) lands in
+ * lane 4 t + u, each query's four keys side by side. */
+static inline __m512 hsum16_x16(const __m512 *v) {
+    __m512 w[8], z[4], y[2];
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < 8; k++) {   /* lane i + lane i + 8 */
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xee));
+    }
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < 4; k++) {   /* + lane i + 4 */
+        z[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xdd));
+    }
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < 2; k++) {   /* + lane i + 2, within each 128 bits */
+        y[k] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * k], z[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(z[2 * k], z[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Scores of 4 keys x 4 queries from their chains (v[4 u + t]), times scale, query t's
+ * four at out + t * lds. */
+static inline void scores4x4(const __m512 *v, float scale, float *out, size_t lds) {
+    const __m512 s = _mm512_mul_ps(hsum16_x16(v), _mm512_set1_ps(scale));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(s));
+    _mm_storeu_ps(out + lds, _mm512_extractf32x4_ps(s, 1));
+    _mm_storeu_ps(out + 2 * lds, _mm512_extractf32x4_ps(s, 2));
+    _mm_storeu_ps(out + 3 * lds, _mm512_extractf32x4_ps(s, 3));
+}
+
 /* Sixteen halves from any address, widened exactly. */
 static inline __m512 load16_f16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
@@ -87,6 +124,8 @@ static inline __m512 load16_i8_biased(const int8_t *p) {
 #define MM_TILE_TOKS 4
 #define MM_DECODE_ROWS 8
 #define MM_MIX_QUERIES 4   /* 16 output vectors + 4 value vectors in registers */
+#define MM_SCORE_QUERIES 4 /* 16 chains: 4 keys x 4 queries, summed by hsum16_x16 */
+#define MM_SCORES_4xQ(acc, scale, out, lds) scores4x4(acc, scale, out, lds)
 #define MM_NAME(base) base##_avx512
 #include "ops_simd.h"
 

@@ -70,18 +70,24 @@ DEFINE_MATMUL_REF(f16)
 DEFINE_MATMUL_REF(q8_0)
 
 static void attn_scores_f32_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
-                                int32_t head_dim, float scale, float *scores) {
-    for (int32_t j = 0; j < n; j++) {
-        const float *row = (const float *)k + (size_t)rows[j] * head_dim;
-        scores[j] = dot_f32_ref(row, q, head_dim) * scale;
+                                size_t ldq, int32_t nq, int32_t head_dim, float scale,
+                                float *scores, size_t lds) {
+    for (int32_t t = 0; t < nq; t++) {
+        for (int32_t j = 0; j < n; j++) {
+            const float *row = (const float *)k + (size_t)rows[j] * head_dim;
+            scores[(size_t)t * lds + j] = dot_f32_ref(row, q + (size_t)t * ldq, head_dim) * scale;
+        }
     }
 }
 
 static void attn_scores_f16_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
-                                int32_t head_dim, float scale, float *scores) {
-    for (int32_t j = 0; j < n; j++) {
-        const uint16_t *row = (const uint16_t *)k + (size_t)rows[j] * head_dim;
-        scores[j] = dot_f16_ref(row, q, head_dim) * scale;
+                                size_t ldq, int32_t nq, int32_t head_dim, float scale,
+                                float *scores, size_t lds) {
+    for (int32_t t = 0; t < nq; t++) {
+        for (int32_t j = 0; j < n; j++) {
+            const uint16_t *row = (const uint16_t *)k + (size_t)rows[j] * head_dim;
+            scores[(size_t)t * lds + j] = dot_f16_ref(row, q + (size_t)t * ldq, head_dim) * scale;
+        }
     }
 }
 

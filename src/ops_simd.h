@@ -14,6 +14,8 @@
  *   MM_TILE_ROWS, MM_TILE_TOKS  the matmul tile for batches (rows x tokens)
  *   MM_DECODE_ROWS            matmul rows per step for a single token
  *   MM_MIX_QUERIES            queries per step of a value sum
+ *   MM_SCORE_QUERIES, MM_SCORES_4xQ(acc, scale, out, lds)  queries per step of scores;
+ *                             their lane sums times scale, stored (acc[4 key + query])
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
@@ -336,37 +338,77 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
 }
 
 #define MM_DEFINE_ATTN(type, esize, is_f16)                                                \
-    static void MM_NAME(attn_scores_##type)(const void *k, const uint32_t *rows, int32_t n, \
-                                            const float *q, int32_t head_dim, float scale, \
-                                            float *scores) {                               \
+    /* Scores of Q queries (a compile-time constant after inlining) against 4 keys at  \
+     * a time: 4 Q chains, each key vector loaded serving every query; for Q =          \
+     * MM_SCORE_QUERIES and no scalar tail, MM_SCORES_4xQ sums, scales and stores them   \
+     * together (the same bits as MM_HSUM of each, times scale). */                      \
+    MM_ALWAYS_INLINE void mm_scores_##type(const void *k, const uint32_t *rows, int32_t n,  \
+                                           const float *q, size_t ldq, int32_t head_dim,   \
+                                           float scale, float *scores, size_t lds,         \
+                                           const int Q) {                                  \
         const size_t row_bytes = (size_t)head_dim * (esize);                               \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t j = 0;                                                                     \
         for (; j + 4 <= n; j += 4) {                                                       \
-            const uint8_t *r0 = (const uint8_t *)k + rows[j] * row_bytes;                  \
-            const uint8_t *r1 = (const uint8_t *)k + rows[j + 1] * row_bytes;              \
-            const uint8_t *r2 = (const uint8_t *)k + rows[j + 2] * row_bytes;              \
-            const uint8_t *r3 = (const uint8_t *)k + rows[j + 3] * row_bytes;              \
-            MM_VEC a0 = MM_ZERO(), a1 = MM_ZERO(), a2 = MM_ZERO(), a3 = MM_ZERO();         \
-            for (int32_t i = 0; i < whole; i += MM_LANES) {                                \
-                const MM_VEC qv = MM_LOADX(q + i);                                         \
-                a0 = MM_FMA(mm_load_kv_##type(r0, i), qv, a0);                             \
-                a1 = MM_FMA(mm_load_kv_##type(r1, i), qv, a1);                             \
-                a2 = MM_FMA(mm_load_kv_##type(r2, i), qv, a2);                             \
-                a3 = MM_FMA(mm_load_kv_##type(r3, i), qv, a3);                             \
+            const uint8_t *r[4];                                                           \
+            MM_VEC acc[4 * MM_SCORE_QUERIES];                                              \
+            _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                          \
+                r[u] = (const uint8_t *)k + rows[j + u] * row_bytes;                       \
+                _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                      \
+                    acc[u * MM_SCORE_QUERIES + t] = MM_ZERO();                             \
+                }                                                                          \
             }                                                                              \
-            scores[j] = mm_score_tail(MM_HSUM(a0), r0, q, whole, head_dim, is_f16) * scale; \
-            scores[j + 1] = mm_score_tail(MM_HSUM(a1), r1, q, whole, head_dim, is_f16) * scale; \
-            scores[j + 2] = mm_score_tail(MM_HSUM(a2), r2, q, whole, head_dim, is_f16) * scale; \
-            scores[j + 3] = mm_score_tail(MM_HSUM(a3), r3, q, whole, head_dim, is_f16) * scale; \
+            for (int32_t i = 0; i < whole; i += MM_LANES) {                                \
+                MM_VEC kv[4];                                                              \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
+                    kv[u] = mm_load_kv_##type(r[u], i);                                    \
+                }                                                                          \
+                _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                      \
+                    const MM_VEC qv = MM_LOADX(q + (size_t)t * ldq + i);                   \
+                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                  \
+                        acc[u * MM_SCORE_QUERIES + t] =                                    \
+                            MM_FMA(kv[u], qv, acc[u * MM_SCORE_QUERIES + t]);              \
+                    }                                                                      \
+                }                                                                          \
+            }                                                                              \
+            if (Q == MM_SCORE_QUERIES && whole == head_dim) {                              \
+                MM_SCORES_4xQ(acc, scale, scores + j, lds);                                \
+                continue;                                                                  \
+            }                                                                              \
+            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
+                    const float sum = MM_HSUM(acc[u * MM_SCORE_QUERIES + t]);              \
+                    scores[(size_t)t * lds + j + u] =                                      \
+                        mm_score_tail(sum, r[u], q + (size_t)t * ldq, whole, head_dim,     \
+                                      is_f16) * scale;                                     \
+                }                                                                          \
+            }                                                                              \
         }                                                                                  \
         for (; j < n; j++) {                                                               \
             const uint8_t *r0 = (const uint8_t *)k + rows[j] * row_bytes;                  \
-            MM_VEC a0 = MM_ZERO();                                                         \
-            for (int32_t i = 0; i < whole; i += MM_LANES) {                                \
-                a0 = MM_FMA(mm_load_kv_##type(r0, i), MM_LOADX(q + i), a0);                \
+            for (int t = 0; t < Q; t++) {                                                  \
+                const float *qt = q + (size_t)t * ldq;                                     \
+                MM_VEC a0 = MM_ZERO();                                                     \
+                for (int32_t i = 0; i < whole; i += MM_LANES) {                            \
+                    a0 = MM_FMA(mm_load_kv_##type(r0, i), MM_LOADX(qt + i), a0);           \
+                }                                                                          \
+                scores[(size_t)t * lds + j] =                                              \
+                    mm_score_tail(MM_HSUM(a0), r0, qt, whole, head_dim, is_f16) * scale;   \
             }                                                                              \
-            scores[j] = mm_score_tail(MM_HSUM(a0), r0, q, whole, head_dim, is_f16) * scale; \
+        }                                                                                  \
+    }                                                                                      \
+    static void MM_NAME(attn_scores_##type)(const void *k, const uint32_t *rows, int32_t n, \
+                                            const float *q, size_t ldq, int32_t nq,        \
+                                            int32_t head_dim, float scale, float *scores,  \
+                                            size_t lds) {                                  \
+        int32_t t = 0;                                                                     \
+        for (; t + MM_SCORE_QUERIES <= nq; t += MM_SCORE_QUERIES) {                        \
+            mm_scores_##type(k, rows, n, q + (size_t)t * ldq, ldq, head_dim, scale,        \
+                             scores + (size_t)t * lds, lds, MM_SCORE_QUERIES);             \
+        }                                                                                  \
+        for (; t < nq; t++) {                                                              \
+            mm_scores_##type(k, rows, n, q + (size_t)t * ldq, ldq, head_dim, scale,        \
+                             scores + (size_t)t * lds, lds, 1);                            \
         }                                                                                  \
     }                                                                                      \
     /* Q queries (a compile-time constant after inlining) at once: each value row      \

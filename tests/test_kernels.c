@@ -430,8 +430,9 @@ static int check_matmul(const moas_ops *ops) {
  * dot (dot_tol, then one more rounding for the scale); each score also bit for bit
  * against the same table scoring that key alone. The value sum, added onto what out
  * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
- * round n sequential additions), and bit for bit against the same sum in two runs, and
- * against each query's sum alone when 1 to 7 queries go in one call. */
+ * round n sequential additions), and bit for bit against the same sum in two runs.
+ * When 1 to 7 queries go in one call, each query's scores and sums are bit for bit
+ * those of the query alone. */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
@@ -470,19 +471,41 @@ static int check_attention(const moas_ops *ops) {
                             int32_t, int32_t, float *, size_t) =
                     f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
                 const void *v = f16 ? (const void *)vh : (const void *)vf;
-                if (f16) {
-                    ops->attn_scores_f16(kh, rows, n, q, d, scale, sc);
-                } else {
-                    ops->attn_scores_f32(kf, rows, n, q, d, scale, sc);
-                }
+                void (*score)(const void *, const uint32_t *, int32_t, const float *, size_t,
+                              int32_t, int32_t, float, float *, size_t) =
+                    f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
+                const void *keys = f16 ? (const void *)kh : (const void *)kf;
+                score(keys, rows, n, q, 1, 1, d, scale, sc, 1);
                 mix(v, rows, n, p, 1, 1, d, out, 1);
                 mix(v, rows, cut, p, 1, 1, d, split, 1);
                 mix(v, rows + cut, n - cut, p + cut, 1, 1, d, split, 1);
 
-                /* NQ queries in one call: each the bits of that query alone; out's
-                 * padding between queries untouched */
-                enum { NQ = 7, LDO = MAXD + 3 };
-                static float pm[NQ][MAXN], om[NQ][LDO], oa[MAXD];
+                /* NQ queries in one call: each the bits of that query alone; the
+                 * padding between queries' scores and outputs untouched */
+                enum { NQ = 7, LDO = MAXD + 3, LDS = MAXN + 2 };
+                static float pm[NQ][MAXN], om[NQ][LDO], oa[MAXD], qm[NQ][MAXD];
+                static float sm[NQ][LDS];
+                float sa[MAXN];
+                for (int32_t t = 0; t < NQ; t++) {
+                    for (int32_t i = 0; i < d; i++) {
+                        qm[t][i] = next_val(&seed, false);
+                    }
+                }
+                for (int32_t nq = 1; nq <= NQ; nq++) {
+                    for (int32_t t = 0; t < NQ; t++) {
+                        for (int32_t j = 0; j < LDS; j++) {
+                            sm[t][j] = -1234.5f;
+                        }
+                    }
+                    score(keys, rows, n, qm[0], MAXD, nq, d, scale, sm[0], LDS);
+                    for (int32_t t = 0; t < NQ; t++) {
+                        score(keys, rows, n, qm[t], MAXD, 1, d, scale, sa, 1);
+                        for (int32_t j = 0; j < LDS; j++) {
+                            CHECK_SAME_BITS(what_s, d, sm[t][j],
+                                            t < nq && j < n ? sa[j] : -1234.5f);
+                        }
+                    }
+                }
                 for (int32_t t = 0; t < NQ; t++) {
                     for (int32_t j = 0; j < n; j++) {
                         pm[t][j] = next_val(&seed, true);
@@ -515,11 +538,7 @@ static int check_attention(const moas_ops *ops) {
                     CHECK_NEAR(what_s, d, j, sc[j], ref,
                                (dot_tol(d, sum_abs) + 2 * U32 * fabs(ref / scale)) * scale);
                     float alone;
-                    if (f16) {
-                        ops->attn_scores_f16(kh, &rows[j], 1, q, d, scale, &alone);
-                    } else {
-                        ops->attn_scores_f32(kf, &rows[j], 1, q, d, scale, &alone);
-                    }
+                    score(keys, &rows[j], 1, q, 1, 1, d, scale, &alone, 1);
                     CHECK_SAME_BITS(what_s, d, sc[j], alone);
                 }
                 for (int32_t i = 0; i < d; i++) {

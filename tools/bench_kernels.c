@@ -183,10 +183,10 @@ static double run(const moas_ops *t, enum kernel k, const operands *o, int reps)
     for (int r = 0; r < reps; r++) {
         switch (k) {
         case ATTN_SCORES_F32:
-            t->attn_scores_f32(o->w32, o->rows, o->n_rows, o->x, nc, 0.125f, o->y);
+            t->attn_scores_f32(o->w32, o->rows, o->n_rows, o->x, 1, 1, nc, 0.125f, o->y, 1);
             break;
         case ATTN_SCORES_F16:
-            t->attn_scores_f16(o->w16, o->rows, o->n_rows, o->x, nc, 0.125f, o->y);
+            t->attn_scores_f16(o->w16, o->rows, o->n_rows, o->x, 1, 1, nc, 0.125f, o->y, 1);
             break;
         case ATTN_MIX_F32:
             t->attn_mix_f32(o->w32, o->rows, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
