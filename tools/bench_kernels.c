@@ -2,6 +2,7 @@
  * bench_kernels.c - time every kernel of every table this CPU runs (make bench-kernels).
  *
  *   bench_kernels [rounds [offset]]   default 15 rounds, offset 0
+ *   bench_kernels read                the memory part alone
  *
  * Four parts. "hot": one call on one row that stays in L1, at attention's head dims
  * (32, 64) and at 192, 768 and 3072 (n_embd and 4 * n_embd of small models): the
@@ -250,11 +251,34 @@ static void bench(const moas_ops *const *tables, int n_tables, enum kernel k,
     }
 }
 
+/* The plain read of 1 GiB at 1 and 2 threads: the bandwidth decode is compared with. */
+static int bench_memory(void) {
+    const size_t big = (size_t)1 << 30;
+    uint64_t *mem = malloc(big);
+    if (mem == NULL) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    for (size_t i = 0; i < big / sizeof *mem; i++) {
+        mem[i] = i;
+    }
+    printf("\n# memory: a plain read of 1 GiB\n");
+    for (int threads = 1; threads <= 2; threads++) {
+        printf("read      %d thread(s) %7.2f GB/s\n", threads, read_bandwidth(mem, big, threads));
+    }
+    free(mem);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "read") == 0) {   /* the memory part alone */
+        return bench_memory();
+    }
     const int rounds = argc > 1 ? atoi(argv[1]) : 15;
     const int off = argc > 2 ? atoi(argv[2]) : 0;
     if (rounds < 1 || rounds > MAX_ROUNDS || off < 0 || off > 63 || off % 4 != 0) {
-        fprintf(stderr, "usage: bench_kernels [rounds 1..%d [offset 0..60, a multiple of 4]]\n",
+        fprintf(stderr,
+                "usage: bench_kernels [rounds 1..%d [offset 0..60, a multiple of 4]] | read\n",
                 MAX_ROUNDS);
         return 2;
     }
@@ -329,19 +353,5 @@ int main(int argc, char **argv) {
         operands_free(&o);
     }
 
-    const size_t big = (size_t)1 << 30;
-    uint64_t *mem = malloc(big);
-    if (mem == NULL) {
-        fprintf(stderr, "out of memory\n");
-        return 1;
-    }
-    for (size_t i = 0; i < big / sizeof *mem; i++) {
-        mem[i] = i;
-    }
-    printf("\n# memory: a plain read of 1 GiB\n");
-    for (int threads = 1; threads <= 2; threads++) {
-        printf("read      %d thread(s) %7.2f GB/s\n", threads, read_bandwidth(mem, big, threads));
-    }
-    free(mem);
-    return 0;
+    return bench_memory();
 }
