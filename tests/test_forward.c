@@ -9,6 +9,7 @@
 #include "test.h"
 
 #include "context.h"
+#include "support/tiny_model.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -332,6 +333,59 @@ TEST(logits_identical_for_any_thread_count) {
             free(two);
             moas_model_free(model);
         }
+    }
+    return TEST_PASS;
+}
+
+/* A long prompt in blocks equals it token by token, bit for bit, for every token's
+ * logits: 200 tokens go through a block of 128 and one of 72, so most queries of a
+ * block see whole runs of 64 keys and take the several-query attention kernels
+ * (ops.h), where the short contexts above only reach single queries. head_dim 16
+ * is one AVX-512 vector (scores summed 4 x 4 together), 20 leaves a scalar tail;
+ * mixture and routed mode, f32 and f16 caches. */
+TEST(long_prompt_in_blocks_equals_token_by_token) {
+    enum { N = 200 };
+    static const int32_t embd[] = {64, 80};
+    int32_t tokens[N];
+    for (size_t e = 0; e < sizeof embd / sizeof embd[0]; e++) {
+        tiny_model_config cfg;
+        tiny_model_config_default(&cfg);
+        cfg.n_embd = embd[e];
+        cfg.n_ff = 2 * embd[e];
+        cfg.n_ctx_train = 256;
+        size_t size;
+        uint8_t *image = tiny_model_image(&cfg, 21 + e, &size);
+        ASSERT_TRUE(image != NULL);
+        moas_model *model;
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &model));
+        ASSERT_EQ(moas_model_head_dim(model), embd[e] / 4);
+        const int32_t n_vocab = moas_model_n_vocab(model);
+        pseudo_tokens(tokens, N, n_vocab, 31 + (uint32_t)e);
+        float *batch = malloc((size_t)N * n_vocab * sizeof *batch);
+        float *single = malloc((size_t)N * n_vocab * sizeof *single);
+        ASSERT_TRUE(batch != NULL && single != NULL);
+        for (int variant = 0; variant < 4; variant++) {
+            moas_context_params cp;
+            moas_context *a, *b;
+            moas_context_params_init(&cp);
+            cp.n_threads = 1;
+            cp.mode = variant % 2 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            cp.kv_type = variant / 2 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+            ASSERT_OK(moas_context_create(model, &cp, &a));
+            ASSERT_OK(moas_context_create(model, &cp, &b));
+            ASSERT_EQ(a->batch_tokens, 128);
+            ASSERT_OK(moas_context_decode_batch(a, tokens, N, batch, MOAS_LOGITS_ALL));
+            for (int32_t i = 0; i < N; i++) {
+                ASSERT_OK(moas_context_decode(b, tokens[i], single + (size_t)i * n_vocab));
+            }
+            ASSERT_TRUE(memcmp(batch, single, (size_t)N * n_vocab * sizeof *batch) == 0);
+            moas_context_free(a);
+            moas_context_free(b);
+        }
+        free(batch);
+        free(single);
+        moas_model_free(model);
+        free(image);
     }
     return TEST_PASS;
 }
