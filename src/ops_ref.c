@@ -69,47 +69,34 @@ DEFINE_MATMUL_REF(f32)
 DEFINE_MATMUL_REF(f16)
 DEFINE_MATMUL_REF(q8_0)
 
-static void attn_scores_f32_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
-                                size_t ldq, int32_t nq, int32_t head_dim, float scale,
-                                float *scores, size_t lds) {
-    for (int32_t t = 0; t < nq; t++) {
-        for (int32_t j = 0; j < n; j++) {
-            const float *row = (const float *)k + (size_t)rows[j] * head_dim;
-            scores[(size_t)t * lds + j] = dot_f32_ref(row, q + (size_t)t * ldq, head_dim) * scale;
-        }
+/* The attention kernels of one element type, every query by the dot product and
+ * y += a x above, keys in order. */
+#define DEFINE_ATTN_REF(type, elem)                                                        \
+    static void attn_scores_##type##_ref(const void *k, const uint32_t *rows, int32_t n,   \
+                                         const float *q, size_t ldq, int32_t nq,           \
+                                         int32_t head_dim, float scale, float *scores,     \
+                                         size_t lds) {                                     \
+        for (int32_t t = 0; t < nq; t++) {                                                 \
+            for (int32_t j = 0; j < n; j++) {                                              \
+                const elem *row = (const elem *)k + (size_t)rows[j] * head_dim;            \
+                scores[(size_t)t * lds + j] =                                              \
+                    dot_##type##_ref(row, q + (size_t)t * ldq, head_dim) * scale;          \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+    static void attn_mix_##type##_ref(const void *v, const uint32_t *rows, int32_t n,      \
+                                      const float *p, size_t ldp, int32_t nq,              \
+                                      int32_t head_dim, float *out, size_t ldo) {          \
+        for (int32_t t = 0; t < nq; t++) {                                                 \
+            for (int32_t j = 0; j < n; j++) {                                              \
+                axpy_##type##_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],           \
+                                  (const elem *)v + (size_t)rows[j] * head_dim, head_dim); \
+            }                                                                              \
+        }                                                                                  \
     }
-}
 
-static void attn_scores_f16_ref(const void *k, const uint32_t *rows, int32_t n, const float *q,
-                                size_t ldq, int32_t nq, int32_t head_dim, float scale,
-                                float *scores, size_t lds) {
-    for (int32_t t = 0; t < nq; t++) {
-        for (int32_t j = 0; j < n; j++) {
-            const uint16_t *row = (const uint16_t *)k + (size_t)rows[j] * head_dim;
-            scores[(size_t)t * lds + j] = dot_f16_ref(row, q + (size_t)t * ldq, head_dim) * scale;
-        }
-    }
-}
-
-static void attn_mix_f32_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                             size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo) {
-    for (int32_t t = 0; t < nq; t++) {
-        for (int32_t j = 0; j < n; j++) {
-            axpy_f32_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],
-                         (const float *)v + (size_t)rows[j] * head_dim, head_dim);
-        }
-    }
-}
-
-static void attn_mix_f16_ref(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                             size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo) {
-    for (int32_t t = 0; t < nq; t++) {
-        for (int32_t j = 0; j < n; j++) {
-            axpy_f16_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],
-                         (const uint16_t *)v + (size_t)rows[j] * head_dim, head_dim);
-        }
-    }
-}
+DEFINE_ATTN_REF(f32, float)
+DEFINE_ATTN_REF(f16, uint16_t)
 
 static float exp_sum_ref(float *x, int32_t n, float max) {
     float sum = 0.0f;
