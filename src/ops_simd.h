@@ -26,9 +26,10 @@
  *
  * Every output element has one accumulator: MM_LANES lanes, added to in column order
  * one vector step at a time (a Q8_0 weight being the float d * q), then the lanes
- * summed by MM_HSUM and the scalar tail added with fmaf in column order. A tile only decides how
- * many such chains run side by side, so an element's bits do not depend on the tile
- * it fell into: batches equal single tokens, threads may split the rows anywhere.
+ * summed by MM_HSUM and the scalar tail added with fmaf in column order. A tile only
+ * decides how many such chains run side by side, so an element's bits do not depend
+ * on the tile it fell into: batches equal single tokens, threads may split the rows
+ * anywhere.
  * Independence comes from the tile instead of from splitting one sum into several: a
  * tile of R x T outputs keeps R x T fused multiply-adds in flight, and each weight
  * vector loaded serves T tokens, each token vector R rows.
@@ -43,8 +44,6 @@
  * GFLOP/s, f32 35 -> 43; two or four tiles ahead did worse. A prefetch past the end of
  * the matrix is a hint, never a load: it cannot fault. */
 #define MM_PREFETCH_TILES 1
-#define MM_WBYTES_f32 4
-#define MM_WBYTES_f16 2
 
 /* Loads MM_LANES weights of row `row` (a byte pointer) at column i, as floats. */
 MM_ALWAYS_INLINE MM_VEC mm_load_w_f32(const uint8_t *row, int32_t i) {
@@ -74,8 +73,10 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
     return MM_FMA(d, MM_LOAD_I8_BIASED(q), minus_d_bias);
 }
 
+/* Byte offset of column i in a row (a multiple of MM_LANES for Q8_0). */
 #define MM_WOFF_f32(i) ((size_t)(i) * 4)
 #define MM_WOFF_f16(i) ((size_t)(i) * 2)
+#define MM_WOFF_q8_0(i) ((size_t)(i) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
 
 #define MM_TILE_MAX_R (MM_TILE_ROWS > MM_DECODE_ROWS ? MM_TILE_ROWS : MM_DECODE_ROWS)
 #define MM_TILE_MAX_T MM_TILE_TOKS
@@ -188,7 +189,6 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
  * group (once per row tile when the rows fit one chunk). */
 #define MM_CHUNK_COLS 1024
 #define MM_GROUP_TOKS 32
-#define MM_WOFF_q8_0(i) ((size_t)(i) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
 
 MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
                                     float *panel, const int R) {
