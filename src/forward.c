@@ -509,6 +509,14 @@ static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, i
     }
 }
 
+/* Whether a loop over n tokens, each worth `per_token` multiply-adds, is worth the
+ * threads (the threshold of the matrix products). */
+#define MOAS_NORM_COST 4
+#define MOAS_GELU_COST 16
+static bool tokens_parallel(const moas_context *ctx, int32_t n, int64_t per_token) {
+    return ctx->n_threads > 1 && (int64_t)n * per_token >= ctx->parallel_min_work;
+}
+
 void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
                          bool want_last) {
     const moas_model *m = ctx->model;
@@ -525,12 +533,19 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         }
     }
 
+    /* LayerNorm and GELU of a block's tokens are independent: threads split the
+     * tokens when there is enough work (weights: rough multiply-adds per element) */
+    const bool norm_parallel = tokens_parallel(ctx, n, (int64_t)C * MOAS_NORM_COST);
+    const bool gelu_parallel = tokens_parallel(ctx, n, (int64_t)m->n_ff * MOAS_GELU_COST);
+    (void)norm_parallel;   /* read only by the OpenMP pragmas */
+    (void)gelu_parallel;
     for (int32_t l = 0; l < L; l++) {
         const moas_layer *layer = &m->layers[l];
         float *gates = ctx->route_gates + ((size_t)pos0 * L + l) * S;      /* stride L S */
         uint8_t *schemes = ctx->route_scheme + (size_t)pos0 * L + l;         /* stride L */
 
         /* gates of every token, from its normed input */
+        MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, norm_parallel)
         for (int32_t t = 0; t < n; t++) {
             layernorm(ctx->bxb + (size_t)t * C, ctx->bx + (size_t)t * C, layer->attn_norm_w,
                       layer->attn_norm_b, C, m->norm_eps);
@@ -578,11 +593,13 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         }
 
         /* MLP, all rows */
+        MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, norm_parallel)
         for (int32_t t = 0; t < n; t++) {
             layernorm(ctx->bxb + (size_t)t * C, ctx->bx + (size_t)t * C, layer->ffn_norm_w,
                       layer->ffn_norm_b, C, m->norm_eps);
         }
         matmat(ctx, &layer->ffn_up, ctx->bxb, C, layer->ffn_up_b, ctx->bhb, (size_t)m->n_ff, n);
+        MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, gelu_parallel)
         for (int32_t t = 0; t < n; t++) {
             ctx->ops->gelu(ctx->bhb + (size_t)t * m->n_ff, m->n_ff);
         }
