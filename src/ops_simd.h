@@ -73,10 +73,9 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
     return MM_FMA(d, MM_LOAD_I8_BIASED(q), minus_d_bias);
 }
 
-/* Byte offset of column i in a row (a multiple of MM_LANES for Q8_0). */
+/* Byte offset of column i in an f32 or f16 row. */
 #define MM_WOFF_f32(i) ((size_t)(i) * 4)
 #define MM_WOFF_f16(i) ((size_t)(i) * 2)
-#define MM_WOFF_q8_0(i) ((size_t)(i) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
 
 #define MM_TILE_MAX_R (MM_TILE_ROWS > MM_DECODE_ROWS ? MM_TILE_ROWS : MM_DECODE_ROWS)
 #define MM_TILE_MAX_T MM_TILE_TOKS
@@ -234,39 +233,58 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
 
 MM_DEFINE_TILES(f32)
 MM_DEFINE_TILES(f16)
-MM_DEFINE_TILES(q8_0)   /* named by MM_DEFINE_ROWS(q8_0), which takes the panel instead */
 
-/* The batch of R rows; the Q8_0 panel is MM_TILE_ROWS x MM_CHUNK_COLS floats. */
-#define MM_DEFINE_ROWS(type, make_panel)                                                   \
+/* Columns [c0, c0 + kc) of R rows against n_tok tokens: f32 and f16 rows as they are,
+ * Q8_0 rows made into `panel` first (MM_PANEL_FLOATS_##type floats; one, unused, for
+ * the others). */
+#define MM_PANEL_FLOATS_f32 1
+#define MM_PANEL_FLOATS_f16 1
+#define MM_PANEL_FLOATS_q8_0 (MM_TILE_ROWS * MM_CHUNK_COLS)
+#define MM_DEFINE_CHUNK(type)                                                              \
+    MM_ALWAYS_INLINE void mm_chunk_##type(const uint8_t *w, size_t row_bytes, int32_t c0,  \
+                                          int32_t kc, const float *x, size_t ldx,          \
+                                          int32_t n_tok, float *y, size_t ldy, const int R, \
+                                          MM_VEC *chains, int first, int last,             \
+                                          float *panel) {                                  \
+        (void)panel;                                                                       \
+        mm_tiles_##type(w + MM_WOFF_##type(c0), row_bytes, x, ldx, n_tok, kc, y, ldy, R,   \
+                        chains, first, last);                                              \
+    }
+
+MM_DEFINE_CHUNK(f32)
+MM_DEFINE_CHUNK(f16)
+
+MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
+                                    const float *x, size_t ldx, int32_t n_tok, float *y,
+                                    size_t ldy, const int R, MM_VEC *chains, int first,
+                                    int last, float *panel) {
+    mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
+    mm_tiles_f32((const uint8_t *)panel, (size_t)kc * sizeof(float), x, ldx, n_tok, kc, y, ldy,
+                 R, chains, first, last);
+}
+
+/* The batch of R rows, a chunk of columns and a group of tokens at a time. */
+#define MM_DEFINE_ROWS(type)                                                               \
     MM_ALWAYS_INLINE void mm_rows_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                          size_t ldx, int32_t n_tok, int32_t n, float *y,   \
                                          size_t ldy, const int R) {                        \
         MM_VEC chains[MM_GROUP_TOKS * MM_TILE_MAX_R];                                      \
-        float panel[make_panel ? MM_TILE_ROWS * MM_CHUNK_COLS : 1]                         \
-            __attribute__((aligned(64)));                                                  \
+        float panel[MM_PANEL_FLOATS_##type] __attribute__((aligned(64)));                  \
         const int32_t group = n <= MM_CHUNK_COLS ? n_tok : MM_GROUP_TOKS;                  \
         for (int32_t g = 0; g < n_tok; g += group) {                                       \
             const int32_t g_tok = n_tok - g < group ? n_tok - g : group;                   \
             for (int32_t c0 = 0; c0 < n; c0 += MM_CHUNK_COLS) {                            \
                 const int32_t kc = n - c0 < MM_CHUNK_COLS ? n - c0 : MM_CHUNK_COLS;        \
-                const int first = c0 == 0, last = c0 + kc == n;                            \
-                const float *xg = x + (size_t)g * ldx + c0;                                \
-                float *yg = y + (size_t)g * ldy;                                           \
-                if (make_panel) {                                                          \
-                    mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);                         \
-                    mm_tiles_f32((const uint8_t *)panel, (size_t)kc * sizeof(float), xg,   \
-                                 ldx, g_tok, kc, yg, ldy, R, chains, first, last);         \
-                } else {                                                                   \
-                    mm_tiles_##type(w + MM_WOFF_##type(c0), row_bytes, xg, ldx, g_tok, kc, \
-                                    yg, ldy, R, chains, first, last);                      \
-                }                                                                          \
+                mm_chunk_##type(w, row_bytes, c0, kc, x + (size_t)g * ldx + c0, ldx, g_tok, \
+                                y + (size_t)g * ldy, ldy, R, chains, c0 == 0, c0 + kc == n, \
+                                panel);                                                    \
             }                                                                              \
         }                                                                                  \
     }
 
-MM_DEFINE_ROWS(f32, 0)
-MM_DEFINE_ROWS(f16, 0)
-MM_DEFINE_ROWS(q8_0, 1)
+MM_DEFINE_ROWS(f32)
+MM_DEFINE_ROWS(f16)
+MM_DEFINE_ROWS(q8_0)
 
 /* The driver: rows outer, so a tile's weight rows stay in L1 while every token of the
  * batch passes over them; the tokens (at most a prefill block) stay in L2. A single
