@@ -7,6 +7,7 @@
 
 #include "model.h"
 #include "ops.h"
+#include "team.h"
 
 /*
  * One stream of cached keys and values in one layer. Heads of head_dim elements are
@@ -42,9 +43,9 @@ struct moas_context {
     const moas_ops *ops;
 
     int32_t n_ctx;           /* capacity in tokens */
-    int32_t n_threads;       /* threads for parallel loops (>= 1) */
+    int32_t n_threads;       /* threads for parallel steps (>= 1) */
     unsigned mm_hints;       /* matmul hints for this model's weights (MOAS_MM_*) */
-    int64_t parallel_min_work; /* multiply-adds below which a loop stays on one thread
+    int64_t parallel_min_work; /* multiply-adds below which a step stays on one thread
                                 * (MOAS_PARALLEL_MIN_WORK; tests lower it to 0 so that
                                 * tiny models take the parallel paths too) */
     int32_t batch_tokens;    /* tokens per block of moas__forward_batch: MOAS_BATCH, or
@@ -53,6 +54,8 @@ struct moas_context {
     moas_mode mode;
     moas_type kv_type;       /* F32 or F16 */
     size_t kv_elem_bytes;    /* 4 or 2 */
+
+    moas_team team;          /* the threads of the forward call under way */
 
     /* routing control */
     int32_t forced_scheme;   /* -1: the router decides */
@@ -110,12 +113,15 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
  * applying the forced scheme, the callback and the budget plan (context.c). */
 int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const float *gates);
 
-/* Below this many multiply-adds a loop stays on one thread. Waking the other threads
- * costs a few microseconds on an idle machine and a scheduler time slice on a busy
- * one; 2^18 multiply-adds (tens of microseconds of work) pay for it. Measured on the
- * 4-layer, 192-wide shipped shape: 2 threads with the old 2^15 threshold decoded 80x
- * slower than 1 thread while another process kept the second core busy. */
-#define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 18)
+/* Below this many multiply-adds a step stays on one thread. A step posted to a
+ * running team (team.h) costs well under a microsecond, 2^14 multiply-adds one to
+ * four; when every step was an OpenMP fork/join (about 3 us) the threshold was 2^18,
+ * which left a 384-wide model's output projection and attention on one thread. 2^13
+ * to 2^16 decode within noise of each other (6-layer, 384-wide, 2 threads). The
+ * price is paid beside a busy process: with a shell loop on one of 2 cores, 2 threads
+ * decode the 4-layer, 192-wide shipped model at 0.7x one thread's speed, where the old
+ * threshold kept all its steps on one thread. */
+#define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 14)
 
 /* A model file larger than this has its weights streamed from memory at every token
  * (no last-level cache holds it), so single-token products read rows front to back

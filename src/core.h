@@ -98,16 +98,4 @@ void moas__params_fill(void *params, size_t size, void *defaults, size_t full_si
  * header's fields we cannot honour). */
 bool moas__params_copy(void *dst, size_t dst_size, const void *src);
 
-/* OpenMP helpers: pragmas only when the compiler has OpenMP on, so -Wall stays
- * quiet without it. `n_` is the number of threads to use; the loop runs on one thread
- * when `cond_` is false (too little work to pay for waking the others). Loops split
- * only independent outputs, so results never depend on the thread count. */
-#if defined(_OPENMP)
-#define MOAS_OMP_PRAGMA_(x_) _Pragma(#x_)
-#define MOAS_OMP_PARALLEL_FOR_IF(n_, cond_) \
-    MOAS_OMP_PRAGMA_(omp parallel for num_threads(n_) if(cond_) schedule(static))
-#else
-#define MOAS_OMP_PARALLEL_FOR_IF(n_, cond_)
-#endif
-
 #endif /* MOAS_CORE_H */

@@ -46,34 +46,38 @@ static void project_rows(const moas_context *ctx, const projection *p, const flo
     }
 }
 
-/* Several projections of the same n rows of X (Q, K and V), in one parallel region
- * when they are worth it: each thread takes one slice of every projection's rows, a
+/* Several projections of the same n rows of X (Q, K and V) as one parallel step when
+ * they are worth it: each thread takes one slice of every projection's rows, a
  * multiple of 16 rows, so no thread waits for another between them.
  *   X [n, n_cols] rows of stride ldx */
-static void project(const moas_context *ctx, const projection *p, int32_t n_proj,
-                    const float *X, size_t ldx, int32_t n) {
-    const int32_t n_threads = ctx->n_threads;
+typedef struct {
+    const moas_context *ctx;
+    const projection *p;
+    int32_t n_proj;
+    const float *X;
+    size_t ldx;
+    int32_t n;
+} project_step;
+
+static void project_slice(void *arg, int32_t ith, int32_t nth) {
+    const project_step *s = arg;
+    for (int32_t i = 0; i < s->n_proj; i++) {
+        const int32_t rows = s->p[i].w->n_rows;
+        const int32_t slice = ((rows + nth - 1) / nth + 15) / 16 * 16;
+        const int32_t r0 = ith * slice < rows ? ith * slice : rows;
+        project_rows(s->ctx, &s->p[i], s->X, s->ldx, s->n, r0,
+                     r0 + slice < rows ? r0 + slice : rows);
+    }
+}
+
+static void project(moas_context *ctx, const projection *p, int32_t n_proj, const float *X,
+                    size_t ldx, int32_t n) {
     int64_t work = 0;
     for (int32_t i = 0; i < n_proj; i++) {
         work += (int64_t)p[i].w->n_rows * p[i].w->n_cols * n;
     }
-    const bool parallel = n_threads > 1 && work >= ctx->parallel_min_work;
-
-    if (!parallel) {
-        for (int32_t i = 0; i < n_proj; i++) {
-            project_rows(ctx, &p[i], X, ldx, n, 0, p[i].w->n_rows);
-        }
-    } else {
-        MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
-        for (int32_t t = 0; t < n_threads; t++) {
-            for (int32_t i = 0; i < n_proj; i++) {
-                const int32_t rows = p[i].w->n_rows;
-                const int32_t slice = ((rows + n_threads - 1) / n_threads + 15) / 16 * 16;
-                const int32_t r0 = t * slice < rows ? t * slice : rows;
-                project_rows(ctx, &p[i], X, ldx, n, r0, r0 + slice < rows ? r0 + slice : rows);
-            }
-        }
-    }
+    project_step step = {ctx, p, n_proj, X, ldx, n};
+    moas__team_run(&ctx->team, work >= ctx->parallel_min_work, project_slice, &step);
     for (int32_t i = 0; i < n_proj; i++) {
         if (p[i].b != NULL) {
             for (int32_t t = 0; t < n; t++) {
@@ -88,7 +92,7 @@ static void project(const moas_context *ctx, const projection *p, int32_t n_proj
 
 /* Y[t] = W X[t] (+ b) for the n rows of X.
  *   X [n, n_cols] rows of stride ldx, Y [n, n_rows] rows of stride ldy, b [n_rows] */
-static void matmat(const moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
+static void matmat(moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
                    const float *b, float *Y, size_t ldy, int32_t n) {
     const projection p = {w, b, Y, ldy};
     project(ctx, &p, 1, X, ldx, n);
@@ -289,26 +293,34 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
  * under MQA; a K or V row that serves a group of query heads is read where it is,
  * never expanded. Threads split the query heads, each with its own scratch: each
  * head's numbers are the same whoever computes them. */
+typedef struct {
+    const moas_context *ctx;
+    const moas_kv_stream *kv;
+    const float *Q;
+    size_t ldq;
+    int32_t pos0, n;
+    float *OUT;
+    size_t ldo;
+} attend_step;
+
+static void attend_slice(void *arg, int32_t ith, int32_t nth) {
+    const attend_step *s = arg;
+    const moas_context *ctx = s->ctx;
+    const int32_t n_head = ctx->model->n_head;
+    const int32_t h0 = ith * n_head / nth, h1 = (ith + 1) * n_head / nth;
+    if (h0 < h1) {
+        attend_heads(ctx, s->kv, s->Q, s->ldq, s->pos0, s->n, h0, h1, s->OUT, s->ldo,
+                     ctx->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS,
+                     ctx->att_rows + (size_t)ith * (size_t)ctx->n_ctx);
+    }
+}
+
 static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *Q, size_t ldq,
                    int32_t pos0, int32_t n, float *OUT, size_t ldo) {
-    const int32_t n_head = ctx->model->n_head, n_threads = ctx->n_threads;
-    const size_t att_stride = (size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
-    const int64_t work = (int64_t)2 * ctx->model->head_dim * n_head * n * (pos0 + (n + 1) / 2);
-    const bool parallel = n_threads > 1 && work >= ctx->parallel_min_work;
-
-    if (!parallel) {
-        attend_heads(ctx, kv, Q, ldq, pos0, n, 0, n_head, OUT, ldo, ctx->att, ctx->att_rows);
-    } else {
-        MOAS_OMP_PARALLEL_FOR_IF(n_threads, parallel)
-        for (int32_t i = 0; i < n_threads; i++) {
-            const int32_t h0 = i * n_head / n_threads, h1 = (i + 1) * n_head / n_threads;
-            if (h0 < h1) {
-                attend_heads(ctx, kv, Q, ldq, pos0, n, h0, h1, OUT, ldo,
-                             ctx->att + (size_t)i * att_stride,
-                             ctx->att_rows + (size_t)i * (size_t)ctx->n_ctx);
-            }
-        }
-    }
+    const int64_t work = (int64_t)2 * ctx->model->head_dim * ctx->model->n_head * n *
+                         (pos0 + (n + 1) / 2);
+    attend_step step = {ctx, kv, Q, ldq, pos0, n, OUT, ldo};
+    moas__team_run(&ctx->team, work >= ctx->parallel_min_work, attend_slice, &step);
 }
 
 /* The scheme with the largest gate, the first on ties. */
@@ -509,16 +521,52 @@ static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, i
     }
 }
 
-/* Whether a loop over n tokens, each worth `per_token` multiply-adds, is worth the
- * threads (the threshold of the matrix products). */
+/* LayerNorm (gelu_in == NULL) or GELU of a block's rows, one parallel step when the
+ * rows are worth it: the rows are independent, threads split them. Weights: rough
+ * multiply-adds per element, against the threshold of the matrix products. */
 #define MOAS_NORM_COST 4
 #define MOAS_GELU_COST 16
-static bool tokens_parallel(const moas_context *ctx, int32_t n, int64_t per_token) {
-    return ctx->n_threads > 1 && (int64_t)n * per_token >= ctx->parallel_min_work;
+typedef struct {
+    const moas_context *ctx;
+    float *out;              /* LayerNorm: [n, n_cols] normed rows; GELU: [n, n_cols] in place */
+    const float *in, *w, *b; /* LayerNorm: input rows and parameters */
+    int32_t n_cols, n;
+} rows_step;
+
+static void norm_slice(void *arg, int32_t ith, int32_t nth) {
+    const rows_step *s = arg;
+    const float eps = s->ctx->model->norm_eps;
+    for (int32_t t = s->n * ith / nth; t < s->n * (ith + 1) / nth; t++) {
+        layernorm(s->out + (size_t)t * s->n_cols, s->in + (size_t)t * s->n_cols, s->w, s->b,
+                  s->n_cols, eps);
+    }
 }
 
-void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
-                         bool want_last) {
+static void gelu_slice(void *arg, int32_t ith, int32_t nth) {
+    const rows_step *s = arg;
+    for (int32_t t = s->n * ith / nth; t < s->n * (ith + 1) / nth; t++) {
+        s->ctx->ops->gelu(s->out + (size_t)t * s->n_cols, s->n_cols);
+    }
+}
+
+/* out = LayerNorm(in) * w + b for n rows of C.   out, in [n, C] */
+static void norm_rows(moas_context *ctx, float *out, const float *in, const float *w,
+                      const float *b, int32_t n) {
+    const int32_t C = ctx->model->n_embd;
+    rows_step step = {ctx, out, in, w, b, C, n};
+    moas__team_run(&ctx->team, (int64_t)n * C * MOAS_NORM_COST >= ctx->parallel_min_work,
+                   norm_slice, &step);
+}
+
+/* x = GELU(x) for n rows of n_cols.   x [n, n_cols] */
+static void gelu_rows(moas_context *ctx, float *x, int32_t n_cols, int32_t n) {
+    rows_step step = {ctx, x, NULL, NULL, NULL, n_cols, n};
+    moas__team_run(&ctx->team, (int64_t)n * n_cols * MOAS_GELU_COST >= ctx->parallel_min_work,
+                   gelu_slice, &step);
+}
+
+static void forward_block(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
+                          bool want_last) {
     const moas_model *m = ctx->model;
     const int32_t C = m->n_embd, S = m->n_scheme, L = m->n_layer, pos0 = ctx->n_past;
     const size_t gate_stride = (size_t)L * S, scheme_stride = (size_t)L;
@@ -533,23 +581,13 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         }
     }
 
-    /* LayerNorm and GELU of a block's tokens are independent: threads split the
-     * tokens when there is enough work (weights: rough multiply-adds per element) */
-    const bool norm_parallel = tokens_parallel(ctx, n, (int64_t)C * MOAS_NORM_COST);
-    const bool gelu_parallel = tokens_parallel(ctx, n, (int64_t)m->n_ff * MOAS_GELU_COST);
-    (void)norm_parallel;   /* read only by the OpenMP pragmas */
-    (void)gelu_parallel;
     for (int32_t l = 0; l < L; l++) {
         const moas_layer *layer = &m->layers[l];
         float *gates = ctx->route_gates + ((size_t)pos0 * L + l) * S;      /* stride L S */
         uint8_t *schemes = ctx->route_scheme + (size_t)pos0 * L + l;         /* stride L */
 
         /* gates of every token, from its normed input */
-        MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, norm_parallel)
-        for (int32_t t = 0; t < n; t++) {
-            layernorm(ctx->bxb + (size_t)t * C, ctx->bx + (size_t)t * C, layer->attn_norm_w,
-                      layer->attn_norm_b, C, m->norm_eps);
-        }
+        norm_rows(ctx, ctx->bxb, ctx->bx, layer->attn_norm_w, layer->attn_norm_b, n);
         if (m->mixing == MOAS_MIXING_ROUTER) {
             matmat(ctx, &layer->router_up, ctx->bxb, C, layer->router_up_b, ctx->bhb,
                    (size_t)m->n_router, n);
@@ -593,16 +631,9 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         }
 
         /* MLP, all rows */
-        MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, norm_parallel)
-        for (int32_t t = 0; t < n; t++) {
-            layernorm(ctx->bxb + (size_t)t * C, ctx->bx + (size_t)t * C, layer->ffn_norm_w,
-                      layer->ffn_norm_b, C, m->norm_eps);
-        }
+        norm_rows(ctx, ctx->bxb, ctx->bx, layer->ffn_norm_w, layer->ffn_norm_b, n);
         matmat(ctx, &layer->ffn_up, ctx->bxb, C, layer->ffn_up_b, ctx->bhb, (size_t)m->n_ff, n);
-        MOAS_OMP_PARALLEL_FOR_IF(ctx->n_threads, gelu_parallel)
-        for (int32_t t = 0; t < n; t++) {
-            ctx->ops->gelu(ctx->bhb + (size_t)t * m->n_ff, m->n_ff);
-        }
+        gelu_rows(ctx, ctx->bhb, m->n_ff, n);
         matmat(ctx, &layer->ffn_down, ctx->bhb, (size_t)m->n_ff, layer->ffn_down_b, ctx->by, C, n);
         for (int32_t t = 0; t < n; t++) {
             for (int32_t i = 0; i < C; i++) {
@@ -624,4 +655,39 @@ void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, fl
         }
     }
     ctx->logits_valid = want_last || all != NULL;
+}
+
+/* Whether a block of n tokens has a step worth a team: the largest product per token
+ * (the MLP's, or Q, K and V together), attention over the cache, or the output head
+ * when logits are wanted, against the threshold the steps themselves use. */
+static bool block_wants_team(const moas_context *ctx, int32_t n, bool any_logits) {
+    const moas_model *m = ctx->model;
+    const int64_t C = m->n_embd;
+    const int64_t widest = m->n_ff > 3 * C ? m->n_ff : 3 * C;
+    const int64_t attention = 2 * C * (ctx->n_past + (n + 1) / 2);
+    const int64_t output = C * m->n_vocab;
+    return ctx->n_threads > 1 &&
+           ((int64_t)n * (C * widest > attention ? C * widest : attention) >=
+                ctx->parallel_min_work ||
+            (any_logits && output >= ctx->parallel_min_work));
+}
+
+typedef struct {
+    moas_context *ctx;
+    const int32_t *tokens;
+    int32_t n;
+    float *all;
+    bool want_last;
+} block_call;
+
+static void forward_block_call(void *arg) {
+    const block_call *c = arg;
+    forward_block(c->ctx, c->tokens, c->n, c->all, c->want_last);
+}
+
+void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
+                         bool want_last) {
+    block_call call = {ctx, tokens, n, all, want_last};
+    const bool team = block_wants_team(ctx, n, all != NULL || want_last);
+    moas__team_lead(&ctx->team, team ? ctx->n_threads : 1, forward_block_call, &call);
 }

@@ -3,15 +3,22 @@
  * so contexts on different threads compute exactly what they would alone, and each
  * thread keeps its own moas_last_error().
  *
+ * Also the team of threads a forward call runs its parallel steps on (team.h).
+ *
  * Uses POSIX threads (tests only; the library itself creates no threads but OpenMP's).
  * `make tsan` runs these under ThreadSanitizer, built without OpenMP (libgomp is not
  * instrumented, so TSan would report its internal synchronisation as races).
  */
 #include "test.h"
+#include "team.h"
 
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #define N_THREADS 4
 #define N_ROUNDS 3
@@ -333,3 +340,84 @@ TEST(concurrency_last_error_is_per_thread) {
     moas_model_free(model);
     return TEST_PASS;
 }
+
+/* ---- the team of a forward call ----------------------------------------------------- */
+
+#define TEAM_MAX 8
+#define TEAM_STEPS 2000
+
+/* What a team's steps did: each slice adds step + ith to its own total. */
+typedef struct {
+    moas_team team;
+    int32_t step;
+    int64_t total[TEAM_MAX];
+    int32_t nth_seen[TEAM_MAX];
+    int32_t nth;        /* the team's size, as the leader saw it */
+    bool ok;            /* every total was right as each step returned */
+} team_probe;
+
+static void team_probe_slice(void *arg, int32_t ith, int32_t nth) {
+    team_probe *p = arg;
+    p->total[ith] += p->step + ith;
+    p->nth_seen[ith] = nth;
+}
+
+/* The leader's body: TEAM_STEPS parallel steps, each checked as it returns (a slice's
+ * writes must be visible then), with a serial step (parallel = false) every 10th. */
+static void team_probe_body(void *arg) {
+    team_probe *p = arg;
+    int64_t want[TEAM_MAX] = {0};
+    p->ok = true;
+    p->nth = p->team.nth;
+    for (p->step = 0; p->step < TEAM_STEPS; p->step++) {
+        const bool parallel = p->step % 10 != 0;
+        const int32_t slices = parallel ? p->nth : 1;
+        memset(p->nth_seen, 0, sizeof p->nth_seen);
+        moas__team_run(&p->team, parallel, team_probe_slice, p);
+        for (int32_t i = 0; i < slices; i++) {
+            want[i] += p->step + i;
+        }
+        for (int32_t i = 0; i < TEAM_MAX; i++) {
+            p->ok = p->ok && p->total[i] == want[i] && p->nth_seen[i] == (i < slices ? slices : 0);
+        }
+    }
+}
+
+/* A team of 3 runs every slice of every step exactly once, as many slices as threads,
+ * and hands the leader their results; without OpenMP the team is the caller alone.
+ * Then the same team again: a team is started per call, from a clean state. */
+TEST(team_runs_every_slice_of_every_step_once) {
+    for (int round = 0; round < 2; round++) {
+        team_probe p;
+        memset(&p, 0, sizeof p);
+        moas__team_lead(&p.team, 3, team_probe_body, &p);
+#if defined(_OPENMP)
+        ASSERT_EQ(p.nth, 3);
+#else
+        ASSERT_EQ(p.nth, 1);
+#endif
+        ASSERT_TRUE(p.ok);
+        ASSERT_EQ(p.team.nth, 1);   /* outside a call, steps run on the caller */
+    }
+    return TEST_PASS;
+}
+
+/* Two callers, each in a thread of their own OpenMP region, lead their own teams at
+ * once (as two contexts decoding on two threads do): each team's steps stay its own.
+ * Nested regions usually get one thread, so the teams may be the callers alone. */
+TEST(team_leaders_in_a_parallel_region_keep_their_steps_apart) {
+    team_probe p[2];
+    memset(p, 0, sizeof p);
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(2)
+#endif
+    for (int i = 0; i < 2; i++) {
+        moas__team_lead(&p[i].team, 2, team_probe_body, &p[i]);
+    }
+    for (int i = 0; i < 2; i++) {
+        ASSERT_TRUE(p[i].ok);
+        ASSERT_TRUE(p[i].nth >= 1 && p[i].nth <= 2);
+    }
+    return TEST_PASS;
+}
+

@@ -118,6 +118,8 @@ X(allocation_failures_at_creation_are_clean)
 /* tests/test_concurrency.c */
 X(concurrency_shared_model_matches_sequential)
 X(concurrency_last_error_is_per_thread)
+X(team_runs_every_slice_of_every_step_once)
+X(team_leaders_in_a_parallel_region_keep_their_steps_apart)
 
 /* tests/test_bad_inputs.c */
 X(bad_inputs_hyperparameters_out_of_range_or_mistyped)
