@@ -22,9 +22,14 @@
  *
  * Program layout: byte 0 picks the model (router-mixed F32; mean-mixed Q8_0/F16,
  * untied, no bias; a single GQA scheme in F16; with bit 0x20, the router-mixed shape
- * with pooled K/V) and the context params (KV type, kernels, mode); byte 1 picks
- * n_ctx; byte 2 the sampler; then one opcode byte per step followed by its operands.
- * At most MAX_STEPS steps run.
+ * with pooled K/V; with bits 0xC0, a router-mixed Q8_0 model of 80 positions whose MLP
+ * is 1,056 wide) and the context params (KV type, kernels, mode); byte 1 picks n_ctx;
+ * byte 2 the sampler; then one opcode byte per step followed by its operands. At most
+ * MAX_STEPS steps run.
+ *
+ * The long model is there for the paths a block of many tokens takes: rows wider than
+ * the matrix kernels' 1,024-column chunks, Q8_0 rows made into float panels, and
+ * queries that see a whole 64-key run of the cache going through attention together.
  *
  * Built with -DFUZZ_ROUTED (the Makefile adds it once src/context.c implements routed
  * mode), programs may also run a routed context and use force_scheme, KV budgets,
@@ -40,8 +45,10 @@
 #include <math.h>
 #include <string.h>
 
-#define N_MODELS 4   /* the fourth, pooled, is chosen by bit 0x20 of byte 0 */
-#define MAX_CTX 16
+#define N_MODELS 5   /* the fourth, pooled, is chosen by bit 0x20 of byte 0, the
+                        fifth, long, by bits 0xC0 */
+#define SHORT_CTX 16
+#define MAX_CTX 80   /* the long model's */
 #define MAX_STEPS 200
 
 typedef enum {
@@ -117,7 +124,7 @@ static void init_models(void) {
     tiny_model_config cfg;
 
     tiny_model_config_default(&cfg);   /* router mixing of [4, 2, 1] KV heads, F32 */
-    cfg.n_ctx_train = MAX_CTX;
+    cfg.n_ctx_train = SHORT_CTX;
     models[0] = build(&cfg, 11);
 
     tiny_model_config_default(&cfg);
@@ -142,9 +149,21 @@ static void init_models(void) {
     models[2] = build(&cfg, 13);
 
     tiny_model_config_default(&cfg);   /* one Q, K, V, output; K/V pooled per scheme */
-    cfg.n_ctx_train = MAX_CTX;
+    cfg.n_ctx_train = SHORT_CTX;
     cfg.kv_sharing = "pooled";
     models[3] = build(&cfg, 14);
+
+    tiny_model_config_default(&cfg);   /* long: MHA and MQA of 2 heads of 16, Q8_0 */
+    cfg.n_embd = 32;
+    cfg.n_head = 2;
+    cfg.n_scheme = 2;
+    cfg.scheme_n_kv[0] = 2;
+    cfg.scheme_n_kv[1] = 1;
+    cfg.router_hidden = 32;
+    cfg.n_ff = 1056;
+    cfg.n_ctx_train = MAX_CTX;
+    cfg.mat_type = MOAS_TYPE_Q8_0;
+    models[4] = build(&cfg, 15);
 }
 
 /* ---- operand decoding --------------------------------------------------------- */
@@ -785,7 +804,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     memset(&d, 0, sizeof d);
     const uint8_t head = fuzz_u8(&c);
-    d.model = models[(head & 0x20) && head % 3 == 0 ? 3 : head % 3];
+    d.model = models[(head & 0x20) && head % 3 == 0   ? 3
+                     : (head & 0xC0) == 0xC0 && head % 3 == 1 ? 4
+                                                            : head % 3];
     d.pooled = moas_model_kv_sharing(d.model) == MOAS_KV_SHARING_POOLED;
     d.n_head = moas_model_n_head(d.model);
     d.n_vocab = moas_model_n_vocab(d.model);

@@ -218,6 +218,52 @@ enum { DECODE, BATCH, TRUNCATE, RESET, ROUTES, KV_BYTES, VERIFY, BAD_ARGS, GENER
        BUDGET, CALLBACK };
 #define DECODE_TO_BUFFER 132   /* 132 % 12 == DECODE, with the high bit: logits copied */
 
+/* Append a batch of n tokens (ids 1, 2, ... cycling below 40) with the given flags. */
+static size_t put_batch(uint8_t *p, size_t at, uint8_t flags, uint8_t n) {
+    p[at++] = BATCH;
+    p[at++] = flags;
+    p[at++] = n;
+    for (uint8_t i = 0; i < n; i++) {
+        p[at++] = (uint8_t)(1 + (i * 7) % 39);
+    }
+    return at;
+}
+
+/* The long model (byte 0 with bits 0xC0, % 3 == 1): prompts of 64 and more tokens,
+ * so blocks reach past a whole 64-key run and through the 1,056-wide MLP in chunks. */
+static void long_seeds(const char *dir) {
+    uint8_t p[256];
+    size_t n = 0;
+    p[n++] = 0xC1;   /* long, F32 cache, mixture */
+    p[n++] = 79;     /* n_ctx 80 */
+    p[n++] = 0x00;
+    n = put_batch(p, n, 0x02, 72);   /* every row's logits */
+    p[n++] = VERIFY;
+    p[n++] = DECODE;
+    p[n++] = 5;
+    p[n++] = TRUNCATE;
+    p[n++] = 66;
+    n = put_batch(p, n, 0x02, 12);
+    p[n++] = VERIFY;
+    write_file(dir, "decode", "long-mixture", p, n);
+
+    n = 0;
+    p[n++] = 0xD6;   /* long, F16 cache, routed */
+    p[n++] = 79;
+    p[n++] = 0x00;
+    n = put_batch(p, n, 0x01, 70);
+    p[n++] = DECODE;
+    p[n++] = 3;
+    p[n++] = DECODE;
+    p[n++] = 4;
+    p[n++] = VERIFY;
+    p[n++] = TRUNCATE;
+    p[n++] = 64;
+    n = put_batch(p, n, 0x02, 16);
+    p[n++] = VERIFY;
+    write_file(dir, "decode", "long-routed", p, n);
+}
+
 static void decode_seeds(const char *dir) {
     static const uint8_t decode_some[] = {
         0x00, 15, 0x01, DECODE, 3, DECODE_TO_BUFFER, 7, DECODE, 39, VERIFY, ROUTES, 0, 3, 0,
@@ -274,6 +320,7 @@ static void decode_seeds(const char *dir) {
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         write_file(dir, "decode", seeds[i].name, seeds[i].bytes, seeds[i].len);
     }
+    long_seeds(dir);
 }
 
 int main(int argc, char **argv) {
