@@ -113,24 +113,20 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
  * applying the forced scheme, the callback and the budget plan (context.c). */
 int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const float *gates);
 
-/* Below this many multiply-adds a step stays on one thread. A step posted to a
- * running team (team.h) costs well under a microsecond, 2^14 multiply-adds one to
- * four; when every step was an OpenMP fork/join (about 3 us) the threshold was 2^18,
- * which left a 384-wide model's output projection and attention on one thread. 2^13
- * to 2^16 decode within noise of each other (6-layer, 384-wide, 2 threads). The
- * price is paid beside a busy process: with a shell loop on one of 2 cores, 2 threads
- * decode the 4-layer, 192-wide shipped model at 0.7x one thread's speed, where the old
- * threshold kept all its steps on one thread. */
-#define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 14)
+/* Below this many multiply-adds a step stays on one thread. A step posted to the
+ * call's team (team.h) costs well under a microsecond, 2^16 multiply-adds several; when
+ * every step was an OpenMP fork/join (about 3 us) the threshold was 2^18, which left
+ * the 192-wide shipped model on one thread. Interleaved at 2 threads (medians of
+ * three, tokens/s): the shipped model decoded 8,246 with 2^16, 8,314 with 2^17 and
+ * 6,979 with 2^14; the 6-layer, 384-wide f16 model 3,487, 3,560 and 3,264. Splitting
+ * the smallest steps loses most when the other core is busy. */
+#define MOAS_PARALLEL_MIN_WORK ((int64_t)1 << 16)
 
 /* A model file larger than this has its weights streamed from memory at every token
  * (no last-level cache holds it), so single-token products read rows front to back
  * (MOAS_MM_STREAM). 64 MB: twice the 32 MB L3 of a Zen 5 CCD; the 44 MB 6-layer f32
  * benchmark model still gains from the cache-friendly order. */
 #define MOAS_STREAM_MODEL_BYTES ((size_t)64 << 20)
-
-/* Threads a context may use: each has its own attention scratch. */
-#define MOAS_MAX_THREADS 1024
 
 /* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K and V rows, 32 KB
  * at head_dim 64 in f32, stay in L1) with up to MOAS_ATT_QUERIES queries of a block

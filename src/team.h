@@ -5,8 +5,9 @@
  * A decoded token of a small model is dozens of parallel steps of microseconds each;
  * an OpenMP parallel region costs about 3 us to open and close on this project's
  * 2-core test machine, a posted step a fraction of that. The calling thread leads:
- * it runs the forward pass and, at each parallel step, posts the step, takes slice 0
- * itself and waits for the others; the other threads spin between steps.
+ * it runs the forward pass and, at each parallel step, posts the step, and every
+ * thread then claims slices of it, its own first. A thread that is late (preempted by
+ * another process, say) finds its slice done by the others instead of holding them.
  */
 #ifndef MOAS_TEAM_H
 #define MOAS_TEAM_H
@@ -15,24 +16,29 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+/* Threads a team may have (and a context may use: each has its own attention
+ * scratch). */
+#define MOAS_MAX_THREADS 1024
+
 /* One parallel step: slice ith of nth. Slices must write disjoint outputs, and what a
- * slice computes must not depend on nth beyond which outputs it owns. */
+ * slice computes must depend only on (ith, nth), never on the thread running it. */
 typedef void (*moas_step_fn)(void *arg, int32_t ith, int32_t nth);
 
 typedef struct moas_team {
-    /* written by the leader, read by the workers after they see `posted` change */
+    /* the posted step: written by the leader before it posts, read by a thread only
+     * once it holds a claim on one of the step's slices (which the leader cannot pass) */
     moas_step_fn fn;
     void *arg;
-    bool stop;
-    int32_t nth;              /* threads in the team; 1 when none was started */
-    /* each counter on a cache line of its own: workers poll `posted` while others
-     * count down `running` (padding, not _Alignas: the struct lives in calloc'd
-     * memory, which promises 16 bytes of alignment) */
+    int32_t nth;              /* threads and slices per step; 1 when no team started */
+    atomic_bool stop;         /* set with the last `posted`: the workers leave */
+    /* each counter on a cache line of its own (padding, not _Alignas: the struct lives
+     * in calloc'd memory, which promises 16 bytes of alignment) */
     char pad0[64];
-    atomic_uint posted;       /* steps posted so far */
+    atomic_uint posted;       /* steps posted so far: the current step's number */
     char pad1[64];
-    atomic_int running;       /* workers still in the posted step */
+    atomic_int done;          /* slices of the current step finished */
     char pad2[64];
+    atomic_uint claim[MOAS_MAX_THREADS];   /* the last step each slice was claimed for */
 } moas_team;
 
 /* Run body(arg) on the calling thread with a team of up to n_threads threads (fewer
@@ -40,9 +46,10 @@ typedef struct moas_team {
  * OpenMP), which moas__team_run can then use. */
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg);
 
-/* From the leader's body: fn(arg, ith, nth) for every ith of the team, slice 0 on the
- * calling thread; returns when all slices are done. Outside a team, or when
- * `parallel` is false, fn(arg, 0, 1) on the calling thread. */
+/* From the leader's body: fn(arg, ith, nth) for every ith of the team, each slice
+ * once, on whichever thread claims it (its own thread unless that one is late);
+ * returns when all slices are done. Outside a team, or when `parallel` is false,
+ * fn(arg, 0, 1) on the calling thread. */
 void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg);
 
 #endif /* MOAS_TEAM_H */

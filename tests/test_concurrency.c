@@ -383,21 +383,25 @@ static void team_probe_body(void *arg) {
     }
 }
 
-/* A team of 3 runs every slice of every step exactly once, as many slices as threads,
- * and hands the leader their results; without OpenMP the team is the caller alone.
- * Then the same team again: a team is started per call, from a clean state. */
+/* A team of 3, then 8 (more threads than the test machine's cores: some are preempted
+ * between steps, and the others take their slices), runs every slice of every step
+ * exactly once, as many slices as threads, and hands the leader their results; without
+ * OpenMP the team is the caller alone. Each size twice: a team is started per call,
+ * from a clean state. */
 TEST(team_runs_every_slice_of_every_step_once) {
-    for (int round = 0; round < 2; round++) {
-        team_probe p;
-        memset(&p, 0, sizeof p);
-        moas__team_lead(&p.team, 3, team_probe_body, &p);
+    static const int32_t sizes[] = {3, 3, 8, 8};
+    for (size_t round = 0; round < sizeof sizes / sizeof sizes[0]; round++) {
+        team_probe *p = calloc(1, sizeof *p);
+        ASSERT_TRUE(p != NULL);
+        moas__team_lead(&p->team, sizes[round], team_probe_body, p);
 #if defined(_OPENMP)
-        ASSERT_EQ(p.nth, 3);
+        ASSERT_EQ(p->nth, sizes[round]);
 #else
-        ASSERT_EQ(p.nth, 1);
+        ASSERT_EQ(p->nth, 1);
 #endif
-        ASSERT_TRUE(p.ok);
-        ASSERT_EQ(p.team.nth, 1);   /* outside a call, steps run on the caller */
+        ASSERT_TRUE(p->ok);
+        ASSERT_EQ(p->team.nth, 1);   /* outside a call, steps run on the caller */
+        free(p);
     }
     return TEST_PASS;
 }
@@ -406,8 +410,8 @@ TEST(team_runs_every_slice_of_every_step_once) {
  * once (as two contexts decoding on two threads do): each team's steps stay its own.
  * Nested regions usually get one thread, so the teams may be the callers alone. */
 TEST(team_leaders_in_a_parallel_region_keep_their_steps_apart) {
-    team_probe p[2];
-    memset(p, 0, sizeof p);
+    team_probe *p = calloc(2, sizeof *p);
+    ASSERT_TRUE(p != NULL);
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(2)
 #endif
@@ -418,6 +422,7 @@ TEST(team_leaders_in_a_parallel_region_keep_their_steps_apart) {
         ASSERT_TRUE(p[i].ok);
         ASSERT_TRUE(p[i].nth >= 1 && p[i].nth <= 2);
     }
+    free(p);
     return TEST_PASS;
 }
 
