@@ -47,8 +47,8 @@ static void project_rows(const moas_context *ctx, const projection *p, const flo
 }
 
 /* Several projections of the same n rows of X (Q, K and V) as one parallel step when
- * they are worth it: each thread takes one slice of every projection's rows, a
- * multiple of 16 rows, so no thread waits for another between them.
+ * they are worth it: each slice is a part of every projection's rows, a multiple of 16
+ * rows, so no thread waits for another between them.
  *   X [n, n_cols] rows of stride ldx */
 typedef struct {
     const moas_context *ctx;
@@ -291,7 +291,7 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
  * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
  * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
  * under MQA; a K or V row that serves a group of query heads is read where it is,
- * never expanded. Threads split the query heads, each with its own scratch: each
+ * never expanded. Slices split the query heads, each with its own scratch: each
  * head's numbers are the same whoever computes them. */
 typedef struct {
     const moas_context *ctx;
@@ -521,9 +521,9 @@ static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, i
     }
 }
 
-/* LayerNorm (gelu_in == NULL) or GELU of a block's rows, one parallel step when the
- * rows are worth it: the rows are independent, threads split them. Weights: rough
- * multiply-adds per element, against the threshold of the matrix products. */
+/* LayerNorm or GELU of a block's rows, one parallel step when the rows are worth it:
+ * the rows are independent, slices split them. Weights: rough multiply-adds per
+ * element, against the threshold of the matrix products. */
 #define MOAS_NORM_COST 4
 #define MOAS_GELU_COST 16
 typedef struct {
