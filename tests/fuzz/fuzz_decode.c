@@ -804,9 +804,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     memset(&d, 0, sizeof d);
     const uint8_t head = fuzz_u8(&c);
-    d.model = models[(head & 0x20) && head % 3 == 0   ? 3
-                     : (head & 0xC0) == 0xC0 && head % 3 == 1 ? 4
-                                                            : head % 3];
+    int model_index = head % 3;
+    if ((head & 0x20) && head % 3 == 0) {
+        model_index = 3;   /* pooled */
+    } else if ((head & 0xC0) == 0xC0 && head % 3 == 1) {
+        model_index = 4;   /* long */
+    }
+    d.model = models[model_index];
     d.pooled = moas_model_kv_sharing(d.model) == MOAS_KV_SHARING_POOLED;
     d.n_head = moas_model_n_head(d.model);
     d.n_vocab = moas_model_n_vocab(d.model);

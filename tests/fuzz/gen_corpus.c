@@ -218,7 +218,8 @@ enum { DECODE, BATCH, TRUNCATE, RESET, ROUTES, KV_BYTES, VERIFY, BAD_ARGS, GENER
        BUDGET, CALLBACK };
 #define DECODE_TO_BUFFER 132   /* 132 % 12 == DECODE, with the high bit: logits copied */
 
-/* Append a batch of n tokens (ids 1, 2, ... cycling below 40) with the given flags. */
+/* Append a batch of n tokens (ids 1 + 7i mod 39, all in the 40-token vocabulary)
+ * with the given flags. */
 static size_t put_batch(uint8_t *p, size_t at, uint8_t flags, uint8_t n) {
     p[at++] = BATCH;
     p[at++] = flags;
