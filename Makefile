@@ -189,8 +189,9 @@ asan:
 #                        build-fuzz/corpus/<target>, crashes to build-fuzz/artifacts/
 #   make fuzz-merge      add what fuzz-run found (new edges only) to tests/fuzz/corpus
 #   make fuzz-coverage   lines of src/ that corpus reaches (clang, llvm-cov)
-#   make tsan            the C tests under ThreadSanitizer, OPENMP=0 (libgomp is not
-#                        instrumented: TSan would report its barriers as races)
+#   make tsan            the C tests under ThreadSanitizer: OPENMP=0 (TSAN_CC, clang by
+#                        default), then with clang's OpenMP runtime and its TSan tool
+#                        (archer), which checks the forward call's team of threads
 #   make valgrind        bin/moas inspect, generate, perplexity under memcheck, OPENMP=0
 .PHONY: fuzz fuzz-bins fuzz-run fuzz-replay fuzz-corpus fuzz-merge fuzz-coverage tsan valgrind
 FUZZ_TARGETS := load tokenize decode
@@ -277,11 +278,17 @@ fuzz-coverage:
 	    -instr-profile=build-cov/fuzz.profdata $(LIB_SRCS)
 
 TSAN_CC ?= clang
+TSAN_ARCHER ?= /usr/lib/llvm-14/lib/libarcher.so
+TSAN_FLAGS := -g -O1 -fsanitize=thread -fno-omit-frame-pointer
 tsan:
 	TSAN_OPTIONS="halt_on_error=1 $$TSAN_OPTIONS" $(MAKE) --no-print-directory check \
 	    CC=$(TSAN_CC) OPENMP=0 BUILD=build-tsan-$(TSAN_CC) LIBOUT=build-tsan-$(TSAN_CC)/lib \
-	    BINOUT=build-tsan-$(TSAN_CC)/bin \
-	    MOREFLAGS="-g -O1 -fsanitize=thread -fno-omit-frame-pointer"
+	    BINOUT=build-tsan-$(TSAN_CC)/bin MOREFLAGS="$(TSAN_FLAGS)"
+	@test -f $(TSAN_ARCHER) || { echo "tsan: $(TSAN_ARCHER) missing (libomp-14-dev)"; exit 1; }
+	OMP_TOOL_LIBRARIES=$(TSAN_ARCHER) \
+	TSAN_OPTIONS="halt_on_error=1 suppressions=$(CURDIR)/tests/tsan.supp $$TSAN_OPTIONS" \
+	    $(MAKE) --no-print-directory check CC=clang OPENMP=1 BUILD=build-tsan-omp \
+	    LIBOUT=build-tsan-omp/lib BINOUT=build-tsan-omp/bin MOREFLAGS="$(TSAN_FLAGS)"
 
 # The shipped model when it is there, else the tiny test model; the text is the plain
 # ASCII first five verses of tests/data/tiny.txt, which both vocabularies cover.

@@ -6,8 +6,8 @@
  * Also the team of threads a forward call runs its parallel steps on (team.h).
  *
  * Uses POSIX threads (tests only; the library itself creates no threads but OpenMP's).
- * `make tsan` runs these under ThreadSanitizer, built without OpenMP (libgomp is not
- * instrumented, so TSan would report its internal synchronisation as races).
+ * `make tsan` runs these under ThreadSanitizer twice: built without OpenMP, and with
+ * clang's libomp and its TSan tool (archer), which checks the team's atomics.
  */
 #include "test.h"
 #include "team.h"
