@@ -44,6 +44,13 @@
  * GFLOP/s, f32 35 -> 43; two or four tiles ahead did worse. A prefetch past the end of
  * the matrix is a hint, never a load: it cannot fault. */
 #define MM_PREFETCH_TILES 1
+/* A row read front to back from memory (MOAS_MM_STREAM, f16) asks for the bytes 8 KB
+ * on. GPT-2 small's 77 MB f16 output matrix alone, against the other loops in one
+ * process: 43-45 GB/s with it, 35-36 without. Whole f16 decode, four rounds in
+ * alternating order: 208-224 against 194-197 tokens/s at two threads, 93-112 against
+ * 91-111 at one (ahead in three rounds of four). In f32 the same prefetch (4, 8 or
+ * 16 KB on) made decode 10-25% slower, so f32 rows take none. */
+#define MM_STREAM_AHEAD 8192
 
 /* Loads MM_LANES weights of row `row` (a byte pointer) at column i, as floats. */
 MM_ALWAYS_INLINE MM_VEC mm_load_w_f32(const uint8_t *row, int32_t i) {
@@ -81,6 +88,8 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
 #define MM_TILE_MAX_T MM_TILE_TOKS
 
 /* An R x T tile (R, T, P compile-time constants after inlining) over columns [0, n).
+ * P: 0 no software prefetch; 1 the next tile's rows (R rows on) at the same column;
+ * 2 MM_STREAM_AHEAD bytes on in the matrix, for one row read front to back.
  * A tile may cover the columns in pieces: all but the last piece a multiple of
  * MM_LANES wide, `first` starting the chains at zero instead of taking them from
  * `chains` (element [t * MM_TILE_MAX_R + r]), `last` finishing them into y instead of
@@ -103,9 +112,12 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
                 xv[t] = MM_LOADX(x + (size_t)t * ldx + i);                                 \
             }                                                                              \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                          \
-                if (P) {                                                                   \
+                if (P == 1) {                                                              \
                     __builtin_prefetch(w + (size_t)(r + MM_PREFETCH_TILES * R) * row_bytes + \
                                        MM_WOFF_##type(i));                                 \
+                } else if (P == 2) {                                                       \
+                    __builtin_prefetch(w + (size_t)r * row_bytes + MM_WOFF_##type(i) +       \
+                                       MM_STREAM_AHEAD);                                   \
                 }                                                                          \
                 const MM_VEC wv = mm_load_w_##type(w + (size_t)r * row_bytes, i);          \
                 _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                      \
@@ -290,13 +302,16 @@ MM_DEFINE_ROWS(q8_0)
  * batch passes over them; the tokens (at most a prefill block) stay in L2. A single
  * token takes MM_DECODE_ROWS rows at a time, prefetching the next tile's (P = 1),
  * or, with MOAS_MM_STREAM and f32 or f16 weights, one row at a time front to back
- * with no software prefetch: on a model streamed from memory (GPT-2 small in f16,
- * Zen 5) that read 20-25% more bytes per second than eight interleaved rows, which
- * in turn win by 15-25% when the weights are in cache. Q8_0 keeps the tile, which
- * the stream order made 20-40% slower. */
+ * (f16 with a prefetch MM_STREAM_AHEAD on, P = 2): on a model streamed from memory
+ * (GPT-2 small in f16, Zen 5) that read 20-25% more bytes per second than eight
+ * interleaved rows, which in turn win by 15-25% when the weights are in cache. Q8_0
+ * keeps the tile, which the stream order made 20-40% slower. */
 #define MM_STREAMS_f32 1
 #define MM_STREAMS_f16 1
 #define MM_STREAMS_q8_0 0
+#define MM_STREAM_PREFETCH_f32 0
+#define MM_STREAM_PREFETCH_f16 1
+#define MM_STREAM_PREFETCH_q8_0 0
 #define MM_DEFINE_MATMUL(type)                                                             \
     static void MM_NAME(matmul_##type)(const void *w_, size_t row_bytes, int32_t n_rows,   \
                                        const float *x, size_t ldx, int32_t n_tok, int32_t n, \
@@ -310,9 +325,15 @@ MM_DEFINE_ROWS(q8_0)
                                    ldy, MM_DECODE_ROWS, 1, 1, NULL, 1, 1);                 \
                 }                                                                          \
             }                                                                              \
+            const bool ahead = MM_STREAM_PREFETCH_##type && (hints & MOAS_MM_STREAM);      \
             for (; r < n_rows; r++) {                                                      \
-                mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, ldy, \
-                               1, 1, 0, NULL, 1, 1);                                       \
+                if (ahead) {                                                               \
+                    mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
+                                   ldy, 1, 1, 2, NULL, 1, 1);                              \
+                } else {                                                                   \
+                    mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
+                                   ldy, 1, 1, 0, NULL, 1, 1);                              \
+                }                                                                          \
             }                                                                              \
             return;                                                                        \
         }                                                                                  \
