@@ -49,7 +49,7 @@
  * process: 43-45 GB/s with it, 35-36 without. Whole f16 decode, four rounds in
  * alternating order: 208-224 against 194-197 tokens/s at two threads, 93-112 against
  * 91-111 at one (ahead in three rounds of four). In f32 the same prefetch (4, 8 or
- * 16 KB on) made decode 10-25% slower, so f32 rows take none. */
+ * 16 KB on) made decode 5-30% slower in every round, so f32 rows take none. */
 #define MM_STREAM_AHEAD 8192
 
 /* Loads MM_LANES weights of row `row` (a byte pointer) at column i, as floats. */
