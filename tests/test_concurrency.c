@@ -16,10 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #define N_THREADS 4
 #define N_ROUNDS 3
 #define N_GENERATE 8
