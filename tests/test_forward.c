@@ -282,7 +282,10 @@ TEST(truncate_then_redecode_equals_uninterrupted_run) {
  * The parallel threshold is lowered to 0, so that these tiny models take every
  * parallel path (projections, attention heads) that large models take; a prompt of
  * 40 tokens goes through a block of 32 and a block of 8 (the block lowered from
- * MOAS_BATCH), then 8 tokens one by one. */
+ * MOAS_BATCH), then 8 tokens one by one. Each thread count runs twice: as these small
+ * models run, and with the products' streaming hint that models larger than
+ * MOAS_STREAM_MODEL_BYTES get (single tokens read rows one at a time), which must not
+ * change a bit either. */
 TEST(logits_identical_for_any_thread_count) {
     static const char *const models[] = {"tiny-moas-bias.gguf", "tiny-static-nobias.gguf",
                                          "tiny-pooled-bias.gguf", "tiny-baseline-bias.gguf"};
@@ -302,9 +305,10 @@ TEST(logits_identical_for_any_thread_count) {
             one = malloc((size_t)n * n_vocab * sizeof *one);
             two = malloc((size_t)n * n_vocab * sizeof *two);
             ASSERT_TRUE(one && two);
-            for (int32_t t = 1; t <= 3; t++) {
+            for (int32_t run = 0; run < 6; run++) {
+                const int32_t t = run % 3 + 1;
                 moas_context *ctx;
-                float *out = t == 1 ? one : two;
+                float *out = run == 0 ? one : two;
                 moas_context_params_init(&cp);
                 cp.n_threads = t;
                 cp.mode = mode == 0 ? MOAS_MODE_MIXTURE : MOAS_MODE_ROUTED;
@@ -312,17 +316,18 @@ TEST(logits_identical_for_any_thread_count) {
                 ASSERT_OK(moas_context_create(model, &cp, &ctx));
                 ctx->parallel_min_work = 0;
                 ctx->batch_tokens = 32;
+                ctx->mm_hints = run < 3 ? 0 : MOAS_MM_STREAM;
                 ASSERT_OK(moas_context_decode_batch(ctx, tokens, n_prompt, out, MOAS_LOGITS_ALL));
                 for (int32_t i = n_prompt; i < n; i++) {
                     ASSERT_OK(moas_context_decode(ctx, tokens[i], out + (size_t)i * n_vocab));
                 }
-                if (t == 2) {
+                if (run > 0 && t < 3) {
                     ASSERT_TRUE(memcmp(one, two, (size_t)n * n_vocab * sizeof *one) == 0);
                 }
                 moas_context_free(ctx);
             }
-            /* t == 3 ran with an f16 cache: the same computation on other numbers, so
-             * close to, but not the same as, the f32 runs */
+            /* the last run (t == 3) had an f16 cache: the same computation on other
+             * numbers, so close to, but not the same as, the f32 runs */
             float worst = 0.0f;
             for (size_t i = 0; i < (size_t)n * n_vocab; i++) {
                 const float d = fabsf(one[i] - two[i]);
@@ -342,7 +347,8 @@ TEST(logits_identical_for_any_thread_count) {
  * block see whole runs of 64 keys and take the several-query attention kernels
  * (ops.h), where the short contexts above only reach single queries. head_dim 16
  * is one AVX-512 vector (scores summed 4 x 4 together), 20 leaves a scalar tail;
- * mixture and routed mode, f32 and f16 caches. */
+ * mixture and routed mode, f32 and f16 caches, two of the four with the products'
+ * streaming hint (single tokens read rows one at a time). */
 TEST(long_prompt_in_blocks_equals_token_by_token) {
     enum { N = 200 };
     static const int32_t embd[] = {64, 80};
@@ -374,6 +380,7 @@ TEST(long_prompt_in_blocks_equals_token_by_token) {
             ASSERT_OK(moas_context_create(model, &cp, &a));
             ASSERT_OK(moas_context_create(model, &cp, &b));
             ASSERT_EQ(a->batch_tokens, 128);
+            a->mm_hints = b->mm_hints = variant == 1 || variant == 2 ? MOAS_MM_STREAM : 0;
             ASSERT_OK(moas_context_decode_batch(a, tokens, N, batch, MOAS_LOGITS_ALL));
             for (int32_t i = 0; i < N; i++) {
                 ASSERT_OK(moas_context_decode(b, tokens[i], single + (size_t)i * n_vocab));
