@@ -100,11 +100,11 @@ extern "C" {
  * ====================================================================== */
 
 #define MOAS_VERSION_MAJOR 1
-#define MOAS_VERSION_MINOR 0
+#define MOAS_VERSION_MINOR 1
 #define MOAS_VERSION_PATCH 0
 #define MOAS_VERSION_NUMBER \
     (MOAS_VERSION_MAJOR * 10000 + MOAS_VERSION_MINOR * 100 + MOAS_VERSION_PATCH)
-#define MOAS_VERSION_STRING "1.0.0"
+#define MOAS_VERSION_STRING "1.1.0"
 
 /*
  * moas_version_number() - the version of the library actually linked.
@@ -143,13 +143,14 @@ MOAS_API const char *moas_version_string(void);
     X(ERR_BUFFER_TOO_SMALL, -9, "output buffer too small")                        \
     X(ERR_NOT_FOUND,       -10, "no such metadata key or tensor")                 \
     X(ERR_WRONG_TYPE,      -11, "metadata value has another type")               \
-    X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")
+    X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")                \
+    X(ERR_POOL_FULL,       -13, "the KV pool has too few free pages")
 
 typedef enum moas_status {
 #define MOAS_STATUS_ENUM_(name_, value_, msg_) MOAS_##name_ = value_,
     MOAS_STATUS_MAP(MOAS_STATUS_ENUM_)
 #undef MOAS_STATUS_ENUM_
-    MOAS_STATUS_COUNT = 13 /* number of statuses, not a status */
+    MOAS_STATUS_COUNT = 14 /* number of statuses, not a status */
 } moas_status;
 
 /*
@@ -502,6 +503,7 @@ MOAS_API moas_status moas_model_meta_array_string(const moas_model *model, const
  * ====================================================================== */
 
 typedef struct moas_context moas_context;  /* opaque; one thread at a time */
+typedef struct moas_pool moas_pool;        /* opaque; a KV pool shared by contexts */
 
 /* How a context runs the attention schemes. */
 typedef enum moas_mode {
@@ -560,6 +562,13 @@ typedef struct moas_context_params {
                                          moas_context_kv_bytes_used(ctx, -1) (docs/ROUTING.md) */
     moas_route_fn route_fn;           /* NULL (default): no callback */
     void *route_user;                 /* handed back to `route_fn` unchanged */
+    /* added in 1.1 */
+    struct moas_pool *pool;           /* NULL (default): the context's KV cache is a private
+                                         pool sized for n_ctx tokens; else its pages come
+                                         from this pool (same model; the pool's kv_type and
+                                         kernels apply), which must outlive the context */
+    int32_t n_batch;                  /* tokens per block of the context's own calls;
+                                         0 (default): 128, or n_ctx if smaller */
 } moas_context_params;
 
 /*
@@ -782,6 +791,188 @@ MOAS_API void moas_context_set_route_callback(moas_context *ctx, moas_route_fn f
  */
 MOAS_API size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer);
 MOAS_API size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer);
+
+/* ======================================================================
+ *  KV pool: many sequences in one memory, batched decode, fork, saved state
+ * ======================================================================
+ *
+ * A pool owns the KV memory of many contexts as pages of `page_heads` K heads and as
+ * many V heads. A context created with moas_context_params.pool takes pages as its
+ * tokens need them (a token routed to MQA takes one head per layer, not n_head) and
+ * returns them on truncate, reset and free, so memory one sequence gives back serves
+ * another. A context without a pool has a private one sized for its n_ctx tokens and
+ * behaves as it always did. docs/KV_CACHE.md describes pages, fork and state.
+ */
+
+typedef struct moas_pool_params {
+    uint32_t size;                    /* sizeof(moas_pool_params); set by _init() */
+    uint64_t capacity_bytes;          /* bytes of K/V pages, allocated at creation
+                                         (rounded down to whole pages); required */
+    int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default) or _F16 */
+    int32_t page_heads;               /* head slots per page, a power of two;
+                                         0 (default): 16 */
+    int32_t n_threads;                /* threads of moas_pool_decode; 0: OpenMP's default */
+    int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
+    int32_t n_batch;                  /* rows (tokens of all sequences) per block of
+                                         moas_pool_decode; 0 (default): 128 */
+    moas_log_fn log;                  /* NULL (default): silent */
+    void *log_user;
+    const moas_allocator *allocator;  /* NULL (default): malloc/free; must outlive pool */
+} moas_pool_params;
+
+/*
+ * moas_pool_params_init_sized() - fill `params` with the defaults (as
+ *                                 moas_context_params_init_sized()).
+ * moas_pool_params_init(params) - the same with the caller's sizeof (a macro).
+ *
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size);
+#define moas_pool_params_init(params_) moas_pool_params_init_sized((params_), sizeof *(params_))
+
+/*
+ * moas_pool_create() - make a KV pool for contexts of `model`.
+ * CONSTRUCTOR: moas_pool
+ *
+ * Allocates capacity_bytes of pages (address space until written: the operating
+ * system backs pages as they are first used) and the buffers of moas_pool_decode.
+ * A page holds page_heads K and V heads of head_dim elements of kv_type. The model is
+ * borrowed and must outlive the pool; the pool must outlive its contexts.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, capacity below one
+ *          page, page_heads not a power of two in [1, 4096], unknown kv_type or
+ *          kernels, n_threads outside [0, 1024], n_batch outside [0, 65536], bad
+ *          params->size), MOAS_ERR_NO_MEMORY.
+ * Thread safety: safe.   Allocates: yes.
+ */
+MOAS_API moas_status moas_pool_create(const moas_model *model, const moas_pool_params *params,
+                                      moas_pool **out);
+
+/*
+ * moas_pool_free() - release a pool. Every context in it must be freed first.
+ * DESTRUCTOR: moas_pool
+ *
+ * NULL is a no-op.   Thread safety: not while any call uses the pool.   Allocates: no.
+ */
+MOAS_API void moas_pool_free(moas_pool *pool);
+
+/* What moas_pool_stats() reports. Set `size` to sizeof(moas_pool_info) first. */
+typedef struct moas_pool_info {
+    uint32_t size;
+    int32_t page_heads;       /* head slots per page */
+    uint64_t page_bytes;      /* bytes of one page: page_heads * head_dim * 2 * element */
+    int32_t n_pages;          /* pages in the pool */
+    int32_t pages_free;       /* pages no context holds */
+    int32_t n_contexts;       /* contexts in the pool */
+    uint64_t bytes_capacity;  /* n_pages * page_bytes */
+    uint64_t bytes_held;      /* (n_pages - pages_free) * page_bytes; a page shared by
+                                 forks counts once */
+    uint64_t bytes_used;      /* the sum of moas_context_kv_bytes_used(ctx, -1) over the
+                                 pool's contexts; shared tokens count in each holder,
+                                 so with forks this can exceed bytes_held */
+} moas_pool_info;
+
+/*
+ * moas_pool_stats() - the pool's capacity and occupancy now.
+ *
+ * Writes what fits in info->size bytes and sets info->size to that.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument).
+ * Thread safety: safe while other threads decode contexts of the pool (the figures
+ *   are then a snapshot).   Allocates: no.
+ */
+MOAS_API moas_status moas_pool_stats(moas_pool *pool, moas_pool_info *info);
+
+/* One context's part of a moas_pool_decode() call. */
+typedef struct moas_pool_seq {
+    moas_context *ctx;        /* a context of the pool, at most once per call */
+    const int32_t *tokens;    /* n_tokens tokens for positions n_past, n_past + 1, ... */
+    int32_t n_tokens;         /* >= 0; 1 for a generation step, more for a prompt */
+    int32_t which;            /* a moas_logits: which of these tokens' logits to write */
+    float *logits;            /* as moas_context_decode_batch(): [n_vocab] for
+                                 MOAS_LOGITS_LAST (may be NULL), [n_tokens][n_vocab]
+                                 for MOAS_LOGITS_ALL */
+} moas_pool_seq;
+
+/*
+ * moas_pool_decode() - advance many contexts of one pool in one call.
+ * METHOD: moas_pool
+ *
+ * Every context gets its tokens as if by moas_context_decode_batch(ctx, tokens,
+ * n_tokens, logits, which) on its own: the same logits, cache and routing records, bit
+ * for bit, whatever the other sequences in the call. What the call adds is speed: the
+ * rows of all sequences (up to n_batch per block) go through each weight matrix
+ * together, so a weight is read once per block instead of once per sequence, and each
+ * sequence's attention reads only its own pages. All contexts must share `pool` and
+ * one mode. Routed contexts with a KV budget take at most one token per call.
+ *
+ * Everything is checked, and every page the call may need reserved (the widest
+ * scheme for every token), before anything runs: on failure no context changes.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `pool`, `seqs` NULL with n_seqs > 0,
+ *          a NULL or repeated context, one of another pool or mode, a bad token or
+ *          `which` — the sequence's index is named —, more than one token for a
+ *          routed context with a budget), MOAS_ERR_CONTEXT_FULL (a context's n_ctx or
+ *          budget), MOAS_ERR_POOL_FULL (the message says how many pages were lacking).
+ * Thread safety: one call per pool at a time, and no other call on its contexts
+ *   meanwhile; contexts not in the call may be decoded by other threads.
+ *   Allocates: never.
+ */
+MOAS_API moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs,
+                                      int32_t n_seqs);
+
+/*
+ * moas_context_fork() - a new context that continues from where `parent` is.
+ * CONSTRUCTOR: moas_context
+ *
+ * The child has the parent's tokens, routing records, logits and settings (mode,
+ * n_ctx, forced scheme, budget, route callback), in the parent's pool. It shares the
+ * parent's full pages (copy on write: whichever later writes into a shared page copies
+ * it first) and gets its own copy of the partly filled last page of each stream, so N
+ * forks of a prompt hold one prompt of pages plus their own tokens. Afterwards parent
+ * and child are independent: decoding one never changes the other.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, a parent without a pool
+ *          of the caller's), MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY.
+ * Thread safety: not while another thread uses `parent`.   Allocates: yes.
+ */
+MOAS_API moas_status moas_context_fork(moas_context *parent, moas_context **out);
+
+/*
+ * moas_context_kv_pages() - pages the context holds now (shared ones included).
+ * moas_context_kv_bytes_held() - those pages' bytes.
+ *
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API int32_t moas_context_kv_pages(const moas_context *ctx);
+MOAS_API size_t moas_context_kv_bytes_held(const moas_context *ctx);
+
+/*
+ * moas_context_state_size() - bytes moas_context_state_save() writes now.
+ * moas_context_state_save() - save the context's sequence to `buf`.
+ * moas_context_state_load() - replace the context's sequence with a saved one.
+ * METHOD: moas_context
+ *
+ * The state holds the stored tokens' keys and values (only the heads each token
+ * stored: a routed sequence saves what its router chose), their routing records, the
+ * position and the last logits, with a fingerprint of the model; docs/FORMAT.md
+ * ("Saved state") gives the layout. Loading needs a context of the same model, mode
+ * and kv_type, in any pool, with room for the tokens; afterwards decoding gives the
+ * same bits as in the context that saved it. Loading checks everything before it
+ * changes anything: on failure the context is as it was.
+ *
+ * Returns: save: MOAS_OK with *written set, or MOAS_ERR_INVALID_ARG (NULL argument),
+ *          MOAS_ERR_BUFFER_TOO_SMALL (*written says how many bytes are needed).
+ *          load: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument), MOAS_ERR_BAD_FORMAT
+ *          (not a libmoas state, or another version), MOAS_ERR_CORRUPT (truncated or
+ *          inconsistent data, another model, mode or kv_type), MOAS_ERR_CONTEXT_FULL
+ *          (more tokens than n_ctx), MOAS_ERR_POOL_FULL.
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API size_t moas_context_state_size(const moas_context *ctx);
+MOAS_API moas_status moas_context_state_save(const moas_context *ctx, void *buf, size_t size,
+                                             size_t *written);
+MOAS_API moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t size);
 
 /* ======================================================================
  *  Tokenizer

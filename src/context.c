@@ -3,12 +3,13 @@
  * decode, reset and truncate, routing records and KV accounting.
  *
  * Owns: the memory of a context and the rules of its API (argument checks, the
- * all-or-nothing promise of a failed call). Does not own: the arithmetic of a
- * forward step (forward.c).
+ * all-or-nothing promise of a failed call), batched decode across a pool's contexts,
+ * fork and saved state. Does not own: the arithmetic of a forward step (forward.c)
+ * nor the bookkeeping of pages (kv_cache.c).
  *
  * Invariant: positions [0, n_past) of the KV cache and of the routing records hold
  * exactly what decoding those tokens wrote; nothing past n_past is ever read. That is
- * why truncate only moves n_past.
+ * why truncate only moves n_past (and gives back the pages past it).
  */
 #include "context.h"
 
@@ -62,15 +63,25 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
     if (p->n_ctx == 0) {
         p->n_ctx = m->n_ctx_train;
     }
-    if (p->n_threads == 0) {
-#if defined(_OPENMP)
-        p->n_threads = omp_get_max_threads() < MOAS_MAX_THREADS ? omp_get_max_threads()
-                                                                : MOAS_MAX_THREADS;
-#else
-        p->n_threads = 1;
-#endif
-    }
+    MOAS_RETURN_IF(p->n_batch < 0 || p->n_batch > 65536, MOAS_ERR_INVALID_ARG,
+                   "context_create: n_batch %d outside [0, 65536]", p->n_batch);
+    MOAS_RETURN_IF(p->pool != NULL && p->pool->model != m, MOAS_ERR_INVALID_ARG,
+                   "context_create: the pool was made for another model");
+    MOAS_RETURN_IF(p->pool != NULL && p->pool->is_private, MOAS_ERR_INVALID_ARG,
+                   "context_create: that pool is another context's private cache");
+    p->n_threads = moas__default_threads(p->n_threads);
     return MOAS_OK;
+}
+
+int32_t moas__default_threads(int32_t n_threads) {
+    if (n_threads != 0) {
+        return n_threads;
+    }
+#if defined(_OPENMP)
+    return omp_get_max_threads() < MOAS_MAX_THREADS ? omp_get_max_threads() : MOAS_MAX_THREADS;
+#else
+    return 1;
+#endif
 }
 
 uint64_t moas__kv_token_bytes(const moas_context *ctx, int32_t s) {
@@ -138,52 +149,117 @@ static float *carve(float **cursor, size_t n) {
     return p;
 }
 
-static moas_status allocate(moas_context *ctx) {
-    const moas_model *m = ctx->model;
-    const size_t C = (size_t)m->n_embd, S = (size_t)m->n_scheme, L = (size_t)m->n_layer;
-    const size_t n_ctx = (size_t)ctx->n_ctx;
+void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws) {
+    if (ws == NULL) {
+        return;
+    }
+    moas__free(alloc, ws->scratch);
+    moas__free(alloc, ws->batch_scratch);
+    moas__free(alloc, ws->bscheme);
+    moas__free(alloc, ws->row_ctx);
+    moas__free(alloc, ws->row_pos);
+    moas__free(alloc, ws->idx);
+    moas__free(alloc, ws->runs);
+    moas__free(alloc, ws);
+}
+
+moas_status moas__workspace_make(const moas_model *m, const moas_allocator *alloc,
+                                 const moas_ops *ops, int32_t n_threads, int32_t max_rows,
+                                 int32_t max_keys, int32_t logit_rows, moas_workspace **out) {
+    const size_t C = (size_t)m->n_embd, S = (size_t)m->n_scheme;
     const size_t hidden = (size_t)(m->n_ff > m->n_router ? m->n_ff : m->n_router);
-    size_t n_floats, kv_bytes, layer_bytes;
+    const size_t rows = (size_t)max_rows;
+    moas_workspace *ws;
     float *cursor;
-    uint8_t *kv_cursor;
 
-    /* per-token scratch: xb, kv_pool (2C), pool_tmp, logits, and per thread the
-     * attention scores and rows (32-bit, one float each); each buffer rounded up to 16
-     * floats (64 bytes): 6 buffers, at most 15 each */
+    *out = NULL;
+    ws = moas__calloc(alloc, 1, sizeof *ws);
+    MOAS_RETURN_IF(ws == NULL, MOAS_ERR_NO_MEMORY, "context_create: no memory for the workspace");
+    ws->model = m;
+    ws->ops = ops;
+    ws->n_threads = n_threads;
+    ws->mm_hints = m->image_size > MOAS_STREAM_MODEL_BYTES ? MOAS_MM_STREAM : 0;
+    ws->parallel_min_work = MOAS_PARALLEL_MIN_WORK;
+    ws->max_rows = max_rows;
+    ws->max_keys = max_keys;
+    ws->logit_rows = logit_rows;
+
+    /* per-call scratch: xb, kv_pool (2C), pool_tmp, and per thread the attention scores
+     * and rows (32-bit, one float each), the normed rows and logits of logit_rows;
+     * each buffer rounded up to 16 floats (64 bytes): 7 buffers, at most 15 each */
     const size_t att_floats =
-        (size_t)ctx->n_threads * ((size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS + n_ctx);
-    n_floats = 4 * C + att_floats + (size_t)m->n_vocab + 6 * 15;
-    cursor = alloc_aligned(ctx->alloc, n_floats * sizeof(float), &ctx->scratch);
-    MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
-                   "context_create: no memory for %zu activation floats", n_floats);
+        (size_t)n_threads * ((size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS + (size_t)max_keys);
+    const size_t n_floats =
+        4 * C + att_floats + (size_t)logit_rows * (C + (size_t)m->n_vocab) + 7 * 15;
+    cursor = alloc_aligned(alloc, n_floats * sizeof(float), &ws->scratch);
+    if (cursor == NULL) {
+        moas__workspace_free(alloc, ws);
+        MOAS_RETURN_IF(true, MOAS_ERR_NO_MEMORY,
+                       "context_create: no memory for %zu activation floats", n_floats);
+    }
     memset(cursor, 0, n_floats * sizeof(float));
-    ctx->xb = carve(&cursor, C);
-    ctx->kv_pool = carve(&cursor, 2 * C);
-    ctx->pool_tmp = carve(&cursor, C);
-    ctx->att = carve(&cursor, (size_t)ctx->n_threads * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
-    ctx->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)ctx->n_threads * n_ctx);
-    ctx->logits = carve(&cursor, (size_t)m->n_vocab);
+    ws->xb = carve(&cursor, C);
+    ws->kv_pool = carve(&cursor, 2 * C);
+    ws->pool_tmp = carve(&cursor, C);
+    ws->att = carve(&cursor, (size_t)n_threads * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
+    ws->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)n_threads * (size_t)max_keys);
+    ws->lx = carve(&cursor, (size_t)logit_rows * C);
+    ws->logits = carve(&cursor, (size_t)logit_rows * (size_t)m->n_vocab);
 
-    /* batch activations */
-    const size_t rows = (size_t)ctx->batch_tokens;
+    /* block activations */
     const size_t c16 = (C + 15) & ~(size_t)15, h16 = (hidden + 15) & ~(size_t)15;
-    cursor = alloc_aligned(ctx->alloc, (9 * c16 + h16) * rows * sizeof(float), &ctx->batch_scratch);
-    MOAS_RETURN_IF(cursor == NULL, MOAS_ERR_NO_MEMORY,
-                   "context_create: no memory for batch activations");
-    ctx->bx = carve(&cursor, rows * c16);
-    ctx->bxb = carve(&cursor, rows * c16);
-    ctx->bq = carve(&cursor, rows * c16);
-    ctx->bk = carve(&cursor, rows * c16);
-    ctx->bv = carve(&cursor, rows * c16);
-    ctx->batt = carve(&cursor, rows * c16);
-    ctx->bmix = carve(&cursor, rows * c16);
-    ctx->by = carve(&cursor, rows * c16);
-    ctx->bsel = carve(&cursor, rows * c16);
-    ctx->bhb = carve(&cursor, rows * h16);
+    const size_t s16 = (S + 15) & ~(size_t)15;
+    cursor = alloc_aligned(alloc, (9 * c16 + h16 + s16) * rows * sizeof(float), &ws->batch_scratch);
+    ws->bscheme = moas__calloc(alloc, rows, sizeof *ws->bscheme);
+    ws->row_ctx = moas__calloc(alloc, rows, sizeof *ws->row_ctx);
+    ws->row_pos = moas__calloc(alloc, rows, sizeof *ws->row_pos);
+    ws->idx = moas__calloc(alloc, rows, sizeof *ws->idx);
+    ws->runs = moas__calloc(alloc, rows, sizeof *ws->runs);
+    if (cursor == NULL || ws->bscheme == NULL || ws->row_ctx == NULL || ws->row_pos == NULL ||
+        ws->idx == NULL || ws->runs == NULL) {
+        moas__workspace_free(alloc, ws);
+        MOAS_RETURN_IF(true, MOAS_ERR_NO_MEMORY,
+                       "context_create: no memory for the activations of %d rows", max_rows);
+    }
+    ws->bx = carve(&cursor, rows * c16);
+    ws->bxb = carve(&cursor, rows * c16);
+    ws->bq = carve(&cursor, rows * c16);
+    ws->bk = carve(&cursor, rows * c16);
+    ws->bv = carve(&cursor, rows * c16);
+    ws->batt = carve(&cursor, rows * c16);
+    ws->bmix = carve(&cursor, rows * c16);
+    ws->by = carve(&cursor, rows * c16);
+    ws->bsel = carve(&cursor, rows * c16);
+    ws->bhb = carve(&cursor, rows * h16);
+    ws->bgates = carve(&cursor, rows * s16);
+    *out = ws;
+    return MOAS_OK;
+}
 
-    /* the KV cache at full capacity: in mixture mode a stream per layer and scheme
-     * (pooled models: one, of all H heads), in routed mode one ragged stream per layer
-     * with room for the widest scheme at every position */
+/* Heads per token of the context's streams: i's in mixture mode, the widest scheme's
+ * (the most a token may take) in routed mode. */
+static int32_t stream_max_heads(const moas_context *ctx, int32_t i) {
+    return ctx->kv[i].n_kv;
+}
+
+/* Heads stream i holds for the first n tokens. */
+static uint32_t stream_heads(const moas_context *ctx, int32_t i, int32_t n) {
+    return moas__kv_heads_at(&ctx->kv[i], n);
+}
+
+static moas_status allocate(moas_context *ctx, moas_pool *pool, moas_kernels kernels) {
+    const moas_model *m = ctx->model;
+    const size_t S = (size_t)m->n_scheme, L = (size_t)m->n_layer;
+    const size_t n_ctx = (size_t)ctx->n_ctx;
+    moas_status st;
+
+    ctx->logits = moas__calloc(ctx->alloc, (size_t)m->n_vocab, sizeof *ctx->logits);
+    MOAS_RETURN_IF(ctx->logits == NULL, MOAS_ERR_NO_MEMORY,
+                   "context_create: no memory for the logits");
+
+    /* the streams: in mixture mode one per layer and scheme (pooled models: one, of
+     * all H heads), in routed mode one ragged stream per layer whose tokens take up
+     * to the widest scheme's heads */
     const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
     int32_t max_kv = 0;
     for (int32_t s = 0; s < m->n_scheme; s++) {
@@ -193,15 +269,6 @@ static moas_status allocate(moas_context *ctx) {
     ctx->kv = moas__calloc(ctx->alloc, (size_t)ctx->n_streams, sizeof *ctx->kv);
     MOAS_RETURN_IF(ctx->kv == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for the KV index");
-    layer_bytes = ctx->mode == MOAS_MODE_ROUTED
-                      ? (size_t)max_kv * (size_t)m->head_dim * 2 * ctx->kv_elem_bytes
-                      : (size_t)moas__kv_token_bytes(ctx, -1);
-    MOAS_RETURN_IF(!moas__size_mul(layer_bytes, n_ctx, &kv_bytes) ||
-                   !moas__size_mul(kv_bytes, L, &kv_bytes), MOAS_ERR_NO_MEMORY,
-                   "context_create: a KV cache of %d tokens does not fit in memory", ctx->n_ctx);
-    kv_cursor = alloc_aligned(ctx->alloc, kv_bytes, &ctx->kv_arena);
-    MOAS_RETURN_IF(kv_cursor == NULL, MOAS_ERR_NO_MEMORY,
-                   "context_create: no memory for a KV cache of %zu bytes", kv_bytes);
     if (ctx->mode == MOAS_MODE_ROUTED) {
         ctx->kv_offsets = moas__calloc(ctx->alloc, L * (n_ctx + 1), sizeof *ctx->kv_offsets);
         MOAS_RETURN_IF(ctx->kv_offsets == NULL, MOAS_ERR_NO_MEMORY,
@@ -209,16 +276,48 @@ static moas_status allocate(moas_context *ctx) {
     }
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         moas_kv_stream *kv = &ctx->kv[i];
-        const int32_t n_kv = ctx->mode == MOAS_MODE_ROUTED ? max_kv
-                             : pooled                      ? m->n_head
-                                                           : m->scheme_n_kv[i % (int32_t)S];
-        const size_t stream_bytes =
-            n_ctx * (size_t)n_kv * (size_t)m->head_dim * ctx->kv_elem_bytes;
-        kv->n_kv = n_kv;
+        kv->n_kv = ctx->mode == MOAS_MODE_ROUTED ? max_kv
+                   : pooled                      ? m->n_head
+                                                 : m->scheme_n_kv[i % (int32_t)S];
         kv->off = ctx->mode == MOAS_MODE_ROUTED ? ctx->kv_offsets + (size_t)i * (n_ctx + 1) : NULL;
-        kv->k = kv_cursor;
-        kv->v = kv_cursor + stream_bytes;
-        kv_cursor += 2 * stream_bytes;
+    }
+
+    /* the pages: the caller's pool, or a private one with room for every stream at
+     * n_ctx tokens of its widest tokens, so that a context of its own never runs out */
+    if (pool == NULL) {
+        uint64_t n_pages = 0;
+        for (int32_t i = 0; i < ctx->n_streams; i++) {
+            n_pages += ((uint64_t)n_ctx * (uint64_t)ctx->kv[i].n_kv + MOAS_PAGE_HEADS - 1) /
+                       MOAS_PAGE_HEADS;
+        }
+        if ((st = moas__pool_make(m, ctx->alloc, ctx->log, ctx->log_user, ctx->kv_type,
+                                  MOAS_PAGE_HEADS, n_pages, &pool)) != MOAS_OK) {
+            return st;
+        }
+        pool->is_private = true;
+        ctx->pool_owned = true;
+    }
+    ctx->pool = pool;
+    int32_t widest = 0;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        widest = stream_max_heads(ctx, i) > widest ? stream_max_heads(ctx, i) : widest;
+    }
+    ctx->max_pages = (int32_t)(((uint64_t)n_ctx * (uint64_t)widest + (uint64_t)pool->page_heads - 1) /
+                               (uint64_t)pool->page_heads);
+    ctx->kv_pages = moas__calloc(ctx->alloc, (size_t)ctx->n_streams * (size_t)ctx->max_pages + 1,
+                                 sizeof *ctx->kv_pages);
+    MOAS_RETURN_IF(ctx->kv_pages == NULL, MOAS_ERR_NO_MEMORY,
+                   "context_create: no memory for the page tables");
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        ctx->kv[i].pages = ctx->kv_pages + (size_t)i * (size_t)ctx->max_pages;
+    }
+
+    /* this context's own calls: the pool's kernels when it has one, so that a sequence
+     * decoded alone and in a pool call computes the same bits */
+    const moas_ops *ops = pool->ws != NULL ? pool->ws->ops : moas__ops_select(kernels);
+    if ((st = moas__workspace_make(m, ctx->alloc, ops, ctx->n_threads, ctx->batch_tokens,
+                                   ctx->n_ctx, 1, &ctx->ws)) != MOAS_OK) {
+        return st;
     }
 
     /* routing records */
@@ -233,10 +332,80 @@ static void context_failed(moas_log_fn log, void *user) {
     moas__log_error(log, user);
 }
 
+/* Put ctx on its pool's list, or take it off. */
+static void pool_link(moas_context *ctx) {
+    moas_pool *pool = ctx->pool;
+    moas__pool_lock(pool);
+    ctx->pool_prev = NULL;
+    ctx->pool_next = pool->contexts;
+    if (pool->contexts != NULL) {
+        pool->contexts->pool_prev = ctx;
+    }
+    pool->contexts = ctx;
+    pool->n_contexts++;
+    ctx->linked = true;
+    moas__pool_unlock(pool);
+}
+
+static void pool_unlink(moas_context *ctx) {
+    moas_pool *pool = ctx->pool;
+    moas__pool_lock(pool);
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas__kv_drop_all(pool, &ctx->kv[i]);
+    }
+    if (ctx->linked) {
+        if (ctx->pool_prev != NULL) {
+            ctx->pool_prev->pool_next = ctx->pool_next;
+        } else {
+            pool->contexts = ctx->pool_next;
+        }
+        if (ctx->pool_next != NULL) {
+            ctx->pool_next->pool_prev = ctx->pool_prev;
+        }
+        pool->n_contexts--;
+        ctx->linked = false;
+    }
+    moas__pool_unlock(pool);
+}
+
+/* Make a context from resolved params `p` (the caller has checked them). */
+static moas_status context_make(const moas_model *model, const moas_context_params *p,
+                                moas_context **out) {
+    moas_context *ctx;
+    moas_status st;
+
+    ctx = moas__calloc(p->allocator, 1, sizeof *ctx);
+    MOAS_RETURN_IF(ctx == NULL, MOAS_ERR_NO_MEMORY, "context_create: no memory for the context");
+    if (p->allocator != NULL) {
+        ctx->alloc_copy = *p->allocator;
+        ctx->alloc = &ctx->alloc_copy;
+    }
+    ctx->model = model;
+    ctx->log = p->log;
+    ctx->log_user = p->log_user;
+    ctx->n_ctx = p->n_ctx;
+    ctx->n_threads = p->n_threads;
+    ctx->batch_tokens = p->n_batch != 0 ? p->n_batch : MOAS_BATCH;
+    ctx->batch_tokens = ctx->n_ctx < ctx->batch_tokens ? ctx->n_ctx : ctx->batch_tokens;
+    ctx->mode = (moas_mode)p->mode;
+    ctx->kv_type = p->pool != NULL ? p->pool->kv_type : (moas_type)p->kv_type;
+    ctx->kv_elem_bytes = ctx->kv_type == MOAS_TYPE_F16 ? 2 : 4;
+    ctx->forced_scheme = p->forced_scheme;
+    ctx->route_fn = p->route_fn;
+    ctx->route_user = p->route_user;
+    if ((st = check_budget(ctx, p->kv_budget_bytes)) != MOAS_OK ||
+        (st = allocate(ctx, p->pool, (moas_kernels)p->kernels)) != MOAS_OK) {
+        moas_context_free(ctx);
+        return st;
+    }
+    pool_link(ctx);
+    *out = ctx;
+    return MOAS_OK;
+}
+
 moas_status moas_context_create(const moas_model *model, const moas_context_params *params,
                                 moas_context **out) {
     moas_context_params p;
-    moas_context *ctx;
     moas_status st;
     moas_log_fn log = NULL;
     void *log_user = NULL;
@@ -254,42 +423,11 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
         context_failed(log, log_user);
         return MOAS_ERR_INVALID_ARG;
     }
-    if ((st = resolve_params(model, params, &p)) != MOAS_OK) {
+    if ((st = resolve_params(model, params, &p)) != MOAS_OK ||
+        (st = context_make(model, &p, out)) != MOAS_OK) {
         context_failed(log, log_user);
         return st;
     }
-    ctx = moas__calloc(p.allocator, 1, sizeof *ctx);
-    if (ctx == NULL) {
-        moas__set_error("context_create: no memory for the context");
-        context_failed(log, log_user);
-        return MOAS_ERR_NO_MEMORY;
-    }
-    if (p.allocator != NULL) {
-        ctx->alloc_copy = *p.allocator;
-        ctx->alloc = &ctx->alloc_copy;
-    }
-    ctx->model = model;
-    ctx->log = p.log;
-    ctx->log_user = p.log_user;
-    ctx->n_ctx = p.n_ctx;
-    ctx->n_threads = p.n_threads;
-    ctx->parallel_min_work = MOAS_PARALLEL_MIN_WORK;
-    ctx->batch_tokens = ctx->n_ctx < MOAS_BATCH ? ctx->n_ctx : MOAS_BATCH;
-    ctx->mm_hints = model->image_size > MOAS_STREAM_MODEL_BYTES ? MOAS_MM_STREAM : 0;
-    ctx->mode = (moas_mode)p.mode;
-    ctx->kv_type = (moas_type)p.kv_type;
-    ctx->kv_elem_bytes = p.kv_type == MOAS_TYPE_F16 ? 2 : 4;
-    ctx->ops = moas__ops_select((moas_kernels)p.kernels);
-    ctx->forced_scheme = p.forced_scheme;
-    ctx->route_fn = p.route_fn;
-    ctx->route_user = p.route_user;
-    if ((st = check_budget(ctx, p.kv_budget_bytes)) != MOAS_OK ||
-        (st = allocate(ctx)) != MOAS_OK) {
-        context_failed(log, log_user);
-        moas_context_free(ctx);
-        return st;
-    }
-    *out = ctx;
     return MOAS_OK;
 }
 
@@ -302,16 +440,72 @@ void moas_context_free(moas_context *ctx) {
     }
     alloc_copy = ctx->alloc_copy;
     alloc = ctx->alloc != NULL ? &alloc_copy : NULL;
-    moas__free(alloc, ctx->scratch);
-    moas__free(alloc, ctx->batch_scratch);
+    if (ctx->pool != NULL) {
+        pool_unlink(ctx);
+        if (ctx->pool_owned) {
+            moas_pool_free(ctx->pool);
+        }
+    }
+    moas__workspace_free(alloc, ctx->ws);
+    moas__free(alloc, ctx->logits);
     moas__free(alloc, ctx->kv);
-    moas__free(alloc, ctx->kv_arena);
+    moas__free(alloc, ctx->kv_pages);
     moas__free(alloc, ctx->kv_offsets);
     moas__free(alloc, ctx->route_gates);
     moas__free(alloc, ctx->route_scheme);
     moas__free(alloc, ctx);
 }
 
+/* ---- pages for a call ---------------------------------------------------------- */
+
+/* With the pool locked: pages ctx needs for n more tokens, at worst (every token
+ * taking its streams' widest heads). */
+static uint64_t pages_needed(const moas_context *ctx, int32_t n) {
+    uint64_t need = 0;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        const uint32_t used = stream_heads(ctx, i, ctx->n_past);
+        need += moas__kv_need(ctx->pool, &ctx->kv[i], used,
+                              used + (uint32_t)n * (uint32_t)stream_max_heads(ctx, i));
+    }
+    return need;
+}
+
+static void pages_take(moas_context *ctx, int32_t n) {
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        const uint32_t used = stream_heads(ctx, i, ctx->n_past);
+        moas__kv_grow(ctx->pool, &ctx->kv[i], used,
+                      used + (uint32_t)n * (uint32_t)stream_max_heads(ctx, i));
+    }
+}
+
+/* Give back the pages past what n_past tokens hold. */
+static void pages_trim(moas_context *ctx) {
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas__kv_trim(ctx->pool, &ctx->kv[i], stream_heads(ctx, i, ctx->n_past));
+    }
+}
+
+static moas_status pool_full(const moas_pool *pool, uint64_t need, const char *what) {
+    moas__set_error("%s: the KV pool lacks %llu page(s): %llu needed, %d free of %d", what,
+                    (unsigned long long)(need - (uint64_t)pool->n_free),
+                    (unsigned long long)need, pool->n_free, pool->n_pages);
+    return MOAS_ERR_POOL_FULL;
+}
+
+/* Reserve the pages of n more tokens of ctx, all or nothing. */
+static moas_status reserve(moas_context *ctx, int32_t n, const char *what) {
+    moas_pool *pool = ctx->pool;
+    moas__pool_lock(pool);
+    const uint64_t need = pages_needed(ctx, n);
+    if (need > (uint64_t)pool->n_free) {
+        const moas_status st = pool_full(pool, need, what);
+        moas__pool_unlock(pool);
+        return st;
+    }
+    pages_take(ctx, n);
+    moas__pool_unlock(pool);
+    return MOAS_OK;
+}
 /* Record a failure of a context call and forward it to the context's log. */
 static moas_status fail(const moas_context *ctx, moas_status st) {
     if (ctx != NULL) {
@@ -443,12 +637,14 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
         return MOAS_ERR_INVALID_ARG;
     }
     if ((st = check_token(ctx, token, "context_decode", -1)) != MOAS_OK ||
-        (st = check_room(ctx, 1, "context_decode")) != MOAS_OK) {
+        (st = check_room(ctx, 1, "context_decode")) != MOAS_OK ||
+        (st = reserve(ctx, 1, "context_decode")) != MOAS_OK) {
         return fail(ctx, st);
     }
     plan_token(ctx, 0);
     moas__forward(ctx, token, true);
     ctx->n_past++;
+    pages_trim(ctx);
     if (logits != NULL) {
         memcpy(logits, ctx->logits, (size_t)ctx->model->n_vocab * sizeof *logits);
     }
@@ -478,7 +674,8 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
             return fail(ctx, st);
         }
     }
-    if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK) {
+    if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK ||
+        (st = reserve(ctx, n_tokens, what)) != MOAS_OK) {
         return fail(ctx, st);
     }
     const size_t n_vocab = (size_t)ctx->model->n_vocab;
@@ -505,6 +702,7 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
             ctx->n_past += n;
         }
     }
+    pages_trim(ctx);
     if (which == MOAS_LOGITS_LAST && logits != NULL && n_tokens > 0) {
         memcpy(logits, ctx->logits, n_vocab * sizeof *logits);
     }
@@ -519,15 +717,17 @@ int32_t moas_context_n_past(const moas_context *ctx) { return ctx->n_past; }
 int32_t moas_context_n_ctx(const moas_context *ctx) { return ctx->n_ctx; }
 moas_mode moas_context_mode(const moas_context *ctx) { return ctx->mode; }
 const moas_model *moas_context_model(const moas_context *ctx) { return ctx->model; }
-const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ops->name; }
+const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ws->ops->name; }
 
 void moas_context_reset(moas_context *ctx) {
     ctx->n_past = 0;
     ctx->logits_valid = false;
+    pages_trim(ctx);
 }
 
 /* Positions below n_keep, their ragged offsets included, are untouched by later
- * decodes, so moving n_past back restores the earlier state exactly. */
+ * decodes, so moving n_past back restores the earlier state exactly; the pages past
+ * them go back to the pool. */
 moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
     if (ctx == NULL) {
         moas__set_error("context_truncate: ctx is NULL");
@@ -539,6 +739,7 @@ moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
     }
     ctx->n_past = n_keep;
     ctx->logits_valid = false;
+    pages_trim(ctx);
     return MOAS_OK;
 }
 

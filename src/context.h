@@ -5,75 +5,52 @@
 #ifndef MOAS_CONTEXT_H
 #define MOAS_CONTEXT_H
 
+#include "kv_cache.h"
 #include "model.h"
 #include "ops.h"
 #include "team.h"
 
+/* One context's tokens in a block of rows: tokens[0 .. n) at positions n_past ..
+ * n_past + n - 1, rows row0 .. row0 + n - 1 of the block. */
+typedef struct moas_seq_run {
+    struct moas_context *ctx;
+    const int32_t *tokens;
+    int32_t n;
+    int32_t row0;
+    float *all;              /* [n, n_vocab] every token's logits, or NULL */
+    bool want_last;          /* the last token's logits into ctx->logits */
+} moas_seq_run;
+
 /*
- * One stream of cached keys and values in one layer. Heads of head_dim elements are
- * packed back to back; token j's heads are [first(j), first(j) + n_kv(j)):
- *   uniform stream (mixture mode, one per layer and scheme): first(j) = j * n_kv;
- *   ragged stream (routed mode, one per layer): first(j) = off[j], n_kv(j) =
- *   off[j + 1] - off[j], so off[n_past] is the number of heads in use.
+ * What a forward call computes with: the kernels, the thread team and every buffer a
+ * block of rows needs. A context has one for its own calls; a pool has one for
+ * moas_pool_decode, whose blocks hold rows of many contexts.
  */
-typedef struct moas_kv_stream {
-    void *k;          /* [capacity heads, head_dim] in the cache's element type */
-    void *v;          /* [capacity heads, head_dim] */
-    uint32_t *off;    /* [n_ctx + 1] first head of each token; NULL for a uniform stream */
-    int32_t n_kv;     /* uniform stream: heads per token */
-} moas_kv_stream;
-
-/* Bookkeeping a ragged stream keeps per token: off[j] and the scheme record. */
-#define MOAS_ROUTED_TOKEN_META_BYTES (sizeof(uint32_t) + sizeof(uint8_t))
-
-static inline uint32_t moas__kv_first(const moas_kv_stream *kv, int32_t j) {
-    return kv->off != NULL ? kv->off[j] : (uint32_t)j * (uint32_t)kv->n_kv;
-}
-
-static inline int32_t moas__kv_heads(const moas_kv_stream *kv, int32_t j) {
-    return kv->off != NULL ? (int32_t)(kv->off[j + 1] - kv->off[j]) : kv->n_kv;
-}
-
-struct moas_context {
+typedef struct moas_workspace {
     const moas_model *model;
-    const moas_allocator *alloc;
-    moas_allocator alloc_copy;
-    moas_log_fn log;
-    void *log_user;
     const moas_ops *ops;
-
-    int32_t n_ctx;           /* capacity in tokens */
     int32_t n_threads;       /* threads for parallel steps (>= 1) */
     unsigned mm_hints;       /* matmul hints for this model's weights (MOAS_MM_*) */
     int64_t parallel_min_work; /* multiply-adds below which a step stays on one thread
                                 * (MOAS_PARALLEL_MIN_WORK; tests lower it to 0 so that
                                 * tiny models take the parallel paths too) */
-    int32_t batch_tokens;    /* tokens per block of moas__forward_batch: MOAS_BATCH, or
-                              * n_ctx if smaller (tests lower it to cross blocks) */
-    int32_t n_past;          /* tokens stored */
-    moas_mode mode;
-    moas_type kv_type;       /* F32 or F16 */
-    size_t kv_elem_bytes;    /* 4 or 2 */
+    int32_t max_rows;        /* rows a block may have (the arenas below) */
+    int32_t max_keys;        /* positions attention may see (per-thread rows) */
+    int32_t logit_rows;      /* rows whose logits are computed together */
 
     moas_team team;          /* the threads of the forward call under way */
 
-    /* routing control */
-    int32_t forced_scheme;   /* -1: the router decides */
-    uint64_t kv_budget;      /* 0: none */
-    moas_route_fn route_fn;
-    void *route_user;
-
-    /* per-token scratch (one arena) */
-    float *xb;               /* [C] a position embedding, or the last row's final norm */
+    /* per-call scratch (one arena) */
+    float *xb;               /* [C] a position embedding */
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
     float *att;              /* per thread [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */
-    uint32_t *att_rows;      /* per thread [n_ctx] each cached token's K/V row for a head */
-    float *logits;           /* [n_vocab] logits of the last decoded token */
-    bool logits_valid;       /* logits belong to the token at n_past - 1 */
+    uint32_t *att_rows;      /* per thread [max_keys] each cached token's K/V row for a head */
+    float *lx;               /* [logit_rows, C] final-normed rows whose logits are wanted */
+    float *logits;           /* [logit_rows, n_vocab] their logits */
     void *scratch;           /* the allocation holding the arena above */
 
-    /* activations of a batch of up to MOAS_BATCH tokens (one arena), rows of C floats
+    /* activations of a block of up to max_rows rows (one arena), rows of C floats
      * unless said otherwise */
     float *bx;               /* [B, C] residual streams */
     float *bxb;              /* [B, C] normed inputs */
@@ -85,14 +62,55 @@ struct moas_context {
     float *by;               /* [B, C] a projection's outputs */
     float *bsel;             /* [B, C] the rows of one scheme's tokens (routed) */
     float *bhb;              /* [B, max(n_ff, R)] MLP or router hidden */
+    float *bgates;           /* [B, S] each row's gates in the current layer */
+    uint8_t *bscheme;        /* [B] each row's scheme in the current layer */
+    struct moas_context **row_ctx; /* [B] the context of each row */
+    int32_t *row_pos;        /* [B] the position of each row */
+    int32_t *idx;            /* [B] rows of one scheme (routed) */
+    moas_seq_run *runs;      /* [B] the runs of a block of moas_pool_decode */
     void *batch_scratch;     /* the allocation holding the arena above */
+} moas_workspace;
 
-    /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams, routed mode
-     * [n_layer] ragged streams; all data in kv_arena */
+struct moas_context {
+    const moas_model *model;
+    const moas_allocator *alloc;
+    moas_allocator alloc_copy;
+    moas_log_fn log;
+    void *log_user;
+
+    int32_t n_ctx;           /* capacity in tokens */
+    int32_t n_threads;       /* threads of the context's own calls */
+    int32_t batch_tokens;    /* tokens per block of moas__forward_batch: MOAS_BATCH, or
+                              * n_ctx if smaller (tests lower it to cross blocks) */
+    int32_t n_past;          /* tokens stored */
+    moas_mode mode;
+    moas_type kv_type;       /* F32 or F16: the pool's */
+    size_t kv_elem_bytes;    /* 4 or 2 */
+
+    moas_workspace *ws;      /* this context's own calls */
+
+    /* routing control */
+    int32_t forced_scheme;   /* -1: the router decides */
+    uint64_t kv_budget;      /* 0: none */
+    moas_route_fn route_fn;
+    void *route_user;
+
+    float *logits;           /* [n_vocab] logits of the last decoded token */
+    bool logits_valid;       /* logits belong to the token at n_past - 1 */
+    bool in_call;            /* named by the moas_pool_decode call being checked */
+
+    /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams (pooled models:
+     * [n_layer] of n_head heads), routed mode [n_layer] ragged streams; their pages in
+     * `pool` */
+    struct moas_pool *pool;
     moas_kv_stream *kv;
     int32_t n_streams;
-    void *kv_arena;          /* the allocation holding every stream's K and V */
     uint32_t *kv_offsets;    /* routed mode: [n_layer, n_ctx + 1] the streams' `off` */
+    int32_t *kv_pages;       /* every stream's page table, max_pages each */
+    int32_t max_pages;       /* pages a stream may hold at n_ctx tokens */
+    bool pool_owned;         /* `pool` is this context's private pool */
+    bool linked;             /* on the pool's list */
+    struct moas_context *pool_next, *pool_prev;   /* the pool's list of contexts */
 
     /* routing records */
     float *route_gates;      /* [n_ctx, n_layer, n_scheme] gates as computed */
@@ -105,9 +123,24 @@ struct moas_context {
 };
 
 /* Run one token at position ctx->n_past through the model, store its K/V and routing,
- * and compute logits when `want_logits`. The caller has checked `token` and room, and
- * in routed mode with a budget has set the plan_* fields. */
+ * and compute logits when `want_logits`. The caller has checked `token`, reserved the
+ * pages, and in routed mode with a budget has set the plan_* fields. */
 void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
+
+
+/* Run every run's tokens through the model together, each exactly as its own
+ * moas__forward calls would (the same arithmetic, in the same order, for every
+ * number): the block's rows go through each weight once, and each run's queries
+ * attend only to its own context's cache. All runs share one pool and one mode, rows
+ * number at most ws->max_rows, and no context appears twice. The caller has reserved
+ * pages and advances each n_past. */
+void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs);
+
+/* Allocate a workspace's buffers; free them. */
+moas_status moas__workspace_make(const moas_model *model, const moas_allocator *alloc,
+                                 const moas_ops *ops, int32_t n_threads, int32_t max_rows,
+                                 int32_t max_keys, int32_t logit_rows, moas_workspace **out);
+void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
 
 /* Routed mode: choose the scheme of the token at `pos` in `layer` from its `gates`,
  * applying the forced scheme, the callback and the budget plan (context.c). */
@@ -141,7 +174,15 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * f16: 610-640 -> 645-685 -> 645-680); 256 was no better than 128. */
 #define MOAS_BATCH 128
 
-/* Run tokens[0 .. n) (n <= ctx->batch_tokens) at positions n_past .. n_past + n - 1 through the
+/* Rows whose logits a pool's batched decode computes together (a context's own calls
+ * compute one at a time, as they always did: the output matrix of a large vocabulary
+ * is the biggest, and a row of logits of GPT-2's vocabulary is 200 KB). */
+#define MOAS_POOL_LOGIT_ROWS 16
+
+/* n_threads as the caller gave it, or OpenMP's default for 0 (1 without OpenMP). */
+int32_t moas__default_threads(int32_t n_threads);
+
+/* Run tokens[0 .. n) (n <= ctx->ws->max_rows) at positions n_past .. n_past + n - 1 through the
  * model together, exactly as n calls of moas__forward would (the same arithmetic, in
  * the same order, for every number). Logits: for every token into `all` ([n, n_vocab])
  * when it is not NULL, and the last token's into ctx->logits when `want_last`. Not for

@@ -31,9 +31,9 @@ typedef struct {
  * for W's type. The kernel's elements do not depend on n or on the rows it is given
  * (ops.h), so a token decoded alone, in a prefill block, or on any number of threads
  * gets the same bits. */
-static void project_rows(const moas_context *ctx, const projection *p, const float *X,
+static void project_rows(const moas_workspace *ws, const projection *p, const float *X,
                          size_t ldx, int32_t n, int32_t r0, int32_t r1) {
-    const moas_ops *ops = ctx->ops;
+    const moas_ops *ops = ws->ops;
     const moas_weight *w = p->w;
     void (*matmul)(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
                    float *, size_t, unsigned) =
@@ -42,7 +42,7 @@ static void project_rows(const moas_context *ctx, const projection *p, const flo
                                     : ops->matmul_f32;
     if (r0 < r1) {
         matmul((const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, X,
-               ldx, n, w->n_cols, p->Y + r0, p->ldy, ctx->mm_hints);
+               ldx, n, w->n_cols, p->Y + r0, p->ldy, ws->mm_hints);
     }
 }
 
@@ -51,7 +51,7 @@ static void project_rows(const moas_context *ctx, const projection *p, const flo
  * rows, so no thread waits for another between them.
  *   X [n, n_cols] rows of stride ldx */
 typedef struct {
-    const moas_context *ctx;
+    const moas_workspace *ws;
     const projection *p;
     int32_t n_proj;
     const float *X;
@@ -65,19 +65,19 @@ static void project_slice(void *arg, int32_t ith, int32_t nth) {
         const int32_t rows = s->p[i].w->n_rows;
         const int32_t slice = ((rows + nth - 1) / nth + 15) / 16 * 16;
         const int32_t r0 = ith * slice < rows ? ith * slice : rows;
-        project_rows(s->ctx, &s->p[i], s->X, s->ldx, s->n, r0,
+        project_rows(s->ws, &s->p[i], s->X, s->ldx, s->n, r0,
                      r0 + slice < rows ? r0 + slice : rows);
     }
 }
 
-static void project(moas_context *ctx, const projection *p, int32_t n_proj, const float *X,
+static void project(moas_workspace *ws, const projection *p, int32_t n_proj, const float *X,
                     size_t ldx, int32_t n) {
     int64_t work = 0;
     for (int32_t i = 0; i < n_proj; i++) {
         work += (int64_t)p[i].w->n_rows * p[i].w->n_cols * n;
     }
-    project_step step = {ctx, p, n_proj, X, ldx, n};
-    moas__team_run(&ctx->team, work >= ctx->parallel_min_work, project_slice, &step);
+    project_step step = {ws, p, n_proj, X, ldx, n};
+    moas__team_run(&ws->team, work >= ws->parallel_min_work, project_slice, &step);
     for (int32_t i = 0; i < n_proj; i++) {
         if (p[i].b != NULL) {
             for (int32_t t = 0; t < n; t++) {
@@ -92,10 +92,10 @@ static void project(moas_context *ctx, const projection *p, int32_t n_proj, cons
 
 /* Y[t] = W X[t] (+ b) for the n rows of X.
  *   X [n, n_cols] rows of stride ldx, Y [n, n_rows] rows of stride ldy, b [n_rows] */
-static void matmat(moas_context *ctx, const moas_weight *w, const float *X, size_t ldx,
+static void matmat(moas_workspace *ws, const moas_weight *w, const float *X, size_t ldx,
                    const float *b, float *Y, size_t ldy, int32_t n) {
     const projection p = {w, b, Y, ldy};
-    project(ctx, &p, 1, X, ldx, n);
+    project(ws, &p, 1, X, ldx, n);
 }
 
 /* out = row r of an embedding table, as f32.   out [n_cols] */
@@ -157,8 +157,8 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
 }
 
 /* Store n f32 values at `dst` in the cache's element type. */
-static void kv_store(const moas_context *ctx, void *dst, const float *src, int32_t n) {
-    if (ctx->kv_type == MOAS_TYPE_F16) {
+static void kv_store(const moas_pool *pool, void *dst, const float *src, int32_t n) {
+    if (pool->kv_type == MOAS_TYPE_F16) {
         uint16_t *h = dst;
         for (int32_t i = 0; i < n; i++) {
             h[i] = moas__f32_to_f16(src[i]);
@@ -184,14 +184,16 @@ static void kv_store(const moas_context *ctx, void *dst, const float *src, int32
  * position, the same whether a query is decoded alone or in a block, so the same
  * operations happen in the same order: a query's numbers are the same bits either
  * way. */
-static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, const float *Q,
-                         size_t ldq, int32_t pos0, int32_t n, int32_t h0, int32_t h1, float *OUT,
-                         size_t ldo, float *att, uint32_t *rows) {
-    const moas_model *m = ctx->model;
-    const moas_ops *ops = ctx->ops;
+static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
+                         const moas_kv_stream *kv, const float *Q, size_t ldq, int32_t pos0,
+                         int32_t n, int32_t h0, int32_t h1, float *OUT, size_t ldo, float *att,
+                         uint32_t *rows) {
+    const moas_model *m = ws->model;
+    const moas_ops *ops = ws->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
+    const bool f16 = pool->kv_type == MOAS_TYPE_F16;
+    const void *K = pool->k, *V = pool->v;
     void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
                    int32_t, float, float *, size_t) =
         f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
@@ -201,10 +203,11 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
 
     for (int32_t h = h0; h < h1; h++) {
         const int32_t n_keys = pos0 + n;
+        /* token j's head for h, as a stream head, then where its page put it */
         if (kv->off == NULL) {
             const uint32_t n_kv = (uint32_t)kv->n_kv, g = (uint32_t)(h * kv->n_kv / n_head);
             for (int32_t j = 0; j < n_keys; j++) {
-                rows[j] = (uint32_t)j * n_kv + g;
+                rows[j] = moas__kv_row(pool, kv, (uint32_t)j * n_kv + g);
             }
         } else {
             int32_t last_n_kv = -1, g = 0;   /* a division only when n_kv changes */
@@ -214,7 +217,7 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                     last_n_kv = n_kv;
                     g = h * n_kv / n_head;
                 }
-                rows[j] = kv->off[j] + (uint32_t)g;
+                rows[j] = moas__kv_row(pool, kv, kv->off[j] + (uint32_t)g);
             }
         }
         for (int32_t q0 = 0; q0 < n; q0 += MOAS_ATT_QUERIES) {
@@ -233,7 +236,7 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                 int32_t t_full = k1 - (pos0 + q0 + 1);
                 t_full = t_full < 0 ? 0 : t_full > nq ? nq : t_full;
                 if (t_full < nq) {
-                    scores(kv->k, rows + k0, MOAS_ATT_KEYS,
+                    scores(K, rows + k0, MOAS_ATT_KEYS,
                            Q + (size_t)(q0 + t_full) * ldq + (size_t)h * head_dim, ldq,
                            nq - t_full, head_dim, scale, att + (size_t)t_full * MOAS_ATT_KEYS,
                            MOAS_ATT_KEYS);
@@ -248,7 +251,7 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                     float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
                     float *s = att + (size_t)t * MOAS_ATT_KEYS;
                     if (t < t_full) {
-                        scores(kv->k, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
+                        scores(K, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
                     }
                     float mx = run_max[t];
                     for (int32_t j = 0; j < nk; j++) {
@@ -264,11 +267,11 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
                     run_max[t] = mx;
                     run_sum[t] += ops->exp_sum(s, nk, mx);
                     if (t < t_full) {
-                        mix(kv->v, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
+                        mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
                     }
                 }
                 if (t_full < nq) {
-                    mix(kv->v, rows + k0, MOAS_ATT_KEYS, att + (size_t)t_full * MOAS_ATT_KEYS,
+                    mix(V, rows + k0, MOAS_ATT_KEYS, att + (size_t)t_full * MOAS_ATT_KEYS,
                         MOAS_ATT_KEYS, nq - t_full, head_dim,
                         OUT + (size_t)(q0 + t_full) * ldo + (size_t)h * head_dim, ldo);
                 }
@@ -284,43 +287,59 @@ static void attend_heads(const moas_context *ctx, const moas_kv_stream *kv, cons
     }
 }
 
-/* Causal attention of a block of n queries (positions pos0 .. pos0 + n - 1, their K/V
- * already stored) over one KV stream, all query heads.
- *   Q [n, n_head * head_dim] rows of stride ldq, OUT likewise with stride ldo
+/* Causal attention of each run's block of queries (positions n_past .. n_past + n - 1
+ * of its context, their K/V already stored) over its own context's stream `stream`,
+ * all query heads.
+ *   Q [rows, n_head * head_dim] of stride ldq, OUT likewise with stride ldo
  *
  * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
  * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
  * under MQA; a K or V row that serves a group of query heads is read where it is,
- * never expanded. Slices split the query heads, each with its own scratch: each
- * head's numbers are the same whoever computes them. */
+ * never expanded. Slices split the (run, head) pairs, each thread with its own
+ * scratch: each head's numbers are the same whoever computes them and whichever
+ * other runs share the call. */
 typedef struct {
-    const moas_context *ctx;
-    const moas_kv_stream *kv;
+    const moas_workspace *ws;
+    const moas_seq_run *runs;
+    int32_t n_runs;
+    int32_t stream;          /* index into each context's kv */
     const float *Q;
     size_t ldq;
-    int32_t pos0, n;
     float *OUT;
     size_t ldo;
 } attend_step;
 
 static void attend_slice(void *arg, int32_t ith, int32_t nth) {
     const attend_step *s = arg;
-    const moas_context *ctx = s->ctx;
-    const int32_t n_head = ctx->model->n_head;
-    const int32_t h0 = ith * n_head / nth, h1 = (ith + 1) * n_head / nth;
-    if (h0 < h1) {
-        attend_heads(ctx, s->kv, s->Q, s->ldq, s->pos0, s->n, h0, h1, s->OUT, s->ldo,
-                     ctx->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS,
-                     ctx->att_rows + (size_t)ith * (size_t)ctx->n_ctx);
+    const moas_workspace *ws = s->ws;
+    const int64_t n_head = ws->model->n_head;
+    const int64_t units = (int64_t)s->n_runs * n_head;
+    const int64_t u1 = (ith + 1) * units / nth;
+    float *att = ws->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
+    uint32_t *rows = ws->att_rows + (size_t)ith * (size_t)ws->max_keys;
+
+    for (int64_t u = ith * units / nth; u < u1;) {
+        const int64_t r = u / n_head;
+        const int32_t h0 = (int32_t)(u % n_head);
+        const int32_t h1 = (int32_t)(u1 - r * n_head < n_head ? u1 - r * n_head : n_head);
+        const moas_seq_run *run = &s->runs[r];
+        const moas_context *ctx = run->ctx;
+        attend_heads(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
+                     s->ldq, ctx->n_past, run->n, h0, h1, s->OUT + (size_t)run->row0 * s->ldo,
+                     s->ldo, att, rows);
+        u = r * n_head + h1;
     }
 }
 
-static void attend(moas_context *ctx, const moas_kv_stream *kv, const float *Q, size_t ldq,
-                   int32_t pos0, int32_t n, float *OUT, size_t ldo) {
-    const int64_t work = (int64_t)2 * ctx->model->head_dim * ctx->model->n_head * n *
-                         (pos0 + (n + 1) / 2);
-    attend_step step = {ctx, kv, Q, ldq, pos0, n, OUT, ldo};
-    moas__team_run(&ctx->team, work >= ctx->parallel_min_work, attend_slice, &step);
+static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs, int32_t stream,
+                   const float *Q, size_t ldq, float *OUT, size_t ldo) {
+    int64_t work = 0;
+    for (int32_t r = 0; r < n_runs; r++) {
+        work += (int64_t)2 * ws->model->head_dim * ws->model->n_head * runs[r].n *
+                (runs[r].ctx->n_past + (runs[r].n + 1) / 2);
+    }
+    attend_step step = {ws, runs, n_runs, stream, Q, ldq, OUT, ldo};
+    moas__team_run(&ws->team, work >= ws->parallel_min_work, attend_slice, &step);
 }
 
 /* The scheme with the largest gate, the first on ties. */
@@ -373,150 +392,154 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
     moas__forward_batch(ctx, &token, 1, NULL, want_logits);
 }
 
-/* ---- batched forward: many tokens through each layer together ------------------- */
+/* ---- batched forward: many rows through each layer together ------------------------ */
 
-/* Store row t of K and V (kv_dim values each) as token pos's heads in `kv`. */
-static void store_kv_row(const moas_context *ctx, moas_kv_stream *kv, int32_t pos,
-                         const float *k, const float *v, int32_t kv_dim) {
-    const size_t head_bytes = (size_t)ctx->model->head_dim * ctx->kv_elem_bytes;
+/* Store one token's n_heads heads of K and V as token pos's heads in `kv`, head by
+ * head: a token's heads may straddle two pages. */
+static void store_kv_row(const moas_workspace *ws, const moas_pool *pool, moas_kv_stream *kv,
+                         int32_t pos, const float *k, const float *v, int32_t n_heads) {
+    const int32_t d = ws->model->head_dim;
     const uint32_t first = moas__kv_first(kv, pos);
-    kv_store(ctx, (uint8_t *)kv->k + (size_t)first * head_bytes, k, kv_dim);
-    kv_store(ctx, (uint8_t *)kv->v + (size_t)first * head_bytes, v, kv_dim);
+    for (int32_t i = 0; i < n_heads; i++) {
+        const uint32_t row = moas__kv_row(pool, kv, first + (uint32_t)i);
+        kv_store(pool, moas__pool_head(pool, pool->k, row), k + (size_t)i * d, d);
+        kv_store(pool, moas__pool_head(pool, pool->v, row), v + (size_t)i * d, d);
+    }
 }
 
-/* Mixture mode, independent schemes: each scheme's K/V for every token of the batch,
- * then each token's attention, then the output projection, mixed by the gates.
- *   gates: route_gates rows of the batch's tokens, stride L * S */
-static void batch_attention_mixture(moas_context *ctx, int32_t l, int32_t pos0, int32_t n,
-                                    const float *gates, size_t gate_stride) {
-    const moas_model *m = ctx->model;
+/* Mixture mode, independent schemes: each scheme's K/V for every row of the block,
+ * then each run's attention, then the output projection, mixed by the gates. */
+static void batch_attention_mixture(moas_workspace *ws, const moas_seq_run *runs,
+                                    int32_t n_runs, int32_t l, int32_t n) {
+    const moas_model *m = ws->model;
     const int32_t C = m->n_embd, S = m->n_scheme;
 
-    memset(ctx->bmix, 0, (size_t)n * C * sizeof *ctx->bmix);
+    memset(ws->bmix, 0, (size_t)n * C * sizeof *ws->bmix);
     for (int32_t s = 0; s < S; s++) {
         const moas_scheme_weights *sw = &m->layers[l].scheme[s];
-        moas_kv_stream *kv = &ctx->kv[(size_t)l * S + s];
-        const int32_t kv_dim = sw->n_kv * m->head_dim;
-        const projection qkv[3] = {{&sw->wq, sw->bq, ctx->bq, C},
-                                   {&sw->wk, sw->bk, ctx->bk, C},
-                                   {&sw->wv, sw->bv, ctx->bv, C}};
-        project(ctx, qkv, 3, ctx->bxb, C, n);
+        const int32_t stream = l * S + s;
+        const projection qkv[3] = {{&sw->wq, sw->bq, ws->bq, C},
+                                   {&sw->wk, sw->bk, ws->bk, C},
+                                   {&sw->wv, sw->bv, ws->bv, C}};
+        project(ws, qkv, 3, ws->bxb, C, n);
         for (int32_t t = 0; t < n; t++) {
-            store_kv_row(ctx, kv, pos0 + t, ctx->bk + (size_t)t * C, ctx->bv + (size_t)t * C,
-                         kv_dim);
+            moas_context *ctx = ws->row_ctx[t];
+            store_kv_row(ws, ctx->pool, &ctx->kv[stream], ws->row_pos[t], ws->bk + (size_t)t * C,
+                         ws->bv + (size_t)t * C, sw->n_kv);
         }
-        attend(ctx, kv, ctx->bq, C, pos0, n, ctx->batt, C);
-        matmat(ctx, &sw->wo, ctx->batt, C, sw->bo, ctx->by, C, n);
+        attend(ws, runs, n_runs, stream, ws->bq, C, ws->batt, C);
+        matmat(ws, &sw->wo, ws->batt, C, sw->bo, ws->by, C, n);
         for (int32_t t = 0; t < n; t++) {
-            const float g = m->mixing == MOAS_MIXING_ROUTER ? gates[(size_t)t * gate_stride + s]
-                                                            : 1.0f;
+            const float g = m->mixing == MOAS_MIXING_ROUTER ? ws->bgates[(size_t)t * S + s] : 1.0f;
             for (int32_t i = 0; i < C; i++) {
-                ctx->bmix[(size_t)t * C + i] += g * ctx->by[(size_t)t * C + i];
+                ws->bmix[(size_t)t * C + i] += g * ws->by[(size_t)t * C + i];
             }
         }
     }
     for (int32_t t = 0; t < n; t++) {
-        float *x = ctx->bx + (size_t)t * C;
-        const float *mix = ctx->bmix + (size_t)t * C;
+        float *x = ws->bx + (size_t)t * C;
+        const float *mix = ws->bmix + (size_t)t * C;
         for (int32_t i = 0; i < C; i++) {
             x[i] += m->mixing == MOAS_MIXING_MEAN ? mix[i] / (float)S : mix[i];
         }
     }
 }
 
-/* Routed mode, independent schemes: the batch's tokens grouped by their scheme; each
+/* Routed mode, independent schemes: the block's rows grouped by their scheme; each
  * group's rows go through that scheme's projections together. All K/V are stored
- * before any token attends, and each token reads only positions up to its own.
- *   schemes [n] the scheme of each token in this layer */
-static void batch_attention_routed(moas_context *ctx, int32_t l, int32_t pos0, int32_t n,
-                                   const uint8_t *schemes, size_t scheme_stride) {
-    const moas_model *m = ctx->model;
+ * before any token attends, and each token reads only its own context's positions up
+ * to its own. */
+static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
+                                   int32_t n_runs, int32_t l, int32_t n) {
+    const moas_model *m = ws->model;
     const int32_t C = m->n_embd;
-    moas_kv_stream *kv = &ctx->kv[l];
-    int32_t idx[MOAS_BATCH];
+    int32_t *idx = ws->idx;
 
     for (int32_t t = 0; t < n; t++) {   /* the ragged offsets, in position order */
-        const int32_t s = schemes[(size_t)t * scheme_stride];
-        kv->off[pos0 + t + 1] = kv->off[pos0 + t] + (uint32_t)m->scheme_n_kv[s];
+        moas_kv_stream *kv = &ws->row_ctx[t]->kv[l];
+        const int32_t pos = ws->row_pos[t];
+        kv->off[pos + 1] = kv->off[pos] + (uint32_t)m->scheme_n_kv[ws->bscheme[t]];
     }
     for (int pass = 0; pass < 2; pass++) {   /* 0: Q, K, V; 1: output projections */
         for (int32_t s = 0; s < m->n_scheme; s++) {
             const moas_scheme_weights *sw = &m->layers[l].scheme[s];
             int32_t n_sel = 0;
             for (int32_t t = 0; t < n; t++) {
-                if (schemes[(size_t)t * scheme_stride] == s) {
+                if (ws->bscheme[t] == s) {
                     idx[n_sel++] = t;
                 }
             }
             if (n_sel == 0) {
                 continue;
             }
-            const float *src = pass == 0 ? ctx->bxb : ctx->batt;
+            const float *src = pass == 0 ? ws->bxb : ws->batt;
             for (int32_t i = 0; i < n_sel; i++) {   /* gather the group's rows */
-                memcpy(ctx->bsel + (size_t)i * C, src + (size_t)idx[i] * C,
+                memcpy(ws->bsel + (size_t)i * C, src + (size_t)idx[i] * C,
                        (size_t)C * sizeof(float));
             }
             if (pass == 0) {
-                const projection qkv[3] = {{&sw->wq, sw->bq, ctx->by, C},
-                                           {&sw->wk, sw->bk, ctx->bk, C},
-                                           {&sw->wv, sw->bv, ctx->bv, C}};
-                project(ctx, qkv, 3, ctx->bsel, C, n_sel);
+                const projection qkv[3] = {{&sw->wq, sw->bq, ws->by, C},
+                                           {&sw->wk, sw->bk, ws->bk, C},
+                                           {&sw->wv, sw->bv, ws->bv, C}};
+                project(ws, qkv, 3, ws->bsel, C, n_sel);
                 for (int32_t i = 0; i < n_sel; i++) {
-                    memcpy(ctx->bq + (size_t)idx[i] * C, ctx->by + (size_t)i * C,
+                    moas_context *ctx = ws->row_ctx[idx[i]];
+                    memcpy(ws->bq + (size_t)idx[i] * C, ws->by + (size_t)i * C,
                            (size_t)C * sizeof(float));
-                    store_kv_row(ctx, kv, pos0 + idx[i], ctx->bk + (size_t)i * C,
-                                 ctx->bv + (size_t)i * C, sw->n_kv * m->head_dim);
+                    store_kv_row(ws, ctx->pool, &ctx->kv[l], ws->row_pos[idx[i]],
+                                 ws->bk + (size_t)i * C, ws->bv + (size_t)i * C, sw->n_kv);
                 }
             } else {
-                matmat(ctx, &sw->wo, ctx->bsel, C, sw->bo, ctx->by, C, n_sel);
+                matmat(ws, &sw->wo, ws->bsel, C, sw->bo, ws->by, C, n_sel);
                 for (int32_t i = 0; i < n_sel; i++) {
-                    float *x = ctx->bx + (size_t)idx[i] * C;
+                    float *x = ws->bx + (size_t)idx[i] * C;
                     for (int32_t e = 0; e < C; e++) {
-                        x[e] += ctx->by[(size_t)i * C + e];
+                        x[e] += ws->by[(size_t)i * C + e];
                     }
                 }
             }
         }
         if (pass == 0) {
-            attend(ctx, kv, ctx->bq, C, pos0, n, ctx->batt, C);
+            attend(ws, runs, n_runs, l, ws->bq, C, ws->batt, C);
         }
     }
 }
 
-/* Pooled models: one set of projections for the whole batch; each token's K/V mixed
+/* Pooled models: one set of projections for the whole block; each token's K/V mixed
  * (mixture) or pooled for its scheme (routed) before it is stored. */
-static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, int32_t n,
-                                   const float *gates, size_t gate_stride,
-                                   const uint8_t *schemes, size_t scheme_stride) {
-    const moas_model *m = ctx->model;
+static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
+                                   int32_t n_runs, int32_t l, int32_t n, moas_mode mode) {
+    const moas_model *m = ws->model;
     const moas_scheme_weights *sw = &m->layers[l].shared;
-    const int32_t C = m->n_embd;
-    moas_kv_stream *kv = &ctx->kv[l];
-    float *kp = ctx->kv_pool, *vp = ctx->kv_pool + C;
+    const int32_t C = m->n_embd, S = m->n_scheme;
+    float *kp = ws->kv_pool, *vp = ws->kv_pool + C;
 
-    const projection qkv[3] = {{&sw->wq, sw->bq, ctx->bq, C},
-                               {&sw->wk, sw->bk, ctx->bk, C},
-                               {&sw->wv, sw->bv, ctx->bv, C}};
-    project(ctx, qkv, 3, ctx->bxb, C, n);
+    const projection qkv[3] = {{&sw->wq, sw->bq, ws->bq, C},
+                               {&sw->wk, sw->bk, ws->bk, C},
+                               {&sw->wv, sw->bv, ws->bv, C}};
+    project(ws, qkv, 3, ws->bxb, C, n);
     for (int32_t t = 0; t < n; t++) {
-        const float *k = ctx->bk + (size_t)t * C, *v = ctx->bv + (size_t)t * C;
+        moas_context *ctx = ws->row_ctx[t];
+        moas_kv_stream *kv = &ctx->kv[l];
+        const int32_t pos = ws->row_pos[t];
+        const float *k = ws->bk + (size_t)t * C, *v = ws->bv + (size_t)t * C;
         int32_t n_kv = m->n_head;
-        if (ctx->mode == MOAS_MODE_ROUTED) {
-            n_kv = m->scheme_n_kv[schemes[(size_t)t * scheme_stride]];
-            kv->off[pos0 + t + 1] = kv->off[pos0 + t] + (uint32_t)n_kv;
+        if (mode == MOAS_MODE_ROUTED) {
+            n_kv = m->scheme_n_kv[ws->bscheme[t]];
+            kv->off[pos + 1] = kv->off[pos] + (uint32_t)n_kv;
             pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
             pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
         } else {
-            mix_pooled(m, gates + (size_t)t * gate_stride, k, ctx->pool_tmp, kp);
-            mix_pooled(m, gates + (size_t)t * gate_stride, v, ctx->pool_tmp, vp);
+            mix_pooled(m, ws->bgates + (size_t)t * S, k, ws->pool_tmp, kp);
+            mix_pooled(m, ws->bgates + (size_t)t * S, v, ws->pool_tmp, vp);
         }
-        store_kv_row(ctx, kv, pos0 + t, kp, vp, n_kv * m->head_dim);
+        store_kv_row(ws, ctx->pool, kv, pos, kp, vp, n_kv);
     }
-    attend(ctx, kv, ctx->bq, C, pos0, n, ctx->batt, C);
-    matmat(ctx, &sw->wo, ctx->batt, C, sw->bo, ctx->by, C, n);
+    attend(ws, runs, n_runs, l, ws->bq, C, ws->batt, C);
+    matmat(ws, &sw->wo, ws->batt, C, sw->bo, ws->by, C, n);
     for (int32_t t = 0; t < n; t++) {
         for (int32_t i = 0; i < C; i++) {
-            ctx->bx[(size_t)t * C + i] += ctx->by[(size_t)t * C + i];
+            ws->bx[(size_t)t * C + i] += ws->by[(size_t)t * C + i];
         }
     }
 }
@@ -527,7 +550,7 @@ static void batch_attention_pooled(moas_context *ctx, int32_t l, int32_t pos0, i
 #define MOAS_NORM_COST 4
 #define MOAS_GELU_COST 16
 typedef struct {
-    const moas_context *ctx;
+    const moas_workspace *ws;
     float *out;              /* LayerNorm: [n, n_cols] normed rows; GELU: [n, n_cols] in place */
     const float *in, *w, *b; /* LayerNorm: input rows and parameters */
     int32_t n_cols, n;
@@ -535,7 +558,7 @@ typedef struct {
 
 static void norm_slice(void *arg, int32_t ith, int32_t nth) {
     const rows_step *s = arg;
-    const float eps = s->ctx->model->norm_eps;
+    const float eps = s->ws->model->norm_eps;
     for (int32_t t = s->n * ith / nth; t < s->n * (ith + 1) / nth; t++) {
         layernorm(s->out + (size_t)t * s->n_cols, s->in + (size_t)t * s->n_cols, s->w, s->b,
                   s->n_cols, eps);
@@ -545,149 +568,201 @@ static void norm_slice(void *arg, int32_t ith, int32_t nth) {
 static void gelu_slice(void *arg, int32_t ith, int32_t nth) {
     const rows_step *s = arg;
     for (int32_t t = s->n * ith / nth; t < s->n * (ith + 1) / nth; t++) {
-        s->ctx->ops->gelu(s->out + (size_t)t * s->n_cols, s->n_cols);
+        s->ws->ops->gelu(s->out + (size_t)t * s->n_cols, s->n_cols);
     }
 }
 
 /* out = LayerNorm(in) * w + b for n rows of C.   out, in [n, C] */
-static void norm_rows(moas_context *ctx, float *out, const float *in, const float *w,
+static void norm_rows(moas_workspace *ws, float *out, const float *in, const float *w,
                       const float *b, int32_t n) {
-    const int32_t C = ctx->model->n_embd;
-    rows_step step = {ctx, out, in, w, b, C, n};
-    moas__team_run(&ctx->team, (int64_t)n * C * MOAS_NORM_COST >= ctx->parallel_min_work,
+    const int32_t C = ws->model->n_embd;
+    rows_step step = {ws, out, in, w, b, C, n};
+    moas__team_run(&ws->team, (int64_t)n * C * MOAS_NORM_COST >= ws->parallel_min_work,
                    norm_slice, &step);
 }
 
 /* x = GELU(x) for n rows of n_cols.   x [n, n_cols] */
-static void gelu_rows(moas_context *ctx, float *x, int32_t n_cols, int32_t n) {
-    rows_step step = {ctx, x, NULL, NULL, NULL, n_cols, n};
-    moas__team_run(&ctx->team, (int64_t)n * n_cols * MOAS_GELU_COST >= ctx->parallel_min_work,
+static void gelu_rows(moas_workspace *ws, float *x, int32_t n_cols, int32_t n) {
+    rows_step step = {ws, x, NULL, NULL, NULL, n_cols, n};
+    moas__team_run(&ws->team, (int64_t)n * n_cols * MOAS_GELU_COST >= ws->parallel_min_work,
                    gelu_slice, &step);
 }
 
-static void forward_block(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
-                          bool want_last) {
-    const moas_model *m = ctx->model;
-    const int32_t C = m->n_embd, S = m->n_scheme, L = m->n_layer, pos0 = ctx->n_past;
-    const size_t gate_stride = (size_t)L * S, scheme_stride = (size_t)L;
+/* The logits of the n rows gathered in ws->lx, handed to their runs: into `all` at
+ * the token's place, and a run's last token's into its context's logits. */
+static void flush_logits(moas_workspace *ws, const moas_seq_run *runs, const int32_t *run_of,
+                         const int32_t *tok_of, int32_t n) {
+    const moas_model *m = ws->model;
+    const size_t n_vocab = (size_t)m->n_vocab;
+    matmat(ws, &m->output, ws->lx, (size_t)m->n_embd, NULL, ws->logits, n_vocab, n);
+    for (int32_t i = 0; i < n; i++) {
+        const moas_seq_run *run = &runs[run_of[i]];
+        const float *row = ws->logits + (size_t)i * n_vocab;
+        if (run->all != NULL) {
+            memcpy(run->all + (size_t)tok_of[i] * n_vocab, row, n_vocab * sizeof *row);
+        }
+        if (tok_of[i] == run->n - 1) {
+            memcpy(run->ctx->logits, row, n_vocab * sizeof *row);
+        }
+    }
+}
 
-    /* x = token embedding + position embedding, row by row */
-    for (int32_t t = 0; t < n; t++) {
-        float *x = ctx->bx + (size_t)t * C;
-        embedding_row(&m->tok_embd, tokens[t], x);
-        embedding_row(&m->pos_embd, pos0 + t, ctx->xb);
-        for (int32_t i = 0; i < C; i++) {
-            x[i] += ctx->xb[i];
+/* Logits of the rows that want them (every row of a run with `all`, a run's last row
+ * with `want_last`), logit_rows at a time through the output matrix. */
+static void block_logits(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs) {
+    const moas_model *m = ws->model;
+    const int32_t C = m->n_embd;
+    int32_t run_of[MOAS_POOL_LOGIT_ROWS], tok_of[MOAS_POOL_LOGIT_ROWS];
+    int32_t n_pending = 0;
+
+    for (int32_t r = 0; r < n_runs; r++) {
+        const moas_seq_run *run = &runs[r];
+        run->ctx->logits_valid = run->want_last || run->all != NULL;
+        for (int32_t t = 0; t < run->n; t++) {
+            if (run->all == NULL && !(t == run->n - 1 && run->want_last)) {
+                continue;
+            }
+            layernorm(ws->lx + (size_t)n_pending * C, ws->bx + (size_t)(run->row0 + t) * C,
+                      m->out_norm_w, m->out_norm_b, C, m->norm_eps);
+            run_of[n_pending] = r;
+            tok_of[n_pending] = t;
+            if (++n_pending == ws->logit_rows) {
+                flush_logits(ws, runs, run_of, tok_of, n_pending);
+                n_pending = 0;
+            }
+        }
+    }
+    if (n_pending > 0) {
+        flush_logits(ws, runs, run_of, tok_of, n_pending);
+    }
+}
+
+static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs) {
+    const moas_model *m = ws->model;
+    const int32_t C = m->n_embd, S = m->n_scheme, L = m->n_layer;
+    const int32_t n = runs[n_runs - 1].row0 + runs[n_runs - 1].n;
+    const moas_mode mode = runs[0].ctx->mode;
+
+    /* each row's context and position; x = token embedding + position embedding */
+    for (int32_t r = 0; r < n_runs; r++) {
+        for (int32_t t = 0; t < runs[r].n; t++) {
+            const int32_t row = runs[r].row0 + t;
+            float *x = ws->bx + (size_t)row * C;
+            ws->row_ctx[row] = runs[r].ctx;
+            ws->row_pos[row] = runs[r].ctx->n_past + t;
+            embedding_row(&m->tok_embd, runs[r].tokens[t], x);
+            embedding_row(&m->pos_embd, ws->row_pos[row], ws->xb);
+            for (int32_t i = 0; i < C; i++) {
+                x[i] += ws->xb[i];
+            }
         }
     }
 
     for (int32_t l = 0; l < L; l++) {
         const moas_layer *layer = &m->layers[l];
-        float *gates = ctx->route_gates + ((size_t)pos0 * L + l) * S;      /* stride L S */
-        uint8_t *schemes = ctx->route_scheme + (size_t)pos0 * L + l;         /* stride L */
 
-        /* gates of every token, from its normed input */
-        norm_rows(ctx, ctx->bxb, ctx->bx, layer->attn_norm_w, layer->attn_norm_b, n);
+        /* gates of every row, from its normed input */
+        norm_rows(ws, ws->bxb, ws->bx, layer->attn_norm_w, layer->attn_norm_b, n);
         if (m->mixing == MOAS_MIXING_ROUTER) {
-            matmat(ctx, &layer->router_up, ctx->bxb, C, layer->router_up_b, ctx->bhb,
+            matmat(ws, &layer->router_up, ws->bxb, C, layer->router_up_b, ws->bhb,
                    (size_t)m->n_router, n);
             for (int32_t t = 0; t < n; t++) {
-                ctx->ops->gelu(ctx->bhb + (size_t)t * m->n_router, m->n_router);
+                ws->ops->gelu(ws->bhb + (size_t)t * m->n_router, m->n_router);
             }
-            matmat(ctx, &layer->router_down, ctx->bhb, (size_t)m->n_router,
-                   layer->router_down_b, gates, gate_stride, n);
+            matmat(ws, &layer->router_down, ws->bhb, (size_t)m->n_router,
+                   layer->router_down_b, ws->bgates, (size_t)S, n);
             for (int32_t t = 0; t < n; t++) {
-                ctx->ops->softmax(gates + (size_t)t * gate_stride, S);
+                ws->ops->softmax(ws->bgates + (size_t)t * S, S);
             }
         } else {
             for (int32_t t = 0; t < n; t++) {
                 for (int32_t s = 0; s < S; s++) {
-                    gates[(size_t)t * gate_stride + s] = 1.0f / (float)S;
+                    ws->bgates[(size_t)t * S + s] = 1.0f / (float)S;
                 }
             }
         }
 
-        /* each token's scheme, in position order (a callback sees them in that order) */
+        /* each row's scheme, run by run in position order (a callback sees each
+         * context's tokens in that order), recorded in its context */
         for (int32_t t = 0; t < n; t++) {
-            const float *g = gates + (size_t)t * gate_stride;
+            moas_context *ctx = ws->row_ctx[t];
+            const int32_t pos = ws->row_pos[t];
+            const float *g = ws->bgates + (size_t)t * S;
+            int32_t choice;
+            memcpy(ctx->route_gates + ((size_t)pos * L + l) * S, g, (size_t)S * sizeof *g);
             if (ctx->mode == MOAS_MODE_ROUTED) {
-                schemes[(size_t)t * scheme_stride] =
-                    (uint8_t)moas__route_choose(ctx, pos0 + t, l, g);
+                choice = moas__route_choose(ctx, pos, l, g);
             } else {
-                const int32_t best = largest_gate(g, S);
-                schemes[(size_t)t * scheme_stride] = (uint8_t)best;
+                choice = largest_gate(g, S);
                 if (ctx->route_fn != NULL) {
-                    (void)ctx->route_fn(ctx->route_user, pos0 + t, l, g, S, best);
+                    (void)ctx->route_fn(ctx->route_user, pos, l, g, S, choice);
                 }
             }
+            ws->bscheme[t] = (uint8_t)choice;
+            ctx->route_scheme[(size_t)pos * L + l] = (uint8_t)choice;
         }
 
         if (m->kv_sharing == MOAS_KV_SHARING_POOLED) {
-            batch_attention_pooled(ctx, l, pos0, n, gates, gate_stride, schemes, scheme_stride);
-        } else if (ctx->mode == MOAS_MODE_ROUTED) {
-            batch_attention_routed(ctx, l, pos0, n, schemes, scheme_stride);
+            batch_attention_pooled(ws, runs, n_runs, l, n, mode);
+        } else if (mode == MOAS_MODE_ROUTED) {
+            batch_attention_routed(ws, runs, n_runs, l, n);
         } else {
-            batch_attention_mixture(ctx, l, pos0, n, gates, gate_stride);
+            batch_attention_mixture(ws, runs, n_runs, l, n);
         }
 
         /* MLP, all rows */
-        norm_rows(ctx, ctx->bxb, ctx->bx, layer->ffn_norm_w, layer->ffn_norm_b, n);
-        matmat(ctx, &layer->ffn_up, ctx->bxb, C, layer->ffn_up_b, ctx->bhb, (size_t)m->n_ff, n);
-        gelu_rows(ctx, ctx->bhb, m->n_ff, n);
-        matmat(ctx, &layer->ffn_down, ctx->bhb, (size_t)m->n_ff, layer->ffn_down_b, ctx->by, C, n);
+        norm_rows(ws, ws->bxb, ws->bx, layer->ffn_norm_w, layer->ffn_norm_b, n);
+        matmat(ws, &layer->ffn_up, ws->bxb, C, layer->ffn_up_b, ws->bhb, (size_t)m->n_ff, n);
+        gelu_rows(ws, ws->bhb, m->n_ff, n);
+        matmat(ws, &layer->ffn_down, ws->bhb, (size_t)m->n_ff, layer->ffn_down_b, ws->by, C, n);
         for (int32_t t = 0; t < n; t++) {
             for (int32_t i = 0; i < C; i++) {
-                ctx->bx[(size_t)t * C + i] += ctx->by[(size_t)t * C + i];
+                ws->bx[(size_t)t * C + i] += ws->by[(size_t)t * C + i];
             }
         }
     }
-
-    /* logits only where asked: every row, or the last */
-    for (int32_t t = 0; t < n; t++) {
-        const bool last = t == n - 1;
-        if (all == NULL && !(last && want_last)) {
-            continue;
-        }
-        layernorm(ctx->xb, ctx->bx + (size_t)t * C, m->out_norm_w, m->out_norm_b, C, m->norm_eps);
-        matmat(ctx, &m->output, ctx->xb, 0, NULL, ctx->logits, 0, 1);
-        if (all != NULL) {
-            memcpy(all + (size_t)t * m->n_vocab, ctx->logits, (size_t)m->n_vocab * sizeof(float));
-        }
-    }
-    ctx->logits_valid = want_last || all != NULL;
+    block_logits(ws, runs, n_runs);
 }
 
-/* Whether a block of n tokens has a step worth a team: the largest product per token
- * (the MLP's, or Q, K and V together), attention over the cache, or the output head
- * when logits are wanted, against the threshold the steps themselves use. */
-static bool block_wants_team(const moas_context *ctx, int32_t n, bool any_logits) {
-    const moas_model *m = ctx->model;
+/* Whether a block has a step worth a team: per run, the largest product per token
+ * (the MLP's, or Q, K and V together) or attention over the cache, or the output
+ * head when logits are wanted, against the threshold the steps themselves use. */
+static bool block_wants_team(const moas_workspace *ws, const moas_seq_run *runs,
+                             int32_t n_runs) {
+    const moas_model *m = ws->model;
     const int64_t C = m->n_embd;
     const int64_t widest = m->n_ff > 3 * C ? m->n_ff : 3 * C;
-    const int64_t attention = 2 * C * (ctx->n_past + (n + 1) / 2);
     const int64_t output = C * m->n_vocab;
-    return ctx->n_threads > 1 &&
-           ((int64_t)n * (C * widest > attention ? C * widest : attention) >=
-                ctx->parallel_min_work ||
-            (any_logits && output >= ctx->parallel_min_work));
+    int64_t work = 0;
+    bool any_logits = false;
+    for (int32_t r = 0; r < n_runs; r++) {
+        const int64_t attention = 2 * C * (runs[r].ctx->n_past + (runs[r].n + 1) / 2);
+        work += (int64_t)runs[r].n * (C * widest > attention ? C * widest : attention);
+        any_logits = any_logits || runs[r].all != NULL || runs[r].want_last;
+    }
+    return ws->n_threads > 1 &&
+           (work >= ws->parallel_min_work || (any_logits && output >= ws->parallel_min_work));
 }
 
 typedef struct {
-    moas_context *ctx;
-    const int32_t *tokens;
-    int32_t n;
-    float *all;
-    bool want_last;
+    moas_workspace *ws;
+    const moas_seq_run *runs;
+    int32_t n_runs;
 } block_call;
 
 static void forward_block_call(void *arg) {
     const block_call *c = arg;
-    forward_block(c->ctx, c->tokens, c->n, c->all, c->want_last);
+    forward_block(c->ws, c->runs, c->n_runs);
+}
+
+void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs) {
+    block_call call = {ws, runs, n_runs};
+    const bool team = block_wants_team(ws, runs, n_runs);
+    moas__team_lead(&ws->team, team ? ws->n_threads : 1, forward_block_call, &call);
 }
 
 void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
                          bool want_last) {
-    block_call call = {ctx, tokens, n, all, want_last};
-    const bool team = block_wants_team(ctx, n, all != NULL || want_last);
-    moas__team_lead(&ctx->team, team ? ctx->n_threads : 1, forward_block_call, &call);
+    moas_seq_run run = {ctx, tokens, n, 0, all, want_last};
+    moas__forward_runs(ctx->ws, &run, 1);
 }

@@ -314,9 +314,9 @@ TEST(logits_identical_for_any_thread_count) {
                 cp.mode = mode == 0 ? MOAS_MODE_MIXTURE : MOAS_MODE_ROUTED;
                 cp.kv_type = t == 3 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
                 ASSERT_OK(moas_context_create(model, &cp, &ctx));
-                ctx->parallel_min_work = 0;
+                ctx->ws->parallel_min_work = 0;
                 ctx->batch_tokens = 32;
-                ctx->mm_hints = run < 3 ? 0 : MOAS_MM_STREAM;
+                ctx->ws->mm_hints = run < 3 ? 0 : MOAS_MM_STREAM;
                 ASSERT_OK(moas_context_decode_batch(ctx, tokens, n_prompt, out, MOAS_LOGITS_ALL));
                 for (int32_t i = n_prompt; i < n; i++) {
                     ASSERT_OK(moas_context_decode(ctx, tokens[i], out + (size_t)i * n_vocab));
@@ -380,7 +380,7 @@ TEST(long_prompt_in_blocks_equals_token_by_token) {
             ASSERT_OK(moas_context_create(model, &cp, &a));
             ASSERT_OK(moas_context_create(model, &cp, &b));
             ASSERT_EQ(a->batch_tokens, 128);
-            a->mm_hints = b->mm_hints = variant == 1 || variant == 2 ? MOAS_MM_STREAM : 0;
+            a->ws->mm_hints = b->ws->mm_hints = variant == 1 || variant == 2 ? MOAS_MM_STREAM : 0;
             ASSERT_OK(moas_context_decode_batch(a, tokens, N, batch, MOAS_LOGITS_ALL));
             for (int32_t i = 0; i < N; i++) {
                 ASSERT_OK(moas_context_decode(b, tokens[i], single + (size_t)i * n_vocab));

@@ -1,0 +1,133 @@
+/*
+ * kv_cache.h - the KV cache: a pool of fixed-size pages shared by many sequences,
+ * each sequence's streams of keys and values as tables of those pages, and the
+ * bookkeeping of who holds which page.
+ *
+ * A page holds MOAS_PAGE_HEADS (or the pool's page_heads) K heads and as many V heads
+ * of head_dim elements. The pool allocates all its pages as two slabs when it is
+ * created (K and V), so a head anywhere in the pool has one index, page * P + slot,
+ * and the attention kernels read rows by that index from the slab's base: paging
+ * changes which rows attention reads, never how it reads them.
+ *
+ * A stream is the sequence of heads one layer (and, in mixture mode, one scheme)
+ * stores, numbered from 0 in the order they were written: token j's heads are
+ * [first(j), first(j) + n_kv(j)). Logical head i lives in the stream's page
+ * pages[i / P], slot i % P. A token may start in one page and end in the next, so the
+ * only room a stream wastes is the unwritten tail of its last page.
+ *
+ * Pages are reference-counted: a fork shares its parent's pages, and whoever writes
+ * into a shared page first copies it (copy on write). Outside a call a stream holds
+ * exactly the pages its heads need, ceil(heads / P); a call first reserves every page
+ * it may need, all or nothing, and returns what it did not use.
+ */
+#ifndef MOAS_KV_CACHE_H
+#define MOAS_KV_CACHE_H
+
+#include "model.h"
+
+#include <stdatomic.h>
+
+/* Head slots per page unless the pool's params say otherwise. docs/KV_CACHE.md
+ * ("Page size") has the measurements behind 16. */
+#define MOAS_PAGE_HEADS 16
+
+/*
+ * One stream of cached keys and values. Token j's heads are [first(j), first(j) +
+ * n_kv(j)):
+ *   uniform stream (mixture mode, one per layer and scheme): first(j) = j * n_kv;
+ *   ragged stream (routed mode, one per layer): first(j) = off[j], n_kv(j) =
+ *   off[j + 1] - off[j], so off[n_past] is the number of heads in use.
+ */
+typedef struct moas_kv_stream {
+    uint32_t *off;     /* [n_ctx + 1] first head of each token; NULL for a uniform stream */
+    int32_t n_kv;      /* uniform stream: heads per token; ragged: the widest scheme's */
+    int32_t n_pages;   /* pages held */
+    int32_t *pages;    /* [max_pages] the pool's index of each page held */
+} moas_kv_stream;
+
+/* Bookkeeping a ragged stream keeps per token: off[j] and the scheme record. */
+#define MOAS_ROUTED_TOKEN_META_BYTES (sizeof(uint32_t) + sizeof(uint8_t))
+
+static inline uint32_t moas__kv_first(const moas_kv_stream *kv, int32_t j) {
+    return kv->off != NULL ? kv->off[j] : (uint32_t)j * (uint32_t)kv->n_kv;
+}
+
+static inline int32_t moas__kv_heads(const moas_kv_stream *kv, int32_t j) {
+    return kv->off != NULL ? (int32_t)(kv->off[j + 1] - kv->off[j]) : kv->n_kv;
+}
+
+/* Heads a stream holds for its first n tokens. */
+static inline uint32_t moas__kv_heads_at(const moas_kv_stream *kv, int32_t n) {
+    return moas__kv_first(kv, n);
+}
+
+struct moas_pool {
+    const moas_model *model;
+    const moas_allocator *alloc;
+    moas_allocator alloc_copy;
+    moas_log_fn log;
+    void *log_user;
+
+    moas_type kv_type;        /* F32 or F16 */
+    size_t kv_elem_bytes;     /* 4 or 2 */
+    size_t head_bytes;        /* head_dim * kv_elem_bytes: one K (or V) head */
+    int32_t page_shift;       /* page_heads = 1 << page_shift */
+    int32_t page_heads;
+    int32_t n_pages;          /* capacity */
+    uint8_t *k, *v;           /* [n_pages * page_heads, head_dim] each, aligned */
+    void *k_raw, *v_raw;      /* the allocations behind them */
+    uint32_t *refs;           /* [n_pages] holders of each page; 0: free */
+    int32_t *free_pages;      /* [n_pages] a stack of the free pages' indices */
+    int32_t n_free;
+    atomic_flag lock;         /* guards refs, free_pages, n_free and the context list */
+    bool is_private;          /* made by moas_context_create for one context */
+
+    struct moas_context *contexts;   /* every context in the pool (a list) */
+    int32_t n_contexts;
+
+    /* batched decode across sequences (moas_pool_decode); NULL for a private pool */
+    struct moas_workspace *ws;
+    atomic_flag busy;         /* a moas_pool_decode call is under way */
+};
+
+/* The head at index `i` of the pool's slabs, K or V. */
+static inline uint8_t *moas__pool_head(const struct moas_pool *pool, uint8_t *slab, uint32_t i) {
+    return slab + (size_t)i * pool->head_bytes;
+}
+
+/* The pool index of a stream's logical head `i`. */
+static inline uint32_t moas__kv_row(const struct moas_pool *pool, const moas_kv_stream *kv,
+                                    uint32_t i) {
+    const uint32_t mask = (uint32_t)pool->page_heads - 1;
+    return ((uint32_t)kv->pages[i >> pool->page_shift] << pool->page_shift) | (i & mask);
+}
+
+/* Make a pool of `n_pages` pages for `model`; on failure NULL with the error set. */
+moas_status moas__pool_make(const moas_model *model, const moas_allocator *alloc,
+                            moas_log_fn log, void *log_user, moas_type kv_type,
+                            int32_t page_heads, uint64_t n_pages, struct moas_pool **out);
+
+/* With the pool locked: the pages `kv` lacks to grow from `used` heads to `want`
+ * (want >= used), counting a private copy of its last page when that page is shared
+ * and about to be written; then take them (the caller has checked they are free). A
+ * caller reserves for a whole call this way, all or nothing, before anything runs. */
+uint32_t moas__kv_need(const struct moas_pool *pool, const moas_kv_stream *kv, uint32_t used,
+                       uint32_t want);
+void moas__kv_grow(struct moas_pool *pool, moas_kv_stream *kv, uint32_t used, uint32_t want);
+
+/* With the pool locked: drop every page `kv` holds. */
+void moas__kv_drop_all(struct moas_pool *pool, moas_kv_stream *kv);
+
+/* Give back the pages of `kv` beyond those `heads` heads need. */
+void moas__kv_trim(struct moas_pool *pool, moas_kv_stream *kv, uint32_t heads);
+
+/* Share every page of `src` whose heads below `heads` are all written (full pages),
+ * and copy the partly written last one, into `dst` (empty). MOAS_ERR_POOL_FULL when
+ * the copy needs a page and none is free; nothing changes then. */
+moas_status moas__kv_fork(struct moas_pool *pool, moas_kv_stream *dst, const moas_kv_stream *src,
+                          uint32_t heads);
+
+void moas__pool_lock(struct moas_pool *pool);
+void moas__pool_unlock(struct moas_pool *pool);
+
+#endif /* MOAS_KV_CACHE_H */
