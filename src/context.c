@@ -306,7 +306,8 @@ static moas_status allocate(moas_context *ctx, moas_pool *pool, moas_kernels ker
                                (uint64_t)pool->page_heads);
     ctx->kv_pages = moas__calloc(ctx->alloc, (size_t)ctx->n_streams * (size_t)ctx->max_pages + 1,
                                  sizeof *ctx->kv_pages);
-    MOAS_RETURN_IF(ctx->kv_pages == NULL, MOAS_ERR_NO_MEMORY,
+    ctx->state_heads = moas__calloc(ctx->alloc, (size_t)ctx->n_streams, sizeof *ctx->state_heads);
+    MOAS_RETURN_IF(ctx->kv_pages == NULL || ctx->state_heads == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for the page tables");
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         ctx->kv[i].pages = ctx->kv_pages + (size_t)i * (size_t)ctx->max_pages;
@@ -450,6 +451,7 @@ void moas_context_free(moas_context *ctx) {
     moas__free(alloc, ctx->logits);
     moas__free(alloc, ctx->kv);
     moas__free(alloc, ctx->kv_pages);
+    moas__free(alloc, ctx->state_heads);
     moas__free(alloc, ctx->kv_offsets);
     moas__free(alloc, ctx->route_gates);
     moas__free(alloc, ctx->route_scheme);
@@ -859,4 +861,481 @@ size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer) {
         per_layer = (uint64_t)ctx->n_ctx * moas__kv_token_bytes(ctx, -1);
     }
     return (size_t)(layer == -1 ? per_layer * (uint64_t)m->n_layer : per_layer);
+}
+
+/* ---- many contexts of one pool --------------------------------------------------- */
+
+/* Check one part of a moas_pool_decode call; `i` names it in the message. */
+static moas_status check_seq(const moas_pool *pool, const moas_pool_seq *q, int32_t i,
+                             moas_mode mode) {
+    const char *what = "pool_decode";
+    moas_context *ctx = q->ctx;
+    MOAS_RETURN_IF(ctx == NULL, MOAS_ERR_INVALID_ARG, "%s: sequence %d has a NULL context", what, i);
+    MOAS_RETURN_IF(ctx->pool != pool, MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d's context is not in this pool", what, i);
+    MOAS_RETURN_IF(ctx->in_call, MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d's context appears twice in the call", what, i);
+    MOAS_RETURN_IF(ctx->mode != mode, MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d is in another mode than sequence 0", what, i);
+    MOAS_RETURN_IF(q->n_tokens < 0 || (q->tokens == NULL && q->n_tokens > 0), MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d: %s", what, i,
+                   q->n_tokens < 0 ? "n_tokens is negative" : "tokens is NULL");
+    MOAS_RETURN_IF((unsigned)q->which >= MOAS_LOGITS_COUNT, MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d: unknown `which` %d", what, i, (int)q->which);
+    MOAS_RETURN_IF(q->which == MOAS_LOGITS_ALL && q->logits == NULL && q->n_tokens > 0,
+                   MOAS_ERR_INVALID_ARG, "%s: sequence %d: MOAS_LOGITS_ALL needs a logits array",
+                   what, i);
+    MOAS_RETURN_IF(ctx->mode == MOAS_MODE_ROUTED && ctx->kv_budget != 0 && q->n_tokens > 1,
+                   MOAS_ERR_INVALID_ARG, "%s: sequence %d: a routed context with a KV budget "
+                   "takes one token per call (its budget plans token by token)", what, i);
+    for (int32_t t = 0; t < q->n_tokens; t++) {
+        if (q->tokens[t] < 0 || q->tokens[t] >= ctx->model->n_vocab) {
+            moas__set_error("%s: sequence %d: token %d at index %d is outside the vocabulary "
+                            "[0, %d)", what, i, q->tokens[t], t, ctx->model->n_vocab);
+            return MOAS_ERR_INVALID_ARG;
+        }
+    }
+    return check_room(ctx, q->n_tokens, what);
+}
+
+/* Check every part, marking each context so a repeated one is caught; then reserve
+ * the pages of all of them at once. The marks are cleared whatever happens. */
+static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seqs,
+                                       int32_t n_seqs) {
+    moas_status st = MOAS_OK;
+    int32_t marked = 0;
+    const moas_mode mode = n_seqs > 0 && seqs[0].ctx != NULL ? seqs[0].ctx->mode : MOAS_MODE_MIXTURE;
+
+    for (; marked < n_seqs; marked++) {
+        if ((st = check_seq(pool, &seqs[marked], marked, mode)) != MOAS_OK) {
+            break;
+        }
+        seqs[marked].ctx->in_call = true;
+    }
+    for (int32_t i = 0; i < marked; i++) {
+        seqs[i].ctx->in_call = false;
+    }
+    if (st != MOAS_OK) {
+        return st;
+    }
+    moas__pool_lock(pool);
+    uint64_t need = 0;
+    for (int32_t i = 0; i < n_seqs; i++) {
+        need += pages_needed(seqs[i].ctx, seqs[i].n_tokens);
+    }
+    if (need > (uint64_t)pool->n_free) {
+        st = pool_full(pool, need, "pool_decode");
+        moas__pool_unlock(pool);
+        return st;
+    }
+    for (int32_t i = 0; i < n_seqs; i++) {
+        pages_take(seqs[i].ctx, seqs[i].n_tokens);
+    }
+    moas__pool_unlock(pool);
+    return MOAS_OK;
+}
+
+moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t n_seqs) {
+    moas_status st;
+
+    if (pool == NULL || n_seqs < 0 || (seqs == NULL && n_seqs > 0)) {
+        moas__set_error("pool_decode: %s", pool == NULL ? "pool is NULL"
+                                           : n_seqs < 0 ? "n_seqs is negative"
+                                                        : "seqs is NULL");
+        if (pool != NULL) {
+            moas__log_error(pool->log, pool->log_user);
+        }
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if (atomic_flag_test_and_set_explicit(&pool->busy, memory_order_acquire)) {
+        moas__set_error("pool_decode: another pool_decode call on this pool is under way");
+        moas__log_error(pool->log, pool->log_user);
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if ((st = pool_decode_prepare(pool, seqs, n_seqs)) != MOAS_OK) {
+        atomic_flag_clear_explicit(&pool->busy, memory_order_release);
+        moas__log_error(pool->log, pool->log_user);
+        return st;
+    }
+    for (int32_t i = 0; i < n_seqs; i++) {
+        if (seqs[i].n_tokens > 0) {
+            plan_token(seqs[i].ctx, 0);   /* budgets: one token per call, checked above */
+        }
+    }
+
+    /* blocks of up to max_rows rows: each sequence's tokens in order, a sequence's
+     * run split across blocks where a block fills up */
+    moas_workspace *ws = pool->ws;
+    const size_t n_vocab = (size_t)pool->model->n_vocab;
+    int32_t seq = 0, done = 0;   /* the next token to place: seqs[seq].tokens[done] */
+    while (seq < n_seqs) {
+        int32_t n_runs = 0, rows = 0;
+        while (seq < n_seqs && rows < ws->max_rows) {
+            const moas_pool_seq *q = &seqs[seq];
+            const int32_t left = q->n_tokens - done;
+            if (left == 0) {
+                seq++;
+                done = 0;
+                continue;
+            }
+            const int32_t n = left < ws->max_rows - rows ? left : ws->max_rows - rows;
+            moas_seq_run *run = &ws->runs[n_runs++];
+            run->ctx = q->ctx;
+            run->tokens = q->tokens + done;
+            run->n = n;
+            run->row0 = rows;
+            run->all = q->which == MOAS_LOGITS_ALL ? q->logits + (size_t)done * n_vocab : NULL;
+            run->want_last = q->which == MOAS_LOGITS_LAST && done + n == q->n_tokens;
+            rows += n;
+            done += n;
+        }
+        if (n_runs == 0) {
+            break;
+        }
+        moas__forward_runs(ws, ws->runs, n_runs);
+        for (int32_t r = 0; r < n_runs; r++) {
+            ws->runs[r].ctx->n_past += ws->runs[r].n;
+        }
+    }
+    for (int32_t i = 0; i < n_seqs; i++) {
+        const moas_pool_seq *q = &seqs[i];
+        pages_trim(q->ctx);
+        if (q->which == MOAS_LOGITS_LAST && q->logits != NULL && q->n_tokens > 0) {
+            memcpy(q->logits, q->ctx->logits, n_vocab * sizeof *q->logits);
+        }
+    }
+    atomic_flag_clear_explicit(&pool->busy, memory_order_release);
+    return MOAS_OK;
+}
+
+/* ---- fork -------------------------------------------------------------------- */
+
+moas_status moas_context_fork(moas_context *parent, moas_context **out) {
+    moas_context_params p;
+    moas_context *child = NULL;
+    moas_status st;
+
+    if (out != NULL) {
+        *out = NULL;
+    }
+    if (parent == NULL || out == NULL) {
+        moas__set_error("context_fork: %s is NULL", parent == NULL ? "parent" : "out");
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if (parent->pool_owned) {
+        moas__set_error("context_fork: the context has no pool of its own to share pages "
+                        "in (create it with moas_context_params.pool)");
+        return fail(parent, MOAS_ERR_INVALID_ARG);
+    }
+    moas_context_params_init(&p);
+    p.n_ctx = parent->n_ctx;
+    p.n_threads = parent->n_threads;
+    p.mode = parent->mode;
+    p.kv_type = parent->kv_type;
+    p.log = parent->log;
+    p.log_user = parent->log_user;
+    p.allocator = parent->alloc;
+    p.forced_scheme = parent->forced_scheme;
+    p.kv_budget_bytes = parent->kv_budget;
+    p.route_fn = parent->route_fn;
+    p.route_user = parent->route_user;
+    p.pool = parent->pool;
+    p.n_batch = parent->batch_tokens;
+    if ((st = context_make(parent->model, &p, &child)) != MOAS_OK) {
+        return fail(parent, st);
+    }
+    child->batch_tokens = parent->batch_tokens;
+    child->ws->parallel_min_work = parent->ws->parallel_min_work;
+    child->ws->mm_hints = parent->ws->mm_hints;
+    for (int32_t i = 0; i < parent->n_streams; i++) {
+        if ((st = moas__kv_fork(parent->pool, &child->kv[i], &parent->kv[i],
+                                stream_heads(parent, i, parent->n_past))) != MOAS_OK) {
+            moas_context_free(child);
+            return fail(parent, st);
+        }
+    }
+    const moas_model *m = parent->model;
+    const size_t L = (size_t)m->n_layer, S = (size_t)m->n_scheme, n = (size_t)parent->n_past;
+    if (parent->kv_offsets != NULL) {
+        for (int32_t i = 0; i < parent->n_streams; i++) {
+            memcpy(child->kv[i].off, parent->kv[i].off, (n + 1) * sizeof *parent->kv[i].off);
+        }
+    }
+    memcpy(child->route_gates, parent->route_gates, n * L * S * sizeof *parent->route_gates);
+    memcpy(child->route_scheme, parent->route_scheme, n * L * sizeof *parent->route_scheme);
+    memcpy(child->logits, parent->logits, (size_t)m->n_vocab * sizeof *parent->logits);
+    child->logits_valid = parent->logits_valid;
+    child->n_past = parent->n_past;
+    *out = child;
+    return MOAS_OK;
+}
+
+int32_t moas_context_kv_pages(const moas_context *ctx) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        n += ctx->kv[i].n_pages;
+    }
+    return n;
+}
+
+size_t moas_context_kv_bytes_held(const moas_context *ctx) {
+    return (size_t)moas_context_kv_pages(ctx) * (size_t)ctx->pool->page_heads *
+           ctx->pool->head_bytes * 2;
+}
+
+/* ---- saved state --------------------------------------------------------------- */
+
+/* Layout (docs/FORMAT.md, "Saved state"), little-endian as the host writes it:
+ *   header      STATE_HEADER_WORDS 32-bit words (magic, version, fingerprint, shape)
+ *   schemes     [n_past, n_layer] u8
+ *   gates       [n_past, n_layer, n_scheme] f32
+ *   logits      [n_vocab] f32, when the header says they are valid
+ *   per stream  [heads] K heads then [heads] V heads of head_dim elements */
+#define STATE_MAGIC0 0x53414f4du   /* "MOAS" */
+#define STATE_MAGIC1 0x54415453u   /* "STAT" */
+#define STATE_VERSION 1u
+enum {
+    SH_MAGIC0, SH_MAGIC1, SH_VERSION, SH_PRINT_LO, SH_PRINT_HI, SH_MODE, SH_KV_TYPE,
+    SH_N_LAYER, SH_N_SCHEME, SH_N_STREAMS, SH_HEAD_DIM, SH_N_VOCAB, SH_N_PAST,
+    SH_LOGITS_VALID, STATE_HEADER_WORDS
+};
+
+static uint64_t fnv(uint64_t h, const void *data, size_t n) {
+    const uint8_t *p = data;
+    for (size_t i = 0; i < n; i++) {
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* A fingerprint of the model: its shape, vocabulary and the first bytes of every
+ * weight matrix (enough to tell checkpoints apart without reading gigabytes). */
+static uint64_t model_fingerprint(const moas_model *m) {
+    const int32_t shape[] = {m->n_layer, m->n_embd, m->n_head, m->n_ff, m->n_vocab,
+                             m->n_ctx_train, m->n_scheme, m->n_router, (int32_t)m->mixing,
+                             (int32_t)m->kv_sharing, m->bias ? 1 : 0};
+    uint64_t h = fnv(0xcbf29ce484222325ull, shape, sizeof shape);
+    h = fnv(h, m->scheme_n_kv, (size_t)m->n_scheme * sizeof *m->scheme_n_kv);
+    h = fnv(h, m->vocab_cp, (size_t)m->n_vocab * sizeof *m->vocab_cp);
+    const moas_weight *top[] = {&m->tok_embd, &m->pos_embd, &m->output};
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) {
+        h = fnv(h, top[i]->data, top[i]->row_bytes);
+    }
+    for (int32_t l = 0; l < m->n_layer; l++) {
+        const moas_layer *y = &m->layers[l];
+        h = fnv(h, y->ffn_up.data, y->ffn_up.row_bytes);
+        h = fnv(h, y->ffn_down.data, y->ffn_down.row_bytes);
+        h = fnv(h, y->attn_norm_w, (size_t)m->n_embd * sizeof(float));
+    }
+    return h;
+}
+
+/* Bytes of a state of n tokens whose streams hold heads[i] heads. */
+static uint64_t state_bytes(const moas_context *ctx, int32_t n, const uint32_t *heads,
+                            bool logits) {
+    const moas_model *m = ctx->model;
+    uint64_t total = STATE_HEADER_WORDS * 4 + (uint64_t)n * (uint64_t)m->n_layer *
+                                                  (1 + 4 * (uint64_t)m->n_scheme);
+    total += logits ? 4 * (uint64_t)m->n_vocab : 0;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        total += 2 * (uint64_t)heads[i] * ctx->pool->head_bytes;
+    }
+    return total;
+}
+
+size_t moas_context_state_size(const moas_context *ctx) {
+    uint64_t total = STATE_HEADER_WORDS * 4;
+    if (ctx == NULL) {
+        return 0;
+    }
+    const moas_model *m = ctx->model;
+    total += (uint64_t)ctx->n_past * (uint64_t)m->n_layer * (1 + 4 * (uint64_t)m->n_scheme);
+    total += ctx->logits_valid ? 4 * (uint64_t)m->n_vocab : 0;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        total += 2 * (uint64_t)stream_heads(ctx, i, ctx->n_past) * ctx->pool->head_bytes;
+    }
+    return (size_t)total;
+}
+
+moas_status moas_context_state_save(const moas_context *ctx, void *buf, size_t size,
+                                    size_t *written) {
+    if (ctx == NULL || buf == NULL || written == NULL) {
+        moas__set_error("context_state_save: %s is NULL",
+                        ctx == NULL ? "ctx" : buf == NULL ? "buf" : "written");
+        return ctx == NULL ? MOAS_ERR_INVALID_ARG : fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    const size_t need = moas_context_state_size(ctx);
+    *written = need;
+    if (size < need) {
+        moas__set_error("context_state_save: the state needs %zu bytes, the buffer has %zu",
+                        need, size);
+        return fail(ctx, MOAS_ERR_BUFFER_TOO_SMALL);
+    }
+    const moas_model *m = ctx->model;
+    const moas_pool *pool = ctx->pool;
+    const uint64_t print = model_fingerprint(m);
+    const uint32_t header[STATE_HEADER_WORDS] = {
+        [SH_MAGIC0] = STATE_MAGIC0, [SH_MAGIC1] = STATE_MAGIC1, [SH_VERSION] = STATE_VERSION,
+        [SH_PRINT_LO] = (uint32_t)print, [SH_PRINT_HI] = (uint32_t)(print >> 32),
+        [SH_MODE] = (uint32_t)ctx->mode, [SH_KV_TYPE] = (uint32_t)ctx->kv_type,
+        [SH_N_LAYER] = (uint32_t)m->n_layer, [SH_N_SCHEME] = (uint32_t)m->n_scheme,
+        [SH_N_STREAMS] = (uint32_t)ctx->n_streams, [SH_HEAD_DIM] = (uint32_t)m->head_dim,
+        [SH_N_VOCAB] = (uint32_t)m->n_vocab, [SH_N_PAST] = (uint32_t)ctx->n_past,
+        [SH_LOGITS_VALID] = ctx->logits_valid ? 1u : 0u};
+    uint8_t *p = buf;
+    const size_t n = (size_t)ctx->n_past, L = (size_t)m->n_layer, S = (size_t)m->n_scheme;
+    memcpy(p, header, sizeof header);
+    p += sizeof header;
+    memcpy(p, ctx->route_scheme, n * L);
+    p += n * L;
+    memcpy(p, ctx->route_gates, n * L * S * sizeof(float));
+    p += n * L * S * sizeof(float);
+    if (ctx->logits_valid) {
+        memcpy(p, ctx->logits, (size_t)m->n_vocab * sizeof(float));
+        p += (size_t)m->n_vocab * sizeof(float);
+    }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        const uint32_t heads = stream_heads(ctx, i, ctx->n_past);
+        for (int kv = 0; kv < 2; kv++) {
+            uint8_t *slab = kv == 0 ? pool->k : pool->v;
+            for (uint32_t h = 0; h < heads; h++) {
+                memcpy(p, moas__pool_head(pool, slab, moas__kv_row(pool, &ctx->kv[i], h)),
+                       pool->head_bytes);
+                p += pool->head_bytes;
+            }
+        }
+    }
+    return MOAS_OK;
+}
+
+/* Check a state against ctx without changing anything; on success heads[] holds each
+ * stream's heads. */
+static moas_status state_check(const moas_context *ctx, const uint8_t *buf, size_t size,
+                               uint32_t *heads) {
+    const char *what = "context_state_load";
+    const moas_model *m = ctx->model;
+    uint32_t h[STATE_HEADER_WORDS];
+
+    MOAS_RETURN_IF(size < sizeof h, MOAS_ERR_BAD_FORMAT,
+                   "%s: %zu bytes are too few for a state header", what, size);
+    memcpy(h, buf, sizeof h);
+    MOAS_RETURN_IF(h[SH_MAGIC0] != STATE_MAGIC0 || h[SH_MAGIC1] != STATE_MAGIC1,
+                   MOAS_ERR_BAD_FORMAT, "%s: not a libmoas state (bad magic)", what);
+    MOAS_RETURN_IF(h[SH_VERSION] != STATE_VERSION, MOAS_ERR_BAD_FORMAT,
+                   "%s: state version %u; this library reads version %u", what, h[SH_VERSION],
+                   STATE_VERSION);
+    const uint64_t print = (uint64_t)h[SH_PRINT_LO] | (uint64_t)h[SH_PRINT_HI] << 32;
+    MOAS_RETURN_IF(print != model_fingerprint(m) || h[SH_N_LAYER] != (uint32_t)m->n_layer ||
+                   h[SH_N_SCHEME] != (uint32_t)m->n_scheme ||
+                   h[SH_HEAD_DIM] != (uint32_t)m->head_dim || h[SH_N_VOCAB] != (uint32_t)m->n_vocab,
+                   MOAS_ERR_CORRUPT, "%s: the state was saved from another model", what);
+    MOAS_RETURN_IF(h[SH_MODE] != (uint32_t)ctx->mode || h[SH_KV_TYPE] != (uint32_t)ctx->kv_type ||
+                   h[SH_N_STREAMS] != (uint32_t)ctx->n_streams, MOAS_ERR_CORRUPT,
+                   "%s: the state is of mode %u, kv_type %u; the context's are %d, %d", what,
+                   h[SH_MODE], h[SH_KV_TYPE], (int)ctx->mode, (int)ctx->kv_type);
+    MOAS_RETURN_IF(h[SH_LOGITS_VALID] > 1, MOAS_ERR_CORRUPT, "%s: bad logits flag %u", what,
+                   h[SH_LOGITS_VALID]);
+    MOAS_RETURN_IF(h[SH_N_PAST] > (uint32_t)ctx->n_ctx, MOAS_ERR_CONTEXT_FULL,
+                   "%s: the state holds %u tokens; the context has room for %d", what,
+                   h[SH_N_PAST], ctx->n_ctx);
+    const int32_t n = (int32_t)h[SH_N_PAST];
+    const size_t L = (size_t)m->n_layer;
+    MOAS_RETURN_IF(size < sizeof h + (size_t)n * L, MOAS_ERR_CORRUPT,
+                   "%s: the state is truncated (%zu bytes)", what, size);
+    const uint8_t *schemes = buf + sizeof h;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        heads[i] = 0;
+    }
+    for (size_t j = 0; j < (size_t)n * L; j++) {
+        MOAS_RETURN_IF(schemes[j] >= (uint32_t)m->n_scheme, MOAS_ERR_CORRUPT,
+                       "%s: token %zu, layer %zu has scheme %u of %d", what, j / L, j % L,
+                       schemes[j], m->n_scheme);
+        if (ctx->mode == MOAS_MODE_ROUTED) {
+            heads[j % L] += (uint32_t)m->scheme_n_kv[schemes[j]];
+        }
+    }
+    if (ctx->mode != MOAS_MODE_ROUTED) {
+        for (int32_t i = 0; i < ctx->n_streams; i++) {
+            heads[i] = (uint32_t)n * (uint32_t)ctx->kv[i].n_kv;
+        }
+    }
+    const uint64_t want = state_bytes(ctx, n, heads, h[SH_LOGITS_VALID] != 0);
+    MOAS_RETURN_IF(want != (uint64_t)size, MOAS_ERR_CORRUPT,
+                   "%s: the state has %zu bytes; its header and routing records say %llu "
+                   "(truncated or padded)", what, size, (unsigned long long)want);
+    return MOAS_OK;
+}
+
+moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t size) {
+    moas_status st;
+    uint32_t *heads;
+
+    if (ctx == NULL || buf == NULL) {
+        moas__set_error("context_state_load: %s is NULL", ctx == NULL ? "ctx" : "buf");
+        return ctx == NULL ? MOAS_ERR_INVALID_ARG : fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    heads = ctx->state_heads;
+    if ((st = state_check(ctx, buf, size, heads)) != MOAS_OK) {
+        return fail(ctx, st);
+    }
+
+    /* pages: what the state needs, from the free ones and those only this context
+     * holds (it gives them all back first); all or nothing */
+    moas_pool *pool = ctx->pool;
+    moas__pool_lock(pool);
+    uint64_t need = 0, own = 0;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        need += ((uint64_t)heads[i] + (uint64_t)pool->page_heads - 1) >> pool->page_shift;
+        for (int32_t k = 0; k < ctx->kv[i].n_pages; k++) {
+            own += pool->refs[ctx->kv[i].pages[k]] == 1 ? 1 : 0;
+        }
+    }
+    if (need > (uint64_t)pool->n_free + own) {
+        st = pool_full(pool, need - own, "context_state_load");
+        moas__pool_unlock(pool);
+        return fail(ctx, st);
+    }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas__kv_drop_all(pool, &ctx->kv[i]);
+    }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas__kv_grow(pool, &ctx->kv[i], 0, heads[i]);
+    }
+    moas__pool_unlock(pool);
+
+    const moas_model *m = ctx->model;
+    const uint8_t *p = (const uint8_t *)buf + STATE_HEADER_WORDS * 4;
+    uint32_t header[STATE_HEADER_WORDS];
+    memcpy(header, buf, sizeof header);
+    const size_t n = header[SH_N_PAST], L = (size_t)m->n_layer, S = (size_t)m->n_scheme;
+    memcpy(ctx->route_scheme, p, n * L);
+    p += n * L;
+    memcpy(ctx->route_gates, p, n * L * S * sizeof(float));
+    p += n * L * S * sizeof(float);
+    ctx->logits_valid = header[SH_LOGITS_VALID] != 0;
+    if (ctx->logits_valid) {
+        memcpy(ctx->logits, p, (size_t)m->n_vocab * sizeof(float));
+        p += (size_t)m->n_vocab * sizeof(float);
+    }
+    if (ctx->mode == MOAS_MODE_ROUTED) {   /* offsets from the schemes */
+        for (size_t l = 0; l < L; l++) {
+            uint32_t *off = ctx->kv[l].off;
+            off[0] = 0;
+            for (size_t j = 0; j < n; j++) {
+                off[j + 1] = off[j] + (uint32_t)m->scheme_n_kv[ctx->route_scheme[j * L + l]];
+            }
+        }
+    }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        for (int kv = 0; kv < 2; kv++) {
+            uint8_t *slab = kv == 0 ? pool->k : pool->v;
+            for (uint32_t h = 0; h < heads[i]; h++) {
+                memcpy(moas__pool_head(pool, slab, moas__kv_row(pool, &ctx->kv[i], h)), p,
+                       pool->head_bytes);
+                p += pool->head_bytes;
+            }
+        }
+    }
+    ctx->n_past = (int32_t)n;
+    return MOAS_OK;
 }

@@ -125,3 +125,13 @@ X(team_leaders_in_a_parallel_region_keep_their_steps_apart)
 X(bad_inputs_hyperparameters_out_of_range_or_mistyped)
 X(bad_inputs_unknown_tokenizer_or_mixing_is_unsupported)
 X(bad_inputs_sampler_params_size_is_checked)
+
+/* tests/test_pool.c */
+X(pool_batch_equals_alone_bit_for_bit)
+X(pool_pages_follow_tokens)
+X(pool_full_changes_nothing)
+X(fork_shares_pages_and_copies_on_write)
+X(state_round_trip_is_bit_identical)
+X(state_load_refuses_bad_data_and_changes_nothing)
+X(pool_arguments_are_checked)
+X(pool_contexts_on_several_threads)

@@ -1,0 +1,641 @@
+/* test_pool.c - the KV pool: batched decode equals decoding alone bit for bit, a full
+ * pool changes nothing, fork shares pages and copies on write, saved state round trips
+ * and bad state is refused, contexts of one pool on several threads. */
+#include "test.h"
+
+#include "context.h"
+#include "support/tiny_model.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Tokens from a fixed generator, valid for the model. */
+static void seq_tokens(int32_t *tokens, int32_t n, int32_t n_vocab, uint32_t seed) {
+    for (int32_t i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        tokens[i] = (int32_t)((seed >> 8) % (uint32_t)n_vocab);
+    }
+}
+
+/* The models the bitwise tests run: router mixing with independent schemes (f32 and
+ * Q8_0 weights), mean mixing, pooled K/V (f16 weights). Context 64 each. */
+enum { N_KINDS = 4 };
+static uint8_t *kind_image(int kind, size_t *size) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_ctx_train = 64;
+    cfg.n_embd = 32;
+    cfg.n_ff = 64;
+    if (kind == 1) {
+        cfg.mat_type = MOAS_TYPE_Q8_0;
+        cfg.router_hidden = 32;   /* Q8_0 rows are blocks of 32 */
+    } else if (kind == 2) {
+        cfg.mixing = MOAS_MIXING_MEAN;
+    } else if (kind == 3) {
+        cfg.kv_sharing = "pooled";
+        cfg.mat_type = MOAS_TYPE_F16;
+        cfg.emb_type = MOAS_TYPE_F16;
+    }
+    return tiny_model_image(&cfg, 40 + (uint64_t)kind, size);
+}
+
+static moas_pool *make_pool(const moas_model *m, uint64_t bytes, moas_type kv_type,
+                            int32_t threads, int32_t n_batch, int32_t page_heads) {
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = bytes;
+    pp.kv_type = kv_type;
+    pp.n_threads = threads;
+    pp.n_batch = n_batch;
+    pp.page_heads = page_heads;
+    if (moas_pool_create(m, &pp, &pool) != MOAS_OK) {
+        return NULL;
+    }
+    pool->ws->parallel_min_work = 0;   /* tiny models take every parallel path */
+    return pool;
+}
+
+static moas_context *make_ctx(const moas_model *m, moas_pool *pool, moas_mode mode,
+                              moas_type kv_type, int32_t threads) {
+    moas_context_params cp;
+    moas_context *ctx = NULL;
+    moas_context_params_init(&cp);
+    cp.pool = pool;
+    cp.mode = mode;
+    cp.kv_type = kv_type;
+    cp.n_threads = threads;
+    if (moas_context_create(m, &cp, &ctx) != MOAS_OK) {
+        return NULL;
+    }
+    ctx->ws->parallel_min_work = 0;
+    return ctx;
+}
+
+/* Whether two contexts hold the same routing records and KV use. */
+static bool same_records(const moas_context *a, const moas_context *b) {
+    const moas_model *m = a->model;
+    const size_t n = (size_t)a->n_past, L = (size_t)m->n_layer, S = (size_t)m->n_scheme;
+    return a->n_past == b->n_past &&
+           memcmp(a->route_gates, b->route_gates, n * L * S * sizeof(float)) == 0 &&
+           memcmp(a->route_scheme, b->route_scheme, n * L) == 0 &&
+           moas_context_kv_bytes_used(a, -1) == moas_context_kv_bytes_used(b, -1);
+}
+
+enum { B = 5, PROMPT_MAX = 23, GEN = 6 };
+
+/* Five sequences with prompts of 0 to 23 tokens decoded by moas_pool_decode, joining
+ * at different steps and generating one token per step, equal decoding each alone,
+ * bit for bit: every logit, routing record and KV byte count. Blocks of 7 rows (so
+ * sequences straddle blocks), for every model kind, both modes, f32 and f16 caches
+ * and 1 to 3 threads. */
+TEST(pool_batch_equals_alone_bit_for_bit) {
+    static const int32_t prompt_len[B] = {23, 1, 9, 16, 0};
+    static const int32_t join_step[B] = {0, 0, 1, 2, 0};
+    for (int kind = 0; kind < N_KINDS; kind++) {
+        size_t size;
+        uint8_t *image = kind_image(kind, &size);
+        moas_model *m;
+        ASSERT_TRUE(image != NULL);
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+        const int32_t V = moas_model_n_vocab(m);
+        int32_t tokens[B][PROMPT_MAX + GEN + 1];
+        for (int32_t s = 0; s < B; s++) {
+            seq_tokens(tokens[s], PROMPT_MAX + GEN + 1, V, 100 + (uint32_t)s);
+        }
+        float *want = malloc((size_t)B * (PROMPT_MAX + GEN + 1) * V * sizeof *want);
+        float *got = malloc((size_t)B * (PROMPT_MAX + GEN + 1) * V * sizeof *got);
+        ASSERT_TRUE(want != NULL && got != NULL);
+        for (int variant = 0; variant < 6; variant++) {
+            const moas_mode mode = variant % 2 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            const moas_type kv_type = variant / 2 == 1 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+            const int32_t threads = 1 + (variant + kind) % 3;
+            moas_context *alone[B], *in_pool[B];
+            moas_pool *pool = make_pool(m, 1 << 20, kv_type, threads, 7, 4);
+            ASSERT_TRUE(pool != NULL);
+            for (int32_t s = 0; s < B; s++) {
+                alone[s] = make_ctx(m, NULL, mode, kv_type, 1);
+                in_pool[s] = make_ctx(m, pool, mode, MOAS_TYPE_F32, threads);
+                ASSERT_TRUE(alone[s] != NULL && in_pool[s] != NULL);
+            }
+            /* alone: the prompt as one batch with every logit, then one token a step */
+            for (int32_t s = 0; s < B; s++) {
+                float *w = want + (size_t)s * (PROMPT_MAX + GEN + 1) * V;
+                ASSERT_OK(moas_context_decode_batch(alone[s], tokens[s], prompt_len[s], w,
+                                                    MOAS_LOGITS_ALL));
+                for (int32_t g = 0; g < GEN - join_step[s]; g++) {
+                    const int32_t i = prompt_len[s] + g;
+                    ASSERT_OK(moas_context_decode(alone[s], tokens[s][i], w + (size_t)i * V));
+                }
+            }
+            /* in the pool: step k carries each sequence that has joined: its prompt and
+             * first generated token at its join step, one token after */
+            for (int32_t step = 0; step < GEN; step++) {
+                moas_pool_seq q[B];
+                int32_t n_q = 0;
+                for (int32_t s = 0; s < B; s++) {
+                    const int32_t n_done = in_pool[s]->n_past;
+                    if (step < join_step[s] || n_done >= prompt_len[s] + GEN - join_step[s]) {
+                        continue;
+                    }
+                    q[n_q].ctx = in_pool[s];
+                    q[n_q].tokens = tokens[s] + n_done;
+                    q[n_q].n_tokens = step == join_step[s] ? prompt_len[s] + 1 : 1;
+                    q[n_q].which = MOAS_LOGITS_ALL;
+                    q[n_q].logits = got + ((size_t)s * (PROMPT_MAX + GEN + 1) + n_done) * V;
+                    n_q++;
+                }
+                ASSERT_OK(moas_pool_decode(pool, q, n_q));
+            }
+            for (int32_t s = 0; s < B; s++) {
+                const size_t n = (size_t)(prompt_len[s] + GEN - join_step[s]);
+                const size_t at = (size_t)s * (PROMPT_MAX + GEN + 1) * V;
+                ASSERT_EQ(in_pool[s]->n_past, n);
+                if (memcmp(want + at, got + at, n * V * sizeof *want) != 0) {
+                    test_report(__FILE__, __LINE__, "bitwise", "kind %d variant %d seq %d", kind,
+                                variant, (int)s);
+                    return TEST_FAIL;
+                }
+                ASSERT_TRUE(same_records(alone[s], in_pool[s]));
+                ASSERT_TRUE(memcmp(moas_context_logits(alone[s]), moas_context_logits(in_pool[s]),
+                                   (size_t)V * sizeof(float)) == 0);
+            }
+            for (int32_t s = 0; s < B; s++) {
+                moas_context_free(alone[s]);
+                moas_context_free(in_pool[s]);
+            }
+            moas_pool_info info = {.size = sizeof info};
+            ASSERT_OK(moas_pool_stats(pool, &info));
+            ASSERT_EQ(info.pages_free, info.n_pages);   /* freeing gave every page back */
+            moas_pool_free(pool);
+        }
+        free(want);
+        free(got);
+        moas_model_free(m);
+        free(image);
+    }
+    return TEST_PASS;
+}
+
+/* Pages follow the tokens: a routed sequence holds ceil(heads / P) pages per layer,
+ * the pool's figures add up, truncate gives pages back. */
+TEST(pool_pages_follow_tokens) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    int32_t tokens[40];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    seq_tokens(tokens, 40, moas_model_n_vocab(m), 9);
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 16);
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(pool != NULL && a != NULL && b != NULL);
+    ASSERT_OK(moas_context_decode_batch(a, tokens, 37, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_decode_batch(b, tokens, 11, NULL, MOAS_LOGITS_NONE));
+
+    /* routed: each layer's stream holds the heads its schemes stored */
+    const int32_t L = moas_model_n_layer(m), S = moas_model_n_scheme(m);
+    int32_t kv_heads[37 * 8], want_pages = 0;
+    ASSERT_TRUE(L <= 8);
+    ASSERT_OK(moas_context_routes(a, 0, 37, NULL, NULL, kv_heads));
+    for (int32_t l = 0; l < L; l++) {
+        int32_t heads = 0;
+        for (int32_t j = 0; j < 37; j++) {
+            heads += kv_heads[j * L + l];
+        }
+        want_pages += (heads + 15) / 16;
+    }
+    ASSERT_EQ(moas_context_kv_pages(a), want_pages);
+    /* mixture: every scheme's stream, 11 tokens of n_kv(s) heads: 4, 2, 1 -> 44, 22, 11 */
+    ASSERT_EQ(S, 3);
+    ASSERT_EQ(moas_context_kv_pages(b), L * (3 + 2 + 1));
+    const size_t page_bytes = (size_t)16 * moas_model_head_dim(m) * 2 * 4;
+    ASSERT_EQ(moas_context_kv_bytes_held(a), (size_t)want_pages * page_bytes);
+
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.page_bytes, page_bytes);
+    ASSERT_EQ(info.n_pages, (1 << 20) / page_bytes);
+    ASSERT_EQ(info.n_pages - info.pages_free, want_pages + L * 6);
+    ASSERT_EQ(info.bytes_held, (uint64_t)(want_pages + L * 6) * page_bytes);
+    ASSERT_EQ(info.bytes_used, moas_context_kv_bytes_used(a, -1) + moas_context_kv_bytes_used(b, -1));
+    ASSERT_EQ(info.n_contexts, 2);
+
+    /* truncate and reset give pages back */
+    ASSERT_OK(moas_context_truncate(b, 4));   /* 16, 8, 4 heads: one page each */
+    ASSERT_EQ(moas_context_kv_pages(b), L * 3);
+    moas_context_reset(a);
+    ASSERT_EQ(moas_context_kv_pages(a), 0);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.n_pages - info.pages_free, L * 3);
+    moas_context_free(a);
+    moas_context_free(b);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, info.n_pages);
+    ASSERT_EQ(info.n_contexts, 0);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A call that cannot get its pages fails with MOAS_ERR_POOL_FULL naming the shortfall
+ * and changes nothing in any sequence: after pages come free, the same call gives
+ * exactly what it would have. */
+TEST(pool_full_changes_nothing) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    int32_t tokens[64];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 64, V, 5);
+    const size_t page_bytes = (size_t)4 * moas_model_head_dim(m) * 2 * 4;
+    /* mixture, 2 layers, streams of 4, 2 and 1 heads a token, pages of 4 heads: a's 10
+     * tokens hold 2 x (10 + 5 + 3) = 36 pages, b's 2 tokens 2 x (2 + 1 + 1) = 8, and
+     * the pool has 48 */
+    moas_pool *pool = make_pool(m, 48 * page_bytes, MOAS_TYPE_F32, 1, 0, 4);
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *ref = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(pool && a && b && ref);
+    float *la = malloc((size_t)V * sizeof *la), *lr = malloc((size_t)V * sizeof *lr);
+    ASSERT_TRUE(la && lr);
+    ASSERT_OK(moas_context_decode_batch(a, tokens, 10, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(b, tokens + 20, 2, NULL, MOAS_LOGITS_LAST));
+    moas_pool_info before = {.size = sizeof before}, after = {.size = sizeof after};
+    ASSERT_OK(moas_pool_stats(pool, &before));
+    ASSERT_EQ(before.pages_free, 48 - 36 - 8);
+
+    /* 3 more tokens of a need 2 x (3 + 2 + 1) = 12 pages, one more of b 2 x 2: with 4
+     * free both calls fail, in a pool call and alone */
+    moas_pool_seq q[2] = {{b, tokens + 22, 1, MOAS_LOGITS_LAST, NULL},
+                          {a, tokens + 10, 3, MOAS_LOGITS_LAST, la}};
+    ASSERT_STATUS(moas_pool_decode(pool, q, 2), MOAS_ERR_POOL_FULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "lacks 12 page(s): 16 needed, 4 free") != NULL);
+    ASSERT_STATUS(moas_context_decode_batch(a, tokens + 10, 3, NULL, MOAS_LOGITS_LAST),
+                  MOAS_ERR_POOL_FULL);
+    ASSERT_OK(moas_pool_stats(pool, &after));
+    ASSERT_EQ(after.pages_free, before.pages_free);
+    ASSERT_EQ(after.bytes_used, before.bytes_used);
+    ASSERT_EQ(a->n_past, 10);
+    ASSERT_EQ(b->n_past, 2);
+
+    /* b gives its pages back; the same call now runs and equals decoding alone */
+    moas_context_free(b);
+    ASSERT_OK(moas_pool_decode(pool, &q[1], 1));
+    ASSERT_OK(moas_context_decode_batch(ref, tokens, 13, lr, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(la, lr, (size_t)V * sizeof *la) == 0);
+    ASSERT_TRUE(same_records(a, ref));
+    free(la);
+    free(lr);
+    moas_context_free(a);
+    moas_context_free(ref);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* Forks share full pages and copy the partly filled last one; writes into a shared
+ * page copy it first, so parent and forks never see each other's tokens: each equals
+ * a context that decoded its whole history alone. */
+TEST(fork_shares_pages_and_copies_on_write) {
+    enum { N_FORK = 4, PROMPT = 21 };
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V */
+    moas_model *m;
+    int32_t prompt[PROMPT], tail[N_FORK + 1][8];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(prompt, PROMPT, V, 77);
+    for (int32_t f = 0; f <= N_FORK; f++) {
+        seq_tokens(tail[f], 8, V, 200 + (uint32_t)f);
+    }
+    for (int mode = 0; mode < 2; mode++) {
+        const moas_mode md = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+        moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F16, 2, 0, 16);
+        moas_context *parent = make_ctx(m, pool, md, MOAS_TYPE_F16, 2), *forks[N_FORK];
+        ASSERT_TRUE(pool && parent);
+        ASSERT_OK(moas_context_decode_batch(parent, prompt, PROMPT, NULL, MOAS_LOGITS_LAST));
+        moas_pool_info info = {.size = sizeof info};
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        const int32_t prompt_pages = info.n_pages - info.pages_free;
+        ASSERT_EQ(prompt_pages, moas_context_kv_pages(parent));
+        /* the partial last pages: one per layer unless a stream ends on a page edge */
+        int32_t partial = 0;
+        for (int32_t i = 0; i < parent->n_streams; i++) {
+            partial += moas__kv_heads_at(&parent->kv[i], PROMPT) % 16 != 0;
+        }
+        for (int32_t f = 0; f < N_FORK; f++) {
+            ASSERT_OK(moas_context_fork(parent, &forks[f]));
+            ASSERT_EQ(moas_context_n_past(forks[f]), PROMPT);
+            ASSERT_TRUE(memcmp(moas_context_logits(forks[f]), moas_context_logits(parent),
+                               (size_t)V * sizeof(float)) == 0);
+        }
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.n_pages - info.pages_free, prompt_pages + N_FORK * partial);
+
+        /* everyone goes on differently: the forks in one pool call, the parent alone
+         * after truncating into its shared pages */
+        ASSERT_OK(moas_context_truncate(parent, 3));
+        ASSERT_OK(moas_context_decode_batch(parent, tail[N_FORK], 8, NULL, MOAS_LOGITS_LAST));
+        for (int32_t step = 0; step < 8; step++) {
+            moas_pool_seq q[N_FORK];
+            for (int32_t f = 0; f < N_FORK; f++) {
+                q[f] = (moas_pool_seq){forks[f], &tail[f][step], 1, MOAS_LOGITS_LAST, NULL};
+            }
+            ASSERT_OK(moas_pool_decode(pool, q, N_FORK));
+        }
+        for (int32_t f = 0; f <= N_FORK; f++) {
+            moas_context *ref = make_ctx(m, NULL, md, MOAS_TYPE_F16, 1);
+            const moas_context *c = f < N_FORK ? forks[f] : parent;
+            ASSERT_TRUE(ref != NULL);
+            ASSERT_OK(moas_context_decode_batch(ref, prompt, f < N_FORK ? PROMPT : 3, NULL,
+                                                MOAS_LOGITS_NONE));
+            ASSERT_OK(moas_context_decode_batch(ref, tail[f], 8, NULL, MOAS_LOGITS_LAST));
+            ASSERT_TRUE(memcmp(moas_context_logits(ref), moas_context_logits(c),
+                               (size_t)V * sizeof(float)) == 0);
+            ASSERT_TRUE(same_records(ref, c));
+            moas_context_free(ref);
+        }
+        for (int32_t f = 0; f < N_FORK; f++) {
+            moas_context_free(forks[f]);
+        }
+        moas_context_free(parent);
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, info.n_pages);
+        moas_pool_free(pool);
+    }
+    /* a context with a private cache has no pool to share */
+    moas_context *own = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1), *child = NULL;
+    ASSERT_STATUS(moas_context_fork(own, &child), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(child == NULL);
+    ASSERT_STATUS(moas_context_fork(NULL, &child), MOAS_ERR_INVALID_ARG);
+    moas_context_free(own);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* Save a sequence, load it into a context of another pool (and into one that holds
+ * other tokens), decode on: the same bits as the context that never stopped. A routed
+ * state holds only the heads the router chose. */
+TEST(state_round_trip_is_bit_identical) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    int32_t tokens[40];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 40, V, 3);
+    size_t sizes[2];
+    for (int mode = 0; mode < 2; mode++) {
+        const moas_mode md = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+        moas_pool *p1 = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 8);
+        moas_pool *p2 = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 32);
+        moas_context *src = make_ctx(m, p1, md, MOAS_TYPE_F32, 1);
+        moas_context *dst = make_ctx(m, p2, md, MOAS_TYPE_F32, 1);
+        moas_context *own = make_ctx(m, NULL, md, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(p1 && p2 && src && dst && own);
+        ASSERT_OK(moas_context_decode_batch(src, tokens, 25, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(moas_context_decode_batch(dst, tokens + 30, 7, NULL, MOAS_LOGITS_LAST));
+        const size_t n = moas_context_state_size(src);
+        uint8_t *buf = malloc(n);
+        size_t written = 0;
+        ASSERT_TRUE(buf != NULL);
+        ASSERT_STATUS(moas_context_state_save(src, buf, n - 1, &written), MOAS_ERR_BUFFER_TOO_SMALL);
+        ASSERT_EQ(written, n);
+        ASSERT_OK(moas_context_state_save(src, buf, n, &written));
+        ASSERT_EQ(written, n);
+        sizes[mode] = n;
+        ASSERT_OK(moas_context_state_load(dst, buf, n));
+        ASSERT_OK(moas_context_state_load(own, buf, n));
+        ASSERT_TRUE(same_records(src, dst) && same_records(src, own));
+        ASSERT_TRUE(memcmp(moas_context_logits(src), moas_context_logits(dst),
+                           (size_t)V * sizeof(float)) == 0);
+        for (int32_t i = 25; i < 40; i++) {
+            ASSERT_OK(moas_context_decode(src, tokens[i], NULL));
+            ASSERT_OK(moas_context_decode(dst, tokens[i], NULL));
+            ASSERT_OK(moas_context_decode(own, tokens[i], NULL));
+            ASSERT_TRUE(memcmp(moas_context_logits(src), moas_context_logits(dst),
+                               (size_t)V * sizeof(float)) == 0);
+            ASSERT_TRUE(memcmp(moas_context_logits(src), moas_context_logits(own),
+                               (size_t)V * sizeof(float)) == 0);
+        }
+        ASSERT_TRUE(same_records(src, dst));
+        free(buf);
+        moas_context_free(src);
+        moas_context_free(dst);
+        moas_context_free(own);
+        moas_pool_free(p1);
+        moas_pool_free(p2);
+    }
+    ASSERT_TRUE(sizes[1] < sizes[0]);   /* routed stores fewer heads than every scheme's */
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* Every truncation, a flipped byte in each header word, a bad scheme record, another
+ * model's state, another mode's, one byte too many: each refused, the context as it
+ * was (its next decode equals an untouched twin's). */
+TEST(state_load_refuses_bad_data_and_changes_nothing) {
+    size_t size, size2;
+    uint8_t *image = kind_image(0, &size), *image2 = kind_image(2, &size2);
+    moas_model *m, *m2;
+    int32_t tokens[20];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_OK(moas_model_load_memory(image2, size2, NULL, &m2));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 20, V, 8);
+    moas_context *src = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *ctx = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *twin = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *mix = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *other = make_ctx(m2, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(src && ctx && twin && mix && other);
+    ASSERT_OK(moas_context_decode_batch(src, tokens, 12, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 5, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(twin, tokens + 5, 6, NULL, MOAS_LOGITS_LAST));
+    const size_t n = moas_context_state_size(src);
+    uint8_t *good = malloc(n + 1), *bad = malloc(n + 1);
+    size_t written;
+    ASSERT_TRUE(good && bad);
+    ASSERT_OK(moas_context_state_save(src, good, n, &written));
+    for (size_t cut = 0; cut < n; cut++) {
+        moas_status st = moas_context_state_load(ctx, good, cut);
+        ASSERT_TRUE(st == MOAS_ERR_BAD_FORMAT || st == MOAS_ERR_CORRUPT);
+    }
+    for (size_t word = 0; word < 14; word++) {   /* every header word */
+        memcpy(bad, good, n);
+        bad[word * 4] ^= 0x40;
+        ASSERT_TRUE(moas_context_state_load(ctx, bad, n) != MOAS_OK);
+    }
+    memcpy(bad, good, n);
+    bad[14 * 4 + 3] = 3;   /* a scheme record of 3 schemes */
+    ASSERT_STATUS(moas_context_state_load(ctx, bad, n), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "scheme 3") != NULL);
+    memcpy(bad, good, n);
+    bad[n] = 0;
+    ASSERT_STATUS(moas_context_state_load(ctx, bad, n + 1), MOAS_ERR_CORRUPT);
+    ASSERT_STATUS(moas_context_state_load(other, good, n), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "another model") != NULL);
+    ASSERT_STATUS(moas_context_state_load(mix, good, n), MOAS_ERR_CORRUPT);
+    ASSERT_STATUS(moas_context_state_load(ctx, NULL, n), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_state_load(NULL, good, n), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_state_save(src, NULL, n, &written), MOAS_ERR_INVALID_ARG);
+
+    /* nothing changed */
+    ASSERT_TRUE(same_records(ctx, twin));
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(twin), (size_t)V * 4) == 0);
+    ASSERT_OK(moas_context_decode(ctx, tokens[0], NULL));
+    ASSERT_OK(moas_context_decode(twin, tokens[0], NULL));
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(twin), (size_t)V * 4) == 0);
+    free(good);
+    free(bad);
+    moas_context_free(src);
+    moas_context_free(ctx);
+    moas_context_free(twin);
+    moas_context_free(mix);
+    moas_context_free(other);
+    moas_model_free(m);
+    moas_model_free(m2);
+    free(image);
+    free(image2);
+    return TEST_PASS;
+}
+
+/* The checks of pool creation and of a pool call, each refused before anything runs. */
+TEST(pool_arguments_are_checked) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    int32_t tokens[4] = {1, 2, 3, 4}, bad_tok[1] = {-1};
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool_params pp;
+    moas_pool *pool = NULL, *other = NULL;
+    moas_pool_params_init(&pp);
+    ASSERT_STATUS(moas_pool_create(m, &pp, &pool), MOAS_ERR_INVALID_ARG);   /* no capacity */
+    pp.capacity_bytes = 1 << 16;
+    pp.page_heads = 12;
+    ASSERT_STATUS(moas_pool_create(m, &pp, &pool), MOAS_ERR_INVALID_ARG);
+    pp.page_heads = 0;
+    pp.kv_type = 7;
+    ASSERT_STATUS(moas_pool_create(m, &pp, &pool), MOAS_ERR_INVALID_ARG);
+    pp.kv_type = MOAS_TYPE_F32;
+    ASSERT_STATUS(moas_pool_create(NULL, &pp, &pool), MOAS_ERR_INVALID_ARG);
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    ASSERT_OK(moas_pool_create(m, &pp, &other));
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *r = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *o = make_ctx(m, other, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a && r && o);
+    ASSERT_OK(moas_context_set_kv_budget(r, 1 << 20));
+    const moas_pool_seq twice[2] = {{a, tokens, 1, 0, NULL}, {a, tokens, 1, 0, NULL}};
+    const moas_pool_seq foreign[1] = {{o, tokens, 1, 0, NULL}};
+    const moas_pool_seq mixed[2] = {{a, tokens, 1, 0, NULL}, {r, tokens, 1, 0, NULL}};
+    const moas_pool_seq budget[1] = {{r, tokens, 2, 0, NULL}};
+    const moas_pool_seq badtok[2] = {{a, tokens, 1, 0, NULL}, {NULL, NULL, 0, 0, NULL}};
+    const moas_pool_seq badtok2[1] = {{a, bad_tok, 1, 0, NULL}};
+    const moas_pool_seq nologits[1] = {{a, tokens, 2, MOAS_LOGITS_ALL, NULL}};
+    ASSERT_STATUS(moas_pool_decode(pool, twice, 2), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "twice") != NULL);
+    ASSERT_STATUS(moas_pool_decode(pool, foreign, 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_pool_decode(pool, mixed, 2), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_pool_decode(pool, budget, 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_pool_decode(pool, badtok, 2), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_pool_decode(pool, badtok2, 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "sequence 0") != NULL);
+    ASSERT_STATUS(moas_pool_decode(pool, nologits, 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_pool_decode(NULL, twice, 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_pool_decode(pool, NULL, 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_OK(moas_pool_decode(pool, NULL, 0));
+    ASSERT_EQ(a->n_past + r->n_past, 0);
+    ASSERT_OK(moas_pool_decode(pool, twice, 1));   /* a is still usable */
+    ASSERT_EQ(a->n_past, 1);
+
+    /* a context for another model's pool is refused */
+    size_t size2;
+    uint8_t *image2 = kind_image(2, &size2);
+    moas_model *m2;
+    moas_context_params cp;
+    moas_context *x = NULL;
+    ASSERT_OK(moas_model_load_memory(image2, size2, NULL, &m2));
+    moas_context_params_init(&cp);
+    cp.pool = pool;
+    ASSERT_STATUS(moas_context_create(m2, &cp, &x), MOAS_ERR_INVALID_ARG);
+    cp.pool = a->pool;
+    moas_model_free(m2);
+    free(image2);
+    moas_context_free(a);
+    moas_context_free(r);
+    moas_context_free(o);
+    moas_pool_free(pool);
+    moas_pool_free(other);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* Contexts of one pool decoded from several threads at once (their pages come and go
+ * under the pool's lock) equal the same work done one after another. */
+typedef struct {
+    moas_context *ctx;
+    const int32_t *tokens;
+    int32_t n;
+    moas_status st;
+} pool_thread_job;
+
+static void *pool_thread(void *arg) {
+    pool_thread_job *j = arg;
+    j->st = MOAS_OK;
+    for (int32_t round = 0; round < 3 && j->st == MOAS_OK; round++) {
+        moas_context_reset(j->ctx);
+        for (int32_t i = 0; i < j->n && j->st == MOAS_OK; i++) {
+            j->st = moas_context_decode(j->ctx, j->tokens[i], NULL);
+        }
+    }
+    return NULL;
+}
+
+TEST(pool_contexts_on_several_threads) {
+    enum { T = 4, N = 40 };
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[T][N];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 4);
+    ASSERT_TRUE(pool != NULL);
+    pthread_t th[T];
+    pool_thread_job jobs[T];
+    moas_context *ref[T];
+    for (int32_t t = 0; t < T; t++) {
+        seq_tokens(tokens[t], N, moas_model_n_vocab(m), 50 + (uint32_t)t);
+        jobs[t] = (pool_thread_job){make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1),
+                                    tokens[t], N, MOAS_OK};
+        ref[t] = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(jobs[t].ctx != NULL && ref[t] != NULL);
+        ASSERT_OK(moas_context_decode_batch(ref[t], tokens[t], N, NULL, MOAS_LOGITS_LAST));
+    }
+    for (int32_t t = 0; t < T; t++) {
+        ASSERT_EQ(pthread_create(&th[t], NULL, pool_thread, &jobs[t]), 0);
+    }
+    for (int32_t t = 0; t < T; t++) {
+        pthread_join(th[t], NULL);
+        ASSERT_OK(jobs[t].st);
+    }
+    for (int32_t t = 0; t < T; t++) {
+        ASSERT_TRUE(memcmp(moas_context_logits(ref[t]), moas_context_logits(jobs[t].ctx),
+                           (size_t)moas_model_n_vocab(m) * sizeof(float)) == 0);
+        ASSERT_TRUE(same_records(ref[t], jobs[t].ctx));
+        moas_context_free(jobs[t].ctx);
+        moas_context_free(ref[t]);
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
