@@ -870,6 +870,10 @@ typedef struct moas_pool_info {
     uint64_t bytes_used;      /* the sum of moas_context_kv_bytes_used(ctx, -1) over the
                                  pool's contexts; shared tokens count in each holder,
                                  so with forks this can exceed bytes_held */
+    uint64_t bytes_stored;    /* the K/V bytes those contexts keep in pages: bytes_used
+                                 without routed mode's 5 bytes of bookkeeping per token
+                                 and layer (which live beside the pages); held pages
+                                 minus this is the pool's waste */
 } moas_pool_info;
 
 /*

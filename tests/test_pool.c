@@ -220,6 +220,7 @@ TEST(pool_pages_follow_tokens) {
     ASSERT_EQ(info.n_pages - info.pages_free, want_pages + L * 6);
     ASSERT_EQ(info.bytes_held, (uint64_t)(want_pages + L * 6) * page_bytes);
     ASSERT_EQ(info.bytes_used, moas_context_kv_bytes_used(a, -1) + moas_context_kv_bytes_used(b, -1));
+    ASSERT_EQ(info.bytes_stored, info.bytes_used - (uint64_t)37 * L * 5);   /* a's bookkeeping */
     ASSERT_EQ(info.n_contexts, 2);
 
     /* truncate and reset give pages back */

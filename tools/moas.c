@@ -130,6 +130,8 @@ static void usage(void) {
           "  inspect     (metadata, tensors, parameters, KV bytes per token)\n"
           "  bench       [-p 512] [-n 128] [-d 0] [-r 5] [--json]  (prefill tokens/s from an\n"
           "              empty cache; decode tokens/s after -d cached tokens)\n"
+          "  batched-bench [-npp 128] [-ntg 128] [-npl 1,2,...] [--shared-prompt] [--pool-mb N]\n"
+          "              [--json]  (many sequences in one KV pool; `moas batched-bench -h`)\n"
           "\n"
           "common options:\n"
           "  -m, --model PATH     GGUF model file\n"
@@ -950,6 +952,9 @@ static int cmd_inspect(const options *o) {
     return 0;
 }
 
+/* tools/batched_bench.c */
+int moas_cmd_batched_bench(int argc, char **argv);
+
 int main(int argc, char **argv) {
     options o;
 
@@ -959,6 +964,9 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "--version")) {
         printf("moas %s\n", moas_version_string());
         return 0;
+    }
+    if (!strcmp(argv[1], "batched-bench")) {   /* its own options, llama-batched-bench's */
+        return moas_cmd_batched_bench(argc, argv);
     }
     parse_options(argc, argv, &o);
     if (!strcmp(argv[1], "generate")) {

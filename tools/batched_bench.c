@@ -1,0 +1,444 @@
+/*
+ * batched_bench.c - `moas batched-bench`: prompt and generation throughput of many
+ * sequences decoded together in one KV pool, with the parameters and columns of
+ * llama.cpp's llama-batched-bench (so the two tables read side by side), plus the KV
+ * bytes the sequences use and the pages they hold; and, given only --pool-mb, how
+ * many sequences of PP+TG tokens fit in that pool.
+ *
+ * Like moas.c, a client of the public API only.
+ */
+#include "moas.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+int moas_cmd_batched_bench(int argc, char **argv);
+
+#define MAX_LIST 32
+
+typedef struct {
+    const char *model_path;
+    const char *text_path;   /* tokens from this text (its first characters onwards) */
+    int npp[MAX_LIST], ntg[MAX_LIST], npl[MAX_LIST];
+    int n_npp, n_ntg, n_npl;
+    int shared_prompt;
+    int mode;
+    int kv_type;
+    int threads;
+    int n_batch;
+    double pool_mb;          /* 0: sized for the largest row */
+    int json;
+    int capacity_only;       /* --pool-mb without -npl */
+    int fixed_scheme;        /* -1: the router decides */
+    int page_heads;          /* 0: the library's default */
+} bb_options;
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2), noreturn))
+#endif
+static void bb_die(const char *fmt, ...);
+
+static void bb_die(const char *fmt, ...) {
+    va_list ap;
+    fputs("moas batched-bench: error: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+static void bb_check(moas_status st, const char *what) {
+    if (st != MOAS_OK) {
+        bb_die("%s: %s", what, moas_last_error());
+    }
+}
+
+static void bb_usage(void) {
+    fputs("usage: moas batched-bench -m MODEL [-npp 128] [-ntg 128] [-npl 1,2,4,8,16,32,64]\n"
+          "                          [--shared-prompt] [--mode mixture|routed] [--pool-mb N]\n"
+          "                          [--kv-type f32|f16] [-t N] [-b N] [-f TEXT] [--json]\n"
+          "                          [--force-scheme S] [--page-heads P]\n"
+          "  -npp, -ntg, -npl   comma-separated lists: prompt tokens, generated tokens and\n"
+          "                     parallel sequences; every combination is one row\n"
+          "  --shared-prompt    one prompt decoded once and forked to every sequence\n"
+          "  --pool-mb N        the KV pool's size (default: what the largest row needs);\n"
+          "                     without -npl: how many sequences of PP+TG tokens fit\n"
+          "  -b N               rows per batched block (default 128)\n"
+          "  --page-heads P     K/V heads per page, a power of two (default 16)\n"
+          "  --force-scheme S   routed mode: every token to scheme S (e.g. 0: MHA)\n"
+          "  -f TEXT            take tokens from this text (default: a fixed pseudo-random\n"
+          "                     sequence; routed-mode KV use follows the text)\n",
+          stderr);
+    exit(2);
+}
+
+static int parse_list(const char *s, int *out) {
+    int n = 0;
+    while (*s != '\0' && n < MAX_LIST) {
+        char *end;
+        const long v = strtol(s, &end, 10);
+        if (end == s || v < 0 || v > 1000000 || (*end != ',' && *end != '\0')) {
+            bb_die("bad list '%s'", s);
+        }
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+    }
+    return n;
+}
+
+static const char *bb_value(int argc, char **argv, int *i) {
+    if (*i + 1 >= argc) {
+        bb_usage();
+    }
+    return argv[++*i];
+}
+
+static void bb_parse(int argc, char **argv, bb_options *o) {
+    memset(o, 0, sizeof *o);
+    o->npp[0] = 128;
+    o->ntg[0] = 128;
+    o->n_npp = o->n_ntg = 1;
+    static const int default_pl[] = {1, 2, 4, 8, 16, 32, 64};
+    memcpy(o->npl, default_pl, sizeof default_pl);
+    o->n_npl = 7;
+    o->fixed_scheme = -1;
+    int have_npl = 0;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+            o->model_path = bb_value(argc, argv, &i);
+        } else if (!strcmp(a, "-f")) {
+            o->text_path = bb_value(argc, argv, &i);
+        } else if (!strcmp(a, "-npp")) {
+            o->n_npp = parse_list(bb_value(argc, argv, &i), o->npp);
+        } else if (!strcmp(a, "-ntg")) {
+            o->n_ntg = parse_list(bb_value(argc, argv, &i), o->ntg);
+        } else if (!strcmp(a, "-npl")) {
+            o->n_npl = parse_list(bb_value(argc, argv, &i), o->npl);
+            have_npl = 1;
+        } else if (!strcmp(a, "--shared-prompt") || !strcmp(a, "-pps")) {
+            o->shared_prompt = 1;
+        } else if (!strcmp(a, "--mode")) {
+            const char *v = bb_value(argc, argv, &i);
+            if (strcmp(v, "mixture") && strcmp(v, "routed")) {
+                bb_die("--mode '%s': mixture or routed", v);
+            }
+            o->mode = !strcmp(v, "routed") ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+        } else if (!strcmp(a, "--kv-type")) {
+            const char *v = bb_value(argc, argv, &i);
+            if (strcmp(v, "f32") && strcmp(v, "f16")) {
+                bb_die("--kv-type '%s': f32 or f16", v);
+            }
+            o->kv_type = !strcmp(v, "f16") ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+        } else if (!strcmp(a, "--pool-mb")) {
+            o->pool_mb = strtod(bb_value(argc, argv, &i), NULL);
+            if (!(o->pool_mb > 0)) {
+                bb_die("--pool-mb needs a positive size");
+            }
+        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            o->threads = atoi(bb_value(argc, argv, &i));
+        } else if (!strcmp(a, "-b")) {
+            o->n_batch = atoi(bb_value(argc, argv, &i));
+        } else if (!strcmp(a, "--page-heads")) {
+            o->page_heads = atoi(bb_value(argc, argv, &i));
+        } else if (!strcmp(a, "--force-scheme")) {
+            o->fixed_scheme = atoi(bb_value(argc, argv, &i));
+        } else if (!strcmp(a, "--json")) {
+            o->json = 1;
+        } else {
+            fprintf(stderr, "moas batched-bench: unknown option '%s'\n", a);
+            bb_usage();
+        }
+    }
+    if (o->model_path == NULL || o->n_npp == 0 || o->n_ntg == 0 || o->n_npl == 0) {
+        bb_usage();
+    }
+    o->capacity_only = o->pool_mb > 0 && !have_npl;
+}
+
+static double bb_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* n tokens for sequence `seq`: from the text (each sequence at its own offset), or
+ * pseudo-random. */
+typedef struct {
+    int32_t *ids;
+    size_t n;
+} token_source;
+
+static void fill_tokens(const token_source *src, int32_t n_vocab, int seq, int32_t *out, int n) {
+    uint32_t seed = 12345u + 7919u * (uint32_t)seq;
+    for (int i = 0; i < n; i++) {
+        if (src->n > 0) {
+            out[i] = src->ids[((size_t)seq * 977u + (size_t)i) % src->n];
+        } else {
+            seed = seed * 1664525u + 1013904223u;
+            out[i] = (int32_t)((seed >> 8) % (uint32_t)n_vocab);
+        }
+    }
+}
+
+static token_source load_text(const moas_model *model, const char *path) {
+    token_source src = {NULL, 0};
+    if (path == NULL) {
+        return src;
+    }
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        bb_die("cannot open '%s': %s", path, strerror(errno));
+    }
+    fseek(f, 0, SEEK_END);
+    const long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = malloc((size_t)len + 1);
+    if (text == NULL || fread(text, 1, (size_t)len, f) != (size_t)len) {
+        bb_die("cannot read '%s'", path);
+    }
+    fclose(f);
+    text[len] = '\0';
+    size_t n = 0;
+    moas_tokenize(model, text, (size_t)len, NULL, 0, &n);
+    src.ids = malloc((n + 1) * sizeof *src.ids);
+    if (src.ids == NULL) {
+        bb_die("out of memory");
+    }
+    bb_check(moas_tokenize(model, text, (size_t)len, src.ids, n, &src.n), "tokenize the text");
+    free(text);
+    return src;
+}
+
+static moas_context *bb_context(const moas_model *model, moas_pool *pool, const bb_options *o,
+                                int n_ctx) {
+    moas_context_params cp;
+    moas_context *ctx;
+    moas_context_params_init(&cp);
+    cp.pool = pool;
+    cp.mode = o->mode;
+    cp.n_ctx = n_ctx;
+    cp.n_threads = o->threads;
+    cp.n_batch = 16;   /* the sequences decode through the pool's blocks */
+    cp.forced_scheme = o->fixed_scheme;
+    const moas_status st = moas_context_create(model, &cp, &ctx);
+    return st == MOAS_OK ? ctx : NULL;
+}
+
+static moas_pool *bb_pool(const moas_model *model, const bb_options *o, double mb) {
+    moas_pool_params pp;
+    moas_pool *pool;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = (uint64_t)(mb * 1048576.0);
+    pp.kv_type = o->kv_type;
+    pp.n_threads = o->threads;
+    pp.n_batch = o->n_batch;
+    pp.page_heads = o->page_heads;
+    bb_check(moas_pool_create(model, &pp, &pool), "pool");
+    return pool;
+}
+
+/* Bytes of K/V one token may take at most (every scheme in mixture mode, MHA-sized for
+ * pooled models, the widest scheme in routed mode), for sizing a default pool. */
+static double worst_token_bytes(const moas_model *model, const bb_options *o) {
+    const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
+    const double elem = o->kv_type == MOAS_TYPE_F16 ? 2 : 4;
+    int32_t heads = 0;
+    for (int32_t s = 0; s < S; s++) {
+        heads += moas_model_scheme_n_kv(model, s);
+    }
+    return (double)L * heads * moas_model_head_dim(model) * 2 * elem;
+}
+
+static int run_capacity(const moas_model *model, const bb_options *o, const token_source *src) {
+    const int n_tok = o->npp[0] + o->ntg[0];
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    moas_pool *pool = bb_pool(model, o, o->pool_mb);
+    int32_t *tokens = malloc((size_t)n_tok * sizeof *tokens);
+    moas_context **ctxs = NULL;
+    int n = 0, cap = 0;
+    if (tokens == NULL) {
+        bb_die("out of memory");
+    }
+    /* fill the pool with sequences of PP+TG tokens until one no longer fits */
+    for (;;) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            ctxs = realloc(ctxs, (size_t)cap * sizeof *ctxs);
+            if (ctxs == NULL) {
+                bb_die("out of memory");
+            }
+        }
+        moas_context *ctx = bb_context(model, pool, o, n_tok);
+        if (ctx == NULL) {
+            bb_die("context: %s", moas_last_error());
+        }
+        fill_tokens(src, n_vocab, n, tokens, n_tok);
+        const moas_status st = moas_context_decode_batch(ctx, tokens, n_tok, NULL, MOAS_LOGITS_NONE);
+        if (st == MOAS_ERR_POOL_FULL) {
+            moas_context_free(ctx);
+            break;
+        }
+        bb_check(st, "decode");
+        ctxs[n++] = ctx;
+    }
+    moas_pool_info info = {.size = sizeof info};
+    bb_check(moas_pool_stats(pool, &info), "pool stats");
+    const double per_seq = n > 0 ? (double)info.bytes_used / n : 0.0;
+    if (o->json) {
+        printf("{\"pool_bytes\": %llu, \"page_bytes\": %llu, \"pp\": %d, \"tg\": %d, "
+               "\"max_sequences\": %d, \"kv_bytes_per_sequence\": %.0f, \"kv_bytes\": %llu, "
+               "\"held_bytes\": %llu, \"pages\": %d, \"waste\": %.4f}\n",
+               (unsigned long long)info.bytes_capacity, (unsigned long long)info.page_bytes,
+               o->npp[0], o->ntg[0], n, per_seq, (unsigned long long)info.bytes_used,
+               (unsigned long long)info.bytes_held, info.n_pages - info.pages_free,
+               info.bytes_held ? 1.0 - (double)info.bytes_stored / (double)info.bytes_held : 0.0);
+    } else {
+        printf("pool %.1f MB (%d pages of %llu bytes): %d sequences of %d tokens fit\n",
+               info.bytes_capacity / 1048576.0, info.n_pages,
+               (unsigned long long)info.page_bytes, n, n_tok);
+        printf("KV bytes used %llu (%.0f per sequence), held %llu (%d pages): %.2f%% of held "
+               "bytes hold no K/V\n",
+               (unsigned long long)info.bytes_used, per_seq, (unsigned long long)info.bytes_held,
+               info.n_pages - info.pages_free,
+               info.bytes_held ? 100.0 * (1.0 - (double)info.bytes_stored / info.bytes_held) : 0.0);
+    }
+    for (int i = 0; i < n; i++) {
+        moas_context_free(ctxs[i]);
+    }
+    free(ctxs);
+    free(tokens);
+    moas_pool_free(pool);
+    return 0;
+}
+
+static void run_row(const moas_model *model, const bb_options *o, const token_source *src,
+                    int pp, int tg, int pl) {
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    const int n_ctx = pp + tg;
+    double mb = o->pool_mb;
+    if (mb <= 0) {   /* room for every token at its widest, and a page per stream spare */
+        mb = (worst_token_bytes(model, o) * ((double)pl * n_ctx + 64.0 * pl)) / 1048576.0 + 1.0;
+    }
+    moas_pool *pool = bb_pool(model, o, mb);
+    moas_context **ctxs = calloc((size_t)pl, sizeof *ctxs);
+    moas_pool_seq *seqs = calloc((size_t)pl, sizeof *seqs);
+    int32_t *tokens = malloc((size_t)pl * n_ctx * sizeof *tokens);
+    if (ctxs == NULL || seqs == NULL || tokens == NULL) {
+        bb_die("out of memory");
+    }
+    for (int s = 0; s < pl; s++) {
+        fill_tokens(src, n_vocab, o->shared_prompt ? 0 : s, tokens + (size_t)s * n_ctx, pp);
+        fill_tokens(src, n_vocab, 1000 + s, tokens + (size_t)s * n_ctx + pp, tg);
+    }
+
+    /* prompt: every sequence's in one batched call, or one prompt forked */
+    const double t0 = bb_now();
+    if (o->shared_prompt) {
+        if ((ctxs[0] = bb_context(model, pool, o, n_ctx)) == NULL) {
+            bb_die("context: %s", moas_last_error());
+        }
+        seqs[0] = (moas_pool_seq){ctxs[0], tokens, pp, MOAS_LOGITS_LAST, NULL};
+        bb_check(moas_pool_decode(pool, seqs, 1), "prompt");
+        for (int s = 1; s < pl; s++) {
+            bb_check(moas_context_fork(ctxs[0], &ctxs[s]), "fork");
+        }
+    } else {
+        for (int s = 0; s < pl; s++) {
+            if ((ctxs[s] = bb_context(model, pool, o, n_ctx)) == NULL) {
+                bb_die("context: %s", moas_last_error());
+            }
+            seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx, pp, MOAS_LOGITS_LAST, NULL};
+        }
+        bb_check(moas_pool_decode(pool, seqs, pl), "prompt");
+    }
+    const double t1 = bb_now();
+    for (int i = 0; i < tg; i++) {
+        for (int s = 0; s < pl; s++) {
+            seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx + pp + i, 1,
+                                      MOAS_LOGITS_LAST, NULL};
+        }
+        bb_check(moas_pool_decode(pool, seqs, pl), "generation");
+    }
+    const double t2 = bb_now();
+
+    moas_pool_info info = {.size = sizeof info};
+    bb_check(moas_pool_stats(pool, &info), "pool stats");
+    const int n_kv = o->shared_prompt ? pp + pl * tg : pl * (pp + tg);
+    const double t_pp = t1 - t0, t_tg = t2 - t1, t = t2 - t0;
+    const double s_pp = (o->shared_prompt ? pp : (double)pl * pp) / t_pp;
+    const double s_tg = tg > 0 ? (double)pl * tg / t_tg : 0.0;
+    const double s = ((o->shared_prompt ? pp : (double)pl * pp) + (double)pl * tg) / t;
+    const int pages = info.n_pages - info.pages_free;
+    if (o->json) {
+        printf("{\"pp\": %d, \"tg\": %d, \"b\": %d, \"n_kv\": %d, \"t_pp\": %.6f, \"s_pp\": %.2f, "
+               "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
+               "\"held_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, \"mode\": \"%s\", "
+               "\"shared_prompt\": %s}\n",
+               pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
+               (unsigned long long)info.bytes_used, (unsigned long long)info.bytes_held, pages,
+               (unsigned long long)info.page_bytes, o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture",
+               o->shared_prompt ? "true" : "false");
+    } else {
+        printf("|%6d |%6d |%4d |%7d |%8.3f |%9.2f |%8.3f |%9.2f |%8.3f |%9.2f |%12llu |%7d |\n",
+               pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
+               (unsigned long long)info.bytes_used, pages);
+    }
+    fflush(stdout);
+    for (int i = 0; i < pl; i++) {
+        moas_context_free(ctxs[i]);
+    }
+    free(ctxs);
+    free(seqs);
+    free(tokens);
+    moas_pool_free(pool);
+}
+
+int moas_cmd_batched_bench(int argc, char **argv) {
+    bb_options o;
+    moas_model *model;
+    bb_parse(argc, argv, &o);
+    bb_check(moas_model_load(o.model_path, NULL, &model), o.model_path);
+    token_source src = load_text(model, o.text_path);
+    const int32_t n_train = moas_model_n_ctx_train(model);
+    for (int i = 0; i < o.n_npp; i++) {
+        for (int j = 0; j < o.n_ntg; j++) {
+            if (o.npp[i] + o.ntg[j] > n_train) {
+                fprintf(stderr, "moas batched-bench: error: PP %d + TG %d = %d tokens exceed the "
+                        "model's context of %d\n", o.npp[i], o.ntg[j], o.npp[i] + o.ntg[j], n_train);
+                return 1;
+            }
+        }
+    }
+    if (o.capacity_only) {
+        const int rc = run_capacity(model, &o, &src);
+        free(src.ids);
+        moas_model_free(model);
+        return rc;
+    }
+    if (!o.json) {
+        printf("model %s, %s mode, KV %s, threads %d%s\n\n", o.model_path,
+               o.mode == MOAS_MODE_ROUTED ? "routed" : "mixture",
+               o.kv_type == MOAS_TYPE_F16 ? "f16" : "f32", o.threads,
+               o.threads == 0 ? " (default)" : "");
+        printf("|    PP |    TG |   B |   N_KV |   T_PP s |  S_PP t/s |   T_TG s |  S_TG t/s |"
+               "      T s |    S t/s |    KV bytes |  pages |\n");
+        printf("|-------|-------|-----|--------|----------|-----------|----------|-----------|"
+               "----------|----------|-------------|--------|\n");
+    }
+    for (int i = 0; i < o.n_npp; i++) {
+        for (int j = 0; j < o.n_ntg; j++) {
+            for (int k = 0; k < o.n_npl; k++) {
+                run_row(model, &o, &src, o.npp[i], o.ntg[j], o.npl[k]);
+            }
+        }
+    }
+    free(src.ids);
+    moas_model_free(model);
+    return 0;
+}
