@@ -74,6 +74,7 @@ class Status(enum.IntEnum):
     ERR_NOT_FOUND = -10
     ERR_WRONG_TYPE = -11
     ERR_INTERNAL = -12
+    ERR_POOL_FULL = -13
 
 
 class LogLevel(enum.IntEnum):
@@ -167,7 +168,30 @@ class ContextParams(ctypes.Structure):
                 ("kv_type", ctypes.c_int32), ("kernels", ctypes.c_int32), ("log", LOG_FN), ("log_user", ctypes.c_void_p),
                 ("allocator", ctypes.POINTER(Allocator)), ("forced_scheme", ctypes.c_int32),
                 ("kv_budget_bytes", ctypes.c_uint64), ("route_fn", ROUTE_FN),
-                ("route_user", ctypes.c_void_p)]
+                ("route_user", ctypes.c_void_p), ("pool", ctypes.c_void_p),
+                ("n_batch", ctypes.c_int32)]
+
+
+class PoolParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("capacity_bytes", ctypes.c_uint64),
+                ("kv_type", ctypes.c_int32), ("page_heads", ctypes.c_int32),
+                ("n_threads", ctypes.c_int32), ("kernels", ctypes.c_int32),
+                ("n_batch", ctypes.c_int32), ("log", LOG_FN), ("log_user", ctypes.c_void_p),
+                ("allocator", ctypes.POINTER(Allocator))]
+
+
+class PoolInfo(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("page_heads", ctypes.c_int32),
+                ("page_bytes", ctypes.c_uint64), ("n_pages", ctypes.c_int32),
+                ("pages_free", ctypes.c_int32), ("n_contexts", ctypes.c_int32),
+                ("bytes_capacity", ctypes.c_uint64), ("bytes_held", ctypes.c_uint64),
+                ("bytes_used", ctypes.c_uint64), ("bytes_stored", ctypes.c_uint64)]
+
+
+class PoolSeq(ctypes.Structure):
+    _fields_ = [("ctx", ctypes.c_void_p), ("tokens", ctypes.POINTER(ctypes.c_int32)),
+                ("n_tokens", ctypes.c_int32), ("which", ctypes.c_int32),
+                ("logits", ctypes.POINTER(ctypes.c_float))]
 
 
 class SamplerParams(ctypes.Structure):
@@ -248,6 +272,17 @@ _SIGNATURES = {
     "moas_context_set_route_callback": (None, [_vp, ROUTE_FN, _vp]),
     "moas_context_kv_bytes_used": (_sz, [_vp, _i32]),
     "moas_context_kv_bytes_reserved": (_sz, [_vp, _i32]),
+    "moas_pool_params_init_sized": (None, [_vp, ctypes.c_size_t]),
+    "moas_pool_create": (c_status, [_vp, _P(PoolParams), _P(_vp)]),
+    "moas_pool_free": (None, [_vp]),
+    "moas_pool_stats": (c_status, [_vp, _P(PoolInfo)]),
+    "moas_pool_decode": (c_status, [_vp, _P(PoolSeq), _i32]),
+    "moas_context_fork": (c_status, [_vp, _P(_vp)]),
+    "moas_context_kv_pages": (_i32, [_vp]),
+    "moas_context_kv_bytes_held": (_sz, [_vp]),
+    "moas_context_state_size": (_sz, [_vp]),
+    "moas_context_state_save": (c_status, [_vp, _vp, _sz, _P(_sz)]),
+    "moas_context_state_load": (c_status, [_vp, _vp, _sz]),
     "moas_tokenize": (c_status, [_vp, _cp, _sz, _P(_i32), _sz, _P(_sz)]),
     "moas_detokenize": (c_status, [_vp, _P(_i32), _sz, _cp, _sz, _P(_sz)]),
     "moas_token_text": (_cp, [_vp, _i32]),
@@ -340,7 +375,8 @@ def _library_sizeof(init):
 def _check_struct_sizes(lib):
     for init, cls in ((lib.moas_model_params_init_sized, ModelParams),
                       (lib.moas_context_params_init_sized, ContextParams),
-                      (lib.moas_sampler_params_init_sized, SamplerParams)):
+                      (lib.moas_sampler_params_init_sized, SamplerParams),
+                      (lib.moas_pool_params_init_sized, PoolParams)):
         if _library_sizeof(init) < ctypes.sizeof(cls):
             raise OSError("libmoas: %s is larger here than in the library" % cls.__name__)
 
@@ -736,8 +772,9 @@ class Context(_Handle):
 
     def __init__(self, model, *, n_ctx=0, n_threads=0, mode=Mode.MIXTURE, kv_type=Type.F32,
                  kernels=Kernels.AUTO, forced_scheme=-1, kv_budget=0, route_callback=None,
-                 log=None, allocator=None):
+                 log=None, allocator=None, pool=None, n_batch=0, _fork_of=None):
         self._ptr = None
+        self.pool = pool
         self._views = []
         self._route = None
         self._route_error = None
@@ -756,9 +793,18 @@ class Context(_Handle):
             params.allocator = ctypes.pointer(allocator)
         self._route = self._route_callback(route_callback)
         params.route_fn = self._route
+        params.n_batch = n_batch
+        if pool is not None:
+            if pool.model is not model:
+                raise MoasError(Status.ERR_INVALID_ARG, "the pool was made for another model")
+            params.pool = pool._p()
         out = ctypes.c_void_p()
-        _check(library().moas_context_create(model._p(), ctypes.byref(params),
-                                             ctypes.byref(out)))
+        if _fork_of is not None:
+            self._route = _fork_of._route
+            _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
+        else:
+            _check(library().moas_context_create(model._p(), ctypes.byref(params),
+                                                 ctypes.byref(out)))
         self._ptr = out.value
         self._n_vocab = model.n_vocab
         self._n_layer = model.n_layer
@@ -922,11 +968,129 @@ class Context(_Handle):
     def kv_bytes_reserved(self, layer=-1):
         return self._call("moas_context_kv_bytes_reserved", self._layer(layer))
 
+    # pages, fork, saved state
+    kv_pages = property(lambda self: self._call("moas_context_kv_pages"))
+    kv_bytes_held = property(lambda self: self._call("moas_context_kv_bytes_held"))
+
+    def fork(self):
+        """A new Context that continues from this one's tokens, sharing its full KV pages
+        copy on write (moas_context_fork). The context must be in a Pool."""
+        if self.pool is None:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "fork needs a context created in a Pool (pool=...)")
+        return Context(self.model, pool=self.pool, _fork_of=self)
+
+    def save_state(self):
+        """The sequence (its tokens' K/V, routing records, position, logits) as bytes."""
+        n = self._call("moas_context_state_size")
+        buf = ctypes.create_string_buffer(max(n, 1))
+        written = ctypes.c_size_t()
+        _check(self._call("moas_context_state_save", buf, n, ctypes.byref(written)))
+        return buf.raw[:written.value]
+
+    def load_state(self, data):
+        """Replace this context's sequence with one saved by save_state(); all or nothing."""
+        data = bytes(data)
+        self._invalidate()
+        _check(self._call("moas_context_state_load", data, len(data)))
+
     def __repr__(self):
         if self._ptr is None:
             return "<moas.Context closed>"
         return "<moas.Context %s, %d/%d tokens, kernels %s>" % (
             self.mode.name.lower(), self.n_past, self.n_ctx, self.kernels_name)
+
+
+# ---- KV pool ---------------------------------------------------------------------------
+
+
+class PoolStats(namedtuple("PoolStats", [
+        "page_heads", "page_bytes", "n_pages", "pages_free", "n_contexts", "bytes_capacity",
+        "bytes_held", "bytes_used", "bytes_stored"])):
+    """moas_pool_info: capacity and occupancy of a Pool."""
+
+
+class Pool(_Handle):
+    """A KV pool (moas_pool) that many Contexts of one model take pages from.
+
+    capacity_bytes (required), kv_type ("f32" | "f16"), page_heads (0: default),
+    n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()).
+    Contexts made with pool.context(...) or Context(model, pool=pool) must be closed
+    before the pool (the pool keeps them alive while it is open).
+    """
+
+    _kind = "pool"
+
+    def __init__(self, model, capacity_bytes, *, kv_type=Type.F32, page_heads=0, n_threads=0,
+                 kernels=Kernels.AUTO, n_batch=0, log=None):
+        self._ptr = None
+        self.model = model
+        params = _params(library().moas_pool_params_init_sized, PoolParams)
+        params.capacity_bytes = int(capacity_bytes)
+        params.kv_type = _enum(Type, kv_type)
+        params.page_heads, params.n_threads, params.n_batch = page_heads, n_threads, n_batch
+        params.kernels = _enum(Kernels, kernels)
+        self._log = _log_callback(log)
+        params.log = self._log
+        out = ctypes.c_void_p()
+        _check(library().moas_pool_create(model._p(), ctypes.byref(params), ctypes.byref(out)))
+        self._ptr = out.value
+        self._n_vocab = model.n_vocab
+
+    def close(self):
+        if self._ptr is not None:
+            library().moas_pool_free(self._ptr)
+            self._ptr = None
+
+    def context(self, **params):
+        """A Context in this pool (keyword arguments as Context's)."""
+        return Context(self.model, pool=self, **params)
+
+    def stats(self):
+        info = PoolInfo()
+        info.size = ctypes.sizeof(PoolInfo)
+        _check(self._call("moas_pool_stats", ctypes.byref(info)))
+        return PoolStats(*(getattr(info, f) for f, _ in PoolInfo._fields_[1:]))
+
+    def decode(self, seqs, logits="last"):
+        """Advance many contexts of this pool in one call (moas_pool_decode): `seqs` is a
+        list of (context, tokens) pairs. Each context gets exactly what decode_batch
+        would give it alone. Returns, per pair, the logits as decode_batch would
+        ("last": a copy of the last token's n_vocab floats, "all": a list of rows,
+        "none": None)."""
+        seqs = list(seqs)
+        which = _enum(Logits, logits)
+        arr = (PoolSeq * max(len(seqs), 1))()
+        keep, outs = [], []
+        for i, (ctx, tokens) in enumerate(seqs):
+            tokens = list(tokens)
+            ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
+            rows = len(tokens) if which == Logits.ALL else 1
+            out = (ctypes.c_float * (rows * self._n_vocab))() if which != Logits.NONE else None
+            keep.append(ids)
+            outs.append((out, len(tokens)))
+            ctx._invalidate()
+            arr[i].ctx, arr[i].tokens, arr[i].n_tokens = ctx._p(), ids, len(tokens)
+            arr[i].which = which
+            arr[i].logits = ctypes.cast(out, ctypes.POINTER(ctypes.c_float)) if out else None
+        _check(self._call("moas_pool_decode", arr, len(seqs)))
+        result = []
+        v = self._n_vocab
+        for out, n in outs:
+            if out is None or n == 0:
+                result.append(None)
+                continue
+            flat = memoryview(out).cast("B").cast("f")
+            result.append([flat[i * v:(i + 1) * v] for i in range(n)]
+                          if which == Logits.ALL else flat)
+        return result
+
+    def __repr__(self):
+        if self._ptr is None:
+            return "<moas.Pool closed>"
+        st = self.stats()
+        return "<moas.Pool %d/%d pages free, %d contexts>" % (st.pages_free, st.n_pages,
+                                                              st.n_contexts)
 
 
 # ---- sampler --------------------------------------------------------------------------

@@ -98,7 +98,8 @@ class Library(unittest.TestCase):
         lib = moas.library()
         for init, cls in ((lib.moas_model_params_init_sized, moas.ModelParams),
                           (lib.moas_context_params_init_sized, moas.ContextParams),
-                          (lib.moas_sampler_params_init_sized, moas.SamplerParams)):
+                          (lib.moas_sampler_params_init_sized, moas.SamplerParams),
+                          (lib.moas_pool_params_init_sized, moas.PoolParams)):
             self.assertEqual(moas._library_sizeof(init), ctypes.sizeof(cls), cls.__name__)
 
     def test_status_table_matches_header(self):

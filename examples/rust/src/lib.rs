@@ -54,6 +54,10 @@ pub mod ffi {
     pub struct moas_sampler {
         _opaque: [u8; 0],
     }
+    #[repr(C)]
+    pub struct moas_pool {
+        _opaque: [u8; 0],
+    }
 
     pub type moas_log_fn = Option<
         unsafe extern "C" fn(user: *mut c_void, level: moas_log_level, message: *const c_char),
@@ -100,6 +104,45 @@ pub mod ffi {
         pub kv_budget_bytes: u64,
         pub route_fn: moas_route_fn,
         pub route_user: *mut c_void,
+        pub pool: *mut moas_pool,
+        pub n_batch: i32,
+    }
+
+    #[repr(C)]
+    pub struct moas_pool_params {
+        pub size: u32,
+        pub capacity_bytes: u64,
+        pub kv_type: i32,
+        pub page_heads: i32,
+        pub n_threads: i32,
+        pub kernels: i32,
+        pub n_batch: i32,
+        pub log: moas_log_fn,
+        pub log_user: *mut c_void,
+        pub allocator: *const moas_allocator,
+    }
+
+    #[repr(C)]
+    pub struct moas_pool_info {
+        pub size: u32,
+        pub page_heads: i32,
+        pub page_bytes: u64,
+        pub n_pages: i32,
+        pub pages_free: i32,
+        pub n_contexts: i32,
+        pub bytes_capacity: u64,
+        pub bytes_held: u64,
+        pub bytes_used: u64,
+        pub bytes_stored: u64,
+    }
+
+    #[repr(C)]
+    pub struct moas_pool_seq {
+        pub ctx: *mut moas_context,
+        pub tokens: *const i32,
+        pub n_tokens: i32,
+        pub which: i32, // a moas_logits
+        pub logits: *mut f32,
     }
 
     #[repr(C)]
@@ -274,6 +317,36 @@ pub mod ffi {
         pub fn moas_context_kv_bytes_used(ctx: *const moas_context, layer: i32) -> usize;
         pub fn moas_context_kv_bytes_reserved(ctx: *const moas_context, layer: i32) -> usize;
 
+        pub fn moas_pool_params_init_sized(params: *mut moas_pool_params, size: usize);
+        pub fn moas_pool_create(
+            model: *const moas_model,
+            params: *const moas_pool_params,
+            out: *mut *mut moas_pool,
+        ) -> moas_status;
+        pub fn moas_pool_free(pool: *mut moas_pool);
+        pub fn moas_pool_stats(pool: *mut moas_pool, info: *mut moas_pool_info) -> moas_status;
+        pub fn moas_pool_decode(
+            pool: *mut moas_pool,
+            seqs: *const moas_pool_seq,
+            n_seqs: i32,
+        ) -> moas_status;
+        pub fn moas_context_fork(parent: *mut moas_context, out: *mut *mut moas_context)
+            -> moas_status;
+        pub fn moas_context_kv_pages(ctx: *const moas_context) -> i32;
+        pub fn moas_context_kv_bytes_held(ctx: *const moas_context) -> usize;
+        pub fn moas_context_state_size(ctx: *const moas_context) -> usize;
+        pub fn moas_context_state_save(
+            ctx: *const moas_context,
+            buf: *mut c_void,
+            size: usize,
+            written: *mut usize,
+        ) -> moas_status;
+        pub fn moas_context_state_load(
+            ctx: *mut moas_context,
+            buf: *const c_void,
+            size: usize,
+        ) -> moas_status;
+
         pub fn moas_tokenize(
             model: *const moas_model,
             text: *const c_char,
@@ -311,7 +384,7 @@ pub mod ffi {
 // ---- errors ---------------------------------------------------------------------------
 
 /// The names of moas.h's status table, by -value.
-const STATUS_NAMES: [&str; 13] = [
+const STATUS_NAMES: [&str; 14] = [
     "MOAS_OK",
     "MOAS_ERR_INVALID_ARG",
     "MOAS_ERR_NO_MEMORY",
@@ -325,6 +398,7 @@ const STATUS_NAMES: [&str; 13] = [
     "MOAS_ERR_NOT_FOUND",
     "MOAS_ERR_WRONG_TYPE",
     "MOAS_ERR_INTERNAL",
+    "MOAS_ERR_POOL_FULL",
 ];
 
 /// A failed call: its status and the library's message for this failure.
