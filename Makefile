@@ -336,7 +336,8 @@ uninstall:
 	    $(DESTDIR)$(BINDIR)/moas
 
 # ---- other languages, consumers, ABI baseline (docs/API.md) ---------------------
-#   make cpp-example     examples/cpp/generate.cpp (RAII header moas.hpp), -std=c++17 -Werror, run
+#   make cpp-example     examples/cpp/generate.cpp and parallel.cpp (RAII header moas.hpp),
+#                        -std=c++17 -Werror, run
 #   make rust-example    examples/rust: cargo build + test, offline (SKIP when cargo is absent)
 #   make consumers       C++, Rust and Python against an installed prefix found by pkg-config
 #   make abi-check       lib/libmoas.so's ABI against abi/libmoas.abi (abigail-tools)
@@ -353,8 +354,16 @@ $(CPP_EXAMPLE): examples/cpp/generate.cpp examples/cpp/moas.hpp include/moas.h $
 	$(Q)$(CXX) -std=c++17 -Wall -Wextra -Werror -Iinclude $(CFLAGS) $(MOREFLAGS) -o $@ \
 	    examples/cpp/generate.cpp $(PROG_LIBS) $(LDFLAGS)
 
-cpp-example: $(CPP_EXAMPLE)
+CPP_PARALLEL := $(BUILD)/examples/cpp/parallel
+$(CPP_PARALLEL): examples/cpp/parallel.cpp examples/cpp/moas.hpp include/moas.h $(STATIC_LIB)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CXX     $@")
+	$(Q)$(CXX) -std=c++17 -Wall -Wextra -Werror -Iinclude $(CFLAGS) $(MOREFLAGS) -o $@ \
+	    examples/cpp/parallel.cpp $(PROG_LIBS) $(LDFLAGS)
+
+cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL)
 	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
+	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone)"
 
 rust-example: lib
 	$(Q)if [ -z "$(CARGO)" ]; then echo "*** SKIP: rust example (cargo not found) ***"; exit 0; fi; \

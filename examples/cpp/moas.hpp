@@ -58,6 +58,7 @@ inline void check(moas_status status) {
 struct free_model { void operator()(moas_model *p) const noexcept { moas_model_free(p); } };
 struct free_context { void operator()(moas_context *p) const noexcept { moas_context_free(p); } };
 struct free_sampler { void operator()(moas_sampler *p) const noexcept { moas_sampler_free(p); } };
+struct free_pool { void operator()(moas_pool *p) const noexcept { moas_pool_free(p); } };
 
 class model {
 public:
@@ -103,6 +104,31 @@ private:
     std::unique_ptr<moas_model, free_model> ptr_;
 };
 
+/* A KV pool many contexts take pages from; it must outlive them. */
+class pool {
+public:
+    pool(const model &m, const moas_pool_params &params) {
+        moas_pool *p = nullptr;
+        check(moas_pool_create(m.get(), &params, &p));
+        ptr_.reset(p);
+    }
+    moas_pool *get() const noexcept { return ptr_.get(); }
+
+    /* Advance many contexts of the pool in one call; each as if decoded alone. */
+    void decode(const std::vector<moas_pool_seq> &seqs) {
+        check(moas_pool_decode(get(), seqs.data(), static_cast<int32_t>(seqs.size())));
+    }
+    moas_pool_info stats() const {
+        moas_pool_info info{};
+        info.size = sizeof info;
+        check(moas_pool_stats(get(), &info));
+        return info;
+    }
+
+private:
+    std::unique_ptr<moas_pool, free_pool> ptr_;
+};
+
 class context {
 public:
     explicit context(const model &m, const moas_context_params *params = nullptr) {
@@ -110,6 +136,34 @@ public:
         check(moas_context_create(m.get(), params, &p));
         ptr_.reset(p);
     }
+    /* A context in `pl` with otherwise default parameters (mode as given). */
+    context(const model &m, pool &pl, moas_mode mode = MOAS_MODE_MIXTURE) {
+        moas_context_params params;
+        moas_context_params_init(&params);
+        params.pool = pl.get();
+        params.mode = mode;
+        moas_context *p = nullptr;
+        check(moas_context_create(m.get(), &params, &p));
+        ptr_.reset(p);
+    }
+
+    /* A new context continuing from this one's tokens, sharing its pages (in a pool). */
+    context fork() {
+        moas_context *p = nullptr;
+        check(moas_context_fork(get(), &p));
+        return context(p);
+    }
+    std::vector<unsigned char> save_state() const {
+        std::vector<unsigned char> buf(moas_context_state_size(get()));
+        size_t written = 0;
+        check(moas_context_state_save(get(), buf.data(), buf.size(), &written));
+        buf.resize(written);
+        return buf;
+    }
+    void load_state(const std::vector<unsigned char> &buf) {
+        check(moas_context_state_load(get(), buf.data(), buf.size()));
+    }
+    int32_t kv_pages() const noexcept { return moas_context_kv_pages(get()); }
     moas_context *get() const noexcept { return ptr_.get(); }
 
     void decode(int32_t token) { check(moas_context_decode(get(), token, nullptr)); }
@@ -136,6 +190,7 @@ public:
     }
 
 private:
+    explicit context(moas_context *p) noexcept { ptr_.reset(p); }
     std::unique_ptr<moas_context, free_context> ptr_;
 };
 

@@ -1,0 +1,94 @@
+"""Tests of the KV pool in bindings/python/moas.py: batched decode equals decoding
+alone, fork, saved state, a full pool. Run from the repository root after `make`."""
+import os
+import sys
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
+sys.dont_write_bytecode = True
+os.environ.setdefault("MOAS_LIBRARY", os.path.join(ROOT, "lib", "libmoas.so.1"))
+import moas  # noqa: E402
+
+MODEL = os.path.join(ROOT, "tests", "data", "tiny-pooled-bias.gguf")
+
+
+def tokens(n, n_vocab, seed):
+    out = []
+    for _ in range(n):
+        seed = (seed * 1664525 + 1013904223) % 2**32
+        out.append((seed >> 8) % n_vocab)
+    return out
+
+
+class PoolTest(unittest.TestCase):
+    def setUp(self):
+        self.model = moas.Model(MODEL)
+        self.pool = moas.Pool(self.model, 1 << 20, page_heads=4)
+
+    def tearDown(self):
+        self.pool.close()
+        self.model.close()
+
+    def test_decode_equals_alone(self):
+        V = self.model.n_vocab
+        prompts = [tokens(n, V, 10 + n) for n in (7, 1, 12)]
+        for mode in ("mixture", "routed"):
+            ctxs = [self.pool.context(mode=mode) for _ in prompts]
+            got = self.pool.decode(zip(ctxs, prompts))
+            for ctx, prompt, logits in zip(ctxs, prompts, got):
+                with self.model.context(mode=mode) as alone:
+                    want = alone.decode_batch(prompt)
+                    self.assertEqual(list(want), list(logits))
+                    self.assertEqual(list(ctx.logits()), list(want))
+                    self.assertEqual(alone.kv_bytes_used(), ctx.kv_bytes_used())
+            for ctx in ctxs:
+                ctx.close()
+        self.assertEqual(self.pool.stats().pages_free, self.pool.stats().n_pages)
+
+    def test_fork_and_state(self):
+        V = self.model.n_vocab
+        prompt, tail = tokens(13, V, 1), tokens(5, V, 2)
+        parent = self.pool.context(mode="routed")
+        parent.decode_batch(prompt)
+        held = self.pool.stats().n_pages - self.pool.stats().pages_free
+        child = parent.fork()
+        self.assertEqual(child.n_past, 13)
+        # the child shares the parent's full pages: at most one page more per layer
+        grown = self.pool.stats().n_pages - self.pool.stats().pages_free - held
+        self.assertLessEqual(grown, self.model.n_layer)
+        state = parent.save_state()
+        child.decode_batch(tail)
+        parent.decode_batch(tail)
+        self.assertEqual(list(parent.logits()), list(child.logits()))
+        other = self.pool.context(mode="routed")
+        other.load_state(state)
+        self.assertEqual(other.n_past, 13)
+        self.assertEqual(list(other.decode_batch(tail)), list(parent.logits()))
+        with self.assertRaises(moas.MoasError) as err:
+            other.load_state(state[:-1])
+        self.assertEqual(err.exception.status, moas.Status.ERR_CORRUPT)
+        self.assertEqual(other.n_past, 18)
+        for c in (parent, child, other):
+            c.close()
+
+    def test_full_pool_raises_and_changes_nothing(self):
+        small = moas.Pool(self.model, 2 * 4 * self.model.head_dim * 4 * 8, page_heads=4)
+        ctx = small.context()
+        with self.assertRaises(moas.MoasError) as err:
+            small.decode([(ctx, tokens(30, self.model.n_vocab, 3))])
+        self.assertEqual(err.exception.status, moas.Status.ERR_POOL_FULL)
+        self.assertIn("lacks", str(err.exception))
+        self.assertEqual(ctx.n_past, 0)
+        self.assertEqual(small.stats().pages_free, 8)
+        ctx.close()
+        small.close()
+
+    def test_fork_needs_a_pool(self):
+        with self.model.context() as ctx:
+            with self.assertRaises(moas.MoasError):
+                ctx.fork()
+
+
+if __name__ == "__main__":
+    unittest.main()
