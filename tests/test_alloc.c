@@ -86,7 +86,12 @@ TEST(allocation_failures_at_creation_are_clean) {
     moas_model *good;
     ASSERT_OK(moas_model_load_memory(image, size, NULL, &good));
 
-    for (int what = 0; what < 3; what++) {
+    moas_pool_params gp;
+    moas_pool *good_pool;
+    moas_pool_params_init(&gp);
+    gp.capacity_bytes = 1 << 16;
+    ASSERT_OK(moas_pool_create(good, &gp, &good_pool));
+    for (int what = 0; what < 5; what++) {
         for (long n = 1;; n++) {
             counting c = {0, 0, n, 0};
             const moas_allocator alloc = {count_alloc, count_free, &c};
@@ -104,12 +109,30 @@ TEST(allocation_failures_at_creation_are_clean) {
                 p.allocator = &alloc;
                 st = moas_context_create(good, &p, (moas_context **)&obj);
                 if (st == MOAS_OK) moas_context_free(obj);
-            } else {
+            } else if (what == 2) {
                 moas_sampler_params p;
                 moas_sampler_params_init(&p);
                 p.allocator = &alloc;
                 st = moas_sampler_create(&p, 40, (moas_sampler **)&obj);
                 if (st == MOAS_OK) moas_sampler_free(obj);
+            } else if (what == 3) {
+                moas_pool_params p;
+                moas_pool_params_init(&p);
+                p.allocator = &alloc;
+                p.capacity_bytes = 1 << 16;
+                st = moas_pool_create(good, &p, (moas_pool **)&obj);
+                if (st == MOAS_OK) moas_pool_free(obj);
+            } else {   /* a context in a pool: a failure leaves the pool as it was */
+                moas_context_params p;
+                moas_pool_info info = {.size = sizeof info};
+                moas_context_params_init(&p);
+                p.allocator = &alloc;
+                p.pool = good_pool;
+                st = moas_context_create(good, &p, (moas_context **)&obj);
+                if (st == MOAS_OK) moas_context_free(obj);
+                ASSERT_OK(moas_pool_stats(good_pool, &info));
+                ASSERT_EQ(info.n_contexts, 0);
+                ASSERT_EQ(info.pages_free, info.n_pages);
             }
             ASSERT_EQ(c.n_free, c.n_alloc);
             if (st == MOAS_OK) {
@@ -122,7 +145,57 @@ TEST(allocation_failures_at_creation_are_clean) {
             ASSERT_TRUE(n < 1000);
         }
     }
+    moas_pool_free(good_pool);
     moas_model_free(good);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A pool's batched decode, truncate and free allocate nothing; fork allocates only
+ * the new context; everything is given back. */
+TEST(pool_decode_allocates_nothing) {
+    counting c = {0, 0, 0, 0};
+    const moas_allocator alloc = {count_alloc, count_free, &c};
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 1, &size);
+    moas_model *m;
+    moas_pool_params pp;
+    moas_context_params cp;
+    moas_pool *pool;
+    moas_context *a, *b, *f;
+    int32_t tokens[16];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 18;
+    pp.allocator = &alloc;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context_params_init(&cp);
+    cp.allocator = &alloc;
+    cp.pool = pool;
+    ASSERT_OK(moas_context_create(m, &cp, &a));
+    ASSERT_OK(moas_context_create(m, &cp, &b));
+    for (int i = 0; i < 16; i++) {
+        tokens[i] = (i * 7) % moas_model_n_vocab(m);
+    }
+    const long before = c.n_calls;
+    moas_pool_seq q[2] = {{a, tokens, 9, MOAS_LOGITS_LAST, NULL},
+                          {b, tokens + 3, 12, MOAS_LOGITS_NONE, NULL}};
+    ASSERT_OK(moas_pool_decode(pool, q, 2));
+    for (int i = 0; i < 4; i++) {
+        q[0] = (moas_pool_seq){a, tokens + i, 1, MOAS_LOGITS_LAST, NULL};
+        q[1] = (moas_pool_seq){b, tokens + i, 1, MOAS_LOGITS_LAST, NULL};
+        ASSERT_OK(moas_pool_decode(pool, q, 2));
+    }
+    ASSERT_OK(moas_context_truncate(b, 2));
+    ASSERT_EQ(c.n_calls, before);
+    ASSERT_OK(moas_context_fork(a, &f));
+    ASSERT_TRUE(c.n_calls > before);
+    moas_context_free(f);
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_pool_free(pool);
+    ASSERT_EQ(c.n_free, c.n_alloc);
+    moas_model_free(m);
     free(image);
     return TEST_PASS;
 }

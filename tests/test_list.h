@@ -114,6 +114,7 @@ X(sampler_top_k_keeps_the_k_most_likely)
 /* tests/test_alloc.c */
 X(decode_allocates_nothing_and_free_releases_everything)
 X(allocation_failures_at_creation_are_clean)
+X(pool_decode_allocates_nothing)
 
 /* tests/test_concurrency.c */
 X(concurrency_shared_model_matches_sequential)

@@ -12,7 +12,8 @@
  *             multi-byte vocabulary, and truncations of one of them inside each
  *             section;
  *   tokenize/ texts for fuzz_tokenize (byte 0: flags; fuzz_tokenize.c);
- *   decode/   programs for fuzz_decode (layout in fuzz_decode.c).
+ *   decode/   programs for fuzz_decode (layout in fuzz_decode.c);
+ *   state/    states and edits for fuzz_state (layout in fuzz_state.c).
  * Files that fuzzing found and that once failed are added by hand as crash-*; this
  * program never deletes them.
  */
@@ -324,6 +325,31 @@ static void decode_seeds(const char *dir) {
     long_seeds(dir);
 }
 
+/* state/: programs for fuzz_state (layout in fuzz_state.c): real states of 0 to 31
+ * tokens in both modes and KV types, cut short, lengthened and with bytes flipped in
+ * the header, the records and the K/V, and one made-up state. */
+static void state_seeds(const char *dir) {
+    static const struct {
+        const char *name;
+        uint8_t bytes[16];
+        size_t len;
+    } seeds[] = {
+        {"mixture-as-saved", {0x00 | 5 << 2, 3}, 2},
+        {"routed-as-saved", {0x01 | 9 << 2, 4}, 2},
+        {"routed-f16-as-saved", {0x03 | 31 << 2, 0}, 2},
+        {"empty-into-full", {0x01, 31}, 2},
+        {"routed-cut", {0x01 | 7 << 2, 2, 100, 0}, 4},
+        {"mixture-longer", {0x00 | 3 << 2, 1, 0x00, 0x20}, 4},
+        {"routed-bad-scheme", {0x01 | 6 << 2, 0, 0, 0, 58, 0, 0x07}, 7},
+        {"routed-bad-version", {0x01 | 6 << 2, 0, 0, 0, 8, 0, 0x02}, 7},
+        {"mixture-flip-kv", {0x00 | 4 << 2, 5, 0, 0, 0x40, 0x02, 0x81}, 7},
+        {"made-up", {0x80, 0, 'M', 'O', 'A', 'S', 'S', 'T', 'A', 'T', 1, 0, 0, 0}, 14},
+    };
+    for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+        write_file(dir, "state", seeds[i].name, seeds[i].bytes, seeds[i].len);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s CORPUS_DIR (with load/, tokenize/ and decode/ in it)\n",
@@ -333,5 +359,6 @@ int main(int argc, char **argv) {
     load_seeds(argv[1]);
     tokenize_seeds(argv[1]);
     decode_seeds(argv[1]);
+    state_seeds(argv[1]);
     return failures == 0 ? 0 : 1;
 }

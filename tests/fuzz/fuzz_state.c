@@ -1,0 +1,140 @@
+/*
+ * fuzz_state.c - saved state that is truncated, extended, edited or made up, loaded
+ * into a context of a fixed tiny model (pooled K/V, so mixture and routed states both
+ * occur) that holds tokens of its own.
+ *
+ * Input: byte 0 picks the mode (bit 0), the KV type (bit 1), whether the state is made
+ * from scratch out of the input (bit 7) and the source's length (bits 2-6); byte 1 the
+ * target's own tokens. Without bit 7 the state is a real one, saved from a source
+ * context that decoded that many tokens, and the rest of the input edits it: a new
+ * length (u16; 0 keeps it) and then triples (offset u16, xor byte).
+ *
+ * After the load:
+ *   - a failure changed nothing: n_past, the logits, the routing records and the KV
+ *     bytes are as before, and the next decode equals that of an untouched twin;
+ *   - a success holds what the state said: saving again gives back the loaded bytes
+ *     exactly, and decoding on works.
+ * Under ASan this is also the proof that loading never reads or writes out of bounds.
+ */
+#include "fuzz.h"
+
+#include "support/tiny_model.h"
+
+#include <string.h>
+
+#define MAX_STATE (1u << 16)
+
+static moas_model *model;
+static uint8_t state[MAX_STATE + 64], again[MAX_STATE + 64];
+
+static void load_model_once(void) {
+    if (model != NULL) {
+        return;
+    }
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.kv_sharing = "pooled";
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 9, &size);
+    FUZZ_CHECK(image != NULL);
+    FUZZ_CHECK(moas_model_load_memory(image, size, NULL, &model) == MOAS_OK);
+    /* the model keeps a copy of an unaligned buffer, else it borrows: keep the image */
+}
+
+static moas_context *make(moas_mode mode, moas_type kv_type) {
+    moas_context_params cp;
+    moas_context *ctx = NULL;
+    moas_context_params_init(&cp);
+    cp.mode = mode;
+    cp.kv_type = kv_type;
+    cp.n_threads = 1;
+    FUZZ_CHECK(moas_context_create(model, &cp, &ctx) == MOAS_OK);
+    return ctx;
+}
+
+static void decode_some(moas_context *ctx, int n, uint32_t seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        FUZZ_CHECK(moas_context_decode(ctx, (int32_t)((seed >> 8) % 40u), NULL) == MOAS_OK);
+    }
+}
+
+static bool same(const moas_context *a, const moas_context *b) {
+    const int32_t n = moas_context_n_past(a), V = moas_model_n_vocab(model);
+    const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
+    static float ga[32 * 8 * 8], gb[32 * 8 * 8];
+    static int32_t sa[32 * 8], sb[32 * 8];
+    if (n != moas_context_n_past(b) ||
+        moas_context_kv_bytes_used(a, -1) != moas_context_kv_bytes_used(b, -1)) {
+        return false;
+    }
+    FUZZ_CHECK(n <= 32 && L * S <= 64);
+    FUZZ_CHECK(moas_context_routes(a, 0, n, ga, sa, NULL) == MOAS_OK);
+    FUZZ_CHECK(moas_context_routes(b, 0, n, gb, sb, NULL) == MOAS_OK);
+    const float *la = moas_context_logits(a), *lb = moas_context_logits(b);
+    return memcmp(ga, gb, (size_t)n * L * S * sizeof *ga) == 0 &&
+           memcmp(sa, sb, (size_t)n * L * sizeof *sa) == 0 && (la == NULL) == (lb == NULL) &&
+           (la == NULL || memcmp(la, lb, (size_t)V * sizeof *la) == 0);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    fuzz_cursor c = {data, size};
+    load_model_once();
+    const uint8_t flags = fuzz_u8(&c);
+    const moas_mode mode = flags & 1 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+    const moas_type kv_type = flags & 2 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+    const int n_source = (flags >> 2) & 31, n_target = fuzz_u8(&c) % 32;
+    size_t n_state;
+
+    if (flags & 0x80) {   /* the rest of the input is the state */
+        n_state = c.n < MAX_STATE ? c.n : MAX_STATE;
+        memcpy(state, c.p, n_state);
+    } else {
+        moas_context *src = make(mode, kv_type);
+        decode_some(src, n_source, 1);
+        size_t written = 0;
+        FUZZ_CHECK(moas_context_state_save(src, state, MAX_STATE, &written) == MOAS_OK);
+        FUZZ_CHECK(written == moas_context_state_size(src));
+        moas_context_free(src);
+        n_state = written;
+        const uint16_t len = fuzz_u16(&c);
+        if (len != 0) {
+            n_state = len;   /* a u16: never above MAX_STATE */
+            if (n_state > written) {
+                memset(state + written, 0, n_state - written);
+            }
+        }
+        while (c.n >= 3) {
+            const uint16_t at = fuzz_u16(&c);
+            const uint8_t x = fuzz_u8(&c);
+            if (n_state > 0) {
+                state[at % n_state] ^= x;
+            }
+        }
+    }
+
+    moas_context *ctx = make(mode, kv_type), *twin = make(mode, kv_type);
+    decode_some(ctx, n_target, 2);
+    decode_some(twin, n_target, 2);
+    fuzz_prime_error();
+    const moas_status st = moas_context_state_load(ctx, state, n_state);
+    if (st != MOAS_OK) {
+        FUZZ_CHECK(fuzz_error_replaced());
+        FUZZ_CHECK(same(ctx, twin));
+        if (moas_context_n_past(ctx) < moas_context_n_ctx(ctx)) {
+            FUZZ_CHECK(moas_context_decode(ctx, 3, NULL) == MOAS_OK);
+            FUZZ_CHECK(moas_context_decode(twin, 3, NULL) == MOAS_OK);
+            FUZZ_CHECK(same(ctx, twin));
+        }
+    } else {
+        size_t written = 0;
+        FUZZ_CHECK(moas_context_state_save(ctx, again, MAX_STATE, &written) == MOAS_OK);
+        FUZZ_CHECK(written == n_state && memcmp(again, state, n_state) == 0);
+        if (moas_context_n_past(ctx) < moas_context_n_ctx(ctx)) {
+            FUZZ_CHECK(moas_context_decode(ctx, 5, NULL) == MOAS_OK);
+        }
+    }
+    moas_context_free(ctx);
+    moas_context_free(twin);
+    return 0;
+}
