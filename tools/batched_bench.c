@@ -69,7 +69,7 @@ static void bb_usage(void) {
           "  --pool-mb N        the KV pool's size (default: what the largest row needs);\n"
           "                     without -npl: how many sequences of PP+TG tokens fit\n"
           "  -b N               rows per batched block (default 128)\n"
-          "  --page-heads P     K/V heads per page, a power of two (default 16)\n"
+          "  --page-heads P     K/V heads per page, a power of two (default 8)\n"
           "  --force-scheme S   routed mode: every token to scheme S (e.g. 0: MHA)\n"
           "  -f TEXT            take tokens from this text (default: a fixed pseudo-random\n"
           "                     sequence; routed-mode KV use follows the text)\n",
