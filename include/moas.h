@@ -943,6 +943,28 @@ MOAS_API moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs
 MOAS_API moas_status moas_context_fork(moas_context *parent, moas_context **out);
 
 /*
+ * moas_context_compact() - pool older tokens' keys and values down to a cheaper scheme.
+ * METHOD: moas_context
+ *
+ * Routed mode, models with pooled K/V only. Every token at positions [0, n_before)
+ * that stored more KV heads than `scheme` keeps, in every layer, gets its heads
+ * mean-pooled down to `scheme`'s (the groups must nest: 6 -> 2 -> 1 heads do), which
+ * is what routing the token to `scheme` would have stored from the same full K/V; its
+ * scheme record becomes `scheme`. The stream is packed again and the pages this frees
+ * go back to the pool. Later tokens are unchanged; later decodes read the pooled
+ * heads. Pages shared with forks are copied first, so forks are not affected.
+ * docs/KV_CACHE.md ("Compaction") gives what it costs in quality.
+ *
+ * Returns: MOAS_OK with *n_changed (may be NULL) the token-layer pairs pooled, or
+ *          MOAS_ERR_INVALID_ARG (NULL ctx, mixture mode, a model with independent
+ *          schemes, `scheme` or `n_before` out of range), MOAS_ERR_POOL_FULL (the copies
+ *          of shared pages do not fit; nothing changed).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
+                                          int32_t *n_changed);
+
+/*
  * moas_context_kv_pages() - pages the context holds now (shared ones included).
  * moas_context_kv_bytes_held() - those pages' bytes.
  *

@@ -1339,3 +1339,152 @@ moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t s
     ctx->n_past = (int32_t)n;
     return MOAS_OK;
 }
+
+/* ---- compaction ---------------------------------------------------------------- */
+
+/* Whether a token that stored `from` heads can be pooled down to `to` heads: groups of
+ * H / from heads must nest in groups of H / to (6 -> 2 -> 1 do; 4 -> 3 would not). */
+static bool pools_down(const moas_model *m, int32_t from, int32_t to) {
+    return to < from && from % to == 0 && m->n_head % from == 0;
+}
+
+/* Move (or pool) the heads of every token from `first` on in `layer`'s stream, packing
+ * them front to back, tokens below n_before that stored more than `target` heads pooled
+ * down to `target`; returns how many tokens changed. Writes never pass reads: a token
+ * is read whole before it is written, and its new place starts at or before its old. */
+static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, int32_t n_before,
+                              int32_t scheme) {
+    const moas_model *m = ctx->model;
+    moas_pool *pool = ctx->pool;
+    moas_kv_stream *kv = &ctx->kv[layer];
+    const int32_t d = m->head_dim, target = m->scheme_n_kv[scheme];
+    const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
+    float *in = ctx->ws->kv_pool, *out = ctx->ws->kv_pool + m->n_embd;
+    uint8_t raw[2][MOAS_MAX_HEAD_BYTES_ON_STACK];
+    int32_t changed = 0;
+    uint32_t w = kv->off[first];
+
+    for (int32_t j = first; j < ctx->n_past; j++) {
+        const uint32_t r = kv->off[j];
+        const int32_t k = (int32_t)(kv->off[j + 1] - r);
+        const bool pool_it = j < n_before && pools_down(m, k, target);
+        const int32_t k_new = pool_it ? target : k;
+        for (int side = 0; side < 2; side++) {
+            uint8_t *slab = side == 0 ? pool->k : pool->v;
+            if (!pool_it) {   /* moved as they are, byte for byte */
+                for (int32_t h = 0; h < k; h++) {
+                    memcpy(raw[0], moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h)),
+                           pool->head_bytes);
+                    memcpy(moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)h)), raw[0],
+                           pool->head_bytes);
+                }
+                continue;
+            }
+            for (int32_t h = 0; h < k; h++) {   /* widen, then the means of groups */
+                const uint8_t *src = moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h));
+                for (int32_t e = 0; e < d; e++) {
+                    in[(size_t)h * d + e] = f16 ? moas__f16_to_f32(((const uint16_t *)(const void *)src)[e])
+                                                : ((const float *)(const void *)src)[e];
+                }
+            }
+            const int32_t group = k / target;
+            for (int32_t i = 0; i < target; i++) {
+                for (int32_t e = 0; e < d; e++) {
+                    float sum = 0.0f;
+                    for (int32_t h = i * group; h < (i + 1) * group; h++) {
+                        sum += in[(size_t)h * d + e];
+                    }
+                    out[(size_t)i * d + e] = sum / (float)group;
+                }
+            }
+            for (int32_t i = 0; i < target; i++) {
+                uint8_t *dst = moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)i));
+                for (int32_t e = 0; e < d; e++) {
+                    if (f16) {
+                        ((uint16_t *)(void *)dst)[e] = moas__f32_to_f16(out[(size_t)i * d + e]);
+                    } else {
+                        ((float *)(void *)dst)[e] = out[(size_t)i * d + e];
+                    }
+                }
+            }
+        }
+        kv->off[j] = w;
+        w += (uint32_t)k_new;
+        if (pool_it) {
+            ctx->route_scheme[(size_t)j * m->n_layer + layer] = (uint8_t)scheme;
+            changed++;
+        }
+    }
+    kv->off[ctx->n_past] = w;
+    return changed;
+}
+
+moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
+                                 int32_t *n_changed) {
+    const char *what = "context_compact";
+    if (n_changed != NULL) {
+        *n_changed = 0;
+    }
+    if (ctx == NULL) {
+        moas__set_error("%s: ctx is NULL", what);
+        return MOAS_ERR_INVALID_ARG;
+    }
+    const moas_model *m = ctx->model;
+    const char *bad = ctx->mode != MOAS_MODE_ROUTED ? "needs routed mode (mixture stores every "
+                                                      "scheme's heads)"
+                      : m->kv_sharing != MOAS_KV_SHARING_POOLED
+                          ? "needs a model with pooled K/V (independent schemes' K/V cannot be "
+                            "derived from each other)"
+                      : scheme < 0 || scheme >= m->n_scheme ? "scheme outside [0, n_scheme)"
+                      : n_before < 0 || n_before > ctx->n_past ? "n_before outside [0, n_past]"
+                                                               : NULL;
+    if (bad != NULL) {
+        moas__set_error("%s: %s", what, bad);
+        return fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    MOAS_RETURN_IF((size_t)m->head_dim * ctx->kv_elem_bytes > MOAS_MAX_HEAD_BYTES_ON_STACK,
+                   fail(ctx, MOAS_ERR_UNSUPPORTED), "%s: head_dim %d is above what compaction "
+                   "supports", what, m->head_dim);
+
+    /* the first token each layer changes; the pages from its first head on are
+     * rewritten, so the shared ones among them are copied first, all or nothing */
+    const int32_t target = m->scheme_n_kv[scheme], L = m->n_layer;
+    int32_t *first = (int32_t *)ctx->state_heads;   /* [n_layer] scratch */
+    moas_pool *pool = ctx->pool;
+    uint64_t need = 0;
+    moas__pool_lock(pool);
+    for (int32_t l = 0; l < L; l++) {
+        const moas_kv_stream *kv = &ctx->kv[l];
+        first[l] = -1;
+        for (int32_t j = 0; j < n_before && first[l] < 0; j++) {
+            first[l] = pools_down(m, moas__kv_heads(kv, j), target) ? j : -1;
+        }
+        for (int32_t p = first[l] < 0 ? kv->n_pages : (int32_t)(kv->off[first[l]] >> pool->page_shift);
+             p < kv->n_pages; p++) {
+            need += pool->refs[kv->pages[p]] > 1 ? 1 : 0;
+        }
+    }
+    if (need > (uint64_t)pool->n_free) {
+        const moas_status st = pool_full(pool, need, what);
+        moas__pool_unlock(pool);
+        return fail(ctx, st);
+    }
+    for (int32_t l = 0; l < L; l++) {
+        if (first[l] >= 0) {
+            moas__kv_unshare(pool, &ctx->kv[l], ctx->kv[l].off[first[l]] >> pool->page_shift);
+        }
+    }
+    moas__pool_unlock(pool);
+
+    int32_t changed = 0;
+    for (int32_t l = 0; l < L; l++) {
+        if (first[l] >= 0) {
+            changed += compact_stream(ctx, l, first[l], n_before, scheme);
+        }
+    }
+    pages_trim(ctx);
+    if (n_changed != NULL) {
+        *n_changed = changed;
+    }
+    return MOAS_OK;
+}

@@ -180,6 +180,9 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * is the biggest, and a row of logits of GPT-2's vocabulary is 200 KB). */
 #define MOAS_POOL_LOGIT_ROWS 16
 
+/* Compaction moves one K or V head at a time through a buffer on the stack. */
+#define MOAS_MAX_HEAD_BYTES_ON_STACK 4096
+
 /* n_threads as the caller gave it, or OpenMP's default for 0 (1 without OpenMP). */
 int32_t moas__default_threads(int32_t n_threads);
 

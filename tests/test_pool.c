@@ -640,3 +640,100 @@ TEST(pool_contexts_on_several_threads) {
     free(image);
     return TEST_PASS;
 }
+
+/* Compaction pools older MHA tokens down to MQA: the stored heads become the means of
+ * the six (computed here from the state saved before), the scheme records follow, the
+ * freed pages go back, later tokens are untouched, and a fork sharing the pages is not
+ * affected. */
+TEST(compaction_pools_old_tokens_and_frees_pages) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V, heads 4, schemes 4, 2, 1 */
+    moas_model *m;
+    int32_t tokens[24];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m), L = moas_model_n_layer(m), d = moas_model_head_dim(m);
+    seq_tokens(tokens, 24, V, 4);
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 4);
+    moas_context *ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1), *fork, *ref;
+    ASSERT_TRUE(pool && ctx);
+    ASSERT_OK(moas_context_force_scheme(ctx, 0));   /* MHA: 4 heads */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 12, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_fork(ctx, &fork));
+    ref = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_OK(moas_context_force_scheme(ref, 0));
+    ASSERT_OK(moas_context_decode_batch(ref, tokens, 12, NULL, MOAS_LOGITS_LAST));
+    const size_t n0 = moas_context_state_size(ctx);
+    uint8_t *before = malloc(n0), *after = malloc(n0);
+    size_t w;
+    ASSERT_TRUE(before && after);
+    ASSERT_OK(moas_context_state_save(ctx, before, n0, &w));
+    const int32_t pages0 = moas_context_kv_pages(ctx);
+
+    int32_t changed = -1;
+    ASSERT_OK(moas_context_compact(ctx, 8, 2, &changed));   /* tokens 0..7 to MQA */
+    ASSERT_EQ(changed, 8 * L);
+    ASSERT_EQ(moas_context_kv_pages(ctx), L * ((8 * 1 + 4 * 4 + 3) / 4));   /* 24 heads: 6 pages */
+    ASSERT_TRUE(moas_context_kv_pages(ctx) < pages0);
+    int32_t counts[3];
+    ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+    ASSERT_EQ(counts[2], 8 * L);
+    ASSERT_EQ(counts[0], 4 * L);
+    ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1),
+              (size_t)L * ((8 * 1 + 4 * 4) * d * 2 * 4 + 12 * 5));
+    ASSERT_OK(moas_context_state_save(ctx, after, n0, &w));
+
+    /* the saved layout: header, schemes, gates, logits, then per layer K heads, V heads */
+    const size_t S = 3, head = (size_t)d * 4;
+    const size_t kv0 = 56 + (size_t)12 * L * (1 + 4 * S) + (size_t)V * 4;
+    const float *old = (const float *)(const void *)(before + kv0);
+    const float *now = (const float *)(const void *)(after + kv0);
+    for (int32_t l = 0; l < L; l++) {
+        for (int side = 0; side < 2; side++) {
+            for (int32_t j = 0; j < 12; j++) {
+                for (int32_t e = 0; e < d; e++) {
+                    if (j < 8) {   /* one head, the mean of the four, summed in order */
+                        float sum = 0.0f;
+                        for (int32_t h = 0; h < 4; h++) {
+                            sum += old[((size_t)j * 4 + h) * d + e];
+                        }
+                        ASSERT_TRUE(now[(size_t)j * d + e] == sum / 4.0f);
+                    } else {
+                        ASSERT_TRUE(now[((size_t)8 + (j - 8) * 4) * d + e] ==
+                                    old[(size_t)j * 4 * d + e]);
+                        ASSERT_TRUE(now[((size_t)8 + (j - 8) * 4 + 1) * d + e] ==
+                                    old[((size_t)j * 4 + 1) * d + e]);
+                    }
+                }
+            }
+            old += (size_t)12 * 4 * d;
+            now += (size_t)(8 + 4 * 4) * d;
+        }
+    }
+    (void)head;
+
+    /* decoding on reads the pooled heads; the fork, sharing the old pages, equals the
+     * uncompacted reference */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 12, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(fork, tokens + 12, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(ref, tokens + 12, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(fork), moas_context_logits(ref), (size_t)V * 4) == 0);
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(ref), (size_t)V * 4) != 0);
+
+    /* refused: mixture mode, independent schemes, out of range */
+    moas_context *mix = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    ASSERT_STATUS(moas_context_compact(mix, 0, 2, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_compact(ctx, 19, 2, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_context_compact(ctx, 4, 3, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_OK(moas_context_compact(ctx, 4, 2, &changed));   /* nothing left to pool */
+    ASSERT_EQ(changed, 0);
+    free(before);
+    free(after);
+    moas_context_free(mix);
+    moas_context_free(ctx);
+    moas_context_free(fork);
+    moas_context_free(ref);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}

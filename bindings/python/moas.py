@@ -278,6 +278,7 @@ _SIGNATURES = {
     "moas_pool_stats": (c_status, [_vp, _P(PoolInfo)]),
     "moas_pool_decode": (c_status, [_vp, _P(PoolSeq), _i32]),
     "moas_context_fork": (c_status, [_vp, _P(_vp)]),
+    "moas_context_compact": (c_status, [_vp, _i32, _i32, _P(_i32)]),
     "moas_context_kv_pages": (_i32, [_vp]),
     "moas_context_kv_bytes_held": (_sz, [_vp]),
     "moas_context_state_size": (_sz, [_vp]),
@@ -979,6 +980,14 @@ class Context(_Handle):
             raise MoasError(Status.ERR_INVALID_ARG,
                             "fork needs a context created in a Pool (pool=...)")
         return Context(self.model, pool=self.pool, _fork_of=self)
+
+    def compact(self, n_before, scheme):
+        """Pool the K/V of tokens before `n_before` down to `scheme` (routed mode, pooled
+        K/V models; moas_context_compact). Returns the token-layer pairs changed."""
+        changed = ctypes.c_int32()
+        self._invalidate()
+        _check(self._call("moas_context_compact", n_before, scheme, ctypes.byref(changed)))
+        return changed.value
 
     def save_state(self):
         """The sequence (its tokens' K/V, routing records, position, logits) as bytes."""

@@ -332,6 +332,12 @@ pub mod ffi {
         ) -> moas_status;
         pub fn moas_context_fork(parent: *mut moas_context, out: *mut *mut moas_context)
             -> moas_status;
+        pub fn moas_context_compact(
+            ctx: *mut moas_context,
+            n_before: i32,
+            scheme: i32,
+            n_changed: *mut i32,
+        ) -> moas_status;
         pub fn moas_context_kv_pages(ctx: *const moas_context) -> i32;
         pub fn moas_context_kv_bytes_held(ctx: *const moas_context) -> usize;
         pub fn moas_context_state_size(ctx: *const moas_context) -> usize;
