@@ -818,6 +818,10 @@ typedef struct moas_pool_params {
     moas_log_fn log;                  /* NULL (default): silent */
     void *log_user;
     const moas_allocator *allocator;  /* NULL (default): malloc/free; must outlive pool */
+    float steer_below;                /* routed contexts: while the fraction of free pages
+                                         is below this, new tokens are steered toward
+                                         cheaper schemes, more as the pool fills
+                                         (docs/KV_CACHE.md); 0 (default): never */
 } moas_pool_params;
 
 /*
@@ -841,8 +845,8 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, capacity below one
  *          page, page_heads not a power of two in [1, 4096], unknown kv_type or
- *          kernels, n_threads outside [0, 1024], n_batch outside [0, 65536], bad
- *          params->size), MOAS_ERR_NO_MEMORY.
+ *          kernels, n_threads outside [0, 1024], n_batch outside [0, 65536],
+ *          steer_below outside [0, 1], bad params->size), MOAS_ERR_NO_MEMORY.
  * Thread safety: safe.   Allocates: yes.
  */
 MOAS_API moas_status moas_pool_create(const moas_model *model, const moas_pool_params *params,

@@ -494,10 +494,34 @@ static moas_status pool_full(const moas_pool *pool, uint64_t need, const char *w
     return MOAS_ERR_POOL_FULL;
 }
 
+/* With the pool locked, before a call reserves its pages: the most KV heads a routed
+ * token of ctx may take in this call. Below steer_below of pages free, the limit falls
+ * from the widest scheme's heads to the cheapest's in proportion to what is free:
+ * limit = cheapest + (widest - cheapest) * free / steer_below (rounded down). */
+static void steer(moas_context *ctx) {
+    const moas_pool *pool = ctx->pool;
+    const moas_model *m = ctx->model;
+    ctx->steer_heads = 0;
+    if (ctx->mode != MOAS_MODE_ROUTED || pool->steer_below <= 0.0f) {
+        return;
+    }
+    const double free_frac = (double)pool->n_free / (double)pool->n_pages;
+    if (free_frac >= (double)pool->steer_below) {
+        return;
+    }
+    int32_t widest = 0;
+    for (int32_t s = 0; s < m->n_scheme; s++) {
+        widest = m->scheme_n_kv[s] > widest ? m->scheme_n_kv[s] : widest;
+    }
+    const int32_t cheapest = m->scheme_n_kv[cheapest_scheme(m)];
+    ctx->steer_heads = cheapest + (int32_t)((widest - cheapest) * free_frac / pool->steer_below);
+}
+
 /* Reserve the pages of n more tokens of ctx, all or nothing. */
 static moas_status reserve(moas_context *ctx, int32_t n, const char *what) {
     moas_pool *pool = ctx->pool;
     moas__pool_lock(pool);
+    steer(ctx);
     const uint64_t need = pages_needed(ctx, n);
     if (need > (uint64_t)pool->n_free) {
         const moas_status st = pool_full(pool, need, what);
@@ -602,6 +626,16 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
     if (ctx->route_fn != NULL) {
         const int32_t r = ctx->route_fn(ctx->route_user, pos, layer, gates, S, choice);
         choice = r >= 0 && r < S ? r : choice;
+    }
+    if (ctx->steer_heads > 0 && m->scheme_n_kv[choice] > ctx->steer_heads) {
+        /* the pool is filling: the most favoured scheme within the limit */
+        int32_t best = -1;
+        for (int32_t s = 0; s < S; s++) {
+            if (m->scheme_n_kv[s] <= ctx->steer_heads && (best < 0 || gates[s] > gates[best])) {
+                best = s;
+            }
+        }
+        choice = best >= 0 ? best : cheapest_scheme(m);
     }
     if (ctx->kv_budget == 0) {
         return choice;
@@ -921,6 +955,7 @@ static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seq
     moas__pool_lock(pool);
     uint64_t need = 0;
     for (int32_t i = 0; i < n_seqs; i++) {
+        steer(seqs[i].ctx);
         need += pages_needed(seqs[i].ctx, seqs[i].n_tokens);
     }
     if (need > (uint64_t)pool->n_free) {

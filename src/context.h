@@ -121,6 +121,10 @@ struct moas_context {
     uint64_t plan_rate;      /* bytes this token should stay within */
     uint64_t plan_room;      /* bytes this token may use at most */
     uint64_t plan_spent;     /* bytes this token has used so far */
+
+    /* the pool's steering for this call's tokens (routed mode): at most this many KV
+     * heads a token and layer; 0: no limit */
+    int32_t steer_heads;
 };
 
 /* Run one token at position ctx->n_past through the model, store its K/V and routing,

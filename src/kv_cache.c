@@ -248,6 +248,8 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
         bad = "unknown kernels";
     } else if (p.n_batch < 0 || p.n_batch > 65536) {
         bad = "n_batch outside [0, 65536]";
+    } else if (!(p.steer_below >= 0.0f && p.steer_below <= 1.0f)) {
+        bad = "steer_below outside [0, 1]";
     } else if (p.allocator != NULL && (p.allocator->alloc == NULL || p.allocator->free == NULL)) {
         bad = "allocator without alloc or free";
     }
@@ -270,6 +272,7 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
         moas__log_error(p.log, p.log_user);
         return st;
     }
+    pool->steer_below = p.steer_below;
     const int32_t n_threads = moas__default_threads(p.n_threads);
     const int32_t n_batch = p.n_batch == 0 ? MOAS_BATCH : p.n_batch;
     if ((st = moas__workspace_make(model, pool->alloc, moas__ops_select((moas_kernels)p.kernels),

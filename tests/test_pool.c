@@ -737,3 +737,60 @@ TEST(compaction_pools_old_tokens_and_frees_pages) {
     free(image);
     return TEST_PASS;
 }
+
+/* A pool with steer_below routes a routed context's tokens toward cheaper schemes as
+ * its pages run out: each token's heads follow the limit computed here from the free
+ * pages before its call, and the context fits more tokens than without steering. */
+TEST(pool_steering_follows_free_pages) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V, schemes 4, 2, 1 */
+    moas_model *m;
+    int32_t tokens[64];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t L = moas_model_n_layer(m);
+    seq_tokens(tokens, 64, moas_model_n_vocab(m), 6);
+    int32_t fitted[2];
+    for (int steered = 0; steered < 2; steered++) {
+        moas_pool_params pp;
+        moas_pool *pool;
+        moas_pool_params_init(&pp);
+        pp.page_heads = 4;
+        pp.capacity_bytes = (uint64_t)40 * 4 * moas_model_head_dim(m) * 2 * 4;   /* 40 pages */
+        pp.steer_below = steered ? 1.0f : 0.0f;
+        ASSERT_OK(moas_pool_create(m, &pp, &pool));
+        moas_context *ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(ctx != NULL);
+        ASSERT_OK(moas_context_force_scheme(ctx, 0));   /* the router's proposal: MHA */
+        int32_t n = 0;
+        for (; n < 64; n++) {
+            moas_pool_info info = {.size = sizeof info};
+            ASSERT_OK(moas_pool_stats(pool, &info));
+            const moas_status st = moas_context_decode(ctx, tokens[n], NULL);
+            if (st == MOAS_ERR_POOL_FULL) {
+                break;
+            }
+            ASSERT_OK(st);
+            int32_t heads[8];
+            float gates[8 * 3];
+            ASSERT_OK(moas_context_routes(ctx, n, 1, gates, NULL, heads));
+            const int32_t limit = steered && info.pages_free < info.n_pages
+                                      ? 1 + (int32_t)(3.0 * info.pages_free / info.n_pages)
+                                      : 4;
+            for (int32_t l = 0; l < L; l++) {
+                /* MHA within the limit; else the larger gate of GQA (2 heads, if the limit
+                 * allows) and MQA */
+                const float *g = gates + l * 3;
+                const int32_t want = limit >= 4 ? 4 : limit >= 2 && g[1] >= g[2] ? 2 : 1;
+                ASSERT_EQ(heads[l], want);
+            }
+        }
+        fitted[steered] = n;
+        moas_context_free(ctx);
+        moas_pool_free(pool);
+    }
+    ASSERT_EQ(fitted[0], 40 * 4 / 4 / 2);   /* 40 pages of 4 heads, 2 layers of MHA tokens */
+    ASSERT_TRUE(fitted[1] > 2 * fitted[0]);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}

@@ -177,7 +177,7 @@ class PoolParams(ctypes.Structure):
                 ("kv_type", ctypes.c_int32), ("page_heads", ctypes.c_int32),
                 ("n_threads", ctypes.c_int32), ("kernels", ctypes.c_int32),
                 ("n_batch", ctypes.c_int32), ("log", LOG_FN), ("log_user", ctypes.c_void_p),
-                ("allocator", ctypes.POINTER(Allocator))]
+                ("allocator", ctypes.POINTER(Allocator)), ("steer_below", ctypes.c_float)]
 
 
 class PoolInfo(ctypes.Structure):
@@ -1023,7 +1023,9 @@ class Pool(_Handle):
     """A KV pool (moas_pool) that many Contexts of one model take pages from.
 
     capacity_bytes (required), kv_type ("f32" | "f16"), page_heads (0: default),
-    n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()).
+    n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()),
+    steer_below (routed contexts take cheaper schemes while the free fraction of pages
+    is below it; 0: never).
     Contexts made with pool.context(...) or Context(model, pool=pool) must be closed
     before the pool (the pool keeps them alive while it is open).
     """
@@ -1031,13 +1033,14 @@ class Pool(_Handle):
     _kind = "pool"
 
     def __init__(self, model, capacity_bytes, *, kv_type=Type.F32, page_heads=0, n_threads=0,
-                 kernels=Kernels.AUTO, n_batch=0, log=None):
+                 kernels=Kernels.AUTO, n_batch=0, steer_below=0.0, log=None):
         self._ptr = None
         self.model = model
         params = _params(library().moas_pool_params_init_sized, PoolParams)
         params.capacity_bytes = int(capacity_bytes)
         params.kv_type = _enum(Type, kv_type)
         params.page_heads, params.n_threads, params.n_batch = page_heads, n_threads, n_batch
+        params.steer_below = steer_below
         params.kernels = _enum(Kernels, kernels)
         self._log = _log_callback(log)
         params.log = self._log

@@ -120,6 +120,7 @@ pub mod ffi {
         pub log: moas_log_fn,
         pub log_user: *mut c_void,
         pub allocator: *const moas_allocator,
+        pub steer_below: f32,
     }
 
     #[repr(C)]
