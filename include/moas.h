@@ -783,6 +783,40 @@ MOAS_API void moas_context_set_route_callback(moas_context *ctx, moas_route_fn f
 MOAS_API size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer);
 MOAS_API size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer);
 
+/* ---- Added in 1.1: what one token costs, and the threads a context uses ---------- */
+
+/*
+ * moas_context_kv_token_bytes() - bytes of the KV cache one token occupies, over all
+ *                                 layers, as this context stores it.
+ * METHOD: moas_context
+ *
+ * `scheme` -1: mixture mode's storage, every scheme's K/V (a pooled model: one mix of
+ * all n_head heads); a scheme s in [0, n_scheme): routed mode's storage of a token
+ * routed to s in every layer, its 5 bytes of bookkeeping per layer included. The
+ * element size is the context's kv_type. This is the figure the context itself uses
+ * for its accounting and budget, so n tokens decoded in mixture mode use exactly n
+ * times moas_context_kv_token_bytes(ctx, -1) (moas_context_kv_bytes_used()). A tool
+ * that wants the figure for a model creates a context with n_ctx 1.
+ *
+ * Returns: the byte count; 0 for a NULL `ctx` or a `scheme` outside [-1, n_scheme).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t scheme);
+
+/*
+ * moas_context_n_threads() - threads a decoding call of this context uses.
+ *
+ * params->n_threads as given, or for 0 the number it resolved to at creation
+ * (OpenMP's default, 1 without OpenMP). A call made inside the caller's own OpenMP
+ * parallel region may get fewer.
+ *
+ * Returns: the count (>= 1); 0 for a NULL `ctx`.
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API int32_t moas_context_n_threads(const moas_context *ctx);
+
+/* ---- end of the 1.1 additions to the context ---------------------------------- */
+
 /* ======================================================================
  *  Tokenizer
  * ====================================================================== */

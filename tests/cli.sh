@@ -26,6 +26,20 @@ expect_error() {
 grep -q '^layers  *2$' "$tmp/inspect" || fail "inspect: layers"
 grep -q 'blk.1.attn_router_down.weight' "$tmp/inspect" || fail "inspect: tensor list"
 grep -q 'tokenizer.ggml.tokens' "$tmp/inspect" || fail "inspect: metadata"
+# inspect's KV bytes per token are the cache's own: a pooled model's mixture cache holds
+# one gate-mixed K/V of all 6 heads (2 layers x 6 heads x 8 x 2 x 4 bytes = 768), as
+# perplexity measures it, not every scheme's 9 heads
+"$moas" inspect -m "$data/tiny-pooled-bias.gguf" >"$tmp/inspect-pooled"
+grep -q '^mixture mode stores .*: 768 / 384 bytes per token$' "$tmp/inspect-pooled" \
+    || fail "inspect: pooled mixture KV bytes: $(grep '^mixture' "$tmp/inspect-pooled")"
+grep -q '^mixture mode stores every scheme: 1152 / 576 bytes per token$' "$tmp/inspect" \
+    || fail "inspect: mixture KV bytes"
+"$moas" perplexity -m "$data/tiny-pooled-bias.gguf" -f "$data/tiny.txt" --json >"$tmp/ppl-pooled.json"
+python3 - "$tmp/ppl-pooled.json" <<'PY' || fail "pooled perplexity KV bytes per token"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["kv_bytes"] == 768 * r["kv_window_tokens"], r
+PY
 
 a=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 2>/dev/null)
 b=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 -t 1 2>/dev/null)

@@ -98,6 +98,10 @@ X(routed_kv_budget_holds)
 X(routed_batch_and_truncate_equal_uninterrupted)
 X(routed_f16_cache_close_to_f32)
 
+/* tests/test_context_info.c */
+X(kv_token_bytes_is_what_the_cache_uses)
+X(context_reports_its_thread_count)
+
 /* tests/test_tokenizer.c */
 X(tokenize_follows_sorted_vocabulary)
 X(tokenize_names_unknown_character_and_offset)

@@ -907,7 +907,6 @@ static int cmd_inspect(const options *o) {
     const int32_t head_dim = moas_model_head_dim(model);
     const int32_t n_layer = moas_model_n_layer(model);
     const int32_t n_head = moas_model_n_head(model);
-    long long all_heads = 0;
 
     printf("model           %s (%s)\n", o->model_path, moas_model_arch(model));
     printf("layers          %d\n", n_layer);
@@ -918,15 +917,29 @@ static int cmd_inspect(const options *o) {
     printf("mixing          %s, %s biases\n", mixing_names[moas_model_mixing(model)],
            moas_model_has_bias(model) ? "with" : "no");
     printf("parameters      %llu\n", (unsigned long long)moas_model_n_params(model));
-    printf("\nscheme  kv heads  KV bytes/token (all layers, f32 / f16)\n");
+    /* The figures the cache itself uses: a one-token context of each KV type. */
+    moas_context *ctx32, *ctx16;
+    options o1 = *o;
+    o1.n_ctx = 1;
+    o1.n_threads = 1;
+    o1.kv_type = MOAS_TYPE_F32;
+    ctx32 = new_context(model, &o1);
+    o1.kv_type = MOAS_TYPE_F16;
+    ctx16 = new_context(model, &o1);
+    printf("\nscheme  kv heads  routed-mode KV bytes/token (all layers, f32 / f16)\n");
     for (int32_t s = 0; s < n_scheme; s++) {
-        const long long heads = moas_model_scheme_n_kv(model, s);
-        const long long per_token = heads * head_dim * 2 * n_layer;
-        all_heads += heads;
-        printf("%6d  %8lld  %lld / %lld\n", s, heads, per_token * 4, per_token * 2);
+        printf("%6d  %8d  %llu / %llu\n", s, moas_model_scheme_n_kv(model, s),
+               (unsigned long long)moas_context_kv_token_bytes(ctx32, s),
+               (unsigned long long)moas_context_kv_token_bytes(ctx16, s));
     }
-    printf("mixture mode stores every scheme: %lld / %lld bytes per token\n",
-           all_heads * head_dim * 2 * n_layer * 4, all_heads * head_dim * 2 * n_layer * 2);
+    printf("(routed mode: the K/V of the token's scheme plus its bookkeeping, per layer)\n");
+    printf("mixture mode stores %s: %llu / %llu bytes per token\n",
+           moas_model_kv_sharing(model) == MOAS_KV_SHARING_POOLED
+               ? "one gate-mixed K/V of all heads" : "every scheme",
+           (unsigned long long)moas_context_kv_token_bytes(ctx32, -1),
+           (unsigned long long)moas_context_kv_token_bytes(ctx16, -1));
+    moas_context_free(ctx32);
+    moas_context_free(ctx16);
 
     printf("\nmetadata (%lld keys)\n", (long long)moas_model_meta_count(model));
     for (int64_t i = 0; i < moas_model_meta_count(model); i++) {

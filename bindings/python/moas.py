@@ -248,6 +248,8 @@ _SIGNATURES = {
     "moas_context_set_route_callback": (None, [_vp, ROUTE_FN, _vp]),
     "moas_context_kv_bytes_used": (_sz, [_vp, _i32]),
     "moas_context_kv_bytes_reserved": (_sz, [_vp, _i32]),
+    "moas_context_kv_token_bytes": (_u64, [_vp, _i32]),
+    "moas_context_n_threads": (_i32, [_vp]),
     "moas_tokenize": (c_status, [_vp, _cp, _sz, _P(_i32), _sz, _P(_sz)]),
     "moas_detokenize": (c_status, [_vp, _P(_i32), _sz, _cp, _sz, _P(_sz)]),
     "moas_token_text": (_cp, [_vp, _i32]),
@@ -921,6 +923,19 @@ class Context(_Handle):
 
     def kv_bytes_reserved(self, layer=-1):
         return self._call("moas_context_kv_bytes_reserved", self._layer(layer))
+
+    def kv_token_bytes(self, scheme=-1):
+        """Bytes one token occupies over all layers: mixture mode's storage for -1,
+        routed mode's for a token routed to `scheme` (moas_context_kv_token_bytes)."""
+        if not -1 <= scheme < self._n_scheme:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "scheme %d outside [-1, %d)" % (scheme, self._n_scheme))
+        return self._call("moas_context_kv_token_bytes", scheme)
+
+    @property
+    def n_threads(self):
+        """Threads a decoding call uses (0 in the params resolved at creation)."""
+        return self._call("moas_context_n_threads")
 
     def __repr__(self):
         if self._ptr is None:

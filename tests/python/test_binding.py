@@ -393,6 +393,19 @@ class Routing(Base):
                 self.assertEqual(ctx.kv_bytes_reserved(), 2 * 64 * (6 * 8 * 2 * elem + 5))
                 self.expect(moas.Status.ERR_INVALID_ARG, ctx.kv_bytes_used, 2)
 
+    def test_kv_token_bytes_and_threads(self):
+        ids = self.model.tokenize(TEXT)
+        with self.model.context(mode="routed", n_threads=1) as ctx:
+            self.assertEqual(ctx.n_threads, 1)
+            # 2 layers, 6 heads of 8: K and V in f32 plus 5 bytes per layer
+            self.assertEqual([ctx.kv_token_bytes(s) for s in range(3)],
+                             [2 * (6 * 64 + 5), 2 * (2 * 64 + 5), 2 * (64 + 5)])
+            self.assertEqual(ctx.kv_token_bytes(), 2 * 9 * 64)
+            self.expect(moas.Status.ERR_INVALID_ARG, ctx.kv_token_bytes, 3)
+        with self.model.context() as ctx:
+            ctx.decode_batch(ids)
+            self.assertEqual(ctx.kv_bytes_used(), len(ids) * ctx.kv_token_bytes())
+
     def test_forced_scheme(self):
         ids = self.model.tokenize(TEXT)
         with self.model.context(mode="routed", forced_scheme=2) as ctx:

@@ -273,6 +273,8 @@ pub mod ffi {
         );
         pub fn moas_context_kv_bytes_used(ctx: *const moas_context, layer: i32) -> usize;
         pub fn moas_context_kv_bytes_reserved(ctx: *const moas_context, layer: i32) -> usize;
+        pub fn moas_context_kv_token_bytes(ctx: *const moas_context, scheme: i32) -> u64;
+        pub fn moas_context_n_threads(ctx: *const moas_context) -> i32;
 
         pub fn moas_tokenize(
             model: *const moas_model,
@@ -722,6 +724,15 @@ impl<'m> Context<'m> {
     }
     pub fn kv_bytes_reserved(&self, layer: i32) -> usize {
         unsafe { ffi::moas_context_kv_bytes_reserved(self.raw(), layer) }
+    }
+    /// Bytes one token occupies over all layers: mixture storage for -1, routed
+    /// storage of `scheme` otherwise (0 for a scheme out of range).
+    pub fn kv_token_bytes(&self, scheme: i32) -> u64 {
+        unsafe { ffi::moas_context_kv_token_bytes(self.raw(), scheme) }
+    }
+    /// Threads a decoding call uses.
+    pub fn n_threads(&self) -> i32 {
+        unsafe { ffi::moas_context_n_threads(self.raw()) }
     }
 }
 
