@@ -143,13 +143,14 @@ MOAS_API const char *moas_version_string(void);
     X(ERR_BUFFER_TOO_SMALL, -9, "output buffer too small")                        \
     X(ERR_NOT_FOUND,       -10, "no such metadata key or tensor")                 \
     X(ERR_WRONG_TYPE,      -11, "metadata value has another type")               \
-    X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")
+    X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")                \
+    X(ERR_INVALID_UTF8,    -13, "text is not valid UTF-8")
 
 typedef enum moas_status {
 #define MOAS_STATUS_ENUM_(name_, value_, msg_) MOAS_##name_ = value_,
     MOAS_STATUS_MAP(MOAS_STATUS_ENUM_)
 #undef MOAS_STATUS_ENUM_
-    MOAS_STATUS_COUNT = 13 /* number of statuses, not a status */
+    MOAS_STATUS_COUNT = 14 /* number of statuses, not a status */
 } moas_status;
 
 /*
@@ -828,7 +829,9 @@ MOAS_API int32_t moas_context_n_threads(const moas_context *ctx);
  * Writes at most `n_max` ids to `tokens` and the number of ids the whole text needs
  * to *n_tokens (also when that is more than `n_max`; `tokens` may then be NULL to
  * ask for the count). A character outside the vocabulary, or invalid UTF-8, is an
- * error naming the character and its byte offset.
+ * error naming the character and its byte offset; both are MOAS_ERR_UNKNOWN_CHAR here,
+ * as in 1.0 (moas_tokenize_ex() tells invalid UTF-8 apart and can replace or drop
+ * unknown characters).
  *
  * Returns: MOAS_OK, or MOAS_ERR_UNKNOWN_CHAR, MOAS_ERR_BUFFER_TOO_SMALL (needs more
  *          than `n_max`; *n_tokens says how many), MOAS_ERR_INVALID_ARG (NULL
@@ -838,6 +841,60 @@ MOAS_API int32_t moas_context_n_threads(const moas_context *ctx);
 MOAS_API moas_status moas_tokenize(const moas_model *model, const char *text,
                                    size_t text_len, int32_t *tokens, size_t n_max,
                                    size_t *n_tokens);
+
+/* ---- Added in 1.1: characters outside the vocabulary, on request ---------------- */
+
+/* What moas_tokenize_ex() does with a character outside the vocabulary. */
+typedef enum moas_unknown {
+    MOAS_UNKNOWN_ERROR   = 0,  /* fail with MOAS_ERR_UNKNOWN_CHAR, as moas_tokenize() */
+    MOAS_UNKNOWN_REPLACE = 1,  /* write the token params->replacement in its place */
+    MOAS_UNKNOWN_DROP    = 2,  /* write nothing for it */
+    MOAS_UNKNOWN_COUNT
+} moas_unknown;
+
+typedef struct moas_tokenize_params {
+    uint32_t size;        /* sizeof(moas_tokenize_params); set by _init() */
+    int32_t unknown;      /* a moas_unknown; default MOAS_UNKNOWN_ERROR */
+    int32_t replacement;  /* MOAS_UNKNOWN_REPLACE: a token id in [0, n_vocab); default -1,
+                             so REPLACE needs it set */
+} moas_tokenize_params;
+
+/*
+ * moas_tokenize_params_init_sized() - fill the caller's `size` bytes of `params` with
+ *                                     the defaults, and set params->size to what was
+ *                                     filled.
+ * moas_tokenize_params_init(params) - the same with the caller's sizeof (a macro).
+ *
+ * As moas_model_params_init_sized(). Thread safety: safe.   Allocates: no.
+ */
+MOAS_API void moas_tokenize_params_init_sized(moas_tokenize_params *params, size_t size);
+#define moas_tokenize_params_init(params_) \
+    moas_tokenize_params_init_sized((params_), sizeof *(params_))
+
+/*
+ * moas_tokenize_ex() - moas_tokenize() with a rule for characters outside the
+ *                      vocabulary.
+ *
+ * As moas_tokenize(), except that a character outside the vocabulary is an error, is
+ * replaced by the token params->replacement, or is dropped, as params->unknown says
+ * (`params` NULL: an error), and that invalid UTF-8 is MOAS_ERR_INVALID_UTF8 whatever
+ * the rule (its message names the byte and its offset). *n_changed, when `n_changed`
+ * is not NULL, receives how many characters were replaced or dropped, also when the
+ * buffer is too small. *n_tokens counts the ids written, so with DROP it is the
+ * text's characters minus the dropped ones.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_UNKNOWN_CHAR (rule ERROR), MOAS_ERR_INVALID_UTF8,
+ *          MOAS_ERR_BUFFER_TOO_SMALL (*n_tokens and *n_changed say how many),
+ *          MOAS_ERR_INVALID_ARG (as moas_tokenize(); an unknown rule, a replacement
+ *          outside [0, n_vocab) with rule REPLACE, bad params->size).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_tokenize_ex(const moas_model *model, const char *text,
+                                      size_t text_len, const moas_tokenize_params *params,
+                                      int32_t *tokens, size_t n_max, size_t *n_tokens,
+                                      size_t *n_changed);
+
+/* ---- end of the 1.1 tokenizer additions ----------------------------------------- */
 
 /*
  * moas_detokenize() - turn token ids into UTF-8 text.

@@ -18,7 +18,7 @@ expect_error() {
     got=$?
     set -e
     [ "$got" -eq "$want" ] || fail "'$*' exited $got, expected $want: $(cat "$tmp/err")"
-    grep -q "$pattern" "$tmp/err" || fail "'$*' did not say '$pattern': $(cat "$tmp/err")"
+    grep -q -e "$pattern" "$tmp/err" || fail "'$*' did not say '$pattern': $(cat "$tmp/err")"
 }
 
 "$moas" --version | grep -q '^moas [0-9]' || fail "--version"
@@ -120,5 +120,34 @@ PY
 expect_error 1 "moas: error" "$moas" generate -m "$tmp/cut.gguf" -p "A"
 expect_error 1 "not in the vocabulary" "$moas" generate -m "$model" -p "And Q"
 expect_error 1 "context" "$moas" generate -m "$model" -p "A" --ctx 100000
+
+# characters outside the vocabulary: an error by default, naming the way on; dropped or
+# replaced on request, counted on stderr; perplexity says how many characters it scored
+printf 'And God said 7\r\nLet there' >"$tmp/crlf.txt"
+expect_error 1 "'7' (U+0037) at byte offset 13 is not in the vocabulary.*--unknown drop" \
+    "$moas" perplexity -m "$model" -f "$tmp/crlf.txt"
+"$moas" perplexity -m "$model" -f "$tmp/crlf.txt" --unknown drop --json >"$tmp/drop.json" \
+    2>"$tmp/drop.err"
+grep -q '^moas: dropped 2 characters outside the vocabulary$' "$tmp/drop.err" || fail "drop: stderr"
+"$moas" perplexity -m "$model" -f "$tmp/crlf.txt" --unknown "replace: " --json >"$tmp/repl.json" \
+    2>"$tmp/repl.err"
+grep -q "^moas: replaced 2 characters outside the vocabulary with ' '$" "$tmp/repl.err" \
+    || fail "replace: stderr"
+python3 - "$tmp/drop.json" "$tmp/repl.json" <<'PY' || fail "perplexity --unknown"
+import json, sys
+d, r = (json.load(open(p)) for p in sys.argv[1:3])
+assert (d["n_chars"], d["n_unknown"], d["unknown"], d["n_tokens"], d["n_scored"]) == (25, 2, "drop", 23, 22), d
+assert (r["n_chars"], r["n_unknown"], r["unknown"], r["n_tokens"], r["n_scored"]) == (25, 2, "replace", 25, 24), r
+PY
+"$moas" perplexity -m "$model" -f "$tmp/crlf.txt" --unknown drop 2>/dev/null | grep -q \
+    '^characters  *25 in the text, 2 outside the vocabulary dropped$' || fail "perplexity: characters"
+expect_error 1 "replacement must be in the vocabulary" \
+    "$moas" generate -m "$model" -p "And Q" --unknown replace:Q
+expect_error 1 "--unknown must be error, drop, replace or replace:C" "$moas" generate -m "$model" -p "And Q" --unknown maybe
+# invalid UTF-8 is said to be that, whatever the rule
+printf 'And\377' >"$tmp/bad-utf8.txt"
+expect_error 1 "invalid UTF-8 at byte offset 3 (byte 0xff) (text is not valid UTF-8)" \
+    "$moas" perplexity -m "$model" -f "$tmp/bad-utf8.txt" --unknown drop
+! grep -q "outside the vocabulary" "$tmp/err" || fail "invalid UTF-8 called outside the vocabulary"
 expect_error 2 "unknown option" "$moas" generate -m "$model" --bogus
 echo "cli: ok"

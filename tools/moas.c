@@ -78,19 +78,65 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
-/* Text -> freshly allocated token ids. */
+/* How text meets the vocabulary (--unknown): the rule and, for replace, the token. */
+typedef struct {
+    int32_t rule;            /* a moas_unknown */
+    const char *with;        /* replace: the replacement character, as given */
+} unknown_opt;
+
+static unknown_opt g_unknown = {MOAS_UNKNOWN_ERROR, " "};
+
+/* Text -> freshly allocated token ids, under the --unknown rule; says on stderr how
+ * many characters were replaced or dropped, and returns that count in *n_changed
+ * (may be NULL). */
 static int32_t *tokenize_all(const moas_model *model, const char *text, size_t len,
-                             size_t *n_tokens) {
+                             size_t *n_tokens, size_t *n_changed_out) {
+    moas_tokenize_params tp;
     int32_t *tokens;
-    moas_status st = moas_tokenize(model, text, len, NULL, 0, n_tokens);
+    size_t n_changed = 0;
+
+    moas_tokenize_params_init(&tp);
+    tp.unknown = g_unknown.rule;
+    if (tp.unknown == MOAS_UNKNOWN_REPLACE) {
+        size_t n = 0;
+        int32_t id;
+        const moas_status st = moas_tokenize(model, g_unknown.with, (size_t)-1, &id, 1, &n);
+        if (st == MOAS_ERR_UNKNOWN_CHAR) {
+            die("--unknown replace:%s: the replacement must be in the vocabulary: %s",
+                g_unknown.with, moas_last_error());
+        }
+        if (st == MOAS_ERR_BUFFER_TOO_SMALL || (st == MOAS_OK && n != 1)) {
+            die("--unknown replace:C needs exactly one character, got '%s'", g_unknown.with);
+        }
+        check(st, "--unknown replace");
+        tp.replacement = id;
+    }
+    moas_status st = moas_tokenize_ex(model, text, len, &tp, NULL, 0, n_tokens, &n_changed);
     if (st != MOAS_OK && st != MOAS_ERR_BUFFER_TOO_SMALL) {
-        check(st, "tokenize");
+        if (st == MOAS_ERR_UNKNOWN_CHAR) {
+            die("%s (%s; --unknown drop or --unknown replace:C to go on)",
+                moas_last_error(), moas_status_string(st));
+        }
+        die("%s (%s)", moas_last_error(), moas_status_string(st));
     }
     tokens = malloc((*n_tokens ? *n_tokens : 1) * sizeof *tokens);
     if (tokens == NULL) {
         die("out of memory for %zu tokens", *n_tokens);
     }
-    check(moas_tokenize(model, text, len, tokens, *n_tokens, n_tokens), "tokenize");
+    check(moas_tokenize_ex(model, text, len, &tp, tokens, *n_tokens, n_tokens, &n_changed),
+          "tokenize");
+    if (n_changed > 0) {
+        if (tp.unknown == MOAS_UNKNOWN_DROP) {
+            fprintf(stderr, "moas: dropped %zu character%s outside the vocabulary\n", n_changed,
+                    n_changed == 1 ? "" : "s");
+        } else {
+            fprintf(stderr, "moas: replaced %zu character%s outside the vocabulary with '%s'\n",
+                    n_changed, n_changed == 1 ? "" : "s", g_unknown.with);
+        }
+    }
+    if (n_changed_out != NULL) {
+        *n_changed_out = n_changed;
+    }
     return tokens;
 }
 
@@ -136,7 +182,9 @@ static void usage(void) {
           "  -t, --threads N      threads per call (default: all)\n"
           "  -c, --ctx N          context length (default: the trained length)\n"
           "      --mode M         mixture (default) or routed\n"
-          "      --kv-type T      f32 (default) or f16\n",
+          "      --kv-type T      f32 (default) or f16\n"
+          "      --unknown R      characters outside the vocabulary: error (default), drop,\n"
+          "                       replace (by a space) or replace:C (by the character C)\n",
           stderr);
     exit(2);
 }
@@ -221,6 +269,21 @@ static void parse_options(int argc, char **argv, options *o) {
                 o->kv_type = MOAS_TYPE_F16;
             } else {
                 die("--kv-type must be f32 or f16, got '%s'", t);
+            }
+        } else if (!strcmp(a, "--unknown")) {
+            const char *u = need_value(argc, argv, &i);
+            if (!strcmp(u, "error")) {
+                g_unknown.rule = MOAS_UNKNOWN_ERROR;
+            } else if (!strcmp(u, "drop")) {
+                g_unknown.rule = MOAS_UNKNOWN_DROP;
+            } else if (!strcmp(u, "replace")) {
+                g_unknown.rule = MOAS_UNKNOWN_REPLACE;
+                g_unknown.with = " ";
+            } else if (!strncmp(u, "replace:", 8)) {
+                g_unknown.rule = MOAS_UNKNOWN_REPLACE;
+                g_unknown.with = u + 8;
+            } else {
+                die("--unknown must be error, drop, replace or replace:C, got '%s'", u);
             }
         } else if (!strcmp(a, "--json")) {
             o->json = 1;
@@ -395,7 +458,7 @@ static int cmd_routes(const options *o) {
         die("routes needs -f TEXT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    int32_t *tokens = tokenize_all(model, text, len, &n_tokens, NULL);
     float *gates = malloc((size_t)n_ctx * L * S * sizeof *gates);
     int32_t *schemes = malloc((size_t)n_ctx * L * sizeof *schemes);
     int32_t *heads = malloc((size_t)n_ctx * L * sizeof *heads);
@@ -457,7 +520,7 @@ static int cmd_generate(const options *o) {
     sp.seed = o->seed;
     check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
 
-    tokens = tokenize_all(model, prompt, strlen(prompt), &n_prompt);
+    tokens = tokenize_all(model, prompt, strlen(prompt), &n_prompt, NULL);
     if (n_prompt == 0) {
         die("the prompt is empty: give at least one character with -p");
     }
@@ -584,7 +647,10 @@ static int cmd_perplexity(const options *o) {
         die("perplexity needs -f TEXT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    size_t n_changed;
+    int32_t *tokens = tokenize_all(model, text, len, &n_tokens, &n_changed);
+    /* characters of the text: dropped ones are not among the tokens */
+    const size_t n_chars = n_tokens + (g_unknown.rule == MOAS_UNKNOWN_DROP ? n_changed : 0);
     if (n_tokens < 2) {
         die("'%s' has %zu characters; at least 2 are needed", o->text_path, n_tokens);
     }
@@ -605,7 +671,11 @@ static int cmd_perplexity(const options *o) {
     }
 
     if (o->json) {
-        printf("{\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
+        printf("{\"n_chars\": %zu, \"n_unknown\": %zu, \"unknown\": \"%s\", ", n_chars,
+               n_changed, g_unknown.rule == MOAS_UNKNOWN_DROP      ? "drop"
+                          : g_unknown.rule == MOAS_UNKNOWN_REPLACE ? "replace"
+                                                                   : "error");
+        printf("\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
                "\"n_ctx\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
                "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
                "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
@@ -634,8 +704,14 @@ static int cmd_perplexity(const options *o) {
         printf("]}\n");
     } else {
         printf("mode            %s\n", mode_name(o->mode));
-        printf("tokens          %zu (%zu scored, windows of %d)\n", n_tokens, s.n_scored,
-               moas_context_n_ctx(ctx));
+        printf("characters      %zu in the text", n_chars);
+        if (n_changed > 0) {
+            printf(", %zu outside the vocabulary %s", n_changed,
+                   g_unknown.rule == MOAS_UNKNOWN_DROP ? "dropped" : "replaced");
+        }
+        printf("\n");
+        printf("tokens          %zu (%zu scored: all but the first of each window of %d)\n",
+               n_tokens, s.n_scored, moas_context_n_ctx(ctx));
         printf("nats/token      %.4f\n", nats);
         printf("perplexity      %.4f\n", exp(nats));
         printf("tokens/s        %.1f\n", tok_s);
@@ -667,7 +743,7 @@ static int cmd_logits(const options *o) {
         die("logits needs -f TEXT and -o OUT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    int32_t *tokens = tokenize_all(model, text, len, &n_tokens, NULL);
     FILE *out = fopen(o->out_path, "wb");
     if (out == NULL) {
         die("cannot create '%s': %s", o->out_path, strerror(errno));

@@ -74,6 +74,7 @@ class Status(enum.IntEnum):
     ERR_NOT_FOUND = -10
     ERR_WRONG_TYPE = -11
     ERR_INTERNAL = -12
+    ERR_INVALID_UTF8 = -13
 
 
 class LogLevel(enum.IntEnum):
@@ -176,6 +177,11 @@ class SamplerParams(ctypes.Structure):
                 ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator))]
 
 
+class TokenizeParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("unknown", ctypes.c_int32),
+                ("replacement", ctypes.c_int32)]
+
+
 class TensorInfoC(ctypes.Structure):
     _fields_ = [("size", ctypes.c_uint32), ("name", ctypes.c_char_p), ("type", c_enum),
                 ("n_dims", ctypes.c_int32), ("ne", ctypes.c_int64 * 4),
@@ -251,6 +257,9 @@ _SIGNATURES = {
     "moas_context_kv_token_bytes": (_u64, [_vp, _i32]),
     "moas_context_n_threads": (_i32, [_vp]),
     "moas_tokenize": (c_status, [_vp, _cp, _sz, _P(_i32), _sz, _P(_sz)]),
+    "moas_tokenize_params_init_sized": (None, [_vp, ctypes.c_size_t]),
+    "moas_tokenize_ex": (c_status, [_vp, _cp, _sz, _P(TokenizeParams), _P(_i32), _sz, _P(_sz),
+                                    _P(_sz)]),
     "moas_detokenize": (c_status, [_vp, _P(_i32), _sz, _cp, _sz, _P(_sz)]),
     "moas_token_text": (_cp, [_vp, _i32]),
     "moas_sampler_params_init_sized": (None, [_vp, ctypes.c_size_t]),
@@ -342,7 +351,8 @@ def _library_sizeof(init):
 def _check_struct_sizes(lib):
     for init, cls in ((lib.moas_model_params_init_sized, ModelParams),
                       (lib.moas_context_params_init_sized, ContextParams),
-                      (lib.moas_sampler_params_init_sized, SamplerParams)):
+                      (lib.moas_sampler_params_init_sized, SamplerParams),
+                      (lib.moas_tokenize_params_init_sized, TokenizeParams)):
         if _library_sizeof(init) < ctypes.sizeof(cls):
             raise OSError("libmoas: %s is larger here than in the library" % cls.__name__)
 
@@ -419,6 +429,10 @@ def _log_callback(fn):
         except Exception:  # an exception cannot cross the C frames
             pass
     return LOG_FN(log)
+
+
+def _utf8(text):
+    return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
 
 
 def _enum(cls, value):
@@ -679,13 +693,43 @@ class Model(_Handle):
         return {k: self.meta(k) for k in self.meta_keys()}
 
     # tokenizer
-    def tokenize(self, text):
-        """Token ids of `text` (str or UTF-8 bytes), one per character."""
-        raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
-        cap = max(len(raw), 1)   # one id per character, so at most one per byte
-        ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
-        _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
-        return ids[:n.value]
+    def tokenize(self, text, unknown="error", replacement=" "):
+        """Token ids of `text` (str or UTF-8 bytes), one per character.
+
+        `unknown` says what to do with a character outside the vocabulary: "error"
+        (MoasError ERR_UNKNOWN_CHAR), "replace" (by the character `replacement`) or
+        "drop". Invalid UTF-8 is ERR_INVALID_UTF8 then. tokenize_ex() also says how
+        many characters were changed."""
+        if unknown == "error":
+            raw = _utf8(text)
+            cap = max(len(raw), 1)   # one id per character, so at most one per byte
+            ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
+            _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
+            return ids[:n.value]
+        return self.tokenize_ex(text, unknown, replacement)[0]
+
+    def tokenize_ex(self, text, unknown="error", replacement=" "):
+        """(ids, n_changed): moas_tokenize_ex with the rule `unknown` ("error",
+        "replace" by the character `replacement`, or "drop"); n_changed counts the
+        characters replaced or dropped."""
+        rules = {"error": 0, "replace": 1, "drop": 2}
+        if unknown not in rules:
+            raise MoasError(Status.ERR_INVALID_ARG, "unknown must be one of %s, got %r"
+                            % (", ".join(rules), unknown))
+        params = _params(library().moas_tokenize_params_init_sized, TokenizeParams)
+        params.unknown = rules[unknown]
+        if unknown == "replace":
+            ids = self.tokenize(replacement)
+            if len(ids) != 1:
+                raise MoasError(Status.ERR_INVALID_ARG, "the replacement must be one "
+                                "character, got %r" % (replacement,))
+            params.replacement = ids[0]
+        raw = _utf8(text)
+        cap = max(len(raw), 1)
+        ids, n, changed = (ctypes.c_int32 * cap)(), ctypes.c_size_t(), ctypes.c_size_t()
+        _check(self._call("moas_tokenize_ex", raw, len(raw), ctypes.byref(params), ids, cap,
+                          ctypes.byref(n), ctypes.byref(changed)))
+        return ids[:n.value], changed.value
 
     def detokenize(self, tokens):
         tokens = list(tokens)

@@ -278,6 +278,19 @@ class Tokenizer(Base):
         self.assertEqual(self.model.tokenize(""), [])
         self.assertEqual(self.model.detokenize([]), "")
 
+    def test_unknown_characters_replaced_or_dropped(self):
+        text = "And Q7\r\n"
+        self.expect(moas.Status.ERR_UNKNOWN_CHAR, self.model.tokenize, text)
+        a, n, d, sp, nl = self.model.tokenize("And \n")
+        self.assertEqual(self.model.tokenize_ex(text, "replace"),
+                         ([a, n, d, sp, sp, sp, sp, nl], 3))
+        self.assertEqual(self.model.tokenize(text, unknown="replace", replacement="."),
+                         [a, n, d, sp] + self.model.tokenize("...") + [nl])
+        self.assertEqual(self.model.tokenize_ex(text, "drop"), ([a, n, d, sp, nl], 3))
+        self.expect(moas.Status.ERR_INVALID_UTF8, self.model.tokenize_ex, b"A\xff", "drop")
+        self.expect(moas.Status.ERR_UNKNOWN_CHAR, self.model.tokenize_ex, text, "replace", "Q")
+        self.expect(moas.Status.ERR_INVALID_ARG, self.model.tokenize_ex, text, "maybe")
+
     def test_token_text_and_vocab(self):
         vocab = self.model.vocab
         self.assertEqual(vocab, sorted(set(read_text(os.path.join(DATA, "tiny.txt")))))

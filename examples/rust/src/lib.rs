@@ -113,6 +113,13 @@ pub mod ffi {
     }
 
     #[repr(C)]
+    pub struct moas_tokenize_params {
+        pub size: u32,
+        pub unknown: i32,
+        pub replacement: i32,
+    }
+
+    #[repr(C)]
     pub struct moas_tensor_info {
         pub size: u32,
         pub name: *const c_char,
@@ -284,6 +291,17 @@ pub mod ffi {
             n_max: usize,
             n_tokens: *mut usize,
         ) -> moas_status;
+        pub fn moas_tokenize_params_init_sized(params: *mut moas_tokenize_params, size: usize);
+        pub fn moas_tokenize_ex(
+            model: *const moas_model,
+            text: *const c_char,
+            text_len: usize,
+            params: *const moas_tokenize_params,
+            tokens: *mut i32,
+            n_max: usize,
+            n_tokens: *mut usize,
+            n_changed: *mut usize,
+        ) -> moas_status;
         pub fn moas_detokenize(
             model: *const moas_model,
             tokens: *const i32,
@@ -313,7 +331,7 @@ pub mod ffi {
 // ---- errors ---------------------------------------------------------------------------
 
 /// The names of moas.h's status table, by -value.
-const STATUS_NAMES: [&str; 13] = [
+const STATUS_NAMES: [&str; 14] = [
     "MOAS_OK",
     "MOAS_ERR_INVALID_ARG",
     "MOAS_ERR_NO_MEMORY",
@@ -327,6 +345,7 @@ const STATUS_NAMES: [&str; 13] = [
     "MOAS_ERR_NOT_FOUND",
     "MOAS_ERR_WRONG_TYPE",
     "MOAS_ERR_INTERNAL",
+    "MOAS_ERR_INVALID_UTF8",
 ];
 
 /// A failed call: its status and the library's message for this failure.
