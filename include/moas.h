@@ -808,8 +808,8 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
  * moas_context_n_threads() - threads a decoding call of this context uses.
  *
  * params->n_threads as given, or for 0 the number it resolved to at creation
- * (OpenMP's default, 1 without OpenMP). A call made inside the caller's own OpenMP
- * parallel region may get fewer.
+ * (OpenMP's default); always 1 in a library built without OpenMP. A call made inside
+ * the caller's own OpenMP parallel region may get fewer.
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.
  * Thread safety: one thread per context.   Allocates: no.

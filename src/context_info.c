@@ -17,5 +17,12 @@ uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t scheme) {
 }
 
 int32_t moas_context_n_threads(const moas_context *ctx) {
-    return ctx != NULL ? ctx->n_threads : 0;
+    if (ctx == NULL) {
+        return 0;
+    }
+#if defined(_OPENMP)
+    return ctx->n_threads;
+#else
+    return 1;   /* without OpenMP a call runs on the calling thread alone (team.c) */
+#endif
 }

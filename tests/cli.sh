@@ -47,8 +47,17 @@ c=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 6 2>/dev/null)
 [ "$a" = "$b" ] || fail "the same seed gave different text"
 [ "$a" != "$c" ] || fail "different seeds gave the same text"
 case "$a" in "And God"*) ;; *) fail "generate did not echo the prompt" ;; esac
-# generating past the context length slides the window instead of failing
-"$moas" generate -m "$model" -p "A" -n 200 --temp 0 >/dev/null 2>&1 || fail "long generation"
+# generating past the context length slides the window instead of failing, and says so
+"$moas" generate -m "$model" -p "A" -n 200 --temp 0 >"$tmp/long.out" 2>"$tmp/long.err" \
+    || fail "long generation"
+[ "$(head -n 1 "$tmp/long.out" | wc -m)" -ge 1 ] || fail "long generation: no text"
+grep -q "the context (64 tokens) is full" "$tmp/long.err" || fail "long generation: no note"
+grep -q "200 tokens in .*, the window slid [0-9]* times$" "$tmp/long.err" \
+    || fail "long generation: stats line: $(cat "$tmp/long.err")"
+# a prompt longer than the context: its end is decoded, and stderr says what was left out
+"$moas" generate -m "$model" -p "$(head -c 100 "$data/tiny.txt")" -n 1 >/dev/null 2>"$tmp/cut.err"
+grep -q "the prompt has 100 characters, more than the context's 64: only its last 64 are decoded" \
+    "$tmp/cut.err" || fail "long prompt: $(cat "$tmp/cut.err")"
 
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"
@@ -78,7 +87,7 @@ for path, elem in ((sys.argv[1], 4), (sys.argv[2], 2)):
 assert abs(mix["kv_bytes_per_token"] * 6 - mix["mha_kv_bytes_per_token"] * 9) < 1e-6, mix
 PY
 
-"$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl"
+"$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl" 2>/dev/null
 python3 - "$tmp/routes.jsonl" <<'PY' || fail "routes --json"
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
@@ -89,8 +98,15 @@ for r in rows:
     assert r["kv_heads"] == heads[r["scheme"]], r
     assert abs(sum(r["gates"]) - 1) < 1e-4, r
 assert rows[0]["char"] == "I" and rows[0]["pos"] == 0
+assert all(r["window"] == r["pos"] // 64 and r["window_pos"] == r["pos"] % 64 for r in rows)
 PY
-"$moas" routes -m "$model" -f "$data/tiny.txt" --no-color | grep -q '^layer 1  *MHA' || fail "routes map"
+"$moas" routes -m "$model" -f "$data/tiny.txt" --no-color >"$tmp/map" 2>"$tmp/map.err"
+grep -q '^layer 1  *MHA' "$tmp/map" || fail "routes map"
+# 537 characters in windows of 64: each map says which window it is
+[ "$(grep -c '^window [1-9] of 9: characters [0-9]*-[0-9]* of the text, from an empty cache$' \
+    "$tmp/map")" -eq 9 ] || fail "routes: window labels"
+grep -q '^window 9 of 9: characters 512-536 ' "$tmp/map" || fail "routes: last window"
+grep -q "routed in 9 windows of up to 64" "$tmp/map.err" || fail "routes: stderr note"
 "$moas" generate -m "$model" -p "And" -n 10 --show-routes --no-color 2>/dev/null | grep -q '^text  *And' \
     || fail "generate --show-routes"
 
@@ -107,8 +123,17 @@ head -c 3000 "$model" >"$tmp/cut.gguf"
 # and a model path needing escapes still gives valid JSON
 cp "$model" "$tmp/q\"uote.gguf"
 "$moas" bench -m "$tmp/q\"uote.gguf" -p 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
-"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json"
-python3 - "$tmp/bench.json" "$tmp/bench2.json" <<'PY' || fail "bench --json"
+"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
+grep -q "^moas: bench: -p 100000 is more than the trained context: the prefill measures 64 tokens$" \
+    "$tmp/bench2.err" || fail "bench: -p clamp not said: $(cat "$tmp/bench2.err")"
+grep -q "^moas: bench: -n 100000 does not fit after 0 cached tokens .*: decode measures 64 tokens$" \
+    "$tmp/bench2.err" || fail "bench: -n clamp not said"
+"$moas" bench -m "$model" -p 8 -n 4 -d 200 -r 1 -t 2 --json >"$tmp/bench3.json" 2>"$tmp/bench3.err"
+grep -q "^moas: bench: -d 200 leaves no room .*: decoding starts after 63 cached tokens$" \
+    "$tmp/bench3.err" || fail "bench: -d clamp not said"
+"$moas" bench -m "$model" -p 8 -n 4 -r 1 -t 1 | grep -q '^model .*(mixture mode, .* kernels, 1 thread, as asked)$' \
+    || fail "bench: thread count"
+python3 - "$tmp/bench.json" "$tmp/bench2.json" "$tmp/bench3.json" <<'PY' || fail "bench --json"
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r["model"].endswith('q"uote.gguf'), r["model"]
@@ -116,6 +141,9 @@ assert (r["n_prompt"], r["n_decode"], r["depth"], r["repeats"], r["mode"]) == (8
 assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["weight_bytes_per_token"] > 0, r
 c = json.load(open(sys.argv[2]))
 assert 0 < c["n_prompt"] <= 64 and c["depth"] == 0 and 0 < c["n_decode"] <= 64, c
+assert r["threads"] == 1 and c["threads"] == 1, (r, c)
+d = json.load(open(sys.argv[3]))
+assert (d["depth"], d["n_decode"], d["threads"]) == (63, 1, 2), d
 PY
 expect_error 1 "moas: error" "$moas" generate -m "$tmp/cut.gguf" -p "A"
 expect_error 1 "not in the vocabulary" "$moas" generate -m "$model" -p "And Q"

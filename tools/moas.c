@@ -465,11 +465,24 @@ static int cmd_routes(const options *o) {
     if (gates == NULL || schemes == NULL || heads == NULL) {
         die("out of memory");
     }
+    /* The model knows positions below n_ctx only: a longer text is routed in windows
+     * of n_ctx characters, each from an empty cache, and every window says so. */
+    const size_t n_windows = (n_tokens + (size_t)n_ctx - 1) / (size_t)n_ctx;
+    if (n_windows > 1) {
+        fprintf(stderr, "moas: the text has %zu characters, more than the context's %d: it is "
+                "routed in %zu windows of up to %d, each from an empty cache (positions "
+                "restart at 0)\n", n_tokens, n_ctx, n_windows, n_ctx);
+    }
     for (size_t begin = 0; begin < n_tokens; begin += (size_t)n_ctx) {
         const int32_t n = (int32_t)(n_tokens - begin < (size_t)n_ctx ? n_tokens - begin : (size_t)n_ctx);
+        const size_t window = begin / (size_t)n_ctx;
         moas_context_reset(ctx);
         check(moas_context_decode_batch(ctx, tokens + begin, n, NULL, MOAS_LOGITS_NONE), "decode");
         if (!o->json) {
+            if (n_windows > 1) {
+                printf("window %zu of %zu: characters %zu-%zu of the text, from an empty "
+                       "cache\n", window + 1, n_windows, begin, begin + (size_t)n - 1);
+            }
             print_route_map(stdout, ctx, tokens + begin, n, o->color);
             continue;
         }
@@ -477,7 +490,8 @@ static int cmd_routes(const options *o) {
         for (int32_t j = 0; j < n; j++) {
             for (int32_t l = 0; l < L; l++) {
                 const size_t rec = (size_t)j * L + l;
-                printf("{\"pos\": %zu, \"layer\": %d, \"char\": ", begin + (size_t)j, l);
+                printf("{\"pos\": %zu, \"window\": %zu, \"window_pos\": %d, \"layer\": %d, "
+                       "\"char\": ", begin + (size_t)j, window, j, l);
                 put_json_char(stdout, model, tokens[begin + (size_t)j]);
                 printf(", \"gates\": [");
                 for (int32_t s = 0; s < S; s++) {
@@ -511,7 +525,7 @@ static int cmd_generate(const options *o) {
     const int32_t n_ctx = moas_context_n_ctx(ctx);
     size_t n_prompt;
     int32_t *tokens, *window;
-    int32_t n_window = 0;
+    int32_t n_window = 0, n_slides = 0;
 
     moas_sampler_params_init(&sp);
     sp.temperature = o->temperature;
@@ -528,8 +542,13 @@ static int cmd_generate(const options *o) {
     if (window == NULL) {
         die("out of memory");
     }
-    /* a prompt longer than the context keeps its end */
+    /* a prompt longer than the context keeps its end, and says so */
     const size_t start = n_prompt > (size_t)n_ctx ? n_prompt - (size_t)n_ctx : 0;
+    if (start > 0) {
+        fprintf(stderr, "moas: the prompt has %zu characters, more than the context's %d: only "
+                "its last %d are decoded (the first %zu are not seen)\n", n_prompt, n_ctx,
+                n_ctx, start);
+    }
     for (size_t i = start; i < n_prompt; i++) {
         window[n_window++] = tokens[i];
     }
@@ -545,6 +564,12 @@ static int cmd_generate(const options *o) {
         fflush(stdout);
         if (n_window == n_ctx) {
             const int32_t keep = n_ctx / 2;
+            if (n_slides++ == 0) {
+                fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, each "
+                        "time it fills, generation goes on from its last %d tokens, decoded "
+                        "again from position 0\n", isatty(STDERR_FILENO) ? "\n" : "",
+                        n_ctx, keep);
+            }
             memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
             n_window = keep;
             moas_context_reset(ctx);
@@ -556,9 +581,13 @@ static int cmd_generate(const options *o) {
     }
     const double dt = now_seconds() - t0;
     fputc('\n', stdout);
-    fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s\n",
-            o->n_predict, dt, dt > 0 ? o->n_predict / dt : 0.0, mode_name(o->mode),
-            moas_context_kernels_name(ctx));
+    fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s, "
+            "%d threads", o->n_predict, dt, dt > 0 ? o->n_predict / dt : 0.0,
+            mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx));
+    if (n_slides > 0) {
+        fprintf(stderr, ", the window slid %d time%s", n_slides, n_slides == 1 ? "" : "s");
+    }
+    fputc('\n', stderr);
     if (o->show_routes) {   /* the window in the cache now: the text's last n_ctx tokens */
         fputc('\n', stdout);
         print_route_map(stdout, ctx, window, moas_context_n_past(ctx), o->color);
@@ -832,10 +861,23 @@ static int cmd_bench(const options *o) {
     options oc = *o;
     int n_prompt = o->n_prompt, n_gen = o->n_predict, depth = o->depth;
 
-    /* keep every run inside the trained context */
-    n_prompt = n_prompt < n_train ? n_prompt : n_train;
-    depth = depth < n_train - 1 ? depth : n_train - 1;
-    n_gen = n_gen < n_train - depth ? n_gen : n_train - depth;
+    /* keep every run inside the trained context, and say what changed */
+    if (n_prompt > n_train) {
+        fprintf(stderr, "moas: bench: -p %d is more than the trained context: the prefill "
+                "measures %d tokens\n", n_prompt, n_train);
+        n_prompt = n_train;
+    }
+    if (depth > n_train - 1) {
+        fprintf(stderr, "moas: bench: -d %d leaves no room to decode in the trained context "
+                "of %d: decoding starts after %d cached tokens\n", depth, n_train, n_train - 1);
+        depth = n_train - 1;
+    }
+    if (n_gen > n_train - depth) {
+        fprintf(stderr, "moas: bench: -n %d does not fit after %d cached tokens in the trained "
+                "context of %d: decode measures %d tokens\n", n_gen, depth, n_train,
+                n_train - depth);
+        n_gen = n_train - depth;
+    }
     oc.n_ctx = n_prompt > depth + n_gen ? n_prompt : depth + n_gen;
     moas_context *ctx = new_context(model, &oc);
     int32_t *tokens = malloc((size_t)oc.n_ctx * sizeof *tokens);
@@ -898,13 +940,14 @@ static int cmd_bench(const options *o) {
                "\"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
-               mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
+               mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
                n_prompt, n_gen, depth, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
                dec_gflops, pre_gflops);
     } else {
-        printf("model            %s (%s mode, %s kernels, %s threads)\n", o->model_path,
-               mode_name(o->mode), moas_context_kernels_name(ctx),
-               o->n_threads ? "fixed" : "default");
+        printf("model            %s (%s mode, %s kernels, %d thread%s%s)\n", o->model_path,
+               mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+               moas_context_n_threads(ctx) == 1 ? "" : "s",
+               o->n_threads ? ", as asked" : ", the default");
         printf("prefill          %8.1f tokens/s  (%d tokens, median of %d; %.2f GFLOP/s in matrices)\n",
                prefill_tok_s, n_prompt, o->repeats, pre_gflops);
         printf("decode           %8.1f tokens/s  (%d tokens after %d cached, median of %d)\n",

@@ -568,6 +568,19 @@ class Example(unittest.TestCase):
         self.assertEqual(len(out.stdout) - 1, len("And God") + 30)   # print's newline
         self.assertRegex(out.stderr,
                          r"^routing: \[\d+, \d+, \d+\] token-layers per scheme, KV bytes \d+$")
+        # past the context (64): every character asked for, and stderr says how
+        long = subprocess.run([sys.executable, script, MODEL, "And God", "-n", "200",
+                               "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, check=True)
+        self.assertEqual(len(long.stdout) - 1, len("And God") + 200)
+        self.assertIn("the context (64 tokens) is full", long.stderr)
+        # a prompt longer than the context: its end is kept, and stderr says so
+        prompt = read_text(os.path.join(DATA, "tiny.txt"))[:100]
+        cut = subprocess.run([sys.executable, script, MODEL, prompt, "-n", "5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, check=True)
+        self.assertIn("the prompt has 100 characters, more than the context's 64", cut.stderr)
+        self.assertEqual(len(cut.stdout) - 1, 105)
         bad = subprocess.run([sys.executable, script, MODEL, "Quiz"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(bad.returncode, 1)
