@@ -926,6 +926,12 @@ MOAS_API const char *moas_token_text(const moas_model *model, int32_t token);
 
 typedef struct moas_sampler moas_sampler;  /* opaque; one thread at a time */
 
+/* Added in 1.1: a bias added to one token's logit before sampling. */
+typedef struct moas_logit_bias {
+    int32_t token;                    /* in [0, n_vocab) */
+    float bias;                       /* added to the logit; -INFINITY bans the token */
+} moas_logit_bias;
+
 typedef struct moas_sampler_params {
     uint32_t size;                    /* sizeof(moas_sampler_params); set by _init() */
     float temperature;                /* 0: greedy (argmax); default 1.0 */
@@ -933,6 +939,15 @@ typedef struct moas_sampler_params {
     float top_p;                      /* keep the smallest set with mass >= p; default 1.0 */
     uint64_t seed;                    /* random stream; same seed, same choices; default 0 */
     const moas_allocator *allocator;  /* NULL (default): malloc/free */
+    /* ---- added in 1.1 ---- */
+    float min_p;                      /* keep tokens at least min_p times as likely as the
+                                         most likely; 0 (default): off */
+    float repeat_penalty;             /* a token among the last repeat_last_n has its logit
+                                         divided by this if positive, multiplied if not;
+                                         1 (default): off */
+    int32_t repeat_last_n;            /* tokens of history the penalty looks at; default 64 */
+    int32_t n_logit_bias;             /* entries of logit_bias; default 0 */
+    const moas_logit_bias *logit_bias; /* [n_logit_bias], copied at creation; default NULL */
 } moas_sampler_params;
 
 /*
@@ -955,12 +970,19 @@ MOAS_API void moas_sampler_params_init_sized(moas_sampler_params *params, size_t
  * moas_sampler_create() - make a sampler for logits of `n_vocab` entries.
  * CONSTRUCTOR: moas_sampler
  *
- * Greedy when temperature is 0; otherwise softmax(logits / temperature), cut to top_k
- * then top_p, renormalised, drawn with a generator seeded by `seed`. `params` may be
- * NULL for defaults.
+ * The logits first get the biases of logit_bias (summed per token) and the repetition
+ * penalty (once per distinct token among the last repeat_last_n the sampler saw: its
+ * own choices and those given to moas_sampler_accept()). Then: greedy (the largest)
+ * when temperature is 0; otherwise softmax(logits / temperature), cut to top_k, then
+ * top_p, then min_p, renormalised, drawn with a generator seeded by `seed`. `params`
+ * may be NULL for defaults. Stop strings are text, not logits: see
+ * moas_text_find_stop().
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `out`, n_vocab < 1, temperature
- *          negative or not finite, top_k negative, top_p outside (0, 1], bad size),
+ *          negative or not finite, top_k negative, top_p outside (0, 1], min_p outside
+ *          [0, 1], repeat_penalty not a finite value > 0, repeat_last_n negative,
+ *          n_logit_bias negative, NULL logit_bias with n_logit_bias > 0, a bias's token
+ *          outside [0, n_vocab) or its value NaN or +infinity, bad size),
  *          MOAS_ERR_NO_MEMORY.
  * Thread safety: safe.   Allocates: yes (scratch for n_vocab entries, once).
  */
@@ -977,8 +999,10 @@ MOAS_API void moas_sampler_free(moas_sampler *sampler);
  * moas_sampler_sample() - choose a token from `logits` (n_vocab floats).
  * METHOD: moas_sampler
  *
- * Advances the random stream by one draw (greedy draws nothing). NaN logits are never
- * chosen; if every logit is NaN or -infinity the call fails.
+ * Advances the random stream by one draw (greedy draws nothing) and remembers the
+ * token for the repetition penalty. `logits` is only read. NaN logits are never
+ * chosen; if every logit (biases and penalty applied) is NaN or -infinity the call
+ * fails.
  *
  * Returns: MOAS_OK with *token set, or MOAS_ERR_INVALID_ARG (NULL argument, no
  *          finite logit).
@@ -994,6 +1018,52 @@ MOAS_API moas_status moas_sampler_sample(moas_sampler *sampler, const float *log
  * `sampler` may not be NULL.
  */
 MOAS_API void moas_sampler_reseed(moas_sampler *sampler, uint64_t seed);
+
+/* ---- Added in 1.1: the penalty's history, and stop strings -------------------- */
+
+/*
+ * moas_sampler_accept() - remember `token` for the repetition penalty, as if sampled.
+ * METHOD: moas_sampler
+ *
+ * For tokens the sampler did not choose: the prompt, or a token the caller forced.
+ * moas_sampler_sample() remembers its own choices. Only the last repeat_last_n
+ * tokens are kept.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `sampler`, `token` outside
+ *          [0, n_vocab)).
+ * Thread safety: one thread per sampler.   Allocates: never.
+ */
+MOAS_API moas_status moas_sampler_accept(moas_sampler *sampler, int32_t token);
+
+/*
+ * moas_sampler_reset() - forget the tokens remembered for the repetition penalty.
+ * METHOD: moas_sampler
+ *
+ * The random stream goes on (moas_sampler_reseed() restarts it). `sampler` may not
+ * be NULL.
+ */
+MOAS_API void moas_sampler_reset(moas_sampler *sampler);
+
+/*
+ * moas_text_find_stop() - where generated text meets a stop string.
+ *
+ * Looks in the `len` bytes of `text` for the first place where one of the `n_stops`
+ * NUL-terminated `stops` begins (empty strings are ignored). If one occurs whole,
+ * *found is 1 and *end its offset: keep text[0, *end) and stop. Otherwise *found is 0
+ * and *end is how much of the text can be shown. While `more` is 1 (more text may
+ * follow), that is all of it but a tail that is the start of a stop string and may
+ * yet become one, to be looked at again with the text that follows; with `more` 0
+ * (generation is over) it is all of it. Pass the text generated and not yet shown.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `end` or `found`, NULL `text` with
+ *          len > 0, NULL `stops` with n_stops > 0, a NULL stop string).
+ * Thread safety: safe.   Allocates: no.
+ */
+MOAS_API moas_status moas_text_find_stop(const char *text, size_t len,
+                                         const char *const *stops, size_t n_stops,
+                                         int32_t more, size_t *end, int32_t *found);
+
+/* ---- end of the 1.1 sampler additions ----------------------------------------- */
 
 #ifdef __cplusplus
 }

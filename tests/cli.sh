@@ -59,6 +59,30 @@ grep -q "200 tokens in .*, the window slid [0-9]* times$" "$tmp/long.err" \
 grep -q "the prompt has 100 characters, more than the context's 64: only its last 64 are decoded" \
     "$tmp/cut.err" || fail "long prompt: $(cat "$tmp/cut.err")"
 
+# sampling: a stop string ends the text just before it; biases by id or character
+full=$("$moas" generate -m "$model" -p "And God" -n 60 --seed 5 2>/dev/null)
+stop=$(printf '%s' "$full" | python3 -c 'import sys; t = sys.stdin.read(); print(t[12:14], end="")')
+want=$(printf '%s' "$full" | python3 -c 'import sys; t = sys.stdin.read(); s = sys.argv[1]; print(t[:t.index(s, 7)], end="")' "$stop")
+got=$("$moas" generate -m "$model" -p "And God" -n 60 --seed 5 --stop "$stop" --stop "never here" \
+    2>"$tmp/stop.err")
+[ "$got" = "$want" ] || fail "--stop '$stop': got '$got', want '$want'"
+grep -q "ended by a stop string" "$tmp/stop.err" || fail "--stop: stats line"
+[ "$("$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias A=100 2>/dev/null)" = \
+  "And GodAAAAA" ] || fail "--logit-bias A=100"
+[ "$("$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias 11=100 2>/dev/null)" = \
+  "And GodAAAAA" ] || fail "--logit-bias 11=100 (the id of A)"
+# a ban: greedy never picks the banned token, which greedy picks otherwise
+first_new() { python3 -c 'import sys; print(sys.stdin.read()[7], end="")'; }
+g=$("$moas" generate -m "$model" -p "And God" -n 1 --temp 0 2>/dev/null | first_new)
+b=$("$moas" generate -m "$model" -p "And God" -n 1 --temp 0 --logit-bias "$g=-inf" 2>/dev/null | first_new)
+[ -n "$g" ] && [ "$g" != "$b" ] || fail "--logit-bias '$g=-inf' did not ban it"
+"$moas" generate -m "$model" -p "And God" -n 40 --seed 5 --min-p 0.05 --repeat-penalty 1.3 \
+    --repeat-last-n 16 >/dev/null 2>&1 || fail "--min-p --repeat-penalty --repeat-last-n"
+expect_error 1 "min_p 2 outside" "$moas" generate -m "$model" -p "A" --min-p 2
+expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --repeat-penalty 0
+expect_error 1 "neither a token id nor one character" "$moas" generate -m "$model" -p "A" --logit-bias ab=1
+expect_error 1 "token id must be an integer in \[0, 46\]" "$moas" generate -m "$model" -p "A" --logit-bias 47=1
+
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"
 import json, math, sys

@@ -115,6 +115,11 @@ X(sampler_top_k_and_top_p_cut_the_tail)
 X(sampler_same_seed_same_tokens)
 X(sampler_params_are_checked)
 X(sampler_top_k_keeps_the_k_most_likely)
+X(sampler_logit_bias_shifts_and_bans)
+X(sampler_repeat_penalty_hand_computed)
+X(sampler_min_p_cuts_relative_to_the_most_likely)
+X(sampler_new_params_are_checked_and_old_sizes_work)
+X(text_find_stop_hand_computed)
 
 /* tests/test_alloc.c */
 X(decode_allocates_nothing_and_free_releases_everything)

@@ -162,6 +162,13 @@ typedef struct {
     int depth;       /* bench: tokens in the cache before decoding starts */
     int repeats;     /* bench: repetitions, the median is reported */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
+    float min_p;
+    float repeat_penalty;
+    int repeat_last_n;
+    int n_bias;                 /* --logit-bias TOKEN=BIAS, as given */
+    const char *bias[64];
+    int n_stop;                 /* --stop STRING */
+    const char *stop[64];
 } options;
 
 static void usage(void) {
@@ -169,7 +176,9 @@ static void usage(void) {
           "\n"
           "commands:\n"
           "  generate    -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
-          "              [--show-routes]\n"
+          "              [--min-p P] [--repeat-penalty F] [--repeat-last-n N]\n"
+          "              [--logit-bias TOKEN=BIAS]... [--stop STRING]... [--show-routes]\n"
+          "              (TOKEN: an id, or one character; BIAS: a number or -inf)\n"
           "  perplexity  -f TEXT [--json]\n"
           "  routes      -f TEXT [--json] [--no-color]   (the scheme of every token and layer)\n"
           "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
@@ -227,6 +236,8 @@ static void parse_options(int argc, char **argv, options *o) {
     o->color = isatty(STDOUT_FILENO);
     o->n_prompt = 512;
     o->repeats = 5;
+    o->repeat_penalty = 1.0f;
+    o->repeat_last_n = 64;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
@@ -270,6 +281,23 @@ static void parse_options(int argc, char **argv, options *o) {
             } else {
                 die("--kv-type must be f32 or f16, got '%s'", t);
             }
+        } else if (!strcmp(a, "--min-p")) {
+            o->min_p = parse_float(need_value(argc, argv, &i), "--min-p");
+        } else if (!strcmp(a, "--repeat-penalty")) {
+            o->repeat_penalty = parse_float(need_value(argc, argv, &i), "--repeat-penalty");
+        } else if (!strcmp(a, "--repeat-last-n")) {
+            o->repeat_last_n = (int)parse_long(need_value(argc, argv, &i), "--repeat-last-n", 0,
+                                               1L << 20);
+        } else if (!strcmp(a, "--logit-bias")) {
+            if (o->n_bias == 64) {
+                die("at most 64 --logit-bias options");
+            }
+            o->bias[o->n_bias++] = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "--stop")) {
+            if (o->n_stop == 64) {
+                die("at most 64 --stop options");
+            }
+            o->stop[o->n_stop++] = need_value(argc, argv, &i);
         } else if (!strcmp(a, "--unknown")) {
             const char *u = need_value(argc, argv, &i);
             if (!strcmp(u, "error")) {
@@ -513,6 +541,34 @@ static int cmd_routes(const options *o) {
 
 /* ---- generate ----------------------------------------------------------------- */
 
+/* --logit-bias TOKEN=BIAS: TOKEN is a token id (digits) or one character of the
+ * vocabulary; BIAS a number, or -inf to ban the token. */
+static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg) {
+    moas_logit_bias b;
+    const char *eq = strrchr(arg, '=');
+    char key[32];
+    size_t n = 0;
+
+    if (eq == NULL || eq == arg || (size_t)(eq - arg) >= sizeof key) {
+        die("--logit-bias needs TOKEN=BIAS (an id or one character, then a number), got '%s'",
+            arg);
+    }
+    memcpy(key, arg, (size_t)(eq - arg));
+    key[eq - arg] = '\0';
+    b.bias = parse_float(eq + 1, "--logit-bias's BIAS");
+    if (strspn(key, "0123456789") == strlen(key)) {
+        b.token = (int32_t)parse_long(key, "--logit-bias's token id", 0,
+                                      moas_model_n_vocab(model) - 1);
+        return b;
+    }
+    const moas_status st = moas_tokenize(model, key, (size_t)-1, &b.token, 1, &n);
+    if (st == MOAS_ERR_BUFFER_TOO_SMALL || (st == MOAS_OK && n != 1)) {
+        die("--logit-bias: '%s' is neither a token id nor one character", key);
+    }
+    check(st, "--logit-bias");
+    return b;
+}
+
 /* Generation beyond the context: the published model only knows positions below its
  * trained length, so when the cache is full the last half of the window is decoded
  * again from position 0 and generation continues from there. */
@@ -527,14 +583,26 @@ static int cmd_generate(const options *o) {
     int32_t *tokens, *window;
     int32_t n_window = 0, n_slides = 0;
 
+    moas_logit_bias bias[64];
     moas_sampler_params_init(&sp);
     sp.temperature = o->temperature;
     sp.top_k = o->top_k;
     sp.top_p = o->top_p;
     sp.seed = o->seed;
+    sp.min_p = o->min_p;
+    sp.repeat_penalty = o->repeat_penalty;
+    sp.repeat_last_n = o->repeat_last_n;
+    for (int i = 0; i < o->n_bias; i++) {
+        bias[i] = parse_logit_bias(model, o->bias[i]);
+    }
+    sp.n_logit_bias = o->n_bias;
+    sp.logit_bias = bias;
     check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
 
     tokens = tokenize_all(model, prompt, strlen(prompt), &n_prompt, NULL);
+    for (size_t i = 0; i < n_prompt; i++) {   /* the penalty sees the prompt too */
+        check(moas_sampler_accept(smp, tokens[i]), "sampler");
+    }
     if (n_prompt == 0) {
         die("the prompt is empty: give at least one character with -p");
     }
@@ -556,12 +624,39 @@ static int cmd_generate(const options *o) {
     fputs(prompt, stdout);
     fflush(stdout);
 
+    /* text sampled but not shown yet: it may be the start of a stop string */
+    size_t held = 0, held_cap = 256;
+    char *pending = malloc(held_cap);
+    int n_generated = 0, stopped = 0;
+    if (pending == NULL) {
+        die("out of memory");
+    }
     const double t0 = now_seconds();
-    for (int i = 0; i < o->n_predict; i++) {
+    for (int i = 0; i < o->n_predict && !stopped; i++) {
         int32_t token;
+        size_t show;
         check(moas_sampler_sample(smp, moas_context_logits(ctx), &token), "sample");
-        fputs(moas_token_text(model, token), stdout);
+        n_generated++;
+        const char *piece = moas_token_text(model, token);
+        const size_t piece_len = strlen(piece);
+        if (held + piece_len > held_cap) {
+            held_cap = 2 * (held + piece_len);
+            pending = realloc(pending, held_cap);
+            if (pending == NULL) {
+                die("out of memory");
+            }
+        }
+        memcpy(pending + held, piece, piece_len);
+        held += piece_len;
+        check(moas_text_find_stop(pending, held, o->stop, (size_t)o->n_stop, 1, &show, &stopped),
+              "stop strings");
+        fwrite(pending, 1, show, stdout);
         fflush(stdout);
+        memmove(pending, pending + show, held - show);
+        held -= show;
+        if (stopped) {
+            break;
+        }
         if (n_window == n_ctx) {
             const int32_t keep = n_ctx / 2;
             if (n_slides++ == 0) {
@@ -580,10 +675,20 @@ static int cmd_generate(const options *o) {
         check(moas_context_decode(ctx, token, NULL), "decode");
     }
     const double dt = now_seconds() - t0;
+    if (!stopped && held > 0) {   /* nothing follows: a whole stop string still counts */
+        size_t show;
+        check(moas_text_find_stop(pending, held, o->stop, (size_t)o->n_stop, 0, &show, &stopped),
+              "stop strings");
+        fwrite(pending, 1, show, stdout);
+    }
+    free(pending);
     fputc('\n', stdout);
     fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s, "
-            "%d threads", o->n_predict, dt, dt > 0 ? o->n_predict / dt : 0.0,
+            "%d threads", n_generated, dt, dt > 0 ? n_generated / dt : 0.0,
             mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx));
+    if (stopped) {
+        fprintf(stderr, ", ended by a stop string");
+    }
     if (n_slides > 0) {
         fprintf(stderr, ", the window slid %d time%s", n_slides, n_slides == 1 ? "" : "s");
     }

@@ -51,6 +51,7 @@ from collections import namedtuple
 __all__ = [
     "MoasError", "Status", "LogLevel", "Type", "Mixing", "KvSharing", "MetaType", "Mode",
     "Kernels", "Logits", "Model", "Context", "Sampler", "TensorInfo", "Routes", "Allocator",
+    "LogitBias", "find_stop",
     "load_library", "library", "library_path", "version_number", "version_string",
     "status_string", "status_name", "last_error", "ABI_MAJOR",
 ]
@@ -171,10 +172,17 @@ class ContextParams(ctypes.Structure):
                 ("route_user", ctypes.c_void_p)]
 
 
+class LogitBias(ctypes.Structure):
+    _fields_ = [("token", ctypes.c_int32), ("bias", ctypes.c_float)]
+
+
 class SamplerParams(ctypes.Structure):
     _fields_ = [("size", ctypes.c_uint32), ("temperature", ctypes.c_float),
                 ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
-                ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator))]
+                ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator)),
+                ("min_p", ctypes.c_float), ("repeat_penalty", ctypes.c_float),
+                ("repeat_last_n", ctypes.c_int32), ("n_logit_bias", ctypes.c_int32),
+                ("logit_bias", ctypes.POINTER(LogitBias))]
 
 
 class TokenizeParams(ctypes.Structure):
@@ -267,6 +275,9 @@ _SIGNATURES = {
     "moas_sampler_free": (None, [_vp]),
     "moas_sampler_sample": (c_status, [_vp, _P(_f32), _P(_i32)]),
     "moas_sampler_reseed": (None, [_vp, _u64]),
+    "moas_sampler_accept": (c_status, [_vp, _i32]),
+    "moas_sampler_reset": (None, [_vp]),
+    "moas_text_find_stop": (c_status, [_cp, _sz, _P(_cp), _sz, _i32, _P(_sz), _P(_i32)]),
 }
 
 # ---- finding and loading the library ------------------------------------------------
@@ -992,18 +1003,28 @@ class Context(_Handle):
 
 
 class Sampler(_Handle):
-    """Chooses tokens from logits (moas_sampler): greedy when temperature is 0, else
-    softmax(logits / temperature) cut to top_k then top_p, drawn from a seeded stream.
-    `vocab` is a Model or the number of logits."""
+    """Chooses tokens from logits (moas_sampler): the logits get `logit_bias` (a dict
+    {token id: bias}, -inf bans) and the repetition penalty (`repeat_penalty` over
+    the last `repeat_last_n` tokens sampled or accept()ed); then greedy when
+    temperature is 0, else softmax(logits / temperature) cut to top_k, top_p, then
+    min_p, drawn from a seeded stream. `vocab` is a Model or the number of logits.
+    Stop strings are text: see find_stop()."""
 
     _kind = "sampler"
 
-    def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, allocator=None):
+    def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, min_p=0.0,
+                 repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, allocator=None):
         self._ptr = None
         self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else int(vocab)
         params = _params(library().moas_sampler_params_init_sized, SamplerParams)
         params.temperature, params.top_k, params.top_p, params.seed = (
             temperature, top_k, top_p, seed)
+        params.min_p, params.repeat_penalty, params.repeat_last_n = (
+            min_p, repeat_penalty, repeat_last_n)
+        biases = sorted(dict(logit_bias or {}).items())
+        bias_array = (LogitBias * max(len(biases), 1))(*[LogitBias(t, b) for t, b in biases])
+        params.n_logit_bias = len(biases)
+        params.logit_bias = bias_array   # copied by the library at creation
         self._allocator = allocator
         if allocator is not None:
             params.allocator = ctypes.pointer(allocator)
@@ -1055,3 +1076,31 @@ class Sampler(_Handle):
 
     def reseed(self, seed):
         library().moas_sampler_reseed(self._p(), seed)
+
+    def accept(self, tokens):
+        """Remember a token id, or each of a sequence (a prompt), for the repetition
+        penalty, as if sampled."""
+        for token in ([tokens] if isinstance(tokens, int) else tokens):
+            _check(library().moas_sampler_accept(self._p(), token))
+
+    def reset(self):
+        """Forget the tokens remembered for the repetition penalty."""
+        library().moas_sampler_reset(self._p())
+
+
+def find_stop(text, stops, more=True):
+    """(end, found) for generated text not yet shown (moas_text_find_stop): found is
+    True when a stop string occurs whole, and text[:end] is what comes before it;
+    otherwise text[:end] can be shown and the rest is held back while `more` text may
+    follow (it may become a stop string). `text` and `stops` are str (UTF-8) or bytes;
+    `end` counts characters for str, bytes for bytes."""
+    raw = _utf8(text)
+    stop_raw = [_utf8(s) for s in stops]
+    arr = (ctypes.c_char_p * max(len(stop_raw), 1))(*stop_raw)
+    end, found = ctypes.c_size_t(), ctypes.c_int32()
+    _check(library().moas_text_find_stop(raw, len(raw), arr, len(stop_raw), int(bool(more)),
+                                         ctypes.byref(end), ctypes.byref(found)))
+    n = end.value
+    if isinstance(text, str):
+        n = len(raw[:n].decode("utf-8", "surrogateescape"))
+    return n, bool(found.value)

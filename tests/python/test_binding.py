@@ -500,6 +500,39 @@ class Routing(Base):
 
 
 class SamplerApi(Base):
+    def test_bias_penalty_min_p_hand_computed(self):
+        logits = [2.0, 3.0, -1.0, 2.5]
+        with moas.Sampler(4, temperature=0, logit_bias={1: -10.0}) as s:
+            self.assertEqual(s.sample(logits), 3)           # 3 - 10 < 2.5
+        with moas.Sampler(4, temperature=0, logit_bias={1: float("-inf"),
+                                                         3: float("-inf")}) as s:
+            self.assertEqual(s.sample(logits), 0)
+        with moas.Sampler(4, temperature=0, repeat_penalty=2.0, repeat_last_n=2) as s:
+            # own choices remembered, the last two: 3.0/2 < 2.5; 1.5, 1.25 < 2.0; 1 left
+            self.assertEqual([s.sample(logits) for _ in range(4)], [1, 3, 0, 1])
+            s.reset()
+            s.accept([1, 1])                                # penalised once: 1.5 > 1.0
+            self.assertEqual(s.sample([1.0, 3.0, -5.0, -5.0]), 1)
+            self.expect(moas.Status.ERR_INVALID_ARG, s.accept, 4)
+        # p 0.5 0.3 0.15 0.05: min-p 0.2 draws as top-k 3 from the same seed
+        import math
+        lp = [math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]
+        with moas.Sampler(4, seed=7, min_p=0.2) as a, moas.Sampler(4, seed=7, top_k=3) as b:
+            got = [a.sample(lp) for _ in range(300)]
+            self.assertEqual(got, [b.sample(lp) for _ in range(300)])
+            self.assertNotIn(3, got)
+        self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4, min_p=1.5)
+        self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4, logit_bias={4: 1.0})
+
+    def test_find_stop(self):
+        stops = ["\n\n", "Amen"]
+        self.assertEqual(moas.find_stop("And it was so.\n\nAnd", stops), (14, True))
+        self.assertEqual(moas.find_stop("so. Am", stops), (4, False))
+        self.assertEqual(moas.find_stop("so. Am", stops, more=False), (6, False))
+        self.assertEqual(moas.find_stop("é—Amen", stops), (2, True))     # characters
+        self.assertEqual(moas.find_stop("é—Amen".encode(), stops), (5, True))  # bytes
+        self.assertEqual(moas.find_stop("abc", []), (3, False))
+
     def test_greedy_is_argmax(self):
         with self.model.context() as ctx, moas.Sampler(self.model, temperature=0) as smp:
             logits = ctx.decode_batch(self.model.tokenize("And God"))

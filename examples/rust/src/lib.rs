@@ -110,6 +110,17 @@ pub mod ffi {
         pub top_p: f32,
         pub seed: u64,
         pub allocator: *const moas_allocator,
+        pub min_p: f32,
+        pub repeat_penalty: f32,
+        pub repeat_last_n: i32,
+        pub n_logit_bias: i32,
+        pub logit_bias: *const moas_logit_bias,
+    }
+
+    #[repr(C)]
+    pub struct moas_logit_bias {
+        pub token: i32,
+        pub bias: f32,
     }
 
     #[repr(C)]
@@ -325,6 +336,17 @@ pub mod ffi {
             token: *mut i32,
         ) -> moas_status;
         pub fn moas_sampler_reseed(sampler: *mut moas_sampler, seed: u64);
+        pub fn moas_sampler_accept(sampler: *mut moas_sampler, token: i32) -> moas_status;
+        pub fn moas_sampler_reset(sampler: *mut moas_sampler);
+        pub fn moas_text_find_stop(
+            text: *const c_char,
+            len: usize,
+            stops: *const *const c_char,
+            n_stops: usize,
+            more: i32,
+            end: *mut usize,
+            found: *mut i32,
+        ) -> moas_status;
     }
 }
 
@@ -821,6 +843,16 @@ impl Sampler {
 
     pub fn reseed(&mut self, seed: u64) {
         unsafe { ffi::moas_sampler_reseed(self.ptr.as_ptr(), seed) }
+    }
+
+    /// Remember `token` for the repetition penalty, as if sampled (a prompt's tokens).
+    pub fn accept(&mut self, token: i32) -> Result<()> {
+        check(unsafe { ffi::moas_sampler_accept(self.ptr.as_ptr(), token) })
+    }
+
+    /// Forget the tokens remembered for the repetition penalty.
+    pub fn reset(&mut self) {
+        unsafe { ffi::moas_sampler_reset(self.ptr.as_ptr()) }
     }
 }
 
