@@ -47,9 +47,10 @@
  * of threads, may share it. A context or a sampler belongs to one thread at a time;
  * calls on different contexts never interfere. A context may use several threads
  * inside one call (OpenMP, `n_threads`); results do not depend on that number. The
- * calling thread leads them and runs every callback; the others wait spinning between
- * the call's parallel steps, so a call should not ask for more threads than it has
- * free cores. A decoding call needs up to about 48 KB of stack on the calling thread
+ * calling thread leads them and runs every callback; the others spin briefly between
+ * the call's parallel steps, then sleep. When the other threads come late (the
+ * machine's cores are busy), the following calls run on the calling thread alone for
+ * a while; a call should still not ask for more threads than it has free cores. A decoding call needs up to about 48 KB of stack on the calling thread
  * and on each OpenMP worker (Q8_0 weights make a block of rows into floats there).
  *
  * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
