@@ -802,6 +802,7 @@ MOAS_API size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t 
  *
  * Returns: the byte count; 0 for a NULL `ctx` or a `scheme` outside [-1, n_scheme).
  * Thread safety: one thread per context.   Allocates: no.
+ * Since: 1.1.
  */
 MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t scheme);
 
@@ -814,6 +815,7 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.
  * Thread safety: one thread per context.   Allocates: no.
+ * Since: 1.1.
  */
 MOAS_API int32_t moas_context_n_threads(const moas_context *ctx);
 
@@ -867,6 +869,7 @@ typedef struct moas_tokenize_params {
  * moas_tokenize_params_init(params) - the same with the caller's sizeof (a macro).
  *
  * As moas_model_params_init_sized(). Thread safety: safe.   Allocates: no.
+ * Since: 1.1.
  */
 MOAS_API void moas_tokenize_params_init_sized(moas_tokenize_params *params, size_t size);
 #define moas_tokenize_params_init(params_) \
@@ -889,6 +892,7 @@ MOAS_API void moas_tokenize_params_init_sized(moas_tokenize_params *params, size
  *          MOAS_ERR_INVALID_ARG (as moas_tokenize(); an unknown rule, a replacement
  *          outside [0, n_vocab) with rule REPLACE, bad params->size).
  * Thread safety: safe.   Allocates: no.
+ * Since: 1.1.
  */
 MOAS_API moas_status moas_tokenize_ex(const moas_model *model, const char *text,
                                       size_t text_len, const moas_tokenize_params *params,
@@ -1033,6 +1037,7 @@ MOAS_API void moas_sampler_reseed(moas_sampler *sampler, uint64_t seed);
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `sampler`, `token` outside
  *          [0, n_vocab)).
  * Thread safety: one thread per sampler.   Allocates: never.
+ * Since: 1.1.
  */
 MOAS_API moas_status moas_sampler_accept(moas_sampler *sampler, int32_t token);
 
@@ -1042,6 +1047,9 @@ MOAS_API moas_status moas_sampler_accept(moas_sampler *sampler, int32_t token);
  *
  * The random stream goes on (moas_sampler_reseed() restarts it). `sampler` may not
  * be NULL.
+ *
+ * Thread safety: one thread per sampler.   Allocates: no.
+ * Since: 1.1.
  */
 MOAS_API void moas_sampler_reset(moas_sampler *sampler);
 
@@ -1059,6 +1067,7 @@ MOAS_API void moas_sampler_reset(moas_sampler *sampler);
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `end` or `found`, NULL `text` with
  *          len > 0, NULL `stops` with n_stops > 0, a NULL stop string).
  * Thread safety: safe.   Allocates: no.
+ * Since: 1.1.
  */
 MOAS_API moas_status moas_text_find_stop(const char *text, size_t len,
                                          const char *const *stops, size_t n_stops,

@@ -559,6 +559,34 @@ impl Model {
         Ok(ids)
     }
 
+    /// Token ids of `text` with characters outside the vocabulary replaced by the token
+    /// `replacement` (Some) or dropped (None), and how many were (moas_tokenize_ex).
+    pub fn tokenize_lenient(
+        &self,
+        text: &str,
+        replacement: Option<i32>,
+    ) -> Result<(Vec<i32>, usize)> {
+        let mut p = params(ffi::moas_tokenize_params_init_sized);
+        p.unknown = if replacement.is_some() { 1 } else { 2 }; // REPLACE, DROP
+        p.replacement = replacement.unwrap_or(-1);
+        let mut ids = vec![0i32; text.len()];
+        let (mut n, mut changed) = (0usize, 0usize);
+        check(unsafe {
+            ffi::moas_tokenize_ex(
+                self.as_ptr(),
+                text.as_ptr().cast(),
+                text.len(),
+                &p,
+                ids.as_mut_ptr(),
+                ids.len(),
+                &mut n,
+                &mut changed,
+            )
+        })?;
+        ids.truncate(n);
+        Ok((ids, changed))
+    }
+
     /// The text of `tokens` (moas_detokenize).
     pub fn detokenize(&self, tokens: &[i32]) -> Result<String> {
         let mut buf = vec![0u8; 4 * tokens.len() + 1]; // a character is at most 4 bytes
@@ -785,13 +813,18 @@ impl Drop for Context<'_> {
 
 // ---- sampler --------------------------------------------------------------------------
 
-/// moas_sampler_params. Default: the C defaults (temperature 1, all tokens, seed 0).
+/// moas_sampler_params. Default: the C defaults (temperature 1, all tokens, seed 0, no
+/// min-p, no repetition penalty over the last 64 tokens, no logit biases).
 #[derive(Clone, Debug)]
 pub struct SamplerParams {
     pub temperature: f32, // 0: greedy
     pub top_k: i32,       // 0: all
     pub top_p: f32,       // 1: all
     pub seed: u64,
+    pub min_p: f32,          // 0: off
+    pub repeat_penalty: f32, // 1: off
+    pub repeat_last_n: i32,
+    pub logit_bias: Vec<(i32, f32)>, // (token, bias); f32::NEG_INFINITY bans
 }
 
 impl Default for SamplerParams {
@@ -801,6 +834,10 @@ impl Default for SamplerParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -819,7 +856,22 @@ impl Sampler {
         c.top_k = p.top_k;
         c.top_p = p.top_p;
         c.seed = p.seed;
+        c.min_p = p.min_p;
+        c.repeat_penalty = p.repeat_penalty;
+        c.repeat_last_n = p.repeat_last_n;
+        let bias: Vec<ffi::moas_logit_bias> = p
+            .logit_bias
+            .iter()
+            .map(|&(token, bias)| ffi::moas_logit_bias { token, bias })
+            .collect();
+        c.n_logit_bias = bias.len() as i32;
+        c.logit_bias = if bias.is_empty() {
+            ptr::null()
+        } else {
+            bias.as_ptr()
+        };
         let mut out = ptr::null_mut();
+        // the library copies the biases during the call
         check(unsafe { ffi::moas_sampler_create(&c, n_vocab, &mut out) })?;
         Ok(Sampler {
             ptr: NonNull::new(out).expect("OK and NULL"),
