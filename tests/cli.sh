@@ -138,6 +138,9 @@ grep -q "routed in 9 windows of up to 64" "$tmp/map.err" || fail "routes: stderr
 printf 'And God saw' >"$tmp/text"
 "$moas" logits -m "$model" -f "$tmp/text" -o "$tmp/logits" 2>/dev/null
 [ "$(wc -c <"$tmp/logits")" -eq $((11 * 47 * 4)) ] || fail "logits file size"
+"$moas" logits -m "$model" -f "$data/tiny.txt" -o "$tmp/logits2" 2>"$tmp/logits2.err"
+grep -q "the text has 537 characters, more than the context's 64: its logits come from windows of 64" \
+    "$tmp/logits2.err" || fail "logits: windows not said"
 
 expect_error 1 "cannot open" "$moas" inspect -m "$tmp/missing.gguf"
 printf 'GGUF\003\000\000\000' >"$tmp/short.gguf"

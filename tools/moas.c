@@ -684,8 +684,9 @@ static int cmd_generate(const options *o) {
     free(pending);
     fputc('\n', stdout);
     fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s, "
-            "%d threads", n_generated, dt, dt > 0 ? n_generated / dt : 0.0,
-            mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx));
+            "%d thread%s", n_generated, dt, dt > 0 ? n_generated / dt : 0.0,
+            mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+            moas_context_n_threads(ctx) == 1 ? "" : "s");
     if (stopped) {
         fprintf(stderr, ", ended by a stop string");
     }
@@ -885,6 +886,11 @@ static int cmd_logits(const options *o) {
     /* Logits of every position, in windows of the context length from an empty cache,
      * written as they come; float32 on every platform we build for is IEEE
      * little-endian. */
+    if (n_tokens > (size_t)n_ctx) {
+        fprintf(stderr, "moas: the text has %zu characters, more than the context's %d: its "
+                "logits come from windows of %d, each from an empty cache\n", n_tokens, n_ctx,
+                n_ctx);
+    }
     for (size_t i = 0; i < n_tokens; i++) {
         if (i % (size_t)n_ctx == 0) {
             moas_context_reset(ctx);
