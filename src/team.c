@@ -208,7 +208,7 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
     atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);
 #if defined(_OPENMP)
-    if (n_threads > 1 && team->solo_left > 0) {
+    if (n_threads > 1 && team->solo_left > 0 && !team->never_solo) {
         team->solo_left--;   /* the last teams came late: this call runs alone */
     } else if (n_threads > 1) {
         int64_t body_end = 0;

@@ -43,7 +43,9 @@ typedef struct moas_team {
     /* the leader's own, kept from call to call (a team lives as long as its context) */
     int64_t wait_ns;          /* this call: time the leader waited for others' slices */
     int32_t solo_left;        /* calls to run on the leader alone before a team again */
-    int32_t solo_next;        /* solo calls after the next late team (doubles, halves) */
+    int32_t solo_next;        /* solo calls after the next late team (4x, then a quarter) */
+    bool never_solo;          /* tests: always run with the team, late or not, so that the
+                               * parallel paths run whatever the machine's load */
     char pad3[64];
     atomic_uint claim[MOAS_MAX_THREADS];   /* the last step each slice was claimed for */
 } moas_team;

@@ -512,5 +512,16 @@ TEST(team_runs_alone_while_backing_off) {
 #endif
         free(p);
     }
+    /* a team that must never run alone (the tests' thread-count invariance) ignores it */
+    team_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.solo_left = 5;
+    p->team.never_solo = true;
+    moas__team_lead(&p->team, 3, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+#if defined(_OPENMP)
+    ASSERT_EQ(p->nth, 3);
+#endif
+    free(p);
     return TEST_PASS;
 }
