@@ -78,35 +78,33 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
-/* How text meets the vocabulary (--unknown): the rule and, for replace, the token. */
+/* How text meets the vocabulary (--unknown): the rule and, for replace, the character. */
 typedef struct {
     int32_t rule;            /* a moas_unknown */
     const char *with;        /* replace: the replacement character, as given */
 } unknown_opt;
 
-static unknown_opt g_unknown = {MOAS_UNKNOWN_ERROR, " "};
-
-/* Text -> freshly allocated token ids, under the --unknown rule; says on stderr how
+/* Text -> freshly allocated token ids, under the --unknown rule `unk`; says on stderr how
  * many characters were replaced or dropped, and returns that count in *n_changed
  * (may be NULL). */
-static int32_t *tokenize_all(const moas_model *model, const char *text, size_t len,
-                             size_t *n_tokens, size_t *n_changed_out) {
+static int32_t *tokenize_all(const moas_model *model, const unknown_opt *unk, const char *text,
+                             size_t len, size_t *n_tokens, size_t *n_changed_out) {
     moas_tokenize_params tp;
     int32_t *tokens;
     size_t n_changed = 0;
 
     moas_tokenize_params_init(&tp);
-    tp.unknown = g_unknown.rule;
+    tp.unknown = unk->rule;
     if (tp.unknown == MOAS_UNKNOWN_REPLACE) {
         size_t n = 0;
         int32_t id;
-        const moas_status st = moas_tokenize(model, g_unknown.with, (size_t)-1, &id, 1, &n);
+        const moas_status st = moas_tokenize(model, unk->with, (size_t)-1, &id, 1, &n);
         if (st == MOAS_ERR_UNKNOWN_CHAR) {
             die("--unknown replace:%s: the replacement must be in the vocabulary: %s",
-                g_unknown.with, moas_last_error());
+                unk->with, moas_last_error());
         }
         if (st == MOAS_ERR_BUFFER_TOO_SMALL || (st == MOAS_OK && n != 1)) {
-            die("--unknown replace:C needs exactly one character, got '%s'", g_unknown.with);
+            die("--unknown replace:C needs exactly one character, got '%s'", unk->with);
         }
         check(st, "--unknown replace");
         tp.replacement = id;
@@ -131,7 +129,7 @@ static int32_t *tokenize_all(const moas_model *model, const char *text, size_t l
                     n_changed == 1 ? "" : "s");
         } else {
             fprintf(stderr, "moas: replaced %zu character%s outside the vocabulary with '%s'\n",
-                    n_changed, n_changed == 1 ? "" : "s", g_unknown.with);
+                    n_changed, n_changed == 1 ? "" : "s", unk->with);
         }
     }
     if (n_changed_out != NULL) {
@@ -169,6 +167,7 @@ typedef struct {
     const char *bias[64];
     int n_stop;                 /* --stop STRING */
     const char *stop[64];
+    unknown_opt unknown;        /* --unknown */
 } options;
 
 static void usage(void) {
@@ -238,6 +237,8 @@ static void parse_options(int argc, char **argv, options *o) {
     o->repeats = 5;
     o->repeat_penalty = 1.0f;
     o->repeat_last_n = 64;
+    o->unknown.rule = MOAS_UNKNOWN_ERROR;
+    o->unknown.with = " ";
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
@@ -301,15 +302,15 @@ static void parse_options(int argc, char **argv, options *o) {
         } else if (!strcmp(a, "--unknown")) {
             const char *u = need_value(argc, argv, &i);
             if (!strcmp(u, "error")) {
-                g_unknown.rule = MOAS_UNKNOWN_ERROR;
+                o->unknown.rule = MOAS_UNKNOWN_ERROR;
             } else if (!strcmp(u, "drop")) {
-                g_unknown.rule = MOAS_UNKNOWN_DROP;
+                o->unknown.rule = MOAS_UNKNOWN_DROP;
             } else if (!strcmp(u, "replace")) {
-                g_unknown.rule = MOAS_UNKNOWN_REPLACE;
-                g_unknown.with = " ";
+                o->unknown.rule = MOAS_UNKNOWN_REPLACE;
+                o->unknown.with = " ";
             } else if (!strncmp(u, "replace:", 8)) {
-                g_unknown.rule = MOAS_UNKNOWN_REPLACE;
-                g_unknown.with = u + 8;
+                o->unknown.rule = MOAS_UNKNOWN_REPLACE;
+                o->unknown.with = u + 8;
             } else {
                 die("--unknown must be error, drop, replace or replace:C, got '%s'", u);
             }
@@ -486,7 +487,7 @@ static int cmd_routes(const options *o) {
         die("routes needs -f TEXT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens, NULL);
+    int32_t *tokens = tokenize_all(model, &o->unknown, text, len, &n_tokens, NULL);
     float *gates = malloc((size_t)n_ctx * L * S * sizeof *gates);
     int32_t *schemes = malloc((size_t)n_ctx * L * sizeof *schemes);
     int32_t *heads = malloc((size_t)n_ctx * L * sizeof *heads);
@@ -599,7 +600,7 @@ static int cmd_generate(const options *o) {
     sp.logit_bias = bias;
     check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
 
-    tokens = tokenize_all(model, prompt, strlen(prompt), &n_prompt, NULL);
+    tokens = tokenize_all(model, &o->unknown, prompt, strlen(prompt), &n_prompt, NULL);
     for (size_t i = 0; i < n_prompt; i++) {   /* the penalty sees the prompt too */
         check(moas_sampler_accept(smp, tokens[i]), "sampler");
     }
@@ -783,9 +784,9 @@ static int cmd_perplexity(const options *o) {
     }
     char *text = read_file(o->text_path, &len);
     size_t n_changed;
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens, &n_changed);
+    int32_t *tokens = tokenize_all(model, &o->unknown, text, len, &n_tokens, &n_changed);
     /* characters of the text: dropped ones are not among the tokens */
-    const size_t n_chars = n_tokens + (g_unknown.rule == MOAS_UNKNOWN_DROP ? n_changed : 0);
+    const size_t n_chars = n_tokens + (o->unknown.rule == MOAS_UNKNOWN_DROP ? n_changed : 0);
     if (n_tokens < 2) {
         die("'%s' has %zu characters; at least 2 are needed", o->text_path, n_tokens);
     }
@@ -807,8 +808,8 @@ static int cmd_perplexity(const options *o) {
 
     if (o->json) {
         printf("{\"n_chars\": %zu, \"n_unknown\": %zu, \"unknown\": \"%s\", ", n_chars,
-               n_changed, g_unknown.rule == MOAS_UNKNOWN_DROP      ? "drop"
-                          : g_unknown.rule == MOAS_UNKNOWN_REPLACE ? "replace"
+               n_changed, o->unknown.rule == MOAS_UNKNOWN_DROP      ? "drop"
+                          : o->unknown.rule == MOAS_UNKNOWN_REPLACE ? "replace"
                                                                    : "error");
         printf("\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
                "\"n_ctx\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
@@ -842,7 +843,7 @@ static int cmd_perplexity(const options *o) {
         printf("characters      %zu in the text", n_chars);
         if (n_changed > 0) {
             printf(", %zu outside the vocabulary %s", n_changed,
-                   g_unknown.rule == MOAS_UNKNOWN_DROP ? "dropped" : "replaced");
+                   o->unknown.rule == MOAS_UNKNOWN_DROP ? "dropped" : "replaced");
         }
         printf("\n");
         printf("tokens          %zu (%zu scored: all but the first of each window of %d)\n",
@@ -878,7 +879,7 @@ static int cmd_logits(const options *o) {
         die("logits needs -f TEXT and -o OUT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens, NULL);
+    int32_t *tokens = tokenize_all(model, &o->unknown, text, len, &n_tokens, NULL);
     FILE *out = fopen(o->out_path, "wb");
     if (out == NULL) {
         die("cannot create '%s': %s", o->out_path, strerror(errno));
