@@ -47,9 +47,10 @@
  * of threads, may share it. A context or a sampler belongs to one thread at a time;
  * calls on different contexts never interfere. A context may use several threads
  * inside one call (OpenMP, `n_threads`); results do not depend on that number. The
- * calling thread leads them and runs every callback; the others wait spinning between
- * the call's parallel steps, so a call should not ask for more threads than it has
- * free cores. A decoding call needs up to about 48 KB of stack on the calling thread
+ * calling thread leads them and runs every callback; the others spin briefly between
+ * the call's parallel steps, then sleep. When the other threads come late (the
+ * machine's cores are busy), the following calls run on the calling thread alone for
+ * a while; a call should still not ask for more threads than it has free cores. A decoding call needs up to about 48 KB of stack on the calling thread
  * and on each OpenMP worker (Q8_0 weights make a block of rows into floats there).
  *
  * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
@@ -144,13 +145,14 @@ MOAS_API const char *moas_version_string(void);
     X(ERR_NOT_FOUND,       -10, "no such metadata key or tensor")                 \
     X(ERR_WRONG_TYPE,      -11, "metadata value has another type")               \
     X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")                \
-    X(ERR_POOL_FULL,       -13, "the KV pool has too few free pages")
+    X(ERR_INVALID_UTF8,    -13, "text is not valid UTF-8")                 \
+    X(ERR_POOL_FULL,       -14, "the KV pool has too few free pages")
 
 typedef enum moas_status {
 #define MOAS_STATUS_ENUM_(name_, value_, msg_) MOAS_##name_ = value_,
     MOAS_STATUS_MAP(MOAS_STATUS_ENUM_)
 #undef MOAS_STATUS_ENUM_
-    MOAS_STATUS_COUNT = 14 /* number of statuses, not a status */
+    MOAS_STATUS_COUNT = 15 /* number of statuses, not a status */
 } moas_status;
 
 /*
@@ -792,6 +794,42 @@ MOAS_API void moas_context_set_route_callback(moas_context *ctx, moas_route_fn f
 MOAS_API size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer);
 MOAS_API size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer);
 
+/* ---- Added in 1.1: what one token costs, and the threads a context uses ---------- */
+
+/*
+ * moas_context_kv_token_bytes() - bytes of the KV cache one token occupies, over all
+ *                                 layers, as this context stores it.
+ * METHOD: moas_context
+ *
+ * `scheme` -1: mixture mode's storage, every scheme's K/V (a pooled model: one mix of
+ * all n_head heads); a scheme s in [0, n_scheme): routed mode's storage of a token
+ * routed to s in every layer, its 5 bytes of bookkeeping per layer included. The
+ * element size is the context's kv_type. This is the figure the context itself uses
+ * for its accounting and budget, so n tokens decoded in mixture mode use exactly n
+ * times moas_context_kv_token_bytes(ctx, -1) (moas_context_kv_bytes_used()). A tool
+ * that wants the figure for a model creates a context with n_ctx 1.
+ *
+ * Returns: the byte count; 0 for a NULL `ctx` or a `scheme` outside [-1, n_scheme).
+ * Thread safety: one thread per context.   Allocates: no.
+ * Since: 1.1.
+ */
+MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t scheme);
+
+/*
+ * moas_context_n_threads() - threads a decoding call of this context uses.
+ *
+ * params->n_threads as given, or for 0 the number it resolved to at creation
+ * (OpenMP's default); always 1 in a library built without OpenMP. A call made inside
+ * the caller's own OpenMP parallel region may get fewer.
+ *
+ * Returns: the count (>= 1); 0 for a NULL `ctx`.
+ * Thread safety: one thread per context.   Allocates: no.
+ * Since: 1.1.
+ */
+MOAS_API int32_t moas_context_n_threads(const moas_context *ctx);
+
+/* ---- end of the 1.1 additions to the context ---------------------------------- */
+
 /* ======================================================================
  *  KV pool: many sequences in one memory, batched decode, fork, saved state
  * ======================================================================
@@ -1015,7 +1053,9 @@ MOAS_API moas_status moas_context_state_load(moas_context *ctx, const void *buf,
  * Writes at most `n_max` ids to `tokens` and the number of ids the whole text needs
  * to *n_tokens (also when that is more than `n_max`; `tokens` may then be NULL to
  * ask for the count). A character outside the vocabulary, or invalid UTF-8, is an
- * error naming the character and its byte offset.
+ * error naming the character and its byte offset; both are MOAS_ERR_UNKNOWN_CHAR here,
+ * as in 1.0 (moas_tokenize_ex() tells invalid UTF-8 apart and can replace or drop
+ * unknown characters).
  *
  * Returns: MOAS_OK, or MOAS_ERR_UNKNOWN_CHAR, MOAS_ERR_BUFFER_TOO_SMALL (needs more
  *          than `n_max`; *n_tokens says how many), MOAS_ERR_INVALID_ARG (NULL
@@ -1025,6 +1065,62 @@ MOAS_API moas_status moas_context_state_load(moas_context *ctx, const void *buf,
 MOAS_API moas_status moas_tokenize(const moas_model *model, const char *text,
                                    size_t text_len, int32_t *tokens, size_t n_max,
                                    size_t *n_tokens);
+
+/* ---- Added in 1.1: characters outside the vocabulary, on request ---------------- */
+
+/* What moas_tokenize_ex() does with a character outside the vocabulary. */
+typedef enum moas_unknown {
+    MOAS_UNKNOWN_ERROR   = 0,  /* fail with MOAS_ERR_UNKNOWN_CHAR, as moas_tokenize() */
+    MOAS_UNKNOWN_REPLACE = 1,  /* write the token params->replacement in its place */
+    MOAS_UNKNOWN_DROP    = 2,  /* write nothing for it */
+    MOAS_UNKNOWN_COUNT
+} moas_unknown;
+
+typedef struct moas_tokenize_params {
+    uint32_t size;        /* sizeof(moas_tokenize_params); set by _init() */
+    int32_t unknown;      /* a moas_unknown; default MOAS_UNKNOWN_ERROR */
+    int32_t replacement;  /* MOAS_UNKNOWN_REPLACE: a token id in [0, n_vocab); default -1,
+                             so REPLACE needs it set */
+} moas_tokenize_params;
+
+/*
+ * moas_tokenize_params_init_sized() - fill the caller's `size` bytes of `params` with
+ *                                     the defaults, and set params->size to what was
+ *                                     filled.
+ * moas_tokenize_params_init(params) - the same with the caller's sizeof (a macro).
+ *
+ * As moas_model_params_init_sized(). Thread safety: safe.   Allocates: no.
+ * Since: 1.1.
+ */
+MOAS_API void moas_tokenize_params_init_sized(moas_tokenize_params *params, size_t size);
+#define moas_tokenize_params_init(params_) \
+    moas_tokenize_params_init_sized((params_), sizeof *(params_))
+
+/*
+ * moas_tokenize_ex() - moas_tokenize() with a rule for characters outside the
+ *                      vocabulary.
+ *
+ * As moas_tokenize(), except that a character outside the vocabulary is an error, is
+ * replaced by the token params->replacement, or is dropped, as params->unknown says
+ * (`params` NULL: an error), and that invalid UTF-8 is MOAS_ERR_INVALID_UTF8 whatever
+ * the rule (its message names the byte and its offset). *n_changed, when `n_changed`
+ * is not NULL, receives how many characters were replaced or dropped, also when the
+ * buffer is too small. *n_tokens counts the ids written, so with DROP it is the
+ * text's characters minus the dropped ones.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_UNKNOWN_CHAR (rule ERROR), MOAS_ERR_INVALID_UTF8,
+ *          MOAS_ERR_BUFFER_TOO_SMALL (*n_tokens and *n_changed say how many),
+ *          MOAS_ERR_INVALID_ARG (as moas_tokenize(); an unknown rule, a replacement
+ *          outside [0, n_vocab) with rule REPLACE, bad params->size).
+ * Thread safety: safe.   Allocates: no.
+ * Since: 1.1.
+ */
+MOAS_API moas_status moas_tokenize_ex(const moas_model *model, const char *text,
+                                      size_t text_len, const moas_tokenize_params *params,
+                                      int32_t *tokens, size_t n_max, size_t *n_tokens,
+                                      size_t *n_changed);
+
+/* ---- end of the 1.1 tokenizer additions ----------------------------------------- */
 
 /*
  * moas_detokenize() - turn token ids into UTF-8 text.
@@ -1056,6 +1152,12 @@ MOAS_API const char *moas_token_text(const moas_model *model, int32_t token);
 
 typedef struct moas_sampler moas_sampler;  /* opaque; one thread at a time */
 
+/* Added in 1.1: a bias added to one token's logit before sampling. */
+typedef struct moas_logit_bias {
+    int32_t token;                    /* in [0, n_vocab) */
+    float bias;                       /* added to the logit; -INFINITY bans the token */
+} moas_logit_bias;
+
 typedef struct moas_sampler_params {
     uint32_t size;                    /* sizeof(moas_sampler_params); set by _init() */
     float temperature;                /* 0: greedy (argmax); default 1.0 */
@@ -1063,6 +1165,15 @@ typedef struct moas_sampler_params {
     float top_p;                      /* keep the smallest set with mass >= p; default 1.0 */
     uint64_t seed;                    /* random stream; same seed, same choices; default 0 */
     const moas_allocator *allocator;  /* NULL (default): malloc/free */
+    /* ---- added in 1.1 ---- */
+    float min_p;                      /* keep tokens at least min_p times as likely as the
+                                         most likely; 0 (default): off */
+    float repeat_penalty;             /* a token among the last repeat_last_n has its logit
+                                         divided by this if positive, multiplied if not;
+                                         1 (default): off */
+    int32_t repeat_last_n;            /* tokens of history the penalty looks at; default 64 */
+    int32_t n_logit_bias;             /* entries of logit_bias; default 0 */
+    const moas_logit_bias *logit_bias; /* [n_logit_bias], copied at creation; default NULL */
 } moas_sampler_params;
 
 /*
@@ -1085,12 +1196,19 @@ MOAS_API void moas_sampler_params_init_sized(moas_sampler_params *params, size_t
  * moas_sampler_create() - make a sampler for logits of `n_vocab` entries.
  * CONSTRUCTOR: moas_sampler
  *
- * Greedy when temperature is 0; otherwise softmax(logits / temperature), cut to top_k
- * then top_p, renormalised, drawn with a generator seeded by `seed`. `params` may be
- * NULL for defaults.
+ * The logits first get the biases of logit_bias (summed per token) and the repetition
+ * penalty (once per distinct token among the last repeat_last_n the sampler saw: its
+ * own choices and those given to moas_sampler_accept()). Then: greedy (the largest)
+ * when temperature is 0; otherwise softmax(logits / temperature), cut to top_k, then
+ * top_p, then min_p, renormalised, drawn with a generator seeded by `seed`. `params`
+ * may be NULL for defaults. Stop strings are text, not logits: see
+ * moas_text_find_stop().
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `out`, n_vocab < 1, temperature
- *          negative or not finite, top_k negative, top_p outside (0, 1], bad size),
+ *          negative or not finite, top_k negative, top_p outside (0, 1], min_p outside
+ *          [0, 1], repeat_penalty not a finite value > 0, repeat_last_n negative,
+ *          n_logit_bias negative, NULL logit_bias with n_logit_bias > 0, a bias's token
+ *          outside [0, n_vocab) or its value NaN or +infinity, bad size),
  *          MOAS_ERR_NO_MEMORY.
  * Thread safety: safe.   Allocates: yes (scratch for n_vocab entries, once).
  */
@@ -1107,8 +1225,10 @@ MOAS_API void moas_sampler_free(moas_sampler *sampler);
  * moas_sampler_sample() - choose a token from `logits` (n_vocab floats).
  * METHOD: moas_sampler
  *
- * Advances the random stream by one draw (greedy draws nothing). NaN logits are never
- * chosen; if every logit is NaN or -infinity the call fails.
+ * Advances the random stream by one draw (greedy draws nothing) and remembers the
+ * token for the repetition penalty. `logits` is only read. NaN logits are never
+ * chosen; if every logit (biases and penalty applied) is NaN or -infinity the call
+ * fails.
  *
  * Returns: MOAS_OK with *token set, or MOAS_ERR_INVALID_ARG (NULL argument, no
  *          finite logit).
@@ -1124,6 +1244,57 @@ MOAS_API moas_status moas_sampler_sample(moas_sampler *sampler, const float *log
  * `sampler` may not be NULL.
  */
 MOAS_API void moas_sampler_reseed(moas_sampler *sampler, uint64_t seed);
+
+/* ---- Added in 1.1: the penalty's history, and stop strings -------------------- */
+
+/*
+ * moas_sampler_accept() - remember `token` for the repetition penalty, as if sampled.
+ * METHOD: moas_sampler
+ *
+ * For tokens the sampler did not choose: the prompt, or a token the caller forced.
+ * moas_sampler_sample() remembers its own choices. Only the last repeat_last_n
+ * tokens are kept.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `sampler`, `token` outside
+ *          [0, n_vocab)).
+ * Thread safety: one thread per sampler.   Allocates: never.
+ * Since: 1.1.
+ */
+MOAS_API moas_status moas_sampler_accept(moas_sampler *sampler, int32_t token);
+
+/*
+ * moas_sampler_reset() - forget the tokens remembered for the repetition penalty.
+ * METHOD: moas_sampler
+ *
+ * The random stream goes on (moas_sampler_reseed() restarts it). `sampler` may not
+ * be NULL.
+ *
+ * Thread safety: one thread per sampler.   Allocates: no.
+ * Since: 1.1.
+ */
+MOAS_API void moas_sampler_reset(moas_sampler *sampler);
+
+/*
+ * moas_text_find_stop() - where generated text meets a stop string.
+ *
+ * Looks in the `len` bytes of `text` for the first place where one of the `n_stops`
+ * NUL-terminated `stops` begins (empty strings are ignored). If one occurs whole,
+ * *found is 1 and *end its offset: keep text[0, *end) and stop. Otherwise *found is 0
+ * and *end is how much of the text can be shown. While `more` is 1 (more text may
+ * follow), that is all of it but a tail that is the start of a stop string and may
+ * yet become one, to be looked at again with the text that follows; with `more` 0
+ * (generation is over) it is all of it. Pass the text generated and not yet shown.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `end` or `found`, NULL `text` with
+ *          len > 0, NULL `stops` with n_stops > 0, a NULL stop string).
+ * Thread safety: safe.   Allocates: no.
+ * Since: 1.1.
+ */
+MOAS_API moas_status moas_text_find_stop(const char *text, size_t len,
+                                         const char *const *stops, size_t n_stops,
+                                         int32_t more, size_t *end, int32_t *found);
+
+/* ---- end of the 1.1 sampler additions ----------------------------------------- */
 
 #ifdef __cplusplus
 }

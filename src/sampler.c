@@ -1,6 +1,7 @@
 /*
- * sampler.c - choosing the next token from logits: greedy, temperature, top-k, top-p,
- * with a seeded generator so that a seed reproduces a text exactly.
+ * sampler.c - choosing the next token from logits: logit biases, a repetition penalty,
+ * greedy, temperature, top-k, top-p, min-p, with a seeded generator so that a seed
+ * reproduces a text exactly; and finding stop strings in generated text.
  *
  * All scratch is allocated at creation; sampling allocates nothing. Ties in
  * probability are broken by the lower token id, so the order never depends on qsort.
@@ -21,9 +22,19 @@ struct moas_sampler {
     float temperature;
     int32_t top_k;
     float top_p;
+    float min_p;
+    float repeat_penalty;     /* 1: off */
+    int32_t repeat_last_n;    /* capacity of `history` */
     uint64_t state;           /* xorshift64* state, never 0 */
     int32_t n_vocab;
     candidate *cand;          /* [n_vocab] scratch */
+    float *bias;              /* [n_vocab] summed logit biases; NULL when there are none */
+    float *adj;               /* [n_vocab] logits after biases and penalty; NULL when
+                               * neither can change them */
+    uint8_t *seen;            /* [n_vocab] penalty scratch: token already penalised */
+    int32_t *history;         /* [repeat_last_n] ring of the last tokens seen */
+    int32_t n_history;        /* tokens in the ring, <= repeat_last_n */
+    int32_t history_next;     /* where the next token goes */
 };
 
 void moas_sampler_params_init_sized(moas_sampler_params *params, size_t size) {
@@ -33,6 +44,11 @@ void moas_sampler_params_init_sized(moas_sampler_params *params, size_t size) {
     p.top_k = 0;
     p.top_p = 1.0f;
     p.seed = 0;
+    p.min_p = 0.0f;
+    p.repeat_penalty = 1.0f;
+    p.repeat_last_n = 64;
+    p.n_logit_bias = 0;
+    p.logit_bias = NULL;
     moas__params_fill(params, size, &p, sizeof p);
 }
 
@@ -75,6 +91,25 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
                    "sampler_create: top_p %g outside (0, 1]", (double)p.top_p);
     MOAS_RETURN_IF(p.allocator != NULL && (p.allocator->alloc == NULL || p.allocator->free == NULL),
                    MOAS_ERR_INVALID_ARG, "sampler_create: allocator without alloc or free");
+    MOAS_RETURN_IF(!(p.min_p >= 0.0f && p.min_p <= 1.0f), MOAS_ERR_INVALID_ARG,
+                   "sampler_create: min_p %g outside [0, 1]", (double)p.min_p);
+    MOAS_RETURN_IF(!(p.repeat_penalty > 0.0f) || isinf(p.repeat_penalty), MOAS_ERR_INVALID_ARG,
+                   "sampler_create: repeat_penalty %g is not a finite value > 0",
+                   (double)p.repeat_penalty);
+    MOAS_RETURN_IF(p.repeat_last_n < 0, MOAS_ERR_INVALID_ARG,
+                   "sampler_create: repeat_last_n %d < 0", p.repeat_last_n);
+    MOAS_RETURN_IF(p.n_logit_bias < 0 || (p.n_logit_bias > 0 && p.logit_bias == NULL),
+                   MOAS_ERR_INVALID_ARG, "sampler_create: %d logit biases at %s",
+                   p.n_logit_bias, p.logit_bias == NULL ? "NULL" : "a pointer");
+    for (int32_t i = 0; i < p.n_logit_bias; i++) {
+        const moas_logit_bias *b = &p.logit_bias[i];
+        MOAS_RETURN_IF(b->token < 0 || b->token >= n_vocab, MOAS_ERR_INVALID_ARG,
+                       "sampler_create: logit_bias[%d] is for token %d, outside [0, %d)", i,
+                       b->token, n_vocab);
+        MOAS_RETURN_IF(isnan(b->bias) || b->bias == INFINITY, MOAS_ERR_INVALID_ARG,
+                       "sampler_create: logit_bias[%d] (token %d) is %g; a bias is finite or "
+                       "-infinity", i, b->token, (double)b->bias);
+    }
 
     s = moas__calloc(p.allocator, 1, sizeof *s);
     MOAS_RETURN_IF(s == NULL, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for the sampler");
@@ -82,15 +117,36 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
         s->alloc_copy = *p.allocator;
         s->alloc = &s->alloc_copy;
     }
+    const bool penalty = p.repeat_penalty != 1.0f && p.repeat_last_n > 0;
     s->cand = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->cand);
-    if (s->cand == NULL) {
+    bool ok = s->cand != NULL;
+    if (ok && p.n_logit_bias > 0) {
+        s->bias = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->bias);
+        ok = s->bias != NULL;
+    }
+    if (ok && (p.n_logit_bias > 0 || penalty)) {
+        s->adj = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->adj);
+        s->seen = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->seen);
+        ok = s->adj != NULL && s->seen != NULL;
+    }
+    if (ok && penalty) {
+        s->history = moas__calloc(s->alloc, (size_t)p.repeat_last_n, sizeof *s->history);
+        ok = s->history != NULL;
+    }
+    if (!ok) {
         moas_sampler_free(s);
-        MOAS_RETURN_IF(true, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for %d candidates",
-                       n_vocab);
+        MOAS_RETURN_IF(true, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for the scratch "
+                       "of %d candidates", n_vocab);
+    }
+    for (int32_t i = 0; i < p.n_logit_bias; i++) {
+        s->bias[p.logit_bias[i].token] += p.logit_bias[i].bias;
     }
     s->temperature = p.temperature;
     s->top_k = p.top_k;
     s->top_p = p.top_p;
+    s->min_p = p.min_p;
+    s->repeat_penalty = p.repeat_penalty;
+    s->repeat_last_n = penalty ? p.repeat_last_n : 0;
     s->n_vocab = n_vocab;
     s->state = seed_state(p.seed);
     *out = s;
@@ -106,11 +162,63 @@ void moas_sampler_free(moas_sampler *s) {
     alloc_copy = s->alloc_copy;
     alloc = s->alloc != NULL ? &alloc_copy : NULL;
     moas__free(alloc, s->cand);
+    moas__free(alloc, s->bias);
+    moas__free(alloc, s->adj);
+    moas__free(alloc, s->seen);
+    moas__free(alloc, s->history);
     moas__free(alloc, s);
 }
 
 void moas_sampler_reseed(moas_sampler *s, uint64_t seed) {
     s->state = seed_state(seed);
+}
+
+/* Remember `token` for the penalty (a no-op when it is off). */
+static void remember(moas_sampler *s, int32_t token) {
+    if (s->repeat_last_n == 0) {
+        return;
+    }
+    s->history[s->history_next] = token;
+    s->history_next = (s->history_next + 1) % s->repeat_last_n;
+    if (s->n_history < s->repeat_last_n) {
+        s->n_history++;
+    }
+}
+
+moas_status moas_sampler_accept(moas_sampler *s, int32_t token) {
+    MOAS_RETURN_IF(s == NULL, MOAS_ERR_INVALID_ARG, "sampler_accept: sampler is NULL");
+    MOAS_RETURN_IF(token < 0 || token >= s->n_vocab, MOAS_ERR_INVALID_ARG,
+                   "sampler_accept: token %d outside [0, %d)", token, s->n_vocab);
+    remember(s, token);
+    return MOAS_OK;
+}
+
+void moas_sampler_reset(moas_sampler *s) {
+    s->n_history = 0;
+    s->history_next = 0;
+}
+
+/* The logits sampling reads: the caller's, or in s->adj the caller's plus the biases,
+ * with the repetition penalty applied once to each distinct remembered token. */
+static const float *adjusted(moas_sampler *s, const float *logits) {
+    if (s->adj == NULL) {
+        return logits;
+    }
+    for (int32_t i = 0; i < s->n_vocab; i++) {
+        s->adj[i] = s->bias != NULL ? logits[i] + s->bias[i] : logits[i];
+    }
+    for (int32_t j = 0; j < s->n_history; j++) {
+        const int32_t t = s->history[j];
+        if (!s->seen[t]) {
+            s->seen[t] = 1;
+            s->adj[t] = s->adj[t] > 0.0f ? s->adj[t] / s->repeat_penalty
+                                         : s->adj[t] * s->repeat_penalty;
+        }
+    }
+    for (int32_t j = 0; j < s->n_history; j++) {
+        s->seen[s->history[j]] = 0;
+    }
+    return s->adj;
 }
 
 /* True when `a` ranks after `b`: less probable, or as probable with a higher id. */
@@ -158,6 +266,7 @@ moas_status moas_sampler_sample(moas_sampler *s, const float *logits, int32_t *t
 
     MOAS_RETURN_IF(s == NULL || logits == NULL || token == NULL, MOAS_ERR_INVALID_ARG,
                    "sampler_sample: NULL argument");
+    logits = adjusted(s, logits);
     for (int32_t i = 0; i < s->n_vocab; i++) {
         if (logits[i] > max) {   /* false for NaN */
             max = logits[i];
@@ -170,6 +279,7 @@ moas_status moas_sampler_sample(moas_sampler *s, const float *logits, int32_t *t
                    best);
     if (s->temperature == 0.0f) {
         *token = best;
+        remember(s, best);
         return MOAS_OK;
     }
 
@@ -181,7 +291,7 @@ moas_status moas_sampler_sample(moas_sampler *s, const float *logits, int32_t *t
             n++;
         }
     }
-    if ((s->top_k > 0 && s->top_k < n) || s->top_p < 1.0f) {
+    if ((s->top_k > 0 && s->top_k < n) || s->top_p < 1.0f || s->min_p > 0.0f) {
         sort_by_rank(s->cand, n);
         if (s->top_k > 0 && s->top_k < n) {
             n = s->top_k;
@@ -199,6 +309,16 @@ moas_status moas_sampler_sample(moas_sampler *s, const float *logits, int32_t *t
                 }
             }
         }
+        /* probabilities are relative to the most likely (its p is exactly 1), so min-p
+         * keeps p >= min_p; the first candidate always stays */
+        if (s->min_p > 0.0f) {
+            for (int32_t i = 1; i < n; i++) {
+                if (s->cand[i].p < s->min_p) {
+                    n = i;
+                    break;
+                }
+            }
+        }
     }
     for (int32_t i = 0; i < n; i++) {
         total += s->cand[i].p;
@@ -207,13 +327,57 @@ moas_status moas_sampler_sample(moas_sampler *s, const float *logits, int32_t *t
     /* inverse CDF; the last candidate absorbs round-off */
     const float r = next_uniform(s) * total;
     float cdf = 0.0f;
+    int32_t chosen = s->cand[n - 1].id;
     for (int32_t i = 0; i < n; i++) {
         cdf += s->cand[i].p;
         if (r < cdf) {
-            *token = s->cand[i].id;
+            chosen = s->cand[i].id;
+            break;
+        }
+    }
+    *token = chosen;
+    remember(s, chosen);
+    return MOAS_OK;
+}
+
+/* ---- stop strings -------------------------------------------------------------- */
+
+moas_status moas_text_find_stop(const char *text, size_t len, const char *const *stops,
+                                size_t n_stops, int32_t more, size_t *end, int32_t *found) {
+    MOAS_RETURN_IF(end == NULL || found == NULL || (text == NULL && len > 0) ||
+                   (stops == NULL && n_stops > 0), MOAS_ERR_INVALID_ARG,
+                   "text_find_stop: NULL argument");
+    for (size_t k = 0; k < n_stops; k++) {
+        MOAS_RETURN_IF(stops[k] == NULL, MOAS_ERR_INVALID_ARG,
+                       "text_find_stop: stop string %zu is NULL", k);
+    }
+    /* The first offset where a stop string starts: whole (found), or, while more text
+     * may come, cut off by the end of the text (held back: a whole one further on
+     * cannot count yet, since the cut-off one may complete at an earlier offset). */
+    for (size_t at = 0; at < len; at++) {
+        bool partial = false;
+        for (size_t k = 0; k < n_stops; k++) {
+            const size_t sl = strlen(stops[k]);
+            if (sl == 0) {
+                continue;
+            }
+            const size_t avail = len - at < sl ? len - at : sl;
+            if (memcmp(text + at, stops[k], avail) == 0) {
+                if (avail == sl) {
+                    *end = at;
+                    *found = 1;
+                    return MOAS_OK;
+                }
+                partial = true;
+            }
+        }
+        if (partial && more) {
+            *end = at;
+            *found = 0;
             return MOAS_OK;
         }
     }
-    *token = s->cand[n - 1].id;
+    *end = len;
+    *found = 0;
     return MOAS_OK;
 }

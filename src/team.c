@@ -15,10 +15,39 @@
  * A claim on step k can only succeed while step k is unfinished, so the leader
  * cannot have overwritten fn and arg by then; a thread still holding an older step
  * number fails every claim, since each slice's claim already holds k or more.
+ *
+ * Waiting. A worker that finds no new step spins briefly, then (Linux) sleeps on
+ * `posted` with a futex: it counts itself in `sleepers`, looks at `posted` once more
+ * and sleeps only if it still holds the step it saw (the kernel checks that again,
+ * atomically). The leader, after storing a new `posted`, wakes the sleepers if
+ * `sleepers` is not 0; both sides order these with sequentially consistent
+ * operations, so either the leader sees the sleeper or the sleeper sees the step.
+ * A sleeping worker gives its core to the leader or to other processes; the leader
+ * never waits for it, since it claims whatever slices are left. Which thread runs a
+ * slice never changes what the slice computes, so results are bit-for-bit the same.
+ *
+ * Late teams. The leader still waits for a thread that claimed a slice and was then
+ * preempted, and for every thread at the end of the OpenMP region that holds the team
+ * (OpenMP's barrier). On a machine whose cores other processes keep busy, that wait
+ * can be whole scheduler time slices per token: two threads decoded 20-30x slower
+ * than one there. So the leader times what it loses waiting, and after a call where
+ * that is large runs the next calls alone, backing off (moas__team_judge).
  */
+#if defined(__linux__)
+#define _DEFAULT_SOURCE   /* syscall(), beside the build's _POSIX_C_SOURCE */
+#endif
+
 #include "team.h"
 
 #include <sched.h>
+#include <time.h>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MOAS_TEAM_FUTEX 1
+#endif
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -31,6 +60,38 @@
  * busy process 2-10x slower. */
 #define MOAS_TEAM_SPINS (1u << 14)
 
+/* Spins before an idle worker (no step posted) goes to sleep, where futexes exist.
+ * Steps of one forward call follow each other within microseconds, which this covers;
+ * between calls, or behind a leader slowed by other processes, the worker sleeps
+ * instead of taking a core from them (spinning workers made decode with 2 threads
+ * 20x slower than 1 beside busy processes). */
+#define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
+
+#if defined(MOAS_TEAM_FUTEX) && defined(_OPENMP)
+static void futex_wait(atomic_uint *addr, unsigned seen) {
+    /* returns at once (EAGAIN) if *addr != seen; spurious wake-ups are fine */
+    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+}
+#endif
+
+#if defined(MOAS_TEAM_FUTEX)
+static void futex_wake_all(atomic_uint *addr) {
+    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+}
+#endif
+
+/* After storing a new `posted`: wake the workers that sleep on it, if any. */
+static void team_wake(moas_team *team) {
+#if defined(MOAS_TEAM_FUTEX)
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&team->sleepers, memory_order_seq_cst) > 0) {
+        futex_wake_all(&team->posted);
+    }
+#else
+    (void)team;
+#endif
+}
+
 static void team_wait(uint32_t *spins) {
     if (*spins < MOAS_TEAM_SPINS) {
         (*spins)++;
@@ -40,6 +101,25 @@ static void team_wait(uint32_t *spins) {
     } else {
         sched_yield();
     }
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns) {
+    const bool late = lost_ns > MOAS_TEAM_LATE_NS && lost_ns * MOAS_TEAM_LATE_SHARE > busy_ns;
+    if (late) {
+        team->solo_left = team->solo_next > MOAS_TEAM_SOLO_MIN ? team->solo_next
+                                                               : MOAS_TEAM_SOLO_MIN;
+        team->solo_next = team->solo_left < MOAS_TEAM_SOLO_MAX / 4 ? 4 * team->solo_left
+                                                                   : MOAS_TEAM_SOLO_MAX;
+    } else {
+        team->solo_next /= 4;
+    }
+    return late;
 }
 
 /* Claim slice i for step k and run it; false if another thread claimed it first or
@@ -76,11 +156,17 @@ void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) 
     team->arg = arg;
     atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     const unsigned k = atomic_load_explicit(&team->posted, memory_order_relaxed) + 1u;
-    atomic_store_explicit(&team->posted, k, memory_order_release);
+    atomic_store_explicit(&team->posted, k, memory_order_seq_cst);
+    team_wake(team);
     team_take_all(team, 0, k);
-    uint32_t spins = 0;
-    while (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
-        team_wait(&spins);
+    if (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
+        /* another thread still runs a slice it claimed */
+        const int64_t t0 = now_ns();
+        uint32_t spins = 0;
+        while (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
+            team_wait(&spins);
+        }
+        team->wait_ns += now_ns() - t0;
     }
 }
 
@@ -93,6 +179,17 @@ static void team_work(moas_team *team, int32_t ith) {
         uint32_t spins = 0;
         unsigned k;
         while ((k = atomic_load_explicit(&team->posted, memory_order_acquire)) == seen) {
+#if defined(MOAS_TEAM_FUTEX)
+            if (spins >= MOAS_TEAM_SPINS_BEFORE_SLEEP) {
+                atomic_fetch_add_explicit(&team->sleepers, 1, memory_order_seq_cst);
+                if (atomic_load_explicit(&team->posted, memory_order_seq_cst) == seen) {
+                    futex_wait(&team->posted, seen);
+                }
+                atomic_fetch_sub_explicit(&team->sleepers, 1, memory_order_relaxed);
+                spins = 0;
+                continue;
+            }
+#endif
             team_wait(&spins);
         }
         seen = k;
@@ -109,21 +206,34 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
     atomic_store_explicit(&team->stop, false, memory_order_relaxed);
     atomic_store_explicit(&team->posted, 0u, memory_order_relaxed);
     atomic_store_explicit(&team->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);
 #if defined(_OPENMP)
-    if (n_threads > 1) {
+    if (n_threads > 1 && team->solo_left > 0 && !team->never_solo) {
+        team->solo_left--;   /* the last teams came late: this call runs alone */
+    } else if (n_threads > 1) {
+        int64_t body_end = 0;
         for (int32_t i = 0; i < n_threads && i < MOAS_MAX_THREADS; i++) {
             atomic_store_explicit(&team->claim[i], 0u, memory_order_relaxed);
         }
+        team->wait_ns = 0;
+        const int64_t start = now_ns();
 #pragma omp parallel num_threads(n_threads)
         {
             if (omp_get_thread_num() == 0) {
                 team->nth = omp_get_num_threads();
                 body(arg);
+                body_end = now_ns();
                 atomic_store_explicit(&team->stop, true, memory_order_relaxed);
-                atomic_fetch_add_explicit(&team->posted, 1u, memory_order_release);
+                atomic_fetch_add_explicit(&team->posted, 1u, memory_order_seq_cst);
+                team_wake(team);
             } else {
                 team_work(team, omp_get_thread_num());
             }
+        }
+        if (team->nth > 1) {   /* what the leader lost: waits in steps, and the end */
+            const int64_t end = now_ns();
+            const int64_t lost = team->wait_ns + (end - body_end);
+            moas__team_judge(team, (end - start) - lost, lost);
         }
         team->nth = 1;
         return;

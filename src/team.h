@@ -38,13 +38,43 @@ typedef struct moas_team {
     char pad1[64];
     atomic_int done;          /* slices of the current step finished */
     char pad2[64];
+    atomic_int sleepers;      /* workers asleep on `posted` (or about to be): the leader
+                               * wakes them when it posts, and only then */
+    /* the leader's own, kept from call to call (a team lives as long as its context) */
+    int64_t wait_ns;          /* this call: time the leader waited for others' slices */
+    int32_t solo_left;        /* calls to run on the leader alone before a team again */
+    int32_t solo_next;        /* solo calls after the next late team (4x, then a quarter) */
+    bool never_solo;          /* tests: always run with the team, late or not, so that the
+                               * parallel paths run whatever the machine's load */
+    char pad3[64];
     atomic_uint claim[MOAS_MAX_THREADS];   /* the last step each slice was claimed for */
 } moas_team;
 
 /* Run body(arg) on the calling thread with a team of up to n_threads threads (fewer
  * when OpenMP gives fewer, as inside a caller's own parallel region; one without
- * OpenMP), which moas__team_run can then use. */
+ * OpenMP, or while team->solo_left says the last teams came late), which
+ * moas__team_run can then use. */
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg);
+
+/* After a call whose team came late, the next calls run on the leader alone, the
+ * more of them the more often it happens: MOAS_TEAM_SOLO_MIN, 4 times that, ... up to
+ * MOAS_TEAM_SOLO_MAX, a quarter as many again after each call whose team kept up.
+ * Every late team costs its call up to a few scheduler time slices (milliseconds);
+ * at the longest back-off one call in 1024 still tries the team, which costs a busy
+ * machine a few percent and finds an idle one again within a second. */
+#define MOAS_TEAM_SOLO_MIN 16
+#define MOAS_TEAM_SOLO_MAX 1024
+
+/* A team is late when the leader lost more than this waiting for it in one call... */
+#define MOAS_TEAM_LATE_NS ((int64_t)10000)
+/* ... and more than its own work divided by this. */
+#define MOAS_TEAM_LATE_SHARE 4
+
+/* Judge a call run with a team: the leader worked `busy_ns` and waited `lost_ns` for
+ * the other threads (inside steps and for the team to end). Sets team->solo_left and
+ * team->solo_next as above; returns whether the team was late. Thread counts never
+ * change results, so this changes speed only. */
+bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns);
 
 /* From the leader's body: fn(arg, ith, nth) for every ith of the team, each slice
  * once, on whichever thread claims it (its own thread unless that one is late);

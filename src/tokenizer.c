@@ -3,7 +3,8 @@
  *
  * The vocabulary is the model's `tokenizer.ggml.tokens`, checked at load (one code
  * point each, all distinct) and indexed by code point (model.c), so text -> ids is a
- * binary search per character and ids -> text a copy.
+ * binary search per character and ids -> text a copy. A character outside the
+ * vocabulary is an error, or, on request (moas_tokenize_ex), replaced or dropped.
  */
 #include "model.h"
 
@@ -27,14 +28,15 @@ static int32_t find_token(const moas_model *m, uint32_t cp) {
     return -1;
 }
 
-moas_status moas_tokenize(const moas_model *m, const char *text, size_t text_len,
-                          int32_t *tokens, size_t n_max, size_t *n_tokens) {
-    size_t n = 0;
+/* Text -> ids under rule `unknown` (a moas_unknown; `replacement` for REPLACE).
+ * Invalid UTF-8 fails with `bad_utf8`: MOAS_ERR_UNKNOWN_CHAR for moas_tokenize(),
+ * which promised that in 1.0, MOAS_ERR_INVALID_UTF8 for moas_tokenize_ex(). */
+static moas_status tokenize(const moas_model *m, const char *text, size_t text_len,
+                            int32_t unknown, int32_t replacement, moas_status bad_utf8,
+                            int32_t *tokens, size_t n_max, size_t *n_tokens,
+                            size_t *n_changed) {
+    size_t n = 0, changed = 0;
 
-    MOAS_RETURN_IF(m == NULL || text == NULL || n_tokens == NULL || (tokens == NULL && n_max > 0),
-                   MOAS_ERR_INVALID_ARG, "tokenize: %s is NULL",
-                   m == NULL ? "model" : text == NULL ? "text" : n_tokens == NULL ? "n_tokens"
-                                                                                  : "tokens");
     if (text_len == (size_t)-1) {
         text_len = strlen(text);
     }
@@ -44,23 +46,79 @@ moas_status moas_tokenize(const moas_model *m, const char *text, size_t text_len
         int32_t id;
 
         MOAS_RETURN_IF(!moas__utf8_decode(text + at, text_len - at, &cp, &n_bytes),
-                       MOAS_ERR_UNKNOWN_CHAR, "tokenize: invalid UTF-8 at byte offset %zu (byte 0x%02x)",
+                       bad_utf8, "tokenize: invalid UTF-8 at byte offset %zu (byte 0x%02x)",
                        at, (unsigned)(unsigned char)text[at]);
         id = find_token(m, cp);
-        MOAS_RETURN_IF(id < 0, MOAS_ERR_UNKNOWN_CHAR,
+        MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR, MOAS_ERR_UNKNOWN_CHAR,
                        "tokenize: character '%.*s' (U+%04X) at byte offset %zu is not in the "
                        "vocabulary", cp < 0x20 || cp == 0x7f ? 0 : (int)n_bytes, text + at,
                        (unsigned)cp, at);
+        at += n_bytes;
+        if (id < 0) {
+            changed++;
+            if (unknown == MOAS_UNKNOWN_DROP) {
+                continue;
+            }
+            id = replacement;
+        }
         if (n < n_max) {
             tokens[n] = id;
         }
         n++;
-        at += n_bytes;
     }
     *n_tokens = n;
+    if (n_changed != NULL) {
+        *n_changed = changed;
+    }
     MOAS_RETURN_IF(n > n_max, MOAS_ERR_BUFFER_TOO_SMALL,
                    "tokenize: the text needs %zu tokens, the buffer holds %zu", n, n_max);
     return MOAS_OK;
+}
+
+static moas_status check_args(const moas_model *m, const char *text, int32_t *tokens,
+                              size_t n_max, size_t *n_tokens) {
+    MOAS_RETURN_IF(m == NULL || text == NULL || n_tokens == NULL || (tokens == NULL && n_max > 0),
+                   MOAS_ERR_INVALID_ARG, "tokenize: %s is NULL",
+                   m == NULL ? "model" : text == NULL ? "text" : n_tokens == NULL ? "n_tokens"
+                                                                                  : "tokens");
+    return MOAS_OK;
+}
+
+moas_status moas_tokenize(const moas_model *m, const char *text, size_t text_len,
+                          int32_t *tokens, size_t n_max, size_t *n_tokens) {
+    MOAS_TRY(check_args(m, text, tokens, n_max, n_tokens));
+    return tokenize(m, text, text_len, MOAS_UNKNOWN_ERROR, -1, MOAS_ERR_UNKNOWN_CHAR, tokens,
+                    n_max, n_tokens, NULL);
+}
+
+void moas_tokenize_params_init_sized(moas_tokenize_params *params, size_t size) {
+    moas_tokenize_params p;
+    memset(&p, 0, sizeof p);
+    p.unknown = MOAS_UNKNOWN_ERROR;
+    p.replacement = -1;
+    moas__params_fill(params, size, &p, sizeof p);
+}
+
+moas_status moas_tokenize_ex(const moas_model *m, const char *text, size_t text_len,
+                             const moas_tokenize_params *params, int32_t *tokens, size_t n_max,
+                             size_t *n_tokens, size_t *n_changed) {
+    moas_tokenize_params p;
+
+    moas_tokenize_params_init(&p);
+    MOAS_TRY(check_args(m, text, tokens, n_max, n_tokens));
+    MOAS_RETURN_IF(params != NULL && !moas__params_copy(&p, sizeof p, params),
+                   MOAS_ERR_INVALID_ARG, "tokenize: params->size is %u; this library knows "
+                   "%zu bytes (call moas_tokenize_params_init)", (unsigned)params->size,
+                   sizeof p);
+    MOAS_RETURN_IF(p.unknown < 0 || p.unknown >= MOAS_UNKNOWN_COUNT, MOAS_ERR_INVALID_ARG,
+                   "tokenize: unknown-character rule %d is not ERROR (0), REPLACE (1) or "
+                   "DROP (2)", (int)p.unknown);
+    MOAS_RETURN_IF(p.unknown == MOAS_UNKNOWN_REPLACE &&
+                   (p.replacement < 0 || p.replacement >= m->n_vocab), MOAS_ERR_INVALID_ARG,
+                   "tokenize: replacement token %d is outside the vocabulary [0, %d)",
+                   p.replacement, m->n_vocab);
+    return tokenize(m, text, text_len, p.unknown, p.replacement, MOAS_ERR_INVALID_UTF8, tokens,
+                    n_max, n_tokens, n_changed);
 }
 
 moas_status moas_detokenize(const moas_model *m, const int32_t *tokens, size_t n_tokens,

@@ -18,7 +18,7 @@ expect_error() {
     got=$?
     set -e
     [ "$got" -eq "$want" ] || fail "'$*' exited $got, expected $want: $(cat "$tmp/err")"
-    grep -q "$pattern" "$tmp/err" || fail "'$*' did not say '$pattern': $(cat "$tmp/err")"
+    grep -q -e "$pattern" "$tmp/err" || fail "'$*' did not say '$pattern': $(cat "$tmp/err")"
 }
 
 "$moas" --version | grep -q '^moas [0-9]' || fail "--version"
@@ -26,6 +26,20 @@ expect_error() {
 grep -q '^layers  *2$' "$tmp/inspect" || fail "inspect: layers"
 grep -q 'blk.1.attn_router_down.weight' "$tmp/inspect" || fail "inspect: tensor list"
 grep -q 'tokenizer.ggml.tokens' "$tmp/inspect" || fail "inspect: metadata"
+# inspect's KV bytes per token are the cache's own: a pooled model's mixture cache holds
+# one gate-mixed K/V of all 6 heads (2 layers x 6 heads x 8 x 2 x 4 bytes = 768), as
+# perplexity measures it, not every scheme's 9 heads
+"$moas" inspect -m "$data/tiny-pooled-bias.gguf" >"$tmp/inspect-pooled"
+grep -q '^mixture mode stores .*: 768 / 384 bytes per token$' "$tmp/inspect-pooled" \
+    || fail "inspect: pooled mixture KV bytes: $(grep '^mixture' "$tmp/inspect-pooled")"
+grep -q '^mixture mode stores every scheme: 1152 / 576 bytes per token$' "$tmp/inspect" \
+    || fail "inspect: mixture KV bytes"
+"$moas" perplexity -m "$data/tiny-pooled-bias.gguf" -f "$data/tiny.txt" --json >"$tmp/ppl-pooled.json"
+python3 - "$tmp/ppl-pooled.json" <<'PY' || fail "pooled perplexity KV bytes per token"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["kv_bytes"] == 768 * r["kv_window_tokens"], r
+PY
 
 a=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 2>/dev/null)
 b=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 -t 1 2>/dev/null)
@@ -33,8 +47,41 @@ c=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 6 2>/dev/null)
 [ "$a" = "$b" ] || fail "the same seed gave different text"
 [ "$a" != "$c" ] || fail "different seeds gave the same text"
 case "$a" in "And God"*) ;; *) fail "generate did not echo the prompt" ;; esac
-# generating past the context length slides the window instead of failing
-"$moas" generate -m "$model" -p "A" -n 200 --temp 0 >/dev/null 2>&1 || fail "long generation"
+# generating past the context length slides the window instead of failing, and says so
+"$moas" generate -m "$model" -p "A" -n 200 --temp 0 >"$tmp/long.out" 2>"$tmp/long.err" \
+    || fail "long generation"
+[ "$(head -n 1 "$tmp/long.out" | wc -m)" -ge 1 ] || fail "long generation: no text"
+grep -q "the context (64 tokens) is full" "$tmp/long.err" || fail "long generation: no note"
+grep -q "200 tokens in .*, the window slid [0-9]* times$" "$tmp/long.err" \
+    || fail "long generation: stats line: $(cat "$tmp/long.err")"
+# a prompt longer than the context: its end is decoded, and stderr says what was left out
+"$moas" generate -m "$model" -p "$(head -c 100 "$data/tiny.txt")" -n 1 >/dev/null 2>"$tmp/cut.err"
+grep -q "the prompt has 100 characters, more than the context's 64: only its last 64 are decoded" \
+    "$tmp/cut.err" || fail "long prompt: $(cat "$tmp/cut.err")"
+
+# sampling: a stop string ends the text just before it; biases by id or character
+full=$("$moas" generate -m "$model" -p "And God" -n 60 --seed 5 2>/dev/null)
+stop=$(printf '%s' "$full" | python3 -c 'import sys; t = sys.stdin.read(); print(t[12:14], end="")')
+want=$(printf '%s' "$full" | python3 -c 'import sys; t = sys.stdin.read(); s = sys.argv[1]; print(t[:t.index(s, 7)], end="")' "$stop")
+got=$("$moas" generate -m "$model" -p "And God" -n 60 --seed 5 --stop "$stop" --stop "never here" \
+    2>"$tmp/stop.err")
+[ "$got" = "$want" ] || fail "--stop '$stop': got '$got', want '$want'"
+grep -q "ended by a stop string" "$tmp/stop.err" || fail "--stop: stats line"
+[ "$("$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias A=100 2>/dev/null)" = \
+  "And GodAAAAA" ] || fail "--logit-bias A=100"
+[ "$("$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias 11=100 2>/dev/null)" = \
+  "And GodAAAAA" ] || fail "--logit-bias 11=100 (the id of A)"
+# a ban: greedy never picks the banned token, which greedy picks otherwise
+first_new() { python3 -c 'import sys; print(sys.stdin.read()[7], end="")'; }
+g=$("$moas" generate -m "$model" -p "And God" -n 1 --temp 0 2>/dev/null | first_new)
+b=$("$moas" generate -m "$model" -p "And God" -n 1 --temp 0 --logit-bias "$g=-inf" 2>/dev/null | first_new)
+[ -n "$g" ] && [ "$g" != "$b" ] || fail "--logit-bias '$g=-inf' did not ban it"
+"$moas" generate -m "$model" -p "And God" -n 40 --seed 5 --min-p 0.05 --repeat-penalty 1.3 \
+    --repeat-last-n 16 >/dev/null 2>&1 || fail "--min-p --repeat-penalty --repeat-last-n"
+expect_error 1 "min_p 2 outside" "$moas" generate -m "$model" -p "A" --min-p 2
+expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --repeat-penalty 0
+expect_error 1 "neither a token id nor one character" "$moas" generate -m "$model" -p "A" --logit-bias ab=1
+expect_error 1 "token id must be an integer in \[0, 46\]" "$moas" generate -m "$model" -p "A" --logit-bias 47=1
 
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"
@@ -64,7 +111,7 @@ for path, elem in ((sys.argv[1], 4), (sys.argv[2], 2)):
 assert abs(mix["kv_bytes_per_token"] * 6 - mix["mha_kv_bytes_per_token"] * 9) < 1e-6, mix
 PY
 
-"$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl"
+"$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl" 2>/dev/null
 python3 - "$tmp/routes.jsonl" <<'PY' || fail "routes --json"
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
@@ -75,8 +122,15 @@ for r in rows:
     assert r["kv_heads"] == heads[r["scheme"]], r
     assert abs(sum(r["gates"]) - 1) < 1e-4, r
 assert rows[0]["char"] == "I" and rows[0]["pos"] == 0
+assert all(r["window"] == r["pos"] // 64 and r["window_pos"] == r["pos"] % 64 for r in rows)
 PY
-"$moas" routes -m "$model" -f "$data/tiny.txt" --no-color | grep -q '^layer 1  *MHA' || fail "routes map"
+"$moas" routes -m "$model" -f "$data/tiny.txt" --no-color >"$tmp/map" 2>"$tmp/map.err"
+grep -q '^layer 1  *MHA' "$tmp/map" || fail "routes map"
+# 537 characters in windows of 64: each map says which window it is
+[ "$(grep -c '^window [1-9] of 9: characters [0-9]*-[0-9]* of the text, from an empty cache$' \
+    "$tmp/map")" -eq 9 ] || fail "routes: window labels"
+grep -q '^window 9 of 9: characters 512-536 ' "$tmp/map" || fail "routes: last window"
+grep -q "routed in 9 windows of up to 64" "$tmp/map.err" || fail "routes: stderr note"
 "$moas" generate -m "$model" -p "And" -n 10 --show-routes --no-color 2>/dev/null | grep -q '^text  *And' \
     || fail "generate --show-routes"
 
@@ -84,6 +138,9 @@ PY
 printf 'And God saw' >"$tmp/text"
 "$moas" logits -m "$model" -f "$tmp/text" -o "$tmp/logits" 2>/dev/null
 [ "$(wc -c <"$tmp/logits")" -eq $((11 * 47 * 4)) ] || fail "logits file size"
+"$moas" logits -m "$model" -f "$data/tiny.txt" -o "$tmp/logits2" 2>"$tmp/logits2.err"
+grep -q "the text has 537 characters, more than the context's 64: its logits come from windows of 64" \
+    "$tmp/logits2.err" || fail "logits: windows not said"
 
 expect_error 1 "cannot open" "$moas" inspect -m "$tmp/missing.gguf"
 printf 'GGUF\003\000\000\000' >"$tmp/short.gguf"
@@ -93,8 +150,21 @@ head -c 3000 "$model" >"$tmp/cut.gguf"
 # and a model path needing escapes still gives valid JSON
 cp "$model" "$tmp/q\"uote.gguf"
 "$moas" bench -m "$tmp/q\"uote.gguf" -p 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
-"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json"
-python3 - "$tmp/bench.json" "$tmp/bench2.json" <<'PY' || fail "bench --json"
+"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
+grep -q "^moas: bench: -p 100000 is more than the trained context: the prefill measures 64 tokens$" \
+    "$tmp/bench2.err" || fail "bench: -p clamp not said: $(cat "$tmp/bench2.err")"
+grep -q "^moas: bench: -n 100000 does not fit after 0 cached tokens .*: decode measures 64 tokens$" \
+    "$tmp/bench2.err" || fail "bench: -n clamp not said"
+# the default thread count is reported as the number used: OpenMP's (OMP_NUM_THREADS
+# here), or 1 in a build without OpenMP
+if ldd "$moas" 2>/dev/null | grep -q 'libg\?omp'; then want_threads=3; else want_threads=1; fi
+OMP_NUM_THREADS=3 "$moas" bench -m "$model" -p 8 -n 4 -d 200 -r 1 --json >"$tmp/bench3.json" \
+    2>"$tmp/bench3.err"
+grep -q "^moas: bench: -d 200 leaves no room .*: decoding starts after 63 cached tokens$" \
+    "$tmp/bench3.err" || fail "bench: -d clamp not said"
+"$moas" bench -m "$model" -p 8 -n 4 -r 1 -t 1 | grep -q '^model .*(mixture mode, .* kernels, 1 thread, as asked)$' \
+    || fail "bench: thread count"
+python3 - "$tmp/bench.json" "$tmp/bench2.json" "$tmp/bench3.json" "$want_threads" <<'PY' || fail "bench --json"
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r["model"].endswith('q"uote.gguf'), r["model"]
@@ -102,9 +172,41 @@ assert (r["n_prompt"], r["n_decode"], r["depth"], r["repeats"], r["mode"]) == (8
 assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["weight_bytes_per_token"] > 0, r
 c = json.load(open(sys.argv[2]))
 assert 0 < c["n_prompt"] <= 64 and c["depth"] == 0 and 0 < c["n_decode"] <= 64, c
+assert r["threads"] == 1 and c["threads"] == 1, (r, c)
+d = json.load(open(sys.argv[3]))
+assert (d["depth"], d["n_decode"], d["threads"]) == (63, 1, int(sys.argv[4])), d
 PY
 expect_error 1 "moas: error" "$moas" generate -m "$tmp/cut.gguf" -p "A"
 expect_error 1 "not in the vocabulary" "$moas" generate -m "$model" -p "And Q"
 expect_error 1 "context" "$moas" generate -m "$model" -p "A" --ctx 100000
+
+# characters outside the vocabulary: an error by default, naming the way on; dropped or
+# replaced on request, counted on stderr; perplexity says how many characters it scored
+printf 'And God said 7\r\nLet there' >"$tmp/crlf.txt"
+expect_error 1 "'7' (U+0037) at byte offset 13 is not in the vocabulary.*--unknown drop" \
+    "$moas" perplexity -m "$model" -f "$tmp/crlf.txt"
+"$moas" perplexity -m "$model" -f "$tmp/crlf.txt" --unknown drop --json >"$tmp/drop.json" \
+    2>"$tmp/drop.err"
+grep -q '^moas: dropped 2 characters outside the vocabulary$' "$tmp/drop.err" || fail "drop: stderr"
+"$moas" perplexity -m "$model" -f "$tmp/crlf.txt" --unknown "replace: " --json >"$tmp/repl.json" \
+    2>"$tmp/repl.err"
+grep -q "^moas: replaced 2 characters outside the vocabulary with ' '$" "$tmp/repl.err" \
+    || fail "replace: stderr"
+python3 - "$tmp/drop.json" "$tmp/repl.json" <<'PY' || fail "perplexity --unknown"
+import json, sys
+d, r = (json.load(open(p)) for p in sys.argv[1:3])
+assert (d["n_chars"], d["n_unknown"], d["unknown"], d["n_tokens"], d["n_scored"]) == (25, 2, "drop", 23, 22), d
+assert (r["n_chars"], r["n_unknown"], r["unknown"], r["n_tokens"], r["n_scored"]) == (25, 2, "replace", 25, 24), r
+PY
+"$moas" perplexity -m "$model" -f "$tmp/crlf.txt" --unknown drop 2>/dev/null | grep -q \
+    '^characters  *25 in the text, 2 outside the vocabulary dropped$' || fail "perplexity: characters"
+expect_error 1 "replacement must be in the vocabulary" \
+    "$moas" generate -m "$model" -p "And Q" --unknown replace:Q
+expect_error 1 "--unknown must be error, drop, replace or replace:C" "$moas" generate -m "$model" -p "And Q" --unknown maybe
+# invalid UTF-8 is said to be that, whatever the rule
+printf 'And\377' >"$tmp/bad-utf8.txt"
+expect_error 1 "invalid UTF-8 at byte offset 3 (byte 0xff) (text is not valid UTF-8)" \
+    "$moas" perplexity -m "$model" -f "$tmp/bad-utf8.txt" --unknown drop
+! grep -q "outside the vocabulary" "$tmp/err" || fail "invalid UTF-8 called outside the vocabulary"
 expect_error 2 "unknown option" "$moas" generate -m "$model" --bogus
 echo "cli: ok"

@@ -78,20 +78,21 @@ TEST(decode_allocates_nothing_and_free_releases_everything) {
     return TEST_PASS;
 }
 
-/* Fail allocation 1, 2, 3, ... of model load and context creation until the call
- * succeeds: each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
+/* Fail allocation 1, 2, 3, ... of model load, context and sampler creation (with
+ * and without the sampler's optional scratch) until the call succeeds: each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
 TEST(allocation_failures_at_creation_are_clean) {
     size_t size;
     uint8_t *image = tiny_model_image(NULL, 1, &size);
     moas_model *good;
     ASSERT_OK(moas_model_load_memory(image, size, NULL, &good));
 
+    const moas_logit_bias bias[1] = {{3, -1.0f}};
     moas_pool_params gp;
     moas_pool *good_pool;
     moas_pool_params_init(&gp);
     gp.capacity_bytes = 1 << 16;
     ASSERT_OK(moas_pool_create(good, &gp, &good_pool));
-    for (int what = 0; what < 5; what++) {
+    for (int what = 0; what < 6; what++) {
         for (long n = 1;; n++) {
             counting c = {0, 0, n, 0};
             const moas_allocator alloc = {count_alloc, count_free, &c};
@@ -109,13 +110,18 @@ TEST(allocation_failures_at_creation_are_clean) {
                 p.allocator = &alloc;
                 st = moas_context_create(good, &p, (moas_context **)&obj);
                 if (st == MOAS_OK) moas_context_free(obj);
-            } else if (what == 2) {
+            } else if (what == 2 || what == 3) {
                 moas_sampler_params p;
                 moas_sampler_params_init(&p);
                 p.allocator = &alloc;
+                if (what == 3) {   /* with the scratch of biases and the penalty */
+                    p.repeat_penalty = 1.1f;
+                    p.n_logit_bias = 1;
+                    p.logit_bias = bias;
+                }
                 st = moas_sampler_create(&p, 40, (moas_sampler **)&obj);
                 if (st == MOAS_OK) moas_sampler_free(obj);
-            } else if (what == 3) {
+            } else if (what == 4) {
                 moas_pool_params p;
                 moas_pool_params_init(&p);
                 p.allocator = &alloc;

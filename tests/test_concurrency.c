@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define N_THREADS 4
 #define N_ROUNDS 3
@@ -422,3 +423,105 @@ TEST(team_leaders_in_a_parallel_region_keep_their_steps_apart) {
     return TEST_PASS;
 }
 
+/* Workers that find no step for a while sleep (a futex on Linux) and are woken by the
+ * next step: a body that pauses 2 ms before every 100th step puts them to sleep 20
+ * times, and every slice of every step still runs exactly once. */
+static void team_sleepy_body(void *arg) {
+    team_probe *p = arg;
+    int64_t want[TEAM_MAX] = {0};
+    p->ok = true;
+    p->nth = p->team.nth;
+    for (p->step = 0; p->step < TEAM_STEPS; p->step++) {
+        if (p->step % 100 == 0) {
+            const struct timespec pause = {0, 2000000};
+            nanosleep(&pause, NULL);
+        }
+        memset(p->nth_seen, 0, sizeof p->nth_seen);
+        moas__team_run(&p->team, true, team_probe_slice, p);
+        for (int32_t i = 0; i < p->nth; i++) {
+            want[i] += p->step + i;
+        }
+        for (int32_t i = 0; i < TEAM_MAX; i++) {
+            p->ok = p->ok && p->total[i] == want[i] && p->nth_seen[i] == (i < p->nth ? p->nth : 0);
+        }
+    }
+}
+
+TEST(team_workers_that_sleep_still_run_every_slice_once) {
+    team_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    moas__team_lead(&p->team, 3, team_sleepy_body, p);
+    ASSERT_TRUE(p->ok);
+#if defined(_OPENMP)
+    ASSERT_EQ(p->nth, 3);
+#endif
+    free(p);
+    return TEST_PASS;
+}
+
+/* A late team makes the next calls run alone: 16 after the first late call, 4 times
+ * as many after each further one up to 1024, a quarter as many after each call whose
+ * team kept up. Late means the leader lost more than 10 us and more than a quarter of
+ * its own work waiting. (Hand-computed; the judge is given times, not measured.) */
+TEST(team_judge_backs_off_and_recovers) {
+    moas_team *team = calloc(1, sizeof *team);
+    ASSERT_TRUE(team != NULL);
+    ASSERT_TRUE(!moas__team_judge(team, 100000, 20000));   /* 20 us < 100 us / 4 */
+    ASSERT_EQ(team->solo_left, 0);
+    ASSERT_TRUE(!moas__team_judge(team, 1000, 9000));      /* 9 us: too little to count */
+    ASSERT_EQ(team->solo_left, 0);
+    ASSERT_TRUE(moas__team_judge(team, 100000, 30000));    /* 30 us > 25 us */
+    ASSERT_EQ(team->solo_left, 16);
+    ASSERT_EQ(team->solo_next, 64);
+    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
+    ASSERT_EQ(team->solo_left, 64);
+    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
+    ASSERT_EQ(team->solo_left, 256);
+    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
+    ASSERT_EQ(team->solo_left, 1024);
+    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
+    ASSERT_EQ(team->solo_left, 1024);                      /* the most */
+    ASSERT_EQ(team->solo_next, 1024);
+    ASSERT_TRUE(!moas__team_judge(team, 100000, 1000));    /* kept up: back off less */
+    ASSERT_EQ(team->solo_next, 256);
+    ASSERT_TRUE(!moas__team_judge(team, 100000, 1000));
+    ASSERT_EQ(team->solo_next, 64);
+    team->solo_left = 0;
+    ASSERT_TRUE(moas__team_judge(team, 100000, 30000));
+    ASSERT_EQ(team->solo_left, 64);
+    free(team);
+    return TEST_PASS;
+}
+
+/* While solo_left counts down, a call runs on the leader alone (the same results:
+ * slices depend only on (ith, nth)); then the team is tried again. */
+TEST(team_runs_alone_while_backing_off) {
+    for (int call = 0; call < 3; call++) {
+        team_probe *p = calloc(1, sizeof *p);
+        ASSERT_TRUE(p != NULL);
+        p->team.solo_left = 2 - call;
+        moas__team_lead(&p->team, 3, team_probe_body, p);
+        ASSERT_TRUE(p->ok);
+#if defined(_OPENMP)
+        ASSERT_EQ(p->nth, call < 2 ? 1 : 3);
+        if (call < 2) {
+            ASSERT_EQ(p->team.solo_left, 1 - call);
+        }
+#else
+        ASSERT_EQ(p->nth, 1);
+#endif
+        free(p);
+    }
+    /* a team that must never run alone (the tests' thread-count invariance) ignores it */
+    team_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.solo_left = 5;
+    p->team.never_solo = true;
+    moas__team_lead(&p->team, 3, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+#if defined(_OPENMP)
+    ASSERT_EQ(p->nth, 3);
+#endif
+    free(p);
+    return TEST_PASS;
+}

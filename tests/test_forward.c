@@ -285,7 +285,8 @@ TEST(truncate_then_redecode_equals_uninterrupted_run) {
  * MOAS_BATCH), then 8 tokens one by one. Each thread count runs twice: as these small
  * models run, and with the products' streaming hint that models larger than
  * MOAS_STREAM_MODEL_BYTES get (single tokens read rows one at a time), which must not
- * change a bit either. */
+ * change a bit either. Teams never fall back to one thread here when they come late
+ * (team.h), so the parallel paths run however busy the machine is. */
 TEST(logits_identical_for_any_thread_count) {
     static const char *const models[] = {"tiny-moas-bias.gguf", "tiny-static-nobias.gguf",
                                          "tiny-pooled-bias.gguf", "tiny-baseline-bias.gguf"};
@@ -317,6 +318,7 @@ TEST(logits_identical_for_any_thread_count) {
                 ctx->ws->parallel_min_work = 0;
                 ctx->batch_tokens = 32;
                 ctx->ws->mm_hints = run < 3 ? 0 : MOAS_MM_STREAM;
+                ctx->ws->team.never_solo = true;   /* the team even on a busy machine */
                 ASSERT_OK(moas_context_decode_batch(ctx, tokens, n_prompt, out, MOAS_LOGITS_ALL));
                 for (int32_t i = n_prompt; i < n; i++) {
                     ASSERT_OK(moas_context_decode(ctx, tokens[i], out + (size_t)i * n_vocab));

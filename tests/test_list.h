@@ -98,10 +98,15 @@ X(routed_kv_budget_holds)
 X(routed_batch_and_truncate_equal_uninterrupted)
 X(routed_f16_cache_close_to_f32)
 
+/* tests/test_context_info.c */
+X(kv_token_bytes_is_what_the_cache_uses)
+X(context_reports_its_thread_count)
+
 /* tests/test_tokenizer.c */
 X(tokenize_follows_sorted_vocabulary)
 X(tokenize_names_unknown_character_and_offset)
 X(tokenize_reports_needed_size)
+X(tokenize_ex_replaces_or_drops_unknown_characters)
 
 /* tests/test_sampler.c */
 X(sampler_greedy_picks_argmax_and_skips_nan)
@@ -110,6 +115,11 @@ X(sampler_top_k_and_top_p_cut_the_tail)
 X(sampler_same_seed_same_tokens)
 X(sampler_params_are_checked)
 X(sampler_top_k_keeps_the_k_most_likely)
+X(sampler_logit_bias_shifts_and_bans)
+X(sampler_repeat_penalty_hand_computed)
+X(sampler_min_p_cuts_relative_to_the_most_likely)
+X(sampler_new_params_are_checked_and_old_sizes_work)
+X(text_find_stop_hand_computed)
 
 /* tests/test_alloc.c */
 X(decode_allocates_nothing_and_free_releases_everything)
@@ -121,6 +131,9 @@ X(concurrency_shared_model_matches_sequential)
 X(concurrency_last_error_is_per_thread)
 X(team_runs_every_slice_of_every_step_once)
 X(team_leaders_in_a_parallel_region_keep_their_steps_apart)
+X(team_workers_that_sleep_still_run_every_slice_once)
+X(team_judge_backs_off_and_recovers)
+X(team_runs_alone_while_backing_off)
 
 /* tests/test_bad_inputs.c */
 X(bad_inputs_hyperparameters_out_of_range_or_mistyped)

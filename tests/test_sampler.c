@@ -174,3 +174,235 @@ TEST(sampler_top_k_keeps_the_k_most_likely) {
     moas_sampler_free(s);
     return TEST_PASS;
 }
+
+/* ---- 1.1: logit biases, repetition penalty, min-p, stop strings ------------------ */
+
+static moas_sampler *make_ex(const moas_sampler_params *p, int32_t n_vocab) {
+    moas_sampler *s = NULL;
+    return moas_sampler_create(p, n_vocab, &s) == MOAS_OK ? s : NULL;
+}
+
+TEST(sampler_logit_bias_shifts_and_bans) {
+    const float logits[3] = {1.0f, 2.0f, 3.0f};
+    moas_sampler_params p;
+    moas_sampler *s;
+    int32_t t;
+
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    /* 3 - 10 = -7: token 1 (2.0) is now the largest */
+    const moas_logit_bias down[1] = {{2, -10.0f}};
+    p.n_logit_bias = 1;
+    p.logit_bias = down;
+    ASSERT_TRUE((s = make_ex(&p, 3)) != NULL);
+    ASSERT_OK(moas_sampler_sample(s, logits, &t));
+    ASSERT_EQ(t, 1);
+    ASSERT_TRUE(logits[2] == 3.0f);   /* the caller's logits are only read */
+    moas_sampler_free(s);
+    /* two entries for one token add up: 1 + 1.5 + 1.0 = 3.5 > 3 */
+    const moas_logit_bias up[2] = {{0, 1.5f}, {0, 1.0f}};
+    p.n_logit_bias = 2;
+    p.logit_bias = up;
+    ASSERT_TRUE((s = make_ex(&p, 3)) != NULL);
+    ASSERT_OK(moas_sampler_sample(s, logits, &t));
+    ASSERT_EQ(t, 0);
+    moas_sampler_free(s);
+    /* -infinity bans: at temperature 1 token 2 (otherwise 66.5%) and 1 never come */
+    const moas_logit_bias ban[2] = {{2, -INFINITY}, {1, -INFINITY}};
+    p.logit_bias = ban;
+    p.temperature = 1.0f;
+    ASSERT_TRUE((s = make_ex(&p, 3)) != NULL);
+    int hist[3] = {0};
+    ASSERT_EQ(draw(s, logits, 1000, hist), 0);
+    ASSERT_EQ(hist[0], 1000);
+    moas_sampler_free(s);
+    /* every token banned: nothing finite is left */
+    const moas_logit_bias all[3] = {{0, -INFINITY}, {1, -INFINITY}, {2, -INFINITY}};
+    p.n_logit_bias = 3;
+    p.logit_bias = all;
+    ASSERT_TRUE((s = make_ex(&p, 3)) != NULL);
+    ASSERT_STATUS(moas_sampler_sample(s, logits, &t), MOAS_ERR_INVALID_ARG);
+    moas_sampler_free(s);
+    return TEST_PASS;
+}
+
+TEST(sampler_repeat_penalty_hand_computed) {
+    moas_sampler_params p;
+    moas_sampler *s;
+    int32_t t;
+
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.repeat_penalty = 2.0f;
+    p.repeat_last_n = 2;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    /* greedy, remembering its own choices, the last 2 of them */
+    const float l[4] = {2.0f, 3.0f, -1.0f, 2.5f};
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 1);   /* nothing remembered: 3.0 */
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 3);   /* [1]: 3.0 / 2 = 1.5 < 2.5 */
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 0);   /* [1, 3]: 1.5 and 1.25 < 2.0 */
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 1);   /* [3, 0]: 1 has left the window of 2; 3.0 */
+    moas_sampler_reset(s);
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 1);   /* forgotten: 3.0 again */
+    /* a negative logit is multiplied: -0.4 * 2 = -0.8 < -0.5 */
+    const float neg[4] = {-0.5f, -3.0f, -0.4f, -2.0f};
+    moas_sampler_reset(s);
+    ASSERT_OK(moas_sampler_sample(s, neg, &t));
+    ASSERT_EQ(t, 2);
+    ASSERT_OK(moas_sampler_sample(s, neg, &t));
+    ASSERT_EQ(t, 0);
+    /* a token remembered twice is penalised once: 3.0 / 2 = 1.5 > 1.0, not 0.75 */
+    const float two[4] = {1.0f, 3.0f, -5.0f, -5.0f};
+    moas_sampler_reset(s);
+    ASSERT_OK(moas_sampler_accept(s, 1));
+    ASSERT_OK(moas_sampler_accept(s, 1));
+    ASSERT_OK(moas_sampler_sample(s, two, &t));
+    ASSERT_EQ(t, 1);
+    ASSERT_STATUS(moas_sampler_accept(s, 4), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_sampler_accept(s, -1), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_sampler_accept(NULL, 0), MOAS_ERR_INVALID_ARG);
+    moas_sampler_free(s);
+
+    /* repeat_last_n 0 turns the penalty off; accept still checks its token */
+    p.repeat_last_n = 0;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    ASSERT_OK(moas_sampler_accept(s, 1));
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 1);
+    ASSERT_STATUS(moas_sampler_accept(s, 4), MOAS_ERR_INVALID_ARG);
+    moas_sampler_free(s);
+    return TEST_PASS;
+}
+
+/* p = 0.5, 0.3, 0.15, 0.05: relative to the most likely 1, 0.6, 0.3, 0.1. min-p 0.2
+ * keeps the first three, exactly as top-k 3 does: the same draws from the same seed. */
+TEST(sampler_min_p_cuts_relative_to_the_most_likely) {
+    const float logits[4] = {-0.69314718f, -1.2039728f, -1.89712f, -2.9957323f};
+    moas_sampler_params p;
+    moas_sampler *a, *b;
+
+    moas_sampler_params_init(&p);
+    p.seed = 7;
+    p.min_p = 0.2f;
+    ASSERT_TRUE((a = make_ex(&p, 4)) != NULL);
+    ASSERT_TRUE((b = make(1.0f, 3, 1.0f, 7, 4)) != NULL);
+    int hist[4] = {0};
+    for (int i = 0; i < 2000; i++) {
+        int32_t ta, tb;
+        ASSERT_OK(moas_sampler_sample(a, logits, &ta));
+        ASSERT_OK(moas_sampler_sample(b, logits, &tb));
+        ASSERT_EQ(ta, tb);
+        hist[ta]++;
+    }
+    ASSERT_EQ(hist[3], 0);
+    ASSERT_TRUE(hist[2] > 0);
+    moas_sampler_free(a);
+    moas_sampler_free(b);
+    /* min-p 0.7 keeps only the most likely (0.6 < 0.7) */
+    p.min_p = 0.7f;
+    ASSERT_TRUE((a = make_ex(&p, 4)) != NULL);
+    int only[4] = {0};
+    ASSERT_EQ(draw(a, logits, 500, only), 0);
+    ASSERT_EQ(only[0], 500);
+    moas_sampler_free(a);
+    return TEST_PASS;
+}
+
+TEST(sampler_new_params_are_checked_and_old_sizes_work) {
+    moas_sampler_params p;
+    moas_sampler *s = NULL;
+    const moas_logit_bias bad_token[1] = {{3, 1.0f}}, bad_nan[1] = {{0, NAN}},
+                          bad_inf[1] = {{0, INFINITY}};
+
+    moas_sampler_params_init(&p);
+    ASSERT_TRUE(p.min_p == 0.0f && p.repeat_penalty == 1.0f);
+    ASSERT_EQ(p.repeat_last_n, 64);
+    ASSERT_EQ(p.n_logit_bias, 0);
+    ASSERT_TRUE(p.logit_bias == NULL);
+#define BAD_(field_, value_)                                                     \
+    do {                                                                         \
+        moas_sampler_params_init(&p);                                            \
+        p.field_ = value_;                                                       \
+        ASSERT_STATUS(moas_sampler_create(&p, 3, &s), MOAS_ERR_INVALID_ARG);     \
+        ASSERT_TRUE(s == NULL);                                                  \
+    } while (0)
+    BAD_(min_p, -0.1f);
+    BAD_(min_p, 1.5f);
+    BAD_(min_p, NAN);
+    BAD_(repeat_penalty, 0.0f);
+    BAD_(repeat_penalty, -1.0f);
+    BAD_(repeat_penalty, INFINITY);
+    BAD_(repeat_last_n, -1);
+    BAD_(n_logit_bias, -1);
+    BAD_(n_logit_bias, 1);   /* with a NULL logit_bias */
+#undef BAD_
+    moas_sampler_params_init(&p);
+    p.n_logit_bias = 1;
+    p.logit_bias = bad_token;
+    ASSERT_STATUS(moas_sampler_create(&p, 3, &s), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "token 3") != NULL);
+    p.logit_bias = bad_nan;
+    ASSERT_STATUS(moas_sampler_create(&p, 3, &s), MOAS_ERR_INVALID_ARG);
+    p.logit_bias = bad_inf;
+    ASSERT_STATUS(moas_sampler_create(&p, 3, &s), MOAS_ERR_INVALID_ARG);
+
+    /* a 1.0 program's struct ends before min_p: what follows is never read */
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.size = (uint32_t)offsetof(moas_sampler_params, min_p);
+    p.min_p = -5.0f;
+    p.n_logit_bias = 99;
+    ASSERT_OK(moas_sampler_create(&p, 3, &s));
+    const float logits[3] = {1.0f, 2.0f, 3.0f};
+    int32_t t;
+    ASSERT_OK(moas_sampler_sample(s, logits, &t));
+    ASSERT_EQ(t, 2);
+    moas_sampler_free(s);
+    return TEST_PASS;
+}
+
+TEST(text_find_stop_hand_computed) {
+    const char *const stops[3] = {"\n\n", "", "Amen"};
+    size_t end = 99;
+    int32_t found = 99;
+
+#define FIND_(text_, more_, want_end_, want_found_)                                       \
+    do {                                                                                  \
+        ASSERT_OK(moas_text_find_stop(text_, strlen(text_), stops, 3, more_, &end, &found)); \
+        ASSERT_EQ(end, want_end_);                                                        \
+        ASSERT_EQ(found, want_found_);                                                    \
+    } while (0)
+    FIND_("And it was so.\n\nAnd", 1, 14, 1);   /* the first whole one */
+    FIND_("so. Amen.\n\n", 1, 4, 1);            /* the earlier of two */
+    FIND_("so. Am", 1, 4, 0);                   /* "Am" may become "Amen": held back */
+    FIND_("so. Am", 0, 6, 0);                   /* ... unless nothing follows */
+    FIND_("so. A\n", 1, 5, 0);                  /* "\n" may become "\n\n" */
+    FIND_("so. Ax", 1, 6, 0);                   /* "Ax" cannot */
+    FIND_("", 1, 0, 0);
+#undef FIND_
+    /* a cut-off stop string at 0 holds back a whole one after it until the end */
+    const char *const two[2] = {"abcd", "c"};
+    ASSERT_OK(moas_text_find_stop("abc", 3, two, 2, 1, &end, &found));
+    ASSERT_EQ(end, 0);
+    ASSERT_EQ(found, 0);
+    ASSERT_OK(moas_text_find_stop("abc", 3, two, 2, 0, &end, &found));
+    ASSERT_EQ(end, 2);
+    ASSERT_EQ(found, 1);
+    /* no stop strings: everything can be shown */
+    ASSERT_OK(moas_text_find_stop("abc", 3, NULL, 0, 1, &end, &found));
+    ASSERT_EQ(end, 3);
+    ASSERT_EQ(found, 0);
+    const char *const with_null[1] = {NULL};
+    ASSERT_STATUS(moas_text_find_stop("abc", 3, with_null, 1, 1, &end, &found),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_text_find_stop(NULL, 3, two, 2, 1, &end, &found), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_text_find_stop("abc", 3, NULL, 2, 1, &end, &found), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_text_find_stop("abc", 3, two, 2, 1, NULL, &found), MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_text_find_stop("abc", 3, two, 2, 1, &end, NULL), MOAS_ERR_INVALID_ARG);
+    return TEST_PASS;
+}

@@ -108,3 +108,91 @@ TEST(tokenize_reports_needed_size) {
     moas_model_free(model);
     return TEST_PASS;
 }
+
+/* moas_tokenize_ex: unknown characters are an error by default, or replaced by a
+ * chosen token, or dropped, and counted; invalid UTF-8 has a status of its own. Ids
+ * from the sorted set of tiny.txt: '\n' 0, ' ' 1, 'A' 11, 'G' 13, 'd' 24, 'n' 33,
+ * 'o' 34; 'Q', '\r' and '7' are not in it. */
+TEST(tokenize_ex_replaces_or_drops_unknown_characters) {
+    moas_model *model;
+    moas_tokenize_params tp;
+    int32_t tokens[16];
+    size_t n = 99, changed = 99;
+    const char *text = "And Q7\r\n";
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    /* the default rule, and NULL params, is moas_tokenize's error */
+    moas_tokenize_params_init(&tp);
+    ASSERT_EQ(tp.size, sizeof tp);
+    ASSERT_EQ(tp.unknown, MOAS_UNKNOWN_ERROR);
+    ASSERT_EQ(tp.replacement, -1);
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "'Q' (U+0051) at byte offset 4") != NULL);
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, NULL, tokens, 16, &n, NULL),
+                  MOAS_ERR_UNKNOWN_CHAR);
+
+    /* replace by ' ' (id 1): Q, 7 and \r */
+    tp.unknown = MOAS_UNKNOWN_REPLACE;
+    tp.replacement = 1;
+    ASSERT_OK(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed));
+    ASSERT_EQ(n, 8);
+    ASSERT_EQ(changed, 3);
+    const int32_t want_replace[8] = {11, 33, 24, 1, 1, 1, 1, 0};
+    for (int i = 0; i < 8; i++) {
+        ASSERT_EQ(tokens[i], want_replace[i]);
+    }
+
+    /* drop them: "And \n" */
+    tp.unknown = MOAS_UNKNOWN_DROP;
+    ASSERT_OK(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed));
+    ASSERT_EQ(n, 5);
+    ASSERT_EQ(changed, 3);
+    const int32_t want_drop[5] = {11, 33, 24, 1, 0};
+    for (int i = 0; i < 5; i++) {
+        ASSERT_EQ(tokens[i], want_drop[i]);
+    }
+    /* the needed size counts only what is written; n_changed is set anyway */
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, NULL, 0, &n, &changed),
+                  MOAS_ERR_BUFFER_TOO_SMALL);
+    ASSERT_EQ(n, 5);
+    ASSERT_EQ(changed, 3);
+    /* a text without unknown characters changes nothing */
+    ASSERT_OK(moas_tokenize_ex(model, "God", (size_t)-1, &tp, tokens, 16, &n, &changed));
+    ASSERT_EQ(n, 3);
+    ASSERT_EQ(changed, 0);
+    ASSERT_EQ(tokens[0], 13);
+    ASSERT_EQ(tokens[1], 34);
+    ASSERT_EQ(tokens[2], 24);
+
+    /* invalid UTF-8 is its own status under every rule, moas_tokenize's stays as in 1.0 */
+    for (int32_t rule = 0; rule < MOAS_UNKNOWN_COUNT; rule++) {
+        tp.unknown = rule;
+        ASSERT_STATUS(moas_tokenize_ex(model, "A\xff", (size_t)-1, &tp, tokens, 16, &n, &changed),
+                      MOAS_ERR_INVALID_UTF8);
+        ASSERT_TRUE(strstr(moas_last_error(), "invalid UTF-8 at byte offset 1 (byte 0xff)") != NULL);
+    }
+    ASSERT_STR_EQ(moas_status_string(MOAS_ERR_INVALID_UTF8), "text is not valid UTF-8");
+    ASSERT_STATUS(moas_tokenize(model, "A\xff", (size_t)-1, tokens, 16, &n), MOAS_ERR_UNKNOWN_CHAR);
+
+    /* bad params */
+    tp.unknown = MOAS_UNKNOWN_REPLACE;
+    tp.replacement = -1;
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed),
+                  MOAS_ERR_INVALID_ARG);
+    tp.replacement = 47;
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "replacement token 47") != NULL);
+    tp.unknown = MOAS_UNKNOWN_COUNT;
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed),
+                  MOAS_ERR_INVALID_ARG);
+    tp.unknown = MOAS_UNKNOWN_DROP;
+    tp.size = 2;
+    ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed),
+                  MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(moas_tokenize_ex(NULL, text, (size_t)-1, NULL, tokens, 16, &n, &changed),
+                  MOAS_ERR_INVALID_ARG);
+    moas_model_free(model);
+    return TEST_PASS;
+}

@@ -35,6 +35,8 @@ typedef struct {
     int capacity_only;       /* --pool-mb without -npl */
     int fixed_scheme;        /* -1: the router decides */
     int page_heads;          /* 0: the library's default */
+    int compact_keep;        /* capacity: pool all but the last N tokens to the cheapest
+                                scheme after each sequence; -1: no compaction */
 } bb_options;
 
 #if defined(__GNUC__)
@@ -71,6 +73,8 @@ static void bb_usage(void) {
           "  -b N               rows per batched block (default 128)\n"
           "  --page-heads P     K/V heads per page, a power of two (default 8)\n"
           "  --force-scheme S   routed mode: every token to scheme S (e.g. 0: MHA)\n"
+          "  --compact-keep N   with --pool-mb alone, routed mode, pooled K/V: pool all but\n"
+          "                     each sequence's last N tokens down to the cheapest scheme\n"
           "  -f TEXT            take tokens from this text (default: a fixed pseudo-random\n"
           "                     sequence; routed-mode KV use follows the text)\n",
           stderr);
@@ -107,6 +111,7 @@ static void bb_parse(int argc, char **argv, bb_options *o) {
     memcpy(o->npl, default_pl, sizeof default_pl);
     o->n_npl = 7;
     o->fixed_scheme = -1;
+    o->compact_keep = -1;
     int have_npl = 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
@@ -146,6 +151,8 @@ static void bb_parse(int argc, char **argv, bb_options *o) {
             o->n_batch = atoi(bb_value(argc, argv, &i));
         } else if (!strcmp(a, "--page-heads")) {
             o->page_heads = atoi(bb_value(argc, argv, &i));
+        } else if (!strcmp(a, "--compact-keep")) {
+            o->compact_keep = atoi(bb_value(argc, argv, &i));
         } else if (!strcmp(a, "--force-scheme")) {
             o->fixed_scheme = atoi(bb_value(argc, argv, &i));
         } else if (!strcmp(a, "--json")) {
@@ -285,6 +292,14 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
             break;
         }
         bb_check(st, "decode");
+        if (o->compact_keep >= 0 && n_tok > o->compact_keep) {
+            int32_t cheapest = 0;
+            for (int32_t s = 1; s < moas_model_n_scheme(model); s++) {
+                cheapest = moas_model_scheme_n_kv(model, s) < moas_model_scheme_n_kv(model, cheapest)
+                               ? s : cheapest;
+            }
+            bb_check(moas_context_compact(ctx, n_tok - o->compact_keep, cheapest, NULL), "compact");
+        }
         ctxs[n++] = ctx;
     }
     moas_pool_info info = {.size = sizeof info};

@@ -78,19 +78,63 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
-/* Text -> freshly allocated token ids. */
-static int32_t *tokenize_all(const moas_model *model, const char *text, size_t len,
-                             size_t *n_tokens) {
+/* How text meets the vocabulary (--unknown): the rule and, for replace, the character. */
+typedef struct {
+    int32_t rule;            /* a moas_unknown */
+    const char *with;        /* replace: the replacement character, as given */
+} unknown_opt;
+
+/* Text -> freshly allocated token ids, under the --unknown rule `unk`; says on stderr how
+ * many characters were replaced or dropped, and returns that count in *n_changed
+ * (may be NULL). */
+static int32_t *tokenize_all(const moas_model *model, const unknown_opt *unk, const char *text,
+                             size_t len, size_t *n_tokens, size_t *n_changed_out) {
+    moas_tokenize_params tp;
     int32_t *tokens;
-    moas_status st = moas_tokenize(model, text, len, NULL, 0, n_tokens);
+    size_t n_changed = 0;
+
+    moas_tokenize_params_init(&tp);
+    tp.unknown = unk->rule;
+    if (tp.unknown == MOAS_UNKNOWN_REPLACE) {
+        size_t n = 0;
+        int32_t id;
+        const moas_status st = moas_tokenize(model, unk->with, (size_t)-1, &id, 1, &n);
+        if (st == MOAS_ERR_UNKNOWN_CHAR) {
+            die("--unknown replace:%s: the replacement must be in the vocabulary: %s",
+                unk->with, moas_last_error());
+        }
+        if (st == MOAS_ERR_BUFFER_TOO_SMALL || (st == MOAS_OK && n != 1)) {
+            die("--unknown replace:C needs exactly one character, got '%s'", unk->with);
+        }
+        check(st, "--unknown replace");
+        tp.replacement = id;
+    }
+    moas_status st = moas_tokenize_ex(model, text, len, &tp, NULL, 0, n_tokens, &n_changed);
     if (st != MOAS_OK && st != MOAS_ERR_BUFFER_TOO_SMALL) {
-        check(st, "tokenize");
+        if (st == MOAS_ERR_UNKNOWN_CHAR) {
+            die("%s (%s; --unknown drop or --unknown replace:C to go on)",
+                moas_last_error(), moas_status_string(st));
+        }
+        die("%s (%s)", moas_last_error(), moas_status_string(st));
     }
     tokens = malloc((*n_tokens ? *n_tokens : 1) * sizeof *tokens);
     if (tokens == NULL) {
         die("out of memory for %zu tokens", *n_tokens);
     }
-    check(moas_tokenize(model, text, len, tokens, *n_tokens, n_tokens), "tokenize");
+    check(moas_tokenize_ex(model, text, len, &tp, tokens, *n_tokens, n_tokens, &n_changed),
+          "tokenize");
+    if (n_changed > 0) {
+        if (tp.unknown == MOAS_UNKNOWN_DROP) {
+            fprintf(stderr, "moas: dropped %zu character%s outside the vocabulary\n", n_changed,
+                    n_changed == 1 ? "" : "s");
+        } else {
+            fprintf(stderr, "moas: replaced %zu character%s outside the vocabulary with '%s'\n",
+                    n_changed, n_changed == 1 ? "" : "s", unk->with);
+        }
+    }
+    if (n_changed_out != NULL) {
+        *n_changed_out = n_changed;
+    }
     return tokens;
 }
 
@@ -116,6 +160,14 @@ typedef struct {
     int depth;       /* bench: tokens in the cache before decoding starts */
     int repeats;     /* bench: repetitions, the median is reported */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
+    float min_p;
+    float repeat_penalty;
+    int repeat_last_n;
+    int n_bias;                 /* --logit-bias TOKEN=BIAS, as given */
+    const char *bias[64];
+    int n_stop;                 /* --stop STRING */
+    const char *stop[64];
+    unknown_opt unknown;        /* --unknown */
 } options;
 
 static void usage(void) {
@@ -123,7 +175,9 @@ static void usage(void) {
           "\n"
           "commands:\n"
           "  generate    -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--seed S]\n"
-          "              [--show-routes]\n"
+          "              [--min-p P] [--repeat-penalty F] [--repeat-last-n N]\n"
+          "              [--logit-bias TOKEN=BIAS]... [--stop STRING]... [--show-routes]\n"
+          "              (TOKEN: an id, or one character; BIAS: a number or -inf)\n"
           "  perplexity  -f TEXT [--json]\n"
           "  routes      -f TEXT [--json] [--no-color]   (the scheme of every token and layer)\n"
           "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
@@ -138,7 +192,9 @@ static void usage(void) {
           "  -t, --threads N      threads per call (default: all)\n"
           "  -c, --ctx N          context length (default: the trained length)\n"
           "      --mode M         mixture (default) or routed\n"
-          "      --kv-type T      f32 (default) or f16\n",
+          "      --kv-type T      f32 (default) or f16\n"
+          "      --unknown R      characters outside the vocabulary: error (default), drop,\n"
+          "                       replace (by a space) or replace:C (by the character C)\n",
           stderr);
     exit(2);
 }
@@ -181,6 +237,10 @@ static void parse_options(int argc, char **argv, options *o) {
     o->color = isatty(STDOUT_FILENO);
     o->n_prompt = 512;
     o->repeats = 5;
+    o->repeat_penalty = 1.0f;
+    o->repeat_last_n = 64;
+    o->unknown.rule = MOAS_UNKNOWN_ERROR;
+    o->unknown.with = " ";
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
@@ -223,6 +283,38 @@ static void parse_options(int argc, char **argv, options *o) {
                 o->kv_type = MOAS_TYPE_F16;
             } else {
                 die("--kv-type must be f32 or f16, got '%s'", t);
+            }
+        } else if (!strcmp(a, "--min-p")) {
+            o->min_p = parse_float(need_value(argc, argv, &i), "--min-p");
+        } else if (!strcmp(a, "--repeat-penalty")) {
+            o->repeat_penalty = parse_float(need_value(argc, argv, &i), "--repeat-penalty");
+        } else if (!strcmp(a, "--repeat-last-n")) {
+            o->repeat_last_n = (int)parse_long(need_value(argc, argv, &i), "--repeat-last-n", 0,
+                                               1L << 20);
+        } else if (!strcmp(a, "--logit-bias")) {
+            if (o->n_bias == 64) {
+                die("at most 64 --logit-bias options");
+            }
+            o->bias[o->n_bias++] = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "--stop")) {
+            if (o->n_stop == 64) {
+                die("at most 64 --stop options");
+            }
+            o->stop[o->n_stop++] = need_value(argc, argv, &i);
+        } else if (!strcmp(a, "--unknown")) {
+            const char *u = need_value(argc, argv, &i);
+            if (!strcmp(u, "error")) {
+                o->unknown.rule = MOAS_UNKNOWN_ERROR;
+            } else if (!strcmp(u, "drop")) {
+                o->unknown.rule = MOAS_UNKNOWN_DROP;
+            } else if (!strcmp(u, "replace")) {
+                o->unknown.rule = MOAS_UNKNOWN_REPLACE;
+                o->unknown.with = " ";
+            } else if (!strncmp(u, "replace:", 8)) {
+                o->unknown.rule = MOAS_UNKNOWN_REPLACE;
+                o->unknown.with = u + 8;
+            } else {
+                die("--unknown must be error, drop, replace or replace:C, got '%s'", u);
             }
         } else if (!strcmp(a, "--json")) {
             o->json = 1;
@@ -397,18 +489,31 @@ static int cmd_routes(const options *o) {
         die("routes needs -f TEXT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    int32_t *tokens = tokenize_all(model, &o->unknown, text, len, &n_tokens, NULL);
     float *gates = malloc((size_t)n_ctx * L * S * sizeof *gates);
     int32_t *schemes = malloc((size_t)n_ctx * L * sizeof *schemes);
     int32_t *heads = malloc((size_t)n_ctx * L * sizeof *heads);
     if (gates == NULL || schemes == NULL || heads == NULL) {
         die("out of memory");
     }
+    /* The model knows positions below n_ctx only: a longer text is routed in windows
+     * of n_ctx characters, each from an empty cache, and every window says so. */
+    const size_t n_windows = (n_tokens + (size_t)n_ctx - 1) / (size_t)n_ctx;
+    if (n_windows > 1) {
+        fprintf(stderr, "moas: the text has %zu characters, more than the context's %d: it is "
+                "routed in %zu windows of up to %d, each from an empty cache (positions "
+                "restart at 0)\n", n_tokens, n_ctx, n_windows, n_ctx);
+    }
     for (size_t begin = 0; begin < n_tokens; begin += (size_t)n_ctx) {
         const int32_t n = (int32_t)(n_tokens - begin < (size_t)n_ctx ? n_tokens - begin : (size_t)n_ctx);
+        const size_t window = begin / (size_t)n_ctx;
         moas_context_reset(ctx);
         check(moas_context_decode_batch(ctx, tokens + begin, n, NULL, MOAS_LOGITS_NONE), "decode");
         if (!o->json) {
+            if (n_windows > 1) {
+                printf("window %zu of %zu: characters %zu-%zu of the text, from an empty "
+                       "cache\n", window + 1, n_windows, begin, begin + (size_t)n - 1);
+            }
             print_route_map(stdout, ctx, tokens + begin, n, o->color);
             continue;
         }
@@ -416,7 +521,8 @@ static int cmd_routes(const options *o) {
         for (int32_t j = 0; j < n; j++) {
             for (int32_t l = 0; l < L; l++) {
                 const size_t rec = (size_t)j * L + l;
-                printf("{\"pos\": %zu, \"layer\": %d, \"char\": ", begin + (size_t)j, l);
+                printf("{\"pos\": %zu, \"window\": %zu, \"window_pos\": %d, \"layer\": %d, "
+                       "\"char\": ", begin + (size_t)j, window, j, l);
                 put_json_char(stdout, model, tokens[begin + (size_t)j]);
                 printf(", \"gates\": [");
                 for (int32_t s = 0; s < S; s++) {
@@ -438,6 +544,34 @@ static int cmd_routes(const options *o) {
 
 /* ---- generate ----------------------------------------------------------------- */
 
+/* --logit-bias TOKEN=BIAS: TOKEN is a token id (digits) or one character of the
+ * vocabulary; BIAS a number, or -inf to ban the token. */
+static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg) {
+    moas_logit_bias b;
+    const char *eq = strrchr(arg, '=');
+    char key[32];
+    size_t n = 0;
+
+    if (eq == NULL || eq == arg || (size_t)(eq - arg) >= sizeof key) {
+        die("--logit-bias needs TOKEN=BIAS (an id or one character, then a number), got '%s'",
+            arg);
+    }
+    memcpy(key, arg, (size_t)(eq - arg));
+    key[eq - arg] = '\0';
+    b.bias = parse_float(eq + 1, "--logit-bias's BIAS");
+    if (strspn(key, "0123456789") == strlen(key)) {
+        b.token = (int32_t)parse_long(key, "--logit-bias's token id", 0,
+                                      moas_model_n_vocab(model) - 1);
+        return b;
+    }
+    const moas_status st = moas_tokenize(model, key, (size_t)-1, &b.token, 1, &n);
+    if (st == MOAS_ERR_BUFFER_TOO_SMALL || (st == MOAS_OK && n != 1)) {
+        die("--logit-bias: '%s' is neither a token id nor one character", key);
+    }
+    check(st, "--logit-bias");
+    return b;
+}
+
 /* Generation beyond the context: the published model only knows positions below its
  * trained length, so when the cache is full the last half of the window is decoded
  * again from position 0 and generation continues from there. */
@@ -450,16 +584,28 @@ static int cmd_generate(const options *o) {
     const int32_t n_ctx = moas_context_n_ctx(ctx);
     size_t n_prompt;
     int32_t *tokens, *window;
-    int32_t n_window = 0;
+    int32_t n_window = 0, n_slides = 0;
 
+    moas_logit_bias bias[64];
     moas_sampler_params_init(&sp);
     sp.temperature = o->temperature;
     sp.top_k = o->top_k;
     sp.top_p = o->top_p;
     sp.seed = o->seed;
+    sp.min_p = o->min_p;
+    sp.repeat_penalty = o->repeat_penalty;
+    sp.repeat_last_n = o->repeat_last_n;
+    for (int i = 0; i < o->n_bias; i++) {
+        bias[i] = parse_logit_bias(model, o->bias[i]);
+    }
+    sp.n_logit_bias = o->n_bias;
+    sp.logit_bias = bias;
     check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
 
-    tokens = tokenize_all(model, prompt, strlen(prompt), &n_prompt);
+    tokens = tokenize_all(model, &o->unknown, prompt, strlen(prompt), &n_prompt, NULL);
+    for (size_t i = 0; i < n_prompt; i++) {   /* the penalty sees the prompt too */
+        check(moas_sampler_accept(smp, tokens[i]), "sampler");
+    }
     if (n_prompt == 0) {
         die("the prompt is empty: give at least one character with -p");
     }
@@ -467,8 +613,13 @@ static int cmd_generate(const options *o) {
     if (window == NULL) {
         die("out of memory");
     }
-    /* a prompt longer than the context keeps its end */
+    /* a prompt longer than the context keeps its end, and says so */
     const size_t start = n_prompt > (size_t)n_ctx ? n_prompt - (size_t)n_ctx : 0;
+    if (start > 0) {
+        fprintf(stderr, "moas: the prompt has %zu characters, more than the context's %d: only "
+                "its last %d are decoded (the first %zu are not seen)\n", n_prompt, n_ctx,
+                n_ctx, start);
+    }
     for (size_t i = start; i < n_prompt; i++) {
         window[n_window++] = tokens[i];
     }
@@ -476,14 +627,47 @@ static int cmd_generate(const options *o) {
     fputs(prompt, stdout);
     fflush(stdout);
 
+    /* text sampled but not shown yet: it may be the start of a stop string */
+    size_t held = 0, held_cap = 256;
+    char *pending = malloc(held_cap);
+    int n_generated = 0, stopped = 0;
+    if (pending == NULL) {
+        die("out of memory");
+    }
     const double t0 = now_seconds();
-    for (int i = 0; i < o->n_predict; i++) {
+    for (int i = 0; i < o->n_predict && !stopped; i++) {
         int32_t token;
+        size_t show;
         check(moas_sampler_sample(smp, moas_context_logits(ctx), &token), "sample");
-        fputs(moas_token_text(model, token), stdout);
+        n_generated++;
+        const char *piece = moas_token_text(model, token);
+        const size_t piece_len = strlen(piece);
+        if (held + piece_len > held_cap) {
+            held_cap = 2 * (held + piece_len);
+            pending = realloc(pending, held_cap);
+            if (pending == NULL) {
+                die("out of memory");
+            }
+        }
+        memcpy(pending + held, piece, piece_len);
+        held += piece_len;
+        check(moas_text_find_stop(pending, held, o->stop, (size_t)o->n_stop, 1, &show, &stopped),
+              "stop strings");
+        fwrite(pending, 1, show, stdout);
         fflush(stdout);
+        memmove(pending, pending + show, held - show);
+        held -= show;
+        if (stopped) {
+            break;
+        }
         if (n_window == n_ctx) {
             const int32_t keep = n_ctx / 2;
+            if (n_slides++ == 0) {
+                fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, each "
+                        "time it fills, generation goes on from its last %d tokens, decoded "
+                        "again from position 0\n", isatty(STDERR_FILENO) ? "\n" : "",
+                        n_ctx, keep);
+            }
             memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
             n_window = keep;
             moas_context_reset(ctx);
@@ -494,10 +678,25 @@ static int cmd_generate(const options *o) {
         check(moas_context_decode(ctx, token, NULL), "decode");
     }
     const double dt = now_seconds() - t0;
+    if (!stopped && held > 0) {   /* nothing follows: a whole stop string still counts */
+        size_t show;
+        check(moas_text_find_stop(pending, held, o->stop, (size_t)o->n_stop, 0, &show, &stopped),
+              "stop strings");
+        fwrite(pending, 1, show, stdout);
+    }
+    free(pending);
     fputc('\n', stdout);
-    fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s\n",
-            o->n_predict, dt, dt > 0 ? o->n_predict / dt : 0.0, mode_name(o->mode),
-            moas_context_kernels_name(ctx));
+    fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s, "
+            "%d thread%s", n_generated, dt, dt > 0 ? n_generated / dt : 0.0,
+            mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+            moas_context_n_threads(ctx) == 1 ? "" : "s");
+    if (stopped) {
+        fprintf(stderr, ", ended by a stop string");
+    }
+    if (n_slides > 0) {
+        fprintf(stderr, ", the window slid %d time%s", n_slides, n_slides == 1 ? "" : "s");
+    }
+    fputc('\n', stderr);
     if (o->show_routes) {   /* the window in the cache now: the text's last n_ctx tokens */
         fputc('\n', stdout);
         print_route_map(stdout, ctx, window, moas_context_n_past(ctx), o->color);
@@ -586,7 +785,10 @@ static int cmd_perplexity(const options *o) {
         die("perplexity needs -f TEXT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    size_t n_changed;
+    int32_t *tokens = tokenize_all(model, &o->unknown, text, len, &n_tokens, &n_changed);
+    /* characters of the text: dropped ones are not among the tokens */
+    const size_t n_chars = n_tokens + (o->unknown.rule == MOAS_UNKNOWN_DROP ? n_changed : 0);
     if (n_tokens < 2) {
         die("'%s' has %zu characters; at least 2 are needed", o->text_path, n_tokens);
     }
@@ -607,7 +809,11 @@ static int cmd_perplexity(const options *o) {
     }
 
     if (o->json) {
-        printf("{\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
+        printf("{\"n_chars\": %zu, \"n_unknown\": %zu, \"unknown\": \"%s\", ", n_chars,
+               n_changed, o->unknown.rule == MOAS_UNKNOWN_DROP      ? "drop"
+                          : o->unknown.rule == MOAS_UNKNOWN_REPLACE ? "replace"
+                                                                   : "error");
+        printf("\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
                "\"n_ctx\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
                "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
                "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
@@ -636,8 +842,14 @@ static int cmd_perplexity(const options *o) {
         printf("]}\n");
     } else {
         printf("mode            %s\n", mode_name(o->mode));
-        printf("tokens          %zu (%zu scored, windows of %d)\n", n_tokens, s.n_scored,
-               moas_context_n_ctx(ctx));
+        printf("characters      %zu in the text", n_chars);
+        if (n_changed > 0) {
+            printf(", %zu outside the vocabulary %s", n_changed,
+                   o->unknown.rule == MOAS_UNKNOWN_DROP ? "dropped" : "replaced");
+        }
+        printf("\n");
+        printf("tokens          %zu (%zu scored: all but the first of each window of %d)\n",
+               n_tokens, s.n_scored, moas_context_n_ctx(ctx));
         printf("nats/token      %.4f\n", nats);
         printf("perplexity      %.4f\n", exp(nats));
         printf("tokens/s        %.1f\n", tok_s);
@@ -669,7 +881,7 @@ static int cmd_logits(const options *o) {
         die("logits needs -f TEXT and -o OUT");
     }
     char *text = read_file(o->text_path, &len);
-    int32_t *tokens = tokenize_all(model, text, len, &n_tokens);
+    int32_t *tokens = tokenize_all(model, &o->unknown, text, len, &n_tokens, NULL);
     FILE *out = fopen(o->out_path, "wb");
     if (out == NULL) {
         die("cannot create '%s': %s", o->out_path, strerror(errno));
@@ -677,6 +889,11 @@ static int cmd_logits(const options *o) {
     /* Logits of every position, in windows of the context length from an empty cache,
      * written as they come; float32 on every platform we build for is IEEE
      * little-endian. */
+    if (n_tokens > (size_t)n_ctx) {
+        fprintf(stderr, "moas: the text has %zu characters, more than the context's %d: its "
+                "logits come from windows of %d, each from an empty cache\n", n_tokens, n_ctx,
+                n_ctx);
+    }
     for (size_t i = 0; i < n_tokens; i++) {
         if (i % (size_t)n_ctx == 0) {
             moas_context_reset(ctx);
@@ -758,10 +975,23 @@ static int cmd_bench(const options *o) {
     options oc = *o;
     int n_prompt = o->n_prompt, n_gen = o->n_predict, depth = o->depth;
 
-    /* keep every run inside the trained context */
-    n_prompt = n_prompt < n_train ? n_prompt : n_train;
-    depth = depth < n_train - 1 ? depth : n_train - 1;
-    n_gen = n_gen < n_train - depth ? n_gen : n_train - depth;
+    /* keep every run inside the trained context, and say what changed */
+    if (n_prompt > n_train) {
+        fprintf(stderr, "moas: bench: -p %d is more than the trained context: the prefill "
+                "measures %d tokens\n", n_prompt, n_train);
+        n_prompt = n_train;
+    }
+    if (depth > n_train - 1) {
+        fprintf(stderr, "moas: bench: -d %d leaves no room to decode in the trained context "
+                "of %d: decoding starts after %d cached tokens\n", depth, n_train, n_train - 1);
+        depth = n_train - 1;
+    }
+    if (n_gen > n_train - depth) {
+        fprintf(stderr, "moas: bench: -n %d does not fit after %d cached tokens in the trained "
+                "context of %d: decode measures %d tokens\n", n_gen, depth, n_train,
+                n_train - depth);
+        n_gen = n_train - depth;
+    }
     oc.n_ctx = n_prompt > depth + n_gen ? n_prompt : depth + n_gen;
     moas_context *ctx = new_context(model, &oc);
     int32_t *tokens = malloc((size_t)oc.n_ctx * sizeof *tokens);
@@ -824,13 +1054,14 @@ static int cmd_bench(const options *o) {
                "\"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
-               mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
+               mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
                n_prompt, n_gen, depth, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
                dec_gflops, pre_gflops);
     } else {
-        printf("model            %s (%s mode, %s kernels, %s threads)\n", o->model_path,
-               mode_name(o->mode), moas_context_kernels_name(ctx),
-               o->n_threads ? "fixed" : "default");
+        printf("model            %s (%s mode, %s kernels, %d thread%s%s)\n", o->model_path,
+               mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+               moas_context_n_threads(ctx) == 1 ? "" : "s",
+               o->n_threads ? ", as asked" : ", the default");
         printf("prefill          %8.1f tokens/s  (%d tokens, median of %d; %.2f GFLOP/s in matrices)\n",
                prefill_tok_s, n_prompt, o->repeats, pre_gflops);
         printf("decode           %8.1f tokens/s  (%d tokens after %d cached, median of %d)\n",
@@ -909,7 +1140,6 @@ static int cmd_inspect(const options *o) {
     const int32_t head_dim = moas_model_head_dim(model);
     const int32_t n_layer = moas_model_n_layer(model);
     const int32_t n_head = moas_model_n_head(model);
-    long long all_heads = 0;
 
     printf("model           %s (%s)\n", o->model_path, moas_model_arch(model));
     printf("layers          %d\n", n_layer);
@@ -920,15 +1150,29 @@ static int cmd_inspect(const options *o) {
     printf("mixing          %s, %s biases\n", mixing_names[moas_model_mixing(model)],
            moas_model_has_bias(model) ? "with" : "no");
     printf("parameters      %llu\n", (unsigned long long)moas_model_n_params(model));
-    printf("\nscheme  kv heads  KV bytes/token (all layers, f32 / f16)\n");
+    /* The figures the cache itself uses: a one-token context of each KV type. */
+    moas_context *ctx32, *ctx16;
+    options o1 = *o;
+    o1.n_ctx = 1;
+    o1.n_threads = 1;
+    o1.kv_type = MOAS_TYPE_F32;
+    ctx32 = new_context(model, &o1);
+    o1.kv_type = MOAS_TYPE_F16;
+    ctx16 = new_context(model, &o1);
+    printf("\nscheme  kv heads  routed-mode KV bytes/token (all layers, f32 / f16)\n");
     for (int32_t s = 0; s < n_scheme; s++) {
-        const long long heads = moas_model_scheme_n_kv(model, s);
-        const long long per_token = heads * head_dim * 2 * n_layer;
-        all_heads += heads;
-        printf("%6d  %8lld  %lld / %lld\n", s, heads, per_token * 4, per_token * 2);
+        printf("%6d  %8d  %llu / %llu\n", s, moas_model_scheme_n_kv(model, s),
+               (unsigned long long)moas_context_kv_token_bytes(ctx32, s),
+               (unsigned long long)moas_context_kv_token_bytes(ctx16, s));
     }
-    printf("mixture mode stores every scheme: %lld / %lld bytes per token\n",
-           all_heads * head_dim * 2 * n_layer * 4, all_heads * head_dim * 2 * n_layer * 2);
+    printf("(routed mode: the K/V of the token's scheme plus its bookkeeping, per layer)\n");
+    printf("mixture mode stores %s: %llu / %llu bytes per token\n",
+           moas_model_kv_sharing(model) == MOAS_KV_SHARING_POOLED
+               ? "one gate-mixed K/V of all heads" : "every scheme",
+           (unsigned long long)moas_context_kv_token_bytes(ctx32, -1),
+           (unsigned long long)moas_context_kv_token_bytes(ctx16, -1));
+    moas_context_free(ctx32);
+    moas_context_free(ctx16);
 
     printf("\nmetadata (%lld keys)\n", (long long)moas_model_meta_count(model));
     for (int64_t i = 0; i < moas_model_meta_count(model); i++) {

@@ -51,6 +51,7 @@ from collections import namedtuple
 __all__ = [
     "MoasError", "Status", "LogLevel", "Type", "Mixing", "KvSharing", "MetaType", "Mode",
     "Kernels", "Logits", "Model", "Context", "Sampler", "TensorInfo", "Routes", "Allocator",
+    "LogitBias", "find_stop",
     "load_library", "library", "library_path", "version_number", "version_string",
     "status_string", "status_name", "last_error", "ABI_MAJOR",
 ]
@@ -74,7 +75,8 @@ class Status(enum.IntEnum):
     ERR_NOT_FOUND = -10
     ERR_WRONG_TYPE = -11
     ERR_INTERNAL = -12
-    ERR_POOL_FULL = -13
+    ERR_INVALID_UTF8 = -13
+    ERR_POOL_FULL = -14
 
 
 class LogLevel(enum.IntEnum):
@@ -194,10 +196,22 @@ class PoolSeq(ctypes.Structure):
                 ("logits", ctypes.POINTER(ctypes.c_float))]
 
 
+class LogitBias(ctypes.Structure):
+    _fields_ = [("token", ctypes.c_int32), ("bias", ctypes.c_float)]
+
+
 class SamplerParams(ctypes.Structure):
     _fields_ = [("size", ctypes.c_uint32), ("temperature", ctypes.c_float),
                 ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
-                ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator))]
+                ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator)),
+                ("min_p", ctypes.c_float), ("repeat_penalty", ctypes.c_float),
+                ("repeat_last_n", ctypes.c_int32), ("n_logit_bias", ctypes.c_int32),
+                ("logit_bias", ctypes.POINTER(LogitBias))]
+
+
+class TokenizeParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("unknown", ctypes.c_int32),
+                ("replacement", ctypes.c_int32)]
 
 
 class TensorInfoC(ctypes.Structure):
@@ -284,7 +298,12 @@ _SIGNATURES = {
     "moas_context_state_size": (_sz, [_vp]),
     "moas_context_state_save": (c_status, [_vp, _vp, _sz, _P(_sz)]),
     "moas_context_state_load": (c_status, [_vp, _vp, _sz]),
+    "moas_context_kv_token_bytes": (_u64, [_vp, _i32]),
+    "moas_context_n_threads": (_i32, [_vp]),
     "moas_tokenize": (c_status, [_vp, _cp, _sz, _P(_i32), _sz, _P(_sz)]),
+    "moas_tokenize_params_init_sized": (None, [_vp, ctypes.c_size_t]),
+    "moas_tokenize_ex": (c_status, [_vp, _cp, _sz, _P(TokenizeParams), _P(_i32), _sz, _P(_sz),
+                                    _P(_sz)]),
     "moas_detokenize": (c_status, [_vp, _P(_i32), _sz, _cp, _sz, _P(_sz)]),
     "moas_token_text": (_cp, [_vp, _i32]),
     "moas_sampler_params_init_sized": (None, [_vp, ctypes.c_size_t]),
@@ -292,6 +311,9 @@ _SIGNATURES = {
     "moas_sampler_free": (None, [_vp]),
     "moas_sampler_sample": (c_status, [_vp, _P(_f32), _P(_i32)]),
     "moas_sampler_reseed": (None, [_vp, _u64]),
+    "moas_sampler_accept": (c_status, [_vp, _i32]),
+    "moas_sampler_reset": (None, [_vp]),
+    "moas_text_find_stop": (c_status, [_cp, _sz, _P(_cp), _sz, _i32, _P(_sz), _P(_i32)]),
 }
 
 # ---- finding and loading the library ------------------------------------------------
@@ -377,7 +399,8 @@ def _check_struct_sizes(lib):
     for init, cls in ((lib.moas_model_params_init_sized, ModelParams),
                       (lib.moas_context_params_init_sized, ContextParams),
                       (lib.moas_sampler_params_init_sized, SamplerParams),
-                      (lib.moas_pool_params_init_sized, PoolParams)):
+                      (lib.moas_pool_params_init_sized, PoolParams),
+                      (lib.moas_tokenize_params_init_sized, TokenizeParams)):
         if _library_sizeof(init) < ctypes.sizeof(cls):
             raise OSError("libmoas: %s is larger here than in the library" % cls.__name__)
 
@@ -454,6 +477,10 @@ def _log_callback(fn):
         except Exception:  # an exception cannot cross the C frames
             pass
     return LOG_FN(log)
+
+
+def _utf8(text):
+    return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
 
 
 def _enum(cls, value):
@@ -714,13 +741,43 @@ class Model(_Handle):
         return {k: self.meta(k) for k in self.meta_keys()}
 
     # tokenizer
-    def tokenize(self, text):
-        """Token ids of `text` (str or UTF-8 bytes), one per character."""
-        raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
-        cap = max(len(raw), 1)   # one id per character, so at most one per byte
-        ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
-        _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
-        return ids[:n.value]
+    def tokenize(self, text, unknown="error", replacement=" "):
+        """Token ids of `text` (str or UTF-8 bytes), one per character.
+
+        `unknown` says what to do with a character outside the vocabulary: "error"
+        (MoasError ERR_UNKNOWN_CHAR), "replace" (by the character `replacement`) or
+        "drop". Invalid UTF-8 is ERR_INVALID_UTF8 then. tokenize_ex() also says how
+        many characters were changed."""
+        if unknown == "error":
+            raw = _utf8(text)
+            cap = max(len(raw), 1)   # one id per character, so at most one per byte
+            ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
+            _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
+            return ids[:n.value]
+        return self.tokenize_ex(text, unknown, replacement)[0]
+
+    def tokenize_ex(self, text, unknown="error", replacement=" "):
+        """(ids, n_changed): moas_tokenize_ex with the rule `unknown` ("error",
+        "replace" by the character `replacement`, or "drop"); n_changed counts the
+        characters replaced or dropped."""
+        rules = {"error": 0, "replace": 1, "drop": 2}
+        if unknown not in rules:
+            raise MoasError(Status.ERR_INVALID_ARG, "unknown must be one of %s, got %r"
+                            % (", ".join(rules), unknown))
+        params = _params(library().moas_tokenize_params_init_sized, TokenizeParams)
+        params.unknown = rules[unknown]
+        if unknown == "replace":
+            ids = self.tokenize(replacement)
+            if len(ids) != 1:
+                raise MoasError(Status.ERR_INVALID_ARG, "the replacement must be one "
+                                "character, got %r" % (replacement,))
+            params.replacement = ids[0]
+        raw = _utf8(text)
+        cap = max(len(raw), 1)
+        ids, n, changed = (ctypes.c_int32 * cap)(), ctypes.c_size_t(), ctypes.c_size_t()
+        _check(self._call("moas_tokenize_ex", raw, len(raw), ctypes.byref(params), ids, cap,
+                          ctypes.byref(n), ctypes.byref(changed)))
+        return ids[:n.value], changed.value
 
     def detokenize(self, tokens):
         tokens = list(tokens)
@@ -1002,6 +1059,18 @@ class Context(_Handle):
         data = bytes(data)
         self._invalidate()
         _check(self._call("moas_context_state_load", data, len(data)))
+    def kv_token_bytes(self, scheme=-1):
+        """Bytes one token occupies over all layers: mixture mode's storage for -1,
+        routed mode's for a token routed to `scheme` (moas_context_kv_token_bytes)."""
+        if not -1 <= scheme < self._n_scheme:
+            raise MoasError(Status.ERR_INVALID_ARG,
+                            "scheme %d outside [-1, %d)" % (scheme, self._n_scheme))
+        return self._call("moas_context_kv_token_bytes", scheme)
+
+    @property
+    def n_threads(self):
+        """Threads a decoding call uses (0 in the params resolved at creation)."""
+        return self._call("moas_context_n_threads")
 
     def __repr__(self):
         if self._ptr is None:
@@ -1109,18 +1178,28 @@ class Pool(_Handle):
 
 
 class Sampler(_Handle):
-    """Chooses tokens from logits (moas_sampler): greedy when temperature is 0, else
-    softmax(logits / temperature) cut to top_k then top_p, drawn from a seeded stream.
-    `vocab` is a Model or the number of logits."""
+    """Chooses tokens from logits (moas_sampler): the logits get `logit_bias` (a dict
+    {token id: bias}, -inf bans) and the repetition penalty (`repeat_penalty` over
+    the last `repeat_last_n` tokens sampled or accept()ed); then greedy when
+    temperature is 0, else softmax(logits / temperature) cut to top_k, top_p, then
+    min_p, drawn from a seeded stream. `vocab` is a Model or the number of logits.
+    Stop strings are text: see find_stop()."""
 
     _kind = "sampler"
 
-    def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, allocator=None):
+    def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, min_p=0.0,
+                 repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, allocator=None):
         self._ptr = None
         self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else int(vocab)
         params = _params(library().moas_sampler_params_init_sized, SamplerParams)
         params.temperature, params.top_k, params.top_p, params.seed = (
             temperature, top_k, top_p, seed)
+        params.min_p, params.repeat_penalty, params.repeat_last_n = (
+            min_p, repeat_penalty, repeat_last_n)
+        biases = sorted(dict(logit_bias or {}).items())
+        bias_array = (LogitBias * max(len(biases), 1))(*[LogitBias(t, b) for t, b in biases])
+        params.n_logit_bias = len(biases)
+        params.logit_bias = bias_array   # copied by the library at creation
         self._allocator = allocator
         if allocator is not None:
             params.allocator = ctypes.pointer(allocator)
@@ -1172,3 +1251,31 @@ class Sampler(_Handle):
 
     def reseed(self, seed):
         library().moas_sampler_reseed(self._p(), seed)
+
+    def accept(self, tokens):
+        """Remember a token id, or each of a sequence (a prompt), for the repetition
+        penalty, as if sampled."""
+        for token in ([tokens] if isinstance(tokens, int) else tokens):
+            _check(library().moas_sampler_accept(self._p(), token))
+
+    def reset(self):
+        """Forget the tokens remembered for the repetition penalty."""
+        library().moas_sampler_reset(self._p())
+
+
+def find_stop(text, stops, more=True):
+    """(end, found) for generated text not yet shown (moas_text_find_stop): found is
+    True when a stop string occurs whole, and text[:end] is what comes before it;
+    otherwise text[:end] can be shown and the rest is held back while `more` text may
+    follow (it may become a stop string). `text` and `stops` are str (UTF-8) or bytes;
+    `end` counts characters for str, bytes for bytes."""
+    raw = _utf8(text)
+    stop_raw = [_utf8(s) for s in stops]
+    arr = (ctypes.c_char_p * max(len(stop_raw), 1))(*stop_raw)
+    end, found = ctypes.c_size_t(), ctypes.c_int32()
+    _check(library().moas_text_find_stop(raw, len(raw), arr, len(stop_raw), int(bool(more)),
+                                         ctypes.byref(end), ctypes.byref(found)))
+    n = end.value
+    if isinstance(text, str):
+        n = len(raw[:n].decode("utf-8", "surrogateescape"))
+    return n, bool(found.value)

@@ -28,13 +28,31 @@ def main():
         with moas.Model(args.model) as model, \
                 model.context(mode=args.mode) as ctx, \
                 moas.Sampler(model, temperature=args.temp, seed=args.seed) as sampler:
-            logits = ctx.decode_batch(model.tokenize(args.prompt))
+            window = model.tokenize(args.prompt)
+            if len(window) > ctx.n_ctx:   # the model knows no later positions
+                print("generate.py: the prompt has %d characters, more than the context's "
+                      "%d: only its last %d are decoded" % (len(window), ctx.n_ctx, ctx.n_ctx),
+                      file=sys.stderr)
+                window = window[-ctx.n_ctx:]
+            logits = ctx.decode_batch(window)
             out = [args.prompt]
+            slides = 0
             for _ in range(args.n):
-                if ctx.n_past == ctx.n_ctx:
-                    break
                 token = sampler.sample(logits)   # reads the library's buffer in place
                 out.append(model.token_text(token))
+                if ctx.n_past == ctx.n_ctx:
+                    # full: go on from the last half of the window, decoded again from
+                    # position 0, as `moas generate` does
+                    if slides == 0:
+                        print("generate.py: the context (%d tokens) is full: each time it "
+                              "fills, generation goes on from its last %d tokens, decoded "
+                              "again from position 0" % (ctx.n_ctx, ctx.n_ctx // 2),
+                              file=sys.stderr)
+                    slides += 1
+                    window = window[-(ctx.n_ctx // 2):]
+                    ctx.reset()
+                    ctx.decode_batch(window, logits="none")
+                window.append(token)
                 logits = ctx.decode(token)       # the old view is released here
             print("".join(out))
             counts = ctx.scheme_counts()

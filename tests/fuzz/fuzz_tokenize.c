@@ -19,7 +19,10 @@
  *     character;
  *   - ids that came back turn into exactly the input bytes; a short buffer gives
  *     BUFFER_TOO_SMALL and the needed length;
- *   - the NUL-terminated form ((size_t)-1) tokenizes the text up to its first NUL.
+ *   - the NUL-terminated form ((size_t)-1) tokenizes the text up to its first NUL;
+ *   - moas_tokenize_ex replaces or drops what the reference cannot look up, counts
+ *     it, and gives INVALID_UTF8 naming the offset of the first text that is not
+ *     UTF-8.
  */
 #include "fuzz.h"
 
@@ -98,6 +101,39 @@ static long ref_tokenize(const uint8_t *text, size_t n, int32_t *ids, size_t *ba
         }
         ids[count++] = id;
         at += len;
+    }
+    return count;
+}
+
+/* The reference under moas_tokenize_ex's rules: characters outside the vocabulary
+ * are replaced by `repl` (>= 0) or dropped (-1) and counted in *changed; the count of
+ * ids, or -1 and the offset of the first invalid UTF-8 in *bad_at. */
+static long ref_tokenize_ex(const uint8_t *text, size_t n, int32_t repl, int32_t *ids,
+                            size_t *changed, size_t *bad_at) {
+    long count = 0;
+    *changed = 0;
+    for (size_t at = 0; at < n;) {
+        uint32_t cp;
+        const size_t len = ref_decode(text + at, n - at, &cp);
+        int32_t id = -1;
+        if (len == 0) {
+            *bad_at = at;
+            return -1;
+        }
+        for (int32_t v = 0; v < N_VOCAB; v++) {
+            if (vocab_cp[v] == cp) {
+                id = v;
+            }
+        }
+        at += len;
+        if (id < 0) {
+            ++*changed;
+            if (repl < 0) {
+                continue;
+            }
+            id = repl;
+        }
+        ids[count++] = id;
     }
     return count;
 }
@@ -236,6 +272,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     free(ctokens);
     free(cstr);
+
+    /* moas_tokenize_ex: replace (by id flags >> 3 % N_VOCAB) or drop unknown
+     * characters; invalid UTF-8 is MOAS_ERR_INVALID_UTF8 naming its offset */
+    {
+        moas_tokenize_params tp;
+        size_t changed = (size_t)-7, want_changed = 0;
+        int32_t *ex = malloc((len + 1) * sizeof *ex);
+        FUZZ_CHECK(ex != NULL);
+        moas_tokenize_params_init(&tp);
+        tp.unknown = flags & 4 ? MOAS_UNKNOWN_REPLACE : MOAS_UNKNOWN_DROP;
+        tp.replacement = (int32_t)((flags >> 3) % N_VOCAB);
+        const long n_ex = ref_tokenize_ex(text, len, flags & 4 ? tp.replacement : -1, want,
+                                          &want_changed, &bad_at);
+        fuzz_prime_error();
+        const moas_status es = moas_tokenize_ex(model, (const char *)text, len, &tp, ex, len + 1,
+                                                &n, &changed);
+        if (n_ex < 0) {
+            FUZZ_CHECK(es == MOAS_ERR_INVALID_UTF8 && fuzz_error_replaced() &&
+                       names_offset(bad_at));
+        } else {
+            FUZZ_CHECK(es == MOAS_OK && n == (size_t)n_ex && changed == want_changed);
+            FUZZ_CHECK(n == 0 || memcmp(ex, want, n * sizeof *ex) == 0);
+        }
+        free(ex);
+    }
     free(tokens);
     free(want);
     return 0;

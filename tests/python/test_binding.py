@@ -279,6 +279,19 @@ class Tokenizer(Base):
         self.assertEqual(self.model.tokenize(""), [])
         self.assertEqual(self.model.detokenize([]), "")
 
+    def test_unknown_characters_replaced_or_dropped(self):
+        text = "And Q7\r\n"
+        self.expect(moas.Status.ERR_UNKNOWN_CHAR, self.model.tokenize, text)
+        a, n, d, sp, nl = self.model.tokenize("And \n")
+        self.assertEqual(self.model.tokenize_ex(text, "replace"),
+                         ([a, n, d, sp, sp, sp, sp, nl], 3))
+        self.assertEqual(self.model.tokenize(text, unknown="replace", replacement="."),
+                         [a, n, d, sp] + self.model.tokenize("...") + [nl])
+        self.assertEqual(self.model.tokenize_ex(text, "drop"), ([a, n, d, sp, nl], 3))
+        self.expect(moas.Status.ERR_INVALID_UTF8, self.model.tokenize_ex, b"A\xff", "drop")
+        self.expect(moas.Status.ERR_UNKNOWN_CHAR, self.model.tokenize_ex, text, "replace", "Q")
+        self.expect(moas.Status.ERR_INVALID_ARG, self.model.tokenize_ex, text, "maybe")
+
     def test_token_text_and_vocab(self):
         vocab = self.model.vocab
         self.assertEqual(vocab, sorted(set(read_text(os.path.join(DATA, "tiny.txt")))))
@@ -394,6 +407,19 @@ class Routing(Base):
                 self.assertEqual(ctx.kv_bytes_reserved(), 2 * 64 * (6 * 8 * 2 * elem + 5))
                 self.expect(moas.Status.ERR_INVALID_ARG, ctx.kv_bytes_used, 2)
 
+    def test_kv_token_bytes_and_threads(self):
+        ids = self.model.tokenize(TEXT)
+        with self.model.context(mode="routed", n_threads=1) as ctx:
+            self.assertEqual(ctx.n_threads, 1)
+            # 2 layers, 6 heads of 8: K and V in f32 plus 5 bytes per layer
+            self.assertEqual([ctx.kv_token_bytes(s) for s in range(3)],
+                             [2 * (6 * 64 + 5), 2 * (2 * 64 + 5), 2 * (64 + 5)])
+            self.assertEqual(ctx.kv_token_bytes(), 2 * 9 * 64)
+            self.expect(moas.Status.ERR_INVALID_ARG, ctx.kv_token_bytes, 3)
+        with self.model.context() as ctx:
+            ctx.decode_batch(ids)
+            self.assertEqual(ctx.kv_bytes_used(), len(ids) * ctx.kv_token_bytes())
+
     def test_forced_scheme(self):
         ids = self.model.tokenize(TEXT)
         with self.model.context(mode="routed", forced_scheme=2) as ctx:
@@ -475,6 +501,39 @@ class Routing(Base):
 
 
 class SamplerApi(Base):
+    def test_bias_penalty_min_p_hand_computed(self):
+        logits = [2.0, 3.0, -1.0, 2.5]
+        with moas.Sampler(4, temperature=0, logit_bias={1: -10.0}) as s:
+            self.assertEqual(s.sample(logits), 3)           # 3 - 10 < 2.5
+        with moas.Sampler(4, temperature=0, logit_bias={1: float("-inf"),
+                                                         3: float("-inf")}) as s:
+            self.assertEqual(s.sample(logits), 0)
+        with moas.Sampler(4, temperature=0, repeat_penalty=2.0, repeat_last_n=2) as s:
+            # own choices remembered, the last two: 3.0/2 < 2.5; 1.5, 1.25 < 2.0; 1 left
+            self.assertEqual([s.sample(logits) for _ in range(4)], [1, 3, 0, 1])
+            s.reset()
+            s.accept([1, 1])                                # penalised once: 1.5 > 1.0
+            self.assertEqual(s.sample([1.0, 3.0, -5.0, -5.0]), 1)
+            self.expect(moas.Status.ERR_INVALID_ARG, s.accept, 4)
+        # p 0.5 0.3 0.15 0.05: min-p 0.2 draws as top-k 3 from the same seed
+        import math
+        lp = [math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]
+        with moas.Sampler(4, seed=7, min_p=0.2) as a, moas.Sampler(4, seed=7, top_k=3) as b:
+            got = [a.sample(lp) for _ in range(300)]
+            self.assertEqual(got, [b.sample(lp) for _ in range(300)])
+            self.assertNotIn(3, got)
+        self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4, min_p=1.5)
+        self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4, logit_bias={4: 1.0})
+
+    def test_find_stop(self):
+        stops = ["\n\n", "Amen"]
+        self.assertEqual(moas.find_stop("And it was so.\n\nAnd", stops), (14, True))
+        self.assertEqual(moas.find_stop("so. Am", stops), (4, False))
+        self.assertEqual(moas.find_stop("so. Am", stops, more=False), (6, False))
+        self.assertEqual(moas.find_stop("é—Amen", stops), (2, True))     # characters
+        self.assertEqual(moas.find_stop("é—Amen".encode(), stops), (5, True))  # bytes
+        self.assertEqual(moas.find_stop("abc", []), (3, False))
+
     def test_greedy_is_argmax(self):
         with self.model.context() as ctx, moas.Sampler(self.model, temperature=0) as smp:
             logits = ctx.decode_batch(self.model.tokenize("And God"))
@@ -543,6 +602,19 @@ class Example(unittest.TestCase):
         self.assertEqual(len(out.stdout) - 1, len("And God") + 30)   # print's newline
         self.assertRegex(out.stderr,
                          r"^routing: \[\d+, \d+, \d+\] token-layers per scheme, KV bytes \d+$")
+        # past the context (64): every character asked for, and stderr says how
+        long = subprocess.run([sys.executable, script, MODEL, "And God", "-n", "200",
+                               "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, check=True)
+        self.assertEqual(len(long.stdout) - 1, len("And God") + 200)
+        self.assertIn("the context (64 tokens) is full", long.stderr)
+        # a prompt longer than the context: its end is kept, and stderr says so
+        prompt = read_text(os.path.join(DATA, "tiny.txt"))[:100]
+        cut = subprocess.run([sys.executable, script, MODEL, prompt, "-n", "5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, check=True)
+        self.assertIn("the prompt has 100 characters, more than the context's 64", cut.stderr)
+        self.assertEqual(len(cut.stdout) - 1, 105)
         bad = subprocess.run([sys.executable, script, MODEL, "Quiz"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(bad.returncode, 1)

@@ -154,6 +154,24 @@ pub mod ffi {
         pub top_p: f32,
         pub seed: u64,
         pub allocator: *const moas_allocator,
+        pub min_p: f32,
+        pub repeat_penalty: f32,
+        pub repeat_last_n: i32,
+        pub n_logit_bias: i32,
+        pub logit_bias: *const moas_logit_bias,
+    }
+
+    #[repr(C)]
+    pub struct moas_logit_bias {
+        pub token: i32,
+        pub bias: f32,
+    }
+
+    #[repr(C)]
+    pub struct moas_tokenize_params {
+        pub size: u32,
+        pub unknown: i32,
+        pub replacement: i32,
     }
 
     #[repr(C)]
@@ -317,6 +335,8 @@ pub mod ffi {
         );
         pub fn moas_context_kv_bytes_used(ctx: *const moas_context, layer: i32) -> usize;
         pub fn moas_context_kv_bytes_reserved(ctx: *const moas_context, layer: i32) -> usize;
+        pub fn moas_context_kv_token_bytes(ctx: *const moas_context, scheme: i32) -> u64;
+        pub fn moas_context_n_threads(ctx: *const moas_context) -> i32;
 
         pub fn moas_pool_params_init_sized(params: *mut moas_pool_params, size: usize);
         pub fn moas_pool_create(
@@ -362,6 +382,17 @@ pub mod ffi {
             n_max: usize,
             n_tokens: *mut usize,
         ) -> moas_status;
+        pub fn moas_tokenize_params_init_sized(params: *mut moas_tokenize_params, size: usize);
+        pub fn moas_tokenize_ex(
+            model: *const moas_model,
+            text: *const c_char,
+            text_len: usize,
+            params: *const moas_tokenize_params,
+            tokens: *mut i32,
+            n_max: usize,
+            n_tokens: *mut usize,
+            n_changed: *mut usize,
+        ) -> moas_status;
         pub fn moas_detokenize(
             model: *const moas_model,
             tokens: *const i32,
@@ -385,13 +416,24 @@ pub mod ffi {
             token: *mut i32,
         ) -> moas_status;
         pub fn moas_sampler_reseed(sampler: *mut moas_sampler, seed: u64);
+        pub fn moas_sampler_accept(sampler: *mut moas_sampler, token: i32) -> moas_status;
+        pub fn moas_sampler_reset(sampler: *mut moas_sampler);
+        pub fn moas_text_find_stop(
+            text: *const c_char,
+            len: usize,
+            stops: *const *const c_char,
+            n_stops: usize,
+            more: i32,
+            end: *mut usize,
+            found: *mut i32,
+        ) -> moas_status;
     }
 }
 
 // ---- errors ---------------------------------------------------------------------------
 
 /// The names of moas.h's status table, by -value.
-const STATUS_NAMES: [&str; 14] = [
+const STATUS_NAMES: [&str; 15] = [
     "MOAS_OK",
     "MOAS_ERR_INVALID_ARG",
     "MOAS_ERR_NO_MEMORY",
@@ -405,6 +447,7 @@ const STATUS_NAMES: [&str; 14] = [
     "MOAS_ERR_NOT_FOUND",
     "MOAS_ERR_WRONG_TYPE",
     "MOAS_ERR_INTERNAL",
+    "MOAS_ERR_INVALID_UTF8",
     "MOAS_ERR_POOL_FULL",
 ];
 
@@ -595,6 +638,34 @@ impl Model {
         })?;
         ids.truncate(n);
         Ok(ids)
+    }
+
+    /// Token ids of `text` with characters outside the vocabulary replaced by the token
+    /// `replacement` (Some) or dropped (None), and how many were (moas_tokenize_ex).
+    pub fn tokenize_lenient(
+        &self,
+        text: &str,
+        replacement: Option<i32>,
+    ) -> Result<(Vec<i32>, usize)> {
+        let mut p = params(ffi::moas_tokenize_params_init_sized);
+        p.unknown = if replacement.is_some() { 1 } else { 2 }; // REPLACE, DROP
+        p.replacement = replacement.unwrap_or(-1);
+        let mut ids = vec![0i32; text.len()];
+        let (mut n, mut changed) = (0usize, 0usize);
+        check(unsafe {
+            ffi::moas_tokenize_ex(
+                self.as_ptr(),
+                text.as_ptr().cast(),
+                text.len(),
+                &p,
+                ids.as_mut_ptr(),
+                ids.len(),
+                &mut n,
+                &mut changed,
+            )
+        })?;
+        ids.truncate(n);
+        Ok((ids, changed))
     }
 
     /// The text of `tokens` (moas_detokenize).
@@ -804,6 +875,15 @@ impl<'m> Context<'m> {
     pub fn kv_bytes_reserved(&self, layer: i32) -> usize {
         unsafe { ffi::moas_context_kv_bytes_reserved(self.raw(), layer) }
     }
+    /// Bytes one token occupies over all layers: mixture storage for -1, routed
+    /// storage of `scheme` otherwise (0 for a scheme out of range).
+    pub fn kv_token_bytes(&self, scheme: i32) -> u64 {
+        unsafe { ffi::moas_context_kv_token_bytes(self.raw(), scheme) }
+    }
+    /// Threads a decoding call uses.
+    pub fn n_threads(&self) -> i32 {
+        unsafe { ffi::moas_context_n_threads(self.raw()) }
+    }
 }
 
 impl Drop for Context<'_> {
@@ -814,13 +894,18 @@ impl Drop for Context<'_> {
 
 // ---- sampler --------------------------------------------------------------------------
 
-/// moas_sampler_params. Default: the C defaults (temperature 1, all tokens, seed 0).
+/// moas_sampler_params. Default: the C defaults (temperature 1, all tokens, seed 0, no
+/// min-p, no repetition penalty over the last 64 tokens, no logit biases).
 #[derive(Clone, Debug)]
 pub struct SamplerParams {
     pub temperature: f32, // 0: greedy
     pub top_k: i32,       // 0: all
     pub top_p: f32,       // 1: all
     pub seed: u64,
+    pub min_p: f32,          // 0: off
+    pub repeat_penalty: f32, // 1: off
+    pub repeat_last_n: i32,
+    pub logit_bias: Vec<(i32, f32)>, // (token, bias); f32::NEG_INFINITY bans
 }
 
 impl Default for SamplerParams {
@@ -830,6 +915,10 @@ impl Default for SamplerParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -848,7 +937,22 @@ impl Sampler {
         c.top_k = p.top_k;
         c.top_p = p.top_p;
         c.seed = p.seed;
+        c.min_p = p.min_p;
+        c.repeat_penalty = p.repeat_penalty;
+        c.repeat_last_n = p.repeat_last_n;
+        let bias: Vec<ffi::moas_logit_bias> = p
+            .logit_bias
+            .iter()
+            .map(|&(token, bias)| ffi::moas_logit_bias { token, bias })
+            .collect();
+        c.n_logit_bias = bias.len() as i32;
+        c.logit_bias = if bias.is_empty() {
+            ptr::null()
+        } else {
+            bias.as_ptr()
+        };
         let mut out = ptr::null_mut();
+        // the library copies the biases during the call
         check(unsafe { ffi::moas_sampler_create(&c, n_vocab, &mut out) })?;
         Ok(Sampler {
             ptr: NonNull::new(out).expect("OK and NULL"),
@@ -872,6 +976,16 @@ impl Sampler {
 
     pub fn reseed(&mut self, seed: u64) {
         unsafe { ffi::moas_sampler_reseed(self.ptr.as_ptr(), seed) }
+    }
+
+    /// Remember `token` for the repetition penalty, as if sampled (a prompt's tokens).
+    pub fn accept(&mut self, token: i32) -> Result<()> {
+        check(unsafe { ffi::moas_sampler_accept(self.ptr.as_ptr(), token) })
+    }
+
+    /// Forget the tokens remembered for the repetition penalty.
+    pub fn reset(&mut self) {
+        unsafe { ffi::moas_sampler_reset(self.ptr.as_ptr()) }
     }
 }
 

@@ -208,3 +208,50 @@ fn sampler_is_greedy_at_zero_and_seeded_otherwise() {
     a.reseed(9);
     assert_eq!(a.sample(logits).unwrap(), xs[0]);
 }
+
+#[test]
+fn tokenize_lenient_replaces_or_drops() {
+    let m = model();
+    let (a, n, d, sp, nl) = (11, 33, 24, 1, 0); // 'A' 'n' 'd' ' ' '\n' in tiny.txt's vocabulary
+    assert!(m.tokenize("And Q7\r\n").is_err());
+    assert_eq!(
+        m.tokenize_lenient("And Q7\r\n", Some(sp)).unwrap(),
+        (vec![a, n, d, sp, sp, sp, sp, nl], 3)
+    );
+    assert_eq!(
+        m.tokenize_lenient("And Q7\r\n", None).unwrap(),
+        (vec![a, n, d, sp, nl], 3)
+    );
+    assert_eq!(m.tokenize_lenient("And", Some(47)).unwrap_err().status, -1);
+}
+
+#[test]
+fn sampler_bias_and_repeat_penalty_hand_computed() {
+    let logits = [2.0f32, 3.0, -1.0, 2.5];
+    let mut s = Sampler::new(
+        4,
+        &SamplerParams {
+            temperature: 0.0,
+            repeat_penalty: 2.0,
+            repeat_last_n: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // its own choices, the last two: 3/2 < 2.5; 1.5 and 1.25 < 2; 1 has left the window
+    let picks: Vec<i32> = (0..4).map(|_| s.sample(&logits).unwrap()).collect();
+    assert_eq!(picks, vec![1, 3, 0, 1]);
+    s.reset();
+    s.accept(1).unwrap();
+    assert_eq!(s.sample(&logits).unwrap(), 3);
+    let mut b = Sampler::new(
+        4,
+        &SamplerParams {
+            temperature: 0.0,
+            logit_bias: vec![(1, f32::NEG_INFINITY), (3, -1.0)],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(b.sample(&logits).unwrap(), 0); // 2.5 - 1 < 2
+}
