@@ -209,4 +209,31 @@ expect_error 1 "invalid UTF-8 at byte offset 3 (byte 0xff) (text is not valid UT
     "$moas" perplexity -m "$model" -f "$tmp/bad-utf8.txt" --unknown drop
 ! grep -q "outside the vocabulary" "$tmp/err" || fail "invalid UTF-8 called outside the vocabulary"
 expect_error 2 "unknown option" "$moas" generate -m "$model" --bogus
+
+# batched-bench: llama-batched-bench's rows, one per B, with the documented JSON keys;
+# KV bytes follow the formula (mixture: every scheme, 1152 bytes a token as inspect
+# says above); a shared prompt is stored once (fork); with --pool-mb
+# alone, the sequences that fit
+"$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 1,3 --json -t 1 >"$tmp/bb.json"
+"$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 3 --shared-prompt --json -t 1 >"$tmp/bb-shared.json"
+"$moas" batched-bench -m "$model" -npp 8 -ntg 4 --pool-mb 0.05 --json >"$tmp/bb-cap.json"
+python3 - "$tmp/bb.json" "$tmp/bb-shared.json" "$tmp/bb-cap.json" <<'PY' || fail "batched-bench"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert [r["b"] for r in rows] == [1, 3], rows
+for r in rows:
+    for k in ("pp", "tg", "b", "n_kv", "t_pp", "s_pp", "t_tg", "s_tg", "t", "s", "kv_bytes", "pages"):
+        assert k in r, k
+    assert r["n_kv"] == r["b"] * 12 and r["kv_bytes"] == r["b"] * 12 * 1152, r
+    assert r["s_tg"] > 0 and r["pages"] > 0
+shared = json.loads(open(sys.argv[2]).read())
+assert shared["n_kv"] == 8 + 3 * 4, shared
+assert shared["pages"] < rows[1]["pages"], (shared, rows[1])
+cap = json.loads(open(sys.argv[3]).read())
+# 0.05 MB of pages: as many 12-token sequences as fit, their bytes as the pool counts
+assert cap["max_sequences"] * cap["kv_bytes_per_sequence"] == cap["kv_bytes"], cap
+assert cap["max_sequences"] > 0 and cap["kv_bytes"] <= cap["pool_bytes"], cap
+PY
+expect_error 1 "exceed the model's context" "$moas" batched-bench -m "$model" -npp 60 -ntg 30
+expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
 echo "cli: ok"
