@@ -759,7 +759,12 @@ unsafe impl Send for Context<'_> {}
 
 impl<'m> Context<'m> {
     pub fn new(model: &'m Model, p: &ContextParams) -> Result<Context<'m>> {
+        Context::create(model, p, ptr::null_mut())
+    }
+
+    fn create(model: &'m Model, p: &ContextParams, pool: *mut ffi::moas_pool) -> Result<Context<'m>> {
         let mut c = params(ffi::moas_context_params_init_sized);
+        c.pool = pool;
         c.n_ctx = p.n_ctx;
         c.n_threads = p.n_threads;
         c.mode = match p.mode {
@@ -785,6 +790,43 @@ impl<'m> Context<'m> {
 
     fn raw(&self) -> *const ffi::moas_context {
         self.ptr.as_ptr()
+    }
+
+    /// A new context that continues from this one's tokens in the same pool, sharing
+    /// its full KV pages copy on write (moas_context_fork); needs a context of a Pool.
+    pub fn fork(&mut self) -> Result<Context<'m>> {
+        let mut out = ptr::null_mut();
+        check(unsafe { ffi::moas_context_fork(self.ptr.as_ptr(), &mut out) })?;
+        Ok(Context {
+            ptr: NonNull::new(out).expect("OK and NULL"),
+            n_vocab: self.n_vocab,
+            n_layer: self.n_layer,
+            n_scheme: self.n_scheme,
+            _model: PhantomData,
+        })
+    }
+
+    /// The sequence as bytes: its K/V, routing records, position and logits.
+    pub fn save_state(&self) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; unsafe { ffi::moas_context_state_size(self.raw()) }];
+        let mut written = 0usize;
+        check(unsafe {
+            ffi::moas_context_state_save(self.raw(), buf.as_mut_ptr().cast(), buf.len(), &mut written)
+        })?;
+        buf.truncate(written);
+        Ok(buf)
+    }
+
+    /// Replace the sequence with one saved by save_state(); all or nothing.
+    pub fn load_state(&mut self, state: &[u8]) -> Result<()> {
+        check(unsafe {
+            ffi::moas_context_state_load(self.ptr.as_ptr(), state.as_ptr().cast(), state.len())
+        })
+    }
+
+    /// KV pages the context holds (moas_context_kv_pages).
+    pub fn kv_pages(&self) -> i32 {
+        unsafe { ffi::moas_context_kv_pages(self.raw()) }
     }
 
     /// Decode one token; its logits are then in logits().
@@ -992,5 +1034,84 @@ impl Sampler {
 impl Drop for Sampler {
     fn drop(&mut self) {
         unsafe { ffi::moas_sampler_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---- KV pool ---------------------------------------------------------------------------
+
+/// A KV pool many contexts of one model take pages from (moas_pool). Contexts made by
+/// context() borrow it, so they cannot outlive it.
+pub struct Pool<'m> {
+    ptr: NonNull<ffi::moas_pool>,
+    model: &'m Model,
+}
+
+unsafe impl Send for Pool<'_> {}
+
+/// What moas_pool_stats() reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolStats {
+    pub page_bytes: u64,
+    pub n_pages: i32,
+    pub pages_free: i32,
+    pub n_contexts: i32,
+    pub bytes_held: u64,
+    pub bytes_used: u64,
+}
+
+impl<'m> Pool<'m> {
+    /// A pool of `capacity_bytes` of pages of `kv_type` (moas_pool_create).
+    pub fn new(model: &'m Model, capacity_bytes: u64, kv_type: KvType) -> Result<Pool<'m>> {
+        let mut p = params(ffi::moas_pool_params_init_sized);
+        p.capacity_bytes = capacity_bytes;
+        p.kv_type = match kv_type {
+            KvType::F32 => ffi::MOAS_TYPE_F32,
+            KvType::F16 => ffi::MOAS_TYPE_F16,
+        };
+        let mut out = ptr::null_mut();
+        check(unsafe { ffi::moas_pool_create(model.as_ptr(), &p, &mut out) })?;
+        Ok(Pool { ptr: NonNull::new(out).expect("OK and NULL"), model })
+    }
+
+    /// A context whose pages come from this pool (its kv_type is the pool's).
+    pub fn context(&self, p: &ContextParams) -> Result<Context<'_>> {
+        Context::create(self.model, p, self.ptr.as_ptr())
+    }
+
+    /// Advance every context by its tokens in one call (moas_pool_decode): each gets
+    /// exactly what decode_batch would give it alone; its last logits are then in
+    /// logits(). All or nothing.
+    pub fn decode(&self, seqs: &mut [(&mut Context<'_>, &[i32])]) -> Result<()> {
+        let parts: Vec<ffi::moas_pool_seq> = seqs
+            .iter_mut()
+            .map(|(ctx, tokens)| ffi::moas_pool_seq {
+                ctx: ctx.ptr.as_ptr(),
+                tokens: tokens.as_ptr(),
+                n_tokens: tokens.len() as i32,
+                which: ffi::MOAS_LOGITS_LAST,
+                logits: ptr::null_mut(),
+            })
+            .collect();
+        check(unsafe { ffi::moas_pool_decode(self.ptr.as_ptr(), parts.as_ptr(), parts.len() as i32) })
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let mut info: ffi::moas_pool_info = unsafe { std::mem::zeroed() };
+        info.size = std::mem::size_of::<ffi::moas_pool_info>() as u32;
+        let _ = unsafe { ffi::moas_pool_stats(self.ptr.as_ptr(), &mut info) };
+        PoolStats {
+            page_bytes: info.page_bytes,
+            n_pages: info.n_pages,
+            pages_free: info.pages_free,
+            n_contexts: info.n_contexts,
+            bytes_held: info.bytes_held,
+            bytes_used: info.bytes_used,
+        }
+    }
+}
+
+impl Drop for Pool<'_> {
+    fn drop(&mut self) {
+        unsafe { ffi::moas_pool_free(self.ptr.as_ptr()) }
     }
 }

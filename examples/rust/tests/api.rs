@@ -1,5 +1,5 @@
 //! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
-use moas::{Context, ContextParams, KvType, Mode, Model, Sampler, SamplerParams};
+use moas::{Context, ContextParams, KvType, Mode, Model, Pool, Sampler, SamplerParams};
 
 const TEXT: &str = "And God said, Let there be light: and there was light.";
 
@@ -254,4 +254,33 @@ fn sampler_bias_and_repeat_penalty_hand_computed() {
     )
     .unwrap();
     assert_eq!(b.sample(&logits).unwrap(), 0); // 2.5 - 1 < 2
+}
+
+#[test]
+fn pool_decode_fork_and_state_equal_decoding_alone() {
+    let m = model();
+    let prompt = m.tokenize(TEXT).unwrap();
+    let routed = ContextParams { mode: Mode::Routed, ..Default::default() };
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut a = pool.context(&routed).unwrap();
+    let mut b = pool.context(&routed).unwrap();
+    pool.decode(&mut [(&mut a, &prompt[..20]), (&mut b, &prompt[..7])]).unwrap();
+    let mut alone = Context::new(&m, &routed).unwrap();
+    alone.decode_batch(&prompt[..20]).unwrap();
+    assert_eq!(a.logits(), alone.logits());
+
+    // a fork continues like the parent would; a saved state loads into another context
+    let mut f = a.fork().unwrap();
+    assert_eq!(f.n_past(), 20);
+    let state = a.save_state().unwrap();
+    f.decode_batch(&prompt[20..30]).unwrap();
+    alone.decode_batch(&prompt[20..30]).unwrap();
+    assert_eq!(f.logits(), alone.logits());
+    b.load_state(&state).unwrap();
+    b.decode_batch(&prompt[20..30]).unwrap();
+    assert_eq!(b.logits(), alone.logits());
+    assert!(b.load_state(&state[..state.len() - 1]).is_err());
+    assert_eq!(b.n_past(), 30);
+    assert_eq!(pool.stats().n_contexts, 3);
+    assert!(b.kv_pages() > 0);
 }
