@@ -848,7 +848,7 @@ typedef struct moas_pool_params {
                                          (rounded down to whole pages); required */
     int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default) or _F16 */
     int32_t page_heads;               /* head slots per page, a power of two;
-                                         0 (default): 8 */
+                                         0 (default): 4 */
     int32_t n_threads;                /* threads of moas_pool_decode; 0: OpenMP's default */
     int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
     int32_t n_batch;                  /* rows (tokens of all sequences) per block of

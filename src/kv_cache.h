@@ -28,8 +28,8 @@
 #include <stdatomic.h>
 
 /* Head slots per page unless the pool's params say otherwise. docs/KV_CACHE.md
- * ("Page size") has the measurements behind 8. */
-#define MOAS_PAGE_HEADS 8
+ * ("Page size") has the measurements behind 4. */
+#define MOAS_PAGE_HEADS 4
 
 /*
  * One stream of cached keys and values. Token j's heads are [first(j), first(j) +

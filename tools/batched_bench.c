@@ -71,7 +71,7 @@ static void bb_usage(void) {
           "  --pool-mb N        the KV pool's size (default: what the largest row needs);\n"
           "                     without -npl: how many sequences of PP+TG tokens fit\n"
           "  -b N               rows per batched block (default 128)\n"
-          "  --page-heads P     K/V heads per page, a power of two (default 8)\n"
+          "  --page-heads P     K/V heads per page, a power of two (default 4)\n"
           "  --force-scheme S   routed mode: every token to scheme S (e.g. 0: MHA)\n"
           "  --compact-keep N   with --pool-mb alone, routed mode, pooled K/V: pool all but\n"
           "                     each sequence's last N tokens down to the cheapest scheme\n"
@@ -353,6 +353,8 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     }
 
     /* prompt: every sequence's in one batched call, or one prompt forked */
+    int prompt_pages = 0;
+    uint64_t prompt_stored = 0;
     const double t0 = bb_now();
     if (o->shared_prompt) {
         if ((ctxs[0] = bb_context(model, pool, o, n_ctx)) == NULL) {
@@ -360,6 +362,10 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
         }
         seqs[0] = (moas_pool_seq){ctxs[0], tokens, pp, MOAS_LOGITS_LAST, NULL};
         bb_check(moas_pool_decode(pool, seqs, 1), "prompt");
+        moas_pool_info after_prompt = {.size = sizeof after_prompt};
+        bb_check(moas_pool_stats(pool, &after_prompt), "pool stats");
+        prompt_pages = after_prompt.n_pages - after_prompt.pages_free;
+        prompt_stored = after_prompt.bytes_stored;
         for (int s = 1; s < pl; s++) {
             bb_check(moas_context_fork(ctxs[0], &ctxs[s]), "fork");
         }
@@ -393,12 +399,19 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     if (o->json) {
         printf("{\"pp\": %d, \"tg\": %d, \"b\": %d, \"n_kv\": %d, \"t_pp\": %.6f, \"s_pp\": %.2f, "
                "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
-               "\"held_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, \"mode\": \"%s\", "
-               "\"shared_prompt\": %s}\n",
+               "\"held_bytes\": %llu, \"stored_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, "
+               "\"mode\": \"%s\", \"shared_prompt\": %s",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
-               (unsigned long long)info.bytes_used, (unsigned long long)info.bytes_held, pages,
-               (unsigned long long)info.page_bytes, o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture",
-               o->shared_prompt ? "true" : "false");
+               (unsigned long long)info.bytes_used, (unsigned long long)info.bytes_held,
+               (unsigned long long)info.bytes_stored, pages, (unsigned long long)info.page_bytes,
+               o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->shared_prompt ? "true" : "false");
+        if (o->shared_prompt) {
+            /* the forks' own tokens' bytes: every fork counts the prompt's as its own */
+            const double own = (double)info.bytes_stored - (double)pl * (double)prompt_stored;
+            printf(", \"prompt_pages\": %d, \"pages_over_prompt_plus_own\": %.4f", prompt_pages,
+                   pages / (prompt_pages + own / (double)info.page_bytes));
+        }
+        printf("}\n");
     } else {
         printf("|%6d |%6d |%4d |%7d |%8.3f |%9.2f |%8.3f |%9.2f |%8.3f |%9.2f |%12llu |%7d |\n",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
