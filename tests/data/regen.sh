@@ -65,7 +65,7 @@ done
 #    same shapes and init (SwiGLU's n_ff is 128).  "rope" models change positions
 #    only; "modern" ones all three, with rope base 500 so that the slow pairs turn
 #    too within 64 positions.  The pooled seeds were picked as in step 3: in the
-#    routed goldens every scheme is chosen in every layer (at least 7 times) and no
+#    routed goldens every scheme is chosen in every layer (at least 9 times) and no
 #    top-1 gate is within 5e-3 of the runner-up.
 block() {   # block NAME SEED TYPE [train.py options]
     name=$1 seed=$2 atype=$3; shift 3

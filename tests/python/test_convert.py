@@ -984,16 +984,38 @@ class TestConvert(Tmp):
 
 FIXTURES = ["tiny-%s-%s" % (t, b) for t in ("baseline", "static", "moas")
             for b in ("bias", "nobias")] + ["tiny-moas-f16"]
+# docs/FORMAT.md "Block options": name -> (position_encoding, freq_base, norm_type,
+# feed_forward_type) as the file must say
+BLOCK_FIXTURES = {
+    "tiny-rope-baseline-nobias": ("rope", 10000.0, None, None),
+    "tiny-rms-static-nobias": (None, None, "rms", "swiglu"),
+    "tiny-modern-moas-bias": ("rope", 500.0, "rms", "swiglu"),
+    "tiny-modern-moas-f16": ("rope", 500.0, "rms", "swiglu"),
+}
+POOLED_FIXTURES = {
+    "tiny-pooled-bias": (None, None, None, None),
+    "tiny-pooled-nobias": (None, None, None, None),
+    "tiny-rope-pooled-bias": ("rope", 10000.0, None, None),
+    "tiny-modern-pooled-nobias": ("rope", 500.0, "rms", "swiglu"),
+}
+BLOCK_KEYS = ("moas.position_encoding", "moas.rope.freq_base", "moas.norm_type",
+              "moas.feed_forward_type")
 
 
 class TestFixtures(unittest.TestCase):
     def test_goldens_match_format_semantics(self):
         """Each GGUF run through docs/FORMAT.md's semantics (tools/moas_forward.py)
         reproduces its torch golden."""
-        for name in FIXTURES:
+        for name in FIXTURES + list(BLOCK_FIXTURES):
             with self.subTest(name=name):
                 path = os.path.join(DATA, name + ".gguf")
                 r = gguf.GGUFReader(path)
+                self.assertEqual(tuple(r.kv.get(k) for k in BLOCK_KEYS),
+                                 BLOCK_FIXTURES.get(name, (None,) * 4))
+                self.assertEqual("position_embd.weight" in r.tensors,
+                                 r.kv.get("moas.position_encoding") != "rope")
+                self.assertEqual("blk.1.ffn_gate.weight" in r.tensors,
+                                 r.kv.get("moas.feed_forward_type") == "swiglu")
                 self.assertEqual(r.kv["moas.context_length"], 64)
                 self.assertEqual(r.kv["moas.embedding_length"], 48)
                 tokens, logits, gates = moas_forward.read_golden(os.path.join(DATA, name + ".golden"))
@@ -1020,9 +1042,10 @@ class TestFixtures(unittest.TestCase):
         """The pooled models (kv_sharing "pooled") reproduce their mixture golden
         (soft gates) and their routed golden (hard top-1, K/V cached with n_kv(s)
         heads), and routed mode chooses every scheme in every layer."""
-        for name in ("tiny-pooled-bias", "tiny-pooled-nobias"):
+        for name, options in POOLED_FIXTURES.items():
             path = os.path.join(DATA, name + ".gguf")
             r = gguf.GGUFReader(path)
+            self.assertEqual(tuple(r.kv.get(k) for k in BLOCK_KEYS), options)
             self.assertEqual(r.kv["moas.attention.kv_sharing"], "pooled")
             self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [6, 2, 1])
             self.assertEqual(r.kv["moas.attention.mixing"], "router")
