@@ -102,9 +102,11 @@ X(f16_kv_cache_close_to_f32)
 X(routed_kv_bytes_follow_formula_for_random_routing)
 X(pooled_kv_bytes_follow_formula)
 X(routed_forced_mha_equals_mha_branch_alone)
+X(routed_forced_mha_equals_mha_branch_alone_modern)
 X(routed_force_and_callback_take_effect)
 X(routed_kv_budget_holds)
 X(routed_batch_and_truncate_equal_uninterrupted)
+X(routed_batch_and_truncate_equal_uninterrupted_modern)
 X(routed_f16_cache_close_to_f32)
 
 /* tests/test_tokenizer.c */
