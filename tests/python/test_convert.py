@@ -615,6 +615,52 @@ class TestConvert(Tmp):
                                    lambda c: c.new_tensor(tril, (1, 1, 4, 4))})
         self.check_model(self.convert_ok(ck), "pooled_moas", True, sd)
 
+    def test_block_options(self):
+        """tools/train.py --pos rope --norm rms --mlp swiglu -> docs/FORMAT.md "Block
+        options": the keys, no position_embd, ffn_gate; absent model_args keys are
+        inferred from the tensors (no wpe: RoPE; mlp.c_gate: SwiGLU)."""
+        sd = model_tensors("pooled_moas", False, n_ff=24)
+        del sd["transformer.wpe.weight"]
+        rnd = random.Random(5)
+        for i in range(2):
+            sd["transformer.h.%d.mlp.c_gate.weight" % i] = (
+                (24, 8), f32([rnd.gauss(0, 0.5) for _ in range(24 * 8)]))
+        ck = self.path("modern.pt")
+        a = dict(margs("pooled_moas", False), pos="rope", rope_base=500.0, norm="rms",
+                 mlp="swiglu", n_ff=24)
+        build_checkpoint(ck, sd, a)
+        r = self.convert_ok(ck)
+        self.assertEqual((r.kv["moas.position_encoding"], r.kv["moas.rope.freq_base"],
+                          r.kv["moas.norm_type"], r.kv["moas.feed_forward_type"]),
+                         ("rope", 500.0, "rms", "swiglu"))
+        self.assertEqual(r.kv["moas.feed_forward_length"], 24)
+        self.assertNotIn("position_embd.weight", r.tensors)
+        self.assertEqual(r.tensors["blk.1.ffn_gate.weight"].ne, (8, 24))
+        self.assertEqual(r.tensor_values("blk.1.ffn_gate.weight"),
+                         sd["transformer.h.1.mlp.c_gate.weight"][1])
+        # inferred: RoPE with the default base, SwiGLU, LayerNorm (not visible in shapes)
+        for k in ("pos", "rope_base", "norm", "mlp"):
+            del a[k]
+        build_checkpoint(ck, sd, a)
+        r = self.convert_ok(ck)
+        self.assertEqual((r.kv["moas.position_encoding"], r.kv["moas.rope.freq_base"],
+                          r.kv.get("moas.norm_type"), r.kv["moas.feed_forward_type"]),
+                         ("rope", 10000.0, None, "swiglu"))
+        # the published block writes none of the keys
+        sd = model_tensors("moas", True)
+        build_checkpoint(ck, sd, margs("moas", True))
+        r = self.convert_ok(ck)
+        for k in ("moas.position_encoding", "moas.rope.freq_base", "moas.norm_type",
+                  "moas.feed_forward_type"):
+            self.assertNotIn(k, r.kv)
+        # refused: an unknown option, an odd head size with RoPE
+        build_checkpoint(ck, sd, dict(margs("moas", True), norm="batch"))
+        self.convert_fails(ck, "model_args['norm']", "batch")
+        sd = model_tensors("baseline", False, C=12)
+        del sd["transformer.wpe.weight"]
+        build_checkpoint(ck, sd, dict(margs("baseline", False, C=12), pos="rope"))
+        self.convert_fails(ck, "even head size")
+
     def test_pooled_schemes(self):
         ck = self.path("c.pt")
         # Two schemes, MHA and MQA.
