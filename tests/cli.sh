@@ -79,6 +79,15 @@ assert s16["n_scored"] == s16["n_tokens"] - 1 > base["n_scored"], s16
 PY
 expect_error 1 "longer than the context" "$moas" perplexity -m "$model" -f "$data/tiny.txt" --stride 65
 
+# --force-scheme: routed mode with every token on one scheme (here MQA)
+"$moas" perplexity -m "$rope" -f "$data/tiny.txt" --mode routed --force-scheme 2 --json >"$tmp/f2.json"
+python3 - "$tmp/f2.json" <<'PY' || fail "perplexity --force-scheme"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["forced_scheme"] == 2 and r["scheme_shares"] == [0, 0, 1], r
+PY
+expect_error 1 "needs routed mode" "$moas" perplexity -m "$model" -f "$data/tiny.txt" --force-scheme 0
+
 "$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl"
 python3 - "$tmp/routes.jsonl" <<'PY' || fail "routes --json"
 import json, sys

@@ -115,6 +115,7 @@ typedef struct {
     int n_prompt;    /* bench: prompt tokens */
     int depth;       /* bench: tokens in the cache before decoding starts */
     int stride;      /* perplexity: new tokens scored per window (0: consecutive windows) */
+    int forced;      /* routed mode: the context-wide forced scheme, -1: the router's */
     int repeats;     /* bench: repetitions, the median is reported */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
 } options;
@@ -138,7 +139,8 @@ static void usage(void) {
           "  -t, --threads N      threads per call (default: all)\n"
           "  -c, --ctx N          context length (default: the trained length)\n"
           "      --mode M         mixture (default) or routed\n"
-          "      --kv-type T      f32 (default) or f16\n",
+          "      --kv-type T      f32 (default) or f16\n"
+          "      --force-scheme S routed mode: every token runs scheme S (e.g. 0, MHA)\n",
           stderr);
     exit(2);
 }
@@ -181,6 +183,7 @@ static void parse_options(int argc, char **argv, options *o) {
     o->color = isatty(STDOUT_FILENO);
     o->n_prompt = 512;
     o->repeats = 5;
+    o->forced = -1;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
@@ -232,6 +235,8 @@ static void parse_options(int argc, char **argv, options *o) {
             o->depth = (int)parse_long(need_value(argc, argv, &i), "-d", 0, 1L << 20);
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repeats")) {
             o->repeats = (int)parse_long(need_value(argc, argv, &i), "-r", 1, 1000);
+        } else if (!strcmp(a, "--force-scheme")) {
+            o->forced = (int)parse_long(need_value(argc, argv, &i), "--force-scheme", 0, 7);
         } else if (!strcmp(a, "--stride")) {
             o->stride = (int)parse_long(need_value(argc, argv, &i), "--stride", 1, 1L << 30);
         } else if (!strcmp(a, "--show-routes")) {
@@ -265,6 +270,7 @@ static moas_context *new_context(const moas_model *model, const options *o) {
     p.n_threads = o->n_threads;
     p.mode = o->mode;
     p.kv_type = o->kv_type;
+    p.forced_scheme = o->forced;
     check(moas_context_create(model, &p, &ctx), "cannot create a context");
     return ctx;
 }
@@ -640,11 +646,12 @@ static int cmd_perplexity(const options *o) {
     }
 
     if (o->json) {
-        printf("{\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
+        printf("{\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", \"n_tokens\": %zu, "
+               "\"n_scored\": %zu, "
                "\"n_ctx\": %d, \"stride\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
                "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
                "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
-               mode_name(o->mode), o->kv_type == MOAS_TYPE_F16 ? "f16" : "f32", n_tokens,
+               mode_name(o->mode), o->forced, o->kv_type == MOAS_TYPE_F16 ? "f16" : "f32", n_tokens,
                s.n_scored, moas_context_n_ctx(ctx), o->stride, nats, exp(nats), tok_s, s.kv_bytes,
                kv_per_token, mha_per_token);
         for (int32_t i = 0; i < S; i++) {
@@ -856,12 +863,12 @@ static int cmd_bench(const options *o) {
     if (o->json) {
         fputs("{\"model\": ", stdout);
         put_json_string(stdout, o->model_path);
-        printf(", \"mode\": \"%s\", \"kernels\": \"%s\", \"threads\": %d, "
+        printf(", \"mode\": \"%s\", \"forced_scheme\": %d, \"kernels\": \"%s\", \"threads\": %d, "
                "\"n_prompt\": %d, \"n_decode\": %d, \"depth\": %d, \"repeats\": %d, "
                "\"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
-               mode_name(o->mode), moas_context_kernels_name(ctx), o->n_threads,
+               mode_name(o->mode), o->forced, moas_context_kernels_name(ctx), o->n_threads,
                n_prompt, n_gen, depth, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
                dec_gflops, pre_gflops);
     } else {
