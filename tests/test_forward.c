@@ -219,6 +219,15 @@ TEST(golden_modern_pooled_routed_matches_pytorch) {
     return check_golden_mode("tiny-modern-pooled-nobias", "-routed", MOAS_MODE_ROUTED);
 }
 
+/* RoPE far from position 0: a context of 1,024, all 537 characters of tiny.txt, so the
+ * batch pass runs blocks of 128 that start at positions 128 .. 512. */
+TEST(golden_rope_long_mixture_matches_pytorch) {
+    return check_golden_all_kernels("tiny-rope-long");
+}
+TEST(golden_rope_long_routed_matches_pytorch) {
+    return check_golden_mode("tiny-rope-long", "-routed", MOAS_MODE_ROUTED);
+}
+
 /* ---- decode invariants on the router model ------------------------------------ */
 
 static const char *invariant_model = "tiny-moas-bias.gguf";
