@@ -7,6 +7,10 @@
  * (ops_*.c). Everything here works on buffers the context allocated once; nothing is
  * allocated per token.
  *
+ * The block options (docs/FORMAT.md, "Block options": RoPE, RMSNorm, SwiGLU) are small
+ * helpers called where the published block embeds positions, normalises, runs its MLP
+ * and projects Q and K; each takes the position of every row it rotates explicitly.
+ *
  * Mixture mode follows the published PyTorch model (SPEC.md section 1) step for step,
  * so that logits agree to float32 round-off: LayerNorm with biased variance, the erf
  * GELU (libm's erf in the reference kernels, one within 1e-6 in the SIMD ones),
@@ -153,6 +157,64 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
     for (i = 0; i < n; i++) {
         const float y = ((float)(x[i] - mean)) * inv_std * w[i];
         out[i] = b != NULL ? y + b[i] : y;
+    }
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * w (+ b): RMSNorm, the sum of squares in double in
+ * four interleaved partial sums, as layernorm's.   all [n] */
+static void rmsnorm(float *out, const float *x, const float *w, const float *b, int32_t n,
+                    float eps) {
+    double q[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int32_t i = 0; i < n; i++) {
+        q[i % 4] += (double)x[i] * x[i];
+    }
+    const double sq = ((q[0] + q[1]) + q[2]) + q[3];
+    const float inv_rms = (float)(1.0 / sqrt(sq / n + eps));
+    for (int32_t i = 0; i < n; i++) {
+        const float y = x[i] * inv_rms * w[i];
+        out[i] = b != NULL ? y + b[i] : y;
+    }
+}
+
+/* The model's norm (LayerNorm, or RMSNorm when the file says so) of one row.   all [n] */
+static void norm_row(const moas_model *m, float *out, const float *x, const float *w,
+                     const float *b, int32_t n) {
+    if (m->rms_norm) {
+        rmsnorm(out, x, w, b, n, m->norm_eps);
+    } else {
+        layernorm(out, x, w, b, n, m->norm_eps);
+    }
+}
+
+/* RoPE pairs whose cosines and sines are computed at once (a stack table). */
+#define ROPE_CHUNK 32
+
+/* Rotary position embedding of the row of one token at position `pos`: in each of the
+ * n_q heads of q and the n_k heads of k (head_dim elements each; k may be NULL), the
+ * pair (x[2i], x[2i+1]) is rotated by the angle pos * base^(-2i / head_dim):
+ *   x'[2i] = x[2i] cos - x[2i+1] sin,   x'[2i+1] = x[2i] sin + x[2i+1] cos.
+ * Angles, cosines and sines are computed in double and rounded to float, as
+ * tools/train.py's tables are; each is computed once for all the heads of q and k.
+ *   q [n_q * head_dim], k [n_k * head_dim], rotated in place */
+static void rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, float *k,
+                     int32_t n_k) {
+    const int32_t head_dim = m->head_dim, n_pairs = head_dim / 2;
+    float cs[ROPE_CHUNK], sn[ROPE_CHUNK];
+    for (int32_t i0 = 0; i0 < n_pairs; i0 += ROPE_CHUNK) {
+        const int32_t i1 = i0 + ROPE_CHUNK < n_pairs ? i0 + ROPE_CHUNK : n_pairs;
+        for (int32_t i = i0; i < i1; i++) {
+            const double angle = pos * pow(m->rope_base, -(double)(2 * i) / head_dim);
+            cs[i - i0] = (float)cos(angle);
+            sn[i - i0] = (float)sin(angle);
+        }
+        for (int32_t h = 0; h < n_q + n_k; h++) {
+            float *x = (h < n_q ? q + (size_t)h * head_dim : k + (size_t)(h - n_q) * head_dim);
+            for (int32_t i = i0; i < i1; i++) {
+                const float x0 = x[2 * i], x1 = x[2 * i + 1];
+                x[2 * i] = x0 * cs[i - i0] - x1 * sn[i - i0];
+                x[2 * i + 1] = x0 * sn[i - i0] + x1 * cs[i - i0];
+            }
+        }
     }
 }
 
@@ -422,6 +484,10 @@ static void batch_attention_mixture(moas_workspace *ws, const moas_seq_run *runs
                                    {&sw->wk, sw->bk, ws->bk, C},
                                    {&sw->wv, sw->bv, ws->bv, C}};
         project(ws, qkv, 3, ws->bxb, C, n);
+        for (int32_t t = 0; t < n && m->rope; t++) {
+            rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
+                     sw->n_kv);
+        }
         for (int32_t t = 0; t < n; t++) {
             moas_context *ctx = ws->row_ctx[t];
             store_kv_row(ws, ctx->pool, &ctx->kv[stream], ws->row_pos[t], ws->bk + (size_t)t * C,
@@ -484,6 +550,10 @@ static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
                 project(ws, qkv, 3, ws->bsel, C, n_sel);
                 for (int32_t i = 0; i < n_sel; i++) {
                     moas_context *ctx = ws->row_ctx[idx[i]];
+                    if (m->rope) {
+                        rope_row(m, ws->row_pos[idx[i]], ws->by + (size_t)i * C, m->n_head,
+                                 ws->bk + (size_t)i * C, sw->n_kv);
+                    }
                     memcpy(ws->bq + (size_t)idx[i] * C, ws->by + (size_t)i * C,
                            (size_t)C * sizeof(float));
                     store_kv_row(ws, ctx->pool, &ctx->kv[l], ws->row_pos[idx[i]],
@@ -518,6 +588,12 @@ static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
                                {&sw->wk, sw->bk, ws->bk, C},
                                {&sw->wv, sw->bv, ws->bv, C}};
     project(ws, qkv, 3, ws->bxb, C, n);
+    for (int32_t t = 0; t < n && m->rope; t++) {
+        /* all H key heads, before pooling: the rotation is the same for every head, so
+         * the pooled heads are the rotated means */
+        rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
+                 m->n_head);
+    }
     for (int32_t t = 0; t < n; t++) {
         moas_context *ctx = ws->row_ctx[t];
         moas_kv_stream *kv = &ctx->kv[l];
@@ -558,10 +634,9 @@ typedef struct {
 
 static void norm_slice(void *arg, int32_t ith, int32_t nth) {
     const rows_step *s = arg;
-    const float eps = s->ws->model->norm_eps;
     for (int32_t t = s->n * ith / nth; t < s->n * (ith + 1) / nth; t++) {
-        layernorm(s->out + (size_t)t * s->n_cols, s->in + (size_t)t * s->n_cols, s->w, s->b,
-                  s->n_cols, eps);
+        norm_row(s->ws->model, s->out + (size_t)t * s->n_cols, s->in + (size_t)t * s->n_cols,
+                 s->w, s->b, s->n_cols);
     }
 }
 
@@ -572,7 +647,7 @@ static void gelu_slice(void *arg, int32_t ith, int32_t nth) {
     }
 }
 
-/* out = LayerNorm(in) * w + b for n rows of C.   out, in [n, C] */
+/* out = LayerNorm(in) * w + b (or the RMSNorm) for n rows of C.   out, in [n, C] */
 static void norm_rows(moas_workspace *ws, float *out, const float *in, const float *w,
                       const float *b, int32_t n) {
     const int32_t C = ws->model->n_embd;
@@ -586,6 +661,56 @@ static void gelu_rows(moas_workspace *ws, float *x, int32_t n_cols, int32_t n) {
     rows_step step = {ws, x, NULL, NULL, NULL, n_cols, n};
     moas__team_run(&ws->team, (int64_t)n * n_cols * MOAS_GELU_COST >= ws->parallel_min_work,
                    gelu_slice, &step);
+}
+
+/* SwiGLU's product of one slice of hidden units: h = SiLU(g) * h for n rows.
+ *   h [n, n_cols] rows of stride ldh (in place), g [n, n_cols] rows of stride ldg */
+typedef struct {
+    float *h;
+    const float *g;
+    size_t ldh, ldg;
+    int32_t n_cols, n;
+} swiglu_step;
+
+static void swiglu_slice(void *arg, int32_t ith, int32_t nth) {
+    const swiglu_step *s = arg;
+    for (int32_t t = s->n * ith / nth; t < s->n * (ith + 1) / nth; t++) {
+        float *h = s->h + (size_t)t * s->ldh;
+        const float *g = s->g + (size_t)t * s->ldg;
+        for (int32_t i = 0; i < s->n_cols; i++) {
+            h[i] = g[i] / (1.0f + expf(-g[i])) * h[i];
+        }
+    }
+}
+
+/* Rows [r0, r0 + n_rows) of a matrix, as a matrix of their own. */
+static moas_weight weight_rows(const moas_weight *w, int32_t r0, int32_t n_rows) {
+    moas_weight sub = *w;
+    sub.data = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    sub.n_rows = n_rows;
+    return sub;
+}
+
+/* The SwiGLU MLP's hidden rows: out[t] = SiLU(W_gate x_t + b) * (W_up x_t + b) for the n
+ * rows x_t of ws->bxb. The hidden scratch holds one row of n_ff per token, so the
+ * hidden units go in slices of at most C: a slice's up values land in `out`, its gate
+ * values wait in ws->by (free until the down projection), and each slice is one
+ * parallel step for both projections.   out [n, n_ff] */
+static void swiglu_rows(moas_workspace *ws, const moas_layer *layer, float *out, int32_t n) {
+    const moas_model *m = ws->model;
+    const int32_t C = m->n_embd, n_ff = m->n_ff;
+    for (int32_t c0 = 0; c0 < n_ff; c0 += C) {
+        const int32_t w = n_ff - c0 < C ? n_ff - c0 : C;
+        const moas_weight gate = weight_rows(&layer->ffn_gate, c0, w);
+        const moas_weight up = weight_rows(&layer->ffn_up, c0, w);
+        const projection p[2] = {
+            {&gate, layer->ffn_gate_b != NULL ? layer->ffn_gate_b + c0 : NULL, ws->by, C},
+            {&up, layer->ffn_up_b != NULL ? layer->ffn_up_b + c0 : NULL, out + c0, (size_t)n_ff}};
+        project(ws, p, 2, ws->bxb, C, n);
+        swiglu_step step = {out + c0, ws->by, (size_t)n_ff, (size_t)C, w, n};
+        moas__team_run(&ws->team, (int64_t)n * w * MOAS_GELU_COST >= ws->parallel_min_work,
+                       swiglu_slice, &step);
+    }
 }
 
 /* The logits of the n rows gathered in ws->lx, handed to their runs: into `all` at
@@ -622,8 +747,8 @@ static void block_logits(moas_workspace *ws, const moas_seq_run *runs, int32_t n
             if (run->all == NULL && !(t == run->n - 1 && run->want_last)) {
                 continue;
             }
-            layernorm(ws->lx + (size_t)n_pending * C, ws->bx + (size_t)(run->row0 + t) * C,
-                      m->out_norm_w, m->out_norm_b, C, m->norm_eps);
+            norm_row(m, ws->lx + (size_t)n_pending * C, ws->bx + (size_t)(run->row0 + t) * C,
+                     m->out_norm_w, m->out_norm_b, C);
             run_of[n_pending] = r;
             tok_of[n_pending] = t;
             if (++n_pending == ws->logit_rows) {
@@ -643,7 +768,8 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
     const int32_t n = runs[n_runs - 1].row0 + runs[n_runs - 1].n;
     const moas_mode mode = runs[0].ctx->mode;
 
-    /* each row's context and position; x = token embedding + position embedding */
+    /* each row's context and position; x = token embedding + position embedding (RoPE
+     * models: no table; their positions are rotations of Q and K) */
     for (int32_t r = 0; r < n_runs; r++) {
         for (int32_t t = 0; t < runs[r].n; t++) {
             const int32_t row = runs[r].row0 + t;
@@ -651,6 +777,9 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
             ws->row_ctx[row] = runs[r].ctx;
             ws->row_pos[row] = runs[r].ctx->n_past + t;
             embedding_row(&m->tok_embd, runs[r].tokens[t], x);
+            if (m->rope) {
+                continue;
+            }
             embedding_row(&m->pos_embd, ws->row_pos[row], ws->xb);
             for (int32_t i = 0; i < C; i++) {
                 x[i] += ws->xb[i];
@@ -712,8 +841,12 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
 
         /* MLP, all rows */
         norm_rows(ws, ws->bxb, ws->bx, layer->ffn_norm_w, layer->ffn_norm_b, n);
-        matmat(ws, &layer->ffn_up, ws->bxb, C, layer->ffn_up_b, ws->bhb, (size_t)m->n_ff, n);
-        gelu_rows(ws, ws->bhb, m->n_ff, n);
+        if (m->swiglu) {
+            swiglu_rows(ws, layer, ws->bhb, n);
+        } else {
+            matmat(ws, &layer->ffn_up, ws->bxb, C, layer->ffn_up_b, ws->bhb, (size_t)m->n_ff, n);
+            gelu_rows(ws, ws->bhb, m->n_ff, n);
+        }
         matmat(ws, &layer->ffn_down, ws->bhb, (size_t)m->n_ff, layer->ffn_down_b, ws->by, C, n);
         for (int32_t t = 0; t < n; t++) {
             for (int32_t i = 0; i < C; i++) {

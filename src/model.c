@@ -87,6 +87,42 @@ static moas_status read_string(const moas_gguf *g, const char *key, bool require
     return MOAS_OK;
 }
 
+/* One of two names for a string key: false for `off` (also when the key is absent),
+ * true for `on`, an error for anything else. */
+static moas_status read_choice(const moas_gguf *g, const char *key, const char *off,
+                               const char *on, bool *out) {
+    const char *value = off;
+    MOAS_TRY(read_string(g, key, false, &value));
+    MOAS_RETURN_IF(strcmp(value, off) != 0 && strcmp(value, on) != 0, MOAS_ERR_UNSUPPORTED,
+                   "model: %s '%s' is unknown (%s, %s)", key, value, off, on);
+    *out = strcmp(value, on) == 0;
+    return MOAS_OK;
+}
+
+/* The block options of docs/FORMAT.md: each key absent means the published block. */
+static moas_status read_block_options(moas_model *m) {
+    const moas_gguf *g = m->gguf;
+
+    MOAS_TRY(read_choice(g, "moas.position_encoding", "learned", "rope", &m->rope));
+    MOAS_TRY(read_choice(g, "moas.norm_type", "layer", "rms", &m->rms_norm));
+    MOAS_TRY(read_choice(g, "moas.feed_forward_type", "gelu", "swiglu", &m->swiglu));
+    m->rope_base = 10000.0;
+    if (m->rope) {
+        const moas_gguf_kv *kv = moas__gguf_find_kv(g, "moas.rope.freq_base");
+        MOAS_RETURN_IF(m->head_dim % 2 != 0, MOAS_ERR_CORRUPT,
+                       "model: rope rotates pairs, but the head size %d is odd", m->head_dim);
+        if (kv != NULL) {
+            MOAS_RETURN_IF(kv->value.type != MOAS_META_FLOAT32 &&
+                           kv->value.type != MOAS_META_FLOAT64, MOAS_ERR_CORRUPT,
+                           "model: key 'moas.rope.freq_base' must be a float");
+            MOAS_RETURN_IF(!(kv->value.v.f64 > 1.0 && kv->value.v.f64 < 1e30), MOAS_ERR_CORRUPT,
+                           "model: rope.freq_base %g is outside (1, 1e30)", kv->value.v.f64);
+            m->rope_base = kv->value.v.f64;
+        }
+    }
+    return MOAS_OK;
+}
+
 static moas_status read_hparams(moas_model *m) {
     const moas_gguf *g = m->gguf;
     const char *arch = NULL, *mixing = NULL, *sharing = "independent";
@@ -176,7 +212,7 @@ static moas_status read_hparams(moas_model *m) {
     MOAS_RETURN_IF(kv->value.type != MOAS_META_BOOL, MOAS_ERR_CORRUPT,
                    "model: key 'moas.bias' must be a bool");
     m->bias = kv->value.v.u64 != 0;
-    return MOAS_OK;
+    return read_block_options(m);
 }
 
 /* ---- tensors ---------------------------------------------------------------- */
@@ -296,6 +332,19 @@ static moas_status bind_norm(const moas_model *m, const char *prefix, const floa
     return bind_bias(m, m->n_embd, name, b);
 }
 
+/* A tensor "prefix.weight" or "prefix.bias" that this model's options rule out is an
+ * error: the file was written for another block. */
+static moas_status refuse_tensor(const moas_model *m, const char *prefix, const char *why) {
+    static const char *const suffix[2] = {"weight", "bias"};
+    char name[MOAS_GGUF_MAX_NAME];
+    for (int i = 0; i < 2; i++) {
+        snprintf(name, sizeof name, "%s.%s", prefix, suffix[i]);
+        MOAS_RETURN_IF(moas__gguf_find_tensor(m->gguf, name) != NULL, MOAS_ERR_CORRUPT,
+                       "model: tensor '%s' is present but %s", name, why);
+    }
+    return MOAS_OK;
+}
+
 static moas_status bind_layer(moas_model *m, int32_t l) {
     moas_layer *layer = &m->layers[l];
     const int32_t C = m->n_embd;
@@ -341,6 +390,12 @@ static moas_status bind_layer(moas_model *m, int32_t l) {
     MOAS_TRY(bind_linear(m, prefix, m->n_ff, C, &layer->ffn_up, &layer->ffn_up_b));
     snprintf(prefix, sizeof prefix, "blk.%d.ffn_down", l);
     MOAS_TRY(bind_linear(m, prefix, C, m->n_ff, &layer->ffn_down, &layer->ffn_down_b));
+    snprintf(prefix, sizeof prefix, "blk.%d.ffn_gate", l);
+    if (m->swiglu) {
+        MOAS_TRY(bind_linear(m, prefix, m->n_ff, C, &layer->ffn_gate, &layer->ffn_gate_b));
+    } else {
+        MOAS_TRY(refuse_tensor(m, prefix, "moas.feed_forward_type is not 'swiglu'"));
+    }
     return MOAS_OK;
 }
 
@@ -462,8 +517,12 @@ static moas_status build(moas_model *m) {
 
     MOAS_TRY(bind_matrix(m, KIND_EMBEDDING, m->n_vocab, m->n_embd, "token_embd.weight",
                          &m->tok_embd));
-    MOAS_TRY(bind_matrix(m, KIND_EMBEDDING, m->n_ctx_train, m->n_embd, "position_embd.weight",
-                         &m->pos_embd));
+    if (m->rope) {   /* positions are rotations: no table */
+        MOAS_TRY(refuse_tensor(m, "position_embd", "moas.position_encoding is 'rope'"));
+    } else {
+        MOAS_TRY(bind_matrix(m, KIND_EMBEDDING, m->n_ctx_train, m->n_embd,
+                             "position_embd.weight", &m->pos_embd));
+    }
     MOAS_TRY(bind_norm(m, "output_norm", &m->out_norm_w, &m->out_norm_b));
     out = moas__gguf_find_tensor(m->gguf, "output.weight");
     if (out != NULL) {

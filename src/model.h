@@ -36,6 +36,8 @@ typedef struct moas_layer {
     const float *ffn_norm_w, *ffn_norm_b;        /* [C] */
     moas_weight ffn_up, ffn_down;                /* [n_ff, C], [C, n_ff] */
     const float *ffn_up_b, *ffn_down_b;          /* [n_ff], [C] or NULL */
+    moas_weight ffn_gate;                        /* [n_ff, C]; SwiGLU only */
+    const float *ffn_gate_b;                     /* [n_ff] or NULL */
 } moas_layer;
 
 struct moas_model {
@@ -60,12 +62,17 @@ struct moas_model {
     moas_kv_sharing kv_sharing;
     bool bias;
     float norm_eps;
+    /* block options (docs/FORMAT.md, "Block options"); false is the published block */
+    bool rope;                  /* rotary positions instead of position_embd */
+    double rope_base;           /* RoPE frequency base (rope only) */
+    bool rms_norm;              /* RMSNorm instead of LayerNorm, for every norm */
+    bool swiglu;                /* MLP down(SiLU(gate x) * up x) instead of down(GELU(up x)) */
     const char *name;
     uint64_t n_params;
 
     /* weights */
     moas_weight tok_embd;          /* [n_vocab, C] */
-    moas_weight pos_embd;          /* [n_ctx_train, C] */
+    moas_weight pos_embd;          /* [n_ctx_train, C]; data NULL with rope */
     moas_weight output;            /* [n_vocab, C]; tok_embd when tied */
     const float *out_norm_w, *out_norm_b;
     moas_layer *layers;            /* [n_layer] */

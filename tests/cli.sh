@@ -111,6 +111,30 @@ for path, elem in ((sys.argv[1], 4), (sys.argv[2], 2)):
 assert abs(mix["kv_bytes_per_token"] * 6 - mix["mha_kv_bytes_per_token"] * 9) < 1e-6, mix
 PY
 
+# --stride: a stride of the whole context is the consecutive windows, in other
+# calls, with the same numbers; a shorter one scores every token after the first,
+# on a RoPE model too
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --stride 64 --json >"$tmp/s64.json"
+rope=$data/tiny-modern-pooled-nobias.gguf
+"$moas" perplexity -m "$rope" -f "$data/tiny.txt" --mode routed --stride 16 --json >"$tmp/s16.json"
+python3 - "$tmp/ppl.json" "$tmp/s64.json" "$tmp/s16.json" <<'PY' || fail "perplexity --stride"
+import json, sys
+base, s64, s16 = (json.load(open(p)) for p in sys.argv[1:])
+assert s64["stride"] == 64 and base["stride"] == 0, (base, s64)
+assert (s64["n_scored"], s64["nats_per_token"]) == (base["n_scored"], base["nats_per_token"])
+assert s16["n_scored"] == s16["n_tokens"] - 1 > base["n_scored"], s16
+PY
+expect_error 1 "longer than the context" "$moas" perplexity -m "$model" -f "$data/tiny.txt" --stride 65
+
+# --force-scheme: routed mode with every token on one scheme (here MQA)
+"$moas" perplexity -m "$rope" -f "$data/tiny.txt" --mode routed --force-scheme 2 --json >"$tmp/f2.json"
+python3 - "$tmp/f2.json" <<'PY' || fail "perplexity --force-scheme"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["forced_scheme"] == 2 and r["scheme_shares"] == [0, 0, 1], r
+PY
+expect_error 1 "needs routed mode" "$moas" perplexity -m "$model" -f "$data/tiny.txt" --force-scheme 0
+
 "$moas" routes -m "$model" -f "$data/tiny.txt" --mode routed --json >"$tmp/routes.jsonl" 2>/dev/null
 python3 - "$tmp/routes.jsonl" <<'PY' || fail "routes --json"
 import json, sys

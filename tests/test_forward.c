@@ -191,6 +191,43 @@ TEST(golden_pooled_nobias_routed_matches_pytorch) {
     return check_golden_mode("tiny-pooled-nobias", "-routed", MOAS_MODE_ROUTED);
 }
 
+/* The block options (docs/FORMAT.md, "Block options"): RoPE alone on the published
+ * block, RMSNorm and SwiGLU with learned positions, and all three, on every attention
+ * type; pooled models in both modes. */
+TEST(golden_rope_baseline_matches_pytorch) {
+    return check_golden_all_kernels("tiny-rope-baseline-nobias");
+}
+TEST(golden_rms_swiglu_static_matches_pytorch) {
+    return check_golden_all_kernels("tiny-rms-static-nobias");
+}
+TEST(golden_modern_moas_matches_pytorch) {
+    return check_golden_all_kernels("tiny-modern-moas-bias");
+}
+TEST(golden_modern_moas_f16_weights_match_pytorch) {
+    return check_golden_all_kernels("tiny-modern-moas-f16");
+}
+TEST(golden_rope_pooled_mixture_matches_pytorch) {
+    return check_golden_all_kernels("tiny-rope-pooled-bias");
+}
+TEST(golden_rope_pooled_routed_matches_pytorch) {
+    return check_golden_mode("tiny-rope-pooled-bias", "-routed", MOAS_MODE_ROUTED);
+}
+TEST(golden_modern_pooled_mixture_matches_pytorch) {
+    return check_golden_all_kernels("tiny-modern-pooled-nobias");
+}
+TEST(golden_modern_pooled_routed_matches_pytorch) {
+    return check_golden_mode("tiny-modern-pooled-nobias", "-routed", MOAS_MODE_ROUTED);
+}
+
+/* RoPE far from position 0: a context of 1,024, all 537 characters of tiny.txt, so the
+ * batch pass runs blocks of 128 that start at positions 128 .. 512. */
+TEST(golden_rope_long_mixture_matches_pytorch) {
+    return check_golden_all_kernels("tiny-rope-long");
+}
+TEST(golden_rope_long_routed_matches_pytorch) {
+    return check_golden_mode("tiny-rope-long", "-routed", MOAS_MODE_ROUTED);
+}
+
 /* ---- decode invariants on the router model ------------------------------------ */
 
 static const char *invariant_model = "tiny-moas-bias.gguf";

@@ -397,6 +397,86 @@ TEST(model_refuses_bad_hyperparameters) {
     return TEST_PASS;
 }
 
+/* The tiny default model with extra keys (NULL value: none) and, when `gate` is set, a
+ * blk.0.ffn_gate.weight of the right shape; its load status and message. */
+static int expect_block_options(const char *pos, const char *norm, const char *ffn,
+                                const char *omit_tensor, bool gate, int32_t n_embd,
+                                float base, moas_status want, const char *needle) {
+    tiny_model_config cfg;
+    size_t size;
+    moas_model *m = NULL;
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    tiny_model_config_default(&cfg);
+    cfg.omit_tensor = omit_tensor;
+    cfg.n_embd = n_embd;
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    if (pos != NULL) {
+        gguf_writer_add_string(w, "moas.position_encoding", pos);
+    }
+    if (norm != NULL) {
+        gguf_writer_add_string(w, "moas.norm_type", norm);
+    }
+    if (ffn != NULL) {
+        gguf_writer_add_string(w, "moas.feed_forward_type", ffn);
+    }
+    if (base != 0.0f) {
+        gguf_writer_add_f32(w, "moas.rope.freq_base", base);
+    }
+    if (gate) {
+        static float zeros[64 * 64];
+        const int64_t ne[2] = {n_embd, cfg.n_ff};
+        ASSERT_TRUE(gguf_writer_add_tensor(w, "blk.0.ffn_gate.weight", MOAS_TYPE_F32, 2, ne,
+                                           zeros) >= 0);
+    }
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    const moas_status st = moas_model_load_memory(image, size, NULL, &m);
+    free(image);
+    if (st != want || (needle != NULL && strstr(moas_last_error(), needle) == NULL)) {
+        test_report(__FILE__, __LINE__, "expect_block_options", "status %d (want %d), message "
+                    "\"%s\" should name \"%s\"", (int)st, (int)want,
+                    st == MOAS_OK ? "" : moas_last_error(), needle ? needle : "");
+        moas_model_free(m);
+        return TEST_FAIL;
+    }
+    ASSERT_TRUE(st == MOAS_OK ? m != NULL : m == NULL);
+    moas_model_free(m);
+    return TEST_PASS;
+}
+
+/* docs/FORMAT.md "Block options": unknown values, a position table beside RoPE, an odd
+ * head size, a bad base, a gate without SwiGLU and SwiGLU without its gate. */
+TEST(model_refuses_bad_block_options) {
+    static const char *const no_pos = "position_embd.weight";
+    static const char *const no_gate = NULL;
+    if (expect_block_options("alibi", NULL, NULL, NULL, false, 16, 0.0f, MOAS_ERR_UNSUPPORTED,
+                             "'alibi' is unknown") ||
+        expect_block_options(NULL, "batch", NULL, NULL, false, 16, 0.0f, MOAS_ERR_UNSUPPORTED,
+                             "moas.norm_type 'batch'") ||
+        expect_block_options(NULL, NULL, "relu", NULL, false, 16, 0.0f, MOAS_ERR_UNSUPPORTED,
+                             "moas.feed_forward_type 'relu'") ||
+        expect_block_options("rope", NULL, NULL, NULL, false, 16, 0.0f, MOAS_ERR_CORRUPT,
+                             "'position_embd.weight' is present") ||
+        expect_block_options("rope", NULL, NULL, no_pos, false, 16, 0.5f, MOAS_ERR_CORRUPT,
+                             "freq_base 0.5") ||
+        expect_block_options("rope", NULL, NULL, no_pos, false, 12, 0.0f, MOAS_ERR_CORRUPT,
+                             "head size 3 is odd") ||
+        expect_block_options(NULL, NULL, NULL, no_gate, true, 16, 0.0f, MOAS_ERR_CORRUPT,
+                             "'blk.0.ffn_gate.weight' is present") ||
+        expect_block_options(NULL, NULL, "swiglu", NULL, false, 16, 0.0f, MOAS_ERR_CORRUPT,
+                             "'blk.0.ffn_gate.weight' is missing")) {
+        return TEST_FAIL;
+    }
+    /* the options' defaults written out, and RoPE without a base (10000), load */
+    if (expect_block_options("learned", "layer", "gelu", NULL, false, 16, 0.0f, MOAS_OK, NULL) ||
+        expect_block_options("rope", "rms", NULL, no_pos, false, 16, 0.0f, MOAS_OK, NULL)) {
+        return TEST_FAIL;
+    }
+    return TEST_PASS;
+}
+
 TEST(model_refuses_unsupported_weight_types) {
     tiny_model_config cfg;
     size_t size;

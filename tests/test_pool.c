@@ -19,8 +19,9 @@ static void seq_tokens(int32_t *tokens, int32_t n, int32_t n_vocab, uint32_t see
 }
 
 /* The models the bitwise tests run: router mixing with independent schemes (f32 and
- * Q8_0 weights), mean mixing, pooled K/V (f16 weights). Context 64 each. */
-enum { N_KINDS = 4 };
+ * Q8_0 weights), mean mixing, pooled K/V (f16 weights), and pooled K/V with RoPE,
+ * RMSNorm and SwiGLU. Context 64 each. */
+enum { N_KINDS = 5 };
 static uint8_t *kind_image(int kind, size_t *size) {
     tiny_model_config cfg;
     tiny_model_config_default(&cfg);
@@ -36,6 +37,9 @@ static uint8_t *kind_image(int kind, size_t *size) {
         cfg.kv_sharing = "pooled";
         cfg.mat_type = MOAS_TYPE_F16;
         cfg.emb_type = MOAS_TYPE_F16;
+    } else if (kind == 4) {
+        cfg.kv_sharing = "pooled";
+        cfg.rope = cfg.rms_norm = cfg.swiglu = true;
     }
     return tiny_model_image(&cfg, 40 + (uint64_t)kind, size);
 }

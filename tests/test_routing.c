@@ -134,11 +134,12 @@ TEST(pooled_kv_bytes_follow_formula) {
 /* Forced to MHA everywhere, the MoAS model computes exactly what a plain model made of
  * its MHA branch computes. tiny_model seeds each tensor by its name, so the
  * single-scheme model below has the same scheme-0, norm, MLP and embedding weights. */
-TEST(routed_forced_mha_equals_mha_branch_alone) {
+static int forced_mha_equals_mha_branch(bool modern) {
     tiny_model_config cfg;
     size_t size_moas, size_mha;
-    uint8_t *image_moas = tiny_model_image(NULL, 21, &size_moas);
     tiny_model_config_default(&cfg);
+    cfg.rope = cfg.rms_norm = cfg.swiglu = modern;
+    uint8_t *image_moas = tiny_model_image(&cfg, 21, &size_moas);
     cfg.n_scheme = 1;
     cfg.scheme_n_kv[0] = 4;
     cfg.mixing = MOAS_MIXING_SINGLE;
@@ -175,6 +176,16 @@ TEST(routed_forced_mha_equals_mha_branch_alone) {
     free(image_moas);
     free(image_mha);
     return TEST_PASS;
+}
+
+TEST(routed_forced_mha_equals_mha_branch_alone) {
+    return forced_mha_equals_mha_branch(false);
+}
+
+/* The same with RoPE, RMSNorm and SwiGLU: routed mode rotates each token's Q and K at
+ * the token's own position, whichever group of its block it runs in. */
+TEST(routed_forced_mha_equals_mha_branch_alone_modern) {
+    return forced_mha_equals_mha_branch(true);
 }
 
 typedef struct {
@@ -333,9 +344,12 @@ TEST(routed_kv_budget_holds) {
 
 /* Routed decode token by token equals routed batch decode; truncate then decode other
  * tokens equals never having gone further (the ragged offsets are restored). */
-TEST(routed_batch_and_truncate_equal_uninterrupted) {
+static int batch_and_truncate_equal_uninterrupted(bool modern) {
+    tiny_model_config cfg;
     size_t size;
-    uint8_t *image = tiny_model_image(NULL, 9, &size);
+    tiny_model_config_default(&cfg);
+    cfg.rope = cfg.rms_norm = cfg.swiglu = modern;
+    uint8_t *image = tiny_model_image(&cfg, 9, &size);
     moas_model *m;
     int32_t first[N_CTX], second[N_CTX];
     float *all = malloc((size_t)N_CTX * 40 * sizeof *all);
@@ -374,6 +388,15 @@ TEST(routed_batch_and_truncate_equal_uninterrupted) {
     moas_model_free(m);
     free(image);
     return TEST_PASS;
+}
+
+TEST(routed_batch_and_truncate_equal_uninterrupted) {
+    return batch_and_truncate_equal_uninterrupted(false);
+}
+
+/* With RoPE a block's tokens run in groups by scheme, each rotated at its own position. */
+TEST(routed_batch_and_truncate_equal_uninterrupted_modern) {
+    return batch_and_truncate_equal_uninterrupted(true);
 }
 
 /* An f16 cache in routed mode stays within a stated tolerance of f32. */

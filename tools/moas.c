@@ -158,6 +158,8 @@ typedef struct {
     int show_routes;
     int n_prompt;    /* bench: prompt tokens */
     int depth;       /* bench: tokens in the cache before decoding starts */
+    int stride;      /* perplexity: new tokens scored per window (0: consecutive windows) */
+    int forced;      /* routed mode: the context-wide forced scheme, -1: the router's */
     int repeats;     /* bench: repetitions, the median is reported */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
     float min_p;
@@ -178,7 +180,8 @@ static void usage(void) {
           "              [--min-p P] [--repeat-penalty F] [--repeat-last-n N]\n"
           "              [--logit-bias TOKEN=BIAS]... [--stop STRING]... [--show-routes]\n"
           "              (TOKEN: an id, or one character; BIAS: a number or -inf)\n"
-          "  perplexity  -f TEXT [--json]\n"
+          "  perplexity  -f TEXT [--json] [--stride S]  (S: sliding windows that score\n"
+          "              their last S tokens, the rest is context)\n"
           "  routes      -f TEXT [--json] [--no-color]   (the scheme of every token and layer)\n"
           "  logits      -f TEXT -o OUT   (raw little-endian float32 [n_tokens][n_vocab])\n"
           "  inspect     (metadata, tensors, parameters, KV bytes per token)\n"
@@ -194,7 +197,8 @@ static void usage(void) {
           "      --mode M         mixture (default) or routed\n"
           "      --kv-type T      f32 (default) or f16\n"
           "      --unknown R      characters outside the vocabulary: error (default), drop,\n"
-          "                       replace (by a space) or replace:C (by the character C)\n",
+          "                       replace (by a space) or replace:C (by the character C)\n"
+          "      --force-scheme S routed mode: every token runs scheme S (e.g. 0, MHA)\n",
           stderr);
     exit(2);
 }
@@ -241,6 +245,7 @@ static void parse_options(int argc, char **argv, options *o) {
     o->repeat_last_n = 64;
     o->unknown.rule = MOAS_UNKNOWN_ERROR;
     o->unknown.with = " ";
+    o->forced = -1;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
@@ -324,6 +329,10 @@ static void parse_options(int argc, char **argv, options *o) {
             o->depth = (int)parse_long(need_value(argc, argv, &i), "-d", 0, 1L << 20);
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repeats")) {
             o->repeats = (int)parse_long(need_value(argc, argv, &i), "-r", 1, 1000);
+        } else if (!strcmp(a, "--force-scheme")) {
+            o->forced = (int)parse_long(need_value(argc, argv, &i), "--force-scheme", 0, 7);
+        } else if (!strcmp(a, "--stride")) {
+            o->stride = (int)parse_long(need_value(argc, argv, &i), "--stride", 1, 1L << 30);
         } else if (!strcmp(a, "--show-routes")) {
             o->show_routes = 1;
         } else if (!strcmp(a, "--no-color")) {
@@ -355,6 +364,7 @@ static moas_context *new_context(const moas_model *model, const options *o) {
     p.n_threads = o->n_threads;
     p.mode = o->mode;
     p.kv_type = o->kv_type;
+    p.forced_scheme = o->forced;
     check(moas_context_create(model, &p, &ctx), "cannot create a context");
     return ctx;
 }
@@ -712,9 +722,13 @@ static int cmd_generate(const options *o) {
 
 /* ---- perplexity and logits ---------------------------------------------------- */
 
-/* Walk `tokens` in consecutive windows of the context length, each from an empty
- * cache, decoding token by token. For every token after the first of its window,
- * `visit` sees the logits that predicted it. */
+/* Walk `tokens` in windows of the context length, each from an empty cache.
+ * stride 0: consecutive windows, decoded token by token; for every token after the
+ * first of its window, `visit` sees the logits that predicted it.
+ * stride S (1 .. n_ctx): windows start at 0, S, 2S, ... and are decoded as one batch;
+ * the first window's tokens after its first are visited, and each later window visits
+ * only the tokens it adds (its last S), the n_ctx - S before them being context only.
+ * A window ends early at the end of the text; the walk stops once one has. */
 typedef void (*logits_visitor)(void *user, const float *logits, int32_t n_vocab, int32_t next);
 
 typedef struct {
@@ -740,7 +754,7 @@ static void score_visit(void *user, const float *logits, int32_t n_vocab, int32_
  * [n_scheme], and reports the KV bytes, length and per-scheme token-layer pairs
  * (window_pairs [n_scheme]) of the window that used the most KV bytes. */
 static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_tokens,
-                           logits_visitor visit, void *user, size_t *kv_bytes,
+                           int32_t stride, logits_visitor visit, void *user, size_t *kv_bytes,
                            int32_t *window_tokens, long long *scheme_pairs,
                            int32_t *window_pairs) {
     const int32_t n_ctx = moas_context_n_ctx(ctx);
@@ -752,13 +766,36 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
     *kv_bytes = 0;
     *window_tokens = 0;
     memset(scheme_pairs, 0, (size_t)S * sizeof *scheme_pairs);
-    for (size_t begin = 0; begin < n_tokens; begin += (size_t)n_ctx) {
+    float *all = NULL;
+    if (stride > 0) {
+        if (stride > n_ctx) {
+            die("--stride %d is longer than the context (%d)", stride, n_ctx);
+        }
+        all = malloc((size_t)n_ctx * n_vocab * sizeof *all);
+        if (all == NULL) {
+            die("out of memory");
+        }
+    }
+    const size_t step = stride > 0 ? (size_t)stride : (size_t)n_ctx;
+    for (size_t begin = 0; begin < n_tokens; begin += step) {
         const size_t end = begin + (size_t)n_ctx < n_tokens ? begin + (size_t)n_ctx : n_tokens;
         moas_context_reset(ctx);
-        for (size_t i = begin; i < end; i++) {
-            check(moas_context_decode(ctx, tokens[i], NULL), "decode");
-            if (visit != NULL && i + 1 < end) {
-                visit(user, moas_context_logits(ctx), n_vocab, tokens[i + 1]);
+        if (stride > 0) {
+            /* targets from the first the previous window did not score; a window's own
+             * first token has no logits before it (stride n_ctx: consecutive windows) */
+            const size_t skip = begin == 0 || stride == n_ctx ? 1 : (size_t)(n_ctx - stride);
+            const size_t first = begin + skip;
+            check(moas_context_decode_batch(ctx, tokens + begin, (int32_t)(end - begin), all,
+                                            MOAS_LOGITS_ALL), "decode_batch");
+            for (size_t j = first; j < end && visit != NULL; j++) {
+                visit(user, all + (j - 1 - begin) * (size_t)n_vocab, n_vocab, tokens[j]);
+            }
+        } else {
+            for (size_t i = begin; i < end; i++) {
+                check(moas_context_decode(ctx, tokens[i], NULL), "decode");
+                if (visit != NULL && i + 1 < end) {
+                    visit(user, moas_context_logits(ctx), n_vocab, tokens[i + 1]);
+                }
             }
         }
         const size_t used = moas_context_kv_bytes_used(ctx, -1);
@@ -771,7 +808,11 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
         for (int32_t s = 0; s < S; s++) {
             scheme_pairs[s] += counts[s];
         }
+        if (stride > 0 && end == n_tokens) {
+            break;
+        }
     }
+    free(all);
     return now_seconds() - t0;
 }
 
@@ -796,8 +837,8 @@ static int cmd_perplexity(const options *o) {
     int32_t window_tokens, window_pairs[8];
     char label[16];
     const int32_t S = moas_model_n_scheme(model);
-    const double dt = walk_windows(ctx, tokens, n_tokens, score_visit, &s, &s.kv_bytes,
-                                   &window_tokens, pairs, window_pairs);
+    const double dt = walk_windows(ctx, tokens, n_tokens, o->stride, score_visit, &s,
+                                   &s.kv_bytes, &window_tokens, pairs, window_pairs);
     const double nats = s.nll / (double)s.n_scored;
     const double tok_s = dt > 0 ? (double)n_tokens / dt : 0.0;
     const double kv_per_token = (double)s.kv_bytes / window_tokens;
@@ -813,12 +854,13 @@ static int cmd_perplexity(const options *o) {
                n_changed, o->unknown.rule == MOAS_UNKNOWN_DROP      ? "drop"
                           : o->unknown.rule == MOAS_UNKNOWN_REPLACE ? "replace"
                                                                    : "error");
-        printf("\"mode\": \"%s\", \"kv_type\": \"%s\", \"n_tokens\": %zu, \"n_scored\": %zu, "
-               "\"n_ctx\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
+        printf("\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", \"n_tokens\": %zu, "
+               "\"n_scored\": %zu, "
+               "\"n_ctx\": %d, \"stride\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
                "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
                "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
-               mode_name(o->mode), o->kv_type == MOAS_TYPE_F16 ? "f16" : "f32", n_tokens,
-               s.n_scored, moas_context_n_ctx(ctx), nats, exp(nats), tok_s, s.kv_bytes,
+               mode_name(o->mode), o->forced, o->kv_type == MOAS_TYPE_F16 ? "f16" : "f32", n_tokens,
+               s.n_scored, moas_context_n_ctx(ctx), o->stride, nats, exp(nats), tok_s, s.kv_bytes,
                kv_per_token, mha_per_token);
         for (int32_t i = 0; i < S; i++) {
             printf("%s%.6f", i ? ", " : "", (double)pairs[i] / (double)all_pairs);
@@ -848,8 +890,12 @@ static int cmd_perplexity(const options *o) {
                    o->unknown.rule == MOAS_UNKNOWN_DROP ? "dropped" : "replaced");
         }
         printf("\n");
-        printf("tokens          %zu (%zu scored: all but the first of each window of %d)\n",
-               n_tokens, s.n_scored, moas_context_n_ctx(ctx));
+        printf("tokens          %zu (%zu scored, windows of %d", n_tokens, s.n_scored,
+               moas_context_n_ctx(ctx));
+        if (o->stride > 0) {
+            printf(", stride %d", o->stride);
+        }
+        printf(")\n");
         printf("nats/token      %.4f\n", nats);
         printf("perplexity      %.4f\n", exp(nats));
         printf("tokens/s        %.1f\n", tok_s);
@@ -1049,12 +1095,12 @@ static int cmd_bench(const options *o) {
     if (o->json) {
         fputs("{\"model\": ", stdout);
         put_json_string(stdout, o->model_path);
-        printf(", \"mode\": \"%s\", \"kernels\": \"%s\", \"threads\": %d, "
+        printf(", \"mode\": \"%s\", \"forced_scheme\": %d, \"kernels\": \"%s\", \"threads\": %d, "
                "\"n_prompt\": %d, \"n_decode\": %d, \"depth\": %d, \"repeats\": %d, "
                "\"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
-               mode_name(o->mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+               mode_name(o->mode), o->forced, moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
                n_prompt, n_gen, depth, o->repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
                dec_gflops, pre_gflops);
     } else {
@@ -1133,6 +1179,12 @@ static void print_meta_value(const moas_model *model, const char *key) {
     }
 }
 
+/* A string key's value, or `fallback` when the file has none (docs/FORMAT.md's default). */
+static const char *meta_or(const moas_model *model, const char *key, const char *fallback) {
+    const char *value;
+    return moas_model_meta_string(model, key, &value, NULL) == MOAS_OK ? value : fallback;
+}
+
 static int cmd_inspect(const options *o) {
     static const char *mixing_names[] = {"single", "mean", "router"};
     moas_model *model = load_model(o);
@@ -1149,6 +1201,9 @@ static int cmd_inspect(const options *o) {
     printf("context         %d tokens\n", moas_model_n_ctx_train(model));
     printf("mixing          %s, %s biases\n", mixing_names[moas_model_mixing(model)],
            moas_model_has_bias(model) ? "with" : "no");
+    printf("block           %s, %s, %s\n", meta_or(model, "moas.position_encoding", "learned"),
+           meta_or(model, "moas.norm_type", "layer"),
+           meta_or(model, "moas.feed_forward_type", "gelu"));
     printf("parameters      %llu\n", (unsigned long long)moas_model_n_params(model));
     /* The figures the cache itself uses: a one-token context of each KV type. */
     moas_context *ctx32, *ctx16;

@@ -6,7 +6,8 @@ forward of the format's Semantics section token by token with a K/V cache, in
 double precision: the "mixture" mode for every model, and for kv_sharing
 "pooled" models also the "routed" mode (per token and layer the argmax scheme
 of the router's gates, lowest index on ties, whose pooled K/V are cached with
-n_kv(s) heads).  It exists to check files and goldens without torch or the C
+n_kv(s) heads).  The block options (RoPE, RMSNorm, SwiGLU; docs/FORMAT.md
+"Block options") are read from the file's keys.  It exists to check files and goldens without torch or the C
 library (tests/python, tools/check_reference.py); it is far too slow for
 anything but the tiny test models.
 
@@ -49,6 +50,10 @@ class Model:
         self.bias = kv["moas.bias"]
         self.tokens = list(kv["tokenizer.ggml.tokens"])
         self.d = self.C // self.H
+        self.rope = kv.get("moas.position_encoding", "learned") == "rope"
+        self.rope_base = kv.get("moas.rope.freq_base", 10000.0)
+        self.rms = kv.get("moas.norm_type", "layer") == "rms"
+        self.swiglu = kv.get("moas.feed_forward_type", "gelu") == "swiglu"
         self._r = r
 
     def vec(self, name):
@@ -76,6 +81,24 @@ def layer_norm(x, w, b, eps):
     inv = 1.0 / math.sqrt(var + eps)
     y = [(v - mean) * inv * g for v, g in zip(x, w)]
     return y if b is None else [v + c for v, c in zip(y, b)]
+
+
+def rms_norm(x, w, b, eps):
+    inv = 1.0 / math.sqrt(sum(v * v for v in x) / len(x) + eps)
+    y = [v * inv * g for v, g in zip(x, w)]
+    return y if b is None else [v + c for v, c in zip(y, b)]
+
+
+def rope(x, n_heads, d, pos, base):
+    """Each head's pairs (x[2i], x[2i+1]) rotated by pos * base^(-2i/d)."""
+    out = list(x)
+    for i in range(d // 2):
+        ang = pos * base ** (-(2 * i) / d)
+        c, s = math.cos(ang), math.sin(ang)
+        for h in range(n_heads):
+            j = h * d + 2 * i
+            out[j], out[j + 1] = x[j] * c - x[j + 1] * s, x[j] * s + x[j + 1] * c
+    return out
 
 
 def gelu(v):
@@ -126,7 +149,7 @@ class Runner:
         self.pooled = m.kv_sharing == "pooled"
         self.n_past = 0
         self.emb = _rows(m.vec("token_embd.weight"), len(m.tokens), m.C)
-        self.pos = _rows(m.vec("position_embd.weight"), m.n_ctx, m.C)
+        self.pos = None if m.rope else _rows(m.vec("position_embd.weight"), m.n_ctx, m.C)
         self.out = (_rows(m.vec("output.weight"), len(m.tokens), m.C)
                     if "output.weight" in m._r.tensors else self.emb)
         self.layers = []
@@ -137,6 +160,8 @@ class Runner:
                 "ffn_norm": (m.vec(p + "ffn_norm.weight"), m.vec(p + "ffn_norm.bias")),
                 "ffn_up": m.mat(p + "ffn_up"), "ffn_down": m.mat(p + "ffn_down"),
             }
+            if m.swiglu:
+                layer["ffn_gate"] = m.mat(p + "ffn_gate")
             if self.pooled:
                 layer["pooled"] = {k: m.mat("%sattn_%s" % (p, k))
                                    for k in ("q", "k", "v", "output")}
@@ -191,6 +216,9 @@ class Runner:
         q = matvec(*w["q"], a)
         k = matvec(*w["k"], a)
         v = matvec(*w["v"], a)
+        if m.rope:      # all H key heads, before pooling
+            q = rope(q, m.H, m.d, self.n_past - 1, m.rope_base)
+            k = rope(k, m.H, m.d, self.n_past - 1, m.rope_base)
         pk = [pool_heads(k, m.H, n, m.d) for n in m.kv_heads]
         pv = [pool_heads(v, m.H, n, m.d) for n in m.kv_heads]
         if self.mode == "routed":
@@ -221,20 +249,19 @@ class Runner:
         if p >= m.n_ctx:
             raise ValueError("context full")
         self.n_past += 1
-        x = [a + b for a, b in zip(self.emb[token], self.pos[p])]
+        x = list(self.emb[token]) if m.rope else [a + b for a, b in zip(self.emb[token],
+                                                                        self.pos[p])]
         all_gates = []
         chosen = []
         for li, layer in enumerate(self.layers):
-            a = layer_norm(x, *layer["attn_norm"], m.eps)
+            a = self.norm(x, layer["attn_norm"])
             if self.pooled:
                 y, gates, s = self.pooled_attention(li, layer, a)
                 if m.mixing == "router":
                     all_gates.append(gates)
                 chosen.append(s)
                 x = [u + v for u, v in zip(x, y)]
-                h = layer_norm(x, *layer["ffn_norm"], m.eps)
-                h = [gelu(v) for v in matvec(*layer["ffn_up"], h)]
-                x = [u + v for u, v in zip(x, matvec(*layer["ffn_down"], h))]
+                x = [u + v for u, v in zip(x, self.mlp(layer, x))]
                 continue
             ys = []
             for s, w in enumerate(layer["schemes"]):
@@ -242,6 +269,9 @@ class Runner:
                 q = matvec(*w["q"], a)
                 k = matvec(*w["k"], a)
                 v = matvec(*w["v"], a)
+                if m.rope:
+                    q = rope(q, m.H, m.d, p, m.rope_base)
+                    k = rope(k, n_kv, m.d, p, m.rope_base)
                 cache = self.cache[li][s]
                 cache.append((k, v))
                 o = []
@@ -268,13 +298,24 @@ class Runner:
             else:
                 y = ys[0]
             x = [u + v for u, v in zip(x, y)]
-            h = layer_norm(x, *layer["ffn_norm"], m.eps)
-            h = [gelu(v) for v in matvec(*layer["ffn_up"], h)]
-            x = [u + v for u, v in zip(x, matvec(*layer["ffn_down"], h))]
+            x = [u + v for u, v in zip(x, self.mlp(layer, x))]
         if self.pooled:
             self.chosen.append(chosen)
-        x = layer_norm(x, *self.out_norm, m.eps)
+        x = self.norm(x, self.out_norm)
         return matvec(self.out, None, x), all_gates
+
+    def norm(self, x, wb):
+        return (rms_norm if self.m.rms else layer_norm)(x, wb[0], wb[1], self.m.eps)
+
+    def mlp(self, layer, x):
+        h = self.norm(x, layer["ffn_norm"])
+        if self.m.swiglu:
+            g = matvec(*layer["ffn_gate"], h)
+            h = [gv / (1.0 + math.exp(-gv)) * uv
+                 for gv, uv in zip(g, matvec(*layer["ffn_up"], h))]
+        else:
+            h = [gelu(v) for v in matvec(*layer["ffn_up"], h)]
+        return matvec(*layer["ffn_down"], h)
 
     def kv_heads_cached(self, layer):
         """Heads of K (likewise V) the layer's cache holds."""

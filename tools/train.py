@@ -22,6 +22,11 @@ reference registers under PyTorch < 2.0), and the reference's load here.
     python3 tools/train.py --data input.txt --out pooled.pt --attention-type pooled_moas \\
         --kv-penalty 0.05 --hard-top1-from 1500
 
+    # the block options (docs/FORMAT.md, "Block options"), for any attention type:
+    # rotary positions instead of the learned table, RMSNorm, a SwiGLU MLP
+    python3 tools/train.py --data input.txt --out rope.pt --attention-type pooled_moas \
+        --pos rope --rope-base 10000 --norm rms --mlp swiglu
+
 Attention types: baseline, static_moas and moas are the published ones.
 pooled_moas is libmoas's routed-KV variant (docs/FORMAT.md, "Pooled K/V"): per
 layer one q_proj, k_proj, v_proj (all [C, C], H heads) and c_proj, plus the
@@ -62,6 +67,10 @@ from torch.nn import functional as F
 ATTENTION_TYPES = ("baseline", "static_moas", "moas", "pooled_moas")
 GQA_KV_HEADS = 2          # hard-coded in the reference
 LN_EPS = 1e-5
+POS_TYPES = ("learned", "rope")
+NORM_TYPES = ("layer", "rms")
+MLP_TYPES = ("gelu", "swiglu")
+ROPE_BASE = 10000.0
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +81,11 @@ class ModelArgs:
     """The reference's model_args, the dict stored in checkpoints.
 
     pooled_moas models also carry 'schemes', the kv-head count of each scheme
-    (default [H, 2, 1]); the published types never do.
+    (default [H, 2, 1]); the published types never do.  The block options
+    (docs/FORMAT.md, "Block options") are stored only when they differ from the
+    published GPT-2 block: 'pos' ("learned" or "rope") with 'rope_base', 'norm'
+    ("layer" or "rms"), 'mlp' ("gelu" or "swiglu") and 'n_ff' (MLP width, 4C by
+    default).
     """
     KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
             "attention_type")
@@ -98,11 +111,32 @@ class ModelArgs:
             raise ValueError("'schemes' is for pooled_moas models only")
         elif self.attention_type != "baseline" and self.n_head % GQA_KV_HEADS:
             raise ValueError("n_head must be a multiple of %d for MoAS" % GQA_KV_HEADS)
+        self.pos = kw.get("pos") or "learned"
+        self.rope_base = float(kw.get("rope_base") or ROPE_BASE)
+        self.norm = kw.get("norm") or "layer"
+        self.mlp = kw.get("mlp") or "gelu"
+        self.n_ff = int(kw.get("n_ff") or 4 * self.n_embd)
+        if self.pos not in POS_TYPES or self.norm not in NORM_TYPES or self.mlp not in MLP_TYPES:
+            raise ValueError("unknown block option: pos %r, norm %r, mlp %r"
+                             % (self.pos, self.norm, self.mlp))
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size, not %d" % (self.n_embd // self.n_head))
+        if not self.rope_base > 1.0 or self.n_ff < 1:
+            raise ValueError("rope_base must be > 1 and n_ff >= 1")
 
     def as_dict(self):
         d = {k: getattr(self, k) for k in self.KEYS}
         if self.schemes is not None:
             d["schemes"] = list(self.schemes)
+        if self.pos != "learned":
+            d["pos"] = self.pos
+            d["rope_base"] = self.rope_base
+        if self.norm != "layer":
+            d["norm"] = self.norm
+        if self.mlp != "gelu":
+            d["mlp"] = self.mlp
+        if self.n_ff != 4 * self.n_embd:
+            d["n_ff"] = self.n_ff
         return d
 
 
@@ -140,15 +174,58 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LN_EPS)
 
 
-def causal_attention(q, k, v, n_head, drop):
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (+ bias): no centring, no learned shift
+    unless the model has biases."""
+
+    def __init__(self, n, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + LN_EPS) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def make_norm(a):
+    return (RMSNorm if a.norm == "rms" else LayerNorm)(a.n_embd, a.bias)
+
+
+def rope_tables(T, d, base, dtype, pos0=0):
+    """(cos, sin) [T, d/2] for positions pos0 .. pos0+T-1: angle p * base^(-2i/d) of
+    pair i, computed in float64 and then rounded to dtype."""
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)            # [d/2]
+    ang = torch.arange(pos0, pos0 + T, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x, n_heads, rope):
+    """Rotate each head's adjacent pairs (x[2i], x[2i+1]) of x [B, T, n_heads*d] by
+    the angles of rope = (cos, sin) [T, d/2]; None: x unchanged."""
+    if rope is None:
+        return x
+    cos, sin = rope
+    B, T, C = x.shape
+    d = C // n_heads
+    x = x.view(B, T, n_heads, d // 2, 2)
+    x0, x1 = x[..., 0], x[..., 1]                                               # [B, T, G, d/2]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).view(B, T, C)
+
+
+def causal_attention(q, k, v, n_head, drop, rope=None):
     """softmax(q k^T / sqrt(d)) v over earlier positions.
 
     q: [B, T, H*d]; k, v: [B, T, G*d] with G dividing H.  Query head h reads
-    kv head h // (H/G).  Returns [B, T, H*d].
+    kv head h // (H/G).  rope (cos, sin) rotates q and every k head first.
+    Returns [B, T, H*d].
     """
     B, T, C = q.shape
     d = C // n_head
     n_kv = k.shape[-1] // d
+    q = apply_rope(q, n_head, rope)
+    k = apply_rope(k, n_kv, rope)
     q = q.view(B, T, n_head, d).transpose(1, 2)                   # [B, H, T, d]
     k = k.view(B, T, n_kv, d).transpose(1, 2)                     # [B, G, T, d]
     v = v.view(B, T, n_kv, d).transpose(1, 2)
@@ -176,9 +253,9 @@ class FusedAttention(nn.Module):
         if mask_buffers:
             add_mask_buffer(self, a.block_size)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         q, k, v = self.c_attn(x).chunk(3, dim=-1)
-        y = causal_attention(q, k, v, self.n_head, self.attn_dropout)
+        y = causal_attention(q, k, v, self.n_head, self.attn_dropout, rope)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -198,9 +275,9 @@ class SplitAttention(nn.Module):
         if mask_buffers:
             add_mask_buffer(self, a.block_size)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         y = causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.n_head,
-                             self.attn_dropout)
+                             self.attn_dropout, rope)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -224,9 +301,10 @@ class SchemeMixture(nn.Module):
                                         nn.Linear(hidden, 3, bias=a.bias))
             self.gate_dropout = nn.Dropout(a.dropout)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         """(output [B, T, C], gates [B, T, 3] before dropout, or None)."""
-        outs = torch.stack([self.mha(x), self.gqa(x), self.mqa(x)], dim=2)   # [B, T, 3, C]
+        outs = torch.stack([self.mha(x, rope), self.gqa(x, rope), self.mqa(x, rope)],
+                           dim=2)                                           # [B, T, 3, C]
         if self.router is None:
             return outs.sum(dim=2) / 3.0, None
         gates = F.softmax(self.router(x), dim=-1)                             # [B, T, 3]
@@ -277,8 +355,11 @@ class PooledAttention(nn.Module):
             out = term if out is None else out + term
         return out.reshape(B, T, C)
 
-    def forward(self, x, routing="soft"):
-        """(output [B, T, C], soft gates [B, T, S])."""
+    def forward(self, x, routing="soft", rope=None):
+        """(output [B, T, C], soft gates [B, T, S]).
+
+        With rope, q and all H heads of k are rotated before k is pooled: the
+        rotation is the same for every head, so pooling commutes with it."""
         gates = F.softmax(self.router(x), dim=-1)
         if routing == "soft":
             w = gates
@@ -288,44 +369,52 @@ class PooledAttention(nn.Module):
                 w = w + (gates - gates.detach())       # forward: exactly one-hot
         else:
             raise ValueError("routing must be 'soft' or 'hard', not %r" % (routing,))
-        k = self.mix(self.k_proj(x), w)
+        k = self.mix(apply_rope(self.k_proj(x), self.n_head, rope), w)
         v = self.mix(self.v_proj(x), w)
-        y = causal_attention(self.q_proj(x), k, v, self.n_head, self.attn_dropout)
+        q = apply_rope(self.q_proj(x), self.n_head, rope)
+        y = causal_attention(q, k, v, self.n_head, self.attn_dropout)
         return self.resid_dropout(self.c_proj(y)), gates
 
 
 class MLP(nn.Module):
+    """gelu: c_proj(GELU(c_fc x)); swiglu: c_proj(SiLU(c_gate x) * c_fc x)."""
+
     def __init__(self, a):
         super().__init__()
-        self.c_fc = nn.Linear(a.n_embd, 4 * a.n_embd, bias=a.bias)
-        self.c_proj = nn.Linear(4 * a.n_embd, a.n_embd, bias=a.bias)
+        self.c_fc = nn.Linear(a.n_embd, a.n_ff, bias=a.bias)
+        self.c_gate = nn.Linear(a.n_embd, a.n_ff, bias=a.bias) if a.mlp == "swiglu" else None
+        self.c_proj = nn.Linear(a.n_ff, a.n_embd, bias=a.bias)
         self.dropout = nn.Dropout(a.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        if self.c_gate is None:
+            h = F.gelu(self.c_fc(x))
+        else:
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, a, mask_buffers):
         super().__init__()
-        self.ln_1 = LayerNorm(a.n_embd, a.bias)
+        self.ln_1 = make_norm(a)
         if a.attention_type == "baseline":
             self.attn = FusedAttention(a, mask_buffers)
         elif a.attention_type == "pooled_moas":
             self.attn = PooledAttention(a, mask_buffers)
         else:
             self.attn = SchemeMixture(a, a.attention_type == "moas", mask_buffers)
-        self.ln_2 = LayerNorm(a.n_embd, a.bias)
+        self.ln_2 = make_norm(a)
         self.mlp = MLP(a)
 
-    def forward(self, x, routing="soft"):
+    def forward(self, x, routing="soft", rope=None):
         h = self.ln_1(x)
         if isinstance(self.attn, SchemeMixture):
-            y, gates = self.attn(h)
+            y, gates = self.attn(h, rope)
         elif isinstance(self.attn, PooledAttention):
-            y, gates = self.attn(h, routing)
+            y, gates = self.attn(h, routing, rope)
         else:
-            y, gates = self.attn(h), None
+            y, gates = self.attn(h, rope), None
         x = x + y
         x = x + self.mlp(self.ln_2(x))
         return x, gates
@@ -335,12 +424,15 @@ class MoASGPT(nn.Module):
     def __init__(self, a, mask_buffers=False):
         super().__init__()
         self.args = a
-        self.transformer = nn.ModuleDict(dict(
+        parts = dict(
             wte=nn.Embedding(a.vocab_size, a.n_embd),
             wpe=nn.Embedding(a.block_size, a.n_embd),
             h=nn.ModuleList([Block(a, mask_buffers) for _ in range(a.n_layer)]),
-            ln_f=LayerNorm(a.n_embd, a.bias),
-        ))
+            ln_f=make_norm(a),
+        )
+        if a.pos == "rope":
+            del parts["wpe"]                 # no learned position table with RoPE
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(a.n_embd, a.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight      # tied, as published
         self.emb_dropout = nn.Dropout(a.dropout)
@@ -356,11 +448,17 @@ class MoASGPT(nn.Module):
         B, T = idx.shape
         if T > self.args.block_size:
             raise ValueError("sequence of %d exceeds block_size %d" % (T, self.args.block_size))
-        pos = torch.arange(T, device=idx.device)
-        x = self.emb_dropout(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.args.pos == "rope":
+            rope = rope_tables(T, self.args.n_embd // self.args.n_head, self.args.rope_base,
+                               x.dtype)
+        else:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        x = self.emb_dropout(x)
         all_gates = []
         for block in self.transformer.h:
-            x, gates = block(x, routing)
+            x, gates = block(x, routing, rope)
             if gates is not None:
                 all_gates.append(gates)
         return self.lm_head(self.transformer.ln_f(x)), all_gates
@@ -541,15 +639,24 @@ def cmd_train(o):
     elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
         sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
                  "--attention-type pooled_moas")
-    a = ModelArgs(n_layer=o.n_layer, n_head=o.n_head, n_embd=o.n_embd, block_size=o.block_size,
-                  bias=o.bias, vocab_size=len(chars), dropout=o.dropout,
-                  attention_type=o.attention_type, **extra)
+    n_ff = o.n_ff
+    if n_ff is None and o.mlp == "swiglu":    # 2/3 of 4C (as many weights), a multiple of 16
+        n_ff = (8 * o.n_embd // 3 + 15) // 16 * 16
+    try:
+        a = ModelArgs(n_layer=o.n_layer, n_head=o.n_head, n_embd=o.n_embd,
+                      block_size=o.block_size, bias=o.bias, vocab_size=len(chars),
+                      dropout=o.dropout, attention_type=o.attention_type, pos=o.pos,
+                      rope_base=o.rope_base, norm=o.norm, mlp=o.mlp, n_ff=n_ff, **extra)
+    except ValueError as e:
+        sys.exit("train.py: %s" % e)
     model = MoASGPT(a, mask_buffers=o.mask_buffers)
     init_weights(model, o.init_std)
     n_params = sum(p.numel() for p in model.parameters())
-    log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, %.3fM params%s"
+    log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, pos %s%s, "
+        "norm %s, mlp %s (n_ff %d), %.3fM params%s"
         % (a.attention_type, a.n_layer, a.n_head, a.n_embd, a.block_size, a.bias,
-           a.vocab_size, n_params / 1e6,
+           a.vocab_size, a.pos, " (base %g)" % a.rope_base if a.pos == "rope" else "",
+           a.norm, a.mlp, a.n_ff, n_params / 1e6,
            ", schemes %s, kv penalty %g, hard top-1 from %s"
            % (a.schemes, o.kv_penalty, o.hard_top1_from) if pooled else ""))
     optimizer = make_optimizer(model, o.lr)
@@ -749,6 +856,15 @@ def parse_args(argv=None):
     m.add_argument("--dropout", type=float, default=0.2)
     m.add_argument("--mask-buffers", action="store_true",
                    help="also store the reference's [1,1,T,T] causal-mask buffers")
+    m.add_argument("--pos", choices=POS_TYPES, default="learned",
+                   help="positions: a learned table (published) or rotary (RoPE)")
+    m.add_argument("--rope-base", type=float, default=ROPE_BASE, help="RoPE frequency base")
+    m.add_argument("--norm", choices=NORM_TYPES, default="layer",
+                   help="LayerNorm (published) or RMSNorm")
+    m.add_argument("--mlp", choices=MLP_TYPES, default="gelu",
+                   help="GELU MLP (published) or SwiGLU (c_gate, c_fc, c_proj)")
+    m.add_argument("--n-ff", type=int, default=None,
+                   help="MLP width (default 4C; with swiglu 8C/3 rounded up to 16)")
     m.add_argument("--schemes", metavar="H,2,1", default=None,
                    help="pooled_moas: kv heads of each scheme, H for n_head (default H,2,1)")
     t = ap.add_argument_group("training")

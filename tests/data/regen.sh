@@ -61,7 +61,51 @@ for bias in bias nobias; do
         --text-start 440 --text-len 64 --golden-mode routed --out $D/$name-routed.golden
 done
 
-# 4. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
+# 4. The block options (docs/FORMAT.md, "Block options"): RoPE, RMSNorm and SwiGLU,
+#    same shapes and init (SwiGLU's n_ff is 128).  "rope" models change positions
+#    only; "modern" ones all three, with rope base 500 so that the slow pairs turn
+#    too within 64 positions.  The pooled seeds were picked as in step 3: in the
+#    routed goldens every scheme is chosen in every layer (at least 9 times) and no
+#    top-1 gate is within 5e-3 of the runner-up.
+block() {   # block NAME SEED TYPE [train.py options]
+    name=$1 seed=$2 atype=$3; shift 3
+    $TORCH_PY tools/train.py --data $TEXT --out "$CKPT_DIR/$name.pt" --init-only \
+        --attention-type $atype --n-layer 2 --n-head 6 --n-embd 48 --block-size 64 \
+        --dropout 0.0 --init-std 0.25 --seed $seed "$@"
+    $PY tools/moas-convert "$CKPT_DIR/$name.pt" -o $D/$name.gguf --vocab-text $TEXT \
+        --type f32 --name $name
+    $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+        --text-start 440 --text-len 64 --out $D/$name.golden
+    if [ $atype = pooled_moas ]; then
+        $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+            --text-start 440 --text-len 64 --golden-mode routed --out $D/$name-routed.golden
+    fi
+}
+block tiny-rope-baseline-nobias 21 baseline --no-bias --pos rope
+block tiny-rms-static-nobias 23 static_moas --no-bias --norm rms --mlp swiglu
+block tiny-modern-moas-bias 22 moas --bias --pos rope --rope-base 500 --norm rms --mlp swiglu
+block tiny-rope-pooled-bias 37 pooled_moas --bias --pos rope
+block tiny-modern-pooled-nobias 55 pooled_moas --no-bias --pos rope --rope-base 500 \
+    --norm rms --mlp swiglu
+# A RoPE model with a context of 1,024 (no position table, so no bigger): its goldens
+# cover all 537 characters of tiny.txt, positions up to 536.  Seed 66: every scheme
+# chosen often, smallest routed top-1 margin 2.6e-3.
+$TORCH_PY tools/train.py --data $TEXT --out "$CKPT_DIR/tiny-rope-long.pt" --init-only \
+    --attention-type pooled_moas --no-bias --n-layer 2 --n-head 6 --n-embd 48 \
+    --block-size 1024 --dropout 0.0 --init-std 0.25 --seed 66 --pos rope
+$PY tools/moas-convert "$CKPT_DIR/tiny-rope-long.pt" -o $D/tiny-rope-long.gguf \
+    --vocab-text $TEXT --type f32 --name tiny-rope-long
+for mode in mixture routed; do
+    case $mode in routed) suffix=-routed ;; *) suffix= ;; esac
+    $TORCH_PY tools/train.py --golden "$CKPT_DIR/tiny-rope-long.pt" --data $TEXT --text $TEXT \
+        --golden-mode $mode --out $D/tiny-rope-long$suffix.golden
+done
+$PY tools/moas-convert "$CKPT_DIR/tiny-modern-moas-bias.pt" -o $D/tiny-modern-moas-f16.gguf \
+    --vocab-text $TEXT --type f16 --name tiny-modern-moas-f16
+$TORCH_PY tools/train.py --golden "$CKPT_DIR/tiny-modern-moas-bias.pt" --data $TEXT \
+    --text $TEXT --text-start 440 --text-len 64 --round-f16 --out $D/tiny-modern-moas-f16.golden
+
+# 5. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
 #    biases, the reference's mask buffers and the optimizer state of two AdamW
 #    steps, plus its state_dict values as JSON (written by torch, not by us).
 $TORCH_PY tools/train.py --data $TEXT --out $D/tiny-ckpt.pt --attention-type moas --bias \

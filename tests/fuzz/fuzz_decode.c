@@ -21,9 +21,9 @@
  * reservation, 0 for a layer out of range).
  *
  * Program layout: byte 0 picks the model (router-mixed F32; mean-mixed Q8_0/F16,
- * untied, no bias; a single GQA scheme in F16; with bit 0x20, the router-mixed shape
- * with pooled K/V; with bits 0xC0, a router-mixed Q8_0 model of 80 positions whose MLP
- * is 1,056 wide) and the context params (KV type, kernels, mode); byte 1 picks n_ctx;
+ * untied, no bias, RMSNorm; a single GQA scheme in F16; with bit 0x20, the router-mixed
+ * shape with pooled K/V, RoPE, RMSNorm and SwiGLU; with bits 0xC0, a router-mixed Q8_0
+ * RoPE model of 80 positions whose SwiGLU MLP is 1,056 wide) and the context params (KV type, kernels, mode); byte 1 picks n_ctx;
  * byte 2 the sampler; then one opcode byte per step followed by its operands. At most
  * MAX_STEPS steps run.
  *
@@ -137,6 +137,7 @@ static void init_models(void) {
     cfg.bias = false;
     cfg.tied = false;
     cfg.n_vocab = 20;
+    cfg.rms_norm = true;
     models[1] = build(&cfg, 12);
 
     tiny_model_config_default(&cfg);
@@ -151,6 +152,7 @@ static void init_models(void) {
     tiny_model_config_default(&cfg);   /* one Q, K, V, output; K/V pooled per scheme */
     cfg.n_ctx_train = SHORT_CTX;
     cfg.kv_sharing = "pooled";
+    cfg.rope = cfg.rms_norm = cfg.swiglu = true;   /* and the recent block */
     models[3] = build(&cfg, 14);
 
     tiny_model_config_default(&cfg);   /* long: MHA and MQA of 2 heads of 16, Q8_0 */
@@ -163,6 +165,7 @@ static void init_models(void) {
     cfg.n_ff = 1056;
     cfg.n_ctx_train = MAX_CTX;
     cfg.mat_type = MOAS_TYPE_Q8_0;
+    cfg.rope = cfg.swiglu = true;      /* SwiGLU's 1,056 hidden units in 33 slices */
     models[4] = build(&cfg, 15);
 }
 

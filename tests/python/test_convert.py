@@ -615,6 +615,52 @@ class TestConvert(Tmp):
                                    lambda c: c.new_tensor(tril, (1, 1, 4, 4))})
         self.check_model(self.convert_ok(ck), "pooled_moas", True, sd)
 
+    def test_block_options(self):
+        """tools/train.py --pos rope --norm rms --mlp swiglu -> docs/FORMAT.md "Block
+        options": the keys, no position_embd, ffn_gate; absent model_args keys are
+        inferred from the tensors (no wpe: RoPE; mlp.c_gate: SwiGLU)."""
+        sd = model_tensors("pooled_moas", False, n_ff=24)
+        del sd["transformer.wpe.weight"]
+        rnd = random.Random(5)
+        for i in range(2):
+            sd["transformer.h.%d.mlp.c_gate.weight" % i] = (
+                (24, 8), f32([rnd.gauss(0, 0.5) for _ in range(24 * 8)]))
+        ck = self.path("modern.pt")
+        a = dict(margs("pooled_moas", False), pos="rope", rope_base=500.0, norm="rms",
+                 mlp="swiglu", n_ff=24)
+        build_checkpoint(ck, sd, a)
+        r = self.convert_ok(ck)
+        self.assertEqual((r.kv["moas.position_encoding"], r.kv["moas.rope.freq_base"],
+                          r.kv["moas.norm_type"], r.kv["moas.feed_forward_type"]),
+                         ("rope", 500.0, "rms", "swiglu"))
+        self.assertEqual(r.kv["moas.feed_forward_length"], 24)
+        self.assertNotIn("position_embd.weight", r.tensors)
+        self.assertEqual(r.tensors["blk.1.ffn_gate.weight"].ne, (8, 24))
+        self.assertEqual(r.tensor_values("blk.1.ffn_gate.weight"),
+                         sd["transformer.h.1.mlp.c_gate.weight"][1])
+        # inferred: RoPE with the default base, SwiGLU, LayerNorm (not visible in shapes)
+        for k in ("pos", "rope_base", "norm", "mlp"):
+            del a[k]
+        build_checkpoint(ck, sd, a)
+        r = self.convert_ok(ck)
+        self.assertEqual((r.kv["moas.position_encoding"], r.kv["moas.rope.freq_base"],
+                          r.kv.get("moas.norm_type"), r.kv["moas.feed_forward_type"]),
+                         ("rope", 10000.0, None, "swiglu"))
+        # the published block writes none of the keys
+        sd = model_tensors("moas", True)
+        build_checkpoint(ck, sd, margs("moas", True))
+        r = self.convert_ok(ck)
+        for k in ("moas.position_encoding", "moas.rope.freq_base", "moas.norm_type",
+                  "moas.feed_forward_type"):
+            self.assertNotIn(k, r.kv)
+        # refused: an unknown option, an odd head size with RoPE
+        build_checkpoint(ck, sd, dict(margs("moas", True), norm="batch"))
+        self.convert_fails(ck, "model_args['norm']", "batch")
+        sd = model_tensors("baseline", False, C=12)
+        del sd["transformer.wpe.weight"]
+        build_checkpoint(ck, sd, dict(margs("baseline", False, C=12), pos="rope"))
+        self.convert_fails(ck, "even head size")
+
     def test_pooled_schemes(self):
         ck = self.path("c.pt")
         # Two schemes, MHA and MQA.
@@ -984,16 +1030,38 @@ class TestConvert(Tmp):
 
 FIXTURES = ["tiny-%s-%s" % (t, b) for t in ("baseline", "static", "moas")
             for b in ("bias", "nobias")] + ["tiny-moas-f16"]
+# docs/FORMAT.md "Block options": name -> (position_encoding, freq_base, norm_type,
+# feed_forward_type) as the file must say
+BLOCK_FIXTURES = {
+    "tiny-rope-baseline-nobias": ("rope", 10000.0, None, None),
+    "tiny-rms-static-nobias": (None, None, "rms", "swiglu"),
+    "tiny-modern-moas-bias": ("rope", 500.0, "rms", "swiglu"),
+    "tiny-modern-moas-f16": ("rope", 500.0, "rms", "swiglu"),
+}
+POOLED_FIXTURES = {
+    "tiny-pooled-bias": (None, None, None, None),
+    "tiny-pooled-nobias": (None, None, None, None),
+    "tiny-rope-pooled-bias": ("rope", 10000.0, None, None),
+    "tiny-modern-pooled-nobias": ("rope", 500.0, "rms", "swiglu"),
+}
+BLOCK_KEYS = ("moas.position_encoding", "moas.rope.freq_base", "moas.norm_type",
+              "moas.feed_forward_type")
 
 
 class TestFixtures(unittest.TestCase):
     def test_goldens_match_format_semantics(self):
         """Each GGUF run through docs/FORMAT.md's semantics (tools/moas_forward.py)
         reproduces its torch golden."""
-        for name in FIXTURES:
+        for name in FIXTURES + list(BLOCK_FIXTURES):
             with self.subTest(name=name):
                 path = os.path.join(DATA, name + ".gguf")
                 r = gguf.GGUFReader(path)
+                self.assertEqual(tuple(r.kv.get(k) for k in BLOCK_KEYS),
+                                 BLOCK_FIXTURES.get(name, (None,) * 4))
+                self.assertEqual("position_embd.weight" in r.tensors,
+                                 r.kv.get("moas.position_encoding") != "rope")
+                self.assertEqual("blk.1.ffn_gate.weight" in r.tensors,
+                                 r.kv.get("moas.feed_forward_type") == "swiglu")
                 self.assertEqual(r.kv["moas.context_length"], 64)
                 self.assertEqual(r.kv["moas.embedding_length"], 48)
                 tokens, logits, gates = moas_forward.read_golden(os.path.join(DATA, name + ".golden"))
@@ -1020,9 +1088,10 @@ class TestFixtures(unittest.TestCase):
         """The pooled models (kv_sharing "pooled") reproduce their mixture golden
         (soft gates) and their routed golden (hard top-1, K/V cached with n_kv(s)
         heads), and routed mode chooses every scheme in every layer."""
-        for name in ("tiny-pooled-bias", "tiny-pooled-nobias"):
+        for name, options in POOLED_FIXTURES.items():
             path = os.path.join(DATA, name + ".gguf")
             r = gguf.GGUFReader(path)
+            self.assertEqual(tuple(r.kv.get(k) for k in BLOCK_KEYS), options)
             self.assertEqual(r.kv["moas.attention.kv_sharing"], "pooled")
             self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [6, 2, 1])
             self.assertEqual(r.kv["moas.attention.mixing"], "router")

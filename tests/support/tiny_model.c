@@ -304,6 +304,18 @@ static void add_keys(const tiny_model_config *cfg, gguf_writer *w, const char *c
     if (keep(cfg, "moas.bias")) {
         gguf_writer_add_bool(w, "moas.bias", cfg->bias);
     }
+    if (cfg->rope && keep(cfg, "moas.position_encoding")) {
+        gguf_writer_add_string(w, "moas.position_encoding", "rope");
+    }
+    if (cfg->rope && keep(cfg, "moas.rope.freq_base")) {
+        gguf_writer_add_f32(w, "moas.rope.freq_base", 10000.0f);
+    }
+    if (cfg->rms_norm && keep(cfg, "moas.norm_type")) {
+        gguf_writer_add_string(w, "moas.norm_type", "rms");
+    }
+    if (cfg->swiglu && keep(cfg, "moas.feed_forward_type")) {
+        gguf_writer_add_string(w, "moas.feed_forward_type", "swiglu");
+    }
     if (keep(cfg, "tokenizer.ggml.model")) {
         gguf_writer_add_string(w, "tokenizer.ggml.model", "char");
     }
@@ -348,11 +360,11 @@ int32_t tiny_model_n_tensors(const tiny_model_config *cfg) {
     }
     const int32_t b = cfg->bias ? 2 : 1;  // tensors per Linear or LayerNorm
     const bool pooled = cfg->kv_sharing != NULL && strcmp(cfg->kv_sharing, "pooled") == 0;
-    int32_t per_layer = b + 4 * (pooled ? 1 : cfg->n_scheme) * b + b + 2 * b;
+    int32_t per_layer = b + 4 * (pooled ? 1 : cfg->n_scheme) * b + b + (cfg->swiglu ? 3 : 2) * b;
     if (cfg->mixing == MOAS_MIXING_ROUTER) {
         per_layer += 2 * b;
     }
-    return 2 + b + (cfg->tied ? 0 : 1) + cfg->n_layer * per_layer;
+    return (cfg->rope ? 1 : 2) + b + (cfg->tied ? 0 : 1) + cfg->n_layer * per_layer;
 }
 
 bool tiny_model_write(const tiny_model_config *cfg, uint64_t seed, gguf_writer *w) {
@@ -374,8 +386,8 @@ bool tiny_model_write(const tiny_model_config *cfg, uint64_t seed, gguf_writer *
 
     bool ok = add_weights(cfg, seed, w, "token_embd.weight", cfg->emb_type, n_embd, n_vocab,
                           FILL_UNIFORM) &&
-              add_weights(cfg, seed, w, "position_embd.weight", cfg->emb_type, n_embd,
-                          cfg->n_ctx_train, FILL_UNIFORM);
+              (cfg->rope || add_weights(cfg, seed, w, "position_embd.weight", cfg->emb_type,
+                                        n_embd, cfg->n_ctx_train, FILL_UNIFORM));
     for (int32_t l = 0; ok && l < cfg->n_layer; l++) {
         snprintf(name, sizeof name, "blk.%d.attn_norm", (int)l);
         ok = add_norm(cfg, seed, w, name);
@@ -407,6 +419,10 @@ bool tiny_model_write(const tiny_model_config *cfg, uint64_t seed, gguf_writer *
         }
         snprintf(name, sizeof name, "blk.%d.ffn_norm", (int)l);
         ok = ok && add_norm(cfg, seed, w, name);
+        if (cfg->swiglu) {
+            snprintf(name, sizeof name, "blk.%d.ffn_gate", (int)l);
+            ok = ok && add_linear(cfg, seed, w, name, n_embd, cfg->n_ff);
+        }
         snprintf(name, sizeof name, "blk.%d.ffn_up", (int)l);
         ok = ok && add_linear(cfg, seed, w, name, n_embd, cfg->n_ff);
         snprintf(name, sizeof name, "blk.%d.ffn_down", (int)l);

@@ -47,6 +47,9 @@ typedef struct tiny_model_config {
     float eps;            /* moas.attention.layer_norm_epsilon; default 1e-5 */
     const char *name;     /* general.name; default "tiny"; NULL: no key */
     const char *kv_sharing;    /* default "independent"; "pooled": shared attn_{q,k,v,output} */
+    bool rope;            /* block options (docs/FORMAT.md), default false: RoPE (base */
+    bool rms_norm;        /* 10000, no position_embd), RMSNorm, SwiGLU (with ffn_gate); */
+    bool swiglu;          /* each writes its key only when true */
     const char *omit_key;      /* NULL (default), or a key to leave out */
     const char *omit_tensor;   /* NULL (default), or a tensor to leave out */
 } tiny_model_config;
