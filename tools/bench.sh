@@ -8,7 +8,12 @@
 #   small     6 layers, 384 wide, 6 heads, vocab 256: plain MHA in f32, f16, q8_0;
 #             and MoAS (schemes 6,2,1) in f32 and f16, mixture and routed
 #   gpt2      12 layers, 768 wide, 12 heads, vocab 50257, untied: f32, f16, q8_0
-# BENCH_SHAPES="shipped small" limits the set; BENCH_REPEATS changes the repeats.
+#   batched   `moas batched-bench` (many sequences in one KV pool, llama-batched-bench's
+#             rows): the shipped models and a 4-layer 192-wide MHA model with
+#             PP 64, TG 64, and GPT-2 small f16 with PP 128, TG 128; B = 1 ... 64, f16
+#             KV, 2 threads; and the shipped models' capacity in a 64 MB pool
+# BENCH_SHAPES="shipped small" limits the set (batched is not in the default set);
+# BENCH_REPEATS changes the repeats.
 set -eu
 bin=${1:-bin}
 tools=${2:-build/tools}
@@ -51,6 +56,22 @@ for shape in $shapes; do
             run "$(model gpt2-$type --layers 12 --embd 768 --heads 12 --vocab 50257 --mha \
                    --untied --type $type)" mixture
         done ;;
+    batched)
+        text=models/kjv-heldout.txt
+        for m in models/pooled-kjv-l005.gguf models/moas-kjv.gguf; do
+            for mode in mixture routed; do
+                "$bin/moas" batched-bench -m "$m" -npp 64 -ntg 64 -npl 1,2,4,8,16,32,64 \
+                    --mode $mode --kv-type f16 -t 2 -f $text --json
+                "$bin/moas" batched-bench -m "$m" -npp 96 -ntg 32 --pool-mb 64 --mode $mode \
+                    -f $text --json
+            done
+        done
+        "$bin/moas" batched-bench -m "$(model tiny192-mha-f16 --layers 4 --embd 192 --heads 6 \
+            --vocab 64 --ctx 256 --mha --no-bias --type f16)" -npp 64 -ntg 64 \
+            -npl 1,2,4,8,16,32,64 --kv-type f16 -t 2 --json
+        "$bin/moas" batched-bench -m "$(model gpt2-f16 --layers 12 --embd 768 --heads 12 \
+            --vocab 50257 --mha --untied --type f16)" -npp 128 -ntg 128 \
+            -npl 1,2,4,8,16,32,64 --kv-type f16 -t 2 --json ;;
     *) echo "bench: unknown shape '$shape'" >&2; exit 2 ;;
     esac
 done
