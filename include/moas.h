@@ -1007,6 +1007,28 @@ MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, i
                                           int32_t *n_changed);
 
 /*
+ * moas_context_shift() - drop tokens from the middle of the cache and move the later
+ *                        ones down, without decoding them again (RoPE models).
+ * METHOD: moas_context
+ *
+ * Keeps positions [0, n_keep), drops [n_keep, n_keep + n_discard), and moves the tokens
+ * after them down by n_discard positions: their stored keys are turned back by
+ * n_discard positions (the rotation of RoPE composes) and their values, routing records
+ * and heads move as they are, in every mode, on the paged cache. Decoding then goes on
+ * at n_past - n_discard, as if the kept tokens had been decoded at their new positions
+ * (up to rounding: a re-rotated key differs from one rotated once by float round-off;
+ * docs/KV_CACHE.md gives the measured difference). For a context that fills up:
+ * llama.cpp's context shift, and with n_keep > 0 StreamingLLM's attention sinks. The
+ * last logits stay. Pages shared with forks are copied first.
+ *
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL ctx, a model with learned positions,
+ *          a range outside the stored tokens), MOAS_ERR_POOL_FULL (copies of shared
+ *          pages do not fit; nothing changed).
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard);
+
+/*
  * moas_context_kv_pages() - pages the context holds now (shared ones included).
  * moas_context_kv_bytes_held() - those pages' bytes.
  *

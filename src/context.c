@@ -1523,3 +1523,100 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
     }
     return MOAS_OK;
 }
+
+/* ---- context shift --------------------------------------------------------------- */
+
+/* Turn one stored key head back by `delta` positions (RoPE), in the cache's type. */
+static void rotate_head(const moas_context *ctx, uint8_t *head, int32_t delta, float *tmp) {
+    const moas_model *m = ctx->model;
+    const int32_t d = m->head_dim;
+    if (ctx->kv_type == MOAS_TYPE_F16) {
+        uint16_t *h = (uint16_t *)(void *)head;
+        for (int32_t e = 0; e < d; e++) {
+            tmp[e] = moas__f16_to_f32(h[e]);
+        }
+        moas__rope_row(m, -delta, NULL, 0, tmp, 1);
+        for (int32_t e = 0; e < d; e++) {
+            h[e] = moas__f32_to_f16(tmp[e]);
+        }
+    } else {
+        moas__rope_row(m, -delta, NULL, 0, (float *)(void *)head, 1);
+    }
+}
+
+moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard) {
+    const char *what = "context_shift";
+    if (ctx == NULL) {
+        moas__set_error("%s: ctx is NULL", what);
+        return MOAS_ERR_INVALID_ARG;
+    }
+    const moas_model *m = ctx->model;
+    if (!m->rope) {
+        moas__set_error("%s: the model has learned positions (a position table), which "
+                        "cannot be shifted; decode the kept text again instead", what);
+        return fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    if (n_keep < 0 || n_discard < 0 || n_discard > ctx->n_past - n_keep) {
+        moas__set_error("%s: n_keep %d and n_discard %d do not fit in the %d tokens stored",
+                        what, n_keep, n_discard, ctx->n_past);
+        return fail(ctx, MOAS_ERR_INVALID_ARG);
+    }
+    if (n_discard == 0) {
+        return MOAS_OK;
+    }
+
+    /* every page from the first removed head on is rewritten: copy the shared ones
+     * first, all or nothing */
+    moas_pool *pool = ctx->pool;
+    uint64_t need = 0;
+    moas__pool_lock(pool);
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        const moas_kv_stream *kv = &ctx->kv[i];
+        for (int32_t p = (int32_t)(stream_heads(ctx, i, n_keep) >> pool->page_shift);
+             p < kv->n_pages; p++) {
+            need += pool->refs[kv->pages[p]] > 1 ? 1 : 0;
+        }
+    }
+    if (need > (uint64_t)pool->n_free) {
+        const moas_status st = pool_full(pool, need, what);
+        moas__pool_unlock(pool);
+        return fail(ctx, st);
+    }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas__kv_unshare(pool, &ctx->kv[i], stream_heads(ctx, i, n_keep) >> pool->page_shift);
+    }
+    moas__pool_unlock(pool);
+
+    /* the later tokens' heads move down (front to back, so a write never passes a
+     * read), their keys turned back by n_discard positions */
+    const int32_t n_after = ctx->n_past - n_keep - n_discard;
+    float *tmp = ctx->ws->kv_pool;
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas_kv_stream *kv = &ctx->kv[i];
+        const uint32_t to = stream_heads(ctx, i, n_keep);
+        const uint32_t from = stream_heads(ctx, i, n_keep + n_discard);
+        const uint32_t end = stream_heads(ctx, i, ctx->n_past);
+        for (uint32_t h = 0; h < end - from; h++) {
+            const uint32_t src = moas__kv_row(pool, kv, from + h), dst = moas__kv_row(pool, kv, to + h);
+            memmove(moas__pool_head(pool, pool->k, dst), moas__pool_head(pool, pool->k, src),
+                    pool->head_bytes);
+            memmove(moas__pool_head(pool, pool->v, dst), moas__pool_head(pool, pool->v, src),
+                    pool->head_bytes);
+            rotate_head(ctx, moas__pool_head(pool, pool->k, dst), n_discard, tmp);
+        }
+        if (kv->off != NULL) {
+            for (int32_t j = 0; j <= n_after; j++) {
+                kv->off[n_keep + j] = kv->off[n_keep + n_discard + j] - (from - to);
+            }
+        }
+    }
+    const size_t L = (size_t)m->n_layer, S = (size_t)m->n_scheme;
+    memmove(ctx->route_gates + (size_t)n_keep * L * S,
+            ctx->route_gates + (size_t)(n_keep + n_discard) * L * S,
+            (size_t)n_after * L * S * sizeof *ctx->route_gates);
+    memmove(ctx->route_scheme + (size_t)n_keep * L, ctx->route_scheme + (size_t)(n_keep + n_discard) * L,
+            (size_t)n_after * L);
+    ctx->n_past -= n_discard;
+    pages_trim(ctx);
+    return MOAS_OK;
+}

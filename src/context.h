@@ -141,6 +141,11 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
  * pages and advances each n_past. */
 void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs);
 
+/* RoPE models: rotate the n_q heads of q and the n_k heads of k (either may be NULL
+ * with 0 heads) as a token at position `pos` (negative to turn back), in place. */
+void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, float *k,
+                    int32_t n_k);
+
 /* Allocate a workspace's buffers; free them. */
 moas_status moas__workspace_make(const moas_model *model, const moas_allocator *alloc,
                                  const moas_ops *ops, int32_t n_threads, int32_t max_rows,

@@ -196,8 +196,8 @@ static void norm_row(const moas_model *m, float *out, const float *x, const floa
  * Angles, cosines and sines are computed in double and rounded to float, as
  * tools/train.py's tables are; each is computed once for all the heads of q and k.
  *   q [n_q * head_dim], k [n_k * head_dim], rotated in place */
-static void rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, float *k,
-                     int32_t n_k) {
+void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, float *k,
+                    int32_t n_k) {
     const int32_t head_dim = m->head_dim, n_pairs = head_dim / 2;
     float cs[ROPE_CHUNK], sn[ROPE_CHUNK];
     for (int32_t i0 = 0; i0 < n_pairs; i0 += ROPE_CHUNK) {
@@ -485,7 +485,7 @@ static void batch_attention_mixture(moas_workspace *ws, const moas_seq_run *runs
                                    {&sw->wv, sw->bv, ws->bv, C}};
         project(ws, qkv, 3, ws->bxb, C, n);
         for (int32_t t = 0; t < n && m->rope; t++) {
-            rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
+            moas__rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
                      sw->n_kv);
         }
         for (int32_t t = 0; t < n; t++) {
@@ -551,7 +551,7 @@ static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
                 for (int32_t i = 0; i < n_sel; i++) {
                     moas_context *ctx = ws->row_ctx[idx[i]];
                     if (m->rope) {
-                        rope_row(m, ws->row_pos[idx[i]], ws->by + (size_t)i * C, m->n_head,
+                        moas__rope_row(m, ws->row_pos[idx[i]], ws->by + (size_t)i * C, m->n_head,
                                  ws->bk + (size_t)i * C, sw->n_kv);
                     }
                     memcpy(ws->bq + (size_t)idx[i] * C, ws->by + (size_t)i * C,
@@ -591,7 +591,7 @@ static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
     for (int32_t t = 0; t < n && m->rope; t++) {
         /* all H key heads, before pooling: the rotation is the same for every head, so
          * the pooled heads are the rotated means */
-        rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
+        moas__rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
                  m->n_head);
     }
     for (int32_t t = 0; t < n; t++) {

@@ -260,4 +260,12 @@ assert cap["max_sequences"] > 0 and cap["kv_bytes"] <= cap["pool_bytes"], cap
 PY
 expect_error 1 "exceed the model's context" "$moas" batched-bench -m "$model" -npp 60 -ntg 30
 expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
+
+# generation past the context: a RoPE model shifts its cache, a learned-position model
+# decodes the window's last half again; each says which on stderr
+"$moas" generate -m "$data/tiny-modern-pooled-nobias.gguf" -p "And " -n 100 --seed 1 \
+    >/dev/null 2>"$tmp/shift.err"
+grep -q "context shift" "$tmp/shift.err" || fail "generate: RoPE context shift: $(cat "$tmp/shift.err")"
+"$moas" generate -m "$model" -p "And " -n 100 --seed 1 >/dev/null 2>"$tmp/slide.err"
+grep -q "learned positions (no shift)" "$tmp/slide.err" || fail "generate: re-encode message"
 echo "cli: ok"

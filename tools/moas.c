@@ -582,9 +582,10 @@ static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg
     return b;
 }
 
-/* Generation beyond the context: the published model only knows positions below its
- * trained length, so when the cache is full the last half of the window is decoded
- * again from position 0 and generation continues from there. */
+/* Generation beyond the context: a RoPE model's cache is shifted when it is full
+ * (moas_context_shift); the published model only knows positions below its trained
+ * length, so its last half of the window is decoded again from position 0 and
+ * generation continues from there. */
 static int cmd_generate(const options *o) {
     moas_model *model = load_model(o);
     moas_context *ctx = new_context(model, o);
@@ -671,18 +672,34 @@ static int cmd_generate(const options *o) {
             break;
         }
         if (n_window == n_ctx) {
-            const int32_t keep = n_ctx / 2;
-            if (n_slides++ == 0) {
-                fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, each "
-                        "time it fills, generation goes on from its last %d tokens, decoded "
-                        "again from position 0\n", isatty(STDERR_FILENO) ? "\n" : "",
-                        n_ctx, keep);
+            /* RoPE models shift: the first tokens stay (attention sinks), half of the
+             * rest goes, the later half moves down without being decoded again */
+            const int32_t sink = n_ctx >= 16 ? 4 : 0, drop = (n_ctx - sink) / 2;
+            if (moas_context_shift(ctx, sink, drop) == MOAS_OK) {
+                if (n_slides++ == 0) {
+                    fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, "
+                            "each time it fills, the first %d tokens stay, the next %d are "
+                            "dropped and the rest move down (a context shift: RoPE keys "
+                            "turned back, nothing decoded again)\n",
+                            isatty(STDERR_FILENO) ? "\n" : "", n_ctx, sink, drop);
+                }
+                memmove(window + sink, window + sink + drop,
+                        (size_t)(n_window - sink - drop) * sizeof *window);
+                n_window -= drop;
+            } else {
+                const int32_t keep = n_ctx / 2;
+                if (n_slides++ == 0) {
+                    fprintf(stderr, "%smoas: the context (%d tokens) is full and the model has "
+                            "learned positions (no shift): from here on, each time it fills, "
+                            "generation goes on from its last %d tokens, decoded again from "
+                            "position 0\n", isatty(STDERR_FILENO) ? "\n" : "", n_ctx, keep);
+                }
+                memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
+                n_window = keep;
+                moas_context_reset(ctx);
+                check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_NONE),
+                      "decode");
             }
-            memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
-            n_window = keep;
-            moas_context_reset(ctx);
-            check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_NONE),
-                  "decode");
         }
         window[n_window++] = token;
         check(moas_context_decode(ctx, token, NULL), "decode");

@@ -293,6 +293,7 @@ _SIGNATURES = {
     "moas_pool_decode": (c_status, [_vp, _P(PoolSeq), _i32]),
     "moas_context_fork": (c_status, [_vp, _P(_vp)]),
     "moas_context_compact": (c_status, [_vp, _i32, _i32, _P(_i32)]),
+    "moas_context_shift": (c_status, [_vp, _i32, _i32]),
     "moas_context_kv_pages": (_i32, [_vp]),
     "moas_context_kv_bytes_held": (_sz, [_vp]),
     "moas_context_state_size": (_sz, [_vp]),
@@ -1045,6 +1046,11 @@ class Context(_Handle):
         self._invalidate()
         _check(self._call("moas_context_compact", n_before, scheme, ctypes.byref(changed)))
         return changed.value
+
+    def shift(self, n_keep, n_discard):
+        """RoPE models: drop tokens [n_keep, n_keep + n_discard) and move the later ones
+        down without decoding them again (moas_context_shift)."""
+        _check(self._call("moas_context_shift", n_keep, n_discard))
 
     def save_state(self):
         """The sequence (its tokens' K/V, routing records, position, logits) as bytes."""

@@ -359,6 +359,8 @@ pub mod ffi {
             scheme: i32,
             n_changed: *mut i32,
         ) -> moas_status;
+        pub fn moas_context_shift(ctx: *mut moas_context, n_keep: i32, n_discard: i32)
+            -> moas_status;
         pub fn moas_context_kv_pages(ctx: *const moas_context) -> i32;
         pub fn moas_context_kv_bytes_held(ctx: *const moas_context) -> usize;
         pub fn moas_context_state_size(ctx: *const moas_context) -> usize;
