@@ -553,7 +553,9 @@ typedef struct moas_context_params {
     int32_t n_ctx;                    /* tokens the cache holds; 0 (default): trained length */
     int32_t n_threads;                /* threads per call (<= 1024); 0: OpenMP's default */
     int32_t mode;                     /* a moas_mode; default MOAS_MODE_MIXTURE */
-    int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default) or _F16 */
+    int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default), _F16, or
+                                         _Q8_0 (blocks of 32 along a head: head_dim a
+                                         multiple of 32) */
     int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
     moas_log_fn log;                  /* NULL (default): silent */
     void *log_user;                   /* handed back to `log` unchanged; default NULL */
@@ -599,7 +601,7 @@ MOAS_API void moas_context_params_init_sized(moas_context_params *params, size_t
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, n_ctx negative or above
  *          the trained length, n_threads outside [0, 1024], unknown mode, kv_type or
- *          kernels,
+ *          kernels, a Q8_0 kv_type with head_dim not a multiple of 32,
  *          forced_scheme outside [-1, n_scheme) or set in mixture mode, a kv budget
  *          below one token's cheapest KV, bad params->size), MOAS_ERR_NO_MEMORY.
  * Thread safety: safe (the model is only read).   Allocates: yes.
@@ -846,7 +848,9 @@ typedef struct moas_pool_params {
     uint32_t size;                    /* sizeof(moas_pool_params); set by _init() */
     uint64_t capacity_bytes;          /* bytes of K/V pages, allocated at creation
                                          (rounded down to whole pages); required */
-    int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default) or _F16 */
+    int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default), _F16, or
+                                         _Q8_0 (blocks of 32 along a head: head_dim a
+                                         multiple of 32) */
     int32_t page_heads;               /* head slots per page, a power of two;
                                          0 (default): 4 */
     int32_t n_threads;                /* threads of moas_pool_decode; 0: OpenMP's default */

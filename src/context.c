@@ -52,9 +52,13 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
     MOAS_RETURN_IF(p->forced_scheme >= 0 && p->mode != MOAS_MODE_ROUTED, MOAS_ERR_INVALID_ARG,
                    "context_create: forcing scheme %d needs routed mode (mixture runs every "
                    "scheme)", p->forced_scheme);
-    MOAS_RETURN_IF(p->kv_type != MOAS_TYPE_F32 && p->kv_type != MOAS_TYPE_F16,
-                   MOAS_ERR_INVALID_ARG, "context_create: kv_type %d is not F32 (0) or F16 (1)",
+    MOAS_RETURN_IF(p->kv_type != MOAS_TYPE_F32 && p->kv_type != MOAS_TYPE_F16 &&
+                   p->kv_type != MOAS_TYPE_Q8_0, MOAS_ERR_INVALID_ARG,
+                   "context_create: kv_type %d is not F32 (0), F16 (1) or Q8_0 (8)",
                    (int)p->kv_type);
+    MOAS_RETURN_IF(p->kv_type == MOAS_TYPE_Q8_0 && p->pool == NULL && m->head_dim % 32 != 0,
+                   MOAS_ERR_INVALID_ARG, "context_create: a Q8_0 cache needs head_dim a "
+                   "multiple of 32 (this model's is %d)", m->head_dim);
     MOAS_RETURN_IF(p->kernels < 0 || p->kernels >= MOAS_KERNELS_COUNT, MOAS_ERR_INVALID_ARG,
                    "context_create: unknown kernels %d", (int)p->kernels);
     MOAS_RETURN_IF(p->allocator != NULL &&
@@ -86,7 +90,7 @@ int32_t moas__default_threads(int32_t n_threads) {
 
 uint64_t moas__kv_token_bytes(const moas_context *ctx, int32_t s) {
     const moas_model *m = ctx->model;
-    const uint64_t head_bytes = (uint64_t)m->head_dim * 2 * ctx->kv_elem_bytes;   /* K and V */
+    const uint64_t head_bytes = 2 * (uint64_t)ctx->kv_head_bytes;   /* K and V */
     uint64_t heads = 0;
 
     if (s >= 0) {
@@ -390,7 +394,7 @@ static moas_status context_make(const moas_model *model, const moas_context_para
     ctx->batch_tokens = ctx->n_ctx < ctx->batch_tokens ? ctx->n_ctx : ctx->batch_tokens;
     ctx->mode = (moas_mode)p->mode;
     ctx->kv_type = p->pool != NULL ? p->pool->kv_type : (moas_type)p->kv_type;
-    ctx->kv_elem_bytes = ctx->kv_type == MOAS_TYPE_F16 ? 2 : 4;
+    ctx->kv_head_bytes = moas__kv_head_bytes(ctx->kv_type, model->head_dim);
     ctx->forced_scheme = p->forced_scheme;
     ctx->route_fn = p->route_fn;
     ctx->route_user = p->route_user;
@@ -560,7 +564,7 @@ static moas_status check_token(const moas_context *ctx, int32_t token, const cha
  * first `n_tokens` positions are stored. */
 static uint64_t kv_bytes_at(const moas_context *ctx, int32_t layer, int32_t n_tokens) {
     const moas_model *m = ctx->model;
-    const uint64_t head_bytes = (uint64_t)m->head_dim * 2 * ctx->kv_elem_bytes;
+    const uint64_t head_bytes = 2 * (uint64_t)ctx->kv_head_bytes;
     uint64_t total = 0;
 
     for (int32_t l = 0; l < m->n_layer; l++) {
@@ -889,8 +893,8 @@ size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer) {
     }
     uint64_t per_layer;
     if (ctx->mode == MOAS_MODE_ROUTED) {
-        per_layer = (uint64_t)ctx->n_ctx * ((uint64_t)ctx->kv[0].n_kv * (uint64_t)m->head_dim * 2 *
-                                                ctx->kv_elem_bytes + MOAS_ROUTED_TOKEN_META_BYTES);
+        per_layer = (uint64_t)ctx->n_ctx * ((uint64_t)ctx->kv[0].n_kv * 2 * ctx->kv_head_bytes +
+                                            MOAS_ROUTED_TOKEN_META_BYTES);
     } else {
         per_layer = (uint64_t)ctx->n_ctx * moas__kv_token_bytes(ctx, -1);
     }
@@ -1393,9 +1397,7 @@ static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, i
     moas_pool *pool = ctx->pool;
     moas_kv_stream *kv = &ctx->kv[layer];
     const int32_t d = m->head_dim, target = m->scheme_n_kv[scheme];
-    const bool f16 = ctx->kv_type == MOAS_TYPE_F16;
     float *in = ctx->ws->kv_pool, *out = ctx->ws->kv_pool + m->n_embd;
-    uint8_t raw[2][MOAS_MAX_HEAD_BYTES_ON_STACK];
     int32_t changed = 0;
     uint32_t w = kv->off[first];
 
@@ -1408,19 +1410,16 @@ static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, i
             uint8_t *slab = side == 0 ? pool->k : pool->v;
             if (!pool_it) {   /* moved as they are, byte for byte */
                 for (int32_t h = 0; h < k; h++) {
-                    memcpy(raw[0], moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h)),
-                           pool->head_bytes);
-                    memcpy(moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)h)), raw[0],
-                           pool->head_bytes);
+                    memmove(moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)h)),
+                            moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h)),
+                            pool->head_bytes);
                 }
                 continue;
             }
             for (int32_t h = 0; h < k; h++) {   /* widen, then the means of groups */
-                const uint8_t *src = moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h));
-                for (int32_t e = 0; e < d; e++) {
-                    in[(size_t)h * d + e] = f16 ? moas__f16_to_f32(((const uint16_t *)(const void *)src)[e])
-                                                : ((const float *)(const void *)src)[e];
-                }
+                moas__kv_head_load(ctx->kv_type,
+                                   moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h)),
+                                   in + (size_t)h * d, d);
             }
             const int32_t group = k / target;
             for (int32_t i = 0; i < target; i++) {
@@ -1433,14 +1432,9 @@ static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, i
                 }
             }
             for (int32_t i = 0; i < target; i++) {
-                uint8_t *dst = moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)i));
-                for (int32_t e = 0; e < d; e++) {
-                    if (f16) {
-                        ((uint16_t *)(void *)dst)[e] = moas__f32_to_f16(out[(size_t)i * d + e]);
-                    } else {
-                        ((float *)(void *)dst)[e] = out[(size_t)i * d + e];
-                    }
-                }
+                moas__kv_head_store(ctx->kv_type,
+                                    moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)i)),
+                                    out + (size_t)i * d, d);
             }
         }
         kv->off[j] = w;
@@ -1477,9 +1471,6 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
         moas__set_error("%s: %s", what, bad);
         return fail(ctx, MOAS_ERR_INVALID_ARG);
     }
-    MOAS_RETURN_IF((size_t)m->head_dim * ctx->kv_elem_bytes > MOAS_MAX_HEAD_BYTES_ON_STACK,
-                   fail(ctx, MOAS_ERR_UNSUPPORTED), "%s: head_dim %d is above what compaction "
-                   "supports", what, m->head_dim);
 
     /* the first token each layer changes; the pages from its first head on are
      * rewritten, so the shared ones among them are copied first, all or nothing */
@@ -1529,19 +1520,9 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
 /* Turn one stored key head back by `delta` positions (RoPE), in the cache's type. */
 static void rotate_head(const moas_context *ctx, uint8_t *head, int32_t delta, float *tmp) {
     const moas_model *m = ctx->model;
-    const int32_t d = m->head_dim;
-    if (ctx->kv_type == MOAS_TYPE_F16) {
-        uint16_t *h = (uint16_t *)(void *)head;
-        for (int32_t e = 0; e < d; e++) {
-            tmp[e] = moas__f16_to_f32(h[e]);
-        }
-        moas__rope_row(m, -delta, NULL, 0, tmp, 1);
-        for (int32_t e = 0; e < d; e++) {
-            h[e] = moas__f32_to_f16(tmp[e]);
-        }
-    } else {
-        moas__rope_row(m, -delta, NULL, 0, (float *)(void *)head, 1);
-    }
+    moas__kv_head_load(ctx->kv_type, head, tmp, m->head_dim);
+    moas__rope_row(m, -delta, NULL, 0, tmp, 1);
+    moas__kv_head_store(ctx->kv_type, head, tmp, m->head_dim);
 }
 
 moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard) {

@@ -84,8 +84,8 @@ struct moas_context {
                               * n_ctx if smaller (tests lower it to cross blocks) */
     int32_t n_past;          /* tokens stored */
     moas_mode mode;
-    moas_type kv_type;       /* F32 or F16: the pool's */
-    size_t kv_elem_bytes;    /* 4 or 2 */
+    moas_type kv_type;       /* F32, F16 or Q8_0: the pool's */
+    size_t kv_head_bytes;    /* one K or V head in that type */
 
     moas_workspace *ws;      /* this context's own calls */
 
@@ -190,8 +190,6 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * context's own calls compute one row at a time, as they always did. */
 #define MOAS_POOL_LOGIT_ROWS 64
 
-/* Compaction moves one K or V head at a time through a buffer on the stack. */
-#define MOAS_MAX_HEAD_BYTES_ON_STACK 4096
 
 /* n_threads as the caller gave it, or OpenMP's default for 0 (1 without OpenMP). */
 int32_t moas__default_threads(int32_t n_threads);

@@ -218,18 +218,6 @@ void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, flo
     }
 }
 
-/* Store n f32 values at `dst` in the cache's element type. */
-static void kv_store(const moas_pool *pool, void *dst, const float *src, int32_t n) {
-    if (pool->kv_type == MOAS_TYPE_F16) {
-        uint16_t *h = dst;
-        for (int32_t i = 0; i < n; i++) {
-            h[i] = moas__f32_to_f16(src[i]);
-        }
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof *src);
-    }
-}
-
 /* Attention of query heads [h0, h1) for the n queries of a block (positions pos0 ..
  * pos0 + n - 1, causal) over one KV stream, with one thread's scratch: att
  * [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores and rows [n_ctx].
@@ -254,13 +242,17 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
     const moas_ops *ops = ws->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const bool f16 = pool->kv_type == MOAS_TYPE_F16;
+    const moas_type type = pool->kv_type;
     const void *K = pool->k, *V = pool->v;
     void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
                    int32_t, float, float *, size_t) =
-        f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
+        type == MOAS_TYPE_F16    ? ops->attn_scores_f16
+        : type == MOAS_TYPE_Q8_0 ? ops->attn_scores_q8_0
+                                 : ops->attn_scores_f32;
     void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
-                int32_t, float *, size_t) = f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
+                int32_t, float *, size_t) = type == MOAS_TYPE_F16    ? ops->attn_mix_f16
+                                            : type == MOAS_TYPE_Q8_0 ? ops->attn_mix_q8_0
+                                                                     : ops->attn_mix_f32;
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
 
     for (int32_t h = h0; h < h1; h++) {
@@ -464,8 +456,8 @@ static void store_kv_row(const moas_workspace *ws, const moas_pool *pool, moas_k
     const uint32_t first = moas__kv_first(kv, pos);
     for (int32_t i = 0; i < n_heads; i++) {
         const uint32_t row = moas__kv_row(pool, kv, first + (uint32_t)i);
-        kv_store(pool, moas__pool_head(pool, pool->k, row), k + (size_t)i * d, d);
-        kv_store(pool, moas__pool_head(pool, pool->v, row), v + (size_t)i * d, d);
+        moas__kv_head_store(pool->kv_type, moas__pool_head(pool, pool->k, row), k + (size_t)i * d, d);
+        moas__kv_head_store(pool->kv_type, moas__pool_head(pool, pool->v, row), v + (size_t)i * d, d);
     }
 }
 

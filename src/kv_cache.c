@@ -12,6 +12,7 @@
  */
 #include "context.h"
 
+#include <math.h>
 #include <sched.h>
 #include <string.h>
 
@@ -69,8 +70,7 @@ moas_status moas__pool_make(const moas_model *model, const moas_allocator *alloc
     pool->log = log;
     pool->log_user = log_user;
     pool->kv_type = kv_type;
-    pool->kv_elem_bytes = kv_type == MOAS_TYPE_F16 ? 2 : 4;
-    pool->head_bytes = (size_t)model->head_dim * pool->kv_elem_bytes;
+    pool->head_bytes = moas__kv_head_bytes(kv_type, model->head_dim);
     pool->page_heads = page_heads;
     while ((1 << pool->page_shift) < page_heads) {
         pool->page_shift++;
@@ -207,6 +207,49 @@ moas_status moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_st
     return MOAS_OK;
 }
 
+/* ---- element types ------------------------------------------------------------- */
+
+void moas__kv_head_store(moas_type type, void *dst, const float *src, int32_t head_dim) {
+    if (type == MOAS_TYPE_F16) {
+        uint16_t *h = dst;
+        for (int32_t i = 0; i < head_dim; i++) {
+            h[i] = moas__f32_to_f16(src[i]);
+        }
+    } else if (type == MOAS_TYPE_Q8_0) {
+        moas_block_q8_0 *b = dst;
+        for (int32_t k = 0; k < head_dim / MOAS_QK8_0; k++) {
+            const float *x = src + (size_t)k * MOAS_QK8_0;
+            float amax = 0.0f;
+            for (int32_t i = 0; i < MOAS_QK8_0; i++) {
+                amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+            }
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            b[k].d = moas__f32_to_f16(d);
+            for (int32_t i = 0; i < MOAS_QK8_0; i++) {
+                b[k].q[i] = (int8_t)roundf(x[i] * id);
+            }
+        }
+    } else {
+        memcpy(dst, src, (size_t)head_dim * sizeof *src);
+    }
+}
+
+void moas__kv_head_load(moas_type type, const void *src, float *dst, int32_t head_dim) {
+    if (type == MOAS_TYPE_F16) {
+        const uint16_t *h = src;
+        for (int32_t i = 0; i < head_dim; i++) {
+            dst[i] = moas__f16_to_f32(h[i]);
+        }
+    } else if (type == MOAS_TYPE_Q8_0) {
+        const moas_block_q8_0 *b = src;
+        for (int32_t i = 0; i < head_dim; i++) {
+            dst[i] = moas__f16_to_f32(b[i / MOAS_QK8_0].d) * (float)b[i / MOAS_QK8_0].q[i % MOAS_QK8_0];
+        }
+    } else {
+        memcpy(dst, src, (size_t)head_dim * sizeof *dst);
+    }
+}
+
 /* ---- the public pool -------------------------------------------------------------- */
 
 void moas_pool_params_init_sized(moas_pool_params *params, size_t size) {
@@ -238,8 +281,10 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
     }
     const int32_t page_heads = p.page_heads == 0 ? MOAS_PAGE_HEADS : p.page_heads;
     const char *bad = NULL;
-    if (p.kv_type != MOAS_TYPE_F32 && p.kv_type != MOAS_TYPE_F16) {
-        bad = "kv_type is not F32 (0) or F16 (1)";
+    if (p.kv_type != MOAS_TYPE_F32 && p.kv_type != MOAS_TYPE_F16 && p.kv_type != MOAS_TYPE_Q8_0) {
+        bad = "kv_type is not F32 (0), F16 (1) or Q8_0 (8)";
+    } else if (p.kv_type == MOAS_TYPE_Q8_0 && model->head_dim % 32 != 0) {
+        bad = "a Q8_0 cache needs head_dim a multiple of 32";
     } else if (page_heads < 1 || page_heads > 4096 || (page_heads & (page_heads - 1)) != 0) {
         bad = "page_heads is not a power of two in [1, 4096]";
     } else if (p.n_threads < 0 || p.n_threads > MOAS_MAX_THREADS) {
@@ -259,7 +304,7 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
         return MOAS_ERR_INVALID_ARG;
     }
     const uint64_t page_bytes =
-        (uint64_t)page_heads * (uint64_t)model->head_dim * 2 * (p.kv_type == MOAS_TYPE_F16 ? 2 : 4);
+        (uint64_t)page_heads * 2 * moas__kv_head_bytes((moas_type)p.kv_type, model->head_dim);
     const uint64_t n_pages = p.capacity_bytes / page_bytes;
     if (n_pages == 0) {
         moas__set_error("pool_create: capacity_bytes %llu holds no page of %llu bytes",

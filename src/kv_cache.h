@@ -68,9 +68,8 @@ struct moas_pool {
     moas_log_fn log;
     void *log_user;
 
-    moas_type kv_type;        /* F32 or F16 */
-    size_t kv_elem_bytes;     /* 4 or 2 */
-    size_t head_bytes;        /* head_dim * kv_elem_bytes: one K (or V) head */
+    moas_type kv_type;        /* F32, F16 or Q8_0 */
+    size_t head_bytes;        /* one K (or V) head: moas__kv_head_bytes() */
     int32_t page_shift;       /* page_heads = 1 << page_shift */
     int32_t page_heads;
     int32_t n_pages;          /* capacity */
@@ -90,6 +89,20 @@ struct moas_pool {
     struct moas_workspace *ws;
     atomic_flag busy;         /* a moas_pool_decode call is under way */
 };
+
+/* Bytes of one K or V head of head_dim elements stored as `type`: 4 or 2 bytes an
+ * element, or for Q8_0 a block of 34 bytes (an f16 scale, 32 int8) per 32 elements. */
+static inline size_t moas__kv_head_bytes(moas_type type, int32_t head_dim) {
+    return type == MOAS_TYPE_Q8_0 ? (size_t)head_dim / 32 * 34
+           : type == MOAS_TYPE_F16 ? (size_t)head_dim * 2
+                                   : (size_t)head_dim * 4;
+}
+
+/* One head of head_dim elements between f32 and the cache's type: stored (F16 rounds
+ * to nearest even; Q8_0 takes per block of 32 the scale d = max|x| / 127 and q =
+ * round(x / d), as ggml quantises) and loaded back (widened; Q8_0 as d * q). */
+void moas__kv_head_store(moas_type type, void *dst, const float *src, int32_t head_dim);
+void moas__kv_head_load(moas_type type, const void *src, float *dst, int32_t head_dim);
 
 /* The head at index `i` of the pool's slabs, K or V. */
 static inline uint8_t *moas__pool_head(const struct moas_pool *pool, uint8_t *slab, uint32_t i) {

@@ -48,8 +48,9 @@ typedef struct moas_ops {
                         unsigned hints);
 
     /* Attention of one query head over n cached tokens: token j's key or value row
-     * for this head is row rows[j] of k or v (rows of head_dim, f32 or f16, the
-     * cache's element type), so one kernel serves uniform and ragged streams.
+     * for this head is row rows[j] of k or v (rows of head_dim, f32 or f16, or Q8_0
+     * blocks of 32 when head_dim is a multiple of 32: the cache's element type), so one
+     * kernel serves uniform and ragged streams. A Q8_0 element is used as d * q.
      * For each of nq queries t (q_t = q + t * ldq, scores_t = scores + t * lds, p_t =
      * p + t * ldp, out_t = out + t * ldo):
      *   scores_t[j] = (q_t . k_row(j)) * scale                           (attn_scores)
@@ -67,6 +68,11 @@ typedef struct moas_ops {
                          size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
     void (*attn_mix_f16)(const void *v, const uint32_t *rows, int32_t n, const float *p,
                          size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
+    void (*attn_scores_q8_0)(const void *k, const uint32_t *rows, int32_t n, const float *q,
+                             size_t ldq, int32_t nq, int32_t head_dim, float scale,
+                             float *scores, size_t lds);
+    void (*attn_mix_q8_0)(const void *v, const uint32_t *rows, int32_t n, const float *p,
+                          size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
 
     /* x = exp(x - max) over n >= 0 elements with every x <= max (the SIMD tables'
      * exp is for arguments <= 0); returns the sum of the results. */

@@ -69,16 +69,23 @@ DEFINE_MATMUL_REF(f32)
 DEFINE_MATMUL_REF(f16)
 DEFINE_MATMUL_REF(q8_0)
 
+static void axpy_q8_0_ref(float *y, float a, const moas_block_q8_0 *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        const moas_block_q8_0 *blk = &x[i / MOAS_QK8_0];
+        y[i] += a * (moas__f16_to_f32(blk->d) * (float)blk->q[i % MOAS_QK8_0]);
+    }
+}
+
 /* The attention kernels of one element type, every query by the dot product and
- * y += a x above, keys in order. */
-#define DEFINE_ATTN_REF(type, elem)                                                        \
+ * y += a x above, keys in order; a row is `per_row` elems. */
+#define DEFINE_ATTN_REF(type, elem, per_row)                                               \
     static void attn_scores_##type##_ref(const void *k, const uint32_t *rows, int32_t n,   \
                                          const float *q, size_t ldq, int32_t nq,           \
                                          int32_t head_dim, float scale, float *scores,     \
                                          size_t lds) {                                     \
         for (int32_t t = 0; t < nq; t++) {                                                 \
             for (int32_t j = 0; j < n; j++) {                                              \
-                const elem *row = (const elem *)k + (size_t)rows[j] * head_dim;            \
+                const elem *row = (const elem *)k + (size_t)rows[j] * (per_row);           \
                 scores[(size_t)t * lds + j] =                                              \
                     dot_##type##_ref(row, q + (size_t)t * ldq, head_dim) * scale;          \
             }                                                                              \
@@ -90,13 +97,14 @@ DEFINE_MATMUL_REF(q8_0)
         for (int32_t t = 0; t < nq; t++) {                                                 \
             for (int32_t j = 0; j < n; j++) {                                              \
                 axpy_##type##_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],           \
-                                  (const elem *)v + (size_t)rows[j] * head_dim, head_dim); \
+                                  (const elem *)v + (size_t)rows[j] * (per_row), head_dim); \
             }                                                                              \
         }                                                                                  \
     }
 
-DEFINE_ATTN_REF(f32, float)
-DEFINE_ATTN_REF(f16, uint16_t)
+DEFINE_ATTN_REF(f32, float, head_dim)
+DEFINE_ATTN_REF(f16, uint16_t, head_dim)
+DEFINE_ATTN_REF(q8_0, moas_block_q8_0, head_dim / MOAS_QK8_0)
 
 static float exp_sum_ref(float *x, int32_t n, float max) {
     float sum = 0.0f;
@@ -138,6 +146,8 @@ const moas_ops moas__ops_ref = {
     .attn_scores_f16 = attn_scores_f16_ref,
     .attn_mix_f32 = attn_mix_f32_ref,
     .attn_mix_f16 = attn_mix_f16_ref,
+    .attn_scores_q8_0 = attn_scores_q8_0_ref,
+    .attn_mix_q8_0 = attn_mix_q8_0_ref,
     .exp_sum = exp_sum_ref,
     .softmax = softmax_ref,
     .gelu = gelu_ref,

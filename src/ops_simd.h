@@ -368,15 +368,36 @@ MM_ALWAYS_INLINE MM_VEC mm_load_kv_f16(const uint8_t *row, int32_t i) {
     return MM_LOAD_F16((const uint16_t *)(const void *)row + i);
 }
 
+/* Q8_0 rows of K/V: head_dim a multiple of 32, so MM_LANES elements at i (a multiple
+ * of MM_LANES) lie in one block and there is never a scalar tail. */
+MM_ALWAYS_INLINE MM_VEC mm_load_kv_q8_0(const uint8_t *row, int32_t i) {
+    const moas_block_q8_0 *b = (const moas_block_q8_0 *)(const void *)row + i / MOAS_QK8_0;
+    return mm_q8_0_values(MM_SET1(_cvtsh_ss(b->d)), b->q + i % MOAS_QK8_0);
+}
+
+/* One element of a K/V row of kind 0 (f32), 1 (f16) or 2 (Q8_0), for the tails. */
+MM_ALWAYS_INLINE float mm_scalar_kv(const uint8_t *row, int32_t i, int kind) {
+    if (kind == 2) {
+        const moas_block_q8_0 *b = (const moas_block_q8_0 *)(const void *)row + i / MOAS_QK8_0;
+        return _cvtsh_ss(b->d) * (float)b->q[i % MOAS_QK8_0];
+    }
+    return kind == 1 ? mm_scalar_w_f16(row, i) : mm_scalar_w_f32(row, i);
+}
+
 MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float *q, int32_t i,
-                                     int32_t head_dim, int f16) {
+                                     int32_t head_dim, int kind) {
     for (; i < head_dim; i++) {
-        sum = fmaf(f16 ? mm_scalar_w_f16(row, i) : mm_scalar_w_f32(row, i), q[i], sum);
+        sum = fmaf(mm_scalar_kv(row, i, kind), q[i], sum);
     }
     return sum;
 }
 
-#define MM_DEFINE_ATTN(type, esize, is_f16)                                                \
+/* Bytes of a K/V row of head_dim elements of each kind. */
+#define MM_KV_ROW_BYTES_f32(head_dim) ((size_t)(head_dim) * 4)
+#define MM_KV_ROW_BYTES_f16(head_dim) ((size_t)(head_dim) * 2)
+#define MM_KV_ROW_BYTES_q8_0(head_dim) ((size_t)(head_dim) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
+
+#define MM_DEFINE_ATTN(type, kind)                                                         \
     /* Scores of Q queries (a compile-time constant after inlining) against 4 keys at  \
      * a time: 4 Q chains, each key vector loaded serving every query; for Q =          \
      * MM_SCORE_QUERIES and no scalar tail, MM_SCORES_4xQ sums, scales and stores them   \
@@ -385,7 +406,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                                            const float *q, size_t ldq, int32_t head_dim,   \
                                            float scale, float *scores, size_t lds,         \
                                            const int Q) {                                  \
-        const size_t row_bytes = (size_t)head_dim * (esize);                               \
+        const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t j = 0;                                                                     \
         for (; j + 4 <= n; j += 4) {                                                       \
@@ -419,7 +440,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                     const float sum = MM_HSUM(acc[u * MM_SCORE_QUERIES + t]);              \
                     scores[(size_t)t * lds + j + u] =                                      \
                         mm_score_tail(sum, r[u], q + (size_t)t * ldq, whole, head_dim,     \
-                                      is_f16) * scale;                                     \
+                                      kind) * scale;                                     \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
@@ -432,7 +453,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                     a0 = MM_FMA(mm_load_kv_##type(r0, i), MM_LOADX(qt + i), a0);           \
                 }                                                                          \
                 scores[(size_t)t * lds + j] =                                              \
-                    mm_score_tail(MM_HSUM(a0), r0, qt, whole, head_dim, is_f16) * scale;   \
+                    mm_score_tail(MM_HSUM(a0), r0, qt, whole, head_dim, kind) * scale;   \
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
@@ -455,7 +476,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
     MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, int32_t n,    \
                                         const float *p, size_t ldp, int32_t head_dim,      \
                                         float *out, size_t ldo, const int Q) {             \
-        const size_t row_bytes = (size_t)head_dim * (esize);                               \
+        const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t c = 0;                                                                     \
         for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
@@ -506,7 +527,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                 for (int32_t j = 0; j < n; j++) {                                          \
                     const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;           \
                     o = fmaf(p[(size_t)t * ldp + j],                                       \
-                             is_f16 ? mm_scalar_w_f16(r, c) : mm_scalar_w_f32(r, c), o);   \
+                             mm_scalar_kv(r, c, kind), o);                                 \
                 }                                                                          \
                 out[(size_t)t * ldo + c] = o;                                              \
             }                                                                              \
@@ -526,8 +547,9 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         }                                                                                  \
     }
 
-MM_DEFINE_ATTN(f32, 4, 0)
-MM_DEFINE_ATTN(f16, 2, 1)
+MM_DEFINE_ATTN(f32, 0)
+MM_DEFINE_ATTN(f16, 1)
+MM_DEFINE_ATTN(q8_0, 2)
 
 /* ---- exp, softmax, GELU ------------------------------------------------------------
  *

@@ -432,7 +432,8 @@ static int check_matmul(const moas_ops *ops) {
  * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
  * round n sequential additions), and bit for bit against the same sum in two runs.
  * When 1 to 7 queries go in one call, each query's scores and sums are bit for bit
- * those of the query alone. */
+ * those of the query alone. Rows of f32, f16, and Q8_0 (head sizes that are multiples
+ * of 32; the reference values are its d * q). */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
@@ -440,10 +441,15 @@ static int check_attention(const moas_ops *ops) {
     uint64_t seed = 91;
     for (size_t a = 0; a < sizeof dims / sizeof dims[0]; a++) {
         for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
-            for (int f16 = 0; f16 < 2; f16++) {
+            for (int kind = 0; kind < 3; kind++) {
                 const int32_t d = dims[a], n = counts[c];
+                const int f16 = kind == 1, q8 = kind == 2;
+                if (q8 && d % MOAS_QK8_0 != 0) {
+                    continue;
+                }
                 static float q[MAXD], kf[POOL * MAXD], vf[POOL * MAXD], out[MAXD], want[MAXD];
                 static uint16_t kh[POOL * MAXD], vh[POOL * MAXD];
+                static moas_block_q8_0 kq[POOL * MAXD / MOAS_QK8_0], vq[POOL * MAXD / MOAS_QK8_0];
                 float sc[MAXN], p[MAXN];
                 uint32_t rows[MAXN];
                 for (int32_t i = 0; i < d; i++) {
@@ -455,6 +461,18 @@ static int check_attention(const moas_ops *ops) {
                     kf[i] = f16 ? moas__f16_to_f32(kh[i]) : next_val(&seed, false);
                     vf[i] = f16 ? moas__f16_to_f32(vh[i]) : next_val(&seed, false);
                 }
+                if (q8) {   /* blocks of random scales and quants; kf, vf their values */
+                    for (int32_t b = 0; b < POOL * d / MOAS_QK8_0; b++) {
+                        kq[b].d = moas__f32_to_f16(0.01f + fabsf(next_val(&seed, false)) / 64);
+                        vq[b].d = moas__f32_to_f16(0.01f + fabsf(next_val(&seed, false)) / 64);
+                        for (int32_t i = 0; i < MOAS_QK8_0; i++) {
+                            kq[b].q[i] = (int8_t)((int)(next_u64(&seed) % 255) - 127);
+                            vq[b].q[i] = (int8_t)((int)(next_u64(&seed) % 255) - 127);
+                            kf[b * MOAS_QK8_0 + i] = moas__f16_to_f32(kq[b].d) * kq[b].q[i];
+                            vf[b * MOAS_QK8_0 + i] = moas__f16_to_f32(vq[b].d) * vq[b].q[i];
+                        }
+                    }
+                }
                 for (int32_t j = 0; j < n; j++) {
                     rows[j] = (uint32_t)(next_u64(&seed) % POOL);
                     p[j] = next_val(&seed, true);
@@ -464,17 +482,17 @@ static int check_attention(const moas_ops *ops) {
                     out[i] = split[i] = out0[i] = next_val(&seed, false);
                 }
                 const float scale = 0.17f;
-                const char *what_s = f16 ? "attn_scores_f16" : "attn_scores_f32";
-                const char *what_m = f16 ? "attn_mix_f16" : "attn_mix_f32";
+                const char *what_s = q8 ? "attn_scores_q8_0" : f16 ? "attn_scores_f16" : "attn_scores_f32";
+                const char *what_m = q8 ? "attn_mix_q8_0" : f16 ? "attn_mix_f16" : "attn_mix_f32";
                 const int32_t cut = n / 3;   /* the value sum in two runs of keys */
                 void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t,
                             int32_t, int32_t, float *, size_t) =
-                    f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
-                const void *v = f16 ? (const void *)vh : (const void *)vf;
+                    q8 ? ops->attn_mix_q8_0 : f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
+                const void *v = q8 ? (const void *)vq : f16 ? (const void *)vh : (const void *)vf;
                 void (*score)(const void *, const uint32_t *, int32_t, const float *, size_t,
                               int32_t, int32_t, float, float *, size_t) =
-                    f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
-                const void *keys = f16 ? (const void *)kh : (const void *)kf;
+                    q8 ? ops->attn_scores_q8_0 : f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
+                const void *keys = q8 ? (const void *)kq : f16 ? (const void *)kh : (const void *)kf;
                 score(keys, rows, n, q, 1, 1, d, scale, sc, 1);
                 mix(v, rows, n, p, 1, 1, d, out, 1);
                 mix(v, rows, cut, p, 1, 1, d, split, 1);
@@ -1017,7 +1035,8 @@ TEST(kernels_tables_are_complete) {
         ASSERT_TRUE(t->name != NULL && t->matmul_f32 != NULL && t->matmul_f16 != NULL &&
                     t->matmul_q8_0 != NULL &&
                     t->attn_scores_f32 != NULL && t->attn_scores_f16 != NULL &&
-                    t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL && t->softmax != NULL &&
+                    t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL &&
+                    t->attn_scores_q8_0 != NULL && t->attn_mix_q8_0 != NULL && t->softmax != NULL &&
                     t->gelu != NULL);
         for (size_t j = 0; j < n; j++) {
             ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);

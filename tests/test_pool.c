@@ -888,3 +888,111 @@ TEST(context_shift_equals_decoding_the_shifted_text) {
     free(image);
     return TEST_PASS;
 }
+
+/* A Q8_0 cache (head_dim 32: one block per head): logits near an f32 cache's, batched
+ * decode equal to decoding alone bit for bit, saved state and compaction working on
+ * its blocks; refused when head_dim is not a multiple of 32. */
+TEST(q8_0_kv_cache_close_to_f32_and_batch_equals_alone) {
+    enum { N = 30 };
+    int32_t tokens[3][N];
+    for (int pooled = 0; pooled < 2; pooled++) {
+        tiny_model_config cfg;
+        tiny_model_config_default(&cfg);
+        cfg.n_ctx_train = 64;
+        cfg.n_embd = 128;
+        cfg.n_ff = 128;
+        cfg.kv_sharing = pooled ? "pooled" : "independent";
+        size_t size;
+        uint8_t *image = tiny_model_image(&cfg, 50 + (uint64_t)pooled, &size);
+        moas_model *m;
+        ASSERT_TRUE(image != NULL);
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+        ASSERT_EQ(moas_model_head_dim(m), 32);
+        const int32_t V = moas_model_n_vocab(m);
+        for (int s = 0; s < 3; s++) {
+            seq_tokens(tokens[s], N, V, 300 + (uint32_t)s);
+        }
+        for (int mode = 0; mode < 2; mode++) {
+            const moas_mode md = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_Q8_0, 2, 5, 4);
+            moas_context *in_pool[3], *alone[3];
+            moas_context *f32 = make_ctx(m, NULL, md, MOAS_TYPE_F32, 1);
+            ASSERT_TRUE(pool != NULL && f32 != NULL);
+            if (mode) {   /* the same routes in the f32 comparison */
+                ASSERT_OK(moas_context_force_scheme(f32, 1));
+            }
+            moas_pool_seq q[3];
+            for (int s = 0; s < 3; s++) {
+                in_pool[s] = make_ctx(m, pool, md, MOAS_TYPE_F32, 2);
+                alone[s] = make_ctx(m, NULL, md, MOAS_TYPE_Q8_0, 1);
+                ASSERT_TRUE(in_pool[s] && alone[s]);
+                ASSERT_OK(moas_context_decode_batch(alone[s], tokens[s], N, NULL, MOAS_LOGITS_LAST));
+                q[s] = (moas_pool_seq){in_pool[s], tokens[s], N, MOAS_LOGITS_LAST, NULL};
+            }
+            ASSERT_OK(moas_pool_decode(pool, q, 3));
+            for (int s = 0; s < 3; s++) {
+                ASSERT_TRUE(memcmp(moas_context_logits(alone[s]), moas_context_logits(in_pool[s]),
+                                   (size_t)V * 4) == 0);
+                ASSERT_TRUE(same_records(alone[s], in_pool[s]));
+            }
+            if (mode) {
+                ASSERT_OK(moas_context_force_scheme(alone[1], 1));
+                moas_context_reset(alone[1]);
+                ASSERT_OK(moas_context_decode_batch(alone[1], tokens[1], N, NULL, MOAS_LOGITS_LAST));
+            }
+            ASSERT_OK(moas_context_decode_batch(f32, tokens[1], N, NULL, MOAS_LOGITS_LAST));
+            float worst = 0.0f, top = 0.0f;
+            for (int32_t v = 0; v < V; v++) {
+                const float d = fabsf(moas_context_logits(f32)[v] - moas_context_logits(alone[1])[v]);
+                worst = d > worst ? d : worst;
+                top = fabsf(moas_context_logits(f32)[v]) > top ? fabsf(moas_context_logits(f32)[v]) : top;
+            }
+            ASSERT_TRUE(worst > 0.0f && worst < 0.02f * (top > 1.0f ? top : 1.0f));
+            const size_t b32 = moas_context_kv_bytes_used(f32, -1);
+            const size_t b8 = moas_context_kv_bytes_used(alone[1], -1);
+            const size_t meta = mode ? (size_t)N * moas_model_n_layer(m) * 5 : 0;
+            ASSERT_EQ((b8 - meta) * 128, (b32 - meta) * 34);   /* 34 bytes a head, not 128 */
+
+            /* saved state round trip on Q8_0 blocks */
+            const size_t n = moas_context_state_size(alone[2]);
+            uint8_t *buf = malloc(n);
+            size_t w;
+            ASSERT_TRUE(buf != NULL);
+            ASSERT_OK(moas_context_state_save(alone[2], buf, n, &w));
+            ASSERT_OK(moas_context_state_load(alone[0], buf, n));
+            ASSERT_OK(moas_context_decode(alone[0], 3, NULL));
+            ASSERT_OK(moas_context_decode(alone[2], 3, NULL));
+            ASSERT_TRUE(memcmp(moas_context_logits(alone[0]), moas_context_logits(alone[2]),
+                               (size_t)V * 4) == 0);
+            free(buf);
+            if (pooled && mode) {   /* compaction re-quantises the pooled heads */
+                int32_t changed = 0;
+                ASSERT_OK(moas_context_compact(in_pool[0], N / 2, 2, &changed));
+                ASSERT_OK(moas_context_decode(in_pool[0], 5, NULL));
+            }
+            for (int s = 0; s < 3; s++) {
+                moas_context_free(in_pool[s]);
+                moas_context_free(alone[s]);
+            }
+            moas_context_free(f32);
+            moas_pool_free(pool);
+        }
+        moas_model_free(m);
+        free(image);
+    }
+    /* head_dim 8: refused, for a context and for a pool */
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    moas_context *x = NULL;
+    moas_context_params cp;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_context_params_init(&cp);
+    cp.kv_type = MOAS_TYPE_Q8_0;
+    ASSERT_STATUS(moas_context_create(m, &cp, &x), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "multiple of 32") != NULL);
+    ASSERT_TRUE(make_pool(m, 1 << 20, MOAS_TYPE_Q8_0, 1, 0, 4) == NULL);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}

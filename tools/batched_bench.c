@@ -63,7 +63,7 @@ static void bb_check(moas_status st, const char *what) {
 static void bb_usage(void) {
     fputs("usage: moas batched-bench -m MODEL [-npp 128] [-ntg 128] [-npl 1,2,4,8,16,32,64]\n"
           "                          [--shared-prompt] [--mode mixture|routed] [--pool-mb N]\n"
-          "                          [--kv-type f32|f16] [-t N] [-b N] [-f TEXT] [--json]\n"
+          "                          [--kv-type f32|f16|q8_0] [-t N] [-b N] [-f TEXT] [--json]\n"
           "                          [--force-scheme S] [--page-heads P]\n"
           "  -npp, -ntg, -npl   comma-separated lists: prompt tokens, generated tokens and\n"
           "                     parallel sequences; every combination is one row\n"
@@ -136,10 +136,12 @@ static void bb_parse(int argc, char **argv, bb_options *o) {
             o->mode = !strcmp(v, "routed") ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
         } else if (!strcmp(a, "--kv-type")) {
             const char *v = bb_value(argc, argv, &i);
-            if (strcmp(v, "f32") && strcmp(v, "f16")) {
-                bb_die("--kv-type '%s': f32 or f16", v);
+            if (strcmp(v, "f32") && strcmp(v, "f16") && strcmp(v, "q8_0")) {
+                bb_die("--kv-type '%s': f32, f16 or q8_0", v);
             }
-            o->kv_type = !strcmp(v, "f16") ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+            o->kv_type = !strcmp(v, "f16")    ? MOAS_TYPE_F16
+                         : !strcmp(v, "q8_0") ? MOAS_TYPE_Q8_0
+                                              : MOAS_TYPE_F32;
         } else if (!strcmp(a, "--pool-mb")) {
             o->pool_mb = strtod(bb_value(argc, argv, &i), NULL);
             if (!(o->pool_mb > 0)) {
@@ -254,7 +256,7 @@ static moas_pool *bb_pool(const moas_model *model, const bb_options *o, double m
  * pooled models, the widest scheme in routed mode), for sizing a default pool. */
 static double worst_token_bytes(const moas_model *model, const bb_options *o) {
     const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
-    const double elem = o->kv_type == MOAS_TYPE_F16 ? 2 : 4;
+    const double elem = o->kv_type == MOAS_TYPE_F16 ? 2 : 4;   /* Q8_0: fewer, 4 is room */
     int32_t heads = 0;
     for (int32_t s = 0; s < S; s++) {
         heads += moas_model_scheme_n_kv(model, s);
@@ -452,7 +454,7 @@ int moas_cmd_batched_bench(int argc, char **argv) {
     if (!o.json) {
         printf("model %s, %s mode, KV %s, threads %d%s\n\n", o.model_path,
                o.mode == MOAS_MODE_ROUTED ? "routed" : "mixture",
-               o.kv_type == MOAS_TYPE_F16 ? "f16" : "f32", o.threads,
+               o.kv_type == MOAS_TYPE_F16 ? "f16" : o.kv_type == MOAS_TYPE_Q8_0 ? "q8_0" : "f32", o.threads,
                o.threads == 0 ? " (default)" : "");
         printf("|    PP |    TG |   B |   N_KV |   T_PP s |  S_PP t/s |   T_TG s |  S_TG t/s |"
                "      T s |    S t/s |    KV bytes |  pages |\n");

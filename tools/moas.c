@@ -195,7 +195,7 @@ static void usage(void) {
           "  -t, --threads N      threads per call (default: all)\n"
           "  -c, --ctx N          context length (default: the trained length)\n"
           "      --mode M         mixture (default) or routed\n"
-          "      --kv-type T      f32 (default) or f16\n"
+          "      --kv-type T      f32 (default), f16 or q8_0 (head_dim a multiple of 32)\n"
           "      --unknown R      characters outside the vocabulary: error (default), drop,\n"
           "                       replace (by a space) or replace:C (by the character C)\n"
           "      --force-scheme S routed mode: every token runs scheme S (e.g. 0, MHA)\n",
@@ -286,8 +286,10 @@ static void parse_options(int argc, char **argv, options *o) {
                 o->kv_type = MOAS_TYPE_F32;
             } else if (!strcmp(t, "f16")) {
                 o->kv_type = MOAS_TYPE_F16;
+            } else if (!strcmp(t, "q8_0")) {
+                o->kv_type = MOAS_TYPE_Q8_0;
             } else {
-                die("--kv-type must be f32 or f16, got '%s'", t);
+                die("--kv-type must be f32, f16 or q8_0, got '%s'", t);
             }
         } else if (!strcmp(a, "--min-p")) {
             o->min_p = parse_float(need_value(argc, argv, &i), "--min-p");
@@ -860,8 +862,10 @@ static int cmd_perplexity(const options *o) {
     const double tok_s = dt > 0 ? (double)n_tokens / dt : 0.0;
     const double kv_per_token = (double)s.kv_bytes / window_tokens;
     /* what a plain MHA cache of the same element type holds per token */
-    const long long mha_per_token = (long long)moas_model_n_layer(model) * moas_model_n_embd(model) *
-                                    2 * (o->kv_type == MOAS_TYPE_F16 ? 2 : 4);
+    const long long mha_per_token =
+        (long long)moas_model_n_layer(model) * moas_model_n_head(model) * 2 *
+        (o->kv_type == MOAS_TYPE_Q8_0 ? moas_model_head_dim(model) / 32 * 34
+                                      : moas_model_head_dim(model) * (o->kv_type == MOAS_TYPE_F16 ? 2 : 4));
     for (int32_t i = 0; i < S; i++) {
         all_pairs += pairs[i];
     }
@@ -876,7 +880,7 @@ static int cmd_perplexity(const options *o) {
                "\"n_ctx\": %d, \"stride\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
                "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
                "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
-               mode_name(o->mode), o->forced, o->kv_type == MOAS_TYPE_F16 ? "f16" : "f32", n_tokens,
+               mode_name(o->mode), o->forced, o->kv_type == MOAS_TYPE_F16 ? "f16" : o->kv_type == MOAS_TYPE_Q8_0 ? "q8_0" : "f32", n_tokens,
                s.n_scored, moas_context_n_ctx(ctx), o->stride, nats, exp(nats), tok_s, s.kv_bytes,
                kv_per_token, mha_per_token);
         for (int32_t i = 0; i < S; i++) {
