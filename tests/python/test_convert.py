@@ -1029,7 +1029,7 @@ class TestConvert(Tmp):
 # ---------------------------------------------------------------------------
 
 FIXTURES = ["tiny-%s-%s" % (t, b) for t in ("baseline", "static", "moas")
-            for b in ("bias", "nobias")] + ["tiny-moas-f16"]
+            for b in ("bias", "nobias")] + ["tiny-moas-f16", "tiny-gqa2-bias", "tiny-mqa-nobias"]
 
 
 class TestFixtures(unittest.TestCase):
@@ -1061,6 +1061,26 @@ class TestFixtures(unittest.TestCase):
                     self.assertGreater(max(g for t in gates for l in t for g in l), 0.6)
                 else:
                     self.assertEqual(gates[0], [[], []])
+
+    def test_plain_gqa_and_pooled_mqa_goldens(self):
+        """One scheme of G < H kv heads: the plain GQA/MQA models hold [G] with mixing
+        single, the pooled MQA model [1]; FORMAT.md's semantics reproduce their goldens
+        (the pooled one in both modes: with one scheme they are the same forward)."""
+        for name, g in (("tiny-gqa2-bias", 2), ("tiny-mqa-nobias", 1)):
+            r = gguf.GGUFReader(os.path.join(DATA, name + ".gguf"))
+            self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [g])
+            self.assertEqual(r.kv["moas.attention.mixing"], "single")
+            self.assertEqual(r.kv["moas.attention.kv_sharing"], "independent")
+            self.assertEqual(r.tensors["blk.0.attn_k.0.weight"].ne, (48, 8 * g))
+        path = os.path.join(DATA, "tiny-pooled-mqa.gguf")
+        r = gguf.GGUFReader(path)
+        self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [1])
+        self.assertEqual(r.kv["moas.attention.kv_sharing"], "pooled")
+        for mode in ("mixture", "routed"):
+            dl, dg = moas_forward.max_diffs(path, os.path.join(DATA, "tiny-pooled-mqa.golden"),
+                                            mode=mode)
+            self.assertLess(dl, 1e-5)
+            self.assertLess(dg, 1e-6)
 
     def test_pooled_goldens(self):
         """The pooled models (kv_sharing "pooled") reproduce their mixture golden
