@@ -8,7 +8,7 @@
         [--json OUT.json] [--svg OUT.svg] [--markdown]
     tools/kv_tradeoff.py --from-json OUT.json --svg OUT.svg --markdown   # redraw only
     tools/kv_tradeoff.py --append-to OUT.json --model ... --no-bench \
-        [--relabel OLD=NEW] [--front GROUP ...] --json OUT.json --svg OUT.svg --markdown
+        [--relabel OLD NEW] [--front GROUP ...] --json OUT.json --svg OUT.svg --markdown
 
 --model takes LABEL=PATH; the label may itself contain '=' (the last one splits).
 For every model and mode the script runs
@@ -46,12 +46,14 @@ adds a table of it. A label without brackets is its own group.
   --append-to IN   measure only the --model(s) given and add their rows to IN's
                    (labels must be new); the document keeps IN's commands and bench
                    settings and lists each appending run under "appended"
-  --relabel OLD=NEW  rename a row of IN (to put an earlier model into a group)
+  --relabel OLD NEW  rename a row of IN (to put an earlier model into a group)
   --front GROUP    (repeatable) single-scheme groups that make the static front, e.g.
                    MHA, GQA-2, MQA: the plot joins their mean points with a dashed
                    line, and --markdown adds a column "vs. front", a row's nats/char
                    against the front interpolated linearly in KV bytes at its KV
                    bytes ("—" outside the front's range). Kept in the document.
+  --only GROUP     (repeatable) draw and tabulate only these groups (a zoomed plot);
+                   the --json document keeps every row
 
 Tokens are characters for the shipped models, so nats per token is nats per character.
 Any error prints one line on stderr and exits with status 1. Standard library only.
@@ -683,10 +685,9 @@ def svg(doc):
 # ---- main ----------------------------------------------------------------------------
 
 def relabel(doc, specs):
-    for spec in specs:
-        old, sep, new = spec.partition("=")
-        if not sep or not old or not new:
-            raise Failure("--relabel wants OLD=NEW, got %r" % spec)
+    for old, new in specs:
+        if not new.strip():
+            raise Failure("--relabel: the new label for %r is empty" % old)
         rows = [r for r in doc["rows"] if r["label"] == old]
         if not rows:
             raise Failure("--relabel: no row is labelled %r" % old)
@@ -723,7 +724,7 @@ def parse_args(argv):
     p.add_argument("--from-json", metavar="IN", help="redraw from an earlier --json output")
     p.add_argument("--append-to", metavar="IN",
                    help="add the --model rows to an earlier --json output")
-    p.add_argument("--relabel", action="append", default=[], metavar="OLD=NEW",
+    p.add_argument("--relabel", action="append", default=[], nargs=2, metavar=("OLD", "NEW"),
                    help="rename a row of --from-json/--append-to's document (repeatable)")
     p.add_argument("--front", action="append", default=None, metavar="GROUP",
                    help="a single-scheme group on the static front (repeatable; replaces "
@@ -731,6 +732,8 @@ def parse_args(argv):
     p.add_argument("--json", metavar="OUT", help="write the measurements as JSON")
     p.add_argument("--svg", metavar="OUT", help="write the scatter plot")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--only", action="append", default=None, metavar="GROUP",
+                   help="draw and tabulate only these groups (repeatable)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress lines (they go to stderr, and only to a terminal)")
     return p.parse_args(argv)
@@ -791,6 +794,13 @@ def main(argv=None):
 
         if args.json:
             write_text(args.json, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        if args.only is not None:
+            missing = [g for g in args.only
+                       if not any(group_of(r["label"]) == g for r in doc["rows"])]
+            if missing:
+                raise Failure("--only %r names no rows" % missing[0])
+            doc = dict(doc, rows=[r for r in doc["rows"] if group_of(r["label"]) in args.only])
+            front_points(doc)
         if args.svg:
             write_text(args.svg, svg(doc))
         if args.markdown or not (args.json or args.svg):

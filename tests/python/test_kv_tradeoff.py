@@ -229,7 +229,7 @@ class KvTradeoff(unittest.TestCase):
                       "--model", "MQA [seed 1]=" + os.path.join(d, "mqa1.gguf"),
                       "--model", "MQA [seed 2]=" + os.path.join(d, "mqa2.gguf"),
                       "--model", "GQA-2=" + os.path.join(d, "gqa.gguf"),
-                      "--relabel", "MHA <base> & co=MHA",
+                      "--relabel", "MHA <base> & co", "MHA",
                       "--front", "MHA", "--front", "GQA-2", "--front", "MQA",
                       "--json", out_json, "--svg", out_svg, "--markdown")
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -274,12 +274,20 @@ class KvTradeoff(unittest.TestCase):
         self.assertEqual(r2.stdout, r.stdout)
         with open(out_svg, "rb") as a, open(again, "rb") as b:
             self.assertEqual(a.read(), b.read())
+        # --only draws and tabulates a subset of the groups
+        r3 = self.call("--from-json", out_json, "--only", "MQA", "--only", "MHA",
+                       "--front", "MHA", "--front", "MQA", "--markdown", measure=False)
+        self.assertEqual(r3.returncode, 0, r3.stderr)
+        self.assertEqual([l.split(" | ")[0] for l in r3.stdout.splitlines()[2:5]],
+                         ["| MHA", "| MQA [seed 1]", "| MQA [seed 2]"])
+        self.assertFails(self.call("--from-json", out_json, "--only", "nope", measure=False),
+                         "--only")
         # the front must be single-scheme groups that exist; labels stay unique
         self.assertFails(self.call("--from-json", out_json, "--front", "Pooled λ=0.05",
                                    measure=False), "not a single-scheme model")
         self.assertFails(self.call("--from-json", out_json, "--front", "MQA [seed 3]",
                                    measure=False), "names no rows")
-        self.assertFails(self.call("--from-json", out_json, "--relabel", "nope=x",
+        self.assertFails(self.call("--from-json", out_json, "--relabel", "nope", "x",
                                    measure=False), "no row is labelled")
         self.assertFails(self.call("--append-to", out_json, "--model",
                                    "GQA-2=" + os.path.join(d, "gqa.gguf")), "two models")
