@@ -192,14 +192,9 @@ static moas_status read_hparams(moas_model *m) {
 
     MOAS_TRY(read_string(g, "moas.attention.kv_sharing", false, &sharing));
     if (strcmp(sharing, "pooled") == 0) {
-        /* pooling groups the H heads of one full K/V, so some scheme must keep all H */
-        int32_t max_kv = 0;
-        for (int32_t s = 0; s < m->n_scheme; s++) {
-            max_kv = m->scheme_n_kv[s] > max_kv ? m->scheme_n_kv[s] : max_kv;
-        }
-        MOAS_RETURN_IF(max_kv != m->n_head, MOAS_ERR_CORRUPT,
-                       "model: kv_sharing 'pooled' needs a scheme with all %d heads, the widest "
-                       "keeps %d", m->n_head, max_kv);
+        /* Every scheme pools the H heads of the one full K/V into its n_kv groups, which
+         * only needs n_kv to divide H (checked above). No scheme has to keep all H: [2]
+         * is a GQA model, [1] an MQA one, [2, 1] routes between the two. */
         m->kv_sharing = MOAS_KV_SHARING_POOLED;
     } else {
         MOAS_RETURN_IF(strcmp(sharing, "independent") != 0, MOAS_ERR_UNSUPPORTED,

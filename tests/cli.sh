@@ -201,6 +201,19 @@ d = json.load(open(sys.argv[3]))
 assert (d["depth"], d["n_decode"], d["threads"]) == (63, 1, int(sys.argv[4])), d
 PY
 expect_error 1 "moas: error" "$moas" generate -m "$tmp/cut.gguf" -p "A"
+# a whole file whose metadata disagrees with itself: the MQA model with its one scheme
+# rewritten from 1 KV head to 4 (not a divisor of 6) is named as such, not as truncated
+python3 - "$data/tiny-mqa-nobias.gguf" "$tmp/four.gguf" <<'PY'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+key = b"moas.attention.scheme_kv_heads"
+at = b.index(key) + len(key)
+assert struct.unpack_from("<IIQI", b, at) == (9, 4, 1, 1)    # array of one uint32: [1]
+struct.pack_into("<I", b, at + 16, 4)
+open(sys.argv[2], "wb").write(b)
+PY
+expect_error 1 "scheme 0 has 4 KV heads" "$moas" inspect -m "$tmp/four.gguf"
+! grep -q "truncated" "$tmp/err" || fail "a whole file blamed on truncation: $(cat "$tmp/err")"
 expect_error 1 "not in the vocabulary" "$moas" generate -m "$model" -p "And Q"
 expect_error 1 "context" "$moas" generate -m "$model" -p "A" --ctx 100000
 

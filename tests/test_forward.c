@@ -228,6 +228,52 @@ TEST(golden_rope_long_routed_matches_pytorch) {
     return check_golden_mode("tiny-rope-long", "-routed", MOAS_MODE_ROUTED);
 }
 
+/* Plain GQA (2 KV heads, biases) and MQA (1, none): one scheme of G < H heads, mixing
+ * single (tools/train.py --attention-type gqa), and a pooled model with the one scheme
+ * [1]. One PyTorch forward each; both modes must give it, and the cache must hold G
+ * heads per token and layer, not H. */
+static int check_plain_gqa(const char *name, int32_t n_kv) {
+    char model_file[128];
+    moas_model *model = NULL;
+    moas_context *ctx = NULL;
+    moas_context_params cp;
+    golden g;
+
+    if (check_golden_mode(name, "", MOAS_MODE_MIXTURE) != TEST_PASS ||
+        check_golden_mode(name, "", MOAS_MODE_ROUTED) != TEST_PASS) {
+        return TEST_FAIL;
+    }
+    snprintf(model_file, sizeof model_file, "%s.golden", name);
+    if (golden_read(model_file, &g) != 0) {
+        return TEST_FAIL;
+    }
+    snprintf(model_file, sizeof model_file, "%s.gguf", name);
+    ASSERT_OK(moas_model_load(test_data(model_file), NULL, &model));
+    ASSERT_EQ(moas_model_n_scheme(model), 1);
+    ASSERT_EQ(moas_model_scheme_n_kv(model, 0), n_kv);
+    for (int mode = 0; mode < 2; mode++) {
+        moas_context_params_init(&cp);
+        cp.mode = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+        ASSERT_OK(moas_context_create(model, &cp, &ctx));
+        ASSERT_OK(moas_context_decode_batch(ctx, g.tokens, (int32_t)g.n_tokens, NULL,
+                                            MOAS_LOGITS_NONE));
+        /* 64 tokens x 2 layers x n_kv heads x 8 x (K, V) x 4 bytes, + 5 per token-layer
+         * routed; a pooled model's mixture cache keeps the mix broadcast to all 6 heads */
+        const bool pooled = strcmp(name, "tiny-pooled-mqa") == 0;
+        const size_t heads = pooled && !mode ? 6 : (size_t)n_kv;
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1),
+                  g.n_tokens * 2 * heads * 8 * 2 * 4 + (mode ? g.n_tokens * 2 * 5 : 0));
+        moas_context_free(ctx);
+    }
+    moas_model_free(model);
+    golden_free(&g);
+    return TEST_PASS;
+}
+
+TEST(golden_gqa2_bias_matches_pytorch_both_modes) { return check_plain_gqa("tiny-gqa2-bias", 2); }
+TEST(golden_mqa_nobias_matches_pytorch_both_modes) { return check_plain_gqa("tiny-mqa-nobias", 1); }
+TEST(golden_pooled_mqa_matches_pytorch_both_modes) { return check_plain_gqa("tiny-pooled-mqa", 1); }
+
 /* ---- decode invariants on the router model ------------------------------------ */
 
 static const char *invariant_model = "tiny-moas-bias.gguf";

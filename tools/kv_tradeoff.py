@@ -7,6 +7,8 @@
         [--modes mixture,routed] [--threads 1] [--bench-repeats 5] [--no-bench] \\
         [--json OUT.json] [--svg OUT.svg] [--markdown]
     tools/kv_tradeoff.py --from-json OUT.json --svg OUT.svg --markdown   # redraw only
+    tools/kv_tradeoff.py --append-to OUT.json --model ... --no-bench \
+        [--relabel OLD NEW] [--front GROUP ...] --json OUT.json --svg OUT.svg --markdown
 
 --model takes LABEL=PATH; the label may itself contain '=' (the last one splits).
 For every model and mode the script runs
@@ -34,6 +36,24 @@ Outputs (markdown is the default when neither --json nor --svg is given):
                the two modes of a model joined, a dashed line at the MHA cache size.
                The drawing depends only on the JSON document, so --from-json redraws
                the same bytes.
+
+Seeds and groups: a label may end in a bracketed note, "MQA [seed 1338]"; the text
+before it is the row's group. Rows of one group share a colour and a legend entry,
+and where a group has two or more rows in one mode the plot draws their spread (a
+bar from the lowest to the highest nats/char at their mean KV bytes) and --markdown
+adds a table of it. A label without brackets is its own group.
+
+  --append-to IN   measure only the --model(s) given and add their rows to IN's
+                   (labels must be new); the document keeps IN's commands and bench
+                   settings and lists each appending run under "appended"
+  --relabel OLD NEW  rename a row of IN (to put an earlier model into a group)
+  --front GROUP    (repeatable) single-scheme groups that make the static front, e.g.
+                   MHA, GQA-2, MQA: the plot joins their mean points with a dashed
+                   line, and --markdown adds a column "vs. front", a row's nats/char
+                   against the front interpolated linearly in KV bytes at its KV
+                   bytes ("—" outside the front's range). Kept in the document.
+  --only GROUP     (repeatable) draw and tabulate only these groups (a zoomed plot);
+                   the --json document keeps every row
 
 Tokens are characters for the shipped models, so nats per token is nats per character.
 Any error prints one line on stderr and exits with status 1. Standard library only.
@@ -72,6 +92,16 @@ def parse_model(spec):
     if not sep or not label or not path:
         raise Failure("--model wants LABEL=PATH, got %r" % spec)
     return label, path
+
+
+def group_of(label):
+    """'MQA [seed 1338]' -> 'MQA'; a label without a bracketed note is its own group."""
+    label = str(label)
+    if label.endswith("]") and " [" in label:
+        head = label[:label.rindex(" [")].rstrip()
+        if head:
+            return head
+    return label
 
 
 def parse_modes(text):
@@ -293,19 +323,80 @@ def md_cell(text):
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def group_means(rows, group, mode=None):
+    """(mean KV bytes, mean nats/char, rows) of a group's rows (in one mode if given)."""
+    sel = [r for r in rows if group_of(r["label"]) == group and (mode is None or
+                                                                 r["mode"] == mode)]
+    if not sel:
+        return None
+    return (statistics.fmean(r["kv_bytes_per_token"] for r in sel),
+            statistics.fmean(r["nats_per_char"] for r in sel), sel)
+
+
+def front_points(doc):
+    """The static front: [(KV bytes, nats/char)] of each --front group's mean, by bytes."""
+    pts = []
+    for group in doc.get("front") or []:
+        m = group_means(doc["rows"], group)
+        if m is None:
+            raise Failure("--front %r names no rows" % group)
+        if any(r["mode"] != SINGLE for r in m[2]):
+            raise Failure("--front %r is not a single-scheme model" % group)
+        pts.append((m[0], m[1]))
+    return sorted(pts)
+
+
+def front_at(pts, kv):
+    """The front's nats/char at `kv` bytes, linear between its points; None outside."""
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= kv <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kv - x0) / (x1 - x0)
+    return None
+
+
+def spreads(rows):
+    """[(group, mode, rows)] for every group with two or more rows in one mode."""
+    out, seen = [], []
+    for row in rows:
+        key = (group_of(row["label"]), row["mode"])
+        if key in seen:
+            continue
+        seen.append(key)
+        sel = [r for r in rows if (group_of(r["label"]), r["mode"]) == key]
+        if len(sel) > 1:
+            out.append((key[0], key[1], sel))
+    return out
+
+
 def markdown(doc):
+    pts = front_points(doc)
     lines = ["| model | mode | nats/char | KV bytes/token | % of MHA | "
-             "shares MHA / GQA / MQA | decode tokens/s |",
-             "|---|---|--:|--:|--:|--:|--:|"]
+             "shares MHA / GQA / MQA | decode tokens/s |" + (" vs. front |" if pts else ""),
+             "|---|---|--:|--:|--:|--:|--:|" + ("--:|" if pts else "")]
     for row in doc["rows"]:
         fraction = row.get("kv_fraction_of_mha")
         if fraction is None:
             fraction = row["kv_bytes_per_token"] / row["mha_kv_bytes_per_token"]
         shares = " / ".join(fmt_pct(s) for s in share_columns(row["scheme_shares"]))
-        lines.append("| %s | %s | %.4f | %s | %s | %s | %s |" % (
+        line = "| %s | %s | %.4f | %s | %s | %s | %s |" % (
             md_cell(row["label"]), md_cell(row["mode"]), row["nats_per_char"],
             fmt_int(row["kv_bytes_per_token"]), fmt_pct(fraction), shares,
-            fmt_int(row.get("decode_tok_s"))))
+            fmt_int(row.get("decode_tok_s")))
+        if pts:
+            at = front_at(pts, row["kv_bytes_per_token"])
+            line += " %s |" % ("—" if at is None else
+                               "%+.2f%%" % (100.0 * (row["nats_per_char"] - at) / at))
+        lines.append(line)
+    spread = spreads(doc["rows"])
+    if spread:
+        lines += ["", "| group | mode | runs | nats/char mean | lowest | highest | spread | "
+                  "KV bytes/token mean |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+        for group, mode, sel in spread:
+            nats = [r["nats_per_char"] for r in sel]
+            lines.append("| %s | %s | %d | %.4f | %.4f | %.4f | %.4f | %s |" % (
+                md_cell(group), md_cell(mode), len(sel), statistics.fmean(nats), min(nats),
+                max(nats), max(nats) - min(nats),
+                fmt_int(statistics.fmean(r["kv_bytes_per_token"] for r in sel))))
     return "\n".join(lines) + "\n"
 
 
@@ -395,11 +486,15 @@ def marker(kind, x, y, colour, r, cls, title=None):
 
 def svg(doc):
     rows = doc["rows"]
-    labels = []
+    labels, groups = [], []
     for row in rows:
         if row["label"] not in labels:
             labels.append(row["label"])
-    colour = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+        if group_of(row["label"]) not in groups:
+            groups.append(group_of(row["label"]))
+    gcolour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    colour = {label: gcolour[group_of(label)] for label in labels}
+    front = front_points(doc)
     modes_present = []
     for kind in ("mixture", "routed", SINGLE):
         if any(row["mode"] == kind for row in rows):
@@ -421,7 +516,9 @@ def svg(doc):
     size, small = 12, 11
     key_text = {"mixture": "mixture mode (hollow)", "routed": "routed mode (filled)",
                 SINGLE: "single scheme (one run)"}
-    legend_texts = labels + [key_text[k] for k in modes_present]
+    front_text = "static front: " + ", ".join(doc.get("front") or [])
+    legend_texts = groups + [key_text[k] for k in modes_present] + (
+        [front_text] if front else [])
     legend_w = 40 + max(text_width(t, size) for t in legend_texts)
     left = 30 + max(text_width(t, small) for t in y_labels) + 10
     top = 44
@@ -432,7 +529,7 @@ def svg(doc):
         plot_w = 380.0
         width = left + plot_w + gap + legend_w + 10
     right = left + plot_w
-    legend_rows = len(labels) + 1 + len(modes_present)
+    legend_rows = len(groups) + 1 + len(modes_present) + (1 if front else 0)
     bottom = max(440.0 - 62, top + 8 + 20 * legend_rows)
     height = bottom + 62
     plot_h = bottom - top
@@ -526,6 +623,19 @@ def svg(doc):
                        'stroke-width="1" stroke-opacity="0.7"/>' % (
                            " ".join("%s,%s" % (fmt_num(x), fmt_num(y)) for x, y in pts),
                            colour[label]))
+    if front:
+        out.append('<polyline class="front" points="%s" fill="none" stroke="#222222" '
+                   'stroke-width="1.5" stroke-dasharray="3 3"/>' % " ".join(
+                       "%s,%s" % (fmt_num(px(x)), fmt_num(py(y))) for x, y in front))
+    for group, mode, sel in spreads(rows):
+        x = px(statistics.fmean(r["kv_bytes_per_token"] for r in sel))
+        y0 = py(min(r["nats_per_char"] for r in sel))
+        y1 = py(max(r["nats_per_char"] for r in sel))
+        c = gcolour[group]
+        out.append('<path class="spread" d="M%s,%s H%s M%s,%s V%s M%s,%s H%s" fill="none" '
+                   'stroke="%s" stroke-width="1.5"/>' % (
+                       fmt_num(x - 5), fmt_num(y0), fmt_num(x + 5), fmt_num(x), fmt_num(y0),
+                       fmt_num(y1), fmt_num(x - 5), fmt_num(y1), fmt_num(x + 5), c))
     for row in rows:
         kv, nats = row["kv_bytes_per_token"], row["nats_per_char"]
         fraction = kv / row["mha_kv_bytes_per_token"]
@@ -538,10 +648,13 @@ def svg(doc):
     # legend
     lx, ly = right + gap, top + 4
     out.append('<g class="legend">')
-    for i, label in enumerate(labels):
+    for i, label in enumerate(groups):
         y = ly + 10 + 20 * i
-        kinds = [r["mode"] for r in rows if r["label"] == label]
-        c = colour[label]
+        kinds = []
+        for r in rows:
+            if group_of(r["label"]) == label and r["mode"] not in kinds:
+                kinds.append(r["mode"])
+        c = gcolour[label]
         if len(kinds) == 1:
             kind = kinds[0] if kinds[0] in ("mixture", "routed") else SINGLE
             out.append(marker(kind, lx + 13, y, c, 4.5, "legend-marker"))
@@ -553,16 +666,36 @@ def svg(doc):
         out.append('<text x="%s" y="%s">%s</text>' % (
             fmt_num(lx + 34), fmt_num(y + 4), esc(label)))
     for j, kind in enumerate(modes_present):
-        y = ly + 10 + 20 * (len(labels) + 1 + j)
+        y = ly + 10 + 20 * (len(groups) + 1 + j)
         out.append(marker(kind, lx + 13, y, "#555555", 4.5, "legend-marker"))
         out.append('<text x="%s" y="%s" fill="#333333">%s</text>' % (
             fmt_num(lx + 34), fmt_num(y + 4), esc(key_text[kind])))
+    if front:
+        y = ly + 10 + 20 * (len(groups) + 1 + len(modes_present))
+        out.append('<line x1="%s" y1="%s" x2="%s" y2="%s" stroke="#222222" stroke-width="1.5" '
+                   'stroke-dasharray="3 3"/>' % (fmt_num(lx + 2), fmt_num(y), fmt_num(lx + 24),
+                                                 fmt_num(y)))
+        out.append('<text x="%s" y="%s" fill="#333333">%s</text>' % (
+            fmt_num(lx + 34), fmt_num(y + 4), esc(front_text)))
     out.append('</g>')
     out.append('</svg>')
     return "\n".join(out) + "\n"
 
 
 # ---- main ----------------------------------------------------------------------------
+
+def relabel(doc, specs):
+    for old, new in specs:
+        if not new.strip():
+            raise Failure("--relabel: the new label for %r is empty" % old)
+        rows = [r for r in doc["rows"] if r["label"] == old]
+        if not rows:
+            raise Failure("--relabel: no row is labelled %r" % old)
+        if any(r["label"] == new for r in doc["rows"]):
+            raise Failure("--relabel: a row is already labelled %r" % new)
+        for r in rows:
+            r["label"] = new
+
 
 def write_text(path, text):
     try:
@@ -589,9 +722,18 @@ def parse_args(argv):
                    help="interleaved bench rounds; each pair reports the median (default 5)")
     p.add_argument("--no-bench", action="store_true", help="skip the decode timings")
     p.add_argument("--from-json", metavar="IN", help="redraw from an earlier --json output")
+    p.add_argument("--append-to", metavar="IN",
+                   help="add the --model rows to an earlier --json output")
+    p.add_argument("--relabel", action="append", default=[], nargs=2, metavar=("OLD", "NEW"),
+                   help="rename a row of --from-json/--append-to's document (repeatable)")
+    p.add_argument("--front", action="append", default=None, metavar="GROUP",
+                   help="a single-scheme group on the static front (repeatable; replaces "
+                        "the document's)")
     p.add_argument("--json", metavar="OUT", help="write the measurements as JSON")
     p.add_argument("--svg", metavar="OUT", help="write the scatter plot")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--only", action="append", default=None, metavar="GROUP",
+                   help="draw and tabulate only these groups (repeatable)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress lines (they go to stderr, and only to a terminal)")
     return p.parse_args(argv)
@@ -602,10 +744,15 @@ def main(argv=None):
     args = parse_args(argv)
     args.argv = argv
     try:
+        if args.from_json and args.append_to:
+            raise Failure("--from-json and --append-to exclude each other")
+        if args.relabel and not (args.from_json or args.append_to):
+            raise Failure("--relabel renames rows of --from-json or --append-to")
         if args.from_json:
             if args.model:
                 raise Failure("--from-json redraws; it takes no --model")
             doc = load_doc(args.from_json)
+            relabel(doc, args.relabel)
         else:
             if not args.model:
                 raise Failure("nothing to measure: give --model LABEL=PATH (or --from-json)")
@@ -617,7 +764,11 @@ def main(argv=None):
                 raise Failure("--bench-repeats must be at least 1")
             modes = parse_modes(args.modes)
             models = [parse_model(m) for m in args.model]
-            seen = set()
+            base = None
+            if args.append_to:
+                base = load_doc(args.append_to)
+                relabel(base, args.relabel)
+            seen = set(r["label"] for r in base["rows"]) if base else set()
             for label, path in models:
                 if label in seen:
                     raise Failure("two models are labelled %r" % label)
@@ -631,9 +782,25 @@ def main(argv=None):
                     print("%s: %s" % (PROG, msg), file=sys.stderr, flush=True)
 
             doc = measure(args, models, modes, progress)
+            if base is not None:
+                base.setdefault("appended", []).append(
+                    {"argv": doc["argv"], "commands": doc["commands"], "bench": doc["bench"],
+                     "threads": doc["threads"], "modes": doc["modes"]})
+                base["rows"].extend(doc["rows"])
+                doc = base
+        if args.front is not None:
+            doc["front"] = list(args.front)
+        front_points(doc)   # a --front that names no single-scheme rows fails here
 
         if args.json:
             write_text(args.json, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        if args.only is not None:
+            missing = [g for g in args.only
+                       if not any(group_of(r["label"]) == g for r in doc["rows"])]
+            if missing:
+                raise Failure("--only %r names no rows" % missing[0])
+            doc = dict(doc, rows=[r for r in doc["rows"] if group_of(r["label"]) in args.only])
+            front_points(doc)
         if args.svg:
             write_text(args.svg, svg(doc))
         if args.markdown or not (args.json or args.svg):

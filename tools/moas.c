@@ -33,9 +33,14 @@ static void die(const char *fmt, ...) {
     exit(1);
 }
 
-/* Exit with the library's message when `st` is a failure. */
+/* Exit with the library's message when `st` is a failure. MOAS_ERR_CORRUPT's fixed
+ * sentence ("truncated or inconsistent") would blame truncation for a whole file whose
+ * metadata and tensors disagree, so that status shows only the exact cause, which says
+ * which it is ("... ends past the file" or "scheme 1 has 3 KV heads ..."). */
 static void check(moas_status st, const char *what) {
-    if (st != MOAS_OK) {
+    if (st == MOAS_ERR_CORRUPT && moas_last_error()[0] != '\0') {
+        die("%s: %s", what, moas_last_error());
+    } else if (st != MOAS_OK) {
         die("%s: %s (%s)", what, moas_last_error(), moas_status_string(st));
     }
 }

@@ -28,6 +28,10 @@ reference registers under PyTorch < 2.0), and the reference's load here.
         --pos rope --rope-base 10000 --norm rms --mlp swiglu
 
 Attention types: baseline, static_moas and moas are the published ones.
+gqa is a plain GPT with one grouped-query attention of --kv-heads G < H kv
+heads (G = 1: multi-query attention), the reference's GQA branch on its own:
+per layer attn.{q_proj,k_proj,v_proj,c_proj}, k_proj and v_proj [G*d, C];
+model_args of such a checkpoint carry 'n_kv_head'.
 pooled_moas is libmoas's routed-KV variant (docs/FORMAT.md, "Pooled K/V"): per
 layer one q_proj, k_proj, v_proj (all [C, C], H heads) and c_proj, plus the
 router (router.0, GELU, router.2) on ln_1's output.  Scheme s keeps a token's
@@ -64,7 +68,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ATTENTION_TYPES = ("baseline", "static_moas", "moas", "pooled_moas")
+ATTENTION_TYPES = ("baseline", "static_moas", "moas", "pooled_moas", "gqa")
 GQA_KV_HEADS = 2          # hard-coded in the reference
 LN_EPS = 1e-5
 POS_TYPES = ("learned", "rope")
@@ -81,7 +85,8 @@ class ModelArgs:
     """The reference's model_args, the dict stored in checkpoints.
 
     pooled_moas models also carry 'schemes', the kv-head count of each scheme
-    (default [H, 2, 1]); the published types never do.  The block options
+    (default [H, 2, 1]), and gqa models 'n_kv_head' (default 2); the published
+    types carry neither.  The block options
     (docs/FORMAT.md, "Block options") are stored only when they differ from the
     published GPT-2 block: 'pos' ("learned" or "rope") with 'rope_base', 'norm'
     ("layer" or "rms"), 'mlp' ("gelu" or "swiglu") and 'n_ff' (MLP width, 4C by
@@ -109,7 +114,16 @@ class ModelArgs:
             check_schemes(self.schemes, self.n_head)
         elif kw.get("schemes") is not None:
             raise ValueError("'schemes' is for pooled_moas models only")
-        elif self.attention_type != "baseline" and self.n_head % GQA_KV_HEADS:
+        self.n_kv_head = None
+        if self.attention_type == "gqa":
+            n_kv = kw.get("n_kv_head")
+            self.n_kv_head = GQA_KV_HEADS if n_kv is None else int(n_kv)
+            if not 1 <= self.n_kv_head < self.n_head or self.n_head % self.n_kv_head:
+                raise ValueError("gqa needs n_kv_head dividing n_head %d and below it, got %d"
+                                 % (self.n_head, self.n_kv_head))
+        elif kw.get("n_kv_head") is not None:
+            raise ValueError("'n_kv_head' is for gqa models only")
+        elif self.attention_type in ("static_moas", "moas") and self.n_head % GQA_KV_HEADS:
             raise ValueError("n_head must be a multiple of %d for MoAS" % GQA_KV_HEADS)
         self.pos = kw.get("pos") or "learned"
         self.rope_base = float(kw.get("rope_base") or ROPE_BASE)
@@ -137,19 +151,18 @@ class ModelArgs:
             d["mlp"] = self.mlp
         if self.n_ff != 4 * self.n_embd:
             d["n_ff"] = self.n_ff
+        if self.n_kv_head is not None:
+            d["n_kv_head"] = self.n_kv_head
         return d
 
 
 def check_schemes(schemes, n_head):
-    """docs/FORMAT.md: 1 to 8 schemes, each dividing H, the largest equal to H."""
+    """docs/FORMAT.md: 1 to 8 schemes, each dividing H (--schemes 1: a pooled MQA model)."""
     if not 1 <= len(schemes) <= 8:
         raise ValueError("need 1 to 8 schemes, got %d" % len(schemes))
     bad = [n for n in schemes if n < 1 or n_head % n]
     if bad:
         raise ValueError("scheme kv heads %s do not divide n_head %d" % (bad, n_head))
-    if max(schemes) != n_head:
-        raise ValueError("the largest scheme must have n_head (%d) kv heads, got %s"
-                         % (n_head, schemes))
 
 
 def parse_schemes(spec, n_head):
@@ -400,6 +413,8 @@ class Block(nn.Module):
         self.ln_1 = make_norm(a)
         if a.attention_type == "baseline":
             self.attn = FusedAttention(a, mask_buffers)
+        elif a.attention_type == "gqa":
+            self.attn = SplitAttention(a, a.n_kv_head, mask_buffers)
         elif a.attention_type == "pooled_moas":
             self.attn = PooledAttention(a, mask_buffers)
         else:
@@ -639,6 +654,10 @@ def cmd_train(o):
     elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
         sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
                  "--attention-type pooled_moas")
+    if o.attention_type == "gqa":
+        extra["n_kv_head"] = GQA_KV_HEADS if o.kv_heads is None else o.kv_heads
+    elif o.kv_heads is not None:
+        sys.exit("train.py: --kv-heads is for --attention-type gqa")
     n_ff = o.n_ff
     if n_ff is None and o.mlp == "swiglu":    # 2/3 of 4C (as many weights), a multiple of 16
         n_ff = (8 * o.n_embd // 3 + 15) // 16 * 16
@@ -658,13 +677,15 @@ def cmd_train(o):
            a.vocab_size, a.pos, " (base %g)" % a.rope_base if a.pos == "rope" else "",
            a.norm, a.mlp, a.n_ff, n_params / 1e6,
            ", schemes %s, kv penalty %g, hard top-1 from %s"
-           % (a.schemes, o.kv_penalty, o.hard_top1_from) if pooled else ""))
+           % (a.schemes, o.kv_penalty, o.hard_top1_from) if pooled
+           else ", %d kv heads" % a.n_kv_head if a.n_kv_head is not None else ""))
     optimizer = make_optimizer(model, o.lr)
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
                    "golden_mode", "unsafe_load", "out", "threads")
     pooled_opts = ("schemes", "kv_penalty", "hard_top1_from")
     config = {k: v for k, v in vars(o).items()
               if k not in golden_opts and (pooled or k not in pooled_opts)
+              and (o.attention_type == "gqa" or k != "kv_heads")
               and isinstance(v, (int, float, str, bool))}
     if o.init_only:
         save_checkpoint(o.out, model, optimizer, 0, float("inf"), config)
@@ -867,6 +888,9 @@ def parse_args(argv=None):
                    help="MLP width (default 4C; with swiglu 8C/3 rounded up to 16)")
     m.add_argument("--schemes", metavar="H,2,1", default=None,
                    help="pooled_moas: kv heads of each scheme, H for n_head (default H,2,1)")
+    m.add_argument("--kv-heads", type=int, default=None, metavar="G",
+                   help="gqa: kv heads G, dividing n_head and below it (default 2; "
+                        "1 is multi-query attention)")
     t = ap.add_argument_group("training")
     t.add_argument("--iters", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=12)

@@ -105,7 +105,33 @@ $PY tools/moas-convert "$CKPT_DIR/tiny-modern-moas-bias.pt" -o $D/tiny-modern-mo
 $TORCH_PY tools/train.py --golden "$CKPT_DIR/tiny-modern-moas-bias.pt" --data $TEXT \
     --text $TEXT --text-start 440 --text-len 64 --round-f16 --out $D/tiny-modern-moas-f16.golden
 
-# 5. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
+# 5. Plain GQA and MQA (one scheme of G < 6 kv heads, mixing single): gqa
+#    --kv-heads 2 with biases and --kv-heads 1 (MQA) without, and a pooled_moas
+#    model with the one scheme [1] (a pooled MQA model).  One golden each: the
+#    same forward in both modes.
+for spec in gqa2-bias:2:--bias:21 mqa-nobias:1:--no-bias:22; do
+    IFS=: read -r kind g flag seed <<SPEC
+$spec
+SPEC
+    name=tiny-$kind
+    $TORCH_PY tools/train.py --data $TEXT --out "$CKPT_DIR/$name.pt" --init-only \
+        --attention-type gqa --kv-heads $g $flag --n-layer 2 --n-head 6 --n-embd 48 \
+        --block-size 64 --dropout 0.0 --init-std 0.25 --seed $seed
+    $PY tools/moas-convert "$CKPT_DIR/$name.pt" -o $D/$name.gguf --vocab-text $TEXT \
+        --type f32 --name $name
+    $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+        --text-start 440 --text-len 64 --out $D/$name.golden
+done
+name=tiny-pooled-mqa
+$TORCH_PY tools/train.py --data $TEXT --out "$CKPT_DIR/$name.pt" --init-only \
+    --attention-type pooled_moas --schemes 1 --bias --n-layer 2 --n-head 6 --n-embd 48 \
+    --block-size 64 --dropout 0.0 --init-std 0.25 --seed 23
+$PY tools/moas-convert "$CKPT_DIR/$name.pt" -o $D/$name.gguf --vocab-text $TEXT \
+    --type f32 --name $name
+$TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+    --text-start 440 --text-len 64 --golden-mode routed --out $D/$name.golden
+
+# 6. A real torch.save() checkpoint for tests/python: a 1-layer moas model with
 #    biases, the reference's mask buffers and the optimizer state of two AdamW
 #    steps, plus its state_dict values as JSON (written by torch, not by us).
 $TORCH_PY tools/train.py --data $TEXT --out $D/tiny-ckpt.pt --attention-type moas --bias \

@@ -240,6 +240,11 @@ def model_tensors(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB), n_ff=None, R=No
                 lin(p + "attn." + m, C, C)
             lin(p + "attn.router.0", R, C)
             lin(p + "attn.router.2", n_scheme, R)
+        elif atype == "gqa":
+            lin(p + "attn.q_proj", C, C)
+            lin(p + "attn.k_proj", G_ * d, C)
+            lin(p + "attn.v_proj", G_ * d, C)
+            lin(p + "attn.c_proj", C, C)
         else:
             lin(p + "attn.mha.c_attn", 3 * C, C)
             lin(p + "attn.mha.c_proj", C, C)
@@ -289,6 +294,11 @@ def expected_gguf(sd, atype, bias, C=8, L=2):
                 copy("%s.attn_%s" % (blk, part), "%sattn.%s" % (p, src))
             copy(blk + ".attn_router_up", p + "attn.router.0")
             copy(blk + ".attn_router_down", p + "attn.router.2")
+        elif atype == "gqa":
+            # docs/FORMAT.md: one scheme [G], its tensors as any scheme's.
+            for part, src in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"),
+                              ("output", "c_proj")):
+                copy("%s.attn_%s.0" % (blk, part), "%sattn.%s" % (p, src))
         else:
             fused(blk, p + "attn.mha", 0)
             for s, br in ((1, "gqa"), (2, "mqa")):
@@ -350,11 +360,13 @@ def build_checkpoint(path, sd, model_args, key_prefix="", tie="shared", extra_sd
     ck.write(path, root, prefix=prefix)
 
 
-def margs(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB), schemes=None):
+def margs(atype, bias, C=8, H=4, L=2, T=4, V=len(VOCAB), schemes=None, n_kv_head=None):
     a = {"n_layer": L, "n_head": H, "n_embd": C, "block_size": T, "bias": bias,
          "vocab_size": V, "dropout": 0.0, "attention_type": atype}
     if schemes is not None:
         a["schemes"] = schemes
+    if n_kv_head is not None:
+        a["n_kv_head"] = n_kv_head
     return a
 
 
@@ -551,7 +563,7 @@ class TestConvert(Tmp):
         self.assertEqual(r.kv_types["moas.attention.scheme_kv_heads"], (gguf.ARRAY, gguf.UINT32))
         self.assertEqual(kv["moas.attention.mixing"],
                          {"baseline": "single", "static_moas": "mean", "moas": "router",
-                          "pooled_moas": "router"}[atype])
+                          "pooled_moas": "router", "gqa": "single"}[atype])
         self.assertEqual(kv["moas.attention.kv_sharing"],
                          "pooled" if atype == "pooled_moas" else "independent")
         self.assertEqual(kv["moas.bias"], bias)
@@ -674,7 +686,10 @@ class TestConvert(Tmp):
         build_checkpoint(ck, sd, margs("pooled_moas", False, schemes=[4, 2, 1]))
         self.convert_fails(ck, "'transformer.h.0.attn.router.2.weight'",
                            "shape [2, 2], expected [3, 2]")
-        for bad in ([3, 1], [2, 1], [], [4, 0], "4,x", 4):
+        # No scheme has to keep all H heads: [2, 1] routes between GQA-2 and MQA.
+        build_checkpoint(ck, sd, margs("pooled_moas", False, schemes=[2, 1]))
+        self.check_model(self.convert_ok(ck), "pooled_moas", False, sd, schemes=[2, 1])
+        for bad in ([3, 1], [], [4, 0], "4,x", 4):
             build_checkpoint(ck, sd, margs("pooled_moas", False, schemes=bad))
             self.convert_fails(ck, "schemes")
         # Attention type from the keys; n_head is not in the shapes.
@@ -691,6 +706,37 @@ class TestConvert(Tmp):
         build_checkpoint(ck, sd, margs("moas", False), extra_sd={
             "transformer.h.0.attn.k_proj.weight": lambda c: c.new_tensor([0.0] * 64, (8, 8))})
         self.convert_fails(ck, "unexpected tensor 'transformer.h.0.attn.k_proj.weight'")
+
+    def test_gqa_checkpoint(self):
+        """tools/train.py --attention-type gqa: one scheme [G], mixing single."""
+        ck = self.path("g.pt")
+        for g in (2, 1):
+            for bias in (True, False):
+                with self.subTest(g=g, bias=bias):
+                    sd = model_tensors("gqa", bias, G_=g)
+                    build_checkpoint(ck, sd, margs("gqa", bias, n_kv_head=g))
+                    r = self.convert_ok(ck)
+                    self.check_model(r, "gqa", bias, sd, schemes=[g])
+                    self.assertEqual(r.tensors["blk.1.attn_k.0.weight"].ne, (8, 2 * g))
+        # G from layer 0's k_proj when model_args lack it, and the type from the keys
+        # (q_proj without a router); n_head is not in the shapes.
+        sd = model_tensors("gqa", False, G_=1)
+        ma = margs("gqa", False)
+        build_checkpoint(ck, sd, ma)
+        self.check_model(self.convert_ok(ck), "gqa", False, sd, schemes=[1])
+        del ma["attention_type"]
+        build_checkpoint(ck, sd, ma)
+        self.check_model(self.convert_ok(ck), "gqa", False, sd, schemes=[1])
+        del ma["n_head"]
+        build_checkpoint(ck, sd, ma)
+        self.convert_fails(ck, "n_head", "gqa", "--config")
+        # G must divide H and be below it (H itself is a baseline model).
+        for bad in (3, 4, 0, "x"):
+            build_checkpoint(ck, sd, margs("gqa", False, n_kv_head=bad))
+            self.convert_fails(ck, "n_kv_head")
+        # model_args' G and the tensors must agree.
+        build_checkpoint(ck, sd, margs("gqa", False, n_kv_head=2))
+        self.convert_fails(ck, "'transformer.h.0.attn.k_proj.weight'", "expected [4, 8]")
 
     def test_command_line(self):
         sd = model_tensors("moas", True)
@@ -1029,7 +1075,7 @@ class TestConvert(Tmp):
 # ---------------------------------------------------------------------------
 
 FIXTURES = ["tiny-%s-%s" % (t, b) for t in ("baseline", "static", "moas")
-            for b in ("bias", "nobias")] + ["tiny-moas-f16"]
+            for b in ("bias", "nobias")] + ["tiny-moas-f16", "tiny-gqa2-bias", "tiny-mqa-nobias"]
 # docs/FORMAT.md "Block options": name -> (position_encoding, freq_base, norm_type,
 # feed_forward_type) as the file must say
 BLOCK_FIXTURES = {
@@ -1083,6 +1129,26 @@ class TestFixtures(unittest.TestCase):
                     self.assertGreater(max(g for t in gates for l in t for g in l), 0.6)
                 else:
                     self.assertEqual(gates[0], [[], []])
+
+    def test_plain_gqa_and_pooled_mqa_goldens(self):
+        """One scheme of G < H kv heads: the plain GQA/MQA models hold [G] with mixing
+        single, the pooled MQA model [1]; FORMAT.md's semantics reproduce their goldens
+        (the pooled one in both modes: with one scheme they are the same forward)."""
+        for name, g in (("tiny-gqa2-bias", 2), ("tiny-mqa-nobias", 1)):
+            r = gguf.GGUFReader(os.path.join(DATA, name + ".gguf"))
+            self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [g])
+            self.assertEqual(r.kv["moas.attention.mixing"], "single")
+            self.assertEqual(r.kv["moas.attention.kv_sharing"], "independent")
+            self.assertEqual(r.tensors["blk.0.attn_k.0.weight"].ne, (48, 8 * g))
+        path = os.path.join(DATA, "tiny-pooled-mqa.gguf")
+        r = gguf.GGUFReader(path)
+        self.assertEqual(r.kv["moas.attention.scheme_kv_heads"], [1])
+        self.assertEqual(r.kv["moas.attention.kv_sharing"], "pooled")
+        for mode in ("mixture", "routed"):
+            dl, dg = moas_forward.max_diffs(path, os.path.join(DATA, "tiny-pooled-mqa.golden"),
+                                            mode=mode)
+            self.assertLess(dl, 1e-5)
+            self.assertLess(dg, 1e-6)
 
     def test_pooled_goldens(self):
         """The pooled models (kv_sharing "pooled") reproduce their mixture golden

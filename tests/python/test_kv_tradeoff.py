@@ -33,7 +33,8 @@ def _load_tool():
 
 kv_tradeoff = _load_tool()
 
-# A stand-in for bin/moas. A path containing "mha" is a one-scheme model; "bad" fails;
+# A stand-in for bin/moas. A path containing "mha" is a one-scheme model, and so are
+# "gqa" (GQA-2, 1.47 nats at 2,048 bytes) and "mqaN" (MQA, 1.5N at 1,024); "bad" fails;
 # "garbage" prints no JSON. bench answers 2743, 100, 5000, 2743, ... decode tokens/s on
 # successive calls for one (model, mode), so the median of 3 rounds is 2743.
 FAKE_MOAS = r'''
@@ -51,8 +52,16 @@ if "bad" in path:
 if "garbage" in path:
     print("this is not json")
     sys.exit(0)
+base = os.path.basename(path)
 if cmd == "perplexity":
-    if "mha" in path:
+    if base.startswith("mqa") or base.startswith("gqa"):
+        mqa = base.startswith("mqa")
+        out = {"mode": mode, "kv_type": "f32",
+               "nats_per_token": 1.5 + 0.01 * int(base[3]) if mqa else 1.47,
+               "kv_bytes_per_token": 1024.0 if mqa else 2048.0,
+               "mha_kv_bytes_per_token": 6144, "scheme_shares": [1.0],
+               "schemes": ["MQA" if mqa else "GQA-2"]}
+    elif "mha" in path:
         out = {"mode": mode, "kv_type": "f32", "nats_per_token": 1.401234,
                "perplexity": 4.06, "kv_bytes_per_token": 6144.00,
                "mha_kv_bytes_per_token": 6144, "scheme_shares": [1.0], "schemes": ["MHA"]}
@@ -93,7 +102,8 @@ class KvTradeoff(unittest.TestCase):
             f.write("#!%s -S\n%s" % (sys.executable, FAKE_MOAS))
         os.chmod(cls.moas, 0o755)
         cls.text = os.path.join(d, "heldout.txt")
-        for name in ("heldout.txt", "mha-kjv.gguf", "pooled.gguf", "bad.gguf", "garbage.gguf"):
+        for name in ("heldout.txt", "mha-kjv.gguf", "pooled.gguf", "bad.gguf", "garbage.gguf",
+                     "mqa1.gguf", "mqa2.gguf", "gqa.gguf"):
             with open(os.path.join(d, name), "w") as f:
                 f.write("x")
         cls.json_path = os.path.join(d, "out.json")
@@ -211,6 +221,76 @@ class KvTradeoff(unittest.TestCase):
         with open(self.svg_path, "rb") as a, open(again, "rb") as b:
             self.assertEqual(a.read(), b.read())
         self.assertEqual(r.stdout, self.result.stdout)
+
+    def test_append_seeds_and_the_static_front(self):
+        d = self.dir
+        out_json, out_svg = os.path.join(d, "front.json"), os.path.join(d, "front.svg")
+        r = self.call("--append-to", self.json_path, "--no-bench",
+                      "--model", "MQA [seed 1]=" + os.path.join(d, "mqa1.gguf"),
+                      "--model", "MQA [seed 2]=" + os.path.join(d, "mqa2.gguf"),
+                      "--model", "GQA-2=" + os.path.join(d, "gqa.gguf"),
+                      "--relabel", "MHA <base> & co", "MHA",
+                      "--front", "MHA", "--front", "GQA-2", "--front", "MQA",
+                      "--json", out_json, "--svg", out_svg, "--markdown")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        lines = r.stdout.splitlines()
+        self.assertTrue(lines[0].endswith("| decode tokens/s | vs. front |"), lines[0])
+        rows = [[c.strip() for c in l.strip("|").split(" | ")] for l in lines[2:8]]
+        # the front at 1,292 bytes: 1.515 + (1.47 - 1.515) * 268 / 1024 = 1.50322
+        self.assertEqual([(x[0], x[1], x[2], x[-1]) for x in rows], [
+            ("MHA", "single", "1.4012", "+0.00%"),
+            ("Pooled λ=0.05", "mixture", "1.4783", "+5.50%"),
+            ("Pooled λ=0.05", "routed", "1.4774", "-1.72%"),
+            ("MQA [seed 1]", "single", "1.5100", "-0.33%"),
+            ("MQA [seed 2]", "single", "1.5200", "+0.33%"),
+            ("GQA-2", "single", "1.4700", "+0.00%")])
+        self.assertEqual(rows[5][6], "—")                      # not benchmarked
+        self.assertEqual(lines[8], "")
+        self.assertEqual(lines[11], "| MQA | single | 2 | 1.5150 | 1.5100 | 1.5200 | 0.0100 "
+                                    "| 1,024 |")
+        self.assertEqual(len(lines), 12)
+        with open(out_json, encoding="utf-8") as f:
+            doc = json.load(f)
+        with open(self.json_path, encoding="utf-8") as f:
+            old = json.load(f)
+        self.assertEqual(doc["front"], ["MHA", "GQA-2", "MQA"])
+        self.assertEqual(doc["commands"], old["commands"])
+        self.assertEqual(len(doc["appended"]), 1)
+        self.assertEqual(len(doc["appended"][0]["commands"]), 3)     # perplexity only
+        root = ET.parse(out_svg).getroot()
+        front = [e for e in root.iter() if e.get("class") == "front"]
+        self.assertEqual(len(front), 1)
+        self.assertEqual(len(front[0].get("points").split()), 3)
+        self.assertEqual(len([e for e in root.iter() if e.get("class") == "spread"]), 1)
+        mqa = [e for e in root.iter() if "point" in (e.get("class") or "").split()][3:5]
+        self.assertEqual(mqa[0].get("fill"), mqa[1].get("fill"))     # one colour per group
+        texts = ["".join(e.itertext()) for e in root.iter(SVG_NS + "text")]
+        self.assertIn("static front: MHA, GQA-2, MQA", texts)
+        self.assertIn("MQA", texts)
+        self.assertNotIn("MQA [seed 1]", texts)                       # the legend lists groups
+        # the same document redraws to the same bytes
+        again = os.path.join(d, "front-again.svg")
+        r2 = self.call("--from-json", out_json, "--svg", again, "--markdown", measure=False)
+        self.assertEqual(r2.stdout, r.stdout)
+        with open(out_svg, "rb") as a, open(again, "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        # --only draws and tabulates a subset of the groups
+        r3 = self.call("--from-json", out_json, "--only", "MQA", "--only", "MHA",
+                       "--front", "MHA", "--front", "MQA", "--markdown", measure=False)
+        self.assertEqual(r3.returncode, 0, r3.stderr)
+        self.assertEqual([l.split(" | ")[0] for l in r3.stdout.splitlines()[2:5]],
+                         ["| MHA", "| MQA [seed 1]", "| MQA [seed 2]"])
+        self.assertFails(self.call("--from-json", out_json, "--only", "nope", measure=False),
+                         "--only")
+        # the front must be single-scheme groups that exist; labels stay unique
+        self.assertFails(self.call("--from-json", out_json, "--front", "Pooled λ=0.05",
+                                   measure=False), "not a single-scheme model")
+        self.assertFails(self.call("--from-json", out_json, "--front", "MQA [seed 3]",
+                                   measure=False), "names no rows")
+        self.assertFails(self.call("--from-json", out_json, "--relabel", "nope", "x",
+                                   measure=False), "no row is labelled")
+        self.assertFails(self.call("--append-to", out_json, "--model",
+                                   "GQA-2=" + os.path.join(d, "gqa.gguf")), "two models")
 
     def test_no_bench(self):
         r = self.call("--model", "P=" + os.path.join(self.dir, "pooled.gguf"),
