@@ -928,8 +928,8 @@ typedef struct moas_pool_info {
  * Writes what fits in info->size bytes and sets info->size to that.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument).
- * Thread safety: safe while other threads decode contexts of the pool (the figures
- *   are then a snapshot).   Allocates: no.
+ * Thread safety: safe, also while other threads decode contexts of the pool: each
+ *   context counts as of its last finished call.   Allocates: no.
  */
 MOAS_API moas_status moas_pool_stats(moas_pool *pool, moas_pool_info *info);
 

@@ -485,10 +485,23 @@ static void pages_take(moas_context *ctx, int32_t n) {
 }
 
 /* Give back the pages past what n_past tokens hold. */
+static uint64_t kv_bytes_at(const moas_context *ctx, int32_t layer, int32_t n_tokens);
+
+/* Give back the pages past what n_past tokens hold, and publish what the context now
+ * uses for moas_pool_stats (which other threads may call while this context decodes:
+ * they read only these figures, under the pool's lock). */
 static void pages_trim(moas_context *ctx) {
+    uint64_t stored = 0;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
-        moas__kv_trim(ctx->pool, &ctx->kv[i], stream_heads(ctx, i, ctx->n_past));
+        const uint32_t heads = stream_heads(ctx, i, ctx->n_past);
+        moas__kv_trim(ctx->pool, &ctx->kv[i], heads);
+        stored += (uint64_t)heads * 2 * ctx->pool->head_bytes;
     }
+    const uint64_t used = kv_bytes_at(ctx, -1, ctx->n_past);
+    moas__pool_lock(ctx->pool);
+    ctx->published_used = used;
+    ctx->published_stored = stored;
+    moas__pool_unlock(ctx->pool);
 }
 
 static moas_status pool_full(const moas_pool *pool, uint64_t need, const char *what) {
@@ -1105,6 +1118,7 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
     memcpy(child->logits, parent->logits, (size_t)m->n_vocab * sizeof *parent->logits);
     child->logits_valid = parent->logits_valid;
     child->n_past = parent->n_past;
+    pages_trim(child);   /* publishes its figures */
     *out = child;
     return MOAS_OK;
 }
@@ -1376,6 +1390,7 @@ moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t s
         }
     }
     ctx->n_past = (int32_t)n;
+    pages_trim(ctx);   /* publishes its figures */
     return MOAS_OK;
 }
 

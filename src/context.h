@@ -112,6 +112,8 @@ struct moas_context {
     bool pool_owned;         /* `pool` is this context's private pool */
     bool linked;             /* on the pool's list */
     struct moas_context *pool_next, *pool_prev;   /* the pool's list of contexts */
+    uint64_t published_used;   /* under the pool's lock: kv bytes used after the last call */
+    uint64_t published_stored; /* and the K/V bytes in pages */
 
     /* routing records */
     float *route_gates;      /* [n_ctx, n_layer, n_scheme] gates as computed */

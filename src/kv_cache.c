@@ -360,10 +360,8 @@ moas_status moas_pool_stats(moas_pool *pool, moas_pool_info *info) {
     r.bytes_capacity = (uint64_t)pool->n_pages * page_bytes;
     r.bytes_held = (uint64_t)(pool->n_pages - pool->n_free) * page_bytes;
     for (const moas_context *c = pool->contexts; c != NULL; c = c->pool_next) {
-        r.bytes_used += moas_context_kv_bytes_used(c, -1);
-        for (int32_t i = 0; i < c->n_streams; i++) {
-            r.bytes_stored += (uint64_t)moas__kv_heads_at(&c->kv[i], c->n_past) * pool->head_bytes * 2;
-        }
+        r.bytes_used += c->published_used;   /* as of each context's last call */
+        r.bytes_stored += c->published_stored;
     }
     moas__pool_unlock(pool);
     moas__params_fill(info, info->size, &r, sizeof r);

@@ -585,7 +585,8 @@ TEST(pool_arguments_are_checked) {
 }
 
 /* Contexts of one pool decoded from several threads at once (their pages come and go
- * under the pool's lock) equal the same work done one after another. */
+ * under the pool's lock), while another thread reads the pool's figures, equal the
+ * same work done one after another. */
 typedef struct {
     moas_context *ctx;
     const int32_t *tokens;
@@ -627,6 +628,11 @@ TEST(pool_contexts_on_several_threads) {
     }
     for (int32_t t = 0; t < T; t++) {
         ASSERT_EQ(pthread_create(&th[t], NULL, pool_thread, &jobs[t]), 0);
+    }
+    for (int i = 0; i < 200; i++) {   /* the pool's figures, read while they change */
+        moas_pool_info info = {.size = sizeof info};
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_TRUE(info.pages_free >= 0 && info.pages_free <= info.n_pages);
     }
     for (int32_t t = 0; t < T; t++) {
         pthread_join(th[t], NULL);
