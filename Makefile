@@ -307,6 +307,12 @@ valgrind:
 	    --seed 1 >/dev/null
 	$(VALGRIND) build-valgrind/bin/moas perplexity -m $(VALGRIND_MODEL) -f $(VALGRIND_TEXT) \
 	    >/dev/null
+	@# the KV pool: batched decode, forks of a shared prompt, and a pool filled to
+	@# refusal with compaction
+	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-l005.gguf -npp 24 \
+	    -ntg 8 -npl 1,3 --shared-prompt --mode routed --json >/dev/null
+	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-l005.gguf -npp 24 \
+	    -ntg 8 --pool-mb 0.3 --mode routed --compact-keep 4 --json >/dev/null
 	@# Error paths must exit 1 (the program's own failure), not 99 (a memcheck error).
 	@# The program exit()s from deep inside, so blocks its frames still point to are
 	@# "still reachable" there, and only lost blocks count.

@@ -288,7 +288,13 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
             bb_die("context: %s", moas_last_error());
         }
         fill_tokens(src, n_vocab, n, tokens, n_tok);
-        const moas_status st = moas_context_decode_batch(ctx, tokens, n_tok, NULL, MOAS_LOGITS_NONE);
+        /* a token at a time: a call reserves pages for its tokens at their widest
+         * scheme, so a whole prompt in one call would be refused while its routed
+         * tokens still fit */
+        moas_status st = MOAS_OK;
+        for (int i = 0; i < n_tok && st == MOAS_OK; i++) {
+            st = moas_context_decode(ctx, tokens[i], NULL);
+        }
         if (st == MOAS_ERR_POOL_FULL) {
             moas_context_free(ctx);
             break;
