@@ -980,8 +980,15 @@ static int cmd_inspect(const options *o) {
         all_heads += heads;
         printf("%6d  %8lld  %lld / %lld\n", s, heads, per_token * 4, per_token * 2);
     }
-    printf("mixture mode stores every scheme: %lld / %lld bytes per token\n",
-           all_heads * head_dim * 2 * n_layer * 4, all_heads * head_dim * 2 * n_layer * 2);
+    if (moas_model_kv_sharing(model) == MOAS_KV_SHARING_POOLED) {
+        /* one mix of the pooled heads, broadcast back to all of them */
+        printf("mixture mode stores the gate-weighted mix, %d heads: %lld / %lld bytes per "
+               "token\n", n_head, (long long)n_head * head_dim * 2 * n_layer * 4,
+               (long long)n_head * head_dim * 2 * n_layer * 2);
+    } else {
+        printf("mixture mode stores every scheme: %lld / %lld bytes per token\n",
+               all_heads * head_dim * 2 * n_layer * 4, all_heads * head_dim * 2 * n_layer * 2);
+    }
 
     printf("\nmetadata (%lld keys)\n", (long long)moas_model_meta_count(model));
     for (int64_t i = 0; i < moas_model_meta_count(model); i++) {
