@@ -372,7 +372,15 @@ TEST(truncate_then_redecode_equals_uninterrupted_run) {
  * (team.h), so the parallel paths run however busy the machine is. */
 TEST(logits_identical_for_any_thread_count) {
     static const char *const models[] = {"tiny-moas-bias.gguf", "tiny-static-nobias.gguf",
-                                         "tiny-pooled-bias.gguf", "tiny-baseline-bias.gguf"};
+                                         "tiny-pooled-bias.gguf", "tiny-baseline-bias.gguf",
+                                         "tiny-modern-moas-bias.gguf",
+                                         "tiny-modern-pooled-nobias.gguf"};
+    /* The block-option models (RoPE, RMSNorm, SwiGLU) run every thread count with an
+     * f32 cache, all bit-identical. The f16 bound below is the published models'; in
+     * routed mode an f16 cache moves tiny-modern-moas-bias's logits by up to 0.0125
+     * (measured, with no route changed: its random independent schemes amplify the
+     * rounding more), so it is not applied to them. */
+    const size_t first_modern = 4;
     for (size_t mi = 0; mi < sizeof models / sizeof models[0]; mi++) {
         for (int mode = 0; mode < 2; mode++) {
             moas_model *model;
@@ -396,7 +404,7 @@ TEST(logits_identical_for_any_thread_count) {
                 moas_context_params_init(&cp);
                 cp.n_threads = t;
                 cp.mode = mode == 0 ? MOAS_MODE_MIXTURE : MOAS_MODE_ROUTED;
-                cp.kv_type = t == 3 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+                cp.kv_type = t == 3 && mi < first_modern ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
                 ASSERT_OK(moas_context_create(model, &cp, &ctx));
                 ctx->ws->parallel_min_work = 0;
                 ctx->batch_tokens = 32;
@@ -406,7 +414,7 @@ TEST(logits_identical_for_any_thread_count) {
                 for (int32_t i = n_prompt; i < n; i++) {
                     ASSERT_OK(moas_context_decode(ctx, tokens[i], out + (size_t)i * n_vocab));
                 }
-                if (run > 0 && t < 3) {
+                if (run > 0 && (t < 3 || mi >= first_modern)) {
                     ASSERT_TRUE(memcmp(one, two, (size_t)n * n_vocab * sizeof *one) == 0);
                 }
                 moas_context_free(ctx);
@@ -418,7 +426,7 @@ TEST(logits_identical_for_any_thread_count) {
                 const float d = fabsf(one[i] - two[i]);
                 worst = d > worst ? d : worst;
             }
-            ASSERT_TRUE(worst > 0.0f && worst < 1e-2f);
+            ASSERT_TRUE(mi >= first_modern ? worst == 0.0f : worst > 0.0f && worst < 1e-2f);
             free(one);
             free(two);
             moas_model_free(model);
