@@ -8,7 +8,8 @@
 //! `pkg-config --static --libs moas` lists, or the `Libs.private` line of the `moas.pc`
 //! beside the library, or `-lm` and `-fopenmp` when the archive calls OpenMP. `-fopenmp`
 //! becomes the runtime the archive calls: libgomp for GCC's `GOMP_` calls, libomp for
-//! clang's `__kmpc_` calls, none when it calls neither.
+//! clang's `__kmpc_` calls (in the directory clang itself passes for it), none when
+//! it calls neither.
 //!
 //! Link arguments of a build script apply to its own crate's targets only, so nothing
 //! here can put the directory into a dependent's binary. Dependents get it as metadata
@@ -57,6 +58,27 @@ fn openmp_runtime(archive: &Path) -> Option<&'static str> {
     }
 }
 
+/// The directory of libomp.so when the linker would not find it: clang keeps it in its
+/// own lib/ (Debian: /usr/lib/llvm-N/lib) and passes that directory when it links with
+/// -fopenmp, which `clang -### -fopenmp` shows.
+fn libomp_dir() -> Option<PathBuf> {
+    let mut compilers = Vec::new();
+    if let Ok(cc) = env::var("CC") {
+        compilers.push(cc);
+    }
+    compilers.push("clang".to_string());
+    compilers.into_iter().find_map(|cc| {
+        let out = Command::new(cc)
+            .args(["-###", "-fopenmp", "-x", "c", "/dev/null", "-o", "/dev/null"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        text.split_whitespace()
+            .filter_map(|arg| arg.trim_matches('"').strip_prefix("-L").map(PathBuf::from))
+            .find(|dir| dir.join("libomp.so").exists())
+    })
+}
+
 fn main() {
     for var in [
         "MOAS_LIB_DIR",
@@ -65,6 +87,7 @@ fn main() {
         "PKG_CONFIG_PATH",
         "PKG_CONFIG_LIBDIR",
         "PKG_CONFIG_SYSROOT_DIR",
+        "CC",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -140,6 +163,11 @@ fn main() {
                 if let Some(runtime) = openmp_runtime(&archive) {
                     libs.push(runtime.to_string());
                 }
+            }
+        }
+        if libs.iter().any(|l| l == "omp") {
+            if let Some(omp) = libomp_dir() {
+                println!("cargo:rustc-link-search=native={}", omp.display());
             }
         }
         for lib in &libs {
