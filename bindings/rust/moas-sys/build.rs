@@ -69,7 +69,15 @@ fn libomp_dir() -> Option<PathBuf> {
     compilers.push("clang".to_string());
     compilers.into_iter().find_map(|cc| {
         let out = Command::new(cc)
-            .args(["-###", "-fopenmp", "-x", "c", "/dev/null", "-o", "/dev/null"])
+            .args([
+                "-###",
+                "-fopenmp",
+                "-x",
+                "c",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+            ])
             .output()
             .ok()?;
         let text = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -93,8 +101,8 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=build.rs");
 
-    let link_static =
-        env::var_os("CARGO_FEATURE_STATIC").is_some() || env::var("MOAS_STATIC").as_deref() == Ok("1");
+    let link_static = env::var_os("CARGO_FEATURE_STATIC").is_some()
+        || env::var("MOAS_STATIC").as_deref() == Ok("1");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let tree = manifest.join("../../..");
     let tree = tree.canonicalize().unwrap_or(tree);
@@ -114,11 +122,16 @@ fn main() {
                     || dir.parent().map_or_else(|| dir.clone(), Path::to_path_buf),
                     PathBuf::from,
                 );
-                let include =
-                    pkg_config(&["--variable=includedir"]).map_or_else(|| root.join("include"), PathBuf::from);
+                let include = pkg_config(&["--variable=includedir"])
+                    .map_or_else(|| root.join("include"), PathBuf::from);
                 (dir, root, include, "pkg-config")
             }
-            None => (tree.join("lib"), tree.clone(), tree.join("include"), "the source tree"),
+            None => (
+                tree.join("lib"),
+                tree.clone(),
+                tree.join("include"),
+                "the source tree",
+            ),
         },
     };
     let dir_s = dir.to_string_lossy().into_owned();
@@ -137,7 +150,8 @@ fn main() {
         println!("cargo:rustc-link-lib=static=moas");
 
         let private = if how == "pkg-config" {
-            pkg_config(&["--static", "--libs"]).map(|s| s.split_whitespace().map(str::to_string).collect())
+            pkg_config(&["--static", "--libs"])
+                .map(|s| s.split_whitespace().map(str::to_string).collect())
         } else {
             pc_libs_private(&dir.join("moas.pc"))
         };
@@ -174,7 +188,10 @@ fn main() {
             println!("cargo:rustc-link-lib={lib}");
         }
         let with: Vec<String> = libs.iter().map(|l| format!("-l{l}")).collect();
-        println!("cargo:rustc-env=MOAS_LINKED_FROM={how}, static: {dir_s} (with {})", with.join(" "));
+        println!(
+            "cargo:rustc-env=MOAS_LINKED_FROM={how}, static: {dir_s} (with {})",
+            with.join(" ")
+        );
     } else {
         println!("cargo:rerun-if-changed={dir_s}/libmoas.so");
         println!("cargo:rustc-link-lib=dylib=moas");

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 fn run(path: &str, prompt: &str, n: usize) -> moas::Result<String> {
     let model = Model::load(path)?;
     let mut ctx = Context::new(&model, &ContextParams::default())?;
-    let greedy = SamplerParams { temperature: 0.0, ..Default::default() };
+    let greedy = SamplerParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
     let mut sampler = Sampler::new(model.n_vocab(), &greedy)?;
     ctx.decode_batch(&model.tokenize(prompt)?)?;
     let mut ids = Vec::new();

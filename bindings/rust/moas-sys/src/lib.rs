@@ -5,7 +5,7 @@
 //! build.rs links the library it finds (`MOAS_LIB_DIR`, else pkg-config, else this
 //! source tree's `lib/`), shared by default or static with the `static` feature, and
 //! tells dependents' build scripts where it is: `DEP_MOAS_LIBDIR`, `DEP_MOAS_ROOT`,
-//! `DEP_MOAS_STATIC` (README.md in this directory).
+//! `DEP_MOAS_STATIC` (bindings/rust/README.md).
 #![allow(non_camel_case_types)]
 
 /// How build.rs found the library and how it linked it, e.g.
@@ -52,9 +52,8 @@ pub struct moas_pool {
     _opaque: [u8; 0],
 }
 
-pub type moas_log_fn = Option<
-    unsafe extern "C" fn(user: *mut c_void, level: moas_log_level, message: *const c_char),
->;
+pub type moas_log_fn =
+    Option<unsafe extern "C" fn(user: *mut c_void, level: moas_log_level, message: *const c_char)>;
 pub type moas_route_fn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -286,11 +285,8 @@ extern "C" {
         out: *mut *mut moas_context,
     ) -> moas_status;
     pub fn moas_context_free(ctx: *mut moas_context);
-    pub fn moas_context_decode(
-        ctx: *mut moas_context,
-        token: i32,
-        logits: *mut f32,
-    ) -> moas_status;
+    pub fn moas_context_decode(ctx: *mut moas_context, token: i32, logits: *mut f32)
+        -> moas_status;
     pub fn moas_context_decode_batch(
         ctx: *mut moas_context,
         tokens: *const i32,
@@ -352,8 +348,7 @@ extern "C" {
         scheme: i32,
         n_changed: *mut i32,
     ) -> moas_status;
-    pub fn moas_context_shift(ctx: *mut moas_context, n_keep: i32, n_discard: i32)
-        -> moas_status;
+    pub fn moas_context_shift(ctx: *mut moas_context, n_keep: i32, n_discard: i32) -> moas_status;
     pub fn moas_context_kv_pages(ctx: *const moas_context) -> i32;
     pub fn moas_context_kv_bytes_held(ctx: *const moas_context) -> usize;
     pub fn moas_context_state_size(ctx: *const moas_context) -> usize;
