@@ -88,7 +88,7 @@ $(cat "$work/out_static")
 $(cat "$work/out_dylib")"
             ;;
         no-rpath)
-            if ldconfig -p 2>/dev/null | grep -q 'libmoas\.so\.1 '; then
+            if { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q 'libmoas\.so\.1 '; then
                 echo "rust-consumer: (the loader finds an installed libmoas.so.1: no-rpath check skipped)"
             else
                 [ $rc -eq 127 ] && grep -q 'libmoas.so.1: cannot open shared object file' "$work/err_$how" ||
