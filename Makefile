@@ -344,7 +344,9 @@ uninstall:
 # ---- other languages, consumers, ABI baseline (docs/API.md) ---------------------
 #   make cpp-example     examples/cpp/generate.cpp and parallel.cpp (RAII header moas.hpp),
 #                        -std=c++17 -Werror, run
-#   make rust-example    examples/rust: cargo build + test, offline (SKIP when cargo is absent)
+#   make rust-example    bindings/rust (crates moas-sys, moas): cargo build + test, offline,
+#                        then tests/rust-consumer, a crate depending on them by path, static
+#                        and dynamic (SKIP when cargo is absent)
 #   make consumers       C++, Rust and Python against an installed prefix found by pkg-config
 #   make abi-check       lib/libmoas.so's ABI against abi/libmoas.abi (abigail-tools)
 #   make abi-update      rewrite abi/libmoas.abi; refuses an incompatible change without a
@@ -371,11 +373,15 @@ cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL)
 	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
 	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone)"
 
-rust-example: lib
+rust-example: lib $(LIBOUT)/moas.pc
 	$(Q)if [ -z "$(CARGO)" ]; then echo "*** SKIP: rust example (cargo not found) ***"; exit 0; fi; \
 	export CARGO_TARGET_DIR=$(abspath $(BUILD))/rust MOAS_LIB_DIR=$(abspath $(LIBOUT)) && \
-	(cd examples/rust && $(CARGO) build --offline -q && $(CARGO) test --offline -q) && \
-	sh tests/consumers.sh run-example rust-example $(abspath $(BUILD))/rust/debug/generate
+	(cd bindings/rust && $(CARGO) build --offline -q --all-targets && \
+	 $(CARGO) test --offline -q >$(abspath $(BUILD))/rust/test.log 2>&1 || \
+	 { cat $(abspath $(BUILD))/rust/test.log; exit 1; }) && \
+	grep -h "^test result" $(abspath $(BUILD))/rust/test.log | sed 's/^/bindings\/rust: /' && \
+	sh tests/consumers.sh run-example rust-example $(abspath $(BUILD))/rust/debug/examples/generate && \
+	sh tests/consumers.sh rust-consumer $(CARGO) $(abspath $(BUILD))/rust-consumer
 
 consumers: all
 	$(Q)sh tests/consumers.sh all "$(MAKE)" "$(CXX)" "$(CARGO)"

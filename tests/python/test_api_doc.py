@@ -1,6 +1,6 @@
 """docs/API.md shows code that runs: its complete programs are the example files byte for
-byte, each of those files is built and run by `make test`, and the page, the Rust `ffi`
-block and the ABI suppressions keep up with include/moas.h."""
+byte, each of those files is built and run by `make test`, and the page, the Rust
+declarations (moas-sys) and the ABI suppressions keep up with include/moas.h."""
 import os
 import re
 import unittest
@@ -37,11 +37,17 @@ class ApiDoc(unittest.TestCase):
             read(os.path.join("tests", f)) for f in os.listdir(os.path.join(TOP, "tests"))
             if f.endswith(".sh")) + read("tests/python/test_binding.py")
         for path, _lang, _ in QUOTE.findall(self.doc):
-            # a Rust program is run through its crate's directory
-            crate = path.split("/src/")[0] if "/src/" in path else None
-            self.assertTrue(path in runners or (crate and crate in runners),
-                            "%s is quoted but nothing in make test runs it" % path)
-        self.assertIn('path = "src/main.rs"', read("examples/rust/Cargo.toml"))
+            # a Rust program is built through its workspace's directory, and run as
+            # debug/examples/NAME
+            if path.startswith("bindings/rust/") and "/examples/" in path:
+                example = os.path.basename(path)[:-len(".rs")]
+                self.assertIn('path = "examples/%s.rs"' % example,
+                              read(path.split("/examples/")[0] + "/Cargo.toml"))
+                self.assertTrue("cd bindings/rust" in runners
+                                and "debug/examples/" + example in runners,
+                                "%s is quoted but nothing in make test runs it" % path)
+            else:
+                self.assertIn(path, runners, "%s is quoted but nothing in make test runs it" % path)
 
     def test_every_public_function_is_in_the_tour(self):
         missing = []
@@ -56,9 +62,9 @@ class ApiDoc(unittest.TestCase):
         self.assertEqual(missing, [], "docs/API.md does not mention these")
 
     def test_rust_ffi_declares_the_whole_header(self):
-        lib = read("examples/rust/src/lib.rs")
+        lib = read("bindings/rust/moas-sys/src/lib.rs")
         declared = set(re.findall(r"pub fn (moas_\w+)\(", lib))
-        self.assertEqual(set(header_functions()) - declared, set(), "missing from the ffi block")
+        self.assertEqual(set(header_functions()) - declared, set(), "missing from moas-sys")
         self.assertEqual(declared - set(header_functions()), set(), "not in moas.h")
 
     def test_abi_suppressions_name_every_count_enumerator(self):

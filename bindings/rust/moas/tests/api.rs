@@ -4,7 +4,7 @@ use moas::{Context, ContextParams, KvType, Mode, Model, Pool, Sampler, SamplerPa
 const TEXT: &str = "And God said, Let there be light: and there was light.";
 
 fn data(name: &str) -> String {
-    format!("{}/../../tests/data/{}", env!("CARGO_MANIFEST_DIR"), name)
+    format!("{}/../../../tests/data/{}", env!("CARGO_MANIFEST_DIR"), name)
 }
 
 fn model() -> Model {
@@ -13,7 +13,7 @@ fn model() -> Model {
 
 #[test]
 fn links_the_library_build_rs_found() {
-    let from = env!("MOAS_LINKED_FROM");
+    let from = moas::ffi::LINKED_FROM;
     assert!(from.contains(": /"), "{from}");
     assert_eq!(moas::version().split('.').next(), Some("1"));
 }

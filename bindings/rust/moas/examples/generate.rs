@@ -1,6 +1,7 @@
-//! generate - generate text from a prompt with the safe wrappers of src/lib.rs.
+//! generate - generate text from a prompt with the safe wrappers of the moas crate.
 //!
-//!     cargo run --offline --bin generate -- models/moas-kjv.gguf "And God said" 200 [routed]
+//!     cd bindings/rust
+//!     cargo run --offline --example generate -- ../../models/moas-kjv.gguf "And God said" 200 [routed]
 //!
 //! Prints the text, then the routing and KV bytes to stderr; exit status 1 on an error.
 use moas::{Context, ContextParams, Mode, Model, Sampler, SamplerParams};
