@@ -31,6 +31,9 @@ def test_pip_install_offline_and_pkg_config_lookup(tmp_path):
                     os.path.join(ROOT, "bindings", "python")], check=True,
                    cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert (target / "moas" / "__init__.py").is_file()
+    assert (target / "moas" / "server.py").is_file()
+    assert (target / "moas" / "engine.py").is_file()
+    assert (target / "moas" / "static" / "index.html").is_file()
     # the installed package finds libmoas through pkg-config when MOAS_LIBRARY is unset
     pc = tmp_path / "pc"
     pc.mkdir()
