@@ -164,7 +164,7 @@ test: all $(TEST_BIN)
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	python3 -m unittest discover -s tests/python -t . -q
-	$(MAKE) --no-print-directory pytest
+	$(MAKE) --no-print-directory pytest browser
 	sh tests/cli.sh $(BINOUT)/moas
 	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
 	$(MAKE) --no-print-directory cpp-example rust-example consumers
@@ -178,11 +178,19 @@ test: all $(TEST_BIN)
 # python3-pytest is for /usr/bin/python3, which a python3 earlier in PATH may not see.
 PYTEST_PYTHONS ?= python3 /usr/bin/python3
 .PHONY: pytest
-pytest: lib
+pytest: all
 	$(Q)for py in $(PYTEST_PYTHONS); do \
 	    if $$py -c 'import pytest' 2>/dev/null; then \
 	        exec $$py -m pytest -q -p no:cacheprovider tests/python/pkg; fi; \
 	done; echo "*** SKIP: Python package tests (pytest not found: apt-get install python3-pytest) ***"
+
+# The server's routing view in headless Chromium (tests/browser.sh; SKIP without
+# chromium, node, playwright-core in tests/browser/node_modules, or aiohttp).
+.PHONY: browser
+browser: lib
+	$(Q)for py in $(PYTEST_PYTHONS); do \
+	    if $$py -c 'import aiohttp' 2>/dev/null; then exec sh tests/browser.sh $$py; fi; \
+	done; echo "*** SKIP: browser test (aiohttp not found: apt-get install python3-aiohttp) ***"
 
 # The shipped model, generating from a prompt: the README's one-command demo.
 MODEL ?= models/moas-kjv.gguf
