@@ -192,6 +192,18 @@ browser: lib
 	    if $$py -c 'import aiohttp' 2>/dev/null; then exec sh tests/browser.sh $$py; fi; \
 	done; echo "*** SKIP: browser test (aiohttp not found: apt-get install python3-aiohttp) ***"
 
+# The server under load (tools/loadtest.py, docs/SERVER.md): 64 streaming clients, some
+# hanging up early, every text checked against the same request run alone. About a
+# minute; `make test` runs a short one (tests/python/pkg/test_loadtest.py).
+LOADTEST_MODEL ?= models/pooled-kjv-l005.gguf
+LOADTEST_ARGS  ?= --clients 64 --requests 2 --mode routed --pool-mb 16
+.PHONY: loadtest
+loadtest: all
+	$(Q)for py in $(PYTEST_PYTHONS); do \
+	    if $$py -c 'import aiohttp' 2>/dev/null; then \
+	        exec $$py tools/loadtest.py -m $(LOADTEST_MODEL) $(LOADTEST_ARGS); fi; \
+	done; echo "loadtest: needs aiohttp (apt-get install python3-aiohttp)"; exit 1
+
 # The shipped model, generating from a prompt: the README's one-command demo.
 MODEL ?= models/moas-kjv.gguf
 run: all
