@@ -164,7 +164,8 @@ test: all $(TEST_BIN)
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	python3 -m unittest discover -s tests/python -t . -q
-	$(MAKE) --no-print-directory pytest browser
+	$(MAKE) --no-print-directory pytest
+	$(MAKE) --no-print-directory browser
 	sh tests/cli.sh $(BINOUT)/moas
 	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
 	$(MAKE) --no-print-directory cpp-example rust-example consumers

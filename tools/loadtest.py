@@ -140,7 +140,7 @@ def round_of_load(port, model, args, expected):
     def client(c):
         for k in range(args.requests):
             seed = 1000 * c + k
-            plen = 4 + (c * 37 + k * 11) % args.max_prompt
+            plen = args.min_prompt + (c * 37 + k * 11) % (args.max_prompt - args.min_prompt + 1)
             prompt = TEXT[:plen]
             max_tokens = min(args.max_tokens, n_ctx - plen)
             body = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed,
@@ -168,7 +168,8 @@ def round_of_load(port, model, args, expected):
         key = (r["prompt"], r["max_tokens"], r["seed"])
         if key not in expected:
             expected[key] = model.generate(r["prompt"], r["max_tokens"], seed=r["seed"],
-                                           temperature=args.temperature, mode=args.mode)
+                                           temperature=args.temperature, mode=args.mode,
+                                           forced_scheme=args.force_scheme)
         want = expected[key]
         if r["status"] != 200:
             continue
@@ -205,12 +206,15 @@ def main():
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--max-prompt", type=int, default=60, help="longest prompt (chars)")
+    ap.add_argument("--min-prompt", type=int, default=4, help="shortest prompt (chars)")
+    ap.add_argument("--max-prompt", type=int, default=63, help="longest prompt (chars)")
     ap.add_argument("--disconnect", type=int, default=8,
                     help="every N-th request hangs up early (0: none)")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--mode", default="routed", choices=("routed", "mixture"))
     ap.add_argument("--pool-mb", type=float, default=16.0)
+    ap.add_argument("--force-scheme", type=int, default=-1,
+                    help="routed mode: every token to scheme S (0: an MHA-sized cache)")
     ap.add_argument("--rounds", type=int, default=2, help="identical rounds (RSS growth)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the server")
     ap.add_argument("--json", action="store_true")
@@ -220,7 +224,8 @@ def main():
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
     proc = subprocess.Popen([args.python, "-m", "moas.server", "-m", args.model, "--port", "0",
                              "--pool-mb", str(args.pool_mb), "--mode", args.mode,
-                             "--max-queue", str(args.clients * 2)] + args.server_args,
+                             "--max-queue", str(args.clients * 2),
+                             "--force-scheme", str(args.force_scheme)] + args.server_args,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True)
     try:
@@ -250,6 +255,7 @@ def main():
         report["peak_pool_bytes_held"] = m["moas_pool_bytes_held_peak"]
         report["pool_bytes_capacity"] = m["moas_pool_bytes_capacity"]
         report["swapped_out"] = m["moas_swapped_out_total"]
+        report["peak_sequences_active"] = m["moas_sequences_active_peak"]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -269,9 +275,11 @@ def main():
                      r["other_errors"], r["characters_streamed"], r["lost"], r["corrupted"],
                      r["ttft_p50_ms"], r["ttft_p99_ms"], r["token_p50_ms"],
                      r["token_p99_ms"], r["tokens_per_s"], r["rss_after_kb"]))
-        print("RSS idle %d KB; peak pool bytes held %d of %d; sequences swapped out %d"
+        print("RSS idle %d KB; peak pool bytes held %d of %d; most sequences at once %d; "
+              "sequences swapped out %d"
               % (report["rss_idle_kb"], report["peak_pool_bytes_held"],
-                 report["pool_bytes_capacity"], report["swapped_out"]))
+                 report["pool_bytes_capacity"], report["peak_sequences_active"],
+                 report["swapped_out"]))
         for r in report["rounds"]:
             if r["errors_sample"]:
                 print("errors:", r["errors_sample"])

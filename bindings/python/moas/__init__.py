@@ -837,7 +837,7 @@ class Model(_Handle):
     def generate(self, prompt, max_tokens=128, *, temperature=0.8, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=0,
                  stop=(), stream=False, routes=False, mode="mixture", n_ctx=0,
-                 unknown="error", n_threads=0):
+                 unknown="error", n_threads=0, forced_scheme=-1):
         """The continuation of `prompt`, sampled as Sampler samples.
 
         stream=False returns the text; stream=True returns a generator of text pieces
@@ -850,7 +850,7 @@ class Model(_Handle):
         strings, or when the context (n_ctx, 0: the trained length) is full. A prompt
         that does not fit raises MoasValueError, as do wrong arguments; `unknown`
         ("error", "replace", "drop") is Model.tokenize's rule for characters outside
-        the vocabulary."""
+        the vocabulary; forced_scheme, mode and n_ctx are Context's."""
         if isinstance(stop, (str, bytes)):
             stop = [stop]
         stop = list(stop)
@@ -860,7 +860,8 @@ class Model(_Handle):
         ids = self.tokenize(prompt, unknown=unknown)
         if not ids:
             raise MoasError(Status.ERR_INVALID_ARG, "the prompt is empty")
-        ctx = Context(self, n_ctx=n_ctx, mode=mode, n_threads=n_threads)
+        ctx = Context(self, n_ctx=n_ctx, mode=mode, n_threads=n_threads,
+                      forced_scheme=forced_scheme)
         if len(ids) > ctx.n_ctx:
             n = ctx.n_ctx
             ctx.close()

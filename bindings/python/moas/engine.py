@@ -84,7 +84,8 @@ class Seq:
 class Engine:
     def __init__(self, model, *, pool_bytes, mode="mixture", max_sequences=64, max_queue=64,
                  queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
-                 page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0):
+                 page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
+                 steer_below=0.0, forced_scheme=-1):
         self.model = model
         self.mode = mode
         self.max_sequences, self.max_queue = max_sequences, max_queue
@@ -92,9 +93,10 @@ class Engine:
         self.prefill_chunk, self.step_prefill = prefill_chunk, step_prefill
         self.step_delay = step_delay
         self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
-                         n_threads=n_threads)
+                         n_threads=n_threads, steer_below=steer_below)
+        self.forced_scheme = forced_scheme
         self.n_ctx = model.n_ctx_train
-        with self.pool.context(mode=mode) as probe:
+        with self.pool.context(mode=mode, forced_scheme=forced_scheme) as probe:
             self.n_ctx = probe.n_ctx
             self.token_bytes = max(probe.kv_token_bytes(s) for s in range(-1, model.n_scheme))
         st = self.pool.stats()
@@ -114,6 +116,7 @@ class Engine:
         self.scheme_tokens = [0] * model.n_scheme
         self._rate = collections.deque()          # (time, tokens) of recent steps
         self.peak_bytes_held = 0
+        self.peak_active = 0
         self._n_closed = 0                       # contexts closed: pages given back
         self._thread = threading.Thread(target=self._run, name="moas-engine", daemon=True)
         self._thread.start()
@@ -152,7 +155,7 @@ class Engine:
                         queued=len(self._incoming) + len(self._waiting),
                         tokens_per_second=tokens / span if span > 0.5 else 0.0,
                         counters=dict(self.counters), scheme_tokens=list(self.scheme_tokens),
-                        peak_bytes_held=self.peak_bytes_held)
+                        peak_bytes_held=self.peak_bytes_held, peak_active=self.peak_active)
 
     def close(self):
         with self._lock:
@@ -205,6 +208,7 @@ class Engine:
         with self._lock:
             self.stats = st
             self.peak_bytes_held = max(self.peak_bytes_held, st.bytes_held)
+            self.peak_active = max(self.peak_active, len(self._active))
 
     def _send(self, req, kind, data=None):
         try:
@@ -277,6 +281,9 @@ class Engine:
             self._fail(r, 503, "the KV pool is full: the request waited %.1f s in the queue"
                        % self.queue_timeout, "pool_full")
 
+    def _context(self):
+        return self.pool.context(mode=self.mode, forced_scheme=self.forced_scheme)
+
     def _free_bytes(self):
         st = self.pool.stats()
         return st.pages_free * st.page_bytes
@@ -286,9 +293,11 @@ class Engine:
         only once a sequence has given its pages back since (no ping-pong)."""
         while self._swapped and len(self._active) < self.max_sequences:
             seq = self._swapped[0]
-            if self._active and self._n_closed <= seq.swap_mark:
+            if self._active and (self._n_closed <= seq.swap_mark or
+                                 len(seq.saved) + self.headroom_bytes + self._committed()
+                                 + self.token_bytes > self._free_bytes()):
                 return
-            ctx = self.pool.context(mode=self.mode)
+            ctx = self._context()
             try:
                 ctx.load_state(seq.saved)
             except MoasError as e:
@@ -301,19 +310,28 @@ class Engine:
             self._active.append(seq)
             self.counters["resumed"] += 1
 
+    def _committed(self):
+        """Bytes the active sequences will take before their next token: the rest of
+        their prompts at the widest scheme, and a token each."""
+        n = 0
+        for seq in self._active:
+            n += (len(seq.req.prompt_ids) - seq.prefill + 1) * self.token_bytes
+        return n
+
     def _admit(self):
+        free = self._free_bytes() - self._committed()
         while not self._swapped:
             with self._lock:
                 if not self._waiting or len(self._active) >= self.max_sequences:
                     return
                 req = self._waiting[0]
-                if self._need(req) + self.headroom_bytes > self._free_bytes() and self._active:
+                need = self._need(req)
+                if need + (self.headroom_bytes if self._active else 0) > free:
                     return
-                if self._need(req) > self._free_bytes():
-                    return
+                free -= need
                 self._waiting.popleft()
             seq = Seq(req, 0)
-            seq.ctx = self.pool.context(mode=self.mode)
+            seq.ctx = self._context()
             seq.sampler = Sampler(self.model, seed=req.seed, **req.sampling)
             seq.sampler.accept(req.prompt_ids)
             req.seqs.append(seq)
@@ -402,7 +420,7 @@ class Engine:
                     raise
                 # no room to fork now: this choice reads the prompt itself later
                 child.prefill = 0
-                child.ctx = self.pool.context(mode=self.mode)
+                child.ctx = self._context()
             child.sampler = Sampler(self.model, seed=req.seed + i, **req.sampling)
             child.sampler.accept(req.prompt_ids)
             req.seqs.append(child)

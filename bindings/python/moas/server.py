@@ -181,7 +181,8 @@ class Server:
                              mode=args.mode, max_sequences=args.max_sequences,
                              max_queue=args.max_queue, queue_timeout=args.queue_timeout,
                              prefill_chunk=args.prefill_chunk, n_threads=args.threads,
-                             kv_type=args.kv_type, step_delay=args.step_delay)
+                             kv_type=args.kv_type, step_delay=args.step_delay,
+                             steer_below=args.steer_below, forced_scheme=args.force_scheme)
         n_ctx = self.engine.n_ctx
         self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
                     "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),
@@ -280,6 +281,8 @@ class Server:
         metric("pool_pages_free", "gauge", "Free pages.", [((), st.pages_free)])
         metric("sequences_active", "gauge", "Sequences decoding (with a context).",
                [((), snap["active"])])
+        metric("sequences_active_peak", "gauge", "Most sequences decoding at once.",
+               [((), snap["peak_active"])])
         metric("sequences_swapped", "gauge", "Sequences swapped out to host memory.",
                [((), snap["swapped"])])
         metric("requests_queued", "gauge", "Requests waiting for room.",
@@ -467,6 +470,12 @@ def parse_args(argv=None):
                     help="prompt tokens a sequence reads per step (32)")
     ap.add_argument("-t", "--threads", type=int, default=0, help="decode threads (0: default)")
     ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32")
+    ap.add_argument("--steer-below", type=float, default=0.0,
+                    help="routed mode: while less than this fraction of the pool's pages "
+                    "is free, tokens take cheaper schemes (0: never; Pool steer_below)")
+    ap.add_argument("--force-scheme", type=int, default=-1,
+                    help="routed mode: every token takes scheme S (0: an MHA-sized cache, "
+                    "for comparisons); -1: the router")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step (slow motion for demos, tests)")
     args = ap.parse_args(argv)
