@@ -193,8 +193,11 @@ class Server:
         self.schemes = scheme_names(self.model)
 
     def app(self):
+        @web.middleware
+        async def middleware(request, handler):
+            return await self.middleware(request, handler)
         app = web.Application(client_max_size=self.args.max_body_bytes,
-                              middlewares=[self.middleware])
+                              middlewares=[middleware])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/pool", self.pool)
@@ -204,7 +207,6 @@ class Server:
         return app
 
     # middleware: API key, errors in OpenAI's shape, requests counted by status
-    @web.middleware
     async def middleware(self, request, handler):
         try:
             if self.args.api_key and request.path not in ("/", "/health"):

@@ -146,3 +146,14 @@ def test_errors_are_value_and_file_errors(model):
     assert isinstance(e.value, ValueError) and e.value.status == moas.Status.ERR_INVALID_ARG
     # the generated text continues fine after the errors
     assert len(model.generate("And God 9", 4, unknown="replace")) == 4
+
+
+def test_server_without_aiohttp_says_so():
+    # the package imports without the server's dependency; the server names it
+    code = ("import sys; sys.modules['aiohttp'] = None\n"
+            "import moas, moas.server\n"
+            "moas.server.main(['-m', 'x'])")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True)
+    assert out.returncode == 1 and "needs aiohttp" in out.stdout, out.stdout
