@@ -23,7 +23,7 @@ try:
 except ImportError:   # pragma: no cover - said once, clearly, by main()
     web = None
 
-from . import Model, MoasError, Status
+from . import Model, MoasError, Sampler, Status
 from .engine import Engine, Request
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -123,15 +123,16 @@ def parse_completion(body, cfg):
                               "a number in [0, 100]", 1.0)
     out["top_p"] = _get(body, "top_p", lambda v: _is_num(v) and 0 < v <= 1,
                         "a number in (0, 1]", 1.0)
-    out["top_k"] = _get(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
+    out["top_k"] = _get(body, "top_k", lambda v: _is_int(v) and 0 <= v < 2**31,
+                        "an integer in [0, 2^31)", 0)
     out["min_p"] = _get(body, "min_p", lambda v: _is_num(v) and 0 <= v <= 1,
                         "a number in [0, 1]", 0.0)
     rp = _get(body, "repetition_penalty", lambda v: _is_num(v) and v > 0,
               "a number > 0", None)
     out["repeat_penalty"] = rp if rp is not None else _get(
         body, "repeat_penalty", lambda v: _is_num(v) and v > 0, "a number > 0", 1.0)
-    out["repeat_last_n"] = _get(body, "repeat_last_n", lambda v: _is_int(v) and v >= 0,
-                                "an integer >= 0", 64)
+    out["repeat_last_n"] = _get(body, "repeat_last_n", lambda v: _is_int(v) and 0 <= v < 2**31,
+                                "an integer in [0, 2^31)", 64)
     stop = _get(body, "stop", lambda v: isinstance(v, str) or (
         isinstance(v, list) and all(isinstance(s, str) and s for s in v)),
         "a string or a list of non-empty strings", [])
@@ -346,6 +347,13 @@ class Server:
         def emit(event):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
+        sampling = dict(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
+                        min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
+                        repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None)
+        try:   # the library's own checks, here rather than in the engine thread
+            Sampler(self.model, **sampling).close()
+        except MoasError as e:
+            raise ApiError(400, e.message, code=e.name.lower())
         req = Request(ids, max_tokens=p["max_tokens"], n=p["n"],
                       temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
                       min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],

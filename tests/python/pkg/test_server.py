@@ -237,7 +237,8 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
                          ("stream", "yes"), ("n", 0), ("seed", -1), ("stop", [1]),
                          ("prompt", 42), ("prompt", [[1, 2]]), ("routes", 1),
                          ("logit_bias", {"x": 1}), ("unknown_chars", "keep"),
-                         ("min_p", 2), ("repetition_penalty", 0)):
+                         ("min_p", 2), ("repetition_penalty", 0), ("top_k", 2**40),
+                         ("repeat_last_n", -3), ("temperature", float("nan"))):
         err = check_error(server.complete(**{"prompt": PROMPT, "max_tokens": 3,
                                              field: value}), 400, param=field)
         assert field in err["message"]
