@@ -233,6 +233,9 @@ def main():
         if "http://127.0.0.1:" not in line:
             sys.exit("loadtest: the server did not start: " + line + proc.stdout.read())
         port = int(line.rsplit(":", 1)[1].strip("/\n"))
+        server_log = []   # drained: a full pipe would stall the server
+        drain = threading.Thread(target=lambda: server_log.extend(proc.stdout), daemon=True)
+        drain.start()
         model = moas.Model(args.model)
         # warm up (one request), then the idle RSS
         stream(port, {"prompt": TEXT[:10], "max_tokens": 4, "seed": 1})
@@ -259,8 +262,11 @@ def main():
     finally:
         proc.terminate()
         proc.wait(10)
-    bad = any(r["lost"] or r["corrupted"] or r["other_errors"] or r["pool_bytes_held_after"]
-              for r in report["rounds"])
+    drain.join(10)
+    report["server_errors_logged"] = sum(1 for line in server_log if "Traceback" in line)
+    bad = report["server_errors_logged"] or any(
+        r["lost"] or r["corrupted"] or r["other_errors"] or r["pool_bytes_held_after"]
+        for r in report["rounds"])
     if args.json:
         print(json.dumps(report))
     else:
@@ -283,6 +289,8 @@ def main():
         for r in report["rounds"]:
             if r["errors_sample"]:
                 print("errors:", r["errors_sample"])
+        if report["server_errors_logged"]:
+            print("server log (last lines):\n" + "".join(server_log[-30:]))
         print("loadtest: %s" % ("FAIL" if bad else "ok"))
     sys.exit(1 if bad else 0)
 

@@ -12,9 +12,11 @@ sequence (moas.engine); this module only parses, validates and streams.
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -190,6 +192,7 @@ class Server:
                     "max_n": min(args.max_n, args.max_sequences),
                     "unknown": args.unknown, "n_vocab": self.model.n_vocab, "n_ctx": n_ctx}
         self.statuses = {}
+        self.disconnects = 0
         self.started = time.time()
         self.schemes = scheme_names(self.model)
 
@@ -309,6 +312,8 @@ class Server:
         metric("scheme_share", "gauge", "Share of token-layer pairs per scheme.",
                [((("scheme", n),), "%.4f" % (v / total))
                 for n, v in zip(self.schemes, snap["scheme_tokens"])])
+        metric("client_disconnects_total", "counter",
+               "Streams whose client hung up before the end.", [((), self.disconnects)])
         metric("requests_total", "counter", "HTTP requests answered, by status.",
                [((("status", str(s)),), n) for s, n in sorted(self.statuses.items())])
         return web.Response(text="\n".join(lines) + "\n",
@@ -417,6 +422,13 @@ class Server:
         async def send(obj):
             await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
+        try:
+            return await self._events(response, send, events, meta, p)
+        except ConnectionError:   # the client hung up: completions() cancels the request
+            self.disconnects += 1
+            return response
+
+    async def _events(self, response, send, events, meta, p):
         while True:
             ev = await events.get()
             batch = [ev]
@@ -518,6 +530,8 @@ def main(argv=None):
         sys.exit("moas.server needs aiohttp: apt-get install python3-aiohttp "
                  "(or pip install 'moas[server]')")
     args = parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):   # kill -USR1 PID: every thread's stack on stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:

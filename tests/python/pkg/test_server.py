@@ -36,6 +36,10 @@ class Server:
         assert "http://127.0.0.1:" in line, line + self.proc.stdout.read()
         self.port = int(line.rsplit(":", 1)[1].strip("/\n"))
         self.key = None
+        # drain what the server prints (a full pipe would stall it), to check it below
+        self.output = []
+        self.drain = threading.Thread(target=lambda: self.output.extend(self.proc.stdout))
+        self.drain.start()
 
     def close(self):
         self.proc.terminate()
@@ -44,6 +48,9 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.drain.join(10)
+        log = "".join(self.output)
+        assert "Traceback" not in log and "Error" not in log, log[-3000:]
 
     def request(self, method, path, body=None, headers=None, raw=None, timeout=60):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
