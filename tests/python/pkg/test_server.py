@@ -423,3 +423,28 @@ def test_short_load_loses_nothing(server, model):
     assert sum(map(len, texts)) == 16 * 3 * 24
     assert time.time() - start < 60
     wait_idle(server)
+
+
+def test_random_bodies_never_5xx(server):
+    # values of every kind in every field: always 200 or a 4xx in OpenAI's shape
+    import random
+    rng = random.Random(7)
+    values = [None, True, False, 0, 1, -1, 2**40, 0.5, -0.5, 1e308, "", "x", "And God",
+              [], ["a"], ["a", "b"], [1], {}, {"1": 1}, {"a": "b"}, "\u00e9\ud7ff"]
+    fields = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
+              "seed", "n", "stream", "routes", "logit_bias", "unknown_chars", "echo",
+              "logprobs", "best_of", "stream_options", "repetition_penalty", "suffix",
+              "model", "user"]
+    statuses = {}
+    for _ in range(150):
+        body = {"prompt": PROMPT, "max_tokens": 3}
+        for name in rng.sample(fields, rng.randint(1, 3)):
+            body[name] = rng.choice(values)
+        body["stream"] = False
+        status, _, reply = server.complete(**body)
+        statuses[status] = statuses.get(status, 0) + 1
+        if status != 200:
+            check_error((status, {}, reply), status)
+            assert 400 <= status < 500, (body, reply)
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
+    assert server.request("GET", "/health")[0] == 200
