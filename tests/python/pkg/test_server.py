@@ -323,9 +323,10 @@ def test_api_key():
 
 
 def test_full_server_queues_then_503():
-    # one sequence at a time, one request may wait, for at most 1 s
-    s = Server("--max-sequences", "1", "--max-queue", "1", "--queue-timeout", "1",
-               "--pool-mb", "1", "--step-delay", "0.05")
+    # one sequence at a time, one request may wait, for at most 2 s; the holder takes
+    # 45 steps of at least 0.1 s
+    s = Server("--max-sequences", "1", "--max-queue", "1", "--queue-timeout", "2",
+               "--pool-mb", "1", "--step-delay", "0.1")
     try:
         started = threading.Event()
         results = {}
@@ -358,7 +359,7 @@ def test_full_server_queues_then_503():
         assert int(headers["Retry-After"]) >= 1 and "waiting" in err["message"]
         waiter.join(30)
         holder.join(60)
-        # the queued request waited out its second (the holder takes 2-3 s)
+        # the queued request waited out its 2 s (the holder takes 4.5 s or more)
         err = check_error(results["queued"], 503, "pool_full")
         assert "Retry-After" in results["queued"][1] and "queue" in err["message"]
         assert joined(results["hold"])
