@@ -164,6 +164,8 @@ test: all $(TEST_BIN)
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	python3 -m unittest discover -s tests/python -t . -q
+	$(MAKE) --no-print-directory pytest
+	$(MAKE) --no-print-directory browser
 	sh tests/cli.sh $(BINOUT)/moas
 	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
 	$(MAKE) --no-print-directory cpp-example rust-example consumers
@@ -171,6 +173,37 @@ test: all $(TEST_BIN)
 	    BINOUT=build-noomp/bin
 	$(MAKE) --no-print-directory lib CC=$(OTHER_CC) WERROR=1 BUILD=build-$(OTHER_CC) \
 	    LIBOUT=build-$(OTHER_CC)/lib
+
+# The Python package's tests (tests/python/pkg: pip install, the high-level API, the
+# server) run under pytest, with the first of these interpreters that has it: Debian's
+# python3-pytest is for /usr/bin/python3, which a python3 earlier in PATH may not see.
+PYTEST_PYTHONS ?= python3 /usr/bin/python3
+.PHONY: pytest
+pytest: all
+	$(Q)for py in $(PYTEST_PYTHONS); do \
+	    if $$py -c 'import pytest' 2>/dev/null; then \
+	        exec $$py -m pytest -q -p no:cacheprovider tests/python/pkg; fi; \
+	done; echo "*** SKIP: Python package tests (pytest not found: apt-get install python3-pytest) ***"
+
+# The server's routing view in headless Chromium (tests/browser.sh; SKIP without
+# chromium, node, playwright-core in tests/browser/node_modules, or aiohttp).
+.PHONY: browser
+browser: lib
+	$(Q)for py in $(PYTEST_PYTHONS); do \
+	    if $$py -c 'import aiohttp' 2>/dev/null; then exec sh tests/browser.sh $$py; fi; \
+	done; echo "*** SKIP: browser test (aiohttp not found: apt-get install python3-aiohttp) ***"
+
+# The server under load (tools/loadtest.py, docs/SERVER.md): 64 streaming clients, some
+# hanging up early, every text checked against the same request run alone. About a
+# minute; `make test` runs a short one (tests/python/pkg/test_loadtest.py).
+LOADTEST_MODEL ?= models/pooled-kjv-l005.gguf
+LOADTEST_ARGS  ?= --clients 64 --requests 2 --mode routed --pool-mb 16
+.PHONY: loadtest
+loadtest: all
+	$(Q)for py in $(PYTEST_PYTHONS); do \
+	    if $$py -c 'import aiohttp' 2>/dev/null; then \
+	        exec $$py tools/loadtest.py -m $(LOADTEST_MODEL) $(LOADTEST_ARGS); fi; \
+	done; echo "loadtest: needs aiohttp (apt-get install python3-aiohttp)"; exit 1
 
 # The shipped model, generating from a prompt: the README's one-command demo.
 MODEL ?= models/moas-kjv.gguf
@@ -328,15 +361,18 @@ install: all
 	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) \
 	    $(DESTDIR)$(BINDIR)
 	install -m 644 include/moas.h $(DESTDIR)$(INCLUDEDIR)/moas.h
+	install -m 644 examples/cpp/moas.hpp $(DESTDIR)$(INCLUDEDIR)/moas.hpp
 	install -m 644 $(STATIC_LIB) $(DESTDIR)$(LIBDIR)/libmoas.a
 	install -m 755 $(SHARED_LIB) $(DESTDIR)$(LIBDIR)/$(SHLIB_REAL)
 	ln -sf $(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/$(SHLIB_SONAME)
 	ln -sf $(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/libmoas.so
 	$(PC_SED) > $(DESTDIR)$(PKGCONFIGDIR)/moas.pc
 	install -m 755 $(BINOUT)/moas $(DESTDIR)$(BINDIR)/moas
+	@echo "The Python package (it finds this library through pkg-config or MOAS_LIBRARY):"
+	@echo "    python3 -m pip install --no-build-isolation --no-index ./bindings/python"
 
 uninstall:
-	rm -f $(DESTDIR)$(INCLUDEDIR)/moas.h $(DESTDIR)$(LIBDIR)/libmoas.a \
+	rm -f $(DESTDIR)$(INCLUDEDIR)/moas.h $(DESTDIR)$(INCLUDEDIR)/moas.hpp $(DESTDIR)$(LIBDIR)/libmoas.a \
 	    $(DESTDIR)$(LIBDIR)/$(SHLIB_REAL) $(DESTDIR)$(LIBDIR)/$(SHLIB_SONAME) \
 	    $(DESTDIR)$(LIBDIR)/libmoas.so $(DESTDIR)$(PKGCONFIGDIR)/moas.pc \
 	    $(DESTDIR)$(BINDIR)/moas

@@ -13,8 +13,10 @@ model="$top/tests/data/tiny-moas-bias.gguf"
 
 fail() { echo "pkgconfig: FAIL: $*"; exit 1; }
 
-$MAKE --no-print-directory -s install PREFIX="$prefix" >/dev/null
-for f in include/moas.h lib/libmoas.a lib/libmoas.so lib/libmoas.so.1 lib/pkgconfig/moas.pc; do
+said=$($MAKE --no-print-directory -s install PREFIX="$prefix")
+case "$said" in *"pip install"*"bindings/python"*) ;;
+    *) fail "install does not say how to install the Python package" ;; esac
+for f in include/moas.h include/moas.hpp lib/libmoas.a lib/libmoas.so lib/libmoas.so.1 lib/pkgconfig/moas.pc; do
     [ -e "$prefix/$f" ] || fail "install did not create $f"
 done
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"

@@ -3,7 +3,7 @@
 
     python3 examples/python/generate.py models/moas-kjv.gguf "And God said" -n 200
 
-Finds libmoas as bindings/python/moas.py documents (MOAS_LIBRARY, pkg-config, lib/).
+Finds libmoas as bindings/python/moas documents (MOAS_LIBRARY, pkg-config, lib/).
 """
 import argparse
 import os

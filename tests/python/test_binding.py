@@ -1,4 +1,4 @@
-"""Tests of bindings/python/moas.py against lib/libmoas.so.1 of this tree.
+"""Tests of bindings/python/moas (the ctypes layer) against lib/libmoas.so.1 of this tree.
 
 Run from the repository root after `make`:  python3 -m unittest tests.python.test_binding
 
@@ -121,7 +121,7 @@ class Library(unittest.TestCase):
             os.chdir(ROOT)
             out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                  universal_newlines=True, check=True,
-                                 env=dict(os.environ, PYTHONPATH=os.path.dirname(moas.__file__)))
+                                 env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python")))
         finally:
             os.chdir(cwd)
         self.assertEqual(len(out.stdout), 2)   # one character and a newline

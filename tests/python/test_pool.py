@@ -1,4 +1,4 @@
-"""Tests of the KV pool in bindings/python/moas.py: batched decode equals decoding
+"""Tests of the KV pool in bindings/python/moas: batched decode equals decoding
 alone, fork, saved state, a full pool. Run from the repository root after `make`."""
 import os
 import sys

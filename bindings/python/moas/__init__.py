@@ -13,7 +13,7 @@ reference for what each call does; here are only the Python-specific rules.
 The library. It is found, in this order, at
   1. the path in the environment variable MOAS_LIBRARY (a .so file);
   2. `pkg-config --variable=libdir moas`, i.e. an installed libmoas;
-  3. lib/ of the source tree this file sits in (bindings/python/../../lib).
+  3. lib/ of the source tree this package sits in (bindings/python/moas/../../../lib).
 It is loaded on first use; load_library(path) loads a given file instead.
 
 Errors. Every failing call raises MoasError, which carries the status code
@@ -42,6 +42,7 @@ one thread at a time. ctypes releases the GIL during every call into the library
 
 import ctypes
 import enum
+import math
 import os
 import subprocess
 import sys
@@ -49,9 +50,9 @@ import weakref
 from collections import namedtuple
 
 __all__ = [
-    "MoasError", "Status", "LogLevel", "Type", "Mixing", "KvSharing", "MetaType", "Mode",
+    "MoasError", "MoasValueError", "MoasFileNotFoundError", "Status", "LogLevel", "Type", "Mixing", "KvSharing", "MetaType", "Mode",
     "Kernels", "Logits", "Model", "Context", "Sampler", "TensorInfo", "Routes", "Allocator",
-    "LogitBias", "find_stop",
+    "LogitBias", "find_stop", "Perplexity",
     "load_library", "library", "library_path", "version_number", "version_string",
     "status_string", "status_name", "last_error", "ABI_MAJOR",
 ]
@@ -343,7 +344,7 @@ def _candidates():
             found.append(os.path.join(out, _SONAME))
     except (OSError, subprocess.CalledProcessError):
         pass
-    found.append(os.path.join(_HERE, os.pardir, os.pardir, "lib", _SONAME))
+    found.append(os.path.join(_HERE, os.pardir, os.pardir, os.pardir, "lib", _SONAME))
     return found
 
 
@@ -419,7 +420,16 @@ def _params(init, cls):
 
 class MoasError(Exception):
     """A libmoas call failed. `status` (Status or int), `name` ("MOAS_ERR_..."),
-    `status_string` (the fixed sentence) and `message` (moas_last_error())."""
+    `status_string` (the fixed sentence) and `message` (moas_last_error()).
+
+    Wrong arguments and bad input (statuses in _VALUE_STATUSES) come as
+    MoasValueError, also a ValueError; a model file that does not exist as
+    MoasFileNotFoundError, also a FileNotFoundError. `except MoasError` catches all."""
+
+    def __new__(cls, status=0, message="", *args):
+        if cls is MoasError and status in _VALUE_STATUSES:
+            cls = MoasValueError
+        return super().__new__(cls, status, message, *args)
 
     def __init__(self, status, message=""):
         try:
@@ -434,6 +444,19 @@ class MoasError(Exception):
 
     def __str__(self):
         return "%s (%s): %s" % (self.name, self.status_string, self.message)
+
+
+class MoasValueError(MoasError, ValueError):
+    """A MoasError for a wrong argument or bad input; also a ValueError."""
+
+
+class MoasFileNotFoundError(MoasError, FileNotFoundError):
+    """A MoasError for a model path that does not exist; also a FileNotFoundError."""
+
+
+_VALUE_STATUSES = {Status.ERR_INVALID_ARG, Status.ERR_BAD_FORMAT, Status.ERR_CORRUPT,
+                   Status.ERR_UNSUPPORTED, Status.ERR_UNKNOWN_CHAR, Status.ERR_NOT_FOUND,
+                   Status.ERR_WRONG_TYPE, Status.ERR_INVALID_UTF8, Status.ERR_CONTEXT_FULL}
 
 
 def _check(status):
@@ -485,7 +508,12 @@ def _utf8(text):
 
 
 def _enum(cls, value):
-    return cls[value.upper()] if isinstance(value, str) else cls(value)
+    """An enum member from its name (any case) or value; MoasValueError otherwise."""
+    try:
+        return cls[value.upper()] if isinstance(value, str) else cls(value)
+    except (KeyError, ValueError, TypeError):
+        raise MoasError(Status.ERR_INVALID_ARG, "%s must be one of %s, got %r" % (
+            cls.__name__.lower(), ", ".join(m.name.lower() for m in cls), value)) from None
 
 
 def _text(ptr, length=None):
@@ -544,8 +572,11 @@ class Model(_Handle):
         params = self._make_params(log, allocator)
         params.use_mmap = 1 if use_mmap else 0
         out = ctypes.c_void_p()
-        _check(library().moas_model_load(os.fsencode(path), ctypes.byref(params),
-                                         ctypes.byref(out)))
+        status = library().moas_model_load(os.fsencode(path), ctypes.byref(params),
+                                           ctypes.byref(out))
+        if status == Status.ERR_IO and not os.path.exists(path):
+            raise MoasFileNotFoundError(status, last_error())
+        _check(status)
         self._ptr = out.value
 
     @classmethod
@@ -803,6 +834,118 @@ class Model(_Handle):
         """A new Context for this model; see Context for the parameters."""
         return Context(self, **params)
 
+    # high level: text in, text out (the ctypes layer above is what they use)
+    def generate(self, prompt, max_tokens=128, *, temperature=0.8, top_k=0, top_p=1.0,
+                 min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=0,
+                 stop=(), stream=False, routes=False, mode="mixture", n_ctx=0,
+                 unknown="error", n_threads=0, forced_scheme=-1):
+        """The continuation of `prompt`, sampled as Sampler samples.
+
+        stream=False returns the text; stream=True returns a generator of text pieces
+        (one per character, fewer while a possible stop string is held back). With
+        routes=True each piece comes as (text, route), route being {"schemes": [scheme
+        per layer], "gates": [[gate per scheme] per layer]} of the generated character
+        that produced it, and stream=False returns (text, [route, ...]).
+
+        Generation ends after max_tokens characters, before the first of the `stop`
+        strings, or when the context (n_ctx, 0: the trained length) is full. A prompt
+        that does not fit raises MoasValueError, as do wrong arguments; `unknown`
+        ("error", "replace", "drop") is Model.tokenize's rule for characters outside
+        the vocabulary; forced_scheme, mode and n_ctx are Context's."""
+        if isinstance(stop, (str, bytes)):
+            stop = [stop]
+        stop = list(stop)
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise MoasError(Status.ERR_INVALID_ARG, "max_tokens must be an integer >= 0, "
+                            "got %r" % (max_tokens,))
+        ids = self.tokenize(prompt, unknown=unknown)
+        if not ids:
+            raise MoasError(Status.ERR_INVALID_ARG, "the prompt is empty")
+        ctx = Context(self, n_ctx=n_ctx, mode=mode, n_threads=n_threads,
+                      forced_scheme=forced_scheme)
+        if len(ids) > ctx.n_ctx:
+            n = ctx.n_ctx
+            ctx.close()
+            raise MoasError(Status.ERR_INVALID_ARG, "the prompt is %d characters, the "
+                            "context holds %d" % (len(ids), n))
+        try:
+            sampler = Sampler(self, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, min_p=min_p, repeat_penalty=repeat_penalty,
+                              repeat_last_n=repeat_last_n, logit_bias=logit_bias)
+        except BaseException:
+            ctx.close()
+            raise
+        pieces = self._generate(ctx, sampler, ids, max_tokens, stop, routes)
+        if stream:
+            return pieces
+        out = list(pieces)
+        text = "".join(p[0] if routes else p for p in out)
+        return (text, [p[1] for p in out]) if routes else text
+
+    def _generate(self, ctx, sampler, ids, max_tokens, stop, routes):
+        with ctx, sampler:
+            sampler.accept(ids)
+            logits = ctx.decode_batch(ids)
+            held, held_routes = "", []
+            for _ in range(max_tokens):
+                if ctx.n_past >= ctx.n_ctx:
+                    break
+                token = sampler.sample(logits)
+                logits = ctx.decode(token)
+                held += self.token_text(token)
+                if routes:
+                    held_routes.append(ctx.route_lists(ctx.n_past - 1, 1)[0])
+                end, found = find_stop(held, stop, more=True) if stop else (len(held), False)
+                for i in range(end):
+                    yield (held[i], held_routes[i]) if routes else held[i]
+                held, held_routes = held[end:], held_routes[end:]
+                if found:
+                    return
+            end = find_stop(held, stop, more=False)[0] if stop else len(held)
+            for i in range(end):
+                yield (held[i], held_routes[i]) if routes else held[i]
+
+    def perplexity(self, text, *, n_ctx=0, unknown="error", mode="mixture", n_threads=0):
+        """exp(mean negative log-likelihood) of `text`'s characters after the first of
+        each window, scored as `moas perplexity` scores them: consecutive windows of
+        n_ctx tokens (0: the trained length), each from an empty cache. Returns a
+        Perplexity (perplexity, nll, n_scored, n_chars, n_changed)."""
+        ids, changed = self.tokenize_ex(text, unknown=unknown)
+        if len(ids) < 2:
+            raise MoasError(Status.ERR_INVALID_ARG, "perplexity needs at least 2 "
+                            "characters, got %d" % len(ids))
+        total, scored = 0.0, 0
+        with Context(self, n_ctx=n_ctx, mode=mode, n_threads=n_threads) as ctx:
+            window = ctx.n_ctx
+            for start in range(0, len(ids), window):
+                chunk = ids[start:start + window]
+                if len(chunk) < 2:
+                    break
+                ctx.reset()
+                rows = ctx.decode_batch(chunk, logits="all")
+                for row, nxt in zip(rows, chunk[1:]):
+                    peak = max(row)
+                    lse = peak + math.log(sum(math.exp(x - peak) for x in row))
+                    total += lse - row[nxt]
+                    scored += 1
+        return Perplexity(math.exp(total / scored), total / scored, scored,
+                          len(ids) + (changed if unknown == "drop" else 0), changed)
+
+    def logits(self, text, *, mode="mixture", unknown="error"):
+        """Every position's logits for `text` (one window: at most the trained length):
+        a numpy float32 array [n_tokens, n_vocab] when numpy is importable, else a list
+        of n_tokens memoryviews of n_vocab floats."""
+        ids = self.tokenize(text, unknown=unknown)
+        with Context(self, mode=mode) as ctx:
+            if len(ids) > ctx.n_ctx:
+                raise MoasError(Status.ERR_INVALID_ARG, "the text is %d characters, the "
+                                "context holds %d" % (len(ids), ctx.n_ctx))
+            rows = ctx.decode_batch(ids, logits="all")
+        np = _numpy()
+        if np is None or not rows:
+            return rows
+        return np.frombuffer(rows[0].obj, dtype=np.float32).reshape(len(ids), self.n_vocab)
+
     def __repr__(self):
         if self._ptr is None:
             return "<moas.Model closed>"
@@ -977,6 +1120,23 @@ class Context(_Handle):
             return v.cast(fmt, shape) if n_pos else v[:0].cast(fmt)
         return Routes(view(gates, "f", (n_pos, L, S)), view(schemes, "i", (n_pos, L)),
                       view(heads, "i", (n_pos, L)))
+
+    def route_lists(self, pos=0, n_pos=None):
+        """routes() as plain lists: per position {"schemes": [scheme per layer],
+        "gates": [[gate per scheme] per layer]}."""
+        r = self.routes(pos, n_pos)
+        schemes, gates = r.schemes.tolist(), r.gates.tolist()
+        return [{"schemes": s, "gates": g} for s, g in zip(schemes, gates)]
+
+    def logits_array(self):
+        """logits() as a numpy float32 array over the same memory (no copy, read-only)
+        when numpy is importable, else the memoryview itself; None when there are no
+        logits. Same lifetime as the view: valid until the next decode."""
+        view = self.logits()
+        np = _numpy()
+        if view is None or np is None:
+            return view
+        return np.frombuffer(view, dtype=np.float32)
 
     def scheme_counts(self, layer=-1):
         """Stored tokens per scheme in `layer`, or token-layer pairs for -1."""
@@ -1267,6 +1427,20 @@ class Sampler(_Handle):
     def reset(self):
         """Forget the tokens remembered for the repetition penalty."""
         library().moas_sampler_reset(self._p())
+
+
+Perplexity = namedtuple("Perplexity", "perplexity nll n_scored n_chars n_changed")
+Perplexity.__doc__ = """Model.perplexity(): exp(nll), the mean negative log-likelihood
+in nats, tokens scored, characters of the text, characters replaced or dropped."""
+
+
+def _numpy():
+    """numpy when it is importable, else None (the ctypes layer never needs it)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
 
 
 def find_stop(text, stops, more=True):

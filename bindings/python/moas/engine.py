@@ -1,0 +1,473 @@
+"""moas.engine - continuous batching over a KV pool, for moas.server.
+
+One thread (Engine._run) owns every library object but the Model: it admits requests
+between steps, and each step advances every active sequence with ONE Pool.decode call:
+a chunk of prompt for sequences still reading theirs, the token sampled last for the
+others. Requests talk to it through Engine.submit() and Engine.cancel() (any thread)
+and receive events through a callback (the server forwards them to its event loop).
+
+Policy (docs/SERVER.md):
+  * A request is admitted when a sequence slot is free (max_sequences), no sequence is
+    swapped out, and the pool's free pages hold its prompt at the widest scheme plus a
+    page per stream and headroom. Otherwise it waits in a bounded queue (max_queue);
+    a full queue, or a wait longer than queue_timeout, ends it with 503.
+  * Pages are taken as tokens need them (a routed token takes only its scheme's heads).
+    A step that does not fit (ERR_POOL_FULL; nothing changed) swaps the youngest
+    sequence out to host memory (Context.save_state), closes its context and retries
+    without it; swapped sequences come back first (load_state) when pages free up,
+    and new requests wait meanwhile. Nothing a client has received is ever redone.
+  * n > 1: the prompt is read once into one context, then forked (Context.fork): the
+    n sequences share its pages copy on write; choice i samples with seed + i.
+  * A sequence's context is closed, its pages back in the pool, at the first step
+    boundary after its request ends: finished, cancelled, or its client gone.
+"""
+
+import collections
+import itertools
+import random
+import threading
+import time
+
+from . import Context, MoasError, Pool, Sampler, Status, find_stop
+
+Event = collections.namedtuple("Event", "kind data")
+# kinds: "admitted" None | "text" (index, text, route or None) |
+#        "finish" (index, finish_reason, n_generated) | "done" usage dict |
+#        "error" (http_status, message, code)
+
+
+class Request:
+    """One completion request: its prompt (token ids), n, sampling and stop rules."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
+                 min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
+                 stop=(), routes=False, emit=None):
+        self.id = next(Request._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.max_tokens, self.n = max_tokens, n
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                             logit_bias=logit_bias)
+        self.seed = random.getrandbits(63) if seed is None else seed
+        self.stop = list(stop)
+        self.routes = routes
+        self.emit = emit or (lambda event: None)
+        self.cancelled = False
+        self.created = time.monotonic()
+        self.seqs = []
+        self.n_open = 0
+        self.completion_tokens = 0
+
+
+class Seq:
+    """One choice of a request: a context in the pool, its sampler and its text."""
+
+    _born = itertools.count()
+
+    def __init__(self, req, index):
+        self.req, self.index = req, index
+        self.born = next(Seq._born)
+        self.ctx = None
+        self.sampler = None
+        self.prefill = 0           # prompt tokens read so far (the parent only)
+        self.pending = None        # the token sampled last, decoded by the next step
+        self.logits = None         # a copy of the last logits (for the forks' first token)
+        self.n_gen = 0
+        self.held, self.held_routes = "", []
+        self.saved = None          # bytes of a swapped-out sequence
+        self.swap_mark = 0         # contexts closed when it was swapped out
+        self.done = False
+
+
+class Engine:
+    def __init__(self, model, *, pool_bytes, mode="mixture", max_sequences=64, max_queue=64,
+                 queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
+                 page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
+                 steer_below=0.0, forced_scheme=-1):
+        self.model = model
+        self.mode = mode
+        self.max_sequences, self.max_queue = max_sequences, max_queue
+        self.queue_timeout = queue_timeout
+        self.prefill_chunk, self.step_prefill = prefill_chunk, step_prefill
+        self.step_delay = step_delay
+        self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
+                         n_threads=n_threads, steer_below=steer_below)
+        self.forced_scheme = forced_scheme
+        self.n_ctx = model.n_ctx_train
+        with self.pool.context(mode=mode, forced_scheme=forced_scheme) as probe:
+            self.n_ctx = probe.n_ctx
+            self.token_bytes = max(probe.kv_token_bytes(s) for s in range(-1, model.n_scheme))
+        st = self.pool.stats()
+        self.page_bytes = st.page_bytes
+        streams = model.n_layer * (model.n_scheme if mode == "mixture" else 1)
+        self.slack_bytes = 2 * streams * st.page_bytes
+        self.headroom_bytes = int(headroom * st.bytes_capacity)
+        self._lock = threading.Condition()
+        self._incoming = collections.deque()     # submitted, not yet seen by the loop
+        self._waiting = collections.deque()      # seen, waiting for admission
+        self._active = []                        # Seq with a context
+        self._swapped = []                       # Seq swapped out (saved state)
+        self._requests = {}                      # id -> Request with open sequences
+        self._stop = False
+        self.stats = st
+        self.counters = collections.Counter()
+        self.scheme_tokens = [0] * model.n_scheme
+        self._rate = collections.deque()          # (time, tokens) of recent steps
+        self.peak_bytes_held = 0
+        self.peak_active = 0
+        self._n_closed = 0                       # contexts closed: pages given back
+        self._thread = threading.Thread(target=self._run, name="moas-engine", daemon=True)
+        self._thread.start()
+
+    # ---- any thread --------------------------------------------------------------------
+
+    def submit(self, req):
+        """Queue a request; False (and nothing queued) when the queue is full."""
+        with self._lock:
+            if len(self._incoming) + len(self._waiting) >= self.max_queue:
+                return False
+            self._incoming.append(req)
+            self._lock.notify()
+        return True
+
+    def cancel(self, req):
+        """The request is over for its client: close its sequences at the next step."""
+        with self._lock:
+            req.cancelled = True
+            self._lock.notify()
+
+    def fits(self, req):
+        """Whether the request, every token at the widest scheme, fits the empty pool:
+        then a sequence alone in the pool always finishes."""
+        need = ((len(req.prompt_ids) + req.max_tokens) * self.token_bytes * req.n
+                + req.n * self.slack_bytes)
+        return need <= self.stats.bytes_capacity
+
+    def snapshot(self):
+        with self._lock:
+            now = time.monotonic()
+            recent = [(t, n) for t, n in self._rate if now - t <= 10.0]
+            tokens = sum(n for _, n in recent)
+            span = (now - recent[0][0]) if recent else 0.0
+            return dict(stats=self.stats, active=len(self._active), swapped=len(self._swapped),
+                        queued=len(self._incoming) + len(self._waiting),
+                        tokens_per_second=tokens / span if span > 0.5 else 0.0,
+                        counters=dict(self.counters), scheme_tokens=list(self.scheme_tokens),
+                        peak_bytes_held=self.peak_bytes_held, peak_active=self.peak_active)
+
+    def close(self):
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join()
+        for seq in self._active + self._swapped:
+            self._close_seq(seq)
+        self.pool.close()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _need(self, req):
+        return len(req.prompt_ids) * self.token_bytes + req.n * self.slack_bytes
+
+    def _run(self):
+        while True:
+            with self._lock:
+                if self._stop:
+                    return
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                if not self._active and not self._swapped and not self._waiting:
+                    self._lock.wait(1.0)
+                    continue
+            try:
+                self._iteration()
+            except Exception as e:   # a bug: fail the requests in flight, keep serving
+                for seq in list(self._active) + list(self._swapped):
+                    self._fail(seq.req, 500, "internal error: %s" % e, "internal_error")
+                self._reap()
+
+    def _iteration(self):
+        self._reap()
+        self._expire()
+        self._resume()
+        self._admit()
+        batch = self._batch()
+        if batch:
+            self._step(batch)
+            if self.step_delay:
+                time.sleep(self.step_delay)
+        self._update_stats()
+        if not batch:
+            with self._lock:   # waiting for room: let time pass (or a cancel arrive)
+                self._lock.wait(0.005)
+
+    def _update_stats(self):
+        st = self.pool.stats()
+        with self._lock:
+            self.stats = st
+            self.peak_bytes_held = max(self.peak_bytes_held, st.bytes_held)
+            self.peak_active = max(self.peak_active, len(self._active))
+
+    def _send(self, req, kind, data=None):
+        try:
+            req.emit(Event(kind, data))
+        except Exception:
+            req.cancelled = True   # its loop is gone: the client too
+
+    def _fail(self, req, status, message, code):
+        if not req.cancelled:
+            self._send(req, "error", (status, message, code))
+        req.cancelled = True
+
+    def _close_seq(self, seq):
+        if seq.ctx is not None:
+            try:
+                counts = seq.ctx.scheme_counts(-1)
+                for s, c in enumerate(counts):
+                    self.scheme_tokens[s] += c
+            except MoasError:
+                pass
+            seq.ctx.close()
+            seq.ctx = None
+            self._n_closed += 1
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+        seq.saved = None
+
+    def _reap(self):
+        """Close the sequences whose request ended or was cancelled."""
+        for lst in (self._active, self._swapped):
+            keep = []
+            for seq in lst:
+                if seq.done or seq.req.cancelled:
+                    self._close_seq(seq)
+                    self._seq_closed(seq)
+                else:
+                    keep.append(seq)
+            lst[:] = keep
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+                self.counters["cancelled_in_queue"] += 1
+
+    def _seq_closed(self, seq):
+        req = seq.req
+        if seq in req.seqs:
+            req.seqs.remove(seq)
+            req.n_open -= 1
+        if req.n_open == 0 and req.id in self._requests:
+            del self._requests[req.id]
+            if not req.cancelled:
+                p = len(req.prompt_ids)
+                self._send(req, "done", {"prompt_tokens": p,
+                                         "completion_tokens": req.completion_tokens,
+                                         "total_tokens": p + req.completion_tokens})
+                self.counters["completed"] += 1
+            else:
+                self.counters["cancelled"] += 1
+
+    def _expire(self):
+        now = time.monotonic()
+        with self._lock:
+            old = [r for r in self._waiting if now - r.created > self.queue_timeout]
+            for r in old:
+                self._waiting.remove(r)
+        for r in old:
+            self.counters["rejected_queue_timeout"] += 1
+            self._fail(r, 503, "the KV pool is full: the request waited %.1f s in the queue"
+                       % self.queue_timeout, "pool_full")
+
+    def _context(self):
+        return self.pool.context(mode=self.mode, forced_scheme=self.forced_scheme)
+
+    def _free_bytes(self):
+        st = self.pool.stats()
+        return st.pages_free * st.page_bytes
+
+    def _resume(self):
+        """Bring swapped-out sequences back, oldest first, while their state fits, and
+        only once a sequence has given its pages back since (no ping-pong)."""
+        while self._swapped and len(self._active) < self.max_sequences:
+            seq = self._swapped[0]
+            if self._active and (self._n_closed <= seq.swap_mark or
+                                 len(seq.saved) + self.headroom_bytes + self._committed()
+                                 + self.token_bytes > self._free_bytes()):
+                return
+            ctx = self._context()
+            try:
+                ctx.load_state(seq.saved)
+            except MoasError as e:
+                ctx.close()
+                if e.status == Status.ERR_POOL_FULL:
+                    return
+                raise
+            seq.ctx, seq.saved = ctx, None
+            self._swapped.pop(0)
+            self._active.append(seq)
+            self.counters["resumed"] += 1
+
+    def _committed(self):
+        """Bytes the active sequences will take before their next token: the rest of
+        their prompts at the widest scheme, and a token each."""
+        n = 0
+        for seq in self._active:
+            n += (len(seq.req.prompt_ids) - seq.prefill + 1) * self.token_bytes
+        return n
+
+    def _admit(self):
+        free = self._free_bytes() - self._committed()
+        while not self._swapped:
+            with self._lock:
+                if not self._waiting or len(self._active) >= self.max_sequences:
+                    return
+                req = self._waiting[0]
+                need = self._need(req)
+                if need + (self.headroom_bytes if self._active else 0) > free:
+                    return
+                free -= need
+                self._waiting.popleft()
+            seq = Seq(req, 0)
+            seq.ctx = self._context()
+            seq.sampler = Sampler(self.model, seed=req.seed, **req.sampling)
+            seq.sampler.accept(req.prompt_ids)
+            req.seqs.append(seq)
+            req.n_open = 1
+            self._requests[req.id] = req
+            self._active.append(seq)
+            self.counters["admitted"] += 1
+            self._send(req, "admitted")
+
+    def _batch(self):
+        batch, budget = [], self.step_prefill
+        for seq in self._active:
+            if seq.done or seq.req.cancelled:
+                continue
+            prompt = seq.req.prompt_ids
+            if seq.prefill < len(prompt):
+                if budget <= 0:
+                    continue
+                n = min(self.prefill_chunk, budget, len(prompt) - seq.prefill)
+                budget -= n
+                batch.append((seq, prompt[seq.prefill:seq.prefill + n]))
+            elif seq.pending is not None:
+                batch.append((seq, [seq.pending]))
+        return batch
+
+    def _swap_out(self, seq):
+        seq.saved = seq.ctx.save_state()
+        seq.ctx.close()
+        seq.ctx = None
+        seq.swap_mark = self._n_closed
+        self._active.remove(seq)
+        self._swapped.append(seq)
+        self._swapped.sort(key=lambda s: s.born)
+        self.counters["swapped_out"] += 1
+
+    def _step(self, batch):
+        try:
+            outs = self.pool.decode([(seq.ctx, tokens) for seq, tokens in batch])
+        except MoasError as e:
+            if e.status != Status.ERR_POOL_FULL:
+                raise
+            if len(self._active) <= 1:   # alone and still too large: end it
+                for seq, _ in batch:
+                    self._finish(seq, "length")
+                return
+            self._swap_out(max(self._active, key=lambda s: s.born))
+            return
+        t = time.monotonic()
+        generated = prefilled = 0
+        for (seq, tokens), logits in zip(batch, outs):
+            req = seq.req
+            if seq.prefill < len(req.prompt_ids):
+                seq.prefill += len(tokens)
+                if seq.prefill < len(req.prompt_ids):
+                    prefilled += len(tokens)
+                    continue
+                prefilled += len(tokens)
+                seq.logits = logits
+                family = [seq] + (self._fork(seq) if seq.index == 0 else [])
+                for s in family:
+                    self._next(s, seq.logits)
+                continue
+            generated += 1
+            self._emit_token(seq, tokens[0])
+            if not seq.done:
+                self._next(seq, logits)
+        with self._lock:
+            self._rate.append((t, generated))
+            while self._rate and t - self._rate[0][0] > 10.0:
+                self._rate.popleft()
+            self.counters["steps"] += 1
+            self.counters["tokens_generated"] += generated
+            self.counters["prompt_tokens"] += prefilled
+
+    def _fork(self, parent):
+        """n > 1: n - 1 forks of the parent that read the prompt (pages shared)."""
+        req = parent.req
+        children = []
+        for i in range(1, req.n):
+            child = Seq(req, i)
+            child.prefill = len(req.prompt_ids)
+            try:
+                child.ctx = parent.ctx.fork()
+            except MoasError as e:
+                if e.status != Status.ERR_POOL_FULL:
+                    raise
+                # no room to fork now: this choice reads the prompt itself later
+                child.prefill = 0
+                child.ctx = self._context()
+            child.sampler = Sampler(self.model, seed=req.seed + i, **req.sampling)
+            child.sampler.accept(req.prompt_ids)
+            req.seqs.append(child)
+            req.n_open += 1
+            self._active.append(child)
+            if child.prefill:
+                children.append(child)
+                self.counters["forks"] += 1
+        return children
+
+    def _next(self, seq, logits):
+        """Sample the next token of a sequence whose logits are `logits`, or finish it."""
+        if seq.n_gen >= seq.req.max_tokens or seq.ctx.n_past >= seq.ctx.n_ctx:
+            self._finish(seq, "length")
+            return
+        seq.pending = seq.sampler.sample(logits)
+
+    def _emit_token(self, seq, token):
+        req = seq.req
+        seq.pending = None
+        seq.n_gen += 1
+        req.completion_tokens += 1
+        seq.held += self.model.token_text(token)
+        if req.routes:
+            seq.held_routes.append(seq.ctx.route_lists(seq.ctx.n_past - 1, 1)[0])
+        if req.stop:
+            end, found = find_stop(seq.held, req.stop, more=True)
+        else:
+            end, found = len(seq.held), False
+        self._flush(seq, end)
+        if found:
+            seq.held, seq.held_routes = "", []
+            self._finish(seq, "stop")
+
+    def _flush(self, seq, end):
+        for i in range(end):
+            route = seq.held_routes[i] if seq.req.routes else None
+            self._send(seq.req, "text", (seq.index, seq.held[i], route))
+        seq.held = seq.held[end:]
+        seq.held_routes = seq.held_routes[end:]
+
+    def _finish(self, seq, reason):
+        if seq.done:
+            return
+        if seq.held:
+            end = find_stop(seq.held, seq.req.stop, more=False)[0] if seq.req.stop else \
+                len(seq.held)
+            self._flush(seq, end)
+        seq.done = True
+        self._send(seq.req, "finish", (seq.index, reason, seq.n_gen))

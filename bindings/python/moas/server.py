@@ -1,0 +1,544 @@
+"""moas.server - an OpenAI-compatible completions server for libmoas (docs/SERVER.md).
+
+    python3 -m moas.server -m MODEL [--host 127.0.0.1] [--port 8080] [--pool-mb N]
+                           [--mode routed|mixture] [--max-sequences N] [--api-key KEY]
+
+Endpoints: POST /v1/completions (OpenAI's completions shape, plus `routes`), GET
+/v1/models, GET /health, GET /metrics (Prometheus text), GET /v1/pool (the pool's
+occupancy as JSON, for the page), GET / (the routing view). Needs aiohttp (Debian:
+python3-aiohttp); the rest of the package does not. One engine thread batches every
+sequence (moas.engine); this module only parses, validates and streams.
+"""
+
+import argparse
+import asyncio
+import faulthandler
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+try:
+    from aiohttp import web
+except ImportError:   # pragma: no cover - said once, clearly, by main()
+    web = None
+
+from . import Model, MoasError, Sampler, Status
+from .engine import Engine, Request
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status, message, param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+
+def error_response(status, message, param=None, code=None, headers=None):
+    kind = ("invalid_request_error" if status < 500 else
+            "server_error" if status != 503 else "overloaded_error")
+    if status == 401:
+        kind = "authentication_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def scheme_names(model):
+    names = []
+    for n_kv in model.schemes:
+        names.append("MHA" if n_kv == model.n_head else "MQA" if n_kv == 1 else
+                     "GQA-%d" % n_kv)
+    return names
+
+
+# ---- request validation ---------------------------------------------------------------
+
+# OpenAI fields this server accepts only at their neutral value.
+NEUTRAL = {"echo": (False,), "logprobs": (None, 0), "best_of": (None, 1),
+           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": (None, ""),
+           "user": None}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+         "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
+         "stream", "stream_options", "routes", "logit_bias", "unknown_chars"} | set(NEUTRAL)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+
+def _get(body, name, check, what, default):
+    if name not in body or body[name] is None:
+        return default
+    v = body[name]
+    if not check(v):
+        raise ApiError(400, "'%s' must be %s, got %s" % (name, what, json.dumps(v)[:80]),
+                       param=name, code="invalid_type")
+    return v
+
+
+def parse_completion(body, cfg):
+    """Check a completions body against the server's limits: a dict of the request's
+    parameters, or ApiError(400)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    for name in body:
+        if name not in KNOWN:
+            raise ApiError(400, "unrecognized request argument supplied: %s" % name,
+                           param=name, code="unknown_field")
+    for name, allowed in NEUTRAL.items():
+        if allowed is not None and name in body and body[name] not in allowed:
+            raise ApiError(400, "'%s' is not supported by this server (only %s)"
+                           % (name, json.dumps(allowed[0])), param=name, code="unsupported")
+    _get(body, "model", lambda v: isinstance(v, str), "a string", None)
+    if "prompt" not in body:
+        raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (or a list of one string)",
+                       param="prompt", code="invalid_type")
+    if not prompt:
+        raise ApiError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+    if len(prompt) > cfg["max_prompt_chars"]:
+        raise ApiError(400, "the prompt is %d characters, this server takes at most %d"
+                       % (len(prompt), cfg["max_prompt_chars"]), param="prompt",
+                       code="prompt_too_long")
+    out = {"prompt": prompt}
+    out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
+                             "an integer >= 0", 16)
+    if out["max_tokens"] > cfg["max_tokens_cap"]:
+        raise ApiError(400, "'max_tokens' is %d, this server allows at most %d"
+                       % (out["max_tokens"], cfg["max_tokens_cap"]), param="max_tokens",
+                       code="max_tokens_too_large")
+    out["temperature"] = _get(body, "temperature", lambda v: _is_num(v) and 0 <= v <= 100,
+                              "a number in [0, 100]", 1.0)
+    out["top_p"] = _get(body, "top_p", lambda v: _is_num(v) and 0 < v <= 1,
+                        "a number in (0, 1]", 1.0)
+    out["top_k"] = _get(body, "top_k", lambda v: _is_int(v) and 0 <= v < 2**31,
+                        "an integer in [0, 2^31)", 0)
+    out["min_p"] = _get(body, "min_p", lambda v: _is_num(v) and 0 <= v <= 1,
+                        "a number in [0, 1]", 0.0)
+    rp = _get(body, "repetition_penalty", lambda v: _is_num(v) and v > 0,
+              "a number > 0", None)
+    out["repeat_penalty"] = rp if rp is not None else _get(
+        body, "repeat_penalty", lambda v: _is_num(v) and v > 0, "a number > 0", 1.0)
+    out["repeat_last_n"] = _get(body, "repeat_last_n", lambda v: _is_int(v) and 0 <= v < 2**31,
+                                "an integer in [0, 2^31)", 64)
+    stop = _get(body, "stop", lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(s, str) and s for s in v)),
+        "a string or a list of non-empty strings", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 16 or any(len(s) > 256 for s in stop):
+        raise ApiError(400, "at most 16 stop strings of at most 256 characters",
+                       param="stop", code="invalid_value")
+    out["stop"] = [s for s in stop if s]
+    out["seed"] = _get(body, "seed", lambda v: _is_int(v) and 0 <= v < 2**63,
+                       "an integer in [0, 2^63)", None)
+    out["n"] = _get(body, "n", lambda v: _is_int(v) and 1 <= v <= cfg["max_n"],
+                    "an integer in [1, %d]" % cfg["max_n"], 1)
+    out["stream"] = _get(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
+    opts = _get(body, "stream_options", lambda v: isinstance(v, dict) and set(v) <= {
+        "include_usage"} and isinstance(v.get("include_usage", False), bool),
+        "an object {\"include_usage\": bool}", {})
+    out["include_usage"] = bool(opts.get("include_usage", False))
+    out["routes"] = _get(body, "routes", lambda v: isinstance(v, bool), "a boolean", False)
+    out["unknown"] = _get(body, "unknown_chars", lambda v: v in ("error", "replace", "drop"),
+                          "one of \"error\", \"replace\", \"drop\"", cfg["unknown"])
+    bias = _get(body, "logit_bias", lambda v: isinstance(v, dict) and all(
+        _is_num(b) and -100 <= b <= 100 for b in v.values()),
+        "an object of token id to a number in [-100, 100]", {})
+    out["logit_bias"] = {}
+    for key, b in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < cfg["n_vocab"]:
+            raise ApiError(400, "logit_bias: %s is not a token id in [0, %d)"
+                           % (json.dumps(key), cfg["n_vocab"]), param="logit_bias",
+                           code="invalid_value")
+        out["logit_bias"][token] = float("-inf") if b <= -100 else float(b)
+    return out
+
+
+# ---- the application -------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, args):
+        self.args = args
+        self.model = Model(args.model)
+        self.model_id = os.path.basename(args.model)
+        self.engine = Engine(self.model, pool_bytes=int(args.pool_mb * (1 << 20)),
+                             mode=args.mode, max_sequences=args.max_sequences,
+                             max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+                             prefill_chunk=args.prefill_chunk, n_threads=args.threads,
+                             kv_type=args.kv_type, step_delay=args.step_delay,
+                             steer_below=args.steer_below, forced_scheme=args.force_scheme)
+        n_ctx = self.engine.n_ctx
+        self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
+                    "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),
+                    "max_n": min(args.max_n, args.max_sequences),
+                    "unknown": args.unknown, "n_vocab": self.model.n_vocab, "n_ctx": n_ctx}
+        self.statuses = {}
+        self.disconnects = 0
+        self.started = time.time()
+        self.schemes = scheme_names(self.model)
+
+    def app(self):
+        @web.middleware
+        async def middleware(request, handler):
+            return await self.middleware(request, handler)
+        app = web.Application(client_max_size=self.args.max_body_bytes,
+                              middlewares=[middleware])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/pool", self.pool)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/", self.index)
+        return app
+
+    # middleware: API key, errors in OpenAI's shape, requests counted by status
+    async def middleware(self, request, handler):
+        try:
+            if self.args.api_key and request.path not in ("/", "/health"):
+                auth = request.headers.get("Authorization", "")
+                if auth != "Bearer " + self.args.api_key:
+                    raise ApiError(401, "invalid API key (send 'Authorization: Bearer KEY')"
+                                   if auth else "missing API key (send 'Authorization: "
+                                   "Bearer KEY')", code="invalid_api_key")
+            response = await handler(request)
+        except ApiError as e:
+            response = error_response(e.status, e.message, e.param, e.code, e.headers)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            message = e.text if e.status != 413 else (
+                "the request body is larger than %d bytes" % self.args.max_body_bytes)
+            response = error_response(e.status, message or e.reason, code=e.reason.lower()
+                                      .replace(" ", "_"), headers={
+                                          k: v for k, v in e.headers.items()
+                                          if k.lower() == "allow"})
+        self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
+        return response
+
+    async def index(self, request):
+        return web.FileResponse(os.path.join(STATIC, "index.html"))
+
+    async def health(self, request):
+        snap = self.engine.snapshot()
+        return web.json_response({"status": "ok", "model": self.model_id,
+                                  "sequences_active": snap["active"],
+                                  "requests_queued": snap["queued"]})
+
+    def model_info(self):
+        return {"id": self.model_id, "object": "model", "created": int(self.started),
+                "owned_by": "libmoas",
+                "moas": {"name": self.model.name, "n_layer": self.model.n_layer,
+                         "n_head": self.model.n_head, "n_ctx": self.engine.n_ctx,
+                         "n_vocab": self.model.n_vocab, "schemes": self.schemes,
+                         "scheme_kv_heads": self.model.schemes, "mode": self.args.mode}}
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [self.model_info()]})
+
+    async def pool(self, request):
+        snap = self.engine.snapshot()
+        st = snap["stats"]
+        return web.json_response({
+            "bytes_capacity": st.bytes_capacity, "bytes_held": st.bytes_held,
+            "bytes_used": st.bytes_used, "pages": st.n_pages, "pages_free": st.pages_free,
+            "sequences_active": snap["active"], "sequences_swapped": snap["swapped"],
+            "requests_queued": snap["queued"],
+            "tokens_per_second": round(snap["tokens_per_second"], 1)})
+
+    async def metrics(self, request):
+        snap = self.engine.snapshot()
+        st, c = snap["stats"], snap["counters"]
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.append("# HELP moas_%s %s" % (name, help_))
+            lines.append("# TYPE moas_%s %s" % (name, kind))
+            for labels, value in samples:
+                lab = ",".join('%s="%s"' % kv for kv in labels)
+                lines.append("moas_%s%s %s" % (name, "{%s}" % lab if lab else "", value))
+
+        metric("pool_bytes_capacity", "gauge", "Bytes of KV pages in the pool.",
+               [((), st.bytes_capacity)])
+        metric("pool_bytes_held", "gauge", "Bytes of the pages sequences hold.",
+               [((), st.bytes_held)])
+        metric("pool_bytes_used", "gauge", "Bytes of K/V the sequences' tokens use.",
+               [((), st.bytes_used)])
+        metric("pool_bytes_held_peak", "gauge", "Most bytes held at once since the start.",
+               [((), snap["peak_bytes_held"])])
+        metric("pool_pages_free", "gauge", "Free pages.", [((), st.pages_free)])
+        metric("sequences_active", "gauge", "Sequences decoding (with a context).",
+               [((), snap["active"])])
+        metric("sequences_active_peak", "gauge", "Most sequences decoding at once.",
+               [((), snap["peak_active"])])
+        metric("sequences_swapped", "gauge", "Sequences swapped out to host memory.",
+               [((), snap["swapped"])])
+        metric("requests_queued", "gauge", "Requests waiting for room.",
+               [((), snap["queued"])])
+        metric("tokens_per_second", "gauge", "Generated tokens per second, last 10 s.",
+               [((), "%.1f" % snap["tokens_per_second"])])
+        metric("generated_tokens_total", "counter", "Tokens generated.",
+               [((), c.get("tokens_generated", 0))])
+        metric("prompt_tokens_total", "counter", "Prompt tokens read.",
+               [((), c.get("prompt_tokens", 0))])
+        metric("decode_steps_total", "counter", "Batched decode calls.",
+               [((), c.get("steps", 0))])
+        for name, help_ in (("forks", "Sequences forked from a prompt (n > 1)."),
+                            ("swapped_out", "Sequences swapped out when a step did not fit."),
+                            ("resumed", "Swapped sequences brought back.")):
+            metric(name + "_total", "counter", help_, [((), c.get(name, 0))])
+        total = sum(snap["scheme_tokens"]) or 1
+        metric("scheme_token_layers_total", "counter",
+               "Token-layer pairs stored per scheme by closed sequences.",
+               [((("scheme", n),), v) for n, v in zip(self.schemes, snap["scheme_tokens"])])
+        metric("scheme_share", "gauge", "Share of token-layer pairs per scheme.",
+               [((("scheme", n),), "%.4f" % (v / total))
+                for n, v in zip(self.schemes, snap["scheme_tokens"])])
+        metric("client_disconnects_total", "counter",
+               "Streams whose client hung up before the end.", [((), self.disconnects)])
+        metric("requests_total", "counter", "HTTP requests answered, by status.",
+               [((("status", str(s)),), n) for s, n in sorted(self.statuses.items())])
+        return web.Response(text="\n".join(lines) + "\n",
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    # POST /v1/completions
+    async def completions(self, request):
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, "the request body is larger than %d bytes"
+                           % self.args.max_body_bytes, code="body_too_large")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ApiError(400, "could not parse the JSON body: %s" % e, code="invalid_json")
+        p = parse_completion(body, self.cfg)
+        try:
+            ids, changed = self.model.tokenize_ex(p["prompt"], unknown=p["unknown"])
+        except MoasError as e:
+            raise ApiError(400, e.message + (" (send \"unknown_chars\": \"replace\" or "
+                           "\"drop\")" if e.status == Status.ERR_UNKNOWN_CHAR else ""),
+                           param="prompt", code=e.name.lower())
+        if not ids:
+            raise ApiError(400, "the prompt has no character in the vocabulary",
+                           param="prompt", code="invalid_value")
+        if len(ids) + p["max_tokens"] > self.engine.n_ctx:
+            raise ApiError(400, "this model's context holds %d characters; the prompt has "
+                           "%d and max_tokens asks for %d more" % (
+                               self.engine.n_ctx, len(ids), p["max_tokens"]),
+                           param="max_tokens", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+
+        def emit(event):
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        sampling = dict(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
+                        min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
+                        repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None)
+        try:   # the library's own checks, here rather than in the engine thread
+            Sampler(self.model, **sampling).close()
+        except MoasError as e:
+            raise ApiError(400, e.message, code=e.name.lower())
+        req = Request(ids, max_tokens=p["max_tokens"], n=p["n"],
+                      temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
+                      min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
+                      repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
+                      seed=p["seed"], stop=p["stop"], routes=p["routes"], emit=emit)
+        if not self.engine.fits(req):
+            raise ApiError(400, "the request needs more KV memory than the pool holds",
+                           code="request_too_large")
+        retry = {"Retry-After": str(max(1, int(self.args.queue_timeout)))}
+        if not self.engine.submit(req):
+            raise ApiError(503, "the server is full: %d requests are already waiting"
+                           % self.args.max_queue, code="queue_full", headers=retry)
+        meta = {"id": "cmpl-%d" % req.id, "object": "text_completion",
+                "created": int(time.time()), "model": self.model_id}
+        try:
+            first = await events.get()
+            if first.kind == "error":
+                status, message, code = first.data
+                raise ApiError(status, message, code=code,
+                               headers=retry if status == 503 else None)
+            if p["stream"]:
+                return await self._stream(request, events, req, meta, p, changed)
+            return await self._whole(events, req, meta, p, changed)
+        finally:
+            self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
+
+    async def _whole(self, events, req, meta, p, changed):
+        texts = [[] for _ in range(req.n)]
+        routes = [[] for _ in range(req.n)]
+        reasons = [None] * req.n
+        while True:
+            ev = await events.get()
+            if ev.kind == "text":
+                i, text, route = ev.data
+                texts[i].append(text)
+                routes[i].append(route)
+            elif ev.kind == "finish":
+                reasons[ev.data[0]] = ev.data[1]
+            elif ev.kind == "error":
+                raise ApiError(ev.data[0], ev.data[1], code=ev.data[2])
+            elif ev.kind == "done":
+                usage = ev.data
+                break
+        choices = []
+        for i in range(req.n):
+            ch = {"text": "".join(texts[i]), "index": i, "logprobs": None,
+                  "finish_reason": reasons[i]}
+            if p["routes"]:
+                ch["routes"] = routes[i]
+            choices.append(ch)
+        body = dict(meta, choices=choices, usage=usage)
+        if changed:
+            body["prompt_chars_changed"] = changed
+        return web.json_response(body)
+
+    async def _stream(self, request, events, req, meta, p, changed):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(obj):
+            await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        try:
+            return await self._events(response, send, events, meta, p)
+        except ConnectionError:   # the client hung up: completions() cancels the request
+            self.disconnects += 1
+            return response
+
+    async def _events(self, response, send, events, meta, p):
+        while True:
+            ev = await events.get()
+            batch = [ev]
+            while not events.empty() and len(batch) < 256:
+                batch.append(events.get_nowait())
+            for ev in batch:
+                if ev.kind == "text":
+                    i, text, route = ev.data
+                    ch = {"text": text, "index": i, "logprobs": None, "finish_reason": None}
+                    if p["routes"]:
+                        ch["routes"] = [route]
+                    await send(dict(meta, choices=[ch]))
+                elif ev.kind == "finish":
+                    i, reason, _ = ev.data
+                    await send(dict(meta, choices=[{"text": "", "index": i, "logprobs": None,
+                                                    "finish_reason": reason}]))
+                elif ev.kind == "error":
+                    await send({"error": {"message": ev.data[1], "type": "server_error",
+                                          "param": None, "code": ev.data[2]}})
+                    await response.write(b"data: [DONE]\n\n")
+                    return response
+                elif ev.kind == "done":
+                    if p["include_usage"]:
+                        await send(dict(meta, choices=[], usage=ev.data))
+                    await response.write(b"data: [DONE]\n\n")
+                    await response.write_eof()
+                    return response
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python3 -m moas.server",
+                                 description="An OpenAI-compatible completions server for "
+                                 "libmoas, batching every request over one KV pool.")
+    ap.add_argument("-m", "--model", required=True, help="the GGUF model file")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free one)")
+    ap.add_argument("--pool-mb", type=float, default=64.0,
+                    help="megabytes of KV pages shared by all sequences (64)")
+    ap.add_argument("--mode", choices=("routed", "mixture"), default="mixture",
+                    help="mixture (the trained model, every scheme stored) or routed "
+                    "(each token stores only its router's scheme: less memory)")
+    ap.add_argument("--max-sequences", type=int, default=64,
+                    help="sequences decoding at once (64)")
+    ap.add_argument("--max-queue", type=int, default=64,
+                    help="requests that may wait for room before 503 (64)")
+    ap.add_argument("--queue-timeout", type=float, default=30.0,
+                    help="seconds a request may wait for room before 503 (30)")
+    ap.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (also $MOAS_API_KEY)")
+    ap.add_argument("--max-tokens-cap", type=int, default=0,
+                    help="largest max_tokens accepted (0: the context length)")
+    ap.add_argument("--max-prompt-chars", type=int, default=0,
+                    help="longest prompt accepted (0: the context length)")
+    ap.add_argument("--max-n", type=int, default=16, help="largest n accepted (16)")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="largest request body (1 MiB)")
+    ap.add_argument("--unknown", choices=("error", "replace", "drop"), default="error",
+                    help="characters outside the vocabulary, unless a request says "
+                    "(unknown_chars): 400 (error), a space (replace) or left out (drop)")
+    ap.add_argument("--prefill-chunk", type=int, default=32,
+                    help="prompt tokens a sequence reads per step (32)")
+    ap.add_argument("-t", "--threads", type=int, default=0, help="decode threads (0: default)")
+    ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32")
+    ap.add_argument("--steer-below", type=float, default=0.0,
+                    help="routed mode: while less than this fraction of the pool's pages "
+                    "is free, tokens take cheaper schemes (0: never; Pool steer_below)")
+    ap.add_argument("--force-scheme", type=int, default=-1,
+                    help="routed mode: every token takes scheme S (0: an MHA-sized cache, "
+                    "for comparisons); -1: the router")
+    ap.add_argument("--step-delay", type=float, default=0.0,
+                    help="seconds to pause after each step (slow motion for demos, tests)")
+    args = ap.parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get("MOAS_API_KEY") or None
+    if args.max_sequences < 1 or args.max_queue < 0 or args.pool_mb <= 0:
+        ap.error("--max-sequences must be >= 1, --max-queue >= 0, --pool-mb > 0")
+    return args
+
+
+async def serve(args, ready=None):
+    server = Server(args)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    print("moas.server: %s (%s mode, %.0f MB pool, %d sequences) on http://%s:%d/"
+          % (server.model_id, args.mode, args.pool_mb, args.max_sequences, args.host, port),
+          flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        server.engine.close()
+
+
+def main(argv=None):
+    if web is None:
+        sys.exit("moas.server needs aiohttp: apt-get install python3-aiohttp "
+                 "(or pip install 'moas[server]')")
+    args = parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):   # kill -USR1 PID: every thread's stack on stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    except (MoasError, OSError) as e:
+        sys.exit("moas.server: %s" % e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+// routing_view.js - the server's routing view (GET /) in a real browser: Debian's
+// headless Chromium driven by playwright-core. Loads the page, types a prompt, clicks
+// Generate, waits for streamed characters whose cells are coloured by scheme, checks
+// the gates tooltip and the pool line, and saves a screenshot.
+//
+//   node tests/browser/routing_view.js http://127.0.0.1:PORT/ OUT.png [CHROMIUM]
+const { chromium } = require("playwright-core");
+
+async function main() {
+  const [url, out, exe] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: exe || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+  });
+  const fail = async (msg) => {
+    await browser.close();
+    console.error("browser: FAIL: " + msg);
+    process.exit(1);
+  };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1000, height: 560 } });
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    const external = [];
+    page.on("request", (r) => { if (!r.url().startsWith(url)) external.push(r.url()); });
+    await page.goto(url);
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await page.fill("#prompt", "And God said, ");
+    await page.fill("#max_tokens", "40");
+    await page.click("#go");
+    // 40 generated characters, each with a coloured cell per layer
+    await page.waitForFunction(() => document.querySelectorAll(".ch.gen").length >= 40,
+                               null, { timeout: 20000 });
+    await page.waitForFunction(() => document.getElementById("status").textContent
+                               .includes("finish"), null, { timeout: 10000 });
+    const cells = await page.$$eval(".ch.gen .cell", (cs) => cs.map((c) => c.className));
+    const coloured = cells.filter((c) => /\bs\d\b/.test(c)).length;
+    const layers = await page.$$eval("#layer option", (o) => o.length - 1);
+    if (coloured !== 40 * layers) await fail(coloured + " coloured cells, want " + 40 * layers);
+    const colours = new Set(await page.$$eval(".ch.gen .cell", (cs) =>
+      cs.map((c) => getComputedStyle(c).backgroundColor)));
+    if (colours.size < 2) await fail("every cell has the same colour");
+    // the gates on hover
+    await page.hover(".ch.gen >> nth=3");
+    const tip = await page.textContent("#tip");
+    if (!/layer 0: MHA 0\.\d{3}/.test(tip)) await fail("tooltip: " + tip);
+    // one layer at a time
+    await page.selectOption("#layer", "1");
+    const one = await page.$$eval(".ch.gen >> nth=0", () =>
+      document.querySelector(".ch.gen").querySelectorAll(".cell").length);
+    if (one !== 1) await fail("layer selector leaves " + one + " cells");
+    await page.selectOption("#layer", "all");
+    // the pool line is live
+    await page.waitForFunction(() => /KiB held of/.test(
+      document.getElementById("pooltext").textContent), null, { timeout: 5000 });
+    if (errors.length) await fail("page errors: " + errors.join("; "));
+    if (external.length) await fail("external requests: " + external.join(", "));
+    await page.screenshot({ path: out, fullPage: true });
+    const text = await page.$$eval(".ch.gen .glyph", (g) => g.map((x) => x.textContent).join(""));
+    console.log("browser: ok (" + coloured + " coloured cells over " + layers +
+                " layers, " + colours.size + " colours; text " + JSON.stringify(text) +
+                "; screenshot " + out + ")");
+  } catch (e) {
+    await fail(String(e));
+  }
+  await browser.close();
+}
+main();

@@ -1,0 +1,159 @@
+"""The Python package: pip install offline, library lookup of the installed package,
+and the high-level API (generate, perplexity, numpy logits, plain-list routes, errors
+as ValueError / FileNotFoundError). Run by `make pytest` (part of `make test`)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+import moas
+
+MODEL = os.path.join(ROOT, "tests", "data", "tiny-moas-bias.gguf")
+TEXT = "And God said, Let there be light: and there was light."
+
+
+@pytest.fixture(scope="module")
+def model():
+    with moas.Model(MODEL) as m:
+        yield m
+
+
+def test_pip_install_offline_and_pkg_config_lookup(tmp_path):
+    import importlib.util
+    if not all(importlib.util.find_spec(m) for m in ("pip", "setuptools", "wheel")):
+        pytest.skip("pip, setuptools or wheel missing (python3-pip, python3-setuptools, python3-wheel)")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+                    "--no-index", "--no-deps", "--target", str(target),
+                    os.path.join(ROOT, "bindings", "python")], check=True,
+                   cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert (target / "moas" / "__init__.py").is_file()
+    assert (target / "moas" / "server.py").is_file()
+    assert (target / "moas" / "engine.py").is_file()
+    assert (target / "moas" / "static" / "index.html").is_file()
+    # the installed package finds libmoas through pkg-config when MOAS_LIBRARY is unset
+    pc = tmp_path / "pc"
+    pc.mkdir()
+    (pc / "moas.pc").write_text("libdir=%s\nName: moas\nDescription: t\nVersion: 1.1.0\n"
+                                "Libs: -L${libdir} -lmoas\n" % os.path.join(ROOT, "lib"))
+    env = {k: v for k, v in os.environ.items() if k != "MOAS_LIBRARY"}
+    env.update(PYTHONPATH=str(target), PKG_CONFIG_PATH=str(pc))
+    code = ("import moas; print(moas.__file__); print(moas.library_path()); "
+            "print(moas.Model(%r).generate('And God', 8, temperature=0))" % MODEL)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), check=True,
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout.split("\n")
+    assert out[0].startswith(str(target))
+    assert os.path.realpath(out[1]) == os.path.realpath(os.path.join(ROOT, "lib", "libmoas.so.1"))
+    assert len(out[2]) == 8
+
+
+def test_version_matches_header():
+    with open(os.path.join(ROOT, "include", "moas.h")) as f:
+        header = re.search(r'#define MOAS_VERSION_STRING "([^"]+)"', f.read()).group(1)
+    with open(os.path.join(ROOT, "bindings", "python", "pyproject.toml")) as f:
+        assert 'version = "%s"' % header in f.read()
+    assert moas.version_string() == header
+
+
+def test_generate_greedy_is_decode_and_argmax(model):
+    text = model.generate("And God", 12, temperature=0)
+    ids = model.tokenize("And God")
+    with model.context() as ctx:
+        logits = ctx.decode_batch(ids)
+        want = []
+        for _ in range(12):
+            t = max(range(model.n_vocab), key=lambda i: logits[i])
+            want.append(t)
+            logits = ctx.decode(t)
+    assert text == model.detokenize(want)
+
+
+def test_stream_equals_whole_and_routes_are_lists(model):
+    whole = model.generate("And God", 20, temperature=0.9, seed=7)
+    pieces = list(model.generate("And God", 20, temperature=0.9, seed=7, stream=True))
+    assert all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == whole
+    text, routes = model.generate("And God", 20, temperature=0.9, seed=7, routes=True)
+    assert text == whole and len(routes) == len(text)
+    for r in routes:
+        assert type(r["schemes"]) is list and len(r["schemes"]) == model.n_layer
+        assert all(0 <= s < model.n_scheme for s in r["schemes"])
+        assert len(r["gates"]) == model.n_layer
+        assert all(abs(sum(g) - 1) < 1e-4 for g in r["gates"])
+    streamed = list(model.generate("And God", 20, temperature=0.9, seed=7, stream=True,
+                                   routes=True))
+    assert [p[0] for p in streamed] == list(whole) and [p[1] for p in streamed] == routes
+
+
+def test_stop_strings_and_context_end(model):
+    whole = model.generate("And God", 30, temperature=0.9, seed=3)
+    stop = whole[10:12]
+    cut = model.generate("And God", 30, temperature=0.9, seed=3, stop=[stop])
+    assert cut == whole[:whole.index(stop)]
+    # generation ends when the context is full (64 for the tiny model)
+    assert len(model.generate("And God", 500, temperature=0)) == model.n_ctx_train - 7
+
+
+def test_perplexity_matches_cli(model, tmp_path):
+    with open(os.path.join(ROOT, "tests", "data", "tiny.txt"), encoding="utf-8") as f:
+        text = f.read()[:300]
+    p = model.perplexity(text)
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    out = subprocess.run([os.path.join(ROOT, "bin", "moas"), "perplexity", "-m", MODEL, "-f",
+                          str(tmp_path / "t.txt")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, check=True).stdout
+    assert "%.4f" % p.perplexity == re.search(r"perplexity\s+([\d.]+)", out).group(1)
+    assert p.n_scored == int(re.search(r"\((\d+) scored", out).group(1))
+    assert p.n_chars == 300 and p.n_changed == 0
+    q = model.perplexity(text + "99", unknown="drop")
+    assert q.n_changed == 2 and q.n_chars == 302
+
+
+def test_logits_numpy_and_zero_copy(model):
+    np = pytest.importorskip("numpy")
+    rows = model.logits(TEXT[:20])
+    assert isinstance(rows, np.ndarray) and rows.shape == (20, model.n_vocab)
+    assert rows.dtype == np.float32
+    with model.context() as ctx:
+        view = ctx.decode_batch(model.tokenize(TEXT[:20]))
+        arr = ctx.logits_array()
+        assert arr.tolist() == list(view) == rows[-1].tolist()
+        assert not arr.flags.writeable
+        # the same memory as the library's buffer: no copy
+        import ctypes
+        assert arr.ctypes.data == ctypes.addressof(
+            ctx._call("moas_context_logits").contents)
+
+
+def test_errors_are_value_and_file_errors(model):
+    with pytest.raises(FileNotFoundError, match="no-such.gguf"):
+        moas.Model("/no-such.gguf")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        model.generate("And God 9", 4)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.generate("And God", 4, mode="sideways")
+    with pytest.raises(ValueError, match="max_tokens"):
+        model.generate("And God", -1)
+    with pytest.raises(ValueError, match="context holds 64"):
+        model.generate("A" * 65, 1)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate("And God", 4, temperature=-1)
+    with pytest.raises(moas.MoasError) as e:
+        model.generate("And God", 4, top_p=2)
+    assert isinstance(e.value, ValueError) and e.value.status == moas.Status.ERR_INVALID_ARG
+    # the generated text continues fine after the errors
+    assert len(model.generate("And God 9", 4, unknown="replace")) == 4
+
+
+def test_server_without_aiohttp_says_so():
+    # the package imports without the server's dependency; the server names it
+    code = ("import sys; sys.modules['aiohttp'] = None\n"
+            "import moas, moas.server\n"
+            "moas.server.main(['-m', 'x'])")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True)
+    assert out.returncode == 1 and "needs aiohttp" in out.stdout, out.stdout

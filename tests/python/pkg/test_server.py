@@ -1,0 +1,451 @@
+"""python3 -m moas.server against real clients on 127.0.0.1 (a free port each run):
+completions whole and streamed equal Model.generate with the same seed, n > 1 by fork,
+every error path answered in OpenAI's shape with the server unharmed, a client that
+disconnects mid-stream gives its pages back, a full server answers 503 with
+Retry-After, and a short concurrent load loses nothing. Standard-library clients only;
+the server needs aiohttp (skipped without it)."""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+import moas
+
+pytest.importorskip("aiohttp")
+
+MODEL = os.path.join(ROOT, "tests", "data", "tiny-pooled-bias.gguf")
+PROMPT = "And God said, "
+
+
+class Server:
+    def __init__(self, *args):
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"),
+                   PYTHONDONTWRITEBYTECODE="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moas.server", "-m", MODEL, "--port", "0", "-t", "1"]
+            + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True)
+        line = self.proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, line + self.proc.stdout.read()
+        self.port = int(line.rsplit(":", 1)[1].strip("/\n"))
+        self.key = None
+        # drain what the server prints (a full pipe would stall it), to check it below
+        self.output = []
+        self.drain = threading.Thread(target=lambda: self.output.extend(self.proc.stdout))
+        self.drain.start()
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.drain.join(10)
+        log = "".join(self.output)
+        assert "Traceback" not in log and "Error" not in log, log[-3000:]
+
+    def request(self, method, path, body=None, headers=None, raw=None, timeout=60):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        h = dict(headers or {})
+        if self.key and "Authorization" not in h:
+            h["Authorization"] = "Bearer " + self.key
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        if data is not None:
+            h.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=h)
+        r = conn.getresponse()
+        payload = r.read()
+        conn.close()
+        ctype = r.getheader("Content-Type", "")
+        parsed = json.loads(payload) if "json" in ctype else payload.decode()
+        return r.status, dict(r.getheaders()), parsed
+
+    def complete(self, **body):
+        return self.request("POST", "/v1/completions", body)
+
+    def stream(self, body, stop_after=None):
+        """(chunks, sock): the parsed SSE events of a streamed completion; with
+        stop_after=k the connection is closed after k text chunks."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        data = json.dumps(dict(body, stream=True)).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        f = sock.makefile("rb")
+        status = f.readline()
+        assert b" 200 " in status, status + f.read()
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        events, texts = [], 0
+        while True:
+            size = f.readline()
+            if not size:
+                break
+            n = int(size.strip() or b"0", 16)
+            if n == 0:
+                break
+            chunk = f.read(n)
+            f.readline()
+            for block in chunk.decode().split("\n\n"):
+                if block.startswith("data: "):
+                    payload = block[6:]
+                    events.append(payload if payload == "[DONE]" else json.loads(payload))
+                    if payload != "[DONE]" and any(c.get("text") for c in
+                                                   events[-1].get("choices", [])):
+                        texts += 1
+            if stop_after is not None and texts >= stop_after:
+                sock.close()
+                return events
+            if events and events[-1] == "[DONE]":
+                break
+        sock.close()
+        return events
+
+    def metrics(self):
+        _, _, text = self.request("GET", "/metrics")
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+def joined(events, index=0):
+    return "".join(c["text"] for e in events if e != "[DONE]" and "choices" in e
+                   for c in e["choices"] if c["index"] == index)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--pool-mb", "1", "--mode", "routed", "--max-body-bytes", "4096")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    with moas.Model(MODEL) as m:
+        yield m
+
+
+def alone(model, seed, max_tokens=20, **kw):
+    return model.generate(PROMPT, max_tokens, seed=seed, mode="routed", **kw)
+
+
+def test_health_models_metrics_page(server):
+    status, _, body = server.request("GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    status, _, body = server.request("GET", "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    info = body["data"][0]
+    assert info["id"] == "tiny-pooled-bias.gguf" and info["moas"]["schemes"] == [
+        "MHA", "GQA-2", "MQA"]
+    m = server.metrics()
+    for name in ("moas_pool_bytes_capacity", "moas_pool_bytes_held", "moas_pool_bytes_used",
+                 "moas_sequences_active", "moas_requests_queued", "moas_tokens_per_second",
+                 'moas_scheme_share{scheme="MQA"}'):
+        assert name in m, name
+    assert m["moas_pool_bytes_capacity"] == 1 << 20
+    status, headers, page = server.request("GET", "/")
+    assert status == 200 and "text/html" in headers["Content-Type"]
+    assert "<script>" in page and "http" not in page.split("<script>")[1].replace(
+        "http.", "")   # no external assets
+
+
+def test_completion_equals_generate_alone(server, model):
+    for seed, temp in ((1, 0.0), (2, 0.9), (3, 1.3)):
+        status, _, body = server.complete(prompt=PROMPT, max_tokens=20, temperature=temp,
+                                          seed=seed, top_k=20, top_p=0.95, min_p=0.01,
+                                          repetition_penalty=1.1)
+        assert status == 200, body
+        want = alone(model, seed, temperature=temp, top_k=20, top_p=0.95, min_p=0.01,
+                     repeat_penalty=1.1)
+        assert body["choices"][0]["text"] == want
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 20,
+                                 "total_tokens": len(PROMPT) + 20}
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+
+
+def test_stream_routes_and_stop(server, model):
+    events = server.stream({"prompt": PROMPT, "max_tokens": 20, "temperature": 0.9,
+                            "seed": 5, "routes": True,
+                            "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    want, routes = alone(model, 5, temperature=0.9, routes=True)
+    assert joined(events) == want
+    got_routes = [c["routes"][0] for e in events[:-1] for c in e.get("choices", [])
+                  if c["text"]]
+    assert [r["schemes"] for r in got_routes] == [r["schemes"] for r in routes]
+    assert all(len(r["gates"]) == model.n_layer for r in got_routes)
+    assert events[-2]["usage"]["completion_tokens"] == 20
+    finish = [c["finish_reason"] for e in events[:-1] for c in e.get("choices", [])
+              if c["finish_reason"]]
+    assert finish == ["length"]
+    # stop strings: the text ends before the first one, finish_reason "stop"
+    stop = want[6:8]
+    status, _, body = server.complete(prompt=PROMPT, max_tokens=20, temperature=0.9, seed=5,
+                                      stop=[stop, "zzz"])
+    assert body["choices"][0]["text"] == want[:want.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    events = server.stream({"prompt": PROMPT, "max_tokens": 20, "temperature": 0.9,
+                            "seed": 5, "stop": stop})
+    assert joined(events) == want[:want.index(stop)]
+
+
+def test_n_forks_the_prompt(server, model):
+    forks = server.metrics()["moas_forks_total"]
+    status, _, body = server.complete(prompt=PROMPT, max_tokens=12, temperature=1.0,
+                                      seed=40, n=3, routes=True)
+    assert status == 200
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    for i, c in enumerate(body["choices"]):
+        assert c["text"] == alone(model, 40 + i, max_tokens=12, temperature=1.0)
+        assert len(c["routes"]) == 12
+    assert body["usage"]["prompt_tokens"] == len(PROMPT)
+    assert body["usage"]["completion_tokens"] == 36
+    assert server.metrics()["moas_forks_total"] == forks + 2
+    events = server.stream({"prompt": PROMPT, "max_tokens": 8, "seed": 40, "n": 2})
+    # the server's default temperature is OpenAI's, 1
+    assert joined(events, 0) == alone(model, 40, max_tokens=8, temperature=1.0)
+    assert joined(events, 1) == alone(model, 41, max_tokens=8, temperature=1.0)
+
+
+def check_error(result, status, code=None, param=None):
+    got, headers, body = result
+    assert got == status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param",
+                                                             "code"}, body
+    assert body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+    if param:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def test_bad_input_is_4xx_in_openai_shape(server, model):
+    post = lambda raw: server.request("POST", "/v1/completions", raw=raw)  # noqa: E731
+    check_error(post(b'{"prompt": "And'), 400, "invalid_json")
+    check_error(post(b'\xff\xfe'), 400, "invalid_json")
+    check_error(post(b'[1, 2]'), 400, "invalid_type")
+    check_error(server.complete(max_tokens=3), 400, "missing_field", "prompt")
+    for field, value in (("max_tokens", "5"), ("max_tokens", 2.5), ("max_tokens", True),
+                         ("temperature", "hot"), ("top_p", 0), ("top_k", -1),
+                         ("stream", "yes"), ("n", 0), ("seed", -1), ("stop", [1]),
+                         ("prompt", 42), ("prompt", [[1, 2]]), ("routes", 1),
+                         ("logit_bias", {"x": 1}), ("unknown_chars", "keep"),
+                         ("min_p", 2), ("repetition_penalty", 0), ("top_k", 2**40),
+                         ("repeat_last_n", -3), ("temperature", float("nan"))):
+        err = check_error(server.complete(**{"prompt": PROMPT, "max_tokens": 3,
+                                             field: value}), 400, param=field)
+        assert field in err["message"]
+    err = check_error(server.complete(prompt=PROMPT, frobnicate=1), 400, "unknown_field",
+                      "frobnicate")
+    assert "unrecognized request argument" in err["message"]
+    check_error(server.complete(prompt=PROMPT, echo=True), 400, "unsupported")
+    # characters outside the vocabulary: 400 naming it, or replaced/dropped on request
+    err = check_error(server.complete(prompt="And God 9", max_tokens=3), 400,
+                      param="prompt")
+    assert "'9'" in err["message"] and "unknown_chars" in err["message"]
+    status, _, body = server.complete(prompt="And God 9", max_tokens=3, unknown_chars="drop",
+                                      temperature=0)
+    assert status == 200 and body["prompt_chars_changed"] == 1
+    assert body["usage"]["prompt_tokens"] == len("And God ")
+    # caps: max_tokens, prompt length, context, body size
+    check_error(server.complete(prompt=PROMPT, max_tokens=65), 400, "max_tokens_too_large")
+    check_error(server.complete(prompt="A" * 65, max_tokens=1), 400, "prompt_too_long")
+    check_error(server.complete(prompt="A" * 60, max_tokens=10), 400,
+                "context_length_exceeded")
+    check_error(server.complete(prompt=PROMPT, max_tokens=3, n=17), 400, param="n")
+    check_error(post(json.dumps({"prompt": "A" * 5000}).encode()), 413)
+    check_error(server.request("GET", "/v1/nothing"), 404)
+    check_error(server.request("GET", "/v1/completions"), 405)
+    # unharmed
+    status, _, body = server.complete(prompt=PROMPT, max_tokens=5, temperature=0)
+    assert status == 200 and body["choices"][0]["text"] == alone(model, 0, 5, temperature=0)
+    assert server.metrics()['moas_requests_total{status="400"}'] >= 25
+
+
+def wait_idle(server, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["moas_sequences_active"] == 0 and m["moas_pool_bytes_held"] == 0:
+            return m
+        time.sleep(0.05)
+    raise AssertionError("pages still held: %r" % server.metrics())
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+    wait_idle(server)
+    done = threading.Event()
+    result = {}
+
+    def slow():   # a long generation in the same pool, still running
+        result["r"] = server.complete(prompt=PROMPT, max_tokens=40, temperature=1.0, seed=9,
+                                      n=4)
+        done.set()
+    t = threading.Thread(target=slow)
+    t.start()
+    events = server.stream({"prompt": PROMPT, "max_tokens": 45, "temperature": 1.0,
+                            "n": 3}, stop_after=3)
+    assert len(events) >= 3
+    t.join(60)
+    assert result["r"][0] == 200
+    m = wait_idle(server)
+    assert m["moas_pool_pages_free"] * 256 == m["moas_pool_bytes_capacity"]
+
+
+def test_api_key():
+    s = Server("--api-key", "sesame", "--pool-mb", "1")
+    try:
+        check_error(s.complete(prompt=PROMPT, max_tokens=2), 401, "invalid_api_key")
+        check_error(s.request("POST", "/v1/completions", {"prompt": PROMPT},
+                              headers={"Authorization": "Bearer wrong"}), 401,
+                    "invalid_api_key")
+        check_error(s.request("GET", "/metrics"), 401)
+        assert s.request("GET", "/health")[0] == 200
+        s.key = "sesame"
+        assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+        assert s.request("GET", "/metrics")[0] == 200
+    finally:
+        s.close()
+
+
+def test_full_server_queues_then_503():
+    # one sequence at a time, one request may wait, for at most 2 s; the holder takes
+    # 45 steps of at least 0.1 s
+    s = Server("--max-sequences", "1", "--max-queue", "1", "--queue-timeout", "2",
+               "--pool-mb", "1", "--step-delay", "0.1")
+    try:
+        started = threading.Event()
+        results = {}
+
+        def hold():
+            events = []
+
+            def run():
+                events.extend(s.stream({"prompt": PROMPT, "max_tokens": 45, "seed": 1,
+                                        "temperature": 1.0}))
+            th = threading.Thread(target=run)
+            th.start()
+            started.set()
+            th.join()
+            results["hold"] = events
+        holder = threading.Thread(target=hold)
+        holder.start()
+        started.wait()
+        deadline = time.time() + 10
+        while s.metrics()["moas_sequences_active"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        # the first waits in the queue, the second finds the queue full
+        waiter = threading.Thread(target=lambda: results.setdefault(
+            "queued", s.complete(prompt=PROMPT, max_tokens=2)))
+        waiter.start()
+        while s.metrics()["moas_requests_queued"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        status, headers, body = s.complete(prompt=PROMPT, max_tokens=2)
+        err = check_error((status, headers, body), 503, "queue_full")
+        assert int(headers["Retry-After"]) >= 1 and "waiting" in err["message"]
+        waiter.join(30)
+        holder.join(60)
+        # the queued request waited out its 2 s (the holder takes 4.5 s or more)
+        err = check_error(results["queued"], 503, "pool_full")
+        assert "Retry-After" in results["queued"][1] and "queue" in err["message"]
+        assert joined(results["hold"])
+        assert s.request("GET", "/health")[0] == 200
+    finally:
+        s.close()
+
+
+def test_pool_too_small_swaps_and_loses_nothing(model):
+    # 60 KB of pages: one sequence at the widest scheme, a few as routed, so steps
+    # overflow, sequences are swapped out and back, and every text still equals its
+    # request run alone
+    s = Server("--pool-mb", "0.06", "--mode", "routed", "--queue-timeout", "60")
+    try:
+        run_clients(s, model, clients=8, per_client=2, max_tokens=40)
+        m = wait_idle(s)
+        assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1
+    finally:
+        s.close()
+
+
+def run_clients(server, model, clients, per_client, max_tokens):
+    errors, texts = [], []
+    lock = threading.Lock()
+
+    def client(c):
+        for k in range(per_client):
+            seed = 1000 * c + k
+            prompt_len = 3 + (c * 7 + k * 5) % 20
+            body = {"prompt": PROMPT * 2, "max_tokens": max_tokens, "seed": seed,
+                    "temperature": 1.0}
+            body["prompt"] = body["prompt"][:prompt_len]
+            try:
+                if (c + k) % 2:
+                    got = joined(server.stream(body))
+                else:
+                    status, _, r = server.complete(**body)
+                    assert status == 200, r
+                    got = r["choices"][0]["text"]
+                want = model.generate(body["prompt"], max_tokens, seed=seed, mode="routed",
+                                      temperature=1.0)
+                with lock:
+                    texts.append(got)
+                    if got != want:
+                        errors.append((seed, got, want))
+            except Exception as e:   # noqa: BLE001 - reported below
+                with lock:
+                    errors.append((seed, repr(e)))
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert len(texts) == clients * per_client
+    return texts
+
+
+def test_short_load_loses_nothing(server, model):
+    start = time.time()
+    texts = run_clients(server, model, clients=16, per_client=3, max_tokens=24)
+    assert sum(map(len, texts)) == 16 * 3 * 24
+    assert time.time() - start < 60
+    wait_idle(server)
+
+
+def test_random_bodies_never_5xx(server):
+    # values of every kind in every field: always 200 or a 4xx in OpenAI's shape
+    import random
+    rng = random.Random(7)
+    values = [None, True, False, 0, 1, -1, 2**40, 0.5, -0.5, 1e308, "", "x", "And God",
+              [], ["a"], ["a", "b"], [1], {}, {"1": 1}, {"a": "b"}, "\u00e9\ud7ff"]
+    fields = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
+              "seed", "n", "stream", "routes", "logit_bias", "unknown_chars", "echo",
+              "logprobs", "best_of", "stream_options", "repetition_penalty", "suffix",
+              "model", "user"]
+    statuses = {}
+    for _ in range(150):
+        body = {"prompt": PROMPT, "max_tokens": 3}
+        for name in rng.sample(fields, rng.randint(1, 3)):
+            body[name] = rng.choice(values)
+        body["stream"] = False
+        status, _, reply = server.complete(**body)
+        statuses[status] = statuses.get(status, 0) + 1
+        if status != 200:
+            check_error((status, {}, reply), status)
+            assert 400 <= status < 500, (body, reply)
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
+    assert server.request("GET", "/health")[0] == 200
