@@ -158,7 +158,16 @@ class Errors(Base):
         self.assertIn("MOAS_ERR_IO", str(e))
         self.expect(moas.Status.ERR_BAD_FORMAT, moas.Model.from_bytes, b"NOPE" + bytes(60))
         good = read_bytes(MODEL)
-        self.expect(moas.Status.ERR_CORRUPT, moas.Model.from_bytes, good[:3000])
+        e = self.expect(moas.Status.ERR_CORRUPT, moas.Model.from_bytes, good[:3000])
+        self.assertIn("the file ends at 3000", str(e))    # the cause names the cut
+        # a whole file whose metadata disagrees: not blamed on truncation
+        whole = bytearray(read_bytes(os.path.join(os.path.dirname(MODEL),
+                                                  "tiny-mqa-nobias.gguf")))
+        at = whole.index(b"moas.attention.scheme_kv_heads") + 30 + 16
+        whole[at] = 4                                  # the one scheme: 1 -> 4 KV heads
+        e = self.expect(moas.Status.ERR_CORRUPT, moas.Model.from_bytes, bytes(whole))
+        self.assertIn("scheme 0 has 4 KV heads", str(e))
+        self.assertNotIn("truncated", str(e))
         self.expect(moas.Status.ERR_UNKNOWN_CHAR, self.model.tokenize, "Quiz")
         self.expect(moas.Status.ERR_NOT_FOUND, self.model.meta_int, "no.such.key")
         self.expect(moas.Status.ERR_WRONG_TYPE, self.model.meta_int, "general.name")

@@ -443,6 +443,10 @@ class MoasError(Exception):
         super().__init__(status, message)
 
     def __str__(self):
+        # MOAS_ERR_CORRUPT's sentence ("truncated or inconsistent") would blame
+        # truncation for a whole file whose parts disagree; its message says which.
+        if self.status == Status.ERR_CORRUPT and self.message:
+            return "%s: %s" % (self.name, self.message)
         return "%s (%s): %s" % (self.name, self.status_string, self.message)
 
 
