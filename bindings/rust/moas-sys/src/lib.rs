@@ -28,6 +28,7 @@ pub const MOAS_OK: moas_status = 0;
 pub const MOAS_ERR_INVALID_ARG: moas_status = -1;
 pub const MOAS_TYPE_F32: moas_type = 0;
 pub const MOAS_TYPE_F16: moas_type = 1;
+pub const MOAS_TYPE_Q8_0: moas_type = 8;
 pub const MOAS_MODE_MIXTURE: moas_mode = 0;
 pub const MOAS_MODE_ROUTED: moas_mode = 1;
 pub const MOAS_KERNELS_AUTO: moas_kernels = 0;

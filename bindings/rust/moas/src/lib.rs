@@ -302,6 +302,8 @@ pub enum Mode {
 pub enum KvType {
     F32,
     F16,
+    /// Blocks of 32 along each head (head_dim a multiple of 32).
+    Q8_0,
 }
 
 /// moas_context_params, the fields a Rust caller sets. Default: the C defaults.
@@ -364,6 +366,7 @@ impl<'m> Context<'m> {
         c.kv_type = match p.kv_type {
             KvType::F32 => ffi::MOAS_TYPE_F32,
             KvType::F16 => ffi::MOAS_TYPE_F16,
+            KvType::Q8_0 => ffi::MOAS_TYPE_Q8_0,
         };
         c.forced_scheme = p.forced_scheme.unwrap_or(-1);
         c.kv_budget_bytes = p.kv_budget;
@@ -657,6 +660,7 @@ impl<'m> Pool<'m> {
         p.kv_type = match kv_type {
             KvType::F32 => ffi::MOAS_TYPE_F32,
             KvType::F16 => ffi::MOAS_TYPE_F16,
+            KvType::Q8_0 => ffi::MOAS_TYPE_Q8_0,
         };
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_pool_create(model.as_ptr(), &p, &mut out) })?;
