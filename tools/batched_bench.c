@@ -115,7 +115,9 @@ static void bb_parse(int argc, char **argv, bb_options *o) {
     int have_npl = 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            bb_usage();
+        } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
             o->model_path = bb_value(argc, argv, &i);
         } else if (!strcmp(a, "-f")) {
             o->text_path = bb_value(argc, argv, &i);
@@ -166,6 +168,16 @@ static void bb_parse(int argc, char **argv, bb_options *o) {
     }
     if (o->model_path == NULL || o->n_npp == 0 || o->n_ntg == 0 || o->n_npl == 0) {
         bb_usage();
+    }
+    for (int i = 0; i < o->n_npl; i++) {
+        if (o->npl[i] < 1) {
+            bb_die("-npl: every B must be at least 1");
+        }
+    }
+    for (int i = 0; i < o->n_npp; i++) {
+        if (o->npp[i] < 1) {
+            bb_die("-npp: a prompt needs at least 1 token");
+        }
     }
     o->capacity_only = o->pool_mb > 0 && !have_npl;
 }
