@@ -1402,6 +1402,45 @@ static bool pools_down(const moas_model *m, int32_t from, int32_t to) {
     return to < from && from % to == 0 && m->n_head % from == 0;
 }
 
+/* Before pages are rewritten in place: give each stream its own copy of every page it
+ * shares from head from[i] on (UINT32_MAX: none of its pages), all or nothing
+ * (MOAS_ERR_POOL_FULL changes nothing). */
+static moas_status unshare_from(moas_context *ctx, const uint32_t *from, const char *what) {
+    moas_pool *pool = ctx->pool;
+    uint64_t need = 0;
+    moas__pool_lock(pool);
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        const moas_kv_stream *kv = &ctx->kv[i];
+        for (int64_t p = from[i] == UINT32_MAX ? kv->n_pages : (int64_t)(from[i] >> pool->page_shift);
+             p < kv->n_pages; p++) {
+            need += pool->refs[kv->pages[p]] > 1 ? 1 : 0;
+        }
+    }
+    if (need > (uint64_t)pool->n_free) {
+        const moas_status st = pool_full(pool, need, what);
+        moas__pool_unlock(pool);
+        return fail(ctx, st);
+    }
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        if (from[i] != UINT32_MAX) {
+            moas__kv_unshare(pool, &ctx->kv[i], from[i] >> pool->page_shift);
+        }
+    }
+    moas__pool_unlock(pool);
+    return MOAS_OK;
+}
+
+/* The first token below n_before whose heads in `layer` pool down to `target`, or -1. */
+static int32_t first_to_pool(const moas_context *ctx, int32_t layer, int32_t n_before,
+                             int32_t target) {
+    for (int32_t j = 0; j < n_before; j++) {
+        if (pools_down(ctx->model, moas__kv_heads(&ctx->kv[layer], j), target)) {
+            return j;
+        }
+    }
+    return -1;
+}
+
 /* Move (or pool) the heads of every token from `first` on in `layer`'s stream, packing
  * them front to back, tokens below n_before that stored more than `target` heads pooled
  * down to `target`; returns how many tokens changed. Writes never pass reads: a token
@@ -1436,16 +1475,7 @@ static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, i
                                    moas__pool_head(pool, slab, moas__kv_row(pool, kv, r + (uint32_t)h)),
                                    in + (size_t)h * d, d);
             }
-            const int32_t group = k / target;
-            for (int32_t i = 0; i < target; i++) {
-                for (int32_t e = 0; e < d; e++) {
-                    float sum = 0.0f;
-                    for (int32_t h = i * group; h < (i + 1) * group; h++) {
-                        sum += in[(size_t)h * d + e];
-                    }
-                    out[(size_t)i * d + e] = sum / (float)group;
-                }
-            }
+            moas__pool_heads(in, k, d, target, out);
             for (int32_t i = 0; i < target; i++) {
                 moas__kv_head_store(ctx->kv_type,
                                     moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)i)),
@@ -1487,40 +1517,22 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
         return fail(ctx, MOAS_ERR_INVALID_ARG);
     }
 
-    /* the first token each layer changes; the pages from its first head on are
-     * rewritten, so the shared ones among them are copied first, all or nothing */
+    /* the pages from the first head each layer changes on are rewritten */
     const int32_t target = m->scheme_n_kv[scheme], L = m->n_layer;
-    int32_t *first = (int32_t *)ctx->state_heads;   /* [n_layer] scratch */
-    moas_pool *pool = ctx->pool;
-    uint64_t need = 0;
-    moas__pool_lock(pool);
     for (int32_t l = 0; l < L; l++) {
-        const moas_kv_stream *kv = &ctx->kv[l];
-        first[l] = -1;
-        for (int32_t j = 0; j < n_before && first[l] < 0; j++) {
-            first[l] = pools_down(m, moas__kv_heads(kv, j), target) ? j : -1;
-        }
-        for (int32_t p = first[l] < 0 ? kv->n_pages : (int32_t)(kv->off[first[l]] >> pool->page_shift);
-             p < kv->n_pages; p++) {
-            need += pool->refs[kv->pages[p]] > 1 ? 1 : 0;
-        }
+        const int32_t j = first_to_pool(ctx, l, n_before, target);
+        ctx->state_heads[l] = j < 0 ? UINT32_MAX : ctx->kv[l].off[j];
     }
-    if (need > (uint64_t)pool->n_free) {
-        const moas_status st = pool_full(pool, need, what);
-        moas__pool_unlock(pool);
-        return fail(ctx, st);
+    moas_status st;
+    if ((st = unshare_from(ctx, ctx->state_heads, what)) != MOAS_OK) {
+        return st;
     }
-    for (int32_t l = 0; l < L; l++) {
-        if (first[l] >= 0) {
-            moas__kv_unshare(pool, &ctx->kv[l], ctx->kv[l].off[first[l]] >> pool->page_shift);
-        }
-    }
-    moas__pool_unlock(pool);
 
     int32_t changed = 0;
     for (int32_t l = 0; l < L; l++) {
-        if (first[l] >= 0) {
-            changed += compact_stream(ctx, l, first[l], n_before, scheme);
+        const int32_t j = first_to_pool(ctx, l, n_before, target);
+        if (j >= 0) {
+            changed += compact_stream(ctx, l, j, n_before, scheme);
         }
     }
     pages_trim(ctx);
@@ -1561,27 +1573,15 @@ moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_disc
         return MOAS_OK;
     }
 
-    /* every page from the first removed head on is rewritten: copy the shared ones
-     * first, all or nothing */
+    /* every page from the first removed head on is rewritten */
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        ctx->state_heads[i] = stream_heads(ctx, i, n_keep);
+    }
+    moas_status st;
+    if ((st = unshare_from(ctx, ctx->state_heads, what)) != MOAS_OK) {
+        return st;
+    }
     moas_pool *pool = ctx->pool;
-    uint64_t need = 0;
-    moas__pool_lock(pool);
-    for (int32_t i = 0; i < ctx->n_streams; i++) {
-        const moas_kv_stream *kv = &ctx->kv[i];
-        for (int32_t p = (int32_t)(stream_heads(ctx, i, n_keep) >> pool->page_shift);
-             p < kv->n_pages; p++) {
-            need += pool->refs[kv->pages[p]] > 1 ? 1 : 0;
-        }
-    }
-    if (need > (uint64_t)pool->n_free) {
-        const moas_status st = pool_full(pool, need, what);
-        moas__pool_unlock(pool);
-        return fail(ctx, st);
-    }
-    for (int32_t i = 0; i < ctx->n_streams; i++) {
-        moas__kv_unshare(pool, &ctx->kv[i], stream_heads(ctx, i, n_keep) >> pool->page_shift);
-    }
-    moas__pool_unlock(pool);
 
     /* the later tokens' heads move down (front to back, so a write never passes a
      * read), their keys turned back by n_discard positions */

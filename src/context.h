@@ -148,6 +148,13 @@ void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs);
 void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, float *k,
                     int32_t n_k);
 
+/* Pooled models: the mean of each group of n_head / n_kv consecutive heads of `full`
+ * (summed in order, then divided by the group's size); compaction pools stored heads
+ * with it too, so they get what routing would have stored.
+ *   full [n_head, head_dim] -> out [n_kv, head_dim] */
+void moas__pool_heads(const float *full, int32_t n_head, int32_t head_dim, int32_t n_kv,
+                      float *out);
+
 /* Allocate a workspace's buffers; free them. */
 moas_status moas__workspace_make(const moas_model *model, const moas_allocator *alloc,
                                  const moas_ops *ops, int32_t n_threads, int32_t max_rows,

@@ -11,7 +11,7 @@
  * helpers called where the published block embeds positions, normalises, runs its MLP
  * and projects Q and K; each takes the position of every row it rotates explicitly.
  *
- * Mixture mode follows the published PyTorch model (SPEC.md section 1) step for step,
+ * Mixture mode follows the published PyTorch model (docs/FORMAT.md, "Semantics") step for step,
  * so that logits agree to float32 round-off: LayerNorm with biased variance, the erf
  * GELU (libm's erf in the reference kernels, one within 1e-6 in the SIMD ones),
  * scores q.k scaled by 1/sqrt(head_dim) after the dot product, mean mixing as a sum
@@ -405,10 +405,8 @@ static int32_t largest_gate(const float *gates, int32_t n) {
     return best;
 }
 
-/* Pooled models: the mean of each group of n_head / n_kv consecutive heads of `full`.
- *   full [n_head, head_dim] -> out [n_kv, head_dim] */
-static void pool_heads(const float *full, int32_t n_head, int32_t head_dim, int32_t n_kv,
-                       float *out) {
+void moas__pool_heads(const float *full, int32_t n_head, int32_t head_dim, int32_t n_kv,
+                      float *out) {
     const int32_t group = n_head / n_kv;
     for (int32_t i = 0; i < n_kv; i++) {
         for (int32_t e = 0; e < head_dim; e++) {
@@ -430,7 +428,7 @@ static void mix_pooled(const moas_model *m, const float *gates, const float *ful
     memset(out, 0, (size_t)n_head * head_dim * sizeof *out);
     for (int32_t s = 0; s < m->n_scheme; s++) {
         const int32_t n_kv = m->scheme_n_kv[s];
-        pool_heads(full, n_head, head_dim, n_kv, tmp);
+        moas__pool_heads(full, n_head, head_dim, n_kv, tmp);
         for (int32_t h = 0; h < n_head; h++) {
             const float *src = tmp + (size_t)(h * n_kv / n_head) * head_dim;
             for (int32_t e = 0; e < head_dim; e++) {
@@ -595,8 +593,8 @@ static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
         if (mode == MOAS_MODE_ROUTED) {
             n_kv = m->scheme_n_kv[ws->bscheme[t]];
             kv->off[pos + 1] = kv->off[pos] + (uint32_t)n_kv;
-            pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
-            pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
+            moas__pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
+            moas__pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
         } else {
             mix_pooled(m, ws->bgates + (size_t)t * S, k, ws->pool_tmp, kp);
             mix_pooled(m, ws->bgates + (size_t)t * S, v, ws->pool_tmp, vp);

@@ -17,7 +17,7 @@
 #include <string.h>
 
 /* Logits are of order 1..10; float32 round-off over two layers stays near 1e-6.
- * 1e-4 is the product's promise (SPEC.md section 3). Gates are in [0, 1]. */
+ * 1e-4 is the product's promise (README.md, docs/FORMAT.md). Gates are in [0, 1]. */
 #define LOGIT_TOLERANCE 1e-4
 #define GATE_TOLERANCE 1e-5
 

@@ -2,7 +2,7 @@
 """Train, initialise or evaluate a MoAS character model with PyTorch (CPU).
 
 This is libmoas's own implementation of the published MoAS architecture
-(docs/FORMAT.md, "Semantics"; SPEC.md section 1).  Its state_dict keys are the
+(docs/FORMAT.md, "Semantics").  Its state_dict keys are the
 reference's, so checkpoints go both ways: ours load into the reference GPT (add
 --mask-buffers to also store the [1, 1, T, T] causal-mask buffers that the
 reference registers under PyTorch < 2.0), and the reference's load here.
@@ -17,7 +17,7 @@ reference registers under PyTorch < 2.0), and the reference's load here.
     python3 tools/train.py --golden ckpt.pt --data tiny.txt --text tiny.txt \\
         --text-start 0 --text-len 64 --out tiny.golden
 
-    # the routed-KV variant (SPEC section 4), trained soft, then straight-through
+    # the routed-KV variant (docs/FORMAT.md "Pooled K/V"), trained soft, then straight-through
     # top-1, with a penalty on the expected kv heads per token
     python3 tools/train.py --data input.txt --out pooled.pt --attention-type pooled_moas \\
         --kv-penalty 0.05 --hard-top1-from 1500
@@ -326,7 +326,7 @@ class SchemeMixture(nn.Module):
 
 
 class PooledAttention(nn.Module):
-    """The routed-KV variant (SPEC section 4, docs/FORMAT.md "Pooled K/V").
+    """The routed-KV variant (docs/FORMAT.md "Pooled K/V").
 
     One q_proj, k_proj, v_proj (H heads each) and c_proj shared by all schemes.
     Scheme s keeps K/V mean-pooled over groups of H/n_kv(s) consecutive heads;

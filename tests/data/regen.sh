@@ -42,7 +42,7 @@ $PY tools/moas-convert "$CKPT_DIR/tiny-moas-bias.pt" -o $D/tiny-moas-f16.gguf \
 $TORCH_PY tools/train.py --golden "$CKPT_DIR/tiny-moas-bias.pt" --data $TEXT --text $TEXT \
     --text-start 440 --text-len 64 --round-f16 --out $D/tiny-moas-f16.golden
 
-# 3. The routed-KV variant (SPEC section 4, docs/FORMAT.md "Pooled K/V"):
+# 3. The routed-KV variant (docs/FORMAT.md "Pooled K/V"):
 #    pooled_moas, schemes [6, 2, 1], same shapes and init.  Two goldens each:
 #    mixture (soft gates) and routed (hard top-1).  Seeds 19 and 20 were picked
 #    so that routed mode chooses every scheme in every layer (at least 10 times)
