@@ -205,6 +205,15 @@ loadtest: all
 	        exec $$py tools/loadtest.py -m $(LOADTEST_MODEL) $(LOADTEST_ARGS); fi; \
 	done; echo "loadtest: needs aiohttp (apt-get install python3-aiohttp)"; exit 1
 
+# What training needs (tools/train.py, tools/kjv_corpus.py; models/README.md): Debian's
+# torch with its OpenMP BLAS, and the KJV text. Only for training, never for the library.
+TRAIN_PACKAGES = bible-kjv python3-torch libopenblas0-openmp
+.PHONY: train-deps
+train-deps:
+	$(Q)if /usr/bin/python3 -c 'import torch' 2>/dev/null && command -v bible >/dev/null; then \
+	    echo "train-deps: torch and bible-kjv already installed"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TRAIN_PACKAGES); fi
+
 # The shipped model, generating from a prompt: the README's one-command demo.
 MODEL ?= models/moas-kjv.gguf
 run: all

@@ -864,6 +864,13 @@ typedef struct moas_pool_params {
                                          is below this, new tokens are steered toward
                                          cheaper schemes, more as the pool fills
                                          (docs/KV_CACHE.md); 0 (default): never */
+    int32_t commit;                   /* nonzero: write every page at creation, so the
+                                         pool's memory is resident from the start and
+                                         the process's RSS does not grow as pages are
+                                         first used (a server's flat footprint; an
+                                         overcommitting system fails now, not at a page
+                                         fault later); 0 (default): pages are touched
+                                         as they are first used */
 } moas_pool_params;
 
 /*
@@ -881,7 +888,8 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  * CONSTRUCTOR: moas_pool
  *
  * Allocates capacity_bytes of pages (address space until written: the operating
- * system backs pages as they are first used) and the buffers of moas_pool_decode.
+ * system backs pages as they are first used, unless params->commit asks for them to be
+ * written now) and the buffers of moas_pool_decode.
  * A page holds page_heads K and V heads of head_dim elements of kv_type. The model is
  * borrowed and must outlive the pool; the pool must outlive its contexts.
  *

@@ -318,6 +318,11 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
         return st;
     }
     pool->steer_below = p.steer_below;
+    if (p.commit) {   /* every page resident now: RSS stays flat as sequences come and go */
+        const size_t slab_bytes = (size_t)pool->n_pages * (size_t)page_heads * pool->head_bytes;
+        memset(pool->k, 0, slab_bytes);
+        memset(pool->v, 0, slab_bytes);
+    }
     const int32_t n_threads = moas__default_threads(p.n_threads);
     const int32_t n_batch = p.n_batch == 0 ? MOAS_BATCH : p.n_batch;
     if ((st = moas__workspace_make(model, pool->alloc, moas__ops_select((moas_kernels)p.kernels),

@@ -513,6 +513,56 @@ TEST(state_load_refuses_bad_data_and_changes_nothing) {
 }
 
 /* The checks of pool creation and of a pool call, each refused before anything runs. */
+/* Resident bytes of this process (Linux /proc/self/statm), or -1 where unknown. */
+static long long resident_bytes(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    long long pages_total = 0, pages_resident = -1;
+    if (f == NULL) {
+        return -1;
+    }
+    if (fscanf(f, "%lld %lld", &pages_total, &pages_resident) != 2) {
+        pages_resident = -1;
+    }
+    fclose(f);
+    return pages_resident < 0 ? -1 : pages_resident * 4096;
+}
+
+/* params.commit writes every page at creation: the pool's memory is resident at once
+ * (the process's RSS grows by its capacity), where a default pool stays address
+ * space until pages are used. */
+TEST(committed_pool_is_resident_from_the_start) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    if (resident_bytes() < 0) {
+        moas_model_free(m);
+        free(image);
+        test_skip("no /proc/self/statm");
+        return TEST_SKIP;
+    }
+    const long long capacity = 32ll << 20;
+    for (int commit = 0; commit <= 1; commit++) {
+        moas_pool_params pp;
+        moas_pool *pool = NULL;
+        moas_pool_params_init(&pp);
+        pp.capacity_bytes = (uint64_t)capacity;
+        pp.commit = commit;
+        const long long before = resident_bytes();
+        ASSERT_OK(moas_pool_create(m, &pp, &pool));
+        const long long grew = resident_bytes() - before;
+        if (commit) {
+            ASSERT_TRUE(grew >= capacity * 9 / 10);
+        } else {
+            ASSERT_TRUE(grew < capacity / 2);
+        }
+        moas_pool_free(pool);
+    }
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 TEST(pool_arguments_are_checked) {
     size_t size;
     uint8_t *image = kind_image(0, &size);

@@ -180,7 +180,8 @@ class PoolParams(ctypes.Structure):
                 ("kv_type", ctypes.c_int32), ("page_heads", ctypes.c_int32),
                 ("n_threads", ctypes.c_int32), ("kernels", ctypes.c_int32),
                 ("n_batch", ctypes.c_int32), ("log", LOG_FN), ("log_user", ctypes.c_void_p),
-                ("allocator", ctypes.POINTER(Allocator)), ("steer_below", ctypes.c_float)]
+                ("allocator", ctypes.POINTER(Allocator)), ("steer_below", ctypes.c_float),
+                ("commit", ctypes.c_int32)]
 
 
 class PoolInfo(ctypes.Structure):
@@ -1264,7 +1265,8 @@ class Pool(_Handle):
     capacity_bytes (required), kv_type ("f32" | "f16"), page_heads (0: default),
     n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()),
     steer_below (routed contexts take cheaper schemes while the free fraction of pages
-    is below it; 0: never).
+    is below it; 0: never), commit (write every page now, so the pool's memory is
+    resident from the start and RSS stays flat while sequences come and go).
     Contexts made with pool.context(...) or Context(model, pool=pool) must be closed
     before the pool (the pool keeps them alive while it is open).
     """
@@ -1272,7 +1274,7 @@ class Pool(_Handle):
     _kind = "pool"
 
     def __init__(self, model, capacity_bytes, *, kv_type=Type.F32, page_heads=0, n_threads=0,
-                 kernels=Kernels.AUTO, n_batch=0, steer_below=0.0, log=None):
+                 kernels=Kernels.AUTO, n_batch=0, steer_below=0.0, commit=False, log=None):
         self._ptr = None
         self.model = model
         params = _params(library().moas_pool_params_init_sized, PoolParams)
@@ -1280,6 +1282,7 @@ class Pool(_Handle):
         params.kv_type = _enum(Type, kv_type)
         params.page_heads, params.n_threads, params.n_batch = page_heads, n_threads, n_batch
         params.steer_below = steer_below
+        params.commit = 1 if commit else 0
         params.kernels = _enum(Kernels, kernels)
         self._log = _log_callback(log)
         params.log = self._log

@@ -93,7 +93,7 @@ class Engine:
         self.prefill_chunk, self.step_prefill = prefill_chunk, step_prefill
         self.step_delay = step_delay
         self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
-                         n_threads=n_threads, steer_below=steer_below)
+                         n_threads=n_threads, steer_below=steer_below, commit=True)
         self.forced_scheme = forced_scheme
         self.n_ctx = model.n_ctx_train
         with self.pool.context(mode=mode, forced_scheme=forced_scheme) as probe:
