@@ -334,6 +334,10 @@ class PooledAttention(nn.Module):
     broadcast pooled K/V with the router's gates; "hard" with the one-hot of
     their argmax (lowest index on ties), straight-through when gradients flow
     (forward: exactly the one-hot, which is routed mode; backward: through g).
+
+    gate_temperature T (training only, not a parameter): the gates are
+    softmax(router(x) / T).  save_checkpoint folds 1/T into router.2, so a
+    saved model has T = 1 and computes the same gates (docs: tools/README.md).
     """
 
     def __init__(self, a, mask_buffers):
@@ -350,6 +354,7 @@ class PooledAttention(nn.Module):
                                     nn.Linear(hidden, len(self.schemes), bias=a.bias))
         self.attn_dropout = nn.Dropout(a.dropout)
         self.resid_dropout = nn.Dropout(a.dropout)
+        self.gate_temperature = 1.0
         if mask_buffers:
             add_mask_buffer(self, a.block_size)
 
@@ -368,12 +373,16 @@ class PooledAttention(nn.Module):
             out = term if out is None else out + term
         return out.reshape(B, T, C)
 
-    def forward(self, x, routing="soft", rope=None):
-        """(output [B, T, C], soft gates [B, T, S]).
+    def forward(self, x, routing="soft", rope=None, with_logits=False):
+        """(output [B, T, C], soft gates [B, T, S]), and with_logits the router
+        logits [B, T, S] too: the softmax's input router(x) / gate_temperature.
 
         With rope, q and all H heads of k are rotated before k is pooled: the
         rotation is the same for every head, so pooling commutes with it."""
-        gates = F.softmax(self.router(x), dim=-1)
+        z = self.router(x)
+        if self.gate_temperature != 1.0:
+            z = z / self.gate_temperature
+        gates = F.softmax(z, dim=-1)
         if routing == "soft":
             w = gates
         elif routing == "hard":
@@ -386,7 +395,8 @@ class PooledAttention(nn.Module):
         v = self.mix(self.v_proj(x), w)
         q = apply_rope(self.q_proj(x), self.n_head, rope)
         y = causal_attention(q, k, v, self.n_head, self.attn_dropout)
-        return self.resid_dropout(self.c_proj(y)), gates
+        out = self.resid_dropout(self.c_proj(y))
+        return (out, gates, z) if with_logits else (out, gates)
 
 
 class MLP(nn.Module):
@@ -423,16 +433,18 @@ class Block(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, routing="soft", rope=None):
+        """(x, gates or None, router logits or None; the logits: pooled_moas only)."""
         h = self.ln_1(x)
+        z = None
         if isinstance(self.attn, SchemeMixture):
             y, gates = self.attn(h, rope)
         elif isinstance(self.attn, PooledAttention):
-            y, gates = self.attn(h, routing, rope)
+            y, gates, z = self.attn(h, routing, rope, with_logits=True)
         else:
             y, gates = self.attn(h, rope), None
         x = x + y
         x = x + self.mlp(self.ln_2(x))
-        return x, gates
+        return x, gates, z
 
 
 class MoASGPT(nn.Module):
@@ -455,8 +467,16 @@ class MoASGPT(nn.Module):
     def untie(self):
         self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
 
-    def forward(self, idx, routing="soft"):
-        """(logits [B, T, V] at every position, [gates [B, T, S] per layer] or []).
+    def set_gate_temperature(self, t):
+        """pooled_moas: gates softmax(router(x) / t) in this model's forward."""
+        for m in self.modules():
+            if isinstance(m, PooledAttention):
+                m.gate_temperature = float(t)
+
+    def forward(self, idx, routing="soft", with_router_logits=False):
+        """(logits [B, T, V] at every position, [gates [B, T, S] per layer] or []),
+        and with_router_logits a third item: [router logits [B, T, S] per layer],
+        the softmax's input (pooled_moas only; [] for the other types).
 
         routing ("soft" or "hard") matters for pooled_moas only.
         """
@@ -471,12 +491,15 @@ class MoASGPT(nn.Module):
         else:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
         x = self.emb_dropout(x)
-        all_gates = []
+        all_gates, all_z = [], []
         for block in self.transformer.h:
-            x, gates = block(x, routing, rope)
+            x, gates, z = block(x, routing, rope)
             if gates is not None:
                 all_gates.append(gates)
-        return self.lm_head(self.transformer.ln_f(x)), all_gates
+            if z is not None:
+                all_z.append(z)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return (logits, all_gates, all_z) if with_router_logits else (logits, all_gates)
 
 
 def init_weights(model, std=None, seed_norm=0.2):
@@ -588,9 +611,22 @@ def load_checkpoint(path, unsafe=False):
     return model, margs
 
 
-def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, config):
+ROUTER_OUT_KEY = re.compile(r"transformer\.h\.\d+\.attn\.router\.2\.(weight|bias)")
+
+
+def fold_gate_temperature(sd, t):
+    """A copy of state_dict sd with router.2's weight and bias divided by t: the
+    saved router's output is then router(x) / t, so softmax of it (libmoas's
+    gates, src/forward.c) equals the training gates softmax(router(x) / t)."""
+    if t == 1.0:
+        return sd
+    return {k: (v / t if ROUTER_OUT_KEY.fullmatch(k) else v) for k, v in sd.items()}
+
+
+def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, config,
+                    gate_temperature=1.0):
     ck = {
-        "model": model.state_dict(),
+        "model": fold_gate_temperature(model.state_dict(), gate_temperature),
         "optimizer": optimizer.state_dict(),
         "model_args": model.args.as_dict(),
         "iter_num": iter_num,
@@ -654,6 +690,10 @@ def cmd_train(o):
     elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
         sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
                  "--attention-type pooled_moas")
+    elif o.gate_temperature != 1.0:
+        sys.exit("train.py: --gate-temperature is for --attention-type pooled_moas")
+    if not o.gate_temperature > 0:
+        sys.exit("train.py: --gate-temperature must be > 0")
     if o.attention_type == "gqa":
         extra["n_kv_head"] = GQA_KV_HEADS if o.kv_heads is None else o.kv_heads
     elif o.kv_heads is not None:
@@ -670,25 +710,26 @@ def cmd_train(o):
         sys.exit("train.py: %s" % e)
     model = MoASGPT(a, mask_buffers=o.mask_buffers)
     init_weights(model, o.init_std)
+    model.set_gate_temperature(o.gate_temperature)
     n_params = sum(p.numel() for p in model.parameters())
     log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, pos %s%s, "
         "norm %s, mlp %s (n_ff %d), %.3fM params%s"
         % (a.attention_type, a.n_layer, a.n_head, a.n_embd, a.block_size, a.bias,
            a.vocab_size, a.pos, " (base %g)" % a.rope_base if a.pos == "rope" else "",
            a.norm, a.mlp, a.n_ff, n_params / 1e6,
-           ", schemes %s, kv penalty %g, hard top-1 from %s"
-           % (a.schemes, o.kv_penalty, o.hard_top1_from) if pooled
+           ", schemes %s, kv penalty %g, hard top-1 from %s, gate temperature %g"
+           % (a.schemes, o.kv_penalty, o.hard_top1_from, o.gate_temperature) if pooled
            else ", %d kv heads" % a.n_kv_head if a.n_kv_head is not None else ""))
     optimizer = make_optimizer(model, o.lr)
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
                    "golden_mode", "unsafe_load", "out", "threads")
-    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from")
+    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from", "gate_temperature")
     config = {k: v for k, v in vars(o).items()
               if k not in golden_opts and (pooled or k not in pooled_opts)
               and (o.attention_type == "gqa" or k != "kv_heads")
               and isinstance(v, (int, float, str, bool))}
     if o.init_only:
-        save_checkpoint(o.out, model, optimizer, 0, float("inf"), config)
+        save_checkpoint(o.out, model, optimizer, 0, float("inf"), config, o.gate_temperature)
         log("saved random-init checkpoint %s" % o.out)
         return
     if len(val_ids) <= o.block_size or len(train_ids) <= o.block_size:
@@ -795,7 +836,7 @@ def cmd_train(o):
             if pooled:
                 extra += ", kv fraction %.3f (hard %.3f)" % (kv_soft.item(), kv_hard.item())
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
-    save_checkpoint(o.out, model, optimizer, o.iters, best, config)
+    save_checkpoint(o.out, model, optimizer, o.iters, best, config, o.gate_temperature)
     log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
 
 
@@ -907,6 +948,9 @@ def parse_args(argv=None):
                         "to the loss")
     t.add_argument("--hard-top1-from", type=int, default=None, metavar="ITER",
                    help="pooled_moas: straight-through top-1 routing from this iteration on")
+    t.add_argument("--gate-temperature", type=float, default=1.0, metavar="T",
+                   help="pooled_moas: gates softmax(router(x)/T); 1/T is folded into "
+                        "router.2 when saving, so the GGUF's mixture gates are the same")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
