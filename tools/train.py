@@ -669,6 +669,35 @@ def load_balance_loss(gates_per_layer):
     return sum(losses) / len(losses)
 
 
+def switch_balance_loss(gates_per_layer):
+    """Mean over layers of the Switch Transformer's S * sum_s f_s p_s: f_s the
+    share of tokens whose argmax (lowest index on ties) is s, without gradient,
+    p_s the mean gate of s.  1 when balanced, S when one scheme takes all."""
+    if not gates_per_layer:
+        return None
+    losses = []
+    for g in gates_per_layer:
+        S = g.shape[-1]
+        f = F.one_hot(g.detach().argmax(-1), S).to(g.dtype).mean(dim=(0, 1))
+        losses.append(S * (f * g.mean(dim=(0, 1))).sum())
+    return sum(losses) / len(losses)
+
+
+BALANCE_TYPES = ("mse", "switch", "none")
+
+
+def balance_loss(gates_per_layer, kind="mse"):
+    """--balance: 'mse' (load_balance_loss, published), 'switch' or 'none';
+    None when there is no term (no router, or 'none')."""
+    if kind == "mse":
+        return load_balance_loss(gates_per_layer)
+    if kind == "switch":
+        return switch_balance_loss(gates_per_layer)
+    if kind == "none":
+        return None
+    raise ValueError("unknown balance loss %r" % (kind,))
+
+
 # ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
@@ -817,7 +846,7 @@ def cmd_train(o):
         else:
             logits, gates = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        lb = load_balance_loss(gates)
+        lb = balance_loss(gates, o.balance)
         total = loss if lb is None else loss + o.load_balance_weight * lb
         if pooled:
             kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
@@ -942,7 +971,11 @@ def parse_args(argv=None):
     t.add_argument("--eval-interval", type=int, default=200)
     t.add_argument("--eval-iters", type=int, default=20)
     t.add_argument("--log-interval", type=int, default=50)
-    t.add_argument("--load-balance-weight", type=float, default=0.01)
+    t.add_argument("--load-balance-weight", type=float, default=0.01,
+                   help="weight of the --balance term")
+    t.add_argument("--balance", choices=BALANCE_TYPES, default="mse",
+                   help="routers' balance term: mse of mean gates to 1/S (published), "
+                        "switch S*sum_s f_s*p_s (f: argmax share), or none")
     t.add_argument("--kv-penalty", type=float, default=0.0, metavar="LAMBDA",
                    help="pooled_moas: add LAMBDA * mean_{tokens,layers} sum_s g_s n_kv(s)/H "
                         "to the loss")
