@@ -683,6 +683,18 @@ def switch_balance_loss(gates_per_layer):
     return sum(losses) / len(losses)
 
 
+def router_entropy(logits_per_layer):
+    """Mean over tokens and layers of the gates' entropy -sum_s g_s log g_s
+    (nats), g = softmax of the router logits."""
+    return torch.stack([-(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1).mean()
+                        for z in logits_per_layer]).mean()
+
+
+def router_z_loss(logits_per_layer):
+    """ST-MoE's router z-loss: mean over tokens and layers of logsumexp_s(z_s)^2."""
+    return torch.stack([torch.logsumexp(z, -1).pow(2).mean() for z in logits_per_layer]).mean()
+
+
 BALANCE_TYPES = ("mse", "switch", "none")
 
 
@@ -719,8 +731,9 @@ def cmd_train(o):
     elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
         sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
                  "--attention-type pooled_moas")
-    elif o.gate_temperature != 1.0:
-        sys.exit("train.py: --gate-temperature is for --attention-type pooled_moas")
+    elif o.gate_temperature != 1.0 or o.router_entropy or o.router_z_loss:
+        sys.exit("train.py: --gate-temperature, --router-entropy and --router-z-loss are for "
+                 "--attention-type pooled_moas")
     if not o.gate_temperature > 0:
         sys.exit("train.py: --gate-temperature must be > 0")
     if o.attention_type == "gqa":
@@ -752,7 +765,8 @@ def cmd_train(o):
     optimizer = make_optimizer(model, o.lr)
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
                    "golden_mode", "unsafe_load", "out", "threads")
-    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from", "gate_temperature")
+    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from", "gate_temperature",
+                   "router_entropy", "router_z_loss")
     config = {k: v for k, v in vars(o).items()
               if k not in golden_opts and (pooled or k not in pooled_opts)
               and (o.attention_type == "gqa" or k != "kv_heads")
@@ -842,7 +856,7 @@ def cmd_train(o):
         if pooled:
             if it == o.hard_top1_from:
                 log("iter %d: switching to straight-through top-1 routing" % it)
-            logits, gates = model(x, routing_at(it))
+            logits, gates, router_logits = model(x, routing_at(it), with_router_logits=True)
         else:
             logits, gates = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
@@ -852,6 +866,12 @@ def cmd_train(o):
             kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
             if o.kv_penalty:
                 total = total + o.kv_penalty * kv_soft
+            if o.router_entropy:
+                ent = router_entropy(router_logits)
+                total = total + o.router_entropy * ent
+            if o.router_z_loss:
+                zl = router_z_loss(router_logits)
+                total = total + o.router_z_loss * zl
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if o.grad_clip > 0:
@@ -864,6 +884,10 @@ def cmd_train(o):
                 extra = ", gates " + " ".join("%.3f" % v for v in mean.tolist())
             if pooled:
                 extra += ", kv fraction %.3f (hard %.3f)" % (kv_soft.item(), kv_hard.item())
+                if o.router_entropy:
+                    extra += ", gate entropy %.3f" % ent.item()
+                if o.router_z_loss:
+                    extra += ", z-loss %.3f" % zl.item()
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
     save_checkpoint(o.out, model, optimizer, o.iters, best, config, o.gate_temperature)
     log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
@@ -984,6 +1008,11 @@ def parse_args(argv=None):
     t.add_argument("--gate-temperature", type=float, default=1.0, metavar="T",
                    help="pooled_moas: gates softmax(router(x)/T); 1/T is folded into "
                         "router.2 when saving, so the GGUF's mixture gates are the same")
+    t.add_argument("--router-entropy", type=float, default=0.0, metavar="W",
+                   help="pooled_moas: add W * mean gate entropy (W > 0: confident gates, "
+                        "W < 0: spread-out ones)")
+    t.add_argument("--router-z-loss", type=float, default=0.0, metavar="W",
+                   help="pooled_moas: add W * mean logsumexp(router logits)^2 (ST-MoE z-loss)")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
