@@ -658,6 +658,23 @@ def kv_fractions(gates_per_layer, schemes, n_head):
     return soft, hard
 
 
+KV_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def kv_penalty_at(it, lam, warmup=0, schedule="linear"):
+    """--kv-penalty's lambda at iteration it: from 0 at it = 0 up to lam at it = warmup
+    (linear: lam*it/warmup; cosine: lam*(1 - cos(pi*it/warmup))/2), lam after;
+    lam throughout with warmup 0 or the constant schedule."""
+    if schedule not in KV_SCHEDULES:
+        raise ValueError("unknown kv penalty schedule %r" % (schedule,))
+    if warmup <= 0 or schedule == "constant" or it >= warmup:
+        return lam
+    r = max(it, 0) / warmup
+    if schedule == "linear":
+        return lam * r
+    return lam * 0.5 * (1.0 - math.cos(math.pi * r))
+
+
 def load_balance_loss(gates_per_layer):
     """Mean over layers of MSE(mean gate per scheme, 1/3), as in the reference."""
     if not gates_per_layer:
@@ -731,9 +748,14 @@ def cmd_train(o):
     elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
         sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
                  "--attention-type pooled_moas")
-    elif o.gate_temperature != 1.0 or o.router_entropy or o.router_z_loss:
-        sys.exit("train.py: --gate-temperature, --router-entropy and --router-z-loss are for "
-                 "--attention-type pooled_moas")
+    elif (o.gate_temperature != 1.0 or o.router_entropy or o.router_z_loss
+          or o.kv_penalty_warmup):
+        sys.exit("train.py: --gate-temperature, --router-entropy, --router-z-loss and "
+                 "--kv-penalty-warmup are for --attention-type pooled_moas")
+    if o.kv_penalty_warmup < 0:
+        sys.exit("train.py: --kv-penalty-warmup must be >= 0")
+    if o.kv_penalty_warmup and o.kv_penalty_schedule == "constant":
+        sys.exit("train.py: --kv-penalty-schedule constant takes no --kv-penalty-warmup")
     if not o.gate_temperature > 0:
         sys.exit("train.py: --gate-temperature must be > 0")
     if o.attention_type == "gqa":
@@ -766,7 +788,8 @@ def cmd_train(o):
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
                    "golden_mode", "unsafe_load", "out", "threads")
     pooled_opts = ("schemes", "kv_penalty", "hard_top1_from", "gate_temperature",
-                   "router_entropy", "router_z_loss")
+                   "router_entropy", "router_z_loss", "kv_penalty_warmup",
+                   "kv_penalty_schedule")
     config = {k: v for k, v in vars(o).items()
               if k not in golden_opts and (pooled or k not in pooled_opts)
               and (o.attention_type == "gqa" or k != "kv_heads")
@@ -864,8 +887,9 @@ def cmd_train(o):
         total = loss if lb is None else loss + o.load_balance_weight * lb
         if pooled:
             kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
-            if o.kv_penalty:
-                total = total + o.kv_penalty * kv_soft
+            kv_lam = kv_penalty_at(it, o.kv_penalty, o.kv_penalty_warmup, o.kv_penalty_schedule)
+            if kv_lam:
+                total = total + kv_lam * kv_soft
             if o.router_entropy:
                 ent = router_entropy(router_logits)
                 total = total + o.router_entropy * ent
@@ -884,6 +908,8 @@ def cmd_train(o):
                 extra = ", gates " + " ".join("%.3f" % v for v in mean.tolist())
             if pooled:
                 extra += ", kv fraction %.3f (hard %.3f)" % (kv_soft.item(), kv_hard.item())
+                if o.kv_penalty_warmup and it <= o.kv_penalty_warmup:
+                    extra += ", kv lambda %.4g" % kv_lam
                 if o.router_entropy:
                     extra += ", gate entropy %.3f" % ent.item()
                 if o.router_z_loss:
@@ -1003,6 +1029,12 @@ def parse_args(argv=None):
     t.add_argument("--kv-penalty", type=float, default=0.0, metavar="LAMBDA",
                    help="pooled_moas: add LAMBDA * mean_{tokens,layers} sum_s g_s n_kv(s)/H "
                         "to the loss")
+    t.add_argument("--kv-penalty-warmup", type=int, default=0, metavar="N",
+                   help="pooled_moas: ramp the kv penalty from 0 to LAMBDA over the first N "
+                        "iterations (0: LAMBDA from the start)")
+    t.add_argument("--kv-penalty-schedule", choices=KV_SCHEDULES, default="linear",
+                   help="shape of that ramp: linear, cosine (half a cosine), or constant "
+                        "(no ramp, needs N = 0)")
     t.add_argument("--hard-top1-from", type=int, default=None, metavar="ITER",
                    help="pooled_moas: straight-through top-1 routing from this iteration on")
     t.add_argument("--gate-temperature", type=float, default=1.0, metavar="T",
