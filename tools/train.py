@@ -658,6 +658,39 @@ def kv_fractions(gates_per_layer, schemes, n_head):
     return soft, hard
 
 
+def kv_fractions_per_layer(gates_per_layer, schemes, n_head):
+    """[L] expected kv fraction of each layer, mean over its tokens of
+    sum_s g_s n_kv(s)/H, with gradient; kv_fractions' soft value is their mean."""
+    cost = torch.tensor([n / n_head for n in schemes], dtype=gates_per_layer[0].dtype)
+    return torch.stack([(g * cost).sum(-1).mean() for g in gates_per_layer])
+
+
+def parse_kv_targets(spec, n_layer):
+    """'1.0,0.5,0.2,0.2' -> [1.0, 0.5, 0.2, 0.2]: one fraction in [0, 1] per layer."""
+    try:
+        out = [float(item) for item in spec.split(",")]
+    except ValueError:
+        raise ValueError("not a comma-separated list of numbers: %r" % spec)
+    if len(out) != n_layer:
+        raise ValueError("%d fractions for %d layers" % (len(out), n_layer))
+    if not all(0.0 <= f <= 1.0 for f in out):
+        raise ValueError("fractions must be in [0, 1]: %r" % spec)
+    return out
+
+
+def kv_target_penalty(kv_per_layer, targets):
+    """--kv-target-per-layer: mean over layers of relu(kv_l - F_l), each layer's
+    expected kv fraction above its target (with F_l = 0 it is the plain penalty)."""
+    t = torch.tensor(targets, dtype=kv_per_layer.dtype)
+    return F.relu(kv_per_layer - t).mean()
+
+
+def scheme_shares(gates_per_layer):
+    """[L, S] share of tokens whose argmax (lowest index on ties) is each scheme."""
+    return torch.stack([F.one_hot(g.argmax(-1), g.shape[-1]).to(torch.float64).mean(dim=(0, 1))
+                        for g in gates_per_layer])
+
+
 KV_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -752,6 +785,15 @@ def cmd_train(o):
           or o.kv_penalty_warmup):
         sys.exit("train.py: --gate-temperature, --router-entropy, --router-z-loss and "
                  "--kv-penalty-warmup are for --attention-type pooled_moas")
+    kv_targets = None
+    if o.kv_target_per_layer is not None:
+        if not pooled or not o.kv_penalty:
+            sys.exit("train.py: --kv-target-per-layer needs --attention-type pooled_moas and "
+                     "--kv-penalty")
+        try:
+            kv_targets = parse_kv_targets(o.kv_target_per_layer, o.n_layer)
+        except ValueError as e:
+            sys.exit("train.py: --kv-target-per-layer: %s" % e)
     if o.kv_penalty_warmup < 0:
         sys.exit("train.py: --kv-penalty-warmup must be >= 0")
     if o.kv_penalty_warmup and o.kv_penalty_schedule == "constant":
@@ -789,7 +831,7 @@ def cmd_train(o):
                    "golden_mode", "unsafe_load", "out", "threads")
     pooled_opts = ("schemes", "kv_penalty", "hard_top1_from", "gate_temperature",
                    "router_entropy", "router_z_loss", "kv_penalty_warmup",
-                   "kv_penalty_schedule")
+                   "kv_penalty_schedule", "kv_target_per_layer")
     config = {k: v for k, v in vars(o).items()
               if k not in golden_opts and (pooled or k not in pooled_opts)
               and (o.attention_type == "gqa" or k != "kv_heads")
@@ -818,7 +860,7 @@ def cmd_train(o):
         model.eval()
         res = {}
         for split in ("train", "val"):
-            acc = {"soft": 0.0, "hard": 0.0, "kv_soft": 0.0, "kv_hard": 0.0}
+            acc = {"soft": 0.0, "hard": 0.0, "kv_soft": 0.0, "kv_hard": 0.0, "shares": 0.0}
             for _ in range(o.eval_iters):
                 x, y = batch(split)
                 for routing in ("soft", "hard"):
@@ -827,6 +869,8 @@ def cmd_train(o):
                                                     y.view(-1)).item()
                     kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
                     acc["kv_" + routing] += (kv_soft if routing == "soft" else kv_hard).item()
+                    if routing == "hard":
+                        acc["shares"] = acc["shares"] + scheme_shares(gates)
             res[split] = {k: v / o.eval_iters for k, v in acc.items()}
         model.train()
         return res
@@ -865,6 +909,11 @@ def cmd_train(o):
                 "val kv fraction %.3f (hard %.3f), lr %.2e, %.1fs"
                 % (it, tr["soft"], tr["hard"], va["soft"], va["hard"], va["kv_soft"],
                    va["kv_hard"], lr_at(min(it, o.iters - 1)), time.time() - t_start))
+            cost = [n / a.n_head for n in a.schemes]
+            log("iter %d: val hard shares of schemes %s per layer: %s" % (it, a.schemes, "; ".join(
+                "layer %d %s (kv %.3f)" % (i, " ".join("%.3f" % v for v in row),
+                                           sum(v * c for v, c in zip(row, cost)))
+                for i, row in enumerate(va["shares"].tolist()))))
         elif it % o.eval_interval == 0 or it == o.iters:
             ev = estimate()
             best = min(best, ev["val"])
@@ -888,7 +937,10 @@ def cmd_train(o):
         if pooled:
             kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
             kv_lam = kv_penalty_at(it, o.kv_penalty, o.kv_penalty_warmup, o.kv_penalty_schedule)
-            if kv_lam:
+            if kv_lam and kv_targets is not None:
+                total = total + kv_lam * kv_target_penalty(
+                    kv_fractions_per_layer(gates, a.schemes, a.n_head), kv_targets)
+            elif kv_lam:
                 total = total + kv_lam * kv_soft
             if o.router_entropy:
                 ent = router_entropy(router_logits)
@@ -1029,6 +1081,9 @@ def parse_args(argv=None):
     t.add_argument("--kv-penalty", type=float, default=0.0, metavar="LAMBDA",
                    help="pooled_moas: add LAMBDA * mean_{tokens,layers} sum_s g_s n_kv(s)/H "
                         "to the loss")
+    t.add_argument("--kv-target-per-layer", metavar="F1,F2,...", default=None,
+                   help="pooled_moas: penalise LAMBDA * mean_l relu(kv_l - F_l), each layer's "
+                        "expected kv fraction above its F_l, instead of the mean kv fraction")
     t.add_argument("--kv-penalty-warmup", type=int, default=0, metavar="N",
                    help="pooled_moas: ramp the kv penalty from 0 to LAMBDA over the first N "
                         "iterations (0: LAMBDA from the start)")
