@@ -611,6 +611,74 @@ def load_checkpoint(path, unsafe=False):
     return model, margs
 
 
+INIT_FROM_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pos",
+                  "rope_base", "norm", "mlp", "n_ff")
+
+
+def init_from_checkpoint(model, path, unsafe=False):
+    """--init-from: copy a checkpoint's weights into model, in place.
+
+    The same attention type: every tensor (the shapes must all agree).  A
+    baseline checkpoint into a pooled_moas model: every tensor of the same name
+    and shape (embeddings, norms, MLPs, attn.c_proj, lm_head), and each layer's
+    attn.c_attn [3C, C] split into its q, k, v thirds (FusedAttention.forward's
+    chunk order) as q_proj, k_proj, v_proj; the routers keep their fresh init.
+    Returns {"from": type, "copied": [...], "split": [...], "new": [...]};
+    raises ValueError when the checkpoint does not fit.
+    """
+    src, _ = load_checkpoint(path, unsafe)
+    sa, a = src.args, model.args
+    same = sa.attention_type == a.attention_type
+    if not same and (sa.attention_type, a.attention_type) != ("baseline", "pooled_moas"):
+        raise ValueError("a %s checkpoint cannot start a %s model (same type, or baseline "
+                         "-> pooled_moas)" % (sa.attention_type, a.attention_type))
+    keys = INIT_FROM_KEYS + (("schemes", "n_kv_head") if same else ())
+    diff = ["%s %r (here %r)" % (k, getattr(sa, k), getattr(a, k)) for k in keys
+            if getattr(sa, k) != getattr(a, k)]
+    if diff:
+        raise ValueError("%s differs: %s" % (path, ", ".join(diff)))
+    if src.lm_head.weight is not src.transformer.wte.weight:
+        model.untie()
+    sd = dict(src.state_dict())
+    split = []
+    if not same:
+        for i in range(a.n_layer):
+            pre = "transformer.h.%d.attn." % i
+            for kind in ("weight", "bias"):
+                w = sd.pop(pre + "c_attn." + kind, None)
+                if w is None:
+                    continue
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, dim=0)):
+                    sd[pre + name + "." + kind] = part
+                split.append(pre + "c_attn." + kind)
+    target = model.state_dict()
+    copied, new = [], []
+    with torch.no_grad():
+        for k, t in target.items():
+            if MASK_KEY.fullmatch(k) and t.dim() == 4:
+                continue
+            if k in sd and sd[k].shape == t.shape:
+                t.copy_(sd[k])               # state_dict tensors share the parameters' storage
+                copied.append(k)
+            else:
+                new.append(k)
+    unused = [k for k in sd if k not in copied]
+    if unused or (new and same) or any(".attn.router." not in k for k in new):
+        raise ValueError("%s does not fit: unused %s, missing %s" % (path, unused, new))
+    return {"from": sa.attention_type, "copied": copied, "split": split, "new": new}
+
+
+def summarize_keys(keys):
+    """'transformer.h.1.attn.router.0.weight', ... -> 'h.*.attn.router.0, ...': the
+    modules, in order, with layers folded."""
+    mods = []
+    for k in keys:
+        k = re.sub(r"^transformer\.|\.(weight|bias)$", "", re.sub(r"\.h\.\d+\.", ".h.*.", k))
+        if k not in mods:
+            mods.append(k)
+    return ", ".join(mods) or "none"
+
+
 ROUTER_OUT_KEY = re.compile(r"transformer\.h\.\d+\.attn\.router\.2\.(weight|bias)")
 
 
@@ -826,6 +894,16 @@ def cmd_train(o):
            ", schemes %s, kv penalty %g, hard top-1 from %s, gate temperature %g"
            % (a.schemes, o.kv_penalty, o.hard_top1_from, o.gate_temperature) if pooled
            else ", %d kv heads" % a.n_kv_head if a.n_kv_head is not None else ""))
+    if o.init_from:
+        try:
+            got = init_from_checkpoint(model, o.init_from, o.unsafe_load)
+        except ValueError as e:
+            sys.exit("train.py: --init-from: %s" % e)
+        log("init from %s (%s): copied %d tensors (%s)%s; new, freshly initialised: %d (%s)"
+            % (o.init_from, got["from"], len(got["copied"]), summarize_keys(got["copied"]),
+               ", %d of them split from %d c_attn into q_proj, k_proj, v_proj"
+               % (3 * len(got["split"]), len(got["split"])) if got["split"] else "",
+               len(got["new"]), summarize_keys(got["new"])))
     optimizer = make_optimizer(model, o.lr)
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
                    "golden_mode", "unsafe_load", "out", "threads")
@@ -838,7 +916,8 @@ def cmd_train(o):
               and isinstance(v, (int, float, str, bool))}
     if o.init_only:
         save_checkpoint(o.out, model, optimizer, 0, float("inf"), config, o.gate_temperature)
-        log("saved random-init checkpoint %s" % o.out)
+        log("saved %s checkpoint %s" % ("initial (--init-from)" if o.init_from else "random-init",
+                                         o.out))
         return
     if len(val_ids) <= o.block_size or len(train_ids) <= o.block_size:
         sys.exit("train.py: %s is too short for block_size %d (train %d, val %d chars)"
@@ -1100,6 +1179,9 @@ def parse_args(argv=None):
                         "W < 0: spread-out ones)")
     t.add_argument("--router-z-loss", type=float, default=0.0, metavar="W",
                    help="pooled_moas: add W * mean logsumexp(router logits)^2 (ST-MoE z-loss)")
+    t.add_argument("--init-from", metavar="CKPT", default=None,
+                   help="start from CKPT's weights: same attention type (all), or baseline -> "
+                        "pooled_moas (c_attn split into q/k/v_proj; routers new)")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
