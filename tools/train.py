@@ -894,6 +894,15 @@ def cmd_train(o):
            ", schemes %s, kv penalty %g, hard top-1 from %s, gate temperature %g"
            % (a.schemes, o.kv_penalty, o.hard_top1_from, o.gate_temperature) if pooled
            else ", %d kv heads" % a.n_kv_head if a.n_kv_head is not None else ""))
+    if pooled or a.attention_type == "moas":
+        terms = ["balance %s x %g" % (o.balance, o.load_balance_weight)
+                 if o.balance != "none" else "no balance term"]
+        if pooled:
+            terms += ["gate entropy x %g" % o.router_entropy, "z-loss x %g" % o.router_z_loss,
+                      "kv lambda %s over %d iters" % (o.kv_penalty_schedule, o.kv_penalty_warmup)
+                      if o.kv_penalty_warmup else "kv lambda constant",
+                      "kv targets per layer %s" % kv_targets if kv_targets else "mean kv fraction"]
+        log("router terms: " + ", ".join(terms))
     if o.init_from:
         try:
             got = init_from_checkpoint(model, o.init_from, o.unsafe_load)
