@@ -828,6 +828,39 @@ def balance_loss(gates_per_layer, kind="mse"):
     raise ValueError("unknown balance loss %r" % (kind,))
 
 
+def training_loss(o, it, ce, gates, router_logits=None, schemes=None, n_head=None,
+                  kv_targets=None):
+    """(loss to minimise at iteration it, {term: unweighted value}) from the
+    cross-entropy ce, the gates and (pooled_moas: router_logits not None) the
+    router logits: ce + load_balance_weight * --balance term, then, pooled,
+    + lambda(it) * (mean kv fraction, or kv_target_penalty with kv_targets)
+    + router_entropy * entropy + router_z_loss * z-loss, added in that order."""
+    parts = {}
+    total = ce
+    lb = balance_loss(gates, o.balance)
+    if lb is not None:
+        parts["balance"] = lb
+        total = total + o.load_balance_weight * lb
+    if router_logits is None:
+        return total, parts
+    parts["kv_soft"], parts["kv_hard"] = kv_fractions(gates, schemes, n_head)
+    lam = kv_penalty_at(it, o.kv_penalty, o.kv_penalty_warmup, o.kv_penalty_schedule)
+    parts["kv_lambda"] = lam
+    if lam and kv_targets is not None:
+        parts["kv_target"] = kv_target_penalty(kv_fractions_per_layer(gates, schemes, n_head),
+                                               kv_targets)
+        total = total + lam * parts["kv_target"]
+    elif lam:
+        total = total + lam * parts["kv_soft"]
+    if o.router_entropy:
+        parts["entropy"] = router_entropy(router_logits)
+        total = total + o.router_entropy * parts["entropy"]
+    if o.router_z_loss:
+        parts["z_loss"] = router_z_loss(router_logits)
+        total = total + o.router_z_loss * parts["z_loss"]
+    return total, parts
+
+
 # ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
@@ -1020,22 +1053,8 @@ def cmd_train(o):
         else:
             logits, gates = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        lb = balance_loss(gates, o.balance)
-        total = loss if lb is None else loss + o.load_balance_weight * lb
-        if pooled:
-            kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
-            kv_lam = kv_penalty_at(it, o.kv_penalty, o.kv_penalty_warmup, o.kv_penalty_schedule)
-            if kv_lam and kv_targets is not None:
-                total = total + kv_lam * kv_target_penalty(
-                    kv_fractions_per_layer(gates, a.schemes, a.n_head), kv_targets)
-            elif kv_lam:
-                total = total + kv_lam * kv_soft
-            if o.router_entropy:
-                ent = router_entropy(router_logits)
-                total = total + o.router_entropy * ent
-            if o.router_z_loss:
-                zl = router_z_loss(router_logits)
-                total = total + o.router_z_loss * zl
+        total, parts = training_loss(o, it, loss, gates, router_logits if pooled else None,
+                                     a.schemes, a.n_head, kv_targets)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if o.grad_clip > 0:
@@ -1047,13 +1066,14 @@ def cmd_train(o):
                 mean = torch.stack([g.mean(dim=(0, 1)) for g in gates]).mean(0)
                 extra = ", gates " + " ".join("%.3f" % v for v in mean.tolist())
             if pooled:
-                extra += ", kv fraction %.3f (hard %.3f)" % (kv_soft.item(), kv_hard.item())
+                extra += ", kv fraction %.3f (hard %.3f)" % (parts["kv_soft"].item(),
+                                                            parts["kv_hard"].item())
                 if o.kv_penalty_warmup and it <= o.kv_penalty_warmup:
-                    extra += ", kv lambda %.4g" % kv_lam
+                    extra += ", kv lambda %.4g" % parts["kv_lambda"]
                 if o.router_entropy:
-                    extra += ", gate entropy %.3f" % ent.item()
+                    extra += ", gate entropy %.3f" % parts["entropy"].item()
                 if o.router_z_loss:
-                    extra += ", z-loss %.3f" % zl.item()
+                    extra += ", z-loss %.3f" % parts["z_loss"].item()
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
     save_checkpoint(o.out, model, optimizer, o.iters, best, config, o.gate_temperature)
     log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
