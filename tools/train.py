@@ -39,7 +39,13 @@ K/V mean-pooled over groups of H/n_kv(s) consecutive heads (--schemes, default
 H,2,1); training mixes the pooled K/V with the gates (soft) and, from
 --hard-top1-from on, with a straight-through one-hot of the gates' argmax.
 --kv-penalty adds lambda * (mean over tokens and layers of sum_s g_s n_kv(s)/H)
-to the loss.  model_args of such a checkpoint carry 'schemes'.
+to the loss.  model_args of such a checkpoint carry 'schemes'.  The router
+recipes (--balance, --router-entropy, --router-z-loss, --kv-penalty-warmup,
+--kv-target-per-layer, --gate-temperature, --init-from) are in tools/README.md.
+
+    # from a trained MHA (baseline) checkpoint of the same shape, routers new
+    python3 tools/train.py --data input.txt --out pooled.pt --attention-type pooled_moas \\
+        --init-from mha.pt --kv-penalty 0.05 --kv-penalty-warmup 300 --balance switch
 
 Needs torch (tested with Debian's 1.13) and no network.  The vocabulary is
 sorted(set(text)) of --data read as UTF-8 with universal newlines, and the data
