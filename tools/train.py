@@ -24,7 +24,7 @@ reference registers under PyTorch < 2.0), and the reference's load here.
 
     # the block options (docs/FORMAT.md, "Block options"), for any attention type:
     # rotary positions instead of the learned table, RMSNorm, a SwiGLU MLP
-    python3 tools/train.py --data input.txt --out rope.pt --attention-type pooled_moas \
+    python3 tools/train.py --data input.txt --out rope.pt --attention-type pooled_moas \\
         --pos rope --rope-base 10000 --norm rms --mlp swiglu
 
 Attention types: baseline, static_moas and moas are the published ones.
