@@ -24,7 +24,7 @@ reference registers under PyTorch < 2.0), and the reference's load here.
 
     # the block options (docs/FORMAT.md, "Block options"), for any attention type:
     # rotary positions instead of the learned table, RMSNorm, a SwiGLU MLP
-    python3 tools/train.py --data input.txt --out rope.pt --attention-type pooled_moas \
+    python3 tools/train.py --data input.txt --out rope.pt --attention-type pooled_moas \\
         --pos rope --rope-base 10000 --norm rms --mlp swiglu
 
 Attention types: baseline, static_moas and moas are the published ones.
@@ -39,7 +39,13 @@ K/V mean-pooled over groups of H/n_kv(s) consecutive heads (--schemes, default
 H,2,1); training mixes the pooled K/V with the gates (soft) and, from
 --hard-top1-from on, with a straight-through one-hot of the gates' argmax.
 --kv-penalty adds lambda * (mean over tokens and layers of sum_s g_s n_kv(s)/H)
-to the loss.  model_args of such a checkpoint carry 'schemes'.
+to the loss.  model_args of such a checkpoint carry 'schemes'.  The router
+recipes (--balance, --router-entropy, --router-z-loss, --kv-penalty-warmup,
+--kv-target-per-layer, --gate-temperature, --init-from) are in tools/README.md.
+
+    # from a trained MHA (baseline) checkpoint of the same shape, routers new
+    python3 tools/train.py --data input.txt --out pooled.pt --attention-type pooled_moas \\
+        --init-from mha.pt --kv-penalty 0.05 --kv-penalty-warmup 300 --balance switch
 
 Needs torch (tested with Debian's 1.13) and no network.  The vocabulary is
 sorted(set(text)) of --data read as UTF-8 with universal newlines, and the data
@@ -334,6 +340,10 @@ class PooledAttention(nn.Module):
     broadcast pooled K/V with the router's gates; "hard" with the one-hot of
     their argmax (lowest index on ties), straight-through when gradients flow
     (forward: exactly the one-hot, which is routed mode; backward: through g).
+
+    gate_temperature T (training only, not a parameter): the gates are
+    softmax(router(x) / T).  save_checkpoint folds 1/T into router.2, so a
+    saved model has T = 1 and computes the same gates (docs: tools/README.md).
     """
 
     def __init__(self, a, mask_buffers):
@@ -350,6 +360,7 @@ class PooledAttention(nn.Module):
                                     nn.Linear(hidden, len(self.schemes), bias=a.bias))
         self.attn_dropout = nn.Dropout(a.dropout)
         self.resid_dropout = nn.Dropout(a.dropout)
+        self.gate_temperature = 1.0
         if mask_buffers:
             add_mask_buffer(self, a.block_size)
 
@@ -368,12 +379,16 @@ class PooledAttention(nn.Module):
             out = term if out is None else out + term
         return out.reshape(B, T, C)
 
-    def forward(self, x, routing="soft", rope=None):
-        """(output [B, T, C], soft gates [B, T, S]).
+    def forward(self, x, routing="soft", rope=None, with_logits=False):
+        """(output [B, T, C], soft gates [B, T, S]), and with_logits the router
+        logits [B, T, S] too: the softmax's input router(x) / gate_temperature.
 
         With rope, q and all H heads of k are rotated before k is pooled: the
         rotation is the same for every head, so pooling commutes with it."""
-        gates = F.softmax(self.router(x), dim=-1)
+        z = self.router(x)
+        if self.gate_temperature != 1.0:
+            z = z / self.gate_temperature
+        gates = F.softmax(z, dim=-1)
         if routing == "soft":
             w = gates
         elif routing == "hard":
@@ -386,7 +401,8 @@ class PooledAttention(nn.Module):
         v = self.mix(self.v_proj(x), w)
         q = apply_rope(self.q_proj(x), self.n_head, rope)
         y = causal_attention(q, k, v, self.n_head, self.attn_dropout)
-        return self.resid_dropout(self.c_proj(y)), gates
+        out = self.resid_dropout(self.c_proj(y))
+        return (out, gates, z) if with_logits else (out, gates)
 
 
 class MLP(nn.Module):
@@ -423,16 +439,18 @@ class Block(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, routing="soft", rope=None):
+        """(x, gates or None, router logits or None; the logits: pooled_moas only)."""
         h = self.ln_1(x)
+        z = None
         if isinstance(self.attn, SchemeMixture):
             y, gates = self.attn(h, rope)
         elif isinstance(self.attn, PooledAttention):
-            y, gates = self.attn(h, routing, rope)
+            y, gates, z = self.attn(h, routing, rope, with_logits=True)
         else:
             y, gates = self.attn(h, rope), None
         x = x + y
         x = x + self.mlp(self.ln_2(x))
-        return x, gates
+        return x, gates, z
 
 
 class MoASGPT(nn.Module):
@@ -455,8 +473,16 @@ class MoASGPT(nn.Module):
     def untie(self):
         self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
 
-    def forward(self, idx, routing="soft"):
-        """(logits [B, T, V] at every position, [gates [B, T, S] per layer] or []).
+    def set_gate_temperature(self, t):
+        """pooled_moas: gates softmax(router(x) / t) in this model's forward."""
+        for m in self.modules():
+            if isinstance(m, PooledAttention):
+                m.gate_temperature = float(t)
+
+    def forward(self, idx, routing="soft", with_router_logits=False):
+        """(logits [B, T, V] at every position, [gates [B, T, S] per layer] or []),
+        and with_router_logits a third item: [router logits [B, T, S] per layer],
+        the softmax's input (pooled_moas only; [] for the other types).
 
         routing ("soft" or "hard") matters for pooled_moas only.
         """
@@ -471,12 +497,15 @@ class MoASGPT(nn.Module):
         else:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
         x = self.emb_dropout(x)
-        all_gates = []
+        all_gates, all_z = [], []
         for block in self.transformer.h:
-            x, gates = block(x, routing, rope)
+            x, gates, z = block(x, routing, rope)
             if gates is not None:
                 all_gates.append(gates)
-        return self.lm_head(self.transformer.ln_f(x)), all_gates
+            if z is not None:
+                all_z.append(z)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return (logits, all_gates, all_z) if with_router_logits else (logits, all_gates)
 
 
 def init_weights(model, std=None, seed_norm=0.2):
@@ -588,9 +617,90 @@ def load_checkpoint(path, unsafe=False):
     return model, margs
 
 
-def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, config):
+INIT_FROM_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pos",
+                  "rope_base", "norm", "mlp", "n_ff")
+
+
+def init_from_checkpoint(model, path, unsafe=False):
+    """--init-from: copy a checkpoint's weights into model, in place.
+
+    The same attention type: every tensor (the shapes must all agree).  A
+    baseline checkpoint into a pooled_moas model: every tensor of the same name
+    and shape (embeddings, norms, MLPs, attn.c_proj, lm_head), and each layer's
+    attn.c_attn [3C, C] split into its q, k, v thirds (FusedAttention.forward's
+    chunk order) as q_proj, k_proj, v_proj; the routers keep their fresh init.
+    Returns {"from": type, "copied": [...], "split": [...], "new": [...]};
+    raises ValueError when the checkpoint does not fit.
+    """
+    src, _ = load_checkpoint(path, unsafe)
+    sa, a = src.args, model.args
+    same = sa.attention_type == a.attention_type
+    if not same and (sa.attention_type, a.attention_type) != ("baseline", "pooled_moas"):
+        raise ValueError("a %s checkpoint cannot start a %s model (same type, or baseline "
+                         "-> pooled_moas)" % (sa.attention_type, a.attention_type))
+    keys = INIT_FROM_KEYS + (("schemes", "n_kv_head") if same else ())
+    diff = ["%s %r (here %r)" % (k, getattr(sa, k), getattr(a, k)) for k in keys
+            if getattr(sa, k) != getattr(a, k)]
+    if diff:
+        raise ValueError("%s differs: %s" % (path, ", ".join(diff)))
+    if src.lm_head.weight is not src.transformer.wte.weight:
+        model.untie()
+    sd = dict(src.state_dict())
+    split = []
+    if not same:
+        for i in range(a.n_layer):
+            pre = "transformer.h.%d.attn." % i
+            for kind in ("weight", "bias"):
+                w = sd.pop(pre + "c_attn." + kind, None)
+                if w is None:
+                    continue
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, dim=0)):
+                    sd[pre + name + "." + kind] = part
+                split.append(pre + "c_attn." + kind)
+    target = model.state_dict()
+    copied, new = [], []
+    with torch.no_grad():
+        for k, t in target.items():
+            if MASK_KEY.fullmatch(k) and t.dim() == 4:
+                continue
+            if k in sd and sd[k].shape == t.shape:
+                t.copy_(sd[k])               # state_dict tensors share the parameters' storage
+                copied.append(k)
+            else:
+                new.append(k)
+    unused = [k for k in sd if k not in copied]
+    if unused or (new and same) or any(".attn.router." not in k for k in new):
+        raise ValueError("%s does not fit: unused %s, missing %s" % (path, unused, new))
+    return {"from": sa.attention_type, "copied": copied, "split": split, "new": new}
+
+
+def summarize_keys(keys):
+    """'transformer.h.1.attn.router.0.weight', ... -> 'h.*.attn.router.0, ...': the
+    modules, in order, with layers folded."""
+    mods = []
+    for k in keys:
+        k = re.sub(r"^transformer\.|\.(weight|bias)$", "", re.sub(r"\.h\.\d+\.", ".h.*.", k))
+        if k not in mods:
+            mods.append(k)
+    return ", ".join(mods) or "none"
+
+
+ROUTER_OUT_KEY = re.compile(r"transformer\.h\.\d+\.attn\.router\.2\.(weight|bias)")
+
+
+def fold_gate_temperature(sd, t):
+    """A copy of state_dict sd with router.2's weight and bias divided by t: the
+    saved router's output is then router(x) / t, so softmax of it (libmoas's
+    gates, src/forward.c) equals the training gates softmax(router(x) / t)."""
+    if t == 1.0:
+        return sd
+    return {k: (v / t if ROUTER_OUT_KEY.fullmatch(k) else v) for k, v in sd.items()}
+
+
+def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, config,
+                    gate_temperature=1.0):
     ck = {
-        "model": model.state_dict(),
+        "model": fold_gate_temperature(model.state_dict(), gate_temperature),
         "optimizer": optimizer.state_dict(),
         "model_args": model.args.as_dict(),
         "iter_num": iter_num,
@@ -622,6 +732,56 @@ def kv_fractions(gates_per_layer, schemes, n_head):
     return soft, hard
 
 
+def kv_fractions_per_layer(gates_per_layer, schemes, n_head):
+    """[L] expected kv fraction of each layer, mean over its tokens of
+    sum_s g_s n_kv(s)/H, with gradient; kv_fractions' soft value is their mean."""
+    cost = torch.tensor([n / n_head for n in schemes], dtype=gates_per_layer[0].dtype)
+    return torch.stack([(g * cost).sum(-1).mean() for g in gates_per_layer])
+
+
+def parse_kv_targets(spec, n_layer):
+    """'1.0,0.5,0.2,0.2' -> [1.0, 0.5, 0.2, 0.2]: one fraction in [0, 1] per layer."""
+    try:
+        out = [float(item) for item in spec.split(",")]
+    except ValueError:
+        raise ValueError("not a comma-separated list of numbers: %r" % spec)
+    if len(out) != n_layer:
+        raise ValueError("%d fractions for %d layers" % (len(out), n_layer))
+    if not all(0.0 <= f <= 1.0 for f in out):
+        raise ValueError("fractions must be in [0, 1]: %r" % spec)
+    return out
+
+
+def kv_target_penalty(kv_per_layer, targets):
+    """--kv-target-per-layer: mean over layers of relu(kv_l - F_l), each layer's
+    expected kv fraction above its target (with F_l = 0 it is the plain penalty)."""
+    t = torch.tensor(targets, dtype=kv_per_layer.dtype)
+    return F.relu(kv_per_layer - t).mean()
+
+
+def scheme_shares(gates_per_layer):
+    """[L, S] share of tokens whose argmax (lowest index on ties) is each scheme."""
+    return torch.stack([F.one_hot(g.argmax(-1), g.shape[-1]).to(torch.float64).mean(dim=(0, 1))
+                        for g in gates_per_layer])
+
+
+KV_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def kv_penalty_at(it, lam, warmup=0, schedule="linear"):
+    """--kv-penalty's lambda at iteration it: from 0 at it = 0 up to lam at it = warmup
+    (linear: lam*it/warmup; cosine: lam*(1 - cos(pi*it/warmup))/2), lam after;
+    lam throughout with warmup 0 or the constant schedule."""
+    if schedule not in KV_SCHEDULES:
+        raise ValueError("unknown kv penalty schedule %r" % (schedule,))
+    if warmup <= 0 or schedule == "constant" or it >= warmup:
+        return lam
+    r = max(it, 0) / warmup
+    if schedule == "linear":
+        return lam * r
+    return lam * 0.5 * (1.0 - math.cos(math.pi * r))
+
+
 def load_balance_loss(gates_per_layer):
     """Mean over layers of MSE(mean gate per scheme, 1/3), as in the reference."""
     if not gates_per_layer:
@@ -631,6 +791,80 @@ def load_balance_loss(gates_per_layer):
         mean = g.mean(dim=(0, 1))
         losses.append(F.mse_loss(mean, torch.full_like(mean, 1.0 / mean.numel())))
     return sum(losses) / len(losses)
+
+
+def switch_balance_loss(gates_per_layer):
+    """Mean over layers of the Switch Transformer's S * sum_s f_s p_s: f_s the
+    share of tokens whose argmax (lowest index on ties) is s, without gradient,
+    p_s the mean gate of s.  1 when balanced, S when one scheme takes all."""
+    if not gates_per_layer:
+        return None
+    losses = []
+    for g in gates_per_layer:
+        S = g.shape[-1]
+        f = F.one_hot(g.detach().argmax(-1), S).to(g.dtype).mean(dim=(0, 1))
+        losses.append(S * (f * g.mean(dim=(0, 1))).sum())
+    return sum(losses) / len(losses)
+
+
+def router_entropy(logits_per_layer):
+    """Mean over tokens and layers of the gates' entropy -sum_s g_s log g_s
+    (nats), g = softmax of the router logits."""
+    return torch.stack([-(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1).mean()
+                        for z in logits_per_layer]).mean()
+
+
+def router_z_loss(logits_per_layer):
+    """ST-MoE's router z-loss: mean over tokens and layers of logsumexp_s(z_s)^2."""
+    return torch.stack([torch.logsumexp(z, -1).pow(2).mean() for z in logits_per_layer]).mean()
+
+
+BALANCE_TYPES = ("mse", "switch", "none")
+
+
+def balance_loss(gates_per_layer, kind="mse"):
+    """--balance: 'mse' (load_balance_loss, published), 'switch' or 'none';
+    None when there is no term (no router, or 'none')."""
+    if kind == "mse":
+        return load_balance_loss(gates_per_layer)
+    if kind == "switch":
+        return switch_balance_loss(gates_per_layer)
+    if kind == "none":
+        return None
+    raise ValueError("unknown balance loss %r" % (kind,))
+
+
+def training_loss(o, it, ce, gates, router_logits=None, schemes=None, n_head=None,
+                  kv_targets=None):
+    """(loss to minimise at iteration it, {term: unweighted value}) from the
+    cross-entropy ce, the gates and (pooled_moas: router_logits not None) the
+    router logits: ce + load_balance_weight * --balance term, then, pooled,
+    + lambda(it) * (mean kv fraction, or kv_target_penalty with kv_targets)
+    + router_entropy * entropy + router_z_loss * z-loss, added in that order."""
+    parts = {}
+    total = ce
+    lb = balance_loss(gates, o.balance)
+    if lb is not None:
+        parts["balance"] = lb
+        total = total + o.load_balance_weight * lb
+    if router_logits is None:
+        return total, parts
+    parts["kv_soft"], parts["kv_hard"] = kv_fractions(gates, schemes, n_head)
+    lam = kv_penalty_at(it, o.kv_penalty, o.kv_penalty_warmup, o.kv_penalty_schedule)
+    parts["kv_lambda"] = lam
+    if lam and kv_targets is not None:
+        parts["kv_target"] = kv_target_penalty(kv_fractions_per_layer(gates, schemes, n_head),
+                                               kv_targets)
+        total = total + lam * parts["kv_target"]
+    elif lam:
+        total = total + lam * parts["kv_soft"]
+    if o.router_entropy:
+        parts["entropy"] = router_entropy(router_logits)
+        total = total + o.router_entropy * parts["entropy"]
+    if o.router_z_loss:
+        parts["z_loss"] = router_z_loss(router_logits)
+        total = total + o.router_z_loss * parts["z_loss"]
+    return total, parts
 
 
 # ---------------------------------------------------------------------------
@@ -654,6 +888,25 @@ def cmd_train(o):
     elif o.schemes is not None or o.kv_penalty or o.hard_top1_from is not None:
         sys.exit("train.py: --schemes, --kv-penalty and --hard-top1-from are for "
                  "--attention-type pooled_moas")
+    elif (o.gate_temperature != 1.0 or o.router_entropy or o.router_z_loss
+          or o.kv_penalty_warmup):
+        sys.exit("train.py: --gate-temperature, --router-entropy, --router-z-loss and "
+                 "--kv-penalty-warmup are for --attention-type pooled_moas")
+    kv_targets = None
+    if o.kv_target_per_layer is not None:
+        if not pooled or not o.kv_penalty:
+            sys.exit("train.py: --kv-target-per-layer needs --attention-type pooled_moas and "
+                     "--kv-penalty")
+        try:
+            kv_targets = parse_kv_targets(o.kv_target_per_layer, o.n_layer)
+        except ValueError as e:
+            sys.exit("train.py: --kv-target-per-layer: %s" % e)
+    if o.kv_penalty_warmup < 0:
+        sys.exit("train.py: --kv-penalty-warmup must be >= 0")
+    if o.kv_penalty_warmup and o.kv_penalty_schedule == "constant":
+        sys.exit("train.py: --kv-penalty-schedule constant takes no --kv-penalty-warmup")
+    if not o.gate_temperature > 0:
+        sys.exit("train.py: --gate-temperature must be > 0")
     if o.attention_type == "gqa":
         extra["n_kv_head"] = GQA_KV_HEADS if o.kv_heads is None else o.kv_heads
     elif o.kv_heads is not None:
@@ -670,26 +923,49 @@ def cmd_train(o):
         sys.exit("train.py: %s" % e)
     model = MoASGPT(a, mask_buffers=o.mask_buffers)
     init_weights(model, o.init_std)
+    model.set_gate_temperature(o.gate_temperature)
     n_params = sum(p.numel() for p in model.parameters())
     log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, pos %s%s, "
         "norm %s, mlp %s (n_ff %d), %.3fM params%s"
         % (a.attention_type, a.n_layer, a.n_head, a.n_embd, a.block_size, a.bias,
            a.vocab_size, a.pos, " (base %g)" % a.rope_base if a.pos == "rope" else "",
            a.norm, a.mlp, a.n_ff, n_params / 1e6,
-           ", schemes %s, kv penalty %g, hard top-1 from %s"
-           % (a.schemes, o.kv_penalty, o.hard_top1_from) if pooled
+           ", schemes %s, kv penalty %g, hard top-1 from %s, gate temperature %g"
+           % (a.schemes, o.kv_penalty, o.hard_top1_from, o.gate_temperature) if pooled
            else ", %d kv heads" % a.n_kv_head if a.n_kv_head is not None else ""))
+    if pooled or a.attention_type == "moas":
+        terms = ["balance %s x %g" % (o.balance, o.load_balance_weight)
+                 if o.balance != "none" else "no balance term"]
+        if pooled:
+            terms += ["gate entropy x %g" % o.router_entropy, "z-loss x %g" % o.router_z_loss,
+                      "kv lambda %s over %d iters" % (o.kv_penalty_schedule, o.kv_penalty_warmup)
+                      if o.kv_penalty_warmup else "kv lambda constant",
+                      "kv targets per layer %s" % kv_targets if kv_targets else "mean kv fraction"]
+        log("router terms: " + ", ".join(terms))
+    if o.init_from:
+        try:
+            got = init_from_checkpoint(model, o.init_from, o.unsafe_load)
+        except ValueError as e:
+            sys.exit("train.py: --init-from: %s" % e)
+        log("init from %s (%s): copied %d tensors (%s)%s; new, freshly initialised: %d (%s)"
+            % (o.init_from, got["from"], len(got["copied"]), summarize_keys(got["copied"]),
+               ", %d of them split from %d c_attn into q_proj, k_proj, v_proj"
+               % (3 * len(got["split"]), len(got["split"])) if got["split"] else "",
+               len(got["new"]), summarize_keys(got["new"])))
     optimizer = make_optimizer(model, o.lr)
     golden_opts = ("golden", "text", "text_start", "text_len", "round_f16", "golden_dtype",
                    "golden_mode", "unsafe_load", "out", "threads")
-    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from")
+    pooled_opts = ("schemes", "kv_penalty", "hard_top1_from", "gate_temperature",
+                   "router_entropy", "router_z_loss", "kv_penalty_warmup",
+                   "kv_penalty_schedule", "kv_target_per_layer")
     config = {k: v for k, v in vars(o).items()
               if k not in golden_opts and (pooled or k not in pooled_opts)
               and (o.attention_type == "gqa" or k != "kv_heads")
               and isinstance(v, (int, float, str, bool))}
     if o.init_only:
-        save_checkpoint(o.out, model, optimizer, 0, float("inf"), config)
-        log("saved random-init checkpoint %s" % o.out)
+        save_checkpoint(o.out, model, optimizer, 0, float("inf"), config, o.gate_temperature)
+        log("saved %s checkpoint %s" % ("initial (--init-from)" if o.init_from else "random-init",
+                                         o.out))
         return
     if len(val_ids) <= o.block_size or len(train_ids) <= o.block_size:
         sys.exit("train.py: %s is too short for block_size %d (train %d, val %d chars)"
@@ -711,7 +987,7 @@ def cmd_train(o):
         model.eval()
         res = {}
         for split in ("train", "val"):
-            acc = {"soft": 0.0, "hard": 0.0, "kv_soft": 0.0, "kv_hard": 0.0}
+            acc = {"soft": 0.0, "hard": 0.0, "kv_soft": 0.0, "kv_hard": 0.0, "shares": 0.0}
             for _ in range(o.eval_iters):
                 x, y = batch(split)
                 for routing in ("soft", "hard"):
@@ -720,6 +996,8 @@ def cmd_train(o):
                                                     y.view(-1)).item()
                     kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
                     acc["kv_" + routing] += (kv_soft if routing == "soft" else kv_hard).item()
+                    if routing == "hard":
+                        acc["shares"] = acc["shares"] + scheme_shares(gates)
             res[split] = {k: v / o.eval_iters for k, v in acc.items()}
         model.train()
         return res
@@ -758,6 +1036,11 @@ def cmd_train(o):
                 "val kv fraction %.3f (hard %.3f), lr %.2e, %.1fs"
                 % (it, tr["soft"], tr["hard"], va["soft"], va["hard"], va["kv_soft"],
                    va["kv_hard"], lr_at(min(it, o.iters - 1)), time.time() - t_start))
+            cost = [n / a.n_head for n in a.schemes]
+            log("iter %d: val hard shares of schemes %s per layer: %s" % (it, a.schemes, "; ".join(
+                "layer %d %s (kv %.3f)" % (i, " ".join("%.3f" % v for v in row),
+                                           sum(v * c for v, c in zip(row, cost)))
+                for i, row in enumerate(va["shares"].tolist()))))
         elif it % o.eval_interval == 0 or it == o.iters:
             ev = estimate()
             best = min(best, ev["val"])
@@ -772,16 +1055,12 @@ def cmd_train(o):
         if pooled:
             if it == o.hard_top1_from:
                 log("iter %d: switching to straight-through top-1 routing" % it)
-            logits, gates = model(x, routing_at(it))
+            logits, gates, router_logits = model(x, routing_at(it), with_router_logits=True)
         else:
             logits, gates = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        lb = load_balance_loss(gates)
-        total = loss if lb is None else loss + o.load_balance_weight * lb
-        if pooled:
-            kv_soft, kv_hard = kv_fractions(gates, a.schemes, a.n_head)
-            if o.kv_penalty:
-                total = total + o.kv_penalty * kv_soft
+        total, parts = training_loss(o, it, loss, gates, router_logits if pooled else None,
+                                     a.schemes, a.n_head, kv_targets)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if o.grad_clip > 0:
@@ -793,9 +1072,16 @@ def cmd_train(o):
                 mean = torch.stack([g.mean(dim=(0, 1)) for g in gates]).mean(0)
                 extra = ", gates " + " ".join("%.3f" % v for v in mean.tolist())
             if pooled:
-                extra += ", kv fraction %.3f (hard %.3f)" % (kv_soft.item(), kv_hard.item())
+                extra += ", kv fraction %.3f (hard %.3f)" % (parts["kv_soft"].item(),
+                                                            parts["kv_hard"].item())
+                if o.kv_penalty_warmup and it <= o.kv_penalty_warmup:
+                    extra += ", kv lambda %.4g" % parts["kv_lambda"]
+                if o.router_entropy:
+                    extra += ", gate entropy %.3f" % parts["entropy"].item()
+                if o.router_z_loss:
+                    extra += ", z-loss %.3f" % parts["z_loss"].item()
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
-    save_checkpoint(o.out, model, optimizer, o.iters, best, config)
+    save_checkpoint(o.out, model, optimizer, o.iters, best, config, o.gate_temperature)
     log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
 
 
@@ -901,12 +1187,36 @@ def parse_args(argv=None):
     t.add_argument("--eval-interval", type=int, default=200)
     t.add_argument("--eval-iters", type=int, default=20)
     t.add_argument("--log-interval", type=int, default=50)
-    t.add_argument("--load-balance-weight", type=float, default=0.01)
+    t.add_argument("--load-balance-weight", type=float, default=0.01,
+                   help="weight of the --balance term")
+    t.add_argument("--balance", choices=BALANCE_TYPES, default="mse",
+                   help="routers' balance term: mse of mean gates to 1/S (published), "
+                        "switch S*sum_s f_s*p_s (f: argmax share), or none")
     t.add_argument("--kv-penalty", type=float, default=0.0, metavar="LAMBDA",
                    help="pooled_moas: add LAMBDA * mean_{tokens,layers} sum_s g_s n_kv(s)/H "
                         "to the loss")
+    t.add_argument("--kv-target-per-layer", metavar="F1,F2,...", default=None,
+                   help="pooled_moas: penalise LAMBDA * mean_l relu(kv_l - F_l), each layer's "
+                        "expected kv fraction above its F_l, instead of the mean kv fraction")
+    t.add_argument("--kv-penalty-warmup", type=int, default=0, metavar="N",
+                   help="pooled_moas: ramp the kv penalty from 0 to LAMBDA over the first N "
+                        "iterations (0: LAMBDA from the start)")
+    t.add_argument("--kv-penalty-schedule", choices=KV_SCHEDULES, default="linear",
+                   help="shape of that ramp: linear, cosine (half a cosine), or constant "
+                        "(no ramp, needs N = 0)")
     t.add_argument("--hard-top1-from", type=int, default=None, metavar="ITER",
                    help="pooled_moas: straight-through top-1 routing from this iteration on")
+    t.add_argument("--gate-temperature", type=float, default=1.0, metavar="T",
+                   help="pooled_moas: gates softmax(router(x)/T); 1/T is folded into "
+                        "router.2 when saving, so the GGUF's mixture gates are the same")
+    t.add_argument("--router-entropy", type=float, default=0.0, metavar="W",
+                   help="pooled_moas: add W * mean gate entropy (W > 0: confident gates, "
+                        "W < 0: spread-out ones)")
+    t.add_argument("--router-z-loss", type=float, default=0.0, metavar="W",
+                   help="pooled_moas: add W * mean logsumexp(router logits)^2 (ST-MoE z-loss)")
+    t.add_argument("--init-from", metavar="CKPT", default=None,
+                   help="start from CKPT's weights: same attention type (all), or baseline -> "
+                        "pooled_moas (c_attn split into q/k/v_proj; routers new)")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")

@@ -1,0 +1,469 @@
+"""Tests of tools/train.py's router recipes for pooled_moas: --balance, --router-entropy,
+--router-z-loss, --kv-penalty-warmup/--kv-penalty-schedule, --gate-temperature,
+--kv-target-per-layer and --init-from.
+
+Run from the repository root:  python3 -m unittest discover -s tests/python -t . -q
+
+They need torch.  Without it in this interpreter, one test reruns this file under
+$TORCH_PY (default /usr/bin/python3, Debian's python3-torch) and skips when that has
+no torch either.  The last checks load the converted model in the C library with
+$MOAS_BIN (default bin/moas, which `make` builds) and skip without it.  Everything
+runs with one thread and tiny shapes: under a minute on a machine busy with training.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from array import array
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(ROOT, "tools")
+TRAIN = os.path.join(TOOLS, "train.py")
+CONVERT = os.path.join(TOOLS, "moas-convert")
+TINY = os.path.join(ROOT, "tests", "data", "tiny.txt")
+MOAS = os.environ.get("MOAS_BIN") or os.path.join(ROOT, "bin", "moas")
+TORCH_PY = os.environ.get("TORCH_PY", "/usr/bin/python3")
+sys.dont_write_bytecode = True
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+if torch is not None:
+    sys.path.insert(0, TOOLS)
+    import train  # noqa: E402
+    from torch.nn import functional as F  # noqa: E402
+    torch.set_num_threads(1)
+
+needs_torch = unittest.skipUnless(torch is not None, "torch not installed")
+needs_moas = unittest.skipUnless(os.access(MOAS, os.X_OK), "no %s (run make)" % MOAS)
+LN2, LN3 = math.log(2.0), math.log(3.0)
+
+
+@unittest.skipIf(torch is not None, "torch is here: the tests run in this interpreter")
+class TestUnderTorchPython(unittest.TestCase):
+    def test_rerun_with_torch(self):
+        try:
+            ok = subprocess.run([TORCH_PY, "-c", "import torch"], capture_output=True).returncode
+        except OSError:
+            ok = 1
+        if ok:
+            self.skipTest("torch not installed here nor for %s (apt-get install python3-torch)"
+                          % TORCH_PY)
+        r = subprocess.run([TORCH_PY, "-m", "unittest", "discover", "-s", "tests/python",
+                            "-t", ".", "-p", os.path.basename(__file__), "-q"],
+                           cwd=ROOT, capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+
+def options(*argv):
+    return train.parse_args(["--data", TINY, "--out", "unused.pt",
+                             "--attention-type", "pooled_moas"] + list(argv))
+
+
+def tiny_args(atype="pooled_moas", bias=True, **kw):
+    base = dict(n_layer=2, n_head=4, n_embd=16, block_size=32, bias=bias, vocab_size=47,
+                dropout=0.0, attention_type=atype)
+    base.update(kw)
+    return train.ModelArgs(**base)
+
+
+def tiny_model(atype="pooled_moas", seed=0, std=0.25, **kw):
+    torch.manual_seed(seed)
+    model = train.MoASGPT(tiny_args(atype, **kw))
+    train.init_weights(model, std)
+    return model.eval()
+
+
+def tokens(n=32, batch=3, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 47, (batch, n), generator=g)
+
+
+# ---------------------------------------------------------------------------
+# Loss terms against hand-computed values
+# ---------------------------------------------------------------------------
+
+# Gates of two layers, 4 tokens, 3 schemes.  Layer 0: argmax 0, 1, 0, 2, so
+# f = (1/2, 1/4, 1/4) and the mean gates p = (0.35, 0.35, 0.3); layer 1 all uniform,
+# every argmax the lowest index 0: f = (1, 0, 0), p = (1/3, 1/3, 1/3).
+GATES = [[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.5, 0.4, 0.1], [0.1, 0.2, 0.7]],
+         [[1 / 3.0] * 3] * 4]
+# Router logits of two layers, 2 tokens: rows (0, 0, 0) and (ln 2, 0, 0), then
+# the same shifted by +5 and -1 (the same gates: 1/3 each, and (1/2, 1/4, 1/4)).
+LOGITS = [[[0.0, 0.0, 0.0], [LN2, 0.0, 0.0]],
+          [[5.0, 5.0, 5.0], [LN2 - 1.0, -1.0, -1.0]]]
+
+
+def as_layers(rows, requires_grad=False):
+    return [torch.tensor([layer], dtype=torch.float64, requires_grad=requires_grad)
+            for layer in rows]
+
+
+@needs_torch
+class TestLossTerms(unittest.TestCase):
+    def test_switch_balance(self):
+        g = as_layers(GATES, requires_grad=True)
+        # layer 0: 3 * (0.5*0.35 + 0.25*0.35 + 0.25*0.3) = 1.0125; layer 1: 3 * 1/3 = 1
+        loss = train.balance_loss(g, "switch")
+        self.assertAlmostEqual(loss.item(), (1.0125 + 1.0) / 2, places=12)
+        loss.backward()
+        # f has no gradient: d/dg[t, s] = S * f_s / (B*T) / L
+        self.assertAlmostEqual(g[0].grad[0, 0, 0].item(), 3 * 0.5 / 4 / 2, places=12)
+        self.assertAlmostEqual(g[0].grad[0, 3, 2].item(), 3 * 0.25 / 4 / 2, places=12)
+        self.assertAlmostEqual(g[1].grad[0, 1, 1].item(), 0.0, places=12)
+        # mse (default, unchanged): layer 0 ((1/60)^2 * 2 + (1/30)^2) / 3, layer 1 0
+        self.assertAlmostEqual(train.balance_loss(as_layers(GATES), "mse").item(),
+                               1 / 1800.0 / 2, places=12)
+        self.assertAlmostEqual(train.balance_loss(as_layers(GATES)).item(), 1 / 3600.0,
+                               places=12)
+        self.assertIsNone(train.balance_loss(as_layers(GATES), "none"))
+        self.assertIsNone(train.balance_loss([], "switch"))
+
+    def test_entropy_and_z_loss(self):
+        z = as_layers(LOGITS)
+        want_z = ((LN3 ** 2 + math.log(4) ** 2 + (5 + LN3) ** 2 + (math.log(4) - 1) ** 2) / 4)
+        self.assertAlmostEqual(train.router_z_loss(z).item(), want_z, places=12)
+        # uniform: ln 3; (1/2, 1/4, 1/4): 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2
+        self.assertAlmostEqual(train.router_entropy(z).item(), (LN3 + 1.5 * LN2) / 2, places=12)
+
+    def test_kv_schedule(self):
+        at = train.kv_penalty_at
+        for it, want in ((0, 0.0), (1, 0.05), (2, 0.1), (3, 0.15), (4, 0.2), (100, 0.2)):
+            self.assertAlmostEqual(at(it, 0.2, 4, "linear"), want, places=12)
+        r = math.sqrt(0.5)                  # cos(pi/4): 0.2 * (1 - cos(pi * it/4)) / 2
+        for it, want in ((0, 0.0), (1, 0.1 * (1 - r)), (2, 0.1), (3, 0.1 * (1 + r)), (4, 0.2)):
+            self.assertAlmostEqual(at(it, 0.2, 4, "cosine"), want, places=12)
+        for it in (0, 1, 5):
+            self.assertEqual(at(it, 0.2, 4, "constant"), 0.2)
+            self.assertEqual(at(it, 0.2, 0, "linear"), 0.2)    # N = 0: today's behaviour
+            self.assertEqual(at(it, 0.2, 0, "cosine"), 0.2)
+
+    def test_kv_targets_and_shares(self):
+        g = as_layers(GATES)
+        # schemes [4, 2, 1] of H = 4 cost (1, 1/2, 1/4). Layer 0 per token: 0.6+0.15+0.025,
+        # 0.2+0.25+0.075, 0.5+0.2+0.025, 0.1+0.1+0.175 -> mean 2.4/4; layer 1: 1.75/3
+        kv = train.kv_fractions_per_layer(g, [4, 2, 1], 4)
+        self.assertEqual(tuple(kv.shape), (2,))
+        self.assertAlmostEqual(kv[0].item(), 0.6, places=12)
+        self.assertAlmostEqual(kv[1].item(), 1.75 / 3, places=12)
+        self.assertAlmostEqual(kv.mean().item(),
+                               train.kv_fractions(g, [4, 2, 1], 4)[0].item(), places=12)
+        pen = train.kv_target_penalty(kv, [0.5, 0.8])    # relu(0.1), relu(-0.22) = 0
+        self.assertAlmostEqual(pen.item(), 0.1 / 2, places=12)
+        # all targets 0: the plain penalty on the mean kv fraction
+        self.assertAlmostEqual(train.kv_target_penalty(kv, [0.0, 0.0]).item(),
+                               kv.mean().item(), places=12)
+        self.assertEqual(train.parse_kv_targets("1.0, 0.5", 2), [1.0, 0.5])
+        for bad in ("1,0.5,0.2", "1,x", "1,1.5", "-0.1,1"):
+            with self.assertRaises(ValueError, msg=bad):
+                train.parse_kv_targets(bad, 2)
+        self.assertEqual(train.scheme_shares(g).tolist(), [[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
+
+    def test_training_loss_assembly(self):
+        """cmd_train's loss: every option changes it by its hand-computed term."""
+        z = as_layers(LOGITS)
+        g = [F.softmax(x, -1) for x in z]
+        ce = torch.tensor(2.0, dtype=torch.float64)
+        # Both layers' gates: (1/3, 1/3, 1/3) and (1/2, 1/4, 1/4).  Both argmax 0:
+        # switch 3 * (1/3 + 1/2)/2 = 1.25; mse (1/144 + 2/576)/3 = 1/288.  kv with
+        # schemes [4, 2, 1]: (7/12 + 11/16)/2 = 61/96 in both layers.
+        args = ("--schemes", "4,2,1", "--kv-penalty", "0.4")
+
+        def total(*argv, it=1):
+            o = options(*(args + argv))
+            return train.training_loss(o, it, ce, g, z, [4, 2, 1], 4,
+                                       train.parse_kv_targets(o.kv_target_per_layer, 2)
+                                       if o.kv_target_per_layer else None)[0].item()
+
+        base = 2.0 + 0.01 / 288 + 0.4 * 61 / 96
+        self.assertAlmostEqual(total(), base, places=12)
+        self.assertAlmostEqual(total("--balance", "none"), base - 0.01 / 288, places=12)
+        self.assertAlmostEqual(total("--balance", "switch", "--load-balance-weight", "0.1"),
+                               base - 0.01 / 288 + 0.1 * 1.25, places=12)
+        self.assertAlmostEqual(total("--router-entropy", "0.2"),
+                               base + 0.2 * (LN3 + 1.5 * LN2) / 2, places=12)
+        self.assertAlmostEqual(total("--router-entropy", "-0.2"),
+                               base - 0.2 * (LN3 + 1.5 * LN2) / 2, places=12)
+        want_z = ((LN3 ** 2 + math.log(4) ** 2 + (5 + LN3) ** 2 + (math.log(4) - 1) ** 2) / 4)
+        self.assertAlmostEqual(total("--router-z-loss", "0.03"), base + 0.03 * want_z, places=12)
+        # lambda 0.4 * 1/4 at iteration 1 of a 4-iteration linear ramp
+        ramp = ("--kv-penalty-warmup", "4", "--kv-penalty-schedule", "linear")
+        self.assertAlmostEqual(total(*ramp), base - 0.3 * 61 / 96, places=12)
+        self.assertAlmostEqual(total(*ramp, it=4), base, places=12)
+        # targets 0.5, 0.25: (13/96 + 37/96) / 2 = 25/96 instead of 61/96
+        self.assertAlmostEqual(total("--kv-target-per-layer", "0.5,0.25"),
+                               base - 0.4 * 61 / 96 + 0.4 * 25 / 96, places=12)
+        # the moas router (no logits): the balance term only
+        o = options("--balance", "switch")
+        self.assertAlmostEqual(train.training_loss(o, 0, ce, g)[0].item(), 2.0 + 0.01 * 1.25,
+                               places=12)
+
+    def test_option_errors(self):
+        def fails(*argv):
+            out = os.path.join(tempfile.gettempdir(), "never-written.pt")
+            with self.assertRaises(SystemExit, msg=argv) as cm, \
+                    contextlib.redirect_stdout(io.StringIO()):
+                train.main(["--data", TINY, "--out", out, "--init-only", "--n-layer", "2",
+                            "--n-embd", "24", "--n-head", "6", "--block-size", "8"]
+                           + list(argv))
+            self.assertFalse(os.path.exists(out))
+            return str(cm.exception.code)
+        self.assertIn("pooled_moas", fails("--attention-type", "moas", "--router-z-loss", "1"))
+        self.assertIn("pooled_moas", fails("--attention-type", "baseline",
+                                           "--gate-temperature", "2"))
+        self.assertIn("--kv-penalty", fails("--attention-type", "pooled_moas",
+                                            "--kv-target-per-layer", "1,0.5"))
+        self.assertIn("2 layers", fails("--attention-type", "pooled_moas", "--kv-penalty", "1",
+                                        "--kv-target-per-layer", "1,0.5,0.2"))
+        self.assertIn("constant", fails("--attention-type", "pooled_moas", "--kv-penalty", "1",
+                                         "--kv-penalty-warmup", "5",
+                                         "--kv-penalty-schedule", "constant"))
+        self.assertIn("> 0", fails("--attention-type", "pooled_moas",
+                                   "--gate-temperature", "0"))
+
+
+# ---------------------------------------------------------------------------
+# --gate-temperature: folded into the saved router
+# ---------------------------------------------------------------------------
+
+def convert(ckpt, gguf_path):
+    r = subprocess.run([sys.executable, CONVERT, ckpt, "-o", gguf_path, "--vocab-text", TINY],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise AssertionError("moas-convert failed: %s" % r.stderr)
+
+
+def moas(*argv):
+    r = subprocess.run([MOAS] + list(argv) + ["-t", "1"], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if r.returncode:
+        raise AssertionError("moas %s failed: %s" % (argv[0], r.stderr))
+    return r.stdout
+
+
+@needs_torch
+class TestGateTemperature(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def saved(self, model, t, name="t.pt"):
+        path = os.path.join(self.tmp.name, name)
+        train.save_checkpoint(path, model, train.make_optimizer(model, 1e-3), 0, float("inf"),
+                              {}, t)
+        return path
+
+    def test_folded_checkpoint_equals_training_forward(self):
+        x = tokens()
+        for bias in (True, False):
+            with self.subTest(bias=bias):
+                model = tiny_model(bias=bias)
+                model.set_gate_temperature(0.37)
+                with torch.no_grad():
+                    want = {r: model(x, r) for r in ("soft", "hard")}
+                    z = model(x, with_router_logits=True)[2]
+                self.assertGreater(max((F.softmax(zl * 0.37, -1) - g).abs().max().item()
+                                       for zl, g in zip(z, want["soft"][1])), 1e-2)
+                path = self.saved(model, 0.37)
+                loaded, margs = train.load_checkpoint(path)
+                self.assertNotIn("gate_temperature", margs)
+                self.assertEqual(sorted(loaded.state_dict()), sorted(model.state_dict()))
+                with torch.no_grad():
+                    for routing, (logits, gates) in want.items():
+                        got_logits, got_gates = loaded.eval()(x, routing)
+                        self.assertLess((got_logits - logits).abs().max().item(), 1e-5)
+                        for a, b in zip(got_gates, gates):
+                            self.assertLess((a - b).abs().max().item(), 1e-6)
+                    # unfolded, the mixture logits would differ
+                    model.set_gate_temperature(1.0)
+                    plain = train.load_checkpoint(self.saved(model, 1.0, "p.pt"))[0].eval()
+                    self.assertGreater((plain(x)[0] - want["soft"][0]).abs().max().item(), 1e-3)
+                # the temperature's router logits: softmax(z) are the gates
+                for zl, g in zip(z, want["soft"][1]):
+                    self.assertLess((F.softmax(zl, -1) - g).abs().max().item(), 1e-6)
+
+    @needs_moas
+    def test_libmoas_mixture_logits(self):
+        """The GGUF of a T = 0.37 model: libmoas's mixture logits equal the training
+        forward with the temperature."""
+        model = tiny_model(bias=True, n_head=6, n_embd=24)
+        model.set_gate_temperature(0.37)
+        with open(TINY, encoding="utf-8") as f:
+            text = f.read()
+        chars, stoi = train.build_vocab(text)
+        text = text[:32]
+        with torch.no_grad():
+            want = model(torch.tensor([[stoi[c] for c in text]]))[0][0]
+        path = self.saved(model, 0.37)
+        gg = os.path.join(self.tmp.name, "t.gguf")
+        convert(path, gg)
+        txt = os.path.join(self.tmp.name, "text")
+        with open(txt, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        out = os.path.join(self.tmp.name, "logits")
+        moas("logits", "-m", gg, "-f", txt, "-o", out, "--mode", "mixture")
+        with open(out, "rb") as f:
+            got = torch.tensor(array("f", f.read())).view(len(text), -1)
+        self.assertEqual(tuple(got.shape), tuple(want.shape))
+        self.assertLess((got - want).abs().max().item(), 1e-4)
+
+
+# ---------------------------------------------------------------------------
+# --init-from
+# ---------------------------------------------------------------------------
+
+@needs_torch
+class TestInitFrom(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def save(self, model, name):
+        path = os.path.join(self.tmp.name, name)
+        train.save_checkpoint(path, model, train.make_optimizer(model, 1e-3), 0, float("inf"),
+                              {})
+        return path
+
+    def test_baseline_into_pooled_forced_to_mha(self):
+        x = tokens()
+        for kw in (dict(bias=True), dict(bias=False, pos="rope", norm="rms", mlp="swiglu",
+                                         n_ff=48)):
+            with self.subTest(**kw):
+                mha = tiny_model("baseline", seed=1, **kw)
+                path = self.save(mha, "mha.pt")
+                pooled = tiny_model("pooled_moas", seed=2, **kw)
+                router_before = pooled.transformer.h[0].attn.router[0].weight.clone()
+                got = train.init_from_checkpoint(pooled, path)
+                self.assertEqual(got["from"], "baseline")
+                self.assertEqual(len(got["split"]), 2 * (2 if kw["bias"] else 1))
+                self.assertEqual(sorted(set(k.split(".attn.")[1] for k in got["new"])),
+                                 ["router.0.bias", "router.0.weight", "router.2.bias",
+                                  "router.2.weight"] if kw["bias"]
+                                 else ["router.0.weight", "router.2.weight"])
+                self.assertTrue(torch.equal(pooled.transformer.h[0].attn.router[0].weight,
+                                            router_before))
+                c_attn = mha.transformer.h[1].attn.c_attn.weight
+                self.assertTrue(torch.equal(pooled.transformer.h[1].attn.k_proj.weight,
+                                            c_attn[16:32]))
+                # Router forced to scheme 0 (H heads): router.2 all zero, so the gates tie
+                # and the argmax is the lowest index.
+                with torch.no_grad():
+                    for block in pooled.transformer.h:
+                        for p in block.attn.router[2].parameters():
+                            p.zero_()
+                    want = mha(x)[0]
+                    logits, gates = pooled(x, "hard")
+                    self.assertTrue(all((g.argmax(-1) == 0).all() for g in gates))
+                    self.assertLess((logits - want).abs().max().item(), 1e-5)
+                    # the soft mixture of all three schemes is not the MHA model: the check
+                    # has teeth
+                    self.assertGreater((pooled(x, "soft")[0] - want).abs().max().item(), 1e-4)
+
+    def test_same_type_copies_all(self):
+        x = tokens()
+        src = tiny_model("pooled_moas", seed=3)
+        src.untie()                              # an lm_head of its own, and different
+        with torch.no_grad():
+            src.lm_head.weight.mul_(0.5)
+        path = self.save(src, "p.pt")
+        dst = tiny_model("pooled_moas", seed=4)
+        got = train.init_from_checkpoint(dst, path)
+        self.assertEqual((got["split"], got["new"]), ([], []))
+        self.assertIsNot(dst.lm_head.weight, dst.transformer.wte.weight)
+        with torch.no_grad():
+            for routing in ("soft", "hard"):
+                self.assertTrue(torch.equal(dst(x, routing)[0], src(x, routing)[0]))
+
+    def test_refused(self):
+        path = self.save(tiny_model("baseline"), "b.pt")
+        for model, what in ((tiny_model("pooled_moas", n_layer=3), "n_layer"),
+                            (tiny_model("pooled_moas", bias=False), "bias"),
+                            (tiny_model("gqa"), "gqa"),
+                            (tiny_model("moas"), "moas")):
+            with self.assertRaises(ValueError) as cm:
+                train.init_from_checkpoint(model, path)
+            self.assertIn(what, str(cm.exception))
+        path = self.save(tiny_model("pooled_moas"), "p.pt")
+        with self.assertRaises(ValueError) as cm:
+            train.init_from_checkpoint(tiny_model("pooled_moas", schemes=[4, 1]), path)
+        self.assertIn("schemes", str(cm.exception))
+
+
+# ---------------------------------------------------------------------------
+# Smoke: all options at once, converted and run by libmoas
+# ---------------------------------------------------------------------------
+
+SHAPE = ["--n-layer", "2", "--n-embd", "48", "--n-head", "6", "--block-size", "32",
+         "--batch-size", "4", "--threads", "1", "--dropout", "0.0"]
+
+
+@needs_torch
+class TestSmoke(unittest.TestCase):
+    def run_train(self, *argv):
+        r = subprocess.run([sys.executable, TRAIN, "--data", TINY] + SHAPE + list(argv),
+                           capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        return r.stdout
+
+    def test_all_options(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            base = os.path.join(tmp, "mha.pt")
+            plain = os.path.join(tmp, "plain.pt")
+            ck = os.path.join(tmp, "pooled.pt")
+            self.run_train("--out", base, "--attention-type", "baseline", "--init-only")
+            self.run_train("--out", plain, "--attention-type", "pooled_moas", "--init-only")
+            out = self.run_train(
+                "--out", ck, "--attention-type", "pooled_moas", "--init-from", base,
+                "--iters", "5", "--eval-interval", "5", "--eval-iters", "1",
+                "--log-interval", "1", "--warmup", "1", "--lr", "3e-3",
+                "--balance", "switch", "--router-entropy", "0.01", "--router-z-loss", "0.001",
+                "--kv-penalty", "0.05", "--kv-penalty-warmup", "3",
+                "--kv-penalty-schedule", "cosine", "--gate-temperature", "0.8",
+                "--kv-target-per-layer", "1.0,0.3", "--hard-top1-from", "3")
+            self.assertIn("init from %s (baseline)" % base, out)
+            self.assertIn("new, freshly initialised: 4 (h.*.attn.router.0, h.*.attn.router.2)",
+                          out)
+            self.assertIn("router terms: balance switch x 0.01, gate entropy x 0.01, "
+                          "z-loss x 0.001, kv lambda cosine over 3 iters, "
+                          "kv targets per layer [1.0, 0.3]", out)
+            self.assertIn("iter 1: loss", out)
+            self.assertIn("kv lambda 0.0125", out)        # 0.05 * (1 - cos(pi/3)) / 2
+            shares = [l for l in out.splitlines() if "val hard shares" in l]
+            self.assertEqual(len(shares), 2, out)         # iterations 0 and 5
+            self.assertIn("per layer: layer 0 ", shares[-1])
+            self.assertIn("; layer 1 ", shares[-1])
+            # the saved model: the keys and shapes of a plain pooled_moas checkpoint
+            got, want = torch.load(ck), torch.load(plain)
+            self.assertEqual({k: tuple(v.shape) for k, v in got["model"].items()},
+                             {k: tuple(v.shape) for k, v in want["model"].items()})
+            self.assertEqual(got["model_args"], want["model_args"])
+            cfg = got["config"]
+            for k, v in (("balance", "switch"), ("router_entropy", 0.01),
+                         ("router_z_loss", 0.001), ("kv_penalty_warmup", 3),
+                         ("kv_penalty_schedule", "cosine"), ("gate_temperature", 0.8),
+                         ("kv_target_per_layer", "1.0,0.3"), ("init_from", base)):
+                self.assertEqual(cfg[k], v, k)
+            gg = os.path.join(tmp, "pooled.gguf")
+            convert(ck, gg)
+            if not os.access(MOAS, os.X_OK):
+                self.skipTest("no %s (run make): converted, not run" % MOAS)
+            for mode in ("mixture", "routed"):
+                r = json.loads(moas("perplexity", "-m", gg, "-f", TINY, "--mode", mode,
+                                    "--json"))
+                self.assertTrue(0.0 < r["nats_per_token"] < math.log(47) + 1.0, r)
+
+
+if __name__ == "__main__":
+    unittest.main()
