@@ -234,6 +234,147 @@ void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, flo
  * position, the same whether a query is decoded alone or in a block, so the same
  * operations happen in the same order: a query's numbers are the same bits either
  * way. */
+/* The online softmax step of one query over a run of nk scores s (already scaled):
+ * raise its running maximum, shrinking what it summed so far, and exponentiate s in
+ * place. The value sum of the run follows. */
+static void softmax_run(const moas_ops *ops, float *s, int32_t nk, float *run_max,
+                        float *run_sum, float *out, int32_t head_dim) {
+    float mx = *run_max;
+    for (int32_t j = 0; j < nk; j++) {
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    if (mx > *run_max && *run_max != -INFINITY) {
+        const float shrink = expf(*run_max - mx);
+        *run_sum *= shrink;
+        for (int32_t e = 0; e < head_dim; e++) {
+            out[e] *= shrink;
+        }
+    }
+    *run_max = mx;
+    *run_sum += ops->exp_sum(s, nk, mx);
+}
+
+/* Keys a group of query heads is formed over in attend_one: a run of MOAS_ATT_KEYS
+ * keys is cut into pieces this long, each grouped on its own, so that one wide token
+ * among MQA ones splits the heads of its piece only. */
+#define MOAS_ATT_GROUP_KEYS 16
+
+/* The end b of the group of query heads [a, b) (b <= h_end) that read the same K/V row
+ * of every key in [j0, j1): those whose h * n_kv / n_head agrees with a's for every
+ * width n_kv present. A uniform stream has one width; more than 8 distinct widths
+ * leave a alone. */
+static int32_t head_group_end(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
+                              int32_t a, int32_t h_end) {
+    int32_t widths[8], n_widths = 0;
+    for (int32_t j = j0; j < j1; j++) {
+        const int32_t w = moas__kv_heads(kv, j);
+        int32_t i = 0;
+        while (i < n_widths && widths[i] != w) {
+            i++;
+        }
+        if (i == n_widths) {
+            if (n_widths == 8) {
+                return a + 1;
+            }
+            widths[n_widths++] = w;
+        }
+        if (kv->off == NULL) {
+            break;
+        }
+    }
+    int32_t b = a + 1;
+    for (; b < h_end; b++) {
+        for (int32_t i = 0; i < n_widths; i++) {
+            if (a * widths[i] / n_head != b * widths[i] / n_head) {
+                return b;
+            }
+        }
+    }
+    return b;
+}
+
+/* The K/V rows query head h reads for keys [j0, j1). */
+static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n_head, int32_t h,
+                      int32_t j0, int32_t j1, uint32_t *rows) {
+    for (int32_t j = j0; j < j1; j++) {
+        rows[j - j0] = moas__kv_row(pool, kv, moas__kv_first(kv, j) +
+                                              (uint32_t)(h * moas__kv_heads(kv, j) / n_head));
+    }
+}
+
+/* One query (a token decoded alone or a sequence's one row of a batched step) over its
+ * keys, query heads [h0, h1): what attend_heads computes, bit for bit, for n = 1, with
+ * the heads that read the same K/V rows taken together. In a piece of a run, a group of
+ * query heads that reads the same rows (all of them over MQA tokens, a third over GQA-2
+ * ones) goes through the kernels as the queries of one block: each K/V row is loaded
+ * once for the group, its rows are found once, and every query's operations stay what
+ * they are alone (a score is one chain, a value sum goes key by key, and a sum split
+ * into pieces of keys equals one call over all of them). Runs go outermost; each head
+ * keeps its running maximum, sum and output as attend_heads does. */
+static void attend_one(const moas_workspace *ws, const moas_pool *pool,
+                       const moas_kv_stream *kv, const float *q, int32_t pos, int32_t h0,
+                       int32_t h1, float *out, float *att, uint32_t *rows) {
+    const moas_model *m = ws->model;
+    const moas_ops *ops = ws->ops;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim, n_keys = pos + 1;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const moas_type type = pool->kv_type;
+    const void *K = pool->k, *V = pool->v;
+    void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+                   int32_t, float, float *, size_t) =
+        type == MOAS_TYPE_F16    ? ops->attn_scores_f16
+        : type == MOAS_TYPE_Q8_0 ? ops->attn_scores_q8_0
+                                 : ops->attn_scores_f32;
+    void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+                int32_t, float *, size_t) = type == MOAS_TYPE_F16    ? ops->attn_mix_f16
+                                            : type == MOAS_TYPE_Q8_0 ? ops->attn_mix_q8_0
+                                                                     : ops->attn_mix_f32;
+    float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
+
+    for (int32_t c0 = h0; c0 < h1; c0 += MOAS_ATT_QUERIES) {   /* heads whose scores fit */
+        const int32_t c1 = h1 - c0 < MOAS_ATT_QUERIES ? h1 : c0 + MOAS_ATT_QUERIES;
+        for (int32_t h = c0; h < c1; h++) {
+            run_max[h - c0] = -INFINITY;
+            run_sum[h - c0] = 0.0f;
+        }
+        memset(out + (size_t)c0 * head_dim, 0, (size_t)(c1 - c0) * head_dim * sizeof *out);
+        for (int32_t k0 = 0; k0 < n_keys; k0 += MOAS_ATT_KEYS) {
+            const int32_t k1 = n_keys - k0 < MOAS_ATT_KEYS ? n_keys : k0 + MOAS_ATT_KEYS;
+            for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {   /* scores */
+                const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
+                for (int32_t a = c0, b; a < c1; a = b) {
+                    b = head_group_end(kv, n_head, j0, j1, a, c1);
+                    head_rows(pool, kv, n_head, a, j0, j1, rows);
+                    scores(K, rows, j1 - j0, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
+                           head_dim, scale, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
+                           MOAS_ATT_KEYS);
+                }
+            }
+            for (int32_t h = c0; h < c1; h++) {
+                softmax_run(ops, att + (size_t)(h - c0) * MOAS_ATT_KEYS, k1 - k0,
+                            &run_max[h - c0], &run_sum[h - c0], out + (size_t)h * head_dim,
+                            head_dim);
+            }
+            for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {   /* value sums */
+                const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
+                for (int32_t a = c0, b; a < c1; a = b) {
+                    b = head_group_end(kv, n_head, j0, j1, a, c1);
+                    head_rows(pool, kv, n_head, a, j0, j1, rows);
+                    mix(V, rows, j1 - j0, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
+                        MOAS_ATT_KEYS, b - a, head_dim, out + (size_t)a * head_dim,
+                        (size_t)head_dim);
+                }
+            }
+        }
+        for (int32_t h = c0; h < c1; h++) {
+            const float inv = 1.0f / run_sum[h - c0];
+            for (int32_t e = 0; e < head_dim; e++) {
+                out[(size_t)h * head_dim + e] *= inv;
+            }
+        }
+    }
+}
+
 static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                          const moas_kv_stream *kv, const float *Q, size_t ldq, int32_t pos0,
                          int32_t n, int32_t h0, int32_t h1, float *OUT, size_t ldo, float *att,
@@ -307,19 +448,7 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                     if (t < t_full) {
                         scores(K, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
                     }
-                    float mx = run_max[t];
-                    for (int32_t j = 0; j < nk; j++) {
-                        mx = s[j] > mx ? s[j] : mx;
-                    }
-                    if (mx > run_max[t] && run_max[t] != -INFINITY) {
-                        const float shrink = expf(run_max[t] - mx);
-                        run_sum[t] *= shrink;
-                        for (int32_t e = 0; e < head_dim; e++) {
-                            out[e] *= shrink;
-                        }
-                    }
-                    run_max[t] = mx;
-                    run_sum[t] += ops->exp_sum(s, nk, mx);
+                    softmax_run(ops, s, nk, &run_max[t], &run_sum[t], out, head_dim);
                     if (t < t_full) {
                         mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
                     }
@@ -378,6 +507,12 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
         const int32_t h1 = (int32_t)(u1 - r * n_head < n_head ? u1 - r * n_head : n_head);
         const moas_seq_run *run = &s->runs[r];
         const moas_context *ctx = run->ctx;
+        if (run->n == 1) {
+            attend_one(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
+                       ctx->n_past, h0, h1, s->OUT + (size_t)run->row0 * s->ldo, att, rows);
+            u = r * n_head + h1;
+            continue;
+        }
         attend_heads(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
                      s->ldq, ctx->n_past, run->n, h0, h1, s->OUT + (size_t)run->row0 * s->ldo,
                      s->ldo, att, rows);
