@@ -191,8 +191,11 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     /* per-call scratch: xb, kv_pool (2C), pool_tmp, and per thread the attention scores
      * and rows (32-bit, one float each), the normed rows and logits of logit_rows;
      * each buffer rounded up to 16 floats (64 bytes): 7 buffers, at most 15 each */
-    const size_t att_floats =
-        (size_t)n_threads * ((size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS + (size_t)max_keys);
+    /* rows: a head's for every key (attend_heads), or a run's for up to
+     * MOAS_ATT_QUERIES heads (attend_one) */
+    const size_t run_rows = (size_t)MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
+    ws->rows_each = (size_t)max_keys > run_rows ? (size_t)max_keys : run_rows;
+    const size_t att_floats = (size_t)n_threads * (run_rows + ws->rows_each);
     const size_t n_floats =
         4 * C + att_floats + (size_t)logit_rows * (C + (size_t)m->n_vocab) + 7 * 15;
     cursor = alloc_aligned(alloc, n_floats * sizeof(float), &ws->scratch);
@@ -206,7 +209,7 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->kv_pool = carve(&cursor, 2 * C);
     ws->pool_tmp = carve(&cursor, C);
     ws->att = carve(&cursor, (size_t)n_threads * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
-    ws->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)n_threads * (size_t)max_keys);
+    ws->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)n_threads * ws->rows_each);
     ws->lx = carve(&cursor, (size_t)logit_rows * C);
     ws->logits = carve(&cursor, (size_t)logit_rows * (size_t)m->n_vocab);
 

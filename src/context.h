@@ -45,7 +45,8 @@ typedef struct moas_workspace {
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
     float *att;              /* per thread [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */
-    uint32_t *att_rows;      /* per thread [max_keys] each cached token's K/V row for a head */
+    uint32_t *att_rows;      /* per thread [rows_each] cached tokens' K/V rows */
+    size_t rows_each;        /* max(max_keys, MOAS_ATT_QUERIES * MOAS_ATT_KEYS) */
     float *lx;               /* [logit_rows, C] final-normed rows whose logits are wanted */
     float *logits;           /* [logit_rows, n_vocab] their logits */
     void *scratch;           /* the allocation holding the arena above */

@@ -344,8 +344,9 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                 const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
                 for (int32_t a = c0, b; a < c1; a = b) {
                     b = head_group_end(kv, n_head, j0, j1, a, c1);
-                    head_rows(pool, kv, n_head, a, j0, j1, rows);
-                    scores(K, rows, j1 - j0, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
+                    uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
+                    head_rows(pool, kv, n_head, a, j0, j1, r);
+                    scores(K, r, j1 - j0, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
                            head_dim, scale, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
                            MOAS_ATT_KEYS);
                 }
@@ -357,10 +358,9 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
             }
             for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {   /* value sums */
                 const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
-                for (int32_t a = c0, b; a < c1; a = b) {
+                for (int32_t a = c0, b; a < c1; a = b) {   /* the groups scored above */
                     b = head_group_end(kv, n_head, j0, j1, a, c1);
-                    head_rows(pool, kv, n_head, a, j0, j1, rows);
-                    mix(V, rows, j1 - j0, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
+                    mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), j1 - j0, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
                         MOAS_ATT_KEYS, b - a, head_dim, out + (size_t)a * head_dim,
                         (size_t)head_dim);
                 }
@@ -499,7 +499,7 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
     const int64_t units = (int64_t)s->n_runs * n_head;
     const int64_t u1 = (ith + 1) * units / nth;
     float *att = ws->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
-    uint32_t *rows = ws->att_rows + (size_t)ith * (size_t)ws->max_keys;
+    uint32_t *rows = ws->att_rows + (size_t)ith * ws->rows_each;
 
     for (int64_t u = ith * units / nth; u < u1;) {
         const int64_t r = u / n_head;

@@ -541,7 +541,9 @@ TEST(committed_pool_is_resident_from_the_start) {
         test_skip("no /proc/self/statm");
         return TEST_SKIP;
     }
-    const long long capacity = 32ll << 20;
+    /* slabs of 64 MB: above malloc's largest mmap threshold, so each is fresh memory
+     * of its own, never a resident block an earlier test freed */
+    const long long capacity = 128ll << 20;
     for (int commit = 0; commit <= 1; commit++) {
         moas_pool_params pp;
         moas_pool *pool = NULL;

@@ -260,6 +260,7 @@ static moas_pool *bb_pool(const moas_model *model, const bb_options *o, double m
     pp.n_threads = o->threads;
     pp.n_batch = o->n_batch;
     pp.page_heads = o->page_heads;
+    pp.commit = 1;   /* pages resident before timing, as llama.cpp clears its KV buffer */
     bb_check(moas_pool_create(model, &pp, &pool), "pool");
     return pool;
 }
