@@ -87,7 +87,11 @@ struct moas_context {
     moas_type kv_type;       /* F32, F16 or Q8_0: the pool's */
     size_t kv_head_bytes;    /* one K or V head in that type */
 
-    moas_workspace *ws;      /* this context's own calls */
+    moas_workspace *ws;      /* this context's own calls: made at creation for a private
+                              * pool; for a context of a caller's pool, on its first call
+                              * of its own (moas__context_workspace), since one that only
+                              * moas_pool_decode advances never needs it */
+    const moas_ops *ops;     /* the kernels of those calls (the pool's, if it has any) */
 
     /* routing control */
     int32_t forced_scheme;   /* -1: the router decides */
@@ -160,6 +164,10 @@ moas_status moas__workspace_make(const moas_model *model, const moas_allocator *
                                  const moas_ops *ops, int32_t n_threads, int32_t max_rows,
                                  int32_t max_keys, int32_t logit_rows, moas_workspace **out);
 void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
+
+/* Give ctx its workspace if it has none yet: MOAS_OK, or MOAS_ERR_NO_MEMORY (named for
+ * `what`) with ctx unchanged. Once made, it lives as long as the context. */
+moas_status moas__context_workspace(moas_context *ctx, const char *what);
 
 /* Routed mode: choose the scheme of the token at `pos` in `layer` from its `gates`,
  * applying the forced scheme, the callback and the budget plan (context.c). */

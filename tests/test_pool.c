@@ -73,6 +73,10 @@ static moas_context *make_ctx(const moas_model *m, moas_pool *pool, moas_mode mo
     if (moas_context_create(m, &cp, &ctx) != MOAS_OK) {
         return NULL;
     }
+    if (moas__context_workspace(ctx, "make_ctx") != MOAS_OK) {   /* made now, to tune it */
+        moas_context_free(ctx);
+        return NULL;
+    }
     ctx->ws->parallel_min_work = 0;
     return ctx;
 }
