@@ -512,6 +512,43 @@ def _utf8(text):
     return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
 
 
+_ARRAY_TYPES = {}
+
+
+def _array_type(ctype, n, exact=False):
+    """`ctype` * max(n, 1), or with the length rounded up to a power of two unless
+    `exact`, from a cache, so that a process makes few array types: ctypes keeps one
+    only while an array of it lives, and a type is a reference cycle that only the
+    cyclic collector frees, so a type made per call (per decode step in a server)
+    leaves garbage behind every call."""
+    size = max(n, 1)
+    if not exact:
+        size = 1 << (size - 1).bit_length()
+    key = (ctype, size)
+    t = _ARRAY_TYPES.get(key)
+    if t is None:
+        t = _ARRAY_TYPES[key] = ctype * size
+    return t
+
+
+def _array(ctype, n, exact=False):
+    """A zeroed array of _array_type(ctype, n, exact)."""
+    return _array_type(ctype, n, exact)()
+
+
+def _floats(buf, n):
+    """The first n floats of a ctypes float array, as a memoryview."""
+    return memoryview(buf).cast("B")[:4 * n].cast("f")
+
+
+def _float_rows(n):
+    """A zeroed buffer of exactly max(n, 1) floats for the caller to keep (a bytearray,
+    viewed as floats), and what passes it to the library: a one-float array at its
+    start (of one cached type, whatever n)."""
+    buf = bytearray(4 * max(n, 1))
+    return memoryview(buf).cast("f"), _array_type(ctypes.c_float, 1).from_buffer(buf)
+
+
 def _enum(cls, value):
     """An enum member from its name (any case) or value; MoasValueError otherwise."""
     try:
@@ -1084,13 +1121,13 @@ class Context(_Handle):
         caller owns."""
         tokens = list(tokens)
         which = _enum(Logits, logits)
-        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
-        out = None
+        ids = _array(ctypes.c_int32, len(tokens))
+        ids[:len(tokens)] = tokens
+        flat = out = None
         if which == Logits.ALL:
-            out = (ctypes.c_float * max(len(tokens) * self._n_vocab, 1))()
+            flat, out = _float_rows(len(tokens) * self._n_vocab)
         self._run("moas_context_decode_batch", ids, len(tokens), out, which)
         if which == Logits.ALL:
-            flat = memoryview(out).cast("B").cast("f")
             v = self._n_vocab
             return [flat[i * v:(i + 1) * v] for i in range(len(tokens))]
         return self.logits() if which == Logits.LAST else None
@@ -1115,16 +1152,17 @@ class Context(_Handle):
         if n_pos is None:
             n_pos = max(self.n_past - pos, 0)
         L, S = self._n_layer, self._n_scheme
-        gates = (ctypes.c_float * max(n_pos * L * S, 1))()
-        schemes = (ctypes.c_int32 * max(n_pos * L, 1))()
-        heads = (ctypes.c_int32 * max(n_pos * L, 1))()
+        gates = _array(ctypes.c_float, n_pos * L * S)
+        schemes = _array(ctypes.c_int32, n_pos * L)
+        heads = _array(ctypes.c_int32, n_pos * L)
         _check(self._call("moas_context_routes", pos, n_pos, gates, schemes, heads))
 
-        def view(buf, fmt, shape):
-            v = memoryview(buf).cast("B")
-            return v.cast(fmt, shape) if n_pos else v[:0].cast(fmt)
-        return Routes(view(gates, "f", (n_pos, L, S)), view(schemes, "i", (n_pos, L)),
-                      view(heads, "i", (n_pos, L)))
+        def view(buf, fmt, shape, n):
+            v = memoryview(buf).cast("B")[:4 * n]
+            return v.cast(fmt, shape) if n_pos else v.cast(fmt)
+        return Routes(view(gates, "f", (n_pos, L, S), n_pos * L * S),
+                      view(schemes, "i", (n_pos, L), n_pos * L),
+                      view(heads, "i", (n_pos, L), n_pos * L))
 
     def route_lists(self, pos=0, n_pos=None):
         """routes() as plain lists: per position {"schemes": [scheme per layer],
@@ -1145,7 +1183,7 @@ class Context(_Handle):
 
     def scheme_counts(self, layer=-1):
         """Stored tokens per scheme in `layer`, or token-layer pairs for -1."""
-        counts = (ctypes.c_int32 * self._n_scheme)()
+        counts = _array(ctypes.c_int32, self._n_scheme, exact=True)
         _check(self._call("moas_context_scheme_counts", layer, counts))
         return list(counts)
 
@@ -1314,27 +1352,32 @@ class Pool(_Handle):
         "none": None)."""
         seqs = list(seqs)
         which = _enum(Logits, logits)
-        arr = (PoolSeq * max(len(seqs), 1))()
-        keep, outs = [], []
+        v = self._n_vocab
+        # the arrays themselves go into the struct (ctypes.cast() would tie each into a
+        # reference cycle), all of cached types (_array)
+        arr = _array(PoolSeq, len(seqs))
+        outs = []
         for i, (ctx, tokens) in enumerate(seqs):
             tokens = list(tokens)
-            ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
-            rows = len(tokens) if which == Logits.ALL else 1
-            out = (ctypes.c_float * (rows * self._n_vocab))() if which != Logits.NONE else None
-            keep.append(ids)
-            outs.append((out, len(tokens)))
+            ids = _array(ctypes.c_int32, len(tokens))
+            ids[:len(tokens)] = tokens
+            flat = out = None
+            if which == Logits.ALL:
+                flat, out = _float_rows(len(tokens) * v)
+            elif which == Logits.LAST:
+                out = _array(ctypes.c_float, v, exact=True)
+                flat = _floats(out, v)
+            outs.append((flat, len(tokens)))
             ctx._invalidate()
             arr[i].ctx, arr[i].tokens, arr[i].n_tokens = ctx._p(), ids, len(tokens)
             arr[i].which = which
-            arr[i].logits = ctypes.cast(out, ctypes.POINTER(ctypes.c_float)) if out else None
+            arr[i].logits = out
         _check(self._call("moas_pool_decode", arr, len(seqs)))
         result = []
-        v = self._n_vocab
-        for out, n in outs:
-            if out is None or n == 0:
+        for flat, n in outs:
+            if flat is None or n == 0:
                 result.append(None)
                 continue
-            flat = memoryview(out).cast("B").cast("f")
             result.append([flat[i * v:(i + 1) * v] for i in range(n)]
                           if which == Logits.ALL else flat)
         return result
@@ -1370,7 +1413,9 @@ class Sampler(_Handle):
         params.min_p, params.repeat_penalty, params.repeat_last_n = (
             min_p, repeat_penalty, repeat_last_n)
         biases = sorted(dict(logit_bias or {}).items())
-        bias_array = (LogitBias * max(len(biases), 1))(*[LogitBias(t, b) for t, b in biases])
+        bias_array = _array(LogitBias, len(biases))
+        for i, (t, b) in enumerate(biases):
+            bias_array[i].token, bias_array[i].bias = t, b
         params.n_logit_bias = len(biases)
         params.logit_bias = bias_array   # copied by the library at creation
         self._allocator = allocator
@@ -1407,10 +1452,11 @@ class Sampler(_Handle):
                 view.nbytes != 4 * self.n_vocab:
             raise MoasError(Status.ERR_INVALID_ARG, "logits must be %d float32 values"
                             % self.n_vocab)
+        floats = _array_type(ctypes.c_float, self.n_vocab, exact=True)
         if view.readonly:   # our logits view, bytes, ...: copy (n_vocab floats)
-            buf = (ctypes.c_float * self.n_vocab).from_buffer_copy(view.cast("B"))
+            buf = floats.from_buffer_copy(view.cast("B"))
         else:
-            buf = (ctypes.c_float * self.n_vocab).from_buffer(view.cast("B"))
+            buf = floats.from_buffer(view.cast("B"))
         return buf, buf
 
     def sample(self, logits):
