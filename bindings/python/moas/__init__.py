@@ -541,12 +541,18 @@ def _floats(buf, n):
     return memoryview(buf).cast("B")[:4 * n].cast("f")
 
 
+def _exact(ctype, n):
+    """A zeroed bytearray of exactly max(n, 1) `ctype` for the caller to keep, and what
+    passes it to the library: a one-element array at its start (of one cached type,
+    whatever n)."""
+    buf = bytearray(ctypes.sizeof(ctype) * max(n, 1))
+    return buf, _array_type(ctype, 1).from_buffer(buf)
+
+
 def _float_rows(n):
-    """A zeroed buffer of exactly max(n, 1) floats for the caller to keep (a bytearray,
-    viewed as floats), and what passes it to the library: a one-float array at its
-    start (of one cached type, whatever n)."""
-    buf = bytearray(4 * max(n, 1))
-    return memoryview(buf).cast("f"), _array_type(ctypes.c_float, 1).from_buffer(buf)
+    """_exact(c_float, n), the bytearray viewed as floats."""
+    buf, arg = _exact(ctypes.c_float, n)
+    return memoryview(buf).cast("f"), arg
 
 
 def _enum(cls, value):
@@ -825,7 +831,7 @@ class Model(_Handle):
         if unknown == "error":
             raw = _utf8(text)
             cap = max(len(raw), 1)   # one id per character, so at most one per byte
-            ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
+            ids, n = _array(ctypes.c_int32, cap), ctypes.c_size_t()
             _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
             return ids[:n.value]
         return self.tokenize_ex(text, unknown, replacement)[0]
@@ -848,16 +854,17 @@ class Model(_Handle):
             params.replacement = ids[0]
         raw = _utf8(text)
         cap = max(len(raw), 1)
-        ids, n, changed = (ctypes.c_int32 * cap)(), ctypes.c_size_t(), ctypes.c_size_t()
+        ids, n, changed = _array(ctypes.c_int32, cap), ctypes.c_size_t(), ctypes.c_size_t()
         _check(self._call("moas_tokenize_ex", raw, len(raw), ctypes.byref(params), ids, cap,
                           ctypes.byref(n), ctypes.byref(changed)))
         return ids[:n.value], changed.value
 
     def detokenize(self, tokens):
         tokens = list(tokens)
-        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
+        ids = _array(ctypes.c_int32, len(tokens))
+        ids[:len(tokens)] = tokens
         cap = 4 * len(tokens) + 1   # a character is at most 4 UTF-8 bytes
-        buf, n = ctypes.create_string_buffer(cap), ctypes.c_size_t()
+        buf, n = _array(ctypes.c_char, cap), ctypes.c_size_t()
         _check(self._call("moas_detokenize", ids, len(tokens), buf, cap, ctypes.byref(n)))
         return buf.raw[:n.value].decode("utf-8", "surrogateescape")
 
@@ -1087,7 +1094,7 @@ class Context(_Handle):
         ptr = self._call("moas_context_logits")
         if not ptr:
             return None
-        raw = memoryview((ctypes.c_float * self._n_vocab).from_address(
+        raw = memoryview(_array_type(ctypes.c_float, self._n_vocab, exact=True).from_address(
             ctypes.addressof(ptr.contents)))
         view = raw.cast("B").cast("f").toreadonly()
         raw.release()
@@ -1258,10 +1265,10 @@ class Context(_Handle):
     def save_state(self):
         """The sequence (its tokens' K/V, routing records, position, logits) as bytes."""
         n = self._call("moas_context_state_size")
-        buf = ctypes.create_string_buffer(max(n, 1))
+        buf, arg = _exact(ctypes.c_char, n)
         written = ctypes.c_size_t()
-        _check(self._call("moas_context_state_save", buf, n, ctypes.byref(written)))
-        return buf.raw[:written.value]
+        _check(self._call("moas_context_state_save", arg, n, ctypes.byref(written)))
+        return bytes(memoryview(buf)[:written.value])
 
     def load_state(self, data):
         """Replace this context's sequence with one saved by save_state(); all or nothing."""
@@ -1446,7 +1453,7 @@ class Sampler(_Handle):
             if len(values) != self.n_vocab:
                 raise MoasError(Status.ERR_INVALID_ARG, "%d logits, the sampler needs %d"
                                 % (len(values), self.n_vocab)) from None
-            buf = (ctypes.c_float * self.n_vocab)(*values)
+            buf = _array_type(ctypes.c_float, self.n_vocab, exact=True)(*values)
             return buf, buf
         if view.itemsize != 4 or view.format not in ("f", "<f", "=f") or \
                 view.nbytes != 4 * self.n_vocab:
@@ -1504,7 +1511,8 @@ def find_stop(text, stops, more=True):
     `end` counts characters for str, bytes for bytes."""
     raw = _utf8(text)
     stop_raw = [_utf8(s) for s in stops]
-    arr = (ctypes.c_char_p * max(len(stop_raw), 1))(*stop_raw)
+    arr = _array(ctypes.c_char_p, len(stop_raw))
+    arr[:len(stop_raw)] = stop_raw
     end, found = ctypes.c_size_t(), ctypes.c_int32()
     _check(library().moas_text_find_stop(raw, len(raw), arr, len(stop_raw), int(bool(more)),
                                          ctypes.byref(end), ctypes.byref(found)))

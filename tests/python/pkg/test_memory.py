@@ -1,7 +1,7 @@
-"""Memory a server gives back (issue 18): pool contexts that come and go, decoded only
-through Pool.decode as moas.engine does, must not make the process grow round after
-round, and the package's calls on a server's paths must leave no reference cycles
-behind (garbage that waits for the cyclic collector). Run by `make pytest`."""
+"""Memory a server gives back: pool contexts that come and go, decoded only through
+Pool.decode as moas.engine does, must not make the process grow round after round,
+and the package's calls on a server's paths must leave no reference cycles behind
+(garbage that waits for the cyclic collector). Run by `make pytest`."""
 import gc
 import os
 import subprocess
@@ -90,7 +90,15 @@ def test_pool_decode_and_sampling_leave_no_reference_cycles():
                 ctxs[0].route_lists(0, 1)
                 ctxs[0].scheme_counts(-1)
                 ctxs[1].decode_batch([3, 4], logits="all")
-            del outs, batch
+                ctxs[1].logits()
+                # what the server does per request and per token, swaps included
+                ids, _ = model.tokenize_ex("And God said"[:3 + step], unknown="replace")
+                model.detokenize(ids)
+                model.token_text(ids[0])
+                moas.find_stop("light: and" * (1 + step % 3), ["and", "light"] * (1 + step % 2))
+                state = ctxs[2].save_state()
+                ctxs[2].load_state(state)
+            del outs, batch, state
             found = gc.collect()
         finally:
             gc.enable()
