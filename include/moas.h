@@ -870,10 +870,11 @@ typedef struct moas_pool_params {
                                          is below this, new tokens are steered toward
                                          cheaper schemes, more as the pool fills
                                          (docs/KV_CACHE.md); 0 (default): never */
-    int32_t commit;                   /* nonzero: write every page at creation, so the
-                                         pool's memory is resident from the start and
-                                         the process's RSS does not grow as pages are
-                                         first used (a server's flat footprint; an
+    int32_t commit;                   /* nonzero: write every page and the buffers of
+                                         moas_pool_decode at creation, so the pool's
+                                         memory is resident from the start and the
+                                         process's RSS does not grow as pages and
+                                         rows are first used (a server's flat footprint; an
                                          overcommitting system fails now, not at a page
                                          fault later); 0 (default): pages are touched
                                          as they are first used */

@@ -213,7 +213,8 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     /* block activations */
     const size_t c16 = (C + 15) & ~(size_t)15, h16 = (hidden + 15) & ~(size_t)15;
     const size_t s16 = (S + 15) & ~(size_t)15;
-    cursor = alloc_aligned(alloc, (9 * c16 + h16 + s16) * rows * sizeof(float), &ws->batch_scratch);
+    ws->batch_floats = (9 * c16 + h16 + s16) * rows;
+    cursor = alloc_aligned(alloc, ws->batch_floats * sizeof(float), &ws->batch_scratch);
     ws->bscheme = moas__calloc(alloc, rows, sizeof *ws->bscheme);
     ws->row_ctx = moas__calloc(alloc, rows, sizeof *ws->row_ctx);
     ws->row_pos = moas__calloc(alloc, rows, sizeof *ws->row_pos);
@@ -238,6 +239,16 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->bgates = carve(&cursor, rows * s16);
     *out = ws;
     return MOAS_OK;
+}
+
+void moas__workspace_commit(moas_workspace *ws) {
+    const size_t rows = (size_t)ws->max_rows;
+    memset(ws->bx, 0, ws->batch_floats * sizeof(float));   /* the scratch arena is zeroed */
+    memset(ws->bscheme, 0, rows * sizeof *ws->bscheme);
+    memset(ws->row_ctx, 0, rows * sizeof *ws->row_ctx);
+    memset(ws->row_pos, 0, rows * sizeof *ws->row_pos);
+    memset(ws->idx, 0, rows * sizeof *ws->idx);
+    memset(ws->runs, 0, rows * sizeof *ws->runs);
 }
 
 /* Heads per token of the context's streams: i's in mixture mode, the widest scheme's

@@ -69,6 +69,7 @@ typedef struct moas_workspace {
     int32_t *idx;            /* [B] rows of one scheme (routed) */
     moas_seq_run *runs;      /* [B] the runs of a block of moas_pool_decode */
     void *batch_scratch;     /* the allocation holding the arena above */
+    size_t batch_floats;     /* the arena's floats, from bx on */
 } moas_workspace;
 
 struct moas_context {
@@ -168,6 +169,10 @@ void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
 /* Give ctx its workspace if it has none yet: MOAS_OK, or MOAS_ERR_NO_MEMORY (named for
  * `what`) with ctx unchanged. Once made, it lives as long as the context. */
 moas_status moas__context_workspace(moas_context *ctx, const char *what);
+
+/* Write every buffer of a workspace (a committed pool's), so that its memory is
+ * resident now rather than when a large call first reaches it. */
+void moas__workspace_commit(moas_workspace *ws);
 
 /* Routed mode: choose the scheme of the token at `pos` in `layer` from its `gates`,
  * applying the forced scheme, the callback and the budget plan (context.c). */

@@ -1310,8 +1310,9 @@ class Pool(_Handle):
     capacity_bytes (required), kv_type ("f32" | "f16"), page_heads (0: default),
     n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()),
     steer_below (routed contexts take cheaper schemes while the free fraction of pages
-    is below it; 0: never), commit (write every page now, so the pool's memory is
-    resident from the start and RSS stays flat while sequences come and go).
+    is below it; 0: never), commit (write every page and decode() buffer now, so the
+    pool's memory is resident from the start and RSS stays flat while sequences come
+    and go).
     Contexts made with pool.context(...) or Context(model, pool=pool) must be closed
     before the pool (the pool keeps them alive while it is open).
     """
