@@ -6,6 +6,9 @@ import gc
 import os
 import subprocess
 import sys
+import threading
+import time
+import weakref
 
 import pytest
 
@@ -106,3 +109,33 @@ def test_pool_decode_and_sampling_leave_no_reference_cycles():
             c.close()
         pool.close()
     assert found == 0, "%d objects were left in reference cycles" % found
+
+
+def test_engine_collects_cycles_when_the_load_is_over():
+    """With the collector's automatic runs off, a reference cycle made during a request
+    is gone soon after the engine runs out of work (moas.engine's _collect)."""
+    from moas.engine import Engine, Request
+
+    class Cycle:
+        pass
+
+    with moas.Model(TINY) as model:
+        engine = Engine(model, pool_bytes=1 << 20, mode="routed")
+        done = threading.Event()
+        req = Request(model.tokenize("And God"), max_tokens=4, seed=1,
+                      emit=lambda ev: ev.kind == "done" and done.set())
+        gc.disable()
+        try:
+            cycle = Cycle()
+            cycle.me = cycle
+            ref = weakref.ref(cycle)
+            del cycle
+            assert engine.submit(req)
+            assert done.wait(30)
+            deadline = time.monotonic() + 5
+            while ref() is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            gc.enable()
+            engine.close()
+    assert ref() is None
