@@ -596,7 +596,10 @@ MOAS_API void moas_context_params_init_sized(moas_context_params *params, size_t
  * CONSTRUCTOR: moas_context
  *
  * Allocates everything decoding will need, once: activations, scratch, the KV cache at
- * full capacity and the routing records. `params` may be NULL for defaults. The model
+ * full capacity and the routing records; in a caller's pool (params.pool) the
+ * activations and scratch of the context's own decode calls come with the first such
+ * call instead, so that a context only moas_pool_decode() advances never has them.
+ * `params` may be NULL for defaults. The model
  * is borrowed and must outlive the context. On failure *out is NULL and nothing leaks.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, n_ctx negative or above
@@ -632,8 +635,10 @@ MOAS_API void moas_context_free(moas_context *ctx);
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `token` outside [0, n_vocab)),
  *          MOAS_ERR_CONTEXT_FULL (n_ctx tokens already stored, or the KV budget has no
- *          room for even the cheapest scheme's K/V of one more token).
- * Thread safety: one thread per context.   Allocates: never.
+ *          room for even the cheapest scheme's K/V of one more token),
+ *          MOAS_ERR_NO_MEMORY (the first own call of a context in a caller's pool).
+ * Thread safety: one thread per context.   Allocates: never per token; a context in
+ *   a caller's pool, on its first call of this or decode_batch, its workspace, once.
  */
 MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits);
 
@@ -652,8 +657,9 @@ MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float
  *          > 0, negative n_tokens, a token outside [0, n_vocab) — its index is named —,
  *          unknown `which`, MOAS_LOGITS_ALL with NULL `logits`),
  *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx, or the KV budget cannot
- *          hold the batch even with the cheapest scheme everywhere).
- * Thread safety: one thread per context.   Allocates: never.
+ *          hold the batch even with the cheapest scheme everywhere),
+ *          MOAS_ERR_NO_MEMORY (as moas_context_decode()).
+ * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
                                                int32_t n_tokens, float *logits,
@@ -864,10 +870,11 @@ typedef struct moas_pool_params {
                                          is below this, new tokens are steered toward
                                          cheaper schemes, more as the pool fills
                                          (docs/KV_CACHE.md); 0 (default): never */
-    int32_t commit;                   /* nonzero: write every page at creation, so the
-                                         pool's memory is resident from the start and
-                                         the process's RSS does not grow as pages are
-                                         first used (a server's flat footprint; an
+    int32_t commit;                   /* nonzero: write every page and the buffers of
+                                         moas_pool_decode at creation, so the pool's
+                                         memory is resident from the start and the
+                                         process's RSS does not grow as pages and
+                                         rows are first used (a server's flat footprint; an
                                          overcommitting system fails now, not at a page
                                          fault later); 0 (default): pages are touched
                                          as they are first used */

@@ -216,7 +216,8 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     /* block activations */
     const size_t c16 = (C + 15) & ~(size_t)15, h16 = (hidden + 15) & ~(size_t)15;
     const size_t s16 = (S + 15) & ~(size_t)15;
-    cursor = alloc_aligned(alloc, (9 * c16 + h16 + s16) * rows * sizeof(float), &ws->batch_scratch);
+    ws->batch_floats = (9 * c16 + h16 + s16) * rows;
+    cursor = alloc_aligned(alloc, ws->batch_floats * sizeof(float), &ws->batch_scratch);
     ws->bscheme = moas__calloc(alloc, rows, sizeof *ws->bscheme);
     ws->row_ctx = moas__calloc(alloc, rows, sizeof *ws->row_ctx);
     ws->row_pos = moas__calloc(alloc, rows, sizeof *ws->row_pos);
@@ -241,6 +242,16 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->bgates = carve(&cursor, rows * s16);
     *out = ws;
     return MOAS_OK;
+}
+
+void moas__workspace_commit(moas_workspace *ws) {
+    const size_t rows = (size_t)ws->max_rows;
+    memset(ws->bx, 0, ws->batch_floats * sizeof(float));   /* the scratch arena is zeroed */
+    memset(ws->bscheme, 0, rows * sizeof *ws->bscheme);
+    memset(ws->row_ctx, 0, rows * sizeof *ws->row_ctx);
+    memset(ws->row_pos, 0, rows * sizeof *ws->row_pos);
+    memset(ws->idx, 0, rows * sizeof *ws->idx);
+    memset(ws->runs, 0, rows * sizeof *ws->runs);
 }
 
 /* Heads per token of the context's streams: i's in mixture mode, the widest scheme's
@@ -321,10 +332,13 @@ static moas_status allocate(moas_context *ctx, moas_pool *pool, moas_kernels ker
     }
 
     /* this context's own calls: the pool's kernels when it has one, so that a sequence
-     * decoded alone and in a pool call computes the same bits */
-    const moas_ops *ops = pool->ws != NULL ? pool->ws->ops : moas__ops_select(kernels);
-    if ((st = moas__workspace_make(m, ctx->alloc, ops, ctx->n_threads, ctx->batch_tokens,
-                                   ctx->n_ctx, 1, &ctx->ws)) != MOAS_OK) {
+     * decoded alone and in a pool call computes the same bits. Their workspace (1.3 MB
+     * at 128 rows of a 192-wide model) now for a private pool; in a caller's pool only
+     * when the context first decodes on its own: a server's sequences, which only
+     * moas_pool_decode advances, never need one, and making and freeing one per
+     * request left the allocator's heap fragmented (RSS growing, docs/SERVER.md). */
+    ctx->ops = pool->ws != NULL ? pool->ws->ops : moas__ops_select(kernels);
+    if (ctx->pool_owned && (st = moas__context_workspace(ctx, "context_create")) != MOAS_OK) {
         return st;
     }
 
@@ -334,6 +348,19 @@ static moas_status allocate(moas_context *ctx, moas_pool *pool, moas_kernels ker
     MOAS_RETURN_IF(ctx->route_gates == NULL || ctx->route_scheme == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for routing records");
     return MOAS_OK;
+}
+
+moas_status moas__context_workspace(moas_context *ctx, const char *what) {
+    if (ctx->ws != NULL) {
+        return MOAS_OK;
+    }
+    const moas_status st = moas__workspace_make(ctx->model, ctx->alloc, ctx->ops, ctx->n_threads,
+                                                ctx->batch_tokens, ctx->n_ctx, 1, &ctx->ws);
+    if (st != MOAS_OK) {   /* the message says context_create: name the call */
+        moas__set_error("%s: no memory for the context's workspace (%d rows)", what,
+                        ctx->batch_tokens);
+    }
+    return st;
 }
 
 static void context_failed(moas_log_fn log, void *user) {
@@ -694,6 +721,7 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
     }
     if ((st = check_token(ctx, token, "context_decode", -1)) != MOAS_OK ||
         (st = check_room(ctx, 1, "context_decode")) != MOAS_OK ||
+        (st = moas__context_workspace(ctx, "context_decode")) != MOAS_OK ||
         (st = reserve(ctx, 1, "context_decode")) != MOAS_OK) {
         return fail(ctx, st);
     }
@@ -731,6 +759,7 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
         }
     }
     if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK ||
+        (n_tokens > 0 && (st = moas__context_workspace(ctx, what)) != MOAS_OK) ||
         (st = reserve(ctx, n_tokens, what)) != MOAS_OK) {
         return fail(ctx, st);
     }
@@ -773,7 +802,7 @@ int32_t moas_context_n_past(const moas_context *ctx) { return ctx->n_past; }
 int32_t moas_context_n_ctx(const moas_context *ctx) { return ctx->n_ctx; }
 moas_mode moas_context_mode(const moas_context *ctx) { return ctx->mode; }
 const moas_model *moas_context_model(const moas_context *ctx) { return ctx->model; }
-const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ws->ops->name; }
+const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ops->name; }
 
 void moas_context_reset(moas_context *ctx) {
     ctx->n_past = 0;
@@ -1100,8 +1129,14 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
         return fail(parent, st);
     }
     child->batch_tokens = parent->batch_tokens;
-    child->ws->parallel_min_work = parent->ws->parallel_min_work;
-    child->ws->mm_hints = parent->ws->mm_hints;
+    if (parent->ws != NULL) {   /* a workspace now only if the parent has one: its tuning */
+        if ((st = moas__context_workspace(child, "context_fork")) != MOAS_OK) {
+            moas_context_free(child);
+            return fail(parent, st);
+        }
+        child->ws->parallel_min_work = parent->ws->parallel_min_work;
+        child->ws->mm_hints = parent->ws->mm_hints;
+    }
     for (int32_t i = 0; i < parent->n_streams; i++) {
         if ((st = moas__kv_fork(parent->pool, &child->kv[i], &parent->kv[i],
                                 stream_heads(parent, i, parent->n_past))) != MOAS_OK) {

@@ -70,6 +70,7 @@ typedef struct moas_workspace {
     int32_t *idx;            /* [B] rows of one scheme (routed) */
     moas_seq_run *runs;      /* [B] the runs of a block of moas_pool_decode */
     void *batch_scratch;     /* the allocation holding the arena above */
+    size_t batch_floats;     /* the arena's floats, from bx on */
 } moas_workspace;
 
 struct moas_context {
@@ -88,7 +89,11 @@ struct moas_context {
     moas_type kv_type;       /* F32, F16 or Q8_0: the pool's */
     size_t kv_head_bytes;    /* one K or V head in that type */
 
-    moas_workspace *ws;      /* this context's own calls */
+    moas_workspace *ws;      /* this context's own calls: made at creation for a private
+                              * pool; for a context of a caller's pool, on its first call
+                              * of its own (moas__context_workspace), since one that only
+                              * moas_pool_decode advances never needs it */
+    const moas_ops *ops;     /* the kernels of those calls (the pool's, if it has any) */
 
     /* routing control */
     int32_t forced_scheme;   /* -1: the router decides */
@@ -161,6 +166,14 @@ moas_status moas__workspace_make(const moas_model *model, const moas_allocator *
                                  const moas_ops *ops, int32_t n_threads, int32_t max_rows,
                                  int32_t max_keys, int32_t logit_rows, moas_workspace **out);
 void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
+
+/* Give ctx its workspace if it has none yet: MOAS_OK, or MOAS_ERR_NO_MEMORY (named for
+ * `what`) with ctx unchanged. Once made, it lives as long as the context. */
+moas_status moas__context_workspace(moas_context *ctx, const char *what);
+
+/* Write every buffer of a workspace (a committed pool's), so that its memory is
+ * resident now rather than when a large call first reaches it. */
+void moas__workspace_commit(moas_workspace *ws);
 
 /* Routed mode: choose the scheme of the token at `pos` in `layer` from its `gates`,
  * applying the forced scheme, the callback and the budget plan (context.c). */

@@ -333,6 +333,9 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
         moas_pool_free(pool);
         return st;
     }
+    if (p.commit) {   /* and the buffers of moas_pool_decode, which a large call reaches */
+        moas__workspace_commit(pool->ws);
+    }
     *out = pool;
     return MOAS_OK;
 }

@@ -2,6 +2,7 @@
  * leaked, and every allocation failure at creation reported cleanly. */
 #include "test.h"
 
+#include "context.h"
 #include "support/tiny_model.h"
 
 #include <stdlib.h>
@@ -11,6 +12,7 @@ typedef struct {
     long n_free;        /* frees of non-NULL pointers */
     long fail_at;       /* fail the allocation with this number (1-based); 0: never */
     long n_calls;
+    size_t bytes;       /* bytes of the successful allocations */
 } counting;
 
 static void *count_alloc(void *user, size_t size) {
@@ -19,6 +21,7 @@ static void *count_alloc(void *user, size_t size) {
         return NULL;
     }
     c->n_alloc++;
+    c->bytes += size;
     return malloc(size);
 }
 
@@ -31,7 +34,7 @@ static void count_free(void *user, void *ptr) {
 }
 
 TEST(decode_allocates_nothing_and_free_releases_everything) {
-    counting c = {0, 0, 0, 0};
+    counting c = {0, 0, 0, 0, 0};
     const moas_allocator alloc = {count_alloc, count_free, &c};
     moas_model_params mp;
     moas_context_params cp;
@@ -94,7 +97,7 @@ TEST(allocation_failures_at_creation_are_clean) {
     ASSERT_OK(moas_pool_create(good, &gp, &good_pool));
     for (int what = 0; what < 6; what++) {
         for (long n = 1;; n++) {
-            counting c = {0, 0, n, 0};
+            counting c = {0, 0, n, 0, 0};
             const moas_allocator alloc = {count_alloc, count_free, &c};
             moas_status st;
             void *obj = &c;
@@ -160,7 +163,7 @@ TEST(allocation_failures_at_creation_are_clean) {
 /* A pool's batched decode, truncate and free allocate nothing; fork allocates only
  * the new context; everything is given back. */
 TEST(pool_decode_allocates_nothing) {
-    counting c = {0, 0, 0, 0};
+    counting c = {0, 0, 0, 0, 0};
     const moas_allocator alloc = {count_alloc, count_free, &c};
     size_t size;
     uint8_t *image = tiny_model_image(NULL, 1, &size);
@@ -202,6 +205,169 @@ TEST(pool_decode_allocates_nothing) {
     moas_pool_free(pool);
     ASSERT_EQ(c.n_free, c.n_alloc);
     moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A context of a caller's pool gets the workspace of its own calls (a block of
+ * n_batch rows of activations) on its first such call, not at creation: a server's
+ * sequences, which only moas_pool_decode advances, never allocate one. Once made, it
+ * serves every later call; free gives it back. */
+TEST(pool_context_workspace_comes_with_its_first_own_call) {
+    counting c = {0, 0, 0, 0, 0};
+    const moas_allocator alloc = {count_alloc, count_free, &c};
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 1, &size);
+    moas_model *m;
+    moas_pool_params pp;
+    moas_context_params cp;
+    moas_pool *pool;
+    moas_context *ctx;
+    int32_t tokens[8];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 18;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context_params_init(&cp);
+    cp.allocator = &alloc;
+    cp.pool = pool;
+    ASSERT_OK(moas_context_create(m, &cp, &ctx));
+    /* the nine n_embd-wide activations of a block (residual streams, q, k, v, ...) for
+     * its n_batch rows, alone: what creation must not allocate, and the first call must */
+    const size_t rows_bytes =
+        9 * (size_t)ctx->batch_tokens * (size_t)moas_model_n_embd(m) * sizeof(float);
+    ASSERT_TRUE(ctx->ws == NULL);
+    ASSERT_TRUE(c.bytes < rows_bytes);
+    ASSERT_TRUE(strcmp(moas_context_kernels_name(ctx), "") != 0);
+    for (int i = 0; i < 8; i++) {
+        tokens[i] = (i * 5) % moas_model_n_vocab(m);
+    }
+    const size_t created = c.bytes;
+    long calls = c.n_calls;
+    moas_pool_seq q = {ctx, tokens, 3, MOAS_LOGITS_LAST, NULL};
+    ASSERT_OK(moas_pool_decode(pool, &q, 1));
+    ASSERT_EQ(c.n_calls, calls);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 0, NULL, MOAS_LOGITS_NONE));
+    ASSERT_EQ(c.n_calls, calls);   /* an empty batch needs no workspace */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 3, 2, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(c.n_calls > calls);
+    ASSERT_TRUE(ctx->ws != NULL);
+    ASSERT_TRUE(c.bytes - created >= rows_bytes);
+    calls = c.n_calls;
+    ASSERT_OK(moas_context_decode(ctx, tokens[5], NULL));
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 6, 2, NULL, MOAS_LOGITS_LAST));
+    q.tokens = tokens;
+    q.n_tokens = 1;
+    ASSERT_OK(moas_pool_decode(pool, &q, 1));
+    ASSERT_EQ(c.n_calls, calls);   /* not again, and never per token */
+    moas_context_free(ctx);
+    ASSERT_EQ(c.n_free, c.n_alloc);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* Fail allocation 1, 2, ... of a pool context's first call of its own (decode, then
+ * decode_batch), and of a fork of a context that has its workspace (the fork makes
+ * its own at once, to inherit the tuning): each failure is MOAS_ERR_NO_MEMORY and
+ * changes nothing (position, logits, pages, the pool's contexts), leaks nothing, and
+ * the same call then succeeds with the logits of a context that never failed. */
+TEST(first_own_call_allocation_failures_are_clean) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 1, &size);
+    moas_model *m;
+    moas_pool_params pp;
+    moas_pool *pool;
+    int32_t tokens[6];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    float *want = malloc((size_t)V * sizeof *want);
+    float *got = malloc((size_t)V * sizeof *got);
+    ASSERT_TRUE(want != NULL && got != NULL);
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 18;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    for (int i = 0; i < 6; i++) {
+        tokens[i] = (i * 3 + 1) % V;
+    }
+    for (int what = 0; what < 3; what++) {
+        /* the logits of a context that never failed */
+        moas_context_params cp;
+        moas_context *ref;
+        moas_context_params_init(&cp);
+        cp.pool = pool;
+        cp.mode = MOAS_MODE_ROUTED;
+        ASSERT_OK(moas_context_create(m, &cp, &ref));
+        moas_pool_seq q = {ref, tokens, 4, MOAS_LOGITS_LAST, NULL};
+        ASSERT_OK(moas_pool_decode(pool, &q, 1));
+        ASSERT_OK(moas_context_decode_batch(ref, tokens + 4, 2, want, MOAS_LOGITS_LAST));
+        moas_context_free(ref);
+        for (long n = 1;; n++) {
+            counting c = {0, 0, 0, 0, 0};
+            const moas_allocator alloc = {count_alloc, count_free, &c};
+            moas_context *ctx, *child = NULL;
+            moas_pool_info before = {.size = sizeof before}, after = {.size = sizeof after};
+            moas_status st;
+            cp.allocator = &alloc;
+            ASSERT_OK(moas_context_create(m, &cp, &ctx));
+            q.ctx = ctx;
+            ASSERT_OK(moas_pool_decode(pool, &q, 1));
+            if (what == 2) {   /* the parent gets its workspace; the fork fails */
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens + 4, 0, NULL, MOAS_LOGITS_NONE));
+                ASSERT_OK(moas__context_workspace(ctx, "test"));
+            }
+            const float *logits = moas_context_logits(ctx);
+            ASSERT_TRUE(logits != NULL);
+            memcpy(got, logits, (size_t)V * sizeof *got);
+            ASSERT_OK(moas_pool_stats(pool, &before));
+            c.fail_at = c.n_calls + n;
+            if (what == 0) {
+                st = moas_context_decode(ctx, tokens[4], NULL);
+            } else if (what == 1) {
+                st = moas_context_decode_batch(ctx, tokens + 4, 2, NULL, MOAS_LOGITS_LAST);
+            } else {
+                st = moas_context_fork(ctx, &child);
+            }
+            c.fail_at = 0;
+            ASSERT_OK(moas_pool_stats(pool, &after));
+            if (st == MOAS_OK) {
+                ASSERT_TRUE(n > 1);   /* at least one allocation was failed and survived */
+                if (what == 0) {
+                    ASSERT_OK(moas_context_decode(ctx, tokens[5], got));
+                } else if (what == 1) {
+                    memcpy(got, moas_context_logits(ctx), (size_t)V * sizeof *got);
+                } else {
+                    ASSERT_TRUE(child != NULL && child->ws != NULL);
+                    ASSERT_OK(moas_context_decode_batch(child, tokens + 4, 2, got,
+                                                        MOAS_LOGITS_LAST));
+                    moas_context_free(child);
+                }
+                ASSERT_TRUE(memcmp(got, want, (size_t)V * sizeof *got) == 0);
+                moas_context_free(ctx);
+                ASSERT_EQ(c.n_free, c.n_alloc);
+                break;
+            }
+            ASSERT_STATUS(st, MOAS_ERR_NO_MEMORY);
+            ASSERT_TRUE(strstr(moas_last_error(), "memory") != NULL);
+            ASSERT_TRUE(child == NULL);
+            ASSERT_EQ(moas_context_n_past(ctx), 4);
+            ASSERT_TRUE(moas_context_logits(ctx) != NULL);
+            ASSERT_TRUE(memcmp(moas_context_logits(ctx), got, (size_t)V * sizeof *got) == 0);
+            ASSERT_EQ(after.pages_free, before.pages_free);
+            ASSERT_EQ(after.n_contexts, before.n_contexts);
+            /* and the context still works: the call again, allocations allowed */
+            ASSERT_OK(moas_context_decode_batch(ctx, tokens + 4, 2, got, MOAS_LOGITS_LAST));
+            ASSERT_TRUE(memcmp(got, want, (size_t)V * sizeof *got) == 0);
+            moas_context_free(ctx);
+            ASSERT_EQ(c.n_free, c.n_alloc);
+            ASSERT_TRUE(n < 1000);
+        }
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(want);
+    free(got);
     free(image);
     return TEST_PASS;
 }

@@ -73,6 +73,10 @@ static moas_context *make_ctx(const moas_model *m, moas_pool *pool, moas_mode mo
     if (moas_context_create(m, &cp, &ctx) != MOAS_OK) {
         return NULL;
     }
+    if (moas__context_workspace(ctx, "make_ctx") != MOAS_OK) {   /* made now, to tune it */
+        moas_context_free(ctx);
+        return NULL;
+    }
     ctx->ws->parallel_min_work = 0;
     return ctx;
 }
@@ -527,9 +531,25 @@ static long long resident_bytes(void) {
     return pages_resident < 0 ? -1 : pages_resident * 4096;
 }
 
-/* params.commit writes every page at creation: the pool's memory is resident at once
- * (the process's RSS grows by its capacity), where a default pool stays address
- * space until pages are used. */
+/* An allocator whose memory holds 0xA5 bytes: what the library leaves unwritten. */
+static void *pattern_alloc(void *user, size_t size) {
+    (void)user;
+    void *p = malloc(size);
+    if (p != NULL) {
+        memset(p, 0xA5, size);
+    }
+    return p;
+}
+
+static void pattern_free(void *user, void *ptr) {
+    (void)user;
+    free(ptr);
+}
+
+/* params.commit writes every page, and the block arena of moas_pool_decode, at
+ * creation: the pool's memory is resident at once (the process's RSS grows by its
+ * capacity), where a default pool stays address space until pages and rows are
+ * used. */
 TEST(committed_pool_is_resident_from_the_start) {
     size_t size;
     uint8_t *image = kind_image(0, &size);
@@ -558,6 +578,27 @@ TEST(committed_pool_is_resident_from_the_start) {
         } else {
             ASSERT_TRUE(grew < capacity / 2);
         }
+        moas_pool_free(pool);
+    }
+    /* the block arena: written by commit (zeros over the allocator's pattern), left
+     * as allocated otherwise (whether fresh pages or reused heap, RSS cannot tell) */
+    for (int commit = 0; commit <= 1; commit++) {
+        const moas_allocator alloc = {pattern_alloc, pattern_free, NULL};
+        moas_pool_params pp;
+        moas_pool *pool = NULL;
+        moas_pool_params_init(&pp);
+        pp.capacity_bytes = 1 << 16;
+        pp.n_batch = 512;
+        pp.commit = commit;
+        pp.allocator = &alloc;
+        ASSERT_OK(moas_pool_create(m, &pp, &pool));
+        const unsigned char *arena = (const unsigned char *)pool->ws->bx;
+        const size_t n = pool->ws->batch_floats * sizeof(float);
+        size_t zeros = 0;
+        for (size_t i = 0; i < n; i++) {
+            zeros += arena[i] == 0;
+        }
+        ASSERT_EQ(zeros, commit ? n : 0);
         moas_pool_free(pool);
     }
     moas_model_free(m);

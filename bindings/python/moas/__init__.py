@@ -512,6 +512,49 @@ def _utf8(text):
     return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
 
 
+_ARRAY_TYPES = {}
+
+
+def _array_type(ctype, n, exact=False):
+    """`ctype` * max(n, 1), or with the length rounded up to a power of two unless
+    `exact`, from a cache, so that a process makes few array types: ctypes keeps one
+    only while an array of it lives, and a type is a reference cycle that only the
+    cyclic collector frees, so a type made per call (per decode step in a server)
+    leaves garbage behind every call."""
+    size = max(n, 1)
+    if not exact:
+        size = 1 << (size - 1).bit_length()
+    key = (ctype, size)
+    t = _ARRAY_TYPES.get(key)
+    if t is None:
+        t = _ARRAY_TYPES[key] = ctype * size
+    return t
+
+
+def _array(ctype, n, exact=False):
+    """A zeroed array of _array_type(ctype, n, exact)."""
+    return _array_type(ctype, n, exact)()
+
+
+def _floats(buf, n):
+    """The first n floats of a ctypes float array, as a memoryview."""
+    return memoryview(buf).cast("B")[:4 * n].cast("f")
+
+
+def _exact(ctype, n):
+    """A zeroed bytearray of exactly max(n, 1) `ctype` for the caller to keep, and what
+    passes it to the library: a one-element array at its start (of one cached type,
+    whatever n)."""
+    buf = bytearray(ctypes.sizeof(ctype) * max(n, 1))
+    return buf, _array_type(ctype, 1).from_buffer(buf)
+
+
+def _float_rows(n):
+    """_exact(c_float, n), the bytearray viewed as floats."""
+    buf, arg = _exact(ctypes.c_float, n)
+    return memoryview(buf).cast("f"), arg
+
+
 def _enum(cls, value):
     """An enum member from its name (any case) or value; MoasValueError otherwise."""
     try:
@@ -788,7 +831,7 @@ class Model(_Handle):
         if unknown == "error":
             raw = _utf8(text)
             cap = max(len(raw), 1)   # one id per character, so at most one per byte
-            ids, n = (ctypes.c_int32 * cap)(), ctypes.c_size_t()
+            ids, n = _array(ctypes.c_int32, cap), ctypes.c_size_t()
             _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
             return ids[:n.value]
         return self.tokenize_ex(text, unknown, replacement)[0]
@@ -811,16 +854,17 @@ class Model(_Handle):
             params.replacement = ids[0]
         raw = _utf8(text)
         cap = max(len(raw), 1)
-        ids, n, changed = (ctypes.c_int32 * cap)(), ctypes.c_size_t(), ctypes.c_size_t()
+        ids, n, changed = _array(ctypes.c_int32, cap), ctypes.c_size_t(), ctypes.c_size_t()
         _check(self._call("moas_tokenize_ex", raw, len(raw), ctypes.byref(params), ids, cap,
                           ctypes.byref(n), ctypes.byref(changed)))
         return ids[:n.value], changed.value
 
     def detokenize(self, tokens):
         tokens = list(tokens)
-        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
+        ids = _array(ctypes.c_int32, len(tokens))
+        ids[:len(tokens)] = tokens
         cap = 4 * len(tokens) + 1   # a character is at most 4 UTF-8 bytes
-        buf, n = ctypes.create_string_buffer(cap), ctypes.c_size_t()
+        buf, n = _array(ctypes.c_char, cap), ctypes.c_size_t()
         _check(self._call("moas_detokenize", ids, len(tokens), buf, cap, ctypes.byref(n)))
         return buf.raw[:n.value].decode("utf-8", "surrogateescape")
 
@@ -1050,7 +1094,7 @@ class Context(_Handle):
         ptr = self._call("moas_context_logits")
         if not ptr:
             return None
-        raw = memoryview((ctypes.c_float * self._n_vocab).from_address(
+        raw = memoryview(_array_type(ctypes.c_float, self._n_vocab, exact=True).from_address(
             ctypes.addressof(ptr.contents)))
         view = raw.cast("B").cast("f").toreadonly()
         raw.release()
@@ -1084,13 +1128,13 @@ class Context(_Handle):
         caller owns."""
         tokens = list(tokens)
         which = _enum(Logits, logits)
-        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
-        out = None
+        ids = _array(ctypes.c_int32, len(tokens))
+        ids[:len(tokens)] = tokens
+        flat = out = None
         if which == Logits.ALL:
-            out = (ctypes.c_float * max(len(tokens) * self._n_vocab, 1))()
+            flat, out = _float_rows(len(tokens) * self._n_vocab)
         self._run("moas_context_decode_batch", ids, len(tokens), out, which)
         if which == Logits.ALL:
-            flat = memoryview(out).cast("B").cast("f")
             v = self._n_vocab
             return [flat[i * v:(i + 1) * v] for i in range(len(tokens))]
         return self.logits() if which == Logits.LAST else None
@@ -1115,16 +1159,17 @@ class Context(_Handle):
         if n_pos is None:
             n_pos = max(self.n_past - pos, 0)
         L, S = self._n_layer, self._n_scheme
-        gates = (ctypes.c_float * max(n_pos * L * S, 1))()
-        schemes = (ctypes.c_int32 * max(n_pos * L, 1))()
-        heads = (ctypes.c_int32 * max(n_pos * L, 1))()
+        gates = _array(ctypes.c_float, n_pos * L * S)
+        schemes = _array(ctypes.c_int32, n_pos * L)
+        heads = _array(ctypes.c_int32, n_pos * L)
         _check(self._call("moas_context_routes", pos, n_pos, gates, schemes, heads))
 
-        def view(buf, fmt, shape):
-            v = memoryview(buf).cast("B")
-            return v.cast(fmt, shape) if n_pos else v[:0].cast(fmt)
-        return Routes(view(gates, "f", (n_pos, L, S)), view(schemes, "i", (n_pos, L)),
-                      view(heads, "i", (n_pos, L)))
+        def view(buf, fmt, shape, n):
+            v = memoryview(buf).cast("B")[:4 * n]
+            return v.cast(fmt, shape) if n_pos else v.cast(fmt)
+        return Routes(view(gates, "f", (n_pos, L, S), n_pos * L * S),
+                      view(schemes, "i", (n_pos, L), n_pos * L),
+                      view(heads, "i", (n_pos, L), n_pos * L))
 
     def route_lists(self, pos=0, n_pos=None):
         """routes() as plain lists: per position {"schemes": [scheme per layer],
@@ -1145,7 +1190,7 @@ class Context(_Handle):
 
     def scheme_counts(self, layer=-1):
         """Stored tokens per scheme in `layer`, or token-layer pairs for -1."""
-        counts = (ctypes.c_int32 * self._n_scheme)()
+        counts = _array(ctypes.c_int32, self._n_scheme, exact=True)
         _check(self._call("moas_context_scheme_counts", layer, counts))
         return list(counts)
 
@@ -1220,10 +1265,10 @@ class Context(_Handle):
     def save_state(self):
         """The sequence (its tokens' K/V, routing records, position, logits) as bytes."""
         n = self._call("moas_context_state_size")
-        buf = ctypes.create_string_buffer(max(n, 1))
+        buf, arg = _exact(ctypes.c_char, n)
         written = ctypes.c_size_t()
-        _check(self._call("moas_context_state_save", buf, n, ctypes.byref(written)))
-        return buf.raw[:written.value]
+        _check(self._call("moas_context_state_save", arg, n, ctypes.byref(written)))
+        return bytes(memoryview(buf)[:written.value])
 
     def load_state(self, data):
         """Replace this context's sequence with one saved by save_state(); all or nothing."""
@@ -1265,8 +1310,9 @@ class Pool(_Handle):
     capacity_bytes (required), kv_type ("f32" | "f16"), page_heads (0: default),
     n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()),
     steer_below (routed contexts take cheaper schemes while the free fraction of pages
-    is below it; 0: never), commit (write every page now, so the pool's memory is
-    resident from the start and RSS stays flat while sequences come and go).
+    is below it; 0: never), commit (write every page and decode() buffer now, so the
+    pool's memory is resident from the start and RSS stays flat while sequences come
+    and go).
     Contexts made with pool.context(...) or Context(model, pool=pool) must be closed
     before the pool (the pool keeps them alive while it is open).
     """
@@ -1314,27 +1360,32 @@ class Pool(_Handle):
         "none": None)."""
         seqs = list(seqs)
         which = _enum(Logits, logits)
-        arr = (PoolSeq * max(len(seqs), 1))()
-        keep, outs = [], []
+        v = self._n_vocab
+        # the arrays themselves go into the struct (ctypes.cast() would tie each into a
+        # reference cycle), all of cached types (_array)
+        arr = _array(PoolSeq, len(seqs))
+        outs = []
         for i, (ctx, tokens) in enumerate(seqs):
             tokens = list(tokens)
-            ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
-            rows = len(tokens) if which == Logits.ALL else 1
-            out = (ctypes.c_float * (rows * self._n_vocab))() if which != Logits.NONE else None
-            keep.append(ids)
-            outs.append((out, len(tokens)))
+            ids = _array(ctypes.c_int32, len(tokens))
+            ids[:len(tokens)] = tokens
+            flat = out = None
+            if which == Logits.ALL:
+                flat, out = _float_rows(len(tokens) * v)
+            elif which == Logits.LAST:
+                out = _array(ctypes.c_float, v, exact=True)
+                flat = _floats(out, v)
+            outs.append((flat, len(tokens)))
             ctx._invalidate()
             arr[i].ctx, arr[i].tokens, arr[i].n_tokens = ctx._p(), ids, len(tokens)
             arr[i].which = which
-            arr[i].logits = ctypes.cast(out, ctypes.POINTER(ctypes.c_float)) if out else None
+            arr[i].logits = out
         _check(self._call("moas_pool_decode", arr, len(seqs)))
         result = []
-        v = self._n_vocab
-        for out, n in outs:
-            if out is None or n == 0:
+        for flat, n in outs:
+            if flat is None or n == 0:
                 result.append(None)
                 continue
-            flat = memoryview(out).cast("B").cast("f")
             result.append([flat[i * v:(i + 1) * v] for i in range(n)]
                           if which == Logits.ALL else flat)
         return result
@@ -1370,7 +1421,9 @@ class Sampler(_Handle):
         params.min_p, params.repeat_penalty, params.repeat_last_n = (
             min_p, repeat_penalty, repeat_last_n)
         biases = sorted(dict(logit_bias or {}).items())
-        bias_array = (LogitBias * max(len(biases), 1))(*[LogitBias(t, b) for t, b in biases])
+        bias_array = _array(LogitBias, len(biases))
+        for i, (t, b) in enumerate(biases):
+            bias_array[i].token, bias_array[i].bias = t, b
         params.n_logit_bias = len(biases)
         params.logit_bias = bias_array   # copied by the library at creation
         self._allocator = allocator
@@ -1401,16 +1454,17 @@ class Sampler(_Handle):
             if len(values) != self.n_vocab:
                 raise MoasError(Status.ERR_INVALID_ARG, "%d logits, the sampler needs %d"
                                 % (len(values), self.n_vocab)) from None
-            buf = (ctypes.c_float * self.n_vocab)(*values)
+            buf = _array_type(ctypes.c_float, self.n_vocab, exact=True)(*values)
             return buf, buf
         if view.itemsize != 4 or view.format not in ("f", "<f", "=f") or \
                 view.nbytes != 4 * self.n_vocab:
             raise MoasError(Status.ERR_INVALID_ARG, "logits must be %d float32 values"
                             % self.n_vocab)
+        floats = _array_type(ctypes.c_float, self.n_vocab, exact=True)
         if view.readonly:   # our logits view, bytes, ...: copy (n_vocab floats)
-            buf = (ctypes.c_float * self.n_vocab).from_buffer_copy(view.cast("B"))
+            buf = floats.from_buffer_copy(view.cast("B"))
         else:
-            buf = (ctypes.c_float * self.n_vocab).from_buffer(view.cast("B"))
+            buf = floats.from_buffer(view.cast("B"))
         return buf, buf
 
     def sample(self, logits):
@@ -1458,7 +1512,8 @@ def find_stop(text, stops, more=True):
     `end` counts characters for str, bytes for bytes."""
     raw = _utf8(text)
     stop_raw = [_utf8(s) for s in stops]
-    arr = (ctypes.c_char_p * max(len(stop_raw), 1))(*stop_raw)
+    arr = _array(ctypes.c_char_p, len(stop_raw))
+    arr[:len(stop_raw)] = stop_raw
     end, found = ctypes.c_size_t(), ctypes.c_int32()
     _check(library().moas_text_find_stop(raw, len(raw), arr, len(stop_raw), int(bool(more)),
                                          ctypes.byref(end), ctypes.byref(found)))

@@ -23,6 +23,7 @@ Policy (docs/SERVER.md):
 """
 
 import collections
+import gc
 import itertools
 import random
 import threading
@@ -111,6 +112,8 @@ class Engine:
         self._swapped = []                       # Seq swapped out (saved state)
         self._requests = {}                      # id -> Request with open sequences
         self._stop = False
+        self._busy = False                       # had work since it last went idle
+        self._collected = 0.0                    # time of the last _collect()
         self.stats = st
         self.counters = collections.Counter()
         self.scheme_tokens = [0] * model.n_scheme
@@ -178,15 +181,34 @@ class Engine:
                     return
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
-                if not self._active and not self._swapped and not self._waiting:
+                idle = not self._active and not self._swapped and not self._waiting
+                if idle and not self._busy:
                     self._lock.wait(1.0)
                     continue
+            if idle:
+                self._busy = False
+                self._collect()
+                continue
+            self._busy = True
             try:
                 self._iteration()
             except Exception as e:   # a bug: fail the requests in flight, keep serving
                 for seq in list(self._active) + list(self._swapped):
                     self._fail(seq.req, 500, "internal error: %s" % e, "internal_error")
                 self._reap()
+
+    COLLECT_EVERY = 1.0   # seconds at least between two collections when going idle
+
+    def _collect(self):
+        """The load is over: collect its reference cycles now rather than when the
+        collector's oldest generation next fills. Each client connection leaves one
+        (CPython 3.11's asyncio socket transport keeps a bound method of itself), which
+        would otherwise hold its memory for several bursts. At most once a second
+        (8 ms for the server's 31,000 objects on the 2-core test machine)."""
+        now = time.monotonic()
+        if now - self._collected >= self.COLLECT_EVERY:
+            self._collected = now
+            gc.collect()
 
     def _iteration(self):
         self._reap()
