@@ -923,6 +923,13 @@ def cmd_train(o):
         sys.exit("train.py: %s" % e)
     model = MoASGPT(a, mask_buffers=o.mask_buffers)
     init_weights(model, o.init_std)
+    if o.kv_init_scale != 1.0:
+        if not pooled:
+            sys.exit("train.py: --kv-init-scale is for --attention-type pooled_moas")
+        with torch.no_grad():   # pooled K/V start at the spread of a head of their own
+            for name, p in model.named_parameters():
+                if re.search(r"\.(k_proj|v_proj)\.weight$", name):
+                    p.mul_(o.kv_init_scale)
     model.set_gate_temperature(o.gate_temperature)
     n_params = sum(p.numel() for p in model.parameters())
     log("%s model: %d layers, %d heads, n_embd %d, block %d, bias %s, vocab %d, pos %s%s, "
@@ -1220,6 +1227,10 @@ def parse_args(argv=None):
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
+    t.add_argument("--kv-init-scale", type=float, default=1.0, metavar="F",
+                   help="pooled_moas: multiply the initial k_proj/v_proj weights by F "
+                        "(sqrt(H): a head mean-pooled over all H heads starts with the "
+                        "spread of a head of its own)")
     t.add_argument("--init-std", type=float, default=None,
                    help="init std for all weights and biases, LayerNorm weights/biases "
                         "perturbed too (default: the reference's init)")

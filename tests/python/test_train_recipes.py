@@ -227,6 +227,24 @@ class TestLossTerms(unittest.TestCase):
                                          "--kv-penalty-schedule", "constant"))
         self.assertIn("> 0", fails("--attention-type", "pooled_moas",
                                    "--gate-temperature", "0"))
+        self.assertIn("pooled_moas", fails("--attention-type", "gqa", "--kv-init-scale", "2"))
+
+    def test_kv_init_scale(self):
+        """--kv-init-scale F multiplies the initial k_proj/v_proj weights, nothing else."""
+        def init(*argv):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "init.pt")
+                with contextlib.redirect_stdout(io.StringIO()):
+                    train.main(["--data", TINY, "--out", out, "--init-only", "--n-layer", "2",
+                                "--n-embd", "24", "--n-head", "6", "--block-size", "8",
+                                "--attention-type", "pooled_moas"] + list(argv))
+                return torch.load(out)["model"]
+        plain, scaled = init(), init("--kv-init-scale", "2.5")
+        for name, w in plain.items():
+            if name.endswith(("k_proj.weight", "v_proj.weight")):
+                self.assertTrue(torch.equal(scaled[name], w * 2.5), name)
+            else:
+                self.assertTrue(torch.equal(scaled[name], w), name)
 
 
 # ---------------------------------------------------------------------------
