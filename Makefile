@@ -193,7 +193,7 @@ browser: lib
 	    if $$py -c 'import aiohttp' 2>/dev/null; then exec sh tests/browser.sh $$py; fi; \
 	done; echo "*** SKIP: browser test (aiohttp not found: apt-get install python3-aiohttp) ***"
 
-# The server under load (tools/loadtest.py, docs/SERVER.md): 64 streaming clients, some
+# The server under load (tools/loadtest.py, docs/SERVING.md): 64 streaming clients, some
 # hanging up early, every text checked against the same request run alone. About a
 # minute; `make test` runs a short one (tests/python/pkg/test_loadtest.py).
 LOADTEST_MODEL ?= models/pooled-kjv-l005.gguf

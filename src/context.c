@@ -336,7 +336,7 @@ static moas_status allocate(moas_context *ctx, moas_pool *pool, moas_kernels ker
      * at 128 rows of a 192-wide model) now for a private pool; in a caller's pool only
      * when the context first decodes on its own: a server's sequences, which only
      * moas_pool_decode advances, never need one, and making and freeing one per
-     * request left the allocator's heap fragmented (RSS growing, docs/SERVER.md). */
+     * request left the allocator's heap fragmented (RSS growing, docs/SERVING.md). */
     ctx->ops = pool->ws != NULL ? pool->ws->ops : moas__ops_select(kernels);
     if (ctx->pool_owned && (st = moas__context_workspace(ctx, "context_create")) != MOAS_OK) {
         return st;

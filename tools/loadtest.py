@@ -2,7 +2,7 @@
 """loadtest.py - many concurrent streaming clients against one moas.server (loopback).
 
     python3 tools/loadtest.py -m models/pooled-kjv-l005.gguf --clients 64 --requests 2
-    make loadtest                      # the full run of docs/SERVER.md
+    make loadtest                      # the full run of docs/SERVING.md
     make test                          # a short run (tests/python/pkg/test_loadtest.py)
 
 Starts python3 -m moas.server on a free 127.0.0.1 port (its arguments after `--`),

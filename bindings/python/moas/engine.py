@@ -6,7 +6,7 @@ a chunk of prompt for sequences still reading theirs, the token sampled last for
 others. Requests talk to it through Engine.submit() and Engine.cancel() (any thread)
 and receive events through a callback (the server forwards them to its event loop).
 
-Policy (docs/SERVER.md):
+Policy (docs/SERVING.md):
   * A request is admitted when a sequence slot is free (max_sequences), no sequence is
     swapped out, and the pool's free pages hold its prompt at the widest scheme plus a
     page per stream and headroom. Otherwise it waits in a bounded queue (max_queue);

@@ -1,4 +1,4 @@
-"""moas.server - an OpenAI-compatible completions server for libmoas (docs/SERVER.md).
+"""moas.server - an OpenAI-compatible completions server for libmoas (docs/SERVING.md).
 
     python3 -m moas.server -m MODEL [--host 127.0.0.1] [--port 8080] [--pool-mb N]
                            [--mode routed|mixture] [--max-sequences N] [--api-key KEY]
