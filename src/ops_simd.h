@@ -409,6 +409,27 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t j = 0;                                                                     \
+        if (MM_SCORE_QUERIES == 4 && Q == 1 && whole == head_dim) {                        \
+            /* one query, sixteen keys at a time: chain 4 u + t is key j + 4 t + u, so    \
+             * MM_SCORES_4xQ's "query t, key u" lands at scores[j + 4 t + u], each sum     \
+             * the bits of MM_HSUM of its chain (one reduction for sixteen keys) */     \
+            for (; j + 16 <= n; j += 16) {                                                 \
+                MM_VEC acc16[16];                                                          \
+                const uint8_t *r16[16];                                                    \
+                _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                    \
+                    r16[c] = (const uint8_t *)k +                                          \
+                             rows[j + 4 * (c % 4) + c / 4] * row_bytes;                    \
+                    acc16[c] = MM_ZERO();                                                  \
+                }                                                                          \
+                for (int32_t i = 0; i < whole; i += MM_LANES) {                            \
+                    const MM_VEC qv = MM_LOADX(q + i);                                     \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                \
+                        acc16[c] = MM_FMA(mm_load_kv_##type(r16[c], i), qv, acc16[c]);     \
+                    }                                                                      \
+                }                                                                          \
+                MM_SCORES_4xQ(acc16, scale, scores + j, 4);                                \
+            }                                                                              \
+        }                                                                                  \
         for (; j + 4 <= n; j += 4) {                                                       \
             const uint8_t *r[4];                                                           \
             MM_VEC acc[4 * MM_SCORE_QUERIES];                                              \
@@ -471,8 +492,41 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                              scores + (size_t)t * lds, lds, 1);                            \
         }                                                                                  \
     }                                                                                      \
-    /* Q queries (a compile-time constant after inlining) at once: each value row      \
-     * loaded serves all of them, and Q times as many chains are in flight. */          \
+    /* Columns [c, c + NV MM_LANES) of Q queries' value sums (NV, Q compile-time           \
+     * constants after inlining): the columns of all Q stay in registers while every       \
+     * key's row passes, NV Q chains in flight. */                                         \
+    MM_ALWAYS_INLINE void mm_mix_cols_##type(const void *v, const uint32_t *rows, int32_t n,\
+                                             const float *p, size_t ldp, size_t row_bytes, \
+                                             float *out, size_t ldo, int32_t c, const int Q,\
+                                             const int NV) {                               \
+        MM_VEC o[MM_MIX_QUERIES][4];                                                       \
+        _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                              \
+            _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
+                o[t][u] = MM_LOADX(out + (size_t)t * ldo + c + u * MM_LANES);              \
+            }                                                                              \
+        }                                                                                  \
+        for (int32_t j = 0; j < n; j++) {                                                  \
+            const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;                   \
+            MM_VEC vr[4];                                                                  \
+            _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
+                vr[u] = mm_load_kv_##type(r, c + u * MM_LANES);                            \
+            }                                                                              \
+            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
+                const MM_VEC a = MM_SET1(p[(size_t)t * ldp + j]);                          \
+                _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                     \
+                    o[t][u] = MM_FMA(a, vr[u], o[t][u]);                                   \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                              \
+            _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
+                MM_STORE(out + (size_t)t * ldo + c + u * MM_LANES, o[t][u]);               \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+    /* Q queries (a compile-time constant after inlining) at once: each value row          \
+     * loaded serves all of them, and Q times as many chains are in flight. The whole      \
+     * vectors of a row go four at a time, then the rest (1 to 3) in one pass. */          \
     MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, int32_t n,    \
                                         const float *p, size_t ldp, int32_t head_dim,      \
                                         float *out, size_t ldo, const int Q) {             \
@@ -480,47 +534,22 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t c = 0;                                                                     \
         for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
-            MM_VEC o[MM_MIX_QUERIES][4];                                                   \
-            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
-                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
-                    o[t][u] = MM_LOADX(out + (size_t)t * ldo + c + u * MM_LANES);          \
-                }                                                                          \
-            }                                                                              \
-            for (int32_t j = 0; j < n; j++) {                                              \
-                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
-                MM_VEC vr[4];                                                              \
-                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
-                    vr[u] = mm_load_kv_##type(r, c + u * MM_LANES);                        \
-                }                                                                          \
-                _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                      \
-                    const MM_VEC a = MM_SET1(p[(size_t)t * ldp + j]);                      \
-                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                  \
-                        o[t][u] = MM_FMA(a, vr[u], o[t][u]);                               \
-                    }                                                                      \
-                }                                                                          \
-            }                                                                              \
-            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
-                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                      \
-                    MM_STORE(out + (size_t)t * ldo + c + u * MM_LANES, o[t][u]);           \
-                }                                                                          \
-            }                                                                              \
+            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 4);          \
         }                                                                                  \
-        for (; c < whole; c += MM_LANES) {                                                 \
-            MM_VEC o[MM_MIX_QUERIES];                                                      \
-            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
-                o[t] = MM_LOADX(out + (size_t)t * ldo + c);                                \
-            }                                                                              \
-            for (int32_t j = 0; j < n; j++) {                                              \
-                const MM_VEC vr =                                                          \
-                    mm_load_kv_##type((const uint8_t *)v + rows[j] * row_bytes, c);        \
-                _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                      \
-                    o[t] = MM_FMA(MM_SET1(p[(size_t)t * ldp + j]), vr, o[t]);              \
-                }                                                                          \
-            }                                                                              \
-            _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
-                MM_STORE(out + (size_t)t * ldo + c, o[t]);                                 \
-            }                                                                              \
+        switch ((whole - c) / MM_LANES) {                                                  \
+        case 3:                                                                            \
+            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 3);          \
+            break;                                                                         \
+        case 2:                                                                            \
+            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 2);          \
+            break;                                                                         \
+        case 1:                                                                            \
+            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 1);          \
+            break;                                                                         \
+        default:                                                                           \
+            break;                                                                         \
         }                                                                                  \
+        c = whole;                                                                         \
         for (; c < head_dim; c++) {                                                        \
             for (int t = 0; t < Q; t++) {                                                  \
                 float o = out[(size_t)t * ldo + c];                                        \
