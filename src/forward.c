@@ -256,41 +256,45 @@ static void softmax_run(const moas_ops *ops, float *s, int32_t nk, float *run_ma
 
 /* Keys a group of query heads is formed over in attend_one: a run of MOAS_ATT_KEYS
  * keys is cut into pieces this long, each grouped on its own, so that one wide token
- * among MQA ones splits the heads of its piece only. */
+ * among MQA ones splits the heads of its piece only; neighbouring pieces grouped alike
+ * go through the kernels as one. */
 #define MOAS_ATT_GROUP_KEYS 16
 
-/* The end b of the group of query heads [a, b) (b <= h_end) that read the same K/V row
- * of every key in [j0, j1): those whose h * n_kv / n_head agrees with a's for every
- * width n_kv present. A uniform stream has one width; more than 8 distinct widths
- * leave a alone. */
-static int32_t head_group_end(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
-                              int32_t a, int32_t h_end) {
-    int32_t widths[8], n_widths = 0;
-    for (int32_t j = j0; j < j1; j++) {
+/* How query heads [h0, h1) fall into groups that read the same K/V row of every key
+ * in [j0, j1): those whose h * n_kv / n_head agree for every width n_kv present. The
+ * groups are [bounds[g], bounds[g + 1]) for g < returned count. A uniform stream has
+ * one width; more than 8 distinct widths leave every head alone. */
+static int32_t head_groups(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
+                           int32_t h0, int32_t h1, int32_t *bounds) {
+    int32_t widths[8], n_widths = 0, n = 0;
+    for (int32_t j = j0; j < j1 && n_widths <= 8; j++) {
         const int32_t w = moas__kv_heads(kv, j);
         int32_t i = 0;
         while (i < n_widths && widths[i] != w) {
             i++;
         }
         if (i == n_widths) {
-            if (n_widths == 8) {
-                return a + 1;
+            if (n_widths < 8) {
+                widths[i] = w;
             }
-            widths[n_widths++] = w;
+            n_widths++;
         }
         if (kv->off == NULL) {
             break;
         }
     }
-    int32_t b = a + 1;
-    for (; b < h_end; b++) {
-        for (int32_t i = 0; i < n_widths; i++) {
-            if (a * widths[i] / n_head != b * widths[i] / n_head) {
-                return b;
-            }
+    bounds[n++] = h0;
+    for (int32_t h = h0 + 1; h < h1; h++) {
+        bool same = n_widths <= 8;
+        for (int32_t i = 0; same && i < n_widths; i++) {
+            same = (h - 1) * widths[i] / n_head == h * widths[i] / n_head;
+        }
+        if (!same) {
+            bounds[n++] = h;
         }
     }
-    return b;
+    bounds[n] = h1;
+    return n;
 }
 
 /* The K/V rows query head h reads for keys [j0, j1). */
@@ -304,16 +308,18 @@ static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n
 
 /* One query (a token decoded alone or a sequence's one row of a batched step) over its
  * keys, query heads [h0, h1): what attend_heads computes, bit for bit, for n = 1, with
- * the heads that read the same K/V rows taken together. In a piece of a run, a group of
- * query heads that reads the same rows (all of them over MQA tokens, a third over GQA-2
- * ones) goes through the kernels as the queries of one block: each K/V row is loaded
- * once for the group, its rows are found once, and every query's operations stay what
- * they are alone (a score is one chain, a value sum goes key by key, and a sum split
- * into pieces of keys equals one call over all of them). Runs go outermost; each head
- * keeps its running maximum, sum and output as attend_heads does. */
+ * the heads that read the same K/V rows taken together. A run of keys is cut into
+ * segments of pieces grouped alike; in a segment, a group of query heads that reads
+ * the same rows (all of them over MQA tokens, a third over GQA-2 ones) goes through
+ * the kernels as the queries of one block: each K/V row is loaded once for the group
+ * and its rows are found once. Every query's operations stay what they are alone (a
+ * score is one chain, a value sum goes key by key, and a sum split into pieces of
+ * keys equals one call over all of them). Runs go outermost; each head keeps its
+ * running maximum, sum and output as attend_heads does. */
 static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                        const moas_kv_stream *kv, const float *q, int32_t pos, int32_t h0,
                        int32_t h1, float *out, float *att, uint32_t *rows) {
+    enum { PIECES = MOAS_ATT_KEYS / MOAS_ATT_GROUP_KEYS };
     const moas_model *m = ws->model;
     const moas_ops *ops = ws->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim, n_keys = pos + 1;
@@ -330,6 +336,8 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                                             : type == MOAS_TYPE_Q8_0 ? ops->attn_mix_q8_0
                                                                      : ops->attn_mix_f32;
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
+    /* a run's segments: keys [seg_j[i], seg_j[i + 1]), groups bounds[i][0 .. n_groups[i]] */
+    int32_t seg_j[PIECES + 1], n_groups[PIECES], bounds[PIECES][MOAS_ATT_QUERIES + 1];
 
     for (int32_t c0 = h0; c0 < h1; c0 += MOAS_ATT_QUERIES) {   /* heads whose scores fit */
         const int32_t c1 = h1 - c0 < MOAS_ATT_QUERIES ? h1 : c0 + MOAS_ATT_QUERIES;
@@ -340,14 +348,27 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
         memset(out + (size_t)c0 * head_dim, 0, (size_t)(c1 - c0) * head_dim * sizeof *out);
         for (int32_t k0 = 0; k0 < n_keys; k0 += MOAS_ATT_KEYS) {
             const int32_t k1 = n_keys - k0 < MOAS_ATT_KEYS ? n_keys : k0 + MOAS_ATT_KEYS;
-            for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {   /* scores */
+            int32_t n_seg = 0;
+            for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {
                 const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
-                for (int32_t a = c0, b; a < c1; a = b) {
-                    b = head_group_end(kv, n_head, j0, j1, a, c1);
+                int32_t *bd = bounds[n_seg];
+                const int32_t ng = head_groups(kv, n_head, j0, j1, c0, c1, bd);
+                if (n_seg > 0 && ng == n_groups[n_seg - 1] &&
+                    memcmp(bd, bounds[n_seg - 1], (size_t)(ng + 1) * sizeof *bd) == 0) {
+                    continue;   /* grouped as the piece before: one segment */
+                }
+                seg_j[n_seg] = j0;
+                n_groups[n_seg++] = ng;
+            }
+            seg_j[n_seg] = k1;
+            for (int32_t i = 0; i < n_seg; i++) {   /* scores */
+                const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
+                for (int32_t g = 0; g < n_groups[i]; g++) {
+                    const int32_t a = bounds[i][g], b = bounds[i][g + 1];
                     uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
-                    head_rows(pool, kv, n_head, a, j0, j1, r);
-                    scores(K, r, j1 - j0, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
-                           head_dim, scale, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
+                    head_rows(pool, kv, n_head, a, j0, j0 + nk, r);
+                    scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a, head_dim,
+                           scale, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
                            MOAS_ATT_KEYS);
                 }
             }
@@ -356,13 +377,13 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                             &run_max[h - c0], &run_sum[h - c0], out + (size_t)h * head_dim,
                             head_dim);
             }
-            for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {   /* value sums */
-                const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
-                for (int32_t a = c0, b; a < c1; a = b) {   /* the groups scored above */
-                    b = head_group_end(kv, n_head, j0, j1, a, c1);
-                    mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), j1 - j0, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
-                        MOAS_ATT_KEYS, b - a, head_dim, out + (size_t)a * head_dim,
-                        (size_t)head_dim);
+            for (int32_t i = 0; i < n_seg; i++) {   /* value sums, over the rows found */
+                const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
+                for (int32_t g = 0; g < n_groups[i]; g++) {
+                    const int32_t a = bounds[i][g], b = bounds[i][g + 1];
+                    mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), nk,
+                        att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS, b - a,
+                        head_dim, out + (size_t)a * head_dim, (size_t)head_dim);
                 }
             }
         }
