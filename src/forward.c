@@ -297,12 +297,18 @@ static int32_t head_groups(const moas_kv_stream *kv, int32_t n_head, int32_t j0,
     return n;
 }
 
-/* The K/V rows query head h reads for keys [j0, j1). */
+/* The K/V rows query head h reads for keys [j0, j1) (a division only when the width
+ * changes: neighbouring tokens mostly share a scheme). */
 static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n_head, int32_t h,
                       int32_t j0, int32_t j1, uint32_t *rows) {
+    int32_t last_width = -1, g = 0;
     for (int32_t j = j0; j < j1; j++) {
-        rows[j - j0] = moas__kv_row(pool, kv, moas__kv_first(kv, j) +
-                                              (uint32_t)(h * moas__kv_heads(kv, j) / n_head));
+        const int32_t w = moas__kv_heads(kv, j);
+        if (w != last_width) {
+            last_width = w;
+            g = h * w / n_head;
+        }
+        rows[j - j0] = moas__kv_row(pool, kv, moas__kv_first(kv, j) + (uint32_t)g);
     }
 }
 
