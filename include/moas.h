@@ -1019,8 +1019,9 @@ MOAS_API moas_status moas_context_fork(moas_context *parent, moas_context **out)
  * Returns: MOAS_OK with *n_changed (may be NULL) the token-layer pairs pooled, or
  *          MOAS_ERR_INVALID_ARG (NULL ctx, mixture mode, a model with independent
  *          schemes, `scheme` or `n_before` out of range), MOAS_ERR_POOL_FULL (the copies
- *          of shared pages do not fit; nothing changed).
- * Thread safety: one thread per context.   Allocates: no.
+ *          of shared pages do not fit; nothing changed), MOAS_ERR_NO_MEMORY (as
+ *          moas_context_decode(); nothing changed).
+ * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
                                           int32_t *n_changed);
@@ -1042,8 +1043,9 @@ MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, i
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL ctx, a model with learned positions,
  *          a range outside the stored tokens), MOAS_ERR_POOL_FULL (copies of shared
- *          pages do not fit; nothing changed).
- * Thread safety: one thread per context.   Allocates: no.
+ *          pages do not fit; nothing changed), MOAS_ERR_NO_MEMORY (as
+ *          moas_context_decode(); nothing changed).
+ * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard);
 

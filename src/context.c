@@ -1555,13 +1555,17 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
         return fail(ctx, MOAS_ERR_INVALID_ARG);
     }
 
+    moas_status st;
+    if ((st = moas__context_workspace(ctx, what)) != MOAS_OK) {   /* its scratch rows */
+        return fail(ctx, st);
+    }
+
     /* the pages from the first head each layer changes on are rewritten */
     const int32_t target = m->scheme_n_kv[scheme], L = m->n_layer;
     for (int32_t l = 0; l < L; l++) {
         const int32_t j = first_to_pool(ctx, l, n_before, target);
         ctx->state_heads[l] = j < 0 ? UINT32_MAX : ctx->kv[l].off[j];
     }
-    moas_status st;
     if ((st = unshare_from(ctx, ctx->state_heads, what)) != MOAS_OK) {
         return st;
     }
@@ -1610,12 +1614,15 @@ moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_disc
     if (n_discard == 0) {
         return MOAS_OK;
     }
+    moas_status st;
+    if ((st = moas__context_workspace(ctx, what)) != MOAS_OK) {   /* its scratch rows */
+        return fail(ctx, st);
+    }
 
     /* every page from the first removed head on is rewritten */
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         ctx->state_heads[i] = stream_heads(ctx, i, n_keep);
     }
-    moas_status st;
     if ((st = unshare_from(ctx, ctx->state_heads, what)) != MOAS_OK) {
         return st;
     }

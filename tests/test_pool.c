@@ -606,6 +606,56 @@ TEST(committed_pool_is_resident_from_the_start) {
     return TEST_PASS;
 }
 
+/* A context that only moas_pool_decode advanced (so it never made a workspace of its
+ * own) can still be compacted and shifted: each gives what the same calls give on a
+ * context that decoded the same tokens on its own. */
+TEST(pool_only_context_compacts_and_shifts) {
+    size_t size;
+    uint8_t *image = kind_image(4, &size);   /* pooled K/V with RoPE */
+    moas_model *m;
+    int32_t tokens[30];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    seq_tokens(tokens, 30, moas_model_n_vocab(m), 5);
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 0);
+    ASSERT_TRUE(pool != NULL);
+    for (int op = 0; op < 2; op++) {
+        moas_context_params cp;
+        moas_context *a = NULL;
+        moas_context_params_init(&cp);
+        cp.pool = pool;
+        cp.mode = MOAS_MODE_ROUTED;
+        cp.n_threads = 1;
+        ASSERT_OK(moas_context_create(m, &cp, &a));   /* no workspace of its own yet */
+        moas_context *b = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(b != NULL);
+        moas_pool_seq q = {.ctx = a, .tokens = tokens, .n_tokens = 30,
+                           .which = MOAS_LOGITS_NONE, .logits = NULL};
+        ASSERT_OK(moas_pool_decode(pool, &q, 1));
+        ASSERT_OK(moas_context_decode_batch(b, tokens, 30, NULL, MOAS_LOGITS_NONE));
+        int32_t changed_a = -1, changed_b = -2;
+        if (op == 0) {
+            ASSERT_OK(moas_context_compact(a, 20, 2, &changed_a));
+            ASSERT_OK(moas_context_compact(b, 20, 2, &changed_b));
+            ASSERT_EQ(changed_a, changed_b);
+        } else {
+            ASSERT_OK(moas_context_shift(a, 4, 10));
+            ASSERT_OK(moas_context_shift(b, 4, 10));
+        }
+        float la[64], lb[64];
+        ASSERT_TRUE(moas_model_n_vocab(m) <= 64);
+        ASSERT_OK(moas_context_decode(a, tokens[0], la));
+        ASSERT_OK(moas_context_decode(b, tokens[0], lb));
+        ASSERT_TRUE(memcmp(la, lb, (size_t)moas_model_n_vocab(m) * sizeof *la) == 0);
+        ASSERT_TRUE(same_records(a, b));
+        moas_context_free(a);
+        moas_context_free(b);
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 TEST(pool_arguments_are_checked) {
     size_t size;
     uint8_t *image = kind_image(0, &size);
