@@ -218,22 +218,6 @@ void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, flo
     }
 }
 
-/* Attention of query heads [h0, h1) for the n queries of a block (positions pos0 ..
- * pos0 + n - 1, causal) over one KV stream, with one thread's scratch: att
- * [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores and rows [n_ctx].
- *   s_tj = q_t,h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
- *   out_t,h = sum_j softmax_j(s_t) v_{j, h n_kv(j) / n_head}
- *
- * Per head, the row each cached token keeps for it is found once for the block. Up to
- * MOAS_ATT_QUERIES queries then go through the keys together in runs of
- * MOAS_ATT_KEYS, so a run's K and V rows are read from memory once and from L1 by
- * every query. Softmax is online (as in flash attention): per query a running
- * maximum m and sum l; a run whose scores raise m first rescales l and the output by
- * exp(m_old - m_new), then adds its exp(s - m) and their values. No row of scores
- * longer than a run is kept. Runs start at multiples of MOAS_ATT_KEYS of the key
- * position, the same whether a query is decoded alone or in a block, so the same
- * operations happen in the same order: a query's numbers are the same bits either
- * way. */
 /* The online softmax step of one query over a run of nk scores s (already scaled):
  * raise its running maximum, shrinking what it summed so far, and exponentiate s in
  * place. The value sum of the run follows. */
@@ -402,6 +386,22 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
     }
 }
 
+/* Attention of query heads [h0, h1) for the n queries of a block (positions pos0 ..
+ * pos0 + n - 1, causal) over one KV stream, with one thread's scratch: att
+ * [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores and rows [n_ctx].
+ *   s_tj = q_t,h . k_{j, h n_kv(j) / n_head} / sqrt(head_dim)
+ *   out_t,h = sum_j softmax_j(s_t) v_{j, h n_kv(j) / n_head}
+ *
+ * Per head, the row each cached token keeps for it is found once for the block. Up to
+ * MOAS_ATT_QUERIES queries then go through the keys together in runs of
+ * MOAS_ATT_KEYS, so a run's K and V rows are read from memory once and from L1 by
+ * every query. Softmax is online (as in flash attention): per query a running
+ * maximum m and sum l; a run whose scores raise m first rescales l and the output by
+ * exp(m_old - m_new), then adds its exp(s - m) and their values. No row of scores
+ * longer than a run is kept. Runs start at multiples of MOAS_ATT_KEYS of the key
+ * position, the same whether a query is decoded alone or in a block, so the same
+ * operations happen in the same order: a query's numbers are the same bits either
+ * way. */
 static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                          const moas_kv_stream *kv, const float *Q, size_t ldq, int32_t pos0,
                          int32_t n, int32_t h0, int32_t h1, float *OUT, size_t ldo, float *att,
