@@ -218,6 +218,26 @@ void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, flo
     }
 }
 
+/* The attention kernels for a cache's element type. */
+typedef struct {
+    void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+                   int32_t, float, float *, size_t);
+    void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+                int32_t, float *, size_t);
+} kv_kernels;
+
+static kv_kernels kv_kernels_for(const moas_ops *ops, moas_type type) {
+    kv_kernels k = {ops->attn_scores_f32, ops->attn_mix_f32};
+    if (type == MOAS_TYPE_F16) {
+        k.scores = ops->attn_scores_f16;
+        k.mix = ops->attn_mix_f16;
+    } else if (type == MOAS_TYPE_Q8_0) {
+        k.scores = ops->attn_scores_q8_0;
+        k.mix = ops->attn_mix_q8_0;
+    }
+    return k;
+}
+
 /* The online softmax step of one query over a run of nk scores s (already scaled):
  * raise its running maximum, shrinking what it summed so far, and exponentiate s in
  * place. The value sum of the run follows. */
@@ -314,17 +334,8 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
     const moas_ops *ops = ws->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim, n_keys = pos + 1;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const moas_type type = pool->kv_type;
     const void *K = pool->k, *V = pool->v;
-    void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
-                   int32_t, float, float *, size_t) =
-        type == MOAS_TYPE_F16    ? ops->attn_scores_f16
-        : type == MOAS_TYPE_Q8_0 ? ops->attn_scores_q8_0
-                                 : ops->attn_scores_f32;
-    void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
-                int32_t, float *, size_t) = type == MOAS_TYPE_F16    ? ops->attn_mix_f16
-                                            : type == MOAS_TYPE_Q8_0 ? ops->attn_mix_q8_0
-                                                                     : ops->attn_mix_f32;
+    const kv_kernels kern = kv_kernels_for(ops, pool->kv_type);
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
     /* a run's segments: keys [seg_j[i], seg_j[i + 1]), groups bounds[i][0 .. n_groups[i]] */
     int32_t seg_j[PIECES + 1], n_groups[PIECES], bounds[PIECES][MOAS_ATT_QUERIES + 1];
@@ -357,9 +368,9 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                     const int32_t a = bounds[i][g], b = bounds[i][g + 1];
                     uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
                     head_rows(pool, kv, n_head, a, j0, j0 + nk, r);
-                    scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a, head_dim,
-                           scale, att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0),
-                           MOAS_ATT_KEYS);
+                    kern.scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
+                                head_dim, scale,
+                                att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS);
                 }
             }
             for (int32_t h = c0; h < c1; h++) {
@@ -371,9 +382,9 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                 const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
                 for (int32_t g = 0; g < n_groups[i]; g++) {
                     const int32_t a = bounds[i][g], b = bounds[i][g + 1];
-                    mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), nk,
-                        att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS, b - a,
-                        head_dim, out + (size_t)a * head_dim, (size_t)head_dim);
+                    kern.mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), nk,
+                             att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS,
+                             b - a, head_dim, out + (size_t)a * head_dim, (size_t)head_dim);
                 }
             }
         }
@@ -410,17 +421,8 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
     const moas_ops *ops = ws->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const moas_type type = pool->kv_type;
     const void *K = pool->k, *V = pool->v;
-    void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
-                   int32_t, float, float *, size_t) =
-        type == MOAS_TYPE_F16    ? ops->attn_scores_f16
-        : type == MOAS_TYPE_Q8_0 ? ops->attn_scores_q8_0
-                                 : ops->attn_scores_f32;
-    void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
-                int32_t, float *, size_t) = type == MOAS_TYPE_F16    ? ops->attn_mix_f16
-                                            : type == MOAS_TYPE_Q8_0 ? ops->attn_mix_q8_0
-                                                                     : ops->attn_mix_f32;
+    const kv_kernels kern = kv_kernels_for(ops, pool->kv_type);
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
 
     for (int32_t h = h0; h < h1; h++) {
@@ -458,10 +460,10 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                 int32_t t_full = k1 - (pos0 + q0 + 1);
                 t_full = t_full < 0 ? 0 : t_full > nq ? nq : t_full;
                 if (t_full < nq) {
-                    scores(K, rows + k0, MOAS_ATT_KEYS,
-                           Q + (size_t)(q0 + t_full) * ldq + (size_t)h * head_dim, ldq,
-                           nq - t_full, head_dim, scale, att + (size_t)t_full * MOAS_ATT_KEYS,
-                           MOAS_ATT_KEYS);
+                    kern.scores(K, rows + k0, MOAS_ATT_KEYS,
+                                Q + (size_t)(q0 + t_full) * ldq + (size_t)h * head_dim, ldq,
+                                nq - t_full, head_dim, scale,
+                                att + (size_t)t_full * MOAS_ATT_KEYS, MOAS_ATT_KEYS);
                 }
                 for (int32_t t = 0; t < nq; t++) {
                     const int32_t end = pos0 + q0 + t + 1;
@@ -473,17 +475,17 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                     float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
                     float *s = att + (size_t)t * MOAS_ATT_KEYS;
                     if (t < t_full) {
-                        scores(K, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
+                        kern.scores(K, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
                     }
                     softmax_run(ops, s, nk, &run_max[t], &run_sum[t], out, head_dim);
                     if (t < t_full) {
-                        mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
+                        kern.mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
                     }
                 }
                 if (t_full < nq) {
-                    mix(V, rows + k0, MOAS_ATT_KEYS, att + (size_t)t_full * MOAS_ATT_KEYS,
-                        MOAS_ATT_KEYS, nq - t_full, head_dim,
-                        OUT + (size_t)(q0 + t_full) * ldo + (size_t)h * head_dim, ldo);
+                    kern.mix(V, rows + k0, MOAS_ATT_KEYS, att + (size_t)t_full * MOAS_ATT_KEYS,
+                             MOAS_ATT_KEYS, nq - t_full, head_dim,
+                             OUT + (size_t)(q0 + t_full) * ldo + (size_t)h * head_dim, ldo);
                 }
             }
             for (int32_t t = 0; t < nq; t++) {
