@@ -30,8 +30,12 @@
  * preempted, and for every thread at the end of the OpenMP region that holds the team
  * (OpenMP's barrier). On a machine whose cores other processes keep busy, that wait
  * can be whole scheduler time slices per token: two threads decoded 20-30x slower
- * than one there. So the leader times what it loses waiting, and after a call where
- * that is large runs the next calls alone, backing off (moas__team_judge).
+ * than one there. So the leader times what it loses waiting and what the others'
+ * slices saved it (at its own pace per slice), and after a call that lost more than
+ * it saved runs the next calls alone, backing off (moas__team_judge). A fixed
+ * fraction of the leader's work was the first rule: memory-bound GPT-2-sized calls on
+ * an idle machine crossed it now and then and ran 16 calls alone each time, 30% below
+ * the speed of a team that never judged.
  */
 #if defined(__linux__)
 #define _DEFAULT_SOURCE   /* syscall(), beside the build's _POSIX_C_SOURCE */
@@ -109,17 +113,20 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns) {
-    const bool late = lost_ns > MOAS_TEAM_LATE_NS && lost_ns * MOAS_TEAM_LATE_SHARE > busy_ns;
-    if (late) {
-        team->solo_left = team->solo_next > MOAS_TEAM_SOLO_MIN ? team->solo_next
-                                                               : MOAS_TEAM_SOLO_MIN;
-        team->solo_next = team->solo_left < MOAS_TEAM_SOLO_MAX / 4 ? 4 * team->solo_left
-                                                                   : MOAS_TEAM_SOLO_MAX;
-    } else {
-        team->solo_next /= 4;
+bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t saved_ns) {
+    const int64_t excess = lost_ns - saved_ns;
+    if (excess <= MOAS_TEAM_LATE_NS) {
+        team->solo_scale /= 4;
+        return false;
     }
-    return late;
+    const int64_t solo_call_ns = busy_ns + saved_ns > 0 ? busy_ns + saved_ns : 1;
+    const int64_t scale = team->solo_scale > 1 ? team->solo_scale : 1;
+    int64_t calls = (excess + solo_call_ns - 1) / solo_call_ns;
+    calls = calls < MOAS_TEAM_SOLO_MAX / scale ? calls * scale : MOAS_TEAM_SOLO_MAX;
+    team->solo_left = (int32_t)calls;
+    team->solo_scale = (int32_t)(scale < MOAS_TEAM_SOLO_MAX / 4 ? 4 * scale
+                                                                : MOAS_TEAM_SOLO_MAX);
+    return true;
 }
 
 /* Claim slice i for step k and run it; false if another thread claimed it first or
@@ -138,13 +145,14 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
 
 /* Every slice of step k this thread can still claim: slice `own` first, then the
  * others in order (those of a thread that has not come yet). */
-static void team_take_all(moas_team *team, int32_t own, unsigned k) {
-    team_take(team, own, k);
+static int32_t team_take_all(moas_team *team, int32_t own, unsigned k) {
+    int32_t taken = team_take(team, own, k);
     for (int32_t i = 0; i < team->nth; i++) {
         if (i != own) {
-            team_take(team, i, k);
+            taken += team_take(team, i, k);
         }
     }
+    return taken;
 }
 
 void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) {
@@ -158,15 +166,19 @@ void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) 
     const unsigned k = atomic_load_explicit(&team->posted, memory_order_relaxed) + 1u;
     atomic_store_explicit(&team->posted, k, memory_order_seq_cst);
     team_wake(team);
-    team_take_all(team, 0, k);
+    const int64_t t0 = now_ns();
+    const int32_t taken = team_take_all(team, 0, k);
+    const int64_t t1 = now_ns();
+    if (taken > 0) {   /* the others' slices, at the leader's time per slice */
+        team->saved_ns += (int64_t)(team->nth - taken) * (t1 - t0) / taken;
+    }
     if (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
         /* another thread still runs a slice it claimed */
-        const int64_t t0 = now_ns();
         uint32_t spins = 0;
         while (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
             team_wait(&spins);
         }
-        team->wait_ns += now_ns() - t0;
+        team->wait_ns += now_ns() - t1;
     }
 }
 
@@ -216,6 +228,7 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
             atomic_store_explicit(&team->claim[i], 0u, memory_order_relaxed);
         }
         team->wait_ns = 0;
+        team->saved_ns = 0;
         const int64_t start = now_ns();
 #pragma omp parallel num_threads(n_threads)
         {
@@ -233,7 +246,7 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
         if (team->nth > 1) {   /* what the leader lost: waits in steps, and the end */
             const int64_t end = now_ns();
             const int64_t lost = team->wait_ns + (end - body_end);
-            moas__team_judge(team, (end - start) - lost, lost);
+            moas__team_judge(team, (end - start) - lost, lost, team->saved_ns);
         }
         team->nth = 1;
         return;

@@ -42,8 +42,11 @@ typedef struct moas_team {
                                * wakes them when it posts, and only then */
     /* the leader's own, kept from call to call (a team lives as long as its context) */
     int64_t wait_ns;          /* this call: time the leader waited for others' slices */
+    int64_t saved_ns;         /* this call: what the others' slices would have cost the
+                               * leader, at its own time per slice of the same step */
     int32_t solo_left;        /* calls to run on the leader alone before a team again */
-    int32_t solo_next;        /* solo calls after the next late team (4x, then a quarter) */
+    int32_t solo_scale;       /* how much longer the next back-off is: 4x after each late
+                               * team, a quarter after each team that kept up */
     bool never_solo;          /* tests: always run with the team, late or not, so that the
                                * parallel paths run whatever the machine's load */
     char pad3[64];
@@ -56,25 +59,29 @@ typedef struct moas_team {
  * moas__team_run can then use. */
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg);
 
-/* After a call whose team came late, the next calls run on the leader alone, the
- * more of them the more often it happens: MOAS_TEAM_SOLO_MIN, 4 times that, ... up to
- * MOAS_TEAM_SOLO_MAX, a quarter as many again after each call whose team kept up.
- * Every late team costs its call up to a few scheduler time slices (milliseconds);
- * at the longest back-off one call in 1024 still tries the team, which costs a busy
- * machine a few percent and finds an idle one again within a second. */
-#define MOAS_TEAM_SOLO_MIN 16
+/* A team is late when the leader lost more waiting for it in one call (inside steps
+ * and for the team to end) than the others saved it, by more than this: the call ran
+ * slower than the leader would have alone. What the others saved is estimated from
+ * the leader's own time per slice in each step, so a team on an idle machine whose
+ * last slice of a step ends a little after the leader's is not late, while one whose
+ * thread another process preempted for a scheduler time slice is. */
+#define MOAS_TEAM_LATE_NS ((int64_t)10000)
+
+/* After a late call the next calls run on the leader alone, as many as the time the
+ * late call lost is worth in whole calls (so a rare hiccup costs about what it lost
+ * once more, not a fixed number of slow calls: on long calls that would be seconds),
+ * times a scale that grows 4x with each late team in a row and shrinks to a quarter
+ * after each team that kept up, up to MOAS_TEAM_SOLO_MAX calls. On a machine whose
+ * cores other processes keep busy the back-off soon reaches the most, where one call
+ * in 1024 still tries the team: a few percent there, and an idle machine is found
+ * again within a second. */
 #define MOAS_TEAM_SOLO_MAX 1024
 
-/* A team is late when the leader lost more than this waiting for it in one call... */
-#define MOAS_TEAM_LATE_NS ((int64_t)10000)
-/* ... and more than its own work divided by this. */
-#define MOAS_TEAM_LATE_SHARE 4
-
-/* Judge a call run with a team: the leader worked `busy_ns` and waited `lost_ns` for
- * the other threads (inside steps and for the team to end). Sets team->solo_left and
- * team->solo_next as above; returns whether the team was late. Thread counts never
- * change results, so this changes speed only. */
-bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns);
+/* Judge a call run with a team: the leader worked `busy_ns`, waited `lost_ns` for the
+ * other threads, and they ran slices worth `saved_ns` of its time. Sets
+ * team->solo_left and team->solo_scale as above; returns whether the team was late.
+ * Thread counts never change results, so this changes speed only. */
+bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t saved_ns);
 
 /* From the leader's body: fn(arg, ith, nth) for every ith of the team, each slice
  * once, on whichever thread claims it (its own thread unless that one is late);

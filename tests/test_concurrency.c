@@ -459,36 +459,48 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
     return TEST_PASS;
 }
 
-/* A late team makes the next calls run alone: 16 after the first late call, 4 times
- * as many after each further one up to 1024, a quarter as many after each call whose
- * team kept up. Late means the leader lost more than 10 us and more than a quarter of
- * its own work waiting. (Hand-computed; the judge is given times, not measured.) */
+/* A team is late when the leader lost more than the others saved it, by over 10 us;
+ * the next calls then run alone, as many as the excess is worth in solo calls (its
+ * work plus what the others did), times a scale: 4x after each late team, a quarter
+ * after each team that kept up, at most 1024 calls. (Hand-computed; the judge is
+ * given times, not measured.) */
 TEST(team_judge_backs_off_and_recovers) {
     moas_team *team = calloc(1, sizeof *team);
     ASSERT_TRUE(team != NULL);
-    ASSERT_TRUE(!moas__team_judge(team, 100000, 20000));   /* 20 us < 100 us / 4 */
+    /* a long memory-bound call: lost 2 ms waiting, but the others saved 3 ms */
+    ASSERT_TRUE(!moas__team_judge(team, 5000000, 2000000, 3000000));
     ASSERT_EQ(team->solo_left, 0);
-    ASSERT_TRUE(!moas__team_judge(team, 1000, 9000));      /* 9 us: too little to count */
+    ASSERT_TRUE(!moas__team_judge(team, 1000, 19000, 10000));   /* 9 us: too little */
     ASSERT_EQ(team->solo_left, 0);
-    ASSERT_TRUE(moas__team_judge(team, 100000, 30000));    /* 30 us > 25 us */
-    ASSERT_EQ(team->solo_left, 16);
-    ASSERT_EQ(team->solo_next, 64);
-    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
-    ASSERT_EQ(team->solo_left, 64);
-    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
-    ASSERT_EQ(team->solo_left, 256);
-    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
-    ASSERT_EQ(team->solo_left, 1024);
-    ASSERT_TRUE(moas__team_judge(team, 100000, 5000000));
-    ASSERT_EQ(team->solo_left, 1024);                      /* the most */
-    ASSERT_EQ(team->solo_next, 1024);
-    ASSERT_TRUE(!moas__team_judge(team, 100000, 1000));    /* kept up: back off less */
-    ASSERT_EQ(team->solo_next, 256);
-    ASSERT_TRUE(!moas__team_judge(team, 100000, 1000));
-    ASSERT_EQ(team->solo_next, 64);
+    /* lost 8 ms, saved 5 ms: 3 ms over, less than one 11 ms solo call -> one call */
+    ASSERT_TRUE(moas__team_judge(team, 6000000, 8000000, 5000000));
+    ASSERT_EQ(team->solo_left, 1);
+    ASSERT_EQ(team->solo_scale, 4);
     team->solo_left = 0;
-    ASSERT_TRUE(moas__team_judge(team, 100000, 30000));
-    ASSERT_EQ(team->solo_left, 64);
+    ASSERT_TRUE(!moas__team_judge(team, 6000000, 100000, 5000000));   /* kept up */
+    ASSERT_EQ(team->solo_scale, 1);
+    ASSERT_TRUE(!moas__team_judge(team, 6000000, 100000, 5000000));
+    ASSERT_EQ(team->solo_scale, 0);
+    /* a short call whose worker was preempted: lost 3 ms, saved 40 us, solo call
+     * 100 us: ceil(2.96 ms / 100 us) = 30 calls, then 4x, 16x, up to 1024 */
+    ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
+    ASSERT_EQ(team->solo_left, 30);
+    ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
+    ASSERT_EQ(team->solo_left, 120);
+    ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
+    ASSERT_EQ(team->solo_left, 480);
+    ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
+    ASSERT_EQ(team->solo_left, 1024);                      /* the most */
+    ASSERT_EQ(team->solo_scale, 256);
+    ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
+    ASSERT_EQ(team->solo_left, 1024);
+    ASSERT_EQ(team->solo_scale, 1024);
+    ASSERT_TRUE(!moas__team_judge(team, 60000, 1000, 40000));    /* kept up: less */
+    ASSERT_EQ(team->solo_scale, 256);
+    /* the others never came (nothing saved): the whole wait counts */
+    team->solo_scale = 0;
+    ASSERT_TRUE(moas__team_judge(team, 16000000, 7600000, 0));
+    ASSERT_EQ(team->solo_left, 1);
     free(team);
     return TEST_PASS;
 }
