@@ -280,7 +280,8 @@ MOAS_API void moas_model_params_init_sized(moas_model_params *params, size_t siz
  * moas_last_error() names the cause. The model must outlive every context made from it.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (`path` or `out` NULL, bad params->size),
- *          MOAS_ERR_IO (cannot open, stat, map or read), MOAS_ERR_BAD_FORMAT (magic or
+ *          MOAS_ERR_IO (cannot open, stat, map or read; or `path` is a directory, a
+ *          device or a pipe, not a regular file), MOAS_ERR_BAD_FORMAT (magic or
  *          version), MOAS_ERR_CORRUPT (truncated or inconsistent file, missing or
  *          misshapen tensor), MOAS_ERR_UNSUPPORTED (architecture, tensor type or
  *          feature this version lacks), MOAS_ERR_NO_MEMORY.
