@@ -416,6 +416,7 @@ $(CPP_PARALLEL): examples/cpp/parallel.cpp examples/cpp/moas.hpp include/moas.h 
 
 cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL)
 	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
+	$(Q)sh tests/consumers.sh usage "cpp parallel" $(CPP_PARALLEL)
 	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone)"
 
 rust-example: lib $(LIBOUT)/moas.pc

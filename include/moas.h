@@ -18,29 +18,40 @@
  *         const char *prompt = argc > 2 ? argv[2] : "In the beginning";
  *         int32_t tokens[256];
  *         size_t n_tokens = 0;
+ *         int ok = 1;
  *
- *         if (argc < 2 ||
- *             moas_model_load(argv[1], NULL, &model) != MOAS_OK ||
+ *         if (argc < 2) {
+ *             fprintf(stderr, "usage: %s MODEL.gguf [PROMPT]\n", argv[0]);
+ *             return 2;
+ *         }
+ *         if (moas_model_load(argv[1], NULL, &model) != MOAS_OK ||
  *             moas_context_create(model, NULL, &ctx) != MOAS_OK ||
  *             moas_sampler_create(NULL, moas_model_n_vocab(model), &smp) != MOAS_OK ||
  *             moas_tokenize(model, prompt, (size_t)-1, tokens, 256, &n_tokens) != MOAS_OK ||
  *             moas_context_decode_batch(ctx, tokens, (int32_t)n_tokens, NULL,
  *                                       MOAS_LOGITS_LAST) != MOAS_OK) {
+ *             ok = 0;
+ *         }
+ *         if (ok) {
+ *             fputs(prompt, stdout);
+ *             for (int i = 0; ok && i < 100 && moas_context_n_past(ctx) < moas_context_n_ctx(ctx);
+ *                  i++) {
+ *                 int32_t token;
+ *                 ok = moas_sampler_sample(smp, moas_context_logits(ctx), &token) == MOAS_OK;
+ *                 if (ok) {
+ *                     fputs(moas_token_text(model, token), stdout);
+ *                     ok = moas_context_decode(ctx, token, NULL) == MOAS_OK;
+ *                 }
+ *             }
+ *             putchar('\n');
+ *         }
+ *         if (!ok) {
  *             fprintf(stderr, "error: %s\n", moas_last_error());
- *             return 1;
  *         }
- *         fputs(prompt, stdout);
- *         for (int i = 0; i < 100 && moas_context_n_past(ctx) < moas_context_n_ctx(ctx); i++) {
- *             int32_t token;
- *             moas_sampler_sample(smp, moas_context_logits(ctx), &token);
- *             fputs(moas_token_text(model, token), stdout);
- *             if (moas_context_decode(ctx, token, NULL) != MOAS_OK) break;
- *         }
- *         putchar('\n');
  *         moas_sampler_free(smp);
  *         moas_context_free(ctx);
  *         moas_model_free(model);
- *         return 0;
+ *         return ok ? 0 : 1;
  *     }
  *
  * THREADING. A model is read-only once loaded: any number of contexts, on any number
@@ -280,7 +291,8 @@ MOAS_API void moas_model_params_init_sized(moas_model_params *params, size_t siz
  * moas_last_error() names the cause. The model must outlive every context made from it.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (`path` or `out` NULL, bad params->size),
- *          MOAS_ERR_IO (cannot open, stat, map or read), MOAS_ERR_BAD_FORMAT (magic or
+ *          MOAS_ERR_IO (cannot open, stat, map or read; or `path` is a directory, a
+ *          device or a pipe, not a regular file), MOAS_ERR_BAD_FORMAT (magic or
  *          version), MOAS_ERR_CORRUPT (truncated or inconsistent file, missing or
  *          misshapen tensor), MOAS_ERR_UNSUPPORTED (architecture, tensor type or
  *          feature this version lacks), MOAS_ERR_NO_MEMORY.

@@ -602,13 +602,27 @@ static moas_status map_file(moas_model *m, const char *path, bool use_mmap) {
     uint8_t *image;
     int fd;
 
-    fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO no process writes to returns at once instead of
+     * waiting for a writer, so that it can be refused below; a regular file's reads
+     * ignore the flag. */
+    fd = open(path, O_RDONLY | O_NONBLOCK);
     MOAS_RETURN_IF(fd < 0, MOAS_ERR_IO, "model_load: cannot open '%s': %s", path, strerror(errno));
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (fstat(fd, &st) != 0) {
         const int err = errno;
         close(fd);
-        MOAS_RETURN_IF(true, MOAS_ERR_IO, "model_load: '%s' is not a regular file%s%s", path,
-                       err ? ": " : "", err ? strerror(err) : "");
+        MOAS_RETURN_IF(true, MOAS_ERR_IO, "model_load: cannot stat '%s': %s", path,
+                       strerror(err));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        /* Both calls succeeded: errno says nothing here, so none of its text is added. */
+        close(fd);
+        MOAS_RETURN_IF(true, MOAS_ERR_IO, "model_load: '%s' is %s", path,
+                       S_ISDIR(st.st_mode)    ? "a directory, not a model file"
+                       : S_ISCHR(st.st_mode)  ? "not a regular file (a character device)"
+                       : S_ISBLK(st.st_mode)  ? "not a regular file (a block device)"
+                       : S_ISFIFO(st.st_mode) ? "not a regular file (a pipe)"
+                       : S_ISSOCK(st.st_mode) ? "not a regular file (a socket)"
+                                              : "not a regular file");
     }
     if ((uint64_t)st.st_size > SIZE_MAX || st.st_size == 0) {
         close(fd);

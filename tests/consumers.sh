@@ -6,6 +6,9 @@
 #       tiny model: it must print the prompt and N characters, print exactly what the
 #       Python example prints for the same seed (the three languages share one library
 #       and one sampler), and turn a bad prompt into exit status 1 naming the status.
+#   consumers.sh usage NAME PROGRAM
+#       PROGRAM without arguments must print a usage line to stderr and exit 2 (run-example
+#       checks this too, for its program and the Python example).
 #   consumers.sh rust-consumer CARGO TARGET_DIR
 #       Build tests/rust-consumer, a crate outside bindings/rust that depends on the moas
 #       and moas-sys crates by path, with the library wherever MOAS_LIB_DIR or pkg-config
@@ -29,9 +32,20 @@ n=40
 
 fail() { echo "consumers: FAIL: $*"; exit 1; }
 
+# check_usage NAME CMD...: CMD without arguments prints a usage line to stderr and
+# exits 2 (never an empty "error: ")
+check_usage() {
+    name=$1; shift
+    rc=0; "$@" >/dev/null 2>"$work/usage_err" || rc=$?
+    [ $rc -eq 2 ] && grep -q '^usage: ' "$work/usage_err" ||
+        fail "$name without arguments exited $rc, said: $(cat "$work/usage_err")"
+}
+
 # check_example NAME CMD...: CMD MODEL PROMPT N routed, compared with the Python example
 check_example() {
     name=$1; shift
+    check_usage "$name" "$@"
+    check_usage "python example" python3 "$top/examples/python/generate.py"
     out=$("$@" "$model" "$prompt" $n routed 2>"$work/err") ||
         fail "$name exited $?: $(cat "$work/err")"
     case "$out" in "$prompt"*) ;; *) fail "$name did not echo the prompt: $out" ;; esac
@@ -109,6 +123,11 @@ run-example)
     check_example "$2" "$3"
     echo "$2: ok (same text and routing as the Python example; errors carry the status)"
     ;;
+usage)
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    check_usage "$2" "$3"
+    ;;
 rust-consumer)
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
@@ -166,7 +185,7 @@ print(moas.library_path())")
     echo "consumers: ok ($summary built and run against the installed prefix via pkg-config)"
     ;;
 *)
-    echo "usage: consumers.sh run-example NAME PROGRAM | rust-consumer CARGO TARGET_DIR | all MAKE CXX [CARGO]"
+    echo "usage: consumers.sh run-example NAME PROGRAM | usage NAME PROGRAM | rust-consumer CARGO TARGET_DIR | all MAKE CXX [CARGO]"
     exit 2
     ;;
 esac

@@ -13,6 +13,17 @@ model="$top/tests/data/tiny-moas-bias.gguf"
 
 fail() { echo "pkgconfig: FAIL: $*"; exit 1; }
 
+# check_errors CMD...: without arguments the example prints a usage line to stderr and
+# exits 2; on a library error it prints the library's message (naming the path), exit 1
+check_errors() {
+    rc=0; "$@" >/dev/null 2>"$tmp/err" || rc=$?
+    [ $rc -eq 2 ] && grep -q '^usage: .*MODEL' "$tmp/err" ||
+        fail "example without arguments exited $rc, said: $(cat "$tmp/err")"
+    rc=0; "$@" /dev/null >/dev/null 2>"$tmp/err" || rc=$?
+    [ $rc -eq 1 ] && grep -q "^error: model_load: .*'/dev/null'" "$tmp/err" ||
+        fail "example on /dev/null exited $rc, said: $(cat "$tmp/err")"
+}
+
 said=$($MAKE --no-print-directory -s install PREFIX="$prefix")
 case "$said" in *"pip install"*"bindings/python"*) ;;
     *) fail "install does not say how to install the Python package" ;; esac
@@ -28,6 +39,7 @@ $CC -std=c11 -Wall -Wextra -Werror examples/simple.c $(pkg-config --cflags --lib
 readelf -d "$tmp/simple_shared" | grep -q 'NEEDED.*libmoas.so.1' || fail "shared build does not need libmoas.so.1"
 out=$(LD_LIBRARY_PATH="$prefix/lib" "$tmp/simple_shared" "$model") || fail "shared example failed"
 case "$out" in "In the beginning"*) ;; *) fail "shared example printed: $out" ;; esac
+check_errors env LD_LIBRARY_PATH="$prefix/lib" "$tmp/simple_shared"
 
 # static: libmoas.a linked in, the private libraries from Libs.private
 libs=$(pkg-config --static --libs moas | sed 's/-lmoas/-Wl,-Bstatic -lmoas -Wl,-Bdynamic/')
@@ -35,6 +47,7 @@ $CC -std=c11 -Wall -Wextra -Werror examples/simple.c $(pkg-config --cflags moas)
 if readelf -d "$tmp/simple_static" | grep -q 'NEEDED.*libmoas'; then fail "static build still needs libmoas.so"; fi
 out2=$("$tmp/simple_static" "$model") || fail "static example failed"
 [ "$out" = "$out2" ] || fail "static and shared examples differ"
+check_errors "$tmp/simple_static"
 
 # staging with DESTDIR, then uninstall removes every file
 $MAKE --no-print-directory -s install DESTDIR="$tmp/stage" PREFIX=/opt/moas >/dev/null
@@ -43,4 +56,4 @@ grep -q '^prefix=/opt/moas$' "$tmp/stage/opt/moas/lib/pkgconfig/moas.pc" || fail
 $MAKE --no-print-directory -s uninstall DESTDIR="$tmp/stage" PREFIX=/opt/moas >/dev/null
 left=$(find "$tmp/stage" -type f -o -type l)
 [ -z "$left" ] || fail "uninstall left: $left"
-echo "pkgconfig: ok (shared and static consumers built with pkg-config and run)"
+echo "pkgconfig: ok (shared and static consumers built with pkg-config and run; usage and library errors reported)"

@@ -32,6 +32,7 @@ X(model_refuses_bad_block_options)
 X(model_refuses_unsupported_weight_types)
 X(model_refuses_every_truncation)
 X(model_load_errors_name_the_cause)
+X(model_load_names_what_is_not_a_file)
 X(model_shared_by_interleaved_contexts)
 
 /* tests/test_ops.c */

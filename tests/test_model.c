@@ -7,8 +7,11 @@
 
 #include "support/tiny_model.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- log capture --------------------------------------------------------------- */
 
@@ -586,6 +589,48 @@ TEST(model_load_errors_name_the_cause) {
     moas_model_params_init(&p);
     p.size = 3;
     ASSERT_STATUS(moas_model_load("x", &p, &m), MOAS_ERR_INVALID_ARG);
+    return TEST_PASS;
+}
+
+/* Load `path`, which opens but is not a regular file: MOAS_ERR_IO, and a message that
+ * names the path and `what` it is. errno is made stale first (ENOTTY, what an earlier
+ * isatty() leaves behind): no system call fails here, so no errno text may appear. */
+static int expect_not_a_file(const char *path, const char *what) {
+    moas_model *m = (moas_model *)&m;
+    errno = ENOTTY;
+    const moas_status st = moas_model_load(path, NULL, &m);
+    const char *msg = moas_last_error();
+    if (st != MOAS_ERR_IO || m != NULL || strstr(msg, path) == NULL ||
+        strstr(msg, what) == NULL || strstr(msg, strerror(ENOTTY)) != NULL ||
+        strstr(msg, "ioctl") != NULL) {
+        test_report(__FILE__, __LINE__, path, "status %d, want MOAS_ERR_IO and '%s': %s",
+                    (int)st, what, msg);
+        return TEST_FAIL;
+    }
+    return TEST_PASS;
+}
+
+TEST(model_load_names_what_is_not_a_file) {
+    char dir[64], fifo[96];
+
+    ASSERT_EQ(expect_not_a_file("/dev/null", "not a regular file (a character device)"),
+              TEST_PASS);
+    snprintf(dir, sizeof dir, "/tmp/moas_test_dir_%ld", (long)getpid());
+    snprintf(fifo, sizeof fifo, "%s/fifo", dir);
+    ASSERT_EQ(mkdir(dir, 0700), 0);
+    const int dir_result = expect_not_a_file(dir, "is a directory");
+    /* a FIFO with no writer: refused at once (opening it must not wait for a writer;
+     * the alarm ends the run if it does) */
+    int fifo_result = TEST_FAIL;
+    if (mkfifo(fifo, 0600) == 0) {
+        alarm(20);
+        fifo_result = expect_not_a_file(fifo, "not a regular file (a pipe)");
+        alarm(0);
+        remove(fifo);
+    }
+    rmdir(dir);
+    ASSERT_EQ(dir_result, TEST_PASS);
+    ASSERT_EQ(fifo_result, TEST_PASS);
     return TEST_PASS;
 }
 

@@ -1069,6 +1069,41 @@ class TestConvert(Tmp):
         build_checkpoint(ck, sd, bad)
         self.convert_fails(ck, "not a multiple of n_head 3")
 
+    def test_output_that_cannot_be_written(self):
+        """An -o the converter cannot write: exit 1 with one line naming the path given
+        (never the temporary file beside it), no traceback, nothing left behind. The
+        output is checked before the checkpoint is read, so a bad checkpoint does not
+        hide it."""
+        ck = self.path("c.pt")
+        build_checkpoint(ck, model_tensors("moas", False), margs("moas", False))
+        junk = self.path("junk.pt")
+        with open(junk, "wb") as f:
+            f.write(b"not a checkpoint")
+        before = sorted(os.listdir(self.dir))
+
+        def fails(ckpt, out, *needles, in_process=False):
+            res = self.convert(ckpt, out=out, in_process=in_process)
+            self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+            lines = res.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, res.stderr)
+            self.assertTrue(lines[0].startswith("moas-convert: error: "), lines[0])
+            self.assertIn("'%s'" % self.path(out), lines[0])
+            self.assertNotIn(".tmp", lines[0])
+            for n in needles:
+                self.assertIn(n, lines[0])
+            self.assertEqual(sorted(os.listdir(self.dir)), before)
+
+        fails(ck, "missing/x.gguf",
+              "the output directory '%s' does not exist" % self.path("missing"))
+        fails(junk, "missing/x.gguf", "does not exist")
+        fails(ck, "train.txt/x.gguf", "'%s' is not a directory" % self.text)
+        fails(ck, ".", "is a directory")
+        # a failure while writing (here the same missing directory, with the early
+        # check skipped) names the path given too, and leaves no temporary file
+        from unittest import mock
+        with mock.patch.object(moas_convert, "check_output", lambda path: None):
+            fails(ck, "missing/x.gguf", "cannot write", in_process=True)
+
 
 # ---------------------------------------------------------------------------
 # The committed fixtures
