@@ -1,1 +1,0 @@
-/work/main/examples/rust/target/debug/libmoas.rlib: /work/main/examples/rust/build.rs /work/main/examples/rust/src/lib.rs /work/main/lib/libmoas.so
