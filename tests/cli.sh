@@ -173,20 +173,20 @@ head -c 3000 "$model" >"$tmp/cut.gguf"
 # bench: the JSON has the promised fields, runs are clamped to the trained context,
 # and a model path needing escapes still gives valid JSON
 cp "$model" "$tmp/q\"uote.gguf"
-"$moas" bench -m "$tmp/q\"uote.gguf" -p 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
-"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
-grep -q "^moas: bench: -p 100000 is more than the trained context: the prefill measures 64 tokens$" \
-    "$tmp/bench2.err" || fail "bench: -p clamp not said: $(cat "$tmp/bench2.err")"
+"$moas" bench -m "$tmp/q\"uote.gguf" --n-prompt 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
+"$moas" bench -m "$model" --n-prompt 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
+grep -q "^moas: bench: --n-prompt 100000 is more than the trained context: the prefill measures 64 tokens$" \
+    "$tmp/bench2.err" || fail "bench: --n-prompt clamp not said: $(cat "$tmp/bench2.err")"
 grep -q "^moas: bench: -n 100000 does not fit after 0 cached tokens .*: decode measures 64 tokens$" \
     "$tmp/bench2.err" || fail "bench: -n clamp not said"
 # the default thread count is reported as the number used: OpenMP's (OMP_NUM_THREADS
 # here), or 1 in a build without OpenMP
 if ldd "$moas" 2>/dev/null | grep -q 'libg\?omp'; then want_threads=3; else want_threads=1; fi
-OMP_NUM_THREADS=3 "$moas" bench -m "$model" -p 8 -n 4 -d 200 -r 1 --json >"$tmp/bench3.json" \
+OMP_NUM_THREADS=3 "$moas" bench -m "$model" --n-prompt 8 -n 4 -d 200 -r 1 --json >"$tmp/bench3.json" \
     2>"$tmp/bench3.err"
 grep -q "^moas: bench: -d 200 leaves no room .*: decoding starts after 63 cached tokens$" \
     "$tmp/bench3.err" || fail "bench: -d clamp not said"
-"$moas" bench -m "$model" -p 8 -n 4 -r 1 -t 1 | grep -q '^model .*(mixture mode, .* kernels, 1 thread, as asked)$' \
+"$moas" bench -m "$model" --n-prompt 8 -n 4 -r 1 -t 1 | grep -q '^model .*(mixture mode, .* kernels, 1 thread, as asked)$' \
     || fail "bench: thread count"
 python3 - "$tmp/bench.json" "$tmp/bench2.json" "$tmp/bench3.json" "$want_threads" <<'PY' || fail "bench --json"
 import json, sys
@@ -281,4 +281,96 @@ expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
 grep -q "context shift" "$tmp/shift.err" || fail "generate: RoPE context shift: $(cat "$tmp/shift.err")"
 "$moas" generate -m "$model" -p "And " -n 100 --seed 1 >/dev/null 2>"$tmp/slide.err"
 grep -q "learned positions (no shift)" "$tmp/slide.err" || fail "generate: re-encode message"
+# ---- conventions (issue 17): help, options, input, timings ----
+
+# help: on stdout, exit 0, for the program and for each command, three ways each
+"$moas" --help >"$tmp/help" 2>"$tmp/help.err" || fail "--help exited $?"
+[ ! -s "$tmp/help.err" ] && grep -q '^usage: moas COMMAND' "$tmp/help" || fail "--help: not on stdout"
+for how in -h help; do
+    "$moas" $how >"$tmp/help2" || fail "moas $how exited $?"
+    cmp -s "$tmp/help" "$tmp/help2" || fail "moas $how differs from moas --help"
+done
+commands="generate perplexity routes logits inspect bench batched-bench"
+listed=$(sed -n 's/^  \([a-z-]*\)  .*/\1/p' "$tmp/help" | tr '\n' ' ')
+[ "$listed" = "$commands " ] || fail "moas --help lists '$listed'"
+for c in $commands; do
+    "$moas" help "$c" >"$tmp/h1" 2>"$tmp/h.err" || fail "moas help $c exited $?"
+    "$moas" "$c" --help >"$tmp/h2" || fail "moas $c --help exited $?"
+    "$moas" "$c" -h >"$tmp/h3" || fail "moas $c -h exited $?"
+    [ ! -s "$tmp/h.err" ] && head -n 1 "$tmp/h1" | grep -q "^usage: moas $c " \
+        || fail "moas help $c: $(head -n 1 "$tmp/h1")"
+    cmp -s "$tmp/h1" "$tmp/h2" && cmp -s "$tmp/h1" "$tmp/h3" || fail "$c: three helps differ"
+done
+expect_error 2 "unknown command 'nosuch'" "$moas" help nosuch
+expect_error 2 "unknown command 'nosuch'" "$moas" nosuch -m "$model"
+expect_error 2 "usage: moas COMMAND" "$moas"
+
+# options: a command takes exactly the options its help lists; any other, even one
+# another command takes, is refused by name (exit 2), never ignored
+python3 - "$moas" <<'PY' || fail "options and help disagree"
+import re, subprocess, sys
+moas = sys.argv[1]
+commands = "generate perplexity routes logits inspect bench batched-bench".split()
+listed = {}
+for c in commands:
+    text = subprocess.run([moas, "help", c], capture_output=True, text=True).stdout
+    listed[c] = {o for m in re.finditer(r"^ +(-[\w-]+)(?:, (-[\w-]+))?", text, re.M)
+                 for o in m.groups() if o}
+assert all("-m" in listed[c] for c in commands), listed
+every = set().union(*listed.values()) - {"-h", "--help"}
+bad = []
+for c in commands:
+    for opt in sorted(every):
+        r = subprocess.run([moas, c, opt], capture_output=True, text=True)
+        refused = "does not take" in r.stderr or "unknown option" in r.stderr
+        first = r.stderr.splitlines()[0] if r.stderr else "exit %d" % r.returncode
+        if refused != (opt not in listed[c]):
+            bad.append("%s %s: %s" % (c, opt, first))
+        elif refused and (r.returncode != 2 or "moas: %s does not take %s" % (c, opt) not in r.stderr):
+            bad.append("%s %s refused as: exit %d, %s" % (c, opt, r.returncode, first))
+assert not bad, "\n".join(bad)
+PY
+expect_error 2 "moas: bench does not take --temp" "$moas" bench -m "$model" --temp 1
+expect_error 2 "moas: inspect does not take -t" "$moas" inspect -m "$model" -t 2
+expect_error 2 "moas: perplexity does not take -p" "$moas" perplexity -m "$model" -p "And"
+# bench: -p is a prompt's text everywhere, so bench's prompt length is --n-prompt
+expect_error 2 "bench does not take -p: .*--n-prompt N" "$moas" bench -m "$model" -p 8
+"$moas" bench -m "$model" --n-prompt 6 --n-gen 3 --n-depth 2 -r 1 --json >"$tmp/np.json" \
+    || fail "bench --n-prompt --n-gen --n-depth"
+python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert (r["n_prompt"], r["n_decode"], r["depth"]) == (6, 3, 2), r' \
+    "$tmp/np.json" || fail "bench --n-prompt --n-gen --n-depth: $(cat "$tmp/np.json")"
+
+# the default temperature is the library's (1): no --temp is --temp 1
+[ "$("$moas" generate -m "$model" -p "And God" -n 30 --seed 9 2>/dev/null)" = \
+  "$("$moas" generate -m "$model" -p "And God" -n 30 --seed 9 --temp 1 2>/dev/null)" ] \
+    || fail "generate's default temperature is not the library's 1"
+"$moas" help generate | grep -q -- '--temp T .*(default 1)$' || fail "help: default temperature"
+
+# -c 0 is the trained length, as n_ctx = 0 in the library; a negative length is an error
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" -c 0 --json >"$tmp/c0.json" || fail "-c 0"
+python3 -c 'import json, sys; assert json.load(open(sys.argv[1]))["n_ctx"] == 64' "$tmp/c0.json" \
+    || fail "perplexity -c 0: n_ctx"
+[ "$("$moas" generate -m "$model" -p "And God" -n 20 --seed 3 -c 0 2>/dev/null)" = \
+  "$("$moas" generate -m "$model" -p "And God" -n 20 --seed 3 2>/dev/null)" ] || fail "generate -c 0"
+expect_error 1 "must be an integer in \[0, " "$moas" generate -m "$model" -p "A" -c -1
+
+# a prompt from a file or stdin (-f FILE, -f -, -p -); a text from stdin (-f -)
+printf 'And God' >"$tmp/prompt"
+want=$("$moas" generate -m "$model" -p "And God" -n 20 --seed 4 2>/dev/null)
+[ "$("$moas" generate -m "$model" -f "$tmp/prompt" -n 20 --seed 4 2>/dev/null)" = "$want" ] \
+    || fail "generate -f FILE"
+[ "$("$moas" generate -m "$model" -f - -n 20 --seed 4 <"$tmp/prompt" 2>/dev/null)" = "$want" ] \
+    || fail "generate -f -"
+[ "$("$moas" generate -m "$model" -p - -n 20 --seed 4 <"$tmp/prompt" 2>/dev/null)" = "$want" ] \
+    || fail "generate -p -"
+expect_error 2 "not both" "$moas" generate -m "$model" -p "And" -f "$tmp/prompt"
+"$moas" perplexity -m "$model" -f - <"$data/tiny.txt" >"$tmp/ppl-stdin" 2>&1 || fail "perplexity -f -"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" >"$tmp/ppl-file" 2>&1
+[ "$(grep -v tokens/s "$tmp/ppl-stdin")" = "$(grep -v tokens/s "$tmp/ppl-file")" ] \
+    || fail "perplexity -f - differs from -f FILE"
+"$moas" routes -m "$model" -f - --mode routed --json <"$data/tiny.txt" 2>/dev/null \
+    | cmp -s - "$tmp/routes.jsonl" || fail "routes -f -"
+"$moas" logits -m "$model" -f - -o "$tmp/logits-stdin" <"$tmp/text" 2>/dev/null || fail "logits -f -"
+cmp -s "$tmp/logits" "$tmp/logits-stdin" || fail "logits -f -: other logits"
+
 echo "cli: ok"
