@@ -52,7 +52,9 @@ case "$a" in "And God"*) ;; *) fail "generate did not echo the prompt" ;; esac
     || fail "long generation"
 [ "$(head -n 1 "$tmp/long.out" | wc -m)" -ge 1 ] || fail "long generation: no text"
 grep -q "the context (64 tokens) is full" "$tmp/long.err" || fail "long generation: no note"
-grep -q "200 tokens in .*, the window slid [0-9]* times$" "$tmp/long.err" \
+grep -q "^moas:  *eval time = .* / *200 tokens (.* ms per token, .* tokens per second)$" \
+    "$tmp/long.err" || fail "long generation: eval time: $(cat "$tmp/long.err")"
+grep -q "^moas: mode mixture, .*, the window slid [0-9]* times$" "$tmp/long.err" \
     || fail "long generation: stats line: $(cat "$tmp/long.err")"
 # a prompt longer than the context: its end is decoded, and stderr says what was left out
 "$moas" generate -m "$model" -p "$(head -c 100 "$data/tiny.txt")" -n 1 >/dev/null 2>"$tmp/cut.err"
@@ -372,5 +374,21 @@ expect_error 2 "not both" "$moas" generate -m "$model" -p "And" -f "$tmp/prompt"
     | cmp -s - "$tmp/routes.jsonl" || fail "routes -f -"
 "$moas" logits -m "$model" -f - -o "$tmp/logits-stdin" <"$tmp/text" 2>/dev/null || fail "logits -f -"
 cmp -s "$tmp/logits" "$tmp/logits-stdin" || fail "logits -f -: other logits"
+
+# generate's timings, llama.cpp's lines, on stderr
+"$moas" generate -m "$model" -p "And God" -n 30 --seed 1 >/dev/null 2>"$tmp/timings"
+for line in "load time = *[0-9.]* ms$" \
+            "prompt eval time = *[0-9.]* ms / *7 tokens ( *[0-9.]* ms per token, *[0-9.]* tokens per second)$" \
+            "eval time = *[0-9.]* ms / *30 tokens ( *[0-9.]* ms per token, *[0-9.]* tokens per second)$" \
+            "total time = *[0-9.]* ms / *37 tokens$"; do
+    grep -q "^moas: *$line" "$tmp/timings" || fail "timings: no '$line': $(cat "$tmp/timings")"
+done
+
+# stdout and stderr in one pipe: every line of stderr starts a line, none is glued to
+# the text (the text is flushed as it comes, and ends a line before the timings)
+"$moas" generate -m "$model" -p "And God" -n 200 --seed 2 2>&1 | cat >"$tmp/piped"
+[ "$(grep -c 'moas: ' "$tmp/piped")" -eq "$(grep -c '^moas: ' "$tmp/piped")" ] \
+    && grep -q '^moas: *load time' "$tmp/piped" && grep -q '^moas: the context' "$tmp/piped" \
+    || fail "generate | cat: a note glued to the text: $(cat "$tmp/piped")"
 
 echo "cli: ok"

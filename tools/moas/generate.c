@@ -5,6 +5,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static void usage(FILE *f) {
@@ -14,7 +15,8 @@ static void usage(FILE *f) {
             "usage: moas generate -m MODEL (-p PROMPT | -f FILE) [options]\n"
             "\n"
             "Continues the prompt. The prompt and then the text go to stdout as they are\n"
-            "made; notes and a line of statistics go to stderr.\n"
+            "made, ended by a newline; notes and the timings (load, prompt eval, eval, total,\n"
+            "as llama.cpp prints them) go to stderr.\n"
             "\n"
             "  -m, --model PATH        GGUF model file\n"
             "  -p, --prompt TEXT       the prompt; - reads it from stdin\n"
@@ -55,6 +57,53 @@ static int run(int argc, char **argv);
 const command moas_cmd_generate = {
     "generate", "continue a prompt (-p TEXT, or -f FILE; - for stdin)", usage, accepted, run,
 };
+
+/* ---- the text on stdout --------------------------------------------------------- */
+
+/* The text goes to stdout piece by piece, flushed, so that it shows as it is made and
+ * stays in order with stderr's lines when both go to one pipe. line_open: the last
+ * byte written is not a newline. */
+static int line_open;
+
+static void put_text(const char *text, size_t len) {
+    if (len > 0) {
+        fwrite(text, 1, len, stdout);
+        fflush(stdout);
+        line_open = text[len - 1] != '\n';
+    }
+}
+
+/* What a note on stderr starts with in the middle of the text: a newline when the text
+ * has an unfinished line that shows where the note does (stderr a terminal, or the
+ * same file or pipe as stdout), so that the note starts a line of its own. */
+static const char *note_start(void) {
+    struct stat out, err;
+    if (!line_open) {
+        return "";
+    }
+    if (isatty(STDERR_FILENO)) {
+        return "\n";
+    }
+    if (fstat(STDOUT_FILENO, &out) == 0 && fstat(STDERR_FILENO, &err) == 0 &&
+        out.st_dev == err.st_dev && out.st_ino == err.st_ino) {
+        return "\n";
+    }
+    return "";
+}
+
+/* One line of the timings, llama.cpp's layout: the time, then (n >= 0) the tokens, then
+ * (rates) the time per token and tokens per second. */
+static void timing(const char *what, double seconds, long n, int rates) {
+    fprintf(stderr, "moas: %16s = %10.2f ms", what, seconds * 1e3);
+    if (n >= 0) {
+        fprintf(stderr, " / %5ld tokens", n);
+    }
+    if (rates && n > 0 && seconds > 0) {
+        fprintf(stderr, " (%8.2f ms per token, %9.2f tokens per second)", seconds * 1e3 / n,
+                n / seconds);
+    }
+    fputc('\n', stderr);
+}
 
 /* --logit-bias TOKEN=BIAS: TOKEN is a token id (digits) or one character of the
  * vocabulary; BIAS a number, or -inf to ban the token. */
@@ -99,6 +148,7 @@ static int run(int argc, char **argv) {
         usage_error(&moas_cmd_generate, "generate takes the prompt from -p or -f, not both");
     }
 
+    const double t_start = now_seconds();
     moas_model *model = load_model(&o);
     moas_context *ctx = new_context(model, &o);
     moas_sampler_params sp;
@@ -118,6 +168,7 @@ static int run(int argc, char **argv) {
     sp.n_logit_bias = o.n_bias;
     sp.logit_bias = bias;
     check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
+    const double t_loaded = now_seconds();
 
     /* the prompt: -p's text, or a file's (-f), or stdin's (either of them as -) */
     const char *source = o.text_path != NULL ? o.text_path : o.prompt;
@@ -157,9 +208,11 @@ static int run(int argc, char **argv) {
     for (size_t i = start; i < n_prompt; i++) {
         window[n_window++] = tokens[i];
     }
+    const int32_t n_prompt_eval = n_window;
+    const double t_prompt = now_seconds();
     check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
-    fwrite(prompt, 1, prompt_len, stdout);
-    fflush(stdout);
+    const double t_prompt_done = now_seconds();
+    put_text(prompt, prompt_len);
 
     /* text sampled but not shown yet: it may be the start of a stop string */
     size_t held = 0, held_cap = 256;
@@ -168,7 +221,6 @@ static int run(int argc, char **argv) {
     if (pending == NULL) {
         die("out of memory");
     }
-    const double t0 = now_seconds();
     for (int i = 0; i < o.n_predict && !stopped; i++) {
         int32_t token;
         size_t show;
@@ -187,8 +239,7 @@ static int run(int argc, char **argv) {
         held += piece_len;
         check(moas_text_find_stop(pending, held, o.stop, (size_t)o.n_stop, 1, &show, &stopped),
               "stop strings");
-        fwrite(pending, 1, show, stdout);
-        fflush(stdout);
+        put_text(pending, show);
         memmove(pending, pending + show, held - show);
         held -= show;
         if (stopped) {
@@ -203,8 +254,8 @@ static int run(int argc, char **argv) {
                     fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, "
                             "each time it fills, the first %d tokens stay, the next %d are "
                             "dropped and the rest move down (a context shift: RoPE keys "
-                            "turned back, nothing decoded again)\n",
-                            isatty(STDERR_FILENO) ? "\n" : "", n_ctx, sink, drop);
+                            "turned back, nothing decoded again)\n", note_start(), n_ctx, sink,
+                            drop);
                 }
                 memmove(window + sink, window + sink + drop,
                         (size_t)(n_window - sink - drop) * sizeof *window);
@@ -215,7 +266,7 @@ static int run(int argc, char **argv) {
                     fprintf(stderr, "%smoas: the context (%d tokens) is full and the model has "
                             "learned positions (no shift): from here on, each time it fills, "
                             "generation goes on from its last %d tokens, decoded again from "
-                            "position 0\n", isatty(STDERR_FILENO) ? "\n" : "", n_ctx, keep);
+                            "position 0\n", note_start(), n_ctx, keep);
                 }
                 memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
                 n_window = keep;
@@ -227,18 +278,24 @@ static int run(int argc, char **argv) {
         window[n_window++] = token;
         check(moas_context_decode(ctx, token, NULL), "decode");
     }
-    const double dt = now_seconds() - t0;
+    const double t_end = now_seconds();
     if (!stopped && held > 0) {   /* nothing follows: a whole stop string still counts */
         size_t show;
         check(moas_text_find_stop(pending, held, o.stop, (size_t)o.n_stop, 0, &show, &stopped),
               "stop strings");
-        fwrite(pending, 1, show, stdout);
+        put_text(pending, show);
     }
     free(pending);
-    fputc('\n', stdout);
-    fprintf(stderr, "moas: %d tokens in %.3f s (%.1f tokens/s), mode %s, kernels %s, "
-            "%d thread%s", n_generated, dt, dt > 0 ? n_generated / dt : 0.0,
-            mode_name(o.mode), moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+    if (line_open) {   /* the text ends a line before anything else is printed */
+        put_text("\n", 1);
+    }
+
+    timing("load time", t_loaded - t_start, -1, 0);
+    timing("prompt eval time", t_prompt_done - t_prompt, n_prompt_eval, 1);
+    timing("eval time", t_end - t_prompt_done, n_generated, 1);
+    timing("total time", t_end - t_start, (long)n_prompt_eval + n_generated, 0);
+    fprintf(stderr, "moas: mode %s, kernels %s, %d thread%s", mode_name(o.mode),
+            moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
             moas_context_n_threads(ctx) == 1 ? "" : "s");
     if (stopped) {
         fprintf(stderr, ", ended by a stop string");
