@@ -85,7 +85,7 @@ expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --r
 expect_error 1 "neither a token id nor one character" "$moas" generate -m "$model" -p "A" --logit-bias ab=1
 expect_error 1 "token id must be an integer in \[0, 46\]" "$moas" generate -m "$model" -p "A" --logit-bias 47=1
 
-"$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json" 2>"$tmp/ppl.err"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"
 import json, math, sys
 r = json.load(open(sys.argv[1]))
@@ -390,5 +390,21 @@ done
 [ "$(grep -c 'moas: ' "$tmp/piped")" -eq "$(grep -c '^moas: ' "$tmp/piped")" ] \
     && grep -q '^moas: *load time' "$tmp/piped" && grep -q '^moas: the context' "$tmp/piped" \
     || fail "generate | cat: a note glued to the text: $(cat "$tmp/piped")"
+
+# perplexity's progress: on a terminal only, and erased before the result
+[ ! -s "$tmp/ppl.err" ] || fail "perplexity: stderr not empty off a terminal: $(cat "$tmp/ppl.err")"
+if command -v script >/dev/null 2>&1; then
+    script -qec "'$moas' perplexity -m '$model' -f '$data/tiny.txt' -t 1" /dev/null \
+        </dev/null >"$tmp/tty.out" 2>&1 || fail "perplexity on a terminal: $(cat "$tmp/tty.out")"
+    grep -q 'moas: perplexity: window 1 of 9, 0 of 537 tokens' "$tmp/tty.out" \
+        || fail "perplexity: no progress on a terminal: $(cat -v "$tmp/tty.out")"
+    python3 - "$tmp/tty.out" <<'PY' || fail "perplexity: the progress is not erased: $(cat -v "$tmp/tty.out")"
+import sys
+out = open(sys.argv[1], "rb").read()
+assert out[out.rindex(b"\r\x1b[K") + 4:].startswith(b"mode "), out
+PY
+else
+    echo "cli: SKIP: perplexity's progress on a terminal (no script(1))"
+fi
 
 echo "cli: ok"

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static void usage(FILE *f) {
     fputs("usage: moas perplexity -m MODEL -f TEXT [options]\n"
@@ -15,6 +16,7 @@ static void usage(FILE *f) {
           "token and perplexity, tokens/s, the KV bytes per token the cache held, and the\n"
           "share of token-layer pairs each scheme took. A text longer than the context is\n"
           "scored in consecutive windows of the context length, each from an empty cache.\n"
+          "On a terminal, stderr shows the progress.\n"
           "\n"
           "  -m, --model PATH        GGUF model file\n"
           "  -f, --file TEXT         the text (at least 2 characters); - reads stdin\n"
@@ -37,6 +39,34 @@ const command moas_cmd_perplexity = {
     "perplexity", "score a text: nats/token, perplexity, KV bytes per token", usage,
     accepted, run,
 };
+
+/* ---- progress ------------------------------------------------------------------- */
+
+/* A line on stderr, rewritten in place, while a long run goes on: only when stderr is
+ * a terminal, at most ten times a second, and erased before the result. */
+typedef struct {
+    int on;
+    int shown;
+    double last;
+} progress;
+
+static void progress_show(progress *p, size_t window, size_t n_windows, size_t done,
+                          size_t total) {
+    const double t = now_seconds();
+    if (!p->on || (p->shown && t - p->last < 0.1)) {
+        return;
+    }
+    fprintf(stderr, "\r\033[Kmoas: perplexity: window %zu of %zu, %zu of %zu tokens", window,
+            n_windows, done, total);
+    p->shown = 1;
+    p->last = t;
+}
+
+static void progress_end(progress *p) {
+    if (p->shown) {
+        fputs("\r\033[K", stderr);
+    }
+}
 
 /* ---- the windows ---------------------------------------------------------------- */
 
@@ -75,6 +105,7 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
     const moas_model *model = moas_context_model(ctx);
     const int32_t n_vocab = moas_model_n_vocab(model), S = moas_model_n_scheme(model);
     int32_t counts[8];
+    progress prog = {isatty(STDERR_FILENO), 0, 0.0};
     const double t0 = now_seconds();
 
     sc->kv_bytes = 0;
@@ -91,8 +122,12 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
         }
     }
     const size_t step = stride > 0 ? (size_t)stride : (size_t)n_ctx;
+    const size_t n_windows = stride > 0 && n_tokens > (size_t)n_ctx
+                                 ? 1 + (n_tokens - (size_t)n_ctx + step - 1) / step
+                                 : (n_tokens + step - 1) / step;
     for (size_t begin = 0; begin < n_tokens; begin += step) {
         const size_t end = begin + (size_t)n_ctx < n_tokens ? begin + (size_t)n_ctx : n_tokens;
+        progress_show(&prog, begin / step + 1, n_windows, begin, n_tokens);
         moas_context_reset(ctx);
         if (stride > 0) {
             /* targets from the first the previous window did not score; a window's own
@@ -126,6 +161,7 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
             break;
         }
     }
+    progress_end(&prog);
     free(all);
     return now_seconds() - t0;
 }
