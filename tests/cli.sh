@@ -407,4 +407,23 @@ else
     echo "cli: SKIP: perplexity's progress on a terminal (no script(1))"
 fi
 
+# scheme names are unique: the pooled model with its GQA scheme given 6 KV heads, as
+# many as MHA, names them MHA#0 and MHA#1
+python3 - "$data/tiny-pooled-bias.gguf" "$tmp/same.gguf" <<'PY'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+key = b"moas.attention.scheme_kv_heads"
+at = b.index(key) + len(key)
+assert struct.unpack_from("<IIQIII", b, at) == (9, 4, 3, 6, 2, 1)   # [6, 2, 1]
+struct.pack_into("<I", b, at + 20, 6)
+open(sys.argv[2], "wb").write(b)
+PY
+"$moas" perplexity -m "$tmp/same.gguf" -f "$data/tiny.txt" --mode routed >"$tmp/same.out"
+grep -q '^scheme shares   MHA#0 [0-9.]*% MHA#1 [0-9.]*% MQA [0-9.]*%$' "$tmp/same.out" \
+    || fail "scheme names: $(grep shares "$tmp/same.out")"
+"$moas" routes -m "$tmp/same.gguf" -f "$tmp/text" --no-color \
+    | grep -q '^schemes:  0 = MHA#0  1 = MHA#1  2 = MQA ' || fail "routes: scheme names"
+grep -q '^scheme shares   MHA [0-9.]*% GQA-2 [0-9.]*% MQA [0-9.]*%$' "$tmp/ppl-file" \
+    || fail "scheme names of distinct schemes: $(grep shares "$tmp/ppl-file")"
+
 echo "cli: ok"

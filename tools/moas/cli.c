@@ -168,12 +168,15 @@ const char *type_name(moas_type t) {
 
 const char *scheme_label(const moas_model *model, int32_t s, char *buf, size_t cap) {
     const int32_t n_kv = moas_model_scheme_n_kv(model, s), n_head = moas_model_n_head(model);
-    if (n_kv == n_head) {
-        snprintf(buf, cap, "MHA");
-    } else if (n_kv == 1) {
-        snprintf(buf, cap, "MQA");
-    } else {
-        snprintf(buf, cap, "GQA-%d", n_kv);
+    int shared = 0;
+    for (int32_t t = 0; t < moas_model_n_scheme(model); t++) {
+        shared |= t != s && moas_model_scheme_n_kv(model, t) == n_kv;
+    }
+    const int n = n_kv == n_head ? snprintf(buf, cap, "MHA")
+                  : n_kv == 1    ? snprintf(buf, cap, "MQA")
+                                 : snprintf(buf, cap, "GQA-%d", n_kv);
+    if (shared && n >= 0 && (size_t)n < cap) {
+        snprintf(buf + n, cap - (size_t)n, "#%d", s);
     }
     return buf;
 }

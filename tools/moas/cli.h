@@ -162,7 +162,9 @@ moas_context *new_context(const moas_model *model, const options *o);
 const char *mode_name(moas_mode mode);
 const char *type_name(moas_type t);
 
-/* A short name for a scheme from its KV heads: MHA stores all, MQA one, GQA between. */
+/* A scheme's name, from its KV heads: MHA (all of them), MQA (one), GQA-g (g); when
+ * another scheme of the model has as many KV heads, the name ends in #s, its number
+ * (MHA#0, MHA#1), so that every scheme's name is its own. */
 const char *scheme_label(const moas_model *model, int32_t s, char *buf, size_t cap);
 
 /* `text` as a JSON string. */
