@@ -426,4 +426,13 @@ grep -q '^scheme shares   MHA#0 [0-9.]*% MHA#1 [0-9.]*% MQA [0-9.]*%$' "$tmp/sam
 grep -q '^scheme shares   MHA [0-9.]*% GQA-2 [0-9.]*% MQA [0-9.]*%$' "$tmp/ppl-file" \
     || fail "scheme names of distinct schemes: $(grep shares "$tmp/ppl-file")"
 
+# a text with nothing to route, decode or score is an error, not an empty success
+: >"$tmp/empty.txt"
+expect_error 1 "'.*empty.txt' has no characters to route" "$moas" routes -m "$model" -f "$tmp/empty.txt"
+expect_error 1 "stdin has no characters to route" "$moas" routes -m "$model" -f - --json <"$tmp/empty.txt"
+expect_error 1 "has no characters: there are no logits" "$moas" logits -m "$model" -f "$tmp/empty.txt" -o "$tmp/l"
+printf 'A' >"$tmp/one.txt"
+expect_error 1 "has 1 character to score: perplexity needs at least 2" \
+    "$moas" perplexity -m "$model" -f "$tmp/one.txt"
+
 echo "cli: ok"

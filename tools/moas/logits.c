@@ -44,9 +44,14 @@ static int run(int argc, char **argv) {
     const int32_t n_ctx = moas_context_n_ctx(ctx);
     const int32_t n_vocab = moas_model_n_vocab(model);
     size_t len, n_tokens;
+    char name[512];
 
     char *text = read_text(o.text_path, &len);
     int32_t *tokens = tokenize_all(model, &o.unknown, text, len, &n_tokens, NULL);
+    if (n_tokens == 0) {
+        die("%s has no characters: there are no logits to write",
+            text_name(o.text_path, name, sizeof name));
+    }
     FILE *out = fopen(o.out_path, "wb");
     if (out == NULL) {
         die("cannot create '%s': %s", o.out_path, strerror(errno));

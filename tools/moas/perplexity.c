@@ -179,13 +179,16 @@ static int run(int argc, char **argv) {
     moas_context *ctx = new_context(model, &o);
     size_t len, n_tokens, n_changed;
     score s = {0, 0, 0};
+    char name[512];
 
     char *text = read_text(o.text_path, &len);
     int32_t *tokens = tokenize_all(model, &o.unknown, text, len, &n_tokens, &n_changed);
     /* characters of the text: dropped ones are not among the tokens */
     const size_t n_chars = n_tokens + (o.unknown.rule == MOAS_UNKNOWN_DROP ? n_changed : 0);
     if (n_tokens < 2) {
-        die("'%s' has %zu characters; at least 2 are needed", o.text_path, n_tokens);
+        die("%s has %zu character%s to score: perplexity needs at least 2 (the first is "
+            "only context)", text_name(o.text_path, name, sizeof name), n_tokens,
+            n_tokens == 1 ? "" : "s");
     }
     long long pairs[8], all_pairs = 0;
     int32_t window_tokens, window_pairs[8];

@@ -123,9 +123,13 @@ static int run(int argc, char **argv) {
     const int32_t n_ctx = moas_context_n_ctx(ctx);
     const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
     size_t len, n_tokens;
+    char name[512];
 
     char *text = read_text(o.text_path, &len);
     int32_t *tokens = tokenize_all(model, &o.unknown, text, len, &n_tokens, NULL);
+    if (n_tokens == 0) {
+        die("%s has no characters to route", text_name(o.text_path, name, sizeof name));
+    }
     float *gates = malloc((size_t)n_ctx * L * S * sizeof *gates);
     int32_t *schemes = malloc((size_t)n_ctx * L * sizeof *schemes);
     int32_t *heads = malloc((size_t)n_ctx * L * sizeof *heads);
