@@ -114,10 +114,13 @@ $(LIBOUT)/moas.pc: moas.pc.in include/moas.h Makefile
 PROG_CFLAGS := $(MOAS_CFLAGS) -Iinclude -Isrc $(OMP_FLAGS) $(CFLAGS) $(MOREFLAGS)
 PROG_LIBS   := $(STATIC_LIB) -lm $(OMP_FLAGS)
 
-$(BINOUT)/moas: tools/moas.c tools/batched_bench.c $(STATIC_LIB)
+# bin/moas: tools/moas/, one file per command (main.c dispatches, cli.c and options.c
+# are what they share).
+MOAS_CLI_SRCS := $(wildcard tools/moas/*.c)
+$(BINOUT)/moas: $(MOAS_CLI_SRCS) tools/moas/cli.h $(STATIC_LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
-	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/moas.c tools/batched_bench.c $(PROG_LIBS) $(LDFLAGS)
+	$(Q)$(CC) $(PROG_CFLAGS) -o $@ $(MOAS_CLI_SRCS) $(PROG_LIBS) $(LDFLAGS)
 
 # Kernel micro-benchmark, every table this CPU runs (not part of `all`).
 .PHONY: bench-kernels

@@ -52,7 +52,9 @@ case "$a" in "And God"*) ;; *) fail "generate did not echo the prompt" ;; esac
     || fail "long generation"
 [ "$(head -n 1 "$tmp/long.out" | wc -m)" -ge 1 ] || fail "long generation: no text"
 grep -q "the context (64 tokens) is full" "$tmp/long.err" || fail "long generation: no note"
-grep -q "200 tokens in .*, the window slid [0-9]* times$" "$tmp/long.err" \
+grep -q "^moas:  *eval time = .* / *200 tokens (.* ms per token, .* tokens per second)$" \
+    "$tmp/long.err" || fail "long generation: eval time: $(cat "$tmp/long.err")"
+grep -q "^moas: mode mixture, .*, the window slid [0-9]* times$" "$tmp/long.err" \
     || fail "long generation: stats line: $(cat "$tmp/long.err")"
 # a prompt longer than the context: its end is decoded, and stderr says what was left out
 "$moas" generate -m "$model" -p "$(head -c 100 "$data/tiny.txt")" -n 1 >/dev/null 2>"$tmp/cut.err"
@@ -83,7 +85,7 @@ expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --r
 expect_error 1 "neither a token id nor one character" "$moas" generate -m "$model" -p "A" --logit-bias ab=1
 expect_error 1 "token id must be an integer in \[0, 46\]" "$moas" generate -m "$model" -p "A" --logit-bias 47=1
 
-"$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json" 2>"$tmp/ppl.err"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"
 import json, math, sys
 r = json.load(open(sys.argv[1]))
@@ -173,20 +175,20 @@ head -c 3000 "$model" >"$tmp/cut.gguf"
 # bench: the JSON has the promised fields, runs are clamped to the trained context,
 # and a model path needing escapes still gives valid JSON
 cp "$model" "$tmp/q\"uote.gguf"
-"$moas" bench -m "$tmp/q\"uote.gguf" -p 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
-"$moas" bench -m "$model" -p 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
-grep -q "^moas: bench: -p 100000 is more than the trained context: the prefill measures 64 tokens$" \
-    "$tmp/bench2.err" || fail "bench: -p clamp not said: $(cat "$tmp/bench2.err")"
+"$moas" bench -m "$tmp/q\"uote.gguf" --n-prompt 8 -n 6 -d 4 -r 2 -t 1 --mode routed --json >"$tmp/bench.json"
+"$moas" bench -m "$model" --n-prompt 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
+grep -q "^moas: bench: --n-prompt 100000 is more than the trained context: the prefill measures 64 tokens$" \
+    "$tmp/bench2.err" || fail "bench: --n-prompt clamp not said: $(cat "$tmp/bench2.err")"
 grep -q "^moas: bench: -n 100000 does not fit after 0 cached tokens .*: decode measures 64 tokens$" \
     "$tmp/bench2.err" || fail "bench: -n clamp not said"
 # the default thread count is reported as the number used: OpenMP's (OMP_NUM_THREADS
 # here), or 1 in a build without OpenMP
 if ldd "$moas" 2>/dev/null | grep -q 'libg\?omp'; then want_threads=3; else want_threads=1; fi
-OMP_NUM_THREADS=3 "$moas" bench -m "$model" -p 8 -n 4 -d 200 -r 1 --json >"$tmp/bench3.json" \
+OMP_NUM_THREADS=3 "$moas" bench -m "$model" --n-prompt 8 -n 4 -d 200 -r 1 --json >"$tmp/bench3.json" \
     2>"$tmp/bench3.err"
 grep -q "^moas: bench: -d 200 leaves no room .*: decoding starts after 63 cached tokens$" \
     "$tmp/bench3.err" || fail "bench: -d clamp not said"
-"$moas" bench -m "$model" -p 8 -n 4 -r 1 -t 1 | grep -q '^model .*(mixture mode, .* kernels, 1 thread, as asked)$' \
+"$moas" bench -m "$model" --n-prompt 8 -n 4 -r 1 -t 1 | grep -q '^model .*(mixture mode, .* kernels, 1 thread, as asked)$' \
     || fail "bench: thread count"
 python3 - "$tmp/bench.json" "$tmp/bench2.json" "$tmp/bench3.json" "$want_threads" <<'PY' || fail "bench --json"
 import json, sys
@@ -281,4 +283,156 @@ expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
 grep -q "context shift" "$tmp/shift.err" || fail "generate: RoPE context shift: $(cat "$tmp/shift.err")"
 "$moas" generate -m "$model" -p "And " -n 100 --seed 1 >/dev/null 2>"$tmp/slide.err"
 grep -q "learned positions (no shift)" "$tmp/slide.err" || fail "generate: re-encode message"
+# ---- conventions (issue 17): help, options, input, timings ----
+
+# help: on stdout, exit 0, for the program and for each command, three ways each
+"$moas" --help >"$tmp/help" 2>"$tmp/help.err" || fail "--help exited $?"
+[ ! -s "$tmp/help.err" ] && grep -q '^usage: moas COMMAND' "$tmp/help" || fail "--help: not on stdout"
+for how in -h help; do
+    "$moas" $how >"$tmp/help2" || fail "moas $how exited $?"
+    cmp -s "$tmp/help" "$tmp/help2" || fail "moas $how differs from moas --help"
+done
+commands="generate perplexity routes logits inspect bench batched-bench"
+listed=$(sed -n 's/^  \([a-z-]*\)  .*/\1/p' "$tmp/help" | tr '\n' ' ')
+[ "$listed" = "$commands " ] || fail "moas --help lists '$listed'"
+for c in $commands; do
+    "$moas" help "$c" >"$tmp/h1" 2>"$tmp/h.err" || fail "moas help $c exited $?"
+    "$moas" "$c" --help >"$tmp/h2" || fail "moas $c --help exited $?"
+    "$moas" "$c" -h >"$tmp/h3" || fail "moas $c -h exited $?"
+    [ ! -s "$tmp/h.err" ] && head -n 1 "$tmp/h1" | grep -q "^usage: moas $c " \
+        || fail "moas help $c: $(head -n 1 "$tmp/h1")"
+    cmp -s "$tmp/h1" "$tmp/h2" && cmp -s "$tmp/h1" "$tmp/h3" || fail "$c: three helps differ"
+done
+expect_error 2 "unknown command 'nosuch'" "$moas" help nosuch
+expect_error 2 "unknown command 'nosuch'" "$moas" nosuch -m "$model"
+expect_error 2 "usage: moas COMMAND" "$moas"
+
+# options: a command takes exactly the options its help lists; any other, even one
+# another command takes, is refused by name (exit 2), never ignored
+python3 - "$moas" <<'PY' || fail "options and help disagree"
+import re, subprocess, sys
+moas = sys.argv[1]
+commands = "generate perplexity routes logits inspect bench batched-bench".split()
+listed = {}
+for c in commands:
+    text = subprocess.run([moas, "help", c], capture_output=True, text=True).stdout
+    listed[c] = {o for m in re.finditer(r"^ +(-[\w-]+)(?:, (-[\w-]+))?", text, re.M)
+                 for o in m.groups() if o}
+assert all("-m" in listed[c] for c in commands), listed
+every = set().union(*listed.values()) - {"-h", "--help"}
+bad = []
+for c in commands:
+    for opt in sorted(every):
+        r = subprocess.run([moas, c, opt], capture_output=True, text=True)
+        refused = "does not take" in r.stderr or "unknown option" in r.stderr
+        first = r.stderr.splitlines()[0] if r.stderr else "exit %d" % r.returncode
+        if refused != (opt not in listed[c]):
+            bad.append("%s %s: %s" % (c, opt, first))
+        elif refused and (r.returncode != 2 or "moas: %s does not take %s" % (c, opt) not in r.stderr):
+            bad.append("%s %s refused as: exit %d, %s" % (c, opt, r.returncode, first))
+assert not bad, "\n".join(bad)
+PY
+expect_error 2 "moas: bench does not take --temp" "$moas" bench -m "$model" --temp 1
+expect_error 2 "moas: inspect does not take -t" "$moas" inspect -m "$model" -t 2
+expect_error 2 "moas: perplexity does not take -p" "$moas" perplexity -m "$model" -p "And"
+# bench: -p is a prompt's text everywhere, so bench's prompt length is --n-prompt
+expect_error 2 "bench does not take -p: .*--n-prompt N" "$moas" bench -m "$model" -p 8
+"$moas" bench -m "$model" --n-prompt 6 --n-gen 3 --n-depth 2 -r 1 --json >"$tmp/np.json" \
+    || fail "bench --n-prompt --n-gen --n-depth"
+python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert (r["n_prompt"], r["n_decode"], r["depth"]) == (6, 3, 2), r' \
+    "$tmp/np.json" || fail "bench --n-prompt --n-gen --n-depth: $(cat "$tmp/np.json")"
+
+# the default temperature is the library's (1): no --temp is --temp 1
+[ "$("$moas" generate -m "$model" -p "And God" -n 30 --seed 9 2>/dev/null)" = \
+  "$("$moas" generate -m "$model" -p "And God" -n 30 --seed 9 --temp 1 2>/dev/null)" ] \
+    || fail "generate's default temperature is not the library's 1"
+"$moas" help generate | grep -q -- '--temp T .*(default 1)$' || fail "help: default temperature"
+
+# -c 0 is the trained length, as n_ctx = 0 in the library; a negative length is an error
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" -c 0 --json >"$tmp/c0.json" || fail "-c 0"
+python3 -c 'import json, sys; assert json.load(open(sys.argv[1]))["n_ctx"] == 64' "$tmp/c0.json" \
+    || fail "perplexity -c 0: n_ctx"
+[ "$("$moas" generate -m "$model" -p "And God" -n 20 --seed 3 -c 0 2>/dev/null)" = \
+  "$("$moas" generate -m "$model" -p "And God" -n 20 --seed 3 2>/dev/null)" ] || fail "generate -c 0"
+expect_error 1 "must be an integer in \[0, " "$moas" generate -m "$model" -p "A" -c -1
+
+# a prompt from a file or stdin (-f FILE, -f -, -p -); a text from stdin (-f -)
+printf 'And God' >"$tmp/prompt"
+want=$("$moas" generate -m "$model" -p "And God" -n 20 --seed 4 2>/dev/null)
+[ "$("$moas" generate -m "$model" -f "$tmp/prompt" -n 20 --seed 4 2>/dev/null)" = "$want" ] \
+    || fail "generate -f FILE"
+[ "$("$moas" generate -m "$model" -f - -n 20 --seed 4 <"$tmp/prompt" 2>/dev/null)" = "$want" ] \
+    || fail "generate -f -"
+[ "$("$moas" generate -m "$model" -p - -n 20 --seed 4 <"$tmp/prompt" 2>/dev/null)" = "$want" ] \
+    || fail "generate -p -"
+expect_error 2 "not both" "$moas" generate -m "$model" -p "And" -f "$tmp/prompt"
+"$moas" perplexity -m "$model" -f - <"$data/tiny.txt" >"$tmp/ppl-stdin" 2>&1 || fail "perplexity -f -"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" >"$tmp/ppl-file" 2>&1
+[ "$(grep -v tokens/s "$tmp/ppl-stdin")" = "$(grep -v tokens/s "$tmp/ppl-file")" ] \
+    || fail "perplexity -f - differs from -f FILE"
+"$moas" routes -m "$model" -f - --mode routed --json <"$data/tiny.txt" 2>/dev/null \
+    | cmp -s - "$tmp/routes.jsonl" || fail "routes -f -"
+"$moas" logits -m "$model" -f - -o "$tmp/logits-stdin" <"$tmp/text" 2>/dev/null || fail "logits -f -"
+cmp -s "$tmp/logits" "$tmp/logits-stdin" || fail "logits -f -: other logits"
+
+# generate's timings, llama.cpp's lines, on stderr
+"$moas" generate -m "$model" -p "And God" -n 30 --seed 1 >/dev/null 2>"$tmp/timings"
+for line in "load time = *[0-9.]* ms$" \
+            "prompt eval time = *[0-9.]* ms / *7 tokens ( *[0-9.]* ms per token, *[0-9.]* tokens per second)$" \
+            "eval time = *[0-9.]* ms / *30 tokens ( *[0-9.]* ms per token, *[0-9.]* tokens per second)$" \
+            "total time = *[0-9.]* ms / *37 tokens$"; do
+    grep -q "^moas: *$line" "$tmp/timings" || fail "timings: no '$line': $(cat "$tmp/timings")"
+done
+
+# stdout and stderr in one pipe: every line of stderr starts a line, none is glued to
+# the text (the text is flushed as it comes, and ends a line before the timings)
+"$moas" generate -m "$model" -p "And God" -n 200 --seed 2 2>&1 | cat >"$tmp/piped"
+[ "$(grep -c 'moas: ' "$tmp/piped")" -eq "$(grep -c '^moas: ' "$tmp/piped")" ] \
+    && grep -q '^moas: *load time' "$tmp/piped" && grep -q '^moas: the context' "$tmp/piped" \
+    || fail "generate | cat: a note glued to the text: $(cat "$tmp/piped")"
+
+# perplexity's progress: on a terminal only, and erased before the result
+[ ! -s "$tmp/ppl.err" ] || fail "perplexity: stderr not empty off a terminal: $(cat "$tmp/ppl.err")"
+if command -v script >/dev/null 2>&1; then
+    script -qec "'$moas' perplexity -m '$model' -f '$data/tiny.txt' -t 1" /dev/null \
+        </dev/null >"$tmp/tty.out" 2>&1 || fail "perplexity on a terminal: $(cat "$tmp/tty.out")"
+    grep -q 'moas: perplexity: window 1 of 9, 0 of 537 tokens' "$tmp/tty.out" \
+        || fail "perplexity: no progress on a terminal: $(cat -v "$tmp/tty.out")"
+    python3 - "$tmp/tty.out" <<'PY' || fail "perplexity: the progress is not erased: $(cat -v "$tmp/tty.out")"
+import sys
+out = open(sys.argv[1], "rb").read()
+assert out[out.rindex(b"\r\x1b[K") + 4:].startswith(b"mode "), out
+PY
+else
+    echo "cli: SKIP: perplexity's progress on a terminal (no script(1))"
+fi
+
+# scheme names are unique: the pooled model with its GQA scheme given 6 KV heads, as
+# many as MHA, names them MHA#0 and MHA#1
+python3 - "$data/tiny-pooled-bias.gguf" "$tmp/same.gguf" <<'PY'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+key = b"moas.attention.scheme_kv_heads"
+at = b.index(key) + len(key)
+assert struct.unpack_from("<IIQIII", b, at) == (9, 4, 3, 6, 2, 1)   # [6, 2, 1]
+struct.pack_into("<I", b, at + 20, 6)
+open(sys.argv[2], "wb").write(b)
+PY
+"$moas" perplexity -m "$tmp/same.gguf" -f "$data/tiny.txt" --mode routed >"$tmp/same.out"
+grep -q '^scheme shares   MHA#0 [0-9.]*% MHA#1 [0-9.]*% MQA [0-9.]*%$' "$tmp/same.out" \
+    || fail "scheme names: $(grep shares "$tmp/same.out")"
+"$moas" routes -m "$tmp/same.gguf" -f "$tmp/text" --no-color \
+    | grep -q '^schemes:  0 = MHA#0  1 = MHA#1  2 = MQA ' || fail "routes: scheme names"
+grep -q '^scheme shares   MHA [0-9.]*% GQA-2 [0-9.]*% MQA [0-9.]*%$' "$tmp/ppl-file" \
+    || fail "scheme names of distinct schemes: $(grep shares "$tmp/ppl-file")"
+
+# a text with nothing to route, decode or score is an error, not an empty success
+: >"$tmp/empty.txt"
+expect_error 1 "'.*empty.txt' has no characters to route" "$moas" routes -m "$model" -f "$tmp/empty.txt"
+expect_error 1 "stdin has no characters to route" "$moas" routes -m "$model" -f - --json <"$tmp/empty.txt"
+expect_error 1 "has no characters: there are no logits" "$moas" logits -m "$model" -f "$tmp/empty.txt" -o "$tmp/l"
+printf 'A' >"$tmp/one.txt"
+expect_error 1 "has 1 character to score: perplexity needs at least 2" \
+    "$moas" perplexity -m "$model" -f "$tmp/one.txt"
+
 echo "cli: ok"

@@ -30,7 +30,7 @@ model() {   # model NAME ARGS...: build/bench/NAME.gguf, made once
 
 run() {     # run MODEL MODE
     for t in 1 2; do
-        "$bin/moas" bench -m "$1" --mode "$2" -t "$t" -p 512 -n 128 -r "$repeats" --json
+        "$bin/moas" bench -m "$1" --mode "$2" -t "$t" --n-prompt 512 -n 128 -r "$repeats" --json
     done
 }
 

@@ -17,7 +17,7 @@ For every model and mode the script runs
 
 and, unless --no-bench, times decoding with
 
-    MOAS bench -m PATH --mode MODE -t THREADS -p 64 -n 64 -r 1 --json
+    MOAS bench -m PATH --mode MODE -t THREADS --n-prompt 64 -n 64 -r 1 --json
 
 A model with one attention scheme (plain MHA) computes the same in both modes, so it
 is measured once, in the first mode of --modes, and gets one row whose mode is
@@ -227,8 +227,8 @@ def measure(args, models, modes, progress):
         bench_argv = []
         for row in rows:
             bench_argv.append([moas, "bench", "-m", row["path"], "--mode", row["run_mode"],
-                               "-t", threads, "-p", str(BENCH_PROMPT), "-n", str(BENCH_DECODE),
-                               "-r", "1", "--json"])
+                               "-t", threads, "--n-prompt", str(BENCH_PROMPT),
+                               "-n", str(BENCH_DECODE), "-r", "1", "--json"])
         commands.extend(shlex.join(a) for a in bench_argv)
         for r in range(repeats):
             for i, row in enumerate(rows):

@@ -78,7 +78,7 @@ if cmd == "perplexity":
                "mha_kv_bytes_per_token": 6144,
                "scheme_shares": [0.014, 0.078, 0.908], "schemes": ["MHA", "GQA-2", "MQA"]}
 elif cmd == "bench":
-    assert opt["-r"] == "1" and opt["-p"] == "64" and opt["-n"] == "64", argv
+    assert opt["-r"] == "1" and opt["--n-prompt"] == "64" and opt["-n"] == "64", argv
     key = os.path.join(here, "n-" + os.path.basename(path) + "-" + mode)
     n = int(open(key).read()) if os.path.exists(key) else 0
     with open(key, "w") as f:

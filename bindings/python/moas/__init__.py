@@ -884,11 +884,12 @@ class Model(_Handle):
         return Context(self, **params)
 
     # high level: text in, text out (the ctypes layer above is what they use)
-    def generate(self, prompt, max_tokens=128, *, temperature=0.8, top_k=0, top_p=1.0,
+    def generate(self, prompt, max_tokens=128, *, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=0,
                  stop=(), stream=False, routes=False, mode="mixture", n_ctx=0,
                  unknown="error", n_threads=0, forced_scheme=-1):
-        """The continuation of `prompt`, sampled as Sampler samples.
+        """The continuation of `prompt`, sampled as Sampler samples (with its defaults,
+        the library's: temperature 1, as `moas generate`).
 
         stream=False returns the text; stream=True returns a generator of text pieces
         (one per character, fewer while a possible stop string is held back). With

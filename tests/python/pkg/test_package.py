@@ -71,6 +71,13 @@ def test_generate_greedy_is_decode_and_argmax(model):
     assert text == model.detokenize(want)
 
 
+def test_default_temperature_is_the_library_s(model):
+    # one default everywhere: the library's (moas_sampler_params_init, 1), which Sampler
+    # and `moas generate` use too
+    assert model.generate("And God", 20, seed=7) == model.generate("And God", 20, seed=7,
+                                                                    temperature=1.0)
+
+
 def test_stream_equals_whole_and_routes_are_lists(model):
     whole = model.generate("And God", 20, temperature=0.9, seed=7)
     pieces = list(model.generate("And God", 20, temperature=0.9, seed=7, stream=True))

@@ -4,26 +4,60 @@
  * llama.cpp's llama-batched-bench (so the two tables read side by side), plus the KV
  * bytes the sequences use and the pages they hold; and, given only --pool-mb, how
  * many sequences of PP+TG tokens fit in that pool.
- *
- * Like moas.c, a client of the public API only.
  */
-#include "moas.h"
+#include "cli.h"
 
-#include <errno.h>
 #include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-int moas_cmd_batched_bench(int argc, char **argv);
+static void usage(FILE *f) {
+    fputs("usage: moas batched-bench -m MODEL [-npp 128] [-ntg 128] [-npl 1,2,4,8,16,32,64]\n"
+          "                          [options]\n"
+          "\n"
+          "Every combination of PP, TG and B is one row: B sequences decode a prompt of PP\n"
+          "tokens together, then TG tokens each, all in one KV pool; the columns are\n"
+          "llama-batched-bench's, plus the KV bytes and pages the sequences hold.\n"
+          "\n"
+          "  -m, --model PATH        GGUF model file\n"
+          "  -npp LIST               prompt tokens, comma-separated (default 128)\n"
+          "  -ntg LIST               generated tokens (default 128)\n"
+          "  -npl LIST               parallel sequences (default 1,2,4,8,16,32,64)\n"
+          "  -pps, --shared-prompt   one prompt decoded once and forked to every sequence\n"
+          "      --pool-mb N         the KV pool's size (default: what the largest row\n"
+          "                          needs); without -npl: how many sequences of PP+TG\n"
+          "                          tokens fit\n"
+          "  -b N                    rows per batched block (default 128)\n"
+          "      --page-heads P      K/V heads per page, a power of two (default 4)\n"
+          "      --compact-keep N    with --pool-mb alone, routed mode, pooled K/V: pool all\n"
+          "                          but each sequence's last N tokens down to the cheapest\n"
+          "                          scheme\n"
+          "  -f, --file TEXT         take tokens from this text, - for stdin (default: a\n"
+          "                          fixed pseudo-random sequence; routed-mode KV use\n"
+          "                          follows the text)\n"
+          "      --json              one JSON object per row\n",
+          f);
+    print_context_options(f, &moas_cmd_batched_bench);
+}
 
-#define MAX_LIST 32
+static const opt_id accepted[] = {
+    OPT_MODEL, OPT_NPP, OPT_NTG, OPT_NPL, OPT_SHARED_PROMPT, OPT_POOL_MB, OPT_BATCH,
+    OPT_PAGE_HEADS, OPT_COMPACT_KEEP, OPT_FILE, OPT_JSON, OPT_THREADS, OPT_MODE, OPT_KV_TYPE,
+    OPT_FORCE_SCHEME, OPT_END,
+};
+
+static int run(int argc, char **argv);
+
+const command moas_cmd_batched_bench = {
+    "batched-bench", "many sequences in one KV pool, as llama-batched-bench measures them",
+    usage, accepted, run,
+};
 
 typedef struct {
     const char *model_path;
     const char *text_path;   /* tokens from this text (its first characters onwards) */
-    int npp[MAX_LIST], ntg[MAX_LIST], npl[MAX_LIST];
+    const int *npp, *ntg, *npl;
     int n_npp, n_ntg, n_npl;
     int shared_prompt;
     int mode;
@@ -60,126 +94,31 @@ static void bb_check(moas_status st, const char *what) {
     }
 }
 
-static void bb_usage(void) {
-    fputs("usage: moas batched-bench -m MODEL [-npp 128] [-ntg 128] [-npl 1,2,4,8,16,32,64]\n"
-          "                          [--shared-prompt] [--mode mixture|routed] [--pool-mb N]\n"
-          "                          [--kv-type f32|f16|q8_0] [-t N] [-b N] [-f TEXT] [--json]\n"
-          "                          [--force-scheme S] [--page-heads P]\n"
-          "  -npp, -ntg, -npl   comma-separated lists: prompt tokens, generated tokens and\n"
-          "                     parallel sequences; every combination is one row\n"
-          "  --shared-prompt    one prompt decoded once and forked to every sequence\n"
-          "  --pool-mb N        the KV pool's size (default: what the largest row needs);\n"
-          "                     without -npl: how many sequences of PP+TG tokens fit\n"
-          "  -b N               rows per batched block (default 128)\n"
-          "  --page-heads P     K/V heads per page, a power of two (default 4)\n"
-          "  --force-scheme S   routed mode: every token to scheme S (e.g. 0: MHA)\n"
-          "  --compact-keep N   with --pool-mb alone, routed mode, pooled K/V: pool all but\n"
-          "                     each sequence's last N tokens down to the cheapest scheme\n"
-          "  -f TEXT            take tokens from this text (default: a fixed pseudo-random\n"
-          "                     sequence; routed-mode KV use follows the text)\n",
-          stderr);
-    exit(2);
-}
-
-static int parse_list(const char *s, int *out) {
-    int n = 0;
-    while (*s != '\0' && n < MAX_LIST) {
-        char *end;
-        const long v = strtol(s, &end, 10);
-        if (end == s || v < 0 || v > 1000000 || (*end != ',' && *end != '\0')) {
-            bb_die("bad list '%s'", s);
-        }
-        out[n++] = (int)v;
-        s = *end == ',' ? end + 1 : end;
-    }
-    return n;
-}
-
-static const char *bb_value(int argc, char **argv, int *i) {
-    if (*i + 1 >= argc) {
-        bb_usage();
-    }
-    return argv[++*i];
-}
-
-static void bb_parse(int argc, char **argv, bb_options *o) {
-    memset(o, 0, sizeof *o);
-    o->npp[0] = 128;
-    o->ntg[0] = 128;
-    o->n_npp = o->n_ntg = 1;
+static void bb_parse(int argc, char **argv, options *all, bb_options *o) {
     static const int default_pl[] = {1, 2, 4, 8, 16, 32, 64};
-    memcpy(o->npl, default_pl, sizeof default_pl);
-    o->n_npl = 7;
-    o->fixed_scheme = -1;
-    o->compact_keep = -1;
-    int have_npl = 0;
-    for (int i = 2; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            bb_usage();
-        } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-            o->model_path = bb_value(argc, argv, &i);
-        } else if (!strcmp(a, "-f")) {
-            o->text_path = bb_value(argc, argv, &i);
-        } else if (!strcmp(a, "-npp")) {
-            o->n_npp = parse_list(bb_value(argc, argv, &i), o->npp);
-        } else if (!strcmp(a, "-ntg")) {
-            o->n_ntg = parse_list(bb_value(argc, argv, &i), o->ntg);
-        } else if (!strcmp(a, "-npl")) {
-            o->n_npl = parse_list(bb_value(argc, argv, &i), o->npl);
-            have_npl = 1;
-        } else if (!strcmp(a, "--shared-prompt") || !strcmp(a, "-pps")) {
-            o->shared_prompt = 1;
-        } else if (!strcmp(a, "--mode")) {
-            const char *v = bb_value(argc, argv, &i);
-            if (strcmp(v, "mixture") && strcmp(v, "routed")) {
-                bb_die("--mode '%s': mixture or routed", v);
-            }
-            o->mode = !strcmp(v, "routed") ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
-        } else if (!strcmp(a, "--kv-type")) {
-            const char *v = bb_value(argc, argv, &i);
-            if (strcmp(v, "f32") && strcmp(v, "f16") && strcmp(v, "q8_0")) {
-                bb_die("--kv-type '%s': f32, f16 or q8_0", v);
-            }
-            o->kv_type = !strcmp(v, "f16")    ? MOAS_TYPE_F16
-                         : !strcmp(v, "q8_0") ? MOAS_TYPE_Q8_0
-                                              : MOAS_TYPE_F32;
-        } else if (!strcmp(a, "--pool-mb")) {
-            o->pool_mb = strtod(bb_value(argc, argv, &i), NULL);
-            if (!(o->pool_mb > 0)) {
-                bb_die("--pool-mb needs a positive size");
-            }
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            o->threads = atoi(bb_value(argc, argv, &i));
-        } else if (!strcmp(a, "-b")) {
-            o->n_batch = atoi(bb_value(argc, argv, &i));
-        } else if (!strcmp(a, "--page-heads")) {
-            o->page_heads = atoi(bb_value(argc, argv, &i));
-        } else if (!strcmp(a, "--compact-keep")) {
-            o->compact_keep = atoi(bb_value(argc, argv, &i));
-        } else if (!strcmp(a, "--force-scheme")) {
-            o->fixed_scheme = atoi(bb_value(argc, argv, &i));
-        } else if (!strcmp(a, "--json")) {
-            o->json = 1;
-        } else {
-            fprintf(stderr, "moas batched-bench: unknown option '%s'\n", a);
-            bb_usage();
-        }
-    }
-    if (o->model_path == NULL || o->n_npp == 0 || o->n_ntg == 0 || o->n_npl == 0) {
-        bb_usage();
-    }
-    for (int i = 0; i < o->n_npl; i++) {
-        if (o->npl[i] < 1) {
-            bb_die("-npl: every B must be at least 1");
-        }
-    }
-    for (int i = 0; i < o->n_npp; i++) {
-        if (o->npp[i] < 1) {
-            bb_die("-npp: a prompt needs at least 1 token");
-        }
-    }
-    o->capacity_only = o->pool_mb > 0 && !have_npl;
+    options_init(all);
+    all->npp[0] = all->ntg[0] = 128;
+    all->n_npp = all->n_ntg = 1;
+    memcpy(all->npl, default_pl, sizeof default_pl);
+    all->n_npl = 7;
+    parse_options(&moas_cmd_batched_bench, argc, argv, all);
+    memset(o, 0, sizeof *o);
+    o->model_path = all->model_path;
+    o->text_path = all->text_path;
+    o->npp = all->npp, o->n_npp = all->n_npp;
+    o->ntg = all->ntg, o->n_ntg = all->n_ntg;
+    o->npl = all->npl, o->n_npl = all->n_npl;
+    o->shared_prompt = all->shared_prompt;
+    o->mode = all->mode;
+    o->kv_type = all->kv_type;
+    o->threads = all->n_threads;
+    o->n_batch = all->n_batch;
+    o->pool_mb = all->pool_mb;
+    o->json = all->json;
+    o->fixed_scheme = all->forced;
+    o->page_heads = all->page_heads;
+    o->compact_keep = all->compact_keep;
+    o->capacity_only = o->pool_mb > 0 && !all->given[OPT_NPL];
 }
 
 static double bb_now(void) {
@@ -209,29 +148,17 @@ static void fill_tokens(const token_source *src, int32_t n_vocab, int seq, int32
 
 static token_source load_text(const moas_model *model, const char *path) {
     token_source src = {NULL, 0};
+    size_t len, n = 0;
     if (path == NULL) {
         return src;
     }
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        bb_die("cannot open '%s': %s", path, strerror(errno));
-    }
-    fseek(f, 0, SEEK_END);
-    const long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *text = malloc((size_t)len + 1);
-    if (text == NULL || fread(text, 1, (size_t)len, f) != (size_t)len) {
-        bb_die("cannot read '%s'", path);
-    }
-    fclose(f);
-    text[len] = '\0';
-    size_t n = 0;
-    moas_tokenize(model, text, (size_t)len, NULL, 0, &n);
+    char *text = read_text(path, &len);
+    moas_tokenize(model, text, len, NULL, 0, &n);
     src.ids = malloc((n + 1) * sizeof *src.ids);
     if (src.ids == NULL) {
         bb_die("out of memory");
     }
-    bb_check(moas_tokenize(model, text, (size_t)len, src.ids, n, &src.n), "tokenize the text");
+    bb_check(moas_tokenize(model, text, len, src.ids, n, &src.n), "tokenize the text");
     free(text);
     return src;
 }
@@ -448,10 +375,11 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     moas_pool_free(pool);
 }
 
-int moas_cmd_batched_bench(int argc, char **argv) {
+static int run(int argc, char **argv) {
+    options all;
     bb_options o;
     moas_model *model;
-    bb_parse(argc, argv, &o);
+    bb_parse(argc, argv, &all, &o);
     bb_check(moas_model_load(o.model_path, NULL, &model), o.model_path);
     token_source src = load_text(model, o.text_path);
     const int32_t n_train = moas_model_n_ctx_train(model);

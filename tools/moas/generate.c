@@ -1,0 +1,319 @@
+/*
+ * generate.c - `moas generate`: continue a prompt.
+ */
+#include "cli.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void usage(FILE *f) {
+    moas_sampler_params sp;
+    moas_sampler_params_init(&sp);   /* the defaults below are the library's */
+    fprintf(f,
+            "usage: moas generate -m MODEL (-p PROMPT | -f FILE) [options]\n"
+            "\n"
+            "Continues the prompt. The prompt and then the text go to stdout as they are\n"
+            "made, ended by a newline; notes and the timings (load, prompt eval, eval, total,\n"
+            "as llama.cpp prints them) go to stderr.\n"
+            "\n"
+            "  -m, --model PATH        GGUF model file\n"
+            "  -p, --prompt TEXT       the prompt; - reads it from stdin\n"
+            "  -f, --file FILE         the prompt is FILE's bytes, as they are; - is stdin\n"
+            "  -n, --n-predict N       tokens to generate (default 256)\n"
+            "      --temp T            temperature; 0: greedy (default %g)\n"
+            "      --top-k K           sample from the K likeliest (default %d: all)\n"
+            "      --top-p P           from the likeliest whose probabilities sum to P\n"
+            "                          (default %g)\n"
+            "      --min-p P           keep tokens at least P times as likely as the likeliest\n"
+            "                          (default %g)\n"
+            "      --seed S            the sampler's seed: the same seed, the same text\n"
+            "                          (default %llu)\n"
+            "      --repeat-penalty F  penalize the tokens among the last N: a positive logit\n"
+            "                          is divided by F, another multiplied (default %g: off)\n"
+            "      --repeat-last-n N   N for --repeat-penalty; the prompt counts (default %d)\n"
+            "      --logit-bias T=B    add B to token T's logit: T an id or one character, B a\n"
+            "                          number or -inf (never T); repeatable\n"
+            "      --stop STRING       end the text just before STRING; repeatable\n"
+            "      --show-routes       after the text, the route map of the last window (as\n"
+            "                          moas routes draws it)\n"
+            "      --color, --no-color colour the route map (default: when stdout is a\n"
+            "                          terminal)\n",
+            (double)sp.temperature, sp.top_k, (double)sp.top_p, (double)sp.min_p,
+            (unsigned long long)sp.seed, (double)sp.repeat_penalty, sp.repeat_last_n);
+    print_context_options(f, &moas_cmd_generate);
+}
+
+static const opt_id accepted[] = {
+    OPT_MODEL, OPT_PROMPT, OPT_FILE, OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P,
+    OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY, OPT_REPEAT_LAST_N, OPT_LOGIT_BIAS, OPT_STOP,
+    OPT_SHOW_ROUTES, OPT_COLOR, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN,
+    OPT_FORCE_SCHEME, OPT_END,
+};
+
+static int run(int argc, char **argv);
+
+const command moas_cmd_generate = {
+    "generate", "continue a prompt (-p TEXT, or -f FILE; - for stdin)", usage, accepted, run,
+};
+
+/* ---- the text on stdout --------------------------------------------------------- */
+
+/* The text goes to stdout piece by piece, flushed, so that it shows as it is made and
+ * stays in order with stderr's lines when both go to one pipe. line_open: the last
+ * byte written is not a newline. */
+static int line_open;
+
+static void put_text(const char *text, size_t len) {
+    if (len > 0) {
+        fwrite(text, 1, len, stdout);
+        fflush(stdout);
+        line_open = text[len - 1] != '\n';
+    }
+}
+
+/* What a note on stderr starts with in the middle of the text: a newline when the text
+ * has an unfinished line that shows where the note does (stderr a terminal, or the
+ * same file or pipe as stdout), so that the note starts a line of its own. */
+static const char *note_start(void) {
+    struct stat out, err;
+    if (!line_open) {
+        return "";
+    }
+    if (isatty(STDERR_FILENO)) {
+        return "\n";
+    }
+    if (fstat(STDOUT_FILENO, &out) == 0 && fstat(STDERR_FILENO, &err) == 0 &&
+        out.st_dev == err.st_dev && out.st_ino == err.st_ino) {
+        return "\n";
+    }
+    return "";
+}
+
+/* One line of the timings, llama.cpp's layout: the time, then (n >= 0) the tokens, then
+ * (rates) the time per token and tokens per second. */
+static void timing(const char *what, double seconds, long n, int rates) {
+    fprintf(stderr, "moas: %16s = %10.2f ms", what, seconds * 1e3);
+    if (n >= 0) {
+        fprintf(stderr, " / %5ld tokens", n);
+    }
+    if (rates && n > 0 && seconds > 0) {
+        fprintf(stderr, " (%8.2f ms per token, %9.2f tokens per second)", seconds * 1e3 / n,
+                n / seconds);
+    }
+    fputc('\n', stderr);
+}
+
+/* --logit-bias TOKEN=BIAS: TOKEN is a token id (digits) or one character of the
+ * vocabulary; BIAS a number, or -inf to ban the token. */
+static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg) {
+    moas_logit_bias b;
+    const char *eq = strrchr(arg, '=');
+    char key[32];
+    size_t n = 0;
+
+    if (eq == NULL || eq == arg || (size_t)(eq - arg) >= sizeof key) {
+        die("--logit-bias needs TOKEN=BIAS (an id or one character, then a number), got '%s'",
+            arg);
+    }
+    memcpy(key, arg, (size_t)(eq - arg));
+    key[eq - arg] = '\0';
+    b.bias = (float)parse_double(eq + 1, "--logit-bias's BIAS");
+    if (strspn(key, "0123456789") == strlen(key)) {
+        b.token = (int32_t)parse_long(key, "--logit-bias's token id", 0,
+                                      moas_model_n_vocab(model) - 1);
+        return b;
+    }
+    const moas_status st = moas_tokenize(model, key, (size_t)-1, &b.token, 1, &n);
+    if (st == MOAS_ERR_BUFFER_TOO_SMALL || (st == MOAS_OK && n != 1)) {
+        die("--logit-bias: '%s' is neither a token id nor one character", key);
+    }
+    check(st, "--logit-bias");
+    return b;
+}
+
+/* ---- generate ------------------------------------------------------------------- */
+
+/* Generation beyond the context: a RoPE model's cache is shifted when it is full
+ * (moas_context_shift); the published model only knows positions below its trained
+ * length, so its last half of the window is decoded again from position 0 and
+ * generation continues from there. */
+static int run(int argc, char **argv) {
+    options o;
+    options_init(&o);
+    o.n_predict = 256;
+    parse_options(&moas_cmd_generate, argc, argv, &o);
+    if (o.prompt != NULL && o.text_path != NULL) {
+        usage_error(&moas_cmd_generate, "generate takes the prompt from -p or -f, not both");
+    }
+
+    const double t_start = now_seconds();
+    moas_model *model = load_model(&o);
+    moas_context *ctx = new_context(model, &o);
+    moas_sampler_params sp;
+    moas_sampler *smp;
+    moas_logit_bias bias[MAX_REPEATED];
+    moas_sampler_params_init(&sp);
+    sp.temperature = o.temperature;
+    sp.top_k = o.top_k;
+    sp.top_p = o.top_p;
+    sp.seed = o.seed;
+    sp.min_p = o.min_p;
+    sp.repeat_penalty = o.repeat_penalty;
+    sp.repeat_last_n = o.repeat_last_n;
+    for (int i = 0; i < o.n_bias; i++) {
+        bias[i] = parse_logit_bias(model, o.bias[i]);
+    }
+    sp.n_logit_bias = o.n_bias;
+    sp.logit_bias = bias;
+    check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
+    const double t_loaded = now_seconds();
+
+    /* the prompt: -p's text, or a file's (-f), or stdin's (either of them as -) */
+    const char *source = o.text_path != NULL ? o.text_path : o.prompt;
+    size_t prompt_len = 0, n_prompt;
+    char *prompt = NULL;
+    if (source != NULL && (o.text_path != NULL || !strcmp(source, "-"))) {
+        prompt = read_text(source, &prompt_len);
+    } else if (source != NULL) {
+        prompt_len = strlen(source);
+        prompt = malloc(prompt_len + 1);
+        if (prompt == NULL) {
+            die("out of memory");
+        }
+        memcpy(prompt, source, prompt_len + 1);
+    }
+    int32_t *tokens = tokenize_all(model, &o.unknown, prompt ? prompt : "", prompt_len,
+                                   &n_prompt, NULL);
+    for (size_t i = 0; i < n_prompt; i++) {   /* the penalty sees the prompt too */
+        check(moas_sampler_accept(smp, tokens[i]), "sampler");
+    }
+    if (n_prompt == 0) {
+        die("the prompt is empty: give at least one character with -p or -f");
+    }
+    const int32_t n_ctx = moas_context_n_ctx(ctx);
+    int32_t n_window = 0, n_slides = 0;
+    int32_t *window = malloc((size_t)n_ctx * sizeof *window);
+    if (window == NULL) {
+        die("out of memory");
+    }
+    /* a prompt longer than the context keeps its end, and says so */
+    const size_t start = n_prompt > (size_t)n_ctx ? n_prompt - (size_t)n_ctx : 0;
+    if (start > 0) {
+        fprintf(stderr, "moas: the prompt has %zu characters, more than the context's %d: only "
+                "its last %d are decoded (the first %zu are not seen)\n", n_prompt, n_ctx,
+                n_ctx, start);
+    }
+    for (size_t i = start; i < n_prompt; i++) {
+        window[n_window++] = tokens[i];
+    }
+    const int32_t n_prompt_eval = n_window;
+    const double t_prompt = now_seconds();
+    check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
+    const double t_prompt_done = now_seconds();
+    put_text(prompt, prompt_len);
+
+    /* text sampled but not shown yet: it may be the start of a stop string */
+    size_t held = 0, held_cap = 256;
+    char *pending = malloc(held_cap);
+    int n_generated = 0, stopped = 0;
+    if (pending == NULL) {
+        die("out of memory");
+    }
+    for (int i = 0; i < o.n_predict && !stopped; i++) {
+        int32_t token;
+        size_t show;
+        check(moas_sampler_sample(smp, moas_context_logits(ctx), &token), "sample");
+        n_generated++;
+        const char *piece = moas_token_text(model, token);
+        const size_t piece_len = strlen(piece);
+        if (held + piece_len > held_cap) {
+            held_cap = 2 * (held + piece_len);
+            pending = realloc(pending, held_cap);
+            if (pending == NULL) {
+                die("out of memory");
+            }
+        }
+        memcpy(pending + held, piece, piece_len);
+        held += piece_len;
+        check(moas_text_find_stop(pending, held, o.stop, (size_t)o.n_stop, 1, &show, &stopped),
+              "stop strings");
+        put_text(pending, show);
+        memmove(pending, pending + show, held - show);
+        held -= show;
+        if (stopped) {
+            break;
+        }
+        if (n_window == n_ctx) {
+            /* RoPE models shift: the first tokens stay (attention sinks), half of the
+             * rest goes, the later half moves down without being decoded again */
+            const int32_t sink = n_ctx >= 16 ? 4 : 0, drop = (n_ctx - sink) / 2;
+            if (moas_context_shift(ctx, sink, drop) == MOAS_OK) {
+                if (n_slides++ == 0) {
+                    fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, "
+                            "each time it fills, the first %d tokens stay, the next %d are "
+                            "dropped and the rest move down (a context shift: RoPE keys "
+                            "turned back, nothing decoded again)\n", note_start(), n_ctx, sink,
+                            drop);
+                }
+                memmove(window + sink, window + sink + drop,
+                        (size_t)(n_window - sink - drop) * sizeof *window);
+                n_window -= drop;
+            } else {
+                const int32_t keep = n_ctx / 2;
+                if (n_slides++ == 0) {
+                    fprintf(stderr, "%smoas: the context (%d tokens) is full and the model has "
+                            "learned positions (no shift): from here on, each time it fills, "
+                            "generation goes on from its last %d tokens, decoded again from "
+                            "position 0\n", note_start(), n_ctx, keep);
+                }
+                memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
+                n_window = keep;
+                moas_context_reset(ctx);
+                check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_NONE),
+                      "decode");
+            }
+        }
+        window[n_window++] = token;
+        check(moas_context_decode(ctx, token, NULL), "decode");
+    }
+    const double t_end = now_seconds();
+    if (!stopped && held > 0) {   /* nothing follows: a whole stop string still counts */
+        size_t show;
+        check(moas_text_find_stop(pending, held, o.stop, (size_t)o.n_stop, 0, &show, &stopped),
+              "stop strings");
+        put_text(pending, show);
+    }
+    free(pending);
+    if (line_open) {   /* the text ends a line before anything else is printed */
+        put_text("\n", 1);
+    }
+
+    timing("load time", t_loaded - t_start, -1, 0);
+    timing("prompt eval time", t_prompt_done - t_prompt, n_prompt_eval, 1);
+    timing("eval time", t_end - t_prompt_done, n_generated, 1);
+    timing("total time", t_end - t_start, (long)n_prompt_eval + n_generated, 0);
+    fprintf(stderr, "moas: mode %s, kernels %s, %d thread%s", mode_name(o.mode),
+            moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
+            moas_context_n_threads(ctx) == 1 ? "" : "s");
+    if (stopped) {
+        fprintf(stderr, ", ended by a stop string");
+    }
+    if (n_slides > 0) {
+        fprintf(stderr, ", the window slid %d time%s", n_slides, n_slides == 1 ? "" : "s");
+    }
+    fputc('\n', stderr);
+    if (o.show_routes) {   /* the window in the cache now: the text's last n_ctx tokens */
+        fputc('\n', stdout);
+        print_route_map(stdout, ctx, window, moas_context_n_past(ctx), o.color);
+    }
+
+    free(window);
+    free(tokens);
+    free(prompt);
+    moas_sampler_free(smp);
+    moas_context_free(ctx);
+    moas_model_free(model);
+    return 0;
+}
