@@ -32,10 +32,10 @@
  * can be whole scheduler time slices per token: two threads decoded 20-30x slower
  * than one there. So the leader times what it loses waiting and what the others'
  * slices saved it (at its own pace per slice), and after a call that lost more than
- * it saved runs the next calls alone, backing off (moas__team_judge). A fixed
- * fraction of the leader's work was the first rule: memory-bound GPT-2-sized calls on
- * an idle machine crossed it now and then and ran 16 calls alone each time, 30% below
- * the speed of a team that never judged.
+ * it saved runs the next calls alone, for as long as teams that keep up take to win
+ * the loss back (moas__team_judge). A fixed fraction of the leader's work and 16 or
+ * more solo calls was the first rule: memory-bound GPT-2-sized calls on an idle
+ * machine crossed it now and then and ran 30% below a team that never judged.
  */
 #if defined(__linux__)
 #define _DEFAULT_SOURCE   /* syscall(), beside the build's _POSIX_C_SOURCE */
@@ -116,12 +116,14 @@ static int64_t now_ns(void) {
 bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t saved_ns) {
     const int64_t excess = lost_ns - saved_ns;
     if (excess <= MOAS_TEAM_LATE_NS) {
-        team->solo_scale /= 4;
+        team->gain_ns = team->gain_ns == 0 ? -excess : (3 * team->gain_ns - excess) / 4;
+        team->solo_scale /= 2;
         return false;
     }
-    const int64_t solo_call_ns = busy_ns + saved_ns > 0 ? busy_ns + saved_ns : 1;
+    int64_t gain = team->gain_ns > 0 ? team->gain_ns : saved_ns > 0 ? saved_ns : busy_ns / 2;
+    gain = gain > 1000 ? gain : 1000;
     const int64_t scale = team->solo_scale > 1 ? team->solo_scale : 1;
-    int64_t calls = (excess + solo_call_ns - 1) / solo_call_ns;
+    int64_t calls = (excess + gain - 1) / gain;
     calls = calls < MOAS_TEAM_SOLO_MAX / scale ? calls * scale : MOAS_TEAM_SOLO_MAX;
     team->solo_left = (int32_t)calls;
     team->solo_scale = (int32_t)(scale < MOAS_TEAM_SOLO_MAX / 4 ? 4 * scale

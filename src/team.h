@@ -44,9 +44,11 @@ typedef struct moas_team {
     int64_t wait_ns;          /* this call: time the leader waited for others' slices */
     int64_t saved_ns;         /* this call: what the others' slices would have cost the
                                * leader, at its own time per slice of the same step */
+    int64_t gain_ns;          /* what a team that kept up saved its call (lost less than
+                               * the others saved), a running average */
     int32_t solo_left;        /* calls to run on the leader alone before a team again */
     int32_t solo_scale;       /* how much longer the next back-off is: 4x after each late
-                               * team, a quarter after each team that kept up */
+                               * team, half after each team that kept up */
     bool never_solo;          /* tests: always run with the team, late or not, so that the
                                * parallel paths run whatever the machine's load */
     char pad3[64];
@@ -67,19 +69,22 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
  * thread another process preempted for a scheduler time slice is. */
 #define MOAS_TEAM_LATE_NS ((int64_t)10000)
 
-/* After a late call the next calls run on the leader alone, as many as the time the
- * late call lost is worth in whole calls (so a rare hiccup costs about what it lost
- * once more, not a fixed number of slow calls: on long calls that would be seconds),
- * times a scale that grows 4x with each late team in a row and shrinks to a quarter
- * after each team that kept up, up to MOAS_TEAM_SOLO_MAX calls. On a machine whose
- * cores other processes keep busy the back-off soon reaches the most, where one call
- * in 1024 still tries the team: a few percent there, and an idle machine is found
- * again within a second. */
+/* After a late call the next calls run on the leader alone, as many as teams that keep
+ * up need to win back what it lost (its excess over the average gain of such a team),
+ * times a scale that grows 4x with each late team and halves with each team that kept
+ * up, up to MOAS_TEAM_SOLO_MAX calls. A rare hiccup thus costs about twice what it
+ * lost, whatever the length of a call (a fixed count of solo calls cost GPT-2-sized
+ * calls 30% on an idle machine); where another process keeps a core busy, a short
+ * call's team gains tens of microseconds and a late one loses a scheduler time slice,
+ * so the back-off soon reaches the most, where one call in 1024 still tries the team:
+ * a few percent there, and an idle machine is found again within a second. */
 #define MOAS_TEAM_SOLO_MAX 1024
 
 /* Judge a call run with a team: the leader worked `busy_ns`, waited `lost_ns` for the
  * other threads, and they ran slices worth `saved_ns` of its time. Sets
- * team->solo_left and team->solo_scale as above; returns whether the team was late.
+ * team->solo_left, team->solo_scale and team->gain_ns as above (before any team kept
+ * up, a late one's gain is taken as what its others saved, or as half the call when
+ * they saved nothing); returns whether the team was late.
  * Thread counts never change results, so this changes speed only. */
 bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t saved_ns);
 

@@ -460,47 +460,62 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
 }
 
 /* A team is late when the leader lost more than the others saved it, by over 10 us;
- * the next calls then run alone, as many as the excess is worth in solo calls (its
- * work plus what the others did), times a scale: 4x after each late team, a quarter
- * after each team that kept up, at most 1024 calls. (Hand-computed; the judge is
- * given times, not measured.) */
+ * the next calls then run alone, as many as teams that keep up (their gain averaged)
+ * need to win the excess back, times a scale: 4x after each late team, half after
+ * each team that kept up, at most 1024 calls. (Hand-computed; the judge is given
+ * times, not measured.) */
 TEST(team_judge_backs_off_and_recovers) {
     moas_team *team = calloc(1, sizeof *team);
     ASSERT_TRUE(team != NULL);
-    /* a long memory-bound call: lost 2 ms waiting, but the others saved 3 ms */
+    /* a long memory-bound call: lost 2 ms waiting, the others saved 3 ms: gain 1 ms */
     ASSERT_TRUE(!moas__team_judge(team, 5000000, 2000000, 3000000));
     ASSERT_EQ(team->solo_left, 0);
-    ASSERT_TRUE(!moas__team_judge(team, 1000, 19000, 10000));   /* 9 us: too little */
-    ASSERT_EQ(team->solo_left, 0);
-    /* lost 8 ms, saved 5 ms: 3 ms over, less than one 11 ms solo call -> one call */
+    ASSERT_EQ(team->gain_ns, 1000000);
+    /* lost 8 ms, saved 5 ms: 3 ms over, three calls' gain */
     ASSERT_TRUE(moas__team_judge(team, 6000000, 8000000, 5000000));
-    ASSERT_EQ(team->solo_left, 1);
+    ASSERT_EQ(team->solo_left, 3);
     ASSERT_EQ(team->solo_scale, 4);
     team->solo_left = 0;
-    ASSERT_TRUE(!moas__team_judge(team, 6000000, 100000, 5000000));   /* kept up */
+    ASSERT_TRUE(!moas__team_judge(team, 5000000, 1000000, 3000000));   /* kept up */
+    ASSERT_EQ(team->gain_ns, 1250000);                                  /* (3 + 2) / 4 */
+    ASSERT_EQ(team->solo_scale, 2);
+    ASSERT_TRUE(!moas__team_judge(team, 1000, 19000, 10000));   /* 9 us: too little */
+    ASSERT_EQ(team->solo_left, 0);
     ASSERT_EQ(team->solo_scale, 1);
-    ASSERT_TRUE(!moas__team_judge(team, 6000000, 100000, 5000000));
-    ASSERT_EQ(team->solo_scale, 0);
-    /* a short call whose worker was preempted: lost 3 ms, saved 40 us, solo call
-     * 100 us: ceil(2.96 ms / 100 us) = 30 calls, then 4x, 16x, up to 1024 */
+    free(team);
+
+    /* short calls whose team gains 40 us and whose worker is preempted for 3 ms:
+     * 2.96 ms / 40 us = 74 calls, then 4x, 16x, up to 1024 */
+    team = calloc(1, sizeof *team);
+    ASSERT_TRUE(team != NULL);
+    ASSERT_TRUE(!moas__team_judge(team, 60000, 1000, 41000));
+    ASSERT_EQ(team->gain_ns, 40000);
     ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
-    ASSERT_EQ(team->solo_left, 30);
+    ASSERT_EQ(team->solo_left, 74);
     ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
-    ASSERT_EQ(team->solo_left, 120);
-    ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
-    ASSERT_EQ(team->solo_left, 480);
+    ASSERT_EQ(team->solo_left, 296);
     ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
     ASSERT_EQ(team->solo_left, 1024);                      /* the most */
-    ASSERT_EQ(team->solo_scale, 256);
+    ASSERT_EQ(team->solo_scale, 64);
+    ASSERT_TRUE(!moas__team_judge(team, 60000, 1000, 41000));    /* kept up: half */
+    ASSERT_EQ(team->gain_ns, 40000);
+    ASSERT_EQ(team->solo_scale, 32);
     ASSERT_TRUE(moas__team_judge(team, 60000, 3000000, 40000));
     ASSERT_EQ(team->solo_left, 1024);
-    ASSERT_EQ(team->solo_scale, 1024);
-    ASSERT_TRUE(!moas__team_judge(team, 60000, 1000, 40000));    /* kept up: less */
-    ASSERT_EQ(team->solo_scale, 256);
-    /* the others never came (nothing saved): the whole wait counts */
-    team->solo_scale = 0;
+    ASSERT_EQ(team->solo_scale, 128);
+    free(team);
+
+    /* before any team kept up: the gain is what the others saved, or half the call
+     * when they never came (the first call of a process starts its threads) */
+    team = calloc(1, sizeof *team);
+    ASSERT_TRUE(team != NULL);
+    ASSERT_TRUE(moas__team_judge(team, 100000, 3000000, 50000));
+    ASSERT_EQ(team->solo_left, 59);                        /* 2.95 ms / 50 us */
+    free(team);
+    team = calloc(1, sizeof *team);
+    ASSERT_TRUE(team != NULL);
     ASSERT_TRUE(moas__team_judge(team, 16000000, 7600000, 0));
-    ASSERT_EQ(team->solo_left, 1);
+    ASSERT_EQ(team->solo_left, 1);                         /* 7.6 ms / 8 ms */
     free(team);
     return TEST_PASS;
 }
