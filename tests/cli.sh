@@ -179,6 +179,10 @@ cp "$model" "$tmp/q\"uote.gguf"
 "$moas" bench -m "$model" --n-prompt 100000 -n 100000 -r 1 -t 1 --json >"$tmp/bench2.json" 2>"$tmp/bench2.err"
 grep -q "^moas: bench: --n-prompt 100000 is more than the trained context: the prefill measures 64 tokens$" \
     "$tmp/bench2.err" || fail "bench: --n-prompt clamp not said: $(cat "$tmp/bench2.err")"
+# not given, the prompt length is 512 or the trained context if shorter, without a word
+"$moas" bench -m "$model" -n 4 -r 1 -t 1 --json >"$tmp/bench4.json" 2>"$tmp/bench4.err"
+grep -q '"n_prompt": 64,' "$tmp/bench4.json" || fail "bench default prompt: $(cat "$tmp/bench4.json")"
+[ ! -s "$tmp/bench4.err" ] || fail "bench default prompt warned: $(cat "$tmp/bench4.err")"
 grep -q "^moas: bench: -n 100000 does not fit after 0 cached tokens .*: decode measures 64 tokens$" \
     "$tmp/bench2.err" || fail "bench: -n clamp not said"
 # the default thread count is reported as the number used: OpenMP's (OMP_NUM_THREADS

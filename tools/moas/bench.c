@@ -17,8 +17,9 @@ static void usage(FILE *f) {
           "beyond the trained context are cut to it, and stderr says so.\n"
           "\n"
           "  -m, --model PATH        GGUF model file\n"
-          "      --n-prompt N        prefill tokens (default 512; llama-bench's -p, which\n"
-          "                          is a prompt's text everywhere in moas)\n"
+          "      --n-prompt N        prefill tokens (default 512, or the trained context\n"
+          "                          if shorter; llama-bench's -p, which is a prompt's\n"
+          "                          text everywhere in moas)\n"
           "  -n, --n-gen N           decode tokens (default 128)\n"
           "  -d, --n-depth N         cached tokens before decoding starts (default 0)\n"
           "  -r, --repeats N         measured runs; the median is reported (default 5)\n"
@@ -92,7 +93,7 @@ static void matrix_cost(const moas_model *model, const double *share, int with_o
 static int run(int argc, char **argv) {
     options o;
     options_init(&o);
-    o.n_prompt = 512;
+    o.n_prompt = 0;   /* not given: 512, or the trained context if shorter */
     o.n_gen = 128;
     o.repeats = 5;
     parse_options(&moas_cmd_bench, argc, argv, &o);
@@ -101,6 +102,9 @@ static int run(int argc, char **argv) {
     const int32_t n_vocab = moas_model_n_vocab(model);
     const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
     int n_prompt = o.n_prompt, n_gen = o.n_gen, depth = o.depth;
+    if (n_prompt == 0) {
+        n_prompt = n_train < 512 ? n_train : 512;
+    }
 
     /* keep every run inside the trained context, and say what changed */
     if (n_prompt > n_train) {
