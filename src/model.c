@@ -597,21 +597,34 @@ static moas_status load_failed(moas_model *m, moas_status st, const moas_model_p
 }
 
 #if MOAS_HAVE_MMAP
+/* errno's text in a buffer of the caller's: strerror() may share one between threads,
+ * and loading models from several threads at once is allowed. */
+typedef struct { char text[128]; } error_text;
+
+static const char *describe_errno(int err, error_text *buf) {
+    if (strerror_r(err, buf->text, sizeof buf->text) != 0) {
+        snprintf(buf->text, sizeof buf->text, "error %d", err);
+    }
+    return buf->text;
+}
+
 static moas_status map_file(moas_model *m, const char *path, bool use_mmap) {
     struct stat st;
     uint8_t *image;
     int fd;
+    error_text why;
 
     /* O_NONBLOCK: opening a FIFO no process writes to returns at once instead of
      * waiting for a writer, so that it can be refused below; a regular file's reads
      * ignore the flag. */
     fd = open(path, O_RDONLY | O_NONBLOCK);
-    MOAS_RETURN_IF(fd < 0, MOAS_ERR_IO, "model_load: cannot open '%s': %s", path, strerror(errno));
+    MOAS_RETURN_IF(fd < 0, MOAS_ERR_IO, "model_load: cannot open '%s': %s", path,
+                   describe_errno(errno, &why));
     if (fstat(fd, &st) != 0) {
         const int err = errno;
         close(fd);
         MOAS_RETURN_IF(true, MOAS_ERR_IO, "model_load: cannot stat '%s': %s", path,
-                       strerror(err));
+                       describe_errno(err, &why));
     }
     if (!S_ISREG(st.st_mode)) {
         /* Both calls succeeded: errno says nothing here, so none of its text is added. */
@@ -635,7 +648,7 @@ static moas_status map_file(moas_model *m, const char *path, bool use_mmap) {
         const int err = errno;
         close(fd);
         MOAS_RETURN_IF(p == MAP_FAILED, MOAS_ERR_IO, "model_load: cannot map '%s': %s", path,
-                       strerror(err));
+                       describe_errno(err, &why));
         m->map = p;
         m->map_size = m->image_size;
         m->image = p;
@@ -649,7 +662,7 @@ static moas_status map_file(moas_model *m, const char *path, bool use_mmap) {
         }
         if (n <= 0) {
             moas__set_error("model_load: cannot read '%s' at byte %zu: %s", path, done,
-                            n < 0 ? strerror(errno) : "unexpected end of file");
+                            n < 0 ? describe_errno(errno, &why) : "unexpected end of file");
             status = MOAS_ERR_IO;
         }
         done += n > 0 ? (size_t)n : 0;
