@@ -44,8 +44,9 @@ typedef struct moas_team {
     int64_t wait_ns;          /* this call: time the leader waited for others' slices */
     int64_t saved_ns;         /* this call: what the others' slices would have cost the
                                * leader, at its own time per slice of the same step */
-    int64_t gain_ns;          /* what a team that kept up saved its call (lost less than
-                               * the others saved), a running average */
+    int64_t gain_ns;          /* what the others saved a call beyond what the leader lost
+                               * waiting, averaged over the calls not judged late (a
+                               * call up to MOAS_TEAM_LATE_NS over counts as a loss) */
     int32_t solo_left;        /* calls to run on the leader alone before a team again */
     int32_t solo_scale;       /* how much longer the next back-off is: 4x after each late
                                * team, half after each team that kept up */
@@ -76,15 +77,16 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
  * lost, whatever the length of a call (a fixed count of solo calls cost GPT-2-sized
  * calls 30% on an idle machine); where another process keeps a core busy, a short
  * call's team gains tens of microseconds and a late one loses a scheduler time slice,
- * so the back-off soon reaches the most, where one call in 1024 still tries the team:
+ * so the back-off soon reaches the most, where one call in 1025 still tries the team:
  * a few percent there, and an idle machine is found again within a second. */
 #define MOAS_TEAM_SOLO_MAX 1024
 
 /* Judge a call run with a team: the leader worked `busy_ns`, waited `lost_ns` for the
  * other threads, and they ran slices worth `saved_ns` of its time. Sets
- * team->solo_left, team->solo_scale and team->gain_ns as above (before any team kept
- * up, a late one's gain is taken as what its others saved, or as half the call when
- * they saved nothing); returns whether the team was late.
+ * team->solo_left, team->solo_scale and team->gain_ns as above (while that average is
+ * not positive, as before any call kept up, the gain is taken as what this call's
+ * others saved, or as half the leader's work when they saved nothing); returns
+ * whether the team was late.
  * Thread counts never change results, so this changes speed only. */
 bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t saved_ns);
 

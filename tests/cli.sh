@@ -287,6 +287,17 @@ expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
 grep -q "context shift" "$tmp/shift.err" || fail "generate: RoPE context shift: $(cat "$tmp/shift.err")"
 "$moas" generate -m "$model" -p "And " -n 100 --seed 1 >/dev/null 2>"$tmp/slide.err"
 grep -q "learned positions (no shift)" "$tmp/slide.err" || fail "generate: re-encode message"
+# a one-token context: a shift would drop nothing, so the window is decoded again (it
+# wrote past the window's end before)
+"$moas" generate -m "$data/tiny-modern-pooled-nobias.gguf" -p "A" -n 3 -c 1 --seed 1 \
+    >/dev/null 2>"$tmp/c1.err" || fail "generate -c 1 on a RoPE model: $(cat "$tmp/c1.err")"
+expect_error 2 "generate needs a prompt" "$moas" generate -m "$model" -n 3
+expect_error 1 "must be a finite number" "$moas" generate -m "$model" -p A --temp inf
+expect_error 1 "needs a size in" "$moas" batched-bench -m "$model" --pool-mb 1e30
+# bench with nothing decoded, routed: the shares are 0, not 0/0 (JSON has no NaN)
+"$moas" bench -m "$rope" --n-prompt 4 -n 0 -r 1 -t 1 --mode routed --json >"$tmp/n0.json"
+python3 -c 'import json, sys; json.load(open(sys.argv[1]), parse_constant=lambda c: sys.exit("not JSON: " + c))' \
+    "$tmp/n0.json" || fail "bench -n 0 --json: $(cat "$tmp/n0.json")"
 # ---- conventions (issue 17): help, options, input, timings ----
 
 # help: on stdout, exit 0, for the program and for each command, three ways each
@@ -397,7 +408,7 @@ done
 
 # perplexity's progress: on a terminal only, and erased before the result
 [ ! -s "$tmp/ppl.err" ] || fail "perplexity: stderr not empty off a terminal: $(cat "$tmp/ppl.err")"
-if command -v script >/dev/null 2>&1; then
+if script -qec true /dev/null </dev/null >/dev/null 2>&1; then   # util-linux's script
     script -qec "'$moas' perplexity -m '$model' -f '$data/tiny.txt' -t 1" /dev/null \
         </dev/null >"$tmp/tty.out" 2>&1 || fail "perplexity on a terminal: $(cat "$tmp/tty.out")"
     grep -q 'moas: perplexity: window 1 of 9, 0 of 537 tokens' "$tmp/tty.out" \
@@ -408,7 +419,7 @@ out = open(sys.argv[1], "rb").read()
 assert out[out.rindex(b"\r\x1b[K") + 4:].startswith(b"mode "), out
 PY
 else
-    echo "cli: SKIP: perplexity's progress on a terminal (no script(1))"
+    echo "cli: SKIP: perplexity's progress on a terminal (no util-linux script(1))"
 fi
 
 # scheme names are unique: the pooled model with its GQA scheme given 6 KV heads, as

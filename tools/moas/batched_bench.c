@@ -80,7 +80,8 @@ static void bb_die(const char *fmt, ...);
 
 static void bb_die(const char *fmt, ...) {
     va_list ap;
-    fputs("moas batched-bench: error: ", stderr);
+    fflush(stdout);
+    fputs("moas: error: ", stderr);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -386,7 +387,7 @@ static int run(int argc, char **argv) {
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
             if (o.npp[i] + o.ntg[j] > n_train) {
-                fprintf(stderr, "moas batched-bench: error: PP %d + TG %d = %d tokens exceed the "
+                fprintf(stderr, "moas: error: PP %d + TG %d = %d tokens exceed the "
                         "model's context of %d\n", o.npp[i], o.ntg[j], o.npp[i] + o.ntg[j], n_train);
                 return 1;
             }

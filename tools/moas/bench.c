@@ -165,8 +165,10 @@ static int run(int argc, char **argv) {
     for (int32_t l = 0; l < L; l++) {
         check(moas_context_scheme_counts(ctx, l, counts), "scheme counts");
         for (int32_t s = 0; s < S; s++) {
-            share[l * S + s] = o.mode == MOAS_MODE_ROUTED
-                                   ? (double)counts[s] / moas_context_n_past(ctx) : 1.0;
+            const int32_t n_past = moas_context_n_past(ctx);
+            share[l * S + s] = o.mode != MOAS_MODE_ROUTED ? 1.0
+                               : n_past > 0               ? (double)counts[s] / n_past
+                                                          : 0.0;
         }
     }
     const double prefill_tok_s = n_prompt / median(t_prefill, o.repeats);

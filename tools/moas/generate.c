@@ -3,6 +3,7 @@
  */
 #include "cli.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -119,7 +120,8 @@ static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg
     }
     memcpy(key, arg, (size_t)(eq - arg));
     key[eq - arg] = '\0';
-    b.bias = (float)parse_double(eq + 1, "--logit-bias's BIAS");
+    b.bias = !strcmp(eq + 1, "-inf") ? -INFINITY   /* bans the token */
+                                     : (float)parse_double(eq + 1, "--logit-bias's BIAS");
     if (strspn(key, "0123456789") == strlen(key)) {
         b.token = (int32_t)parse_long(key, "--logit-bias's token id", 0,
                                       moas_model_n_vocab(model) - 1);
@@ -146,6 +148,9 @@ static int run(int argc, char **argv) {
     parse_options(&moas_cmd_generate, argc, argv, &o);
     if (o.prompt != NULL && o.text_path != NULL) {
         usage_error(&moas_cmd_generate, "generate takes the prompt from -p or -f, not both");
+    }
+    if (o.prompt == NULL && o.text_path == NULL) {
+        usage_error(&moas_cmd_generate, "generate needs a prompt: -p TEXT or -f FILE");
     }
 
     const double t_start = now_seconds();
@@ -249,7 +254,7 @@ static int run(int argc, char **argv) {
             /* RoPE models shift: the first tokens stay (attention sinks), half of the
              * rest goes, the later half moves down without being decoded again */
             const int32_t sink = n_ctx >= 16 ? 4 : 0, drop = (n_ctx - sink) / 2;
-            if (moas_context_shift(ctx, sink, drop) == MOAS_OK) {
+            if (drop > 0 && moas_context_shift(ctx, sink, drop) == MOAS_OK) {
                 if (n_slides++ == 0) {
                     fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, "
                             "each time it fills, the first %d tokens stay, the next %d are "

@@ -10,6 +10,7 @@
 #include "cli.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,8 +157,8 @@ double parse_double(const char *s, const char *what) {
     char *end;
     errno = 0;
     const double v = strtod(s, &end);
-    if (errno != 0 || *end != '\0' || end == s) {
-        die("%s must be a number, got '%s'", what, s);
+    if (errno != 0 || *end != '\0' || end == s || !isfinite(v)) {
+        die("%s must be a finite number, got '%s'", what, s);
     }
     return v;
 }
@@ -262,8 +263,8 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
     case OPT_SHARED_PROMPT: o->shared_prompt = 1; break;
     case OPT_POOL_MB:
         o->pool_mb = parse_double(v, name);
-        if (!(o->pool_mb > 0)) {
-            die("--pool-mb needs a positive size, got '%s'", v);
+        if (!(o->pool_mb > 0) || o->pool_mb > 1e9) {
+            die("--pool-mb needs a size in (0, 1e9] MB, got '%s'", v);
         }
         break;
     case OPT_BATCH: o->n_batch = (int)parse_long(v, name, 1, 1L << 20); break;

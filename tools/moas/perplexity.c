@@ -122,9 +122,10 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
         }
     }
     const size_t step = stride > 0 ? (size_t)stride : (size_t)n_ctx;
-    const size_t n_windows = stride > 0 && n_tokens > (size_t)n_ctx
+    const size_t n_windows = stride == 0 ? (n_tokens + step - 1) / step
+                             : n_tokens > (size_t)n_ctx
                                  ? 1 + (n_tokens - (size_t)n_ctx + step - 1) / step
-                                 : (n_tokens + step - 1) / step;
+                                 : 1;
     for (size_t begin = 0; begin < n_tokens; begin += step) {
         const size_t end = begin + (size_t)n_ctx < n_tokens ? begin + (size_t)n_ctx : n_tokens;
         progress_show(&prog, begin / step + 1, n_windows, begin, n_tokens);
