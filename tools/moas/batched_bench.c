@@ -7,7 +7,6 @@
  */
 #include "cli.h"
 
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -73,25 +72,9 @@ typedef struct {
                                 scheme after each sequence; -1: no compaction */
 } bb_options;
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 1, 2), noreturn))
-#endif
-static void bb_die(const char *fmt, ...);
-
-static void bb_die(const char *fmt, ...) {
-    va_list ap;
-    fflush(stdout);
-    fputs("moas: error: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(1);
-}
-
 static void bb_check(moas_status st, const char *what) {
     if (st != MOAS_OK) {
-        bb_die("%s: %s", what, moas_last_error());
+        die("%s: %s", what, moas_last_error());
     }
 }
 
@@ -157,7 +140,7 @@ static token_source load_text(const moas_model *model, const char *path) {
     moas_tokenize(model, text, len, NULL, 0, &n);
     src.ids = malloc((n + 1) * sizeof *src.ids);
     if (src.ids == NULL) {
-        bb_die("out of memory");
+        die("out of memory");
     }
     bb_check(moas_tokenize(model, text, len, src.ids, n, &src.n), "tokenize the text");
     free(text);
@@ -213,7 +196,7 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
     moas_context **ctxs = NULL;
     int n = 0, cap = 0;
     if (tokens == NULL) {
-        bb_die("out of memory");
+        die("out of memory");
     }
     /* fill the pool with sequences of PP+TG tokens until one no longer fits */
     for (;;) {
@@ -221,12 +204,12 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
             cap = cap ? cap * 2 : 64;
             ctxs = realloc(ctxs, (size_t)cap * sizeof *ctxs);
             if (ctxs == NULL) {
-                bb_die("out of memory");
+                die("out of memory");
             }
         }
         moas_context *ctx = bb_context(model, pool, o, n_tok);
         if (ctx == NULL) {
-            bb_die("context: %s", moas_last_error());
+            die("context: %s", moas_last_error());
         }
         fill_tokens(src, n_vocab, n, tokens, n_tok);
         /* a token at a time: a call reserves pages for its tokens at their widest
@@ -294,7 +277,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     moas_pool_seq *seqs = calloc((size_t)pl, sizeof *seqs);
     int32_t *tokens = malloc((size_t)pl * n_ctx * sizeof *tokens);
     if (ctxs == NULL || seqs == NULL || tokens == NULL) {
-        bb_die("out of memory");
+        die("out of memory");
     }
     for (int s = 0; s < pl; s++) {
         fill_tokens(src, n_vocab, o->shared_prompt ? 0 : s, tokens + (size_t)s * n_ctx, pp);
@@ -307,7 +290,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     const double t0 = bb_now();
     if (o->shared_prompt) {
         if ((ctxs[0] = bb_context(model, pool, o, n_ctx)) == NULL) {
-            bb_die("context: %s", moas_last_error());
+            die("context: %s", moas_last_error());
         }
         seqs[0] = (moas_pool_seq){ctxs[0], tokens, pp, MOAS_LOGITS_LAST, NULL};
         bb_check(moas_pool_decode(pool, seqs, 1), "prompt");
@@ -321,7 +304,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     } else {
         for (int s = 0; s < pl; s++) {
             if ((ctxs[s] = bb_context(model, pool, o, n_ctx)) == NULL) {
-                bb_die("context: %s", moas_last_error());
+                die("context: %s", moas_last_error());
             }
             seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx, pp, MOAS_LOGITS_LAST, NULL};
         }
