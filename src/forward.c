@@ -349,6 +349,10 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
         memset(out + (size_t)c0 * head_dim, 0, (size_t)(c1 - c0) * head_dim * sizeof *out);
         for (int32_t k0 = 0; k0 < n_keys; k0 += MOAS_ATT_KEYS) {
             const int32_t k1 = n_keys - k0 < MOAS_ATT_KEYS ? n_keys : k0 + MOAS_ATT_KEYS;
+            if (k1 < n_keys) {   /* the next run's rows, while this one is computed */
+                const int32_t k2 = n_keys - k1 < MOAS_ATT_KEYS ? n_keys : k1 + MOAS_ATT_KEYS;
+                moas__kv_prefetch(pool, kv, moas__kv_first(kv, k1), moas__kv_first(kv, k2));
+            }
             int32_t n_seg = 0;
             for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {
                 const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
