@@ -225,13 +225,22 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
 }
 
 /* Tokens [0, n_tok) of x against columns [0, kc) of R rows w (f32 or f16, or a Q8_0
- * panel passed as f32), token t's chains at chains[t * MM_TILE_MAX_R]. */
+ * panel passed as f32), token t's chains at chains[t * MM_TILE_MAX_R]. With `ahead`
+ * (rows read from the matrix itself) the first token tile asks for the next row
+ * tile's bytes as it goes: a batched decode step of 16 tokens serves each row tile to
+ * four token tiles only, and the next tile's rows (GPT-2's output matrix: from memory)
+ * came in stalled. */
 #define MM_DEFINE_TILES(type)                                                              \
     MM_ALWAYS_INLINE void mm_tiles_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                           size_t ldx, int32_t n_tok, int32_t kc, float *y, \
                                           size_t ldy, const int R, MM_VEC *chains,         \
-                                          int first, int last) {                           \
+                                          int first, int last, const int ahead) {          \
         int32_t t = 0;                                                                     \
+        if (ahead && MM_TILE_TOKS <= n_tok) {                                              \
+            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, MM_TILE_TOKS, 1, chains,   \
+                           first, last);                                                   \
+            t = MM_TILE_TOKS;                                                              \
+        }                                                                                  \
         for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                             \
             mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
                            ldy, R, MM_TILE_TOKS, 0, chains + (size_t)t * MM_TILE_MAX_R,    \
@@ -260,7 +269,7 @@ MM_DEFINE_TILES(f16)
                                           float *panel) {                                  \
         (void)panel;                                                                       \
         mm_tiles_##type(w + MM_WOFF_##type(c0), row_bytes, x, ldx, n_tok, kc, y, ldy, R,   \
-                        chains, first, last);                                              \
+                        chains, first, last, 1);                                           \
     }
 
 MM_DEFINE_CHUNK(f32)
@@ -272,7 +281,7 @@ MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
                                     int last, float *panel) {
     mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
     mm_tiles_f32((const uint8_t *)panel, (size_t)kc * sizeof(float), x, ldx, n_tok, kc, y, ldy,
-                 R, chains, first, last);
+                 R, chains, first, last, 0);
 }
 
 /* The batch of R rows, a chunk of columns and a group of tokens at a time. */

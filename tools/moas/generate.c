@@ -222,7 +222,7 @@ static int run(int argc, char **argv) {
     /* text sampled but not shown yet: it may be the start of a stop string */
     size_t held = 0, held_cap = 256;
     char *pending = malloc(held_cap);
-    int n_generated = 0, stopped = 0;
+    int n_generated = 0, n_decoded = 0, stopped = 0;
     if (pending == NULL) {
         die("out of memory");
     }
@@ -247,8 +247,8 @@ static int run(int argc, char **argv) {
         put_text(pending, show);
         memmove(pending, pending + show, held - show);
         held -= show;
-        if (stopped) {
-            break;
+        if (stopped || i + 1 == o.n_predict) {
+            break;   /* nothing reads the logits of the last token: it is not decoded */
         }
         if (n_window == n_ctx) {
             /* RoPE models shift: the first tokens stay (attention sinks), half of the
@@ -282,6 +282,7 @@ static int run(int argc, char **argv) {
         }
         window[n_window++] = token;
         check(moas_context_decode(ctx, token, NULL), "decode");
+        n_decoded++;
     }
     const double t_end = now_seconds();
     if (!stopped && held > 0) {   /* nothing follows: a whole stop string still counts */
@@ -297,8 +298,11 @@ static int run(int argc, char **argv) {
 
     timing("load time", t_loaded - t_start, -1, 0);
     timing("prompt eval time", t_prompt_done - t_prompt, n_prompt_eval, 1);
-    timing("eval time", t_end - t_prompt_done, n_generated, 1);
-    timing("total time", t_end - t_start, (long)n_prompt_eval + n_generated, 0);
+    /* as llama.cpp counts: eval is the tokens decoded after the prompt, one fewer than
+     * those generated (the first comes from the prompt's logits, the last is not
+     * decoded) */
+    timing("eval time", t_end - t_prompt_done, n_decoded, 1);
+    timing("total time", t_end - t_start, (long)n_prompt_eval + n_decoded, 0);
     fprintf(stderr, "moas: mode %s, kernels %s, %d thread%s", mode_name(o.mode),
             moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
             moas_context_n_threads(ctx) == 1 ? "" : "s");
