@@ -371,3 +371,102 @@ TEST(first_own_call_allocation_failures_are_clean) {
     free(image);
     return TEST_PASS;
 }
+
+/* Fail allocation 1, 2, ... of compaction's and of a context shift's first call on a
+ * pool context that has no workspace yet (they need its scratch rows): each failure
+ * is MOAS_ERR_NO_MEMORY and changes nothing (position, KV bytes, pages, the routes),
+ * leaks nothing, and the same call then succeeds, the decode after it giving the
+ * logits of a context that never failed. A pooled RoPE model in routed mode, so that
+ * both calls apply. */
+TEST(compact_and_shift_allocation_failures_are_clean) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.kv_sharing = "pooled";
+    cfg.rope = true;
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 7, &size);
+    moas_model *m;
+    moas_pool_params pp;
+    moas_pool *pool;
+    int32_t tokens[10];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    float *want = malloc((size_t)V * sizeof *want);
+    float *got = malloc((size_t)V * sizeof *got);
+    ASSERT_TRUE(want != NULL && got != NULL);
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 18;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    for (int i = 0; i < 10; i++) {
+        tokens[i] = (i * 7 + 2) % V;
+    }
+    for (int what = 0; what < 2; what++) {   /* 0: compact, 1: shift */
+        moas_context_params cp;
+        moas_context *ref;
+        moas_context_params_init(&cp);
+        cp.pool = pool;
+        cp.mode = MOAS_MODE_ROUTED;
+        ASSERT_OK(moas_context_create(m, &cp, &ref));
+        moas_pool_seq q = {ref, tokens, 8, MOAS_LOGITS_LAST, NULL};
+        ASSERT_OK(moas_pool_decode(pool, &q, 1));
+        if (what == 0) {
+            int32_t n_changed = 0;
+            ASSERT_OK(moas_context_compact(ref, 6, 2, &n_changed));
+            ASSERT_TRUE(n_changed > 0);   /* the test compacts something */
+        } else {
+            ASSERT_OK(moas_context_shift(ref, 2, 3));
+        }
+        ASSERT_OK(moas_context_decode_batch(ref, tokens + 8, 2, want, MOAS_LOGITS_LAST));
+        moas_context_free(ref);
+        for (long n = 1;; n++) {
+            counting c = {0, 0, 0, 0, 0};
+            const moas_allocator alloc = {count_alloc, count_free, &c};
+            moas_context *ctx;
+            moas_pool_info before = {.size = sizeof before}, after = {.size = sizeof after};
+            int32_t routes_before[8 * 4] = {0}, routes_after[8 * 4] = {0};
+            moas_status st;
+            cp.allocator = &alloc;
+            ASSERT_OK(moas_context_create(m, &cp, &ctx));
+            q.ctx = ctx;
+            ASSERT_OK(moas_pool_decode(pool, &q, 1));
+            ASSERT_TRUE(ctx->ws == NULL);
+            ASSERT_TRUE(moas_model_n_layer(m) * 8 <= (int32_t)(sizeof routes_before / sizeof *routes_before));
+            ASSERT_OK(moas_context_routes(ctx, 0, 8, NULL, NULL, routes_before));
+            const size_t bytes_before = moas_context_kv_bytes_used(ctx, -1);
+            ASSERT_OK(moas_pool_stats(pool, &before));
+            c.fail_at = c.n_calls + n;
+            st = what == 0 ? moas_context_compact(ctx, 6, 2, NULL) : moas_context_shift(ctx, 2, 3);
+            c.fail_at = 0;
+            if (st == MOAS_OK) {
+                ASSERT_TRUE(n > 1);   /* at least one allocation was failed and survived */
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens + 8, 2, got, MOAS_LOGITS_LAST));
+                ASSERT_TRUE(memcmp(got, want, (size_t)V * sizeof *got) == 0);
+                moas_context_free(ctx);
+                ASSERT_EQ(c.n_free, c.n_alloc);
+                break;
+            }
+            ASSERT_STATUS(st, MOAS_ERR_NO_MEMORY);
+            ASSERT_TRUE(strstr(moas_last_error(), "memory") != NULL);
+            ASSERT_OK(moas_pool_stats(pool, &after));
+            ASSERT_EQ(after.pages_free, before.pages_free);
+            ASSERT_EQ(moas_context_n_past(ctx), 8);
+            ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), bytes_before);
+            ASSERT_OK(moas_context_routes(ctx, 0, 8, NULL, NULL, routes_after));
+            ASSERT_TRUE(memcmp(routes_before, routes_after, sizeof routes_before) == 0);
+            /* and the context still works: the call again, allocations allowed */
+            st = what == 0 ? moas_context_compact(ctx, 6, 2, NULL) : moas_context_shift(ctx, 2, 3);
+            ASSERT_OK(st);
+            ASSERT_OK(moas_context_decode_batch(ctx, tokens + 8, 2, got, MOAS_LOGITS_LAST));
+            ASSERT_TRUE(memcmp(got, want, (size_t)V * sizeof *got) == 0);
+            moas_context_free(ctx);
+            ASSERT_EQ(c.n_free, c.n_alloc);
+            ASSERT_TRUE(n < 1000);
+        }
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(want);
+    free(got);
+    free(image);
+    return TEST_PASS;
+}

@@ -144,6 +144,7 @@ X(allocation_failures_at_creation_are_clean)
 X(pool_decode_allocates_nothing)
 X(pool_context_workspace_comes_with_its_first_own_call)
 X(first_own_call_allocation_failures_are_clean)
+X(compact_and_shift_allocation_failures_are_clean)
 
 /* tests/test_concurrency.c */
 X(concurrency_shared_model_matches_sequential)
