@@ -47,6 +47,11 @@ typedef struct moas_workspace {
     float *att;              /* per thread [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */
     uint32_t *att_rows;      /* per thread [rows_each] cached tokens' K/V rows */
     size_t rows_each;        /* max(max_keys, MOAS_ATT_QUERIES * MOAS_ATT_KEYS) */
+    float *att_split;        /* per thread [MOAS_ATT_QUERIES, head_dim] a split's value sums */
+    float *att_part;         /* one decoded query's split states, [max_splits] of each of
+                              * [n_head, head_dim] value sums, then [n_head] maxima and
+                              * [n_head] sums (forward.c, flash-decoding) */
+    int32_t max_splits;      /* splits of MOAS_ATT_SPLIT_KEYS keys in max_keys */
     float *lx;               /* [logit_rows, C] final-normed rows whose logits are wanted */
     float *logits;           /* [logit_rows, n_vocab] their logits */
     void *scratch;           /* the allocation holding the arena above */
@@ -199,6 +204,10 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * at a time, whose scores for the run are the per-thread scratch. */
 #define MOAS_ATT_QUERIES 16
 #define MOAS_ATT_KEYS 64
+/* ... and in splits of this many keys, each with a softmax state of its own, folded in
+ * order (forward.c's merge_split): one decoded query's splits can go to different
+ * threads. A multiple of MOAS_ATT_KEYS. */
+#define MOAS_ATT_SPLIT_KEYS 128
 
 /* Tokens the batched forward pass takes at once: enough to read each weight row once
  * for many tokens, few enough that their activations stay in L2/L3 (GPT-2 small: 5 MB).

@@ -258,6 +258,27 @@ static void softmax_run(const moas_ops *ops, float *s, int32_t nk, float *run_ma
     *run_sum += ops->exp_sum(s, nk, mx);
 }
 
+/* Keys are taken in splits of MOAS_ATT_SPLIT_KEYS positions (multiples of the run),
+ * each with a softmax state of its own (maximum, sum and unscaled value sum, from
+ * nothing), folded into the query's running state in split order by merge_split. A
+ * single decoded query can then give its splits to different threads (flash-decoding)
+ * and fold their states afterwards with the same bits as one thread going split by
+ * split, and a block's queries fold at the same positions, so a query's numbers stay
+ * the same however it is computed. Up to one split of keys, this is plain online
+ * softmax. */
+
+/* Fold a later split's state (m_s, l_s, o_s) into the running one (M, L, O). */
+static void merge_split(float *O, float *M, float *L, const float *o_s, float m_s, float l_s,
+                        int32_t head_dim) {
+    const float m = *M > m_s ? *M : m_s;
+    const float a = expf(*M - m), b = expf(m_s - m);
+    for (int32_t e = 0; e < head_dim; e++) {
+        O[e] = O[e] * a + o_s[e] * b;
+    }
+    *L = *L * a + l_s * b;
+    *M = m;
+}
+
 /* Keys a group of query heads is formed over in attend_one: a run of MOAS_ATT_KEYS
  * keys is cut into pieces this long, each grouped on its own, so that one wide token
  * among MQA ones splits the heads of its piece only; neighbouring pieces grouped alike
@@ -316,86 +337,114 @@ static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n
     }
 }
 
-/* One query (a token decoded alone or a sequence's one row of a batched step) over its
- * keys, query heads [h0, h1): what attend_heads computes, bit for bit, for n = 1, with
- * the heads that read the same K/V rows taken together. A run of keys is cut into
- * segments of pieces grouped alike; in a segment, a group of query heads that reads
- * the same rows (all of them over MQA tokens, a third over GQA-2 ones) goes through
- * the kernels as the queries of one block: each K/V row is loaded once for the group
- * and its rows are found once. Every query's operations stay what they are alone (a
- * score is one chain, a value sum goes key by key, and a sum split into pieces of
- * keys equals one call over all of them). Runs go outermost; each head keeps its
- * running maximum, sum and output as attend_heads does. */
-static void attend_one(const moas_workspace *ws, const moas_pool *pool,
-                       const moas_kv_stream *kv, const float *q, int32_t pos, int32_t h0,
-                       int32_t h1, float *out, float *att, uint32_t *rows) {
+/* One query (a token decoded alone or a sequence's one row of a batched step) over
+ * keys [j0, j1) (whole splits, j0 a multiple of MOAS_ATT_SPLIT_KEYS), query heads
+ * [c0, c1) (at most MOAS_ATT_QUERIES): each head's softmax state over those keys from
+ * nothing, into o [c1 - c0][head_dim] (value sums not yet divided), mx and sm; the
+ * rows of keys up to `ahead` are asked for a run ahead. What attend_heads computes, bit
+ * for bit, for n = 1, with the heads that read the same K/V rows taken together. A run
+ * of keys is cut into segments of pieces grouped alike; in a segment, a group of query
+ * heads that reads the same rows (all of them over MQA tokens, a third over GQA-2
+ * ones) goes through the kernels as the queries of one block: each K/V row is loaded
+ * once for the group and its rows are found once. Every query's operations stay what
+ * they are alone (a score is one chain, a value sum goes key by key, and a sum split
+ * into pieces of keys equals one call over all of them). */
+static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
+                            const moas_kv_stream *kv, const float *q, int32_t j0_keys,
+                            int32_t j1_keys, int32_t ahead, int32_t c0, int32_t c1, float *o,
+                            float *mx, float *sm, float *att, uint32_t *rows) {
     enum { PIECES = MOAS_ATT_KEYS / MOAS_ATT_GROUP_KEYS };
     const moas_model *m = ws->model;
-    const moas_ops *ops = ws->ops;
-    const int32_t n_head = m->n_head, head_dim = m->head_dim, n_keys = pos + 1;
+    const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const void *K = pool->k, *V = pool->v;
-    const kv_kernels kern = kv_kernels_for(ops, pool->kv_type);
-    float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
+    const kv_kernels kern = kv_kernels_for(ws->ops, pool->kv_type);
     /* a run's segments: keys [seg_j[i], seg_j[i + 1]), groups bounds[i][0 .. n_groups[i]] */
     int32_t seg_j[PIECES + 1], n_groups[PIECES], bounds[PIECES][MOAS_ATT_QUERIES + 1];
 
+    for (int32_t h = c0; h < c1; h++) {
+        mx[h - c0] = -INFINITY;
+        sm[h - c0] = 0.0f;
+    }
+    memset(o, 0, (size_t)(c1 - c0) * head_dim * sizeof *o);
+    for (int32_t k0 = j0_keys; k0 < j1_keys; k0 += MOAS_ATT_KEYS) {
+        const int32_t k1 = j1_keys - k0 < MOAS_ATT_KEYS ? j1_keys : k0 + MOAS_ATT_KEYS;
+        if (k1 < ahead) {   /* the next run's rows, while this one is computed */
+            const int32_t k2 = ahead - k1 < MOAS_ATT_KEYS ? ahead : k1 + MOAS_ATT_KEYS;
+            moas__kv_prefetch(pool, kv, moas__kv_first(kv, k1), moas__kv_first(kv, k2));
+        }
+        int32_t n_seg = 0;
+        for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {
+            const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
+            int32_t *bd = bounds[n_seg];
+            const int32_t ng = head_groups(kv, n_head, j0, j1, c0, c1, bd);
+            if (n_seg > 0 && ng == n_groups[n_seg - 1] &&
+                memcmp(bd, bounds[n_seg - 1], (size_t)(ng + 1) * sizeof *bd) == 0) {
+                continue;   /* grouped as the piece before: one segment */
+            }
+            seg_j[n_seg] = j0;
+            n_groups[n_seg++] = ng;
+        }
+        seg_j[n_seg] = k1;
+        for (int32_t i = 0; i < n_seg; i++) {   /* scores */
+            const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
+            for (int32_t g = 0; g < n_groups[i]; g++) {
+                const int32_t a = bounds[i][g], b = bounds[i][g + 1];
+                uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
+                head_rows(pool, kv, n_head, a, j0, j0 + nk, r);
+                kern.scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
+                            head_dim, scale,
+                            att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS);
+            }
+        }
+        for (int32_t h = c0; h < c1; h++) {
+            softmax_run(ws->ops, att + (size_t)(h - c0) * MOAS_ATT_KEYS, k1 - k0, &mx[h - c0],
+                        &sm[h - c0], o + (size_t)(h - c0) * head_dim, head_dim);
+        }
+        for (int32_t i = 0; i < n_seg; i++) {   /* value sums, over the rows found */
+            const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
+            for (int32_t g = 0; g < n_groups[i]; g++) {
+                const int32_t a = bounds[i][g], b = bounds[i][g + 1];
+                kern.mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), nk,
+                         att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS,
+                         b - a, head_dim, o + (size_t)(a - c0) * head_dim, (size_t)head_dim);
+            }
+        }
+    }
+}
+
+/* One query over all its keys, query heads [h0, h1): split by split (the first
+ * straight into out), each later one folded in, then divided by the sums. `split`
+ * is the thread's scratch for a split's state of MOAS_ATT_QUERIES heads. */
+static void attend_one(const moas_workspace *ws, const moas_pool *pool,
+                       const moas_kv_stream *kv, const float *q, int32_t pos, int32_t h0,
+                       int32_t h1, float *out, float *att, uint32_t *rows, float *split) {
+    const int32_t head_dim = ws->model->head_dim, n_keys = pos + 1;
+    float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
+    float split_max[MOAS_ATT_QUERIES], split_sum[MOAS_ATT_QUERIES];
+
     for (int32_t c0 = h0; c0 < h1; c0 += MOAS_ATT_QUERIES) {   /* heads whose scores fit */
         const int32_t c1 = h1 - c0 < MOAS_ATT_QUERIES ? h1 : c0 + MOAS_ATT_QUERIES;
-        for (int32_t h = c0; h < c1; h++) {
-            run_max[h - c0] = -INFINITY;
-            run_sum[h - c0] = 0.0f;
-        }
-        memset(out + (size_t)c0 * head_dim, 0, (size_t)(c1 - c0) * head_dim * sizeof *out);
-        for (int32_t k0 = 0; k0 < n_keys; k0 += MOAS_ATT_KEYS) {
-            const int32_t k1 = n_keys - k0 < MOAS_ATT_KEYS ? n_keys : k0 + MOAS_ATT_KEYS;
-            if (k1 < n_keys) {   /* the next run's rows, while this one is computed */
-                const int32_t k2 = n_keys - k1 < MOAS_ATT_KEYS ? n_keys : k1 + MOAS_ATT_KEYS;
-                moas__kv_prefetch(pool, kv, moas__kv_first(kv, k1), moas__kv_first(kv, k2));
+        float *o = out + (size_t)c0 * head_dim;
+        for (int32_t s0 = 0; s0 < n_keys; s0 += MOAS_ATT_SPLIT_KEYS) {
+            const int32_t s1 = n_keys - s0 < MOAS_ATT_SPLIT_KEYS ? n_keys : s0 + MOAS_ATT_SPLIT_KEYS;
+            if (s0 == 0) {
+                attend_one_keys(ws, pool, kv, q, s0, s1, n_keys, c0, c1, o, run_max, run_sum,
+                                att, rows);
+                continue;
             }
-            int32_t n_seg = 0;
-            for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {
-                const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
-                int32_t *bd = bounds[n_seg];
-                const int32_t ng = head_groups(kv, n_head, j0, j1, c0, c1, bd);
-                if (n_seg > 0 && ng == n_groups[n_seg - 1] &&
-                    memcmp(bd, bounds[n_seg - 1], (size_t)(ng + 1) * sizeof *bd) == 0) {
-                    continue;   /* grouped as the piece before: one segment */
-                }
-                seg_j[n_seg] = j0;
-                n_groups[n_seg++] = ng;
-            }
-            seg_j[n_seg] = k1;
-            for (int32_t i = 0; i < n_seg; i++) {   /* scores */
-                const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
-                for (int32_t g = 0; g < n_groups[i]; g++) {
-                    const int32_t a = bounds[i][g], b = bounds[i][g + 1];
-                    uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
-                    head_rows(pool, kv, n_head, a, j0, j0 + nk, r);
-                    kern.scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
-                                head_dim, scale,
-                                att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS);
-                }
-            }
+            attend_one_keys(ws, pool, kv, q, s0, s1, n_keys, c0, c1, split, split_max,
+                            split_sum, att, rows);
             for (int32_t h = c0; h < c1; h++) {
-                softmax_run(ops, att + (size_t)(h - c0) * MOAS_ATT_KEYS, k1 - k0,
-                            &run_max[h - c0], &run_sum[h - c0], out + (size_t)h * head_dim,
-                            head_dim);
-            }
-            for (int32_t i = 0; i < n_seg; i++) {   /* value sums, over the rows found */
-                const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
-                for (int32_t g = 0; g < n_groups[i]; g++) {
-                    const int32_t a = bounds[i][g], b = bounds[i][g + 1];
-                    kern.mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), nk,
-                             att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS,
-                             b - a, head_dim, out + (size_t)a * head_dim, (size_t)head_dim);
-                }
+                merge_split(o + (size_t)(h - c0) * head_dim, &run_max[h - c0], &run_sum[h - c0],
+                            split + (size_t)(h - c0) * head_dim, split_max[h - c0],
+                            split_sum[h - c0], head_dim);
             }
         }
         for (int32_t h = c0; h < c1; h++) {
             const float inv = 1.0f / run_sum[h - c0];
             for (int32_t e = 0; e < head_dim; e++) {
-                out[(size_t)h * head_dim + e] *= inv;
+                o[(size_t)(h - c0) * head_dim + e] *= inv;
             }
         }
     }
@@ -413,14 +462,16 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
  * every query. Softmax is online (as in flash attention): per query a running
  * maximum m and sum l; a run whose scores raise m first rescales l and the output by
  * exp(m_old - m_new), then adds its exp(s - m) and their values. No row of scores
- * longer than a run is kept. Runs start at multiples of MOAS_ATT_KEYS of the key
- * position, the same whether a query is decoded alone or in a block, so the same
- * operations happen in the same order: a query's numbers are the same bits either
- * way. */
+ * longer than a run is kept. Each split of MOAS_ATT_SPLIT_KEYS keys starts a state
+ * of its own (the first in OUT, later ones in `split`, [MOAS_ATT_QUERIES, head_dim]),
+ * folded into the query's by merge_split. Runs and splits start at multiples of
+ * their length in key positions, the same whether a query is decoded alone or in a
+ * block, so the same operations happen in the same order: a query's numbers are the
+ * same bits either way. */
 static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                          const moas_kv_stream *kv, const float *Q, size_t ldq, int32_t pos0,
                          int32_t n, int32_t h0, int32_t h1, float *OUT, size_t ldo, float *att,
-                         uint32_t *rows) {
+                         uint32_t *rows, float *split) {
     const moas_model *m = ws->model;
     const moas_ops *ops = ws->ops;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
@@ -428,6 +479,7 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
     const void *K = pool->k, *V = pool->v;
     const kv_kernels kern = kv_kernels_for(ops, pool->kv_type);
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
+    float split_max[MOAS_ATT_QUERIES], split_sum[MOAS_ATT_QUERIES];
 
     for (int32_t h = h0; h < h1; h++) {
         const int32_t n_keys = pos0 + n;
@@ -451,45 +503,58 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
         for (int32_t q0 = 0; q0 < n; q0 += MOAS_ATT_QUERIES) {
             const int32_t nq = n - q0 < MOAS_ATT_QUERIES ? n - q0 : MOAS_ATT_QUERIES;
             const int32_t seen = pos0 + q0 + nq;   /* keys the last query sees */
-            for (int32_t t = 0; t < nq; t++) {
-                run_max[t] = -INFINITY;
-                run_sum[t] = 0.0f;
-                memset(OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim, 0,
-                       (size_t)head_dim * sizeof *OUT);
-            }
-            for (int32_t k0 = 0; k0 < seen; k0 += MOAS_ATT_KEYS) {
-                /* query t sees keys up to pos0 + q0 + t: those from t_full on see the
-                 * whole run, and their scores and value sums go in one call each */
-                const int32_t k1 = k0 + MOAS_ATT_KEYS;
-                int32_t t_full = k1 - (pos0 + q0 + 1);
-                t_full = t_full < 0 ? 0 : t_full > nq ? nq : t_full;
-                if (t_full < nq) {
-                    kern.scores(K, rows + k0, MOAS_ATT_KEYS,
-                                Q + (size_t)(q0 + t_full) * ldq + (size_t)h * head_dim, ldq,
-                                nq - t_full, head_dim, scale,
-                                att + (size_t)t_full * MOAS_ATT_KEYS, MOAS_ATT_KEYS);
-                }
+            for (int32_t s0 = 0; s0 < seen; s0 += MOAS_ATT_SPLIT_KEYS) {
+                const int32_t s1 = seen - s0 < MOAS_ATT_SPLIT_KEYS ? seen : s0 + MOAS_ATT_SPLIT_KEYS;
+                /* the split's state: the first in OUT itself, later ones in `split` */
+                float *ob = s0 == 0 ? OUT + (size_t)q0 * ldo + (size_t)h * head_dim : split;
+                const size_t ld = s0 == 0 ? ldo : (size_t)head_dim;
+                float *mx = s0 == 0 ? run_max : split_max, *sm = s0 == 0 ? run_sum : split_sum;
                 for (int32_t t = 0; t < nq; t++) {
-                    const int32_t end = pos0 + q0 + t + 1;
-                    const int32_t nk = (end < k1 ? end : k1) - k0;
-                    if (nk <= 0) {
-                        continue;
+                    mx[t] = -INFINITY;
+                    sm[t] = 0.0f;
+                    memset(ob + (size_t)t * ld, 0, (size_t)head_dim * sizeof *ob);
+                }
+                for (int32_t k0 = s0; k0 < s1; k0 += MOAS_ATT_KEYS) {
+                    /* query t sees keys up to pos0 + q0 + t: those from t_full on see
+                     * the whole run, and their scores and value sums go in one call each */
+                    const int32_t k1 = k0 + MOAS_ATT_KEYS;
+                    int32_t t_full = k1 - (pos0 + q0 + 1);
+                    t_full = t_full < 0 ? 0 : t_full > nq ? nq : t_full;
+                    if (t_full < nq) {
+                        kern.scores(K, rows + k0, MOAS_ATT_KEYS,
+                                    Q + (size_t)(q0 + t_full) * ldq + (size_t)h * head_dim, ldq,
+                                    nq - t_full, head_dim, scale,
+                                    att + (size_t)t_full * MOAS_ATT_KEYS, MOAS_ATT_KEYS);
                     }
-                    const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
-                    float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
-                    float *s = att + (size_t)t * MOAS_ATT_KEYS;
-                    if (t < t_full) {
-                        kern.scores(K, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
+                    for (int32_t t = 0; t < nq; t++) {
+                        const int32_t end = pos0 + q0 + t + 1;
+                        const int32_t nk = (end < k1 ? end : k1) - k0;
+                        if (nk <= 0) {
+                            continue;
+                        }
+                        const float *q = Q + (size_t)(q0 + t) * ldq + (size_t)h * head_dim;
+                        float *out = ob + (size_t)t * ld;
+                        float *s = att + (size_t)t * MOAS_ATT_KEYS;
+                        if (t < t_full) {
+                            kern.scores(K, rows + k0, nk, q, ldq, 1, head_dim, scale, s, nk);
+                        }
+                        softmax_run(ops, s, nk, &mx[t], &sm[t], out, head_dim);
+                        if (t < t_full) {
+                            kern.mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ld);
+                        }
                     }
-                    softmax_run(ops, s, nk, &run_max[t], &run_sum[t], out, head_dim);
-                    if (t < t_full) {
-                        kern.mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ldo);
+                    if (t_full < nq) {
+                        kern.mix(V, rows + k0, MOAS_ATT_KEYS,
+                                 att + (size_t)t_full * MOAS_ATT_KEYS, MOAS_ATT_KEYS,
+                                 nq - t_full, head_dim, ob + (size_t)t_full * ld, ld);
                     }
                 }
-                if (t_full < nq) {
-                    kern.mix(V, rows + k0, MOAS_ATT_KEYS, att + (size_t)t_full * MOAS_ATT_KEYS,
-                             MOAS_ATT_KEYS, nq - t_full, head_dim,
-                             OUT + (size_t)(q0 + t_full) * ldo + (size_t)h * head_dim, ldo);
+                for (int32_t t = 0; s0 > 0 && t < nq; t++) {
+                    if (pos0 + q0 + t >= s0) {   /* a query with keys in the split */
+                        merge_split(OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim,
+                                    &run_max[t], &run_sum[t], split + (size_t)t * head_dim,
+                                    split_max[t], split_sum[t], head_dim);
+                    }
                 }
             }
             for (int32_t t = 0; t < nq; t++) {
@@ -533,6 +598,7 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
     const int64_t u1 = (ith + 1) * units / nth;
     float *att = ws->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
     uint32_t *rows = ws->att_rows + (size_t)ith * ws->rows_each;
+    float *split = ws->att_split + (size_t)ith * MOAS_ATT_QUERIES * ws->model->head_dim;
 
     for (int64_t u = ith * units / nth; u < u1;) {
         const int64_t r = u / n_head;
@@ -542,26 +608,97 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
         const moas_context *ctx = run->ctx;
         if (run->n == 1) {
             attend_one(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
-                       ctx->n_past, h0, h1, s->OUT + (size_t)run->row0 * s->ldo, att, rows);
+                       ctx->n_past, h0, h1, s->OUT + (size_t)run->row0 * s->ldo, att, rows,
+                       split);
             u = r * n_head + h1;
             continue;
         }
         attend_heads(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
                      s->ldq, ctx->n_past, run->n, h0, h1, s->OUT + (size_t)run->row0 * s->ldo,
-                     s->ldo, att, rows);
+                     s->ldo, att, rows, split);
         u = r * n_head + h1;
+    }
+}
+
+/* One decoded query's keys split between threads (flash-decoding): each thread takes
+ * whole splits, every head, and leaves each split's state in ws->att_part; the
+ * caller folds them in split order. Splitting heads instead would have every thread
+ * read every row that several heads share (an MQA token's one row, all six heads). */
+typedef struct {
+    const moas_workspace *ws;
+    const moas_context *ctx;
+    int32_t stream;
+    const float *q;
+    int32_t n_splits;
+} split_step;
+
+/* Where split sp's state lives in ws->att_part: value sums [n_head, head_dim], then
+ * after all of them the maxima and the sums [n_splits_max, n_head] each. */
+static float *split_sums(const moas_workspace *ws, int32_t sp) {
+    return ws->att_part + (size_t)sp * ws->model->n_head * ws->model->head_dim;
+}
+static float *split_max_of(const moas_workspace *ws, int32_t sp) {
+    return ws->att_part + (size_t)ws->max_splits * ws->model->n_head * ws->model->head_dim +
+           (size_t)sp * ws->model->n_head;
+}
+static float *split_sum_of(const moas_workspace *ws, int32_t sp) {
+    return split_max_of(ws, sp) + (size_t)ws->max_splits * ws->model->n_head;
+}
+
+static void attend_split_slice(void *arg, int32_t ith, int32_t nth) {
+    const split_step *s = arg;
+    const moas_workspace *ws = s->ws;
+    const int32_t n_head = ws->model->n_head, head_dim = ws->model->head_dim;
+    const int32_t n_keys = s->ctx->n_past + 1;
+    const int32_t sp0 = ith * s->n_splits / nth, sp1 = (ith + 1) * s->n_splits / nth;
+    const int32_t ahead = sp1 * MOAS_ATT_SPLIT_KEYS < n_keys ? sp1 * MOAS_ATT_SPLIT_KEYS : n_keys;
+    float *att = ws->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
+    uint32_t *rows = ws->att_rows + (size_t)ith * ws->rows_each;
+    for (int32_t sp = sp0; sp < sp1; sp++) {
+        const int32_t j0 = sp * MOAS_ATT_SPLIT_KEYS;
+        const int32_t j1 = n_keys - j0 < MOAS_ATT_SPLIT_KEYS ? n_keys : j0 + MOAS_ATT_SPLIT_KEYS;
+        for (int32_t c0 = 0; c0 < n_head; c0 += MOAS_ATT_QUERIES) {
+            const int32_t c1 = n_head - c0 < MOAS_ATT_QUERIES ? n_head : c0 + MOAS_ATT_QUERIES;
+            attend_one_keys(ws, s->ctx->pool, &s->ctx->kv[s->stream], s->q, j0, j1, ahead, c0,
+                            c1, split_sums(ws, sp) + (size_t)c0 * head_dim,
+                            split_max_of(ws, sp) + c0, split_sum_of(ws, sp) + c0, att, rows);
+        }
     }
 }
 
 static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs, int32_t stream,
                    const float *Q, size_t ldq, float *OUT, size_t ldo) {
+    const int32_t n_head = ws->model->n_head, head_dim = ws->model->head_dim;
     int64_t work = 0;
     for (int32_t r = 0; r < n_runs; r++) {
-        work += (int64_t)2 * ws->model->head_dim * ws->model->n_head * runs[r].n *
+        work += (int64_t)2 * head_dim * n_head * runs[r].n *
                 (runs[r].ctx->n_past + (runs[r].n + 1) / 2);
     }
+    const bool parallel = work >= ws->parallel_min_work;
+    const int32_t n_splits = (runs[0].ctx->n_past + MOAS_ATT_SPLIT_KEYS) / MOAS_ATT_SPLIT_KEYS;
+    /* one decoded query, enough splits for every thread to get two or more */
+    if (n_runs == 1 && runs[0].n == 1 && parallel && n_splits >= 2 * ws->n_threads &&
+        ws->n_threads > 1) {
+        split_step step = {ws, runs[0].ctx, stream, Q + (size_t)runs[0].row0 * ldq, n_splits};
+        moas__team_run(&ws->team, true, attend_split_slice, &step);
+        float *out = OUT + (size_t)runs[0].row0 * ldo;
+        for (int32_t h = 0; h < n_head; h++) {   /* fold the splits in order */
+            float *o = out + (size_t)h * head_dim;
+            float mx = split_max_of(ws, 0)[h], sm = split_sum_of(ws, 0)[h];
+            memcpy(o, split_sums(ws, 0) + (size_t)h * head_dim, (size_t)head_dim * sizeof *o);
+            for (int32_t sp = 1; sp < n_splits; sp++) {
+                merge_split(o, &mx, &sm, split_sums(ws, sp) + (size_t)h * head_dim,
+                            split_max_of(ws, sp)[h], split_sum_of(ws, sp)[h], head_dim);
+            }
+            const float inv = 1.0f / sm;
+            for (int32_t e = 0; e < head_dim; e++) {
+                o[e] *= inv;
+            }
+        }
+        return;
+    }
     attend_step step = {ws, runs, n_runs, stream, Q, ldq, OUT, ldo};
-    moas__team_run(&ws->team, work >= ws->parallel_min_work, attend_slice, &step);
+    moas__team_run(&ws->team, parallel, attend_slice, &step);
 }
 
 /* The scheme with the largest gate, the first on ties. */

@@ -490,6 +490,66 @@ TEST(long_prompt_in_blocks_equals_token_by_token) {
     return TEST_PASS;
 }
 
+/* One decoded query's keys split between threads (flash-decoding: whole splits of
+ * MOAS_ATT_SPLIT_KEYS keys to each thread, their softmax states folded in order) give
+ * the bits of one thread going split by split and of the same positions in a prompt's
+ * blocks: a 700-token context, 660 tokens, the last 60 decoded one at a time with 1, 2
+ * and 3 threads (2 threads split from 512 keys on, 3 from 768 would be needed, so 3
+ * split the heads instead: both ways must agree), for the published block and a
+ * pooled RoPE model in routed mode (MQA tokens: one row for all heads), f32 and f16
+ * caches. */
+TEST(decode_keys_split_across_threads_equal_one_thread) {
+    enum { N = 660, PROMPT = 600 };
+    int32_t tokens[N];
+    for (int variant = 0; variant < 4; variant++) {
+        tiny_model_config cfg;
+        tiny_model_config_default(&cfg);
+        cfg.n_ctx_train = 700;
+        if (variant >= 2) {
+            cfg.kv_sharing = "pooled";
+            cfg.rope = true;
+        }
+        size_t size;
+        uint8_t *image = tiny_model_image(&cfg, 41 + (uint64_t)variant, &size);
+        ASSERT_TRUE(image != NULL);
+        moas_model *model;
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &model));
+        const int32_t n_vocab = moas_model_n_vocab(model);
+        pseudo_tokens(tokens, N, n_vocab, 51 + (uint32_t)variant);
+        float *want = malloc((size_t)N * n_vocab * sizeof *want);
+        float *got = malloc((size_t)(N - PROMPT) * n_vocab * sizeof *got);
+        ASSERT_TRUE(want != NULL && got != NULL);
+        for (int t = 0; t <= 3; t++) {   /* t 0: the whole text in blocks, one thread */
+            moas_context_params cp;
+            moas_context *ctx;
+            moas_context_params_init(&cp);
+            cp.n_threads = t == 0 ? 1 : t;
+            cp.mode = variant >= 2 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            cp.kv_type = variant % 2 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+            ASSERT_OK(moas_context_create(model, &cp, &ctx));
+            ctx->ws->parallel_min_work = 0;
+            ctx->ws->team.never_solo = true;
+            if (t == 0) {
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens, N, want, MOAS_LOGITS_ALL));
+            } else {
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens, PROMPT, NULL, MOAS_LOGITS_NONE));
+                for (int32_t i = PROMPT; i < N; i++) {
+                    ASSERT_OK(moas_context_decode(ctx, tokens[i],
+                                                  got + (size_t)(i - PROMPT) * n_vocab));
+                }
+                ASSERT_TRUE(memcmp(got, want + (size_t)PROMPT * n_vocab,
+                                   (size_t)(N - PROMPT) * n_vocab * sizeof *got) == 0);
+            }
+            moas_context_free(ctx);
+        }
+        free(want);
+        free(got);
+        moas_model_free(model);
+        free(image);
+    }
+    return TEST_PASS;
+}
+
 /* A failed call changes nothing: bad token ids and a full context. */
 TEST(decode_errors_leave_context_unchanged) {
     moas_model *model;
