@@ -48,9 +48,9 @@ typedef struct moas_workspace {
     uint32_t *att_rows;      /* per thread [rows_each] cached tokens' K/V rows */
     size_t rows_each;        /* max(max_keys, MOAS_ATT_QUERIES * MOAS_ATT_KEYS) */
     float *att_split;        /* per thread [MOAS_ATT_QUERIES, head_dim] a split's value sums */
-    float *att_part;         /* one decoded query's split states, [max_splits] of each of
-                              * [n_head, head_dim] value sums, then [n_head] maxima and
-                              * [n_head] sums (forward.c, flash-decoding) */
+    float *att_part;         /* one decoded query's split states: [max_splits, n_head,
+                              * head_dim] value sums, then [max_splits, n_head] maxima,
+                              * then as many sums (forward.c, flash-decoding) */
     int32_t max_splits;      /* splits of MOAS_ATT_SPLIT_KEYS keys in max_keys */
     float *lx;               /* [logit_rows, C] final-normed rows whose logits are wanted */
     float *logits;           /* [logit_rows, n_vocab] their logits */

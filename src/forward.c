@@ -675,10 +675,11 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
                 (runs[r].ctx->n_past + (runs[r].n + 1) / 2);
     }
     const bool parallel = work >= ws->parallel_min_work;
-    const int32_t n_splits = (runs[0].ctx->n_past + MOAS_ATT_SPLIT_KEYS) / MOAS_ATT_SPLIT_KEYS;
-    /* one decoded query, enough splits for every thread to get two or more */
-    if (n_runs == 1 && runs[0].n == 1 && parallel && n_splits >= 2 * ws->n_threads &&
-        ws->n_threads > 1) {
+    /* one decoded query (n_past + 1 keys), enough splits for every thread to get two */
+    const int32_t n_splits = n_runs == 1 && runs[0].n == 1
+                                 ? (runs[0].ctx->n_past + MOAS_ATT_SPLIT_KEYS) / MOAS_ATT_SPLIT_KEYS
+                                 : 0;
+    if (parallel && ws->n_threads > 1 && n_splits >= 2 * ws->n_threads) {
         split_step step = {ws, runs[0].ctx, stream, Q + (size_t)runs[0].row0 * ldq, n_splits};
         moas__team_run(&ws->team, true, attend_split_slice, &step);
         float *out = OUT + (size_t)runs[0].row0 * ldo;

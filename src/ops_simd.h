@@ -266,10 +266,10 @@ MM_DEFINE_TILES(f16)
                                           int32_t kc, const float *x, size_t ldx,          \
                                           int32_t n_tok, float *y, size_t ldy, const int R, \
                                           MM_VEC *chains, int first, int last,             \
-                                          float *panel) {                                  \
+                                          float *panel, int ahead) {                       \
         (void)panel;                                                                       \
         mm_tiles_##type(w + MM_WOFF_##type(c0), row_bytes, x, ldx, n_tok, kc, y, ldy, R,   \
-                        chains, first, last, 1);                                           \
+                        chains, first, last, ahead);                                       \
     }
 
 MM_DEFINE_CHUNK(f32)
@@ -278,17 +278,19 @@ MM_DEFINE_CHUNK(f16)
 MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
                                     const float *x, size_t ldx, int32_t n_tok, float *y,
                                     size_t ldy, const int R, MM_VEC *chains, int first,
-                                    int last, float *panel) {
+                                    int last, float *panel, int ahead) {
+    (void)ahead;   /* the tiles read the panel, not the rows */
     mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
     mm_tiles_f32((const uint8_t *)panel, (size_t)kc * sizeof(float), x, ldx, n_tok, kc, y, ldy,
                  R, chains, first, last, 0);
 }
 
-/* The batch of R rows, a chunk of columns and a group of tokens at a time. */
+/* The batch of R rows, a chunk of columns and a group of tokens at a time; `ahead`:
+ * R more rows follow in the matrix, worth asking for (mm_tiles). */
 #define MM_DEFINE_ROWS(type)                                                               \
     MM_ALWAYS_INLINE void mm_rows_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                          size_t ldx, int32_t n_tok, int32_t n, float *y,   \
-                                         size_t ldy, const int R) {                        \
+                                         size_t ldy, const int R, int ahead) {             \
         MM_VEC chains[MM_GROUP_TOKS * MM_TILE_MAX_R];                                      \
         float panel[MM_PANEL_FLOATS_##type] __attribute__((aligned(64)));                  \
         const int32_t group = n <= MM_CHUNK_COLS ? n_tok : MM_GROUP_TOKS;                  \
@@ -298,7 +300,7 @@ MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
                 const int32_t kc = n - c0 < MM_CHUNK_COLS ? n - c0 : MM_CHUNK_COLS;        \
                 mm_chunk_##type(w, row_bytes, c0, kc, x + (size_t)g * ldx + c0, ldx, g_tok, \
                                 y + (size_t)g * ldy, ldy, R, chains, c0 == 0, c0 + kc == n, \
-                                panel);                                                    \
+                                panel, ahead);                                             \
             }                                                                              \
         }                                                                                  \
     }
@@ -348,11 +350,11 @@ MM_DEFINE_ROWS(q8_0)
         }                                                                                  \
         for (; r + MM_TILE_ROWS <= n_rows; r += MM_TILE_ROWS) {                            \
             mm_rows_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n_tok, n, y + r,  \
-                           ldy, MM_TILE_ROWS);                                             \
+                           ldy, MM_TILE_ROWS, r + 2 * MM_TILE_ROWS <= n_rows);             \
         }                                                                                  \
         for (; r < n_rows; r++) {                                                          \
             mm_rows_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n_tok, n, y + r,  \
-                           ldy, 1);                                                        \
+                           ldy, 1, r + 2 <= n_rows);                                       \
         }                                                                                  \
     }
 

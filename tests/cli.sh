@@ -159,6 +159,11 @@ grep -q '^window 9 of 9: characters 512-536 ' "$tmp/map" || fail "routes: last w
 grep -q "routed in 9 windows of up to 64" "$tmp/map.err" || fail "routes: stderr note"
 "$moas" generate -m "$model" -p "And" -n 10 --show-routes --no-color 2>/dev/null | grep -q '^text  *And' \
     || fail "generate --show-routes"
+# the route map shows every generated token, the last one too (decoded for the map)
+"$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --show-routes --no-color \
+    >"$tmp/routes-map" 2>/dev/null || fail "generate --show-routes -n 5"
+[ "$(sed -n 's/^text  *//p' "$tmp/routes-map" | head -n 1)" = "$(head -n 1 "$tmp/routes-map")" ] \
+    || fail "generate --show-routes: the map's text is not the generated text: $(cat "$tmp/routes-map")"
 
 # logits: every position of the file's exact bytes, [n_tokens][n_vocab] float32
 printf 'And God saw' >"$tmp/text"

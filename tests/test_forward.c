@@ -494,10 +494,12 @@ TEST(long_prompt_in_blocks_equals_token_by_token) {
  * MOAS_ATT_SPLIT_KEYS keys to each thread, their softmax states folded in order) give
  * the bits of one thread going split by split and of the same positions in a prompt's
  * blocks: a 700-token context, 660 tokens, the last 60 decoded one at a time with 1, 2
- * and 3 threads (2 threads split from 512 keys on, 3 from 768 would be needed, so 3
- * split the heads instead: both ways must agree), for the published block and a
+ * and 3 threads (2 threads split the keys from 385 on, 3 from 641: the first 40
+ * tokens split the heads, the last 20 the keys, and both ways must agree), for the
+ * published block and a
  * pooled RoPE model in routed mode (MQA tokens: one row for all heads), f32 and f16
- * caches. */
+ * caches; and through a pool's batched decode (its own workspace), one sequence at 2
+ * threads. */
 TEST(decode_keys_split_across_threads_equal_one_thread) {
     enum { N = 660, PROMPT = 600 };
     int32_t tokens[N];
@@ -519,17 +521,42 @@ TEST(decode_keys_split_across_threads_equal_one_thread) {
         float *want = malloc((size_t)N * n_vocab * sizeof *want);
         float *got = malloc((size_t)(N - PROMPT) * n_vocab * sizeof *got);
         ASSERT_TRUE(want != NULL && got != NULL);
-        for (int t = 0; t <= 3; t++) {   /* t 0: the whole text in blocks, one thread */
+        for (int t = 0; t <= 4; t++) {   /* t 0: the whole text in blocks, one thread */
             moas_context_params cp;
             moas_context *ctx;
+            moas_pool *pool = NULL;
             moas_context_params_init(&cp);
-            cp.n_threads = t == 0 ? 1 : t;
+            cp.n_threads = t == 0 ? 1 : t == 4 ? 2 : t;
             cp.mode = variant >= 2 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
             cp.kv_type = variant % 2 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;
+            if (t == 4) {   /* t 4: the pool's batched decode, 2 threads */
+                moas_pool_params pp;
+                moas_pool_params_init(&pp);
+                pp.capacity_bytes = 16 << 20;
+                pp.kv_type = cp.kv_type;
+                pp.n_threads = 2;
+                ASSERT_OK(moas_pool_create(model, &pp, &pool));
+                pool->ws->parallel_min_work = 0;
+                pool->ws->team.never_solo = true;
+                cp.pool = pool;
+            }
             ASSERT_OK(moas_context_create(model, &cp, &ctx));
+            ASSERT_OK(moas__context_workspace(ctx, "test"));
             ctx->ws->parallel_min_work = 0;
             ctx->ws->team.never_solo = true;
-            if (t == 0) {
+            if (t == 4) {
+                moas_pool_seq q = {ctx, tokens, PROMPT, MOAS_LOGITS_NONE, NULL};
+                ASSERT_OK(moas_pool_decode(pool, &q, 1));
+                for (int32_t i = PROMPT; i < N; i++) {
+                    q.tokens = tokens + i;
+                    q.n_tokens = 1;
+                    q.which = MOAS_LOGITS_LAST;
+                    q.logits = got + (size_t)(i - PROMPT) * n_vocab;
+                    ASSERT_OK(moas_pool_decode(pool, &q, 1));
+                }
+                ASSERT_TRUE(memcmp(got, want + (size_t)PROMPT * n_vocab,
+                                   (size_t)(N - PROMPT) * n_vocab * sizeof *got) == 0);
+            } else if (t == 0) {
                 ASSERT_OK(moas_context_decode_batch(ctx, tokens, N, want, MOAS_LOGITS_ALL));
             } else {
                 ASSERT_OK(moas_context_decode_batch(ctx, tokens, PROMPT, NULL, MOAS_LOGITS_NONE));
@@ -541,6 +568,7 @@ TEST(decode_keys_split_across_threads_equal_one_thread) {
                                    (size_t)(N - PROMPT) * n_vocab * sizeof *got) == 0);
             }
             moas_context_free(ctx);
+            moas_pool_free(pool);
         }
         free(want);
         free(got);

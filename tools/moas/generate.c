@@ -247,8 +247,9 @@ static int run(int argc, char **argv) {
         put_text(pending, show);
         memmove(pending, pending + show, held - show);
         held -= show;
-        if (stopped || i + 1 == o.n_predict) {
-            break;   /* nothing reads the logits of the last token: it is not decoded */
+        if (stopped || (i + 1 == o.n_predict && !o.show_routes)) {
+            break;   /* nothing reads the last token's logits: it is decoded only for the
+                      * route map, which shows every token's routing */
         }
         if (n_window == n_ctx) {
             /* RoPE models shift: the first tokens stay (attention sinks), half of the
