@@ -267,6 +267,14 @@ static void softmax_run(const moas_ops *ops, float *s, int32_t nk, float *run_ma
  * the same however it is computed. Up to one split of keys, this is plain online
  * softmax. */
 
+/* A head's value sums divided by its softmax sum: the attention output. */
+static void divide_by_sum(float *o, float sum, int32_t head_dim) {
+    const float inv = 1.0f / sum;
+    for (int32_t e = 0; e < head_dim; e++) {
+        o[e] *= inv;
+    }
+}
+
 /* Fold a later split's state (m_s, l_s, o_s) into the running one (M, L, O). */
 static void merge_split(float *O, float *M, float *L, const float *o_s, float m_s, float l_s,
                         int32_t head_dim) {
@@ -442,10 +450,7 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
             }
         }
         for (int32_t h = c0; h < c1; h++) {
-            const float inv = 1.0f / run_sum[h - c0];
-            for (int32_t e = 0; e < head_dim; e++) {
-                o[(size_t)(h - c0) * head_dim + e] *= inv;
-            }
+            divide_by_sum(o + (size_t)(h - c0) * head_dim, run_sum[h - c0], head_dim);
         }
     }
 }
@@ -559,10 +564,7 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
             }
             for (int32_t t = 0; t < nq; t++) {
                 float *out = OUT + (size_t)(q0 + t) * ldo + (size_t)h * head_dim;
-                const float inv = 1.0f / run_sum[t];
-                for (int32_t e = 0; e < head_dim; e++) {
-                    out[e] *= inv;
-                }
+                divide_by_sum(out, run_sum[t], head_dim);
             }
         }
     }
@@ -691,10 +693,7 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
                 merge_split(o, &mx, &sm, split_sums(ws, sp) + (size_t)h * head_dim,
                             split_max_of(ws, sp)[h], split_sum_of(ws, sp)[h], head_dim);
             }
-            const float inv = 1.0f / sm;
-            for (int32_t e = 0; e < head_dim; e++) {
-                o[e] *= inv;
-            }
+            divide_by_sum(o, sm, head_dim);
         }
         return;
     }
