@@ -199,7 +199,7 @@ browser: lib
 # The server under load (tools/loadtest.py, docs/SERVING.md): 64 streaming clients, some
 # hanging up early, every text checked against the same request run alone. About a
 # minute; `make test` runs a short one (tests/python/pkg/test_loadtest.py).
-LOADTEST_MODEL ?= models/pooled-kjv-l005.gguf
+LOADTEST_MODEL ?= models/pooled-kjv-kvinit.gguf
 LOADTEST_ARGS  ?= --clients 64 --requests 2 --mode routed --pool-mb 16
 .PHONY: loadtest
 loadtest: all
@@ -354,9 +354,9 @@ valgrind:
 	    >/dev/null
 	@# the KV pool: batched decode, forks of a shared prompt, and a pool filled to
 	@# refusal with compaction
-	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-l005.gguf -npp 24 \
+	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-kvinit.gguf -npp 24 \
 	    -ntg 8 -npl 1,3 --shared-prompt --mode routed --json >/dev/null
-	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-l005.gguf -npp 24 \
+	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-kvinit.gguf -npp 24 \
 	    -ntg 8 --pool-mb 0.3 --mode routed --compact-keep 4 --json >/dev/null
 	@# Error paths must exit 1 (the program's own failure), not 99 (a memcheck error).
 	@# The program exit()s from deep inside, so blocks its frames still point to are

@@ -58,7 +58,7 @@ for shape in $shapes; do
         done ;;
     batched)
         text=models/kjv-heldout.txt
-        for m in models/pooled-kjv-l005.gguf models/moas-kjv.gguf; do
+        for m in models/pooled-kjv-kvinit.gguf models/moas-kjv.gguf; do
             for mode in mixture routed; do
                 "$bin/moas" batched-bench -m "$m" -npp 64 -ntg 64 -npl 1,2,4,8,16,32,64 \
                     --mode $mode --kv-type f16 -t 2 -f $text --json

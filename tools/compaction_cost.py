@@ -8,7 +8,7 @@ context, each from an empty cache, every character after the first of a window s
 (so KEEP = none reproduces `moas perplexity --mode routed`). Prints one JSON object per
 KEEP: nats/char, characters scored, and the mean KV bytes used at the end of a window.
 
-    tools/compaction_cost.py -m models/pooled-kjv-l005.gguf -f models/kjv-heldout.txt \\
+    tools/compaction_cost.py -m models/pooled-kjv-kvinit.gguf -f models/kjv-heldout.txt \\
         --keep none,64,32,16,8,0 --scheme 2
 """
 import argparse

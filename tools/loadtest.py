@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """loadtest.py - many concurrent streaming clients against one moas.server (loopback).
 
-    python3 tools/loadtest.py -m models/pooled-kjv-l005.gguf --clients 64 --requests 2
+    python3 tools/loadtest.py -m models/pooled-kjv-kvinit.gguf --clients 64 --requests 2
     make loadtest                      # the full run of docs/SERVING.md
     make test                          # a short run (tests/python/pkg/test_loadtest.py)
 
@@ -202,7 +202,7 @@ def round_of_load(port, model, args, expected):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-m", "--model", default=os.path.join(ROOT, "models", "pooled-kjv-l005.gguf"))
+    ap.add_argument("-m", "--model", default=os.path.join(ROOT, "models", "pooled-kjv-kvinit.gguf"))
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)

@@ -4,7 +4,7 @@
  * forks in one batched call of the pool.
  *
  *     c++ -std=c++17 parallel.cpp $(pkg-config --cflags --libs moas) -o parallel
- *     ./parallel models/pooled-kjv-l005.gguf "And God said" [n_forks] [n_chars]
+ *     ./parallel models/pooled-kjv-kvinit.gguf "And God said" [n_forks] [n_chars]
  *
  * Prints each continuation, then checks that the last one equals the same characters
  * decoded by a context of its own (exit status 1 if not): batching and forking change

@@ -16,7 +16,7 @@ from conftest import ROOT
 import moas
 
 TINY = os.path.join(ROOT, "tests", "data", "tiny-moas-bias.gguf")
-SHIPPED = os.path.join(ROOT, "models", "pooled-kjv-l005.gguf")
+SHIPPED = os.path.join(ROOT, "models", "pooled-kjv-kvinit.gguf")
 
 # In a fresh process, on a thread of its own (its own malloc arena, as the server's
 # engine): a warm-up context reads 128 tokens (every row of the pool's block), then
