@@ -293,40 +293,71 @@ static void merge_split(float *O, float *M, float *L, const float *o_s, float m_
  * go through the kernels as one. */
 #define MOAS_ATT_GROUP_KEYS 16
 
-/* How query heads [h0, h1) fall into groups that read the same K/V row of every key
- * in [j0, j1): those whose h * n_kv / n_head agree for every width n_kv present. The
- * groups are [bounds[g], bounds[g + 1]) for g < returned count. A uniform stream has
- * one width; more than 8 distinct widths leave every head alone. */
-static int32_t head_groups(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
-                           int32_t h0, int32_t h1, int32_t *bounds) {
-    int32_t widths[8], n_widths = 0, n = 0;
-    for (int32_t j = j0; j < j1 && n_widths <= 8; j++) {
+_Static_assert(MOAS_ATT_QUERIES < 32, "a call's query heads are bits of a uint32_t");
+
+/* Which query heads of [c0, c1) (at most MOAS_ATT_QUERIES) read another K/V row than
+ * the head before them, for a token of w heads: bit h - c0 for c0 < h < c1 with
+ * (h - 1) w / n_head != h w / n_head. */
+static uint32_t width_breaks(int32_t w, int32_t n_head, int32_t c0, int32_t c1) {
+    uint32_t breaks = 0;
+    for (int32_t h = c0 + 1; h < c1; h++) {
+        if ((h - 1) * w / n_head != h * w / n_head) {
+            breaks |= 1u << (h - c0);
+        }
+    }
+    return breaks;
+}
+
+/* The widths one attend_one_keys call has met and their breaks, so that each costs its
+ * divisions once per call, not once per piece of keys. */
+typedef struct {
+    int32_t n;
+    int32_t width[8];
+    uint32_t breaks[8];
+} width_memo;
+
+/* The breaks of query heads [c0, c1) over keys [j0, j1): those of every width present
+ * (a uniform stream has one). A head then reads the same row of every key as the head
+ * before it unless its bit is set. More than 8 widths leave every head alone. */
+static uint32_t piece_breaks(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
+                             int32_t c0, int32_t c1, width_memo *memo) {
+    uint32_t breaks = 0;
+    int32_t last = -1;
+    for (int32_t j = j0; j < j1; j++) {
         const int32_t w = moas__kv_heads(kv, j);
+        if (w == last) {
+            continue;   /* neighbouring tokens mostly share a scheme */
+        }
+        last = w;
         int32_t i = 0;
-        while (i < n_widths && widths[i] != w) {
+        while (i < memo->n && memo->width[i] != w) {
             i++;
         }
-        if (i == n_widths) {
-            if (n_widths < 8) {
-                widths[i] = w;
+        if (i == memo->n) {
+            if (memo->n == 8) {
+                return ((1u << (c1 - c0)) - 1) & ~1u;
             }
-            n_widths++;
+            memo->width[i] = w;
+            memo->breaks[i] = width_breaks(w, n_head, c0, c1);
+            memo->n++;
         }
+        breaks |= memo->breaks[i];
         if (kv->off == NULL) {
             break;
         }
     }
-    bounds[n++] = h0;
-    for (int32_t h = h0 + 1; h < h1; h++) {
-        bool same = n_widths <= 8;
-        for (int32_t i = 0; same && i < n_widths; i++) {
-            same = (h - 1) * widths[i] / n_head == h * widths[i] / n_head;
-        }
-        if (!same) {
-            bounds[n++] = h;
-        }
+    return breaks;
+}
+
+/* Groups of query heads [c0, c1) cut at `breaks`: [bounds[g], bounds[g + 1]) for g
+ * below the returned count. */
+static int32_t groups_at(uint32_t breaks, int32_t c0, int32_t c1, int32_t *bounds) {
+    int32_t n = 0;
+    bounds[n++] = c0;
+    for (uint32_t b = breaks; b != 0; b &= b - 1) {
+        bounds[n++] = c0 + __builtin_ctz(b);
     }
-    bounds[n] = h1;
+    bounds[n] = c1;
     return n;
 }
 
@@ -369,6 +400,7 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
     const kv_kernels kern = kv_kernels_for(ws->ops, pool->kv_type);
     /* a run's segments: keys [seg_j[i], seg_j[i + 1]), groups bounds[i][0 .. n_groups[i]] */
     int32_t seg_j[PIECES + 1], n_groups[PIECES], bounds[PIECES][MOAS_ATT_QUERIES + 1];
+    width_memo memo = {0};
 
     for (int32_t h = c0; h < c1; h++) {
         mx[h - c0] = -INFINITY;
@@ -382,16 +414,17 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
             moas__kv_prefetch(pool, kv, moas__kv_first(kv, k1), moas__kv_first(kv, k2));
         }
         int32_t n_seg = 0;
+        uint32_t seg_breaks = 0;
         for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {
             const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
-            int32_t *bd = bounds[n_seg];
-            const int32_t ng = head_groups(kv, n_head, j0, j1, c0, c1, bd);
-            if (n_seg > 0 && ng == n_groups[n_seg - 1] &&
-                memcmp(bd, bounds[n_seg - 1], (size_t)(ng + 1) * sizeof *bd) == 0) {
+            const uint32_t breaks = piece_breaks(kv, n_head, j0, j1, c0, c1, &memo);
+            if (n_seg > 0 && breaks == seg_breaks) {
                 continue;   /* grouped as the piece before: one segment */
             }
+            seg_breaks = breaks;
             seg_j[n_seg] = j0;
-            n_groups[n_seg++] = ng;
+            n_groups[n_seg] = groups_at(breaks, c0, c1, bounds[n_seg]);
+            n_seg++;
         }
         seg_j[n_seg] = k1;
         for (int32_t i = 0; i < n_seg; i++) {   /* scores */
