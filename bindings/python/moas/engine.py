@@ -4,7 +4,10 @@ One thread (Engine._run) owns every library object but the Model: it admits requ
 between steps, and each step advances every active sequence with ONE Pool.decode call:
 a chunk of prompt for sequences still reading theirs, the token sampled last for the
 others. Requests talk to it through Engine.submit() and Engine.cancel() (any thread)
-and receive events through a callback (the server forwards them to its event loop).
+and receive events through a callback: each request's `emit`, called from the engine
+thread, or, with a `deliver` hook, all of one step's events in one call of the hook,
+which then calls `emit` wherever it likes (the server: once per step on its event
+loop, as one wake-up per event cost more than the step's decode).
 
 Policy (docs/SERVING.md):
   * A request is admitted when a sequence slot is free (max_sequences), no sequence is
@@ -86,8 +89,10 @@ class Engine:
     def __init__(self, model, *, pool_bytes, mode="mixture", max_sequences=64, max_queue=64,
                  queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
                  page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
-                 steer_below=0.0, forced_scheme=-1):
+                 steer_below=0.0, forced_scheme=-1, deliver=None):
         self.model = model
+        self.deliver = deliver
+        self._outbox = []                        # (request, event) of this step, for deliver
         self.mode = mode
         self.max_sequences, self.max_queue = max_sequences, max_queue
         self.queue_timeout = queue_timeout
@@ -196,6 +201,7 @@ class Engine:
                 for seq in list(self._active) + list(self._swapped):
                     self._fail(seq.req, 500, "internal error: %s" % e, "internal_error")
                 self._reap()
+            self._deliver()
 
     COLLECT_EVERY = 1.0   # seconds at least between two collections when going idle
 
@@ -233,10 +239,24 @@ class Engine:
             self.peak_active = max(self.peak_active, len(self._active))
 
     def _send(self, req, kind, data=None):
+        if self.deliver is not None:
+            self._outbox.append((req, Event(kind, data)))
+            return
         try:
             req.emit(Event(kind, data))
         except Exception:
             req.cancelled = True   # its loop is gone: the client too
+
+    def _deliver(self):
+        """The step's events to the deliver hook, in one call."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            self.deliver(batch)
+        except Exception:
+            for req, _ in batch:
+                req.cancelled = True   # their loop is gone: their clients too
 
     def _fail(self, req, status, message, code):
         if not req.cancelled:

@@ -185,7 +185,9 @@ class Server:
                              max_queue=args.max_queue, queue_timeout=args.queue_timeout,
                              prefill_chunk=args.prefill_chunk, n_threads=args.threads,
                              kv_type=args.kv_type, step_delay=args.step_delay,
-                             steer_below=args.steer_below, forced_scheme=args.force_scheme)
+                             steer_below=args.steer_below, forced_scheme=args.force_scheme,
+                             deliver=self._deliver)
+        self.loop = asyncio.get_running_loop()   # made by serve(), inside its loop
         n_ctx = self.engine.n_ctx
         self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
                     "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),
@@ -195,6 +197,16 @@ class Server:
         self.disconnects = 0
         self.started = time.time()
         self.schemes = scheme_names(self.model)
+
+    def _deliver(self, batch):
+        """The engine thread, once per step: the step's events in one hop to the event
+        loop (a hop per event, each a wake-up, cost more than decoding them)."""
+        self.loop.call_soon_threadsafe(self._dispatch, batch)
+
+    @staticmethod
+    def _dispatch(batch):
+        for req, event in batch:
+            req.emit(event)
 
     def app(self):
         @web.middleware
@@ -346,12 +358,7 @@ class Server:
                            "%d and max_tokens asks for %d more" % (
                                self.engine.n_ctx, len(ids), p["max_tokens"]),
                            param="max_tokens", code="context_length_exceeded")
-        loop = asyncio.get_running_loop()
-        events = asyncio.Queue()
-
-        def emit(event):
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        events = asyncio.Queue()   # filled on this loop by _dispatch
         sampling = dict(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
                         min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
                         repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None)
@@ -363,7 +370,8 @@ class Server:
                       temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
                       min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
                       repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
-                      seed=p["seed"], stop=p["stop"], routes=p["routes"], emit=emit)
+                      seed=p["seed"], stop=p["stop"], routes=p["routes"],
+                      emit=events.put_nowait)
         if not self.engine.fits(req):
             raise ApiError(400, "the request needs more KV memory than the pool holds",
                            code="request_too_large")
@@ -419,43 +427,52 @@ class Server:
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
 
-        async def send(obj):
-            await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-
         try:
-            return await self._events(response, send, events, meta, p)
+            return await self._events(response, events, meta, p)
         except ConnectionError:   # the client hung up: completions() cancels the request
             self.disconnects += 1
             return response
 
-    async def _events(self, response, send, events, meta, p):
+    async def _events(self, response, events, meta, p):
+        """Server-sent events, the frames of all the events waiting written at once."""
+        def frame(obj):
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
         while True:
             ev = await events.get()
             batch = [ev]
             while not events.empty() and len(batch) < 256:
                 batch.append(events.get_nowait())
+            frames, last = [], False
             for ev in batch:
                 if ev.kind == "text":
                     i, text, route = ev.data
                     ch = {"text": text, "index": i, "logprobs": None, "finish_reason": None}
                     if p["routes"]:
                         ch["routes"] = [route]
-                    await send(dict(meta, choices=[ch]))
+                    frames.append(frame(dict(meta, choices=[ch])))
                 elif ev.kind == "finish":
                     i, reason, _ = ev.data
-                    await send(dict(meta, choices=[{"text": "", "index": i, "logprobs": None,
-                                                    "finish_reason": reason}]))
+                    frames.append(frame(dict(meta, choices=[{"text": "", "index": i,
+                                                             "logprobs": None,
+                                                             "finish_reason": reason}])))
                 elif ev.kind == "error":
-                    await send({"error": {"message": ev.data[1], "type": "server_error",
-                                          "param": None, "code": ev.data[2]}})
-                    await response.write(b"data: [DONE]\n\n")
-                    return response
+                    frames.append(frame({"error": {"message": ev.data[1], "type": "server_error",
+                                                   "param": None, "code": ev.data[2]}}))
+                    frames.append(b"data: [DONE]\n\n")
+                    last = True
+                    break
                 elif ev.kind == "done":
                     if p["include_usage"]:
-                        await send(dict(meta, choices=[], usage=ev.data))
-                    await response.write(b"data: [DONE]\n\n")
+                        frames.append(frame(dict(meta, choices=[], usage=ev.data)))
+                    frames.append(b"data: [DONE]\n\n")
+                    last = True
+                    break
+            await response.write(b"".join(frames))
+            if last:
+                if ev.kind == "done":
                     await response.write_eof()
-                    return response
+                return response
 
 
 def parse_args(argv=None):
