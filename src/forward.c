@@ -309,16 +309,18 @@ static uint32_t width_breaks(int32_t w, int32_t n_head, int32_t c0, int32_t c1) 
 }
 
 /* The widths one attend_one_keys call has met and their breaks, so that each costs its
- * divisions once per call, not once per piece of keys. */
+ * divisions once per call, not once per piece of keys. A stored token has the width
+ * of one of the model's schemes, so a call meets at most MOAS_MAX_SCHEMES of them. */
 typedef struct {
     int32_t n;
-    int32_t width[8];
-    uint32_t breaks[8];
+    int32_t width[MOAS_MAX_SCHEMES];
+    uint32_t breaks[MOAS_MAX_SCHEMES];
 } width_memo;
 
 /* The breaks of query heads [c0, c1) over keys [j0, j1): those of every width present
  * (a uniform stream has one). A head then reads the same row of every key as the head
- * before it unless its bit is set. More than 8 widths leave every head alone. */
+ * before it unless its bit is set. Should a call meet more widths than the memo holds
+ * (no model can), every head from then on is a group of its own: slower, same result. */
 static uint32_t piece_breaks(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
                              int32_t c0, int32_t c1, width_memo *memo) {
     uint32_t breaks = 0;
@@ -334,7 +336,7 @@ static uint32_t piece_breaks(const moas_kv_stream *kv, int32_t n_head, int32_t j
             i++;
         }
         if (i == memo->n) {
-            if (memo->n == 8) {
+            if (memo->n == MOAS_MAX_SCHEMES) {
                 return ((1u << (c1 - c0)) - 1) & ~1u;
             }
             memo->width[i] = w;

@@ -224,6 +224,8 @@ class Engine:
         batch = self._batch()
         if batch:
             self._step(batch)
+            self._reap()      # the requests this step finished get their "done" now,
+            self._deliver()   # with the step's last tokens, not one step later
             if self.step_delay:
                 time.sleep(self.step_delay)
         self._update_stats()

@@ -180,6 +180,8 @@ class Server:
         self.args = args
         self.model = Model(args.model)
         self.model_id = os.path.basename(args.model)
+        # before the engine: its thread may deliver as soon as it exists
+        self.loop = asyncio.get_running_loop()   # made by serve(), inside its loop
         self.engine = Engine(self.model, pool_bytes=int(args.pool_mb * (1 << 20)),
                              mode=args.mode, max_sequences=args.max_sequences,
                              max_queue=args.max_queue, queue_timeout=args.queue_timeout,
@@ -187,7 +189,6 @@ class Server:
                              kv_type=args.kv_type, step_delay=args.step_delay,
                              steer_below=args.steer_below, forced_scheme=args.force_scheme,
                              deliver=self._deliver)
-        self.loop = asyncio.get_running_loop()   # made by serve(), inside its loop
         n_ctx = self.engine.n_ctx
         self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
                     "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),

@@ -449,3 +449,26 @@ def test_random_bodies_never_5xx(server):
             assert 400 <= status < 500, (body, reply)
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
     assert server.request("GET", "/health")[0] == 200
+
+
+def test_engine_delivers_done_in_the_step_that_finished(model):
+    # a request's "done" goes out with its last "finish", not one engine step later
+    # (with --step-delay, or a long step of other sequences, that is a whole step of
+    # latency at the end of every request)
+    from moas.engine import Engine, Request
+    batches, finished = [], threading.Event()
+
+    def deliver(batch):
+        batches.append([event.kind for _, event in batch])
+        if any(event.kind == "done" for _, event in batch):
+            finished.set()
+
+    engine = Engine(model, pool_bytes=1 << 20, mode="routed", step_delay=0.05,
+                    deliver=deliver)
+    try:
+        assert engine.submit(Request(model.tokenize(PROMPT), max_tokens=3, seed=1))
+        assert finished.wait(30)
+    finally:
+        engine.close()
+    last = [kinds for kinds in batches if "finish" in kinds]
+    assert len(last) == 1 and "done" in last[0], batches
