@@ -644,6 +644,17 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
         const moas_seq_run *run = &s->runs[r];
         const moas_context *ctx = run->ctx;
         if (run->n == 1) {
+            if ((r + 1) * n_head < u1) {
+                /* attend_one asks for each run of keys one run ahead, so a query's first
+                 * run would come from memory while it waits: ask for the next query's
+                 * first run now, while this one is computed */
+                const moas_seq_run *next = &s->runs[r + 1];
+                const moas_kv_stream *kv = &next->ctx->kv[s->stream];
+                const int32_t n_keys = next->ctx->n_past + next->n;
+                moas__kv_prefetch(next->ctx->pool, kv, 0,
+                                  moas__kv_first(kv, n_keys < MOAS_ATT_KEYS ? n_keys
+                                                                           : MOAS_ATT_KEYS));
+            }
             attend_one(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
                        ctx->n_past, h0, h1, s->OUT + (size_t)run->row0 * s->ldo, att, rows,
                        split);
