@@ -5,8 +5,8 @@ Run from the repository root:  python3 -m unittest discover -s tests/python -t .
 No bin/moas and no trained model is needed: --moas points at a fake moas written to a
 temporary directory, which prints canned JSON for `perplexity` and `bench` (the real
 output of bin/moas on models/pooled-kjv-l005.gguf, the pooled model shipped until
-2026-12-02), logs every call, and fails like
-moas does for a model path containing "bad".
+2026-12-02), logs every call, and fails like moas does for a model path containing
+"bad".
 """
 import contextlib
 import importlib.util
