@@ -243,10 +243,7 @@ static kv_kernels kv_kernels_for(const moas_ops *ops, moas_type type) {
  * place. The value sum of the run follows. */
 static void softmax_run(const moas_ops *ops, float *s, int32_t nk, float *run_max,
                         float *run_sum, float *out, int32_t head_dim) {
-    float mx = *run_max;
-    for (int32_t j = 0; j < nk; j++) {
-        mx = s[j] > mx ? s[j] : mx;
-    }
+    const float mx = ops->max(s, nk, *run_max);
     if (mx > *run_max && *run_max != -INFINITY) {
         const float shrink = expf(*run_max - mx);
         *run_sum *= shrink;

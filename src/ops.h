@@ -74,6 +74,10 @@ typedef struct moas_ops {
     void (*attn_mix_q8_0)(const void *v, const uint32_t *rows, int32_t n, const float *p,
                           size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
 
+    /* The largest of init and x[0 .. n), n >= 0, taken as m = x > m ? x : m element
+     * by element (so a NaN x is passed over): a maximum in any order, the same value
+     * in every table (a zero's sign aside, which no caller tells apart). */
+    float (*max)(const float *x, int32_t n, float init);
     /* x = exp(x - max) over n >= 0 elements with every x <= max (the SIMD tables'
      * exp is for arguments <= 0); returns the sum of the results. */
     float (*exp_sum)(float *x, int32_t n, float max);

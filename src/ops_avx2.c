@@ -107,6 +107,7 @@ const moas_ops moas__ops_avx2 = {
     .attn_mix_f16 = attn_mix_f16_avx2,
     .attn_scores_q8_0 = attn_scores_q8_0_avx2,
     .attn_mix_q8_0 = attn_mix_q8_0_avx2,
+    .max = max_avx2,
     .exp_sum = exp_sum_avx2,
     .softmax = softmax_avx2,
     .gelu = gelu_avx2,

@@ -140,6 +140,7 @@ const moas_ops moas__ops_avx512 = {
     .attn_mix_f16 = attn_mix_f16_avx512,
     .attn_scores_q8_0 = attn_scores_q8_0_avx512,
     .attn_mix_q8_0 = attn_mix_q8_0_avx512,
+    .max = max_avx512,
     .exp_sum = exp_sum_avx512,
     .softmax = softmax_avx512,
     .gelu = gelu_avx512,

@@ -106,6 +106,14 @@ DEFINE_ATTN_REF(f32, float, head_dim)
 DEFINE_ATTN_REF(f16, uint16_t, head_dim)
 DEFINE_ATTN_REF(q8_0, moas_block_q8_0, head_dim / MOAS_QK8_0)
 
+static float max_ref(const float *x, int32_t n, float init) {
+    float m = init;
+    for (int32_t i = 0; i < n; i++) {
+        m = x[i] > m ? x[i] : m;
+    }
+    return m;
+}
+
 static float exp_sum_ref(float *x, int32_t n, float max) {
     float sum = 0.0f;
     for (int32_t i = 0; i < n; i++) {
@@ -148,6 +156,7 @@ const moas_ops moas__ops_ref = {
     .attn_mix_f16 = attn_mix_f16_ref,
     .attn_scores_q8_0 = attn_scores_q8_0_ref,
     .attn_mix_q8_0 = attn_mix_q8_0_ref,
+    .max = max_ref,
     .exp_sum = exp_sum_ref,
     .softmax = softmax_ref,
     .gelu = gelu_ref,

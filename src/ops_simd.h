@@ -19,7 +19,7 @@
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
- * attn_mix_f32/f16, exp_sum, softmax and gelu (ops.h).
+ * attn_mix_f32/f16, max, exp_sum, softmax and gelu (ops.h).
  */
 
 /* ---- matrix products -------------------------------------------------------------
@@ -587,9 +587,21 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             mm_mix_##type(v, rows, n, p + (size_t)t * ldp, ldp, head_dim,                  \
                           out + (size_t)t * ldo, ldo, MM_MIX_QUERIES);                     \
         }                                                                                  \
-        for (; t < nq; t++) {                                                              \
-            mm_mix_##type(v, rows, n, p + (size_t)t * ldp, ldp, head_dim,                  \
-                          out + (size_t)t * ldo, ldo, 1);                                  \
+        /* the rest (1 to MM_MIX_QUERIES - 1) in as few passes as the registers allow:    \
+         * one query alone is a chain or two per key, bound by the FMA's latency */        \
+        while (t < nq) {                                                                   \
+            const float *pt = p + (size_t)t * ldp;                                         \
+            float *ot = out + (size_t)t * ldo;                                             \
+            if (MM_MIX_QUERIES > 3 && nq - t >= 3) {                                       \
+                mm_mix_##type(v, rows, n, pt, ldp, head_dim, ot, ldo, 3);                  \
+                t += 3;                                                                    \
+            } else if (MM_MIX_QUERIES > 2 && nq - t >= 2) {                                \
+                mm_mix_##type(v, rows, n, pt, ldp, head_dim, ot, ldo, 2);                  \
+                t += 2;                                                                    \
+            } else {                                                                       \
+                mm_mix_##type(v, rows, n, pt, ldp, head_dim, ot, ldo, 1);                  \
+                t += 1;                                                                    \
+            }                                                                              \
         }                                                                                  \
     }
 
@@ -644,6 +656,25 @@ MM_ALWAYS_INLINE float mm_exp1(float x) {
     float pow2;
     memcpy(&pow2, &bits, sizeof pow2);
     return p * pow2;
+}
+
+/* The largest of init and x: lanes that keep x > m ? x : m (MM_MAX's first operand
+ * wins only when greater, so a NaN x leaves the lane as it was), their maximum, then
+ * the tail. A maximum of numbers does not depend on the order it is taken in. */
+static float MM_NAME(max)(const float *x, int32_t n, float init) {
+    float m = init;
+    int32_t i = 0;
+    if (n >= MM_LANES) {
+        MM_VEC vm = MM_SET1(init);
+        for (; i + MM_LANES <= n; i += MM_LANES) {
+            vm = MM_MAX(MM_LOADX(x + i), vm);
+        }
+        m = MM_HMAX(vm);
+    }
+    for (; i < n; i++) {
+        m = x[i] > m ? x[i] : m;
+    }
+    return m;
 }
 
 /* x = exp(x - max), returning the sum of the new x: summed in lanes, then the tail in

@@ -576,6 +576,56 @@ static int check_attention(const moas_ops *ops) {
     return TEST_PASS;
 }
 
+/* max: the largest of init and x, NaN elements passed over, against a plain loop in
+ * double: the same number at every length around the vector widths (a vector's lanes
+ * and the scalar tail), with the largest element anywhere, infinities, NaNs, and an
+ * init above, below or equal to every element. Zeros compare equal whatever their
+ * sign (the one freedom a maximum taken in lanes has). */
+static int check_max(const moas_ops *ops) {
+    uint64_t seed = 23;
+    for (int32_t n = 0; n <= 70; n++) {
+        for (int variant = 0; variant < 6; variant++) {
+            float x[70];
+            for (int32_t i = 0; i < n; i++) {
+                x[i] = 10.0f * next_val(&seed, false);
+            }
+            if (n > 0 && variant == 1) {
+                x[next_u64(&seed) % (uint64_t)n] = NAN;
+                x[next_u64(&seed) % (uint64_t)n] = NAN;
+            }
+            if (n > 0 && variant == 2) {
+                x[next_u64(&seed) % (uint64_t)n] = INFINITY;
+            }
+            if (n > 0 && variant == 3) {   /* the largest at the last place, then the first */
+                x[n - 1] = 99.0f;
+                x[0] = n > 1 ? 98.0f : x[0];
+            }
+            if (variant == 4) {
+                for (int32_t i = 0; i < n; i++) {
+                    x[i] = (i % 3 == 0) ? -0.0f : (i % 3 == 1) ? 0.0f : -INFINITY;
+                }
+            }
+            const float inits[] = {-INFINITY, 0.5f, 1000.0f, -0.0f};
+            for (size_t k = 0; k < sizeof inits / sizeof inits[0]; k++) {
+                const float init = variant == 5 && n > 0 ? x[n / 2] : inits[k];
+                double want = init;
+                for (int32_t i = 0; i < n; i++) {
+                    if (x[i] == x[i] && x[i] > want) {
+                        want = x[i];
+                    }
+                }
+                const float got = ops->max(x, n, init);
+                if (!(got == (float)want)) {
+                    test_report(__FILE__, __LINE__, "max", "%s, n=%d, init %g: %.9g, want %.9g",
+                                ops->name, (int)n, (double)init, (double)got, want);
+                    return TEST_FAIL;
+                }
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
 /* exp_sum, for x <= max: each exponential within 4 u of libm's (the SIMD exp is within
  * 2 ulp; below e^-87 it gives e^-87, hence the absolute 2^-120), the sum within
  * (4 + 2n) u of the exact one (n additions on each side).
@@ -936,9 +986,10 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
     TEST(kernels_##table_##_matmul_matches_ref_and_tiles_agree) {                        \
         return on_table(#table_, needs_, check_matmul);                                  \
     }                                                                                    \
-    TEST(kernels_##table_##_attention_softmax_gelu_match_ref) {                          \
+    TEST(kernels_##table_##_attention_max_softmax_gelu_match_ref) {                          \
         int rc_ = on_table(#table_, needs_, check_attention);                            \
         if (rc_ == TEST_PASS) rc_ = on_table(#table_, needs_, check_softmax);            \
+        if (rc_ == TEST_PASS) rc_ = on_table(#table_, needs_, check_max);                \
         if (rc_ == TEST_PASS) rc_ = on_table(#table_, needs_, check_gelu);               \
         return rc_;                                                                      \
     }                                                                                    \
