@@ -222,7 +222,7 @@ void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, flo
 typedef struct {
     void (*scores)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
                    int32_t, float, float *, size_t);
-    void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t, int32_t,
+    void (*mix)(const void *, const uint32_t *, size_t, int32_t, const float *, size_t, int32_t,
                 int32_t, float *, size_t);
 } kv_kernels;
 
@@ -441,15 +441,27 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
             softmax_run(ws->ops, att + (size_t)(h - c0) * MOAS_ATT_KEYS, k1 - k0, &mx[h - c0],
                         &sm[h - c0], o + (size_t)(h - c0) * head_dim, head_dim);
         }
-        for (int32_t i = 0; i < n_seg; i++) {   /* value sums, over the rows found */
+        if (n_seg == 1 && n_groups[0] == 1) {   /* value sums: every head the same rows */
+            kern.mix(V, rows, 0, k1 - k0, att, MOAS_ATT_KEYS, c1 - c0, head_dim, o,
+                     (size_t)head_dim);
+            continue;
+        }
+        /* Heads that read different rows somewhere in the run: each head's rows in
+         * full (a group's first head found them), and the heads together in one call,
+         * each reading its own, so that the kernel takes them in blocks instead of a
+         * head at a time; a query's sums are the same either way. */
+        for (int32_t i = 0; i < n_seg; i++) {
             const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
             for (int32_t g = 0; g < n_groups[i]; g++) {
-                const int32_t a = bounds[i][g], b = bounds[i][g + 1];
-                kern.mix(V, rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), nk,
-                         att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS,
-                         b - a, head_dim, o + (size_t)(a - c0) * head_dim, (size_t)head_dim);
+                const uint32_t *first = rows + (size_t)(bounds[i][g] - c0) * MOAS_ATT_KEYS + (j0 - k0);
+                for (int32_t h = bounds[i][g] + 1; h < bounds[i][g + 1]; h++) {
+                    memcpy(rows + (size_t)(h - c0) * MOAS_ATT_KEYS + (j0 - k0), first,
+                           (size_t)nk * sizeof *rows);
+                }
             }
         }
+        kern.mix(V, rows, MOAS_ATT_KEYS, k1 - k0, att, MOAS_ATT_KEYS, c1 - c0, head_dim, o,
+                 (size_t)head_dim);
     }
 }
 
@@ -577,11 +589,11 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
                         }
                         softmax_run(ops, s, nk, &mx[t], &sm[t], out, head_dim);
                         if (t < t_full) {
-                            kern.mix(V, rows + k0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ld);
+                            kern.mix(V, rows + k0, 0, nk, s, MOAS_ATT_KEYS, 1, head_dim, out, ld);
                         }
                     }
                     if (t_full < nq) {
-                        kern.mix(V, rows + k0, MOAS_ATT_KEYS,
+                        kern.mix(V, rows + k0, 0, MOAS_ATT_KEYS,
                                  att + (size_t)t_full * MOAS_ATT_KEYS, MOAS_ATT_KEYS,
                                  nq - t_full, head_dim, ob + (size_t)t_full * ld, ld);
                     }

@@ -55,6 +55,8 @@ typedef struct moas_ops {
      * p + t * ldp, out_t = out + t * ldo):
      *   scores_t[j] = (q_t . k_row(j)) * scale                           (attn_scores)
      *   out_t += p_t[j] v_row(j) for j = 0, 1, ..., n - 1, in that order (attn_mix)
+     * attn_mix's queries read the same rows when ldr is 0, and query t rows + t * ldr
+     * otherwise (the heads of one query, over tokens of different widths).
      * Each score is the same bits whatever n, nq and its place among them, and a value
      * sum likewise, and split into runs of keys it equals one call over all of them: a
      * query decoded alone and inside a batch agree. */
@@ -64,15 +66,18 @@ typedef struct moas_ops {
     void (*attn_scores_f16)(const void *k, const uint32_t *rows, int32_t n, const float *q,
                             size_t ldq, int32_t nq, int32_t head_dim, float scale,
                             float *scores, size_t lds);
-    void (*attn_mix_f32)(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                         size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
-    void (*attn_mix_f16)(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                         size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
+    void (*attn_mix_f32)(const void *v, const uint32_t *rows, size_t ldr, int32_t n,
+                         const float *p, size_t ldp, int32_t nq, int32_t head_dim,
+                         float *out, size_t ldo);
+    void (*attn_mix_f16)(const void *v, const uint32_t *rows, size_t ldr, int32_t n,
+                         const float *p, size_t ldp, int32_t nq, int32_t head_dim,
+                         float *out, size_t ldo);
     void (*attn_scores_q8_0)(const void *k, const uint32_t *rows, int32_t n, const float *q,
                              size_t ldq, int32_t nq, int32_t head_dim, float scale,
                              float *scores, size_t lds);
-    void (*attn_mix_q8_0)(const void *v, const uint32_t *rows, int32_t n, const float *p,
-                          size_t ldp, int32_t nq, int32_t head_dim, float *out, size_t ldo);
+    void (*attn_mix_q8_0)(const void *v, const uint32_t *rows, size_t ldr, int32_t n,
+                          const float *p, size_t ldp, int32_t nq, int32_t head_dim,
+                         float *out, size_t ldo);
 
     /* The largest of init and x[0 .. n), n >= 0, taken as m = x > m ? x : m element
      * by element (so a NaN x is passed over): a maximum in any order, the same value

@@ -91,13 +91,14 @@ static void axpy_q8_0_ref(float *y, float a, const moas_block_q8_0 *x, int32_t n
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
-    static void attn_mix_##type##_ref(const void *v, const uint32_t *rows, int32_t n,      \
-                                      const float *p, size_t ldp, int32_t nq,              \
+    static void attn_mix_##type##_ref(const void *v, const uint32_t *rows, size_t ldr,     \
+                                      int32_t n, const float *p, size_t ldp, int32_t nq,   \
                                       int32_t head_dim, float *out, size_t ldo) {          \
         for (int32_t t = 0; t < nq; t++) {                                                 \
+            const uint32_t *rt = rows + (size_t)t * ldr;                                   \
             for (int32_t j = 0; j < n; j++) {                                              \
                 axpy_##type##_ref(out + (size_t)t * ldo, p[(size_t)t * ldp + j],           \
-                                  (const elem *)v + (size_t)rows[j] * (per_row), head_dim); \
+                                  (const elem *)v + (size_t)rt[j] * (per_row), head_dim);  \
             }                                                                              \
         }                                                                                  \
     }

@@ -509,13 +509,15 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                              scores + (size_t)t * lds, lds, 1);                            \
         }                                                                                  \
     }                                                                                      \
-    /* Columns [c, c + NV MM_LANES) of Q queries' value sums (NV, Q compile-time           \
+    /* Columns [c, c + NV MM_LANES) of Q queries' value sums (NV, Q, GATHER compile-time   \
      * constants after inlining): the columns of all Q stay in registers while every       \
-     * key's row passes, NV Q chains in flight. */                                         \
-    MM_ALWAYS_INLINE void mm_mix_cols_##type(const void *v, const uint32_t *rows, int32_t n,\
-                                             const float *p, size_t ldp, size_t row_bytes, \
-                                             float *out, size_t ldo, int32_t c, const int Q,\
-                                             const int NV) {                               \
+     * key's row passes, NV Q chains in flight. Without GATHER the queries read the same   \
+     * rows, each loaded once for all of them; with it query t reads rows + t ldr, each    \
+     * query loading its own (from L1 when queries share a token's one head). */           \
+    MM_ALWAYS_INLINE void mm_mix_cols_##type(const void *v, const uint32_t *rows, size_t ldr,\
+                                         int32_t n, const float *p, size_t ldp, size_t row_bytes,\
+                                         float *out, size_t ldo, int32_t c, const int Q,   \
+                                         const int NV, const int GATHER) {                 \
         MM_VEC o[MM_MIX_QUERIES][4];                                                       \
         _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                              \
             _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
@@ -523,15 +525,19 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             }                                                                              \
         }                                                                                  \
         for (int32_t j = 0; j < n; j++) {                                                  \
-            const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;                   \
             MM_VEC vr[4];                                                                  \
-            _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
-                vr[u] = mm_load_kv_##type(r, c + u * MM_LANES);                            \
+            if (!GATHER) {                                                                 \
+                const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;               \
+                _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                     \
+                    vr[u] = mm_load_kv_##type(r, c + u * MM_LANES);                        \
+                }                                                                          \
             }                                                                              \
             _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
                 const MM_VEC a = MM_SET1(p[(size_t)t * ldp + j]);                          \
+                const uint8_t *rt = (const uint8_t *)v + rows[(size_t)t * ldr + j] * row_bytes;\
                 _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                     \
-                    o[t][u] = MM_FMA(a, vr[u], o[t][u]);                                   \
+                    o[t][u] = MM_FMA(a, GATHER ? mm_load_kv_##type(rt, c + u * MM_LANES) : vr[u],\
+                                     o[t][u]);                                             \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
@@ -542,26 +548,27 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         }                                                                                  \
     }                                                                                      \
     /* Q queries (a compile-time constant after inlining) at once: each value row          \
-     * loaded serves all of them, and Q times as many chains are in flight. The whole      \
-     * vectors of a row go four at a time, then the rest (1 to 3) in one pass. */          \
-    MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, int32_t n,    \
-                                        const float *p, size_t ldp, int32_t head_dim,      \
-                                        float *out, size_t ldo, const int Q) {             \
+     * loaded serves all of them (or, with GATHER, each its own row), and Q times as many  \
+     * chains are in flight. The whole vectors of a row go four at a time, then the rest   \
+     * (1 to 3) in one pass. */                                                            \
+    MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, size_t ldr, int32_t n,\
+                                    const float *p, size_t ldp, int32_t head_dim, float *out,\
+                                    size_t ldo, const int Q, const int GATHER) {           \
         const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t c = 0;                                                                     \
         for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
-            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 4);          \
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 4, GATHER);\
         }                                                                                  \
         switch ((whole - c) / MM_LANES) {                                                  \
         case 3:                                                                            \
-            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 3);          \
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 3, GATHER);\
             break;                                                                         \
         case 2:                                                                            \
-            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 2);          \
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 2, GATHER);\
             break;                                                                         \
         case 1:                                                                            \
-            mm_mix_cols_##type(v, rows, n, p, ldp, row_bytes, out, ldo, c, Q, 1);          \
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 1, GATHER);\
             break;                                                                         \
         default:                                                                           \
             break;                                                                         \
@@ -571,37 +578,48 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             for (int t = 0; t < Q; t++) {                                                  \
                 float o = out[(size_t)t * ldo + c];                                        \
                 for (int32_t j = 0; j < n; j++) {                                          \
-                    const uint8_t *r = (const uint8_t *)v + rows[j] * row_bytes;           \
-                    o = fmaf(p[(size_t)t * ldp + j],                                       \
-                             mm_scalar_kv(r, c, kind), o);                                 \
+                    const uint8_t *r = (const uint8_t *)v + rows[(size_t)t * ldr + j] * row_bytes;\
+                    o = fmaf(p[(size_t)t * ldp + j], mm_scalar_kv(r, c, kind), o);         \
                 }                                                                          \
                 out[(size_t)t * ldo + c] = o;                                              \
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
-    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, int32_t n,   \
-                                         const float *p, size_t ldp, int32_t nq,           \
-                                         int32_t head_dim, float *out, size_t ldo) {       \
+    /* Blocks of MM_MIX_QUERIES queries, then the rest (1 to MM_MIX_QUERIES - 1) in as     \
+     * few passes as the registers allow: one query alone is a chain or two per key, bound \
+     * by the FMA's latency. */                                                            \
+    MM_ALWAYS_INLINE void mm_attn_mix_##type(const void *v, const uint32_t *rows, size_t ldr,\
+                                         int32_t n, const float *p, size_t ldp, int32_t nq,\
+                                         int32_t head_dim, float *out, size_t ldo,         \
+                                         const int GATHER) {                               \
         int32_t t = 0;                                                                     \
         for (; t + MM_MIX_QUERIES <= nq; t += MM_MIX_QUERIES) {                            \
-            mm_mix_##type(v, rows, n, p + (size_t)t * ldp, ldp, head_dim,                  \
-                          out + (size_t)t * ldo, ldo, MM_MIX_QUERIES);                     \
+            mm_mix_##type(v, rows + (size_t)t * ldr, ldr, n, p + (size_t)t * ldp, ldp, head_dim,\
+                      out + (size_t)t * ldo, ldo, MM_MIX_QUERIES, GATHER);                 \
         }                                                                                  \
-        /* the rest (1 to MM_MIX_QUERIES - 1) in as few passes as the registers allow:    \
-         * one query alone is a chain or two per key, bound by the FMA's latency */        \
         while (t < nq) {                                                                   \
+            const uint32_t *rt = rows + (size_t)t * ldr;                                   \
             const float *pt = p + (size_t)t * ldp;                                         \
             float *ot = out + (size_t)t * ldo;                                             \
             if (MM_MIX_QUERIES > 3 && nq - t >= 3) {                                       \
-                mm_mix_##type(v, rows, n, pt, ldp, head_dim, ot, ldo, 3);                  \
+                mm_mix_##type(v, rt, ldr, n, pt, ldp, head_dim, ot, ldo, 3, GATHER);       \
                 t += 3;                                                                    \
             } else if (MM_MIX_QUERIES > 2 && nq - t >= 2) {                                \
-                mm_mix_##type(v, rows, n, pt, ldp, head_dim, ot, ldo, 2);                  \
+                mm_mix_##type(v, rt, ldr, n, pt, ldp, head_dim, ot, ldo, 2, GATHER);       \
                 t += 2;                                                                    \
             } else {                                                                       \
-                mm_mix_##type(v, rows, n, pt, ldp, head_dim, ot, ldo, 1);                  \
+                mm_mix_##type(v, rt, ldr, n, pt, ldp, head_dim, ot, ldo, 1, GATHER);       \
                 t += 1;                                                                    \
             }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, size_t ldr, int32_t n,\
+                                     const float *p, size_t ldp, int32_t nq, int32_t head_dim,\
+                                     float *out, size_t ldo) {                             \
+        if (ldr == 0) {                                                                    \
+            mm_attn_mix_##type(v, rows, 0, n, p, ldp, nq, head_dim, out, ldo, 0);          \
+        } else {                                                                           \
+            mm_attn_mix_##type(v, rows, ldr, n, p, ldp, nq, head_dim, out, ldo, 1);        \
         }                                                                                  \
     }
 

@@ -147,13 +147,13 @@ static float row_dot_q8_0(const moas_ops *ops, const moas_block_q8_0 *w, const f
 static void one_key_axpy_f32(const moas_ops *ops, float *y, float a, const float *x,
                              int32_t n) {
     static const uint32_t row0 = 0;
-    ops->attn_mix_f32(x, &row0, 1, &a, 1, 1, n, y, (size_t)n);
+    ops->attn_mix_f32(x, &row0, 0, 1, &a, 1, 1, n, y, (size_t)n);
 }
 
 static void one_key_axpy_f16(const moas_ops *ops, float *y, float a, const uint16_t *x,
                              int32_t n) {
     static const uint32_t row0 = 0;
-    ops->attn_mix_f16(x, &row0, 1, &a, 1, 1, n, y, (size_t)n);
+    ops->attn_mix_f16(x, &row0, 0, 1, &a, 1, 1, n, y, (size_t)n);
 }
 
 /* ---- the comparisons, one per kernel ------------------------------------------------ */
@@ -432,8 +432,9 @@ static int check_matmul(const moas_ops *ops) {
  * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
  * round n sequential additions), and bit for bit against the same sum in two runs.
  * When 1 to 7 queries go in one call, each query's scores and sums are bit for bit
- * those of the query alone. Rows of f32, f16, and Q8_0 (head sizes that are multiples
- * of 32; the reference values are its d * q). */
+ * those of the query alone, also when each query reads rows of its own. Rows of f32,
+ * f16, and Q8_0 (head sizes that are multiples of 32; the reference values are its
+ * d * q). */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
@@ -485,8 +486,8 @@ static int check_attention(const moas_ops *ops) {
                 const char *what_s = q8 ? "attn_scores_q8_0" : f16 ? "attn_scores_f16" : "attn_scores_f32";
                 const char *what_m = q8 ? "attn_mix_q8_0" : f16 ? "attn_mix_f16" : "attn_mix_f32";
                 const int32_t cut = n / 3;   /* the value sum in two runs of keys */
-                void (*mix)(const void *, const uint32_t *, int32_t, const float *, size_t,
-                            int32_t, int32_t, float *, size_t) =
+                void (*mix)(const void *, const uint32_t *, size_t, int32_t, const float *,
+                            size_t, int32_t, int32_t, float *, size_t) =
                     q8 ? ops->attn_mix_q8_0 : f16 ? ops->attn_mix_f16 : ops->attn_mix_f32;
                 const void *v = q8 ? (const void *)vq : f16 ? (const void *)vh : (const void *)vf;
                 void (*score)(const void *, const uint32_t *, int32_t, const float *, size_t,
@@ -494,9 +495,9 @@ static int check_attention(const moas_ops *ops) {
                     q8 ? ops->attn_scores_q8_0 : f16 ? ops->attn_scores_f16 : ops->attn_scores_f32;
                 const void *keys = q8 ? (const void *)kq : f16 ? (const void *)kh : (const void *)kf;
                 score(keys, rows, n, q, 1, 1, d, scale, sc, 1);
-                mix(v, rows, n, p, 1, 1, d, out, 1);
-                mix(v, rows, cut, p, 1, 1, d, split, 1);
-                mix(v, rows + cut, n - cut, p + cut, 1, 1, d, split, 1);
+                mix(v, rows, 0, n, p, 1, 1, d, out, 1);
+                mix(v, rows, 0, cut, p, 1, 1, d, split, 1);
+                mix(v, rows + cut, 0, n - cut, p + cut, 1, 1, d, split, 1);
 
                 /* NQ queries in one call: each the bits of that query alone; the
                  * padding between queries' scores and outputs untouched */
@@ -535,11 +536,35 @@ static int check_attention(const moas_ops *ops) {
                 for (int32_t nq = 1; nq <= NQ; nq++) {
                     static float ob[NQ][LDO];
                     memcpy(ob, om, sizeof ob);
-                    mix(v, rows, n, pm[0], MAXN, nq, d, ob[0], LDO);
+                    mix(v, rows, 0, n, pm[0], MAXN, nq, d, ob[0], LDO);
                     for (int32_t t = 0; t < NQ; t++) {
                         memcpy(oa, om[t], sizeof oa);
                         if (t < nq) {
-                            mix(v, rows, n, pm[t], MAXN, 1, d, oa, MAXD);
+                            mix(v, rows, 0, n, pm[t], MAXN, 1, d, oa, MAXD);
+                        }
+                        for (int32_t i = 0; i < LDO; i++) {
+                            CHECK_SAME_BITS(what_m, d, ob[t][i], i < d ? oa[i] : om[t][i]);
+                        }
+                    }
+                }
+                /* each query its own rows (ldr > 0), as the heads of one query read
+                 * over tokens of different widths: query t the same as alone over
+                 * rows_t; every other query shares its neighbour's rows */
+                static uint32_t rg[NQ][MAXN];
+                for (int32_t t = 0; t < NQ; t++) {
+                    for (int32_t j = 0; j < n; j++) {
+                        rg[t][j] = t % 2 == 1 && j % 3 != 0 ? rg[t - 1][j]
+                                                            : (uint32_t)(next_u64(&seed) % POOL);
+                    }
+                }
+                for (int32_t nq = 1; nq <= NQ; nq++) {
+                    static float ob[NQ][LDO];
+                    memcpy(ob, om, sizeof ob);
+                    mix(v, rg[0], MAXN, n, pm[0], MAXN, nq, d, ob[0], LDO);
+                    for (int32_t t = 0; t < NQ; t++) {
+                        memcpy(oa, om[t], sizeof oa);
+                        if (t < nq) {
+                            mix(v, rg[t], 0, n, pm[t], MAXN, 1, d, oa, MAXD);
                         }
                         for (int32_t i = 0; i < LDO; i++) {
                             CHECK_SAME_BITS(what_m, d, ob[t][i], i < d ? oa[i] : om[t][i]);

@@ -54,8 +54,8 @@ TEST(f16_round_trip_is_exact_for_all_values) {
  * one token; y += a x is its attn_mix with one key (row 0 of v = x, weight a). */
 typedef void matmul_fn(const void *, size_t, int32_t, const float *, size_t, int32_t, int32_t,
                        float *, size_t, unsigned);
-typedef void attn_mix_fn(const void *, const uint32_t *, int32_t, const float *, size_t,
-                         int32_t, int32_t, float *, size_t);
+typedef void attn_mix_fn(const void *, const uint32_t *, size_t, int32_t, const float *,
+                         size_t, int32_t, int32_t, float *, size_t);
 
 static float one_row(matmul_fn *matmul, const void *w, size_t row_bytes, const float *x,
                      int32_t n) {
@@ -66,7 +66,7 @@ static float one_row(matmul_fn *matmul, const void *w, size_t row_bytes, const f
 
 static void one_key(attn_mix_fn *attn_mix, float *y, float a, const void *x, int32_t n) {
     const uint32_t row = 0;
-    attn_mix(x, &row, 1, &a, 1, 1, n, y, (size_t)n);
+    attn_mix(x, &row, 0, 1, &a, 1, 1, n, y, (size_t)n);
 }
 
 /* Q8_0: one block with scale 0.5 and q = -16..15: dot with all-ones x is

@@ -190,10 +190,10 @@ static double run(const moas_ops *t, enum kernel k, const operands *o, int reps)
             t->attn_scores_f16(o->w16, o->rows, o->n_rows, o->x, 1, 1, nc, 0.125f, o->y, 1);
             break;
         case ATTN_MIX_F32:
-            t->attn_mix_f32(o->w32, o->rows, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
+            t->attn_mix_f32(o->w32, o->rows, 0, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
             break;
         case ATTN_MIX_F16:
-            t->attn_mix_f16(o->w16, o->rows, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
+            t->attn_mix_f16(o->w16, o->rows, 0, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
             break;
         default: {   /* the whole matrix per call */
             const void *w = k == MATMUL_F32 ? (const void *)o->w32
