@@ -361,17 +361,30 @@ static int32_t groups_at(uint32_t breaks, int32_t c0, int32_t c1, int32_t *bound
 }
 
 /* The K/V rows query head h reads for keys [j0, j1) (a division only when the width
- * changes: neighbouring tokens mostly share a scheme). */
+ * changes: neighbouring tokens mostly share a scheme). The page table and its shift
+ * are read once, not per key: `rows` could alias them for all the compiler knows. */
 static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n_head, int32_t h,
                       int32_t j0, int32_t j1, uint32_t *rows) {
-    int32_t last_width = -1, g = 0;
+    const int32_t *pages = kv->pages;
+    const uint32_t shift = (uint32_t)pool->page_shift, mask = (1u << shift) - 1;
+    if (kv->off == NULL) {   /* uniform: one width */
+        const uint32_t w = (uint32_t)kv->n_kv, g = (uint32_t)(h * kv->n_kv / n_head);
+        for (int32_t j = j0; j < j1; j++) {
+            const uint32_t i = (uint32_t)j * w + g;
+            rows[j - j0] = ((uint32_t)pages[i >> shift] << shift) | (i & mask);
+        }
+        return;
+    }
+    const uint32_t *off = kv->off;
+    uint32_t last_width = 0, g = 0;
     for (int32_t j = j0; j < j1; j++) {
-        const int32_t w = moas__kv_heads(kv, j);
+        const uint32_t first = off[j], w = off[j + 1] - first;
         if (w != last_width) {
             last_width = w;
-            g = h * w / n_head;
+            g = (uint32_t)h * w / (uint32_t)n_head;
         }
-        rows[j - j0] = moas__kv_row(pool, kv, moas__kv_first(kv, j) + (uint32_t)g);
+        const uint32_t i = first + g;
+        rows[j - j0] = ((uint32_t)pages[i >> shift] << shift) | (i & mask);
     }
 }
 
