@@ -132,6 +132,15 @@ $(BUILD)/tools/bench_kernels: tools/bench_kernels.c src/ops.h src/f16.h $(STATIC
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/bench_kernels.c $(PROG_LIBS) $(LDFLAGS)
 
+# Decode speed of two or more builds' shared libraries, interleaved in one process
+# (tools/ab_decode.c; docs/PERFORMANCE.md, "How to measure"). `make test` builds it
+# and runs it once on a test model, against itself.
+AB_DECODE := $(BUILD)/tools/ab_decode
+$(AB_DECODE): tools/ab_decode.c include/moas.h
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/ab_decode.c -ldl $(LDFLAGS)
+
 # The benchmarks of docs/PERFORMANCE.md: random-weight models of the benchmark shapes,
 # moas bench on each (JSON lines). Minutes, and the machine should be otherwise idle.
 .PHONY: bench
@@ -162,8 +171,10 @@ check: $(TEST_BIN)
 # the installed pkg-config consumer (shared and static), then the unit tests again
 # built without OpenMP and a warning-free build with the other compiler.
 OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
-test: all $(TEST_BIN)
+test: all $(TEST_BIN) $(AB_DECODE)
 	$(TEST_BIN)
+	$(AB_DECODE) -m tests/data/tiny-rope-long.gguf -d 16 -n 4 -r 2 -b 2 \
+	    $(LIBOUT)/$(SHLIB_REAL) $(LIBOUT)/$(SHLIB_REAL) >/dev/null
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	python3 -m unittest discover -s tests/python -t . -q
