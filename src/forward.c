@@ -466,8 +466,9 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
         for (int32_t i = 0; i < n_seg; i++) {
             const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
             for (int32_t g = 0; g < n_groups[i]; g++) {
-                const uint32_t *first = rows + (size_t)(bounds[i][g] - c0) * MOAS_ATT_KEYS + (j0 - k0);
-                for (int32_t h = bounds[i][g] + 1; h < bounds[i][g + 1]; h++) {
+                const int32_t a = bounds[i][g], b = bounds[i][g + 1];
+                const uint32_t *first = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
+                for (int32_t h = a + 1; h < b; h++) {
                     memcpy(rows + (size_t)(h - c0) * MOAS_ATT_KEYS + (j0 - k0), first,
                            (size_t)nk * sizeof *rows);
                 }

@@ -77,7 +77,7 @@ typedef struct moas_ops {
                              float *scores, size_t lds);
     void (*attn_mix_q8_0)(const void *v, const uint32_t *rows, size_t ldr, int32_t n,
                           const float *p, size_t ldp, int32_t nq, int32_t head_dim,
-                         float *out, size_t ldo);
+                          float *out, size_t ldo);
 
     /* The largest of init and x[0 .. n), n >= 0, taken as m = x > m ? x : m element
      * by element (so a NaN x is passed over): a maximum in any order, the same value

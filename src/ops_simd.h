@@ -514,10 +514,11 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
      * key's row passes, NV Q chains in flight. Without GATHER the queries read the same   \
      * rows, each loaded once for all of them; with it query t reads rows + t ldr, each    \
      * query loading its own (from L1 when queries share a token's one head). */           \
-    MM_ALWAYS_INLINE void mm_mix_cols_##type(const void *v, const uint32_t *rows, size_t ldr,\
-                                         int32_t n, const float *p, size_t ldp, size_t row_bytes,\
-                                         float *out, size_t ldo, int32_t c, const int Q,   \
-                                         const int NV, const int GATHER) {                 \
+    MM_ALWAYS_INLINE void mm_mix_cols_##type(const void *v, const uint32_t *rows,          \
+                                             size_t ldr, int32_t n, const float *p,        \
+                                             size_t ldp, size_t row_bytes, float *out,     \
+                                             size_t ldo, int32_t c, const int Q,           \
+                                             const int NV, const int GATHER) {             \
         MM_VEC o[MM_MIX_QUERIES][4];                                                       \
         _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                              \
             _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
@@ -534,10 +535,12 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             }                                                                              \
             _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                          \
                 const MM_VEC a = MM_SET1(p[(size_t)t * ldp + j]);                          \
-                const uint8_t *rt = (const uint8_t *)v + rows[(size_t)t * ldr + j] * row_bytes;\
+                const uint8_t *rt =                                                        \
+                    (const uint8_t *)v + rows[(size_t)t * ldr + j] * row_bytes;            \
                 _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                     \
-                    o[t][u] = MM_FMA(a, GATHER ? mm_load_kv_##type(rt, c + u * MM_LANES) : vr[u],\
-                                     o[t][u]);                                             \
+                    const MM_VEC x =                                                       \
+                        GATHER ? mm_load_kv_##type(rt, c + u * MM_LANES) : vr[u];          \
+                    o[t][u] = MM_FMA(a, x, o[t][u]);                                       \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
@@ -551,24 +554,29 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
      * loaded serves all of them (or, with GATHER, each its own row), and Q times as many  \
      * chains are in flight. The whole vectors of a row go four at a time, then the rest   \
      * (1 to 3) in one pass. */                                                            \
-    MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, size_t ldr, int32_t n,\
-                                    const float *p, size_t ldp, int32_t head_dim, float *out,\
-                                    size_t ldo, const int Q, const int GATHER) {           \
+    MM_ALWAYS_INLINE void mm_mix_##type(const void *v, const uint32_t *rows, size_t ldr,   \
+                                        int32_t n, const float *p, size_t ldp,             \
+                                        int32_t head_dim, float *out, size_t ldo,          \
+                                        const int Q, const int GATHER) {                   \
         const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t c = 0;                                                                     \
         for (; c + 4 * MM_LANES <= whole; c += 4 * MM_LANES) {                             \
-            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 4, GATHER);\
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 4,      \
+                               GATHER);                                                    \
         }                                                                                  \
         switch ((whole - c) / MM_LANES) {                                                  \
         case 3:                                                                            \
-            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 3, GATHER);\
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 3,      \
+                               GATHER);                                                    \
             break;                                                                         \
         case 2:                                                                            \
-            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 2, GATHER);\
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 2,      \
+                               GATHER);                                                    \
             break;                                                                         \
         case 1:                                                                            \
-            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 1, GATHER);\
+            mm_mix_cols_##type(v, rows, ldr, n, p, ldp, row_bytes, out, ldo, c, Q, 1,      \
+                               GATHER);                                                    \
             break;                                                                         \
         default:                                                                           \
             break;                                                                         \
@@ -578,7 +586,8 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             for (int t = 0; t < Q; t++) {                                                  \
                 float o = out[(size_t)t * ldo + c];                                        \
                 for (int32_t j = 0; j < n; j++) {                                          \
-                    const uint8_t *r = (const uint8_t *)v + rows[(size_t)t * ldr + j] * row_bytes;\
+                    const uint8_t *r =                                                     \
+                        (const uint8_t *)v + rows[(size_t)t * ldr + j] * row_bytes;        \
                     o = fmaf(p[(size_t)t * ldp + j], mm_scalar_kv(r, c, kind), o);         \
                 }                                                                          \
                 out[(size_t)t * ldo + c] = o;                                              \
@@ -588,14 +597,14 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
     /* Blocks of MM_MIX_QUERIES queries, then the rest (1 to MM_MIX_QUERIES - 1) in as     \
      * few passes as the registers allow: one query alone is a chain or two per key, bound \
      * by the FMA's latency. */                                                            \
-    MM_ALWAYS_INLINE void mm_attn_mix_##type(const void *v, const uint32_t *rows, size_t ldr,\
-                                         int32_t n, const float *p, size_t ldp, int32_t nq,\
-                                         int32_t head_dim, float *out, size_t ldo,         \
-                                         const int GATHER) {                               \
+    MM_ALWAYS_INLINE void mm_attn_mix_##type(const void *v, const uint32_t *rows,          \
+                                             size_t ldr, int32_t n, const float *p,        \
+                                             size_t ldp, int32_t nq, int32_t head_dim,     \
+                                             float *out, size_t ldo, const int GATHER) {   \
         int32_t t = 0;                                                                     \
         for (; t + MM_MIX_QUERIES <= nq; t += MM_MIX_QUERIES) {                            \
-            mm_mix_##type(v, rows + (size_t)t * ldr, ldr, n, p + (size_t)t * ldp, ldp, head_dim,\
-                      out + (size_t)t * ldo, ldo, MM_MIX_QUERIES, GATHER);                 \
+            mm_mix_##type(v, rows + (size_t)t * ldr, ldr, n, p + (size_t)t * ldp, ldp,     \
+                          head_dim, out + (size_t)t * ldo, ldo, MM_MIX_QUERIES, GATHER);   \
         }                                                                                  \
         while (t < nq) {                                                                   \
             const uint32_t *rt = rows + (size_t)t * ldr;                                   \
@@ -613,9 +622,10 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
-    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, size_t ldr, int32_t n,\
-                                     const float *p, size_t ldp, int32_t nq, int32_t head_dim,\
-                                     float *out, size_t ldo) {                             \
+    static void MM_NAME(attn_mix_##type)(const void *v, const uint32_t *rows, size_t ldr,  \
+                                         int32_t n, const float *p, size_t ldp,            \
+                                         int32_t nq,                                       \
+                                         int32_t head_dim, float *out, size_t ldo) {       \
         if (ldr == 0) {                                                                    \
             mm_attn_mix_##type(v, rows, 0, n, p, ldp, nq, head_dim, out, ldo, 0);          \
         } else {                                                                           \

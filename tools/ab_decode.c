@@ -59,7 +59,7 @@ static void usage(void) {
             "usage: ab_decode -m MODEL [-d DEPTH] [-n N] [-r ROUNDS] [-t THREADS] [-b SEQS]\n"
             "                 [--mode mixture|routed] [--force-scheme S] [--kv-type f32|f16|q8_0]\n"
             "                 LIBMOAS.so LIBMOAS.so [...]\n"
-            "  -d  cached tokens before timing (default 512)     -n  tokens decoded per round (64)\n"
+            "  -d  cached tokens before timing (512)   -n  tokens decoded per round (64)\n"
             "  -r  rounds (20)   -t  threads (1)   -b  sequences in one pool (0: one context)\n");
     exit(2);
 }
