@@ -360,9 +360,8 @@ static int32_t groups_at(uint32_t breaks, int32_t c0, int32_t c1, int32_t *bound
     return n;
 }
 
-/* The K/V rows query head h reads for keys [j0, j1) (a division only when the width
- * changes: neighbouring tokens mostly share a scheme). The page table and its shift
- * are read once, not per key: `rows` could alias them for all the compiler knows. */
+/* The K/V rows query head h reads for keys [j0, j1). The page table and its shift are
+ * read once, not per key: `rows` could alias them for all the compiler knows. */
 static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n_head, int32_t h,
                       int32_t j0, int32_t j1, uint32_t *rows) {
     const int32_t *pages = kv->pages;
@@ -375,15 +374,11 @@ static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n
         }
         return;
     }
+    const uint64_t recip = moas__head_group_recip(n_head);   /* no division per key */
     const uint32_t *off = kv->off;
-    uint32_t last_width = 0, g = 0;
     for (int32_t j = j0; j < j1; j++) {
         const uint32_t first = off[j], w = off[j + 1] - first;
-        if (w != last_width) {
-            last_width = w;
-            g = (uint32_t)h * w / (uint32_t)n_head;
-        }
-        const uint32_t i = first + g;
+        const uint32_t i = first + moas__head_group((uint32_t)h, w, recip);
         rows[j - j0] = ((uint32_t)pages[i >> shift] << shift) | (i & mask);
     }
 }

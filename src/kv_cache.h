@@ -116,6 +116,24 @@ static inline uint32_t moas__kv_row(const struct moas_pool *pool, const moas_kv_
     return ((uint32_t)kv->pages[i >> pool->page_shift] << pool->page_shift) | (i & mask);
 }
 
+/* Query head h of n_head reads the KV head h w / n_head of a token that stored w
+ * heads. Decode finds that for every key, and random text changes w every few keys,
+ * so it is taken without a division or a branch: moas__head_group(h, w,
+ * moas__head_group_recip(n_head)) is (h w) ceil(2^32 / n_head) / 2^32, which equals h w
+ * / n_head when (h w) e < 2^32, e < n_head the rounding of the reciprocal: so for
+ * every h < n_head, w <= n_head and n_head <= MOAS_MAX_HEADS, as n_head^3 < 2^32
+ * (test head_group_without_division_is_exact checks every case). */
+_Static_assert((uint64_t)MOAS_MAX_HEADS * MOAS_MAX_HEADS * MOAS_MAX_HEADS < (UINT64_C(1) << 32),
+               "moas__head_group needs n_head^3 < 2^32");
+
+static inline uint64_t moas__head_group_recip(int32_t n_head) {
+    return ((UINT64_C(1) << 32) + (uint64_t)n_head - 1) / (uint64_t)n_head;
+}
+
+static inline uint32_t moas__head_group(uint32_t h, uint32_t w, uint64_t recip) {
+    return (uint32_t)(((uint64_t)h * w * recip) >> 32);
+}
+
 /* Bytes of K and V a prefetch asks into L1; the rest of it goes to L2. L1 holds 32 to
  * 48 KB on the processors this runs on, and asking it for more evicts the rows being
  * computed: an MHA-sized run of 64 keys is 96 KB in f32. Against all of it into L1,

@@ -31,7 +31,6 @@
  * overflow on 64-bit hosts and refuse absurd files early; real models are well inside. */
 #define MAX_LAYERS 4096
 #define MAX_EMBD (1 << 16)
-#define MAX_HEADS 1024
 #define MAX_FF (1 << 20)
 #define MAX_CTX (1 << 20)
 #define MAX_VOCAB (1 << 22)
@@ -138,7 +137,7 @@ static moas_status read_hparams(moas_model *m) {
     MOAS_TRY(read_uint(g, "moas.embedding_length", MAX_EMBD, true, &m->n_embd));
     MOAS_TRY(read_uint(g, "moas.block_count", MAX_LAYERS, true, &m->n_layer));
     MOAS_TRY(read_uint(g, "moas.feed_forward_length", MAX_FF, true, &m->n_ff));
-    MOAS_TRY(read_uint(g, "moas.attention.head_count", MAX_HEADS, true, &m->n_head));
+    MOAS_TRY(read_uint(g, "moas.attention.head_count", MOAS_MAX_HEADS, true, &m->n_head));
     MOAS_RETURN_IF(m->n_embd % m->n_head != 0, MOAS_ERR_CORRUPT,
                    "model: embedding_length %d is not a multiple of head_count %d", m->n_embd,
                    m->n_head);

@@ -10,6 +10,9 @@
 
 /* At most this many attention schemes per layer (the reference has 3). */
 #define MOAS_MAX_SCHEMES 8
+/* Query heads a model may have (the loader refuses more). Decode attention finds a
+ * head's K/V row without a division on the strength of MOAS_MAX_HEADS^3 < 2^32. */
+#define MOAS_MAX_HEADS 1024
 
 /* A matrix used in place: n_rows rows of n_cols elements of `type`, row-major.
  * For an embedding table a "row" is one token's (or position's) vector. */

@@ -162,6 +162,7 @@ X(bad_inputs_unknown_tokenizer_or_mixing_is_unsupported)
 X(bad_inputs_sampler_params_size_is_checked)
 
 /* tests/test_pool.c */
+X(head_group_without_division_is_exact)
 X(pool_batch_equals_alone_bit_for_bit)
 X(pool_pages_follow_tokens)
 X(pool_full_changes_nothing)

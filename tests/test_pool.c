@@ -93,6 +93,28 @@ static bool same_records(const moas_context *a, const moas_context *b) {
 
 enum { B = 5, PROMPT_MAX = 23, GEN = 6 };
 
+/* The KV head a query head reads, found by multiplication (kv_cache.h), against the
+ * division it stands for: every head count the loader accepts, every width a scheme
+ * can have (a divisor of it) and every query head. */
+TEST(head_group_without_division_is_exact) {
+    for (uint32_t n_head = 1; n_head <= MOAS_MAX_HEADS; n_head++) {
+        const uint64_t recip = moas__head_group_recip((int32_t)n_head);
+        for (uint32_t w = 1; w <= n_head; w++) {
+            if (n_head % w != 0) {
+                continue;
+            }
+            for (uint32_t h = 0; h < n_head; h++) {
+                if (moas__head_group(h, w, recip) != h * w / n_head) {
+                    test_report(__FILE__, __LINE__, "head group", "n_head %u, w %u, h %u: %u, want %u",
+                                n_head, w, h, moas__head_group(h, w, recip), h * w / n_head);
+                    return TEST_FAIL;
+                }
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
 /* Five sequences with prompts of 0 to 23 tokens decoded by moas_pool_decode, joining
  * at different steps and generating one token per step, equal decoding each alone,
  * bit for bit: every logit, routing record and KV byte count. Blocks of 7 rows (so
