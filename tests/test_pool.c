@@ -105,8 +105,9 @@ TEST(head_group_without_division_is_exact) {
             }
             for (uint32_t h = 0; h < n_head; h++) {
                 if (moas__head_group(h, w, recip) != h * w / n_head) {
-                    test_report(__FILE__, __LINE__, "head group", "n_head %u, w %u, h %u: %u, want %u",
-                                n_head, w, h, moas__head_group(h, w, recip), h * w / n_head);
+                    test_report(__FILE__, __LINE__, "head group",
+                                "n_head %u, w %u, h %u: %u, want %u", n_head, w, h,
+                                moas__head_group(h, w, recip), h * w / n_head);
                     return TEST_FAIL;
                 }
             }

@@ -14,8 +14,9 @@
  * differ by the minute they ran in. It prints, for each build, its median tokens/s
  * and the median and 10th-90th percentile range of its per-round ratio to the first.
  *
- * Only what every 1.x libmoas exports is called (the ABI only grows), so any two
- * commits can be compared: `make lib/libmoas.so.1.1.0` in two worktrees.
+ * It calls only functions libmoas 1.1 exports (the pool's among them), and the ABI
+ * only grows, so any two commits since the pool came can be compared: `make
+ * lib/libmoas.so.1.1.0` in a worktree of each.
  */
 #include <moas.h>
 
