@@ -2,7 +2,7 @@
  * ab_decode.c - decode speed of two or more builds of libmoas, interleaved in one
  * process.
  *
- *   build/tools/ab_decode [options] LIBMOAS.so LIBMOAS.so [...]
+ *   build/tools/ab_decode [options] LIBMOAS.so[@S] LIBMOAS.so[@S] [...]
  *
  * Each shared library is loaded with dlopen (RTLD_LOCAL, so each keeps its own
  * symbols) and given the same model, contexts and random tokens, filled to the same
@@ -13,6 +13,11 @@
  * timed seconds apart in one process differ by what they are, where separate runs
  * differ by the minute they ran in. It prints, for each build, its median tokens/s
  * and the median and 10th-90th percentile range of its per-round ratio to the first.
+ * A build written LIB@S runs with every token forced to scheme S (routed mode), so
+ * one library against itself as LIB and LIB@0 is routed decode against an MHA-sized
+ * cache of the same model, timed the same way. The tokens are random, as `moas
+ * bench` draws them, or a text's (--text FILE, sequence s starting 1,000 s characters
+ * in, wrapping around): a router routes the two differently.
  *
  * It calls only functions libmoas 1.1 exports (the pool's among them), and the ABI
  * only grows, so any two commits since the pool came can be compared: `make
@@ -26,10 +31,12 @@
 #include <string.h>
 #include <time.h>
 
-enum { MAX_BUILDS = 8, MAX_SEQS = 64, MAX_ROUNDS = 1000 };
+enum { MAX_BUILDS = 8, MAX_SEQS = 64, MAX_ROUNDS = 1000, MAX_TEXT = 1 << 24 };
 
 typedef struct {
-    const char *path;
+    const char *arg;          /* as given: LIB or LIB@S */
+    char path[4096];          /* LIB */
+    int forced;               /* S, or the options' --force-scheme */
     moas_status (*model_load)(const char *, const moas_model_params *, moas_model **);
     void (*context_params_init)(moas_context_params *, size_t);
     void (*pool_params_init)(moas_pool_params *, size_t);
@@ -44,6 +51,8 @@ typedef struct {
     int32_t (*n_layer)(const moas_model *);
     int32_t (*n_embd)(const moas_model *);
     void (*model_free)(moas_model *);
+    moas_status (*tokenize)(const moas_model *, const char *, size_t, int32_t *, size_t,
+                            size_t *);
     const char *(*last_error)(void);
     moas_model *model;
     moas_pool *pool;
@@ -53,20 +62,21 @@ typedef struct {
 typedef struct {
     const char *model;
     int depth, n_gen, rounds, threads, forced, seqs, mode, kv_type;
+    const char *text;
 } options;
 
 static void usage(void) {
     fprintf(stderr,
             "usage: ab_decode -m MODEL [-d DEPTH] [-n N] [-r ROUNDS] [-t THREADS] [-b SEQS]\n"
             "                 [--mode mixture|routed] [--force-scheme S] [--kv-type f32|f16|q8_0]\n"
-            "                 LIBMOAS.so LIBMOAS.so [...]\n"
+            "                 [--text FILE] LIBMOAS.so[@S] LIBMOAS.so[@S] [...]\n"
             "  -d  cached tokens before timing (512)   -n  tokens decoded per round (64)\n"
             "  -r  rounds (20)   -t  threads (1)   -b  sequences in one pool (0: one context)\n");
     exit(2);
 }
 
 static void fail(const build *b, const char *what) {
-    fprintf(stderr, "ab_decode: %s: %s: %s\n", b->path, what, b->last_error());
+    fprintf(stderr, "ab_decode: %s: %s: %s\n", b->arg, what, b->last_error());
     exit(1);
 }
 
@@ -109,6 +119,7 @@ static void bind(build *b) {
     BIND(n_layer, "moas_model_n_layer");
     BIND(n_embd, "moas_model_n_embd");
     BIND(model_free, "moas_model_free");
+    BIND(tokenize, "moas_tokenize");
     BIND(last_error, "moas_last_error");
 }
 
@@ -139,7 +150,7 @@ static void prepare(build *b, const options *o, const int32_t *tokens) {
         moas_context_params p;
         b->context_params_init(&p, sizeof p);
         p.mode = o->mode;
-        p.forced_scheme = o->forced;
+        p.forced_scheme = b->forced;
         p.n_threads = o->threads;
         p.n_ctx = o->depth + o->n_gen;
         p.pool = b->pool;
@@ -154,6 +165,33 @@ static void prepare(build *b, const options *o, const int32_t *tokens) {
             fail(b, "depth");
         }
     }
+}
+
+/* The tokens of a text for every sequence: sequence s starts 1,000 s characters in,
+ * wrapping around to the text's start. */
+static void text_tokens(const build *b, const moas_model *model, const options *o,
+                        int32_t *tokens) {
+    FILE *f = fopen(o->text, "rb");
+    char *text = malloc(MAX_TEXT + 1);
+    size_t n_text = 0, n_tok = 0;
+    int32_t *all = malloc(sizeof *all * MAX_TEXT);
+    if (f == NULL || text == NULL || all == NULL) {
+        fprintf(stderr, "ab_decode: %s: cannot read\n", o->text);
+        exit(1);
+    }
+    n_text = fread(text, 1, MAX_TEXT, f);
+    fclose(f);
+    if (b->tokenize(model, text, n_text, all, MAX_TEXT, &n_tok) != MOAS_OK || n_tok == 0) {
+        fail(b, "tokenize the text");
+    }
+    const int n_seq = o->seqs > 0 ? o->seqs : 1, stride = o->depth + o->n_gen;
+    for (int s = 0; s < n_seq; s++) {
+        for (int i = 0; i < stride; i++) {
+            tokens[(size_t)s * stride + i] = all[((size_t)s * 1000 + (size_t)i) % n_tok];
+        }
+    }
+    free(all);
+    free(text);
 }
 
 /* One round of one build: n_gen tokens per sequence, then back to the depth. */
@@ -184,7 +222,7 @@ static double round_seconds(build *b, const options *o, const int32_t *tokens) {
 }
 
 int main(int argc, char **argv) {
-    options o = {NULL, 512, 64, 20, 1, -1, 0, MOAS_MODE_ROUTED, MOAS_TYPE_F32};
+    options o = {NULL, 512, 64, 20, 1, -1, 0, MOAS_MODE_ROUTED, MOAS_TYPE_F32, NULL};
     static build builds[MAX_BUILDS];
     int n_builds = 0;
     for (int i = 1; i < argc; i++) {
@@ -193,7 +231,16 @@ int main(int argc, char **argv) {
             if (n_builds == MAX_BUILDS) {
                 usage();
             }
-            builds[n_builds++].path = a;
+            build *b = &builds[n_builds++];
+            const char *at = strrchr(a, '@');
+            const size_t len = at != NULL ? (size_t)(at - a) : strlen(a);
+            if (len == 0 || len >= sizeof b->path) {
+                usage();
+            }
+            b->arg = a;
+            memcpy(b->path, a, len);
+            b->path[len] = '\0';
+            b->forced = at != NULL ? atoi(at + 1) : -2;   /* -2: the options' */
             continue;
         }
         if (v == NULL) {
@@ -214,6 +261,8 @@ int main(int argc, char **argv) {
             o.seqs = atoi(v);
         } else if (!strcmp(a, "--force-scheme")) {
             o.forced = atoi(v);
+        } else if (!strcmp(a, "--text")) {
+            o.text = v;
         } else if (!strcmp(a, "--mode") && (!strcmp(v, "routed") || !strcmp(v, "mixture"))) {
             o.mode = !strcmp(v, "routed") ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
         } else if (!strcmp(a, "--kv-type") && (!strcmp(v, "f32") || !strcmp(v, "f16") ||
@@ -238,18 +287,25 @@ int main(int argc, char **argv) {
     for (int k = 0; k < n_builds; k++) {
         bind(&builds[k]);
     }
-    /* the tokens `moas bench` uses (an LCG's high bits): routing sees the same text */
+    for (int k = 0; k < n_builds; k++) {
+        builds[k].forced = builds[k].forced == -2 ? o.forced : builds[k].forced;
+    }
     moas_model *probe = NULL;
     if (builds[0].model_load(o.model, NULL, &probe) != MOAS_OK) {
         fail(&builds[0], "load");
     }
-    const uint32_t vocab = (uint32_t)builds[0].n_vocab(probe);
-    builds[0].model_free(probe);
-    uint32_t seed = 12345;
-    for (size_t i = 0; i < (size_t)n_seq * (size_t)(o.depth + o.n_gen); i++) {
-        seed = seed * 1664525u + 1013904223u;
-        tokens[i] = (int32_t)((seed >> 8) % vocab);
+    const size_t n_all = (size_t)n_seq * (size_t)(o.depth + o.n_gen);
+    if (o.text == NULL) {   /* the tokens `moas bench` draws (an LCG's high bits) */
+        const uint32_t vocab = (uint32_t)builds[0].n_vocab(probe);
+        uint32_t seed = 12345;
+        for (size_t i = 0; i < n_all; i++) {
+            seed = seed * 1664525u + 1013904223u;
+            tokens[i] = (int32_t)((seed >> 8) % vocab);
+        }
+    } else {
+        text_tokens(&builds[0], probe, &o, tokens);
     }
+    builds[0].model_free(probe);
     for (int k = 0; k < n_builds; k++) {
         prepare(&builds[k], &o, tokens);
     }
@@ -268,7 +324,7 @@ int main(int argc, char **argv) {
         }
         qsort(speed, (size_t)o.rounds, sizeof *speed, cmp_double);
         qsort(ratio, (size_t)o.rounds, sizeof *ratio, cmp_double);
-        printf("%s: %.0f tokens/s; against the first %.3f (%.3f-%.3f)\n", builds[k].path,
+        printf("%s: %.0f tokens/s; against the first %.3f (%.3f-%.3f)\n", builds[k].arg,
                speed[o.rounds / 2], ratio[o.rounds / 2], ratio[lo], ratio[hi]);
     }
     free(tokens);
