@@ -398,7 +398,7 @@ static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n
 static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
                             const moas_kv_stream *kv, const float *q, int32_t j0_keys,
                             int32_t j1_keys, int32_t ahead, int32_t c0, int32_t c1, float *o,
-                            float *mx, float *sm, float *att, uint32_t *rows) {
+                            float *mx_out, float *sm_out, float *att, uint32_t *rows) {
     enum { PIECES = MOAS_ATT_KEYS / MOAS_ATT_GROUP_KEYS };
     const moas_model *m = ws->model;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
@@ -408,6 +408,9 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
     /* a run's segments: keys [seg_j[i], seg_j[i + 1]), groups bounds[i][0 .. n_groups[i]] */
     int32_t seg_j[PIECES + 1], n_groups[PIECES], bounds[PIECES][MOAS_ATT_QUERIES + 1];
     width_memo memo = {0};
+    /* the softmax states in the thread's own stack until the end: a split's outputs
+     * share cache lines with the neighbouring split's, which another thread may write */
+    float mx[MOAS_ATT_QUERIES], sm[MOAS_ATT_QUERIES];
 
     for (int32_t h = c0; h < c1; h++) {
         mx[h - c0] = -INFINITY;
@@ -472,6 +475,8 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
         kern.mix(V, rows, MOAS_ATT_KEYS, k1 - k0, att, MOAS_ATT_KEYS, c1 - c0, head_dim, o,
                  (size_t)head_dim);
     }
+    memcpy(mx_out, mx, (size_t)(c1 - c0) * sizeof *mx);
+    memcpy(sm_out, sm, (size_t)(c1 - c0) * sizeof *sm);
 }
 
 /* One query over all its keys, query heads [h0, h1): split by split (the first
