@@ -365,12 +365,11 @@ static int32_t groups_at(uint32_t breaks, int32_t c0, int32_t c1, int32_t *bound
 static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n_head, int32_t h,
                       int32_t j0, int32_t j1, uint32_t *rows) {
     const int32_t *pages = kv->pages;
-    const uint32_t shift = (uint32_t)pool->page_shift, mask = (1u << shift) - 1;
+    const uint32_t shift = (uint32_t)pool->page_shift;
     if (kv->off == NULL) {   /* uniform: one width */
         const uint32_t w = (uint32_t)kv->n_kv, g = (uint32_t)(h * kv->n_kv / n_head);
         for (int32_t j = j0; j < j1; j++) {
-            const uint32_t i = (uint32_t)j * w + g;
-            rows[j - j0] = ((uint32_t)pages[i >> shift] << shift) | (i & mask);
+            rows[j - j0] = moas__page_row(pages, shift, (uint32_t)j * w + g);
         }
         return;
     }
@@ -379,7 +378,7 @@ static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n
     for (int32_t j = j0; j < j1; j++) {
         const uint32_t first = off[j], w = off[j + 1] - first;
         const uint32_t i = first + moas__head_group((uint32_t)h, w, recip);
-        rows[j - j0] = ((uint32_t)pages[i >> shift] << shift) | (i & mask);
+        rows[j - j0] = moas__page_row(pages, shift, i);
     }
 }
 

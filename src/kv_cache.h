@@ -109,11 +109,16 @@ static inline uint8_t *moas__pool_head(const struct moas_pool *pool, uint8_t *sl
     return slab + (size_t)i * pool->head_bytes;
 }
 
+/* The pool index of logical head `i` of a stream whose page table is `pages`, in a
+ * pool of pages of 2^shift heads. */
+static inline uint32_t moas__page_row(const int32_t *pages, uint32_t shift, uint32_t i) {
+    return ((uint32_t)pages[i >> shift] << shift) | (i & ((1u << shift) - 1));
+}
+
 /* The pool index of a stream's logical head `i`. */
 static inline uint32_t moas__kv_row(const struct moas_pool *pool, const moas_kv_stream *kv,
                                     uint32_t i) {
-    const uint32_t mask = (uint32_t)pool->page_heads - 1;
-    return ((uint32_t)kv->pages[i >> pool->page_shift] << pool->page_shift) | (i & mask);
+    return moas__page_row(kv->pages, (uint32_t)pool->page_shift, i);
 }
 
 /* Query head h of n_head reads the KV head h w / n_head of a token that stored w
@@ -134,13 +139,24 @@ static inline uint32_t moas__head_group(uint32_t h, uint32_t w, uint64_t recip) 
     return (uint32_t)(((uint64_t)h * w * recip) >> 32);
 }
 
-/* Bytes of K and V a prefetch asks into L1; the rest of it goes to L2. L1 holds 32 to
- * 48 KB on the processors this runs on, and asking it for more evicts the rows being
+/* Bytes of K and V a prefetch asks into L1; the rest of it goes to L2. L1 holds 48 KB
+ * on the Zen 5 this was measured on, and asking it for more evicts the rows being
  * computed: an MHA-sized run of 64 keys is 96 KB in f32. Against all of it into L1,
  * two builds interleaved in one process, depth 960, 4 layers of 6 heads of 32: one
  * MHA-sized sequence 1.03-1.06x, 16 of them 1.07-1.12x, 16 routed 1.03-1.07x, one
  * routed sequence unchanged; 64 sequences of the small MHA shape 1.03-1.04x. */
 #define MOAS_KV_PREFETCH_L1_BYTES 32768
+
+/* Ask for the cache lines of [p, p + bytes): into L1, or into L2 only. */
+static inline void moas__prefetch_lines(const uint8_t *p, size_t bytes, bool to_l1) {
+    for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < (uintptr_t)(p + bytes); a += 64) {
+        if (to_l1) {
+            __builtin_prefetch((const void *)a, 0, 3);
+        } else {
+            __builtin_prefetch((const void *)a, 0, 2);
+        }
+    }
+}
 
 /* Ask the memory system for the K and V bytes of a stream's logical heads [first,
  * last), a page's run of them at a time, one request per cache line: the first
@@ -157,22 +173,8 @@ static inline void moas__kv_prefetch(const struct moas_pool *pool, const moas_kv
         const size_t at = (size_t)moas__kv_row(pool, kv, i) * pool->head_bytes;
         const size_t bytes = (size_t)n * pool->head_bytes;
         const bool to_l1 = asked < MOAS_KV_PREFETCH_L1_BYTES;
-        for (uintptr_t p = ((uintptr_t)(pool->k + at)) & ~(uintptr_t)63;
-             p < (uintptr_t)(pool->k + at + bytes); p += 64) {
-            if (to_l1) {
-                __builtin_prefetch((const void *)p, 0, 3);
-            } else {
-                __builtin_prefetch((const void *)p, 0, 2);
-            }
-        }
-        for (uintptr_t p = ((uintptr_t)(pool->v + at)) & ~(uintptr_t)63;
-             p < (uintptr_t)(pool->v + at + bytes); p += 64) {
-            if (to_l1) {
-                __builtin_prefetch((const void *)p, 0, 3);
-            } else {
-                __builtin_prefetch((const void *)p, 0, 2);
-            }
-        }
+        moas__prefetch_lines(pool->k + at, bytes, to_l1);
+        moas__prefetch_lines(pool->v + at, bytes, to_l1);
         asked += 2 * bytes;
         i += n;
     }

@@ -247,20 +247,17 @@ int main(int argc, char **argv) {
             usage();
         }
         i++;
-        if (!strcmp(a, "-m")) {
+        const struct { const char *name; int *value; } ints[] = {
+            {"-d", &o.depth}, {"-n", &o.n_gen}, {"-r", &o.rounds}, {"-t", &o.threads},
+            {"-b", &o.seqs},  {"--force-scheme", &o.forced}};
+        size_t k = 0;
+        while (k < sizeof ints / sizeof ints[0] && strcmp(a, ints[k].name) != 0) {
+            k++;
+        }
+        if (k < sizeof ints / sizeof ints[0]) {
+            *ints[k].value = atoi(v);
+        } else if (!strcmp(a, "-m")) {
             o.model = v;
-        } else if (!strcmp(a, "-d")) {
-            o.depth = atoi(v);
-        } else if (!strcmp(a, "-n")) {
-            o.n_gen = atoi(v);
-        } else if (!strcmp(a, "-r")) {
-            o.rounds = atoi(v);
-        } else if (!strcmp(a, "-t")) {
-            o.threads = atoi(v);
-        } else if (!strcmp(a, "-b")) {
-            o.seqs = atoi(v);
-        } else if (!strcmp(a, "--force-scheme")) {
-            o.forced = atoi(v);
         } else if (!strcmp(a, "--text")) {
             o.text = v;
         } else if (!strcmp(a, "--mode") && (!strcmp(v, "routed") || !strcmp(v, "mixture"))) {
