@@ -128,10 +128,7 @@ static void softmax_ref(float *x, int32_t n) {
     if (n <= 0) {
         return;
     }
-    float max = x[0];
-    for (int32_t i = 1; i < n; i++) {
-        max = x[i] > max ? x[i] : max;
-    }
+    const float max = max_ref(x, n, x[0]);
     const float sum = exp_sum_ref(x, n, max);
     const float inv = 1.0f / sum;
     for (int32_t i = 0; i < n; i++) {

@@ -729,20 +729,10 @@ static void MM_NAME(softmax)(float *x, int32_t n) {
     if (n <= 0) {
         return;
     }
-    float max = x[0];
-    int32_t i = 0;
-    if (n >= MM_LANES) {
-        MM_VEC vmax = MM_LOADX(x);
-        for (i = MM_LANES; i + MM_LANES <= n; i += MM_LANES) {
-            vmax = MM_MAX(vmax, MM_LOADX(x + i));
-        }
-        max = MM_HMAX(vmax);
-    }
-    for (; i < n; i++) {
-        max = x[i] > max ? x[i] : max;
-    }
+    const float max = MM_NAME(max)(x, n, x[0]);
     const float sum = MM_NAME(exp_sum)(x, n, max);
     const MM_VEC inv = MM_SET1(1.0f / sum);
+    int32_t i;
     for (i = 0; i + MM_LANES <= n; i += MM_LANES) {
         MM_STORE(x + i, MM_MUL(MM_LOADX(x + i), inv));
     }
