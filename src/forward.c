@@ -360,10 +360,11 @@ static int32_t groups_at(uint32_t breaks, int32_t c0, int32_t c1, int32_t *bound
     return n;
 }
 
-/* The K/V rows query head h reads for keys [j0, j1). The page table and its shift are
- * read once, not per key: `rows` could alias them for all the compiler knows. */
-static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n_head, int32_t h,
-                      int32_t j0, int32_t j1, uint32_t *rows) {
+/* The K/V rows query head h reads for keys [j0, j1): a ragged stream's by the
+ * kv_rows kernel (ops.h). The page table and its shift are read once, not per key:
+ * `rows` could alias them for all the compiler knows. */
+static void head_rows(const moas_ops *ops, const moas_pool *pool, const moas_kv_stream *kv,
+                      int32_t n_head, int32_t h, int32_t j0, int32_t j1, uint32_t *rows) {
     const int32_t *pages = kv->pages;
     const uint32_t shift = (uint32_t)pool->page_shift;
     if (kv->off == NULL) {   /* uniform: one width */
@@ -373,13 +374,8 @@ static void head_rows(const moas_pool *pool, const moas_kv_stream *kv, int32_t n
         }
         return;
     }
-    const uint64_t recip = moas__head_group_recip(n_head);   /* no division per key */
-    const uint32_t *off = kv->off;
-    for (int32_t j = j0; j < j1; j++) {
-        const uint32_t first = off[j], w = off[j + 1] - first;
-        const uint32_t i = first + moas__head_group((uint32_t)h, w, recip);
-        rows[j - j0] = moas__page_row(pages, shift, i);
-    }
+    ops->kv_rows(kv->off + j0, pages, shift, (uint32_t)h, moas__head_group_recip(n_head),
+                 j1 - j0, rows);
 }
 
 /* One query (a token decoded alone or a sequence's one row of a batched step) over
@@ -441,7 +437,7 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
             for (int32_t g = 0; g < n_groups[i]; g++) {
                 const int32_t a = bounds[i][g], b = bounds[i][g + 1];
                 uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
-                head_rows(pool, kv, n_head, a, j0, j0 + nk, r);
+                head_rows(ws->ops, pool, kv, n_head, a, j0, j0 + nk, r);
                 kern.scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
                             head_dim, scale,
                             att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS);
@@ -545,23 +541,7 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
 
     for (int32_t h = h0; h < h1; h++) {
         const int32_t n_keys = pos0 + n;
-        /* token j's head for h, as a stream head, then where its page put it */
-        if (kv->off == NULL) {
-            const uint32_t n_kv = (uint32_t)kv->n_kv, g = (uint32_t)(h * kv->n_kv / n_head);
-            for (int32_t j = 0; j < n_keys; j++) {
-                rows[j] = moas__kv_row(pool, kv, (uint32_t)j * n_kv + g);
-            }
-        } else {
-            int32_t last_n_kv = -1, g = 0;   /* a division only when n_kv changes */
-            for (int32_t j = 0; j < n_keys; j++) {
-                const int32_t n_kv = (int32_t)(kv->off[j + 1] - kv->off[j]);
-                if (n_kv != last_n_kv) {
-                    last_n_kv = n_kv;
-                    g = h * n_kv / n_head;
-                }
-                rows[j] = moas__kv_row(pool, kv, kv->off[j] + (uint32_t)g);
-            }
-        }
+        head_rows(ops, pool, kv, n_head, h, 0, n_keys, rows);
         for (int32_t q0 = 0; q0 < n; q0 += MOAS_ATT_QUERIES) {
             const int32_t nq = n - q0 < MOAS_ATT_QUERIES ? n - q0 : MOAS_ATT_QUERIES;
             const int32_t seen = pos0 + q0 + nq;   /* keys the last query sees */

@@ -79,6 +79,19 @@ typedef struct moas_ops {
                           const float *p, size_t ldp, int32_t nq, int32_t head_dim,
                           float *out, size_t ldo);
 
+    /* The K/V rows query head h of n_head reads of n tokens of a ragged stream (the
+     * attention kernels' `rows`): for j < n, with w_j = off[j + 1] - off[j] the token's
+     * heads and i_j = off[j] + h w_j / n_head the stream head it keeps for h,
+     *   rows[j] = pages[i_j >> shift] 2^shift + (i_j mod 2^shift),
+     * the pool row of that head in pages of 2^shift heads (moas__page_row). `recip` is
+     * moas__head_group_recip(n_head), and h w_j / n_head is taken as a product with it
+     * (moas__head_group: exact for h < n_head and w_j <= n_head <= MOAS_MAX_HEADS).
+     * off has n + 1 entries. Integers only: every table gives the same rows. Decode
+     * finds one per key and query head group, and random text changes the width
+     * every few keys, so it is worth lanes. */
+    void (*kv_rows)(const uint32_t *off, const int32_t *pages, uint32_t shift, uint32_t h,
+                    uint64_t recip, int32_t n, uint32_t *rows);
+
     /* The largest of init and x[0 .. n), n >= 0, taken as m = x > m ? x : m element
      * by element (so a NaN x is passed over): a maximum in any order, the same value
      * in every table (a zero's sign aside, which no caller tells apart). */

@@ -56,8 +56,29 @@ static inline __m256 load8_i8_biased(const int8_t *p) {
                          _mm256_set1_epi32(0x4b400000)));
 }
 
+/* (v r) >> 32 in each 32-bit lane, r < 2^32: even and odd lanes as 64-bit products. */
+static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
+    const __m256i r64 = _mm256_set1_epi64x((long long)r);
+    const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(v, r64), 32);
+    const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(v, 32), r64);
+    return _mm256_blend_epi32(even, odd, 0xAA);
+}
+
 #define MM_VEC __m256
 #define MM_LANES 8
+#define MM_IVEC __m256i
+#define MM_ILOAD(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
+#define MM_ISTORE(p, v) _mm256_storeu_si256((__m256i *)(void *)(p), v)
+#define MM_ISET1(x) _mm256_set1_epi32((int)(x))
+#define MM_IADD(a, b) _mm256_add_epi32(a, b)
+#define MM_ISUB(a, b) _mm256_sub_epi32(a, b)
+#define MM_IMULLO(a, b) _mm256_mullo_epi32(a, b)
+#define MM_IAND(a, b) _mm256_and_si256(a, b)
+#define MM_IOR(a, b) _mm256_or_si256(a, b)
+#define MM_ISRL(v, n) _mm256_srl_epi32(v, _mm_cvtsi32_si128((int)(n)))
+#define MM_ISLL(v, n) _mm256_sll_epi32(v, _mm_cvtsi32_si128((int)(n)))
+#define MM_IMULHI(v, r) mulhi8_u32(v, r)
+#define MM_IGATHER(base, idx) _mm256_i32gather_epi32((const int *)(const void *)(base), idx, 4)
 #define MM_ZERO() _mm256_setzero_ps()
 #define MM_LOADX(p) _mm256_loadu_ps(p)
 #define MM_LOAD_F16(p) load8_f16(p)
@@ -111,6 +132,7 @@ const moas_ops moas__ops_avx2 = {
     .exp_sum = exp_sum_avx2,
     .softmax = softmax_avx2,
     .gelu = gelu_avx2,
+    .kv_rows = kv_rows_avx2,
 };
 
 #endif /* __x86_64__ */

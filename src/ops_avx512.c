@@ -95,6 +95,14 @@ static inline __m512 load16_i8_biased(const int8_t *p) {
         _mm512_set1_epi32(0x4b400000)));
 }
 
+/* (v r) >> 32 in each 32-bit lane, r < 2^32: even and odd lanes as 64-bit products. */
+static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
+    const __m512i r64 = _mm512_set1_epi64((long long)r);
+    const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(v, r64), 32);
+    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(v, 32), r64);
+    return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+}
+
 #define MM_VEC __m512
 #define MM_LANES 16
 #define MM_ZERO() _mm512_setzero_ps()
@@ -126,6 +134,19 @@ static inline __m512 load16_i8_biased(const int8_t *p) {
 #define MM_MIX_QUERIES 4   /* 16 output vectors + 4 value vectors in registers */
 #define MM_SCORE_QUERIES 4 /* 16 chains: 4 keys x 4 queries, summed by hsum16_x16 */
 #define MM_SCORES_4xQ(acc, scale, out, lds) scores4x4(acc, scale, out, lds)
+#define MM_IVEC __m512i
+#define MM_ILOAD(p) _mm512_loadu_si512((const void *)(p))
+#define MM_ISTORE(p, v) _mm512_storeu_si512((void *)(p), v)
+#define MM_ISET1(x) _mm512_set1_epi32((int)(x))
+#define MM_IADD(a, b) _mm512_add_epi32(a, b)
+#define MM_ISUB(a, b) _mm512_sub_epi32(a, b)
+#define MM_IMULLO(a, b) _mm512_mullo_epi32(a, b)
+#define MM_IAND(a, b) _mm512_and_si512(a, b)
+#define MM_IOR(a, b) _mm512_or_si512(a, b)
+#define MM_ISRL(v, n) _mm512_srl_epi32(v, _mm_cvtsi32_si128((int)(n)))
+#define MM_ISLL(v, n) _mm512_sll_epi32(v, _mm_cvtsi32_si128((int)(n)))
+#define MM_IMULHI(v, r) mulhi16_u32(v, r)
+#define MM_IGATHER(base, idx) _mm512_i32gather_epi32(idx, (const void *)(base), 4)
 #define MM_NAME(base) base##_avx512
 #include "ops_simd.h"
 
@@ -144,6 +165,7 @@ const moas_ops moas__ops_avx512 = {
     .exp_sum = exp_sum_avx512,
     .softmax = softmax_avx512,
     .gelu = gelu_avx512,
+    .kv_rows = kv_rows_avx512,
 };
 
 #endif /* __x86_64__ */

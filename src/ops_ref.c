@@ -6,6 +6,8 @@
  */
 #include "ops.h"
 
+#include "kv_cache.h"
+
 #include <math.h>
 
 /* The dot products and y += a x below are not table entries: the matrix products and
@@ -143,6 +145,14 @@ static void gelu_ref(float *x, int32_t n) {
     }
 }
 
+static void kv_rows_ref(const uint32_t *off, const int32_t *pages, uint32_t shift, uint32_t h,
+                        uint64_t recip, int32_t n, uint32_t *rows) {
+    for (int32_t j = 0; j < n; j++) {
+        const uint32_t w = off[j + 1] - off[j];
+        rows[j] = moas__page_row(pages, shift, off[j] + moas__head_group(h, w, recip));
+    }
+}
+
 const moas_ops moas__ops_ref = {
     .name = "ref",
     .matmul_f32 = matmul_f32_ref,
@@ -158,4 +168,5 @@ const moas_ops moas__ops_ref = {
     .exp_sum = exp_sum_ref,
     .softmax = softmax_ref,
     .gelu = gelu_ref,
+    .kv_rows = kv_rows_ref,
 };

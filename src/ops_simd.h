@@ -16,10 +16,14 @@
  *   MM_MIX_QUERIES            queries per step of a value sum
  *   MM_SCORE_QUERIES, MM_SCORES_4xQ(acc, scale, out, lds)  queries per step of scores;
  *                             their lane sums times scale, stored (acc[4 key + query])
+ *   MM_IVEC, MM_ILOAD(p), MM_ISTORE(p, v)  MM_LANES uint32 lanes, from and to any address
+ *   MM_ISET1(x), MM_IADD(a, b), MM_ISUB(a, b), MM_IMULLO(a, b), MM_IAND(a, b),
+ *   MM_IOR(a, b), MM_ISRL(v, n), MM_ISLL(v, n) (every lane shifted by n < 32),
+ *   MM_IMULHI(v, r) ((v r) >> 32 per lane, r < 2^32), MM_IGATHER(base, idx)
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
- * attn_mix_f32/f16, max, exp_sum, softmax and gelu (ops.h).
+ * attn_mix_f32/f16, max, exp_sum, softmax, gelu and kv_rows (ops.h).
  */
 
 /* ---- matrix products -------------------------------------------------------------
@@ -34,6 +38,8 @@
  * tile of R x T outputs keeps R x T fused multiply-adds in flight, and each weight
  * vector loaded serves T tokens, each token vector R rows.
  */
+
+#include "kv_cache.h"
 
 #include <string.h>
 
@@ -784,5 +790,30 @@ static void MM_NAME(gelu)(float *x, int32_t n) {
     }
     for (; i < n; i++) {
         x[i] = mm_gelu1(x[i]);
+    }
+}
+
+/* ---- K/V rows of a ragged stream ---------------------------------------------------
+ *
+ * ops.h's kv_rows, MM_LANES tokens at a time: the widths from two loads of off, the
+ * head group as a product with the reciprocal (h w < 2^20, so MM_IMULLO is exact),
+ * the page looked up by a gather. The scalar tail is the reference's loop. One head
+ * (recip = 2^32, which no lane holds) takes the tail's loop throughout: h is 0 there. */
+static void MM_NAME(kv_rows)(const uint32_t *off, const int32_t *pages, uint32_t shift,
+                             uint32_t h, uint64_t recip, int32_t n, uint32_t *rows) {
+    int32_t j = 0;
+    if (recip <= UINT32_MAX) {
+        const MM_IVEC hv = MM_ISET1(h), in_page = MM_ISET1((1u << shift) - 1u);
+        for (; j + MM_LANES <= n; j += MM_LANES) {
+            const MM_IVEC first = MM_ILOAD(off + j);
+            const MM_IVEC width = MM_ISUB(MM_ILOAD(off + j + 1), first);
+            const MM_IVEC i = MM_IADD(first, MM_IMULHI(MM_IMULLO(hv, width), (uint32_t)recip));
+            const MM_IVEC page = MM_IGATHER(pages, MM_ISRL(i, shift));
+            MM_ISTORE(rows + j, MM_IOR(MM_ISLL(page, shift), MM_IAND(i, in_page)));
+        }
+    }
+    for (; j < n; j++) {
+        const uint32_t w = off[j + 1] - off[j];
+        rows[j] = moas__page_row(pages, shift, off[j] + moas__head_group(h, w, recip));
     }
 }

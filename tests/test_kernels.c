@@ -8,6 +8,7 @@
 #include "test.h"
 
 #include "f16.h"
+#include "kv_cache.h"
 #include "ops.h"
 
 #include <stdio.h>
@@ -974,6 +975,71 @@ static int check_special_values(const moas_ops *ops) {
 
 /* ---- the tests, per table ---------------------------------------------------------- */
 
+/* kv_rows: every token's row for query head h against the definition with a division,
+ * i = off[j] + h w / n_head, row = pages[i / 2^shift] 2^shift + i mod 2^shift: widths
+ * drawn from one head, all of them, half and any count between, head counts from 1 to
+ * the loader's largest, pages of 1 to 64 heads in a scrambled table, lengths around
+ * the vector widths, off read from an unaligned place. */
+static int check_kv_rows(const moas_ops *ops) {
+    static const int32_t head_counts[] = {1, 2, 3, 4, 6, 8, 12, 25, 1024};
+    static const int32_t lengths_rows[] = {0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 70};
+    static const uint32_t shifts[] = {0, 1, 2, 3, 6};
+    enum { MAX_N = 70, SKEW = 3 };
+    uint64_t seed = 41;
+    uint32_t *off = malloc((MAX_N + 1 + SKEW) * sizeof *off);
+    int32_t *pages = malloc((size_t)(MAX_N * 1024 + 1) * sizeof *pages);
+    uint32_t rows[MAX_N];
+    ASSERT_TRUE(off != NULL && pages != NULL);
+    for (int32_t p = 0; p < MAX_N * 1024 + 1; p++) {
+        pages[p] = (int32_t)(((uint32_t)p * 7919u + 13u) % 100003u);
+    }
+    int rc = TEST_PASS;
+    for (size_t a = 0; a < sizeof head_counts / sizeof head_counts[0] && rc == TEST_PASS; a++) {
+        const int32_t n_head = head_counts[a];
+        const uint64_t recip = moas__head_group_recip(n_head);
+        for (size_t b = 0; b < sizeof lengths_rows / sizeof lengths_rows[0]; b++) {
+            const int32_t n = lengths_rows[b];
+            uint32_t *o = off + (b % 2 ? SKEW : 0);
+            o[0] = (uint32_t)(next_u64(&seed) % 5);
+            for (int32_t j = 0; j < n; j++) {
+                const uint64_t r = next_u64(&seed);
+                const uint32_t w = r % 4 == 0   ? (uint32_t)n_head
+                                   : r % 4 == 1 ? 1u
+                                   : r % 4 == 2 ? (uint32_t)(n_head + 1) / 2
+                                                : 1u + (uint32_t)((r >> 8) % (uint64_t)n_head);
+                o[j + 1] = o[j] + w;
+            }
+            for (size_t c = 0; c < sizeof shifts / sizeof shifts[0]; c++) {
+                const uint32_t shift = shifts[c];
+                for (int32_t h = 0; h < n_head; h += n_head > 12 ? n_head / 4 + 1 : 1) {
+                    for (int pass = 0; pass < 2; pass++) {
+                        const int32_t hh = pass == 0 ? h : n_head - 1 - h;
+                        ops->kv_rows(o, pages, shift, (uint32_t)hh, recip, n, rows);
+                        for (int32_t j = 0; j < n; j++) {
+                            const uint32_t w = o[j + 1] - o[j];
+                            const uint32_t i = o[j] + (uint32_t)hh * w / (uint32_t)n_head;
+                            const uint32_t want = ((uint32_t)pages[i >> shift] << shift) |
+                                                  (i & ((1u << shift) - 1u));
+                            if (rows[j] != want && rc == TEST_PASS) {
+                                test_report(__FILE__, __LINE__, "kv_rows",
+                                            "%s, %d heads, h %d, n %d, shift %u, key %d: row "
+                                            "%u, want %u",
+                                            ops->name, (int)n_head, (int)hh, (int)n,
+                                            (unsigned)shift, (int)j, (unsigned)rows[j],
+                                            (unsigned)want);
+                                rc = TEST_FAIL;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(off);
+    free(pages);
+    return rc;
+}
+
 static const moas_ops *find_table(const char *name) {
     for (size_t i = 0; moas__ops_tables[i] != NULL; i++) {
         if (strcmp(moas__ops_tables[i]->name, name) == 0) {
@@ -1026,6 +1092,9 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
     }                                                                                    \
     TEST(kernels_##table_##_special_values) {                                            \
         return on_table(#table_, needs_, check_special_values);                          \
+    }                                                                                    \
+    TEST(kernels_##table_##_kv_rows_match_definition) {                                  \
+        return on_table(#table_, needs_, check_kv_rows);                                 \
     }
 
 KERNEL_TESTS(avx2, "AVX2, FMA or F16C")
@@ -1112,8 +1181,9 @@ TEST(kernels_tables_are_complete) {
                     t->matmul_q8_0 != NULL &&
                     t->attn_scores_f32 != NULL && t->attn_scores_f16 != NULL &&
                     t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL &&
-                    t->attn_scores_q8_0 != NULL && t->attn_mix_q8_0 != NULL && t->softmax != NULL &&
-                    t->gelu != NULL);
+                    t->attn_scores_q8_0 != NULL && t->attn_mix_q8_0 != NULL && t->max != NULL &&
+                    t->exp_sum != NULL && t->softmax != NULL && t->gelu != NULL &&
+                    t->kv_rows != NULL);
         for (size_t j = 0; j < n; j++) {
             ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);
         }
