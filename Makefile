@@ -431,7 +431,7 @@ $(CPP_PARALLEL): examples/cpp/parallel.cpp examples/cpp/moas.hpp include/moas.h 
 cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL)
 	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
 	$(Q)sh tests/consumers.sh usage "cpp parallel" $(CPP_PARALLEL)
-	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone)"
+	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone, and so does a saved state loaded elsewhere)"
 
 rust-example: lib $(LIBOUT)/moas.pc
 	$(Q)if [ -z "$(CARGO)" ]; then echo "*** SKIP: rust example (cargo not found) ***"; exit 0; fi; \

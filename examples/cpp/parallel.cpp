@@ -7,8 +7,9 @@
  *     ./parallel models/pooled-kjv-kvinit.gguf "And God said" [n_forks] [n_chars]
  *
  * Prints each continuation, then checks that the last one equals the same characters
- * decoded by a context of its own (exit status 1 if not): batching and forking change
- * no number.
+ * decoded by a context of its own, and that its saved state, loaded into another
+ * context, decodes on to the same logits (exit status 1 if not): batching, forking
+ * and saving change no number.
  */
 #include "moas.hpp"
 
@@ -78,6 +79,19 @@ int main(int argc, char **argv) {
                                        sizeof(float) * static_cast<size_t>(model.n_vocab())) != 0) {
             std::fprintf(stderr, "error: the last fork's logits differ from decoding it alone\n");
             return 1;
+        }
+        if (n_forks > 0) {   /* the last fork saved, and restored outside the pool */
+            const std::vector<unsigned char> state = forks.back().save_state();
+            moas::context restored(model, &cp);
+            restored.load_state(state);
+            const int32_t token = chosen.back().empty() ? ids.back() : chosen.back().back();
+            restored.decode(token);
+            forks.back().decode(token);
+            if (std::memcmp(restored.logits(), forks.back().logits(),
+                            sizeof(float) * static_cast<size_t>(model.n_vocab())) != 0) {
+                std::fprintf(stderr, "error: a restored state decodes differently\n");
+                return 1;
+            }
         }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "error: %s\n", e.what());
