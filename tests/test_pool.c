@@ -539,6 +539,94 @@ TEST(state_load_refuses_bad_data_and_changes_nothing) {
     return TEST_PASS;
 }
 
+/* A state from a model that differs from the context's in its norm's epsilon alone (the
+ * same shape, seed and weights: the first fingerprint could not tell them apart) is
+ * refused, and the context keeps what it had. */
+TEST(state_refuses_a_model_differing_only_in_its_block_options) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_ctx_train = 64;
+    cfg.rope = true;
+    size_t size, size2;
+    uint8_t *image = tiny_model_image(&cfg, 77, &size);
+    cfg.eps = 1e-6f;
+    uint8_t *image2 = tiny_model_image(&cfg, 77, &size2);
+    moas_model *m, *m2;
+    ASSERT_TRUE(image != NULL && image2 != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_OK(moas_model_load_memory(image2, size2, NULL, &m2));
+    int32_t tokens[10];
+    seq_tokens(tokens, 10, moas_model_n_vocab(m), 5);
+    moas_context *src = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *dst = make_ctx(m2, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(src && dst);
+    ASSERT_OK(moas_context_decode_batch(src, tokens, 10, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(dst, tokens, 3, NULL, MOAS_LOGITS_LAST));
+    const size_t n = moas_context_state_size(src);
+    uint8_t *buf = malloc(n);
+    size_t written;
+    ASSERT_TRUE(buf != NULL);
+    ASSERT_OK(moas_context_state_save(src, buf, n, &written));
+    ASSERT_STATUS(moas_context_state_load(dst, buf, n), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "another model") != NULL);
+    ASSERT_EQ(moas_context_n_past(dst), 3);
+    free(buf);
+    moas_context_free(src);
+    moas_context_free(dst);
+    moas_model_free(m);
+    moas_model_free(m2);
+    free(image);
+    free(image2);
+    return TEST_PASS;
+}
+
+/* A state saved in format version 1 (by libmoas 1.1.0 before the second fingerprint;
+ * tests/data/README.md) still loads, and decodes on with the bits of decoding its text
+ * again. */
+TEST(state_of_version_1_still_loads) {
+    static const char text[] = "the cat sat on the mat";
+    moas_model *m;
+    ASSERT_OK(moas_model_load(test_data("tiny-modern-pooled-nobias.gguf"), NULL, &m));
+    FILE *f = fopen(test_data("tiny-modern-pooled-nobias-routed.state-v1"), "rb");
+    ASSERT_TRUE(f != NULL);
+    uint8_t buf[16384];
+    const size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    ASSERT_TRUE(n > 56 && n < sizeof buf);
+    uint32_t version;
+    memcpy(&version, buf + 8, 4);
+    ASSERT_EQ(version, 1u);
+    int32_t ids[32];
+    size_t n_ids;
+    ASSERT_OK(moas_tokenize(m, text, sizeof text - 1, ids, 32, &n_ids));
+    const int32_t next = ids[3];   /* a space */
+    moas_context *loaded = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *again = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(loaded && again);
+    ASSERT_OK(moas_context_state_load(loaded, buf, n));
+    ASSERT_EQ(moas_context_n_past(loaded), (int32_t)n_ids);
+    ASSERT_OK(moas_context_decode_batch(again, ids, (int32_t)n_ids, NULL, MOAS_LOGITS_LAST));
+    const size_t V = (size_t)moas_model_n_vocab(m);
+    ASSERT_TRUE(memcmp(moas_context_logits(loaded), moas_context_logits(again), V * 4) == 0);
+    ASSERT_TRUE(same_records(loaded, again));
+    ASSERT_OK(moas_context_decode(loaded, next, NULL));
+    ASSERT_OK(moas_context_decode(again, next, NULL));
+    ASSERT_TRUE(memcmp(moas_context_logits(loaded), moas_context_logits(again), V * 4) == 0);
+    /* saved again, it is version 2 */
+    const size_t n2 = moas_context_state_size(loaded);
+    uint8_t *buf2 = malloc(n2);
+    size_t written;
+    ASSERT_TRUE(buf2 != NULL);
+    ASSERT_OK(moas_context_state_save(loaded, buf2, n2, &written));
+    memcpy(&version, buf2 + 8, 4);
+    ASSERT_EQ(version, 2u);
+    free(buf2);
+    moas_context_free(loaded);
+    moas_context_free(again);
+    moas_model_free(m);
+    return TEST_PASS;
+}
+
 /* The checks of pool creation and of a pool call, each refused before anything runs. */
 /* Resident bytes of this process (Linux /proc/self/statm), or -1 where unknown. */
 static long long resident_bytes(void) {
