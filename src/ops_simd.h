@@ -421,6 +421,29 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
 #define MM_KV_ROW_BYTES_q8_0(head_dim) ((size_t)(head_dim) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
 
 #define MM_DEFINE_ATTN(type, kind)                                                         \
+    /* One query against sixteen keys of NV whole vectors each (NV a compile-time          \
+     * constant after inlining): the query in registers, each key's chain run to its       \
+     * end before the next key's (its row found once, not kept while the others run),      \
+     * chain 4 u + t for key 4 t + u, so MM_SCORES_4xQ's "query t, key u" lands at         \
+     * scores[4 t + u]. Each chain adds the same products in the same order as             \
+     * mm_scores_'s loop over the vectors: the same bits. */                               \
+    MM_ALWAYS_INLINE void mm_scores16_##type(const void *k, const uint32_t *rows,          \
+                                             const float *q, size_t row_bytes,             \
+                                             float scale, float *scores, const int NV) {   \
+        MM_VEC qv[4], acc16[16];                                                           \
+        _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                             \
+            qv[i] = MM_LOADX(q + i * MM_LANES);                                            \
+        }                                                                                  \
+        _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                            \
+            const uint8_t *r = (const uint8_t *)k + rows[4 * (c % 4) + c / 4] * row_bytes; \
+            MM_VEC a = MM_ZERO();                                                          \
+            _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                         \
+                a = MM_FMA(mm_load_kv_##type(r, i * MM_LANES), qv[i], a);                  \
+            }                                                                              \
+            acc16[c] = a;                                                                  \
+        }                                                                                  \
+        MM_SCORES_4xQ(acc16, scale, scores, 4);                                            \
+    }                                                                                      \
     /* Scores of Q queries (a compile-time constant after inlining) against 4 keys at  \
      * a time: 4 Q chains, each key vector loaded serving every query; for Q =          \
      * MM_SCORE_QUERIES and no scalar tail, MM_SCORES_4xQ sums, scales and stores them   \
@@ -436,6 +459,30 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
             /* one query, sixteen keys at a time: chain 4 u + t is key j + 4 t + u, so    \
              * MM_SCORES_4xQ's "query t, key u" lands at scores[j + 4 t + u], each sum     \
              * the bits of MM_HSUM of its chain (one reduction for sixteen keys) */     \
+            switch (whole / MM_LANES) { /* up to 4 vectors: the query in registers */      \
+            case 1:                                                                        \
+                for (; j + 16 <= n; j += 16) {                                             \
+                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 1);   \
+                }                                                                          \
+                break;                                                                     \
+            case 2:                                                                        \
+                for (; j + 16 <= n; j += 16) {                                             \
+                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 2);   \
+                }                                                                          \
+                break;                                                                     \
+            case 3:                                                                        \
+                for (; j + 16 <= n; j += 16) {                                             \
+                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 3);   \
+                }                                                                          \
+                break;                                                                     \
+            case 4:                                                                        \
+                for (; j + 16 <= n; j += 16) {                                             \
+                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 4);   \
+                }                                                                          \
+                break;                                                                     \
+            default:                                                                       \
+                break;                                                                     \
+            }                                                                              \
             for (; j + 16 <= n; j += 16) {                                                 \
                 MM_VEC acc16[16];                                                          \
                 const uint8_t *r16[16];                                                    \

@@ -437,7 +437,7 @@ static int check_matmul(const moas_ops *ops) {
  * f16, and Q8_0 (head sizes that are multiples of 32; the reference values are its
  * d * q). */
 static int check_attention(const moas_ops *ops) {
-    static const int32_t dims[] = {1, 7, 8, 16, 17, 32, 33, 64, 100, 128};
+    static const int32_t dims[] = {1, 7, 8, 16, 17, 24, 32, 33, 48, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
     enum { POOL = 11, MAXD = 128, MAXN = 37 };
     uint64_t seed = 91;
