@@ -204,6 +204,7 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * at a time, whose scores for the run are the per-thread scratch. */
 #define MOAS_ATT_QUERIES 16
 #define MOAS_ATT_KEYS 64
+_Static_assert(MOAS_ATT_KEYS == MOAS_OPS_RUN_STRIDE, "attn_mix's constant strides are a run's");
 /* ... and in splits of this many keys, each with a softmax state of its own, folded in
  * order (forward.c's merge_split): one decoded query's splits can go to different
  * threads. A multiple of MOAS_ATT_KEYS. */

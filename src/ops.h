@@ -25,6 +25,10 @@
  * which the hardware prefetcher follows best. */
 #define MOAS_MM_STREAM 1u
 
+/* The stride of the attention scratch's rows of scores and K/V rows (a run of keys,
+ * MOAS_ATT_KEYS in context.h, which asserts they agree). */
+#define MOAS_OPS_RUN_STRIDE 64
+
 typedef struct moas_ops {
     const char *name;  /* "ref", "avx2", ... */
 
@@ -56,7 +60,9 @@ typedef struct moas_ops {
      *   scores_t[j] = (q_t . k_row(j)) * scale                           (attn_scores)
      *   out_t += p_t[j] v_row(j) for j = 0, 1, ..., n - 1, in that order (attn_mix)
      * attn_mix's queries read the same rows when ldr is 0, and query t rows + t * ldr
-     * otherwise (the heads of one query, over tokens of different widths).
+     * otherwise (the heads of one query, over tokens of different widths); with ldr =
+     * ldp = MOAS_OPS_RUN_STRIDE, the attention scratch's, the SIMD tables take both as
+     * constants (the same result, fewer registers).
      * Each score is the same bits whatever n, nq and its place among them, and a value
      * sum likewise, and split into runs of keys it equals one call over all of them: a
      * query decoded alone and inside a batch agree. */

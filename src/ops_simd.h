@@ -681,6 +681,10 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                                          int32_t head_dim, float *out, size_t ldo) {       \
         if (ldr == 0) {                                                                    \
             mm_attn_mix_##type(v, rows, 0, n, p, ldp, nq, head_dim, out, ldo, 0);          \
+        } else if (ldr == MOAS_OPS_RUN_STRIDE && ldp == MOAS_OPS_RUN_STRIDE) {             \
+            /* decode's scratch: constant strides free the registers that held them */     \
+            mm_attn_mix_##type(v, rows, MOAS_OPS_RUN_STRIDE, n, p, MOAS_OPS_RUN_STRIDE, nq, \
+                               head_dim, out, ldo, 1);                                     \
         } else {                                                                           \
             mm_attn_mix_##type(v, rows, ldr, n, p, ldp, nq, head_dim, out, ldo, 1);        \
         }                                                                                  \

@@ -558,10 +558,21 @@ static int check_attention(const moas_ops *ops) {
                                                             : (uint32_t)(next_u64(&seed) % POOL);
                     }
                 }
+                /* the same at the attention scratch's strides, which the SIMD tables
+                 * take as constants */
+                static uint32_t rg64[NQ][MOAS_OPS_RUN_STRIDE];
+                static float pm64[NQ][MOAS_OPS_RUN_STRIDE];
+                for (int32_t t = 0; t < NQ; t++) {
+                    memcpy(rg64[t], rg[t], (size_t)n * sizeof rg[t][0]);
+                    memcpy(pm64[t], pm[t], (size_t)n * sizeof pm[t][0]);
+                }
                 for (int32_t nq = 1; nq <= NQ; nq++) {
-                    static float ob[NQ][LDO];
+                    static float ob[NQ][LDO], o64[NQ][LDO];
                     memcpy(ob, om, sizeof ob);
+                    memcpy(o64, om, sizeof o64);
                     mix(v, rg[0], MAXN, n, pm[0], MAXN, nq, d, ob[0], LDO);
+                    mix(v, rg64[0], MOAS_OPS_RUN_STRIDE, n, pm64[0], MOAS_OPS_RUN_STRIDE, nq, d,
+                        o64[0], LDO);
                     for (int32_t t = 0; t < NQ; t++) {
                         memcpy(oa, om[t], sizeof oa);
                         if (t < nq) {
@@ -569,6 +580,7 @@ static int check_attention(const moas_ops *ops) {
                         }
                         for (int32_t i = 0; i < LDO; i++) {
                             CHECK_SAME_BITS(what_m, d, ob[t][i], i < d ? oa[i] : om[t][i]);
+                            CHECK_SAME_BITS(what_m, d, o64[t][i], i < d ? oa[i] : om[t][i]);
                         }
                     }
                 }
