@@ -80,7 +80,10 @@ int main(int argc, char **argv) {
             std::fprintf(stderr, "error: the last fork's logits differ from decoding it alone\n");
             return 1;
         }
-        if (n_forks > 0) {   /* the last fork saved, and restored outside the pool */
+        /* the last fork saved and restored outside the pool, if it has room for one more
+         * token to compare (sampling stops at a full context) */
+        if (n_forks > 0 &&
+            moas_context_n_past(forks.back().get()) < moas_context_n_ctx(forks.back().get())) {
             const std::vector<unsigned char> state = forks.back().save_state();
             moas::context restored(model, &cp);
             restored.load_state(state);
