@@ -421,28 +421,36 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
 #define MM_KV_ROW_BYTES_q8_0(head_dim) ((size_t)(head_dim) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
 
 #define MM_DEFINE_ATTN(type, kind)                                                         \
-    /* One query against sixteen keys of NV whole vectors each (NV a compile-time          \
-     * constant after inlining): the query in registers, each key's chain run to its       \
-     * end before the next key's (its row found once, not kept while the others run),      \
-     * chain 4 u + t for key 4 t + u, so MM_SCORES_4xQ's "query t, key u" lands at         \
-     * scores[4 t + u]. Each chain adds the same products in the same order as             \
+    /* One query against its keys sixteen at a time, of NV whole vectors each (NV a        \
+     * compile-time constant after inlining), up to the last whole sixteen; returns        \
+     * how many keys it took. The query sits in registers and each key's chain runs to     \
+     * its end before the next key's (its row found once, not kept while the others        \
+     * run); chain 4 u + t is key 4 t + u, so MM_SCORES_4xQ's "query t, key u" lands       \
+     * at scores[4 t + u]. Each chain adds the same products in the same order as          \
      * mm_scores_'s loop over the vectors: the same bits. */                               \
-    MM_ALWAYS_INLINE void mm_scores16_##type(const void *k, const uint32_t *rows,          \
-                                             const float *q, size_t row_bytes,             \
-                                             float scale, float *scores, const int NV) {   \
-        MM_VEC qv[4], acc16[16];                                                           \
+    MM_ALWAYS_INLINE int32_t mm_scores16_##type(const void *k, const uint32_t *rows,       \
+                                                int32_t n, const float *q,                 \
+                                                size_t row_bytes, float scale,             \
+                                                float *scores, const int NV) {             \
+        MM_VEC qv[4];                                                                      \
         _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                             \
             qv[i] = MM_LOADX(q + i * MM_LANES);                                            \
         }                                                                                  \
-        _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                            \
-            const uint8_t *r = (const uint8_t *)k + rows[4 * (c % 4) + c / 4] * row_bytes; \
-            MM_VEC a = MM_ZERO();                                                          \
-            _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                         \
-                a = MM_FMA(mm_load_kv_##type(r, i * MM_LANES), qv[i], a);                  \
+        int32_t j = 0;                                                                     \
+        for (; j + 16 <= n; j += 16) {                                                     \
+            MM_VEC acc16[16];                                                              \
+            _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                        \
+                const uint8_t *r =                                                         \
+                    (const uint8_t *)k + rows[j + 4 * (c % 4) + c / 4] * row_bytes;        \
+                MM_VEC a = MM_ZERO();                                                      \
+                _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                     \
+                    a = MM_FMA(mm_load_kv_##type(r, i * MM_LANES), qv[i], a);              \
+                }                                                                          \
+                acc16[c] = a;                                                              \
             }                                                                              \
-            acc16[c] = a;                                                                  \
+            MM_SCORES_4xQ(acc16, scale, scores + j, 4);                                    \
         }                                                                                  \
-        MM_SCORES_4xQ(acc16, scale, scores, 4);                                            \
+        return j;                                                                          \
     }                                                                                      \
     /* Scores of Q queries (a compile-time constant after inlining) against 4 keys at  \
      * a time: 4 Q chains, each key vector loaded serving every query; for Q =          \
@@ -461,26 +469,18 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
              * the bits of MM_HSUM of its chain (one reduction for sixteen keys) */     \
             switch (whole / MM_LANES) { /* up to 4 vectors: the query in registers */      \
             case 1:                                                                        \
-                for (; j + 16 <= n; j += 16) {                                             \
-                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 1);   \
-                }                                                                          \
+                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 1);        \
                 break;                                                                     \
             case 2:                                                                        \
-                for (; j + 16 <= n; j += 16) {                                             \
-                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 2);   \
-                }                                                                          \
+                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 2);        \
                 break;                                                                     \
             case 3:                                                                        \
-                for (; j + 16 <= n; j += 16) {                                             \
-                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 3);   \
-                }                                                                          \
+                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 3);        \
                 break;                                                                     \
             case 4:                                                                        \
-                for (; j + 16 <= n; j += 16) {                                             \
-                    mm_scores16_##type(k, rows + j, q, row_bytes, scale, scores + j, 4);   \
-                }                                                                          \
+                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 4);        \
                 break;                                                                     \
-            default:                                                                       \
+            default: /* wider: the loop below, one vector step for all sixteen keys */     \
                 break;                                                                     \
             }                                                                              \
             for (; j + 16 <= n; j += 16) {                                                 \
