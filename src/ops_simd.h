@@ -253,9 +253,30 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
                            ldy, R, MM_TILE_TOKS, 0, chains + (size_t)t * MM_TILE_MAX_R,    \
                            first, last);                                                   \
         }                                                                                  \
-        for (; t < n_tok; t++) {                                                           \
-            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
-                           ldy, R, 1, 0, chains + (size_t)t * MM_TILE_MAX_R, first, last); \
+        /* the last n_tok mod MM_TILE_TOKS tokens in one tile, which asks ahead when it \
+         * is the only one (a step of 2 or 3 sequences) */                                \
+        const int32_t left = n_tok - t;                                                    \
+        x += (size_t)t * ldx;                                                              \
+        y += (size_t)t * ldy;                                                              \
+        chains += (size_t)t * MM_TILE_MAX_R;                                               \
+        if (MM_TILE_TOKS > 3 && left == 3) {                                               \
+            if (ahead && t == 0) {                                                         \
+                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, 1, chains, first, last); \
+            } else {                                                                       \
+                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, 0, chains, first, last); \
+            }                                                                              \
+        } else if (MM_TILE_TOKS > 2 && left == 2) {                                        \
+            if (ahead && t == 0) {                                                         \
+                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, 1, chains, first, last); \
+            } else {                                                                       \
+                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, 0, chains, first, last); \
+            }                                                                              \
+        } else if (left == 1) {                                                            \
+            if (ahead && t == 0) {                                                         \
+                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, 1, chains, first, last); \
+            } else {                                                                       \
+                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, 0, chains, first, last); \
+            }                                                                              \
         }                                                                                  \
     }
 

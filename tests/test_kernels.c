@@ -321,9 +321,10 @@ static float ref_dot(int type, const void *row, const float *x, int32_t n, doubl
 
 static int check_matmul_type(const moas_ops *ops, int type) {
     static const int32_t rows[] = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17};
-    /* 37 tokens: more than a group of 32; 1041 and 1056 columns: more than a chunk of
-     * 1024 (ops_simd.h), 1041 with a scalar tail after it */
-    static const int32_t toks[] = {1, 2, 3, 4, 5, 9, 37};
+    /* 37 tokens: more than a group of 32; 6, 7: a tile of 4 tokens and one of 2 or 3
+     * after it, as 2 and 3 alone; 1041 and 1056 columns: more than a chunk of 1024
+     * (ops_simd.h), 1041 with a scalar tail after it */
+    static const int32_t toks[] = {1, 2, 3, 4, 5, 6, 7, 9, 37};
     static const int32_t ns_f[] = {1, 7, 16, 17, 33, 65, 257, 1041};
     static const int32_t ns_q[] = {32, 96, 160, 544, 1056};
     const char *what = type == MM_F32   ? "matmul_f32"
