@@ -77,6 +77,31 @@ static inline void scores4x4(const __m512 *v, float scale, float *out, size_t ld
     _mm_storeu_ps(out + 3 * lds, _mm512_extractf32x4_ps(s, 3));
 }
 
+/* A matmul tile's lane sums at once (hsum16_x16, so each the bits of hsum16 of its
+ * chain): 4 tokens of `rows` (4 or 2) rows from v[4 u + t] (row u, token t), row u of
+ * token t stored at y + t ldy + u; or one token's 8 rows from v[4 (r % 4) + r / 4]
+ * (the other eight vectors anything), stored at y + r. Summing a 192-wide tile's 24
+ * chains one at a time took about as long as their products. */
+static inline void tile_sums_4x4(const __m512 *v, float *y, size_t ldy, int rows) {
+    const __m512 s = hsum16_x16(v);
+    const __m128 t0 = _mm512_castps512_ps128(s), t1 = _mm512_extractf32x4_ps(s, 1);
+    const __m128 t2 = _mm512_extractf32x4_ps(s, 2), t3 = _mm512_extractf32x4_ps(s, 3);
+    if (rows == 4) {
+        _mm_storeu_ps(y, t0);
+        _mm_storeu_ps(y + ldy, t1);
+        _mm_storeu_ps(y + 2 * ldy, t2);
+        _mm_storeu_ps(y + 3 * ldy, t3);
+        return;
+    }
+    _mm_storel_pi((__m64 *)(void *)y, t0);
+    _mm_storel_pi((__m64 *)(void *)(y + ldy), t1);
+    _mm_storel_pi((__m64 *)(void *)(y + 2 * ldy), t2);
+    _mm_storel_pi((__m64 *)(void *)(y + 3 * ldy), t3);
+}
+static inline void tile_sums_8x1(const __m512 *v, float *y) {
+    _mm256_storeu_ps(y, _mm512_castps512_ps256(hsum16_x16(v)));
+}
+
 /* Sixteen halves from any address, widened exactly. */
 static inline __m512 load16_f16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
@@ -134,6 +159,8 @@ static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
 #define MM_MIX_QUERIES 4   /* 16 output vectors + 4 value vectors in registers */
 #define MM_SCORE_QUERIES 4 /* 16 chains: 4 keys x 4 queries, summed by hsum16_x16 */
 #define MM_SCORES_4xQ(acc, scale, out, lds) scores4x4(acc, scale, out, lds)
+#define MM_TILE_SUMS_4x4(v, y, ldy, rows) tile_sums_4x4(v, y, ldy, rows)
+#define MM_TILE_SUMS_8x1(v, y) tile_sums_8x1(v, y)
 #define MM_IVEC __m512i
 #define MM_ILOAD(p) _mm512_loadu_si512((const void *)(p))
 #define MM_ISTORE(p, v) _mm512_storeu_si512((void *)(p), v)

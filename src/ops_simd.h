@@ -16,6 +16,8 @@
  *   MM_MIX_QUERIES            queries per step of a value sum
  *   MM_SCORE_QUERIES, MM_SCORES_4xQ(acc, scale, out, lds)  queries per step of scores;
  *                             their lane sums times scale, stored (acc[4 key + query])
+ *   MM_TILE_SUMS_4x4(v, y, ldy, rows), MM_TILE_SUMS_8x1(v, y)  optional (16 lanes):
+ *                             a matmul tile's lane sums at once, each MM_HSUM's bits
  *   MM_IVEC, MM_ILOAD(p), MM_ISTORE(p, v)  MM_LANES uint32 lanes, from and to any address
  *   MM_ISET1(x), MM_IADD(a, b), MM_ISUB(a, b), MM_IMULLO(a, b), MM_IAND(a, b),
  *   MM_IOR(a, b), MM_ISRL(v, n), MM_ISLL(v, n) (every lane shifted by n < 32),
@@ -94,6 +96,39 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
 #define MM_TILE_MAX_R (MM_TILE_ROWS > MM_DECODE_ROWS ? MM_TILE_ROWS : MM_DECODE_ROWS)
 #define MM_TILE_MAX_T MM_TILE_TOKS
 
+/* An R x T tile's sums when no scalar tail follows, several chains reduced together
+ * where the table can (MM_TILE_SUMS_*: 4 x 4 and 6 x 4, the batch tiles, and 8 x 1,
+ * a single token's); returns 0 where it cannot, leaving them to MM_HSUM one by one.
+ * Either way each sum has MM_HSUM's bits. */
+MM_ALWAYS_INLINE int mm_tile_sums(MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T], const int R,
+                                  const int T, float *y, size_t ldy) {
+#if defined(MM_TILE_SUMS_4x4) && defined(MM_TILE_SUMS_8x1)
+    MM_VEC v[16];
+    if (T == 4 && (R == 4 || R == 6 || R == 8)) {
+        for (int r0 = 0; r0 < R; r0 += 4) {
+            const int rows = R - r0 < 4 ? R - r0 : 4;
+            _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {
+                    v[4 * u + t] = u < rows ? acc[r0 + u][t] : MM_ZERO();
+                }
+            }
+            MM_TILE_SUMS_4x4(v, y + r0, ldy, rows);
+        }
+        return 1;
+    }
+    if (T == 1 && R == 8) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
+            v[4 * (r % 4) + r / 4] = acc[r][0];
+            v[4 * (r % 4) + r / 4 + 2] = MM_ZERO();
+        }
+        MM_TILE_SUMS_8x1(v, y);
+        return 1;
+    }
+#endif
+    (void)acc, (void)R, (void)T, (void)y, (void)ldy;
+    return 0;
+}
+
 /* An R x T tile (R, T, P compile-time constants after inlining) over columns [0, n).
  * P: 0 no software prefetch; 1 the next tile's rows (R rows on) at the same column;
  * 2 MM_STREAM_AHEAD bytes on in the matrix, for one row read front to back.
@@ -131,6 +166,9 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
                     acc[r][t] = MM_FMA(wv, xv[t], acc[r][t]);                              \
                 }                                                                          \
             }                                                                              \
+        }                                                                                  \
+        if (last && i == n && mm_tile_sums(acc, R, T, y, ldy)) {                           \
+            return;                                                                        \
         }                                                                                  \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
             _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                          \
