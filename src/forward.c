@@ -284,12 +284,6 @@ static void merge_split(float *O, float *M, float *L, const float *o_s, float m_
     *M = m;
 }
 
-/* Keys a group of query heads is formed over in attend_one: a run of MOAS_ATT_KEYS
- * keys is cut into pieces this long, each grouped on its own, so that one wide token
- * among MQA ones splits the heads of its piece only; neighbouring pieces grouped alike
- * go through the kernels as one. */
-#define MOAS_ATT_GROUP_KEYS 16
-
 _Static_assert(MOAS_ATT_QUERIES < 32, "a call's query heads are bits of a uint32_t");
 
 /* Which query heads of [c0, c1) (at most MOAS_ATT_QUERIES) read another K/V row than
@@ -306,7 +300,7 @@ static uint32_t width_breaks(int32_t w, int32_t n_head, int32_t c0, int32_t c1) 
 }
 
 /* The widths one attend_one_keys call has met and their breaks, so that each costs its
- * divisions once per call, not once per piece of keys. A stored token has the width
+ * divisions once per call, not once per run of keys. A stored token has the width
  * of one of the model's schemes, so a call meets at most MOAS_MAX_SCHEMES of them. */
 typedef struct {
     int32_t n;
@@ -318,8 +312,9 @@ typedef struct {
  * (a uniform stream has one). A head then reads the same row of every key as the head
  * before it unless its bit is set. Should a call meet more widths than the memo holds
  * (no model can), every head from then on is a group of its own: slower, same result. */
-static uint32_t piece_breaks(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
-                             int32_t c0, int32_t c1, width_memo *memo) {
+static uint32_t run_breaks(const moas_kv_stream *kv, int32_t n_head, int32_t j0, int32_t j1,
+                           int32_t c0, int32_t c1, width_memo *memo) {
+    const uint32_t every = ((1u << (c1 - c0)) - 1) & ~1u;   /* each head a group */
     uint32_t breaks = 0;
     int32_t last = -1;
     for (int32_t j = j0; j < j1; j++) {
@@ -334,15 +329,15 @@ static uint32_t piece_breaks(const moas_kv_stream *kv, int32_t n_head, int32_t j
         }
         if (i == memo->n) {
             if (memo->n == MOAS_MAX_SCHEMES) {
-                return ((1u << (c1 - c0)) - 1) & ~1u;
+                return every;
             }
             memo->width[i] = w;
             memo->breaks[i] = width_breaks(w, n_head, c0, c1);
             memo->n++;
         }
         breaks |= memo->breaks[i];
-        if (kv->off == NULL) {
-            break;
+        if (kv->off == NULL || breaks == every) {
+            break;   /* one width, or no finer grouping left to find */
         }
     }
     return breaks;
@@ -383,25 +378,25 @@ static void head_rows(const moas_ops *ops, const moas_pool *pool, const moas_kv_
  * [c0, c1) (at most MOAS_ATT_QUERIES): each head's softmax state over those keys from
  * nothing, into o [c1 - c0][head_dim] (value sums not yet divided), mx and sm; the
  * rows of keys up to `ahead` are asked for a run ahead. What attend_heads computes, bit
- * for bit, for n = 1, with the heads that read the same K/V rows taken together. A run
- * of keys is cut into segments of pieces grouped alike; in a segment, a group of query
- * heads that reads the same rows (all of them over MQA tokens, a third over GQA-2
- * ones) goes through the kernels as the queries of one block: each K/V row is loaded
- * once for the group and its rows are found once. Every query's operations stay what
- * they are alone (a score is one chain, a value sum goes key by key, and a sum split
- * into pieces of keys equals one call over all of them). */
+ * for bit, for n = 1, with the heads that read the same K/V rows taken together. In
+ * each run of keys, a group of query heads that reads the same row of every key (all
+ * of them over a run of MQA tokens, a third over GQA-2 ones) goes through the score
+ * kernel as the queries of one block: each K row is loaded once for the group and its
+ * rows are found once. Groups are formed over the whole run: cut into pieces of 16
+ * keys grouped each on its own, so that one wide token split only its piece's heads,
+ * decode was 1-6% slower (docs/PERFORMANCE_HISTORY.md, "Tried and not kept"). Every
+ * query's operations stay what they are alone (a score is one chain, a value sum goes
+ * key by key, and a sum split into runs of keys equals one call over all of them). */
 static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
                             const moas_kv_stream *kv, const float *q, int32_t j0_keys,
                             int32_t j1_keys, int32_t ahead, int32_t c0, int32_t c1, float *o,
                             float *mx_out, float *sm_out, float *att, uint32_t *rows) {
-    enum { PIECES = MOAS_ATT_KEYS / MOAS_ATT_GROUP_KEYS };
     const moas_model *m = ws->model;
     const int32_t n_head = m->n_head, head_dim = m->head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const void *K = pool->k, *V = pool->v;
     const kv_kernels kern = kv_kernels_for(ws->ops, pool->kv_type);
-    /* a run's segments: keys [seg_j[i], seg_j[i + 1]), groups bounds[i][0 .. n_groups[i]] */
-    int32_t seg_j[PIECES + 1], n_groups[PIECES], bounds[PIECES][MOAS_ATT_QUERIES + 1];
+    int32_t bounds[MOAS_ATT_QUERIES + 1];   /* a run's groups: [bounds[g], bounds[g + 1]) */
     width_memo memo = {0};
     /* the softmax states in the thread's own stack until the end: a split's outputs
      * share cache lines with the neighbouring split's, which another thread may write */
@@ -418,53 +413,35 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
             const int32_t k2 = ahead - k1 < MOAS_ATT_KEYS ? ahead : k1 + MOAS_ATT_KEYS;
             moas__kv_prefetch(pool, kv, moas__kv_first(kv, k1), moas__kv_first(kv, k2));
         }
-        int32_t n_seg = 0;
-        uint32_t seg_breaks = 0;
-        for (int32_t j0 = k0; j0 < k1; j0 += MOAS_ATT_GROUP_KEYS) {
-            const int32_t j1 = k1 - j0 < MOAS_ATT_GROUP_KEYS ? k1 : j0 + MOAS_ATT_GROUP_KEYS;
-            const uint32_t breaks = piece_breaks(kv, n_head, j0, j1, c0, c1, &memo);
-            if (n_seg > 0 && breaks == seg_breaks) {
-                continue;   /* grouped as the piece before: one segment */
-            }
-            seg_breaks = breaks;
-            seg_j[n_seg] = j0;
-            n_groups[n_seg] = groups_at(breaks, c0, c1, bounds[n_seg]);
-            n_seg++;
-        }
-        seg_j[n_seg] = k1;
-        for (int32_t i = 0; i < n_seg; i++) {   /* scores */
-            const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
-            for (int32_t g = 0; g < n_groups[i]; g++) {
-                const int32_t a = bounds[i][g], b = bounds[i][g + 1];
-                uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
-                head_rows(ws->ops, pool, kv, n_head, a, j0, j0 + nk, r);
-                kern.scores(K, r, nk, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
-                            head_dim, scale,
-                            att + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0), MOAS_ATT_KEYS);
-            }
+        const int32_t n_groups =
+            groups_at(run_breaks(kv, n_head, k0, k1, c0, c1, &memo), c0, c1, bounds);
+        for (int32_t g = 0; g < n_groups; g++) {   /* scores */
+            const int32_t a = bounds[g], b = bounds[g + 1];
+            uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS;
+            head_rows(ws->ops, pool, kv, n_head, a, k0, k1, r);
+            kern.scores(K, r, k1 - k0, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
+                        head_dim, scale, att + (size_t)(a - c0) * MOAS_ATT_KEYS,
+                        MOAS_ATT_KEYS);
         }
         for (int32_t h = c0; h < c1; h++) {
             softmax_run(ws->ops, att + (size_t)(h - c0) * MOAS_ATT_KEYS, k1 - k0, &mx[h - c0],
                         &sm[h - c0], o + (size_t)(h - c0) * head_dim, head_dim);
         }
-        if (n_seg == 1 && n_groups[0] == 1) {   /* value sums: every head the same rows */
+        if (n_groups == 1) {   /* value sums: every head the same rows */
             kern.mix(V, rows, 0, k1 - k0, att, MOAS_ATT_KEYS, c1 - c0, head_dim, o,
                      (size_t)head_dim);
             continue;
         }
-        /* Heads that read different rows somewhere in the run: each head's rows in
-         * full (a group's first head found them), and the heads together in one call,
-         * each reading its own, so that the kernel takes them in blocks instead of a
-         * head at a time; a query's sums are the same either way. */
-        for (int32_t i = 0; i < n_seg; i++) {
-            const int32_t j0 = seg_j[i], nk = seg_j[i + 1] - j0;
-            for (int32_t g = 0; g < n_groups[i]; g++) {
-                const int32_t a = bounds[i][g], b = bounds[i][g + 1];
-                const uint32_t *first = rows + (size_t)(a - c0) * MOAS_ATT_KEYS + (j0 - k0);
-                for (int32_t h = a + 1; h < b; h++) {
-                    memcpy(rows + (size_t)(h - c0) * MOAS_ATT_KEYS + (j0 - k0), first,
-                           (size_t)nk * sizeof *rows);
-                }
+        /* Heads that read different rows: each head's rows (its group's first head
+         * found them), and the heads together in one call, each reading its own, so
+         * that the kernel takes them in blocks instead of a head at a time; a query's
+         * sums are the same either way. */
+        for (int32_t g = 0; g < n_groups; g++) {
+            const int32_t a = bounds[g], b = bounds[g + 1];
+            const uint32_t *first = rows + (size_t)(a - c0) * MOAS_ATT_KEYS;
+            for (int32_t h = a + 1; h < b; h++) {
+                memcpy(rows + (size_t)(h - c0) * MOAS_ATT_KEYS, first,
+                       (size_t)(k1 - k0) * sizeof *rows);
             }
         }
         kern.mix(V, rows, MOAS_ATT_KEYS, k1 - k0, att, MOAS_ATT_KEYS, c1 - c0, head_dim, o,
