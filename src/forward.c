@@ -384,7 +384,7 @@ static void head_rows(const moas_ops *ops, const moas_pool *pool, const moas_kv_
  * kernel as the queries of one block: each K row is loaded once for the group and its
  * rows are found once. Groups are formed over the whole run: cut into pieces of 16
  * keys grouped each on its own, so that one wide token split only its piece's heads,
- * decode was 1-6% slower (docs/PERFORMANCE_HISTORY.md, "Tried and not kept"). Every
+ * decode was 2-8% slower (docs/PERFORMANCE_HISTORY.md, "Tried and not kept"). Every
  * query's operations stay what they are alone (a score is one chain, a value sum goes
  * key by key, and a sum split into runs of keys equals one call over all of them). */
 static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
