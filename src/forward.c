@@ -456,8 +456,10 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
  * is the thread's scratch for a split's state of MOAS_ATT_QUERIES heads. */
 static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                        const moas_kv_stream *kv, const float *q, int32_t pos, int32_t h0,
-                       int32_t h1, float *out, float *att, uint32_t *rows, float *split) {
+                       int32_t h1, bool prefetch, float *out, float *att, uint32_t *rows,
+                       float *split) {
     const int32_t head_dim = ws->model->head_dim, n_keys = pos + 1;
+    const int32_t ahead = prefetch ? n_keys : 0;
     float run_max[MOAS_ATT_QUERIES], run_sum[MOAS_ATT_QUERIES];
     float split_max[MOAS_ATT_QUERIES], split_sum[MOAS_ATT_QUERIES];
 
@@ -467,11 +469,11 @@ static void attend_one(const moas_workspace *ws, const moas_pool *pool,
         for (int32_t s0 = 0; s0 < n_keys; s0 += MOAS_ATT_SPLIT_KEYS) {
             const int32_t s1 = n_keys - s0 < MOAS_ATT_SPLIT_KEYS ? n_keys : s0 + MOAS_ATT_SPLIT_KEYS;
             if (s0 == 0) {
-                attend_one_keys(ws, pool, kv, q, s0, s1, n_keys, c0, c1, o, run_max, run_sum,
+                attend_one_keys(ws, pool, kv, q, s0, s1, ahead, c0, c1, o, run_max, run_sum,
                                 att, rows);
                 continue;
             }
-            attend_one_keys(ws, pool, kv, q, s0, s1, n_keys, c0, c1, split, split_max,
+            attend_one_keys(ws, pool, kv, q, s0, s1, ahead, c0, c1, split, split_max,
                             split_sum, att, rows);
             for (int32_t h = c0; h < c1; h++) {
                 merge_split(o + (size_t)(h - c0) * head_dim, &run_max[h - c0], &run_sum[h - c0],
@@ -604,6 +606,7 @@ typedef struct {
     size_t ldq;
     float *OUT;
     size_t ldo;
+    bool prefetch;           /* ask for K/V rows ahead (step_prefetches) */
 } attend_step;
 
 static void attend_slice(void *arg, int32_t ith, int32_t nth) {
@@ -623,7 +626,7 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
         const moas_seq_run *run = &s->runs[r];
         const moas_context *ctx = run->ctx;
         if (run->n == 1) {
-            if ((r + 1) * n_head < u1) {
+            if (s->prefetch && (r + 1) * n_head < u1) {
                 /* attend_one asks for each run of keys one run ahead, so a query's first
                  * run would come from memory while it waits: ask for the next query's
                  * first run now, while this one is computed */
@@ -635,8 +638,8 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
                                                                            : MOAS_ATT_KEYS));
             }
             attend_one(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
-                       ctx->n_past, h0, h1, s->OUT + (size_t)run->row0 * s->ldo, att, rows,
-                       split);
+                       ctx->n_past, h0, h1, s->prefetch, s->OUT + (size_t)run->row0 * s->ldo,
+                       att, rows, split);
             u = r * n_head + h1;
             continue;
         }
@@ -657,6 +660,7 @@ typedef struct {
     int32_t stream;
     const float *q;
     int32_t n_splits;
+    bool prefetch;           /* ask for K/V rows ahead (step_prefetches) */
 } split_step;
 
 /* Where split sp's state lives in ws->att_part: value sums [n_head, head_dim], then
@@ -678,7 +682,9 @@ static void attend_split_slice(void *arg, int32_t ith, int32_t nth) {
     const int32_t n_head = ws->model->n_head, head_dim = ws->model->head_dim;
     const int32_t n_keys = s->ctx->n_past + 1;
     const int32_t sp0 = ith * s->n_splits / nth, sp1 = (ith + 1) * s->n_splits / nth;
-    const int32_t ahead = sp1 * MOAS_ATT_SPLIT_KEYS < n_keys ? sp1 * MOAS_ATT_SPLIT_KEYS : n_keys;
+    const int32_t ahead = !s->prefetch                          ? 0
+                          : sp1 * MOAS_ATT_SPLIT_KEYS < n_keys ? sp1 * MOAS_ATT_SPLIT_KEYS
+                                                               : n_keys;
     float *att = ws->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
     uint32_t *rows = ws->att_rows + (size_t)ith * ws->rows_each;
     for (int32_t sp = sp0; sp < sp1; sp++) {
@@ -691,6 +697,20 @@ static void attend_split_slice(void *arg, int32_t ith, int32_t nth) {
                             split_max_of(ws, sp) + c0, split_sum_of(ws, sp) + c0, att, rows);
         }
     }
+}
+
+/* Whether a step's decode attention asks for K/V rows ahead: only when the K/V it
+ * reads, all its contexts' streams together, outgrow what the caches keep from one
+ * step to the next (MOAS_KV_PREFETCH_MIN_BYTES). Estimated from this stream's heads
+ * times the context's streams. */
+static bool step_prefetches(const moas_seq_run *runs, int32_t n_runs, int32_t stream) {
+    uint64_t bytes = 0;
+    for (int32_t r = 0; r < n_runs; r++) {
+        const moas_context *ctx = runs[r].ctx;
+        bytes += (uint64_t)moas__kv_heads_at(&ctx->kv[stream], ctx->n_past + runs[r].n) * 2 *
+                 ctx->pool->head_bytes * (uint64_t)ctx->n_streams;
+    }
+    return bytes >= MOAS_KV_PREFETCH_MIN_BYTES;
 }
 
 static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs, int32_t stream,
@@ -707,7 +727,8 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
                                  ? (runs[0].ctx->n_past + MOAS_ATT_SPLIT_KEYS) / MOAS_ATT_SPLIT_KEYS
                                  : 0;
     if (parallel && ws->n_threads > 1 && n_splits >= 2 * ws->n_threads) {
-        split_step step = {ws, runs[0].ctx, stream, Q + (size_t)runs[0].row0 * ldq, n_splits};
+        split_step step = {ws, runs[0].ctx, stream, Q + (size_t)runs[0].row0 * ldq, n_splits,
+                           step_prefetches(runs, n_runs, stream)};
         moas__team_run(&ws->team, true, attend_split_slice, &step);
         float *out = OUT + (size_t)runs[0].row0 * ldo;
         for (int32_t h = 0; h < n_head; h++) {   /* fold the splits in order */
@@ -722,7 +743,8 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
         }
         return;
     }
-    attend_step step = {ws, runs, n_runs, stream, Q, ldq, OUT, ldo};
+    attend_step step = {ws,  runs, n_runs, stream, Q, ldq, OUT, ldo,
+                        step_prefetches(runs, n_runs, stream)};
     moas__team_run(&ws->team, parallel, attend_slice, &step);
 }
 
