@@ -453,7 +453,8 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
 
 /* One query over all its keys, query heads [h0, h1): split by split (the first
  * straight into out), each later one folded in, then divided by the sums. `split`
- * is the thread's scratch for a split's state of MOAS_ATT_QUERIES heads. */
+ * is the thread's scratch for a split's state of MOAS_ATT_QUERIES heads; with
+ * `prefetch` each run's rows are asked for a run ahead (step_prefetches). */
 static void attend_one(const moas_workspace *ws, const moas_pool *pool,
                        const moas_kv_stream *kv, const float *q, int32_t pos, int32_t h0,
                        int32_t h1, bool prefetch, float *out, float *att, uint32_t *rows,
