@@ -148,11 +148,10 @@ static inline uint32_t moas__head_group(uint32_t h, uint32_t w, uint64_t recip) 
 #define MOAS_KV_PREFETCH_L1_BYTES 32768
 
 /* Decode asks for K/V rows ahead only when a step reads at least this many bytes of
- * K/V (every sequence of the step, every stream). Below it the rows stay in the last
- * level cache from one step to the next, the hardware prefetcher follows a few
- * sequences' pages, and asking costs more than it brings. Measured on the Zen 5 above
- * (32 MB of L3 per core complex), depth 960, 4 layers of 6 heads of 32, f32, one
- * thread, asking against not asking: MHA-sized sequences 0.82x (1 sequence, 5.9 MB),
+ * K/V (every sequence of the step, every stream): below it, asking cost more than it
+ * brought (likely because K/V of a few MB stay in the last-level cache from one step
+ * to the next; not measured directly). On the Zen 5 above, depth 960, 4 layers of 6
+ * heads of 32, f32, one thread, asking against not asking: MHA-sized sequences 0.82x (1 sequence, 5.9 MB),
  * 0.84x (2), 1.10x (4, 24 MB), 1.04x (8); routed ones (1.7 MB each) 0.94x (1), 0.95x
  * (2), 0.97x (4), 0.99x (8, 13 MB), 1.23x (16). */
 #define MOAS_KV_PREFETCH_MIN_BYTES ((uint64_t)16 << 20)

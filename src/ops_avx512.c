@@ -80,8 +80,9 @@ static inline void scores4x4(const __m512 *v, float scale, float *out, size_t ld
 /* A matmul tile's lane sums at once (hsum16_x16, so each the bits of hsum16 of its
  * chain): 4 tokens of `rows` (4 or 2) rows from v[4 u + t] (row u, token t), row u of
  * token t stored at y + t ldy + u; or one token's 8 rows from v[4 (r % 4) + r / 4]
- * (the other eight vectors anything), stored at y + r. Summing a 192-wide tile's 24
- * chains one at a time took about as long as their products. */
+ * (the other eight vectors anything), stored at y + r. Against one hsum16 per chain,
+ * in one process: a single sequence's decode 1.03-1.04x, GPT-2's 16 sequences
+ * 1.09-1.21x (bf06e72). */
 static inline void tile_sums_4x4(const __m512 *v, float *y, size_t ldy, int rows) {
     const __m512 s = hsum16_x16(v);
     const __m128 t0 = _mm512_castps512_ps128(s), t1 = _mm512_extractf32x4_ps(s, 1);

@@ -276,6 +276,18 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
  * four token tiles only, and the next tile's rows (GPT-2's output matrix: from memory)
  * came in stalled. */
 #define MM_DEFINE_TILES(type)                                                              \
+    /* a tile of T tokens whose prefetch (P, a compile-time constant) is chosen at run     \
+     * time: asking for the next row tile or not */                                        \
+    MM_ALWAYS_INLINE void mm_tail_##type(const uint8_t *w, size_t row_bytes, const float *x, \
+                                         size_t ldx, int32_t kc, float *y, size_t ldy,     \
+                                         const int R, const int T, int ask,                \
+                                         MM_VEC *chains, int first, int last) {            \
+        if (ask) {                                                                         \
+            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 1, chains, first, last); \
+        } else {                                                                           \
+            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 0, chains, first, last); \
+        }                                                                                  \
+    }                                                                                      \
     MM_ALWAYS_INLINE void mm_tiles_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                           size_t ldx, int32_t n_tok, int32_t kc, float *y, \
                                           size_t ldy, const int R, MM_VEC *chains,         \
@@ -297,24 +309,13 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
         x += (size_t)t * ldx;                                                              \
         y += (size_t)t * ldy;                                                              \
         chains += (size_t)t * MM_TILE_MAX_R;                                               \
+        const int ask = ahead && t == 0;                                                   \
         if (MM_TILE_TOKS > 3 && left == 3) {                                               \
-            if (ahead && t == 0) {                                                         \
-                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, 1, chains, first, last); \
-            } else {                                                                       \
-                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, 0, chains, first, last); \
-            }                                                                              \
+            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, ask, chains, first, last); \
         } else if (MM_TILE_TOKS > 2 && left == 2) {                                        \
-            if (ahead && t == 0) {                                                         \
-                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, 1, chains, first, last); \
-            } else {                                                                       \
-                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, 0, chains, first, last); \
-            }                                                                              \
+            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, ask, chains, first, last); \
         } else if (left == 1) {                                                            \
-            if (ahead && t == 0) {                                                         \
-                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, 1, chains, first, last); \
-            } else {                                                                       \
-                mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, 0, chains, first, last); \
-            }                                                                              \
+            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, ask, chains, first, last); \
         }                                                                                  \
     }
 
