@@ -1553,7 +1553,7 @@ static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, i
             }
             moas__pool_heads(in, k, d, target, out);
             for (int32_t i = 0; i < target; i++) {
-                moas__kv_head_store(ctx->kv_type,
+                moas__kv_head_store(ctx->ops, ctx->kv_type,
                                     moas__pool_head(pool, slab, moas__kv_row(pool, kv, w + (uint32_t)i)),
                                     out + (size_t)i * d, d);
             }
@@ -1629,7 +1629,7 @@ static void rotate_head(const moas_context *ctx, uint8_t *head, int32_t delta, f
     const moas_model *m = ctx->model;
     moas__kv_head_load(ctx->kv_type, head, tmp, m->head_dim);
     moas__rope_row(m, -delta, NULL, 0, tmp, 1);
-    moas__kv_head_store(ctx->kv_type, head, tmp, m->head_dim);
+    moas__kv_head_store(ctx->ops, ctx->kv_type, head, tmp, m->head_dim);
 }
 
 moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard) {

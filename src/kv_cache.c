@@ -209,12 +209,10 @@ moas_status moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_st
 
 /* ---- element types ------------------------------------------------------------- */
 
-void moas__kv_head_store(moas_type type, void *dst, const float *src, int32_t head_dim) {
+void moas__kv_head_store(const moas_ops *ops, moas_type type, void *dst, const float *src,
+                         int32_t head_dim) {
     if (type == MOAS_TYPE_F16) {
-        uint16_t *h = dst;
-        for (int32_t i = 0; i < head_dim; i++) {
-            h[i] = moas__f32_to_f16(src[i]);
-        }
+        ops->to_f16(src, dst, head_dim);
     } else if (type == MOAS_TYPE_Q8_0) {
         moas_block_q8_0 *b = dst;
         for (int32_t k = 0; k < head_dim / MOAS_QK8_0; k++) {

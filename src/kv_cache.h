@@ -27,6 +27,8 @@
 
 #include <stdatomic.h>
 
+struct moas_ops;   /* ops.h */
+
 /* Head slots per page unless the pool's params say otherwise. docs/KV_CACHE.md
  * ("Page size") has the measurements behind 4. */
 #define MOAS_PAGE_HEADS 4
@@ -99,9 +101,11 @@ static inline size_t moas__kv_head_bytes(moas_type type, int32_t head_dim) {
 }
 
 /* One head of head_dim elements between f32 and the cache's type: stored (F16 rounds
- * to nearest even; Q8_0 takes per block of 32 the scale d = max|x| / 127 and q =
- * round(x / d), as ggml quantises) and loaded back (widened; Q8_0 as d * q). */
-void moas__kv_head_store(moas_type type, void *dst, const float *src, int32_t head_dim);
+ * to nearest even, by the kernels' to_f16; Q8_0 takes per block of 32 the scale d =
+ * max|x| / 127 and q = round(x / d), as ggml quantises) and loaded back (widened;
+ * Q8_0 as d * q). */
+void moas__kv_head_store(const struct moas_ops *ops, moas_type type, void *dst,
+                         const float *src, int32_t head_dim);
 void moas__kv_head_load(moas_type type, const void *src, float *dst, int32_t head_dim);
 
 /* The head at index `i` of the pool's slabs, K or V. */

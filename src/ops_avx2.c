@@ -79,6 +79,10 @@ static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
 #define MM_ISLL(v, n) _mm256_sll_epi32(v, _mm_cvtsi32_si128((int)(n)))
 #define MM_IMULHI(v, r) mulhi8_u32(v, r)
 #define MM_IGATHER(base, idx) _mm256_i32gather_epi32((const int *)(const void *)(base), idx, 4)
+#define MM_STORE_F16(p, v) \
+    _mm_storeu_si128((__m128i *)(void *)(p), \
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+#define MM_NAN_MASK(v) ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
 #define MM_ZERO() _mm256_setzero_ps()
 #define MM_LOADX(p) _mm256_loadu_ps(p)
 #define MM_LOAD_F16(p) load8_f16(p)
@@ -133,6 +137,7 @@ const moas_ops moas__ops_avx2 = {
     .softmax = softmax_avx2,
     .gelu = gelu_avx2,
     .kv_rows = kv_rows_avx2,
+    .to_f16 = to_f16_avx2,
 };
 
 #endif /* __x86_64__ */

@@ -175,6 +175,10 @@ static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
 #define MM_ISLL(v, n) _mm512_sll_epi32(v, _mm_cvtsi32_si128((int)(n)))
 #define MM_IMULHI(v, r) mulhi16_u32(v, r)
 #define MM_IGATHER(base, idx) _mm512_i32gather_epi32(idx, (const void *)(base), 4)
+#define MM_STORE_F16(p, v) \
+    _mm256_storeu_si256((__m256i *)(void *)(p), \
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+#define MM_NAN_MASK(v) ((unsigned)_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
 #define MM_NAME(base) base##_avx512
 #include "ops_simd.h"
 
@@ -194,6 +198,7 @@ const moas_ops moas__ops_avx512 = {
     .softmax = softmax_avx512,
     .gelu = gelu_avx512,
     .kv_rows = kv_rows_avx512,
+    .to_f16 = to_f16_avx512,
 };
 
 #endif /* __x86_64__ */

@@ -153,6 +153,12 @@ static void kv_rows_ref(const uint32_t *off, const int32_t *pages, uint32_t shif
     }
 }
 
+static void to_f16_ref(const float *x, uint16_t *out, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        out[i] = moas__f32_to_f16(x[i]);
+    }
+}
+
 const moas_ops moas__ops_ref = {
     .name = "ref",
     .matmul_f32 = matmul_f32_ref,
@@ -169,4 +175,5 @@ const moas_ops moas__ops_ref = {
     .softmax = softmax_ref,
     .gelu = gelu_ref,
     .kv_rows = kv_rows_ref,
+    .to_f16 = to_f16_ref,
 };

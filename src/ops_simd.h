@@ -22,10 +22,12 @@
  *   MM_ISET1(x), MM_IADD(a, b), MM_ISUB(a, b), MM_IMULLO(a, b), MM_IAND(a, b),
  *   MM_IOR(a, b), MM_ISRL(v, n), MM_ISLL(v, n) (every lane shifted by n < 32),
  *   MM_IMULHI(v, r) ((v r) >> 32 per lane, r < 2^32), MM_IGATHER(base, idx)
+ *   MM_STORE_F16(p, v)        v as MM_LANES halves (to nearest even) at any address;
+ *   MM_NAN_MASK(v)            bit i set where lane i is a NaN
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
- * attn_mix_f32/f16, max, exp_sum, softmax, gelu and kv_rows (ops.h).
+ * attn_mix_f32/f16, max, exp_sum, softmax, gelu, kv_rows and to_f16 (ops.h).
  */
 
 /* ---- matrix products -------------------------------------------------------------
@@ -926,5 +928,26 @@ static void MM_NAME(kv_rows)(const uint32_t *off, const int32_t *pages, uint32_t
     for (; j < n; j++) {
         const uint32_t w = off[j + 1] - off[j];
         rows[j] = moas__page_row(pages, shift, off[j] + moas__head_group(h, w, recip));
+    }
+}
+
+/* ---- binary16 stores ---------------------------------------------------------------
+ *
+ * ops.h's to_f16 by the hardware's conversion, with the rounding given in the
+ * instruction (to nearest even, whatever MXCSR says): it agrees with moas__f32_to_f16
+ * on every input but NaN, whose payload it keeps; those lanes, which a sound model
+ * never stores, are redone by the scalar conversion. */
+static void MM_NAME(to_f16)(const float *x, uint16_t *out, int32_t n) {
+    int32_t i = 0;
+    for (; i + MM_LANES <= n; i += MM_LANES) {
+        const MM_VEC v = MM_LOADX(x + i);
+        MM_STORE_F16(out + i, v);
+        for (unsigned nan = MM_NAN_MASK(v); nan != 0; nan &= nan - 1) {
+            const int32_t e = i + __builtin_ctz(nan);
+            out[e] = moas__f32_to_f16(x[e]);
+        }
+    }
+    for (; i < n; i++) {
+        out[i] = moas__f32_to_f16(x[i]);
     }
 }

@@ -1053,6 +1053,84 @@ static int check_kv_rows(const moas_ops *ops) {
     return rc;
 }
 
+/* to_f16: hand-worked conversions (rounding at the halfway points, the largest half,
+ * overflow, subnormals, signed zeros, infinities, NaNs of any payload), then a million
+ * random bit patterns against moas__f32_to_f16, at lengths around the vector widths,
+ * from and to unaligned places. */
+static int check_to_f16(const moas_ops *ops) {
+    static const struct {
+        uint32_t f;
+        uint16_t h;
+    } cases[] = {
+        {0x3f800000u, 0x3c00u},   /* 1 */
+        {0xc0000000u, 0xc000u},   /* -2 */
+        {0x3f801000u, 0x3c00u},   /* 1 + 2^-11: halfway, to even (down) */
+        {0x3f803000u, 0x3c02u},   /* 1 + 3 2^-11: halfway, to even (up) */
+        {0x3f801001u, 0x3c01u},   /* just above halfway */
+        {0x477fe000u, 0x7bffu},   /* 65504, the largest half */
+        {0x477fefffu, 0x7bffu},   /* just below 65520 */
+        {0x477ff000u, 0x7c00u},   /* 65520: rounds to infinity */
+        {0xc9742400u, 0xfc00u},   /* -1e6 */
+        {0x33800000u, 0x0001u},   /* 2^-24, the smallest subnormal */
+        {0x33000000u, 0x0000u},   /* 2^-25: halfway to it, to even (zero) */
+        {0x33400000u, 0x0001u},   /* 3 2^-26 */
+        {0x33c00000u, 0x0002u},   /* 3 2^-25: halfway, to even (up) */
+        {0x34400000u, 0x0003u},   /* 3 2^-24 */
+        {0x387fc000u, 0x03ffu},   /* the largest subnormal */
+        {0x38800000u, 0x0400u},   /* 2^-14, the smallest normal */
+        {0x00000001u, 0x0000u},   /* an f32 subnormal */
+        {0x80000000u, 0x8000u},   /* -0 */
+        {0x7f800000u, 0x7c00u},   /* infinity */
+        {0xff800000u, 0xfc00u},
+        {0x7fc00000u, 0x7e00u},   /* NaNs: quiet, payload dropped, sign kept */
+        {0x7f800001u, 0x7e00u},
+        {0x7fffffffu, 0x7e00u},
+        {0xffc00123u, 0xfe00u},
+    };
+    enum { N_CASES = sizeof cases / sizeof cases[0], N_RANDOM = 1 << 20, MAX_N = 70 };
+    static const int32_t counts[] = {0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 70};
+    float x[MAX_N + 1];
+    uint16_t out[MAX_N + 1], want[MAX_N + 1];
+    uint64_t seed = 43;
+    int rc = TEST_PASS;
+
+    for (int32_t c = 0; c < N_CASES; c++) {   /* each case in every lane of a vector */
+        for (int32_t i = 0; i < 33; i++) {
+            x[i] = moas__f32_from_bits((i * 7 + c) % 3 == 0 ? cases[c].f : 0x3f800000u);
+        }
+        ops->to_f16(x, out, 33);
+        for (int32_t i = 0; i < 33 && rc == TEST_PASS; i++) {
+            const uint16_t h = (i * 7 + c) % 3 == 0 ? cases[c].h : 0x3c00u;
+            if (out[i] != h || moas__f32_to_f16(x[i]) != h) {
+                test_report(__FILE__, __LINE__, "to_f16", "%s: 0x%08x in lane %d: 0x%04x, want 0x%04x",
+                            ops->name, (unsigned)moas__f32_bits(x[i]), (int)i, (unsigned)out[i],
+                            (unsigned)h);
+                rc = TEST_FAIL;
+            }
+        }
+    }
+    for (int32_t done = 0; done < N_RANDOM && rc == TEST_PASS;) {
+        for (size_t b = 0; b < sizeof counts / sizeof counts[0] && rc == TEST_PASS; b++) {
+            const int32_t n = counts[b], skew = (int32_t)(b % 2);
+            for (int32_t i = 0; i < n; i++) {
+                x[skew + i] = moas__f32_from_bits((uint32_t)(next_u64(&seed) >> 32));
+                want[i] = moas__f32_to_f16(x[skew + i]);
+            }
+            ops->to_f16(x + skew, out + 1 - skew, n);
+            for (int32_t i = 0; i < n && rc == TEST_PASS; i++) {
+                if (out[1 - skew + i] != want[i]) {
+                    test_report(__FILE__, __LINE__, "to_f16", "%s: 0x%08x: 0x%04x, want 0x%04x",
+                                ops->name, (unsigned)moas__f32_bits(x[skew + i]),
+                                (unsigned)out[1 - skew + i], (unsigned)want[i]);
+                    rc = TEST_FAIL;
+                }
+            }
+            done += n;
+        }
+    }
+    return rc;
+}
+
 static const moas_ops *find_table(const char *name) {
     for (size_t i = 0; moas__ops_tables[i] != NULL; i++) {
         if (strcmp(moas__ops_tables[i]->name, name) == 0) {
@@ -1108,6 +1186,9 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
     }                                                                                    \
     TEST(kernels_##table_##_kv_rows_match_definition) {                                  \
         return on_table(#table_, needs_, check_kv_rows);                                 \
+    }                                                                                    \
+    TEST(kernels_##table_##_to_f16_matches_definition) {                                 \
+        return on_table(#table_, needs_, check_to_f16);                                  \
     }
 
 KERNEL_TESTS(avx2, "AVX2, FMA or F16C")
@@ -1196,7 +1277,7 @@ TEST(kernels_tables_are_complete) {
                     t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL &&
                     t->attn_scores_q8_0 != NULL && t->attn_mix_q8_0 != NULL && t->max != NULL &&
                     t->exp_sum != NULL && t->softmax != NULL && t->gelu != NULL &&
-                    t->kv_rows != NULL);
+                    t->kv_rows != NULL && t->to_f16 != NULL);
         for (size_t j = 0; j < n; j++) {
             ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);
         }
