@@ -186,35 +186,44 @@ static void norm_row(const moas_model *m, float *out, const float *x, const floa
     }
 }
 
-/* RoPE pairs whose cosines and sines are computed at once (a stack table). */
+/* RoPE pairs whose cosines and sines are computed at once (a stack table), for a
+ * position the model's table does not hold. */
 #define ROPE_CHUNK 32
+
+/* Rotate the pairs [i0, i1) of each of the n_q heads of q and the n_k heads of k by the
+ * angles whose cosines and sines are cs and sn. */
+static void rope_pairs(int32_t head_dim, int32_t i0, int32_t i1, const float *cs,
+                       const float *sn, float *q, int32_t n_q, float *k, int32_t n_k) {
+    for (int32_t h = 0; h < n_q + n_k; h++) {
+        float *x = (h < n_q ? q + (size_t)h * head_dim : k + (size_t)(h - n_q) * head_dim);
+        for (int32_t i = i0; i < i1; i++) {
+            const float x0 = x[2 * i], x1 = x[2 * i + 1];
+            x[2 * i] = x0 * cs[i - i0] - x1 * sn[i - i0];
+            x[2 * i + 1] = x0 * sn[i - i0] + x1 * cs[i - i0];
+        }
+    }
+}
 
 /* Rotary position embedding of the row of one token at position `pos`: in each of the
  * n_q heads of q and the n_k heads of k (head_dim elements each; k may be NULL), the
  * pair (x[2i], x[2i+1]) is rotated by the angle pos * base^(-2i / head_dim):
- *   x'[2i] = x[2i] cos - x[2i+1] sin,   x'[2i+1] = x[2i] sin + x[2i+1] cos.
- * Angles, cosines and sines are computed in double and rounded to float, as
- * tools/train.py's tables are; each is computed once for all the heads of q and k.
+ *   x'[2i] = x[2i] cos - x[2i+1] sin,   x'[2i+1] = x[2i] sin + x[2i+1] cos,
+ * with the cosines and sines of moas__rope_angles, from the model's table or computed
+ * here: the same numbers either way.
  *   q [n_q * head_dim], k [n_k * head_dim], rotated in place */
 void moas__rope_row(const moas_model *m, int32_t pos, float *q, int32_t n_q, float *k,
                     int32_t n_k) {
     const int32_t head_dim = m->head_dim, n_pairs = head_dim / 2;
+    if (pos >= 0 && pos < m->rope_positions) {
+        const float *row = m->rope_table + (size_t)pos * head_dim;
+        rope_pairs(head_dim, 0, n_pairs, row, row + n_pairs, q, n_q, k, n_k);
+        return;
+    }
     float cs[ROPE_CHUNK], sn[ROPE_CHUNK];
     for (int32_t i0 = 0; i0 < n_pairs; i0 += ROPE_CHUNK) {
         const int32_t i1 = i0 + ROPE_CHUNK < n_pairs ? i0 + ROPE_CHUNK : n_pairs;
-        for (int32_t i = i0; i < i1; i++) {
-            const double angle = pos * pow(m->rope_base, -(double)(2 * i) / head_dim);
-            cs[i - i0] = (float)cos(angle);
-            sn[i - i0] = (float)sin(angle);
-        }
-        for (int32_t h = 0; h < n_q + n_k; h++) {
-            float *x = (h < n_q ? q + (size_t)h * head_dim : k + (size_t)(h - n_q) * head_dim);
-            for (int32_t i = i0; i < i1; i++) {
-                const float x0 = x[2 * i], x1 = x[2 * i + 1];
-                x[2 * i] = x0 * cs[i - i0] - x1 * sn[i - i0];
-                x[2 * i + 1] = x0 * sn[i - i0] + x1 * cs[i - i0];
-            }
-        }
+        moas__rope_angles(m, pos, i0, i1, cs, sn);
+        rope_pairs(head_dim, i0, i1, cs, sn, q, n_q, k, n_k);
     }
 }
 

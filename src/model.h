@@ -68,6 +68,11 @@ struct moas_model {
     /* block options (docs/FORMAT.md, "Block options"); false is the published block */
     bool rope;                  /* rotary positions instead of position_embd */
     double rope_base;           /* RoPE frequency base (rope only) */
+    /* RoPE: per position below rope_positions, the head_dim / 2 cosines and then the
+     * sines of its angles (moas__rope_angles), so that a token's rotation costs no
+     * trigonometry; positions past it, and negative ones, are computed */
+    float *rope_table;          /* [rope_positions, head_dim]; NULL without rope */
+    int32_t rope_positions;
     bool rms_norm;              /* RMSNorm instead of LayerNorm, for every norm */
     bool swiglu;                /* MLP down(SiLU(gate x) * up x) instead of down(GELU(up x)) */
     const char *name;
@@ -85,6 +90,12 @@ struct moas_model {
     uint32_t *vocab_cp;            /* [n_vocab] code point of each token */
     int32_t *cp_order;             /* [n_vocab] token ids sorted by code point */
 };
+
+/* RoPE's cosines and sines for pairs [i0, i1) at position pos: the angle pos *
+ * base^(-2i / head_dim), its cosine and sine computed in double and rounded to float
+ * (as tools/train.py's tables are). */
+void moas__rope_angles(const moas_model *m, int32_t pos, int32_t i0, int32_t i1, float *cs,
+                       float *sn);
 
 /* Decode one UTF-8 character from s[0..len): its code point and byte length, or
  * false for invalid or truncated UTF-8 (overlong forms, surrogates, > U+10FFFF). */
