@@ -75,11 +75,8 @@ static void project_slice(void *arg, int32_t ith, int32_t nth) {
         const int32_t r0 = ith * slice < rows ? ith * slice : rows;
         const int32_t r1 = r0 + slice < rows ? r0 + slice : rows;
         project_rows(s->ws, p, s->X, s->ldx, s->n, r0, r1);
-        for (int32_t t = 0; t < s->n && p->b != NULL; t++) {
-            float *y = p->Y + (size_t)t * p->ldy;
-            for (int32_t r = r0; r < r1; r++) {
-                y[r] += p->b[r];
-            }
+        for (int32_t t = 0; t < s->n && p->b != NULL && r0 < r1; t++) {
+            s->ws->ops->add(p->Y + (size_t)t * p->ldy + r0, p->b + r0, r1 - r0);
         }
     }
 }
@@ -914,10 +911,7 @@ static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
             } else {
                 matmat(ws, &sw->wo, ws->bsel, C, sw->bo, ws->by, C, n_sel);
                 for (int32_t i = 0; i < n_sel; i++) {
-                    float *x = ws->bx + (size_t)idx[i] * C;
-                    for (int32_t e = 0; e < C; e++) {
-                        x[e] += ws->by[(size_t)i * C + e];
-                    }
+                    ws->ops->add(ws->bx + (size_t)idx[i] * C, ws->by + (size_t)i * C, C);
                 }
             }
         }
@@ -965,11 +959,7 @@ static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
     }
     attend(ws, runs, n_runs, l, ws->bq, C, ws->batt, C);
     matmat(ws, &sw->wo, ws->batt, C, sw->bo, ws->by, C, n);
-    for (int32_t t = 0; t < n; t++) {
-        for (int32_t i = 0; i < C; i++) {
-            ws->bx[(size_t)t * C + i] += ws->by[(size_t)t * C + i];
-        }
-    }
+    ws->ops->add(ws->bx, ws->by, n * C);
 }
 
 /* LayerNorm or GELU of a block's rows, one parallel step when the rows are worth it:
@@ -1133,9 +1123,7 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
                 continue;
             }
             embedding_row(&m->pos_embd, ws->row_pos[row], ws->xb);
-            for (int32_t i = 0; i < C; i++) {
-                x[i] += ws->xb[i];
-            }
+            ws->ops->add(x, ws->xb, C);
         }
     }
 
@@ -1200,11 +1188,7 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
             gelu_rows(ws, ws->bhb, m->n_ff, n);
         }
         matmat(ws, &layer->ffn_down, ws->bhb, (size_t)m->n_ff, layer->ffn_down_b, ws->by, C, n);
-        for (int32_t t = 0; t < n; t++) {
-            for (int32_t i = 0; i < C; i++) {
-                ws->bx[(size_t)t * C + i] += ws->by[(size_t)t * C + i];
-            }
-        }
+        ws->ops->add(ws->bx, ws->by, n * C);   /* the residual: rows of C, back to back */
     }
     block_logits(ws, runs, n_runs);
 }

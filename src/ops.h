@@ -104,6 +104,10 @@ typedef struct moas_ops {
      * a batched step stores thousands, which a scalar loop took 9% of at 64 sequences. */
     void (*to_f16)(const float *x, uint16_t *out, int32_t n);
 
+    /* y[i] += x[i] for i < n: one rounding each, the same bits in every table. Biases
+     * and residuals: a batched step adds them to thousands of elements. */
+    void (*add)(float *y, const float *x, int32_t n);
+
     /* The largest of init and x[0 .. n), n >= 0, taken as m = x > m ? x : m element
      * by element (so a NaN x is passed over): a maximum in any order, the same value
      * in every table (a zero's sign aside, which no caller tells apart). */

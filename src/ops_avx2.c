@@ -138,6 +138,7 @@ const moas_ops moas__ops_avx2 = {
     .gelu = gelu_avx2,
     .kv_rows = kv_rows_avx2,
     .to_f16 = to_f16_avx2,
+    .add = add_avx2,
 };
 
 #endif /* __x86_64__ */

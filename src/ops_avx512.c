@@ -199,6 +199,7 @@ const moas_ops moas__ops_avx512 = {
     .gelu = gelu_avx512,
     .kv_rows = kv_rows_avx512,
     .to_f16 = to_f16_avx512,
+    .add = add_avx512,
 };
 
 #endif /* __x86_64__ */

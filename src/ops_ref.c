@@ -159,6 +159,12 @@ static void to_f16_ref(const float *x, uint16_t *out, int32_t n) {
     }
 }
 
+static void add_ref(float *y, const float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        y[i] += x[i];
+    }
+}
+
 const moas_ops moas__ops_ref = {
     .name = "ref",
     .matmul_f32 = matmul_f32_ref,
@@ -176,4 +182,5 @@ const moas_ops moas__ops_ref = {
     .gelu = gelu_ref,
     .kv_rows = kv_rows_ref,
     .to_f16 = to_f16_ref,
+    .add = add_ref,
 };

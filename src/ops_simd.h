@@ -27,7 +27,7 @@
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
- * attn_mix_f32/f16, max, exp_sum, softmax, gelu, kv_rows and to_f16 (ops.h).
+ * attn_mix_f32/f16, max, exp_sum, softmax, gelu, kv_rows, to_f16 and add (ops.h).
  */
 
 /* ---- matrix products -------------------------------------------------------------
@@ -949,5 +949,16 @@ static void MM_NAME(to_f16)(const float *x, uint16_t *out, int32_t n) {
     }
     for (; i < n; i++) {
         out[i] = moas__f32_to_f16(x[i]);
+    }
+}
+
+/* ops.h's add: each element's one rounding, whatever the width. */
+static void MM_NAME(add)(float *y, const float *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + MM_LANES <= n; i += MM_LANES) {
+        MM_STORE(y + i, MM_ADD(MM_LOADX(y + i), MM_LOADX(x + i)));
+    }
+    for (; i < n; i++) {
+        y[i] += x[i];
     }
 }

@@ -1131,6 +1131,40 @@ static int check_to_f16(const moas_ops *ops) {
     return rc;
 }
 
+/* add: y += x element by element, against the scalar sum, over random values (with
+ * infinities, NaN and signed zeros among them) at lengths around the vector widths,
+ * from and to unaligned places; the elements past n stay as they were. */
+static int check_add(const moas_ops *ops) {
+    static const int32_t counts[] = {0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 70, 193};
+    static const float specials[] = {INFINITY, -INFINITY, NAN, 0.0f, -0.0f, 65504.0f};
+    enum { MAX_N = 193 };
+    float x[MAX_N + 1], y[MAX_N + 2], want[MAX_N + 2];
+    uint64_t seed = 47;
+    for (size_t b = 0; b < sizeof counts / sizeof counts[0]; b++) {
+        const int32_t n = counts[b], skew = (int32_t)(b % 2);
+        for (int32_t i = 0; i < MAX_N + 2; i++) {
+            y[i] = next_val(&seed, false) * 8.0f;
+            if (i < MAX_N + 1) {
+                const uint64_t r = next_u64(&seed);
+                x[i] = r % 16 == 0 ? specials[(r >> 8) % 6] : next_val(&seed, false);
+            }
+        }
+        memcpy(want, y, sizeof y);
+        for (int32_t i = 0; i < n; i++) {
+            want[1 - skew + i] += x[skew + i];
+        }
+        ops->add(y + 1 - skew, x + skew, n);
+        for (int32_t i = 0; i < MAX_N + 2; i++) {
+            if (moas__f32_bits(y[i]) != moas__f32_bits(want[i])) {
+                test_report(__FILE__, __LINE__, "add", "%s, n %d, element %d: %a, want %a",
+                            ops->name, (int)n, (int)i, (double)y[i], (double)want[i]);
+                return TEST_FAIL;
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
 static const moas_ops *find_table(const char *name) {
     for (size_t i = 0; moas__ops_tables[i] != NULL; i++) {
         if (strcmp(moas__ops_tables[i]->name, name) == 0) {
@@ -1189,6 +1223,9 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
     }                                                                                    \
     TEST(kernels_##table_##_to_f16_matches_definition) {                                 \
         return on_table(#table_, needs_, check_to_f16);                                  \
+    }                                                                                    \
+    TEST(kernels_##table_##_add_matches_definition) {                                    \
+        return on_table(#table_, needs_, check_add);                                     \
     }
 
 KERNEL_TESTS(avx2, "AVX2, FMA or F16C")
@@ -1277,7 +1314,8 @@ TEST(kernels_tables_are_complete) {
                     t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL &&
                     t->attn_scores_q8_0 != NULL && t->attn_mix_q8_0 != NULL && t->max != NULL &&
                     t->exp_sum != NULL && t->softmax != NULL && t->gelu != NULL &&
-                    t->kv_rows != NULL && t->to_f16 != NULL);
+                    t->kv_rows != NULL && t->to_f16 != NULL &&
+                    t->add != NULL);
         for (size_t j = 0; j < n; j++) {
             ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);
         }
