@@ -101,7 +101,8 @@ typedef struct moas_ops {
     /* out[i] = x[i] as binary16 for i < n: moas__f32_to_f16 element by element (to
      * nearest even, overflow to infinity, every NaN the quiet NaN 0x7e00 with x's
      * sign), the same bits in every table. An f16 K/V cache stores its heads with it:
-     * a batched step stores thousands, which a scalar loop took 9% of at 64 sequences. */
+     * a batched step stores thousands (64 small-shape sequences decoded 1.03-1.05x
+     * faster than with the scalar loop). */
     void (*to_f16)(const float *x, uint16_t *out, int32_t n);
 
     /* y[i] += x[i] for i < n: one rounding each, the same bits in every table. Biases
