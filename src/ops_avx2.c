@@ -109,6 +109,7 @@ static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
 #define MM_TILE_TOKS 2
 #define MM_DECODE_ROWS 8
 #define MM_MIX_QUERIES 2   /* 8 output vectors + 4 value vectors of 16 registers */
+#define MM_MIX_QUERIES_NARROW 2 /* no wider passes: the registers are taken */
 #define MM_SCORE_QUERIES 2 /* 8 chains: 4 keys x 2 queries */
 #define MM_SCORES_4xQ(acc, scale, out, lds)                                                \
     do {                                                                                   \

@@ -158,6 +158,7 @@ static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
 #define MM_TILE_TOKS 4
 #define MM_DECODE_ROWS 8
 #define MM_MIX_QUERIES 4   /* 16 output vectors + 4 value vectors in registers */
+#define MM_MIX_QUERIES_NARROW 8 /* heads of up to 2 vectors: 16 output vectors too */
 #define MM_SCORE_QUERIES 4 /* 16 chains: 4 keys x 4 queries, summed by hsum16_x16 */
 #define MM_SCORES_4xQ(acc, scale, out, lds) scores4x4(acc, scale, out, lds)
 #define MM_TILE_SUMS_4x4(v, y, ldy, rows) tile_sums_4x4(v, y, ldy, rows)

@@ -14,6 +14,7 @@
  *   MM_TILE_ROWS, MM_TILE_TOKS  the matmul tile for batches (rows x tokens)
  *   MM_DECODE_ROWS            matmul rows per step for a single token
  *   MM_MIX_QUERIES            queries per step of a value sum
+ *   MM_MIX_QUERIES_NARROW     the same for heads of one or two vectors (>= MM_MIX_QUERIES)
  *   MM_SCORE_QUERIES, MM_SCORES_4xQ(acc, scale, out, lds)  queries per step of scores;
  *                             their lane sums times scale, stored (acc[4 key + query])
  *   MM_TILE_SUMS_4x4(v, y, ldy, rows), MM_TILE_SUMS_8x1(v, y)  optional (16 lanes):
@@ -634,7 +635,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                                              size_t ldp, size_t row_bytes, float *out,     \
                                              size_t ldo, int32_t c, const int Q,           \
                                              const int NV, const int GATHER) {             \
-        MM_VEC o[MM_MIX_QUERIES][4];                                                       \
+        MM_VEC o[MM_MIX_QUERIES_NARROW][4];                                                \
         _Pragma("GCC unroll 8") for (int t = 0; t < Q; t++) {                              \
             _Pragma("GCC unroll 4") for (int u = 0; u < NV; u++) {                         \
                 o[t][u] = MM_LOADX(out + (size_t)t * ldo + c + u * MM_LANES);              \
@@ -711,12 +712,31 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
     }                                                                                      \
     /* Blocks of MM_MIX_QUERIES queries, then the rest (1 to MM_MIX_QUERIES - 1) in as     \
      * few passes as the registers allow: one query alone is a chain or two per key, bound \
-     * by the FMA's latency. */                                                            \
+     * by the FMA's latency. Heads of one or two whole vectors (head_dim 16 or 32 with     \
+     * AVX-512) take up to MM_MIX_QUERIES_NARROW queries a pass instead: six heads in      \
+     * one pass of 12 chains, where a pass of four and one of two left the second at half \
+     * the FMA's rate. */                                                                  \
     MM_ALWAYS_INLINE void mm_attn_mix_##type(const void *v, const uint32_t *rows,          \
                                              size_t ldr, int32_t n, const float *p,        \
                                              size_t ldp, int32_t nq, int32_t head_dim,     \
                                              float *out, size_t ldo, const int GATHER) {   \
         int32_t t = 0;                                                                     \
+        if (MM_MIX_QUERIES_NARROW > MM_MIX_QUERIES && head_dim % MM_LANES == 0 &&          \
+            head_dim <= 2 * MM_LANES) {                                                    \
+            for (; nq - t >= MM_MIX_QUERIES_NARROW || nq - t == 6; ) {                     \
+                const uint32_t *rt = rows + (size_t)t * ldr;                               \
+                const float *pt = p + (size_t)t * ldp;                                     \
+                float *ot = out + (size_t)t * ldo;                                         \
+                if (nq - t == 6) {                                                         \
+                    mm_mix_##type(v, rt, ldr, n, pt, ldp, head_dim, ot, ldo, 6, GATHER);   \
+                    t += 6;                                                                \
+                } else {                                                                   \
+                    mm_mix_##type(v, rt, ldr, n, pt, ldp, head_dim, ot, ldo,               \
+                                  MM_MIX_QUERIES_NARROW, GATHER);                          \
+                    t += MM_MIX_QUERIES_NARROW;                                            \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
         for (; t + MM_MIX_QUERIES <= nq; t += MM_MIX_QUERIES) {                            \
             mm_mix_##type(v, rows + (size_t)t * ldr, ldr, n, p + (size_t)t * ldp, ldp,     \
                           head_dim, out + (size_t)t * ldo, ldo, MM_MIX_QUERIES, GATHER);   \

@@ -503,7 +503,7 @@ static int check_attention(const moas_ops *ops) {
 
                 /* NQ queries in one call: each the bits of that query alone; the
                  * padding between queries' scores and outputs untouched */
-                enum { NQ = 7, LDO = MAXD + 3, LDS = MAXN + 2 };
+                enum { NQ = 9, LDO = MAXD + 3, LDS = MAXN + 2 };
                 static float pm[NQ][MAXN], om[NQ][LDO], oa[MAXD], qm[NQ][MAXD];
                 static float sm[NQ][LDS];
                 float sa[MAXN];
