@@ -39,7 +39,9 @@ static inline float moas__f16_to_f32(uint16_t h) {
     return sign ? -f : f;
 }
 
-/* binary32 -> binary16, rounding to nearest even; overflow gives infinity. */
+/* binary32 -> binary16, rounding to nearest even (in integers: whatever rounding mode
+ * the process has set, as the SIMD tables' conversion, whose rounding is given in the
+ * instruction); overflow gives infinity. */
 static inline uint16_t moas__f32_to_f16(float f) {
     const uint32_t u = moas__f32_bits(f);
     const uint32_t sign = (u >> 16) & 0x8000u;
@@ -52,10 +54,16 @@ static inline uint16_t moas__f32_to_f16(float f) {
         return (uint16_t)(sign | 0x7c00u);
     }
     if (abs < 0x38800000u) {                 /* below 2^-14: subnormal or zero */
-        /* Scale so the half subnormal step 2^-24 becomes 1; the float add rounds
-         * to nearest even for us. */
-        const float scaled = moas__f32_from_bits(abs) + 0.5f;
-        return (uint16_t)(sign | (moas__f32_bits(scaled) - 0x3f000000u));
+        if (abs < 0x33000000u) {             /* up to 2^-25, half the smallest step */
+            return (uint16_t)sign;           /* (2^-25 itself: a tie, to even zero) */
+        }
+        /* the significand m (implicit bit set) in steps of 2^-24: m 2^(e - 126), with
+         * e in [102, 112], so a right shift by s = 126 - e in [14, 24], rounded to
+         * nearest even */
+        const uint32_t m = (abs & 0x7fffffu) | 0x800000u;
+        const uint32_t s = 126u - (abs >> 23);
+        const uint32_t q = m >> s, rest = m & ((1u << s) - 1u), half = 1u << (s - 1u);
+        return (uint16_t)(sign | (q + (rest > half || (rest == half && (q & 1u)))));
     }
     /* normal: rebias, then round the 13 dropped bits to nearest even */
     const uint32_t mant_odd = (abs >> 13) & 1u;

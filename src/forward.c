@@ -91,6 +91,15 @@ static void project(moas_workspace *ws, const projection *p, int32_t n_proj, con
     moas__team_run(&ws->team, work >= ws->parallel_min_work, project_slice, &step);
 }
 
+/* x[t] += y[t] for n rows of C floats, back to back (a row at a time: n C can pass
+ * what an int32_t holds). */
+static void add_rows(const moas_workspace *ws, float *x, const float *y, int32_t n) {
+    const int32_t C = ws->model->n_embd;
+    for (int32_t t = 0; t < n; t++) {
+        ws->ops->add(x + (size_t)t * C, y + (size_t)t * C, C);
+    }
+}
+
 /* Y[t] = W X[t] (+ b) for the n rows of X.
  *   X [n, n_cols] rows of stride ldx, Y [n, n_rows] rows of stride ldy, b [n_rows] */
 static void matmat(moas_workspace *ws, const moas_weight *w, const float *X, size_t ldx,
@@ -959,7 +968,7 @@ static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
     }
     attend(ws, runs, n_runs, l, ws->bq, C, ws->batt, C);
     matmat(ws, &sw->wo, ws->batt, C, sw->bo, ws->by, C, n);
-    ws->ops->add(ws->bx, ws->by, n * C);
+    add_rows(ws, ws->bx, ws->by, n);
 }
 
 /* LayerNorm or GELU of a block's rows, one parallel step when the rows are worth it:
@@ -1188,7 +1197,7 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
             gelu_rows(ws, ws->bhb, m->n_ff, n);
         }
         matmat(ws, &layer->ffn_down, ws->bhb, (size_t)m->n_ff, layer->ffn_down_b, ws->by, C, n);
-        ws->ops->add(ws->bx, ws->by, n * C);   /* the residual: rows of C, back to back */
+        add_rows(ws, ws->bx, ws->by, n);   /* the residual */
     }
     block_logits(ws, runs, n_runs);
 }

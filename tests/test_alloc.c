@@ -81,8 +81,8 @@ TEST(decode_allocates_nothing_and_free_releases_everything) {
     return TEST_PASS;
 }
 
-/* Fail allocation 1, 2, 3, ... of model load, context and sampler creation (with
- * and without the sampler's optional scratch) until the call succeeds: each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
+/* Fail allocation 1, 2, 3, ... of model load (a RoPE model's too), context and sampler
+ * creation (with and without the sampler's optional scratch) until the call succeeds: each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
 TEST(allocation_failures_at_creation_are_clean) {
     size_t size;
     uint8_t *image = tiny_model_image(NULL, 1, &size);
@@ -95,17 +95,25 @@ TEST(allocation_failures_at_creation_are_clean) {
     moas_pool_params_init(&gp);
     gp.capacity_bytes = 1 << 16;
     ASSERT_OK(moas_pool_create(good, &gp, &good_pool));
-    for (int what = 0; what < 6; what++) {
+    tiny_model_config rope_cfg;   /* a RoPE model: its table of angles is allocated too */
+    tiny_model_config_default(&rope_cfg);
+    rope_cfg.rope = true;
+    size_t rope_size;
+    uint8_t *rope_image = tiny_model_image(&rope_cfg, 1, &rope_size);
+    ASSERT_TRUE(rope_image != NULL);
+    for (int what = 0; what < 7; what++) {
         for (long n = 1;; n++) {
             counting c = {0, 0, n, 0, 0};
             const moas_allocator alloc = {count_alloc, count_free, &c};
             moas_status st;
             void *obj = &c;
-            if (what == 0) {
+            if (what == 0 || what == 6) {
                 moas_model_params p;
                 moas_model_params_init(&p);
                 p.allocator = &alloc;
-                st = moas_model_load_memory(image, size, &p, (moas_model **)&obj);
+                st = what == 0 ? moas_model_load_memory(image, size, &p, (moas_model **)&obj)
+                               : moas_model_load_memory(rope_image, rope_size, &p,
+                                                        (moas_model **)&obj);
                 if (st == MOAS_OK) moas_model_free(obj);
             } else if (what == 1) {
                 moas_context_params p;
@@ -131,7 +139,7 @@ TEST(allocation_failures_at_creation_are_clean) {
                 p.capacity_bytes = 1 << 16;
                 st = moas_pool_create(good, &p, (moas_pool **)&obj);
                 if (st == MOAS_OK) moas_pool_free(obj);
-            } else {   /* a context in a pool: a failure leaves the pool as it was */
+            } else if (what == 5) {   /* a context in a pool: a failure leaves the pool as it was */
                 moas_context_params p;
                 moas_pool_info info = {.size = sizeof info};
                 moas_context_params_init(&p);
@@ -157,6 +165,7 @@ TEST(allocation_failures_at_creation_are_clean) {
     moas_pool_free(good_pool);
     moas_model_free(good);
     free(image);
+    free(rope_image);
     return TEST_PASS;
 }
 

@@ -11,6 +11,7 @@
 #include "kv_cache.h"
 #include "ops.h"
 
+#include <fenv.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -433,7 +434,7 @@ static int check_matmul(const moas_ops *ops) {
  * against the same table scoring that key alone. The value sum, added onto what out
  * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
  * round n sequential additions), and bit for bit against the same sum in two runs.
- * When 1 to 7 queries go in one call, each query's scores and sums are bit for bit
+ * When 1 to 16 queries go in one call (as many as decode gives one), each query's scores and sums are bit for bit
  * those of the query alone, also when each query reads rows of its own. Rows of f32,
  * f16, and Q8_0 (head sizes that are multiples of 32; the reference values are its
  * d * q). */
@@ -503,7 +504,7 @@ static int check_attention(const moas_ops *ops) {
 
                 /* NQ queries in one call: each the bits of that query alone; the
                  * padding between queries' scores and outputs untouched */
-                enum { NQ = 9, LDO = MAXD + 3, LDS = MAXN + 2 };
+                enum { NQ = 16, LDO = MAXD + 3, LDS = MAXN + 2 };
                 static float pm[NQ][MAXN], om[NQ][LDO], oa[MAXD], qm[NQ][MAXD];
                 static float sm[NQ][LDS];
                 float sa[MAXN];
@@ -1056,8 +1057,23 @@ static int check_kv_rows(const moas_ops *ops) {
 /* to_f16: hand-worked conversions (rounding at the halfway points, the largest half,
  * overflow, subnormals, signed zeros, infinities, NaNs of any payload), then a million
  * random bit patterns against moas__f32_to_f16, at lengths around the vector widths,
- * from and to unaligned places. */
+ * from and to unaligned places; under the default rounding mode, and the hand-worked
+ * ones and a part of the random ones again under the others (the conversion rounds to
+ * nearest even whatever mode the process has set). */
+static int check_to_f16_in_mode(const moas_ops *ops, int32_t n_random);
+
 static int check_to_f16(const moas_ops *ops) {
+    static const int modes[] = {FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO};
+    int rc = check_to_f16_in_mode(ops, 1 << 20);
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0] && rc == TEST_PASS; m++) {
+        fesetround(modes[m]);
+        rc = check_to_f16_in_mode(ops, 1 << 16);
+        fesetround(FE_TONEAREST);
+    }
+    return rc;
+}
+
+static int check_to_f16_in_mode(const moas_ops *ops, int32_t n_random) {
     static const struct {
         uint32_t f;
         uint16_t h;
@@ -1087,14 +1103,14 @@ static int check_to_f16(const moas_ops *ops) {
         {0x7fffffffu, 0x7e00u},
         {0xffc00123u, 0xfe00u},
     };
-    enum { N_CASES = sizeof cases / sizeof cases[0], N_RANDOM = 1 << 20, MAX_N = 70 };
+    enum { N_CASES = sizeof cases / sizeof cases[0], MAX_N = 70 };
     static const int32_t counts[] = {0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 70};
     float x[MAX_N + 1];
     uint16_t out[MAX_N + 1], want[MAX_N + 1];
     uint64_t seed = 43;
     int rc = TEST_PASS;
 
-    for (int32_t c = 0; c < N_CASES; c++) {   /* each case in every lane of a vector */
+    for (int32_t c = 0; c < N_CASES; c++) {   /* each case in lanes all over a vector */
         for (int32_t i = 0; i < 33; i++) {
             x[i] = moas__f32_from_bits((i * 7 + c) % 3 == 0 ? cases[c].f : 0x3f800000u);
         }
@@ -1102,14 +1118,14 @@ static int check_to_f16(const moas_ops *ops) {
         for (int32_t i = 0; i < 33 && rc == TEST_PASS; i++) {
             const uint16_t h = (i * 7 + c) % 3 == 0 ? cases[c].h : 0x3c00u;
             if (out[i] != h || moas__f32_to_f16(x[i]) != h) {
-                test_report(__FILE__, __LINE__, "to_f16", "%s: 0x%08x in lane %d: 0x%04x, want 0x%04x",
-                            ops->name, (unsigned)moas__f32_bits(x[i]), (int)i, (unsigned)out[i],
+                test_report(__FILE__, __LINE__, "to_f16", "%s, rounding %d: 0x%08x in lane %d: 0x%04x, want 0x%04x",
+                            ops->name, fegetround(), (unsigned)moas__f32_bits(x[i]), (int)i, (unsigned)out[i],
                             (unsigned)h);
                 rc = TEST_FAIL;
             }
         }
     }
-    for (int32_t done = 0; done < N_RANDOM && rc == TEST_PASS;) {
+    for (int32_t done = 0; done < n_random && rc == TEST_PASS;) {
         for (size_t b = 0; b < sizeof counts / sizeof counts[0] && rc == TEST_PASS; b++) {
             const int32_t n = counts[b], skew = (int32_t)(b % 2);
             for (int32_t i = 0; i < n; i++) {
@@ -1119,8 +1135,8 @@ static int check_to_f16(const moas_ops *ops) {
             ops->to_f16(x + skew, out + 1 - skew, n);
             for (int32_t i = 0; i < n && rc == TEST_PASS; i++) {
                 if (out[1 - skew + i] != want[i]) {
-                    test_report(__FILE__, __LINE__, "to_f16", "%s: 0x%08x: 0x%04x, want 0x%04x",
-                                ops->name, (unsigned)moas__f32_bits(x[skew + i]),
+                    test_report(__FILE__, __LINE__, "to_f16", "%s, rounding %d: 0x%08x: 0x%04x, want 0x%04x",
+                                ops->name, fegetround(), (unsigned)moas__f32_bits(x[skew + i]),
                                 (unsigned)out[1 - skew + i], (unsigned)want[i]);
                     rc = TEST_FAIL;
                 }
