@@ -822,8 +822,10 @@ static void store_kv_row(const moas_workspace *ws, const moas_pool *pool, moas_k
     const uint32_t first = moas__kv_first(kv, pos);
     for (int32_t i = 0; i < n_heads; i++) {
         const uint32_t row = moas__kv_row(pool, kv, first + (uint32_t)i);
-        moas__kv_head_store(ws->ops, pool->kv_type, moas__pool_head(pool, pool->k, row), k + (size_t)i * d, d);
-        moas__kv_head_store(ws->ops, pool->kv_type, moas__pool_head(pool, pool->v, row), v + (size_t)i * d, d);
+        moas__kv_head_store(ws->ops, pool->kv_type, moas__pool_head(pool, pool->k, row),
+                            k + (size_t)i * d, d);
+        moas__kv_head_store(ws->ops, pool->kv_type, moas__pool_head(pool, pool->v, row),
+                            v + (size_t)i * d, d);
     }
 }
 

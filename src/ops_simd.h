@@ -714,8 +714,8 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
      * few passes as the registers allow: one query alone is a chain or two per key, bound \
      * by the FMA's latency. Heads of one or two whole vectors (head_dim 16 or 32 with     \
      * AVX-512) take up to MM_MIX_QUERIES_NARROW queries a pass instead: six heads in      \
-     * one pass of 12 chains, where a pass of four and one of two left the second at half \
-     * the FMA's rate. */                                                                  \
+     * one pass of 12 chains, where a pass of four and one of two left the second 4       \
+     * chains (decode at depth 1.01-1.09x faster, docs/PERFORMANCE_HISTORY.md). */         \
     MM_ALWAYS_INLINE void mm_attn_mix_##type(const void *v, const uint32_t *rows,          \
                                              size_t ldr, int32_t n, const float *p,        \
                                              size_t ldp, int32_t nq, int32_t head_dim,     \

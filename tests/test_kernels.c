@@ -434,10 +434,10 @@ static int check_matmul(const moas_ops *ops) {
  * against the same table scoring that key alone. The value sum, added onto what out
  * held, against the reference within 2 (n + 1) u (|out| + sum_j |p_j v_j|) (both sides
  * round n sequential additions), and bit for bit against the same sum in two runs.
- * When 1 to 16 queries go in one call (as many as decode gives one), each query's scores and sums are bit for bit
- * those of the query alone, also when each query reads rows of its own. Rows of f32,
- * f16, and Q8_0 (head sizes that are multiples of 32; the reference values are its
- * d * q). */
+ * When 1 to 16 queries go in one call (as many as decode gives one), each query's
+ * scores and sums are bit for bit those of the query alone, also when each query reads
+ * rows of its own. Rows of f32, f16, and Q8_0 (head sizes that are multiples of 32;
+ * the reference values are its d * q). */
 static int check_attention(const moas_ops *ops) {
     static const int32_t dims[] = {1, 7, 8, 16, 17, 24, 32, 33, 48, 64, 100, 128};
     static const int32_t counts[] = {0, 1, 3, 4, 5, 8, 9, 37};
@@ -1118,9 +1118,10 @@ static int check_to_f16_in_mode(const moas_ops *ops, int32_t n_random) {
         for (int32_t i = 0; i < 33 && rc == TEST_PASS; i++) {
             const uint16_t h = (i * 7 + c) % 3 == 0 ? cases[c].h : 0x3c00u;
             if (out[i] != h || moas__f32_to_f16(x[i]) != h) {
-                test_report(__FILE__, __LINE__, "to_f16", "%s, rounding %d: 0x%08x in lane %d: 0x%04x, want 0x%04x",
-                            ops->name, fegetround(), (unsigned)moas__f32_bits(x[i]), (int)i, (unsigned)out[i],
-                            (unsigned)h);
+                test_report(__FILE__, __LINE__, "to_f16",
+                            "%s, rounding %d: 0x%08x in lane %d: 0x%04x, want 0x%04x", ops->name,
+                            fegetround(), (unsigned)moas__f32_bits(x[i]), (int)i,
+                            (unsigned)out[i], (unsigned)h);
                 rc = TEST_FAIL;
             }
         }
@@ -1135,8 +1136,9 @@ static int check_to_f16_in_mode(const moas_ops *ops, int32_t n_random) {
             ops->to_f16(x + skew, out + 1 - skew, n);
             for (int32_t i = 0; i < n && rc == TEST_PASS; i++) {
                 if (out[1 - skew + i] != want[i]) {
-                    test_report(__FILE__, __LINE__, "to_f16", "%s, rounding %d: 0x%08x: 0x%04x, want 0x%04x",
-                                ops->name, fegetround(), (unsigned)moas__f32_bits(x[skew + i]),
+                    test_report(__FILE__, __LINE__, "to_f16",
+                                "%s, rounding %d: 0x%08x: 0x%04x, want 0x%04x", ops->name,
+                                fegetround(), (unsigned)moas__f32_bits(x[skew + i]),
                                 (unsigned)out[1 - skew + i], (unsigned)want[i]);
                     rc = TEST_FAIL;
                 }
