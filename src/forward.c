@@ -717,16 +717,19 @@ static void attend_split_slice(void *arg, int32_t ith, int32_t nth) {
 
 /* Whether a step's decode attention asks for K/V rows ahead: only when the K/V it
  * reads, all its contexts' streams together, outgrow what the caches keep from one
- * step to the next (MOAS_KV_PREFETCH_MIN_BYTES). Estimated from this stream's heads
- * times the context's streams. */
-static bool step_prefetches(const moas_seq_run *runs, int32_t n_runs, int32_t stream) {
+ * step to the next (MOAS_KV_PREFETCH_MIN_BYTES), or MOAS_KV_PREFETCH_MANY_BYTES when
+ * each of the step's `n_threads` threads goes through the rows of two sequences or
+ * more. Estimated from this stream's heads times the context's streams. */
+static bool step_prefetches(const moas_seq_run *runs, int32_t n_runs, int32_t stream,
+                            int32_t n_threads) {
     uint64_t bytes = 0;
     for (int32_t r = 0; r < n_runs; r++) {
         const moas_context *ctx = runs[r].ctx;
         bytes += (uint64_t)moas__kv_heads_at(&ctx->kv[stream], ctx->n_past + runs[r].n) * 2 *
                  ctx->pool->head_bytes * (uint64_t)ctx->n_streams;
     }
-    return bytes >= MOAS_KV_PREFETCH_MIN_BYTES;
+    return bytes >= (n_runs >= 2 * n_threads ? MOAS_KV_PREFETCH_MANY_BYTES
+                                             : MOAS_KV_PREFETCH_MIN_BYTES);
 }
 
 static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs, int32_t stream,
@@ -744,7 +747,7 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
                                  : 0;
     if (parallel && ws->n_threads > 1 && n_splits >= 2 * ws->n_threads) {
         split_step step = {ws, runs[0].ctx, stream, Q + (size_t)runs[0].row0 * ldq, n_splits,
-                           step_prefetches(runs, n_runs, stream)};
+                           step_prefetches(runs, n_runs, stream, ws->n_threads)};
         moas__team_run(&ws->team, true, attend_split_slice, &step);
         float *out = OUT + (size_t)runs[0].row0 * ldo;
         for (int32_t h = 0; h < n_head; h++) {   /* fold the splits in order */
@@ -760,7 +763,7 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
         return;
     }
     attend_step step = {ws,  runs, n_runs, stream, Q, ldq, OUT, ldo,
-                        step_prefetches(runs, n_runs, stream)};
+                        step_prefetches(runs, n_runs, stream, parallel ? ws->n_threads : 1)};
     moas__team_run(&ws->team, parallel, attend_slice, &step);
 }
 

@@ -160,6 +160,17 @@ static inline uint32_t moas__head_group(uint32_t h, uint32_t w, uint64_t recip) 
  * (2), 0.97x (4), 0.99x (8, 13 MB), 1.23x (16). */
 #define MOAS_KV_PREFETCH_MIN_BYTES ((uint64_t)16 << 20)
 
+/* The same when every thread of the step reads the rows of two sequences or more
+ * (each sequence's rows start a new stream for the hardware prefetcher, and the other
+ * sequences' rows pass between one step's reading of them and the next; a reading,
+ * not measured apart). Against 16 MB, in one process, one thread: 16 sequences of the
+ * small shape (4 layers of 6 heads of 32, f16 K/V, depth 192, 9-11 MB) 1.30-1.32x;
+ * the long-context model at depth 896, 2 MHA-sized sequences (12 MB) 1.12-1.13x, 8
+ * routed ones (12 MB) 1.13x (1.09x at two threads). Asking from 2 MB lost at 4
+ * small-shape sequences (2.4 MB, 0.90x) and for one sequence (MHA-sized, 5.9 MB,
+ * 0.93x). docs/PERFORMANCE_HISTORY.md, "Several sequences ask for rows sooner". */
+#define MOAS_KV_PREFETCH_MANY_BYTES ((uint64_t)8 << 20)
+
 /* Ask for the cache lines of [p, p + bytes): into L1, or into L2 only. */
 static inline void moas__prefetch_lines(const uint8_t *p, size_t bytes, bool to_l1) {
     for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < (uintptr_t)(p + bytes); a += 64) {
