@@ -294,7 +294,8 @@ $(BUILD)/fuzz/gen_corpus: tests/fuzz/gen_corpus.c $(FUZZ_SUPPORT) $(FUZZ_DEPS)
 # The library too is built with coverage and sanitizers, and with MOAS_DEBUG so that a
 # broken internal invariant traps. The SIMD kernel files leave out clang's
 # pointer-overflow check, which made src/ops_avx512.c alone take 6 minutes to compile
-# (1.5 minutes without it); `make asan` (GCC's -fsanitize=undefined) still checks them for it.
+# (1.5 minutes without it); `make asan` (GCC's -fsanitize=undefined) still checks
+# them for it.
 fuzz:
 	$(MAKE) --no-print-directory fuzz-bins CC=$(FUZZ_CC) OPENMP=0 BUILD=$(FUZZ_BUILD) \
 	    LIBOUT=$(FUZZ_BUILD)/lib BINOUT=$(FUZZ_BUILD)/bin \

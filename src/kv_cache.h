@@ -157,7 +157,8 @@ static inline uint32_t moas__head_group(uint32_t h, uint32_t w, uint64_t recip) 
  * to the next; not measured directly). On the Zen 5 above, depth 960, 4 layers of 6
  * heads of 32, f32, one thread, asking against not asking: MHA-sized sequences 0.82x (1 sequence, 5.9 MB),
  * 0.84x (2), 1.10x (4, 24 MB), 1.04x (8); routed ones (1.7 MB each) 0.94x (1), 0.95x
- * (2), 0.97x (4), 0.99x (8, 13 MB), 1.23x (16). */
+ * (2), 0.97x (4), 0.99x (8, 13 MB), 1.23x (16). Those were measured at d228a0d; on a
+ * later machine of the same kind two MHA-sized sequences gained from asking (below). */
 #define MOAS_KV_PREFETCH_MIN_BYTES ((uint64_t)16 << 20)
 
 /* The same when every thread of the step reads the rows of two sequences or more
