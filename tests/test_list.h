@@ -40,6 +40,7 @@ X(f16_to_f32_exact_cases)
 X(f32_to_f16_rounds_to_nearest_even)
 X(f16_round_trip_is_exact_for_all_values)
 X(ref_matmul_one_row_q8_0_hand_computed)
+X(q8_0_kv_store_hand_computed_and_defined_at_the_edges)
 X(ref_matmul_one_row_and_attn_mix_one_key_hand_computed)
 
 /* tests/test_kernels.c */

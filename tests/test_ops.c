@@ -3,6 +3,7 @@
 #include "test.h"
 
 #include "f16.h"
+#include "kv_cache.h"
 #include "ops.h"
 
 TEST(f16_to_f32_exact_cases) {
@@ -89,6 +90,50 @@ TEST(ref_matmul_one_row_q8_0_hand_computed) {
     ASSERT_NEAR(one_row(mm, blocks, sizeof blocks, x, 64), -8.0, 0);
     x[33] = 3.0f;   /* the odd element 33 has q = +127: adds -0.25 * 127 * (3 - 2) */
     ASSERT_NEAR(one_row(mm, blocks, sizeof blocks, x, 64), -8.0 - 31.75, 0);
+    return TEST_PASS;
+}
+
+/* A head stored as Q8_0 K/V: per block d = max|x| / 127 and q = round(x / d), half away
+ * from zero; and defined values where x / d is not a number in [-127, 127]: a block too
+ * small for 1 / d to be finite, a NaN, an infinity. */
+TEST(q8_0_kv_store_hand_computed_and_defined_at_the_edges) {
+    float x[128] = {0};
+    moas_block_q8_0 b[4];
+    x[0] = 127.0f;          /* d = 1 */
+    x[1] = 2.5f;            /* ties away from zero */
+    x[2] = -2.5f;
+    x[3] = 0.49999997f;
+    x[4] = -126.5f;
+    for (int i = 32; i < 63; i++) {   /* max |x| 1e-38: d subnormal, 1 / d infinite */
+        x[i] = i % 2 ? -1e-38f : 1e-38f;
+    }
+    x[64] = NAN;            /* ignored by the maximum; stored as 0 */
+    x[65] = 1.0f;
+    x[96] = INFINITY;       /* d infinite, 1 / d = 0: every x / d 0 or NaN */
+    x[97] = -3.0f;
+    moas__kv_head_store(&moas__ops_ref, MOAS_TYPE_Q8_0, b, x, 128);
+    ASSERT_EQ(b[0].d, 0x3c00);
+    ASSERT_EQ(b[0].q[0], 127);
+    ASSERT_EQ(b[0].q[1], 3);
+    ASSERT_EQ(b[0].q[2], -3);
+    ASSERT_EQ(b[0].q[3], 0);
+    ASSERT_EQ(b[0].q[4], -127);
+    ASSERT_EQ(b[0].q[5], 0);
+    ASSERT_EQ(b[1].d, 0);   /* 1e-38 / 127 rounds to a zero half */
+    for (int i = 0; i < 31; i++) {
+        ASSERT_EQ(b[1].q[i], i % 2 ? -127 : 127);
+    }
+    ASSERT_EQ(b[1].q[31], 0);   /* 0 times an infinite 1 / d */
+    ASSERT_EQ(b[2].d, moas__f32_to_f16(1.0f / 127.0f));
+    ASSERT_EQ(b[2].q[0], 0);
+    ASSERT_EQ(b[2].q[1], 127);
+    ASSERT_EQ(b[3].d, 0x7c00);
+    ASSERT_EQ(b[3].q[0], 0);
+    ASSERT_EQ(b[3].q[1], 0);
+    float back[128];
+    moas__kv_head_load(MOAS_TYPE_Q8_0, b, back, 128);
+    ASSERT_NEAR(back[1], 3.0, 0);
+    ASSERT_NEAR(back[4], -127.0, 0);
     return TEST_PASS;
 }
 
