@@ -210,10 +210,10 @@ moas_status moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_st
 /* ---- element types ------------------------------------------------------------- */
 
 /* x id of a Q8_0 block as its int8, rounded half away from zero as roundf does. |x id|
- * is at most 127 when the block's scale d is a normal float; but a block whose largest
- * |x| is below 127 FLT_MIN has d subnormal and 1 / d infinite, and an infinite or NaN
- * x makes x id NaN or infinite (hostile weights can do either), where converting to an
- * integer would be undefined: those take the nearer end of [-127, 127], NaN 0. */
+ * rounds to at most 127 while id = 1 / d is finite; but a block whose largest |x| is
+ * below 127 / FLT_MAX (about 3.7e-37) has an infinite id, and an infinite or NaN x makes
+ * x id NaN or infinite (hostile weights can do either), where converting to an integer
+ * would be undefined: those take the nearer end of [-127, 127], NaN 0. */
 static int8_t q8_0_quant(float v) {
     if (v != v) {
         return 0;
