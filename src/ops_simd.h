@@ -723,7 +723,7 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         int32_t t = 0;                                                                     \
         if (MM_MIX_QUERIES_NARROW > MM_MIX_QUERIES && head_dim % MM_LANES == 0 &&          \
             head_dim <= 2 * MM_LANES) {                                                    \
-            for (; nq - t >= MM_MIX_QUERIES_NARROW || nq - t == 6; ) {                     \
+            while (nq - t >= MM_MIX_QUERIES_NARROW || nq - t == 6) {                       \
                 const uint32_t *rt = rows + (size_t)t * ldr;                               \
                 const float *pt = p + (size_t)t * ldp;                                     \
                 float *ot = out + (size_t)t * ldo;                                         \

@@ -82,7 +82,8 @@ TEST(decode_allocates_nothing_and_free_releases_everything) {
 }
 
 /* Fail allocation 1, 2, 3, ... of model load (a RoPE model's too), context and sampler
- * creation (with and without the sampler's optional scratch) until the call succeeds: each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
+ * creation (with and without the sampler's optional scratch) until the call succeeds:
+ * each failure is MOAS_ERR_NO_MEMORY, sets *out to NULL and leaks nothing. */
 TEST(allocation_failures_at_creation_are_clean) {
     size_t size;
     uint8_t *image = tiny_model_image(NULL, 1, &size);
