@@ -133,8 +133,9 @@ MM_ALWAYS_INLINE int mm_tile_sums(MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T], cons
 }
 
 /* An R x T tile (R, T, P compile-time constants after inlining) over columns [0, n).
- * P: 0 no software prefetch; 1 the next tile's rows (R rows on) at the same column;
- * 2 MM_STREAM_AHEAD bytes on in the matrix, for one row read front to back.
+ * P: 0 no software prefetch; 1 rows [pr0, pr1) of the next tile (R rows on) at the
+ * same column; 2 MM_STREAM_AHEAD bytes on in the matrix, for one row read front to
+ * back.
  * A tile may cover the columns in pieces: all but the last piece a multiple of
  * MM_LANES wide, `first` starting the chains at zero instead of taking them from
  * `chains` (element [t * MM_TILE_MAX_R + r]), `last` finishing them into y instead of
@@ -143,7 +144,8 @@ MM_ALWAYS_INLINE int mm_tile_sums(MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T], cons
     MM_ALWAYS_INLINE void mm_tile_##type(const uint8_t *w, size_t row_bytes, const float *x,  \
                                          size_t ldx, int32_t n, float *y, size_t ldy,      \
                                          const int R, const int T, const int P,            \
-                                         MM_VEC *chains, int first, int last) {            \
+                                         MM_VEC *chains, int first, int last, int pr0,     \
+                                         int pr1) {                                        \
         MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T];                                           \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
             _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                          \
@@ -157,7 +159,7 @@ MM_ALWAYS_INLINE int mm_tile_sums(MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T], cons
                 xv[t] = MM_LOADX(x + (size_t)t * ldx + i);                                 \
             }                                                                              \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                          \
-                if (P == 1) {                                                              \
+                if (P == 1 && r >= pr0 && r < pr1) {                                       \
                     __builtin_prefetch(w + (size_t)(r + MM_PREFETCH_TILES * R) * row_bytes + \
                                        MM_WOFF_##type(i));                                 \
                 } else if (P == 2) {                                                       \
@@ -198,7 +200,7 @@ MM_DEFINE_TILE(f16)
 MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const float *x,
                                    size_t ldx, int32_t n, float *y, size_t ldy, const int R,
                                    const int T, const int P, MM_VEC *chains, int first,
-                                   int last) {
+                                   int last, int pr0, int pr1) {
     enum { STEPS = MOAS_QK8_0 / MM_LANES };
     MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T];
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
@@ -210,7 +212,7 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
             const moas_block_q8_0 *blk =
                 (const moas_block_q8_0 *)(const void *)(w + (size_t)r * row_bytes) + b;
-            if (P) {
+            if (P && r >= pr0 && r < pr1) {
                 __builtin_prefetch((const uint8_t *)blk +
                                    (size_t)MM_PREFETCH_TILES * R * row_bytes);
             }
@@ -274,51 +276,60 @@ MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
 
 /* Tokens [0, n_tok) of x against columns [0, kc) of R rows w (f32 or f16, or a Q8_0
  * panel passed as f32), token t's chains at chains[t * MM_TILE_MAX_R]. With `ahead`
- * (rows read from the matrix itself) the first token tile asks for the next row
- * tile's bytes as it goes: a batched decode step of 16 tokens serves each row tile to
- * four token tiles only, and the next tile's rows (GPT-2's output matrix: from memory)
- * came in stalled. */
+ * (rows read from the matrix itself) the token tiles ask for the next row tile's
+ * bytes as they go, each for its share of the rows: token tile j of n_tiles for rows
+ * [ceil(j R / n_tiles), ceil((j + 1) R / n_tiles)). A batched decode step of 16 tokens
+ * serves each row tile to four token tiles only, and GPT-2's rows come from memory:
+ * asked for by the first token tile alone, the next tile's 9 KB came in stalled (one
+ * step of 16 sequences 1.16-1.18x faster spread, docs/PERFORMANCE_HISTORY.md,
+ * "Asking for the next rows across the pass"). */
+MM_ALWAYS_INLINE int mm_ask_from(int32_t j, int32_t n_tiles, const int R) {
+    return (int)((j * R + n_tiles - 1) / n_tiles);
+}
+
 #define MM_DEFINE_TILES(type)                                                              \
-    /* a tile of T tokens whose prefetch (P, a compile-time constant) is chosen at run     \
-     * time: asking for the next row tile or not */                                        \
+    /* a tile of T tokens that asks for rows [pr0, pr1) of the next row tile: P, a        \
+     * compile-time constant, chosen at run time */                                        \
     MM_ALWAYS_INLINE void mm_tail_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                          size_t ldx, int32_t kc, float *y, size_t ldy,     \
-                                         const int R, const int T, int ask,                \
+                                         const int R, const int T, int pr0, int pr1,       \
                                          MM_VEC *chains, int first, int last) {            \
-        if (ask) {                                                                         \
-            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 1, chains, first, last); \
+        if (pr0 < pr1) {                                                                   \
+            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 1, chains, first, last,  \
+                           pr0, pr1);                                                      \
         } else {                                                                           \
-            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 0, chains, first, last); \
+            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 0, chains, first, last,  \
+                           0, 0);                                                          \
         }                                                                                  \
     }                                                                                      \
     MM_ALWAYS_INLINE void mm_tiles_##type(const uint8_t *w, size_t row_bytes, const float *x, \
                                           size_t ldx, int32_t n_tok, int32_t kc, float *y, \
                                           size_t ldy, const int R, MM_VEC *chains,         \
                                           int first, int last, const int ahead) {          \
-        int32_t t = 0;                                                                     \
-        if (ahead && MM_TILE_TOKS <= n_tok) {                                              \
-            mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, MM_TILE_TOKS, 1, chains,   \
-                           first, last);                                                   \
-            t = MM_TILE_TOKS;                                                              \
+        const int32_t n_tiles = (n_tok + MM_TILE_TOKS - 1) / MM_TILE_TOKS;                 \
+        int32_t t = 0, j = 0;                                                              \
+        for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS, j++) {                        \
+            mm_tail_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
+                           ldy, R, MM_TILE_TOKS, ahead ? mm_ask_from(j, n_tiles, R) : 0,   \
+                           ahead ? mm_ask_from(j + 1, n_tiles, R) : 0,                     \
+                           chains + (size_t)t * MM_TILE_MAX_R, first, last);               \
         }                                                                                  \
-        for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS) {                             \
-            mm_tile_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
-                           ldy, R, MM_TILE_TOKS, 0, chains + (size_t)t * MM_TILE_MAX_R,    \
-                           first, last);                                                   \
-        }                                                                                  \
-        /* the last n_tok mod MM_TILE_TOKS tokens in one tile, which asks ahead when it \
-         * is the only one (a step of 2 or 3 sequences) */                                \
+        /* the last n_tok mod MM_TILE_TOKS tokens in one tile */                           \
         const int32_t left = n_tok - t;                                                    \
+        const int pr0 = ahead ? mm_ask_from(j, n_tiles, R) : 0;                            \
+        const int pr1 = ahead ? R : 0;                                                     \
         x += (size_t)t * ldx;                                                              \
         y += (size_t)t * ldy;                                                              \
         chains += (size_t)t * MM_TILE_MAX_R;                                               \
-        const int ask = ahead && t == 0;                                                   \
         if (MM_TILE_TOKS > 3 && left == 3) {                                               \
-            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, ask, chains, first, last); \
+            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, pr0, pr1, chains, first, \
+                           last);                                                          \
         } else if (MM_TILE_TOKS > 2 && left == 2) {                                        \
-            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, ask, chains, first, last); \
+            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, pr0, pr1, chains, first, \
+                           last);                                                          \
         } else if (left == 1) {                                                            \
-            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, ask, chains, first, last); \
+            mm_tail_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, pr0, pr1, chains, first, \
+                           last);                                                          \
         }                                                                                  \
     }
 
@@ -403,11 +414,12 @@ MM_DEFINE_ROWS(q8_0)
             if (!(MM_STREAMS_##type && (hints & MOAS_MM_STREAM))) {                        \
                 for (; r + 2 * MM_DECODE_ROWS <= n_rows; r += MM_DECODE_ROWS) {            \
                     mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
-                                   ldy, MM_DECODE_ROWS, 1, 1, NULL, 1, 1);                 \
+                                   ldy, MM_DECODE_ROWS, 1, 1, NULL, 1, 1, 0,               \
+                                   MM_DECODE_ROWS);                                        \
                 }                                                                          \
                 if (r + MM_DECODE_ROWS <= n_rows) { /* the last tile: no next to ask for */ \
                     mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
-                                   ldy, MM_DECODE_ROWS, 1, 0, NULL, 1, 1);                 \
+                                   ldy, MM_DECODE_ROWS, 1, 0, NULL, 1, 1, 0, 0);           \
                     r += MM_DECODE_ROWS;                                                   \
                 }                                                                          \
             }                                                                              \
@@ -415,10 +427,10 @@ MM_DEFINE_ROWS(q8_0)
             for (; r < n_rows; r++) {                                                      \
                 if (ahead) {                                                               \
                     mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
-                                   ldy, 1, 1, 2, NULL, 1, 1);                              \
+                                   ldy, 1, 1, 2, NULL, 1, 1, 0, 0);                        \
                 } else {                                                                   \
                     mm_tile_##type(w + (size_t)r * row_bytes, row_bytes, x, ldx, n, y + r, \
-                                   ldy, 1, 1, 0, NULL, 1, 1);                              \
+                                   ldy, 1, 1, 0, NULL, 1, 1, 0, 0);                        \
                 }                                                                          \
             }                                                                              \
             return;                                                                        \
