@@ -335,10 +335,12 @@ int main(int argc, char **argv) {
     /* Matrices as forward.c multiplies them: the default 6-layer shape's MLP
      * up-projection (2.4 MB in f32, in L2/L3), GPT-2 small's (9.4 MB) and its
      * down-projection (3072 columns), and a 77 MB f16 output matrix of GPT-2's shape
-     * that only memory can hold; one token (decode) and a block of 128 (prefill). */
+     * that only memory can hold; one token (decode), 16 (a batched decode step of 16
+     * sequences) and a block of 128 (prefill). */
     static const int32_t mm[][3] = {{1536, 384, 1},   {3072, 768, 1},   {50257, 768, 1},
-                                    {1536, 384, 128}, {3072, 768, 128}, {768, 3072, 128}};
-    printf("\n# matmul: a whole weight matrix times 1 or 128 token rows, one call; GB/s "
+                                    {3072, 768, 16},  {50257, 768, 16}, {1536, 384, 128},
+                                    {3072, 768, 128}, {768, 3072, 128}};
+    printf("\n# matmul: a whole weight matrix times 1, 16 or 128 token rows, one call; GB/s "
            "counts weights only\n");
     for (size_t s = 0; s < sizeof mm / sizeof mm[0]; s++) {
         operands o;
