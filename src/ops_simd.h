@@ -356,14 +356,35 @@ MM_DEFINE_TILES(f16)
 MM_DEFINE_CHUNK(f32)
 MM_DEFINE_CHUNK(f16)
 
+/* The tiles read the panel, not the rows; with `ahead` each token tile first asks for
+ * its share of the next row tile's blocks of these columns (mm_tiles' shares), a few
+ * lines at a time, so that the next panel is made from rows already on their way. */
 MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
                                     const float *x, size_t ldx, int32_t n_tok, float *y,
                                     size_t ldy, const int R, MM_VEC *chains, int first,
                                     int last, float *panel, int ahead) {
-    (void)ahead;   /* the tiles read the panel, not the rows */
     mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
-    mm_tiles_f32((const uint8_t *)panel, (size_t)kc * sizeof(float), x, ldx, n_tok, kc, y, ldy,
-                 R, chains, first, last, 0);
+    const size_t panel_row = (size_t)kc * sizeof(float);
+    if (!ahead) {
+        mm_tiles_f32((const uint8_t *)panel, panel_row, x, ldx, n_tok, kc, y, ldy, R, chains,
+                     first, last, 0);
+        return;
+    }
+    const uint8_t *next = w + (size_t)R * row_bytes +
+                          (size_t)(c0 / MOAS_QK8_0) * sizeof(moas_block_q8_0);
+    const size_t bytes = (size_t)(kc / MOAS_QK8_0) * sizeof(moas_block_q8_0);
+    const int32_t n_tiles = (n_tok + MM_TILE_TOKS - 1) / MM_TILE_TOKS;
+    for (int32_t t = 0, j = 0; t < n_tok; t += MM_TILE_TOKS, j++) {
+        for (int r = mm_ask_from(j, n_tiles, R); r < mm_ask_from(j + 1, n_tiles, R); r++) {
+            for (size_t b = 0; b < bytes; b += 64) {
+                __builtin_prefetch(next + (size_t)r * row_bytes + b);
+            }
+        }
+        const int32_t tt = n_tok - t < MM_TILE_TOKS ? n_tok - t : MM_TILE_TOKS;
+        mm_tiles_f32((const uint8_t *)panel, panel_row, x + (size_t)t * ldx, ldx, tt, kc,
+                     y + (size_t)t * ldy, ldy, R, chains + (size_t)t * MM_TILE_MAX_R, first,
+                     last, 0);
+    }
 }
 
 /* The batch of R rows, a chunk of columns and a group of tokens at a time; `ahead`:
