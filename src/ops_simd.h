@@ -376,9 +376,11 @@ MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
     const int32_t n_tiles = (n_tok + MM_TILE_TOKS - 1) / MM_TILE_TOKS;
     for (int32_t t = 0, j = 0; t < n_tok; t += MM_TILE_TOKS, j++) {
         for (int r = mm_ask_from(j, n_tiles, R); r < mm_ask_from(j + 1, n_tiles, R); r++) {
+            const uint8_t *row = next + (size_t)r * row_bytes;
             for (size_t b = 0; b < bytes; b += 64) {
-                __builtin_prefetch(next + (size_t)r * row_bytes + b);
+                __builtin_prefetch(row + b);
             }
+            __builtin_prefetch(row + bytes - 1);   /* the last line, where rows are unaligned */
         }
         const int32_t tt = n_tok - t < MM_TILE_TOKS ? n_tok - t : MM_TILE_TOKS;
         mm_tiles_f32((const uint8_t *)panel, panel_row, x + (size_t)t * ldx, ldx, tt, kc,
