@@ -424,14 +424,22 @@ static void attend_one_keys(const moas_workspace *ws, const moas_pool *pool,
     memset(o, 0, (size_t)(c1 - c0) * head_dim * sizeof *o);
     for (int32_t k0 = j0_keys; k0 < j1_keys; k0 += MOAS_ATT_KEYS) {
         const int32_t k1 = j1_keys - k0 < MOAS_ATT_KEYS ? j1_keys : k0 + MOAS_ATT_KEYS;
-        if (k1 < ahead) {   /* the next run's rows, while this one is computed */
-            const int32_t k2 = ahead - k1 < MOAS_ATT_KEYS ? ahead : k1 + MOAS_ATT_KEYS;
-            moas__kv_prefetch(pool, kv, moas__kv_first(kv, k1), moas__kv_first(kv, k2));
-        }
+        /* the next run's keys [k1, k2), asked for while this one is computed: a piece
+         * before each group's scores, not all at once */
+        const int32_t k2 = k1 >= ahead                   ? k1
+                           : ahead - k1 < MOAS_ATT_KEYS ? ahead
+                                                        : k1 + MOAS_ATT_KEYS;
+        size_t asked = 0;
         const int32_t n_groups =
             groups_at(run_breaks(kv, n_head, k0, k1, c0, c1, &memo), c0, c1, bounds);
         for (int32_t g = 0; g < n_groups; g++) {   /* scores */
             const int32_t a = bounds[g], b = bounds[g + 1];
+            if (k2 > k1) {
+                const int32_t p0 = k1 + (k2 - k1) * g / n_groups;
+                const int32_t p1 = k1 + (k2 - k1) * (g + 1) / n_groups;
+                asked = moas__kv_prefetch(pool, kv, moas__kv_first(kv, p0),
+                                          moas__kv_first(kv, p1), asked);
+            }
             uint32_t *r = rows + (size_t)(a - c0) * MOAS_ATT_KEYS;
             head_rows(ws->ops, pool, kv, n_head, a, k0, k1, r);
             kern.scores(K, r, k1 - k0, q + (size_t)a * head_dim, (size_t)head_dim, b - a,
@@ -649,9 +657,11 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
                 const moas_seq_run *next = &s->runs[r + 1];
                 const moas_kv_stream *kv = &next->ctx->kv[s->stream];
                 const int32_t n_keys = next->ctx->n_past + next->n;
-                moas__kv_prefetch(next->ctx->pool, kv, 0,
-                                  moas__kv_first(kv, n_keys < MOAS_ATT_KEYS ? n_keys
-                                                                           : MOAS_ATT_KEYS));
+                (void)moas__kv_prefetch(next->ctx->pool, kv, 0,
+                                        moas__kv_first(kv, n_keys < MOAS_ATT_KEYS
+                                                               ? n_keys
+                                                               : MOAS_ATT_KEYS),
+                                        0);
             }
             attend_one(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
                        ctx->n_past, h0, h1, s->prefetch, s->OUT + (size_t)run->row0 * s->ldo,

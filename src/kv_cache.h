@@ -184,15 +184,15 @@ static inline void moas__prefetch_lines(const uint8_t *p, size_t bytes, bool to_
 }
 
 /* Ask the memory system for the K and V bytes of a stream's logical heads [first,
- * last), a page's run of them at a time, one request per cache line: the first
- * MOAS_KV_PREFETCH_L1_BYTES into L1, the rest into L2. With many sequences in one
- * pool their pages interleave, so the rows a query reads next are scattered lines the
- * hardware prefetcher cannot guess; asked for a run of keys ahead, they arrive while
- * the run before is computed. */
-static inline void moas__kv_prefetch(const struct moas_pool *pool, const moas_kv_stream *kv,
-                                     uint32_t first, uint32_t last) {
+ * last), a page's run of them at a time, one request per cache line: while `asked`
+ * (bytes asked before, for the same run of keys) is under MOAS_KV_PREFETCH_L1_BYTES
+ * into L1, the rest into L2; returns `asked` with these bytes added. With many
+ * sequences in one pool their pages interleave, so the rows a query reads next are
+ * scattered lines the hardware prefetcher cannot guess; asked for a run of keys ahead,
+ * they arrive while the run before is computed. */
+static inline size_t moas__kv_prefetch(const struct moas_pool *pool, const moas_kv_stream *kv,
+                                       uint32_t first, uint32_t last, size_t asked) {
     const uint32_t mask = (uint32_t)pool->page_heads - 1;
-    size_t asked = 0;
     for (uint32_t i = first; i < last;) {
         const uint32_t n = (mask + 1 - (i & mask)) < last - i ? mask + 1 - (i & mask) : last - i;
         const size_t at = (size_t)moas__kv_row(pool, kv, i) * pool->head_bytes;
@@ -203,6 +203,7 @@ static inline void moas__kv_prefetch(const struct moas_pool *pool, const moas_kv
         asked += 2 * bytes;
         i += n;
     }
+    return asked;
 }
 
 /* Make a pool of `n_pages` pages for `model`; on failure NULL with the error set. */
