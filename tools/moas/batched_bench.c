@@ -17,7 +17,8 @@ static void usage(FILE *f) {
           "\n"
           "Every combination of PP, TG and B is one row: B sequences decode a prompt of PP\n"
           "tokens together, then TG tokens each, all in one KV pool; the columns are\n"
-          "llama-batched-bench's, plus the KV bytes and pages the sequences hold.\n"
+          "llama-batched-bench's, plus the KV bytes and pages the sequences hold. As\n"
+          "there, one call of 16 prompt tokens warms up before the first row.\n"
           "\n"
           "  -m, --model PATH        GGUF model file\n"
           "  -npp LIST               prompt tokens, comma-separated (default 128)\n"
@@ -264,6 +265,26 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
     return 0;
 }
 
+/* Before the first row, as llama-batched-bench does: one call of 16 prompt tokens in a
+ * pool and context of their own, so that the first row does not also time what any
+ * first call pays once (the threads' start, the weights' first reads). */
+static void warm_up(const moas_model *model, const bb_options *o, const token_source *src) {
+    enum { WARM_TOKENS = 16 };
+    int32_t tokens[WARM_TOKENS];
+    const int n = moas_model_n_ctx_train(model) < WARM_TOKENS ? moas_model_n_ctx_train(model)
+                                                              : WARM_TOKENS;
+    moas_pool *pool = bb_pool(model, o, worst_token_bytes(model, o) * (n + 64.0) / 1048576.0 + 1.0);
+    moas_context *ctx = bb_context(model, pool, o, n);
+    if (ctx == NULL) {
+        die("context: %s", moas_last_error());
+    }
+    fill_tokens(src, moas_model_n_vocab(model), 0, tokens, n);
+    const moas_pool_seq seq = {ctx, tokens, n, MOAS_LOGITS_LAST, NULL};
+    bb_check(moas_pool_decode(pool, &seq, 1), "warm-up");
+    moas_context_free(ctx);
+    moas_pool_free(pool);
+}
+
 static void run_row(const moas_model *model, const bb_options *o, const token_source *src,
                     int pp, int tg, int pl) {
     const int32_t n_vocab = moas_model_n_vocab(model);
@@ -392,6 +413,7 @@ static int run(int argc, char **argv) {
         printf("|-------|-------|-----|--------|----------|-----------|----------|-----------|"
                "----------|----------|-------------|--------|\n");
     }
+    warm_up(model, &o, &src);
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
             for (int k = 0; k < o.n_npl; k++) {
