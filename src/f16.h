@@ -7,6 +7,7 @@
 #ifndef MOAS_F16_H
 #define MOAS_F16_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -82,5 +83,20 @@ typedef struct {
     int8_t q[MOAS_QK8_0];
 } moas_block_q8_0;
 _Static_assert(sizeof(moas_block_q8_0) == 34, "Q8_0 block must be 34 bytes, as in GGUF");
+
+/* x id of a Q8_0 block as its int8, rounded half away from zero as roundf does. |x id|
+ * rounds to at most 127 while id = 1 / d is finite; but a block whose largest |x| is
+ * below 127 / FLT_MAX (about 3.7e-37) has an infinite id, and an infinite or NaN x makes
+ * x id NaN or infinite (hostile weights can do either), where converting to an integer
+ * would be undefined: those take the nearer end of [-127, 127], NaN 0. */
+static inline int8_t moas__q8_0_round(float v) {
+    if (v != v) {
+        return 0;
+    }
+    if (v >= 127.0f || v <= -127.0f) {
+        return v > 0.0f ? 127 : -127;
+    }
+    return (int8_t)roundf(v);
+}
 
 #endif /* MOAS_F16_H */

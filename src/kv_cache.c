@@ -209,39 +209,12 @@ moas_status moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_st
 
 /* ---- element types ------------------------------------------------------------- */
 
-/* x id of a Q8_0 block as its int8, rounded half away from zero as roundf does. |x id|
- * rounds to at most 127 while id = 1 / d is finite; but a block whose largest |x| is
- * below 127 / FLT_MAX (about 3.7e-37) has an infinite id, and an infinite or NaN x makes
- * x id NaN or infinite (hostile weights can do either), where converting to an integer
- * would be undefined: those take the nearer end of [-127, 127], NaN 0. */
-static int8_t q8_0_quant(float v) {
-    if (v != v) {
-        return 0;
-    }
-    if (v >= 127.0f || v <= -127.0f) {
-        return v > 0.0f ? 127 : -127;
-    }
-    return (int8_t)roundf(v);
-}
-
 void moas__kv_head_store(const moas_ops *ops, moas_type type, void *dst, const float *src,
                          int32_t head_dim) {
     if (type == MOAS_TYPE_F16) {
         ops->to_f16(src, dst, head_dim);
     } else if (type == MOAS_TYPE_Q8_0) {
-        moas_block_q8_0 *b = dst;
-        for (int32_t k = 0; k < head_dim / MOAS_QK8_0; k++) {
-            const float *x = src + (size_t)k * MOAS_QK8_0;
-            float amax = 0.0f;
-            for (int32_t i = 0; i < MOAS_QK8_0; i++) {
-                amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-            }
-            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-            b[k].d = moas__f32_to_f16(d);
-            for (int32_t i = 0; i < MOAS_QK8_0; i++) {
-                b[k].q[i] = q8_0_quant(x[i] * id);
-            }
-        }
+        ops->to_q8_0(src, dst, head_dim);
     } else {
         memcpy(dst, src, (size_t)head_dim * sizeof *src);
     }

@@ -105,6 +105,13 @@ typedef struct moas_ops {
      * faster than with the scalar loop). */
     void (*to_f16)(const float *x, uint16_t *out, int32_t n);
 
+    /* x[0 .. n) as n / MOAS_QK8_0 Q8_0 blocks (n a multiple of MOAS_QK8_0): per block
+     * amax = the largest |x[i]| (NaNs passed over), d = amax / 127, id = 1 / d (0 when d
+     * is 0), out.d = d as binary16 (moas__f32_to_f16) and out.q[i] =
+     * moas__q8_0_round(x[i] id), the same bits in every table. A Q8_0 K/V cache stores
+     * its heads with it. */
+    void (*to_q8_0)(const float *x, moas_block_q8_0 *out, int32_t n);
+
     /* y[i] += x[i] for i < n: one rounding each, the same bits in every table. Biases
      * and residuals: a batched step adds them to thousands of elements. */
     void (*add)(float *y, const float *x, int32_t n);

@@ -56,6 +56,13 @@ static inline __m256 load8_i8_biased(const int8_t *p) {
                          _mm256_set1_epi32(0x4b400000)));
 }
 
+/* Eight floats, integers in [-127, 127], as int8 at any address. */
+static inline void store8_i8(int8_t *p, __m256 v) {
+    const __m256i i = _mm256_cvttps_epi32(v);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64((__m128i *)(void *)p, _mm_packs_epi16(w, w));
+}
+
 /* (v r) >> 32 in each 32-bit lane, r < 2^32: even and odd lanes as 64-bit products. */
 static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
     const __m256i r64 = _mm256_set1_epi64x((long long)r);
@@ -96,6 +103,9 @@ static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
 #define MM_ADD(a, b) _mm256_add_ps(a, b)
 #define MM_DIV(a, b) _mm256_div_ps(a, b)
 #define MM_MAX(a, b) _mm256_max_ps(a, b)
+#define MM_MIN(a, b) _mm256_min_ps(a, b)
+#define MM_TRUNC(v) _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
+#define MM_STORE_I8(p, v) store8_i8(p, v)
 #define MM_HMAX(v) hmax8(v)
 #define MM_ABS(v) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)
 #define MM_ROUND(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -139,6 +149,7 @@ const moas_ops moas__ops_avx2 = {
     .gelu = gelu_avx2,
     .kv_rows = kv_rows_avx2,
     .to_f16 = to_f16_avx2,
+    .to_q8_0 = to_q8_0_avx2,
     .add = add_avx2,
 };
 

@@ -144,6 +144,9 @@ static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
 #define MM_ADD(a, b) _mm512_add_ps(a, b)
 #define MM_DIV(a, b) _mm512_div_ps(a, b)
 #define MM_MAX(a, b) _mm512_max_ps(a, b)
+#define MM_MIN(a, b) _mm512_min_ps(a, b)
+#define MM_TRUNC(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
+#define MM_STORE_I8(p, v) _mm_storeu_si128((__m128i *)(void *)(p), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)))
 #define MM_HMAX(v) _mm512_reduce_max_ps(v)
 #define MM_ABS(v) _mm512_abs_ps(v)
 #define MM_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -200,6 +203,7 @@ const moas_ops moas__ops_avx512 = {
     .gelu = gelu_avx512,
     .kv_rows = kv_rows_avx512,
     .to_f16 = to_f16_avx512,
+    .to_q8_0 = to_q8_0_avx512,
     .add = add_avx512,
 };
 

@@ -159,6 +159,21 @@ static void to_f16_ref(const float *x, uint16_t *out, int32_t n) {
     }
 }
 
+static void to_q8_0_ref(const float *x, moas_block_q8_0 *out, int32_t n) {
+    for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
+        const float *xb = x + (size_t)b * MOAS_QK8_0;
+        float amax = 0.0f;
+        for (int32_t i = 0; i < MOAS_QK8_0; i++) {
+            amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+        }
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        out[b].d = moas__f32_to_f16(d);
+        for (int32_t i = 0; i < MOAS_QK8_0; i++) {
+            out[b].q[i] = moas__q8_0_round(xb[i] * id);
+        }
+    }
+}
+
 static void add_ref(float *y, const float *x, int32_t n) {
     for (int32_t i = 0; i < n; i++) {
         y[i] += x[i];
@@ -182,5 +197,6 @@ const moas_ops moas__ops_ref = {
     .gelu = gelu_ref,
     .kv_rows = kv_rows_ref,
     .to_f16 = to_f16_ref,
+    .to_q8_0 = to_q8_0_ref,
     .add = add_ref,
 };

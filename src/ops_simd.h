@@ -8,9 +8,10 @@
  *   MM_ZERO(), MM_LOADX(p)    zero; MM_LANES floats from any address; MM_STORE(p, v)
  *   MM_LOAD_F16(p)            MM_LANES halves, widened; MM_LOAD_I8(p) int8 as floats;
  *   MM_LOAD_I8_BIASED(p)      int8 q as the floats 1.5 2^23 + q (an integer add)
- *   MM_FMA(a, b, c), MM_MUL(a, b), MM_ADD(a, b), MM_DIV(a, b), MM_MAX(a, b),
- *   MM_SET1(f), MM_HSUM(v), MM_HMAX(v), MM_ABS(v), MM_ROUND(v) (to nearest, ties to
- *   even), MM_POW2(n) (2^n for integral n in [-126, 127]), MM_COPYSIGN(mag, sign)
+ *   MM_FMA(a, b, c), MM_MUL(a, b), MM_ADD(a, b), MM_DIV(a, b), MM_MAX(a, b) and
+ *   MM_MIN(a, b) (b where a lane of a is a NaN), MM_SET1(f), MM_HSUM(v), MM_HMAX(v),
+ *   MM_ABS(v), MM_ROUND(v) (to nearest, ties to even), MM_TRUNC(v) (toward zero),
+ *   MM_POW2(n) (2^n for integral n in [-126, 127]), MM_COPYSIGN(mag, sign)
  *   MM_TILE_ROWS, MM_TILE_TOKS  the matmul tile for batches (rows x tokens)
  *   MM_DECODE_ROWS            matmul rows per step for a single token
  *   MM_MIX_QUERIES            queries per step of a value sum
@@ -24,11 +25,13 @@
  *   MM_IOR(a, b), MM_ISRL(v, n), MM_ISLL(v, n) (every lane shifted by n < 32),
  *   MM_IMULHI(v, r) ((v r) >> 32 per lane, r < 2^32), MM_IGATHER(base, idx)
  *   MM_STORE_F16(p, v)        v as MM_LANES halves (to nearest even) at any address;
+ *   MM_STORE_I8(p, v)         v, integers in [-127, 127], as MM_LANES int8 at any address;
  *   MM_NAN_MASK(v)            bit i set where lane i is a NaN
  *   MM_NAME(base)             base ## _ ## table name
  *
  * It defines the table's matmul_f32/f16/q8_0, attn_scores_f32/f16,
- * attn_mix_f32/f16, max, exp_sum, softmax, gelu, kv_rows, to_f16 and add (ops.h).
+ * attn_mix_f32/f16, max, exp_sum, softmax, gelu, kv_rows, to_f16, to_q8_0 and add
+ * (ops.h).
  */
 
 /* ---- matrix products -------------------------------------------------------------
@@ -1004,6 +1007,42 @@ static void MM_NAME(to_f16)(const float *x, uint16_t *out, int32_t n) {
     }
     for (; i < n; i++) {
         out[i] = moas__f32_to_f16(x[i]);
+    }
+}
+
+/* ---- Q8_0 stores ------------------------------------------------------------------
+ *
+ * ops.h's to_q8_0, a block at a time. The largest |x| is a maximum, the same in any
+ * order (MM_MAX(|x|, m) passes a NaN over, as the scalar comparison does), and d and id
+ * are the scalar's own operations. Each x id is clamped to [-127, 127] and rounded half
+ * away from zero as t + trunc(2 (v - t)), t = trunc(v): v - t is exact, and so is 2 (v -
+ * t), whose truncation is the step to the farther integer when |v - t| >= 1/2 (adding
+ * 1/2 before truncating would round 0.49999997 up). A NaN x id, which the clamp would
+ * turn into -127, is redone by the scalar rounding (0). Stored thousands of heads a
+ * step in a batched Q8_0 decode, one roundf call each before. */
+static void MM_NAME(to_q8_0)(const float *x, moas_block_q8_0 *out, int32_t n) {
+    for (int32_t b = 0; b < n / MOAS_QK8_0; b++) {
+        const float *xb = x + (size_t)b * MOAS_QK8_0;
+        MM_VEC m = MM_ZERO();
+        _Pragma("GCC unroll 4") for (int k = 0; k < MOAS_QK8_0; k += MM_LANES) {
+            m = MM_MAX(MM_ABS(MM_LOADX(xb + k)), m);
+        }
+        const float amax = MM_HMAX(m);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        out[b].d = moas__f32_to_f16(d);
+        const MM_VEC idv = MM_SET1(id), lo = MM_SET1(-127.0f), hi = MM_SET1(127.0f);
+        const MM_VEC minus_one = MM_SET1(-1.0f);
+        _Pragma("GCC unroll 4") for (int k = 0; k < MOAS_QK8_0; k += MM_LANES) {
+            const MM_VEC v = MM_MUL(MM_LOADX(xb + k), idv);
+            const MM_VEC c = MM_MIN(MM_MAX(v, lo), hi);
+            const MM_VEC t = MM_TRUNC(c);
+            const MM_VEC f = MM_FMA(minus_one, t, c);   /* c - t, exact */
+            MM_STORE_I8(out[b].q + k, MM_ADD(t, MM_TRUNC(MM_ADD(f, f))));
+            for (unsigned nan = MM_NAN_MASK(v); nan != 0; nan &= nan - 1) {
+                const int e = k + __builtin_ctz(nan);
+                out[b].q[e] = moas__q8_0_round(xb[e] * id);
+            }
+        }
     }
 }
 

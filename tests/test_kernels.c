@@ -1149,6 +1149,87 @@ static int check_to_f16_in_mode(const moas_ops *ops, int32_t n_random) {
     return rc;
 }
 
+/* to_q8_0: blocks against the definition written out here (largest |x| passing NaNs
+ * over, d = amax / 127, q = x / d rounded half away from zero, clamped to [-127, 127],
+ * NaN 0): ties at every lane (x id exactly k + 1/2), 0.49999997, infinities and NaNs,
+ * blocks so small that d is subnormal or 1 / d infinite, then random blocks of random
+ * scales; from an unaligned x, under every rounding mode. */
+static void want_q8_0(const float *x, moas_block_q8_0 *out) {
+    float amax = 0.0f;
+    for (int i = 0; i < MOAS_QK8_0; i++) {
+        if (fabsf(x[i]) > amax) {
+            amax = fabsf(x[i]);
+        }
+    }
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    out->d = moas__f32_to_f16(d);
+    for (int i = 0; i < MOAS_QK8_0; i++) {
+        const float v = x[i] * id;
+        out->q[i] = (int8_t)(isnan(v) ? 0.0f : v >= 127.0f ? 127.0f : v <= -127.0f ? -127.0f
+                                                                                  : roundf(v));
+    }
+}
+
+static int check_to_q8_0_in_mode(const moas_ops *ops) {
+    enum { BLOCKS = 8, N = BLOCKS * MOAS_QK8_0 };
+    static const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 0.49999997f,
+                                     -0.49999997f, 126.5f, -126.5f, 1e-38f, -1e-45f};
+    float x[N + 1];
+    moas_block_q8_0 out[BLOCKS], want[BLOCKS];
+    uint64_t seed = 53;
+    for (int round = 0; round < 4000; round++) {
+        float *xs = x + 1;   /* unaligned */
+        for (int b = 0; b < BLOCKS; b++) {
+            float *xb = xs + b * MOAS_QK8_0;
+            const uint64_t kind = next_u64(&seed) % 6;
+            /* scales from 2^-140 (subnormal d, or 1 / d infinite) to 2^20 */
+            const float scale = ldexpf(1.0f, (int)(next_u64(&seed) % 161) - 140);
+            for (int i = 0; i < MOAS_QK8_0; i++) {
+                const uint64_t r = next_u64(&seed);
+                if (kind == 0) {          /* d = 1 or 1/2: x id exactly k + 1/2 */
+                    xb[i] = ((float)((int)(r % 254) - 127) + 0.5f) / (round % 2 ? 2.0f : 1.0f);
+                } else if (kind == 1 && r % 8 == 0) {
+                    xb[i] = specials[(r >> 8) % (sizeof specials / sizeof specials[0])];
+                } else {
+                    xb[i] = next_val(&seed, false) * scale;
+                }
+            }
+            if (kind == 0) {
+                xb[next_u64(&seed) % MOAS_QK8_0] = round % 2 ? 63.5f : 127.0f;   /* sets d */
+            }
+        }
+        ops->to_q8_0(xs, out, N);
+        for (int b = 0; b < BLOCKS; b++) {
+            want_q8_0(xs + b * MOAS_QK8_0, &want[b]);
+            if (memcmp(&out[b], &want[b], sizeof out[b]) != 0) {
+                int i = 0;
+                while (i < MOAS_QK8_0 && out[b].q[i] == want[b].q[i]) {
+                    i++;
+                }
+                test_report(__FILE__, __LINE__, "to_q8_0",
+                            "%s, rounding %d, round %d, block %d: d 0x%04x (want 0x%04x), "
+                            "element %d of x %a: %d, want %d", ops->name, fegetround(), round,
+                            b, (unsigned)out[b].d, (unsigned)want[b].d, i,
+                            (double)xs[b * MOAS_QK8_0 + (i < MOAS_QK8_0 ? i : 0)],
+                            i < MOAS_QK8_0 ? out[b].q[i] : 0, i < MOAS_QK8_0 ? want[b].q[i] : 0);
+                return TEST_FAIL;
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
+static int check_to_q8_0(const moas_ops *ops) {
+    static const int modes[] = {FE_TONEAREST, FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO};
+    int rc = TEST_PASS;
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0] && rc == TEST_PASS; m++) {
+        fesetround(modes[m]);
+        rc = check_to_q8_0_in_mode(ops);
+        fesetround(FE_TONEAREST);
+    }
+    return rc;
+}
+
 /* add: y += x element by element, against the scalar sum, over random values (with
  * infinities, NaN and signed zeros among them) at lengths around the vector widths,
  * from and to unaligned places; the elements past n stay as they were. */
@@ -1244,6 +1325,9 @@ static int on_table(const char *name, const char *needs, int (*check)(const moas
     }                                                                                    \
     TEST(kernels_##table_##_add_matches_definition) {                                    \
         return on_table(#table_, needs_, check_add);                                     \
+    }                                                                                    \
+    TEST(kernels_##table_##_to_q8_0_matches_definition) {                                \
+        return on_table(#table_, needs_, check_to_q8_0);                                 \
     }
 
 KERNEL_TESTS(avx2, "AVX2, FMA or F16C")
@@ -1332,7 +1416,7 @@ TEST(kernels_tables_are_complete) {
                     t->attn_mix_f32 != NULL && t->attn_mix_f16 != NULL &&
                     t->attn_scores_q8_0 != NULL && t->attn_mix_q8_0 != NULL && t->max != NULL &&
                     t->exp_sum != NULL && t->softmax != NULL && t->gelu != NULL &&
-                    t->kv_rows != NULL && t->to_f16 != NULL &&
+                    t->kv_rows != NULL && t->to_f16 != NULL && t->to_q8_0 != NULL &&
                     t->add != NULL);
         for (size_t j = 0; j < n; j++) {
             ASSERT_TRUE(strcmp(moas__ops_tables[j]->name, t->name) != 0);
