@@ -552,12 +552,14 @@ static int check_attention(const moas_ops *ops) {
                 }
                 /* each query its own rows (ldr > 0), as the heads of one query read
                  * over tokens of different widths: query t the same as alone over
-                 * rows_t; every other query shares its neighbour's rows */
+                 * rows_t; every other query shares its neighbour's rows, and at every
+                 * fourth key all queries read one row (an MQA token's) */
                 static uint32_t rg[NQ][MAXN];
                 for (int32_t t = 0; t < NQ; t++) {
                     for (int32_t j = 0; j < n; j++) {
-                        rg[t][j] = t % 2 == 1 && j % 3 != 0 ? rg[t - 1][j]
-                                                            : (uint32_t)(next_u64(&seed) % POOL);
+                        rg[t][j] = t > 0 && j % 4 == 1            ? rg[0][j]
+                                   : t % 2 == 1 && j % 3 != 0 ? rg[t - 1][j]
+                                                              : (uint32_t)(next_u64(&seed) % POOL);
                     }
                 }
                 /* the same at the attention scratch's strides, which the SIMD tables
