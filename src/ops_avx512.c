@@ -121,6 +121,11 @@ static inline __m512 load16_i8_biased(const int8_t *p) {
         _mm512_set1_epi32(0x4b400000)));
 }
 
+/* Sixteen floats, integers in [-127, 127], as int8 at any address. */
+static inline void store16_i8(int8_t *p, __m512 v) {
+    _mm_storeu_si128((__m128i *)(void *)p, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
+}
+
 /* (v r) >> 32 in each 32-bit lane, r < 2^32: even and odd lanes as 64-bit products. */
 static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
     const __m512i r64 = _mm512_set1_epi64((long long)r);
@@ -146,7 +151,7 @@ static inline __m512i mulhi16_u32(__m512i v, uint32_t r) {
 #define MM_MAX(a, b) _mm512_max_ps(a, b)
 #define MM_MIN(a, b) _mm512_min_ps(a, b)
 #define MM_TRUNC(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
-#define MM_STORE_I8(p, v) _mm_storeu_si128((__m128i *)(void *)(p), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)))
+#define MM_STORE_I8(p, v) store16_i8(p, v)
 #define MM_HMAX(v) _mm512_reduce_max_ps(v)
 #define MM_ABS(v) _mm512_abs_ps(v)
 #define MM_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)

@@ -9,7 +9,7 @@
  *   MM_LOAD_F16(p)            MM_LANES halves, widened; MM_LOAD_I8(p) int8 as floats;
  *   MM_LOAD_I8_BIASED(p)      int8 q as the floats 1.5 2^23 + q (an integer add)
  *   MM_FMA(a, b, c), MM_MUL(a, b), MM_ADD(a, b), MM_DIV(a, b), MM_MAX(a, b) and
- *   MM_MIN(a, b) (b where a lane of a is a NaN), MM_SET1(f), MM_HSUM(v), MM_HMAX(v),
+ *   MM_MIN(a, b) (b's lane where either lane is a NaN), MM_SET1(f), MM_HSUM(v), MM_HMAX(v),
  *   MM_ABS(v), MM_ROUND(v) (to nearest, ties to even), MM_TRUNC(v) (toward zero),
  *   MM_POW2(n) (2^n for integral n in [-126, 127]), MM_COPYSIGN(mag, sign)
  *   MM_TILE_ROWS, MM_TILE_TOKS  the matmul tile for batches (rows x tokens)
