@@ -294,9 +294,9 @@ MM_ALWAYS_INLINE int mm_ask_from(int32_t j, int32_t n_tiles, const int R) {
     /* a tile of T tokens that asks for rows [pr0, pr1) of the next row tile: P, a        \
      * compile-time constant, chosen at run time */                                        \
     MM_ALWAYS_INLINE void mm_ask_##type(const uint8_t *w, size_t row_bytes, const float *x, \
-                                         size_t ldx, int32_t kc, float *y, size_t ldy,     \
-                                         const int R, const int T, int pr0, int pr1,       \
-                                         MM_VEC *chains, int first, int last) {            \
+                                        size_t ldx, int32_t kc, float *y, size_t ldy,      \
+                                        const int R, const int T, int pr0, int pr1,        \
+                                        MM_VEC *chains, int first, int last) {             \
         if (pr0 < pr1) {                                                                   \
             mm_tile_##type(w, row_bytes, x, ldx, kc, y, ldy, R, T, 1, chains, first, last,  \
                            pr0, pr1);                                                      \
@@ -313,9 +313,9 @@ MM_ALWAYS_INLINE int mm_ask_from(int32_t j, int32_t n_tiles, const int R) {
         int32_t t = 0, j = 0;                                                              \
         for (; t + MM_TILE_TOKS <= n_tok; t += MM_TILE_TOKS, j++) {                        \
             mm_ask_##type(w, row_bytes, x + (size_t)t * ldx, ldx, kc, y + (size_t)t * ldy, \
-                           ldy, R, MM_TILE_TOKS, ahead ? mm_ask_from(j, n_tiles, R) : 0,   \
-                           ahead ? mm_ask_from(j + 1, n_tiles, R) : 0,                     \
-                           chains + (size_t)t * MM_TILE_MAX_R, first, last);               \
+                          ldy, R, MM_TILE_TOKS, ahead ? mm_ask_from(j, n_tiles, R) : 0,    \
+                          ahead ? mm_ask_from(j + 1, n_tiles, R) : 0,                      \
+                          chains + (size_t)t * MM_TILE_MAX_R, first, last);                \
         }                                                                                  \
         /* the last n_tok mod MM_TILE_TOKS tokens in one tile */                           \
         const int32_t left = n_tok - t;                                                    \
@@ -326,13 +326,13 @@ MM_ALWAYS_INLINE int mm_ask_from(int32_t j, int32_t n_tiles, const int R) {
         chains += (size_t)t * MM_TILE_MAX_R;                                               \
         if (MM_TILE_TOKS > 3 && left == 3) {                                               \
             mm_ask_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 3, pr0, pr1, chains, first, \
-                           last);                                                          \
+                          last);                                                           \
         } else if (MM_TILE_TOKS > 2 && left == 2) {                                        \
             mm_ask_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 2, pr0, pr1, chains, first, \
-                           last);                                                          \
+                          last);                                                           \
         } else if (left == 1) {                                                            \
             mm_ask_##type(w, row_bytes, x, ldx, kc, y, ldy, R, 1, pr0, pr1, chains, first, \
-                           last);                                                          \
+                          last);                                                           \
         }                                                                                  \
     }
 

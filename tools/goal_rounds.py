@@ -143,6 +143,27 @@ def ensure_model(path, random_model, shape):
         raise RunError("%s: %s" % (random_model, proc.stderr.strip()))
 
 
+def measure(a, small, gpt2, log):
+    """a.rounds rounds; per round {(name, threads): tok/s}."""
+    per_round = []
+    for r in range(1, a.rounds + 1):
+        figures, small_b1 = {}, {}
+        for name, threads, key, cmd in round_commands(a.moas, small, gpt2, a.long):
+            v = run_one(cmd, key)
+            line = json.dumps({"round": r, "what": name, "threads": threads, "tok_s": v})
+            print(line, file=sys.stderr, flush=True)
+            print(line, file=log, flush=True)
+            if name == SMALL_B1:
+                small_b1.setdefault(threads, []).append(v)
+            else:
+                figures[(name, threads)] = v
+        for threads, vs in small_b1.items():
+            figures[(SMALL_B1, threads)] = statistics.median(vs)
+        per_round.append(figures)
+    return per_round
+
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -163,25 +184,8 @@ def main(argv=None):
         if gpt2 is None:
             gpt2 = "build/bench/goal-gpt2-f16.gguf"
             ensure_model(gpt2, a.random_model, GPT2_SHAPE)
-        log = open(a.log, "w", encoding="utf-8") if a.log else None
-        per_round = []
-        for r in range(1, a.rounds + 1):
-            figures, small_b1 = {}, {}
-            for name, threads, key, cmd in round_commands(a.moas, small, gpt2, a.long):
-                v = run_one(cmd, key)
-                line = json.dumps({"round": r, "what": name, "threads": threads, "tok_s": v})
-                print(line, file=sys.stderr, flush=True)
-                if log:
-                    print(line, file=log, flush=True)
-                if name == SMALL_B1:
-                    small_b1.setdefault(threads, []).append(v)
-                else:
-                    figures[(name, threads)] = v
-            for threads, vs in small_b1.items():
-                figures[(SMALL_B1, threads)] = statistics.median(vs)
-            per_round.append(figures)
-        if log:
-            log.close()
+        with open(a.log if a.log else os.devnull, "w", encoding="utf-8") as log:
+            per_round = measure(a, small, gpt2, log)
     except RunError as e:
         print("goal_rounds: %s" % e, file=sys.stderr)
         return 1

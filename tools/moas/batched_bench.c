@@ -189,6 +189,12 @@ static double worst_token_bytes(const moas_model *model, const bb_options *o) {
     return (double)L * heads * moas_model_head_dim(model) * 2 * elem;
 }
 
+/* MB of a pool with room for `seqs` sequences of n_ctx tokens at their widest, a page
+ * per stream spare, and a megabyte for pages' rounding. */
+static double pool_mb_for(const moas_model *model, const bb_options *o, int seqs, int n_ctx) {
+    return worst_token_bytes(model, o) * ((double)seqs * n_ctx + 64.0 * seqs) / 1048576.0 + 1.0;
+}
+
 static int run_capacity(const moas_model *model, const bb_options *o, const token_source *src) {
     const int n_tok = o->npp[0] + o->ntg[0];
     const int32_t n_vocab = moas_model_n_vocab(model);
@@ -273,7 +279,7 @@ static void warm_up(const moas_model *model, const bb_options *o, const token_so
     int32_t tokens[WARM_TOKENS];
     const int n = moas_model_n_ctx_train(model) < WARM_TOKENS ? moas_model_n_ctx_train(model)
                                                               : WARM_TOKENS;
-    moas_pool *pool = bb_pool(model, o, worst_token_bytes(model, o) * (n + 64.0) / 1048576.0 + 1.0);
+    moas_pool *pool = bb_pool(model, o, pool_mb_for(model, o, 1, n));
     moas_context *ctx = bb_context(model, pool, o, n);
     if (ctx == NULL) {
         die("context: %s", moas_last_error());
@@ -290,8 +296,8 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     const int32_t n_vocab = moas_model_n_vocab(model);
     const int n_ctx = pp + tg;
     double mb = o->pool_mb;
-    if (mb <= 0) {   /* room for every token at its widest, and a page per stream spare */
-        mb = (worst_token_bytes(model, o) * ((double)pl * n_ctx + 64.0 * pl)) / 1048576.0 + 1.0;
+    if (mb <= 0) {
+        mb = pool_mb_for(model, o, pl, n_ctx);
     }
     moas_pool *pool = bb_pool(model, o, mb);
     moas_context **ctxs = calloc((size_t)pl, sizeof *ctxs);
