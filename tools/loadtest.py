@@ -46,9 +46,10 @@ def rss_kb(pid):
     return 0
 
 
-def get(port, path):
+def get(port, path, method="GET"):
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path).encode())
+    s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+               % (method, path)).encode())
     data = b""
     while True:
         chunk = s.recv(65536)
@@ -244,14 +245,22 @@ def main():
                   "clients": args.clients, "requests_per_client": args.requests,
                   "pool_mb": args.pool_mb, "rss_idle_kb": rss_kb(proc.pid), "rounds": []}
         expected = {}
+        hits = 0
         for _ in range(args.rounds):
             r = round_of_load(port, model, args, expected)
             deadline = time.time() + 10
             while time.time() < deadline:
                 m = metrics(port)
-                if m["moas_sequences_active"] == 0 and m["moas_pool_bytes_held"] == 0:
+                if (m["moas_sequences_active"] == 0 and m["moas_pool_bytes_held"]
+                        <= m["moas_prompt_cache_bytes_held"]):
                     break
                 time.sleep(0.05)
+            # the prompt cache keeps finished requests' pages: with it cleared, any page
+            # still held would be a sequence never closed
+            r["prompt_cache_hits"] = m["moas_prompt_cache_hits_total"] - hits
+            hits = m["moas_prompt_cache_hits_total"]
+            get(port, "/v1/prompt_cache/clear", "POST")
+            m = metrics(port)
             r["pool_bytes_held_after"] = m["moas_pool_bytes_held"]
             r["rss_after_kb"] = rss_kb(proc.pid)
             report["rounds"].append(r)

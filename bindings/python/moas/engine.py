@@ -23,6 +23,15 @@ Policy (docs/SERVING.md):
     n sequences share its pages copy on write; choice i samples with seed + i.
   * A sequence's context is closed, its pages back in the pool, at the first step
     boundary after its request ends: finished, cancelled, or its client gone.
+  * Prompt cache (prompt_cache > 0): the first choice of a request that finished keeps
+    its context (prompt and generated tokens) in a cache of that many entries, least
+    recently used first out. A later request whose prompt begins with an entry's tokens
+    forks the entry (full pages shared), truncates the fork to the common prefix and
+    reads only the rest of its prompt: a conversation's next turn, or a shared
+    instruction, is not read again. The text is the same bits as without the cache.
+    Entries give their pages back whenever the pool needs them (admission, a step that
+    does not fit, a swapped sequence coming back) before anything else. With
+    steer_below there is no cache: its pages would make the pool steer sooner.
 """
 
 import collections
@@ -63,6 +72,7 @@ class Request:
         self.seqs = []
         self.n_open = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0     # prompt tokens taken from the prompt cache
 
 
 class Seq:
@@ -79,17 +89,30 @@ class Seq:
         self.pending = None        # the token sampled last, decoded by the next step
         self.logits = None         # a copy of the last logits (for the forks' first token)
         self.n_gen = 0
+        self.generated = []        # tokens decoded into ctx after the prompt
+        self.counted = None        # scheme counts of a cached prefix, not this sequence's
         self.held, self.held_routes = "", []
         self.saved = None          # bytes of a swapped-out sequence
         self.swap_mark = 0         # contexts closed when it was swapped out
         self.done = False
 
 
+CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx")
+
+
+def common_prefix(a, b):
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class Engine:
     def __init__(self, model, *, pool_bytes, mode="mixture", max_sequences=64, max_queue=64,
                  queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
                  page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
-                 steer_below=0.0, forced_scheme=-1, deliver=None):
+                 steer_below=0.0, forced_scheme=-1, prompt_cache=8, deliver=None):
         self.model = model
         self.deliver = deliver
         self._outbox = []                        # (request, event) of this step, for deliver
@@ -98,6 +121,12 @@ class Engine:
         self.queue_timeout = queue_timeout
         self.prefill_chunk, self.step_prefill = prefill_chunk, step_prefill
         self.step_delay = step_delay
+        # with steering, pages held by cached prompts would make the pool look fuller
+        # and change routing: no cache then
+        self.prompt_cache = prompt_cache if steer_below <= 0 else 0
+        self._cache = collections.OrderedDict()   # id -> CacheEntry, least recent first
+        self._cache_ids = itertools.count()
+        self.cache_bytes_held = 0                # pages the entries hold, a shared one in each
         self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
                          n_threads=n_threads, steer_below=steer_below, commit=True)
         self.forced_scheme = forced_scheme
@@ -116,6 +145,7 @@ class Engine:
         self._active = []                        # Seq with a context
         self._swapped = []                       # Seq swapped out (saved state)
         self._requests = {}                      # id -> Request with open sequences
+        self._clears = []                        # (event, result) of clear_cache calls
         self._stop = False
         self._busy = False                       # had work since it last went idle
         self._collected = 0.0                    # time of the last _collect()
@@ -163,7 +193,18 @@ class Engine:
                         queued=len(self._incoming) + len(self._waiting),
                         tokens_per_second=tokens / span if span > 0.5 else 0.0,
                         counters=dict(self.counters), scheme_tokens=list(self.scheme_tokens),
-                        peak_bytes_held=self.peak_bytes_held, peak_active=self.peak_active)
+                        peak_bytes_held=self.peak_bytes_held, peak_active=self.peak_active,
+                        cache_entries=len(self._cache), cache_bytes_held=self.cache_bytes_held,
+                        cache_tokens=sum(len(e.tokens) for e in self._cache.values()))
+
+    def clear_cache(self, timeout=10.0):
+        """Give back the pages of every cached prompt, between two steps; returns how
+        many entries went, or None when the engine did not get to it within timeout."""
+        done, result = threading.Event(), {}
+        with self._lock:
+            self._clears.append((done, result))
+            self._lock.notify()
+        return result["evicted"] if done.wait(timeout) else None
 
     def close(self):
         with self._lock:
@@ -172,12 +213,13 @@ class Engine:
         self._thread.join()
         for seq in self._active + self._swapped:
             self._close_seq(seq)
+        self._evict(len(self._cache))
         self.pool.close()
 
     # ---- the loop ------------------------------------------------------------------------
 
-    def _need(self, req):
-        return len(req.prompt_ids) * self.token_bytes + req.n * self.slack_bytes
+    def _need(self, req, reuse=0):
+        return (len(req.prompt_ids) - reuse) * self.token_bytes + req.n * self.slack_bytes
 
     def _run(self):
         while True:
@@ -186,6 +228,15 @@ class Engine:
                     return
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
+                clears, self._clears = self._clears, []
+            if clears:
+                evicted = len(self._cache)
+                self._evict(evicted)
+                self._update_stats()
+                for done, result in clears:
+                    result["evicted"], evicted = evicted, 0
+                    done.set()
+            with self._lock:
                 idle = not self._active and not self._swapped and not self._waiting
                 if idle and not self._busy:
                     self._lock.wait(1.0)
@@ -235,8 +286,10 @@ class Engine:
 
     def _update_stats(self):
         st = self.pool.stats()
+        cache_bytes = sum(e.ctx.kv_bytes_held for e in self._cache.values())
         with self._lock:
             self.stats = st
+            self.cache_bytes_held = cache_bytes
             self.peak_bytes_held = max(self.peak_bytes_held, st.bytes_held)
             self.peak_active = max(self.peak_active, len(self._active))
 
@@ -270,12 +323,13 @@ class Engine:
             try:
                 counts = seq.ctx.scheme_counts(-1)
                 for s, c in enumerate(counts):
-                    self.scheme_tokens[s] += c
+                    self.scheme_tokens[s] += c - (seq.counted[s] if seq.counted else 0)
             except MoasError:
                 pass
-            seq.ctx.close()
+            if not self._cache_put(seq):
+                seq.ctx.close()
+                self._n_closed += 1
             seq.ctx = None
-            self._n_closed += 1
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
@@ -298,6 +352,46 @@ class Engine:
                 self._waiting.remove(r)
                 self.counters["cancelled_in_queue"] += 1
 
+    # ---- the prompt cache --------------------------------------------------------------
+
+    def _cache_put(self, seq):
+        """Keep a finished request's first context in the cache (True), superseding the
+        entries its tokens begin with, least recently used out beyond prompt_cache."""
+        req = seq.req
+        tokens = tuple(req.prompt_ids) + tuple(seq.generated)
+        if (self.prompt_cache <= 0 or seq.index != 0 or not seq.done or req.cancelled
+                or seq.ctx.n_past != len(tokens)):
+            return False
+        for key in [k for k, e in self._cache.items()
+                    if e.tokens == tokens[:len(e.tokens)]]:
+            self._drop(key)
+        self._cache[next(self._cache_ids)] = CacheEntry(tokens, seq.ctx)
+        while len(self._cache) > self.prompt_cache:
+            self._drop(next(iter(self._cache)))
+        return True
+
+    def _cache_find(self, prompt):
+        """(key, n): the entry sharing the longest prefix with the prompt and how many
+        of its tokens to reuse (at most all but the prompt's last, whose logits the
+        request needs); (None, 0) when none shares any."""
+        best, best_n = None, 0
+        for key, e in self._cache.items():
+            n = common_prefix(e.tokens, prompt)
+            if n > best_n:
+                best, best_n = key, n
+        n = min(best_n, len(prompt) - 1)
+        return (best, n) if n > 0 else (None, 0)
+
+    def _drop(self, key):
+        self._cache.pop(key).ctx.close()
+        self._n_closed += 1
+        self.counters["prompt_cache_evictions"] += 1
+
+    def _evict(self, n):
+        """Give back the pages of the n least recently used entries."""
+        for key in list(self._cache)[:n]:
+            self._drop(key)
+
     def _seq_closed(self, seq):
         req = seq.req
         if seq in req.seqs:
@@ -309,7 +403,9 @@ class Engine:
                 p = len(req.prompt_ids)
                 self._send(req, "done", {"prompt_tokens": p,
                                          "completion_tokens": req.completion_tokens,
-                                         "total_tokens": p + req.completion_tokens})
+                                         "total_tokens": p + req.completion_tokens,
+                                         "prompt_tokens_details": {
+                                             "cached_tokens": req.cached_tokens}})
                 self.counters["completed"] += 1
             else:
                 self.counters["cancelled"] += 1
@@ -335,6 +431,8 @@ class Engine:
     def _resume(self):
         """Bring swapped-out sequences back, oldest first, while their state fits, and
         only once a sequence has given its pages back since (no ping-pong)."""
+        if self._swapped:
+            self._evict(len(self._cache))   # swapped sequences before cached prompts
         while self._swapped and len(self._active) < self.max_sequences:
             seq = self._swapped[0]
             if self._active and (self._n_closed <= seq.swap_mark or
@@ -369,13 +467,29 @@ class Engine:
                 if not self._waiting or len(self._active) >= self.max_sequences:
                     return
                 req = self._waiting[0]
-                need = self._need(req)
-                if need + (self.headroom_bytes if self._active else 0) > free:
+            hit, reuse = self._cache_find(req.prompt_ids)
+            headroom = self.headroom_bytes if self._active else 0
+            while self._need(req, reuse) + headroom > free:
+                if not self._cache:
                     return
-                free -= need
+                # cached prompts give their pages back before a request waits: the
+                # least recently used first, the one this request would reuse last
+                victim = next((k for k in self._cache if k != hit), hit)
+                if victim == hit:
+                    hit, reuse = None, 0
+                self._drop(victim)
+                free = self._free_bytes() - self._committed()
+            free -= self._need(req, reuse)
+            with self._lock:
                 self._waiting.popleft()
             seq = Seq(req, 0)
-            seq.ctx = self._context()
+            if hit is not None:
+                seq.ctx = self._cache_fork(hit, reuse)
+            if seq.ctx is not None:
+                seq.prefill = req.cached_tokens = reuse
+                seq.counted = seq.ctx.scheme_counts(-1)
+            else:
+                seq.ctx = self._context()
             seq.sampler = Sampler(self.model, seed=req.seed, **req.sampling)
             seq.sampler.accept(req.prompt_ids)
             req.seqs.append(seq)
@@ -384,6 +498,25 @@ class Engine:
             self._active.append(seq)
             self.counters["admitted"] += 1
             self._send(req, "admitted")
+
+    def _cache_fork(self, key, n):
+        """A context holding the first n tokens of entry `key` (its pages shared), or
+        None when the pool has no room for the fork's partly filled pages."""
+        try:
+            ctx = self._cache[key].ctx.fork()
+        except MoasError as e:
+            if e.status != Status.ERR_POOL_FULL:
+                raise
+            return None
+        try:
+            ctx.truncate(n)
+        except MoasError:
+            ctx.close()
+            raise
+        self._cache.move_to_end(key)
+        self.counters["prompt_cache_hits"] += 1
+        self.counters["prompt_cache_reused_tokens"] += n
+        return ctx
 
     def _batch(self):
         batch, budget = [], self.step_prefill
@@ -417,6 +550,9 @@ class Engine:
         except MoasError as e:
             if e.status != Status.ERR_POOL_FULL:
                 raise
+            if self._cache:   # cached prompts go first; the step is retried without them
+                self._evict(len(self._cache))
+                return
             if len(self._active) <= 1:   # alone and still too large: end it
                 for seq, _ in batch:
                     self._finish(seq, "length")
@@ -465,6 +601,8 @@ class Engine:
                 # no room to fork now: this choice reads the prompt itself later
                 child.prefill = 0
                 child.ctx = self._context()
+            if child.prefill:
+                child.counted = child.ctx.scheme_counts(-1)   # the prompt's, counted once
             child.sampler = Sampler(self.model, seed=req.seed + i, **req.sampling)
             child.sampler.accept(req.prompt_ids)
             req.seqs.append(child)
@@ -485,6 +623,7 @@ class Engine:
     def _emit_token(self, seq, token):
         req = seq.req
         seq.pending = None
+        seq.generated.append(token)
         seq.n_gen += 1
         req.completion_tokens += 1
         seq.held += self.model.token_text(token)

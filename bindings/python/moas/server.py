@@ -188,7 +188,7 @@ class Server:
                              prefill_chunk=args.prefill_chunk, n_threads=args.threads,
                              kv_type=args.kv_type, step_delay=args.step_delay,
                              steer_below=args.steer_below, forced_scheme=args.force_scheme,
-                             deliver=self._deliver)
+                             prompt_cache=args.prompt_cache, deliver=self._deliver)
         n_ctx = self.engine.n_ctx
         self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
                     "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),
@@ -218,6 +218,7 @@ class Server:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/pool", self.pool)
+        app.router.add_post("/v1/prompt_cache/clear", self.clear_cache)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/", self.index)
@@ -275,7 +276,17 @@ class Server:
             "bytes_used": st.bytes_used, "pages": st.n_pages, "pages_free": st.pages_free,
             "sequences_active": snap["active"], "sequences_swapped": snap["swapped"],
             "requests_queued": snap["queued"],
+            "prompt_cache_entries": snap["cache_entries"],
+            "prompt_cache_entry_tokens": snap["cache_tokens"],
+            "prompt_cache_bytes_held": snap["cache_bytes_held"],
             "tokens_per_second": round(snap["tokens_per_second"], 1)})
+
+    async def clear_cache(self, request):
+        evicted = await self.loop.run_in_executor(None, self.engine.clear_cache)
+        if evicted is None:
+            raise ApiError(503, "the engine did not clear the prompt cache within 10 s",
+                           code="busy", headers={"Retry-After": "1"})
+        return web.json_response({"object": "prompt_cache.cleared", "evicted": evicted})
 
     async def metrics(self, request):
         snap = self.engine.snapshot()
@@ -306,6 +317,13 @@ class Server:
                [((), snap["swapped"])])
         metric("requests_queued", "gauge", "Requests waiting for room.",
                [((), snap["queued"])])
+        metric("prompt_cache_entries", "gauge", "Finished requests' contexts kept for reuse.",
+               [((), snap["cache_entries"])])
+        metric("prompt_cache_entry_tokens", "gauge", "Tokens those contexts hold.",
+               [((), snap["cache_tokens"])])
+        metric("prompt_cache_bytes_held", "gauge", "Bytes of the pages those contexts hold "
+               "(a page two of them share counted in each).",
+               [((), snap["cache_bytes_held"])])
         metric("tokens_per_second", "gauge", "Generated tokens per second, last 10 s.",
                [((), "%.1f" % snap["tokens_per_second"])])
         metric("generated_tokens_total", "counter", "Tokens generated.",
@@ -316,7 +334,12 @@ class Server:
                [((), c.get("steps", 0))])
         for name, help_ in (("forks", "Sequences forked from a prompt (n > 1)."),
                             ("swapped_out", "Sequences swapped out when a step did not fit."),
-                            ("resumed", "Swapped sequences brought back.")):
+                            ("resumed", "Swapped sequences brought back."),
+                            ("prompt_cache_hits", "Requests that began from a cached prompt."),
+                            ("prompt_cache_reused_tokens", "Prompt tokens taken from the cache, "
+                             "not read again."),
+                            ("prompt_cache_evictions", "Cached prompts whose pages went back "
+                             "to the pool.")):
             metric(name + "_total", "counter", help_, [((), c.get(name, 0))])
         total = sum(snap["scheme_tokens"]) or 1
         metric("scheme_token_layers_total", "counter",
@@ -516,13 +539,19 @@ def parse_args(argv=None):
     ap.add_argument("--force-scheme", type=int, default=-1,
                     help="routed mode: every token takes scheme S (0: an MHA-sized cache, "
                     "for comparisons); -1: the router")
+    ap.add_argument("--prompt-cache", type=int, default=8,
+                    help="finished requests whose context is kept, so that a later prompt "
+                    "beginning with its tokens reads only the rest; their pages go back "
+                    "whenever the pool needs them (8; 0: none; none with --steer-below)")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step (slow motion for demos, tests)")
     args = ap.parse_args(argv)
     if args.api_key is None:
         args.api_key = os.environ.get("MOAS_API_KEY") or None
-    if args.max_sequences < 1 or args.max_queue < 0 or args.pool_mb <= 0:
-        ap.error("--max-sequences must be >= 1, --max-queue >= 0, --pool-mb > 0")
+    if (args.max_sequences < 1 or args.max_queue < 0 or args.pool_mb <= 0
+            or args.prompt_cache < 0):
+        ap.error("--max-sequences must be >= 1, --max-queue >= 0, --pool-mb > 0, "
+                 "--prompt-cache >= 0")
     return args
 
 

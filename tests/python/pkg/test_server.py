@@ -162,7 +162,9 @@ def test_health_models_metrics_page(server):
 
 
 def test_completion_equals_generate_alone(server, model):
-    for seed, temp in ((1, 0.0), (2, 0.9), (3, 1.3)):
+    # the first request reads its prompt; the later ones take all of it but its last
+    # token from the prompt cache, and their text is still the same bits
+    for i, (seed, temp) in enumerate(((1, 0.0), (2, 0.9), (3, 1.3))):
         status, _, body = server.complete(prompt=PROMPT, max_tokens=20, temperature=temp,
                                           seed=seed, top_k=20, top_p=0.95, min_p=0.01,
                                           repetition_penalty=1.1)
@@ -172,7 +174,9 @@ def test_completion_equals_generate_alone(server, model):
         assert body["choices"][0]["text"] == want
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 20,
-                                 "total_tokens": len(PROMPT) + 20}
+                                 "total_tokens": len(PROMPT) + 20,
+                                 "prompt_tokens_details": {
+                                     "cached_tokens": len(PROMPT) - 1 if i else 0}}
         assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
 
 
@@ -277,10 +281,12 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
 
 
 def wait_idle(server, timeout=10):
+    """Metrics once no sequence decodes and only the prompt cache holds pages."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         m = server.metrics()
-        if m["moas_sequences_active"] == 0 and m["moas_pool_bytes_held"] == 0:
+        if (m["moas_sequences_active"] == 0 and m["moas_sequences_swapped"] == 0
+                and m["moas_pool_bytes_held"] <= m["moas_prompt_cache_bytes_held"]):
             return m
         time.sleep(0.05)
     raise AssertionError("pages still held: %r" % server.metrics())
@@ -302,7 +308,12 @@ def test_disconnect_mid_stream_frees_pages(server):
     assert len(events) >= 3
     t.join(60)
     assert result["r"][0] == 200
-    m = wait_idle(server)
+    wait_idle(server)
+    # the prompt cache keeps finished requests' contexts; cleared, every page is free
+    status, _, body = server.request("POST", "/v1/prompt_cache/clear")
+    assert status == 200 and body["evicted"] >= 1
+    m = server.metrics()
+    assert m["moas_prompt_cache_entries"] == 0 and m["moas_prompt_cache_bytes_held"] == 0
     assert m["moas_pool_pages_free"] * 256 == m["moas_pool_bytes_capacity"]
 
 
@@ -377,8 +388,56 @@ def test_pool_too_small_swaps_and_loses_nothing(model):
         run_clients(s, model, clients=8, per_client=2, max_tokens=40)
         m = wait_idle(s)
         assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1
+        # the prompts share prefixes: some came from the cache, whose pages went back
+        # when the pool needed them
+        assert m["moas_prompt_cache_hits_total"] >= 1
+        assert m["moas_prompt_cache_evictions_total"] >= 1
     finally:
         s.close()
+
+
+def test_prompt_cache_continues_a_conversation(model):
+    # turn two's prompt is turn one's prompt and text and more: all but the new part
+    # comes from the cache; the same prompt again takes all but its last token; every
+    # text equals the request decoded alone, in both modes, and a server without the
+    # cache gives the same texts with no cached tokens
+    for mode in ("routed", "mixture"):
+        texts = {}
+        for cache in ("8", "0"):
+            s = Server("--pool-mb", "1", "--mode", mode, "--prompt-cache", cache)
+            try:
+                got, turns = [], []
+                prompt = PROMPT
+                for turn, seed in enumerate((21, 22, 22, 23)):
+                    status, _, body = s.complete(prompt=prompt, max_tokens=12, seed=seed,
+                                                 temperature=1.0)
+                    assert status == 200, body
+                    text = body["choices"][0]["text"]
+                    assert text == model.generate(prompt, 12, seed=seed, mode=mode,
+                                                  temperature=1.0)
+                    got.append(text)
+                    turns.append((prompt, body["usage"]["prompt_tokens_details"]
+                                  ["cached_tokens"]))
+                    if turn != 1:   # turn 2 asks turn 1's question again
+                        prompt = prompt + text + " And"
+                m = s.metrics()
+                if cache == "0":
+                    assert [c for _, c in turns] == [0, 0, 0, 0]
+                    assert m["moas_prompt_cache_entries"] == 0
+                else:
+                    p0, p1, p3 = turns[0][0], turns[1][0], turns[3][0]
+                    assert [c for _, c in turns] == [0, len(p0) + 12, len(p1) - 1,
+                                                     len(p1) + 12]
+                    assert m["moas_prompt_cache_hits_total"] == 3
+                    assert m["moas_prompt_cache_reused_tokens_total"] == sum(
+                        c for _, c in turns)
+                    # each turn's entry supersedes the one it continued
+                    assert m["moas_prompt_cache_entries"] == 1
+                    assert m["moas_prompt_cache_entry_tokens"] == len(p3) + 12
+                texts[cache] = got
+            finally:
+                s.close()
+        assert texts["8"] == texts["0"]
 
 
 def run_clients(server, model, clients, per_client, max_tokens):
@@ -472,3 +531,40 @@ def test_engine_delivers_done_in_the_step_that_finished(model):
         engine.close()
     last = [kinds for kinds in batches if "finish" in kinds]
     assert len(last) == 1 and "done" in last[0], batches
+
+
+def test_cached_prompts_give_pages_back_before_a_request_is_cut(model):
+    # a pool that holds one request of 14 + 40 tokens (every scheme stored), not two:
+    # the first request's context stays in the cache, the second (another prompt) is
+    # admitted beside it and, when its tokens need the cache's pages, gets them, rather
+    # than being swapped out or ended early as a sequence too large for the pool
+    from moas.engine import Engine, Request
+    results = {}
+
+    def run(engine, prompt, seed):
+        done, texts = threading.Event(), []
+
+        def emit(event):
+            if event.kind == "text":
+                texts.append(event.data[1])
+            elif event.kind in ("done", "error"):
+                results[seed] = (event, "".join(texts))
+                done.set()
+        assert engine.submit(Request(model.tokenize(prompt), max_tokens=40, seed=seed,
+                                     temperature=1.0, emit=emit))
+        assert done.wait(30)
+        return results[seed]
+
+    engine = Engine(model, pool_bytes=64 << 10, mode="mixture")
+    try:
+        for prompt, seed in ((PROMPT, 31), ("God saw the light", 32)):
+            event, text = run(engine, prompt, seed)
+            assert event.kind == "done" and event.data["completion_tokens"] == 40
+            assert text == model.generate(prompt, 40, seed=seed, mode="mixture",
+                                          temperature=1.0)
+        snap = engine.snapshot()
+        assert snap["counters"]["prompt_cache_evictions"] >= 1
+        assert snap["counters"].get("swapped_out", 0) == 0
+        assert snap["cache_entries"] == 1
+    finally:
+        engine.close()
