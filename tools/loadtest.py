@@ -259,7 +259,8 @@ def main():
             # still held would be a sequence never closed
             r["prompt_cache_hits"] = m["moas_prompt_cache_hits_total"] - hits
             hits = m["moas_prompt_cache_hits_total"]
-            get(port, "/v1/prompt_cache/clear", "POST")
+            cleared = get(port, "/v1/prompt_cache/clear", "POST")
+            r["prompt_cache_cleared"] = '"prompt_cache.cleared"' in cleared
             m = metrics(port)
             r["pool_bytes_held_after"] = m["moas_pool_bytes_held"]
             r["rss_after_kb"] = rss_kb(proc.pid)
@@ -275,7 +276,7 @@ def main():
     report["server_errors_logged"] = sum(1 for line in server_log if "Traceback" in line)
     bad = report["server_errors_logged"] or any(
         r["lost"] or r["corrupted"] or r["other_errors"] or r["pool_bytes_held_after"]
-        for r in report["rounds"])
+        or not r["prompt_cache_cleared"] for r in report["rounds"])
     if args.json:
         print(json.dumps(report))
     else:

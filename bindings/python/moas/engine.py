@@ -126,6 +126,8 @@ class Engine:
         self.prompt_cache = prompt_cache if steer_below <= 0 else 0
         self._cache = collections.OrderedDict()   # id -> CacheEntry, least recent first
         self._cache_ids = itertools.count()
+        # the cache as the engine thread last saw it (snapshot() must not walk it)
+        self.cache_entries = self.cache_tokens = 0
         self.cache_bytes_held = 0                # pages the entries hold, a shared one in each
         self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
                          n_threads=n_threads, steer_below=steer_below, commit=True)
@@ -194,8 +196,8 @@ class Engine:
                         tokens_per_second=tokens / span if span > 0.5 else 0.0,
                         counters=dict(self.counters), scheme_tokens=list(self.scheme_tokens),
                         peak_bytes_held=self.peak_bytes_held, peak_active=self.peak_active,
-                        cache_entries=len(self._cache), cache_bytes_held=self.cache_bytes_held,
-                        cache_tokens=sum(len(e.tokens) for e in self._cache.values()))
+                        cache_entries=self.cache_entries, cache_tokens=self.cache_tokens,
+                        cache_bytes_held=self.cache_bytes_held)
 
     def clear_cache(self, timeout=10.0):
         """Give back the pages of every cached prompt, between two steps; returns how
@@ -213,7 +215,12 @@ class Engine:
         self._thread.join()
         for seq in self._active + self._swapped:
             self._close_seq(seq)
-        self._evict(len(self._cache))
+        evicted = len(self._cache)
+        self._evict(evicted)
+        for done, result in self._clears:   # asked for while the engine stopped
+            result["evicted"], evicted = evicted, 0
+            done.set()
+        self._clears = []
         self.pool.close()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -238,7 +245,7 @@ class Engine:
                     done.set()
             with self._lock:
                 idle = not self._active and not self._swapped and not self._waiting
-                if idle and not self._busy:
+                if idle and not self._busy and not self._clears:
                     self._lock.wait(1.0)
                     continue
             if idle:
@@ -275,20 +282,27 @@ class Engine:
         batch = self._batch()
         if batch:
             self._step(batch)
-            self._reap()      # the requests this step finished get their "done" now,
-            self._deliver()   # with the step's last tokens, not one step later
+            # the requests this step finished get their "done" now, with the step's last
+            # tokens, not one step later; the statistics first, so that what a client
+            # asks next sees their end
+            self._reap()
+            self._update_stats()
+            self._deliver()
             if self.step_delay:
                 time.sleep(self.step_delay)
-        self._update_stats()
-        if not batch:
+        else:
+            self._update_stats()
             with self._lock:   # waiting for room: let time pass (or a cancel arrive)
                 self._lock.wait(0.005)
 
     def _update_stats(self):
         st = self.pool.stats()
-        cache_bytes = sum(e.ctx.kv_bytes_held for e in self._cache.values())
+        entries = list(self._cache.values())
+        cache_bytes = sum(e.ctx.kv_bytes_held for e in entries)
+        cache_tokens = sum(len(e.tokens) for e in entries)
         with self._lock:
             self.stats = st
+            self.cache_entries, self.cache_tokens = len(entries), cache_tokens
             self.cache_bytes_held = cache_bytes
             self.peak_bytes_held = max(self.peak_bytes_held, st.bytes_held)
             self.peak_active = max(self.peak_active, len(self._active))
@@ -477,21 +491,28 @@ class Engine:
                 victim = next((k for k in self._cache if k != hit), hit)
                 if victim == hit:
                     hit, reuse = None, 0
+                before = self._free_bytes()
                 self._drop(victim)
-                free = self._free_bytes() - self._committed()
+                free += self._free_bytes() - before
+            seq = Seq(req, 0)
+            try:
+                seq.ctx = self._cache_fork(hit, reuse) if hit is not None else None
+                if seq.ctx is None:
+                    reuse = 0
+                    seq.ctx = self._context()
+                seq.prefill = req.cached_tokens = reuse
+                seq.counted = seq.ctx.scheme_counts(-1) if reuse else None
+                seq.sampler = Sampler(self.model, seed=req.seed, **req.sampling)
+                seq.sampler.accept(req.prompt_ids)
+            except Exception as e:   # noqa: BLE001 - this request fails, the others go on
+                self._close_seq(seq)
+                with self._lock:
+                    self._waiting.popleft()
+                self._fail(req, 500, "internal error: %s" % e, "internal_error")
+                continue
             free -= self._need(req, reuse)
             with self._lock:
                 self._waiting.popleft()
-            seq = Seq(req, 0)
-            if hit is not None:
-                seq.ctx = self._cache_fork(hit, reuse)
-            if seq.ctx is not None:
-                seq.prefill = req.cached_tokens = reuse
-                seq.counted = seq.ctx.scheme_counts(-1)
-            else:
-                seq.ctx = self._context()
-            seq.sampler = Sampler(self.model, seed=req.seed, **req.sampling)
-            seq.sampler.accept(req.prompt_ids)
             req.seqs.append(seq)
             req.n_open = 1
             self._requests[req.id] = req
@@ -499,14 +520,27 @@ class Engine:
             self.counters["admitted"] += 1
             self._send(req, "admitted")
 
+    def _fork_or_none(self, ctx, keep=None):
+        """ctx.fork(); when the pool has no room for the fork's partly filled pages, the
+        cache's entries (but `keep`) give theirs back and it tries again; None if there
+        is still no room."""
+        for attempt in (0, 1):
+            try:
+                return ctx.fork()
+            except MoasError as e:
+                if e.status != Status.ERR_POOL_FULL:
+                    raise
+            others = [k for k in self._cache if k != keep]
+            if attempt or not others:
+                return None
+            for key in others:
+                self._drop(key)
+
     def _cache_fork(self, key, n):
         """A context holding the first n tokens of entry `key` (its pages shared), or
-        None when the pool has no room for the fork's partly filled pages."""
-        try:
-            ctx = self._cache[key].ctx.fork()
-        except MoasError as e:
-            if e.status != Status.ERR_POOL_FULL:
-                raise
+        None when the pool has no room for the fork."""
+        ctx = self._fork_or_none(self._cache[key].ctx, keep=key)
+        if ctx is None:
             return None
         try:
             ctx.truncate(n)
@@ -593,12 +627,8 @@ class Engine:
         for i in range(1, req.n):
             child = Seq(req, i)
             child.prefill = len(req.prompt_ids)
-            try:
-                child.ctx = parent.ctx.fork()
-            except MoasError as e:
-                if e.status != Status.ERR_POOL_FULL:
-                    raise
-                # no room to fork now: this choice reads the prompt itself later
+            child.ctx = self._fork_or_none(parent.ctx)
+            if child.ctx is None:   # no room to fork now: it reads the prompt itself later
                 child.prefill = 0
                 child.ctx = self._context()
             if child.prefill:

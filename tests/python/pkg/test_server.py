@@ -164,6 +164,7 @@ def test_health_models_metrics_page(server):
 def test_completion_equals_generate_alone(server, model):
     # the first request reads its prompt; the later ones take all of it but its last
     # token from the prompt cache, and their text is still the same bits
+    assert server.request("POST", "/v1/prompt_cache/clear")[0] == 200
     for i, (seed, temp) in enumerate(((1, 0.0), (2, 0.9), (3, 1.3))):
         status, _, body = server.complete(prompt=PROMPT, max_tokens=20, temperature=temp,
                                           seed=seed, top_k=20, top_p=0.95, min_p=0.01,
@@ -292,6 +293,18 @@ def wait_idle(server, timeout=10):
     raise AssertionError("pages still held: %r" % server.metrics())
 
 
+def assert_every_page_back(server):
+    """Once idle, with the prompt cache cleared, every page is free: no sequence's
+    context was left open."""
+    wait_idle(server)
+    status, _, body = server.request("POST", "/v1/prompt_cache/clear")
+    assert status == 200 and body["object"] == "prompt_cache.cleared", body
+    m = server.metrics()
+    assert m["moas_prompt_cache_entries"] == 0 and m["moas_prompt_cache_bytes_held"] == 0
+    assert m["moas_pool_pages_free"] * 256 == m["moas_pool_bytes_capacity"], m
+    return m, body["evicted"]
+
+
 def test_disconnect_mid_stream_frees_pages(server):
     wait_idle(server)
     done = threading.Event()
@@ -308,13 +321,10 @@ def test_disconnect_mid_stream_frees_pages(server):
     assert len(events) >= 3
     t.join(60)
     assert result["r"][0] == 200
-    wait_idle(server)
-    # the prompt cache keeps finished requests' contexts; cleared, every page is free
-    status, _, body = server.request("POST", "/v1/prompt_cache/clear")
-    assert status == 200 and body["evicted"] >= 1
-    m = server.metrics()
-    assert m["moas_prompt_cache_entries"] == 0 and m["moas_prompt_cache_bytes_held"] == 0
-    assert m["moas_pool_pages_free"] * 256 == m["moas_pool_bytes_capacity"]
+    # the finished request's first choice stays in the prompt cache (a cancelled one
+    # never does)
+    _, evicted = assert_every_page_back(server)
+    assert evicted >= 1
 
 
 def test_api_key():
@@ -386,7 +396,7 @@ def test_pool_too_small_swaps_and_loses_nothing(model):
     s = Server("--pool-mb", "0.06", "--mode", "routed", "--queue-timeout", "60")
     try:
         run_clients(s, model, clients=8, per_client=2, max_tokens=40)
-        m = wait_idle(s)
+        m, _ = assert_every_page_back(s)
         assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1
         # the prompts share prefixes: some came from the cache, whose pages went back
         # when the pool needed them
@@ -421,6 +431,11 @@ def test_prompt_cache_continues_a_conversation(model):
                     if turn != 1:   # turn 2 asks turn 1's question again
                         prompt = prompt + text + " And"
                 m = s.metrics()
+                # every token a request decoded counted once per layer, a cached prefix
+                # by the request that read it
+                decoded = sum(len(p) - c + 12 for p, c in turns)
+                assert sum(v for k, v in m.items() if k.startswith(
+                    "moas_scheme_token_layers_total")) == decoded * model.n_layer
                 if cache == "0":
                     assert [c for _, c in turns] == [0, 0, 0, 0]
                     assert m["moas_prompt_cache_entries"] == 0
@@ -482,7 +497,7 @@ def test_short_load_loses_nothing(server, model):
     texts = run_clients(server, model, clients=16, per_client=3, max_tokens=24)
     assert sum(map(len, texts)) == 16 * 3 * 24
     assert time.time() - start < 60
-    wait_idle(server)
+    assert_every_page_back(server)
 
 
 def test_random_bodies_never_5xx(server):
@@ -566,5 +581,98 @@ def test_cached_prompts_give_pages_back_before_a_request_is_cut(model):
         assert snap["counters"]["prompt_cache_evictions"] >= 1
         assert snap["counters"].get("swapped_out", 0) == 0
         assert snap["cache_entries"] == 1
+    finally:
+        engine.close()
+
+
+def test_conversation_bench_reports_the_cache(tmp_path):
+    # tools/conversation_bench.py: every later turn reuses the turn before, whole,
+    # with the cache; nothing without it; the texts are the same
+    text = tmp_path / "text.txt"
+    text.write_text(PROMPT * 8)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "conversation_bench.py"), "-m", MODEL,
+         "--rounds", "1", "--first", "10", "--turns", "3", "--add", "5", "--max-tokens", "8",
+         "-t", "1", "--text", str(text), "--json"], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+    assert out.returncode == 0, out.stdout
+    report = json.loads(out.stdout)
+    assert report["same_text"] is True
+    rows = {(r["prompt_cache"], r["turn"]): r for r in report["rows"]}
+    assert [rows[8, t]["prompt_chars"] for t in (1, 2, 3)] == [10, 23, 36]
+    # turn 1 shares the warm-up's 8 characters; each later one the turn before and its text
+    assert [rows[8, t]["cached_tokens"] for t in (1, 2, 3)] == [8, 18, 31]
+    assert [rows[0, t]["cached_tokens"] for t in (1, 2, 3)] == [0, 0, 0]
+    assert all(r["ttft_ms"] > 0 and r["total_ms"] >= r["ttft_ms"] for r in rows.values())
+
+
+def engine_run(engine, model, prompt, seed, max_tokens, cancel_after=None):
+    """Submit a request and wait for its end: (the last event, the text)."""
+    from moas.engine import Request
+    done, texts, box = threading.Event(), [], {}
+
+    def emit(event):
+        if event.kind == "text":
+            texts.append(event.data[1])
+            if cancel_after is not None and len(texts) == cancel_after:
+                engine.cancel(box["req"])
+                done.set()
+        elif event.kind in ("done", "error"):
+            box["end"] = event
+            done.set()
+    box["req"] = Request(model.tokenize(prompt), max_tokens=max_tokens, seed=seed,
+                         temperature=1.0, emit=emit)
+    assert engine.submit(box["req"])
+    assert done.wait(30)
+    return box.get("end"), "".join(texts)
+
+
+def test_prompt_cache_evicts_for_admission_and_keeps_the_entry_it_reuses(model):
+    # 64 KB of pages in mixture mode: two entries of 14 + 20 and 17 + 20 tokens leave
+    # too little for the next prompt, which continues the older entry; the newer one
+    # (not the least recently used) goes, and the prompt still reuses the older
+    from moas.engine import Engine, common_prefix
+    engine = Engine(model, pool_bytes=64 << 10, mode="mixture", queue_timeout=5)
+    try:
+        first = engine_run(engine, model, PROMPT, 1, 20)[1]
+        engine_run(engine, model, "God saw the light", 2, 20)
+        prompt = PROMPT + "Let there be light"
+        end, text = engine_run(engine, model, prompt, 3, 20)
+        assert end.kind == "done", end
+        want = common_prefix(model.tokenize(PROMPT + first), model.tokenize(prompt))
+        assert want >= len(PROMPT)
+        assert end.data["prompt_tokens_details"]["cached_tokens"] == want
+        assert text == model.generate(prompt, 20, seed=3, mode="mixture", temperature=1.0)
+        snap = engine.snapshot()
+        assert snap["counters"]["prompt_cache_evictions"] == 1
+        assert snap["counters"]["prompt_cache_hits"] == 1
+    finally:
+        engine.close()
+
+
+def test_prompt_cache_keeps_what_was_used_last_and_no_cancelled_request(model):
+    # two entries at most: a hit makes its entry the most recently used, so the entry
+    # of the request between them goes first; a request cancelled midway is not kept
+    from moas.engine import Engine
+    engine = Engine(model, pool_bytes=1 << 20, mode="routed", prompt_cache=2)
+    try:
+        first = engine_run(engine, model, PROMPT, 1, 10)[1]
+        engine_run(engine, model, "God saw the light", 2, 10)
+        end, _ = engine_run(engine, model, PROMPT, 3, 10)          # reuses the first
+        assert end.data["prompt_tokens_details"]["cached_tokens"] == len(PROMPT) - 1
+        assert engine.snapshot()["cache_entries"] == 2
+        end, text = engine_run(engine, model, PROMPT + first + " And", 4, 10)
+        assert end.data["prompt_tokens_details"]["cached_tokens"] == len(PROMPT + first)
+        assert text == model.generate(PROMPT + first + " And", 10, seed=4, mode="routed",
+                                      temperature=1.0)
+        before = engine.snapshot()["counters"]["prompt_cache_evictions"]
+        end, _ = engine_run(engine, model, "God saw", 5, 40, cancel_after=2)
+        deadline = time.time() + 10
+        while engine.snapshot()["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        snap = engine.snapshot()
+        assert snap["active"] == 0 and snap["cache_entries"] == 2
+        assert snap["counters"]["prompt_cache_evictions"] == before
+        assert engine.clear_cache() == 2 and engine.snapshot()["cache_entries"] == 0
     finally:
         engine.close()
