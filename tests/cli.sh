@@ -296,6 +296,32 @@ grep -q "learned positions (no shift)" "$tmp/slide.err" || fail "generate: re-en
 # wrote past the window's end before)
 "$moas" generate -m "$data/tiny-modern-pooled-nobias.gguf" -p "A" -n 3 -c 1 --seed 1 \
     >/dev/null 2>"$tmp/c1.err" || fail "generate -c 1 on a RoPE model: $(cat "$tmp/c1.err")"
+grep -q "is full and too short to shift" "$tmp/c1.err" \
+    || fail "generate -c 1: why there is no shift: $(cat "$tmp/c1.err")"
+
+# the K/V type and a forced scheme, asked for and reported (text and JSON), on the
+# shipped model (Q8_0 K/V needs heads of 32)
+shipped=models/moas-kjv.gguf
+"$moas" bench -m "$shipped" --n-prompt 8 -n 4 -r 1 -t 1 --mode routed --force-scheme 2 \
+    --kv-type q8_0 --json >"$tmp/bq.json"
+"$moas" bench -m "$shipped" --n-prompt 8 -n 4 -r 1 -t 1 --mode routed --force-scheme 2 \
+    --kv-type q8_0 | grep -q "^model .*(routed mode, every token on scheme 2, q8_0 K/V, " \
+    || fail "bench: forced scheme and K/V type not said"
+"$moas" batched-bench -m "$shipped" -npp 8 -ntg 4 -npl 2 -t 1 --mode routed --force-scheme 2 \
+    --kv-type q8_0 --json >"$tmp/bbq.json"
+"$moas" batched-bench -m "$shipped" -npp 8 -ntg 4 -npl 2 -t 1 --mode routed --kv-type f16 \
+    --json >"$tmp/bbf.json"
+python3 - "$tmp/bq.json" "$tmp/bbq.json" "$tmp/bbf.json" <<'PY' || fail "--kv-type, --force-scheme"
+import json, sys
+bench, forced, free = (json.loads(open(p).read().splitlines()[-1]) for p in sys.argv[1:])
+assert (bench["kv_type"], bench["forced_scheme"]) == ("q8_0", 2), bench
+assert (forced["kv_type"], forced["forced_scheme"]) == ("q8_0", 2), forced
+assert (free["kv_type"], free["forced_scheme"]) == ("f16", -1), free
+# every token on MQA: one K and one V row a token and layer (4 layers), a Q8_0 row of
+# 32 elements 34 bytes; the router's mix in f16 stores more
+assert forced["stored_bytes"] == forced["n_kv"] * 4 * 2 * 34, forced
+assert forced["stored_bytes"] < free["stored_bytes"], (forced, free)
+PY
 expect_error 2 "generate needs a prompt" "$moas" generate -m "$model" -n 3
 expect_error 1 "must be a finite number" "$moas" generate -m "$model" -p A --temp inf
 expect_error 1 "needs a size in" "$moas" batched-bench -m "$model" --pool-mb 1e30

@@ -42,7 +42,8 @@ def main():
                 out.append(model.token_text(token))
                 if ctx.n_past == ctx.n_ctx:
                     # full: go on from the last half of the window, decoded again from
-                    # position 0, as `moas generate` does
+                    # position 0, as `moas generate` does for learned positions (for a
+                    # RoPE model it shifts the cache instead: Context.shift)
                     if slides == 0:
                         print("generate.py: the context (%d tokens) is full: each time it "
                               "fills, generation goes on from its last %d tokens, decoded "

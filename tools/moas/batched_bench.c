@@ -359,11 +359,13 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
         printf("{\"pp\": %d, \"tg\": %d, \"b\": %d, \"n_kv\": %d, \"t_pp\": %.6f, \"s_pp\": %.2f, "
                "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
                "\"held_bytes\": %llu, \"stored_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, "
-               "\"mode\": \"%s\", \"shared_prompt\": %s",
+               "\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", "
+               "\"shared_prompt\": %s",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
                (unsigned long long)info.bytes_used, (unsigned long long)info.bytes_held,
                (unsigned long long)info.bytes_stored, pages, (unsigned long long)info.page_bytes,
-               o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->shared_prompt ? "true" : "false");
+               o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->fixed_scheme,
+               type_name(o->kv_type), o->shared_prompt ? "true" : "false");
         if (o->shared_prompt) {
             /* the forks' own tokens' bytes: every fork counts the prompt's as its own */
             const double own = (double)info.bytes_stored - (double)pl * (double)prompt_stored;
@@ -410,10 +412,13 @@ static int run(int argc, char **argv) {
         return rc;
     }
     if (!o.json) {
-        printf("model %s, %s mode, KV %s, threads %d%s\n\n", o.model_path,
-               o.mode == MOAS_MODE_ROUTED ? "routed" : "mixture",
-               o.kv_type == MOAS_TYPE_F16 ? "f16" : o.kv_type == MOAS_TYPE_Q8_0 ? "q8_0" : "f32", o.threads,
-               o.threads == 0 ? " (default)" : "");
+        char forced[48] = "";
+        if (o.fixed_scheme >= 0) {
+            snprintf(forced, sizeof forced, ", every token on scheme %d", o.fixed_scheme);
+        }
+        printf("model %s, %s mode%s, KV %s, threads %d%s\n\n", o.model_path,
+               o.mode == MOAS_MODE_ROUTED ? "routed" : "mixture", forced,
+               type_name(o.kv_type), o.threads, o.threads == 0 ? " (default)" : "");
         printf("|    PP |    TG |   B |   N_KV |   T_PP s |  S_PP t/s |   T_TG s |  S_TG t/s |"
                "      T s |    S t/s |    KV bytes |  pages |\n");
         printf("|-------|-------|-----|--------|----------|-----------|----------|-----------|"

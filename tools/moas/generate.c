@@ -255,7 +255,9 @@ static int run(int argc, char **argv) {
             /* RoPE models shift: the first tokens stay (attention sinks), half of the
              * rest goes, the later half moves down without being decoded again */
             const int32_t sink = n_ctx >= 16 ? 4 : 0, drop = (n_ctx - sink) / 2;
-            if (drop > 0 && moas_context_shift(ctx, sink, drop) == MOAS_OK) {
+            const moas_status shifted =
+                drop > 0 ? moas_context_shift(ctx, sink, drop) : MOAS_ERR_INVALID_ARG;
+            if (shifted == MOAS_OK) {
                 if (n_slides++ == 0) {
                     fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, "
                             "each time it fills, the first %d tokens stay, the next %d are "
@@ -269,10 +271,17 @@ static int run(int argc, char **argv) {
             } else {
                 const int32_t keep = n_ctx / 2;
                 if (n_slides++ == 0) {
-                    fprintf(stderr, "%smoas: the context (%d tokens) is full and the model has "
-                            "learned positions (no shift): from here on, each time it fills, "
-                            "generation goes on from its last %d tokens, decoded again from "
-                            "position 0\n", note_start(), n_ctx, keep);
+                    /* why there is no shift: learned positions (the model's kind), a
+                     * context too short to drop anything, or the shift's own error */
+                    const char *why = drop == 0 ? "too short to shift"
+                                      : shifted == MOAS_ERR_INVALID_ARG
+                                          ? "the model has learned positions (no shift)"
+                                          : "the shift failed: ";
+                    fprintf(stderr, "%smoas: the context (%d tokens) is full and %s%s: from "
+                            "here on, each time it fills, generation goes on from its last "
+                            "%d tokens, decoded again from position 0\n", note_start(), n_ctx,
+                            why, drop > 0 && shifted != MOAS_ERR_INVALID_ARG
+                                     ? moas_status_string(shifted) : "", keep);
                 }
                 memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
                 n_window = keep;

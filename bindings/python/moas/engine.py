@@ -29,8 +29,8 @@ Policy (docs/SERVING.md):
     forks the entry (full pages shared), truncates the fork to the common prefix and
     reads only the rest of its prompt: a conversation's next turn, or a shared
     instruction, is not read again. The text is the same bits as without the cache.
-    Entries give their pages back whenever the pool needs them (admission, a step that
-    does not fit, a swapped sequence coming back) before anything else. With
+    Entries give their pages back whenever the pool needs them (admission, a fork, a
+    step that does not fit, a swapped sequence coming back) before anything else. With
     steer_below there is no cache: its pages would make the pool steer sooner.
 """
 
