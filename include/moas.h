@@ -1010,7 +1010,9 @@ MOAS_API moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs
  * and child are independent: decoding one never changes the other.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, a parent without a pool
- *          of the caller's), MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY.
+ *          of the caller's), MOAS_ERR_POOL_FULL (fewer pages free than the copies of
+ *          the partly filled pages; moas_last_error() says how many it lacked; nothing
+ *          taken), MOAS_ERR_NO_MEMORY.
  * Thread safety: not while another thread uses `parent`.   Allocates: yes.
  */
 MOAS_API moas_status moas_context_fork(moas_context *parent, moas_context **out);

@@ -1144,13 +1144,24 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
         child->ws->parallel_min_work = parent->ws->parallel_min_work;
         child->ws->mm_hints = parent->ws->mm_hints;
     }
+    /* every stream's copy of its partly written last page at once, all or nothing,
+     * under one lock: no other call sees pages taken by a fork that then fails */
+    moas_pool *pool = parent->pool;
+    uint64_t copies = 0;
     for (int32_t i = 0; i < parent->n_streams; i++) {
-        if ((st = moas__kv_fork(parent->pool, &child->kv[i], &parent->kv[i],
-                                stream_heads(parent, i, parent->n_past))) != MOAS_OK) {
-            moas_context_free(child);
-            return fail(parent, st);
-        }
+        copies += moas__kv_fork_copies(pool, stream_heads(parent, i, parent->n_past));
     }
+    moas__pool_lock(pool);
+    if (copies > (uint64_t)pool->n_free) {
+        st = pool_full(pool, copies, "context_fork");
+        moas__pool_unlock(pool);
+        moas_context_free(child);
+        return fail(parent, st);
+    }
+    for (int32_t i = 0; i < parent->n_streams; i++) {
+        moas__kv_fork(pool, &child->kv[i], &parent->kv[i], stream_heads(parent, i, parent->n_past));
+    }
+    moas__pool_unlock(pool);
     const moas_model *m = parent->model;
     const size_t L = (size_t)m->n_layer, S = (size_t)m->n_scheme, n = (size_t)parent->n_past;
     if (parent->kv_offsets != NULL) {

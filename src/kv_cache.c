@@ -181,18 +181,15 @@ void moas__kv_trim(moas_pool *pool, moas_kv_stream *kv, uint32_t heads) {
     moas__pool_unlock(pool);
 }
 
-moas_status moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_stream *src,
-                          uint32_t heads) {
-    const uint32_t full = heads >> pool->page_shift;
-    const bool partial = (heads & ((uint32_t)pool->page_heads - 1)) != 0;
+uint32_t moas__kv_fork_copies(const moas_pool *pool, uint32_t heads) {
+    return (heads & ((uint32_t)pool->page_heads - 1)) != 0;
+}
 
-    moas__pool_lock(pool);
-    if (partial && pool->n_free == 0) {
-        moas__pool_unlock(pool);
-        moas__set_error("context_fork: the KV pool lacks 1 page for the last partly "
-                        "filled page (0 free of %d)", pool->n_pages);
-        return MOAS_ERR_POOL_FULL;
-    }
+void moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_stream *src,
+                   uint32_t heads) {
+    const uint32_t full = heads >> pool->page_shift;
+    const bool partial = moas__kv_fork_copies(pool, heads) != 0;
+
     for (uint32_t i = 0; i < full; i++) {
         dst->pages[i] = src->pages[i];
         pool->refs[src->pages[i]]++;
@@ -203,8 +200,6 @@ moas_status moas__kv_fork(moas_pool *pool, moas_kv_stream *dst, const moas_kv_st
         copy_page(pool, dst->pages[dst->n_pages], src->pages[full]);
         dst->n_pages++;
     }
-    moas__pool_unlock(pool);
-    return MOAS_OK;
 }
 
 /* ---- element types ------------------------------------------------------------- */

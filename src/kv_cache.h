@@ -229,11 +229,15 @@ void moas__kv_drop_all(struct moas_pool *pool, moas_kv_stream *kv);
 /* Give back the pages of `kv` beyond those `heads` heads need. */
 void moas__kv_trim(struct moas_pool *pool, moas_kv_stream *kv, uint32_t heads);
 
-/* Share every page of `src` whose heads below `heads` are all written (full pages),
- * and copy the partly written last one, into `dst` (empty). MOAS_ERR_POOL_FULL when
- * the copy needs a page and none is free; nothing changes then. */
-moas_status moas__kv_fork(struct moas_pool *pool, moas_kv_stream *dst, const moas_kv_stream *src,
-                          uint32_t heads);
+/* The pages a fork of a stream of `heads` heads takes: 1 when its last page is partly
+ * written (it is copied), else 0. */
+uint32_t moas__kv_fork_copies(const struct moas_pool *pool, uint32_t heads);
+
+/* With the pool locked and moas__kv_fork_copies() pages free: share every page of
+ * `src` whose heads below `heads` are all written (full pages), and copy the partly
+ * written last one, into `dst` (empty). */
+void moas__kv_fork(struct moas_pool *pool, moas_kv_stream *dst, const moas_kv_stream *src,
+                   uint32_t heads);
 
 void moas__pool_lock(struct moas_pool *pool);
 void moas__pool_unlock(struct moas_pool *pool);

@@ -399,6 +399,32 @@ TEST(fork_shares_pages_and_copies_on_write) {
         ASSERT_OK(moas_pool_stats(pool, &info));
         ASSERT_EQ(info.pages_free, info.n_pages);
         moas_pool_free(pool);
+        if (md != MOAS_MODE_MIXTURE) {
+            continue;
+        }
+        /* a pool with one page free after the prompt (mixture mode takes exactly the
+         * prompt's pages): a fork needing `partial` copies fails whole, names how many
+         * pages it lacked, and takes none */
+        ASSERT_TRUE(partial >= 2);
+        pool = make_pool(m, (uint64_t)(prompt_pages + 1) * info.page_bytes, MOAS_TYPE_F16, 2,
+                         0, 16);
+        parent = make_ctx(m, pool, md, MOAS_TYPE_F16, 2);
+        ASSERT_TRUE(pool && parent);
+        ASSERT_OK(moas_context_decode_batch(parent, prompt, PROMPT, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 1);
+        moas_context *child = forks[0];
+        ASSERT_STATUS(moas_context_fork(parent, &child), MOAS_ERR_POOL_FULL);
+        ASSERT_TRUE(child == NULL);
+        char want[128];
+        snprintf(want, sizeof want, "context_fork: the KV pool lacks %d page(s): %d needed, 1 "
+                 "free of %d", partial - 1, partial, info.n_pages);
+        ASSERT_TRUE(strstr(moas_last_error(), want) != NULL);
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 1);
+        ASSERT_EQ(moas_context_kv_pages(parent), prompt_pages);
+        moas_context_free(parent);
+        moas_pool_free(pool);
     }
     /* a context with a private cache has no pool to share */
     moas_context *own = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1), *child = NULL;
