@@ -7,6 +7,8 @@
 #include "support/tiny_model.h"
 
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -929,6 +931,210 @@ TEST(pool_contexts_on_several_threads) {
         moas_context_free(jobs[t].ctx);
         moas_context_free(ref[t]);
     }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* What else may run at once on one pool (docs/KV_CACHE.md, "Threads"): one thread
+ * advances two contexts with moas_pool_decode while two others each decode a context
+ * of their own, fork it (and decode and free the fork), save its state, load it into a
+ * new context of the pool and go on there, and the main thread reads the pool's
+ * figures. Every sequence ends equal to the same tokens decoded alone, bit for bit.
+ * make tsan runs it under ThreadSanitizer. */
+typedef struct {
+    moas_pool *pool;
+    moas_context *ctx[2];
+    const int32_t *tokens[2];
+    int32_t n;
+    moas_status st;
+} pool_batch_job;
+
+static void *pool_batch_thread(void *arg) {
+    pool_batch_job *j = arg;
+    j->st = MOAS_OK;
+    for (int32_t i = 0; i < j->n && j->st == MOAS_OK; i++) {
+        moas_pool_seq q[2];
+        for (int k = 0; k < 2; k++) {
+            q[k] = (moas_pool_seq){j->ctx[k], &j->tokens[k][i], 1, MOAS_LOGITS_LAST, NULL};
+        }
+        j->st = moas_pool_decode(j->pool, q, 2);
+    }
+    return NULL;
+}
+
+typedef struct {
+    const moas_model *m;
+    moas_pool *pool;
+    moas_context *ctx;   /* at the end: the context the state was loaded into */
+    const int32_t *tokens;
+    int32_t n;
+    moas_status st;
+} pool_moving_job;
+
+static void *pool_moving_thread(void *arg) {
+    pool_moving_job *j = arg;
+    moas_status st = MOAS_OK;
+    for (int32_t i = 0; i < j->n && st == MOAS_OK; i++) {
+        st = moas_context_decode(j->ctx, j->tokens[i], NULL);
+        if (st == MOAS_OK && i == j->n / 2) {
+            moas_context *fork = NULL, *moved = NULL;
+            size_t written = 0;
+            const size_t size = moas_context_state_size(j->ctx);
+            uint8_t *state = malloc(size);
+            st = state == NULL ? MOAS_ERR_NO_MEMORY : moas_context_fork(j->ctx, &fork);
+            for (int32_t k = 0; st == MOAS_OK && k < 4; k++) {   /* the fork goes its way */
+                st = moas_context_decode(fork, j->tokens[k], NULL);
+            }
+            if (st == MOAS_OK) {
+                st = moas_context_state_save(j->ctx, state, size, &written);
+            }
+            if (st == MOAS_OK) {
+                moved = make_ctx(j->m, j->pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+                st = moved == NULL ? MOAS_ERR_NO_MEMORY
+                                   : moas_context_state_load(moved, state, written);
+            }
+            moas_context_free(fork);
+            free(state);
+            moas_context_free(j->ctx);
+            j->ctx = moved;
+        }
+    }
+    j->st = st;
+    return NULL;
+}
+
+TEST(pool_batch_fork_and_state_on_several_threads) {
+    enum { N = 40 };
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[4][N];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 4);
+    ASSERT_TRUE(pool != NULL);
+    for (int32_t t = 0; t < 4; t++) {
+        seq_tokens(tokens[t], N, V, 500 + (uint32_t)t);
+    }
+    pool_batch_job batch = {pool, {NULL, NULL}, {tokens[0], tokens[1]}, N, MOAS_OK};
+    pool_moving_job moving[2];
+    for (int k = 0; k < 2; k++) {
+        batch.ctx[k] = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        moving[k] = (pool_moving_job){m, pool, make_ctx(m, pool, MOAS_MODE_ROUTED,
+                                                         MOAS_TYPE_F32, 1),
+                                      tokens[2 + k], N, MOAS_OK};
+        ASSERT_TRUE(batch.ctx[k] != NULL && moving[k].ctx != NULL);
+    }
+    pthread_t th[3];
+    ASSERT_EQ(pthread_create(&th[0], NULL, pool_batch_thread, &batch), 0);
+    ASSERT_EQ(pthread_create(&th[1], NULL, pool_moving_thread, &moving[0]), 0);
+    ASSERT_EQ(pthread_create(&th[2], NULL, pool_moving_thread, &moving[1]), 0);
+    for (int i = 0; i < 200; i++) {
+        moas_pool_info info = {.size = sizeof info};
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_TRUE(info.pages_free >= 0 && info.pages_free <= info.n_pages);
+    }
+    for (int i = 0; i < 3; i++) {
+        pthread_join(th[i], NULL);
+    }
+    ASSERT_OK(batch.st);
+    ASSERT_OK(moving[0].st);
+    ASSERT_OK(moving[1].st);
+    const moas_context *got[4] = {batch.ctx[0], batch.ctx[1], moving[0].ctx, moving[1].ctx};
+    for (int32_t t = 0; t < 4; t++) {
+        moas_context *ref = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(ref != NULL);
+        for (int32_t i = 0; i < N; i++) {
+            ASSERT_OK(moas_context_decode(ref, tokens[t][i], NULL));
+        }
+        ASSERT_TRUE(memcmp(moas_context_logits(ref), moas_context_logits(got[t]),
+                           (size_t)V * sizeof(float)) == 0);
+        ASSERT_TRUE(same_records(ref, got[t]));
+        moas_context_free(ref);
+    }
+    for (int32_t t = 0; t < 4; t++) {
+        moas_context_free((moas_context *)got[t]);
+    }
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, info.n_pages);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A second moas_pool_decode on a pool while one is under way is refused (and the first
+ * goes on unharmed): the first call's route callback, on its decoding thread, waits
+ * until another thread has tried a call of its own. */
+typedef struct {
+    moas_pool *pool;
+    moas_context *other;
+    int32_t token;
+    atomic_int stage;        /* 0: idle, 1: first call inside, 2: second call returned */
+    moas_status second;
+    char message[160];
+} refusal_probe;
+
+static void *second_call_thread(void *arg) {
+    refusal_probe *p = arg;
+    while (atomic_load(&p->stage) != 1) {
+        sched_yield();
+    }
+    moas_pool_seq q = {p->other, &p->token, 1, MOAS_LOGITS_LAST, NULL};
+    p->second = moas_pool_decode(p->pool, &q, 1);
+    snprintf(p->message, sizeof p->message, "%s", moas_last_error());
+    atomic_store(&p->stage, 2);
+    return NULL;
+}
+
+static int32_t hold_the_call(void *user, int32_t pos, int32_t layer, const float *gates,
+                             int32_t n_scheme, int32_t proposed) {
+    refusal_probe *p = user;
+    (void)pos, (void)gates, (void)n_scheme;
+    if (layer == 0 && atomic_load(&p->stage) == 0) {
+        atomic_store(&p->stage, 1);
+        while (atomic_load(&p->stage) != 2) {
+            sched_yield();
+        }
+    }
+    return proposed;
+}
+
+TEST(pool_decode_refuses_a_second_call_at_once) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 4);
+    moas_context *held = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *ref = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    refusal_probe probe = {.pool = pool,
+                           .other = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1),
+                           .token = 3};
+    ASSERT_TRUE(pool && held && ref && probe.other);
+    atomic_init(&probe.stage, 0);
+    moas_context_set_route_callback(held, hold_the_call, &probe);
+    pthread_t th;
+    ASSERT_EQ(pthread_create(&th, NULL, second_call_thread, &probe), 0);
+    const int32_t token = 5;
+    moas_pool_seq q = {held, &token, 1, MOAS_LOGITS_LAST, NULL};
+    ASSERT_OK(moas_pool_decode(pool, &q, 1));
+    pthread_join(th, NULL);
+    ASSERT_STATUS(probe.second, MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(probe.message, "another pool_decode call on this pool") != NULL);
+    ASSERT_EQ(moas_context_n_past(probe.other), 0);
+    ASSERT_OK(moas_context_decode(ref, token, NULL));
+    ASSERT_TRUE(memcmp(moas_context_logits(ref), moas_context_logits(held),
+                       (size_t)moas_model_n_vocab(m) * sizeof(float)) == 0);
+    /* and once it has returned, the pool takes the next call */
+    moas_pool_seq q2 = {probe.other, &probe.token, 1, MOAS_LOGITS_LAST, NULL};
+    ASSERT_OK(moas_pool_decode(pool, &q2, 1));
+    moas_context_free(held);
+    moas_context_free(ref);
+    moas_context_free(probe.other);
     moas_pool_free(pool);
     moas_model_free(m);
     free(image);
