@@ -332,6 +332,103 @@ TEST(pool_full_changes_nothing) {
     return TEST_PASS;
 }
 
+/* The same in routed mode with pages shared by a fork: a parent and its fork (truncated
+ * into the shared pages, so its next token must copy one first) in one pool call that
+ * finds the pool full leave every byte of both sequences' saved state and the pool's
+ * figures as they were; with room, the same call equals decoding each alone. */
+static uint8_t *saved_state(const moas_context *ctx, size_t *size) {
+    *size = moas_context_state_size(ctx);
+    uint8_t *buf = malloc(*size);
+    size_t written = 0;
+    if (buf != NULL && moas_context_state_save(ctx, buf, *size, &written) != MOAS_OK) {
+        free(buf);
+        return NULL;
+    }
+    *size = written;
+    return buf;
+}
+
+TEST(pool_full_changes_nothing_routed_with_shared_pages) {
+    enum { N = 24 };
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V */
+    moas_model *m;
+    int32_t tokens[N], other[8];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, N, V, 61);
+    seq_tokens(other, 8, V, 62);
+    moas_pool *pool = make_pool(m, 64 << 10, MOAS_TYPE_F32, 1, 0, 4);
+    moas_context *p = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1), *f = NULL;
+    moas_context *filler = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *spent[64];
+    int32_t n_spent = 0;
+    ASSERT_TRUE(pool && p && filler);
+    ASSERT_OK(moas_context_decode_batch(p, tokens, 12, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_fork(p, &f));
+    ASSERT_OK(moas_context_truncate(f, 3));
+    /* fillers take pages until not even one more of their tokens fits */
+    moas_status st = MOAS_OK;
+    for (int32_t i = 0; st == MOAS_OK; i = (i + 1) % N) {
+        st = moas_context_decode(filler, tokens[i], NULL);
+        if (st == MOAS_ERR_CONTEXT_FULL && n_spent < 64) {   /* full first: another one */
+            spent[n_spent++] = filler;
+            filler = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+            ASSERT_TRUE(filler != NULL);
+            st = MOAS_OK;
+        }
+    }
+    ASSERT_STATUS(st, MOAS_ERR_POOL_FULL);
+    size_t np0, nf0, np1, nf1;
+    uint8_t *p0 = saved_state(p, &np0), *f0 = saved_state(f, &nf0);
+    ASSERT_TRUE(p0 && f0);
+    moas_pool_info before = {.size = sizeof before}, after = {.size = sizeof after};
+    ASSERT_OK(moas_pool_stats(pool, &before));
+    moas_pool_seq q[2] = {{f, other, 4, MOAS_LOGITS_LAST, NULL},
+                          {p, tokens + 12, 2, MOAS_LOGITS_LAST, NULL}};
+    ASSERT_STATUS(moas_pool_decode(pool, q, 2), MOAS_ERR_POOL_FULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "lacks ") != NULL);
+    ASSERT_OK(moas_pool_stats(pool, &after));
+    ASSERT_EQ(after.pages_free, before.pages_free);
+    ASSERT_EQ(after.bytes_held, before.bytes_held);
+    ASSERT_EQ(after.bytes_used, before.bytes_used);
+    uint8_t *p1 = saved_state(p, &np1), *f1 = saved_state(f, &nf1);
+    ASSERT_TRUE(p1 && f1);
+    ASSERT_TRUE(np1 == np0 && memcmp(p1, p0, np0) == 0);
+    ASSERT_TRUE(nf1 == nf0 && memcmp(f1, f0, nf0) == 0);
+
+    /* room again: the same call, each sequence as alone */
+    moas_context_free(filler);
+    for (int32_t i = 0; i < n_spent; i++) {
+        moas_context_free(spent[i]);
+    }
+    ASSERT_OK(moas_pool_decode(pool, q, 2));
+    for (int k = 0; k < 2; k++) {
+        moas_context *ref = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(ref != NULL);
+        ASSERT_OK(moas_context_decode_batch(ref, tokens, k == 0 ? 3 : 14, NULL,
+                                            MOAS_LOGITS_LAST));
+        if (k == 0) {
+            ASSERT_OK(moas_context_decode_batch(ref, other, 4, NULL, MOAS_LOGITS_LAST));
+        }
+        const moas_context *got = k == 0 ? f : p;
+        ASSERT_TRUE(memcmp(moas_context_logits(ref), moas_context_logits(got),
+                           (size_t)V * sizeof(float)) == 0);
+        ASSERT_TRUE(same_records(ref, got));
+        moas_context_free(ref);
+    }
+    free(p0);
+    free(f0);
+    free(p1);
+    free(f1);
+    moas_context_free(f);
+    moas_context_free(p);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Forks share full pages and copy the partly filled last one; writes into a shared
  * page copy it first, so parent and forks never see each other's tokens: each equals
  * a context that decoded its whole history alone. */
