@@ -327,7 +327,8 @@ static void decode_seeds(const char *dir) {
 
 /* state/: programs for fuzz_state (layout in fuzz_state.c): real states of 0 to 31
  * tokens in both modes and KV types, cut short, lengthened and with bytes flipped in
- * the header, the records and the K/V, and one made-up state. */
+ * the header, the records and the K/V, and one made-up state; loaded alone, into a
+ * pool beside a fork of the target, into a small pool, and with Q8_0 K/V. */
 static void state_seeds(const char *dir) {
     static const struct {
         const char *name;
@@ -344,6 +345,10 @@ static void state_seeds(const char *dir) {
         {"routed-bad-version", {0x01 | 6 << 2, 0, 0, 0, 8, 0, 0x02}, 7},
         {"mixture-flip-kv", {0x00 | 4 << 2, 5, 0, 0, 0x40, 0x02, 0x81}, 7},
         {"made-up", {0x80, 0, 'M', 'O', 'A', 'S', 'S', 'T', 'A', 'T', 1, 0, 0, 0}, 14},
+        {"routed-into-pool-beside-fork", {0x01 | 20 << 2, 0x20 | 6}, 2},
+        {"mixture-into-small-pool", {0x00 | 31 << 2, 0x60 | 31}, 2},
+        {"routed-q8-as-saved", {0x01 | 12 << 2, 0x80 | 4}, 2},
+        {"routed-q8-flip-kv-in-pool", {0x01 | 8 << 2, 0xa0 | 3, 0, 0, 0x40, 0x01, 0x81}, 7},
     };
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         write_file(dir, "state", seeds[i].name, seeds[i].bytes, seeds[i].len);
