@@ -192,8 +192,8 @@ TEST(golden_pooled_nobias_routed_matches_pytorch) {
 }
 
 /* The block options (docs/FORMAT.md, "Block options"): RoPE alone on the published
- * block, RMSNorm and SwiGLU with learned positions, and all three, on every attention
- * type; pooled models in both modes. */
+ * block and on static MoAS, RMSNorm and SwiGLU with learned positions, and all three,
+ * on every attention type (plain GQA among them); pooled models in both modes. */
 TEST(golden_rope_baseline_matches_pytorch) {
     return check_golden_all_kernels("tiny-rope-baseline-nobias");
 }
@@ -205,6 +205,12 @@ TEST(golden_modern_moas_matches_pytorch) {
 }
 TEST(golden_modern_moas_f16_weights_match_pytorch) {
     return check_golden_all_kernels("tiny-modern-moas-f16");
+}
+TEST(golden_rope_static_matches_pytorch) {
+    return check_golden_all_kernels("tiny-rope-static-bias");
+}
+TEST(golden_modern_gqa_matches_pytorch) {
+    return check_golden_all_kernels("tiny-modern-gqa2-nobias");
 }
 TEST(golden_rope_pooled_mixture_matches_pytorch) {
     return check_golden_all_kernels("tiny-rope-pooled-bias");

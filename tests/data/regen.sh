@@ -87,6 +87,9 @@ block tiny-modern-moas-bias 22 moas --bias --pos rope --rope-base 500 --norm rms
 block tiny-rope-pooled-bias 37 pooled_moas --bias --pos rope
 block tiny-modern-pooled-nobias 55 pooled_moas --no-bias --pos rope --rope-base 500 \
     --norm rms --mlp swiglu
+block tiny-modern-gqa2-nobias 71 gqa --kv-heads 2 --no-bias --pos rope --rope-base 500 \
+    --norm rms --mlp swiglu
+block tiny-rope-static-bias 72 static_moas --bias --pos rope
 # A RoPE model with a context of 1,024 (no position table, so no bigger): its goldens
 # cover all 537 characters of tiny.txt, positions up to 536.  Seed 66: every scheme
 # chosen often, smallest routed top-1 margin 2.6e-3.
