@@ -114,6 +114,7 @@ pub struct moas_pool_params {
     pub log_user: *mut c_void,
     pub allocator: *const moas_allocator,
     pub steer_below: f32,
+    pub commit: i32,
 }
 
 #[repr(C)]

@@ -422,6 +422,23 @@ impl<'m> Context<'m> {
         unsafe { ffi::moas_context_kv_pages(self.raw()) }
     }
 
+    /// Routed mode, pooled K/V: re-pool the stored MHA/GQA tokens before `n_before`
+    /// down to `scheme`, freeing the pages this gains (moas_context_compact); returns
+    /// the token-layer pairs changed.
+    pub fn compact(&mut self, n_before: i32, scheme: i32) -> Result<i32> {
+        let mut changed = 0i32;
+        check(unsafe {
+            ffi::moas_context_compact(self.ptr.as_ptr(), n_before, scheme, &mut changed)
+        })?;
+        Ok(changed)
+    }
+
+    /// RoPE models: drop tokens [n_keep, n_keep + n_discard) and move the later ones
+    /// down, their keys turned back, nothing decoded again (moas_context_shift).
+    pub fn shift(&mut self, n_keep: i32, n_discard: i32) -> Result<()> {
+        check(unsafe { ffi::moas_context_shift(self.ptr.as_ptr(), n_keep, n_discard) })
+    }
+
     /// Decode one token; its logits are then in logits().
     pub fn decode(&mut self, token: i32) -> Result<()> {
         check(unsafe { ffi::moas_context_decode(self.ptr.as_ptr(), token, ptr::null_mut()) })
@@ -644,24 +661,64 @@ unsafe impl Send for Pool<'_> {}
 /// What moas_pool_stats() reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PoolStats {
+    pub page_heads: i32,
     pub page_bytes: u64,
     pub n_pages: i32,
     pub pages_free: i32,
     pub n_contexts: i32,
+    pub bytes_capacity: u64,
     pub bytes_held: u64,
     pub bytes_used: u64,
+    pub bytes_stored: u64,
+}
+
+/// moas_pool_params, the fields a Rust caller sets. Default: the C defaults (a
+/// capacity must still be given).
+#[derive(Clone, Debug)]
+pub struct PoolParams {
+    pub capacity_bytes: u64,
+    pub kv_type: KvType,
+    pub page_heads: i32,   // head slots per page, a power of two; 0: 4
+    pub n_threads: i32,    // threads of Pool::decode; 0: OpenMP's default
+    pub n_batch: i32,      // rows per block of Pool::decode; 0: 128
+    pub steer_below: f32,  // routed contexts: steer to cheaper schemes below this free share
+    pub commit: bool,      // write every page at creation (resident from the start)
+}
+
+impl Default for PoolParams {
+    fn default() -> Self {
+        PoolParams {
+            capacity_bytes: 0,
+            kv_type: KvType::F32,
+            page_heads: 0,
+            n_threads: 0,
+            n_batch: 0,
+            steer_below: 0.0,
+            commit: false,
+        }
+    }
 }
 
 impl<'m> Pool<'m> {
     /// A pool of `capacity_bytes` of pages of `kv_type` (moas_pool_create).
     pub fn new(model: &'m Model, capacity_bytes: u64, kv_type: KvType) -> Result<Pool<'m>> {
+        Pool::with_params(model, &PoolParams { capacity_bytes, kv_type, ..Default::default() })
+    }
+
+    /// A pool with every setting of moas_pool_params a Rust caller may set.
+    pub fn with_params(model: &'m Model, pp: &PoolParams) -> Result<Pool<'m>> {
         let mut p = params(ffi::moas_pool_params_init_sized);
-        p.capacity_bytes = capacity_bytes;
-        p.kv_type = match kv_type {
+        p.capacity_bytes = pp.capacity_bytes;
+        p.kv_type = match pp.kv_type {
             KvType::F32 => ffi::MOAS_TYPE_F32,
             KvType::F16 => ffi::MOAS_TYPE_F16,
             KvType::Q8_0 => ffi::MOAS_TYPE_Q8_0,
         };
+        p.page_heads = pp.page_heads;
+        p.n_threads = pp.n_threads;
+        p.n_batch = pp.n_batch;
+        p.steer_below = pp.steer_below;
+        p.commit = pp.commit as i32;
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_pool_create(model.as_ptr(), &p, &mut out) })?;
         Ok(Pool { ptr: NonNull::new(out).expect("OK and NULL"), model })
@@ -694,12 +751,15 @@ impl<'m> Pool<'m> {
         info.size = std::mem::size_of::<ffi::moas_pool_info>() as u32;
         let _ = unsafe { ffi::moas_pool_stats(self.ptr.as_ptr(), &mut info) };
         PoolStats {
+            page_heads: info.page_heads,
             page_bytes: info.page_bytes,
             n_pages: info.n_pages,
             pages_free: info.pages_free,
             n_contexts: info.n_contexts,
+            bytes_capacity: info.bytes_capacity,
             bytes_held: info.bytes_held,
             bytes_used: info.bytes_used,
+            bytes_stored: info.bytes_stored,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
-use moas::{Context, ContextParams, KvType, Mode, Model, Pool, Sampler, SamplerParams};
+use moas::{Context, ContextParams, KvType, Mode, Model, Pool, PoolParams, Sampler, SamplerParams};
 
 const TEXT: &str = "And God said, Let there be light: and there was light.";
 
@@ -283,4 +283,48 @@ fn pool_decode_fork_and_state_equal_decoding_alone() {
     assert_eq!(b.n_past(), 30);
     assert_eq!(pool.stats().n_contexts, 3);
     assert!(b.kv_pages() > 0);
+}
+
+#[test]
+fn pool_params_compaction_and_shift() {
+    // pages of 8 heads, one thread, committed: the figures say so
+    let m = Model::load(data("tiny-modern-pooled-nobias.gguf")).unwrap();
+    let pp = PoolParams {
+        capacity_bytes: 1 << 20,
+        page_heads: 8,
+        n_threads: 1,
+        commit: true,
+        ..Default::default()
+    };
+    let pool = Pool::with_params(&m, &pp).unwrap();
+    let st = pool.stats();
+    assert_eq!(st.page_heads, 8);
+    assert_eq!(st.page_bytes, 8 * m.head_dim() as u64 * 2 * 4);
+    assert_eq!(st.bytes_capacity, st.page_bytes * st.n_pages as u64);
+    assert!(Pool::with_params(&m, &PoolParams { page_heads: 3, ..pp.clone() }).is_err());
+
+    // every token on MHA, then the first 20 pooled down to MQA: fewer pages, 20 tokens
+    // in each of the 2 layers changed, and decoding goes on
+    let routed = ContextParams { mode: Mode::Routed, forced_scheme: Some(0), ..Default::default() };
+    let ids = m.tokenize(TEXT).unwrap();
+    let mut c = pool.context(&routed).unwrap();
+    c.decode_batch(&ids[..30]).unwrap();
+    let before = c.kv_pages();
+    assert_eq!(c.compact(20, 2).unwrap(), 20 * m.n_layer());
+    assert!(c.kv_pages() < before);
+    assert_eq!(pool.stats().bytes_stored, (10 * 6 + 20) * m.n_layer() as u64 * 2 * 8 * 4);
+    c.decode(ids[30]).unwrap();
+
+    // a RoPE model shifts: 10 tokens after the first 4 go, the rest move down
+    c.shift(4, 10).unwrap();
+    assert_eq!(c.n_past(), 21);
+    c.decode(ids[31]).unwrap();
+    assert!(c.logits().unwrap().iter().all(|x| x.is_finite()));
+    assert!(c.shift(4, 100).is_err());
+    assert_eq!(c.n_past(), 22);
+    // a learned-position model refuses
+    let lm = model();
+    let mut l = Context::new(&lm, &ContextParams::default()).unwrap();
+    l.decode_batch(&lm.tokenize(TEXT).unwrap()[..10]).unwrap();
+    assert!(l.shift(2, 3).is_err());
 }
