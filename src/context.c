@@ -1159,7 +1159,8 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
         return fail(parent, st);
     }
     for (int32_t i = 0; i < parent->n_streams; i++) {
-        moas__kv_fork(pool, &child->kv[i], &parent->kv[i], stream_heads(parent, i, parent->n_past));
+        moas__kv_fork(pool, &child->kv[i], &parent->kv[i],
+                      stream_heads(parent, i, parent->n_past));
     }
     moas__pool_unlock(pool);
     const moas_model *m = parent->model;

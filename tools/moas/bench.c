@@ -190,8 +190,8 @@ static int run(int argc, char **argv) {
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
                mode_name(o.mode), o.forced, type_name(o.kv_type), moas_context_kernels_name(ctx),
-               moas_context_n_threads(ctx), n_prompt, n_gen, depth, o.repeats, prefill_tok_s, decode_tok_s, dec_bytes, dec_gbs,
-               dec_gflops, pre_gflops);
+               moas_context_n_threads(ctx), n_prompt, n_gen, depth, o.repeats, prefill_tok_s,
+               decode_tok_s, dec_bytes, dec_gbs, dec_gflops, pre_gflops);
     } else {
         char forced[48] = "";
         if (o.forced >= 0) {
