@@ -36,7 +36,9 @@ Policy (docs/SERVING.md):
 
 import collections
 import gc
+import heapq
 import itertools
+import math
 import random
 import threading
 import time
@@ -44,7 +46,7 @@ import time
 from . import Context, MoasError, Pool, Sampler, Status, find_stop
 
 Event = collections.namedtuple("Event", "kind data")
-# kinds: "admitted" None | "text" (index, text, route or None) |
+# kinds: "admitted" None | "text" (index, text, route or None, logprob or None) |
 #        "finish" (index, finish_reason, n_generated) | "done" usage dict |
 #        "error" (http_status, message, code)
 
@@ -56,7 +58,7 @@ class Request:
 
     def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
-                 stop=(), routes=False, emit=None):
+                 stop=(), routes=False, logprobs=None, emit=None):
         self.id = next(Request._ids)
         self.prompt_ids = list(prompt_ids)
         self.max_tokens, self.n = max_tokens, n
@@ -66,6 +68,7 @@ class Request:
         self.seed = random.getrandbits(63) if seed is None else seed
         self.stop = list(stop)
         self.routes = routes
+        self.logprobs = logprobs   # None, or how many of the likeliest tokens to report
         self.emit = emit or (lambda event: None)
         self.cancelled = False
         self.created = time.monotonic()
@@ -91,13 +94,24 @@ class Seq:
         self.n_gen = 0
         self.generated = []        # tokens decoded into ctx after the prompt
         self.counted = None        # scheme counts of a cached prefix, not this sequence's
-        self.held, self.held_routes = "", []
+        self.pending_lp = None     # the pending token's logprob entry (token_logprobs)
+        self.held, self.held_routes, self.held_lps = "", [], []
         self.saved = None          # bytes of a swapped-out sequence
         self.swap_mark = 0         # contexts closed when it was swapped out
         self.done = False
 
 
 CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx")
+
+
+def token_logprobs(logits, token, k):
+    """(log p(token), [(id, log p) of the k likeliest, likeliest first]) under the
+    model's own distribution: the softmax of the raw logits, before temperature,
+    penalties, bias or filters."""
+    top = max(logits)
+    norm = top + math.log(math.fsum(math.exp(x - top) for x in logits))
+    likeliest = heapq.nlargest(k, range(len(logits)), key=logits.__getitem__) if k else []
+    return logits[token] - norm, [(t, logits[t] - norm) for t in likeliest]
 
 
 def common_prefix(a, b):
@@ -649,10 +663,14 @@ class Engine:
             self._finish(seq, "length")
             return
         seq.pending = seq.sampler.sample(logits)
+        if seq.req.logprobs is not None:
+            seq.pending_lp = token_logprobs(logits, seq.pending, seq.req.logprobs)
 
     def _emit_token(self, seq, token):
         req = seq.req
         seq.pending = None
+        if req.logprobs is not None:
+            seq.held_lps.append(seq.pending_lp)
         seq.generated.append(token)
         seq.n_gen += 1
         req.completion_tokens += 1
@@ -665,15 +683,17 @@ class Engine:
             end, found = len(seq.held), False
         self._flush(seq, end)
         if found:
-            seq.held, seq.held_routes = "", []
+            seq.held, seq.held_routes, seq.held_lps = "", [], []
             self._finish(seq, "stop")
 
     def _flush(self, seq, end):
         for i in range(end):
             route = seq.held_routes[i] if seq.req.routes else None
-            self._send(seq.req, "text", (seq.index, seq.held[i], route))
+            lp = seq.held_lps[i] if seq.req.logprobs is not None else None
+            self._send(seq.req, "text", (seq.index, seq.held[i], route, lp))
         seq.held = seq.held[end:]
         seq.held_routes = seq.held_routes[end:]
+        seq.held_lps = seq.held_lps[end:]
 
     def _finish(self, seq, reason):
         if seq.done:

@@ -60,12 +60,13 @@ def scheme_names(model):
 # ---- request validation ---------------------------------------------------------------
 
 # OpenAI fields this server accepts only at their neutral value.
-NEUTRAL = {"echo": (False,), "logprobs": (None, 0), "best_of": (None, 1),
+NEUTRAL = {"echo": (False,), "best_of": (None, 1),
            "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": (None, ""),
            "user": None}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
-         "stream", "stream_options", "routes", "logit_bias", "unknown_chars"} | set(NEUTRAL)
+         "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
+         "logprobs"} | set(NEUTRAL)
 
 
 def _is_int(v):
@@ -153,6 +154,8 @@ def parse_completion(body, cfg):
         "an object {\"include_usage\": bool}", {})
     out["include_usage"] = bool(opts.get("include_usage", False))
     out["routes"] = _get(body, "routes", lambda v: isinstance(v, bool), "a boolean", False)
+    out["logprobs"] = _get(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5,
+                           "an integer in [0, 5]", None)
     out["unknown"] = _get(body, "unknown_chars", lambda v: v in ("error", "replace", "drop"),
                           "one of \"error\", \"replace\", \"drop\"", cfg["unknown"])
     bias = _get(body, "logit_bias", lambda v: isinstance(v, dict) and all(
@@ -395,7 +398,7 @@ class Server:
                       min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
                       repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
                       seed=p["seed"], stop=p["stop"], routes=p["routes"],
-                      emit=events.put_nowait)
+                      logprobs=p["logprobs"], emit=events.put_nowait)
         if not self.engine.fits(req):
             raise ApiError(400, "the request needs more KV memory than the pool holds",
                            code="request_too_large")
@@ -405,6 +408,8 @@ class Server:
                            % self.args.max_queue, code="queue_full", headers=retry)
         meta = {"id": "cmpl-%d" % req.id, "object": "text_completion",
                 "created": int(time.time()), "model": self.model_id}
+        # logprobs' text_offset counts from the prompt's start, as OpenAI's does
+        p["prompt_chars"] = sum(len(self.model.token_text(t)) for t in ids)
         try:
             first = await events.get()
             if first.kind == "error":
@@ -417,16 +422,30 @@ class Server:
         finally:
             self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
 
+    def _logprobs(self, entries, offset):
+        """OpenAI's completions logprobs object for (text, entry) pairs, the first at
+        character `offset` of prompt and completion."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for text, (lp, top) in entries:
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self.model.token_text(t): v for t, v in top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
     async def _whole(self, events, req, meta, p, changed):
         texts = [[] for _ in range(req.n)]
         routes = [[] for _ in range(req.n)]
+        lps = [[] for _ in range(req.n)]
         reasons = [None] * req.n
         while True:
             ev = await events.get()
             if ev.kind == "text":
-                i, text, route = ev.data
+                i, text, route, lp = ev.data
                 texts[i].append(text)
                 routes[i].append(route)
+                lps[i].append((text, lp))
             elif ev.kind == "finish":
                 reasons[ev.data[0]] = ev.data[1]
             elif ev.kind == "error":
@@ -436,7 +455,9 @@ class Server:
                 break
         choices = []
         for i in range(req.n):
-            ch = {"text": "".join(texts[i]), "index": i, "logprobs": None,
+            ch = {"text": "".join(texts[i]), "index": i,
+                  "logprobs": None if p["logprobs"] is None else
+                  self._logprobs(lps[i], p["prompt_chars"]),
                   "finish_reason": reasons[i]}
             if p["routes"]:
                 ch["routes"] = routes[i]
@@ -462,6 +483,7 @@ class Server:
         def frame(obj):
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
+        offsets = {}   # choice -> characters streamed so far, for text_offset
         while True:
             ev = await events.get()
             batch = [ev]
@@ -470,8 +492,12 @@ class Server:
             frames, last = [], False
             for ev in batch:
                 if ev.kind == "text":
-                    i, text, route = ev.data
+                    i, text, route, lp = ev.data
                     ch = {"text": text, "index": i, "logprobs": None, "finish_reason": None}
+                    if p["logprobs"] is not None:
+                        at = offsets.get(i, p["prompt_chars"])
+                        ch["logprobs"] = self._logprobs([(text, lp)], at)
+                        offsets[i] = at + len(text)
                     if p["routes"]:
                         ch["routes"] = [route]
                     frames.append(frame(dict(meta, choices=[ch])))

@@ -6,6 +6,7 @@ Retry-After, and a short concurrent load loses nothing. Standard-library clients
 the server needs aiohttp (skipped without it)."""
 import http.client
 import json
+import math
 import os
 import socket
 import subprocess
@@ -548,6 +549,18 @@ def test_engine_delivers_done_in_the_step_that_finished(model):
     assert len(last) == 1 and "done" in last[0], batches
 
 
+def settled(engine, timeout=10):
+    """The engine's snapshot once no sequence is active and its figures were taken
+    after the last one ended (a request's "done" may reach its emit first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        snap = engine.snapshot()
+        if snap["active"] == 0 and snap["stats"].n_contexts == snap["cache_entries"]:
+            return snap
+        time.sleep(0.01)
+    raise AssertionError("the engine did not settle: %r" % engine.snapshot())
+
+
 def test_cached_prompts_give_pages_back_before_a_request_is_cut(model):
     # a pool that holds one request of 14 + 40 tokens (every scheme stored), not two:
     # the first request's context stays in the cache, the second (another prompt) is
@@ -577,7 +590,7 @@ def test_cached_prompts_give_pages_back_before_a_request_is_cut(model):
             assert event.kind == "done" and event.data["completion_tokens"] == 40
             assert text == model.generate(prompt, 40, seed=seed, mode="mixture",
                                           temperature=1.0)
-        snap = engine.snapshot()
+        snap = settled(engine)
         assert snap["counters"]["prompt_cache_evictions"] >= 1
         assert snap["counters"].get("swapped_out", 0) == 0
         assert snap["cache_entries"] == 1
@@ -643,7 +656,7 @@ def test_prompt_cache_evicts_for_admission_and_keeps_the_entry_it_reuses(model):
         assert want >= len(PROMPT)
         assert end.data["prompt_tokens_details"]["cached_tokens"] == want
         assert text == model.generate(prompt, 20, seed=3, mode="mixture", temperature=1.0)
-        snap = engine.snapshot()
+        snap = settled(engine)
         assert snap["counters"]["prompt_cache_evictions"] == 1
         assert snap["counters"]["prompt_cache_hits"] == 1
     finally:
@@ -660,19 +673,75 @@ def test_prompt_cache_keeps_what_was_used_last_and_no_cancelled_request(model):
         engine_run(engine, model, "God saw the light", 2, 10)
         end, _ = engine_run(engine, model, PROMPT, 3, 10)          # reuses the first
         assert end.data["prompt_tokens_details"]["cached_tokens"] == len(PROMPT) - 1
-        assert engine.snapshot()["cache_entries"] == 2
+        assert settled(engine)["cache_entries"] == 2
         end, text = engine_run(engine, model, PROMPT + first + " And", 4, 10)
         assert end.data["prompt_tokens_details"]["cached_tokens"] == len(PROMPT + first)
         assert text == model.generate(PROMPT + first + " And", 10, seed=4, mode="routed",
                                       temperature=1.0)
-        before = engine.snapshot()["counters"]["prompt_cache_evictions"]
+        before = settled(engine)["counters"]["prompt_cache_evictions"]
         end, _ = engine_run(engine, model, "God saw", 5, 40, cancel_after=2)
-        deadline = time.time() + 10
-        while engine.snapshot()["active"] and time.time() < deadline:
-            time.sleep(0.01)
-        snap = engine.snapshot()
+        snap = settled(engine)
         assert snap["active"] == 0 and snap["cache_entries"] == 2
         assert snap["counters"]["prompt_cache_evictions"] == before
         assert engine.clear_cache() == 2 and engine.snapshot()["cache_entries"] == 0
     finally:
         engine.close()
+
+
+def model_logprobs(model, prompt, text, k):
+    """The log-probabilities of each character of `text` after `prompt` and the k
+    likeliest next characters, from the library's logits in routed mode (the server
+    fixture's), softmax computed here in double precision."""
+    out = []
+    with model.context(mode="routed") as ctx:
+        logits = list(ctx.decode_batch(model.tokenize(prompt)))
+        for token in model.tokenize(text):
+            top = max(logits)
+            norm = top + math.log(sum(math.exp(x - top) for x in logits))
+            likeliest = sorted(range(len(logits)), key=lambda t: -logits[t])[:k]
+            out.append((logits[token] - norm,
+                        {model.token_text(t): logits[t] - norm for t in likeliest}))
+            logits = list(ctx.decode(token))
+    return out
+
+
+def test_logprobs_are_the_models_own(server, model):
+    # the log-probability of each generated character and the 3 likeliest, under the
+    # model's distribution (raw logits, whatever the sampling settings), whole and
+    # streamed alike; text_offset counts from the prompt's start
+    body = {"prompt": PROMPT, "max_tokens": 12, "seed": 8, "temperature": 1.3,
+            "top_k": 5, "logprobs": 3}
+    status, _, whole = server.complete(**body)
+    assert status == 200, whole
+    text, lp = whole["choices"][0]["text"], whole["choices"][0]["logprobs"]
+    assert lp["tokens"] == list(text)
+    assert lp["text_offset"] == [len(PROMPT) + i for i in range(len(text))]
+    want = model_logprobs(model, PROMPT, text, 3)
+    for got, top, (w, wtop) in zip(lp["token_logprobs"], lp["top_logprobs"], want):
+        assert abs(got - w) < 1e-6 and got <= 0
+        assert list(top) == list(wtop)   # the same characters, likeliest first
+        assert all(abs(top[c] - wtop[c]) < 1e-6 for c in top)
+    events = server.stream(body)
+    streamed = [c["logprobs"] for e in events[:-1] for c in e.get("choices", []) if c["text"]]
+    assert [s["tokens"][0] for s in streamed] == lp["tokens"]
+    assert [s["token_logprobs"][0] for s in streamed] == lp["token_logprobs"]
+    assert [s["top_logprobs"][0] for s in streamed] == lp["top_logprobs"]
+    assert [s["text_offset"][0] for s in streamed] == lp["text_offset"]
+    # with a stop string the entries end where the text does; none asked, none given
+    stop = text[5:7]
+    status, _, cut = server.complete(**dict(body, stop=stop))
+    c = cut["choices"][0]
+    assert c["text"] == text[:text.index(stop)] and c["logprobs"]["tokens"] == list(c["text"])
+    # a stop string that never matches but begins like the text: characters are held
+    # back and sent two at a time, each with its own entry
+    for got in (server.complete(**dict(body, stop=text[0] + "#"))[2]["choices"][0]["logprobs"],
+                {k: [v for s in server.stream(dict(body, stop=text[0] + "#"))[:-1]
+                     for c in s.get("choices", []) if c["text"] for v in c["logprobs"][k]]
+                 for k in lp}):
+        assert got == lp
+    assert server.complete(prompt=PROMPT, max_tokens=2)[2]["choices"][0]["logprobs"] is None
+    status, _, zero = server.complete(**dict(body, logprobs=0))
+    assert zero["choices"][0]["logprobs"]["top_logprobs"] == [{}] * 12
+    assert zero["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
+    for bad in (6, -1, 2.0, True, "3"):
+        check_error(server.complete(**dict(body, logprobs=bad)), 400, param="logprobs")
