@@ -84,6 +84,19 @@ static moas_context *make_ctx(const moas_model *m, moas_pool *pool, moas_mode mo
 }
 
 /* Whether two contexts hold the same routing records and KV use. */
+/* moas_pool_stats 200 times, while other threads decode in the pool: it answers, and
+ * its free pages stay within the pool's. */
+static bool pool_figures_read_while_they_change(moas_pool *pool) {
+    for (int i = 0; i < 200; i++) {
+        moas_pool_info info = {.size = sizeof info};
+        if (moas_pool_stats(pool, &info) != MOAS_OK || info.pages_free < 0 ||
+            info.pages_free > info.n_pages) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static bool same_records(const moas_context *a, const moas_context *b) {
     const moas_model *m = a->model;
     const size_t n = (size_t)a->n_past, L = (size_t)m->n_layer, S = (size_t)m->n_scheme;
@@ -1012,11 +1025,7 @@ TEST(pool_contexts_on_several_threads) {
     for (int32_t t = 0; t < T; t++) {
         ASSERT_EQ(pthread_create(&th[t], NULL, pool_thread, &jobs[t]), 0);
     }
-    for (int i = 0; i < 200; i++) {   /* the pool's figures, read while they change */
-        moas_pool_info info = {.size = sizeof info};
-        ASSERT_OK(moas_pool_stats(pool, &info));
-        ASSERT_TRUE(info.pages_free >= 0 && info.pages_free <= info.n_pages);
-    }
+    ASSERT_TRUE(pool_figures_read_while_they_change(pool));
     for (int32_t t = 0; t < T; t++) {
         pthread_join(th[t], NULL);
         ASSERT_OK(jobs[t].st);
@@ -1128,11 +1137,7 @@ TEST(pool_batch_fork_and_state_on_several_threads) {
     ASSERT_EQ(pthread_create(&th[0], NULL, pool_batch_thread, &batch), 0);
     ASSERT_EQ(pthread_create(&th[1], NULL, pool_moving_thread, &moving[0]), 0);
     ASSERT_EQ(pthread_create(&th[2], NULL, pool_moving_thread, &moving[1]), 0);
-    for (int i = 0; i < 200; i++) {
-        moas_pool_info info = {.size = sizeof info};
-        ASSERT_OK(moas_pool_stats(pool, &info));
-        ASSERT_TRUE(info.pages_free >= 0 && info.pages_free <= info.n_pages);
-    }
+    ASSERT_TRUE(pool_figures_read_while_they_change(pool));
     for (int i = 0; i < 3; i++) {
         pthread_join(th[i], NULL);
     }
