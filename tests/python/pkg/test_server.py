@@ -688,6 +688,42 @@ def test_prompt_cache_keeps_what_was_used_last_and_no_cancelled_request(model):
         engine.close()
 
 
+def test_a_clear_asked_for_as_the_engine_stops_is_answered(model):
+    # a clear that reaches the engine after its loop has stopped (close() racing a
+    # POST /v1/prompt_cache/clear) is answered by close() with the entries it gave
+    # back, not left to time out; the loop's stop is forced here so that the order
+    # is certain
+    from moas.engine import Engine
+    engine = Engine(model, pool_bytes=1 << 20, mode="routed", prompt_cache=4)
+    asked = {}
+    try:
+        engine_run(engine, model, PROMPT, 1, 10)
+        engine_run(engine, model, "God saw the light", 2, 10)
+        assert settled(engine)["cache_entries"] == 2
+        with engine._lock:
+            engine._stop = True
+            engine._lock.notify()
+        engine._thread.join(10)
+        assert not engine._thread.is_alive()
+
+        def ask():
+            start = time.monotonic()
+            asked["evicted"] = engine.clear_cache(timeout=5)
+            asked["seconds"] = time.monotonic() - start
+        clearer = threading.Thread(target=ask)
+        clearer.start()
+        for _ in range(500):
+            with engine._lock:
+                if engine._clears:
+                    break
+            time.sleep(0.01)
+        assert engine._clears, "the clear was never queued"
+    finally:
+        engine.close()
+    clearer.join(10)
+    assert asked["evicted"] == 2 and asked["seconds"] < 4, asked
+
+
 def model_logprobs(model, prompt, text, k):
     """The log-probabilities of each character of `text` after `prompt` and the k
     likeliest next characters, from the library's logits in routed mode (the server
