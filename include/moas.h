@@ -1084,7 +1084,9 @@ MOAS_API size_t moas_context_kv_bytes_held(const moas_context *ctx);
  * ("Saved state") gives the layout. Loading needs a context of the same model, mode
  * and kv_type, in any pool, with room for the tokens; afterwards decoding gives the
  * same bits as in the context that saved it. Loading checks everything before it
- * changes anything: on failure the context is as it was.
+ * changes anything: on failure the context is as it was. It checks the structure
+ * (fingerprint, sizes, scheme records), not the numbers: keys, values, gates and logits
+ * load as they are.
  *
  * Returns: save: MOAS_OK with *written set, or MOAS_ERR_INVALID_ARG (NULL argument),
  *          MOAS_ERR_BUFFER_TOO_SMALL (*written says how many bytes are needed).
