@@ -176,6 +176,27 @@ TEST(golden_moas_bias_matches_pytorch) { return check_golden_all_kernels("tiny-m
 TEST(golden_moas_nobias_matches_pytorch) { return check_golden_all_kernels("tiny-moas-nobias"); }
 TEST(golden_moas_f16_weights_match_pytorch) { return check_golden_all_kernels("tiny-moas-f16"); }
 
+/* The published block's independent schemes in routed mode: tools/train.py's
+ * SchemeMixture.routed (--golden-mode routed) runs the largest gate's branch alone and
+ * lets each query read the keys and values that every earlier token's own branch
+ * stored (docs/ROUTING.md), so a query meets other branches' keys. Static MoAS has no
+ * router: every token runs scheme 0. */
+TEST(golden_moas_bias_routed_matches_pytorch) {
+    return check_golden_mode("tiny-moas-bias", "-routed", MOAS_MODE_ROUTED);
+}
+TEST(golden_moas_nobias_routed_matches_pytorch) {
+    return check_golden_mode("tiny-moas-nobias", "-routed", MOAS_MODE_ROUTED);
+}
+TEST(golden_modern_moas_routed_matches_pytorch) {
+    return check_golden_mode("tiny-modern-moas-bias", "-routed", MOAS_MODE_ROUTED);
+}
+TEST(golden_static_bias_routed_matches_pytorch) {
+    return check_golden_mode("tiny-static-bias", "-routed", MOAS_MODE_ROUTED);
+}
+TEST(golden_static_nobias_routed_matches_pytorch) {
+    return check_golden_mode("tiny-static-nobias", "-routed", MOAS_MODE_ROUTED);
+}
+
 /* Pooled K/V models: PyTorch's soft mixture, and its hard top-1 routing (tools/train.py
  * --golden-mode routed), against libmoas's mixture and routed modes. */
 TEST(golden_pooled_bias_mixture_matches_pytorch) {

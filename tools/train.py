@@ -51,8 +51,8 @@ Needs torch (tested with Debian's 1.13) and no network.  The vocabulary is
 sorted(set(text)) of --data read as UTF-8 with universal newlines, and the data
 split is the reference's: the first 90% of the ids train, the rest validate.
 
-Golden fixture (little-endian; --golden-mode routed: pooled_moas only, hard
-top-1 routing with the argmax of the gates, lowest index on ties):
+Golden fixture (little-endian; --golden-mode routed: libmoas's routed mode, the
+argmax of the gates, lowest index on ties, for pooled_moas, moas and static_moas):
     char    magic[8] = "MOASGLD1"
     uint32  n_tokens, n_vocab, n_layer, n_scheme      (n_scheme 0: no router)
     int32   tokens[n_tokens]
@@ -320,8 +320,11 @@ class SchemeMixture(nn.Module):
                                         nn.Linear(hidden, 3, bias=a.bias))
             self.gate_dropout = nn.Dropout(a.dropout)
 
-    def forward(self, x, rope=None):
-        """(output [B, T, C], gates [B, T, 3] before dropout, or None)."""
+    def forward(self, x, rope=None, routing="soft"):
+        """(output [B, T, C], gates [B, T, 3] before dropout, or None).  routing
+        "hard": libmoas's routed mode instead of the mixture (self.routed)."""
+        if routing == "hard":
+            return self.routed(x, rope)
         outs = torch.stack([self.mha(x, rope), self.gqa(x, rope), self.mqa(x, rope)],
                            dim=2)                                           # [B, T, 3, C]
         if self.router is None:
@@ -329,6 +332,44 @@ class SchemeMixture(nn.Module):
         gates = F.softmax(self.router(x), dim=-1)                             # [B, T, 3]
         y = (self.gate_dropout(gates).unsqueeze(-1) * outs).sum(dim=2)
         return y, gates
+
+
+    def routed(self, x, rope=None):
+        """libmoas's routed mode (docs/ROUTING.md, "Routed mode"), for golden files:
+        per token the branch of the largest gate (the first of equals; branch 0 for
+        static MoAS, whose gates are all 1/3) runs alone and its output enters at
+        full weight.  Its keys and values are what the cache stores, n_kv heads of
+        that branch's projections, rotated at the token's position; query head h
+        reads token j's kv head h*n_kv(s_j)/H of the branch j took, so a query meets
+        keys that other branches' projections made.  Inference only (argmax, no
+        gradient to the router)."""
+        B, T, C = x.shape
+        H = self.mha.n_head
+        d = C // H
+        gates = F.softmax(self.router(x), dim=-1) if self.router is not None else None
+        choice = gates.argmax(dim=-1) if gates is not None else \
+            torch.zeros(B, T, dtype=torch.long, device=x.device)            # [B, T]
+        q, k, v = self.mha.c_attn(x).chunk(3, dim=-1)
+        branches = [(q, k, v, self.mha.c_proj)] + [
+            (b.q_proj(x), b.k_proj(x), b.v_proj(x), b.c_proj) for b in (self.gqa, self.mqa)]
+
+        def widen(t, n_kv):                    # [B, T, n_kv*d] -> [B, T, H*d]
+            t = t.view(B, T, n_kv, 1, d).expand(B, T, n_kv, H // n_kv, d)
+            return t.reshape(B, T, C)
+
+        def chosen(per_branch):                # [B, T, C] per branch -> each token's
+            stacked = torch.stack(per_branch, dim=2)                         # [B, T, 3, C]
+            index = choice[:, :, None, None].expand(B, T, 1, C)
+            return stacked.gather(2, index).squeeze(2)
+
+        qs, ks, vs = [], [], []
+        for bq, bk, bv, _ in branches:
+            n_kv = bk.shape[-1] // d
+            qs.append(apply_rope(bq, H, rope))
+            ks.append(widen(apply_rope(bk, n_kv, rope), n_kv))
+            vs.append(widen(bv, n_kv))
+        y = causal_attention(chosen(qs), chosen(ks), chosen(vs), H, self.mha.attn_dropout)
+        return chosen([proj(y) for _, _, _, proj in branches]), gates
 
 
 class PooledAttention(nn.Module):
@@ -443,7 +484,7 @@ class Block(nn.Module):
         h = self.ln_1(x)
         z = None
         if isinstance(self.attn, SchemeMixture):
-            y, gates = self.attn(h, rope)
+            y, gates = self.attn(h, rope, routing)
         elif isinstance(self.attn, PooledAttention):
             y, gates, z = self.attn(h, routing, rope, with_logits=True)
         else:
@@ -484,7 +525,8 @@ class MoASGPT(nn.Module):
         and with_router_logits a third item: [router logits [B, T, S] per layer],
         the softmax's input (pooled_moas only; [] for the other types).
 
-        routing ("soft" or "hard") matters for pooled_moas only.
+        routing "hard": pooled_moas's straight-through top-1 routing; for moas and
+        static_moas, libmoas's routed mode (SchemeMixture.routed, inference only).
         """
         B, T = idx.shape
         if T > self.args.block_size:
@@ -1095,9 +1137,10 @@ def cmd_train(o):
 def cmd_golden(o):
     model, _ = load_checkpoint(o.golden, o.unsafe_load)
     a = model.args
-    if o.golden_mode == "routed" and a.attention_type != "pooled_moas":
-        sys.exit("train.py: --golden-mode routed needs a pooled_moas model (this one is %s)"
-                 % a.attention_type)
+    if o.golden_mode == "routed" and a.attention_type not in ("pooled_moas", "moas",
+                                                              "static_moas"):
+        sys.exit("train.py: --golden-mode routed needs a model with schemes: pooled_moas, "
+                 "moas or static_moas (this one is %s)" % a.attention_type)
     chars, stoi = build_vocab(read_text(o.data))
     if len(chars) != a.vocab_size:
         sys.exit("train.py: %s has %d characters, the model's vocab_size is %d"
@@ -1243,8 +1286,8 @@ def parse_args(argv=None):
                    help="round matrices and embeddings to float16 first (an F16 GGUF's values)")
     g.add_argument("--golden-dtype", choices=("float64", "float32"), default="float64")
     g.add_argument("--golden-mode", choices=("mixture", "routed"), default="mixture",
-                   help="routed (pooled_moas only): hard top-1 routing, the argmax of the "
-                        "gates (lowest index on ties); the gates stored are the soft ones")
+                   help="routed (models with schemes): libmoas's routed mode, the argmax of "
+                        "the gates (lowest index on ties); the gates stored are the soft ones")
     g.add_argument("--unsafe-load", action="store_true",
                    help="read the checkpoint with torch.load, which runs its pickle "
                         "(default: moas-convert's restricted reader)")

@@ -31,6 +31,10 @@ for type in baseline static moas; do
             --type f32 --name $name
         $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
             --text-start 440 --text-len 64 --out $D/$name.golden
+        if [ $type != baseline ]; then   # libmoas's routed mode (SchemeMixture.routed)
+            $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
+                --text-start 440 --text-len 64 --golden-mode routed --out $D/$name-routed.golden
+        fi
     done
 done
 
@@ -76,7 +80,7 @@ block() {   # block NAME SEED TYPE [train.py options]
         --type f32 --name $name
     $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
         --text-start 440 --text-len 64 --out $D/$name.golden
-    if [ $atype = pooled_moas ]; then
+    if [ $atype = pooled_moas ] || [ $atype = moas ]; then
         $TORCH_PY tools/train.py --golden "$CKPT_DIR/$name.pt" --data $TEXT --text $TEXT \
             --text-start 440 --text-len 64 --golden-mode routed --out $D/$name-routed.golden
     fi
