@@ -436,6 +436,7 @@ cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL)
 	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
 	$(Q)sh tests/consumers.sh usage "cpp parallel" $(CPP_PARALLEL)
 	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone, and so does a saved state loaded elsewhere)"
+	$(Q)$(CPP_PARALLEL) tests/data/tiny-modern-pooled-nobias.gguf "And God" 4 12 >/dev/null 2>&1 && echo "cpp parallel: ok on a pooled RoPE model (compaction's exact count and bytes, forks untouched, shift)"
 
 rust-example: lib $(LIBOUT)/moas.pc
 	$(Q)if [ -z "$(CARGO)" ]; then echo "*** SKIP: rust example (cargo not found) ***"; exit 0; fi; \

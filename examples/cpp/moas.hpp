@@ -164,6 +164,19 @@ public:
         check(moas_context_state_load(get(), buf.data(), buf.size()));
     }
     int32_t kv_pages() const noexcept { return moas_context_kv_pages(get()); }
+    size_t kv_bytes_held() const noexcept { return moas_context_kv_bytes_held(get()); }
+
+    /* Routed mode, pooled K/V: the tokens before n_before pooled down to `scheme` in
+     * place, pages freed; returns the token-layer pairs that changed. */
+    int32_t compact(int32_t n_before, int32_t scheme) {
+        int32_t changed = 0;
+        check(moas_context_compact(get(), n_before, scheme, &changed));
+        return changed;
+    }
+    /* RoPE models: drop positions [n_keep, n_keep + n_discard), move the later ones down. */
+    void shift(int32_t n_keep, int32_t n_discard) {
+        check(moas_context_shift(get(), n_keep, n_discard));
+    }
     moas_context *get() const noexcept { return ptr_.get(); }
 
     void decode(int32_t token) { check(moas_context_decode(get(), token, nullptr)); }
@@ -187,6 +200,10 @@ public:
     }
     size_t kv_bytes_used(int32_t layer = -1) const noexcept {
         return moas_context_kv_bytes_used(get(), layer);
+    }
+    /* Bytes of one token over all layers: -1 mixture mode's, s routed to scheme s. */
+    uint64_t kv_token_bytes(int32_t scheme) const noexcept {
+        return moas_context_kv_token_bytes(get(), scheme);
     }
 
 private:

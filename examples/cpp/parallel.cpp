@@ -9,7 +9,9 @@
  * Prints each continuation, then checks that the last one equals the same characters
  * decoded by a context of its own, and that its saved state, loaded into another
  * context, decodes on to the same logits (exit status 1 if not): batching, forking
- * and saving change no number.
+ * and saving change no number. Then, on a model with pooled K/V, compacts the prompt's
+ * context to its cheapest scheme (the exact count and bytes; the forks untouched),
+ * and shifts it by one position (RoPE models; others refuse and change nothing).
  */
 #include "moas.hpp"
 
@@ -18,6 +20,33 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+/* See main: returns 0, or 1 after saying what went wrong. */
+static int compact_prompt(const moas::model &model, moas::context &first,
+                          std::vector<moas::context> &forks) {
+    int32_t cheapest = 0;
+    for (int32_t s = 1; s < model.n_scheme(); s++) {
+        if (first.kv_token_bytes(s) < first.kv_token_bytes(cheapest)) {
+            cheapest = s;
+        }
+    }
+    const std::vector<int32_t> counts = first.scheme_counts();
+    const int32_t token_layers = first.n_past() * model.n_layer();
+    const std::vector<unsigned char> fork_before =
+        !forks.empty() ? forks.front().save_state() : std::vector<unsigned char>();
+    const int32_t changed = first.compact(first.n_past(), cheapest);
+    if (changed != token_layers - counts[static_cast<size_t>(cheapest)] ||
+        first.kv_bytes_used() !=
+            static_cast<size_t>(first.n_past()) * first.kv_token_bytes(cheapest) ||
+        (!forks.empty() && forks.front().save_state() != fork_before)) {
+        std::fprintf(stderr, "error: compaction changed %d token-layers, or the wrong "
+                     "bytes, or a fork\n", changed);
+        return 1;
+    }
+    std::fprintf(stderr, "compacted the prompt's %d token-layers to scheme %d: %d changed, "
+                 "%zu bytes used\n", token_layers, cheapest, changed, first.kv_bytes_used());
+    return 0;
+}
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -95,6 +124,29 @@ int main(int argc, char **argv) {
                 std::fprintf(stderr, "error: a restored state decodes differently\n");
                 return 1;
             }
+        }
+        /* A pooled model: the prompt's own context, whose pages the forks share,
+         * pooled down to its cheapest scheme: every token-layer that stored more heads
+         * changes, it then uses exactly n_past tokens of that scheme, and the forks
+         * stay as they were. (Independent schemes' K/V cannot be pooled.) */
+        if (moas_model_kv_sharing(model.get()) == MOAS_KV_SHARING_POOLED) {
+            if (compact_prompt(model, first, forks) != 0) {
+                return 1;
+            }
+        }
+        /* shift: a RoPE model drops position 1 and moves the rest down; one with
+         * learned positions refuses (MOAS_ERR_INVALID_ARG) and changes nothing */
+        const int32_t n_past = first.n_past();
+        try {
+            first.shift(1, 1);
+        } catch (const moas::error &e) {
+            if (e.status() != MOAS_ERR_INVALID_ARG) {
+                throw;
+            }
+        }
+        if (first.n_past() != n_past && first.n_past() != n_past - 1) {
+            std::fprintf(stderr, "error: shift left %d tokens of %d\n", first.n_past(), n_past);
+            return 1;
         }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "error: %s\n", e.what());
