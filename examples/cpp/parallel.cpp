@@ -137,14 +137,16 @@ int main(int argc, char **argv) {
         /* shift: a RoPE model drops position 1 and moves the rest down; one with
          * learned positions refuses (MOAS_ERR_INVALID_ARG) and changes nothing */
         const int32_t n_past = first.n_past();
+        bool refused = false;
         try {
             first.shift(1, 1);
         } catch (const moas::error &e) {
             if (e.status() != MOAS_ERR_INVALID_ARG) {
                 throw;
             }
+            refused = true;
         }
-        if (first.n_past() != n_past && first.n_past() != n_past - 1) {
+        if (first.n_past() != (refused ? n_past : n_past - 1)) {
             std::fprintf(stderr, "error: shift left %d tokens of %d\n", first.n_past(), n_past);
             return 1;
         }
