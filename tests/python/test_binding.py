@@ -542,6 +542,9 @@ class SamplerApi(Base):
         self.assertEqual(moas.find_stop("é—Amen", stops), (2, True))     # characters
         self.assertEqual(moas.find_stop("é—Amen".encode(), stops), (5, True))  # bytes
         self.assertEqual(moas.find_stop("abc", []), (3, False))
+        # a C string would end at NUL and match "e" alone: refused instead
+        with self.assertRaisesRegex(ValueError, "NUL"):
+            moas.find_stop("The LORD", ["e\0zzz"])
 
     def test_greedy_is_argmax(self):
         with self.model.context() as ctx, moas.Sampler(self.model, temperature=0) as smp:

@@ -1513,6 +1513,8 @@ def find_stop(text, stops, more=True):
     `end` counts characters for str, bytes for bytes."""
     raw = _utf8(text)
     stop_raw = [_utf8(s) for s in stops]
+    if any(b"\0" in s for s in stop_raw):   # C strings: it would match only up to the NUL
+        raise ValueError("a stop string contains NUL")
     arr = _array(ctypes.c_char_p, len(stop_raw))
     arr[:len(stop_raw)] = stop_raw
     end, found = ctypes.c_size_t(), ctypes.c_int32()

@@ -73,6 +73,7 @@ class Request:
         self.cancelled = False
         self.created = time.monotonic()
         self.seqs = []
+        self.forked = False        # its n - 1 forks made (they count as slots before)
         self.n_open = 0
         self.completion_tokens = 0
         self.cached_tokens = 0     # prompt tokens taken from the prompt cache
@@ -488,11 +489,20 @@ class Engine:
             n += (len(seq.req.prompt_ids) - seq.prefill + 1) * self.token_bytes
         return n
 
+    def _slots_taken(self):
+        """Sequences decoding, and the forks their requests will make once the prompt
+        is read (n > 1): the share of max_sequences that is not free."""
+        requests = {id(seq.req): seq.req for seq in self._active}
+        return len(self._active) + sum(r.n - 1 for r in requests.values() if not r.forked)
+
     def _admit(self):
         free = self._free_bytes() - self._committed()
         while not self._swapped:
             with self._lock:
-                if not self._waiting or len(self._active) >= self.max_sequences:
+                # its n sequences (the forks to come) all count against max_sequences;
+                # one of more than that many waits for an empty engine
+                if (not self._waiting or self._slots_taken() + min(
+                        self._waiting[0].n, self.max_sequences) > self.max_sequences):
                     return
                 req = self._waiting[0]
             hit, reuse = self._cache_find(req.prompt_ids)
@@ -618,14 +628,10 @@ class Engine:
                     continue
                 prefilled += len(tokens)
                 seq.logits = logits
-                family = [seq] + (self._fork(seq) if seq.index == 0 else [])
-                for s in family:
-                    self._next(s, seq.logits)
+                self._guarded(seq, self._start, seq)
                 continue
             generated += 1
-            self._emit_token(seq, tokens[0])
-            if not seq.done:
-                self._next(seq, logits)
+            self._guarded(seq, self._advance, seq, tokens[0], logits)
         with self._lock:
             self._rate.append((t, generated))
             while self._rate and t - self._rate[0][0] > 10.0:
@@ -634,9 +640,31 @@ class Engine:
             self.counters["tokens_generated"] += generated
             self.counters["prompt_tokens"] += prefilled
 
+    def _guarded(self, seq, fn, *args):
+        """fn(*args) for one sequence of a step: an error ends its request alone (the
+        library's refusal of what the request asked, 400; anything else, 500), and the
+        step's other sequences go on."""
+        try:
+            fn(*args)
+        except MoasError as e:
+            self._fail(seq.req, 400, e.message, e.name.lower())
+        except Exception as e:   # noqa: BLE001 - a bug, but this request's alone
+            self._fail(seq.req, 500, "internal error: %s" % e, "internal_error")
+
+    def _start(self, seq):
+        """The prompt is read: the forks of n > 1, then each one's first token."""
+        for s in [seq] + (self._fork(seq) if seq.index == 0 else []):
+            self._next(s, seq.logits)
+
+    def _advance(self, seq, token, logits):
+        self._emit_token(seq, token)
+        if not seq.done:
+            self._next(seq, logits)
+
     def _fork(self, parent):
         """n > 1: n - 1 forks of the parent that read the prompt (pages shared)."""
         req = parent.req
+        req.forked = True
         children = []
         for i in range(1, req.n):
             child = Seq(req, i)

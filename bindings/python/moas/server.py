@@ -13,15 +13,22 @@ sequence (moas.engine); this module only parses, validates and streams.
 import argparse
 import asyncio
 import faulthandler
+import hmac
 import json
+import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
 
 try:
     from aiohttp import web
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.web_protocol import RequestPayloadError
+    # what a client's bytes cause: unparsable HTTP, a body its encoding cannot undo
+    CLIENT_ERRORS = (HttpProcessingError, RequestPayloadError)
 except ImportError:   # pragma: no cover - said once, clearly, by main()
     web = None
 
@@ -59,10 +66,12 @@ def scheme_names(model):
 
 # ---- request validation ---------------------------------------------------------------
 
-# OpenAI fields this server accepts only at their neutral value.
+# OpenAI fields this server accepts only at their neutral value (of the same JSON type:
+# false is not 0); `user` is any string.
 NEUTRAL = {"echo": (False,), "best_of": (None, 1),
            "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": (None, ""),
            "user": None}
+REPEAT_PENALTY_RANGE = (0.01, 100.0)   # beyond it a logit divided by it can overflow
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
          "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
@@ -74,7 +83,28 @@ def _is_int(v):
 
 
 def _is_num(v):
-    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:   # an integer too large for a float
+        return False
+
+
+def _is_neutral(v, allowed):
+    return any(v == a and type(v) is type(a) for a in allowed)
+
+
+def _bad_text(s):
+    """Why a string cannot be a prompt or stop string, or None: a lone surrogate (from
+    a \\udXXX escape) is no character and has no UTF-8; NUL would end a C string."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return "a lone surrogate (U+%04X) at character %d" % (ord(s[e.start]), e.start)
+    if "\0" in s:
+        return "NUL at character %d" % s.index("\0")
+    return None
 
 
 def _get(body, name, check, what, default):
@@ -97,10 +127,11 @@ def parse_completion(body, cfg):
             raise ApiError(400, "unrecognized request argument supplied: %s" % name,
                            param=name, code="unknown_field")
     for name, allowed in NEUTRAL.items():
-        if allowed is not None and name in body and body[name] not in allowed:
+        if allowed is not None and name in body and not _is_neutral(body[name], allowed):
             raise ApiError(400, "'%s' is not supported by this server (only %s)"
                            % (name, json.dumps(allowed[0])), param=name, code="unsupported")
     _get(body, "model", lambda v: isinstance(v, str), "a string", None)
+    _get(body, "user", lambda v: isinstance(v, str), "a string", None)
     if "prompt" not in body:
         raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
     prompt = body["prompt"]
@@ -111,6 +142,9 @@ def parse_completion(body, cfg):
                        param="prompt", code="invalid_type")
     if not prompt:
         raise ApiError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+    bad = _bad_text(prompt)
+    if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
+        raise ApiError(400, "'prompt' has %s" % bad, param="prompt", code="invalid_value")
     if len(prompt) > cfg["max_prompt_chars"]:
         raise ApiError(400, "the prompt is %d characters, this server takes at most %d"
                        % (len(prompt), cfg["max_prompt_chars"]), param="prompt",
@@ -130,12 +164,16 @@ def parse_completion(body, cfg):
                         "an integer in [0, 2^31)", 0)
     out["min_p"] = _get(body, "min_p", lambda v: _is_num(v) and 0 <= v <= 1,
                         "a number in [0, 1]", 0.0)
-    rp = _get(body, "repetition_penalty", lambda v: _is_num(v) and v > 0,
-              "a number > 0", None)
+    lo, hi = REPEAT_PENALTY_RANGE
+    penalty_ok = lambda v: _is_num(v) and lo <= v <= hi   # noqa: E731
+    what = "a number in [%g, %g]" % (lo, hi)
+    rp = _get(body, "repetition_penalty", penalty_ok, what, None)
     out["repeat_penalty"] = rp if rp is not None else _get(
-        body, "repeat_penalty", lambda v: _is_num(v) and v > 0, "a number > 0", 1.0)
-    out["repeat_last_n"] = _get(body, "repeat_last_n", lambda v: _is_int(v) and 0 <= v < 2**31,
-                                "an integer in [0, 2^31)", 64)
+        body, "repeat_penalty", penalty_ok, what, 1.0)
+    # -1: the whole context, as llama.cpp's; more than the context would only cost memory
+    last_n = _get(body, "repeat_last_n", lambda v: _is_int(v) and -1 <= v <= cfg["n_ctx"],
+                  "an integer in [-1, %d] (-1: the context)" % cfg["n_ctx"], 64)
+    out["repeat_last_n"] = cfg["n_ctx"] if last_n == -1 else last_n
     stop = _get(body, "stop", lambda v: isinstance(v, str) or (
         isinstance(v, list) and all(isinstance(s, str) and s for s in v)),
         "a string or a list of non-empty strings", [])
@@ -143,6 +181,11 @@ def parse_completion(body, cfg):
     if len(stop) > 16 or any(len(s) > 256 for s in stop):
         raise ApiError(400, "at most 16 stop strings of at most 256 characters",
                        param="stop", code="invalid_value")
+    for s in stop:
+        bad = _bad_text(s)
+        if bad is not None:
+            raise ApiError(400, "stop string %s has %s" % (json.dumps(s)[:80], bad),
+                           param="stop", code="invalid_value")
     out["stop"] = [s for s in stop if s]
     out["seed"] = _get(body, "seed", lambda v: _is_int(v) and 0 <= v < 2**63,
                        "an integer in [0, 2^63)", None)
@@ -163,15 +206,16 @@ def parse_completion(body, cfg):
         "an object of token id to a number in [-100, 100]", {})
     out["logit_bias"] = {}
     for key, b in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
+        token = int(key) if re.fullmatch(r"[0-9]{1,9}", key) else -1
         if not 0 <= token < cfg["n_vocab"]:
             raise ApiError(400, "logit_bias: %s is not a token id in [0, %d)"
                            % (json.dumps(key), cfg["n_vocab"]), param="logit_bias",
                            code="invalid_value")
         out["logit_bias"][token] = float("-inf") if b <= -100 else float(b)
+    if len(out["logit_bias"]) == cfg["n_vocab"] and all(
+            b == float("-inf") for b in out["logit_bias"].values()):
+        raise ApiError(400, "logit_bias bans every token: nothing could be sampled",
+                       param="logit_bias", code="invalid_value")
     return out
 
 
@@ -216,7 +260,8 @@ class Server:
         @web.middleware
         async def middleware(request, handler):
             return await self.middleware(request, handler)
-        app = web.Application(client_max_size=self.args.max_body_bytes,
+        # aiohttp refuses a body of client_max_size bytes or more; the limit is allowed
+        app = web.Application(client_max_size=self.args.max_body_bytes + 1,
                               middlewares=[middleware])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -232,7 +277,10 @@ class Server:
         try:
             if self.args.api_key and request.path not in ("/", "/health"):
                 auth = request.headers.get("Authorization", "")
-                if auth != "Bearer " + self.args.api_key:
+                scheme, _, key = auth.strip().partition(" ")
+                if not (scheme.lower() == "bearer" and hmac.compare_digest(
+                        key.strip().encode("utf-8", "surrogateescape"),
+                        self.args.api_key.encode("utf-8", "surrogateescape"))):
                     raise ApiError(401, "invalid API key (send 'Authorization: Bearer KEY')"
                                    if auth else "missing API key (send 'Authorization: "
                                    "Bearer KEY')", code="invalid_api_key")
@@ -248,6 +296,11 @@ class Server:
                                       .replace(" ", "_"), headers={
                                           k: v for k, v in e.headers.items()
                                           if k.lower() == "allow"})
+        except Exception as e:   # a bug: one request's 500, in OpenAI's shape, counted
+            logging.getLogger("moas.server").exception("request %s %s failed",
+                                                       request.method, request.path)
+            response = error_response(500, "internal error: %s: %s" % (type(e).__name__, e),
+                                      code="internal_error")
         self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
         return response
 
@@ -366,10 +419,16 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, "the request body is larger than %d bytes"
                            % self.args.max_body_bytes, code="body_too_large")
+        except Exception as e:   # noqa: BLE001 - e.g. a body its Content-Encoding cannot undo
+            raise ApiError(400, "could not read the request body: %s" % e,
+                           code="invalid_body")
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise ApiError(400, "could not parse the JSON body: %s" % e, code="invalid_json")
+        except RecursionError:
+            raise ApiError(400, "could not parse the JSON body: nested too deeply",
+                           code="invalid_json")
         p = parse_completion(body, self.cfg)
         try:
             ids, changed = self.model.tokenize_ex(p["prompt"], unknown=p["unknown"])
@@ -581,7 +640,24 @@ def parse_args(argv=None):
     return args
 
 
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (bytes that are not HTTP, a bad
+    header or chunk) at ERROR with a traceback, before any of our code runs, and a body
+    its Content-Encoding cannot undo again after our 400; the client gets its 400
+    either way. Those become DEBUG records, one line each, so that a
+    client sending garbage cannot fill the operator's log; anything else passes."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, CLIENT_ERRORS):
+            record.msg, record.args = "unparsable HTTP request: %s", (exc,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 async def serve(args, ready=None):
+    logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
     server = Server(args)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()

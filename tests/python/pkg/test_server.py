@@ -282,6 +282,64 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     assert server.metrics()['moas_requests_total{status="400"}'] >= 25
 
 
+def test_hostile_values_are_400_and_harm_no_other_request(server, model):
+    # values that passed the checks once and then failed inside the engine thread,
+    # where one request's error ended every request in flight (found by an audit), or
+    # escaped as a plain-text 500: each is now a 400 of its own, in OpenAI's shape,
+    # while a streamed request decodes on beside them to the text it has alone
+    victim = {}
+
+    def stream():
+        victim["events"] = server.stream({"prompt": PROMPT, "max_tokens": 45, "seed": 3,
+                                          "temperature": 1.0})
+    t = threading.Thread(target=stream)
+    t.start()
+    post = lambda raw, **h: server.request("POST", "/v1/completions", raw=raw,  # noqa: E731
+                                           headers=h)
+    base = {"prompt": PROMPT, "max_tokens": 3}
+    for field, value, code in (
+            ("repetition_penalty", 1e-45, "invalid_type"),   # logit / 1e-45 overflows
+            ("repeat_penalty", 1000.0, "invalid_type"),
+            ("repeat_last_n", 2**31 - 1, "invalid_type"),   # 8 GiB of sampler history
+            ("repeat_last_n", 65, "invalid_type"),          # beyond the context of 64
+            ("stop", "\ud800", "invalid_value"),            # no UTF-8
+            ("stop", ["x", "e\u0000zzz"], "invalid_value"),  # matched up to the NUL
+            ("prompt", "And \ud800", "invalid_value"),
+            ("prompt", "And \udc80", "invalid_value"),
+            ("temperature", 10**400, "invalid_type"),       # no float
+            ("logit_bias", {"1": 10**400}, "invalid_type"),
+            ("logit_bias", {str(t): -100 for t in range(model.n_vocab)}, "invalid_value"),
+            ("logit_bias", {"1_0": 1}, "invalid_value"),     # int("1_0") is 10
+            ("logit_bias", {" 5": 1}, "invalid_value"),
+            ("presence_penalty", False, "unsupported"),     # false is not 0
+            ("frequency_penalty", False, "unsupported"),
+            ("best_of", True, "unsupported"),
+            ("echo", 0, "unsupported"),
+            ("user", 5, "invalid_type")):
+        check_error(server.complete(**dict(base, **{field: value})), 400, code, field)
+    # JSON nested past the parser's recursion, a body its Content-Encoding cannot undo
+    check_error(post(b"[" * 4000), 400, "invalid_json")
+    check_error(post(b'{"prompt": "And"}', **{"Content-Encoding": "gzip"}), 400,
+                "invalid_body")
+    # the body limit (4096 bytes here) is the largest body taken, not the first refused
+    for size, status in ((4096, 200), (4097, 413)):
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 1, "model": ""}).encode()
+        body = body[:-3] + b" " * (size - len(body)) + body[-3:]
+        assert len(body) == size
+        assert post(body)[0] == status
+    # bytes that are not HTTP: aiohttp's plain 400, and no traceback in the server's log
+    # (Server.close checks the log)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
+        assert sock.recv(100).split(b"\r\n")[0] in (b"HTTP/1.0 400 Bad Request",
+                                                      b"HTTP/1.1 400 Bad Request")
+    assert server.complete(prompt=PROMPT, max_tokens=2, repeat_last_n=-1)[0] == 200
+    t.join(60)
+    events = victim["events"]
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events
+    assert joined(events) == alone(model, 3, 45, temperature=1.0)
+
+
 def wait_idle(server, timeout=10):
     """Metrics once no sequence decodes and only the prompt cache holds pages."""
     deadline = time.time() + timeout
@@ -722,6 +780,65 @@ def test_a_clear_asked_for_as_the_engine_stops_is_answered(model):
         engine.close()
     clearer.join(10)
     assert asked["evicted"] == 2 and asked["seconds"] < 4, asked
+
+
+def test_a_request_the_library_refuses_in_the_engine_fails_alone(model):
+    # a request whose sampling the library refuses only at its first token (every token
+    # banned: "no logit is finite"), beside one that decodes: the first ends with a 400
+    # of its own, the second goes on to the text it has alone (an error inside the
+    # engine's step ended every request in flight with a 500)
+    from moas.engine import Engine, Request
+    engine = Engine(model, pool_bytes=1 << 20, mode="routed", step_delay=0.002)
+    try:
+        good = {}
+        t = threading.Thread(target=lambda: good.update(
+            zip(("end", "text"), engine_run(engine, model, PROMPT, 5, 40))))
+        t.start()
+        deadline = time.time() + 10
+        while engine.snapshot()["active"] == 0 and time.time() < deadline:
+            time.sleep(0.001)
+        done, events = threading.Event(), []
+
+        def emit(event):
+            events.append(event)
+            if event.kind in ("done", "error"):
+                done.set()
+        banned = {token: float("-inf") for token in range(model.n_vocab)}
+        assert engine.submit(Request(model.tokenize(PROMPT), max_tokens=5, seed=1,
+                                     logit_bias=banned, emit=emit))
+        assert done.wait(10)
+        t.join(30)
+        assert good["end"].kind == "done", good
+        assert good["text"] == model.generate(PROMPT, 40, seed=5, mode="routed",
+                                              temperature=1.0)
+        assert events[-1].kind == "error" and events[-1].data[0] == 400, events
+        assert "finite" in events[-1].data[1]
+    finally:
+        engine.close()
+
+
+def test_forks_count_against_max_sequences(model):
+    # two requests of n = 3 and n = 2 with max_sequences 4: the second waits until the
+    # first's forks are done instead of being admitted beside its unforked prompt
+    from moas.engine import Engine
+    engine = Engine(model, pool_bytes=1 << 20, mode="routed", max_sequences=4,
+                    step_delay=0.002)
+    try:
+        from moas.engine import Request
+        ends = []
+        dones = [threading.Event(), threading.Event()]
+        for i, n in enumerate((3, 2)):
+            def emit(event, i=i):
+                if event.kind in ("done", "error"):
+                    ends.append(event)
+                    dones[i].set()
+            assert engine.submit(Request(model.tokenize(PROMPT), max_tokens=20, n=n,
+                                         seed=i, emit=emit))
+        assert all(d.wait(30) for d in dones)
+        assert [e.kind for e in ends] == ["done", "done"], ends
+        assert settled(engine)["peak_active"] == 3
+    finally:
+        engine.close()
 
 
 def model_logprobs(model, prompt, text, k):
