@@ -47,12 +47,17 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status, message, param=None, code=None, headers=None):
-    kind = ("invalid_request_error" if status < 500 else
-            "server_error" if status != 503 else "overloaded_error")
+def error_kind(status):
+    """OpenAI's error type for an HTTP status."""
     if status == 401:
-        kind = "authentication_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        return "authentication_error"
+    return ("invalid_request_error" if status < 500 else
+            "server_error" if status != 503 else "overloaded_error")
+
+
+def error_response(status, message, param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": error_kind(status), "param": param,
+                      "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -296,6 +301,8 @@ class Server:
                                       .replace(" ", "_"), headers={
                                           k: v for k, v in e.headers.items()
                                           if k.lower() == "allow"})
+        except ConnectionError:   # the client went away: nobody to answer
+            raise
         except Exception as e:   # a bug: one request's 500, in OpenAI's shape, counted
             logging.getLogger("moas.server").exception("request %s %s failed",
                                                        request.method, request.path)
@@ -566,7 +573,8 @@ class Server:
                                                              "logprobs": None,
                                                              "finish_reason": reason}])))
                 elif ev.kind == "error":
-                    frames.append(frame({"error": {"message": ev.data[1], "type": "server_error",
+                    frames.append(frame({"error": {"message": ev.data[1],
+                                                   "type": error_kind(ev.data[0]),
                                                    "param": None, "code": ev.data[2]}}))
                     frames.append(b"data: [DONE]\n\n")
                     last = True
