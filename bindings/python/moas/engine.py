@@ -179,9 +179,10 @@ class Engine:
     # ---- any thread --------------------------------------------------------------------
 
     def submit(self, req):
-        """Queue a request; False (and nothing queued) when the queue is full."""
+        """Queue a request; False (and nothing queued) when the queue is full or the
+        engine has stopped."""
         with self._lock:
-            if len(self._incoming) + len(self._waiting) >= self.max_queue:
+            if self._stop or len(self._incoming) + len(self._waiting) >= self.max_queue:
                 return False
             self._incoming.append(req)
             self._lock.notify()
@@ -223,11 +224,26 @@ class Engine:
             self._lock.notify()
         return result["evicted"] if done.wait(timeout) else None
 
+    @property
+    def closed(self):
+        return self._stop
+
     def close(self):
+        """Stop the engine: every request not yet done gets a 503 error event (the
+        server is shutting down) instead of waiting for an answer that will not come,
+        and every page goes back."""
         with self._lock:
             self._stop = True
             self._lock.notify()
         self._thread.join()
+        with self._lock:
+            open_requests = (list(self._requests.values()) + list(self._waiting)
+                             + list(self._incoming))
+            self._waiting.clear()
+            self._incoming.clear()
+        for req in open_requests:
+            self._fail(req, 503, "the server is shutting down", "shutting_down")
+        self._deliver()
         for seq in self._active + self._swapped:
             self._close_seq(seq)
         evicted = len(self._cache)

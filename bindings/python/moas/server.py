@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import struct
 import sys
 import time
 
@@ -96,6 +97,11 @@ def _is_num(v):
         return False
 
 
+def _f32(v):
+    """v as the library's float32 sees it (v at most 3.4e38)."""
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
 def _is_neutral(v, allowed):
     return any(v == a and type(v) is type(a) for a in allowed)
 
@@ -163,8 +169,8 @@ def parse_completion(body, cfg):
                        code="max_tokens_too_large")
     out["temperature"] = _get(body, "temperature", lambda v: _is_num(v) and 0 <= v <= 100,
                               "a number in [0, 100]", 1.0)
-    out["top_p"] = _get(body, "top_p", lambda v: _is_num(v) and 0 < v <= 1,
-                        "a number in (0, 1]", 1.0)
+    out["top_p"] = _get(body, "top_p", lambda v: _is_num(v) and 0 < v <= 1 and _f32(v) > 0,
+                        "a number in (0, 1] (as a float32: 1e-45 or more)", 1.0)
     out["top_k"] = _get(body, "top_k", lambda v: _is_int(v) and 0 <= v < 2**31,
                         "an integer in [0, 2^31)", 0)
     out["min_p"] = _get(body, "min_p", lambda v: _is_num(v) and 0 <= v <= 1,
@@ -301,8 +307,9 @@ class Server:
                                       .replace(" ", "_"), headers={
                                           k: v for k, v in e.headers.items()
                                           if k.lower() == "allow"})
-        except ConnectionError:   # the client went away: nobody to answer
-            raise
+        except ConnectionError:   # the client went away: nobody to answer; counted as 499
+            self.disconnects += 1   # (nginx's "client closed request")
+            response = web.Response(status=499)
         except Exception as e:   # a bug: one request's 500, in OpenAI's shape, counted
             logging.getLogger("moas.server").exception("request %s %s failed",
                                                        request.method, request.path)
@@ -469,6 +476,8 @@ class Server:
             raise ApiError(400, "the request needs more KV memory than the pool holds",
                            code="request_too_large")
         retry = {"Retry-After": str(max(1, int(self.args.queue_timeout)))}
+        if self.engine.closed:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
         if not self.engine.submit(req):
             raise ApiError(503, "the server is full: %d requests are already waiting"
                            % self.args.max_queue, code="queue_full", headers=retry)
@@ -477,14 +486,14 @@ class Server:
         # logprobs' text_offset counts from the prompt's start, as OpenAI's does
         p["prompt_chars"] = sum(len(self.model.token_text(t)) for t in ids)
         try:
-            first = await events.get()
+            first = await self._next_event(request, events)
             if first.kind == "error":
                 status, message, code = first.data
                 raise ApiError(status, message, code=code,
                                headers=retry if status == 503 else None)
             if p["stream"]:
                 return await self._stream(request, events, req, meta, p, changed)
-            return await self._whole(events, req, meta, p, changed)
+            return await self._whole(request, events, req, meta, p, changed)
         finally:
             self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
 
@@ -500,13 +509,31 @@ class Server:
             offset += len(text)
         return out
 
-    async def _whole(self, events, req, meta, p, changed):
+    POLL_SECONDS = 0.25   # how often a waiting request looks whether its client is there
+
+    async def _next_event(self, request, events):
+        """The request's next event, or ConnectionResetError once its client has hung
+        up: aiohttp (3.8) does not cancel a handler whose connection closed, and a
+        request nobody waits for would keep its sequences, or its place in the queue,
+        until it ended."""
+        while True:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client hung up")
+            if not events.empty():
+                return events.get_nowait()
+            try:
+                return await asyncio.wait_for(events.get(), self.POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _whole(self, request, events, req, meta, p, changed):
         texts = [[] for _ in range(req.n)]
         routes = [[] for _ in range(req.n)]
         lps = [[] for _ in range(req.n)]
         reasons = [None] * req.n
         while True:
-            ev = await events.get()
+            ev = await self._next_event(request, events)
             if ev.kind == "text":
                 i, text, route, lp = ev.data
                 texts[i].append(text)
@@ -536,22 +563,21 @@ class Server:
     async def _stream(self, request, events, req, meta, p, changed):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
-        await response.prepare(request)
-
         try:
-            return await self._events(response, events, meta, p)
+            await response.prepare(request)
+            return await self._events(request, response, events, meta, p)
         except ConnectionError:   # the client hung up: completions() cancels the request
             self.disconnects += 1
-            return response
+            return response if response.prepared else web.Response(status=499)
 
-    async def _events(self, response, events, meta, p):
+    async def _events(self, request, response, events, meta, p):
         """Server-sent events, the frames of all the events waiting written at once."""
         def frame(obj):
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
         offsets = {}   # choice -> characters streamed so far, for text_offset
         while True:
-            ev = await events.get()
+            ev = await self._next_event(request, events)
             batch = [ev]
             while not events.empty() and len(batch) < 256:
                 batch.append(events.get_nowait())
@@ -669,8 +695,13 @@ async def serve(args, ready=None):
     server = Server(args)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    # at shutdown the open requests end at once (the engine answers them 503), so the
+    # handlers need little of aiohttp's grace period
+    site = web.TCPSite(runner, args.host, args.port, shutdown_timeout=10.0)
     await site.start()
+    loop = asyncio.get_running_loop()
+    if hasattr(signal, "SIGTERM"):   # as Ctrl-C does: this task cancelled, then finally
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     port = site._server.sockets[0].getsockname()[1]
     print("moas.server: %s (%s mode, %.0f MB pool, %d sequences) on http://%s:%d/"
           % (server.model_id, args.mode, args.pool_mb, args.max_sequences, args.host, port),
@@ -678,8 +709,10 @@ async def serve(args, ready=None):
     try:
         await asyncio.Event().wait()
     finally:
+        # every open request answered first (503; a stream gets an error event and
+        # [DONE]), new ones refused alike, then the handlers, all ending, waited for
+        await loop.run_in_executor(None, server.engine.close)
         await runner.cleanup()
-        server.engine.close()
 
 
 def main(argv=None):
@@ -691,7 +724,7 @@ def main(argv=None):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         asyncio.run(serve(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):   # Ctrl-C, SIGTERM
         pass
     except (MoasError, OSError) as e:
         sys.exit("moas.server: %s" % e)

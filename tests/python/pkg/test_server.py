@@ -307,6 +307,7 @@ def test_hostile_values_are_400_and_harm_no_other_request(server, model):
             ("prompt", "And \ud800", "invalid_value"),
             ("prompt", "And \udc80", "invalid_value"),
             ("temperature", 10**400, "invalid_type"),       # no float
+            ("top_p", 1e-300, "invalid_type"),              # 0 as a float32
             ("logit_bias", {"1": 10**400}, "invalid_type"),
             ("logit_bias", {str(t): -100 for t in range(model.n_vocab)}, "invalid_value"),
             ("logit_bias", {"1_0": 1}, "invalid_value"),     # int("1_0") is 10
@@ -384,6 +385,71 @@ def test_disconnect_mid_stream_frees_pages(server):
     # never does)
     _, evicted = assert_every_page_back(server)
     assert evicted >= 1
+
+
+def test_clients_that_leave_are_let_go_and_shutdown_answers_everyone():
+    # a whole (not streamed) request whose client hangs up, and requests that leave
+    # while queued, are cancelled within a poll (aiohttp 3.8 does not cancel their
+    # handlers: they ran to max_tokens, or held their queue places); a stream whose
+    # client leaves before its first event is a disconnect, not a 500 with a traceback
+    # (Server.close checks the log); SIGTERM ends open streams with an error event
+    # and [DONE] and exits in a few seconds
+    s = Server("--pool-mb", "1", "--max-sequences", "1", "--max-queue", "8",
+               "--step-delay", "0.05")
+    try:
+        def post_and_leave(body, after):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            data = json.dumps(body).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         b"%d\r\n\r\n" % len(data) + data)
+            time.sleep(after)
+            sock.close()
+
+        def gauge(name, want, within):
+            deadline = time.time() + within
+            while time.time() < deadline:
+                if s.metrics()[name] == want:
+                    return
+                time.sleep(0.05)
+            raise AssertionError("%s: %r" % (name, s.metrics()))
+
+        # 45 tokens take 2.25 s; the client leaves after 0.3
+        post_and_leave({"prompt": PROMPT, "max_tokens": 45}, 0.3)
+        gauge("moas_sequences_active", 0, 1.5)
+        for _ in range(3):   # queued behind a request that holds the one slot
+            post_and_leave({"prompt": PROMPT, "max_tokens": 45}, 0.0)
+        post_and_leave({"prompt": PROMPT, "max_tokens": 45, "stream": True}, 0.0)
+        gauge("moas_requests_queued", 0, 1.5)
+        gauge("moas_sequences_active", 0, 1.5)
+        m = s.metrics()
+        # the whole ones are 499 (nginx's "client closed request"); the stream too, or
+        # a 200 when its headers went out before the server saw it leave
+        assert m.get('moas_requests_total{status="499"}') in (4, 5), m
+        assert m["moas_client_disconnects_total"] == 5, m
+        assert 'moas_requests_total{status="500"}' not in m, m
+        assert m["moas_generated_tokens_total"] < 45, m   # nobody's 45 tokens ran out
+        # shutdown: one stream decoding, one request queued behind it
+        streamed, queued = {}, {}
+        threads = [threading.Thread(target=lambda: streamed.update(events=s.stream(
+            {"prompt": PROMPT, "max_tokens": 45, "seed": 1}))),
+            threading.Thread(target=lambda: queued.update(reply=s.complete(
+                prompt=PROMPT, max_tokens=45, stream=True)))]
+        threads[0].start()
+        gauge("moas_sequences_active", 1, 2)
+        threads[1].start()
+        gauge("moas_requests_queued", 1, 2)
+        start = time.time()
+        s.proc.terminate()
+        assert s.proc.wait(10) == 0
+        assert time.time() - start < 5
+        for t in threads:
+            t.join(10)
+        events = streamed["events"]
+        assert events[-1] == "[DONE]", events
+        assert events[-2]["error"]["code"] == "shutting_down", events
+        check_error(queued["reply"], 503, "shutting_down")
+    finally:
+        s.close()
 
 
 def test_api_key():
