@@ -1269,7 +1269,9 @@ MOAS_API void moas_sampler_params_init_sized(moas_sampler_params *params, size_t
  *          n_logit_bias negative, NULL logit_bias with n_logit_bias > 0, a bias's token
  *          outside [0, n_vocab) or its value NaN or +infinity, bad size),
  *          MOAS_ERR_NO_MEMORY.
- * Thread safety: safe.   Allocates: yes (scratch for n_vocab entries, once).
+ * Thread safety: safe.   Allocates: yes (scratch for n_vocab entries, once, and with a
+ *               repetition penalty 4 bytes per token of repeat_last_n: a caller that
+ *               takes repeat_last_n from others should bound it, e.g. by the context).
  */
 MOAS_API moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_vocab,
                                          moas_sampler **out);

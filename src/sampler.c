@@ -135,6 +135,9 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
     }
     if (!ok) {
         moas_sampler_free(s);
+        MOAS_RETURN_IF(penalty, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for the "
+                       "scratch of %d candidates and the penalty's history of %d tokens",
+                       n_vocab, p.repeat_last_n);
         MOAS_RETURN_IF(true, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for the scratch "
                        "of %d candidates", n_vocab);
     }
