@@ -40,12 +40,15 @@ Threads. As in C: a Model may be shared by threads; a Context or a Sampler is us
 one thread at a time. ctypes releases the GIL during every call into the library.
 """
 
+import contextlib
 import ctypes
 import enum
 import math
+import operator
 import os
 import subprocess
 import sys
+import threading
 import weakref
 from collections import namedtuple
 
@@ -474,6 +477,41 @@ def _closed(what):
     return MoasError(Status.ERR_INVALID_ARG, "%s is closed" % what)
 
 
+# ctypes stores an int modulo 2^n: 2**32 + 5 would be token 5. Every int an argument or
+# a field takes is checked against its C type first.
+_INT_RANGES = {ctypes.c_int32: (-2**31, 2**31), ctypes.c_int64: (-2**63, 2**63),
+               ctypes.c_uint64: (0, 2**64), ctypes.c_uint32: (0, 2**32)}
+_INT_RANGES[ctypes.c_size_t] = (0, 2**(8 * ctypes.sizeof(ctypes.c_size_t)))
+
+
+def _int(what, value, ctype=ctypes.c_int32):
+    """`value` as an int that `ctype` holds exactly: TypeError for a non-integer (a
+    float is not silently truncated), MoasValueError outside the type's range."""
+    if isinstance(value, ctypes._SimpleCData):
+        return value
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__)) \
+            from None
+    lo, hi = _INT_RANGES[ctype]
+    if not lo <= v < hi:
+        raise MoasError(Status.ERR_INVALID_ARG, "%s %d is outside [%d, %d]"
+                        % (what, v, lo, hi - 1))
+    return v
+
+
+def _ids(tokens, what="token"):
+    """A c_int32 array of `tokens` (any iterable of ints), each checked."""
+    if isinstance(tokens, (str, bytes, bytearray)):
+        raise TypeError("tokens are a sequence of token ids, not %s (tokenize text first)"
+                        % type(tokens).__name__)
+    tokens = [_int(what, t) for t in tokens]
+    ids = _array(ctypes.c_int32, len(tokens))
+    ids[:len(tokens)] = tokens
+    return ids, len(tokens)
+
+
 def version_number():
     return library().moas_version_number()
 
@@ -509,7 +547,11 @@ def _log_callback(fn):
 
 
 def _utf8(text):
-    return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogateescape")
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text)
+    raise TypeError("text must be str or bytes, not %s" % type(text).__name__)
 
 
 _ARRAY_TYPES = {}
@@ -580,10 +622,20 @@ TensorInfo.__doc__ = """One tensor of the file. `shape` is GGUF order (fastest f
 
 class _Handle:
     """A library object owned by Python: released by close(), a `with` block, or the
-    garbage collector. Calls on a closed handle raise MoasError."""
+    garbage collector. Calls on a closed handle raise MoasError.
+
+    Objects that others need (a Model its Pools and Contexts, a Pool its Contexts) keep
+    their dependents in `_dependents` and count the live ones in `_n_live`; close()
+    closes the dependents first. The garbage collector may finalise an object before
+    the dependents of a reference cycle it is part of (their weak references are gone
+    by then), so the library object is freed only when the last of them has been:
+    the C rule "free the contexts before the pool" holds whatever order Python picks."""
 
     _kind = "object"
     _ptr = None
+    _held = None      # a closed object's pointer, freed with its last dependent
+    _n_live = 0
+    _owner = None     # the Model or Pool this one depends on
 
     def __enter__(self):
         return self
@@ -604,8 +656,39 @@ class _Handle:
             raise _closed(self._kind)
         return self._ptr
 
+    def _depend_on(self, owner):
+        """This object's library object needs owner's until it is freed."""
+        owner._dependents.add(self)
+        owner._n_live += 1
+        self._owners = getattr(self, "_owners", ()) + (owner,)
+
+    def _freed(self):
+        """After this object's library object is freed: its owners may go now."""
+        for owner in getattr(self, "_owners", ()):
+            owner._n_live -= 1
+            if owner._n_live == 0 and owner._held is not None:
+                held, owner._held = owner._held, None
+                owner._free(held)
+        self._owners = ()
+
+    def _close_owner(self):
+        """close() of a Model or Pool: its dependents first, then itself, unless some
+        are still alive (a cycle being collected): then with the last of them."""
+        for dep in list(self._dependents):
+            dep.close()
+        if self._ptr is not None:
+            ptr, self._ptr = self._ptr, None
+            if self._n_live > 0:
+                self._held = ptr
+            else:
+                self._free(ptr)
+
     def _call(self, name, *args):
-        return getattr(library(), name)(self._p(), *args)
+        fn = getattr(library(), name)
+        for i, (arg, ctype) in enumerate(zip(args, fn.argtypes[1:])):
+            if ctype in _INT_RANGES and not isinstance(arg, ctypes._SimpleCData):
+                _int("%s: argument %d" % (name[5:], i + 1), arg, ctype)
+        return fn(self._p(), *args)
 
 
 class Model(_Handle):
@@ -615,12 +698,17 @@ class Model(_Handle):
 
     def __init__(self, path, *, use_mmap=True, log=None, allocator=None):
         self._ptr = None
-        self._contexts = weakref.WeakSet()
+        self._dependents = weakref.WeakSet()
+        self._views = weakref.WeakValueDictionary()   # tensor data views, by id: close()
+        # releases them (memoryviews hash by content, so no WeakSet)
         self._buffer = None
         params = self._make_params(log, allocator)
         params.use_mmap = 1 if use_mmap else 0
         out = ctypes.c_void_p()
-        status = library().moas_model_load(os.fsencode(path), ctypes.byref(params),
+        encoded = os.fsencode(path)
+        if b"\0" in encoded:
+            raise ValueError("embedded null byte in the model path")
+        status = library().moas_model_load(encoded, ctypes.byref(params),
                                            ctypes.byref(out))
         if status == Status.ERR_IO and not os.path.exists(path):
             raise MoasFileNotFoundError(status, last_error())
@@ -634,7 +722,8 @@ class Model(_Handle):
         writable one must not be changed while the model is open."""
         self = cls.__new__(cls)
         self._ptr = None
-        self._contexts = weakref.WeakSet()
+        self._dependents = weakref.WeakSet()
+        self._views = weakref.WeakValueDictionary()
         params = self._make_params(log, allocator)
         # ctypes.cast() would tie these objects into a reference cycle, and so keep a
         # bytearray exported after close(): pass the objects themselves as void *.
@@ -666,12 +755,18 @@ class Model(_Handle):
 
     # lifetime
     def close(self):
-        """Free the model, after the contexts made from it. Idempotent."""
-        for ctx in list(self._contexts):
-            ctx.close()
-        if self._ptr is not None:
-            library().moas_model_free(self._ptr)
-            self._ptr = None
+        """Free the model, after the contexts and pools made from it. Idempotent.
+        Tensor views it handed out are released."""
+        for view in list(self._views.values()):
+            try:
+                view.release()
+            except BufferError:   # something still exports it (a cast, numpy)
+                pass
+        self._views.clear()
+        self._close_owner()
+
+    def _free(self, ptr):
+        library().moas_model_free(ptr)
         self._buffer = None
 
 
@@ -722,8 +817,10 @@ class Model(_Handle):
         _check(self._call("moas_model_tensor", index, ctypes.byref(info)))
         data = None
         if info.data and info.n_bytes:
-            raw = (ctypes.c_char * info.n_bytes).from_address(info.data)
-            data = memoryview(raw).cast("B").toreadonly()
+            raw = memoryview((ctypes.c_char * info.n_bytes).from_address(info.data))
+            data = raw.cast("B").toreadonly()
+            raw.release()
+            self._views[id(data)] = data   # released by close()
         try:
             ttype = Type(info.type)
         except ValueError:
@@ -860,12 +957,10 @@ class Model(_Handle):
         return ids[:n.value], changed.value
 
     def detokenize(self, tokens):
-        tokens = list(tokens)
-        ids = _array(ctypes.c_int32, len(tokens))
-        ids[:len(tokens)] = tokens
-        cap = 4 * len(tokens) + 1   # a character is at most 4 UTF-8 bytes
+        ids, n_tokens = _ids(tokens)
+        cap = 4 * n_tokens + 1   # a character is at most 4 UTF-8 bytes
         buf, n = _array(ctypes.c_char, cap), ctypes.c_size_t()
-        _check(self._call("moas_detokenize", ids, len(tokens), buf, cap, ctypes.byref(n)))
+        _check(self._call("moas_detokenize", ids, n_tokens, buf, cap, ctypes.byref(n)))
         return buf.raw[:n.value].decode("utf-8", "surrogateescape")
 
     def token_text(self, token):
@@ -1029,31 +1124,42 @@ class Context(_Handle):
         self.pool = pool
         self._views = []
         self._route = None
+        self._route_fn = None
         self._route_error = None
+        self._lock = threading.RLock()   # one call at a time; close waits for it
+        self._calling = None             # the thread inside a decoding call
         self.model = model
         params = _params(library().moas_context_params_init_sized, ContextParams)
-        params.n_ctx, params.n_threads = n_ctx, n_threads
+        params.n_ctx, params.n_threads = _int("n_ctx", n_ctx), _int("n_threads", n_threads)
         params.mode = _enum(Mode, mode)
         params.kv_type = _enum(Type, kv_type)
         params.kernels = _enum(Kernels, kernels)
-        params.forced_scheme = forced_scheme
-        params.kv_budget_bytes = kv_budget
+        params.forced_scheme = _int("forced_scheme", forced_scheme)
+        params.kv_budget_bytes = _int("kv_budget", kv_budget, ctypes.c_uint64)
         self._log = _log_callback(log)
         params.log = self._log
         self._allocator = allocator
         if allocator is not None:
             params.allocator = ctypes.pointer(allocator)
+        self._route_fn = route_callback
         self._route = self._route_callback(route_callback)
         params.route_fn = self._route
-        params.n_batch = n_batch
+        params.n_batch = _int("n_batch", n_batch)
         if pool is not None:
+            if not isinstance(pool, Pool):
+                raise TypeError("pool must be a Pool, not %s" % type(pool).__name__)
             if pool.model is not model:
                 raise MoasError(Status.ERR_INVALID_ARG, "the pool was made for another model")
             params.pool = pool._p()
         out = ctypes.c_void_p()
-        if _fork_of is not None:
-            self._route = _fork_of._route
-            _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
+        if _fork_of is not None:   # its own callback: its errors are its own
+            self._route_fn = _fork_of._route_fn
+            self._route = self._route_callback(self._route_fn)
+            with _fork_of._lock:
+                _fork_of._check_not_inside("fork")
+                _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
+            if self._route_fn is not None:
+                library().moas_context_set_route_callback(out.value, self._route, None)
         else:
             _check(library().moas_context_create(model._p(), ctypes.byref(params),
                                                  ctypes.byref(out)))
@@ -1061,14 +1167,31 @@ class Context(_Handle):
         self._n_vocab = model.n_vocab
         self._n_layer = model.n_layer
         self._n_scheme = model.n_scheme
-        model._contexts.add(self)
+        self._depend_on(model)
+        if pool is not None:
+            self._depend_on(pool)
 
     # lifetime
     def close(self):
-        self._invalidate()
-        if self._ptr is not None:
-            library().moas_context_free(self._ptr)
-            self._ptr = None
+        """Free the context (after a call another thread is making on it ends).
+        Idempotent; refused from its own route callback."""
+        with self._lock:
+            self._check_not_inside("close")
+            self._invalidate()
+            if self._ptr is not None:
+                ptr, self._ptr = self._ptr, None
+                library().moas_context_free(ptr)
+                self._freed()
+
+    def _check_not_inside(self, what):
+        if self._calling == threading.get_ident():
+            raise MoasError(Status.ERR_INVALID_ARG, "%s: a route callback must not use the "
+                            "context it was called from" % what)
+
+    def _call(self, name, *args):
+        with self._lock:
+            self._check_not_inside(name[5:])
+            return _Handle._call(self, name, *args)
 
 
     # the logits view
@@ -1106,16 +1229,24 @@ class Context(_Handle):
     def _run(self, name, *args):
         """Call a decoding function; a route callback's exception undoes the call
         (truncate restores the exact earlier state) and is raised."""
-        n_past = self._call("moas_context_n_past")
-        self._invalidate()
-        self._route_error = None
-        status = self._call(name, *args)
-        if self._route_error is not None:
-            error, self._route_error = self._route_error, None
-            if status == Status.OK:
-                self._call("moas_context_truncate", n_past)
-            raise error
-        _check(status)
+        with self._lock:
+            n_past = self._call("moas_context_n_past")
+            self._invalidate()
+            self._route_error = None
+            self._calling = threading.get_ident()
+            try:
+                status = self._call_inside(name, *args)
+            finally:
+                self._calling = None
+            if self._route_error is not None:
+                error, self._route_error = self._route_error, None
+                if status == Status.OK:
+                    self._call("moas_context_truncate", n_past)
+                raise error
+            _check(status)
+
+    def _call_inside(self, name, *args):
+        return _Handle._call(self, name, *args)
 
     def decode(self, token):
         """Decode one token; returns the logits view (see logits())."""
@@ -1127,10 +1258,9 @@ class Context(_Handle):
         logits view, "none" returns None (and leaves no logits), "all" returns a new
         list of n_tokens memoryviews of n_vocab floats, rows of one new buffer that the
         caller owns."""
-        tokens = list(tokens)
         which = _enum(Logits, logits)
-        ids = _array(ctypes.c_int32, len(tokens))
-        ids[:len(tokens)] = tokens
+        ids, n_tokens = _ids(tokens)
+        tokens = range(n_tokens)   # only its length below
         flat = out = None
         if which == Logits.ALL:
             flat, out = _float_rows(len(tokens) * self._n_vocab)
@@ -1209,7 +1339,10 @@ class Context(_Handle):
         def route(_user, pos, layer, gates, n_scheme, proposed):
             try:
                 choice = fn(pos, layer, tuple(gates[:n_scheme]), proposed)
-                return proposed if choice is None else int(choice)
+                if choice is None:
+                    return proposed
+                choice = int(choice)   # beyond int32: out of range, so `proposed` too
+                return choice if -2**31 <= choice < 2**31 else proposed
             except BaseException as e:   # cannot cross the C frames: raised after the call
                 ctx = ref()
                 if ctx is not None and ctx._route_error is None:
@@ -1224,7 +1357,7 @@ class Context(_Handle):
         decode is undone and the exception propagates from decode()."""
         callback = self._route_callback(fn)
         self._call("moas_context_set_route_callback", callback, None)
-        self._route = callback
+        self._route, self._route_fn = callback, fn
 
     def _layer(self, layer):
         if not -1 <= layer < self._n_layer:
@@ -1273,9 +1406,10 @@ class Context(_Handle):
 
     def load_state(self, data):
         """Replace this context's sequence with one saved by save_state(); all or nothing."""
-        data = bytes(data)
+        data = bytes(memoryview(data))   # a buffer: bytes(5) would be five NULs
         self._invalidate()
         _check(self._call("moas_context_state_load", data, len(data)))
+
     def kv_token_bytes(self, scheme=-1):
         """Bytes one token occupies over all layers: mixture mode's storage for -1,
         routed mode's for a token routed to `scheme` (moas_context_kv_token_bytes)."""
@@ -1314,8 +1448,9 @@ class Pool(_Handle):
     is below it; 0: never), commit (write every page and decode() buffer now, so the
     pool's memory is resident from the start and RSS stays flat while sequences come
     and go).
-    Contexts made with pool.context(...) or Context(model, pool=pool) must be closed
-    before the pool (the pool keeps them alive while it is open).
+    Contexts made with pool.context(...) or Context(model, pool=pool) are closed by
+    the pool's close(), before it; each holds the pool, so the pool stays open while
+    any of them is in use.
     """
 
     _kind = "pool"
@@ -1323,11 +1458,14 @@ class Pool(_Handle):
     def __init__(self, model, capacity_bytes, *, kv_type=Type.F32, page_heads=0, n_threads=0,
                  kernels=Kernels.AUTO, n_batch=0, steer_below=0.0, commit=False, log=None):
         self._ptr = None
+        self._dependents = weakref.WeakSet()
         self.model = model
         params = _params(library().moas_pool_params_init_sized, PoolParams)
-        params.capacity_bytes = int(capacity_bytes)
+        params.capacity_bytes = _int("capacity_bytes", capacity_bytes, ctypes.c_uint64)
         params.kv_type = _enum(Type, kv_type)
-        params.page_heads, params.n_threads, params.n_batch = page_heads, n_threads, n_batch
+        params.page_heads, params.n_threads, params.n_batch = (
+            _int("page_heads", page_heads), _int("n_threads", n_threads),
+            _int("n_batch", n_batch))
         params.steer_below = steer_below
         params.commit = 1 if commit else 0
         params.kernels = _enum(Kernels, kernels)
@@ -1337,11 +1475,16 @@ class Pool(_Handle):
         _check(library().moas_pool_create(model._p(), ctypes.byref(params), ctypes.byref(out)))
         self._ptr = out.value
         self._n_vocab = model.n_vocab
+        self._depend_on(model)
 
     def close(self):
-        if self._ptr is not None:
-            library().moas_pool_free(self._ptr)
-            self._ptr = None
+        """Close the pool's contexts (each after a call on it ends), then the pool.
+        Idempotent."""
+        self._close_owner()
+
+    def _free(self, ptr):
+        library().moas_pool_free(ptr)
+        self._freed()
 
     def context(self, **params):
         """A Context in this pool (keyword arguments as Context's)."""
@@ -1367,9 +1510,8 @@ class Pool(_Handle):
         arr = _array(PoolSeq, len(seqs))
         outs = []
         for i, (ctx, tokens) in enumerate(seqs):
-            tokens = list(tokens)
-            ids = _array(ctypes.c_int32, len(tokens))
-            ids[:len(tokens)] = tokens
+            ids, n_tokens = _ids(tokens)
+            tokens = range(n_tokens)   # only its length below
             flat = out = None
             if which == Logits.ALL:
                 flat, out = _float_rows(len(tokens) * v)
@@ -1377,11 +1519,31 @@ class Pool(_Handle):
                 out = _array(ctypes.c_float, v, exact=True)
                 flat = _floats(out, v)
             outs.append((flat, len(tokens)))
-            ctx._invalidate()
-            arr[i].ctx, arr[i].tokens, arr[i].n_tokens = ctx._p(), ids, len(tokens)
+            if not isinstance(ctx, Context):
+                raise TypeError("seqs are (Context, tokens) pairs, not (%s, ...)"
+                                % type(ctx).__name__)
+            arr[i].tokens, arr[i].n_tokens = ids, len(tokens)
             arr[i].which = which
             arr[i].logits = out
-        _check(self._call("moas_pool_decode", arr, len(seqs)))
+        # each context held for the call (another thread's close waits), in one order
+        # so that two calls cannot wait for each other; none from its route callback
+        ctxs = sorted({id(ctx): ctx for ctx, _ in seqs}.values(), key=id)
+        with contextlib.ExitStack() as held:
+            for ctx in ctxs:
+                held.enter_context(ctx._lock)
+                ctx._check_not_inside("pool decode")
+            for i, (ctx, _) in enumerate(seqs):
+                ctx._invalidate()
+                arr[i].ctx = ctx._p()
+            me = threading.get_ident()
+            for ctx in ctxs:
+                ctx._calling = me
+            try:
+                status = self._call("moas_pool_decode", arr, len(seqs))
+            finally:
+                for ctx in ctxs:
+                    ctx._calling = None
+        _check(status)
         result = []
         for flat, n in outs:
             if flat is None or n == 0:
@@ -1415,13 +1577,14 @@ class Sampler(_Handle):
     def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, min_p=0.0,
                  repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, allocator=None):
         self._ptr = None
-        self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else int(vocab)
+        self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else _int("n_vocab", vocab)
         params = _params(library().moas_sampler_params_init_sized, SamplerParams)
         params.temperature, params.top_k, params.top_p, params.seed = (
-            temperature, top_k, top_p, seed)
+            temperature, _int("top_k", top_k), top_p, _int("seed", seed, ctypes.c_uint64))
         params.min_p, params.repeat_penalty, params.repeat_last_n = (
-            min_p, repeat_penalty, repeat_last_n)
-        biases = sorted(dict(logit_bias or {}).items())
+            min_p, repeat_penalty, _int("repeat_last_n", repeat_last_n))
+        biases = sorted((_int("logit_bias token", t), b)
+                        for t, b in dict(logit_bias or {}).items())
         bias_array = _array(LogitBias, len(biases))
         for i, (t, b) in enumerate(biases):
             bias_array[i].token, bias_array[i].bias = t, b
@@ -1444,6 +1607,9 @@ class Sampler(_Handle):
     def _pointer(self, logits):
         """A float pointer to n_vocab logits, and what keeps them alive."""
         if isinstance(logits, Context):
+            if logits._n_vocab != self.n_vocab:
+                raise MoasError(Status.ERR_INVALID_ARG, "the context's model has %d logits, "
+                                "the sampler needs %d" % (logits._n_vocab, self.n_vocab))
             ptr = logits._call("moas_context_logits")
             if not ptr:
                 raise MoasError(Status.ERR_INVALID_ARG, "the context has no logits")

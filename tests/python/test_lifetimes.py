@@ -1,0 +1,211 @@
+"""The Python binding keeps the library's lifetime and threading rules for its caller:
+an object is freed after the ones that need it (whatever order the garbage collector
+picks), close() waits for a call another thread is making, a route callback cannot
+use its own context, integers out of their C type's range are refused rather than
+wrapped, and wrong types are TypeErrors. Each case that once crashed the interpreter
+runs in a subprocess of its own, so a crash is a failed test, not a lost run."""
+import os
+import subprocess
+import sys
+import textwrap
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
+sys.dont_write_bytecode = True
+os.environ.setdefault("MOAS_LIBRARY", os.path.join(ROOT, "lib", "libmoas.so.1"))
+import moas  # noqa: E402
+
+DATA = os.path.join(ROOT, "tests", "data")
+MOAS = os.path.join(DATA, "tiny-moas-bias.gguf")
+POOLED = os.path.join(DATA, "tiny-pooled-bias.gguf")
+
+
+def run(code):
+    """Run `code` in a fresh interpreter with moas importable: (returncode, output)."""
+    prelude = ("import gc, sys, threading, time\nsys.path.insert(0, %r)\nimport moas\n"
+               "MOAS, POOLED = %r, %r\n" % (os.path.join(ROOT, "bindings", "python"),
+                                            MOAS, POOLED))
+    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=120,
+                         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    return out.returncode, out.stdout
+
+
+class Lifetimes(unittest.TestCase):
+    def expect_ok(self, code, printed="ok"):
+        rc, out = run(code)
+        self.assertEqual(rc, 0, out)
+        self.assertIn(printed, out)
+
+    def test_a_cycle_through_a_pool_context_is_collected_safely(self):
+        # the collector may finalise the pool first: its library object waits for the
+        # context's (freeing it first corrupted the heap: SIGABRT)
+        self.expect_ok("""
+            m = moas.Model(POOLED)
+            for _ in range(20):
+                p = moas.Pool(m, 1 << 20)
+                c = p.context(); c.decode_batch([1, 2, 3]); f = c.fork()
+                c.me, f.me, p.me = c, f, p
+                del c, f, p
+                gc.collect()
+            print("ok")
+        """)
+
+    def test_globals_at_exit(self):
+        self.expect_ok("""
+            def make():
+                m = moas.Model(POOLED)
+                p = moas.Pool(m, 1 << 20)
+                c = p.context(); c.decode_batch([1, 2, 3])
+                return m, p, c, c.fork()
+            m, p, c, f = make()
+            print("ok")
+        """)
+
+    def test_pool_close_closes_its_contexts(self):
+        self.expect_ok("""
+            m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20)
+            c = p.context(); c.decode_batch([1, 2, 3]); f = c.fork()
+            p.close()
+            assert c.closed and f.closed and p.closed
+            try:
+                c.decode(1)
+            except moas.MoasError as e:
+                assert "closed" in e.message, e
+                print("ok")
+        """)
+
+    def test_close_from_another_thread_waits_for_the_call(self):
+        # a worker decodes in a loop while the main thread closes the context, then the
+        # model: each close waits for the call in flight (it freed the context under it)
+        self.expect_ok("""
+            m = moas.Model(POOLED)
+            for target in ("context", "model", "pool"):
+                m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20); c = p.context()
+                errors = []
+                def work():
+                    try:
+                        while True:
+                            if c.n_past > 50:
+                                c.reset()
+                            c.decode_batch([1] * 8)
+                    except moas.MoasError as e:
+                        errors.append(e.message)
+                t = threading.Thread(target=work); t.start(); time.sleep(0.05)
+                {"context": c, "model": m, "pool": p}[target].close()
+                t.join(10)
+                assert not t.is_alive() and "closed" in errors[0], errors
+            print("ok")
+        """)
+
+    def test_a_route_callback_cannot_use_its_own_context(self):
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            c = m.context(mode="routed")
+            for act in (lambda: c.close(), lambda: c.decode(2), lambda: c.n_past):
+                c.set_route_callback(lambda pos, layer, g, prop, act=act: act())
+                try:
+                    c.decode(1)
+                    raise SystemExit("not refused")
+                except moas.MoasError as e:
+                    assert "route callback" in e.message, e
+                assert not c.closed and c.n_past == 0   # the decode undone
+            c.set_route_callback(None); c.decode(1)
+            print("ok")
+        """)
+
+    def test_a_forks_callback_error_is_its_own(self):
+        self.expect_ok("""
+            m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20)
+            def cb(pos, layer, g, prop):
+                if pos >= 3:
+                    raise RuntimeError("boom at %d" % pos)
+            parent = p.context(mode="routed", route_callback=cb)
+            parent.decode_batch([1, 2, 3])
+            child = parent.fork()
+            try:
+                child.decode(4)
+                raise SystemExit("the fork's error was lost")
+            except RuntimeError as e:
+                assert "boom at 3" in str(e)
+            assert child.n_past == 3 and parent.n_past == 3
+            parent.set_route_callback(None)
+            parent.decode(5)   # not charged with the fork's error
+            assert parent.n_past == 4
+            print("ok")
+        """)
+
+
+class Arguments(unittest.TestCase):
+    def setUp(self):
+        self.model = moas.Model(MOAS)
+        self.ctx = self.model.context()
+
+    def tearDown(self):
+        self.model.close()
+
+    def refused(self, fn, *args, **kw):
+        with self.assertRaises(moas.MoasValueError) as cm:
+            fn(*args, **kw)
+        return cm.exception.message
+
+    def test_integers_beyond_their_c_type_are_refused_not_wrapped(self):
+        c, m = self.ctx, self.model
+        c.decode_batch([1, 2, 3])
+        self.assertIn("4294967298", self.refused(c.truncate, 2**32 + 2))
+        self.assertEqual(c.n_past, 3)   # not truncated to 2
+        self.refused(c.decode, 2**32 + 5)
+        self.refused(c.decode_batch, [2**64 + 5])
+        self.refused(m.token_text, 2**32 + 5)
+        self.refused(m.detokenize, [2**32 + 5])
+        self.refused(m.tensor, 2**64)
+        self.refused(m.context, n_ctx=2**32 + 4)
+        self.refused(m.context, kv_budget=-1)
+        self.refused(c.set_kv_budget, -1)
+        self.refused(moas.Pool, m, -1)
+        self.refused(moas.Sampler, m, seed=-1)
+        self.refused(moas.Sampler, m, top_k=2**32 + 1)
+        self.refused(moas.Sampler, m, logit_bias={2**32 + 1: 1.0})
+        self.refused(moas.Sampler, 2**32 + 47)
+        self.assertEqual(c.n_past, 3)
+
+    def test_a_callback_answer_beyond_int32_keeps_the_proposal(self):
+        with self.model.context(mode="routed") as a, self.model.context(mode="routed") as b:
+            a.set_route_callback(lambda pos, layer, g, prop: 2**32 + 1)   # would be 1
+            a.decode_batch([1, 2, 3])
+            b.decode_batch([1, 2, 3])
+            self.assertEqual(a.routes(0, 3).schemes.tolist(), b.routes(0, 3).schemes.tolist())
+
+    def test_wrong_types_are_type_errors(self):
+        c, m = self.ctx, self.model
+        for fn, arg in ((c.decode, 1.0), (c.decode, None), (c.decode, "a"),
+                        (c.decode_batch, b"ab"), (c.decode_batch, "ab"), (m.tokenize, 5),
+                        (m.tokenize, [65, 66]), (c.load_state, 5), (c.truncate, 0.5),
+                        (c.set_kv_budget, 1.5)):
+            with self.assertRaises(TypeError, msg=repr((fn, arg))):
+                fn(arg)
+        with self.assertRaises(TypeError):
+            moas.find_stop(5, [])
+        with self.assertRaises(TypeError):
+            m.context(pool=5)
+        with self.assertRaises(ValueError):
+            moas.Model(MOAS + "\0junk")
+
+    def test_sampler_and_context_must_agree_on_the_vocabulary(self):
+        self.ctx.decode(1)
+        for n in (100000, 10):
+            with moas.Sampler(n, temperature=0) as s:
+                self.assertIn("logits", self.refused(s.sample, self.ctx))
+
+    def test_tensor_views_are_released_with_the_model(self):
+        t = self.model.tensor(0)
+        self.assertGreater(len(bytes(t.data)), 0)
+        self.model.close()
+        with self.assertRaises(ValueError):
+            bytes(t.data)
+
+
+if __name__ == "__main__":
+    unittest.main()
