@@ -517,16 +517,19 @@ def test_full_server_queues_then_503():
 def test_pool_too_small_swaps_and_loses_nothing(model):
     # 60 KB of pages: one sequence at the widest scheme, a few as routed, so steps
     # overflow, sequences are swapped out and back, and every text still equals its
-    # request run alone
-    s = Server("--pool-mb", "0.06", "--mode", "routed", "--queue-timeout", "60")
+    # request run alone. Steps of at least 5 ms keep the 8 clients' requests
+    # overlapping (without, a run on a busy machine once served them too far apart
+    # to need a swap)
+    s = Server("--pool-mb", "0.06", "--mode", "routed", "--queue-timeout", "60",
+               "--step-delay", "0.005")
     try:
         run_clients(s, model, clients=8, per_client=2, max_tokens=40)
         m, _ = assert_every_page_back(s)
-        assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1
+        assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1, m
         # the prompts share prefixes: some came from the cache, whose pages went back
         # when the pool needed them
-        assert m["moas_prompt_cache_hits_total"] >= 1
-        assert m["moas_prompt_cache_evictions_total"] >= 1
+        assert m["moas_prompt_cache_hits_total"] >= 1, m
+        assert m["moas_prompt_cache_evictions_total"] >= 1, m
     finally:
         s.close()
 
