@@ -518,8 +518,8 @@ def test_pool_too_small_swaps_and_loses_nothing(model):
     # 60 KB of pages: one sequence at the widest scheme, a few as routed, so steps
     # overflow, sequences are swapped out and back, and every text still equals its
     # request run alone. Steps of at least 5 ms keep the 8 clients' requests
-    # overlapping (without, a run on a busy machine once served them too far apart
-    # to need a swap)
+    # overlapping (without, one run in about 25 failed here, presumably with its
+    # clients served too far apart to need a swap)
     s = Server("--pool-mb", "0.06", "--mode", "routed", "--queue-timeout", "60",
                "--step-delay", "0.005")
     try:
