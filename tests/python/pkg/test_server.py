@@ -518,18 +518,22 @@ def test_pool_too_small_swaps_and_loses_nothing(model):
     # 60 KB of pages: one sequence at the widest scheme, a few as routed, so steps
     # overflow, sequences are swapped out and back, and every text still equals its
     # request run alone. Steps of at least 5 ms keep the 8 clients' requests
-    # overlapping (without, one run in about 25 failed here, presumably with its
-    # clients served too far apart to need a swap)
+    # overlapping, so that steps overflow whatever the machine's speed
     s = Server("--pool-mb", "0.06", "--mode", "routed", "--queue-timeout", "60",
                "--step-delay", "0.005")
     try:
         run_clients(s, model, clients=8, per_client=2, max_tokens=40)
-        m, _ = assert_every_page_back(s)
+        m = wait_idle(s)
         assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1, m
-        # the prompts share prefixes: some came from the cache, whose pages went back
-        # when the pool needed them
-        assert m["moas_prompt_cache_hits_total"] >= 1, m
+        # cached prompts gave their pages back when the pool needed them
         assert m["moas_prompt_cache_evictions_total"] >= 1, m
+        # whether a load's prompts meet their cached prefixes depends on its timing
+        # (one run in about 35 had no hit); alone, a prompt asked twice always does
+        for _ in range(2):
+            status, _, r = s.complete(prompt=PROMPT, max_tokens=4, seed=1)
+            assert status == 200, r
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == len(PROMPT) - 1, r
+        assert_every_page_back(s)
     finally:
         s.close()
 
