@@ -37,7 +37,14 @@ from the view are not tracked: copy (`list(view)`, `bytes(view)`) what must outl
 the next decode.
 
 Threads. As in C: a Model may be shared by threads; a Context or a Sampler is used by
-one thread at a time. ctypes releases the GIL during every call into the library.
+one thread at a time. ctypes releases the GIL during every call into the library. A
+Context's calls hold its lock, so calls from two threads wait for each other instead
+of corrupting it, and close() (of it, its Pool or its Model) waits for a call in
+flight; a route callback must not use the context it was called from (refused).
+
+Lifetimes. A Model or Pool closes what was made from it before itself; its library
+object is freed after theirs even when the garbage collector finalises it first.
+Integers are checked against the C type they go to: never wrapped.
 """
 
 import contextlib
@@ -634,8 +641,8 @@ class _Handle:
     _kind = "object"
     _ptr = None
     _held = None      # a closed object's pointer, freed with its last dependent
-    _n_live = 0
-    _owner = None     # the Model or Pool this one depends on
+    _n_live = 0       # dependents whose library objects are not freed yet
+    _owners = ()      # the Model (and Pool) this one depends on
 
     def __enter__(self):
         return self
@@ -660,11 +667,11 @@ class _Handle:
         """This object's library object needs owner's until it is freed."""
         owner._dependents.add(self)
         owner._n_live += 1
-        self._owners = getattr(self, "_owners", ()) + (owner,)
+        self._owners += (owner,)
 
     def _freed(self):
         """After this object's library object is freed: its owners may go now."""
-        for owner in getattr(self, "_owners", ()):
+        for owner in self._owners:
             owner._n_live -= 1
             if owner._n_live == 0 and owner._held is not None:
                 held, owner._held = owner._held, None
