@@ -257,11 +257,21 @@ expect_error 1 "invalid UTF-8 at byte offset 3 (byte 0xff) (text is not valid UT
     "$moas" perplexity -m "$model" -f "$tmp/bad-utf8.txt" --unknown drop
 ! grep -q "outside the vocabulary" "$tmp/err" || fail "invalid UTF-8 called outside the vocabulary"
 expect_error 2 "unknown option" "$moas" generate -m "$model" --bogus
+# a context of one token scores nothing: an error (it printed NaN, and NaN in its JSON)
+expect_error 1 "leaves nothing to score" "$moas" perplexity -m "$model" -f "$data/tiny.txt" -c 1
 
 # batched-bench: llama-batched-bench's rows, one per B, with the documented JSON keys;
 # KV bytes follow the formula (mixture: every scheme, 1152 bytes a token as inspect
 # says above); a shared prompt is stored once (fork); with --pool-mb
 # alone, the sequences that fit
+# what it cannot measure is an error, not a row: a pool that holds no sequence, a text
+# with no character (it used random tokens), and large pages in the default pool (too
+# small for them: it lacked pages mid-run)
+expect_error 1 "holds no sequence of 12 tokens" "$moas" batched-bench -m "$model" -npp 8 -ntg 4 --pool-mb 0.001
+: >"$tmp/empty.txt"
+expect_error 1 "has no characters" "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 2 -f "$tmp/empty.txt"
+"$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 1,8 --page-heads 1024 -t 1 >/dev/null ||
+    fail "batched-bench: the default pool with pages of 1024 heads"
 "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 1,3 --json -t 1 >"$tmp/bb.json"
 "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 3 --shared-prompt --json -t 1 >"$tmp/bb-shared.json"
 "$moas" batched-bench -m "$model" -npp 8 -ntg 4 --pool-mb 0.05 --json >"$tmp/bb-cap.json"

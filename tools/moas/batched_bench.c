@@ -145,6 +145,9 @@ static token_source load_text(const moas_model *model, const char *path) {
     }
     bb_check(moas_tokenize(model, text, len, src.ids, n, &src.n), "tokenize the text");
     free(text);
+    if (src.n == 0) {
+        die("%s has no characters", path);
+    }
     return src;
 }
 
@@ -189,10 +192,28 @@ static double worst_token_bytes(const moas_model *model, const bb_options *o) {
     return (double)L * heads * moas_model_head_dim(model) * 2 * elem;
 }
 
-/* MB of a pool with room for `seqs` sequences of n_ctx tokens at their widest, a page
- * per stream spare, and a megabyte for pages' rounding. */
+/* Bytes of one page of a pool made with these options (a pool of 1 MB asked). */
+static double page_bytes_of(const moas_model *model, const bb_options *o) {
+    moas_pool_params pp;
+    moas_pool *pool;
+    moas_pool_info info = {.size = sizeof info};
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1u << 20;
+    pp.kv_type = o->kv_type;
+    pp.page_heads = o->page_heads;
+    bb_check(moas_pool_create(model, &pp, &pool), "pool");
+    bb_check(moas_pool_stats(pool, &info), "pool stats");
+    moas_pool_free(pool);
+    return (double)info.page_bytes;
+}
+
+/* MB of a pool with room for `seqs` sequences of n_ctx tokens at their widest, two
+ * pages per stream spare (the partly filled one, and what a call reserves: with large
+ * pages these dominate), and a megabyte for pages' rounding. */
 static double pool_mb_for(const moas_model *model, const bb_options *o, int seqs, int n_ctx) {
-    return worst_token_bytes(model, o) * ((double)seqs * n_ctx + 64.0 * seqs) / 1048576.0 + 1.0;
+    const double streams = (double)moas_model_n_layer(model) * moas_model_n_scheme(model);
+    return (worst_token_bytes(model, o) * ((double)seqs * n_ctx + 64.0 * seqs) +
+            2.0 * streams * seqs * page_bytes_of(model, o)) / 1048576.0 + 1.0;
 }
 
 static int run_capacity(const moas_model *model, const bb_options *o, const token_source *src) {
@@ -243,7 +264,12 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
     }
     moas_pool_info info = {.size = sizeof info};
     bb_check(moas_pool_stats(pool, &info), "pool stats");
-    const double per_seq = n > 0 ? (double)info.bytes_used / n : 0.0;
+    if (n == 0) {
+        die("a pool of %.3f MB (%d pages of %llu bytes) holds no sequence of %d tokens",
+            info.bytes_capacity / 1048576.0, info.n_pages,
+            (unsigned long long)info.page_bytes, n_tok);
+    }
+    const double per_seq = (double)info.bytes_used / n;
     if (o->json) {
         printf("{\"pool_bytes\": %llu, \"page_bytes\": %llu, \"pp\": %d, \"tg\": %d, "
                "\"max_sequences\": %d, \"kv_bytes_per_sequence\": %.0f, \"kv_bytes\": %llu, "

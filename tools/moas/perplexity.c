@@ -191,6 +191,10 @@ static int run(int argc, char **argv) {
             "only context)", text_name(o.text_path, name, sizeof name), n_tokens,
             n_tokens == 1 ? "" : "s");
     }
+    if (moas_context_n_ctx(ctx) < 2) {   /* each window's first token is only context */
+        die("a context of %d token leaves nothing to score: perplexity needs -c 2 or more",
+            moas_context_n_ctx(ctx));
+    }
     long long pairs[8], all_pairs = 0;
     int32_t window_tokens, window_pairs[8];
     char label[24];
