@@ -30,6 +30,48 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Eight lane sums at once, each taken in hsum8's order, so that lane i of the result
+ * is bit for bit hsum8(v[2 i]) and lane 4 + i hsum8(v[2 i + 1]) (i < 4): at each level,
+ * where hsum8 adds a vector's upper part to its lower part, this adds the parts of two
+ * vectors at a time, packed into one (14 shuffles and 7 adds for eight sums, against
+ * eight hsum8's 24 of each). */
+static inline __m256 hsum8_x8(const __m256 *v) {
+    __m256 w[4], z[2];
+    for (int k = 0; k < 4; k++) {   /* lane i + lane i + 4 */
+        w[k] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
+    }
+    for (int k = 0; k < 2; k++) {   /* + lane i + 2, within each 128 bits */
+        z[k] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    return _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm256_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Scores of 4 keys x 2 queries from their chains (v[2 u + t]), times scale, query t's
+ * four at out + t * lds. */
+static inline void scores4x2(const __m256 *v, float scale, float *out, size_t lds) {
+    const __m256 s = _mm256_mul_ps(hsum8_x8(v), _mm256_set1_ps(scale));
+    _mm_storeu_ps(out, _mm256_castps256_ps128(s));
+    _mm_storeu_ps(out + lds, _mm256_extractf128_ps(s, 1));
+}
+
+/* A matmul tile's lane sums at once (hsum8_x8, so each the bits of hsum8 of its
+ * chain): `tokens` (1 or 2) tokens of 4 rows from v[2 u + t] (row u, token t), row u
+ * of token t stored at y + t ldy + u; or one token's 8 rows from v[2 (r % 4) + r / 4],
+ * stored at y + r. */
+static inline void tile_sums_4x2(const __m256 *v, float *y, size_t ldy, int tokens) {
+    const __m256 s = hsum8_x8(v);
+    _mm_storeu_ps(y, _mm256_castps256_ps128(s));
+    if (tokens == 2) {
+        _mm_storeu_ps(y + ldy, _mm256_extractf128_ps(s, 1));
+    }
+}
+static inline void tile_sums_8x1(const __m256 *v, float *y) {
+    _mm256_storeu_ps(y, hsum8_x8(v));
+}
+
 /* The largest of the eight lanes. */
 static inline float hmax8(__m256 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -116,19 +158,15 @@ static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
     _mm256_or_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), mag),                            \
                  _mm256_and_ps(_mm256_set1_ps(-0.0f), sign))
 #define MM_TILE_ROWS 4
-#define MM_TILE_TOKS 2
+#define MM_TILE_TOKS 3
 #define MM_DECODE_ROWS 8
+#define MM_F16_PANEL 1   /* batches widen f16 rows once per chunk (ops_simd.h) */
 #define MM_MIX_QUERIES 2   /* 8 output vectors + 4 value vectors of 16 registers */
 #define MM_MIX_QUERIES_NARROW 2 /* no wider passes: the registers are taken */
 #define MM_SCORE_QUERIES 2 /* 8 chains: 4 keys x 2 queries */
-#define MM_SCORES_4xQ(acc, scale, out, lds)                                                \
-    do {                                                                                   \
-        for (int t_ = 0; t_ < 2; t_++) {                                                   \
-            for (int u_ = 0; u_ < 4; u_++) {                                               \
-                (out)[t_ * (lds) + u_] = hsum8((acc)[u_ * 2 + t_]) * (scale);              \
-            }                                                                              \
-        }                                                                                  \
-    } while (0)
+#define MM_SCORES_4xQ(acc, scale, out, lds) scores4x2(acc, scale, out, lds)
+#define MM_TILE_SUMS_4x2(v, y, ldy, tokens) tile_sums_4x2(v, y, ldy, tokens)
+#define MM_TILE_SUMS_8x1(v, y) tile_sums_8x1(v, y)
 #define MM_NAME(base) base##_avx2
 #include "ops_simd.h"
 

@@ -18,7 +18,8 @@
  *   MM_MIX_QUERIES_NARROW     the same for heads of one or two vectors (>= MM_MIX_QUERIES)
  *   MM_SCORE_QUERIES, MM_SCORES_4xQ(acc, scale, out, lds)  queries per step of scores;
  *                             their lane sums times scale, stored (acc[4 key + query])
- *   MM_TILE_SUMS_4x4(v, y, ldy, rows), MM_TILE_SUMS_8x1(v, y)  optional (16 lanes):
+ *   MM_TILE_SUMS_4x4(v, y, ldy, rows), MM_TILE_SUMS_8x1(v, y)  optional (16 lanes),
+ *   or MM_TILE_SUMS_4x2(v, y, ldy, tokens) and MM_TILE_SUMS_8x1(v, y)  (8 lanes):
  *                             a matmul tile's lane sums at once, each MM_HSUM's bits
  *   MM_IVEC, MM_ILOAD(p), MM_ISTORE(p, v)  MM_LANES uint32 lanes, from and to any address
  *   MM_ISET1(x), MM_IADD(a, b), MM_ISUB(a, b), MM_IMULLO(a, b), MM_IAND(a, b),
@@ -103,8 +104,9 @@ MM_ALWAYS_INLINE MM_VEC mm_q8_0_values_fma(MM_VEC d, MM_VEC minus_d_bias, const 
 #define MM_TILE_MAX_T MM_TILE_TOKS
 
 /* An R x T tile's sums when no scalar tail follows, several chains reduced together
- * where the table can (MM_TILE_SUMS_*: 4 x 4 and 6 x 4, the batch tiles, and 8 x 1,
- * a single token's); returns 0 where it cannot, leaving them to MM_HSUM one by one.
+ * where the table can (MM_TILE_SUMS_*: 4 x 4 and 6 x 4, the 16-lane batch tiles, 4 x 3
+ * and 4 x 2, the 8-lane ones, and 8 x 1, a single token's); returns 0 where it cannot,
+ * leaving them to MM_HSUM one by one.
  * Either way each sum has MM_HSUM's bits. */
 MM_ALWAYS_INLINE int mm_tile_sums(MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T], const int R,
                                   const int T, float *y, size_t ldy) {
@@ -126,6 +128,27 @@ MM_ALWAYS_INLINE int mm_tile_sums(MM_VEC acc[MM_TILE_MAX_R][MM_TILE_MAX_T], cons
         _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
             v[4 * (r % 4) + r / 4] = acc[r][0];
             v[4 * (r % 4) + r / 4 + 2] = MM_ZERO();
+        }
+        MM_TILE_SUMS_8x1(v, y);
+        return 1;
+    }
+#elif defined(MM_TILE_SUMS_4x2) && defined(MM_TILE_SUMS_8x1)
+    MM_VEC v[8];
+    if ((T == 2 || T == 3) && R == 4) {
+        for (int t0 = 0; t0 < T; t0 += 2) {   /* tokens t0 and t0 + 1 (if there is one) */
+            const int tokens = T - t0 < 2 ? T - t0 : 2;
+            _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                v[2 * u] = acc[u][t0];
+                v[2 * u + 1] = tokens == 2 ? acc[u][t0 + 1] : acc[u][t0];
+            }
+            MM_TILE_SUMS_4x2(v, y + (size_t)t0 * ldy, ldy, tokens);
+        }
+        return 1;
+    }
+    if (T == 1 && R == 8) {
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {
+            v[2 * r] = acc[r][0];
+            v[2 * r + 1] = acc[r + 4][0];
         }
         MM_TILE_SUMS_8x1(v, y);
         return 1;
@@ -252,7 +275,7 @@ MM_ALWAYS_INLINE void mm_tile_q8_0(const uint8_t *w, size_t row_bytes, const flo
  * and two conversions per weight vector per token tile; here, once per chunk and
  * group (once per row tile when the rows fit one chunk). */
 #define MM_CHUNK_COLS 1024
-#define MM_GROUP_TOKS 32
+#define MM_GROUP_TOKS (32 / MM_TILE_TOKS * MM_TILE_TOKS)
 
 MM_ALWAYS_INLINE void mm_panel_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
                                     float *panel, const int R) {
@@ -339,43 +362,45 @@ MM_ALWAYS_INLINE int mm_ask_from(int32_t j, int32_t n_tiles, const int R) {
 MM_DEFINE_TILES(f32)
 MM_DEFINE_TILES(f16)
 
-/* Columns [c0, c0 + kc) of R rows against n_tok tokens: f32 and f16 rows as they are,
- * Q8_0 rows made into `panel` first (MM_PANEL_FLOATS_##type floats; one, unused, for
- * the others). */
-#define MM_PANEL_FLOATS_f32 1
-#define MM_PANEL_FLOATS_f16 1
-#define MM_PANEL_FLOATS_q8_0 (MM_TILE_ROWS * MM_CHUNK_COLS)
-#define MM_DEFINE_CHUNK(type)                                                              \
-    MM_ALWAYS_INLINE void mm_chunk_##type(const uint8_t *w, size_t row_bytes, int32_t c0,  \
-                                          int32_t kc, const float *x, size_t ldx,          \
-                                          int32_t n_tok, float *y, size_t ldy, const int R, \
-                                          MM_VEC *chains, int first, int last,             \
-                                          float *panel, int ahead) {                       \
-        (void)panel;                                                                       \
-        mm_tiles_##type(w + MM_WOFF_##type(c0), row_bytes, x, ldx, n_tok, kc, y, ldy, R,   \
-                        chains, first, last, ahead);                                       \
+/* f16 rows made into floats first, a chunk at a time, as Q8_0's are (MM_F16_PANEL, a
+ * table's choice): an AVX2 tile widening each weight vector again for every token tile
+ * spent more on the conversions than on the products (Zen 2: 18 GFLOP/s for f16
+ * against 27 for f32 over 128 tokens, bench_kernels). The widening is exact, so the
+ * products over the panel have the bits of the f16 tile's. Only for more tokens than
+ * one tile: a lone tile would widen each vector once either way. */
+#ifndef MM_F16_PANEL
+#define MM_F16_PANEL 0
+#endif
+MM_ALWAYS_INLINE void mm_panel_f16(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
+                                   float *panel, const int R) {
+    for (int r = 0; r < R; r++) {
+        const uint16_t *row = (const uint16_t *)(const void *)(w + (size_t)r * row_bytes) + c0;
+        float *out = panel + (size_t)r * kc;
+        int32_t i = 0;
+        for (; i + MM_LANES <= kc; i += MM_LANES) {
+            MM_STORE(out + i, MM_LOAD_F16(row + i));
+        }
+        for (; i < kc; i++) {
+            out[i] = _cvtsh_ss(row[i]);
+        }
     }
+}
 
-MM_DEFINE_CHUNK(f32)
-MM_DEFINE_CHUNK(f16)
-
-/* The tiles read the panel, not the rows; with `ahead` each token tile first asks for
- * its share of the next row tile's blocks of these columns (mm_tiles' shares), a few
- * lines at a time, so that the next panel is made from rows already on their way. */
-MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
-                                    const float *x, size_t ldx, int32_t n_tok, float *y,
-                                    size_t ldy, const int R, MM_VEC *chains, int first,
-                                    int last, float *panel, int ahead) {
-    mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
+/* The tiles of the panel (R rows of kc floats, made of columns [c0, c0 + kc) of the
+ * rows at w); with `ahead` each token tile first asks for its share of the next row
+ * tile's bytes of these columns (mm_tiles' shares), a few lines at a time, so that the
+ * next panel is made from rows already on their way. */
+MM_ALWAYS_INLINE void mm_panel_tiles(const uint8_t *next, size_t row_bytes, size_t bytes,
+                                     const float *panel, int32_t kc, const float *x,
+                                     size_t ldx, int32_t n_tok, float *y, size_t ldy,
+                                     const int R, MM_VEC *chains, int first, int last,
+                                     int ahead) {
     const size_t panel_row = (size_t)kc * sizeof(float);
     if (!ahead) {
         mm_tiles_f32((const uint8_t *)panel, panel_row, x, ldx, n_tok, kc, y, ldy, R, chains,
                      first, last, 0);
         return;
     }
-    const uint8_t *next = w + (size_t)R * row_bytes +
-                          (size_t)(c0 / MOAS_QK8_0) * sizeof(moas_block_q8_0);
-    const size_t bytes = (size_t)(kc / MOAS_QK8_0) * sizeof(moas_block_q8_0);
     const int32_t n_tiles = (n_tok + MM_TILE_TOKS - 1) / MM_TILE_TOKS;
     for (int32_t t = 0, j = 0; t < n_tok; t += MM_TILE_TOKS, j++) {
         for (int r = mm_ask_from(j, n_tiles, R); r < mm_ask_from(j + 1, n_tiles, R); r++) {
@@ -390,6 +415,47 @@ MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t 
                      y + (size_t)t * ldy, ldy, R, chains + (size_t)t * MM_TILE_MAX_R, first,
                      last, 0);
     }
+}
+
+/* Columns [c0, c0 + kc) of R rows against n_tok tokens: f32 rows as they are, f16 rows
+ * likewise or made into `panel` first (MM_F16_PANEL), Q8_0 rows made into `panel`
+ * first (MM_PANEL_FLOATS_##type floats; one, unused, where no panel is made). */
+#define MM_PANEL_FLOATS_f32 1
+#define MM_PANEL_FLOATS_f16 (MM_F16_PANEL ? MM_TILE_ROWS * MM_CHUNK_COLS : 1)
+#define MM_PANEL_FLOATS_q8_0 (MM_TILE_ROWS * MM_CHUNK_COLS)
+
+MM_ALWAYS_INLINE void mm_chunk_f32(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
+                                   const float *x, size_t ldx, int32_t n_tok, float *y,
+                                   size_t ldy, const int R, MM_VEC *chains, int first,
+                                   int last, float *panel, int ahead) {
+    (void)panel;
+    mm_tiles_f32(w + MM_WOFF_f32(c0), row_bytes, x, ldx, n_tok, kc, y, ldy, R, chains, first,
+                 last, ahead);
+}
+
+MM_ALWAYS_INLINE void mm_chunk_f16(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
+                                   const float *x, size_t ldx, int32_t n_tok, float *y,
+                                   size_t ldy, const int R, MM_VEC *chains, int first,
+                                   int last, float *panel, int ahead) {
+    if (!MM_F16_PANEL || n_tok <= MM_TILE_TOKS) {
+        (void)panel;
+        mm_tiles_f16(w + MM_WOFF_f16(c0), row_bytes, x, ldx, n_tok, kc, y, ldy, R, chains,
+                     first, last, ahead);
+        return;
+    }
+    mm_panel_f16(w, row_bytes, c0, kc, panel, R);
+    mm_panel_tiles(w + (size_t)R * row_bytes + MM_WOFF_f16(c0), row_bytes, MM_WOFF_f16(kc),
+                   panel, kc, x, ldx, n_tok, y, ldy, R, chains, first, last, ahead);
+}
+
+MM_ALWAYS_INLINE void mm_chunk_q8_0(const uint8_t *w, size_t row_bytes, int32_t c0, int32_t kc,
+                                    const float *x, size_t ldx, int32_t n_tok, float *y,
+                                    size_t ldy, const int R, MM_VEC *chains, int first,
+                                    int last, float *panel, int ahead) {
+    mm_panel_q8_0(w, row_bytes, c0, kc, panel, R);
+    mm_panel_tiles(w + (size_t)R * row_bytes + (size_t)(c0 / MOAS_QK8_0) * sizeof(moas_block_q8_0),
+                   row_bytes, (size_t)(kc / MOAS_QK8_0) * sizeof(moas_block_q8_0), panel, kc, x,
+                   ldx, n_tok, y, ldy, R, chains, first, last, ahead);
 }
 
 /* The batch of R rows, a chunk of columns and a group of tokens at a time; `ahead`:
@@ -521,35 +587,39 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
 #define MM_KV_ROW_BYTES_f16(head_dim) ((size_t)(head_dim) * 2)
 #define MM_KV_ROW_BYTES_q8_0(head_dim) ((size_t)(head_dim) / MOAS_QK8_0 * sizeof(moas_block_q8_0))
 
+/* One query's scores go MM_SCORE_KEYS keys at a time, as MM_SCORES_4xQ's 4 keys x
+ * MM_SCORE_QUERIES queries: chain c is key MM_SCORE_KEY(c). */
+#define MM_SCORE_KEYS (4 * MM_SCORE_QUERIES)
+#define MM_SCORE_KEY(c) (4 * ((c) % MM_SCORE_QUERIES) + (c) / MM_SCORE_QUERIES)
+
 #define MM_DEFINE_ATTN(type, kind)                                                         \
-    /* One query against its keys sixteen at a time, of NV whole vectors each (NV a        \
-     * compile-time constant after inlining), up to the last whole sixteen; returns        \
-     * how many keys it took. The query sits in registers and each key's chain runs to     \
-     * its end before the next key's (its row found once, not kept while the others        \
-     * run); chain 4 u + t is key 4 t + u, so MM_SCORES_4xQ's "query t, key u" lands       \
-     * at scores[4 t + u]. Each chain adds the same products in the same order as          \
-     * mm_scores_'s loop over the vectors: the same bits. */                               \
-    MM_ALWAYS_INLINE int32_t mm_scores16_##type(const void *k, const uint32_t *rows,       \
-                                                int32_t n, const float *q,                 \
-                                                size_t row_bytes, float scale,             \
-                                                float *scores, const int NV) {             \
+    /* One query against its keys MM_SCORE_KEYS at a time, of NV whole vectors each (NV \
+     * a compile-time constant after inlining), up to the last whole group; returns how    \
+     * many keys it took. The query sits in registers and each key's chain runs to its    \
+     * end before the next key's (its row found once, not kept while the others run);     \
+     * chain MM_SCORE_QUERIES u + t is key 4 t + u (MM_SCORE_KEY), so MM_SCORES_4xQ's     \
+     * "query t, key u" lands at scores[4 t + u]. Each chain adds the same products in    \
+     * the same order as mm_scores_'s loop over the vectors: the same bits. */            \
+    MM_ALWAYS_INLINE int32_t mm_scores_one_##type(const void *k, const uint32_t *rows,     \
+                                                  int32_t n, const float *q,               \
+                                                  size_t row_bytes, float scale,           \
+                                                  float *scores, const int NV) {           \
         MM_VEC qv[4];                                                                      \
         _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                             \
             qv[i] = MM_LOADX(q + i * MM_LANES);                                            \
         }                                                                                  \
         int32_t j = 0;                                                                     \
-        for (; j + 16 <= n; j += 16) {                                                     \
-            MM_VEC acc16[16];                                                              \
-            _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                        \
-                const uint8_t *r =                                                         \
-                    (const uint8_t *)k + rows[j + 4 * (c % 4) + c / 4] * row_bytes;        \
+        for (; j + MM_SCORE_KEYS <= n; j += MM_SCORE_KEYS) {                               \
+            MM_VEC accs[MM_SCORE_KEYS];                                                    \
+            _Pragma("GCC unroll 16") for (int c = 0; c < MM_SCORE_KEYS; c++) {             \
+                const uint8_t *r = (const uint8_t *)k + rows[j + MM_SCORE_KEY(c)] * row_bytes; \
                 MM_VEC a = MM_ZERO();                                                      \
                 _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) {                     \
                     a = MM_FMA(mm_load_kv_##type(r, i * MM_LANES), qv[i], a);              \
                 }                                                                          \
-                acc16[c] = a;                                                              \
+                accs[c] = a;                                                               \
             }                                                                              \
-            MM_SCORES_4xQ(acc16, scale, scores + j, 4);                                    \
+            MM_SCORES_4xQ(accs, scale, scores + j, 4);                                     \
         }                                                                                  \
         return j;                                                                          \
     }                                                                                      \
@@ -564,41 +634,41 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
         const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
         const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
         int32_t j = 0;                                                                     \
-        if (MM_SCORE_QUERIES == 4 && Q == 1 && whole == head_dim) {                        \
-            /* one query, sixteen keys at a time: chain 4 u + t is key j + 4 t + u, so    \
-             * MM_SCORES_4xQ's "query t, key u" lands at scores[j + 4 t + u], each sum     \
-             * the bits of MM_HSUM of its chain (one reduction for sixteen keys) */     \
+        if (Q == 1 && whole == head_dim) {                                                 \
+            /* one query, MM_SCORE_KEYS keys at a time: chain MM_SCORE_QUERIES u + t is   \
+             * key j + 4 t + u, so MM_SCORES_4xQ's "query t, key u" lands at              \
+             * scores[j + 4 t + u], each sum the bits of MM_HSUM of its chain (one         \
+             * reduction for all of them) */                                               \
             switch (whole / MM_LANES) { /* up to 4 vectors: the query in registers */      \
             case 1:                                                                        \
-                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 1);        \
+                j = mm_scores_one_##type(k, rows, n, q, row_bytes, scale, scores, 1);      \
                 break;                                                                     \
             case 2:                                                                        \
-                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 2);        \
+                j = mm_scores_one_##type(k, rows, n, q, row_bytes, scale, scores, 2);      \
                 break;                                                                     \
             case 3:                                                                        \
-                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 3);        \
+                j = mm_scores_one_##type(k, rows, n, q, row_bytes, scale, scores, 3);      \
                 break;                                                                     \
             case 4:                                                                        \
-                j = mm_scores16_##type(k, rows, n, q, row_bytes, scale, scores, 4);        \
+                j = mm_scores_one_##type(k, rows, n, q, row_bytes, scale, scores, 4);      \
                 break;                                                                     \
-            default: /* wider: the loop below, one vector step for all sixteen keys */     \
+            default: /* wider: the loop below, one vector step for all the keys */         \
                 break;                                                                     \
             }                                                                              \
-            for (; j + 16 <= n; j += 16) {                                                 \
-                MM_VEC acc16[16];                                                          \
-                const uint8_t *r16[16];                                                    \
-                _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                    \
-                    r16[c] = (const uint8_t *)k +                                          \
-                             rows[j + 4 * (c % 4) + c / 4] * row_bytes;                    \
-                    acc16[c] = MM_ZERO();                                                  \
+            for (; j + MM_SCORE_KEYS <= n; j += MM_SCORE_KEYS) {                           \
+                MM_VEC accs[MM_SCORE_KEYS];                                                \
+                const uint8_t *rk[MM_SCORE_KEYS];                                          \
+                _Pragma("GCC unroll 16") for (int c = 0; c < MM_SCORE_KEYS; c++) {         \
+                    rk[c] = (const uint8_t *)k + rows[j + MM_SCORE_KEY(c)] * row_bytes;    \
+                    accs[c] = MM_ZERO();                                                   \
                 }                                                                          \
                 for (int32_t i = 0; i < whole; i += MM_LANES) {                            \
                     const MM_VEC qv = MM_LOADX(q + i);                                     \
-                    _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {                \
-                        acc16[c] = MM_FMA(mm_load_kv_##type(r16[c], i), qv, acc16[c]);     \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < MM_SCORE_KEYS; c++) {     \
+                        accs[c] = MM_FMA(mm_load_kv_##type(rk[c], i), qv, accs[c]);        \
                     }                                                                      \
                 }                                                                          \
-                MM_SCORES_4xQ(acc16, scale, scores + j, 4);                                \
+                MM_SCORES_4xQ(accs, scale, scores + j, 4);                                 \
             }                                                                              \
         }                                                                                  \
         for (; j + 4 <= n; j += 4) {                                                       \
