@@ -182,9 +182,7 @@ test: all $(TEST_BIN) $(AB_DECODE)
 	$(MAKE) --no-print-directory browser
 	sh tests/cli.sh $(BINOUT)/moas
 	sh tests/pkgconfig.sh "$(MAKE)" "$(CC)"
-	$(MAKE) --no-print-directory cpp-example
-	$(MAKE) --no-print-directory rust-example
-	$(MAKE) --no-print-directory consumers
+	$(MAKE) --no-print-directory cpp-example rust-example consumers
 	$(MAKE) --no-print-directory check OPENMP=0 BUILD=build-noomp LIBOUT=build-noomp/lib \
 	    BINOUT=build-noomp/bin
 	$(MAKE) --no-print-directory lib CC=$(OTHER_CC) WERROR=1 BUILD=build-$(OTHER_CC) \
