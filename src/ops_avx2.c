@@ -14,9 +14,9 @@
  * matmul tiles keep at least eight independent fused multiply-adds in flight, what
  * FMA needs to stay busy (latency four or five cycles, two issued per cycle): 8 rows
  * for one token, 4 rows x 3 tokens for a batch (12 chains, 3 token vectors and a
- * weight vector: all sixteen registers). On Zen 2 at 2 GHz the 4 x 3 tile ran 33-35
- * GFLOP/s of one core against 25-28 for 4 x 2 (bench_kernels, f32 x 128 and x 16
- * tokens), and batches widen f16 rows into a panel of floats once per chunk
+ * weight vector: all sixteen registers). On Zen 2 at 2 GHz the 4 x 3 tile ran 32-34
+ * GFLOP/s of one core against 26-29 for 4 x 2 (bench_kernels, f32 over 128 tokens,
+ * several runs), and batches widen f16 rows into a panel of floats once per chunk
  * (MM_F16_PANEL), which there took f16 from 18 to 27-35 GFLOP/s.
  */
 #include "ops.h"
