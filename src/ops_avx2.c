@@ -41,11 +41,11 @@ static inline float hsum8(__m256 v) {
  * eight hsum8's 24 of each). */
 static inline __m256 hsum8_x8(const __m256 *v) {
     __m256 w[4], z[2];
-    for (int k = 0; k < 4; k++) {   /* lane i + lane i + 4 */
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {   /* lane i + lane i + 4 */
         w[k] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
                              _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
     }
-    for (int k = 0; k < 2; k++) {   /* + lane i + 2, within each 128 bits */
+    _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {   /* + lane i + 2, within each 128 bits */
         z[k] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm256_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     }
@@ -168,6 +168,7 @@ static inline __m256i mulhi8_u32(__m256i v, uint32_t r) {
 #define MM_MIX_QUERIES 2   /* 8 output vectors + 4 value vectors of 16 registers */
 #define MM_MIX_QUERIES_NARROW 2 /* no wider passes: the registers are taken */
 #define MM_SCORE_QUERIES 2 /* 8 chains: 4 keys x 2 queries */
+#define MM_SCORE_NV 4      /* head_dim 32: its scores' vector loop unrolled */
 #define MM_SCORES_4xQ(acc, scale, out, lds) scores4x2(acc, scale, out, lds)
 #define MM_TILE_SUMS_4x2(v, y, ldy, tokens) tile_sums_4x2(v, y, ldy, tokens)
 #define MM_TILE_SUMS_8x1(v, y) tile_sums_8x1(v, y)

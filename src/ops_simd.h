@@ -592,6 +592,12 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
 #define MM_SCORE_KEYS (4 * MM_SCORE_QUERIES)
 #define MM_SCORE_KEY(c) (4 * ((c) % MM_SCORE_QUERIES) + (c) / MM_SCORE_QUERIES)
 
+/* Heads of MM_SCORE_NV whole vectors (0: none) take the scores of several queries
+ * with the loop over their vectors unrolled at compile time. */
+#ifndef MM_SCORE_NV
+#define MM_SCORE_NV 0
+#endif
+
 #define MM_DEFINE_ATTN(type, kind)                                                         \
     /* One query against its keys MM_SCORE_KEYS at a time, of NV whole vectors each (NV \
      * a compile-time constant after inlining), up to the last whole group; returns how    \
@@ -630,9 +636,9 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
     MM_ALWAYS_INLINE void mm_scores_##type(const void *k, const uint32_t *rows, int32_t n,  \
                                            const float *q, size_t ldq, int32_t head_dim,   \
                                            float scale, float *scores, size_t lds,         \
-                                           const int Q) {                                  \
+                                           const int Q, const int NV) {                    \
         const size_t row_bytes = MM_KV_ROW_BYTES_##type(head_dim);                         \
-        const int32_t whole = head_dim / MM_LANES * MM_LANES;                              \
+        const int32_t whole = NV ? NV * MM_LANES : head_dim / MM_LANES * MM_LANES;         \
         int32_t j = 0;                                                                     \
         if (Q == 1 && whole == head_dim) {                                                 \
             /* one query, MM_SCORE_KEYS keys at a time: chain MM_SCORE_QUERIES u + t is   \
@@ -725,12 +731,19 @@ MM_ALWAYS_INLINE float mm_score_tail(float sum, const uint8_t *row, const float 
                                             size_t lds) {                                  \
         int32_t t = 0;                                                                     \
         for (; t + MM_SCORE_QUERIES <= nq; t += MM_SCORE_QUERIES) {                        \
-            mm_scores_##type(k, rows, n, q + (size_t)t * ldq, ldq, head_dim, scale,        \
-                             scores + (size_t)t * lds, lds, MM_SCORE_QUERIES);             \
+            const float *qt = q + (size_t)t * ldq;                                         \
+            float *st = scores + (size_t)t * lds;                                          \
+            if (MM_SCORE_NV && head_dim == MM_SCORE_NV * MM_LANES) {                       \
+                mm_scores_##type(k, rows, n, qt, ldq, head_dim, scale, st, lds,            \
+                                 MM_SCORE_QUERIES, MM_SCORE_NV);                           \
+            } else {                                                                       \
+                mm_scores_##type(k, rows, n, qt, ldq, head_dim, scale, st, lds,            \
+                                 MM_SCORE_QUERIES, 0);                                     \
+            }                                                                              \
         }                                                                                  \
         for (; t < nq; t++) {                                                              \
             mm_scores_##type(k, rows, n, q + (size_t)t * ldq, ldq, head_dim, scale,        \
-                             scores + (size_t)t * lds, lds, 1);                            \
+                             scores + (size_t)t * lds, lds, 1, 0);                         \
         }                                                                                  \
     }                                                                                      \
     /* Columns [c, c + NV MM_LANES) of Q queries' value sums (NV, Q, GATHER compile-time   \
