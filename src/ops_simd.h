@@ -18,6 +18,9 @@
  *   MM_MIX_QUERIES_NARROW     the same for heads of one or two vectors (>= MM_MIX_QUERIES)
  *   MM_SCORE_QUERIES, MM_SCORES_4xQ(acc, scale, out, lds)  queries per step of scores;
  *                             their lane sums times scale, stored (acc[4 key + query])
+ *   MM_SCORE_NV               optional: heads of this many vectors get those scores with
+ *                             the loop over the vectors unrolled (0 or absent: none)
+ *   MM_F16_PANEL              optional: 1 to widen f16 rows of a batch into a panel
  *   MM_TILE_SUMS_4x4(v, y, ldy, rows), MM_TILE_SUMS_8x1(v, y)  optional (16 lanes),
  *   or MM_TILE_SUMS_4x2(v, y, ldy, tokens) and MM_TILE_SUMS_8x1(v, y)  (8 lanes):
  *                             a matmul tile's lane sums at once, each MM_HSUM's bits

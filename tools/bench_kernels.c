@@ -8,7 +8,9 @@
  * (32, 64) and at 192, 768 and 3072 (n_embd and 4 * n_embd of small models): the
  * matmul kernels with one row and one token (a dot product) and attn_mix with one
  * key (y += a x). "attention": attn_scores and attn_mix of one query head over 256
- * cached keys of head_dim 64, as forward.c calls them. "matmul": whole weight
+ * cached keys of head_dim 64, as forward.c calls them, then of six query heads over one
+ * run of 64 keys of head_dim 32 that they all read (a decode step's group of query
+ * heads over MQA tokens), and exp_sum over that run's 64 scores. "matmul": whole weight
  * matrices through the matmul kernels, as forward.c runs them, for one token and for
  * a block of 128. "memory": a plain read of 1 GiB with 1 and 2 threads, the bandwidth
  * decode figures are compared with. Tables are measured interleaved, each round
@@ -31,12 +33,13 @@
 enum { MAX_TABLES = 8, MAX_ROUNDS = 101 };
 
 /* The operands of a kernel are n_rows x n_cols x n_tok: weight rows x columns x
- * tokens for matmul, cached keys x head_dim x 1 for the attention kernels. */
+ * tokens for matmul, cached keys x head_dim x query heads for the attention kernels
+ * (the heads reading the same rows), and n_rows x n_tok values for exp_sum. */
 enum kernel { MATMUL_F32, MATMUL_F16, MATMUL_Q8_0, ATTN_SCORES_F32, ATTN_SCORES_F16,
-              ATTN_MIX_F32, ATTN_MIX_F16, N_KERNELS };
+              ATTN_MIX_F32, ATTN_MIX_F16, EXP_SUM, N_KERNELS };
 static const char *const kernel_names[N_KERNELS] = {
     "matmul_f32",      "matmul_f16",   "matmul_q8_0", "attn_scores_f32",
-    "attn_scores_f16", "attn_mix_f32", "attn_mix_f16"};
+    "attn_scores_f16", "attn_mix_f32", "attn_mix_f16", "exp_sum"};
 
 /* Bytes read or written per element: the weights (or the cached K or V rows), plus,
  * unless `weights_only`, the f32 vector x of a one-row matmul (q of attn_scores), or
@@ -47,7 +50,8 @@ static double bytes_per_elem(enum kernel k, bool weights_only) {
     switch (k) {
     case MATMUL_F32:
     case ATTN_SCORES_F32:
-    case ATTN_MIX_F32: return 4 + other;
+    case ATTN_MIX_F32:
+    case EXP_SUM: return 4 + other;
     case MATMUL_Q8_0: return (double)sizeof(moas_block_q8_0) / MOAS_QK8_0 + other;
     default: return 2 + other;
     }
@@ -110,7 +114,7 @@ static int operands_init(operands *o, int32_t n_rows, int32_t n_cols, int32_t n_
     o->wq = alloc_at(o, 2, n / MOAS_QK8_0 * sizeof *o->wq);
     o->x = alloc_at(o, 3, (size_t)n_cols * (size_t)n_tok * sizeof *o->x);
     o->y = alloc_at(o, 4, ny * sizeof *o->y);
-    o->p = alloc_at(o, 5, (size_t)n_rows * sizeof *o->p);
+    o->p = alloc_at(o, 5, (size_t)n_rows * (size_t)n_tok * sizeof *o->p);
     o->rows = alloc_at(o, 6, (size_t)n_rows * sizeof *o->rows);
     if (!o->w32 || !o->w16 || !o->wq || !o->x || !o->y || !o->p || !o->rows) {
         return -1;
@@ -133,6 +137,8 @@ static int operands_init(operands *o, int32_t n_rows, int32_t n_cols, int32_t n_
     }
     for (int32_t j = 0; j < n_rows; j++) {
         o->rows[j] = (uint32_t)j;
+    }
+    for (size_t j = 0; j < (size_t)n_rows * (size_t)n_tok; j++) {
         o->p[j] = 1e-7f;   /* a tiny weight keeps attn_mix's out bounded over many calls */
     }
     return 0;
@@ -179,21 +185,29 @@ static double read_bandwidth(const uint64_t *p, size_t bytes, int threads) {
 static double run(const moas_ops *t, enum kernel k, const operands *o, int reps) {
     const int32_t nc = o->n_cols;
     const size_t row_bytes = (size_t)(bytes_per_elem(k, true) * nc);
+    const size_t ld = (size_t)o->n_rows;   /* scores and weights: one row per query */
     float acc = 0.0f;
     const double t0 = now_ns();
     for (int r = 0; r < reps; r++) {
         switch (k) {
         case ATTN_SCORES_F32:
-            t->attn_scores_f32(o->w32, o->rows, o->n_rows, o->x, 1, 1, nc, 0.125f, o->y, 1);
+            t->attn_scores_f32(o->w32, o->rows, o->n_rows, o->x, (size_t)nc, o->n_tok, nc,
+                               0.125f, o->y, ld);
             break;
         case ATTN_SCORES_F16:
-            t->attn_scores_f16(o->w16, o->rows, o->n_rows, o->x, 1, 1, nc, 0.125f, o->y, 1);
+            t->attn_scores_f16(o->w16, o->rows, o->n_rows, o->x, (size_t)nc, o->n_tok, nc,
+                               0.125f, o->y, ld);
             break;
         case ATTN_MIX_F32:
-            t->attn_mix_f32(o->w32, o->rows, 0, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
+            t->attn_mix_f32(o->w32, o->rows, 0, o->n_rows, o->p, ld, o->n_tok, nc, o->y,
+                            (size_t)nc);
             break;
         case ATTN_MIX_F16:
-            t->attn_mix_f16(o->w16, o->rows, 0, o->n_rows, o->p, 1, 1, nc, o->y, (size_t)nc);
+            t->attn_mix_f16(o->w16, o->rows, 0, o->n_rows, o->p, ld, o->n_tok, nc, o->y,
+                            (size_t)nc);
+            break;
+        case EXP_SUM:   /* x - max <= 0 again after each call: exp(x) is at most 1 */
+            acc += t->exp_sum(o->y, o->n_rows * o->n_tok, 1.0f);
             break;
         default: {   /* the whole matrix per call */
             const void *w = k == MATMUL_F32 ? (const void *)o->w32
@@ -330,6 +344,24 @@ int main(int argc, char **argv) {
             bench(tables, n_tables, (enum kernel)k, &o, rounds, 2e5, true);
         }
         operands_free(&o);
+    }
+    /* A decode run of MOAS_ATT_KEYS keys as attend_one_keys takes it: six query heads of
+     * 32 that read the same K/V rows (MQA tokens of a 6-head model), and the run's
+     * scores through exp_sum, a query head at a time. */
+    printf("\n# attention: six query heads over one run of 64 keys of head_dim 32 that they "
+           "all read, one call; exp_sum of 64 scores\n");
+    {
+        operands o, e;
+        if (operands_init(&o, 64, 32, 6) != 0 || operands_init(&e, 64, 1, 1) != 0) {
+            fprintf(stderr, "out of memory\n");
+            return 1;
+        }
+        for (int k = ATTN_SCORES_F32; k <= ATTN_MIX_F16; k++) {
+            bench(tables, n_tables, (enum kernel)k, &o, rounds, 2e5, true);
+        }
+        bench(tables, n_tables, EXP_SUM, &e, rounds, 2e5, true);
+        operands_free(&o);
+        operands_free(&e);
     }
 
     /* Matrices as forward.c multiplies them: the default 6-layer shape's MLP
