@@ -41,11 +41,12 @@ static inline float hsum8(__m256 v) {
  * eight hsum8's 24 of each). */
 static inline __m256 hsum8_x8(const __m256 *v) {
     __m256 w[4], z[2];
+    /* unrolled, so that v and w stay in registers: as a loop, GCC kept them in memory */
     _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {   /* lane i + lane i + 4 */
         w[k] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
                              _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
     }
-    _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {   /* + lane i + 2, within each 128 bits */
+    _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {   /* + lane i + 2, per 128 bits */
         z[k] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm256_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     }
