@@ -365,16 +365,18 @@ valgrind:
 	    LIBOUT=build-valgrind/lib BINOUT=build-valgrind/bin
 	head -n 5 tests/data/tiny.txt > build-valgrind/genesis.txt
 	$(VALGRIND) build-valgrind/bin/moas inspect -m $(VALGRIND_MODEL) >/dev/null
-	$(VALGRIND) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And God said" -n 60 \
-	    --seed 1 >/dev/null
+	@# perplexity, the longest run (about two minutes), on the second core beside the
+	@# others; then the KV pool: batched decode, forks of a shared prompt, and a pool
+	@# filled to refusal with compaction
 	$(VALGRIND) build-valgrind/bin/moas perplexity -m $(VALGRIND_MODEL) -f $(VALGRIND_TEXT) \
-	    >/dev/null
-	@# the KV pool: batched decode, forks of a shared prompt, and a pool filled to
-	@# refusal with compaction
+	    >/dev/null & ppl=$$!; \
+	$(VALGRIND) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And God said" -n 60 \
+	    --seed 1 >/dev/null && \
 	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-kvinit.gguf -npp 24 \
-	    -ntg 8 -npl 1,3 --shared-prompt --mode routed --json >/dev/null
+	    -ntg 8 -npl 1,3 --shared-prompt --mode routed --json >/dev/null && \
 	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-kvinit.gguf -npp 24 \
-	    -ntg 8 --pool-mb 0.3 --mode routed --compact-keep 4 --json >/dev/null
+	    -ntg 8 --pool-mb 0.3 --mode routed --compact-keep 4 --json >/dev/null; rest=$$?; \
+	wait $$ppl && test $$rest -eq 0
 	@# Error paths must exit 1 (the program's own failure), not 99 (a memcheck error).
 	@# The program exit()s from deep inside, so blocks its frames still point to are
 	@# "still reachable" there, and only lost blocks count.
