@@ -917,38 +917,38 @@ MM_DEFINE_ATTN(q8_0, 2)
 static const float mm_exp_coef[8] = {1.0f,          1.0f,          0.5f,           1.0f / 6,
                                      1.0f / 24,     1.0f / 120,    1.0f / 720,     1.0f / 5040};
 
-MM_ALWAYS_INLINE MM_VEC mm_exp(MM_VEC x) {
-    x = MM_MAX(MM_SET1(MM_EXP_LOW), x);   /* x second: a NaN x is kept */
-    const MM_VEC n = MM_ROUND(MM_MUL(x, MM_SET1(MM_LOG2E)));
-    MM_VEC r = MM_FMA(n, MM_SET1(-MM_LN2_HI), x);
-    r = MM_FMA(n, MM_SET1(-MM_LN2_LO), r);
-    MM_VEC p = MM_SET1(mm_exp_coef[7]);
-    _Pragma("GCC unroll 8") for (int c = 6; c >= 0; c--) {
-        p = MM_FMA(p, r, MM_SET1(mm_exp_coef[c]));
+/* e[v] = exp(x[v]) for v < N (1 or 2, a compile-time constant after inlining), each
+ * step done for every vector before the next step: each lane the same operations
+ * whatever N, so the same bits, and with N = 2 the two dependent chains interleave,
+ * where an out-of-order window would fill with one exp's steps before reaching the
+ * next (exp_sum of 256 on Zen 2: 1.76 -> 1.21 ns a value). */
+MM_ALWAYS_INLINE void mm_exp_n(const MM_VEC *x, MM_VEC *e, const int N) {
+    MM_VEC xc[2], n[2], r[2], p[2];
+    _Pragma("GCC unroll 2") for (int v = 0; v < N; v++) {
+        xc[v] = MM_MAX(MM_SET1(MM_EXP_LOW), x[v]);   /* x second: a NaN x is kept */
+        n[v] = MM_ROUND(MM_MUL(xc[v], MM_SET1(MM_LOG2E)));
     }
-    return MM_MUL(p, MM_POW2(n));
+    _Pragma("GCC unroll 2") for (int v = 0; v < N; v++) {
+        r[v] = MM_FMA(n[v], MM_SET1(-MM_LN2_HI), xc[v]);
+    }
+    _Pragma("GCC unroll 2") for (int v = 0; v < N; v++) {
+        r[v] = MM_FMA(n[v], MM_SET1(-MM_LN2_LO), r[v]);
+        p[v] = MM_SET1(mm_exp_coef[7]);
+    }
+    _Pragma("GCC unroll 8") for (int c = 6; c >= 0; c--) {
+        _Pragma("GCC unroll 2") for (int v = 0; v < N; v++) {
+            p[v] = MM_FMA(p[v], r[v], MM_SET1(mm_exp_coef[c]));
+        }
+    }
+    _Pragma("GCC unroll 2") for (int v = 0; v < N; v++) {
+        e[v] = MM_MUL(p[v], MM_POW2(n[v]));
+    }
 }
 
-/* mm_exp of two vectors, step by step side by side: each lane the same operations, so
- * the same bits; the two chains interleaved, since an out-of-order window fills with
- * one exp's dependent steps before it reaches the next (exp_sum of 256 on Zen 2: 1.76
- * -> 1.21 ns a value). */
-MM_ALWAYS_INLINE void mm_exp_x2(MM_VEC x0, MM_VEC x1, MM_VEC *e0, MM_VEC *e1) {
-    x0 = MM_MAX(MM_SET1(MM_EXP_LOW), x0);
-    x1 = MM_MAX(MM_SET1(MM_EXP_LOW), x1);
-    const MM_VEC n0 = MM_ROUND(MM_MUL(x0, MM_SET1(MM_LOG2E)));
-    const MM_VEC n1 = MM_ROUND(MM_MUL(x1, MM_SET1(MM_LOG2E)));
-    MM_VEC r0 = MM_FMA(n0, MM_SET1(-MM_LN2_HI), x0);
-    MM_VEC r1 = MM_FMA(n1, MM_SET1(-MM_LN2_HI), x1);
-    r0 = MM_FMA(n0, MM_SET1(-MM_LN2_LO), r0);
-    r1 = MM_FMA(n1, MM_SET1(-MM_LN2_LO), r1);
-    MM_VEC p0 = MM_SET1(mm_exp_coef[7]), p1 = p0;
-    _Pragma("GCC unroll 8") for (int c = 6; c >= 0; c--) {
-        p0 = MM_FMA(p0, r0, MM_SET1(mm_exp_coef[c]));
-        p1 = MM_FMA(p1, r1, MM_SET1(mm_exp_coef[c]));
-    }
-    *e0 = MM_MUL(p0, MM_POW2(n0));
-    *e1 = MM_MUL(p1, MM_POW2(n1));
+MM_ALWAYS_INLINE MM_VEC mm_exp(MM_VEC x) {
+    MM_VEC e;
+    mm_exp_n(&x, &e, 1);
+    return e;
 }
 
 MM_ALWAYS_INLINE float mm_exp1(float x) {
@@ -999,12 +999,13 @@ static float MM_NAME(exp_sum)(float *x, int32_t n, float max) {
     /* two vectors a step: each exp is a long chain, and two side by side keep the
      * pipes busy where one at a time left them waiting (the sums stay in order) */
     for (; i + 2 * MM_LANES <= n; i += 2 * MM_LANES) {
-        MM_VEC e0, e1;
-        mm_exp_x2(MM_ADD(MM_LOADX(x + i), MM_MUL(vm, MM_SET1(-1.0f))),
-                  MM_ADD(MM_LOADX(x + i + MM_LANES), MM_MUL(vm, MM_SET1(-1.0f))), &e0, &e1);
-        MM_STORE(x + i, e0);
-        MM_STORE(x + i + MM_LANES, e1);
-        vsum = MM_ADD(MM_ADD(vsum, e0), e1);
+        const MM_VEC xs[2] = {MM_ADD(MM_LOADX(x + i), MM_MUL(vm, MM_SET1(-1.0f))),
+                              MM_ADD(MM_LOADX(x + i + MM_LANES), MM_MUL(vm, MM_SET1(-1.0f)))};
+        MM_VEC e[2];
+        mm_exp_n(xs, e, 2);
+        MM_STORE(x + i, e[0]);
+        MM_STORE(x + i + MM_LANES, e[1]);
+        vsum = MM_ADD(MM_ADD(vsum, e[0]), e[1]);
     }
     for (; i + MM_LANES <= n; i += MM_LANES) {
         const MM_VEC e = mm_exp(MM_ADD(MM_LOADX(x + i), MM_MUL(vm, MM_SET1(-1.0f))));
