@@ -10,8 +10,9 @@
 #
 # Every core builds unless the command line says otherwise (make -j1, -jN): most of
 # CI's time is compiling, and each SIMD kernel file takes the compiler a minute or
-# more. Sub-makes share the top-level make's jobs.
-ifeq ($(MAKELEVEL),0)
+# more. Sub-makes share the top-level make's jobs. Only for one goal or none: goals
+# named together (make clean all) run in the order given, one after the other.
+ifeq ($(MAKELEVEL)$(word 2,$(MAKECMDGOALS)),0)
 MAKEFLAGS += -j$(shell nproc 2>/dev/null || echo 1)
 endif
 
