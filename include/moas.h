@@ -991,9 +991,10 @@ typedef struct moas_pool_seq {
  *          `which` — the sequence's index is named —, more than one token for a
  *          routed context with a budget), MOAS_ERR_CONTEXT_FULL (a context's n_ctx or
  *          budget), MOAS_ERR_POOL_FULL (the message says how many pages were lacking).
- * Thread safety: one call per pool at a time, and no other call on its contexts
- *   meanwhile; contexts not in the call may be decoded by other threads.
- *   Allocates: never.
+ * Thread safety: one call per pool at a time (a second call on the pool while one is
+ *   under way is refused with MOAS_ERR_INVALID_ARG, and changes nothing), and no
+ *   other call on its contexts meanwhile; contexts not in the call may be decoded by
+ *   other threads.   Allocates: never.
  */
 MOAS_API moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs,
                                       int32_t n_seqs);

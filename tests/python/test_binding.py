@@ -439,6 +439,10 @@ class Routing(Base):
             self.assertNotEqual(ctx.routes(10).schemes.tolist(), [[2, 2]] * (len(ids) - 10))
             self.expect(moas.Status.ERR_INVALID_ARG, ctx.force_scheme, 3)
             self.expect(moas.Status.ERR_INVALID_ARG, ctx.routes, 0, len(ids) + 1)
+            # refused by the library, not sized first: 2^31 positions asked for 51 GB
+            # of buffers and ended in MemoryError
+            for pos, n_pos in [(0, 2**31 - 1), (-1, 1), (0, -1), (len(ids), 1)]:
+                self.expect(moas.Status.ERR_INVALID_ARG, ctx.routes, pos, n_pos)
         with self.model.context() as mix:
             self.expect(moas.Status.ERR_INVALID_ARG, mix.force_scheme, 0)
 

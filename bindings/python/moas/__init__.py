@@ -1297,9 +1297,13 @@ class Context(_Handle):
         if n_pos is None:
             n_pos = max(self.n_past - pos, 0)
         L, S = self._n_layer, self._n_scheme
-        gates = _array(ctypes.c_float, n_pos * L * S)
-        schemes = _array(ctypes.c_int32, n_pos * L)
-        heads = _array(ctypes.c_int32, n_pos * L)
+        # buffers only for a range the context holds: outside it the library refuses
+        # before writing, and sizing them from n_pos first could ask for gigabytes
+        held = 0 <= pos and 0 <= n_pos and pos + n_pos <= self.n_past
+        n_buf = n_pos if held else 0
+        gates = _array(ctypes.c_float, n_buf * L * S)
+        schemes = _array(ctypes.c_int32, n_buf * L)
+        heads = _array(ctypes.c_int32, n_buf * L)
         _check(self._call("moas_context_routes", pos, n_pos, gates, schemes, heads))
 
         def view(buf, fmt, shape, n):

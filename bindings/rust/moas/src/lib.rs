@@ -459,6 +459,26 @@ impl<'m> Context<'m> {
         })
     }
 
+    /// Decode consecutive tokens, all or none, and return the logits `which` asks for:
+    /// nothing (Logits::None, a prompt whose logits nobody reads), the last token's
+    /// n_vocab (Logits::Last, also in logits()) or every token's, n_tokens x n_vocab
+    /// in token order (Logits::All).
+    pub fn decode_batch_logits(&mut self, tokens: &[i32], which: Logits) -> Result<Vec<f32>> {
+        let n =
+            i32::try_from(tokens.len()).map_err(|_| Error::invalid("too many tokens".into()))?;
+        let mut out = vec![0.0f32; which.floats(tokens.len(), self.n_vocab)];
+        check(unsafe {
+            ffi::moas_context_decode_batch(
+                self.ptr.as_ptr(),
+                tokens.as_ptr(),
+                n,
+                if out.is_empty() { ptr::null_mut() } else { out.as_mut_ptr() },
+                which.raw(),
+            )
+        })?;
+        Ok(out)
+    }
+
     /// The last decoded token's logits, in the library's buffer (no copy); None when
     /// nothing was decoded since creation, reset or truncate.
     pub fn logits(&self) -> Option<&[f32]> {
@@ -494,7 +514,11 @@ impl<'m> Context<'m> {
 
     /// Routing of positions [pos, pos + n_pos).
     pub fn routes(&self, pos: i32, n_pos: i32) -> Result<Routes> {
-        let pairs = usize::try_from(n_pos).unwrap_or(0) * self.n_layer;
+        // buffers only for a range the context holds: outside it the library refuses
+        // before writing, and sizing them from n_pos first could ask for gigabytes
+        let held =
+            pos >= 0 && n_pos >= 0 && i64::from(pos) + i64::from(n_pos) <= i64::from(self.n_past());
+        let pairs = if held { n_pos as usize * self.n_layer } else { 0 };
         let mut r = Routes {
             gates: vec![0.0; pairs * self.n_scheme],
             schemes: vec![0; pairs],
@@ -597,7 +621,8 @@ impl Sampler {
             .iter()
             .map(|&(token, bias)| ffi::moas_logit_bias { token, bias })
             .collect();
-        c.n_logit_bias = bias.len() as i32;
+        c.n_logit_bias = i32::try_from(bias.len())
+            .map_err(|_| Error::invalid("too many logit biases".into()))?;
         c.logit_bias = if bias.is_empty() {
             ptr::null()
         } else {
@@ -649,6 +674,34 @@ impl Drop for Sampler {
 
 // ---- KV pool ---------------------------------------------------------------------------
 
+/// Which logits a batched decode returns (moas_logits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+impl Logits {
+    fn raw(self) -> ffi::moas_logits {
+        match self {
+            Logits::None => ffi::MOAS_LOGITS_NONE,
+            Logits::Last => ffi::MOAS_LOGITS_LAST,
+            Logits::All => ffi::MOAS_LOGITS_ALL,
+        }
+    }
+
+    /// Floats the library writes for n_tokens tokens.
+    fn floats(self, n_tokens: usize, n_vocab: usize) -> usize {
+        match self {
+            Logits::None => 0,
+            Logits::Last if n_tokens == 0 => 0,
+            Logits::Last => n_vocab,
+            Logits::All => n_tokens * n_vocab,
+        }
+    }
+}
+
 /// A KV pool many contexts of one model take pages from (moas_pool). Contexts made by
 /// context() borrow it, so they cannot outlive it.
 pub struct Pool<'m> {
@@ -657,6 +710,11 @@ pub struct Pool<'m> {
 }
 
 unsafe impl Send for Pool<'_> {}
+// Shared between threads: moas_pool_stats() and creating contexts in the pool are safe
+// alongside anything else, and a second moas_pool_decode() while one is under way is
+// refused, not run; the contexts a decode takes are borrowed mutably, so no other call
+// can reach them meanwhile.
+unsafe impl Sync for Pool<'_> {}
 
 /// What moas_pool_stats() reports.
 #[derive(Clone, Copy, Debug, Default)]
@@ -733,17 +791,39 @@ impl<'m> Pool<'m> {
     /// exactly what decode_batch would give it alone; its last logits are then in
     /// logits(). All or nothing.
     pub fn decode(&self, seqs: &mut [(&mut Context<'_>, &[i32])]) -> Result<()> {
+        let mut with: Vec<(&mut Context<'_>, &[i32], Logits)> =
+            seqs.iter_mut().map(|(ctx, tokens)| (&mut **ctx, *tokens, Logits::Last)).collect();
+        self.decode_logits(&mut with).map(|_| ())
+    }
+
+    /// As decode(), each context with the logits it asks for (Context::decode_batch_logits):
+    /// one vector per context, in order.
+    pub fn decode_logits(
+        &self,
+        seqs: &mut [(&mut Context<'_>, &[i32], Logits)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let n_seqs =
+            i32::try_from(seqs.len()).map_err(|_| Error::invalid("too many contexts".into()))?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for (i, (ctx, tokens, which)) in seqs.iter().enumerate() {
+            if i32::try_from(tokens.len()).is_err() {
+                return Err(Error::invalid(format!("sequence {i}: too many tokens")));
+            }
+            outs.push(vec![0.0f32; which.floats(tokens.len(), ctx.n_vocab)]);
+        }
         let parts: Vec<ffi::moas_pool_seq> = seqs
             .iter_mut()
-            .map(|(ctx, tokens)| ffi::moas_pool_seq {
+            .zip(outs.iter_mut())
+            .map(|((ctx, tokens, which), out)| ffi::moas_pool_seq {
                 ctx: ctx.ptr.as_ptr(),
                 tokens: tokens.as_ptr(),
-                n_tokens: tokens.len() as i32,
-                which: ffi::MOAS_LOGITS_LAST,
-                logits: ptr::null_mut(),
+                n_tokens: tokens.len() as i32, // checked above
+                which: which.raw(),
+                logits: if out.is_empty() { ptr::null_mut() } else { out.as_mut_ptr() },
             })
             .collect();
-        check(unsafe { ffi::moas_pool_decode(self.ptr.as_ptr(), parts.as_ptr(), parts.len() as i32) })
+        check(unsafe { ffi::moas_pool_decode(self.ptr.as_ptr(), parts.as_ptr(), n_seqs) })?;
+        Ok(outs)
     }
 
     pub fn stats(&self) -> PoolStats {

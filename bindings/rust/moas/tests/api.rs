@@ -1,5 +1,7 @@
 //! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
-use moas::{Context, ContextParams, KvType, Mode, Model, Pool, PoolParams, Sampler, SamplerParams};
+use moas::{
+    Context, ContextParams, KvType, Logits, Mode, Model, Pool, PoolParams, Sampler, SamplerParams,
+};
 
 const TEXT: &str = "And God said, Let there be light: and there was light.";
 
@@ -327,4 +329,89 @@ fn pool_params_compaction_and_shift() {
     let mut l = Context::new(&lm, &ContextParams::default()).unwrap();
     l.decode_batch(&lm.tokenize(TEXT).unwrap()[..10]).unwrap();
     assert!(l.shift(2, 3).is_err());
+}
+
+#[test]
+fn routes_outside_the_stored_tokens_are_an_error_not_an_allocation() {
+    let m = model();
+    let routed = ContextParams { mode: Mode::Routed, ..Default::default() };
+    let mut c = Context::new(&m, &routed).unwrap();
+    c.decode(m.tokenize("A").unwrap()[0]).unwrap();
+    // sized from n_pos before the library's check, these asked for 51 GB and aborted
+    for (pos, n_pos) in [(0, i32::MAX), (0, 2), (-1, 1), (1, 1), (0, -1), (i32::MAX, 1)] {
+        let e = c.routes(pos, n_pos).unwrap_err();
+        assert_eq!(e.name(), "MOAS_ERR_INVALID_ARG", "{pos} {n_pos}: {e}");
+        assert!(e.message.contains("routes"), "{e}");
+    }
+    let r = c.routes(0, 1).unwrap();
+    assert_eq!(r.schemes.len(), m.n_layer() as usize);
+    assert_eq!(r.gates.len(), m.n_layer() as usize * m.schemes().len());
+}
+
+#[test]
+fn batched_logits_every_token_last_or_none() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let n_vocab = m.n_vocab() as usize;
+    let mut one = Context::new(&m, &ContextParams::default()).unwrap();
+    let mut each = Vec::new();
+    for &t in &ids[..12] {
+        one.decode(t).unwrap();
+        each.extend_from_slice(one.logits().unwrap());
+    }
+    let mut all = Context::new(&m, &ContextParams::default()).unwrap();
+    assert_eq!(all.decode_batch_logits(&ids[..12], Logits::All).unwrap(), each);
+    let mut none = Context::new(&m, &ContextParams::default()).unwrap();
+    assert!(none.decode_batch_logits(&ids[..11], Logits::None).unwrap().is_empty());
+    assert_eq!(none.n_past(), 11);
+    let last = none.decode_batch_logits(&ids[11..12], Logits::Last).unwrap();
+    assert_eq!(last, &each[11 * n_vocab..]);
+    assert_eq!(none.logits().unwrap(), &last[..]);
+    assert!(none.decode_batch_logits(&[], Logits::Last).unwrap().is_empty());
+    // a bad token: an error, nothing stored
+    assert!(none.decode_batch_logits(&[0, 1000], Logits::All).is_err());
+    assert_eq!(none.n_past(), 12);
+
+    // in a pool: each context gets what it asked for, as decoding alone gives it
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut a = pool.context(&ContextParams::default()).unwrap();
+    let mut b = pool.context(&ContextParams::default()).unwrap();
+    let mut c = pool.context(&ContextParams::default()).unwrap();
+    let outs = pool
+        .decode_logits(&mut [
+            (&mut a, &ids[..12], Logits::All),
+            (&mut b, &ids[..5], Logits::Last),
+            (&mut c, &ids[..3], Logits::None),
+        ])
+        .unwrap();
+    assert_eq!(outs[0], each);
+    assert_eq!(outs[1], &each[4 * n_vocab..5 * n_vocab]);
+    assert!(outs[2].is_empty());
+    assert_eq!(c.logits(), None);
+    assert_eq!((a.n_past(), b.n_past(), c.n_past()), (12, 5, 3));
+}
+
+#[test]
+fn a_pool_is_shared_between_threads() {
+    fn shared<T: Sync + Send>(_: &T) {}
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    shared(&pool);
+    let mut a = pool.context(&ContextParams::default()).unwrap();
+    std::thread::scope(|s| {
+        // stats and a new context from another thread while this one decodes
+        let watcher = s.spawn(|| {
+            let mut b = pool.context(&ContextParams::default()).unwrap();
+            b.decode_batch(&ids[..4]).unwrap();
+            (pool.stats().n_contexts, b.n_past())
+        });
+        pool.decode(&mut [(&mut a, &ids[..8])]).unwrap();
+        let (n_contexts, n_past) = watcher.join().unwrap();
+        assert!(n_contexts >= 2);
+        assert_eq!(n_past, 4);
+    });
+    let mut alone = Context::new(&m, &ContextParams::default()).unwrap();
+    alone.decode_batch(&ids[..8]).unwrap();
+    assert_eq!(a.logits(), alone.logits());
 }
