@@ -39,8 +39,10 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
                        "(call moas_context_params_init)", (unsigned)in->size, sizeof *p);
     }
     MOAS_RETURN_IF(p->n_ctx < 0 || p->n_ctx > m->n_ctx_train, MOAS_ERR_INVALID_ARG,
-                   "context_create: n_ctx %d outside [0, %d] (0 means the trained length; "
-                   "learned positions stop there)", p->n_ctx, m->n_ctx_train);
+                   "context_create: n_ctx %d outside [0, %d] (0 means the trained length; %s)",
+                   p->n_ctx, m->n_ctx_train,
+                   m->rope ? "longer contexts shift (moas_context_shift)"
+                           : "learned positions stop there");
     MOAS_RETURN_IF(p->n_threads < 0 || p->n_threads > MOAS_MAX_THREADS, MOAS_ERR_INVALID_ARG,
                    "context_create: n_threads %d outside [0, %d]", p->n_threads,
                    MOAS_MAX_THREADS);

@@ -85,10 +85,16 @@ moas_status moas__pool_make(const moas_model *model, const moas_allocator *alloc
                        (unsigned long long)n_pages, page_heads);
     }
     pool->n_pages = (int32_t)n_pages;
+    /* the slabs first: the page bookkeeping is zeroed as it is allocated, and a pool
+     * whose slabs cannot be had should not write gigabytes of it first (a 1 TB pool
+     * spent 18 s and 8 GB that way before failing) */
     pool->k = alloc_slab(pool->alloc, slab_bytes, &pool->k_raw);
-    pool->v = alloc_slab(pool->alloc, slab_bytes, &pool->v_raw);
-    pool->refs = moas__calloc(pool->alloc, (size_t)n_pages + 1, sizeof *pool->refs);
-    pool->free_pages = moas__calloc(pool->alloc, (size_t)n_pages + 1, sizeof *pool->free_pages);
+    pool->v = pool->k == NULL ? NULL : alloc_slab(pool->alloc, slab_bytes, &pool->v_raw);
+    if (pool->v != NULL) {
+        pool->refs = moas__calloc(pool->alloc, (size_t)n_pages + 1, sizeof *pool->refs);
+        pool->free_pages =
+            moas__calloc(pool->alloc, (size_t)n_pages + 1, sizeof *pool->free_pages);
+    }
     if (pool->k == NULL || pool->v == NULL || pool->refs == NULL || pool->free_pages == NULL) {
         pool_release(pool);
         moas__free(pool->alloc, pool);

@@ -491,6 +491,42 @@ printf 'A' >"$tmp/one.txt"
 expect_error 1 "has 1 character to score: perplexity needs at least 2" \
     "$moas" perplexity -m "$model" -f "$tmp/one.txt"
 
+# a file may hold tensors its model does not use: bench's count of the weights a token
+# reads skips a layer the model lacks (blk.100000 was read out of bounds: a segfault)
+python3 - "$model" "$tmp/extra.gguf" <<'PY'
+import sys
+sys.path.insert(0, "tools")
+import gguf
+r = gguf.GGUFReader(sys.argv[1])
+w = gguf.GGUFWriter()
+for k, v in r.kv.items():
+    if k != "general.alignment":
+        vtype, elem = r.kv_types[k]
+        w.add_kv(k, vtype, v, elem)
+for name, t in r.tensors.items():
+    w.add_tensor_raw(name, t.ne, t.ttype, r.tensor_raw(name))
+w.add_tensor("blk.100000.attn_q.0.weight", [0.0] * 4, [2, 2])
+w.write(sys.argv[2])
+PY
+"$moas" bench -m "$tmp/extra.gguf" --n-prompt 4 -n 4 -r 1 -t 1 >/dev/null 2>&1 ||
+    fail "bench: a tensor of a layer the model lacks"
+
+# batched-bench: options it would ignore are usage errors, and settings the library
+# refuses stop the run before its table starts
+expect_error 2 "not lists" "$moas" batched-bench -m "$model" --pool-mb 0.05 -npp 4,8 -ntg 4
+expect_error 2 "needs -npl" "$moas" batched-bench -m "$model" --pool-mb 0.05 -npp 4 -ntg 4 -pps
+expect_error 2 "compact-keep applies" "$moas" batched-bench -m "$model" -npp 4 -ntg 4 -npl 1 \
+    --compact-keep 2
+expect_error 1 "power of two" "$moas" batched-bench -m "$model" -npp 4 -ntg 4 -npl 2 --page-heads 3
+[ ! -s "$tmp/out" ] || fail "batched-bench: a table begun before the error: $(cat "$tmp/out")"
+expect_error 1 "needs routed mode" "$moas" batched-bench -m "$model" -npp 4 -ntg 4 -npl 2 \
+    --force-scheme 1 --json
+[ ! -s "$tmp/out" ] || fail "batched-bench --json: output before the error: $(cat "$tmp/out")"
+# a number past a float's range is an error, not an infinity
+expect_error 1 "within a float's range" "$moas" generate -m "$model" -p "And" -n 1 --temp 1e39
+expect_error 1 "within a float's range" "$moas" generate -m "$model" -p "And" -n 1 \
+    --logit-bias A=-1e39
+
 # the shipped pooled model scores on the held-out text what models/README.md says
 set -- pooled-kjv-kvinit 1.4600 1336
     "$moas" perplexity -m "models/$1.gguf" -f models/kjv-heldout.txt --mode routed --json \

@@ -859,6 +859,51 @@ TEST(committed_pool_is_resident_from_the_start) {
     return TEST_PASS;
 }
 
+/* An allocator that refuses blocks of `limit` bytes or more and counts the bytes it
+ * handed out after its first refusal. */
+typedef struct {
+    size_t limit, refused, given_after;
+} refusing_allocator;
+
+static void *refusing_alloc(void *user, size_t size) {
+    refusing_allocator *r = user;
+    if (size >= r->limit) {
+        r->refused++;
+        return NULL;
+    }
+    if (r->refused > 0) {
+        r->given_after += size;
+    }
+    return malloc(size);
+}
+
+/* A pool whose slabs cannot be had fails before it asks for (and zeroes) the page
+ * bookkeeping, 8 bytes a page: a 1 TB pool wrote 8 GB of it first, for 18 s. */
+TEST(pool_without_room_for_its_slabs_asks_for_nothing_more) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    refusing_allocator r = {64u << 20, 0, 0};
+    const moas_allocator alloc = {refusing_alloc, pattern_free, &r};
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1ull << 30;   /* slabs of 512 MB: refused */
+    pp.allocator = &alloc;
+    ASSERT_EQ(moas_pool_create(m, &pp, &pool), MOAS_ERR_NO_MEMORY);
+    ASSERT_TRUE(pool == NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "no memory for") != NULL);
+    ASSERT_EQ(r.refused, 1);          /* the K slab; then nothing */
+    ASSERT_EQ(r.given_after, 0);
+    pp.capacity_bytes = 1u << 20;     /* and one that fits is made as before */
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A context that only moas_pool_decode advanced (so it never made a workspace of its
  * own) can still be compacted and shifted: each gives what the same calls give on a
  * context that decoded the same tokens on its own. */

@@ -104,6 +104,19 @@ static void bb_parse(int argc, char **argv, options *all, bb_options *o) {
     o->page_heads = all->page_heads;
     o->compact_keep = all->compact_keep;
     o->capacity_only = o->pool_mb > 0 && !all->given[OPT_NPL];
+    /* options the run would otherwise ignore in silence */
+    if (o->capacity_only && (o->n_npp > 1 || o->n_ntg > 1)) {
+        usage_error(&moas_cmd_batched_bench, "--pool-mb without -npl counts sequences of "
+                    "one -npp and one -ntg value, not lists");
+    }
+    if (o->capacity_only && o->shared_prompt) {
+        usage_error(&moas_cmd_batched_bench, "--shared-prompt needs -npl (--pool-mb alone "
+                    "counts separate sequences)");
+    }
+    if (all->given[OPT_COMPACT_KEEP] && !o->capacity_only) {
+        usage_error(&moas_cmd_batched_bench, "--compact-keep applies to --pool-mb without "
+                    "-npl only");
+    }
 }
 
 static double bb_now(void) {
@@ -426,9 +439,8 @@ static int run(int argc, char **argv) {
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
             if (o.npp[i] + o.ntg[j] > n_train) {
-                fprintf(stderr, "moas: error: PP %d + TG %d = %d tokens exceed the "
-                        "model's context of %d\n", o.npp[i], o.ntg[j], o.npp[i] + o.ntg[j], n_train);
-                return 1;
+                die("PP %d + TG %d = %d tokens exceed the model's context of %d", o.npp[i],
+                    o.ntg[j], o.npp[i] + o.ntg[j], n_train);
             }
         }
     }
@@ -438,6 +450,9 @@ static int run(int argc, char **argv) {
         moas_model_free(model);
         return rc;
     }
+    /* a pool and a context of these settings decode a few tokens before any output, so
+     * that settings the library refuses stop the run before its table starts */
+    warm_up(model, &o, &src);
     if (!o.json) {
         char forced[48] = "";
         if (o.fixed_scheme >= 0) {
@@ -451,7 +466,6 @@ static int run(int argc, char **argv) {
         printf("|-------|-------|-----|--------|----------|-----------|----------|-----------|"
                "----------|----------|-------------|--------|\n");
     }
-    warm_up(model, &o, &src);
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
             for (int k = 0; k < o.n_npl; k++) {

@@ -55,7 +55,7 @@ static double median(double *v, int n) {
  * The output matrix (token_embd when tied) counts only when `with_output`. */
 static void matrix_cost(const moas_model *model, const double *share, int with_output,
                         double *bytes, double *macs) {
-    const int32_t S = moas_model_n_scheme(model);
+    const int32_t S = moas_model_n_scheme(model), L = moas_model_n_layer(model);
     int tied = 1;
     int64_t index;
 
@@ -81,8 +81,9 @@ static void matrix_cost(const moas_model *model, const double *share, int with_o
             continue;
         }
         char kind[32];
+        /* a file may hold tensors the model does not use: only its layers and schemes */
         if (sscanf(name, "blk.%d.attn_%31[a-z].%d.weight%n", &l, kind, &s, &used) == 3 &&
-            s >= 0 && s < S) {
+            l >= 0 && l < L && s >= 0 && s < S) {
             weight = share[l * S + s];
         }
         *bytes += weight * (double)t.n_bytes;

@@ -122,6 +122,8 @@ void parse_options(const command *cmd, int argc, char **argv, options *o);
  * naming `what`. */
 long parse_long(const char *s, const char *what, long min, long max);
 double parse_double(const char *s, const char *what);
+/* parse_double within a float's range: a value that would become an infinity is an error. */
+float parse_float(const char *s, const char *what);
 
 /* The end of a command's usage: -h, then the context options `cmd` takes. */
 void print_context_options(FILE *f, const command *cmd);

@@ -121,7 +121,7 @@ static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg
     memcpy(key, arg, (size_t)(eq - arg));
     key[eq - arg] = '\0';
     b.bias = !strcmp(eq + 1, "-inf") ? -INFINITY   /* bans the token */
-                                     : (float)parse_double(eq + 1, "--logit-bias's BIAS");
+                                     : parse_float(eq + 1, "--logit-bias's BIAS");
     if (strspn(key, "0123456789") == strlen(key)) {
         b.token = (int32_t)parse_long(key, "--logit-bias's token id", 0,
                                       moas_model_n_vocab(model) - 1);

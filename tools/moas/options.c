@@ -10,6 +10,7 @@
 #include "cli.h"
 
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -163,6 +164,15 @@ double parse_double(const char *s, const char *what) {
     return v;
 }
 
+float parse_float(const char *s, const char *what) {
+    const double v = parse_double(s, what);
+    if (fabs(v) > FLT_MAX) {   /* would become an infinity */
+        die("%s must be a finite number within a float's range (|x| <= %g), got '%s'", what,
+            (double)FLT_MAX, s);
+    }
+    return (float)v;
+}
+
 /* A comma-separated list of integers in [min, 1000000]. */
 static int parse_list(const char *s, const char *what, int min, int *out) {
     int n = 0;
@@ -192,12 +202,12 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
     case OPT_FILE: o->text_path = v; break;
     case OPT_OUTPUT: o->out_path = v; break;
     case OPT_N_PREDICT: o->n_predict = (int)parse_long(v, name, 0, 1L << 30); break;
-    case OPT_TEMP: o->temperature = (float)parse_double(v, name); break;
+    case OPT_TEMP: o->temperature = parse_float(v, name); break;
     case OPT_TOP_K: o->top_k = (int)parse_long(v, name, 0, 1L << 30); break;
-    case OPT_TOP_P: o->top_p = (float)parse_double(v, name); break;
-    case OPT_MIN_P: o->min_p = (float)parse_double(v, name); break;
+    case OPT_TOP_P: o->top_p = parse_float(v, name); break;
+    case OPT_MIN_P: o->min_p = parse_float(v, name); break;
     case OPT_SEED: o->seed = (unsigned long long)parse_long(v, name, 0, 0x7fffffffL); break;
-    case OPT_REPEAT_PENALTY: o->repeat_penalty = (float)parse_double(v, name); break;
+    case OPT_REPEAT_PENALTY: o->repeat_penalty = parse_float(v, name); break;
     case OPT_REPEAT_LAST_N: o->repeat_last_n = (int)parse_long(v, name, 0, 1L << 20); break;
     case OPT_LOGIT_BIAS:
         if (o->n_bias == MAX_REPEATED) {
