@@ -419,8 +419,9 @@ uninstall:
 	    $(DESTDIR)$(BINDIR)/moas
 
 # ---- other languages, consumers, ABI baseline (docs/API.md) ---------------------
-#   make cpp-example     examples/cpp/generate.cpp and parallel.cpp (RAII header moas.hpp),
-#                        -std=c++17 -Werror, run
+#   make cpp-example     examples/cpp/generate.cpp, parallel.cpp and
+#                        tests/test_cpp_wrapper.cpp (RAII header moas.hpp), -std=c++17
+#                        -Werror, run
 #   make rust-example    bindings/rust (crates moas-sys, moas): cargo build + test, offline,
 #                        then tests/rust-consumer, a crate depending on them by path, static
 #                        and dynamic (SKIP when cargo is absent)
@@ -446,7 +447,16 @@ $(CPP_PARALLEL): examples/cpp/parallel.cpp examples/cpp/moas.hpp include/moas.h 
 	$(Q)$(CXX) -std=c++17 -Wall -Wextra -Werror -Iinclude $(CFLAGS) $(MOREFLAGS) -o $@ \
 	    examples/cpp/parallel.cpp $(PROG_LIBS) $(LDFLAGS)
 
-cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL)
+# examples/cpp/moas.hpp's own guarantees: lifetimes, sizes, moved-from objects
+CPP_WRAPPER_TEST := $(BUILD)/tests/test_cpp_wrapper
+$(CPP_WRAPPER_TEST): tests/test_cpp_wrapper.cpp examples/cpp/moas.hpp include/moas.h $(STATIC_LIB)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CXX     $@")
+	$(Q)$(CXX) -std=c++17 -Wall -Wextra -Werror -Iinclude -Iexamples/cpp $(CFLAGS) $(MOREFLAGS) \
+	    -o $@ tests/test_cpp_wrapper.cpp $(PROG_LIBS) $(LDFLAGS)
+
+cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL) $(CPP_WRAPPER_TEST)
+	$(Q)$(CPP_WRAPPER_TEST) $(EXAMPLE_MODEL)
 	$(Q)sh tests/consumers.sh run-example cpp-example $(CPP_EXAMPLE)
 	$(Q)sh tests/consumers.sh usage "cpp parallel" $(CPP_PARALLEL)
 	$(Q)$(CPP_PARALLEL) $(EXAMPLE_MODEL) "And God" 4 12 >/dev/null && echo "cpp parallel: ok (forks in one pool equal decoding alone, and so does a saved state loaded elsewhere)"

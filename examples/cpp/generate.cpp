@@ -33,10 +33,15 @@ int main(int argc, char **argv) {
         sp.seed = 1;
         moas::sampler sampler(model.n_vocab(), &sp);
 
-        ctx.decode(model.tokenize(prompt));
+        const std::vector<int32_t> ids = model.tokenize(prompt);
+        if (ids.empty()) {
+            std::fprintf(stderr, "error: the prompt is empty: there is nothing to continue\n");
+            return 1;
+        }
+        ctx.decode(ids);
         std::string text = prompt;
         for (int i = 0; i < n && ctx.n_past() < ctx.n_ctx(); i++) {
-            const int32_t token = sampler.sample(ctx.logits());
+            const int32_t token = sampler.sample(ctx);
             text += model.token_text(token);
             ctx.decode(token);
         }

@@ -1,11 +1,18 @@
 /*
  * moas.hpp - a small RAII wrapper over <moas.h> for C++17 (header-only, example code).
  *
- * Each C object lives in a std::unique_ptr whose deleter is its _free function, so
- * objects are released on every path, exceptions included. A failing call throws
- * moas::error, which carries the status, its name and moas_last_error(). Lifetimes are
- * the C API's: a model must outlive its contexts, and context::logits() is borrowed
- * until the next decode, truncate or reset of that context.
+ * Each C object is released by its _free function on every path, exceptions included.
+ * A failing call throws moas::error, which carries the status, its name and
+ * moas_last_error(). Lifetimes are kept for you: a model is shared by the pools and
+ * contexts made from it, and a context keeps its model or pool alive, so none of them
+ * can be freed under another (the C API asks the caller to order the frees). A
+ * context's logits() are borrowed until the next call that changes the context
+ * (decode, a pool decode, truncate, reset, load_state) or its end.
+ *
+ * Threads: const members may run concurrently with other const members of the same
+ * object; anything else needs the object to itself, as in the standard library (the C
+ * API allows a little more: see moas.h). A moved-from object may only be assigned to
+ * or destroyed; its accessors return 0 or nullptr and its other calls throw.
  */
 #ifndef MOAS_HPP
 #define MOAS_HPP
@@ -13,6 +20,7 @@
 #include <moas.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -34,18 +42,19 @@ inline const char *status_name(moas_status status) noexcept {
     }
 }
 
+/* Copies without throwing, as an exception should: the message is shared. */
 class error : public std::runtime_error {
 public:
     error(moas_status status, const std::string &message)
         : std::runtime_error(std::string(status_name(status)) + " (" +
                              moas_status_string(status) + "): " + message),
-          status_(status), message_(message) {}
+          status_(status), message_(std::make_shared<const std::string>(message)) {}
     moas_status status() const noexcept { return status_; }
-    const std::string &message() const noexcept { return message_; }  // moas_last_error()
+    const std::string &message() const noexcept { return *message_; }  // moas_last_error()
 
 private:
     moas_status status_;
-    std::string message_;
+    std::shared_ptr<const std::string> message_;
 };
 
 /* Throw moas::error for a failed status. */
@@ -55,30 +64,54 @@ inline void check(moas_status status) {
     }
 }
 
-struct free_model { void operator()(moas_model *p) const noexcept { moas_model_free(p); } };
+/* A size as the C API's int32_t count, or moas::error: never wrapped. */
+inline int32_t count(size_t n, const char *what) {
+    if (n > static_cast<size_t>(INT32_MAX)) {
+        throw error(MOAS_ERR_INVALID_ARG, std::string(what) + ": " + std::to_string(n) +
+                                              " is more than an int32_t holds");
+    }
+    return static_cast<int32_t>(n);
+}
+
+/* The handle of a moved-from object is null: calls that would pass it on throw. */
+template <typename T> T *live(T *p) {
+    if (p == nullptr) {
+        throw error(MOAS_ERR_INVALID_ARG, "a moved-from object was used");
+    }
+    return p;
+}
+
 struct free_context { void operator()(moas_context *p) const noexcept { moas_context_free(p); } };
 struct free_sampler { void operator()(moas_sampler *p) const noexcept { moas_sampler_free(p); } };
-struct free_pool { void operator()(moas_pool *p) const noexcept { moas_pool_free(p); } };
 
+class pool;
+class context;
+
+/* A loaded model. Copies share it (it is read-only: any threads may use it). */
 class model {
 public:
     explicit model(const std::string &path, const moas_model_params *params = nullptr) {
         moas_model *p = nullptr;
         check(moas_model_load(path.c_str(), params, &p));
-        ptr_.reset(p);
+        ptr_.reset(p, [](moas_model *q) noexcept { moas_model_free(q); });
     }
     const moas_model *get() const noexcept { return ptr_.get(); }
 
-    int32_t n_vocab() const noexcept { return moas_model_n_vocab(get()); }
-    int32_t n_layer() const noexcept { return moas_model_n_layer(get()); }
-    int32_t n_scheme() const noexcept { return moas_model_n_scheme(get()); }
-    std::string_view name() const noexcept { return moas_model_name(get()); }
+    int32_t n_vocab() const noexcept { return get() ? moas_model_n_vocab(get()) : 0; }
+    int32_t n_layer() const noexcept { return get() ? moas_model_n_layer(get()) : 0; }
+    int32_t n_scheme() const noexcept { return get() ? moas_model_n_scheme(get()) : 0; }
+    int32_t n_ctx_train() const noexcept { return get() ? moas_model_n_ctx_train(get()) : 0; }
+    moas_kv_sharing kv_sharing() const noexcept {
+        return get() ? moas_model_kv_sharing(get()) : MOAS_KV_SHARING_INDEPENDENT;
+    }
+    std::string_view name() const noexcept { return get() ? moas_model_name(get()) : ""; }
 
     std::vector<int32_t> tokenize(std::string_view text) const {
         std::vector<int32_t> ids(text.size());  // one id per character, so per byte at most
         size_t n = 0;
         if (!text.empty()) {
-            check(moas_tokenize(get(), text.data(), text.size(), ids.data(), ids.size(), &n));
+            check(moas_tokenize(live(get()), text.data(), text.size(), ids.data(), ids.size(),
+                                &n));
         }
         ids.resize(n);
         return ids;
@@ -87,13 +120,14 @@ public:
     std::string detokenize(const std::vector<int32_t> &ids) const {
         std::string text(4 * ids.size() + 1, '\0');  // a character is at most 4 bytes
         size_t length = 0;
-        check(moas_detokenize(get(), ids.data(), ids.size(), text.data(), text.size(), &length));
+        check(moas_detokenize(live(get()), ids.data(), ids.size(), text.data(), text.size(),
+                              &length));
         text.resize(length);
         return text;
     }
 
     std::string_view token_text(int32_t token) const {
-        const char *text = moas_token_text(get(), token);
+        const char *text = moas_token_text(live(get()), token);
         if (text == nullptr) {
             throw error(MOAS_ERR_INVALID_ARG, "token " + std::to_string(token) + " out of range");
         }
@@ -101,130 +135,228 @@ public:
     }
 
 private:
-    std::unique_ptr<moas_model, free_model> ptr_;
+    friend class pool;
+    friend class context;
+    std::shared_ptr<moas_model> ptr_;
 };
 
-/* A KV pool many contexts take pages from; it must outlive them. */
+/* A KV pool many contexts take pages from. It keeps its model alive, and its contexts
+ * keep it alive. */
 class pool {
 public:
     pool(const model &m, const moas_pool_params &params) {
         moas_pool *p = nullptr;
-        check(moas_pool_create(m.get(), &params, &p));
-        ptr_.reset(p);
+        check(moas_pool_create(live(m.get()), &params, &p));
+        std::shared_ptr<moas_model> keep = m.ptr_;
+        ptr_.reset(p, [keep](moas_pool *q) noexcept { moas_pool_free(q); });
     }
-    moas_pool *get() const noexcept { return ptr_.get(); }
+    moas_pool *get() noexcept { return ptr_.get(); }
 
-    /* Advance many contexts of the pool in one call; each as if decoded alone. */
-    void decode(const std::vector<moas_pool_seq> &seqs) {
-        check(moas_pool_decode(get(), seqs.data(), static_cast<int32_t>(seqs.size())));
-    }
+    /* One context's part of a decode: its tokens, and which logits to return. */
+    struct sequence {
+        context &ctx;
+        const std::vector<int32_t> &tokens;
+        moas_logits which = MOAS_LOGITS_LAST;
+    };
+    /* Advance the contexts of the pool in one call, each as if decoded alone (all or
+     * nothing); returns each one's logits as `which` asked: none, the last token's
+     * n_vocab, or every token's n_tokens x n_vocab. */
+    std::vector<std::vector<float>> decode(const std::vector<sequence> &seqs);
+
     moas_pool_info stats() const {
         moas_pool_info info{};
         info.size = sizeof info;
-        check(moas_pool_stats(get(), &info));
+        check(moas_pool_stats(live(ptr_.get()), &info));
         return info;
     }
 
 private:
-    std::unique_ptr<moas_pool, free_pool> ptr_;
+    friend class context;
+    std::shared_ptr<moas_pool> ptr_;
 };
 
 class context {
 public:
-    explicit context(const model &m, const moas_context_params *params = nullptr) {
-        moas_context *p = nullptr;
-        check(moas_context_create(m.get(), params, &p));
-        ptr_.reset(p);
+    /* A context with its own cache. `params` may not name a pool: use the constructors
+     * that take one, which keep it alive. */
+    explicit context(const model &m, const moas_context_params *params = nullptr)
+        : owner_(m.ptr_), n_vocab_(m.n_vocab()) {
+        if (params != nullptr && params->pool != nullptr) {
+            throw error(MOAS_ERR_INVALID_ARG, "context: pass the moas::pool itself, not "
+                                              "params->pool");
+        }
+        create(m, params);
     }
-    /* A context in `pl` with otherwise default parameters (mode as given). */
-    context(const model &m, pool &pl, moas_mode mode = MOAS_MODE_MIXTURE) {
-        moas_context_params params;
-        moas_context_params_init(&params);
-        params.pool = pl.get();
-        params.mode = mode;
-        moas_context *p = nullptr;
-        check(moas_context_create(m.get(), &params, &p));
-        ptr_.reset(p);
+    /* A context in `pl`: `params` as given (default: mixture mode), its pool set to `pl`. */
+    context(const model &m, pool &pl, moas_context_params params)
+        : owner_(pl.ptr_), n_vocab_(m.n_vocab()) {
+        params.pool = live(pl.get());
+        create(m, &params);
     }
+    context(const model &m, pool &pl, moas_mode mode = MOAS_MODE_MIXTURE)
+        : context(m, pl, default_params(mode)) {}
 
     /* A new context continuing from this one's tokens, sharing its pages (in a pool). */
     context fork() {
         moas_context *p = nullptr;
-        check(moas_context_fork(get(), &p));
-        return context(p);
+        check(moas_context_fork(live(get()), &p));
+        return context(p, owner_, n_vocab_);
     }
     std::vector<unsigned char> save_state() const {
-        std::vector<unsigned char> buf(moas_context_state_size(get()));
+        std::vector<unsigned char> buf(moas_context_state_size(live(get())));
         size_t written = 0;
         check(moas_context_state_save(get(), buf.data(), buf.size(), &written));
         buf.resize(written);
         return buf;
     }
     void load_state(const std::vector<unsigned char> &buf) {
-        check(moas_context_state_load(get(), buf.data(), buf.size()));
+        static const unsigned char none = 0;   // an empty state is malformed, not NULL
+        check(moas_context_state_load(live(get()), buf.empty() ? &none : buf.data(),
+                                      buf.size()));
     }
-    int32_t kv_pages() const noexcept { return moas_context_kv_pages(get()); }
-    size_t kv_bytes_held() const noexcept { return moas_context_kv_bytes_held(get()); }
+    int32_t kv_pages() const noexcept { return get() ? moas_context_kv_pages(get()) : 0; }
+    size_t kv_bytes_held() const noexcept {
+        return get() ? moas_context_kv_bytes_held(get()) : 0;
+    }
 
     /* Routed mode, pooled K/V: the tokens before n_before pooled down to `scheme` in
      * place, pages freed; returns the token-layer pairs that changed. */
     int32_t compact(int32_t n_before, int32_t scheme) {
         int32_t changed = 0;
-        check(moas_context_compact(get(), n_before, scheme, &changed));
+        check(moas_context_compact(live(get()), n_before, scheme, &changed));
         return changed;
     }
     /* RoPE models: drop positions [n_keep, n_keep + n_discard), move the later ones down. */
     void shift(int32_t n_keep, int32_t n_discard) {
-        check(moas_context_shift(get(), n_keep, n_discard));
+        check(moas_context_shift(live(get()), n_keep, n_discard));
     }
-    moas_context *get() const noexcept { return ptr_.get(); }
+    moas_context *get() noexcept { return ptr_.get(); }
+    const moas_context *get() const noexcept { return ptr_.get(); }
 
-    void decode(int32_t token) { check(moas_context_decode(get(), token, nullptr)); }
-    void decode(const std::vector<int32_t> &tokens) {
-        check(moas_context_decode_batch(get(), tokens.data(), static_cast<int32_t>(tokens.size()),
-                                        nullptr, MOAS_LOGITS_LAST));
+    void decode(int32_t token) { check(moas_context_decode(live(get()), token, nullptr)); }
+    void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
+    /* so that decode({}) decodes nothing and decode({a, b}) two tokens */
+    void decode(std::initializer_list<int32_t> tokens) {
+        decode(std::vector<int32_t>(tokens), MOAS_LOGITS_LAST);
     }
-    /* n_vocab floats, borrowed until the next decode, truncate or reset; or nullptr. */
-    const float *logits() const noexcept { return moas_context_logits(get()); }
+    /* Consecutive tokens, all or none; returns the logits `which` asks for: none, the
+     * last token's n_vocab (also in logits()) or every token's n_tokens x n_vocab. */
+    std::vector<float> decode(const std::vector<int32_t> &tokens, moas_logits which) {
+        std::vector<float> out(floats(which, tokens.size()));
+        check(moas_context_decode_batch(live(get()), tokens.data(),
+                                        count(tokens.size(), "decode: tokens"),
+                                        out.empty() ? nullptr : out.data(), which));
+        return out;
+    }
+    /* n_vocab() floats, borrowed (see the top of this file); or nullptr. */
+    const float *logits() const noexcept { return get() ? moas_context_logits(get()) : nullptr; }
+    int32_t n_vocab() const noexcept { return n_vocab_; }
 
-    int32_t n_past() const noexcept { return moas_context_n_past(get()); }
-    int32_t n_ctx() const noexcept { return moas_context_n_ctx(get()); }
-    void truncate(int32_t n_keep) { check(moas_context_truncate(get(), n_keep)); }
-    void reset() noexcept { moas_context_reset(get()); }
+    int32_t n_past() const noexcept { return get() ? moas_context_n_past(get()) : 0; }
+    int32_t n_ctx() const noexcept { return get() ? moas_context_n_ctx(get()) : 0; }
+    void truncate(int32_t n_keep) { check(moas_context_truncate(live(get()), n_keep)); }
+    void reset() noexcept {
+        if (get() != nullptr) {
+            moas_context_reset(get());
+        }
+    }
 
     std::vector<int32_t> scheme_counts(int32_t layer = -1) const {
         std::vector<int32_t> counts(
-            static_cast<size_t>(moas_model_n_scheme(moas_context_model(get()))));
+            static_cast<size_t>(moas_model_n_scheme(moas_context_model(live(get())))));
         check(moas_context_scheme_counts(get(), layer, counts.data()));
         return counts;
     }
     size_t kv_bytes_used(int32_t layer = -1) const noexcept {
-        return moas_context_kv_bytes_used(get(), layer);
+        return get() ? moas_context_kv_bytes_used(get(), layer) : 0;
     }
     /* Bytes of one token over all layers: -1 mixture mode's, s routed to scheme s. */
     uint64_t kv_token_bytes(int32_t scheme) const noexcept {
-        return moas_context_kv_token_bytes(get(), scheme);
+        return get() ? moas_context_kv_token_bytes(get(), scheme) : 0;
     }
 
 private:
-    explicit context(moas_context *p) noexcept { ptr_.reset(p); }
+    friend class pool;
+    context(moas_context *p, std::shared_ptr<void> owner, int32_t n_vocab) noexcept
+        : owner_(std::move(owner)), n_vocab_(n_vocab) {
+        ptr_.reset(p);
+    }
+    static moas_context_params default_params(moas_mode mode) noexcept {
+        moas_context_params params;
+        moas_context_params_init(&params);
+        params.mode = mode;
+        return params;
+    }
+    void create(const model &m, const moas_context_params *params) {
+        moas_context *p = nullptr;
+        check(moas_context_create(live(m.get()), params, &p));
+        ptr_.reset(p);
+    }
+    size_t floats(moas_logits which, size_t n_tokens) const {
+        const size_t n_vocab = static_cast<size_t>(n_vocab_);
+        return which == MOAS_LOGITS_ALL ? n_tokens * n_vocab
+               : which == MOAS_LOGITS_LAST && n_tokens > 0 ? n_vocab
+                                                           : 0;
+    }
+
+    std::shared_ptr<void> owner_;   // the model or pool: declared first, so freed last
+    int32_t n_vocab_ = 0;
     std::unique_ptr<moas_context, free_context> ptr_;
 };
 
+inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> &seqs) {
+    std::vector<std::vector<float>> outs;
+    std::vector<moas_pool_seq> parts;
+    outs.reserve(seqs.size());
+    parts.reserve(seqs.size());
+    for (const sequence &s : seqs) {
+        outs.emplace_back(s.ctx.floats(s.which, s.tokens.size()));
+        parts.push_back({live(s.ctx.get()), s.tokens.data(),
+                         count(s.tokens.size(), "pool decode: tokens"), s.which,
+                         outs.back().empty() ? nullptr : outs.back().data()});
+    }
+    check(moas_pool_decode(live(get()), parts.data(), count(parts.size(), "pool decode")));
+    return outs;
+}
+
+/* A sampler for one model's logits. */
 class sampler {
 public:
-    explicit sampler(int32_t n_vocab, const moas_sampler_params *params = nullptr) {
+    explicit sampler(int32_t n_vocab, const moas_sampler_params *params = nullptr)
+        : n_vocab_(n_vocab) {
         moas_sampler *p = nullptr;
         check(moas_sampler_create(params, n_vocab, &p));
         ptr_.reset(p);
     }
-    int32_t sample(const float *logits) {
+    moas_sampler *get() noexcept { return ptr_.get(); }
+
+    /* A token from the context's last logits (moas::error if it has none yet, or if
+     * its model's vocabulary is not the sampler's). */
+    int32_t sample(const context &ctx) {
+        if (ctx.logits() == nullptr) {
+            throw error(MOAS_ERR_INVALID_ARG, "sample: the context has no logits (nothing "
+                                              "decoded since it was made, truncated or reset)");
+        }
+        return sample(ctx.logits(), static_cast<size_t>(ctx.n_vocab()));
+    }
+    /* A token from `n` logits; n must be the sampler's n_vocab. */
+    int32_t sample(const float *logits, size_t n) {
+        if (n != static_cast<size_t>(n_vocab_)) {
+            throw error(MOAS_ERR_INVALID_ARG, "sample: " + std::to_string(n) +
+                                                  " logits for a sampler of " +
+                                                  std::to_string(n_vocab_));
+        }
         int32_t token = 0;
-        check(moas_sampler_sample(ptr_.get(), logits, &token));
+        check(moas_sampler_sample(live(get()), logits, &token));
         return token;
     }
+    /* A token chosen elsewhere, for the repetition penalty's history. */
+    void accept(int32_t token) { check(moas_sampler_accept(live(get()), token)); }
+    void reset() { moas_sampler_reset(live(get())); }
+    void reseed(uint64_t seed) { moas_sampler_reseed(live(get()), seed); }
 
 private:
+    int32_t n_vocab_;
     std::unique_ptr<moas_sampler, free_sampler> ptr_;
 };
 

@@ -56,6 +56,11 @@ int main(int argc, char **argv) {
     const std::string prompt = argc > 2 ? argv[2] : "And God";
     const int n_forks = argc > 3 ? std::atoi(argv[3]) : 4;
     const int n = argc > 4 ? std::atoi(argv[4]) : 20;
+    if (prompt.empty() || n_forks < 1 || n < 0) {
+        std::fprintf(stderr, "%s: the prompt must not be empty, N_FORKS >= 1, N >= 0\n",
+                     argv[0]);
+        return 2;
+    }
     try {
         moas::model model(argv[1]);
         moas_pool_params pp;
@@ -78,15 +83,16 @@ int main(int argc, char **argv) {
             sp.seed = static_cast<uint64_t>(f + 1);
             samplers.emplace_back(model.n_vocab(), &sp);
         }
-        std::vector<int32_t> next(static_cast<size_t>(n_forks));
+        std::vector<std::vector<int32_t>> next(static_cast<size_t>(n_forks),
+                                               std::vector<int32_t>(1));
         for (int i = 0; i < n && first.n_past() + i < first.n_ctx(); i++) {
-            std::vector<moas_pool_seq> step;
+            std::vector<moas::pool::sequence> step;
             for (int f = 0; f < n_forks; f++) {
                 const size_t k = static_cast<size_t>(f);
-                next[k] = samplers[k].sample(forks[k].logits());
-                texts[k] += model.token_text(next[k]);
-                chosen[k].push_back(next[k]);
-                step.push_back({forks[k].get(), &next[k], 1, MOAS_LOGITS_LAST, nullptr});
+                next[k][0] = samplers[k].sample(forks[k]);
+                texts[k] += model.token_text(next[k][0]);
+                chosen[k].push_back(next[k][0]);
+                step.push_back({forks[k], next[k]});
             }
             pool.decode(step);
         }
@@ -104,15 +110,14 @@ int main(int argc, char **argv) {
         moas::context alone(model, &cp);
         alone.decode(ids);
         alone.decode(chosen.back());
-        if (n_forks > 0 && std::memcmp(alone.logits(), forks.back().logits(),
-                                       sizeof(float) * static_cast<size_t>(model.n_vocab())) != 0) {
+        if (std::memcmp(alone.logits(), forks.back().logits(),
+                        sizeof(float) * static_cast<size_t>(model.n_vocab())) != 0) {
             std::fprintf(stderr, "error: the last fork's logits differ from decoding it alone\n");
             return 1;
         }
         /* the last fork saved and restored outside the pool, if it has room for one more
          * token to compare (sampling stops at a full context) */
-        if (n_forks > 0 &&
-            moas_context_n_past(forks.back().get()) < moas_context_n_ctx(forks.back().get())) {
+        if (forks.back().n_past() < forks.back().n_ctx()) {
             const std::vector<unsigned char> state = forks.back().save_state();
             moas::context restored(model, &cp);
             restored.load_state(state);
@@ -129,7 +134,7 @@ int main(int argc, char **argv) {
          * pooled down to its cheapest scheme: every token-layer that stored more heads
          * changes, it then uses exactly n_past tokens of that scheme, and the forks
          * stay as they were. (Independent schemes' K/V cannot be pooled.) */
-        if (moas_model_kv_sharing(model.get()) == MOAS_KV_SHARING_POOLED) {
+        if (model.kv_sharing() == MOAS_KV_SHARING_POOLED) {
             if (compact_prompt(model, first, forks) != 0) {
                 return 1;
             }

@@ -1,0 +1,132 @@
+/*
+ * test_cpp_wrapper.cpp - examples/cpp/moas.hpp keeps what the C API leaves to the
+ * caller: lifetimes (a context outliving its model or pool), sizes (no int32_t
+ * wrapping, a sampler reading past the logits), and calls on moved-from objects. Each
+ * case failed, crashed or read freed memory before the wrapper kept them.
+ *
+ *     test_cpp_wrapper MODEL      (exit status 0, or 1 naming the failed check)
+ */
+#include "moas.hpp"
+
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+static int failures = 0;
+
+#define CHECK(cond)                                                              \
+    do {                                                                         \
+        if (!(cond)) {                                                           \
+            std::fprintf(stderr, "test_cpp_wrapper:%d: %s\n", __LINE__, #cond); \
+            failures++;                                                          \
+        }                                                                        \
+    } while (0)
+
+/* The status of what `f` throws, or MOAS_OK when it returns. */
+template <typename F> static moas_status status_of(F &&f) {
+    try {
+        f();
+    } catch (const moas::error &e) {
+        return e.status();
+    }
+    return MOAS_OK;
+}
+
+static moas::context context_of_a_model_gone(const char *path) {
+    moas::model m(path);
+    return moas::context(m);   // the model object ends here; the context keeps it
+}
+
+static bool same(const float *a, const float *b, size_t n) {
+    return a != nullptr && b != nullptr && std::memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s MODEL\n", argv[0]);
+        return 2;
+    }
+    static_assert(std::is_nothrow_copy_constructible_v<moas::error>);
+    try {
+        const moas::model model(argv[1]);
+        const size_t n_vocab = static_cast<size_t>(model.n_vocab());
+        const std::vector<int32_t> ids = model.tokenize("And God said, Let there be light");
+        moas::context reference(model);
+        reference.decode(ids);
+
+        // a context outliving the model object it was made from
+        moas::context orphan = context_of_a_model_gone(argv[1]);
+        orphan.decode(ids);
+        CHECK(same(orphan.logits(), reference.logits(), n_vocab));
+
+        // contexts (and a fork) outliving their pool object
+        moas_pool_params pp;
+        moas_pool_params_init(&pp);
+        pp.capacity_bytes = 1u << 20;
+        std::optional<moas::pool> pl(std::in_place, model, pp);
+        moas::context in_pool(model, *pl);
+        in_pool.decode(std::vector<int32_t>(ids.begin(), ids.begin() + 10));
+        moas::context fork = in_pool.fork();
+        pl.reset();
+        in_pool.decode(std::vector<int32_t>(ids.begin() + 10, ids.end()));
+        fork.decode(std::vector<int32_t>(ids.begin() + 10, ids.end()));
+        CHECK(same(in_pool.logits(), reference.logits(), n_vocab));
+        CHECK(same(fork.logits(), reference.logits(), n_vocab));
+
+        // decode({}) decodes nothing (it used to pick decode(int32_t) and decode token 0)
+        moas::context empty(model);
+        empty.decode({});
+        CHECK(empty.n_past() == 0);
+
+        // every token's logits, alone and through a pool, equal decoding one by one
+        moas::context one(model);
+        std::vector<float> each;
+        for (int32_t t : ids) {
+            one.decode(t);
+            each.insert(each.end(), one.logits(), one.logits() + n_vocab);
+        }
+        moas::context all(model);
+        CHECK(all.decode(ids, MOAS_LOGITS_ALL) == each);
+        moas::pool pool2(model, pp);
+        moas::context a(model, pool2), b(model, pool2);
+        const std::vector<int32_t> head(ids.begin(), ids.begin() + 5);
+        const auto outs = pool2.decode({{a, ids, MOAS_LOGITS_ALL}, {b, head, MOAS_LOGITS_NONE}});
+        CHECK(outs.size() == 2 && outs[0] == each && outs[1].empty());
+        CHECK(b.n_past() == 5);
+
+        // a sampler reads only as many logits as it was made for
+        moas::sampler wide(static_cast<int32_t>(n_vocab) + 100);
+        CHECK(status_of([&] { wide.sample(reference); }) == MOAS_ERR_INVALID_ARG);
+        moas::sampler greedy(static_cast<int32_t>(n_vocab));
+        CHECK(status_of([&] { greedy.sample(reference); }) == MOAS_OK);
+        CHECK(status_of([&] { greedy.sample(empty); }) == MOAS_ERR_INVALID_ARG);
+
+        // an empty state is malformed (not "NULL buffer"); nothing changes
+        CHECK(status_of([&] { one.load_state({}); }) == MOAS_ERR_BAD_FORMAT);
+        CHECK(one.n_past() == static_cast<int32_t>(ids.size()));
+
+        // moved-from objects: accessors give 0 or nullptr, calls throw, nothing crashes
+        moas::context moved(model);
+        moas::context into = std::move(moved);
+        CHECK(moved.n_past() == 0 && moved.logits() == nullptr && moved.kv_bytes_used() == 0);
+        moved.reset();
+        CHECK(status_of([&] { moved.decode(1); }) == MOAS_ERR_INVALID_ARG);
+        CHECK(status_of([&] { moved.scheme_counts(); }) == MOAS_ERR_INVALID_ARG);
+        moas::model m2(argv[1]);
+        moas::model m3 = std::move(m2);
+        CHECK(m2.n_vocab() == 0 && m3.n_vocab() == model.n_vocab());
+        CHECK(status_of([&] { m2.tokenize("A"); }) == MOAS_ERR_INVALID_ARG);
+        (void)into;
+    } catch (const moas::error &e) {
+        std::fprintf(stderr, "test_cpp_wrapper: %s\n", e.what());
+        return 1;
+    }
+    if (failures == 0) {
+        std::printf("cpp wrapper: ok (lifetimes kept, sizes checked, every token's logits, "
+                    "moved-from objects)\n");
+    }
+    return failures == 0 ? 0 : 1;
+}
