@@ -522,6 +522,9 @@ expect_error 1 "power of two" "$moas" batched-bench -m "$model" -npp 4 -ntg 4 -n
 expect_error 1 "needs routed mode" "$moas" batched-bench -m "$model" -npp 4 -ntg 4 -npl 2 \
     --force-scheme 1 --json
 [ ! -s "$tmp/out" ] || fail "batched-bench --json: output before the error: $(cat "$tmp/out")"
+# the sampler's seed is 64-bit: seeds past 2^31 are accepted (they were refused)
+"$moas" generate -m "$model" -p "And" -n 2 --seed 9223372036854775807 >/dev/null 2>&1 ||
+    fail "generate --seed 2^63 - 1"
 # a number past a float's range is an error, not an infinity
 expect_error 1 "within a float's range" "$moas" generate -m "$model" -p "And" -n 1 --temp 1e39
 expect_error 1 "within a float's range" "$moas" generate -m "$model" -p "And" -n 1 \

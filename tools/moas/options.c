@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -206,7 +207,7 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
     case OPT_TOP_K: o->top_k = (int)parse_long(v, name, 0, 1L << 30); break;
     case OPT_TOP_P: o->top_p = parse_float(v, name); break;
     case OPT_MIN_P: o->min_p = parse_float(v, name); break;
-    case OPT_SEED: o->seed = (unsigned long long)parse_long(v, name, 0, 0x7fffffffL); break;
+    case OPT_SEED: o->seed = (unsigned long long)parse_long(v, name, 0, LONG_MAX); break;
     case OPT_REPEAT_PENALTY: o->repeat_penalty = parse_float(v, name); break;
     case OPT_REPEAT_LAST_N: o->repeat_last_n = (int)parse_long(v, name, 0, 1L << 20); break;
     case OPT_LOGIT_BIAS:
