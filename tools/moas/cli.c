@@ -48,6 +48,9 @@ const char *text_name(const char *path, char *buf, size_t cap) {
     return buf;
 }
 
+/* The longest text read_text takes (its ids take four times as much again). */
+#define MAX_TEXT_BYTES (1 << 30)
+
 char *read_text(const char *path, size_t *len) {
     const int is_stdin = !strcmp(path, "-");
     FILE *f = is_stdin ? stdin : fopen(path, "rb");
@@ -58,8 +61,12 @@ char *read_text(const char *path, size_t *len) {
         die("cannot open '%s': %s", path, strerror(errno));
     }
     for (;;) {
+        if (n >= MAX_TEXT_BYTES) {   /* a device without an end (/dev/zero) stops here */
+            die("%s holds more than %d MB: a text is read whole, so split it",
+                text_name(path, name, sizeof name), MAX_TEXT_BYTES >> 20);
+        }
         if (n + 1 >= cap) {
-            cap = cap ? cap * 2 : 1 << 16;
+            cap = !cap ? 1 << 16 : cap * 2 > MAX_TEXT_BYTES ? (size_t)MAX_TEXT_BYTES + 1 : cap * 2;
             buf = realloc(buf, cap);
             if (buf == NULL) {
                 die("out of memory reading %s", text_name(path, name, sizeof name));
