@@ -12,6 +12,7 @@ torch.save file, checked against the values torch itself dumped to JSON.
 import json
 import os
 import random
+import stat
 import struct
 import subprocess
 import sys
@@ -907,6 +908,12 @@ class TestConvert(Tmp):
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
         self.check_model(self.convert_ok(path), "moas", True, sd)     # all inferred
+        # __metadata__ must be an object of strings (a list was an AttributeError)
+        bad = dict(header, __metadata__=[1])
+        hb = json.dumps(bad).encode()
+        with open(self.path("bad.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", len(hb)) + hb + b"".join(blobs))
+        self.convert_fails(self.path("bad.safetensors"), "__metadata__ is a list")
         # A baseline model's n_head is not in its shapes: --config supplies it.
         sd = model_tensors("baseline", False)
         header, blobs, pos = {}, [], 0
@@ -997,6 +1004,22 @@ class TestConvert(Tmp):
             f.write(b"")
         self.convert_fails(ck, "corrupt zip")
         self.convert_fails(self.path("missing.pt"), "does not exist")
+
+    def test_unsupported_compression_is_a_corrupt_record(self):
+        """A flipped bit that makes a record claim an unknown compression method: the
+        corrupt-record error naming it (it was an "unexpected NotImplementedError")."""
+        with open(os.path.join(DATA, "tiny-ckpt.pt"), "rb") as f:
+            data = bytearray(f.read())
+        data[44982] ^= 16
+        flipped = self.path("flip.pt")
+        with open(flipped, "wb") as f:
+            f.write(data)
+        res = self.convert(flipped, "--vocab-text", os.path.join(DATA, "tiny.txt"),
+                           vocab=False)
+        self.assertEqual(res.returncode, 1, res.stderr)
+        self.assertIn("corrupt checkpoint: cannot read record", res.stderr)
+        self.assertIn("compression method", res.stderr)
+        self.assertNotIn("unexpected", res.stderr)
 
     def test_corrupt_records(self):
         sd = model_tensors("moas", False)
@@ -1101,10 +1124,35 @@ class TestConvert(Tmp):
         fails(junk, "missing/x.gguf", "does not exist")
         fails(ck, "train.txt/x.gguf", "'%s' is not a directory" % self.text)
         fails(ck, ".", "is a directory")
+        # what the rename over the output would replace rather than write: a pipe, a
+        # link (even to a file), one of the inputs (the file was replaced, exit 0)
+        os.mkfifo(self.path("fifo"))
+        os.symlink(self.text, self.path("link.gguf"))
+        before = sorted(os.listdir(self.dir))
+        fails(ck, "fifo", "not a regular file")
+        fails(ck, "link.gguf", "not a regular file")
+        fails(ck, "c.pt", "is the checkpoint")
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.path("fifo")).st_mode))
+        self.assertTrue(os.path.islink(self.path("link.gguf")))
+        with open(self.text) as f:
+            vocab = f.read()
+        with open(self.path("v.txt"), "w") as f:
+            f.write(vocab)
+        before = sorted(os.listdir(self.dir))
+        res = self.convert(ck, "--vocab-text", self.path("v.txt"), out="v.txt", vocab=False)
+        self.assertEqual(res.returncode, 1, res.stderr)
+        self.assertIn("is the --vocab-text", res.stderr)
+        with open(self.path("v.txt")) as f:
+            self.assertEqual(f.read(), vocab)
+        # a side input without an end is refused, not read until memory runs out
+        if os.path.exists("/dev/zero"):
+            res = self.convert(ck, "--vocab-text", "/dev/zero", vocab=False)
+            self.assertEqual(res.returncode, 1, res.stderr)
+            self.assertIn("--vocab-text '/dev/zero' is not a regular file", res.stderr)
         # a failure while writing (here the same missing directory, with the early
         # check skipped) names the path given too, and leaves no temporary file
         from unittest import mock
-        with mock.patch.object(moas_convert, "check_output", lambda path: None):
+        with mock.patch.object(moas_convert, "check_output", lambda path, inputs: None):
             fails(ck, "missing/x.gguf", "cannot write", in_process=True)
 
 
