@@ -22,6 +22,8 @@ Run as a script to print a file's metadata and tensor directory:
 """
 
 import math
+import os
+import stat
 import struct
 import sys
 from array import array
@@ -488,6 +490,9 @@ class GGUFReader:
             self.data = bytes(source)
         else:
             with open(source, "rb") as f:
+                # read whole: a device or pipe (/dev/zero) would never end
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise GGUFError("'%s' is not a regular file" % source)
                 self.data = f.read()
         self._pos = 0
         self.kv = OrderedDict()

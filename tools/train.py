@@ -70,9 +70,15 @@ import struct
 import sys
 import time
 
-import torch
-import torch.nn as nn
-from torch.nn import functional as F
+try:
+    import torch
+    import torch.nn as nn
+    from torch.nn import functional as F
+except ImportError:
+    if __name__ != "__main__":
+        raise
+    sys.exit("train.py: PyTorch is not installed for %s (apt-get install python3-torch, "
+             "or make train-deps)" % sys.executable)
 
 ATTENTION_TYPES = ("baseline", "static_moas", "moas", "pooled_moas", "gqa")
 GQA_KV_HEADS = 2          # hard-coded in the reference
@@ -587,8 +593,17 @@ def init_weights(model, std=None, seed_norm=0.2):
 # ---------------------------------------------------------------------------
 
 def read_text(path):
-    with open(path, "r", encoding="utf-8") as f:      # universal newlines, as the reference
-        return f.read()
+    """The text of `path`; a file that cannot be read as UTF-8 text ends the program with
+    one line saying why."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        sys.exit("train.py: '%s' is not a regular file" % path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:  # universal newlines, as the reference
+            return f.read()
+    except OSError as e:
+        sys.exit("train.py: cannot read '%s': %s" % (path, e.strerror or e))
+    except UnicodeDecodeError as e:
+        sys.exit("train.py: '%s' is not UTF-8 text (byte %d)" % (path, e.start))
 
 
 def build_vocab(text):
@@ -649,6 +664,8 @@ def load_checkpoint(path, unsafe=False):
                 sd[k] = torch.frombuffer(vals, dtype=torch.float32).clone().view(t.shape)
         except conv.ConvertError as e:
             sys.exit("train.py: cannot load %s: %s" % (path, e))
+        except OSError as e:
+            sys.exit("train.py: cannot read '%s': %s" % (path, e.strerror or e))
     a = ModelArgs(**margs)
     model = MoASGPT(a)
     sd = clean_state_dict(sd)
@@ -1196,6 +1213,30 @@ def log(msg):
     print(msg, flush=True)
 
 
+def positive(s):
+    """argparse type: an integer >= 1."""
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError("%d is not a positive integer" % v)
+    return v
+
+
+def non_negative(s):
+    """argparse type: an integer >= 0."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError("%d is negative" % v)
+    return v
+
+
+def dropout_rate(s):
+    """argparse type: a probability in [0, 1)."""
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError("%g is outside [0, 1)" % v)
+    return v
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1204,13 +1245,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="checkpoint to write (golden file with --golden)")
     m = ap.add_argument_group("model")
     m.add_argument("--attention-type", choices=ATTENTION_TYPES, default="moas")
-    m.add_argument("--n-layer", type=int, default=6)
-    m.add_argument("--n-head", type=int, default=6)
-    m.add_argument("--n-embd", type=int, default=384)
-    m.add_argument("--block-size", type=int, default=256)
+    m.add_argument("--n-layer", type=positive, default=6)
+    m.add_argument("--n-head", type=positive, default=6)
+    m.add_argument("--n-embd", type=positive, default=384)
+    m.add_argument("--block-size", type=positive, default=256)
     m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
                    help="biases in every Linear and LayerNorm (reference training: off)")
-    m.add_argument("--dropout", type=float, default=0.2)
+    m.add_argument("--dropout", type=dropout_rate, default=0.2)
     m.add_argument("--mask-buffers", action="store_true",
                    help="also store the reference's [1,1,T,T] causal-mask buffers")
     m.add_argument("--pos", choices=POS_TYPES, default="learned",
@@ -1228,15 +1269,15 @@ def parse_args(argv=None):
                    help="gqa: kv heads G, dividing n_head and below it (default 2; "
                         "1 is multi-query attention)")
     t = ap.add_argument_group("training")
-    t.add_argument("--iters", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=12)
+    t.add_argument("--iters", type=non_negative, default=2000)
+    t.add_argument("--batch-size", type=positive, default=12)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--min-lr", type=float, default=1e-4)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--eval-interval", type=int, default=200)
-    t.add_argument("--eval-iters", type=int, default=20)
-    t.add_argument("--log-interval", type=int, default=50)
+    t.add_argument("--eval-interval", type=positive, default=200)
+    t.add_argument("--eval-iters", type=positive, default=20)
+    t.add_argument("--log-interval", type=positive, default=50)
     t.add_argument("--load-balance-weight", type=float, default=0.01,
                    help="weight of the --balance term")
     t.add_argument("--balance", choices=BALANCE_TYPES, default="mse",
@@ -1268,7 +1309,7 @@ def parse_args(argv=None):
                    help="start from CKPT's weights: same attention type (all), or baseline -> "
                         "pooled_moas (c_attn split into q/k/v_proj; routers new)")
     t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--threads", type=non_negative, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
     t.add_argument("--kv-init-scale", type=float, default=1.0, metavar="F",
                    help="pooled_moas: multiply the initial k_proj/v_proj weights by F "
@@ -1294,6 +1335,13 @@ def parse_args(argv=None):
     o = ap.parse_args(argv)
     if o.golden and o.text is None:
         ap.error("--golden needs --text")
+    if o.n_embd % o.n_head:
+        ap.error("--n-embd %d is not a multiple of --n-head %d" % (o.n_embd, o.n_head))
+    where = os.path.dirname(o.out) or "."
+    if not os.path.isdir(where):
+        ap.error("--out '%s': the directory '%s' does not exist" % (o.out, where))
+    if os.path.isdir(o.out):
+        ap.error("--out '%s' is a directory" % o.out)
     return o
 
 

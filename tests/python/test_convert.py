@@ -540,6 +540,11 @@ class TestGGUF(unittest.TestCase):
         for what, blob in bad_cases.items():
             with self.assertRaises(gguf.GGUFError, msg=what):
                 gguf.GGUFReader(blob)
+        # a file is read whole: a device without an end is refused, not read until
+        # memory runs out
+        if os.path.exists("/dev/zero"):
+            with self.assertRaisesRegex(gguf.GGUFError, "not a regular file"):
+                gguf.GGUFReader("/dev/zero")
 
 
 # ---------------------------------------------------------------------------

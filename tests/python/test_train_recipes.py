@@ -46,6 +46,41 @@ needs_moas = unittest.skipUnless(os.access(MOAS, os.X_OK), "no %s (run make)" % 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
 
+class TestUserMistakes(unittest.TestCase):
+    """Mistakes on train.py's command line end in a line saying what is wrong (after
+    argparse's usage, for its own) and a failing status, never a traceback, with or
+    without torch here (without it, that line says so)."""
+
+    def run_train(self, *args):
+        res = subprocess.run([sys.executable, TRAIN] + list(args), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertNotIn("Traceback", res.stderr)
+        self.assertNotEqual(res.returncode, 0, res.stdout)
+        return res.stderr.strip().splitlines()[-1]   # argparse's usage lines before it
+
+    def test_one_line_each(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "t.pt")
+            cases = [
+                (["--data", os.path.join(d, "missing.txt"), "--out", out], "cannot read"),
+                (["--data", d, "--out", out], "not a regular file"),
+                (["--data", os.path.join(ROOT, "tests", "data", "tiny-ckpt.pt"), "--out", out],
+                 "not UTF-8 text"),
+                (["--data", TINY, "--out", out, "--n-head", "0"], "not a positive integer"),
+                (["--data", TINY, "--out", out, "--eval-interval", "0"], "not a positive"),
+                (["--data", TINY, "--out", out, "--dropout", "1.5"], "outside [0, 1)"),
+                (["--data", TINY, "--out", os.path.join(d, "no", "t.pt")], "does not exist"),
+                (["--data", TINY, "--out", out, "--n-embd", "10", "--n-head", "4"],
+                 "not a multiple"),
+            ]
+            for args, needle in cases:
+                err = self.run_train(*args)
+                if torch is None:
+                    self.assertIn("PyTorch is not installed", err)
+                else:
+                    self.assertIn(needle, err, args)
+
+
 @unittest.skipIf(torch is not None, "torch is here: the tests run in this interpreter")
 class TestUnderTorchPython(unittest.TestCase):
     def test_rerun_with_torch(self):
