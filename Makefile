@@ -243,9 +243,15 @@ MODEL ?= models/moas-kjv.gguf
 run: all
 	$(BINOUT)/moas generate -m $(MODEL) -p "And God said, " -n 300 --temp 0.8 --seed 1
 
+ASAN_FLAGS := -g -O1 -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
+              -fno-omit-frame-pointer
 asan:
-	$(MAKE) check fuzz-replay BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
-	    MOREFLAGS="-g -O1 -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer"
+	$(MAKE) check BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
+	    MOREFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) fuzz-replay BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
+	    MOREFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) cpp-wrapper-test BUILD=build-asan LIBOUT=build-asan/lib BINOUT=build-asan/bin \
+	    MOREFLAGS="$(ASAN_FLAGS)"
 
 # ---- fuzzing, ThreadSanitizer, valgrind (docs/TESTING.md) ----------------------
 #   make fuzz-replay     the committed corpus through each fuzz target, no libFuzzer
@@ -454,6 +460,10 @@ $(CPP_WRAPPER_TEST): tests/test_cpp_wrapper.cpp examples/cpp/moas.hpp include/mo
 	@$(if $(Q),echo "  CXX     $@")
 	$(Q)$(CXX) -std=c++17 -Wall -Wextra -Werror -Iinclude -Iexamples/cpp $(CFLAGS) $(MOREFLAGS) \
 	    -o $@ tests/test_cpp_wrapper.cpp $(PROG_LIBS) $(LDFLAGS)
+
+.PHONY: cpp-wrapper-test
+cpp-wrapper-test: $(CPP_WRAPPER_TEST)
+	$(Q)$(CPP_WRAPPER_TEST) $(EXAMPLE_MODEL)
 
 cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL) $(CPP_WRAPPER_TEST)
 	$(Q)$(CPP_WRAPPER_TEST) $(EXAMPLE_MODEL)

@@ -76,6 +76,27 @@ int main(int argc, char **argv) {
         CHECK(same(in_pool.logits(), reference.logits(), n_vocab));
         CHECK(same(fork.logits(), reference.logits(), n_vocab));
 
+        // a context assigned over one whose pool object is gone: the old context is freed
+        // before its pool (the default move assignment freed the pool first)
+        {
+            std::optional<moas::pool> p2(std::in_place, model, pp);
+            moas::context c(model, *p2);
+            c.decode(ids[0]);
+            p2.reset();
+            c = moas::context(model);
+            c.decode(ids);
+            CHECK(same(c.logits(), reference.logits(), n_vocab));
+        }
+        // pool::decode's sequences own their tokens: a braced list does not dangle
+        {
+            moas::pool p3(model, pp);
+            moas::context c(model, p3);
+            std::vector<moas::pool::sequence> step;
+            step.push_back({c, {ids[0], ids[1], ids[2]}});
+            p3.decode(step);
+            CHECK(c.n_past() == 3);
+        }
+
         // decode({}) decodes nothing (it used to pick decode(int32_t) and decode token 0)
         moas::context empty(model);
         empty.decode({});

@@ -1277,7 +1277,7 @@ def parse_args(argv=None):
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--eval-interval", type=positive, default=200)
     t.add_argument("--eval-iters", type=positive, default=20)
-    t.add_argument("--log-interval", type=positive, default=50)
+    t.add_argument("--log-interval", type=non_negative, default=50)
     t.add_argument("--load-balance-weight", type=float, default=0.01,
                    help="weight of the --balance term")
     t.add_argument("--balance", choices=BALANCE_TYPES, default="mse",

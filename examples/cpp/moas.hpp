@@ -50,7 +50,10 @@ public:
                              moas_status_string(status) + "): " + message),
           status_(status), message_(std::make_shared<const std::string>(message)) {}
     moas_status status() const noexcept { return status_; }
-    const std::string &message() const noexcept { return *message_; }  // moas_last_error()
+    const std::string &message() const noexcept {   // moas_last_error()
+        static const std::string none;
+        return message_ ? *message_ : none;          // (a moved-from error has none)
+    }
 
 private:
     moas_status status_;
@@ -152,10 +155,11 @@ public:
     }
     moas_pool *get() noexcept { return ptr_.get(); }
 
-    /* One context's part of a decode: its tokens, and which logits to return. */
+    /* One context's part of a decode: its tokens (a copy, so that a braced list of
+     * them cannot dangle), and which logits to return. */
     struct sequence {
         context &ctx;
-        const std::vector<int32_t> &tokens;
+        std::vector<int32_t> tokens;
         moas_logits which = MOAS_LOGITS_LAST;
     };
     /* Advance the contexts of the pool in one call, each as if decoded alone (all or
@@ -195,6 +199,19 @@ public:
     }
     context(const model &m, pool &pl, moas_mode mode = MOAS_MODE_MIXTURE)
         : context(m, pl, default_params(mode)) {}
+
+    context(context &&) noexcept = default;
+    /* The context held so far is freed before its model or pool may be (the default
+     * would replace the owner first, and could free a pool under its context). */
+    context &operator=(context &&other) noexcept {
+        if (this != &other) {
+            ptr_.reset();
+            owner_ = std::move(other.owner_);
+            n_vocab_ = other.n_vocab_;
+            ptr_ = std::move(other.ptr_);
+        }
+        return *this;
+    }
 
     /* A new context continuing from this one's tokens, sharing its pages (in a pool). */
     context fork() {

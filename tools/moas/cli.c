@@ -61,12 +61,14 @@ char *read_text(const char *path, size_t *len) {
         die("cannot open '%s': %s", path, strerror(errno));
     }
     for (;;) {
-        if (n >= MAX_TEXT_BYTES) {   /* a device without an end (/dev/zero) stops here */
+        if (n > MAX_TEXT_BYTES) {    /* a device without an end (/dev/zero) stops here */
             die("%s holds more than %d MB: a text is read whole, so split it",
                 text_name(path, name, sizeof name), MAX_TEXT_BYTES >> 20);
         }
         if (n + 1 >= cap) {
-            cap = !cap ? 1 << 16 : cap * 2 > MAX_TEXT_BYTES ? (size_t)MAX_TEXT_BYTES + 1 : cap * 2;
+            /* at most MAX_TEXT_BYTES + 2: a text of exactly MAX_TEXT_BYTES is read to its
+             * end, one byte more is refused */
+            cap = !cap ? 1 << 16 : cap * 2 > MAX_TEXT_BYTES ? (size_t)MAX_TEXT_BYTES + 2 : cap * 2;
             buf = realloc(buf, cap);
             if (buf == NULL) {
                 die("out of memory reading %s", text_name(path, name, sizeof name));

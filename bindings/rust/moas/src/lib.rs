@@ -793,7 +793,7 @@ impl<'m> Pool<'m> {
     pub fn decode(&self, seqs: &mut [(&mut Context<'_>, &[i32])]) -> Result<()> {
         let mut with: Vec<(&mut Context<'_>, &[i32], Logits)> =
             seqs.iter_mut().map(|(ctx, tokens)| (&mut **ctx, *tokens, Logits::Last)).collect();
-        self.decode_logits(&mut with).map(|_| ())
+        self.decode_into(&mut with, false).map(|_| ())
     }
 
     /// As decode(), each context with the logits it asks for (Context::decode_batch_logits):
@@ -802,6 +802,16 @@ impl<'m> Pool<'m> {
         &self,
         seqs: &mut [(&mut Context<'_>, &[i32], Logits)],
     ) -> Result<Vec<Vec<f32>>> {
+        self.decode_into(seqs, true)
+    }
+
+    /// moas_pool_decode; with `copy`, each context's logits as `which` asks, else none
+    /// copied out (the last ones stay in each context's logits()).
+    fn decode_into(
+        &self,
+        seqs: &mut [(&mut Context<'_>, &[i32], Logits)],
+        copy: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let n_seqs =
             i32::try_from(seqs.len()).map_err(|_| Error::invalid("too many contexts".into()))?;
         let mut outs = Vec::with_capacity(seqs.len());
@@ -809,7 +819,8 @@ impl<'m> Pool<'m> {
             if i32::try_from(tokens.len()).is_err() {
                 return Err(Error::invalid(format!("sequence {i}: too many tokens")));
             }
-            outs.push(vec![0.0f32; which.floats(tokens.len(), ctx.n_vocab)]);
+            let floats = if copy { which.floats(tokens.len(), ctx.n_vocab) } else { 0 };
+            outs.push(vec![0.0f32; floats]);
         }
         let parts: Vec<ffi::moas_pool_seq> = seqs
             .iter_mut()
