@@ -67,6 +67,8 @@ inline void check(moas_status status) {
     }
 }
 
+namespace detail {
+
 /* A size as the C API's int32_t count, or moas::error: never wrapped. */
 inline int32_t count(size_t n, const char *what) {
     if (n > static_cast<size_t>(INT32_MAX)) {
@@ -83,6 +85,8 @@ template <typename T> T *live(T *p) {
     }
     return p;
 }
+
+}  // namespace detail
 
 struct free_context { void operator()(moas_context *p) const noexcept { moas_context_free(p); } };
 struct free_sampler { void operator()(moas_sampler *p) const noexcept { moas_sampler_free(p); } };
@@ -113,8 +117,8 @@ public:
         std::vector<int32_t> ids(text.size());  // one id per character, so per byte at most
         size_t n = 0;
         if (!text.empty()) {
-            check(moas_tokenize(live(get()), text.data(), text.size(), ids.data(), ids.size(),
-                                &n));
+            check(moas_tokenize(detail::live(get()), text.data(), text.size(), ids.data(),
+                                ids.size(), &n));
         }
         ids.resize(n);
         return ids;
@@ -123,14 +127,14 @@ public:
     std::string detokenize(const std::vector<int32_t> &ids) const {
         std::string text(4 * ids.size() + 1, '\0');  // a character is at most 4 bytes
         size_t length = 0;
-        check(moas_detokenize(live(get()), ids.data(), ids.size(), text.data(), text.size(),
-                              &length));
+        check(moas_detokenize(detail::live(get()), ids.data(), ids.size(), text.data(),
+                              text.size(), &length));
         text.resize(length);
         return text;
     }
 
     std::string_view token_text(int32_t token) const {
-        const char *text = moas_token_text(live(get()), token);
+        const char *text = moas_token_text(detail::live(get()), token);
         if (text == nullptr) {
             throw error(MOAS_ERR_INVALID_ARG, "token " + std::to_string(token) + " out of range");
         }
@@ -149,7 +153,7 @@ class pool {
 public:
     pool(const model &m, const moas_pool_params &params) {
         moas_pool *p = nullptr;
-        check(moas_pool_create(live(m.get()), &params, &p));
+        check(moas_pool_create(detail::live(m.get()), &params, &p));
         std::shared_ptr<moas_model> keep = m.ptr_;
         ptr_.reset(p, [keep](moas_pool *q) noexcept { moas_pool_free(q); });
     }
@@ -170,7 +174,7 @@ public:
     moas_pool_info stats() const {
         moas_pool_info info{};
         info.size = sizeof info;
-        check(moas_pool_stats(live(ptr_.get()), &info));
+        check(moas_pool_stats(detail::live(ptr_.get()), &info));
         return info;
     }
 
@@ -194,7 +198,7 @@ public:
     /* A context in `pl`: `params` as given (default: mixture mode), its pool set to `pl`. */
     context(const model &m, pool &pl, moas_context_params params)
         : owner_(pl.ptr_), n_vocab_(m.n_vocab()) {
-        params.pool = live(pl.get());
+        params.pool = detail::live(pl.get());
         create(m, &params);
     }
     context(const model &m, pool &pl, moas_mode mode = MOAS_MODE_MIXTURE)
@@ -216,11 +220,11 @@ public:
     /* A new context continuing from this one's tokens, sharing its pages (in a pool). */
     context fork() {
         moas_context *p = nullptr;
-        check(moas_context_fork(live(get()), &p));
+        check(moas_context_fork(detail::live(get()), &p));
         return context(p, owner_, n_vocab_);
     }
     std::vector<unsigned char> save_state() const {
-        std::vector<unsigned char> buf(moas_context_state_size(live(get())));
+        std::vector<unsigned char> buf(moas_context_state_size(detail::live(get())));
         size_t written = 0;
         check(moas_context_state_save(get(), buf.data(), buf.size(), &written));
         buf.resize(written);
@@ -228,7 +232,7 @@ public:
     }
     void load_state(const std::vector<unsigned char> &buf) {
         static const unsigned char none = 0;   // an empty state is malformed, not NULL
-        check(moas_context_state_load(live(get()), buf.empty() ? &none : buf.data(),
+        check(moas_context_state_load(detail::live(get()), buf.empty() ? &none : buf.data(),
                                       buf.size()));
     }
     int32_t kv_pages() const noexcept { return get() ? moas_context_kv_pages(get()) : 0; }
@@ -240,17 +244,19 @@ public:
      * place, pages freed; returns the token-layer pairs that changed. */
     int32_t compact(int32_t n_before, int32_t scheme) {
         int32_t changed = 0;
-        check(moas_context_compact(live(get()), n_before, scheme, &changed));
+        check(moas_context_compact(detail::live(get()), n_before, scheme, &changed));
         return changed;
     }
     /* RoPE models: drop positions [n_keep, n_keep + n_discard), move the later ones down. */
     void shift(int32_t n_keep, int32_t n_discard) {
-        check(moas_context_shift(live(get()), n_keep, n_discard));
+        check(moas_context_shift(detail::live(get()), n_keep, n_discard));
     }
     moas_context *get() noexcept { return ptr_.get(); }
     const moas_context *get() const noexcept { return ptr_.get(); }
 
-    void decode(int32_t token) { check(moas_context_decode(live(get()), token, nullptr)); }
+    void decode(int32_t token) {
+        check(moas_context_decode(detail::live(get()), token, nullptr));
+    }
     void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
     /* so that decode({}) decodes nothing and decode({a, b}) two tokens */
     void decode(std::initializer_list<int32_t> tokens) {
@@ -260,8 +266,8 @@ public:
      * last token's n_vocab (also in logits()) or every token's n_tokens x n_vocab. */
     std::vector<float> decode(const std::vector<int32_t> &tokens, moas_logits which) {
         std::vector<float> out(floats(which, tokens.size()));
-        check(moas_context_decode_batch(live(get()), tokens.data(),
-                                        count(tokens.size(), "decode: tokens"),
+        check(moas_context_decode_batch(detail::live(get()), tokens.data(),
+                                        detail::count(tokens.size(), "decode: tokens"),
                                         out.empty() ? nullptr : out.data(), which));
         return out;
     }
@@ -271,7 +277,7 @@ public:
 
     int32_t n_past() const noexcept { return get() ? moas_context_n_past(get()) : 0; }
     int32_t n_ctx() const noexcept { return get() ? moas_context_n_ctx(get()) : 0; }
-    void truncate(int32_t n_keep) { check(moas_context_truncate(live(get()), n_keep)); }
+    void truncate(int32_t n_keep) { check(moas_context_truncate(detail::live(get()), n_keep)); }
     void reset() noexcept {
         if (get() != nullptr) {
             moas_context_reset(get());
@@ -280,7 +286,7 @@ public:
 
     std::vector<int32_t> scheme_counts(int32_t layer = -1) const {
         std::vector<int32_t> counts(
-            static_cast<size_t>(moas_model_n_scheme(moas_context_model(live(get())))));
+            static_cast<size_t>(moas_model_n_scheme(moas_context_model(detail::live(get())))));
         check(moas_context_scheme_counts(get(), layer, counts.data()));
         return counts;
     }
@@ -306,7 +312,7 @@ private:
     }
     void create(const model &m, const moas_context_params *params) {
         moas_context *p = nullptr;
-        check(moas_context_create(live(m.get()), params, &p));
+        check(moas_context_create(detail::live(m.get()), params, &p));
         ptr_.reset(p);
     }
     size_t floats(moas_logits which, size_t n_tokens) const {
@@ -328,11 +334,12 @@ inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> 
     parts.reserve(seqs.size());
     for (const sequence &s : seqs) {
         outs.emplace_back(s.ctx.floats(s.which, s.tokens.size()));
-        parts.push_back({live(s.ctx.get()), s.tokens.data(),
-                         count(s.tokens.size(), "pool decode: tokens"), s.which,
+        parts.push_back({detail::live(s.ctx.get()), s.tokens.data(),
+                         detail::count(s.tokens.size(), "pool decode: tokens"), s.which,
                          outs.back().empty() ? nullptr : outs.back().data()});
     }
-    check(moas_pool_decode(live(get()), parts.data(), count(parts.size(), "pool decode")));
+    check(moas_pool_decode(detail::live(get()), parts.data(),
+                           detail::count(parts.size(), "pool decode")));
     return outs;
 }
 
@@ -364,13 +371,13 @@ public:
                                                   std::to_string(n_vocab_));
         }
         int32_t token = 0;
-        check(moas_sampler_sample(live(get()), logits, &token));
+        check(moas_sampler_sample(detail::live(get()), logits, &token));
         return token;
     }
     /* A token chosen elsewhere, for the repetition penalty's history. */
-    void accept(int32_t token) { check(moas_sampler_accept(live(get()), token)); }
-    void reset() { moas_sampler_reset(live(get())); }
-    void reseed(uint64_t seed) { moas_sampler_reseed(live(get()), seed); }
+    void accept(int32_t token) { check(moas_sampler_accept(detail::live(get()), token)); }
+    void reset() { moas_sampler_reset(detail::live(get())); }
+    void reseed(uint64_t seed) { moas_sampler_reseed(detail::live(get()), seed); }
 
 private:
     int32_t n_vocab_;
