@@ -82,7 +82,9 @@
  * STABILITY. Functions, types and enum values declared here keep their meaning and
  * binary layout for every 1.x release; new functions, enum values and parameter-struct
  * fields are only appended. Parameter structs begin with a `size` field that their
- * _init() function sets, so an older program keeps working with a newer library.
+ * _init() function sets, so an older program keeps working with a newer library. A
+ * size larger than this library's struct, or one that ends part way through a field,
+ * is refused (MOAS_ERR_INVALID_ARG, "bad params->size" below).
  * The ABI is checked against a baseline on every CI run (docs/API.md).
  */
 #ifndef MOAS_H
@@ -379,8 +381,8 @@ MOAS_API int64_t moas_model_n_tensors(const moas_model *model);
 /*
  * moas_model_tensor() - describe tensor number `index` of the file.
  *
- * `info->size` must be set by the caller; the library fills only the fields that fit
- * in that size. Tensors are numbered 0 .. moas_model_n_tensors()-1 in file order.
+ * `info->size` must be set by the caller; the library fills only the whole fields that
+ * fit in that size and sets info->size to the bytes it wrote. Tensors are numbered 0 .. moas_model_n_tensors()-1 in file order.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, `index` out of range,
  *          info->size too small for `name`).
@@ -648,6 +650,8 @@ MOAS_API void moas_context_free(moas_context *ctx);
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `token` outside [0, n_vocab)),
  *          MOAS_ERR_CONTEXT_FULL (n_ctx tokens already stored, or the KV budget has no
  *          room for even the cheapest scheme's K/V of one more token),
+ *          MOAS_ERR_POOL_FULL (a context in a caller's pool: the pool lacks the pages
+ *          the token needs; the message says how many),
  *          MOAS_ERR_NO_MEMORY (the first own call of a context in a caller's pool).
  * Thread safety: one thread per context.   Allocates: never per token; a context in
  *   a caller's pool, on its first call of this or decode_batch, its workspace, once.
@@ -670,7 +674,7 @@ MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float
  *          unknown `which`, MOAS_LOGITS_ALL with NULL `logits`),
  *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx, or the KV budget cannot
  *          hold the batch even with the cheapest scheme everywhere),
- *          MOAS_ERR_NO_MEMORY (as moas_context_decode()).
+ *          MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY (as moas_context_decode()).
  * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
@@ -952,9 +956,10 @@ typedef struct moas_pool_info {
 /*
  * moas_pool_stats() - the pool's capacity and occupancy now.
  *
- * Writes what fits in info->size bytes and sets info->size to that.
+ * Writes the whole fields that fit in info->size bytes and sets info->size to the
+ * bytes written.
  *
- * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument).
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, info->size under 4).
  * Thread safety: safe, also while other threads decode contexts of the pool: each
  *   context counts as of its last finished call.   Allocates: no.
  */
@@ -1289,7 +1294,8 @@ MOAS_API void moas_sampler_free(moas_sampler *sampler);
  *
  * Advances the random stream by one draw (greedy draws nothing) and remembers the
  * token for the repetition penalty. `logits` is only read. NaN logits are never
- * chosen; if every logit (biases and penalty applied) is NaN or -infinity the call
+ * chosen; +infinity logits are certain: one of them is chosen, each as likely (greedy:
+ * the first); if every logit (biases and penalty applied) is NaN or -infinity the call
  * fails.
  *
  * Returns: MOAS_OK with *token set, or MOAS_ERR_INVALID_ARG (NULL argument, no

@@ -26,7 +26,7 @@ void moas_context_params_init_sized(moas_context_params *params, size_t size) {
     p.kv_type = MOAS_TYPE_F32;
     p.kernels = MOAS_KERNELS_AUTO;
     p.forced_scheme = -1;
-    moas__params_fill(params, size, &p, sizeof p);
+    moas__params_fill(params, size, &p, &moas__context_params_layout);
 }
 
 /* Check and complete the caller's params against `m`. */
@@ -34,9 +34,7 @@ static moas_status resolve_params(const moas_model *m, const moas_context_params
                                   moas_context_params *p) {
     moas_context_params_init(p);
     if (in != NULL) {
-        MOAS_RETURN_IF(!moas__params_copy(p, sizeof *p, in), MOAS_ERR_INVALID_ARG,
-                       "context_create: params->size is %u; this library knows %zu bytes "
-                       "(call moas_context_params_init)", (unsigned)in->size, sizeof *p);
+        MOAS_TRY(moas__params_copy(p, in, &moas__context_params_layout, "context_create"));
     }
     MOAS_RETURN_IF(p->n_ctx < 0 || p->n_ctx > m->n_ctx_train, MOAS_ERR_INVALID_ARG,
                    "context_create: n_ctx %d outside [0, %d] (0 means the trained length; %s)",
@@ -1359,8 +1357,14 @@ static moas_status state_check(const moas_context *ctx, const uint8_t *buf, size
     const moas_model *m = ctx->model;
     uint32_t h[STATE_HEADER_WORDS];
 
-    MOAS_RETURN_IF(size < sizeof h, MOAS_ERR_BAD_FORMAT,
-                   "%s: %zu bytes are too few for a state header", what, size);
+    /* a state cut short is corrupt however short; bytes that do not begin as a state
+     * does are not one */
+    const uint32_t magic[2] = {STATE_MAGIC0, STATE_MAGIC1};
+    MOAS_RETURN_IF(memcmp(buf, magic, size < sizeof magic ? size : sizeof magic) != 0,
+                   MOAS_ERR_BAD_FORMAT, "%s: not a libmoas state (bad magic)", what);
+    MOAS_RETURN_IF(size < sizeof h, MOAS_ERR_CORRUPT,
+                   "%s: the state is cut short: %zu bytes, fewer than its %zu-byte header",
+                   what, size, sizeof h);
     memcpy(h, buf, sizeof h);
     MOAS_RETURN_IF(h[SH_MAGIC0] != STATE_MAGIC0 || h[SH_MAGIC1] != STATE_MAGIC1,
                    MOAS_ERR_BAD_FORMAT, "%s: not a libmoas state (bad magic)", what);

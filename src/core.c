@@ -127,26 +127,131 @@ void moas__free(const moas_allocator *alloc, void *ptr) {
     }
 }
 
-void moas__params_fill(void *params, size_t size, void *defaults, size_t full_size) {
-    uint32_t filled;
-    if (params == NULL || size < sizeof(uint32_t)) {
-        return;
+size_t moas__layout_fit(const moas__layout *layout, size_t size) {
+    size_t fit = size < layout->size ? size : layout->size;
+    for (size_t i = 0; i < layout->n_fields; i++) {
+        const moas__field *f = &layout->fields[i];
+        if (f->offset < fit && fit < (size_t)f->offset + f->bytes) {
+            fit = f->offset;   /* fields are in order: none before this one is cut */
+            break;
+        }
     }
-    filled = (uint32_t)(size < full_size ? size : full_size);
-    memcpy(defaults, &filled, sizeof filled);
-    memcpy(params, defaults, filled);
+    return fit;
 }
 
-bool moas__params_copy(void *dst, size_t dst_size, const void *src) {
+size_t moas__params_fill(void *params, size_t size, void *defaults, const moas__layout *layout) {
+    uint32_t filled;
+    if (params == NULL || size < sizeof(uint32_t)) {
+        return 0;
+    }
+    filled = (uint32_t)moas__layout_fit(layout, size);
+    memcpy(defaults, &filled, sizeof filled);
+    memcpy(params, defaults, filled);
+    return filled;
+}
+
+moas_status moas__params_copy(void *dst, const void *src, const moas__layout *layout,
+                              const char *caller) {
     uint32_t size;
 
     memcpy(&size, src, sizeof size);
-    if (size < sizeof(uint32_t) || size > dst_size) {
-        return false;
-    }
+    MOAS_RETURN_IF(size < sizeof(uint32_t), MOAS_ERR_INVALID_ARG,
+                   "%s: params->size %u cannot hold the size field (call %s_init)", caller,
+                   (unsigned)size, layout->name);
+    MOAS_RETURN_IF(size > layout->size, MOAS_ERR_INVALID_ARG,
+                   "%s: params->size %u is larger than this library's %s of %zu bytes (a "
+                   "newer header's fields cannot be honoured)", caller, (unsigned)size,
+                   layout->name, layout->size);
+    MOAS_RETURN_IF(moas__layout_fit(layout, size) != size, MOAS_ERR_INVALID_ARG,
+                   "%s: params->size %u ends inside a field of %s (call %s_init)", caller,
+                   (unsigned)size, layout->name, layout->name);
     memcpy(dst, src, size);
     /* Keep our own idea of the size: fields past the caller's stay at defaults. */
-    size = (uint32_t)dst_size;
+    size = (uint32_t)layout->size;
     memcpy(dst, &size, sizeof size);
-    return true;
+    return MOAS_OK;
 }
+
+/* ---- the public structs that begin with their size ------------------------------ */
+
+/* A layout's list must end with the struct's last field: nothing but padding after
+ * it (a field appended to moas.h and forgotten here fails the build). The fields
+ * before it are checked by a test (layouts_list_every_field). */
+#define LAYOUT_ENDS_WITH(type_, member_)                                                   \
+    _Static_assert((offsetof(type_, member_) + sizeof(((type_ *)0)->member_) +             \
+                    _Alignof(type_) - 1) / _Alignof(type_) * _Alignof(type_) ==            \
+                       sizeof(type_),                                                      \
+                   #type_ " has a field after " #member_ " that its layout lacks")
+#define LAYOUT(var_, type_, fields_) \
+    const moas__layout var_ = {#type_, fields_, sizeof fields_ / sizeof fields_[0], sizeof(type_)}
+
+static const moas__field model_params_fields[] = {
+    MOAS__FIELD(moas_model_params, size),     MOAS__FIELD(moas_model_params, use_mmap),
+    MOAS__FIELD(moas_model_params, log),      MOAS__FIELD(moas_model_params, log_user),
+    MOAS__FIELD(moas_model_params, allocator),
+};
+LAYOUT_ENDS_WITH(moas_model_params, allocator);
+LAYOUT(moas__model_params_layout, moas_model_params, model_params_fields);
+
+static const moas__field tensor_info_fields[] = {
+    MOAS__FIELD(moas_tensor_info, size),   MOAS__FIELD(moas_tensor_info, name),
+    MOAS__FIELD(moas_tensor_info, type),   MOAS__FIELD(moas_tensor_info, n_dims),
+    MOAS__FIELD(moas_tensor_info, ne),     MOAS__FIELD(moas_tensor_info, offset),
+    MOAS__FIELD(moas_tensor_info, n_bytes), MOAS__FIELD(moas_tensor_info, data),
+};
+LAYOUT_ENDS_WITH(moas_tensor_info, data);
+LAYOUT(moas__tensor_info_layout, moas_tensor_info, tensor_info_fields);
+
+static const moas__field context_params_fields[] = {
+    MOAS__FIELD(moas_context_params, size),          MOAS__FIELD(moas_context_params, n_ctx),
+    MOAS__FIELD(moas_context_params, n_threads),     MOAS__FIELD(moas_context_params, mode),
+    MOAS__FIELD(moas_context_params, kv_type),       MOAS__FIELD(moas_context_params, kernels),
+    MOAS__FIELD(moas_context_params, log),           MOAS__FIELD(moas_context_params, log_user),
+    MOAS__FIELD(moas_context_params, allocator),
+    MOAS__FIELD(moas_context_params, forced_scheme),
+    MOAS__FIELD(moas_context_params, kv_budget_bytes),
+    MOAS__FIELD(moas_context_params, route_fn),      MOAS__FIELD(moas_context_params, route_user),
+    MOAS__FIELD(moas_context_params, pool),          MOAS__FIELD(moas_context_params, n_batch),
+};
+LAYOUT_ENDS_WITH(moas_context_params, n_batch);
+LAYOUT(moas__context_params_layout, moas_context_params, context_params_fields);
+
+static const moas__field pool_params_fields[] = {
+    MOAS__FIELD(moas_pool_params, size),        MOAS__FIELD(moas_pool_params, capacity_bytes),
+    MOAS__FIELD(moas_pool_params, kv_type),     MOAS__FIELD(moas_pool_params, page_heads),
+    MOAS__FIELD(moas_pool_params, n_threads),   MOAS__FIELD(moas_pool_params, kernels),
+    MOAS__FIELD(moas_pool_params, n_batch),     MOAS__FIELD(moas_pool_params, log),
+    MOAS__FIELD(moas_pool_params, log_user),    MOAS__FIELD(moas_pool_params, allocator),
+    MOAS__FIELD(moas_pool_params, steer_below), MOAS__FIELD(moas_pool_params, commit),
+};
+LAYOUT_ENDS_WITH(moas_pool_params, commit);
+LAYOUT(moas__pool_params_layout, moas_pool_params, pool_params_fields);
+
+static const moas__field pool_info_fields[] = {
+    MOAS__FIELD(moas_pool_info, size),           MOAS__FIELD(moas_pool_info, page_heads),
+    MOAS__FIELD(moas_pool_info, page_bytes),     MOAS__FIELD(moas_pool_info, n_pages),
+    MOAS__FIELD(moas_pool_info, pages_free),     MOAS__FIELD(moas_pool_info, n_contexts),
+    MOAS__FIELD(moas_pool_info, bytes_capacity), MOAS__FIELD(moas_pool_info, bytes_held),
+    MOAS__FIELD(moas_pool_info, bytes_used),     MOAS__FIELD(moas_pool_info, bytes_stored),
+};
+LAYOUT_ENDS_WITH(moas_pool_info, bytes_stored);
+LAYOUT(moas__pool_info_layout, moas_pool_info, pool_info_fields);
+
+static const moas__field tokenize_params_fields[] = {
+    MOAS__FIELD(moas_tokenize_params, size),
+    MOAS__FIELD(moas_tokenize_params, unknown),
+    MOAS__FIELD(moas_tokenize_params, replacement),
+};
+LAYOUT_ENDS_WITH(moas_tokenize_params, replacement);
+LAYOUT(moas__tokenize_params_layout, moas_tokenize_params, tokenize_params_fields);
+
+static const moas__field sampler_params_fields[] = {
+    MOAS__FIELD(moas_sampler_params, size),           MOAS__FIELD(moas_sampler_params, temperature),
+    MOAS__FIELD(moas_sampler_params, top_k),          MOAS__FIELD(moas_sampler_params, top_p),
+    MOAS__FIELD(moas_sampler_params, seed),           MOAS__FIELD(moas_sampler_params, allocator),
+    MOAS__FIELD(moas_sampler_params, min_p),          MOAS__FIELD(moas_sampler_params, repeat_penalty),
+    MOAS__FIELD(moas_sampler_params, repeat_last_n),  MOAS__FIELD(moas_sampler_params, n_logit_bias),
+    MOAS__FIELD(moas_sampler_params, logit_bias),
+};
+LAYOUT_ENDS_WITH(moas_sampler_params, logit_bias);
+LAYOUT(moas__sampler_params_layout, moas_sampler_params, sampler_params_fields);

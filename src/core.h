@@ -87,15 +87,44 @@ static inline bool moas__size_add(size_t a, size_t b, size_t *out) {
     return true;
 }
 
-/* Copy the defaults in `defaults` (a full struct of `full_size` bytes whose first field
- * is the uint32_t size) into the caller's struct of `size` bytes: only what fits, and
- * with the size field saying how much that was. */
-void moas__params_fill(void *params, size_t size, void *defaults, size_t full_size);
+/* One field of a public struct that begins with its size. A caller's size may end
+ * between fields (an older header's struct), never inside one: half a pointer is no
+ * value to honour, and half of one written back is no value to read. */
+typedef struct moas__field {
+    uint32_t offset, bytes;
+} moas__field;
 
-/* Read the caller's params struct safely whatever its `size`: start from the
- * defaults, then copy the first `size` bytes the caller provided. Returns false when
- * `size` is too small to hold even the size field, or larger than we know (a newer
- * header's fields we cannot honour). */
-bool moas__params_copy(void *dst, size_t dst_size, const void *src);
+#define MOAS__FIELD(type_, member_) \
+    {(uint32_t)offsetof(type_, member_), (uint32_t)sizeof(((type_ *)0)->member_)}
+
+/* A size-prefixed struct: its fields in order, first to last, and its sizeof. */
+typedef struct moas__layout {
+    const char *name;
+    const moas__field *fields;
+    size_t n_fields;
+    size_t size;
+} moas__layout;
+
+/* The layouts of the public structs that begin with a size (core.c). */
+extern const moas__layout moas__model_params_layout, moas__tensor_info_layout,
+    moas__context_params_layout, moas__pool_params_layout, moas__pool_info_layout,
+    moas__tokenize_params_layout, moas__sampler_params_layout;
+
+/* The largest size <= `size` (and <= the struct's) that ends no field part way. */
+size_t moas__layout_fit(const moas__layout *layout, size_t size);
+
+/* Copy the defaults in `defaults` (a whole struct of `layout`, whose first field is the
+ * uint32_t size) into the caller's struct of `size` bytes: the whole fields that fit,
+ * and the size field saying how many bytes that was. Returns that count, 0 (nothing
+ * written) when `params` is NULL or `size` cannot hold the size field. */
+size_t moas__params_fill(void *params, size_t size, void *defaults, const moas__layout *layout);
+
+/* Read the caller's params struct safely whatever its `size`: `dst` holds the
+ * defaults, and the first `size` bytes the caller provided are copied over them.
+ * Fails with MOAS_ERR_INVALID_ARG, its message starting with `caller`, when `size` is
+ * too small to hold even the size field, larger than we know (a newer header's fields
+ * we cannot honour) or ends inside a field. */
+moas_status moas__params_copy(void *dst, const void *src, const moas__layout *layout,
+                              const char *caller);
 
 #endif /* MOAS_CORE_H */

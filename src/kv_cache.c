@@ -244,7 +244,7 @@ void moas_pool_params_init_sized(moas_pool_params *params, size_t size) {
     memset(&p, 0, sizeof p);
     p.kv_type = MOAS_TYPE_F32;
     p.kernels = MOAS_KERNELS_AUTO;
-    moas__params_fill(params, size, &p, sizeof p);
+    moas__params_fill(params, size, &p, &moas__pool_params_layout);
 }
 
 moas_status moas_pool_create(const moas_model *model, const moas_pool_params *params,
@@ -256,15 +256,25 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
     if (out != NULL) {
         *out = NULL;
     }
+    /* the caller's log hears of every failure, a bad size among them, when the
+     * struct holds it whole (as moas_context_create) */
+    moas_log_fn log = NULL;
+    void *log_user = NULL;
+    if (params != NULL &&
+        params->size >= offsetof(moas_pool_params, log_user) + sizeof params->log_user) {
+        log = params->log;
+        log_user = params->log_user;
+    }
     if (model == NULL || out == NULL) {
         moas__set_error("pool_create: %s is NULL", model == NULL ? "model" : "out");
+        moas__log_error(log, log_user);
         return MOAS_ERR_INVALID_ARG;
     }
     moas_pool_params_init(&p);
-    if (params != NULL && !moas__params_copy(&p, sizeof p, params)) {
-        moas__set_error("pool_create: params->size is %u; this library knows %zu bytes "
-                        "(call moas_pool_params_init)", (unsigned)params->size, sizeof p);
-        return MOAS_ERR_INVALID_ARG;
+    if (params != NULL &&
+        (st = moas__params_copy(&p, params, &moas__pool_params_layout, "pool_create")) != MOAS_OK) {
+        moas__log_error(log, log_user);
+        return st;
     }
     const int32_t page_heads = p.page_heads == 0 ? MOAS_PAGE_HEADS : p.page_heads;
     const char *bad = NULL;
@@ -343,6 +353,11 @@ moas_status moas_pool_stats(moas_pool *pool, moas_pool_info *info) {
         moas__set_error("pool_stats: %s is NULL", pool == NULL ? "pool" : "info");
         return MOAS_ERR_INVALID_ARG;
     }
+    if (info->size < sizeof info->size) {
+        moas__set_error("pool_stats: info->size %u cannot hold the size field",
+                        (unsigned)info->size);
+        return MOAS_ERR_INVALID_ARG;
+    }
     moas_pool_info r;
     memset(&r, 0, sizeof r);
     const uint64_t page_bytes = (uint64_t)pool->page_heads * pool->head_bytes * 2;
@@ -359,6 +374,6 @@ moas_status moas_pool_stats(moas_pool *pool, moas_pool_info *info) {
         r.bytes_stored += c->published_stored;
     }
     moas__pool_unlock(pool);
-    moas__params_fill(info, info->size, &r, sizeof r);
+    moas__params_fill(info, info->size, &r, &moas__pool_info_layout);
     return MOAS_OK;
 }

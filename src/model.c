@@ -579,9 +579,7 @@ static moas_status model_new(const moas_model_params *params, moas_model **out) 
 
     moas_model_params_init(&p);
     if (params != NULL) {
-        MOAS_RETURN_IF(!moas__params_copy(&p, sizeof p, params), MOAS_ERR_INVALID_ARG,
-                       "model_load: params->size is %u; this library knows %zu bytes (call "
-                       "moas_model_params_init)", (unsigned)params->size, sizeof p);
+        MOAS_TRY(moas__params_copy(&p, params, &moas__model_params_layout, "model_load"));
         MOAS_RETURN_IF(p.allocator != NULL &&
                        (p.allocator->alloc == NULL || p.allocator->free == NULL),
                        MOAS_ERR_INVALID_ARG, "model_load: allocator without alloc or free");
@@ -810,7 +808,7 @@ void moas_model_params_init_sized(moas_model_params *params, size_t size) {
     moas_model_params p;
     memset(&p, 0, sizeof p);
     p.use_mmap = 1;
-    moas__params_fill(params, size, &p, sizeof p);
+    moas__params_fill(params, size, &p, &moas__model_params_layout);
 }
 
 /* ---- queries ----------------------------------------------------------------- */
@@ -855,7 +853,7 @@ moas_status moas_model_tensor(const moas_model *m, int64_t index, moas_tensor_in
                    (unsigned)info->size);
     t = &m->gguf->tensors[index];
     memset(&full, 0, sizeof full);
-    full.size = info->size < sizeof full ? info->size : (uint32_t)sizeof full;
+    full.size = (uint32_t)moas__layout_fit(&moas__tensor_info_layout, info->size);
     full.name = t->name.text;
     full.type = t->type;
     full.n_dims = (int32_t)t->n_dims;

@@ -49,7 +49,7 @@ void moas_sampler_params_init_sized(moas_sampler_params *params, size_t size) {
     p.repeat_last_n = 64;
     p.n_logit_bias = 0;
     p.logit_bias = NULL;
-    moas__params_fill(params, size, &p, sizeof p);
+    moas__params_fill(params, size, &p, &moas__sampler_params_layout);
 }
 
 /* splitmix64 turns any seed (0 included) into a well-mixed non-zero state. */
@@ -79,9 +79,9 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
     }
     moas_sampler_params_init(&p);
     MOAS_RETURN_IF(out == NULL, MOAS_ERR_INVALID_ARG, "sampler_create: out is NULL");
-    MOAS_RETURN_IF(params != NULL && !moas__params_copy(&p, sizeof p, params),
-                   MOAS_ERR_INVALID_ARG, "sampler_create: params->size is %u; this library "
-                   "knows %zu bytes", params ? (unsigned)params->size : 0u, sizeof p);
+    if (params != NULL) {
+        MOAS_TRY(moas__params_copy(&p, params, &moas__sampler_params_layout, "sampler_create"));
+    }
     MOAS_RETURN_IF(n_vocab < 1, MOAS_ERR_INVALID_ARG, "sampler_create: n_vocab %d < 1", n_vocab);
     MOAS_RETURN_IF(!(p.temperature >= 0.0f) || isinf(p.temperature), MOAS_ERR_INVALID_ARG,
                    "sampler_create: temperature %g is not a finite value >= 0",
@@ -278,18 +278,19 @@ moas_status moas_sampler_sample(moas_sampler *s, const float *logits, int32_t *t
     }
     MOAS_RETURN_IF(best < 0, MOAS_ERR_INVALID_ARG,
                    "sampler_sample: no logit is finite (all NaN or -infinity)");
-    MOAS_RETURN_IF(isinf(max), MOAS_ERR_INVALID_ARG, "sampler_sample: logit %d is +infinity",
-                   best);
     if (s->temperature == 0.0f) {
         *token = best;
         remember(s, best);
         return MOAS_OK;
     }
 
-    /* probabilities relative to the maximum, softened by the temperature */
+    /* probabilities relative to the maximum, softened by the temperature; +infinity
+     * logits (two huge biases add up to one) are the limit of that: those tokens alone,
+     * alike, where exp(inf - inf) would be NaN */
+    const bool certain = isinf(max);
     for (int32_t i = 0; i < s->n_vocab; i++) {
-        if (logits[i] > -INFINITY) {   /* skips NaN and -inf */
-            s->cand[n].p = expf((logits[i] - max) / s->temperature);
+        if (certain ? logits[i] == max : logits[i] > -INFINITY) {   /* skips NaN and -inf */
+            s->cand[n].p = certain ? 1.0f : expf((logits[i] - max) / s->temperature);
             s->cand[n].id = i;
             n++;
         }

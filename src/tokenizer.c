@@ -96,7 +96,7 @@ void moas_tokenize_params_init_sized(moas_tokenize_params *params, size_t size) 
     memset(&p, 0, sizeof p);
     p.unknown = MOAS_UNKNOWN_ERROR;
     p.replacement = -1;
-    moas__params_fill(params, size, &p, sizeof p);
+    moas__params_fill(params, size, &p, &moas__tokenize_params_layout);
 }
 
 moas_status moas_tokenize_ex(const moas_model *m, const char *text, size_t text_len,
@@ -106,10 +106,9 @@ moas_status moas_tokenize_ex(const moas_model *m, const char *text, size_t text_
 
     moas_tokenize_params_init(&p);
     MOAS_TRY(check_args(m, text, tokens, n_max, n_tokens));
-    MOAS_RETURN_IF(params != NULL && !moas__params_copy(&p, sizeof p, params),
-                   MOAS_ERR_INVALID_ARG, "tokenize: params->size is %u; this library knows "
-                   "%zu bytes (call moas_tokenize_params_init)", (unsigned)params->size,
-                   sizeof p);
+    if (params != NULL) {
+        MOAS_TRY(moas__params_copy(&p, params, &moas__tokenize_params_layout, "tokenize"));
+    }
     MOAS_RETURN_IF(p.unknown < 0 || p.unknown >= MOAS_UNKNOWN_COUNT, MOAS_ERR_INVALID_ARG,
                    "tokenize: unknown-character rule %d is not ERROR (0), REPLACE (1) or "
                    "DROP (2)", (int)p.unknown);

@@ -1,7 +1,12 @@
 /* test_core.c - version, status strings, params structs. */
 #include "test.h"
 
+#include "core.h"
+#include "support/tiny_model.h"
+
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 TEST(version_macros_match_runtime) {
     char expect[32];
@@ -85,5 +90,153 @@ TEST(params_init_sets_size_and_defaults) {
     ASSERT_NEAR(sp.temperature, 1.0, 0);
     ASSERT_EQ(sp.top_k, 0);
     ASSERT_NEAR(sp.top_p, 1.0, 0);
+    return TEST_PASS;
+}
+
+/* Every public struct that begins with its size has a layout listing every field in
+ * order: no field left out between two listed ones (a gap as wide as the next field
+ * would hold one). The last field is checked when the library is built. */
+TEST(layouts_list_every_field) {
+    const moas__layout *layouts[] = {
+        &moas__model_params_layout,  &moas__tensor_info_layout,     &moas__context_params_layout,
+        &moas__pool_params_layout,   &moas__pool_info_layout,       &moas__tokenize_params_layout,
+        &moas__sampler_params_layout,
+    };
+    for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
+        const moas__layout *l = layouts[i];
+        ASSERT_TRUE(l->n_fields >= 2);
+        ASSERT_EQ(l->fields[0].offset, 0);
+        ASSERT_EQ(l->fields[0].bytes, sizeof(uint32_t));
+        for (size_t f = 1; f < l->n_fields; f++) {
+            const uint32_t end = l->fields[f - 1].offset + l->fields[f - 1].bytes;
+            ASSERT_TRUE(l->fields[f].offset >= end);
+            ASSERT_TRUE(l->fields[f].offset - end < l->fields[f].bytes);
+        }
+        const moas__field *last = &l->fields[l->n_fields - 1];
+        ASSERT_TRUE(last->offset + last->bytes <= l->size);
+        ASSERT_TRUE(l->size - (last->offset + last->bytes) < sizeof(void *));
+    }
+    return TEST_PASS;
+}
+
+static moas_allocator no_allocator(void) {
+    moas_allocator a;
+    memset(&a, 0, sizeof a);
+    return a;
+}
+
+/* A size that ends inside a field is refused by every call that reads a params struct:
+ * reading half a pointer crashed, and half an n_ctx was honoured as another number. */
+TEST(params_size_inside_a_field_is_refused) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 5, &size);
+    moas_model *m = NULL;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+
+    moas_model_params mp;
+    moas_model *m2 = (moas_model *)&mp;
+    moas_allocator alloc = no_allocator();
+    moas_model_params_init(&mp);
+    mp.allocator = &alloc;
+    mp.size = (uint32_t)(offsetof(moas_model_params, allocator) + 4);
+    ASSERT_STATUS(moas_model_load_memory(image, size, &mp, &m2), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(m2 == NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "inside a field of moas_model_params") != NULL);
+
+    moas_context_params cp;
+    moas_context *ctx = (moas_context *)&cp;
+    moas_context_params_init(&cp);
+    cp.n_ctx = 0x7fff0010;   /* its low half alone is 16 */
+    cp.size = (uint32_t)offsetof(moas_context_params, n_ctx) + 1;
+    ASSERT_STATUS(moas_context_create(m, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(ctx == NULL);
+    moas_context_params_init(&cp);
+    cp.size = (uint32_t)(offsetof(moas_context_params, pool) + 4);
+    ASSERT_STATUS(moas_context_create(m, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    cp.size = (uint32_t)offsetof(moas_context_params, pool);   /* a 1.0 struct: fine */
+    ASSERT_OK(moas_context_create(m, &cp, &ctx));
+    moas_context_free(ctx);
+
+    moas_pool_params pp;
+    moas_pool *pool = (moas_pool *)&pp;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 20;
+    pp.allocator = &alloc;
+    pp.size = (uint32_t)(offsetof(moas_pool_params, allocator) + 4);
+    ASSERT_STATUS(moas_pool_create(m, &pp, &pool), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(pool == NULL);
+
+    moas_sampler_params sp;
+    moas_sampler *s = (moas_sampler *)&sp;
+    moas_sampler_params_init(&sp);
+    sp.n_logit_bias = 1;
+    sp.size = (uint32_t)(offsetof(moas_sampler_params, logit_bias) + 4);
+    ASSERT_STATUS(moas_sampler_create(&sp, 10, &s), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(s == NULL);
+
+    moas_tokenize_params tp;
+    int32_t tokens[8];
+    size_t n = 99;
+    moas_tokenize_params_init(&tp);
+    tp.size = (uint32_t)offsetof(moas_tokenize_params, replacement) + 2;
+    ASSERT_STATUS(moas_tokenize_ex(m, "a", 1, &tp, tokens, 8, &n, NULL), MOAS_ERR_INVALID_ARG);
+    ASSERT_EQ(n, 99);
+
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* Structs the library writes get whole fields only, and their size says how many
+ * bytes; an init of a size inside a field writes the fields before it. */
+TEST(struct_fills_stop_before_a_cut_field) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 5, &size);
+    moas_model *m = NULL;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 20;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_pool_info info;
+    memset(&info, 0xAB, sizeof info);
+    info.size = 6;   /* the size field and half of page_heads */
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.size, 4);
+    ASSERT_EQ((uint32_t)info.page_heads, 0xABABABABu);
+    info.size = 3;
+    ASSERT_STATUS(moas_pool_stats(pool, &info), MOAS_ERR_INVALID_ARG);
+    info.size = (uint32_t)offsetof(moas_pool_info, n_pages) + 2;
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.size, offsetof(moas_pool_info, n_pages));
+    ASSERT_EQ(info.page_heads, 4);
+    ASSERT_EQ((uint32_t)info.n_pages, 0xABABABABu);
+    moas_pool_free(pool);
+
+    moas_tensor_info t;
+    memset(&t, 0xCD, sizeof t);
+    t.size = (uint32_t)(offsetof(moas_tensor_info, data) + 4);
+    ASSERT_OK(moas_model_tensor(m, 0, &t));
+    ASSERT_EQ(t.size, offsetof(moas_tensor_info, data));
+    ASSERT_TRUE(t.n_bytes > 0);
+    uintptr_t untouched;
+    memset(&untouched, 0xCD, sizeof untouched);
+    ASSERT_TRUE((uintptr_t)t.data == untouched);
+
+    unsigned char buf[sizeof(moas_context_params)];
+    memset(buf, 0xAB, sizeof buf);
+    moas_context_params_init_sized((moas_context_params *)(void *)buf,
+                                   offsetof(moas_context_params, n_ctx) + 2);
+    moas_context_params cp;
+    memcpy(&cp, buf, sizeof cp);
+    ASSERT_EQ(cp.size, offsetof(moas_context_params, n_ctx));
+    ASSERT_EQ(buf[offsetof(moas_context_params, n_ctx)], 0xAB);
+
+    moas_model_free(m);
+    free(image);
     return TEST_PASS;
 }

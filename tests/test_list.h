@@ -5,6 +5,9 @@ X(version_macros_match_runtime)
 X(status_strings_cover_every_status)
 X(params_init_sets_size_and_defaults)
 X(params_init_never_writes_past_the_callers_size)
+X(layouts_list_every_field)
+X(params_size_inside_a_field_is_refused)
+X(struct_fills_stop_before_a_cut_field)
 
 /* tests/test_gguf.c */
 X(gguf_reads_every_value_type)
@@ -148,6 +151,7 @@ X(tokenize_ex_replaces_or_drops_unknown_characters)
 
 /* tests/test_sampler.c */
 X(sampler_greedy_picks_argmax_and_skips_nan)
+X(sampler_infinite_logits_are_certain)
 X(sampler_temperature_matches_softmax)
 X(sampler_top_k_and_top_p_cut_the_tail)
 X(sampler_same_seed_same_tokens)

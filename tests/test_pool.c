@@ -635,9 +635,10 @@ TEST(state_load_refuses_bad_data_and_changes_nothing) {
     ASSERT_TRUE(good && bad);
     ASSERT_OK(moas_context_state_save(src, good, n, &written));
     for (size_t cut = 0; cut < n; cut++) {
-        moas_status st = moas_context_state_load(ctx, good, cut);
-        ASSERT_TRUE(st == MOAS_ERR_BAD_FORMAT || st == MOAS_ERR_CORRUPT);
+        ASSERT_STATUS(moas_context_state_load(ctx, good, cut), MOAS_ERR_CORRUPT);
     }
+    const uint8_t not_a_state[3] = {'G', 'G', 'U'};
+    ASSERT_STATUS(moas_context_state_load(ctx, not_a_state, 3), MOAS_ERR_BAD_FORMAT);
     for (size_t word = 0; word < 14; word++) {   /* every header word */
         memcpy(bad, good, n);
         bad[word * 4] ^= 0x40;

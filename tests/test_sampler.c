@@ -2,6 +2,8 @@
  * reproducibility and the error paths. */
 #include "test.h"
 
+#include <float.h>
+
 #include <stdlib.h>
 
 static moas_sampler *make(float temperature, int32_t top_k, float top_p, uint64_t seed,
@@ -17,6 +19,11 @@ static moas_sampler *make(float temperature, int32_t top_k, float top_p, uint64_
 }
 
 /* Draw `n` tokens and count them into hist[n_vocab]. */
+static moas_sampler *make_ex(const moas_sampler_params *p, int32_t n_vocab) {
+    moas_sampler *s = NULL;
+    return moas_sampler_create(p, n_vocab, &s) == MOAS_OK ? s : NULL;
+}
+
 static int draw(moas_sampler *s, const float *logits, int n, int *hist) {
     for (int i = 0; i < n; i++) {
         int32_t t;
@@ -38,6 +45,38 @@ TEST(sampler_greedy_picks_argmax_and_skips_nan) {
     const float none[5] = {NAN, -INFINITY, NAN, NAN, -INFINITY};
     ASSERT_STATUS(moas_sampler_sample(s, none, &t), MOAS_ERR_INVALID_ARG);
     ASSERT_STATUS(moas_sampler_sample(s, NULL, &t), MOAS_ERR_INVALID_ARG);
+    moas_sampler_free(s);
+    return TEST_PASS;
+}
+
+/* +infinity logits are certain: only they are chosen, each as often (the limit of
+ * softmax as their logits grow alike); greedy takes the first. Two biases of FLT_MAX
+ * on one token add up to +infinity the same way. */
+TEST(sampler_infinite_logits_are_certain) {
+    const float logits[4] = {0.0f, INFINITY, 1.0f, INFINITY};
+    int hist[4] = {0};
+    int32_t t = -1;
+    moas_sampler *s = make(0.0f, 0, 1.0f, 1, 4);
+    ASSERT_TRUE(s != NULL);
+    ASSERT_OK(moas_sampler_sample(s, logits, &t));
+    ASSERT_EQ(t, 1);
+    moas_sampler_free(s);
+    ASSERT_TRUE((s = make(1.0f, 0, 1.0f, 7, 4)) != NULL);
+    ASSERT_EQ(draw(s, logits, 4000, hist), 0);
+    ASSERT_EQ(hist[0] + hist[2], 0);
+    ASSERT_TRUE(hist[1] > 1800 && hist[3] > 1800);
+    moas_sampler_free(s);
+
+    moas_sampler_params p;
+    moas_sampler_params_init(&p);
+    const moas_logit_bias huge[2] = {{2, FLT_MAX}, {2, FLT_MAX}};
+    p.n_logit_bias = 2;
+    p.logit_bias = huge;
+    ASSERT_TRUE((s = make_ex(&p, 3)) != NULL);
+    const float finite[3] = {5.0f, 4.0f, 0.0f};
+    int hist3[3] = {0};
+    ASSERT_EQ(draw(s, finite, 100, hist3), 0);
+    ASSERT_EQ(hist3[2], 100);
     moas_sampler_free(s);
     return TEST_PASS;
 }
@@ -177,10 +216,6 @@ TEST(sampler_top_k_keeps_the_k_most_likely) {
 
 /* ---- 1.1: logit biases, repetition penalty, min-p, stop strings ------------------ */
 
-static moas_sampler *make_ex(const moas_sampler_params *p, int32_t n_vocab) {
-    moas_sampler *s = NULL;
-    return moas_sampler_create(p, n_vocab, &s) == MOAS_OK ? s : NULL;
-}
 
 TEST(sampler_logit_bias_shifts_and_bans) {
     const float logits[3] = {1.0f, 2.0f, 3.0f};
