@@ -926,10 +926,13 @@ MOAS_API moas_status moas_pool_create(const moas_model *model, const moas_pool_p
                                       moas_pool **out);
 
 /*
- * moas_pool_free() - release a pool. Every context in it must be freed first.
+ * moas_pool_free() - release a pool.
  * DESTRUCTOR: moas_pool
  *
- * NULL is a no-op.   Thread safety: not while any call uses the pool.   Allocates: no.
+ * The pool handle may not be used again. Contexts still in the pool keep it alive
+ * and keep working: its memory is released when the last of them is freed (free them
+ * first to release it now). NULL is a no-op.
+ * Thread safety: not while any call uses the pool.   Allocates: no.
  */
 MOAS_API void moas_pool_free(moas_pool *pool);
 

@@ -389,7 +389,9 @@ static void pool_link(moas_context *ctx) {
     moas__pool_unlock(pool);
 }
 
-static void pool_unlink(moas_context *ctx) {
+/* Returns whether the pool is to be released now: it was freed while ctx was its last
+ * context. */
+static bool pool_unlink(moas_context *ctx) {
     moas_pool *pool = ctx->pool;
     moas__pool_lock(pool);
     for (int32_t i = 0; i < ctx->n_streams; i++) {
@@ -407,7 +409,9 @@ static void pool_unlink(moas_context *ctx) {
         pool->n_contexts--;
         ctx->linked = false;
     }
+    const bool release = pool->freed && pool->n_contexts == 0;
     moas__pool_unlock(pool);
+    return release;
 }
 
 /* Make a context from resolved params `p` (the caller has checked them). */
@@ -483,8 +487,7 @@ void moas_context_free(moas_context *ctx) {
     alloc_copy = ctx->alloc_copy;
     alloc = ctx->alloc != NULL ? &alloc_copy : NULL;
     if (ctx->pool != NULL) {
-        pool_unlink(ctx);
-        if (ctx->pool_owned) {
+        if (pool_unlink(ctx) || ctx->pool_owned) {
             moas_pool_free(ctx->pool);
         }
     }

@@ -341,6 +341,15 @@ void moas_pool_free(moas_pool *pool) {
     if (pool == NULL) {
         return;
     }
+    /* a caller that frees the pool before its contexts (a garbage collector's order)
+     * finds them working, and the pool goes with the last of them */
+    moas__pool_lock(pool);
+    const bool in_use = pool->n_contexts > 0;
+    pool->freed = true;
+    moas__pool_unlock(pool);
+    if (in_use) {
+        return;
+    }
     moas_allocator alloc_copy = pool->alloc_copy;
     const moas_allocator *alloc = pool->alloc != NULL ? &alloc_copy : NULL;
     moas__workspace_free(alloc, pool->ws);

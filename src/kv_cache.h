@@ -82,6 +82,8 @@ struct moas_pool {
     int32_t n_free;
     atomic_flag lock;         /* guards refs, free_pages, n_free and the context list */
     bool is_private;          /* made by moas_context_create for one context */
+    bool freed;               /* moas_pool_free came while contexts were in it: the
+                                 last one's moas_context_free releases the pool */
     float steer_below;        /* free fraction below which routed tokens are steered */
 
     struct moas_context *contexts;   /* every context in the pool (a list) */

@@ -905,6 +905,66 @@ TEST(pool_without_room_for_its_slabs_asks_for_nothing_more) {
     return TEST_PASS;
 }
 
+typedef struct {
+    long live;   /* blocks given and not yet freed */
+} counting_allocator;
+
+static void *counting_alloc(void *user, size_t size) {
+    void *p = malloc(size);
+    ((counting_allocator *)user)->live += p != NULL;
+    return p;
+}
+
+static void counting_free(void *user, void *ptr) {
+    ((counting_allocator *)user)->live--;
+    free(ptr);
+}
+
+/* A pool freed before its contexts (a garbage collector may free in any order) stays
+ * until the last of them is freed, and they go on decoding the same bits meanwhile. */
+TEST(pool_freed_before_its_contexts_goes_with_the_last) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    counting_allocator count = {0};
+    const moas_allocator alloc = {counting_alloc, counting_free, &count};
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1u << 20;
+    pp.allocator = &alloc;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *alone = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a && b && alone);
+    const int32_t n_vocab = moas_model_n_vocab(m);
+    int32_t tokens[12];
+    seq_tokens(tokens, 12, n_vocab, 5);
+    ASSERT_OK(moas_context_decode_batch(a, tokens, 6, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_decode_batch(b, tokens, 3, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_decode_batch(alone, tokens, 6, NULL, MOAS_LOGITS_NONE));
+    const long held = count.live;
+    ASSERT_TRUE(held > 0);
+
+    moas_pool_free(pool);
+    ASSERT_EQ(count.live, held);
+    ASSERT_OK(moas_context_decode_batch(a, tokens + 6, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(alone, tokens + 6, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(a), moas_context_logits(alone),
+                       (size_t)n_vocab * sizeof(float)) == 0);
+    moas_context_free(a);
+    ASSERT_EQ(count.live, held);   /* b still holds it */
+    ASSERT_OK(moas_context_decode(b, tokens[3], NULL));
+    moas_context_free(b);
+    ASSERT_EQ(count.live, 0);
+    moas_context_free(alone);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A context that only moas_pool_decode advanced (so it never made a workspace of its
  * own) can still be compacted and shifted: each gives what the same calls give on a
  * context that decoded the same tokens on its own. */
