@@ -72,6 +72,7 @@ class Request:
         self.emit = emit or (lambda event: None)
         self.cancelled = False
         self.created = time.monotonic()
+        self.queued = False        # an admission pass found no room: it waits
         self.seqs = []
         self.forked = False        # its n - 1 forks made (they count as slots before)
         self.n_open = 0
@@ -179,10 +180,14 @@ class Engine:
     # ---- any thread --------------------------------------------------------------------
 
     def submit(self, req):
-        """Queue a request; False (and nothing queued) when the queue is full or the
-        engine has stopped."""
+        """Hand a request to the engine; False (and nothing queued) when max_queue
+        requests already wait for room, or the engine has stopped. A request that
+        finds room at the next admission pass never counts as waiting."""
         with self._lock:
-            if self._stop or len(self._incoming) + len(self._waiting) >= self.max_queue:
+            # behind a waiting request a new one waits too (first come, first served), so
+            # a full queue turns it away now; an empty one lets the next pass decide
+            waiting = sum(1 for r in self._waiting if r.queued)
+            if self._stop or waiting >= max(1, self.max_queue):
                 return False
             self._incoming.append(req)
             self._lock.notify()
@@ -196,8 +201,10 @@ class Engine:
 
     def fits(self, req):
         """Whether the request, every token at the widest scheme, fits the empty pool:
-        then a sequence alone in the pool always finishes."""
-        need = ((len(req.prompt_ids) + req.max_tokens) * self.token_bytes * req.n
+        then a request alone in the pool always finishes. Its n sequences share the
+        prompt's pages (forks), and each has its own tokens and slack; one swapped out
+        and back holds its prompt alone, which n = 1's bound covers."""
+        need = ((len(req.prompt_ids) + req.n * req.max_tokens) * self.token_bytes
                 + req.n * self.slack_bytes)
         return need <= self.stats.bytes_capacity
 
@@ -307,9 +314,9 @@ class Engine:
 
     def _iteration(self):
         self._reap()
-        self._expire()
         self._resume()
         self._admit()
+        self._queue()
         batch = self._batch()
         if batch:
             self._step(batch)
@@ -455,12 +462,23 @@ class Engine:
             else:
                 self.counters["cancelled"] += 1
 
-    def _expire(self):
+    def _queue(self):
+        """After an admission pass: the requests it left wait in the queue. Beyond
+        max_queue of them the newest are turned away (several can arrive between two
+        passes), and those that have waited longer than queue_timeout go."""
         now = time.monotonic()
         with self._lock:
+            for r in self._waiting:
+                r.queued = True
+            over = max(0, len(self._waiting) - self.max_queue)
+            full = [self._waiting.pop() for _ in range(over)][::-1]
             old = [r for r in self._waiting if now - r.created > self.queue_timeout]
             for r in old:
                 self._waiting.remove(r)
+        for r in full:
+            self.counters["rejected_queue_full"] += 1
+            self._fail(r, 503, "the server is full: %d requests are already waiting"
+                       % self.max_queue, "queue_full")
         for r in old:
             self.counters["rejected_queue_timeout"] += 1
             self._fail(r, 503, "the KV pool is full: the request waited %.1f s in the queue"

@@ -561,6 +561,8 @@ class Server:
         return web.json_response(body)
 
     async def _stream(self, request, events, req, meta, p, changed):
+        if changed:   # every chunk says it, as the whole response's body does
+            meta = dict(meta, prompt_chars_changed=changed)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         try:
@@ -667,10 +669,29 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.api_key is None:
         args.api_key = os.environ.get("MOAS_API_KEY") or None
-    if (args.max_sequences < 1 or args.max_queue < 0 or args.pool_mb <= 0
-            or args.prompt_cache < 0):
-        ap.error("--max-sequences must be >= 1, --max-queue >= 0, --pool-mb > 0, "
-                 "--prompt-cache >= 0")
+    # every number in its range, or the server would start and then fail each request
+    # (a prefill chunk of 0 never reads a prompt; a negative delay raises per step)
+    checks = (("--max-sequences", args.max_sequences >= 1, ">= 1"),
+              ("--max-queue", args.max_queue >= 0, ">= 0"),
+              ("--pool-mb", args.pool_mb > 0 and math.isfinite(args.pool_mb), "> 0"),
+              ("--prompt-cache", args.prompt_cache >= 0, ">= 0"),
+              ("--queue-timeout", args.queue_timeout >= 0 and math.isfinite(args.queue_timeout),
+               ">= 0 seconds"),
+              ("--max-tokens-cap", args.max_tokens_cap >= 0, ">= 0 (0: the context length)"),
+              ("--max-prompt-chars", args.max_prompt_chars >= 0,
+               ">= 0 (0: the context length)"),
+              ("--max-n", args.max_n >= 1, ">= 1"),
+              ("--max-body-bytes", args.max_body_bytes >= 1, ">= 1"),
+              ("--prefill-chunk", args.prefill_chunk >= 1, ">= 1"),
+              ("--threads", args.threads >= 0, ">= 0 (0: the default)"),
+              ("--steer-below", 0 <= args.steer_below <= 1, "in [0, 1]"),
+              ("--force-scheme", args.force_scheme >= -1, ">= -1 (-1: the router)"),
+              ("--step-delay", args.step_delay >= 0 and math.isfinite(args.step_delay),
+               ">= 0 seconds"),
+              ("--port", 0 <= args.port <= 65535, "in [0, 65535]"))
+    for name, ok, want in checks:
+        if not ok:   # NaN fails every comparison, so it lands here too
+            ap.error("%s must be %s" % (name, want))
     return args
 
 

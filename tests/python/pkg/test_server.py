@@ -971,3 +971,67 @@ def test_logprobs_are_the_models_own(server, model):
     assert zero["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
     for bad in (6, -1, 2.0, True, "3"):
         check_error(server.complete(**dict(body, logprobs=bad)), 400, param="logprobs")
+
+
+def test_an_idle_server_admits_whatever_its_queue_allows():
+    # no request may wait, and none for any time: one that finds room at the next step
+    # is served (it was turned away: it counted as waiting before admission looked),
+    # one that would have to wait behind the holder is a 503 at once
+    s = Server("--max-sequences", "1", "--max-queue", "0", "--queue-timeout", "0",
+               "--pool-mb", "1", "--step-delay", "0.05")
+    try:
+        assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+        holder = threading.Thread(target=lambda: s.complete(prompt=PROMPT, max_tokens=40))
+        holder.start()
+        deadline = time.time() + 10
+        while s.metrics()["moas_sequences_active"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        status, headers, body = s.complete(prompt=PROMPT, max_tokens=2)
+        check_error((status, headers, body), 503, "queue_full")
+        assert int(headers["Retry-After"]) >= 1
+        holder.join(30)
+        assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+    finally:
+        s.close()
+
+
+def test_n_choices_share_the_prompt_when_sized(model):
+    # 0.1 MB of pages: n = 3 over a 50-character prompt needs the prompt once (its
+    # forks share its pages) and 3 x 10 tokens, 66 KB at the widest scheme; counted as
+    # three prompts it was refused as too large for the pool
+    s = Server("--pool-mb", "0.1", "--mode", "routed")
+    prompt = (PROMPT * 4)[:50]
+    try:
+        status, _, body = s.complete(prompt=prompt, max_tokens=10, temperature=1.0, seed=7,
+                                     n=3)
+        assert status == 200, body
+        for i, c in enumerate(body["choices"]):
+            assert c["text"] == model.generate(prompt, 10, seed=7 + i, mode="routed",
+                                               temperature=1.0)
+        # one that cannot finish even alone is still refused before it is queued
+        check_error(s.complete(prompt=prompt, max_tokens=14, n=16), 400, "request_too_large")
+    finally:
+        s.close()
+
+
+def test_streamed_chunks_say_how_many_prompt_chars_changed(server):
+    events = server.stream({"prompt": "And God 9", "max_tokens": 3, "temperature": 0,
+                            "unknown_chars": "drop"})
+    chunks = [e for e in events if e != "[DONE]"]
+    assert chunks and all(e["prompt_chars_changed"] == 1 for e in chunks)
+    events = server.stream({"prompt": "And God ", "max_tokens": 3, "temperature": 0})
+    assert all("prompt_chars_changed" not in e for e in events if e != "[DONE]")
+
+
+@pytest.mark.parametrize("option", [
+    ("--prefill-chunk", "0"), ("--prefill-chunk", "-5"), ("--step-delay", "-1"),
+    ("--queue-timeout", "-1"), ("--queue-timeout", "nan"), ("--max-tokens-cap", "-5"),
+    ("--max-prompt-chars", "-1"), ("--max-body-bytes", "0"), ("--max-n", "0"),
+    ("--threads", "-2"), ("--steer-below", "1.5"), ("--force-scheme", "-2"),
+    ("--pool-mb", "inf"), ("--port", "70000"), ("--max-queue", "-1")])
+def test_numbers_out_of_range_stop_the_server_at_start(option, capsys):
+    from moas.server import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["-m", MODEL] + list(option))
+    assert e.value.code == 2
+    assert option[0] in capsys.readouterr().err
