@@ -29,6 +29,8 @@ def main():
                 model.context(mode=args.mode) as ctx, \
                 moas.Sampler(model, temperature=args.temp, seed=args.seed) as sampler:
             window = model.tokenize(args.prompt)
+            if not window:   # nothing to continue from: no logits to sample
+                sys.exit("generate.py: the prompt is empty")
             if len(window) > ctx.n_ctx:   # the model knows no later positions
                 print("generate.py: the prompt has %d characters, more than the context's "
                       "%d: only its last %d are decoded" % (len(window), ctx.n_ctx, ctx.n_ctx),

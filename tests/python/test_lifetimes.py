@@ -138,6 +138,70 @@ class Lifetimes(unittest.TestCase):
         """)
 
 
+    def test_a_fork_keeps_its_parents_log_and_allocator(self):
+        # the library copies both into the fork; the parent and its Python objects
+        # gone, a fork's failing call logged through a freed callback (a crash)
+        self.expect_ok("""
+            m = moas.Model(POOLED)
+            pool = moas.Pool(m, 1 << 20)
+            heard = []
+            p = pool.context(log=lambda level, text: heard.append(text))
+            p.decode_batch(m.tokenize("And God"))
+            child = p.fork()
+            p.close(); del p; gc.collect()
+            try:
+                child.truncate(99)
+            except moas.MoasValueError:
+                pass
+            assert heard and "truncate" in heard[-1], heard
+            child.close(); pool.close(); m.close()
+            print("ok")
+        """)
+
+    def test_slices_of_tensor_data_keep_the_models_memory(self):
+        # a cast or slice outlives the view close() releases, and the Model object:
+        # reading it read unmapped memory (a crash)
+        self.expect_ok("""
+            def embedding(path):
+                m = moas.Model(path)
+                return m.tensor("token_embd.weight").data.cast("f")
+            w = embedding(MOAS)
+            gc.collect()
+            first = w[0]
+            m = moas.Model(MOAS)
+            d = m.tensor(0).data
+            head = d[:16]
+            m.close()
+            try:
+                bytes(d)
+                raise SystemExit("the view should be released")
+            except ValueError:
+                pass
+            assert len(bytes(head)) == 16
+            del w, head; gc.collect()
+            print("ok")
+        """)
+
+    def test_model_close_waits_for_a_call_on_another_thread(self):
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            text = "And God said, Let there be light. " * 200000
+            errors = []
+            def tokenize():
+                try:
+                    for _ in range(3):
+                        m.tokenize(text)
+                except moas.MoasError as e:
+                    errors.append(e)
+            t = threading.Thread(target=tokenize)
+            t.start(); time.sleep(0.05)
+            m.close()
+            t.join()
+            assert all("closed" in e.message for e in errors), errors
+            print("ok")
+        """)
+
+
 class Arguments(unittest.TestCase):
     def setUp(self):
         self.model = moas.Model(MOAS)
@@ -198,6 +262,77 @@ class Arguments(unittest.TestCase):
         for n in (100000, 10):
             with moas.Sampler(n, temperature=0) as s:
                 self.assertIn("logits", self.refused(s.sample, self.ctx))
+
+    def test_sampler_integers_are_checked_and_numpy_like_ints_taken(self):
+        class Index:   # what numpy's integers look like to Python: __index__, not int
+            def __init__(self, v):
+                self.v = v
+
+            def __index__(self):
+                return self.v
+
+        with moas.Sampler(self.model, seed=1, repeat_penalty=100.0) as s:
+            self.refused(s.accept, 2**32 + 5)
+            self.refused(s.accept, [2**70 + 5])
+            self.refused(s.reseed, -1)
+            self.refused(s.reseed, 2**64)
+            with self.assertRaises(TypeError):
+                s.reseed(1.5)
+            with self.assertRaises(TypeError):
+                s.accept([1.5])
+            s.accept(Index(5))
+            s.reseed(Index(3))
+            with self.assertRaises(moas.MoasValueError):
+                s.sample(None)   # decode_batch([]) or logits="none" gives None
+        self.assertEqual(len(self.model.generate("And", Index(2), temperature=0, stop=None)),
+                         2)
+
+    def test_text_helpers_take_what_users_pass(self):
+        self.assertEqual(moas.find_stop("hello", "lo"), (3, True))
+        self.assertEqual(moas.find_stop("hello", ["lo"]), (3, True))
+        for key in ("general.name\0zzz", "a\0b"):
+            self.refused(self.model.meta, key)
+            self.refused(self.model.tensor_find, key)
+        with self.assertRaises(TypeError):
+            self.model.meta(b"general.name")
+        with self.assertRaises(moas.MoasValueError):
+            self.model.perplexity("And God said", n_ctx=1)
+
+    def test_missing_model_is_a_file_not_found_error_with_its_errno(self):
+        import errno
+        path = MOAS + ".absent"
+        with self.assertRaises(FileNotFoundError) as cm:
+            moas.Model(path)
+        self.assertEqual(cm.exception.errno, errno.ENOENT)
+        self.assertEqual(cm.exception.filename, path)
+        self.assertEqual(cm.exception.status, moas.Status.ERR_IO)
+
+    def test_all_logits_of_too_many_tokens_fail_before_allocating(self):
+        before = self.ctx.n_past
+        with self.assertRaises(moas.MoasValueError) as cm:
+            self.ctx.decode_batch([1] * 10**7, logits="all")   # 10^7 rows: gigabytes
+        self.assertEqual(cm.exception.status, moas.Status.ERR_CONTEXT_FULL)
+        self.assertEqual(self.ctx.n_past, before)
+        with moas.Pool(self.model, 1 << 20) as pool, pool.context() as c:
+            with self.assertRaises(moas.MoasValueError):
+                pool.decode([(c, [1] * 10**7)], logits="all")
+            c.decode_batch([1, 2])
+            got = pool.decode([(c, [])])[0]   # no tokens: the logits it holds
+            self.assertEqual(list(got), list(c.logits()))
+
+    def test_strided_logits_are_sampled_as_their_values(self):
+        import array
+        n = self.model.n_vocab
+        values = array.array("f", [0.0] * (2 * n))
+        values[2 * 7] = 5.0   # token 7 of every other float
+        with moas.Sampler(self.model, temperature=0) as s:
+            self.assertEqual(s.sample(memoryview(values)[::2]), 7)
+
+    def test_a_bad_state_is_not_called_a_gguf_file(self):
+        with self.assertRaises(moas.MoasValueError) as cm:
+            self.ctx.load_state(b"not a state at all, surely")
+        self.assertNotIn("GGUF", str(cm.exception))
+        self.assertIn("not a libmoas state", str(cm.exception))
 
     def test_tensor_views_are_released_with_the_model(self):
         t = self.model.tensor(0)

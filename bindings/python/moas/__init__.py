@@ -50,6 +50,7 @@ Integers are checked against the C type they go to: never wrapped.
 import contextlib
 import ctypes
 import enum
+import errno
 import math
 import operator
 import os
@@ -455,8 +456,9 @@ class MoasError(Exception):
 
     def __str__(self):
         # MOAS_ERR_CORRUPT's sentence ("truncated or inconsistent") would blame
-        # truncation for a whole file whose parts disagree; its message says which.
-        if self.status == Status.ERR_CORRUPT and self.message:
+        # truncation for a whole file whose parts disagree, and BAD_FORMAT's speaks of
+        # GGUF files where a saved state was refused; the message says which.
+        if self.status in (Status.ERR_CORRUPT, Status.ERR_BAD_FORMAT) and self.message:
             return "%s: %s" % (self.name, self.message)
         return "%s (%s): %s" % (self.name, self.status_string, self.message)
 
@@ -466,7 +468,12 @@ class MoasValueError(MoasError, ValueError):
 
 
 class MoasFileNotFoundError(MoasError, FileNotFoundError):
-    """A MoasError for a model path that does not exist; also a FileNotFoundError."""
+    """A MoasError for a model path that does not exist; also a FileNotFoundError, with
+    errno ENOENT and the path as filename, as open() would give."""
+
+    def __init__(self, status, message="", filename=None):
+        super().__init__(status, message)
+        self.errno, self.strerror, self.filename = errno.ENOENT, message, filename
 
 
 _VALUE_STATUSES = {Status.ERR_INVALID_ARG, Status.ERR_BAD_FORMAT, Status.ERR_CORRUPT,
@@ -506,6 +513,16 @@ def _int(what, value, ctype=ctypes.c_int32):
         raise MoasError(Status.ERR_INVALID_ARG, "%s %d is outside [%d, %d]"
                         % (what, v, lo, hi - 1))
     return v
+
+
+def _key(key):
+    """A metadata key or tensor name as the C string the library reads: TypeError for a
+    non-str, MoasValueError for an embedded NUL (C would read only up to it)."""
+    if not isinstance(key, str):
+        raise TypeError("a key or name is a str, not %s" % type(key).__name__)
+    if "\0" in key:
+        raise MoasError(Status.ERR_INVALID_ARG, "%r contains NUL" % (key,))
+    return key.encode("utf-8", "surrogateescape")
 
 
 def _ids(tokens, what="token"):
@@ -624,7 +641,9 @@ def _text(ptr, length=None):
 
 TensorInfo = namedtuple("TensorInfo", "index name type shape offset n_bytes data")
 TensorInfo.__doc__ = """One tensor of the file. `shape` is GGUF order (fastest first);
-`data` is a read-only memoryview of its n_bytes bytes, valid while the model is open."""
+`data` is a read-only memoryview of its n_bytes bytes over the model's memory (no copy):
+Model.close() releases it, and a slice or cast of it keeps that memory (the library's
+model) until it goes."""
 
 
 class _Handle:
@@ -708,6 +727,7 @@ class Model(_Handle):
         self._dependents = weakref.WeakSet()
         self._views = weakref.WeakValueDictionary()   # tensor data views, by id: close()
         # releases them (memoryviews hash by content, so no WeakSet)
+        self._users, self._users_cond, self._closing = {}, threading.Condition(), False
         self._buffer = None
         params = self._make_params(log, allocator)
         params.use_mmap = 1 if use_mmap else 0
@@ -718,7 +738,7 @@ class Model(_Handle):
         status = library().moas_model_load(encoded, ctypes.byref(params),
                                            ctypes.byref(out))
         if status == Status.ERR_IO and not os.path.exists(path):
-            raise MoasFileNotFoundError(status, last_error())
+            raise MoasFileNotFoundError(status, last_error(), path)
         _check(status)
         self._ptr = out.value
 
@@ -731,6 +751,7 @@ class Model(_Handle):
         self._ptr = None
         self._dependents = weakref.WeakSet()
         self._views = weakref.WeakValueDictionary()
+        self._users, self._users_cond, self._closing = {}, threading.Condition(), False
         params = self._make_params(log, allocator)
         # ctypes.cast() would tie these objects into a reference cycle, and so keep a
         # bytearray exported after close(): pass the objects themselves as void *.
@@ -762,8 +783,16 @@ class Model(_Handle):
 
     # lifetime
     def close(self):
-        """Free the model, after the contexts and pools made from it. Idempotent.
-        Tensor views it handed out are released."""
+        """Free the model, after the contexts and pools made from it, and after the
+        calls other threads are making on it end. Idempotent. Tensor views it handed
+        out are released; slices and casts of them keep the model's memory until they
+        go (the library object is freed with the last of them)."""
+        with self._users_cond:
+            if self._users.get(threading.get_ident()):
+                raise MoasError(Status.ERR_INVALID_ARG, "close: a callback must not close "
+                                "the model it was called from")
+            self._closing = True   # new calls are refused; those under way finish
+            self._users_cond.wait_for(lambda: not self._users)
         for view in list(self._views.values()):
             try:
                 view.release()
@@ -776,10 +805,42 @@ class Model(_Handle):
         library().moas_model_free(ptr)
         self._buffer = None
 
+    @contextlib.contextmanager
+    def _use(self):
+        """A call on the model, from any thread: close() waits until it ends."""
+        me = threading.get_ident()
+        with self._users_cond:
+            if self._closing or self._ptr is None:
+                raise _closed(self._kind)
+            self._users[me] = self._users.get(me, 0) + 1
+        try:
+            yield self._ptr
+        finally:
+            with self._users_cond:
+                self._users[me] -= 1
+                if self._users[me] == 0:
+                    del self._users[me]
+                    self._users_cond.notify_all()
+
+    def _call(self, name, *args):
+        with self._use():
+            return _Handle._call(self, name, *args)
+
+    def _view_gone(self):
+        """The last memoryview over a tensor's data went: once closed, the model may
+        be freed now."""
+        self._n_live -= 1
+        if self._n_live == 0 and self._held is not None:
+            held, self._held = self._held, None
+            self._free(held)
+
 
     # hyperparameters
     arch = property(lambda self: self._call("moas_model_arch").decode())
-    name = property(lambda self: _text(self._call("moas_model_name")))
+    @property
+    def name(self):
+        with self._use():   # the text is the model's: read before close() may free it
+            return _text(self._call("moas_model_name"))
     n_layer = property(lambda self: self._call("moas_model_n_layer"))
     n_embd = property(lambda self: self._call("moas_model_n_embd"))
     n_head = property(lambda self: self._call("moas_model_n_head"))
@@ -813,27 +874,34 @@ class Model(_Handle):
 
     def tensor_find(self, name):
         index = ctypes.c_int64()
-        _check(self._call("moas_model_tensor_find", name.encode(), ctypes.byref(index)))
+        _check(self._call("moas_model_tensor_find", _key(name), ctypes.byref(index)))
         return index.value
 
     def tensor(self, key):
         """The TensorInfo of tensor number `key`, or of the tensor called `key`."""
-        index = self.tensor_find(key) if isinstance(key, str) else key
-        info = TensorInfoC()
-        info.size = ctypes.sizeof(TensorInfoC)
-        _check(self._call("moas_model_tensor", index, ctypes.byref(info)))
-        data = None
-        if info.data and info.n_bytes:
-            raw = memoryview((ctypes.c_char * info.n_bytes).from_address(info.data))
-            data = raw.cast("B").toreadonly()
-            raw.release()
-            self._views[id(data)] = data   # released by close()
-        try:
-            ttype = Type(info.type)
-        except ValueError:
-            ttype = info.type
-        return TensorInfo(index, info.name.decode(), ttype, tuple(info.ne[:info.n_dims]),
-                          info.offset, info.n_bytes, data)
+        with self._use():   # the name and data are the model's: read before close()
+            index = self.tensor_find(key) if isinstance(key, str) else key
+            info = TensorInfoC()
+            info.size = ctypes.sizeof(TensorInfoC)
+            _check(self._call("moas_model_tensor", index, ctypes.byref(info)))
+            data = None
+            if info.data and info.n_bytes:
+                # slices and casts of the view reach the memory without it (releasing
+                # the view does not release them), but each keeps the array alive:
+                # the model's library object counts it as a dependent
+                array = (ctypes.c_char * info.n_bytes).from_address(info.data)
+                self._n_live += 1
+                weakref.finalize(array, self._view_gone)
+                raw = memoryview(array)
+                data = raw.cast("B").toreadonly()
+                raw.release()
+                self._views[id(data)] = data   # released by close()
+            try:
+                ttype = Type(info.type)
+            except ValueError:
+                ttype = info.type
+            return TensorInfo(index, info.name.decode(), ttype,
+                              tuple(info.ne[:info.n_dims]), info.offset, info.n_bytes, data)
 
     def tensors(self):
         return [self.tensor(i) for i in range(self.n_tensors)]
@@ -855,53 +923,55 @@ class Model(_Handle):
 
     def meta_type(self, key):
         t = ctypes.c_int()
-        _check(self._call("moas_model_meta_type", key.encode(), ctypes.byref(t)))
+        _check(self._call("moas_model_meta_type", _key(key), ctypes.byref(t)))
         return MetaType(t.value)
 
     def meta_int(self, key):
         v = ctypes.c_int64()
-        _check(self._call("moas_model_meta_int", key.encode(), ctypes.byref(v)))
+        _check(self._call("moas_model_meta_int", _key(key), ctypes.byref(v)))
         return v.value
 
     def meta_float(self, key):
         v = ctypes.c_double()
-        _check(self._call("moas_model_meta_float", key.encode(), ctypes.byref(v)))
+        _check(self._call("moas_model_meta_float", _key(key), ctypes.byref(v)))
         return v.value
 
     def meta_bool(self, key):
         v = ctypes.c_int32()
-        _check(self._call("moas_model_meta_bool", key.encode(), ctypes.byref(v)))
+        _check(self._call("moas_model_meta_bool", _key(key), ctypes.byref(v)))
         return bool(v.value)
 
     def meta_string(self, key):
         """A string value as str (undecodable bytes as surrogate escapes)."""
         p, n = ctypes.c_void_p(), ctypes.c_size_t()
-        _check(self._call("moas_model_meta_string", key.encode(), ctypes.byref(p),
-                          ctypes.byref(n)))
-        return _text(p.value, n.value)
+        with self._use():   # the text is the model's: read before close() may free it
+            _check(self._call("moas_model_meta_string", _key(key), ctypes.byref(p),
+                              ctypes.byref(n)))
+            return _text(p.value, n.value)
 
     def meta_array(self, key):
         """(element MetaType, length) of an array value."""
         t, n = ctypes.c_int(), ctypes.c_uint64()
-        _check(self._call("moas_model_meta_array", key.encode(), ctypes.byref(t),
+        _check(self._call("moas_model_meta_array", _key(key), ctypes.byref(t),
                           ctypes.byref(n)))
         return MetaType(t.value), n.value
 
     def meta_array_int(self, key, index):
         v = ctypes.c_int64()
-        _check(self._call("moas_model_meta_array_int", key.encode(), index, ctypes.byref(v)))
+        _check(self._call("moas_model_meta_array_int", _key(key), index, ctypes.byref(v)))
         return v.value
 
     def meta_array_float(self, key, index):
         v = ctypes.c_double()
-        _check(self._call("moas_model_meta_array_float", key.encode(), index, ctypes.byref(v)))
+        _check(self._call("moas_model_meta_array_float", _key(key), index, ctypes.byref(v)))
         return v.value
 
     def meta_array_string(self, key, index):
         p, n = ctypes.c_void_p(), ctypes.c_size_t()
-        _check(self._call("moas_model_meta_array_string", key.encode(), index,
-                          ctypes.byref(p), ctypes.byref(n)))
-        return _text(p.value, n.value)
+        with self._use():
+            _check(self._call("moas_model_meta_array_string", _key(key), index,
+                              ctypes.byref(p), ctypes.byref(n)))
+            return _text(p.value, n.value)
 
     def meta(self, key):
         """The value under `key` as a Python value of its type; arrays as lists."""
@@ -1004,12 +1074,19 @@ class Model(_Handle):
         that does not fit raises MoasValueError, as do wrong arguments; `unknown`
         ("error", "replace", "drop") is Model.tokenize's rule for characters outside
         the vocabulary; forced_scheme, mode and n_ctx are Context's."""
-        if isinstance(stop, (str, bytes)):
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, (str, bytes)):
             stop = [stop]
         stop = list(stop)
-        if not isinstance(max_tokens, int) or max_tokens < 0:
+        try:
+            n_max = operator.index(max_tokens)   # an int, a numpy integer, ...
+        except TypeError:
+            n_max = -1
+        if n_max < 0:
             raise MoasError(Status.ERR_INVALID_ARG, "max_tokens must be an integer >= 0, "
                             "got %r" % (max_tokens,))
+        max_tokens = n_max
         ids = self.tokenize(prompt, unknown=unknown)
         if not ids:
             raise MoasError(Status.ERR_INVALID_ARG, "the prompt is empty")
@@ -1069,6 +1146,9 @@ class Model(_Handle):
         total, scored = 0.0, 0
         with Context(self, n_ctx=n_ctx, mode=mode, n_threads=n_threads) as ctx:
             window = ctx.n_ctx
+            if window < 2:   # a window of one token scores nothing
+                raise MoasError(Status.ERR_INVALID_ARG, "perplexity needs windows of at "
+                                "least 2 tokens, n_ctx is %d" % window)
             for start in range(0, len(ids), window):
                 chunk = ids[start:start + window]
                 if len(chunk) < 2:
@@ -1160,6 +1240,9 @@ class Context(_Handle):
             params.pool = pool._p()
         out = ctypes.c_void_p()
         if _fork_of is not None:   # its own callback: its errors are its own
+            # the library copies the parent's log callback and allocator into the fork:
+            # what they point to must live as long as the fork, whoever goes first
+            self._log, self._allocator = _fork_of._log, _fork_of._allocator
             self._route_fn = _fork_of._route_fn
             self._route = self._route_callback(self._route_fn)
             with _fork_of._lock:
@@ -1168,8 +1251,9 @@ class Context(_Handle):
             if self._route_fn is not None:
                 library().moas_context_set_route_callback(out.value, self._route, None)
         else:
-            _check(library().moas_context_create(model._p(), ctypes.byref(params),
-                                                 ctypes.byref(out)))
+            with model._use() as model_ptr:
+                _check(library().moas_context_create(model_ptr, ctypes.byref(params),
+                                                     ctypes.byref(out)))
         self._ptr = out.value
         self._n_vocab = model.n_vocab
         self._n_layer = model.n_layer
@@ -1270,12 +1354,21 @@ class Context(_Handle):
         tokens = range(n_tokens)   # only its length below
         flat = out = None
         if which == Logits.ALL:
+            self._check_room(len(tokens))   # before a buffer sized by the caller's count
             flat, out = _float_rows(len(tokens) * self._n_vocab)
         self._run("moas_context_decode_batch", ids, len(tokens), out, which)
         if which == Logits.ALL:
             v = self._n_vocab
             return [flat[i * v:(i + 1) * v] for i in range(len(tokens))]
         return self.logits() if which == Logits.LAST else None
+
+    def _check_room(self, n_tokens):
+        """MoasValueError (ERR_CONTEXT_FULL) when n_tokens more do not fit n_ctx, as
+        the library would say, but before logits rows are allocated for them."""
+        n_past, n_ctx = self.n_past, self.n_ctx
+        if n_tokens > n_ctx - n_past:
+            raise MoasError(Status.ERR_CONTEXT_FULL, "decode_batch: %d tokens after %d "
+                            "do not fit a context of %d" % (n_tokens, n_past, n_ctx))
 
     def reset(self):
         self._invalidate()
@@ -1483,7 +1576,9 @@ class Pool(_Handle):
         self._log = _log_callback(log)
         params.log = self._log
         out = ctypes.c_void_p()
-        _check(library().moas_pool_create(model._p(), ctypes.byref(params), ctypes.byref(out)))
+        with model._use() as model_ptr:
+            _check(library().moas_pool_create(model_ptr, ctypes.byref(params),
+                                              ctypes.byref(out)))
         self._ptr = out.value
         self._n_vocab = model.n_vocab
         self._depend_on(model)
@@ -1524,15 +1619,16 @@ class Pool(_Handle):
             ids, n_tokens = _ids(tokens)
             tokens = range(n_tokens)   # only its length below
             flat = out = None
+            if not isinstance(ctx, Context):
+                raise TypeError("seqs are (Context, tokens) pairs, not (%s, ...)"
+                                % type(ctx).__name__)
             if which == Logits.ALL:
+                ctx._check_room(len(tokens))
                 flat, out = _float_rows(len(tokens) * v)
             elif which == Logits.LAST:
                 out = _array(ctypes.c_float, v, exact=True)
                 flat = _floats(out, v)
-            outs.append((flat, len(tokens)))
-            if not isinstance(ctx, Context):
-                raise TypeError("seqs are (Context, tokens) pairs, not (%s, ...)"
-                                % type(ctx).__name__)
+            outs.append((ctx, flat, len(tokens)))
             arr[i].tokens, arr[i].n_tokens = ids, len(tokens)
             arr[i].which = which
             arr[i].logits = out
@@ -1556,7 +1652,12 @@ class Pool(_Handle):
                     ctx._calling = None
         _check(status)
         result = []
-        for flat, n in outs:
+        for ctx, flat, n in outs:
+            if n == 0 and which == Logits.LAST:   # as decode_batch([]): what it holds
+                last = ctx.logits()
+                result.append(None if last is None else _floats(
+                    _array_type(ctypes.c_float, v, exact=True).from_buffer_copy(last), v))
+                continue
             if flat is None or n == 0:
                 result.append(None)
                 continue
@@ -1639,7 +1740,9 @@ class Sampler(_Handle):
             raise MoasError(Status.ERR_INVALID_ARG, "logits must be %d float32 values"
                             % self.n_vocab)
         floats = _array_type(ctypes.c_float, self.n_vocab, exact=True)
-        if view.readonly:   # our logits view, bytes, ...: copy (n_vocab floats)
+        if not view.c_contiguous:   # a strided slice: its values, copied in order
+            buf = floats.from_buffer_copy(view.tobytes())
+        elif view.readonly:   # our logits view, bytes, ...: copy (n_vocab floats)
             buf = floats.from_buffer_copy(view.cast("B"))
         else:
             buf = floats.from_buffer(view.cast("B"))
@@ -1649,19 +1752,26 @@ class Sampler(_Handle):
         """A token id chosen from `logits`: n_vocab float32 values as a buffer (the
         view from Context.logits(), array('f'), ...), a sequence, or a Context (its
         current logits, read in place)."""
+        if logits is None:   # decode_batch(..., logits="none") or of no tokens
+            raise MoasError(Status.ERR_INVALID_ARG, "no logits to sample from (nothing "
+                            "decoded, or decoded without logits)")
         ptr, _keep = self._pointer(logits)
         token = ctypes.c_int32()
         _check(library().moas_sampler_sample(self._p(), ptr, ctypes.byref(token)))
         return token.value
 
     def reseed(self, seed):
-        library().moas_sampler_reseed(self._p(), seed)
+        library().moas_sampler_reseed(self._p(), _int("seed", seed, ctypes.c_uint64))
 
     def accept(self, tokens):
         """Remember a token id, or each of a sequence (a prompt), for the repetition
         penalty, as if sampled."""
-        for token in ([tokens] if isinstance(tokens, int) else tokens):
-            _check(library().moas_sampler_accept(self._p(), token))
+        try:
+            tokens = [operator.index(tokens)]   # one id (an int, a numpy integer)
+        except TypeError:
+            pass
+        for token in tokens:
+            _check(library().moas_sampler_accept(self._p(), _int("token", token)))
 
     def reset(self):
         """Forget the tokens remembered for the repetition penalty."""
@@ -1689,6 +1799,8 @@ def find_stop(text, stops, more=True):
     follow (it may become a stop string). `text` and `stops` are str (UTF-8) or bytes;
     `end` counts characters for str, bytes for bytes."""
     raw = _utf8(text)
+    if isinstance(stops, (str, bytes)):   # one stop string, not its characters
+        stops = [stops]
     stop_raw = [_utf8(s) for s in stops]
     if any(b"\0" in s for s in stop_raw):   # C strings: it would match only up to the NUL
         raise ValueError("a stop string contains NUL")
