@@ -529,16 +529,18 @@ static uint64_t kv_bytes_at(const moas_context *ctx, int32_t layer, int32_t n_to
 
 /* Give back the pages past what n_past tokens hold, and publish what the context now
  * uses for moas_pool_stats (which other threads may call while this context decodes:
- * they read only these figures, under the pool's lock). */
+ * they read only these figures, under the pool's lock). Both under one lock: pages
+ * given back before the figures fell showed a pool holding less than it stored. */
 static void pages_trim(moas_context *ctx) {
     uint64_t stored = 0;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
-        const uint32_t heads = stream_heads(ctx, i, ctx->n_past);
-        moas__kv_trim(ctx->pool, &ctx->kv[i], heads);
-        stored += (uint64_t)heads * 2 * ctx->pool->head_bytes;
+        stored += (uint64_t)stream_heads(ctx, i, ctx->n_past) * 2 * ctx->pool->head_bytes;
     }
     const uint64_t used = kv_bytes_at(ctx, -1, ctx->n_past);
     moas__pool_lock(ctx->pool);
+    for (int32_t i = 0; i < ctx->n_streams; i++) {
+        moas__kv_trim(ctx->pool, &ctx->kv[i], stream_heads(ctx, i, ctx->n_past));
+    }
     ctx->published_used = used;
     ctx->published_stored = stored;
     moas__pool_unlock(ctx->pool);
@@ -1445,11 +1447,19 @@ moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t s
         moas__pool_unlock(pool);
         return fail(ctx, st);
     }
+    uint64_t stored = 0;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         moas__kv_drop_all(pool, &ctx->kv[i]);
+        stored += (uint64_t)heads[i] * 2 * pool->head_bytes;
     }
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         moas__kv_grow(pool, &ctx->kv[i], 0, heads[i]);
+    }
+    /* until pages_trim publishes the loaded state's figures, the context stores no
+     * more than both states: the pages it now holds cover that */
+    if (ctx->published_stored > stored) {
+        ctx->published_used -= ctx->published_stored - stored;
+        ctx->published_stored = stored;
     }
     moas__pool_unlock(pool);
 

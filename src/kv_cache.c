@@ -177,14 +177,9 @@ void moas__kv_drop_all(moas_pool *pool, moas_kv_stream *kv) {
 
 void moas__kv_trim(moas_pool *pool, moas_kv_stream *kv, uint32_t heads) {
     const int32_t keep = (int32_t)pages_for(pool, heads);
-    if (kv->n_pages <= keep) {
-        return;
-    }
-    moas__pool_lock(pool);
     while (kv->n_pages > keep) {
         drop_page(pool, kv->pages[--kv->n_pages]);
     }
-    moas__pool_unlock(pool);
 }
 
 uint32_t moas__kv_fork_copies(const moas_pool *pool, uint32_t heads) {

@@ -228,7 +228,7 @@ void moas__kv_unshare(struct moas_pool *pool, moas_kv_stream *kv, uint32_t from)
 /* With the pool locked: drop every page `kv` holds. */
 void moas__kv_drop_all(struct moas_pool *pool, moas_kv_stream *kv);
 
-/* Give back the pages of `kv` beyond those `heads` heads need. */
+/* With the pool locked: give back the pages of `kv` beyond those `heads` heads need. */
 void moas__kv_trim(struct moas_pool *pool, moas_kv_stream *kv, uint32_t heads);
 
 /* The pages a fork of a stream of `heads` heads takes: 1 when its last page is partly
