@@ -59,7 +59,10 @@
  * calls on different contexts never interfere. A context may use several threads
  * inside one call (OpenMP, `n_threads`); results do not depend on that number. The
  * calling thread leads them and runs every callback; the others spin briefly between
- * the call's parallel steps, then sleep. When the other threads come late (the
+ * the call's parallel steps, then sleep, and the calling thread waiting for another's
+ * slice spins, yields, then sleeps. Between calls the workers are the OpenMP runtime's,
+ * which keeps them spinning for a while by default (OMP_WAIT_POLICY=passive: they
+ * sleep at once; docs/API.md, "Decode"). When the other threads come late (the
  * machine's cores are busy), the following calls run on the calling thread alone for
  * a while; a call should still not ask for more threads than it has free cores. A decoding call needs up to about 48 KB of stack on the calling thread
  * and on each OpenMP worker (Q8_0 weights make a block of rows into floats there).

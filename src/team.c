@@ -71,15 +71,22 @@
  * 20x slower than 1 beside busy processes). */
 #define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
 
+/* Yields, after MOAS_TEAM_SPINS spins, before a leader waiting for a slice another
+ * thread runs sleeps until it ends, where futexes exist: a slice longer than about a
+ * millisecond (a long product, a worker preempted mid-slice) then costs the leader's
+ * core nothing, where it yielded in a loop for as long as it lasted. */
+#define MOAS_TEAM_YIELDS_BEFORE_SLEEP (1u << 10)
+
+/* A futex word: a 32-bit atomic counter (`posted` or `done`). */
 #if defined(MOAS_TEAM_FUTEX) && defined(_OPENMP)
-static void futex_wait(atomic_uint *addr, unsigned seen) {
+static void futex_wait(void *addr, unsigned seen) {
     /* returns at once (EAGAIN) if *addr != seen; spurious wake-ups are fine */
     syscall(SYS_futex, (unsigned *)addr, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
 }
 #endif
 
 #if defined(MOAS_TEAM_FUTEX)
-static void futex_wake_all(atomic_uint *addr) {
+static void futex_wake_all(void *addr) {
     syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
 }
 #endif
@@ -141,7 +148,14 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
         return false;
     }
     team->fn(team->arg, i, team->nth);
-    atomic_fetch_add_explicit(&team->done, 1, memory_order_release);
+    atomic_fetch_add_explicit(&team->done, 1, memory_order_seq_cst);
+#if defined(MOAS_TEAM_FUTEX)
+    /* with the leader's store of leader_asleep and load of done (both seq_cst), either
+     * it sees this slice done or this sees it asleep */
+    if (atomic_load_explicit(&team->leader_asleep, memory_order_seq_cst)) {
+        futex_wake_all(&team->done);
+    }
+#endif
     return true;
 }
 
@@ -176,8 +190,19 @@ void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) 
     }
     if (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
         /* another thread still runs a slice it claimed */
-        uint32_t spins = 0;
-        while (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
+        uint32_t spins = 0, yields = 0;
+        int done;
+        while ((done = atomic_load_explicit(&team->done, memory_order_acquire)) < team->nth) {
+#if defined(MOAS_TEAM_FUTEX) && defined(_OPENMP)
+            if (spins >= MOAS_TEAM_SPINS && yields++ >= MOAS_TEAM_YIELDS_BEFORE_SLEEP) {
+                atomic_store_explicit(&team->leader_asleep, 1, memory_order_seq_cst);
+                if (atomic_load_explicit(&team->done, memory_order_seq_cst) == done) {
+                    futex_wait(&team->done, (unsigned)done);
+                }
+                atomic_store_explicit(&team->leader_asleep, 0, memory_order_relaxed);
+                continue;
+            }
+#endif
             team_wait(&spins);
         }
         const int64_t waited = now_ns() - t1;
@@ -225,6 +250,7 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
     atomic_store_explicit(&team->posted, 0u, memory_order_relaxed);
     atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);
+    atomic_store_explicit(&team->leader_asleep, 0, memory_order_relaxed);
 #if defined(_OPENMP)
     if (n_threads > 1 && team->solo_left > 0 && !team->never_solo) {
         team->solo_left--;   /* the last teams came late: this call runs alone */

@@ -40,6 +40,8 @@ typedef struct moas_team {
     char pad2[64];
     atomic_int sleepers;      /* workers asleep on `posted` (or about to be): the leader
                                * wakes them when it posts, and only then */
+    atomic_int leader_asleep; /* the leader sleeps on `done` (or is about to): whoever
+                               * finishes a slice wakes it */
     /* the leader's own, kept from call to call (a team lives as long as its context) */
     int64_t wait_ns;          /* this call: time the leader waited for others' slices */
     int64_t saved_ns;         /* this call: what the others' slices would have cost the

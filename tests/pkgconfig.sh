@@ -12,6 +12,8 @@ prefix="$tmp/prefix"
 model="$top/tests/data/tiny-moas-bias.gguf"
 
 fail() { echo "pkgconfig: FAIL: $*"; exit 1; }
+command -v pkg-config >/dev/null 2>&1 ||
+    { echo "*** SKIP: pkg-config consumer (pkg-config not found: apt-get install pkg-config) ***"; exit 0; }
 
 # check_errors CMD...: without arguments the example prints a usage line to stderr and
 # exits 2; on a library error it prints the library's message (naming the path), exit 1

@@ -459,6 +459,55 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
     return TEST_PASS;
 }
 
+/* A leader waiting for a long slice another thread runs sleeps instead of yielding
+ * its core in a loop: slice 0 (the leader's own) naps 5 ms, so a worker claims slice
+ * 1, which naps 60 ms; the leader's CPU time across the step stays a few milliseconds
+ * (spins and yields first), where it was about the whole 55 ms of waiting. */
+typedef struct {
+    moas_team team;
+    int64_t leader_cpu_ns;
+    int32_t nth;
+} long_slice_probe;
+
+static int64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void long_slice(void *arg, int32_t ith, int32_t nth) {
+    (void)arg;
+    (void)nth;
+    const struct timespec nap = {0, ith == 0 ? 5000000 : 60000000};
+    nanosleep(&nap, NULL);
+}
+
+static void long_slice_body(void *arg) {
+    long_slice_probe *p = arg;
+    p->nth = p->team.nth;
+    const int64_t t0 = thread_cpu_ns();
+    moas__team_run(&p->team, true, long_slice, p);
+    p->leader_cpu_ns = thread_cpu_ns() - t0;
+}
+
+TEST(team_leader_sleeps_through_a_long_slice) {
+#if defined(_OPENMP)
+    long_slice_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.never_solo = true;
+    moas__team_lead(&p->team, 2, long_slice_body, p);
+    if (p->nth < 2) {   /* OpenMP gave one thread: nothing to wait for */
+        free(p);
+        return TEST_SKIP;
+    }
+    ASSERT_TRUE(p->leader_cpu_ns < 20000000);
+    free(p);
+    return TEST_PASS;
+#else
+    return TEST_SKIP;
+#endif
+}
+
 /* A team is late when the leader lost more than the others saved it, by over 10 us;
  * the next calls then run alone, as many as teams that keep up (their gain averaged)
  * need to win the excess back, times a scale: 4x after each late team, half after

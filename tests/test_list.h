@@ -177,6 +177,7 @@ X(concurrency_last_error_is_per_thread)
 X(team_runs_every_slice_of_every_step_once)
 X(team_leaders_in_a_parallel_region_keep_their_steps_apart)
 X(team_workers_that_sleep_still_run_every_slice_once)
+X(team_leader_sleeps_through_a_long_slice)
 X(team_judge_backs_off_and_recovers)
 X(team_runs_alone_while_backing_off)
 
