@@ -1015,7 +1015,8 @@ MOAS_API moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs
  * CONSTRUCTOR: moas_context
  *
  * The child has the parent's tokens, routing records, logits and settings (mode,
- * n_ctx, forced scheme, budget, route callback), in the parent's pool. It shares the
+ * n_ctx, forced scheme, budget, route callback, log callback and allocator: what
+ * their pointers reach must outlive the child too), in the parent's pool. It shares the
  * parent's full pages (copy on write: whichever later writes into a shared page copies
  * it first) and gets its own copy of the partly filled last page of each stream, so N
  * forks of a prompt hold one prompt of pages plus their own tokens. Afterwards parent
