@@ -1362,9 +1362,10 @@ static moas_status state_check(const moas_context *ctx, const uint8_t *buf, size
     const moas_model *m = ctx->model;
     uint32_t h[STATE_HEADER_WORDS];
 
-    /* a state cut short is corrupt however short; bytes that do not begin as a state
-     * does are not one */
+    /* a state cut short is corrupt however short; no bytes, or bytes that do not begin
+     * as a state does, are not one */
     const uint32_t magic[2] = {STATE_MAGIC0, STATE_MAGIC1};
+    MOAS_RETURN_IF(size == 0, MOAS_ERR_BAD_FORMAT, "%s: no state (0 bytes)", what);
     MOAS_RETURN_IF(memcmp(buf, magic, size < sizeof magic ? size : sizeof magic) != 0,
                    MOAS_ERR_BAD_FORMAT, "%s: not a libmoas state (bad magic)", what);
     MOAS_RETURN_IF(size < sizeof h, MOAS_ERR_CORRUPT,

@@ -634,7 +634,8 @@ TEST(state_load_refuses_bad_data_and_changes_nothing) {
     size_t written;
     ASSERT_TRUE(good && bad);
     ASSERT_OK(moas_context_state_save(src, good, n, &written));
-    for (size_t cut = 0; cut < n; cut++) {
+    ASSERT_STATUS(moas_context_state_load(ctx, good, 0), MOAS_ERR_BAD_FORMAT);
+    for (size_t cut = 1; cut < n; cut++) {
         ASSERT_STATUS(moas_context_state_load(ctx, good, cut), MOAS_ERR_CORRUPT);
     }
     const uint8_t not_a_state[3] = {'G', 'G', 'U'};
