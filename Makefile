@@ -523,9 +523,12 @@ lint:
 	    | grep -v 'snprintf\|vsnprintf' || { echo "lint: forbidden call in src/"; exit 1; }
 	@echo "lint: ok"
 
-# The build's own directories; the default one's also takes the sub-builds of `make
-# test` (build-*) with it, an out-of-tree BUILD= only itself.
+# The build's own directories: the default one's also takes the sub-builds of `make
+# test` (build-*) and lib/, bin/ with it; another BUILD= only itself, and LIBOUT=,
+# BINOUT= when they are named too (the defaults are the default build's).
 clean:
-	rm -rf $(BUILD) $(LIBOUT) $(BINOUT) $(if $(filter build,$(BUILD)),build-*)
+	rm -rf $(BUILD) $(if $(filter build,$(BUILD)),build-* $(LIBOUT) $(BINOUT),\
+	    $(if $(filter-out file,$(origin LIBOUT)),$(LIBOUT)) \
+	    $(if $(filter-out file,$(origin BINOUT)),$(BINOUT)))
 
 -include $(DEPS)

@@ -1302,8 +1302,8 @@ MOAS_API void moas_sampler_free(moas_sampler *sampler);
  * Advances the random stream by one draw (greedy draws nothing) and remembers the
  * token for the repetition penalty. `logits` is only read. NaN logits are never
  * chosen; +infinity logits are certain: one of them is chosen, each as likely (greedy:
- * the first); if every logit (biases and penalty applied) is NaN or -infinity the call
- * fails.
+ * the first; top_k and top_p keep the lowest ids of equal logits, as for finite ones);
+ * if every logit (biases and penalty applied) is NaN or -infinity the call fails.
  *
  * Returns: MOAS_OK with *token set, or MOAS_ERR_INVALID_ARG (NULL argument, no
  *          finite logit).

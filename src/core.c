@@ -175,8 +175,8 @@ moas_status moas__params_copy(void *dst, const void *src, const moas__layout *la
 /* ---- the public structs that begin with their size ------------------------------ */
 
 /* A layout's list must end with the struct's last field: nothing but padding after
- * it (a field appended to moas.h and forgotten here fails the build). The fields
- * before it are checked by a test (layouts_list_every_field). */
+ * it (a field appended to moas.h and forgotten here fails the build). The lists are
+ * checked against moas.h's declarations by tests/python/test_api_doc.py. */
 #define LAYOUT_ENDS_WITH(type_, member_)                                                   \
     _Static_assert((offsetof(type_, member_) + sizeof(((type_ *)0)->member_) +             \
                     _Alignof(type_) - 1) / _Alignof(type_) * _Alignof(type_) ==            \

@@ -460,13 +460,16 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
 }
 
 /* A leader waiting for a long slice another thread runs sleeps instead of yielding
- * its core in a loop: slice 0 (the leader's own) naps 5 ms, so a worker claims slice
- * 1, which naps 60 ms; the leader's CPU time across the step stays a few milliseconds
- * (spins and yields first), where it was about the whole 55 ms of waiting. */
+ * its core in a loop: a worker runs slice 1, 60 ms of napping, while the leader's own
+ * slice ends as soon as that has begun; the leader's CPU time across the step stays a
+ * few milliseconds (spins and yields first), where it was about the whole wait. */
 typedef struct {
     moas_team team;
     int64_t leader_cpu_ns;
     int32_t nth;
+    atomic_int long_started;   /* slice 1 has begun, on a worker */
+    pthread_t leader;
+    bool long_on_worker;
 } long_slice_probe;
 
 static int64_t thread_cpu_ns(void) {
@@ -475,16 +478,27 @@ static int64_t thread_cpu_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Slice 0 (the leader's own) naps until a worker has begun slice 1, at most 2 s, so
+ * that the leader does not take slice 1 itself; slice 1 naps 60 ms. */
 static void long_slice(void *arg, int32_t ith, int32_t nth) {
-    (void)arg;
+    long_slice_probe *p = arg;
     (void)nth;
-    const struct timespec nap = {0, ith == 0 ? 5000000 : 60000000};
-    nanosleep(&nap, NULL);
+    const struct timespec ms = {0, 1000000}, long_nap = {0, 60000000};
+    if (ith == 0) {
+        for (int i = 0; i < 2000 && !atomic_load(&p->long_started); i++) {
+            nanosleep(&ms, NULL);
+        }
+        return;
+    }
+    p->long_on_worker = !pthread_equal(pthread_self(), p->leader);
+    atomic_store(&p->long_started, 1);
+    nanosleep(&long_nap, NULL);
 }
 
 static void long_slice_body(void *arg) {
     long_slice_probe *p = arg;
     p->nth = p->team.nth;
+    p->leader = pthread_self();
     const int64_t t0 = thread_cpu_ns();
     moas__team_run(&p->team, true, long_slice, p);
     p->leader_cpu_ns = thread_cpu_ns() - t0;
@@ -500,6 +514,7 @@ TEST(team_leader_sleeps_through_a_long_slice) {
         free(p);
         return TEST_SKIP;
     }
+    ASSERT_TRUE(p->long_on_worker);   /* the leader waited for it */
     ASSERT_TRUE(p->leader_cpu_ns < 20000000);
     free(p);
     return TEST_PASS;

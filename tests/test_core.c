@@ -93,9 +93,11 @@ TEST(params_init_sets_size_and_defaults) {
     return TEST_PASS;
 }
 
-/* Every public struct that begins with its size has a layout listing every field in
- * order: no field left out between two listed ones (a gap as wide as the next field
- * would hold one). The last field is checked when the library is built. */
+/* Every public struct that begins with its size has a layout listing its fields in
+ * order, none overlapping, the size field first; the last is the struct's last (also
+ * checked when the library is built). That none is missing between two listed ones,
+ * which offsets cannot tell from padding, is checked against moas.h by
+ * tests/python/test_api_doc.py. */
 TEST(layouts_list_every_field) {
     const moas__layout *layouts[] = {
         &moas__model_params_layout,  &moas__tensor_info_layout,     &moas__context_params_layout,

@@ -67,6 +67,24 @@ class ApiDoc(unittest.TestCase):
         self.assertEqual(set(header_functions()) - declared, set(), "missing from moas-sys")
         self.assertEqual(declared - set(header_functions()), set(), "not in moas.h")
 
+    def test_params_layouts_list_every_field_of_the_header(self):
+        # src/core.c lists each size-prefixed struct's fields so that a size cutting one
+        # is refused; a field missing there would be cut silently. Offsets alone cannot
+        # tell a missing field from padding, so its list is checked against moas.h.
+        header = read("include/moas.h")
+        listed = {}
+        for struct, member in re.findall(r"MOAS__FIELD\((moas_\w+), (\w+)\)",
+                                         read("src/core.c")):
+            listed.setdefault(struct, []).append(member)
+        self.assertEqual(len(listed), 7)
+        for struct, members in listed.items():
+            body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), header,
+                             re.S).group(1)
+            body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+            declared = [re.findall(r"(\w+)\s*(?:\[\w+\])?$", d.strip())[0]
+                        for d in body.split(";") if d.strip()]
+            self.assertEqual(members, declared, struct)
+
     def test_abi_suppressions_name_every_count_enumerator(self):
         counts = set(re.findall(r"^\s+(MOAS_\w+_COUNT)\b", read("include/moas.h"), re.M))
         self.assertIn("MOAS_MODE_COUNT", counts)

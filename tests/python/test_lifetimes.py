@@ -182,6 +182,32 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_model_close_waits_for_a_context_being_made(self):
+        # a thread switch between making the library's context and counting it as the
+        # model's dependent (widened here by a slow _depend_on) let close() free the
+        # model under it: its first decode read freed weights
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            slow_from = moas._Handle._depend_on
+            def slow(self, owner):
+                time.sleep(0.2)
+                slow_from(self, owner)
+            moas._Handle._depend_on = slow
+            made = {}
+            def make():
+                try:
+                    made["ctx"] = moas.Context(m)
+                except moas.MoasError as e:
+                    made["error"] = e
+            t = threading.Thread(target=make)
+            t.start(); time.sleep(0.05)
+            m.close()
+            t.join()
+            ctx = made.get("ctx")
+            assert ctx is None or ctx.closed, "a context over a freed model"
+            print("ok")
+        """)
+
     def test_model_close_waits_for_a_call_on_another_thread(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

@@ -646,6 +646,12 @@ Model.close() releases it, and a slice or cast of it keeps that memory (the libr
 model) until it goes."""
 
 
+# Guards every handle's count of live dependents and its held pointer: contexts are
+# freed, and views of a model's memory collected, on any thread. Reentrant, as the
+# collector may run a view's finaliser inside a section that holds it.
+_LIVE = threading.RLock()
+
+
 class _Handle:
     """A library object owned by Python: released by close(), a `with` block, or the
     garbage collector. Calls on a closed handle raise MoasError.
@@ -684,30 +690,41 @@ class _Handle:
 
     def _depend_on(self, owner):
         """This object's library object needs owner's until it is freed."""
-        owner._dependents.add(self)
-        owner._n_live += 1
+        with _LIVE:
+            owner._dependents.add(self)
+            owner._n_live += 1
         self._owners += (owner,)
 
     def _freed(self):
         """After this object's library object is freed: its owners may go now."""
         for owner in self._owners:
-            owner._n_live -= 1
-            if owner._n_live == 0 and owner._held is not None:
-                held, owner._held = owner._held, None
-                owner._free(held)
+            owner._dependent_gone()
         self._owners = ()
+
+    def _dependent_gone(self):
+        """One dependent's library object (or a view of the model's memory) is gone:
+        a closed owner whose last one it was is freed now."""
+        with _LIVE:
+            self._n_live -= 1
+            held = None
+            if self._n_live == 0 and self._held is not None:
+                held, self._held = self._held, None
+        if held is not None:
+            self._free(held)
 
     def _close_owner(self):
         """close() of a Model or Pool: its dependents first, then itself, unless some
         are still alive (a cycle being collected): then with the last of them."""
         for dep in list(self._dependents):
             dep.close()
-        if self._ptr is not None:
-            ptr, self._ptr = self._ptr, None
-            if self._n_live > 0:
-                self._held = ptr
-            else:
-                self._free(ptr)
+        with _LIVE:
+            ptr = None
+            if self._ptr is not None:
+                ptr, self._ptr = self._ptr, None
+                if self._n_live > 0:
+                    self._held, ptr = ptr, None
+        if ptr is not None:
+            self._free(ptr)
 
     def _call(self, name, *args):
         fn = getattr(library(), name)
@@ -829,10 +846,7 @@ class Model(_Handle):
     def _view_gone(self):
         """The last memoryview over a tensor's data went: once closed, the model may
         be freed now."""
-        self._n_live -= 1
-        if self._n_live == 0 and self._held is not None:
-            held, self._held = self._held, None
-            self._free(held)
+        self._dependent_gone()
 
 
     # hyperparameters
@@ -890,7 +904,8 @@ class Model(_Handle):
                 # the view does not release them), but each keeps the array alive:
                 # the model's library object counts it as a dependent
                 array = (ctypes.c_char * info.n_bytes).from_address(info.data)
-                self._n_live += 1
+                with _LIVE:
+                    self._n_live += 1
                 weakref.finalize(array, self._view_gone)
                 raw = memoryview(array)
                 data = raw.cast("B").toreadonly()
@@ -1239,28 +1254,30 @@ class Context(_Handle):
                 raise MoasError(Status.ERR_INVALID_ARG, "the pool was made for another model")
             params.pool = pool._p()
         out = ctypes.c_void_p()
-        if _fork_of is not None:   # its own callback: its errors are its own
-            # the library copies the parent's log callback and allocator into the fork:
-            # what they point to must live as long as the fork, whoever goes first
-            self._log, self._allocator = _fork_of._log, _fork_of._allocator
-            self._route_fn = _fork_of._route_fn
-            self._route = self._route_callback(self._route_fn)
-            with _fork_of._lock:
-                _fork_of._check_not_inside("fork")
-                _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
-            if self._route_fn is not None:
-                library().moas_context_set_route_callback(out.value, self._route, None)
-        else:
-            with model._use() as model_ptr:
+        # a call on the model until this context counts as its dependent: model.close()
+        # on another thread waits for it, then closes the context first
+        with model._use() as model_ptr:
+            if _fork_of is not None:   # its own callback: its errors are its own
+                # the library copies the parent's log callback and allocator into the
+                # fork: what they point to must live as long as the fork
+                self._log, self._allocator = _fork_of._log, _fork_of._allocator
+                self._route_fn = _fork_of._route_fn
+                self._route = self._route_callback(self._route_fn)
+                with _fork_of._lock:
+                    _fork_of._check_not_inside("fork")
+                    _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
+                if self._route_fn is not None:
+                    library().moas_context_set_route_callback(out.value, self._route, None)
+            else:
                 _check(library().moas_context_create(model_ptr, ctypes.byref(params),
                                                      ctypes.byref(out)))
-        self._ptr = out.value
-        self._n_vocab = model.n_vocab
-        self._n_layer = model.n_layer
-        self._n_scheme = model.n_scheme
-        self._depend_on(model)
-        if pool is not None:
-            self._depend_on(pool)
+            self._ptr = out.value
+            self._n_vocab = model.n_vocab
+            self._n_layer = model.n_layer
+            self._n_scheme = model.n_scheme
+            self._depend_on(model)
+            if pool is not None:
+                self._depend_on(pool)
 
     # lifetime
     def close(self):
@@ -1576,12 +1593,12 @@ class Pool(_Handle):
         self._log = _log_callback(log)
         params.log = self._log
         out = ctypes.c_void_p()
-        with model._use() as model_ptr:
+        with model._use() as model_ptr:   # until it counts as the model's dependent
             _check(library().moas_pool_create(model_ptr, ctypes.byref(params),
                                               ctypes.byref(out)))
-        self._ptr = out.value
-        self._n_vocab = model.n_vocab
-        self._depend_on(model)
+            self._ptr = out.value
+            self._n_vocab = model.n_vocab
+            self._depend_on(model)
 
     def close(self):
         """Close the pool's contexts (each after a call on it ends), then the pool.
