@@ -541,4 +541,34 @@ assert round(r["nats_per_token"], 4) == float(sys.argv[2]), r["nats_per_token"]
 assert round(r["kv_bytes_per_token"]) == int(sys.argv[3]), r["kv_bytes_per_token"]
 PY
 
+# output that cannot be written is a failure: a closed stdout, or a reader that went
+# away while SIGPIPE is ignored (generation stops at the first failed write)
+expect_error 1 "cannot write stdout" sh -c '"$0" inspect -m "$1" >&-' "$moas" "$model"
+set +e
+(trap '' PIPE; "$moas" generate -m "$model" -p "A" -n 5000 -t 1 2>"$tmp/pipe.err"; \
+    echo $? >"$tmp/pipe.rc") | head -c 3 >/dev/null
+set -e
+[ "$(cat "$tmp/pipe.rc")" = 1 ] && grep -q "cannot write stdout" "$tmp/pipe.err" \
+    || fail "generate into a closed pipe: $(cat "$tmp/pipe.rc") $(cat "$tmp/pipe.err")"
+# logits never writes over its inputs (the mapped model gave a bus error)
+cp "$model" "$tmp/own.gguf"
+expect_error 1 "is the model file" "$moas" logits -m "$tmp/own.gguf" -f "$data/tiny.txt" \
+    -o "$tmp/own.gguf"
+cmp -s "$model" "$tmp/own.gguf" || fail "logits -o MODEL changed the model"
+cp "$data/tiny.txt" "$tmp/own.txt"
+expect_error 1 "is the text" "$moas" logits -m "$model" -f "$tmp/own.txt" -o "$tmp/own.txt"
+cmp -s "$data/tiny.txt" "$tmp/own.txt" || fail "logits -o TEXT changed the text"
+# help about help; --version takes nothing more
+"$moas" help help | grep -q '^usage: moas COMMAND' || fail "help help"
+"$moas" help --help | grep -q '^usage: moas COMMAND' || fail "help --help"
+expect_error 2 "takes no argument" "$moas" --version extra
+# an error in the middle of the text starts a line of its own when both streams show
+# in one place: every token banned, the first sample fails after the prompt's echo
+bans=$(i=0; while [ $i -lt 47 ]; do printf -- '--logit-bias %s=-inf ' $i; i=$((i + 1)); done)
+set +e
+# shellcheck disable=SC2086
+"$moas" generate -m "$model" -p "and" -n 3 $bans >"$tmp/both" 2>&1
+set -e
+grep -q '^moas: error: sample' "$tmp/both" || fail "error glued to the text: $(cat "$tmp/both")"
+
 echo "cli: ok"

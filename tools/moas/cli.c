@@ -9,11 +9,32 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+
+int cli_line_open;
+
+const char *cli_note_start(void) {
+    struct stat out, err;
+    if (!cli_line_open) {
+        return "";
+    }
+    if (isatty(STDERR_FILENO)) {
+        return "\n";
+    }
+    if (fstat(STDOUT_FILENO, &out) == 0 && fstat(STDERR_FILENO, &err) == 0 &&
+        out.st_dev == err.st_dev && out.st_ino == err.st_ino) {
+        return "\n";
+    }
+    return "";
+}
 
 void die(const char *fmt, ...) {
     va_list ap;
     fflush(stdout);
+    fputs(cli_note_start(), stderr);   /* the error starts a line of its own */
+    cli_line_open = 0;
     fputs("moas: error: ", stderr);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);

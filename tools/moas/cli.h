@@ -140,6 +140,13 @@ __attribute__((format(printf, 1, 2), noreturn))
 #endif
 void die(const char *fmt, ...);
 
+/* Text on stdout whose last line is not finished (generate sets it), and what a line on
+ * stderr then starts with: a newline when both show in one place (stderr a terminal,
+ * or the same file or pipe as stdout), so that it starts a line of its own. die() uses
+ * it too. */
+extern int cli_line_open;
+const char *cli_note_start(void);
+
 /* Exit with the library's message when `st` is a failure. */
 void check(moas_status st, const char *what);
 

@@ -3,6 +3,7 @@
  */
 #include "cli.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,34 +63,16 @@ const command moas_cmd_generate = {
 /* ---- the text on stdout --------------------------------------------------------- */
 
 /* The text goes to stdout piece by piece, flushed, so that it shows as it is made and
- * stays in order with stderr's lines when both go to one pipe. line_open: the last
- * byte written is not a newline. */
-static int line_open;
-
+ * stays in order with stderr's lines when both go to one pipe (cli_line_open: the last
+ * byte written is not a newline). A write that fails (a closed stdout, a full disk, a
+ * reader gone while SIGPIPE is ignored) ends the run at once. */
 static void put_text(const char *text, size_t len) {
     if (len > 0) {
-        fwrite(text, 1, len, stdout);
-        fflush(stdout);
-        line_open = text[len - 1] != '\n';
+        if (fwrite(text, 1, len, stdout) != len || fflush(stdout) != 0) {
+            die("cannot write stdout: %s", strerror(errno));
+        }
+        cli_line_open = text[len - 1] != '\n';
     }
-}
-
-/* What a note on stderr starts with in the middle of the text: a newline when the text
- * has an unfinished line that shows where the note does (stderr a terminal, or the
- * same file or pipe as stdout), so that the note starts a line of its own. */
-static const char *note_start(void) {
-    struct stat out, err;
-    if (!line_open) {
-        return "";
-    }
-    if (isatty(STDERR_FILENO)) {
-        return "\n";
-    }
-    if (fstat(STDOUT_FILENO, &out) == 0 && fstat(STDERR_FILENO, &err) == 0 &&
-        out.st_dev == err.st_dev && out.st_ino == err.st_ino) {
-        return "\n";
-    }
-    return "";
 }
 
 /* One line of the timings, llama.cpp's layout: the time, then (n >= 0) the tokens, then
@@ -262,7 +245,7 @@ static int run(int argc, char **argv) {
                     fprintf(stderr, "%smoas: the context (%d tokens) is full: from here on, "
                             "each time it fills, the first %d tokens stay, the next %d are "
                             "dropped and the rest move down (a context shift: RoPE keys "
-                            "turned back, nothing decoded again)\n", note_start(), n_ctx, sink,
+                            "turned back, nothing decoded again)\n", cli_note_start(), n_ctx, sink,
                             drop);
                 }
                 memmove(window + sink, window + sink + drop,
@@ -279,7 +262,7 @@ static int run(int argc, char **argv) {
                                           : "the shift failed: ";
                     fprintf(stderr, "%smoas: the context (%d tokens) is full and %s%s: from "
                             "here on, each time it fills, generation goes on from its last "
-                            "%d tokens, decoded again from position 0\n", note_start(), n_ctx,
+                            "%d tokens, decoded again from position 0\n", cli_note_start(), n_ctx,
                             why, drop > 0 && shifted != MOAS_ERR_INVALID_ARG
                                      ? moas_status_string(shifted) : "", keep);
                 }
@@ -302,7 +285,7 @@ static int run(int argc, char **argv) {
         put_text(pending, show);
     }
     free(pending);
-    if (line_open) {   /* the text ends a line before anything else is printed */
+    if (cli_line_open) {   /* the text ends a line before anything else is printed */
         put_text("\n", 1);
     }
 

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static void usage(FILE *f) {
     fputs("usage: moas logits -m MODEL -f TEXT -o OUT [options]\n"
@@ -51,6 +52,20 @@ static int run(int argc, char **argv) {
     if (n_tokens == 0) {
         die("%s has no characters: there are no logits to write",
             text_name(o.text_path, name, sizeof name));
+    }
+    /* the output must not be an input: opening it for writing would truncate the
+     * model's mapped file (a bus error) or the text before they are read */
+    struct stat out_st, in_st;
+    if (stat(o.out_path, &out_st) == 0) {
+        const char *inputs[2] = {o.model_path, o.text_path};
+        for (int k = 0; k < 2; k++) {
+            if (inputs[k] != NULL && strcmp(inputs[k], "-") != 0 &&
+                stat(inputs[k], &in_st) == 0 && in_st.st_dev == out_st.st_dev &&
+                in_st.st_ino == out_st.st_ino) {
+                die("-o '%s' is the %s: the logits would overwrite it", o.out_path,
+                    k == 0 ? "model file" : "text");
+            }
+        }
     }
     FILE *out = fopen(o.out_path, "wb");
     if (out == NULL) {

@@ -5,6 +5,7 @@
  */
 #include "cli.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,27 +46,42 @@ static void unknown_command(const char *name) {
     exit(2);
 }
 
-int main(int argc, char **argv) {
+static int is_help(const char *arg) {
+    return !strcmp(arg, "help") || !strcmp(arg, "-h") || !strcmp(arg, "--help");
+}
+
+/* What a command printed must have reached stdout: a closed stdout, a full disk or a
+ * reader that went away (SIGPIPE ignored) is a failure, not a silent success. */
+static int finish(int status) {
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "moas: error: cannot write stdout: %s\n", strerror(errno));
+        return status != 0 ? status : 1;
+    }
+    return status;
+}
+
+static int run_main(int argc, char **argv) {
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
     const char *name = argv[1];
-    if (!strcmp(name, "-h") || !strcmp(name, "--help")) {
-        usage(stdout);
-        return 0;
-    }
     if (!strcmp(name, "--version")) {
+        if (argc > 2) {
+            fprintf(stderr, "moas: --version takes no argument\n\n");
+            usage(stderr);
+            return 2;
+        }
         printf("moas %s\n", moas_version_string());
         return 0;
     }
-    if (!strcmp(name, "help")) {
+    if (is_help(name)) {   /* help [COMMAND], also as -h and --help */
         if (argc > 3) {
             fprintf(stderr, "moas: help takes at most one command\n\n");
             usage(stderr);
             return 2;
         }
-        if (argc == 2) {
+        if (argc == 2 || is_help(argv[2])) {
             usage(stdout);
             return 0;
         }
@@ -81,4 +97,8 @@ int main(int argc, char **argv) {
         unknown_command(name);
     }
     return cmd->run(argc - 1, argv + 1);
+}
+
+int main(int argc, char **argv) {
+    return finish(run_main(argc, argv));
 }
