@@ -550,6 +550,9 @@ set +e
 set -e
 [ "$(cat "$tmp/pipe.rc")" = 1 ] && grep -q "cannot write stdout" "$tmp/pipe.err" \
     || fail "generate into a closed pipe: $(cat "$tmp/pipe.rc") $(cat "$tmp/pipe.err")"
+# the prompt is echoed as the model read it: a dropped character is not shown
+out=$("$moas" generate -m "$model" -p "And 7 God" --unknown drop -n 0 2>/dev/null)
+[ "$out" = "And  God" ] || fail "echo of a prompt with a dropped character: '$out'"
 # logits never writes over its inputs (the mapped model gave a bus error)
 cp "$model" "$tmp/own.gguf"
 expect_error 1 "is the model file" "$moas" logits -m "$tmp/own.gguf" -f "$data/tiny.txt" \

@@ -16,9 +16,10 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: moas generate -m MODEL (-p PROMPT | -f FILE) [options]\n"
             "\n"
-            "Continues the prompt. The prompt and then the text go to stdout as they are\n"
-            "made, ended by a newline; notes and the timings (load, prompt eval, eval, total,\n"
-            "as llama.cpp prints them) go to stderr.\n"
+            "Continues the prompt. The prompt (as the model read it, --unknown's changes\n"
+            "made) and then the text go to stdout as they are made, ended by a newline;\n"
+            "notes and the timings (load, prompt eval, eval, total, as llama.cpp prints\n"
+            "them) go to stderr.\n"
             "\n"
             "  -m, --model PATH        GGUF model file\n"
             "  -p, --prompt TEXT       the prompt; - reads it from stdin\n"
@@ -172,8 +173,9 @@ static int run(int argc, char **argv) {
         }
         memcpy(prompt, source, prompt_len + 1);
     }
+    size_t n_changed = 0;
     int32_t *tokens = tokenize_all(model, &o.unknown, prompt ? prompt : "", prompt_len,
-                                   &n_prompt, NULL);
+                                   &n_prompt, &n_changed);
     for (size_t i = 0; i < n_prompt; i++) {   /* the penalty sees the prompt too */
         check(moas_sampler_accept(smp, tokens[i]), "sampler");
     }
@@ -200,7 +202,14 @@ static int run(int argc, char **argv) {
     const double t_prompt = now_seconds();
     check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
     const double t_prompt_done = now_seconds();
-    put_text(prompt, prompt_len);
+    if (n_changed == 0) {
+        put_text(prompt, prompt_len);
+    } else {   /* --unknown dropped or replaced characters: show what the model read */
+        for (size_t i = 0; i < n_prompt; i++) {
+            const char *piece = moas_token_text(model, tokens[i]);
+            put_text(piece, strlen(piece));
+        }
+    }
 
     /* text sampled but not shown yet: it may be the start of a stop string */
     size_t held = 0, held_cap = 256;
