@@ -14,6 +14,7 @@ use std::ffi::{CStr, CString};
 use std::fmt;
 use std::marker::PhantomData;
 use std::os::raw::c_char;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::{self, NonNull};
 
@@ -49,12 +50,14 @@ pub struct Error {
 }
 
 impl Error {
-    /// "MOAS_ERR_IO" for -3.
+    /// "MOAS_ERR_IO" for -3: this crate's table, or the library's name for a status a
+    /// newer library added ("MOAS_UNKNOWN" for none).
     pub fn name(&self) -> &'static str {
         usize::try_from(-i64::from(self.status))
             .ok()
             .and_then(|i| STATUS_NAMES.get(i).copied())
-            .unwrap_or("MOAS_STATUS_UNKNOWN")
+            .or_else(|| unsafe { text(ffi::moas_status_name(self.status)) })
+            .unwrap_or("MOAS_UNKNOWN")
     }
 
     /// moas_status_string(): the fixed sentence for the status.
@@ -74,6 +77,13 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // BAD_FORMAT's and CORRUPT's fixed sentences speak of model files, where a saved
+        // state may be what was refused; their messages say which and why
+        if (self.status == ffi::MOAS_ERR_BAD_FORMAT || self.status == ffi::MOAS_ERR_CORRUPT)
+            && !self.message.is_empty()
+        {
+            return write!(f, "{}: {}", self.name(), self.message);
+        }
         write!(
             f,
             "{} ({}): {}",
@@ -113,9 +123,8 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::invalid(format!("{s:?} contains a NUL byte")))
 }
 
-/// The library's defaults for a params struct whose first field is `u32 size`. The
-/// library's _init writes its own sizeof, which a newer library may make larger than our
-/// declaration, so it writes into a larger scratch buffer; `size` is then set to ours.
+/// The library's defaults for a params struct whose first field is `u32 size`, filled by
+/// its _init for exactly our declaration's size.
 fn params<T>(init: unsafe extern "C" fn(*mut T, usize)) -> T {
     // _params_init_sized fills exactly our size_of::<T>() bytes (defaults, and `size`
     // set to what it filled), however large the library's own struct is.
@@ -146,10 +155,9 @@ impl Model {
     /// Map and check a GGUF file (moas_model_load).
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
-        let c = cstring(
-            path.to_str()
-                .ok_or_else(|| Error::invalid(format!("{path:?}: not UTF-8")))?,
-        )?;
+        // a path is bytes: any that hold no NUL, UTF-8 or not
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| Error::invalid(format!("{path:?} contains a NUL byte")))?;
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_model_load(c.as_ptr(), ptr::null(), &mut out) })?;
         Ok(Model {
@@ -466,7 +474,8 @@ impl<'m> Context<'m> {
     pub fn decode_batch_logits(&mut self, tokens: &[i32], which: Logits) -> Result<Vec<f32>> {
         let n =
             i32::try_from(tokens.len()).map_err(|_| Error::invalid("too many tokens".into()))?;
-        let mut out = vec![0.0f32; which.floats(tokens.len(), self.n_vocab)];
+        self.check_room(tokens.len(), which)?;
+        let mut out = vec![0.0f32; which.floats(tokens.len(), self.n_vocab)?];
         check(unsafe {
             ffi::moas_context_decode_batch(
                 self.ptr.as_ptr(),
@@ -479,8 +488,25 @@ impl<'m> Context<'m> {
         Ok(out)
     }
 
+    /// MOAS_ERR_CONTEXT_FULL, as the library would say it, when every token's logits are
+    /// asked for tokens that do not fit: before a buffer sized by the caller's count.
+    fn check_room(&self, n_tokens: usize, which: Logits) -> Result<()> {
+        let (n_past, n_ctx) = (self.n_past(), self.n_ctx());
+        if matches!(which, Logits::All) && n_tokens > usize::try_from(n_ctx - n_past).unwrap_or(0)
+        {
+            return Err(Error {
+                status: ffi::MOAS_ERR_CONTEXT_FULL,
+                message: format!(
+                    "decode_batch: {n_tokens} tokens after {n_past} do not fit a context of {n_ctx}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The last decoded token's logits, in the library's buffer (no copy); None when
-    /// nothing was decoded since creation, reset or truncate.
+    /// nothing was decoded since creation, reset or truncate, or the last call asked for
+    /// none (Logits::None).
     pub fn logits(&self) -> Option<&[f32]> {
         let p = unsafe { ffi::moas_context_logits(self.raw()) };
         (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p, self.n_vocab) })
@@ -692,12 +718,14 @@ impl Logits {
     }
 
     /// Floats the library writes for n_tokens tokens.
-    fn floats(self, n_tokens: usize, n_vocab: usize) -> usize {
+    fn floats(self, n_tokens: usize, n_vocab: usize) -> Result<usize> {
         match self {
-            Logits::None => 0,
-            Logits::Last if n_tokens == 0 => 0,
-            Logits::Last => n_vocab,
-            Logits::All => n_tokens * n_vocab,
+            Logits::None => Ok(0),
+            Logits::Last if n_tokens == 0 => Ok(0),
+            Logits::Last => Ok(n_vocab),
+            Logits::All => n_tokens
+                .checked_mul(n_vocab)
+                .ok_or_else(|| Error::invalid("too many logits for this address space".into())),
         }
     }
 }
@@ -819,7 +847,12 @@ impl<'m> Pool<'m> {
             if i32::try_from(tokens.len()).is_err() {
                 return Err(Error::invalid(format!("sequence {i}: too many tokens")));
             }
-            let floats = if copy { which.floats(tokens.len(), ctx.n_vocab) } else { 0 };
+            let floats = if copy {
+                ctx.check_room(tokens.len(), *which)?;
+                which.floats(tokens.len(), ctx.n_vocab)?
+            } else {
+                0
+            };
             outs.push(vec![0.0f32; floats]);
         }
         let parts: Vec<ffi::moas_pool_seq> = seqs

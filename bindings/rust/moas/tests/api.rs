@@ -415,3 +415,44 @@ fn a_pool_is_shared_between_threads() {
     alone.decode_batch(&ids[..8]).unwrap();
     assert_eq!(a.logits(), alone.logits());
 }
+
+#[test]
+fn every_tokens_logits_of_too_many_tokens_fail_before_allocating() {
+    // 2 x 10^8 tokens' logits would be 37 GB: the context's room is checked first
+    let m = model();
+    let tokens = vec![0i32; 200_000_000]; // zeroed pages, never touched
+    let mut ctx = Context::new(&m, &ContextParams::default()).unwrap();
+    let e = ctx.decode_batch_logits(&tokens, Logits::All).unwrap_err();
+    assert_eq!(e.name(), "MOAS_ERR_CONTEXT_FULL");
+    assert_eq!(ctx.n_past(), 0);
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut c = pool.context(&ContextParams::default()).unwrap();
+    let e = pool
+        .decode_logits(&mut [(&mut c, &tokens[..], Logits::All)])
+        .unwrap_err();
+    assert_eq!(e.name(), "MOAS_ERR_CONTEXT_FULL");
+}
+
+#[test]
+fn a_refused_state_is_not_called_a_model_file() {
+    let m = model();
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut c = pool.context(&ContextParams::default()).unwrap();
+    for state in [&b""[..], &b"not a state at all"[..]] {
+        let e = c.load_state(state).unwrap_err();
+        assert_eq!(e.name(), "MOAS_ERR_BAD_FORMAT");
+        assert!(!e.to_string().contains("GGUF"), "{e}");
+    }
+}
+
+#[test]
+fn a_path_need_not_be_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::env::temp_dir().join(format!("moas-rust-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(std::ffi::OsStr::from_bytes(b"m\xe9.gguf"));
+    std::fs::copy(data("tiny-moas-bias.gguf"), &path).unwrap();
+    let loaded = Model::load(&path);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(loaded.unwrap().n_layer(), 2);
+}
