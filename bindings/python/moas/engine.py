@@ -151,7 +151,10 @@ class Engine:
         self.n_ctx = model.n_ctx_train
         with self.pool.context(mode=mode, forced_scheme=forced_scheme) as probe:
             self.n_ctx = probe.n_ctx
-            self.token_bytes = max(probe.kv_token_bytes(s) for s in range(-1, model.n_scheme))
+            # a token's most: every scheme's heads in mixture mode, the widest scheme's
+            # (MHA) in routed mode
+            widest = [-1] if mode == "mixture" else range(model.n_scheme)
+            self.token_bytes = max(probe.kv_token_bytes(s) for s in widest)
         st = self.pool.stats()
         self.page_bytes = st.page_bytes
         streams = model.n_layer * (model.n_scheme if mode == "mixture" else 1)
@@ -215,7 +218,7 @@ class Engine:
             tokens = sum(n for _, n in recent)
             span = (now - recent[0][0]) if recent else 0.0
             return dict(stats=self.stats, active=len(self._active), swapped=len(self._swapped),
-                        queued=len(self._incoming) + len(self._waiting),
+                        queued=sum(1 for r in self._waiting if r.queued),
                         tokens_per_second=tokens / span if span > 0.5 else 0.0,
                         counters=dict(self.counters), scheme_tokens=list(self.scheme_tokens),
                         peak_bytes_held=self.peak_bytes_held, peak_active=self.peak_active,
@@ -320,6 +323,7 @@ class Engine:
         batch = self._batch()
         if batch:
             self._step(batch)
+            self._note_peaks()   # before the finished sequences give their pages back
             # the requests this step finished get their "done" now, with the step's last
             # tokens, not one step later; the statistics first, so that what a client
             # asks next sees their end
@@ -332,6 +336,12 @@ class Engine:
             self._update_stats()
             with self._lock:   # waiting for room: let time pass (or a cancel arrive)
                 self._lock.wait(0.005)
+
+    def _note_peaks(self):
+        held = self.pool.stats().bytes_held
+        with self._lock:
+            self.peak_bytes_held = max(self.peak_bytes_held, held)
+            self.peak_active = max(self.peak_active, len(self._active))
 
     def _update_stats(self):
         st = self.pool.stats()

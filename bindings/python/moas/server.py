@@ -419,7 +419,8 @@ class Server:
                [((("scheme", n),), "%.4f" % (v / total))
                 for n, v in zip(self.schemes, snap["scheme_tokens"])])
         metric("client_disconnects_total", "counter",
-               "Streams whose client hung up before the end.", [((), self.disconnects)])
+               "Requests whose client hung up before the end (queued, decoding or "
+               "streaming).", [((), self.disconnects)])
         metric("requests_total", "counter", "HTTP requests answered, by status.",
                [((("status", str(s)),), n) for s, n in sorted(self.statuses.items())])
         return web.Response(text="\n".join(lines) + "\n",

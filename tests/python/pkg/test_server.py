@@ -1035,3 +1035,25 @@ def test_numbers_out_of_range_stop_the_server_at_start(option, capsys):
         parse_args(["-m", MODEL] + list(option))
     assert e.value.code == 2
     assert option[0] in capsys.readouterr().err
+
+
+def test_routed_requests_are_sized_at_the_widest_scheme_not_mixture():
+    # a model with its own K/V per scheme: mixture stores 1152 bytes a token, routed at
+    # most MHA's 778. 50 tokens fit 0.05 MB routed (39 KB with slack); sized as mixture
+    # (58 KB) they were refused as too large for the pool
+    independent = os.path.join(ROOT, "tests", "data", "tiny-moas-bias.gguf")
+    s = Server("-m", independent, "--pool-mb", "0.05", "--mode", "routed",
+               "--prompt-cache", "0")
+    prompt = (PROMPT * 2)[:20]
+    try:
+        # the peak of pages held counts the step a request ends in: a prompt read and
+        # done in one step held pages (the peak stayed 0)
+        assert s.complete(prompt=prompt, max_tokens=0)[0] == 200
+        assert s.metrics()["moas_pool_bytes_held_peak"] > 0
+        status, _, body = s.complete(prompt=prompt, max_tokens=30, temperature=1.0, seed=3)
+        assert status == 200, body
+        with moas.Model(independent) as m:
+            assert body["choices"][0]["text"] == m.generate(prompt, 30, seed=3,
+                                                            mode="routed", temperature=1.0)
+    finally:
+        s.close()
