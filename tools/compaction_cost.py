@@ -60,16 +60,34 @@ def main():
                     help="scheme to pool down to (default: the one with the fewest KV heads)")
     ap.add_argument("-t", "--threads", type=int, default=1)
     args = ap.parse_args()
-    model = moas.Model(args.model)
-    with open(args.file, encoding="utf-8") as f:
-        ids = model.tokenize(f.read())
-    scheme = args.scheme
-    if scheme < 0:
-        kv = model.schemes
-        scheme = min(range(len(kv)), key=lambda s: kv[s])
-    for k in args.keep.split(","):
-        keep = None if k == "none" else int(k)
-        print(json.dumps(run(model, ids, keep, scheme, args.threads)), flush=True)
+    try:
+        keeps = [None if k == "none" else int(k) for k in args.keep.split(",")]
+    except ValueError:
+        ap.error("--keep takes 'none' and whole numbers >= 0, comma-separated: %r"
+                 % args.keep)
+    if any(k is not None and k < 0 for k in keeps):
+        ap.error("--keep takes 'none' and whole numbers >= 0: %r" % args.keep)
+    try:
+        model = moas.Model(args.model)
+        if model.kv_sharing != moas.KvSharing.POOLED:
+            raise SystemExit("compaction_cost.py: %s: compaction needs a model with pooled "
+                             "K/V" % args.model)
+        if not -1 <= args.scheme < model.n_scheme:
+            raise SystemExit("compaction_cost.py: --scheme %d: the model has schemes 0 to %d"
+                             % (args.scheme, model.n_scheme - 1))
+        with open(args.file, encoding="utf-8") as f:
+            ids = model.tokenize(f.read())
+        if len(ids) < 2:
+            raise SystemExit("compaction_cost.py: %s: scoring needs at least 2 characters"
+                             % args.file)
+        scheme = args.scheme
+        if scheme < 0:
+            kv = model.schemes
+            scheme = min(range(len(kv)), key=lambda s: kv[s])
+        for keep in keeps:
+            print(json.dumps(run(model, ids, keep, scheme, args.threads)), flush=True)
+    except (OSError, moas.MoasError) as e:   # one line, not a traceback
+        raise SystemExit("compaction_cost.py: %s" % e)
 
 
 if __name__ == "__main__":

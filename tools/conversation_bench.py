@@ -101,8 +101,16 @@ def main():
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with open(args.text) as f:
-        source = f.read()
+    for name, ok in (("--rounds >= 1", args.rounds >= 1), ("--turns >= 1", args.turns >= 1),
+                     ("--max-tokens >= 1", args.max_tokens >= 1), ("--first >= 1", args.first >= 1),
+                     ("--add >= 0", args.add >= 0)):
+        if not ok:   # a turn must answer something for its time to first token
+            ap.error("needs " + name)
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        sys.exit("conversation_bench: %s: %s" % (args.text, e.strerror))
     runs = {"8": [], "0": []}
     for r in range(args.rounds):
         for cache in (("8", "0") if r % 2 == 0 else ("0", "8")):

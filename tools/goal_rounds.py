@@ -184,7 +184,11 @@ def main(argv=None):
         if gpt2 is None:
             gpt2 = "build/bench/goal-gpt2-f16.gguf"
             ensure_model(gpt2, a.random_model, GPT2_SHAPE)
-        with open(a.log if a.log else os.devnull, "w", encoding="utf-8") as log:
+        try:
+            log = open(a.log if a.log else os.devnull, "w", encoding="utf-8")
+        except OSError as e:
+            raise RunError("--log %s: %s" % (a.log, e.strerror))
+        with log:
             per_round = measure(a, small, gpt2, log)
     except RunError as e:
         print("goal_rounds: %s" % e, file=sys.stderr)

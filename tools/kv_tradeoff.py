@@ -307,9 +307,11 @@ def fmt_pct(x):
 
 
 def share_columns(shares):
-    """(MHA, GQA, MQA) shares; GQA sums every GQA-n scheme; None where there is none."""
+    """(MHA, GQA, MQA) shares; GQA sums every GQA-n scheme, and schemes of one kind
+    named apart (MHA#0, MHA#1) are summed too; None where there is none."""
     mha = gqa = mqa = None
     for name, share in shares.items():
+        name = name.split("#")[0]
         if name == "MHA":
             mha = (mha or 0.0) + share
         elif name == "MQA":
@@ -337,7 +339,8 @@ def front_points(doc):
     """The static front: [(KV bytes, nats/char)] of each --front group's mean, by bytes."""
     pts = []
     for group in doc.get("front") or []:
-        m = group_means(doc["rows"], group)
+        # --only draws some rows against the front of all of them
+        m = group_means(doc.get("front_rows") or doc["rows"], group)
         if m is None:
             raise Failure("--front %r names no rows" % group)
         if any(r["mode"] != SINGLE for r in m[2]):
@@ -799,7 +802,8 @@ def main(argv=None):
                        if not any(group_of(r["label"]) == g for r in doc["rows"])]
             if missing:
                 raise Failure("--only %r names no rows" % missing[0])
-            doc = dict(doc, rows=[r for r in doc["rows"] if group_of(r["label"]) in args.only])
+            doc = dict(doc, rows=[r for r in doc["rows"] if group_of(r["label"]) in args.only],
+                       front_rows=doc["rows"])
             front_points(doc)
         if args.svg:
             write_text(args.svg, svg(doc))

@@ -49,8 +49,11 @@ def main(argv=None):
     ap.add_argument("--mode", default="routed")
     ap.add_argument("--label", default=None)
     o = ap.parse_args(argv)
-    r = subprocess.run([o.moas, "routes", "-m", o.model, "-f", o.text, "--mode", o.mode,
-                        "--json"], capture_output=True, text=True)
+    try:
+        r = subprocess.run([o.moas, "routes", "-m", o.model, "-f", o.text, "--mode", o.mode,
+                            "--json"], capture_output=True, text=True)
+    except OSError as e:   # no such program (the default is relative to the checkout)
+        sys.exit("layer_shares: cannot run %s: %s (--moas PATH)" % (o.moas, e.strerror))
     if r.returncode:
         sys.exit("layer_shares: moas routes failed: %s" % r.stderr.strip())
     counts, heads = layer_shares(r.stdout.splitlines())

@@ -221,6 +221,24 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("server_args", nargs="*", help="after --: more moas.server arguments")
     args = ap.parse_args()
+    # a run that tests nothing must not report "ok"
+    for name, ok in (("--clients >= 1", args.clients >= 1),
+                     ("--requests >= 1", args.requests >= 1),
+                     ("--rounds >= 1", args.rounds >= 1),
+                     ("--max-tokens >= 0", args.max_tokens >= 0),
+                     ("--disconnect >= 0", args.disconnect >= 0),
+                     ("1 <= --min-prompt <= --max-prompt",
+                      1 <= args.min_prompt <= args.max_prompt)):
+        if not ok:
+            ap.error("needs " + name)
+    try:
+        with moas.Model(args.model) as probe:
+            n_ctx = probe.n_ctx_train
+    except (OSError, moas.MoasError) as e:
+        sys.exit("loadtest: %s" % e)
+    if args.max_prompt > min(n_ctx, len(TEXT)):
+        ap.error("--max-prompt %d: prompts go up to %d characters here (the context, and "
+                 "the text they are cut from)" % (args.max_prompt, min(n_ctx, len(TEXT))))
 
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
     proc = subprocess.Popen([args.python, "-m", "moas.server", "-m", args.model, "--port", "0",

@@ -281,6 +281,14 @@ class KvTradeoff(unittest.TestCase):
         self.assertEqual(r3.returncode, 0, r3.stderr)
         self.assertEqual([l.split(" | ")[0] for l in r3.stdout.splitlines()[2:5]],
                          ["| MHA", "| MQA [seed 1]", "| MQA [seed 2]"])
+        # --only of groups that leave out some of the document's front draws them against
+        # the front of all the rows (it failed: "--front 'MHA' names no rows")
+        r4 = self.call("--from-json", out_json, "--only", "MQA", "--markdown", measure=False)
+        self.assertEqual(r4.returncode, 0, r4.stderr)
+        rows4 = [[c.strip() for c in l.strip("|").split(" | ")]
+                 for l in r4.stdout.splitlines()[2:4]]
+        self.assertEqual([(x[0], x[-1]) for x in rows4],
+                         [("MQA [seed 1]", "-0.33%"), ("MQA [seed 2]", "+0.33%")])
         self.assertFails(self.call("--from-json", out_json, "--only", "nope", measure=False),
                          "--only")
         # the front must be single-scheme groups that exist; labels stay unique
@@ -292,6 +300,13 @@ class KvTradeoff(unittest.TestCase):
                                    measure=False), "no row is labelled")
         self.assertFails(self.call("--append-to", out_json, "--model",
                                    "GQA-2=" + os.path.join(d, "gqa.gguf")), "two models")
+
+    def test_schemes_of_one_kind_named_apart_are_summed(self):
+        # moas names two schemes of one width MHA#0 and MHA#1: both are MHA's share
+        self.assertEqual(kv_tradeoff.share_columns({"MHA#0": 0.5, "MHA#1": 0.25, "MQA": 0.25}),
+                         (0.75, None, 0.25))
+        self.assertEqual(kv_tradeoff.share_columns({"MHA": 0.1, "GQA-2": 0.2, "GQA-3": 0.3,
+                                                  "MQA": 0.4}), (0.1, 0.5, 0.4))
 
     def test_no_bench(self):
         r = self.call("--model", "P=" + os.path.join(self.dir, "pooled.gguf"),

@@ -1,0 +1,68 @@
+"""The measuring tools of tools/ answer a wrong option or input with one line and a
+failing exit status, never a traceback, and never "ok" for a run that tested nothing."""
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+def tool(name, *args):
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.setdefault("MOAS_LIBRARY", os.path.join(ROOT, "lib", "libmoas.so.1"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name)] + list(args),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=60, env=env)
+    return r.returncode, r.stderr
+
+
+class ToolErrors(unittest.TestCase):
+    def refused(self, expect, rc_err, status=None):
+        rc, err = rc_err
+        self.assertNotEqual(rc, 0, err)
+        if status is not None:
+            self.assertEqual(rc, status, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn(expect, err)
+
+    def test_compaction_cost(self):
+        text = os.path.join(DATA, "tiny.txt")
+        pooled = os.path.join(DATA, "tiny-pooled-bias.gguf")
+        self.refused("pooled K/V", tool("compaction_cost.py", "-m",
+                                        os.path.join(DATA, "tiny-moas-bias.gguf"), "-f", text))
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as empty:
+            self.refused("at least 2 characters",
+                         tool("compaction_cost.py", "-m", pooled, "-f", empty.name))
+        self.refused("--keep", tool("compaction_cost.py", "-m", pooled, "-f", text,
+                                    "--keep", "4,x"), 2)
+        self.refused("--scheme 7", tool("compaction_cost.py", "-m", pooled, "-f", text,
+                                        "--scheme", "7"))
+        self.refused("No such file", tool("compaction_cost.py", "-m", pooled, "-f",
+                                          text + ".absent"))
+
+    def test_load_tools_refuse_runs_that_test_nothing(self):
+        model = os.path.join(DATA, "tiny-pooled-bias.gguf")
+        self.refused("--clients", tool("loadtest.py", "-m", model, "--clients", "0"), 2)
+        self.refused("--min-prompt", tool("loadtest.py", "-m", model, "--min-prompt", "10",
+                                          "--max-prompt", "9"), 2)
+        self.refused("--rounds", tool("loadtest.py", "-m", model, "--rounds", "0"), 2)
+        self.refused("--max-prompt 66", tool("loadtest.py", "-m", model, "--min-prompt",
+                                             "66", "--max-prompt", "66"), 2)
+        self.refused("--rounds", tool("conversation_bench.py", "-m", model, "--rounds", "0"), 2)
+        self.refused("--max-tokens", tool("conversation_bench.py", "-m", model,
+                                          "--max-tokens", "0"), 2)
+        self.refused("No such file", tool("conversation_bench.py", "-m", model, "--text",
+                                          "/nonexistent/text"))
+
+    def test_a_missing_moas_or_log_is_one_line(self):
+        self.refused("cannot run", tool("layer_shares.py", "--moas", "/nonexistent/moas",
+                                        "-m", "x.gguf", "-f", "x.txt"))
+        self.refused("--log", tool("goal_rounds.py", "--log", "/nonexistent/dir/log",
+                                   "--moas", "/nonexistent/moas", "--rounds", "1"))
+
+
+if __name__ == "__main__":
+    unittest.main()
