@@ -60,7 +60,9 @@ class ToolErrors(unittest.TestCase):
     def test_a_missing_moas_or_log_is_one_line(self):
         self.refused("cannot run", tool("layer_shares.py", "--moas", "/nonexistent/moas",
                                         "-m", "x.gguf", "-f", "x.txt"))
+        tiny = os.path.join(DATA, "tiny-moas-bias.gguf")   # models given: none to make
         self.refused("--log", tool("goal_rounds.py", "--log", "/nonexistent/dir/log",
+                                   "--small", tiny, "--gpt2", tiny,
                                    "--moas", "/nonexistent/moas", "--rounds", "1"))
 
 
