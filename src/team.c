@@ -72,9 +72,10 @@
 #define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
 
 /* Yields, after MOAS_TEAM_SPINS spins, before a leader waiting for a slice another
- * thread runs sleeps until it ends, where futexes exist: a slice longer than about a
- * millisecond (a long product, a worker preempted mid-slice) then costs the leader's
- * core nothing, where it yielded in a loop for as long as it lasted. */
+ * thread runs sleeps until it ends, where futexes exist: past about 0.8 ms (on the
+ * 2-vCPU test host, idle: 2^14 pauses took 0.44-0.48 ms, 1,024 yields 0.31-0.32 ms) a
+ * long slice (a long product, a worker preempted mid-slice) costs the leader's core
+ * nothing, where it yielded in a loop for as long as the slice lasted. */
 #define MOAS_TEAM_YIELDS_BEFORE_SLEEP (1u << 10)
 
 /* A futex word: a 32-bit atomic counter (`posted` or `done`). */
