@@ -419,6 +419,9 @@ def test_clients_that_leave_are_let_go_and_shutdown_answers_everyone():
         for _ in range(3):   # queued behind a request that holds the one slot
             post_and_leave({"prompt": PROMPT, "max_tokens": 45}, 0.0)
         post_and_leave({"prompt": PROMPT, "max_tokens": 45, "stream": True}, 0.0)
+        # the gauge counts only requests left waiting by an admission pass, so it can
+        # read 0 before the engine has seen every one leave: wait for all five
+        gauge("moas_client_disconnects_total", 5, 3)
         gauge("moas_requests_queued", 0, 1.5)
         gauge("moas_sequences_active", 0, 1.5)
         m = s.metrics()
