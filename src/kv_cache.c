@@ -10,27 +10,64 @@
  * ceil(heads / page_heads), each with a reference; a free page has refs 0 and is on
  * the free stack once.
  */
+#if defined(__linux__)
+#define _DEFAULT_SOURCE   /* syscall() for futex.h, beside the build's _POSIX_C_SOURCE */
+#endif
+
 #include "context.h"
+#include "futex.h"
 
 #include <math.h>
 #include <sched.h>
 #include <string.h>
 
-/* The lock guards a few dozen instructions of bookkeeping; a thread that finds it
- * taken spins briefly, then yields its core rather than burn it. */
+/* The lock guards bookkeeping of at most a few thousand pages. A thread that finds it
+ * taken spins briefly and yields a few times; should the holder still have it (it
+ * was preempted, the machine is busy), the thread sleeps until the holder lets go,
+ * where futexes exist, rather than yield in a loop for as long as that lasts. The
+ * word is 0 (free), 1 (held) or 2 (held, and a thread may sleep on it: the unlock
+ * wakes one). */
 #define POOL_LOCK_SPINS 64
+#define POOL_LOCK_YIELDS 16
+
+static bool pool_try_lock(moas_pool *pool) {
+    unsigned free_word = 0;
+    return atomic_compare_exchange_strong_explicit(&pool->lock, &free_word, 1u,
+                                                   memory_order_acquire, memory_order_relaxed);
+}
 
 void moas__pool_lock(moas_pool *pool) {
-    uint32_t spins = 0;
-    while (atomic_flag_test_and_set_explicit(&pool->lock, memory_order_acquire)) {
-        if (++spins >= POOL_LOCK_SPINS) {
+    for (uint32_t tries = 0; tries < POOL_LOCK_SPINS + POOL_LOCK_YIELDS; tries++) {
+        if (atomic_load_explicit(&pool->lock, memory_order_relaxed) == 0 && pool_try_lock(pool)) {
+            return;
+        }
+        if (tries < POOL_LOCK_SPINS) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
             sched_yield();
         }
     }
+#if defined(MOAS_HAVE_FUTEX)
+    /* taking the word to 2 either takes a free lock (then held as if contended: one
+     * needless wake at unlock) or marks that a thread sleeps */
+    while (atomic_exchange_explicit(&pool->lock, 2u, memory_order_acquire) != 0) {
+        moas__futex_wait(&pool->lock, 2u);
+    }
+#else
+    while (!pool_try_lock(pool)) {
+        sched_yield();
+    }
+#endif
 }
 
 void moas__pool_unlock(moas_pool *pool) {
-    atomic_flag_clear_explicit(&pool->lock, memory_order_release);
+    if (atomic_exchange_explicit(&pool->lock, 0u, memory_order_release) == 2u) {
+#if defined(MOAS_HAVE_FUTEX)
+        moas__futex_wake(&pool->lock, 1);
+#endif
+    }
 }
 
 #define SLAB_ALIGNMENT 64
@@ -75,7 +112,7 @@ moas_status moas__pool_make(const moas_model *model, const moas_allocator *alloc
     while ((1 << pool->page_shift) < page_heads) {
         pool->page_shift++;
     }
-    atomic_flag_clear(&pool->lock);
+    atomic_init(&pool->lock, 0u);
     atomic_flag_clear(&pool->busy);
     /* head indices are 32-bit: the slabs hold at most 2^32 - 1 heads */
     if (n_pages > (uint64_t)INT32_MAX || n_pages * (uint64_t)page_heads >= UINT32_MAX ||

@@ -80,7 +80,8 @@ struct moas_pool {
     uint32_t *refs;           /* [n_pages] holders of each page; 0: free */
     int32_t *free_pages;      /* [n_pages] a stack of the free pages' indices */
     int32_t n_free;
-    atomic_flag lock;         /* guards refs, free_pages, n_free and the context list */
+    atomic_uint lock;         /* guards refs, free_pages, n_free and the context list:
+                                 0 free, 1 held, 2 held with sleepers (kv_cache.c) */
     bool is_private;          /* made by moas_context_create for one context */
     bool freed;               /* moas_pool_free came while contexts were in it: the
                                  last one's moas_context_free releases the pool */

@@ -42,16 +42,10 @@
 #endif
 
 #include "team.h"
+#include "futex.h"
 
 #include <sched.h>
 #include <time.h>
-
-#if defined(__linux__)
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define MOAS_TEAM_FUTEX 1
-#endif
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -78,23 +72,16 @@
  * nothing, where it yielded in a loop for as long as the slice lasted. */
 #define MOAS_TEAM_YIELDS_BEFORE_SLEEP (1u << 10)
 
-/* A futex word: a 32-bit atomic counter (`posted` or `done`). */
-#if defined(MOAS_TEAM_FUTEX) && defined(_OPENMP)
-static void futex_wait(void *addr, unsigned seen) {
-    /* returns at once (EAGAIN) if *addr != seen; spurious wake-ups are fine */
-    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
-}
-#endif
-
-#if defined(MOAS_TEAM_FUTEX)
+/* The futex words are 32-bit atomic counters (`posted` and `done`). */
+#if defined(MOAS_HAVE_FUTEX)
 static void futex_wake_all(void *addr) {
-    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+    moas__futex_wake(addr, 0x7fffffff);
 }
 #endif
 
 /* After storing a new `posted`: wake the workers that sleep on it, if any. */
 static void team_wake(moas_team *team) {
-#if defined(MOAS_TEAM_FUTEX)
+#if defined(MOAS_HAVE_FUTEX)
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(&team->sleepers, memory_order_seq_cst) > 0) {
         futex_wake_all(&team->posted);
@@ -150,7 +137,7 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
     }
     team->fn(team->arg, i, team->nth);
     atomic_fetch_add_explicit(&team->done, 1, memory_order_seq_cst);
-#if defined(MOAS_TEAM_FUTEX)
+#if defined(MOAS_HAVE_FUTEX)
     /* with the leader's store of leader_asleep and load of done (both seq_cst), either
      * it sees this slice done or this sees it asleep */
     if (atomic_load_explicit(&team->leader_asleep, memory_order_seq_cst)) {
@@ -194,11 +181,11 @@ void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) 
         uint32_t spins = 0, yields = 0;
         int done;
         while ((done = atomic_load_explicit(&team->done, memory_order_acquire)) < team->nth) {
-#if defined(MOAS_TEAM_FUTEX) && defined(_OPENMP)
+#if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)
             if (spins >= MOAS_TEAM_SPINS && yields++ >= MOAS_TEAM_YIELDS_BEFORE_SLEEP) {
                 atomic_store_explicit(&team->leader_asleep, 1, memory_order_seq_cst);
                 if (atomic_load_explicit(&team->done, memory_order_seq_cst) == done) {
-                    futex_wait(&team->done, (unsigned)done);
+                    moas__futex_wait(&team->done, (unsigned)done);
                 }
                 atomic_store_explicit(&team->leader_asleep, 0, memory_order_relaxed);
                 continue;
@@ -223,11 +210,11 @@ static void team_work(moas_team *team, int32_t ith) {
         uint32_t spins = 0;
         unsigned k;
         while ((k = atomic_load_explicit(&team->posted, memory_order_acquire)) == seen) {
-#if defined(MOAS_TEAM_FUTEX)
+#if defined(MOAS_HAVE_FUTEX)
             if (spins >= MOAS_TEAM_SPINS_BEFORE_SLEEP) {
                 atomic_fetch_add_explicit(&team->sleepers, 1, memory_order_seq_cst);
                 if (atomic_load_explicit(&team->posted, memory_order_seq_cst) == seen) {
-                    futex_wait(&team->posted, seen);
+                    moas__futex_wait(&team->posted, seen);
                 }
                 atomic_fetch_sub_explicit(&team->sleepers, 1, memory_order_relaxed);
                 spins = 0;

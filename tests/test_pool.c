@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 /* Tokens from a fixed generator, valid for the model. */
 static void seq_tokens(int32_t *tokens, int32_t n, int32_t n_vocab, uint32_t seed) {
@@ -1037,6 +1038,63 @@ TEST(pool_stats_never_store_more_than_they_hold) {
     moas_context_free(b);
     moas_pool_free(pool);
     free(state);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A thread that waits for the pool's lock while its holder keeps it (preempted, on a
+ * busy machine) sleeps instead of yielding in a loop: here a thread holds the lock for
+ * 60 ms; moas_pool_stats, called meanwhile, waits for it (about the 60 ms, wall) with
+ * a few milliseconds of CPU at most, where it used about the whole wait. */
+typedef struct {
+    moas_pool *pool;
+    atomic_int held;
+} lock_holder;
+
+static void *hold_pool_lock(void *arg) {
+    lock_holder *h = arg;
+    const struct timespec nap = {0, 60000000};
+    moas__pool_lock(h->pool);
+    atomic_store(&h->held, 1);
+    nanosleep(&nap, NULL);
+    moas__pool_unlock(h->pool);
+    return NULL;
+}
+
+static int64_t clock_ns(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+TEST(pool_lock_waiter_sleeps_while_the_holder_keeps_it) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 0, 0);
+    ASSERT_TRUE(pool != NULL);
+    lock_holder h = {pool, 0};
+    pthread_t holder;
+    ASSERT_EQ(pthread_create(&holder, NULL, hold_pool_lock, &h), 0);
+    while (!atomic_load(&h.held)) {
+        sched_yield();
+    }
+    const int64_t wall0 = clock_ns(CLOCK_MONOTONIC);
+    const int64_t cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    const int64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    const int64_t wall = clock_ns(CLOCK_MONOTONIC) - wall0;
+    pthread_join(holder, NULL);
+    ASSERT_TRUE(wall > 30000000);   /* it did wait for the holder */
+    ASSERT_TRUE(cpu < 20000000);
+    ASSERT_EQ(info.n_pages, pool->n_pages);
+    /* the lock works on after a sleeper: taken and given back by this thread */
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(atomic_load(&pool->lock), 0u);
+    moas_pool_free(pool);
     moas_model_free(m);
     free(image);
     return TEST_PASS;
