@@ -29,8 +29,11 @@ INCLUDEDIR   ?= $(PREFIX)/include
 PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 BINDIR       ?= $(PREFIX)/bin
 BUILD        ?= build
-LIBOUT       ?= lib
-BINOUT       ?= bin
+# The default build's library and CLI go to lib/ and bin/; another BUILD's stay
+# inside it, so that `make BUILD=x OPENMP=0` never leaves its library where the
+# default build would take it for its own (it is newer than the default objects).
+LIBOUT       ?= $(if $(filter build,$(BUILD)),lib,$(BUILD)/lib)
+BINOUT       ?= $(if $(filter build,$(BUILD)),bin,$(BUILD)/bin)
 
 # ---- flags ---------------------------------------------------------------------
 CFLAGS   ?= -O2 -g
@@ -524,8 +527,8 @@ lint:
 	@echo "lint: ok"
 
 # The build's own directories: the default one's also takes the sub-builds of `make
-# test` (build-*) and lib/, bin/ with it; another BUILD= only itself, and LIBOUT=,
-# BINOUT= when they are named too (the defaults are the default build's).
+# test` (build-*) and lib/, bin/ with it; another BUILD= only itself (its lib/ and
+# bin/ inside it), and LIBOUT=, BINOUT= when they are named.
 clean:
 	rm -rf $(BUILD) $(if $(filter build,$(BUILD)),build-* $(LIBOUT) $(BINOUT),\
 	    $(if $(filter-out file,$(origin LIBOUT)),$(LIBOUT)) \
