@@ -3,11 +3,11 @@
 
 Standard library only.  It reads a libmoas GGUF with tools/gguf.py and runs the
 forward of the format's Semantics section token by token with a K/V cache, in
-double precision: the "mixture" mode for every model, and for kv_sharing
-"pooled" models also the "routed" mode (per token and layer the argmax scheme
-of the router's gates, lowest index on ties, whose pooled K/V are cached with
-n_kv(s) heads).  The block options (RoPE, RMSNorm, SwiGLU; docs/FORMAT.md
-"Block options") are read from the file's keys.  It exists to check files and goldens without torch or the C
+double precision, in "mixture" or "routed" mode (docs/ROUTING.md: per token
+and layer the argmax scheme of the gates, lowest index on ties, whose K/V are
+cached with n_kv(s) heads: pooled, or of that scheme's own projections).  The
+block options (RoPE, RMSNorm, SwiGLU; docs/FORMAT.md "Block options") are read
+from the file's keys.  It exists to check files and goldens without torch or the C
 library (tests/python, tools/check_reference.py); it is far too slow for
 anything but the tiny test models.
 
@@ -137,16 +137,18 @@ def pool_heads(x, H, n_kv, d):
 class Runner:
     """Token-by-token forward with a K/V cache per layer (and scheme).
 
-    mode "mixture" (every model) or "routed" (kv_sharing "pooled" only).
+    mode "mixture" or "routed"; routed mode runs one scheme per token and layer,
+    as src/forward.c does for both kinds of kv_sharing.
     """
 
     def __init__(self, m, mode="mixture"):
         if mode not in ("mixture", "routed"):
             raise ValueError("mode must be 'mixture' or 'routed'")
-        if mode == "routed" and m.kv_sharing != "pooled":
-            raise ValueError("routed mode is implemented for kv_sharing 'pooled' only")
         self.m, self.mode = m, mode
         self.pooled = m.kv_sharing == "pooled"
+        # one stream of (k, v, n_kv) per layer, n_kv varying by token: routed mode and
+        # pooled mixture (which stores H heads); else a stream per scheme
+        self.ragged = self.pooled or mode == "routed"
         self.n_past = 0
         self.emb = _rows(m.vec("token_embd.weight"), len(m.tokens), m.C)
         self.pos = None if m.rope else _rows(m.vec("position_embd.weight"), m.n_ctx, m.C)
@@ -174,11 +176,12 @@ class Runner:
                 layer["router_down"] = m.mat(p + "attn_router_down")
             self.layers.append(layer)
         self.out_norm = (m.vec("output_norm.weight"), m.vec("output_norm.bias"))
-        # independent: cache[layer][scheme] = list of (k, v) per position
-        # pooled: cache[layer] = list of (k, v, n_kv) per position
-        self.cache = [[[] for _ in m.kv_heads] if not self.pooled else []
+        # ragged: cache[layer] = list of (k, v, n_kv) per position
+        # else: cache[layer][scheme] = list of (k, v) per position
+        self.cache = [[] if self.ragged else [[] for _ in m.kv_heads]
                       for _ in range(m.L)]
-        # pooled: the scheme chosen per position and layer (routed mode)
+        # pooled or routed: the scheme chosen per position and layer (routed mode;
+        # None in pooled mixture)
         self.chosen = []
 
     def gates(self, layer, a):
@@ -242,6 +245,25 @@ class Runner:
         y = matvec(*w["output"], self.attend(q, self.cache[li]))
         return y, gates, s
 
+    def routed_attention(self, li, layer, a):
+        """(y, gates, chosen scheme) of an independent-scheme layer in routed mode:
+        only the top-1 scheme's projections run, its K/V cached with n_kv(s) heads,
+        its output at full weight (static models' equal gates choose scheme 0)."""
+        m = self.m
+        gates = self.gates(layer, a)
+        s = argmax(gates)
+        w = layer["schemes"][s]
+        n_kv = m.kv_heads[s]
+        q = matvec(*w["q"], a)
+        k = matvec(*w["k"], a)
+        v = matvec(*w["v"], a)
+        if m.rope:
+            q = rope(q, m.H, m.d, self.n_past - 1, m.rope_base)
+            k = rope(k, n_kv, m.d, self.n_past - 1, m.rope_base)
+        self.cache[li].append((k, v, n_kv))
+        y = matvec(*w["output"], self.attend(q, self.cache[li]))
+        return y, gates, s
+
     def step(self, token):
         """(logits, gates per layer) for the next token."""
         m = self.m
@@ -255,8 +277,11 @@ class Runner:
         chosen = []
         for li, layer in enumerate(self.layers):
             a = self.norm(x, layer["attn_norm"])
-            if self.pooled:
-                y, gates, s = self.pooled_attention(li, layer, a)
+            if self.ragged:
+                if self.pooled:
+                    y, gates, s = self.pooled_attention(li, layer, a)
+                else:
+                    y, gates, s = self.routed_attention(li, layer, a)
                 if m.mixing == "router":
                     all_gates.append(gates)
                 chosen.append(s)
@@ -299,7 +324,7 @@ class Runner:
                 y = ys[0]
             x = [u + v for u, v in zip(x, y)]
             x = [u + v for u, v in zip(x, self.mlp(layer, x))]
-        if self.pooled:
+        if self.ragged:
             self.chosen.append(chosen)
         x = self.norm(x, self.out_norm)
         return matvec(self.out, None, x), all_gates
@@ -319,7 +344,7 @@ class Runner:
 
     def kv_heads_cached(self, layer):
         """Heads of K (likewise V) the layer's cache holds."""
-        if self.pooled:
+        if self.ragged:
             return sum(n for _, _, n in self.cache[layer])
         return sum(n * len(c) for n, c in zip(self.m.kv_heads, self.cache[layer]))
 
@@ -382,5 +407,8 @@ if __name__ == "__main__":
         sys.stderr.write("usage: moas_forward.py MODEL.gguf FIXTURE.golden "
                          "[--mode mixture|routed]\n")
         sys.exit(2)
-    dl, dg = max_diffs(args[0], args[1], mode=mode)
+    try:
+        dl, dg = max_diffs(args[0], args[1], mode=mode)
+    except (OSError, ValueError, KeyError, struct.error, gguf.GGUFError) as e:   # one line
+        sys.exit("moas_forward: %s" % e)
     print("max |logit diff| %.3g, max |gate diff| %.3g" % (dl, dg))

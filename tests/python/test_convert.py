@@ -1295,6 +1295,39 @@ class TestFixtures(unittest.TestCase):
                        for a, b in zip(ra, rb))
             self.assertGreater(diff, 0.1)
 
+    def test_independent_routed_goldens(self):
+        """Routed mode on independent-scheme models (docs/ROUTING.md: only the top-1
+        scheme's projections run, its K/V cached with n_kv(s) heads, its output at
+        full weight) reproduces train.py's routed goldens; static models' equal gates
+        choose scheme 0 everywhere."""
+        for name in ("tiny-moas-bias", "tiny-moas-nobias", "tiny-modern-moas-bias",
+                     "tiny-static-bias", "tiny-static-nobias"):
+            with self.subTest(name=name):
+                model = moas_forward.Model(os.path.join(DATA, name + ".gguf"))
+                self.assertEqual(model.kv_sharing, "independent")
+                tokens, want_logits, want_gates = moas_forward.read_golden(
+                    os.path.join(DATA, name + "-routed.golden"))
+                runner = moas_forward.Runner(model, "routed")
+                dl = dg = 0.0
+                for t, tok in enumerate(tokens):
+                    logits, gates = runner.step(tok)
+                    dl = max(dl, max(abs(a - b) for a, b in zip(logits, want_logits[t])))
+                    dg = max(dg, max((abs(a - b) for gl, wl in zip(gates, want_gates[t])
+                                      for a, b in zip(gl, wl)), default=0.0))
+                self.assertLess(dl, 1e-4)
+                self.assertLess(dg, 1e-5)
+                for layer in range(2):
+                    chosen = [c[layer] for c in runner.chosen]
+                    if model.mixing == "router":
+                        self.assertEqual(chosen, [moas_forward.argmax(want_gates[t][layer])
+                                                  for t in range(64)])
+                        self.assertEqual(len(set(chosen)), 3)
+                    else:
+                        self.assertEqual(set(chosen), {0})
+                    counts = [chosen.count(s) for s in range(3)]
+                    self.assertEqual(runner.kv_heads_cached(layer),
+                                     sum(n * c for n, c in zip(model.kv_heads, counts)))
+
     def test_golden_text_is_tiny_txt(self):
         with open(os.path.join(DATA, "tiny.txt"), encoding="utf-8") as f:
             text = f.read()

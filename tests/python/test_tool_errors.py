@@ -57,6 +57,16 @@ class ToolErrors(unittest.TestCase):
         self.refused("No such file", tool("conversation_bench.py", "-m", model, "--text",
                                           "/nonexistent/text"))
 
+    def test_moas_forward_routes_every_model_and_refuses_bad_files_in_one_line(self):
+        model = os.path.join(DATA, "tiny-moas-bias.gguf")   # independent schemes
+        golden = os.path.join(DATA, "tiny-moas-bias-routed.golden")
+        rc, err = tool("moas_forward.py", model, golden, "--mode", "routed")
+        self.assertEqual(rc, 0, err)
+        self.refused("not a golden file",
+                     tool("moas_forward.py", model, os.path.join(DATA, "tiny.txt")))
+        self.refused("not a GGUF file",
+                     tool("moas_forward.py", os.path.join(DATA, "tiny.txt"), golden))
+
     def test_a_missing_moas_or_log_is_one_line(self):
         self.refused("cannot run", tool("layer_shares.py", "--moas", "/nonexistent/moas",
                                         "-m", "x.gguf", "-f", "x.txt"))
