@@ -22,10 +22,17 @@ shapes=${BENCH_SHAPES:-shipped small gpt2}
 repeats=${BENCH_REPEATS:-5}
 mkdir -p "$out"
 
-model() {   # model NAME ARGS...: build/bench/NAME.gguf, made once
+# Called directly, never in $(...): there its exit would leave only the subshell and the
+# benchmarks would go on without the model.
+model() {   # model NAME ARGS...: build/bench/NAME.gguf, made once; its path in $made
     name=$1; shift
-    [ -f "$out/$name.gguf" ] || "$tools/random_model" -o "$out/$name.gguf" "$@" 2>/dev/null
-    echo "$out/$name.gguf"
+    made=$out/$name.gguf
+    [ -f "$made" ] && return
+    "$tools/random_model" -o "$made" "$@" || {
+        rm -f "$made"   # a half-written file would pass for made on the next run
+        echo "bench: random_model could not make $made" >&2
+        exit 1
+    }
 }
 
 run() {     # run MODEL MODE
@@ -42,19 +49,21 @@ for shape in $shapes; do
         run models/moas-kjv.gguf routed ;;
     small)
         for type in f32 f16 q8_0; do
-            run "$(model small-mha-$type --layers 6 --embd 384 --heads 6 --vocab 256 --mha \
-                   --no-bias --type $type)" mixture
+            model small-mha-$type --layers 6 --embd 384 --heads 6 --vocab 256 --mha \
+                --no-bias --type $type
+            run "$made" mixture
         done
         for type in f32 f16; do
-            m=$(model small-moas-$type --layers 6 --embd 384 --heads 6 --vocab 256 --no-bias \
-                --type $type)
-            run "$m" mixture
-            run "$m" routed
+            model small-moas-$type --layers 6 --embd 384 --heads 6 --vocab 256 --no-bias \
+                --type $type
+            run "$made" mixture
+            run "$made" routed
         done ;;
     gpt2)
         for type in f32 f16 q8_0; do
-            run "$(model gpt2-$type --layers 12 --embd 768 --heads 12 --vocab 50257 --mha \
-                   --untied --type $type)" mixture
+            model gpt2-$type --layers 12 --embd 768 --heads 12 --vocab 50257 --mha \
+                --untied --type $type
+            run "$made" mixture
         done ;;
     batched)
         text=models/kjv-heldout.txt
@@ -66,12 +75,13 @@ for shape in $shapes; do
                     -f $text --json
             done
         done
-        "$bin/moas" batched-bench -m "$(model tiny192-mha-f16 --layers 4 --embd 192 --heads 6 \
-            --vocab 64 --ctx 256 --mha --no-bias --type f16)" -npp 64 -ntg 64 \
-            -npl 1,2,4,8,16,32,64 --kv-type f16 -t 2 --json
-        "$bin/moas" batched-bench -m "$(model gpt2-f16 --layers 12 --embd 768 --heads 12 \
-            --vocab 50257 --mha --untied --type f16)" -npp 128 -ntg 128 \
-            -npl 1,2,4,8,16,32,64 --kv-type f16 -t 2 --json ;;
+        model tiny192-mha-f16 --layers 4 --embd 192 --heads 6 --vocab 64 --ctx 256 --mha \
+            --no-bias --type f16
+        "$bin/moas" batched-bench -m "$made" -npp 64 -ntg 64 -npl 1,2,4,8,16,32,64 \
+            --kv-type f16 -t 2 --json
+        model gpt2-f16 --layers 12 --embd 768 --heads 12 --vocab 50257 --mha --untied --type f16
+        "$bin/moas" batched-bench -m "$made" -npp 128 -ntg 128 -npl 1,2,4,8,16,32,64 \
+            --kv-type f16 -t 2 --json ;;
     *) echo "bench: unknown shape '$shape'" >&2; exit 2 ;;
     esac
 done

@@ -67,6 +67,30 @@ class ToolErrors(unittest.TestCase):
         self.refused("not a GGUF file",
                      tool("moas_forward.py", os.path.join(DATA, "tiny.txt"), golden))
 
+    def test_bench_sh_stops_with_random_models_message(self):
+        """make bench's script: a model random_model cannot make is an error with
+        random_model's own message, before any benchmark runs on it."""
+        with tempfile.TemporaryDirectory() as d:
+            def script(name, body):
+                with open(os.path.join(d, name), "w") as f:
+                    f.write("#!/bin/sh\n" + body)
+                os.chmod(os.path.join(d, name), 0o755)
+            script("moas", 'echo "$@" >>moas.log\n')
+            # writes part of the file, as a full disk would, then fails
+            script("random_model", 'echo x >"$2"\n'
+                   'echo "random_model: cannot write \'$2\'" >&2\nexit 1\n')
+            env = dict(os.environ, BENCH_SHAPES="small", BENCH_REPEATS="1")
+            r = subprocess.run(["sh", os.path.join(ROOT, "tools", "bench.sh"), d, d], cwd=d,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=60, env=env)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertIn("random_model: cannot write 'build/bench/small-mha-f32.gguf'",
+                          r.stderr)
+            self.assertIn("bench: random_model could not make build/bench/small-mha-f32.gguf",
+                          r.stderr)
+            self.assertFalse(os.path.exists(os.path.join(d, "moas.log")), "moas ran")
+            self.assertFalse(os.path.exists(os.path.join(d, "build/bench/small-mha-f32.gguf")))
+
     def test_a_missing_moas_or_log_is_one_line(self):
         self.refused("cannot run", tool("layer_shares.py", "--moas", "/nonexistent/moas",
                                         "-m", "x.gguf", "-f", "x.txt"))
