@@ -10,6 +10,10 @@
 #   update  write BASELINE from LIB; refuses an incompatible change while the SONAME is
 #           the baseline's (ABI_FORCE=1 overrides).
 set -u
+usage() { echo "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]" >&2; exit 2; }
+# before set -u meets a missing argument, and before abidw is looked for
+[ $# -ge 3 ] && [ $# -le 4 ] || usage
+case $1 in check|update) ;; *) usage ;; esac
 mode=$1 lib=$2 baseline=$3 suppr=${4:-}
 ABIDW=${ABIDW:-abidw}
 ABIDIFF=${ABIDIFF:-abidiff}
@@ -87,8 +91,5 @@ update)
     cp "$dump" "$baseline"
     echo "abi-update: wrote $baseline ($(soname "$baseline")," \
         "$(grep -c '<elf-symbol ' "$baseline") symbols)"
-    ;;
-*)
-    die "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]"
     ;;
 esac

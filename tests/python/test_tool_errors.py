@@ -91,6 +91,16 @@ class ToolErrors(unittest.TestCase):
             self.assertFalse(os.path.exists(os.path.join(d, "moas.log")), "moas ran")
             self.assertFalse(os.path.exists(os.path.join(d, "build/bench/small-mha-f32.gguf")))
 
+    def test_abi_sh_without_its_arguments_is_a_usage_line(self):
+        usage = "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]\n"
+        for args in ([], ["check"], ["check", "lib/libmoas.so"], ["diff", "a", "b"],
+                     ["check", "a", "b", "c", "d"]):
+            with self.subTest(args=args):
+                r = subprocess.run(["sh", os.path.join(ROOT, "tools", "abi.sh")] + args,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True, timeout=60)
+                self.assertEqual((r.returncode, r.stdout, r.stderr), (2, "", usage))
+
     def test_a_missing_moas_or_log_is_one_line(self):
         self.refused("cannot run", tool("layer_shares.py", "--moas", "/nonexistent/moas",
                                         "-m", "x.gguf", "-f", "x.txt"))
