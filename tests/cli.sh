@@ -412,6 +412,33 @@ python3 -c 'import json, sys; assert json.load(open(sys.argv[1]))["n_ctx"] == 64
   "$("$moas" generate -m "$model" -p "And God" -n 20 --seed 3 2>/dev/null)" ] || fail "generate -c 0"
 expect_error 1 "must be an integer in \[0, " "$moas" generate -m "$model" -p "A" -c -1
 
+# a number starts with a digit, '-' or (a fraction) '.': strtol and strtod's leading
+# white space and '+' are refused with the message of '5x', in every numeric parser
+tab=$(printf '\t')
+for n in ' 5' "${tab}5" '+5' '5x' ''; do
+    expect_error 1 "^moas: error: -n must be an integer in \[0, " \
+        "$moas" generate -m "$model" -p A -n "$n"
+done
+expect_error 1 "^moas: error: --seed must be an integer" "$moas" generate -m "$model" -p A --seed +3
+expect_error 1 "^moas: error: --threads must be an integer" \
+    "$moas" generate -m "$model" -p A --threads ' 1'
+for t in ' 1' '+1' '+.5' ' .5' "${tab}1" '1x'; do
+    expect_error 1 "^moas: error: --temp must be a finite number, got '$t'" \
+        "$moas" generate -m "$model" -p A --temp "$t"
+done
+expect_error 1 "^moas: error: --logit-bias's BIAS must be a finite number" \
+    "$moas" generate -m "$model" -p A --logit-bias 'A=+1'
+expect_error 1 "^moas: error: --pool-mb must be a finite number" \
+    "$moas" batched-bench -m "$model" --pool-mb ' 1'
+for l in '+2' ' 2' '1,+2' '1, 2' '1,2x'; do
+    expect_error 1 "^moas: error: -npl must be a list of at most" \
+        "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl "$l"
+done
+# what is written as a number still is one
+[ "$("$moas" generate -m "$model" -p "And God" -n 10 --seed 5 --temp .5 2>/dev/null)" = \
+  "$("$moas" generate -m "$model" -p "And God" -n 10 --seed 5 --temp 0.5 2>/dev/null)" ] \
+    || fail "--temp .5 is not --temp 0.5"
+
 # a prompt from a file or stdin (-f FILE, -f -, -p -); a text from stdin (-f -)
 printf 'And God' >"$tmp/prompt"
 want=$("$moas" generate -m "$model" -p "And God" -n 20 --seed 4 2>/dev/null)

@@ -9,6 +9,7 @@
  */
 #include "cli.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <float.h>
 #include <limits.h>
@@ -145,11 +146,21 @@ void options_init(options *o) {
     o->compact_keep = -1;
 }
 
+/* Whether s begins as a number is written: a digit, after an optional '-' (and for a
+ * fraction also '.' then a digit). strtol and strtod would skip leading white space
+ * and take a '+', so ' 5' and '+5' passed where '5 ' and '5x' did not. */
+static int starts_as_number(const char *s, int fraction) {
+    s += *s == '-';
+    return isdigit((unsigned char)s[0]) ||
+           (fraction && s[0] == '.' && isdigit((unsigned char)s[1]));
+}
+
 long parse_long(const char *s, const char *what, long min, long max) {
     char *end;
     errno = 0;
     const long v = strtol(s, &end, 10);
-    if (errno != 0 || *end != '\0' || end == s || v < min || v > max) {
+    if (!starts_as_number(s, 0) || errno != 0 || *end != '\0' || end == s || v < min ||
+        v > max) {
         die("%s must be an integer in [%ld, %ld], got '%s'", what, min, max, s);
     }
     return v;
@@ -159,7 +170,7 @@ double parse_double(const char *s, const char *what) {
     char *end;
     errno = 0;
     const double v = strtod(s, &end);
-    if (errno != 0 || *end != '\0' || end == s || !isfinite(v)) {
+    if (!starts_as_number(s, 1) || errno != 0 || *end != '\0' || end == s || !isfinite(v)) {
         die("%s must be a finite number, got '%s'", what, s);
     }
     return v;
@@ -182,8 +193,8 @@ static int parse_list(const char *s, const char *what, int min, int *out) {
         char *end;
         errno = 0;
         const long v = strtol(at, &end, 10);
-        if (n == MAX_LIST || errno != 0 || end == at || v < min || v > 1000000 ||
-            (*end != ',' && *end != '\0')) {
+        if (n == MAX_LIST || !starts_as_number(at, 0) || errno != 0 || end == at ||
+            v < min || v > 1000000 || (*end != ',' && *end != '\0')) {
             die("%s must be a list of at most %d integers in [%d, 1000000] separated by "
                 "commas, got '%s'", what, MAX_LIST, min, s);
         }
