@@ -295,6 +295,17 @@ PY
 expect_error 1 "exceed the model's context" "$moas" batched-bench -m "$model" -npp 60 -ntg 30
 expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
 
+# the untimed warm-up call is forgotten: the same text with and without it, in routed
+# mode past a RoPE model's context (shifts), in mixture mode, and in a one-token context
+for args in "-m $data/tiny-modern-pooled-nobias.gguf --mode routed -n 100" \
+            "-m $model -n 40" "-m $data/tiny-modern-pooled-nobias.gguf -n 3 -c 1"; do
+    # shellcheck disable=SC2086
+    warm=$("$moas" generate $args -p "And " --seed 3 2>/dev/null)
+    # shellcheck disable=SC2086
+    cold=$("$moas" generate $args -p "And " --seed 3 --no-warmup 2>/dev/null)
+    [ "$warm" = "$cold" ] || fail "generate $args: the warm-up changed the text"
+done
+
 # generation past the context: a RoPE model shifts its cache, a learned-position model
 # decodes the window's last half again; each says which on stderr
 "$moas" generate -m "$data/tiny-modern-pooled-nobias.gguf" -p "And " -n 100 --seed 1 \

@@ -27,7 +27,7 @@ typedef enum {
     OPT_MODEL, OPT_PROMPT, OPT_FILE, OPT_OUTPUT,
     /* generate */
     OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P, OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY,
-    OPT_REPEAT_LAST_N, OPT_LOGIT_BIAS, OPT_STOP, OPT_SHOW_ROUTES,
+    OPT_REPEAT_LAST_N, OPT_LOGIT_BIAS, OPT_STOP, OPT_SHOW_ROUTES, OPT_NO_WARMUP,
     /* output */
     OPT_COLOR, OPT_JSON,
     /* perplexity */
@@ -86,6 +86,7 @@ typedef struct {
     int n_stop;
     const char *stop[MAX_REPEATED];
     int show_routes;
+    int no_warmup;   /* generate: time the first call's one-time costs with the prompt */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
     int json;
     int stride;      /* perplexity: new tokens scored per window (0: consecutive windows) */

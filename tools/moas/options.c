@@ -49,6 +49,7 @@ static const opt_name names[] = {
     {"--logit-bias", OPT_LOGIT_BIAS, 1, NULL},
     {"--stop", OPT_STOP, 1, NULL},
     {"--show-routes", OPT_SHOW_ROUTES, 0, "1"},
+    {"--no-warmup", OPT_NO_WARMUP, 0, "1"},
     {"--color", OPT_COLOR, 0, "1"},
     {"--no-color", OPT_COLOR, 0, "0"},
     {"--json", OPT_JSON, 0, "1"},
@@ -234,6 +235,7 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
         o->stop[o->n_stop++] = v;
         break;
     case OPT_SHOW_ROUTES: o->show_routes = 1; break;
+    case OPT_NO_WARMUP: o->no_warmup = 1; break;
     case OPT_COLOR: o->color = v[0] == '1'; break;
     case OPT_JSON: o->json = 1; break;
     case OPT_STRIDE: o->stride = (int)parse_long(v, name, 1, 1L << 30); break;
