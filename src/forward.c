@@ -1219,9 +1219,10 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
 
 /* Whether a block has a step worth a team: per run, the largest product per token
  * (the MLP's, or Q, K and V together) or attention over the cache, or the output
- * head when logits are wanted, against the threshold the steps themselves use. */
+ * head when logits are wanted, against the threshold the steps themselves use. *work
+ * is that measure of the block, which the team compares calls by (team.h). */
 static bool block_wants_team(const moas_workspace *ws, const moas_seq_run *runs,
-                             int32_t n_runs) {
+                             int32_t n_runs, int64_t *work_out) {
     const moas_model *m = ws->model;
     const int64_t C = m->n_embd;
     const int64_t widest = m->n_ff > 3 * C ? m->n_ff : 3 * C;
@@ -1233,6 +1234,7 @@ static bool block_wants_team(const moas_workspace *ws, const moas_seq_run *runs,
         work += (int64_t)runs[r].n * (C * widest > attention ? C * widest : attention);
         any_logits = any_logits || runs[r].all != NULL || runs[r].want_last;
     }
+    *work_out = work;
     return ws->n_threads > 1 &&
            (work >= ws->parallel_min_work || (any_logits && output >= ws->parallel_min_work));
 }
@@ -1250,7 +1252,9 @@ static void forward_block_call(void *arg) {
 
 void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs) {
     block_call call = {ws, runs, n_runs};
-    const bool team = block_wants_team(ws, runs, n_runs);
+    int64_t work = 0;
+    const bool team = block_wants_team(ws, runs, n_runs, &work);
+    ws->team.call_work = work;
     moas__team_lead(&ws->team, team ? ws->n_threads : 1, forward_block_call, &call);
 }
 

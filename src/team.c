@@ -126,6 +126,43 @@ bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t
     return true;
 }
 
+bool moas__team_compare_alone(const moas_team *team) {
+    return team->trial ? !team->alone : team->alone;
+}
+
+void moas__team_compare_note(moas_team *team, int64_t ns, int64_t work) {
+    if (team->exploit_len == 0) {   /* the first compared call: the team's phase begins */
+        team->exploit_len = MOAS_TEAM_EXPLOIT_MIN;
+        team->phase_left = MOAS_TEAM_EXPLOIT_MIN;
+    }
+    const int way = moas__team_compare_alone(team) ? 0 : 1;
+    const int64_t rate = ns * 1024 / (work > 0 ? work : 1);
+    team->group_rate = team->group_n == 0 || rate < team->group_rate ? rate : team->group_rate;
+    if (++team->group_n == MOAS_TEAM_TRIAL_CALLS) {
+        team->best_rate[way] = team->group_rate;
+        team->group_n = 0;
+    }
+    if (--team->phase_left > 0) {
+        return;
+    }
+    team->group_n = 0;
+    if (!team->trial) {   /* the faster way's calls are over: try the other */
+        team->trial = true;
+        team->phase_left = MOAS_TEAM_TRIAL_CALLS;
+        return;
+    }
+    team->trial = false;
+    const int now = team->alone ? 0 : 1, other = 1 - now;
+    if (team->best_rate[other] > 0 && team->best_rate[now] > 0 &&
+        team->best_rate[other] * 20 <= team->best_rate[now] * 19) {
+        team->alone = !team->alone;   /* the other way is 5% faster or more */
+        team->exploit_len = MOAS_TEAM_EXPLOIT_MIN;
+    } else if (team->exploit_len < MOAS_TEAM_EXPLOIT_MAX) {
+        team->exploit_len *= 2;
+    }
+    team->phase_left = team->exploit_len;
+}
+
 /* Claim slice i for step k and run it; false if another thread claimed it first or
  * step k is over. */
 static bool team_take(moas_team *team, int32_t i, unsigned k) {
@@ -240,8 +277,15 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
     atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);
     atomic_store_explicit(&team->leader_asleep, 0, memory_order_relaxed);
 #if defined(_OPENMP)
+    const bool compared = n_threads > 1 && !team->never_solo && team->call_work > 0 &&
+                          team->call_work <= MOAS_TEAM_COMPARE_MAX_WORK;
     if (n_threads > 1 && team->solo_left > 0 && !team->never_solo) {
         team->solo_left--;   /* the last teams came late: this call runs alone */
+    } else if (compared && moas__team_compare_alone(team)) {
+        const int64_t start = now_ns();
+        body(arg);
+        moas__team_compare_note(team, now_ns() - start, team->call_work);
+        return;
     } else if (n_threads > 1) {
         int64_t body_end = 0;
         for (int32_t i = 0; i < n_threads && i < MOAS_MAX_THREADS; i++) {
@@ -267,6 +311,9 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
             const int64_t end = now_ns();
             const int64_t lost = team->wait_ns + (end - body_end);
             moas__team_judge(team, (end - start) - lost, lost, team->saved_ns);
+            if (compared) {
+                moas__team_compare_note(team, end - start, team->call_work);
+            }
         }
         team->nth = 1;
         return;

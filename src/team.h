@@ -54,6 +54,17 @@ typedef struct moas_team {
                                * team, half after each team that kept up */
     bool never_solo;          /* tests: always run with the team, late or not, so that the
                                * parallel paths run whatever the machine's load */
+    /* the leader alone against the team, for small calls (moas__team_compare_note) */
+    int64_t call_work;        /* the next call's work in multiply-adds, set by the caller
+                               * before moas__team_lead; 0: unknown, never compared */
+    int64_t best_rate[2];     /* ns per 1024 multiply-adds, [0] alone, [1] with the team:
+                               * the lowest of the last group of calls run that way */
+    int64_t group_rate;       /* the lowest of the group under way */
+    int32_t group_n;          /* calls of that group so far */
+    int32_t phase_left;       /* calls before the phase ends */
+    int32_t exploit_len;      /* calls the faster way runs before the other is tried */
+    bool alone;               /* small calls run on the leader alone (else with the team) */
+    bool trial;               /* this phase tries the other way */
     char pad3[64];
     atomic_uint claim[MOAS_MAX_THREADS];   /* the last step each slice was claimed for */
 } moas_team;
@@ -91,6 +102,32 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
  * whether the team was late.
  * Thread counts never change results, so this changes speed only. */
 bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t saved_ns);
+
+/* A team can also cost more than it saves without ever being late: each parallel step
+ * hands its inputs and outputs between cores, and where two vCPUs share no cache that
+ * costs about a microsecond a step, more than splitting a step of a small model's
+ * decode saves. Which way is faster changes with the host, even with its minute (the
+ * 4-layer, 192-wide f16 model decoded one sequence at 0.7x its one-thread speed with
+ * two threads on one Zen 5 host, and at 1.3x twenty minutes later). So calls of at
+ * most this much work (team->call_work: a token of a small model, not a GPT-2-sized
+ * one) run the faster of the two ways as last measured: MOAS_TEAM_EXPLOIT_MIN calls
+ * one way, then MOAS_TEAM_TRIAL_CALLS the other; each way's figure is the lowest time
+ * per multiply-add in its last group of MOAS_TEAM_TRIAL_CALLS calls (a call slowed by
+ * a preemption or a cold start does not count), and the other way takes over when it
+ * is at least 5% faster. While the same way stays faster, the calls before the next
+ * trial double, up to MOAS_TEAM_EXPLOIT_MAX, so a trial of the slower way costs under
+ * 1% of the calls. Larger calls always run with the team. */
+#define MOAS_TEAM_COMPARE_MAX_WORK ((int64_t)1 << 21)
+#define MOAS_TEAM_TRIAL_CALLS 4
+#define MOAS_TEAM_EXPLOIT_MIN 16
+#define MOAS_TEAM_EXPLOIT_MAX 512
+
+/* Whether the next compared call runs on the leader alone. */
+bool moas__team_compare_alone(const moas_team *team);
+
+/* After a compared call that took `ns` for `work` multiply-adds, run the way
+ * moas__team_compare_alone said: records it and moves the phases on as above. */
+void moas__team_compare_note(moas_team *team, int64_t ns, int64_t work);
 
 /* From the leader's body: fn(arg, ith, nth) for every ith of the team, each slice
  * once, on whichever thread claims it (its own thread unless that one is late);

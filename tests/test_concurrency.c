@@ -584,6 +584,73 @@ TEST(team_judge_backs_off_and_recovers) {
     return TEST_PASS;
 }
 
+/* Small calls run the faster of the leader alone and the team (hand-driven times, ns
+ * per 1024 multiply-adds given as ns for work 1024): 16 calls with the team, then a
+ * trial of 4 alone; the faster way stays, its calls before the next trial doubling;
+ * the other way takes over only when 5% faster; a slow call in a group of 4 does not
+ * count (the lowest of the 4 does). */
+static void compare_calls(moas_team *t, int n, bool alone, int64_t ns, bool *ok) {
+    for (int i = 0; i < n; i++) {
+        *ok = *ok && moas__team_compare_alone(t) == alone;
+        moas__team_compare_note(t, ns, 1024);
+    }
+}
+
+TEST(team_compare_runs_small_calls_the_faster_way) {
+    moas_team *t = calloc(1, sizeof *t);
+    ASSERT_TRUE(t != NULL);
+    bool ok = true;
+    ASSERT_TRUE(!moas__team_compare_alone(t));   /* the team first */
+    compare_calls(t, 16, false, 100, &ok);
+    ASSERT_TRUE(ok && t->trial && t->phase_left == 4);
+    compare_calls(t, 4, true, 150, &ok);          /* alone slower: the team stays */
+    ASSERT_TRUE(ok && !t->alone && !t->trial);
+    ASSERT_EQ(t->exploit_len, 32);
+    ASSERT_EQ(t->best_rate[0], 150);
+    ASSERT_EQ(t->best_rate[1], 100);
+    compare_calls(t, 32, false, 100, &ok);
+    compare_calls(t, 3, true, 90, &ok);
+    compare_calls(t, 1, true, 400, &ok);          /* a preempted call: the group's lowest is 90 */
+    ASSERT_TRUE(ok && t->alone);                  /* 90 <= 95% of 100: alone takes over */
+    ASSERT_EQ(t->exploit_len, 16);
+    compare_calls(t, 16, true, 90, &ok);
+    compare_calls(t, 4, false, 86, &ok);          /* 4.4% faster: not enough */
+    ASSERT_TRUE(ok && t->alone);
+    ASSERT_EQ(t->exploit_len, 32);
+    for (int len = 32; len < MOAS_TEAM_EXPLOIT_MAX; len *= 2) {   /* doubling, up to the most */
+        compare_calls(t, len, true, 90, &ok);
+        compare_calls(t, 4, false, 100, &ok);
+        ASSERT_EQ(t->exploit_len, 2 * len);
+    }
+    compare_calls(t, MOAS_TEAM_EXPLOIT_MAX, true, 90, &ok);
+    compare_calls(t, 4, false, 100, &ok);
+    ASSERT_EQ(t->exploit_len, MOAS_TEAM_EXPLOIT_MAX);
+    compare_calls(t, MOAS_TEAM_EXPLOIT_MAX, true, 120, &ok);   /* the host changed */
+    compare_calls(t, 4, false, 100, &ok);
+    ASSERT_TRUE(ok && !t->alone);
+    ASSERT_EQ(t->exploit_len, 16);
+    free(t);
+
+    /* in moas__team_lead: a call the comparison sends alone runs on the leader (nth 1),
+     * one it gives the team runs with it; calls of unknown or large work always do */
+    team_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.call_work = 1000;
+    p->team.trial = true;   /* the team's way, trying alone */
+    moas__team_lead(&p->team, 3, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+    ASSERT_EQ(p->nth, 1);
+    p->team.call_work = MOAS_TEAM_COMPARE_MAX_WORK + 1;
+    memset(p->total, 0, sizeof p->total);
+    moas__team_lead(&p->team, 3, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+#if defined(_OPENMP)
+    ASSERT_EQ(p->nth, 3);
+#endif
+    free(p);
+    return TEST_PASS;
+}
+
 /* While solo_left counts down, a call runs on the leader alone (the same results:
  * slices depend only on (ith, nth)); then the team is tried again. */
 TEST(team_runs_alone_while_backing_off) {

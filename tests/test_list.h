@@ -180,6 +180,7 @@ X(team_workers_that_sleep_still_run_every_slice_once)
 X(team_leader_sleeps_through_a_long_slice)
 X(team_judge_backs_off_and_recovers)
 X(team_runs_alone_while_backing_off)
+X(team_compare_runs_small_calls_the_faster_way)
 
 /* tests/test_bad_inputs.c */
 X(bad_inputs_hyperparameters_out_of_range_or_mistyped)

@@ -60,7 +60,8 @@ static moas_pool *make_pool(const moas_model *m, uint64_t bytes, moas_type kv_ty
     if (moas_pool_create(m, &pp, &pool) != MOAS_OK) {
         return NULL;
     }
-    pool->ws->parallel_min_work = 0;   /* tiny models take every parallel path */
+    pool->ws->parallel_min_work = 0;   /* tiny models take every parallel path, */
+    pool->ws->team.never_solo = true;  /* with the team, never on the leader alone */
     return pool;
 }
 
@@ -81,6 +82,7 @@ static moas_context *make_ctx(const moas_model *m, moas_pool *pool, moas_mode mo
         return NULL;
     }
     ctx->ws->parallel_min_work = 0;
+    ctx->ws->team.never_solo = true;
     return ctx;
 }
 
