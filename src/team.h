@@ -71,8 +71,10 @@ typedef struct moas_team {
 
 /* Run body(arg) on the calling thread with a team of up to n_threads threads (fewer
  * when OpenMP gives fewer, as inside a caller's own parallel region; one without
- * OpenMP, or while team->solo_left says the last teams came late), which
- * moas__team_run can then use. */
+ * OpenMP, while team->solo_left says the last teams came late, or when a small call's
+ * comparison says the leader alone is faster: moas__team_compare_alone), which
+ * moas__team_run can then use. team->call_work is the call's work for that
+ * comparison (0: not compared). */
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg);
 
 /* A team is late when the leader lost more waiting for it in one call (inside steps
