@@ -294,7 +294,7 @@ asan:
 #                        (archer), which checks the forward call's team of threads
 #   make valgrind        bin/moas inspect, generate, perplexity under memcheck, OPENMP=0
 .PHONY: fuzz fuzz-bins fuzz-run fuzz-replay fuzz-corpus fuzz-merge fuzz-coverage tsan valgrind
-FUZZ_TARGETS := load tokenize decode state
+FUZZ_TARGETS := load tokenize decode state pool
 FUZZ_SUPPORT := tests/support/tiny_model.c tests/support/gguf_writer.c
 FUZZ_DEPS    := tests/fuzz/fuzz.h $(wildcard tests/support/*.h) $(STATIC_LIB)
 # fuzz_decode drives the routed-mode API too once src/context.c implements it.

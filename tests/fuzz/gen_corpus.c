@@ -13,7 +13,9 @@
  *             section;
  *   tokenize/ texts for fuzz_tokenize (byte 0: flags; fuzz_tokenize.c);
  *   decode/   programs for fuzz_decode (layout in fuzz_decode.c);
- *   state/    states and edits for fuzz_state (layout in fuzz_state.c).
+ *   state/    states and edits for fuzz_state (layout in fuzz_state.c);
+ *   pool/     programs over contexts of one KV pool for fuzz_pool (layout in
+ *             fuzz_pool.c).
  * Files that fuzzing found and that once failed are added by hand as crash-*; this
  * program never deletes them.
  */
@@ -355,9 +357,78 @@ static void state_seeds(const char *dir) {
     }
 }
 
+/* pool/: programs for fuzz_pool (layout and opcodes in fuzz_pool.c). Together they
+ * reach every opcode on every model: a pool too small for what is asked of it
+ * (MOAS_ERR_POOL_FULL in decode, moas_pool_decode, fork, state load and the copies a
+ * shift or compaction makes of shared pages), shift and compaction of forked
+ * contexts, a state loaded into another context, allocation failures, bad arguments. */
+enum { P_CREATE, P_FREE, P_FORK, P_DECODE, P_BATCH, P_POOL_DECODE, P_TRUNCATE, P_RESET,
+       P_SHIFT, P_COMPACT, P_SAVE, P_LOAD, P_STATS, P_BAD_ARGS, P_VERIFY, P_FORCE, P_OOM };
+
+static void pool_seeds(const char *dir) {
+    static const uint8_t pooled_routed[] = {
+        0x10 | 0x80, 40, 0x00,                 /* pooled RoPE, F32, routed, pages of 4 */
+        P_CREATE, 0, 0, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_FORCE, 0, 1,
+        P_DECODE, 0, 6, P_FORK, 0, P_BATCH, 1, 0x02, 7, 8, P_VERIFY,
+        P_POOL_DECODE, 0x03, 0x12, 9, 10, 0x01, 11, P_VERIFY,
+        P_TRUNCATE, 1, 3, P_COMPACT, 0, 4, 2, P_SHIFT, 1, 1, 1, P_STATS, 200, P_VERIFY,
+        P_SAVE, 0, 1, P_CREATE, 0, 0, P_LOAD, 2, 3, P_DECODE, 2, 12, P_VERIFY,
+        P_FREE, 0, P_FREE, 1, P_FREE, 2};
+    static const uint8_t pool_full[] = {
+        0x00 | 0x40, 17, 0x00,                 /* pooled, F32, mixture, 20 pages of 2 heads */
+        P_CREATE, 0, 0, P_BATCH, 0, 0x03, 1, 2, 3, P_FORK, 0, P_BATCH, 1, 0x0a, 4, 5,
+        P_DECODE, 0, 6, P_POOL_DECODE, 0x03, 0x09, 7, 0x09, 8, P_TRUNCATE, 0, 1,
+        P_DECODE, 0, 9, P_FORK, 1, P_SAVE, 0, 0, P_CREATE, 0, 0, P_LOAD, 2, 3,
+        P_SHIFT, 0, 0, 1, P_RESET, 1, P_DECODE, 0, 9, P_VERIFY, P_STATS, 0};
+    static const uint8_t independent[] = {
+        0x01 | 0x20 | 0x80, 30, 0x80,          /* independent, learned positions, per context */
+        P_CREATE, 0, 0, P_CREATE, 5, 1, P_BATCH, 0, 0x0c, 1, 2, 3, 4, P_BATCH, 1, 0x14, 5, 6, 7, 8,
+        P_POOL_DECODE, 0x03, 0x09, 9, 0x09, 10, P_BAD_ARGS, 14, 0, P_SHIFT, 0, 1, 1,
+        P_COMPACT, 1, 1, 0, P_FORCE, 0, 1, P_FORCE, 1, 1, P_DECODE, 1, 11, P_SAVE, 1, 0,
+        P_LOAD, 0, 3, P_CREATE, 2, 0x01, P_LOAD, 2, 3, P_VERIFY, P_FREE, 0};
+    static const uint8_t q8_routed[] = {
+        0x02 | 0x08 | 0x10 | 0x40, 40, 0x02,   /* pooled heads of 32, Q8_0, routed, steered */
+        P_CREATE, 0, 0, P_FORCE, 0, 1, P_BATCH, 0, 0x05, 1, 2, 3, 4, 5, P_FORK, 0,
+        P_COMPACT, 0, 5, 2, P_TRUNCATE, 0, 2, P_COMPACT, 1, 3, 1, P_SHIFT, 1, 1, 2,
+        P_POOL_DECODE, 0x83, 0x0d, 6, 7, 8, 9, 10, 0x0c, 11, 12, 13, 14, P_VERIFY,
+        P_SAVE, 1, 1, P_LOAD, 0, 2, P_LOAD, 0, 3, P_VERIFY};
+    static const uint8_t rope_independent[] = {
+        0x03 | 0x04 | 0xc0, 12, 0x40,          /* independent RoPE, F16, mixture, pages of 8 */
+        P_CREATE, 0, 0, P_BATCH, 0, 0x15, 1, 2, 3, 4, 5, P_FORK, 0, P_SHIFT, 1, 1, 2,
+        P_DECODE, 1, 6, P_DECODE | 0x80, 0, 7, P_VERIFY, P_POOL_DECODE, 0x13, 0x0a, 1, 2,
+        0x11, 3, P_RESET, 0, P_VERIFY};
+    static const uint8_t oom_and_bad[] = {
+        0x00 | 0x10, 30, 0x00,
+        P_OOM, 0, P_CREATE, 0, 0, P_CREATE, 0, 0, P_OOM, 1, P_DECODE, 0, 3,
+        P_DECODE, 0, 3, P_OOM, 0, P_FORK, 0, P_OOM, 2, P_FORK, 0, P_OOM, 0, P_COMPACT, 0, 1, 2,
+        P_BAD_ARGS, 0, 0, P_BAD_ARGS, 1, 0, P_BAD_ARGS, 2, 0, P_BAD_ARGS, 3, 0,
+        P_BAD_ARGS, 4, 0, P_BAD_ARGS, 5, 0, P_BAD_ARGS, 6, 0, P_BAD_ARGS, 7, 0,
+        P_BAD_ARGS, 8, 0, P_BAD_ARGS, 9, 0, P_BAD_ARGS, 10, 0, P_BAD_ARGS, 11, 0,
+        P_BAD_ARGS, 12, 0, P_BAD_ARGS, 13, 0, P_BAD_ARGS, 15, 0,
+        P_DECODE, 0, 250, P_BATCH, 0, 0xe2, 1, 2, P_BATCH, 0, 0xc0, P_BATCH, 0, 0x52, 1, 2,
+        P_TRUNCATE, 0, 240, P_SHIFT, 0, 233, 0, P_COMPACT, 0, 233, 241, P_FORCE, 0, 241,
+        P_STATS, 2, P_STATS, 20, P_CREATE, 250, 0, P_CREATE, 251, 0, P_LOAD, 0, 0,
+        P_SAVE, 0, 0, P_LOAD, 0, 0, P_LOAD, 0, 1, P_LOAD, 0, 2};
+    static const struct {
+        const char *name;
+        const uint8_t *bytes;
+        size_t len;
+    } seeds[] = {
+        {"pooled-routed-fork-compact-shift-load", pooled_routed, sizeof pooled_routed},
+        {"pool-full", pool_full, sizeof pool_full},
+        {"independent-modes-apart", independent, sizeof independent},
+        {"q8-routed-steered", q8_routed, sizeof q8_routed},
+        {"rope-independent-f16", rope_independent, sizeof rope_independent},
+        {"oom-and-bad-args", oom_and_bad, sizeof oom_and_bad},
+    };
+    for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+        write_file(dir, "pool", seeds[i].name, seeds[i].bytes, seeds[i].len);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s CORPUS_DIR (with load/, tokenize/ and decode/ in it)\n",
+        fprintf(stderr, "usage: %s CORPUS_DIR (with load/, tokenize/, decode/, state/ and pool/ in it)\n",
                 argv[0]);
         return 2;
     }
@@ -365,5 +436,6 @@ int main(int argc, char **argv) {
     tokenize_seeds(argv[1]);
     decode_seeds(argv[1]);
     state_seeds(argv[1]);
+    pool_seeds(argv[1]);
     return failures == 0 ? 0 : 1;
 }

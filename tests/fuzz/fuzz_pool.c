@@ -1,0 +1,1682 @@
+/*
+ * fuzz_pool.c - the input is a program of API calls over up to four contexts of one
+ * small KV pool: create a context in the pool, free one, fork one, decode a token or
+ * a run of tokens into one, moas_pool_decode over several (each a token or a short run,
+ * every `which`), truncate, reset, shift (RoPE models), compact (pooled K/V, routed),
+ * force a scheme, save a context's state and load it into another, read the pool's
+ * figures, arm an allocation failure for the next call, and calls with bad arguments
+ * (NULL, out of range, a context of another pool or mode, a pool of another model).
+ *
+ * The shadow keeps each context's history (tokens, the scheme forced for each, which
+ * tokens a shift, a compaction or steering made impossible to replay) and a copy of
+ * the pool's page bookkeeping: which page each stream of each context holds and how
+ * many holders each page has, updated as docs/KV_CACHE.md describes (a call reserves
+ * every page its tokens may need at their widest, a write into a shared page copies it
+ * first, a fork shares full pages and copies the partly written last one, truncate,
+ * reset and free give pages back). So every call gets its expected status, including
+ * MOAS_ERR_POOL_FULL exactly when the reservation exceeds the free pages. After every
+ * step:
+ *   - a failing call recorded a new message and changed nothing: in every context of
+ *     the pool n_past, the logits (bitwise), the routing records and the KV bytes are
+ *     as before, and the pool's free pages too;
+ *   - a context the step did not name changed in nothing;
+ *   - the pool's figures add up: free pages, n_contexts, bytes_held, bytes_used and
+ *     bytes_stored as the shadow computes them, each context's pages and held bytes;
+ *     with every context freed, every page is free;
+ *   - calls that the header says never allocate (moas_pool_decode, truncate, reset,
+ *     state save and load, stats) made no allocation.
+ * A VERIFY step, and the end of every program, replays each context whose history a
+ * shift, a compaction or steering did not touch, token by token, in a fresh private
+ * context of the same model, mode and KV type: every logit the fuzzer was handed for a
+ * position (single decodes, LOGITS_LAST and every row of LOGITS_ALL, alone or in a
+ * pool call), the context's last logits, its routing records and KV bytes must be
+ * bitwise equal. That covers fork, moas_pool_decode, truncate, reset and state load.
+ * Shifted and compacted contexts get sanity checks: finite logits, n_past and the
+ * routing records as predicted (a shift moves them down, compaction pools exactly the
+ * tokens whose heads nest in the target's).
+ *
+ * Every object is made through a counting allocator; at the end of a program nothing
+ * may be left.
+ *
+ * Program layout: byte 0 picks the model (bits 0-1: pooled K/V with RoPE; independent
+ * schemes with learned positions; pooled K/V with RoPE and heads of 32; independent
+ * with RoPE and heads of 32), the KV type (bits 2-3: F32, F16, Q8_0, F16; Q8_0 on heads
+ * of 4 must be refused, and falls back to F32), the mode (bits 4-5: mixture, routed, or
+ * each context's own) and the page size (bits 6-7: 1, 2, 4 or 8 heads); byte 1 the
+ * pool's pages (3 to 63); byte 2 steering (bits 0-1) and bytes past the last whole page
+ * (bits 2-7). Then one opcode byte per step followed by its operands; at most
+ * MAX_STEPS steps.
+ */
+#include "fuzz.h"
+
+#include "support/tiny_model.h"
+
+#include <math.h>
+#include <string.h>
+
+#define N_MODELS 4
+#define MAX_SLOTS 4
+#define MAX_CTX 16            /* every model's trained length */
+#define MAX_L 2
+#define MAX_S 3
+#define MAX_V 40
+#define MAX_STREAMS (MAX_L * MAX_S)
+#define MAX_STREAM_PAGES (MAX_CTX * 4 + 2)
+#define MAX_POOL_PAGES 64
+#define MAX_RUN 5             /* tokens of one decode run */
+#define MAX_STEPS 64
+#define MAX_STATE (64 << 10)
+#define MAX_VERIFY 6          /* VERIFY steps that replay, besides the one at the end */
+
+typedef enum {
+    OP_CREATE,
+    OP_FREE,
+    OP_FORK,
+    OP_DECODE,
+    OP_BATCH,
+    OP_POOL_DECODE,
+    OP_TRUNCATE,
+    OP_RESET,
+    OP_SHIFT,
+    OP_COMPACT,
+    OP_SAVE,
+    OP_LOAD,
+    OP_STATS,
+    OP_BAD_ARGS,
+    OP_VERIFY,
+    OP_FORCE,
+    OP_OOM,
+    OP_COUNT
+} opcode;
+
+/* ---- the counting allocator ------------------------------------------------------ */
+
+typedef struct {
+    long n_calls;   /* allocations asked for */
+    long fail_at;   /* fail this one (1-based); 0: never */
+    long live;      /* blocks handed out and not yet freed */
+} counting;
+
+static void *count_alloc(void *user, size_t size) {
+    counting *c = user;
+    if (++c->n_calls == c->fail_at) {
+        return NULL;
+    }
+    void *p = malloc(size);
+    c->live += p != NULL;
+    return p;
+}
+
+static void count_free(void *user, void *ptr) {
+    counting *c = user;
+    c->live -= ptr != NULL;
+    free(ptr);
+}
+
+static counting counts;
+static const moas_allocator allocator = {count_alloc, count_free, &counts};
+
+/* ---- the fixed models -------------------------------------------------------------- */
+
+static moas_model *models[N_MODELS];
+
+static moas_model *build(const tiny_model_config *cfg, uint64_t seed) {
+    size_t size;
+    moas_model *m = NULL;
+    uint8_t *image = tiny_model_image(cfg, seed, &size);
+    FUZZ_CHECK(image != NULL);
+    FUZZ_CHECK(moas_model_load_memory(image, size, NULL, &m) == MOAS_OK);
+    return m;   /* the image stays alive with the model, for the whole process */
+}
+
+static void init_models(void) {
+    tiny_model_config cfg;
+
+    tiny_model_config_default(&cfg);   /* router over [4, 2, 1], pooled K/V, RoPE */
+    cfg.n_ctx_train = MAX_CTX;
+    cfg.kv_sharing = "pooled";
+    cfg.rope = cfg.rms_norm = cfg.swiglu = true;
+    models[0] = build(&cfg, 21);
+
+    tiny_model_config_default(&cfg);   /* independent schemes, learned positions */
+    cfg.n_ctx_train = MAX_CTX;
+    models[1] = build(&cfg, 22);
+
+    tiny_model_config_default(&cfg);   /* pooled K/V, RoPE, heads of 32: Q8_0 K/V */
+    cfg.n_ctx_train = MAX_CTX;
+    cfg.n_embd = 128;
+    cfg.n_ff = 32;
+    cfg.kv_sharing = "pooled";
+    cfg.rope = true;
+    models[2] = build(&cfg, 23);
+
+    tiny_model_config_default(&cfg);   /* independent MHA and MQA of 2 heads of 32, RoPE */
+    cfg.n_ctx_train = MAX_CTX;
+    cfg.n_embd = 64;
+    cfg.n_head = 2;
+    cfg.n_ff = 32;
+    cfg.n_scheme = 2;
+    cfg.scheme_n_kv[0] = 2;
+    cfg.scheme_n_kv[1] = 1;
+    cfg.rope = cfg.swiglu = true;
+    models[3] = build(&cfg, 24);
+}
+
+/* ---- the shadow ------------------------------------------------------------------ */
+
+typedef struct {
+    int32_t n;                          /* pages held */
+    int32_t ids[MAX_STREAM_PAGES];      /* shadow page ids */
+} sstream;
+
+typedef struct {
+    bool live;
+    moas_context *ctx;
+    moas_mode mode;
+    int32_t n_ctx;
+    int32_t forced;                     /* forced scheme now, -1: none */
+    bool has_ws;                        /* known to have its own workspace */
+
+    int32_t n_past;
+    int32_t tok[MAX_CTX];
+    int8_t forced_at[MAX_CTX];          /* the forcing each token was decoded under */
+    bool taint[MAX_CTX];                /* shifted, pooled down or steered: no replay */
+    int32_t heads[MAX_CTX][MAX_L];      /* KV heads per token and layer (routes) */
+    bool logits;                        /* moas_context_logits() is not NULL */
+    bool stale;                         /* held logits are not the last token's */
+    bool pos_has[MAX_CTX];
+    float pos_logits[MAX_CTX][MAX_V];   /* logits handed out for each position */
+
+    int32_t n_streams;
+    sstream st[MAX_STREAMS];
+
+    /* before the step: what a failed or unrelated call must leave */
+    int32_t snap_n_past;
+    bool snap_has_logits;
+    float snap_logits[MAX_V];
+    float snap_gates[MAX_CTX * MAX_L * MAX_S];
+    int32_t snap_schemes[MAX_CTX * MAX_L], snap_heads[MAX_CTX * MAX_L];
+    size_t snap_used;
+} sctx;
+
+typedef struct {
+    const moas_model *model;
+    int32_t V, L, S, H, head_dim;
+    int32_t n_kv[MAX_S];
+    int32_t widest;
+    bool pooled, rope;
+    moas_type kv_type;
+    int mode_sel;                       /* 0 mixture, 1 routed, 2 per context */
+    int32_t P;                          /* page heads */
+    size_t head_bytes;
+    uint64_t page_bytes;
+    float steer_below;
+    moas_pool *pool;
+    int32_t n_pages;
+
+    /* page bookkeeping */
+    int32_t refs[MAX_POOL_PAGES];
+    int32_t free_ids[MAX_POOL_PAGES];
+    int32_t n_free;
+
+    sctx c[MAX_SLOTS];
+    moas_context *ref[2];               /* replay contexts per mode, made on first use */
+    moas_pool *other_pool;              /* another pool of the same model */
+    moas_context *other_ctx;            /* a context in it */
+    moas_context *private_ctx;          /* a context without a pool of the caller's */
+
+    /* the saved state slot */
+    uint8_t *state;
+    size_t state_size;
+    bool state_ok;
+    sctx state_src;                     /* the history it holds */
+
+    long arm;                           /* fail allocation number `arm` of the next call */
+    long armed_at;
+    int n_verify;                       /* VERIFY steps run (a few per program) */
+} driver;
+
+static uint8_t state_buf[MAX_STATE], state_tmp[MAX_STATE];
+
+/* FUZZ_POOL_TRACE=1 in the environment: each call and its status on stderr. */
+static int trace = -1;
+
+static void note(const driver *d, const char *what, int slot, moas_status st) {
+    if (trace < 0) {
+        trace = getenv("FUZZ_POOL_TRACE") != NULL;
+    }
+    if (trace) {
+        fprintf(stderr, "pool: %-12s slot %d: %-22s free %d/%d\n", what, slot,
+                moas_status_name(st), d->n_free, d->n_pages);
+    }
+}
+
+/* ---- shadow pages ------------------------------------------------------------------ */
+
+static int32_t take_page(driver *d) {
+    FUZZ_CHECK(d->n_free > 0);
+    const int32_t p = d->free_ids[--d->n_free];
+    d->refs[p] = 1;
+    return p;
+}
+
+static void drop_page(driver *d, int32_t p) {
+    FUZZ_CHECK(d->refs[p] > 0);
+    if (--d->refs[p] == 0) {
+        d->free_ids[d->n_free++] = p;
+    }
+}
+
+static int32_t pages_for(const driver *d, uint32_t heads) {
+    return (int32_t)((heads + (uint32_t)d->P - 1) / (uint32_t)d->P);
+}
+
+/* Streams: routed, one per layer (ragged); mixture with pooled K/V, one per layer of H
+ * heads a token; mixture with independent schemes, one per layer and scheme. */
+static int32_t n_streams(const driver *d, moas_mode mode) {
+    return mode == MOAS_MODE_ROUTED || d->pooled ? d->L : d->L * d->S;
+}
+
+static int32_t stream_max(const driver *d, const sctx *c, int32_t i) {
+    if (c->mode == MOAS_MODE_ROUTED) {
+        return d->widest;
+    }
+    return d->pooled ? d->H : d->n_kv[i % d->S];
+}
+
+/* Heads stream i holds for the first n tokens. */
+static uint32_t stream_heads(const driver *d, const sctx *c, int32_t i, int32_t n) {
+    if (c->mode != MOAS_MODE_ROUTED) {
+        return (uint32_t)n * (uint32_t)stream_max(d, c, i);
+    }
+    uint32_t h = 0;
+    for (int32_t j = 0; j < n; j++) {
+        h += (uint32_t)c->heads[j][i];
+    }
+    return h;
+}
+
+static bool writes_shared(const driver *d, const sstream *s, uint32_t used) {
+    const int32_t page = (int32_t)(used / (uint32_t)d->P);
+    return used % (uint32_t)d->P != 0 && page < s->n && d->refs[s->ids[page]] > 1;
+}
+
+/* Pages a call storing n more tokens of c reserves: every stream's tokens at their
+ * widest, plus a copy of a shared page it would write into. The library reserves (and
+ * makes) that copy for an empty call too, so a call of 0 tokens on a context whose
+ * partly written last page is shared takes a page, or fails with MOAS_ERR_POOL_FULL
+ * when none is free; the shadow follows it. */
+static uint64_t need_tokens(const driver *d, const sctx *c, int32_t n) {
+    uint64_t need = 0;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        const uint32_t used = stream_heads(d, c, i, c->n_past);
+        const int32_t total = pages_for(d, used + (uint32_t)n * (uint32_t)stream_max(d, c, i));
+        need += (uint64_t)(total > c->st[i].n ? total - c->st[i].n : 0) +
+                (writes_shared(d, &c->st[i], used) ? 1 : 0);
+    }
+    return need;
+}
+
+static void cow(driver *d, sstream *s, int32_t page) {
+    const int32_t copy = take_page(d);
+    drop_page(d, s->ids[page]);
+    s->ids[page] = copy;
+}
+
+static void grow_tokens(driver *d, sctx *c, int32_t n) {
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        sstream *s = &c->st[i];
+        const uint32_t used = stream_heads(d, c, i, c->n_past);
+        if (writes_shared(d, s, used)) {
+            cow(d, s, (int32_t)(used / (uint32_t)d->P));
+        }
+        const int32_t total = pages_for(d, used + (uint32_t)n * (uint32_t)stream_max(d, c, i));
+        while (s->n < total) {
+            FUZZ_CHECK(s->n < MAX_STREAM_PAGES);
+            s->ids[s->n++] = take_page(d);
+        }
+    }
+}
+
+/* After a call: each stream keeps the pages its heads need (c->heads and n_past are
+ * the new ones). */
+static void trim(driver *d, sctx *c) {
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        sstream *s = &c->st[i];
+        const int32_t keep = pages_for(d, stream_heads(d, c, i, c->n_past));
+        while (s->n > keep) {
+            drop_page(d, s->ids[--s->n]);
+        }
+    }
+}
+
+static void drop_all(driver *d, sctx *c) {
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        while (c->st[i].n > 0) {
+            drop_page(d, c->st[i].ids[--c->st[i].n]);
+        }
+    }
+}
+
+/* Shared pages from page index from[i] on (-1: none of stream i's). */
+static uint64_t need_unshare(const driver *d, const sctx *c, const int32_t *from) {
+    uint64_t need = 0;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        for (int32_t p = from[i] < 0 ? c->st[i].n : from[i]; p < c->st[i].n; p++) {
+            need += d->refs[c->st[i].ids[p]] > 1 ? 1 : 0;
+        }
+    }
+    return need;
+}
+
+static void unshare(driver *d, sctx *c, const int32_t *from) {
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        for (int32_t p = from[i] < 0 ? c->st[i].n : from[i]; p < c->st[i].n; p++) {
+            if (d->refs[c->st[i].ids[p]] > 1) {
+                cow(d, &c->st[i], p);
+            }
+        }
+    }
+}
+
+static bool shares_pages(const driver *d) {
+    for (int32_t p = 0; p < d->n_pages; p++) {
+        if (d->refs[p] > 1) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- operands -------------------------------------------------------------------- */
+
+/* A live slot near the one the byte names, or -1 when none is live. */
+static int pick_live(driver *d, uint8_t b) {
+    for (int k = 0; k < MAX_SLOTS; k++) {
+        const int s = (b + k) % MAX_SLOTS;
+        if (d->c[s].live) {
+            return s;
+        }
+    }
+    return -1;
+}
+
+static int32_t pick_token(fuzz_cursor *cur, int32_t n_vocab) {
+    const uint8_t b = fuzz_u8(cur);
+    if (b < 248) {
+        return b % n_vocab;
+    }
+    static const int32_t odd[4] = {-1, MAX_V, INT32_MIN, INT32_MAX};
+    return odd[b & 3];
+}
+
+/* Mostly in [0, limit], sometimes just past it, negative or extreme. */
+static int32_t pick_count(fuzz_cursor *cur, int32_t limit) {
+    const uint8_t b = fuzz_u8(cur);
+    if (b < 232) {
+        return b % (limit + 1);
+    }
+    static const int32_t odd[4] = {-1, INT32_MIN, INT32_MAX, 0};
+    return (b & 4) ? limit + 1 : odd[b & 3];
+}
+
+static bool bad_token(const driver *d, int32_t t) {
+    return t < 0 || t >= d->V;
+}
+
+/* ---- allocation failures -------------------------------------------------------- */
+
+static void arm(driver *d) {
+    d->armed_at = counts.n_calls;
+    counts.fail_at = d->arm > 0 ? counts.n_calls + d->arm : 0;
+}
+
+static void disarm(driver *d) {
+    counts.fail_at = 0;
+    d->arm = 0;
+}
+
+/* ---- snapshots and checks ----------------------------------------------------------- */
+
+static void read_routes(const driver *d, const sctx *c, float *gates, int32_t *schemes,
+                        int32_t *heads) {
+    FUZZ_CHECK(moas_context_routes(c->ctx, 0, moas_context_n_past(c->ctx), gates, schemes,
+                                   heads) == MOAS_OK);
+    (void)d;
+}
+
+static void snap_all(driver *d) {
+    for (int s = 0; s < MAX_SLOTS; s++) {
+        sctx *c = &d->c[s];
+        if (!c->live) {
+            continue;
+        }
+        const float *l = moas_context_logits(c->ctx);
+        c->snap_n_past = moas_context_n_past(c->ctx);
+        c->snap_has_logits = l != NULL;
+        if (l != NULL) {
+            memcpy(c->snap_logits, l, (size_t)d->V * sizeof *l);
+        }
+        c->snap_used = moas_context_kv_bytes_used(c->ctx, -1);
+        read_routes(d, c, c->snap_gates, c->snap_schemes, c->snap_heads);
+    }
+}
+
+/* The context is as it was before the step. */
+static void expect_same(const driver *d, const sctx *c) {
+    static float gates[MAX_CTX * MAX_L * MAX_S];
+    static int32_t schemes[MAX_CTX * MAX_L], heads[MAX_CTX * MAX_L];
+    const float *l = moas_context_logits(c->ctx);
+    const size_t rows = (size_t)c->snap_n_past * (size_t)d->L;
+    FUZZ_CHECK(moas_context_n_past(c->ctx) == c->snap_n_past);
+    FUZZ_CHECK((l != NULL) == c->snap_has_logits);
+    FUZZ_CHECK(l == NULL || memcmp(l, c->snap_logits, (size_t)d->V * sizeof *l) == 0);
+    FUZZ_CHECK(moas_context_kv_bytes_used(c->ctx, -1) == c->snap_used);
+    read_routes(d, c, gates, schemes, heads);
+    FUZZ_CHECK(memcmp(gates, c->snap_gates, rows * (size_t)d->S * sizeof *gates) == 0);
+    FUZZ_CHECK(memcmp(schemes, c->snap_schemes, rows * sizeof *schemes) == 0);
+    FUZZ_CHECK(memcmp(heads, c->snap_heads, rows * sizeof *heads) == 0);
+}
+
+/* Every context but `except` (a mask of slots) is as before the step. */
+static void expect_others_same(const driver *d, unsigned except) {
+    for (int s = 0; s < MAX_SLOTS; s++) {
+        if (d->c[s].live && !(except & (1u << s))) {
+            expect_same(d, &d->c[s]);
+        }
+    }
+}
+
+/* A failed call: a new message, nothing changed anywhere, no block left over
+ * (live_before -1: the call may have made the context's own workspace, which a
+ * context in a caller's pool gets with its first own decode, compaction or shift
+ * before the pages are reserved, and keeps). */
+static void expect_failed(const driver *d, long live_before) {
+    FUZZ_CHECK(fuzz_error_replaced());
+    expect_others_same(d, 0);
+    FUZZ_CHECK(live_before < 0 || counts.live == live_before);
+}
+
+/* After a call that changed c: take its new KV heads from its routes, and check them
+ * against the mode. */
+static void take_heads(const driver *d, sctx *c) {
+    static int32_t schemes[MAX_CTX * MAX_L], heads[MAX_CTX * MAX_L];
+    FUZZ_CHECK(moas_context_n_past(c->ctx) == c->n_past);
+    read_routes(d, c, NULL, schemes, heads);
+    for (int32_t j = 0; j < c->n_past; j++) {
+        for (int32_t l = 0; l < d->L; l++) {
+            const int32_t s = schemes[j * d->L + l], h = heads[j * d->L + l];
+            FUZZ_CHECK(s >= 0 && s < d->S);
+            if (c->mode == MOAS_MODE_ROUTED) {
+                FUZZ_CHECK(h == d->n_kv[s]);
+            }
+            c->heads[j][l] = h;
+        }
+    }
+}
+
+static void check_logits_finite(const driver *d, const sctx *c) {
+    const float *l = moas_context_logits(c->ctx);
+    for (int32_t v = 0; l != NULL && v < d->V; v++) {
+        FUZZ_CHECK(isfinite(l[v]));
+    }
+}
+
+/* The pool's figures and every context's pages against the shadow. */
+static void check_pool(driver *d) {
+    moas_pool_info info;
+    memset(&info, 0xAB, sizeof info);
+    info.size = sizeof info;
+    FUZZ_CHECK(moas_pool_stats(d->pool, &info) == MOAS_OK);
+    FUZZ_CHECK(info.size == sizeof info);
+    FUZZ_CHECK(info.page_heads == d->P);
+    FUZZ_CHECK(info.page_bytes == d->page_bytes);
+    FUZZ_CHECK(info.n_pages == d->n_pages);
+    FUZZ_CHECK(info.pages_free == d->n_free);
+    FUZZ_CHECK(info.pages_free >= 0 && info.pages_free <= info.n_pages);
+    FUZZ_CHECK(info.bytes_capacity == (uint64_t)info.n_pages * info.page_bytes);
+    FUZZ_CHECK(info.bytes_held == (uint64_t)(info.n_pages - info.pages_free) * info.page_bytes);
+    FUZZ_CHECK(info.bytes_held <= info.bytes_capacity);
+    int32_t n_live = 0;
+    uint64_t used = 0, stored = 0, held_sum = 0;
+    for (int s = 0; s < MAX_SLOTS; s++) {
+        sctx *c = &d->c[s];
+        if (!c->live) {
+            continue;
+        }
+        n_live++;
+        FUZZ_CHECK(moas_context_n_past(c->ctx) == c->n_past);
+        FUZZ_CHECK((moas_context_logits(c->ctx) != NULL) == c->logits);
+        int32_t pages = 0;
+        for (int32_t i = 0; i < c->n_streams; i++) {
+            FUZZ_CHECK(c->st[i].n == pages_for(d, stream_heads(d, c, i, c->n_past)));
+            pages += c->st[i].n;
+            stored += (uint64_t)stream_heads(d, c, i, c->n_past) * 2 * d->head_bytes;
+        }
+        FUZZ_CHECK(moas_context_kv_pages(c->ctx) == pages);
+        FUZZ_CHECK(moas_context_kv_bytes_held(c->ctx) == (size_t)pages * d->page_bytes);
+        held_sum += (uint64_t)pages * d->page_bytes;
+        /* KV bytes from the header's formula */
+        uint64_t want = 0;
+        for (int32_t i = 0; i < c->n_streams; i++) {
+            want += (uint64_t)stream_heads(d, c, i, c->n_past) * 2 * d->head_bytes;
+        }
+        want += c->mode == MOAS_MODE_ROUTED ? (uint64_t)c->n_past * d->L * 5 : 0;
+        FUZZ_CHECK(moas_context_kv_bytes_used(c->ctx, -1) == want);
+        used += want;
+    }
+    FUZZ_CHECK(info.n_contexts == n_live);
+    FUZZ_CHECK(info.bytes_used == used);
+    FUZZ_CHECK(info.bytes_stored == stored);
+    /* stored K/V sit in held pages; a page shared by forks is held once and stored
+     * in each holder, so the pool's held bytes bound them only without sharing */
+    FUZZ_CHECK(info.bytes_stored <= held_sum);
+    if (!shares_pages(d)) {
+        FUZZ_CHECK(info.bytes_stored <= info.bytes_held);
+        FUZZ_CHECK(held_sum == info.bytes_held);
+    }
+    if (n_live == 0) {
+        FUZZ_CHECK(info.pages_free == info.n_pages && info.bytes_used == 0);
+    }
+}
+
+/* ---- the replay ---------------------------------------------------------------- */
+
+static bool replayable(const sctx *c) {
+    for (int32_t j = 0; j < c->n_past; j++) {
+        if (c->taint[j]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void verify_one(driver *d, sctx *c) {
+    check_logits_finite(d, c);
+    if (!replayable(c)) {
+        return;
+    }
+    const int m = c->mode == MOAS_MODE_ROUTED;
+    if (d->ref[m] == NULL) {
+        moas_context_params p;
+        moas_context_params_init(&p);
+        p.mode = c->mode;
+        p.kv_type = d->kv_type;
+        p.n_threads = 1;
+        p.allocator = &allocator;
+        FUZZ_CHECK(moas_context_create(d->model, &p, &d->ref[m]) == MOAS_OK);
+    }
+    moas_context *ref = d->ref[m];
+    moas_context_reset(ref);
+    for (int32_t j = 0; j < c->n_past; j++) {
+        if (c->mode == MOAS_MODE_ROUTED) {
+            FUZZ_CHECK(moas_context_force_scheme(ref, c->forced_at[j]) == MOAS_OK);
+        }
+        FUZZ_CHECK(moas_context_decode(ref, c->tok[j], NULL) == MOAS_OK);
+        if (c->pos_has[j]) {
+            FUZZ_CHECK(memcmp(moas_context_logits(ref), c->pos_logits[j],
+                              (size_t)d->V * sizeof(float)) == 0);
+        }
+    }
+    const float *l = moas_context_logits(c->ctx);
+    if (l != NULL && !c->stale) {
+        FUZZ_CHECK(c->n_past > 0);
+        FUZZ_CHECK(memcmp(l, moas_context_logits(ref), (size_t)d->V * sizeof *l) == 0);
+    }
+    static float ga[MAX_CTX * MAX_L * MAX_S], gb[MAX_CTX * MAX_L * MAX_S];
+    static int32_t sa[MAX_CTX * MAX_L], sb[MAX_CTX * MAX_L], ha[MAX_CTX * MAX_L],
+        hb[MAX_CTX * MAX_L];
+    const size_t rows = (size_t)c->n_past * (size_t)d->L;
+    FUZZ_CHECK(moas_context_routes(c->ctx, 0, c->n_past, ga, sa, ha) == MOAS_OK);
+    FUZZ_CHECK(moas_context_routes(ref, 0, c->n_past, gb, sb, hb) == MOAS_OK);
+    FUZZ_CHECK(memcmp(ga, gb, rows * (size_t)d->S * sizeof *ga) == 0);
+    FUZZ_CHECK(memcmp(sa, sb, rows * sizeof *sa) == 0);
+    FUZZ_CHECK(memcmp(ha, hb, rows * sizeof *ha) == 0);
+    FUZZ_CHECK(moas_context_kv_bytes_used(c->ctx, -1) == moas_context_kv_bytes_used(ref, -1));
+}
+
+static void verify(driver *d) {
+    for (int s = 0; s < MAX_SLOTS; s++) {
+        if (d->c[s].live) {
+            verify_one(d, &d->c[s]);
+        }
+    }
+}
+
+/* ---- steps --------------------------------------------------------------------- */
+
+/* Whether tokens decoded now in routed mode may be steered (docs/KV_CACHE.md, "When the
+ * pool fills"): the fraction of free pages, before the call reserves, below
+ * steer_below. */
+static bool steering(const driver *d, const sctx *c) {
+    return c->mode == MOAS_MODE_ROUTED && d->steer_below > 0.0f &&
+           (double)d->n_free / (double)d->n_pages < (double)d->steer_below;
+}
+
+/* The shadow of n tokens stored at the end of c, the logits handed out for them. */
+static void record_tokens(driver *d, sctx *c, const int32_t *tokens, int32_t n,
+                          moas_logits which, const float *out, bool steered) {
+    const int32_t at = c->n_past;
+    for (int32_t i = 0; i < n; i++) {
+        c->tok[at + i] = tokens[i];
+        c->forced_at[at + i] = (int8_t)c->forced;
+        c->taint[at + i] = steered;
+        c->pos_has[at + i] = false;
+        if (which == MOAS_LOGITS_ALL) {
+            memcpy(c->pos_logits[at + i], out + (size_t)i * d->V, (size_t)d->V * sizeof *out);
+            c->pos_has[at + i] = true;
+        }
+    }
+    if (n > 0) {
+        c->logits = which != MOAS_LOGITS_NONE;
+        c->stale = false;
+    }
+    c->n_past += n;
+    if (n > 0 && which == MOAS_LOGITS_LAST) {
+        memcpy(c->pos_logits[c->n_past - 1], moas_context_logits(c->ctx),
+               (size_t)d->V * sizeof(float));
+        c->pos_has[c->n_past - 1] = true;
+        if (out != NULL) {
+            FUZZ_CHECK(memcmp(out, moas_context_logits(c->ctx), (size_t)d->V * sizeof *out) == 0);
+        }
+    }
+    if (n > 0 && which == MOAS_LOGITS_ALL) {
+        FUZZ_CHECK(memcmp(out + (size_t)(n - 1) * d->V, moas_context_logits(c->ctx),
+                          (size_t)d->V * sizeof *out) == 0);
+    }
+}
+
+static void init_slot(driver *d, sctx *c, moas_context *ctx, moas_mode mode, int32_t n_ctx) {
+    memset(c, 0, sizeof *c);
+    c->live = true;
+    c->ctx = ctx;
+    c->mode = mode;
+    c->n_ctx = n_ctx;
+    c->forced = -1;
+    c->n_streams = n_streams(d, mode);
+}
+
+static void step_create(driver *d, fuzz_cursor *cur) {
+    const uint8_t b = fuzz_u8(cur), flags = fuzz_u8(cur);
+    int slot = -1;
+    for (int s = 0; s < MAX_SLOTS && slot < 0; s++) {
+        slot = d->c[s].live ? -1 : s;
+    }
+    moas_context_params p;
+    moas_context_params_init(&p);
+    p.n_ctx = b < 240 ? b % (MAX_CTX + 1) : (b & 1) ? MAX_CTX + 1 : -1;
+    p.mode = d->mode_sel == 2 ? (int32_t)(flags & 1) : d->mode_sel;
+    p.kv_type = flags & 2 ? MOAS_TYPE_F16 : MOAS_TYPE_F32;   /* the pool's type applies */
+    p.n_threads = 1;
+    p.allocator = &allocator;
+    p.pool = d->pool;
+    p.n_batch = (flags >> 2) & 3;   /* blocks of 1 to 3 tokens, or 0: the default */
+    if (slot < 0) {
+        return;
+    }
+    const bool valid = p.n_ctx >= 0 && p.n_ctx <= MAX_CTX;
+    const long live_before = counts.live;
+    moas_context *ctx = (moas_context *)&ctx;   /* must become NULL on failure */
+    fuzz_prime_error();
+    arm(d);
+    const bool oom_possible = d->arm > 0;
+    const moas_status st = moas_context_create(d->model, &p, &ctx);
+    disarm(d);
+    note(d, "create", slot, st);
+    if (!valid) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG && ctx == NULL);
+        expect_failed(d, live_before);
+        return;
+    }
+    if (st == MOAS_ERR_NO_MEMORY && oom_possible) {
+        FUZZ_CHECK(ctx == NULL);
+        expect_failed(d, live_before);
+        return;
+    }
+    FUZZ_CHECK(st == MOAS_OK && ctx != NULL);
+    init_slot(d, &d->c[slot], ctx, (moas_mode)p.mode, p.n_ctx == 0 ? MAX_CTX : p.n_ctx);
+    FUZZ_CHECK(moas_context_n_ctx(ctx) == d->c[slot].n_ctx);
+    FUZZ_CHECK(moas_context_mode(ctx) == (moas_mode)p.mode);
+    FUZZ_CHECK(moas_context_logits(ctx) == NULL && moas_context_kv_pages(ctx) == 0);
+    expect_others_same(d, 1u << slot);
+}
+
+static void step_free(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    moas_context_free(c->ctx);
+    drop_all(d, c);
+    c->live = false;
+    expect_others_same(d, 1u << slot);
+}
+
+static void step_fork(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    int child = -1;
+    for (int s = 0; s < MAX_SLOTS && child < 0; s++) {
+        child = d->c[s].live ? -1 : s;
+    }
+    if (slot < 0 || child < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    uint64_t copies = 0;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        copies += stream_heads(d, c, i, c->n_past) % (uint32_t)d->P != 0;
+    }
+    const long live_before = counts.live;
+    moas_context *out = (moas_context *)&out;
+    fuzz_prime_error();
+    arm(d);
+    const moas_status st = moas_context_fork(c->ctx, &out);
+    note(d, "fork", slot, st);
+    const bool oom_possible = d->arm > 0;
+    disarm(d);
+    if (st != MOAS_OK) {
+        FUZZ_CHECK(out == NULL);
+        FUZZ_CHECK((st == MOAS_ERR_POOL_FULL && copies > (uint64_t)d->n_free) ||
+                   (st == MOAS_ERR_NO_MEMORY && oom_possible));
+        expect_failed(d, live_before);
+        return;
+    }
+    FUZZ_CHECK(copies <= (uint64_t)d->n_free);
+    sctx *k = &d->c[child];
+    *k = *c;   /* history, settings, logits */
+    k->ctx = out;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        const uint32_t heads = stream_heads(d, c, i, c->n_past);
+        const int32_t full = (int32_t)(heads / (uint32_t)d->P);
+        for (int32_t p = 0; p < full; p++) {
+            d->refs[c->st[i].ids[p]]++;
+        }
+        k->st[i].n = full;
+        if (heads % (uint32_t)d->P != 0) {
+            k->st[i].ids[k->st[i].n++] = take_page(d);
+        }
+    }
+    FUZZ_CHECK(moas_context_n_ctx(out) == c->n_ctx && moas_context_mode(out) == c->mode);
+    expect_same(d, c);
+    /* the child holds what the parent does */
+    k->snap_used = c->snap_used;
+    expect_same(d, k);
+    expect_others_same(d, (1u << slot) | (1u << child));
+}
+
+/* A run of tokens into one context: moas_context_decode (n < 0: one token, the logits
+ * copied out or not) or moas_context_decode_batch. */
+static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, int which,
+                       bool null_out, bool single) {
+    sctx *c = &d->c[slot];
+    static float out[MAX_RUN * MAX_V + 1];
+    float *buf = null_out ? NULL : out;
+    memset(out, 0xAB, sizeof out);
+    bool invalid = false;
+    if (!single) {
+        invalid = n < 0 || (unsigned)which >= MOAS_LOGITS_COUNT ||
+                  (which == MOAS_LOGITS_ALL && buf == NULL && n > 0);
+    }
+    for (int32_t i = 0; i < n && !invalid; i++) {
+        invalid = bad_token(d, tokens[i]);
+    }
+    const bool full = !invalid && n > c->n_ctx - c->n_past;
+    const uint64_t need = invalid || full ? 0 : need_tokens(d, c, n);
+    const bool pool_full = !invalid && !full && need > (uint64_t)d->n_free;
+    const bool steered = steering(d, c);
+    const long live_before = counts.live, calls_before = counts.n_calls;
+    const bool had_ws = c->has_ws;
+    fuzz_prime_error();
+    arm(d);
+    const bool oom_possible = d->arm > 0 && n > 0;
+    moas_status st;
+    if (single) {
+        st = moas_context_decode(c->ctx, tokens[0], buf);
+    } else {
+        st = moas_context_decode_batch(c->ctx, tokens, n, buf, (moas_logits)which);
+    }
+    disarm(d);
+    note(d, single ? "decode" : "batch", slot, st);
+    if (had_ws) {
+        FUZZ_CHECK(counts.n_calls == calls_before);   /* never per token */
+    }
+    if (st == MOAS_ERR_NO_MEMORY) {
+        FUZZ_CHECK(oom_possible && !invalid && !full && !had_ws);
+        expect_failed(d, live_before);
+        return;
+    }
+    if (!invalid && !full && n > 0) {
+        c->has_ws = true;   /* made before the pages are reserved */
+    }
+    if (invalid) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
+    } else if (full) {
+        FUZZ_CHECK(st == MOAS_ERR_CONTEXT_FULL);
+    } else if (pool_full) {
+        FUZZ_CHECK(st == MOAS_ERR_POOL_FULL);
+        FUZZ_CHECK(strstr(moas_last_error(), "lacks") != NULL);
+    } else {
+        FUZZ_CHECK(st == MOAS_OK);
+    }
+    if (st != MOAS_OK) {
+        expect_failed(d, st == MOAS_ERR_POOL_FULL && !had_ws ? -1 : live_before);
+        /* the caller's buffer is untouched */
+        for (size_t i = 0; i < sizeof out / sizeof out[0]; i++) {
+            uint32_t bits;
+            memcpy(&bits, &out[i], sizeof bits);
+            FUZZ_CHECK(bits == 0xABABABABu);
+        }
+        return;
+    }
+    grow_tokens(d, c, n);
+    record_tokens(d, c, tokens, n, single ? MOAS_LOGITS_LAST : (moas_logits)which,
+                  buf, steered);
+    take_heads(d, c);
+    trim(d, c);
+    check_logits_finite(d, c);
+    expect_others_same(d, 1u << slot);
+}
+
+static void step_decode(driver *d, fuzz_cursor *cur, bool copy_out) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const int32_t token = pick_token(cur, d->V);
+    if (slot >= 0) {
+        decode_run(d, slot, &token, 1, MOAS_LOGITS_LAST, !copy_out, true);
+    }
+}
+
+static void step_batch(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const uint8_t flags = fuzz_u8(cur);
+    /* bits 0-2: n (6 and 7: 0 and 1); 3-4: which; 6: no logits buffer; bits 5-7 all
+     * set: an unknown `which`; 6 and 7 alone: a negative n */
+    int32_t n = (flags & 7) % (MAX_RUN + 1);
+    const int which = (flags & 0xE0) == 0xE0 ? MOAS_LOGITS_COUNT : ((flags >> 3) & 3) % 3;
+    const bool null_out = (flags & 0x40) && !(flags & 0x80);
+    int32_t tokens[MAX_RUN];
+    for (int32_t i = 0; i < n; i++) {
+        tokens[i] = pick_token(cur, d->V);
+    }
+    if (slot < 0) {
+        return;
+    }
+    if ((flags & 0xE0) == 0xC0) {
+        n = -1 - (flags & 1);   /* negative */
+    }
+    decode_run(d, slot, tokens, n, which, null_out, false);
+}
+
+static void step_pool_decode(driver *d, fuzz_cursor *cur) {
+    const uint8_t mask = fuzz_u8(cur);
+    moas_pool_seq seqs[MAX_SLOTS];
+    int slots[MAX_SLOTS];
+    int32_t tokens[MAX_SLOTS][MAX_RUN];
+    static float out[MAX_SLOTS][MAX_RUN * MAX_V];
+    int32_t n_seqs = 0;
+    memset(out, 0xAB, sizeof out);
+    for (int k = 0; k < MAX_SLOTS; k++) {
+        if (!(mask & (1u << k))) {
+            continue;
+        }
+        /* bits 0-2: n (up to 2 unless bit 7 of the mask is set); 3-4: which; 6: no
+         * logits buffer; 6 and 7: an unknown `which` */
+        const uint8_t f = fuzz_u8(cur);
+        const int32_t n = (f & 7) % (MAX_RUN + 1) % ((mask & 0x80) ? MAX_RUN + 1 : 3);
+        for (int32_t i = 0; i < n; i++) {
+            tokens[n_seqs][i] = pick_token(cur, d->V);
+        }
+        if (!d->c[k].live) {
+            continue;
+        }
+        moas_pool_seq *q = &seqs[n_seqs];
+        q->ctx = d->c[k].ctx;
+        q->tokens = tokens[n_seqs];
+        q->n_tokens = n;
+        q->which = ((f >> 3) & 3) % 3;
+        q->logits = (f & 0x40) ? NULL : out[n_seqs];
+        if ((f & 0xC0) == 0xC0) {
+            q->which = 3;   /* unknown */
+        }
+        slots[n_seqs++] = k;
+    }
+    /* the order of the parts: reversed by bit 4 of the mask */
+    if (mask & 0x10) {
+        for (int32_t i = 0; i < n_seqs / 2; i++) {
+            const moas_pool_seq tq = seqs[i];
+            seqs[i] = seqs[n_seqs - 1 - i];
+            seqs[n_seqs - 1 - i] = tq;
+            const int ts = slots[i];
+            slots[i] = slots[n_seqs - 1 - i];
+            slots[n_seqs - 1 - i] = ts;
+        }
+    }
+    /* the expected status: the first part that fails a check decides; then pages */
+    moas_status want = MOAS_OK;
+    for (int32_t i = 0; i < n_seqs && want == MOAS_OK; i++) {
+        const moas_pool_seq *q = &seqs[i];
+        const sctx *c = &d->c[slots[i]];
+        bool bad = c->mode != d->c[slots[0]].mode || (unsigned)q->which >= MOAS_LOGITS_COUNT ||
+                   (q->which == MOAS_LOGITS_ALL && q->logits == NULL && q->n_tokens > 0);
+        for (int32_t t = 0; t < q->n_tokens && !bad; t++) {
+            bad = bad_token(d, q->tokens[t]);
+        }
+        if (bad) {
+            want = MOAS_ERR_INVALID_ARG;
+        } else if (q->n_tokens > c->n_ctx - c->n_past) {
+            want = MOAS_ERR_CONTEXT_FULL;
+        }
+    }
+    uint64_t need = 0;
+    for (int32_t i = 0; i < n_seqs; i++) {
+        need += need_tokens(d, &d->c[slots[i]], seqs[i].n_tokens);
+    }
+    if (want == MOAS_OK && need > (uint64_t)d->n_free) {
+        want = MOAS_ERR_POOL_FULL;
+    }
+    bool steered[MAX_SLOTS];
+    for (int32_t i = 0; i < n_seqs; i++) {
+        steered[i] = steering(d, &d->c[slots[i]]);
+    }
+    const long live_before = counts.live, calls_before = counts.n_calls;
+    fuzz_prime_error();
+    arm(d);
+    const moas_status st = moas_pool_decode(d->pool, seqs, n_seqs);
+    disarm(d);
+    note(d, "pool_decode", (int)n_seqs, st);
+    FUZZ_CHECK(counts.n_calls == calls_before);   /* never allocates */
+    FUZZ_CHECK(st == want);
+    if (st != MOAS_OK) {
+        expect_failed(d, live_before);
+        for (size_t i = 0; i < sizeof out / sizeof(float); i++) {
+            uint32_t bits;
+            memcpy(&bits, (const float *)out + i, sizeof bits);
+            FUZZ_CHECK(bits == 0xABABABABu);
+        }
+        return;
+    }
+    /* every reservation first, in order, then the trims */
+    unsigned touched = 0;
+    for (int32_t i = 0; i < n_seqs; i++) {
+        grow_tokens(d, &d->c[slots[i]], seqs[i].n_tokens);
+    }
+    for (int32_t i = 0; i < n_seqs; i++) {
+        sctx *c = &d->c[slots[i]];
+        record_tokens(d, c, seqs[i].tokens, seqs[i].n_tokens, (moas_logits)seqs[i].which,
+                      seqs[i].logits, steered[i]);
+        take_heads(d, c);
+        touched |= 1u << slots[i];
+        check_logits_finite(d, c);
+    }
+    for (int32_t i = 0; i < n_seqs; i++) {
+        trim(d, &d->c[slots[i]]);
+    }
+    /* a part with no tokens changes nothing of its context */
+    for (int32_t i = 0; i < n_seqs; i++) {
+        if (seqs[i].n_tokens == 0) {
+            expect_same(d, &d->c[slots[i]]);
+        }
+    }
+    expect_others_same(d, touched);
+}
+
+static void step_truncate(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    if (slot < 0) {
+        (void)fuzz_u8(cur);
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const int32_t n_keep = pick_count(cur, c->n_past);
+    const long live_before = counts.live, calls_before = counts.n_calls;
+    fuzz_prime_error();
+    const moas_status st = moas_context_truncate(c->ctx, n_keep);
+    note(d, "truncate", slot, st);
+    FUZZ_CHECK(counts.n_calls == calls_before);
+    if (n_keep < 0 || n_keep > c->n_past) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
+        expect_failed(d, live_before);
+        return;
+    }
+    FUZZ_CHECK(st == MOAS_OK);
+    c->n_past = n_keep;
+    c->logits = false;
+    c->stale = false;
+    trim(d, c);
+    FUZZ_CHECK(moas_context_logits(c->ctx) == NULL);
+    expect_others_same(d, 1u << slot);
+}
+
+static void step_reset(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const long calls_before = counts.n_calls;
+    moas_context_reset(c->ctx);
+    FUZZ_CHECK(counts.n_calls == calls_before);
+    c->n_past = 0;
+    c->logits = false;
+    c->stale = false;
+    trim(d, c);
+    FUZZ_CHECK(moas_context_logits(c->ctx) == NULL && moas_context_kv_pages(c->ctx) == 0);
+    expect_others_same(d, 1u << slot);
+}
+
+static void step_shift(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    if (slot < 0) {
+        (void)fuzz_u8(cur);
+        (void)fuzz_u8(cur);
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const int32_t n_keep = pick_count(cur, c->n_past);
+    const int32_t n_discard = pick_count(cur, c->n_past);
+    const bool valid = d->rope && n_keep >= 0 && n_discard >= 0 &&
+                       (int64_t)n_discard <= (int64_t)c->n_past - n_keep;
+    int32_t from[MAX_STREAMS];
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        from[i] = valid ? (int32_t)(stream_heads(d, c, i, n_keep) / (uint32_t)d->P) : -1;
+    }
+    const bool noop = valid && n_discard == 0;
+    const uint64_t need = valid && !noop ? need_unshare(d, c, from) : 0;
+    const long live_before = counts.live;
+    const bool had_ws = c->has_ws;
+    fuzz_prime_error();
+    arm(d);
+    const bool oom_possible = d->arm > 0 && valid && !noop && !had_ws;
+    const moas_status st = moas_context_shift(c->ctx, n_keep, n_discard);
+    disarm(d);
+    note(d, "shift", slot, st);
+    if (st == MOAS_ERR_NO_MEMORY) {
+        FUZZ_CHECK(oom_possible);
+        expect_failed(d, live_before);
+        return;
+    }
+    if (valid && !noop) {
+        c->has_ws = true;
+    }
+    if (!valid) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
+        expect_failed(d, live_before);
+        return;
+    }
+    if (need > (uint64_t)d->n_free) {
+        FUZZ_CHECK(st == MOAS_ERR_POOL_FULL);
+        expect_failed(d, had_ws ? live_before : -1);
+        return;
+    }
+    FUZZ_CHECK(st == MOAS_OK);
+    if (noop) {
+        expect_others_same(d, 0);
+        return;
+    }
+    unshare(d, c, from);
+    /* the routes of the kept tokens, and of the later ones moved down */
+    static float gates[MAX_CTX * MAX_L * MAX_S];
+    static int32_t schemes[MAX_CTX * MAX_L], heads[MAX_CTX * MAX_L];
+    const int32_t n_after = c->n_past - n_keep - n_discard;
+    FUZZ_CHECK(moas_context_n_past(c->ctx) == c->n_past - n_discard);
+    read_routes(d, c, gates, schemes, heads);
+    const size_t LS = (size_t)d->L * (size_t)d->S, L = (size_t)d->L;
+    FUZZ_CHECK(memcmp(gates, c->snap_gates, (size_t)n_keep * LS * sizeof *gates) == 0);
+    FUZZ_CHECK(memcmp(gates + n_keep * LS, c->snap_gates + (size_t)(n_keep + n_discard) * LS,
+                      (size_t)n_after * LS * sizeof *gates) == 0);
+    FUZZ_CHECK(memcmp(schemes, c->snap_schemes, (size_t)n_keep * L * sizeof *schemes) == 0);
+    FUZZ_CHECK(memcmp(schemes + n_keep * L, c->snap_schemes + (size_t)(n_keep + n_discard) * L,
+                      (size_t)n_after * L * sizeof *schemes) == 0);
+    for (int32_t j = n_keep; j < c->n_past - n_discard; j++) {
+        c->tok[j] = c->tok[j + n_discard];
+        c->forced_at[j] = c->forced_at[j + n_discard];
+        c->taint[j] = true;   /* keys turned back: not bit for bit a fresh decode */
+        c->pos_has[j] = false;
+    }
+    c->n_past -= n_discard;
+    c->stale = c->logits;   /* the last logits stay */
+    take_heads(d, c);
+    trim(d, c);
+    check_logits_finite(d, c);
+    FUZZ_CHECK((moas_context_logits(c->ctx) != NULL) == c->logits);
+    FUZZ_CHECK(!c->logits ||
+               memcmp(moas_context_logits(c->ctx), c->snap_logits, (size_t)d->V * sizeof(float)) == 0);
+    expect_others_same(d, 1u << slot);
+}
+
+/* Whether a token's `from` heads pool down to `to` (groups must nest). */
+static bool pools_down(const driver *d, int32_t from, int32_t to) {
+    return to < from && from % to == 0 && d->H % from == 0;
+}
+
+static void step_compact(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const uint8_t b = fuzz_u8(cur), sb = fuzz_u8(cur);
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    int32_t n_before = b < 232 ? b % (c->n_past + 1) : (b & 1) ? c->n_past + 1 : -1;
+    const int32_t scheme = sb < 240 ? sb % d->S : (sb & 1) ? d->S : -1;
+    const bool valid = c->mode == MOAS_MODE_ROUTED && d->pooled && scheme >= 0 &&
+                       scheme < d->S && n_before >= 0 && n_before <= c->n_past;
+    int32_t from[MAX_STREAMS], changed = 0;
+    const int32_t target = valid ? d->n_kv[scheme] : 0;
+    for (int32_t l = 0; l < c->n_streams; l++) {
+        from[l] = -1;
+        uint32_t off = 0;
+        for (int32_t j = 0; valid && j < n_before; j++) {
+            if (pools_down(d, c->heads[j][l], target)) {
+                if (from[l] < 0) {
+                    from[l] = (int32_t)(off / (uint32_t)d->P);
+                }
+                changed++;
+            }
+            off += (uint32_t)c->heads[j][l];
+        }
+    }
+    const uint64_t need = valid ? need_unshare(d, c, from) : 0;
+    const long live_before = counts.live;
+    const bool had_ws = c->has_ws;
+    int32_t n_changed = -5;
+    fuzz_prime_error();
+    arm(d);
+    const bool oom_possible = d->arm > 0 && valid && !had_ws;
+    const moas_status st = moas_context_compact(c->ctx, n_before, scheme,
+                                                (sb & 0x10) ? NULL : &n_changed);
+    disarm(d);
+    note(d, "compact", slot, st);
+    if (!(sb & 0x10)) {
+        FUZZ_CHECK(st == MOAS_OK || n_changed == 0);
+    }
+    if (st == MOAS_ERR_NO_MEMORY) {
+        FUZZ_CHECK(oom_possible);
+        expect_failed(d, live_before);
+        return;
+    }
+    if (valid) {
+        c->has_ws = true;
+    }
+    if (!valid) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
+        expect_failed(d, live_before);
+        return;
+    }
+    if (need > (uint64_t)d->n_free) {
+        FUZZ_CHECK(st == MOAS_ERR_POOL_FULL);
+        expect_failed(d, had_ws ? live_before : -1);
+        return;
+    }
+    FUZZ_CHECK(st == MOAS_OK);
+    FUZZ_CHECK((sb & 0x10) || n_changed == changed);
+    unshare(d, c, from);
+    /* exactly the tokens whose heads nest in the target's are pooled, to the target */
+    static float gates[MAX_CTX * MAX_L * MAX_S];
+    static int32_t schemes[MAX_CTX * MAX_L], heads[MAX_CTX * MAX_L];
+    read_routes(d, c, gates, schemes, heads);
+    FUZZ_CHECK(memcmp(gates, c->snap_gates, (size_t)c->n_past * d->L * d->S * sizeof *gates) == 0);
+    for (int32_t j = 0; j < c->n_past; j++) {
+        for (int32_t l = 0; l < d->L; l++) {
+            const size_t r = (size_t)j * d->L + l;
+            const bool pooled = j < n_before && pools_down(d, c->heads[j][l], target);
+            FUZZ_CHECK(schemes[r] == (pooled ? scheme : c->snap_schemes[r]));
+            FUZZ_CHECK(heads[r] == (pooled ? target : c->snap_heads[r]));
+            if (pooled) {
+                c->taint[j] = true;   /* its K/V now differ from a fresh decode's */
+            }
+        }
+    }
+    take_heads(d, c);
+    trim(d, c);
+    FUZZ_CHECK((moas_context_logits(c->ctx) != NULL) == c->logits);
+    FUZZ_CHECK(!c->logits ||
+               memcmp(moas_context_logits(c->ctx), c->snap_logits, (size_t)d->V * sizeof(float)) == 0);
+    expect_others_same(d, 1u << slot);
+}
+
+/* The bytes moas_context_state_size() must report. */
+static size_t state_bytes(const driver *d, const sctx *c) {
+    size_t total = 14 * 4 + (size_t)c->n_past * d->L * (1 + 4 * (size_t)d->S);
+    total += c->logits ? 4 * (size_t)d->V : 0;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        total += 2 * (size_t)stream_heads(d, c, i, c->n_past) * d->head_bytes;
+    }
+    return total;
+}
+
+static void step_save(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const uint8_t v = fuzz_u8(cur);
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const size_t need = state_bytes(d, c);
+    FUZZ_CHECK(need <= MAX_STATE);
+    const long live_before = counts.live, calls_before = counts.n_calls;
+    FUZZ_CHECK(moas_context_state_size(c->ctx) == need);
+    size_t written = 0;
+    if (v & 1) {   /* one byte short: refused, *written says how many */
+        memset(state_tmp, 0xAB, sizeof state_tmp);
+        fuzz_prime_error();
+        FUZZ_CHECK(moas_context_state_save(c->ctx, state_tmp, need - 1, &written) ==
+                   MOAS_ERR_BUFFER_TOO_SMALL);
+        FUZZ_CHECK(written == need);
+        expect_failed(d, live_before);
+        for (size_t i = 0; i < need; i++) {
+            FUZZ_CHECK(state_tmp[i] == 0xAB);
+        }
+    }
+    FUZZ_CHECK(moas_context_state_save(c->ctx, state_buf, MAX_STATE, &written) == MOAS_OK);
+    FUZZ_CHECK(written == need);
+    FUZZ_CHECK(counts.n_calls == calls_before);
+    d->state_size = written;
+    d->state_ok = true;
+    d->state_src = *c;
+    expect_others_same(d, 0);
+}
+
+static void step_load(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const uint8_t v = fuzz_u8(cur);
+    if (slot < 0 || !d->state_ok) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const sctx *src = &d->state_src;
+    size_t size = d->state_size;
+    const void *buf = state_buf;
+    moas_status want = MOAS_OK;
+    switch (v % 8) {
+    case 0:
+        buf = NULL;
+        want = MOAS_ERR_INVALID_ARG;
+        break;
+    case 1:
+        size = 0;
+        want = MOAS_ERR_BAD_FORMAT;
+        break;
+    case 2:
+        size--;   /* cut short */
+        break;
+    default:
+        break;
+    }
+    if (want == MOAS_OK) {
+        if (size < 14 * 4) {
+            want = MOAS_ERR_CORRUPT;
+        } else if (src->mode != c->mode) {
+            want = MOAS_ERR_CORRUPT;
+        } else if (src->n_past > c->n_ctx) {
+            want = MOAS_ERR_CONTEXT_FULL;
+        } else if (size != d->state_size) {
+            want = MOAS_ERR_CORRUPT;
+        }
+    }
+    /* pages: those the state needs, from the free ones and those only c holds */
+    uint64_t need = 0, own = 0;
+    for (int32_t i = 0; i < c->n_streams && src->mode == c->mode; i++) {
+        need += (uint64_t)pages_for(d, stream_heads(d, src, i, src->n_past));
+        for (int32_t p = 0; p < c->st[i].n; p++) {
+            own += d->refs[c->st[i].ids[p]] == 1;
+        }
+    }
+    if (want == MOAS_OK && need > (uint64_t)d->n_free + own) {
+        want = MOAS_ERR_POOL_FULL;
+    }
+    const long live_before = counts.live, calls_before = counts.n_calls;
+    fuzz_prime_error();
+    arm(d);
+    const moas_status st = moas_context_state_load(c->ctx, buf, size);
+    disarm(d);
+    note(d, "load", slot, st);
+    FUZZ_CHECK(counts.n_calls == calls_before);   /* allocates nothing */
+    FUZZ_CHECK(st == want);
+    if (st != MOAS_OK) {
+        expect_failed(d, live_before);
+        return;
+    }
+    drop_all(d, c);
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        const int32_t n = pages_for(d, stream_heads(d, src, i, src->n_past));
+        for (int32_t p = 0; p < n; p++) {
+            c->st[i].ids[p] = take_page(d);
+        }
+        c->st[i].n = n;
+    }
+    /* the history is the source's; the settings (forcing, n_ctx) stay */
+    c->n_past = src->n_past;
+    memcpy(c->tok, src->tok, sizeof c->tok);
+    memcpy(c->forced_at, src->forced_at, sizeof c->forced_at);
+    memcpy(c->taint, src->taint, sizeof c->taint);
+    memcpy(c->heads, src->heads, sizeof c->heads);
+    memset(c->pos_has, 0, sizeof c->pos_has);
+    c->logits = src->logits;
+    c->stale = src->stale;
+    take_heads(d, c);
+    FUZZ_CHECK(memcmp(c->heads, src->heads, sizeof c->heads) == 0);
+    /* saved again, the same bytes */
+    size_t written = 0;
+    FUZZ_CHECK(moas_context_state_save(c->ctx, state_tmp, MAX_STATE, &written) == MOAS_OK);
+    FUZZ_CHECK(written == d->state_size && memcmp(state_tmp, state_buf, written) == 0);
+    expect_others_same(d, 1u << slot);
+}
+
+static void step_force(driver *d, fuzz_cursor *cur) {
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const uint8_t b = fuzz_u8(cur);
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const int32_t scheme = b < 240 ? (int32_t)(b % (d->S + 1)) - 1 : (b & 1) ? d->S : -2;
+    const bool valid = scheme >= -1 && scheme < d->S && (c->mode == MOAS_MODE_ROUTED || scheme == -1);
+    const long live_before = counts.live;
+    fuzz_prime_error();
+    const moas_status st = moas_context_force_scheme(c->ctx, scheme);
+    note(d, "force", slot, st);
+    FUZZ_CHECK(st == (valid ? MOAS_OK : MOAS_ERR_INVALID_ARG));
+    if (st != MOAS_OK) {
+        expect_failed(d, live_before);
+        return;
+    }
+    if (c->mode == MOAS_MODE_ROUTED) {
+        c->forced = scheme;
+    }
+    expect_others_same(d, 0);
+}
+
+static void step_stats(driver *d, fuzz_cursor *cur) {
+    const uint8_t b = fuzz_u8(cur);
+    moas_pool_info info;
+    memset(&info, 0xAB, sizeof info);
+    info.size = (uint32_t)(b % (sizeof info + 8));
+    const uint32_t asked = info.size;
+    const long calls_before = counts.n_calls;
+    fuzz_prime_error();
+    const moas_status st = moas_pool_stats(d->pool, &info);
+    FUZZ_CHECK(counts.n_calls == calls_before);
+    if (asked < sizeof info.size) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG && fuzz_error_replaced());
+        return;
+    }
+    FUZZ_CHECK(st == MOAS_OK);
+    FUZZ_CHECK(info.size <= asked && info.size <= sizeof info && info.size >= sizeof info.size);
+    /* nothing past what it says it wrote */
+    const uint8_t *bytes = (const uint8_t *)&info;
+    for (size_t i = info.size; i < sizeof info; i++) {
+        FUZZ_CHECK(bytes[i] == 0xAB);
+    }
+    if (info.size >= offsetof(moas_pool_info, pages_free) + sizeof info.pages_free) {
+        FUZZ_CHECK(info.pages_free == d->n_free);
+    }
+}
+
+/* The other pool, its context and a context without a pool, made on first use. */
+static void make_others(driver *d) {
+    if (d->other_pool != NULL) {
+        return;
+    }
+    moas_pool_params pp;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 16 * d->page_bytes;
+    pp.kv_type = d->kv_type;
+    pp.page_heads = d->P;
+    pp.n_threads = 1;
+    pp.allocator = &allocator;
+    FUZZ_CHECK(moas_pool_create(d->model, &pp, &d->other_pool) == MOAS_OK);
+    moas_context_params p;
+    moas_context_params_init(&p);
+    p.n_threads = 1;
+    p.allocator = &allocator;
+    p.pool = d->other_pool;
+    p.kv_type = d->kv_type;
+    p.mode = d->mode_sel == 1 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+    FUZZ_CHECK(moas_context_create(d->model, &p, &d->other_ctx) == MOAS_OK);
+    FUZZ_CHECK(moas_context_decode(d->other_ctx, 1, NULL) == MOAS_OK);
+    p.pool = NULL;
+    FUZZ_CHECK(moas_context_create(d->model, &p, &d->private_ctx) == MOAS_OK);
+    FUZZ_CHECK(moas_context_decode(d->private_ctx, 2, NULL) == MOAS_OK);
+}
+
+static void step_bad_args(driver *d, fuzz_cursor *cur) {
+    const uint8_t v = fuzz_u8(cur);
+    const int slot = pick_live(d, fuzz_u8(cur));
+    const int32_t one = 1;
+    moas_context *ctx = slot >= 0 ? d->c[slot].ctx : NULL;
+    moas_context *out = (moas_context *)&out;
+    moas_pool *pool_out = (moas_pool *)&pool_out;
+    /* the first part stores nothing, so that a full context passes its checks and
+     * the second part is the one refused */
+    moas_pool_seq q[2] = {{ctx, &one, 0, MOAS_LOGITS_LAST, NULL},
+                          {ctx, &one, 1, MOAS_LOGITS_LAST, NULL}};
+    moas_pool_info info = {.size = sizeof info};
+    moas_pool_params pp;
+    moas_context_params cp;
+    size_t written = 0;
+    make_others(d);
+    const long live_before = counts.live;
+    fuzz_prime_error();
+    switch (v % 16) {
+    case 0:
+        FUZZ_CHECK(moas_pool_decode(NULL, q + 1, 1) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 1:
+        FUZZ_CHECK(moas_pool_decode(d->pool, NULL, 1) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 2:
+        FUZZ_CHECK(moas_pool_decode(d->pool, q, -1) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 3:   /* a context of another pool, alone or after one of this pool */
+        q[1].ctx = d->other_ctx;
+        FUZZ_CHECK(moas_pool_decode(d->pool, ctx != NULL ? q : q + 1, ctx != NULL ? 2 : 1) ==
+                   MOAS_ERR_INVALID_ARG);
+        break;
+    case 4:   /* a context without a pool of the caller's */
+        q[1].ctx = d->private_ctx;
+        FUZZ_CHECK(moas_pool_decode(d->pool, q + 1, 1) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 5:   /* the same context twice, or a NULL one */
+        FUZZ_CHECK(moas_pool_decode(d->pool, q, 2) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 6:
+        FUZZ_CHECK(moas_context_fork(NULL, &out) == MOAS_ERR_INVALID_ARG && out == NULL);
+        break;
+    case 7:
+        if (ctx != NULL) {
+            FUZZ_CHECK(moas_context_fork(ctx, NULL) == MOAS_ERR_INVALID_ARG);
+        } else {
+            FUZZ_CHECK(moas_context_fork(d->private_ctx, &out) == MOAS_ERR_INVALID_ARG && out == NULL);
+        }
+        break;
+    case 8:
+        FUZZ_CHECK(moas_context_fork(d->private_ctx, &out) == MOAS_ERR_INVALID_ARG && out == NULL);
+        break;
+    case 9:
+        FUZZ_CHECK(moas_context_shift(NULL, 0, 0) == MOAS_ERR_INVALID_ARG);
+        FUZZ_CHECK(moas_context_compact(NULL, 0, 0, NULL) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 10:
+        FUZZ_CHECK(moas_context_state_size(NULL) == 0);
+        FUZZ_CHECK(moas_context_state_save(NULL, state_tmp, MAX_STATE, &written) ==
+                   MOAS_ERR_INVALID_ARG);
+        if (ctx != NULL) {
+            FUZZ_CHECK(moas_context_state_save(ctx, NULL, MAX_STATE, &written) ==
+                       MOAS_ERR_INVALID_ARG);
+            FUZZ_CHECK(moas_context_state_save(ctx, state_tmp, MAX_STATE, NULL) ==
+                       MOAS_ERR_INVALID_ARG);
+        }
+        break;
+    case 11:
+        FUZZ_CHECK(moas_pool_stats(NULL, &info) == MOAS_ERR_INVALID_ARG);
+        FUZZ_CHECK(moas_pool_stats(d->pool, NULL) == MOAS_ERR_INVALID_ARG);
+        break;
+    case 12:   /* a pool made for another model */
+        moas_context_params_init(&cp);
+        cp.pool = d->pool;
+        cp.allocator = &allocator;
+        FUZZ_CHECK(moas_context_create(models[(d->model == models[0]) ? 1 : 0], &cp, &out) ==
+                       MOAS_ERR_INVALID_ARG &&
+                   out == NULL);
+        break;
+    case 13:   /* pools that cannot be made */
+        moas_pool_params_init(&pp);
+        pp.allocator = &allocator;
+        pp.capacity_bytes = d->page_bytes - 1;   /* no whole page */
+        pp.page_heads = d->P;
+        pp.kv_type = d->kv_type;
+        FUZZ_CHECK(moas_pool_create(d->model, &pp, &pool_out) == MOAS_ERR_INVALID_ARG &&
+                   pool_out == NULL);
+        pp.capacity_bytes = 1 << 16;
+        pp.page_heads = 3 + (v >> 4) * 2;   /* odd: never a power of two */
+        FUZZ_CHECK(moas_pool_create(d->model, &pp, &pool_out) == MOAS_ERR_INVALID_ARG);
+        pp.page_heads = 8192;
+        FUZZ_CHECK(moas_pool_create(d->model, &pp, &pool_out) == MOAS_ERR_INVALID_ARG);
+        pp.page_heads = 0;
+        pp.steer_below = 1.5f;
+        FUZZ_CHECK(moas_pool_create(d->model, &pp, &pool_out) == MOAS_ERR_INVALID_ARG);
+        pp.steer_below = 0.0f;
+        pp.kv_type = 2;
+        FUZZ_CHECK(moas_pool_create(d->model, &pp, &pool_out) == MOAS_ERR_INVALID_ARG);
+        FUZZ_CHECK(moas_pool_create(NULL, &pp, &pool_out) == MOAS_ERR_INVALID_ARG &&
+                   pool_out == NULL);
+        break;
+    case 14:   /* contexts of both modes in one call */
+    {
+        int other = -1;
+        for (int s = 0; s < MAX_SLOTS && slot >= 0; s++) {
+            if (d->c[s].live && d->c[s].mode != d->c[slot].mode) {
+                other = s;
+            }
+        }
+        if (other < 0) {
+            FUZZ_CHECK(moas_context_shift(NULL, 0, 1) == MOAS_ERR_INVALID_ARG);
+            break;
+        }
+        q[1].ctx = d->c[other].ctx;
+        FUZZ_CHECK(moas_pool_decode(d->pool, q, 2) == MOAS_ERR_INVALID_ARG);
+        break;
+    }
+    default:   /* a state of another pool's context: its mode and kv_type match, so it
+                * loads if this context is of that mode; here only the refusals */
+        FUZZ_CHECK(moas_context_state_load(NULL, state_buf, 4) == MOAS_ERR_INVALID_ARG);
+        if (ctx != NULL) {
+            FUZZ_CHECK(moas_context_state_load(ctx, NULL, 4) == MOAS_ERR_INVALID_ARG);
+        }
+        break;
+    }
+    FUZZ_CHECK(fuzz_error_replaced());
+    expect_failed(d, live_before);
+}
+
+/* ---- the program ------------------------------------------------------------------ */
+
+static void driver_free(driver *d) {
+    for (int s = 0; s < MAX_SLOTS; s++) {
+        if (d->c[s].live) {
+            moas_context_free(d->c[s].ctx);
+            drop_all(d, &d->c[s]);
+            d->c[s].live = false;
+            check_pool(d);
+        }
+    }
+    moas_context_free(d->ref[0]);
+    moas_context_free(d->ref[1]);
+    moas_context_free(d->other_ctx);
+    moas_context_free(d->private_ctx);
+    moas_pool_free(d->other_pool);
+    moas_pool_free(d->pool);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    static driver d;
+    fuzz_cursor cur = {data, size};
+
+    if (models[0] == NULL) {
+        init_models();
+    }
+    memset(&d, 0, sizeof d);
+    memset(&counts, 0, sizeof counts);
+    const uint8_t b0 = fuzz_u8(&cur), b1 = fuzz_u8(&cur), b2 = fuzz_u8(&cur);
+    d.model = models[b0 & 3];
+    d.V = moas_model_n_vocab(d.model);
+    d.L = moas_model_n_layer(d.model);
+    d.S = moas_model_n_scheme(d.model);
+    d.H = moas_model_n_head(d.model);
+    d.head_dim = moas_model_head_dim(d.model);
+    FUZZ_CHECK(d.V <= MAX_V && d.L <= MAX_L && d.S <= MAX_S);
+    for (int32_t s = 0; s < d.S; s++) {
+        d.n_kv[s] = moas_model_scheme_n_kv(d.model, s);
+        d.widest = d.n_kv[s] > d.widest ? d.n_kv[s] : d.widest;
+    }
+    d.pooled = moas_model_kv_sharing(d.model) == MOAS_KV_SHARING_POOLED;
+    d.rope = (b0 & 3) != 1;
+    static const moas_type kv_types[4] = {MOAS_TYPE_F32, MOAS_TYPE_F16, MOAS_TYPE_Q8_0,
+                                          MOAS_TYPE_F16};
+    d.kv_type = kv_types[(b0 >> 2) & 3];
+    d.mode_sel = (b0 >> 4) & 3;
+    d.mode_sel = d.mode_sel > 2 ? 2 : d.mode_sel;
+    d.P = 1 << ((b0 >> 6) & 3);
+    static const float steer[4] = {0.0f, 0.0f, 0.5f, 1.0f};
+    d.steer_below = steer[b2 & 3];
+
+    moas_pool_params pp;
+    moas_pool_params_init(&pp);
+    pp.kv_type = d.kv_type;
+    pp.page_heads = d.P;
+    pp.n_threads = 1;
+    pp.allocator = &allocator;
+    pp.steer_below = d.steer_below;
+    pp.n_batch = (b2 & 0x80) ? 3 : 0;   /* blocks of 3 rows: runs straddle blocks */
+    if (d.kv_type == MOAS_TYPE_Q8_0 && d.head_dim % 32 != 0) {
+        pp.capacity_bytes = 1 << 16;
+        moas_pool *p = (moas_pool *)&p;
+        FUZZ_CHECK(moas_pool_create(d.model, &pp, &p) == MOAS_ERR_INVALID_ARG && p == NULL);
+        d.kv_type = pp.kv_type = MOAS_TYPE_F32;
+    }
+    d.head_bytes = d.kv_type == MOAS_TYPE_Q8_0 ? (size_t)d.head_dim / 32 * 34
+                                                 : (size_t)d.head_dim * (d.kv_type == MOAS_TYPE_F16 ? 2 : 4);
+    d.page_bytes = (uint64_t)d.P * 2 * d.head_bytes;
+    d.n_pages = 3 + b1 % (MAX_POOL_PAGES - 3);
+    pp.capacity_bytes = (uint64_t)d.n_pages * d.page_bytes + (b2 >> 2) * d.page_bytes / 64;
+    FUZZ_CHECK(moas_pool_create(d.model, &pp, &d.pool) == MOAS_OK);
+    for (int32_t p = 0; p < d.n_pages; p++) {
+        d.free_ids[p] = p;
+    }
+    d.n_free = d.n_pages;
+    check_pool(&d);
+
+    for (int step = 0; step < MAX_STEPS && cur.n > 0; step++) {
+        const uint8_t op = fuzz_u8(&cur);
+        snap_all(&d);
+        switch ((opcode)(op % OP_COUNT)) {
+        case OP_CREATE: step_create(&d, &cur); break;
+        case OP_FREE: step_free(&d, &cur); break;
+        case OP_FORK: step_fork(&d, &cur); break;
+        case OP_DECODE: step_decode(&d, &cur, (op & 0x80) != 0); break;
+        case OP_BATCH: step_batch(&d, &cur); break;
+        case OP_POOL_DECODE: step_pool_decode(&d, &cur); break;
+        case OP_TRUNCATE: step_truncate(&d, &cur); break;
+        case OP_RESET: step_reset(&d, &cur); break;
+        case OP_SHIFT: step_shift(&d, &cur); break;
+        case OP_COMPACT: step_compact(&d, &cur); break;
+        case OP_SAVE: step_save(&d, &cur); break;
+        case OP_LOAD: step_load(&d, &cur); break;
+        case OP_STATS: step_stats(&d, &cur); break;
+        case OP_BAD_ARGS: step_bad_args(&d, &cur); break;
+        case OP_VERIFY:
+            if (++d.n_verify <= MAX_VERIFY) {
+                verify(&d);
+            }
+            break;
+        case OP_FORCE: step_force(&d, &cur); break;
+        default: d.arm = 1 + fuzz_u8(&cur) % 8; continue;   /* for the next step's call */
+        }
+        d.arm = 0;
+        check_pool(&d);
+    }
+    verify(&d);
+    driver_free(&d);
+    FUZZ_CHECK(counts.live == 0);
+    return 0;
+}
