@@ -163,11 +163,13 @@ static uint32_t pages_for(const moas_pool *pool, uint32_t heads) {
     return (heads + (uint32_t)pool->page_heads - 1) >> pool->page_shift;
 }
 
-/* Whether writing from head `used` on writes into a page `kv` shares with others. */
-static bool writes_shared_page(const moas_pool *pool, const moas_kv_stream *kv, uint32_t used) {
+/* Whether growing from `used` heads to `want` writes into a page `kv` shares with
+ * others (a call that stores nothing writes nowhere: it needs no copy). */
+static bool writes_shared_page(const moas_pool *pool, const moas_kv_stream *kv, uint32_t used,
+                               uint32_t want) {
     const uint32_t page = used >> pool->page_shift;
-    return (used & ((uint32_t)pool->page_heads - 1)) != 0 && page < (uint32_t)kv->n_pages &&
-           pool->refs[kv->pages[page]] > 1;
+    return want > used && (used & ((uint32_t)pool->page_heads - 1)) != 0 &&
+           page < (uint32_t)kv->n_pages && pool->refs[kv->pages[page]] > 1;
 }
 
 static void copy_page(moas_pool *pool, int32_t dst, int32_t src) {
@@ -179,11 +181,11 @@ static void copy_page(moas_pool *pool, int32_t dst, int32_t src) {
 uint32_t moas__kv_need(const moas_pool *pool, const moas_kv_stream *kv, uint32_t used,
                        uint32_t want) {
     const uint32_t have = (uint32_t)kv->n_pages, total = pages_for(pool, want);
-    return (total > have ? total - have : 0) + (writes_shared_page(pool, kv, used) ? 1 : 0);
+    return (total > have ? total - have : 0) + (writes_shared_page(pool, kv, used, want) ? 1 : 0);
 }
 
 void moas__kv_grow(moas_pool *pool, moas_kv_stream *kv, uint32_t used, uint32_t want) {
-    if (writes_shared_page(pool, kv, used)) {   /* copy on write */
+    if (writes_shared_page(pool, kv, used, want)) {   /* copy on write */
         const uint32_t page = used >> pool->page_shift;
         const int32_t copy = take_page(pool);
         copy_page(pool, copy, kv->pages[page]);

@@ -445,6 +445,49 @@ TEST(pool_full_changes_nothing_routed_with_shared_pages) {
     return TEST_PASS;
 }
 
+/* A call that stores nothing needs no page: an empty decode (or a pool call's part of
+ * 0 tokens) on a context whose partly written last page it shares with a fork neither
+ * copies that page nor fails when the pool is full (it copied it, and failed with
+ * MOAS_ERR_POOL_FULL when no page was free). A token there still needs the copy. */
+TEST(empty_call_needs_no_page) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V: mixture stores every head */
+    moas_model *m;
+    int32_t tokens[6];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    seq_tokens(tokens, 6, moas_model_n_vocab(m), 5);
+    moas_pool *pool = make_pool(m, 1 << 14, MOAS_TYPE_F32, 1, 0, 16);   /* a filler fills it */
+    moas_context *parent = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *filler = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *child = NULL;
+    ASSERT_TRUE(pool && parent && filler);
+    ASSERT_OK(moas_context_decode_batch(parent, tokens, 6, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_fork(parent, &child));
+    ASSERT_OK(moas_context_truncate(child, 2));   /* its last pages: shared, partly written */
+    while (moas_context_decode(filler, tokens[0], NULL) == MOAS_OK) {
+    }
+    moas_pool_info before = {.size = sizeof before}, after = {.size = sizeof after};
+    ASSERT_OK(moas_pool_stats(pool, &before));
+    ASSERT_EQ(before.pages_free, 0);
+    ASSERT_OK(moas_context_decode_batch(child, NULL, 0, NULL, MOAS_LOGITS_LAST));
+    moas_pool_seq empty = {child, tokens, 0, MOAS_LOGITS_NONE, NULL};
+    ASSERT_OK(moas_pool_decode(pool, &empty, 1));
+    ASSERT_OK(moas_pool_stats(pool, &after));
+    ASSERT_EQ(after.pages_free, 0);
+    ASSERT_EQ(after.bytes_held, before.bytes_held);
+    ASSERT_EQ(moas_context_n_past(child), 2);
+    ASSERT_EQ(moas_context_decode(child, tokens[2], NULL), MOAS_ERR_POOL_FULL);
+    moas_context_free(filler);   /* room: now the token copies the page and goes on */
+    ASSERT_OK(moas_context_decode(child, tokens[2], NULL));
+    ASSERT_EQ(moas_context_n_past(child), 3);
+    moas_context_free(child);
+    moas_context_free(parent);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Forks share full pages and copy the partly filled last one; writes into a shared
  * page copy it first, so parent and forks never see each other's tokens: each equals
  * a context that decoded its whole history alone. */

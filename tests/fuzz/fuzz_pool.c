@@ -302,17 +302,15 @@ static bool writes_shared(const driver *d, const sstream *s, uint32_t used) {
 }
 
 /* Pages a call storing n more tokens of c reserves: every stream's tokens at their
- * widest, plus a copy of a shared page it would write into. The library reserves (and
- * makes) that copy for an empty call too, so a call of 0 tokens on a context whose
- * partly written last page is shared takes a page, or fails with MOAS_ERR_POOL_FULL
- * when none is free; the shadow follows it. */
+ * widest, plus a copy of a shared page it would write into; a call of 0 tokens writes
+ * nowhere and needs none. */
 static uint64_t need_tokens(const driver *d, const sctx *c, int32_t n) {
     uint64_t need = 0;
     for (int32_t i = 0; i < c->n_streams; i++) {
         const uint32_t used = stream_heads(d, c, i, c->n_past);
         const int32_t total = pages_for(d, used + (uint32_t)n * (uint32_t)stream_max(d, c, i));
         need += (uint64_t)(total > c->st[i].n ? total - c->st[i].n : 0) +
-                (writes_shared(d, &c->st[i], used) ? 1 : 0);
+                (n > 0 && writes_shared(d, &c->st[i], used) ? 1 : 0);
     }
     return need;
 }
@@ -327,7 +325,7 @@ static void grow_tokens(driver *d, sctx *c, int32_t n) {
     for (int32_t i = 0; i < c->n_streams; i++) {
         sstream *s = &c->st[i];
         const uint32_t used = stream_heads(d, c, i, c->n_past);
-        if (writes_shared(d, s, used)) {
+        if (n > 0 && writes_shared(d, s, used)) {
             cow(d, s, (int32_t)(used / (uint32_t)d->P));
         }
         const int32_t total = pages_for(d, used + (uint32_t)n * (uint32_t)stream_max(d, c, i));
