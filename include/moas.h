@@ -64,7 +64,9 @@
  * which keeps them spinning for a while by default (OMP_WAIT_POLICY=passive: they
  * sleep at once; docs/API.md, "Decode"). When the other threads come late (the
  * machine's cores are busy), the following calls run on the calling thread alone for
- * a while; a call should still not ask for more threads than it has free cores. A decoding call needs up to about 48 KB of stack on the calling thread
+ * a while; and a small call (a decoded token of a small model) runs on the calling
+ * thread alone whenever that was last measured faster than the team. A call should
+ * still not ask for more threads than it has free cores. A decoding call needs up to about 48 KB of stack on the calling thread
  * and on each OpenMP worker (Q8_0 weights make a block of rows into floats there).
  *
  * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
@@ -847,7 +849,9 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
  *
  * params->n_threads as given, or for 0 the number it resolved to at creation
  * (OpenMP's default); always 1 in a library built without OpenMP. A call made inside
- * the caller's own OpenMP parallel region may get fewer.
+ * the caller's own OpenMP parallel region may get fewer, and a call runs on the
+ * calling thread alone while the other threads come late, or, for a small call, while
+ * that was measured faster (THREADING above).
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.
  * Thread safety: one thread per context.   Allocates: no.

@@ -21,7 +21,8 @@
 #include <sched.h>
 #include <string.h>
 
-/* The lock guards bookkeeping of at most a few thousand pages. A thread that finds it
+/* The lock guards bookkeeping of at most a few thousand pages (and the copies of the
+ * shared pages a call, a fork or an unshare writes into). A thread that finds it
  * taken spins briefly and yields a few times; should the holder still have it (it
  * was preempted, the machine is busy), the thread sleeps until the holder lets go,
  * where futexes exist, rather than yield in a loop for as long as that lasts. The

@@ -55,9 +55,12 @@ typedef struct moas_team {
     bool never_solo;          /* tests: always run with the team, late or not, so that the
                                * parallel paths run whatever the machine's load */
     /* the leader alone against the team, for small calls (moas__team_compare_note) */
-    int64_t call_work;        /* the next call's work in multiply-adds, set by the caller
-                               * before moas__team_lead; 0: unknown, never compared */
-    int64_t best_rate[2];     /* ns per 1024 multiply-adds, [0] alone, [1] with the team:
+    int64_t call_work;        /* the next call's work, set by the caller before
+                               * moas__team_lead: forward.c's block_wants_team measure (the
+                               * widest product per token, or attention, times the tokens:
+                               * a fraction of the call's multiply-adds, the same fraction
+                               * for both ways); 0: unknown, never compared */
+    int64_t best_rate[2];     /* ns per 1024 units of that work, [0] alone, [1] team:
                                * the lowest of the last group of calls run that way */
     int64_t group_rate;       /* the lowest of the group under way */
     int32_t group_n;          /* calls of that group so far */
@@ -109,10 +112,10 @@ bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t
  * hands its inputs and outputs between cores, and where two vCPUs share no cache that
  * costs about a microsecond a step, more than splitting a step of a small model's
  * decode saves. Which way is faster changes with the host, even with its minute (the
- * 4-layer, 192-wide f16 model decoded one sequence at 0.7x its one-thread speed with
- * two threads on one Zen 5 host, and at 1.3x twenty minutes later). So calls of at
- * most this much work (team->call_work: a token of a small model, not a GPT-2-sized
- * one) run the faster of the two ways as last measured: MOAS_TEAM_EXPLOIT_MIN calls
+ * 4-layer, 192-wide f16 model decoded one sequence at 1.34-1.44x its one-thread speed
+ * with two threads on one Zen 5 host, and at 0.87-0.90x a few minutes later). So calls
+ * of at most this much work (team->call_work: a token of a small model, not a
+ * GPT-2-sized one) run the faster of the two ways as last measured: MOAS_TEAM_EXPLOIT_MIN calls
  * one way, then MOAS_TEAM_TRIAL_CALLS the other; each way's figure is the lowest time
  * per multiply-add in its last group of MOAS_TEAM_TRIAL_CALLS calls (a call slowed by
  * a preemption or a cold start does not count), and the other way takes over when it
@@ -127,7 +130,7 @@ bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t
 /* Whether the next compared call runs on the leader alone. */
 bool moas__team_compare_alone(const moas_team *team);
 
-/* After a compared call that took `ns` for `work` multiply-adds, run the way
+/* After a compared call that took `ns` for `work` (team->call_work), run the way
  * moas__team_compare_alone said: records it and moves the phases on as above. */
 void moas__team_compare_note(moas_team *team, int64_t ns, int64_t work);
 

@@ -433,7 +433,7 @@ done
 expect_error 1 "^moas: error: --seed must be an integer" "$moas" generate -m "$model" -p A --seed +3
 expect_error 1 "^moas: error: --threads must be an integer" \
     "$moas" generate -m "$model" -p A --threads ' 1'
-for t in ' 1' '+1' '+.5' ' .5' "${tab}1" '1x'; do
+for t in ' 1' '+1' '+.5' ' .5' "${tab}1" '1x' '0x1p-1' '0X2'; do
     expect_error 1 "^moas: error: --temp must be a finite number, got '$t'" \
         "$moas" generate -m "$model" -p A --temp "$t"
 done

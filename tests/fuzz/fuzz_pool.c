@@ -43,8 +43,8 @@
  * with RoPE and heads of 32), the KV type (bits 2-3: F32, F16, Q8_0, F16; Q8_0 on heads
  * of 4 must be refused, and falls back to F32), the mode (bits 4-5: mixture, routed, or
  * each context's own) and the page size (bits 6-7: 1, 2, 4 or 8 heads); byte 1 the
- * pool's pages (3 to 63); byte 2 steering (bits 0-1) and bytes past the last whole page
- * (bits 2-7). Then one opcode byte per step followed by its operands; at most
+ * pool's pages (3 to 63); byte 2 steering (bits 0-1), bytes past the last whole page
+ * (bits 2-7) and, with bit 7, blocks of 3 rows for moas_pool_decode (n_batch 3). Then one opcode byte per step followed by its operands; at most
  * MAX_STEPS steps.
  */
 #include "fuzz.h"

@@ -171,7 +171,8 @@ double parse_double(const char *s, const char *what) {
     char *end;
     errno = 0;
     const double v = strtod(s, &end);
-    if (!starts_as_number(s, 1) || errno != 0 || *end != '\0' || end == s || !isfinite(v)) {
+    if (!starts_as_number(s, 1) || strpbrk(s, "xX") != NULL /* strtod's hex floats */ ||
+        errno != 0 || *end != '\0' || end == s || !isfinite(v)) {
         die("%s must be a finite number, got '%s'", what, s);
     }
     return v;
