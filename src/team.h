@@ -110,14 +110,15 @@ bool moas__team_judge(moas_team *team, int64_t busy_ns, int64_t lost_ns, int64_t
 
 /* A team can also cost more than it saves without ever being late: each parallel step
  * hands its inputs and outputs between cores, and where two vCPUs share no cache that
- * costs about a microsecond a step, more than splitting a step of a small model's
- * decode saves. Which way is faster changes with the host, even with its minute (the
+ * can cost more than splitting a step of a small model's decode saves (a cache line's
+ * round trip between them took 342-352 ns in the slow minutes below; a step hands
+ * several lines each way). Which way is faster changes with the host, even with its minute (the
  * 4-layer, 192-wide f16 model decoded one sequence at 1.34-1.44x its one-thread speed
  * with two threads on one Zen 5 host, and at 0.87-0.90x a few minutes later). So calls
  * of at most this much work (team->call_work: a token of a small model, not a
  * GPT-2-sized one) run the faster of the two ways as last measured: MOAS_TEAM_EXPLOIT_MIN calls
  * one way, then MOAS_TEAM_TRIAL_CALLS the other; each way's figure is the lowest time
- * per multiply-add in its last group of MOAS_TEAM_TRIAL_CALLS calls (a call slowed by
+ * per unit of work in its last group of MOAS_TEAM_TRIAL_CALLS calls (a call slowed by
  * a preemption or a cold start does not count), and the other way takes over when it
  * is at least 5% faster. While the same way stays faster, the calls before the next
  * trial double, up to MOAS_TEAM_EXPLOIT_MAX, so a trial of the slower way costs under
