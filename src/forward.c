@@ -1220,21 +1220,23 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
 /* Whether a block has a step worth a team: per run, the largest product per token
  * (the MLP's, or Q, K and V together) or attention over the cache, or the output
  * head when logits are wanted, against the threshold the steps themselves use. *work
- * is that measure of the block, which the team compares calls by (team.h). */
+ * is that measure of the block plus the output head's rows, which the team compares
+ * calls by (team.h): a narrow model with a large vocabulary is not a small call. */
 static bool block_wants_team(const moas_workspace *ws, const moas_seq_run *runs,
                              int32_t n_runs, int64_t *work_out) {
     const moas_model *m = ws->model;
     const int64_t C = m->n_embd;
     const int64_t widest = m->n_ff > 3 * C ? m->n_ff : 3 * C;
     const int64_t output = C * m->n_vocab;
-    int64_t work = 0;
+    int64_t work = 0, logit_rows = 0;
     bool any_logits = false;
     for (int32_t r = 0; r < n_runs; r++) {
         const int64_t attention = 2 * C * (runs[r].ctx->n_past + (runs[r].n + 1) / 2);
         work += (int64_t)runs[r].n * (C * widest > attention ? C * widest : attention);
         any_logits = any_logits || runs[r].all != NULL || runs[r].want_last;
+        logit_rows += runs[r].all != NULL ? runs[r].n : runs[r].want_last ? 1 : 0;
     }
-    *work_out = work;
+    *work_out = work + logit_rows * output;
     return ws->n_threads > 1 &&
            (work >= ws->parallel_min_work || (any_logits && output >= ws->parallel_min_work));
 }

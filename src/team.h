@@ -57,9 +57,10 @@ typedef struct moas_team {
     /* the leader alone against the team, for small calls (moas__team_compare_note) */
     int64_t call_work;        /* the next call's work, set by the caller before
                                * moas__team_lead: forward.c's block_wants_team measure (the
-                               * widest product per token, or attention, times the tokens:
-                               * a fraction of the call's multiply-adds, the same fraction
-                               * for both ways); 0: unknown, never compared */
+                               * widest product per token, or attention, times the tokens,
+                               * plus the output head's rows: a fraction of the call's
+                               * multiply-adds, the same for both ways); 0: unknown, never
+                               * compared */
     int64_t best_rate[2];     /* ns per 1024 units of that work, [0] alone, [1] team:
                                * the lowest of the last group of calls run that way */
     int64_t group_rate;       /* the lowest of the group under way */
