@@ -215,7 +215,10 @@ void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) 
     }
     if (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
         /* another thread still runs a slice it claimed */
-        uint32_t spins = 0, yields = 0;
+        uint32_t spins = 0;
+#if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)
+        uint32_t yields = 0;   /* before the leader sleeps */
+#endif
         int done;
         while ((done = atomic_load_explicit(&team->done, memory_order_acquire)) < team->nth) {
 #if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)

@@ -1,6 +1,7 @@
 /*
  * fuzz.h - what the fuzz targets share: the libFuzzer entry point, a check that
- * stops the run with a message, and a cursor that turns input bytes into choices.
+ * stops the run with a message, a counting allocator, and a cursor that turns input
+ * bytes into choices.
  *
  * A target is one LLVMFuzzerTestOneInput(). Built with -fsanitize=fuzzer it runs
  * under libFuzzer; linked with replay.c it replays corpus files from a plain main()
@@ -31,6 +32,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
             abort();                                                                    \
         }                                                                               \
     } while (0)
+
+/* An allocator that counts (a moas_allocator with fuzz_count_alloc, fuzz_count_free
+ * and a fuzz_counting as its user data): the calls asked for, the blocks still live,
+ * and allocation number fail_at (1-based; 0: none) fails, so that a target can check
+ * that nothing leaks and that every allocation failure is handled. */
+typedef struct {
+    long n_calls;   /* allocations asked for */
+    long fail_at;   /* fail this one (1-based); 0: never */
+    long live;      /* blocks handed out and not yet freed */
+} fuzz_counting;
+
+static inline void *fuzz_count_alloc(void *user, size_t size) {
+    fuzz_counting *c = user;
+    if (++c->n_calls == c->fail_at) {
+        return NULL;
+    }
+    void *p = malloc(size);
+    c->live += p != NULL;
+    return p;
+}
+
+static inline void fuzz_count_free(void *user, void *ptr) {
+    fuzz_counting *c = user;
+    c->live -= ptr != NULL;
+    free(ptr);
+}
 
 /* Input bytes consumed front to back; past the end every read is 0. */
 typedef struct {

@@ -21,28 +21,6 @@
 #include <math.h>
 #include <string.h>
 
-typedef struct {
-    long n_calls;   /* allocations asked for */
-    long fail_at;   /* fail this one (1-based); 0: never */
-    long live;      /* blocks handed out and not yet freed */
-} counting;
-
-static void *count_alloc(void *user, size_t size) {
-    counting *c = user;
-    if (++c->n_calls == c->fail_at) {
-        return NULL;
-    }
-    void *p = malloc(size);
-    c->live += p != NULL;
-    return p;
-}
-
-static void count_free(void *user, void *ptr) {
-    counting *c = user;
-    c->live -= ptr != NULL;
-    free(ptr);
-}
-
 static bool is_load_failure(moas_status st) {
     return st == MOAS_ERR_BAD_FORMAT || st == MOAS_ERR_CORRUPT || st == MOAS_ERR_UNSUPPORTED;
 }
@@ -329,8 +307,8 @@ done:
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const uint8_t empty[1];
-    counting c = {0, 0, 0};
-    const moas_allocator alloc = {count_alloc, count_free, &c};
+    fuzz_counting c = {0, 0, 0};
+    const moas_allocator alloc = {fuzz_count_alloc, fuzz_count_free, &c};
     const uint64_t h = fuzz_hash(data, size);
     moas_model_params mp;
     moas_model *m = (moas_model *)&c;   /* any non-NULL value: must be overwritten */
@@ -351,8 +329,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     /* the same load with one allocation failing */
     if (n_allocs > 0) {
-        counting f = {0, 1 + (long)(h % (uint64_t)n_allocs), 0};
-        const moas_allocator failing = {count_alloc, count_free, &f};
+        fuzz_counting f = {0, 1 + (long)(h % (uint64_t)n_allocs), 0};
+        const moas_allocator failing = {fuzz_count_alloc, fuzz_count_free, &f};
         moas_model *fm = (moas_model *)&f;
         mp.allocator = &failing;
         FUZZ_CHECK(moas_model_load_memory(data, size, &mp, &fm) == MOAS_ERR_NO_MEMORY);

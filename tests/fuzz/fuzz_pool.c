@@ -89,32 +89,8 @@ typedef enum {
     OP_COUNT
 } opcode;
 
-/* ---- the counting allocator ------------------------------------------------------ */
-
-typedef struct {
-    long n_calls;   /* allocations asked for */
-    long fail_at;   /* fail this one (1-based); 0: never */
-    long live;      /* blocks handed out and not yet freed */
-} counting;
-
-static void *count_alloc(void *user, size_t size) {
-    counting *c = user;
-    if (++c->n_calls == c->fail_at) {
-        return NULL;
-    }
-    void *p = malloc(size);
-    c->live += p != NULL;
-    return p;
-}
-
-static void count_free(void *user, void *ptr) {
-    counting *c = user;
-    c->live -= ptr != NULL;
-    free(ptr);
-}
-
-static counting counts;
-static const moas_allocator allocator = {count_alloc, count_free, &counts};
+static fuzz_counting counts;   /* every object the programs make */
+static const moas_allocator allocator = {fuzz_count_alloc, fuzz_count_free, &counts};
 
 /* ---- the fixed models -------------------------------------------------------------- */
 
@@ -1062,6 +1038,35 @@ static void step_reset(driver *d, fuzz_cursor *cur) {
     expect_others_same(d, 1u << slot);
 }
 
+/* A shift or a compaction that needs `need` pages to unshare: true, checked, when it
+ * failed as predicted (an armed allocation failure, an argument it refuses, too few
+ * free pages), false when it must have succeeded. `works` says it got past its
+ * arguments to real work and so made the context's workspace, which it keeps even
+ * when the pool then turns out full. */
+static bool in_place_failed(driver *d, sctx *c, moas_status st, bool oom_possible, bool valid,
+                            bool works, uint64_t need, bool had_ws, long live_before) {
+    if (st == MOAS_ERR_NO_MEMORY) {
+        FUZZ_CHECK(oom_possible);
+        expect_failed(d, live_before);
+        return true;
+    }
+    if (works) {
+        c->has_ws = true;
+    }
+    if (!valid) {
+        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
+        expect_failed(d, live_before);
+        return true;
+    }
+    if (need > (uint64_t)d->n_free) {
+        FUZZ_CHECK(st == MOAS_ERR_POOL_FULL);
+        expect_failed(d, had_ws ? live_before : -1);
+        return true;
+    }
+    FUZZ_CHECK(st == MOAS_OK);
+    return false;
+}
+
 static void step_shift(driver *d, fuzz_cursor *cur) {
     const int slot = pick_live(d, fuzz_u8(cur));
     if (slot < 0) {
@@ -1088,25 +1093,10 @@ static void step_shift(driver *d, fuzz_cursor *cur) {
     const moas_status st = moas_context_shift(c->ctx, n_keep, n_discard);
     disarm(d);
     note(d, "shift", slot, st);
-    if (st == MOAS_ERR_NO_MEMORY) {
-        FUZZ_CHECK(oom_possible);
-        expect_failed(d, live_before);
+    if (in_place_failed(d, c, st, oom_possible, valid, valid && !noop, need, had_ws,
+                        live_before)) {
         return;
     }
-    if (valid && !noop) {
-        c->has_ws = true;
-    }
-    if (!valid) {
-        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
-        expect_failed(d, live_before);
-        return;
-    }
-    if (need > (uint64_t)d->n_free) {
-        FUZZ_CHECK(st == MOAS_ERR_POOL_FULL);
-        expect_failed(d, had_ws ? live_before : -1);
-        return;
-    }
-    FUZZ_CHECK(st == MOAS_OK);
     if (noop) {
         expect_others_same(d, 0);
         return;
@@ -1187,25 +1177,9 @@ static void step_compact(driver *d, fuzz_cursor *cur) {
     if (!(sb & 0x10)) {
         FUZZ_CHECK(st == MOAS_OK || n_changed == 0);
     }
-    if (st == MOAS_ERR_NO_MEMORY) {
-        FUZZ_CHECK(oom_possible);
-        expect_failed(d, live_before);
+    if (in_place_failed(d, c, st, oom_possible, valid, valid, need, had_ws, live_before)) {
         return;
     }
-    if (valid) {
-        c->has_ws = true;
-    }
-    if (!valid) {
-        FUZZ_CHECK(st == MOAS_ERR_INVALID_ARG);
-        expect_failed(d, live_before);
-        return;
-    }
-    if (need > (uint64_t)d->n_free) {
-        FUZZ_CHECK(st == MOAS_ERR_POOL_FULL);
-        expect_failed(d, had_ws ? live_before : -1);
-        return;
-    }
-    FUZZ_CHECK(st == MOAS_OK);
     FUZZ_CHECK((sb & 0x10) || n_changed == changed);
     unshare(d, c, from);
     /* exactly the tokens whose heads nest in the target's are pooled, to the target */
