@@ -157,6 +157,10 @@ void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws) {
     if (ws == NULL) {
         return;
     }
+    for (int32_t i = 0; ws->shards != NULL && i < ws->n_threads; i++) {
+        moas__workspace_free(alloc, ws->shards[i]);
+    }
+    moas__free(alloc, ws->shards);
     moas__free(alloc, ws->scratch);
     moas__free(alloc, ws->batch_scratch);
     moas__free(alloc, ws->bscheme);
@@ -251,8 +255,40 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     return MOAS_OK;
 }
 
+moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc) {
+    const moas_model *m = ws->model;
+    if (ws->n_threads < 2 || ws->n_threads > MOAS_SHARD_MAX_THREADS ||
+        m->image_size > MOAS_SHARD_MODEL_BYTES || ws->max_rows < 2) {
+        return MOAS_OK;
+    }
+    ws->shards = moas__calloc(alloc, (size_t)ws->n_threads, sizeof *ws->shards);
+    MOAS_RETURN_IF(ws->shards == NULL, MOAS_ERR_NO_MEMORY,
+                   "pool_create: no memory for the threads' workspaces");
+    for (int32_t i = 0; i < ws->n_threads; i++) {
+        /* as many rows as the pool's own: a team that OpenMP gives fewer threads cuts
+         * a block into fewer, larger shares */
+        const moas_status st = moas__workspace_make(m, alloc, ws->ops, 1, ws->max_rows,
+                                                    ws->max_keys, ws->logit_rows, &ws->shards[i]);
+        if (st != MOAS_OK) {
+            for (int32_t j = 0; j < i; j++) {
+                moas__workspace_free(alloc, ws->shards[j]);
+            }
+            moas__free(alloc, ws->shards);
+            ws->shards = NULL;
+            moas__set_error("pool_create: no memory for the workspace of thread %d of %d", i + 1,
+                            ws->n_threads);
+            return st;
+        }
+        ws->shards[i]->mm_hints = ws->mm_hints;
+    }
+    return MOAS_OK;
+}
+
 void moas__workspace_commit(moas_workspace *ws) {
     const size_t rows = (size_t)ws->max_rows;
+    for (int32_t i = 0; ws->shards != NULL && i < ws->n_threads; i++) {
+        moas__workspace_commit(ws->shards[i]);
+    }
     memset(ws->bx, 0, ws->batch_floats * sizeof(float));   /* the scratch arena is zeroed */
     memset(ws->bscheme, 0, rows * sizeof *ws->bscheme);
     memset(ws->row_ctx, 0, rows * sizeof *ws->row_ctx);

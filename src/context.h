@@ -76,6 +76,13 @@ typedef struct moas_workspace {
     moas_seq_run *runs;      /* [B] the runs of a block of moas_pool_decode */
     void *batch_scratch;     /* the allocation holding the arena above */
     size_t batch_floats;     /* the arena's floats, from bx on */
+
+    /* A pool's workspace for a model small enough (MOAS_SHARD_MODEL_BYTES): a workspace
+     * of one thread for each of its threads, in which that thread runs a share of a
+     * block's sequences through the whole model (forward.c, "Sequences split between
+     * the threads"); NULL otherwise */
+    struct moas_workspace **shards;
+    int64_t shard_blocks;    /* blocks run that way (tests check the path ran) */
 } moas_workspace;
 
 struct moas_context {
@@ -172,6 +179,10 @@ moas_status moas__workspace_make(const moas_model *model, const moas_allocator *
                                  int32_t max_keys, int32_t logit_rows, moas_workspace **out);
 void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
 
+/* A pool's workspace: give it its shards (moas_workspace.shards) when the model and
+ * the thread count qualify; MOAS_OK (also when they do not), or MOAS_ERR_NO_MEMORY. */
+moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc);
+
 /* Give ctx its workspace if it has none yet: MOAS_OK, or MOAS_ERR_NO_MEMORY (named for
  * `what`) with ctx unchanged. Once made, it lives as long as the context. */
 moas_status moas__context_workspace(moas_context *ctx, const char *what);
@@ -198,6 +209,15 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * (MOAS_MM_STREAM). 64 MB: twice the 32 MB L3 of a Zen 5 CCD; the 44 MB 6-layer f32
  * benchmark model still gains from the cache-friendly order. */
 #define MOAS_STREAM_MODEL_BYTES ((size_t)64 << 20)
+
+/* A pool whose model file is at most this large, with 2 to MOAS_SHARD_MAX_THREADS
+ * threads, splits a decode step's sequences between its threads, each running its
+ * share through the whole model with no step shared (forward.c, "Sequences split
+ * between the threads"): each thread then reads every weight, which costs little
+ * while the weights stay in the last-level cache and would double what a step reads
+ * from memory once they do not. 16 MB: half a Zen 5 CCD's L3. */
+#define MOAS_SHARD_MODEL_BYTES ((size_t)16 << 20)
+#define MOAS_SHARD_MAX_THREADS 8
 
 /* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K and V rows, 32 KB
  * at head_dim 64 in f32, stay in L1) with up to MOAS_ATT_QUERIES queries of a block

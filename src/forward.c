@@ -1252,11 +1252,124 @@ static void forward_block_call(void *arg) {
     forward_block(c->ws, c->runs, c->n_runs);
 }
 
+/* ---- sequences split between the threads ------------------------------------------
+ *
+ * A decode step of many sequences of a small model is dozens of parallel steps of a
+ * few microseconds each: every one hands its inputs from the thread that wrote them
+ * to the one that reads them, and the steps between them (norms, residual adds,
+ * routing, storing K/V) run on the leader while the others wait. Where the weights
+ * stay in the cache, the block's sequences are cut instead into one share per thread,
+ * balanced by their work, and each thread runs its share through the whole model in a
+ * workspace of its own (ws->shards): one parallel step per block and no data handed
+ * between threads. Every row's numbers are what they would be in the whole block (a
+ * row's arithmetic never depends on the rows beside it), so the results are the
+ * same bits. A route callback is always called from the calling thread, so blocks
+ * with one take the parallel steps. */
+
+/* A run's work for balancing the shares, in multiply-adds per layer over n_embd: its
+ * products (Q, K, V, the output's 4 C, the MLP's 2 n_ff) and its attention over the
+ * keys it sees (scores and value sums, 2 per key). */
+static int64_t shard_work(const moas_model *m, const moas_seq_run *run) {
+    const int64_t per_token = 4 * (int64_t)m->n_embd + 2 * (int64_t)m->n_ff;
+    return (int64_t)run->n * (per_token + 2 * ((int64_t)run->ctx->n_past + (run->n + 1) / 2));
+}
+
+/* The first run of the share that begins at `target` work: runs go to the earlier
+ * share while the work before their middle is below it. */
+static int32_t shard_cut(const moas_model *m, const moas_seq_run *runs, int32_t n_runs,
+                         int64_t target) {
+    int64_t done = 0;
+    int32_t r = 0;
+    for (; r < n_runs; r++) {
+        const int64_t w = shard_work(m, &runs[r]);
+        if (2 * done + w >= 2 * target) {
+            break;
+        }
+        done += w;
+    }
+    return r;
+}
+
+/* Whether a block is worth splitting by sequences: a pool workspace with shards, no
+ * route callback, and for its n_threads threads shares that are none empty and none
+ * more than a quarter over an even share. */
+static bool shards_suit(const moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
+                        int64_t *total_out) {
+    const int32_t nth = ws->n_threads;
+    int64_t total = 0;
+    if (ws->shards == NULL || n_runs < nth) {
+        return false;
+    }
+    for (int32_t r = 0; r < n_runs; r++) {
+        if (runs[r].ctx->route_fn != NULL) {
+            return false;
+        }
+        total += shard_work(ws->model, &runs[r]);
+    }
+    int32_t r0 = 0;
+    for (int32_t i = 0; i < nth; i++) {
+        const int32_t r1 = shard_cut(ws->model, runs, n_runs, total * (i + 1) / nth);
+        int64_t work = 0;
+        for (int32_t r = r0; r < r1; r++) {
+            work += shard_work(ws->model, &runs[r]);
+        }
+        if (r1 == r0 || work * 4 * nth > total * 5) {
+            return false;
+        }
+        r0 = r1;
+    }
+    *total_out = total;
+    return true;
+}
+
+typedef struct {
+    moas_workspace *ws;
+    const moas_seq_run *runs;
+    int32_t n_runs;
+    int64_t total;
+} shard_step;
+
+/* Share ith of nth: its runs, their rows renumbered from 0, through the whole model in
+ * shard ith's workspace. */
+static void shard_slice(void *arg, int32_t ith, int32_t nth) {
+    const shard_step *s = arg;
+    const moas_model *m = s->ws->model;
+    const int32_t r0 = shard_cut(m, s->runs, s->n_runs, s->total * ith / nth);
+    const int32_t r1 = shard_cut(m, s->runs, s->n_runs, s->total * (ith + 1) / nth);
+    if (r0 == r1) {
+        return;
+    }
+    moas_workspace *shard = s->ws->shards[ith];
+    const int32_t row0 = s->runs[r0].row0;
+    for (int32_t r = r0; r < r1; r++) {
+        shard->runs[r - r0] = s->runs[r];
+        shard->runs[r - r0].row0 -= row0;
+    }
+    forward_block(shard, shard->runs, r1 - r0);
+}
+
+/* The team's body: the shares as one step, or the whole block on the leader when the
+ * team runs alone (team.h). */
+static void forward_shards_call(void *arg) {
+    shard_step *step = arg;
+    if (step->ws->team.nth <= 1) {
+        forward_block(step->ws, step->runs, step->n_runs);
+        return;
+    }
+    moas__team_run(&step->ws->team, true, shard_slice, step);
+    step->ws->shard_blocks++;
+}
+
 void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs) {
-    block_call call = {ws, runs, n_runs};
-    int64_t work = 0;
+    int64_t work = 0, total = 0;
     const bool team = block_wants_team(ws, runs, n_runs, &work);
     ws->team.call_work = work;
+    if (team && shards_suit(ws, runs, n_runs, &total)) {
+        shard_step step = {ws, runs, n_runs, total};
+        moas__team_lead(&ws->team, ws->n_threads, forward_shards_call, &step);
+        return;
+    }
+    block_call call = {ws, runs, n_runs};
     moas__team_lead(&ws->team, team ? ws->n_threads : 1, forward_block_call, &call);
 }
 

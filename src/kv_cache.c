@@ -360,7 +360,8 @@ moas_status moas_pool_create(const moas_model *model, const moas_pool_params *pa
     if ((st = moas__workspace_make(model, pool->alloc, moas__ops_select((moas_kernels)p.kernels),
                                    n_threads, n_batch, model->n_ctx_train,
                                    n_batch < MOAS_POOL_LOGIT_ROWS ? n_batch : MOAS_POOL_LOGIT_ROWS,
-                                   &pool->ws)) != MOAS_OK) {
+                                   &pool->ws)) != MOAS_OK ||
+        (st = moas__workspace_shards(pool->ws, pool->alloc)) != MOAS_OK) {
         moas__log_error(p.log, p.log_user);
         moas_pool_free(pool);
         return st;
