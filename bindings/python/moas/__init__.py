@@ -712,11 +712,28 @@ class _Handle:
         if held is not None:
             self._free(held)
 
+    def _held_by(self, array):
+        """`array`, a ctypes array made with from_address over this object's library
+        memory, counts as a dependent until it is collected. Every memoryview made
+        from it (and every slice, cast, memoryview or numpy array of those) references
+        it, whether or not the view handed out was released, so once closed the
+        library object is freed only when the last of them is gone. Not at
+        interpreter exit: objects that still reach the memory then (a daemon thread's,
+        a module global read by a __del__) must not find it freed."""
+        with _LIVE:
+            self._n_live += 1
+        weakref.finalize(array, self._dependent_gone).atexit = False
+
     def _close_owner(self):
         """close() of a Model or Pool: its dependents first, then itself, unless some
         are still alive (a cycle being collected): then with the last of them."""
         for dep in list(self._dependents):
             dep.close()
+        self._release()
+
+    def _release(self):
+        """Closed: the library object is freed now, or, while dependents still need
+        it, with the last of them (_dependent_gone)."""
         with _LIVE:
             ptr = None
             if self._ptr is not None:
@@ -843,11 +860,6 @@ class Model(_Handle):
         with self._use():
             return _Handle._call(self, name, *args)
 
-    def _view_gone(self):
-        """The last memoryview over a tensor's data went: once closed, the model may
-        be freed now."""
-        self._dependent_gone()
-
 
     # hyperparameters
     arch = property(lambda self: self._call("moas_model_arch").decode())
@@ -904,9 +916,7 @@ class Model(_Handle):
                 # the view does not release them), but each keeps the array alive:
                 # the model's library object counts it as a dependent
                 array = (ctypes.c_char * info.n_bytes).from_address(info.data)
-                with _LIVE:
-                    self._n_live += 1
-                weakref.finalize(array, self._view_gone)
+                self._held_by(array)
                 raw = memoryview(array)
                 data = raw.cast("B").toreadonly()
                 raw.release()
