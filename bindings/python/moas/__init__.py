@@ -30,11 +30,17 @@ are kept alive by the object they were given to.
 
 Logits without copying. Context.logits() (and what decode() and decode_batch() return,
 except decode_batch(..., logits="all"), which fills a new buffer of its own)
-is a read-only memoryview of n_vocab floats over the library's own buffer. It is valid
-until the next decode, decode_batch, truncate, reset or close of that context; those
-calls release it, after which any use raises ValueError. Slices or other buffers made
-from the view are not tracked: copy (`list(view)`, `bytes(view)`) what must outlive
-the next decode.
+is a read-only memoryview of n_vocab floats over the library's own buffer. The next
+decode, decode_batch, truncate, reset or close of that context releases the view, after
+which any use of it raises ValueError. Buffers made from it (slices, casts,
+memoryview(view), the numpy array of Context.logits_array(), which also keeps the view
+itself from being released) are not released: they go on reading the same buffer, so
+the next decode's logits replace the values they show; copy (`list(view)`,
+`bytes(view)`, `array.copy()`) what must outlive the next decode. They (and the view
+until it is released) never read freed memory: while any of them is alive the context's
+library object (and so its Pool's and Model's) is not freed, even after close() of the
+Context, Pool or Model or after their last reference is dropped; it is freed when the
+last of them goes, and until then they read the logits the context last held.
 
 Threads. As in C: a Model may be shared by threads; a Context or a Sampler is used by
 one thread at a time. ctypes releases the GIL during every call into the library. A
@@ -1234,6 +1240,8 @@ class Context(_Handle):
                  log=None, allocator=None, pool=None, n_batch=0, _fork_of=None):
         self._ptr = None
         self.pool = pool
+        # weak references to the logits views handed out since the last decode: a
+        # view keeps the context (see logits()), so the context must not keep it
         self._views = []
         self._route = None
         self._route_fn = None
@@ -1291,15 +1299,19 @@ class Context(_Handle):
 
     # lifetime
     def close(self):
-        """Free the context (after a call another thread is making on it ends).
-        Idempotent; refused from its own route callback."""
+        """Close the context (after a call another thread is making on it ends):
+        the logits views it handed out are released, and its library object is
+        freed, at once or, while buffers made from a logits view (slices, casts, a
+        numpy array) are alive, when the last of them goes. Idempotent; refused from
+        its own route callback."""
         with self._lock:
             self._check_not_inside("close")
             self._invalidate()
-            if self._ptr is not None:
-                ptr, self._ptr = self._ptr, None
-                library().moas_context_free(ptr)
-                self._freed()
+            self._release()
+
+    def _free(self, ptr):
+        library().moas_context_free(ptr)
+        self._freed()
 
     def _check_not_inside(self, what):
         if self._calling == threading.get_ident():
@@ -1314,11 +1326,16 @@ class Context(_Handle):
 
     # the logits view
     def _invalidate(self):
-        """Release every logits view handed out: the buffer is about to change."""
-        for view in self._views:
+        """Release every logits view handed out: the buffer is about to change. What
+        was made from a view (a slice, a cast, numpy) is not released: it keeps the
+        buffer's array, so the library object waits for it (_held_by)."""
+        for ref in self._views:
+            view = ref()
+            if view is None:
+                continue
             try:
                 view.release()
-            except BufferError:   # something still exports it (numpy, a cast)
+            except BufferError:   # something still exports it (numpy)
                 pass
         self._views.clear()
 
@@ -1326,22 +1343,40 @@ class Context(_Handle):
         """The last decoded token's logits as a read-only memoryview of n_vocab floats
         over the library's buffer (no copy), or None when there are none (nothing
         decoded since creation, reset or truncate, or decode_batch with logits="none").
-        Released by the next decode, decode_batch, truncate, reset or close."""
-        if self._views:
-            try:
-                self._views[-1].nbytes   # still usable, unless its holder released it
-                return self._views[-1]
-            except ValueError:
+
+        The view is released by the next decode, decode_batch, truncate, reset,
+        load_state, compact, Pool.decode or close (then any use raises ValueError),
+        unless logits_array()'s numpy array still exports it. Buffers made from it
+        (slices, casts, memoryview(view), that numpy array) are not released: they
+        read the same buffer, so a later decode or load_state shows its logits
+        through them (copy what must be kept), and they keep that memory valid: the
+        context's library object, and with it its Pool's and Model's, is freed only
+        after the last of them is gone, even when the context, its Pool or its Model
+        is closed or dropped first. After close they read the values the context last
+        held."""
+        with self._lock:   # close() on another thread cannot free it under us
+            while self._views:
+                view = self._views[-1]()
+                if view is not None:
+                    try:
+                        view.nbytes   # still usable, unless its holder released it
+                        return view
+                    except ValueError:
+                        pass
                 self._views.pop()
-        ptr = self._call("moas_context_logits")
-        if not ptr:
-            return None
-        raw = memoryview(_array_type(ctypes.c_float, self._n_vocab, exact=True).from_address(
-            ctypes.addressof(ptr.contents)))
-        view = raw.cast("B").cast("f").toreadonly()
-        raw.release()
-        self._views.append(view)
-        return view
+            ptr = self._call("moas_context_logits")
+            if not ptr:
+                return None
+            # every view, slice, cast and numpy array over the buffer references this
+            # array: the library object is freed only after it is collected
+            array = _array_type(ctypes.c_float, self._n_vocab, exact=True).from_address(
+                ctypes.addressof(ptr.contents))
+            self._held_by(array)
+            raw = memoryview(array)
+            view = raw.cast("B").cast("f").toreadonly()
+            raw.release()
+            self._views.append(weakref.ref(view))
+            return view
 
     # decoding
     def _run(self, name, *args):
@@ -1443,7 +1478,10 @@ class Context(_Handle):
     def logits_array(self):
         """logits() as a numpy float32 array over the same memory (no copy, read-only)
         when numpy is importable, else the memoryview itself; None when there are no
-        logits. Same lifetime as the view: valid until the next decode."""
+        logits. The array is made from the view, so the view cannot be released while
+        the array lives; it holds the current logits until the next decode (or
+        load_state), which overwrites them in place, and keeps the context's memory
+        valid, after close too, until it is gone (see logits())."""
         view = self.logits()
         np = _numpy()
         if view is None or np is None:
