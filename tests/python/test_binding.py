@@ -608,6 +608,138 @@ class Allocation(unittest.TestCase):
         self.assertEqual(live, set())
 
 
+def counting_allocator():
+    """(allocator, live): an Allocator over libc's malloc whose blocks in use are the
+    keys of `live` (address: size); a block is overwritten with 0xA5 bytes before it
+    is freed, so a buffer read after its memory was freed shows it."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    live = {}
+
+    def alloc(_user, size):
+        p = libc.malloc(size)
+        live[p] = size
+        return p
+
+    def free(_user, p):
+        size = live.pop(p, 0)
+        if p and size:
+            ctypes.memset(p, 0xA5, size)
+        libc.free(p)
+    return moas.Allocator(moas.ALLOC_FN(alloc), moas.FREE_FN(free), None), live
+
+
+class LogitsLifetime(unittest.TestCase):
+    """Buffers made from a logits view (a slice, logits_array()'s numpy array) keep the
+    context's library memory: reading them after close() read freed memory."""
+
+    def open(self, closer):
+        """A model and a context (in a pool for closer "pool") allocating through a
+        counting allocator, after a decode: (model, pool, ctx, view, live), and the
+        model's blocks in self.model_blocks."""
+        allocator, live = counting_allocator()
+        model = moas.Model(MODEL, allocator=allocator)
+        self.model_blocks = set(live)
+        pool = moas.Pool(model, 1 << 20) if closer == "pool" else None
+        ctx = moas.Context(model, pool=pool, allocator=allocator)
+        view = ctx.decode_batch(model.tokenize(TEXT[:12]))
+        self.assertIn(ctypes.addressof(view.obj), live, "the logits are not the context's")
+        return model, pool, ctx, view, live
+
+    def test_derived_buffers_keep_the_logits_after_close(self):
+        np = moas._numpy()
+        for closer in ("context", "model", "pool", "collector"):
+            with self.subTest(closer=closer):
+                model, pool, ctx, view, live = self.open(closer)
+                block = ctypes.addressof(view.obj)
+                head = view[:8]
+                arr = ctx.logits_array() if np is not None else None
+                want = list(view)
+                if closer == "context":
+                    ctx.close()
+                elif closer == "model":
+                    model.close()   # closes the context first
+                elif closer == "pool":
+                    pool.close()    # closes its context first
+                else:               # nothing closed: the objects are collected
+                    del model, pool, ctx
+                gc.collect()
+                if closer != "collector":
+                    self.assertTrue(ctx.closed)
+                    with self.assertRaises(ValueError):
+                        view[0]     # the view itself is released
+                del view
+                gc.collect()
+                self.assertIn(block, live, "the context's logits were freed under a slice")
+                self.assertLessEqual(self.model_blocks, set(live),
+                                     "the model was freed before its context")
+                self.assertEqual(list(head), want[:8])
+                if arr is not None:
+                    self.assertEqual(arr.tolist(), want)
+                del head, arr
+                gc.collect()
+                self.assertNotIn(block, live, "the context was not freed after its buffers")
+                if closer in ("context", "pool"):
+                    model.close()
+                self.assertEqual(live, {}, "the model or context was not freed")
+        self.skip_numpy_part(np)
+
+    def skip_numpy_part(self, np):
+        if np is None:
+            with self.subTest("logits_array()"):
+                self.skipTest("numpy is not installed: logits_array()'s array not checked")
+
+    def test_derived_buffers_show_the_next_decode_then_stay_readable(self):
+        np = moas._numpy()
+        model, _, ctx, view, live = self.open("context")
+        block = ctypes.addressof(view.obj)
+        head = view[:8]
+        whole = memoryview(view)
+        arr = ctx.logits_array() if np is not None else None
+        before = list(view)
+        after = list(ctx.decode(7))   # the same buffer, the new logits
+        self.assertNotEqual(after, before)
+        self.assertEqual(list(head), after[:8])
+        self.assertEqual(list(whole), after)
+        if arr is not None:
+            self.assertEqual(arr.tolist(), after)
+        ctx.close()
+        model.close()
+        gc.collect()
+        self.assertIn(block, live)
+        self.assertEqual(list(head), after[:8])
+        self.assertEqual(list(whole), after)
+        if arr is not None:
+            self.assertEqual(arr.tolist(), after)
+        del view, head, whole, arr
+        gc.collect()
+        self.assertEqual(live, {})
+        self.skip_numpy_part(np)
+
+    def test_a_context_is_freed_once_nothing_reads_its_logits(self):
+        # nothing derived: close() frees the context at once, not later
+        model, _, ctx, view, live = self.open("context")
+        block = ctypes.addressof(view.obj)
+        ctx.close()
+        self.assertNotIn(block, live)
+        # a context dropped unclosed while its view lives: the view keeps it (open,
+        # the view usable), and it is freed when the view goes (the context does not
+        # keep its views, which would make a cycle the collector never frees)
+        ctx = moas.Context(model, allocator=ctx._allocator)
+        view = ctx.decode(3)
+        block = ctypes.addressof(view.obj)
+        del ctx
+        gc.collect()
+        self.assertIn(block, live)
+        self.assertEqual(len(view), 47)
+        del view
+        gc.collect()
+        self.assertNotIn(block, live)
+        model.close()
+        self.assertEqual(live, {})
+
+
 class Example(unittest.TestCase):
     def test_generate_py(self):
         script = os.path.join(ROOT, "examples", "python", "generate.py")
