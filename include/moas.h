@@ -922,7 +922,7 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  * written now) and the buffers of moas_pool_decode: with 2 to 8 threads and a model
  * file of at most 16 MB, one set of them per thread besides, so that a decode step can
  * give each thread a share of the sequences to run through the whole model (about
- * 1.3 MB a thread for a 4-layer 192-wide model; docs/KV_CACHE.md).
+ * 1.4 MB a thread for a 4-layer 192-wide model; docs/KV_CACHE.md).
  * A page holds page_heads K and V heads of head_dim elements of kv_type. The model is
  * borrowed and must outlive the pool; the pool must outlive its contexts.
  *
