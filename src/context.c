@@ -258,8 +258,8 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
 moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc) {
     const moas_model *m = ws->model;
     if (ws->n_threads < 2 || ws->n_threads > MOAS_SHARD_MAX_THREADS ||
-        m->image_size > MOAS_SHARD_MODEL_BYTES || ws->max_rows < 2) {
-        return MOAS_OK;
+        !moas__shard_rows_suit(m, ws->max_rows / ws->n_threads)) {
+        return MOAS_OK;   /* no block could be split */
     }
     ws->shards = moas__calloc(alloc, (size_t)ws->n_threads, sizeof *ws->shards);
     MOAS_RETURN_IF(ws->shards == NULL, MOAS_ERR_NO_MEMORY,

@@ -210,14 +210,27 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
  * benchmark model still gains from the cache-friendly order. */
 #define MOAS_STREAM_MODEL_BYTES ((size_t)64 << 20)
 
-/* A pool whose model file is at most this large, with 2 to MOAS_SHARD_MAX_THREADS
- * threads, splits a decode step's sequences between its threads, each running its
- * share through the whole model with no step shared (forward.c, "Sequences split
- * between the threads"): each thread then reads every weight, which costs little
- * while the weights stay in the last-level cache and would double what a step reads
- * from memory once they do not. 16 MB: half a Zen 5 CCD's L3. */
+/* A pool with 2 to MOAS_SHARD_MAX_THREADS threads may split a block's sequences
+ * between its threads, each running its share through the whole model with no step
+ * shared (forward.c, "Sequences split between the threads"). Each thread then reads
+ * every weight: little cost while the weights stay in the last-level cache and a
+ * share's tokens make each weight worth its read, double the bytes a step reads from
+ * memory otherwise. So a model file of at most MOAS_SHARD_MODEL_BYTES splits any
+ * block worth a team, and a larger one only when every share has a row for each
+ * MOAS_SHARD_ROW_BYTES of it. Measured interleaved at 2 threads on Zen 5 (2 vCPUs,
+ * 32 MB L3), splitting against the parallel steps: the 4-layer 192-wide f16 model
+ * (3.6 MB) 1.41-1.68x from 2 to 64 sequences; the 6-layer 384-wide f16 one (22 MB)
+ * 0.82x at 2 sequences, 0.90x at 4, 1.09-1.15x at 16, 1.30x at 64; in f32 (44 MB)
+ * 0.87-0.94x at 16, 1.08x at 64; GPT-2 small in f16 (247 MB) 0.88-0.97x at 16. */
 #define MOAS_SHARD_MODEL_BYTES ((size_t)16 << 20)
+#define MOAS_SHARD_ROW_BYTES ((size_t)2 << 20)
 #define MOAS_SHARD_MAX_THREADS 8
+
+/* Whether a share of `rows` rows may run apart for model m (as above). */
+static inline bool moas__shard_rows_suit(const moas_model *m, int32_t rows) {
+    return rows >= 1 && (m->image_size <= MOAS_SHARD_MODEL_BYTES ||
+                         (size_t)rows * MOAS_SHARD_ROW_BYTES >= m->image_size);
+}
 
 /* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K and V rows, 32 KB
  * at head_dim 64 in f32, stay in L1) with up to MOAS_ATT_QUERIES queries of a block

@@ -1291,8 +1291,9 @@ static int32_t shard_cut(const moas_model *m, const moas_seq_run *runs, int32_t 
 }
 
 /* Whether a block is worth splitting by sequences: a pool workspace with shards, no
- * route callback, and for its n_threads threads shares that are none empty and none
- * more than a quarter over an even share. */
+ * route callback, and for its n_threads threads shares that are none empty, none more
+ * than a quarter over an even share, and each with rows enough for the model's size
+ * (moas__shard_rows_suit). */
 static bool shards_suit(const moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
                         int64_t *total_out) {
     const int32_t nth = ws->n_threads;
@@ -1313,7 +1314,9 @@ static bool shards_suit(const moas_workspace *ws, const moas_seq_run *runs, int3
         for (int32_t r = r0; r < r1; r++) {
             work += shard_work(ws->model, &runs[r]);
         }
-        if (r1 == r0 || work * 4 * nth > total * 5) {
+        if (r1 == r0 || work * 4 * nth > total * 5 ||
+            !moas__shard_rows_suit(ws->model,
+                                   runs[r1 - 1].row0 + runs[r1 - 1].n - runs[r0].row0)) {
             return false;
         }
         r0 = r1;

@@ -1207,6 +1207,54 @@ TEST(pool_only_context_compacts_and_shifts) {
     return TEST_PASS;
 }
 
+/* Which blocks run their sequences apart (forward.c, "Sequences split between the
+ * threads"): any share of a model file up to 16 MB, and of a larger one only shares
+ * with a row for every 2 MB of it; a pool whose shares could never qualify makes no
+ * workspaces for them. The tiny model stands for a 22 MB one by its recorded size. */
+TEST(pool_splits_sequences_only_where_the_weights_allow) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_TRUE(moas__shard_rows_suit(m, 1) && !moas__shard_rows_suit(m, 0));
+    const size_t real_size = m->image_size;
+    m->image_size = (size_t)22 << 20;
+    ASSERT_TRUE(!moas__shard_rows_suit(m, 10) && moas__shard_rows_suit(m, 11));
+
+    moas_pool *few_rows = make_pool(m, 1 << 20, MOAS_TYPE_F32, 2, 20, 4);   /* 10 a share */
+    moas_pool *many_rows = make_pool(m, 1 << 20, MOAS_TYPE_F32, 2, 32, 4);  /* 16 a share */
+    ASSERT_TRUE(few_rows != NULL && many_rows != NULL);
+    ASSERT_TRUE(few_rows->ws->shards == NULL && many_rows->ws->shards != NULL);
+    enum { N_SEQ = 24 };
+    moas_context *ctx[N_SEQ];
+    moas_pool_seq q[N_SEQ];
+    int32_t tokens[N_SEQ];
+    for (int32_t s = 0; s < N_SEQ; s++) {
+        ctx[s] = make_ctx(m, many_rows, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 2);
+        ASSERT_TRUE(ctx[s] != NULL);
+        tokens[s] = s % moas_model_n_vocab(m);
+        q[s] = (moas_pool_seq){ctx[s], &tokens[s], 1, MOAS_LOGITS_NONE, NULL};
+    }
+    ASSERT_OK(moas_pool_decode(many_rows, q, 20));   /* 10 rows a share: not split */
+    ASSERT_EQ(many_rows->ws->shard_blocks, 0);
+    ASSERT_OK(moas_pool_decode(many_rows, q, 22));   /* 11 a share: split, with a team */
+#if defined(_OPENMP)
+    ASSERT_EQ(many_rows->ws->shard_blocks, 1);
+#else
+    ASSERT_EQ(many_rows->ws->shard_blocks, 0);
+#endif
+    for (int32_t s = 0; s < N_SEQ; s++) {
+        moas_context_free(ctx[s]);
+    }
+    moas_pool_free(few_rows);
+    moas_pool_free(many_rows);
+    m->image_size = real_size;
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 TEST(pool_arguments_are_checked) {
     size_t size;
     uint8_t *image = kind_image(0, &size);
