@@ -1,7 +1,7 @@
 /*
  * fuzz.h - what the fuzz targets share: the libFuzzer entry point, a check that
- * stops the run with a message, a counting allocator, and a cursor that turns input
- * bytes into choices.
+ * stops the run with a message, a counting allocator, tiny models, and a cursor that
+ * turns input bytes into choices.
  *
  * A target is one LLVMFuzzerTestOneInput(). Built with -fsanitize=fuzzer it runs
  * under libFuzzer; linked with replay.c it replays corpus files from a plain main()
@@ -12,6 +12,7 @@
 #define MOAS_FUZZ_H
 
 #include "moas.h"
+#include "support/tiny_model.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -57,6 +58,17 @@ static inline void fuzz_count_free(void *user, void *ptr) {
     fuzz_counting *c = user;
     c->live -= ptr != NULL;
     free(ptr);
+}
+
+/* One of a target's fixed models: a tiny model of cfg (tests/support/tiny_model.h)
+ * loaded from memory, its image kept alive with it for the whole process. */
+static inline moas_model *fuzz_tiny_model(const tiny_model_config *cfg, uint64_t seed) {
+    size_t size;
+    moas_model *m = NULL;
+    uint8_t *image = tiny_model_image(cfg, seed, &size);
+    FUZZ_CHECK(image != NULL);
+    FUZZ_CHECK(moas_model_load_memory(image, size, NULL, &m) == MOAS_OK);
+    return m;
 }
 
 /* Input bytes consumed front to back; past the end every read is 0. */

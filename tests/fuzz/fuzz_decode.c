@@ -40,7 +40,6 @@
  */
 #include "fuzz.h"
 
-#include "support/tiny_model.h"
 
 #include <math.h>
 #include <string.h>
@@ -111,21 +110,12 @@ typedef struct {
 
 static const moas_model *models[N_MODELS];
 
-static const moas_model *build(const tiny_model_config *cfg, uint64_t seed) {
-    size_t size;
-    moas_model *m = NULL;
-    uint8_t *image = tiny_model_image(cfg, seed, &size);
-    FUZZ_CHECK(image != NULL);
-    FUZZ_CHECK(moas_model_load_memory(image, size, NULL, &m) == MOAS_OK);
-    return m;   /* the image stays alive with the model, for the whole process */
-}
-
 static void init_models(void) {
     tiny_model_config cfg;
 
     tiny_model_config_default(&cfg);   /* router mixing of [4, 2, 1] KV heads, F32 */
     cfg.n_ctx_train = SHORT_CTX;
-    models[0] = build(&cfg, 11);
+    models[0] = fuzz_tiny_model(&cfg, 11);
 
     tiny_model_config_default(&cfg);
     cfg.n_embd = 32;
@@ -138,7 +128,7 @@ static void init_models(void) {
     cfg.tied = false;
     cfg.n_vocab = 20;
     cfg.rms_norm = true;
-    models[1] = build(&cfg, 12);
+    models[1] = fuzz_tiny_model(&cfg, 12);
 
     tiny_model_config_default(&cfg);
     cfg.n_layer = 3;
@@ -147,13 +137,13 @@ static void init_models(void) {
     cfg.mixing = MOAS_MIXING_SINGLE;
     cfg.mat_type = MOAS_TYPE_F16;
     cfg.n_ctx_train = 8;
-    models[2] = build(&cfg, 13);
+    models[2] = fuzz_tiny_model(&cfg, 13);
 
     tiny_model_config_default(&cfg);   /* one Q, K, V, output; K/V pooled per scheme */
     cfg.n_ctx_train = SHORT_CTX;
     cfg.kv_sharing = "pooled";
     cfg.rope = cfg.rms_norm = cfg.swiglu = true;   /* and the recent block */
-    models[3] = build(&cfg, 14);
+    models[3] = fuzz_tiny_model(&cfg, 14);
 
     tiny_model_config_default(&cfg);   /* long: MHA and MQA of 2 heads of 16, Q8_0 */
     cfg.n_embd = 32;
@@ -166,7 +156,7 @@ static void init_models(void) {
     cfg.n_ctx_train = MAX_CTX;
     cfg.mat_type = MOAS_TYPE_Q8_0;
     cfg.rope = cfg.swiglu = true;      /* SwiGLU's 1,056 hidden units in 33 slices */
-    models[4] = build(&cfg, 15);
+    models[4] = fuzz_tiny_model(&cfg, 15);
 }
 
 /* ---- operand decoding --------------------------------------------------------- */

@@ -49,7 +49,6 @@
  */
 #include "fuzz.h"
 
-#include "support/tiny_model.h"
 
 #include <math.h>
 #include <string.h>
@@ -96,15 +95,6 @@ static const moas_allocator allocator = {fuzz_count_alloc, fuzz_count_free, &cou
 
 static moas_model *models[N_MODELS];
 
-static moas_model *build(const tiny_model_config *cfg, uint64_t seed) {
-    size_t size;
-    moas_model *m = NULL;
-    uint8_t *image = tiny_model_image(cfg, seed, &size);
-    FUZZ_CHECK(image != NULL);
-    FUZZ_CHECK(moas_model_load_memory(image, size, NULL, &m) == MOAS_OK);
-    return m;   /* the image stays alive with the model, for the whole process */
-}
-
 static void init_models(void) {
     tiny_model_config cfg;
 
@@ -112,11 +102,11 @@ static void init_models(void) {
     cfg.n_ctx_train = MAX_CTX;
     cfg.kv_sharing = "pooled";
     cfg.rope = cfg.rms_norm = cfg.swiglu = true;
-    models[0] = build(&cfg, 21);
+    models[0] = fuzz_tiny_model(&cfg, 21);
 
     tiny_model_config_default(&cfg);   /* independent schemes, learned positions */
     cfg.n_ctx_train = MAX_CTX;
-    models[1] = build(&cfg, 22);
+    models[1] = fuzz_tiny_model(&cfg, 22);
 
     tiny_model_config_default(&cfg);   /* pooled K/V, RoPE, heads of 32: Q8_0 K/V */
     cfg.n_ctx_train = MAX_CTX;
@@ -124,7 +114,7 @@ static void init_models(void) {
     cfg.n_ff = 32;
     cfg.kv_sharing = "pooled";
     cfg.rope = true;
-    models[2] = build(&cfg, 23);
+    models[2] = fuzz_tiny_model(&cfg, 23);
 
     tiny_model_config_default(&cfg);   /* independent MHA and MQA of 2 heads of 32, RoPE */
     cfg.n_ctx_train = MAX_CTX;
@@ -135,7 +125,7 @@ static void init_models(void) {
     cfg.scheme_n_kv[0] = 2;
     cfg.scheme_n_kv[1] = 1;
     cfg.rope = cfg.swiglu = true;
-    models[3] = build(&cfg, 24);
+    models[3] = fuzz_tiny_model(&cfg, 24);
 }
 
 /* ---- the shadow ------------------------------------------------------------------ */
