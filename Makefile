@@ -205,13 +205,13 @@ check: $(TEST_BIN)
 # the installed pkg-config consumer (shared and static), then the unit tests again
 # built without OpenMP and a warning-free build with the other compiler.
 OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
-test: all $(TEST_BIN) $(AB_DECODE)
+test: all $(TEST_BIN) $(AB_DECODE) $(RANDOM_MODEL)
 	$(TEST_BIN)
 	$(AB_DECODE) -m models/pooled-rope-kjv-1k.gguf --text models/kjv-heldout.txt -d 16 -n 4 \
 	    -r 2 -b 2 $(LIBOUT)/$(SHLIB_REAL) $(LIBOUT)/$(SHLIB_REAL)@0 >/dev/null
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
-	python3 -m unittest discover -s tests/python -t . -q
+	MOAS_RANDOM_MODEL=$(RANDOM_MODEL) python3 -m unittest discover -s tests/python -t . -q
 	$(MAKE) --no-print-directory pytest
 	$(MAKE) --no-print-directory browser
 	sh tests/cli.sh $(BINOUT)/moas

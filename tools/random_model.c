@@ -38,6 +38,12 @@ static long number(const char *s, const char *what) {
     return v;
 }
 
+/* An argument that names none of the choices: a usage error. */
+static int refuse(const char *what, const char *got, const char *choices) {
+    fprintf(stderr, "random_model: %s must be %s, got '%s'\n", what, choices, got);
+    exit(2);
+}
+
 /* UTF-8 of code point cp into buf (at least 5 bytes). */
 static void utf8(unsigned cp, char *buf) {
     if (cp < 0x80) {
@@ -83,11 +89,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--no-bias")) cfg.bias = false;
         else if (!strcmp(a, "--mixing") && v) {
             cfg.mixing = !strcmp(v, "single") ? MOAS_MIXING_SINGLE
-                         : !strcmp(v, "mean") ? MOAS_MIXING_MEAN : MOAS_MIXING_ROUTER;
+                         : !strcmp(v, "mean") ? MOAS_MIXING_MEAN
+                         : !strcmp(v, "router") ? MOAS_MIXING_ROUTER
+                                                : refuse("--mixing", v, "single, mean or router");
             i++;
         } else if (!strcmp(a, "--type") && v) {
             cfg.mat_type = !strcmp(v, "f16") ? MOAS_TYPE_F16
-                           : !strcmp(v, "q8_0") ? MOAS_TYPE_Q8_0 : MOAS_TYPE_F32;
+                           : !strcmp(v, "q8_0") ? MOAS_TYPE_Q8_0
+                           : !strcmp(v, "f32") ? MOAS_TYPE_F32
+                                               : refuse("--type", v, "f32, f16 or q8_0");
             cfg.emb_type = cfg.mat_type == MOAS_TYPE_F32 ? MOAS_TYPE_F32 : MOAS_TYPE_F16;
             i++;
         } else {
@@ -112,9 +122,21 @@ int main(int argc, char **argv) {
             cfg.n_scheme = 3;
             cfg.scheme_n_kv[0] = cfg.n_head, cfg.scheme_n_kv[1] = 2, cfg.scheme_n_kv[2] = 1;
         }
-        while (*p && cfg.n_scheme < TINY_MODEL_MAX_SCHEMES) {
-            cfg.scheme_n_kv[cfg.n_scheme++] = (int32_t)strtol(p, (char **)&p, 10);
-            p += *p == ',';
+        char item[32];
+        while (*p) {   /* comma-separated KV head counts, each one a positive integer */
+            const size_t len = strcspn(p, ",");
+            if (cfg.n_scheme == TINY_MODEL_MAX_SCHEMES || len >= sizeof item) {
+                fprintf(stderr, "random_model: --schemes takes at most %d counts, got '%s'\n",
+                        TINY_MODEL_MAX_SCHEMES, schemes);
+                exit(2);
+            }
+            memcpy(item, p, len);
+            item[len] = 0;
+            cfg.scheme_n_kv[cfg.n_scheme++] = (int32_t)number(item, "--schemes");
+            p += len + (p[len] == ',');
+        }
+        if (schemes != NULL && (cfg.n_scheme == 0 || schemes[strlen(schemes) - 1] == ',')) {
+            number("", "--schemes");   /* nothing, or nothing after the last comma */
         }
     }
 

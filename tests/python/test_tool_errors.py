@@ -91,6 +91,38 @@ class ToolErrors(unittest.TestCase):
             self.assertFalse(os.path.exists(os.path.join(d, "moas.log")), "moas ran")
             self.assertFalse(os.path.exists(os.path.join(d, "build/bench/small-mha-f32.gguf")))
 
+    def test_random_model_refuses_what_it_does_not_know(self):
+        """random_model (the benchmarks' models; `make test` builds it): a scheme list,
+        type or mixing it cannot read is a usage error, not a model of another shape."""
+        exe = os.environ.get("MOAS_RANDOM_MODEL",
+                             os.path.join(ROOT, "build", "tools", "random_model"))
+        if not os.path.exists(exe):
+            self.skipTest("%s not built (make %s)" % (exe, "build/tools/random_model"))
+        shape = ["--layers", "1", "--embd", "192", "--heads", "6", "--ctx", "8",
+                 "--vocab", "8"]
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "m.gguf")
+            for bad, expect in ((["--schemes", "6,x,1"], "got 'x'"),
+                                (["--schemes", "6,,1"], "got ''"),
+                                (["--schemes", "6,2,"], "got ''"),
+                                (["--schemes", ""], "got ''"),
+                                (["--schemes", "6" + ",1" * 8], "at most 8"),
+                                (["--type", "f61"], "f32, f16 or q8_0"),
+                                (["--mixing", "routr"], "single, mean or router")):
+                with self.subTest(bad=bad):
+                    r = subprocess.run([exe] + shape + bad + ["-o", out],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       universal_newlines=True, timeout=60)
+                    self.assertEqual(r.returncode, 2, r.stderr)
+                    self.assertIn(expect, r.stderr)
+                    self.assertFalse(os.path.exists(out))
+            r = subprocess.run([exe] + shape + ["--schemes", "6,3,1", "--type", "f16",
+                                                "--mixing", "mean", "-o", out],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertTrue(os.path.getsize(out) > 0)
+
     def test_abi_sh_without_its_arguments_is_a_usage_line(self):
         usage = "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]\n"
         for args in ([], ["check"], ["check", "lib/libmoas.so"], ["diff", "a", "b"],
