@@ -919,11 +919,11 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  *
  * Allocates capacity_bytes of pages (address space until written: the operating
  * system backs pages as they are first used, unless params->commit asks for them to be
- * written now) and the buffers of moas_pool_decode: with 2 to 8 threads and a small
- * enough model (a file of at most 16 MB, or blocks of n_batch rows that give each
- * thread a row for every 2 MB of it), one set of them per thread besides, so that a
- * decode step can give each thread a share of the sequences to run through the whole
- * model (about 1.4 MB a thread for a 4-layer 192-wide model; docs/KV_CACHE.md).
+ * written now) and the buffers of moas_pool_decode: with OpenMP, 2 to 8 threads and a
+ * small enough model (a file of at most 16 MB, or blocks of n_batch rows that give
+ * each thread a row for every 2 MB of it), one set of them per thread besides, so that
+ * a decode step can give each thread a share of the sequences to run through the
+ * whole model (about 1.4 MB a thread for a 4-layer 192-wide model; docs/KV_CACHE.md).
  * A page holds page_heads K and V heads of head_dim elements of kv_type. The model is
  * borrowed and must outlive the pool; the pool must outlive its contexts.
  *

@@ -256,6 +256,10 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
 }
 
 moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc) {
+#if !defined(_OPENMP)
+    (void)ws, (void)alloc;
+    return MOAS_OK;   /* a call's team is its calling thread alone: no block is split */
+#else
     const moas_model *m = ws->model;
     if (ws->n_threads < 2 || ws->n_threads > MOAS_SHARD_MAX_THREADS ||
         !moas__shard_rows_suit(m, ws->max_rows / ws->n_threads)) {
@@ -282,6 +286,7 @@ moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *all
         ws->shards[i]->mm_hints = ws->mm_hints;
     }
     return MOAS_OK;
+#endif
 }
 
 void moas__workspace_commit(moas_workspace *ws) {

@@ -180,7 +180,8 @@ moas_status moas__workspace_make(const moas_model *model, const moas_allocator *
 void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
 
 /* A pool's workspace: give it its shards (moas_workspace.shards) when the model and
- * the thread count qualify; MOAS_OK (also when they do not), or MOAS_ERR_NO_MEMORY. */
+ * the thread count qualify (never without OpenMP, whose absence leaves every call on
+ * its calling thread); MOAS_OK (also when they do not), or MOAS_ERR_NO_MEMORY. */
 moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc);
 
 /* Give ctx its workspace if it has none yet: MOAS_OK, or MOAS_ERR_NO_MEMORY (named for
