@@ -1969,3 +1969,78 @@ TEST(q8_0_kv_cache_close_to_f32_and_batch_equals_alone) {
     free(image);
     return TEST_PASS;
 }
+
+/* A Q8_0 cache through blocks split between the threads (forward.c, "Sequences split
+ * between the threads"): four sequences, their prompts together, then a token each a
+ * step, equal decoding each alone bit for bit (logits at every step, routing records,
+ * KV use), for independent and pooled K/V in both modes; some blocks ran split. */
+TEST(q8_0_kv_cache_split_between_threads_equals_alone) {
+    enum { NS = 4, STEPS = 6, PMAX = 6 };
+    for (int pooled = 0; pooled < 2; pooled++) {
+        tiny_model_config cfg;
+        tiny_model_config_default(&cfg);
+        cfg.n_ctx_train = 64;
+        cfg.n_embd = 128;   /* head_dim 32: one Q8_0 block a head */
+        cfg.n_ff = 128;
+        cfg.kv_sharing = pooled ? "pooled" : "independent";
+        size_t size;
+        uint8_t *image = tiny_model_image(&cfg, 60 + (uint64_t)pooled, &size);
+        moas_model *m;
+        ASSERT_TRUE(image != NULL);
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+        const int32_t V = moas_model_n_vocab(m);
+        int32_t tokens[NS][PMAX + STEPS];
+        for (int32_t s = 0; s < NS; s++) {
+            seq_tokens(tokens[s], PMAX + STEPS, V, 400 + (uint32_t)s);
+        }
+        for (int mode = 0; mode < 2; mode++) {
+            const moas_mode md = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_Q8_0, 2, 8, 4);
+            ASSERT_TRUE(pool != NULL);
+            moas_context *in_pool[NS], *alone[NS];
+            moas_pool_seq q[NS];
+            for (int32_t s = 0; s < NS; s++) {
+                const int32_t prompt = 3 + s;
+                in_pool[s] = make_ctx(m, pool, md, MOAS_TYPE_F32, 2);
+                alone[s] = make_ctx(m, NULL, md, MOAS_TYPE_Q8_0, 1);
+                ASSERT_TRUE(in_pool[s] != NULL && alone[s] != NULL);
+                ASSERT_OK(moas_context_decode_batch(alone[s], tokens[s], prompt, NULL,
+                                                    MOAS_LOGITS_LAST));
+                q[s] = (moas_pool_seq){in_pool[s], tokens[s], prompt, MOAS_LOGITS_LAST, NULL};
+            }
+            ASSERT_OK(moas_pool_decode(pool, q, NS));
+            for (int32_t step = 0; step <= STEPS; step++) {
+                for (int32_t s = 0; s < NS; s++) {
+                    ASSERT_TRUE(moas_context_logits(in_pool[s]) != NULL);
+                    ASSERT_TRUE(memcmp(moas_context_logits(alone[s]),
+                                       moas_context_logits(in_pool[s]), (size_t)V * 4) == 0);
+                }
+                if (step == STEPS) {
+                    break;
+                }
+                for (int32_t s = 0; s < NS; s++) {
+                    const int32_t at = 3 + s + step;
+                    ASSERT_OK(moas_context_decode(alone[s], tokens[s][at], NULL));
+                    q[s] = (moas_pool_seq){in_pool[s], &tokens[s][at], 1, MOAS_LOGITS_LAST, NULL};
+                }
+                ASSERT_OK(moas_pool_decode(pool, q, NS));
+            }
+            for (int32_t s = 0; s < NS; s++) {
+                ASSERT_TRUE(same_records(alone[s], in_pool[s]));
+            }
+#if defined(_OPENMP)
+            ASSERT_TRUE(pool->ws->shard_blocks > 0);
+#else
+            ASSERT_EQ(pool->ws->shard_blocks, 0);
+#endif
+            for (int32_t s = 0; s < NS; s++) {
+                moas_context_free(in_pool[s]);
+                moas_context_free(alone[s]);
+            }
+            moas_pool_free(pool);
+        }
+        moas_model_free(m);
+        free(image);
+    }
+    return TEST_PASS;
+}
