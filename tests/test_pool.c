@@ -1261,6 +1261,97 @@ TEST(pool_splits_sequences_only_where_the_weights_allow) {
     return TEST_PASS;
 }
 
+/* Route callbacks are called on the thread that decodes, in each context's order: a
+ * block with one is not split between the threads (and one without is). Routed
+ * contexts under KV budgets, split between the threads, route as they do alone. */
+typedef struct {
+    pthread_t caller;
+    int calls, elsewhere;
+    int32_t last_pos, last_layer, out_of_order;
+} route_watch;
+
+static int32_t watch_route(void *user, int32_t pos, int32_t layer, const float *gates,
+                           int32_t n_scheme, int32_t proposed) {
+    route_watch *w = user;
+    (void)gates, (void)n_scheme;
+    w->calls++;
+    w->elsewhere += !pthread_equal(pthread_self(), w->caller);
+    w->out_of_order += pos < w->last_pos || (pos == w->last_pos && layer <= w->last_layer);
+    w->last_pos = pos, w->last_layer = layer;
+    return proposed;
+}
+
+TEST(pool_split_keeps_callbacks_on_the_caller_and_budgets_as_alone) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    enum { N_SEQ = 6, STEPS = 12 };
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 2, 16, 4);
+    ASSERT_TRUE(pool != NULL);
+    moas_context *in_pool[N_SEQ], *alone[N_SEQ];
+    int32_t tokens[N_SEQ][STEPS];
+    route_watch watch = {pthread_self(), 0, 0, -1, -1, 0};
+    for (int32_t s = 0; s < N_SEQ; s++) {
+        in_pool[s] = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 2);
+        alone[s] = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(in_pool[s] != NULL && alone[s] != NULL);
+        seq_tokens(tokens[s], STEPS, V, 300 + (uint32_t)s);
+        if (s % 2 == 0) {   /* 12 tokens, each at least 138 bytes: the router leans cheaper */
+            const uint64_t cap = 3000;
+            ASSERT_OK(moas_context_set_kv_budget(in_pool[s], cap));
+            ASSERT_OK(moas_context_set_kv_budget(alone[s], cap));
+        }
+    }
+    for (int32_t step = 0; step < STEPS; step++) {
+        /* the first half of the steps without a callback, then one on the last context
+         * (which a split would give to the other thread) */
+        if (step == STEPS / 2) {
+            moas_context_set_route_callback(in_pool[N_SEQ - 1], watch_route, &watch);
+            watch.last_pos = in_pool[N_SEQ - 1]->n_past - 1;
+            watch.last_layer = moas_model_n_layer(m);
+        }
+        const int64_t split_before = pool->ws->shard_blocks;
+        moas_pool_seq q[N_SEQ];
+        for (int32_t s = 0; s < N_SEQ; s++) {
+            q[s] = (moas_pool_seq){in_pool[s], &tokens[s][step], 1, MOAS_LOGITS_LAST, NULL};
+            ASSERT_OK(moas_context_decode(alone[s], tokens[s][step], NULL));
+        }
+        ASSERT_OK(moas_pool_decode(pool, q, N_SEQ));
+#if defined(_OPENMP)
+        ASSERT_EQ(pool->ws->shard_blocks - split_before, step < STEPS / 2 ? 1 : 0);
+#else
+        ASSERT_EQ(pool->ws->shard_blocks - split_before, 0);
+#endif
+        for (int32_t s = 0; s < N_SEQ; s++) {
+            ASSERT_TRUE(memcmp(moas_context_logits(alone[s]), moas_context_logits(in_pool[s]),
+                               (size_t)V * sizeof(float)) == 0);
+        }
+    }
+    for (int32_t s = 0; s < N_SEQ; s++) {
+        ASSERT_TRUE(same_records(alone[s], in_pool[s]));
+        ASSERT_TRUE(s % 2 != 0 || moas_context_kv_bytes_used(in_pool[s], -1) <= 3000);
+    }
+    /* the budget steered: its contexts stored fewer bytes than the free ones */
+    ASSERT_TRUE(moas_context_kv_bytes_used(in_pool[0], -1) +
+                    moas_context_kv_bytes_used(in_pool[2], -1) <
+                moas_context_kv_bytes_used(in_pool[1], -1) +
+                    moas_context_kv_bytes_used(in_pool[3], -1));
+    ASSERT_EQ(watch.calls, (STEPS - STEPS / 2) * moas_model_n_layer(m));
+    ASSERT_EQ(watch.elsewhere, 0);
+    ASSERT_EQ(watch.out_of_order, 0);
+    for (int32_t s = 0; s < N_SEQ; s++) {
+        moas_context_free(in_pool[s]);
+        moas_context_free(alone[s]);
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 TEST(pool_arguments_are_checked) {
     size_t size;
     uint8_t *image = kind_image(0, &size);
