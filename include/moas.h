@@ -1002,8 +1002,10 @@ typedef struct moas_pool_seq {
  * sequence's attention reads only its own pages. All contexts must share `pool` and
  * one mode. Routed contexts with a KV budget take at most one token per call.
  *
- * Everything is checked, and every page the call may need reserved (the widest
- * scheme for every token), before anything runs: on failure no context changes.
+ * Everything is checked, and every page the call may need reserved (every token at
+ * the widest scheme it may take: the widest, or a forced scheme's when no route
+ * callback is set, or the steering limit; docs/KV_CACHE.md), before anything runs: on
+ * failure no context changes.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `pool`, `seqs` NULL with n_seqs > 0,
  *          a NULL or repeated context, one of another pool or mode, a bad token or

@@ -545,14 +545,32 @@ void moas_context_free(moas_context *ctx) {
 
 /* ---- pages for a call ---------------------------------------------------------- */
 
+/* The most heads a token of this call may store in stream i: the stream's widest, or
+ * in routed mode less where moas__route_choose cannot go wider: a forced scheme with
+ * no route callback (which could pick any scheme) and the steering limit of this call
+ * (set by steer() before the pages are reserved; a KV budget only ever picks a
+ * cheaper scheme). A pool that is filling, where steering matters, then reserves only
+ * what its tokens may take. */
+static int32_t call_max_heads(const moas_context *ctx, int32_t i) {
+    int32_t heads = stream_max_heads(ctx, i);
+    if (ctx->mode != MOAS_MODE_ROUTED) {
+        return heads;
+    }
+    if (ctx->forced_scheme >= 0 && ctx->route_fn == NULL &&
+        ctx->model->scheme_n_kv[ctx->forced_scheme] < heads) {
+        heads = ctx->model->scheme_n_kv[ctx->forced_scheme];
+    }
+    return ctx->steer_heads > 0 && ctx->steer_heads < heads ? ctx->steer_heads : heads;
+}
+
 /* With the pool locked: pages ctx needs for n more tokens, at worst (every token
- * taking its streams' widest heads). */
+ * taking call_max_heads). */
 static uint64_t pages_needed(const moas_context *ctx, int32_t n) {
     uint64_t need = 0;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         const uint32_t used = stream_heads(ctx, i, ctx->n_past);
         need += moas__kv_need(ctx->pool, &ctx->kv[i], used,
-                              used + (uint32_t)n * (uint32_t)stream_max_heads(ctx, i));
+                              used + (uint32_t)n * (uint32_t)call_max_heads(ctx, i));
     }
     return need;
 }
@@ -561,7 +579,7 @@ static void pages_take(moas_context *ctx, int32_t n) {
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         const uint32_t used = stream_heads(ctx, i, ctx->n_past);
         moas__kv_grow(ctx->pool, &ctx->kv[i], used,
-                      used + (uint32_t)n * (uint32_t)stream_max_heads(ctx, i));
+                      used + (uint32_t)n * (uint32_t)call_max_heads(ctx, i));
     }
 }
 

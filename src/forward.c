@@ -833,6 +833,8 @@ static void store_kv_row(const moas_workspace *ws, const moas_pool *pool, moas_k
                          int32_t pos, const float *k, const float *v, int32_t n_heads) {
     const int32_t d = ws->model->head_dim;
     const uint32_t first = moas__kv_first(kv, pos);
+    /* the call reserved pages for at least these heads (context.c, call_max_heads) */
+    MOAS_ASSERT(first + (uint32_t)n_heads <= (uint32_t)kv->n_pages << pool->page_shift);
     for (int32_t i = 0; i < n_heads; i++) {
         const uint32_t row = moas__kv_row(pool, kv, first + (uint32_t)i);
         moas__kv_head_store(ws->ops, pool->kv_type, moas__pool_head(pool, pool->k, row),

@@ -1840,6 +1840,92 @@ TEST(pool_steering_follows_free_pages) {
     return TEST_PASS;
 }
 
+/* A call reserves pages for the most heads its tokens may take: a forced scheme
+ * without a route callback takes only that scheme's, steering only its limit; with a
+ * callback (which may choose any scheme) the widest. The pooled 2-layer model of
+ * schemes 4, 2 and 1 heads, pages of 4 heads. */
+static int32_t propose(void *user, int32_t pos, int32_t layer, const float *gates,
+                       int32_t n_scheme, int32_t proposed) {
+    (void)user, (void)pos, (void)layer, (void)gates, (void)n_scheme;
+    return proposed;
+}
+
+TEST(pool_reserves_only_the_heads_a_token_may_take) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[48];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_layer(m), 2);
+    const int32_t V = moas_model_n_vocab(m);
+    const uint64_t page_bytes = (uint64_t)4 * moas_model_head_dim(m) * 2 * 4;
+    seq_tokens(tokens, 48, V, 8);
+
+    /* forced MQA: 16 tokens are 4 pages a layer, not the 16 of MHA-wide tokens */
+    moas_pool_params pp;
+    moas_pool *pool;
+    moas_pool_params_init(&pp);
+    pp.page_heads = 4;
+    pp.capacity_bytes = 10 * page_bytes;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context *ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *alone = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(ctx != NULL && alone != NULL);
+    ASSERT_OK(moas_context_force_scheme(ctx, 2));
+    ASSERT_OK(moas_context_force_scheme(alone, 2));
+    float *got = malloc((size_t)16 * V * sizeof *got), *want = malloc((size_t)16 * V * sizeof *want);
+    ASSERT_TRUE(got != NULL && want != NULL);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 16, got, MOAS_LOGITS_ALL));
+    ASSERT_OK(moas_context_decode_batch(alone, tokens, 16, want, MOAS_LOGITS_ALL));
+    ASSERT_TRUE(memcmp(got, want, (size_t)16 * V * sizeof *got) == 0);
+    ASSERT_TRUE(same_records(ctx, alone));
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 2);
+    /* with a route callback the same call must reserve for MHA: refused, nothing kept */
+    moas_context_free(ctx);
+    ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(ctx != NULL);
+    ASSERT_OK(moas_context_force_scheme(ctx, 2));
+    moas_context_set_route_callback(ctx, propose, NULL);
+    ASSERT_EQ(moas_context_decode_batch(ctx, tokens, 16, got, MOAS_LOGITS_ALL),
+              MOAS_ERR_POOL_FULL);
+    ASSERT_EQ(moas_context_n_past(ctx), 0);
+    moas_context_free(ctx);
+    moas_pool_free(pool);
+
+    /* steering: with 2 pages of 24 free the limit is 1 head a token, so 4 more tokens
+     * of a context whose router proposes MHA fit in one page a layer */
+    pp.capacity_bytes = 24 * page_bytes;
+    pp.steer_below = 1.0f;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context *filler = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(filler != NULL && ctx != NULL);
+    ASSERT_OK(moas_context_force_scheme(filler, 2));
+    ASSERT_OK(moas_context_decode_batch(filler, tokens, 44, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 2);
+    ASSERT_OK(moas_context_force_scheme(ctx, 0));
+    ASSERT_EQ(moas_context_decode_batch(ctx, tokens, 8, NULL, MOAS_LOGITS_NONE),
+              MOAS_ERR_POOL_FULL);   /* 8 heads a layer: 2 pages each */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 4, NULL, MOAS_LOGITS_NONE));
+    int32_t heads[4 * 2];
+    ASSERT_OK(moas_context_routes(ctx, 0, 4, NULL, NULL, heads));
+    for (int32_t i = 0; i < 4 * 2; i++) {
+        ASSERT_EQ(heads[i], 1);
+    }
+    moas_context_free(filler);
+    moas_context_free(ctx);
+    moas_context_free(alone);
+    moas_pool_free(pool);
+    free(got);
+    free(want);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Context shift on a RoPE model: drop 10 tokens after the first 4, move the rest down
  * with their keys turned back, decode on. With one layer a token's K and V depend only
  * on the token and its position, so the logits must match decoding the shortened text

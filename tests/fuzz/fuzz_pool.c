@@ -11,8 +11,9 @@
  * tokens a shift, a compaction or steering made impossible to replay) and a copy of
  * the pool's page bookkeeping: which page each stream of each context holds and how
  * many holders each page has, updated as docs/KV_CACHE.md describes (a call reserves
- * every page its tokens may need at their widest, a write into a shared page copies it
- * first, a fork shares full pages and copies the partly written last one, truncate,
+ * every page its tokens may need at the most they may take, a write into a shared
+ * page copies it first, a fork shares full pages and copies the partly written last
+ * one, truncate,
  * reset and free give pages back). So every call gets its expected status, including
  * MOAS_ERR_POOL_FULL exactly when the reservation exceeds the free pages. After every
  * step:
@@ -141,6 +142,8 @@ typedef struct {
     moas_mode mode;
     int32_t n_ctx;
     int32_t forced;                     /* forced scheme now, -1: none */
+    int32_t limit;                      /* routed: the most heads a token of the call
+                                         * under way may take (call_limit) */
     bool has_ws;                        /* known to have its own workspace */
 
     int32_t n_past;
@@ -245,7 +248,7 @@ static int32_t n_streams(const driver *d, moas_mode mode) {
 
 static int32_t stream_max(const driver *d, const sctx *c, int32_t i) {
     if (c->mode == MOAS_MODE_ROUTED) {
-        return d->widest;
+        return c->limit;
     }
     return d->pooled ? d->H : d->n_kv[i % d->S];
 }
@@ -267,9 +270,9 @@ static bool writes_shared(const driver *d, const sstream *s, uint32_t used) {
     return used % (uint32_t)d->P != 0 && page < s->n && d->refs[s->ids[page]] > 1;
 }
 
-/* Pages a call storing n more tokens of c reserves: every stream's tokens at their
- * widest, plus a copy of a shared page it would write into; a call of 0 tokens writes
- * nowhere and needs none. */
+/* Pages a call storing n more tokens of c reserves: every stream's tokens at the most
+ * they may take (stream_max), plus a copy of a shared page it would write into; a call
+ * of 0 tokens writes nowhere and needs none. */
 static uint64_t need_tokens(const driver *d, const sctx *c, int32_t n) {
     uint64_t need = 0;
     for (int32_t i = 0; i < c->n_streams; i++) {
@@ -617,6 +620,27 @@ static bool steering(const driver *d, const sctx *c) {
            (double)d->n_free / (double)d->n_pages < (double)d->steer_below;
 }
 
+/* Before a call reserves: the most heads a routed token of c may take in it, which
+ * its reservation counts (the library's call_max_heads): the widest scheme's, or the
+ * forced scheme's (no program sets a route callback), or the steering limit below
+ * steer_below of free pages, cheapest + (widest - cheapest) free / steer_below. */
+static void call_limit(const driver *d, sctx *c) {
+    int32_t heads = d->widest, cheapest = d->widest;
+    for (int32_t s = 0; s < d->S; s++) {
+        cheapest = d->n_kv[s] < cheapest ? d->n_kv[s] : cheapest;
+    }
+    if (c->forced >= 0 && d->n_kv[c->forced] < heads) {
+        heads = d->n_kv[c->forced];
+    }
+    if (steering(d, c)) {
+        const double free_frac = (double)d->n_free / (double)d->n_pages;
+        const int32_t steer = cheapest + (int32_t)((d->widest - cheapest) * free_frac /
+                                                   d->steer_below);
+        heads = steer < heads ? steer : heads;
+    }
+    c->limit = heads;
+}
+
 /* The shadow of n tokens stored at the end of c, the logits handed out for them. */
 static void record_tokens(driver *d, sctx *c, const int32_t *tokens, int32_t n,
                           moas_logits which, const float *out, bool steered) {
@@ -786,6 +810,7 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
         invalid = bad_token(d, tokens[i]);
     }
     const bool full = !invalid && n > c->n_ctx - c->n_past;
+    call_limit(d, c);
     const uint64_t need = invalid || full ? 0 : need_tokens(d, c, n);
     const bool pool_full = !invalid && !full && need > (uint64_t)d->n_free;
     const bool steered = steering(d, c);
@@ -933,6 +958,7 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
     }
     uint64_t need = 0;
     for (int32_t i = 0; i < n_seqs; i++) {
+        call_limit(d, &d->c[slots[i]]);
         need += need_tokens(d, &d->c[slots[i]], seqs[i].n_tokens);
     }
     if (want == MOAS_OK && need > (uint64_t)d->n_free) {
