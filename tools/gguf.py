@@ -249,6 +249,14 @@ def _pack_string(s):
     return struct.pack("<Q", len(b)) + b
 
 
+def _real(vtype, value):
+    """A float or int as the float a FLOAT32/FLOAT64 value stores; anything else (a
+    string, a bool, None) is an error, not converted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GGUFError("%s value must be a number, got %r" % (VALUE_TYPE_NAMES[vtype], value))
+    return float(value)
+
+
 def _pack_scalar(vtype, value):
     if vtype == STRING:
         return _pack_string(value)
@@ -262,7 +270,7 @@ def _pack_scalar(vtype, value):
         if not isinstance(value, bool):
             raise GGUFError("bool value must be True or False, got %r" % (value,))
     elif vtype in (FLOAT32, FLOAT64):
-        value = float(value)
+        value = _real(vtype, value)
     else:
         raise GGUFError("unknown value type %r" % (vtype,))
     return struct.pack("<" + _SCALAR_FMT[vtype], value)
@@ -285,7 +293,7 @@ def _pack_value(vtype, value, elem_type=None):
             parts.append(_pack_value(ARRAY, sub_values, sub_type))
     elif elem_type in _SCALAR_FMT and elem_type not in _INT_RANGE and elem_type != BOOL:
         parts.append(struct.pack("<%d%s" % (len(value), _SCALAR_FMT[elem_type]),
-                                 *[float(v) for v in value]))
+                                 *[_real(elem_type, v) for v in value]))
     else:
         parts.extend(_pack_scalar(elem_type, v) for v in value)
     return b"".join(parts)

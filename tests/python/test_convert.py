@@ -459,6 +459,11 @@ class TestGGUF(unittest.TestCase):
         self.assertRaises(gguf.GGUFError, w.add_uint32, "k", 2)          # duplicate
         self.assertRaises(gguf.GGUFError, w.add_uint8, "x", 256)         # range
         self.assertRaises(gguf.GGUFError, w.add_uint32, "y", 1.5)
+        # a float key takes numbers only: "1.5" and True were stored as 1.5 and 1.0
+        self.assertRaises(gguf.GGUFError, w.add_float32, "f", "1.5")
+        self.assertRaises(gguf.GGUFError, w.add_float64, "g", True)
+        self.assertRaises(gguf.GGUFError, w.add_array, "h", gguf.FLOAT32, [1.0, "2"])
+        w.add_float32("f", 2)   # an int is a number
         self.assertRaises(gguf.GGUFError, w.add_tensor, "t", [0.0] * 48, (48,), gguf.Q8_0)
         self.assertRaises(gguf.GGUFError, w.add_tensor, "t", [0.0] * 3, (2, 2))
         self.assertRaises(gguf.GGUFError, gguf.GGUFWriter, 48)
