@@ -504,7 +504,10 @@ cpp-example: $(CPP_EXAMPLE) $(CPP_PARALLEL) $(CPP_WRAPPER_TEST)
 rust-example: lib $(LIBOUT)/moas.pc
 	$(Q)if [ -z "$(CARGO)" ]; then echo "*** SKIP: rust example (cargo not found) ***"; exit 0; fi; \
 	export CARGO_TARGET_DIR=$(abspath $(BUILD))/rust MOAS_LIB_DIR=$(abspath $(LIBOUT)) && \
-	(cd bindings/rust && $(CARGO) build --offline -q --all-targets && \
+	(cd bindings/rust && { ! $(CARGO) fmt --version >/dev/null 2>&1 || \
+	  $(CARGO) fmt --check >/dev/null || \
+	  { echo "bindings/rust: not as rustfmt formats it (cargo fmt --check)"; exit 1; }; } && \
+	 $(CARGO) build --offline -q --all-targets && \
 	 $(CARGO) test --offline -q >$(abspath $(BUILD))/rust/test.log 2>&1 || \
 	 { cat $(abspath $(BUILD))/rust/test.log; exit 1; }) && \
 	grep -h "^test result" $(abspath $(BUILD))/rust/test.log | sed 's/^/bindings\/rust: /' && \

@@ -362,7 +362,11 @@ impl<'m> Context<'m> {
         Context::create(model, p, ptr::null_mut())
     }
 
-    fn create(model: &'m Model, p: &ContextParams, pool: *mut ffi::moas_pool) -> Result<Context<'m>> {
+    fn create(
+        model: &'m Model,
+        p: &ContextParams,
+        pool: *mut ffi::moas_pool,
+    ) -> Result<Context<'m>> {
         let mut c = params(ffi::moas_context_params_init_sized);
         c.pool = pool;
         c.n_ctx = p.n_ctx;
@@ -412,7 +416,12 @@ impl<'m> Context<'m> {
         let mut buf = vec![0u8; unsafe { ffi::moas_context_state_size(self.raw()) }];
         let mut written = 0usize;
         check(unsafe {
-            ffi::moas_context_state_save(self.raw(), buf.as_mut_ptr().cast(), buf.len(), &mut written)
+            ffi::moas_context_state_save(
+                self.raw(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut written,
+            )
         })?;
         buf.truncate(written);
         Ok(buf)
@@ -481,7 +490,11 @@ impl<'m> Context<'m> {
                 self.ptr.as_ptr(),
                 tokens.as_ptr(),
                 n,
-                if out.is_empty() { ptr::null_mut() } else { out.as_mut_ptr() },
+                if out.is_empty() {
+                    ptr::null_mut()
+                } else {
+                    out.as_mut_ptr()
+                },
                 which.raw(),
             )
         })?;
@@ -492,8 +505,7 @@ impl<'m> Context<'m> {
     /// asked for tokens that do not fit: before a buffer sized by the caller's count.
     fn check_room(&self, n_tokens: usize, which: Logits) -> Result<()> {
         let (n_past, n_ctx) = (self.n_past(), self.n_ctx());
-        if matches!(which, Logits::All) && n_tokens > usize::try_from(n_ctx - n_past).unwrap_or(0)
-        {
+        if matches!(which, Logits::All) && n_tokens > usize::try_from(n_ctx - n_past).unwrap_or(0) {
             return Err(Error {
                 status: ffi::MOAS_ERR_CONTEXT_FULL,
                 message: format!(
@@ -544,7 +556,11 @@ impl<'m> Context<'m> {
         // before writing, and sizing them from n_pos first could ask for gigabytes
         let held =
             pos >= 0 && n_pos >= 0 && i64::from(pos) + i64::from(n_pos) <= i64::from(self.n_past());
-        let pairs = if held { n_pos as usize * self.n_layer } else { 0 };
+        let pairs = if held {
+            n_pos as usize * self.n_layer
+        } else {
+            0
+        };
         let mut r = Routes {
             gates: vec![0.0; pairs * self.n_scheme],
             schemes: vec![0; pairs],
@@ -764,11 +780,11 @@ pub struct PoolStats {
 pub struct PoolParams {
     pub capacity_bytes: u64,
     pub kv_type: KvType,
-    pub page_heads: i32,   // head slots per page, a power of two; 0: 4
-    pub n_threads: i32,    // threads of Pool::decode; 0: OpenMP's default
-    pub n_batch: i32,      // rows per block of Pool::decode; 0: 128
-    pub steer_below: f32,  // routed contexts: steer to cheaper schemes below this free share
-    pub commit: bool,      // write every page at creation (resident from the start)
+    pub page_heads: i32,  // head slots per page, a power of two; 0: 4
+    pub n_threads: i32,   // threads of Pool::decode; 0: OpenMP's default
+    pub n_batch: i32,     // rows per block of Pool::decode; 0: 128
+    pub steer_below: f32, // routed contexts: steer to cheaper schemes below this free share
+    pub commit: bool,     // write every page at creation (resident from the start)
 }
 
 impl Default for PoolParams {
@@ -788,7 +804,14 @@ impl Default for PoolParams {
 impl<'m> Pool<'m> {
     /// A pool of `capacity_bytes` of pages of `kv_type` (moas_pool_create).
     pub fn new(model: &'m Model, capacity_bytes: u64, kv_type: KvType) -> Result<Pool<'m>> {
-        Pool::with_params(model, &PoolParams { capacity_bytes, kv_type, ..Default::default() })
+        Pool::with_params(
+            model,
+            &PoolParams {
+                capacity_bytes,
+                kv_type,
+                ..Default::default()
+            },
+        )
     }
 
     /// A pool with every setting of moas_pool_params a Rust caller may set.
@@ -807,7 +830,10 @@ impl<'m> Pool<'m> {
         p.commit = pp.commit as i32;
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_pool_create(model.as_ptr(), &p, &mut out) })?;
-        Ok(Pool { ptr: NonNull::new(out).expect("OK and NULL"), model })
+        Ok(Pool {
+            ptr: NonNull::new(out).expect("OK and NULL"),
+            model,
+        })
     }
 
     /// A context whose pages come from this pool (its kv_type is the pool's).
@@ -819,8 +845,10 @@ impl<'m> Pool<'m> {
     /// exactly what decode_batch would give it alone; its last logits are then in
     /// logits(). All or nothing.
     pub fn decode(&self, seqs: &mut [(&mut Context<'_>, &[i32])]) -> Result<()> {
-        let mut with: Vec<(&mut Context<'_>, &[i32], Logits)> =
-            seqs.iter_mut().map(|(ctx, tokens)| (&mut **ctx, *tokens, Logits::Last)).collect();
+        let mut with: Vec<(&mut Context<'_>, &[i32], Logits)> = seqs
+            .iter_mut()
+            .map(|(ctx, tokens)| (&mut **ctx, *tokens, Logits::Last))
+            .collect();
         self.decode_into(&mut with, false).map(|_| ())
     }
 
@@ -863,7 +891,11 @@ impl<'m> Pool<'m> {
                 tokens: tokens.as_ptr(),
                 n_tokens: tokens.len() as i32, // checked above
                 which: which.raw(),
-                logits: if out.is_empty() { ptr::null_mut() } else { out.as_mut_ptr() },
+                logits: if out.is_empty() {
+                    ptr::null_mut()
+                } else {
+                    out.as_mut_ptr()
+                },
             })
             .collect();
         check(unsafe { ffi::moas_pool_decode(self.ptr.as_ptr(), parts.as_ptr(), n_seqs) })?;

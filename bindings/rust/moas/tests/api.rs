@@ -6,7 +6,11 @@ use moas::{
 const TEXT: &str = "And God said, Let there be light: and there was light.";
 
 fn data(name: &str) -> String {
-    format!("{}/../../../tests/data/{}", env!("CARGO_MANIFEST_DIR"), name)
+    format!(
+        "{}/../../../tests/data/{}",
+        env!("CARGO_MANIFEST_DIR"),
+        name
+    )
 }
 
 fn model() -> Model {
@@ -262,11 +266,15 @@ fn sampler_bias_and_repeat_penalty_hand_computed() {
 fn pool_decode_fork_and_state_equal_decoding_alone() {
     let m = model();
     let prompt = m.tokenize(TEXT).unwrap();
-    let routed = ContextParams { mode: Mode::Routed, ..Default::default() };
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
     let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
     let mut a = pool.context(&routed).unwrap();
     let mut b = pool.context(&routed).unwrap();
-    pool.decode(&mut [(&mut a, &prompt[..20]), (&mut b, &prompt[..7])]).unwrap();
+    pool.decode(&mut [(&mut a, &prompt[..20]), (&mut b, &prompt[..7])])
+        .unwrap();
     let mut alone = Context::new(&m, &routed).unwrap();
     alone.decode_batch(&prompt[..20]).unwrap();
     assert_eq!(a.logits(), alone.logits());
@@ -303,18 +311,32 @@ fn pool_params_compaction_and_shift() {
     assert_eq!(st.page_heads, 8);
     assert_eq!(st.page_bytes, 8 * m.head_dim() as u64 * 2 * 4);
     assert_eq!(st.bytes_capacity, st.page_bytes * st.n_pages as u64);
-    assert!(Pool::with_params(&m, &PoolParams { page_heads: 3, ..pp.clone() }).is_err());
+    assert!(Pool::with_params(
+        &m,
+        &PoolParams {
+            page_heads: 3,
+            ..pp.clone()
+        }
+    )
+    .is_err());
 
     // every token on MHA, then the first 20 pooled down to MQA: fewer pages, 20 tokens
     // in each of the 2 layers changed, and decoding goes on
-    let routed = ContextParams { mode: Mode::Routed, forced_scheme: Some(0), ..Default::default() };
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        forced_scheme: Some(0),
+        ..Default::default()
+    };
     let ids = m.tokenize(TEXT).unwrap();
     let mut c = pool.context(&routed).unwrap();
     c.decode_batch(&ids[..30]).unwrap();
     let before = c.kv_pages();
     assert_eq!(c.compact(20, 2).unwrap(), 20 * m.n_layer());
     assert!(c.kv_pages() < before);
-    assert_eq!(pool.stats().bytes_stored, (10 * 6 + 20) * m.n_layer() as u64 * 2 * 8 * 4);
+    assert_eq!(
+        pool.stats().bytes_stored,
+        (10 * 6 + 20) * m.n_layer() as u64 * 2 * 8 * 4
+    );
     c.decode(ids[30]).unwrap();
 
     // a RoPE model shifts: 10 tokens after the first 4 go, the rest move down
@@ -334,11 +356,21 @@ fn pool_params_compaction_and_shift() {
 #[test]
 fn routes_outside_the_stored_tokens_are_an_error_not_an_allocation() {
     let m = model();
-    let routed = ContextParams { mode: Mode::Routed, ..Default::default() };
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
     let mut c = Context::new(&m, &routed).unwrap();
     c.decode(m.tokenize("A").unwrap()[0]).unwrap();
     // sized from n_pos before the library's check, these asked for 51 GB and aborted
-    for (pos, n_pos) in [(0, i32::MAX), (0, 2), (-1, 1), (1, 1), (0, -1), (i32::MAX, 1)] {
+    for (pos, n_pos) in [
+        (0, i32::MAX),
+        (0, 2),
+        (-1, 1),
+        (1, 1),
+        (0, -1),
+        (i32::MAX, 1),
+    ] {
         let e = c.routes(pos, n_pos).unwrap_err();
         assert_eq!(e.name(), "MOAS_ERR_INVALID_ARG", "{pos} {n_pos}: {e}");
         assert!(e.message.contains("routes"), "{e}");
@@ -360,14 +392,25 @@ fn batched_logits_every_token_last_or_none() {
         each.extend_from_slice(one.logits().unwrap());
     }
     let mut all = Context::new(&m, &ContextParams::default()).unwrap();
-    assert_eq!(all.decode_batch_logits(&ids[..12], Logits::All).unwrap(), each);
+    assert_eq!(
+        all.decode_batch_logits(&ids[..12], Logits::All).unwrap(),
+        each
+    );
     let mut none = Context::new(&m, &ContextParams::default()).unwrap();
-    assert!(none.decode_batch_logits(&ids[..11], Logits::None).unwrap().is_empty());
+    assert!(none
+        .decode_batch_logits(&ids[..11], Logits::None)
+        .unwrap()
+        .is_empty());
     assert_eq!(none.n_past(), 11);
-    let last = none.decode_batch_logits(&ids[11..12], Logits::Last).unwrap();
+    let last = none
+        .decode_batch_logits(&ids[11..12], Logits::Last)
+        .unwrap();
     assert_eq!(last, &each[11 * n_vocab..]);
     assert_eq!(none.logits().unwrap(), &last[..]);
-    assert!(none.decode_batch_logits(&[], Logits::Last).unwrap().is_empty());
+    assert!(none
+        .decode_batch_logits(&[], Logits::Last)
+        .unwrap()
+        .is_empty());
     // a bad token: an error, nothing stored
     assert!(none.decode_batch_logits(&[0, 1000], Logits::All).is_err());
     assert_eq!(none.n_past(), 12);
