@@ -1926,6 +1926,80 @@ TEST(pool_reserves_only_the_heads_a_token_may_take) {
     return TEST_PASS;
 }
 
+/* Steering below a forced scheme that is not the widest: the limit binds, so a forced
+ * GQA token (2 heads) stores 1, and the call reserves 1 a token (the lesser of the
+ * forced scheme's heads and the limit). Both bounds narrow at once here, which no other
+ * test nor the fuzz corpus reached: moas__route_choose skipping steering for a narrow
+ * forced scheme passed every test while its tokens wrote past their pages. The pooled
+ * 2-layer model of schemes 4, 2 and 1 heads, pages of 4 heads, a pool of 40 pages
+ * with steer_below 1: a forced-MQA filler of 64 tokens leaves 8 free, a limit of
+ * 1 + 3 * 8 / 40 = 1 head. */
+TEST(pool_steering_binds_below_a_forced_scheme) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[64];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_layer(m), 2);
+    ASSERT_EQ(moas_model_scheme_n_kv(m, 1), 2);
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 64, V, 9);
+
+    moas_pool_params pp;
+    moas_pool *pool;
+    moas_pool_params_init(&pp);
+    pp.page_heads = 4;
+    pp.capacity_bytes = 40 * (uint64_t)4 * moas_model_head_dim(m) * 2 * 4;
+    pp.steer_below = 1.0f;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context *filler = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(filler != NULL && a != NULL && b != NULL);
+    ASSERT_OK(moas_context_force_scheme(filler, 2));
+    ASSERT_OK(moas_context_decode_batch(filler, tokens, 64, NULL, MOAS_LOGITS_NONE));
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 8);
+
+    /* a forced GQA, b left to its router: 8 tokens each at 1 head fill the 8 pages (at
+     * the forced scheme's 2 heads a alone would ask 8) */
+    ASSERT_OK(moas_context_force_scheme(a, 1));
+    const moas_pool_seq seqs[2] = {{a, tokens, 8, MOAS_LOGITS_LAST, NULL},
+                                   {b, tokens + 8, 8, MOAS_LOGITS_LAST, NULL}};
+    ASSERT_OK(moas_pool_decode(pool, seqs, 2));
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    int32_t heads[8 * 2];
+    for (int k = 0; k < 2; k++) {
+        ASSERT_OK(moas_context_routes(k == 0 ? a : b, 0, 8, NULL, NULL, heads));
+        for (int32_t i = 0; i < 8 * 2; i++) {
+            ASSERT_EQ(heads[i], 1);
+        }
+        ASSERT_EQ(moas_context_kv_pages(k == 0 ? a : b), 4);
+    }
+
+    /* alone, a's own call reserves the same way: with b's 4 pages back (the limit is
+     * still 1 head), 8 more tokens fit at 1 head a token, not at the forced scheme's 2 */
+    ASSERT_OK(moas_context_truncate(b, 0));
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 4);
+    ASSERT_OK(moas_context_decode_batch(a, tokens + 16, 8, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_routes(a, 8, 8, NULL, NULL, heads));
+    for (int32_t i = 0; i < 8 * 2; i++) {
+        ASSERT_EQ(heads[i], 1);
+    }
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    moas_context_free(b);
+    moas_context_free(filler);
+    moas_context_free(a);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Context shift on a RoPE model: drop 10 tokens after the first 4, move the rest down
  * with their keys turned back, decode on. With one layer a token's K and V depend only
  * on the token and its position, so the logits must match decoding the shortened text
