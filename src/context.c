@@ -576,6 +576,7 @@ static uint64_t pages_needed(const moas_context *ctx, int32_t n) {
 }
 
 static void pages_take(moas_context *ctx, int32_t n) {
+    ctx->call_heads = ctx->mode == MOAS_MODE_ROUTED ? call_max_heads(ctx, 0) : 0;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         const uint32_t used = stream_heads(ctx, i, ctx->n_past);
         moas__kv_grow(ctx->pool, &ctx->kv[i], used,
@@ -745,11 +746,12 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
         const int32_t r = ctx->route_fn(ctx->route_user, pos, layer, gates, S, choice);
         choice = r >= 0 && r < S ? r : choice;
     }
-    if (ctx->steer_heads > 0 && m->scheme_n_kv[choice] > ctx->steer_heads) {
-        /* the pool is filling: the most favoured scheme within the limit */
+    if (ctx->call_heads > 0 && m->scheme_n_kv[choice] > ctx->call_heads) {
+        /* the pool is filling (the steering limit, which the pages were reserved for):
+         * the most favoured scheme within the limit */
         int32_t best = -1;
         for (int32_t s = 0; s < S; s++) {
-            if (m->scheme_n_kv[s] <= ctx->steer_heads && (best < 0 || gates[s] > gates[best])) {
+            if (m->scheme_n_kv[s] <= ctx->call_heads && (best < 0 || gates[s] > gates[best])) {
                 best = s;
             }
         }

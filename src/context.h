@@ -145,6 +145,12 @@ struct moas_context {
     /* the pool's steering for this call's tokens (routed mode): at most this many KV
      * heads a token and layer; 0: no limit */
     int32_t steer_heads;
+    /* routed mode: the most KV heads a token and layer of the call under way may take,
+     * as its pages were reserved (context.c, call_max_heads); moas__route_choose keeps
+     * every token within it, even should the forcing or the callback change during
+     * the call (another context's callback calling moas_context_force_scheme on this
+     * one: outside the rules, but never a write past the pages) */
+    int32_t call_heads;
 };
 
 /* Run one token at position ctx->n_past through the model, store its K/V and routing,

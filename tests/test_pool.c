@@ -2000,6 +2000,51 @@ TEST(pool_steering_binds_below_a_forced_scheme) {
     return TEST_PASS;
 }
 
+/* Outside the rules, a route callback of one context forces a wider scheme on another
+ * context of the same call: that context's tokens in this call still take no more
+ * heads than its pages were reserved for (its forced MQA's one); from the next call
+ * on, the new forcing. */
+static int32_t force_other_to_mha(void *user, int32_t pos, int32_t layer, const float *gates,
+                                  int32_t n_scheme, int32_t proposed) {
+    (void)pos, (void)layer, (void)gates, (void)n_scheme;
+    (void)moas_context_force_scheme((moas_context *)user, 0);
+    return proposed;
+}
+
+TEST(pool_call_keeps_tokens_within_their_reservation) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V, schemes 4, 2, 1, 2 layers */
+    moas_model *m;
+    int32_t tokens[2] = {3, 5};
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 16, 4);
+    ASSERT_TRUE(pool != NULL);
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a != NULL && b != NULL);
+    ASSERT_OK(moas_context_force_scheme(b, 2));
+    moas_context_set_route_callback(a, force_other_to_mha, b);
+    for (int32_t step = 0; step < 2; step++) {
+        moas_pool_seq q[2] = {{a, &tokens[step], 1, MOAS_LOGITS_LAST, NULL},
+                              {b, &tokens[step], 1, MOAS_LOGITS_LAST, NULL}};
+        ASSERT_OK(moas_pool_decode(pool, q, 2));
+        int32_t heads[2];
+        ASSERT_OK(moas_context_routes(b, step, 1, NULL, NULL, heads));
+        ASSERT_EQ(heads[0], step == 0 ? 1 : 4);   /* reserved for MQA, then MHA */
+        ASSERT_EQ(heads[1], step == 0 ? 1 : 4);
+    }
+    ASSERT_EQ(moas_context_kv_pages(b), 2 * 2);   /* 5 heads a layer: 2 pages of 4 */
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, info.n_pages);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Context shift on a RoPE model: drop 10 tokens after the first 4, move the rest down
  * with their keys turned back, decode on. With one layer a token's K and V depend only
  * on the token and its position, so the logits must match decoding the shortened text
