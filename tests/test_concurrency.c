@@ -472,6 +472,7 @@ typedef struct {
     bool long_on_worker;
 } long_slice_probe;
 
+#if defined(_OPENMP)   /* without OpenMP a team is its leader alone */
 static int64_t thread_cpu_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -503,6 +504,7 @@ static void long_slice_body(void *arg) {
     moas__team_run(&p->team, true, long_slice, p);
     p->leader_cpu_ns = thread_cpu_ns() - t0;
 }
+#endif
 
 TEST(team_leader_sleeps_through_a_long_slice) {
 #if defined(_OPENMP)
