@@ -544,7 +544,11 @@ typedef enum moas_mode {
  * may replace the choice with a cheaper scheme). In mixture mode every scheme runs
  * and the return value is ignored: the callback only observes.
  *
- * The callback runs on the decoding thread and must not call the same context. Within
+ * The callback runs on the decoding thread and must not call the same context, nor
+ * another context of the same moas_pool_decode() call: decoding, truncating,
+ * resetting, forking, loading state into, compacting, shifting or freeing such a
+ * context is refused (MOAS_ERR_INVALID_ARG; for reset and free, a no-op with
+ * moas_last_error() set), as it would change pages the decode is writing. Within
  * one moas_context_decode_batch() call it sees blocks of tokens layer by layer (every
  * token's layer 0, then layer 1, ...), so its answer must depend only on its arguments
  * (and state of its own that does not assume token-major order).
@@ -636,7 +640,8 @@ MOAS_API moas_status moas_context_create(const moas_model *model,
  * moas_context_free() - release a context.
  * DESTRUCTOR: moas_context
  *
- * NULL is a no-op.
+ * NULL is a no-op. A context whose decode is under way (called from a route callback)
+ * is not freed: the call is refused, as moas_last_error() then says.
  *
  * Thread safety: not while another thread uses `ctx`.   Allocates: no.
  */

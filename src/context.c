@@ -518,12 +518,14 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     return MOAS_OK;
 }
 
+static moas_status refuse_while_decoding(const moas_context *ctx, const char *what);
+
 void moas_context_free(moas_context *ctx) {
     moas_allocator alloc_copy;
     const moas_allocator *alloc;
 
-    if (ctx == NULL) {
-        return;
+    if (ctx == NULL || refuse_while_decoding(ctx, "context_free") != MOAS_OK) {
+        return;   /* freed under its own decode, from a route callback: kept */
     }
     alloc_copy = ctx->alloc_copy;
     alloc = ctx->alloc != NULL ? &alloc_copy : NULL;
@@ -659,6 +661,19 @@ static moas_status fail(const moas_context *ctx, moas_status st) {
     return st;
 }
 
+/* A call into a context whose decode is under way can only come from a route callback
+ * (its own context's, or another context's of the same moas_pool_decode): it would
+ * reuse or change the pages and buffers that decode is writing, so it is refused with
+ * MOAS_ERR_INVALID_ARG and changes nothing. */
+static moas_status refuse_while_decoding(const moas_context *ctx, const char *what) {
+    if (!ctx->decoding) {
+        return MOAS_OK;
+    }
+    moas__set_error("%s: the context is being decoded (a route callback may not call a "
+                    "context of the decode under way)", what);
+    return fail(ctx, MOAS_ERR_INVALID_ARG);
+}
+
 /* `index` is the token's place in a batch, or -1 for a single token. */
 static moas_status check_token(const moas_context *ctx, int32_t token, const char *what,
                                int32_t index) {
@@ -792,6 +807,9 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
         moas__set_error("context_decode: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
+    if ((st = refuse_while_decoding(ctx, "context_decode")) != MOAS_OK) {
+        return st;
+    }
     if ((st = check_token(ctx, token, "context_decode", -1)) != MOAS_OK ||
         (st = check_room(ctx, 1, "context_decode")) != MOAS_OK ||
         (st = moas__context_workspace(ctx, "context_decode")) != MOAS_OK ||
@@ -799,7 +817,9 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
         return fail(ctx, st);
     }
     plan_token(ctx, 0);
+    ctx->decoding = true;
     moas__forward(ctx, token, true);
+    ctx->decoding = false;
     ctx->n_past++;
     pages_trim(ctx);
     if (logits != NULL) {
@@ -816,6 +836,9 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
     if (ctx == NULL) {
         moas__set_error("%s: ctx is NULL", what);
         return MOAS_ERR_INVALID_ARG;
+    }
+    if ((st = refuse_while_decoding(ctx, what)) != MOAS_OK) {
+        return st;
     }
     if (n_tokens < 0 || (tokens == NULL && n_tokens > 0) || (unsigned)which >= MOAS_LOGITS_COUNT ||
         (which == MOAS_LOGITS_ALL && logits == NULL && n_tokens > 0)) {
@@ -837,6 +860,7 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
         return fail(ctx, st);
     }
     const size_t n_vocab = (size_t)ctx->model->n_vocab;
+    ctx->decoding = true;
     if (ctx->mode == MOAS_MODE_ROUTED && ctx->kv_budget != 0) {
         /* the budget plans token by token, with every layer of a token before the next */
         for (int32_t i = 0; i < n_tokens; i++) {
@@ -860,6 +884,7 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
             ctx->n_past += n;
         }
     }
+    ctx->decoding = false;
     pages_trim(ctx);
     if (which == MOAS_LOGITS_LAST && logits != NULL && n_tokens > 0) {
         memcpy(logits, ctx->logits, n_vocab * sizeof *logits);
@@ -878,6 +903,9 @@ const moas_model *moas_context_model(const moas_context *ctx) { return ctx->mode
 const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ops->name; }
 
 void moas_context_reset(moas_context *ctx) {
+    if (refuse_while_decoding(ctx, "context_reset") != MOAS_OK) {
+        return;
+    }
     ctx->n_past = 0;
     ctx->logits_valid = false;
     pages_trim(ctx);
@@ -889,6 +917,9 @@ void moas_context_reset(moas_context *ctx) {
 moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
     if (ctx == NULL) {
         moas__set_error("context_truncate: ctx is NULL");
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if (refuse_while_decoding(ctx, "context_truncate") != MOAS_OK) {
         return MOAS_ERR_INVALID_ARG;
     }
     if (n_keep < 0 || n_keep > ctx->n_past) {
@@ -1031,6 +1062,9 @@ static moas_status check_seq(const moas_pool *pool, const moas_pool_seq *q, int3
                    "%s: sequence %d's context is not in this pool", what, i);
     MOAS_RETURN_IF(ctx->in_call, MOAS_ERR_INVALID_ARG,
                    "%s: sequence %d's context appears twice in the call", what, i);
+    MOAS_RETURN_IF(ctx->decoding, MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d's context is being decoded (a route callback may not "
+                   "call a context of the decode under way)", what, i);
     MOAS_RETURN_IF(ctx->mode != mode, MOAS_ERR_INVALID_ARG,
                    "%s: sequence %d is in another mode than sequence 0", what, i);
     MOAS_RETURN_IF(q->n_tokens < 0 || (q->tokens == NULL && q->n_tokens > 0), MOAS_ERR_INVALID_ARG,
@@ -1125,6 +1159,9 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
     moas_workspace *ws = pool->ws;
     const size_t n_vocab = (size_t)pool->model->n_vocab;
     int32_t seq = 0, done = 0;   /* the next token to place: seqs[seq].tokens[done] */
+    for (int32_t i = 0; i < n_seqs; i++) {
+        seqs[i].ctx->decoding = true;
+    }
     while (seq < n_seqs) {
         int32_t n_runs = 0, rows = 0;
         while (seq < n_seqs && rows < ws->max_rows) {
@@ -1156,6 +1193,7 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
     }
     for (int32_t i = 0; i < n_seqs; i++) {
         const moas_pool_seq *q = &seqs[i];
+        q->ctx->decoding = false;
         pages_trim(q->ctx);
         if (q->which == MOAS_LOGITS_LAST && q->logits != NULL && q->n_tokens > 0) {
             memcpy(q->logits, q->ctx->logits, n_vocab * sizeof *q->logits);
@@ -1178,6 +1216,9 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
     if (parent == NULL || out == NULL) {
         moas__set_error("context_fork: %s is NULL", parent == NULL ? "parent" : "out");
         return MOAS_ERR_INVALID_ARG;
+    }
+    if ((st = refuse_while_decoding(parent, "context_fork")) != MOAS_OK) {
+        return st;
     }
     if (parent->pool_owned) {
         moas__set_error("context_fork: the context has no pool of its own to share pages "
@@ -1488,6 +1529,9 @@ moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t s
         moas__set_error("context_state_load: %s is NULL", ctx == NULL ? "ctx" : "buf");
         return ctx == NULL ? MOAS_ERR_INVALID_ARG : fail(ctx, MOAS_ERR_INVALID_ARG);
     }
+    if ((st = refuse_while_decoding(ctx, "context_state_load")) != MOAS_OK) {
+        return st;
+    }
     heads = ctx->state_heads;
     if ((st = state_check(ctx, buf, size, heads)) != MOAS_OK) {
         return fail(ctx, st);
@@ -1672,6 +1716,9 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
         moas__set_error("%s: ctx is NULL", what);
         return MOAS_ERR_INVALID_ARG;
     }
+    if (refuse_while_decoding(ctx, what) != MOAS_OK) {
+        return MOAS_ERR_INVALID_ARG;
+    }
     const moas_model *m = ctx->model;
     const char *bad = ctx->mode != MOAS_MODE_ROUTED ? "needs routed mode (mixture stores every "
                                                       "scheme's heads)"
@@ -1729,6 +1776,9 @@ moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_disc
     const char *what = "context_shift";
     if (ctx == NULL) {
         moas__set_error("%s: ctx is NULL", what);
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if (refuse_while_decoding(ctx, what) != MOAS_OK) {
         return MOAS_ERR_INVALID_ARG;
     }
     const moas_model *m = ctx->model;

@@ -2045,6 +2045,113 @@ TEST(pool_call_keeps_tokens_within_their_reservation) {
     return TEST_PASS;
 }
 
+/* A route callback that calls into a context of the decode under way (its own, or
+ * another of the same pool call): every call that would write or reuse its pages is
+ * refused and changes nothing; the decode's results are those of decoding alone. */
+typedef struct {
+    moas_context *self, *other;
+    const void *state;
+    size_t state_size;
+    int calls;
+    int refused, wrong;   /* calls refused with INVALID_ARG; calls that were not */
+} meddler;
+
+static void expect_refused(meddler *w, moas_status st) {
+    if (st == MOAS_ERR_INVALID_ARG && strstr(moas_last_error(), "being decoded") != NULL) {
+        w->refused++;
+    } else {
+        w->wrong++;
+    }
+}
+
+static int32_t meddle(void *user, int32_t pos, int32_t layer, const float *gates,
+                      int32_t n_scheme, int32_t proposed) {
+    meddler *w = user;
+    (void)pos, (void)layer, (void)gates, (void)n_scheme;
+    if (w->calls++ > 0) {
+        return proposed;
+    }
+    const int32_t token = 1;
+    moas_context *targets[2] = {w->self, w->other};
+    for (int t = 0; t < 2; t++) {
+        moas_context *c = targets[t];
+        moas_context *child = NULL;
+        int32_t changed = 0;
+        expect_refused(w, moas_context_decode(c, token, NULL));
+        expect_refused(w, moas_context_decode_batch(c, &token, 1, NULL, MOAS_LOGITS_NONE));
+        expect_refused(w, moas_context_truncate(c, 0));
+        expect_refused(w, moas_context_fork(c, &child));
+        expect_refused(w, moas_context_state_load(c, w->state, w->state_size));
+        expect_refused(w, moas_context_compact(c, 0, 2, &changed));
+        expect_refused(w, moas_context_shift(c, 0, 1));
+        moas__set_error("none");
+        moas_context_reset(c);
+        expect_refused(w, MOAS_ERR_INVALID_ARG);   /* reset: refused, says so */
+        moas__set_error("none");
+        moas_context_free(c);
+        expect_refused(w, MOAS_ERR_INVALID_ARG);   /* free: kept, says so */
+        w->wrong += child != NULL || changed != 0;
+    }
+    return proposed;
+}
+
+TEST(calls_into_a_context_being_decoded_are_refused) {
+    size_t size;
+    uint8_t *image = kind_image(4, &size);   /* pooled K/V, RoPE: compact and shift apply */
+    moas_model *m;
+    int32_t tokens[3];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 3, V, 17);
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 16, 4);
+    ASSERT_TRUE(pool != NULL);
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *a_alone = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b_alone = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a != NULL && b != NULL && a_alone != NULL && b_alone != NULL);
+    /* two tokens each first, so that truncate, shift and compact would have work */
+    for (int32_t i = 0; i < 2; i++) {
+        ASSERT_OK(moas_context_decode(a, tokens[i], NULL));
+        ASSERT_OK(moas_context_decode(b, tokens[(i + 1) % 3], NULL));
+        ASSERT_OK(moas_context_decode(a_alone, tokens[i], NULL));
+        ASSERT_OK(moas_context_decode(b_alone, tokens[(i + 1) % 3], NULL));
+    }
+    static uint8_t state[1 << 16];
+    size_t state_size = 0;
+    ASSERT_OK(moas_context_state_save(b_alone, state, sizeof state, &state_size));
+    meddler w = {a, b, state, state_size, 0, 0, 0};
+    moas_context_set_route_callback(a, meddle, &w);
+    moas_pool_seq q[2] = {{a, &tokens[2], 1, MOAS_LOGITS_LAST, NULL},
+                          {b, &tokens[0], 1, MOAS_LOGITS_LAST, NULL}};
+    ASSERT_OK(moas_pool_decode(pool, q, 2));
+    ASSERT_EQ(w.wrong, 0);
+    ASSERT_EQ(w.refused, 2 * 9);
+    ASSERT_OK(moas_context_decode(a_alone, tokens[2], NULL));
+    ASSERT_OK(moas_context_decode(b_alone, tokens[0], NULL));
+    ASSERT_TRUE(same_records(a, a_alone) && same_records(b, b_alone));
+    ASSERT_TRUE(memcmp(moas_context_logits(a), moas_context_logits(a_alone),
+                       (size_t)V * sizeof(float)) == 0);
+    ASSERT_TRUE(memcmp(moas_context_logits(b), moas_context_logits(b_alone),
+                       (size_t)V * sizeof(float)) == 0);
+    /* its own decode too: a context decoding alone refuses its callback's calls */
+    w = (meddler){a, a, state, state_size, 0, 0, 0};
+    ASSERT_OK(moas_context_decode(a, tokens[1], NULL));
+    ASSERT_EQ(w.wrong, 0);
+    ASSERT_EQ(w.refused, 2 * 9);
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_context_free(a_alone);
+    moas_context_free(b_alone);
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, info.n_pages);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Context shift on a RoPE model: drop 10 tokens after the first 4, move the rest down
  * with their keys turned back, decode on. With one layer a token's K and V depend only
  * on the token and its position, so the logits must match decoding the shortened text
