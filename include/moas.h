@@ -713,7 +713,9 @@ MOAS_API const char *moas_context_kernels_name(const moas_context *ctx); /* e.g.
  * moas_context_reset() - forget every token: empty the cache and the routing records.
  * METHOD: moas_context
  *
- * The context is as freshly created. `ctx` may not be NULL.
+ * The context is as freshly created. `ctx` may not be NULL. Called from a route
+ * callback while the context is being decoded, it does nothing and sets
+ * moas_last_error().
  *
  * Thread safety: one thread per context.   Allocates: no.
  */
