@@ -273,12 +273,7 @@ moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *all
          * a block into fewer, larger shares */
         const moas_status st = moas__workspace_make(m, alloc, ws->ops, 1, ws->max_rows,
                                                     ws->max_keys, ws->logit_rows, &ws->shards[i]);
-        if (st != MOAS_OK) {
-            for (int32_t j = 0; j < i; j++) {
-                moas__workspace_free(alloc, ws->shards[j]);
-            }
-            moas__free(alloc, ws->shards);
-            ws->shards = NULL;
+        if (st != MOAS_OK) {   /* the ones made go with ws (moas__workspace_free) */
             moas__set_error("pool_create: no memory for the workspace of thread %d of %d", i + 1,
                             ws->n_threads);
             return st;
