@@ -192,7 +192,7 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->max_keys = max_keys;
     ws->logit_rows = logit_rows;
 
-    /* per-call scratch: xb, kv_pool (2C), pool_tmp, and per thread the attention scores
+    /* per-call scratch: xb, kv_pool (2C), pool_tmp, and per slice the attention scores
      * and rows (32-bit, one float each) and a split's value sums, one decoded query's split
      * states, the normed rows and logits of logit_rows;
      * each buffer rounded up to 16 floats (64 bytes): 9 buffers, at most 15 each */
@@ -202,9 +202,15 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->rows_each = (size_t)max_keys > run_rows ? (size_t)max_keys : run_rows;
     ws->max_splits = (max_keys + MOAS_ATT_SPLIT_KEYS - 1) / MOAS_ATT_SPLIT_KEYS;
     const size_t hd = (size_t)m->head_dim, H = (size_t)m->n_head;
-    const size_t split_floats = (size_t)n_threads * MOAS_ATT_QUERIES * hd +
-                                (size_t)ws->max_splits * H * (hd + 2);
-    const size_t att_floats = (size_t)n_threads * (run_rows + ws->rows_each) + split_floats;
+    /* a slice's scratch: a prompt block's attention has up to
+     * MOAS_TEAM_SLICES_PER_THREAD slices a thread (team.h), at most MOAS_MAX_THREADS */
+    const size_t slots = n_threads == 1 ? 1
+                         : (size_t)n_threads * MOAS_TEAM_SLICES_PER_THREAD < MOAS_MAX_THREADS
+                             ? (size_t)n_threads * MOAS_TEAM_SLICES_PER_THREAD
+                             : MOAS_MAX_THREADS;
+    const size_t split_floats =
+        slots * MOAS_ATT_QUERIES * hd + (size_t)ws->max_splits * H * (hd + 2);
+    const size_t att_floats = slots * (run_rows + ws->rows_each) + split_floats;
     const size_t n_floats =
         4 * C + att_floats + (size_t)logit_rows * (C + (size_t)m->n_vocab) + 9 * 15;
     cursor = alloc_aligned(alloc, n_floats * sizeof(float), &ws->scratch);
@@ -217,9 +223,9 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->xb = carve(&cursor, C);
     ws->kv_pool = carve(&cursor, 2 * C);
     ws->pool_tmp = carve(&cursor, C);
-    ws->att = carve(&cursor, (size_t)n_threads * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
-    ws->att_rows = (uint32_t *)(void *)carve(&cursor, (size_t)n_threads * ws->rows_each);
-    ws->att_split = carve(&cursor, (size_t)n_threads * MOAS_ATT_QUERIES * hd);
+    ws->att = carve(&cursor, slots * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
+    ws->att_rows = (uint32_t *)(void *)carve(&cursor, slots * ws->rows_each);
+    ws->att_split = carve(&cursor, slots * MOAS_ATT_QUERIES * hd);
     ws->att_part = carve(&cursor, (size_t)ws->max_splits * H * (hd + 2));
     ws->lx = carve(&cursor, (size_t)logit_rows * C);
     ws->logits = carve(&cursor, (size_t)logit_rows * (size_t)m->n_vocab);

@@ -44,10 +44,12 @@ typedef struct moas_workspace {
     float *xb;               /* [C] a position embedding */
     float *kv_pool;          /* [2, C] pooled models: the K and V to store */
     float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
-    float *att;              /* per thread [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */
-    uint32_t *att_rows;      /* per thread [rows_each] cached tokens' K/V rows */
+    float *att;              /* per slice (a thread's, or one of the several slices a thread
+                              * of a prompt block's attention takes: forward.c)
+                              * [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */
+    uint32_t *att_rows;      /* per slice [rows_each] cached tokens' K/V rows */
     size_t rows_each;        /* max(max_keys, MOAS_ATT_QUERIES * MOAS_ATT_KEYS) */
-    float *att_split;        /* per thread [MOAS_ATT_QUERIES, head_dim] a split's value sums */
+    float *att_split;        /* per slice [MOAS_ATT_QUERIES, head_dim] a split's value sums */
     float *att_part;         /* one decoded query's split states: [max_splits, n_head,
                               * head_dim] value sums, then [max_splits, n_head] maxima,
                               * then as many sums (forward.c, flash-decoding) */

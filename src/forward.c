@@ -23,6 +23,16 @@
 #include <math.h>
 #include <string.h>
 
+/* Blocks of at least this many rows (a prompt's, or many sequences') take their
+ * products, and runs of this many tokens their attention, in MOAS_TEAM_SLICES_PER_THREAD
+ * slices a thread (team.h): a thread that runs slower than the other (the host's
+ * doing) then leaves its last slices to it instead of holding the step. Attention
+ * cuts a head's queries into chunks of MOAS_ATT_CHUNK_QUERIES for that. */
+#define MOAS_FINE_SLICE_ROWS 64
+#define MOAS_ATT_CHUNK_QUERIES 64
+_Static_assert(MOAS_ATT_CHUNK_QUERIES % MOAS_ATT_QUERIES == 0,
+               "a chunk is whole blocks of the attention's queries");
+
 /* One projection of a block of rows: Y[t] = W X[t] (+ b).   Y [n, n_rows], stride ldy */
 typedef struct {
     const moas_weight *w;
@@ -51,8 +61,12 @@ static void project_rows(const moas_workspace *ws, const projection *p, const fl
 }
 
 /* Several projections of the same n rows of X (Q, K and V) as one parallel step when
- * they are worth it: each slice is a part of every projection's rows, a multiple of 16
- * rows, so no thread waits for another between them.
+ * they are worth it. Each slice is a part of every projection's rows, a multiple of 16
+ * rows, so no thread waits for another between them; or, for a block of prompt rows
+ * whose X outweighs the weights (a small model's long prompt), a part of X's rows, so
+ * that each slice reads the weights and only its own rows of X. Either way an
+ * element's arithmetic is the same (the kernels' elements do not depend on the rows
+ * they are given).
  *   X [n, n_cols] rows of stride ldx */
 typedef struct {
     const moas_workspace *ws;
@@ -61,6 +75,7 @@ typedef struct {
     const float *X;
     size_t ldx;
     int32_t n;
+    bool by_tokens;          /* slices are X's rows, not the weights' */
 } project_step;
 
 /* Each slice adds the biases of its own rows, in its thread and while they are in
@@ -68,6 +83,20 @@ typedef struct {
  * 64-sequence decode step of a 192-wide model, with the other thread waiting. */
 static void project_slice(void *arg, int32_t ith, int32_t nth) {
     const project_step *s = arg;
+    if (s->by_tokens) {
+        const int32_t t0 = (int32_t)((int64_t)s->n * ith / nth);
+        const int32_t t1 = (int32_t)((int64_t)s->n * (ith + 1) / nth);
+        for (int32_t i = 0; i < s->n_proj && t0 < t1; i++) {
+            const projection *p = &s->p[i];
+            const projection part = {p->w, p->b, p->Y + (size_t)t0 * p->ldy, p->ldy};
+            project_rows(s->ws, &part, s->X + (size_t)t0 * s->ldx, s->ldx, t1 - t0, 0,
+                         p->w->n_rows);
+            for (int32_t t = 0; t < t1 - t0 && p->b != NULL; t++) {
+                s->ws->ops->add(part.Y + (size_t)t * p->ldy, p->b, p->w->n_rows);
+            }
+        }
+        return;
+    }
     for (int32_t i = 0; i < s->n_proj; i++) {
         const projection *p = &s->p[i];
         const int32_t rows = p->w->n_rows;
@@ -83,12 +112,17 @@ static void project_slice(void *arg, int32_t ith, int32_t nth) {
 
 static void project(moas_workspace *ws, const projection *p, int32_t n_proj, const float *X,
                     size_t ldx, int32_t n) {
-    int64_t work = 0;
+    int64_t work = 0, weight_bytes = 0;
     for (int32_t i = 0; i < n_proj; i++) {
         work += (int64_t)p[i].w->n_rows * p[i].w->n_cols * n;
+        weight_bytes += (int64_t)p[i].w->n_rows * (int64_t)p[i].w->row_bytes;
     }
-    project_step step = {ws, p, n_proj, X, ldx, n};
-    moas__team_run(&ws->team, work >= ws->parallel_min_work, project_slice, &step);
+    const bool prompt = n >= MOAS_FINE_SLICE_ROWS;
+    const int64_t x_bytes = (int64_t)n * p[0].w->n_cols * (int64_t)sizeof(float);
+    project_step step = {ws, p, n_proj, X, ldx, n, prompt && x_bytes > weight_bytes};
+    moas__team_run_slices(&ws->team, work >= ws->parallel_min_work, project_slice, &step,
+                          prompt ? MOAS_TEAM_SLICES_PER_THREAD * ws->team.nth
+                                 : ws->team.nth);
 }
 
 /* x[t] += y[t] for n rows of C floats, back to back (a row at a time: n C can pass
@@ -618,9 +652,11 @@ static void attend_heads(const moas_workspace *ws, const moas_pool *pool,
  * Query head h reads token j's KV head h * n_kv(j) / n_head: itself when j stored
  * every head (MHA), its group under GQA (repeat_interleave in the reference), head 0
  * under MQA; a K or V row that serves a group of query heads is read where it is,
- * never expanded. Slices split the (run, head) pairs, each thread with its own
- * scratch: each head's numbers are the same whoever computes them and whichever
- * other runs share the call. */
+ * never expanded. Slices split the units of work: per run, each head's queries in
+ * chunks of `chunk` (a multiple of MOAS_ATT_QUERIES; a decoded token's head is one
+ * unit), run by run, head by head; each slice with its own scratch. A query's numbers
+ * are the same whoever computes them, in whichever chunk, and whichever other runs
+ * share the call (attend_heads). */
 typedef struct {
     const moas_workspace *ws;
     const moas_seq_run *runs;
@@ -631,48 +667,67 @@ typedef struct {
     float *OUT;
     size_t ldo;
     bool prefetch;           /* ask for K/V rows ahead (step_prefetches) */
+    int32_t chunk;           /* queries a unit of a run with several */
+    int64_t units;           /* all runs' */
 } attend_step;
+
+static int64_t run_units(const moas_seq_run *run, int32_t n_head, int32_t chunk) {
+    return (int64_t)n_head * (((int64_t)run->n + chunk - 1) / chunk);
+}
 
 static void attend_slice(void *arg, int32_t ith, int32_t nth) {
     const attend_step *s = arg;
     const moas_workspace *ws = s->ws;
-    const int64_t n_head = ws->model->n_head;
-    const int64_t units = (int64_t)s->n_runs * n_head;
-    const int64_t u1 = (ith + 1) * units / nth;
+    const int32_t n_head = ws->model->n_head;
+    const int64_t u0 = ith * s->units / nth, u1 = (ith + 1) * s->units / nth;
     float *att = ws->att + (size_t)ith * MOAS_ATT_QUERIES * MOAS_ATT_KEYS;
     uint32_t *rows = ws->att_rows + (size_t)ith * ws->rows_each;
     float *split = ws->att_split + (size_t)ith * MOAS_ATT_QUERIES * ws->model->head_dim;
 
-    for (int64_t u = ith * units / nth; u < u1;) {
-        const int64_t r = u / n_head;
-        const int32_t h0 = (int32_t)(u % n_head);
-        const int32_t h1 = (int32_t)(u1 - r * n_head < n_head ? u1 - r * n_head : n_head);
+    int64_t base = 0;   /* units of the runs before r */
+    for (int32_t r = 0; r < s->n_runs && base < u1; r++) {
         const moas_seq_run *run = &s->runs[r];
+        const int64_t ur = run_units(run, n_head, s->chunk);
+        if (base + ur <= u0) {
+            base += ur;
+            continue;
+        }
+        /* this slice's units of the run: [a, b), unit h * chunks + c */
+        const int64_t a = (u0 > base ? u0 : base) - base;
+        const int64_t b = (u1 < base + ur ? u1 : base + ur) - base;
         const moas_context *ctx = run->ctx;
+        const moas_kv_stream *kv = &ctx->kv[s->stream];
         if (run->n == 1) {
-            if (s->prefetch && (r + 1) * n_head < u1) {
+            if (s->prefetch && base + ur < u1) {
                 /* attend_one asks for each run of keys one run ahead, so a query's first
                  * run would come from memory while it waits: ask for the next query's
                  * first run now, while this one is computed */
                 const moas_seq_run *next = &s->runs[r + 1];
-                const moas_kv_stream *kv = &next->ctx->kv[s->stream];
+                const moas_kv_stream *nkv = &next->ctx->kv[s->stream];
                 const int32_t n_keys = next->ctx->n_past + next->n;
-                (void)moas__kv_prefetch(next->ctx->pool, kv, 0,
-                                        moas__kv_first(kv, n_keys < MOAS_ATT_KEYS
-                                                               ? n_keys
-                                                               : MOAS_ATT_KEYS),
+                (void)moas__kv_prefetch(next->ctx->pool, nkv, 0,
+                                        moas__kv_first(nkv, n_keys < MOAS_ATT_KEYS
+                                                                ? n_keys
+                                                                : MOAS_ATT_KEYS),
                                         0);
             }
-            attend_one(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
-                       ctx->n_past, h0, h1, s->prefetch, s->OUT + (size_t)run->row0 * s->ldo,
-                       att, rows, split);
-            u = r * n_head + h1;
-            continue;
+            attend_one(ws, ctx->pool, kv, s->Q + (size_t)run->row0 * s->ldq, ctx->n_past,
+                       (int32_t)a, (int32_t)b, s->prefetch,
+                       s->OUT + (size_t)run->row0 * s->ldo, att, rows, split);
+        } else {
+            const int64_t chunks = ur / n_head;
+            for (int64_t h = a / chunks; h <= (b - 1) / chunks; h++) {
+                const int64_t c0 = h == a / chunks ? a % chunks : 0;
+                const int64_t c1 = h == (b - 1) / chunks ? (b - 1) % chunks + 1 : chunks;
+                const int32_t q0 = (int32_t)(c0 * s->chunk);
+                const int32_t q1 = c1 * s->chunk < run->n ? (int32_t)c1 * s->chunk : run->n;
+                const size_t row = (size_t)run->row0 + (size_t)q0;
+                attend_heads(ws, ctx->pool, kv, s->Q + row * s->ldq, s->ldq, ctx->n_past + q0,
+                             q1 - q0, (int32_t)h, (int32_t)h + 1, s->OUT + row * s->ldo,
+                             s->ldo, att, rows, split);
+            }
         }
-        attend_heads(ws, ctx->pool, &ctx->kv[s->stream], s->Q + (size_t)run->row0 * s->ldq,
-                     s->ldq, ctx->n_past, run->n, h0, h1, s->OUT + (size_t)run->row0 * s->ldo,
-                     s->ldo, att, rows, split);
-        u = r * n_head + h1;
+        base += ur;
     }
 }
 
@@ -772,9 +827,20 @@ static void attend(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs,
         }
         return;
     }
+    /* a prompt block: each head's queries in chunks, several slices a thread (team.h),
+     * so that a thread that runs slower leaves its last chunks to the other */
+    bool prompt = false;
+    for (int32_t r = 0; r < n_runs && !prompt; r++) {
+        prompt = runs[r].n >= MOAS_FINE_SLICE_ROWS;
+    }
     attend_step step = {ws,  runs, n_runs, stream, Q, ldq, OUT, ldo,
-                        step_prefetches(runs, n_runs, stream, parallel ? ws->n_threads : 1)};
-    moas__team_run(&ws->team, parallel, attend_slice, &step);
+                        step_prefetches(runs, n_runs, stream, parallel ? ws->n_threads : 1),
+                        prompt ? MOAS_ATT_CHUNK_QUERIES : INT32_MAX, 0};
+    for (int32_t r = 0; r < n_runs; r++) {
+        step.units += run_units(&runs[r], n_head, step.chunk);
+    }
+    moas__team_run_slices(&ws->team, parallel, attend_slice, &step,
+                          prompt ? MOAS_TEAM_SLICES_PER_THREAD * ws->team.nth : ws->team.nth);
 }
 
 /* The scheme with the largest gate, the first on ties. */

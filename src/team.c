@@ -6,15 +6,17 @@
  * work (forward.c).
  *
  * The protocol, with C11 atomics. Steps are numbered 1, 2, ... within a call. The
- * leader stores step k (fn, arg), sets `done` to 0 and stores k in `posted`
+ * leader stores step k (fn, arg, its number of slices n), marks the slices a call may
+ * have beyond n as claimed for k, sets `done` to 0 and stores k in `posted`
  * (release). A thread that sees `posted` reach k (acquire) claims slices: slice i is
  * claimed for step k by moving claim[i] from below k to k (compare-and-swap), so
- * exactly one thread runs it; it reads fn and arg, runs the slice, and increments
- * `done` (release). The leader returns from the step when `done` reaches nth
+ * exactly one thread runs it; it reads fn, arg and n, runs the slice, and increments
+ * `done` (release). The leader returns from the step when `done` reaches n
  * (acquire): every slice's writes then happen before what the leader does next.
  * A claim on step k can only succeed while step k is unfinished, so the leader
- * cannot have overwritten fn and arg by then; a thread still holding an older step
- * number fails every claim, since each slice's claim already holds k or more.
+ * cannot have overwritten fn, arg and n by then; a thread still holding an older
+ * step number fails every claim, since after each step every slice's claim, of the
+ * slices it had and of those marked, holds its number or more.
  *
  * Waiting. A worker that finds no new step spins briefly, then (Linux) sleeps on
  * `posted` with a futex: it counts itself in `sleepers`, looks at `posted` once more
@@ -172,7 +174,7 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
                                                               memory_order_relaxed)) {
         return false;
     }
-    team->fn(team->arg, i, team->nth);
+    team->fn(team->arg, i, atomic_load_explicit(&team->n_slices, memory_order_relaxed));
     atomic_fetch_add_explicit(&team->done, 1, memory_order_seq_cst);
 #if defined(MOAS_HAVE_FUTEX)
     /* with the leader's store of leader_asleep and load of done (both seq_cst), either
@@ -184,12 +186,18 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
     return true;
 }
 
-/* Every slice of step k this thread can still claim: slice `own` first, then the
- * others in order (those of a thread that has not come yet). */
-static int32_t team_take_all(moas_team *team, int32_t own, unsigned k) {
-    int32_t taken = team_take(team, own, k);
-    for (int32_t i = 0; i < team->nth; i++) {
-        if (i != own) {
+/* Every slice of step k this thread can still claim, of the step's n: its own share
+ * of them first (thread `own` of nth), then the other threads' shares from their ends
+ * (the slices a thread that has not come yet, or runs slower, would reach last). */
+static int32_t team_take_all(moas_team *team, int32_t own, unsigned k, int32_t n) {
+    const int32_t nth = team->nth;
+    int32_t taken = 0;
+    for (int32_t i = own * n / nth; i < (own + 1) * n / nth; i++) {
+        taken += team_take(team, i, k);
+    }
+    for (int32_t j = 1; j < nth; j++) {
+        const int32_t other = (own + j) % nth;
+        for (int32_t i = (other + 1) * n / nth - 1; i >= other * n / nth; i--) {
             taken += team_take(team, i, k);
         }
     }
@@ -197,30 +205,45 @@ static int32_t team_take_all(moas_team *team, int32_t own, unsigned k) {
 }
 
 void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg) {
+    moas__team_run_slices(team, parallel, fn, arg, team->nth);
+}
+
+void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void *arg,
+                           int32_t n_slices) {
     if (!parallel || team->nth <= 1) {
         fn(arg, 0, 1);
         return;
     }
+    const int32_t n = n_slices < team->nth          ? team->nth
+                      : n_slices > team->max_slices ? team->max_slices
+                                                    : n_slices;
     team->fn = fn;
     team->arg = arg;
+    atomic_store_explicit(&team->n_slices, n, memory_order_relaxed);
     atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     const unsigned k = atomic_load_explicit(&team->posted, memory_order_relaxed) + 1u;
+    /* the slices this step does not have count as claimed for it, so that after each
+     * step every claim holds its number or more: a thread still holding an older step
+     * can claim nothing (the protocol above) */
+    for (int32_t i = n; i < team->max_slices; i++) {
+        atomic_store_explicit(&team->claim[i], k, memory_order_relaxed);
+    }
     atomic_store_explicit(&team->posted, k, memory_order_seq_cst);
     team_wake(team);
     const int64_t t0 = now_ns();
-    const int32_t taken = team_take_all(team, 0, k);
+    const int32_t taken = team_take_all(team, 0, k, n);
     const int64_t t1 = now_ns();
     if (taken > 0) {   /* the others' slices, at the leader's time per slice */
-        team->saved_ns += (int64_t)(team->nth - taken) * (t1 - t0) / taken;
+        team->saved_ns += (int64_t)(n - taken) * (t1 - t0) / taken;
     }
-    if (atomic_load_explicit(&team->done, memory_order_acquire) < team->nth) {
+    if (atomic_load_explicit(&team->done, memory_order_acquire) < n) {
         /* another thread still runs a slice it claimed */
         uint32_t spins = 0;
 #if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)
         uint32_t yields = 0;   /* before the leader sleeps */
 #endif
         int done;
-        while ((done = atomic_load_explicit(&team->done, memory_order_acquire)) < team->nth) {
+        while ((done = atomic_load_explicit(&team->done, memory_order_acquire)) < n) {
 #if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)
             if (spins >= MOAS_TEAM_SPINS && yields++ >= MOAS_TEAM_YIELDS_BEFORE_SLEEP) {
                 atomic_store_explicit(&team->leader_asleep, 1, memory_order_seq_cst);
@@ -267,7 +290,10 @@ static void team_work(moas_team *team, int32_t ith) {
         if (atomic_load_explicit(&team->stop, memory_order_relaxed)) {
             return;
         }
-        team_take_all(team, ith, k);
+        /* the step's slices: posted k was seen (acquire), so this is step k's count or,
+         * if the leader has posted another step since, a later one's, whose claims for
+         * k then all fail */
+        team_take_all(team, ith, k, atomic_load_explicit(&team->n_slices, memory_order_relaxed));
     }
 }
 #endif
@@ -291,7 +317,8 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
         return;
     } else if (n_threads > 1) {
         int64_t body_end = 0;
-        for (int32_t i = 0; i < n_threads && i < MOAS_MAX_THREADS; i++) {
+        for (int32_t i = 0; i < MOAS_TEAM_SLICES_PER_THREAD * n_threads && i < MOAS_MAX_THREADS;
+             i++) {
             atomic_store_explicit(&team->claim[i], 0u, memory_order_relaxed);
         }
         team->wait_ns = 0;
@@ -301,6 +328,9 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
         {
             if (omp_get_thread_num() == 0) {
                 team->nth = omp_get_num_threads();
+                team->max_slices = MOAS_TEAM_SLICES_PER_THREAD * team->nth < MOAS_MAX_THREADS
+                                       ? MOAS_TEAM_SLICES_PER_THREAD * team->nth
+                                       : MOAS_MAX_THREADS;
                 body(arg);
                 body_end = now_ns();
                 atomic_store_explicit(&team->stop, true, memory_order_relaxed);

@@ -29,7 +29,12 @@ typedef struct moas_team {
      * once it holds a claim on one of the step's slices (which the leader cannot pass) */
     moas_step_fn fn;
     void *arg;
-    int32_t nth;              /* threads and slices per step; 1 when no team started */
+    int32_t nth;              /* threads per step; 1 when no team started */
+    int32_t max_slices;       /* slices a step of this call may have (claim[] entries in
+                               * use): MOAS_TEAM_SLICES_PER_THREAD nth, at most
+                               * MOAS_MAX_THREADS */
+    atomic_int n_slices;      /* the posted step's slices, nth to max_slices: written by
+                               * the leader before it posts, a hint to claimers before */
     atomic_bool stop;         /* set with the last `posted`: the workers leave */
     /* each counter on a cache line of its own (padding, not _Alignas: the struct lives
      * in calloc'd memory, which promises 16 bytes of alignment) */
@@ -141,5 +146,18 @@ void moas__team_compare_note(moas_team *team, int64_t ns, int64_t work);
  * returns when all slices are done. Outside a team, or when `parallel` is false,
  * fn(arg, 0, 1) on the calling thread. */
 void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg);
+
+/* A step may be cut into more slices than the team has threads, so that a thread that
+ * runs slower than the other (a host that takes its vCPU away, or runs it at another
+ * clock) leaves its last slices to the faster one instead of holding the step: each
+ * thread takes its own share of the slices first, then the others' from their ends.
+ * Only for steps whose slices are large enough that the smaller slices cost nothing
+ * (forward.c says which), and whose slices need no scratch of their thread's. */
+#define MOAS_TEAM_SLICES_PER_THREAD 4
+
+/* moas__team_run with the step cut into `n_slices` slices (clamped to [nth,
+ * team->max_slices]): fn(arg, i, n) for every i of the n slices. */
+void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void *arg,
+                           int32_t n_slices);
 
 #endif /* MOAS_TEAM_H */

@@ -341,14 +341,15 @@ TEST(concurrency_last_error_is_per_thread) {
 /* ---- the team of a forward call ----------------------------------------------------- */
 
 #define TEAM_MAX 8
+#define TEAM_SLICES_MAX (MOAS_TEAM_SLICES_PER_THREAD * TEAM_MAX)
 #define TEAM_STEPS 2000
 
 /* What a team's steps did: each slice adds step + ith to its own total. */
 typedef struct {
     moas_team team;
     int32_t step;
-    int64_t total[TEAM_MAX];
-    int32_t nth_seen[TEAM_MAX];
+    int64_t total[TEAM_SLICES_MAX];
+    int32_t nth_seen[TEAM_SLICES_MAX];
     int32_t nth;        /* the team's size, as the leader saw it */
     bool ok;            /* every total was right as each step returned */
 } team_probe;
@@ -360,21 +361,36 @@ static void team_probe_slice(void *arg, int32_t ith, int32_t nth) {
 }
 
 /* The leader's body: TEAM_STEPS parallel steps, each checked as it returns (a slice's
- * writes must be visible then), with a serial step (parallel = false) every 10th. */
+ * writes must be visible then), with a serial step (parallel = false) every 10th. The
+ * steps' slices change from step to step: as many as threads, more (up to
+ * MOAS_TEAM_SLICES_PER_THREAD a thread), and asked for fewer or more than a step may
+ * have; so a thread still on an earlier step must claim nothing of a later one. */
 static void team_probe_body(void *arg) {
     team_probe *p = arg;
-    int64_t want[TEAM_MAX] = {0};
+    int64_t want[TEAM_SLICES_MAX] = {0};
     p->ok = true;
     p->nth = p->team.nth;
+    const int32_t most = MOAS_TEAM_SLICES_PER_THREAD * p->nth;
     for (p->step = 0; p->step < TEAM_STEPS; p->step++) {
         const bool parallel = p->step % 10 != 0;
-        const int32_t slices = parallel ? p->nth : 1;
+        const int32_t asked = p->step % 4 == 0 ? 1
+                              : p->step % 4 == 1 ? 2 * p->nth + 1
+                              : p->step % 4 == 2 ? most + 5
+                                                 : p->nth;
+        const int32_t slices = !parallel || p->nth == 1 ? 1
+                               : asked < p->nth         ? p->nth
+                               : asked > most           ? most
+                                                        : asked;
         memset(p->nth_seen, 0, sizeof p->nth_seen);
-        moas__team_run(&p->team, parallel, team_probe_slice, p);
+        if (p->step % 8 == 3) {
+            moas__team_run(&p->team, parallel, team_probe_slice, p);
+        } else {
+            moas__team_run_slices(&p->team, parallel, team_probe_slice, p, asked);
+        }
         for (int32_t i = 0; i < slices; i++) {
             want[i] += p->step + i;
         }
-        for (int32_t i = 0; i < TEAM_MAX; i++) {
+        for (int32_t i = 0; i < TEAM_SLICES_MAX; i++) {
             p->ok = p->ok && p->total[i] == want[i] && p->nth_seen[i] == (i < slices ? slices : 0);
         }
     }
@@ -382,9 +398,9 @@ static void team_probe_body(void *arg) {
 
 /* A team of 3, then 8 (more threads than the test machine's cores: some are preempted
  * between steps, and the others take their slices), runs every slice of every step
- * exactly once, as many slices as threads, and hands the leader their results; without
- * OpenMP the team is the caller alone. Each size twice: a team is started per call,
- * from a clean state. */
+ * exactly once, as many slices as the step has, and hands the leader their results;
+ * without OpenMP the team is the caller alone. Each size twice: a team is started per
+ * call, from a clean state. */
 TEST(team_runs_every_slice_of_every_step_once) {
     static const int32_t sizes[] = {3, 3, 8, 8};
     for (size_t round = 0; round < sizeof sizes / sizeof sizes[0]; round++) {
@@ -518,6 +534,78 @@ TEST(team_leader_sleeps_through_a_long_slice) {
     }
     ASSERT_TRUE(p->long_on_worker);   /* the leader waited for it */
     ASSERT_TRUE(p->leader_cpu_ns < 20000000);
+    free(p);
+    return TEST_PASS;
+#else
+    return TEST_SKIP;
+#endif
+}
+
+/* A step cut into more slices than threads: a thread held up in a slice leaves its
+ * later slices to the others, taken from the end of its share. Two threads, eight
+ * slices (the worker's share 4-7): slice 4, on a worker, waits until slice 5 has run,
+ * so the leader must have taken 7, 6 and 5 meanwhile; the leader's slice 0 first
+ * waits for slice 4 to begin on a worker, so that the worker is there at all. Each
+ * wait gives up after 2 s (the check then fails, or the test is skipped when no
+ * worker came). */
+typedef struct {
+    moas_team team;
+    int32_t nth;
+    int32_t n_seen[8];       /* the slice count slice i was given */
+    pthread_t leader;
+    atomic_int started[8];   /* slice i has begun */
+    atomic_int runs[8];      /* times slice i ran */
+    bool on_leader[8];
+} steal_probe;
+
+#if defined(_OPENMP)
+static void wait_for_flag(atomic_int *flag) {
+    const struct timespec ms = {0, 1000000};
+    for (int i = 0; i < 2000 && !atomic_load(flag); i++) {
+        nanosleep(&ms, NULL);
+    }
+}
+
+static void steal_slice(void *arg, int32_t ith, int32_t nth) {
+    steal_probe *p = arg;
+    const bool leader = pthread_equal(pthread_self(), p->leader);
+    p->n_seen[ith] = nth;
+    p->on_leader[ith] = leader;
+    atomic_store(&p->started[ith], 1);
+    if (ith == 0) {
+        wait_for_flag(&p->started[4]);
+    } else if (ith == 4 && !leader) {
+        wait_for_flag(&p->started[5]);
+    }
+    atomic_fetch_add(&p->runs[ith], 1);
+}
+
+static void steal_body(void *arg) {
+    steal_probe *p = arg;
+    p->nth = p->team.nth;
+    p->leader = pthread_self();
+    moas__team_run_slices(&p->team, true, steal_slice, p, 8);
+}
+#endif
+
+TEST(team_leader_takes_a_held_up_threads_last_slices) {
+#if defined(_OPENMP)
+    steal_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.never_solo = true;
+    moas__team_lead(&p->team, 2, steal_body, p);
+    if (p->nth < 2 || p->on_leader[4]) {   /* no second thread, or it came too late */
+        free(p);
+        return TEST_SKIP;
+    }
+    for (int i = 0; i < 8; i++) {
+        ASSERT_EQ(p->n_seen[i], 8);
+        ASSERT_EQ(atomic_load(&p->runs[i]), 1);
+    }
+    for (int i = 0; i < 4; i++) {
+        ASSERT_TRUE(p->on_leader[i]);
+    }
+    ASSERT_TRUE(p->on_leader[5] && p->on_leader[6] && p->on_leader[7]);
     free(p);
     return TEST_PASS;
 #else
