@@ -192,7 +192,7 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->max_keys = max_keys;
     ws->logit_rows = logit_rows;
 
-    /* per-call scratch: xb, kv_pool (2C), pool_tmp, and per slice the attention scores
+    /* per-call scratch: xb, and per slice kv_pool (2C), pool_tmp (C), the attention scores
      * and rows (32-bit, one float each) and a split's value sums, one decoded query's split
      * states, the normed rows and logits of logit_rows;
      * each buffer rounded up to 16 floats (64 bytes): 9 buffers, at most 15 each */
@@ -212,7 +212,7 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
         slots * MOAS_ATT_QUERIES * hd + (size_t)ws->max_splits * H * (hd + 2);
     const size_t att_floats = slots * (run_rows + ws->rows_each) + split_floats;
     const size_t n_floats =
-        4 * C + att_floats + (size_t)logit_rows * (C + (size_t)m->n_vocab) + 9 * 15;
+        C + 3 * slots * C + att_floats + (size_t)logit_rows * (C + (size_t)m->n_vocab) + 9 * 15;
     cursor = alloc_aligned(alloc, n_floats * sizeof(float), &ws->scratch);
     if (cursor == NULL) {
         moas__workspace_free(alloc, ws);
@@ -221,8 +221,8 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     }
     memset(cursor, 0, n_floats * sizeof(float));
     ws->xb = carve(&cursor, C);
-    ws->kv_pool = carve(&cursor, 2 * C);
-    ws->pool_tmp = carve(&cursor, C);
+    ws->kv_pool = carve(&cursor, slots * 2 * C);
+    ws->pool_tmp = carve(&cursor, slots * C);
     ws->att = carve(&cursor, slots * MOAS_ATT_QUERIES * MOAS_ATT_KEYS);
     ws->att_rows = (uint32_t *)(void *)carve(&cursor, slots * ws->rows_each);
     ws->att_split = carve(&cursor, slots * MOAS_ATT_QUERIES * hd);

@@ -42,8 +42,8 @@ typedef struct moas_workspace {
 
     /* per-call scratch (one arena) */
     float *xb;               /* [C] a position embedding */
-    float *kv_pool;          /* [2, C] pooled models: the K and V to store */
-    float *pool_tmp;         /* [C] pooled models: one scheme's pooled heads */
+    float *kv_pool;          /* per slice [2, C] pooled models: the K and V to store */
+    float *pool_tmp;         /* per slice [C] pooled models: one scheme's pooled heads */
     float *att;              /* per slice (a thread's, or one of the several slices a thread
                               * of a prompt block's attention takes: forward.c)
                               * [MOAS_ATT_QUERIES, MOAS_ATT_KEYS] scores */

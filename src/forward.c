@@ -125,13 +125,51 @@ static void project(moas_workspace *ws, const projection *p, int32_t n_proj, con
                                  : ws->team.nth);
 }
 
-/* x[t] += y[t] for n rows of C floats, back to back (a row at a time: n C can pass
- * what an int32_t holds). */
-static void add_rows(const moas_workspace *ws, float *x, const float *y, int32_t n) {
-    const int32_t C = ws->model->n_embd;
-    for (int32_t t = 0; t < n; t++) {
-        ws->ops->add(x + (size_t)t * C, y + (size_t)t * C, C);
+/* Work a block does row by row between its products (RoPE, pooling and storing K/V,
+ * residual adds): fn(arg, t, slot) for each row t, with `slot` the index of the
+ * workspace's per-slice scratch it may use. A block of MOAS_FINE_SLICE_ROWS rows or
+ * more runs it as a parallel step, where the calling thread alone would leave the
+ * others waiting (about a tenth of a 1,024-token prefill of a 192-wide model at two
+ * threads); a smaller block's rows cost less than handing them to another thread. */
+typedef void (*row_fn)(const void *arg, int32_t t, int32_t slot);
+typedef struct {
+    row_fn fn;
+    const void *arg;
+    int32_t n;
+} each_row_step;
+
+static void each_row_slice(void *arg, int32_t ith, int32_t nth) {
+    const each_row_step *s = arg;
+    const int32_t t1 = (int32_t)((int64_t)s->n * (ith + 1) / nth);
+    for (int32_t t = (int32_t)((int64_t)s->n * ith / nth); t < t1; t++) {
+        s->fn(s->arg, t, ith);
     }
+}
+
+static void each_row(moas_workspace *ws, int32_t n, row_fn fn, const void *arg) {
+    each_row_step step = {fn, arg, n};
+    const bool prompt = n >= MOAS_FINE_SLICE_ROWS;
+    moas__team_run_slices(&ws->team, prompt, each_row_slice, &step,
+                          MOAS_TEAM_SLICES_PER_THREAD * ws->team.nth);
+}
+
+/* x[t] += y[t] for n rows of C floats, back to back. */
+typedef struct {
+    const moas_workspace *ws;
+    float *x;
+    const float *y;
+} add_rows_args;
+
+static void add_row(const void *arg, int32_t t, int32_t slot) {
+    const add_rows_args *a = arg;
+    const size_t C = (size_t)a->ws->model->n_embd;
+    (void)slot;
+    a->ws->ops->add(a->x + (size_t)t * C, a->y + (size_t)t * C, (int32_t)C);
+}
+
+static void add_rows(moas_workspace *ws, float *x, const float *y, int32_t n) {
+    const add_rows_args a = {ws, x, y};
+    each_row(ws, n, add_row, &a);
 }
 
 /* Y[t] = W X[t] (+ b) for the n rows of X.
@@ -910,6 +948,53 @@ static void store_kv_row(const moas_workspace *ws, const moas_pool *pool, moas_k
     }
 }
 
+/* Mixture mode's rows: scheme s's RoPE and K/V stored; its output added to the mix,
+ * weighted by the row's gate; the mix added to the residual (s == n_scheme). */
+typedef struct {
+    moas_workspace *ws;
+    const moas_scheme_weights *sw;
+    int32_t stream, s;
+} mixture_rows;
+
+static void mixture_store_row(const void *arg, int32_t t, int32_t slot) {
+    const mixture_rows *a = arg;
+    const moas_workspace *ws = a->ws;
+    const moas_model *m = ws->model;
+    const size_t C = (size_t)m->n_embd;
+    moas_context *ctx = ws->row_ctx[t];
+    (void)slot;
+    if (m->rope) {
+        moas__rope_row(m, ws->row_pos[t], ws->bq + t * C, m->n_head, ws->bk + t * C,
+                       a->sw->n_kv);
+    }
+    store_kv_row(ws, ctx->pool, &ctx->kv[a->stream], ws->row_pos[t], ws->bk + t * C,
+                 ws->bv + t * C, a->sw->n_kv);
+}
+
+static void mixture_mix_row(const void *arg, int32_t t, int32_t slot) {
+    const mixture_rows *a = arg;
+    const moas_workspace *ws = a->ws;
+    const moas_model *m = ws->model;
+    const int32_t C = m->n_embd, S = m->n_scheme;
+    const float g = m->mixing == MOAS_MIXING_ROUTER ? ws->bgates[(size_t)t * S + a->s] : 1.0f;
+    (void)slot;
+    for (int32_t i = 0; i < C; i++) {
+        ws->bmix[(size_t)t * C + i] += g * ws->by[(size_t)t * C + i];
+    }
+}
+
+static void mixture_residual_row(const void *arg, int32_t t, int32_t slot) {
+    const mixture_rows *a = arg;
+    const moas_model *m = a->ws->model;
+    const int32_t C = m->n_embd, S = m->n_scheme;
+    float *x = a->ws->bx + (size_t)t * C;
+    const float *mix = a->ws->bmix + (size_t)t * C;
+    (void)slot;
+    for (int32_t i = 0; i < C; i++) {
+        x[i] += m->mixing == MOAS_MIXING_MEAN ? mix[i] / (float)S : mix[i];
+    }
+}
+
 /* Mixture mode, independent schemes: each scheme's K/V for every row of the block,
  * then each run's attention, then the output projection, mixed by the gates. */
 static void batch_attention_mixture(moas_workspace *ws, const moas_seq_run *runs,
@@ -925,37 +1010,53 @@ static void batch_attention_mixture(moas_workspace *ws, const moas_seq_run *runs
                                    {&sw->wk, sw->bk, ws->bk, C},
                                    {&sw->wv, sw->bv, ws->bv, C}};
         project(ws, qkv, 3, ws->bxb, C, n);
-        for (int32_t t = 0; t < n && m->rope; t++) {
-            moas__rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
-                     sw->n_kv);
-        }
-        for (int32_t t = 0; t < n; t++) {
-            moas_context *ctx = ws->row_ctx[t];
-            store_kv_row(ws, ctx->pool, &ctx->kv[stream], ws->row_pos[t], ws->bk + (size_t)t * C,
-                         ws->bv + (size_t)t * C, sw->n_kv);
-        }
+        const mixture_rows a = {ws, sw, stream, s};
+        each_row(ws, n, mixture_store_row, &a);
         attend(ws, runs, n_runs, stream, ws->bq, C, ws->batt, C);
         matmat(ws, &sw->wo, ws->batt, C, sw->bo, ws->by, C, n);
-        for (int32_t t = 0; t < n; t++) {
-            const float g = m->mixing == MOAS_MIXING_ROUTER ? ws->bgates[(size_t)t * S + s] : 1.0f;
-            for (int32_t i = 0; i < C; i++) {
-                ws->bmix[(size_t)t * C + i] += g * ws->by[(size_t)t * C + i];
-            }
-        }
+        each_row(ws, n, mixture_mix_row, &a);
     }
-    for (int32_t t = 0; t < n; t++) {
-        float *x = ws->bx + (size_t)t * C;
-        const float *mix = ws->bmix + (size_t)t * C;
-        for (int32_t i = 0; i < C; i++) {
-            x[i] += m->mixing == MOAS_MIXING_MEAN ? mix[i] / (float)S : mix[i];
-        }
-    }
+    const mixture_rows a = {ws, NULL, 0, S};
+    each_row(ws, n, mixture_residual_row, &a);
 }
 
 /* Routed mode, independent schemes: the block's rows grouped by their scheme; each
  * group's rows go through that scheme's projections together. All K/V are stored
  * before any token attends, and each token reads only its own context's positions up
  * to its own. */
+/* Routed mode's rows of one scheme's group (the group's row i is the block's row
+ * idx[i]): RoPE, the query put back in place and K/V stored; the output added to the
+ * residual. */
+typedef struct {
+    moas_workspace *ws;
+    const moas_scheme_weights *sw;
+    int32_t l;
+} routed_rows;
+
+static void routed_store_row(const void *arg, int32_t i, int32_t slot) {
+    const routed_rows *a = arg;
+    const moas_workspace *ws = a->ws;
+    const moas_model *m = ws->model;
+    const size_t C = (size_t)m->n_embd;
+    const int32_t t = ws->idx[i];
+    moas_context *ctx = ws->row_ctx[t];
+    (void)slot;
+    if (m->rope) {
+        moas__rope_row(m, ws->row_pos[t], ws->by + i * C, m->n_head, ws->bk + i * C,
+                       a->sw->n_kv);
+    }
+    memcpy(ws->bq + (size_t)t * C, ws->by + i * C, C * sizeof(float));
+    store_kv_row(ws, ctx->pool, &ctx->kv[a->l], ws->row_pos[t], ws->bk + i * C,
+                 ws->bv + i * C, a->sw->n_kv);
+}
+
+static void routed_residual_row(const void *arg, int32_t i, int32_t slot) {
+    const routed_rows *a = arg;
+    const size_t C = (size_t)a->ws->model->n_embd;
+    (void)slot;
+    a->ws->ops->add(a->ws->bx + (size_t)a->ws->idx[i] * C, a->ws->by + i * C, (int32_t)C);
+}
+
 static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
                                    int32_t n_runs, int32_t l, int32_t n) {
     const moas_model *m = ws->model;
@@ -989,22 +1090,12 @@ static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
                                            {&sw->wk, sw->bk, ws->bk, C},
                                            {&sw->wv, sw->bv, ws->bv, C}};
                 project(ws, qkv, 3, ws->bsel, C, n_sel);
-                for (int32_t i = 0; i < n_sel; i++) {
-                    moas_context *ctx = ws->row_ctx[idx[i]];
-                    if (m->rope) {
-                        moas__rope_row(m, ws->row_pos[idx[i]], ws->by + (size_t)i * C, m->n_head,
-                                 ws->bk + (size_t)i * C, sw->n_kv);
-                    }
-                    memcpy(ws->bq + (size_t)idx[i] * C, ws->by + (size_t)i * C,
-                           (size_t)C * sizeof(float));
-                    store_kv_row(ws, ctx->pool, &ctx->kv[l], ws->row_pos[idx[i]],
-                                 ws->bk + (size_t)i * C, ws->bv + (size_t)i * C, sw->n_kv);
-                }
+                const routed_rows a = {ws, sw, l};
+                each_row(ws, n_sel, routed_store_row, &a);
             } else {
                 matmat(ws, &sw->wo, ws->bsel, C, sw->bo, ws->by, C, n_sel);
-                for (int32_t i = 0; i < n_sel; i++) {
-                    ws->ops->add(ws->bx + (size_t)idx[i] * C, ws->by + (size_t)i * C, C);
-                }
+                const routed_rows a = {ws, sw, l};
+                each_row(ws, n_sel, routed_residual_row, &a);
             }
         }
         if (pass == 0) {
@@ -1013,42 +1104,59 @@ static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
     }
 }
 
+/* A pooled model's row: RoPE on the query and all H key heads, before pooling (the
+ * rotation is the same for every head, so the pooled heads are the rotated means);
+ * then its K/V mixed (mixture) or pooled for its scheme (routed) in the slot's scratch,
+ * and stored. */
+typedef struct {
+    moas_workspace *ws;
+    int32_t l;
+    moas_mode mode;
+} pooled_rows;
+
+static void pooled_store_row(const void *arg, int32_t t, int32_t slot) {
+    const pooled_rows *a = arg;
+    const moas_workspace *ws = a->ws;
+    const moas_model *m = ws->model;
+    const size_t C = (size_t)m->n_embd, S = (size_t)m->n_scheme;
+    float *kp = ws->kv_pool + (size_t)slot * 2 * C, *vp = kp + C;
+    float *tmp = ws->pool_tmp + (size_t)slot * C;
+    moas_context *ctx = ws->row_ctx[t];
+    const float *k = ws->bk + t * C, *v = ws->bv + t * C;
+    int32_t n_kv = m->n_head;
+    if (m->rope) {
+        moas__rope_row(m, ws->row_pos[t], ws->bq + t * C, m->n_head, ws->bk + t * C, m->n_head);
+    }
+    if (a->mode == MOAS_MODE_ROUTED) {
+        n_kv = m->scheme_n_kv[ws->bscheme[t]];
+        moas__pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
+        moas__pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
+    } else {
+        mix_pooled(m, ws->bgates + t * S, k, tmp, kp);
+        mix_pooled(m, ws->bgates + t * S, v, tmp, vp);
+    }
+    store_kv_row(ws, ctx->pool, &ctx->kv[a->l], ws->row_pos[t], kp, vp, n_kv);
+}
+
 /* Pooled models: one set of projections for the whole block; each token's K/V mixed
  * (mixture) or pooled for its scheme (routed) before it is stored. */
 static void batch_attention_pooled(moas_workspace *ws, const moas_seq_run *runs,
                                    int32_t n_runs, int32_t l, int32_t n, moas_mode mode) {
     const moas_model *m = ws->model;
     const moas_scheme_weights *sw = &m->layers[l].shared;
-    const int32_t C = m->n_embd, S = m->n_scheme;
-    float *kp = ws->kv_pool, *vp = ws->kv_pool + C;
+    const int32_t C = m->n_embd;
 
     const projection qkv[3] = {{&sw->wq, sw->bq, ws->bq, C},
                                {&sw->wk, sw->bk, ws->bk, C},
                                {&sw->wv, sw->bv, ws->bv, C}};
     project(ws, qkv, 3, ws->bxb, C, n);
-    for (int32_t t = 0; t < n && m->rope; t++) {
-        /* all H key heads, before pooling: the rotation is the same for every head, so
-         * the pooled heads are the rotated means */
-        moas__rope_row(m, ws->row_pos[t], ws->bq + (size_t)t * C, m->n_head, ws->bk + (size_t)t * C,
-                 m->n_head);
-    }
-    for (int32_t t = 0; t < n; t++) {
-        moas_context *ctx = ws->row_ctx[t];
-        moas_kv_stream *kv = &ctx->kv[l];
+    for (int32_t t = 0; t < n && mode == MOAS_MODE_ROUTED; t++) {   /* in position order */
+        moas_kv_stream *kv = &ws->row_ctx[t]->kv[l];
         const int32_t pos = ws->row_pos[t];
-        const float *k = ws->bk + (size_t)t * C, *v = ws->bv + (size_t)t * C;
-        int32_t n_kv = m->n_head;
-        if (mode == MOAS_MODE_ROUTED) {
-            n_kv = m->scheme_n_kv[ws->bscheme[t]];
-            kv->off[pos + 1] = kv->off[pos] + (uint32_t)n_kv;
-            moas__pool_heads(k, m->n_head, m->head_dim, n_kv, kp);
-            moas__pool_heads(v, m->n_head, m->head_dim, n_kv, vp);
-        } else {
-            mix_pooled(m, ws->bgates + (size_t)t * S, k, ws->pool_tmp, kp);
-            mix_pooled(m, ws->bgates + (size_t)t * S, v, ws->pool_tmp, vp);
-        }
-        store_kv_row(ws, ctx->pool, kv, pos, kp, vp, n_kv);
+        kv->off[pos + 1] = kv->off[pos] + (uint32_t)m->scheme_n_kv[ws->bscheme[t]];
     }
+    const pooled_rows a = {ws, l, mode};
+    each_row(ws, n, pooled_store_row, &a);
     attend(ws, runs, n_runs, l, ws->bq, C, ws->batt, C);
     matmat(ws, &sw->wo, ws->batt, C, sw->bo, ws->by, C, n);
     add_rows(ws, ws->bx, ws->by, n);
@@ -1227,9 +1335,7 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
         if (m->mixing == MOAS_MIXING_ROUTER) {
             matmat(ws, &layer->router_up, ws->bxb, C, layer->router_up_b, ws->bhb,
                    (size_t)m->n_router, n);
-            for (int32_t t = 0; t < n; t++) {
-                ws->ops->gelu(ws->bhb + (size_t)t * m->n_router, m->n_router);
-            }
+            gelu_rows(ws, ws->bhb, m->n_router, n);
             matmat(ws, &layer->router_down, ws->bhb, (size_t)m->n_router,
                    layer->router_down_b, ws->bgates, (size_t)S, n);
             for (int32_t t = 0; t < n; t++) {
