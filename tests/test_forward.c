@@ -794,3 +794,135 @@ TEST(f16_kv_cache_close_to_f32) {
     moas_model_free(model);
     return TEST_PASS;
 }
+
+/* Prompt blocks of 64 rows or more take the finer slicing (products in four slices a
+ * thread, attention in chunks of 64 queries, the row work between products as steps):
+ * every thread count gives the bits of one thread, for every kind of block (independent
+ * and pooled schemes, mixture and routed, RoPE or learned positions, f32, f16 and Q8_0
+ * caches, f32, f16 and Q8_0 matrices, pages of 1 and 4 heads); and a pool's block that mixes a long run with short
+ * runs and single tokens gives each context what it gets alone. */
+TEST(fine_slices_identical_for_any_thread_count) {
+    enum { N = 230 };
+    static const int32_t threads[] = {1, 2, 3, 5, 8};
+    int32_t tokens[N];
+    for (int kind = 0; kind < 5; kind++) {
+        tiny_model_config cfg;
+        tiny_model_config_default(&cfg);
+        cfg.n_embd = 128;   /* head_dim 32: a Q8_0 block per head */
+        cfg.n_ff = 256;
+        cfg.n_ctx_train = 256;
+        cfg.router_hidden = 64;
+        if (kind == 1 || kind == 3) {
+            cfg.kv_sharing = "pooled";
+        }
+        if (kind >= 2) {
+            cfg.rope = true;
+        }
+        if (kind == 3) {
+            cfg.rms_norm = cfg.swiglu = true;
+            cfg.mat_type = MOAS_TYPE_F16;
+        }
+        if (kind == 4) {
+            cfg.mixing = MOAS_MIXING_MEAN;
+            cfg.mat_type = MOAS_TYPE_Q8_0;
+        }
+        size_t size;
+        uint8_t *image = tiny_model_image(&cfg, 71 + (uint64_t)kind, &size);
+        ASSERT_TRUE(image != NULL);
+        moas_model *model;
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &model));
+        const int32_t n_vocab = moas_model_n_vocab(model);
+        pseudo_tokens(tokens, N, n_vocab, 81 + (uint32_t)kind);
+        float *want = malloc((size_t)N * n_vocab * sizeof *want);
+        float *got = malloc((size_t)N * n_vocab * sizeof *got);
+        ASSERT_TRUE(want != NULL && got != NULL);
+        for (int variant = 0; variant < 6; variant++) {
+            const moas_mode mode = variant % 2 ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            const moas_type kv_type = variant / 2 == 0   ? MOAS_TYPE_F32
+                                      : variant / 2 == 1 ? MOAS_TYPE_F16
+                                                         : MOAS_TYPE_Q8_0;
+            for (size_t ti = 0; ti < sizeof threads / sizeof threads[0]; ti++) {
+                moas_context_params cp;
+                moas_context *ctx;
+                moas_context_params_init(&cp);
+                cp.n_threads = threads[ti];
+                cp.mode = mode;
+                cp.kv_type = kv_type;
+                ASSERT_OK(moas_context_create(model, &cp, &ctx));
+                ctx->ws->parallel_min_work = 0;
+                ctx->ws->team.never_solo = true;
+                float *out = ti == 0 ? want : got;
+                /* 200 tokens (a block of 128, one of 72), then a block of 30 */
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens, 200, out, MOAS_LOGITS_ALL));
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens + 200, N - 200,
+                                                    out + (size_t)200 * n_vocab,
+                                                    MOAS_LOGITS_ALL));
+                if (ti > 0) {
+                    ASSERT_TRUE(memcmp(want, got, (size_t)N * n_vocab * sizeof *want) == 0);
+                }
+                moas_context_free(ctx);
+            }
+            /* a pool: four contexts, one block of a 100-token run, a 70-token run, a
+             * 20-token run and a single token each, at 1, 2 and 3 threads (pages of one
+             * head: every token's heads in pages of their own) */
+            for (int pt = 0; pt < 3; pt++) {
+                static const int32_t lens[4] = {100, 1, 70, 20};
+                moas_pool_params pp;
+                moas_pool *pool;
+                moas_pool_params_init(&pp);
+                pp.capacity_bytes = 64 << 20;
+                pp.kv_type = kv_type;
+                pp.n_threads = pt + 1;
+                pp.n_batch = 256;
+                pp.page_heads = pt == 1 ? 1 : 4;
+                ASSERT_OK(moas_pool_create(model, &pp, &pool));
+                pool->ws->parallel_min_work = 0;
+                pool->ws->team.never_solo = true;
+                moas_context *c[4];
+                moas_pool_seq q[4];
+                float *logits = got;
+                for (int i = 0; i < 4; i++) {
+                    moas_context_params cp;
+                    moas_context_params_init(&cp);
+                    cp.pool = pool;
+                    cp.mode = mode;
+                    cp.kv_type = kv_type;
+                    ASSERT_OK(moas_context_create(model, &cp, &c[i]));
+                    /* a few tokens first, so that the block starts past position 0 */
+                    moas_pool_seq first = {c[i], tokens + 3 * i, 3 + i, MOAS_LOGITS_NONE, NULL};
+                    ASSERT_OK(moas_pool_decode(pool, &first, 1));
+                    q[i] = (moas_pool_seq){c[i], tokens + 10 + 7 * i, lens[i], MOAS_LOGITS_ALL,
+                                           logits};
+                    logits += (size_t)lens[i] * n_vocab;
+                }
+                ASSERT_OK(moas_pool_decode(pool, q, 4));
+                /* each alone, one thread */
+                logits = got;
+                for (int i = 0; i < 4; i++) {
+                    moas_context_params cp;
+                    moas_context *alone;
+                    moas_context_params_init(&cp);
+                    cp.n_threads = 1;
+                    cp.mode = mode;
+                    cp.kv_type = kv_type;
+                    ASSERT_OK(moas_context_create(model, &cp, &alone));
+                    ASSERT_OK(moas_context_decode_batch(alone, tokens + 3 * i, 3 + i, NULL,
+                                                        MOAS_LOGITS_NONE));
+                    ASSERT_OK(moas_context_decode_batch(alone, tokens + 10 + 7 * i, lens[i],
+                                                        want, MOAS_LOGITS_ALL));
+                    ASSERT_TRUE(memcmp(want, logits, (size_t)lens[i] * n_vocab * sizeof *want) ==
+                                0);
+                    logits += (size_t)lens[i] * n_vocab;
+                    moas_context_free(alone);
+                    moas_context_free(c[i]);
+                }
+                moas_pool_free(pool);
+            }
+        }
+        free(want);
+        free(got);
+        moas_model_free(model);
+        free(image);
+    }
+    return TEST_PASS;
+}
