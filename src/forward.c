@@ -1430,8 +1430,9 @@ static void forward_block_call(void *arg) {
  *
  * A decode step of many sequences of a small model is dozens of parallel steps of a
  * few microseconds each: every one hands its inputs from the thread that wrote them
- * to the one that reads them, and the work between them (residual adds, routing,
- * storing K/V, the norms of small blocks) runs on the leader while the others wait. Where the weights
+ * to the one that reads them, and the work between them (routing, the norms of small
+ * blocks, and below MOAS_FINE_SLICE_ROWS rows the residual adds and storing K/V) runs
+ * on the leader while the others wait. Where the weights
  * stay in the cache, the block's sequences are cut instead into one share per thread,
  * balanced by their work, and each thread runs its share through the whole model in a
  * workspace of its own (ws->shards): one parallel step per block and no data handed
