@@ -348,6 +348,18 @@ TEST(concurrency_last_error_is_per_thread) {
 #define TEAM_SLICES_MAX (MOAS_TEAM_SLICES_PER_THREAD * TEAM_MAX)
 #define TEAM_STEPS 2000
 
+/* The threads a team of n gets: all of them, unless the environment caps OpenMP's
+ * (OMP_THREAD_LIMIT); one without OpenMP. */
+static int32_t team_size(int32_t n) {
+#if defined(_OPENMP)
+    const int32_t limit = omp_get_thread_limit();
+    return n < limit ? n : limit;
+#else
+    (void)n;
+    return 1;
+#endif
+}
+
 /* What a team's steps did: each slice adds step + ith to its own total. */
 typedef struct {
     moas_team team;
@@ -411,13 +423,7 @@ TEST(team_runs_every_slice_of_every_step_once) {
         team_probe *p = calloc(1, sizeof *p);
         ASSERT_TRUE(p != NULL);
         moas__team_lead(&p->team, sizes[round], team_probe_body, p);
-#if defined(_OPENMP)
-        /* all of them, unless the environment caps OpenMP's threads (OMP_THREAD_LIMIT) */
-        const int32_t limit = omp_get_thread_limit();
-        ASSERT_EQ(p->nth, sizes[round] < limit ? sizes[round] : limit);
-#else
-        ASSERT_EQ(p->nth, 1);
-#endif
+        ASSERT_EQ(p->nth, team_size(sizes[round]));
         ASSERT_TRUE(p->ok);
         ASSERT_EQ(p->team.nth, 1);   /* outside a call, steps run on the caller */
         free(p);
@@ -475,7 +481,7 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
     moas__team_lead(&p->team, 3, team_sleepy_body, p);
     ASSERT_TRUE(p->ok);
 #if defined(_OPENMP)
-    ASSERT_EQ(p->nth, 3);
+    ASSERT_EQ(p->nth, team_size(3));
 #endif
     free(p);
     return TEST_PASS;
@@ -745,7 +751,7 @@ TEST(team_compare_runs_small_calls_the_faster_way) {
         moas__team_lead(&p->team, 3, team_probe_body, p);
         ASSERT_TRUE(p->ok);
 #if defined(_OPENMP)
-        ASSERT_EQ(p->nth, 3);
+        ASSERT_EQ(p->nth, team_size(3));
 #endif
     }
     free(p);
@@ -762,7 +768,7 @@ TEST(team_runs_alone_while_backing_off) {
         moas__team_lead(&p->team, 3, team_probe_body, p);
         ASSERT_TRUE(p->ok);
 #if defined(_OPENMP)
-        ASSERT_EQ(p->nth, call < 2 ? 1 : 3);
+        ASSERT_EQ(p->nth, call < 2 ? 1 : team_size(3));
         if (call < 2) {
             ASSERT_EQ(p->team.solo_left, 1 - call);
         }
@@ -779,7 +785,7 @@ TEST(team_runs_alone_while_backing_off) {
     moas__team_lead(&p->team, 3, team_probe_body, p);
     ASSERT_TRUE(p->ok);
 #if defined(_OPENMP)
-    ASSERT_EQ(p->nth, 3);
+    ASSERT_EQ(p->nth, team_size(3));
 #endif
     free(p);
     return TEST_PASS;
