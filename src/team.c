@@ -6,17 +6,19 @@
  * work (forward.c).
  *
  * The protocol, with C11 atomics. Steps are numbered 1, 2, ... within a call. The
- * leader stores step k (fn, arg, its number of slices n), marks the slices a call may
- * have beyond n as claimed for k, sets `done` to 0 and stores k in `posted`
- * (release). A thread that sees `posted` reach k (acquire) claims slices: slice i is
- * claimed for step k by moving claim[i] from below k to k (compare-and-swap), so
- * exactly one thread runs it; it reads fn, arg and n, runs the slice, and increments
- * `done` (release). The leader returns from the step when `done` reaches n
- * (acquire): every slice's writes then happen before what the leader does next.
- * A claim on step k can only succeed while step k is unfinished, so the leader
- * cannot have overwritten fn, arg and n by then; a thread still holding an older
- * step number fails every claim, since after each step every slice's claim, of the
- * slices it had and of those marked, holds its number or more.
+ * leader stores step k (fn, arg), marks the slices it has beyond step k - 1's as
+ * claimed for k - 1, stores its number of slices n (release), sets `done` to 0 and
+ * stores k in `posted` (release). A thread that sees `posted` reach k (acquire) reads
+ * n (acquire) and claims slices: slice i is claimed for step k by moving claim[i]
+ * from below k to k (compare-and-swap), so exactly one thread runs it; it reads fn,
+ * arg and n, runs the slice, and increments `done` (release). The leader returns
+ * from the step when `done` reaches n (acquire): every slice's writes then happen
+ * before what the leader does next. A claim on step k can only succeed while step k
+ * is unfinished, so the leader cannot have overwritten fn, arg and n by then. A
+ * thread still holding an older step number j fails every claim: the n it read is
+ * that of step j or of a later step m, and each of m's slices then holds m - 1 >= j
+ * or more (claimed in step m - 1, or marked when m was posted, which the acquire of
+ * n makes visible).
  *
  * Waiting. A worker that finds no new step spins briefly, then (Linux) sleeps on
  * `posted` with a futex: it counts itself in `sleepers`, looks at `posted` once more
@@ -174,7 +176,7 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
                                                               memory_order_relaxed)) {
         return false;
     }
-    team->fn(team->arg, i, atomic_load_explicit(&team->n_slices, memory_order_relaxed));
+    team->fn(team->arg, i, atomic_load_explicit(&team->n_slices, memory_order_acquire));
     atomic_fetch_add_explicit(&team->done, 1, memory_order_seq_cst);
 #if defined(MOAS_HAVE_FUTEX)
     /* with the leader's store of leader_asleep and load of done (both seq_cst), either
@@ -219,15 +221,17 @@ void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void
                                                     : n_slices;
     team->fn = fn;
     team->arg = arg;
-    atomic_store_explicit(&team->n_slices, n, memory_order_relaxed);
-    atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     const unsigned k = atomic_load_explicit(&team->posted, memory_order_relaxed) + 1u;
-    /* the slices this step does not have count as claimed for it, so that after each
-     * step every claim holds its number or more: a thread still holding an older step
-     * can claim nothing (the protocol above) */
-    for (int32_t i = n; i < team->max_slices; i++) {
-        atomic_store_explicit(&team->claim[i], k, memory_order_relaxed);
+    /* the slices this step has beyond the last step's count as claimed for that step,
+     * so that a thread still on it, or on an older one, that reads this step's count
+     * claims none of them (the protocol above); only a step with more slices than the
+     * one before writes them, so that steps of one size touch no claim but their own */
+    for (int32_t i = team->last_slices; i < n; i++) {
+        atomic_store_explicit(&team->claim[i], k - 1u, memory_order_relaxed);
     }
+    team->last_slices = n;
+    atomic_store_explicit(&team->n_slices, n, memory_order_release);
+    atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     atomic_store_explicit(&team->posted, k, memory_order_seq_cst);
     team_wake(team);
     const int64_t t0 = now_ns();
@@ -291,9 +295,9 @@ static void team_work(moas_team *team, int32_t ith) {
             return;
         }
         /* the step's slices: posted k was seen (acquire), so this is step k's count or,
-         * if the leader has posted another step since, a later one's, whose claims for
-         * k then all fail */
-        team_take_all(team, ith, k, atomic_load_explicit(&team->n_slices, memory_order_relaxed));
+         * if the leader has posted another step since, a later one's; read with acquire,
+         * so that that step's marks are seen too and every claim for k then fails */
+        team_take_all(team, ith, k, atomic_load_explicit(&team->n_slices, memory_order_acquire));
     }
 }
 #endif
@@ -323,6 +327,7 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
         }
         team->wait_ns = 0;
         team->saved_ns = 0;
+        team->last_slices = 0;
         const int64_t start = now_ns();
 #pragma omp parallel num_threads(n_threads)
         {

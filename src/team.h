@@ -35,6 +35,7 @@ typedef struct moas_team {
                                * MOAS_MAX_THREADS */
     atomic_int n_slices;      /* the posted step's slices, nth to max_slices: written by
                                * the leader before it posts, a hint to claimers before */
+    int32_t last_slices;      /* the leader's: the slices of the step it posted last */
     atomic_bool stop;         /* set with the last `posted`: the workers leave */
     /* each counter on a cache line of its own (padding, not _Alignas: the struct lives
      * in calloc'd memory, which promises 16 bytes of alignment) */
