@@ -723,7 +723,7 @@ static void attend_slice(void *arg, int32_t ith, int32_t nth) {
     float *split = ws->att_split + (size_t)ith * MOAS_ATT_QUERIES * ws->model->head_dim;
 
     int64_t base = 0;   /* units of the runs before r */
-    for (int32_t r = 0; r < s->n_runs && base < u1; r++) {
+    for (int32_t r = 0; r < s->n_runs && base < u1 && u0 < u1; r++) {
         const moas_seq_run *run = &s->runs[r];
         const int64_t ur = run_units(run, n_head, s->chunk);
         if (base + ur <= u0) {
@@ -1020,10 +1020,6 @@ static void batch_attention_mixture(moas_workspace *ws, const moas_seq_run *runs
     each_row(ws, n, mixture_residual_row, &a);
 }
 
-/* Routed mode, independent schemes: the block's rows grouped by their scheme; each
- * group's rows go through that scheme's projections together. All K/V are stored
- * before any token attends, and each token reads only its own context's positions up
- * to its own. */
 /* Routed mode's rows of one scheme's group (the group's row i is the block's row
  * idx[i]): RoPE, the query put back in place and K/V stored; the output added to the
  * residual. */
@@ -1057,6 +1053,10 @@ static void routed_residual_row(const void *arg, int32_t i, int32_t slot) {
     a->ws->ops->add(a->ws->bx + (size_t)a->ws->idx[i] * C, a->ws->by + i * C, (int32_t)C);
 }
 
+/* Routed mode, independent schemes: the block's rows grouped by their scheme; each
+ * group's rows go through that scheme's projections together. All K/V are stored
+ * before any token attends, and each token reads only its own context's positions up
+ * to its own. */
 static void batch_attention_routed(moas_workspace *ws, const moas_seq_run *runs,
                                    int32_t n_runs, int32_t l, int32_t n) {
     const moas_model *m = ws->model;

@@ -33,8 +33,9 @@ typedef struct moas_team {
     int32_t max_slices;       /* slices a step of this call may have (claim[] entries in
                                * use): MOAS_TEAM_SLICES_PER_THREAD nth, at most
                                * MOAS_MAX_THREADS */
-    atomic_int n_slices;      /* the posted step's slices, nth to max_slices: written by
-                               * the leader before it posts, a hint to claimers before */
+    atomic_int n_slices;      /* the posted step's slices, nth to max_slices: stored by
+                               * the leader before it posts; which slices to try for a
+                               * thread before it claims, the step's count once it has */
     int32_t last_slices;      /* the leader's: the slices of the step it posted last */
     atomic_bool stop;         /* set with the last `posted`: the workers leave */
     /* each counter on a cache line of its own (padding, not _Alignas: the struct lives
@@ -153,7 +154,8 @@ void moas__team_run(moas_team *team, bool parallel, moas_step_fn fn, void *arg);
  * clock) leaves its last slices to the faster one instead of holding the step: each
  * thread takes its own share of the slices first, then the others' from their ends.
  * Only for steps whose slices are large enough that the smaller slices cost nothing
- * (forward.c says which), and whose slices need no scratch of their thread's. */
+ * (forward.c says which), and whose scratch, if any, is one per slice, not one per
+ * thread. */
 #define MOAS_TEAM_SLICES_PER_THREAD 4
 
 /* moas__team_run with the step cut into `n_slices` slices (clamped to [nth,
