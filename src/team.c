@@ -225,11 +225,12 @@ void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void
     /* the slices this step has beyond the last step's count as claimed for that step,
      * so that a thread still on it, or on an older one, that reads this step's count
      * claims none of them (the protocol above); only a step with more slices than the
-     * one before writes them, so that steps of one size touch no claim but their own */
-    for (int32_t i = team->last_slices; i < n; i++) {
+     * one before writes them, so that steps of one size touch no claim but their own.
+     * The first step of a call needs none (its claims were reset and no thread can be
+     * on an older step), so the count the last call left does no harm. */
+    for (int32_t i = atomic_load_explicit(&team->n_slices, memory_order_relaxed); i < n; i++) {
         atomic_store_explicit(&team->claim[i], k - 1u, memory_order_relaxed);
     }
-    team->last_slices = n;
     atomic_store_explicit(&team->n_slices, n, memory_order_release);
     atomic_store_explicit(&team->done, 0, memory_order_relaxed);
     atomic_store_explicit(&team->posted, k, memory_order_seq_cst);
@@ -327,7 +328,6 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
         }
         team->wait_ns = 0;
         team->saved_ns = 0;
-        team->last_slices = 0;
         const int64_t start = now_ns();
 #pragma omp parallel num_threads(n_threads)
         {

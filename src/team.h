@@ -35,8 +35,8 @@ typedef struct moas_team {
                                * MOAS_MAX_THREADS */
     atomic_int n_slices;      /* the posted step's slices, nth to max_slices: stored by
                                * the leader before it posts; which slices to try for a
-                               * thread before it claims, the step's count once it has */
-    int32_t last_slices;      /* the leader's: the slices of the step it posted last */
+                               * thread before it claims, the step's count once it has;
+                               * to the leader, the step before's when it posts */
     atomic_bool stop;         /* set with the last `posted`: the workers leave */
     /* each counter on a cache line of its own (padding, not _Alignas: the struct lives
      * in calloc'd memory, which promises 16 bytes of alignment) */
