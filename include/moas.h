@@ -56,7 +56,11 @@
  *
  * THREADING. A model is read-only once loaded: any number of contexts, on any number
  * of threads, may share it. A context or a sampler belongs to one thread at a time;
- * calls on different contexts never interfere. A context may use several threads
+ * calls on different contexts never interfere. A call that changes a context (decode,
+ * truncate, reset, fork, state load, compaction, shift, free, a moas_pool_decode()
+ * naming it) holds it until it returns, and another such call meanwhile (from a route
+ * callback, or from another thread against the rule) is refused with
+ * MOAS_ERR_INVALID_ARG and changes nothing; the getters are not checked. A context may use several threads
  * inside one call (OpenMP, `n_threads`); results do not depend on that number. The
  * calling thread leads them and runs every callback; the others spin briefly between
  * the call's parallel steps, then sleep, and the calling thread waiting for another's
@@ -547,8 +551,9 @@ typedef enum moas_mode {
  * The callback runs on the decoding thread and must not call the same context, nor
  * another context of the same moas_pool_decode() call: decoding, truncating,
  * resetting, forking, loading state into, compacting, shifting or freeing such a
- * context is refused (MOAS_ERR_INVALID_ARG; for reset and free, a no-op with
- * moas_last_error() set), as it would change pages the decode is writing. Within
+ * context is refused (MOAS_ERR_INVALID_ARG, "in use by another call"; for reset and
+ * free, a no-op with moas_last_error() set), as it would change pages the decode is
+ * writing (THREADING above). Within
  * one moas_context_decode_batch() call it sees blocks of tokens layer by layer (every
  * token's layer 0, then layer 1, ...), so its answer must depend only on its arguments
  * (and state of its own that does not assume token-major order).
@@ -640,8 +645,9 @@ MOAS_API moas_status moas_context_create(const moas_model *model,
  * moas_context_free() - release a context.
  * DESTRUCTOR: moas_context
  *
- * NULL is a no-op. A context whose decode is under way (called from a route callback)
- * is not freed: the call is refused, as moas_last_error() then says.
+ * NULL is a no-op. A context that another call holds (its decode under way, called
+ * from a route callback, or another thread's call) is not freed: the call is refused,
+ * as moas_last_error() then says.
  *
  * Thread safety: not while another thread uses `ctx`.   Allocates: no.
  */
@@ -713,9 +719,9 @@ MOAS_API const char *moas_context_kernels_name(const moas_context *ctx); /* e.g.
  * moas_context_reset() - forget every token: empty the cache and the routing records.
  * METHOD: moas_context
  *
- * The context is as freshly created. `ctx` may not be NULL. Called from a route
- * callback while the context is being decoded, it does nothing and sets
- * moas_last_error().
+ * The context is as freshly created. `ctx` may not be NULL. While another call holds
+ * the context (its decode, from a route callback; another thread's call), it does
+ * nothing and sets moas_last_error().
  *
  * Thread safety: one thread per context.   Allocates: no.
  */
@@ -1015,7 +1021,8 @@ typedef struct moas_pool_seq {
  * failure no context changes.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `pool`, `seqs` NULL with n_seqs > 0,
- *          a NULL or repeated context, one of another pool or mode, a bad token or
+ *          a NULL or repeated context, one another call holds (THREADING above),
+ *          one of another pool or mode, a bad token or
  *          `which` — the sequence's index is named —, more than one token for a
  *          routed context with a budget), MOAS_ERR_CONTEXT_FULL (a context's n_ctx or
  *          budget), MOAS_ERR_POOL_FULL (the message says how many pages were lacking).

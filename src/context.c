@@ -519,14 +519,14 @@ moas_status moas_context_create(const moas_model *model, const moas_context_para
     return MOAS_OK;
 }
 
-static moas_status refuse_while_decoding(const moas_context *ctx, const char *what);
+static moas_status context_claim(moas_context *ctx, const char *what);
 
 void moas_context_free(moas_context *ctx) {
     moas_allocator alloc_copy;
     const moas_allocator *alloc;
 
-    if (ctx == NULL || refuse_while_decoding(ctx, "context_free") != MOAS_OK) {
-        return;   /* freed under its own decode, from a route callback: kept */
+    if (ctx == NULL || context_claim(ctx, "context_free") != MOAS_OK) {
+        return;   /* freed under a call of its own (a route callback's): kept */
     }
     alloc_copy = ctx->alloc_copy;
     alloc = ctx->alloc != NULL ? &alloc_copy : NULL;
@@ -662,17 +662,25 @@ static moas_status fail(const moas_context *ctx, moas_status st) {
     return st;
 }
 
-/* A call into a context whose decode is under way can only come from a route callback
- * (its own context's, or another context's of the same moas_pool_decode): it would
- * reuse or change the pages and buffers that decode is writing, so it is refused with
- * MOAS_ERR_INVALID_ARG and changes nothing. */
-static moas_status refuse_while_decoding(const moas_context *ctx, const char *what) {
-    if (!ctx->decoding) {
+/* Every call that changes a context's sequence (decode, truncate, reset, fork, state
+ * load, compaction, shift, free; moas_pool_decode for each context it names) holds the
+ * context from its first check to its return. Another such call meanwhile can come
+ * from a route callback (its own context's, or another context's of the same
+ * moas_pool_decode) or from another thread against the one-thread-per-context rule;
+ * either would reuse or change the pages and buffers the first is writing, so it is
+ * refused with MOAS_ERR_INVALID_ARG and changes nothing. The refusal reads only the
+ * flag and what creation wrote (the log callback). */
+static moas_status context_claim(moas_context *ctx, const char *what) {
+    if (!atomic_exchange_explicit(&ctx->in_use, true, memory_order_acquire)) {
         return MOAS_OK;
     }
-    moas__set_error("%s: the context is being decoded (a route callback may not call a "
-                    "context of the decode under way)", what);
+    moas__set_error("%s: the context is in use by another call (its own decode, from a route "
+                    "callback, or a call from another thread)", what);
     return fail(ctx, MOAS_ERR_INVALID_ARG);
+}
+
+static void context_release(moas_context *ctx) {
+    atomic_store_explicit(&ctx->in_use, false, memory_order_release);
 }
 
 /* `index` is the token's place in a batch, or -1 for a single token. */
@@ -801,16 +809,11 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
     return choice;
 }
 
-moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits) {
+/* moas_context_decode with the context held (context_claim), as the other calls that
+ * change a context below. */
+static moas_status context_decode(moas_context *ctx, int32_t token, float *logits) {
     moas_status st;
 
-    if (ctx == NULL) {
-        moas__set_error("context_decode: ctx is NULL");
-        return MOAS_ERR_INVALID_ARG;
-    }
-    if ((st = refuse_while_decoding(ctx, "context_decode")) != MOAS_OK) {
-        return st;
-    }
     if ((st = check_token(ctx, token, "context_decode", -1)) != MOAS_OK ||
         (st = check_room(ctx, 1, "context_decode")) != MOAS_OK ||
         (st = moas__context_workspace(ctx, "context_decode")) != MOAS_OK ||
@@ -818,9 +821,7 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
         return fail(ctx, st);
     }
     plan_token(ctx, 0);
-    ctx->decoding = true;
     moas__forward(ctx, token, true);
-    ctx->decoding = false;
     ctx->n_past++;
     pages_trim(ctx);
     if (logits != NULL) {
@@ -829,18 +830,26 @@ moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits)
     return MOAS_OK;
 }
 
-moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
-                                      int32_t n_tokens, float *logits, moas_logits which) {
-    const char *what = "context_decode_batch";
+moas_status moas_context_decode(moas_context *ctx, int32_t token, float *logits) {
     moas_status st;
 
     if (ctx == NULL) {
-        moas__set_error("%s: ctx is NULL", what);
+        moas__set_error("context_decode: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if ((st = refuse_while_decoding(ctx, what)) != MOAS_OK) {
+    if ((st = context_claim(ctx, "context_decode")) != MOAS_OK) {
         return st;
     }
+    st = context_decode(ctx, token, logits);
+    context_release(ctx);
+    return st;
+}
+
+static moas_status context_decode_batch(moas_context *ctx, const int32_t *tokens,
+                                       int32_t n_tokens, float *logits, moas_logits which) {
+    const char *what = "context_decode_batch";
+    moas_status st;
+
     if (n_tokens < 0 || (tokens == NULL && n_tokens > 0) || (unsigned)which >= MOAS_LOGITS_COUNT ||
         (which == MOAS_LOGITS_ALL && logits == NULL && n_tokens > 0)) {
         moas__set_error("%s: %s", what,
@@ -861,7 +870,6 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
         return fail(ctx, st);
     }
     const size_t n_vocab = (size_t)ctx->model->n_vocab;
-    ctx->decoding = true;
     if (ctx->mode == MOAS_MODE_ROUTED && ctx->kv_budget != 0) {
         /* the budget plans token by token, with every layer of a token before the next */
         for (int32_t i = 0; i < n_tokens; i++) {
@@ -885,12 +893,27 @@ moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
             ctx->n_past += n;
         }
     }
-    ctx->decoding = false;
     pages_trim(ctx);
     if (which == MOAS_LOGITS_LAST && logits != NULL && n_tokens > 0) {
         memcpy(logits, ctx->logits, n_vocab * sizeof *logits);
     }
     return MOAS_OK;
+}
+
+moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
+                                      int32_t n_tokens, float *logits, moas_logits which) {
+    moas_status st;
+
+    if (ctx == NULL) {
+        moas__set_error("context_decode_batch: ctx is NULL");
+        return MOAS_ERR_INVALID_ARG;
+    }
+    if ((st = context_claim(ctx, "context_decode_batch")) != MOAS_OK) {
+        return st;
+    }
+    st = context_decode_batch(ctx, tokens, n_tokens, logits, which);
+    context_release(ctx);
+    return st;
 }
 
 const float *moas_context_logits(const moas_context *ctx) {
@@ -904,12 +927,13 @@ const moas_model *moas_context_model(const moas_context *ctx) { return ctx->mode
 const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ops->name; }
 
 void moas_context_reset(moas_context *ctx) {
-    if (refuse_while_decoding(ctx, "context_reset") != MOAS_OK) {
+    if (context_claim(ctx, "context_reset") != MOAS_OK) {
         return;
     }
     ctx->n_past = 0;
     ctx->logits_valid = false;
     pages_trim(ctx);
+    context_release(ctx);
 }
 
 /* Positions below n_keep, their ragged offsets included, are untouched by later
@@ -920,16 +944,18 @@ moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
         moas__set_error("context_truncate: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if (refuse_while_decoding(ctx, "context_truncate") != MOAS_OK) {
+    if (context_claim(ctx, "context_truncate") != MOAS_OK) {
         return MOAS_ERR_INVALID_ARG;
     }
     if (n_keep < 0 || n_keep > ctx->n_past) {
         moas__set_error("context_truncate: n_keep %d outside [0, %d]", n_keep, ctx->n_past);
+        context_release(ctx);
         return fail(ctx, MOAS_ERR_INVALID_ARG);
     }
     ctx->n_past = n_keep;
     ctx->logits_valid = false;
     pages_trim(ctx);
+    context_release(ctx);
     return MOAS_OK;
 }
 
@@ -1053,20 +1079,11 @@ size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer) {
 
 /* ---- many contexts of one pool --------------------------------------------------- */
 
-/* Check one part of a moas_pool_decode call; `i` names it in the message. */
-static moas_status check_seq(const moas_pool *pool, const moas_pool_seq *q, int32_t i,
+/* Check part `i` of a moas_pool_decode call, its context held. */
+static moas_status check_seq(const moas_context *ctx, const moas_pool_seq *q, int32_t i,
                              moas_mode mode) {
     const char *what = "pool_decode";
-    moas_context *ctx = q->ctx;
-    MOAS_RETURN_IF(ctx == NULL, MOAS_ERR_INVALID_ARG, "%s: sequence %d has a NULL context", what, i);
-    MOAS_RETURN_IF(ctx->pool != pool, MOAS_ERR_INVALID_ARG,
-                   "%s: sequence %d's context is not in this pool", what, i);
-    MOAS_RETURN_IF(ctx->in_call, MOAS_ERR_INVALID_ARG,
-                   "%s: sequence %d's context appears twice in the call", what, i);
-    MOAS_RETURN_IF(ctx->decoding, MOAS_ERR_INVALID_ARG,
-                   "%s: sequence %d's context is being decoded (a route callback may not "
-                   "call a context of the decode under way)", what, i);
-    MOAS_RETURN_IF(ctx->mode != mode, MOAS_ERR_INVALID_ARG,
+    MOAS_RETURN_IF(i > 0 && ctx->mode != mode, MOAS_ERR_INVALID_ARG,
                    "%s: sequence %d is in another mode than sequence 0", what, i);
     MOAS_RETURN_IF(q->n_tokens < 0 || (q->tokens == NULL && q->n_tokens > 0), MOAS_ERR_INVALID_ARG,
                    "%s: sequence %d: %s", what, i,
@@ -1089,25 +1106,60 @@ static moas_status check_seq(const moas_pool *pool, const moas_pool_seq *q, int3
     return check_room(ctx, q->n_tokens, what);
 }
 
-/* Check every part, marking each context so a repeated one is caught; then reserve
- * the pages of all of them at once. The marks are cleared whatever happens. */
+/* Claim the context of part `i` of a moas_pool_decode call (context_claim), then check
+ * that part; `i` names it in the message. The parts before it are claimed, so a
+ * context named twice is found by its claim. On failure part `i` is not held. */
+static moas_status claim_seq(const moas_pool *pool, const moas_pool_seq *seqs, int32_t i,
+                             moas_mode mode) {
+    const char *what = "pool_decode";
+    const moas_pool_seq *q = &seqs[i];
+    moas_context *ctx = q->ctx;
+    MOAS_RETURN_IF(ctx == NULL, MOAS_ERR_INVALID_ARG, "%s: sequence %d has a NULL context", what, i);
+    MOAS_RETURN_IF(ctx->pool != pool, MOAS_ERR_INVALID_ARG,
+                   "%s: sequence %d's context is not in this pool", what, i);
+    if (atomic_exchange_explicit(&ctx->in_use, true, memory_order_acquire)) {
+        int32_t first = 0;
+        while (first < i && seqs[first].ctx != ctx) {
+            first++;
+        }
+        if (first < i) {
+            moas__set_error("%s: sequence %d's context appears twice in the call (as sequence "
+                            "%d too)", what, i, first);
+        } else {
+            moas__set_error("%s: sequence %d's context is in use by another call (its own "
+                            "decode, from a route callback, or a call from another thread)",
+                            what, i);
+        }
+        return MOAS_ERR_INVALID_ARG;
+    }
+    const moas_status st = check_seq(ctx, q, i, mode);
+    if (st != MOAS_OK) {
+        context_release(ctx);
+    }
+    return st;
+}
+
+static void release_seqs(const moas_pool_seq *seqs, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        context_release(seqs[i].ctx);
+    }
+}
+
+/* Claim and check every part, then reserve the pages of all of them at once. On
+ * success every context is held until the call ends; on failure none is. */
 static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seqs,
                                        int32_t n_seqs) {
     moas_status st = MOAS_OK;
-    int32_t marked = 0;
-    const moas_mode mode = n_seqs > 0 && seqs[0].ctx != NULL ? seqs[0].ctx->mode : MOAS_MODE_MIXTURE;
+    int32_t held = 0;
+    /* the mode every part must share: sequence 0's, read once it is held */
+    moas_mode mode = MOAS_MODE_MIXTURE;
 
-    for (; marked < n_seqs; marked++) {
-        if ((st = check_seq(pool, &seqs[marked], marked, mode)) != MOAS_OK) {
-            break;
+    for (; held < n_seqs; held++) {
+        if ((st = claim_seq(pool, seqs, held, mode)) != MOAS_OK) {
+            release_seqs(seqs, held);
+            return st;
         }
-        seqs[marked].ctx->in_call = true;
-    }
-    for (int32_t i = 0; i < marked; i++) {
-        seqs[i].ctx->in_call = false;
-    }
-    if (st != MOAS_OK) {
-        return st;
+        mode = seqs[0].ctx->mode;
     }
     moas__pool_lock(pool);
     uint64_t need = 0;
@@ -1118,6 +1170,7 @@ static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seq
     if (need > (uint64_t)pool->n_free) {
         st = pool_full(pool, need, "pool_decode");
         moas__pool_unlock(pool);
+        release_seqs(seqs, n_seqs);
         return st;
     }
     for (int32_t i = 0; i < n_seqs; i++) {
@@ -1160,9 +1213,6 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
     moas_workspace *ws = pool->ws;
     const size_t n_vocab = (size_t)pool->model->n_vocab;
     int32_t seq = 0, done = 0;   /* the next token to place: seqs[seq].tokens[done] */
-    for (int32_t i = 0; i < n_seqs; i++) {
-        seqs[i].ctx->decoding = true;
-    }
     while (seq < n_seqs) {
         int32_t n_runs = 0, rows = 0;
         while (seq < n_seqs && rows < ws->max_rows) {
@@ -1194,11 +1244,11 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
     }
     for (int32_t i = 0; i < n_seqs; i++) {
         const moas_pool_seq *q = &seqs[i];
-        q->ctx->decoding = false;
         pages_trim(q->ctx);
         if (q->which == MOAS_LOGITS_LAST && q->logits != NULL && q->n_tokens > 0) {
             memcpy(q->logits, q->ctx->logits, n_vocab * sizeof *q->logits);
         }
+        context_release(q->ctx);
     }
     atomic_flag_clear_explicit(&pool->busy, memory_order_release);
     return MOAS_OK;
@@ -1206,7 +1256,7 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
 
 /* ---- fork -------------------------------------------------------------------- */
 
-moas_status moas_context_fork(moas_context *parent, moas_context **out) {
+static moas_status context_fork(moas_context *parent, moas_context **out) {
     moas_context_params p;
     moas_context *child = NULL;
     moas_status st;
@@ -1217,9 +1267,6 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
     if (parent == NULL || out == NULL) {
         moas__set_error("context_fork: %s is NULL", parent == NULL ? "parent" : "out");
         return MOAS_ERR_INVALID_ARG;
-    }
-    if ((st = refuse_while_decoding(parent, "context_fork")) != MOAS_OK) {
-        return st;
     }
     if (parent->pool_owned) {
         moas__set_error("context_fork: the context has no pool of its own to share pages "
@@ -1286,6 +1333,21 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
     pages_trim(child);   /* publishes its figures */
     *out = child;
     return MOAS_OK;
+}
+
+moas_status moas_context_fork(moas_context *parent, moas_context **out) {
+    if (out != NULL) {
+        *out = NULL;
+    }
+    if (parent == NULL) {
+        return context_fork(parent, out);   /* the NULL's message */
+    }
+    moas_status st = context_claim(parent, "context_fork");
+    if (st == MOAS_OK) {
+        st = context_fork(parent, out);
+        context_release(parent);
+    }
+    return st;
 }
 
 int32_t moas_context_kv_pages(const moas_context *ctx) {
@@ -1522,16 +1584,13 @@ static moas_status state_check(const moas_context *ctx, const uint8_t *buf, size
     return MOAS_OK;
 }
 
-moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t size) {
+static moas_status context_state_load(moas_context *ctx, const void *buf, size_t size) {
     moas_status st;
     uint32_t *heads;
 
     if (ctx == NULL || buf == NULL) {
         moas__set_error("context_state_load: %s is NULL", ctx == NULL ? "ctx" : "buf");
         return ctx == NULL ? MOAS_ERR_INVALID_ARG : fail(ctx, MOAS_ERR_INVALID_ARG);
-    }
-    if ((st = refuse_while_decoding(ctx, "context_state_load")) != MOAS_OK) {
-        return st;
     }
     heads = ctx->state_heads;
     if ((st = state_check(ctx, buf, size, heads)) != MOAS_OK) {
@@ -1606,6 +1665,18 @@ moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t s
     ctx->n_past = (int32_t)n;
     pages_trim(ctx);   /* publishes its figures */
     return MOAS_OK;
+}
+
+moas_status moas_context_state_load(moas_context *ctx, const void *buf, size_t size) {
+    if (ctx == NULL) {
+        return context_state_load(ctx, buf, size);   /* the NULL's message */
+    }
+    moas_status st = context_claim(ctx, "context_state_load");
+    if (st == MOAS_OK) {
+        st = context_state_load(ctx, buf, size);
+        context_release(ctx);
+    }
+    return st;
 }
 
 /* ---- compaction ---------------------------------------------------------------- */
@@ -1707,17 +1778,14 @@ static int32_t compact_stream(moas_context *ctx, int32_t layer, int32_t first, i
     return changed;
 }
 
-moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
-                                 int32_t *n_changed) {
+static moas_status context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
+                                   int32_t *n_changed) {
     const char *what = "context_compact";
     if (n_changed != NULL) {
         *n_changed = 0;
     }
     if (ctx == NULL) {
         moas__set_error("%s: ctx is NULL", what);
-        return MOAS_ERR_INVALID_ARG;
-    }
-    if (refuse_while_decoding(ctx, what) != MOAS_OK) {
         return MOAS_ERR_INVALID_ARG;
     }
     const moas_model *m = ctx->model;
@@ -1763,6 +1831,22 @@ moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t sc
     return MOAS_OK;
 }
 
+moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
+                                 int32_t *n_changed) {
+    if (n_changed != NULL) {
+        *n_changed = 0;
+    }
+    if (ctx == NULL) {
+        return context_compact(ctx, n_before, scheme, n_changed);   /* the NULL's message */
+    }
+    moas_status st = context_claim(ctx, "context_compact");
+    if (st == MOAS_OK) {
+        st = context_compact(ctx, n_before, scheme, n_changed);
+        context_release(ctx);
+    }
+    return st;
+}
+
 /* ---- context shift --------------------------------------------------------------- */
 
 /* Turn one stored key head back by `delta` positions (RoPE), in the cache's type. */
@@ -1773,13 +1857,10 @@ static void rotate_head(const moas_context *ctx, uint8_t *head, int32_t delta, f
     moas__kv_head_store(ctx->ops, ctx->kv_type, head, tmp, m->head_dim);
 }
 
-moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard) {
+static moas_status context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard) {
     const char *what = "context_shift";
     if (ctx == NULL) {
         moas__set_error("%s: ctx is NULL", what);
-        return MOAS_ERR_INVALID_ARG;
-    }
-    if (refuse_while_decoding(ctx, what) != MOAS_OK) {
         return MOAS_ERR_INVALID_ARG;
     }
     const moas_model *m = ctx->model;
@@ -1842,4 +1923,16 @@ moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_disc
     ctx->n_past -= n_discard;
     pages_trim(ctx);
     return MOAS_OK;
+}
+
+moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard) {
+    if (ctx == NULL) {
+        return context_shift(ctx, n_keep, n_discard);   /* the NULL's message */
+    }
+    moas_status st = context_claim(ctx, "context_shift");
+    if (st == MOAS_OK) {
+        st = context_shift(ctx, n_keep, n_discard);
+        context_release(ctx);
+    }
+    return st;
 }

@@ -117,10 +117,11 @@ struct moas_context {
 
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
-    bool in_call;            /* named by the moas_pool_decode call being checked */
-    bool decoding;           /* a decode of it (its own or a pool call's) is under way:
-                              * a route callback calling it is refused (context.c,
-                              * refuse_while_decoding) */
+    atomic_bool in_use;      /* held for the whole of a call that decodes, truncates,
+                              * resets, forks, loads state into, compacts, shifts or
+                              * frees the context: such a call meanwhile, from a route
+                              * callback or another thread, is refused (context.c,
+                              * context_claim) */
 
     /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams (pooled models:
      * [n_layer] of n_head heads), routed mode [n_layer] ragged streams; their pages in

@@ -2057,7 +2057,7 @@ typedef struct {
 } meddler;
 
 static void expect_refused(meddler *w, moas_status st) {
-    if (st == MOAS_ERR_INVALID_ARG && strstr(moas_last_error(), "being decoded") != NULL) {
+    if (st == MOAS_ERR_INVALID_ARG && strstr(moas_last_error(), "in use by another call") != NULL) {
         w->refused++;
     } else {
         w->wrong++;
@@ -2146,6 +2146,119 @@ TEST(calls_into_a_context_being_decoded_are_refused) {
     moas_pool_info info = {.size = sizeof info};
     ASSERT_OK(moas_pool_stats(pool, &info));
     ASSERT_EQ(info.pages_free, info.n_pages);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* One thread per context is the rule; a call that breaks it while another thread's
+ * call holds the context is refused as a route callback's is, and changes nothing:
+ * thread A decodes `a` and waits inside its route callback; meanwhile this thread's
+ * calls on `a` (and a pool call naming `b` then `a`) are refused, `b` keeps no claim,
+ * and A's decode ends with the bits of decoding alone. */
+typedef struct {
+    moas_context *ctx;
+    int32_t token;
+    atomic_int inside, go;
+    moas_status st;
+} held_decode;
+
+static int32_t wait_inside(void *user, int32_t pos, int32_t layer, const float *gates,
+                           int32_t n_scheme, int32_t proposed) {
+    held_decode *h = user;
+    (void)pos, (void)gates, (void)n_scheme;
+    if (layer == 0) {
+        atomic_store(&h->inside, 1);
+        while (!atomic_load(&h->go)) {
+            sched_yield();
+        }
+    }
+    return proposed;
+}
+
+static void *decode_thread(void *arg) {
+    held_decode *h = arg;
+    h->st = moas_context_decode(h->ctx, h->token, NULL);
+    return NULL;
+}
+
+static bool refused_in_use(moas_status st) {
+    return st == MOAS_ERR_INVALID_ARG && strstr(moas_last_error(), "in use by another call");
+}
+
+TEST(calls_on_a_context_another_thread_holds_are_refused) {
+    size_t size;
+    uint8_t *image = kind_image(4, &size);   /* pooled K/V, RoPE: compact and shift apply */
+    moas_model *m;
+    int32_t tokens[3];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 3, V, 23);
+    moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 16, 4);
+    ASSERT_TRUE(pool != NULL);
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *alone = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a != NULL && b != NULL && alone != NULL);
+    for (int32_t i = 0; i < 2; i++) {
+        ASSERT_OK(moas_context_decode(a, tokens[i], NULL));
+        ASSERT_OK(moas_context_decode(alone, tokens[i], NULL));
+    }
+    static uint8_t state[1 << 16];
+    size_t state_size = 0;
+    ASSERT_OK(moas_context_state_save(alone, state, sizeof state, &state_size));
+    held_decode h = {.ctx = a, .token = tokens[2]};
+    moas_context_set_route_callback(a, wait_inside, &h);
+    pthread_t thread;
+    ASSERT_EQ(pthread_create(&thread, NULL, decode_thread, &h), 0);
+    while (!atomic_load(&h.inside)) {
+        sched_yield();
+    }
+    moas_pool_info before = {.size = sizeof before};   /* A's pages reserved */
+    ASSERT_OK(moas_pool_stats(pool, &before));
+    int refused = 0;
+    moas_context *child = NULL;
+    int32_t changed = -1;
+    const int32_t token = 1;
+    refused += refused_in_use(moas_context_decode(a, token, NULL));
+    refused += refused_in_use(moas_context_decode_batch(a, &token, 1, NULL, MOAS_LOGITS_NONE));
+    refused += refused_in_use(moas_context_truncate(a, 0));
+    refused += refused_in_use(moas_context_fork(a, &child));
+    refused += refused_in_use(moas_context_state_load(a, state, state_size));
+    refused += refused_in_use(moas_context_compact(a, 1, 2, &changed));
+    refused += refused_in_use(moas_context_shift(a, 0, 1));
+    moas_context_reset(a);
+    refused += strstr(moas_last_error(), "context_reset: the context is in use") != NULL;
+    moas_context_free(a);
+    refused += strstr(moas_last_error(), "context_free: the context is in use") != NULL;
+    moas_pool_seq q[2] = {{b, &tokens[0], 1, MOAS_LOGITS_LAST, NULL},
+                          {a, &tokens[1], 1, MOAS_LOGITS_LAST, NULL}};
+    refused += refused_in_use(moas_pool_decode(pool, q, 2)) &&
+               strstr(moas_last_error(), "sequence 1's context") != NULL;
+    ASSERT_EQ(refused, 10);
+    ASSERT_TRUE(child == NULL && changed == 0);
+    ASSERT_EQ(moas_context_n_past(b), 0);
+    moas_pool_info during = {.size = sizeof during};
+    ASSERT_OK(moas_pool_stats(pool, &during));
+    ASSERT_EQ(during.pages_free, before.pages_free);
+    ASSERT_OK(moas_context_decode(b, tokens[0], NULL));          /* b was let go */
+
+    atomic_store(&h.go, 1);
+    ASSERT_EQ(pthread_join(thread, NULL), 0);
+    ASSERT_OK(h.st);
+    ASSERT_OK(moas_context_decode(alone, tokens[2], NULL));
+    ASSERT_EQ(moas_context_n_past(a), 3);
+    ASSERT_TRUE(same_records(a, alone));
+    ASSERT_TRUE(memcmp(moas_context_logits(a), moas_context_logits(alone),
+                       (size_t)V * sizeof(float)) == 0);
+    ASSERT_OK(moas_context_truncate(a, 1));   /* held no more */
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_context_free(alone);
+    moas_pool_info after = {.size = sizeof after};
+    ASSERT_OK(moas_pool_stats(pool, &after));
+    ASSERT_EQ(after.pages_free, after.n_pages);
     moas_pool_free(pool);
     moas_model_free(m);
     free(image);
