@@ -468,6 +468,7 @@ static moas_status context_make(const moas_model *model, const moas_context_para
         ctx->alloc_copy = *p->allocator;
         ctx->alloc = &ctx->alloc_copy;
     }
+    atomic_init(&ctx->in_use, false);
     ctx->model = model;
     ctx->log = p->log;
     ctx->log_user = p->log_user;
@@ -1145,18 +1146,18 @@ static void release_seqs(const moas_pool_seq *seqs, int32_t n) {
     }
 }
 
-/* Claim and check every part, then reserve the pages of all of them at once. On
- * success every context is held until the call ends; on failure none is. */
+/* Claim and check every part, then reserve the pages of all of them at once. The
+ * first *held parts' contexts are held whatever happens: the caller lets them go as the
+ * last thing it does, after its last use of the pool (a context let go may be freed at
+ * once, and with it a pool that moas_pool_free already gave up). */
 static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seqs,
-                                       int32_t n_seqs) {
+                                       int32_t n_seqs, int32_t *held) {
     moas_status st = MOAS_OK;
-    int32_t held = 0;
     /* the mode every part must share: sequence 0's, read once it is held */
     moas_mode mode = MOAS_MODE_MIXTURE;
 
-    for (; held < n_seqs; held++) {
-        if ((st = claim_seq(pool, seqs, held, mode)) != MOAS_OK) {
-            release_seqs(seqs, held);
+    for (*held = 0; *held < n_seqs; (*held)++) {
+        if ((st = claim_seq(pool, seqs, *held, mode)) != MOAS_OK) {
             return st;
         }
         mode = seqs[0].ctx->mode;
@@ -1170,7 +1171,6 @@ static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seq
     if (need > (uint64_t)pool->n_free) {
         st = pool_full(pool, need, "pool_decode");
         moas__pool_unlock(pool);
-        release_seqs(seqs, n_seqs);
         return st;
     }
     for (int32_t i = 0; i < n_seqs; i++) {
@@ -1197,9 +1197,11 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
         moas__log_error(pool->log, pool->log_user);
         return MOAS_ERR_INVALID_ARG;
     }
-    if ((st = pool_decode_prepare(pool, seqs, n_seqs)) != MOAS_OK) {
-        atomic_flag_clear_explicit(&pool->busy, memory_order_release);
+    int32_t held;
+    if ((st = pool_decode_prepare(pool, seqs, n_seqs, &held)) != MOAS_OK) {
         moas__log_error(pool->log, pool->log_user);
+        atomic_flag_clear_explicit(&pool->busy, memory_order_release);
+        release_seqs(seqs, held);
         return st;
     }
     for (int32_t i = 0; i < n_seqs; i++) {
@@ -1248,9 +1250,9 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
         if (q->which == MOAS_LOGITS_LAST && q->logits != NULL && q->n_tokens > 0) {
             memcpy(q->logits, q->ctx->logits, n_vocab * sizeof *q->logits);
         }
-        context_release(q->ctx);
     }
     atomic_flag_clear_explicit(&pool->busy, memory_order_release);
+    release_seqs(seqs, n_seqs);   /* last: see pool_decode_prepare */
     return MOAS_OK;
 }
 
