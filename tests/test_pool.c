@@ -2267,6 +2267,151 @@ TEST(calls_on_a_context_another_thread_holds_are_refused) {
     return TEST_PASS;
 }
 
+/* Threads that all call into one context at once, against the rule: each call either
+ * runs whole or is refused as "in use" (or fails as it would alone), and what ran is
+ * what the context holds. Each thread decodes tokens of its own (one at a time, in
+ * threes, or through moas_pool_decode), truncates, resets and forks at random; the
+ * route callback, run by whichever thread holds the context, writes down the token at
+ * each position it decodes. Replayed alone, that history must give the same records
+ * and logits, bit for bit, and every page must come back. */
+enum { CROWD_THREADS = 3, CROWD_CALLS = 200, CROWD_CTX = 48 };
+
+typedef struct {
+    moas_pool *pool;
+    moas_context *ctx;
+    int32_t n_vocab;
+    int32_t history[CROWD_CTX];   /* written by the holder's callback only */
+    atomic_int ready;             /* threads at the start line: they begin together */
+    atomic_int ran, refused, bad;
+} crowd;
+
+typedef struct {
+    crowd *c;
+    uint32_t seed;
+} crowd_thread;
+
+static _Thread_local int32_t crowd_token;   /* the token this thread is decoding */
+
+static int32_t crowd_record(void *user, int32_t pos, int32_t layer, const float *gates,
+                            int32_t n_scheme, int32_t proposed) {
+    crowd *c = user;
+    (void)gates, (void)n_scheme;
+    if (layer == 0) {
+        c->history[pos] = crowd_token;
+    }
+    return proposed;
+}
+
+/* A call's status: it ran, it was refused because another call held the context (or,
+ * for moas_pool_decode, the pool), or it failed as it may alone (full, or a truncation
+ * past the end); anything else is bad. */
+static void crowd_count(crowd *c, moas_status st) {
+    if (st == MOAS_OK) {
+        atomic_fetch_add(&c->ran, 1);
+    } else if (st == MOAS_ERR_INVALID_ARG &&
+               (strstr(moas_last_error(), "in use by another call") ||
+                strstr(moas_last_error(), "another pool_decode call on this pool"))) {
+        atomic_fetch_add(&c->refused, 1);
+    } else if (st == MOAS_ERR_CONTEXT_FULL || (st == MOAS_ERR_INVALID_ARG &&
+                                               strstr(moas_last_error(), "outside [0,"))) {
+        return;
+    } else {
+        atomic_fetch_add(&c->bad, 1);
+    }
+}
+
+static void *crowd_body(void *arg) {
+    crowd_thread *t = arg;
+    crowd *c = t->c;
+    uint32_t x = t->seed;
+    atomic_fetch_add(&c->ready, 1);
+    while (atomic_load(&c->ready) < CROWD_THREADS) {
+        sched_yield();
+    }
+    for (int i = 0; i < CROWD_CALLS; i++) {
+        x = x * 1664525u + 1013904223u;
+        const uint32_t op = (x >> 8) % 16;
+        crowd_token = (int32_t)((x >> 16) % (uint32_t)c->n_vocab);
+        const int32_t three[3] = {crowd_token, crowd_token, crowd_token};
+        if (op < 7) {
+            crowd_count(c, moas_context_decode(c->ctx, crowd_token, NULL));
+        } else if (op < 9) {
+            crowd_count(c, moas_context_decode_batch(c->ctx, three, 3, NULL, MOAS_LOGITS_LAST));
+        } else if (op < 11) {
+            const moas_pool_seq q = {c->ctx, three, 1, MOAS_LOGITS_LAST, NULL};
+            crowd_count(c, moas_pool_decode(c->pool, &q, 1));
+        } else if (op < 14) {
+            crowd_count(c, moas_context_truncate(c->ctx, (int32_t)((x >> 24) % CROWD_CTX)));
+        } else if (op < 15) {
+            moas__set_error("none");
+            moas_context_reset(c->ctx);
+            crowd_count(c, strstr(moas_last_error(), "in use") ? MOAS_ERR_INVALID_ARG : MOAS_OK);
+        } else {
+            moas_context *child = NULL;
+            const moas_status st = moas_context_fork(c->ctx, &child);
+            crowd_count(c, st);
+            moas_context_free(child);
+        }
+    }
+    return NULL;
+}
+
+TEST(crowded_context_runs_or_refuses_each_call_whole) {
+    size_t size;
+    uint8_t *image = kind_image(4, &size);   /* pooled K/V, RoPE, routed: ragged pages */
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    crowd c = {.n_vocab = moas_model_n_vocab(m)};
+    c.pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 1, 16, 4);
+    ASSERT_TRUE(c.pool != NULL);
+    moas_context_params cp;
+    moas_context_params_init(&cp);
+    cp.n_ctx = CROWD_CTX;
+    cp.n_threads = 1;
+    cp.mode = MOAS_MODE_ROUTED;
+    cp.pool = c.pool;
+    cp.route_fn = crowd_record;
+    cp.route_user = &c;
+    ASSERT_OK(moas_context_create(m, &cp, &c.ctx));
+    pthread_t threads[CROWD_THREADS];
+    crowd_thread args[CROWD_THREADS];
+    for (int t = 0; t < CROWD_THREADS; t++) {
+        args[t] = (crowd_thread){&c, 977u * (uint32_t)t + 5u};
+        ASSERT_EQ(pthread_create(&threads[t], NULL, crowd_body, &args[t]), 0);
+    }
+    for (int t = 0; t < CROWD_THREADS; t++) {
+        ASSERT_EQ(pthread_join(threads[t], NULL), 0);
+    }
+    printf("#   %d calls: %d ran, %d refused as in use\n", CROWD_THREADS * CROWD_CALLS,
+           atomic_load(&c.ran), atomic_load(&c.refused));
+    ASSERT_EQ(atomic_load(&c.bad), 0);
+    ASSERT_TRUE(atomic_load(&c.ran) > 0);
+
+    /* the history, replayed alone */
+    const int32_t n = moas_context_n_past(c.ctx);
+    moas_context_params ap = cp;
+    ap.pool = NULL;
+    ap.route_fn = NULL;
+    moas_context *alone = NULL;
+    ASSERT_OK(moas_context_create(m, &ap, &alone));
+    for (int32_t i = 0; i < n; i++) {
+        ASSERT_OK(moas_context_decode(alone, c.history[i], NULL));
+    }
+    ASSERT_TRUE(same_records(c.ctx, alone));
+    /* the logits, unless the last call to run truncated or reset */
+    const float *got = moas_context_logits(c.ctx), *want = moas_context_logits(alone);
+    ASSERT_TRUE(got == NULL || memcmp(got, want, (size_t)c.n_vocab * sizeof(float)) == 0);
+    moas_context_free(alone);
+    moas_context_free(c.ctx);
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(c.pool, &info));
+    ASSERT_EQ(info.pages_free, info.n_pages);
+    moas_pool_free(c.pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Context shift on a RoPE model: drop 10 tokens after the first 4, move the rest down
  * with their keys turned back, decode on. With one layer a token's K and V depend only
  * on the token and its position, so the logits must match decoding the shortened text
