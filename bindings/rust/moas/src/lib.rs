@@ -10,11 +10,13 @@
 //! changes the logits (`decode`, `decode_batch`, `truncate`, `reset`) takes `&mut self`,
 //! so a stale logits slice cannot exist.
 
+use std::any::Any;
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::marker::PhantomData;
-use std::os::raw::c_char;
+use std::os::raw::{c_char, c_void};
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::ptr::{self, NonNull};
 
@@ -346,12 +348,60 @@ pub struct Routes {
     pub kv_heads: Vec<i32>, // [n_pos][n_layer]
 }
 
+/// One routing decision offered to a route callback: a token at `pos` in `layer`, the
+/// router's gates (one per scheme) and the scheme the context would use (the forced
+/// one if set, else the largest gate).
+#[derive(Debug)]
+pub struct RouteEvent<'a> {
+    pub pos: i32,
+    pub layer: i32,
+    pub gates: &'a [f32],
+    pub proposed: i32,
+}
+
+/// A context's route callback and a panic it raised during the call under way.
+struct RouteHook<'m> {
+    f: Box<dyn FnMut(&RouteEvent<'_>) -> Option<i32> + Send + 'm>,
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+/// moas_route_fn for every Context: runs the hook's closure. A panic must not unwind
+/// into C: it is kept (the token keeps `proposed`, the hook is not called again in
+/// that call) and raised again when the decoding call returns.
+unsafe extern "C" fn route_trampoline(
+    user: *mut c_void,
+    pos: i32,
+    layer: i32,
+    gates: *const f32,
+    n_scheme: i32,
+    proposed: i32,
+) -> i32 {
+    let hook = unsafe { &mut *(user as *mut RouteHook<'_>) };
+    if hook.panic.is_some() {
+        return proposed;
+    }
+    let event = RouteEvent {
+        pos,
+        layer,
+        gates: unsafe { std::slice::from_raw_parts(gates, n_scheme as usize) },
+        proposed,
+    };
+    match panic::catch_unwind(AssertUnwindSafe(|| (hook.f)(&event))) {
+        Ok(choice) => choice.unwrap_or(proposed),
+        Err(payload) => {
+            hook.panic = Some(payload);
+            proposed
+        }
+    }
+}
+
 /// An inference stream over a model it borrows. One thread at a time (Send, not Sync).
 pub struct Context<'m> {
     ptr: NonNull<ffi::moas_context>,
     n_vocab: usize,
     n_layer: usize,
     n_scheme: usize,
+    route: Option<Box<RouteHook<'m>>>, // what the C context's route_user points to
     _model: PhantomData<&'m Model>,
 }
 
@@ -389,6 +439,7 @@ impl<'m> Context<'m> {
             n_vocab: model.n_vocab() as usize,
             n_layer: model.n_layer() as usize,
             n_scheme: model.n_scheme() as usize,
+            route: None,
             _model: PhantomData,
         })
     }
@@ -399,16 +450,56 @@ impl<'m> Context<'m> {
 
     /// A new context that continues from this one's tokens in the same pool, sharing
     /// its full KV pages copy on write (moas_context_fork); needs a context of a Pool.
+    /// The fork has no route callback (a closure cannot be shared): set its own.
     pub fn fork(&mut self) -> Result<Context<'m>> {
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_context_fork(self.ptr.as_ptr(), &mut out) })?;
+        // the C fork copies the parent's callback, whose user pointer is our hook
+        unsafe { ffi::moas_context_set_route_callback(out, None, ptr::null_mut()) };
         Ok(Context {
             ptr: NonNull::new(out).expect("OK and NULL"),
             n_vocab: self.n_vocab,
             n_layer: self.n_layer,
             n_scheme: self.n_scheme,
+            route: None,
             _model: PhantomData,
         })
+    }
+
+    /// Call `f` for every token and layer as it is decoded, after the router and before
+    /// the layer's attention (moas_context_set_route_callback). In routed mode
+    /// `Some(scheme)` runs that scheme (a KV budget may still make it cheaper; a value
+    /// outside [0, n_scheme) keeps the proposed one) and `None` keeps the proposed one;
+    /// in mixture mode the answer is ignored. The closure runs on the decoding thread
+    /// and cannot reach this context (it is being decoded). Should it panic, the token
+    /// keeps its proposed scheme, the closure is not called again during that call, and
+    /// the panic resumes when the call (decode, decode_batch, or Pool::decode) returns.
+    pub fn set_route_callback<F>(&mut self, f: F)
+    where
+        F: FnMut(&RouteEvent<'_>) -> Option<i32> + Send + 'm,
+    {
+        let mut hook = Box::new(RouteHook {
+            f: Box::new(f),
+            panic: None,
+        });
+        let user = &mut *hook as *mut RouteHook<'m> as *mut c_void;
+        unsafe {
+            ffi::moas_context_set_route_callback(self.ptr.as_ptr(), Some(route_trampoline), user)
+        };
+        self.route = Some(hook); // the old hook, if any, goes after C stopped pointing at it
+    }
+
+    /// Remove the route callback: the router alone decides again.
+    pub fn clear_route_callback(&mut self) {
+        unsafe { ffi::moas_context_set_route_callback(self.ptr.as_ptr(), None, ptr::null_mut()) };
+        self.route = None;
+    }
+
+    /// After a decoding call: resume a panic the route callback raised during it.
+    fn resume_route_panic(&mut self) {
+        if let Some(payload) = self.route.as_mut().and_then(|h| h.panic.take()) {
+            panic::resume_unwind(payload);
+        }
     }
 
     /// The sequence as bytes: its K/V, routing records, position and logits.
@@ -458,14 +549,16 @@ impl<'m> Context<'m> {
 
     /// Decode one token; its logits are then in logits().
     pub fn decode(&mut self, token: i32) -> Result<()> {
-        check(unsafe { ffi::moas_context_decode(self.ptr.as_ptr(), token, ptr::null_mut()) })
+        let st = unsafe { ffi::moas_context_decode(self.ptr.as_ptr(), token, ptr::null_mut()) };
+        self.resume_route_panic();
+        check(st)
     }
 
     /// Decode consecutive tokens, all or none; the last one's logits are in logits().
     pub fn decode_batch(&mut self, tokens: &[i32]) -> Result<()> {
         let n =
             i32::try_from(tokens.len()).map_err(|_| Error::invalid("too many tokens".into()))?;
-        check(unsafe {
+        let st = unsafe {
             ffi::moas_context_decode_batch(
                 self.ptr.as_ptr(),
                 tokens.as_ptr(),
@@ -473,7 +566,9 @@ impl<'m> Context<'m> {
                 ptr::null_mut(),
                 ffi::MOAS_LOGITS_LAST,
             )
-        })
+        };
+        self.resume_route_panic();
+        check(st)
     }
 
     /// Decode consecutive tokens, all or none, and return the logits `which` asks for:
@@ -485,7 +580,7 @@ impl<'m> Context<'m> {
             i32::try_from(tokens.len()).map_err(|_| Error::invalid("too many tokens".into()))?;
         self.check_room(tokens.len(), which)?;
         let mut out = vec![0.0f32; which.floats(tokens.len(), self.n_vocab)?];
-        check(unsafe {
+        let st = unsafe {
             ffi::moas_context_decode_batch(
                 self.ptr.as_ptr(),
                 tokens.as_ptr(),
@@ -497,7 +592,9 @@ impl<'m> Context<'m> {
                 },
                 which.raw(),
             )
-        })?;
+        };
+        self.resume_route_panic();
+        check(st)?;
         Ok(out)
     }
 
@@ -898,7 +995,19 @@ impl<'m> Pool<'m> {
                 },
             })
             .collect();
-        check(unsafe { ffi::moas_pool_decode(self.ptr.as_ptr(), parts.as_ptr(), n_seqs) })?;
+        let st = unsafe { ffi::moas_pool_decode(self.ptr.as_ptr(), parts.as_ptr(), n_seqs) };
+        // every context's panic taken (none left to surface in a later call), the first
+        // resumed
+        let mut first = None;
+        for (ctx, _, _) in seqs.iter_mut() {
+            if let Some(payload) = ctx.route.as_mut().and_then(|h| h.panic.take()) {
+                first.get_or_insert(payload);
+            }
+        }
+        if let Some(payload) = first {
+            panic::resume_unwind(payload);
+        }
+        check(st)?;
         Ok(outs)
     }
 

@@ -499,3 +499,132 @@ fn a_path_need_not_be_utf8() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(loaded.unwrap().n_layer(), 2);
 }
+
+#[test]
+fn route_callback_steers_routed_mode_and_sees_every_token_and_layer() {
+    use std::sync::{Arc, Mutex};
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        n_threads: 1,
+        ..Default::default()
+    };
+    let mqa = m.n_scheme() - 1; // schemes [6, 2, 1]: the last keeps one head
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut ctx = Context::new(&m, &routed).unwrap();
+    let log = Arc::clone(&seen);
+    ctx.set_route_callback(move |e| {
+        assert_eq!(e.gates.len(), 3);
+        assert!((e.gates.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        log.lock().unwrap().push((e.pos, e.layer));
+        Some(mqa)
+    });
+    ctx.decode_batch(&ids[..10]).unwrap();
+    for &t in &ids[10..20] {
+        ctx.decode(t).unwrap();
+    }
+    let routes = ctx.routes(0, 20).unwrap();
+    assert!(
+        routes.kv_heads.iter().all(|&h| h == 1),
+        "{:?}",
+        routes.kv_heads
+    );
+    // every (position, layer) once; a batch goes layer by layer, one token each after
+    let mut got = seen.lock().unwrap().clone();
+    assert_eq!(got.len(), 20 * 2);
+    got.sort();
+    let want: Vec<(i32, i32)> = (0..20).flat_map(|p| (0..2).map(move |l| (p, l))).collect();
+    assert_eq!(got, want);
+
+    // the same through the forced scheme, bit for bit; None keeps the router's choice
+    let mut forced = Context::new(
+        &m,
+        &ContextParams {
+            forced_scheme: Some(mqa),
+            ..routed.clone()
+        },
+    )
+    .unwrap();
+    forced.decode_batch(&ids[..20]).unwrap();
+    assert_eq!(ctx.logits(), forced.logits());
+    let mut keep = Context::new(&m, &routed).unwrap();
+    keep.set_route_callback(|_| None);
+    let mut plain = Context::new(&m, &routed).unwrap();
+    keep.decode_batch(&ids[..20]).unwrap();
+    plain.decode_batch(&ids[..20]).unwrap();
+    assert_eq!(keep.logits(), plain.logits());
+    assert_eq!(
+        keep.routes(0, 20).unwrap().schemes,
+        plain.routes(0, 20).unwrap().schemes
+    );
+    keep.clear_route_callback();
+    keep.decode(ids[20]).unwrap();
+}
+
+#[test]
+fn route_callback_panic_resumes_after_the_call() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let mut ctx = Context::new(&m, &ContextParams::default()).unwrap();
+    ctx.set_route_callback(move |e| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        if e.pos == 3 {
+            panic!("no position 3");
+        }
+        None
+    });
+    ctx.decode_batch(&ids[..3]).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.decode(ids[3])));
+    let message = caught
+        .expect_err("the panic comes back")
+        .downcast::<&str>()
+        .unwrap();
+    assert_eq!(*message, "no position 3");
+    assert_eq!(ctx.n_past(), 4); // the token was decoded, its proposed scheme kept
+    assert_eq!(calls.load(Ordering::SeqCst), 3 * 2 + 1); // not called again in that call
+    ctx.decode(ids[4]).unwrap(); // and afterwards as before
+    assert_eq!(calls.load(Ordering::SeqCst), 3 * 2 + 1 + 2);
+}
+
+#[test]
+fn route_callbacks_in_a_pool_call_and_forks_without_them() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let mut a = pool.context(&routed).unwrap();
+    let mut b = pool.context(&routed).unwrap();
+    a.set_route_callback(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Some(0)
+    });
+    pool.decode(&mut [(&mut a, &ids[..8]), (&mut b, &ids[..5])])
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 8 * 2);
+    assert!(a.routes(0, 8).unwrap().kv_heads.iter().all(|&h| h == 6));
+    let mut child = a.fork().unwrap();
+    drop(a); // the child must not call the parent's closure, nor its freed hook
+    child.decode(ids[8]).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 8 * 2);
+    // a panic in one context's callback of a pool call comes back once
+    b.set_route_callback(|_| panic!("b"));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.decode(&mut [(&mut child, &ids[9..10]), (&mut b, &ids[5..6])])
+    }));
+    assert!(caught.is_err());
+    assert_eq!((child.n_past(), b.n_past()), (10, 6));
+    b.clear_route_callback();
+    pool.decode(&mut [(&mut b, &ids[6..7])]).unwrap();
+}
