@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -141,13 +142,86 @@ int main(int argc, char **argv) {
         CHECK(m2.n_vocab() == 0 && m3.n_vocab() == model.n_vocab());
         CHECK(status_of([&] { m2.tokenize("A"); }) == MOAS_ERR_INVALID_ARG);
         (void)into;
+
+        // route callbacks: steering routed mode, every (position, layer) once
+        {
+            moas_context_params rp;
+            moas_context_params_init(&rp);
+            rp.mode = MOAS_MODE_ROUTED;
+            const int32_t last = model.n_scheme() - 1;
+            const int32_t n_layer = model.n_layer();
+            int calls = 0;
+            moas::context steered(model, &rp);
+            steered.set_route_callback([&](const moas::route_event &e) -> std::optional<int32_t> {
+                calls += e.n_scheme == model.n_scheme() && e.proposed >= 0 ? 1 : 1000;
+                return last;
+            });
+            steered.decode(ids);
+            CHECK(calls == static_cast<int>(ids.size()) * n_layer);
+            CHECK(steered.scheme_counts(-1).back() == static_cast<int32_t>(ids.size()) * n_layer);
+            rp.forced_scheme = last;
+            moas::context forced(model, &rp);
+            forced.decode(ids);
+            CHECK(same(steered.logits(), forced.logits(), n_vocab));
+            steered.set_route_callback(nullptr);   // removed
+            steered.truncate(0);
+            steered.decode(ids);
+            CHECK(calls == static_cast<int>(ids.size()) * n_layer);
+
+            // an exception comes back from the decoding call, as it was thrown
+            moas::context throws(model);
+            int seen = 0;
+            throws.set_route_callback([&](const moas::route_event &e) -> std::optional<int32_t> {
+                seen++;
+                if (e.pos == 3) {
+                    throw std::runtime_error("no position 3");
+                }
+                return std::nullopt;
+            });
+            throws.decode(std::vector<int32_t>(ids.begin(), ids.begin() + 3));
+            bool caught = false;
+            try {
+                throws.decode(ids[3]);
+            } catch (const std::runtime_error &e) {
+                caught = std::string(e.what()) == "no position 3";
+            }
+            CHECK(caught && throws.n_past() == 4 && seen == 3 * n_layer + 1);
+            throws.decode(ids[4]);   // and on as before
+            CHECK(seen == 3 * n_layer + 1 + n_layer);
+
+            // in a pool call; a fork starts without its parent's callback, which may go
+            moas::pool p4(model, pp);
+            moas::context parent(model, p4, MOAS_MODE_ROUTED);
+            moas::context other(model, p4, MOAS_MODE_ROUTED);
+            int pool_calls = 0;
+            parent.set_route_callback([&](const moas::route_event &) -> std::optional<int32_t> {
+                pool_calls++;
+                return 0;
+            });
+            p4.decode({{parent, {ids[0], ids[1]}}, {other, {ids[0]}}});
+            CHECK(pool_calls == 2 * n_layer);
+            std::optional<moas::context> child(parent.fork());
+            { moas::context gone = std::move(parent); }
+            child->decode(ids[2]);
+            CHECK(pool_calls == 2 * n_layer);
+            other.set_route_callback([](const moas::route_event &) -> std::optional<int32_t> {
+                throw std::runtime_error("other");
+            });
+            std::string thrown;
+            try {
+                p4.decode({{*child, {ids[3]}}, {other, {ids[1]}}});
+            } catch (const std::runtime_error &e) {
+                thrown = e.what();
+            }
+            CHECK(thrown == "other" && child->n_past() == 4 && other.n_past() == 2);
+        }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "test_cpp_wrapper: %s\n", e.what());
         return 1;
     }
     if (failures == 0) {
         std::printf("cpp wrapper: ok (lifetimes kept, sizes checked, every token's logits, "
-                    "moved-from objects)\n");
+                    "moved-from objects, route callbacks)\n");
     }
     return failures == 0 ? 0 : 1;
 }

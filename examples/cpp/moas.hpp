@@ -20,11 +20,15 @@
 #include <moas.h>
 
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace moas {
@@ -183,6 +187,46 @@ private:
     std::shared_ptr<moas_pool> ptr_;
 };
 
+/* One routing decision offered to a route callback: the token at `pos` in `layer`, the
+ * router's n_scheme gates, and the scheme the context would use (the forced one if set,
+ * else the largest gate). */
+struct route_event {
+    int32_t pos;
+    int32_t layer;
+    const float *gates;
+    int32_t n_scheme;
+    int32_t proposed;
+};
+/* A route callback: a scheme to run (routed mode), or nullopt for the proposed one. */
+using route_fn = std::function<std::optional<int32_t>(const route_event &)>;
+
+namespace detail {
+/* What a context's C route_user points to: the callback, and an exception it threw
+ * during the call under way (kept at the C boundary, thrown again when the call
+ * returns; the token keeps its proposed scheme, the callback is not called again in
+ * that call). */
+struct route_hook {
+    route_fn fn;
+    std::exception_ptr failure;
+
+    static int32_t call(void *user, int32_t pos, int32_t layer, const float *gates,
+                        int32_t n_scheme, int32_t proposed) noexcept {
+        route_hook *h = static_cast<route_hook *>(user);
+        if (h->failure) {
+            return proposed;
+        }
+        try {
+            const std::optional<int32_t> choice =
+                h->fn(route_event{pos, layer, gates, n_scheme, proposed});
+            return choice ? *choice : proposed;
+        } catch (...) {
+            h->failure = std::current_exception();
+            return proposed;
+        }
+    }
+};
+}  // namespace detail
+
 class context {
 public:
     /* A context with its own cache. `params` may not name a pool: use the constructors
@@ -212,16 +256,36 @@ public:
             ptr_.reset();
             owner_ = std::move(other.owner_);
             n_vocab_ = other.n_vocab_;
+            route_ = std::move(other.route_);   // the old hook after the C context using it
             ptr_ = std::move(other.ptr_);
         }
         return *this;
     }
 
-    /* A new context continuing from this one's tokens, sharing its pages (in a pool). */
+    /* A new context continuing from this one's tokens, sharing its pages (in a pool).
+     * It starts without this one's route callback (set its own). */
     context fork() {
         moas_context *p = nullptr;
         check(moas_context_fork(detail::live(get()), &p));
+        moas_context_set_route_callback(p, nullptr, nullptr);   // C copied ours
         return context(p, owner_, n_vocab_);
+    }
+
+    /* Call `fn` for every token and layer as it is decoded (moas_context_set_route_callback):
+     * in routed mode its answer is the scheme to run. It runs on the decoding thread and
+     * must not use this context. An exception it throws is thrown again, as it was, when
+     * the decoding call (decode, or a pool's decode) returns. An empty `fn` removes it. */
+    void set_route_callback(route_fn fn) {
+        moas_context *c = detail::live(get());
+        if (!fn) {
+            moas_context_set_route_callback(c, nullptr, nullptr);
+            route_.reset();
+            return;
+        }
+        auto hook = std::make_unique<detail::route_hook>();
+        hook->fn = std::move(fn);
+        moas_context_set_route_callback(c, &detail::route_hook::call, hook.get());
+        route_ = std::move(hook);   // the old hook, if any, after C stopped using it
     }
     std::vector<unsigned char> save_state() const {
         std::vector<unsigned char> buf(moas_context_state_size(detail::live(get())));
@@ -255,7 +319,9 @@ public:
     const moas_context *get() const noexcept { return ptr_.get(); }
 
     void decode(int32_t token) {
-        check(moas_context_decode(detail::live(get()), token, nullptr));
+        const moas_status st = moas_context_decode(detail::live(get()), token, nullptr);
+        rethrow_route_failure();
+        check(st);
     }
     void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
     /* so that decode({}) decodes nothing and decode({a, b}) two tokens */
@@ -266,9 +332,11 @@ public:
      * last token's n_vocab (also in logits()) or every token's n_tokens x n_vocab. */
     std::vector<float> decode(const std::vector<int32_t> &tokens, moas_logits which) {
         std::vector<float> out(floats(which, tokens.size()));
-        check(moas_context_decode_batch(detail::live(get()), tokens.data(),
-                                        detail::count(tokens.size(), "decode: tokens"),
-                                        out.empty() ? nullptr : out.data(), which));
+        const moas_status st = moas_context_decode_batch(
+            detail::live(get()), tokens.data(), detail::count(tokens.size(), "decode: tokens"),
+            out.empty() ? nullptr : out.data(), which);
+        rethrow_route_failure();
+        check(st);
         return out;
     }
     /* n_vocab() floats, borrowed (see the top of this file); or nullptr. */
@@ -315,6 +383,12 @@ private:
         check(moas_context_create(detail::live(m.get()), params, &p));
         ptr_.reset(p);
     }
+    /* The exception the route callback threw during the call that just returned. */
+    void rethrow_route_failure() {
+        if (route_ && route_->failure) {
+            std::rethrow_exception(std::exchange(route_->failure, nullptr));
+        }
+    }
     size_t floats(moas_logits which, size_t n_tokens) const {
         const size_t n_vocab = static_cast<size_t>(n_vocab_);
         return which == MOAS_LOGITS_ALL ? n_tokens * n_vocab
@@ -324,6 +398,7 @@ private:
 
     std::shared_ptr<void> owner_;   // the model or pool: declared first, so freed last
     int32_t n_vocab_ = 0;
+    std::unique_ptr<detail::route_hook> route_;   // freed after the C context below
     std::unique_ptr<moas_context, free_context> ptr_;
 };
 
@@ -338,8 +413,19 @@ inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> 
                          detail::count(s.tokens.size(), "pool decode: tokens"), s.which,
                          outs.back().empty() ? nullptr : outs.back().data()});
     }
-    check(moas_pool_decode(detail::live(get()), parts.data(),
-                           detail::count(parts.size(), "pool decode")));
+    const moas_status st = moas_pool_decode(detail::live(get()), parts.data(),
+                                            detail::count(parts.size(), "pool decode"));
+    std::exception_ptr first;   // every context's taken, the first thrown
+    for (const sequence &s : seqs) {
+        if (s.ctx.route_ && s.ctx.route_->failure) {
+            std::exception_ptr e = std::exchange(s.ctx.route_->failure, nullptr);
+            first = first ? first : e;
+        }
+    }
+    if (first) {
+        std::rethrow_exception(first);
+    }
+    check(st);
     return outs;
 }
 
