@@ -262,13 +262,18 @@ public:
         return *this;
     }
 
-    /* A new context continuing from this one's tokens, sharing its pages (in a pool).
-     * It starts without this one's route callback (set its own). */
+    /* A new context continuing from this one's tokens, sharing its pages (in a pool),
+     * with a copy of its route callback (as the C fork keeps the callback). */
     context fork() {
         moas_context *p = nullptr;
         check(moas_context_fork(detail::live(get()), &p));
-        moas_context_set_route_callback(p, nullptr, nullptr);   // C copied ours
-        return context(p, owner_, n_vocab_);
+        // C copied our callback with our hook as its user: the fork gets a hook of its own
+        moas_context_set_route_callback(p, nullptr, nullptr);
+        context child(p, owner_, n_vocab_);
+        if (route_) {
+            child.set_route_callback(route_->fn);
+        }
+        return child;
     }
 
     /* Call `fn` for every token and layer as it is decoded (moas_context_set_route_callback):
