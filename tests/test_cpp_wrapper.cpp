@@ -216,6 +216,56 @@ int main(int argc, char **argv) {
                 thrown = e.what();
             }
             CHECK(thrown == "other" && child->n_past() == 4 && other.n_past() == 2);
+
+            // two callbacks of one pool call throw: the first is thrown, both are taken
+            // (neither comes back from a later call)
+            child->set_route_callback([](const moas::route_event &) -> std::optional<int32_t> {
+                throw std::runtime_error("child");
+            });
+            thrown.clear();
+            try {
+                p4.decode({{*child, {ids[4]}}, {other, {ids[2]}}});
+            } catch (const std::runtime_error &e) {
+                thrown = e.what();
+            }
+            CHECK(thrown == "child");
+            child->set_route_callback(nullptr);
+            other.set_route_callback(nullptr);
+            CHECK(status_of([&] { p4.decode({{*child, {ids[5]}}, {other, {ids[3]}}}); }) ==
+                  MOAS_OK);
+
+            // a callback that replaces itself: it runs to its end, the new one from the
+            // next layer on
+            moas::context self_set(model);
+            int first_calls = 0, second_calls = 0;
+            const std::string kept = "captured by value";
+            self_set.set_route_callback(
+                [&, kept](const moas::route_event &) -> std::optional<int32_t> {
+                    first_calls++;
+                    self_set.set_route_callback(
+                        [&](const moas::route_event &) -> std::optional<int32_t> {
+                            second_calls++;
+                            return std::nullopt;
+                        });
+                    CHECK(kept == "captured by value");   // this closure is still alive
+                    return std::nullopt;
+                });
+            self_set.decode(ids[0]);
+            CHECK(first_calls == 1 && second_calls == n_layer - 1);
+
+            // a context with a callback moved into another: the callback goes with it
+            int moved_calls = 0;
+            std::optional<moas::context> source(std::in_place, model);
+            source->set_route_callback([&](const moas::route_event &) -> std::optional<int32_t> {
+                moved_calls++;
+                return std::nullopt;
+            });
+            moas::context target(model);
+            target.decode(ids[0]);
+            target = std::move(*source);
+            source.reset();   // the moved-from object goes; the hook went with the context
+            target.decode(ids[0]);
+            CHECK(moved_calls == n_layer);
         }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "test_cpp_wrapper: %s\n", e.what());

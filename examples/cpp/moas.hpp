@@ -208,6 +208,7 @@ namespace detail {
 struct route_hook {
     route_fn fn;
     std::exception_ptr failure;
+    int running = 0;   // calls of fn under way: the hook must outlive them
 
     static int32_t call(void *user, int32_t pos, int32_t layer, const float *gates,
                         int32_t n_scheme, int32_t proposed) noexcept {
@@ -215,6 +216,11 @@ struct route_hook {
         if (h->failure) {
             return proposed;
         }
+        struct running_guard {
+            int &n;
+            explicit running_guard(int &count) noexcept : n(count) { n++; }
+            ~running_guard() { n--; }
+        } guard(h->running);
         try {
             const std::optional<int32_t> choice =
                 h->fn(route_event{pos, layer, gates, n_scheme, proposed});
@@ -253,24 +259,25 @@ public:
      * would replace the owner first, and could free a pool under its context). */
     context &operator=(context &&other) noexcept {
         if (this != &other) {
+            keep_running_hooks();
             ptr_.reset();
             owner_ = std::move(other.owner_);
             n_vocab_ = other.n_vocab_;
             route_ = std::move(other.route_);   // the old hook after the C context using it
+            retired_ = std::move(other.retired_);
             ptr_ = std::move(other.ptr_);
         }
         return *this;
     }
+    ~context() { keep_running_hooks(); }
 
     /* A new context continuing from this one's tokens, sharing its pages (in a pool),
      * with a copy of its route callback (as the C fork keeps the callback). */
     context fork() {
         moas_context *p = nullptr;
         check(moas_context_fork(detail::live(get()), &p));
-        // C copied our callback with our hook as its user: the fork gets a hook of its own
-        moas_context_set_route_callback(p, nullptr, nullptr);
         context child(p, owner_, n_vocab_);
-        if (route_) {
+        if (route_) {   // C copied our hook as its user: the fork gets a hook of its own
             child.set_route_callback(route_->fn);
         }
         return child;
@@ -278,19 +285,29 @@ public:
 
     /* Call `fn` for every token and layer as it is decoded (moas_context_set_route_callback):
      * in routed mode its answer is the scheme to run. It runs on the decoding thread and
-     * must not use this context. An exception it throws is thrown again, as it was, when
-     * the decoding call (decode, or a pool's decode) returns. An empty `fn` removes it. */
+     * must not use this context (the library refuses what would change it; replacing the
+     * callback from inside it takes effect at the next token or layer). An exception it
+     * throws is thrown again, as it was, when the decoding call (decode, or a pool's
+     * decode) returns. An empty `fn` removes it. */
     void set_route_callback(route_fn fn) {
         moas_context *c = detail::live(get());
-        if (!fn) {
-            moas_context_set_route_callback(c, nullptr, nullptr);
-            route_.reset();
-            return;
+        std::unique_ptr<detail::route_hook> hook;
+        if (fn) {
+            hook = std::make_unique<detail::route_hook>();
+            hook->fn = std::move(fn);
         }
-        auto hook = std::make_unique<detail::route_hook>();
-        hook->fn = std::move(fn);
-        moas_context_set_route_callback(c, &detail::route_hook::call, hook.get());
-        route_ = std::move(hook);   // the old hook, if any, after C stopped using it
+        moas_context_set_route_callback(c, hook ? &detail::route_hook::call : nullptr,
+                                        hook.get());
+        // the old hook after C stopped using it; if it is running (this call comes from
+        // inside it), when the decoding call returns
+        if (route_ && route_->running > 0) {
+            try {
+                retired_.push_back(std::move(route_));
+            } catch (...) {
+                (void)route_.release();   // no room to keep it: leaked, not freed
+            }
+        }
+        route_ = std::move(hook);
     }
     std::vector<unsigned char> save_state() const {
         std::vector<unsigned char> buf(moas_context_state_size(detail::live(get())));
@@ -325,7 +342,7 @@ public:
 
     void decode(int32_t token) {
         const moas_status st = moas_context_decode(detail::live(get()), token, nullptr);
-        rethrow_route_failure();
+        after_decoding();
         check(st);
     }
     void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
@@ -340,7 +357,7 @@ public:
         const moas_status st = moas_context_decode_batch(
             detail::live(get()), tokens.data(), detail::count(tokens.size(), "decode: tokens"),
             out.empty() ? nullptr : out.data(), which);
-        rethrow_route_failure();
+        after_decoding();
         check(st);
         return out;
     }
@@ -388,10 +405,29 @@ private:
         check(moas_context_create(detail::live(m.get()), params, &p));
         ptr_.reset(p);
     }
-    /* The exception the route callback threw during the call that just returned. */
-    void rethrow_route_failure() {
-        if (route_ && route_->failure) {
-            std::rethrow_exception(std::exchange(route_->failure, nullptr));
+    /* After a decoding call: the hooks replaced during it go, and the exception the
+     * route callback threw during it, taken, or null. */
+    std::exception_ptr take_route_failure() noexcept {
+        retired_.clear();
+        return route_ ? std::exchange(route_->failure, nullptr) : nullptr;
+    }
+    void after_decoding() {
+        if (std::exception_ptr e = take_route_failure()) {
+            std::rethrow_exception(e);
+        }
+    }
+    /* Destroyed or assigned to from inside its own route callback: the library keeps the
+     * context (it refuses to free it while it decodes), so its hooks must stay too. */
+    void keep_running_hooks() noexcept {
+        bool running = route_ && route_->running > 0;
+        for (const auto &h : retired_) {
+            running = running || h->running > 0;
+        }
+        if (running) {
+            (void)route_.release();
+            for (auto &h : retired_) {
+                (void)h.release();
+            }
         }
     }
     size_t floats(moas_logits which, size_t n_tokens) const {
@@ -404,6 +440,7 @@ private:
     std::shared_ptr<void> owner_;   // the model or pool: declared first, so freed last
     int32_t n_vocab_ = 0;
     std::unique_ptr<detail::route_hook> route_;   // freed after the C context below
+    std::vector<std::unique_ptr<detail::route_hook>> retired_;   // replaced while running
     std::unique_ptr<moas_context, free_context> ptr_;
 };
 
@@ -422,10 +459,8 @@ inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> 
                                             detail::count(parts.size(), "pool decode"));
     std::exception_ptr first;   // every context's taken, the first thrown
     for (const sequence &s : seqs) {
-        if (s.ctx.route_ && s.ctx.route_->failure) {
-            std::exception_ptr e = std::exchange(s.ctx.route_->failure, nullptr);
-            first = first ? first : e;
-        }
+        std::exception_ptr e = s.ctx.take_route_failure();
+        first = first ? first : e;
     }
     if (first) {
         std::rethrow_exception(first);

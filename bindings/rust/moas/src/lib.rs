@@ -359,9 +359,14 @@ pub struct RouteEvent<'a> {
     pub proposed: i32,
 }
 
-/// A context's route callback and a panic it raised during the call under way.
+/// A route callback as the hook keeps it.
+type RouteFn<'m> = dyn FnMut(&RouteEvent<'_>) -> Option<i32> + Send + 'm;
+
+/// A context's route callback and a panic it raised during the call under way. The C
+/// context holds a raw pointer to it (Box::into_raw), and Rust reaches it only through
+/// that same pointer, so no reference of Rust's invalidates the one C calls through.
 struct RouteHook<'m> {
-    f: Box<dyn FnMut(&RouteEvent<'_>) -> Option<i32> + Send + 'm>,
+    f: Box<RouteFn<'m>>,
     panic: Option<Box<dyn Any + Send>>,
 }
 
@@ -401,7 +406,7 @@ pub struct Context<'m> {
     n_vocab: usize,
     n_layer: usize,
     n_scheme: usize,
-    route: Option<Box<RouteHook<'m>>>, // what the C context's route_user points to
+    route: Option<NonNull<RouteHook<'m>>>, // owned (Box::into_raw); C's route_user
     _model: PhantomData<&'m Model>,
 }
 
@@ -473,31 +478,50 @@ impl<'m> Context<'m> {
     /// in mixture mode the answer is ignored. The closure runs on the decoding thread
     /// and cannot reach this context (it is being decoded). Should it panic, the token
     /// keeps its proposed scheme, the closure is not called again during that call, and
-    /// the panic resumes when the call (decode, decode_batch, or Pool::decode) returns.
+    /// the panic resumes when the decoding call (decode, decode_batch, decode_batch_logits,
+    /// Pool::decode, Pool::decode_logits) returns.
     pub fn set_route_callback<F>(&mut self, f: F)
     where
         F: FnMut(&RouteEvent<'_>) -> Option<i32> + Send + 'm,
     {
-        let mut hook = Box::new(RouteHook {
+        let hook = Box::into_raw(Box::new(RouteHook {
             f: Box::new(f),
             panic: None,
-        });
-        let user = &mut *hook as *mut RouteHook<'m> as *mut c_void;
+        }));
         unsafe {
-            ffi::moas_context_set_route_callback(self.ptr.as_ptr(), Some(route_trampoline), user)
+            ffi::moas_context_set_route_callback(
+                self.ptr.as_ptr(),
+                Some(route_trampoline),
+                hook as *mut c_void,
+            )
         };
-        self.route = Some(hook); // the old hook, if any, goes after C stopped pointing at it
+        // the old hook, if any, after C stopped pointing at it
+        self.free_route_hook();
+        self.route = NonNull::new(hook);
     }
 
     /// Remove the route callback: the router alone decides again.
     pub fn clear_route_callback(&mut self) {
         unsafe { ffi::moas_context_set_route_callback(self.ptr.as_ptr(), None, ptr::null_mut()) };
-        self.route = None;
+        self.free_route_hook();
+    }
+
+    /// Free the hook once the C context no longer calls it.
+    fn free_route_hook(&mut self) {
+        if let Some(hook) = self.route.take() {
+            drop(unsafe { Box::from_raw(hook.as_ptr()) });
+        }
+    }
+
+    /// After a decoding call: the panic the route callback raised during it, taken.
+    fn take_route_panic(&mut self) -> Option<Box<dyn Any + Send>> {
+        self.route
+            .and_then(|hook| unsafe { (*hook.as_ptr()).panic.take() })
     }
 
     /// After a decoding call: resume a panic the route callback raised during it.
     fn resume_route_panic(&mut self) {
-        if let Some(payload) = self.route.as_mut().and_then(|h| h.panic.take()) {
+        if let Some(payload) = self.take_route_panic() {
             panic::resume_unwind(payload);
         }
     }
@@ -704,6 +728,7 @@ impl<'m> Context<'m> {
 impl Drop for Context<'_> {
     fn drop(&mut self) {
         unsafe { ffi::moas_context_free(self.ptr.as_ptr()) }
+        self.free_route_hook();
     }
 }
 
@@ -1000,7 +1025,7 @@ impl<'m> Pool<'m> {
         // resumed
         let mut first = None;
         for (ctx, _, _) in seqs.iter_mut() {
-            if let Some(payload) = ctx.route.as_mut().and_then(|h| h.panic.take()) {
+            if let Some(payload) = ctx.take_route_panic() {
                 first.get_or_insert(payload);
             }
         }

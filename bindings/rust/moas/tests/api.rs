@@ -625,6 +625,24 @@ fn route_callbacks_in_a_pool_call_and_forks_without_them() {
     }));
     assert!(caught.is_err());
     assert_eq!((child.n_past(), b.n_past()), (10, 6));
-    b.clear_route_callback();
-    pool.decode(&mut [(&mut b, &ids[6..7])]).unwrap();
+    // two panics in one pool call: the first resumes, and neither comes back later (b's
+    // callback, kept, panics only once)
+    child.set_route_callback(|_| panic!("child"));
+    let mut panicked = false;
+    b.set_route_callback(move |_| {
+        if !panicked {
+            panicked = true;
+            panic!("b once");
+        }
+        None
+    });
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.decode(&mut [(&mut child, &ids[10..11]), (&mut b, &ids[6..7])])
+    }));
+    assert_eq!(*caught.unwrap_err().downcast::<&str>().unwrap(), "child");
+    child.clear_route_callback();
+    pool.decode(&mut [(&mut child, &ids[11..12]), (&mut b, &ids[7..8])])
+        .unwrap();
+    b.decode(ids[8]).unwrap();
+    assert_eq!((child.n_past(), b.n_past()), (12, 9));
 }
