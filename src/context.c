@@ -950,8 +950,9 @@ moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
     }
     if (n_keep < 0 || n_keep > ctx->n_past) {
         moas__set_error("context_truncate: n_keep %d outside [0, %d]", n_keep, ctx->n_past);
+        (void)fail(ctx, MOAS_ERR_INVALID_ARG);   /* logged while still held */
         context_release(ctx);
-        return fail(ctx, MOAS_ERR_INVALID_ARG);
+        return MOAS_ERR_INVALID_ARG;
     }
     ctx->n_past = n_keep;
     ctx->logits_valid = false;
@@ -1107,14 +1108,12 @@ static moas_status check_seq(const moas_context *ctx, const moas_pool_seq *q, in
     return check_room(ctx, q->n_tokens, what);
 }
 
-/* Claim the context of part `i` of a moas_pool_decode call (context_claim), then check
- * that part; `i` names it in the message. The parts before it are claimed, so a
- * context named twice is found by its claim. On failure part `i` is not held. */
-static moas_status claim_seq(const moas_pool *pool, const moas_pool_seq *seqs, int32_t i,
-                             moas_mode mode) {
+/* Claim the context of part `i` of a moas_pool_decode call (context_claim); `i` names
+ * it in the message. The parts before it are held, so a context named twice is found
+ * by its claim. On failure part `i` is not held. */
+static moas_status claim_seq(const moas_pool *pool, const moas_pool_seq *seqs, int32_t i) {
     const char *what = "pool_decode";
-    const moas_pool_seq *q = &seqs[i];
-    moas_context *ctx = q->ctx;
+    moas_context *ctx = seqs[i].ctx;
     MOAS_RETURN_IF(ctx == NULL, MOAS_ERR_INVALID_ARG, "%s: sequence %d has a NULL context", what, i);
     MOAS_RETURN_IF(ctx->pool != pool, MOAS_ERR_INVALID_ARG,
                    "%s: sequence %d's context is not in this pool", what, i);
@@ -1133,11 +1132,7 @@ static moas_status claim_seq(const moas_pool *pool, const moas_pool_seq *seqs, i
         }
         return MOAS_ERR_INVALID_ARG;
     }
-    const moas_status st = check_seq(ctx, q, i, mode);
-    if (st != MOAS_OK) {
-        context_release(ctx);
-    }
-    return st;
+    return MOAS_OK;
 }
 
 static void release_seqs(const moas_pool_seq *seqs, int32_t n) {
@@ -1156,8 +1151,13 @@ static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seq
     /* the mode every part must share: sequence 0's, read once it is held */
     moas_mode mode = MOAS_MODE_MIXTURE;
 
-    for (*held = 0; *held < n_seqs; (*held)++) {
-        if ((st = claim_seq(pool, seqs, *held, mode)) != MOAS_OK) {
+    for (*held = 0; *held < n_seqs;) {
+        const int32_t i = *held;
+        if ((st = claim_seq(pool, seqs, i)) != MOAS_OK) {
+            return st;
+        }
+        (*held)++;
+        if ((st = check_seq(seqs[i].ctx, &seqs[i], i, mode)) != MOAS_OK) {
             return st;
         }
         mode = seqs[0].ctx->mode;
