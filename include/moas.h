@@ -342,7 +342,8 @@ MOAS_API moas_status moas_model_load_memory(const void *data, size_t size,
  */
 MOAS_API void moas_model_free(moas_model *model);
 
-/* Hyperparameters. `model` must not be NULL; these cannot fail. */
+/* Hyperparameters. These cannot fail; a NULL `model` reads as 0 ("" for the name,
+ * MOAS_MIXING_ROUTER and MOAS_KV_SHARING_INDEPENDENT for the enums). */
 MOAS_API const char *moas_model_arch(const moas_model *model);  /* "moas" */
 MOAS_API const char *moas_model_name(const moas_model *model);  /* general.name, or "" */
 MOAS_API int32_t moas_model_n_layer(const moas_model *model);   /* transformer blocks */
@@ -710,7 +711,8 @@ MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t 
  */
 MOAS_API const float *moas_context_logits(const moas_context *ctx);
 
-/* Context state. `ctx` must not be NULL; these cannot fail. */
+/* Context state. These cannot fail; a NULL `ctx` reads as 0 (NULL model, "" kernels,
+ * MOAS_MODE_MIXTURE). */
 MOAS_API int32_t moas_context_n_past(const moas_context *ctx);    /* tokens in the cache */
 MOAS_API int32_t moas_context_n_ctx(const moas_context *ctx);     /* capacity in tokens */
 MOAS_API moas_mode moas_context_mode(const moas_context *ctx);     /* as created */
@@ -721,7 +723,8 @@ MOAS_API const char *moas_context_kernels_name(const moas_context *ctx); /* e.g.
  * moas_context_reset() - forget every token: empty the cache and the routing records.
  * METHOD: moas_context
  *
- * The context is as freshly created. `ctx` may not be NULL. While another call holds
+ * The context is as freshly created. A NULL `ctx` does nothing (moas_last_error() says
+ * so). While another call holds
  * the context (its decode, from a route callback; another thread's call), it does
  * nothing and sets moas_last_error().
  *
@@ -815,7 +818,7 @@ MOAS_API moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t byte
  * moas_context_set_route_callback() - install or remove (`fn` NULL) the route callback.
  * METHOD: moas_context
  *
- * See moas_route_fn. `ctx` may not be NULL.
+ * See moas_route_fn. A NULL `ctx` does nothing (moas_last_error() says so).
  *
  * Thread safety: one thread per context.   Allocates: no.
  */
@@ -1342,7 +1345,7 @@ MOAS_API moas_status moas_sampler_sample(moas_sampler *sampler, const float *log
  * moas_sampler_reseed() - restart the random stream from `seed`.
  * METHOD: moas_sampler
  *
- * `sampler` may not be NULL.
+ * A NULL `sampler` does nothing (moas_last_error() says so).
  */
 MOAS_API void moas_sampler_reseed(moas_sampler *sampler, uint64_t seed);
 
@@ -1367,8 +1370,8 @@ MOAS_API moas_status moas_sampler_accept(moas_sampler *sampler, int32_t token);
  * moas_sampler_reset() - forget the tokens remembered for the repetition penalty.
  * METHOD: moas_sampler
  *
- * The random stream goes on (moas_sampler_reseed() restarts it). `sampler` may not
- * be NULL.
+ * The random stream goes on (moas_sampler_reseed() restarts it). A NULL `sampler`
+ * does nothing (moas_last_error() says so).
  *
  * Thread safety: one thread per sampler.   Allocates: no.
  * Since: 1.1.

@@ -921,13 +921,24 @@ const float *moas_context_logits(const moas_context *ctx) {
     return ctx != NULL && ctx->logits_valid ? ctx->logits : NULL;
 }
 
-int32_t moas_context_n_past(const moas_context *ctx) { return ctx->n_past; }
-int32_t moas_context_n_ctx(const moas_context *ctx) { return ctx->n_ctx; }
-moas_mode moas_context_mode(const moas_context *ctx) { return ctx->mode; }
-const moas_model *moas_context_model(const moas_context *ctx) { return ctx->model; }
-const char *moas_context_kernels_name(const moas_context *ctx) { return ctx->ops->name; }
+/* A NULL context reads as nothing (0, NULL, "", mixture) rather than crashing. */
+int32_t moas_context_n_past(const moas_context *ctx) { return ctx != NULL ? ctx->n_past : 0; }
+int32_t moas_context_n_ctx(const moas_context *ctx) { return ctx != NULL ? ctx->n_ctx : 0; }
+moas_mode moas_context_mode(const moas_context *ctx) {
+    return ctx != NULL ? ctx->mode : MOAS_MODE_MIXTURE;
+}
+const moas_model *moas_context_model(const moas_context *ctx) {
+    return ctx != NULL ? ctx->model : NULL;
+}
+const char *moas_context_kernels_name(const moas_context *ctx) {
+    return ctx != NULL ? ctx->ops->name : "";
+}
 
 void moas_context_reset(moas_context *ctx) {
+    if (ctx == NULL) {
+        moas__set_error("context_reset: ctx is NULL");
+        return;
+    }
     if (context_claim(ctx, "context_reset") != MOAS_OK) {
         return;
     }
@@ -1053,22 +1064,26 @@ moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes) {
 }
 
 void moas_context_set_route_callback(moas_context *ctx, moas_route_fn fn, void *user) {
+    if (ctx == NULL) {
+        moas__set_error("context_set_route_callback: ctx is NULL");
+        return;
+    }
     ctx->route_fn = fn;
     ctx->route_user = user;
 }
 
 size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer) {
-    if (layer < -1 || layer >= ctx->model->n_layer) {
+    if (ctx == NULL || layer < -1 || layer >= ctx->model->n_layer) {
         return 0;
     }
     return (size_t)kv_bytes_at(ctx, layer, ctx->n_past);
 }
 
 size_t moas_context_kv_bytes_reserved(const moas_context *ctx, int32_t layer) {
-    const moas_model *m = ctx->model;
-    if (layer < -1 || layer >= m->n_layer) {
+    if (ctx == NULL || layer < -1 || layer >= ctx->model->n_layer) {
         return 0;
     }
+    const moas_model *m = ctx->model;
     uint64_t per_layer;
     if (ctx->mode == MOAS_MODE_ROUTED) {
         per_layer = (uint64_t)ctx->n_ctx * ((uint64_t)ctx->kv[0].n_kv * 2 * ctx->kv_head_bytes +
@@ -1354,13 +1369,16 @@ moas_status moas_context_fork(moas_context *parent, moas_context **out) {
 
 int32_t moas_context_kv_pages(const moas_context *ctx) {
     int32_t n = 0;
-    for (int32_t i = 0; i < ctx->n_streams; i++) {
+    for (int32_t i = 0; ctx != NULL && i < ctx->n_streams; i++) {
         n += ctx->kv[i].n_pages;
     }
     return n;
 }
 
 size_t moas_context_kv_bytes_held(const moas_context *ctx) {
+    if (ctx == NULL) {
+        return 0;
+    }
     return (size_t)moas_context_kv_pages(ctx) * (size_t)ctx->pool->page_heads *
            ctx->pool->head_bytes * 2;
 }

@@ -813,20 +813,26 @@ void moas_model_params_init_sized(moas_model_params *params, size_t size) {
 
 /* ---- queries ----------------------------------------------------------------- */
 
+/* A NULL model reads as nothing (0, "", the first enum value) rather than crashing:
+ * these cannot report an error, and a caller's slip should not end its process. */
 const char *moas_model_arch(const moas_model *m) { (void)m; return "moas"; }
-const char *moas_model_name(const moas_model *m) { return m->name; }
-int32_t moas_model_n_layer(const moas_model *m) { return m->n_layer; }
-int32_t moas_model_n_embd(const moas_model *m) { return m->n_embd; }
-int32_t moas_model_n_head(const moas_model *m) { return m->n_head; }
-int32_t moas_model_head_dim(const moas_model *m) { return m->head_dim; }
-int32_t moas_model_n_ff(const moas_model *m) { return m->n_ff; }
-int32_t moas_model_n_vocab(const moas_model *m) { return m->n_vocab; }
-int32_t moas_model_n_ctx_train(const moas_model *m) { return m->n_ctx_train; }
-int32_t moas_model_n_scheme(const moas_model *m) { return m->n_scheme; }
-moas_mixing moas_model_mixing(const moas_model *m) { return m->mixing; }
-moas_kv_sharing moas_model_kv_sharing(const moas_model *m) { return m->kv_sharing; }
-int32_t moas_model_has_bias(const moas_model *m) { return m->bias ? 1 : 0; }
-uint64_t moas_model_n_params(const moas_model *m) { return m->n_params; }
+const char *moas_model_name(const moas_model *m) { return m != NULL ? m->name : ""; }
+int32_t moas_model_n_layer(const moas_model *m) { return m != NULL ? m->n_layer : 0; }
+int32_t moas_model_n_embd(const moas_model *m) { return m != NULL ? m->n_embd : 0; }
+int32_t moas_model_n_head(const moas_model *m) { return m != NULL ? m->n_head : 0; }
+int32_t moas_model_head_dim(const moas_model *m) { return m != NULL ? m->head_dim : 0; }
+int32_t moas_model_n_ff(const moas_model *m) { return m != NULL ? m->n_ff : 0; }
+int32_t moas_model_n_vocab(const moas_model *m) { return m != NULL ? m->n_vocab : 0; }
+int32_t moas_model_n_ctx_train(const moas_model *m) { return m != NULL ? m->n_ctx_train : 0; }
+int32_t moas_model_n_scheme(const moas_model *m) { return m != NULL ? m->n_scheme : 0; }
+moas_mixing moas_model_mixing(const moas_model *m) {
+    return m != NULL ? m->mixing : MOAS_MIXING_ROUTER;
+}
+moas_kv_sharing moas_model_kv_sharing(const moas_model *m) {
+    return m != NULL ? m->kv_sharing : MOAS_KV_SHARING_INDEPENDENT;
+}
+int32_t moas_model_has_bias(const moas_model *m) { return m != NULL && m->bias ? 1 : 0; }
+uint64_t moas_model_n_params(const moas_model *m) { return m != NULL ? m->n_params : 0; }
 
 int32_t moas_model_scheme_n_kv(const moas_model *m, int32_t scheme) {
     if (m == NULL || scheme < 0 || scheme >= m->n_scheme) {
@@ -836,7 +842,7 @@ int32_t moas_model_scheme_n_kv(const moas_model *m, int32_t scheme) {
 }
 
 int64_t moas_model_n_tensors(const moas_model *m) {
-    return (int64_t)m->gguf->n_tensors;
+    return m != NULL ? (int64_t)m->gguf->n_tensors : 0;
 }
 
 moas_status moas_model_tensor(const moas_model *m, int64_t index, moas_tensor_info *info) {
@@ -880,7 +886,7 @@ moas_status moas_model_tensor_find(const moas_model *m, const char *name, int64_
 /* ---- metadata ---------------------------------------------------------------- */
 
 int64_t moas_model_meta_count(const moas_model *m) {
-    return (int64_t)m->gguf->n_kv;
+    return m != NULL ? (int64_t)m->gguf->n_kv : 0;
 }
 
 const char *moas_model_meta_key(const moas_model *m, int64_t index) {

@@ -173,6 +173,10 @@ void moas_sampler_free(moas_sampler *s) {
 }
 
 void moas_sampler_reseed(moas_sampler *s, uint64_t seed) {
+    if (s == NULL) {
+        moas__set_error("sampler_reseed: sampler is NULL");
+        return;
+    }
     s->state = seed_state(seed);
 }
 
@@ -197,6 +201,10 @@ moas_status moas_sampler_accept(moas_sampler *s, int32_t token) {
 }
 
 void moas_sampler_reset(moas_sampler *s) {
+    if (s == NULL) {
+        moas__set_error("sampler_reset: sampler is NULL");
+        return;
+    }
     s->n_history = 0;
     s->history_next = 0;
 }

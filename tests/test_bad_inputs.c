@@ -129,3 +129,48 @@ TEST(bad_inputs_sampler_params_size_is_checked) {
     moas_sampler_free(s);
     return TEST_PASS;
 }
+
+/* Every call that cannot report an error reads a NULL object as nothing (0, "", NULL,
+ * the enum's first value) instead of crashing; the void ones that change something do
+ * nothing and say why in moas_last_error(). */
+TEST(bad_inputs_null_objects_read_as_nothing) {
+    const moas_model *m = NULL;
+    ASSERT_TRUE(strcmp(moas_model_arch(m), "moas") == 0);
+    ASSERT_TRUE(strcmp(moas_model_name(m), "") == 0);
+    ASSERT_EQ(moas_model_n_layer(m) + moas_model_n_embd(m) + moas_model_n_head(m) +
+                  moas_model_head_dim(m) + moas_model_n_ff(m) + moas_model_n_vocab(m) +
+                  moas_model_n_ctx_train(m) + moas_model_n_scheme(m) + moas_model_has_bias(m) +
+                  moas_model_scheme_n_kv(m, 0),
+              0);
+    ASSERT_EQ((int)moas_model_mixing(m), (int)MOAS_MIXING_ROUTER);
+    ASSERT_EQ((int)moas_model_kv_sharing(m), (int)MOAS_KV_SHARING_INDEPENDENT);
+    ASSERT_TRUE(moas_model_n_params(m) == 0 && moas_model_n_tensors(m) == 0 &&
+                moas_model_meta_count(m) == 0 && moas_model_meta_key(m, 0) == NULL &&
+                moas_token_text(m, 0) == NULL);
+
+    moas_context *c = NULL;
+    ASSERT_TRUE(moas_context_logits(c) == NULL && moas_context_model(c) == NULL);
+    ASSERT_EQ(moas_context_n_past(c) + moas_context_n_ctx(c) + moas_context_n_threads(c) +
+                  moas_context_kv_pages(c),
+              0);
+    ASSERT_EQ((int)moas_context_mode(c), (int)MOAS_MODE_MIXTURE);
+    ASSERT_TRUE(strcmp(moas_context_kernels_name(c), "") == 0);
+    ASSERT_TRUE(moas_context_kv_bytes_used(c, -1) == 0 && moas_context_kv_bytes_reserved(c, -1) == 0 &&
+                moas_context_kv_bytes_held(c) == 0 && moas_context_kv_token_bytes(c, 0) == 0 &&
+                moas_context_state_size(c) == 0);
+    moas_context_reset(c);
+    ASSERT_TRUE(strstr(moas_last_error(), "context_reset: ctx is NULL") != NULL);
+    moas_context_set_route_callback(c, NULL, NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "context_set_route_callback: ctx is NULL") != NULL);
+    moas_context_free(c);
+
+    moas_sampler *s = NULL;
+    moas_sampler_reseed(s, 1);
+    ASSERT_TRUE(strstr(moas_last_error(), "sampler_reseed: sampler is NULL") != NULL);
+    moas_sampler_reset(s);
+    ASSERT_TRUE(strstr(moas_last_error(), "sampler_reset: sampler is NULL") != NULL);
+    moas_sampler_free(s);
+    moas_pool_free(NULL);
+    moas_model_free(NULL);
+    return TEST_PASS;
+}
