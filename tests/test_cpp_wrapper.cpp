@@ -253,6 +253,21 @@ int main(int argc, char **argv) {
             self_set.decode(ids[0]);
             CHECK(first_calls == 1 && second_calls == n_layer - 1);
 
+            // ... and one that replaces itself, then calls a decode of its own context:
+            // refused by the library, thrown back after the outer call, and the running
+            // closure is not freed by the refused call's clean-up
+            moas::context nested(model);
+            bool still_alive = false;
+            nested.set_route_callback(
+                [&, kept](const moas::route_event &) -> std::optional<int32_t> {
+                    nested.set_route_callback(nullptr);
+                    nested.decode(ids[1]);   // throws: the context is being decoded
+                    still_alive = kept == "captured by value";
+                    return std::nullopt;
+                });
+            CHECK(status_of([&] { nested.decode(ids[0]); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(!still_alive && nested.n_past() == 1);
+
             // a context with a callback moved into another: the callback goes with it
             int moved_calls = 0;
             std::optional<moas::context> source(std::in_place, model);

@@ -19,6 +19,7 @@
 
 #include <moas.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -405,11 +406,24 @@ private:
         check(moas_context_create(detail::live(m.get()), params, &p));
         ptr_.reset(p);
     }
-    /* After a decoding call: the hooks replaced during it go, and the exception the
-     * route callback threw during it, taken, or null. */
+    /* After a decoding call: the first exception a route callback threw during it (a
+     * replaced one's first), taken, or null; the hooks replaced during it go, but one
+     * still running (this call was itself made, and refused, from inside it). */
     std::exception_ptr take_route_failure() noexcept {
-        retired_.clear();
-        return route_ ? std::exchange(route_->failure, nullptr) : nullptr;
+        std::exception_ptr first;
+        for (const auto &h : retired_) {
+            if (h->running == 0 && h->failure && !first) {
+                first = std::exchange(h->failure, nullptr);
+            }
+        }
+        std::exception_ptr current = route_ ? std::exchange(route_->failure, nullptr) : nullptr;
+        first = first ? first : current;
+        retired_.erase(std::remove_if(retired_.begin(), retired_.end(),
+                                      [](const std::unique_ptr<detail::route_hook> &h) {
+                                          return h->running == 0;
+                                      }),
+                       retired_.end());
+        return first;
     }
     void after_decoding() {
         if (std::exception_ptr e = take_route_failure()) {
