@@ -54,26 +54,27 @@
  *         return ok ? 0 : 1;
  *     }
  *
- * THREADING. A model is read-only once loaded: any number of contexts, on any number
- * of threads, may share it. A context or a sampler belongs to one thread at a time;
- * calls on different contexts never interfere. A call that changes a context's
- * sequence (decode, truncate, reset, fork, state load, compaction, shift, free, a
+ * THREADING. A model is read-only once loaded: any number of contexts, on any number of
+ * threads, may share it. A context or a sampler belongs to one thread at a time; calls
+ * on different contexts never interfere. A call that changes a context's sequence
+ * (decode, truncate, reset, fork, state load, compaction, shift, free, a
  * moas_pool_decode() naming it) holds it until it returns, and another such call
- * meanwhile (from a route callback, or from another thread against the rule) is
- * refused with MOAS_ERR_INVALID_ARG and changes nothing. Settings (forced scheme,
- * budget, route callback) and getters are not checked. A context may use several
- * threads inside one call (OpenMP, `n_threads`); results do not depend on that number.
- * The calling thread leads them and runs every callback; the others spin briefly between
- * the call's parallel steps, then sleep, and the calling thread waiting for another's
- * slice spins, yields, then sleeps. Between calls the workers are the OpenMP runtime's,
- * which keeps them spinning for a while by default (OMP_WAIT_POLICY=passive: they
- * sleep at once; docs/API.md, "Decode"). When the other threads come late (the
- * machine's cores are busy), the following calls run on the calling thread alone for
- * a while; and a small call (a decoded token of a small model) runs on the calling
- * thread alone whenever that was last measured faster than the team. A call should
- * still not ask for more threads than it has free cores. A decoding call needs up to
- * about 48 KB of stack on the calling thread and on each OpenMP worker (Q8_0 weights
- * make a block of rows into floats there).
+ * meanwhile (from a route callback, or from another thread against the rule) is refused
+ * with MOAS_ERR_INVALID_ARG and changes nothing. The settings (forced scheme, budget,
+ * route callback) may be changed by a route callback on the decoding thread and are
+ * refused the same way to another thread meanwhile; getters are not checked. A context
+ * may use several threads inside one call (OpenMP, `n_threads`); results do not depend
+ * on that number. The calling thread leads them and runs every callback; the others
+ * spin briefly between the call's parallel steps, then sleep, and the calling thread
+ * waiting for another's slice spins, yields, then sleeps. Between calls the workers are
+ * the OpenMP runtime's, which keeps them spinning for a while by default
+ * (OMP_WAIT_POLICY=passive: they sleep at once; docs/API.md, "Decode"). When the other
+ * threads come late (the machine's cores are busy), the following calls run on the
+ * calling thread alone for a while; and a small call (a decoded token of a small model)
+ * runs on the calling thread alone whenever that was last measured faster than the
+ * team. A call should still not ask for more threads than it has free cores. A decoding
+ * call needs up to about 48 KB of stack on the calling thread and on each OpenMP worker
+ * (Q8_0 weights make a block of rows into floats there).
  *
  * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
  * pointer beyond the call unless the function's documentation says so (a memory

@@ -469,6 +469,7 @@ static moas_status context_make(const moas_model *model, const moas_context_para
         ctx->alloc = &ctx->alloc_copy;
     }
     atomic_init(&ctx->in_use, false);
+    atomic_init(&ctx->holder, NULL);
     ctx->model = model;
     ctx->log = p->log;
     ctx->log_user = p->log_user;
@@ -671,17 +672,46 @@ static moas_status fail(const moas_context *ctx, moas_status st) {
  * either would reuse or change the pages and buffers the first is writing, so it is
  * refused with MOAS_ERR_INVALID_ARG and changes nothing. The refusal reads only the
  * flag and what creation wrote (the log callback). */
-static moas_status context_claim(moas_context *ctx, const char *what) {
-    if (!atomic_exchange_explicit(&ctx->in_use, true, memory_order_acquire)) {
-        return MOAS_OK;
-    }
+/* One address per thread: a holder marks the context with its own. Only this thread
+ * stores this address, and it clears it before letting go, so a thread that reads its
+ * own marker there holds the context now (relaxed loads suffice). */
+static _Thread_local char thread_marker;
+
+static moas_status refuse_in_use(const moas_context *ctx, const char *what) {
     moas__set_error("%s: the context is in use by another call (its own decode, from a route "
                     "callback, or a call from another thread)", what);
     return fail(ctx, MOAS_ERR_INVALID_ARG);
 }
 
+static bool context_try_claim(moas_context *ctx) {
+    if (atomic_exchange_explicit(&ctx->in_use, true, memory_order_acquire)) {
+        return false;
+    }
+    atomic_store_explicit(&ctx->holder, (const void *)&thread_marker, memory_order_relaxed);
+    return true;
+}
+
+static moas_status context_claim(moas_context *ctx, const char *what) {
+    return context_try_claim(ctx) ? MOAS_OK : refuse_in_use(ctx, what);
+}
+
 static void context_release(moas_context *ctx) {
+    atomic_store_explicit(&ctx->holder, NULL, memory_order_relaxed);
     atomic_store_explicit(&ctx->in_use, false, memory_order_release);
+}
+
+/* The settings (forced scheme, budget, route callback) a route callback may change on a
+ * context of the decode under way, its own thread's: they go ahead when this thread
+ * holds the context (*claimed false), or once it is claimed for them (*claimed true),
+ * and are refused while another thread's call holds it. */
+static moas_status settings_claim(moas_context *ctx, const char *what, bool *claimed) {
+    *claimed = false;
+    if (atomic_load_explicit(&ctx->holder, memory_order_relaxed) == (const void *)&thread_marker) {
+        return MOAS_OK;
+    }
+    const moas_status st = context_claim(ctx, what);
+    *claimed = st == MOAS_OK;
+    return st;
 }
 
 /* `index` is the token's place in a batch, or -1 for a single token. */
@@ -1036,40 +1066,63 @@ moas_status moas_context_scheme_counts(const moas_context *ctx, int32_t layer, i
 }
 
 moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme) {
+    bool claimed;
     if (ctx == NULL) {
         moas__set_error("context_force_scheme: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
+    if (settings_claim(ctx, "context_force_scheme", &claimed) != MOAS_OK) {
+        return MOAS_ERR_INVALID_ARG;
+    }
+    moas_status st = MOAS_OK;
     if (scheme < -1 || scheme >= ctx->model->n_scheme ||
         (scheme >= 0 && ctx->mode != MOAS_MODE_ROUTED)) {
         moas__set_error("context_force_scheme: %s", ctx->mode != MOAS_MODE_ROUTED
                                                         ? "forcing a scheme needs routed mode"
                                                         : "scheme outside [-1, n_scheme)");
-        return fail(ctx, MOAS_ERR_INVALID_ARG);
+        st = fail(ctx, MOAS_ERR_INVALID_ARG);
+    } else {
+        ctx->forced_scheme = scheme;
     }
-    ctx->forced_scheme = scheme;
-    return MOAS_OK;
+    if (claimed) {
+        context_release(ctx);
+    }
+    return st;
 }
 
 moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes) {
-    moas_status st;
+    bool claimed;
     if (ctx == NULL) {
         moas__set_error("context_set_kv_budget: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if ((st = check_budget(ctx, bytes)) != MOAS_OK) {
-        return fail(ctx, st);
+    if (settings_claim(ctx, "context_set_kv_budget", &claimed) != MOAS_OK) {
+        return MOAS_ERR_INVALID_ARG;
     }
-    return MOAS_OK;
+    moas_status st = check_budget(ctx, bytes);
+    if (st != MOAS_OK) {
+        (void)fail(ctx, st);
+    }
+    if (claimed) {
+        context_release(ctx);
+    }
+    return st;
 }
 
 void moas_context_set_route_callback(moas_context *ctx, moas_route_fn fn, void *user) {
+    bool claimed;
     if (ctx == NULL) {
         moas__set_error("context_set_route_callback: ctx is NULL");
         return;
     }
+    if (settings_claim(ctx, "context_set_route_callback", &claimed) != MOAS_OK) {
+        return;
+    }
     ctx->route_fn = fn;
     ctx->route_user = user;
+    if (claimed) {
+        context_release(ctx);
+    }
 }
 
 size_t moas_context_kv_bytes_used(const moas_context *ctx, int32_t layer) {
@@ -1132,7 +1185,7 @@ static moas_status claim_seq(const moas_pool *pool, const moas_pool_seq *seqs, i
     MOAS_RETURN_IF(ctx == NULL, MOAS_ERR_INVALID_ARG, "%s: sequence %d has a NULL context", what, i);
     MOAS_RETURN_IF(ctx->pool != pool, MOAS_ERR_INVALID_ARG,
                    "%s: sequence %d's context is not in this pool", what, i);
-    if (atomic_exchange_explicit(&ctx->in_use, true, memory_order_acquire)) {
+    if (!context_try_claim(ctx)) {
         int32_t first = 0;
         while (first < i && seqs[first].ctx != ctx) {
             first++;

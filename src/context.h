@@ -122,6 +122,8 @@ struct moas_context {
                               * frees the context: such a call meanwhile, from a route
                               * callback or another thread, is refused (context.c,
                               * context_claim) */
+    _Atomic(const void *) holder; /* the holding thread's marker (context.c): a setting
+                              * changed from a callback on that thread goes ahead */
 
     /* the KV cache: mixture mode [n_layer * n_scheme] uniform streams (pooled models:
      * [n_layer] of n_head heads), routed mode [n_layer] ragged streams; their pages in

@@ -2155,8 +2155,11 @@ TEST(calls_into_a_context_being_decoded_are_refused) {
 /* One thread per context is the rule; a call that breaks it while another thread's
  * call holds the context is refused as a route callback's is, and changes nothing:
  * thread A decodes `a` and waits inside its route callback; meanwhile this thread's
- * calls on `a` (and pool calls naming `b` then `a`, and `a` alone) are refused, `b`
- * keeps no claim, and A's decode ends with the bits of decoding alone. */
+ * calls on `a` (and pool calls naming `b` then `a`, and `a` alone, and the settings:
+ * forced scheme, budget, route callback) are refused, `b` keeps no claim, and A's
+ * decode ends with the bits of decoding alone (its callback still called). A route
+ * callback changing its own context's settings, on the decoding thread, goes ahead
+ * (pool_call_keeps_tokens_within_their_reservation). */
 typedef struct {
     moas_context *ctx;
     int32_t token;
@@ -2238,7 +2241,13 @@ TEST(calls_on_a_context_another_thread_holds_are_refused) {
                strstr(moas_last_error(), "sequence 1's context") != NULL;
     refused += refused_in_use(moas_pool_decode(pool, &q[1], 1)) &&
                strstr(moas_last_error(), "sequence 0's context") != NULL;
-    ASSERT_EQ(refused, 11);
+    /* the settings too: another thread's change would race with the decode reading them */
+    refused += refused_in_use(moas_context_force_scheme(a, 2));
+    refused += refused_in_use(moas_context_set_kv_budget(a, 1 << 20));
+    moas_context_set_route_callback(a, NULL, NULL);
+    refused += strstr(moas_last_error(), "context_set_route_callback: the context is in use") !=
+               NULL;
+    ASSERT_EQ(refused, 14);
     ASSERT_TRUE(child == NULL && changed == 0);
     ASSERT_EQ(moas_context_n_past(b), 0);
     moas_pool_info during = {.size = sizeof during};
