@@ -795,7 +795,8 @@ MOAS_API moas_status moas_context_scheme_counts(const moas_context *ctx, int32_t
  * next decoded token, so a caller may force one token and release the next.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `scheme` outside
- *          [-1, n_scheme), or a context in mixture mode).
+ *          [-1, n_scheme), a context in mixture mode, or one another thread's call
+ *          holds: THREADING above).
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme);
@@ -810,7 +811,8 @@ MOAS_API moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme
  * number of tokens. Tokens already stored are kept even if they exceed a new cap.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, a nonzero cap below what one
- *          token needs with the cheapest scheme in every layer).
+ *          token needs with the cheapest scheme in every layer, or a context another
+ *          thread's call holds: THREADING above).
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes);
@@ -819,7 +821,8 @@ MOAS_API moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t byte
  * moas_context_set_route_callback() - install or remove (`fn` NULL) the route callback.
  * METHOD: moas_context
  *
- * See moas_route_fn. A NULL `ctx` does nothing (moas_last_error() says so).
+ * See moas_route_fn. A NULL `ctx`, or one another thread's call holds (THREADING
+ * above), is left as it is (moas_last_error() says why).
  *
  * Thread safety: one thread per context.   Allocates: no.
  */
