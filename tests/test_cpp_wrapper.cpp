@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -281,6 +282,84 @@ int main(int argc, char **argv) {
             source.reset();   // the moved-from object goes; the hook went with the context
             target.decode(ids[0]);
             CHECK(moved_calls == n_layer);
+
+            // a callback that destroys its own context, the last owner of its model: the
+            // decode runs to its end on what it holds, all of it freed when it returns
+            // (the model was unmapped under the decode, then the hooks read after free)
+            {
+                auto m = std::make_unique<moas::model>(argv[1]);
+                auto doomed = std::make_unique<moas::context>(*m);
+                m.reset();
+                int after = 0;
+                doomed->set_route_callback([&](const moas::route_event &) -> std::optional<int32_t> {
+                    if (doomed) {
+                        doomed.reset();
+                    } else {
+                        after++;
+                    }
+                    return std::nullopt;
+                });
+                moas::context *running = doomed.get();
+                const std::vector<float> all_logits = running->decode(ids, MOAS_LOGITS_ALL);
+                CHECK(!doomed && after == static_cast<int>(ids.size()) * n_layer - 1);
+                CHECK(all_logits.size() == ids.size() * n_vocab &&
+                      same(all_logits.data() + all_logits.size() - n_vocab, reference.logits(),
+                           n_vocab));
+            }
+            // ... or assigns another context to it, in one token's decode and in a pool call
+            // whose other context it destroys
+            {
+                auto m = std::make_unique<moas::model>(argv[1]);
+                moas::context replaced(*m);
+                m.reset();
+                replaced.set_route_callback([&](const moas::route_event &) -> std::optional<int32_t> {
+                    replaced = moas::context(model);
+                    return std::nullopt;
+                });
+                replaced.decode(ids[0]);
+                CHECK(replaced.n_past() == 0);
+                replaced.decode(ids);   // the new context, without a callback
+                CHECK(same(replaced.logits(), reference.logits(), n_vocab));
+
+                std::optional<moas::pool> p5(std::in_place, model, pp);
+                moas::context killer(model, *p5);
+                std::optional<moas::context> victim(std::in_place, model, *p5);
+                killer.set_route_callback([&](const moas::route_event &) -> std::optional<int32_t> {
+                    victim.reset();
+                    return std::nullopt;
+                });
+                moas::context &victim_ref = *victim;
+                p5->decode({{killer, {ids[0], ids[1]}}, {victim_ref, {ids[0]}}});
+                CHECK(!victim && killer.n_past() == 2);
+                p5.reset();
+                killer.set_route_callback(nullptr);
+                killer.decode(std::vector<int32_t>(ids.begin() + 2, ids.end()));
+                CHECK(same(killer.logits(), reference.logits(), n_vocab));
+            }
+        }
+
+        // every token's logits asked for more tokens than fit: refused before a buffer
+        // for them is sized (it was, n_tokens x n_vocab floats, then the library refused)
+        {
+            moas::context small(model);
+            moas::pool p6(model, pp);
+            moas::context pooled(model, p6);
+            small.decode(ids[0]);
+            const std::vector<int32_t> too_many(static_cast<size_t>(small.n_ctx()), ids[0]);
+            std::string said;
+            try {
+                small.decode(too_many, MOAS_LOGITS_ALL);
+            } catch (const moas::error &e) {
+                said = e.message();
+            }
+            CHECK(said.rfind("decode: ", 0) == 0 && small.n_past() == 1);
+            const std::vector<int32_t> past_end(too_many.size() + 1, ids[0]);
+            CHECK(status_of([&] { p6.decode({{pooled, past_end, MOAS_LOGITS_ALL}}); }) ==
+                  MOAS_ERR_CONTEXT_FULL);
+            CHECK(pooled.n_past() == 0);
+            CHECK(status_of([&] { small.decode(too_many, MOAS_LOGITS_NONE); }) ==
+                  MOAS_ERR_CONTEXT_FULL);   // the library's own refusal
+            CHECK(small.n_past() == 1);
         }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "test_cpp_wrapper: %s\n", e.what());

@@ -232,6 +232,58 @@ struct route_hook {
         }
     }
 };
+
+/* What a context owns, in the order it must go: the C context first, then its route
+ * hooks, then the model or pool. A decoding call holds its own reference for as long as
+ * the C call runs, so a callback that destroys or reassigns the moas::context only drops
+ * a reference: the rest goes when the call returns. */
+struct context_state {
+    std::shared_ptr<void> owner;   // the model or pool: declared first, so freed last
+    std::unique_ptr<route_hook> route;
+    std::vector<std::unique_ptr<route_hook>> retired;   // replaced while running
+    std::unique_ptr<moas_context, free_context> ptr;
+
+    context_state(moas_context *p, std::shared_ptr<void> keep) noexcept
+        : owner(std::move(keep)), ptr(p) {}
+
+    /* After a decoding call: the first exception a route callback threw during it (a
+     * replaced one's first), taken, or null; the hooks replaced during it go, but one
+     * still running (this call was itself made, and refused, from inside it). */
+    std::exception_ptr take_route_failure() noexcept {
+        std::exception_ptr first;
+        for (const auto &h : retired) {
+            if (h->running == 0 && h->failure && !first) {
+                first = std::exchange(h->failure, nullptr);
+            }
+        }
+        std::exception_ptr current = route ? std::exchange(route->failure, nullptr) : nullptr;
+        first = first ? first : current;
+        retired.erase(std::remove_if(retired.begin(), retired.end(),
+                                     [](const std::unique_ptr<route_hook> &h) {
+                                         return h->running == 0;
+                                     }),
+                      retired.end());
+        return first;
+    }
+    void rethrow_route_failure() {
+        if (std::exception_ptr e = take_route_failure()) {
+            std::rethrow_exception(e);
+        }
+    }
+};
+
+/* MOAS_ERR_CONTEXT_FULL, before a buffer for every token's logits is sized by a count
+ * that could not fit anyway. */
+inline void check_room(const moas_context *ctx, size_t n_tokens, moas_logits which,
+                       const char *what) {
+    const int32_t room = moas_context_n_ctx(ctx) - moas_context_n_past(ctx);
+    if (which == MOAS_LOGITS_ALL && n_tokens > static_cast<size_t>(room > 0 ? room : 0)) {
+        throw error(MOAS_ERR_CONTEXT_FULL,
+                    std::string(what) + ": " + std::to_string(n_tokens) +
+                        " token(s) do not fit: " + std::to_string(room) + " of " +
+                        std::to_string(moas_context_n_ctx(ctx)) + " positions are free");
+    }
+}
 }  // namespace detail
 
 class context {
@@ -239,47 +291,36 @@ public:
     /* A context with its own cache. `params` may not name a pool: use the constructors
      * that take one, which keep it alive. */
     explicit context(const model &m, const moas_context_params *params = nullptr)
-        : owner_(m.ptr_), n_vocab_(m.n_vocab()) {
+        : n_vocab_(m.n_vocab()) {
         if (params != nullptr && params->pool != nullptr) {
             throw error(MOAS_ERR_INVALID_ARG, "context: pass the moas::pool itself, not "
                                               "params->pool");
         }
-        create(m, params);
+        create(m, params, m.ptr_);
     }
     /* A context in `pl`: `params` as given (default: mixture mode), its pool set to `pl`. */
-    context(const model &m, pool &pl, moas_context_params params)
-        : owner_(pl.ptr_), n_vocab_(m.n_vocab()) {
+    context(const model &m, pool &pl, moas_context_params params) : n_vocab_(m.n_vocab()) {
         params.pool = detail::live(pl.get());
-        create(m, &params);
+        create(m, &params, pl.ptr_);
     }
     context(const model &m, pool &pl, moas_mode mode = MOAS_MODE_MIXTURE)
         : context(m, pl, default_params(mode)) {}
 
+    /* Moves and destruction drop this object's reference to what it owns; a decoding
+     * call under way (one of whose route callbacks destroys or assigns to this object)
+     * keeps the rest until it returns. */
     context(context &&) noexcept = default;
-    /* The context held so far is freed before its model or pool may be (the default
-     * would replace the owner first, and could free a pool under its context). */
-    context &operator=(context &&other) noexcept {
-        if (this != &other) {
-            keep_running_hooks();
-            ptr_.reset();
-            owner_ = std::move(other.owner_);
-            n_vocab_ = other.n_vocab_;
-            route_ = std::move(other.route_);   // the old hook after the C context using it
-            retired_ = std::move(other.retired_);
-            ptr_ = std::move(other.ptr_);
-        }
-        return *this;
-    }
-    ~context() { keep_running_hooks(); }
+    context &operator=(context &&) noexcept = default;
+    ~context() = default;
 
     /* A new context continuing from this one's tokens, sharing its pages (in a pool),
      * with a copy of its route callback (as the C fork keeps the callback). */
     context fork() {
         moas_context *p = nullptr;
         check(moas_context_fork(detail::live(get()), &p));
-        context child(p, owner_, n_vocab_);
-        if (route_) {   // C copied our hook as its user: the fork gets a hook of its own
-            child.set_route_callback(route_->fn);
+        context child(p, s_->owner, n_vocab_);
+        if (s_->route) {   // C copied our hook as its user: the fork gets a hook of its own
+            child.set_route_callback(s_->route->fn);
         }
         return child;
     }
@@ -287,7 +328,9 @@ public:
     /* Call `fn` for every token and layer as it is decoded (moas_context_set_route_callback):
      * in routed mode its answer is the scheme to run. It runs on the decoding thread and
      * must not use this context (the library refuses what would change it; replacing the
-     * callback from inside it takes effect at the next token or layer). An exception it
+     * callback from inside it takes effect at the next token or layer; destroying this
+     * object or assigning another to it is safe: the decoding call keeps the C context,
+     * its hooks and its model or pool until it returns, then frees them). An exception it
      * throws is thrown again, as it was, when the decoding call (decode, or a pool's
      * decode) returns. An empty `fn` removes it. */
     void set_route_callback(route_fn fn) {
@@ -301,14 +344,15 @@ public:
                                         hook.get());
         // the old hook after C stopped using it; if it is running (this call comes from
         // inside it), when the decoding call returns
-        if (route_ && route_->running > 0) {
+        detail::context_state &st = *s_;
+        if (st.route && st.route->running > 0) {
             try {
-                retired_.push_back(std::move(route_));
+                st.retired.push_back(std::move(st.route));
             } catch (...) {
-                (void)route_.release();   // no room to keep it: leaked, not freed
+                (void)st.route.release();   // no room to keep it: leaked, not freed
             }
         }
-        route_ = std::move(hook);
+        st.route = std::move(hook);
     }
     std::vector<unsigned char> save_state() const {
         std::vector<unsigned char> buf(moas_context_state_size(detail::live(get())));
@@ -338,12 +382,15 @@ public:
     void shift(int32_t n_keep, int32_t n_discard) {
         check(moas_context_shift(detail::live(get()), n_keep, n_discard));
     }
-    moas_context *get() noexcept { return ptr_.get(); }
-    const moas_context *get() const noexcept { return ptr_.get(); }
+    moas_context *get() noexcept { return s_ ? s_->ptr.get() : nullptr; }
+    const moas_context *get() const noexcept { return s_ ? s_->ptr.get() : nullptr; }
 
+    /* (The decoding members touch no member after the C call: a route callback may
+     * have destroyed this object. `held` keeps what the call uses.) */
     void decode(int32_t token) {
-        const moas_status st = moas_context_decode(detail::live(get()), token, nullptr);
-        after_decoding();
+        const std::shared_ptr<detail::context_state> held = hold();
+        const moas_status st = moas_context_decode(held->ptr.get(), token, nullptr);
+        held->rethrow_route_failure();
         check(st);
     }
     void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
@@ -354,11 +401,13 @@ public:
     /* Consecutive tokens, all or none; returns the logits `which` asks for: none, the
      * last token's n_vocab (also in logits()) or every token's n_tokens x n_vocab. */
     std::vector<float> decode(const std::vector<int32_t> &tokens, moas_logits which) {
+        const std::shared_ptr<detail::context_state> held = hold();
+        detail::check_room(held->ptr.get(), tokens.size(), which, "decode");
         std::vector<float> out(floats(which, tokens.size()));
         const moas_status st = moas_context_decode_batch(
-            detail::live(get()), tokens.data(), detail::count(tokens.size(), "decode: tokens"),
+            held->ptr.get(), tokens.data(), detail::count(tokens.size(), "decode: tokens"),
             out.empty() ? nullptr : out.data(), which);
-        after_decoding();
+        held->rethrow_route_failure();
         check(st);
         return out;
     }
@@ -391,58 +440,33 @@ public:
 
 private:
     friend class pool;
-    context(moas_context *p, std::shared_ptr<void> owner, int32_t n_vocab) noexcept
-        : owner_(std::move(owner)), n_vocab_(n_vocab) {
-        ptr_.reset(p);
-    }
+    context(moas_context *p, std::shared_ptr<void> owner, int32_t n_vocab)
+        : s_(make_state(p, std::move(owner))), n_vocab_(n_vocab) {}
     static moas_context_params default_params(moas_mode mode) noexcept {
         moas_context_params params;
         moas_context_params_init(&params);
         params.mode = mode;
         return params;
     }
-    void create(const model &m, const moas_context_params *params) {
+    /* The state owning p (freed here if the state cannot be made). */
+    static std::shared_ptr<detail::context_state> make_state(moas_context *p,
+                                                             std::shared_ptr<void> owner) {
+        std::unique_ptr<moas_context, free_context> guard(p);
+        auto st = std::make_shared<detail::context_state>(nullptr, std::move(owner));
+        st->ptr = std::move(guard);
+        return st;
+    }
+    void create(const model &m, const moas_context_params *params, std::shared_ptr<void> owner) {
         moas_context *p = nullptr;
         check(moas_context_create(detail::live(m.get()), params, &p));
-        ptr_.reset(p);
+        s_ = make_state(p, std::move(owner));
     }
-    /* After a decoding call: the first exception a route callback threw during it (a
-     * replaced one's first), taken, or null; the hooks replaced during it go, but one
-     * still running (this call was itself made, and refused, from inside it). */
-    std::exception_ptr take_route_failure() noexcept {
-        std::exception_ptr first;
-        for (const auto &h : retired_) {
-            if (h->running == 0 && h->failure && !first) {
-                first = std::exchange(h->failure, nullptr);
-            }
+    /* A reference for a decoding call to hold, or moas::error if moved from. */
+    std::shared_ptr<detail::context_state> hold() const {
+        if (!s_) {
+            throw error(MOAS_ERR_INVALID_ARG, "a moved-from object was used");
         }
-        std::exception_ptr current = route_ ? std::exchange(route_->failure, nullptr) : nullptr;
-        first = first ? first : current;
-        retired_.erase(std::remove_if(retired_.begin(), retired_.end(),
-                                      [](const std::unique_ptr<detail::route_hook> &h) {
-                                          return h->running == 0;
-                                      }),
-                       retired_.end());
-        return first;
-    }
-    void after_decoding() {
-        if (std::exception_ptr e = take_route_failure()) {
-            std::rethrow_exception(e);
-        }
-    }
-    /* Destroyed or assigned to from inside its own route callback: the library keeps the
-     * context (it refuses to free it while it decodes), so its hooks must stay too. */
-    void keep_running_hooks() noexcept {
-        bool running = route_ && route_->running > 0;
-        for (const auto &h : retired_) {
-            running = running || h->running > 0;
-        }
-        if (running) {
-            (void)route_.release();
-            for (auto &h : retired_) {
-                (void)h.release();
-            }
-        }
+        return s_;
     }
     size_t floats(moas_logits which, size_t n_tokens) const {
         const size_t n_vocab = static_cast<size_t>(n_vocab_);
@@ -451,29 +475,33 @@ private:
                                                            : 0;
     }
 
-    std::shared_ptr<void> owner_;   // the model or pool: declared first, so freed last
+    std::shared_ptr<detail::context_state> s_;   // null once moved from
     int32_t n_vocab_ = 0;
-    std::unique_ptr<detail::route_hook> route_;   // freed after the C context below
-    std::vector<std::unique_ptr<detail::route_hook>> retired_;   // replaced while running
-    std::unique_ptr<moas_context, free_context> ptr_;
 };
 
 inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> &seqs) {
     std::vector<std::vector<float>> outs;
     std::vector<moas_pool_seq> parts;
+    std::vector<std::shared_ptr<detail::context_state>> held;   // whatever the callbacks do
     outs.reserve(seqs.size());
     parts.reserve(seqs.size());
+    held.reserve(seqs.size());
     for (const sequence &s : seqs) {
+        held.push_back(s.ctx.hold());
+        detail::check_room(held.back()->ptr.get(), s.tokens.size(), s.which, "pool decode");
+    }
+    for (size_t i = 0; i < seqs.size(); i++) {
+        const sequence &s = seqs[i];
         outs.emplace_back(s.ctx.floats(s.which, s.tokens.size()));
-        parts.push_back({detail::live(s.ctx.get()), s.tokens.data(),
+        parts.push_back({held[i]->ptr.get(), s.tokens.data(),
                          detail::count(s.tokens.size(), "pool decode: tokens"), s.which,
                          outs.back().empty() ? nullptr : outs.back().data()});
     }
     const moas_status st = moas_pool_decode(detail::live(get()), parts.data(),
                                             detail::count(parts.size(), "pool decode"));
     std::exception_ptr first;   // every context's taken, the first thrown
-    for (const sequence &s : seqs) {
-        std::exception_ptr e = s.ctx.take_route_failure();
+    for (const auto &h : held) {
+        std::exception_ptr e = h->take_route_failure();
         first = first ? first : e;
     }
     if (first) {
