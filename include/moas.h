@@ -60,7 +60,8 @@
  * (decode, truncate, reset, fork, state load, compaction, shift, free, a
  * moas_pool_decode() naming it) holds it until it returns, and another such call
  * meanwhile (from a route callback, or from another thread against the rule) is refused
- * with MOAS_ERR_INVALID_ARG and changes nothing. The settings (forced scheme, budget,
+ * with MOAS_ERR_BUSY and changes nothing (it may be retried once the first has
+ * returned). The settings (forced scheme, budget,
  * route callback) may be changed by a route callback on the decoding thread and are
  * refused the same way to another thread meanwhile; getters are not checked. A context
  * may use several threads inside one call (OpenMP, `n_threads`); results do not depend
@@ -171,13 +172,14 @@ MOAS_API const char *moas_version_string(void);
     X(ERR_WRONG_TYPE,      -11, "metadata value has another type")               \
     X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")                \
     X(ERR_INVALID_UTF8,    -13, "text is not valid UTF-8")                 \
-    X(ERR_POOL_FULL,       -14, "the KV pool has too few free pages")
+    X(ERR_POOL_FULL,       -14, "the KV pool has too few free pages")             \
+    X(ERR_BUSY,            -15, "the object is in use by another call")
 
 typedef enum moas_status {
 #define MOAS_STATUS_ENUM_(name_, value_, msg_) MOAS_##name_ = value_,
     MOAS_STATUS_MAP(MOAS_STATUS_ENUM_)
 #undef MOAS_STATUS_ENUM_
-    MOAS_STATUS_COUNT = 15 /* number of statuses, not a status */
+    MOAS_STATUS_COUNT = 16 /* number of statuses, not a status */
 } moas_status;
 
 /*
@@ -555,7 +557,7 @@ typedef enum moas_mode {
  * The callback runs on the decoding thread and must not call the same context, nor
  * another context of the same moas_pool_decode() call: decoding, truncating,
  * resetting, forking, loading state into, compacting, shifting or freeing such a
- * context is refused (MOAS_ERR_INVALID_ARG, "in use by another call"; for reset and
+ * context is refused (MOAS_ERR_BUSY, "in use by another call"; for reset and
  * free, a no-op with moas_last_error() set), as it would change pages the decode is
  * writing (THREADING above). Within
  * one moas_context_decode_batch() call it sees blocks of tokens layer by layer (every
@@ -791,12 +793,14 @@ MOAS_API moas_status moas_context_scheme_counts(const moas_context *ctx, int32_t
  * moas_context_force_scheme() - route every following token to `scheme`.
  * METHOD: moas_context
  *
- * Routed mode only. `scheme` -1 returns the choice to the router. Takes effect from the
- * next decoded token, so a caller may force one token and release the next.
+ * Routed mode only (-1 is accepted in mixture mode too, where nothing is forced).
+ * `scheme` -1 returns the choice to the router. Takes effect from the next decoded
+ * token, so a caller may force one token and release the next; set from a route
+ * callback, from the next routing decision (the next layer of the token under way).
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `scheme` outside
- *          [-1, n_scheme), a context in mixture mode, or one another thread's call
- *          holds: THREADING above).
+ *          [-1, n_scheme), a scheme for a context in mixture mode), MOAS_ERR_BUSY (a
+ *          context another thread's call holds: THREADING above).
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme);
@@ -811,8 +815,8 @@ MOAS_API moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme
  * number of tokens. Tokens already stored are kept even if they exceed a new cap.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, a nonzero cap below what one
- *          token needs with the cheapest scheme in every layer, or a context another
- *          thread's call holds: THREADING above).
+ *          token needs with the cheapest scheme in every layer), MOAS_ERR_BUSY (a
+ *          context another thread's call holds: THREADING above).
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes);
@@ -1030,13 +1034,14 @@ typedef struct moas_pool_seq {
  * failure no context changes.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `pool`, `seqs` NULL with n_seqs > 0,
- *          a NULL or repeated context, one another call holds (THREADING above),
- *          one of another pool or mode, a bad token or
+ *          a NULL or repeated context, one of another pool or mode, a bad token or
  *          `which` — the sequence's index is named —, more than one token for a
  *          routed context with a budget), MOAS_ERR_CONTEXT_FULL (a context's n_ctx or
- *          budget), MOAS_ERR_POOL_FULL (the message says how many pages were lacking).
+ *          budget), MOAS_ERR_POOL_FULL (the message says how many pages were lacking),
+ *          MOAS_ERR_BUSY (another call holds one of the contexts, THREADING above; or
+ *          another moas_pool_decode() on this pool is under way).
  * Thread safety: one call per pool at a time (a second call on the pool while one is
- *   under way is refused with MOAS_ERR_INVALID_ARG, and changes nothing), and no
+ *   under way is refused with MOAS_ERR_BUSY, and changes nothing), and no
  *   other call on its contexts meanwhile; contexts not in the call may be decoded by
  *   other threads.   Allocates: never.
  */

@@ -670,7 +670,7 @@ static moas_status fail(const moas_context *ctx, moas_status st) {
  * from a route callback (its own context's, or another context's of the same
  * moas_pool_decode) or from another thread against the one-thread-per-context rule;
  * either would reuse or change the pages and buffers the first is writing, so it is
- * refused with MOAS_ERR_INVALID_ARG and changes nothing. The refusal reads only the
+ * refused with MOAS_ERR_BUSY and changes nothing. The refusal reads only the
  * flag and what creation wrote (the log callback). */
 /* One address per thread: a holder marks the context with its own. Only this thread
  * stores this address, and it clears it before letting go, so a thread that reads its
@@ -680,7 +680,7 @@ static _Thread_local char thread_marker;
 static moas_status refuse_in_use(const moas_context *ctx, const char *what) {
     moas__set_error("%s: the context is in use by another call (its own decode, from a route "
                     "callback, or a call from another thread)", what);
-    return fail(ctx, MOAS_ERR_INVALID_ARG);
+    return fail(ctx, MOAS_ERR_BUSY);
 }
 
 static bool context_try_claim(moas_context *ctx) {
@@ -987,7 +987,7 @@ moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
         return MOAS_ERR_INVALID_ARG;
     }
     if (context_claim(ctx, "context_truncate") != MOAS_OK) {
-        return MOAS_ERR_INVALID_ARG;
+        return MOAS_ERR_BUSY;
     }
     if (n_keep < 0 || n_keep > ctx->n_past) {
         moas__set_error("context_truncate: n_keep %d outside [0, %d]", n_keep, ctx->n_past);
@@ -1072,7 +1072,7 @@ moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme) {
         return MOAS_ERR_INVALID_ARG;
     }
     if (settings_claim(ctx, "context_force_scheme", &claimed) != MOAS_OK) {
-        return MOAS_ERR_INVALID_ARG;
+        return MOAS_ERR_BUSY;
     }
     moas_status st = MOAS_OK;
     if (scheme < -1 || scheme >= ctx->model->n_scheme ||
@@ -1097,7 +1097,7 @@ moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes) {
         return MOAS_ERR_INVALID_ARG;
     }
     if (settings_claim(ctx, "context_set_kv_budget", &claimed) != MOAS_OK) {
-        return MOAS_ERR_INVALID_ARG;
+        return MOAS_ERR_BUSY;
     }
     moas_status st = check_budget(ctx, bytes);
     if (st != MOAS_OK) {
@@ -1193,12 +1193,12 @@ static moas_status claim_seq(const moas_pool *pool, const moas_pool_seq *seqs, i
         if (first < i) {
             moas__set_error("%s: sequence %d's context appears twice in the call (as sequence "
                             "%d too)", what, i, first);
-        } else {
-            moas__set_error("%s: sequence %d's context is in use by another call (its own "
-                            "decode, from a route callback, or a call from another thread)",
-                            what, i);
+            return MOAS_ERR_INVALID_ARG;
         }
-        return MOAS_ERR_INVALID_ARG;
+        moas__set_error("%s: sequence %d's context is in use by another call (its own "
+                        "decode, from a route callback, or a call from another thread)",
+                        what, i);
+        return MOAS_ERR_BUSY;
     }
     return MOAS_OK;
 }
@@ -1263,7 +1263,7 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
     if (atomic_flag_test_and_set_explicit(&pool->busy, memory_order_acquire)) {
         moas__set_error("pool_decode: another pool_decode call on this pool is under way");
         moas__log_error(pool->log, pool->log_user);
-        return MOAS_ERR_INVALID_ARG;
+        return MOAS_ERR_BUSY;
     }
     int32_t held;
     if ((st = pool_decode_prepare(pool, seqs, n_seqs, &held)) != MOAS_OK) {

@@ -1668,7 +1668,7 @@ TEST(pool_decode_refuses_a_second_call_at_once) {
     moas_pool_seq q = {held, &token, 1, MOAS_LOGITS_LAST, NULL};
     ASSERT_OK(moas_pool_decode(pool, &q, 1));
     pthread_join(th, NULL);
-    ASSERT_STATUS(probe.second, MOAS_ERR_INVALID_ARG);
+    ASSERT_STATUS(probe.second, MOAS_ERR_BUSY);
     ASSERT_TRUE(strstr(probe.message, "another pool_decode call on this pool") != NULL);
     ASSERT_EQ(moas_context_n_past(probe.other), 0);
     ASSERT_OK(moas_context_decode(ref, token, NULL));
@@ -2058,7 +2058,7 @@ typedef struct {
 
 /* A refusal because another call holds the context, as the library words it. */
 static bool refused_in_use(moas_status st) {
-    return st == MOAS_ERR_INVALID_ARG && strstr(moas_last_error(), "in use by another call");
+    return st == MOAS_ERR_BUSY && strstr(moas_last_error(), "in use by another call");
 }
 
 static void expect_refused(meddler *w, moas_status st) {
@@ -2091,10 +2091,10 @@ static int32_t meddle(void *user, int32_t pos, int32_t layer, const float *gates
         expect_refused(w, moas_context_shift(c, 0, 1));
         moas__set_error("none");
         moas_context_reset(c);
-        expect_refused(w, MOAS_ERR_INVALID_ARG);   /* reset: refused, says so */
+        expect_refused(w, MOAS_ERR_BUSY);   /* reset: refused, says so */
         moas__set_error("none");
         moas_context_free(c);
-        expect_refused(w, MOAS_ERR_INVALID_ARG);   /* free: kept, says so */
+        expect_refused(w, MOAS_ERR_BUSY);   /* free: kept, says so */
         w->wrong += child != NULL || changed != 0;
     }
     return proposed;
@@ -2319,7 +2319,7 @@ static void crowd_count(crowd *c, moas_status st) {
     if (st == MOAS_OK) {
         atomic_fetch_add(&c->ran, 1);
     } else if (refused_in_use(st) ||
-               (st == MOAS_ERR_INVALID_ARG &&
+               (st == MOAS_ERR_BUSY &&
                 strstr(moas_last_error(), "another pool_decode call on this pool"))) {
         atomic_fetch_add(&c->refused, 1);
     } else if (st == MOAS_ERR_CONTEXT_FULL || (st == MOAS_ERR_INVALID_ARG &&
@@ -2355,7 +2355,7 @@ static void *crowd_body(void *arg) {
         } else if (op < 15) {
             moas__set_error("none");
             moas_context_reset(c->ctx);
-            crowd_count(c, strstr(moas_last_error(), "in use") ? MOAS_ERR_INVALID_ARG : MOAS_OK);
+            crowd_count(c, strstr(moas_last_error(), "in use") ? MOAS_ERR_BUSY : MOAS_OK);
         } else {
             moas_context *child = NULL;
             const moas_status st = moas_context_fork(c->ctx, &child);

@@ -95,6 +95,7 @@ class Status(enum.IntEnum):
     ERR_INTERNAL = -12
     ERR_INVALID_UTF8 = -13
     ERR_POOL_FULL = -14
+    ERR_BUSY = -15
 
 
 class LogLevel(enum.IntEnum):

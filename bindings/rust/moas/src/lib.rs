@@ -26,7 +26,7 @@ pub use moas_sys as ffi;
 // ---- errors ---------------------------------------------------------------------------
 
 /// The names of moas.h's status table, by -value.
-const STATUS_NAMES: [&str; 15] = [
+const STATUS_NAMES: [&str; 16] = [
     "MOAS_OK",
     "MOAS_ERR_INVALID_ARG",
     "MOAS_ERR_NO_MEMORY",
@@ -42,6 +42,7 @@ const STATUS_NAMES: [&str; 15] = [
     "MOAS_ERR_INTERNAL",
     "MOAS_ERR_INVALID_UTF8",
     "MOAS_ERR_POOL_FULL",
+    "MOAS_ERR_BUSY",
 ];
 
 /// A failed call: its status and the library's message for this failure.
