@@ -346,7 +346,8 @@ MOAS_API moas_status moas_model_load_memory(const void *data, size_t size,
 MOAS_API void moas_model_free(moas_model *model);
 
 /* Hyperparameters. These cannot fail; a NULL `model` reads as 0 ("" for the name,
- * MOAS_MIXING_ROUTER and MOAS_KV_SHARING_INDEPENDENT for the enums). */
+ * MOAS_MIXING_ROUTER and MOAS_KV_SHARING_INDEPENDENT for the enums; the architecture is
+ * "moas" for every model, NULL included). */
 MOAS_API const char *moas_model_arch(const moas_model *model);  /* "moas" */
 MOAS_API const char *moas_model_name(const moas_model *model);  /* general.name, or "" */
 MOAS_API int32_t moas_model_n_layer(const moas_model *model);   /* transformer blocks */
@@ -686,10 +687,13 @@ MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float
  *
  * Equivalent to moas_context_decode() on each token in turn (the same logits, cache
  * and routing), but checks every token and the room left before touching anything:
- * either all tokens are stored or none. `which` selects the logits written to
+ * either all tokens are stored or none (the room first, so a count larger than the
+ * array is refused before the array is read). `which` selects the logits written to
  * `logits`: MOAS_LOGITS_NONE (then `logits` may be NULL), MOAS_LOGITS_LAST
  * ([n_vocab] floats; may be NULL, the context keeps them anyway) or MOAS_LOGITS_ALL
- * ([n_tokens][n_vocab] floats, required). `n_tokens` may be 0.
+ * ([n_tokens][n_vocab] floats, required). `n_tokens` may be 0: nothing is decoded or
+ * written, `logits` may be NULL whatever `which` says, and moas_context_logits() keeps
+ * what it had.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, NULL `tokens` with n_tokens
  *          > 0, negative n_tokens, a token outside [0, n_vocab) — its index is named —,
@@ -708,8 +712,8 @@ MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t 
  *
  * Returns: a borrowed array of moas_model_n_vocab() floats, valid until the next call
  *          that decodes, truncates, resets or frees `ctx`; NULL when no token has been
- *          decoded since creation, reset or a truncate, or when the last call was a
- *          moas_context_decode_batch() with MOAS_LOGITS_NONE.
+ *          decoded since creation, reset or a truncate, or when the last call that
+ *          decoded tokens was a moas_context_decode_batch() with MOAS_LOGITS_NONE.
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API const float *moas_context_logits(const moas_context *ctx);
@@ -1137,10 +1141,14 @@ MOAS_API size_t moas_context_kv_bytes_held(const moas_context *ctx);
  * same bits as in the context that saved it. Loading checks everything before it
  * changes anything: on failure the context is as it was. It checks the structure
  * (fingerprint, sizes, scheme records), not the numbers: keys, values, gates and logits
- * load as they are.
+ * load as they are. A KV budget (moas_context_set_kv_budget()) does not refuse a
+ * state, as it keeps tokens stored before a lower cap: a state over the budget loads,
+ * and the next decode is refused with MOAS_ERR_CONTEXT_FULL.
  *
- * Returns: save: MOAS_OK with *written set, or MOAS_ERR_INVALID_ARG (NULL argument),
- *          MOAS_ERR_BUFFER_TOO_SMALL (*written says how many bytes are needed).
+ * Returns: save: MOAS_OK with *written set, or MOAS_ERR_INVALID_ARG (NULL `ctx` or
+ *          `written`, NULL `buf` with a nonzero `size`), MOAS_ERR_BUFFER_TOO_SMALL
+ *          (*written says how many bytes are needed; `buf` NULL and `size` 0 asks just
+ *          that, as moas_context_state_size() does).
  *          load: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument), MOAS_ERR_BAD_FORMAT
  *          (not a libmoas state, or another version), MOAS_ERR_CORRUPT (truncated or
  *          inconsistent data, another model, mode or kv_type), MOAS_ERR_CONTEXT_FULL

@@ -890,13 +890,16 @@ static moas_status context_decode_batch(moas_context *ctx, const int32_t *tokens
                                          : "MOAS_LOGITS_ALL needs a logits array");
         return fail(ctx, MOAS_ERR_INVALID_ARG);
     }
+    /* the room before the tokens: a count beyond the caller's array must not read it */
+    if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK) {
+        return fail(ctx, st);
+    }
     for (int32_t i = 0; i < n_tokens; i++) {
         if ((st = check_token(ctx, tokens[i], what, i)) != MOAS_OK) {
             return fail(ctx, st);
         }
     }
-    if ((st = check_room(ctx, n_tokens, what)) != MOAS_OK ||
-        (n_tokens > 0 && (st = moas__context_workspace(ctx, what)) != MOAS_OK) ||
+    if ((n_tokens > 0 && (st = moas__context_workspace(ctx, what)) != MOAS_OK) ||
         (st = reserve(ctx, n_tokens, what)) != MOAS_OK) {
         return fail(ctx, st);
     }
@@ -1166,6 +1169,10 @@ static moas_status check_seq(const moas_context *ctx, const moas_pool_seq *q, in
     MOAS_RETURN_IF(ctx->mode == MOAS_MODE_ROUTED && ctx->kv_budget != 0 && q->n_tokens > 1,
                    MOAS_ERR_INVALID_ARG, "%s: sequence %d: a routed context with a KV budget "
                    "takes one token per call (its budget plans token by token)", what, i);
+    const moas_status st = check_room(ctx, q->n_tokens, what);   /* before reading tokens */
+    if (st != MOAS_OK) {
+        return st;
+    }
     for (int32_t t = 0; t < q->n_tokens; t++) {
         if (q->tokens[t] < 0 || q->tokens[t] >= ctx->model->n_vocab) {
             moas__set_error("%s: sequence %d: token %d at index %d is outside the vocabulary "
@@ -1173,7 +1180,7 @@ static moas_status check_seq(const moas_context *ctx, const moas_pool_seq *q, in
             return MOAS_ERR_INVALID_ARG;
         }
     }
-    return check_room(ctx, q->n_tokens, what);
+    return MOAS_OK;
 }
 
 /* Claim the context of part `i` of a moas_pool_decode call (context_claim); `i` names
@@ -1543,9 +1550,9 @@ size_t moas_context_state_size(const moas_context *ctx) {
 
 moas_status moas_context_state_save(const moas_context *ctx, void *buf, size_t size,
                                     size_t *written) {
-    if (ctx == NULL || buf == NULL || written == NULL) {
+    if (ctx == NULL || (buf == NULL && size > 0) || written == NULL) {
         moas__set_error("context_state_save: %s is NULL",
-                        ctx == NULL ? "ctx" : buf == NULL ? "buf" : "written");
+                        ctx == NULL ? "ctx" : written == NULL ? "written" : "buf");
         return ctx == NULL ? MOAS_ERR_INVALID_ARG : fail(ctx, MOAS_ERR_INVALID_ARG);
     }
     const size_t need = moas_context_state_size(ctx);

@@ -630,6 +630,19 @@ TEST(decode_errors_leave_context_unchanged) {
     ASSERT_TRUE(strstr(moas_last_error(), "index 2") != NULL);
     ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, 4, NULL, MOAS_LOGITS_LAST),
                   MOAS_ERR_CONTEXT_FULL);
+    /* the room is checked before the tokens are read: a count past the room is
+     * CONTEXT_FULL whatever the ids (the bad id at index 2 was reported first), and a
+     * count past the caller's array is refused without reading beyond it (ASan) */
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens + 5, 4, NULL, MOAS_LOGITS_LAST),
+                  MOAS_ERR_CONTEXT_FULL);
+    ASSERT_STATUS(moas_context_decode_batch(ctx, tokens + 14, 1000, NULL, MOAS_LOGITS_NONE),
+                  MOAS_ERR_CONTEXT_FULL);
+    /* no tokens: nothing written, whatever `which`, and the last logits kept */
+    const float *kept = moas_context_logits(ctx);
+    ASSERT_TRUE(kept != NULL);
+    ASSERT_OK(moas_context_decode_batch(ctx, NULL, 0, NULL, MOAS_LOGITS_ALL));
+    ASSERT_OK(moas_context_decode_batch(ctx, NULL, 0, NULL, MOAS_LOGITS_NONE));
+    ASSERT_TRUE(moas_context_logits(ctx) == kept);
     ASSERT_STATUS(moas_context_decode_batch(ctx, NULL, 1, NULL, MOAS_LOGITS_LAST),
                   MOAS_ERR_INVALID_ARG);
     ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, -1, NULL, MOAS_LOGITS_LAST),

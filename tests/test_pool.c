@@ -332,6 +332,10 @@ TEST(pool_full_changes_nothing) {
     ASSERT_TRUE(strstr(moas_last_error(), "lacks 12 page(s): 16 needed, 4 free") != NULL);
     ASSERT_STATUS(moas_context_decode_batch(a, tokens + 10, 3, NULL, MOAS_LOGITS_LAST),
                   MOAS_ERR_POOL_FULL);
+    /* a count past the context's room is refused before its tokens are read (here it
+     * runs far past the array) */
+    const moas_pool_seq far = {b, tokens + 22, 100000, MOAS_LOGITS_NONE, NULL};
+    ASSERT_STATUS(moas_pool_decode(pool, &far, 1), MOAS_ERR_CONTEXT_FULL);
     ASSERT_OK(moas_pool_stats(pool, &after));
     ASSERT_EQ(after.pages_free, before.pages_free);
     ASSERT_EQ(after.bytes_used, before.bytes_used);
@@ -629,6 +633,12 @@ TEST(state_round_trip_is_bit_identical) {
         ASSERT_TRUE(buf != NULL);
         ASSERT_STATUS(moas_context_state_save(src, buf, n - 1, &written), MOAS_ERR_BUFFER_TOO_SMALL);
         ASSERT_EQ(written, n);
+        written = 0;   /* no buffer and no size: a query of the size */
+        ASSERT_STATUS(moas_context_state_save(src, NULL, 0, &written), MOAS_ERR_BUFFER_TOO_SMALL);
+        ASSERT_EQ(written, n);
+        written = 0;
+        ASSERT_STATUS(moas_context_state_save(src, NULL, n, &written), MOAS_ERR_INVALID_ARG);
+        ASSERT_EQ(written, 0);
         ASSERT_OK(moas_context_state_save(src, buf, n, &written));
         ASSERT_EQ(written, n);
         sizes[mode] = n;

@@ -129,6 +129,12 @@ TEST(tokenize_ex_replaces_or_drops_unknown_characters) {
     ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, &tp, tokens, 16, &n, &changed),
                   MOAS_ERR_UNKNOWN_CHAR);
     ASSERT_TRUE(strstr(moas_last_error(), "'Q' (U+0051) at byte offset 4") != NULL);
+    /* a control character is named, not printed (a raw CR sent the terminal's cursor
+     * back over the message) */
+    ASSERT_STATUS(moas_tokenize_ex(model, "And\r\n", (size_t)-1, NULL, tokens, 16, &n, NULL),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "control character U+000D at byte offset 3") != NULL);
+    ASSERT_TRUE(strchr(moas_last_error(), '\r') == NULL);
     ASSERT_STATUS(moas_tokenize_ex(model, text, (size_t)-1, NULL, tokens, 16, &n, NULL),
                   MOAS_ERR_UNKNOWN_CHAR);
 

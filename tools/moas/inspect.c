@@ -87,7 +87,8 @@ static int run(int argc, char **argv) {
 
     printf("model           %s (%s)\n", o.model_path, moas_model_arch(model));
     printf("layers          %d\n", n_layer);
-    printf("width           %d (%d heads of %d)\n", moas_model_n_embd(model), n_head, head_dim);
+    printf("width           %d (%d head%s of %d)\n", moas_model_n_embd(model), n_head,
+           n_head == 1 ? "" : "s", head_dim);
     printf("mlp width       %d\n", moas_model_n_ff(model));
     printf("vocabulary      %d characters\n", moas_model_n_vocab(model));
     printf("context         %d tokens\n", moas_model_n_ctx_train(model));
