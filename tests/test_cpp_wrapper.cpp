@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 static int failures = 0;
@@ -52,6 +53,17 @@ int main(int argc, char **argv) {
         return 2;
     }
     static_assert(std::is_nothrow_copy_constructible_v<moas::error>);
+    // a const pool or sampler still gives its handle, for the C API's const getters
+    static_assert(std::is_same_v<decltype(std::declval<const moas::pool &>().get()),
+                                 const moas_pool *>);
+    static_assert(std::is_same_v<decltype(std::declval<const moas::sampler &>().get()),
+                                 const moas_sampler *>);
+
+    // status names are the C library's, "MOAS_UNKNOWN" outside its table included
+    CHECK(std::string(moas::status_name(MOAS_ERR_IO)) == "MOAS_ERR_IO");
+    CHECK(std::string(moas::status_name(static_cast<moas_status>(-999))) == "MOAS_UNKNOWN");
+    CHECK(std::string(moas::error(static_cast<moas_status>(1), "why").what()) ==
+          "MOAS_UNKNOWN (unknown status): why");
     try {
         const moas::model model(argv[1]);
         const size_t n_vocab = static_cast<size_t>(model.n_vocab());
@@ -126,6 +138,10 @@ int main(int argc, char **argv) {
         moas::sampler greedy(static_cast<int32_t>(n_vocab));
         CHECK(status_of([&] { greedy.sample(reference); }) == MOAS_OK);
         CHECK(status_of([&] { greedy.sample(empty); }) == MOAS_ERR_INVALID_ARG);
+        const moas::sampler &const_greedy = greedy;
+        const moas::pool &const_pool = pool2;
+        CHECK(const_greedy.get() == greedy.get() && const_greedy.get() != nullptr);
+        CHECK(const_pool.get() == pool2.get() && const_pool.get() != nullptr);
 
         // an empty state is malformed (not "NULL buffer"); nothing changes
         CHECK(status_of([&] { one.load_state({}); }) == MOAS_ERR_BAD_FORMAT);

@@ -34,18 +34,9 @@
 
 namespace moas {
 
-/* "MOAS_ERR_IO" for MOAS_ERR_IO: the header's status table, expanded once more. */
-inline const char *status_name(moas_status status) noexcept {
-    switch (status) {
-#define MOAS_HPP_NAME_(name_, value_, msg_) \
-    case MOAS_##name_:                      \
-        return "MOAS_" #name_;
-        MOAS_STATUS_MAP(MOAS_HPP_NAME_)
-#undef MOAS_HPP_NAME_
-    default:
-        return "MOAS_STATUS_UNKNOWN";
-    }
-}
+/* "MOAS_ERR_IO" for MOAS_ERR_IO, "MOAS_UNKNOWN" outside the table: the linked library's
+ * names, so a status added after this header was compiled is named too. */
+inline const char *status_name(moas_status status) noexcept { return moas_status_name(status); }
 
 /* Copies without throwing, as an exception should: the message is shared. */
 class error : public std::runtime_error {
@@ -163,6 +154,7 @@ public:
         ptr_.reset(p, [keep](moas_pool *q) noexcept { moas_pool_free(q); });
     }
     moas_pool *get() noexcept { return ptr_.get(); }
+    const moas_pool *get() const noexcept { return ptr_.get(); }
 
     /* One context's part of a decode: its tokens (a copy, so that a braced list of
      * them cannot dangle), and which logits to return. */
@@ -521,6 +513,7 @@ public:
         ptr_.reset(p);
     }
     moas_sampler *get() noexcept { return ptr_.get(); }
+    const moas_sampler *get() const noexcept { return ptr_.get(); }
 
     /* A token from the context's last logits (moas::error if it has none yet, or if
      * its model's vocabulary is not the sampler's). */
