@@ -2,12 +2,14 @@
  * test_cpp_wrapper.cpp - examples/cpp/moas.hpp keeps what the C API leaves to the
  * caller: lifetimes (a context outliving its model or pool), sizes (no int32_t
  * wrapping, a sampler reading past the logits), and calls on moved-from objects. Each
- * case failed, crashed or read freed memory before the wrapper kept them.
+ * case failed, crashed or read freed memory before the wrapper kept them. Its
+ * accessors (routing, budget, tokenizer rules, status names) give what the C API gives.
  *
  *     test_cpp_wrapper MODEL      (exit status 0, or 1 naming the failed check)
  */
 #include "moas.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -377,13 +379,134 @@ int main(int argc, char **argv) {
                   MOAS_ERR_CONTEXT_FULL);   // the library's own refusal
             CHECK(small.n_past() == 1);
         }
+
+        // the routing accessors, against the C API and the figures moas.h and
+        // docs/KV_CACHE.md give for this model (2 layers, schemes of 6, 2 and 1 KV heads of
+        // 8 floats, independent K/V per scheme)
+        {
+            const int32_t n_layer = model.n_layer(), n_scheme = model.n_scheme();
+            const size_t head_bytes = 8 * 2 * sizeof(float);   // K and V of one head, f32
+            CHECK(n_layer == 2 && n_scheme == 3 &&
+                  model.kv_sharing() == MOAS_KV_SHARING_INDEPENDENT);
+            moas_context_params rp;
+            moas_context_params_init(&rp);
+            rp.mode = MOAS_MODE_ROUTED;
+            rp.kernels = MOAS_KERNELS_REF;
+            rp.n_threads = 2;
+            moas::context routed(model, &rp);
+            CHECK(routed.kernels_name() == "ref");
+            CHECK(routed.n_threads() >= 1 &&
+                  routed.n_threads() == moas_context_n_threads(routed.get()));
+            routed.decode(ids);
+            const int32_t n = static_cast<int32_t>(ids.size());
+            const size_t pairs = ids.size() * static_cast<size_t>(n_layer);
+            const moas::routing r = routed.routes(0, n);
+            std::vector<float> gates(pairs * static_cast<size_t>(n_scheme));
+            std::vector<int32_t> schemes(pairs), heads(pairs);
+            CHECK(moas_context_routes(routed.get(), 0, n, gates.data(), schemes.data(),
+                                      heads.data()) == MOAS_OK);
+            CHECK(r.gates == gates && r.schemes == schemes && r.kv_heads == heads);
+            size_t stored_heads = 0;
+            for (size_t i = 0; i < pairs; i++) {
+                CHECK(r.kv_heads[i] == moas_model_scheme_n_kv(model.get(), r.schemes[i]));
+                stored_heads += static_cast<size_t>(r.kv_heads[i]);
+            }
+            CHECK(routed.kv_bytes_used() == stored_heads * head_bytes + 5 * pairs);
+            const moas::routing last_two = routed.routes(n - 2, 2);
+            CHECK(last_two.schemes.size() == 2 * static_cast<size_t>(n_layer) &&
+                  std::equal(last_two.schemes.begin(), last_two.schemes.end(),
+                             r.schemes.end() - 2 * n_layer));
+            CHECK(routed.routes(n, 0).schemes.empty());
+            // outside the stored tokens: refused, and no buffer sized by the request first
+            CHECK(status_of([&] { routed.routes(0, n + 1); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(status_of([&] { routed.routes(1, INT32_MAX); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(status_of([&] { routed.routes(-1, 1); }) == MOAS_ERR_INVALID_ARG);
+            // routed: room for the widest scheme (6 heads) and 5 bytes at every position
+            const size_t n_ctx = static_cast<size_t>(routed.n_ctx());
+            CHECK(routed.kv_bytes_reserved(0) == n_ctx * (6 * head_bytes + 5));
+            CHECK(routed.kv_bytes_reserved() == 2 * routed.kv_bytes_reserved(0) &&
+                  routed.kv_bytes_reserved() == moas_context_kv_bytes_reserved(routed.get(), -1));
+            CHECK(routed.kv_bytes_reserved(n_layer) == 0);
+
+            // forcing scheme s runs s at every token and layer
+            for (int32_t s = 0; s < n_scheme; s++) {
+                moas::context forced(model, &rp);
+                forced.force_scheme(s);
+                forced.decode(ids);
+                std::vector<int32_t> want(static_cast<size_t>(n_scheme), 0);
+                want[static_cast<size_t>(s)] = n * n_layer;
+                CHECK(forced.scheme_counts(-1) == want);
+                const moas::routing fr = forced.routes(0, n);
+                CHECK(std::all_of(fr.schemes.begin(), fr.schemes.end(),
+                                  [s](int32_t x) { return x == s; }));
+            }
+            // ... from the next token on, and -1 gives the choice back to the router: the
+            // largest gate (the first of equal ones), with no budget or callback
+            moas::context once(model, &rp);
+            once.force_scheme(2);
+            once.decode(ids[0]);
+            once.force_scheme(-1);
+            once.decode(ids[1]);
+            const moas::routing two = once.routes(0, 2);
+            for (int32_t l = 0; l < n_layer; l++) {
+                CHECK(two.schemes[static_cast<size_t>(l)] == 2);
+                const float *g = two.gates.data() + static_cast<size_t>((n_layer + l) * n_scheme);
+                CHECK(two.schemes[static_cast<size_t>(n_layer + l)] ==
+                      static_cast<int32_t>(std::max_element(g, g + n_scheme) - g));
+            }
+            CHECK(status_of([&] { once.force_scheme(n_scheme); }) == MOAS_ERR_INVALID_ARG);
+            // (mixture mode)
+            CHECK(status_of([&] { reference.force_scheme(0); }) == MOAS_ERR_INVALID_ARG);
+
+            // a KV budget in mixture mode only limits the number of tokens
+            moas::context capped(model);
+            const uint64_t per_token = capped.kv_token_bytes(-1);
+            CHECK(per_token == static_cast<uint64_t>(n_layer) * (6 + 2 + 1) * head_bytes);
+            CHECK(capped.kv_bytes_reserved(0) ==
+                  static_cast<size_t>(capped.n_ctx()) * (6 + 2 + 1) * head_bytes);
+            capped.set_kv_budget(3 * per_token);
+            capped.decode({ids[0], ids[1], ids[2]});
+            CHECK(status_of([&] { capped.decode(ids[3]); }) == MOAS_ERR_CONTEXT_FULL);
+            CHECK(capped.n_past() == 3 && capped.kv_bytes_used() == 3 * per_token);
+            capped.set_kv_budget(0);   // no cap
+            capped.decode(ids[3]);
+            CHECK(capped.n_past() == 4);
+            CHECK(status_of([&] { capped.set_kv_budget(1); }) == MOAS_ERR_INVALID_ARG);
+
+            // moved from: 0 or "", and the calls throw
+            moas::context from(model);
+            moas::context to = std::move(from);
+            CHECK(from.n_threads() == 0 && from.kernels_name().empty() &&
+                  from.kv_bytes_reserved() == 0 && to.n_threads() >= 1);
+            CHECK(status_of([&] { from.routes(0, 0); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(status_of([&] { from.force_scheme(-1); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(status_of([&] { from.set_kv_budget(0); }) == MOAS_ERR_INVALID_ARG);
+        }
+
+        // characters outside the vocabulary replaced or dropped (moas_tokenize_ex)
+        {
+            const int32_t a = 11, n = 33, d = 24, sp = 1, nl = 0;   // 'A' 'n' 'd' ' ' '\n'
+            CHECK(model.tokenize("And \n") == std::vector<int32_t>({a, n, d, sp, nl}));
+            CHECK(status_of([&] { model.tokenize("And Q7\r\n"); }) == MOAS_ERR_UNKNOWN_CHAR);
+            const auto replaced = model.tokenize_lenient("And Q7\r\n", sp);
+            CHECK(replaced.ids == std::vector<int32_t>({a, n, d, sp, sp, sp, sp, nl}) &&
+                  replaced.changed == 3);
+            const auto dropped = model.tokenize_lenient("And Q7\r\n", std::nullopt);
+            CHECK(dropped.ids == std::vector<int32_t>({a, n, d, sp, nl}) && dropped.changed == 3);
+            const auto none = model.tokenize_lenient("", std::nullopt);
+            CHECK(none.ids.empty() && none.changed == 0);
+            CHECK(status_of([&] { model.tokenize_lenient("And", 47); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(status_of([&] { model.tokenize_lenient("", 47); }) == MOAS_ERR_INVALID_ARG);
+            CHECK(status_of([&] { model.tokenize_lenient("A\xff", std::nullopt); }) ==
+                  MOAS_ERR_INVALID_UTF8);
+        }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "test_cpp_wrapper: %s\n", e.what());
         return 1;
     }
     if (failures == 0) {
         std::printf("cpp wrapper: ok (lifetimes kept, sizes checked, every token's logits, "
-                    "moved-from objects, route callbacks)\n");
+                    "moved-from objects, route callbacks, routing accessors)\n");
     }
     return failures == 0 ? 0 : 1;
 }

@@ -120,6 +120,34 @@ public:
         return ids;
     }
 
+    /* What tokenize_lenient() gives: the ids, and how many characters outside the
+     * vocabulary were replaced or dropped. */
+    struct lenient_tokens {
+        std::vector<int32_t> ids;
+        size_t changed = 0;
+    };
+    /* Token ids of `text` with each character outside the vocabulary replaced by the
+     * token `replacement`, or dropped when it is nullopt (moas_tokenize_ex). Invalid
+     * UTF-8 still throws (MOAS_ERR_INVALID_UTF8). */
+    lenient_tokens tokenize_lenient(std::string_view text,
+                                    std::optional<int32_t> replacement) const {
+        moas_tokenize_params params;
+        moas_tokenize_params_init(&params);
+        params.unknown = replacement ? MOAS_UNKNOWN_REPLACE : MOAS_UNKNOWN_DROP;
+        params.replacement = replacement.value_or(-1);
+        lenient_tokens out;
+        out.ids.resize(text.size());   // at most one id per byte, as tokenize()
+        size_t n = 0;
+        // an empty text may have no data pointer, which the library would refuse as NULL;
+        // its rule is still checked
+        static const char nothing = '\0';
+        check(moas_tokenize_ex(detail::live(get()), text.empty() ? &nothing : text.data(),
+                               text.size(), &params, out.ids.data(), out.ids.size(), &n,
+                               &out.changed));
+        out.ids.resize(n);
+        return out;
+    }
+
     std::string detokenize(const std::vector<int32_t> &ids) const {
         std::string text(4 * ids.size() + 1, '\0');  // a character is at most 4 bytes
         size_t length = 0;
@@ -278,6 +306,13 @@ inline void check_room(const moas_context *ctx, size_t n_tokens, moas_logits whi
 }
 }  // namespace detail
 
+/* The routing of a range of positions, position-major as moas_context_routes() writes it. */
+struct routing {
+    std::vector<float> gates;       // [n_pos][n_layer][n_scheme]
+    std::vector<int32_t> schemes;   // [n_pos][n_layer]
+    std::vector<int32_t> kv_heads;  // [n_pos][n_layer]
+};
+
 class context {
 public:
     /* A context with its own cache. `params` may not name a pool: use the constructors
@@ -425,9 +460,47 @@ public:
     size_t kv_bytes_used(int32_t layer = -1) const noexcept {
         return get() ? moas_context_kv_bytes_used(get(), layer) : 0;
     }
+    /* Bytes allocated for keys and values at capacity, in `layer` or all layers (-1). */
+    size_t kv_bytes_reserved(int32_t layer = -1) const noexcept {
+        return get() ? moas_context_kv_bytes_reserved(get(), layer) : 0;
+    }
     /* Bytes of one token over all layers: -1 mixture mode's, s routed to scheme s. */
     uint64_t kv_token_bytes(int32_t scheme) const noexcept {
         return get() ? moas_context_kv_token_bytes(get(), scheme) : 0;
+    }
+
+    /* The routing of positions [pos, pos + n_pos), all of them stored (moas_context_routes). */
+    routing routes(int32_t pos, int32_t n_pos) const {
+        const moas_context *c = detail::live(get());
+        const moas_model *m = moas_context_model(c);
+        // buffers only for a range the context holds: the library refuses any other
+        // before writing, and sizing them by n_pos first could ask for gigabytes
+        const bool held = pos >= 0 && n_pos >= 0 &&
+                          static_cast<int64_t>(pos) + n_pos <= moas_context_n_past(c);
+        const size_t pairs =
+            held ? static_cast<size_t>(n_pos) * static_cast<size_t>(moas_model_n_layer(m)) : 0;
+        routing r;
+        r.gates.resize(pairs * static_cast<size_t>(moas_model_n_scheme(m)));
+        r.schemes.resize(pairs);
+        r.kv_heads.resize(pairs);
+        check(moas_context_routes(c, pos, n_pos, r.gates.data(), r.schemes.data(),
+                                  r.kv_heads.data()));
+        return r;
+    }
+    /* Routed mode: run `scheme` for every following token; -1 gives the choice back to
+     * the router. */
+    void force_scheme(int32_t scheme) {
+        check(moas_context_force_scheme(detail::live(get()), scheme));
+    }
+    /* Cap the KV bytes the context may use (kv_bytes_used(-1)); 0 removes the cap. */
+    void set_kv_budget(uint64_t bytes) {
+        check(moas_context_set_kv_budget(detail::live(get()), bytes));
+    }
+    /* Threads a decoding call uses. */
+    int32_t n_threads() const noexcept { return get() ? moas_context_n_threads(get()) : 0; }
+    /* The kernels the context chose, e.g. "ref"; "" once moved from. */
+    std::string_view kernels_name() const noexcept {
+        return get() ? moas_context_kernels_name(get()) : "";
     }
 
 private:
