@@ -500,13 +500,59 @@ int main(int argc, char **argv) {
             CHECK(status_of([&] { model.tokenize_lenient("A\xff", std::nullopt); }) ==
                   MOAS_ERR_INVALID_UTF8);
         }
+
+        // stop strings: the C library's hand-computed cases (tests/test_sampler.c)
+        {
+            const std::vector<std::string> stops = {"\n\n", "", "Amen"};
+            const auto at = [&](std::string_view text, bool more) {
+                const moas::stop_match m = moas::find_stop(text, stops, more);
+                return std::make_pair(m.end, m.found);
+            };
+            using result = std::pair<size_t, bool>;
+            CHECK(at("And it was so.\n\nAnd", true) == result(14, true));   // the first whole
+            CHECK(at("so. Amen.\n\n", true) == result(4, true));            // the earlier of two
+            CHECK(at("so. Am", true) == result(4, false));    // "Am" may become "Amen"
+            CHECK(at("so. Am", false) == result(6, false));   // ... unless nothing follows
+            CHECK(at("so. A\n", true) == result(5, false));   // "\n" may become "\n\n"
+            CHECK(at("so. Ax", true) == result(6, false));    // "Ax" cannot
+            CHECK(at("", true) == result(0, false));
+            // a cut-off stop string at 0 holds back a whole one after it until the end
+            const moas::stop_match held = moas::find_stop("abc", {"abcd", "c"});
+            CHECK(held.end == 0 && !held.found);
+            const moas::stop_match last = moas::find_stop("abc", {"abcd", "c"}, false);
+            CHECK(last.end == 2 && last.found);
+            const moas::stop_match no_stops = moas::find_stop("abc", {});
+            CHECK(no_stops.end == 3 && !no_stops.found);
+            CHECK(status_of([] { moas::find_stop("abc", {std::string("a\0b", 3)}); }) ==
+                  MOAS_ERR_INVALID_ARG);
+
+            // a generation loop: show what cannot be a stop string yet, one piece at a time
+            const auto stream = [&](const std::vector<std::string> &pieces) {
+                std::string shown, pending;
+                for (size_t i = 0; i < pieces.size(); i++) {
+                    pending += pieces[i];
+                    const moas::stop_match m =
+                        moas::find_stop(pending, stops, i + 1 < pieces.size());
+                    shown += pending.substr(0, m.end);
+                    if (m.found) {
+                        return shown;
+                    }
+                    pending.erase(0, m.end);
+                }
+                return shown + "|" + pending;   // "|": not stopped; what was left over
+            };
+            CHECK(stream({"so.", "\n", "\nAnd"}) == "so.");
+            CHECK(stream({"so. A", "men"}) == "so. ");
+            CHECK(stream({"so. A", "\n", "x"}) == "so. A\nx|");
+            CHECK(stream({"so. A", "m"}) == "so. Am|");
+        }
     } catch (const moas::error &e) {
         std::fprintf(stderr, "test_cpp_wrapper: %s\n", e.what());
         return 1;
     }
     if (failures == 0) {
         std::printf("cpp wrapper: ok (lifetimes kept, sizes checked, every token's logits, "
-                    "moved-from objects, route callbacks, routing accessors)\n");
+                    "moved-from objects, route callbacks, routing accessors, stop strings)\n");
     }
     return failures == 0 ? 0 : 1;
 }

@@ -618,6 +618,34 @@ private:
     std::unique_ptr<moas_sampler, free_sampler> ptr_;
 };
 
+/* Where generated text meets a stop string, as find_stop() says. */
+struct stop_match {
+    size_t end;   // bytes: found, keep text[0, end) and stop; else text[0, end) can be shown
+    bool found;
+};
+
+/* Look in `text`, generated and not yet shown, for the first place where one of `stops`
+ * begins (moas_text_find_stop; empty ones are ignored). A whole one: {its offset, true}.
+ * Otherwise {n, false}: text[0, n) can be shown, and while `more` text may follow, the
+ * rest is the start of a stop string, held back to be looked at again with what follows
+ * it; with `more` false, n is the whole text. */
+inline stop_match find_stop(std::string_view text, const std::vector<std::string> &stops,
+                            bool more = true) {
+    std::vector<const char *> c_stops;
+    c_stops.reserve(stops.size());
+    for (const std::string &s : stops) {
+        if (s.find('\0') != std::string::npos) {   // C would see it end at the NUL
+            throw error(MOAS_ERR_INVALID_ARG, "find_stop: a stop string contains NUL");
+        }
+        c_stops.push_back(s.c_str());
+    }
+    size_t end = 0;
+    int32_t found = 0;
+    check(moas_text_find_stop(text.data(), text.size(), c_stops.data(), c_stops.size(),
+                              more ? 1 : 0, &end, &found));
+    return {end, found != 0};
+}
+
 }  // namespace moas
 
 #endif  // MOAS_HPP

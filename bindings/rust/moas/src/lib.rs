@@ -837,6 +837,48 @@ impl Drop for Sampler {
     }
 }
 
+// ---- stop strings ----------------------------------------------------------------------
+
+/// Where generated text meets a stop string, as [`find_stop`] says. Offsets are bytes,
+/// always on a character boundary of the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A stop string begins whole here: keep `text[..at]` and stop generating.
+    Found(usize),
+    /// None occurs whole: `text[..end]` can be shown. While more text may follow, the
+    /// rest is the start of a stop string, held back to be looked at again with the text
+    /// that follows; at the end of generation it is empty.
+    Show(usize),
+}
+
+/// Look in `text`, generated and not yet shown, for the first place where one of `stops`
+/// begins (moas_text_find_stop; empty ones are ignored). `more`: more text may follow.
+pub fn find_stop<S: AsRef<str>>(text: &str, stops: &[S], more: bool) -> Result<Stop> {
+    // a stop string with a NUL byte is refused: C would see it end there
+    let owned = stops
+        .iter()
+        .map(|s| cstring(s.as_ref()))
+        .collect::<Result<Vec<CString>>>()?;
+    let pointers: Vec<*const c_char> = owned.iter().map(|s| s.as_ptr()).collect();
+    let (mut end, mut found) = (0usize, 0i32);
+    check(unsafe {
+        ffi::moas_text_find_stop(
+            text.as_ptr().cast(),
+            text.len(),
+            pointers.as_ptr(),
+            pointers.len(),
+            i32::from(more),
+            &mut end,
+            &mut found,
+        )
+    })?;
+    Ok(if found != 0 {
+        Stop::Found(end)
+    } else {
+        Stop::Show(end)
+    })
+}
+
 // ---- KV pool ---------------------------------------------------------------------------
 
 /// Which logits a batched decode returns (moas_logits).

@@ -1,6 +1,7 @@
 //! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
 use moas::{
-    Context, ContextParams, KvType, Logits, Mode, Model, Pool, PoolParams, Sampler, SamplerParams,
+    find_stop, Context, ContextParams, KvType, Logits, Mode, Model, Pool, PoolParams, Sampler,
+    SamplerParams, Stop,
 };
 
 const TEXT: &str = "And God said, Let there be light: and there was light.";
@@ -645,4 +646,51 @@ fn route_callbacks_in_a_pool_call_and_forks_without_them() {
         .unwrap();
     b.decode(ids[8]).unwrap();
     assert_eq!((child.n_past(), b.n_past()), (12, 9));
+}
+
+#[test]
+fn find_stop_as_the_c_library_hand_computed() {
+    let stops = ["\n\n", "", "Amen"];
+    let at = |text: &str, more: bool| find_stop(text, &stops, more).unwrap();
+    assert_eq!(at("And it was so.\n\nAnd", true), Stop::Found(14)); // the first whole one
+    assert_eq!(at("so. Amen.\n\n", true), Stop::Found(4)); // the earlier of two
+    assert_eq!(at("so. Am", true), Stop::Show(4)); // "Am" may become "Amen"
+    assert_eq!(at("so. Am", false), Stop::Show(6)); // ... unless nothing follows
+    assert_eq!(at("so. A\n", true), Stop::Show(5)); // "\n" may become "\n\n"
+    assert_eq!(at("so. Ax", true), Stop::Show(6)); // "Ax" cannot
+    assert_eq!(at("", true), Stop::Show(0));
+    // a cut-off stop string at 0 holds back a whole one after it until the end
+    let two = vec!["abcd".to_string(), "c".to_string()];
+    assert_eq!(find_stop("abc", &two, true), Ok(Stop::Show(0)));
+    assert_eq!(find_stop("abc", &two, false), Ok(Stop::Found(2)));
+    assert_eq!(find_stop::<&str>("abc", &[], true), Ok(Stop::Show(3)));
+    assert_eq!(find_stop("abc", &["a\0b"], true).unwrap_err().status, -1);
+    // offsets are bytes, on character boundaries
+    assert_eq!(find_stop("dixé Amen", &["Amen"], true), Ok(Stop::Found(6)));
+    assert_eq!(find_stop("aé", &["éé"], true), Ok(Stop::Show(1)));
+}
+
+#[test]
+fn find_stop_in_a_generation_loop() {
+    // show what cannot be a stop string yet, one piece at a time; "|" and what was left
+    // over when no stop string came
+    let stream = |pieces: &[&str]| -> String {
+        let (mut shown, mut pending) = (String::new(), String::new());
+        for (i, piece) in pieces.iter().enumerate() {
+            pending.push_str(piece);
+            match find_stop(&pending, &["\n\n", "Amen"], i + 1 < pieces.len()).unwrap() {
+                Stop::Found(at) => return shown + &pending[..at],
+                Stop::Show(end) => {
+                    shown.push_str(&pending[..end]);
+                    pending.drain(..end);
+                }
+            }
+        }
+        shown + "|" + &pending
+    };
+    assert_eq!(stream(&["so.", "\n", "\nAnd"]), "so.");
+    assert_eq!(stream(&["so. A", "men"]), "so. ");
+    assert_eq!(stream(&["so. A", "\n", "x"]), "so. A\nx|");
+    assert_eq!(stream(&["so. A", "m"]), "so. Am|");
+    assert_eq!(stream(&["é", "A", "mé"]), "éAmé|");
 }
