@@ -293,6 +293,18 @@ impl Model {
     }
 }
 
+/// The name and sizes, e.g. `Model { name: "tiny", n_vocab: 47, n_layer: 2, n_scheme: 3 }`.
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name())
+            .field("n_vocab", &self.n_vocab())
+            .field("n_layer", &self.n_layer())
+            .field("n_scheme", &self.n_scheme())
+            .finish()
+    }
+}
+
 impl Drop for Model {
     fn drop(&mut self) {
         unsafe { ffi::moas_model_free(self.ptr.as_ptr()) }
@@ -652,6 +664,13 @@ impl<'m> Context<'m> {
     pub fn n_ctx(&self) -> i32 {
         unsafe { ffi::moas_context_n_ctx(self.raw()) }
     }
+    /// The mode the context was created in.
+    pub fn mode(&self) -> Mode {
+        match unsafe { ffi::moas_context_mode(self.raw()) } {
+            ffi::MOAS_MODE_ROUTED => Mode::Routed,
+            _ => Mode::Mixture,
+        }
+    }
     pub fn kernels_name(&self) -> &str {
         unsafe { text(ffi::moas_context_kernels_name(self.raw())) }.unwrap_or("")
     }
@@ -723,6 +742,19 @@ impl<'m> Context<'m> {
     /// Threads a decoding call uses.
     pub fn n_threads(&self) -> i32 {
         unsafe { ffi::moas_context_n_threads(self.raw()) }
+    }
+}
+
+/// Where the sequence is, e.g.
+/// `Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false }`.
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("n_past", &self.n_past())
+            .field("n_ctx", &self.n_ctx())
+            .field("mode", &self.mode())
+            .field("route_callback", &self.route.is_some())
+            .finish()
     }
 }
 
@@ -828,6 +860,15 @@ impl Sampler {
     /// Forget the tokens remembered for the repetition penalty.
     pub fn reset(&mut self) {
         unsafe { ffi::moas_sampler_reset(self.ptr.as_ptr()) }
+    }
+}
+
+/// The sampler's vocabulary size (the library reports nothing else of it).
+impl fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sampler")
+            .field("n_vocab", &self.n_vocab)
+            .finish()
     }
 }
 
@@ -1094,6 +1135,16 @@ impl<'m> Pool<'m> {
             bytes_used: info.bytes_used,
             bytes_stored: info.bytes_stored,
         }
+    }
+}
+
+/// Its model's name and its occupancy now (moas_pool_stats).
+impl fmt::Debug for Pool<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("model", &self.model.name())
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 

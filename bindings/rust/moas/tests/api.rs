@@ -131,7 +131,7 @@ fn routed_mode_counts_and_kv_bytes() {
 
 #[test]
 fn errors_carry_status_and_message() {
-    let e = Model::load("/nonexistent/model.gguf").err().unwrap();
+    let e = Model::load("/nonexistent/model.gguf").unwrap_err();
     assert_eq!((e.status, e.name()), (-3, "MOAS_ERR_IO"));
     assert!(
         e.message.contains("/nonexistent/model.gguf"),
@@ -164,25 +164,61 @@ fn errors_carry_status_and_message() {
     assert_eq!(ctx.decode(3).unwrap_err().name(), "MOAS_ERR_CONTEXT_FULL");
     assert_eq!(ctx.n_past(), 2); // a failed call changes nothing
     assert_eq!(ctx.force_scheme(Some(0)).unwrap_err().status, -1); // mixture mode
-    assert!(Context::new(
-        &m,
-        &ContextParams {
-            n_ctx: 65,
-            ..Default::default()
-        }
-    )
-    .is_err());
+    let too_long = ContextParams {
+        n_ctx: 65,
+        ..Default::default()
+    };
+    assert_eq!(Context::new(&m, &too_long).unwrap_err().status, -1);
 
     let mut s = Sampler::new(47, &SamplerParams::default()).unwrap();
     assert!(s.sample(&[0.0; 3]).is_err());
-    assert!(Sampler::new(
-        47,
-        &SamplerParams {
-            top_p: 0.0,
-            ..Default::default()
-        }
-    )
-    .is_err());
+    let no_mass = SamplerParams {
+        top_p: 0.0,
+        ..Default::default()
+    };
+    assert_eq!(Sampler::new(47, &no_mass).unwrap_err().status, -1);
+    assert_eq!(Pool::new(&m, 0, KvType::F32).unwrap_err().status, -1);
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    assert_eq!(pool.context(&too_long).unwrap_err().status, -1);
+}
+
+#[test]
+fn debug_shows_what_each_object_is() {
+    let m = model();
+    assert_eq!(
+        format!("{m:?}"),
+        r#"Model { name: "tiny-moas-bias", n_vocab: 47, n_layer: 2, n_scheme: 3 }"#
+    );
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
+    let mut ctx = Context::new(&m, &routed).unwrap();
+    ctx.decode_batch(&[1, 2, 3]).unwrap();
+    assert_eq!(ctx.mode(), Mode::Routed);
+    assert_eq!(
+        format!("{ctx:?}"),
+        "Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false }"
+    );
+    ctx.set_route_callback(|_| None);
+    assert!(format!("{ctx:?}").ends_with("route_callback: true }"));
+    let mixture = Context::new(&m, &ContextParams::default()).unwrap();
+    assert_eq!(mixture.mode(), Mode::Mixture);
+    assert!(format!("{mixture:?}").contains("n_past: 0, n_ctx: 64, mode: Mixture"));
+
+    let s = Sampler::new(47, &SamplerParams::default()).unwrap();
+    assert_eq!(format!("{s:?}"), "Sampler { n_vocab: 47 }");
+
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut a = pool.context(&routed).unwrap();
+    a.decode(1).unwrap();
+    let stats = pool.stats();
+    assert_eq!(stats.n_contexts, 1);
+    assert_eq!(
+        format!("{pool:?}"),
+        format!("Pool {{ model: \"tiny-moas-bias\", stats: {stats:?} }}")
+    );
+    assert!(format!("{pool:?}").contains("n_contexts: 1"));
 }
 
 #[test]
