@@ -14,6 +14,15 @@ pub const LINKED_FROM: &str = env!("MOAS_LINKED_FROM");
 
 use std::os::raw::{c_char, c_int, c_void};
 
+/// The version of the header these declarations follow; moas_version_number() gives the
+/// linked library's.
+pub const MOAS_VERSION_MAJOR: i32 = 1;
+pub const MOAS_VERSION_MINOR: i32 = 1;
+pub const MOAS_VERSION_PATCH: i32 = 0;
+pub const MOAS_VERSION_NUMBER: i32 =
+    MOAS_VERSION_MAJOR * 10000 + MOAS_VERSION_MINOR * 100 + MOAS_VERSION_PATCH;
+pub const MOAS_VERSION_STRING: &str = "1.1.0";
+
 pub type moas_status = c_int;
 pub type moas_log_level = c_int;
 pub type moas_type = c_int;
@@ -23,6 +32,7 @@ pub type moas_meta_type = c_int;
 pub type moas_mode = c_int;
 pub type moas_kernels = c_int;
 pub type moas_logits = c_int;
+pub type moas_unknown = c_int;
 
 pub const MOAS_OK: moas_status = 0;
 pub const MOAS_ERR_INVALID_ARG: moas_status = -1;
@@ -43,12 +53,57 @@ pub const MOAS_ERR_BUSY: moas_status = -15;
 pub const MOAS_TYPE_F32: moas_type = 0;
 pub const MOAS_TYPE_F16: moas_type = 1;
 pub const MOAS_TYPE_Q8_0: moas_type = 8;
+pub const MOAS_TYPE_BF16: moas_type = 30;
+
+// Each enum's _COUNT is the number of its values, not a value; it grows as values are
+// appended, so it says what this header knows, not what the linked library accepts.
+pub const MOAS_LOG_ERROR: moas_log_level = 0;
+pub const MOAS_LOG_WARN: moas_log_level = 1;
+pub const MOAS_LOG_INFO: moas_log_level = 2;
+pub const MOAS_LOG_DEBUG: moas_log_level = 3;
+pub const MOAS_LOG_LEVEL_COUNT: moas_log_level = 4;
+
+pub const MOAS_MIXING_SINGLE: moas_mixing = 0;
+pub const MOAS_MIXING_MEAN: moas_mixing = 1;
+pub const MOAS_MIXING_ROUTER: moas_mixing = 2;
+pub const MOAS_MIXING_COUNT: moas_mixing = 3;
+
+pub const MOAS_KV_SHARING_INDEPENDENT: moas_kv_sharing = 0;
+pub const MOAS_KV_SHARING_POOLED: moas_kv_sharing = 1;
+pub const MOAS_KV_SHARING_COUNT: moas_kv_sharing = 2;
+
+pub const MOAS_META_UINT8: moas_meta_type = 0;
+pub const MOAS_META_INT8: moas_meta_type = 1;
+pub const MOAS_META_UINT16: moas_meta_type = 2;
+pub const MOAS_META_INT16: moas_meta_type = 3;
+pub const MOAS_META_UINT32: moas_meta_type = 4;
+pub const MOAS_META_INT32: moas_meta_type = 5;
+pub const MOAS_META_FLOAT32: moas_meta_type = 6;
+pub const MOAS_META_BOOL: moas_meta_type = 7;
+pub const MOAS_META_STRING: moas_meta_type = 8;
+pub const MOAS_META_ARRAY: moas_meta_type = 9;
+pub const MOAS_META_UINT64: moas_meta_type = 10;
+pub const MOAS_META_INT64: moas_meta_type = 11;
+pub const MOAS_META_FLOAT64: moas_meta_type = 12;
+pub const MOAS_META_TYPE_COUNT: moas_meta_type = 13;
+
 pub const MOAS_MODE_MIXTURE: moas_mode = 0;
 pub const MOAS_MODE_ROUTED: moas_mode = 1;
+pub const MOAS_MODE_COUNT: moas_mode = 2;
+
 pub const MOAS_KERNELS_AUTO: moas_kernels = 0;
+pub const MOAS_KERNELS_REF: moas_kernels = 1;
+pub const MOAS_KERNELS_COUNT: moas_kernels = 2;
+
 pub const MOAS_LOGITS_NONE: moas_logits = 0;
 pub const MOAS_LOGITS_LAST: moas_logits = 1;
 pub const MOAS_LOGITS_ALL: moas_logits = 2;
+pub const MOAS_LOGITS_COUNT: moas_logits = 3;
+
+pub const MOAS_UNKNOWN_ERROR: moas_unknown = 0;
+pub const MOAS_UNKNOWN_REPLACE: moas_unknown = 1;
+pub const MOAS_UNKNOWN_DROP: moas_unknown = 2;
+pub const MOAS_UNKNOWN_COUNT: moas_unknown = 3;
 
 #[repr(C)]
 pub struct moas_model {

@@ -249,7 +249,11 @@ impl Model {
         replacement: Option<i32>,
     ) -> Result<(Vec<i32>, usize)> {
         let mut p = params(ffi::moas_tokenize_params_init_sized);
-        p.unknown = if replacement.is_some() { 1 } else { 2 }; // REPLACE, DROP
+        p.unknown = if replacement.is_some() {
+            ffi::MOAS_UNKNOWN_REPLACE
+        } else {
+            ffi::MOAS_UNKNOWN_DROP
+        };
         p.replacement = replacement.unwrap_or(-1);
         let mut ids = vec![0i32; text.len()];
         let (mut n, mut changed) = (0usize, 0usize);
