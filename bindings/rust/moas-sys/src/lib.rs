@@ -50,6 +50,7 @@ pub const MOAS_ERR_INTERNAL: moas_status = -12;
 pub const MOAS_ERR_INVALID_UTF8: moas_status = -13;
 pub const MOAS_ERR_POOL_FULL: moas_status = -14;
 pub const MOAS_ERR_BUSY: moas_status = -15;
+pub const MOAS_STATUS_COUNT: i32 = 16; // number of statuses, not a status
 pub const MOAS_TYPE_F32: moas_type = 0;
 pub const MOAS_TYPE_F16: moas_type = 1;
 pub const MOAS_TYPE_Q8_0: moas_type = 8;

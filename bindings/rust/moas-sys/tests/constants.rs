@@ -1,7 +1,7 @@
 //! moas-sys declares every constant of include/moas.h with the header's value. The header
 //! is read at test time, so a constant missing here, one the header lacks, or a wrong
-//! value fails. The statuses (MOAS_OK, MOAS_ERR_*, MOAS_STATUS_COUNT) are left out: they
-//! come from the header's X-macro table and are kept with the status names.
+//! value fails. The statuses (MOAS_OK, MOAS_ERR_*, MOAS_STATUS_COUNT) come from the
+//! header's X-macro table and are checked against its rows apart.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
@@ -236,4 +236,55 @@ fn every_constant_moas_sys_declares_is_checked() {
         "not in this test's table: {unchecked:?}"
     );
     // (a name in the table but not in src/lib.rs does not compile)
+}
+
+/// The rows of the header's status table, `X(NAME, value, "message")`, as MOAS_NAME.
+fn header_statuses(header: &str) -> BTreeMap<String, i64> {
+    header
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("X("))
+        .map(|row| {
+            let mut fields = row.splitn(3, ',');
+            let name = fields.next().expect("a name").trim();
+            let value = fields.next().expect("a value").trim();
+            let value = value
+                .parse::<i64>()
+                .unwrap_or_else(|_| panic!("status {name}: cannot read {value}"));
+            (format!("MOAS_{name}"), value)
+        })
+        .collect()
+}
+
+#[test]
+fn every_status_of_the_header_with_its_value() {
+    let header = header_statuses(&tree_file("../../../include/moas.h"));
+    let declared: BTreeMap<String, i64> = constants![
+        MOAS_OK,
+        MOAS_ERR_INVALID_ARG,
+        MOAS_ERR_NO_MEMORY,
+        MOAS_ERR_IO,
+        MOAS_ERR_BAD_FORMAT,
+        MOAS_ERR_CORRUPT,
+        MOAS_ERR_UNSUPPORTED,
+        MOAS_ERR_CONTEXT_FULL,
+        MOAS_ERR_UNKNOWN_CHAR,
+        MOAS_ERR_BUFFER_TOO_SMALL,
+        MOAS_ERR_NOT_FOUND,
+        MOAS_ERR_WRONG_TYPE,
+        MOAS_ERR_INTERNAL,
+        MOAS_ERR_INVALID_UTF8,
+        MOAS_ERR_POOL_FULL,
+        MOAS_ERR_BUSY,
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    assert_eq!(header, declared);
+    assert_eq!(header.len() as i64, i64::from(moas_sys::MOAS_STATUS_COUNT));
+    // the linked library names each of them as the header spells it
+    for (name, value) in &header {
+        let status = i32::try_from(*value).expect("a status fits an i32");
+        let named = unsafe { std::ffi::CStr::from_ptr(moas_sys::moas_status_name(status)) };
+        assert_eq!(named.to_str(), Ok(name.as_str()));
+    }
 }
