@@ -157,6 +157,8 @@ public:
         return text;
     }
 
+    /* The token's text, borrowed from the model: valid while any copy of this model (or a
+     * pool or context made from it) lives. */
     std::string_view token_text(int32_t token) const {
         const char *text = moas_token_text(detail::live(get()), token);
         if (text == nullptr) {
