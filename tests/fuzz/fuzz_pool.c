@@ -806,10 +806,12 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
         invalid = n < 0 || (unsigned)which >= MOAS_LOGITS_COUNT ||
                   (which == MOAS_LOGITS_ALL && buf == NULL && n > 0);
     }
-    for (int32_t i = 0; i < n && !invalid; i++) {
+    /* a batch checks its room before its ids; one token its id first */
+    bool full = !single && !invalid && n > c->n_ctx - c->n_past;
+    for (int32_t i = 0; i < n && !invalid && !full; i++) {
         invalid = bad_token(d, tokens[i]);
     }
-    const bool full = !invalid && n > c->n_ctx - c->n_past;
+    full = full || (!invalid && n > c->n_ctx - c->n_past);
     call_limit(d, c);
     const uint64_t need = invalid || full ? 0 : need_tokens(d, c, n);
     const bool pool_full = !invalid && !full && need > (uint64_t)d->n_free;
@@ -947,13 +949,15 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
         const sctx *c = &d->c[slots[i]];
         bool bad = c->mode != d->c[slots[0]].mode || (unsigned)q->which >= MOAS_LOGITS_COUNT ||
                    (q->which == MOAS_LOGITS_ALL && q->logits == NULL && q->n_tokens > 0);
+        if (!bad && q->n_tokens > c->n_ctx - c->n_past) {   /* the room before the ids */
+            want = MOAS_ERR_CONTEXT_FULL;
+            break;
+        }
         for (int32_t t = 0; t < q->n_tokens && !bad; t++) {
             bad = bad_token(d, q->tokens[t]);
         }
         if (bad) {
             want = MOAS_ERR_INVALID_ARG;
-        } else if (q->n_tokens > c->n_ctx - c->n_past) {
-            want = MOAS_ERR_CONTEXT_FULL;
         }
     }
     uint64_t need = 0;
