@@ -23,7 +23,7 @@ POOLED = os.path.join(DATA, "tiny-pooled-bias.gguf")
 
 def run(code):
     """Run `code` in a fresh interpreter with moas importable: (returncode, output)."""
-    prelude = ("import gc, sys, threading, time\nsys.path.insert(0, %r)\nimport moas\n"
+    prelude = ("import gc, os, sys, threading, time\nsys.path.insert(0, %r)\nimport moas\n"
                "MOAS, POOLED = %r, %r\n" % (os.path.join(ROOT, "bindings", "python"),
                                             MOAS, POOLED))
     out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
@@ -97,6 +97,87 @@ class Lifetimes(unittest.TestCase):
                 {"context": c, "model": m, "pool": p}[target].close()
                 t.join(10)
                 assert not t.is_alive() and "closed" in errors[0], errors
+            print("ok")
+        """)
+
+    def test_sampler_close_waits_for_a_sample_on_another_thread(self):
+        # 20M logits take the sampler about a second; close() freed its buffers under
+        # the call (a crash) and must wait for it instead
+        self.expect_ok("""
+            import array
+            n = 20000000
+            logits = array.array("f", bytes(4 * n))
+            s = moas.Sampler(n, top_p=0.5, seed=1)
+            got = []
+            t = threading.Thread(target=lambda: got.append(s.sample(logits)))
+            t.start(); time.sleep(0.15)
+            s.close()
+            assert got and 0 <= got[0] < n, got   # the call had ended
+            t.join()
+            try:
+                s.sample(logits)
+                raise SystemExit("a closed sampler sampled")
+            except moas.MoasError as e:
+                assert "closed" in e.message, e
+            print("ok")
+        """)
+
+    def test_sampling_a_context_holds_it_against_a_decode(self):
+        # sample(context) reads the context's logits in place: a decode on another
+        # thread (here while the sampler is slowed down) must wait, not change them
+        # under the call
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            prompt = m.tokenize("And God")
+            argmax = lambda row: max(range(len(row)), key=row.__getitem__)
+            c = m.context()
+            want = argmax(c.decode_batch(prompt))
+
+            def argmax_after(token):
+                with m.context() as probe:
+                    probe.decode_batch(prompt)
+                    return argmax(probe.decode(token))
+            other = next(t for t in range(m.n_vocab) if argmax_after(t) != want)
+            s = moas.Sampler(m, temperature=0)
+            lib = moas.library()
+            real = lib.moas_sampler_sample
+            def slow(*args):
+                time.sleep(0.3)
+                return real(*args)
+            lib.moas_sampler_sample = slow
+            got = []
+            t = threading.Thread(target=lambda: got.append(s.sample(c)))
+            t.start(); time.sleep(0.1)
+            c.decode(other)   # waits for the sample
+            assert got == [want], "the decode did not wait for the sample: %r" % got
+            t.join()
+            print("ok")
+        """)
+
+    def test_a_route_callback_may_use_a_sampler_another_thread_samples_with(self):
+        # the callback runs holding its context's lock and takes the sampler's, while
+        # the other thread, sampling that context, waits for the context's lock first:
+        # taken the other way round, each waited for the other's lock for ever
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            s = moas.Sampler(m, temperature=0)
+            row = [0.0] * m.n_vocab
+            def route(pos, layer, gates, proposed):
+                if pos == 0 and layer == 0:
+                    time.sleep(0.2)   # the other thread asks for the context meanwhile
+                    s.sample(row)
+            c = m.context(mode="routed", route_callback=route)
+            threads = [threading.Thread(target=c.decode, args=(1,), daemon=True),
+                       threading.Thread(target=lambda: (time.sleep(0.1), s.sample(c)),
+                                        daemon=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            if any(t.is_alive() for t in threads):
+                print("deadlocked", flush=True)
+                os._exit(1)
+            assert c.n_past == 1
             print("ok")
         """)
 

@@ -44,9 +44,11 @@ last of them goes, and until then they read the logits the context last held.
 
 Threads. As in C: a Model may be shared by threads; a Context or a Sampler is used by
 one thread at a time. ctypes releases the GIL during every call into the library. A
-Context's calls hold its lock, so calls from two threads wait for each other instead
-of corrupting it, and close() (of it, its Pool or its Model) waits for a call in
-flight; a route callback must not use the context it was called from (refused).
+Context's (and a Sampler's) calls hold its lock, so calls from two threads wait for
+each other instead of corrupting it, and close() (of it, its Pool or its Model) waits
+for a call in flight; Sampler.sample(context) holds the context's lock too, as it
+reads its logits in place; a route callback must not use the context it was called
+from (refused).
 
 Lifetimes. A Model or Pool closes what was made from it before itself; its library
 object is freed after theirs even when the garbage collector finalises it first.
@@ -1755,6 +1757,7 @@ class Sampler(_Handle):
     def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, min_p=0.0,
                  repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, allocator=None):
         self._ptr = None
+        self._lock = threading.RLock()   # one call at a time; close waits for it
         self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else _int("n_vocab", vocab)
         params = _params(library().moas_sampler_params_init_sized, SamplerParams)
         params.temperature, params.top_k, params.top_p, params.seed = (
@@ -1777,10 +1780,12 @@ class Sampler(_Handle):
         self._ptr = out.value
 
     def close(self):
-        if self._ptr is not None:
-            library().moas_sampler_free(self._ptr)
-            self._ptr = None
-
+        """Free the sampler, after a call another thread is making on it ends.
+        Idempotent."""
+        with self._lock:
+            if self._ptr is not None:
+                library().moas_sampler_free(self._ptr)
+                self._ptr = None
 
     def _pointer(self, logits):
         """A float pointer to n_vocab logits, and what keeps them alive."""
@@ -1821,13 +1826,20 @@ class Sampler(_Handle):
         if logits is None:   # decode_batch(..., logits="none") or of no tokens
             raise MoasError(Status.ERR_INVALID_ARG, "no logits to sample from (nothing "
                             "decoded, or decoded without logits)")
-        ptr, _keep = self._pointer(logits)
-        token = ctypes.c_int32()
-        _check(library().moas_sampler_sample(self._p(), ptr, ctypes.byref(token)))
-        return token.value
+        # A Context's logits are read in place: its lock keeps another thread's decode
+        # or close off them. It is taken before the sampler's, always: a route
+        # callback, which runs holding its context's lock, may use a sampler.
+        held = logits._lock if isinstance(logits, Context) else contextlib.nullcontext()
+        with held, self._lock:
+            ptr, _keep = self._pointer(logits)
+            token = ctypes.c_int32()
+            _check(library().moas_sampler_sample(self._p(), ptr, ctypes.byref(token)))
+            return token.value
 
     def reseed(self, seed):
-        library().moas_sampler_reseed(self._p(), _int("seed", seed, ctypes.c_uint64))
+        seed = _int("seed", seed, ctypes.c_uint64)
+        with self._lock:
+            library().moas_sampler_reseed(self._p(), seed)
 
     def accept(self, tokens):
         """Remember a token id, or each of a sequence (a prompt), for the repetition
@@ -1836,12 +1848,14 @@ class Sampler(_Handle):
             tokens = [operator.index(tokens)]   # one id (an int, a numpy integer)
         except TypeError:
             pass
-        for token in tokens:
-            _check(library().moas_sampler_accept(self._p(), _int("token", token)))
+        with self._lock:
+            for token in tokens:
+                _check(library().moas_sampler_accept(self._p(), _int("token", token)))
 
     def reset(self):
         """Forget the tokens remembered for the repetition penalty."""
-        library().moas_sampler_reset(self._p())
+        with self._lock:
+            library().moas_sampler_reset(self._p())
 
 
 Perplexity = namedtuple("Perplexity", "perplexity nll n_scored n_chars n_changed")
