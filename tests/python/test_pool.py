@@ -84,6 +84,34 @@ class PoolTest(unittest.TestCase):
         ctx.close()
         small.close()
 
+    def test_a_route_callback_error_undoes_the_whole_decode(self):
+        # as decode_batch: the call is undone for every context in it, the exception
+        # raised; once the callback behaves, the same decode gives the same logits
+        V = self.model.n_vocab
+        failing = {"on": True}
+
+        def boom(pos, layer, gates, proposed):
+            if failing["on"] and pos == 3:
+                raise RuntimeError("boom at %d" % pos)
+        plain = self.pool.context(mode="routed")
+        picky = self.pool.context(mode="routed", route_callback=boom)
+        plain.decode_batch(tokens(2, V, 5))
+        picky.decode_batch(tokens(2, V, 6))
+        free = self.pool.stats().pages_free
+        batch = [(plain, tokens(4, V, 7)), (picky, tokens(4, V, 8))]
+        with self.assertRaises(RuntimeError) as err:
+            self.pool.decode(batch)
+        self.assertIn("boom at 3", str(err.exception))
+        self.assertEqual((plain.n_past, picky.n_past), (2, 2))
+        self.assertEqual(self.pool.stats().pages_free, free)
+        failing["on"] = False
+        got = self.pool.decode(batch)   # the error is not raised again
+        with self.model.context(mode="routed") as alone:
+            alone.decode_batch(tokens(2, V, 5))
+            self.assertEqual(list(got[0]), list(alone.decode_batch(tokens(4, V, 7))))
+        for c in (plain, picky):
+            c.close()
+
     def test_fork_needs_a_pool(self):
         with self.model.context() as ctx:
             with self.assertRaises(moas.MoasError):

@@ -59,6 +59,7 @@ import contextlib
 import ctypes
 import enum
 import errno
+import itertools
 import math
 import operator
 import os
@@ -1221,6 +1222,8 @@ class Model(_Handle):
 
 # ---- context --------------------------------------------------------------------------
 
+_ROUTE_ERROR_ORDER = itertools.count()   # when each route callback's error was raised
+
 Routes = namedtuple("Routes", "gates schemes kv_heads")
 Routes.__doc__ = """Routing of a range of positions: memoryviews of Python-owned copies,
 gates float [n_pos][n_layer][n_scheme], schemes and kv_heads int32 [n_pos][n_layer]."""
@@ -1519,6 +1522,8 @@ class Context(_Handle):
                 ctx = ref()
                 if ctx is not None and ctx._route_error is None:
                     ctx._route_error = e
+                    # Pool.decode raises the first of its contexts' errors
+                    ctx._route_error_order = next(_ROUTE_ERROR_ORDER)
                 return proposed
         return ROUTE_FN(route)
 
@@ -1675,7 +1680,8 @@ class Pool(_Handle):
         list of (context, tokens) pairs. Each context gets exactly what decode_batch
         would give it alone. Returns, per pair, the logits as decode_batch would
         ("last": a copy of the last token's n_vocab floats, "all": a list of rows,
-        "none": None)."""
+        "none": None). If a route callback raises, the call is undone, every context
+        back to its n_past before it, and the first exception raised is raised."""
         seqs = list(seqs)
         which = _enum(Logits, logits)
         v = self._n_vocab
@@ -1710,14 +1716,27 @@ class Pool(_Handle):
             for i, (ctx, _) in enumerate(seqs):
                 ctx._invalidate()
                 arr[i].ctx = ctx._p()
+            n_past = {ctx: ctx._call("moas_context_n_past") for ctx in ctxs}
             me = threading.get_ident()
             for ctx in ctxs:
                 ctx._calling = me
+                ctx._route_error = None
             try:
                 status = self._call("moas_pool_decode", arr, len(seqs))
             finally:
                 for ctx in ctxs:
                     ctx._calling = None
+            failed = [ctx for ctx in ctxs if ctx._route_error is not None]
+            if failed:   # as decode_batch: the whole call undone, the first error raised
+                first = min(failed, key=lambda ctx: ctx._route_error_order)
+                error = first._route_error
+                for ctx in failed:
+                    ctx._route_error = None
+                if status == Status.OK:
+                    for ctx in ctxs:
+                        if ctx._call("moas_context_n_past") != n_past[ctx]:
+                            ctx._call("moas_context_truncate", n_past[ctx])
+                raise error
         _check(status)
         result = []
         for ctx, flat, n in outs:
