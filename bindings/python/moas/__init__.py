@@ -1035,14 +1035,9 @@ class Model(_Handle):
 
         `unknown` says what to do with a character outside the vocabulary: "error"
         (MoasError ERR_UNKNOWN_CHAR), "replace" (by the character `replacement`) or
-        "drop". Invalid UTF-8 is ERR_INVALID_UTF8 then. tokenize_ex() also says how
-        many characters were changed."""
-        if unknown == "error":
-            raw = _utf8(text)
-            cap = max(len(raw), 1)   # one id per character, so at most one per byte
-            ids, n = _array(ctypes.c_int32, cap), ctypes.c_size_t()
-            _check(self._call("moas_tokenize", raw, len(raw), ids, cap, ctypes.byref(n)))
-            return ids[:n.value]
+        "drop". Invalid UTF-8 is ERR_INVALID_UTF8 whatever the rule. tokenize_ex()
+        also says how many characters were changed."""
+        # moas_tokenize (1.0) calls invalid UTF-8 an unknown character
         return self.tokenize_ex(text, unknown, replacement)[0]
 
     def tokenize_ex(self, text, unknown="error", replacement=" "):
@@ -1062,7 +1057,7 @@ class Model(_Handle):
                                 "character, got %r" % (replacement,))
             params.replacement = ids[0]
         raw = _utf8(text)
-        cap = max(len(raw), 1)
+        cap = max(len(raw), 1)   # one id per character, so at most one per byte
         ids, n, changed = _array(ctypes.c_int32, cap), ctypes.c_size_t(), ctypes.c_size_t()
         _check(self._call("moas_tokenize_ex", raw, len(raw), ctypes.byref(params), ids, cap,
                           ctypes.byref(n), ctypes.byref(changed)))
