@@ -357,12 +357,45 @@ class Arguments(unittest.TestCase):
                         (c.set_kv_budget, 1.5)):
             with self.assertRaises(TypeError, msg=repr((fn, arg))):
                 fn(arg)
+        # a float or a bool passed as an integer, wherever it goes
+        with moas.Sampler(m) as s:
+            for fn, args, kw in ((m.generate, ("And", 1.0), {}),
+                                 (m.generate, ("And", True), {}),
+                                 (m.generate, ("And",), {"max_tokens": 2.0}),
+                                 (c.decode, (True,), {}), (c.decode_batch, ([1, False],), {}),
+                                 (m.context, (), {"n_ctx": True}),
+                                 (moas.Sampler, (m,), {"top_k": True}),
+                                 (moas.Sampler, (True,), {}),
+                                 (s.accept, (True,), {}), (s.accept, ([1, True],), {}),
+                                 (s.reseed, (False,), {})):
+                with self.assertRaises(TypeError, msg=repr((fn, args, kw))):
+                    fn(*args, **kw)
+        self.assertEqual(c.n_past, 0)
         with self.assertRaises(TypeError):
             moas.find_stop(5, [])
         with self.assertRaises(TypeError):
             m.context(pool=5)
         with self.assertRaises(ValueError):
             moas.Model(MOAS + "\0junk")
+
+    def test_a_callback_answer_that_is_no_integer_is_a_type_error(self):
+        # a float was truncated (1.7: scheme 1) and a str parsed ("2": scheme 2): like
+        # an exception of the callback's, it undoes the decode and is raised
+        with self.model.context(mode="routed") as c, moas.Model(POOLED) as pooled_model, \
+                moas.Pool(pooled_model, 1 << 20) as pool:
+            pooled = pool.context(mode="routed")
+            for answer in (1.7, "2", True, [1]):
+                c.set_route_callback(lambda pos, layer, g, prop, a=answer: a)
+                pooled.set_route_callback(lambda pos, layer, g, prop, a=answer: a)
+                for decode in (lambda: c.decode_batch([1, 2, 3]),
+                               lambda: pool.decode([(pooled, [1, 2, 3])])):
+                    with self.assertRaises(TypeError, msg=repr(answer)) as cm:
+                        decode()
+                    self.assertIn("route callback", str(cm.exception))
+                self.assertEqual((c.n_past, pooled.n_past), (0, 0))
+            c.set_route_callback(lambda pos, layer, g, prop: 1)
+            c.decode_batch([1, 2, 3])
+            self.assertEqual({s for row in c.routes().schemes.tolist() for s in row}, {1})
 
     def test_sampler_and_context_must_agree_on_the_vocabulary(self):
         self.ctx.decode(1)
@@ -389,6 +422,13 @@ class Arguments(unittest.TestCase):
                 s.accept([1.5])
             s.accept(Index(5))
             s.reseed(Index(3))
+            try:
+                import numpy
+            except ImportError:
+                numpy = None
+            if numpy is not None:   # an array is a sequence of ids, its items numpy ints
+                s.accept(numpy.array([1, 2, 3], dtype=numpy.int32))
+                s.accept(numpy.int64(4))
             with self.assertRaises(moas.MoasValueError):
                 s.sample(None)   # decode_batch([]) or logits="none" gives None
         self.assertEqual(len(self.model.generate("And", Index(2), temperature=0, stop=None)),

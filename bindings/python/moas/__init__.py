@@ -52,7 +52,8 @@ from (refused).
 
 Lifetimes. A Model or Pool closes what was made from it before itself; its library
 object is freed after theirs even when the garbage collector finalises it first.
-Integers are checked against the C type they go to: never wrapped.
+Integers are checked against the C type they go to: never wrapped; a float or a bool
+where an integer goes is a TypeError.
 """
 
 import contextlib
@@ -508,16 +509,23 @@ _INT_RANGES = {ctypes.c_int32: (-2**31, 2**31), ctypes.c_int64: (-2**63, 2**63),
 _INT_RANGES[ctypes.c_size_t] = (0, 2**(8 * ctypes.sizeof(ctypes.c_size_t)))
 
 
+def _index(what, value):
+    """`value` as a Python int: an int or what stands for one (a numpy integer), else
+    TypeError; a float is not silently truncated, and a bool is no count or id."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__))
+
+
 def _int(what, value, ctype=ctypes.c_int32):
-    """`value` as an int that `ctype` holds exactly: TypeError for a non-integer (a
-    float is not silently truncated), MoasValueError outside the type's range."""
+    """`value` as an int that `ctype` holds exactly: TypeError for a non-integer
+    (_index), MoasValueError outside the type's range."""
     if isinstance(value, ctypes._SimpleCData):
         return value
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__)) \
-            from None
+    v = _index(what, value)
     lo, hi = _INT_RANGES[ctype]
     if not lo <= v < hi:
         raise MoasError(Status.ERR_INVALID_ARG, "%s %d is outside [%d, %d]"
@@ -1109,14 +1117,10 @@ class Model(_Handle):
         elif isinstance(stop, (str, bytes)):
             stop = [stop]
         stop = list(stop)
-        try:
-            n_max = operator.index(max_tokens)   # an int, a numpy integer, ...
-        except TypeError:
-            n_max = -1
-        if n_max < 0:
-            raise MoasError(Status.ERR_INVALID_ARG, "max_tokens must be an integer >= 0, "
-                            "got %r" % (max_tokens,))
-        max_tokens = n_max
+        max_tokens = _int("max_tokens", max_tokens)
+        if max_tokens < 0:
+            raise MoasError(Status.ERR_INVALID_ARG, "max_tokens must be >= 0, got %d"
+                            % max_tokens)
         ids = self.tokenize(prompt, unknown=unknown)
         if not ids:
             raise MoasError(Status.ERR_INVALID_ARG, "the prompt is empty")
@@ -1511,7 +1515,8 @@ class Context(_Handle):
                 choice = fn(pos, layer, tuple(gates[:n_scheme]), proposed)
                 if choice is None:
                     return proposed
-                choice = int(choice)   # beyond int32: out of range, so `proposed` too
+                choice = _index("a route callback's scheme", choice)
+                # beyond int32 it is out of range, as the library would see it: `proposed`
                 return choice if -2**31 <= choice < 2**31 else proposed
             except BaseException as e:   # cannot cross the C frames: raised after the call
                 ctx = ref()
@@ -1525,8 +1530,9 @@ class Context(_Handle):
     def set_route_callback(self, fn):
         """Install fn(pos, layer, gates, proposed) -> scheme or None (keep `proposed`),
         called per token and layer; or remove it with None. Routed mode uses the answer
-        (a KV budget still applies); mixture mode only observes. If fn raises, the
-        decode is undone and the exception propagates from decode()."""
+        (a KV budget still applies); mixture mode only observes. If fn raises, or
+        answers neither an integer nor None (TypeError), the decode is undone and the
+        exception propagates from decode()."""
         callback = self._route_callback(fn)
         self._call("moas_context_set_route_callback", callback, None)
         self._route, self._route_fn = callback, fn
@@ -1858,10 +1864,13 @@ class Sampler(_Handle):
     def accept(self, tokens):
         """Remember a token id, or each of a sequence (a prompt), for the repetition
         penalty, as if sampled."""
-        try:
-            tokens = [operator.index(tokens)]   # one id (an int, a numpy integer)
-        except TypeError:
-            pass
+        if isinstance(tokens, bool):
+            tokens = [tokens]   # one id, which _int refuses
+        else:
+            try:
+                tokens = [operator.index(tokens)]   # one id (an int, a numpy integer)
+            except TypeError:   # a sequence (a numpy array has __index__, and refuses)
+                pass
         with self._lock:
             for token in tokens:
                 _check(library().moas_sampler_accept(self._p(), _int("token", token)))
