@@ -375,6 +375,11 @@ class Arguments(unittest.TestCase):
             moas.find_stop(5, [])
         with self.assertRaises(TypeError):
             m.context(pool=5)
+        for make in (moas.Context, lambda model: moas.Pool(model, 1 << 20)):
+            for not_a_model in (None, MOAS, c):
+                with self.assertRaises(TypeError) as cm:
+                    make(not_a_model)
+                self.assertIn("Model", str(cm.exception))
         with self.assertRaises(ValueError):
             moas.Model(MOAS + "\0junk")
 

@@ -1244,6 +1244,8 @@ class Context(_Handle):
                  kernels=Kernels.AUTO, forced_scheme=-1, kv_budget=0, route_callback=None,
                  log=None, allocator=None, pool=None, n_batch=0, _fork_of=None):
         self._ptr = None
+        if not isinstance(model, Model):
+            raise TypeError("a Context is made from a Model, not %s" % type(model).__name__)
         self.pool = pool
         # weak references to the logits views handed out since the last decode: a
         # view keeps the context (see logits()), so the context must not keep it
@@ -1636,6 +1638,8 @@ class Pool(_Handle):
     def __init__(self, model, capacity_bytes, *, kv_type=Type.F32, page_heads=0, n_threads=0,
                  kernels=Kernels.AUTO, n_batch=0, steer_below=0.0, commit=False, log=None):
         self._ptr = None
+        if not isinstance(model, Model):
+            raise TypeError("a Pool is made from a Model, not %s" % type(model).__name__)
         self._dependents = weakref.WeakSet()
         self.model = model
         params = _params(library().moas_pool_params_init_sized, PoolParams)
