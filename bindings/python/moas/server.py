@@ -77,6 +77,7 @@ def scheme_names(model):
 NEUTRAL = {"echo": (False,), "best_of": (None, 1),
            "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": (None, ""),
            "user": None}
+PROMPT_CHARS_PER_TOKEN_LIMIT = 8   # a prompt beyond 8x the token limit is not tokenized
 REPEAT_PENALTY_RANGE = (0.01, 100.0)   # beyond it a logit divided by it can overflow
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
@@ -156,9 +157,12 @@ def parse_completion(body, cfg):
     bad = _bad_text(prompt)
     if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
         raise ApiError(400, "'prompt' has %s" % bad, param="prompt", code="invalid_value")
-    if len(prompt) > cfg["max_prompt_chars"]:
-        raise ApiError(400, "the prompt is %d characters, this server takes at most %d"
-                       % (len(prompt), cfg["max_prompt_chars"]), param="prompt",
+    # The limit is on the prompt's tokens (completions() counts them), as characters
+    # that unknown_chars "drop" leaves out take no room; this only spares tokenizing a
+    # prompt far beyond it.
+    if len(prompt) > PROMPT_CHARS_PER_TOKEN_LIMIT * cfg["max_prompt_chars"]:
+        raise ApiError(400, "the prompt is %d characters, this server takes at most %d "
+                       "tokens" % (len(prompt), cfg["max_prompt_chars"]), param="prompt",
                        code="prompt_too_long")
     out = {"prompt": prompt}
     out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
@@ -454,6 +458,11 @@ class Server:
         if not ids:
             raise ApiError(400, "the prompt has no character in the vocabulary",
                            param="prompt", code="invalid_value")
+        if len(ids) > self.cfg["max_prompt_chars"]:
+            raise ApiError(400, "the prompt is %d tokens (characters in the vocabulary), "
+                           "this server takes at most %d" % (len(ids),
+                                                             self.cfg["max_prompt_chars"]),
+                           param="prompt", code="prompt_too_long")
         if len(ids) + p["max_tokens"] > self.engine.n_ctx:
             raise ApiError(400, "this model's context holds %d characters; the prompt has "
                            "%d and max_tokens asks for %d more" % (

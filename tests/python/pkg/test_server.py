@@ -270,6 +270,14 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     # caps: max_tokens, prompt length, context, body size
     check_error(server.complete(prompt=PROMPT, max_tokens=65), 400, "max_tokens_too_large")
     check_error(server.complete(prompt="A" * 65, max_tokens=1), 400, "prompt_too_long")
+    check_error(server.complete(prompt="A" * 600, max_tokens=1), 400, "prompt_too_long")
+    # the limit counts tokens: characters that unknown_chars "drop" leaves out take no room
+    status, _, body = server.complete(prompt="A" * 63 + "99", max_tokens=1,
+                                      unknown_chars="drop")
+    assert status == 200 and body["usage"]["prompt_tokens"] == 63, body
+    err = check_error(server.complete(prompt="A" * 65 + "9", max_tokens=0,
+                                      unknown_chars="drop"), 400, "prompt_too_long")
+    assert "65 tokens" in err["message"], err
     check_error(server.complete(prompt="A" * 60, max_tokens=10), 400,
                 "context_length_exceeded")
     check_error(server.complete(prompt=PROMPT, max_tokens=3, n=17), 400, param="n")
