@@ -73,9 +73,9 @@ def scheme_names(model):
 # ---- request validation ---------------------------------------------------------------
 
 # OpenAI fields this server accepts only at their neutral value (of the same JSON type:
-# false is not 0); `user` is any string.
-NEUTRAL = {"echo": (False,), "best_of": (None, 1),
-           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": (None, ""),
+# false is not 0) or null, the default as for every field; `user` is any string.
+NEUTRAL = {"echo": (False,), "best_of": (1,),
+           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": ("",),
            "user": None}
 PROMPT_CHARS_PER_TOKEN_LIMIT = 8   # a prompt beyond 8x the token limit is not tokenized
 REPEAT_PENALTY_RANGE = (0.01, 100.0)   # beyond it a logit divided by it can overflow
@@ -139,7 +139,8 @@ def parse_completion(body, cfg):
             raise ApiError(400, "unrecognized request argument supplied: %s" % name,
                            param=name, code="unknown_field")
     for name, allowed in NEUTRAL.items():
-        if allowed is not None and name in body and not _is_neutral(body[name], allowed):
+        if allowed is not None and body.get(name) is not None and \
+                not _is_neutral(body[name], allowed):
             raise ApiError(400, "'%s' is not supported by this server (only %s)"
                            % (name, json.dumps(allowed[0])), param=name, code="unsupported")
     _get(body, "model", lambda v: isinstance(v, str), "a string", None)

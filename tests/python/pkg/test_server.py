@@ -259,6 +259,11 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
                       "frobnicate")
     assert "unrecognized request argument" in err["message"]
     check_error(server.complete(prompt=PROMPT, echo=True), 400, "unsupported")
+    # null is the default, for these fields as for every other
+    nulls = {f: None for f in ("echo", "best_of", "presence_penalty", "frequency_penalty",
+                               "suffix", "user")}
+    status, _, body = server.complete(prompt=PROMPT, max_tokens=3, temperature=0, **nulls)
+    assert status == 200 and body["choices"][0]["text"] == alone(model, 0, 3, temperature=0)
     # characters outside the vocabulary: 400 naming it, or replaced/dropped on request
     err = check_error(server.complete(prompt="And God 9", max_tokens=3), 400,
                       param="prompt")
