@@ -211,6 +211,9 @@ def parse_completion(body, cfg):
     opts = _get(body, "stream_options", lambda v: isinstance(v, dict) and set(v) <= {
         "include_usage"} and isinstance(v.get("include_usage", False), bool),
         "an object {\"include_usage\": bool}", {})
+    if body.get("stream_options") is not None and not out["stream"]:   # as OpenAI
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
+                       param="stream_options", code="invalid_value")
     out["include_usage"] = bool(opts.get("include_usage", False))
     out["routes"] = _get(body, "routes", lambda v: isinstance(v, bool), "a boolean", False)
     out["logprobs"] = _get(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5,

@@ -259,6 +259,12 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
                       "frobnicate")
     assert "unrecognized request argument" in err["message"]
     check_error(server.complete(prompt=PROMPT, echo=True), 400, "unsupported")
+    # stream_options only with stream true (null is its absence)
+    for stream in ({}, {"stream": False}, {"stream": None}):
+        check_error(server.complete(prompt=PROMPT, max_tokens=3, **stream,
+                                    stream_options={"include_usage": True}), 400,
+                    "invalid_value", "stream_options")
+    assert server.complete(prompt=PROMPT, max_tokens=3, stream_options=None)[0] == 200
     # null is the default, for these fields as for every other
     nulls = {f: None for f in ("echo", "best_of", "presence_penalty", "frequency_penalty",
                                "suffix", "user")}
