@@ -107,12 +107,15 @@ CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx")
 
 
 def token_logprobs(logits, token, k):
-    """(log p(token), [(id, log p) of the k likeliest, likeliest first]) under the
-    model's own distribution: the softmax of the raw logits, before temperature,
-    penalties, bias or filters."""
+    """(log p(token), [(id, log p) of the k likeliest, likeliest first, then `token`
+    when it is not among them]) under the model's own distribution: the softmax of the
+    raw logits, before temperature, penalties, bias or filters. The chosen token is
+    always in the list, as OpenAI's and vLLM's top_logprobs have it."""
     top = max(logits)
     norm = top + math.log(math.fsum(math.exp(x - top) for x in logits))
     likeliest = heapq.nlargest(k, range(len(logits)), key=logits.__getitem__) if k else []
+    if token not in likeliest:
+        likeliest.append(token)
     return logits[token] - norm, [(t, logits[t] - norm) for t in likeliest]
 
 

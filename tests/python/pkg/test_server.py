@@ -938,8 +938,9 @@ def test_forks_count_against_max_sequences(model):
 
 def model_logprobs(model, prompt, text, k):
     """The log-probabilities of each character of `text` after `prompt` and the k
-    likeliest next characters, from the library's logits in routed mode (the server
-    fixture's), softmax computed here in double precision."""
+    likeliest next characters, then that character if it is not among them, from the
+    library's logits in routed mode (the server fixture's), softmax computed here in
+    double precision."""
     out = []
     with model.context(mode="routed") as ctx:
         logits = list(ctx.decode_batch(model.tokenize(prompt)))
@@ -947,6 +948,7 @@ def model_logprobs(model, prompt, text, k):
             top = max(logits)
             norm = top + math.log(sum(math.exp(x - top) for x in logits))
             likeliest = sorted(range(len(logits)), key=lambda t: -logits[t])[:k]
+            likeliest += [] if token in likeliest else [token]
             out.append((logits[token] - norm,
                         {model.token_text(t): logits[t] - norm for t in likeliest}))
             logits = list(ctx.decode(token))
@@ -988,9 +990,22 @@ def test_logprobs_are_the_models_own(server, model):
                  for k in lp}):
         assert got == lp
     assert server.complete(prompt=PROMPT, max_tokens=2)[2]["choices"][0]["logprobs"] is None
-    status, _, zero = server.complete(**dict(body, logprobs=0))
-    assert zero["choices"][0]["logprobs"]["top_logprobs"] == [{}] * 12
-    assert zero["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
+    # the generated character is always among top_logprobs: k + 1 entries when it is
+    # not among the k likeliest (here with k = 1 some are not), just it for k = 0
+    for k in (0, 1):
+        status, _, got = server.complete(**dict(body, logprobs=k))
+        got = got["choices"][0]["logprobs"]
+        assert got["tokens"] == lp["tokens"] and got["token_logprobs"] == lp["token_logprobs"]
+        for char, char_lp, top in zip(got["tokens"], got["token_logprobs"],
+                                      got["top_logprobs"]):
+            assert top[char] == char_lp
+            likeliest_first = list(top)
+            if k == 0:
+                assert likeliest_first == [char], top
+            else:   # the likeliest, then the generated character unless it was that
+                assert len(top) == (1 if likeliest_first[0] == char else 2), top
+        if k:
+            assert any(len(top) == 2 for top in got["top_logprobs"]), got
     for bad in (6, -1, 2.0, True, "3"):
         check_error(server.complete(**dict(body, logprobs=bad)), 400, param="logprobs")
 
