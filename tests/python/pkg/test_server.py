@@ -385,7 +385,7 @@ def assert_every_page_back(server):
 
 
 def test_disconnect_mid_stream_frees_pages(server):
-    wait_idle(server)
+    before = wait_idle(server)
     done = threading.Event()
     result = {}
 
@@ -400,6 +400,12 @@ def test_disconnect_mid_stream_frees_pages(server):
     assert len(events) >= 3
     t.join(60)
     assert result["r"][0] == 200
+    # counted as a disconnect, and under the 200 its stream began with (not as 499,
+    # which is for a client gone before its answer began: docs/SERVING.md)
+    m = wait_idle(server)
+    assert m["moas_client_disconnects_total"] == before["moas_client_disconnects_total"] + 1
+    s499 = 'moas_requests_total{status="499"}'
+    assert m.get(s499, 0) == before.get(s499, 0)
     # the finished request's first choice stays in the prompt cache (a cancelled one
     # never does)
     _, evicted = assert_every_page_back(server)
