@@ -259,6 +259,14 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
                       "frobnicate")
     assert "unrecognized request argument" in err["message"]
     check_error(server.complete(prompt=PROMPT, echo=True), 400, "unsupported")
+    # what docs/SERVING.md lists as not supported
+    check_error(server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
+    for prompt in ([1, 2], ["And", "God"]):
+        check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
+    for field, value in (("best_of", 2), ("suffix", "x"), ("presence_penalty", 0.5),
+                         ("frequency_penalty", 1)):
+        check_error(server.complete(prompt=PROMPT, **{field: value}), 400, "unsupported", field)
     # stream_options only with stream true (null is its absence)
     for stream in ({}, {"stream": False}, {"stream": None}):
         check_error(server.complete(prompt=PROMPT, max_tokens=3, **stream,
