@@ -1097,7 +1097,7 @@ class Model(_Handle):
     def generate(self, prompt, max_tokens=128, *, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=0,
                  stop=(), stream=False, routes=False, mode="mixture", n_ctx=0,
-                 unknown="error", n_threads=0, forced_scheme=-1):
+                 unknown="error", n_threads=0, forced_scheme=-1, context_shift=False):
         """The continuation of `prompt`, sampled as Sampler samples (with its defaults,
         the library's: temperature 1, as `moas generate`).
 
@@ -1108,7 +1108,11 @@ class Model(_Handle):
         that produced it, and stream=False returns (text, [route, ...]).
 
         Generation ends after max_tokens characters, before the first of the `stop`
-        strings, or when the context (n_ctx, 0: the trained length) is full. A prompt
+        strings, or when the context (n_ctx, 0: the trained length) is full; with
+        context_shift=True it goes on past a full context as `moas generate` does: a
+        RoPE model's cache is shifted (its first 4 tokens stay, half of the rest is
+        dropped, the later half moves down without being decoded again), a model of
+        learned positions is decoded again from its last n_ctx / 2 tokens. A prompt
         that does not fit raises MoasValueError, as do wrong arguments; `unknown`
         ("error", "replace", "drop") is Model.tokenize's rule for characters outside
         the vocabulary; forced_scheme, mode and n_ctx are Context's."""
@@ -1138,23 +1142,28 @@ class Model(_Handle):
         except BaseException:
             ctx.close()
             raise
-        pieces = self._generate(ctx, sampler, ids, max_tokens, stop, routes)
+        pieces = self._generate(ctx, sampler, ids, max_tokens, stop, routes,
+                                bool(context_shift))
         if stream:
             return pieces
         out = list(pieces)
         text = "".join(p[0] if routes else p for p in out)
         return (text, [p[1] for p in out]) if routes else text
 
-    def _generate(self, ctx, sampler, ids, max_tokens, stop, routes):
+    def _generate(self, ctx, sampler, ids, max_tokens, stop, routes, context_shift):
         with ctx, sampler:
             sampler.accept(ids)
             logits = ctx.decode_batch(ids)
+            window = list(ids)   # the tokens in the cache, for a decode again
             held, held_routes = "", []
             for _ in range(max_tokens):
-                if ctx.n_past >= ctx.n_ctx:
+                if ctx.n_past >= ctx.n_ctx and not context_shift:
                     break
                 token = sampler.sample(logits)
+                if ctx.n_past >= ctx.n_ctx:
+                    self._make_room(ctx, window)
                 logits = ctx.decode(token)
+                window.append(token)
                 held += self.token_text(token)
                 if routes:
                     held_routes.append(ctx.route_lists(ctx.n_past - 1, 1)[0])
@@ -1167,6 +1176,24 @@ class Model(_Handle):
             end = find_stop(held, stop, more=False)[0] if stop else len(held)
             for i in range(end):
                 yield (held[i], held_routes[i]) if routes else held[i]
+
+    @staticmethod
+    def _make_room(ctx, window):
+        """Room in a full context for the next token, as `moas generate` makes it."""
+        n_ctx = ctx.n_ctx
+        sink = 4 if n_ctx >= 16 else 0   # the first tokens stay: attention sinks
+        drop = (n_ctx - sink) // 2
+        if drop > 0:
+            try:
+                ctx.shift(sink, drop)
+                del window[sink:sink + drop]
+                return
+            except MoasError as e:
+                if e.status != Status.ERR_INVALID_ARG:   # not "learned positions"
+                    raise
+        del window[:len(window) - n_ctx // 2]
+        ctx.reset()
+        ctx.decode_batch(window, logits="none")
 
     def perplexity(self, text, *, n_ctx=0, unknown="error", mode="mixture", n_threads=0):
         """exp(mean negative log-likelihood) of `text`'s characters after the first of

@@ -104,6 +104,25 @@ def test_stop_strings_and_context_end(model):
     assert len(model.generate("And God", 500, temperature=0)) == model.n_ctx_train - 7
 
 
+@pytest.mark.parametrize("path", ["models/pooled-rope-kjv-1k.gguf", "tests/data/tiny-moas-bias.gguf"])
+def test_context_shift_goes_on_as_the_cli_does(path):
+    # past a full context: a RoPE model's cache is shifted, a learned-position model's
+    # last half decoded again; the text is `moas generate`'s, character for character
+    prompt, n = "And God said, Let there be light", 120
+    with moas.Model(os.path.join(ROOT, path)) as m:
+        ends = m.generate(prompt, n, n_ctx=48, temperature=0.8, seed=5)
+        assert len(ends) == 48 - len(prompt)   # without it: the context's end
+        text = m.generate(prompt, n, n_ctx=48, temperature=0.8, seed=5, context_shift=True)
+        assert text.startswith(ends) and len(text) == n
+    out = subprocess.run([os.path.join(ROOT, "bin", "moas"), "generate", "-m",
+                          os.path.join(ROOT, path), "-p", prompt, "-n", str(n), "-c", "48",
+                          "--temp", "0.8", "--seed", "5", "--no-warmup"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, check=True)
+    assert out.stdout == prompt + text + "\n"
+    assert ("context shift" in out.stderr) == ("rope" in path)
+
+
 def test_perplexity_matches_cli(model, tmp_path):
     with open(os.path.join(ROOT, "tests", "data", "tiny.txt"), encoding="utf-8") as f:
         text = f.read()[:300]
