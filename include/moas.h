@@ -675,7 +675,8 @@ MOAS_API void moas_context_free(moas_context *ctx);
  *          room for even the cheapest scheme's K/V of one more token),
  *          MOAS_ERR_POOL_FULL (a context in a caller's pool: the pool lacks the pages
  *          the token needs; the message says how many),
- *          MOAS_ERR_NO_MEMORY (the first own call of a context in a caller's pool).
+ *          MOAS_ERR_NO_MEMORY (the first own call of a context in a caller's pool),
+ *          MOAS_ERR_BUSY (another call holds the context: THREADING above).
  * Thread safety: one thread per context.   Allocates: never per token; a context in
  *   a caller's pool, on its first call of this or decode_batch, its workspace, once.
  */
@@ -700,7 +701,8 @@ MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float
  *          unknown `which`, MOAS_LOGITS_ALL with NULL `logits`),
  *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx, or the KV budget cannot
  *          hold the batch even with the cheapest scheme everywhere),
- *          MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY (as moas_context_decode()).
+ *          MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY, MOAS_ERR_BUSY (as
+ *          moas_context_decode()).
  * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t *tokens,
@@ -747,7 +749,8 @@ MOAS_API void moas_context_reset(moas_context *ctx);
  * decode is at position `n_keep` and gives the same results as in that history.
  * moas_context_logits() returns NULL until the next decode.
  *
- * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `n_keep` < 0 or > n_past).
+ * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `ctx`, `n_keep` < 0 or > n_past),
+ *          MOAS_ERR_BUSY (another call holds the context: THREADING above).
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep);
@@ -1067,7 +1070,8 @@ MOAS_API moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument, a parent without a pool
  *          of the caller's), MOAS_ERR_POOL_FULL (fewer pages free than the copies of
  *          the partly filled pages; moas_last_error() says how many it lacked; nothing
- *          taken), MOAS_ERR_NO_MEMORY.
+ *          taken), MOAS_ERR_NO_MEMORY, MOAS_ERR_BUSY (another call holds `parent`:
+ *          THREADING above).
  * Thread safety: not while another thread uses `parent`.   Allocates: yes.
  */
 MOAS_API moas_status moas_context_fork(moas_context *parent, moas_context **out);
@@ -1089,7 +1093,7 @@ MOAS_API moas_status moas_context_fork(moas_context *parent, moas_context **out)
  *          MOAS_ERR_INVALID_ARG (NULL ctx, mixture mode, a model with independent
  *          schemes, `scheme` or `n_before` out of range), MOAS_ERR_POOL_FULL (the copies
  *          of shared pages do not fit; nothing changed), MOAS_ERR_NO_MEMORY (as
- *          moas_context_decode(); nothing changed).
+ *          moas_context_decode(); nothing changed), MOAS_ERR_BUSY (another call holds the context: THREADING above).
  * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, int32_t scheme,
@@ -1113,7 +1117,7 @@ MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, i
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL ctx, a model with learned positions,
  *          a range outside the stored tokens), MOAS_ERR_POOL_FULL (copies of shared
  *          pages do not fit; nothing changed), MOAS_ERR_NO_MEMORY (as
- *          moas_context_decode(); nothing changed).
+ *          moas_context_decode(); nothing changed), MOAS_ERR_BUSY (another call holds the context: THREADING above).
  * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
 MOAS_API moas_status moas_context_shift(moas_context *ctx, int32_t n_keep, int32_t n_discard);
@@ -1152,7 +1156,7 @@ MOAS_API size_t moas_context_kv_bytes_held(const moas_context *ctx);
  *          load: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL argument), MOAS_ERR_BAD_FORMAT
  *          (not a libmoas state, or another version), MOAS_ERR_CORRUPT (truncated or
  *          inconsistent data, another model, mode or kv_type), MOAS_ERR_CONTEXT_FULL
- *          (more tokens than n_ctx), MOAS_ERR_POOL_FULL.
+ *          (more tokens than n_ctx), MOAS_ERR_POOL_FULL, MOAS_ERR_BUSY (another call holds the context: THREADING above).
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API size_t moas_context_state_size(const moas_context *ctx);

@@ -48,7 +48,7 @@ Context's (and a Sampler's) calls hold its lock, so calls from two threads wait 
 each other instead of corrupting it, and close() (of it, its Pool or its Model) waits
 for a call in flight; Sampler.sample(context) holds the context's lock too, as it
 reads its logits in place; a route callback must not use the context it was called
-from (refused).
+from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it).
 
 Lifetimes. A Model or Pool closes what was made from it before itself; its library
 object is freed after theirs even when the garbage collector finalises it first.
@@ -841,7 +841,7 @@ class Model(_Handle):
         go (the library object is freed with the last of them)."""
         with self._users_cond:
             if self._users.get(threading.get_ident()):
-                raise MoasError(Status.ERR_INVALID_ARG, "close: a callback must not close "
+                raise MoasError(Status.ERR_BUSY, "close: a callback must not close "
                                 "the model it was called from")
             self._closing = True   # new calls are refused; those under way finish
             self._users_cond.wait_for(lambda: not self._users)
@@ -1349,7 +1349,7 @@ class Context(_Handle):
 
     def _check_not_inside(self, what):
         if self._calling == threading.get_ident():
-            raise MoasError(Status.ERR_INVALID_ARG, "%s: a route callback must not use the "
+            raise MoasError(Status.ERR_BUSY, "%s: a route callback must not use the "
                             "context it was called from" % what)
 
     def _call(self, name, *args):
