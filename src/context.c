@@ -202,11 +202,14 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
     ws->rows_each = (size_t)max_keys > run_rows ? (size_t)max_keys : run_rows;
     ws->max_splits = (max_keys + MOAS_ATT_SPLIT_KEYS - 1) / MOAS_ATT_SPLIT_KEYS;
     const size_t hd = (size_t)m->head_dim, H = (size_t)m->n_head;
-    /* a slice's scratch: a prompt block's attention has up to
-     * MOAS_TEAM_SLICES_PER_THREAD slices a thread (team.h), at most MOAS_MAX_THREADS */
+    /* a slice's scratch: a prompt block's attention and row work have up to
+     * MOAS_TEAM_SLICES_PER_THREAD slices a thread (team.h), at most MOAS_MAX_THREADS;
+     * blocks smaller than MOAS_FINE_SLICE_ROWS, all a workspace of fewer rows sees (a
+     * context decoding a few tokens at a time), one a thread */
+    const size_t per_thread = max_rows >= MOAS_FINE_SLICE_ROWS ? MOAS_TEAM_SLICES_PER_THREAD : 1;
     const size_t slots = n_threads == 1 ? 1
-                         : (size_t)n_threads * MOAS_TEAM_SLICES_PER_THREAD < MOAS_MAX_THREADS
-                             ? (size_t)n_threads * MOAS_TEAM_SLICES_PER_THREAD
+                         : (size_t)n_threads * per_thread < MOAS_MAX_THREADS
+                             ? (size_t)n_threads * per_thread
                              : MOAS_MAX_THREADS;
     const size_t split_floats =
         slots * MOAS_ATT_QUERIES * hd + (size_t)ws->max_splits * H * (hd + 2);

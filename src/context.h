@@ -247,6 +247,14 @@ static inline bool moas__shard_rows_suit(const moas_model *m, int32_t rows) {
                          (size_t)rows * MOAS_SHARD_ROW_BYTES >= m->image_size);
 }
 
+/* Blocks of at least this many rows (a prompt's, or many sequences') take their
+ * products, and runs of this many tokens their attention and row work, in
+ * MOAS_TEAM_SLICES_PER_THREAD slices a thread (team.h): a thread that runs slower than
+ * the other (the host's doing) then leaves its last slices to it instead of holding the
+ * step. Smaller blocks run one slice a thread, so a workspace whose blocks are smaller
+ * needs scratch for one slice a thread. */
+#define MOAS_FINE_SLICE_ROWS 64
+
 /* Attention goes through the keys in runs of MOAS_ATT_KEYS (their K and V rows, 32 KB
  * at head_dim 64 in f32, stay in L1) with up to MOAS_ATT_QUERIES queries of a block
  * at a time, whose scores for the run are the per-thread scratch. */

@@ -23,12 +23,8 @@
 #include <math.h>
 #include <string.h>
 
-/* Blocks of at least this many rows (a prompt's, or many sequences') take their
- * products, and runs of this many tokens their attention, in MOAS_TEAM_SLICES_PER_THREAD
- * slices a thread (team.h): a thread that runs slower than the other (the host's
- * doing) then leaves its last slices to it instead of holding the step. Attention
- * cuts a head's queries into chunks of MOAS_ATT_CHUNK_QUERIES for that. */
-#define MOAS_FINE_SLICE_ROWS 64
+/* Blocks of MOAS_FINE_SLICE_ROWS rows or more (context.h) cut attention into chunks of
+ * a head's MOAS_ATT_CHUNK_QUERIES queries, to have slices enough for that. */
 #define MOAS_ATT_CHUNK_QUERIES 64
 _Static_assert(MOAS_ATT_CHUNK_QUERIES % MOAS_ATT_QUERIES == 0,
                "a chunk is whole blocks of the attention's queries");

@@ -164,8 +164,11 @@ static token_source load_text(const moas_model *model, const char *path) {
     return src;
 }
 
+/* `n_batch` sizes the context's own workspace: 16 where the sequences decode through
+ * the pool's blocks, 1 where each decodes alone a token at a time (capacity: thousands
+ * of contexts, whose workspaces would otherwise outweigh the pool they measure). */
 static moas_context *bb_context(const moas_model *model, moas_pool *pool, const bb_options *o,
-                                int n_ctx) {
+                                int n_ctx, int n_batch) {
     moas_context_params cp;
     moas_context *ctx;
     moas_context_params_init(&cp);
@@ -173,7 +176,7 @@ static moas_context *bb_context(const moas_model *model, moas_pool *pool, const 
     cp.mode = o->mode;
     cp.n_ctx = n_ctx;
     cp.n_threads = o->threads;
-    cp.n_batch = 16;   /* the sequences decode through the pool's blocks */
+    cp.n_batch = n_batch;
     cp.forced_scheme = o->fixed_scheme;
     const moas_status st = moas_context_create(model, &cp, &ctx);
     return st == MOAS_OK ? ctx : NULL;
@@ -249,7 +252,7 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
                 die("out of memory");
             }
         }
-        moas_context *ctx = bb_context(model, pool, o, n_tok);
+        moas_context *ctx = bb_context(model, pool, o, n_tok, 1);
         if (ctx == NULL) {
             die("context: %s", moas_last_error());
         }
@@ -320,7 +323,7 @@ static void warm_up(const moas_model *model, const bb_options *o, const token_so
     const int n = moas_model_n_ctx_train(model) < WARM_TOKENS ? moas_model_n_ctx_train(model)
                                                               : WARM_TOKENS;
     moas_pool *pool = bb_pool(model, o, pool_mb_for(model, o, 1, n));
-    moas_context *ctx = bb_context(model, pool, o, n);
+    moas_context *ctx = bb_context(model, pool, o, n, 16);
     if (ctx == NULL) {
         die("context: %s", moas_last_error());
     }
@@ -356,7 +359,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     uint64_t prompt_stored = 0;
     const double t0 = bb_now();
     if (o->shared_prompt) {
-        if ((ctxs[0] = bb_context(model, pool, o, n_ctx)) == NULL) {
+        if ((ctxs[0] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
             die("context: %s", moas_last_error());
         }
         seqs[0] = (moas_pool_seq){ctxs[0], tokens, pp, MOAS_LOGITS_LAST, NULL};
@@ -370,7 +373,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
         }
     } else {
         for (int s = 0; s < pl; s++) {
-            if ((ctxs[s] = bb_context(model, pool, o, n_ctx)) == NULL) {
+            if ((ctxs[s] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
                 die("context: %s", moas_last_error());
             }
             seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx, pp, MOAS_LOGITS_LAST, NULL};
