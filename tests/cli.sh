@@ -46,6 +46,12 @@ b=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 -t 1 2>/dev/null)
 c=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 6 2>/dev/null)
 [ "$a" = "$b" ] || fail "the same seed gave different text"
 [ "$a" != "$c" ] || fail "different seeds gave the same text"
+# any 64-bit seed, as the sampler takes (it stopped at 2^63 - 1); an empty stop string
+# would stop nothing
+"$moas" generate -m "$model" -p "And" -n 4 --seed 18446744073709551615 >/dev/null 2>&1 ||
+    fail "the largest seed"
+expect_error 1 "must be an integer in \[0, 18446744073709551615\]" "$moas" generate -m "$model" -p "And" --seed -1
+expect_error 1 "at least one character" "$moas" generate -m "$model" -p "And" --stop ""
 case "$a" in "And God"*) ;; *) fail "generate did not echo the prompt" ;; esac
 # generating past the context length slides the window instead of failing, and says so
 "$moas" generate -m "$model" -p "A" -n 200 --temp 0 >"$tmp/long.out" 2>"$tmp/long.err" \
@@ -270,6 +276,16 @@ expect_error 1 "leaves nothing to score" "$moas" perplexity -m "$model" -f "$dat
 expect_error 1 "holds no sequence of 12 tokens" "$moas" batched-bench -m "$model" -npp 8 -ntg 4 --pool-mb 0.001
 : >"$tmp/empty.txt"
 expect_error 1 "has no characters" "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 2 -f "$tmp/empty.txt"
+# it reads a text as the other commands do: a character outside the vocabulary names
+# --unknown, which drops it (batched-bench had no --unknown: such a text was unusable)
+expect_error 1 "'7' (U+0037) at byte offset 13 is not in the vocabulary.*--unknown drop" \
+    "$moas" batched-bench -m "$model" -npp 4 -ntg 2 -npl 1 -f "$tmp/crlf.txt" -t 1
+"$moas" batched-bench -m "$model" -npp 4 -ntg 2 -npl 1 -f "$tmp/crlf.txt" --unknown drop \
+    >"$tmp/bb-drop.out" 2>"$tmp/bb-drop.err" || fail "batched-bench --unknown drop"
+grep -q '^moas: dropped 2 characters outside the vocabulary$' "$tmp/bb-drop.err" ||
+    fail "batched-bench --unknown drop: stderr"
+grep -q '^model .*, threads [1-9][0-9]* (default)$' "$tmp/bb-drop.out" ||
+    fail "batched-bench: the threads it ran (it said 0)"
 "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 1,8 --page-heads 1024 -t 1 >/dev/null ||
     fail "batched-bench: the default pool with pages of 1024 heads"
 "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 1,3 --json -t 1 >"$tmp/bb.json"

@@ -43,8 +43,8 @@ static void usage(FILE *f) {
 
 static const opt_id accepted[] = {
     OPT_MODEL, OPT_NPP, OPT_NTG, OPT_NPL, OPT_SHARED_PROMPT, OPT_POOL_MB, OPT_BATCH,
-    OPT_PAGE_HEADS, OPT_COMPACT_KEEP, OPT_FILE, OPT_JSON, OPT_THREADS, OPT_MODE, OPT_KV_TYPE,
-    OPT_FORCE_SCHEME, OPT_END,
+    OPT_PAGE_HEADS, OPT_COMPACT_KEEP, OPT_FILE, OPT_UNKNOWN, OPT_JSON, OPT_THREADS, OPT_MODE,
+    OPT_KV_TYPE, OPT_FORCE_SCHEME, OPT_END,
 };
 
 static int run(int argc, char **argv);
@@ -144,22 +144,20 @@ static void fill_tokens(const token_source *src, int32_t n_vocab, int seq, int32
     }
 }
 
-static token_source load_text(const moas_model *model, const char *path) {
+/* The text's tokens, as the other commands read a text (--unknown included). */
+static token_source load_text(const moas_model *model, const char *path,
+                              const unknown_opt *unknown) {
     token_source src = {NULL, 0};
-    size_t len, n = 0;
+    size_t len;
+    char name[256];
     if (path == NULL) {
         return src;
     }
     char *text = read_text(path, &len);
-    moas_tokenize(model, text, len, NULL, 0, &n);
-    src.ids = malloc((n + 1) * sizeof *src.ids);
-    if (src.ids == NULL) {
-        die("out of memory");
-    }
-    bb_check(moas_tokenize(model, text, len, src.ids, n, &src.n), "tokenize the text");
+    src.ids = tokenize_all(model, unknown, text, len, &src.n, NULL);
     free(text);
     if (src.n == 0) {
-        die("%s has no characters", path);
+        die("%s has no characters", text_name(path, name, sizeof name));
     }
     return src;
 }
@@ -317,7 +315,8 @@ static int run_capacity(const moas_model *model, const bb_options *o, const toke
 /* Before the first row, as llama-batched-bench does: one call of 16 prompt tokens in a
  * pool and context of their own, so that the first row does not also time what any
  * first call pays once (the threads' start, the weights' first reads). */
-static void warm_up(const moas_model *model, const bb_options *o, const token_source *src) {
+/* Returns the threads a call of these settings runs with. */
+static int32_t warm_up(const moas_model *model, const bb_options *o, const token_source *src) {
     enum { WARM_TOKENS = 16 };
     int32_t tokens[WARM_TOKENS];
     const int n = moas_model_n_ctx_train(model) < WARM_TOKENS ? moas_model_n_ctx_train(model)
@@ -330,8 +329,10 @@ static void warm_up(const moas_model *model, const bb_options *o, const token_so
     fill_tokens(src, moas_model_n_vocab(model), 0, tokens, n);
     const moas_pool_seq seq = {ctx, tokens, n, MOAS_LOGITS_LAST, NULL};
     bb_check(moas_pool_decode(pool, &seq, 1), "warm-up");
+    const int32_t n_threads = moas_context_n_threads(ctx);
     moas_context_free(ctx);
     moas_pool_free(pool);
+    return n_threads;
 }
 
 static void run_row(const moas_model *model, const bb_options *o, const token_source *src,
@@ -436,8 +437,8 @@ static int run(int argc, char **argv) {
     bb_options o;
     moas_model *model;
     bb_parse(argc, argv, &all, &o);
-    bb_check(moas_model_load(o.model_path, NULL, &model), o.model_path);
-    token_source src = load_text(model, o.text_path);
+    model = load_model(&all);
+    token_source src = load_text(model, o.text_path, &all.unknown);
     const int32_t n_train = moas_model_n_ctx_train(model);
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
@@ -455,7 +456,7 @@ static int run(int argc, char **argv) {
     }
     /* a pool and a context of these settings decode a few tokens before any output, so
      * that settings the library refuses stop the run before its table starts */
-    warm_up(model, &o, &src);
+    const int32_t n_threads = warm_up(model, &o, &src);
     if (!o.json) {
         char forced[48] = "";
         if (o.fixed_scheme >= 0) {
@@ -463,7 +464,7 @@ static int run(int argc, char **argv) {
         }
         printf("model %s, %s mode%s, KV %s, threads %d%s\n\n", o.model_path,
                o.mode == MOAS_MODE_ROUTED ? "routed" : "mixture", forced,
-               type_name(o.kv_type), o.threads, o.threads == 0 ? " (default)" : "");
+               type_name(o.kv_type), n_threads, o.threads == 0 ? " (default)" : "");
         printf("|    PP |    TG |   B |   N_KV |   T_PP s |  S_PP t/s |   T_TG s |  S_TG t/s |"
                "      T s |    S t/s |    KV bytes |  pages |\n");
         printf("|-------|-------|-----|--------|----------|-----------|----------|-----------|"

@@ -285,15 +285,19 @@ static int run(int argc, char **argv) {
                 if (n_slides++ == 0) {
                     /* why there is no shift: learned positions (the model's kind), a
                      * context too short to drop anything, or the shift's own error */
-                    const char *why = drop == 0 ? "too short to shift"
-                                      : shifted == MOAS_ERR_INVALID_ARG
-                                          ? "the model has learned positions (no shift)"
-                                          : "the shift failed: ";
-                    fprintf(stderr, "%smoas: the context (%d tokens) is full and %s%s: from "
+                    const char *encoding = NULL;
+                    const int rope = moas_model_meta_string(model, "moas.position_encoding",
+                                                            &encoding, NULL) == MOAS_OK &&
+                                     strcmp(encoding, "rope") == 0;
+                    const char *why = !rope ? "the model has learned positions (no shift)"
+                                      : drop == 0 ? "too short to shift"
+                                                  : "the shift failed: ";
+                    fprintf(stderr, "%smoas: the context (%d token%s) is full and %s%s: from "
                             "here on, each time it fills, generation goes on from its last "
-                            "%d tokens, decoded again from position 0\n", cli_note_start(), n_ctx,
-                            why, drop > 0 && shifted != MOAS_ERR_INVALID_ARG
-                                     ? moas_status_string(shifted) : "", keep);
+                            "%d token%s, decoded again from position 0\n", cli_note_start(),
+                            n_ctx, n_ctx == 1 ? "" : "s", why,
+                            rope && drop > 0 ? moas_status_string(shifted) : "", keep,
+                            keep == 1 ? "" : "s");
                 }
                 memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
                 n_window = keep;

@@ -167,6 +167,17 @@ long parse_long(const char *s, const char *what, long min, long max) {
     return v;
 }
 
+/* A seed: any unsigned 64-bit value, as the sampler takes (strtoull would wrap "-1"). */
+static unsigned long long parse_seed(const char *s, const char *what) {
+    char *end;
+    errno = 0;
+    const unsigned long long v = strtoull(s, &end, 10);
+    if (!starts_as_number(s, 0) || errno != 0 || *end != '\0' || end == s) {
+        die("%s must be an integer in [0, %llu], got '%s'", what, ULLONG_MAX, s);
+    }
+    return v;
+}
+
 double parse_double(const char *s, const char *what) {
     char *end;
     errno = 0;
@@ -220,7 +231,7 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
     case OPT_TOP_K: o->top_k = (int)parse_long(v, name, 0, 1L << 30); break;
     case OPT_TOP_P: o->top_p = parse_float(v, name); break;
     case OPT_MIN_P: o->min_p = parse_float(v, name); break;
-    case OPT_SEED: o->seed = (unsigned long long)parse_long(v, name, 0, LONG_MAX); break;
+    case OPT_SEED: o->seed = parse_seed(v, name); break;
     case OPT_REPEAT_PENALTY: o->repeat_penalty = parse_float(v, name); break;
     case OPT_REPEAT_LAST_N: o->repeat_last_n = (int)parse_long(v, name, 0, 1L << 20); break;
     case OPT_LOGIT_BIAS:
@@ -232,6 +243,9 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
     case OPT_STOP:
         if (o->n_stop == MAX_REPEATED) {
             die("at most %d --stop options", MAX_REPEATED);
+        }
+        if (v[0] == '\0') {   /* the library ignores it: it would stop nothing */
+            die("--stop needs a string of at least one character");
         }
         o->stop[o->n_stop++] = v;
         break;
