@@ -172,7 +172,7 @@ static unsigned long long parse_seed(const char *s, const char *what) {
     char *end;
     errno = 0;
     const unsigned long long v = strtoull(s, &end, 10);
-    if (!starts_as_number(s, 0) || errno != 0 || *end != '\0' || end == s) {
+    if (!isdigit((unsigned char)s[0]) || errno != 0 || *end != '\0' || end == s) {
         die("%s must be an integer in [0, %llu], got '%s'", what, ULLONG_MAX, s);
     }
     return v;
