@@ -50,6 +50,8 @@ recipes (--balance, --router-entropy, --router-z-loss, --kv-penalty-warmup,
 Needs torch (tested with Debian's 1.13) and no network.  The vocabulary is
 sorted(set(text)) of --data read as UTF-8 with universal newlines, and the data
 split is the reference's: the first 90% of the ids train, the rest validate.
+Number options must be finite and in range (a usage error, status 2, otherwise).
+A run whose loss turns NaN or infinite stops there with status 1 and saves nothing.
 
 Golden fixture (little-endian; --golden-mode routed: libmoas's routed mode, the
 argmax of the gates, lowest index on ties, for pooled_moas, moas and static_moas):
@@ -960,12 +962,8 @@ def cmd_train(o):
             kv_targets = parse_kv_targets(o.kv_target_per_layer, o.n_layer)
         except ValueError as e:
             sys.exit("train.py: --kv-target-per-layer: %s" % e)
-    if o.kv_penalty_warmup < 0:
-        sys.exit("train.py: --kv-penalty-warmup must be >= 0")
     if o.kv_penalty_warmup and o.kv_penalty_schedule == "constant":
         sys.exit("train.py: --kv-penalty-schedule constant takes no --kv-penalty-warmup")
-    if not o.gate_temperature > 0:
-        sys.exit("train.py: --gate-temperature must be > 0")
     if o.attention_type == "gqa":
         extra["n_kv_head"] = GQA_KV_HEADS if o.kv_heads is None else o.kv_heads
     elif o.kv_heads is not None:
@@ -1029,6 +1027,7 @@ def cmd_train(o):
               and (o.attention_type == "gqa" or k != "kv_heads")
               and isinstance(v, (int, float, str, bool))}
     if o.init_only:
+        check_weights_finite(model)
         save_checkpoint(o.out, model, optimizer, 0, float("inf"), config, o.gate_temperature)
         log("saved %s checkpoint %s" % ("initial (--init-from)" if o.init_from else "random-init",
                                          o.out))
@@ -1097,6 +1096,7 @@ def cmd_train(o):
         if (it % o.eval_interval == 0 or it == o.iters) and pooled:
             ev = estimate_pooled()
             tr, va = ev["train"], ev["val"]
+            check_finite_losses(it, [tr["soft"], tr["hard"], va["soft"], va["hard"]])
             best = min(best, va[routing_at(min(it, o.iters - 1))])
             log("iter %d: train %.4f (hard %.4f), val %.4f (hard %.4f) nats/char, "
                 "val kv fraction %.3f (hard %.3f), lr %.2e, %.1fs"
@@ -1109,6 +1109,7 @@ def cmd_train(o):
                 for i, row in enumerate(va["shares"].tolist()))))
         elif it % o.eval_interval == 0 or it == o.iters:
             ev = estimate()
+            check_finite_losses(it, [ev["train"], ev["val"]])
             best = min(best, ev["val"])
             log("iter %d: train %.4f, val %.4f nats/char, lr %.2e, %.1fs"
                 % (it, ev["train"], ev["val"], lr_at(min(it, o.iters - 1)),
@@ -1127,6 +1128,7 @@ def cmd_train(o):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         total, parts = training_loss(o, it, loss, gates, router_logits if pooled else None,
                                      a.schemes, a.n_head, kv_targets)
+        check_finite_losses(it, [total.item()], "training loss")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if o.grad_clip > 0:
@@ -1147,8 +1149,25 @@ def cmd_train(o):
                 if o.router_z_loss:
                     extra += ", z-loss %.3f" % parts["z_loss"].item()
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
+    check_weights_finite(model)
     save_checkpoint(o.out, model, optimizer, o.iters, best, config, o.gate_temperature)
     log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
+
+
+def check_finite_losses(it, losses, what="evaluation loss"):
+    """End the run, nothing saved, once a loss is NaN or infinite: every later step
+    only spreads it, and min() over evaluations would skip a NaN silently."""
+    bad = [v for v in losses if not math.isfinite(v)]
+    if bad:
+        sys.exit("train.py: the %s is %s at iteration %d: training diverged (a "
+                 "smaller --lr or loss weight may help); nothing saved" % (what, bad[0], it))
+
+
+def check_weights_finite(model):
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        sys.exit("train.py: %d tensors hold NaN or infinite values (%s, ...); "
+                 "nothing saved" % (len(bad), bad[0]))
 
 
 def cmd_golden(o):
@@ -1231,9 +1250,44 @@ def non_negative(s):
 
 def dropout_rate(s):
     """argparse type: a probability in [0, 1)."""
-    v = float(s)
+    v = finite_float(s)
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError("%g is outside [0, 1)" % v)
+    return v
+
+
+def finite_float(s):
+    """argparse type: a finite number (nan or inf would train to NaN weights)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError("%s is not a finite number" % s)
+    return v
+
+
+def positive_float(s):
+    """argparse type: a finite number > 0."""
+    v = finite_float(s)
+    if not v > 0.0:
+        raise argparse.ArgumentTypeError("%g is not > 0" % v)
+    return v
+
+
+def non_negative_float(s):
+    """argparse type: a finite number >= 0."""
+    v = finite_float(s)
+    if v < 0.0:
+        raise argparse.ArgumentTypeError("%g is negative" % v)
+    return v
+
+
+def rope_base_value(s):
+    """argparse type: a finite RoPE base > 1 (at 1 every pair rotates at one speed)."""
+    v = finite_float(s)
+    if not v > 1.0:
+        raise argparse.ArgumentTypeError("%g is not > 1" % v)
     return v
 
 
@@ -1256,7 +1310,7 @@ def parse_args(argv=None):
                    help="also store the reference's [1,1,T,T] causal-mask buffers")
     m.add_argument("--pos", choices=POS_TYPES, default="learned",
                    help="positions: a learned table (published) or rotary (RoPE)")
-    m.add_argument("--rope-base", type=float, default=ROPE_BASE, help="RoPE frequency base")
+    m.add_argument("--rope-base", type=rope_base_value, default=ROPE_BASE, help="RoPE frequency base")
     m.add_argument("--norm", choices=NORM_TYPES, default="layer",
                    help="LayerNorm (published) or RMSNorm")
     m.add_argument("--mlp", choices=MLP_TYPES, default="gelu",
@@ -1271,39 +1325,40 @@ def parse_args(argv=None):
     t = ap.add_argument_group("training")
     t.add_argument("--iters", type=non_negative, default=2000)
     t.add_argument("--batch-size", type=positive, default=12)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--min-lr", type=float, default=1e-4)
-    t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--min-lr", type=non_negative_float, default=1e-4)
+    t.add_argument("--warmup", type=non_negative, default=100)
+    t.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                   help="clip the gradient norm to this (0: no clipping)")
     t.add_argument("--eval-interval", type=positive, default=200)
     t.add_argument("--eval-iters", type=positive, default=20)
     t.add_argument("--log-interval", type=non_negative, default=50)
-    t.add_argument("--load-balance-weight", type=float, default=0.01,
+    t.add_argument("--load-balance-weight", type=non_negative_float, default=0.01,
                    help="weight of the --balance term")
     t.add_argument("--balance", choices=BALANCE_TYPES, default="mse",
                    help="routers' balance term: mse of mean gates to 1/S (published), "
                         "switch S*sum_s f_s*p_s (f: argmax share), or none")
-    t.add_argument("--kv-penalty", type=float, default=0.0, metavar="LAMBDA",
+    t.add_argument("--kv-penalty", type=non_negative_float, default=0.0, metavar="LAMBDA",
                    help="pooled_moas: add LAMBDA * mean_{tokens,layers} sum_s g_s n_kv(s)/H "
                         "to the loss")
     t.add_argument("--kv-target-per-layer", metavar="F1,F2,...", default=None,
                    help="pooled_moas: penalise LAMBDA * mean_l relu(kv_l - F_l), each layer's "
                         "expected kv fraction above its F_l, instead of the mean kv fraction")
-    t.add_argument("--kv-penalty-warmup", type=int, default=0, metavar="N",
+    t.add_argument("--kv-penalty-warmup", type=non_negative, default=0, metavar="N",
                    help="pooled_moas: ramp the kv penalty from 0 to LAMBDA over the first N "
                         "iterations (0: LAMBDA from the start)")
     t.add_argument("--kv-penalty-schedule", choices=KV_SCHEDULES, default="linear",
                    help="shape of that ramp: linear, cosine (half a cosine), or constant "
                         "(no ramp, needs N = 0)")
-    t.add_argument("--hard-top1-from", type=int, default=None, metavar="ITER",
+    t.add_argument("--hard-top1-from", type=non_negative, default=None, metavar="ITER",
                    help="pooled_moas: straight-through top-1 routing from this iteration on")
-    t.add_argument("--gate-temperature", type=float, default=1.0, metavar="T",
+    t.add_argument("--gate-temperature", type=positive_float, default=1.0, metavar="T",
                    help="pooled_moas: gates softmax(router(x)/T); 1/T is folded into "
                         "router.2 when saving, so the GGUF's mixture gates are the same")
-    t.add_argument("--router-entropy", type=float, default=0.0, metavar="W",
+    t.add_argument("--router-entropy", type=finite_float, default=0.0, metavar="W",
                    help="pooled_moas: add W * mean gate entropy (W > 0: confident gates, "
                         "W < 0: spread-out ones)")
-    t.add_argument("--router-z-loss", type=float, default=0.0, metavar="W",
+    t.add_argument("--router-z-loss", type=non_negative_float, default=0.0, metavar="W",
                    help="pooled_moas: add W * mean logsumexp(router logits)^2 (ST-MoE z-loss)")
     t.add_argument("--init-from", metavar="CKPT", default=None,
                    help="start from CKPT's weights: same attention type (all), or baseline -> "
@@ -1311,11 +1366,11 @@ def parse_args(argv=None):
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=non_negative, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
-    t.add_argument("--kv-init-scale", type=float, default=1.0, metavar="F",
+    t.add_argument("--kv-init-scale", type=positive_float, default=1.0, metavar="F",
                    help="pooled_moas: multiply the initial k_proj/v_proj weights by F "
                         "(sqrt(H): a head mean-pooled over all H heads starts with the "
                         "spread of a head of its own)")
-    t.add_argument("--init-std", type=float, default=None,
+    t.add_argument("--init-std", type=non_negative_float, default=None,
                    help="init std for all weights and biases, LayerNorm weights/biases "
                         "perturbed too (default: the reference's init)")
     g = ap.add_argument_group("golden fixture")
