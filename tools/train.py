@@ -139,18 +139,25 @@ class ModelArgs:
             raise ValueError("'n_kv_head' is for gqa models only")
         elif self.attention_type in ("static_moas", "moas") and self.n_head % GQA_KV_HEADS:
             raise ValueError("n_head must be a multiple of %d for MoAS" % GQA_KV_HEADS)
-        self.pos = kw.get("pos") or "learned"
-        self.rope_base = float(kw.get("rope_base") or ROPE_BASE)
-        self.norm = kw.get("norm") or "layer"
-        self.mlp = kw.get("mlp") or "gelu"
-        self.n_ff = int(kw.get("n_ff") or 4 * self.n_embd)
+        # Only a missing (None) option takes the default: 0 for rope_base or n_ff is a
+        # mistake to report, not a request for the default.
+        def given(key, default):
+            v = kw.get(key)
+            return default if v is None else v
+        self.pos = given("pos", "learned")
+        self.rope_base = float(given("rope_base", ROPE_BASE))
+        self.norm = given("norm", "layer")
+        self.mlp = given("mlp", "gelu")
+        self.n_ff = int(given("n_ff", 4 * self.n_embd))
         if self.pos not in POS_TYPES or self.norm not in NORM_TYPES or self.mlp not in MLP_TYPES:
             raise ValueError("unknown block option: pos %r, norm %r, mlp %r"
                              % (self.pos, self.norm, self.mlp))
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope needs an even head size, not %d" % (self.n_embd // self.n_head))
-        if not self.rope_base > 1.0 or self.n_ff < 1:
-            raise ValueError("rope_base must be > 1 and n_ff >= 1")
+        if not 1.0 < self.rope_base < math.inf:
+            raise ValueError("rope_base must be a finite number > 1, not %r" % self.rope_base)
+        if self.n_ff < 1:
+            raise ValueError("n_ff must be >= 1, not %d" % self.n_ff)
 
     def as_dict(self):
         d = {k: getattr(self, k) for k in self.KEYS}
@@ -1315,11 +1322,11 @@ def parse_args(argv=None):
                    help="LayerNorm (published) or RMSNorm")
     m.add_argument("--mlp", choices=MLP_TYPES, default="gelu",
                    help="GELU MLP (published) or SwiGLU (c_gate, c_fc, c_proj)")
-    m.add_argument("--n-ff", type=int, default=None,
+    m.add_argument("--n-ff", type=positive, default=None,
                    help="MLP width (default 4C; with swiglu 8C/3 rounded up to 16)")
     m.add_argument("--schemes", metavar="H,2,1", default=None,
                    help="pooled_moas: kv heads of each scheme, H for n_head (default H,2,1)")
-    m.add_argument("--kv-heads", type=int, default=None, metavar="G",
+    m.add_argument("--kv-heads", type=positive, default=None, metavar="G",
                    help="gqa: kv heads G, dividing n_head and below it (default 2; "
                         "1 is multi-query attention)")
     t = ap.add_argument_group("training")

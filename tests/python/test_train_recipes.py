@@ -118,6 +118,8 @@ class TestNumberOptions(unittest.TestCase):
             ("--gate-temperature", "nan", "not a finite"), ("--dropout", "nan", "finite"),
             ("--warmup", "-1", "negative"), ("--hard-top1-from", "-1", "negative"),
             ("--kv-penalty-warmup", "-3", "negative"),
+            ("--n-ff", "0", "not a positive integer"), ("--n-ff", "-4", "not a positive"),
+            ("--kv-heads", "0", "not a positive integer"),
         ]
         for opt, value, needle in cases:
             err = io.StringIO()
@@ -312,6 +314,22 @@ class TestLossTerms(unittest.TestCase):
                                          "--kv-penalty-warmup", "5",
                                          "--kv-penalty-schedule", "constant"))
         self.assertIn("pooled_moas", fails("--attention-type", "gqa", "--kv-init-scale", "2"))
+
+    def test_model_args_defaults_only_when_missing(self):
+        """rope_base and n_ff take their defaults when missing (None), not when 0: 0
+        trained with base 10000 and width 4C.  Each bad value has its own message."""
+        self.assertEqual(tiny_args("baseline", pos="rope", rope_base=None).rope_base, 10000.0)
+        self.assertEqual(tiny_args("baseline", n_ff=None).n_ff, 64)
+        self.assertEqual(tiny_args("baseline", pos="rope", rope_base=500).rope_base, 500.0)
+        for kw, needle in ((dict(pos="rope", rope_base=0), "rope_base must be"),
+                           (dict(pos="rope", rope_base=float("nan")), "rope_base must be"),
+                           (dict(n_ff=0), "n_ff must be >= 1, not 0"),
+                           (dict(n_ff=-4), "n_ff must be >= 1, not -4"),
+                           (dict(pos=""), "unknown block option")):
+            with self.assertRaises(ValueError, msg=kw) as cm:
+                tiny_args("baseline", **kw)
+            self.assertIn(needle, str(cm.exception), kw)
+            self.assertNotIn("and", str(cm.exception).split(":")[0], kw)
 
     def test_kv_init_scale(self):
         """--kv-init-scale F multiplies the initial k_proj/v_proj weights, nothing else."""
