@@ -1177,6 +1177,23 @@ def check_weights_finite(model):
                  "nothing saved" % (len(bad), bad[0]))
 
 
+EXTENSION_AT_END = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+
+
+def golden_text(arg):
+    """--text: the text of the file it names, or else the argument itself.  An argument
+    that names no file but looks like a file name (one line ending in an extension, or a
+    path without spaces) is refused: a mistyped file name would be a golden of its
+    own letters."""
+    if os.path.exists(arg):
+        return read_text(arg)
+    path_like = ("/" in arg or os.sep in arg) and not any(c.isspace() for c in arg)
+    if "\n" not in arg and (EXTENSION_AT_END.search(arg) or path_like):
+        sys.exit("train.py: --text '%s' looks like a file name, but there is no such file "
+                 "(a text that looks like one has to be given in a file)" % arg)
+    return arg
+
+
 def cmd_golden(o):
     model, _ = load_checkpoint(o.golden, o.unsafe_load)
     a = model.args
@@ -1188,9 +1205,15 @@ def cmd_golden(o):
     if len(chars) != a.vocab_size:
         sys.exit("train.py: %s has %d characters, the model's vocab_size is %d"
                  % (o.data, len(chars), a.vocab_size))
-    text = read_text(o.text) if os.path.isfile(o.text) else o.text
+    text = golden_text(o.text)
+    if o.text_start > len(text):
+        sys.exit("train.py: --text-start %d is beyond the end of --text (%d characters)"
+                 % (o.text_start, len(text)))
     text = text[o.text_start:]
     if o.text_len is not None:
+        if len(text) < o.text_len:
+            sys.exit("train.py: --text has %d characters from --text-start %d on, fewer than "
+                     "--text-len %d" % (len(text), o.text_start, o.text_len))
         text = text[:o.text_len]
     if not 1 <= len(text) <= a.block_size:
         sys.exit("train.py: golden text has %d characters; need 1..block_size (%d)"
@@ -1382,9 +1405,16 @@ def parse_args(argv=None):
                         "perturbed too (default: the reference's init)")
     g = ap.add_argument_group("golden fixture")
     g.add_argument("--golden", metavar="CKPT", help="write a golden fixture for this checkpoint")
-    g.add_argument("--text", help="golden text, or a file holding it")
-    g.add_argument("--text-start", type=int, default=0, help="first character of --text to use")
-    g.add_argument("--text-len", type=int, default=None, help="characters of --text to use")
+    g.add_argument("--text", metavar="FILE|TEXT",
+                   help="a file holding the golden text, or the text itself when no file of "
+                        "that name exists; a name that looks like a file's (one line ending "
+                        "in an extension such as .txt, or a path without spaces) and names "
+                        "no file is an error")
+    g.add_argument("--text-start", type=non_negative, default=0,
+                   help="first character of --text to use")
+    g.add_argument("--text-len", type=positive, default=None,
+                   help="characters of --text to use (default: all from --text-start; "
+                        "fewer left is an error)")
     g.add_argument("--round-f16", action="store_true",
                    help="round matrices and embeddings to float16 first (an F16 GGUF's values)")
     g.add_argument("--golden-dtype", choices=("float64", "float32"), default="float64")

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -559,6 +560,77 @@ class TestDivergence(unittest.TestCase):
                             "--attention-type", "pooled_moas", "--kv-init-scale", "1e300"])
             self.assertIn("k_proj.weight", str(cm.exception.code))
             self.assertFalse(os.path.exists(out))
+
+
+@needs_torch
+class TestGoldenText(unittest.TestCase):
+    """--golden's --text, --text-start and --text-len: the characters asked for, or an
+    error; never fewer characters, others from the end, or a file name's letters."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.ckpt = os.path.join(cls.tmp.name, "b.pt")
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.main(["--data", TINY, "--out", cls.ckpt, "--init-only", "--n-layer", "1",
+                        "--n-embd", "8", "--n-head", "2", "--block-size", "16",
+                        "--attention-type", "baseline"])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def golden(self, *argv):
+        """(tokens of the golden written, or None), stdout, stderr, exit status."""
+        out = os.path.join(self.tmp.name, "g.golden")
+        if os.path.exists(out):
+            os.unlink(out)
+        log, err, code = io.StringIO(), io.StringIO(), 0
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
+                train.main(["--golden", self.ckpt, "--data", TINY, "--out", out] + list(argv))
+        except SystemExit as e:
+            code = e.code
+        tokens = None
+        if os.path.exists(out):
+            with open(out, "rb") as f:
+                n = struct.unpack("<8s4I", f.read(24))[1]
+                tokens = list(struct.unpack("<%di" % n, f.read(4 * n)))
+        return tokens, log.getvalue(), err.getvalue(), code
+
+    def test_the_characters_asked_for(self):
+        with open(TINY, encoding="utf-8") as f:
+            text = f.read()
+        chars = sorted(set(text))
+        tokens, _, _, code = self.golden("--text", TINY, "--text-start", "440",
+                                         "--text-len", "16")
+        self.assertEqual(code, 0)
+        self.assertEqual(tokens, [chars.index(c) for c in text[440:456]])
+        tokens, _, _, code = self.golden("--text", "God said")    # a text of its own
+        self.assertEqual(tokens, [chars.index(c) for c in "God said"])
+
+    def test_negative_start_or_length_is_a_usage_error(self):
+        # --text-start -5 took the last 5 characters
+        for opt, value in (("--text-start", "-5"), ("--text-len", "-3"), ("--text-len", "0")):
+            tokens, _, err, code = self.golden("--text", TINY, "--text-len", "10",
+                                               opt + "=" + value)
+            self.assertEqual(code, 2, (opt, value))
+            self.assertIn("argument %s" % opt, err)
+            self.assertIsNone(tokens)
+
+    def test_fewer_characters_than_text_len_is_an_error(self):
+        for start in ("530", "537", "600"):       # tests/data/tiny.txt has 537 characters
+            tokens, _, _, code = self.golden("--text", TINY, "--text-start", start,
+                                             "--text-len", "10")
+            self.assertIsNone(tokens, start)
+            self.assertRegex(str(code), "fewer than --text-len 10|beyond the end")
+
+    def test_a_missing_file_is_not_taken_as_the_text(self):
+        # "said.dat" wrote a golden of its 8 characters
+        for name in ("said.dat", os.path.join(self.tmp.name, "missing")):
+            tokens, _, _, code = self.golden("--text", name)
+            self.assertIsNone(tokens, name)
+            self.assertIn("looks like a file name, but there is no such file", str(code))
 
 
 SHAPE = ["--n-layer", "2", "--n-embd", "48", "--n-head", "6", "--block-size", "32",
