@@ -1097,14 +1097,18 @@ def cmd_train(o):
         return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
 
     t_start = time.time()
-    best = float("inf")
+    # The checkpoint holds the last iteration's weights (a run that ends in hard routing
+    # must be saved as it ends, whatever scored best earlier under soft routing), so its
+    # best_val_loss is their val loss, the last evaluation's; the lowest seen is logged.
+    final = best = float("inf")
+    best_it = 0
     model.train()
     for it in range(o.iters + 1):
         if (it % o.eval_interval == 0 or it == o.iters) and pooled:
             ev = estimate_pooled()
             tr, va = ev["train"], ev["val"]
             check_finite_losses(it, [tr["soft"], tr["hard"], va["soft"], va["hard"]])
-            best = min(best, va[routing_at(min(it, o.iters - 1))])
+            final = va[routing_at(min(it, o.iters - 1))]
             log("iter %d: train %.4f (hard %.4f), val %.4f (hard %.4f) nats/char, "
                 "val kv fraction %.3f (hard %.3f), lr %.2e, %.1fs"
                 % (it, tr["soft"], tr["hard"], va["soft"], va["hard"], va["kv_soft"],
@@ -1117,10 +1121,12 @@ def cmd_train(o):
         elif it % o.eval_interval == 0 or it == o.iters:
             ev = estimate()
             check_finite_losses(it, [ev["train"], ev["val"]])
-            best = min(best, ev["val"])
+            final = ev["val"]
             log("iter %d: train %.4f, val %.4f nats/char, lr %.2e, %.1fs"
                 % (it, ev["train"], ev["val"], lr_at(min(it, o.iters - 1)),
                    time.time() - t_start))
+        if final < best:
+            best, best_it = final, it
         if it == o.iters:
             break
         for g in optimizer.param_groups:
@@ -1157,8 +1163,9 @@ def cmd_train(o):
                     extra += ", z-loss %.3f" % parts["z_loss"].item()
             log("iter %d: loss %.4f%s, %.1fs" % (it, loss.item(), extra, time.time() - t_start))
     check_weights_finite(model)
-    save_checkpoint(o.out, model, optimizer, o.iters, best, config, o.gate_temperature)
-    log("saved %s (best val %.4f nats/char) after %.1fs" % (o.out, best, time.time() - t_start))
+    save_checkpoint(o.out, model, optimizer, o.iters, final, config, o.gate_temperature)
+    log("saved %s (final val %.4f nats/char; best seen %.4f at iteration %d) after %.1fs"
+        % (o.out, final, best, best_it, time.time() - t_start))
 
 
 def check_finite_losses(it, losses, what="evaluation loss"):

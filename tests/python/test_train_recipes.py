@@ -563,6 +563,31 @@ class TestDivergence(unittest.TestCase):
 
 
 @needs_torch
+class TestSavedLoss(unittest.TestCase):
+    def test_checkpoint_and_log_give_the_saved_weights_val_loss(self):
+        """The checkpoint holds the last iteration's weights: its best_val_loss and the
+        last line give their val loss, the last evaluation's, and the line the lowest
+        seen as well (both were the lowest, for other weights)."""
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "t.pt")
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                # a large step and one batch per evaluation: the val loss goes up and down
+                train.main(["--data", TINY, "--out", out, "--n-layer", "1", "--n-embd", "8",
+                            "--n-head", "2", "--block-size", "8", "--batch-size", "2",
+                            "--iters", "6", "--eval-interval", "2", "--eval-iters", "1",
+                            "--warmup", "0", "--lr", "0.1", "--dropout", "0",
+                            "--log-interval", "0", "--attention-type", "baseline"])
+            lines = log.getvalue().splitlines()
+            vals = [float(l.split("val ")[1].split()[0]) for l in lines if " nats/char, lr " in l]
+            self.assertEqual(len(vals), 4, lines)
+            self.assertNotEqual(vals[-1], min(vals), "the run no longer tells the two apart")
+            self.assertIn("(final val %.4f nats/char; best seen %.4f at iteration %d)"
+                          % (vals[-1], min(vals), 2 * vals.index(min(vals))), lines[-1])
+            self.assertAlmostEqual(torch.load(out)["best_val_loss"].item(), vals[-1], places=4)
+
+
+@needs_torch
 class TestGoldenText(unittest.TestCase):
     """--golden's --text, --text-start and --text-len: the characters asked for, or an
     error; never fewer characters, others from the end, or a file name's letters."""
