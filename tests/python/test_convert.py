@@ -941,6 +941,34 @@ class TestConvert(Tmp):
             json.dump({"model_args": margs("baseline", False)}, f)
         self.check_model(self.convert_ok(path, "--config", cfg), "baseline", False, sd)
 
+    def test_config_inline_or_file_and_only_known_keys(self):
+        """--config takes JSON itself when it starts with '{' (it was always read as a
+        file's name), or a file; a key model_args do not have (a typo such as n_heads,
+        which left n_head to come from elsewhere) is an error naming it."""
+        sd = model_tensors("baseline", False)
+        args = margs("baseline", False)
+        del args["n_head"]                        # not in a baseline model's shapes
+        ck = self.path("c.pt")
+        build_checkpoint(ck, sd, args)
+        self.convert_fails(ck, "n_head", "--config")
+        self.check_model(self.convert_ok(ck, "--config", '{"n_head": 4}'), "baseline", False, sd)
+        self.check_model(self.convert_ok(ck, "--config", ' {"model_args": {"n_head": 4}}'),
+                         "baseline", False, sd)
+        cfg = self.path("cfg.json")
+        with open(cfg, "w") as f:
+            json.dump({"n_head": 4, "n_heads": 4, "dropuot": 0.1}, f)
+        self.convert_fails(ck, "--config '%s'" % cfg, "model_args do not", "dropuot, n_heads",
+                           extra=("--config", cfg))
+        self.convert_fails(ck, "model_args do not: n_heads",
+                           extra=("--config", '{"n_head": 4, "n_heads": 4}'))
+        self.convert_fails(ck, "--config is not valid JSON", extra=("--config", "{n_head: 4}"))
+        self.convert_fails(ck, "cannot read --config 'missing.json'",
+                           extra=("--config", "missing.json"))
+        # the keys train.py's checkpoints carry are all known
+        full = dict(margs("gqa", False), n_kv_head=2, pos="learned", rope_base=10000.0,
+                    norm="layer", mlp="gelu", n_ff=32, dropout=0.0)
+        self.assertEqual(sorted(moas_convert.load_config(json.dumps(full))), sorted(full))
+
     def test_vocab_meta(self):
         sd = model_tensors("moas", False)
         ck = self.path("c.pt")
