@@ -1119,9 +1119,13 @@ class TestConvert(Tmp):
         with open(self.text, "wb") as f:
             f.write(b"abc\xff\xfe")
         self.convert_fails(ck, "not valid UTF-8")
+        # no vocabulary is a usage error (status 2, as the docstring says), not status 1
         res = self.convert(ck, vocab=False, in_process=False)
-        self.assertEqual(res.returncode, 1)
-        self.assertIn("vocabulary is needed", res.stderr)
+        self.assertEqual(res.returncode, 2, res.stderr)
+        self.assertEqual(res.stderr.strip().splitlines(),
+                         ["moas-convert: usage error: one of the arguments --vocab-text "
+                          "--vocab-meta is required (see --help)"])
+        self.assertFalse(os.path.exists(self.path("out.gguf")))
 
     def test_bad_model_args(self):
         sd = model_tensors("moas", False)
