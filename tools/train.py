@@ -971,6 +971,8 @@ def cmd_train(o):
             sys.exit("train.py: --kv-target-per-layer: %s" % e)
     if o.kv_penalty_warmup and o.kv_penalty_schedule == "constant":
         sys.exit("train.py: --kv-penalty-schedule constant takes no --kv-penalty-warmup")
+    if o.rope_base is not None and o.pos != "rope":
+        sys.exit("train.py: --rope-base is for --pos rope (learned positions have no base)")
     if o.attention_type == "gqa":
         extra["n_kv_head"] = GQA_KV_HEADS if o.kv_heads is None else o.kv_heads
     elif o.kv_heads is not None:
@@ -1042,6 +1044,11 @@ def cmd_train(o):
     if len(val_ids) <= o.block_size or len(train_ids) <= o.block_size:
         sys.exit("train.py: %s is too short for block_size %d (train %d, val %d chars)"
                  % (o.data, o.block_size, len(train_ids), len(val_ids)))
+    if 0 < o.iters <= o.warmup:
+        sys.stderr.write("train.py: warning: --warmup %d >= --iters %d: the learning rate only "
+                         "rises, to %g on the last iteration (--lr %g), and never decays "
+                         "towards --min-lr\n" % (o.warmup, o.iters, o.lr * o.iters / o.warmup,
+                                                  o.lr))
 
     def batch(split):
         data = train_ids if split == "train" else val_ids
@@ -1347,7 +1354,8 @@ def parse_args(argv=None):
                    help="also store the reference's [1,1,T,T] causal-mask buffers")
     m.add_argument("--pos", choices=POS_TYPES, default="learned",
                    help="positions: a learned table (published) or rotary (RoPE)")
-    m.add_argument("--rope-base", type=rope_base_value, default=ROPE_BASE, help="RoPE frequency base")
+    m.add_argument("--rope-base", type=rope_base_value, default=None,
+                   help="RoPE frequency base (default %g); needs --pos rope" % ROPE_BASE)
     m.add_argument("--norm", choices=NORM_TYPES, default="layer",
                    help="LayerNorm (published) or RMSNorm")
     m.add_argument("--mlp", choices=MLP_TYPES, default="gelu",
@@ -1410,7 +1418,10 @@ def parse_args(argv=None):
     t.add_argument("--init-std", type=non_negative_float, default=None,
                    help="init std for all weights and biases, LayerNorm weights/biases "
                         "perturbed too (default: the reference's init)")
-    g = ap.add_argument_group("golden fixture")
+    g = ap.add_argument_group("golden fixture", "--golden writes a golden file for CKPT's "
+                              "model, which the checkpoint defines: of the options above only "
+                              "--data (the vocabulary), --out and --threads apply; the model "
+                              "and training options are ignored")
     g.add_argument("--golden", metavar="CKPT", help="write a golden fixture for this checkpoint")
     g.add_argument("--text", metavar="FILE|TEXT",
                    help="a file holding the golden text, or the text itself when no file of "

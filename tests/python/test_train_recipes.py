@@ -315,6 +315,8 @@ class TestLossTerms(unittest.TestCase):
                                          "--kv-penalty-warmup", "5",
                                          "--kv-penalty-schedule", "constant"))
         self.assertIn("pooled_moas", fails("--attention-type", "gqa", "--kv-init-scale", "2"))
+        # learned positions have no base: --rope-base was ignored
+        self.assertIn("--rope-base is for --pos rope", fails("--rope-base", "500"))
 
     def test_model_args_defaults_only_when_missing(self):
         """rope_base and n_ff take their defaults when missing (None), not when 0: 0
@@ -586,6 +588,25 @@ class TestSavedLoss(unittest.TestCase):
                           % (vals[-1], min(vals), 2 * vals.index(min(vals))), lines[-1])
             self.assertAlmostEqual(torch.load(out)["best_val_loss"].item(), vals[-1], places=4)
 
+    def test_a_warmup_as_long_as_the_run_is_warned_of(self):
+        """--warmup >= --iters: the learning rate never gets past the warm-up, which the
+        log's lr column alone did not make plain."""
+        def stderr_of(*argv):
+            with tempfile.TemporaryDirectory() as d:
+                err = io.StringIO()
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                    train.main(["--data", TINY, "--out", os.path.join(d, "t.pt"), "--n-layer",
+                                "1", "--n-embd", "8", "--n-head", "2", "--block-size", "8",
+                                "--batch-size", "2", "--iters", "2", "--eval-interval", "2",
+                                "--eval-iters", "1", "--lr", "1e-3", "--log-interval", "0",
+                                "--attention-type", "baseline"] + list(argv))
+                return err.getvalue()
+        self.assertIn("train.py: warning: --warmup 4 >= --iters 2: the learning rate only "
+                      "rises, to 0.0005 on the last iteration (--lr 0.001)",
+                      stderr_of("--warmup", "4"))
+        self.assertIn("--warmup 2 >= --iters 2", stderr_of("--warmup", "2"))
+        self.assertEqual(stderr_of("--warmup", "1"), "")
+
 
 @needs_torch
 class TestGoldenText(unittest.TestCase):
@@ -622,6 +643,13 @@ class TestGoldenText(unittest.TestCase):
                 n = struct.unpack("<8s4I", f.read(24))[1]
                 tokens = list(struct.unpack("<%di" % n, f.read(4 * n)))
         return tokens, log.getvalue(), err.getvalue(), code
+
+    def test_help_says_which_options_apply(self):
+        out = io.StringIO()
+        with self.assertRaises(SystemExit), contextlib.redirect_stdout(out):
+            train.parse_args(["--help"])
+        self.assertTrue("the model and training options are ignored"
+                        in " ".join(out.getvalue().split()), "not said in --help")
 
     def test_the_characters_asked_for(self):
         with open(TINY, encoding="utf-8") as f:
