@@ -295,8 +295,11 @@ class TestLossTerms(unittest.TestCase):
                                places=12)
 
     def test_option_errors(self):
+        scratch = tempfile.TemporaryDirectory()   # of its own: no file of another run
+        self.addCleanup(scratch.cleanup)
+
         def fails(*argv):
-            out = os.path.join(tempfile.gettempdir(), "never-written.pt")
+            out = os.path.join(scratch.name, "never-written.pt")
             with self.assertRaises(SystemExit, msg=argv) as cm, \
                     contextlib.redirect_stdout(io.StringIO()):
                 train.main(["--data", TINY, "--out", out, "--init-only", "--n-layer", "2",
