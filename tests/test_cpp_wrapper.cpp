@@ -171,6 +171,7 @@ int main(int argc, char **argv) {
             const int32_t n_layer = model.n_layer();
             int calls = 0;
             moas::context steered(model, &rp);
+            CHECK(steered.mode() == MOAS_MODE_ROUTED && reference.mode() == MOAS_MODE_MIXTURE);
             steered.set_route_callback([&](const moas::route_event &e) -> std::optional<int32_t> {
                 calls += e.n_scheme == model.n_scheme() && e.proposed >= 0 ? 1 : 1000;
                 return last;

@@ -446,6 +446,8 @@ public:
 
     int32_t n_past() const noexcept { return get() ? moas_context_n_past(get()) : 0; }
     int32_t n_ctx() const noexcept { return get() ? moas_context_n_ctx(get()) : 0; }
+    /* As created: mixture, or routed (mixture once moved from). */
+    moas_mode mode() const noexcept { return moas_context_mode(get()); }
     void truncate(int32_t n_keep) { check(moas_context_truncate(detail::live(get()), n_keep)); }
     void reset() noexcept {
         if (get() != nullptr) {
