@@ -30,7 +30,9 @@ Policy (docs/SERVING.md):
     reads only the rest of its prompt: a conversation's next turn, or a shared
     instruction, is not read again. The text is the same bits as without the cache.
     Entries give their pages back whenever the pool needs them (admission, a fork, a
-    step that does not fit, a swapped sequence coming back) before anything else. With
+    step that does not fit, a swapped sequence coming back) before anything else. A
+    request matches only entries of its own cache_scope (the server's cache_salt), so
+    that usage's cached_tokens cannot tell one tenant another's prompt. With
     steer_below there is no cache: its pages would make the pool steer sooner.
 """
 
@@ -58,7 +60,7 @@ class Request:
 
     def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
-                 stop=(), routes=False, logprobs=None, emit=None):
+                 stop=(), routes=False, logprobs=None, cache_scope=None, emit=None):
         self.id = next(Request._ids)
         self.prompt_ids = list(prompt_ids)
         self.max_tokens, self.n = max_tokens, n
@@ -69,6 +71,9 @@ class Request:
         self.stop = list(stop)
         self.routes = routes
         self.logprobs = logprobs   # None, or how many of the likeliest tokens to report
+        # the prompt cache matches only entries of the same scope (a tenant's salt):
+        # cached_tokens would otherwise tell a client another one's prompt and text
+        self.cache_scope = cache_scope
         self.emit = emit or (lambda event: None)
         self.cancelled = False
         self.created = time.monotonic()
@@ -103,7 +108,7 @@ class Seq:
         self.done = False
 
 
-CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx")
+CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx scope")
 
 
 def token_logprobs(logits, token, k):
@@ -428,19 +433,22 @@ class Engine:
                 or seq.ctx.n_past != len(tokens)):
             return False
         for key in [k for k, e in self._cache.items()
-                    if e.tokens == tokens[:len(e.tokens)]]:
+                    if e.scope == req.cache_scope and e.tokens == tokens[:len(e.tokens)]]:
             self._drop(key)
-        self._cache[next(self._cache_ids)] = CacheEntry(tokens, seq.ctx)
+        self._cache[next(self._cache_ids)] = CacheEntry(tokens, seq.ctx, req.cache_scope)
         while len(self._cache) > self.prompt_cache:
             self._drop(next(iter(self._cache)))
         return True
 
-    def _cache_find(self, prompt):
-        """(key, n): the entry sharing the longest prefix with the prompt and how many
-        of its tokens to reuse (at most all but the prompt's last, whose logits the
-        request needs); (None, 0) when none shares any."""
+    def _cache_find(self, prompt, scope):
+        """(key, n): the entry of `scope` sharing the longest prefix with the prompt and
+        how many of its tokens to reuse (at most all but the prompt's last, whose logits
+        the request needs); (None, 0) when none shares any. Other scopes' entries are
+        never looked at."""
         best, best_n = None, 0
         for key, e in self._cache.items():
+            if e.scope != scope:
+                continue
             n = common_prefix(e.tokens, prompt)
             if n > best_n:
                 best, best_n = key, n
@@ -552,7 +560,7 @@ class Engine:
                         self._waiting[0].n, self.max_sequences) > self.max_sequences):
                     return
                 req = self._waiting[0]
-            hit, reuse = self._cache_find(req.prompt_ids)
+            hit, reuse = self._cache_find(req.prompt_ids, req.cache_scope)
             headroom = self.headroom_bytes if self._active else 0
             while self._need(req, reuse) + headroom > free:
                 if not self._cache:

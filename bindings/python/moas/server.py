@@ -82,7 +82,8 @@ REPEAT_PENALTY_RANGE = (0.01, 100.0)   # beyond it a logit divided by it can ove
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
          "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
-         "logprobs"} | set(NEUTRAL)
+         "logprobs", "cache_salt"} | set(NEUTRAL)
+CACHE_SALT_MAX_CHARS = 256
 
 
 def _is_int(v):
@@ -218,6 +219,10 @@ def parse_completion(body, cfg):
     out["routes"] = _get(body, "routes", lambda v: isinstance(v, bool), "a boolean", False)
     out["logprobs"] = _get(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5,
                            "an integer in [0, 5]", None)
+    # a request reuses only the prompt cache's entries of requests with the same salt
+    out["cache_salt"] = _get(body, "cache_salt", lambda v: isinstance(v, str) and 0 < len(
+        v) <= CACHE_SALT_MAX_CHARS, "a non-empty string of at most %d characters"
+        % CACHE_SALT_MAX_CHARS, None)
     out["unknown"] = _get(body, "unknown_chars", lambda v: v in ("error", "replace", "drop"),
                           "one of \"error\", \"replace\", \"drop\"", cfg["unknown"])
     bias = _get(body, "logit_bias", lambda v: isinstance(v, dict) and all(
@@ -485,7 +490,8 @@ class Server:
                       min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
                       repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
                       seed=p["seed"], stop=p["stop"], routes=p["routes"],
-                      logprobs=p["logprobs"], emit=events.put_nowait)
+                      logprobs=p["logprobs"], cache_scope=p["cache_salt"],
+                      emit=events.put_nowait)
         if not self.engine.fits(req):
             raise ApiError(400, "the request needs more KV memory than the pool holds",
                            code="request_too_large")

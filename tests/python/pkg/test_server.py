@@ -855,6 +855,30 @@ def test_prompt_cache_keeps_what_was_used_last_and_no_cancelled_request(model):
         engine.close()
 
 
+def test_prompt_cache_is_never_shared_across_cache_salts(server, model):
+    # cached_tokens says how much of a prompt matched a cached entry: with tokens of
+    # one character, a client probing with max_tokens 0 would read another's prompt
+    # and text a character at a time. An entry serves only requests of its own salt;
+    # no salt is a scope of its own (a single-tenant server shares it, as before)
+    assert server.request("POST", "/v1/prompt_cache/clear")[0] == 200
+
+    def cached(**salt):
+        status, _, body = server.complete(prompt=PROMPT, max_tokens=8, seed=1, **salt)
+        assert status == 200, body
+        return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached(cache_salt="alice") == 0
+    assert cached() == 0                       # unsalted: not alice's entry
+    assert cached(cache_salt="bob") == 0       # nor another tenant's
+    # bob's entry has the very tokens of alice's (same prompt and seed) and did not
+    # supersede it: each is found by its own salt
+    assert cached(cache_salt="alice") == len(PROMPT) - 1
+    assert cached(cache_salt="bob") == len(PROMPT) - 1
+    assert cached() == len(PROMPT) - 1         # the unsalted entry made above
+    for bad in ("", 5, "x" * 257):
+        check_error(server.complete(prompt=PROMPT, max_tokens=1, cache_salt=bad), 400,
+                    "invalid_type", "cache_salt")
+
+
 def test_a_clear_asked_for_as_the_engine_stops_is_answered(model):
     # a clear that reaches the engine after its loop has stopped (close() racing a
     # POST /v1/prompt_cache/clear) is answered by close() with the entries it gave
