@@ -491,7 +491,7 @@ class Server:
                       repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
                       seed=p["seed"], stop=p["stop"], routes=p["routes"],
                       logprobs=p["logprobs"], cache_scope=p["cache_salt"],
-                      emit=events.put_nowait)
+                      emit=lambda event: self._buffer(request, req, events, event))
         if not self.engine.fits(req):
             raise ApiError(400, "the request needs more KV memory than the pool holds",
                            code="request_too_large")
@@ -516,6 +516,35 @@ class Server:
             return await self._whole(request, events, req, meta, p, changed)
         finally:
             self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
+
+    def _buffer(self, request, req, events, event):
+        """An event of the request, on the event loop, for its handler. A client that
+        reads nothing stalls the handler's writes while the engine goes on: past
+        --max-buffered-events waiting, the request ends as if the client had hung up
+        (its handler then counts the disconnect) rather than holding their memory."""
+        if events.qsize() < self.args.max_buffered_events:
+            events.put_nowait(event)
+        elif not req.cancelled:
+            self.engine.cancel(req)
+            self._hang_up(request)
+
+    @staticmethod
+    def _hang_up(request):
+        """Close the client's connection now, dropping what waits in its buffers."""
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def _send(self, request, write):
+        """Await a write to the client (a coroutine) for at most --send-timeout: a
+        client that has read nothing for that long is gone (ConnectionResetError), and
+        its connection is closed, so that what its buffers hold goes too."""
+        try:
+            await asyncio.wait_for(write, self.args.send_timeout)
+        except asyncio.TimeoutError:
+            self._hang_up(request)
+            raise ConnectionResetError("the client read nothing for %g s"
+                                       % self.args.send_timeout) from None
 
     def _logprobs(self, entries, offset):
         """OpenAI's completions logprobs object for (text, entry) pairs, the first at
@@ -578,7 +607,14 @@ class Server:
         body = dict(meta, choices=choices, usage=usage)
         if changed:
             body["prompt_chars_changed"] = changed
-        return web.json_response(body)
+        # sent here, not by aiohttp after the handler, so that --send-timeout bounds it
+        response = web.json_response(body)
+        try:
+            await response.prepare(request)
+            await self._send(request, response.write_eof())
+        except ConnectionError:   # counted as a stream cut after its headers is
+            self.disconnects += 1
+        return response
 
     async def _stream(self, request, events, req, meta, p, changed):
         if changed:   # every chunk says it, as the whole response's body does
@@ -633,10 +669,10 @@ class Server:
                     frames.append(b"data: [DONE]\n\n")
                     last = True
                     break
-            await response.write(b"".join(frames))
+            await self._send(request, response.write(b"".join(frames)))
             if last:
                 if ev.kind == "done":
-                    await response.write_eof()
+                    await self._send(request, response.write_eof())
                 return response
 
 
@@ -658,6 +694,12 @@ def parse_args(argv=None):
                     help="requests that may wait for room before 503 (64)")
     ap.add_argument("--queue-timeout", type=float, default=30.0,
                     help="seconds a request may wait for room before 503 (30)")
+    ap.add_argument("--send-timeout", type=float, default=30.0,
+                    help="seconds a write may wait for a client to read before it counts "
+                    "as gone: its request cancelled, its connection closed (30)")
+    ap.add_argument("--max-buffered-events", type=int, default=8192,
+                    help="events (a character each, mostly) a request may have waiting "
+                    "for its client to read before it counts as gone (8192)")
     ap.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' (also $MOAS_API_KEY)")
     ap.add_argument("--max-tokens-cap", type=int, default=0,
@@ -697,6 +739,9 @@ def parse_args(argv=None):
               ("--prompt-cache", args.prompt_cache >= 0, ">= 0"),
               ("--queue-timeout", args.queue_timeout >= 0 and math.isfinite(args.queue_timeout),
                ">= 0 seconds"),
+              ("--send-timeout", args.send_timeout > 0 and math.isfinite(args.send_timeout),
+               "> 0 seconds"),
+              ("--max-buffered-events", args.max_buffered_events >= 1, ">= 1"),
               ("--max-tokens-cap", args.max_tokens_cap >= 0, ">= 0 (0: the context length)"),
               ("--max-prompt-chars", args.max_prompt_chars >= 0,
                ">= 0 (0: the context length)"),

@@ -488,6 +488,72 @@ def test_clients_that_leave_are_let_go_and_shutdown_answers_everyone():
         s.close()
 
 
+LONG_MODEL = os.path.join(ROOT, "tests", "data", "tiny-rope-long.gguf")   # 1,024 context
+
+
+def post_and_never_read(port, body):
+    """A client that sends its request and then reads nothing (a socket whose
+    receive buffer is small, so that the server's writes soon wait for it)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                 % len(data) + data)
+    return sock
+
+
+def wait_metric(server, name, want, within):
+    deadline = time.time() + within
+    while time.time() < deadline:
+        m = server.metrics()
+        if m.get(name) == want:
+            return m
+        time.sleep(0.05)
+    raise AssertionError("%s: %r" % (name, server.metrics()))
+
+
+# 16 choices of 1,000 characters with routes and logprobs: megabytes of answer
+BIG = {"prompt": PROMPT, "max_tokens": 1000, "n": 16, "routes": True, "logprobs": 5}
+
+
+def test_a_client_that_reads_nothing_is_let_go():
+    # its writes wait at most --send-timeout; then it counts as gone: its request is
+    # cancelled (a stream's before its generation ends) and its connection closed,
+    # so that nothing of it stays in memory; streamed or whole
+    s = Server("-m", LONG_MODEL, "--pool-mb", "16", "--send-timeout", "0.5")
+    try:
+        sock = post_and_never_read(s.port, dict(BIG, stream=True))
+        m = wait_metric(s, "moas_client_disconnects_total", 1, 8)
+        wait_metric(s, "moas_sequences_active", 0, 2)
+        assert s.metrics()["moas_generated_tokens_total"] < 16 * 1000, m
+        sock.close()
+        sock = post_and_never_read(s.port, BIG)
+        wait_metric(s, "moas_client_disconnects_total", 2, 12)
+        sock.close()
+        assert s.complete(prompt=PROMPT, max_tokens=4)[0] == 200
+    finally:
+        s.close()
+
+
+def test_a_request_whose_events_pile_up_unread_is_cancelled():
+    # the engine goes on while the handler's write waits for the client: past
+    # --max-buffered-events waiting, the request is cancelled, long before its
+    # --send-timeout and its generation's end
+    s = Server("-m", LONG_MODEL, "--pool-mb", "16", "--send-timeout", "60",
+               "--max-buffered-events", "100")
+    try:
+        sock = post_and_never_read(s.port, dict(BIG, stream=True))
+        wait_metric(s, "moas_client_disconnects_total", 1, 8)
+        m = wait_metric(s, "moas_sequences_active", 0, 2)
+        assert m["moas_generated_tokens_total"] < 16 * 1000, m
+        sock.close()
+        assert s.complete(prompt=PROMPT, max_tokens=4)[0] == 200
+    finally:
+        s.close()
+
+
 def test_api_key():
     s = Server("--api-key", "sesame", "--pool-mb", "1")
     try:
@@ -1103,7 +1169,8 @@ def test_streamed_chunks_say_how_many_prompt_chars_changed(server):
     ("--queue-timeout", "-1"), ("--queue-timeout", "nan"), ("--max-tokens-cap", "-5"),
     ("--max-prompt-chars", "-1"), ("--max-body-bytes", "0"), ("--max-n", "0"),
     ("--threads", "-2"), ("--steer-below", "1.5"), ("--force-scheme", "-2"),
-    ("--pool-mb", "inf"), ("--port", "70000"), ("--max-queue", "-1")])
+    ("--pool-mb", "inf"), ("--port", "70000"), ("--max-queue", "-1"),
+    ("--send-timeout", "0"), ("--send-timeout", "nan"), ("--max-buffered-events", "0")])
 def test_numbers_out_of_range_stop_the_server_at_start(option, capsys):
     from moas.server import parse_args
     with pytest.raises(SystemExit) as e:
