@@ -42,10 +42,11 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status, message, param=None, code=None, headers=None):
+    def __init__(self, status, message, param=None, code=None, headers=None, close=False):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+        self.close = close   # the connection too (the rest of a body is not waited for)
 
 
 def error_kind(status):
@@ -311,6 +312,15 @@ class Server:
             response = await handler(request)
         except ApiError as e:
             response = error_response(e.status, e.message, e.param, e.code, e.headers)
+            if e.close:   # written now, then the connection closed (its data sent first)
+                response.force_close()   # says "Connection: close"
+                try:
+                    await response.prepare(request)
+                    await self._send(request, response.write_eof())
+                except ConnectionError:
+                    pass
+                if request.transport is not None:
+                    request.transport.close()
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -443,7 +453,13 @@ class Server:
     # POST /v1/completions
     async def completions(self, request):
         try:
-            raw = await request.read()
+            # a body that never ends would hold its connection and buffer forever
+            raw = await asyncio.wait_for(request.read(), self.args.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "the request body did not arrive within %g s"
+                           % self.args.body_timeout, code="body_timeout", close=True)
+        except ConnectionError:   # the client hung up while sending it: a 499
+            raise
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, "the request body is larger than %d bytes"
                            % self.args.max_body_bytes, code="body_too_large")
@@ -694,6 +710,8 @@ def parse_args(argv=None):
                     help="requests that may wait for room before 503 (64)")
     ap.add_argument("--queue-timeout", type=float, default=30.0,
                     help="seconds a request may wait for room before 503 (30)")
+    ap.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a request's body may take to arrive before 408 (30)")
     ap.add_argument("--send-timeout", type=float, default=30.0,
                     help="seconds a write may wait for a client to read before it counts "
                     "as gone: its request cancelled, its connection closed (30)")
@@ -739,6 +757,8 @@ def parse_args(argv=None):
               ("--prompt-cache", args.prompt_cache >= 0, ">= 0"),
               ("--queue-timeout", args.queue_timeout >= 0 and math.isfinite(args.queue_timeout),
                ">= 0 seconds"),
+              ("--body-timeout", args.body_timeout > 0 and math.isfinite(args.body_timeout),
+               "> 0 seconds"),
               ("--send-timeout", args.send_timeout > 0 and math.isfinite(args.send_timeout),
                "> 0 seconds"),
               ("--max-buffered-events", args.max_buffered_events >= 1, ">= 1"),

@@ -554,6 +554,38 @@ def test_a_request_whose_events_pile_up_unread_is_cancelled():
         s.close()
 
 
+def test_a_body_that_does_not_arrive_is_408_and_one_cut_off_is_499():
+    # a body slower than --body-timeout gets 408 and its connection closed; a client
+    # that hangs up while sending it hung up (499, a disconnect), it sent no bad body
+    s = Server("--pool-mb", "1", "--body-timeout", "0.5")
+    try:
+        def half_a_body():
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            return sock
+        sock = half_a_body()
+        start = time.time()
+        reply = b""
+        while True:   # the answer, then the connection closed by the server
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        sock.close()
+        assert time.time() - start < 3
+        assert reply.startswith(b"HTTP/1.1 408 ") and b'"body_timeout"' in reply, reply
+        sock = half_a_body()
+        time.sleep(0.1)
+        sock.close()
+        m = wait_metric(s, 'moas_requests_total{status="499"}', 1, 3)
+        assert m["moas_client_disconnects_total"] == 1, m
+        assert 'moas_requests_total{status="400"}' not in m, m
+        assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+    finally:
+        s.close()
+
+
 def test_api_key():
     s = Server("--api-key", "sesame", "--pool-mb", "1")
     try:
@@ -1170,7 +1202,8 @@ def test_streamed_chunks_say_how_many_prompt_chars_changed(server):
     ("--max-prompt-chars", "-1"), ("--max-body-bytes", "0"), ("--max-n", "0"),
     ("--threads", "-2"), ("--steer-below", "1.5"), ("--force-scheme", "-2"),
     ("--pool-mb", "inf"), ("--port", "70000"), ("--max-queue", "-1"),
-    ("--send-timeout", "0"), ("--send-timeout", "nan"), ("--max-buffered-events", "0")])
+    ("--send-timeout", "0"), ("--send-timeout", "nan"), ("--max-buffered-events", "0"),
+    ("--body-timeout", "0")])
 def test_numbers_out_of_range_stop_the_server_at_start(option, capsys):
     from moas.server import parse_args
     with pytest.raises(SystemExit) as e:
