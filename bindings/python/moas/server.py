@@ -806,8 +806,16 @@ async def serve(args, ready=None):
     site = web.TCPSite(runner, args.host, args.port, shutdown_timeout=10.0)
     await site.start()
     loop = asyncio.get_running_loop()
-    if hasattr(signal, "SIGTERM"):   # as Ctrl-C does: this task cancelled, then finally
-        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    task = asyncio.current_task()
+    stopping = []
+
+    def stop():   # this task cancelled, then finally; a second signal must not cancel
+        if not stopping:   # the shutdown itself, which would leave requests unanswered
+            stopping.append(True)
+            task.cancel()
+    for name in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, name):   # SIGINT: instead of asyncio.run's, which a second
+            loop.add_signal_handler(getattr(signal, name), stop)   # Ctrl-C interrupts
     port = site._server.sockets[0].getsockname()[1]
     print("moas.server: %s (%s mode, %.0f MB pool, %d sequences) on http://%s:%d/"
           % (server.model_id, args.mode, args.pool_mb, args.max_sequences, args.host, port),

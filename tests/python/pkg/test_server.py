@@ -586,6 +586,30 @@ def test_a_body_that_does_not_arrive_is_408_and_one_cut_off_is_499():
         s.close()
 
 
+def test_a_second_signal_does_not_cut_the_shutdown_short():
+    # SIGTERM, then Ctrl-C while the engine is still stopping (a step of 0.5 s is
+    # under way): the shutdown goes on, the open stream still gets its error event
+    # and [DONE], and the server exits cleanly
+    import signal
+    s = Server("--pool-mb", "1", "--step-delay", "0.5")
+    try:
+        streamed = {}
+        t = threading.Thread(target=lambda: streamed.update(events=s.stream(
+            {"prompt": PROMPT, "max_tokens": 45, "seed": 1})))
+        t.start()
+        wait_metric(s, "moas_sequences_active", 1, 3)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(5) == 0
+        t.join(5)
+        events = streamed["events"]
+        assert events[-1] == "[DONE]", events
+        assert events[-2]["error"]["code"] == "shutting_down", events
+    finally:
+        s.close()
+
+
 def test_api_key():
     s = Server("--api-key", "sesame", "--pool-mb", "1")
     try:
