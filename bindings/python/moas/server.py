@@ -168,8 +168,10 @@ def parse_completion(body, cfg):
                        "tokens" % (len(prompt), cfg["max_prompt_chars"]), param="prompt",
                        code="prompt_too_long")
     out = {"prompt": prompt}
+    # OpenAI's default of 16, but never above the cap: a request that says nothing
+    # asks for nothing the server refuses
     out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
-                             "an integer >= 0", 16)
+                             "an integer >= 0", min(16, cfg["max_tokens_cap"]))
     if out["max_tokens"] > cfg["max_tokens_cap"]:
         raise ApiError(400, "'max_tokens' is %d, this server allows at most %d"
                        % (out["max_tokens"], cfg["max_tokens_cap"]), param="max_tokens",

@@ -610,6 +610,16 @@ def test_a_second_signal_does_not_cut_the_shutdown_short():
         s.close()
 
 
+def test_max_tokens_defaults_to_the_cap_when_it_is_below_16():
+    s = Server("--pool-mb", "1", "--max-tokens-cap", "4")
+    try:
+        status, _, body = s.complete(prompt=PROMPT, seed=1)
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, body
+        check_error(s.complete(prompt=PROMPT, max_tokens=5), 400, "max_tokens_too_large")
+    finally:
+        s.close()
+
+
 def test_api_key():
     s = Server("--api-key", "sesame", "--pool-mb", "1")
     try:
