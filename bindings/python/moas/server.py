@@ -187,9 +187,11 @@ def parse_completion(body, cfg):
     lo, hi = REPEAT_PENALTY_RANGE
     penalty_ok = lambda v: _is_num(v) and lo <= v <= hi   # noqa: E731
     what = "a number in [%g, %g]" % (lo, hi)
+    # both names checked, so that a bad value is never let through unseen; given both,
+    # repetition_penalty (OpenAI's and vLLM's name) is the one used
     rp = _get(body, "repetition_penalty", penalty_ok, what, None)
-    out["repeat_penalty"] = rp if rp is not None else _get(
-        body, "repeat_penalty", penalty_ok, what, 1.0)
+    alias = _get(body, "repeat_penalty", penalty_ok, what, 1.0)
+    out["repeat_penalty"] = rp if rp is not None else alias
     # -1: the whole context, as llama.cpp's; more than the context would only cost memory
     last_n = _get(body, "repeat_last_n", lambda v: _is_int(v) and -1 <= v <= cfg["n_ctx"],
                   "an integer in [-1, %d] (-1: the context)" % cfg["n_ctx"], 64)

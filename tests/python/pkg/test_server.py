@@ -288,6 +288,9 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     assert body["usage"]["prompt_tokens"] == len("And God ")
     # caps: max_tokens, prompt length, context, body size
     check_error(server.complete(prompt=PROMPT, max_tokens=65), 400, "max_tokens_too_large")
+    # the alias is checked even when repetition_penalty is given too
+    check_error(server.complete(prompt=PROMPT, max_tokens=1, repetition_penalty=1.0,
+                                repeat_penalty="x"), 400, "invalid_type", "repeat_penalty")
     check_error(server.complete(prompt="A" * 65, max_tokens=1), 400, "prompt_too_long")
     check_error(server.complete(prompt="A" * 600, max_tokens=1), 400, "prompt_too_long")
     # the limit counts tokens: characters that unknown_chars "drop" leaves out take no room
