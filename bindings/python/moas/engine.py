@@ -502,8 +502,15 @@ class Engine:
                        % self.max_queue, "queue_full")
         for r in old:
             self.counters["rejected_queue_timeout"] += 1
-            self._fail(r, 503, "the KV pool is full: the request waited %.1f s in the queue"
-                       % self.queue_timeout, "pool_full")
+            self._fail(r, 503, "%s: the request waited %.1f s in the queue"
+                       % (self._why_waiting(r), self.queue_timeout), "pool_full")
+
+    def _why_waiting(self, req):
+        """What keeps a waiting request out, for its 503: the sequence slots or the
+        pool's pages (swapped-out sequences waiting for pages count as the pool)."""
+        if self._slots_taken() + min(req.n, self.max_sequences) > self.max_sequences:
+            return "every sequence slot is taken (%d decode at once)" % self.max_sequences
+        return "the KV pool is full"
 
     def _context(self):
         return self.pool.context(mode=self.mode, forced_scheme=self.forced_scheme)

@@ -679,6 +679,8 @@ def test_full_server_queues_then_503():
         # the queued request waited out its 2 s (the holder takes 4.5 s or more)
         err = check_error(results["queued"], 503, "pool_full")
         assert "Retry-After" in results["queued"][1] and "queue" in err["message"]
+        # it waited for the one sequence slot, not for pages: the message says which
+        assert "sequence slot" in err["message"] and "pool" not in err["message"], err
         assert joined(results["hold"])
         assert s.request("GET", "/health")[0] == 200
     finally:
