@@ -173,8 +173,9 @@ def parse_completion(body, cfg):
     out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
                              "an integer >= 0", min(16, cfg["max_tokens_cap"]))
     if out["max_tokens"] > cfg["max_tokens_cap"]:
-        raise ApiError(400, "'max_tokens' is %d, this server allows at most %d"
-                       % (out["max_tokens"], cfg["max_tokens_cap"]), param="max_tokens",
+        raise ApiError(400, "'max_tokens' is %s, this server allows at most %d"
+                       % (json.dumps(out["max_tokens"])[:80], cfg["max_tokens_cap"]),
+                       param="max_tokens",
                        code="max_tokens_too_large")
     out["temperature"] = _get(body, "temperature", lambda v: _is_num(v) and 0 <= v <= 100,
                               "a number in [0, 100]", 1.0)
@@ -214,13 +215,15 @@ def parse_completion(body, cfg):
     out["n"] = _get(body, "n", lambda v: _is_int(v) and 1 <= v <= cfg["max_n"],
                     "an integer in [1, %d]" % cfg["max_n"], 1)
     out["stream"] = _get(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
+    # include_usage null is its default, as null is for every field
     opts = _get(body, "stream_options", lambda v: isinstance(v, dict) and set(v) <= {
-        "include_usage"} and isinstance(v.get("include_usage", False), bool),
+        "include_usage"} and (v.get("include_usage") is None
+                              or isinstance(v["include_usage"], bool)),
         "an object {\"include_usage\": bool}", {})
     if body.get("stream_options") is not None and not out["stream"]:   # as OpenAI
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
                        param="stream_options", code="invalid_value")
-    out["include_usage"] = bool(opts.get("include_usage", False))
+    out["include_usage"] = bool(opts.get("include_usage") or False)
     out["routes"] = _get(body, "routes", lambda v: isinstance(v, bool), "a boolean", False)
     out["logprobs"] = _get(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5,
                            "an integer in [0, 5]", None)

@@ -273,6 +273,16 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
                                     stream_options={"include_usage": True}), 400,
                     "invalid_value", "stream_options")
     assert server.complete(prompt=PROMPT, max_tokens=3, stream_options=None)[0] == 200
+    events = server.stream({"prompt": PROMPT, "max_tokens": 3,
+                            "stream_options": {"include_usage": None}})
+    assert events[-1] == "[DONE]" and not any("usage" in e for e in events[:-1]), events
+    check_error(server.complete(prompt=PROMPT, max_tokens=3, stream=True,
+                                stream_options={"include_usage": 0}), 400, "invalid_type",
+                "stream_options")
+    # a huge number is not echoed whole
+    err = check_error(server.complete(prompt=PROMPT, max_tokens=10 ** 4000), 400,
+                      "max_tokens_too_large", "max_tokens")
+    assert len(err["message"]) < 200, err
     # null is the default, for these fields as for every other
     nulls = {f: None for f in ("echo", "best_of", "presence_penalty", "frequency_penalty",
                                "suffix", "user")}
