@@ -635,7 +635,8 @@ class Server:
         try:
             await response.prepare(request)
             await self._send(request, response.write_eof())
-        except ConnectionError:   # counted as a stream cut after its headers is
+        except ConnectionError:
+            # a disconnect, counted under the 200 it began with, as a cut stream's is
             self.disconnects += 1
         return response
 
@@ -816,13 +817,16 @@ async def serve(args, ready=None):
     task = asyncio.current_task()
     stopping = []
 
-    def stop():   # this task cancelled, then finally; a second signal must not cancel
-        if not stopping:   # the shutdown itself, which would leave requests unanswered
+    def stop():
+        # this task cancelled, then its finally; later signals are ignored, as
+        # cancelling the shutdown itself would leave the open requests unanswered
+        if not stopping:
             stopping.append(True)
             task.cancel()
+    # SIGINT too, instead of asyncio.run's handler, whose second Ctrl-C interrupts
     for name in ("SIGINT", "SIGTERM"):
-        if hasattr(signal, name):   # SIGINT: instead of asyncio.run's, which a second
-            loop.add_signal_handler(getattr(signal, name), stop)   # Ctrl-C interrupts
+        if hasattr(signal, name):
+            loop.add_signal_handler(getattr(signal, name), stop)
     port = site._server.sockets[0].getsockname()[1]
     print("moas.server: %s (%s mode, %.0f MB pool, %d sequences) on http://%s:%d/"
           % (server.model_id, args.mode, args.pool_mb, args.max_sequences, args.host, port),
