@@ -289,6 +289,59 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_pool_close_waits_for_a_context_being_made_in_it(self):
+        # the pool's pointer was read with nothing holding the pool: a close() on
+        # another thread meanwhile freed it (no dependent yet) and the library read the
+        # freed pool ("made for another model", or worse). The window is widened at
+        # the same place, a slow _depend_on
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            p = moas.Pool(m, 1 << 20, n_threads=1)
+            slow_from = moas._Handle._depend_on
+            def slow(self, owner):
+                time.sleep(0.2)
+                slow_from(self, owner)
+            moas._Handle._depend_on = slow
+            made = {}
+            def make():
+                try:
+                    made["ctx"] = p.context(n_threads=1)
+                except moas.MoasError as e:
+                    made["error"] = e
+            t = threading.Thread(target=make)
+            t.start(); time.sleep(0.05)
+            p.close()   # waits for the context being made, then closes it first
+            t.join()
+            ctx = made.get("ctx")
+            assert "error" not in made, made
+            assert ctx is not None and ctx.closed and p.closed, "a context over a freed pool"
+            print("ok")
+        """)
+
+    def test_routes_while_another_thread_decodes_the_context(self):
+        # routes() sized its buffers from n_past under one hold of the lock and called
+        # the library under another: a decode between them made it write past them
+        # (SIGSEGV in every run)
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            ctx = m.context(n_threads=1)
+            ids = m.tokenize("And God said")
+            stop = False
+            def churn():
+                while not stop:
+                    ctx.reset(); ctx.decode_batch(ids)
+            t = threading.Thread(target=churn); t.start()
+            got = 0
+            for _ in range(5000):
+                try:
+                    r = ctx.routes(0, 12)
+                    got += len(r.schemes) == 12
+                except moas.MoasError:
+                    pass
+            stop = True; t.join()
+            print("ok", got)
+        """)
+
     def test_model_close_waits_for_a_call_on_another_thread(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

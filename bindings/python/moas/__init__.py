@@ -761,6 +761,34 @@ class _Handle:
         if ptr is not None:
             self._free(ptr)
 
+    @contextlib.contextmanager
+    def _use(self):
+        """A call on a Model or Pool, from any thread: close() waits until it ends
+        (_stop_calls). Their objects set up _users, _users_cond and _closing."""
+        me = threading.get_ident()
+        with self._users_cond:
+            if self._closing or self._ptr is None:
+                raise _closed(self._kind)
+            self._users[me] = self._users.get(me, 0) + 1
+        try:
+            yield self._ptr
+        finally:
+            with self._users_cond:
+                self._users[me] -= 1
+                if self._users[me] == 0:
+                    del self._users[me]
+                    self._users_cond.notify_all()
+
+    def _stop_calls(self):
+        """close() of a Model or Pool: refuse new calls, wait for those under way; one
+        of this thread's own (a callback closing what called it) is refused."""
+        with self._users_cond:
+            if self._users.get(threading.get_ident()):
+                raise MoasError(Status.ERR_BUSY, "close: a callback must not close "
+                                "the %s it was called from" % self._kind)
+            self._closing = True   # new calls are refused; those under way finish
+            self._users_cond.wait_for(lambda: not self._users)
+
     def _call(self, name, *args):
         fn = getattr(library(), name)
         for i, (arg, ctype) in enumerate(zip(args, fn.argtypes[1:])):
@@ -839,12 +867,7 @@ class Model(_Handle):
         calls other threads are making on it end. Idempotent. Tensor views it handed
         out are released; slices and casts of them keep the model's memory until they
         go (the library object is freed with the last of them)."""
-        with self._users_cond:
-            if self._users.get(threading.get_ident()):
-                raise MoasError(Status.ERR_BUSY, "close: a callback must not close "
-                                "the model it was called from")
-            self._closing = True   # new calls are refused; those under way finish
-            self._users_cond.wait_for(lambda: not self._users)
+        self._stop_calls()
         for view in list(self._views.values()):
             try:
                 view.release()
@@ -856,23 +879,6 @@ class Model(_Handle):
     def _free(self, ptr):
         library().moas_model_free(ptr)
         self._buffer = None
-
-    @contextlib.contextmanager
-    def _use(self):
-        """A call on the model, from any thread: close() waits until it ends."""
-        me = threading.get_ident()
-        with self._users_cond:
-            if self._closing or self._ptr is None:
-                raise _closed(self._kind)
-            self._users[me] = self._users.get(me, 0) + 1
-        try:
-            yield self._ptr
-        finally:
-            with self._users_cond:
-                self._users[me] -= 1
-                if self._users[me] == 0:
-                    del self._users[me]
-                    self._users_cond.notify_all()
 
     def _call(self, name, *args):
         with self._use():
@@ -1304,11 +1310,12 @@ class Context(_Handle):
                 raise TypeError("pool must be a Pool, not %s" % type(pool).__name__)
             if pool.model is not model:
                 raise MoasError(Status.ERR_INVALID_ARG, "the pool was made for another model")
-            params.pool = pool._p()
         out = ctypes.c_void_p()
-        # a call on the model until this context counts as its dependent: model.close()
-        # on another thread waits for it, then closes the context first
-        with model._use() as model_ptr:
+        # a call on the model (and the pool) until this context counts as its dependent:
+        # their close() on another thread waits for it, then closes the context first
+        with model._use() as model_ptr, \
+                (pool._use() if pool is not None else contextlib.nullcontext()) as pool_ptr:
+            params.pool = pool_ptr
             if _fork_of is not None:   # its own callback: its errors are its own
                 # the library copies the parent's log callback and allocator into the
                 # fork: what they point to must live as long as the fork
@@ -1483,17 +1490,21 @@ class Context(_Handle):
     # routing
     def routes(self, pos=0, n_pos=None):
         """Routes of positions [pos, pos + n_pos) (default: to n_past)."""
-        if n_pos is None:
-            n_pos = max(self.n_past - pos, 0)
         L, S = self._n_layer, self._n_scheme
-        # buffers only for a range the context holds: outside it the library refuses
-        # before writing, and sizing them from n_pos first could ask for gigabytes
-        held = 0 <= pos and 0 <= n_pos and pos + n_pos <= self.n_past
-        n_buf = n_pos if held else 0
-        gates = _array(ctypes.c_float, n_buf * L * S)
-        schemes = _array(ctypes.c_int32, n_buf * L)
-        heads = _array(ctypes.c_int32, n_buf * L)
-        _check(self._call("moas_context_routes", pos, n_pos, gates, schemes, heads))
+        # one hold of the lock: the buffers are sized for the n_past the library then
+        # reads (another thread's decode in between made it write past them)
+        with self._lock:
+            n_past = self.n_past
+            if n_pos is None:
+                n_pos = max(n_past - pos, 0)
+            # buffers only for a range the context holds: outside it the library refuses
+            # before writing, and sizing them from n_pos first could ask for gigabytes
+            held = 0 <= pos and 0 <= n_pos and pos + n_pos <= n_past
+            n_buf = n_pos if held else 0
+            gates = _array(ctypes.c_float, n_buf * L * S)
+            schemes = _array(ctypes.c_int32, n_buf * L)
+            heads = _array(ctypes.c_int32, n_buf * L)
+            _check(self._call("moas_context_routes", pos, n_pos, gates, schemes, heads))
 
         def view(buf, fmt, shape, n):
             v = memoryview(buf).cast("B")[:4 * n]
@@ -1668,6 +1679,7 @@ class Pool(_Handle):
         if not isinstance(model, Model):
             raise TypeError("a Pool is made from a Model, not %s" % type(model).__name__)
         self._dependents = weakref.WeakSet()
+        self._users, self._users_cond, self._closing = {}, threading.Condition(), False
         self.model = model
         params = _params(library().moas_pool_params_init_sized, PoolParams)
         params.capacity_bytes = _int("capacity_bytes", capacity_bytes, ctypes.c_uint64)
@@ -1689,9 +1701,17 @@ class Pool(_Handle):
             self._depend_on(model)
 
     def close(self):
-        """Close the pool's contexts (each after a call on it ends), then the pool.
-        Idempotent."""
+        """Close the pool's contexts (each after a call on it ends), then the pool,
+        after the calls other threads are making on it end (a context being made in
+        it included). Idempotent."""
+        if self._ptr is None:
+            return
+        self._stop_calls()
         self._close_owner()
+
+    def _call(self, name, *args):
+        with self._use():
+            return _Handle._call(self, name, *args)
 
     def _free(self, ptr):
         library().moas_pool_free(ptr)
