@@ -973,6 +973,8 @@ def cmd_train(o):
         sys.exit("train.py: --kv-penalty-schedule constant takes no --kv-penalty-warmup")
     if o.rope_base is not None and o.pos != "rope":
         sys.exit("train.py: --rope-base is for --pos rope (learned positions have no base)")
+    if o.min_lr > o.lr:   # the cosine would rise towards it instead of decaying
+        sys.exit("train.py: --min-lr %g is above --lr %g" % (o.min_lr, o.lr))
     if o.attention_type == "gqa":
         extra["n_kv_head"] = GQA_KV_HEADS if o.kv_heads is None else o.kv_heads
     elif o.kv_heads is not None:

@@ -320,6 +320,9 @@ class TestLossTerms(unittest.TestCase):
         self.assertIn("pooled_moas", fails("--attention-type", "gqa", "--kv-init-scale", "2"))
         # learned positions have no base: --rope-base was ignored
         self.assertIn("--rope-base is for --pos rope", fails("--rope-base", "500"))
+        # a schedule that would rise: refused (it trained on, never decaying)
+        self.assertIn("--min-lr 0.01 is above --lr 0.001",
+                      fails("--lr", "0.001", "--min-lr", "0.01"))
 
     def test_model_args_defaults_only_when_missing(self):
         """rope_base and n_ff take their defaults when missing (None), not when 0: 0
