@@ -755,8 +755,16 @@ def parse_args(argv=None):
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step (slow motion for demos, tests)")
     args = ap.parse_args(argv)
+    # an empty key would turn authentication off in silence (an unset secret in a
+    # container's environment, a script's empty variable): refused, so that it fails
+    # closed
+    if args.api_key == "":
+        ap.error("--api-key must not be empty (leave it out to serve without a key)")
     if args.api_key is None:
-        args.api_key = os.environ.get("MOAS_API_KEY") or None
+        env_key = os.environ.get("MOAS_API_KEY")
+        if env_key == "":
+            ap.error("MOAS_API_KEY is set but empty (unset it to serve without a key)")
+        args.api_key = env_key
     # every number in its range, or the server would start and then fail each request
     # (a prefill chunk of 0 never reads a prompt; a negative delay raises per step)
     checks = (("--max-sequences", args.max_sequences >= 1, ">= 1"),

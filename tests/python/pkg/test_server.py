@@ -1261,6 +1261,22 @@ def test_numbers_out_of_range_stop_the_server_at_start(option, capsys):
     assert option[0] in capsys.readouterr().err
 
 
+def test_an_empty_api_key_stops_the_server_at_start(monkeypatch, capsys):
+    # it turned authentication off in silence
+    from moas.server import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["-m", MODEL, "--api-key", ""])
+    assert e.value.code == 2 and "--api-key must not be empty" in capsys.readouterr().err
+    monkeypatch.setenv("MOAS_API_KEY", "")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["-m", MODEL])
+    assert e.value.code == 2 and "MOAS_API_KEY is set but empty" in capsys.readouterr().err
+    monkeypatch.setenv("MOAS_API_KEY", "k")
+    assert parse_args(["-m", MODEL]).api_key == "k"
+    monkeypatch.delenv("MOAS_API_KEY")
+    assert parse_args(["-m", MODEL]).api_key is None
+
+
 def test_routed_requests_are_sized_at_the_widest_scheme_not_mixture():
     # a model with its own K/V per scheme: mixture stores 1152 bytes a token, routed at
     # most MHA's 778. 50 tokens fit 0.05 MB routed (39 KB with slack); sized as mixture
