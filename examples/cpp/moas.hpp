@@ -65,6 +65,15 @@ inline void check(moas_status status) {
 
 namespace detail {
 
+/* check() with the message read when the call returned: a decoding call's clean-up
+ * (route hooks replaced during it, whose destructors may call the library) comes
+ * between, and could overwrite moas_last_error(). */
+inline void check(moas_status status, const std::string &message) {
+    if (status != MOAS_OK) {
+        throw error(status, message);
+    }
+}
+
 /* A size as the C API's int32_t count, or moas::error: never wrapped. */
 inline int32_t count(size_t n, const char *what) {
     if (n > static_cast<size_t>(INT32_MAX)) {
@@ -419,8 +428,9 @@ public:
     void decode(int32_t token) {
         const std::shared_ptr<detail::context_state> held = hold();
         const moas_status st = moas_context_decode(held->ptr.get(), token, nullptr);
+        const std::string why = st != MOAS_OK ? moas_last_error() : std::string();
         held->rethrow_route_failure();
-        check(st);
+        detail::check(st, why);
     }
     void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
     /* so that decode({}) decodes nothing and decode({a, b}) two tokens */
@@ -436,8 +446,9 @@ public:
         const moas_status st = moas_context_decode_batch(
             held->ptr.get(), tokens.data(), detail::count(tokens.size(), "decode: tokens"),
             out.empty() ? nullptr : out.data(), which);
+        const std::string why = st != MOAS_OK ? moas_last_error() : std::string();
         held->rethrow_route_failure();
-        check(st);
+        detail::check(st, why);
         return out;
     }
     /* n_vocab() floats, borrowed (see the top of this file); or nullptr. */
@@ -568,6 +579,7 @@ inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> 
     }
     const moas_status st = moas_pool_decode(detail::live(get()), parts.data(),
                                             detail::count(parts.size(), "pool decode"));
+    const std::string why = st != MOAS_OK ? moas_last_error() : std::string();
     std::exception_ptr first;   // every context's taken, the first thrown
     for (const auto &h : held) {
         std::exception_ptr e = h->take_route_failure();
@@ -576,7 +588,7 @@ inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> 
     if (first) {
         std::rethrow_exception(first);
     }
-    check(st);
+    detail::check(st, why);
     return outs;
 }
 
