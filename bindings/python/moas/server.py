@@ -243,6 +243,10 @@ def parse_completion(body, cfg):
             raise ApiError(400, "logit_bias: %s is not a token id in [0, %d)"
                            % (json.dumps(key), cfg["n_vocab"]), param="logit_bias",
                            code="invalid_value")
+        if token in out["logit_bias"]:   # "05" and "5": one of them would be lost
+            raise ApiError(400, "logit_bias: %s names token %d a second time"
+                           % (json.dumps(key), token), param="logit_bias",
+                           code="invalid_value")
         out["logit_bias"][token] = float("-inf") if b <= -100 else float(b)
     if len(out["logit_bias"]) == cfg["n_vocab"] and all(
             b == float("-inf") for b in out["logit_bias"].values()):

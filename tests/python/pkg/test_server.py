@@ -352,6 +352,7 @@ def test_hostile_values_are_400_and_harm_no_other_request(server, model):
             ("logit_bias", {str(t): -100 for t in range(model.n_vocab)}, "invalid_value"),
             ("logit_bias", {"1_0": 1}, "invalid_value"),     # int("1_0") is 10
             ("logit_bias", {" 5": 1}, "invalid_value"),
+            ("logit_bias", {"5": 1, "05": -1}, "invalid_value"),   # one token twice
             ("presence_penalty", False, "unsupported"),     # false is not 0
             ("frequency_penalty", False, "unsupported"),
             ("best_of", True, "unsupported"),
