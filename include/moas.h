@@ -608,8 +608,9 @@ typedef struct moas_context_params {
                                          kernels apply), which must outlive the context */
     int32_t n_batch;                  /* tokens per block of the context's own calls;
                                          0 (default): 128, or n_ctx if smaller; below 64
-                                         its attention scratch is a quarter (for a
-                                         context decoded mostly by moas_pool_decode) */
+                                         its per-slice attention scratch is a quarter
+                                         (for a context decoded mostly by
+                                         moas_pool_decode) */
 } moas_context_params;
 
 /*

@@ -992,8 +992,9 @@ moas_status moas_context_truncate(moas_context *ctx, int32_t n_keep) {
         moas__set_error("context_truncate: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if (context_claim(ctx, "context_truncate") != MOAS_OK) {
-        return MOAS_ERR_BUSY;
+    const moas_status claim = context_claim(ctx, "context_truncate");
+    if (claim != MOAS_OK) {
+        return claim;
     }
     if (n_keep < 0 || n_keep > ctx->n_past) {
         moas__set_error("context_truncate: n_keep %d outside [0, %d]", n_keep, ctx->n_past);
@@ -1077,10 +1078,10 @@ moas_status moas_context_force_scheme(moas_context *ctx, int32_t scheme) {
         moas__set_error("context_force_scheme: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if (settings_claim(ctx, "context_force_scheme", &claimed) != MOAS_OK) {
-        return MOAS_ERR_BUSY;
+    moas_status st = settings_claim(ctx, "context_force_scheme", &claimed);
+    if (st != MOAS_OK) {
+        return st;
     }
-    moas_status st = MOAS_OK;
     if (scheme < -1 || scheme >= ctx->model->n_scheme ||
         (scheme >= 0 && ctx->mode != MOAS_MODE_ROUTED)) {
         moas__set_error("context_force_scheme: %s", ctx->mode != MOAS_MODE_ROUTED
@@ -1102,10 +1103,11 @@ moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes) {
         moas__set_error("context_set_kv_budget: ctx is NULL");
         return MOAS_ERR_INVALID_ARG;
     }
-    if (settings_claim(ctx, "context_set_kv_budget", &claimed) != MOAS_OK) {
-        return MOAS_ERR_BUSY;
+    moas_status st = settings_claim(ctx, "context_set_kv_budget", &claimed);
+    if (st != MOAS_OK) {
+        return st;
     }
-    moas_status st = check_budget(ctx, bytes);
+    st = check_budget(ctx, bytes);
     if (st != MOAS_OK) {
         (void)fail(ctx, st);
     }

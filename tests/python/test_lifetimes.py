@@ -111,9 +111,9 @@ class Lifetimes(unittest.TestCase):
             got = []
             t = threading.Thread(target=lambda: got.append(s.sample(logits)))
             t.start(); time.sleep(0.15)
-            s.close()
-            assert got and 0 <= got[0] < n, got   # the call had ended
-            t.join()
+            s.close()   # waits: freeing under the call crashed this process
+            t.join()    # (the thread appends after the call lets go of the sampler)
+            assert got and 0 <= got[0] < n, got
             try:
                 s.sample(logits)
                 raise SystemExit("a closed sampler sampled")
