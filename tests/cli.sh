@@ -302,6 +302,8 @@ for r in rows:
     assert r["s_tg"] > 0 and r["pages"] > 0
 shared = json.loads(open(sys.argv[2]).read())
 assert shared["n_kv"] == 8 + 3 * 4, shared
+# the forks' shared prompt counts once in the bytes too (1152 bytes a token)
+assert shared["kv_bytes"] == (8 + 3 * 4) * 1152, shared
 assert shared["pages"] < rows[1]["pages"], (shared, rows[1])
 cap = json.loads(open(sys.argv[3]).read())
 # 0.05 MB of pages: as many 12-token sequences as fit, their bytes as the pool counts

@@ -17,8 +17,9 @@ static void usage(FILE *f) {
           "\n"
           "Every combination of PP, TG and B is one row: B sequences decode a prompt of PP\n"
           "tokens together, then TG tokens each, all in one KV pool; the columns are\n"
-          "llama-batched-bench's, plus the KV bytes and pages the sequences hold. As\n"
-          "there, one call of 16 prompt tokens warms up before the first row.\n"
+          "llama-batched-bench's, plus the KV bytes and pages the sequences hold (a\n"
+          "shared prompt counted once, as in N_KV). As there, one call of 16 prompt\n"
+          "tokens warms up before the first row.\n"
           "\n"
           "  -m, --model PATH        GGUF model file\n"
           "  -npp LIST               prompt tokens, comma-separated (default 128)\n"
@@ -357,7 +358,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
 
     /* prompt: every sequence's in one batched call, or one prompt forked */
     int prompt_pages = 0;
-    uint64_t prompt_stored = 0;
+    uint64_t prompt_stored = 0, prompt_used = 0;
     const double t0 = bb_now();
     if (o->shared_prompt) {
         if ((ctxs[0] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
@@ -369,6 +370,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
         bb_check(moas_pool_stats(pool, &after_prompt), "pool stats");
         prompt_pages = after_prompt.n_pages - after_prompt.pages_free;
         prompt_stored = after_prompt.bytes_stored;
+        prompt_used = after_prompt.bytes_used;
         for (int s = 1; s < pl; s++) {
             bb_check(moas_context_fork(ctxs[0], &ctxs[s]), "fork");
         }
@@ -399,6 +401,9 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     const double s_tg = tg > 0 ? (double)pl * tg / t_tg : 0.0;
     const double s = ((o->shared_prompt ? pp : (double)pl * pp) + (double)pl * tg) / t;
     const int pages = info.n_pages - info.pages_free;
+    /* the pool counts a shared prompt once per fork; the row counts it once, as N_KV and
+       the pages do */
+    const uint64_t kv_bytes = info.bytes_used - (uint64_t)(pl - 1) * prompt_used;
     if (o->json) {
         printf("{\"pp\": %d, \"tg\": %d, \"b\": %d, \"n_kv\": %d, \"t_pp\": %.6f, \"s_pp\": %.2f, "
                "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
@@ -406,7 +411,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
                "\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", "
                "\"shared_prompt\": %s",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
-               (unsigned long long)info.bytes_used, (unsigned long long)info.bytes_held,
+               (unsigned long long)kv_bytes, (unsigned long long)info.bytes_held,
                (unsigned long long)info.bytes_stored, pages, (unsigned long long)info.page_bytes,
                o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->fixed_scheme,
                type_name(o->kv_type), o->shared_prompt ? "true" : "false");
@@ -420,7 +425,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     } else {
         printf("|%6d |%6d |%4d |%7d |%8.3f |%9.2f |%8.3f |%9.2f |%8.3f |%9.2f |%12llu |%7d |\n",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
-               (unsigned long long)info.bytes_used, pages);
+               (unsigned long long)kv_bytes, pages);
     }
     fflush(stdout);
     for (int i = 0; i < pl; i++) {
