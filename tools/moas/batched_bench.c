@@ -423,7 +423,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
         }
         printf("}\n");
     } else {
-        printf("|%6d |%6d |%4d |%7d |%8.3f |%9.2f |%8.3f |%9.2f |%8.3f |%9.2f |%12llu |%7d |\n",
+        printf("|%6d |%6d |%4d |%7d |%9.3f |%10.2f |%9.3f |%10.2f |%9.3f |%10.2f |%12llu |%7d |\n",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
                (unsigned long long)kv_bytes, pages);
     }
