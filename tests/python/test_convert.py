@@ -686,6 +686,14 @@ class TestConvert(Tmp):
         del sd["transformer.wpe.weight"]
         build_checkpoint(ck, sd, dict(margs("baseline", False, C=12), pos="rope"))
         self.convert_fails(ck, "even head size")
+        # n_ff is read from the weights; a stated width must agree with them
+        sd = model_tensors("moas", True, n_ff=24)
+        build_checkpoint(ck, sd, dict(margs("moas", True), n_ff=32))
+        self.convert_fails(ck, "model_args['n_ff'] is 32", "24 wide")
+        build_checkpoint(ck, sd, dict(margs("moas", True), n_ff="24"))
+        self.convert_fails(ck, "model_args['n_ff'] is '24'", "positive integer")
+        build_checkpoint(ck, sd, dict(margs("moas", True), n_ff=24))
+        self.assertEqual(self.convert_ok(ck).kv["moas.feed_forward_length"], 24)
 
     def test_pooled_schemes(self):
         ck = self.path("c.pt")
