@@ -3,7 +3,8 @@
 //!
 //! [`ffi`] declares the whole C API. [`Model`], [`Context`] and [`Sampler`] own one C
 //! object each and free it in `Drop`. Every failing call returns [`Error`]: the status,
-//! its name and `moas_last_error()`.
+//! its name and `moas_last_error()`; [`Error::kind`] names the status as an [`ErrorKind`]
+//! to match on (`ErrorKind::ContextFull`, `ErrorKind::Busy`, ...).
 //!
 //! The C API's lifetime rules become borrows: a `Context<'m>` borrows its `Model`, so the
 //! model outlives it; `Context::logits()` borrows the context, and every call that
@@ -45,7 +46,100 @@ const STATUS_NAMES: [&str; 16] = [
     "MOAS_ERR_BUSY",
 ];
 
+/// What kind of failure an [`Error`] is: one variant per error status of moas.h's table
+/// (`MOAS_ERR_INVALID_ARG` is `InvalidArg`, ...), so that callers match on it instead of
+/// comparing [`Error::status`] with `ffi::MOAS_ERR_*`.
+///
+/// `#[non_exhaustive]`: a later version of the crate adds a variant for each status the
+/// library appends. A status this crate does not know (one a newer library added, or
+/// `MOAS_OK`, which is no failure) is `Other(status)`; [`ErrorKind::status`] gives it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// `MOAS_ERR_INVALID_ARG` (-1): a bad argument, e.g. a token id outside [0, n_vocab).
+    InvalidArg,
+    /// `MOAS_ERR_NO_MEMORY` (-2).
+    NoMemory,
+    /// `MOAS_ERR_IO` (-3): the model file cannot be opened, mapped or read.
+    Io,
+    /// `MOAS_ERR_BAD_FORMAT` (-4): not a GGUF version 3 file (or not a saved state).
+    BadFormat,
+    /// `MOAS_ERR_CORRUPT` (-5): a truncated or inconsistent model file or state.
+    Corrupt,
+    /// `MOAS_ERR_UNSUPPORTED` (-6): the model needs a feature this build lacks.
+    Unsupported,
+    /// `MOAS_ERR_CONTEXT_FULL` (-7): n_ctx tokens stored, or the KV budget has no room.
+    ContextFull,
+    /// `MOAS_ERR_UNKNOWN_CHAR` (-8): text has a character outside the vocabulary.
+    UnknownChar,
+    /// `MOAS_ERR_BUFFER_TOO_SMALL` (-9).
+    BufferTooSmall,
+    /// `MOAS_ERR_NOT_FOUND` (-10): no such metadata key or tensor.
+    NotFound,
+    /// `MOAS_ERR_WRONG_TYPE` (-11): the metadata value has another type.
+    WrongType,
+    /// `MOAS_ERR_INTERNAL` (-12): a bug in libmoas.
+    Internal,
+    /// `MOAS_ERR_INVALID_UTF8` (-13).
+    InvalidUtf8,
+    /// `MOAS_ERR_POOL_FULL` (-14): the KV pool has too few free pages.
+    PoolFull,
+    /// `MOAS_ERR_BUSY` (-15): another call holds the object; nothing changed, and the
+    /// call may be retried once that one has returned.
+    Busy,
+    /// A status this crate does not know.
+    Other(i32),
+}
+
+impl ErrorKind {
+    /// The kind of a moas_status value (`Other(status)` for one not in this crate's
+    /// table, `MOAS_OK` included).
+    pub fn from_status(status: i32) -> ErrorKind {
+        match status {
+            ffi::MOAS_ERR_INVALID_ARG => ErrorKind::InvalidArg,
+            ffi::MOAS_ERR_NO_MEMORY => ErrorKind::NoMemory,
+            ffi::MOAS_ERR_IO => ErrorKind::Io,
+            ffi::MOAS_ERR_BAD_FORMAT => ErrorKind::BadFormat,
+            ffi::MOAS_ERR_CORRUPT => ErrorKind::Corrupt,
+            ffi::MOAS_ERR_UNSUPPORTED => ErrorKind::Unsupported,
+            ffi::MOAS_ERR_CONTEXT_FULL => ErrorKind::ContextFull,
+            ffi::MOAS_ERR_UNKNOWN_CHAR => ErrorKind::UnknownChar,
+            ffi::MOAS_ERR_BUFFER_TOO_SMALL => ErrorKind::BufferTooSmall,
+            ffi::MOAS_ERR_NOT_FOUND => ErrorKind::NotFound,
+            ffi::MOAS_ERR_WRONG_TYPE => ErrorKind::WrongType,
+            ffi::MOAS_ERR_INTERNAL => ErrorKind::Internal,
+            ffi::MOAS_ERR_INVALID_UTF8 => ErrorKind::InvalidUtf8,
+            ffi::MOAS_ERR_POOL_FULL => ErrorKind::PoolFull,
+            ffi::MOAS_ERR_BUSY => ErrorKind::Busy,
+            other => ErrorKind::Other(other),
+        }
+    }
+
+    /// The moas_status value of this kind: `from_status(k.status()) == k`.
+    pub fn status(self) -> i32 {
+        match self {
+            ErrorKind::InvalidArg => ffi::MOAS_ERR_INVALID_ARG,
+            ErrorKind::NoMemory => ffi::MOAS_ERR_NO_MEMORY,
+            ErrorKind::Io => ffi::MOAS_ERR_IO,
+            ErrorKind::BadFormat => ffi::MOAS_ERR_BAD_FORMAT,
+            ErrorKind::Corrupt => ffi::MOAS_ERR_CORRUPT,
+            ErrorKind::Unsupported => ffi::MOAS_ERR_UNSUPPORTED,
+            ErrorKind::ContextFull => ffi::MOAS_ERR_CONTEXT_FULL,
+            ErrorKind::UnknownChar => ffi::MOAS_ERR_UNKNOWN_CHAR,
+            ErrorKind::BufferTooSmall => ffi::MOAS_ERR_BUFFER_TOO_SMALL,
+            ErrorKind::NotFound => ffi::MOAS_ERR_NOT_FOUND,
+            ErrorKind::WrongType => ffi::MOAS_ERR_WRONG_TYPE,
+            ErrorKind::Internal => ffi::MOAS_ERR_INTERNAL,
+            ErrorKind::InvalidUtf8 => ffi::MOAS_ERR_INVALID_UTF8,
+            ErrorKind::PoolFull => ffi::MOAS_ERR_POOL_FULL,
+            ErrorKind::Busy => ffi::MOAS_ERR_BUSY,
+            ErrorKind::Other(status) => status,
+        }
+    }
+}
+
 /// A failed call: its status and the library's message for this failure.
+/// [`Error::kind`] names the status for a `match`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
     pub status: i32,
@@ -53,6 +147,19 @@ pub struct Error {
 }
 
 impl Error {
+    /// The kind of failure, from [`Error::status`]:
+    /// `if err.kind() == ErrorKind::ContextFull { ... }`.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::from_status(self.status)
+    }
+
+    /// True only for [`ErrorKind::Busy`]: another call held the object, nothing changed,
+    /// and the same call may succeed once that one has returned. Every other failure
+    /// would fail again as it is.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == ErrorKind::Busy
+    }
+
     /// "MOAS_ERR_IO" for -3: this crate's table, or the library's name for a status a
     /// newer library added ("MOAS_UNKNOWN" for none).
     pub fn name(&self) -> &'static str {
@@ -467,6 +574,15 @@ impl<'m> Context<'m> {
     }
 
     fn raw(&self) -> *const ffi::moas_context {
+        self.ptr.as_ptr()
+    }
+
+    /// The C context, for calls this crate does not wrap (as [`Model::as_ptr`]). The C
+    /// calls that change a context take a `*mut`: cast it (`as *mut _`). It stays valid
+    /// as long as the Context, and the crate's rules are still the C API's: one thread
+    /// at a time, and a call from a route callback into the context being decoded is
+    /// refused with [`ErrorKind::Busy`].
+    pub fn as_ptr(&self) -> *const ffi::moas_context {
         self.ptr.as_ptr()
     }
 
