@@ -465,11 +465,96 @@ impl Default for ContextParams {
 }
 
 /// The routing of a range of positions, flattened position-major as in moas.h.
+/// [`Context::route_table`] gives the same vectors with their dimensions.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
     pub gates: Vec<f32>,    // [n_pos][n_layer][n_scheme]
     pub schemes: Vec<i32>,  // [n_pos][n_layer]
     pub kv_heads: Vec<i32>, // [n_pos][n_layer]
+}
+
+/// The routing of a range of positions with its shape, from [`Context::route_table`]:
+/// the [`Routes`] that [`Context::routes`] returns and the sizes that index them.
+///
+/// `gates` is `[n_tokens][n_layer][n_scheme]`, `schemes` and `kv_heads` are
+/// `[n_tokens][n_layer]`, position-major; token `t` is position `first_pos() + t`.
+/// (A type of its own, so that `Routes`, whose fields are all public, stays as it was.)
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    routes: Routes,
+    first_pos: i32,
+    n_tokens: usize,
+    n_layer: usize,
+    n_scheme: usize,
+}
+
+impl RouteTable {
+    /// Positions in the range (n_pos of the call).
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+    /// Layers per position: the model's n_layer.
+    pub fn n_layer(&self) -> usize {
+        self.n_layer
+    }
+    /// Gates per token and layer: the model's n_scheme.
+    pub fn n_scheme(&self) -> usize {
+        self.n_scheme
+    }
+    /// `(n_tokens, n_layer, n_scheme)`, the shape of `gates`; `schemes` and `kv_heads`
+    /// have the first two.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        (self.n_tokens, self.n_layer, self.n_scheme)
+    }
+    /// The position of token 0 (pos of the call).
+    pub fn first_pos(&self) -> i32 {
+        self.first_pos
+    }
+
+    /// The index of (token, layer) in `schemes` and `kv_heads`; None outside the shape.
+    fn pair(&self, token: usize, layer: usize) -> Option<usize> {
+        if token < self.n_tokens && layer < self.n_layer {
+            Some(token * self.n_layer + layer)
+        } else {
+            None
+        }
+    }
+    /// The n_scheme gates of `token` (0-based in the range) in `layer`; None outside
+    /// the shape.
+    pub fn gates_at(&self, token: usize, layer: usize) -> Option<&[f32]> {
+        let i = self.pair(token, layer)? * self.n_scheme;
+        self.routes.gates.get(i..i + self.n_scheme)
+    }
+    /// The scheme `token` used in `layer` (routed mode; the largest gate in mixture
+    /// mode); None outside the shape.
+    pub fn scheme_at(&self, token: usize, layer: usize) -> Option<i32> {
+        self.routes.schemes.get(self.pair(token, layer)?).copied()
+    }
+    /// KV heads stored for `token` in `layer`; None outside the shape.
+    pub fn kv_heads_at(&self, token: usize, layer: usize) -> Option<i32> {
+        self.routes.kv_heads.get(self.pair(token, layer)?).copied()
+    }
+
+    /// The flat vectors.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+    /// The flat vectors, owned.
+    pub fn into_routes(self) -> Routes {
+        self.routes
+    }
+}
+
+impl AsRef<Routes> for RouteTable {
+    fn as_ref(&self) -> &Routes {
+        &self.routes
+    }
+}
+
+impl From<RouteTable> for Routes {
+    fn from(table: RouteTable) -> Routes {
+        table.routes
+    }
 }
 
 /// One routing decision offered to a route callback: a token at `pos` in `layer`, the
@@ -838,6 +923,19 @@ impl<'m> Context<'m> {
             )
         })?;
         Ok(r)
+    }
+
+    /// Routing of positions [pos, pos + n_pos) with its shape: the vectors of
+    /// [`Context::routes`] and their n_tokens, n_layer and n_scheme ([`RouteTable`]).
+    pub fn route_table(&self, pos: i32, n_pos: i32) -> Result<RouteTable> {
+        let routes = self.routes(pos, n_pos)?;
+        Ok(RouteTable {
+            routes,
+            first_pos: pos,
+            n_tokens: n_pos as usize, // routes() refused a negative n_pos
+            n_layer: self.n_layer,
+            n_scheme: self.n_scheme,
+        })
     }
 
     /// Stored tokens per scheme in `layer`, or token-layer pairs over all layers for -1.

@@ -730,3 +730,75 @@ fn find_stop_in_a_generation_loop() {
     assert_eq!(stream(&["so. A", "m"]), "so. Am|");
     assert_eq!(stream(&["é", "A", "mé"]), "éAmé|");
 }
+
+#[test]
+fn route_table_has_the_shape_of_the_model_and_the_c_records() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
+    let mut ctx = Context::new(&m, &routed).unwrap();
+    ctx.decode_batch(&ids[..20]).unwrap();
+    let (c_layer, c_scheme) = unsafe {
+        (
+            moas::ffi::moas_model_n_layer(m.as_ptr()),
+            moas::ffi::moas_model_n_scheme(m.as_ptr()),
+        )
+    };
+    assert_eq!((c_layer, c_scheme), (2, 3));
+
+    let t = ctx.route_table(3, 10).unwrap();
+    assert_eq!(t.n_tokens(), 10);
+    assert_eq!(t.n_layer(), m.n_layer() as usize);
+    assert_eq!(t.n_layer(), c_layer as usize);
+    assert_eq!(t.n_scheme(), m.n_scheme() as usize);
+    assert_eq!(t.n_scheme(), c_scheme as usize);
+    assert_eq!(t.shape(), (10, 2, 3));
+    assert_eq!(t.first_pos(), 3);
+    let r = t.routes();
+    assert_eq!(r.gates.len(), 10 * 2 * 3);
+    assert_eq!((r.schemes.len(), r.kv_heads.len()), (10 * 2, 10 * 2));
+    // the same vectors as routes()
+    let flat = ctx.routes(3, 10).unwrap();
+    assert_eq!(r.gates, flat.gates);
+    assert_eq!(r.schemes, flat.schemes);
+    assert_eq!(r.kv_heads, flat.kv_heads);
+
+    // each (token, layer) as moas_context_routes() gives that one position
+    let schemes = m.schemes();
+    for tok in 0..t.n_tokens() {
+        let (mut g, mut s, mut h) = (vec![0f32; 2 * 3], vec![0i32; 2], vec![0i32; 2]);
+        let st = unsafe {
+            moas::ffi::moas_context_routes(
+                ctx.as_ptr(),
+                3 + tok as i32,
+                1,
+                g.as_mut_ptr(),
+                s.as_mut_ptr(),
+                h.as_mut_ptr(),
+            )
+        };
+        assert_eq!(st, moas::ffi::MOAS_OK);
+        for layer in 0..t.n_layer() {
+            assert_eq!(
+                t.gates_at(tok, layer).unwrap(),
+                &g[layer * 3..layer * 3 + 3]
+            );
+            assert_eq!(t.scheme_at(tok, layer), Some(s[layer]));
+            assert_eq!(t.kv_heads_at(tok, layer), Some(h[layer]));
+            assert_eq!(h[layer], schemes[s[layer] as usize]);
+        }
+    }
+    assert_eq!(t.gates_at(10, 0), None);
+    assert_eq!(t.scheme_at(0, 2), None);
+    assert_eq!(t.kv_heads_at(10, 2), None);
+    let owned: moas::Routes = t.clone().into();
+    assert_eq!(owned.schemes, t.into_routes().schemes);
+
+    // an empty range has its shape too; a range outside the stored tokens is refused
+    assert_eq!(ctx.route_table(20, 0).unwrap().shape(), (0, 2, 3));
+    let e = ctx.route_table(15, 6).unwrap_err();
+    assert_eq!(e.kind(), moas::ErrorKind::InvalidArg);
+}
