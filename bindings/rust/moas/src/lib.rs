@@ -892,8 +892,15 @@ impl<'m> Context<'m> {
         check(unsafe { ffi::moas_context_force_scheme(self.ptr.as_ptr(), scheme.unwrap_or(-1)) })
     }
 
+    /// Cap the KV bytes the context may use (moas_context_set_kv_budget); 0 removes the
+    /// cap, as [`Context::clear_kv_budget`] does.
     pub fn set_kv_budget(&mut self, bytes: u64) -> Result<()> {
         check(unsafe { ffi::moas_context_set_kv_budget(self.ptr.as_ptr(), bytes) })
+    }
+
+    /// Remove the KV budget: `set_kv_budget(0)` by its name.
+    pub fn clear_kv_budget(&mut self) -> Result<()> {
+        self.set_kv_budget(0)
     }
 
     /// Routing of positions [pos, pos + n_pos).
@@ -945,6 +952,11 @@ impl<'m> Context<'m> {
         Ok(counts)
     }
 
+    /// Token-layer pairs per scheme over all layers: `scheme_counts(-1)` by its name.
+    pub fn scheme_counts_total(&self) -> Result<Vec<i32>> {
+        self.scheme_counts(-1)
+    }
+
     /// Bytes of K/V stored in `layer`, or in all layers for -1.
     pub fn kv_bytes_used(&self, layer: i32) -> usize {
         unsafe { ffi::moas_context_kv_bytes_used(self.raw(), layer) }
@@ -952,10 +964,42 @@ impl<'m> Context<'m> {
     pub fn kv_bytes_reserved(&self, layer: i32) -> usize {
         unsafe { ffi::moas_context_kv_bytes_reserved(self.raw(), layer) }
     }
+    /// Bytes of K/V stored in all layers: `kv_bytes_used(-1)` by its name.
+    pub fn kv_bytes_used_total(&self) -> usize {
+        self.kv_bytes_used(-1)
+    }
+    /// Bytes allocated for K/V in all layers: `kv_bytes_reserved(-1)` by its name.
+    pub fn kv_bytes_reserved_total(&self) -> usize {
+        self.kv_bytes_reserved(-1)
+    }
+    /// Bytes of K/V stored in one `layer`; None for a layer outside [0, n_layer), where
+    /// kv_bytes_used() says 0 as for an empty layer.
+    pub fn kv_bytes_used_in(&self, layer: i32) -> Option<usize> {
+        self.has_layer(layer).then(|| self.kv_bytes_used(layer))
+    }
+    /// Bytes allocated for K/V in one `layer`; None for a layer outside [0, n_layer).
+    pub fn kv_bytes_reserved_in(&self, layer: i32) -> Option<usize> {
+        self.has_layer(layer).then(|| self.kv_bytes_reserved(layer))
+    }
+    fn has_layer(&self, layer: i32) -> bool {
+        usize::try_from(layer).map_or(false, |l| l < self.n_layer)
+    }
+
     /// Bytes one token occupies over all layers: mixture storage for -1, routed
     /// storage of `scheme` otherwise (0 for a scheme out of range).
     pub fn kv_token_bytes(&self, scheme: i32) -> u64 {
         unsafe { ffi::moas_context_kv_token_bytes(self.raw(), scheme) }
+    }
+    /// Bytes one token occupies over all layers in mixture mode's storage (every
+    /// scheme's K/V): `kv_token_bytes(-1)` by its name.
+    pub fn kv_token_bytes_mixture(&self) -> u64 {
+        self.kv_token_bytes(-1)
+    }
+    /// Bytes one token routed to `scheme` in every layer occupies, bookkeeping included;
+    /// None for a scheme outside [0, n_scheme), where kv_token_bytes() says 0.
+    pub fn kv_token_bytes_routed(&self, scheme: i32) -> Option<u64> {
+        let known = usize::try_from(scheme).map_or(false, |s| s < self.n_scheme);
+        known.then(|| self.kv_token_bytes(scheme))
     }
     /// Threads a decoding call uses.
     pub fn n_threads(&self) -> i32 {

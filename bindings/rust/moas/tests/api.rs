@@ -802,3 +802,53 @@ fn route_table_has_the_shape_of_the_model_and_the_c_records() {
     let e = ctx.route_table(15, 6).unwrap_err();
     assert_eq!(e.kind(), moas::ErrorKind::InvalidArg);
 }
+
+#[test]
+fn named_companions_of_the_minus_one_and_zero_arguments() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
+    let mut ctx = Context::new(&m, &routed).unwrap();
+    ctx.decode_batch(&ids[..12]).unwrap();
+    assert_eq!(
+        ctx.scheme_counts_total().unwrap(),
+        ctx.scheme_counts(-1).unwrap()
+    );
+    assert_eq!(ctx.kv_bytes_used_total(), ctx.kv_bytes_used(-1));
+    assert_eq!(ctx.kv_bytes_reserved_total(), ctx.kv_bytes_reserved(-1));
+    let used: usize = (0..m.n_layer())
+        .map(|l| ctx.kv_bytes_used_in(l).unwrap())
+        .sum();
+    assert_eq!(used, ctx.kv_bytes_used_total());
+    let reserved: usize = (0..m.n_layer())
+        .map(|l| ctx.kv_bytes_reserved_in(l).unwrap())
+        .sum();
+    assert_eq!(reserved, ctx.kv_bytes_reserved_total());
+    // a layer that does not exist is None, where the plain getters say 0
+    for layer in [-1, m.n_layer(), i32::MAX] {
+        assert_eq!(ctx.kv_bytes_used_in(layer), None);
+        assert_eq!(ctx.kv_bytes_reserved_in(layer), None);
+    }
+    assert_eq!(ctx.kv_bytes_used(m.n_layer()), 0);
+    // a token's bytes: mixture storage, or one scheme's
+    assert_eq!(ctx.kv_token_bytes_mixture(), ctx.kv_token_bytes(-1));
+    for s in 0..m.n_scheme() {
+        assert_eq!(ctx.kv_token_bytes_routed(s), Some(ctx.kv_token_bytes(s)));
+        assert!(ctx.kv_token_bytes(s) > 0);
+    }
+    assert_eq!(ctx.kv_token_bytes_routed(-1), None);
+    assert_eq!(ctx.kv_token_bytes_routed(m.n_scheme()), None);
+
+    // a budget of two tokens in mixture mode, then none
+    let mut mix = Context::new(&m, &ContextParams::default()).unwrap();
+    mix.set_kv_budget(2 * mix.kv_token_bytes_mixture()).unwrap();
+    mix.decode_batch(&ids[..2]).unwrap();
+    let e = mix.decode(ids[2]).unwrap_err();
+    assert_eq!(e.kind(), moas::ErrorKind::ContextFull, "{e}");
+    mix.clear_kv_budget().unwrap();
+    mix.decode(ids[2]).unwrap();
+    assert_eq!(mix.n_past(), 3);
+}
