@@ -1110,6 +1110,23 @@ impl Sampler {
         Ok(token)
     }
 
+    /// A token chosen from the logits of the last token `ctx` decoded, read in place
+    /// from the library's buffer ([`Context::logits`]): `sample(ctx.logits()?)` without
+    /// the match. The C API samples from a float array, so this is that call on the
+    /// context's buffer. Fails with [`ErrorKind::InvalidArg`] when the context has no
+    /// logits (nothing decoded since creation, reset or truncate, or a last call that
+    /// asked for none) or when its model's n_vocab is not the sampler's.
+    pub fn sample_context(&mut self, ctx: &Context<'_>) -> Result<i32> {
+        match ctx.logits() {
+            Some(logits) => self.sample(logits),
+            None => Err(Error::invalid(
+                "sample_context: the context has no logits (nothing decoded since it was \
+                 created, reset or truncated, or its last decode asked for none)"
+                    .into(),
+            )),
+        }
+    }
+
     pub fn reseed(&mut self, seed: u64) {
         unsafe { ffi::moas_sampler_reseed(self.ptr.as_ptr(), seed) }
     }

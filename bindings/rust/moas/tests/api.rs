@@ -852,3 +852,49 @@ fn named_companions_of_the_minus_one_and_zero_arguments() {
     mix.decode(ids[2]).unwrap();
     assert_eq!(mix.n_past(), 3);
 }
+
+#[test]
+fn sample_context_equals_sampling_the_logits_copied_out() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let p = SamplerParams {
+        temperature: 0.9,
+        top_k: 20,
+        seed: 7,
+        repeat_penalty: 1.3,
+        ..Default::default()
+    };
+    let mut from_ctx = Sampler::new(m.n_vocab(), &p).unwrap();
+    let mut from_copy = Sampler::new(m.n_vocab(), &p).unwrap();
+    let mut ctx = Context::new(&m, &ContextParams::default()).unwrap();
+
+    // no logits yet: an error, not a panic
+    let e = from_ctx.sample_context(&ctx).unwrap_err();
+    assert_eq!(e.kind(), moas::ErrorKind::InvalidArg);
+    assert!(e.message.contains("no logits"), "{e}");
+
+    ctx.decode_batch(&ids[..8]).unwrap();
+    let mut chosen = Vec::new();
+    for _ in 0..30 {
+        let copied: Vec<f32> = ctx.logits().unwrap().to_vec();
+        let a = from_ctx.sample_context(&ctx).unwrap();
+        let b = from_copy.sample(&copied).unwrap();
+        assert_eq!(a, b);
+        chosen.push(a);
+        ctx.decode(a).unwrap();
+    }
+    assert!(chosen.iter().any(|&t| t != chosen[0]), "{chosen:?}");
+
+    // a context whose last call asked for no logits, and a sampler of another size
+    ctx.decode_batch_logits(&ids[8..10], Logits::None).unwrap();
+    assert_eq!(
+        from_ctx.sample_context(&ctx).unwrap_err().kind(),
+        moas::ErrorKind::InvalidArg
+    );
+    ctx.decode(ids[10]).unwrap();
+    let mut small = Sampler::new(10, &p).unwrap();
+    assert_eq!(
+        small.sample_context(&ctx).unwrap_err().kind(),
+        moas::ErrorKind::InvalidArg
+    );
+}
