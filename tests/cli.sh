@@ -311,6 +311,15 @@ assert cap["max_sequences"] * cap["kv_bytes_per_sequence"] == cap["kv_bytes"], c
 assert cap["max_sequences"] > 0 and cap["kv_bytes"] <= cap["pool_bytes"], cap
 PY
 expect_error 1 "exceed the model's context" "$moas" batched-bench -m "$model" -npp 60 -ntg 30
+# a row that does not fit in the caller's pool is skipped with a note; the rest still run
+if "$moas" batched-bench -m "$model" -npp 8 -ntg 4 -npl 1,64,2 --pool-mb 0.05 --json -t 1 \
+    >"$tmp/bb-skip.json" 2>"$tmp/bb-skip.err"; then
+    fail "batched-bench: a skipped row exits 0"
+fi
+grep -q '^moas: PP 8, TG 4, B 64 skipped: prompt: .*lacks [0-9]* page' "$tmp/bb-skip.err" ||
+    fail "batched-bench: skipped row's note: $(cat "$tmp/bb-skip.err")"
+[ "$(python3 -c 'import json,sys; print([json.loads(l)["b"] for l in open(sys.argv[1])])' \
+    "$tmp/bb-skip.json")" = "[1, 2]" ] || fail "batched-bench: rows around a skipped one"
 expect_error 2 "usage" "$moas" batched-bench -m "$model" --bogus
 
 # the untimed warm-up call is forgotten: the same text with and without it, in routed

@@ -27,8 +27,9 @@ static void usage(FILE *f) {
           "  -npl LIST               parallel sequences (default 1,2,4,8,16,32,64)\n"
           "  -pps, --shared-prompt   one prompt decoded once and forked to every sequence\n"
           "      --pool-mb N         the KV pool's size (default: what the largest row\n"
-          "                          needs); without -npl: how many sequences of PP+TG\n"
-          "                          tokens fit\n"
+          "                          needs; a row that does not fit is skipped with a\n"
+          "                          note on stderr, and the exit status is 1); without\n"
+          "                          -npl: how many sequences of PP+TG tokens fit\n"
           "  -b N                    rows per batched block (default 128)\n"
           "      --page-heads P      K/V heads per page, a power of two (default 4)\n"
           "      --compact-keep N    with --pool-mb alone, routed mode, pooled K/V: pool all\n"
@@ -78,6 +79,20 @@ static void bb_check(moas_status st, const char *what) {
     if (st != MOAS_OK) {
         die("%s: %s", what, moas_last_error());
     }
+}
+
+/* A row that does not fit in a pool of the caller's size (--pool-mb) is skipped with a
+ * note, as llama-batched-bench skips rows beyond its context, and the run goes on; any
+ * other failure ends it. Returns 1 when the row is to be skipped. */
+static int bb_row_check(moas_status st, const char *what, const bb_options *o, int pp, int tg,
+                        int pl) {
+    if (st == MOAS_ERR_POOL_FULL && o->pool_mb > 0) {
+        fprintf(stderr, "moas: PP %d, TG %d, B %d skipped: %s: %s\n", pp, tg, pl, what,
+                moas_last_error());
+        return 1;
+    }
+    bb_check(st, what);
+    return 0;
 }
 
 static void bb_parse(int argc, char **argv, options *all, bb_options *o) {
@@ -336,8 +351,107 @@ static int32_t warm_up(const moas_model *model, const bb_options *o, const token
     return n_threads;
 }
 
-static void run_row(const moas_model *model, const bb_options *o, const token_source *src,
-                    int pp, int tg, int pl) {
+/* What decoding a row measured, for its line of the table. */
+typedef struct {
+    double t0, t1, t2;       /* start, end of the prompt, end of generation */
+    int prompt_pages;        /* --shared-prompt: pages held by the prompt before forking */
+    uint64_t prompt_stored;  /* and its bytes, as moas_pool_info counts them */
+    uint64_t prompt_used;
+} row_times;
+
+/* Decodes one row's prompts and generation into the row's contexts (made here, freed by
+ * the caller). Returns 1 when the row does not fit in the caller's pool (skipped). */
+static int decode_row(const moas_model *model, const bb_options *o, moas_pool *pool,
+                      moas_context **ctxs, moas_pool_seq *seqs, const int32_t *tokens, int pp,
+                      int tg, int pl, row_times *r) {
+    const int n_ctx = pp + tg;
+    /* prompt: every sequence's in one batched call, or one prompt forked */
+    r->t0 = bb_now();
+    if (o->shared_prompt) {
+        if ((ctxs[0] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
+            die("context: %s", moas_last_error());
+        }
+        seqs[0] = (moas_pool_seq){ctxs[0], tokens, pp, MOAS_LOGITS_LAST, NULL};
+        if (bb_row_check(moas_pool_decode(pool, seqs, 1), "prompt", o, pp, tg, pl)) {
+            return 1;
+        }
+        moas_pool_info after_prompt = {.size = sizeof after_prompt};
+        bb_check(moas_pool_stats(pool, &after_prompt), "pool stats");
+        r->prompt_pages = after_prompt.n_pages - after_prompt.pages_free;
+        r->prompt_stored = after_prompt.bytes_stored;
+        r->prompt_used = after_prompt.bytes_used;
+        for (int s = 1; s < pl; s++) {
+            if (bb_row_check(moas_context_fork(ctxs[0], &ctxs[s]), "fork", o, pp, tg, pl)) {
+                return 1;
+            }
+        }
+    } else {
+        for (int s = 0; s < pl; s++) {
+            if ((ctxs[s] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
+                die("context: %s", moas_last_error());
+            }
+            seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx, pp, MOAS_LOGITS_LAST, NULL};
+        }
+        if (bb_row_check(moas_pool_decode(pool, seqs, pl), "prompt", o, pp, tg, pl)) {
+            return 1;
+        }
+    }
+    r->t1 = bb_now();
+    for (int i = 0; i < tg; i++) {
+        for (int s = 0; s < pl; s++) {
+            seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx + pp + i, 1,
+                                      MOAS_LOGITS_LAST, NULL};
+        }
+        if (bb_row_check(moas_pool_decode(pool, seqs, pl), "generation", o, pp, tg, pl)) {
+            return 1;
+        }
+    }
+    r->t2 = bb_now();
+    return 0;
+}
+
+static void print_row(moas_pool *pool, const bb_options *o, int pp, int tg, int pl,
+                      const row_times *r) {
+    moas_pool_info info = {.size = sizeof info};
+    bb_check(moas_pool_stats(pool, &info), "pool stats");
+    const int n_kv = o->shared_prompt ? pp + pl * tg : pl * (pp + tg);
+    const double t_pp = r->t1 - r->t0, t_tg = r->t2 - r->t1, t = r->t2 - r->t0;
+    const double s_pp = (o->shared_prompt ? pp : (double)pl * pp) / t_pp;
+    const double s_tg = tg > 0 ? (double)pl * tg / t_tg : 0.0;
+    const double s = ((o->shared_prompt ? pp : (double)pl * pp) + (double)pl * tg) / t;
+    const int pages = info.n_pages - info.pages_free;
+    /* the pool counts a shared prompt once per fork; the row counts it once, as N_KV and
+       the pages do */
+    const uint64_t kv_bytes = info.bytes_used - (uint64_t)(pl - 1) * r->prompt_used;
+    if (o->json) {
+        printf("{\"pp\": %d, \"tg\": %d, \"b\": %d, \"n_kv\": %d, \"t_pp\": %.6f, \"s_pp\": %.2f, "
+               "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
+               "\"held_bytes\": %llu, \"stored_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, "
+               "\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", "
+               "\"shared_prompt\": %s",
+               pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
+               (unsigned long long)kv_bytes, (unsigned long long)info.bytes_held,
+               (unsigned long long)info.bytes_stored, pages, (unsigned long long)info.page_bytes,
+               o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->fixed_scheme,
+               type_name(o->kv_type), o->shared_prompt ? "true" : "false");
+        if (o->shared_prompt) {
+            /* the forks' own tokens' bytes: every fork counts the prompt's as its own */
+            const double own = (double)info.bytes_stored - (double)pl * (double)r->prompt_stored;
+            printf(", \"prompt_pages\": %d, \"pages_over_prompt_plus_own\": %.4f",
+                   r->prompt_pages, pages / (r->prompt_pages + own / (double)info.page_bytes));
+        }
+        printf("}\n");
+    } else {
+        printf("|%6d |%6d |%4d |%7d |%9.3f |%10.2f |%9.3f |%10.2f |%9.3f |%10.2f |%12llu |%7d |\n",
+               pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
+               (unsigned long long)kv_bytes, pages);
+    }
+    fflush(stdout);
+}
+
+/* Returns 1 when the row did not fit in the caller's pool (skipped), else 0. */
+static int run_row(const moas_model *model, const bb_options *o, const token_source *src,
+                   int pp, int tg, int pl) {
     const int32_t n_vocab = moas_model_n_vocab(model);
     const int n_ctx = pp + tg;
     double mb = o->pool_mb;
@@ -355,79 +469,11 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
         fill_tokens(src, n_vocab, o->shared_prompt ? 0 : s, tokens + (size_t)s * n_ctx, pp);
         fill_tokens(src, n_vocab, 1000 + s, tokens + (size_t)s * n_ctx + pp, tg);
     }
-
-    /* prompt: every sequence's in one batched call, or one prompt forked */
-    int prompt_pages = 0;
-    uint64_t prompt_stored = 0, prompt_used = 0;
-    const double t0 = bb_now();
-    if (o->shared_prompt) {
-        if ((ctxs[0] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
-            die("context: %s", moas_last_error());
-        }
-        seqs[0] = (moas_pool_seq){ctxs[0], tokens, pp, MOAS_LOGITS_LAST, NULL};
-        bb_check(moas_pool_decode(pool, seqs, 1), "prompt");
-        moas_pool_info after_prompt = {.size = sizeof after_prompt};
-        bb_check(moas_pool_stats(pool, &after_prompt), "pool stats");
-        prompt_pages = after_prompt.n_pages - after_prompt.pages_free;
-        prompt_stored = after_prompt.bytes_stored;
-        prompt_used = after_prompt.bytes_used;
-        for (int s = 1; s < pl; s++) {
-            bb_check(moas_context_fork(ctxs[0], &ctxs[s]), "fork");
-        }
-    } else {
-        for (int s = 0; s < pl; s++) {
-            if ((ctxs[s] = bb_context(model, pool, o, n_ctx, 16)) == NULL) {
-                die("context: %s", moas_last_error());
-            }
-            seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx, pp, MOAS_LOGITS_LAST, NULL};
-        }
-        bb_check(moas_pool_decode(pool, seqs, pl), "prompt");
+    row_times r = {0};
+    const int skip = decode_row(model, o, pool, ctxs, seqs, tokens, pp, tg, pl, &r);
+    if (!skip) {
+        print_row(pool, o, pp, tg, pl, &r);
     }
-    const double t1 = bb_now();
-    for (int i = 0; i < tg; i++) {
-        for (int s = 0; s < pl; s++) {
-            seqs[s] = (moas_pool_seq){ctxs[s], tokens + (size_t)s * n_ctx + pp + i, 1,
-                                      MOAS_LOGITS_LAST, NULL};
-        }
-        bb_check(moas_pool_decode(pool, seqs, pl), "generation");
-    }
-    const double t2 = bb_now();
-
-    moas_pool_info info = {.size = sizeof info};
-    bb_check(moas_pool_stats(pool, &info), "pool stats");
-    const int n_kv = o->shared_prompt ? pp + pl * tg : pl * (pp + tg);
-    const double t_pp = t1 - t0, t_tg = t2 - t1, t = t2 - t0;
-    const double s_pp = (o->shared_prompt ? pp : (double)pl * pp) / t_pp;
-    const double s_tg = tg > 0 ? (double)pl * tg / t_tg : 0.0;
-    const double s = ((o->shared_prompt ? pp : (double)pl * pp) + (double)pl * tg) / t;
-    const int pages = info.n_pages - info.pages_free;
-    /* the pool counts a shared prompt once per fork; the row counts it once, as N_KV and
-       the pages do */
-    const uint64_t kv_bytes = info.bytes_used - (uint64_t)(pl - 1) * prompt_used;
-    if (o->json) {
-        printf("{\"pp\": %d, \"tg\": %d, \"b\": %d, \"n_kv\": %d, \"t_pp\": %.6f, \"s_pp\": %.2f, "
-               "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
-               "\"held_bytes\": %llu, \"stored_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, "
-               "\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", "
-               "\"shared_prompt\": %s",
-               pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
-               (unsigned long long)kv_bytes, (unsigned long long)info.bytes_held,
-               (unsigned long long)info.bytes_stored, pages, (unsigned long long)info.page_bytes,
-               o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->fixed_scheme,
-               type_name(o->kv_type), o->shared_prompt ? "true" : "false");
-        if (o->shared_prompt) {
-            /* the forks' own tokens' bytes: every fork counts the prompt's as its own */
-            const double own = (double)info.bytes_stored - (double)pl * (double)prompt_stored;
-            printf(", \"prompt_pages\": %d, \"pages_over_prompt_plus_own\": %.4f", prompt_pages,
-                   pages / (prompt_pages + own / (double)info.page_bytes));
-        }
-        printf("}\n");
-    } else {
-        printf("|%6d |%6d |%4d |%7d |%9.3f |%10.2f |%9.3f |%10.2f |%9.3f |%10.2f |%12llu |%7d |\n",
-               pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
-               (unsigned long long)kv_bytes, pages);
-    }
-    fflush(stdout);
     for (int i = 0; i < pl; i++) {
         moas_context_free(ctxs[i]);
     }
@@ -435,6 +481,7 @@ static void run_row(const moas_model *model, const bb_options *o, const token_so
     free(seqs);
     free(tokens);
     moas_pool_free(pool);
+    return skip;
 }
 
 static int run(int argc, char **argv) {
@@ -475,14 +522,15 @@ static int run(int argc, char **argv) {
         printf("|-------|-------|-----|--------|----------|-----------|----------|-----------|"
                "----------|----------|-------------|--------|\n");
     }
+    int skipped = 0;
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
             for (int k = 0; k < o.n_npl; k++) {
-                run_row(model, &o, &src, o.npp[i], o.ntg[j], o.npl[k]);
+                skipped += run_row(model, &o, &src, o.npp[i], o.ntg[j], o.npl[k]);
             }
         }
     }
     free(src.ids);
     moas_model_free(model);
-    return 0;
+    return skipped > 0;
 }
