@@ -1299,6 +1299,10 @@ typedef struct moas_sampler_params {
     int32_t repeat_last_n;            /* tokens of history the penalty looks at; default 64 */
     int32_t n_logit_bias;             /* entries of logit_bias; default 0 */
     const moas_logit_bias *logit_bias; /* [n_logit_bias], copied at creation; default NULL */
+    float frequency_penalty;          /* subtracted from a token's logit once for each time
+                                         it is among the last repeat_last_n; default 0 */
+    float presence_penalty;           /* subtracted once from the logit of every token
+                                         among the last repeat_last_n; default 0 */
 } moas_sampler_params;
 
 /*
@@ -1321,10 +1325,14 @@ MOAS_API void moas_sampler_params_init_sized(moas_sampler_params *params, size_t
  * moas_sampler_create() - make a sampler for logits of `n_vocab` entries.
  * CONSTRUCTOR: moas_sampler
  *
- * The logits first get the biases of logit_bias (summed per token) and the repetition
- * penalty (once per distinct token among the last repeat_last_n the sampler saw: its
- * own choices and those given to moas_sampler_accept()). Then: greedy (the largest)
- * when temperature is 0; otherwise softmax(logits / temperature), cut to top_k, then
+ * The logits first get the biases of logit_bias (summed per token), then the penalties
+ * of the tokens among the last repeat_last_n the sampler saw (its own choices and those
+ * given to moas_sampler_accept()), each such token once: its logit is divided by
+ * repeat_penalty if positive, multiplied by it if not, then has
+ * count * frequency_penalty + presence_penalty subtracted, count being how often it is
+ * among them (OpenAI's penalties, in llama.cpp's order; negative values favour
+ * repeats). Then: greedy (the largest) when temperature is 0; otherwise
+ * softmax(logits / temperature), cut to top_k, then
  * top_p, then min_p, renormalised, drawn with a generator seeded by `seed`. `params`
  * may be NULL for defaults. Stop strings are text, not logits: see
  * moas_text_find_stop().
@@ -1333,11 +1341,11 @@ MOAS_API void moas_sampler_params_init_sized(moas_sampler_params *params, size_t
  *          negative or not finite, top_k negative, top_p outside (0, 1], min_p outside
  *          [0, 1], repeat_penalty not a finite value > 0, repeat_last_n negative,
  *          n_logit_bias negative, NULL logit_bias with n_logit_bias > 0, a bias's token
- *          outside [0, n_vocab) or its value NaN or +infinity, bad size),
- *          MOAS_ERR_NO_MEMORY.
+ *          outside [0, n_vocab) or its value NaN or +infinity, frequency_penalty or
+ *          presence_penalty not finite, bad size), MOAS_ERR_NO_MEMORY.
  * Thread safety: safe.   Allocates: yes (scratch for n_vocab entries, once, and with a
- *               repetition penalty 4 bytes per token of repeat_last_n: a caller that
- *               takes repeat_last_n from others should bound it, e.g. by the context).
+ *               penalty 4 bytes per token of repeat_last_n: a caller that takes
+ *               repeat_last_n from others should bound it, e.g. by the context).
  */
 MOAS_API moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_vocab,
                                          moas_sampler **out);

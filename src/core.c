@@ -252,6 +252,8 @@ static const moas__field sampler_params_fields[] = {
     MOAS__FIELD(moas_sampler_params, min_p),          MOAS__FIELD(moas_sampler_params, repeat_penalty),
     MOAS__FIELD(moas_sampler_params, repeat_last_n),  MOAS__FIELD(moas_sampler_params, n_logit_bias),
     MOAS__FIELD(moas_sampler_params, logit_bias),
+    MOAS__FIELD(moas_sampler_params, frequency_penalty),
+    MOAS__FIELD(moas_sampler_params, presence_penalty),
 };
-LAYOUT_ENDS_WITH(moas_sampler_params, logit_bias);
+LAYOUT_ENDS_WITH(moas_sampler_params, presence_penalty);
 LAYOUT(moas__sampler_params_layout, moas_sampler_params, sampler_params_fields);

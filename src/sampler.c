@@ -1,6 +1,6 @@
 /*
- * sampler.c - choosing the next token from logits: logit biases, a repetition penalty,
- * greedy, temperature, top-k, top-p, min-p, with a seeded generator so that a seed
+ * sampler.c - choosing the next token from logits: logit biases, repetition, frequency
+ * and presence penalties, greedy, temperature, top-k, top-p, min-p, with a seeded generator so that a seed
  * reproduces a text exactly; and finding stop strings in generated text.
  *
  * All scratch is allocated at creation; sampling allocates nothing. Ties in
@@ -24,14 +24,17 @@ struct moas_sampler {
     float top_p;
     float min_p;
     float repeat_penalty;     /* 1: off */
-    int32_t repeat_last_n;    /* capacity of `history` */
+    float frequency_penalty;  /* 0: off */
+    float presence_penalty;   /* 0: off */
+    int32_t repeat_last_n;    /* capacity of `history`; 0 when no penalty is on */
     uint64_t state;           /* xorshift64* state, never 0 */
     int32_t n_vocab;
     candidate *cand;          /* [n_vocab] scratch */
     float *bias;              /* [n_vocab] summed logit biases; NULL when there are none */
     float *adj;               /* [n_vocab] logits after biases and penalty; NULL when
                                * neither can change them */
-    uint8_t *seen;            /* [n_vocab] penalty scratch: token already penalised */
+    int32_t *count;           /* [n_vocab] penalty scratch: a token's count in `history`,
+                               * zero between calls */
     int32_t *history;         /* [repeat_last_n] ring of the last tokens seen */
     int32_t n_history;        /* tokens in the ring, <= repeat_last_n */
     int32_t history_next;     /* where the next token goes */
@@ -49,6 +52,8 @@ void moas_sampler_params_init_sized(moas_sampler_params *params, size_t size) {
     p.repeat_last_n = 64;
     p.n_logit_bias = 0;
     p.logit_bias = NULL;
+    p.frequency_penalty = 0.0f;
+    p.presence_penalty = 0.0f;
     moas__params_fill(params, size, &p, &moas__sampler_params_layout);
 }
 
@@ -101,6 +106,12 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
     MOAS_RETURN_IF(p.n_logit_bias < 0 || (p.n_logit_bias > 0 && p.logit_bias == NULL),
                    MOAS_ERR_INVALID_ARG, "sampler_create: %d logit biases at %s",
                    p.n_logit_bias, p.logit_bias == NULL ? "NULL" : "a pointer");
+    MOAS_RETURN_IF(!isfinite(p.frequency_penalty), MOAS_ERR_INVALID_ARG,
+                   "sampler_create: frequency_penalty %g is not finite",
+                   (double)p.frequency_penalty);
+    MOAS_RETURN_IF(!isfinite(p.presence_penalty), MOAS_ERR_INVALID_ARG,
+                   "sampler_create: presence_penalty %g is not finite",
+                   (double)p.presence_penalty);
     for (int32_t i = 0; i < p.n_logit_bias; i++) {
         const moas_logit_bias *b = &p.logit_bias[i];
         MOAS_RETURN_IF(b->token < 0 || b->token >= n_vocab, MOAS_ERR_INVALID_ARG,
@@ -117,7 +128,8 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
         s->alloc_copy = *p.allocator;
         s->alloc = &s->alloc_copy;
     }
-    const bool penalty = p.repeat_penalty != 1.0f && p.repeat_last_n > 0;
+    const bool penalty = (p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f ||
+                          p.presence_penalty != 0.0f) && p.repeat_last_n > 0;
     s->cand = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->cand);
     bool ok = s->cand != NULL;
     if (ok && p.n_logit_bias > 0) {
@@ -126,8 +138,8 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
     }
     if (ok && (p.n_logit_bias > 0 || penalty)) {
         s->adj = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->adj);
-        s->seen = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->seen);
-        ok = s->adj != NULL && s->seen != NULL;
+        s->count = moas__calloc(s->alloc, (size_t)n_vocab, sizeof *s->count);
+        ok = s->adj != NULL && s->count != NULL;
     }
     if (ok && penalty) {
         s->history = moas__calloc(s->alloc, (size_t)p.repeat_last_n, sizeof *s->history);
@@ -136,7 +148,7 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
     if (!ok) {
         moas_sampler_free(s);
         MOAS_RETURN_IF(penalty, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for the "
-                       "scratch of %d candidates and the penalty's history of %d tokens",
+                       "scratch of %d candidates and the penalties' history of %d tokens",
                        n_vocab, p.repeat_last_n);
         MOAS_RETURN_IF(true, MOAS_ERR_NO_MEMORY, "sampler_create: no memory for the scratch "
                        "of %d candidates", n_vocab);
@@ -149,6 +161,8 @@ moas_status moas_sampler_create(const moas_sampler_params *params, int32_t n_voc
     s->top_p = p.top_p;
     s->min_p = p.min_p;
     s->repeat_penalty = p.repeat_penalty;
+    s->frequency_penalty = p.frequency_penalty;
+    s->presence_penalty = p.presence_penalty;
     s->repeat_last_n = penalty ? p.repeat_last_n : 0;
     s->n_vocab = n_vocab;
     s->state = seed_state(p.seed);
@@ -167,7 +181,7 @@ void moas_sampler_free(moas_sampler *s) {
     moas__free(alloc, s->cand);
     moas__free(alloc, s->bias);
     moas__free(alloc, s->adj);
-    moas__free(alloc, s->seen);
+    moas__free(alloc, s->count);
     moas__free(alloc, s->history);
     moas__free(alloc, s);
 }
@@ -180,7 +194,7 @@ void moas_sampler_reseed(moas_sampler *s, uint64_t seed) {
     s->state = seed_state(seed);
 }
 
-/* Remember `token` for the penalty (a no-op when it is off). */
+/* Remember `token` for the penalties (a no-op when they are off). */
 static void remember(moas_sampler *s, int32_t token) {
     if (s->repeat_last_n == 0) {
         return;
@@ -210,7 +224,9 @@ void moas_sampler_reset(moas_sampler *s) {
 }
 
 /* The logits sampling reads: the caller's, or in s->adj the caller's plus the biases,
- * with the repetition penalty applied once to each distinct remembered token. */
+ * with the penalties applied once to each distinct remembered token: the repetition
+ * penalty, then count * frequency_penalty + presence_penalty subtracted (llama.cpp's
+ * order). Each penalty that is off is skipped, so its neutral value changes no bit. */
 static const float *adjusted(moas_sampler *s, const float *logits) {
     if (s->adj == NULL) {
         return logits;
@@ -218,16 +234,24 @@ static const float *adjusted(moas_sampler *s, const float *logits) {
     for (int32_t i = 0; i < s->n_vocab; i++) {
         s->adj[i] = s->bias != NULL ? logits[i] + s->bias[i] : logits[i];
     }
+    const bool repeat = s->repeat_penalty != 1.0f;
+    const bool openai = s->frequency_penalty != 0.0f || s->presence_penalty != 0.0f;
+    for (int32_t j = 0; j < s->n_history; j++) {
+        s->count[s->history[j]]++;
+    }
     for (int32_t j = 0; j < s->n_history; j++) {
         const int32_t t = s->history[j];
-        if (!s->seen[t]) {
-            s->seen[t] = 1;
+        if (s->count[t] == 0) {
+            continue;   /* penalised already */
+        }
+        if (repeat) {
             s->adj[t] = s->adj[t] > 0.0f ? s->adj[t] / s->repeat_penalty
                                          : s->adj[t] * s->repeat_penalty;
         }
-    }
-    for (int32_t j = 0; j < s->n_history; j++) {
-        s->seen[s->history[j]] = 0;
+        if (openai) {
+            s->adj[t] -= (float)s->count[t] * s->frequency_penalty + s->presence_penalty;
+        }
+        s->count[t] = 0;
     }
     return s->adj;
 }

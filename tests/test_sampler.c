@@ -314,6 +314,120 @@ TEST(sampler_repeat_penalty_hand_computed) {
     return TEST_PASS;
 }
 
+/* OpenAI's penalties: count * frequency_penalty + presence_penalty subtracted from each
+ * remembered token's logit, after the repetition penalty; greedy choices whose margins
+ * are hand-computed. */
+TEST(sampler_frequency_and_presence_penalties_hand_computed) {
+    moas_sampler_params p;
+    moas_sampler *s = NULL;
+    int32_t t;
+    const float l[4] = {2.0f, 1.6f, 1.0f, -9.0f};
+
+    /* frequency: once per occurrence among the last 4 */
+    moas_sampler_params_init(&p);
+    ASSERT_TRUE(p.frequency_penalty == 0.0f && p.presence_penalty == 0.0f);
+    p.temperature = 0.0f;
+    p.repeat_last_n = 4;
+    p.frequency_penalty = 0.25f;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    ASSERT_OK(moas_sampler_accept(s, 0));
+    const int32_t want[7] = {
+        0,   /* [0]: 2.0 - 0.25 = 1.75 > 1.6 */
+        1,   /* [0 0]: 2.0 - 0.5 = 1.5 < 1.6 */
+        0,   /* [0 0 1]: 1.5 > 1.6 - 0.25 = 1.35 */
+        1,   /* [0 0 1 0]: 2.0 - 0.75 = 1.25 < 1.35 */
+        0,   /* [0 1 0 1]: the first 0 has left the window: 1.5 > 1.6 - 0.5 = 1.1 */
+        0,   /* [1 0 1 0]: 1.5 > 1.1 */
+        1,   /* [0 1 0 0]: 1.25 < 1.35 */
+    };
+    for (int i = 0; i < 7; i++) {
+        ASSERT_OK(moas_sampler_sample(s, l, &t));
+        ASSERT_EQ(t, want[i]);
+    }
+    moas_sampler_reset(s);   /* forgotten: no penalty */
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 0);
+    moas_sampler_free(s);
+
+    /* presence: once, however often: 2.0 - 0.5 = 1.5 < 1.6, and 2.0 - 0.3 = 1.7 > 1.6
+     * (as a frequency penalty, three times 0.3 would be 1.1) */
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.presence_penalty = 0.5f;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    for (int i = 0; i < 3; i++) {
+        ASSERT_OK(moas_sampler_accept(s, 0));
+    }
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 1);
+    moas_sampler_free(s);
+    p.presence_penalty = 0.3f;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    for (int i = 0; i < 3; i++) {
+        ASSERT_OK(moas_sampler_accept(s, 0));
+    }
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 0);
+    moas_sampler_free(s);
+
+    /* after the repetition penalty: 2.0 / 2 - (2 * 0.25 + 0.5) = 0.0 < 0.25 (subtracting
+     * first would give (2.0 - 1.0) / 2 = 0.5 > 0.25) */
+    const float order[4] = {2.0f, 0.25f, -1.0f, -9.0f};
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.repeat_penalty = 2.0f;
+    p.frequency_penalty = 0.25f;
+    p.presence_penalty = 0.5f;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    ASSERT_OK(moas_sampler_accept(s, 0));
+    ASSERT_OK(moas_sampler_accept(s, 0));
+    ASSERT_OK(moas_sampler_sample(s, order, &t));
+    ASSERT_EQ(t, 1);
+    moas_sampler_free(s);
+
+    /* negative values favour what was seen: 1.6 + 1.0 = 2.6 > 2.0 */
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.frequency_penalty = -1.0f;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    ASSERT_OK(moas_sampler_accept(s, 1));
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 1);
+    moas_sampler_free(s);
+
+    /* repeat_last_n 0 turns them off too */
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.presence_penalty = 5.0f;
+    p.repeat_last_n = 0;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    ASSERT_OK(moas_sampler_accept(s, 0));
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 0);
+    moas_sampler_free(s);
+
+    /* not finite: refused; a struct from before the fields: never read */
+    moas_sampler_params_init(&p);
+    p.frequency_penalty = NAN;
+    ASSERT_STATUS(moas_sampler_create(&p, 4, &s), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(s == NULL && strstr(moas_last_error(), "frequency_penalty") != NULL);
+    moas_sampler_params_init(&p);
+    p.presence_penalty = -INFINITY;
+    ASSERT_STATUS(moas_sampler_create(&p, 4, &s), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(s == NULL && strstr(moas_last_error(), "presence_penalty") != NULL);
+    moas_sampler_params_init(&p);
+    p.temperature = 0.0f;
+    p.size = (uint32_t)offsetof(moas_sampler_params, frequency_penalty);
+    p.frequency_penalty = NAN;
+    p.presence_penalty = 100.0f;
+    ASSERT_OK(moas_sampler_create(&p, 4, &s));
+    ASSERT_OK(moas_sampler_accept(s, 0));
+    ASSERT_OK(moas_sampler_sample(s, l, &t));
+    ASSERT_EQ(t, 0);
+    moas_sampler_free(s);
+    return TEST_PASS;
+}
+
 /* p = 0.5, 0.3, 0.15, 0.05: relative to the most likely 1, 0.6, 0.3, 0.1. min-p 0.2
  * keeps the first three, exactly as top-k 3 does: the same draws from the same seed. */
 TEST(sampler_min_p_cuts_relative_to_the_most_likely) {
