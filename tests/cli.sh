@@ -86,6 +86,15 @@ b=$("$moas" generate -m "$model" -p "And God" -n 1 --temp 0 --logit-bias "$g=-in
 [ -n "$g" ] && [ "$g" != "$b" ] || fail "--logit-bias '$g=-inf' did not ban it"
 "$moas" generate -m "$model" -p "And God" -n 40 --seed 5 --min-p 0.05 --repeat-penalty 1.3 \
     --repeat-last-n 16 >/dev/null 2>&1 || fail "--min-p --repeat-penalty --repeat-last-n"
+# OpenAI's penalties over the last 64 tokens, the prompt's "A" included: with A's logit
+# raised by 100, a frequency penalty of 60 lets one more A through (100 - 2 * 60 < 0), a
+# presence penalty of 60 every one (100 - 60 > 0), one of 200 none
+pen() { "$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias 11=100 "$@" 2>/dev/null |
+        python3 -c 'import sys; t = sys.stdin.read()[7:12]; print(t[0] == "A", t.count("A"))'; }
+[ "$(pen --frequency-penalty 60)" = "True 1" ] || fail "--frequency-penalty: $(pen --frequency-penalty 60)"
+[ "$(pen --presence-penalty 60)" = "True 5" ] || fail "--presence-penalty 60: $(pen --presence-penalty 60)"
+[ "$(pen --presence-penalty 200)" = "False 0" ] || fail "--presence-penalty 200: $(pen --presence-penalty 200)"
+expect_error 1 "must be a finite number" "$moas" generate -m "$model" -p "A" --frequency-penalty inf
 expect_error 1 "min_p 2 outside" "$moas" generate -m "$model" -p "A" --min-p 2
 expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --repeat-penalty 0
 expect_error 1 "neither a token id nor one character" "$moas" generate -m "$model" -p "A" --logit-bias ab=1

@@ -544,6 +544,34 @@ class SamplerApi(Base):
         self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4, min_p=1.5)
         self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4, logit_bias={4: 1.0})
 
+    def test_frequency_and_presence_penalties_hand_computed(self):
+        logits = [2.0, 1.6, 1.0, -9.0]
+        with moas.Sampler(4, temperature=0, frequency_penalty=0.25, repeat_last_n=4) as s:
+            s.accept(0)
+            # 2 - 0.25 > 1.6; 2 - 0.5 < 1.6; 1.5 > 1.6 - 0.25; 2 - 0.75 < 1.35
+            self.assertEqual([s.sample(logits) for _ in range(4)], [0, 1, 0, 1])
+        with moas.Sampler(4, temperature=0, presence_penalty=0.5) as s:
+            s.accept([0, 0, 0])                             # once: 2 - 0.5 < 1.6
+            self.assertEqual(s.sample(logits), 1)
+        with moas.Sampler(4, temperature=0, presence_penalty=0.3) as s:
+            s.accept([0, 0, 0])                             # 2 - 0.3 > 1.6
+            self.assertEqual(s.sample(logits), 0)
+        # after the repetition penalty: 2 / 2 - (2 * 0.25 + 0.5) = 0 < 0.25
+        with moas.Sampler(4, temperature=0, repeat_penalty=2.0, frequency_penalty=0.25,
+                          presence_penalty=0.5) as s:
+            s.accept([0, 0])
+            self.assertEqual(s.sample([2.0, 0.25, -1.0, -9.0]), 1)
+        self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4,
+                    frequency_penalty=float("nan"))
+        self.expect(moas.Status.ERR_INVALID_ARG, moas.Sampler, 4,
+                    presence_penalty=float("inf"))
+        # Model.generate passes them on: greedy text changes with a presence penalty
+        plain = self.model.generate("And ", 40, temperature=0)
+        pen = self.model.generate("And ", 40, temperature=0, presence_penalty=5.0)
+        self.assertNotEqual(plain, pen)
+        self.assertEqual(pen, self.model.generate("And ", 40, temperature=0,
+                                                  presence_penalty=5.0))
+
     def test_find_stop(self):
         stops = ["\n\n", "Amen"]
         self.assertEqual(moas.find_stop("And it was so.\n\nAnd", stops), (14, True))

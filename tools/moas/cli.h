@@ -27,7 +27,7 @@ typedef enum {
     OPT_MODEL, OPT_PROMPT, OPT_FILE, OPT_OUTPUT,
     /* generate */
     OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P, OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY,
-    OPT_REPEAT_LAST_N, OPT_LOGIT_BIAS, OPT_STOP, OPT_SHOW_ROUTES, OPT_NO_WARMUP,
+    OPT_REPEAT_LAST_N, OPT_FREQUENCY_PENALTY, OPT_PRESENCE_PENALTY, OPT_LOGIT_BIAS, OPT_STOP, OPT_SHOW_ROUTES, OPT_NO_WARMUP,
     /* output */
     OPT_COLOR, OPT_JSON,
     /* perplexity */
@@ -81,6 +81,8 @@ typedef struct {
     unsigned long long seed;
     float repeat_penalty;
     int repeat_last_n;
+    float frequency_penalty;
+    float presence_penalty;
     int n_bias;
     const char *bias[MAX_REPEATED];   /* --logit-bias TOKEN=BIAS, as given */
     int n_stop;

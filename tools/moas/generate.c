@@ -35,7 +35,14 @@ static void usage(FILE *f) {
             "                          (default %llu)\n"
             "      --repeat-penalty F  penalize the tokens among the last N: a positive logit\n"
             "                          is divided by F, another multiplied (default %g: off)\n"
-            "      --repeat-last-n N   N for --repeat-penalty; the prompt counts (default %d)\n"
+            "      --repeat-last-n N   N for the penalties; the prompt counts (default %d)\n"
+            "      --frequency-penalty F\n"
+            "                          subtract F from a token's logit for each time it is\n"
+            "                          among the last N, after --repeat-penalty (OpenAI's;\n"
+            "                          default %g: off)\n"
+            "      --presence-penalty F\n"
+            "                          subtract F once from the logit of each token among\n"
+            "                          the last N (default %g: off)\n"
             "      --logit-bias T=B    add B to token T's logit: T an id or one character, B a\n"
             "                          number or -inf (never T); repeatable\n"
             "      --stop STRING       end the text just before STRING; repeatable\n"
@@ -48,13 +55,15 @@ static void usage(FILE *f) {
             "      --color, --no-color colour the route map (default: when stdout is a\n"
             "                          terminal)\n",
             (double)sp.temperature, sp.top_k, (double)sp.top_p, (double)sp.min_p,
-            (unsigned long long)sp.seed, (double)sp.repeat_penalty, sp.repeat_last_n);
+            (unsigned long long)sp.seed, (double)sp.repeat_penalty, sp.repeat_last_n,
+            (double)sp.frequency_penalty, (double)sp.presence_penalty);
     print_context_options(f, &moas_cmd_generate);
 }
 
 static const opt_id accepted[] = {
     OPT_MODEL, OPT_PROMPT, OPT_FILE, OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P,
-    OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY, OPT_REPEAT_LAST_N, OPT_LOGIT_BIAS, OPT_STOP,
+    OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY, OPT_REPEAT_LAST_N, OPT_FREQUENCY_PENALTY,
+    OPT_PRESENCE_PENALTY, OPT_LOGIT_BIAS, OPT_STOP,
     OPT_SHOW_ROUTES, OPT_NO_WARMUP, OPT_COLOR, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN,
     OPT_FORCE_SCHEME, OPT_END,
 };
@@ -168,6 +177,8 @@ static int run(int argc, char **argv) {
     sp.min_p = o.min_p;
     sp.repeat_penalty = o.repeat_penalty;
     sp.repeat_last_n = o.repeat_last_n;
+    sp.frequency_penalty = o.frequency_penalty;
+    sp.presence_penalty = o.presence_penalty;
     for (int i = 0; i < o.n_bias; i++) {
         bias[i] = parse_logit_bias(model, o.bias[i]);
     }

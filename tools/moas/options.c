@@ -46,6 +46,8 @@ static const opt_name names[] = {
     {"--seed", OPT_SEED, 1, NULL},
     {"--repeat-penalty", OPT_REPEAT_PENALTY, 1, NULL},
     {"--repeat-last-n", OPT_REPEAT_LAST_N, 1, NULL},
+    {"--frequency-penalty", OPT_FREQUENCY_PENALTY, 1, NULL},
+    {"--presence-penalty", OPT_PRESENCE_PENALTY, 1, NULL},
     {"--logit-bias", OPT_LOGIT_BIAS, 1, NULL},
     {"--stop", OPT_STOP, 1, NULL},
     {"--show-routes", OPT_SHOW_ROUTES, 0, "1"},
@@ -138,6 +140,8 @@ void options_init(options *o) {
     o->seed = sp.seed;
     o->repeat_penalty = sp.repeat_penalty;
     o->repeat_last_n = sp.repeat_last_n;
+    o->frequency_penalty = sp.frequency_penalty;
+    o->presence_penalty = sp.presence_penalty;
     o->color = isatty(STDOUT_FILENO);
     o->mode = MOAS_MODE_MIXTURE;
     o->kv_type = MOAS_TYPE_F32;
@@ -233,6 +237,8 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
     case OPT_MIN_P: o->min_p = parse_float(v, name); break;
     case OPT_SEED: o->seed = parse_seed(v, name); break;
     case OPT_REPEAT_PENALTY: o->repeat_penalty = parse_float(v, name); break;
+    case OPT_FREQUENCY_PENALTY: o->frequency_penalty = parse_float(v, name); break;
+    case OPT_PRESENCE_PENALTY: o->presence_penalty = parse_float(v, name); break;
     case OPT_REPEAT_LAST_N: o->repeat_last_n = (int)parse_long(v, name, 0, 1L << 20); break;
     case OPT_LOGIT_BIAS:
         if (o->n_bias == MAX_REPEATED) {

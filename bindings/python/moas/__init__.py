@@ -230,7 +230,8 @@ class SamplerParams(ctypes.Structure):
                 ("seed", ctypes.c_uint64), ("allocator", ctypes.POINTER(Allocator)),
                 ("min_p", ctypes.c_float), ("repeat_penalty", ctypes.c_float),
                 ("repeat_last_n", ctypes.c_int32), ("n_logit_bias", ctypes.c_int32),
-                ("logit_bias", ctypes.POINTER(LogitBias))]
+                ("logit_bias", ctypes.POINTER(LogitBias)),
+                ("frequency_penalty", ctypes.c_float), ("presence_penalty", ctypes.c_float)]
 
 
 class TokenizeParams(ctypes.Structure):
@@ -1102,6 +1103,7 @@ class Model(_Handle):
     # high level: text in, text out (the ctypes layer above is what they use)
     def generate(self, prompt, max_tokens=128, *, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=0,
+                 frequency_penalty=0.0, presence_penalty=0.0,
                  stop=(), stream=False, routes=False, mode="mixture", n_ctx=0,
                  unknown="error", n_threads=0, forced_scheme=-1, context_shift=False):
         """The continuation of `prompt`, sampled as Sampler samples (with its defaults,
@@ -1144,7 +1146,9 @@ class Model(_Handle):
         try:
             sampler = Sampler(self, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, min_p=min_p, repeat_penalty=repeat_penalty,
-                              repeat_last_n=repeat_last_n, logit_bias=logit_bias)
+                              repeat_last_n=repeat_last_n, logit_bias=logit_bias,
+                              frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty)
         except BaseException:
             ctx.close()
             raise
@@ -1817,8 +1821,10 @@ class Pool(_Handle):
 
 class Sampler(_Handle):
     """Chooses tokens from logits (moas_sampler): the logits get `logit_bias` (a dict
-    {token id: bias}, -inf bans) and the repetition penalty (`repeat_penalty` over
-    the last `repeat_last_n` tokens sampled or accept()ed); then greedy when
+    {token id: bias}, -inf bans) and the penalties of the last `repeat_last_n` tokens
+    sampled or accept()ed, once per distinct token: its logit divided by
+    `repeat_penalty` (multiplied if not positive), then `frequency_penalty` times its
+    count plus `presence_penalty` subtracted (OpenAI's); then greedy when
     temperature is 0, else softmax(logits / temperature) cut to top_k, top_p, then
     min_p, drawn from a seeded stream. `vocab` is a Model or the number of logits.
     Stop strings are text: see find_stop()."""
@@ -1826,7 +1832,8 @@ class Sampler(_Handle):
     _kind = "sampler"
 
     def __init__(self, vocab, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, min_p=0.0,
-                 repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, allocator=None):
+                 repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, allocator=None,
+                 frequency_penalty=0.0, presence_penalty=0.0):
         self._ptr = None
         self._lock = threading.RLock()   # one call at a time; close waits for it
         self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else _int("n_vocab", vocab)
@@ -1835,6 +1842,7 @@ class Sampler(_Handle):
             temperature, _int("top_k", top_k), top_p, _int("seed", seed, ctypes.c_uint64))
         params.min_p, params.repeat_penalty, params.repeat_last_n = (
             min_p, repeat_penalty, _int("repeat_last_n", repeat_last_n))
+        params.frequency_penalty, params.presence_penalty = frequency_penalty, presence_penalty
         biases = sorted((_int("logit_bias token", t), b)
                         for t, b in dict(logit_bias or {}).items())
         bias_array = _array(LogitBias, len(biases))

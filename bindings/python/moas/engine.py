@@ -60,13 +60,15 @@ class Request:
 
     def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
-                 stop=(), routes=False, logprobs=None, cache_scope=None, emit=None):
+                 stop=(), routes=False, logprobs=None, cache_scope=None, emit=None,
+                 frequency_penalty=0.0, presence_penalty=0.0):
         self.id = next(Request._ids)
         self.prompt_ids = list(prompt_ids)
         self.max_tokens, self.n = max_tokens, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                             logit_bias=logit_bias)
+                             logit_bias=logit_bias, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty)
         self.seed = random.getrandbits(63) if seed is None else seed
         self.stop = list(stop)
         self.routes = routes

@@ -75,15 +75,13 @@ def scheme_names(model):
 
 # OpenAI fields this server accepts only at their neutral value (of the same JSON type:
 # false is not 0) or null, the default as for every field; `user` is any string.
-NEUTRAL = {"echo": (False,), "best_of": (1,),
-           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": ("",),
-           "user": None}
+NEUTRAL = {"echo": (False,), "best_of": (1,), "suffix": ("",), "user": None}
 PROMPT_CHARS_PER_TOKEN_LIMIT = 8   # a prompt beyond 8x the token limit is not tokenized
 REPEAT_PENALTY_RANGE = (0.01, 100.0)   # beyond it a logit divided by it can overflow
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
          "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
-         "logprobs", "cache_salt"} | set(NEUTRAL)
+         "logprobs", "cache_salt", "frequency_penalty", "presence_penalty"} | set(NEUTRAL)
 CACHE_SALT_MAX_CHARS = 256
 
 
@@ -197,6 +195,10 @@ def parse_completion(body, cfg):
     last_n = _get(body, "repeat_last_n", lambda v: _is_int(v) and -1 <= v <= cfg["n_ctx"],
                   "an integer in [-1, %d] (-1: the context)" % cfg["n_ctx"], 64)
     out["repeat_last_n"] = cfg["n_ctx"] if last_n == -1 else last_n
+    # OpenAI's penalties and range, over the same last repeat_last_n tokens
+    for name in ("frequency_penalty", "presence_penalty"):
+        out[name] = _get(body, name, lambda v: _is_num(v) and -2 <= v <= 2,
+                         "a number in [-2, 2]", 0.0)
     stop = _get(body, "stop", lambda v: isinstance(v, str) or (
         isinstance(v, list) and all(isinstance(s, str) and s for s in v)),
         "a string or a list of non-empty strings", [])
@@ -507,18 +509,17 @@ class Server:
         events = asyncio.Queue()   # filled on this loop by _dispatch
         sampling = dict(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
                         min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
-                        repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None)
+                        repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
+                        frequency_penalty=p["frequency_penalty"],
+                        presence_penalty=p["presence_penalty"])
         try:   # the library's own checks, here rather than in the engine thread
             Sampler(self.model, **sampling).close()
         except MoasError as e:
             raise ApiError(400, e.message, code=e.name.lower())
-        req = Request(ids, max_tokens=p["max_tokens"], n=p["n"],
-                      temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
-                      min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
-                      repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
-                      seed=p["seed"], stop=p["stop"], routes=p["routes"],
-                      logprobs=p["logprobs"], cache_scope=p["cache_salt"],
-                      emit=lambda event: self._buffer(request, req, events, event))
+        req = Request(ids, max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
+                      stop=p["stop"], routes=p["routes"], logprobs=p["logprobs"],
+                      cache_scope=p["cache_salt"],
+                      emit=lambda event: self._buffer(request, req, events, event), **sampling)
         if not self.engine.fits(req):
             raise ApiError(400, "the request needs more KV memory than the pool holds",
                            code="request_too_large")

@@ -264,9 +264,17 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
         "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
     for prompt in ([1, 2], ["And", "God"]):
         check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
-    for field, value in (("best_of", 2), ("suffix", "x"), ("presence_penalty", 0.5),
-                         ("frequency_penalty", 1)):
+    for field, value in (("best_of", 2), ("suffix", "x")):
         check_error(server.complete(prompt=PROMPT, **{field: value}), 400, "unsupported", field)
+    # OpenAI's penalties reach the sampler: the text of a library sampler given them
+    for pen in ({"presence_penalty": 2}, {"frequency_penalty": 1.5},
+                {"presence_penalty": -0.5, "frequency_penalty": 0.25}):
+        status, _, body = server.complete(prompt=PROMPT, max_tokens=12, temperature=0,
+                                          **pen)
+        assert status == 200 and body["choices"][0]["text"] == alone(
+            model, 0, 12, temperature=0, **pen), (pen, body)
+    assert alone(model, 0, 12, temperature=0, presence_penalty=2) != alone(
+        model, 0, 12, temperature=0)
     # stream_options only with stream true (null is its absence)
     for stream in ({}, {"stream": False}, {"stream": None}):
         check_error(server.complete(prompt=PROMPT, max_tokens=3, **stream,
@@ -353,8 +361,9 @@ def test_hostile_values_are_400_and_harm_no_other_request(server, model):
             ("logit_bias", {"1_0": 1}, "invalid_value"),     # int("1_0") is 10
             ("logit_bias", {" 5": 1}, "invalid_value"),
             ("logit_bias", {"5": 1, "05": -1}, "invalid_value"),   # one token twice
-            ("presence_penalty", False, "unsupported"),     # false is not 0
-            ("frequency_penalty", False, "unsupported"),
+            ("presence_penalty", False, "invalid_type"),    # false is not 0
+            ("frequency_penalty", 2.5, "invalid_type"),     # OpenAI's range: [-2, 2]
+            ("presence_penalty", "0.5", "invalid_type"),
             ("best_of", True, "unsupported"),
             ("echo", 0, "unsupported"),
             ("user", 5, "invalid_type")):

@@ -223,6 +223,8 @@ pub struct moas_sampler_params {
     pub repeat_last_n: i32,
     pub n_logit_bias: i32,
     pub logit_bias: *const moas_logit_bias,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
 }
 
 #[repr(C)]

@@ -1030,7 +1030,9 @@ impl Drop for Context<'_> {
 // ---- sampler --------------------------------------------------------------------------
 
 /// moas_sampler_params. Default: the C defaults (temperature 1, all tokens, seed 0, no
-/// min-p, no repetition penalty over the last 64 tokens, no logit biases).
+/// min-p, no repetition, frequency or presence penalty over the last 64 tokens, no
+/// logit biases). Build it with `..Default::default()`: fields are added as the C
+/// struct grows.
 #[derive(Clone, Debug)]
 pub struct SamplerParams {
     pub temperature: f32, // 0: greedy
@@ -1041,6 +1043,11 @@ pub struct SamplerParams {
     pub repeat_penalty: f32, // 1: off
     pub repeat_last_n: i32,
     pub logit_bias: Vec<(i32, f32)>, // (token, bias); f32::NEG_INFINITY bans
+    /// Subtracted from a token's logit once per time it is among the last
+    /// repeat_last_n, after the repetition penalty (OpenAI's); 0: off.
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of each token among the last repeat_last_n; 0: off.
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplerParams {
@@ -1054,6 +1061,8 @@ impl Default for SamplerParams {
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             logit_bias: Vec::new(),
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -1075,6 +1084,8 @@ impl Sampler {
         c.min_p = p.min_p;
         c.repeat_penalty = p.repeat_penalty;
         c.repeat_last_n = p.repeat_last_n;
+        c.frequency_penalty = p.frequency_penalty;
+        c.presence_penalty = p.presence_penalty;
         let bias: Vec<ffi::moas_logit_bias> = p
             .logit_bias
             .iter()

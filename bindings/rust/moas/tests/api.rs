@@ -1,7 +1,7 @@
 //! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
 use moas::{
-    find_stop, Context, ContextParams, KvType, Logits, Mode, Model, Pool, PoolParams, Sampler,
-    SamplerParams, Stop,
+    find_stop, Context, ContextParams, ErrorKind, KvType, Logits, Mode, Model, Pool, PoolParams,
+    Sampler, SamplerParams, Stop,
 };
 
 const TEXT: &str = "And God said, Let there be light: and there was light.";
@@ -297,6 +297,44 @@ fn sampler_bias_and_repeat_penalty_hand_computed() {
     )
     .unwrap();
     assert_eq!(b.sample(&logits).unwrap(), 0); // 2.5 - 1 < 2
+}
+
+#[test]
+fn sampler_frequency_and_presence_penalties_hand_computed() {
+    let logits = [2.0f32, 1.6, 1.0, -9.0];
+    let greedy = |frequency_penalty: f32, presence_penalty: f32| {
+        Sampler::new(
+            4,
+            &SamplerParams {
+                temperature: 0.0,
+                frequency_penalty,
+                presence_penalty,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // frequency: 2 - 0.25 > 1.6; 2 - 0.5 < 1.6; 1.5 > 1.6 - 0.25; 2 - 0.75 < 1.35
+    let mut f = greedy(0.25, 0.0);
+    f.accept(0).unwrap();
+    let picks: Vec<i32> = (0..4).map(|_| f.sample(&logits).unwrap()).collect();
+    assert_eq!(picks, vec![0, 1, 0, 1]);
+    // presence, once however often: 2 - 0.5 < 1.6, 2 - 0.3 > 1.6
+    for (presence, want) in [(0.5f32, 1), (0.3, 0)] {
+        let mut p = greedy(0.0, presence);
+        for _ in 0..3 {
+            p.accept(0).unwrap();
+        }
+        assert_eq!(p.sample(&logits).unwrap(), want);
+    }
+    let bad = SamplerParams {
+        frequency_penalty: f32::NAN,
+        ..Default::default()
+    };
+    assert_eq!(
+        Sampler::new(4, &bad).unwrap_err().kind(),
+        ErrorKind::InvalidArg
+    );
 }
 
 #[test]
