@@ -1,7 +1,8 @@
 /*
  * sampler.c - choosing the next token from logits: logit biases, repetition, frequency
- * and presence penalties, greedy, temperature, top-k, top-p, min-p, with a seeded generator so that a seed
- * reproduces a text exactly; and finding stop strings in generated text.
+ * and presence penalties, greedy, temperature, top-k, top-p, min-p, with a seeded
+ * generator so that a seed reproduces a text exactly; and finding stop strings in
+ * generated text.
  *
  * All scratch is allocated at creation; sampling allocates nothing. Ties in
  * probability are broken by the lower token id, so the order never depends on qsort.
@@ -31,8 +32,8 @@ struct moas_sampler {
     int32_t n_vocab;
     candidate *cand;          /* [n_vocab] scratch */
     float *bias;              /* [n_vocab] summed logit biases; NULL when there are none */
-    float *adj;               /* [n_vocab] logits after biases and penalty; NULL when
-                               * neither can change them */
+    float *adj;               /* [n_vocab] logits after biases and penalties; NULL when
+                               * none can change them */
     int32_t *count;           /* [n_vocab] penalty scratch: a token's count in `history`,
                                * zero between calls */
     int32_t *history;         /* [repeat_last_n] ring of the last tokens seen */
