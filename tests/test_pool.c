@@ -296,6 +296,58 @@ TEST(pool_pages_follow_tokens) {
     return TEST_PASS;
 }
 
+/* page_heads takes every power of two in [1, 4096], both ends included, and nothing
+ * past them; the pool holds the whole pages capacity_bytes has room for (a page is
+ * page_heads heads of K and as many of V: page_heads * head_dim * 2 * element bytes),
+ * and moas_pool_stats reports their bytes as bytes_capacity, not the bytes asked for. */
+TEST(pool_page_heads_range_is_inclusive_and_capacity_is_whole_pages) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);   /* heads of 8: 32 bytes of K at f32 */
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_head_dim(m), 8);
+    static const struct {
+        int32_t page_heads;
+        uint64_t capacity, page_bytes, n_pages, bytes_capacity;
+    } cases[] = {
+        {1, 1000, 64, 15, 960},                 /* 1 * 8 * 2 * 4; 40 bytes left over */
+        {4, 4096, 256, 16, 4096},               /* the default */
+        {4096, 600000, 262144, 2, 524288},      /* 4096 * 8 * 2 * 4 */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        moas_pool_params pp;
+        moas_pool *pool = NULL;
+        moas_pool_params_init(&pp);
+        pp.page_heads = cases[c].page_heads;
+        pp.capacity_bytes = cases[c].capacity;
+        pp.n_threads = 1;
+        ASSERT_OK(moas_pool_create(m, &pp, &pool));
+        moas_pool_info info = {.size = sizeof info};
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.page_heads, cases[c].page_heads);
+        ASSERT_EQ(info.page_bytes, cases[c].page_bytes);
+        ASSERT_EQ(info.n_pages, cases[c].n_pages);
+        ASSERT_EQ(info.pages_free, cases[c].n_pages);
+        ASSERT_EQ(info.bytes_capacity, cases[c].bytes_capacity);
+        ASSERT_EQ(info.bytes_held, 0);
+        ASSERT_EQ(info.n_contexts, 0);
+        moas_pool_free(pool);
+    }
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 20;
+    pp.page_heads = 8192;
+    ASSERT_STATUS(moas_pool_create(m, &pp, &pool), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(strstr(moas_last_error(), "page_heads") != NULL);
+    ASSERT_TRUE(pool == NULL);
+    pp.page_heads = -4;
+    ASSERT_STATUS(moas_pool_create(m, &pp, &pool), MOAS_ERR_INVALID_ARG);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A call that cannot get its pages fails with MOAS_ERR_POOL_FULL naming the shortfall
  * and changes nothing in any sequence: after pages come free, the same call gives
  * exactly what it would have. */
