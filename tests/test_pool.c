@@ -657,6 +657,75 @@ TEST(fork_shares_pages_and_copies_on_write) {
     return TEST_PASS;
 }
 
+/* A fork whose copies of the partly written last pages take exactly the pages left
+ * runs (and one more fork then finds none); the fork's figures count in
+ * moas_pool_stats at once, shared tokens in each holder. The pooled 2-layer model,
+ * routed with MHA forced (4 heads of 8 a token and layer, 64 bytes of K and V each),
+ * pages of 8 heads (512 bytes), a pool of 6 pages: 3 tokens are 12 heads a layer, a
+ * full page and half of one; the fork shares the full ones and copies the halves. */
+TEST(fork_into_exactly_the_free_pages_and_its_figures_count) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[4];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_layer(m), 2);
+    ASSERT_EQ(moas_model_head_dim(m), 8);
+    seq_tokens(tokens, 4, moas_model_n_vocab(m), 12);
+    moas_pool *pool = make_pool(m, 6 * 512, MOAS_TYPE_F32, 1, 0, 8);
+    moas_context *parent = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1), *child = NULL;
+    ASSERT_TRUE(pool && parent);
+    ASSERT_OK(moas_context_force_scheme(parent, 0));
+    ASSERT_OK(moas_context_decode_batch(parent, tokens, 3, NULL, MOAS_LOGITS_LAST));
+    ASSERT_EQ(moas_context_kv_pages(parent), 4);
+    const uint64_t used3 = 2 * (12 * 64 + 3 * 5);   /* 1,566 */
+    ASSERT_EQ(moas_context_kv_bytes_used(parent, -1), used3);
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.n_pages, 6);
+    ASSERT_EQ(info.pages_free, 2);
+
+    ASSERT_OK(moas_context_fork(parent, &child));
+    ASSERT_EQ(moas_context_kv_pages(child), 4);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    ASSERT_EQ(info.n_contexts, 2);
+    ASSERT_EQ(info.bytes_held, 6 * 512);
+    ASSERT_EQ(info.bytes_used, 2 * used3);               /* 3,132: more than held */
+    ASSERT_EQ(info.bytes_stored, 2 * 2 * 12 * 64);       /* 3,072 */
+
+    /* the half page is the fork's own: its next token needs no page */
+    ASSERT_OK(moas_context_decode(child, tokens[3], NULL));
+    const uint64_t used4 = 2 * (16 * 64 + 4 * 5);   /* 2,088 */
+    ASSERT_EQ(moas_context_kv_bytes_used(child, -1), used4);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    ASSERT_EQ(info.bytes_used, used3 + used4);
+
+    /* no page left for another fork's two copies: refused, nothing taken */
+    moas_context *second = child;
+    ASSERT_STATUS(moas_context_fork(parent, &second), MOAS_ERR_POOL_FULL);
+    ASSERT_TRUE(second == NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "lacks 2 page(s): 2 needed, 0 free of 6") != NULL);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    ASSERT_EQ(info.n_contexts, 2);
+    ASSERT_EQ(info.bytes_used, used3 + used4);
+
+    moas_context_free(child);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 2);   /* its copies; the shared pages stay the parent's */
+    ASSERT_EQ(info.bytes_used, used3);
+    moas_context_free(parent);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 6);
+    ASSERT_EQ(info.bytes_used, 0);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Save a sequence, load it into a context of another pool (and into one that holds
  * other tokens), decode on: the same bits as the context that never stopped. A routed
  * state holds only the heads the router chose. */
