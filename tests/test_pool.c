@@ -862,6 +862,93 @@ TEST(state_load_refuses_bad_data_and_changes_nothing) {
     return TEST_PASS;
 }
 
+/* A state load takes its pages from the free ones and from those only the context
+ * itself holds (it gives them all back first): in a pool with no page free, a context
+ * holding 16 pages loads a state of 12; pages it shares with a fork are not its to
+ * give, so with them shared the same load is refused whole, naming the 12 pages it
+ * lacks, and changes nothing. The pooled model in mixture mode stores 4 heads of 8 a
+ * token and layer: one page of 4 heads each, 2 pages a token. */
+TEST(state_load_counts_only_its_own_pages_as_free) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[16];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_layer(m), 2);
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 16, V, 31);
+    const uint64_t page_bytes = (uint64_t)4 * 8 * 2 * 4;   /* 256 */
+    moas_pool *pool = make_pool(m, 20 * page_bytes, MOAS_TYPE_F32, 1, 0, 4);
+    moas_context *src = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *ctx = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *filler = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    moas_context *fork = NULL;
+    ASSERT_TRUE(pool && src && ctx && filler);
+    ASSERT_OK(moas_context_decode_batch(src, tokens, 6, NULL, MOAS_LOGITS_LAST));
+    size_t n;
+    uint8_t *state = saved_state(src, &n);
+    ASSERT_TRUE(state != NULL);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 6, 8, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(filler, tokens, 2, NULL, MOAS_LOGITS_NONE));
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(moas_context_kv_pages(ctx), 16);
+    ASSERT_EQ(info.pages_free, 0);
+
+    ASSERT_OK(moas_context_state_load(ctx, state, n));
+    ASSERT_EQ(moas_context_n_past(ctx), 6);
+    ASSERT_EQ(moas_context_kv_pages(ctx), 12);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 4);
+    ASSERT_TRUE(same_records(ctx, src));
+
+    /* shared with a fork (6 tokens are 6 full pages a layer: nothing copied), the
+     * filler taking the 4 pages left: the context owns none of its pages */
+    ASSERT_OK(moas_context_fork(ctx, &fork));
+    ASSERT_OK(moas_context_decode_batch(filler, tokens + 2, 2, NULL, MOAS_LOGITS_NONE));
+    moas_pool_info before = {.size = sizeof before};
+    ASSERT_OK(moas_pool_stats(pool, &before));
+    ASSERT_EQ(before.pages_free, 0);
+    size_t n0;
+    uint8_t *ctx0 = saved_state(ctx, &n0);
+    ASSERT_TRUE(ctx0 != NULL);
+    ASSERT_STATUS(moas_context_state_load(ctx, state, n), MOAS_ERR_POOL_FULL);
+    ASSERT_TRUE(strstr(moas_last_error(),
+                       "context_state_load: the KV pool lacks 12 page(s): 12 needed, 0 free "
+                       "of 20") != NULL);
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    ASSERT_EQ(info.bytes_held, before.bytes_held);
+    ASSERT_EQ(info.bytes_used, before.bytes_used);
+    ASSERT_EQ(moas_context_kv_pages(ctx), 12);
+    size_t n1;
+    uint8_t *ctx1 = saved_state(ctx, &n1);
+    ASSERT_TRUE(ctx1 != NULL && n1 == n0 && memcmp(ctx1, ctx0, n0) == 0);
+
+    /* the fork gone, the pages are the context's alone again: the load runs with none
+     * free; with the filler gone too, decoding on gives the bits of the context that
+     * saved it */
+    moas_context_free(fork);
+    ASSERT_OK(moas_context_state_load(ctx, state, n));
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.pages_free, 0);
+    moas_context_free(filler);
+    ASSERT_OK(moas_context_decode(ctx, tokens[15], NULL));
+    ASSERT_OK(moas_context_decode(src, tokens[15], NULL));
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(src),
+                       (size_t)V * sizeof(float)) == 0);
+    ASSERT_TRUE(same_records(ctx, src));
+    free(state);
+    free(ctx0);
+    free(ctx1);
+    moas_context_free(ctx);
+    moas_context_free(src);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A state from a model that differs from the context's in its norm's epsilon alone (the
  * same shape, seed and weights: the first fingerprint could not tell them apart) is
  * refused, and the context keeps what it had. */
