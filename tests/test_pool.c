@@ -949,6 +949,77 @@ TEST(state_load_counts_only_its_own_pages_as_free) {
     return TEST_PASS;
 }
 
+/* The edges of a state load: a state of exactly n_ctx tokens loads into a context of
+ * n_ctx and is refused by one of n_ctx - 1 with MOAS_ERR_CONTEXT_FULL; a version
+ * other than 1 or 2 is MOAS_ERR_BAD_FORMAT (not a state this library reads), as
+ * moas.h says; and a state cut anywhere, in a buffer of exactly the bytes given, is
+ * refused as corrupt without reading past them (under `make asan` a read past the
+ * end fails the test; the cuts of the other test sit in a longer buffer). */
+static moas_context *ctx_of(const moas_model *m, int32_t n_ctx) {
+    moas_context_params cp;
+    moas_context *ctx = NULL;
+    moas_context_params_init(&cp);
+    cp.mode = MOAS_MODE_ROUTED;
+    cp.n_ctx = n_ctx;
+    cp.n_threads = 1;
+    return moas_context_create(m, &cp, &ctx) == MOAS_OK ? ctx : NULL;
+}
+
+TEST(state_load_edges_length_version_and_exact_buffers) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    int32_t tokens[8];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, 8, V, 17);
+    moas_context *src = ctx_of(m, 8), *dst = ctx_of(m, 8), *small = ctx_of(m, 7);
+    ASSERT_TRUE(src && dst && small);
+    ASSERT_OK(moas_context_decode_batch(src, tokens, 8, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(dst, tokens, 2, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(small, tokens, 2, NULL, MOAS_LOGITS_LAST));
+    size_t n;
+    uint8_t *state = saved_state(src, &n);
+    ASSERT_TRUE(state != NULL);
+
+    ASSERT_STATUS(moas_context_state_load(small, state, n), MOAS_ERR_CONTEXT_FULL);
+    ASSERT_EQ(moas_context_n_past(small), 2);
+    ASSERT_OK(moas_context_state_load(dst, state, n));
+    ASSERT_EQ(moas_context_n_past(dst), 8);
+    ASSERT_TRUE(same_records(dst, src));
+    ASSERT_TRUE(memcmp(moas_context_logits(dst), moas_context_logits(src),
+                       (size_t)V * sizeof(float)) == 0);
+    ASSERT_STATUS(moas_context_decode(dst, tokens[0], NULL), MOAS_ERR_CONTEXT_FULL);
+
+    uint8_t *bad = malloc(n);
+    ASSERT_TRUE(bad != NULL);
+    static const uint32_t versions[] = {0, 3, 0xffffffffu};
+    for (size_t i = 0; i < sizeof versions / sizeof versions[0]; i++) {
+        memcpy(bad, state, n);
+        memcpy(bad + 8, &versions[i], 4);   /* header word 2 */
+        ASSERT_STATUS(moas_context_state_load(dst, bad, n), MOAS_ERR_BAD_FORMAT);
+        ASSERT_TRUE(strstr(moas_last_error(), "version") != NULL);
+    }
+    free(bad);
+    for (size_t cut = 1; cut < n; cut++) {
+        uint8_t *part = malloc(cut);
+        ASSERT_TRUE(part != NULL);
+        memcpy(part, state, cut);
+        const moas_status st = moas_context_state_load(dst, part, cut);
+        free(part);
+        ASSERT_STATUS(st, MOAS_ERR_CORRUPT);
+    }
+    ASSERT_EQ(moas_context_n_past(dst), 8);
+    ASSERT_TRUE(same_records(dst, src));
+    free(state);
+    moas_context_free(src);
+    moas_context_free(dst);
+    moas_context_free(small);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A state from a model that differs from the context's in its norm's epsilon alone (the
  * same shape, seed and weights: the first fingerprint could not tell them apart) is
  * refused, and the context keeps what it had. */
