@@ -1307,6 +1307,39 @@ TEST(pool_freed_before_its_contexts_goes_with_the_last) {
     return TEST_PASS;
 }
 
+/* The same with one context: the pool freed while a single context is in it stays (not
+ * a block given back) until that context is freed, and the context decodes on. */
+TEST(pool_freed_under_its_only_context_goes_with_it) {
+    size_t size;
+    uint8_t *image = kind_image(0, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    counting_allocator count = {0};
+    const moas_allocator alloc = {counting_alloc, counting_free, &count};
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1u << 16;
+    pp.allocator = &alloc;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context *a = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a != NULL);
+    int32_t tokens[6];
+    seq_tokens(tokens, 6, moas_model_n_vocab(m), 23);
+    ASSERT_OK(moas_context_decode_batch(a, tokens, 3, NULL, MOAS_LOGITS_NONE));
+    const long held = count.live;
+    ASSERT_TRUE(held > 0);
+    moas_pool_free(pool);
+    ASSERT_EQ(count.live, held);
+    ASSERT_OK(moas_context_decode_batch(a, tokens + 3, 3, NULL, MOAS_LOGITS_LAST));
+    ASSERT_EQ(moas_context_n_past(a), 6);
+    moas_context_free(a);
+    ASSERT_EQ(count.live, 0);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 typedef struct {
     moas_context *ctx;
     const int32_t *tokens;
