@@ -2105,6 +2105,83 @@ TEST(compaction_pools_old_tokens_and_frees_pages) {
     return TEST_PASS;
 }
 
+/* Compaction in a pool with no page free, which is when a server compacts: it needs no
+ * page for pages only its context holds, so it runs and gives pages back; where a fork
+ * shares the pages it would rewrite, it needs a copy of each first, and with none free
+ * it is refused whole, naming the pages it lacks, and changes nothing. The pooled
+ * 2-layer model, routed, MHA forced (4 heads a token and layer), pages of 4 heads, a
+ * pool of 20 pages: 8 tokens are 8 pages a layer, 2 pages a layer once pooled to MQA. */
+TEST(compaction_in_a_full_pool) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t tokens[10];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_layer(m), 2);
+    ASSERT_EQ(moas_model_head_dim(m), 8);
+    seq_tokens(tokens, 10, moas_model_n_vocab(m), 14);
+    moas_pool *pool = make_pool(m, 20 * 256, MOAS_TYPE_F32, 1, 0, 4);
+    ASSERT_TRUE(pool != NULL);
+    moas_pool_info info = {.size = sizeof info}, before = {.size = sizeof before};
+    for (int shared = 0; shared < 2; shared++) {
+        moas_context *ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1), *fork = NULL;
+        moas_context *filler = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(ctx && filler);
+        ASSERT_OK(moas_context_force_scheme(ctx, 0));
+        ASSERT_OK(moas_context_force_scheme(filler, 0));
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens, 8, NULL, MOAS_LOGITS_LAST));
+        if (shared) {
+            ASSERT_OK(moas_context_fork(ctx, &fork));   /* 32 heads a layer: no copy */
+        }
+        ASSERT_OK(moas_context_decode_batch(filler, tokens + 8, 2, NULL, MOAS_LOGITS_NONE));
+        ASSERT_OK(moas_pool_stats(pool, &before));
+        ASSERT_EQ(before.pages_free, 0);
+        ASSERT_EQ(moas_context_kv_pages(ctx), 16);
+        int32_t changed = -1, counts[3];
+        if (shared) {
+            size_t n0, n1;
+            uint8_t *s0 = saved_state(ctx, &n0), *f0 = saved_state(fork, &n0);
+            ASSERT_TRUE(s0 && f0);
+            ASSERT_STATUS(moas_context_compact(ctx, 8, 2, &changed), MOAS_ERR_POOL_FULL);
+            ASSERT_TRUE(strstr(moas_last_error(), "context_compact: the KV pool lacks 16 "
+                                                  "page(s): 16 needed, 0 free of 20") != NULL);
+            ASSERT_EQ(changed, 0);
+            ASSERT_OK(moas_pool_stats(pool, &info));
+            ASSERT_EQ(info.pages_free, 0);
+            ASSERT_EQ(info.bytes_used, before.bytes_used);
+            ASSERT_EQ(moas_context_kv_pages(ctx), 16);
+            ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+            ASSERT_EQ(counts[0], 8 * 2);
+            uint8_t *s1 = saved_state(ctx, &n1), *f1 = saved_state(fork, &n1);
+            ASSERT_TRUE(s1 && f1);
+            ASSERT_TRUE(memcmp(s1, s0, n0) == 0 && memcmp(f1, f0, n0) == 0);
+            free(s0);
+            free(f0);
+            free(s1);
+            free(f1);
+            moas_context_free(fork);   /* the pages are ctx's alone again; still none free */
+            ASSERT_OK(moas_pool_stats(pool, &info));
+            ASSERT_EQ(info.pages_free, 0);
+        }
+        ASSERT_OK(moas_context_compact(ctx, 8, 2, &changed));
+        ASSERT_EQ(changed, 8 * 2);
+        ASSERT_EQ(moas_context_kv_pages(ctx), 4);
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), 2 * (8 * 1 * 8 * 2 * 4 + 8 * 5));
+        ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+        ASSERT_EQ(counts[2], 8 * 2);
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 12);
+        moas_context_free(filler);
+        moas_context_free(ctx);
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 20);
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A pool with steer_below routes a routed context's tokens toward cheaper schemes as
  * its pages run out: each token's heads follow the limit computed here from the free
  * pages before its call, and the context fits more tokens than without steering. */
