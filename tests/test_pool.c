@@ -2239,6 +2239,59 @@ TEST(pool_steering_follows_free_pages) {
     return TEST_PASS;
 }
 
+/* The limit scales with steer_below: at 0.5 the tokens keep the widest scheme while
+ * half the pages or more are free, and below that the limit is cheapest + (widest -
+ * cheapest) * f / 0.5, so GQA (2 heads) stays open down to a sixth of the pages free,
+ * where at steer_below 1 it would close at a third. Same model and pool as above. */
+TEST(pool_steering_scales_with_steer_below) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);   /* pooled K/V, schemes 4, 2, 1 */
+    moas_model *m;
+    int32_t tokens[64];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t L = moas_model_n_layer(m);
+    seq_tokens(tokens, 64, moas_model_n_vocab(m), 6);
+    moas_pool_params pp;
+    moas_pool *pool;
+    moas_pool_params_init(&pp);
+    pp.page_heads = 4;
+    pp.capacity_bytes = (uint64_t)40 * 4 * moas_model_head_dim(m) * 2 * 4;   /* 40 pages */
+    pp.steer_below = 0.5f;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_context *ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(ctx != NULL);
+    ASSERT_OK(moas_context_force_scheme(ctx, 0));   /* the router's proposal: MHA */
+    int32_t wide = 0, gqa_low = 0;   /* MHA tokens; GQA ones below a third free */
+    for (int32_t n = 0; n < 64; n++) {
+        moas_pool_info info = {.size = sizeof info};
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        const moas_status st = moas_context_decode(ctx, tokens[n], NULL);
+        if (st == MOAS_ERR_POOL_FULL) {
+            break;
+        }
+        ASSERT_OK(st);
+        int32_t heads[8];
+        float gates[8 * 3];
+        ASSERT_OK(moas_context_routes(ctx, n, 1, gates, NULL, heads));
+        const double f = (double)info.pages_free / (double)info.n_pages;
+        const int32_t limit = f >= 0.5 ? 4 : 1 + (int32_t)(3 * f / 0.5);
+        for (int32_t l = 0; l < L; l++) {
+            const float *g = gates + l * 3;
+            const int32_t want = limit >= 4 ? 4 : limit >= 2 && g[1] >= g[2] ? 2 : 1;
+            ASSERT_EQ(heads[l], want);
+            wide += heads[l] == 4;
+            gqa_low += heads[l] == 2 && 3 * info.pages_free < info.n_pages;
+        }
+    }
+    ASSERT_TRUE(wide > 0);
+    ASSERT_TRUE(gqa_low > 0);   /* the range where 0.5 and 1 differ was reached */
+    moas_context_free(ctx);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A call reserves pages for the most heads its tokens may take: a forced scheme
  * without a route callback takes only that scheme's, steering only its limit; with a
  * callback (which may choose any scheme) the widest. The pooled 2-layer model of
