@@ -342,6 +342,53 @@ TEST(routed_kv_budget_holds) {
     return TEST_PASS;
 }
 
+/* A budget is a bound the cache may reach, not one it must stay under: the least
+ * budget (one token at the cheapest scheme in every layer) is accepted and holds
+ * exactly one token, and a budget of exactly ten such tokens holds ten, the eleventh
+ * refused; in mixture mode alike with its fixed token (all schemes' heads). */
+TEST(kv_budget_holds_exactly_what_it_names) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 8, &size);
+    moas_model *m;
+    int32_t tokens[N_CTX];
+    const uint64_t mqa_token = N_LAYER * (1 * HEAD_DIM * 2 * 4 + META);   /* 74 */
+    const uint64_t mix_token = N_LAYER * (4 + 2 + 1) * HEAD_DIM * 2 * 4;  /* 448 */
+
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    pseudo_tokens(tokens, N_CTX, 40, 9);
+    for (int mode = 0; mode < 2; mode++) {
+        moas_context *ctx;
+        uint64_t token;
+        if (mode == 0) {
+            ctx = routed_context(m, MOAS_TYPE_F32, 2);   /* MQA forced */
+            token = mqa_token;
+        } else {
+            moas_context_params p;
+            moas_context_params_init(&p);
+            ASSERT_OK(moas_context_create(m, &p, &ctx));
+            token = mix_token;
+        }
+        ASSERT_TRUE(ctx != NULL);
+        ASSERT_STATUS(moas_context_set_kv_budget(ctx, token - 1), MOAS_ERR_INVALID_ARG);
+        ASSERT_OK(moas_context_set_kv_budget(ctx, token));
+        ASSERT_OK(moas_context_decode(ctx, tokens[0], NULL));
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), token);
+        ASSERT_STATUS(moas_context_decode(ctx, tokens[1], NULL), MOAS_ERR_CONTEXT_FULL);
+        ASSERT_OK(moas_context_set_kv_budget(ctx, 10 * token));
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens + 1, 8, NULL, MOAS_LOGITS_NONE));
+        ASSERT_OK(moas_context_decode(ctx, tokens[9], NULL));   /* the tenth: exactly */
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), 10 * token);
+        ASSERT_STATUS(moas_context_decode(ctx, tokens[10], NULL), MOAS_ERR_CONTEXT_FULL);
+        ASSERT_STATUS(moas_context_decode_batch(ctx, tokens, 1, NULL, MOAS_LOGITS_NONE),
+                      MOAS_ERR_CONTEXT_FULL);
+        ASSERT_EQ(moas_context_n_past(ctx), 10);
+        moas_context_free(ctx);
+    }
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Routed decode token by token equals routed batch decode; truncate then decode other
  * tokens equals never having gone further (the ragged offsets are restored). */
 static int batch_and_truncate_equal_uninterrupted(bool modern) {
