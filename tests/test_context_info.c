@@ -62,6 +62,35 @@ TEST(kv_token_bytes_is_what_the_cache_uses) {
     return TEST_PASS;
 }
 
+/* A layer outside [-1, n_layer) reads as 0 bytes used and reserved, the first one past
+ * the last layer included; the last layer itself reads its own bytes (n_ctx 8). */
+TEST(kv_bytes_of_a_layer_out_of_range_are_zero) {
+    moas_model *model;
+    moas_context *ctx;
+    moas_context_params cp;
+    const int32_t tokens[3] = {4, 9, 2};
+
+    ASSERT_OK(moas_model_load(test_data("tiny-moas-bias.gguf"), NULL, &model));
+    ASSERT_EQ(moas_model_n_layer(model), 2);
+    for (int mode = 0; mode < 2; mode++) {
+        moas_context_params_init(&cp);
+        cp.mode = mode;
+        cp.n_ctx = 8;
+        ASSERT_OK(moas_context_create(model, &cp, &ctx));
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens, 3, NULL, MOAS_LOGITS_NONE));
+        /* a layer: mixture 8 * 9 heads * 64 bytes, routed 8 * (6 * 64 + 5) */
+        ASSERT_EQ(moas_context_kv_bytes_reserved(ctx, 1), mode == 0 ? 8 * 9 * 64 : 8 * (6 * 64 + 5));
+        ASSERT_TRUE(moas_context_kv_bytes_used(ctx, 1) > 0);
+        ASSERT_EQ(moas_context_kv_bytes_reserved(ctx, 2), 0);
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, 2), 0);
+        ASSERT_EQ(moas_context_kv_bytes_reserved(ctx, -2), 0);
+        ASSERT_EQ(moas_context_kv_bytes_used(ctx, -2), 0);
+        moas_context_free(ctx);
+    }
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 TEST(context_reports_its_thread_count) {
     moas_model *model;
     moas_context *ctx;

@@ -143,6 +143,7 @@ X(routed_f16_cache_close_to_f32)
 
 /* tests/test_context_info.c */
 X(kv_token_bytes_is_what_the_cache_uses)
+X(kv_bytes_of_a_layer_out_of_range_are_zero)
 X(context_reports_its_thread_count)
 
 /* tests/test_tokenizer.c */
