@@ -3,12 +3,33 @@
  * small KV pool: create a context in the pool, free one, fork one, decode a token or
  * a run of tokens into one, moas_pool_decode over several (each a token or a short run,
  * every `which`), truncate, reset, shift (RoPE models), compact (pooled K/V, routed),
- * force a scheme, save a context's state and load it into another, read the pool's
- * figures, arm an allocation failure for the next call, and calls with bad arguments
- * (NULL, out of range, a context of another pool or mode, a pool of another model).
+ * force a scheme, install or remove a route callback, save a context's state and load
+ * it into another, read the pool's figures, arm an allocation failure for the next
+ * call, and calls with bad arguments (NULL, out of range, a context of another pool or
+ * mode, a pool of another model).
  *
- * The shadow keeps each context's history (tokens, the scheme forced for each, which
- * tokens a shift, a compaction or steering made impossible to replay) and a copy of
+ * Route callbacks (route_cb) come from moas_context_params.route_fn at creation or
+ * moas_context_set_route_callback() later, and a fork inherits its parent's (moas.h).
+ * Each returns a pure function of (pos, layer, a seed byte): a scheme in range, -1,
+ * n_scheme or beyond (which keep `proposed`), by the seed. One may also, at one
+ * position and layer, make a nested call: on a context of the decoding call under way
+ * (its own, or another part of the same moas_pool_decode) decode, decode_batch,
+ * truncate, fork, state load, compact, shift and moas_pool_decode must be refused with
+ * MOAS_ERR_BUSY, reset and free be no-ops that leave a message, and the settings (the
+ * forced scheme it has, budget 0, the callback it has) go ahead, their bad values
+ * refused with MOAS_ERR_INVALID_ARG; on a context of the pool the call does not name,
+ * truncate, reset and free go ahead (the shadow follows), and a moas_pool_decode of
+ * no tokens goes ahead unless the call is itself a moas_pool_decode (MOAS_ERR_BUSY).
+ * The callback records each status, whether it left a message and whether the
+ * refused call left n_past and the pages as they were; the harness checks them once
+ * the decoding call has returned, with the callbacks called exactly once per token
+ * and layer of each context that has one (none when the call failed). With a callback
+ * a forced scheme no longer bounds what a routed token reserves: it reserves at the
+ * widest (or the steering limit), as the library's call_max_heads does.
+ *
+ * The shadow keeps each context's history (tokens, the scheme forced for each, the
+ * seed of the callback each was decoded under, which tokens a shift, a compaction or
+ * steering made impossible to replay) and a copy of
  * the pool's page bookkeeping: which page each stream of each context holds and how
  * many holders each page has, updated as docs/KV_CACHE.md describes (a call reserves
  * every page its tokens may need at the most they may take, a write into a shared
@@ -31,7 +52,9 @@
  * context of the same model, mode and KV type: every logit the fuzzer was handed for a
  * position (single decodes, LOGITS_LAST and every row of LOGITS_ALL, alone or in a
  * pool call), the context's last logits, its routing records and KV bytes must be
- * bitwise equal. That covers fork, moas_pool_decode, truncate, reset and state load.
+ * bitwise equal, each token decoded under the scheme it was forced to and the
+ * callback (choosing alone) it was decoded under, or none. That covers fork,
+ * moas_pool_decode, truncate, reset, state load and route callbacks.
  * Shifted and compacted contexts get sanity checks: finite logits, n_past and the
  * routing records as predicted (a shift moves them down, compaction pools exactly the
  * tokens whose heads nest in the target's).
@@ -45,8 +68,12 @@
  * of 4 must be refused, and falls back to F32), the mode (bits 4-5: mixture, routed, or
  * each context's own) and the page size (bits 6-7: 1, 2, 4 or 8 heads); byte 1 the
  * pool's pages (3 to 63); byte 2 steering (bits 0-1), bytes past the last whole page
- * (bits 2-7) and, with bit 7, blocks of 3 rows for moas_pool_decode (n_batch 3). Then one opcode byte per step followed by its operands; at most
- * MAX_STEPS steps.
+ * (bits 2-7) and, with bit 7, blocks of 3 rows for moas_pool_decode (n_batch 3). Then
+ * one opcode byte per step followed by its operands; at most MAX_STEPS steps. Route
+ * callbacks: OP_CREATE's flags bit 7 (one that only chooses, seeded from the
+ * operands), and OP_FORCE's second operand 240 to 247 (step_route: 240, 242, 244, 246
+ * install one, followed by its seed, action, position and layer, and target; the odd
+ * ones remove it).
  */
 #include "fuzz.h"
 
@@ -131,6 +158,40 @@ static void init_models(void) {
 
 /* ---- the shadow ------------------------------------------------------------------ */
 
+/* What a route callback does (see route_cb): the nested call it makes once, at one
+ * position and layer, on a context of the decoding call under way or on a context of
+ * the pool that the call does not name. */
+typedef enum {
+    ACT_DECODE,     /* moas_context_decode: MOAS_ERR_BUSY */
+    ACT_BATCH,      /* moas_context_decode_batch: MOAS_ERR_BUSY */
+    ACT_TRUNCATE,   /* MOAS_ERR_BUSY; unrelated: truncated to half, MOAS_OK */
+    ACT_FORK,       /* MOAS_ERR_BUSY, *out NULL */
+    ACT_LOAD,       /* moas_context_state_load: MOAS_ERR_BUSY */
+    ACT_RESET,      /* a no-op with a message; unrelated: reset */
+    ACT_FREE,       /* a no-op with a message; unrelated: freed */
+    ACT_POOL,       /* moas_pool_decode naming it: MOAS_ERR_BUSY; unrelated: a part of
+                     * no tokens, MOAS_ERR_BUSY within a moas_pool_decode, else MOAS_OK */
+    ACT_COMPACT,    /* MOAS_ERR_BUSY */
+    ACT_SHIFT,      /* MOAS_ERR_BUSY */
+    ACT_FORCE,      /* a setting: the forced scheme it has (MOAS_OK), then n_scheme
+                     * (MOAS_ERR_INVALID_ARG) */
+    ACT_BUDGET,     /* a setting: budget 0, which it has (MOAS_OK), then 1 byte
+                     * (MOAS_ERR_INVALID_ARG) */
+    ACT_SETCB,      /* a setting: the route callback it has, again */
+    ACT_NONE        /* and above: only the choice */
+} cb_action;
+
+typedef struct {
+    uint8_t seed;                       /* the choice: cb_choice(seed, pos, layer) */
+    uint8_t act;                        /* a cb_action */
+    int32_t pos, layer;                 /* where the action happens */
+    uint8_t target;                     /* which context: bit 7, one the call does not
+                                         * name (truncate, reset, free, pool) if any;
+                                         * else the call's context target % n */
+} cbspec;
+
+#define MAX_SPECS (MAX_STEPS + 1)       /* one per step at the most */
+
 typedef struct {
     int32_t n;                          /* pages held */
     int32_t ids[MAX_STREAM_PAGES];      /* shadow page ids */
@@ -142,6 +203,8 @@ typedef struct {
     moas_mode mode;
     int32_t n_ctx;
     int32_t forced;                     /* forced scheme now, -1: none */
+    int32_t cb;                         /* route callback now: index in driver.specs,
+                                         * -1: none */
     int32_t limit;                      /* routed: the most heads a token of the call
                                          * under way may take (call_limit) */
     bool has_ws;                        /* known to have its own workspace */
@@ -149,6 +212,8 @@ typedef struct {
     int32_t n_past;
     int32_t tok[MAX_CTX];
     int8_t forced_at[MAX_CTX];          /* the forcing each token was decoded under */
+    int16_t cb_at[MAX_CTX];             /* the seed of the route callback each token was
+                                         * decoded under, -1: none */
     bool taint[MAX_CTX];                /* shifted, pooled down or steered: no replay */
     int32_t heads[MAX_CTX][MAX_L];      /* KV heads per token and layer (routes) */
     bool logits;                        /* moas_context_logits() is not NULL */
@@ -189,6 +254,9 @@ typedef struct {
     int32_t n_free;
 
     sctx c[MAX_SLOTS];
+    cbspec specs[MAX_SPECS];            /* route callbacks installed, never rewritten
+                                         * (forks share them) */
+    int n_specs;
     moas_context *ref[2];               /* replay contexts per mode, made on first use */
     moas_pool *other_pool;              /* another pool of the same model */
     moas_context *other_ctx;            /* a context in it */
@@ -391,6 +459,193 @@ static bool bad_token(const driver *d, int32_t t) {
     return t < 0 || t >= d->V;
 }
 
+/* ---- route callbacks ------------------------------------------------------------ */
+
+/* The scheme a callback of seed `seed` returns for (pos, layer): a pure function of
+ * them (and n_scheme, the model's), so that a replay with the same seed chooses the
+ * same. By seed >> 6: always in range; always -1 (keeps `proposed`); mixed (in range,
+ * -1, n_scheme, INT32_MAX, INT32_MIN); in range in layer 0 only, past n_scheme in the
+ * others. */
+static int32_t cb_choice(uint8_t seed, int32_t pos, int32_t layer, int32_t n_scheme) {
+    uint32_t h = (uint32_t)seed * 0x9E3779B1u ^ (uint32_t)pos * 0x85EBCA77u ^
+                 (uint32_t)layer * 0xC2B2AE3Du;
+    h ^= h >> 15;
+    h *= 0x2C1B3C6Du;
+    h ^= h >> 12;
+    const int32_t in = (int32_t)((h >> 4) % (uint32_t)n_scheme);
+    switch (seed >> 6) {
+    case 0:
+        return in;
+    case 1:
+        return -1;
+    case 2:
+        switch (h % 8) {
+        case 4: return -1;
+        case 5: return n_scheme;
+        case 6: return INT32_MAX;
+        case 7: return INT32_MIN;
+        default: return in;
+        }
+    default:
+        return layer == 0 ? in : n_scheme + (int32_t)(h % 3);
+    }
+}
+
+#define MAX_FIRES 8
+
+/* A nested call a callback made, checked once the decoding call has returned. */
+typedef struct {
+    int act;                            /* a cb_action */
+    int slot;                           /* the context it named */
+    bool unrelated;                     /* one the decoding call does not name */
+    moas_status st, want;               /* its status, and the expected one */
+    bool msg;                           /* it left a new message */
+    bool same;                          /* n_past and pages as before it (and a refused
+                                         * fork's *out NULL) */
+    int32_t n_keep;                     /* an unrelated truncate's */
+} cb_fire;
+
+/* The decoding call under way, for the callbacks (replays have none: active false). */
+static struct {
+    driver *d;
+    bool active;
+    bool pool;                          /* a moas_pool_decode */
+    int n_call;
+    int slots[MAX_SLOTS];               /* the contexts it names */
+    unsigned in_call;                   /* as a mask */
+    unsigned gone;                      /* unrelated contexts a callback freed */
+    long n_invoked;                     /* callback calls */
+    int depth;
+    int n_fires;
+    cb_fire fires[MAX_FIRES];
+} g_cb;
+
+/* For the replays: a callback of every seed that only chooses. */
+static cbspec replay_specs[256];
+
+static void cb_act(const cbspec *sp);
+
+static int32_t route_cb(void *user, int32_t pos, int32_t layer, const float *gates,
+                        int32_t n_scheme, int32_t proposed) {
+    const cbspec *sp = (const cbspec *)user;
+    FUZZ_CHECK(sp != NULL && n_scheme >= 1 && n_scheme <= MAX_S);
+    FUZZ_CHECK(pos >= 0 && pos < MAX_CTX && layer >= 0 && layer < MAX_L);
+    FUZZ_CHECK(proposed >= 0 && proposed < n_scheme);
+    for (int32_t s = 0; s < n_scheme; s++) {
+        FUZZ_CHECK(isfinite(gates[s]) && gates[s] >= 0.0f);
+    }
+    g_cb.n_invoked++;
+    if (g_cb.active && g_cb.depth == 0 && sp->act < ACT_NONE && pos == sp->pos &&
+        layer == sp->layer && g_cb.n_fires < MAX_FIRES) {
+        g_cb.depth++;
+        cb_act(sp);
+        g_cb.depth--;
+    }
+    return cb_choice(sp->seed, pos, layer, n_scheme);
+}
+
+static void cb_act(const cbspec *sp) {
+    driver *d = g_cb.d;
+    cb_fire *f = &g_cb.fires[g_cb.n_fires++];
+    memset(f, 0, sizeof *f);
+    f->act = sp->act;
+    f->slot = -1;
+    if ((sp->target & 0x80) && (sp->act == ACT_TRUNCATE || sp->act == ACT_RESET ||
+                                sp->act == ACT_FREE || sp->act == ACT_POOL)) {
+        for (int k = 0; k < MAX_SLOTS && f->slot < 0; k++) {
+            const int s = (sp->target + k) % MAX_SLOTS;
+            if (d->c[s].live && !(g_cb.in_call & (1u << s)) && !(g_cb.gone & (1u << s))) {
+                f->slot = s;
+                f->unrelated = true;
+            }
+        }
+    }
+    if (f->slot < 0) {
+        f->slot = g_cb.slots[sp->target % g_cb.n_call];
+    }
+    const sctx *c = &d->c[f->slot];
+    moas_context *t = c->ctx;
+    const int32_t n_before = moas_context_n_past(t), pages_before = moas_context_kv_pages(t);
+    const int32_t tokens[2] = {0, 1};
+    moas_context *out = (moas_context *)&out;
+    moas_pool_seq q = {t, tokens, f->unrelated ? 0 : 1, MOAS_LOGITS_LAST, NULL};
+    bool msg = true;
+    f->want = MOAS_ERR_BUSY;
+    fuzz_prime_error();
+    switch (sp->act) {
+    case ACT_DECODE:
+        f->st = moas_context_decode(t, 0, NULL);
+        break;
+    case ACT_BATCH:
+        f->st = moas_context_decode_batch(t, tokens, 2, NULL, MOAS_LOGITS_NONE);
+        break;
+    case ACT_TRUNCATE:
+        f->n_keep = f->unrelated ? n_before / 2 : 0;
+        f->want = f->unrelated ? MOAS_OK : MOAS_ERR_BUSY;
+        f->st = moas_context_truncate(t, f->n_keep);
+        break;
+    case ACT_FORK:
+        f->st = moas_context_fork(t, &out);
+        break;
+    case ACT_LOAD:
+        f->st = moas_context_state_load(t, state_buf, d->state_ok ? d->state_size : 64);
+        break;
+    case ACT_RESET:   /* no status: MOAS_ERR_BUSY stands for the message of a no-op */
+        moas_context_reset(t);
+        f->want = f->unrelated ? MOAS_OK : MOAS_ERR_BUSY;
+        f->st = fuzz_error_replaced() ? MOAS_ERR_BUSY : MOAS_OK;
+        break;
+    case ACT_FREE:
+        if (f->unrelated) {
+            g_cb.gone |= 1u << f->slot;
+        }
+        moas_context_free(t);
+        f->want = f->unrelated ? MOAS_OK : MOAS_ERR_BUSY;
+        f->st = f->unrelated || !fuzz_error_replaced() ? MOAS_OK : MOAS_ERR_BUSY;
+        break;
+    case ACT_POOL:
+        f->want = f->unrelated && !g_cb.pool ? MOAS_OK : MOAS_ERR_BUSY;
+        f->st = moas_pool_decode(d->pool, &q, 1);
+        break;
+    case ACT_COMPACT:
+        f->st = moas_context_compact(t, 0, 0, NULL);
+        break;
+    case ACT_SHIFT:
+        f->st = moas_context_shift(t, 0, 0);
+        break;
+    case ACT_FORCE:
+        f->want = MOAS_ERR_INVALID_ARG;
+        f->st = moas_context_force_scheme(t, c->forced);
+        if (f->st == MOAS_OK) {
+            fuzz_prime_error();
+            f->st = moas_context_force_scheme(t, d->S);
+        }
+        break;
+    case ACT_BUDGET:
+        f->want = MOAS_ERR_INVALID_ARG;
+        f->st = moas_context_set_kv_budget(t, 0);
+        if (f->st == MOAS_OK) {
+            fuzz_prime_error();
+            f->st = moas_context_set_kv_budget(t, 1);
+        }
+        break;
+    default:   /* ACT_SETCB: no status, no message */
+        moas_context_set_route_callback(t, c->cb >= 0 ? route_cb : NULL,
+                                        c->cb >= 0 ? &d->specs[c->cb] : NULL);
+        f->want = f->st = MOAS_OK;
+        msg = false;
+        break;
+    }
+    if (f->want == MOAS_OK && sp->act != ACT_SETCB) {
+        msg = false;   /* an unrelated call that goes ahead */
+    }
+    f->msg = !msg || fuzz_error_replaced();
+    /* (an unrelated context may be freed by now) */
+    f->same = f->unrelated || (moas_context_n_past(t) == n_before &&
+                               moas_context_kv_pages(t) == pages_before &&
+                               (sp->act != ACT_FORK || out == NULL));
+}
+
 /* ---- allocation failures -------------------------------------------------------- */
 
 static void arm(driver *d) {
@@ -579,12 +834,16 @@ static void verify_one(driver *d, sctx *c) {
         if (c->mode == MOAS_MODE_ROUTED) {
             FUZZ_CHECK(moas_context_force_scheme(ref, c->forced_at[j]) == MOAS_OK);
         }
+        /* the callback the token was decoded under, choosing alone */
+        moas_context_set_route_callback(ref, c->cb_at[j] >= 0 ? route_cb : NULL,
+                                        c->cb_at[j] >= 0 ? &replay_specs[c->cb_at[j]] : NULL);
         FUZZ_CHECK(moas_context_decode(ref, c->tok[j], NULL) == MOAS_OK);
         if (c->pos_has[j]) {
             FUZZ_CHECK(memcmp(moas_context_logits(ref), c->pos_logits[j],
                               (size_t)d->V * sizeof(float)) == 0);
         }
     }
+    moas_context_set_route_callback(ref, NULL, NULL);
     const float *l = moas_context_logits(c->ctx);
     if (l != NULL && !c->stale) {
         FUZZ_CHECK(c->n_past > 0);
@@ -622,14 +881,15 @@ static bool steering(const driver *d, const sctx *c) {
 
 /* Before a call reserves: the most heads a routed token of c may take in it, which
  * its reservation counts (the library's call_max_heads): the widest scheme's, or the
- * forced scheme's (no program sets a route callback), or the steering limit below
+ * forced scheme's when no route callback is set (a callback may pick any scheme, so
+ * with one a forced scheme reserves at the widest), or the steering limit below
  * steer_below of free pages, cheapest + (widest - cheapest) free / steer_below. */
 static void call_limit(const driver *d, sctx *c) {
     int32_t heads = d->widest, cheapest = d->widest;
     for (int32_t s = 0; s < d->S; s++) {
         cheapest = d->n_kv[s] < cheapest ? d->n_kv[s] : cheapest;
     }
-    if (c->forced >= 0 && d->n_kv[c->forced] < heads) {
+    if (c->forced >= 0 && c->cb < 0 && d->n_kv[c->forced] < heads) {
         heads = d->n_kv[c->forced];
     }
     if (steering(d, c)) {
@@ -648,6 +908,7 @@ static void record_tokens(driver *d, sctx *c, const int32_t *tokens, int32_t n,
     for (int32_t i = 0; i < n; i++) {
         c->tok[at + i] = tokens[i];
         c->forced_at[at + i] = (int8_t)c->forced;
+        c->cb_at[at + i] = (int16_t)(c->cb >= 0 ? d->specs[c->cb].seed : -1);
         c->taint[at + i] = steered;
         c->pos_has[at + i] = false;
         if (which == MOAS_LOGITS_ALL) {
@@ -681,6 +942,7 @@ static void init_slot(driver *d, sctx *c, moas_context *ctx, moas_mode mode, int
     c->mode = mode;
     c->n_ctx = n_ctx;
     c->forced = -1;
+    c->cb = -1;
     c->n_streams = n_streams(d, mode);
 }
 
@@ -701,6 +963,14 @@ static void step_create(driver *d, fuzz_cursor *cur) {
     p.n_batch = (flags >> 2) & 3;   /* blocks of 1 to 3 tokens, or 0: the default */
     if (slot < 0) {
         return;
+    }
+    int32_t cb = -1;
+    if (flags & 0x80) {   /* a route callback from the start, one that only chooses */
+        cb = d->n_specs++;
+        FUZZ_CHECK(cb < MAX_SPECS);
+        d->specs[cb] = (cbspec){(uint8_t)(b * 7u + flags), ACT_NONE, 0, 0, 0};
+        p.route_fn = route_cb;
+        p.route_user = &d->specs[cb];
     }
     const bool valid = p.n_ctx >= 0 && p.n_ctx <= MAX_CTX;
     const long live_before = counts.live;
@@ -723,6 +993,7 @@ static void step_create(driver *d, fuzz_cursor *cur) {
     }
     FUZZ_CHECK(st == MOAS_OK && ctx != NULL);
     init_slot(d, &d->c[slot], ctx, (moas_mode)p.mode, p.n_ctx == 0 ? MAX_CTX : p.n_ctx);
+    d->c[slot].cb = cb;
     FUZZ_CHECK(moas_context_n_ctx(ctx) == d->c[slot].n_ctx);
     FUZZ_CHECK(moas_context_mode(ctx) == (moas_mode)p.mode);
     FUZZ_CHECK(moas_context_logits(ctx) == NULL && moas_context_kv_pages(ctx) == 0);
@@ -793,6 +1064,72 @@ static void step_fork(driver *d, fuzz_cursor *cur) {
     expect_others_same(d, (1u << slot) | (1u << child));
 }
 
+/* ---- the callbacks' nested calls ------------------------------------------------ */
+
+/* Before a decoding call that names the contexts of `slots`. */
+static void cb_begin(driver *d, const int *slots, int n, bool pool) {
+    memset(&g_cb, 0, sizeof g_cb);
+    g_cb.d = d;
+    g_cb.active = true;
+    g_cb.pool = pool;
+    g_cb.n_call = n;
+    for (int i = 0; i < n; i++) {
+        g_cb.slots[i] = slots[i];
+        g_cb.in_call |= 1u << slots[i];
+    }
+}
+
+/* After it: the callbacks were called for every token and layer of each context that
+ * has one (`tokens` of them in all), and none for a call that failed. */
+static void cb_end(const driver *d, moas_status st, long tokens) {
+    g_cb.active = false;
+    if (st != MOAS_OK) {
+        FUZZ_CHECK(g_cb.n_invoked == 0 && g_cb.n_fires == 0);
+    } else {
+        FUZZ_CHECK(g_cb.n_invoked == tokens * d->L);
+    }
+}
+
+/* After a call that succeeded: every nested call the callbacks made had its status (a
+ * refusal left a message and its context as it was), and those on contexts the call
+ * does not name did what they do, in the shadow too. Returns those contexts. */
+static unsigned cb_check(driver *d) {
+    unsigned touched = 0;
+    for (int i = 0; i < g_cb.n_fires; i++) {
+        const cb_fire *f = &g_cb.fires[i];
+        if (trace) {
+            fprintf(stderr, "pool:   callback's call %d on slot %d%s: %s\n", f->act, f->slot,
+                    f->unrelated ? " (not in the call)" : "", moas_status_name(f->st));
+        }
+        FUZZ_CHECK(f->st == f->want);
+        FUZZ_CHECK(f->msg);
+        FUZZ_CHECK(f->same);
+        if (!f->unrelated) {
+            continue;
+        }
+        sctx *c = &d->c[f->slot];
+        FUZZ_CHECK(c->live);
+        touched |= 1u << f->slot;
+        switch (f->act) {
+        case ACT_TRUNCATE:
+        case ACT_RESET:
+            FUZZ_CHECK(f->n_keep <= c->n_past);
+            c->n_past = f->act == ACT_RESET ? 0 : f->n_keep;
+            c->logits = false;
+            c->stale = false;
+            trim(d, c);
+            break;
+        case ACT_FREE:
+            drop_all(d, c);
+            c->live = false;
+            break;
+        default:
+            break;
+        }
+    }
+    return touched;
+}
+
 /* A run of tokens into one context: moas_context_decode (n < 0: one token, the logits
  * copied out or not) or moas_context_decode_batch. */
 static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, int which,
@@ -819,6 +1156,7 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     const long live_before = counts.live, calls_before = counts.n_calls;
     const bool had_ws = c->has_ws;
     fuzz_prime_error();
+    cb_begin(d, &slot, 1, false);
     arm(d);
     const bool oom_possible = d->arm > 0 && n > 0;
     moas_status st;
@@ -829,6 +1167,7 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     }
     disarm(d);
     note(d, single ? "decode" : "batch", slot, st);
+    cb_end(d, st, c->cb >= 0 && st == MOAS_OK ? n : 0);
     if (had_ws) {
         FUZZ_CHECK(counts.n_calls == calls_before);   /* never per token */
     }
@@ -866,7 +1205,8 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     take_heads(d, c);
     trim(d, c);
     check_logits_finite(d, c);
-    expect_others_same(d, 1u << slot);
+    const unsigned touched = cb_check(d);
+    expect_others_same(d, (1u << slot) | touched);
 }
 
 static void step_decode(driver *d, fuzz_cursor *cur, bool copy_out) {
@@ -972,12 +1312,18 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
     for (int32_t i = 0; i < n_seqs; i++) {
         steered[i] = steering(d, &d->c[slots[i]]);
     }
+    long cb_tokens = 0;
+    for (int32_t i = 0; i < n_seqs; i++) {
+        cb_tokens += d->c[slots[i]].cb >= 0 ? seqs[i].n_tokens : 0;
+    }
     const long live_before = counts.live, calls_before = counts.n_calls;
     fuzz_prime_error();
+    cb_begin(d, slots, (int)n_seqs, true);
     arm(d);
     const moas_status st = moas_pool_decode(d->pool, seqs, n_seqs);
     disarm(d);
     note(d, "pool_decode", (int)n_seqs, st);
+    cb_end(d, st, cb_tokens);
     FUZZ_CHECK(counts.n_calls == calls_before);   /* never allocates */
     FUZZ_CHECK(st == want);
     if (st != MOAS_OK) {
@@ -1011,6 +1357,7 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
             expect_same(d, &d->c[slots[i]]);
         }
     }
+    touched |= cb_check(d);
     expect_others_same(d, touched);
 }
 
@@ -1138,6 +1485,7 @@ static void step_shift(driver *d, fuzz_cursor *cur) {
     for (int32_t j = n_keep; j < c->n_past - n_discard; j++) {
         c->tok[j] = c->tok[j + n_discard];
         c->forced_at[j] = c->forced_at[j + n_discard];
+        c->cb_at[j] = c->cb_at[j + n_discard];
         c->taint[j] = true;   /* keys turned back: not bit for bit a fresh decode */
         c->pos_has[j] = false;
     }
@@ -1336,10 +1684,11 @@ static void step_load(driver *d, fuzz_cursor *cur) {
         }
         c->st[i].n = n;
     }
-    /* the history is the source's; the settings (forcing, n_ctx) stay */
+    /* the history is the source's; the settings (forcing, route callback, n_ctx) stay */
     c->n_past = src->n_past;
     memcpy(c->tok, src->tok, sizeof c->tok);
     memcpy(c->forced_at, src->forced_at, sizeof c->forced_at);
+    memcpy(c->cb_at, src->cb_at, sizeof c->cb_at);
     memcpy(c->taint, src->taint, sizeof c->taint);
     memcpy(c->heads, src->heads, sizeof c->heads);
     memset(c->pos_has, 0, sizeof c->pos_has);
@@ -1354,9 +1703,51 @@ static void step_load(driver *d, fuzz_cursor *cur) {
     expect_others_same(d, 1u << slot);
 }
 
+/* OP_FORCE with 240 <= b < 248: install a route callback on the slot's context (b
+ * even; operands: the seed of its choice, its action % 16 (ACT_NONE and above: none),
+ * where (bits 0-3 the position, 4-7 the layer), its target), or remove it (b odd; 247
+ * also asks a NULL context, which must leave a message). */
+static void step_route(driver *d, fuzz_cursor *cur, int slot, uint8_t b) {
+    cbspec sp = {0, ACT_NONE, 0, 0, 0};
+    if (!(b & 1)) {
+        sp.seed = fuzz_u8(cur);
+        sp.act = fuzz_u8(cur) % 16;
+        const uint8_t at = fuzz_u8(cur);
+        sp.pos = at & 15;
+        sp.layer = (at >> 4) % d->L;
+        sp.target = fuzz_u8(cur);
+    }
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const long calls_before = counts.n_calls;
+    if (b & 1) {
+        moas_context_set_route_callback(c->ctx, NULL, NULL);
+        c->cb = -1;
+        if (b == 247) {
+            fuzz_prime_error();
+            moas_context_set_route_callback(NULL, route_cb, NULL);
+            FUZZ_CHECK(fuzz_error_replaced());
+        }
+    } else {
+        FUZZ_CHECK(d->n_specs < MAX_SPECS);
+        c->cb = d->n_specs++;
+        d->specs[c->cb] = sp;
+        moas_context_set_route_callback(c->ctx, route_cb, &d->specs[c->cb]);
+    }
+    note(d, b & 1 ? "route off" : "route on", slot, MOAS_OK);
+    FUZZ_CHECK(counts.n_calls == calls_before);   /* allocates nothing */
+    expect_others_same(d, 0);   /* its own context too: a setting only */
+}
+
 static void step_force(driver *d, fuzz_cursor *cur) {
     const int slot = pick_live(d, fuzz_u8(cur));
     const uint8_t b = fuzz_u8(cur);
+    if (b >= 240 && b < 248) {
+        step_route(d, cur, slot, b);
+        return;
+    }
     if (slot < 0) {
         return;
     }
@@ -1586,6 +1977,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     if (models[0] == NULL) {
         init_models();
+        for (int i = 0; i < 256; i++) {
+            replay_specs[i] = (cbspec){(uint8_t)i, ACT_NONE, 0, 0, 0};
+        }
     }
     memset(&d, 0, sizeof d);
     memset(&counts, 0, sizeof counts);
