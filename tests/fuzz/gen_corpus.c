@@ -361,9 +361,17 @@ static void state_seeds(const char *dir) {
  * reach every opcode on every model: a pool too small for what is asked of it
  * (MOAS_ERR_POOL_FULL in decode, moas_pool_decode, fork, state load and the copies a
  * shift or compaction makes of shared pages), shift and compaction of forked
- * contexts, a state loaded into another context, allocation failures, bad arguments. */
+ * contexts, a state loaded into another context, allocation failures, bad arguments,
+ * route callbacks (every nested call they make, on a context of the decoding call and
+ * on one it does not name; a forced scheme that reserves at the widest under one). */
 enum { P_CREATE, P_FREE, P_FORK, P_DECODE, P_BATCH, P_POOL_DECODE, P_TRUNCATE, P_RESET,
        P_SHIFT, P_COMPACT, P_SAVE, P_LOAD, P_STATS, P_BAD_ARGS, P_VERIFY, P_FORCE, P_OOM };
+/* P_FORCE's operand: install a route callback (followed by its seed, action, position |
+ * layer << 4, target: bit 7 a context the call does not name), or remove it */
+enum { P_ROUTE_ON = 240, P_ROUTE_OFF = 241 };
+/* the callbacks' nested calls (cb_action in fuzz_pool.c); A_NONE: only the choice */
+enum { A_DECODE, A_BATCH, A_TRUNCATE, A_FORK, A_LOAD, A_RESET, A_FREE, A_POOL, A_COMPACT,
+       A_SHIFT, A_FORCE, A_BUDGET, A_SETCB, A_NONE };
 
 static void pool_seeds(const char *dir) {
     static const uint8_t pooled_routed[] = {
@@ -409,6 +417,63 @@ static void pool_seeds(const char *dir) {
         P_TRUNCATE, 0, 240, P_SHIFT, 0, 233, 0, P_COMPACT, 0, 233, 241, P_FORCE, 0, 241,
         P_STATS, 2, P_STATS, 20, P_CREATE, 250, 0, P_CREATE, 251, 0, P_LOAD, 0, 0,
         P_SAVE, 0, 0, P_LOAD, 0, 0, P_LOAD, 0, 1, P_LOAD, 0, 2};
+    /* a callback's nested calls on its own context and on the other parts of a
+     * moas_pool_decode: refused (MOAS_ERR_BUSY, reset and free no-ops); the settings go
+     * ahead; a fork inherits the callback */
+    static const uint8_t route_busy[] = {
+        0x10 | 0x80, 40, 0x00,                 /* pooled RoPE, F32, routed, pages of 4 */
+        P_CREATE, 0, 0, P_FORCE, 0, P_ROUTE_ON, 0x00, A_NONE, 0, 0,
+        P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_VERIFY,
+        P_FORCE, 0, P_ROUTE_ON, 0x80, A_DECODE, 5, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON, 0x81, A_BATCH, 6, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x82, A_TRUNCATE, 7, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_FORK, 8, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_LOAD, 9, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_RESET, 10, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_FREE, 11, 0, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_POOL, 12, 0, P_DECODE, 0, 6, P_VERIFY,
+        P_FORK, 0, P_CREATE, 0, 0,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x43, A_COMPACT, 13, 1,
+        P_FORCE, 1, P_ROUTE_ON + 4, 0xc3, A_SHIFT, 13, 0,
+        P_POOL_DECODE, 0x07, 0x09, 1, 0x09, 2, 0x09, 3, P_VERIFY,
+        P_FORCE, 2, P_ROUTE_OFF, P_FORCE, 1, P_ROUTE_ON + 4, 0x83, A_FORCE, 14, 1,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_BUDGET, 14, 1,
+        P_FORCE, 2, P_ROUTE_ON + 4, 0x83, A_SETCB, 1 | 1 << 4, 2,
+        P_POOL_DECODE, 0x07, 0x09, 1, 0x09, 2, 0x09, 3,
+        P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_POOL, 15, 1,
+        P_POOL_DECODE, 0x03, 0x09, 1, 0x09, 2, P_VERIFY};
+    /* nested calls on contexts the decoding call does not name: truncate, reset, free
+     * and an empty moas_pool_decode go ahead (refused within a moas_pool_decode) */
+    static const uint8_t route_unrelated[] = {
+        0x10 | 0x80, 40, 0x00,
+        P_CREATE, 0, 0, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_FORK, 0, P_CREATE, 0, 0x80,
+        P_BATCH, 2, 0x0b, 1, 2, 3,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_TRUNCATE, 5, 0x81, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_RESET, 6, 0x82, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_POOL, 7, 0x82, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_FREE, 8 | 1 << 4, 0x81, P_DECODE, 0, 6,
+        P_VERIFY, P_STATS, 20,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_POOL, 9, 0x83, P_CREATE, 0, 0, P_CREATE, 0, 0,
+        P_POOL_DECODE, 0x03, 0x09, 1, 0x09, 2, P_VERIFY};
+    /* a forced scheme bounds the reservation only without a callback: MQA forced,
+     * 20 pages of one head, 5 tokens take 10 pages; with a callback they reserve 40 */
+    static const uint8_t route_reserve[] = {
+        0x10, 17, 0x00,                        /* pooled RoPE, F32, routed, pages of 1 */
+        P_CREATE, 0, 0, P_FORCE, 0, 3, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5,
+        P_FORCE, 0, P_ROUTE_ON, 0x40, A_NONE, 0, 0, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5,
+        P_DECODE, 0, 6, P_FORCE, 0, P_ROUTE_OFF, P_DECODE, 0, 7, P_VERIFY,
+        P_FORCE, 0, P_ROUTE_OFF + 6, P_TRUNCATE, 0, 2, P_BATCH, 0, 0x0b, 1, 2, 3, P_VERIFY};
+    /* independent schemes, each context its own mode, callbacks from creation (every
+     * style of choice), in a moas_pool_decode with a callback that frees a context
+     * it does not name */
+    static const uint8_t route_modes[] = {
+        0x01 | 0x20 | 0x80, 40, 0x00,
+        P_CREATE, 0, 0x81, P_CREATE, 1, 0x80, P_CREATE, 0x40, 0x81, P_CREATE, 0x80, 0x81,
+        P_BATCH, 0, 0x15, 1, 2, 3, 4, 5, P_BATCH, 2, 0x15, 1, 2, 3, 4, 5,
+        P_BATCH, 3, 0x15, 1, 2, 3, 4, 5, P_FORCE, 2, 1,
+        P_FORCE, 0, P_ROUTE_ON, 0xc5, A_FREE, 5 | 1 << 4, 0x81,
+        P_POOL_DECODE, 0x85, 0x0d, 6, 7, 8, 9, 10, 0x0d, 6, 7, 8, 9, 10, P_VERIFY,
+        P_DECODE, 1, 11, P_VERIFY};
     static const struct {
         const char *name;
         const uint8_t *bytes;
@@ -420,6 +485,10 @@ static void pool_seeds(const char *dir) {
         {"q8-routed-steered", q8_routed, sizeof q8_routed},
         {"rope-independent-f16", rope_independent, sizeof rope_independent},
         {"oom-and-bad-args", oom_and_bad, sizeof oom_and_bad},
+        {"route-callback-nested-busy", route_busy, sizeof route_busy},
+        {"route-callback-other-contexts", route_unrelated, sizeof route_unrelated},
+        {"route-callback-reserves-widest", route_reserve, sizeof route_reserve},
+        {"route-callback-modes", route_modes, sizeof route_modes},
     };
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         write_file(dir, "pool", seeds[i].name, seeds[i].bytes, seeds[i].len);
