@@ -442,8 +442,9 @@ static void pool_seeds(const char *dir) {
         P_POOL_DECODE, 0x07, 0x09, 1, 0x09, 2, 0x09, 3,
         P_FORCE, 0, P_ROUTE_ON + 4, 0x83, A_POOL, 15, 1,
         P_POOL_DECODE, 0x03, 0x09, 1, 0x09, 2, P_VERIFY};
-    /* nested calls on contexts the decoding call does not name: truncate, reset, free
-     * and an empty moas_pool_decode go ahead (refused within a moas_pool_decode) */
+    /* nested calls on contexts the decoding call does not name: decode, truncate,
+     * reset, free and an empty moas_pool_decode go ahead (refused within a
+     * moas_pool_decode), and a decode finds the pool without the call's pages */
     static const uint8_t route_unrelated[] = {
         0x10 | 0x80, 40, 0x00,
         P_CREATE, 0, 0, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_FORK, 0, P_CREATE, 0, 0x80,
@@ -451,10 +452,13 @@ static void pool_seeds(const char *dir) {
         P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_TRUNCATE, 5, 0x81, P_DECODE, 0, 6,
         P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_RESET, 6, 0x82, P_DECODE, 0, 6,
         P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_POOL, 7, 0x82, P_DECODE, 0, 6,
-        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_FREE, 8 | 1 << 4, 0x81, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_DECODE, 8, 0x82, P_DECODE, 0, 6,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_FREE, 9 | 1 << 4, 0x81, P_DECODE, 0, 6,
         P_VERIFY, P_STATS, 20,
-        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_POOL, 9, 0x83, P_CREATE, 0, 0, P_CREATE, 0, 0,
-        P_POOL_DECODE, 0x03, 0x09, 1, 0x09, 2, P_VERIFY};
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_POOL, 10, 0x83, P_CREATE, 0, 0, P_CREATE, 0, 0,
+        P_POOL_DECODE, 0x03, 0x09, 1, 0x09, 2,
+        P_FORCE, 1, P_ROUTE_ON + 2, 0x80, A_DECODE, 1, 0x83, P_POOL_DECODE, 0x03, 0x09, 1,
+        0x09, 2, P_VERIFY};
     /* a forced scheme bounds the reservation only without a callback: MQA forced,
      * 20 pages of one head, 5 tokens take 10 pages; with a callback they reserve 40 */
     static const uint8_t route_reserve[] = {
