@@ -11,18 +11,18 @@
  * Route callbacks (route_cb) come from moas_context_params.route_fn at creation or
  * moas_context_set_route_callback() later, and a fork inherits its parent's (moas.h).
  * Each returns a pure function of (pos, layer, a seed byte): a scheme in range, -1,
- * n_scheme or beyond (which keep `proposed`), by the seed. One may also, at one
- * position and layer, make a nested call: on a context of the decoding call under way
- * (its own, or another part of the same moas_pool_decode) decode, decode_batch,
- * truncate, fork, state load, compact, shift and moas_pool_decode must be refused with
- * MOAS_ERR_BUSY, reset and free be no-ops that leave a message, and the settings (the
- * forced scheme it has, budget 0, the callback it has) go ahead, their bad values
- * refused with MOAS_ERR_INVALID_ARG; on a context of the pool the call does not name,
- * decode, truncate, reset and free go ahead, the shadow following at once (a decode's
- * status and pages are those of any decode against the pages the call under way left
- * free, its own callback only choosing), and a moas_pool_decode of no tokens goes
- * ahead unless the call is itself a moas_pool_decode (MOAS_ERR_BUSY).
- * The callback records each status, whether it left a message and whether the
+ * n_scheme or beyond (which keep `proposed`), by the seed. One may also, in one layer
+ * at one position and every fourth after, make a nested call: on a context of the
+ * decoding call under way (its own, or another part of the same moas_pool_decode)
+ * decode, decode_batch, truncate, fork, state load, compact, shift and
+ * moas_pool_decode must be refused with MOAS_ERR_BUSY, reset and free be no-ops that
+ * leave a message, and the settings (the forced scheme it has, budget 0, the callback
+ * it has) go ahead, their bad values refused with MOAS_ERR_INVALID_ARG; on a context
+ * of the pool the call does not name, decode, truncate, reset and free go ahead, the
+ * shadow following at once (a decode's status and pages are those of any decode
+ * against the pages the call under way left free, its own callback only choosing),
+ * and a moas_pool_decode of no tokens goes ahead unless the call is itself a
+ * moas_pool_decode (MOAS_ERR_BUSY). The callback records each status, whether it left a message and whether the
  * refused call left n_past and the pages as they were; the harness checks them once
  * the decoding call has returned, with the callbacks called exactly once per token
  * and layer of each context that has one (none when the call failed). With a callback
@@ -160,9 +160,9 @@ static void init_models(void) {
 
 /* ---- the shadow ------------------------------------------------------------------ */
 
-/* What a route callback does (see route_cb): the nested call it makes once, at one
- * position and layer, on a context of the decoding call under way or on a context of
- * the pool that the call does not name. */
+/* What a route callback does (see route_cb): the nested call it makes in one layer at
+ * one position and every fourth after, on a context of the decoding call under way or
+ * on a context of the pool that the call does not name. */
 typedef enum {
     ACT_DECODE,     /* moas_context_decode: MOAS_ERR_BUSY; unrelated: a decode as any
                      * other, against the pages the call under way left free */
@@ -187,7 +187,8 @@ typedef enum {
 typedef struct {
     uint8_t seed;                       /* the choice: cb_choice(seed, pos, layer) */
     uint8_t act;                        /* a cb_action */
-    int32_t pos, layer;                 /* where the action happens */
+    int32_t pos, layer;                 /* where the action happens: in that layer, at
+                                         * pos and every fourth position after */
     uint8_t target;                     /* which context: bit 7, one the call does not
                                          * name (decode, truncate, reset, free, pool)
                                          * if any;
@@ -543,8 +544,8 @@ static int32_t route_cb(void *user, int32_t pos, int32_t layer, const float *gat
         FUZZ_CHECK(isfinite(gates[s]) && gates[s] >= 0.0f);
     }
     g_cb.n_invoked += g_cb.depth == 0;
-    if (g_cb.active && g_cb.depth == 0 && sp->act < ACT_NONE && pos == sp->pos &&
-        layer == sp->layer && g_cb.n_fires < MAX_FIRES) {
+    if (g_cb.active && g_cb.depth == 0 && sp->act < ACT_NONE && pos >= sp->pos &&
+        (pos - sp->pos) % 4 == 0 && layer == sp->layer && g_cb.n_fires < MAX_FIRES) {
         g_cb.depth++;
         cb_act(sp);
         g_cb.depth--;
