@@ -12,22 +12,28 @@
  * moas_context_set_route_callback() later, and a fork inherits its parent's (moas.h).
  * Each returns a pure function of (pos, layer, a seed byte): a scheme in range, -1,
  * n_scheme or beyond (which keep `proposed`), by the seed. One may also, in one layer
- * at one position and every fourth after, make a nested call: on a context of the
- * decoding call under way (its own, or another part of the same moas_pool_decode)
- * decode, decode_batch, truncate, fork, state load, compact, shift and
- * moas_pool_decode must be refused with MOAS_ERR_BUSY, reset and free be no-ops that
- * leave a message, and the settings (the forced scheme it has, budget 0, the callback
- * it has) go ahead, their bad values refused with MOAS_ERR_INVALID_ARG; on a context
- * of the pool the call does not name, decode, truncate, reset and free go ahead, the
- * shadow following at once (a decode's status and pages are those of any decode
- * against the pages the call under way left free, its own callback only choosing),
- * and a moas_pool_decode of no tokens goes ahead unless the call is itself a
- * moas_pool_decode (MOAS_ERR_BUSY). The callback records each status, whether it left a message and whether the
- * refused call left n_past and the pages as they were; the harness checks them once
- * the decoding call has returned, with the callbacks called exactly once per token
- * and layer of each context that has one (none when the call failed). With a callback
- * a forced scheme no longer bounds what a routed token reserves: it reserves at the
- * widest (or the steering limit), as the library's call_max_heads does.
+ * at one position and every fourth after, make a nested call:
+ *   - on a context of the decoding call under way (its own, or another part of the
+ *     same moas_pool_decode), decode, decode_batch, truncate, fork, state load,
+ *     compact, shift and moas_pool_decode must be refused with MOAS_ERR_BUSY and leave
+ *     it as it was, reset and free be no-ops that leave a message;
+ *   - on such a context the settings go ahead (THREADING in moas.h): the forced scheme
+ *     or callback it has, budget 0 (MOAS_OK), a bad scheme or budget refused with
+ *     MOAS_ERR_INVALID_ARG, or a new forced scheme or callback, which the shadow
+ *     follows (that context's tokens of the call are then not replayed: which
+ *     decisions follow the change depends on the order of rows and layers);
+ *   - on a context of the pool the call does not name, decode, truncate, reset and
+ *     free go ahead, the shadow following at once (a decode's status and pages are
+ *     those of any decode against the pages the call under way left free; its own
+ *     callback only chooses), and a moas_pool_decode of no tokens goes ahead unless
+ *     the call is itself a moas_pool_decode (MOAS_ERR_BUSY).
+ * The callback records each status, whether it left a message and whether a refused
+ * call left n_past and the pages as they were; the harness checks them once the
+ * decoding call has returned, and that the callbacks were called once per token and
+ * layer of each context that has one (unless a setting changed), none when the call
+ * failed. With a callback a forced scheme no longer bounds what a routed token
+ * reserves: it reserves at the widest (or the steering limit), as the library's
+ * call_max_heads does.
  *
  * The shadow keeps each context's history (tokens, the scheme forced for each, the
  * seed of the callback each was decoded under, which tokens a shift, a compaction or
@@ -177,10 +183,11 @@ typedef enum {
     ACT_COMPACT,    /* MOAS_ERR_BUSY */
     ACT_SHIFT,      /* MOAS_ERR_BUSY */
     ACT_FORCE,      /* a setting: the forced scheme it has (MOAS_OK), then n_scheme
-                     * (MOAS_ERR_INVALID_ARG) */
+                     * (MOAS_ERR_INVALID_ARG); target bit 6: a new one from the seed */
     ACT_BUDGET,     /* a setting: budget 0, which it has (MOAS_OK), then 1 byte
                      * (MOAS_ERR_INVALID_ARG) */
-    ACT_SETCB,      /* a setting: the route callback it has, again */
+    ACT_SETCB,      /* a setting: the route callback it has, again; target bit 6: the
+                     * firing callback, or none (seed bit 0) */
     ACT_NONE        /* and above: only the choice */
 } cb_action;
 
@@ -521,6 +528,11 @@ static struct {
     unsigned gone;                      /* unrelated contexts a callback freed */
     long n_invoked;                     /* callback calls (not those of a nested call) */
     long nested_allocs;                 /* allocations the nested calls made */
+    unsigned changed;                   /* contexts of the call whose forcing or
+                                         * callback a callback changed: their tokens of
+                                         * the call are not replayed (which decisions
+                                         * follow the change depends on the order of
+                                         * rows and layers) */
     int32_t n_tokens[MAX_SLOTS];        /* each context's tokens in the call */
     bool grown;                         /* the shadow holds the call's reservation */
     unsigned touched;                   /* unrelated contexts the nested calls changed */
@@ -1097,6 +1109,18 @@ static void cb_act(const cbspec *sp) {
         f->st = moas_context_shift(t, 0, 0);
         break;
     case ACT_FORCE:
+        if (sp->target & 0x40) {   /* a new forcing, from the next routing decision */
+            const int32_t scheme = (int32_t)(sp->seed % (uint32_t)(d->S + 1)) - 1;
+            const bool valid = c->mode == MOAS_MODE_ROUTED || scheme == -1;
+            f->want = valid ? MOAS_OK : MOAS_ERR_INVALID_ARG;
+            f->st = moas_context_force_scheme(t, scheme);
+            msg = !valid;
+            if (f->st == MOAS_OK && valid && c->mode == MOAS_MODE_ROUTED) {
+                c->forced = scheme;
+                g_cb.changed |= 1u << f->slot;
+            }
+            break;
+        }
         f->want = MOAS_ERR_INVALID_ARG;
         f->st = moas_context_force_scheme(t, c->forced);
         if (f->st == MOAS_OK) {
@@ -1113,6 +1137,10 @@ static void cb_act(const cbspec *sp) {
         }
         break;
     default:   /* ACT_SETCB: no status, no message */
+        if (sp->target & 0x40) {   /* the firing callback's (bit 0 of the seed: none) */
+            c->cb = (sp->seed & 1) ? -1 : (int32_t)(sp - d->specs);
+            g_cb.changed |= 1u << f->slot;
+        }
         moas_context_set_route_callback(t, c->cb >= 0 ? route_cb : NULL,
                                         c->cb >= 0 ? &d->specs[c->cb] : NULL);
         f->want = f->st = MOAS_OK;
@@ -1174,7 +1202,7 @@ static void cb_end(const driver *d, moas_status st, long tokens) {
     g_cb.active = false;
     if (st != MOAS_OK) {
         FUZZ_CHECK(g_cb.n_invoked == 0 && g_cb.n_fires == 0);
-    } else {
+    } else if (g_cb.changed == 0) {
         FUZZ_CHECK(g_cb.n_invoked == tokens * d->L);
     }
 }
@@ -1221,6 +1249,7 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     const bool steered = steering(d, c);
     const long live_before = counts.live, calls_before = counts.n_calls;
     const bool had_ws = c->has_ws;
+    const long cb_tokens = c->cb >= 0 && n > 0 ? n : 0;
     fuzz_prime_error();
     cb_begin(d, &slot, &n, 1, false);
     arm(d);
@@ -1233,7 +1262,7 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     }
     disarm(d);
     note(d, single ? "decode" : "batch", slot, st);
-    cb_end(d, st, c->cb >= 0 && st == MOAS_OK ? n : 0);
+    cb_end(d, st, cb_tokens);
     if (had_ws) {
         FUZZ_CHECK(counts.n_calls - g_cb.nested_allocs == calls_before);   /* never per token */
     }
@@ -1267,7 +1296,7 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     }
     cb_grow(d);   /* grow_tokens(d, c, n), unless a callback's nested call did */
     record_tokens(d, c, tokens, n, single ? MOAS_LOGITS_LAST : (moas_logits)which,
-                  buf, steered);
+                  buf, steered || (g_cb.changed & (1u << slot)));
     take_heads(d, c);
     trim(d, c);
     check_logits_finite(d, c);
@@ -1412,7 +1441,7 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
     for (int32_t i = 0; i < n_seqs; i++) {
         sctx *c = &d->c[slots[i]];
         record_tokens(d, c, seqs[i].tokens, seqs[i].n_tokens, (moas_logits)seqs[i].which,
-                      seqs[i].logits, steered[i]);
+                      seqs[i].logits, steered[i] || (g_cb.changed & (1u << slots[i])));
         take_heads(d, c);
         touched |= 1u << slots[i];
         check_logits_finite(d, c);
