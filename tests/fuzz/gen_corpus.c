@@ -363,7 +363,8 @@ static void state_seeds(const char *dir) {
  * shift or compaction makes of shared pages), shift and compaction of forked
  * contexts, a state loaded into another context, allocation failures, bad arguments,
  * route callbacks (every nested call they make, on a context of the decoding call and
- * on one it does not name; a forced scheme that reserves at the widest under one). */
+ * on one it does not name; settings they change; a forced scheme that reserves at the
+ * widest under one). */
 enum { P_CREATE, P_FREE, P_FORK, P_DECODE, P_BATCH, P_POOL_DECODE, P_TRUNCATE, P_RESET,
        P_SHIFT, P_COMPACT, P_SAVE, P_LOAD, P_STATS, P_BAD_ARGS, P_VERIFY, P_FORCE, P_OOM };
 /* P_FORCE's operand: install a route callback (followed by its seed, action, position |
@@ -478,6 +479,17 @@ static void pool_seeds(const char *dir) {
         P_FORCE, 0, P_ROUTE_ON, 0xc5, A_FREE, 5 | 1 << 4, 0x81,
         P_POOL_DECODE, 0x85, 0x0d, 6, 7, 8, 9, 10, 0x0d, 6, 7, 8, 9, 10, P_VERIFY,
         P_DECODE, 1, 11, P_VERIFY};
+    /* settings changed from a callback during a moas_pool_decode: another part's
+     * forcing (MQA, which bounded its reservation) released, so that its next decode
+     * reserves at the widest; then the callback removes itself */
+    static const uint8_t route_settings[] = {
+        0x10 | 0x40, 60, 0x00,                 /* pooled RoPE, F32, routed, pages of 2 */
+        P_CREATE, 0, 0, P_CREATE, 0, 0, P_FORCE, 1, 3,
+        P_FORCE, 0, P_ROUTE_ON, 0x00, A_FORCE, 1, 0x41, P_BATCH, 0, 0x09, 1,
+        P_BATCH, 1, 0x09, 1, P_POOL_DECODE, 0x83, 0x0c, 1, 2, 3, 4, 0x0c, 1, 2, 3, 4,
+        P_VERIFY, P_DECODE, 1, 5, P_VERIFY,
+        P_FORCE, 0, P_ROUTE_ON, 0x01, A_SETCB, 6, 0x40,
+        P_POOL_DECODE, 0x83, 0x0c, 1, 2, 3, 4, 0x0c, 1, 2, 3, 4, P_DECODE, 0, 3, P_VERIFY};
     static const struct {
         const char *name;
         const uint8_t *bytes;
@@ -493,6 +505,7 @@ static void pool_seeds(const char *dir) {
         {"route-callback-other-contexts", route_unrelated, sizeof route_unrelated},
         {"route-callback-reserves-widest", route_reserve, sizeof route_reserve},
         {"route-callback-modes", route_modes, sizeof route_modes},
+        {"route-callback-changes-settings", route_settings, sizeof route_settings},
     };
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         write_file(dir, "pool", seeds[i].name, seeds[i].bytes, seeds[i].len);
