@@ -25,8 +25,8 @@
  *   - on a context of the pool the call does not name, decode, truncate, reset and
  *     free go ahead, the shadow following at once (a decode's status and pages are
  *     those of any decode against the pages the call under way left free; its own
- *     callback only chooses), and a moas_pool_decode of no tokens goes ahead unless
- *     the call is itself a moas_pool_decode (MOAS_ERR_BUSY).
+ *     callback only chooses), and so does a moas_pool_decode of it (of one token or
+ *     none) unless the call is itself a moas_pool_decode (MOAS_ERR_BUSY).
  * The callback records each status, whether it left a message and whether a refused
  * call left n_past and the pages as they were; the harness checks them once the
  * decoding call has returned, and that the callbacks were called once per token and
@@ -179,7 +179,8 @@ typedef enum {
     ACT_RESET,      /* a no-op with a message; unrelated: reset */
     ACT_FREE,       /* a no-op with a message; unrelated: freed */
     ACT_POOL,       /* moas_pool_decode naming it: MOAS_ERR_BUSY; unrelated: a part of
-                     * no tokens, MOAS_ERR_BUSY within a moas_pool_decode, else MOAS_OK */
+                     * no tokens, MOAS_ERR_BUSY within a moas_pool_decode, else MOAS_OK
+                     * (seed bit 1: of one token, as ACT_DECODE's) */
     ACT_COMPACT,    /* MOAS_ERR_BUSY */
     ACT_SHIFT,      /* MOAS_ERR_BUSY */
     ACT_FORCE,      /* a setting: the forced scheme it has (MOAS_OK), then n_scheme
@@ -997,10 +998,11 @@ static void cb_grow(driver *d) {
     }
 }
 
-/* A callback decodes a token into a context the decoding call does not name: it goes
- * ahead as any decode would, against the pages the call under way left free; its own
- * callback, if any, only chooses (depth 1). The shadow follows at once. */
-static void cb_nested_decode(driver *d, cb_fire *f, sctx *c, int32_t token) {
+/* A callback decodes a token into a context the decoding call does not name, by
+ * moas_context_decode or (via_pool) a moas_pool_decode of it alone: it goes ahead as
+ * any decode would, against the pages the call under way left free; its own callback,
+ * if any, only chooses (depth 1). The shadow follows at once. */
+static void cb_nested_decode(driver *d, cb_fire *f, sctx *c, int32_t token, bool via_pool) {
     const bool full = c->n_past >= c->n_ctx;
     call_limit(d, c);
     const uint64_t need = full ? 0 : need_tokens(d, c, 1);
@@ -1011,13 +1013,18 @@ static void cb_nested_decode(driver *d, cb_fire *f, sctx *c, int32_t token) {
     const bool had_ws = c->has_ws;
     counts.fail_at = 0;   /* an armed failure is the decoding call's */
     fuzz_prime_error();
-    f->st = moas_context_decode(c->ctx, token, NULL);
+    if (via_pool) {
+        const moas_pool_seq q = {c->ctx, &token, 1, MOAS_LOGITS_LAST, NULL};
+        f->st = moas_pool_decode(d->pool, &q, 1);
+    } else {
+        f->st = moas_context_decode(c->ctx, token, NULL);
+    }
     f->msg = f->st == MOAS_OK || fuzz_error_replaced();
     f->same = true;
     counts.fail_at = fail_at;
     g_cb.nested_allocs += counts.n_calls - calls;
-    FUZZ_CHECK(!had_ws || counts.n_calls == calls);   /* never per token */
-    if (!full) {
+    FUZZ_CHECK((!had_ws && !via_pool) || counts.n_calls == calls);   /* never per token */
+    if (!full && !via_pool) {
         c->has_ws = true;   /* made before the pages are reserved */
     }
     if (f->st != MOAS_OK || f->want != MOAS_OK) {
@@ -1065,7 +1072,7 @@ static void cb_act(const cbspec *sp) {
     switch (sp->act) {
     case ACT_DECODE:
         if (f->unrelated) {
-            cb_nested_decode(d, f, c, sp->seed % d->V);
+            cb_nested_decode(d, f, c, sp->seed % d->V, false);
             return;
         }
         f->st = moas_context_decode(t, 0, NULL);
@@ -1099,6 +1106,10 @@ static void cb_act(const cbspec *sp) {
         f->st = f->unrelated || !fuzz_error_replaced() ? MOAS_OK : MOAS_ERR_BUSY;
         break;
     case ACT_POOL:
+        if (f->unrelated && !g_cb.pool && (sp->seed & 2)) {
+            cb_nested_decode(d, f, c, sp->seed % d->V, true);
+            return;
+        }
         f->want = f->unrelated && !g_cb.pool ? MOAS_OK : MOAS_ERR_BUSY;
         f->st = moas_pool_decode(d->pool, &q, 1);
         break;
