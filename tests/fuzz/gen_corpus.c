@@ -459,7 +459,9 @@ static void pool_seeds(const char *dir) {
         P_FORCE, 0, P_ROUTE_ON + 2, 0x80, A_POOL, 10, 0x83, P_CREATE, 0, 0, P_CREATE, 0, 0,
         P_POOL_DECODE, 0x03, 0x09, 1, 0x09, 2,
         P_FORCE, 1, P_ROUTE_ON + 2, 0x80, A_DECODE, 1, 0x83, P_POOL_DECODE, 0x03, 0x09, 1,
-        0x09, 2, P_VERIFY};
+        0x09, 2, P_VERIFY,
+        P_FORCE, 0, P_ROUTE_ON + 2, 0x82, A_POOL, 0, 0x81, P_BATCH, 0, 0x0c, 1, 2, 3, 4,
+        P_VERIFY};
     /* a forced scheme bounds the reservation only without a callback: MQA forced,
      * 20 pages of one head, 5 tokens take 10 pages; with a callback they reserve 40 */
     static const uint8_t route_reserve[] = {
