@@ -22,11 +22,12 @@
  *     MOAS_ERR_INVALID_ARG, or a new forced scheme or callback, which the shadow
  *     follows (that context's tokens of the call are then not replayed: which
  *     decisions follow the change depends on the order of rows and layers);
- *   - on a context of the pool the call does not name, decode, truncate, reset and
- *     free go ahead, the shadow following at once (a decode's status and pages are
- *     those of any decode against the pages the call under way left free; its own
- *     callback only chooses), and so does a moas_pool_decode of it (of one token or
- *     none) unless the call is itself a moas_pool_decode (MOAS_ERR_BUSY).
+ *   - on a context of the pool the call does not name, decode, truncate, fork (into a
+ *     free slot), reset and free go ahead, the shadow following at once (a decode's
+ *     or fork's status and pages are those of any against the pages the call under
+ *     way left free; its own callback only chooses), and so does a moas_pool_decode
+ *     of it (of one token or none) unless the call is itself a moas_pool_decode
+ *     (MOAS_ERR_BUSY).
  * The callback records each status, whether it left a message and whether a refused
  * call left n_past and the pages as they were; the harness checks them once the
  * decoding call has returned, and that the callbacks were called once per token and
@@ -174,7 +175,8 @@ typedef enum {
                      * other, against the pages the call under way left free */
     ACT_BATCH,      /* moas_context_decode_batch: MOAS_ERR_BUSY */
     ACT_TRUNCATE,   /* MOAS_ERR_BUSY; unrelated: truncated to half, MOAS_OK */
-    ACT_FORK,       /* MOAS_ERR_BUSY, *out NULL */
+    ACT_FORK,       /* MOAS_ERR_BUSY, *out NULL; unrelated (with a slot free): a fork
+                     * as any other, into that slot */
     ACT_LOAD,       /* moas_context_state_load: MOAS_ERR_BUSY */
     ACT_RESET,      /* a no-op with a message; unrelated: reset */
     ACT_FREE,       /* a no-op with a message; unrelated: freed */
@@ -198,8 +200,8 @@ typedef struct {
     int32_t pos, layer;                 /* where the action happens: in that layer, at
                                          * pos and every fourth position after */
     uint8_t target;                     /* which context: bit 7, one the call does not
-                                         * name (decode, truncate, reset, free, pool)
-                                         * if any;
+                                         * name (decode, truncate, fork, reset, free,
+                                         * pool) if any;
                                          * else the call's context target % n */
 } cbspec;
 
@@ -932,6 +934,32 @@ static void step_free(driver *d, fuzz_cursor *cur) {
     expect_others_same(d, 1u << slot);
 }
 
+/* Pages a fork of c copies: the partly written last page of each stream. */
+static uint64_t fork_copies(const driver *d, const sctx *c) {
+    uint64_t copies = 0;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        copies += stream_heads(d, c, i, c->n_past) % (uint32_t)d->P != 0;
+    }
+    return copies;
+}
+
+/* The shadow of a fork of c into slot k: it shares the full pages, copies the last. */
+static void shadow_fork(driver *d, const sctx *c, sctx *k, moas_context *out) {
+    *k = *c;   /* history, settings (forcing, route callback), logits */
+    k->ctx = out;
+    for (int32_t i = 0; i < c->n_streams; i++) {
+        const uint32_t heads = stream_heads(d, c, i, c->n_past);
+        const int32_t full = (int32_t)(heads / (uint32_t)d->P);
+        for (int32_t p = 0; p < full; p++) {
+            d->refs[c->st[i].ids[p]]++;
+        }
+        k->st[i].n = full;
+        if (heads % (uint32_t)d->P != 0) {
+            k->st[i].ids[k->st[i].n++] = take_page(d);
+        }
+    }
+}
+
 static void step_fork(driver *d, fuzz_cursor *cur) {
     const int slot = pick_live(d, fuzz_u8(cur));
     int child = -1;
@@ -942,10 +970,7 @@ static void step_fork(driver *d, fuzz_cursor *cur) {
         return;
     }
     sctx *c = &d->c[slot];
-    uint64_t copies = 0;
-    for (int32_t i = 0; i < c->n_streams; i++) {
-        copies += stream_heads(d, c, i, c->n_past) % (uint32_t)d->P != 0;
-    }
+    const uint64_t copies = fork_copies(d, c);
     const long live_before = counts.live;
     moas_context *out = (moas_context *)&out;
     fuzz_prime_error();
@@ -963,19 +988,7 @@ static void step_fork(driver *d, fuzz_cursor *cur) {
     }
     FUZZ_CHECK(copies <= (uint64_t)d->n_free);
     sctx *k = &d->c[child];
-    *k = *c;   /* history, settings, logits */
-    k->ctx = out;
-    for (int32_t i = 0; i < c->n_streams; i++) {
-        const uint32_t heads = stream_heads(d, c, i, c->n_past);
-        const int32_t full = (int32_t)(heads / (uint32_t)d->P);
-        for (int32_t p = 0; p < full; p++) {
-            d->refs[c->st[i].ids[p]]++;
-        }
-        k->st[i].n = full;
-        if (heads % (uint32_t)d->P != 0) {
-            k->st[i].ids[k->st[i].n++] = take_page(d);
-        }
-    }
+    shadow_fork(d, c, k, out);
     FUZZ_CHECK(moas_context_n_ctx(out) == c->n_ctx && moas_context_mode(out) == c->mode);
     expect_same(d, c);
     /* the child holds what the parent does */
@@ -1043,9 +1056,13 @@ static void cb_act(const cbspec *sp) {
     memset(f, 0, sizeof *f);
     f->act = sp->act;
     f->slot = -1;
+    int child = -1;   /* a free slot for an unrelated fork */
+    for (int s = 0; s < MAX_SLOTS && child < 0; s++) {
+        child = d->c[s].live ? -1 : s;
+    }
     if ((sp->target & 0x80) && (sp->act == ACT_DECODE || sp->act == ACT_TRUNCATE ||
                                 sp->act == ACT_RESET || sp->act == ACT_FREE ||
-                                sp->act == ACT_POOL)) {
+                                sp->act == ACT_POOL || (sp->act == ACT_FORK && child >= 0))) {
         for (int k = 0; k < MAX_SLOTS && f->slot < 0; k++) {
             const int s = (sp->target + k) % MAX_SLOTS;
             if (d->c[s].live && !(g_cb.in_call & (1u << s)) && !(g_cb.gone & (1u << s))) {
@@ -1086,6 +1103,22 @@ static void cb_act(const cbspec *sp) {
         f->st = moas_context_truncate(t, f->n_keep);
         break;
     case ACT_FORK:
+        if (f->unrelated) {   /* goes ahead as any fork, a new context in the pool */
+            const uint64_t copies = fork_copies(d, c);
+            const long fail_at = counts.fail_at, calls = counts.n_calls;
+            counts.fail_at = 0;   /* an armed failure is the decoding call's */
+            f->want = copies > (uint64_t)d->n_free ? MOAS_ERR_POOL_FULL : MOAS_OK;
+            f->st = moas_context_fork(t, &out);
+            counts.fail_at = fail_at;
+            g_cb.nested_allocs += counts.n_calls - calls;
+            f->msg = f->st == MOAS_OK || fuzz_error_replaced();
+            f->same = (f->st == MOAS_OK) == (out != NULL);
+            if (f->st == MOAS_OK && f->want == MOAS_OK) {
+                shadow_fork(d, c, &d->c[child], out);
+                g_cb.touched |= 1u << child;
+            }
+            return;
+        }
         f->st = moas_context_fork(t, &out);
         break;
     case ACT_LOAD:

@@ -492,6 +492,16 @@ static void pool_seeds(const char *dir) {
         P_VERIFY, P_DECODE, 1, 5, P_VERIFY,
         P_FORCE, 0, P_ROUTE_ON, 0x01, A_SETCB, 6, 0x40,
         P_POOL_DECODE, 0x83, 0x0c, 1, 2, 3, 4, 0x0c, 1, 2, 3, 4, P_DECODE, 0, 3, P_VERIFY};
+    /* a callback forks a context the decoding call does not name, twice (during a
+     * decode and a batch), and the forks decode on; in a moas_pool_decode a fork of a
+     * part is refused */
+    static const uint8_t route_fork[] = {
+        0x10 | 0x80, 40, 0x00,
+        P_CREATE, 0, 0, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_CREATE, 0, 0x80,
+        P_BATCH, 1, 0x0b, 1, 2, 3, P_FORCE, 0, P_ROUTE_ON + 2, 0x02, A_FORK, 5, 0x81,
+        P_DECODE, 0, 6, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_VERIFY, P_DECODE, 2, 4,
+        P_DECODE, 3, 5, P_FORCE, 1, P_ROUTE_ON + 2, 0x06, A_FORK, 3, 0x82,
+        P_POOL_DECODE, 0x83, 0x0b, 1, 2, 3, 0x0b, 1, 2, 3, P_VERIFY};
     static const struct {
         const char *name;
         const uint8_t *bytes;
@@ -508,6 +518,7 @@ static void pool_seeds(const char *dir) {
         {"route-callback-reserves-widest", route_reserve, sizeof route_reserve},
         {"route-callback-modes", route_modes, sizeof route_modes},
         {"route-callback-changes-settings", route_settings, sizeof route_settings},
+        {"route-callback-forks-other-context", route_fork, sizeof route_fork},
     };
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         write_file(dir, "pool", seeds[i].name, seeds[i].bytes, seeds[i].len);
