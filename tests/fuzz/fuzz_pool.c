@@ -37,9 +37,9 @@
  * call_max_heads does.
  *
  * The shadow keeps each context's history (tokens, the scheme forced for each, the
- * seed of the callback each was decoded under, which tokens a shift, a compaction or
- * steering made impossible to replay) and a copy of
- * the pool's page bookkeeping: which page each stream of each context holds and how
+ * seed of the callback each was decoded under, which tokens a shift, a compaction,
+ * steering or a callback's change of a setting made impossible to replay) and a copy
+ * of the pool's page bookkeeping: which page each stream of each context holds and how
  * many holders each page has, updated as docs/KV_CACHE.md describes (a call reserves
  * every page its tokens may need at the most they may take, a write into a shared
  * page copies it first, a fork shares full pages and copies the partly written last
@@ -201,8 +201,8 @@ typedef struct {
                                          * pos and every fourth position after */
     uint8_t target;                     /* which context: bit 7, one the call does not
                                          * name (decode, truncate, fork, reset, free,
-                                         * pool) if any;
-                                         * else the call's context target % n */
+                                         * pool) if any, else the call's context
+                                         * target % n; bit 6: see ACT_FORCE, ACT_SETCB */
 } cbspec;
 
 #define MAX_SPECS (MAX_STEPS + 1)       /* one per step at the most */
