@@ -28,6 +28,8 @@
  *     way left free; its own callback only chooses), and so does a moas_pool_decode
  *     of it (of one token or none) unless the call is itself a moas_pool_decode
  *     (MOAS_ERR_BUSY).
+ * Each callback within a decoding call also checks moas_pool_stats: the free pages
+ * are the shadow's less the call's reservation, taken before anything ran.
  * The callback records each status, whether it left a message and whether a refused
  * call left n_past and the pages as they were; the harness checks them once the
  * decoding call has returned, and that the callbacks were called once per token and
@@ -548,6 +550,7 @@ static struct {
 static cbspec replay_specs[256];
 
 static void cb_act(const cbspec *sp);
+static void cb_stats(void);
 
 static int32_t route_cb(void *user, int32_t pos, int32_t layer, const float *gates,
                         int32_t n_scheme, int32_t proposed) {
@@ -559,6 +562,9 @@ static int32_t route_cb(void *user, int32_t pos, int32_t layer, const float *gat
         FUZZ_CHECK(isfinite(gates[s]) && gates[s] >= 0.0f);
     }
     g_cb.n_invoked += g_cb.depth == 0;
+    if (g_cb.active && g_cb.depth == 0) {
+        cb_stats();
+    }
     if (g_cb.active && g_cb.depth == 0 && sp->act < ACT_NONE && pos >= sp->pos &&
         (pos - sp->pos) % 4 == 0 && layer == sp->layer && g_cb.n_fires < MAX_FIRES) {
         g_cb.depth++;
@@ -1048,6 +1054,25 @@ static void cb_nested_decode(driver *d, cb_fire *f, sctx *c, int32_t token, bool
     take_heads(d, c);
     trim(d, c);
     g_cb.touched |= 1u << f->slot;
+}
+
+/* Within a decoding call (moas_pool_stats may run beside anything): every page the
+ * call may need is taken before anything runs, so the pool's free pages are the
+ * shadow's with the call's reservation. */
+static void cb_stats(void) {
+    driver *d = g_cb.d;
+    cb_grow(d);
+    moas_pool_info info;
+    memset(&info, 0, sizeof info);
+    info.size = sizeof info;
+    int32_t live = 0;
+    for (int s = 0; s < MAX_SLOTS; s++) {
+        live += d->c[s].live;
+    }
+    const long calls = counts.n_calls;
+    FUZZ_CHECK(moas_pool_stats(d->pool, &info) == MOAS_OK);
+    FUZZ_CHECK(counts.n_calls == calls);
+    FUZZ_CHECK(info.pages_free == d->n_free && info.n_contexts == live);
 }
 
 static void cb_act(const cbspec *sp) {
