@@ -28,8 +28,9 @@
  *     way left free; its own callback only chooses), and so does a moas_pool_decode
  *     of it (of one token or none) unless the call is itself a moas_pool_decode
  *     (MOAS_ERR_BUSY).
- * Each callback within a decoding call also checks moas_pool_stats: the free pages
- * are the shadow's less the call's reservation, taken before anything ran.
+ * Each callback within a decoding call also checks moas_pool_stats (the free pages
+ * are the shadow's less the call's reservation, taken before anything ran) and, in a
+ * call of one context, `proposed` (the forced scheme, else the largest gate).
  * The callback records each status, whether it left a message and whether a refused
  * call left n_past and the pages as they were; the harness checks them once the
  * decoding call has returned, and that the callbacks were called once per token and
@@ -564,6 +565,16 @@ static int32_t route_cb(void *user, int32_t pos, int32_t layer, const float *gat
     g_cb.n_invoked += g_cb.depth == 0;
     if (g_cb.active && g_cb.depth == 0) {
         cb_stats();
+        if (g_cb.n_call == 1) {
+            /* the one context of the call: `proposed` is its forcing (as a callback
+             * may have changed it), else the largest gate, the first of equals */
+            int32_t best = 0;
+            for (int32_t s = 1; s < n_scheme; s++) {
+                best = gates[s] > gates[best] ? s : best;
+            }
+            const int32_t forced = g_cb.d->c[g_cb.slots[0]].forced;
+            FUZZ_CHECK(proposed == (forced >= 0 ? forced : best));
+        }
     }
     if (g_cb.active && g_cb.depth == 0 && sp->act < ACT_NONE && pos >= sp->pos &&
         (pos - sp->pos) % 4 == 0 && layer == sp->layer && g_cb.n_fires < MAX_FIRES) {
