@@ -698,10 +698,14 @@ class Server:
                     frames.append(b"data: [DONE]\n\n")
                     last = True
                     break
+            if last and ev.kind == "done":
+                # [DONE] and the body's last chunk in one write: a client may hang up
+                # as soon as it has read [DONE], and a write after that would find it
+                # gone and count a stream answered in full as a disconnect
+                await self._send(request, response.write_eof(b"".join(frames)))
+                return response
             await self._send(request, response.write(b"".join(frames)))
             if last:
-                if ev.kind == "done":
-                    await self._send(request, response.write_eof())
                 return response
 
 
