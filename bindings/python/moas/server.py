@@ -805,19 +805,42 @@ def parse_args(argv=None):
     return args
 
 
+def _started_on_a_lost_connection(exc):
+    """Whether exc is aiohttp 3.8's assertion, first thing in _handle_request, that the
+    connection of the request it is about to handle is still there: it fails when a
+    client on a kept-alive connection sent its next request and hung up while the
+    handler of its last one was ending (the request is never handled; no one waits
+    for it). An assertion anywhere else has a deeper innermost frame."""
+    if not isinstance(exc, AssertionError) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return (code.co_name == "_handle_request"
+            and code.co_filename.endswith(os.path.join("aiohttp", "web_protocol.py")))
+
+
 class QuietBadRequests(logging.Filter):
     """aiohttp logs every request it cannot parse (bytes that are not HTTP, a bad
     header or chunk) at ERROR with a traceback, before any of our code runs, and a body
     its Content-Encoding cannot undo again after our 400; the client gets its 400
-    either way. Those become DEBUG records, one line each, so that a
-    client sending garbage cannot fill the operator's log; anything else passes."""
+    either way. It logs so too a request it starts on a connection its client has
+    just closed (_started_on_a_lost_connection). Those become DEBUG records, one line
+    each, so that a client sending garbage, or leaving, cannot fill the operator's
+    log; anything else passes."""
 
     def filter(self, record):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, CLIENT_ERRORS):
             record.msg, record.args = "unparsable HTTP request: %s", (exc,)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        elif _started_on_a_lost_connection(exc):
+            record.msg = "a request whose client hung up before it was handled"
+            record.args = ()
+        else:
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
 
 
