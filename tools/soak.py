@@ -32,6 +32,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -669,7 +670,9 @@ def main():
     ap.add_argument("--no-shutdown", action="store_true", help="plain SIGTERM when idle")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--kinds", help="only these kinds of request (comma-separated)")
-    ap.add_argument("--log", default="soak-server.log", help="the server's output")
+    ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "moas-soak-server.log"),
+                    help="the server's output (default: moas-soak-server.log in the "
+                    "temporary directory, not the working one)")
     ap.add_argument("--json", help="write the report here too")
     ap.add_argument("server_args", nargs="*", help="after --: more moas.server arguments")
     args = ap.parse_args()
