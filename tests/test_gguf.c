@@ -1151,6 +1151,54 @@ TEST(gguf_malformed_cases_start_from_valid_files) {
     return TEST_PASS;
 }
 
+/* The limits are inclusive: a key and a tensor name of MOAS_GGUF_MAX_NAME bytes and a
+ * string value of MOAS_GGUF_MAX_STRING bytes are read back whole (one byte more is
+ * refused: KEY_TOO_LONG, TENSOR_NAME_TOO_LONG, STRING_TOO_LONG). */
+TEST(gguf_names_and_strings_of_the_limit_length_are_read) {
+    char name[MOAS_GGUF_MAX_NAME + 1];
+    const uint64_t ne[1] = {4};
+    size_t size = 0;
+    moas_gguf *g = NULL;
+
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    memset(name, 'k', MOAS_GGUF_MAX_NAME);
+    name[MOAS_GGUF_MAX_NAME] = '\0';
+    gguf_writer_add_kv_raw(w, name, MOAS_GGUF_MAX_NAME, MOAS_META_UINT8, "\7", 1);
+    char *text = malloc(MOAS_GGUF_MAX_STRING);
+    ASSERT_TRUE(text != NULL);
+    memset(text, 's', MOAS_GGUF_MAX_STRING);
+    gguf_writer_add_string_n(w, "v.long", text, MOAS_GGUF_MAX_STRING);
+    memset(name, 't', MOAS_GGUF_MAX_NAME);
+    ASSERT_EQ(gguf_writer_add_tensor_raw(w, name, MOAS_GGUF_MAX_NAME, MOAS_TYPE_F32, 1, ne,
+                                         NULL, 16), 0);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+
+    ASSERT_OK(moas__gguf_parse(image, size, NULL, &g));
+    ASSERT_EQ(g->n_kv, 2);
+    ASSERT_EQ(g->n_tensors, 1);
+    memset(name, 'k', MOAS_GGUF_MAX_NAME);
+    const moas_gguf_kv *kv = moas__gguf_find_kv(g, name);
+    ASSERT_TRUE(kv != NULL);
+    ASSERT_EQ(kv->key.len, MOAS_GGUF_MAX_NAME);
+    ASSERT_EQ(kv->value.v.u64, 7);
+    kv = moas__gguf_find_kv(g, "v.long");
+    ASSERT_TRUE(kv != NULL);
+    ASSERT_EQ(kv->value.v.str.len, MOAS_GGUF_MAX_STRING);
+    ASSERT_TRUE(memcmp(kv->value.v.str.text, text, MOAS_GGUF_MAX_STRING) == 0);
+    memset(name, 't', MOAS_GGUF_MAX_NAME);
+    const moas_gguf_tensor *t = moas__gguf_find_tensor(g, name);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ(t->name.len, MOAS_GGUF_MAX_NAME);
+    ASSERT_EQ(t->n_bytes, 16);
+    moas__gguf_free(g, NULL);
+    free(image);
+    free(text);
+    return TEST_PASS;
+}
+
 /* ---- truncation, alignment, round trip -------------------------------------------- */
 
 TEST(gguf_rejects_every_truncation) {
