@@ -1199,6 +1199,32 @@ TEST(gguf_names_and_strings_of_the_limit_length_are_read) {
     return TEST_PASS;
 }
 
+/* A name holding a NUL byte is refused with the file offset of the name's first byte
+ * (its 8-byte length before it) and the NUL's position in the name: here the key's
+ * length is at 24, just after the header, so its text starts at 32. */
+TEST(gguf_nul_in_a_name_names_the_offset_of_its_text) {
+    bytes b = {{0}, 0};
+    moas_gguf *g = &sentinel_gguf;
+
+    b_raw(&b, "GGUF", 4);
+    b_le(&b, 3, 4);            /* version */
+    b_le(&b, 0, 8);            /* n_tensors */
+    b_le(&b, 1, 8);            /* n_kv */
+    b_le(&b, 7, 8);            /* offset 24: the key's length */
+    b_raw(&b, "gen\0ral", 7); /* offset 32: its text, NUL at position 3 */
+    b_le(&b, MOAS_META_UINT8, 4);
+    b_le(&b, 1, 1);
+    uint8_t *image = malloc(b.n);   /* exactly its size, for make asan */
+    ASSERT_TRUE(image != NULL);
+    memcpy(image, b.b, b.n);
+    ASSERT_STATUS(moas__gguf_parse(image, b.n, NULL, &g), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(g == NULL);
+    ASSERT_STR_EQ(moas_last_error(),
+                  "gguf: metadata entry 0: key at offset 32 holds a NUL byte at position 3");
+    free(image);
+    return TEST_PASS;
+}
+
 /* ---- truncation, alignment, round trip -------------------------------------------- */
 
 TEST(gguf_rejects_every_truncation) {
