@@ -1225,6 +1225,42 @@ TEST(gguf_nul_in_a_name_names_the_offset_of_its_text) {
     return TEST_PASS;
 }
 
+/* Tensors may touch but not share a byte: at alignment 1, two 2-byte F16 tensors at
+ * data offsets 0 and 1 overlap by one byte and are refused with both ranges as file
+ * offsets; at offsets 0 and 2 they touch and are read. */
+TEST(gguf_tensors_overlapping_by_one_byte_are_refused) {
+    const uint64_t ne[1] = {1};
+    size_t size = 0;
+    moas_gguf *g = &sentinel_gguf;
+    char want[160];
+
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    gguf_writer_set_alignment(w, 1);
+    ASSERT_EQ(gguf_writer_add_tensor_raw(w, "h0", 2, MOAS_TYPE_F16, 1, ne, NULL, 2), 0);
+    ASSERT_EQ(gguf_writer_add_tensor_raw(w, "h1", 2, MOAS_TYPE_F16, 1, ne, NULL, 2), 1);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas__gguf_parse(image, size, NULL, &g));
+    ASSERT_EQ(g->tensors[1].offset, 2);
+    const size_t base = g->data_offset;
+    moas__gguf_free(g, NULL);
+    free(image);
+
+    gguf_writer_override_offset(w, 1, 1);
+    image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    g = &sentinel_gguf;
+    ASSERT_STATUS(moas__gguf_parse(image, size, NULL, &g), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(g == NULL);
+    snprintf(want, sizeof want, "gguf: tensors 'h0' [%zu, %zu) and 'h1' [%zu, %zu) overlap",
+             base, base + 2, base + 1, base + 3);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    free(image);
+    return TEST_PASS;
+}
+
 /* ---- truncation, alignment, round trip -------------------------------------------- */
 
 TEST(gguf_rejects_every_truncation) {
