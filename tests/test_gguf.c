@@ -1261,6 +1261,26 @@ TEST(gguf_tensors_overlapping_by_one_byte_are_refused) {
     return TEST_PASS;
 }
 
+/* A duplicate key is found wherever it sorts, the first pair included: a file of two
+ * keys, both the same, is refused naming entries 0 and 1. */
+TEST(gguf_duplicate_keys_that_sort_first_are_refused) {
+    size_t size = 0;
+    moas_gguf *g = &sentinel_gguf;
+
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    gguf_writer_add_u32(w, "a.same", 1);
+    gguf_writer_add_u32(w, "a.same", 2);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_STATUS(moas__gguf_parse(image, size, NULL, &g), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(g == NULL);
+    ASSERT_STR_EQ(moas_last_error(), "gguf: duplicate key 'a.same' (metadata entries 0 and 1)");
+    free(image);
+    return TEST_PASS;
+}
+
 /* ---- truncation, alignment, round trip -------------------------------------------- */
 
 TEST(gguf_rejects_every_truncation) {
