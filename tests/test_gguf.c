@@ -1733,6 +1733,43 @@ TEST(gguf_directory_is_one_allocation) {
     return TEST_PASS;
 }
 
+/* A file one byte short of its last tensor is refused before anything is allocated,
+ * saying so: at alignment 1 the data section starts where the directory ends, so a
+ * 16-byte tensor there cannot fit in the 15 bytes left. */
+TEST(gguf_file_one_byte_short_is_refused_before_allocating) {
+    counting c = {0, 0, 0};
+    const moas_allocator alloc = {counting_alloc, counting_free, &c};
+    const uint64_t ne[1] = {4};
+    size_t size = 0;
+    moas_gguf *g = NULL;
+    char want[200];
+
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    gguf_writer_set_alignment(w, 1);
+    ASSERT_EQ(gguf_writer_add_tensor_raw(w, "t", 1, MOAS_TYPE_F32, 1, ne, NULL, 16), 0);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    const size_t dir_end = gguf_writer_directory_end(w);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_EQ(size, dir_end + 16);
+    ASSERT_OK(moas__gguf_parse(image, size, &alloc, &g));
+    ASSERT_EQ(g->data_offset, dir_end);
+    moas__gguf_free(g, &alloc);
+
+    c = (counting){0, 0, 0};
+    g = &sentinel_gguf;
+    ASSERT_STATUS(moas__gguf_parse(image, size - 1, &alloc, &g), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(g == NULL);
+    ASSERT_EQ(c.n_allocs, 0);
+    snprintf(want, sizeof want, "gguf: tensor 't' data [%zu, %zu) ends past the file (%zu "
+             "bytes) even if the data section began right after the directory",
+             dir_end, dir_end + 16, size - 1);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Many entries: duplicates are found by sorting, not by comparing every pair. A
  * quadratic check would need ~10^10 comparisons here and time out. */
 TEST(gguf_many_entries_are_checked_by_sorting) {

@@ -27,6 +27,7 @@ X(gguf_rejects_every_truncation_of_every_value_type)
 X(gguf_alignment_variants_agree)
 X(gguf_round_trips_random_files)
 X(gguf_directory_is_one_allocation)
+X(gguf_file_one_byte_short_is_refused_before_allocating)
 X(gguf_many_entries_are_checked_by_sorting)
 
 /* tests/test_model.c */
