@@ -61,6 +61,21 @@ static void add_scheme_strings(gguf_writer *w, const char *key) {
     gguf_writer_add_array_string(w, key, heads, 3);
 }
 
+static void add_u32_4096(gguf_writer *w, const char *key) { gguf_writer_add_u32(w, key, 4096); }
+static void add_u32_4097(gguf_writer *w, const char *key) { gguf_writer_add_u32(w, key, 4097); }
+
+/* A limit is the largest value allowed: block_count 4096 passes its check (the tiny
+ * model then lacks layer 2's tensors), and 4097 is refused naming both numbers. */
+TEST(bad_inputs_hyperparameter_limit_is_inclusive) {
+    if (expect_with_key("moas.block_count", add_u32_4097, MOAS_ERR_CORRUPT,
+                        "model: key 'moas.block_count' is 4097, above the limit 4096"))
+        return TEST_FAIL;
+    if (expect_with_key("moas.block_count", add_u32_4096, MOAS_ERR_CORRUPT,
+                        "model: tensor 'blk.2."))
+        return TEST_FAIL;
+    return TEST_PASS;
+}
+
 /* Hyperparameters: above the limits of model.c, below 1, or not integers. */
 TEST(bad_inputs_hyperparameters_out_of_range_or_mistyped) {
     if (expect_with_key("moas.block_count", add_u32_5000, MOAS_ERR_CORRUPT, "above the limit"))
