@@ -484,6 +484,21 @@ TEST(model_refuses_bad_block_options) {
     return TEST_PASS;
 }
 
+/* The open ends of two ranges: layer_norm_epsilon 1 is outside (0, 1) and a RoPE
+ * freq_base of 1 (no rotation at all) is outside (1, 1e30). */
+TEST(model_refuses_the_open_ends_of_eps_and_rope_base) {
+    tiny_model_config cfg;
+
+    tiny_model_config_default(&cfg);
+    cfg.eps = 1.0f;
+    if (expect_load(&cfg, MOAS_ERR_CORRUPT, "model: layer_norm_epsilon 1 is outside (0, 1)"))
+        return TEST_FAIL;
+    if (expect_block_options("rope", NULL, NULL, "position_embd.weight", false, 16, 1.0f,
+                             MOAS_ERR_CORRUPT, "model: rope.freq_base 1 is outside (1, 1e30)"))
+        return TEST_FAIL;
+    return TEST_PASS;
+}
+
 TEST(model_refuses_unsupported_weight_types) {
     tiny_model_config cfg;
     size_t size;
