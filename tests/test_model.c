@@ -499,6 +499,41 @@ TEST(model_refuses_the_open_ends_of_eps_and_rope_base) {
     return TEST_PASS;
 }
 
+/* Eight schemes, the most a file may have (nine are refused: test_bad_inputs.c), load
+ * and are read back in order; a decode routes among them. */
+TEST(model_loads_the_most_schemes) {
+    tiny_model_config cfg;
+    static const int32_t heads[8] = {4, 2, 1, 4, 2, 1, 2, 4};
+    size_t size;
+    moas_model *m = NULL;
+    moas_context *ctx = NULL;
+
+    tiny_model_config_default(&cfg);
+    cfg.n_scheme = 8;
+    memcpy(cfg.scheme_n_kv, heads, sizeof heads);
+    uint8_t *image = tiny_model_image(&cfg, 3, &size);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_scheme(m), 8);
+    for (int32_t s = 0; s < 8; s++) {
+        ASSERT_EQ(moas_model_scheme_n_kv(m, s), heads[s]);
+    }
+    ASSERT_EQ(moas_model_scheme_n_kv(m, 8), 0);
+    ASSERT_OK(moas_context_create(m, NULL, &ctx));
+    ASSERT_OK(moas_context_decode(ctx, 1, NULL));
+    int32_t counts[8];
+    ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+    int32_t total = 0;
+    for (int32_t s = 0; s < 8; s++) {
+        total += counts[s];
+    }
+    ASSERT_EQ(total, 2);   /* one token, two layers */
+    moas_context_free(ctx);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 TEST(model_refuses_unsupported_weight_types) {
     tiny_model_config cfg;
     size_t size;
