@@ -578,6 +578,33 @@ TEST(model_refuses_unsupported_weight_types) {
     return TEST_PASS;
 }
 
+/* Q8_0 is a matrix type only: embeddings are read a row at a time as F32 or F16, so a
+ * Q8_0 token_embd.weight (of whole blocks: n_embd 32) is refused as unsupported,
+ * naming the tensor, its type and what an embedding may be. */
+TEST(model_refuses_a_q8_0_embedding) {
+    tiny_model_config cfg;
+    size_t size;
+    moas_model *m = (moas_model *)&size;
+    const uint64_t ne[2] = {32, 40};
+
+    tiny_model_config_default(&cfg);
+    cfg.n_embd = 32;
+    cfg.omit_tensor = "token_embd.weight";
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL && tiny_model_write(&cfg, 1, w));
+    ASSERT_TRUE(gguf_writer_add_tensor_raw(w, "token_embd.weight", 17, MOAS_TYPE_Q8_0, 2, ne,
+                                           NULL, 40 * 34) >= 0);
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+    ASSERT_TRUE(m == NULL);
+    ASSERT_STR_EQ(moas_last_error(), "model: tensor 'token_embd.weight' has type q8_0, which is "
+                  "not supported for a embedding (F32, F16)");
+    free(image);
+    return TEST_PASS;
+}
+
 /* A proper prefix of a valid file is a truncated file: refused, nothing left behind. */
 TEST(model_refuses_every_truncation) {
     size_t size;
