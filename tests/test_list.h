@@ -159,6 +159,7 @@ X(tokenize_follows_sorted_vocabulary)
 X(tokenize_names_unknown_character_and_offset)
 X(tokenize_reports_needed_size)
 X(tokenize_ex_replaces_or_drops_unknown_characters)
+X(tokenize_utf8_edges_are_exact)
 
 /* tests/test_sampler.c */
 X(sampler_greedy_picks_argmax_and_skips_nan)

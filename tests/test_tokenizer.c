@@ -2,6 +2,8 @@
  * 47 characters, among them é, ï, – and —), UTF-8 handling and the error paths. */
 #include "test.h"
 
+#include <stdio.h>
+
 static const char *vocab_model = "tiny-moas-bias.gguf";
 
 /* The reference vocabulary is the sorted set of characters: ids follow code points. */
@@ -199,6 +201,58 @@ TEST(tokenize_ex_replaces_or_drops_unknown_characters) {
                   MOAS_ERR_INVALID_ARG);
     ASSERT_STATUS(moas_tokenize_ex(NULL, text, (size_t)-1, NULL, tokens, 16, &n, &changed),
                   MOAS_ERR_INVALID_ARG);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
+/* UTF-8's edges (RFC 3629): under the DROP rule a valid character outside the
+ * vocabulary is dropped and counted, while an overlong form, a surrogate (U+D800 to
+ * U+DFFF, both ends) or a code point above U+10FFFF is MOAS_ERR_INVALID_UTF8 at the
+ * offset of its first byte. An overlong 'A' is not 'A', which the vocabulary holds. */
+TEST(tokenize_utf8_edges_are_exact) {
+    moas_model *model;
+    moas_tokenize_params tp;
+    int32_t tokens[16];
+    size_t n = 99, changed = 99;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    moas_tokenize_params_init(&tp);
+    tp.unknown = MOAS_UNKNOWN_DROP;
+    static const char *const valid[5] = {
+        "A\xc2\x80",           /* U+0080, the least of two bytes */
+        "A\xe0\xa0\x80",       /* U+0800, of three */
+        "A\xed\x9f\xbf",       /* U+D7FF, just below the surrogates */
+        "A\xee\x80\x80",       /* U+E000, just above them */
+        "A\xf4\x8f\xbf\xbf",   /* U+10FFFF, the last code point */
+    };
+    for (int i = 0; i < 5; i++) {
+        ASSERT_OK(moas_tokenize_ex(model, valid[i], (size_t)-1, &tp, tokens, 16, &n, &changed));
+        ASSERT_EQ(n, 1);
+        ASSERT_EQ(tokens[0], 11);
+        ASSERT_EQ(changed, 1);
+    }
+    static const struct {
+        const char *text;
+        unsigned byte;
+    } invalid[6] = {
+        {"A\xc1\x81", 0xc1},           /* 'A' in two bytes */
+        {"A\xe0\x81\x81", 0xe0},       /* 'A' in three */
+        {"A\xf0\x8f\xbf\xbf", 0xf0},   /* U+FFFF in four */
+        {"A\xed\xa0\x80", 0xed},       /* U+D800 */
+        {"A\xed\xbf\xbf", 0xed},       /* U+DFFF */
+        {"A\xf4\x90\x80\x80", 0xf4},   /* U+110000 */
+    };
+    for (int i = 0; i < 6; i++) {
+        char want[64];
+        snprintf(want, sizeof want, "tokenize: invalid UTF-8 at byte offset 1 (byte 0x%02x)",
+                 invalid[i].byte);
+        ASSERT_STATUS(moas_tokenize_ex(model, invalid[i].text, (size_t)-1, &tp, tokens, 16, &n,
+                                       &changed), MOAS_ERR_INVALID_UTF8);
+        ASSERT_STR_EQ(moas_last_error(), want);
+        ASSERT_STATUS(moas_tokenize(model, invalid[i].text, (size_t)-1, tokens, 16, &n),
+                      MOAS_ERR_UNKNOWN_CHAR);
+        ASSERT_STR_EQ(moas_last_error(), want);
+    }
     moas_model_free(model);
     return TEST_PASS;
 }
