@@ -160,6 +160,7 @@ X(tokenize_names_unknown_character_and_offset)
 X(tokenize_reports_needed_size)
 X(tokenize_ex_replaces_or_drops_unknown_characters)
 X(tokenize_utf8_edges_are_exact)
+X(tokenize_names_del_as_a_control_character)
 
 /* tests/test_sampler.c */
 X(sampler_greedy_picks_argmax_and_skips_nan)

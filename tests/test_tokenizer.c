@@ -256,3 +256,19 @@ TEST(tokenize_utf8_edges_are_exact) {
     moas_model_free(model);
     return TEST_PASS;
 }
+
+/* DEL (U+007F) is a control character like those below U+0020: named by code point,
+ * never written raw into the message. */
+TEST(tokenize_names_del_as_a_control_character) {
+    moas_model *model;
+    int32_t tokens[16];
+    size_t n;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_STATUS(moas_tokenize(model, "A\x7f", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STR_EQ(moas_last_error(),
+                  "tokenize: control character U+007F at byte offset 1 is not in the vocabulary");
+    moas_model_free(model);
+    return TEST_PASS;
+}
