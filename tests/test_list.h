@@ -161,6 +161,7 @@ X(tokenize_reports_needed_size)
 X(tokenize_ex_replaces_or_drops_unknown_characters)
 X(tokenize_utf8_edges_are_exact)
 X(tokenize_names_del_as_a_control_character)
+X(detokenize_needs_room_for_the_nul)
 
 /* tests/test_sampler.c */
 X(sampler_greedy_picks_argmax_and_skips_nan)

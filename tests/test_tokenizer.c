@@ -272,3 +272,27 @@ TEST(tokenize_names_del_as_a_control_character) {
     moas_model_free(model);
     return TEST_PASS;
 }
+
+/* moas_detokenize needs the text's bytes and a NUL: "Aé—" (6 bytes) does not fit in
+ * a capacity of 6, which is refused with nothing written at or past the capacity, and
+ * fits in 7. */
+TEST(detokenize_needs_room_for_the_nul) {
+    moas_model *model;
+    const int32_t ids[3] = {11, 43, 46};
+    char text[8];
+    size_t len = 0;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    memset(text, '#', sizeof text);
+    ASSERT_STATUS(moas_detokenize(model, ids, 3, text, 6, &len), MOAS_ERR_BUFFER_TOO_SMALL);
+    ASSERT_EQ(len, 6);
+    ASSERT_EQ(text[6], '#');
+    ASSERT_STR_EQ(moas_last_error(),
+                  "detokenize: the text needs 6 bytes and a NUL, the buffer holds 6");
+    ASSERT_OK(moas_detokenize(model, ids, 3, text, 7, &len));
+    ASSERT_EQ(len, 6);
+    ASSERT_STR_EQ(text, "A\xc3\xa9\xe2\x80\x94");
+    ASSERT_EQ(text[7], '#');
+    moas_model_free(model);
+    return TEST_PASS;
+}
