@@ -175,6 +175,7 @@ X(sampler_logit_bias_shifts_and_bans)
 X(sampler_repeat_penalty_hand_computed)
 X(sampler_frequency_and_presence_penalties_hand_computed)
 X(sampler_min_p_cuts_relative_to_the_most_likely)
+X(sampler_cuts_keep_exact_boundaries_and_lowest_ids_of_ties)
 X(sampler_new_params_are_checked_and_old_sizes_work)
 X(text_find_stop_hand_computed)
 

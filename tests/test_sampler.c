@@ -555,3 +555,40 @@ TEST(text_find_stop_hand_computed) {
     ASSERT_STATUS(moas_text_find_stop("abc", 3, two, 2, 1, &end, NULL), MOAS_ERR_INVALID_ARG);
     return TEST_PASS;
 }
+
+/* Cuts at their exact boundaries, on logits whose probabilities are exact (expf(0) is
+ * 1): equal logits rank by lower id, so top-k 2 and top-p 0.5 of four equal tokens
+ * keep ids 0 and 1 (kept mass 2 reaches 0.5 * 4 exactly: the smallest set with mass
+ * >= p), and min-p 1 keeps the two tokens exactly as likely as the most likely one
+ * and nothing less likely, whatever their ids. */
+TEST(sampler_cuts_keep_exact_boundaries_and_lowest_ids_of_ties) {
+    const float equal[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    moas_sampler_params p;
+    moas_sampler *s;
+    int hist[4] = {0};
+
+    ASSERT_TRUE((s = make(1.0f, 2, 1.0f, 3, 4)) != NULL);
+    ASSERT_EQ(draw(s, equal, 1000, hist), 0);
+    ASSERT_EQ(hist[2] + hist[3], 0);
+    ASSERT_TRUE(hist[0] > 0 && hist[1] > 0);
+    moas_sampler_free(s);
+
+    memset(hist, 0, sizeof hist);
+    ASSERT_TRUE((s = make(1.0f, 0, 0.5f, 4, 4)) != NULL);
+    ASSERT_EQ(draw(s, equal, 1000, hist), 0);
+    ASSERT_EQ(hist[2] + hist[3], 0);
+    ASSERT_TRUE(hist[0] > 0 && hist[1] > 0);
+    moas_sampler_free(s);
+
+    const float two_best[4] = {1.0f, 2.0f, 2.0f, 0.0f};
+    moas_sampler_params_init(&p);
+    p.seed = 5;
+    p.min_p = 1.0f;
+    ASSERT_TRUE((s = make_ex(&p, 4)) != NULL);
+    memset(hist, 0, sizeof hist);
+    ASSERT_EQ(draw(s, two_best, 1000, hist), 0);
+    ASSERT_EQ(hist[0] + hist[3], 0);
+    ASSERT_TRUE(hist[1] > 0 && hist[2] > 0);
+    moas_sampler_free(s);
+    return TEST_PASS;
+}
