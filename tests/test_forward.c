@@ -733,6 +733,56 @@ TEST(context_params_are_checked) {
     return TEST_PASS;
 }
 
+/* Each range of moas_context_params is closed where moas.h says so: n_ctx up to the
+ * trained length, n_batch up to 65536, forced_scheme below n_scheme (the last scheme
+ * can be forced, n_scheme itself is refused naming the range). */
+TEST(context_params_accept_their_last_values) {
+    moas_model *model;
+    moas_context *ctx = NULL;
+    moas_context_params cp;
+    char want[96];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    const int32_t n_train = moas_model_n_ctx_train(model);
+    const int32_t n_scheme = moas_model_n_scheme(model);
+    moas_context_params_init(&cp);
+    cp.n_ctx = n_train;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    ASSERT_EQ(moas_context_n_ctx(ctx), n_train);
+    moas_context_free(ctx);
+
+    moas_context_params_init(&cp);
+    cp.n_batch = 65536;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    moas_context_free(ctx);
+    cp.n_batch = 65537;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_STR_EQ(moas_last_error(), "context_create: n_batch 65537 outside [0, 65536]");
+
+    moas_context_params_init(&cp);
+    cp.mode = MOAS_MODE_ROUTED;
+    cp.forced_scheme = n_scheme - 1;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    ASSERT_OK(moas_context_decode(ctx, 1, NULL));
+    const int32_t n_layer = moas_model_n_layer(model);
+    int32_t schemes[64];
+    ASSERT_TRUE(n_layer <= 64);
+    ASSERT_OK(moas_context_routes(ctx, 0, 1, NULL, schemes, NULL));
+    for (int32_t l = 0; l < n_layer; l++) {
+        ASSERT_EQ(schemes[l], n_scheme - 1);
+    }
+    moas_context_free(ctx);
+    cp.forced_scheme = n_scheme;
+    ctx = (moas_context *)&ctx;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(ctx == NULL);
+    snprintf(want, sizeof want, "context_create: forced_scheme %d outside [-1, %d)", n_scheme,
+             n_scheme);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 /* Mixture mode stores every scheme's heads for every token: bytes follow exactly. */
 TEST(mixture_kv_bytes_follow_formula) {
     moas_model *model;
