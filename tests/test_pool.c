@@ -2987,6 +2987,50 @@ TEST(context_shift_equals_decoding_the_shifted_text) {
     return TEST_PASS;
 }
 
+/* A shift may discard every token after n_keep (n_keep + n_discard = n_past): nothing
+ * moves, and decoding on gives exactly the logits of a context that decoded only the
+ * kept tokens. One token more than is stored is refused, naming both counts, and
+ * changes nothing. */
+TEST(context_shift_may_discard_every_token_after_n_keep) {
+    enum { N = 8, KEEP = 3 };
+    int32_t tokens[N + 1];
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_ctx_train = 64;
+    cfg.n_embd = 32;
+    cfg.rope = true;
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 77, &size);
+    moas_model *m;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, N + 1, V, 91);
+    moas_context *a = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    moas_context *b = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(a != NULL && b != NULL);
+    for (int i = 0; i < N; i++) {
+        ASSERT_OK(moas_context_decode(a, tokens[i], NULL));
+    }
+    for (int i = 0; i < KEEP; i++) {
+        ASSERT_OK(moas_context_decode(b, tokens[i], NULL));
+    }
+    ASSERT_OK(moas_context_shift(a, KEEP, N - KEEP));
+    ASSERT_EQ(moas_context_n_past(a), KEEP);
+    ASSERT_STATUS(moas_context_shift(a, 0, KEEP + 1), MOAS_ERR_INVALID_ARG);
+    ASSERT_STR_EQ(moas_last_error(),
+                  "context_shift: n_keep 0 and n_discard 4 do not fit in the 3 tokens stored");
+    ASSERT_EQ(moas_context_n_past(a), KEEP);
+    ASSERT_OK(moas_context_decode(a, tokens[N], NULL));
+    ASSERT_OK(moas_context_decode(b, tokens[N], NULL));
+    ASSERT_TRUE(memcmp(moas_context_logits(a), moas_context_logits(b), (size_t)V * sizeof(float)) == 0);
+    moas_context_free(a);
+    moas_context_free(b);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A Q8_0 cache (head_dim 32: one block per head): logits near an f32 cache's, batched
  * decode equal to decoding alone bit for bit, saved state and compaction working on
  * its blocks; refused when head_dim is not a multiple of 32. */
