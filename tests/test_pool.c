@@ -2105,6 +2105,50 @@ TEST(compaction_pools_old_tokens_and_frees_pages) {
     return TEST_PASS;
 }
 
+/* Compaction pools only groups that nest: with 12 heads and schemes of 12, 4 and 3
+ * heads, compacting to 3 pools the tokens that stored 12 (groups of 4) and leaves
+ * those that stored 4, which no mean of whole groups turns into 3, as they were. */
+TEST(compaction_leaves_heads_that_do_not_nest) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_ctx_train = 64;
+    cfg.n_embd = 48;
+    cfg.n_head = 12;
+    cfg.scheme_n_kv[0] = 12;
+    cfg.scheme_n_kv[1] = 4;
+    cfg.scheme_n_kv[2] = 3;
+    cfg.kv_sharing = "pooled";
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 81, &size);
+    moas_model *m;
+    int32_t tokens[8];
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t L = moas_model_n_layer(m), d = moas_model_head_dim(m);
+    seq_tokens(tokens, 8, moas_model_n_vocab(m), 5);
+    moas_context *ctx = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(ctx != NULL);
+    ASSERT_OK(moas_context_force_scheme(ctx, 1));   /* 4 heads */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 6, NULL, MOAS_LOGITS_NONE));
+    ASSERT_OK(moas_context_force_scheme(ctx, 0));   /* 12 heads */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + 6, 2, NULL, MOAS_LOGITS_LAST));
+    const size_t used0 = moas_context_kv_bytes_used(ctx, -1);
+
+    int32_t changed = -1, counts[3];
+    ASSERT_OK(moas_context_compact(ctx, 8, 2, &changed));
+    ASSERT_EQ(changed, 2 * L);
+    ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+    ASSERT_EQ(counts[0], 0);
+    ASSERT_EQ(counts[1], 6 * L);
+    ASSERT_EQ(counts[2], 2 * L);
+    /* two tokens in each layer lost 9 heads of K and V, f32 */
+    ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), used0 - (size_t)L * 2 * 9 * d * 2 * 4);
+    moas_context_free(ctx);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* Compaction in a pool with no page free, which is when a server compacts: it needs no
  * page for pages only its context holds, so it runs and gives pages back; where a fork
  * shares the pages it would rewrite, it needs a copy of each first, and with none free
