@@ -296,3 +296,31 @@ TEST(detokenize_needs_room_for_the_nul) {
     moas_model_free(model);
     return TEST_PASS;
 }
+
+/* A buffer of exactly the tokens the text needs is enough, for both calls (only a
+ * smaller one is MOAS_ERR_BUFFER_TOO_SMALL); nothing is written past it. */
+TEST(tokenize_fills_a_buffer_of_exactly_the_tokens_needed) {
+    moas_model *model;
+    moas_tokenize_params tp;
+    int32_t tokens[4] = {-7, -7, -7, -7};
+    size_t n = 0, changed = 99;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_OK(moas_tokenize(model, "God", (size_t)-1, tokens, 3, &n));
+    ASSERT_EQ(n, 3);
+    ASSERT_EQ(tokens[0], 13);
+    ASSERT_EQ(tokens[1], 34);
+    ASSERT_EQ(tokens[2], 24);
+    ASSERT_EQ(tokens[3], -7);
+    moas_tokenize_params_init(&tp);
+    tp.unknown = MOAS_UNKNOWN_DROP;
+    tokens[0] = tokens[1] = -7;
+    ASSERT_OK(moas_tokenize_ex(model, "GQo", (size_t)-1, &tp, tokens, 2, &n, &changed));
+    ASSERT_EQ(n, 2);
+    ASSERT_EQ(changed, 1);
+    ASSERT_EQ(tokens[0], 13);
+    ASSERT_EQ(tokens[1], 34);
+    ASSERT_EQ(tokens[2], 24);   /* from before: not written */
+    moas_model_free(model);
+    return TEST_PASS;
+}
