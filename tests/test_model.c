@@ -605,6 +605,61 @@ TEST(model_refuses_a_q8_0_embedding) {
     return TEST_PASS;
 }
 
+/* Kernels read elements in place, so a file whose general.alignment (1 here) puts a
+ * tensor's data off its element's alignment is refused, naming the tensor, its file
+ * offset and the bytes it needs: 2 for F16, 4 for F32. token_embd.weight is the first
+ * tensor, at offset 0 of the data section, which starts where the directory ends; a
+ * padding key's length moves that end. */
+static uint8_t *embd_at(moas_type type, int32_t remainder, size_t *dir_end, size_t *size) {
+    for (int pad = 0; pad < 4; pad++) {
+        tiny_model_config cfg;
+        const uint64_t ne[2] = {16, 40};
+        tiny_model_config_default(&cfg);
+        cfg.alignment = 1;
+        cfg.omit_tensor = "token_embd.weight";
+        gguf_writer *w = gguf_writer_create();
+        if (w == NULL) {
+            return NULL;
+        }
+        gguf_writer_add_tensor_raw(w, "token_embd.weight", 17, type, 2, ne, NULL,
+                                   type == MOAS_TYPE_F16 ? 1280 : 2560);
+        gguf_writer_add_string_n(w, "x.pad", "xyz", (size_t)pad);
+        uint8_t *image = tiny_model_write(&cfg, 1, w) ? gguf_writer_finish(w, size) : NULL;
+        *dir_end = gguf_writer_directory_end(w);
+        const bool found = gguf_writer_tensor_offset(w, 0) == 0 && *dir_end % 4 == (size_t)remainder;
+        gguf_writer_free(w);
+        if (image == NULL || found) {
+            return image;
+        }
+        free(image);
+    }
+    return NULL;
+}
+
+TEST(model_refuses_misaligned_tensor_data) {
+    size_t dir_end = 0, size = 0;
+    moas_model *m = (moas_model *)&size;
+    char want[160];
+
+    uint8_t *image = embd_at(MOAS_TYPE_F16, 1, &dir_end, &size);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+    ASSERT_TRUE(m == NULL);
+    snprintf(want, sizeof want, "model: tensor 'token_embd.weight' data at file offset %zu is "
+             "not aligned to 2 bytes (general.alignment is 1)", dir_end);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    free(image);
+
+    image = embd_at(MOAS_TYPE_F32, 2, &dir_end, &size);
+    ASSERT_TRUE(image != NULL);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+    snprintf(want, sizeof want, "model: tensor 'token_embd.weight' data at file offset %zu is "
+             "not aligned to 4 bytes (general.alignment is 1)", dir_end);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A proper prefix of a valid file is a truncated file: refused, nothing left behind. */
 TEST(model_refuses_every_truncation) {
     size_t size;
