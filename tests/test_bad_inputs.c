@@ -76,6 +76,21 @@ TEST(bad_inputs_hyperparameter_limit_is_inclusive) {
     return TEST_PASS;
 }
 
+static void add_i32_4097(gguf_writer *w, const char *key) { gguf_writer_add_i32(w, key, 4097); }
+static void add_i64_4096(gguf_writer *w, const char *key) { gguf_writer_add_i64(w, key, 4096); }
+
+/* The limits hold for a key of a signed type too: int32 4097 is refused as uint32 4097
+ * is, and int64 4096 passes the check. */
+TEST(bad_inputs_signed_hyperparameter_above_its_limit) {
+    if (expect_with_key("moas.block_count", add_i32_4097, MOAS_ERR_CORRUPT,
+                        "model: key 'moas.block_count' is 4097, above the limit 4096"))
+        return TEST_FAIL;
+    if (expect_with_key("moas.block_count", add_i64_4096, MOAS_ERR_CORRUPT,
+                        "model: tensor 'blk.2."))
+        return TEST_FAIL;
+    return TEST_PASS;
+}
+
 /* Hyperparameters: above the limits of model.c, below 1, or not integers. */
 TEST(bad_inputs_hyperparameters_out_of_range_or_mistyped) {
     if (expect_with_key("moas.block_count", add_u32_5000, MOAS_ERR_CORRUPT, "above the limit"))

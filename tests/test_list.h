@@ -205,6 +205,7 @@ X(team_compare_runs_small_calls_the_faster_way)
 /* tests/test_bad_inputs.c */
 X(bad_inputs_hyperparameters_out_of_range_or_mistyped)
 X(bad_inputs_hyperparameter_limit_is_inclusive)
+X(bad_inputs_signed_hyperparameter_above_its_limit)
 X(bad_inputs_unknown_tokenizer_or_mixing_is_unsupported)
 X(bad_inputs_sampler_params_size_is_checked)
 X(bad_inputs_null_objects_read_as_nothing)
