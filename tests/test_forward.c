@@ -783,6 +783,30 @@ TEST(context_params_accept_their_last_values) {
     return TEST_PASS;
 }
 
+/* An enum's COUNT is the first value past its members, not a member: mode
+ * MOAS_MODE_COUNT and kernels MOAS_KERNELS_COUNT are refused naming the value. */
+TEST(context_params_refuse_each_enums_count) {
+    moas_model *model;
+    moas_context *ctx = (moas_context *)&ctx;
+    moas_context_params cp;
+    char want[64];
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    moas_context_params_init(&cp);
+    cp.mode = MOAS_MODE_COUNT;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(ctx == NULL);
+    snprintf(want, sizeof want, "context_create: unknown mode %d", (int)MOAS_MODE_COUNT);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    moas_context_params_init(&cp);
+    cp.kernels = MOAS_KERNELS_COUNT;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    snprintf(want, sizeof want, "context_create: unknown kernels %d", (int)MOAS_KERNELS_COUNT);
+    ASSERT_STR_EQ(moas_last_error(), want);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 /* Mixture mode stores every scheme's heads for every token: bytes follow exactly. */
 TEST(mixture_kv_bytes_follow_formula) {
     moas_model *model;
