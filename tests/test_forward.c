@@ -807,6 +807,37 @@ TEST(context_params_refuse_each_enums_count) {
     return TEST_PASS;
 }
 
+static void *alloc_only(void *user, size_t size) {
+    (void)user;
+    return malloc(size);
+}
+
+static void free_only(void *user, void *ptr) {
+    (void)user;
+    free(ptr);
+}
+
+/* An allocator needs both functions: one without free, or without alloc, is refused
+ * before anything is allocated. */
+TEST(context_params_refuse_an_allocator_without_free) {
+    moas_model *model;
+    moas_context *ctx = (moas_context *)&ctx;
+    moas_context_params cp;
+    const moas_allocator no_free = {alloc_only, NULL, NULL}, no_alloc = {NULL, free_only, NULL};
+
+    ASSERT_OK(moas_model_load(test_data(invariant_model), NULL, &model));
+    moas_context_params_init(&cp);
+    cp.allocator = &no_free;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_TRUE(ctx == NULL);
+    ASSERT_STR_EQ(moas_last_error(), "context_create: allocator without alloc or free");
+    cp.allocator = &no_alloc;
+    ASSERT_STATUS(moas_context_create(model, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+    ASSERT_STR_EQ(moas_last_error(), "context_create: allocator without alloc or free");
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 /* Mixture mode stores every scheme's heads for every token: bytes follow exactly. */
 TEST(mixture_kv_bytes_follow_formula) {
     moas_model *model;

@@ -137,6 +137,7 @@ X(decode_errors_leave_context_unchanged)
 X(context_params_are_checked)
 X(context_params_accept_their_last_values)
 X(context_params_refuse_each_enums_count)
+X(context_params_refuse_an_allocator_without_free)
 X(mixture_kv_bytes_follow_formula)
 X(f16_kv_cache_close_to_f32)
 
