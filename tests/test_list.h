@@ -143,6 +143,7 @@ X(f16_kv_cache_close_to_f32)
 
 /* tests/test_routing.c */
 X(routed_kv_bytes_follow_formula_for_random_routing)
+X(scheme_counts_refuse_a_layer_below_minus_one)
 X(pooled_kv_bytes_follow_formula)
 X(routed_forced_mha_equals_mha_branch_alone)
 X(routed_forced_mha_equals_mha_branch_alone_modern)

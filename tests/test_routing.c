@@ -102,6 +102,31 @@ TEST(routed_kv_bytes_follow_formula_for_random_routing) {
 
 /* A pooled model stores the same bytes for the same routing; in mixture mode it keeps
  * one gate-mixed K/V of all heads per token, an MHA cache's worth. */
+/* moas_context_scheme_counts takes a layer in [-1, n_layer): -1 is every layer, and -2
+ * is refused with the range in the message, leaving the counts as they were. */
+TEST(scheme_counts_refuse_a_layer_below_minus_one) {
+    tiny_model_config cfg;
+    size_t size;
+    tiny_model_config_default(&cfg);
+    uint8_t *image = tiny_model_image(&cfg, 12, &size);
+    moas_model *m;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    moas_context *ctx = routed_context(m, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(ctx != NULL);
+    ASSERT_OK(moas_context_decode(ctx, 1, NULL));
+    int32_t counts[3] = {7, 7, 7};
+    ASSERT_STATUS(moas_context_scheme_counts(ctx, -2, counts), MOAS_ERR_INVALID_ARG);
+    ASSERT_STR_EQ(moas_last_error(), "context_scheme_counts: layer -2 outside [-1, 2)");
+    ASSERT_TRUE(counts[0] == 7 && counts[1] == 7 && counts[2] == 7);
+    ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+    ASSERT_TRUE(counts[0] == 0 && counts[1] == 2 && counts[2] == 0);
+    moas_context_free(ctx);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 TEST(pooled_kv_bytes_follow_formula) {
     tiny_model_config cfg;
     size_t size;
