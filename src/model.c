@@ -254,9 +254,10 @@ static moas_status bind(const moas_model *m, enum tensor_kind kind, int64_t ne0,
         break;
     }
     MOAS_RETURN_IF(!type_ok, MOAS_ERR_UNSUPPORTED, "model: tensor '%s' has type %s, which is not "
-                   "supported for a %s", name, moas__type_name(t->type),
-                   kind == KIND_VECTOR ? "vector (F32 only)"
-                   : kind == KIND_EMBEDDING ? "embedding (F32, F16)" : "matrix (F32, F16, Q8_0)");
+                   "supported for %s", name, moas__type_name(t->type),
+                   kind == KIND_VECTOR ? "a vector (F32 only)"
+                   : kind == KIND_EMBEDDING ? "an embedding (F32, F16)"
+                                            : "a matrix (F32, F16, Q8_0)");
     /* Kernels read elements in place: an f32 must sit on a multiple of 4, halves and
      * Q8_0 scales on a multiple of 2. Only a file whose general.alignment is below
      * that can break the rule. */

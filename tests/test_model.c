@@ -600,7 +600,7 @@ TEST(model_refuses_a_q8_0_embedding) {
     ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
     ASSERT_TRUE(m == NULL);
     ASSERT_STR_EQ(moas_last_error(), "model: tensor 'token_embd.weight' has type q8_0, which is "
-                  "not supported for a embedding (F32, F16)");
+                  "not supported for an embedding (F32, F16)");
     free(image);
     return TEST_PASS;
 }
