@@ -4,19 +4,8 @@ use moas::{
     Sampler, SamplerParams, Stop,
 };
 
-const TEXT: &str = "And God said, Let there be light: and there was light.";
-
-fn data(name: &str) -> String {
-    format!(
-        "{}/../../../tests/data/{}",
-        env!("CARGO_MANIFEST_DIR"),
-        name
-    )
-}
-
-fn model() -> Model {
-    Model::load(data("tiny-moas-bias.gguf")).expect("the test model loads")
-}
+mod common;
+use common::{data, model, TEXT};
 
 #[test]
 fn links_the_library_build_rs_found() {

@@ -5,19 +5,8 @@ use moas::{ffi, Context, ContextParams, Error, ErrorKind, Logits, Mode, Model, P
 use std::path::Path;
 use std::sync::Mutex;
 
-const TEXT: &str = "And God said, Let there be light: and there was light.";
-
-fn data(name: &str) -> String {
-    format!(
-        "{}/../../../tests/data/{}",
-        env!("CARGO_MANIFEST_DIR"),
-        name
-    )
-}
-
-fn model() -> Model {
-    Model::load(data("tiny-moas-bias.gguf")).expect("the test model loads")
-}
+mod common;
+use common::{model, TEXT};
 
 /// The rows of the header's MOAS_STATUS_MAP: (name without MOAS_, value).
 fn header_statuses() -> Vec<(String, i32)> {
