@@ -46,6 +46,29 @@ class PoolTest(unittest.TestCase):
                 ctx.close()
         self.assertEqual(self.pool.stats().pages_free, self.pool.stats().n_pages)
 
+    def test_logits_asked_per_pair(self):
+        # one pair's every row, another's last, a third's none, in one call: each what
+        # decode_batch gives alone with that choice
+        V = self.model.n_vocab
+        prompts = [tokens(n, V, 20 + n) for n in (5, 3, 4)]
+        ctxs = [self.pool.context(mode="routed") for _ in prompts]
+        got = self.pool.decode(list(zip(ctxs, prompts)), logits=["all", "last", "none"])
+        with self.model.context(mode="routed") as alone:
+            rows = alone.decode_batch(prompts[0], logits="all")
+            self.assertEqual([list(r) for r in got[0]], [list(r) for r in rows])
+        with self.model.context(mode="routed") as alone:
+            self.assertEqual(list(got[1]), list(alone.decode_batch(prompts[1])))
+        self.assertIsNone(got[2])
+        self.assertEqual([c.n_past for c in ctxs], [5, 3, 4])
+        # a list that does not match the pairs, or an unknown value, changes nothing
+        for bad in (["all"], ["all", "last", "none", "last"], ["all", "last", "most"]):
+            with self.assertRaises(moas.MoasError) as err:
+                self.pool.decode(list(zip(ctxs, prompts)), logits=bad)
+            self.assertEqual(err.exception.status, moas.Status.ERR_INVALID_ARG)
+        self.assertEqual([c.n_past for c in ctxs], [5, 3, 4])
+        for c in ctxs:
+            c.close()
+
     def test_fork_and_state(self):
         V = self.model.n_vocab
         prompt, tail = tokens(13, V, 1), tokens(5, V, 2)

@@ -1736,16 +1736,24 @@ class Pool(_Handle):
         list of (context, tokens) pairs. Each context gets exactly what decode_batch
         would give it alone. Returns, per pair, the logits as decode_batch would
         ("last": a copy of the last token's n_vocab floats, "all": a list of rows,
-        "none": None). If a route callback raises, the call is undone, every context
-        back to its n_past before it, and the first exception raised is raised."""
+        "none": None); `logits` is one of those for every pair, or a list of them, one
+        per pair (a server scoring one request's prompt and sampling the others). If a
+        route callback raises, the call is undone, every context back to its n_past
+        before it, and the first exception raised is raised."""
         seqs = list(seqs)
-        which = _enum(Logits, logits)
+        if isinstance(logits, (list, tuple)):
+            if len(logits) != len(seqs):
+                raise MoasError(Status.ERR_INVALID_ARG, "logits: %d values for %d "
+                                "(context, tokens) pairs" % (len(logits), len(seqs)))
+            whiches = [_enum(Logits, w) for w in logits]
+        else:
+            whiches = [_enum(Logits, logits)] * len(seqs)
         v = self._n_vocab
         # the arrays themselves go into the struct (ctypes.cast() would tie each into a
         # reference cycle), all of cached types (_array)
         arr = _array(PoolSeq, len(seqs))
         outs = []
-        for i, (ctx, tokens) in enumerate(seqs):
+        for i, ((ctx, tokens), which) in enumerate(zip(seqs, whiches)):
             ids, n_tokens = _ids(tokens)
             tokens = range(n_tokens)   # only its length below
             flat = out = None
@@ -1758,7 +1766,7 @@ class Pool(_Handle):
             elif which == Logits.LAST:
                 out = _array(ctypes.c_float, v, exact=True)
                 flat = _floats(out, v)
-            outs.append((ctx, flat, len(tokens)))
+            outs.append((ctx, flat, len(tokens), which))
             arr[i].tokens, arr[i].n_tokens = ids, len(tokens)
             arr[i].which = which
             arr[i].logits = out
@@ -1795,7 +1803,7 @@ class Pool(_Handle):
                 raise error
         _check(status)
         result = []
-        for ctx, flat, n in outs:
+        for ctx, flat, n, which in outs:
             if n == 0 and which == Logits.LAST:   # as decode_batch([]): what it holds
                 last = ctx.logits()
                 result.append(None if last is None else _floats(

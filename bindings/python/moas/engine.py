@@ -33,7 +33,9 @@ Policy (docs/SERVING.md):
     step that does not fit, a swapped sequence coming back) before anything else. A
     request matches only entries of its own cache_scope (the server's cache_salt), so
     that usage's cached_tokens cannot tell one tenant another's prompt. With
-    steer_below there is no cache: its pages would make the pool steer sooner.
+    steer_below there is no cache: its pages would make the pool steer sooner. A
+    request that scores its prompt (echo with logprobs) reads all of it, as every
+    prompt token's logits are needed, and takes nothing from the cache.
 """
 
 import collections
@@ -48,7 +50,9 @@ import time
 from . import Context, MoasError, Pool, Sampler, Status, find_stop
 
 Event = collections.namedtuple("Event", "kind data")
-# kinds: "admitted" None | "text" (index, text, route or None, logprob or None) |
+# kinds: "admitted" None | "prompt" None, or the prompt's logprob entries (echo: sent
+#        once, when the prompt is read, before any text; the first entry is None) |
+#        "text" (index, text, route or None, logprob or None) |
 #        "finish" (index, finish_reason, n_generated) | "done" usage dict |
 #        "error" (http_status, message, code)
 
@@ -61,7 +65,7 @@ class Request:
     def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
                  stop=(), routes=False, logprobs=None, cache_scope=None, emit=None,
-                 frequency_penalty=0.0, presence_penalty=0.0):
+                 frequency_penalty=0.0, presence_penalty=0.0, echo=False):
         self.id = next(Request._ids)
         self.prompt_ids = list(prompt_ids)
         self.max_tokens, self.n = max_tokens, n
@@ -73,6 +77,10 @@ class Request:
         self.stop = list(stop)
         self.routes = routes
         self.logprobs = logprobs   # None, or how many of the likeliest tokens to report
+        self.echo = echo           # a "prompt" event when the prompt is read
+        # echo with logprobs scores the prompt too: every prompt token's logits, so none
+        # of its tokens may come from the prompt cache
+        self.prompt_logprobs = echo and logprobs is not None
         # the prompt cache matches only entries of the same scope (a tenant's salt):
         # cached_tokens would otherwise tell a client another one's prompt and text
         self.cache_scope = cache_scope
@@ -104,6 +112,7 @@ class Seq:
         self.generated = []        # tokens decoded into ctx after the prompt
         self.counted = None        # scheme counts of a cached prefix, not this sequence's
         self.pending_lp = None     # the pending token's logprob entry (token_logprobs)
+        self.prompt_lps = []       # prompt tokens 1.. their entries (Request.prompt_logprobs)
         self.held, self.held_routes, self.held_lps = "", [], []
         self.saved = None          # bytes of a swapped-out sequence
         self.swap_mark = 0         # contexts closed when it was swapped out
@@ -569,7 +578,8 @@ class Engine:
                         self._waiting[0].n, self.max_sequences) > self.max_sequences):
                     return
                 req = self._waiting[0]
-            hit, reuse = self._cache_find(req.prompt_ids, req.cache_scope)
+            hit, reuse = ((None, 0) if req.prompt_logprobs else
+                          self._cache_find(req.prompt_ids, req.cache_scope))
             headroom = self.headroom_bytes if self._active else 0
             while self._need(req, reuse) + headroom > free:
                 if not self._cache:
@@ -666,9 +676,18 @@ class Engine:
         self._swapped.sort(key=lambda s: s.born)
         self.counters["swapped_out"] += 1
 
+    @staticmethod
+    def _scores_prompt(seq):
+        """Whether this step needs every row of the sequence's chunk of prompt: the
+        first choice of an echo request with logprobs (its forks share the prompt)."""
+        return (seq.req.prompt_logprobs and seq.index == 0
+                and seq.prefill < len(seq.req.prompt_ids))
+
     def _step(self, batch):
         try:
-            outs = self.pool.decode([(seq.ctx, tokens) for seq, tokens in batch])
+            outs = self.pool.decode([(seq.ctx, tokens) for seq, tokens in batch],
+                                    logits=["all" if self._scores_prompt(seq) else "last"
+                                            for seq, _ in batch])
         except MoasError as e:
             if e.status != Status.ERR_POOL_FULL:
                 raise
@@ -685,6 +704,13 @@ class Engine:
         generated = prefilled = 0
         for (seq, tokens), logits in zip(batch, outs):
             req = seq.req
+            if self._scores_prompt(seq):
+                prompt = req.prompt_ids
+                for j, row in enumerate(logits):   # row j predicts prompt token prefill + j + 1
+                    if seq.prefill + j + 1 < len(prompt):
+                        seq.prompt_lps.append(token_logprobs(
+                            row, prompt[seq.prefill + j + 1], req.logprobs))
+                logits = logits[-1]
             if seq.prefill < len(req.prompt_ids):
                 seq.prefill += len(tokens)
                 if seq.prefill < len(req.prompt_ids):
@@ -716,7 +742,11 @@ class Engine:
             self._fail(seq.req, 500, "internal error: %s" % e, "internal_error")
 
     def _start(self, seq):
-        """The prompt is read: the forks of n > 1, then each one's first token."""
+        """The prompt is read: with echo its event, the forks of n > 1, then each one's
+        first token."""
+        if seq.index == 0 and seq.req.echo:
+            self._send(seq.req, "prompt",
+                       [None] + seq.prompt_lps if seq.req.prompt_logprobs else None)
         for s in [seq] + (self._fork(seq) if seq.index == 0 else []):
             self._next(s, seq.logits)
 

@@ -75,13 +75,14 @@ def scheme_names(model):
 
 # OpenAI fields this server accepts only at their neutral value (of the same JSON type:
 # false is not 0) or null, the default as for every field; `user` is any string.
-NEUTRAL = {"echo": (False,), "best_of": (1,), "suffix": ("",), "user": None}
+NEUTRAL = {"best_of": (1,), "suffix": ("",), "user": None}
 PROMPT_CHARS_PER_TOKEN_LIMIT = 8   # a prompt beyond 8x the token limit is not tokenized
 REPEAT_PENALTY_RANGE = (0.01, 100.0)   # beyond it a logit divided by it can overflow
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
          "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
-         "logprobs", "cache_salt", "frequency_penalty", "presence_penalty"} | set(NEUTRAL)
+         "logprobs", "cache_salt", "frequency_penalty", "presence_penalty",
+         "echo"} | set(NEUTRAL)
 CACHE_SALT_MAX_CHARS = 256
 
 
@@ -229,6 +230,7 @@ def parse_completion(body, cfg):
     out["routes"] = _get(body, "routes", lambda v: isinstance(v, bool), "a boolean", False)
     out["logprobs"] = _get(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5,
                            "an integer in [0, 5]", None)
+    out["echo"] = _get(body, "echo", lambda v: isinstance(v, bool), "a boolean", False)
     # a request reuses only the prompt cache's entries of requests with the same salt
     out["cache_salt"] = _get(body, "cache_salt", lambda v: isinstance(v, str) and 0 < len(
         v) <= CACHE_SALT_MAX_CHARS, "a non-empty string of at most %d characters"
@@ -518,7 +520,7 @@ class Server:
             raise ApiError(400, e.message, code=e.name.lower())
         req = Request(ids, max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
                       stop=p["stop"], routes=p["routes"], logprobs=p["logprobs"],
-                      cache_scope=p["cache_salt"],
+                      echo=p["echo"], cache_scope=p["cache_salt"],
                       emit=lambda event: self._buffer(request, req, events, event), **sampling)
         if not self.engine.fits(req):
             raise ApiError(400, "the request needs more KV memory than the pool holds",
@@ -531,8 +533,10 @@ class Server:
                            % self.args.max_queue, code="queue_full", headers=retry)
         meta = {"id": "cmpl-%d" % req.id, "object": "text_completion",
                 "created": int(time.time()), "model": self.model_id}
-        # logprobs' text_offset counts from the prompt's start, as OpenAI's does
-        p["prompt_chars"] = sum(len(self.model.token_text(t)) for t in ids)
+        # logprobs' text_offset counts from the prompt's start, as OpenAI's does; echo
+        # gives back the prompt as it was read (unknown_chars applied), token by token
+        p["prompt_texts"] = [self.model.token_text(t) for t in ids]
+        p["prompt_chars"] = sum(len(t) for t in p["prompt_texts"])
         try:
             first = await self._next_event(request, events)
             if first.kind == "error":
@@ -576,15 +580,24 @@ class Server:
 
     def _logprobs(self, entries, offset):
         """OpenAI's completions logprobs object for (text, entry) pairs, the first at
-        character `offset` of prompt and completion."""
+        character `offset` of prompt and completion; an entry None (the prompt's first
+        token, which nothing predicts) gives nulls, as OpenAI's echo does."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for text, (lp, top) in entries:
+        for text, entry in entries:
+            lp, top = entry if entry is not None else (None, None)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self.model.token_text(t): v for t, v in top})
+            out["top_logprobs"].append(None if top is None else
+                                       {self.model.token_text(t): v for t, v in top})
             out["text_offset"].append(offset)
             offset += len(text)
         return out
+
+    @staticmethod
+    def _echoed(p, entries):
+        """The prompt's (text, entry) pairs of an echo request: its entries from the
+        "prompt" event (None without logprobs)."""
+        return list(zip(p["prompt_texts"], entries or [None] * len(p["prompt_texts"])))
 
     POLL_SECONDS = 0.25   # how often a waiting request looks whether its client is there
 
@@ -609,9 +622,12 @@ class Server:
         routes = [[] for _ in range(req.n)]
         lps = [[] for _ in range(req.n)]
         reasons = [None] * req.n
+        echoed = []   # the prompt's (text, entry) pairs, with echo
         while True:
             ev = await self._next_event(request, events)
-            if ev.kind == "text":
+            if ev.kind == "prompt":
+                echoed = self._echoed(p, ev.data)
+            elif ev.kind == "text":
                 i, text, route, lp = ev.data
                 texts[i].append(text)
                 routes[i].append(route)
@@ -625,9 +641,10 @@ class Server:
                 break
         choices = []
         for i in range(req.n):
-            ch = {"text": "".join(texts[i]), "index": i,
+            ch = {"text": "".join(t for t, _ in echoed) + "".join(texts[i]), "index": i,
                   "logprobs": None if p["logprobs"] is None else
-                  self._logprobs(lps[i], p["prompt_chars"]),
+                  self._logprobs(echoed + lps[i], p["prompt_chars"] - sum(
+                      len(t) for t, _ in echoed)),
                   "finish_reason": reasons[i]}
             if p["routes"]:
                 ch["routes"] = routes[i]
@@ -670,7 +687,16 @@ class Server:
                 batch.append(events.get_nowait())
             frames, last = [], False
             for ev in batch:
-                if ev.kind == "text":
+                if ev.kind == "prompt":   # echo: the prompt first, in one chunk a choice
+                    echoed = self._echoed(p, ev.data)
+                    for i in range(p["n"]):
+                        ch = {"text": "".join(t for t, _ in echoed), "index": i,
+                              "logprobs": None if p["logprobs"] is None else
+                              self._logprobs(echoed, 0), "finish_reason": None}
+                        if p["routes"]:   # routes are the generated characters' alone
+                            ch["routes"] = []
+                        frames.append(frame(dict(meta, choices=[ch])))
+                elif ev.kind == "text":
                     i, text, route, lp = ev.data
                     ch = {"text": text, "index": i, "logprobs": None, "finish_reason": None}
                     if p["logprobs"] is not None:

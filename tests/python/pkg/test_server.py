@@ -258,7 +258,6 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     err = check_error(server.complete(prompt=PROMPT, frobnicate=1), 400, "unknown_field",
                       "frobnicate")
     assert "unrecognized request argument" in err["message"]
-    check_error(server.complete(prompt=PROMPT, echo=True), 400, "unsupported")
     # what docs/SERVING.md lists as not supported
     check_error(server.request("POST", "/v1/chat/completions", {
         "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
@@ -365,7 +364,8 @@ def test_hostile_values_are_400_and_harm_no_other_request(server, model):
             ("frequency_penalty", 2.5, "invalid_type"),     # OpenAI's range: [-2, 2]
             ("presence_penalty", "0.5", "invalid_type"),
             ("best_of", True, "unsupported"),
-            ("echo", 0, "unsupported"),
+            ("echo", 0, "invalid_type"),     # false is not 0
+            ("echo", "true", "invalid_type"),
             ("user", 5, "invalid_type")):
         check_error(server.complete(**dict(base, **{field: value})), 400, code, field)
     # JSON nested past the parser's recursion, a body its Content-Encoding cannot undo
@@ -1304,6 +1304,73 @@ def test_logprobs_are_the_models_own(server, model):
             assert any(len(top) == 2 for top in got["top_logprobs"]), got
     for bad in (6, -1, 2.0, True, "3"):
         check_error(server.complete(**dict(body, logprobs=bad)), 400, param="logprobs")
+
+
+def prompt_logprobs(model, prompt, k):
+    """Each prompt character's log-probability after the ones before it and the k
+    likeliest there, then that character if it is not among them (None for the first),
+    from the library's logits of the whole prompt in routed mode, in double precision."""
+    ids = model.tokenize(prompt)
+    with model.context(mode="routed") as ctx:
+        rows = ctx.decode_batch(ids, logits="all")
+    out = [None]
+    for row, token in zip(rows, ids[1:]):
+        row = list(row)
+        top = max(row)
+        norm = top + math.log(sum(math.exp(x - top) for x in row))
+        likeliest = sorted(range(len(row)), key=lambda t: -row[t])[:k]
+        likeliest += [] if token in likeliest else [token]
+        out.append((row[token] - norm, {model.token_text(t): row[t] - norm for t in likeliest}))
+    return out
+
+
+def test_echo_gives_back_the_prompt_and_scores_it(server, model):
+    # echo: the text begins with the prompt; with logprobs every prompt character gets
+    # its entry (the first null: nothing predicts it), then the generated ones', which
+    # are those of the same request without echo; max_tokens 0 scores a text alone
+    status, _, scored = server.complete(prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    assert status == 200, scored
+    c = scored["choices"][0]
+    assert c["text"] == PROMPT and c["finish_reason"] == "length"
+    assert scored["usage"]["completion_tokens"] == 0
+    lp = c["logprobs"]
+    assert lp["tokens"] == list(PROMPT) and lp["text_offset"] == list(range(len(PROMPT)))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for got, top, (w, wtop) in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:],
+                                   prompt_logprobs(model, PROMPT, 2)[1:]):
+        assert abs(got - w) < 1e-6 and got <= 0
+        assert list(top) == list(wtop) and all(abs(top[ch] - wtop[ch]) < 1e-6 for ch in top)
+    body = {"prompt": PROMPT, "max_tokens": 12, "seed": 3, "logprobs": 2}
+    plain = server.complete(**body)[2]["choices"][0]
+    status, _, both = server.complete(**dict(body, echo=True))
+    c = both["choices"][0]
+    assert status == 200 and c["text"] == PROMPT + plain["text"], both
+    assert both["usage"]["prompt_tokens_details"]["cached_tokens"] == 0   # read whole
+    assert {k: v[:len(PROMPT)] for k, v in c["logprobs"].items()} == lp
+    assert {k: v[len(PROMPT):] for k, v in c["logprobs"].items()} == plain["logprobs"]
+    # streamed: the prompt first, in one chunk with its entries, then as without echo
+    events = server.stream(dict(body, echo=True))
+    chunks = [ch for e in events[:-1] for ch in e.get("choices", []) if ch["text"]]
+    assert chunks[0]["text"] == PROMPT and chunks[0]["logprobs"] == lp
+    assert joined(events) == c["text"]
+    assert {k: [v for ch in chunks for v in ch["logprobs"][k]] for k in lp} == c["logprobs"]
+    # without logprobs the prompt cache serves it; n > 1: every choice echoes
+    status, _, two = server.complete(prompt=PROMPT, max_tokens=5, seed=4, n=2, echo=True)
+    plain = server.complete(prompt=PROMPT, max_tokens=5, seed=4, n=2)[2]
+    assert [ch["text"] for ch in two["choices"]] == [PROMPT + ch["text"]
+                                                     for ch in plain["choices"]]
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] == len(PROMPT) - 1
+    events = server.stream({"prompt": PROMPT, "max_tokens": 5, "seed": 4, "n": 2,
+                            "echo": True, "routes": True})
+    for i in (0, 1):
+        first = next(ch for e in events[:-1] for ch in e.get("choices", [])
+                     if ch["index"] == i)
+        assert first["text"] == PROMPT and first["routes"] == [], first
+        assert joined(events, i) == two["choices"][i]["text"]
+    # the prompt as it was read: an unknown character replaced
+    status, _, got = server.complete(prompt="And God 9", max_tokens=0, echo=True,
+                                     unknown_chars="replace")
+    assert status == 200 and got["choices"][0]["text"] == "And God  ", got
 
 
 def test_an_idle_server_admits_whatever_its_queue_allows():
