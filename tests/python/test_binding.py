@@ -350,7 +350,6 @@ class Decoding(Base):
             self.assertEqual((view.format, len(view)), ("f", 47))
             ptr = moas.library().moas_context_logits(ctx._ptr)
             self.assertEqual(ctypes.addressof(view.obj), ctypes.cast(ptr, ctypes.c_void_p).value)
-            kept = list(view)
             ctx.decode(4)                      # each of these releases the view
             with self.assertRaises(ValueError):
                 view[0]

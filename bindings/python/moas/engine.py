@@ -47,7 +47,7 @@ import random
 import threading
 import time
 
-from . import Context, MoasError, Pool, Sampler, Status, find_stop
+from . import MoasError, Pool, Sampler, Status, find_stop
 
 Event = collections.namedtuple("Event", "kind data")
 # kinds: "admitted" None | "prompt" None, or the prompt's logprob entries (echo: sent

@@ -12,6 +12,7 @@ sequence (moas.engine); this module only parses, validates and streams.
 
 import argparse
 import asyncio
+import collections
 import faulthandler
 import hmac
 import json
@@ -146,27 +147,36 @@ def parse_completion(body, cfg):
                            % (name, json.dumps(allowed[0])), param=name, code="unsupported")
     _get(body, "model", lambda v: isinstance(v, str), "a string", None)
     _get(body, "user", lambda v: isinstance(v, str), "a string", None)
-    if "prompt" not in body:
+    if body.get("prompt") is None:   # null is absence, as for every field
         raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string (or a list of one string)",
+    prompts = body["prompt"]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not (isinstance(prompts, list) and prompts and all(isinstance(t, str)
+                                                          for t in prompts)):
+        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings",
                        param="prompt", code="invalid_type")
-    if not prompt:
-        raise ApiError(400, "'prompt' is empty", param="prompt", code="invalid_value")
-    bad = _bad_text(prompt)
-    if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
-        raise ApiError(400, "'prompt' has %s" % bad, param="prompt", code="invalid_value")
-    # The limit is on the prompt's tokens (completions() counts them), as characters
-    # that unknown_chars "drop" leaves out take no room; this only spares tokenizing a
-    # prompt far beyond it.
-    if len(prompt) > PROMPT_CHARS_PER_TOKEN_LIMIT * cfg["max_prompt_chars"]:
-        raise ApiError(400, "the prompt is %d characters, this server takes at most %d "
-                       "tokens" % (len(prompt), cfg["max_prompt_chars"]), param="prompt",
-                       code="prompt_too_long")
-    out = {"prompt": prompt}
+    if len(prompts) > cfg["max_prompts"]:
+        raise ApiError(400, "'prompt' is a list of %d strings, this server takes at most %d"
+                       % (len(prompts), cfg["max_prompts"]), param="prompt",
+                       code="invalid_value")
+    for k, prompt in enumerate(prompts):
+        which = "'prompt'" if len(prompts) == 1 else "'prompt' %d" % k
+        if not prompt:
+            raise ApiError(400, "%s is empty" % which, param="prompt", code="invalid_value")
+        bad = _bad_text(prompt)
+        if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
+            raise ApiError(400, "%s has %s" % (which, bad), param="prompt",
+                           code="invalid_value")
+        # The limit is on the prompt's tokens (completions() counts them), as characters
+        # that unknown_chars "drop" leaves out take no room; this only spares tokenizing
+        # a prompt far beyond it.
+        if len(prompt) > PROMPT_CHARS_PER_TOKEN_LIMIT * cfg["max_prompt_chars"]:
+            raise ApiError(400, "%s is %d characters, this server takes at most %d tokens"
+                           % ("the prompt" if len(prompts) == 1 else which, len(prompt),
+                              cfg["max_prompt_chars"]), param="prompt",
+                           code="prompt_too_long")
+    out = {"prompts": prompts}
     # OpenAI's default of 16, but never above the cap: a request that says nothing
     # asks for nothing the server refuses
     out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
@@ -280,6 +290,7 @@ class Server:
         self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
                     "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),
                     "max_n": min(args.max_n, args.max_sequences),
+                    "max_prompts": args.max_prompts,
                     "unknown": args.unknown, "n_vocab": self.model.n_vocab, "n_ctx": n_ctx}
         self.statuses = {}
         self.disconnects = 0
@@ -489,26 +500,10 @@ class Server:
             raise ApiError(400, "could not parse the JSON body: nested too deeply",
                            code="invalid_json")
         p = parse_completion(body, self.cfg)
-        try:
-            ids, changed = self.model.tokenize_ex(p["prompt"], unknown=p["unknown"])
-        except MoasError as e:
-            raise ApiError(400, e.message + (" (send \"unknown_chars\": \"replace\" or "
-                           "\"drop\")" if e.status == Status.ERR_UNKNOWN_CHAR else ""),
-                           param="prompt", code=e.name.lower())
-        if not ids:
-            raise ApiError(400, "the prompt has no character in the vocabulary",
-                           param="prompt", code="invalid_value")
-        if len(ids) > self.cfg["max_prompt_chars"]:
-            raise ApiError(400, "the prompt is %d tokens (characters in the vocabulary), "
-                           "this server takes at most %d" % (len(ids),
-                                                             self.cfg["max_prompt_chars"]),
-                           param="prompt", code="prompt_too_long")
-        if len(ids) + p["max_tokens"] > self.engine.n_ctx:
-            raise ApiError(400, "this model's context holds %d characters; the prompt has "
-                           "%d and max_tokens asks for %d more" % (
-                               self.engine.n_ctx, len(ids), p["max_tokens"]),
-                           param="max_tokens", code="context_length_exceeded")
-        events = asyncio.Queue()   # filled on this loop by _dispatch
+        # each prompt of a list is a request of its own to the engine (batched with the
+        # others as any two requests are); prompt k's choice i is choice k n + i
+        parts = [self._prompt_part(p, k, text) for k, text in enumerate(p["prompts"])]
+        p["parts"] = parts
         sampling = dict(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
                         min_p=p["min_p"], repeat_penalty=p["repeat_penalty"],
                         repeat_last_n=p["repeat_last_n"], logit_bias=p["logit_bias"] or None,
@@ -518,46 +513,91 @@ class Server:
             Sampler(self.model, **sampling).close()
         except MoasError as e:
             raise ApiError(400, e.message, code=e.name.lower())
-        req = Request(ids, max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
-                      stop=p["stop"], routes=p["routes"], logprobs=p["logprobs"],
-                      echo=p["echo"], cache_scope=p["cache_salt"],
-                      emit=lambda event: self._buffer(request, req, events, event), **sampling)
-        if not self.engine.fits(req):
-            raise ApiError(400, "the request needs more KV memory than the pool holds",
-                           code="request_too_large")
+        events = asyncio.Queue()   # (prompt index, event), filled on this loop by _dispatch
+        reqs = []
+        for k, part in enumerate(parts):
+            req = Request(part["ids"], max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
+                          stop=p["stop"], routes=p["routes"], logprobs=p["logprobs"],
+                          echo=p["echo"], cache_scope=p["cache_salt"],
+                          emit=lambda event, k=k: self._buffer(request, reqs, events,
+                                                               (k, event)), **sampling)
+            if not self.engine.fits(req):
+                raise ApiError(400, "the request needs more KV memory than the pool holds",
+                               code="request_too_large")
+            reqs.append(req)
         retry = {"Retry-After": str(max(1, int(self.args.queue_timeout)))}
         if self.engine.closed:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
-        if not self.engine.submit(req):
-            raise ApiError(503, "the server is full: %d requests are already waiting"
-                           % self.args.max_queue, code="queue_full", headers=retry)
-        meta = {"id": "cmpl-%d" % req.id, "object": "text_completion",
+        meta = {"id": "cmpl-%d" % reqs[0].id, "object": "text_completion",
                 "created": int(time.time()), "model": self.model_id}
-        # logprobs' text_offset counts from the prompt's start, as OpenAI's does; echo
-        # gives back the prompt as it was read (unknown_chars applied), token by token
-        p["prompt_texts"] = [self.model.token_text(t) for t in ids]
-        p["prompt_chars"] = sum(len(t) for t in p["prompt_texts"])
+        changed = sum(part["changed"] for part in parts)
         try:
-            first = await self._next_event(request, events)
-            if first.kind == "error":
-                status, message, code = first.data
-                raise ApiError(status, message, code=code,
-                               headers=retry if status == 503 else None)
+            for req in reqs:
+                if not self.engine.submit(req):
+                    raise ApiError(503, "the server is full: %d requests are already "
+                                   "waiting" % self.args.max_queue, code="queue_full",
+                                   headers=retry)
+            # every prompt's first event (admitted, or its error) before an answer
+            # begins; later events of the prompts admitted first wait in `early`
+            early, started = collections.deque(), set()
+            while len(started) < len(reqs):
+                k, ev = await self._next_event(request, events)
+                if k in started:
+                    early.append((k, ev))
+                    continue
+                started.add(k)
+                if ev.kind == "error":
+                    status, message, code = ev.data
+                    raise ApiError(status, message, code=code,
+                                   headers=retry if status == 503 else None)
+            p["early"] = early
             if p["stream"]:
-                return await self._stream(request, events, req, meta, p, changed)
-            return await self._whole(request, events, req, meta, p, changed)
+                return await self._stream(request, events, reqs, meta, p, changed)
+            return await self._whole(request, events, reqs, meta, p, changed)
         finally:
-            self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
+            for req in reqs:
+                self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
 
-    def _buffer(self, request, req, events, event):
-        """An event of the request, on the event loop, for its handler. A client that
-        reads nothing stalls the handler's writes while the engine goes on: past
-        --max-buffered-events waiting, the request ends as if the client had hung up
-        (its handler then counts the disconnect) rather than holding their memory."""
+    def _prompt_part(self, p, k, text):
+        """Prompt k of the request tokenized and checked: its ids, how many characters
+        unknown_chars changed, its tokens' texts (echo, logprobs) and their length
+        (logprobs' text_offset counts from the prompt's start, as OpenAI's does)."""
+        which = "the prompt" if len(p["prompts"]) == 1 else "prompt %d" % k
+        try:
+            ids, changed = self.model.tokenize_ex(text, unknown=p["unknown"])
+        except MoasError as e:
+            raise ApiError(400, ("" if len(p["prompts"]) == 1 else which + ": ") + e.message
+                           + (" (send \"unknown_chars\": \"replace\" or \"drop\")"
+                              if e.status == Status.ERR_UNKNOWN_CHAR else ""),
+                           param="prompt", code=e.name.lower())
+        if not ids:
+            raise ApiError(400, "%s has no character in the vocabulary" % which,
+                           param="prompt", code="invalid_value")
+        if len(ids) > self.cfg["max_prompt_chars"]:
+            raise ApiError(400, "%s is %d tokens (characters in the vocabulary), this "
+                           "server takes at most %d" % (which, len(ids),
+                                                        self.cfg["max_prompt_chars"]),
+                           param="prompt", code="prompt_too_long")
+        if len(ids) + p["max_tokens"] > self.engine.n_ctx:
+            raise ApiError(400, "this model's context holds %d characters; %s has %d and "
+                           "max_tokens asks for %d more" % (self.engine.n_ctx, which,
+                                                            len(ids), p["max_tokens"]),
+                           param="max_tokens", code="context_length_exceeded")
+        texts = [self.model.token_text(t) for t in ids]
+        return {"ids": ids, "changed": changed, "texts": texts,
+                "chars": sum(len(t) for t in texts)}
+
+    def _buffer(self, request, reqs, events, event):
+        """An event of one of the HTTP request's engine requests (a prompt each), on
+        the event loop, for its handler. A client that reads nothing stalls the
+        handler's writes while the engine goes on: past --max-buffered-events waiting,
+        the request ends as if the client had hung up (its handler then counts the
+        disconnect) rather than holding their memory."""
         if events.qsize() < self.args.max_buffered_events:
             events.put_nowait(event)
-        elif not req.cancelled:
-            self.engine.cancel(req)
+        elif not all(req.cancelled for req in reqs):
+            for req in reqs:
+                self.engine.cancel(req)
             self._hang_up(request)
 
     @staticmethod
@@ -594,18 +634,21 @@ class Server:
         return out
 
     @staticmethod
-    def _echoed(p, entries):
-        """The prompt's (text, entry) pairs of an echo request: its entries from the
+    def _echoed(part, entries):
+        """A prompt's (text, entry) pairs of an echo request: its entries from the
         "prompt" event (None without logprobs)."""
-        return list(zip(p["prompt_texts"], entries or [None] * len(p["prompt_texts"])))
+        return list(zip(part["texts"], entries or [None] * len(part["texts"])))
 
     POLL_SECONDS = 0.25   # how often a waiting request looks whether its client is there
 
-    async def _next_event(self, request, events):
-        """The request's next event, or ConnectionResetError once its client has hung
+    async def _next_event(self, request, events, early=()):
+        """The request's next (prompt index, event): those in `early` first (taken
+        before the answer began), or ConnectionResetError once its client has hung
         up: aiohttp (3.8) does not cancel a handler whose connection closed, and a
         request nobody waits for would keep its sequences, or its place in the queue,
         until it ended."""
+        if early:
+            return early.popleft()
         while True:
             transport = request.transport
             if transport is None or transport.is_closing():
@@ -617,39 +660,52 @@ class Server:
             except asyncio.TimeoutError:
                 pass
 
-    async def _whole(self, request, events, req, meta, p, changed):
-        texts = [[] for _ in range(req.n)]
-        routes = [[] for _ in range(req.n)]
-        lps = [[] for _ in range(req.n)]
-        reasons = [None] * req.n
-        echoed = []   # the prompt's (text, entry) pairs, with echo
-        while True:
-            ev = await self._next_event(request, events)
+    @staticmethod
+    def _usage(usages):
+        """The usage of a request of several prompts: their sums."""
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                 "prompt_tokens_details": {"cached_tokens": 0}}
+        for u in usages:
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                total[key] += u[key]
+            total["prompt_tokens_details"]["cached_tokens"] += \
+                u["prompt_tokens_details"]["cached_tokens"]
+        return total
+
+    async def _whole(self, request, events, reqs, meta, p, changed):
+        n, parts = p["n"], p["parts"]
+        texts = [[] for _ in range(len(parts) * n)]
+        routes = [[] for _ in texts]
+        lps = [[] for _ in texts]
+        reasons = [None] * len(texts)
+        echoed = [[] for _ in parts]   # each prompt's (text, entry) pairs, with echo
+        usages = []
+        while len(usages) < len(parts):
+            k, ev = await self._next_event(request, events, p["early"])
             if ev.kind == "prompt":
-                echoed = self._echoed(p, ev.data)
+                echoed[k] = self._echoed(parts[k], ev.data)
             elif ev.kind == "text":
                 i, text, route, lp = ev.data
-                texts[i].append(text)
-                routes[i].append(route)
-                lps[i].append((text, lp))
+                texts[k * n + i].append(text)
+                routes[k * n + i].append(route)
+                lps[k * n + i].append((text, lp))
             elif ev.kind == "finish":
-                reasons[ev.data[0]] = ev.data[1]
+                reasons[k * n + ev.data[0]] = ev.data[1]
             elif ev.kind == "error":
                 raise ApiError(ev.data[0], ev.data[1], code=ev.data[2])
             elif ev.kind == "done":
-                usage = ev.data
-                break
+                usages.append(ev.data)
         choices = []
-        for i in range(req.n):
-            ch = {"text": "".join(t for t, _ in echoed) + "".join(texts[i]), "index": i,
+        for c in range(len(texts)):
+            k = c // n
+            ch = {"text": "".join(t for t, _ in echoed[k]) + "".join(texts[c]), "index": c,
                   "logprobs": None if p["logprobs"] is None else
-                  self._logprobs(echoed + lps[i], p["prompt_chars"] - sum(
-                      len(t) for t, _ in echoed)),
-                  "finish_reason": reasons[i]}
+                  self._logprobs(echoed[k] + lps[c], 0 if echoed[k] else parts[k]["chars"]),
+                  "finish_reason": reasons[c]}
             if p["routes"]:
-                ch["routes"] = routes[i]
+                ch["routes"] = routes[c]
             choices.append(ch)
-        body = dict(meta, choices=choices, usage=usage)
+        body = dict(meta, choices=choices, usage=self._usage(usages))
         if changed:
             body["prompt_chars_changed"] = changed
         # sent here, not by aiohttp after the handler, so that --send-timeout bounds it
@@ -662,7 +718,7 @@ class Server:
             self.disconnects += 1
         return response
 
-    async def _stream(self, request, events, req, meta, p, changed):
+    async def _stream(self, request, events, reqs, meta, p, changed):
         if changed:   # every chunk says it, as the whole response's body does
             meta = dict(meta, prompt_chars_changed=changed)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -679,18 +735,21 @@ class Server:
         def frame(obj):
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
+        n, parts = p["n"], p["parts"]
         offsets = {}   # choice -> characters streamed so far, for text_offset
+        usages = []
         while True:
-            ev = await self._next_event(request, events)
-            batch = [ev]
+            batch = [await self._next_event(request, events, p["early"])]
+            while p["early"] and len(batch) < 256:
+                batch.append(p["early"].popleft())
             while not events.empty() and len(batch) < 256:
                 batch.append(events.get_nowait())
             frames, last = [], False
-            for ev in batch:
+            for k, ev in batch:
                 if ev.kind == "prompt":   # echo: the prompt first, in one chunk a choice
-                    echoed = self._echoed(p, ev.data)
-                    for i in range(p["n"]):
-                        ch = {"text": "".join(t for t, _ in echoed), "index": i,
+                    echoed = self._echoed(parts[k], ev.data)
+                    for i in range(n):
+                        ch = {"text": "".join(t for t, _ in echoed), "index": k * n + i,
                               "logprobs": None if p["logprobs"] is None else
                               self._logprobs(echoed, 0), "finish_reason": None}
                         if p["routes"]:   # routes are the generated characters' alone
@@ -698,17 +757,18 @@ class Server:
                         frames.append(frame(dict(meta, choices=[ch])))
                 elif ev.kind == "text":
                     i, text, route, lp = ev.data
-                    ch = {"text": text, "index": i, "logprobs": None, "finish_reason": None}
+                    c = k * n + i
+                    ch = {"text": text, "index": c, "logprobs": None, "finish_reason": None}
                     if p["logprobs"] is not None:
-                        at = offsets.get(i, p["prompt_chars"])
+                        at = offsets.get(c, parts[k]["chars"])
                         ch["logprobs"] = self._logprobs([(text, lp)], at)
-                        offsets[i] = at + len(text)
+                        offsets[c] = at + len(text)
                     if p["routes"]:
                         ch["routes"] = [route]
                     frames.append(frame(dict(meta, choices=[ch])))
                 elif ev.kind == "finish":
                     i, reason, _ = ev.data
-                    frames.append(frame(dict(meta, choices=[{"text": "", "index": i,
+                    frames.append(frame(dict(meta, choices=[{"text": "", "index": k * n + i,
                                                              "logprobs": None,
                                                              "finish_reason": reason}])))
                 elif ev.kind == "error":
@@ -719,8 +779,12 @@ class Server:
                     last = True
                     break
                 elif ev.kind == "done":
+                    usages.append(ev.data)
+                    if len(usages) < len(parts):
+                        continue
                     if p["include_usage"]:
-                        frames.append(frame(dict(meta, choices=[], usage=ev.data)))
+                        frames.append(frame(dict(meta, choices=[],
+                                                 usage=self._usage(usages))))
                     frames.append(b"data: [DONE]\n\n")
                     last = True
                     break
@@ -768,6 +832,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-prompt-chars", type=int, default=0,
                     help="longest prompt accepted (0: the context length)")
     ap.add_argument("--max-n", type=int, default=16, help="largest n accepted (16)")
+    ap.add_argument("--max-prompts", type=int, default=32,
+                    help="most prompts in one request's list (32)")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20,
                     help="largest request body (1 MiB)")
     ap.add_argument("--unknown", choices=("error", "replace", "drop"), default="error",
@@ -817,6 +883,7 @@ def parse_args(argv=None):
               ("--max-prompt-chars", args.max_prompt_chars >= 0,
                ">= 0 (0: the context length)"),
               ("--max-n", args.max_n >= 1, ">= 1"),
+              ("--max-prompts", args.max_prompts >= 1, ">= 1"),
               ("--max-body-bytes", args.max_body_bytes >= 1, ">= 1"),
               ("--prefill-chunk", args.prefill_chunk >= 1, ">= 1"),
               ("--threads", args.threads >= 0, ">= 0 (0: the default)"),

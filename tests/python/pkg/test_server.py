@@ -261,8 +261,9 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     # what docs/SERVING.md lists as not supported
     check_error(server.request("POST", "/v1/chat/completions", {
         "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
-    for prompt in ([1, 2], ["And", "God"]):
-        check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
+    for prompt in ([1, 2], [], ["And", 2], [["And"]], None):
+        check_error(server.complete(prompt=prompt, max_tokens=1), 400,
+                    "missing_field" if prompt is None else "invalid_type", "prompt")
     for field, value in (("best_of", 2), ("suffix", "x")):
         check_error(server.complete(prompt=PROMPT, **{field: value}), 400, "unsupported", field)
     # OpenAI's penalties reach the sampler: the text of a library sampler given them
@@ -520,6 +521,7 @@ def test_a_client_that_hangs_up_after_done_is_not_a_disconnect(monkeypatch):
     # (moas_client_disconnects_total; about 1 stream in 10 under load, tools/soak.py).
     import argparse
     import asyncio
+    import collections
     from moas import server as moas_server
     from moas.engine import Event
 
@@ -565,15 +567,17 @@ def test_a_client_that_hangs_up_after_done_is_not_a_disconnect(monkeypatch):
     server = moas_server.Server.__new__(moas_server.Server)
     server.args = argparse.Namespace(send_timeout=10.0, max_buffered_events=100)
     server.disconnects = 0
-    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+             "prompt_tokens_details": {"cached_tokens": 0}}
 
     async def run():
-        events = asyncio.Queue()
+        events = asyncio.Queue()   # (prompt index, event)
         for ev in (Event("text", (0, "A", None, None)), Event("finish", (0, "length", 1)),
                    Event("done", usage)):
-            events.put_nowait(ev)
+            events.put_nowait((0, ev))
         return await server._stream(Request(), events, None, {"id": "cmpl-1"},
-                                    {"logprobs": None, "routes": False,
+                                    {"logprobs": None, "routes": False, "n": 1,
+                                     "parts": [{"chars": 3}], "early": collections.deque(),
                                      "include_usage": True}, 0)
     response = asyncio.run(run())
     assert server.disconnects == 0
@@ -1371,6 +1375,38 @@ def test_echo_gives_back_the_prompt_and_scores_it(server, model):
     status, _, got = server.complete(prompt="And God 9", max_tokens=0, echo=True,
                                      unknown_chars="replace")
     assert status == 200 and got["choices"][0]["text"] == "And God  ", got
+
+
+def test_a_list_of_prompts_is_one_request_of_each(server, model):
+    # prompt k's choice i is choice k n + i, the same text as a request of that prompt
+    # alone with the same seed; usage is the sums; streamed, each choice's characters
+    # in order; echo and logprobs per prompt
+    prompts = [PROMPT, "In the", "And"]
+    body = {"max_tokens": 6, "seed": 11, "n": 2, "logprobs": 1, "echo": True}
+    status, _, got = server.complete(prompt=prompts, **body)
+    assert status == 200, got
+    alone_bodies = [server.complete(prompt=t, **body)[2] for t in prompts]
+    assert [c["index"] for c in got["choices"]] == list(range(6))
+    assert got["choices"] == [dict(c, index=2 * k + c["index"])
+                              for k, b in enumerate(alone_bodies) for c in b["choices"]]
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert got["usage"][key] == sum(b["usage"][key] for b in alone_bodies)
+    assert got["usage"]["prompt_tokens"] == sum(map(len, prompts))
+    events = server.stream(dict(body, prompt=prompts, stream_options={"include_usage": True}))
+    for c in got["choices"]:
+        assert joined(events, c["index"]) == c["text"]
+    assert [e for e in events[:-1] if not e["choices"]][0]["usage"]["completion_tokens"] == 36
+    assert events[-1] == "[DONE]" and len([e for e in events if e == "[DONE]"]) == 1
+    # a bad prompt of the list is named, and nothing of the others is served
+    err = check_error(server.complete(prompt=[PROMPT, "And 9"], max_tokens=2), 400,
+                      "moas_err_unknown_char", "prompt")
+    assert err["message"].startswith("prompt 1: "), err
+    err = check_error(server.complete(prompt=[PROMPT, ""], max_tokens=2), 400,
+                      "invalid_value", "prompt")
+    assert "'prompt' 1 is empty" in err["message"], err
+    check_error(server.complete(prompt=[PROMPT] * 33, max_tokens=1), 400, "invalid_value",
+                "prompt")
+    assert server.complete(prompt=[PROMPT] * 32, max_tokens=1)[0] == 200
 
 
 def test_an_idle_server_admits_whatever_its_queue_allows():
