@@ -85,6 +85,9 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_
          "logprobs", "cache_salt", "frequency_penalty", "presence_penalty",
          "echo"} | set(NEUTRAL)
 CACHE_SALT_MAX_CHARS = 256
+TOKENIZE_FIELDS = {"model", "prompt", "unknown_chars", "return_token_strs",
+                   "add_special_tokens"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
 def _is_int(v):
@@ -315,6 +318,8 @@ class Server:
         app = web.Application(client_max_size=self.args.max_body_bytes + 1,
                               middlewares=[middleware])
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/pool", self.pool)
         app.router.add_post("/v1/prompt_cache/clear", self.clear_cache)
@@ -476,8 +481,9 @@ class Server:
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Format": "0.0.4"})
 
-    # POST /v1/completions
-    async def completions(self, request):
+    # the body of a POST, every endpoint alike
+    async def _json_body(self, request):
+        """The request's body parsed as JSON, or the ApiError that says why not."""
         try:
             # a body that never ends would hold its connection and buffer forever
             raw = await asyncio.wait_for(request.read(), self.args.body_timeout)
@@ -499,6 +505,63 @@ class Server:
         except RecursionError:
             raise ApiError(400, "could not parse the JSON body: nested too deeply",
                            code="invalid_json")
+        return body
+
+    # POST /tokenize, /detokenize (vLLM's shapes): the model's tokens of a text, and back
+    async def tokenize(self, request):
+        body = self._object(await self._json_body(request), TOKENIZE_FIELDS)
+        text = _get(body, "prompt", lambda v: isinstance(v, str), "a string", None)
+        if text is None:
+            raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
+        bad = _bad_text(text)
+        if bad is not None and "NUL" not in bad:
+            raise ApiError(400, "'prompt' has %s" % bad, param="prompt", code="invalid_value")
+        unknown = _get(body, "unknown_chars", lambda v: v in ("error", "replace", "drop"),
+                       "one of \"error\", \"replace\", \"drop\"", self.cfg["unknown"])
+        strs = _get(body, "return_token_strs", lambda v: isinstance(v, bool), "a boolean",
+                    False)
+        _get(body, "add_special_tokens", lambda v: isinstance(v, bool), "a boolean", True)
+        try:
+            ids, changed = self.model.tokenize_ex(text, unknown=unknown)
+        except MoasError as e:
+            raise ApiError(400, e.message, param="prompt", code=e.name.lower())
+        out = {"count": len(ids), "max_model_len": self.engine.n_ctx, "tokens": ids,
+               "token_strs": [self.model.token_text(t) for t in ids] if strs else None}
+        if changed:
+            out["prompt_chars_changed"] = changed
+        return web.json_response(out)
+
+    async def detokenize(self, request):
+        body = self._object(await self._json_body(request), DETOKENIZE_FIELDS)
+        n_vocab = self.model.n_vocab
+        tokens = _get(body, "tokens", lambda v: isinstance(v, list) and all(
+            _is_int(t) for t in v), "a list of integers", None)
+        if tokens is None:
+            raise ApiError(400, "'tokens' is required", param="tokens", code="missing_field")
+        for i, t in enumerate(tokens):
+            if not 0 <= t < n_vocab:
+                raise ApiError(400, "'tokens' %d is %s, not a token id in [0, %d)"
+                               % (i, json.dumps(t)[:40], n_vocab), param="tokens",
+                               code="invalid_value")
+        return web.json_response({"prompt": "".join(self.model.token_text(t)
+                                                    for t in tokens)})
+
+    @staticmethod
+    def _object(body, known):
+        """A JSON object of the fields `known` (and `model`, any string), or ApiError."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object",
+                           code="invalid_type")
+        for name in body:
+            if name not in known:
+                raise ApiError(400, "unrecognized request argument supplied: %s" % name,
+                               param=name, code="unknown_field")
+        _get(body, "model", lambda v: isinstance(v, str), "a string", None)
+        return body
+
+    # POST /v1/completions
+    async def completions(self, request):
+        body = await self._json_body(request)
         p = parse_completion(body, self.cfg)
         # each prompt of a list is a request of its own to the engine (batched with the
         # others as any two requests are); prompt k's choice i is choice k n + i

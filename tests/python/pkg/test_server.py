@@ -756,9 +756,11 @@ def test_api_key():
                               headers={"Authorization": "Bearer wrong"}), 401,
                     "invalid_api_key")
         check_error(s.request("GET", "/metrics"), 401)
+        check_error(s.request("POST", "/tokenize", {"prompt": PROMPT}), 401)
         assert s.request("GET", "/health")[0] == 200
         s.key = "sesame"
         assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+        assert s.request("POST", "/tokenize", {"prompt": PROMPT})[0] == 200
         assert s.request("GET", "/metrics")[0] == 200
     finally:
         s.close()
@@ -1407,6 +1409,41 @@ def test_a_list_of_prompts_is_one_request_of_each(server, model):
     check_error(server.complete(prompt=[PROMPT] * 33, max_tokens=1), 400, "invalid_value",
                 "prompt")
     assert server.complete(prompt=[PROMPT] * 32, max_tokens=1)[0] == 200
+
+
+def test_tokenize_and_detokenize(server, model):
+    # vLLM's shapes: the library's tokens of a text, and the text of tokens
+    status, _, got = server.request("POST", "/tokenize", {"prompt": PROMPT, "model": "x",
+                                                          "return_token_strs": True})
+    assert status == 200, got
+    assert got["tokens"] == model.tokenize(PROMPT) and got["count"] == len(PROMPT)
+    assert got["token_strs"] == list(PROMPT) and got["max_model_len"] == model.n_ctx_train
+    assert "prompt_chars_changed" not in got
+    status, _, back = server.request("POST", "/detokenize", {"tokens": got["tokens"]})
+    assert status == 200 and back == {"prompt": PROMPT}, back
+    assert server.request("POST", "/detokenize", {"tokens": []})[2] == {"prompt": ""}
+    status, _, got = server.request("POST", "/tokenize", {"prompt": "And 9",
+                                                          "unknown_chars": "drop"})
+    assert status == 200 and got["tokens"] == model.tokenize("And ") and \
+        got["prompt_chars_changed"] == 1 and got["token_strs"] is None, got
+    for path, body, code, param in (
+            ("/tokenize", {"prompt": "And 9"}, "moas_err_unknown_char", "prompt"),
+            ("/tokenize", {}, "missing_field", "prompt"),
+            ("/tokenize", {"prompt": 5}, "invalid_type", "prompt"),
+            ("/tokenize", {"prompt": "\ud800"}, "invalid_value", "prompt"),
+            ("/tokenize", {"prompt": "A", "add_special_tokens": 1}, "invalid_type",
+             "add_special_tokens"),
+            ("/tokenize", {"prompt": "A", "text": "A"}, "unknown_field", "text"),
+            ("/tokenize", ["A"], "invalid_type", None),
+            ("/detokenize", {"tokens": [0, model.n_vocab]}, "invalid_value", "tokens"),
+            ("/detokenize", {"tokens": [-1]}, "invalid_value", "tokens"),
+            ("/detokenize", {"tokens": [1.0]}, "invalid_type", "tokens"),
+            ("/detokenize", {"tokens": [True]}, "invalid_type", "tokens"),
+            ("/detokenize", {"tokens": "12"}, "invalid_type", "tokens"),
+            ("/detokenize", {}, "missing_field", "tokens")):
+        check_error(server.request("POST", path, body), 400, code, param)
+    check_error(server.request("POST", "/tokenize", raw=b"{"), 400, "invalid_json")
+    check_error(server.request("GET", "/tokenize"), 405, "method_not_allowed")
 
 
 def test_an_idle_server_admits_whatever_its_queue_allows():
