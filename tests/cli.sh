@@ -46,6 +46,9 @@ b=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 -t 1 2>/dev/null)
 c=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 6 2>/dev/null)
 [ "$a" = "$b" ] || fail "the same seed gave different text"
 [ "$a" != "$c" ] || fail "different seeds gave the same text"
+# llama.cpp's spellings: -s, --predict, --ctx-size (and perplexity's --ppl-stride below)
+d=$("$moas" generate -m "$model" -p "And God" --predict 40 -s 5 --ctx-size 64 2>/dev/null)
+[ "$a" = "$d" ] || fail "-s, --predict and --ctx-size are not --seed, -n and --ctx"
 # any 64-bit seed, as the sampler takes (it stopped at 2^63 - 1); an empty stop string
 # would stop nothing
 "$moas" generate -m "$model" -p "And" -n 4 --seed 18446744073709551615 >/dev/null 2>&1 ||
@@ -132,6 +135,9 @@ PY
 # calls, with the same numbers; a shorter one scores every token after the first,
 # on a RoPE model too
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --stride 64 --json >"$tmp/s64.json"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --ppl-stride 64 --json >"$tmp/p64.json"
+[ "$(sed 's/"tokens_per_second": [0-9.]*, //' "$tmp/s64.json")" = \
+  "$(sed 's/"tokens_per_second": [0-9.]*, //' "$tmp/p64.json")" ] || fail "--ppl-stride is not --stride"
 rope=$data/tiny-modern-pooled-nobias.gguf
 "$moas" perplexity -m "$rope" -f "$data/tiny.txt" --mode routed --stride 16 --json >"$tmp/s16.json"
 python3 - "$tmp/ppl.json" "$tmp/s64.json" "$tmp/s16.json" <<'PY' || fail "perplexity --stride"

@@ -39,10 +39,12 @@ static const opt_name names[] = {
     {"--output", OPT_OUTPUT, 1, NULL},
     {"-n", OPT_N_PREDICT, 1, NULL},
     {"--n-predict", OPT_N_PREDICT, 1, NULL},
+    {"--predict", OPT_N_PREDICT, 1, NULL},   /* llama.cpp's other spelling */
     {"--temp", OPT_TEMP, 1, NULL},
     {"--top-k", OPT_TOP_K, 1, NULL},
     {"--top-p", OPT_TOP_P, 1, NULL},
     {"--min-p", OPT_MIN_P, 1, NULL},
+    {"-s", OPT_SEED, 1, NULL},
     {"--seed", OPT_SEED, 1, NULL},
     {"--repeat-penalty", OPT_REPEAT_PENALTY, 1, NULL},
     {"--repeat-last-n", OPT_REPEAT_LAST_N, 1, NULL},
@@ -56,10 +58,12 @@ static const opt_name names[] = {
     {"--no-color", OPT_COLOR, 0, "0"},
     {"--json", OPT_JSON, 0, "1"},
     {"--stride", OPT_STRIDE, 1, NULL},
+    {"--ppl-stride", OPT_STRIDE, 1, NULL},   /* llama-perplexity's name */
     {"-t", OPT_THREADS, 1, NULL},
     {"--threads", OPT_THREADS, 1, NULL},
     {"-c", OPT_CTX, 1, NULL},
     {"--ctx", OPT_CTX, 1, NULL},
+    {"--ctx-size", OPT_CTX, 1, NULL},   /* llama.cpp's name */
     {"--mode", OPT_MODE, 1, NULL},
     {"--kv-type", OPT_KV_TYPE, 1, NULL},
     {"--unknown", OPT_UNKNOWN, 1, NULL},
@@ -89,7 +93,8 @@ static const struct {
     const char *help;
 } context_help[] = {
     {OPT_THREADS, "  -t, --threads N         threads per call (default: all, as OpenMP counts them)\n"},
-    {OPT_CTX, "  -c, --ctx N             context length; 0 (the default): the trained length\n"},
+    {OPT_CTX, "  -c, --ctx N             context length; 0 (the default): the trained length\n"
+              "                          (--ctx-size, as llama.cpp spells it)\n"},
     {OPT_MODE, "      --mode M            mixture (default) or routed\n"},
     {OPT_KV_TYPE, "      --kv-type T         KV cache type: f32 (default), f16 or q8_0 (head_dim a\n"
                   "                          multiple of 32)\n"},

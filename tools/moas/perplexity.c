@@ -23,7 +23,7 @@ static void usage(FILE *f) {
           "  -f, --file TEXT         the text (at least 2 characters); - reads stdin\n"
           "      --stride S          slide the window by S tokens and score only the S it\n"
           "                          adds, the rest being context (S = the context length:\n"
-          "                          the consecutive windows)\n"
+          "                          the consecutive windows; --ppl-stride too)\n"
           "      --json              one JSON object\n",
           f);
     print_context_options(f, &moas_cmd_perplexity);
