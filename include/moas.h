@@ -62,7 +62,7 @@
  * meanwhile (from a route callback, or from another thread against the rule) is refused
  * with MOAS_ERR_BUSY and changes nothing (it may be retried once the first has
  * returned). The settings (forced scheme, budget,
- * route callback) may be changed by a route callback on the decoding thread and are
+ * route and abort callbacks) may be changed by a route callback on the decoding thread and are
  * refused the same way to another thread meanwhile; getters are not checked. A context
  * may use several threads inside one call (OpenMP, `n_threads`); results do not depend
  * on that number. The calling thread leads them and runs every callback; the others
@@ -173,13 +173,14 @@ MOAS_API const char *moas_version_string(void);
     X(ERR_INTERNAL,        -12, "internal error (a bug in libmoas)")                \
     X(ERR_INVALID_UTF8,    -13, "text is not valid UTF-8")                 \
     X(ERR_POOL_FULL,       -14, "the KV pool has too few free pages")             \
-    X(ERR_BUSY,            -15, "the object is in use by another call")
+    X(ERR_BUSY,            -15, "the object is in use by another call")              \
+    X(ERR_ABORTED,         -16, "the call was stopped by its abort callback")
 
 typedef enum moas_status {
 #define MOAS_STATUS_ENUM_(name_, value_, msg_) MOAS_##name_ = value_,
     MOAS_STATUS_MAP(MOAS_STATUS_ENUM_)
 #undef MOAS_STATUS_ENUM_
-    MOAS_STATUS_COUNT = 16 /* number of statuses, not a status */
+    MOAS_STATUS_COUNT = 17 /* number of statuses, not a status */
 } moas_status;
 
 /*
@@ -568,6 +569,22 @@ typedef enum moas_mode {
 typedef int32_t (*moas_route_fn)(void *user, int32_t pos, int32_t layer, const float *gates,
                                  int32_t n_scheme, int32_t proposed);
 
+/*
+ * An abort callback, asked by a decoding call of its context (moas_context_decode,
+ * moas_context_decode_batch, moas_pool_decode) before each block of tokens and between
+ * the layers of a block, on the calling thread. A nonzero return stops the call: it
+ * returns MOAS_ERR_ABORTED and undoes what it did, so every context of the call is as
+ * before it (tokens, cache, pages, routing records), except that
+ * moas_context_logits() returns NULL until the next decode, as after
+ * moas_context_truncate(), and the caller's logits arrays hold nothing meaningful.
+ * The typical callback reads a flag another thread sets (an atomic), or a deadline.
+ * Like a route callback, it may change its context's settings but not its sequence
+ * (decode, truncate, ... are refused with MOAS_ERR_BUSY).
+ * A decode of a small model's block, where the threads take whole sequences each, is
+ * asked before the block only. A call whose last layer has begun completes.
+ */
+typedef int32_t (*moas_abort_fn)(void *user);
+
 /* Which kernels a context uses. */
 typedef enum moas_kernels {
     MOAS_KERNELS_AUTO = 0,  /* the fastest this CPU supports, chosen at context creation */
@@ -679,7 +696,8 @@ MOAS_API void moas_context_free(moas_context *ctx);
  *          MOAS_ERR_POOL_FULL (a context in a caller's pool: the pool lacks the pages
  *          the token needs; the message says how many),
  *          MOAS_ERR_NO_MEMORY (the first own call of a context in a caller's pool),
- *          MOAS_ERR_BUSY (another call holds the context: THREADING above).
+ *          MOAS_ERR_BUSY (another call holds the context: THREADING above),
+ *          MOAS_ERR_ABORTED (its abort callback stopped it: moas_abort_fn).
  * Thread safety: one thread per context.   Allocates: never per token; a context in
  *   a caller's pool, on its first call of this or decode_batch, its workspace, once.
  */
@@ -704,7 +722,7 @@ MOAS_API moas_status moas_context_decode(moas_context *ctx, int32_t token, float
  *          unknown `which`, MOAS_LOGITS_ALL with NULL `logits`),
  *          MOAS_ERR_CONTEXT_FULL (n_past + n_tokens > n_ctx, or the KV budget cannot
  *          hold the batch even with the cheapest scheme everywhere),
- *          MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY, MOAS_ERR_BUSY (as
+ *          MOAS_ERR_POOL_FULL, MOAS_ERR_NO_MEMORY, MOAS_ERR_BUSY, MOAS_ERR_ABORTED (as
  *          moas_context_decode()).
  * Thread safety: one thread per context.   Allocates: as moas_context_decode().
  */
@@ -841,6 +859,18 @@ MOAS_API moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t byte
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API void moas_context_set_route_callback(moas_context *ctx, moas_route_fn fn, void *user);
+
+/*
+ * moas_context_set_abort_callback() - install or remove (`fn` NULL) the abort callback.
+ * METHOD: moas_context
+ *
+ * See moas_abort_fn (added in 1.1). A fork gets its parent's. A NULL `ctx`, or one
+ * another thread's call holds (THREADING above), is left as it is (moas_last_error()
+ * says why); the callback itself may change it.
+ *
+ * Thread safety: one thread per context.   Allocates: no.
+ */
+MOAS_API void moas_context_set_abort_callback(moas_context *ctx, moas_abort_fn fn, void *user);
 
 /*
  * moas_context_kv_bytes_used() - bytes of keys and values the cache holds now.
@@ -1049,7 +1079,9 @@ typedef struct moas_pool_seq {
  *          routed context with a budget), MOAS_ERR_CONTEXT_FULL (a context's n_ctx or
  *          budget), MOAS_ERR_POOL_FULL (the message says how many pages were lacking),
  *          MOAS_ERR_BUSY (another call holds one of the contexts, THREADING above; or
- *          another moas_pool_decode() on this pool is under way).
+ *          another moas_pool_decode() on this pool is under way), MOAS_ERR_ABORTED
+ *          (the abort callback of one of its contexts stopped it: every context is
+ *          as before the call, moas_abort_fn).
  * Thread safety: one call per pool at a time (a second call on the pool while one is
  *   under way is refused with MOAS_ERR_BUSY, and changes nothing), and no
  *   other call on its contexts meanwhile; contexts not in the call may be decoded by

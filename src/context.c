@@ -843,6 +843,19 @@ int32_t moas__route_choose(moas_context *ctx, int32_t pos, int32_t layer, const 
     return choice;
 }
 
+/* An abort callback stopped a call of ctx (moas_abort_fn): back to the tokens it had
+ * when the call began, as moas_context_truncate would leave it. */
+static void undo_call(moas_context *ctx) {
+    ctx->n_past = ctx->n_past_at_call;
+    ctx->logits_valid = false;
+    pages_trim(ctx);
+}
+
+static moas_status aborted(const char *what) {
+    moas__set_error("%s: stopped by the abort callback; nothing was decoded", what);
+    return MOAS_ERR_ABORTED;
+}
+
 /* moas_context_decode with the context held (context_claim), as the other calls that
  * change a context below. */
 static moas_status context_decode(moas_context *ctx, int32_t token, float *logits) {
@@ -855,7 +868,11 @@ static moas_status context_decode(moas_context *ctx, int32_t token, float *logit
         return fail(ctx, st);
     }
     plan_token(ctx, 0);
-    moas__forward(ctx, token, true);
+    ctx->n_past_at_call = ctx->n_past;
+    if (!moas__forward(ctx, token, true)) {
+        undo_call(ctx);
+        return fail(ctx, aborted("context_decode"));
+    }
     ctx->n_past++;
     pages_trim(ctx);
     if (logits != NULL) {
@@ -907,13 +924,17 @@ static moas_status context_decode_batch(moas_context *ctx, const int32_t *tokens
         return fail(ctx, st);
     }
     const size_t n_vocab = (size_t)ctx->model->n_vocab;
+    ctx->n_past_at_call = ctx->n_past;
     if (ctx->mode == MOAS_MODE_ROUTED && ctx->kv_budget != 0) {
         /* the budget plans token by token, with every layer of a token before the next */
         for (int32_t i = 0; i < n_tokens; i++) {
             const bool last = i == n_tokens - 1;
             const bool want = which == MOAS_LOGITS_ALL || (which == MOAS_LOGITS_LAST && last);
             plan_token(ctx, n_tokens - i - 1);
-            moas__forward(ctx, tokens[i], want);
+            if (!moas__forward(ctx, tokens[i], want)) {
+                undo_call(ctx);
+                return fail(ctx, aborted(what));
+            }
             ctx->n_past++;
             if (want && which == MOAS_LOGITS_ALL) {
                 memcpy(logits + (size_t)i * n_vocab, ctx->logits, n_vocab * sizeof *logits);
@@ -924,9 +945,13 @@ static moas_status context_decode_batch(moas_context *ctx, const int32_t *tokens
         const int32_t block = ctx->batch_tokens;
         for (int32_t i = 0; i < n_tokens; i += block) {
             const int32_t n = n_tokens - i < block ? n_tokens - i : block;
-            moas__forward_batch(ctx, tokens + i, n,
-                                which == MOAS_LOGITS_ALL ? logits + (size_t)i * n_vocab : NULL,
-                                which == MOAS_LOGITS_LAST && i + n == n_tokens);
+            if (!moas__forward_batch(ctx, tokens + i, n,
+                                     which == MOAS_LOGITS_ALL ? logits + (size_t)i * n_vocab
+                                                              : NULL,
+                                     which == MOAS_LOGITS_LAST && i + n == n_tokens)) {
+                undo_call(ctx);
+                return fail(ctx, aborted(what));
+            }
             ctx->n_past += n;
         }
     }
@@ -1117,6 +1142,22 @@ moas_status moas_context_set_kv_budget(moas_context *ctx, uint64_t bytes) {
     return st;
 }
 
+void moas_context_set_abort_callback(moas_context *ctx, moas_abort_fn fn, void *user) {
+    bool claimed;
+    if (ctx == NULL) {
+        moas__set_error("context_set_abort_callback: ctx is NULL");
+        return;
+    }
+    if (settings_claim(ctx, "context_set_abort_callback", &claimed) != MOAS_OK) {
+        return;
+    }
+    ctx->abort_fn = fn;
+    ctx->abort_user = user;
+    if (claimed) {
+        context_release(ctx);
+    }
+}
+
 void moas_context_set_route_callback(moas_context *ctx, moas_route_fn fn, void *user) {
     bool claimed;
     if (ctx == NULL) {
@@ -1288,6 +1329,7 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
         if (seqs[i].n_tokens > 0) {
             plan_token(seqs[i].ctx, 0);   /* budgets: one token per call, checked above */
         }
+        seqs[i].ctx->n_past_at_call = seqs[i].ctx->n_past;
     }
 
     /* blocks of up to max_rows rows: each sequence's tokens in order, a sequence's
@@ -1319,7 +1361,18 @@ moas_status moas_pool_decode(moas_pool *pool, const moas_pool_seq *seqs, int32_t
         if (n_runs == 0) {
             break;
         }
-        moas__forward_runs(ws, ws->runs, n_runs);
+        if (!moas__forward_runs(ws, ws->runs, n_runs)) {
+            for (int32_t i = 0; i < n_seqs; i++) {
+                if (seqs[i].n_tokens > 0) {   /* the others keep their logits */
+                    undo_call(seqs[i].ctx);
+                }
+            }
+            st = aborted("pool_decode");
+            moas__log_error(pool->log, pool->log_user);
+            atomic_flag_clear_explicit(&pool->busy, memory_order_release);
+            release_seqs(seqs, n_seqs);
+            return st;
+        }
         for (int32_t r = 0; r < n_runs; r++) {
             ws->runs[r].ctx->n_past += ws->runs[r].n;
         }
@@ -1373,6 +1426,8 @@ static moas_status context_fork(moas_context *parent, moas_context **out) {
         return fail(parent, st);
     }
     child->batch_tokens = parent->batch_tokens;
+    child->abort_fn = parent->abort_fn;
+    child->abort_user = parent->abort_user;
     if (parent->ws != NULL) {   /* a workspace now only if the parent has one: its tuning */
         if ((st = moas__context_workspace(child, "context_fork")) != MOAS_OK) {
             moas_context_free(child);

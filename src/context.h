@@ -85,6 +85,12 @@ typedef struct moas_workspace {
      * the threads"); NULL otherwise */
     struct moas_workspace **shards;
     int64_t shard_blocks;    /* blocks run that way (tests check the path ran) */
+
+    /* abort callbacks (moas_abort_fn): whether forward_block asks its runs' contexts
+     * between layers (only while it runs on the calling thread), and whether one said
+     * stop in the forward call under way */
+    bool ask_abort;
+    bool aborted;
 } moas_workspace;
 
 struct moas_context {
@@ -114,6 +120,9 @@ struct moas_context {
     uint64_t kv_budget;      /* 0: none */
     moas_route_fn route_fn;
     void *route_user;
+    moas_abort_fn abort_fn;
+    void *abort_user;
+    int32_t n_past_at_call;  /* n_past when the call under way began: an abort's undo */
 
     float *logits;           /* [n_vocab] logits of the last decoded token */
     bool logits_valid;       /* logits belong to the token at n_past - 1 */
@@ -163,8 +172,9 @@ struct moas_context {
 
 /* Run one token at position ctx->n_past through the model, store its K/V and routing,
  * and compute logits when `want_logits`. The caller has checked `token`, reserved the
- * pages, and in routed mode with a budget has set the plan_* fields. */
-void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
+ * pages, and in routed mode with a budget has set the plan_* fields. False when the
+ * context's abort callback stopped it (moas__forward_runs). */
+bool moas__forward(moas_context *ctx, int32_t token, bool want_logits);
 
 
 /* Run every run's tokens through the model together, each exactly as its own
@@ -172,8 +182,10 @@ void moas__forward(moas_context *ctx, int32_t token, bool want_logits);
  * number): the block's rows go through each weight once, and each run's queries
  * attend only to its own context's cache. All runs share one pool and one mode, rows
  * number at most ws->max_rows, and no context appears twice. The caller has reserved
- * pages and advances each n_past. */
-void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs);
+ * pages and advances each n_past. Returns false when an abort callback of the runs'
+ * contexts said stop (asked before the block and between its layers, on the calling
+ * thread): the block is left part done, and the caller undoes its call. */
+bool moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs);
 
 /* RoPE models: rotate the n_q heads of q and the n_k heads of k (either may be NULL
  * with 0 heads) as a token at position `pos` (negative to turn back), in place. */
@@ -287,8 +299,9 @@ int32_t moas__default_threads(int32_t n_threads);
  * model together, exactly as n calls of moas__forward would (the same arithmetic, in
  * the same order, for every number). Logits: for every token into `all` ([n, n_vocab])
  * when it is not NULL, and the last token's into ctx->logits when `want_last`. Not for
- * routed mode with a KV budget, whose plan is per token. The caller advances n_past. */
-void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
+ * routed mode with a KV budget, whose plan is per token. The caller advances n_past.
+ * False when the context's abort callback stopped it (moas__forward_runs). */
+bool moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
                          bool want_last);
 
 /* Bytes of K and V (and routed bookkeeping) one token stores in one layer with

@@ -921,8 +921,8 @@ static void mix_pooled(const moas_model *m, const float *gates, const float *ful
 
 /* One token is a batch of one: with a single row, the batch's layer-by-layer order is
  * the token's own order, so there is one implementation of a forward step. */
-void moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
-    moas__forward_batch(ctx, &token, 1, NULL, want_logits);
+bool moas__forward(moas_context *ctx, int32_t token, bool want_logits) {
+    return moas__forward_batch(ctx, &token, 1, NULL, want_logits);
 }
 
 /* ---- batched forward: many rows through each layer together ------------------------ */
@@ -1300,6 +1300,19 @@ static void block_logits(moas_workspace *ws, const moas_seq_run *runs, int32_t n
     }
 }
 
+/* Whether an abort callback of the runs' contexts says stop (moas_abort_fn); it is
+ * remembered in ws->aborted. */
+static bool abort_asked(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs) {
+    for (int32_t r = 0; r < n_runs; r++) {
+        const moas_context *ctx = runs[r].ctx;
+        if (ctx->abort_fn != NULL && ctx->abort_fn(ctx->abort_user) != 0) {
+            ws->aborted = true;
+            return true;
+        }
+    }
+    return false;
+}
+
 static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t n_runs) {
     const moas_model *m = ws->model;
     const int32_t C = m->n_embd, S = m->n_scheme, L = m->n_layer;
@@ -1326,6 +1339,9 @@ static void forward_block(moas_workspace *ws, const moas_seq_run *runs, int32_t 
     for (int32_t l = 0; l < L; l++) {
         const moas_layer *layer = &m->layers[l];
 
+        if (l > 0 && ws->ask_abort && abort_asked(ws, runs, n_runs)) {
+            return;   /* the caller undoes the call: nothing here is kept */
+        }
         /* gates of every row, from its normed input */
         norm_rows(ws, ws->bxb, ws->bx, layer->attn_norm_w, layer->attn_norm_b, n);
         if (m->mixing == MOAS_MIXING_ROUTER) {
@@ -1534,21 +1550,29 @@ static void forward_shards_call(void *arg) {
     step->ws->shard_blocks++;
 }
 
-void moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs) {
+bool moas__forward_runs(moas_workspace *ws, moas_seq_run *runs, int32_t n_runs) {
     int64_t work = 0, total = 0;
+    ws->aborted = false;
+    if (abort_asked(ws, runs, n_runs)) {
+        return false;
+    }
     const bool team = block_wants_team(ws, runs, n_runs, &work);
     ws->team.call_work = work;
     if (team && shards_suit(ws, runs, n_runs, &total)) {
+        /* the shares run on every thread: no asking between their layers */
         shard_step step = {ws, runs, n_runs, total};
         moas__team_lead(&ws->team, ws->n_threads, forward_shards_call, &step);
-        return;
+        return true;
     }
     block_call call = {ws, runs, n_runs};
+    ws->ask_abort = true;   /* forward_block runs on the calling thread */
     moas__team_lead(&ws->team, team ? ws->n_threads : 1, forward_block_call, &call);
+    ws->ask_abort = false;
+    return !ws->aborted;
 }
 
-void moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
+bool moas__forward_batch(moas_context *ctx, const int32_t *tokens, int32_t n, float *all,
                          bool want_last) {
     moas_seq_run run = {ctx, tokens, n, 0, all, want_last};
-    moas__forward_runs(ctx->ws, &run, 1);
+    return moas__forward_runs(ctx->ws, &run, 1);
 }

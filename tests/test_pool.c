@@ -3257,3 +3257,266 @@ TEST(q8_0_kv_cache_split_between_threads_equals_alone) {
     }
     return TEST_PASS;
 }
+
+/* ---- abort callbacks ------------------------------------------------------------ */
+
+/* An abort callback that says stop at its `stop_at`-th question (0: never), counting
+ * them, and tries a call on its own context (refused: it holds a decode) and a setting
+ * (allowed) each time. */
+typedef struct {
+    moas_context *ctx;
+    int32_t asked, stop_at;
+    int32_t refused, other_status;
+} stopper;
+
+static int32_t stop_when_told(void *user) {
+    stopper *s = user;
+    const moas_status st = moas_context_truncate(s->ctx, 0);
+    if (st == MOAS_ERR_BUSY) {
+        s->refused++;
+    } else {
+        s->other_status = st;
+    }
+    moas_context_set_abort_callback(s->ctx, stop_when_told, s);   /* a setting: allowed */
+    return ++s->asked == s->stop_at;
+}
+
+/* What a context holds, to check that an aborted call changed none of it. */
+typedef struct {
+    int32_t n_past;
+    size_t used, held;
+    int32_t counts[8];
+} held_state;
+
+static held_state state_of(const moas_context *ctx) {
+    held_state h = {moas_context_n_past(ctx), moas_context_kv_bytes_used(ctx, -1),
+                    moas_context_kv_bytes_held(ctx), {0}};
+    (void)moas_context_scheme_counts(ctx, -1, h.counts);
+    return h;
+}
+
+static bool same_state(held_state a, held_state b) {
+    return a.n_past == b.n_past && a.used == b.used && a.held == b.held &&
+           memcmp(a.counts, b.counts, sizeof a.counts) == 0;
+}
+
+/* A call stopped by its abort callback at any of the points it is asked (before each
+ * block, between a block's layers: 2 a block here) returns MOAS_ERR_ABORTED and
+ * leaves the context as it was but for its logits (NULL until the next decode); the
+ * same call afterwards gives the bits of a context that was never stopped. Decode,
+ * decode_batch over three blocks, the budget's token-by-token path, both modes, two
+ * models; a fork asks its parent's callback. */
+TEST(abort_callback_stops_a_decode_and_loses_nothing) {
+    enum { PROMPT = 10, N = 40, BLOCK = 16 };
+    for (int kind = 0; kind < N_KINDS; kind += 4) {   /* router; pooled with RoPE */
+        size_t size;
+        uint8_t *image = kind_image(kind, &size);
+        moas_model *m;
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+        const int32_t V = moas_model_n_vocab(m);
+        int32_t tokens[PROMPT + N];
+        seq_tokens(tokens, PROMPT + N, V, 31 + (uint32_t)kind);
+        float *want = malloc((size_t)N * V * sizeof *want);
+        float *got = malloc((size_t)N * V * sizeof *got);
+        ASSERT_TRUE(want != NULL && got != NULL);
+        for (int mode = 0; mode < 2; mode++) {
+            for (int budget = 0; budget <= mode; budget++) {   /* routed: with a budget */
+                moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, 2, BLOCK, 4);
+                moas_context *ctx = make_ctx(m, pool, (moas_mode)mode, MOAS_TYPE_F32, 2);
+                moas_context *alone = make_ctx(m, NULL, (moas_mode)mode, MOAS_TYPE_F32, 2);
+                ASSERT_TRUE(pool != NULL && ctx != NULL && alone != NULL);
+                ctx->batch_tokens = alone->batch_tokens = BLOCK;   /* three blocks */
+                if (budget) {
+                    ASSERT_OK(moas_context_set_kv_budget(ctx, 1 << 20));
+                    ASSERT_OK(moas_context_set_kv_budget(alone, 1 << 20));
+                }
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens, PROMPT, NULL,
+                                                    MOAS_LOGITS_LAST));
+                ASSERT_OK(moas_context_decode_batch(alone, tokens, PROMPT, NULL,
+                                                    MOAS_LOGITS_LAST));
+                ASSERT_OK(moas_context_decode_batch(alone, tokens + PROMPT, N, want,
+                                                    MOAS_LOGITS_ALL));
+                const held_state before = state_of(ctx);
+                moas_pool_info info = {.size = sizeof info};
+                ASSERT_OK(moas_pool_stats(pool, &info));
+                const int32_t free_before = info.pages_free;
+                /* asked twice a block (before it, between its 2 layers): 3 blocks, or
+                 * the budget's 40 one-token blocks */
+                const int32_t asks = budget ? 2 * N : 2 * 3;
+                stopper s = {ctx, 0, 0, 0, MOAS_OK};
+                moas_context_set_abort_callback(ctx, stop_when_told, &s);
+                for (int32_t k = 1; k <= asks; k += budget ? 7 : 1) {
+                    s.asked = s.refused = 0;
+                    s.stop_at = k;
+                    ASSERT_EQ(moas_context_decode_batch(ctx, tokens + PROMPT, N, got,
+                                                        MOAS_LOGITS_ALL),
+                              MOAS_ERR_ABORTED);
+                    ASSERT_EQ(s.asked, k);
+                    ASSERT_EQ(s.refused, k);   /* its truncate, each time */
+                    ASSERT_TRUE(strstr(moas_last_error(), "abort callback") != NULL);
+                    ASSERT_TRUE(same_state(state_of(ctx), before));
+                    ASSERT_TRUE(moas_context_logits(ctx) == NULL);
+                    ASSERT_OK(moas_pool_stats(pool, &info));
+                    ASSERT_EQ(info.pages_free, free_before);
+                }
+                s.asked = 0;
+                s.stop_at = 2;   /* a single token: between its layers */
+                ASSERT_EQ(moas_context_decode(ctx, tokens[PROMPT], NULL), MOAS_ERR_ABORTED);
+                ASSERT_TRUE(same_state(state_of(ctx), before));
+                /* never stopped: every ask made, the bits of the context never stopped */
+                s.asked = s.refused = 0;
+                s.stop_at = 0;
+                ASSERT_OK(moas_context_decode_batch(ctx, tokens + PROMPT, N, got,
+                                                    MOAS_LOGITS_ALL));
+                ASSERT_EQ(s.asked, asks);
+                ASSERT_EQ(s.refused, asks);
+                ASSERT_EQ(s.other_status, MOAS_OK);
+                ASSERT_TRUE(memcmp(got, want, (size_t)N * V * sizeof *got) == 0);
+                ASSERT_TRUE(same_records(ctx, alone));
+                /* a fork asks its parent's callback, and stops the same way */
+                moas_context *child;
+                ASSERT_OK(moas_context_fork(ctx, &child));
+                s.ctx = child;
+                s.asked = 0;
+                s.stop_at = 1;
+                ASSERT_EQ(moas_context_decode(child, tokens[0], NULL), MOAS_ERR_ABORTED);
+                ASSERT_EQ(moas_context_n_past(child), PROMPT + N);
+                moas_context_set_abort_callback(child, NULL, NULL);
+                ASSERT_OK(moas_context_decode(child, tokens[0], NULL));
+                moas_context_free(child);
+                moas_context_free(ctx);
+                moas_context_free(alone);
+                moas_pool_free(pool);
+            }
+        }
+        free(want);
+        free(got);
+        moas_model_free(m);
+        free(image);
+    }
+    moas_context_set_abort_callback(NULL, stop_when_told, NULL);
+    ASSERT_TRUE(strstr(moas_last_error(), "ctx is NULL") != NULL);
+    ASSERT_TRUE(strcmp(moas_status_name(MOAS_ERR_ABORTED), "MOAS_ERR_ABORTED") == 0);
+    return TEST_PASS;
+}
+
+/* moas_pool_decode stopped by one context's abort callback at any point it is asked
+ * undoes every context of the call (a context of no tokens keeps its logits); the
+ * same call afterwards gives each the bits of decoding alone. With the pool's threads
+ * taking whole sequences each (a small model's blocks), it is asked before each block. */
+TEST(abort_callback_stops_a_pool_decode_whole) {
+    size_t size;
+    uint8_t *image = kind_image(4, &size);
+    moas_model *m;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    int32_t tokens[3][24];
+    for (int32_t i = 0; i < 3; i++) {
+        seq_tokens(tokens[i], 24, V, 50 + (uint32_t)i);
+    }
+    for (int32_t threads = 1; threads <= 2; threads++) {
+        moas_pool *pool = make_pool(m, 1 << 20, MOAS_TYPE_F32, threads, 16, 4);
+        ASSERT_TRUE(pool != NULL);
+        moas_context *c[3], *alone[3];
+        for (int32_t i = 0; i < 3; i++) {
+            c[i] = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+            alone[i] = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+            ASSERT_TRUE(c[i] != NULL && alone[i] != NULL);
+            ASSERT_OK(moas_context_decode_batch(c[i], tokens[i], 4, NULL, MOAS_LOGITS_LAST));
+            ASSERT_OK(moas_context_decode_batch(alone[i], tokens[i], 4, NULL,
+                                                MOAS_LOGITS_LAST));
+        }
+        float last2[64];
+        ASSERT_TRUE(V <= 64);
+        memcpy(last2, moas_context_logits(c[2]), (size_t)V * sizeof *last2);
+        held_state before[3];
+        for (int32_t i = 0; i < 3; i++) {
+            before[i] = state_of(c[i]);
+        }
+        moas_pool_info info = {.size = sizeof info};
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        const int32_t free_before = info.pages_free;
+        /* 5 + 20 tokens: blocks of 16 rows [5 of c0, 11 of c1], [9 of c1]; c2 none */
+        moas_pool_seq q[3] = {{c[0], tokens[0] + 4, 5, MOAS_LOGITS_LAST, NULL},
+                              {c[1], tokens[1] + 4, 20, MOAS_LOGITS_LAST, NULL},
+                              {c[2], tokens[2] + 4, 0, MOAS_LOGITS_LAST, NULL}};
+        stopper s = {c[1], 0, 0, 0, MOAS_OK};
+        moas_context_set_abort_callback(c[1], stop_when_told, &s);
+        s.stop_at = 0;   /* how often it is asked when nothing stops */
+        moas_context *probe[2];
+        for (int32_t i = 0; i < 2; i++) {
+            ASSERT_OK(moas_context_fork(c[i], &probe[i]));
+        }
+        moas_pool_seq pq[2] = {{probe[0], tokens[0] + 4, 5, MOAS_LOGITS_NONE, NULL},
+                               {probe[1], tokens[1] + 4, 20, MOAS_LOGITS_NONE, NULL}};
+        moas_context_set_abort_callback(probe[1], stop_when_told, &s);
+        s.ctx = probe[1];
+        ASSERT_OK(moas_pool_decode(pool, pq, 2));
+        const int32_t asks = s.asked;
+        ASSERT_EQ(asks, 2 * 2);   /* 2 blocks of 2 layers (too uneven to split by sequence) */
+        for (int32_t i = 0; i < 2; i++) {
+            moas_context_free(probe[i]);
+        }
+        if (threads == 2) {   /* two even sequences: the threads take one each */
+            for (int32_t i = 0; i < 2; i++) {
+                ASSERT_OK(moas_context_fork(c[i], &probe[i]));
+                pq[i] = (moas_pool_seq){probe[i], tokens[i] + 4, 8, MOAS_LOGITS_NONE, NULL};
+            }
+            moas_context_set_abort_callback(probe[1], stop_when_told, &s);
+            s.ctx = probe[1];
+            s.asked = 0;
+            const int64_t shard_blocks = pool->ws->shard_blocks;
+            ASSERT_OK(moas_pool_decode(pool, pq, 2));
+#if defined(_OPENMP)
+            ASSERT_EQ(pool->ws->shard_blocks, shard_blocks + 1);
+            ASSERT_EQ(s.asked, 1);   /* before the block only */
+#else
+            ASSERT_EQ(pool->ws->shard_blocks, shard_blocks);
+            ASSERT_EQ(s.asked, 2);
+#endif
+            s.asked = 0;
+            s.stop_at = 1;
+            ASSERT_EQ(moas_pool_decode(pool, pq, 2), MOAS_ERR_ABORTED);
+            ASSERT_EQ(moas_context_n_past(probe[0]), 4 + 8);
+            ASSERT_EQ(moas_context_n_past(probe[1]), 4 + 8);
+            s.stop_at = 0;
+            for (int32_t i = 0; i < 2; i++) {
+                moas_context_free(probe[i]);
+            }
+        }
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, free_before);
+        s.ctx = c[1];
+        for (int32_t k = 1; k <= asks; k++) {
+            s.asked = 0;
+            s.stop_at = k;
+            ASSERT_EQ(moas_pool_decode(pool, q, 3), MOAS_ERR_ABORTED);
+            ASSERT_EQ(s.asked, k);
+            for (int32_t i = 0; i < 3; i++) {
+                ASSERT_TRUE(same_state(state_of(c[i]), before[i]));
+            }
+            ASSERT_TRUE(moas_context_logits(c[0]) == NULL && moas_context_logits(c[1]) == NULL);
+            ASSERT_TRUE(moas_context_logits(c[2]) != NULL &&
+                        memcmp(moas_context_logits(c[2]), last2, (size_t)V * 4) == 0);
+            ASSERT_OK(moas_pool_stats(pool, &info));
+            ASSERT_EQ(info.pages_free, free_before);
+        }
+        s.stop_at = 0;
+        ASSERT_OK(moas_pool_decode(pool, q, 3));
+        for (int32_t i = 0; i < 2; i++) {
+            ASSERT_OK(moas_context_decode_batch(alone[i], q[i].tokens, q[i].n_tokens, NULL,
+                                                MOAS_LOGITS_LAST));
+            ASSERT_TRUE(memcmp(moas_context_logits(c[i]), moas_context_logits(alone[i]),
+                               (size_t)V * 4) == 0);
+            ASSERT_TRUE(same_records(c[i], alone[i]));
+        }
+        for (int32_t i = 0; i < 3; i++) {
+            moas_context_free(c[i]);
+            moas_context_free(alone[i]);
+        }
+        moas_pool_free(pool);
+    }
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}

@@ -100,6 +100,7 @@ class Status(enum.IntEnum):
     ERR_INVALID_UTF8 = -13
     ERR_POOL_FULL = -14
     ERR_BUSY = -15
+    ERR_ABORTED = -16
 
 
 class LogLevel(enum.IntEnum):
@@ -171,6 +172,7 @@ c_enum = ctypes.c_int
 LOG_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, c_enum, ctypes.c_char_p)
 ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                             ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_int32)
+ABORT_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
 ALLOC_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 FREE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 
@@ -309,6 +311,7 @@ _SIGNATURES = {
     "moas_context_force_scheme": (c_status, [_vp, _i32]),
     "moas_context_set_kv_budget": (c_status, [_vp, _u64]),
     "moas_context_set_route_callback": (None, [_vp, ROUTE_FN, _vp]),
+    "moas_context_set_abort_callback": (None, [_vp, ABORT_FN, _vp]),
     "moas_context_kv_bytes_used": (_sz, [_vp, _i32]),
     "moas_context_kv_bytes_reserved": (_sz, [_vp, _i32]),
     "moas_pool_params_init_sized": (None, [_vp, ctypes.c_size_t]),

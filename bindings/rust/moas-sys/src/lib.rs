@@ -50,7 +50,8 @@ pub const MOAS_ERR_INTERNAL: moas_status = -12;
 pub const MOAS_ERR_INVALID_UTF8: moas_status = -13;
 pub const MOAS_ERR_POOL_FULL: moas_status = -14;
 pub const MOAS_ERR_BUSY: moas_status = -15;
-pub const MOAS_STATUS_COUNT: i32 = 16; // number of statuses, not a status
+pub const MOAS_ERR_ABORTED: moas_status = -16;
+pub const MOAS_STATUS_COUNT: i32 = 17; // number of statuses, not a status
 pub const MOAS_TYPE_F32: moas_type = 0;
 pub const MOAS_TYPE_F16: moas_type = 1;
 pub const MOAS_TYPE_Q8_0: moas_type = 8;
@@ -135,6 +136,7 @@ pub type moas_route_fn = Option<
         proposed: i32,
     ) -> i32,
 >;
+pub type moas_abort_fn = Option<unsafe extern "C" fn(user: *mut c_void) -> i32>;
 
 #[repr(C)]
 pub struct moas_allocator {
@@ -394,6 +396,11 @@ extern "C" {
     pub fn moas_context_set_route_callback(
         ctx: *mut moas_context,
         fn_: moas_route_fn,
+        user: *mut c_void,
+    );
+    pub fn moas_context_set_abort_callback(
+        ctx: *mut moas_context,
+        fn_: moas_abort_fn,
         user: *mut c_void,
     );
     pub fn moas_context_kv_bytes_used(ctx: *const moas_context, layer: i32) -> usize;

@@ -275,6 +275,7 @@ fn every_status_of_the_header_with_its_value() {
         MOAS_ERR_INVALID_UTF8,
         MOAS_ERR_POOL_FULL,
         MOAS_ERR_BUSY,
+        MOAS_ERR_ABORTED,
     ]
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))

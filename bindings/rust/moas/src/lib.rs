@@ -27,7 +27,7 @@ pub use moas_sys as ffi;
 // ---- errors ---------------------------------------------------------------------------
 
 /// The names of moas.h's status table, by -value.
-const STATUS_NAMES: [&str; 16] = [
+const STATUS_NAMES: [&str; 17] = [
     "MOAS_OK",
     "MOAS_ERR_INVALID_ARG",
     "MOAS_ERR_NO_MEMORY",
@@ -44,6 +44,7 @@ const STATUS_NAMES: [&str; 16] = [
     "MOAS_ERR_INVALID_UTF8",
     "MOAS_ERR_POOL_FULL",
     "MOAS_ERR_BUSY",
+    "MOAS_ERR_ABORTED",
 ];
 
 /// What kind of failure an [`Error`] is: one variant per error status of moas.h's table
@@ -87,6 +88,9 @@ pub enum ErrorKind {
     /// `MOAS_ERR_BUSY` (-15): another call holds the object; nothing changed, and the
     /// call may be retried once that one has returned.
     Busy,
+    /// `MOAS_ERR_ABORTED` (-16): the context's abort callback stopped the call; every
+    /// context of it is as before the call, its logits aside.
+    Aborted,
     /// A status this crate does not know.
     Other(i32),
 }
@@ -111,6 +115,7 @@ impl ErrorKind {
             ffi::MOAS_ERR_INVALID_UTF8 => ErrorKind::InvalidUtf8,
             ffi::MOAS_ERR_POOL_FULL => ErrorKind::PoolFull,
             ffi::MOAS_ERR_BUSY => ErrorKind::Busy,
+            ffi::MOAS_ERR_ABORTED => ErrorKind::Aborted,
             other => ErrorKind::Other(other),
         }
     }
@@ -133,6 +138,7 @@ impl ErrorKind {
             ErrorKind::InvalidUtf8 => ffi::MOAS_ERR_INVALID_UTF8,
             ErrorKind::PoolFull => ffi::MOAS_ERR_POOL_FULL,
             ErrorKind::Busy => ffi::MOAS_ERR_BUSY,
+            ErrorKind::Aborted => ffi::MOAS_ERR_ABORTED,
             ErrorKind::Other(status) => status,
         }
     }

@@ -61,7 +61,7 @@ fn every_status_of_the_header_maps_to_its_kind() {
     assert_eq!(rows.len() as i32, ffi::MOAS_STATUS_COUNT, "{rows:?}");
     assert_eq!(rows[0], ("OK".to_string(), 0));
     let errors = &rows[1..];
-    assert_eq!(errors.len(), 15);
+    assert_eq!(errors.len(), 16);
     for (name, value) in errors {
         let kind = ErrorKind::from_status(*value);
         assert_eq!(format!("{kind:?}"), variant_name(name), "{name} = {value}");
