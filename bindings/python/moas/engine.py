@@ -13,7 +13,10 @@ Policy (docs/SERVING.md):
   * A request is admitted when a sequence slot is free (max_sequences), no sequence is
     swapped out, and the pool's free pages hold its prompt at the widest scheme plus a
     page per stream and headroom. Otherwise it waits in a bounded queue (max_queue);
-    a full queue, or a wait longer than queue_timeout, ends it with 503.
+    a full queue, or a wait longer than queue_timeout, ends it with 503. The requests
+    of one prompt list (a group) count as one against max_queue, and once one of them
+    is admitted the others wait for room without a time limit: their client is being
+    served, and they would otherwise be turned away behind their own list.
   * Pages are taken as tokens need them (a routed token takes only its scheme's heads).
     A step that does not fit (ERR_POOL_FULL; nothing changed) swaps the youngest
     sequence out to host memory (Context.save_state), closes its context and retries
@@ -65,8 +68,10 @@ class Request:
     def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
                  stop=(), routes=False, logprobs=None, cache_scope=None, emit=None,
-                 frequency_penalty=0.0, presence_penalty=0.0, echo=False):
+                 frequency_penalty=0.0, presence_penalty=0.0, echo=False, group=None):
         self.id = next(Request._ids)
+        # the requests of one prompt list share a list of them (None: a request alone)
+        self.group = group
         self.prompt_ids = list(prompt_ids)
         self.max_tokens, self.n = max_tokens, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -88,6 +93,7 @@ class Request:
         self.cancelled = False
         self.created = time.monotonic()
         self.queued = False        # an admission pass found no room: it waits
+        self.admitted = False
         self.seqs = []
         self.forked = False        # its n - 1 forks made (they count as slots before)
         self.n_open = 0
@@ -207,8 +213,10 @@ class Engine:
         finds room at the next admission pass never counts as waiting."""
         with self._lock:
             # behind a waiting request a new one waits too (first come, first served), so
-            # a full queue turns it away now; an empty one lets the next pass decide
-            waiting = sum(1 for r in self._waiting if r.queued)
+            # a full queue turns it away now; an empty one lets the next pass decide. The
+            # prompts of the request's own list already waiting are not ahead of it.
+            waiting = len({self._queue_unit(r) for r in self._waiting
+                           if r.queued and not self._served(r)} - {self._queue_unit(req)})
             if self._stop or waiting >= max(1, self.max_queue):
                 return False
             self._incoming.append(req)
@@ -494,18 +502,33 @@ class Engine:
             else:
                 self.counters["cancelled"] += 1
 
+    @staticmethod
+    def _queue_unit(req):
+        """What the queue counts as one request: a prompt list's requests are one."""
+        return id(req.group) if req.group is not None else id(req)
+
+    @staticmethod
+    def _served(req):
+        """Whether another request of the request's prompt list was admitted: then it
+        waits for room as the list's own, not in the queue."""
+        return req.group is not None and any(r.admitted for r in req.group)
+
     def _queue(self):
         """After an admission pass: the requests it left wait in the queue. Beyond
         max_queue of them the newest are turned away (several can arrive between two
-        passes), and those that have waited longer than queue_timeout go."""
+        passes), and those that have waited longer than queue_timeout go; a prompt
+        list's requests are one, and none of a list being served (_served) goes."""
         now = time.monotonic()
         with self._lock:
             for r in self._waiting:
                 r.queued = True
-            over = max(0, len(self._waiting) - self.max_queue)
-            full = [self._waiting.pop() for _ in range(over)][::-1]
-            old = [r for r in self._waiting if now - r.created > self.queue_timeout]
-            for r in old:
+            queued = [r for r in self._waiting if not self._served(r)]
+            units = list(dict.fromkeys(self._queue_unit(r) for r in queued))
+            over = set(units[self.max_queue:])
+            full = [r for r in queued if self._queue_unit(r) in over]
+            old = [r for r in queued if self._queue_unit(r) not in over
+                   and now - r.created > self.queue_timeout]
+            for r in full + old:
                 self._waiting.remove(r)
         for r in full:
             self.counters["rejected_queue_full"] += 1
@@ -611,6 +634,7 @@ class Engine:
             free -= self._need(req, reuse)
             with self._lock:
                 self._waiting.popleft()
+                req.admitted = True
             req.seqs.append(seq)
             req.n_open = 1
             self._requests[req.id] = req

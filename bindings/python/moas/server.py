@@ -582,6 +582,7 @@ class Server:
             req = Request(part["ids"], max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
                           stop=p["stop"], routes=p["routes"], logprobs=p["logprobs"],
                           echo=p["echo"], cache_scope=p["cache_salt"],
+                          group=reqs if len(parts) > 1 else None,
                           emit=lambda event, k=k: self._buffer(request, reqs, events,
                                                                (k, event)), **sampling)
             if not self.engine.fits(req):

@@ -1462,8 +1462,20 @@ def test_an_idle_server_admits_whatever_its_queue_allows():
         status, headers, body = s.complete(prompt=PROMPT, max_tokens=2)
         check_error((status, headers, body), 503, "queue_full")
         assert int(headers["Retry-After"]) >= 1
+        # a list waits behind the holder as one request, and is turned away as one
+        check_error(s.complete(prompt=[PROMPT, "In the"], max_tokens=2), 503, "queue_full")
         holder.join(30)
         assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+        # a list of more prompts than there are sequence slots and queue places: once
+        # its first prompt is admitted the others wait for slots, neither counted
+        # against the queue nor timed out behind their own list (each was: this idle
+        # server answered every such list 503, to be retried forever)
+        prompts = [PROMPT, "In the", "And"]
+        status, _, got = s.complete(prompt=prompts, max_tokens=2, seed=6)
+        assert status == 200, got
+        assert [c["text"] for c in got["choices"]] == [
+            s.complete(prompt=t, max_tokens=2, seed=6)[2]["choices"][0]["text"]
+            for t in prompts]
     finally:
         s.close()
 
