@@ -1446,6 +1446,43 @@ def test_tokenize_and_detokenize(server, model):
     check_error(server.request("GET", "/tokenize"), 405, "method_not_allowed")
 
 
+def test_token_texts_are_looked_up_not_asked_of_the_library_each(monkeypatch):
+    # /tokenize with token_strs and /detokenize, on the event loop, asked the library
+    # for each token's text (Model.token_text, a ctypes call of about 6 us): a body of
+    # 1 MiB, within --max-body-bytes, held the loop 6 s, and every other client's
+    # stream with it. The texts come from the vocabulary, read once at start.
+    import asyncio
+    from moas import server as moas_server
+    calls = []
+    token_text = moas.Model.token_text
+    monkeypatch.setattr(moas.Model, "token_text",
+                        lambda self, token: calls.append(token) or token_text(self, token))
+
+    class Request:   # aiohttp's as far as the handlers read it
+        def __init__(self, body):
+            self.data = json.dumps(body).encode()
+
+        async def read(self):
+            return self.data
+
+    async def run(text):
+        server = moas_server.Server(moas_server.parse_args(
+            ["-m", MODEL, "--pool-mb", "1", "-t", "1"]))
+        try:
+            del calls[:]
+            got = json.loads((await server.tokenize(Request(
+                {"prompt": text, "return_token_strs": True}))).text)
+            back = json.loads((await server.detokenize(Request(
+                {"tokens": got["tokens"]}))).text)
+        finally:
+            server.engine.close()
+        return got, back
+    text = PROMPT * 50
+    got, back = asyncio.run(run(text))
+    assert got["token_strs"] == list(text) and back == {"prompt": text}
+    assert len(calls) < len(PROMPT), len(calls)   # not one a token
+
+
 def test_an_idle_server_admits_whatever_its_queue_allows():
     # no request may wait, and none for any time: one that finds room at the next step
     # is served (it was turned away: it counted as waiting before admission looked),
