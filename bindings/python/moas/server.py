@@ -588,8 +588,9 @@ class Server:
                           emit=lambda event, k=k: self._buffer(request, reqs, events,
                                                                (k, event)), **sampling)
             if not self.engine.fits(req):
-                raise ApiError(400, "the request needs more KV memory than the pool holds",
-                               code="request_too_large")
+                raise ApiError(400, "%s needs more KV memory than the pool holds" % (
+                    "the request" if len(parts) == 1 else "prompt %d" % k),
+                    code="request_too_large")
             reqs.append(req)
         retry = {"Retry-After": str(max(1, int(self.args.queue_timeout)))}
         if self.engine.closed:

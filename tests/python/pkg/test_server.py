@@ -825,6 +825,11 @@ def test_pool_too_small_swaps_and_loses_nothing(model):
         run_clients(s, model, clients=8, per_client=2, max_tokens=40)
         m = wait_idle(s)
         assert m["moas_swapped_out_total"] >= 1 and m["moas_resumed_total"] >= 1, m
+        # the prompt of a list that could not finish even alone is named, as any
+        # other error of one prompt is
+        err = check_error(s.complete(prompt=["And", PROMPT * 2], max_tokens=30, n=2), 400,
+                          "request_too_large")
+        assert err["message"].startswith("prompt 1 needs "), err
         # cached prompts gave their pages back when the pool needed them
         assert m["moas_prompt_cache_evictions_total"] >= 1, m
         # whether a load's prompts meet their cached prefixes depends on its timing
