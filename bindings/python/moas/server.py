@@ -85,6 +85,7 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_
          "logprobs", "cache_salt", "frequency_penalty", "presence_penalty",
          "echo"} | set(NEUTRAL)
 CACHE_SALT_MAX_CHARS = 256
+UNKNOWN_HINT = " (send \"unknown_chars\": \"replace\" or \"drop\")"
 TOKENIZE_FIELDS = {"model", "prompt", "unknown_chars", "return_token_strs",
                    "add_special_tokens"}
 DETOKENIZE_FIELDS = {"model", "tokens"}
@@ -155,10 +156,11 @@ def parse_completion(body, cfg):
     prompts = body["prompt"]
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not (isinstance(prompts, list) and prompts and all(isinstance(t, str)
-                                                          for t in prompts)):
-        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings",
+    if not (isinstance(prompts, list) and all(isinstance(t, str) for t in prompts)):
+        raise ApiError(400, "'prompt' must be a string or a list of strings",
                        param="prompt", code="invalid_type")
+    if not prompts:   # as an empty string is
+        raise ApiError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
     if len(prompts) > cfg["max_prompts"]:
         raise ApiError(400, "'prompt' is a list of %d strings, this server takes at most %d"
                        % (len(prompts), cfg["max_prompts"]), param="prompt",
@@ -527,7 +529,8 @@ class Server:
         try:
             ids, changed = self.model.tokenize_ex(text, unknown=unknown)
         except MoasError as e:
-            raise ApiError(400, e.message, param="prompt", code=e.name.lower())
+            raise ApiError(400, e.message + UNKNOWN_HINT * (e.status == Status.ERR_UNKNOWN_CHAR),
+                           param="prompt", code=e.name.lower())
         out = {"count": len(ids), "max_model_len": self.engine.n_ctx, "tokens": ids,
                "token_strs": [self.token_texts[t] for t in ids] if strs else None}
         if changed:
@@ -634,8 +637,7 @@ class Server:
             ids, changed = self.model.tokenize_ex(text, unknown=p["unknown"])
         except MoasError as e:
             raise ApiError(400, ("" if len(p["prompts"]) == 1 else which + ": ") + e.message
-                           + (" (send \"unknown_chars\": \"replace\" or \"drop\")"
-                              if e.status == Status.ERR_UNKNOWN_CHAR else ""),
+                           + UNKNOWN_HINT * (e.status == Status.ERR_UNKNOWN_CHAR),
                            param="prompt", code=e.name.lower())
         if not ids:
             raise ApiError(400, "%s has no character in the vocabulary" % which,

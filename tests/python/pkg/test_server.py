@@ -261,9 +261,10 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     # what docs/SERVING.md lists as not supported
     check_error(server.request("POST", "/v1/chat/completions", {
         "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
-    for prompt in ([1, 2], [], ["And", 2], [["And"]], None):
-        check_error(server.complete(prompt=prompt, max_tokens=1), 400,
-                    "missing_field" if prompt is None else "invalid_type", "prompt")
+    for prompt in ([1, 2], ["And", 2], [["And"]]):
+        check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
+    check_error(server.complete(prompt=None, max_tokens=1), 400, "missing_field", "prompt")
+    check_error(server.complete(prompt=[], max_tokens=1), 400, "invalid_value", "prompt")
     for field, value in (("best_of", 2), ("suffix", "x")):
         check_error(server.complete(prompt=PROMPT, **{field: value}), 400, "unsupported", field)
     # OpenAI's penalties reach the sampler: the text of a library sampler given them
@@ -1433,6 +1434,7 @@ def test_tokenize_and_detokenize(server, model):
         got["prompt_chars_changed"] == 1 and got["token_strs"] is None, got
     for path, body, code, param in (
             ("/tokenize", {"prompt": "And 9"}, "moas_err_unknown_char", "prompt"),
+            ("/tokenize", {"prompt": ["And"]}, "invalid_type", "prompt"),
             ("/tokenize", {}, "missing_field", "prompt"),
             ("/tokenize", {"prompt": 5}, "invalid_type", "prompt"),
             ("/tokenize", {"prompt": "\ud800"}, "invalid_value", "prompt"),
@@ -1447,6 +1449,8 @@ def test_tokenize_and_detokenize(server, model):
             ("/detokenize", {"tokens": "12"}, "invalid_type", "tokens"),
             ("/detokenize", {}, "missing_field", "tokens")):
         check_error(server.request("POST", path, body), 400, code, param)
+    err = check_error(server.request("POST", "/tokenize", {"prompt": "And 9"}), 400)
+    assert "unknown_chars" in err["message"], err   # how to get past it
     check_error(server.request("POST", "/tokenize", raw=b"{"), 400, "invalid_json")
     check_error(server.request("GET", "/tokenize"), 405, "method_not_allowed")
 
