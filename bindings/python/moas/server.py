@@ -388,7 +388,7 @@ class Server:
 
     def model_info(self):
         return {"id": self.model_id, "object": "model", "created": int(self.started),
-                "owned_by": "libmoas",
+                "owned_by": "libmoas", "max_model_len": self.engine.n_ctx,
                 "moas": {"name": self.model.name, "n_layer": self.model.n_layer,
                          "n_head": self.model.n_head, "n_ctx": self.engine.n_ctx,
                          "n_vocab": self.model.n_vocab, "schemes": self.schemes,

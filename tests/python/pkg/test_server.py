@@ -150,6 +150,7 @@ def test_health_models_metrics_page(server):
     info = body["data"][0]
     assert info["id"] == "tiny-pooled-bias.gguf" and info["moas"]["schemes"] == [
         "MHA", "GQA-2", "MQA"]
+    assert info["max_model_len"] == info["moas"]["n_ctx"] == 64   # vLLM's field
     m = server.metrics()
     for name in ("moas_pool_bytes_capacity", "moas_pool_bytes_held", "moas_pool_bytes_used",
                  "moas_sequences_active", "moas_requests_queued", "moas_tokens_per_second",
