@@ -73,7 +73,7 @@ from collections import namedtuple
 __all__ = [
     "MoasError", "MoasValueError", "MoasFileNotFoundError", "Status", "LogLevel", "Type", "Mixing", "KvSharing", "MetaType", "Mode",
     "Kernels", "Logits", "Model", "Context", "Sampler", "TensorInfo", "Routes", "Allocator",
-    "LogitBias", "find_stop", "Perplexity",
+    "LogitBias", "find_stop", "Perplexity", "Generation",
     "load_library", "library", "library_path", "version_number", "version_string",
     "status_string", "status_name", "last_error", "ABI_MAJOR",
 ]
@@ -801,6 +801,31 @@ class _Handle:
         return fn(self._p(), *args)
 
 
+class Generation:
+    """The pieces of Model.generate(..., stream=True), as they are made. Once the last
+    has come out, finish_reason says why the text ended, as OpenAI's completions (and
+    llama-cpp-python's) say it: "stop" (a stop string; the text ends before it) or
+    "length" (max_tokens characters, or a full context without context_shift); None
+    until then. close() ends it early, giving its context back at once."""
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self.finish_reason = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._pieces)
+        except StopIteration as end:
+            self.finish_reason = end.value
+            raise
+
+    def close(self):
+        self._pieces.close()
+
+
 class Model(_Handle):
     """A loaded GGUF model (moas_model). Read-only; may be shared by threads."""
 
@@ -1112,8 +1137,9 @@ class Model(_Handle):
         """The continuation of `prompt`, sampled as Sampler samples (with its defaults,
         the library's: temperature 1, as `moas generate`).
 
-        stream=False returns the text; stream=True returns a generator of text pieces
-        (one per character, fewer while a possible stop string is held back). With
+        stream=False returns the text; stream=True returns a Generation, an iterator of
+        text pieces (one per character, fewer while a possible stop string is held
+        back) whose finish_reason, once they are all out, says why they ended. With
         routes=True each piece comes as (text, route), route being {"schemes": [scheme
         per layer], "gates": [[gate per scheme] per layer]} of the generated character
         that produced it, and stream=False returns (text, [route, ...]).
@@ -1155,8 +1181,8 @@ class Model(_Handle):
         except BaseException:
             ctx.close()
             raise
-        pieces = self._generate(ctx, sampler, ids, max_tokens, stop, routes,
-                                bool(context_shift))
+        pieces = Generation(self._generate(ctx, sampler, ids, max_tokens, stop, routes,
+                                           bool(context_shift)))
         if stream:
             return pieces
         out = list(pieces)
@@ -1185,10 +1211,11 @@ class Model(_Handle):
                     yield (held[i], held_routes[i]) if routes else held[i]
                 held, held_routes = held[end:], held_routes[end:]
                 if found:
-                    return
+                    return "stop"
             end = find_stop(held, stop, more=False)[0] if stop else len(held)
             for i in range(end):
                 yield (held[i], held_routes[i]) if routes else held[i]
+            return "length"   # max_tokens, or a full context without context_shift
 
     @staticmethod
     def _make_room(ctx, window):

@@ -102,6 +102,23 @@ def test_stop_strings_and_context_end(model):
     assert cut == whole[:whole.index(stop)]
     # generation ends when the context is full (64 for the tiny model)
     assert len(model.generate("And God", 500, temperature=0)) == model.n_ctx_train - 7
+    # and says why it ended, once its last piece is out: a stop string, or a length
+    # (max_tokens, or the full context); None before
+    for kw, text, reason in ((dict(stop=[stop]), cut, "stop"), ({}, whole, "length"),
+                             (dict(stop=["#"]), whole, "length")):
+        gen = model.generate("And God", 30, temperature=0.9, seed=3, stream=True, **kw)
+        assert isinstance(gen, moas.Generation) and gen.finish_reason is None
+        assert next(gen) == text[0] and gen.finish_reason is None
+        assert text[0] + "".join(gen) == text and gen.finish_reason == reason
+    full = model.generate("And God", 500, temperature=0, stream=True)
+    assert len("".join(full)) == model.n_ctx_train - 7 and full.finish_reason == "length"
+    empty = model.generate("And God", 0, stream=True)
+    assert list(empty) == [] and empty.finish_reason == "length"
+    # closed early: its context goes back, and no reason is made up
+    early = model.generate("And God", 30, seed=3, stream=True)
+    next(early)
+    early.close()
+    assert early.finish_reason is None and list(early) == []
 
 
 @pytest.mark.parametrize("path", ["models/pooled-rope-kjv-1k.gguf", "tests/data/tiny-moas-bias.gguf"])
