@@ -135,6 +135,139 @@ class PoolTest(unittest.TestCase):
         for c in (plain, picky):
             c.close()
 
+    # ---- abort callbacks: a stopped call is undone, the same call later is exact ----
+
+    def state(self, ctx):
+        """What an aborted call must leave as it was."""
+        return (ctx.n_past, ctx.kv_bytes_used(), ctx.kv_bytes_held, ctx.kv_pages,
+                ctx.scheme_counts(), self.pool.stats().pages_free)
+
+    def test_an_abort_callback_stops_decode_batch_at_any_ask_and_loses_nothing(self):
+        # 40 tokens in blocks of 8 over 2 layers: asked before each block and between
+        # its layers, 10 times; stopped at each, the context is as before the call
+        V = self.model.n_vocab
+        prompt, tail = tokens(6, V, 40), tokens(40, V, 41)
+        asked, stop_at = [0], [0]
+
+        def stop():
+            asked[0] += 1
+            return asked[0] == stop_at[0]
+        ctx = self.pool.context(mode="routed", n_batch=8, abort_callback=stop)
+        never = self.pool.context(mode="routed", n_batch=8)
+        ctx.decode_batch(prompt)
+        never.decode_batch(prompt)
+        want = [bytes(row) for row in never.decode_batch(tail, logits="all")]
+        before = self.state(ctx)
+        for k in range(1, 11):
+            asked[0], stop_at[0] = 0, k
+            with self.assertRaises(moas.MoasError) as err:
+                ctx.decode_batch(tail, logits="all")
+            self.assertEqual(err.exception.status, moas.Status.ERR_ABORTED)
+            self.assertIn("abort callback", str(err.exception))
+            self.assertEqual(asked[0], k)
+            self.assertEqual(self.state(ctx), before)
+            self.assertIsNone(ctx.logits())
+        asked[0], stop_at[0] = 0, 2   # one token: between its layers
+        with self.assertRaises(moas.MoasError) as err:
+            ctx.decode(tail[0])
+        self.assertEqual(err.exception.status, moas.Status.ERR_ABORTED)
+        self.assertEqual(self.state(ctx), before)
+        asked[0], stop_at[0] = 0, 0
+        got = [bytes(row) for row in ctx.decode_batch(tail, logits="all")]
+        self.assertEqual(asked[0], 10)
+        self.assertEqual(got, want)   # bit for bit
+        self.assertEqual(ctx.route_lists(), never.route_lists())
+        ctx.set_abort_callback(None)   # removed: never asked again
+        ctx.decode(tail[0])
+        self.assertEqual(asked[0], 10)
+        for c in (ctx, never):
+            c.close()
+
+    def test_an_abort_callback_stops_a_pool_decode_for_every_context(self):
+        # one context's callback stops the call: the other context, with no callback,
+        # is undone too; without the stop the same call gives what decoding alone does
+        V = self.model.n_vocab
+        stopping = [False]
+        plain = self.pool.context(mode="routed")
+        stopper = self.pool.context(mode="routed", abort_callback=lambda: stopping[0])
+        idle = self.pool.context(mode="routed")   # in the call with no tokens
+        plain.decode_batch(tokens(3, V, 50))
+        stopper.decode_batch(tokens(3, V, 51))
+        idle_logits = bytes(idle.decode_batch(tokens(2, V, 52)))
+        batch = [(plain, tokens(9, V, 53)), (stopper, tokens(5, V, 54)), (idle, [])]
+        before = [self.state(c) for c in (plain, stopper, idle)]
+        stopping[0] = True
+        with self.assertRaises(moas.MoasError) as err:
+            self.pool.decode(batch)
+        self.assertEqual(err.exception.status, moas.Status.ERR_ABORTED)
+        self.assertEqual([self.state(c) for c in (plain, stopper, idle)], before)
+        self.assertIsNone(plain.logits())
+        self.assertIsNone(stopper.logits())
+        self.assertEqual(bytes(idle.logits()), idle_logits)   # not decoded: kept
+        stopping[0] = False
+        got = self.pool.decode(batch)
+        with self.model.context(mode="routed") as alone:
+            alone.decode_batch(tokens(3, V, 50))
+            self.assertEqual(bytes(got[0]), bytes(alone.decode_batch(tokens(9, V, 53))))
+        for c in (plain, stopper, idle):
+            c.close()
+
+    def test_an_abort_callback_error_stops_the_call_and_is_raised(self):
+        # the exception cannot cross the library's frames: the callback says stop, and
+        # the exception, not ERR_ABORTED, is raised once the library has undone the call
+        V = self.model.n_vocab
+        failing = [False]
+
+        def boom():
+            if failing[0]:
+                raise KeyError("from the abort callback")
+            return False
+        ctx = self.pool.context(mode="routed", abort_callback=boom)
+        other = self.pool.context(mode="routed")
+        ctx.decode_batch(tokens(4, V, 60))
+        before = self.state(ctx)
+        failing[0] = True
+        with self.assertRaises(KeyError):
+            ctx.decode_batch(tokens(5, V, 61))
+        self.assertEqual(self.state(ctx), before)
+        self.assertIsNone(ctx.logits())
+        with self.assertRaises(KeyError):
+            self.pool.decode([(other, tokens(5, V, 62)), (ctx, tokens(5, V, 61))])
+        self.assertEqual((other.n_past, ctx.n_past), (0, 4))
+        failing[0] = False   # the error is not raised again
+        ctx.decode_batch(tokens(5, V, 61))
+        self.assertEqual(ctx.n_past, 9)
+        for c in (ctx, other):
+            c.close()
+
+    def test_a_fork_keeps_the_abort_callback_and_its_errors_are_its_own(self):
+        V = self.model.n_vocab
+        calls = []
+
+        def stop_or_fail():
+            calls.append(1)
+            if len(calls) == 2:
+                raise ValueError("second ask")
+            return len(calls) == 1
+        parent = self.pool.context(mode="routed")
+        parent.decode_batch(tokens(5, V, 70))
+        parent.set_abort_callback(stop_or_fail)
+        child = parent.fork()
+        with self.assertRaises(moas.MoasError) as err:
+            child.decode(3)
+        self.assertEqual(err.exception.status, moas.Status.ERR_ABORTED)
+        with self.assertRaises(ValueError):   # raised by the child's call, not kept
+            child.decode(3)
+        self.assertEqual((parent.n_past, child.n_past), (5, 5))
+        parent.decode(3)   # the parent's own call: nothing of the child's error
+        child.set_abort_callback(None)
+        self.assertEqual(len(calls), 4)   # two asks of parent.decode, the child's own
+        child.decode(3)
+        self.assertEqual(len(calls), 4)
+        self.assertEqual(bytes(child.logits()), bytes(parent.logits()))
+        for c in (parent, child):
+            c.close()
+
     def test_fork_needs_a_pool(self):
         with self.model.context() as ctx:
             with self.assertRaises(moas.MoasError):

@@ -25,8 +25,8 @@ Lifetimes. Model, Context and Sampler own a C object each and release it on clos
 at the end of a `with` block, or when garbage collected. A Context keeps its Model
 alive; closing a Model first closes the contexts made from it, as the C API requires.
 A model loaded from bytes keeps those bytes alive (a writable buffer is exported, so a
-bytearray cannot be resized while the model lives). Callbacks (route, log, allocator)
-are kept alive by the object they were given to.
+bytearray cannot be resized while the model lives). Callbacks (route, abort, log,
+allocator) are kept alive by the object they were given to.
 
 Logits without copying. Context.logits() (and what decode() and decode_batch() return,
 except decode_batch(..., logits="all"), which fills a new buffer of its own)
@@ -47,8 +47,10 @@ one thread at a time. ctypes releases the GIL during every call into the library
 Context's (and a Sampler's) calls hold its lock, so calls from two threads wait for
 each other instead of corrupting it, and close() (of it, its Pool or its Model) waits
 for a call in flight; Sampler.sample(context) holds the context's lock too, as it
-reads its logits in place; a route callback must not use the context it was called
-from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it).
+reads its logits in place; a route or abort callback must not use the context it was
+called from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it). To stop a
+long decode from another thread, give the context an abort callback that reads a flag
+(a threading.Event) the other thread sets.
 
 Lifetimes. A Model or Pool closes what was made from it before itself; its library
 object is freed after theirs even when the garbage collector finalises it first.
@@ -1288,7 +1290,7 @@ class Model(_Handle):
 
 # ---- context --------------------------------------------------------------------------
 
-_ROUTE_ERROR_ORDER = itertools.count()   # when each route callback's error was raised
+_CALLBACK_ERROR_ORDER = itertools.count()   # when each callback's error was raised
 
 Routes = namedtuple("Routes", "gates schemes kv_heads")
 Routes.__doc__ = """Routing of a range of positions: memoryviews of Python-owned copies,
@@ -1301,15 +1303,16 @@ class Context(_Handle):
     Parameters, all optional, as moas_context_params: n_ctx (0: trained length),
     n_threads (0: OpenMP's default), mode ("mixture" | "routed" or Mode), kv_type
     ("f32" | "f16" or Type), kernels ("auto" | "ref"), forced_scheme (-1: the router),
-    kv_budget (bytes, 0: none), route_callback (see set_route_callback), log
-    (fn(level, message)), allocator (an Allocator).
+    kv_budget (bytes, 0: none), route_callback (see set_route_callback), abort_callback
+    (see set_abort_callback), log (fn(level, message)), allocator (an Allocator).
     """
 
     _kind = "context"
 
     def __init__(self, model, *, n_ctx=0, n_threads=0, mode=Mode.MIXTURE, kv_type=Type.F32,
                  kernels=Kernels.AUTO, forced_scheme=-1, kv_budget=0, route_callback=None,
-                 log=None, allocator=None, pool=None, n_batch=0, _fork_of=None):
+                 abort_callback=None, log=None, allocator=None, pool=None, n_batch=0,
+                 _fork_of=None):
         self._ptr = None
         if not isinstance(model, Model):
             raise TypeError("a Context is made from a Model, not %s" % type(model).__name__)
@@ -1319,7 +1322,9 @@ class Context(_Handle):
         self._views = []
         self._route = None
         self._route_fn = None
-        self._route_error = None
+        self._abort = None
+        self._abort_fn = None
+        self._callback_error = None   # a route or abort callback's, raised after the call
         self._lock = threading.RLock()   # one call at a time; close waits for it
         self._calling = None             # the thread inside a decoding call
         self.model = model
@@ -1338,6 +1343,9 @@ class Context(_Handle):
         self._route_fn = route_callback
         self._route = self._route_callback(route_callback)
         params.route_fn = self._route
+        # not a creation parameter in C: installed once the context exists
+        self._abort_fn = abort_callback
+        self._abort = self._abort_callback(abort_callback)
         params.n_batch = _int("n_batch", n_batch)
         if pool is not None:
             if not isinstance(pool, Pool):
@@ -1356,6 +1364,8 @@ class Context(_Handle):
                 self._log, self._allocator = _fork_of._log, _fork_of._allocator
                 self._route_fn = _fork_of._route_fn
                 self._route = self._route_callback(self._route_fn)
+                self._abort_fn = _fork_of._abort_fn
+                self._abort = self._abort_callback(self._abort_fn)
                 with _fork_of._lock:
                     _fork_of._check_not_inside("fork")
                     _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
@@ -1364,6 +1374,9 @@ class Context(_Handle):
             else:
                 _check(library().moas_context_create(model_ptr, ctypes.byref(params),
                                                      ctypes.byref(out)))
+            # a fork's too: the library gave it the parent's, whose errors are the parent's
+            if self._abort_fn is not None:
+                library().moas_context_set_abort_callback(out.value, self._abort, None)
             self._ptr = out.value
             self._n_vocab = model.n_vocab
             self._n_layer = model.n_layer
@@ -1390,8 +1403,8 @@ class Context(_Handle):
 
     def _check_not_inside(self, what):
         if self._calling == threading.get_ident():
-            raise MoasError(Status.ERR_BUSY, "%s: a route callback must not use the "
-                            "context it was called from" % what)
+            raise MoasError(Status.ERR_BUSY, "%s: a route or abort callback must not use "
+                            "the context it was called from" % what)
 
     def _call(self, name, *args):
         with self._lock:
@@ -1456,18 +1469,19 @@ class Context(_Handle):
     # decoding
     def _run(self, name, *args):
         """Call a decoding function; a route callback's exception undoes the call
-        (truncate restores the exact earlier state) and is raised."""
+        (truncate restores the exact earlier state) and is raised, as is an abort
+        callback's (which stopped the call: the library undid it)."""
         with self._lock:
             n_past = self._call("moas_context_n_past")
             self._invalidate()
-            self._route_error = None
+            self._callback_error = None
             self._calling = threading.get_ident()
             try:
                 status = self._call_inside(name, *args)
             finally:
                 self._calling = None
-            if self._route_error is not None:
-                error, self._route_error = self._route_error, None
+            if self._callback_error is not None:
+                error, self._callback_error = self._callback_error, None
                 if status == Status.OK:
                     self._call("moas_context_truncate", n_past)
                 raise error
@@ -1594,10 +1608,10 @@ class Context(_Handle):
                 return choice if -2**31 <= choice < 2**31 else proposed
             except BaseException as e:   # cannot cross the C frames: raised after the call
                 ctx = ref()
-                if ctx is not None and ctx._route_error is None:
-                    ctx._route_error = e
+                if ctx is not None and ctx._callback_error is None:
+                    ctx._callback_error = e
                     # Pool.decode raises the first of its contexts' errors
-                    ctx._route_error_order = next(_ROUTE_ERROR_ORDER)
+                    ctx._callback_error_order = next(_CALLBACK_ERROR_ORDER)
                 return proposed
         return ROUTE_FN(route)
 
@@ -1610,6 +1624,33 @@ class Context(_Handle):
         callback = self._route_callback(fn)
         self._call("moas_context_set_route_callback", callback, None)
         self._route, self._route_fn = callback, fn
+
+    def _abort_callback(self, fn):
+        if fn is None:
+            return ABORT_FN()
+        ref = weakref.ref(self)   # no cycle through the C callback
+
+        def abort(_user):
+            try:
+                return 1 if fn() else 0
+            except BaseException as e:   # cannot cross the C frames: raised after the call
+                ctx = ref()
+                if ctx is not None and ctx._callback_error is None:
+                    ctx._callback_error = e
+                    ctx._callback_error_order = next(_CALLBACK_ERROR_ORDER)
+                return 1   # stop: the library undoes the call, then it is raised
+        return ABORT_FN(abort)
+
+    def set_abort_callback(self, fn):
+        """Install fn() -> truthy to stop, asked by decode, decode_batch and Pool.decode
+        before each block of tokens and between layers, on the decoding thread; or
+        remove it with None. A stopped call raises MoasError(ERR_ABORTED) and is undone:
+        n_past, the cache and the pages are as before it, and logits() is None until
+        the next decode. If fn raises, the call is stopped the same way and the
+        exception propagates instead. A fork keeps its parent's abort callback."""
+        callback = self._abort_callback(fn)
+        self._call("moas_context_set_abort_callback", callback, None)
+        self._abort, self._abort_fn = callback, fn
 
     def _layer(self, layer):
         if not -1 <= layer < self._n_layer:
@@ -1769,7 +1810,9 @@ class Pool(_Handle):
         "none": None); `logits` is one of those for every pair, or a list of them, one
         per pair (a server scoring one request's prompt and sampling the others). If a
         route callback raises, the call is undone, every context back to its n_past
-        before it, and the first exception raised is raised."""
+        before it, and the first exception raised is raised. An abort callback of any
+        of the contexts stops the whole call: MoasError(ERR_ABORTED) (or what it
+        raised), every context as before it."""
         seqs = list(seqs)
         if isinstance(logits, (list, tuple)):
             if len(logits) != len(seqs):
@@ -1801,7 +1844,8 @@ class Pool(_Handle):
             arr[i].which = which
             arr[i].logits = out
         # each context held for the call (another thread's close waits), in one order
-        # so that two calls cannot wait for each other; none from its route callback
+        # so that two calls cannot wait for each other; none from its route or abort
+        # callback
         ctxs = sorted({id(ctx): ctx for ctx, _ in seqs}.values(), key=id)
         with contextlib.ExitStack() as held:
             for ctx in ctxs:
@@ -1814,18 +1858,18 @@ class Pool(_Handle):
             me = threading.get_ident()
             for ctx in ctxs:
                 ctx._calling = me
-                ctx._route_error = None
+                ctx._callback_error = None
             try:
                 status = self._call("moas_pool_decode", arr, len(seqs))
             finally:
                 for ctx in ctxs:
                     ctx._calling = None
-            failed = [ctx for ctx in ctxs if ctx._route_error is not None]
+            failed = [ctx for ctx in ctxs if ctx._callback_error is not None]
             if failed:   # as decode_batch: the whole call undone, the first error raised
-                first = min(failed, key=lambda ctx: ctx._route_error_order)
-                error = first._route_error
+                first = min(failed, key=lambda ctx: ctx._callback_error_order)
+                error = first._callback_error
                 for ctx in failed:
-                    ctx._route_error = None
+                    ctx._callback_error = None
                 if status == Status.OK:
                     for ctx in ctxs:
                         if ctx._call("moas_context_n_past") != n_past[ctx]:
