@@ -615,6 +615,33 @@ unsafe extern "C" fn route_trampoline(
     }
 }
 
+/// An abort callback as the hook keeps it: true stops the call.
+type AbortFn<'m> = dyn FnMut() -> bool + Send + 'm;
+
+/// A context's abort callback and a panic it raised during the call under way, held
+/// as [`RouteHook`] is.
+struct AbortHook<'m> {
+    f: Box<AbortFn<'m>>,
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+/// moas_abort_fn for every Context: runs the hook's closure. A panic must not unwind
+/// into C: it is kept, stops the call (which the library undoes, as any stop) and is
+/// raised again when the decoding call returns.
+unsafe extern "C" fn abort_trampoline(user: *mut c_void) -> i32 {
+    let hook = unsafe { &mut *(user as *mut AbortHook<'_>) };
+    if hook.panic.is_some() {
+        return 1;
+    }
+    match panic::catch_unwind(AssertUnwindSafe(|| (hook.f)())) {
+        Ok(stop) => i32::from(stop),
+        Err(payload) => {
+            hook.panic = Some(payload);
+            1
+        }
+    }
+}
+
 /// An inference stream over a model it borrows. One thread at a time (Send, not Sync).
 pub struct Context<'m> {
     ptr: NonNull<ffi::moas_context>,
@@ -622,6 +649,7 @@ pub struct Context<'m> {
     n_layer: usize,
     n_scheme: usize,
     route: Option<NonNull<RouteHook<'m>>>, // owned (Box::into_raw); C's route_user
+    abort: Option<NonNull<AbortHook<'m>>>, // owned (Box::into_raw); C's abort_user
     _model: PhantomData<&'m Model>,
 }
 
@@ -660,6 +688,7 @@ impl<'m> Context<'m> {
             n_layer: model.n_layer() as usize,
             n_scheme: model.n_scheme() as usize,
             route: None,
+            abort: None,
             _model: PhantomData,
         })
     }
@@ -679,18 +708,21 @@ impl<'m> Context<'m> {
 
     /// A new context that continues from this one's tokens in the same pool, sharing
     /// its full KV pages copy on write (moas_context_fork); needs a context of a Pool.
-    /// The fork has no route callback (a closure cannot be shared): set its own.
+    /// The fork has no route or abort callback (a closure cannot be shared): set its
+    /// own.
     pub fn fork(&mut self) -> Result<Context<'m>> {
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_context_fork(self.ptr.as_ptr(), &mut out) })?;
-        // the C fork copies the parent's callback, whose user pointer is our hook
+        // the C fork copies the parent's callbacks, whose user pointers are our hooks
         unsafe { ffi::moas_context_set_route_callback(out, None, ptr::null_mut()) };
+        unsafe { ffi::moas_context_set_abort_callback(out, None, ptr::null_mut()) };
         Ok(Context {
             ptr: NonNull::new(out).expect("OK and NULL"),
             n_vocab: self.n_vocab,
             n_layer: self.n_layer,
             n_scheme: self.n_scheme,
             route: None,
+            abort: None,
             _model: PhantomData,
         })
     }
@@ -737,15 +769,63 @@ impl<'m> Context<'m> {
         }
     }
 
-    /// After a decoding call: the panic the route callback raised during it, taken.
-    fn take_route_panic(&mut self) -> Option<Box<dyn Any + Send>> {
-        self.route
-            .and_then(|hook| unsafe { (*hook.as_ptr()).panic.take() })
+    /// Ask `f` before each block of tokens of a decoding call and between the layers of
+    /// a block, on the decoding thread (moas_context_set_abort_callback): `true` stops
+    /// the call with [`ErrorKind::Aborted`], and the call is undone, the context holding
+    /// the tokens, pages and routing records it had before it, and no logits
+    /// (`logits()` is None) until its next decode. In a Pool::decode any context's
+    /// callback stops the whole call, every context in it undone. The typical closure
+    /// reads an `AtomicBool` another thread sets, or a deadline. Should it panic, the
+    /// call is stopped the same way and the panic resumes when the decoding call
+    /// returns.
+    pub fn set_abort_callback<F>(&mut self, f: F)
+    where
+        F: FnMut() -> bool + Send + 'm,
+    {
+        let hook = Box::into_raw(Box::new(AbortHook {
+            f: Box::new(f),
+            panic: None,
+        }));
+        unsafe {
+            ffi::moas_context_set_abort_callback(
+                self.ptr.as_ptr(),
+                Some(abort_trampoline),
+                hook as *mut c_void,
+            )
+        };
+        // the old hook, if any, after C stopped pointing at it
+        self.free_abort_hook();
+        self.abort = NonNull::new(hook);
     }
 
-    /// After a decoding call: resume a panic the route callback raised during it.
-    fn resume_route_panic(&mut self) {
-        if let Some(payload) = self.take_route_panic() {
+    /// Remove the abort callback: decoding calls run to their end again.
+    pub fn clear_abort_callback(&mut self) {
+        unsafe { ffi::moas_context_set_abort_callback(self.ptr.as_ptr(), None, ptr::null_mut()) };
+        self.free_abort_hook();
+    }
+
+    /// Free the hook once the C context no longer calls it.
+    fn free_abort_hook(&mut self) {
+        if let Some(hook) = self.abort.take() {
+            drop(unsafe { Box::from_raw(hook.as_ptr()) });
+        }
+    }
+
+    /// After a decoding call: the panic a callback (route, else abort) raised during it,
+    /// taken, with the other's, so that none is left to surface after a later call.
+    fn take_callback_panic(&mut self) -> Option<Box<dyn Any + Send>> {
+        let route = self
+            .route
+            .and_then(|hook| unsafe { (*hook.as_ptr()).panic.take() });
+        let abort = self
+            .abort
+            .and_then(|hook| unsafe { (*hook.as_ptr()).panic.take() });
+        route.or(abort)
+    }
+
+    /// After a decoding call: resume a panic a callback raised during it.
+    fn resume_callback_panic(&mut self) {
+        if let Some(payload) = self.take_callback_panic() {
             panic::resume_unwind(payload);
         }
     }
@@ -798,7 +878,7 @@ impl<'m> Context<'m> {
     /// Decode one token; its logits are then in logits().
     pub fn decode(&mut self, token: i32) -> Result<()> {
         let st = unsafe { ffi::moas_context_decode(self.ptr.as_ptr(), token, ptr::null_mut()) };
-        self.resume_route_panic();
+        self.resume_callback_panic();
         check(st)
     }
 
@@ -815,7 +895,7 @@ impl<'m> Context<'m> {
                 ffi::MOAS_LOGITS_LAST,
             )
         };
-        self.resume_route_panic();
+        self.resume_callback_panic();
         check(st)
     }
 
@@ -841,7 +921,7 @@ impl<'m> Context<'m> {
                 which.raw(),
             )
         };
-        self.resume_route_panic();
+        self.resume_callback_panic();
         check(st)?;
         Ok(out)
     }
@@ -1014,7 +1094,8 @@ impl<'m> Context<'m> {
 }
 
 /// Where the sequence is, e.g.
-/// `Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false }`.
+/// `Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false,
+/// abort_callback: false }`.
 impl fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
@@ -1022,6 +1103,7 @@ impl fmt::Debug for Context<'_> {
             .field("n_ctx", &self.n_ctx())
             .field("mode", &self.mode())
             .field("route_callback", &self.route.is_some())
+            .field("abort_callback", &self.abort.is_some())
             .finish()
     }
 }
@@ -1030,6 +1112,7 @@ impl Drop for Context<'_> {
     fn drop(&mut self) {
         unsafe { ffi::moas_context_free(self.ptr.as_ptr()) }
         self.free_route_hook();
+        self.free_abort_hook();
     }
 }
 
@@ -1405,7 +1488,7 @@ impl<'m> Pool<'m> {
         // resumed
         let mut first = None;
         for (ctx, _, _) in seqs.iter_mut() {
-            if let Some(payload) = ctx.take_route_panic() {
+            if let Some(payload) = ctx.take_callback_panic() {
                 first.get_or_insert(payload);
             }
         }

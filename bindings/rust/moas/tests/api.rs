@@ -187,10 +187,13 @@ fn debug_shows_what_each_object_is() {
     assert_eq!(ctx.mode(), Mode::Routed);
     assert_eq!(
         format!("{ctx:?}"),
-        "Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false }"
+        "Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false, \
+         abort_callback: false }"
     );
     ctx.set_route_callback(|_| None);
-    assert!(format!("{ctx:?}").ends_with("route_callback: true }"));
+    assert!(format!("{ctx:?}").ends_with("route_callback: true, abort_callback: false }"));
+    ctx.set_abort_callback(|| false);
+    assert!(format!("{ctx:?}").ends_with("abort_callback: true }"));
     let mixture = Context::new(&m, &ContextParams::default()).unwrap();
     assert_eq!(mixture.mode(), Mode::Mixture);
     assert!(format!("{mixture:?}").contains("n_past: 0, n_ctx: 64, mode: Mixture"));
@@ -709,6 +712,130 @@ fn route_callbacks_in_a_pool_call_and_forks_without_them() {
         .unwrap();
     b.decode(ids[8]).unwrap();
     assert_eq!((child.n_past(), b.n_past()), (12, 9));
+}
+
+/// What a stopped call must leave as it was: position, stored bytes, scheme counts.
+fn held(ctx: &Context<'_>) -> (i32, usize, Vec<i32>) {
+    (
+        ctx.n_past(),
+        ctx.kv_bytes_used_total(),
+        ctx.scheme_counts_total().unwrap(),
+    )
+}
+
+#[test]
+fn abort_callback_stops_a_decode_at_each_ask_and_loses_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let routed = ContextParams {
+        mode: Mode::Routed,
+        ..Default::default()
+    };
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut ctx = pool.context(&routed).unwrap();
+    let mut never = pool.context(&routed).unwrap();
+    ctx.decode_batch(&ids[..4]).unwrap();
+    never.decode_batch(&ids[..4]).unwrap();
+    let want = never.decode_batch_logits(&ids[4..24], Logits::All).unwrap();
+    // asked before the block and between its 2 layers; stop at the k-th ask
+    let asked = Arc::new(AtomicUsize::new(0));
+    let stop_at = Arc::new(AtomicUsize::new(0));
+    let (a, s) = (Arc::clone(&asked), Arc::clone(&stop_at));
+    ctx.set_abort_callback(move || {
+        a.fetch_add(1, Ordering::SeqCst) + 1 == s.load(Ordering::SeqCst)
+    });
+    let before = held(&ctx);
+    let free = pool.stats().pages_free;
+    for k in 1..=2 {
+        asked.store(0, Ordering::SeqCst);
+        stop_at.store(k, Ordering::SeqCst);
+        let err = ctx
+            .decode_batch_logits(&ids[4..24], Logits::All)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Aborted, "{err}");
+        assert_eq!(asked.load(Ordering::SeqCst), k);
+        assert_eq!(held(&ctx), before);
+        assert_eq!(pool.stats().pages_free, free);
+        assert!(ctx.logits().is_none());
+    }
+    stop_at.store(2, Ordering::SeqCst);
+    asked.store(0, Ordering::SeqCst);
+    assert_eq!(ctx.decode(ids[4]).unwrap_err().kind(), ErrorKind::Aborted);
+    assert_eq!(held(&ctx), before);
+    // not stopped: the bits of the context never stopped
+    stop_at.store(0, Ordering::SeqCst);
+    asked.store(0, Ordering::SeqCst);
+    let got = ctx.decode_batch_logits(&ids[4..24], Logits::All).unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == w.to_bits()),
+        "not bit for bit"
+    );
+    assert_eq!(
+        ctx.routes(0, 24).unwrap().schemes,
+        never.routes(0, 24).unwrap().schemes
+    );
+    // a fork asks nothing of the parent's closure (it cannot be shared): its own call
+    // runs to the end even though the parent's would stop
+    stop_at.store(1, Ordering::SeqCst);
+    asked.store(0, Ordering::SeqCst);
+    let mut child = ctx.fork().unwrap();
+    child.decode(ids[24]).unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 0);
+    assert_eq!(ctx.decode(ids[24]).unwrap_err().kind(), ErrorKind::Aborted);
+    ctx.clear_abort_callback();
+    ctx.decode(ids[24]).unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(ctx.logits(), child.logits());
+}
+
+#[test]
+fn abort_callback_stops_a_whole_pool_decode_and_its_panic_resumes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let mut a = pool.context(&ContextParams::default()).unwrap();
+    let mut b = pool.context(&ContextParams::default()).unwrap();
+    a.decode_batch(&ids[..3]).unwrap();
+    b.decode_batch(&ids[..5]).unwrap();
+    let (held_a, held_b, free) = (held(&a), held(&b), pool.stats().pages_free);
+    // b's callback stops the call: a, which has none, is undone too
+    let stop = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&stop);
+    b.set_abort_callback(move || flag.load(Ordering::SeqCst));
+    let err = pool
+        .decode(&mut [(&mut a, &ids[3..9]), (&mut b, &ids[5..8])])
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Aborted);
+    assert_eq!((held(&a), held(&b)), (held_a.clone(), held_b.clone()));
+    assert_eq!(pool.stats().pages_free, free);
+    assert!(a.logits().is_none() && b.logits().is_none());
+    // a panic stops the call the same way, then resumes once the library returned
+    b.set_abort_callback(|| panic!("stop b"));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.decode(&mut [(&mut a, &ids[3..9]), (&mut b, &ids[5..8])])
+    }));
+    assert_eq!(*caught.unwrap_err().downcast::<&str>().unwrap(), "stop b");
+    assert_eq!((held(&a), held(&b)), (held_a, held_b));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.decode(ids[5])));
+    assert_eq!(*caught.unwrap_err().downcast::<&str>().unwrap(), "stop b");
+    assert_eq!(b.n_past(), 5);
+    // the same call, not stopped: what each context gets decoding alone
+    stop.store(false, Ordering::SeqCst);
+    let flag = Arc::clone(&stop);
+    b.set_abort_callback(move || flag.load(Ordering::SeqCst));
+    pool.decode(&mut [(&mut a, &ids[3..9]), (&mut b, &ids[5..8])])
+        .unwrap();
+    let mut alone = Context::new(&m, &ContextParams::default()).unwrap();
+    alone.decode_batch(&ids[..9]).unwrap();
+    assert_eq!(a.logits(), alone.logits());
+    assert_eq!(b.n_past(), 8);
 }
 
 #[test]
