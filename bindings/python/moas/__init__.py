@@ -1403,8 +1403,8 @@ class Context(_Handle):
 
     def _check_not_inside(self, what):
         if self._calling == threading.get_ident():
-            raise MoasError(Status.ERR_BUSY, "%s: a route or abort callback must not use "
-                            "the context it was called from" % what)
+            raise MoasError(Status.ERR_BUSY, "%s: a route callback or abort callback must "
+                            "not use the context it was called from" % what)
 
     def _call(self, name, *args):
         with self._lock:
