@@ -16,6 +16,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -381,6 +382,79 @@ int main(int argc, char **argv) {
             CHECK(small.n_past() == 1);
         }
 
+        // abort callbacks: asked before the block and between its layers; stopped at
+        // either, a call throws MOAS_ERR_ABORTED and leaves every context of it as it was
+        {
+            const int32_t n_layer = model.n_layer();
+            moas_pool_params one_thread = pp;   // with two, a block of two even sequences
+            one_thread.n_threads = 1;           // is asked before it only (moas_abort_fn)
+            moas::pool p7(model, one_thread);
+            moas::context stopped(model, p7, MOAS_MODE_ROUTED);
+            moas::context plain(model, p7, MOAS_MODE_ROUTED);
+            moas::context never(model, p7, MOAS_MODE_ROUTED);
+            const std::vector<int32_t> head(ids.begin(), ids.begin() + 3);
+            const std::vector<int32_t> tail(ids.begin() + 3, ids.end());
+            stopped.decode(head);
+            plain.decode(head);
+            never.decode(head);
+            const std::vector<float> want = never.decode(tail, MOAS_LOGITS_ALL);
+            const auto state = [&](const moas::context &c) {
+                return std::make_tuple(c.n_past(), c.kv_bytes_used(), c.kv_pages(),
+                                       c.scheme_counts(-1));
+            };
+            const auto before = state(stopped), plain_before = state(plain);
+            const int32_t free_before = p7.stats().pages_free;
+            int asked = 0, stop_at = 0;
+            stopped.set_abort_callback([&] { return ++asked == stop_at; });
+            for (stop_at = 1; stop_at <= n_layer; stop_at++) {
+                asked = 0;
+                CHECK(status_of([&] { stopped.decode(tail, MOAS_LOGITS_ALL); }) ==
+                      MOAS_ERR_ABORTED);
+                CHECK(asked == stop_at && state(stopped) == before);
+                CHECK(stopped.logits() == nullptr && p7.stats().pages_free == free_before);
+                // a pool call: the context without a callback is undone as well
+                asked = 0;
+                CHECK(status_of([&] { p7.decode({{plain, tail}, {stopped, tail}}); }) ==
+                      MOAS_ERR_ABORTED);
+                CHECK(state(plain) == plain_before && state(stopped) == before);
+                CHECK(plain.logits() == nullptr && p7.stats().pages_free == free_before);
+            }
+            // not stopped: every ask made, the bits of the context never stopped
+            stop_at = 0;
+            asked = 0;
+            CHECK(stopped.decode(tail, MOAS_LOGITS_ALL) == want && asked == n_layer);
+            // a fork keeps a copy of it, and may outlive its parent
+            std::optional<moas::context> child(stopped.fork());
+            stopped.set_abort_callback(nullptr);
+            asked = 0;
+            stop_at = 1;
+            CHECK(status_of([&] { child->decode(ids[0]); }) == MOAS_ERR_ABORTED);
+            CHECK(asked == 1 && child->n_past() == static_cast<int32_t>(ids.size()));
+            stopped.decode(ids[0]);   // removed from the parent: not asked
+            CHECK(asked == 1);
+            // an exception stops the call, and comes back from it as it was thrown
+            child->set_abort_callback([]() -> bool { throw std::runtime_error("stop it"); });
+            std::string thrown;
+            try {
+                p7.decode({{plain, tail}, {*child, {ids[0]}}});
+            } catch (const std::runtime_error &e) {
+                thrown = e.what();
+            }
+            CHECK(thrown == "stop it" && state(plain) == plain_before);
+            CHECK(child->n_past() == static_cast<int32_t>(ids.size()));
+            // a callback that removes itself: it runs to its end, and is asked no more
+            bool kept_alive = false;
+            const std::string kept = "captured by value";
+            child->set_abort_callback([&, kept] {
+                child->set_abort_callback(nullptr);
+                kept_alive = kept == "captured by value";
+                return false;
+            });
+            child->decode(ids[0]);
+            CHECK(kept_alive && child->n_past() == static_cast<int32_t>(ids.size()) + 1);
+            CHECK(same(child->logits(), stopped.logits(), n_vocab));
+        }
+
         // the routing accessors, against the C API and the figures moas.h and
         // docs/KV_CACHE.md give for this model (2 layers, schemes of 6, 2 and 1 KV heads of
         // 8 floats, independent K/V per scheme)
@@ -553,7 +627,8 @@ int main(int argc, char **argv) {
     }
     if (failures == 0) {
         std::printf("cpp wrapper: ok (lifetimes kept, sizes checked, every token's logits, "
-                    "moved-from objects, route callbacks, routing accessors, stop strings)\n");
+                    "moved-from objects, route and abort callbacks, routing accessors, "
+                    "stop strings)\n");
     }
     return failures == 0 ? 0 : 1;
 }

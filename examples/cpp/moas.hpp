@@ -231,16 +231,29 @@ struct route_event {
 };
 /* A route callback: a scheme to run (routed mode), or nullopt for the proposed one. */
 using route_fn = std::function<std::optional<int32_t>(const route_event &)>;
+/* An abort callback: true stops the decoding call (moas_abort_fn). */
+using abort_fn = std::function<bool()>;
 
 namespace detail {
-/* What a context's C route_user points to: the callback, and an exception it threw
- * during the call under way (kept at the C boundary, thrown again when the call
- * returns; the token keeps its proposed scheme, the callback is not called again in
- * that call). */
-struct route_hook {
-    route_fn fn;
+/* What the hooks of a context's callbacks share: an exception the callback threw during
+ * the call under way (kept at the C boundary, thrown again when the call returns), and
+ * how many of its calls are under way (the hook must outlive them). */
+struct callback_hook {
     std::exception_ptr failure;
-    int running = 0;   // calls of fn under way: the hook must outlive them
+    int running = 0;
+    virtual ~callback_hook() = default;
+};
+
+struct running_guard {
+    int &n;
+    explicit running_guard(int &count) noexcept : n(count) { n++; }
+    ~running_guard() { n--; }
+};
+
+/* What a context's C route_user points to: the token keeps its proposed scheme when
+ * the callback throws, and the callback is not called again in that call. */
+struct route_hook : callback_hook {
+    route_fn fn;
 
     static int32_t call(void *user, int32_t pos, int32_t layer, const float *gates,
                         int32_t n_scheme, int32_t proposed) noexcept {
@@ -248,11 +261,7 @@ struct route_hook {
         if (h->failure) {
             return proposed;
         }
-        struct running_guard {
-            int &n;
-            explicit running_guard(int &count) noexcept : n(count) { n++; }
-            ~running_guard() { n--; }
-        } guard(h->running);
+        running_guard guard(h->running);
         try {
             const std::optional<int32_t> choice =
                 h->fn(route_event{pos, layer, gates, n_scheme, proposed});
@@ -264,23 +273,46 @@ struct route_hook {
     }
 };
 
+/* What a context's C abort_user points to: a callback that throws stops the call (the
+ * library undoes it), and its exception is thrown instead of MOAS_ERR_ABORTED. */
+struct abort_hook : callback_hook {
+    abort_fn fn;
+
+    static int32_t call(void *user) noexcept {
+        abort_hook *h = static_cast<abort_hook *>(user);
+        if (h->failure) {
+            return 1;
+        }
+        running_guard guard(h->running);
+        try {
+            return h->fn() ? 1 : 0;
+        } catch (...) {
+            h->failure = std::current_exception();
+            return 1;
+        }
+    }
+};
+
 /* What a context owns, in the order it must go: the C context first, then its route
- * hooks, then the model or pool. A decoding call holds its own reference for as long as
+ * and abort hooks, then the model or pool. A decoding call holds its own reference for as long as
  * the C call runs, so a callback that destroys or reassigns the moas::context only drops
  * a reference: the rest goes when the call returns. */
 struct context_state {
     std::shared_ptr<void> owner;   // the model or pool: declared first, so freed last
     std::unique_ptr<route_hook> route;
-    std::vector<std::unique_ptr<route_hook>> retired;   // replaced while running
+    std::unique_ptr<abort_hook> abort;
+    std::vector<std::unique_ptr<callback_hook>> retired;   // replaced while running
     std::unique_ptr<moas_context, free_context> ptr;
 
     context_state(moas_context *p, std::shared_ptr<void> keep) noexcept
         : owner(std::move(keep)), ptr(p) {}
 
-    /* After a decoding call: the first exception a route callback threw during it (a
-     * replaced one's first), taken, or null; the hooks replaced during it go, but one
-     * still running (this call was itself made, and refused, from inside it). */
-    std::exception_ptr take_route_failure() noexcept {
+    /* After a decoding call: the first exception a callback threw during it (a
+     * replaced one's first, then the route callback's, then the abort callback's),
+     * taken, or null; every current hook's taken so that none is thrown by a later
+     * call; the hooks replaced during it go, but one still running (this call was
+     * itself made, and refused, from inside it). */
+    std::exception_ptr take_callback_failure() noexcept {
         std::exception_ptr first;
         for (const auto &h : retired) {
             if (h->running == 0 && h->failure && !first) {
@@ -289,17 +321,34 @@ struct context_state {
         }
         std::exception_ptr current = route ? std::exchange(route->failure, nullptr) : nullptr;
         first = first ? first : current;
+        current = abort ? std::exchange(abort->failure, nullptr) : nullptr;
+        first = first ? first : current;
         retired.erase(std::remove_if(retired.begin(), retired.end(),
-                                     [](const std::unique_ptr<route_hook> &h) {
+                                     [](const std::unique_ptr<callback_hook> &h) {
                                          return h->running == 0;
                                      }),
                       retired.end());
         return first;
     }
-    void rethrow_route_failure() {
-        if (std::exception_ptr e = take_route_failure()) {
+    void rethrow_callback_failure() {
+        if (std::exception_ptr e = take_callback_failure()) {
             std::rethrow_exception(e);
         }
+    }
+
+    /* Keep `old` until its running call returns (when it was replaced from inside it),
+     * else let it go now. */
+    template <class Hook> void retire(std::unique_ptr<Hook> &old) noexcept {
+        if (old && old->running > 0) {
+            try {   // room first: the push itself then cannot fail with the hook in flight
+                retired.reserve(retired.size() + 1);
+            } catch (...) {
+                (void)old.release();   // no room to keep it: leaked, not freed
+                return;
+            }
+            retired.push_back(std::move(old));
+        }
+        old.reset();
     }
 };
 
@@ -352,13 +401,16 @@ public:
     ~context() = default;
 
     /* A new context continuing from this one's tokens, sharing its pages (in a pool),
-     * with a copy of its route callback (as the C fork keeps the callback). */
+     * with a copy of its route and abort callbacks (as the C fork keeps them). */
     context fork() {
         moas_context *p = nullptr;
         check(moas_context_fork(detail::live(get()), &p));
         context child(p, s_->owner, n_vocab_);
         if (s_->route) {   // C copied our hook as its user: the fork gets a hook of its own
             child.set_route_callback(s_->route->fn);
+        }
+        if (s_->abort) {
+            child.set_abort_callback(s_->abort->fn);
         }
         return child;
     }
@@ -382,15 +434,29 @@ public:
                                         hook.get());
         // the old hook after C stopped using it; if it is running (this call comes from
         // inside it), when the decoding call returns
-        detail::context_state &st = *s_;
-        if (st.route && st.route->running > 0) {
-            try {
-                st.retired.push_back(std::move(st.route));
-            } catch (...) {
-                (void)st.route.release();   // no room to keep it: leaked, not freed
-            }
+        s_->retire(s_->route);
+        s_->route = std::move(hook);
+    }
+
+    /* Ask `fn` before each block of tokens of a decoding call and between the layers of
+     * a block (moas_context_set_abort_callback): true stops the call, which throws
+     * moas::error with MOAS_ERR_ABORTED and is undone (this context, and every other
+     * of a pool's decode, holds the tokens and pages it had before; logits() is
+     * nullptr until the next decode). It runs on the decoding thread, typically
+     * reading a std::atomic<bool> another thread sets, under the same rules as a route
+     * callback; one that throws stops the call as well, and its exception is thrown,
+     * as it was, when the call returns. An empty `fn` removes it. */
+    void set_abort_callback(abort_fn fn) {
+        moas_context *c = detail::live(get());
+        std::unique_ptr<detail::abort_hook> hook;
+        if (fn) {
+            hook = std::make_unique<detail::abort_hook>();
+            hook->fn = std::move(fn);
         }
-        st.route = std::move(hook);
+        moas_context_set_abort_callback(c, hook ? &detail::abort_hook::call : nullptr,
+                                        hook.get());
+        s_->retire(s_->abort);
+        s_->abort = std::move(hook);
     }
     std::vector<unsigned char> save_state() const {
         std::vector<unsigned char> buf(moas_context_state_size(detail::live(get())));
@@ -429,7 +495,7 @@ public:
         const std::shared_ptr<detail::context_state> held = hold();
         const moas_status st = moas_context_decode(held->ptr.get(), token, nullptr);
         const std::string why = st != MOAS_OK ? moas_last_error() : std::string();
-        held->rethrow_route_failure();
+        held->rethrow_callback_failure();
         detail::check(st, why);
     }
     void decode(const std::vector<int32_t> &tokens) { decode(tokens, MOAS_LOGITS_LAST); }
@@ -447,7 +513,7 @@ public:
             held->ptr.get(), tokens.data(), detail::count(tokens.size(), "decode: tokens"),
             out.empty() ? nullptr : out.data(), which);
         const std::string why = st != MOAS_OK ? moas_last_error() : std::string();
-        held->rethrow_route_failure();
+        held->rethrow_callback_failure();
         detail::check(st, why);
         return out;
     }
@@ -582,7 +648,7 @@ inline std::vector<std::vector<float>> pool::decode(const std::vector<sequence> 
     const std::string why = st != MOAS_OK ? moas_last_error() : std::string();
     std::exception_ptr first;   // every context's taken, the first thrown
     for (const auto &h : held) {
-        std::exception_ptr e = h->take_route_failure();
+        std::exception_ptr e = h->take_callback_failure();
         first = first ? first : e;
     }
     if (first) {
