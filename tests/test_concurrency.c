@@ -1,7 +1,8 @@
 /*
  * test_concurrency.c - one model, several threads: the model is read-only once loaded,
  * so contexts on different threads compute exactly what they would alone, and each
- * thread keeps its own moas_last_error().
+ * thread keeps its own moas_last_error(). An abort flag set by another thread stops
+ * a decode.
  *
  * Also the team of threads a forward call runs its parallel steps on (team.h).
  *
@@ -13,6 +14,7 @@
 #include "team.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -263,6 +265,109 @@ TEST(concurrency_shared_model_matches_sequential) {
     }
     moas_model_free(model);
     free(text);
+    return TEST_PASS;
+}
+
+/* ---- an abort flag set from another thread --------------------------------------- */
+
+/* A UI's cancel button: the decode runs on one thread, and another sets a flag that the
+ * decode's abort callback reads. */
+typedef struct {
+    moas_context *ctx;
+    const int32_t *tokens;
+    int32_t n_tokens;
+    atomic_int started;   /* the callback was asked: the decode is inside */
+    atomic_int stop;      /* set by the other thread */
+    int32_t asked;        /* the decoding thread's own count */
+    moas_status status;
+} cancel_probe;
+
+enum { CANCEL_WAIT_AT = 8 };   /* the ask by which the flag has surely been seen */
+
+static int32_t read_cancel_flag(void *user) {
+    cancel_probe *p = user;
+    atomic_store_explicit(&p->started, 1, memory_order_release);
+    if (++p->asked == CANCEL_WAIT_AT) {
+        /* the flag is set in the middle of the call, not after it: wait for it here
+         * (the other thread sets it as soon as it sees `started`), at most 30 s */
+        for (int i = 0; i < 30000 && !atomic_load_explicit(&p->stop, memory_order_acquire);
+             i++) {
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+        }
+    }
+    return atomic_load_explicit(&p->stop, memory_order_acquire);
+}
+
+static void *decode_until_cancelled(void *arg) {
+    cancel_probe *p = arg;
+    p->status = moas_context_decode_batch(p->ctx, p->tokens, p->n_tokens, NULL,
+                                          MOAS_LOGITS_LAST);
+    return NULL;
+}
+
+/* While one thread decodes a long prompt in one-token blocks (two asks each), another
+ * sets the flag its abort callback reads: the decode returns MOAS_ERR_ABORTED having
+ * been asked no more than CANCEL_WAIT_AT times, the context as before it (position,
+ * bytes, routing), and the same decode afterwards gives the bits of a context never
+ * stopped. Under `make tsan` the flag's handover, and the decode's threads, are checked. */
+TEST(concurrency_abort_flag_set_by_another_thread_stops_a_decode) {
+    moas_model *model;
+    ASSERT_OK(moas_model_load(test_data(shared_model), NULL, &model));
+    const int32_t n_vocab = moas_model_n_vocab(model), n_layer = moas_model_n_layer(model);
+    const int32_t n_ctx = moas_model_n_ctx_train(model);
+    const int32_t n_prompt = 4, n_tokens = n_ctx - n_prompt;
+    ASSERT_TRUE(n_tokens * n_layer > 4 * CANCEL_WAIT_AT);   /* stopped well before the end */
+    int32_t *tokens = malloc((size_t)n_ctx * sizeof *tokens);
+    ASSERT_TRUE(tokens != NULL);
+    for (int32_t i = 0; i < n_ctx; i++) {
+        tokens[i] = (i * 7 + 3) % n_vocab;
+    }
+    moas_context_params cp;
+    moas_context_params_init(&cp);
+    cp.mode = MOAS_MODE_ROUTED;
+    cp.n_threads = 2;
+    cp.n_batch = 1;   /* a block per token: many asks */
+    moas_context *ctx, *never;
+    ASSERT_OK(moas_context_create(model, &cp, &ctx));
+    ASSERT_OK(moas_context_create(model, &cp, &never));
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, n_prompt, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(never, tokens, n_prompt, NULL, MOAS_LOGITS_LAST));
+    const size_t used = moas_context_kv_bytes_used(ctx, -1);
+    int32_t counts[8] = {0}, counts_after[8] = {0};
+    ASSERT_TRUE(moas_model_n_scheme(model) <= 8);
+    ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts));
+
+    cancel_probe p = {ctx, tokens + n_prompt, n_tokens, 0, 0, 0, MOAS_OK};
+    moas_context_set_abort_callback(ctx, read_cancel_flag, &p);
+    pthread_t decoder;
+    ASSERT_EQ(pthread_create(&decoder, NULL, decode_until_cancelled, &p), 0);
+    while (!atomic_load_explicit(&p.started, memory_order_acquire)) {
+        nanosleep(&(struct timespec){0, 100000}, NULL);
+    }
+    atomic_store_explicit(&p.stop, 1, memory_order_release);   /* the cancel button */
+    ASSERT_EQ(pthread_join(decoder, NULL), 0);
+
+    ASSERT_EQ(p.status, MOAS_ERR_ABORTED);
+    ASSERT_TRUE(p.asked >= 1 && p.asked <= CANCEL_WAIT_AT);
+    ASSERT_EQ(moas_context_n_past(ctx), n_prompt);
+    ASSERT_EQ(moas_context_kv_bytes_used(ctx, -1), used);
+    ASSERT_OK(moas_context_scheme_counts(ctx, -1, counts_after));
+    ASSERT_TRUE(memcmp(counts, counts_after, sizeof counts) == 0);
+    ASSERT_TRUE(moas_context_logits(ctx) == NULL);
+
+    /* the flag cleared, the same decode on this thread: the bits of the other */
+    atomic_store(&p.stop, 0);
+    p.asked = -1000000;   /* no waiting this time */
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens + n_prompt, n_tokens, NULL,
+                                        MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_decode_batch(never, tokens + n_prompt, n_tokens, NULL,
+                                        MOAS_LOGITS_LAST));
+    ASSERT_TRUE(memcmp(moas_context_logits(ctx), moas_context_logits(never),
+                       (size_t)n_vocab * sizeof(float)) == 0);
+    moas_context_free(ctx);
+    moas_context_free(never);
+    moas_model_free(model);
+    free(tokens);
     return TEST_PASS;
 }
 

@@ -196,6 +196,7 @@ X(compact_and_shift_allocation_failures_are_clean)
 /* tests/test_concurrency.c */
 X(concurrency_shared_model_matches_sequential)
 X(concurrency_last_error_is_per_thread)
+X(concurrency_abort_flag_set_by_another_thread_stops_a_decode)
 X(team_runs_every_slice_of_every_step_once)
 X(team_leaders_in_a_parallel_region_keep_their_steps_apart)
 X(team_workers_that_sleep_still_run_every_slice_once)
