@@ -71,6 +71,19 @@
  * routing records as predicted (a shift moves them down, compaction pools exactly the
  * tokens whose heads nest in the target's).
  *
+ * Abort callbacks (abort_cb, moas_context_set_abort_callback; a fork inherits its
+ * parent's) count the asks of the decoding call under way and say stop at the
+ * `stop`-th (1 to 7; 0: never), unless a route callback's nested call has already
+ * fired in it (whose effects the shadow follows only for a call that completes);
+ * nested calls' asks (a route callback decoding another context) always go on. A call
+ * that was told to stop returns MOAS_ERR_ABORTED with a message, its validation and
+ * pages having passed (the asks come after the reservation), and is undone: every
+ * context of it with tokens holds n_past, KV bytes and routing records as before and no
+ * logits, one with none keeps its logits, the rest are untouched, and the pages are
+ * as if the reservation had been made and given back (a shared page it copied on
+ * write stays copied). A call not told to stop never returns MOAS_ERR_ABORTED, and one
+ * that decoded tokens of a context with an abort callback asked it at least once.
+ *
  * Every object is made through a counting allocator; at the end of a program nothing
  * may be left.
  *
@@ -85,7 +98,8 @@
  * callbacks: OP_CREATE's flags bit 7 (one that only chooses, seeded from the
  * operands), and OP_FORCE's second operand 240 to 247 (step_route: 240, 242, 244, 246
  * install one, followed by its seed, action, position and layer, and target; the odd
- * ones remove it).
+ * ones remove it). Abort callbacks: OP_FORCE's second operand 248 to 251 (step_abort:
+ * 248 and 250 install one, followed by its stop % 8; the odd ones remove it).
  */
 #include "fuzz.h"
 
@@ -223,6 +237,8 @@ typedef struct {
     int32_t forced;                     /* forced scheme now, -1: none */
     int32_t cb;                         /* route callback now: index in driver.specs,
                                          * -1: none */
+    int32_t abort;                      /* abort callback now: index in driver.stops,
+                                         * -1: none */
     int32_t limit;                      /* routed: the most heads a token of the call
                                          * under way may take (call_limit) */
     bool has_ws;                        /* known to have its own workspace */
@@ -275,6 +291,9 @@ typedef struct {
     cbspec specs[MAX_SPECS];            /* route callbacks installed, never rewritten
                                          * (forks share them) */
     int n_specs;
+    uint8_t stops[MAX_SPECS];           /* abort callbacks installed (their stop), never
+                                         * rewritten (forks share them) */
+    int n_stops;
     moas_context *ref[2];               /* replay contexts per mode, made on first use */
     moas_pool *other_pool;              /* another pool of the same model */
     moas_context *other_ctx;            /* a context in it */
@@ -293,6 +312,12 @@ typedef struct {
 
 static uint8_t state_buf[MAX_STATE], state_tmp[MAX_STATE];
 
+/* The asks of the decoding call under way's abort callbacks (reset by cb_begin). */
+static struct {
+    long asked;
+    bool stopped;                       /* one said stop */
+} g_abort;
+
 /* FUZZ_POOL_TRACE=1 in the environment: each call and its status on stderr. */
 static int trace = -1;
 
@@ -301,8 +326,8 @@ static void note(const driver *d, const char *what, int slot, moas_status st) {
         trace = getenv("FUZZ_POOL_TRACE") != NULL;
     }
     if (trace) {
-        fprintf(stderr, "pool: %-12s slot %d: %-22s free %d/%d\n", what, slot,
-                moas_status_name(st), d->n_free, d->n_pages);
+        fprintf(stderr, "pool: %-12s slot %d: %-22s free %d/%d (asks %ld)\n", what, slot,
+                moas_status_name(st), d->n_free, d->n_pages, g_abort.asked);
     }
 }
 
@@ -583,6 +608,23 @@ static int32_t route_cb(void *user, int32_t pos, int32_t layer, const float *gat
         g_cb.depth--;
     }
     return cb_choice(sp->seed, pos, layer, n_scheme);
+}
+
+static int32_t abort_cb(void *user) {
+    const uint8_t *stop = (const uint8_t *)user;
+    FUZZ_CHECK(stop != NULL);
+    if (!g_cb.active || g_cb.depth > 0) {
+        return 0;   /* a replay, or a route callback's nested decode: it goes on */
+    }
+    FUZZ_CHECK(!g_abort.stopped);   /* the call ends at the stop: asked no more */
+    g_abort.asked++;
+    /* not once a nested call fired: the shadow follows those only for a call that
+     * completes (cb_check) */
+    if (*stop != 0 && g_abort.asked >= *stop && g_cb.n_fires == 0 && g_cb.changed == 0) {
+        g_abort.stopped = true;
+        return 1;
+    }
+    return 0;
 }
 
 /* ---- allocation failures -------------------------------------------------------- */
@@ -882,6 +924,7 @@ static void init_slot(driver *d, sctx *c, moas_context *ctx, moas_mode mode, int
     c->n_ctx = n_ctx;
     c->forced = -1;
     c->cb = -1;
+    c->abort = -1;
     c->n_streams = n_streams(d, mode);
 }
 
@@ -1265,6 +1308,7 @@ static void cb_act(const cbspec *sp) {
 /* Before a decoding call that names the contexts of `slots`. */
 static void cb_begin(driver *d, const int *slots, const int32_t *n_tokens, int n, bool pool) {
     memset(&g_cb, 0, sizeof g_cb);
+    memset(&g_abort, 0, sizeof g_abort);
     g_cb.d = d;
     g_cb.active = true;
     g_cb.pool = pool;
@@ -1277,14 +1321,43 @@ static void cb_begin(driver *d, const int *slots, const int32_t *n_tokens, int n
 }
 
 /* After it: the callbacks were called for every token and layer of each context that
- * has one (`tokens` of them in all), and none for a call that failed. */
+ * has one (`tokens` of them in all), and none for a call that failed (but one an abort
+ * callback stopped, whose route callbacks may have chosen: abort_undone). */
 static void cb_end(const driver *d, moas_status st, long tokens) {
     g_cb.active = false;
-    if (st != MOAS_OK) {
+    FUZZ_CHECK((st == MOAS_ERR_ABORTED) == g_abort.stopped);
+    if (st == MOAS_ERR_ABORTED) {
+        FUZZ_CHECK(g_cb.n_fires == 0);
+    } else if (st != MOAS_OK) {
         FUZZ_CHECK(g_cb.n_invoked == 0 && g_cb.n_fires == 0);
     } else if (g_cb.changed == 0) {
         FUZZ_CHECK(g_cb.n_invoked == tokens * d->L);
     }
+}
+
+/* After a call an abort callback stopped (asked only once its checks and reservation
+ * passed): undone. Each context of it with tokens is as before but for its logits,
+ * none; one with no tokens, and every other, as before; the pages as if reserved and
+ * given back (a shared page the reservation copied stays copied, as the library
+ * leaves it). `live_before` as expect_failed's. */
+static void abort_undone(driver *d, long live_before) {
+    FUZZ_CHECK(fuzz_error_replaced());
+    FUZZ_CHECK(strstr(moas_last_error(), "abort callback") != NULL);
+    FUZZ_CHECK(live_before < 0 || counts.live == live_before);
+    cb_grow(d);
+    for (int i = 0; i < g_cb.n_call; i++) {
+        sctx *c = &d->c[g_cb.slots[i]];
+        if (g_cb.n_tokens[i] == 0) {
+            expect_same(d, c);
+            continue;
+        }
+        FUZZ_CHECK(moas_context_logits(c->ctx) == NULL);
+        c->logits = c->stale = false;
+        c->snap_has_logits = false;
+        expect_same(d, c);
+        trim(d, c);
+    }
+    expect_others_same(d, g_cb.in_call);
 }
 
 /* After a call that succeeded: every nested call the callbacks made had its status (a
@@ -1346,6 +1419,13 @@ static void decode_run(driver *d, int slot, const int32_t *tokens, int32_t n, in
     if (had_ws) {
         FUZZ_CHECK(counts.n_calls - g_cb.nested_allocs == calls_before);   /* never per token */
     }
+    if (st == MOAS_ERR_ABORTED) {
+        FUZZ_CHECK(!invalid && !full && !pool_full && n > 0);
+        c->has_ws = true;
+        abort_undone(d, had_ws ? live_before : -1);
+        return;
+    }
+    FUZZ_CHECK(st != MOAS_OK || c->abort < 0 || n == 0 || g_abort.asked > 0);
     if (st == MOAS_ERR_NO_MEMORY) {
         FUZZ_CHECK(oom_possible && !invalid && !full && !had_ws);
         expect_failed(d, live_before);
@@ -1505,7 +1585,15 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
     cb_end(d, st, cb_tokens);
     /* never allocates (a callback's decode of another context may) */
     FUZZ_CHECK(counts.n_calls - g_cb.nested_allocs == calls_before);
+    if (st == MOAS_ERR_ABORTED) {
+        FUZZ_CHECK(want == MOAS_OK);
+        abort_undone(d, live_before);
+        return;
+    }
     FUZZ_CHECK(st == want);
+    for (int32_t i = 0; i < n_seqs && st == MOAS_OK; i++) {
+        FUZZ_CHECK(d->c[slots[i]].abort < 0 || seqs[i].n_tokens == 0 || g_abort.asked > 0);
+    }
     if (st != MOAS_OK) {
         expect_failed(d, live_before);
         for (size_t i = 0; i < sizeof out / sizeof(float); i++) {
@@ -1919,11 +2007,38 @@ static void step_route(driver *d, fuzz_cursor *cur, int slot, uint8_t b) {
     expect_others_same(d, 0);   /* its own context too: a setting only */
 }
 
+/* OP_FORCE with 248 to 251: install an abort callback (b even; operand: its stop % 8)
+ * or remove it (b odd). A setting: nothing else changes. */
+static void step_abort(driver *d, fuzz_cursor *cur, int slot, uint8_t b) {
+    const uint8_t stop = (b & 1) ? 0 : fuzz_u8(cur) % 8;
+    if (slot < 0) {
+        return;
+    }
+    sctx *c = &d->c[slot];
+    const long calls_before = counts.n_calls;
+    if (b & 1) {
+        moas_context_set_abort_callback(c->ctx, NULL, NULL);
+        c->abort = -1;
+    } else {
+        FUZZ_CHECK(d->n_stops < MAX_SPECS);
+        c->abort = d->n_stops++;
+        d->stops[c->abort] = stop;
+        moas_context_set_abort_callback(c->ctx, abort_cb, &d->stops[c->abort]);
+    }
+    note(d, b & 1 ? "abort off" : "abort on", slot, MOAS_OK);
+    FUZZ_CHECK(counts.n_calls == calls_before);   /* allocates nothing */
+    expect_others_same(d, 0);
+}
+
 static void step_force(driver *d, fuzz_cursor *cur) {
     const int slot = pick_live(d, fuzz_u8(cur));
     const uint8_t b = fuzz_u8(cur);
     if (b >= 240 && b < 248) {
         step_route(d, cur, slot, b);
+        return;
+    }
+    if (b >= 248 && b < 252) {
+        step_abort(d, cur, slot, b);
         return;
     }
     if (slot < 0) {

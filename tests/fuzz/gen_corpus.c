@@ -364,12 +364,16 @@ static void state_seeds(const char *dir) {
  * contexts, a state loaded into another context, allocation failures, bad arguments,
  * route callbacks (every nested call they make, on a context of the decoding call and
  * on one it does not name; settings they change; a forced scheme that reserves at the
- * widest under one). */
+ * widest under one), abort callbacks (stopping a decode, a batch and a moas_pool_decode
+ * at a chosen ask, a fork's inherited one, one after a route callback chose). */
 enum { P_CREATE, P_FREE, P_FORK, P_DECODE, P_BATCH, P_POOL_DECODE, P_TRUNCATE, P_RESET,
        P_SHIFT, P_COMPACT, P_SAVE, P_LOAD, P_STATS, P_BAD_ARGS, P_VERIFY, P_FORCE, P_OOM };
 /* P_FORCE's operand: install a route callback (followed by its seed, action, position |
  * layer << 4, target: bit 7 a context the call does not name), or remove it */
 enum { P_ROUTE_ON = 240, P_ROUTE_OFF = 241 };
+/* P_FORCE's operand: install an abort callback (followed by the ask it stops at, 0:
+ * never), or remove it */
+enum { P_ABORT_ON = 248, P_ABORT_OFF = 249 };
 /* the callbacks' nested calls (cb_action in fuzz_pool.c); A_NONE: only the choice */
 enum { A_DECODE, A_BATCH, A_TRUNCATE, A_FORK, A_LOAD, A_RESET, A_FREE, A_POOL, A_COMPACT,
        A_SHIFT, A_FORCE, A_BUDGET, A_SETCB, A_NONE };
@@ -502,6 +506,21 @@ static void pool_seeds(const char *dir) {
         P_DECODE, 0, 6, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_VERIFY, P_DECODE, 2, 4,
         P_DECODE, 3, 5, P_FORCE, 1, P_ROUTE_ON + 2, 0x06, A_FORK, 3, 0x82,
         P_POOL_DECODE, 0x83, 0x0b, 1, 2, 3, 0x0b, 1, 2, 3, P_VERIFY};
+    /* abort callbacks: a batch of one-token blocks stopped at its first and third ask,
+     * after a truncate into a page a fork shares (the reservation's copy stays); a
+     * fork inherits the callback and stops a moas_pool_decode of both; one that never
+     * stops; one stopping after a route callback chose */
+    static const uint8_t abort_stops[] = {
+        0x10 | 0x80, 40, 0x00,                 /* pooled RoPE, F32, routed, pages of 4 */
+        P_CREATE, 0, 0x04, P_BATCH, 0, 0x0d, 1, 2, 3, 4, 5, P_FORK, 0, P_TRUNCATE, 0, 3,
+        P_FORCE, 0, P_ABORT_ON, 1, P_BATCH, 0, 0x0c, 6, 7, 8, 9,
+        P_FORCE, 0, P_ABORT_ON, 3, P_BATCH, 0, 0x0c, 6, 7, 8, 9, P_DECODE, 0, 6, P_VERIFY,
+        P_FORK, 0, P_POOL_DECODE, 0x85, 0x0d, 1, 2, 3, 4, 5, 0x0b, 1, 2, 3, P_VERIFY,
+        P_FORCE, 0, P_ABORT_OFF, P_FORCE, 2, P_ABORT_ON, 0,
+        P_POOL_DECODE, 0x85, 0x0d, 1, 2, 3, 4, 5, 0x0b, 1, 2, 3,
+        P_FORCE, 1, P_ROUTE_ON, 0x00, A_NONE, 0, 0, P_FORCE, 1, P_ABORT_ON, 2,
+        P_BATCH, 1, 0x0c, 1, 2, 3, 4, P_FORCE, 1, P_ABORT_OFF, P_BATCH, 1, 0x0c, 1, 2, 3, 4,
+        P_VERIFY};
     static const struct {
         const char *name;
         const uint8_t *bytes;
@@ -519,6 +538,7 @@ static void pool_seeds(const char *dir) {
         {"route-callback-modes", route_modes, sizeof route_modes},
         {"route-callback-changes-settings", route_settings, sizeof route_settings},
         {"route-callback-forks-other-context", route_fork, sizeof route_fork},
+        {"abort-callback-stops-and-undoes", abort_stops, sizeof abort_stops},
     };
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         write_file(dir, "pool", seeds[i].name, seeds[i].bytes, seeds[i].len);
