@@ -423,7 +423,7 @@ int main(int argc, char **argv) {
             stop_at = 0;
             asked = 0;
             CHECK(stopped.decode(tail, MOAS_LOGITS_ALL) == want && asked == n_layer);
-            // a fork keeps a copy of it, and may outlive its parent
+            // a fork keeps a copy of its own: removing the parent's leaves it
             std::optional<moas::context> child(stopped.fork());
             stopped.set_abort_callback(nullptr);
             asked = 0;
