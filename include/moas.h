@@ -577,6 +577,10 @@ typedef int32_t (*moas_route_fn)(void *user, int32_t pos, int32_t layer, const f
  * before it (tokens, cache, pages, routing records), except that
  * moas_context_logits() returns NULL until the next decode, as after
  * moas_context_truncate(), and the caller's logits arrays hold nothing meaningful.
+ * One thing a stopped call may keep: a context whose partly written last page it shared
+ * with a fork holds the private copy of that page the call made when it reserved its
+ * pages (copy on write, as its next decode would make it anyway): the same contents
+ * and page count, one page fewer free in the pool.
  * The typical callback reads a flag another thread sets (an atomic), or a deadline.
  * Like a route callback, it may change its context's settings but not its sequence
  * (decode, truncate, ... are refused with MOAS_ERR_BUSY).
