@@ -8,6 +8,7 @@ a 1.5 MB pool, --max-queue 20, --queue-timeout 5, --body-timeout 2, so that the 
 fills, sequences swap, requests queue or get 503 and a stalled body gets 408), then for
 --duration seconds (at most --max-requests requests) WORKERS clients send a random
 mix: streamed and whole completions, n > 1, stop strings, logprobs, sampling filters,
+echo (the prompt scored with logprobs, max_tokens 0 at times), lists of prompts,
 cache_salts, conversations continuing an earlier answer (prompt cache hits), long
 prompts, several requests on one kept-alive connection, streams cut after a few
 characters, bodies cut half way, clients gone before reading or just after sending on
@@ -51,7 +52,7 @@ BAD_JSON = [b"{", b"not json", b"[1, 2]", b'{"prompt": "a",}', b"\xff\xfe{}", b'
 BAD_FIELDS = [{"prompt": "x", "temprature": 1}, {"prompt": "x", "max_tokens": "5"},
               {"prompt": "x", "top_p": 0}, {"prompt": "x", "n": 0},
               {"prompt": "x", "logprobs": 6}, {"prompt": ""}, {},
-              {"prompt": "x\u20ac"}, {"prompt": "x", "echo": True},
+              {"prompt": "x\u20ac"}, {"prompt": "x", "echo": 1}, {"prompt": []},
               {"prompt": "a" * 100, "max_tokens": 100}, {"prompt": "x", "cache_salt": ""},
               {"prompt": "x", "stream_options": {"include_usage": True}},
               {"prompt": "x", "logit_bias": {"05": 1, "5": 2}}, {"prompt": [1, 2]},
@@ -60,7 +61,7 @@ KINDS = [("stream", 18), ("whole", 12), ("fork_whole", 6), ("fork_stream", 4),
          ("stop", 8), ("logprobs", 8), ("long", 8), ("conversation", 6), ("cut_stream", 6),
          ("cut_body", 3), ("drop_before_read", 4), ("stall_body", 1), ("bad_json", 3),
          ("bad_field", 5), ("too_large", 1), ("not_found", 1), ("bad_method", 1),
-         ("keepalive", 4)]
+         ("keepalive", 4), ("echo", 5), ("list", 5)]
 
 
 def rss_kb(pid):
@@ -259,8 +260,26 @@ class Soak:
             b["stop"] = rng.sample(STOPS, rng.randint(1, 3))
         if kind == "logprobs" or rng.random() < 0.05:
             b["logprobs"] = rng.randint(0, 5)
+        if kind == "echo":   # a text scored, with or without a continuation
+            b["echo"] = True
+            if rng.random() < 0.6:
+                b["logprobs"] = rng.randint(0, 5)
+            if rng.random() < 0.4:
+                b["max_tokens"] = 0
+            b["n"] = rng.choice([1, 1, 2])
+        if kind == "list":   # 2-4 prompts in one request, each fitting with max_tokens
+            more = []
+            for _ in range(rng.randint(1, 3)):
+                plen = rng.randint(4, 60)
+                start = rng.randrange(len(self.text) - plen)
+                more.append(self.text[start:start + plen])
+            b["prompt"] = [prompt] + more
+            b["max_tokens"] = min(b["max_tokens"], N_CTX - max(map(len, b["prompt"])))
+            b["n"] = rng.choice([1, 1, 2])
+            b["echo"] = rng.random() < 0.3
         stream = kind in ("stream", "fork_stream", "cut_stream") or (
-            kind in ("stop", "logprobs", "long", "conversation", "drop_before_read")
+            kind in ("stop", "logprobs", "long", "conversation", "drop_before_read", "echo",
+                     "list")
             and rng.random() < 0.5)
         if stream:
             b["stream"] = True
@@ -342,11 +361,31 @@ class Soak:
             return
         body = r["req"]
         n = body.get("n", 1)
+        # a list's prompt k has choices k n .. k n + n - 1; echo begins each with its prompt
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        n_choices = n * len(prompts)
+
+        def unechoed(texts):
+            if not body.get("echo"):
+                return texts
+            out = []
+            for c, text in enumerate(texts):
+                prompt = prompts[c // n]
+                if not text.startswith(prompt) and not (r.get("cut") and prompt.startswith(text)):
+                    self.problems.append("%s: choice %d does not begin with its prompt: %r"
+                                         % (kind, c, text[:80]))
+                out.append(text[len(prompt):])
+            return out
+
+        def check(texts, cut):
+            for k, prompt in enumerate(prompts):
+                self.checks.append((dict(body, prompt=prompt), texts[k * n:(k + 1) * n], cut))
+
         if "texts" in r:   # a stream
-            texts = [r["texts"].get(i, "") for i in range(n)]
+            texts = unechoed([r["texts"].get(i, "") for i in range(n_choices)])
             if r["cut"]:
-                self.checks.append((body, texts, True))
-                self.tokens_unsure += body["max_tokens"] * n
+                check(texts, True)
+                self.tokens_unsure += body["max_tokens"] * n_choices
                 return
             if not r["done"] or r["error"]:
                 self.problems.append("%s: stream ended %s, error %s" % (
@@ -368,16 +407,19 @@ class Soak:
                 self.hits += usage["prompt_tokens_details"]["cached_tokens"] > 0
         else:
             choices = sorted(r["body"]["choices"], key=lambda c: c["index"])
-            texts = [c["text"] for c in choices]
+            if [c["index"] for c in choices] != list(range(n_choices)):
+                self.problems.append("%s: choices %r for %d" % (
+                    kind, [c["index"] for c in choices], n_choices))
+            texts = unechoed([c["text"] for c in choices])
             usage = r["body"]["usage"]
             self.tokens += usage["completion_tokens"]
             self.prompt_read += (usage["prompt_tokens"]
                                  - usage["prompt_tokens_details"]["cached_tokens"])
             self.cached += usage["prompt_tokens_details"]["cached_tokens"]
             self.hits += usage["prompt_tokens_details"]["cached_tokens"] > 0
-        self.checks.append((body, texts, False))
-        if n == 1 and "stop" not in body:
-            self.convs.append((body["prompt"] + texts[0], body.get("cache_salt")))
+        check(texts, False)
+        if n_choices == 1 and "stop" not in body:
+            self.convs.append((prompts[0] + texts[0], body.get("cache_salt")))
 
     async def worker(self):
         kinds, weights = zip(*[(k, w) for k, w in KINDS
