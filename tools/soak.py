@@ -371,7 +371,8 @@ class Soak:
             out = []
             for c, text in enumerate(texts):
                 prompt = prompts[c // n]
-                if not text.startswith(prompt) and not (r.get("cut") and prompt.startswith(text)):
+                cut_short = r.get("cut") and prompt.startswith(text)
+                if not text.startswith(prompt) and not cut_short:
                     self.problems.append("%s: choice %d does not begin with its prompt: %r"
                                          % (kind, c, text[:80]))
                 out.append(text[len(prompt):])

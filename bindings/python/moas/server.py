@@ -529,8 +529,8 @@ class Server:
         try:
             ids, changed = self.model.tokenize_ex(text, unknown=unknown)
         except MoasError as e:
-            raise ApiError(400, e.message + UNKNOWN_HINT * (e.status == Status.ERR_UNKNOWN_CHAR),
-                           param="prompt", code=e.name.lower())
+            hint = UNKNOWN_HINT if e.status == Status.ERR_UNKNOWN_CHAR else ""
+            raise ApiError(400, e.message + hint, param="prompt", code=e.name.lower())
         out = {"count": len(ids), "max_model_len": self.engine.n_ctx, "tokens": ids,
                "token_strs": [self.token_texts[t] for t in ids] if strs else None}
         if changed:
@@ -636,9 +636,10 @@ class Server:
         try:
             ids, changed = self.model.tokenize_ex(text, unknown=p["unknown"])
         except MoasError as e:
-            raise ApiError(400, ("" if len(p["prompts"]) == 1 else which + ": ") + e.message
-                           + UNKNOWN_HINT * (e.status == Status.ERR_UNKNOWN_CHAR),
-                           param="prompt", code=e.name.lower())
+            where = "" if len(p["prompts"]) == 1 else which + ": "
+            hint = UNKNOWN_HINT if e.status == Status.ERR_UNKNOWN_CHAR else ""
+            raise ApiError(400, where + e.message + hint, param="prompt",
+                           code=e.name.lower())
         if not ids:
             raise ApiError(400, "%s has no character in the vocabulary" % which,
                            param="prompt", code="invalid_value")
