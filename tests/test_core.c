@@ -236,3 +236,100 @@ TEST(struct_fills_stop_before_a_cut_field) {
     free(image);
     return TEST_PASS;
 }
+
+/* An init of exactly the size field writes that field, and says 4: a caller's struct of
+ * only `size` can hold it (moas.h: nothing is written only when it cannot). Structs the
+ * library fills (moas_pool_stats) likewise answer with the size field alone. */
+TEST(params_init_of_only_the_size_field_writes_it) {
+    unsigned char buf[sizeof(moas_context_params)];
+    uint32_t size;
+    memset(buf, 0xAB, sizeof buf);
+    moas_context_params_init_sized((moas_context_params *)(void *)buf, sizeof size);
+    memcpy(&size, buf, sizeof size);
+    ASSERT_EQ(size, sizeof size);
+    for (size_t i = sizeof size; i < sizeof buf; i++) {
+        ASSERT_EQ(buf[i], 0xAB);
+    }
+
+    size_t image_size;
+    uint8_t *image = tiny_model_image(NULL, 5, &image_size);
+    moas_model *m = NULL;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, image_size, NULL, &m));
+    moas_pool_params pp;
+    moas_pool *pool = NULL;
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 20;
+    ASSERT_OK(moas_pool_create(m, &pp, &pool));
+    moas_pool_info info;
+    memset(&info, 0xAB, sizeof info);
+    info.size = 4;
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.size, 4);
+    ASSERT_EQ((uint32_t)info.page_heads, 0xABABABABu);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A params struct larger than this library's (a newer header's) is refused saying
+ * so, whatever the excess: one byte over must not read as a size "inside a field". */
+TEST(params_larger_than_the_librarys_are_refused_as_such) {
+    size_t image_size;
+    uint8_t *image = tiny_model_image(NULL, 5, &image_size);
+    moas_model *m = NULL;
+    moas_context *ctx = NULL;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, image_size, NULL, &m));
+    static const uint32_t excess[] = {1, 8, 64};
+    for (size_t i = 0; i < sizeof excess / sizeof excess[0]; i++) {
+        moas_context_params cp;
+        moas_context_params_init(&cp);
+        cp.size = (uint32_t)sizeof cp + excess[i];
+        ASSERT_STATUS(moas_context_create(m, &cp, &ctx), MOAS_ERR_INVALID_ARG);
+        ASSERT_TRUE(ctx == NULL);
+        ASSERT_TRUE(strstr(moas_last_error(),
+                           "is larger than this library's moas_context_params") != NULL);
+    }
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* The allocation wrappers (core.h): moas__calloc refuses an n * size that overflows,
+ * where the wrapped product would hand out a few bytes for a huge array; a request of
+ * 0 bytes asks the allocator for 1, since malloc(0) may answer NULL, which would read
+ * as no memory. */
+static void *recording_alloc(void *user, size_t size) {
+    *(size_t *)user = size;
+    return malloc(size);
+}
+
+static void recording_free(void *user, void *ptr) {
+    (void)user;
+    free(ptr);
+}
+
+TEST(allocation_wrappers_check_overflow_and_never_ask_for_zero_bytes) {
+    const size_t wraps_to_8 = SIZE_MAX / 8 + 2;   /* times 8: 2^64 + 8 */
+    void *p = moas__calloc(NULL, wraps_to_8, 8);
+    ASSERT_TRUE(p == NULL);
+    free(p);
+    p = moas__calloc(NULL, 8, wraps_to_8);
+    ASSERT_TRUE(p == NULL);
+    free(p);
+
+    size_t asked = 99;
+    const moas_allocator a = {recording_alloc, recording_free, &asked};
+    p = moas__malloc(&a, 0);
+    ASSERT_TRUE(p != NULL);
+    ASSERT_EQ(asked, 1);
+    moas__free(&a, p);
+    asked = 99;
+    p = moas__calloc(&a, 0, 16);
+    ASSERT_TRUE(p != NULL);
+    ASSERT_EQ(asked, 1);
+    moas__free(&a, p);
+    return TEST_PASS;
+}

@@ -8,6 +8,9 @@ X(params_init_never_writes_past_the_callers_size)
 X(layouts_list_every_field)
 X(params_size_inside_a_field_is_refused)
 X(struct_fills_stop_before_a_cut_field)
+X(params_init_of_only_the_size_field_writes_it)
+X(params_larger_than_the_librarys_are_refused_as_such)
+X(allocation_wrappers_check_overflow_and_never_ask_for_zero_bytes)
 
 /* tests/test_gguf.c */
 X(gguf_reads_every_value_type)
