@@ -10,7 +10,12 @@
  * `make tsan` runs these under ThreadSanitizer twice: built without OpenMP, and with
  * clang's libomp and its TSan tool (archer), which checks the team's atomics.
  */
+#if defined(__linux__)
+#define _DEFAULT_SOURCE   /* syscall(), for futex.h */
+#endif
+
 #include "test.h"
+#include "futex.h"
 #include "team.h"
 
 #include <pthread.h>
@@ -731,6 +736,65 @@ TEST(team_leader_takes_a_held_up_threads_last_slices) {
 #else
     return TEST_SKIP;
 #endif
+}
+
+/* A thread that never comes (preempted for good, say) holds up nothing: the leader
+ * claims every slice it left, its own share's first slice included. Here the team
+ * has no workers at all (nth set by hand, no OpenMP region), so the leader must run
+ * each of the step's slices itself, exactly once, for teams of 2 to 8 and every
+ * slice count they take. Should a slice be left unclaimed, a watchdog thread gives
+ * up after 2 s, marks the step done so that the leader returns, and the test fails. */
+typedef struct {
+    moas_team team;
+    int32_t runs[TEAM_SLICES_MAX];
+    int32_t n_seen[TEAM_SLICES_MAX];
+    atomic_int finished;     /* the leader returned from the step */
+    atomic_int gave_up;      /* the watchdog released it */
+} absent_probe;
+
+static void absent_slice(void *arg, int32_t ith, int32_t nth) {
+    absent_probe *p = arg;
+    p->runs[ith]++;
+    p->n_seen[ith] = nth;
+}
+
+static void *absent_leader(void *arg) {
+    absent_probe *p = arg;
+    moas__team_run_slices(&p->team, true, absent_slice, p, TEAM_SLICES_MAX);
+    atomic_store(&p->finished, 1);
+    return NULL;
+}
+
+TEST(team_leader_runs_every_slice_of_threads_that_never_come) {
+    absent_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    for (int32_t nth = 2; nth <= TEAM_MAX; nth++) {
+        const int32_t n = MOAS_TEAM_SLICES_PER_THREAD * nth;
+        memset(p, 0, sizeof *p);
+        p->team.nth = nth;   /* as moas__team_lead sets it, but no thread joins */
+        p->team.max_slices = n;
+        pthread_t leader;
+        ASSERT_EQ(pthread_create(&leader, NULL, absent_leader, p), 0);
+        const struct timespec ms = {0, 1000000};
+        for (int i = 0; i < 2000 && !atomic_load(&p->finished); i++) {
+            nanosleep(&ms, NULL);
+        }
+        if (!atomic_load(&p->finished)) {
+            atomic_store(&p->gave_up, 1);
+            atomic_store(&p->team.done, n);   /* let the leader out (it may sleep on done) */
+#if defined(MOAS_HAVE_FUTEX)
+            moas__futex_wake(&p->team.done, 1);
+#endif
+        }
+        ASSERT_EQ(pthread_join(leader, NULL), 0);
+        ASSERT_EQ(atomic_load(&p->gave_up), 0);
+        for (int32_t i = 0; i < n; i++) {
+            ASSERT_EQ(p->runs[i], 1);
+            ASSERT_EQ(p->n_seen[i], n);
+        }
+    }
+    free(p);
+    return TEST_PASS;
 }
 
 /* A team is late when the leader lost more than the others saved it, by over 10 us;
