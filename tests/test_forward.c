@@ -1052,3 +1052,206 @@ TEST(fine_slices_identical_for_any_thread_count) {
     }
     return TEST_PASS;
 }
+
+/* ---- the forward pass written out in double ---------------------------------- */
+
+/* docs/FORMAT.md's "Semantics" for one layer of independent schemes (MHA and MQA),
+ * mean mixing and learned positions, with LayerNorm and GELU or RMSNorm and SwiGLU,
+ * computed here in double from the
+ * model's own tensors: the library must agree within float32 round-off. The
+ * goldens' models are all 16 or more wide in multiples of 4; this one is 15 wide
+ * (three heads of 5), so the norms' four interleaved partial sums end on a tail of
+ * 3, and its eps is 0.01, large enough that dropping it shows. */
+typedef struct {
+    const moas_model *model;
+    int32_t C, H, d, n_ff, n_vocab;
+    bool rms, swiglu;
+    double eps;
+} ref_model;
+
+static const float *ref_tensor(const ref_model *r, const char *name) {
+    int64_t index = -1;
+    moas_tensor_info info;
+    if (moas_model_tensor_find(r->model, name, &index) != MOAS_OK) {
+        return NULL;
+    }
+    info.size = sizeof info;
+    if (moas_model_tensor(r->model, index, &info) != MOAS_OK || info.type != MOAS_TYPE_F32) {
+        return NULL;
+    }
+    return info.data;
+}
+
+/* out = norm(x; w, b) over C (b may be NULL). */
+static void ref_norm(const ref_model *r, const double *x, const float *w, const float *b,
+                     double *out) {
+    double mean = 0.0, sq = 0.0;
+    for (int32_t i = 0; i < r->C; i++) {
+        mean += x[i];
+    }
+    mean = r->rms ? 0.0 : mean / r->C;
+    for (int32_t i = 0; i < r->C; i++) {
+        sq += (x[i] - mean) * (x[i] - mean);
+    }
+    const double inv = 1.0 / sqrt(sq / r->C + r->eps);
+    for (int32_t i = 0; i < r->C; i++) {
+        out[i] = (x[i] - mean) * inv * w[i] + (b != NULL ? b[i] : 0.0);
+    }
+}
+
+/* y = W x (+ b), W [rows][cols] as the file stores it. */
+static void ref_matvec(const float *w, const float *b, const double *x, int32_t rows,
+                       int32_t cols, double *y) {
+    for (int32_t r = 0; r < rows; r++) {
+        double sum = b != NULL ? b[r] : 0.0;
+        for (int32_t c = 0; c < cols; c++) {
+            sum += (double)w[(size_t)r * cols + c] * x[c];
+        }
+        y[r] = sum;
+    }
+}
+
+TEST(forward_of_an_odd_width_equals_the_definition_in_double) {
+    enum { N = 5, MAX_C = 15, MAX_FF = 40, S = 2 };
+    static const int32_t n_kv[S] = {3, 1};
+    for (int variant = 0; variant < 2; variant++) {
+        tiny_model_config cfg;
+        tiny_model_config_default(&cfg);
+        cfg.n_layer = 1;
+        cfg.n_embd = 15;
+        cfg.n_head = 3;
+        cfg.n_ff = variant == 0 ? 40 : 24;
+        cfg.n_scheme = S;
+        cfg.scheme_n_kv[0] = n_kv[0];
+        cfg.scheme_n_kv[1] = n_kv[1];
+        cfg.mixing = MOAS_MIXING_MEAN;
+        cfg.eps = 0.01f;
+        cfg.rms_norm = cfg.swiglu = variant == 1;
+        size_t size;
+        uint8_t *image = tiny_model_image(&cfg, 91 + (uint64_t)variant, &size);
+        ASSERT_TRUE(image != NULL);
+        moas_model *model;
+        ASSERT_OK(moas_model_load_memory(image, size, NULL, &model));
+        const ref_model r = {model, 15, 3, 5, cfg.n_ff, moas_model_n_vocab(model),
+                             variant == 1, variant == 1, (double)cfg.eps};
+        const float *tok = ref_tensor(&r, "token_embd.weight");
+        const float *pos = ref_tensor(&r, "position_embd.weight");
+        const float *an_w = ref_tensor(&r, "blk.0.attn_norm.weight");
+        const float *an_b = ref_tensor(&r, "blk.0.attn_norm.bias");
+        const float *fn_w = ref_tensor(&r, "blk.0.ffn_norm.weight");
+        const float *fn_b = ref_tensor(&r, "blk.0.ffn_norm.bias");
+        const float *on_w = ref_tensor(&r, "output_norm.weight");
+        const float *on_b = ref_tensor(&r, "output_norm.bias");
+        const float *up_w = ref_tensor(&r, "blk.0.ffn_up.weight");
+        const float *up_b = ref_tensor(&r, "blk.0.ffn_up.bias");
+        const float *gate_w = variant == 1 ? ref_tensor(&r, "blk.0.ffn_gate.weight") : NULL;
+        const float *gate_b = variant == 1 ? ref_tensor(&r, "blk.0.ffn_gate.bias") : NULL;
+        const float *down_w = ref_tensor(&r, "blk.0.ffn_down.weight");
+        const float *down_b = ref_tensor(&r, "blk.0.ffn_down.bias");
+        ASSERT_TRUE(tok && pos && an_w && an_b && fn_w && fn_b && on_w &&
+                    on_b && up_w && up_b && (gate_w || variant == 0) &&
+                    (gate_b || variant == 0) && down_w && down_b);
+        const float *wq[S], *bq[S], *wk[S], *bk[S], *wv[S], *bv[S], *wo[S], *bo[S];
+        for (int s = 0; s < S; s++) {
+            char name[64];
+#define REF_SCHEME_TENSOR_(var_, what_)                                       \
+    snprintf(name, sizeof name, "blk.0.attn_%s.%d.%s", #what_, s,         \
+             #var_[0] == 'w' ? "weight" : "bias");                        \
+    var_[s] = ref_tensor(&r, name);                                       \
+    ASSERT_TRUE(var_[s] != NULL);
+            REF_SCHEME_TENSOR_(wq, q)
+            REF_SCHEME_TENSOR_(bq, q)
+            REF_SCHEME_TENSOR_(wk, k)
+            REF_SCHEME_TENSOR_(bk, k)
+            REF_SCHEME_TENSOR_(wv, v)
+            REF_SCHEME_TENSOR_(bv, v)
+            REF_SCHEME_TENSOR_(wo, output)
+            REF_SCHEME_TENSOR_(bo, output)
+#undef REF_SCHEME_TENSOR_
+        }
+
+        int32_t tokens[N];
+        pseudo_tokens(tokens, N, r.n_vocab, 93 + (uint32_t)variant);
+        /* the definition: every position's residual, keys and values kept */
+        double x[N][MAX_C], a[N][MAX_C], k[S][N][MAX_C], v[S][N][MAX_C], q[S][N][MAX_C];
+        double want[N][TINY_MODEL_DEFAULT_VOCAB];
+        for (int32_t p = 0; p < N; p++) {
+            for (int32_t i = 0; i < r.C; i++) {
+                x[p][i] = (double)tok[(size_t)tokens[p] * r.C + i] + (double)pos[(size_t)p * r.C + i];
+            }
+            ref_norm(&r, x[p], an_w, an_b, a[p]);
+            double y[MAX_C] = {0};
+            for (int s = 0; s < S; s++) {
+                ref_matvec(wq[s], bq[s], a[p], r.C, r.C, q[s][p]);
+                ref_matvec(wk[s], bk[s], a[p], n_kv[s] * r.d, r.C, k[s][p]);
+                ref_matvec(wv[s], bv[s], a[p], n_kv[s] * r.d, r.C, v[s][p]);
+                double o[MAX_C] = {0}, ys[MAX_C];
+                for (int32_t h = 0; h < r.H; h++) {
+                    const int32_t g = h * n_kv[s] / r.H;
+                    double score[N], most = -INFINITY, sum = 0.0;
+                    for (int32_t j = 0; j <= p; j++) {
+                        score[j] = 0.0;
+                        for (int32_t e = 0; e < r.d; e++) {
+                            score[j] += q[s][p][h * r.d + e] * k[s][j][g * r.d + e];
+                        }
+                        score[j] /= sqrt((double)r.d);
+                        most = score[j] > most ? score[j] : most;
+                    }
+                    for (int32_t j = 0; j <= p; j++) {
+                        score[j] = exp(score[j] - most);
+                        sum += score[j];
+                    }
+                    for (int32_t j = 0; j <= p; j++) {
+                        for (int32_t e = 0; e < r.d; e++) {
+                            o[h * r.d + e] += score[j] / sum * v[s][j][g * r.d + e];
+                        }
+                    }
+                }
+                ref_matvec(wo[s], bo[s], o, r.C, r.C, ys);
+                for (int32_t i = 0; i < r.C; i++) {
+                    y[i] += ys[i] / S;
+                }
+            }
+            for (int32_t i = 0; i < r.C; i++) {
+                x[p][i] += y[i];
+            }
+            double hn[MAX_C], up[MAX_FF], gate[MAX_FF], down[MAX_C], out[MAX_C];
+            ref_norm(&r, x[p], fn_w, fn_b, hn);
+            ref_matvec(up_w, up_b, hn, r.n_ff, r.C, up);
+            if (r.swiglu) {
+                ref_matvec(gate_w, gate_b, hn, r.n_ff, r.C, gate);
+            }
+            for (int32_t i = 0; i < r.n_ff; i++) {
+                up[i] = r.swiglu ? gate[i] / (1.0 + exp(-gate[i])) * up[i]
+                                 : 0.5 * up[i] * (1.0 + erf(up[i] / sqrt(2.0)));
+            }
+            ref_matvec(down_w, down_b, up, r.C, r.n_ff, down);
+            for (int32_t i = 0; i < r.C; i++) {
+                x[p][i] += down[i];
+            }
+            ref_norm(&r, x[p], on_w, on_b, out);
+            ref_matvec(tok, NULL, out, r.n_vocab, r.C, want[p]);   /* tied output */
+        }
+
+        /* the library, both kernel tables and both modes' shared path (mixture) */
+        for (int kernels = 0; kernels < 2; kernels++) {
+            moas_context_params cp;
+            moas_context *ctx;
+            float got[N * TINY_MODEL_DEFAULT_VOCAB];
+            moas_context_params_init(&cp);
+            cp.n_threads = 1;
+            cp.kernels = kernels ? MOAS_KERNELS_REF : MOAS_KERNELS_AUTO;
+            ASSERT_OK(moas_context_create(model, &cp, &ctx));
+            ASSERT_OK(moas_context_decode_batch(ctx, tokens, N, got, MOAS_LOGITS_ALL));
+            for (int32_t p = 0; p < N; p++) {
+                for (int32_t t = 0; t < r.n_vocab; t++) {
+                    ASSERT_NEAR(got[(size_t)p * r.n_vocab + t], want[p][t], 1e-5);
+                }
+            }
+            moas_context_free(ctx);
+        }
+        moas_model_free(model);
+        free(image);
+    }
+    return TEST_PASS;
+}
