@@ -1255,3 +1255,60 @@ TEST(forward_of_an_odd_width_equals_the_definition_in_double) {
     }
     return TEST_PASS;
 }
+
+/* RoPE positions past the model's table (which holds at most
+ * MOAS_ROPE_TABLE_MAX_BYTES: a long context's first positions only) take angles
+ * computed on the spot, the table's numbers exactly. Here the table is cut to its
+ * first 8 positions, followed by a row of NaN that no position may read, and 20
+ * tokens must decode to the bits of the whole table, in both modes. Heads of 8 (4
+ * pairs, fewer than a chunk of computed angles) so that a chunk running past a head's
+ * pairs would turn the next head. */
+TEST(rope_positions_past_the_table_are_computed_alike) {
+    enum { N = 20, KEPT = 8, D = 8 };
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_embd = 4 * D;
+    cfg.rope = true;
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 95, &size);
+    ASSERT_TRUE(image != NULL);
+    moas_model *model;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &model));
+    ASSERT_EQ(moas_model_head_dim(model), D);
+    ASSERT_TRUE(model->rope_positions >= N);
+    const int32_t n_vocab = moas_model_n_vocab(model);
+    int32_t tokens[N];
+    pseudo_tokens(tokens, N, n_vocab, 97);
+    float *want = malloc((size_t)N * n_vocab * sizeof *want);
+    float *got = malloc((size_t)N * n_vocab * sizeof *got);
+    ASSERT_TRUE(want != NULL && got != NULL);
+    float cut[(KEPT + 1) * D];
+    memcpy(cut, model->rope_table, sizeof(float) * KEPT * D);
+    for (int32_t i = KEPT * D; i < (KEPT + 1) * D; i++) {
+        cut[i] = NAN;
+    }
+    float *const table = model->rope_table;
+    const int32_t positions = model->rope_positions;
+    for (int mode = 0; mode < 2; mode++) {
+        for (int cut_table = 0; cut_table < 2; cut_table++) {
+            moas_context_params cp;
+            moas_context *ctx;
+            moas_context_params_init(&cp);
+            cp.mode = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+            model->rope_table = cut_table ? cut : table;
+            model->rope_positions = cut_table ? KEPT : positions;
+            ASSERT_OK(moas_context_create(model, &cp, &ctx));
+            ASSERT_OK(moas_context_decode_batch(ctx, tokens, N, cut_table ? got : want,
+                                                MOAS_LOGITS_ALL));
+            moas_context_free(ctx);
+        }
+        ASSERT_TRUE(memcmp(want, got, (size_t)N * n_vocab * sizeof *want) == 0);
+    }
+    model->rope_table = table;
+    model->rope_positions = positions;
+    free(want);
+    free(got);
+    moas_model_free(model);
+    free(image);
+    return TEST_PASS;
+}

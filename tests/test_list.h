@@ -144,6 +144,7 @@ X(context_params_refuse_each_enums_count)
 X(context_params_refuse_an_allocator_without_free)
 X(mixture_kv_bytes_follow_formula)
 X(f16_kv_cache_close_to_f32)
+X(rope_positions_past_the_table_are_computed_alike)
 
 /* tests/test_routing.c */
 X(routed_kv_bytes_follow_formula_for_random_routing)
