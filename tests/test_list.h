@@ -158,6 +158,7 @@ X(kv_budget_holds_exactly_what_it_names)
 X(routed_batch_and_truncate_equal_uninterrupted)
 X(routed_batch_and_truncate_equal_uninterrupted_modern)
 X(routed_f16_cache_close_to_f32)
+X(mean_mixing_ties_route_to_the_first_scheme)
 
 /* tests/test_context_info.c */
 X(kv_token_bytes_is_what_the_cache_uses)

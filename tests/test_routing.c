@@ -504,3 +504,42 @@ TEST(routed_f16_cache_close_to_f32) {
     moas_model_free(m);
     return TEST_PASS;
 }
+
+/* Mean mixing gives every scheme the same gate, 1/n_scheme, so the scheme
+ * moas_context_routes reports is decided by its tie rule: the first (moas.h), in
+ * mixture mode (largest_gate) and in routed mode (what ran) alike. */
+TEST(mean_mixing_ties_route_to_the_first_scheme) {
+    enum { N = 6 };
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.mixing = MOAS_MIXING_MEAN;
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 99, &size);
+    ASSERT_TRUE(image != NULL);
+    moas_model *model;
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &model));
+    const int32_t L = moas_model_n_layer(model), S = moas_model_n_scheme(model);
+    ASSERT_TRUE(S == 3 && L == 2);
+    int32_t tokens[N], schemes[N * 2];
+    float gates[N * 2 * 3];
+    pseudo_tokens(tokens, N, moas_model_n_vocab(model), 101);
+    for (int mode = 0; mode < 2; mode++) {
+        moas_context_params cp;
+        moas_context *ctx;
+        moas_context_params_init(&cp);
+        cp.mode = mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE;
+        ASSERT_OK(moas_context_create(model, &cp, &ctx));
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens, N, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(moas_context_routes(ctx, 0, N, gates, schemes, NULL));
+        for (int32_t i = 0; i < N * L; i++) {
+            ASSERT_EQ(schemes[i], 0);
+            for (int32_t s = 0; s < S; s++) {
+                ASSERT_TRUE(gates[i * S + s] == 1.0f / 3.0f);
+            }
+        }
+        moas_context_free(ctx);
+    }
+    moas_model_free(model);
+    free(image);
+    return TEST_PASS;
+}
