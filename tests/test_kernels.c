@@ -980,12 +980,47 @@ static int check_inf_in_axpy(const moas_ops *ops) {
     return TEST_PASS;
 }
 
+/* exp_sum and softmax with a NaN score (a model with NaN weights can produce one):
+ * that element's exp is NaN, and so is the sum, wherever it sits, in a vector's lanes
+ * or in the scalar tail, as the reference's expf gives; max passes it over. */
+static int check_nan_in_exp_sum(const moas_ops *ops) {
+    static const int32_t ns[] = {1, 7, 8, 9, 16, 17, 33, 40};
+    for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++) {
+        const int32_t n = ns[a];
+        for (int32_t p = 0; p < n; p++) {
+            float x[40], s[40];
+            for (int32_t i = 0; i < n; i++) {
+                x[i] = s[i] = 0.125f * (float)(i % 5) - 0.25f;
+            }
+            x[p] = s[p] = NAN;
+            const float max = ops->max(x, n, -INFINITY);   /* -inf when x is the NaN alone */
+            const float sum = ops->exp_sum(x, n, max > -INFINITY ? max : 0.0f);
+            if (!isnan(x[p]) || !isnan(sum)) {
+                test_report(__FILE__, __LINE__, "exp_sum", "%s, n %d: a NaN at %d gave %g, sum %g",
+                            ops->name, (int)n, (int)p, (double)x[p], (double)sum);
+                return TEST_FAIL;
+            }
+            ops->softmax(s, n);
+            for (int32_t i = 0; i < n; i++) {
+                if (!isnan(s[i])) {
+                    test_report(__FILE__, __LINE__, "softmax",
+                                "%s, n %d: a NaN at %d left %g at %d", ops->name, (int)n,
+                                (int)p, (double)s[i], (int)i);
+                    return TEST_FAIL;
+                }
+            }
+        }
+    }
+    return TEST_PASS;
+}
+
 static int check_special_values(const moas_ops *ops) {
     int rc;
     if ((rc = check_every_f16_widens_exactly(ops)) != TEST_PASS) return rc;
     if ((rc = check_f16_subnormal_dot(ops)) != TEST_PASS) return rc;
     if ((rc = check_inf_and_nan_in_dot(ops)) != TEST_PASS) return rc;
     if ((rc = check_q8_0_special_scales(ops)) != TEST_PASS) return rc;
+    if ((rc = check_nan_in_exp_sum(ops)) != TEST_PASS) return rc;
     return check_inf_in_axpy(ops);
 }
 
