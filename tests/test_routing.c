@@ -297,6 +297,63 @@ TEST(routed_force_and_callback_take_effect) {
     return TEST_PASS;
 }
 
+/* In mixture mode a route callback is proposed the scheme with the largest gate, the
+ * first on ties (moas.h's moas_route_fn), the scheme moas_context_routes then reports:
+ * every call's `proposed` is checked against the gates it is given, and the router of
+ * this model proposes other schemes than 0 too, so a constant proposal shows. */
+typedef struct {
+    int calls, wrong, not_first;
+    int32_t proposed[8 * N_LAYER];
+} proposal_log;
+
+static int32_t log_proposal(void *user, int32_t pos, int32_t layer, const float *gates,
+                            int32_t n_scheme, int32_t proposed) {
+    proposal_log *o = user;
+    int32_t best = 0;
+    for (int32_t s = 1; s < n_scheme; s++) {
+        best = gates[s] > gates[best] ? s : best;
+    }
+    o->wrong += proposed != best;
+    o->not_first += proposed != 0;
+    if (pos < 8) {
+        o->proposed[pos * N_LAYER + layer] = proposed;
+    }
+    o->calls++;
+    return 0;
+}
+
+TEST(mixture_callback_is_proposed_the_largest_gate) {
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 5, &size);
+    moas_model *m;
+    moas_context *ctx;
+    int32_t tokens[8], schemes[8 * N_LAYER];
+    proposal_log o = {0};
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    pseudo_tokens(tokens, 8, 40, 7);
+    moas_context_params p;
+    moas_context_params_init(&p);
+    p.route_fn = log_proposal;
+    p.route_user = &o;
+    ASSERT_OK(moas_context_create(m, &p, &ctx));
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, 5, NULL, MOAS_LOGITS_NONE));
+    for (int32_t i = 5; i < 8; i++) {
+        ASSERT_OK(moas_context_decode(ctx, tokens[i], NULL));
+    }
+    ASSERT_EQ(o.calls, 8 * N_LAYER);
+    ASSERT_EQ(o.wrong, 0);
+    ASSERT_TRUE(o.not_first > 0);
+    ASSERT_OK(moas_context_routes(ctx, 0, 8, NULL, schemes, NULL));
+    for (int32_t i = 0; i < 8 * N_LAYER; i++) {
+        ASSERT_EQ(schemes[i], o.proposed[i]);
+    }
+    moas_context_free(ctx);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 static int32_t always_mha(void *user, int32_t pos, int32_t layer, const float *gates,
                           int32_t n_scheme, int32_t proposed) {
     (void)user, (void)pos, (void)layer, (void)gates, (void)n_scheme, (void)proposed;
