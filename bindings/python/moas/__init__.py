@@ -1237,11 +1237,16 @@ class Model(_Handle):
         ctx.reset()
         ctx.decode_batch(window, logits="none")
 
-    def perplexity(self, text, *, n_ctx=0, unknown="error", mode="mixture", n_threads=0):
-        """exp(mean negative log-likelihood) of `text`'s characters after the first of
-        each window, scored as `moas perplexity` scores them: consecutive windows of
-        n_ctx tokens (0: the trained length), each from an empty cache. Returns a
-        Perplexity (perplexity, nll, n_scored, n_chars, n_changed)."""
+    def perplexity(self, text, *, n_ctx=0, stride=0, unknown="error", mode="mixture",
+                   n_threads=0):
+        """exp(mean negative log-likelihood) of `text`'s characters, scored as `moas
+        perplexity [--stride S]` scores them: windows of n_ctx tokens (0: the trained
+        length), each from an empty cache. stride 0: consecutive windows, each
+        character after a window's first scored; stride S (1 to n_ctx): windows S
+        apart, each scoring only the S characters it adds, the rest its context (a
+        sliding window, as long-context evaluations score). Returns a Perplexity
+        (perplexity, nll, n_scored, n_chars, n_changed)."""
+        stride = _int("stride", stride)
         ids, changed = self.tokenize_ex(text, unknown=unknown)
         if len(ids) < 2:
             raise MoasError(Status.ERR_INVALID_ARG, "perplexity needs at least 2 "
@@ -1252,17 +1257,26 @@ class Model(_Handle):
             if window < 2:   # a window of one token scores nothing
                 raise MoasError(Status.ERR_INVALID_ARG, "perplexity needs windows of at "
                                 "least 2 tokens, n_ctx is %d" % window)
-            for start in range(0, len(ids), window):
+            if not 0 <= stride <= window:
+                raise MoasError(Status.ERR_INVALID_ARG, "stride %d is outside [0, %d] (the "
+                                "context)" % (stride, window))
+            for start in range(0, len(ids), stride or window):
                 chunk = ids[start:start + window]
                 if len(chunk) < 2:
                     break
                 ctx.reset()
                 rows = ctx.decode_batch(chunk, logits="all")
-                for row, nxt in zip(rows, chunk[1:]):
+                # a window's first token has no logits before it; a sliding one scores
+                # from the first token the window before it did not
+                skip = 1 if start == 0 or stride in (0, window) else window - stride
+                for j in range(skip, len(chunk)):
+                    row, nxt = rows[j - 1], chunk[j]
                     peak = max(row)
                     lse = peak + math.log(sum(math.exp(x - peak) for x in row))
                     total += lse - row[nxt]
                     scored += 1
+                if stride and start + window >= len(ids):
+                    break
         return Perplexity(math.exp(total / scored), total / scored, scored,
                           len(ids) + (changed if unknown == "drop" else 0), changed)
 

@@ -1,6 +1,7 @@
 """The Python package: pip install offline, library lookup of the installed package,
 and the high-level API (generate, perplexity, numpy logits, plain-list routes, errors
 as ValueError / FileNotFoundError). Run by `make pytest` (part of `make test`)."""
+import json
 import os
 import re
 import subprocess
@@ -153,6 +154,25 @@ def test_perplexity_matches_cli(model, tmp_path):
     assert p.n_chars == 300 and p.n_changed == 0
     q = model.perplexity(text + "99", unknown="drop")
     assert q.n_changed == 2 and q.n_chars == 302
+    # a sliding window, as `moas perplexity --stride S` (a RoPE model: any stride)
+    rope = os.path.join(ROOT, "models", "pooled-rope-kjv-1k.gguf")
+    with open(os.path.join(ROOT, "models", "kjv-heldout.txt"), encoding="utf-8") as f:
+        long_text = f.read()[:700]
+    (tmp_path / "l.txt").write_text(long_text, encoding="utf-8")
+    with moas.Model(rope) as m:
+        for n_ctx, stride in ((256, 64), (256, 256), (256, 0), (100, 7)):
+            got = m.perplexity(long_text, n_ctx=n_ctx, stride=stride, mode="routed")
+            cmd = [os.path.join(ROOT, "bin", "moas"), "perplexity", "-m", rope, "-f",
+                   str(tmp_path / "l.txt"), "-c", str(n_ctx), "--mode", "routed", "--json"]
+            cmd += ["--stride", str(stride)] if stride else []   # none: consecutive windows
+            cli = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True,
+                                            universal_newlines=True).stdout)
+            assert got.n_scored == cli["n_scored"], (n_ctx, stride)
+            assert abs(got.nll - cli["nats_per_token"]) < 1e-6, (got, cli)
+        assert m.perplexity(long_text, n_ctx=256, stride=64).n_scored == 699
+        for bad in (-1, 257):
+            with pytest.raises(moas.MoasValueError):
+                m.perplexity(long_text, n_ctx=256, stride=bad)
 
 
 def test_logits_numpy_and_zero_copy(model):
