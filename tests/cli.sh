@@ -65,6 +65,27 @@ grep -q "^moas:  *eval time = .* / *199 tokens (.* ms per token, .* tokens per s
     "$tmp/long.err" || fail "long generation: eval time: $(cat "$tmp/long.err")"
 grep -q "^moas: mode mixture, .*, the window slid [0-9]* times$" "$tmp/long.err" \
     || fail "long generation: stats line: $(cat "$tmp/long.err")"
+# Ctrl-C: the text so far, a newline, the timings, "interrupted", status 130 (llama.cpp's)
+# (the text showing means the handler is in place: a background job of a script starts
+# with SIGINT ignored, so a signal sent before then would be lost)
+: >"$tmp/int.out"
+"$moas" generate -m "$model" -p "And" -n 100000000 --temp 1 >"$tmp/int.out" 2>"$tmp/int.err" &
+pid=$!
+i=0
+while [ "$(wc -c <"$tmp/int.out")" -lt 200 ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+kill -INT $pid
+( sleep 10; kill -KILL $pid 2>/dev/null ) &   # should it not stop: a failure, not a hang
+killer=$!
+set +e
+wait $pid
+st=$?
+kill $killer 2>/dev/null
+set -e
+[ "$st" -eq 130 ] || fail "Ctrl-C: exit status $st, expected 130: $(cat "$tmp/int.err")"
+grep -q ", interrupted (Ctrl-C)$" "$tmp/int.err" || fail "Ctrl-C: not said: $(cat "$tmp/int.err")"
+grep -q "eval time" "$tmp/int.err" || fail "Ctrl-C: no timings"
+[ "$(tail -c 1 "$tmp/int.out" | od -An -c | tr -d ' ')" = '\n' ] || fail "Ctrl-C: the text not ended"
+case "$(head -c 3 "$tmp/int.out")" in And) ;; *) fail "Ctrl-C: the prompt not shown" ;; esac
 # a prompt longer than the context: its end is decoded, and stderr says what was left out
 "$moas" generate -m "$model" -p "$(head -c 100 "$data/tiny.txt")" -n 1 >/dev/null 2>"$tmp/cut.err"
 grep -q "the prompt has 100 characters, more than the context's 64: only its last 64 are decoded" \

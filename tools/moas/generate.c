@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -19,7 +20,9 @@ static void usage(FILE *f) {
             "Continues the prompt. The prompt (as the model read it, --unknown's changes\n"
             "made) and then the text go to stdout as they are made, ended by a newline;\n"
             "notes and the timings (load, prompt eval, eval, total, as llama.cpp prints\n"
-            "them) go to stderr.\n"
+            "them) go to stderr. Ctrl-C ends the text where it is (a long prompt's decode\n"
+            "stops between layers), prints the timings and exits with status 130; a\n"
+            "second Ctrl-C ends the program at once.\n"
             "\n"
             "  -m, --model PATH        GGUF model file\n"
             "  -p, --prompt TEXT       the prompt; - reads it from stdin\n"
@@ -132,6 +135,35 @@ static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg
     return b;
 }
 
+/* ---- Ctrl-C ----------------------------------------------------------------------- */
+
+/* SIGINT sets a flag that the context's abort callback reads (a decode under way stops
+ * between layers, nothing half stored) and the generation loop checks; the text so far
+ * and the timings are then printed, as llama.cpp prints them, with exit status 130. A
+ * second SIGINT has the default effect. */
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
+    signal(SIGINT, SIG_DFL);
+}
+
+static int32_t stop_when_interrupted(void *user) {
+    (void)user;
+    return interrupted != 0;
+}
+
+/* A decoding call's status: true when it ran, false when Ctrl-C stopped it; any other
+ * failure ends the run. */
+static int decoded(moas_status st, const char *what) {
+    if (st == MOAS_ERR_ABORTED && interrupted) {
+        return 0;
+    }
+    check(st, what);
+    return 1;
+}
+
 /* ---- generate ------------------------------------------------------------------- */
 
 /* A call before the timed ones, then forgotten (the context is as created): the first
@@ -163,6 +195,7 @@ static int run(int argc, char **argv) {
         usage_error(&moas_cmd_generate, "generate needs a prompt: -p TEXT or -f FILE");
     }
 
+    signal(SIGINT, on_sigint);   /* before anything slow: loading, warming up */
     const double t_start = now_seconds();
     moas_model *model = load_model(&o);
     moas_context *ctx = new_context(model, &o);
@@ -188,6 +221,7 @@ static int run(int argc, char **argv) {
     if (!o.no_warmup) {
         warm_up(ctx);
     }
+    moas_context_set_abort_callback(ctx, stop_when_interrupted, NULL);
     const double t_loaded = now_seconds();
 
     /* the prompt: -p's text, or a file's (-f), or stdin's (either of them as -) */
@@ -231,7 +265,8 @@ static int run(int argc, char **argv) {
     }
     const int32_t n_prompt_eval = n_window;
     const double t_prompt = now_seconds();
-    check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
+    const int prompt_read = decoded(
+        moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
     const double t_prompt_done = now_seconds();
     if (n_changed == 0) {
         put_text(prompt, prompt_len);
@@ -249,7 +284,7 @@ static int run(int argc, char **argv) {
     if (pending == NULL) {
         die("out of memory");
     }
-    for (int i = 0; i < o.n_predict && !stopped; i++) {
+    for (int i = 0; i < o.n_predict && !stopped && prompt_read && !interrupted; i++) {
         int32_t token;
         size_t show;
         check(moas_sampler_sample(smp, moas_context_logits(ctx), &token), "sample");
@@ -313,12 +348,17 @@ static int run(int argc, char **argv) {
                 memmove(window, window + n_window - keep, (size_t)keep * sizeof *window);
                 n_window = keep;
                 moas_context_reset(ctx);
-                check(moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_NONE),
-                      "decode");
+                if (!decoded(moas_context_decode_batch(ctx, window, n_window, NULL,
+                                                       MOAS_LOGITS_NONE),
+                             "decode")) {
+                    break;
+                }
             }
         }
         window[n_window++] = token;
-        check(moas_context_decode(ctx, token, NULL), "decode");
+        if (!decoded(moas_context_decode(ctx, token, NULL), "decode")) {
+            break;
+        }
         n_decoded++;
     }
     const double t_end = now_seconds();
@@ -334,12 +374,13 @@ static int run(int argc, char **argv) {
     }
 
     timing("load time", t_loaded - t_start, -1, 0);
-    timing("prompt eval time", t_prompt_done - t_prompt, n_prompt_eval, 1);
+    timing("prompt eval time", t_prompt_done - t_prompt, prompt_read ? n_prompt_eval : 0, 1);
     /* as llama.cpp counts: eval is the tokens decoded after the prompt, one fewer than
      * those generated (the first comes from the prompt's logits, the last is not
      * decoded) */
     timing("eval time", t_end - t_prompt_done, n_decoded, 1);
-    timing("total time", t_end - t_start, (long)n_prompt_eval + n_decoded, 0);
+    timing("total time", t_end - t_start, (long)(prompt_read ? n_prompt_eval : 0) + n_decoded,
+           0);
     fprintf(stderr, "moas: mode %s, kernels %s, %d thread%s", mode_name(o.mode),
             moas_context_kernels_name(ctx), moas_context_n_threads(ctx),
             moas_context_n_threads(ctx) == 1 ? "" : "s");
@@ -348,6 +389,9 @@ static int run(int argc, char **argv) {
     }
     if (n_slides > 0) {
         fprintf(stderr, ", the window slid %d time%s", n_slides, n_slides == 1 ? "" : "s");
+    }
+    if (interrupted) {
+        fprintf(stderr, ", interrupted (Ctrl-C)");
     }
     fputc('\n', stderr);
     if (o.show_routes) {   /* the window in the cache now: the text's last n_ctx tokens */
@@ -361,5 +405,5 @@ static int run(int argc, char **argv) {
     moas_sampler_free(smp);
     moas_context_free(ctx);
     moas_model_free(model);
-    return 0;
+    return interrupted ? 128 + SIGINT : 0;
 }
