@@ -3261,8 +3261,7 @@ TEST(q8_0_kv_cache_split_between_threads_equals_alone) {
 /* ---- abort callbacks ------------------------------------------------------------ */
 
 /* An abort callback that says stop at its `stop_at`-th question (0: never), counting
- * them, and tries a call on its own context (refused: it holds a decode) and a setting
- * (allowed) each time. */
+ * them, and tries a call on its own context each time (refused: it holds a decode). */
 typedef struct {
     moas_context *ctx;
     int32_t asked, stop_at;
@@ -3277,8 +3276,16 @@ static int32_t stop_when_told(void *user) {
     } else {
         s->other_status = st;
     }
-    moas_context_set_abort_callback(s->ctx, stop_when_told, s);   /* a setting: allowed */
     return ++s->asked == s->stop_at;
+}
+
+/* An abort callback that removes itself at its first question (a setting, which the
+ * decode's own thread may change) and lets the call go on. */
+static int32_t remove_myself(void *user) {
+    stopper *s = user;
+    s->asked++;
+    moas_context_set_abort_callback(s->ctx, NULL, NULL);
+    return 0;
 }
 
 /* What a context holds, to check that an aborted call changed none of it. */
@@ -3373,6 +3380,14 @@ TEST(abort_callback_stops_a_decode_and_loses_nothing) {
                 ASSERT_EQ(s.other_status, MOAS_OK);
                 ASSERT_TRUE(memcmp(got, want, (size_t)N * V * sizeof *got) == 0);
                 ASSERT_TRUE(same_records(ctx, alone));
+                /* removed from inside, at its first question: asked no more */
+                s.asked = 0;
+                moas_context_set_abort_callback(ctx, remove_myself, &s);
+                ASSERT_OK(moas_context_decode(ctx, tokens[0], NULL));
+                ASSERT_OK(moas_context_decode(ctx, tokens[1], NULL));
+                ASSERT_EQ(s.asked, 1);
+                ASSERT_OK(moas_context_truncate(ctx, PROMPT + N));
+                moas_context_set_abort_callback(ctx, stop_when_told, &s);
                 /* a fork asks its parent's callback, and stops the same way */
                 moas_context *child;
                 ASSERT_OK(moas_context_fork(ctx, &child));

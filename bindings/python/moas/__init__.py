@@ -810,8 +810,9 @@ class Generation:
     "length" (max_tokens characters, or a full context without context_shift); None
     until then. close() ends it early, giving its context back at once."""
 
-    def __init__(self, pieces):
+    def __init__(self, pieces, owned=()):
         self._pieces = pieces
+        self._owned = owned   # what the pieces' generator closes when it ends
         self.finish_reason = None
 
     def __iter__(self):
@@ -826,6 +827,8 @@ class Generation:
 
     def close(self):
         self._pieces.close()
+        for obj in self._owned:   # a generator never started has not entered its `with`
+            obj.close()
 
 
 class Model(_Handle):
@@ -1184,7 +1187,7 @@ class Model(_Handle):
             ctx.close()
             raise
         pieces = Generation(self._generate(ctx, sampler, ids, max_tokens, stop, routes,
-                                           bool(context_shift)))
+                                           bool(context_shift)), owned=(ctx, sampler))
         if stream:
             return pieces
         out = list(pieces)

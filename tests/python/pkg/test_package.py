@@ -115,11 +115,15 @@ def test_stop_strings_and_context_end(model):
     assert len("".join(full)) == model.n_ctx_train - 7 and full.finish_reason == "length"
     empty = model.generate("And God", 0, stream=True)
     assert list(empty) == [] and empty.finish_reason == "length"
-    # closed early: its context goes back, and no reason is made up
-    early = model.generate("And God", 30, seed=3, stream=True)
-    next(early)
-    early.close()
-    assert early.finish_reason is None and list(early) == []
+    # closed early, after a piece or before any: its context and sampler go at once,
+    # and no reason is made up
+    for pieces_read in (1, 0):
+        early = model.generate("And God", 30, seed=3, stream=True)
+        for _ in range(pieces_read):
+            next(early)
+        early.close()
+        assert all(obj.closed for obj in early._owned), pieces_read
+        assert early.finish_reason is None and list(early) == []
 
 
 @pytest.mark.parametrize("path", ["models/pooled-rope-kjv-1k.gguf", "tests/data/tiny-moas-bias.gguf"])
