@@ -124,6 +124,57 @@ expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --r
 expect_error 1 "neither a token id nor one character" "$moas" generate -m "$model" -p "A" --logit-bias ab=1
 expect_error 1 "token id must be an integer in \[0, 46\]" "$moas" generate -m "$model" -p "A" --logit-bias 47=1
 
+# --prompt-cache: the text is that of a run without it, whether the cache holds the
+# whole prompt, the start of it or more than it; only the tokens not in it are decoded
+pc=$tmp/prompt.cache
+gen_pc() { "$moas" generate -m "$model" -n 30 --seed 3 --mode routed "$@"; }
+for p in "And God said" "And God said, Let there be" "And God"; do
+    want=$(gen_pc -p "$p" 2>/dev/null)
+    got=$(gen_pc -p "$p" --prompt-cache "$pc" 2>"$tmp/pc.err")
+    [ "$want" = "$got" ] || fail "--prompt-cache '$p': '$got', without it '$want'"
+    case $p in
+    "And God said") n=12; grep -q "does not exist yet" "$tmp/pc.err" || fail "new cache: $(cat "$tmp/pc.err")" ;;
+    *there*) n=14; grep -q "12 of the prompt's 26 tokens reused, 14 decoded" "$tmp/pc.err" ||
+        fail "longer prompt: $(cat "$tmp/pc.err")" ;;
+    *) n=1; grep -q "6 of the prompt's 7 tokens reused, 1 decoded" "$tmp/pc.err" ||
+        fail "shorter prompt: $(cat "$tmp/pc.err")" ;;
+    esac
+    grep -q "prompt eval time = .* / *$n tokens" "$tmp/pc.err" || fail "prompt eval of '$p' is not $n tokens: $(cat "$tmp/pc.err")"
+    grep -q "tokens saved" "$tmp/pc.err" || fail "the cache of '$p' was not written"
+done
+# the whole prompt found: nothing decoded, nothing written, the same text
+cp "$pc" "$tmp/pc.before"
+[ "$(gen_pc -p "And God" --prompt-cache "$pc" 2>"$tmp/pc.err")" = "$want" ] || fail "--prompt-cache, all found"
+grep -q "the prompt's 7 tokens are all there, none decoded" "$tmp/pc.err" || fail "all found: $(cat "$tmp/pc.err")"
+grep -q "prompt eval time = .* / *0 tokens" "$tmp/pc.err" || fail "all found: tokens decoded"
+cmp -s "$pc" "$tmp/pc.before" || fail "a cache holding the whole prompt was written again"
+# --prompt-cache-ro reads and never writes
+gen_pc -p "And God said" --prompt-cache "$pc" --prompt-cache-ro >/dev/null 2>"$tmp/pc.err"
+grep -q "7 of the prompt's 12 tokens reused, 5 decoded" "$tmp/pc.err" || fail "-ro: $(cat "$tmp/pc.err")"
+cmp -s "$pc" "$tmp/pc.before" || fail "--prompt-cache-ro wrote the cache"
+# a cache of another mode, KV type or forced scheme, or a cut one, is not used (and is
+# written anew); the text is still right
+for opt in "--mode mixture" "--kv-type f16" "--force-scheme 0"; do
+    # shellcheck disable=SC2086
+    want=$("$moas" generate -m "$model" -n 30 --seed 3 --mode routed -p "And God" $opt 2>/dev/null)
+    cp "$tmp/pc.before" "$pc"
+    # shellcheck disable=SC2086
+    got=$("$moas" generate -m "$model" -n 30 --seed 3 --mode routed -p "And God" $opt --prompt-cache "$pc" 2>"$tmp/pc.err")
+    [ "$want" = "$got" ] || fail "a cache made without $opt changed the text"
+    grep -q "not used: .*written anew" "$tmp/pc.err" || fail "$opt: $(cat "$tmp/pc.err")"
+done
+head -c 100 "$tmp/pc.before" >"$pc"
+gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
+grep -q "not used: it is truncated" "$tmp/pc.err" || fail "cut cache: $(cat "$tmp/pc.err")"
+# a file that is no prompt cache is neither read nor written over; an empty one is new
+echo "my notes" >"$tmp/notes.txt"
+expect_error 1 "is not a moas prompt cache" gen_pc -p "And God" --prompt-cache "$tmp/notes.txt"
+[ "$(cat "$tmp/notes.txt")" = "my notes" ] || fail "--prompt-cache wrote over a file of notes"
+: >"$pc"
+gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
+grep -q "is empty" "$tmp/pc.err" && [ -s "$pc" ] || fail "empty cache: $(cat "$tmp/pc.err")"
+expect_error 2 "needs --prompt-cache FILE" "$moas" generate -m "$model" -p "A" --prompt-cache-ro
+
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json" 2>"$tmp/ppl.err"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"
 import json, math, sys

@@ -51,6 +51,11 @@ static void usage(FILE *f) {
             "      --stop STRING       end the text just before STRING; repeatable\n"
             "      --show-routes       after the text, the route map of the last window (as\n"
             "                          moas routes draws it)\n"
+            "      --prompt-cache FILE the prompt's decoded state kept in FILE: a later run\n"
+            "                          whose prompt starts the same decodes only the rest\n"
+            "                          (the same text as without it); written after the\n"
+            "                          prompt, made when missing or empty\n"
+            "      --prompt-cache-ro   read the cache, never write it\n"
             "      --no-warmup         no untimed call before the prompt (by default two tokens\n"
             "                          are decoded and forgotten while loading, as llama.cpp\n"
             "                          does, so that prompt eval does not time the threads'\n"
@@ -67,7 +72,7 @@ static const opt_id accepted[] = {
     OPT_MODEL, OPT_PROMPT, OPT_FILE, OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P,
     OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY, OPT_REPEAT_LAST_N, OPT_FREQUENCY_PENALTY,
     OPT_PRESENCE_PENALTY, OPT_LOGIT_BIAS, OPT_STOP,
-    OPT_SHOW_ROUTES, OPT_NO_WARMUP, OPT_COLOR, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN,
+    OPT_SHOW_ROUTES, OPT_NO_WARMUP, OPT_PROMPT_CACHE, OPT_PROMPT_CACHE_RO, OPT_COLOR, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN,
     OPT_FORCE_SCHEME, OPT_END,
 };
 
@@ -194,6 +199,9 @@ static int run(int argc, char **argv) {
     if (o.prompt == NULL && o.text_path == NULL) {
         usage_error(&moas_cmd_generate, "generate needs a prompt: -p TEXT or -f FILE");
     }
+    if (o.prompt_cache_ro && o.prompt_cache == NULL) {
+        usage_error(&moas_cmd_generate, "--prompt-cache-ro needs --prompt-cache FILE");
+    }
 
     signal(SIGINT, on_sigint);   /* before anything slow: loading, warming up */
     const double t_start = now_seconds();
@@ -263,11 +271,25 @@ static int run(int argc, char **argv) {
     for (size_t i = start; i < n_prompt; i++) {
         window[n_window++] = tokens[i];
     }
-    const int32_t n_prompt_eval = n_window;
+    /* a prompt cache's tokens that the prompt starts with are not decoded again; reading
+     * it counts as loading */
+    const double t_cache = now_seconds();
+    const int32_t n_reused =
+        o.prompt_cache != NULL
+            ? prompt_cache_load(o.prompt_cache, ctx, o.forced, window, n_window, o.prompt_cache_ro)
+            : 0;
     const double t_prompt = now_seconds();
-    const int prompt_read = decoded(
-        moas_context_decode_batch(ctx, window, n_window, NULL, MOAS_LOGITS_LAST), "decode");
+    const int32_t n_prompt_eval = n_window - n_reused;
+    const int prompt_read =
+        n_prompt_eval == 0 ||
+        decoded(moas_context_decode_batch(ctx, window + n_reused, n_prompt_eval, NULL,
+                                          MOAS_LOGITS_LAST),
+                "decode");
     const double t_prompt_done = now_seconds();
+    if (prompt_read && o.prompt_cache != NULL && !o.prompt_cache_ro && n_prompt_eval > 0) {
+        prompt_cache_save(o.prompt_cache, ctx, o.forced, window, n_window);
+    }
+    const double t_eval = now_seconds();   /* eval time does not count the cache's writing */
     if (n_changed == 0) {
         put_text(prompt, prompt_len);
     } else {   /* --unknown dropped or replaced characters: show what the model read */
@@ -373,12 +395,12 @@ static int run(int argc, char **argv) {
         put_text("\n", 1);
     }
 
-    timing("load time", t_loaded - t_start, -1, 0);
+    timing("load time", t_loaded - t_start + (t_prompt - t_cache), -1, 0);
     timing("prompt eval time", t_prompt_done - t_prompt, prompt_read ? n_prompt_eval : 0, 1);
     /* as llama.cpp counts: eval is the tokens decoded after the prompt, one fewer than
      * those generated (the first comes from the prompt's logits, the last is not
      * decoded) */
-    timing("eval time", t_end - t_prompt_done, n_decoded, 1);
+    timing("eval time", t_end - t_eval, n_decoded, 1);
     timing("total time", t_end - t_start, (long)(prompt_read ? n_prompt_eval : 0) + n_decoded,
            0);
     fprintf(stderr, "moas: mode %s, kernels %s, %d thread%s", mode_name(o.mode),
