@@ -1138,7 +1138,8 @@ class Model(_Handle):
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=0,
                  frequency_penalty=0.0, presence_penalty=0.0,
                  stop=(), stream=False, routes=False, mode="mixture", n_ctx=0,
-                 unknown="error", n_threads=0, forced_scheme=-1, context_shift=False):
+                 unknown="error", n_threads=0, forced_scheme=-1, kv_type="f32",
+                 context_shift=False):
         """The continuation of `prompt`, sampled as Sampler samples (with its defaults,
         the library's: temperature 1, as `moas generate`).
 
@@ -1157,7 +1158,7 @@ class Model(_Handle):
         learned positions is decoded again from its last n_ctx / 2 tokens. A prompt
         that does not fit raises MoasValueError, as do wrong arguments; `unknown`
         ("error", "replace", "drop") is Model.tokenize's rule for characters outside
-        the vocabulary; forced_scheme, mode and n_ctx are Context's."""
+        the vocabulary; forced_scheme, mode, kv_type and n_ctx are Context's."""
         if stop is None:
             stop = ()
         elif isinstance(stop, (str, bytes)):
@@ -1171,7 +1172,7 @@ class Model(_Handle):
         if not ids:
             raise MoasError(Status.ERR_INVALID_ARG, "the prompt is empty")
         ctx = Context(self, n_ctx=n_ctx, mode=mode, n_threads=n_threads,
-                      forced_scheme=forced_scheme)
+                      forced_scheme=forced_scheme, kv_type=kv_type)
         if len(ids) > ctx.n_ctx:
             n = ctx.n_ctx
             ctx.close()
@@ -1319,7 +1320,7 @@ class Context(_Handle):
 
     Parameters, all optional, as moas_context_params: n_ctx (0: trained length),
     n_threads (0: OpenMP's default), mode ("mixture" | "routed" or Mode), kv_type
-    ("f32" | "f16" or Type), kernels ("auto" | "ref"), forced_scheme (-1: the router),
+    ("f32" | "f16" | "q8_0" or Type), kernels ("auto" | "ref"), forced_scheme (-1: the router),
     kv_budget (bytes, 0: none), route_callback (see set_route_callback), abort_callback
     (see set_abort_callback), log (fn(level, message)), allocator (an Allocator).
     """
@@ -1752,7 +1753,8 @@ class PoolStats(namedtuple("PoolStats", [
 class Pool(_Handle):
     """A KV pool (moas_pool) that many Contexts of one model take pages from.
 
-    capacity_bytes (required), kv_type ("f32" | "f16"), page_heads (0: default),
+    capacity_bytes (required), kv_type ("f32" | "f16" | "q8_0": head_dim a multiple of
+    32), page_heads (0: default),
     n_threads (0: OpenMP's default), kernels, n_batch (rows per block of decode()),
     steer_below (routed contexts take cheaper schemes while the free fraction of pages
     is below it; 0: never), commit (write every page and decode() buffer now, so the

@@ -392,7 +392,8 @@ class Server:
                 "moas": {"name": self.model.name, "n_layer": self.model.n_layer,
                          "n_head": self.model.n_head, "n_ctx": self.engine.n_ctx,
                          "n_vocab": self.model.n_vocab, "schemes": self.schemes,
-                         "scheme_kv_heads": self.model.schemes, "mode": self.args.mode}}
+                         "scheme_kv_heads": self.model.schemes, "mode": self.args.mode,
+                         "kv_type": self.args.kv_type}}
 
     async def models(self, request):
         return web.json_response({"object": "list", "data": [self.model_info()]})
@@ -912,7 +913,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=32,
                     help="prompt tokens a sequence reads per step (32)")
     ap.add_argument("-t", "--threads", type=int, default=0, help="decode threads (0: default)")
-    ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32")
+    ap.add_argument("--kv-type", choices=("f32", "f16", "q8_0"), default="f32",
+                    help="K/V element type (f32; q8_0: head_dim a multiple of 32)")
     ap.add_argument("--steer-below", type=float, default=0.0,
                     help="routed mode: while less than this fraction of the pool's pages "
                     "is free, tokens take cheaper schemes (0: never; Pool steer_below)")

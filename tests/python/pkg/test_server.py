@@ -1245,13 +1245,13 @@ def test_forks_count_against_max_sequences(model):
         engine.close()
 
 
-def model_logprobs(model, prompt, text, k):
+def model_logprobs(model, prompt, text, k, kv_type="f32"):
     """The log-probabilities of each character of `text` after `prompt` and the k
     likeliest next characters, then that character if it is not among them, from the
-    library's logits in routed mode (the server fixture's), softmax computed here in
-    double precision."""
+    library's logits in routed mode (the server fixture's) with K/V of kv_type, softmax
+    computed here in double precision."""
     out = []
-    with model.context(mode="routed") as ctx:
+    with model.context(mode="routed", kv_type=kv_type) as ctx:
         logits = list(ctx.decode_batch(model.tokenize(prompt)))
         for token in model.tokenize(text):
             top = max(logits)
@@ -1607,3 +1607,41 @@ def test_routed_requests_are_sized_at_the_widest_scheme_not_mixture():
                                                             mode="routed", temperature=1.0)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_kv_types_serve_what_a_context_of_that_type_generates(kv_type):
+    # the shipped long-context model (head_dim 32, as Q8_0 K/V needs): the pooled
+    # cache of each type gives the text of a lone context of the same type, bit for bit,
+    # also when the prompt comes from the prompt cache the second time
+    path = os.path.join(ROOT, "models", "pooled-rope-kjv-1k.gguf")
+    prompt = "And God said, Let there be light: and there was light. "
+    s = Server("-m", path, "--kv-type", kv_type, "--mode", "routed", "--pool-mb", "8")
+    try:
+        with moas.Model(path) as m:
+            for i in range(2):
+                status, _, body = s.complete(prompt=prompt, max_tokens=40, seed=4,
+                                             logprobs=2)
+                assert status == 200, body
+                text = body["choices"][0]["text"]
+                assert text == m.generate(prompt, 40, seed=4, mode="routed", kv_type=kv_type)
+                assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == (
+                    len(prompt) - 1 if i else 0)
+                # the server's numbers are those of its K/V type, not of F32's
+                got = body["choices"][0]["logprobs"]["token_logprobs"]
+                want = [w for w, _ in model_logprobs(m, prompt, text, 2, kv_type)]
+                other = [w for w, _ in model_logprobs(m, prompt, text, 2, "f32")]
+                assert all(abs(g - w) < 1e-6 for g, w in zip(got, want))
+                assert max(abs(g - o) for g, o in zip(got, other)) > 1e-5
+            assert s.request("GET", "/v1/models")[2]["data"][0]["moas"]["kv_type"] == kv_type
+    finally:
+        s.close()
+
+
+def test_q8_0_kv_on_a_model_it_does_not_fit_stops_the_server_at_start():
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
+    r = subprocess.run([sys.executable, "-m", "moas.server", "-m", MODEL, "--port", "0",
+                        "--kv-type", "q8_0"], env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert r.returncode == 1
+    assert "a Q8_0 cache needs head_dim a multiple of 32" in r.stdout, r.stdout
