@@ -22,6 +22,14 @@ Policy (docs/SERVING.md):
     sequence out to host memory (Context.save_state), closes its context and retries
     without it; swapped sequences come back first (load_state) when pages free up,
     and new requests wait meanwhile. Nothing a client has received is ever redone.
+  * Context shift (context_shift, RoPE models): a sequence whose context is full
+    makes room before its next token as `moas generate` and Model.generate do: its
+    first 4 tokens stay, half of the rest is dropped and the later half moves down,
+    keys turned back, nothing decoded again. A request may then ask for more tokens
+    than the context holds. A shift copies pages it shares (forks, cached prompts); a
+    shift that does not fit is a step that does not fit (below). A shifted sequence
+    is not kept in the prompt cache: its keys are no longer those of its tokens read
+    from the start.
   * n > 1: the prompt is read once into one context, then forked (Context.fork): the
     n sequences share its pages copy on write; choice i samples with seed + i.
   * A sequence's context is closed, its pages back in the pool, at the first step
@@ -153,7 +161,8 @@ class Engine:
     def __init__(self, model, *, pool_bytes, mode="mixture", max_sequences=64, max_queue=64,
                  queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
                  page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
-                 steer_below=0.0, forced_scheme=-1, prompt_cache=8, deliver=None):
+                 steer_below=0.0, forced_scheme=-1, prompt_cache=8, context_shift=False,
+                 deliver=None):
         self.model = model
         self.deliver = deliver
         self._outbox = []                        # (request, event) of this step, for deliver
@@ -180,6 +189,18 @@ class Engine:
             # (MHA) in routed mode
             widest = [-1] if mode == "mixture" else range(model.n_scheme)
             self.token_bytes = max(probe.kv_token_bytes(s) for s in widest)
+        # (tokens kept, tokens dropped) of a context shift, as Model.generate's
+        self.shift = None
+        if context_shift:
+            sink = 4 if self.n_ctx >= 16 else 0
+            self.shift = (sink, (self.n_ctx - sink) // 2)
+            rope = ("moas.position_encoding" in model.meta_keys()
+                    and model.meta("moas.position_encoding") == "rope")
+            if not rope or self.shift[1] == 0:
+                self.pool.close()
+                raise MoasError(Status.ERR_INVALID_ARG, "context shift needs a model with "
+                                "RoPE positions (this one has %s) and a context of 2 "
+                                "tokens or more" % ("RoPE" if rope else "learned positions"))
         st = self.pool.stats()
         self.page_bytes = st.page_bytes
         streams = model.n_layer * (model.n_scheme if mode == "mixture" else 1)
@@ -234,8 +255,10 @@ class Engine:
         then a request alone in the pool always finishes. Its n sequences share the
         prompt's pages (forks), and each has its own tokens and slack; one swapped out
         and back holds its prompt alone, which n = 1's bound covers."""
-        need = ((len(req.prompt_ids) + req.n * req.max_tokens) * self.token_bytes
-                + req.n * self.slack_bytes)
+        tokens = len(req.prompt_ids) + req.n * req.max_tokens
+        if self.shift and len(req.prompt_ids) + req.max_tokens > self.n_ctx:
+            tokens = req.n * self.n_ctx   # each shifts, its shared pages copied
+        need = tokens * self.token_bytes + req.n * self.slack_bytes
         return need <= self.stats.bytes_capacity
 
     def snapshot(self):
@@ -448,6 +471,7 @@ class Engine:
         entries its tokens begin with, least recently used out beyond prompt_cache."""
         req = seq.req
         tokens = tuple(req.prompt_ids) + tuple(seq.generated)
+        # (a shifted context holds fewer: not kept)
         if (self.prompt_cache <= 0 or seq.index != 0 or not seq.done or req.cancelled
                 or seq.ctx.n_past != len(tokens)):
             return False
@@ -707,8 +731,19 @@ class Engine:
         return (seq.req.prompt_logprobs and seq.index == 0
                 and seq.prefill < len(seq.req.prompt_ids))
 
+    def _shift_full(self, batch):
+        """Context shift: each sequence of the batch whose context is full, with a token
+        to decode, makes room for it (ERR_POOL_FULL when the copies of its shared pages
+        do not fit; the sequences shifted before it stay shifted)."""
+        for seq, _ in batch:
+            if seq.ctx.n_past >= seq.ctx.n_ctx and seq.prefill >= len(seq.req.prompt_ids):
+                seq.ctx.shift(*self.shift)
+                self.counters["context_shifts"] += 1
+
     def _step(self, batch):
         try:
+            if self.shift:
+                self._shift_full(batch)
             outs = self.pool.decode([(seq.ctx, tokens) for seq, tokens in batch],
                                     logits=["all" if self._scores_prompt(seq) else "last"
                                             for seq, _ in batch])
@@ -805,7 +840,8 @@ class Engine:
 
     def _next(self, seq, logits):
         """Sample the next token of a sequence whose logits are `logits`, or finish it."""
-        if seq.n_gen >= seq.req.max_tokens or seq.ctx.n_past >= seq.ctx.n_ctx:
+        if seq.n_gen >= seq.req.max_tokens or (seq.ctx.n_past >= seq.ctx.n_ctx
+                                               and not self.shift):
             self._finish(seq, "length")
             return
         seq.pending = seq.sampler.sample(logits)

@@ -293,10 +293,15 @@ class Server:
                              prefill_chunk=args.prefill_chunk, n_threads=args.threads,
                              kv_type=args.kv_type, step_delay=args.step_delay,
                              steer_below=args.steer_below, forced_scheme=args.force_scheme,
-                             prompt_cache=args.prompt_cache, deliver=self._deliver)
+                             prompt_cache=args.prompt_cache,
+                             context_shift=args.context_shift, deliver=self._deliver)
         n_ctx = self.engine.n_ctx
+        # with context shift a completion may outgrow the context: max_tokens up to the
+        # cap given, or 8 contexts' worth
+        tokens_cap = (args.max_tokens_cap or 8 * n_ctx if args.context_shift else
+                      min(args.max_tokens_cap or n_ctx, n_ctx))
         self.cfg = {"max_prompt_chars": min(args.max_prompt_chars or n_ctx, n_ctx),
-                    "max_tokens_cap": min(args.max_tokens_cap or n_ctx, n_ctx),
+                    "max_tokens_cap": tokens_cap,
                     "max_n": min(args.max_n, args.max_sequences),
                     "max_prompts": args.max_prompts,
                     "unknown": args.unknown, "n_vocab": self.model.n_vocab, "n_ctx": n_ctx}
@@ -393,7 +398,8 @@ class Server:
                          "n_head": self.model.n_head, "n_ctx": self.engine.n_ctx,
                          "n_vocab": self.model.n_vocab, "schemes": self.schemes,
                          "scheme_kv_heads": self.model.schemes, "mode": self.args.mode,
-                         "kv_type": self.args.kv_type}}
+                         "kv_type": self.args.kv_type,
+                         "context_shift": self.args.context_shift}}
 
     async def models(self, request):
         return web.json_response({"object": "list", "data": [self.model_info()]})
@@ -465,6 +471,7 @@ class Server:
         for name, help_ in (("forks", "Sequences forked from a prompt (n > 1)."),
                             ("swapped_out", "Sequences swapped out when a step did not fit."),
                             ("resumed", "Swapped sequences brought back."),
+                            ("context_shifts", "Full contexts shifted to go on (--context-shift)."),
                             ("prompt_cache_hits", "Requests that began from a cached prompt."),
                             ("prompt_cache_reused_tokens", "Prompt tokens taken from the cache, "
                              "not read again."),
@@ -649,7 +656,7 @@ class Server:
                            "server takes at most %d" % (which, len(ids),
                                                         self.cfg["max_prompt_chars"]),
                            param="prompt", code="prompt_too_long")
-        if len(ids) + p["max_tokens"] > self.engine.n_ctx:
+        if len(ids) + p["max_tokens"] > self.engine.n_ctx and not self.args.context_shift:
             raise ApiError(400, "this model's context holds %d characters; %s has %d and "
                            "max_tokens asks for %d more" % (self.engine.n_ctx, which,
                                                             len(ids), p["max_tokens"]),
@@ -899,7 +906,8 @@ def parse_args(argv=None):
     ap.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' (also $MOAS_API_KEY)")
     ap.add_argument("--max-tokens-cap", type=int, default=0,
-                    help="largest max_tokens accepted (0: the context length)")
+                    help="largest max_tokens accepted (0: the context length; with "
+                    "--context-shift 8 times it)")
     ap.add_argument("--max-prompt-chars", type=int, default=0,
                     help="longest prompt accepted (0: the context length)")
     ap.add_argument("--max-n", type=int, default=16, help="largest n accepted (16)")
@@ -925,6 +933,11 @@ def parse_args(argv=None):
                     help="finished requests whose context is kept, so that a later prompt "
                     "beginning with its tokens reads only the rest; their pages go back "
                     "whenever the pool needs them (8; 0: none; none with --steer-below)")
+    ap.add_argument("--context-shift", action="store_true",
+                    help="RoPE models: a sequence whose context is full drops the half "
+                    "after its first 4 tokens and goes on (keys turned back, nothing "
+                    "read again), so a prompt and max_tokens may exceed the context, "
+                    "as llama.cpp's server allows (off: such a request is refused)")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step (slow motion for demos, tests)")
     args = ap.parse_args(argv)

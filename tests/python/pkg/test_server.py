@@ -8,6 +8,7 @@ import http.client
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -1645,3 +1646,59 @@ def test_q8_0_kv_on_a_model_it_does_not_fit_stops_the_server_at_start():
                        stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert r.returncode == 1
     assert "a Q8_0 cache needs head_dim a multiple of 32" in r.stdout, r.stdout
+
+
+MODERN = os.path.join(ROOT, "tests", "data", "tiny-modern-pooled-nobias.gguf")   # RoPE, 64
+
+
+def test_context_shift_goes_past_the_context_as_generate_does():
+    # --context-shift: a prompt and max_tokens beyond the 64-token context are served;
+    # each choice shifts its full context as Model.generate(context_shift=True) does,
+    # the same bits, n = 2's forks copying the prompt pages they shared. In a pool too
+    # small for the three requests at once, sequences are swapped out and back
+    # between shifts, and the texts stay the same.
+    prompt = "And God said, Let there be light"
+    s = Server("-m", MODERN, "--mode", "routed", "--context-shift", "--pool-mb", "0.12",
+               "--step-delay", "0.002")   # (the three overlap)
+    try:
+        results = [None] * 3
+
+        def run(k):
+            results[k] = s.complete(prompt=prompt, max_tokens=150, seed=10 * k, n=2)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with moas.Model(MODERN) as m:
+            for k, (status, _, body) in enumerate(results):
+                assert status == 200, body
+                assert body["usage"]["completion_tokens"] == 300
+                for i, c in enumerate(body["choices"]):
+                    assert c["finish_reason"] == "length"
+                    assert c["text"] == m.generate(prompt, 150, seed=10 * k + i,
+                                                   mode="routed", context_shift=True)
+        metrics = s.request("GET", "/metrics")[2]
+        shifts, swaps = (int(re.search(r"^moas_%s_total (\d+)$" % name, metrics, re.M).group(1))
+                         for name in ("context_shifts", "swapped_out"))
+        # 32 + 150 tokens in 64: 4 shifts of 30 a choice
+        assert shifts == 6 * 4 and swaps > 0, (shifts, swaps)
+        assert s.request("GET", "/v1/models")[2]["data"][0]["moas"]["context_shift"] is True
+    finally:
+        s.close()
+    s = Server("-m", MODERN, "--mode", "routed")
+    try:
+        check_error(s.complete(prompt=prompt, max_tokens=40), 400, "context_length_exceeded")
+    finally:
+        s.close()
+
+
+def test_context_shift_on_learned_positions_stops_the_server_at_start():
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
+    r = subprocess.run([sys.executable, "-m", "moas.server", "-m", MODEL, "--port", "0",
+                        "--context-shift"], env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert r.returncode == 1
+    assert "context shift needs a model with RoPE positions (this one has learned " \
+        "positions)" in r.stdout, r.stdout
