@@ -174,6 +174,21 @@ expect_error 1 "is not a moas prompt cache" gen_pc -p "And God" --prompt-cache "
 gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
 grep -q "is empty" "$tmp/pc.err" && [ -s "$pc" ] || fail "empty cache: $(cat "$tmp/pc.err")"
 expect_error 2 "needs --prompt-cache FILE" "$moas" generate -m "$model" -p "A" --prompt-cache-ro
+expect_error 2 "give one of them" "$moas" generate -m "$model" -p "A" --prompt-cache "$pc" \
+    --prompt-cache-ro --prompt-cache-all
+# --prompt-cache-all keeps the generated text too: a prompt that continues the output
+# reuses all of it but its last character (never decoded), and its text is unchanged
+rm -f "$pc"
+out=$(gen_pc -p "And God" --prompt-cache "$pc" --prompt-cache-all 2>"$tmp/pc.err")
+grep -q "36 tokens saved" "$tmp/pc.err" || fail "--prompt-cache-all: $(cat "$tmp/pc.err")"
+want=$("$moas" generate -m "$model" -n 30 --seed 9 --mode routed -p "$out" 2>/dev/null)
+got=$("$moas" generate -m "$model" -n 30 --seed 9 --mode routed -p "$out" --prompt-cache "$pc" 2>"$tmp/pc.err")
+[ "$want" = "$got" ] || fail "--prompt-cache-all: the next turn's text changed"
+grep -q "36 of the prompt's 37 tokens reused, 1 decoded" "$tmp/pc.err" || fail "next turn: $(cat "$tmp/pc.err")"
+# a window that slid is not saved (its keys are not those of a fresh read)
+gen_pc -p "And God" -n 100 --prompt-cache "$tmp/slid.pc" --prompt-cache-all >/dev/null 2>"$tmp/pc.err"
+grep -q "not written: the window slid" "$tmp/pc.err" && [ ! -e "$tmp/slid.pc" ] ||
+    fail "--prompt-cache-all after a slide: $(cat "$tmp/pc.err")"
 
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json" 2>"$tmp/ppl.err"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"

@@ -28,7 +28,7 @@ typedef enum {
     /* generate */
     OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P, OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY,
     OPT_REPEAT_LAST_N, OPT_FREQUENCY_PENALTY, OPT_PRESENCE_PENALTY, OPT_LOGIT_BIAS, OPT_STOP, OPT_SHOW_ROUTES, OPT_NO_WARMUP,
-    OPT_PROMPT_CACHE, OPT_PROMPT_CACHE_RO,
+    OPT_PROMPT_CACHE, OPT_PROMPT_CACHE_RO, OPT_PROMPT_CACHE_ALL,
     /* output */
     OPT_COLOR, OPT_JSON,
     /* perplexity */
@@ -92,6 +92,7 @@ typedef struct {
     int no_warmup;   /* generate: time the first call's one-time costs with the prompt */
     const char *prompt_cache;   /* generate: the prompt's state kept in this file (or NULL) */
     int prompt_cache_ro;        /* ... read, never written */
+    int prompt_cache_all;       /* ... written at the end, the generated text included */
     int color;       /* 1: ANSI colours; default: when stdout is a terminal */
     int json;
     int stride;      /* perplexity: new tokens scored per window (0: consecutive windows) */
@@ -176,9 +177,10 @@ int32_t *tokenize_all(const moas_model *model, const unknown_opt *unk, const cha
  * --force-scheme, -1 for none) and keep of it the tokens the prompt `window` starts with: returns how many (ctx's n_past); when that is
  * n_window, ctx holds the prompt's last logits, otherwise the rest is to be decoded. A
  * missing, empty or unusable cache is a note on stderr and 0; a file that is not a
- * prompt cache at all ends the run (it is not written over). */
+ * prompt cache at all ends the run (it is not written over). `when` says when the run
+ * writes it ("after the prompt"), NULL if never. */
 int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
-                          const int32_t *window, int32_t n_window, int read_only);
+                          const int32_t *window, int32_t n_window, const char *when);
 
 /* Write ctx's state and the tokens it holds to `path`, whole or not at all (a
  * failure is a note on stderr: the run goes on). */

@@ -56,6 +56,9 @@ static void usage(FILE *f) {
             "                          (the same text as without it); written after the\n"
             "                          prompt, made when missing or empty\n"
             "      --prompt-cache-ro   read the cache, never write it\n"
+            "      --prompt-cache-all  write it at the end, with the generated text, so that\n"
+            "                          a prompt continuing the output reuses it too (not\n"
+            "                          once the window slid)\n"
             "      --no-warmup         no untimed call before the prompt (by default two tokens\n"
             "                          are decoded and forgotten while loading, as llama.cpp\n"
             "                          does, so that prompt eval does not time the threads'\n"
@@ -72,7 +75,7 @@ static const opt_id accepted[] = {
     OPT_MODEL, OPT_PROMPT, OPT_FILE, OPT_N_PREDICT, OPT_TEMP, OPT_TOP_K, OPT_TOP_P,
     OPT_MIN_P, OPT_SEED, OPT_REPEAT_PENALTY, OPT_REPEAT_LAST_N, OPT_FREQUENCY_PENALTY,
     OPT_PRESENCE_PENALTY, OPT_LOGIT_BIAS, OPT_STOP,
-    OPT_SHOW_ROUTES, OPT_NO_WARMUP, OPT_PROMPT_CACHE, OPT_PROMPT_CACHE_RO, OPT_COLOR, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN,
+    OPT_SHOW_ROUTES, OPT_NO_WARMUP, OPT_PROMPT_CACHE, OPT_PROMPT_CACHE_RO, OPT_PROMPT_CACHE_ALL, OPT_COLOR, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN,
     OPT_FORCE_SCHEME, OPT_END,
 };
 
@@ -199,8 +202,13 @@ static int run(int argc, char **argv) {
     if (o.prompt == NULL && o.text_path == NULL) {
         usage_error(&moas_cmd_generate, "generate needs a prompt: -p TEXT or -f FILE");
     }
-    if (o.prompt_cache_ro && o.prompt_cache == NULL) {
-        usage_error(&moas_cmd_generate, "--prompt-cache-ro needs --prompt-cache FILE");
+    if ((o.prompt_cache_ro || o.prompt_cache_all) && o.prompt_cache == NULL) {
+        usage_error(&moas_cmd_generate, "--prompt-cache-%s needs --prompt-cache FILE",
+                    o.prompt_cache_ro ? "ro" : "all");
+    }
+    if (o.prompt_cache_ro && o.prompt_cache_all) {
+        usage_error(&moas_cmd_generate, "--prompt-cache-ro never writes the cache and "
+                    "--prompt-cache-all writes it at the end: give one of them");
     }
 
     signal(SIGINT, on_sigint);   /* before anything slow: loading, warming up */
@@ -276,7 +284,10 @@ static int run(int argc, char **argv) {
     const double t_cache = now_seconds();
     const int32_t n_reused =
         o.prompt_cache != NULL
-            ? prompt_cache_load(o.prompt_cache, ctx, o.forced, window, n_window, o.prompt_cache_ro)
+            ? prompt_cache_load(o.prompt_cache, ctx, o.forced, window, n_window,
+                                o.prompt_cache_ro    ? NULL
+                                : o.prompt_cache_all ? "at the end, with the text"
+                                                     : "after the prompt")
             : 0;
     const double t_prompt = now_seconds();
     const int32_t n_prompt_eval = n_window - n_reused;
@@ -286,7 +297,8 @@ static int run(int argc, char **argv) {
                                           MOAS_LOGITS_LAST),
                 "decode");
     const double t_prompt_done = now_seconds();
-    if (prompt_read && o.prompt_cache != NULL && !o.prompt_cache_ro && n_prompt_eval > 0) {
+    if (prompt_read && o.prompt_cache != NULL && !o.prompt_cache_ro && !o.prompt_cache_all &&
+        n_prompt_eval > 0) {
         prompt_cache_save(o.prompt_cache, ctx, o.forced, window, n_window);
     }
     const double t_eval = now_seconds();   /* eval time does not count the cache's writing */
@@ -393,6 +405,18 @@ static int run(int argc, char **argv) {
     free(pending);
     if (cli_line_open) {   /* the text ends a line before anything else is printed */
         put_text("\n", 1);
+    }
+    /* --prompt-cache-all: the tokens decoded, the generated ones too (the window's first
+     * n_past: a token whose decode Ctrl-C stopped is in the window, not the cache). A
+     * window that slid holds keys a fresh read of its tokens would not give. */
+    if (o.prompt_cache_all && prompt_read) {
+        if (n_slides > 0) {
+            fprintf(stderr, "moas: prompt cache '%s' not written: the window slid, and its "
+                    "keys are no longer those of its tokens read from the start\n",
+                    o.prompt_cache);
+        } else if (moas_context_n_past(ctx) > n_reused) {
+            prompt_cache_save(o.prompt_cache, ctx, o.forced, window, moas_context_n_past(ctx));
+        }
     }
 
     timing("load time", t_loaded - t_start + (t_prompt - t_cache), -1, 0);

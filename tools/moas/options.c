@@ -56,6 +56,7 @@ static const opt_name names[] = {
     {"--no-warmup", OPT_NO_WARMUP, 0, "1"},
     {"--prompt-cache", OPT_PROMPT_CACHE, 1, NULL},
     {"--prompt-cache-ro", OPT_PROMPT_CACHE_RO, 0, "1"},
+    {"--prompt-cache-all", OPT_PROMPT_CACHE_ALL, 0, "1"},
     {"--color", OPT_COLOR, 0, "1"},
     {"--no-color", OPT_COLOR, 0, "0"},
     {"--json", OPT_JSON, 0, "1"},
@@ -271,6 +272,7 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
         o->prompt_cache = v;
         break;
     case OPT_PROMPT_CACHE_RO: o->prompt_cache_ro = 1; break;
+    case OPT_PROMPT_CACHE_ALL: o->prompt_cache_all = 1; break;
     case OPT_COLOR: o->color = v[0] == '1'; break;
     case OPT_JSON: o->json = 1; break;
     case OPT_STRIDE: o->stride = (int)parse_long(v, name, 1, 1L << 30); break;

@@ -70,12 +70,12 @@ static const char *parse_cache(const unsigned char *buf, size_t len, int forced,
 }
 
 int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
-                          const int32_t *window, int32_t n_window, int read_only) {
+                          const int32_t *window, int32_t n_window, const char *when) {
     FILE *f = fopen(path, "rb");
     if (f == NULL && errno == ENOENT) {
-        fprintf(stderr, "moas: prompt cache '%s' does not exist yet%s\n", path,
-                read_only ? " (--prompt-cache-ro: it is not written)"
-                          : ": it is written after the prompt");
+        fprintf(stderr, "moas: prompt cache '%s' does not exist yet%s%s\n", path,
+                when == NULL ? " (--prompt-cache-ro: it is not written)" : ": it is written ",
+                when == NULL ? "" : when);
         return 0;
     }
     if (f == NULL) {
@@ -86,8 +86,8 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
     const size_t got = fread(head, 1, sizeof head, f);
     fclose(f);
     if (got == 0) {   /* an empty file (mktemp's) holds nothing to lose */
-        fprintf(stderr, "moas: prompt cache '%s' is empty%s\n", path,
-                read_only ? "" : ": it is written after the prompt");
+        fprintf(stderr, "moas: prompt cache '%s' is empty%s%s\n", path,
+                when == NULL ? "" : ": it is written ", when == NULL ? "" : when);
         return 0;
     }
     if (got < sizeof head || get_u32(head) != CACHE_MAGIC0 || get_u32(head + 4) != CACHE_MAGIC1) {
@@ -98,8 +98,8 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
     unsigned char *buf = (unsigned char *)read_text(path, &len);
     if (len < CACHE_HEADER + 8) {
         free(buf);
-        fprintf(stderr, "moas: prompt cache '%s' not used: it is truncated%s\n", path,
-                read_only ? "" : "; it is written anew after the prompt");
+        fprintf(stderr, "moas: prompt cache '%s' not used: it is truncated%s%s\n", path,
+                when == NULL ? "" : "; it is written anew ", when == NULL ? "" : when);
         return 0;
     }
 
@@ -119,8 +119,8 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
         }
     }
     if (why != NULL) {
-        fprintf(stderr, "moas: prompt cache '%s' not used: %s%s\n", path, why,
-                read_only ? "" : "; it is written anew after the prompt");
+        fprintf(stderr, "moas: prompt cache '%s' not used: %s%s%s\n", path, why,
+                when == NULL ? "" : "; it is written anew ", when == NULL ? "" : when);
         free(buf);
         return 0;
     }
