@@ -162,7 +162,7 @@ class Engine:
                  queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
                  page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
                  steer_below=0.0, forced_scheme=-1, prompt_cache=8, context_shift=False,
-                 deliver=None):
+                 n_ctx=0, deliver=None):
         self.model = model
         self.deliver = deliver
         self._outbox = []                        # (request, event) of this step, for deliver
@@ -182,8 +182,8 @@ class Engine:
         self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
                          n_threads=n_threads, steer_below=steer_below, commit=True)
         self.forced_scheme = forced_scheme
-        self.n_ctx = model.n_ctx_train
-        with self.pool.context(mode=mode, forced_scheme=forced_scheme) as probe:
+        self.n_ctx = n_ctx   # 0: the trained length, until the probe says
+        with self._context() as probe:
             self.n_ctx = probe.n_ctx
             # a token's most: every scheme's heads in mixture mode, the widest scheme's
             # (MHA) in routed mode
@@ -571,7 +571,8 @@ class Engine:
         return "the KV pool is full"
 
     def _context(self):
-        return self.pool.context(mode=self.mode, forced_scheme=self.forced_scheme)
+        return self.pool.context(mode=self.mode, forced_scheme=self.forced_scheme,
+                                 n_ctx=self.n_ctx)
 
     def _free_bytes(self):
         st = self.pool.stats()

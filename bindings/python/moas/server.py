@@ -294,7 +294,8 @@ class Server:
                              kv_type=args.kv_type, step_delay=args.step_delay,
                              steer_below=args.steer_below, forced_scheme=args.force_scheme,
                              prompt_cache=args.prompt_cache,
-                             context_shift=args.context_shift, deliver=self._deliver)
+                             context_shift=args.context_shift, n_ctx=args.ctx_size,
+                             deliver=self._deliver)
         n_ctx = self.engine.n_ctx
         # with context shift a completion may outgrow the context: max_tokens up to the
         # cap given, or 8 contexts' worth
@@ -921,6 +922,9 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=32,
                     help="prompt tokens a sequence reads per step (32)")
     ap.add_argument("-t", "--threads", type=int, default=0, help="decode threads (0: default)")
+    ap.add_argument("-c", "--ctx-size", "--max-model-len", dest="ctx_size", type=int, default=0,
+                    help="each sequence's context in tokens, at most the trained length "
+                    "(0: the trained length; llama.cpp's -c, vLLM's --max-model-len)")
     ap.add_argument("--kv-type", choices=("f32", "f16", "q8_0"), default="f32",
                     help="K/V element type (f32; q8_0: head_dim a multiple of 32)")
     ap.add_argument("--steer-below", type=float, default=0.0,
@@ -972,6 +976,7 @@ def parse_args(argv=None):
               ("--max-body-bytes", args.max_body_bytes >= 1, ">= 1"),
               ("--prefill-chunk", args.prefill_chunk >= 1, ">= 1"),
               ("--threads", args.threads >= 0, ">= 0 (0: the default)"),
+              ("--ctx-size", args.ctx_size >= 0, ">= 0 (0: the trained length)"),
               ("--steer-below", 0 <= args.steer_below <= 1, "in [0, 1]"),
               ("--force-scheme", args.force_scheme >= -1, ">= -1 (-1: the router)"),
               ("--step-delay", args.step_delay >= 0 and math.isfinite(args.step_delay),

@@ -1563,7 +1563,7 @@ def test_streamed_chunks_say_how_many_prompt_chars_changed(server):
     ("--threads", "-2"), ("--steer-below", "1.5"), ("--force-scheme", "-2"),
     ("--pool-mb", "inf"), ("--port", "70000"), ("--max-queue", "-1"),
     ("--send-timeout", "0"), ("--send-timeout", "nan"), ("--max-buffered-events", "0"),
-    ("--body-timeout", "0")])
+    ("--body-timeout", "0"), ("--ctx-size", "-1")])
 def test_numbers_out_of_range_stop_the_server_at_start(option, capsys):
     from moas.server import parse_args
     with pytest.raises(SystemExit) as e:
@@ -1702,3 +1702,31 @@ def test_context_shift_on_learned_positions_stops_the_server_at_start():
     assert r.returncode == 1
     assert "context shift needs a model with RoPE positions (this one has learned " \
         "positions)" in r.stdout, r.stdout
+
+
+def test_ctx_size_bounds_each_sequence():
+    # -c 32 on a model trained at 64: requests are refused past 32 tokens, and with
+    # --context-shift they shift at 32, as Model.generate(n_ctx=32) does
+    prompt = "And God said, "
+    s = Server("-m", MODERN, "--mode", "routed", "-c", "32")
+    try:
+        assert s.request("GET", "/v1/models")[2]["data"][0]["max_model_len"] == 32
+        check_error(s.complete(prompt=prompt, max_tokens=19), 400, "context_length_exceeded")
+        status, _, body = s.complete(prompt=prompt, max_tokens=18, seed=2)
+        assert status == 200, body
+        with moas.Model(MODERN) as m:
+            assert body["choices"][0]["text"] == m.generate(prompt, 18, seed=2, mode="routed",
+                                                            n_ctx=32)
+    finally:
+        s.close()
+    s = Server("-m", MODERN, "--mode", "routed", "--ctx-size", "32", "--context-shift")
+    try:
+        status, _, body = s.complete(prompt=prompt, max_tokens=80, seed=2)
+        assert status == 200, body
+        with moas.Model(MODERN) as m:
+            assert body["choices"][0]["text"] == m.generate(
+                prompt, 80, seed=2, mode="routed", n_ctx=32, context_shift=True)
+            assert body["choices"][0]["text"] != m.generate(
+                prompt, 80, seed=2, mode="routed", context_shift=True)   # 64 shifts later
+    finally:
+        s.close()
