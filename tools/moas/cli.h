@@ -174,11 +174,12 @@ int32_t *tokenize_all(const moas_model *model, const unknown_opt *unk, const cha
 /* ---- the prompt cache (prompt_cache.c) ------------------------------------------ */
 
 /* Load the prompt cache at `path` into ctx (fresh, nothing decoded; `forced` its
- * --force-scheme, -1 for none) and keep of it the tokens the prompt `window` starts with: returns how many (ctx's n_past); when that is
- * n_window, ctx holds the prompt's last logits, otherwise the rest is to be decoded. A
- * missing, empty or unusable cache is a note on stderr and 0; a file that is not a
- * prompt cache at all ends the run (it is not written over). `when` says when the run
- * writes it ("after the prompt"), NULL if never. */
+ * --force-scheme, -1 for none) and keep of it the tokens the prompt `window` starts
+ * with: returns how many (ctx's n_past); when that is n_window, ctx holds the prompt's
+ * last logits, otherwise the rest is to be decoded. A missing, empty or unusable cache
+ * is a note on stderr and 0; a file that is not a prompt cache at all ends the run (it
+ * is not written over). `when` says when the run writes it ("after the prompt"), NULL
+ * if never. */
 int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
                           const int32_t *window, int32_t n_window, const char *when);
 
