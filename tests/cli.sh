@@ -189,6 +189,18 @@ grep -q "36 of the prompt's 37 tokens reused, 1 decoded" "$tmp/pc.err" || fail "
 gen_pc -p "And God" -n 100 --prompt-cache "$tmp/slid.pc" --prompt-cache-all >/dev/null 2>"$tmp/pc.err"
 grep -q "not written: the window slid" "$tmp/pc.err" && [ ! -e "$tmp/slid.pc" ] ||
     fail "--prompt-cache-all after a slide: $(cat "$tmp/pc.err")"
+# what is not a file is not a cache: a directory (it read as empty), a FIFO (its open
+# would wait for a writer) or a device (/dev/null read as empty, then renamed over)
+mkdir "$tmp/pc.dir"
+expect_error 1 "it is a directory, not a file" gen_pc -p "And God" --prompt-cache "$tmp/pc.dir"
+[ -d "$tmp/pc.dir" ] || fail "--prompt-cache replaced a directory"
+if mkfifo "$tmp/pc.fifo" 2>/dev/null; then
+    expect_error 1 "it is a FIFO, not a file" gen_pc -p "And God" --prompt-cache "$tmp/pc.fifo"
+fi
+if mknod "$tmp/pc.null" c 1 3 2>/dev/null; then   # as root only
+    expect_error 1 "it is a device or a socket, not a file" gen_pc -p "And God" --prompt-cache "$tmp/pc.null"
+    [ -c "$tmp/pc.null" ] || fail "--prompt-cache replaced a device with a file"
+fi
 
 "$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl.json" 2>"$tmp/ppl.err"
 python3 - "$tmp/ppl.json" <<'PY' || fail "perplexity --json"

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define CACHE_MAGIC0 0x53414f4du   /* "MOAS" */
@@ -71,6 +72,16 @@ static const char *parse_cache(const unsigned char *buf, size_t len, int forced,
 
 int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
                           const int32_t *window, int32_t n_window, const char *when) {
+    /* only a file can be a cache: a directory would read as empty, a FIFO would block,
+     * and a device such as /dev/null would read as empty and then be renamed over */
+    struct stat file;
+    if (stat(path, &file) == 0 && !S_ISREG(file.st_mode)) {
+        die("'%s' is not a moas prompt cache: it is %s, not a file; it is neither read nor "
+            "written over (name a file)", path,
+            S_ISDIR(file.st_mode)    ? "a directory"
+            : S_ISFIFO(file.st_mode) ? "a FIFO"
+                                     : "a device or a socket");
+    }
     FILE *f = fopen(path, "rb");
     if (f == NULL && errno == ENOENT) {
         fprintf(stderr, "moas: prompt cache '%s' does not exist yet%s%s\n", path,
