@@ -189,6 +189,19 @@ grep -q "36 of the prompt's 37 tokens reused, 1 decoded" "$tmp/pc.err" || fail "
 gen_pc -p "And God" -n 100 --prompt-cache "$tmp/slid.pc" --prompt-cache-all >/dev/null 2>"$tmp/pc.err"
 grep -q "not written: the window slid" "$tmp/pc.err" && [ ! -e "$tmp/slid.pc" ] ||
     fail "--prompt-cache-all after a slide: $(cat "$tmp/pc.err")"
+# a cache behind a symbolic link is updated where it is, the link kept (relative links
+# too, and one to a cache not made yet)
+mkdir "$tmp/pc.elsewhere"
+gen_pc -p "And God" --prompt-cache "$tmp/pc.elsewhere/real" >/dev/null 2>&1
+ln -s pc.elsewhere/real "$tmp/pc.link"
+ln -s "$tmp/pc.elsewhere/later" "$tmp/pc.dangling"
+cp "$tmp/pc.elsewhere/real" "$tmp/pc.before"
+gen_pc -p "And God said" --prompt-cache "$tmp/pc.link" >/dev/null 2>"$tmp/pc.err"
+grep -q "7 of the prompt's 12 tokens reused" "$tmp/pc.err" || fail "cache behind a link: $(cat "$tmp/pc.err")"
+[ -L "$tmp/pc.link" ] || fail "--prompt-cache replaced a symbolic link with a file"
+cmp -s "$tmp/pc.elsewhere/real" "$tmp/pc.before" && fail "the cache behind a link was not updated"
+gen_pc -p "And God" --prompt-cache "$tmp/pc.dangling" >/dev/null 2>&1
+[ -L "$tmp/pc.dangling" ] && [ -s "$tmp/pc.elsewhere/later" ] || fail "a link to a cache not made yet"
 # what is not a file is not a cache: a directory (it read as empty), a FIFO (its open
 # would wait for a writer) or a device (/dev/null read as empty, then renamed over)
 mkdir "$tmp/pc.dir"

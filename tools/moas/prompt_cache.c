@@ -162,6 +162,39 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
     return keep;
 }
 
+/* The file that `path` names through its symbolic links, to be written in its place: a
+ * cache kept elsewhere behind a link is updated there, the link left as it is (a rename
+ * onto the link itself would replace it). A string to free. */
+static char *link_target(const char *path) {
+    char *name = strdup(path);
+    for (int hop = 0; name != NULL && hop < 40; hop++) {   /* 40: the kernel's own limit */
+        struct stat file;
+        char target[4096];
+        if (lstat(name, &file) != 0 || !S_ISLNK(file.st_mode)) {
+            return name;
+        }
+        const ssize_t n = readlink(name, target, sizeof target - 1);
+        if (n < 0 || (size_t)n == sizeof target - 1) {
+            return name;   /* unreadable or too long: the link itself, as before */
+        }
+        target[n] = '\0';
+        const char *slash = strrchr(name, '/');
+        /* a relative target is relative to the link's directory */
+        const size_t dir = target[0] == '/' || slash == NULL ? 0 : (size_t)(slash - name) + 1;
+        char *next = malloc(dir + (size_t)n + 1);
+        if (next != NULL) {
+            memcpy(next, name, dir);
+            memcpy(next + dir, target, (size_t)n + 1);
+        }
+        free(name);
+        name = next;
+    }
+    if (name == NULL) {
+        die("out of memory writing the prompt cache");
+    }
+    return name;
+}
+
 void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
                        const int32_t *window, int32_t n_window) {
     /* written whole to a file beside it, then renamed over it: a reader, or a run
@@ -173,7 +206,8 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
     }
     const size_t len = CACHE_HEADER + (size_t)n_window * 4 + 8 + n_state;
     unsigned char *buf = malloc(len);
-    char *tmp = malloc(strlen(path) + 8);
+    char *file = link_target(path);
+    char *tmp = malloc(strlen(file) + 8);
     if (buf == NULL || tmp == NULL) {
         die("out of memory writing the prompt cache");
     }
@@ -191,7 +225,7 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
     size_t written = 0;
     check(moas_context_state_save(ctx, p + 8, n_state, &written), "prompt cache");
 
-    sprintf(tmp, "%s.XXXXXX", path);
+    sprintf(tmp, "%s.XXXXXX", file);
     const int fd = mkstemp(tmp);
     FILE *f = fd < 0 ? NULL : fdopen(fd, "wb");
     const char *failed = NULL;
@@ -205,7 +239,7 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
         const int err = errno;
         if (fclose(f) != 0 || bad) {
             failed = strerror(bad ? err : errno);
-        } else if (rename(tmp, path) != 0) {
+        } else if (rename(tmp, file) != 0) {
             failed = strerror(errno);
         }
     }
@@ -220,5 +254,6 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
                 cli_note_start(), path, n_window, len);
     }
     free(tmp);
+    free(file);
     free(buf);
 }
