@@ -189,6 +189,14 @@ grep -q "36 of the prompt's 37 tokens reused, 1 decoded" "$tmp/pc.err" || fail "
 gen_pc -p "And God" -n 100 --prompt-cache "$tmp/slid.pc" --prompt-cache-all >/dev/null 2>"$tmp/pc.err"
 grep -q "not written: the window slid" "$tmp/pc.err" && [ ! -e "$tmp/slid.pc" ] ||
     fail "--prompt-cache-all after a slide: $(cat "$tmp/pc.err")"
+# the cache is made as any file the run writes (umask), and keeps the permissions of
+# the one it replaces (not the temporary file's 0600)
+rm -f "$pc"
+(umask 022 && gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>&1)
+[ "$(ls -l "$pc" | cut -c1-10)" = "-rw-r--r--" ] || fail "a new cache is $(ls -l "$pc")"
+chmod 640 "$pc"
+gen_pc -p "And God said" --prompt-cache "$pc" >/dev/null 2>&1
+[ "$(ls -l "$pc" | cut -c1-10)" = "-rw-r-----" ] || fail "a rewritten cache is $(ls -l "$pc")"
 # a cache behind a symbolic link is updated where it is, the link kept (relative links
 # too, and one to a cache not made yet)
 mkdir "$tmp/pc.elsewhere"

@@ -226,8 +226,14 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
     check(moas_context_state_save(ctx, p + 8, n_state, &written), "prompt cache");
 
     sprintf(tmp, "%s.XXXXXX", file);
+    /* mkstemp's file is private (0600); the cache keeps the permissions of the one it
+     * replaces, or a new file's (0666 less the umask), as a plain fopen would give it */
+    struct stat old;
+    const mode_t mask = umask(0);
+    umask(mask);
+    const mode_t mode = stat(file, &old) == 0 ? old.st_mode & 07777 : 0666 & ~mask;
     const int fd = mkstemp(tmp);
-    FILE *f = fd < 0 ? NULL : fdopen(fd, "wb");
+    FILE *f = fd < 0 || fchmod(fd, mode) != 0 ? NULL : fdopen(fd, "wb");
     const char *failed = NULL;
     if (f == NULL) {
         failed = strerror(errno);
