@@ -197,6 +197,15 @@ rm -f "$pc"
 chmod 640 "$pc"
 gen_pc -p "And God said" --prompt-cache "$pc" >/dev/null 2>&1
 [ "$(ls -l "$pc" | cut -c1-10)" = "-rw-r-----" ] || fail "a rewritten cache is $(ls -l "$pc")"
+# a cache named "-" is that file, not stdin (the magic was checked in the file, the rest
+# was read from stdin)
+gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>&1
+cp "$pc" "$tmp/-"
+case $moas in /*) moas_path=$moas ;; *) moas_path=$PWD/$moas ;; esac
+model_path=$PWD/$model
+(cd "$tmp" && "$moas_path" generate -m "$model_path" -n 30 --seed 3 --mode routed \
+    -p "And God said" --prompt-cache - </dev/null >/dev/null 2>"$tmp/pc.err")
+grep -q "7 of the prompt's 12 tokens reused" "$tmp/pc.err" || fail "a cache named -: $(cat "$tmp/pc.err")"
 # a cache behind a symbolic link is updated where it is, the link kept (relative links
 # too, and one to a cache not made yet)
 mkdir "$tmp/pc.elsewhere"

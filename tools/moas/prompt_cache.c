@@ -95,18 +95,35 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
     /* the magic first: a file of something else is not read whole */
     unsigned char head[8];
     const size_t got = fread(head, 1, sizeof head, f);
-    fclose(f);
     if (got == 0) {   /* an empty file (mktemp's) holds nothing to lose */
+        fclose(f);
         fprintf(stderr, "moas: prompt cache '%s' is empty%s%s\n", path,
                 when == NULL ? "" : ": it is written ", when == NULL ? "" : when);
         return 0;
     }
     if (got < sizeof head || get_u32(head) != CACHE_MAGIC0 || get_u32(head + 4) != CACHE_MAGIC1) {
+        fclose(f);
         die("'%s' is not a moas prompt cache: it is neither read nor written over (remove it "
             "or name another file)", path);
     }
-    size_t len;
-    unsigned char *buf = (unsigned char *)read_text(path, &len);
+    /* the rest through the same handle: the bytes parsed are those of the file whose
+     * magic was checked (opening the path again would find whatever a concurrent run
+     * renamed there since, and read_text takes "-" for stdin) */
+    struct stat opened;
+    if (fstat(fileno(f), &opened) != 0) {
+        die("cannot read the prompt cache '%s': %s", path, strerror(errno));
+    }
+    size_t len = opened.st_size > (off_t)sizeof head ? (size_t)opened.st_size : sizeof head;
+    unsigned char *buf = malloc(len);
+    if (buf == NULL) {
+        die("out of memory reading the prompt cache '%s' (%zu bytes)", path, len);
+    }
+    memcpy(buf, head, sizeof head);
+    len = sizeof head + fread(buf + sizeof head, 1, len - sizeof head, f);
+    if (ferror(f)) {
+        die("cannot read the prompt cache '%s': %s", path, strerror(errno));
+    }
+    fclose(f);
     if (len < CACHE_HEADER + 8) {
         free(buf);
         fprintf(stderr, "moas: prompt cache '%s' not used: it is truncated%s%s\n", path,
