@@ -199,8 +199,9 @@ class Engine:
             if not rope or self.shift[1] == 0:
                 self.pool.close()
                 raise MoasError(Status.ERR_INVALID_ARG, "context shift needs a model with "
-                                "RoPE positions (this one has %s) and a context of 2 "
-                                "tokens or more" % ("RoPE" if rope else "learned positions"))
+                                "RoPE positions and a context of 2 tokens or more (this "
+                                "one has %s)" % ("a context of 1" if rope
+                                                 else "learned positions"))
         st = self.pool.stats()
         self.page_bytes = st.page_bytes
         streams = model.n_layer * (model.n_scheme if mode == "mixture" else 1)

@@ -940,8 +940,9 @@ def parse_args(argv=None):
     ap.add_argument("--context-shift", action="store_true",
                     help="RoPE models: a sequence whose context is full drops the half "
                     "after its first 4 tokens and goes on (keys turned back, nothing "
-                    "read again), so a prompt and max_tokens may exceed the context, "
-                    "as llama.cpp's server allows (off: such a request is refused)")
+                    "read again), so prompt + max_tokens may exceed the context (the "
+                    "prompt itself still fits in it), as llama.cpp's server allows (off: "
+                    "such a request is refused)")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step (slow motion for demos, tests)")
     args = ap.parse_args(argv)

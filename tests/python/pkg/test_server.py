@@ -1700,8 +1700,8 @@ def test_context_shift_on_learned_positions_stops_the_server_at_start():
                         "--context-shift"], env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert r.returncode == 1
-    assert "context shift needs a model with RoPE positions (this one has learned " \
-        "positions)" in r.stdout, r.stdout
+    assert "context shift needs a model with RoPE positions and a context of 2 tokens " \
+        "or more (this one has learned positions)" in r.stdout, r.stdout
 
 
 def test_ctx_size_bounds_each_sequence():
