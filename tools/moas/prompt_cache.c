@@ -258,7 +258,9 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
             close(fd);
         }
     } else {
-        const int bad = fwrite(buf, 1, len, f) != len;
+        /* on the disk before the rename: after a crash the path holds the old cache or
+         * the new one, not a renamed file whose bytes never arrived */
+        const int bad = fwrite(buf, 1, len, f) != len || fflush(f) != 0 || fsync(fd) != 0;
         const int err = errno;
         if (fclose(f) != 0 || bad) {
             failed = strerror(bad ? err : errno);
