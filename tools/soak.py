@@ -55,7 +55,7 @@ BAD_FIELDS = [{"prompt": "x", "temprature": 1}, {"prompt": "x", "max_tokens": "5
               {"prompt": "x\u20ac"}, {"prompt": "x", "echo": 1}, {"prompt": []},
               {"prompt": "a" * 100, "max_tokens": 100}, {"prompt": "x", "cache_salt": ""},
               {"prompt": "x", "stream_options": {"include_usage": True}},
-              {"prompt": "x", "logit_bias": {"05": 1, "5": 2}}, {"prompt": [1, 2]},
+              {"prompt": "x", "logit_bias": {"05": 1, "5": 2}}, {"prompt": [1, "a"]},
               {"prompt": "x", "seed": -1}, {"prompt": "x", "max_tokens": 1000}]
 KINDS = [("stream", 18), ("whole", 12), ("fork_whole", 6), ("fork_stream", 4),
          ("stop", 8), ("logprobs", 8), ("long", 8), ("conversation", 6), ("cut_stream", 6),

@@ -154,11 +154,17 @@ def parse_completion(body, cfg):
     if body.get("prompt") is None:   # null is absence, as for every field
         raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
     prompts = body["prompt"]
-    if isinstance(prompts, str):
+    # OpenAI's four shapes: a string, a list of strings, a list of token ids (one
+    # prompt), a list of such lists; a prompt of ids is read as given (vLLM's, and
+    # lm-evaluation-harness's tokenized requests)
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                    and all(_is_int(t) for t in prompts)):
         prompts = [prompts]
-    if not (isinstance(prompts, list) and all(isinstance(t, str) for t in prompts)):
-        raise ApiError(400, "'prompt' must be a string or a list of strings",
-                       param="prompt", code="invalid_type")
+    if not (isinstance(prompts, list) and (
+            all(isinstance(t, str) for t in prompts) or
+            all(isinstance(t, list) and all(_is_int(i) for i in t) for t in prompts))):
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token "
+                       "ids or a list of lists of them", param="prompt", code="invalid_type")
     if not prompts:   # as an empty string is
         raise ApiError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
     if len(prompts) > cfg["max_prompts"]:
@@ -169,6 +175,8 @@ def parse_completion(body, cfg):
         which = "'prompt'" if len(prompts) == 1 else "'prompt' %d" % k
         if not prompt:
             raise ApiError(400, "%s is empty" % which, param="prompt", code="invalid_value")
+        if isinstance(prompt, list):   # token ids: checked against the model's vocabulary
+            continue
         bad = _bad_text(prompt)
         if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
             raise ApiError(400, "%s has %s" % (which, bad), param="prompt",
@@ -637,11 +645,9 @@ class Server:
             for req in reqs:
                 self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
 
-    def _prompt_part(self, p, k, text):
-        """Prompt k of the request tokenized and checked: its ids, how many characters
-        unknown_chars changed, its tokens' texts (echo, logprobs) and their length
-        (logprobs' text_offset counts from the prompt's start, as OpenAI's does)."""
-        which = "the prompt" if len(p["prompts"]) == 1 else "prompt %d" % k
+    def _tokenize_prompt(self, p, which, text):
+        """A prompt's text as token ids under unknown_chars, and how many characters that
+        changed."""
         try:
             ids, changed = self.model.tokenize_ex(text, unknown=p["unknown"])
         except MoasError as e:
@@ -652,6 +658,22 @@ class Server:
         if not ids:
             raise ApiError(400, "%s has no character in the vocabulary" % which,
                            param="prompt", code="invalid_value")
+        return ids, changed
+
+    def _prompt_part(self, p, k, text):
+        """Prompt k of the request tokenized and checked: its ids, how many characters
+        unknown_chars changed, its tokens' texts (echo, logprobs) and their length
+        (logprobs' text_offset counts from the prompt's start, as OpenAI's does)."""
+        which = "the prompt" if len(p["prompts"]) == 1 else "prompt %d" % k
+        if isinstance(text, list):   # token ids, read as they are
+            bad = next((t for t in text if not 0 <= t < self.model.n_vocab), None)
+            if bad is not None:
+                raise ApiError(400, "%s has %d, not a token id in [0, %d)"
+                               % (which, bad, self.model.n_vocab), param="prompt",
+                               code="invalid_value")
+            ids, changed = list(text), 0
+        else:
+            ids, changed = self._tokenize_prompt(p, which, text)
         if len(ids) > self.cfg["max_prompt_chars"]:
             raise ApiError(400, "%s is %d tokens (characters in the vocabulary), this "
                            "server takes at most %d" % (which, len(ids),

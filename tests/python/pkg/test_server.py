@@ -250,7 +250,7 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     for field, value in (("max_tokens", "5"), ("max_tokens", 2.5), ("max_tokens", True),
                          ("temperature", "hot"), ("top_p", 0), ("top_k", -1),
                          ("stream", "yes"), ("n", 0), ("seed", -1), ("stop", [1]),
-                         ("prompt", 42), ("prompt", [[1, 2]]), ("routes", 1),
+                         ("prompt", 42), ("prompt", [[1, "a"]]), ("routes", 1),
                          ("logit_bias", {"x": 1}), ("unknown_chars", "keep"),
                          ("min_p", 2), ("repetition_penalty", 0), ("top_k", 2**40),
                          ("repeat_last_n", -3), ("temperature", float("nan"))):
@@ -263,7 +263,7 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     # what docs/SERVING.md lists as not supported
     check_error(server.request("POST", "/v1/chat/completions", {
         "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
-    for prompt in ([1, 2], ["And", 2], [["And"]]):
+    for prompt in ([1, "And"], ["And", 2], [["And"]], [[1], "And"], [True, 1], [1.0]):
         check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
     check_error(server.complete(prompt=None, max_tokens=1), 400, "missing_field", "prompt")
     check_error(server.complete(prompt=[], max_tokens=1), 400, "invalid_value", "prompt")
@@ -1730,3 +1730,31 @@ def test_ctx_size_bounds_each_sequence():
                 prompt, 80, seed=2, mode="routed", context_shift=True)   # 64 shifts later
     finally:
         s.close()
+
+
+def test_prompts_of_token_ids_are_the_prompts_they_spell(server, model):
+    # OpenAI's other prompt shapes: a list of token ids is the prompt those ids spell,
+    # a list of such lists a prompt list; the answers are the same bits, echo included
+    ids = model.tokenize(PROMPT)
+    body = dict(max_tokens=12, seed=3, logprobs=2, echo=True)
+    status, _, by_text = server.complete(prompt=PROMPT, **body)
+    assert status == 200, by_text
+    status, _, by_ids = server.complete(prompt=ids, **body)
+    assert status == 200, by_ids
+    assert by_ids["choices"] == by_text["choices"] and by_ids["usage"] == by_text["usage"]
+    other = "In the beginning"
+    status, _, listed = server.complete(prompt=[ids, model.tokenize(other)], max_tokens=8,
+                                        seed=5)
+    assert status == 200, listed
+    status, _, strings = server.complete(prompt=[PROMPT, other], max_tokens=8, seed=5)
+    assert [c["text"] for c in listed["choices"]] == [c["text"] for c in strings["choices"]]
+    for bad in ([model.n_vocab], [0, -1]):
+        err = check_error(server.complete(prompt=bad, max_tokens=1), 400, "invalid_value",
+                          "prompt")
+        assert "not a token id in [0, %d)" % model.n_vocab in err["message"]
+    err = check_error(server.complete(prompt=[ids, [5, model.n_vocab + 3]], max_tokens=1),
+                      400, "invalid_value", "prompt")
+    assert "prompt 1 has %d" % (model.n_vocab + 3) in err["message"]
+    check_error(server.complete(prompt=[[]], max_tokens=1), 400, "invalid_value", "prompt")
+    check_error(server.complete(prompt=[1] * 65, max_tokens=1), 400, "prompt_too_long",
+                "prompt")
