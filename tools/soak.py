@@ -17,6 +17,11 @@ large (413), unknown paths and methods; /metrics, /v1/pool and /health are polle
 Every --idle-every seconds the clients pause: once the server is idle its pool is
 read, the prompt cache cleared, and every page must be free. RSS every --rss-every s.
 
+With --context-shift the server runs pooled-rope-kjv-1k with -c 128 --context-shift,
+and "shift" requests (prompts of 20-128 characters, max_tokens 100-300) go past the
+context: their texts are checked against Model.generate(context_shift=True, n_ctx=128)
+and moas_context_shifts_total against the shifts their answers imply.
+
 At the end: moas_requests_total{status}, generated tokens and disconnects against
 what the clients saw and told, a deterministic request before and after the storm,
 a sample of the answers against Model.generate (same seed: equal text, a cut stream
@@ -57,11 +62,24 @@ BAD_FIELDS = [{"prompt": "x", "temprature": 1}, {"prompt": "x", "max_tokens": "5
               {"prompt": "x", "stream_options": {"include_usage": True}},
               {"prompt": "x", "logit_bias": {"05": 1, "5": 2}}, {"prompt": [1, "a"]},
               {"prompt": "x", "seed": -1}, {"prompt": "x", "max_tokens": 1000}]
+# with --context-shift a prompt and max_tokens past the context are served: what is
+# still refused is max_tokens above the cap (8 contexts) and a prompt above the context
+SHIFT_BAD_FIELDS = [f for f in BAD_FIELDS if "max_tokens" not in f] + [
+    {"prompt": "a" * 100, "max_tokens": 8 * N_CTX + 1}, {"prompt": "x", "max_tokens": 10**6},
+    {"prompt": "a" * (N_CTX + 1), "max_tokens": 1}]
 KINDS = [("stream", 18), ("whole", 12), ("fork_whole", 6), ("fork_stream", 4),
          ("stop", 8), ("logprobs", 8), ("long", 8), ("conversation", 6), ("cut_stream", 6),
          ("cut_body", 3), ("drop_before_read", 4), ("stall_body", 1), ("bad_json", 3),
          ("bad_field", 5), ("too_large", 1), ("not_found", 1), ("bad_method", 1),
          ("keepalive", 4), ("echo", 5), ("list", 5)]
+SHIFT_KINDS = [("shift", 12)]   # added with --context-shift
+
+
+def shifts(prompt_tokens, decodes):
+    """Context shifts of a choice that decodes this many tokens after its prompt (the
+    server's and Model.generate's: 4 kept, (N_CTX - 4) // 2 dropped at each)."""
+    over = decodes - (N_CTX - prompt_tokens)
+    return 0 if over <= 0 else -(-over // ((N_CTX - 4) // 2))
 
 
 def rss_kb(pid):
@@ -197,6 +215,8 @@ class Soak:
         self.hits = self.cached = 0              # answers with cached tokens, and those
         self.convs = collections.deque(maxlen=32)
         self.checks = []                         # (body, texts, cut) for Model.generate
+        self.shifts = 0                          # shifts the finished answers imply
+        self.shifts_most = 0                     # at most this many, all requests sent
         self.n_sent = 0
         self.in_flight = 0
         self.gate = asyncio.Event()
@@ -220,6 +240,8 @@ class Soak:
         rng = self.rng
         if kind == "long":
             plen = rng.randint(80, 112)
+        elif kind == "shift":
+            plen = rng.randint(20, 100) if rng.random() < 0.9 else rng.randint(101, N_CTX)
         else:
             plen = rng.randint(4, 60)
         start = rng.randrange(len(self.text) - plen)
@@ -235,13 +257,20 @@ class Soak:
             if len(prev) + more < 100:
                 start = rng.randrange(len(self.text) - more)
                 prompt = prev + self.text[start:start + more]
-        room = N_CTX - len(prompt)
+        room = N_CTX - len(prompt)   # 0 for a shift request's longest: set below
         b = {"prompt": prompt, "seed": rng.randrange(2**31),
              "temperature": rng.choice([0, 0.5, 0.8, 1.0]),
              "max_tokens": room if kind == "long" else rng.randint(0 if rng.random() < 0.03
-                                                                   else 1, min(64, room))}
+                                                                   else 1, min(64, max(room, 1)))}
         if kind == "cut_stream":
             b["max_tokens"] = min(room, rng.randint(40, 64))
+        if kind == "shift":   # past the context
+            b["max_tokens"] = rng.randint(100, 300)
+            b["n"] = rng.choice([1, 1, 2, 3])
+            if rng.random() < 0.25:
+                b["stop"] = rng.sample(STOPS, rng.randint(1, 2))
+            if rng.random() < 0.1:
+                b["echo"] = True
         if salt is not None:
             b["cache_salt"] = salt
         if rng.random() < 0.25:
@@ -279,8 +308,10 @@ class Soak:
             b["echo"] = rng.random() < 0.3
         stream = kind in ("stream", "fork_stream", "cut_stream") or (
             kind in ("stop", "logprobs", "long", "conversation", "drop_before_read", "echo",
-                     "list")
+                     "list", "shift")
             and rng.random() < 0.5)
+        prompts = b["prompt"] if isinstance(b["prompt"], list) else [b["prompt"]]
+        self.shifts_most += sum(shifts(len(p), b["max_tokens"]) for p in prompts) * b.get("n", 1)
         if stream:
             b["stream"] = True
             # usage is what counts the tokens of a stream with a stop string
@@ -295,7 +326,8 @@ class Soak:
             r = await post(rng.choice(BAD_JSON))
             return r, 400
         if kind == "bad_field":
-            r = await post(json.dumps(rng.choice(BAD_FIELDS)).encode())
+            r = await post(json.dumps(rng.choice(
+                SHIFT_BAD_FIELDS if self.args.context_shift else BAD_FIELDS)).encode())
             return r, 400
         if kind == "too_large":
             r = await post(json.dumps({"prompt": "a" * (self.args.max_body + 10)}).encode())
@@ -381,6 +413,11 @@ class Soak:
         def check(texts, cut):
             for k, prompt in enumerate(prompts):
                 self.checks.append((dict(body, prompt=prompt), texts[k * n:(k + 1) * n], cut))
+                # a choice of G characters decoded at least its first G - 1 (a stop
+                # string's held back or cut text only adds to them)
+                if not cut:
+                    self.shifts += sum(shifts(len(prompt), len(t) - 1)
+                                       for t in texts[k * n:(k + 1) * n])
 
         if "texts" in r:   # a stream
             texts = unechoed([r["texts"].get(i, "") for i in range(n_choices)])
@@ -419,11 +456,12 @@ class Soak:
             self.cached += usage["prompt_tokens_details"]["cached_tokens"]
             self.hits += usage["prompt_tokens_details"]["cached_tokens"] > 0
         check(texts, False)
-        if n_choices == 1 and "stop" not in body:
+        if n_choices == 1 and "stop" not in body and kind != "shift":
             self.convs.append((prompts[0] + texts[0], body.get("cache_salt")))
 
     async def worker(self):
-        kinds, weights = zip(*[(k, w) for k, w in KINDS
+        kinds, weights = zip(*[(k, w) for k, w in KINDS + (SHIFT_KINDS if
+                                                          self.args.context_shift else [])
                                if not self.args.kinds or k in self.args.kinds.split(",")])
         while not self.stopping:
             await self.gate.wait()
@@ -602,8 +640,15 @@ async def storm(soak, args):
         soak.problems.append("%d disconnects counted, %d to %d clients left" % (
             report["disconnects"], left, left_at_most))
     for name in ("swapped_out", "resumed", "forks", "prompt_cache_hits",
-                 "prompt_cache_evictions", "decode_steps"):
+                 "prompt_cache_evictions", "decode_steps", "context_shifts"):
         report[name] = int(m["moas_%s_total" % name])
+    # shifts: at least those the finished answers imply, at most those of every request
+    # sent decoding all its max_tokens (cut, abandoned and stopped ones fewer)
+    report["context_shifts_told"] = [soak.shifts, soak.shifts_most]
+    if not soak.shifts <= report["context_shifts"] <= soak.shifts_most:
+        soak.problems.append("%d context shifts counted, the clients' answers imply %d "
+                             "to %d" % (report["context_shifts"], soak.shifts,
+                                        soak.shifts_most))
     # every answer that says cached_tokens was a hit; cancelled requests hit too
     report["prompt_cache_hits_told"] = [soak.hits, soak.cached]
     if not (soak.hits <= report["prompt_cache_hits"] and soak.cached
@@ -672,7 +717,14 @@ async def shutdown_under_load(soak, args):
 def verify(soak, args, model):
     """Answers against Model.generate (same seed and sampling): a sample of them."""
     rng = random.Random(args.seed + 1)
-    sample = rng.sample(soak.checks, min(args.verify, len(soak.checks)))
+    shift = dict(n_ctx=N_CTX, context_shift=True) if args.context_shift else {}
+    if shift:   # half of them past the context: they are fewer, and what is new
+        past = [c for c in soak.checks if len(c[0]["prompt"]) + c[0]["max_tokens"] > N_CTX]
+        rest = [c for c in soak.checks if len(c[0]["prompt"]) + c[0]["max_tokens"] <= N_CTX]
+        sample = rng.sample(past, min(args.verify // 2, len(past)))
+        sample += rng.sample(rest, min(args.verify - len(sample), len(rest)))
+    else:
+        sample = rng.sample(soak.checks, min(args.verify, len(soak.checks)))
     bad = 0
     for body, texts, cut in sample:
         kw = {k: body[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in body}
@@ -680,25 +732,27 @@ def verify(soak, args, model):
             kw["repeat_penalty"] = body["repetition_penalty"]
         for i, text in enumerate(texts):
             want = model.generate(body["prompt"], body["max_tokens"], seed=body["seed"] + i,
-                                  stop=body.get("stop", ()), mode=args.mode, **kw)
+                                  stop=body.get("stop", ()), mode=args.mode, **kw, **shift)
             if (not want.startswith(text)) if cut else text != want:
                 bad += 1
                 soak.problems.append("text differs from Model.generate: %r %r != %r"
                                      % (body, text, want))
     want = model.generate(DETERMINISTIC["prompt"], DETERMINISTIC["max_tokens"],
                           seed=DETERMINISTIC["seed"],
-                          temperature=DETERMINISTIC["temperature"], mode=args.mode)
+                          temperature=DETERMINISTIC["temperature"], mode=args.mode, **shift)
     if soak.deterministic_texts != {want}:
         bad += 1
         soak.problems.append("the deterministic request: %r, Model.generate %r"
                              % (soak.deterministic_texts, want))
-    return {"checked": len(sample), "differ": bad}
+    return {"checked": len(sample), "differ": bad,
+            "past_the_context": sum(len(b["prompt"]) + b["max_tokens"] > N_CTX
+                                    for b, _, _ in sample)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-m", "--model", default=os.path.join(ROOT, "models",
-                                                          "pooled-kjv-kvinit.gguf"))
+    ap.add_argument("-m", "--model", help="(pooled-kjv-kvinit, pooled-rope-kjv-1k with "
+                    "--context-shift)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load (60)")
     ap.add_argument("--max-requests", type=int, default=100000, help="at most (100000)")
     ap.add_argument("--workers", type=int, default=28, help="concurrent clients (28)")
@@ -706,26 +760,37 @@ def main():
                     help="seconds between idle checkpoints (120)")
     ap.add_argument("--rss-every", type=float, default=15.0, help="RSS sample period (15)")
     ap.add_argument("--mode", choices=("routed", "mixture"), default="routed")
-    ap.add_argument("--pool-mb", type=float, default=1.5)
+    ap.add_argument("--pool-mb", type=float,
+                    help="(1.5; 2.5 with --context-shift, where n = 3 past the context is "
+                    "3 contexts)")
     ap.add_argument("--prompt-cache", type=int, default=8)
     ap.add_argument("--max-body", type=int, default=65536)
     ap.add_argument("--verify", type=int, default=400, help="answers checked (400)")
     ap.add_argument("--no-shutdown", action="store_true", help="plain SIGTERM when idle")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--kinds", help="only these kinds of request (comma-separated)")
+    ap.add_argument("--context-shift", action="store_true",
+                    help="a RoPE model, -c %d --context-shift, requests past the context"
+                    % N_CTX)
     ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "moas-soak-server.log"),
                     help="the server's output (default: moas-soak-server.log in the "
                     "temporary directory, not the working one)")
     ap.add_argument("--json", help="write the report here too")
     ap.add_argument("server_args", nargs="*", help="after --: more moas.server arguments")
     args = ap.parse_args()
+    if args.model is None:
+        args.model = os.path.join(ROOT, "models", "pooled-rope-kjv-1k.gguf"
+                                  if args.context_shift else "pooled-kjv-kvinit.gguf")
+    shift_args = ["-c", str(N_CTX), "--context-shift"] if args.context_shift else []
+    if args.pool_mb is None:
+        args.pool_mb = 2.5 if args.context_shift else 1.5
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
     log = open(args.log, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moas.server", "-m", args.model, "--port", "0", "--mode",
          args.mode, "--pool-mb", str(args.pool_mb), "--max-queue", "20", "--queue-timeout",
          "5", "--body-timeout", "2", "--max-body-bytes", str(args.max_body),
-         "--prompt-cache", str(args.prompt_cache)] + args.server_args,
+         "--prompt-cache", str(args.prompt_cache)] + shift_args + args.server_args,
         env=env, stdout=subprocess.PIPE, stderr=log, universal_newlines=True)
     line = proc.stdout.readline()
     if "http://127.0.0.1:" not in line:
