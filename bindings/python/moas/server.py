@@ -336,6 +336,7 @@ class Server:
         # aiohttp refuses a body of client_max_size bytes or more; the limit is allowed
         app = web.Application(client_max_size=self.args.max_body_bytes + 1,
                               middlewares=[middleware])
+        app.on_response_prepare.append(self._cors_headers)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
@@ -347,10 +348,40 @@ class Server:
         app.router.add_get("/", self.index)
         return app
 
+    # Cross-origin requests (a web page of another origin calling the API): allowed only
+    # from --allowed-origins. The headers go on through on_response_prepare, as a
+    # stream's are sent before its handler returns.
+    def _allowed_origin(self, request):
+        origin = request.headers.get("Origin")
+        allowed = self.args.allowed_origins
+        if origin is None or not allowed:
+            return None
+        return "*" if "*" in allowed else origin if origin in allowed else None
+
+    async def _cors_headers(self, request, response):
+        origin = self._allowed_origin(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+            if origin != "*":
+                response.headers["Vary"] = "Origin"
+
+    def _preflight(self, request):
+        """The browser's question before a cross-origin POST with JSON or a key: answered
+        without the key (a preflight never carries it), for allowed origins only."""
+        if (request.method != "OPTIONS" or self._allowed_origin(request) is None
+                or "Access-Control-Request-Method" not in request.headers):
+            return None
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600"})
+
     # middleware: API key, errors in OpenAI's shape, requests counted by status
     async def middleware(self, request, handler):
         try:
-            if self.args.api_key and request.path not in ("/", "/health"):
+            response = self._preflight(request)   # (a preflight carries no key)
+            if response is None and self.args.api_key and request.path not in ("/", "/health"):
                 auth = request.headers.get("Authorization", "")
                 scheme, _, key = auth.strip().partition(" ")
                 if not (scheme.lower() == "bearer" and hmac.compare_digest(
@@ -359,7 +390,8 @@ class Server:
                     raise ApiError(401, "invalid API key (send 'Authorization: Bearer KEY')"
                                    if auth else "missing API key (send 'Authorization: "
                                    "Bearer KEY')", code="invalid_api_key")
-            response = await handler(request)
+            if response is None:
+                response = await handler(request)
         except ApiError as e:
             response = error_response(e.status, e.message, e.param, e.code, e.headers)
             if e.close:   # written now, then the connection closed (its data sent first)
@@ -967,7 +999,12 @@ def parse_args(argv=None):
                     "such a request is refused)")
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step (slow motion for demos, tests)")
+    ap.add_argument("--allowed-origins", default="",
+                    help="web pages of these origins (comma-separated, e.g. "
+                    "'http://localhost:3000'; '*': any) may call the API from a browser "
+                    "(CORS); none by default")
     args = ap.parse_args(argv)
+    args.allowed_origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     # an empty key would turn authentication off in silence (an unset secret in a
     # container's environment, a script's empty variable): refused, so that it fails
     # closed

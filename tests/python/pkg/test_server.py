@@ -1758,3 +1758,59 @@ def test_prompts_of_token_ids_are_the_prompts_they_spell(server, model):
     check_error(server.complete(prompt=[[]], max_tokens=1), 400, "invalid_value", "prompt")
     check_error(server.complete(prompt=[1] * 65, max_tokens=1), 400, "prompt_too_long",
                 "prompt")
+
+
+def test_cross_origin_requests_only_from_allowed_origins():
+    # CORS: off by default (no header; a preflight is a 405 as any OPTIONS); with
+    # --allowed-origins a listed origin gets its headers on every answer, streams
+    # included, and a preflight is answered without the API key; others get none
+    good, other = "http://localhost:3000", "http://evil.example"
+    s = Server("--api-key", "k1")
+    s.key = "k1"
+    try:
+        _, headers, _ = s.request("GET", "/v1/models", headers={"Origin": good})
+        assert "Access-Control-Allow-Origin" not in headers
+        status, _, _ = s.request("OPTIONS", "/v1/completions", headers={
+            "Origin": good, "Access-Control-Request-Method": "POST"})
+        assert status == 405
+    finally:
+        s.close()
+    s = Server("--api-key", "k1", "--allowed-origins", good + ", http://b.example")
+    s.key = "k1"
+    try:
+        _, headers, _ = s.request("GET", "/v1/models", headers={"Origin": good})
+        assert headers["Access-Control-Allow-Origin"] == good and headers["Vary"] == "Origin"
+        _, headers, _ = s.request("GET", "/v1/models", headers={"Origin": other})
+        assert "Access-Control-Allow-Origin" not in headers
+        status, headers, _ = s.request("OPTIONS", "/v1/completions", headers={
+            "Origin": good, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+            "Authorization": ""})
+        assert status == 204, status
+        assert headers["Access-Control-Allow-Origin"] == good
+        assert "POST" in headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in headers["Access-Control-Allow-Headers"]
+        status, _, _ = s.request("OPTIONS", "/v1/completions", headers={
+            "Origin": other, "Access-Control-Request-Method": "POST"})
+        assert status == 405   # not allowed: no preflight answer
+        # an error answer and a stream carry it too
+        status, headers, _ = s.request("POST", "/v1/completions", {"prompt": ""},
+                                       headers={"Origin": good})
+        assert status == 400 and headers["Access-Control-Allow-Origin"] == good
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": PROMPT, "max_tokens": 3, "stream": True}), {
+            "Origin": good, "Content-Type": "application/json",
+            "Authorization": "Bearer k1"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Access-Control-Allow-Origin") == good
+        assert r.read().decode().rstrip().endswith("[DONE]")
+        conn.close()
+    finally:
+        s.close()
+    s = Server("--allowed-origins", "*")
+    try:
+        _, headers, _ = s.request("GET", "/health", headers={"Origin": other})
+        assert headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
+    finally:
+        s.close()
