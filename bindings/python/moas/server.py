@@ -372,9 +372,12 @@ class Server:
         if (request.method != "OPTIONS" or self._allowed_origin(request) is None
                 or "Access-Control-Request-Method" not in request.headers):
             return None
+        # the headers asked for, whatever they are: the origin is the check, and a fixed
+        # list fails clients that send their own (OpenAI's JS SDK: X-Stainless-*)
+        asked = request.headers.get("Access-Control-Request-Headers", "").strip()
         return web.Response(status=204, headers={
             "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Allow-Headers": asked or "Authorization, Content-Type",
             "Access-Control-Max-Age": "600"})
 
     # middleware: API key, errors in OpenAI's shape, requests counted by status

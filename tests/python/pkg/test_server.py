@@ -1789,7 +1789,14 @@ def test_cross_origin_requests_only_from_allowed_origins():
         assert status == 204, status
         assert headers["Access-Control-Allow-Origin"] == good
         assert "POST" in headers["Access-Control-Allow-Methods"]
-        assert "Authorization" in headers["Access-Control-Allow-Headers"]
+        assert "authorization" in headers["Access-Control-Allow-Headers"].lower()
+        # headers of the client's own (OpenAI's JS SDK sends X-Stainless-*) allowed too,
+        # or the browser never sends the request
+        asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
+        status, headers, _ = s.request("OPTIONS", "/v1/completions", headers={
+            "Origin": good, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked})
+        assert status == 204 and headers["Access-Control-Allow-Headers"] == asked
         status, _, _ = s.request("OPTIONS", "/v1/completions", headers={
             "Origin": other, "Access-Control-Request-Method": "POST"})
         assert status == 405   # not allowed: no preflight answer
