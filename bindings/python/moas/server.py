@@ -1007,7 +1007,19 @@ def parse_args(argv=None):
                     "'http://localhost:3000'; '*': any) may call the API from a browser "
                     "(CORS); none by default")
     args = ap.parse_args(argv)
-    args.allowed_origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+    # as a browser writes its Origin (scheme and host in lower case, no path, no "/"
+    # after the port), so that a URL copied with its "/" or capitals still matches; an
+    # origin with a path could never match: refused rather than ignored
+    origins = []
+    for o in (o.strip() for o in args.allowed_origins.split(",")):
+        if o in ("", "*", "null"):
+            origins += [o] if o else []
+            continue
+        o = o[:-1].lower() if o.endswith("/") else o.lower()
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", o):
+            ap.error("--allowed-origins: %r is not an origin (scheme://host[:port])" % o)
+        origins.append(o)
+    args.allowed_origins = origins
     # an empty key would turn authentication off in silence (an unset secret in a
     # container's environment, a script's empty variable): refused, so that it fails
     # closed

@@ -1821,3 +1821,16 @@ def test_cross_origin_requests_only_from_allowed_origins():
         assert headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
     finally:
         s.close()
+
+
+def test_allowed_origins_are_written_as_a_browser_writes_its_origin(capsys):
+    # a browser's Origin has no trailing "/" and a lower-case scheme and host: an origin
+    # given as a URL copied from the address bar matched no request, in silence
+    from moas.server import parse_args
+    args = parse_args(["-m", MODEL, "--allowed-origins",
+                       "http://LocalHost:3000/, https://a.example, *, null"])
+    assert args.allowed_origins == ["http://localhost:3000", "https://a.example", "*", "null"]
+    for bad in ("http://a.example/app", "localhost:3000", "a.example"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["-m", MODEL, "--allowed-origins", bad])
+        assert e.value.code == 2 and "--allowed-origins" in capsys.readouterr().err
