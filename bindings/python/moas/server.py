@@ -168,7 +168,7 @@ def parse_completion(body, cfg):
     if not prompts:   # as an empty string is
         raise ApiError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
     if len(prompts) > cfg["max_prompts"]:
-        raise ApiError(400, "'prompt' is a list of %d strings, this server takes at most %d"
+        raise ApiError(400, "'prompt' is a list of %d prompts, this server takes at most %d"
                        % (len(prompts), cfg["max_prompts"]), param="prompt",
                        code="invalid_value")
     for k, prompt in enumerate(prompts):

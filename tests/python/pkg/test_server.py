@@ -1758,6 +1758,10 @@ def test_prompts_of_token_ids_are_the_prompts_they_spell(server, model):
     check_error(server.complete(prompt=[[]], max_tokens=1), 400, "invalid_value", "prompt")
     check_error(server.complete(prompt=[1] * 65, max_tokens=1), 400, "prompt_too_long",
                 "prompt")
+    # a list of lists of ids is a list of prompts, not of strings
+    err = check_error(server.complete(prompt=[[1]] * 33, max_tokens=1), 400,
+                      "invalid_value", "prompt")
+    assert "a list of 33 prompts" in err["message"]
 
 
 def test_cross_origin_requests_only_from_allowed_origins():
