@@ -190,8 +190,8 @@ def parse_completion(body, cfg):
                               cfg["max_prompt_chars"]), param="prompt",
                            code="prompt_too_long")
     out = {"prompts": prompts}
-    # OpenAI's default of 16, but never above the cap: a request that says nothing
-    # asks for nothing the server refuses
+    # OpenAI's default of 16, but never above the cap, which would refuse it (a prompt
+    # and 16 beyond the context are still refused, as vLLM refuses them)
     out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
                              "an integer >= 0", min(16, cfg["max_tokens_cap"]))
     if out["max_tokens"] > cfg["max_tokens_cap"]:
