@@ -410,12 +410,18 @@ valgrind:
 	head -n 5 tests/data/tiny.txt > build-valgrind/genesis.txt
 	$(VALGRIND) build-valgrind/bin/moas inspect -m $(VALGRIND_MODEL) >/dev/null
 	@# perplexity, the longest run (about two minutes), on the second core beside the
-	@# others; then the KV pool: batched decode, forks of a shared prompt, and a pool
-	@# filled to refusal with compaction
+	@# others: generation, written to a prompt cache and read back from it; then the KV
+	@# pool: batched decode, forks of a shared prompt, and a pool filled to refusal with
+	@# compaction
 	$(VALGRIND) build-valgrind/bin/moas perplexity -m $(VALGRIND_MODEL) -f $(VALGRIND_TEXT) \
 	    >/dev/null & ppl=$$!; \
 	$(VALGRIND) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And God said" -n 60 \
 	    --seed 1 >/dev/null && \
+	rm -f build-valgrind/prompt.cache && \
+	$(VALGRIND) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And God" -n 8 \
+	    --prompt-cache build-valgrind/prompt.cache --prompt-cache-all >/dev/null && \
+	$(VALGRIND) build-valgrind/bin/moas generate -m $(VALGRIND_MODEL) -p "And God said" -n 8 \
+	    --prompt-cache build-valgrind/prompt.cache >/dev/null && \
 	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-kvinit.gguf -npp 24 \
 	    -ntg 8 -npl 1,3 --shared-prompt --mode routed --json >/dev/null && \
 	$(VALGRIND) build-valgrind/bin/moas batched-bench -m models/pooled-kjv-kvinit.gguf -npp 24 \
