@@ -83,7 +83,7 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
          "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
          "logprobs", "cache_salt", "frequency_penalty", "presence_penalty",
-         "echo"} | set(NEUTRAL)
+         "echo", "truncate_prompt_tokens"} | set(NEUTRAL)
 CACHE_SALT_MAX_CHARS = 256
 UNKNOWN_HINT = " (send \"unknown_chars\": \"replace\" or \"drop\")"
 TOKENIZE_FIELDS = {"model", "prompt", "unknown_chars", "return_token_strs",
@@ -167,6 +167,11 @@ def parse_completion(body, cfg):
                        "ids or a list of lists of them", param="prompt", code="invalid_type")
     if not prompts:   # as an empty string is
         raise ApiError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
+    # vLLM's: keep only a prompt's last k tokens (-1: as many as the context holds), so
+    # that a client may send a text longer than the context
+    truncate = _get(body, "truncate_prompt_tokens", lambda v: _is_int(v) and (
+        v == -1 or 1 <= v <= cfg["max_prompt_chars"]), "-1 or an integer in [1, %d]"
+        % cfg["max_prompt_chars"], None)
     if len(prompts) > cfg["max_prompts"]:
         raise ApiError(400, "'prompt' is a list of %d prompts, this server takes at most %d"
                        % (len(prompts), cfg["max_prompts"]), param="prompt",
@@ -183,13 +188,15 @@ def parse_completion(body, cfg):
                            code="invalid_value")
         # The limit is on the prompt's tokens (completions() counts them), as characters
         # that unknown_chars "drop" leaves out take no room; this only spares tokenizing
-        # a prompt far beyond it.
-        if len(prompt) > PROMPT_CHARS_PER_TOKEN_LIMIT * cfg["max_prompt_chars"]:
+        # a prompt far beyond it (one to be truncated may be as long as the body).
+        if (truncate is None and
+                len(prompt) > PROMPT_CHARS_PER_TOKEN_LIMIT * cfg["max_prompt_chars"]):
             raise ApiError(400, "%s is %d characters, this server takes at most %d tokens"
                            % ("the prompt" if len(prompts) == 1 else which, len(prompt),
                               cfg["max_prompt_chars"]), param="prompt",
                            code="prompt_too_long")
-    out = {"prompts": prompts}
+    out = {"prompts": prompts,
+           "truncate": cfg["max_prompt_chars"] if truncate == -1 else truncate}
     # OpenAI's default of 16, but never above the cap, which would refuse it (a prompt
     # and 16 beyond the context are still refused, as vLLM refuses them)
     out["max_tokens"] = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0,
@@ -709,6 +716,8 @@ class Server:
             ids, changed = list(text), 0
         else:
             ids, changed = self._tokenize_prompt(p, which, text)
+        if p["truncate"] is not None:
+            ids = ids[-p["truncate"]:]
         if len(ids) > self.cfg["max_prompt_chars"]:
             raise ApiError(400, "%s is %d tokens (characters in the vocabulary), this "
                            "server takes at most %d" % (which, len(ids),

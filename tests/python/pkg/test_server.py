@@ -1838,3 +1838,25 @@ def test_allowed_origins_are_written_as_a_browser_writes_its_origin(capsys):
         with pytest.raises(SystemExit) as e:
             parse_args(["-m", MODEL, "--allowed-origins", bad])
         assert e.value.code == 2 and "--allowed-origins" in capsys.readouterr().err
+
+
+def test_truncate_prompt_tokens_keeps_the_end_of_a_long_prompt(server, model):
+    # vLLM's truncate_prompt_tokens: a text longer than the context, cut to its last k
+    # characters, answers as that end alone would (echo shows the end read)
+    long_text = (PROMPT + "and there was light. ") * 20   # 700 characters, context 64
+    check_error(server.complete(prompt=long_text, max_tokens=4), 400, "prompt_too_long")
+    body = dict(max_tokens=8, seed=6, echo=True)
+    status, _, cut = server.complete(prompt=long_text, truncate_prompt_tokens=40, **body)
+    assert status == 200, cut
+    status, _, alone = server.complete(prompt=long_text[-40:], **body)
+    assert cut["choices"] == alone["choices"] and cut["usage"]["prompt_tokens"] == 40
+    assert cut["choices"][0]["text"].startswith(long_text[-40:])
+    # -1: as much as the context holds, which leaves no room unless max_tokens is 0
+    status, _, whole = server.complete(prompt=long_text, truncate_prompt_tokens=-1,
+                                       max_tokens=0, echo=True)
+    assert status == 200 and whole["choices"][0]["text"] == long_text[-64:], whole
+    check_error(server.complete(prompt=long_text, truncate_prompt_tokens=-1, max_tokens=1),
+                400, "context_length_exceeded")
+    for bad in (0, -2, 65, "10", True):
+        check_error(server.complete(prompt=PROMPT, truncate_prompt_tokens=bad, max_tokens=1),
+                    400, "invalid_type", "truncate_prompt_tokens")
