@@ -132,7 +132,7 @@ def percentile(values, p):
     return values[k]
 
 
-def round_of_load(port, model, args, expected):
+def round_of_load(port, model, args, expected, text):
     results = []
     lock = threading.Lock()
     n_ctx = model.n_ctx_train
@@ -141,7 +141,7 @@ def round_of_load(port, model, args, expected):
         for k in range(args.requests):
             seed = 1000 * c + k
             plen = args.min_prompt + (c * 37 + k * 11) % (args.max_prompt - args.min_prompt + 1)
-            prompt = TEXT[:plen]
+            prompt = text[:plen]
             max_tokens = min(args.max_tokens, n_ctx - plen)
             body = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed,
                     "temperature": args.temperature}
@@ -169,7 +169,8 @@ def round_of_load(port, model, args, expected):
         if key not in expected:
             expected[key] = model.generate(r["prompt"], r["max_tokens"], seed=r["seed"],
                                            temperature=args.temperature, mode=args.mode,
-                                           forced_scheme=args.force_scheme)
+                                           forced_scheme=args.force_scheme,
+                                           kv_type=args.kv_type)
         want = expected[key]
         if r["status"] != 200:
             continue
@@ -213,6 +214,10 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--mode", default="routed", choices=("routed", "mixture"))
     ap.add_argument("--pool-mb", type=float, default=16.0)
+    ap.add_argument("--kv-type", default="f32", choices=("f32", "f16", "q8_0"),
+                    help="the server's K/V type, and the lone requests' it is checked against")
+    ap.add_argument("--text", help="prompts are the beginnings of this file's text (default: "
+                    "Genesis 1:1-3), for prompts longer than it")
     ap.add_argument("--force-scheme", type=int, default=-1,
                     help="routed mode: every token to scheme S (0: an MHA-sized cache)")
     ap.add_argument("--rounds", type=int, default=2, help="identical rounds (RSS growth)")
@@ -235,15 +240,20 @@ def main():
             n_ctx = probe.n_ctx_train
     except (OSError, moas.MoasError) as e:
         sys.exit("loadtest: %s" % e)
-    if args.max_prompt > min(n_ctx, len(TEXT)):
+    text = TEXT
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    if args.max_prompt > min(n_ctx, len(text)):
         ap.error("--max-prompt %d: prompts go up to %d characters here (the context, and "
-                 "the text they are cut from)" % (args.max_prompt, min(n_ctx, len(TEXT))))
+                 "the text they are cut from)" % (args.max_prompt, min(n_ctx, len(text))))
 
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
     proc = subprocess.Popen([args.python, "-m", "moas.server", "-m", args.model, "--port", "0",
                              "--pool-mb", str(args.pool_mb), "--mode", args.mode,
                              "--max-queue", str(args.clients * 2),
-                             "--force-scheme", str(args.force_scheme)] + args.server_args,
+                             "--force-scheme", str(args.force_scheme),
+                             "--kv-type", args.kv_type] + args.server_args,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True)
     try:
@@ -264,7 +274,7 @@ def main():
         expected = {}
         hits = 0
         for _ in range(args.rounds):
-            r = round_of_load(port, model, args, expected)
+            r = round_of_load(port, model, args, expected, text)
             deadline = time.time() + 10
             while time.time() < deadline:
                 m = metrics(port)
