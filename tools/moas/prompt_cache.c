@@ -38,6 +38,9 @@ static const char *parse_cache(const unsigned char *buf, size_t len, int forced,
                                uint32_t *n_tokens, const unsigned char **state,
                                size_t *state_len) {
     static char why[96];
+    if (len < CACHE_HEADER + 8) {
+        return "it is truncated";
+    }
     if (get_u32(buf + 8) != CACHE_VERSION) {
         return "it is of another version of the format";
     }
@@ -82,11 +85,14 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
             : S_ISFIFO(file.st_mode) ? "a FIFO"
                                      : "a device or a socket");
     }
+    /* how the notes end: when this run writes the cache, if it does */
+    const char *written = when == NULL ? "" : ": it is written ";
+    const char *anew = when == NULL ? "" : "; it is written anew ";
+    when = when == NULL ? "" : when;
     FILE *f = fopen(path, "rb");
     if (f == NULL && errno == ENOENT) {
         fprintf(stderr, "moas: prompt cache '%s' does not exist yet%s%s\n", path,
-                when == NULL ? " (--prompt-cache-ro: it is not written)" : ": it is written ",
-                when == NULL ? "" : when);
+                *when == '\0' ? " (--prompt-cache-ro: it is not written)" : written, when);
         return 0;
     }
     if (f == NULL) {
@@ -97,8 +103,7 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
     const size_t got = fread(head, 1, sizeof head, f);
     if (got == 0) {   /* an empty file (mktemp's) holds nothing to lose */
         fclose(f);
-        fprintf(stderr, "moas: prompt cache '%s' is empty%s%s\n", path,
-                when == NULL ? "" : ": it is written ", when == NULL ? "" : when);
+        fprintf(stderr, "moas: prompt cache '%s' is empty%s%s\n", path, written, when);
         return 0;
     }
     if (got < sizeof head || get_u32(head) != CACHE_MAGIC0 || get_u32(head + 4) != CACHE_MAGIC1) {
@@ -124,12 +129,6 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
         die("cannot read the prompt cache '%s': %s", path, strerror(errno));
     }
     fclose(f);
-    if (len < CACHE_HEADER + 8) {
-        free(buf);
-        fprintf(stderr, "moas: prompt cache '%s' not used: it is truncated%s%s\n", path,
-                when == NULL ? "" : "; it is written anew ", when == NULL ? "" : when);
-        return 0;
-    }
 
     const unsigned char *state = NULL;
     uint32_t n_cached = 0;
@@ -147,8 +146,7 @@ int32_t prompt_cache_load(const char *path, moas_context *ctx, int forced,
         }
     }
     if (why != NULL) {
-        fprintf(stderr, "moas: prompt cache '%s' not used: %s%s%s\n", path, why,
-                when == NULL ? "" : "; it is written anew ", when == NULL ? "" : when);
+        fprintf(stderr, "moas: prompt cache '%s' not used: %s%s%s\n", path, why, anew, when);
         free(buf);
         return 0;
     }
