@@ -11,7 +11,8 @@ loop, as one wake-up per event cost more than the step's decode).
 
 Policy (docs/SERVING.md):
   * A request is admitted when a sequence slot is free (max_sequences), no sequence is
-    swapped out, and the pool's free pages hold its prompt at the widest scheme plus a
+    swapped out, and the pool's free pages hold its prompt at the widest scheme (MHA in
+    routed mode, all schemes in mixture mode, the forced one if any) plus a
     page per stream and headroom. Otherwise it waits in a bounded queue (max_queue);
     a full queue, or a wait longer than queue_timeout, ends it with 503. The requests
     of one prompt list (a group) count as one against max_queue, and once one of them
@@ -185,10 +186,16 @@ class Engine:
         self.n_ctx = n_ctx   # 0: the trained length, until the probe says
         with self._context() as probe:
             self.n_ctx = probe.n_ctx
-            # a token's most: every scheme's heads in mixture mode, the widest scheme's
-            # (MHA) in routed mode
-            widest = [-1] if mode == "mixture" else range(model.n_scheme)
-            self.token_bytes = max(probe.kv_token_bytes(s) for s in widest)
+            # a token's most: every scheme's heads in mixture mode; in routed mode the
+            # widest scheme's (MHA), or the forced scheme's when one is (steering only
+            # takes cheaper ones)
+            if mode == "mixture":
+                self.token_bytes = probe.kv_token_bytes(-1)
+            elif forced_scheme >= 0:
+                self.token_bytes = probe.kv_token_bytes(forced_scheme)
+            else:
+                self.token_bytes = max(probe.kv_token_bytes(s)
+                                       for s in range(model.n_scheme))
         # (tokens kept, tokens dropped) of a context shift, as Model.generate's
         self.shift = None
         if context_shift:

@@ -1246,6 +1246,31 @@ def test_forks_count_against_max_sequences(model):
         engine.close()
 
 
+def test_a_forced_scheme_reserves_its_own_width(model):
+    # with a forced scheme every token takes that scheme's heads, so admission counts
+    # a token at its bytes, not the widest scheme's: in 24 KB of pages a request of 62
+    # tokens (48 KB at MHA width, 8.6 KB as MQA) is served with --force-scheme 2 and
+    # gives the forced text; with --force-scheme 0 it could not finish alone (the
+    # server's 400)
+    from moas.engine import Engine, Request
+    with model.context(mode="routed") as probe:
+        widths = [probe.kv_token_bytes(s) for s in range(model.n_scheme)]
+    prompt = (PROMPT * 5)[:58]
+    for forced in (2, 0):
+        engine = Engine(model, pool_bytes=24 << 10, mode="routed", forced_scheme=forced)
+        try:
+            assert engine.token_bytes == widths[forced], (forced, widths)
+            fits = engine.fits(Request(model.tokenize(prompt), max_tokens=4))
+            assert fits == (forced == 2), forced
+            if fits:
+                end, text = engine_run(engine, model, prompt, 4, 4)
+                assert end.kind == "done", end
+                assert text == model.generate(prompt, 4, seed=4, mode="routed",
+                                              temperature=1.0, forced_scheme=2)
+        finally:
+            engine.close()
+
+
 def model_logprobs(model, prompt, text, k, kv_type="f32"):
     """The log-probabilities of each character of `text` after `prompt` and the k
     likeliest next characters, then that character if it is not among them, from the
