@@ -370,8 +370,10 @@ class Server:
         if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-            if origin != "*":
-                response.headers["Vary"] = "Origin"
+        if self.args.allowed_origins and "*" not in self.args.allowed_origins:
+            # the answer depends on the Origin, allowed or not: a cache between the
+            # server and its browsers must not give one origin's answer to another
+            response.headers["Vary"] = "Origin"
 
     def _preflight(self, request):
         """The browser's question before a cross-origin POST with JSON or a key: answered
@@ -1017,8 +1019,9 @@ def parse_args(argv=None):
                     "(CORS); none by default")
     args = ap.parse_args(argv)
     # as a browser writes its Origin (scheme and host in lower case, no path, no "/"
-    # after the port), so that a URL copied with its "/" or capitals still matches; an
-    # origin with a path could never match: refused rather than ignored
+    # after the port, no port when it is the scheme's default), so that a URL copied
+    # with its "/", capitals or ":443" still matches; an origin with a path could never
+    # match: refused rather than ignored
     origins = []
     for o in (o.strip() for o in args.allowed_origins.split(",")):
         if o in ("", "*", "null"):
@@ -1027,6 +1030,10 @@ def parse_args(argv=None):
         o = o[:-1].lower() if o.endswith("/") else o.lower()
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", o):
             ap.error("--allowed-origins: %r is not an origin (scheme://host[:port])" % o)
+        scheme = o.split(":", 1)[0]
+        default = {"http": ":80", "https": ":443"}.get(scheme)
+        if default and o.endswith(default):
+            o = o[:-len(default)]
         origins.append(o)
     args.allowed_origins = origins
     # an empty key would turn authentication off in silence (an unset secret in a
