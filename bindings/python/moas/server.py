@@ -34,7 +34,7 @@ try:
 except ImportError:   # pragma: no cover - said once, clearly, by main()
     web = None
 
-from . import Model, MoasError, Sampler, Status
+from . import Model, MoasError, Sampler, Status, version_string
 from .engine import Engine, Request
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -351,6 +351,7 @@ class Server:
         app.router.add_get("/v1/pool", self.pool)
         app.router.add_post("/v1/prompt_cache/clear", self.clear_cache)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/", self.index)
         return app
@@ -443,6 +444,10 @@ class Server:
         return web.json_response({"status": "ok", "model": self.model_id,
                                   "sequences_active": snap["active"],
                                   "requests_queued": snap["queued"]})
+
+    async def version(self, request):
+        # vLLM's /version: the library's, which decides every number the server gives
+        return web.json_response({"version": version_string()})
 
     def model_info(self):
         return {"id": self.model_id, "object": "model", "created": int(self.started),

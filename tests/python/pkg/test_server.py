@@ -146,6 +146,12 @@ def alone(model, seed, max_tokens=20, **kw):
 def test_health_models_metrics_page(server):
     status, _, body = server.request("GET", "/health")
     assert status == 200 and body["status"] == "ok"
+    # /version (vLLM's): the linked library's, as moas.h's defines spell it
+    header = open(os.path.join(ROOT, "include", "moas.h")).read()
+    want = ".".join(re.search(r"#define MOAS_VERSION_%s (\d+)" % part, header).group(1)
+                    for part in ("MAJOR", "MINOR", "PATCH"))
+    status, _, body = server.request("GET", "/version")
+    assert status == 200 and body == {"version": want}, body
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200 and body["object"] == "list"
     info = body["data"][0]
