@@ -1396,6 +1396,9 @@ class Context(_Handle):
             if self._abort_fn is not None:
                 library().moas_context_set_abort_callback(out.value, self._abort, None)
             self._ptr = out.value
+            # fixed at creation: read without a library call (a call releases the
+            # interpreter lock, and a server's engine thread asks every step)
+            self._n_ctx = library().moas_context_n_ctx(out.value)
             self._n_vocab = model.n_vocab
             self._n_layer = model.n_layer
             self._n_scheme = model.n_scheme
@@ -1549,7 +1552,7 @@ class Context(_Handle):
 
     # state
     n_past = property(lambda self: self._call("moas_context_n_past"))
-    n_ctx = property(lambda self: self._call("moas_context_n_ctx"))
+    n_ctx = property(lambda self: (self._p(), self._n_ctx)[1])
     mode = property(lambda self: Mode(self._call("moas_context_mode")))
     kernels_name = property(lambda self: self._call("moas_context_kernels_name").decode())
 
@@ -1873,7 +1876,12 @@ class Pool(_Handle):
             for i, (ctx, _) in enumerate(seqs):
                 ctx._invalidate()
                 arr[i].ctx = ctx._p()
-            n_past = {ctx: ctx._call("moas_context_n_past") for ctx in ctxs}
+            # where every context goes back if a callback raises; with no callback in
+            # the call nothing raises, and the calls are saved (each one releases the
+            # interpreter lock, per context and step in a server's engine thread)
+            n_past = ({ctx: ctx._call("moas_context_n_past") for ctx in ctxs}
+                      if any(ctx._route_fn is not None or ctx._abort_fn is not None
+                             for ctx in ctxs) else {})
             me = threading.get_ident()
             for ctx in ctxs:
                 ctx._calling = me
@@ -1890,7 +1898,7 @@ class Pool(_Handle):
                 for ctx in failed:
                     ctx._callback_error = None
                 if status == Status.OK:
-                    for ctx in ctxs:
+                    for ctx in n_past:
                         if ctx._call("moas_context_n_past") != n_past[ctx]:
                             ctx._call("moas_context_truncate", n_past[ctx])
                 raise error

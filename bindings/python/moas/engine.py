@@ -134,7 +134,8 @@ class Seq:
         self.done = False
 
 
-CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx scope")
+# held: the entry's kv_bytes_held, fixed while it is cached (forks copy what they write)
+CacheEntry = collections.namedtuple("CacheEntry", "tokens ctx scope held")
 
 
 def token_logprobs(logits, token, k):
@@ -184,6 +185,7 @@ class Engine:
                          n_threads=n_threads, steer_below=steer_below, commit=True)
         self.forced_scheme = forced_scheme
         self.n_ctx = n_ctx   # 0: the trained length, until the probe says
+        self.token_texts = model.vocab
         with self._context() as probe:
             self.n_ctx = probe.n_ctx
             # a token's most: every scheme's heads in mixture mode; in routed mode the
@@ -404,7 +406,7 @@ class Engine:
     def _update_stats(self):
         st = self.pool.stats()
         entries = list(self._cache.values())
-        cache_bytes = sum(e.ctx.kv_bytes_held for e in entries)
+        cache_bytes = sum(e.held for e in entries)
         cache_tokens = sum(len(e.tokens) for e in entries)
         with self._lock:
             self.stats = st
@@ -486,7 +488,8 @@ class Engine:
         for key in [k for k, e in self._cache.items()
                     if e.scope == req.cache_scope and e.tokens == tokens[:len(e.tokens)]]:
             self._drop(key)
-        self._cache[next(self._cache_ids)] = CacheEntry(tokens, seq.ctx, req.cache_scope)
+        self._cache[next(self._cache_ids)] = CacheEntry(tokens, seq.ctx, req.cache_scope,
+                                                        seq.ctx.kv_bytes_held)
         while len(self._cache) > self.prompt_cache:
             self._drop(next(iter(self._cache)))
         return True
@@ -849,8 +852,11 @@ class Engine:
 
     def _next(self, seq, logits):
         """Sample the next token of a sequence whose logits are `logits`, or finish it."""
-        if seq.n_gen >= seq.req.max_tokens or (seq.ctx.n_past >= seq.ctx.n_ctx
-                                               and not self.shift):
+        # the context holds the prompt and the tokens emitted (a fork shares the prompt;
+        # only a shift makes it hold fewer): counted here rather than asked of the
+        # library, whose every call lets the event loop's thread take the interpreter
+        full = len(seq.req.prompt_ids) + seq.n_gen >= self.n_ctx and not self.shift
+        if seq.n_gen >= seq.req.max_tokens or full:
             self._finish(seq, "length")
             return
         seq.pending = seq.sampler.sample(logits)
@@ -865,7 +871,7 @@ class Engine:
         seq.generated.append(token)
         seq.n_gen += 1
         req.completion_tokens += 1
-        seq.held += self.model.token_text(token)
+        seq.held += self.token_texts[token]
         if req.routes:
             seq.held_routes.append(seq.ctx.route_lists(seq.ctx.n_past - 1, 1)[0])
         if req.stop:

@@ -40,6 +40,49 @@ from .engine import Engine, Request
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
+def _settle(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
+class EventQueue:
+    """The (prompt index, event) pairs of one HTTP request, put by _dispatch on the
+    event loop, taken by its handler, which waits for the next with wait(timeout). An
+    asyncio.Queue's get() under asyncio.wait_for made a task and a timer for each event
+    of each stream at every step: a future and a timer are enough."""
+
+    def __init__(self, loop):
+        self._items = collections.deque()
+        self._loop = loop
+        self._waiter = None
+
+    def qsize(self):
+        return len(self._items)
+
+    def empty(self):
+        return not self._items
+
+    def put_nowait(self, item):
+        self._items.append(item)
+        if self._waiter is not None:
+            _settle(self._waiter)
+
+    def get_nowait(self):
+        return self._items.popleft()
+
+    async def wait(self, timeout):
+        """Until an item is there, or timeout seconds have passed."""
+        if self._items:
+            return
+        self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _settle, self._waiter)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
 
@@ -647,7 +690,7 @@ class Server:
             Sampler(self.model, **sampling).close()
         except MoasError as e:
             raise ApiError(400, e.message, code=e.name.lower())
-        events = asyncio.Queue()   # (prompt index, event), filled on this loop by _dispatch
+        events = EventQueue(self.loop)
         reqs = []
         for k, part in enumerate(parts):
             req = Request(part["ids"], max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
@@ -759,10 +802,18 @@ class Server:
         if transport is not None:
             transport.abort()
 
-    async def _send(self, request, write):
-        """Await a write to the client (a coroutine) for at most --send-timeout: a
-        client that has read nothing for that long is gone (ConnectionResetError), and
-        its connection is closed, so that what its buffers hold goes too."""
+    async def _send(self, request, write, nbytes=None):
+        """Await a write to the client (a coroutine) of nbytes (None: not known) for at
+        most --send-timeout: a client that has read nothing for that long is gone
+        (ConnectionResetError), and its connection is closed, so that what its buffers
+        hold goes too. A few bytes into a connection whose buffer is empty cannot wait
+        for the client (only a buffer past its high-water mark does, 64 KB), so such a
+        write, each stream's at every step, goes without a timer and a task."""
+        transport = request.transport
+        if (nbytes is not None and nbytes <= self.SMALL_WRITE and transport is not None
+                and transport.get_write_buffer_size() == 0):
+            await write
+            return
         try:
             await asyncio.wait_for(write, self.args.send_timeout)
         except asyncio.TimeoutError:
@@ -792,6 +843,7 @@ class Server:
         return list(zip(part["texts"], entries or [None] * len(part["texts"])))
 
     POLL_SECONDS = 0.25   # how often a waiting request looks whether its client is there
+    SMALL_WRITE = 16384   # bytes a write into an empty buffer takes without waiting
 
     async def _next_event(self, request, events, early=()):
         """The request's next (prompt index, event): those in `early` first (taken
@@ -807,10 +859,7 @@ class Server:
                 raise ConnectionResetError("the client hung up")
             if not events.empty():
                 return events.get_nowait()
-            try:
-                return await asyncio.wait_for(events.get(), self.POLL_SECONDS)
-            except asyncio.TimeoutError:
-                pass
+            await events.wait(self.POLL_SECONDS)
 
     @staticmethod
     def _usage(usages):
@@ -946,7 +995,8 @@ class Server:
                 # gone and count a stream answered in full as a disconnect
                 await self._send(request, response.write_eof(b"".join(frames)))
                 return response
-            await self._send(request, response.write(b"".join(frames)))
+            data = b"".join(frames)
+            await self._send(request, response.write(data), len(data))
             if last:
                 return response
 

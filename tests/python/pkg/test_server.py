@@ -540,6 +540,9 @@ def test_a_client_that_hangs_up_after_done_is_not_a_disconnect(monkeypatch):
         def is_closing(self):
             return self.closing
 
+        def get_write_buffer_size(self):
+            return 0
+
         def close(self):
             self.closing = True
 
@@ -580,7 +583,7 @@ def test_a_client_that_hangs_up_after_done_is_not_a_disconnect(monkeypatch):
              "prompt_tokens_details": {"cached_tokens": 0}}
 
     async def run():
-        events = asyncio.Queue()   # (prompt index, event)
+        events = moas_server.EventQueue(asyncio.get_running_loop())
         for ev in (Event("text", (0, "A", None, None)), Event("finish", (0, "length", 1)),
                    Event("done", usage)):
             events.put_nowait((0, ev))
