@@ -1105,14 +1105,15 @@ def parse_args(argv=None):
     # (a prefill chunk of 0 never reads a prompt; a negative delay raises per step)
     checks = (("--max-sequences", args.max_sequences >= 1, ">= 1"),
               ("--max-queue", args.max_queue >= 0, ">= 0"),
-              ("--pool-mb", args.pool_mb > 0 and math.isfinite(args.pool_mb), "> 0"),
+              ("--pool-mb", args.pool_mb > 0 and math.isfinite(args.pool_mb),
+               "a finite number > 0"),
               ("--prompt-cache", args.prompt_cache >= 0, ">= 0"),
               ("--queue-timeout", args.queue_timeout >= 0 and math.isfinite(args.queue_timeout),
-               ">= 0 seconds"),
+               "a finite number of seconds >= 0"),
               ("--body-timeout", args.body_timeout > 0 and math.isfinite(args.body_timeout),
-               "> 0 seconds"),
+               "a finite number of seconds > 0"),
               ("--send-timeout", args.send_timeout > 0 and math.isfinite(args.send_timeout),
-               "> 0 seconds"),
+               "a finite number of seconds > 0"),
               ("--max-buffered-events", args.max_buffered_events >= 1, ">= 1"),
               ("--max-tokens-cap", args.max_tokens_cap >= 0, ">= 0 (0: the context length)"),
               ("--max-prompt-chars", args.max_prompt_chars >= 0,
@@ -1126,7 +1127,7 @@ def parse_args(argv=None):
               ("--steer-below", 0 <= args.steer_below <= 1, "in [0, 1]"),
               ("--force-scheme", args.force_scheme >= -1, ">= -1 (-1: the router)"),
               ("--step-delay", args.step_delay >= 0 and math.isfinite(args.step_delay),
-               ">= 0 seconds"),
+               "a finite number of seconds >= 0"),
               ("--port", 0 <= args.port <= 65535, "in [0, 65535]"))
     for name, ok, want in checks:
         if not ok:   # NaN fails every comparison, so it lands here too
