@@ -339,7 +339,10 @@ class Server:
     def __init__(self, args):
         self.args = args
         self.model = Model(args.model)
-        self.model_id = os.path.basename(args.model)
+        # the names clients may ask for (vLLM's --served-model-name); without it the
+        # file's name, and any "model" a client sends is taken as this one
+        self.model_names = args.served_model_name or [os.path.basename(args.model)]
+        self.model_id = self.model_names[0]
         # each token's text, looked up: the library's token_text is a call of about 6 us,
         # per token on the event loop (a 1 MiB /tokenize held it, and every stream, 6 s)
         self.token_texts = self.model.vocab
@@ -492,8 +495,20 @@ class Server:
         # vLLM's /version: the library's, which decides every number the server gives
         return web.json_response({"version": version_string()})
 
-    def model_info(self):
-        return {"id": self.model_id, "object": "model", "created": int(self.started),
+    def _model_asked(self, body):
+        """The name the request's "model" names (checked a string already), or the
+        first served name; with --served-model-name a name not served is a 404, as
+        OpenAI's and vLLM's answer."""
+        name = body.get("model")
+        if name is None or self.args.served_model_name is None:
+            return self.model_id
+        if name not in self.model_names:
+            raise ApiError(404, "The model `%s` does not exist." % name, param="model",
+                           code="model_not_found")
+        return name
+
+    def model_info(self, name=None):
+        return {"id": name or self.model_id, "object": "model", "created": int(self.started),
                 "owned_by": "libmoas", "max_model_len": self.engine.n_ctx,
                 "moas": {"name": self.model.name, "n_layer": self.model.n_layer,
                          "n_head": self.model.n_head, "n_ctx": self.engine.n_ctx,
@@ -503,7 +518,8 @@ class Server:
                          "context_shift": self.args.context_shift}}
 
     async def models(self, request):
-        return web.json_response({"object": "list", "data": [self.model_info()]})
+        return web.json_response({"object": "list",
+                                  "data": [self.model_info(n) for n in self.model_names]})
 
     async def pool(self, request):
         snap = self.engine.snapshot()
@@ -624,6 +640,7 @@ class Server:
     # POST /tokenize, /detokenize (vLLM's shapes): the model's tokens of a text, and back
     async def tokenize(self, request):
         body = self._object(await self._json_body(request), TOKENIZE_FIELDS)
+        self._model_asked(body)
         text = _get(body, "prompt", lambda v: isinstance(v, str), "a string", None)
         if text is None:
             raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
@@ -648,6 +665,7 @@ class Server:
 
     async def detokenize(self, request):
         body = self._object(await self._json_body(request), DETOKENIZE_FIELDS)
+        self._model_asked(body)
         n_vocab = self.model.n_vocab
         tokens = _get(body, "tokens", lambda v: isinstance(v, list) and all(
             _is_int(t) for t in v), "a list of integers", None)
@@ -677,6 +695,7 @@ class Server:
     async def completions(self, request):
         body = await self._json_body(request)
         p = parse_completion(body, self.cfg)
+        model = self._model_asked(body)
         # each prompt of a list is a request of its own to the engine (batched with the
         # others as any two requests are); prompt k's choice i is choice k n + i
         parts = [self._prompt_part(p, k, text) for k, text in enumerate(p["prompts"])]
@@ -708,7 +727,7 @@ class Server:
         if self.engine.closed:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         meta = {"id": "cmpl-%d" % reqs[0].id, "object": "text_completion",
-                "created": int(time.time()), "model": self.model_id}
+                "created": int(time.time()), "model": model}
         changed = sum(part["changed"] for part in parts)
         try:
             for req in reqs:
@@ -1006,6 +1025,11 @@ def parse_args(argv=None):
                                  description="An OpenAI-compatible completions server for "
                                  "libmoas, batching every request over one KV pool.")
     ap.add_argument("-m", "--model", required=True, help="the GGUF model file")
+    ap.add_argument("--served-model-name", nargs="+", metavar="NAME", default=None,
+                    help="the names /v1/models lists and requests may give as 'model' "
+                    "(the first is the answers' unless a request names another); a "
+                    "request naming another model is a 404 (vLLM's; default: the file's "
+                    "name, and any 'model' is accepted)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     ap.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free one)")
     ap.add_argument("--pool-mb", type=float, default=64.0,
@@ -1094,6 +1118,8 @@ def parse_args(argv=None):
     # an empty key would turn authentication off in silence (an unset secret in a
     # container's environment, a script's empty variable): refused, so that it fails
     # closed
+    if args.served_model_name is not None and "" in args.served_model_name:
+        ap.error("--served-model-name: a name must not be empty")
     if args.api_key == "":
         ap.error("--api-key must not be empty (leave it out to serve without a key)")
     if args.api_key is None:

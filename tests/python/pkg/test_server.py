@@ -1903,3 +1903,36 @@ def test_truncate_prompt_tokens_keeps_the_end_of_a_long_prompt(server, model):
     for bad in (0, -2, 65, "10", True):
         check_error(server.complete(prompt=PROMPT, truncate_prompt_tokens=bad, max_tokens=1),
                     400, "invalid_type", "truncate_prompt_tokens")
+
+
+def test_served_model_names_are_listed_and_checked():
+    # --served-model-name (vLLM's): /v1/models lists each name, a request may name any
+    # of them and its answer carries the name it asked for (the first when it names
+    # none); another name is a 404 model_not_found, on every endpoint that takes one.
+    # Without the option any "model" is taken as the file's
+    s = Server("--served-model-name", "kjv", "gpt-3.5-turbo")
+    try:
+        status, _, body = s.request("GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in body["data"]] == ["kjv", "gpt-3.5-turbo"]
+        for asked, answered in ((None, "kjv"), ("kjv", "kjv"),
+                                ("gpt-3.5-turbo", "gpt-3.5-turbo")):
+            fields = {} if asked is None else {"model": asked}
+            status, _, r = s.complete(prompt=PROMPT, max_tokens=2, **fields)
+            assert status == 200 and r["model"] == answered, r
+        events = s.stream({"prompt": PROMPT, "max_tokens": 2, "model": "gpt-3.5-turbo"})
+        assert all(e["model"] == "gpt-3.5-turbo" for e in events if e != "[DONE]")
+        for path, fields in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}),
+                             ("/tokenize", {"prompt": "In"}),
+                             ("/detokenize", {"tokens": [1]})):
+            status, _, r = s.request("POST", path, dict(fields, model="tiny-pooled-bias.gguf"))
+            assert status == 404, (path, r)
+            assert r["error"]["code"] == "model_not_found" and r["error"]["param"] == "model"
+            assert "tiny-pooled-bias.gguf" in r["error"]["message"]
+    finally:
+        s.close()
+    s = Server()
+    try:
+        status, _, r = s.complete(prompt=PROMPT, max_tokens=2, model="anything")
+        assert status == 200 and r["model"] == "tiny-pooled-bias.gguf", r
+    finally:
+        s.close()
