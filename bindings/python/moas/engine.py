@@ -76,7 +76,8 @@ class Request:
 
     def __init__(self, prompt_ids, *, max_tokens, n=1, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, logit_bias=None, seed=None,
-                 stop=(), routes=False, logprobs=None, cache_scope=None, emit=None,
+                 stop=(), min_tokens=0, include_stop=False, routes=False, logprobs=None,
+                 cache_scope=None, emit=None,
                  frequency_penalty=0.0, presence_penalty=0.0, echo=False, group=None):
         self.id = next(Request._ids)
         # the requests of one prompt list share a list of them (None: a request alone)
@@ -89,6 +90,10 @@ class Request:
                              presence_penalty=presence_penalty)
         self.seed = random.getrandbits(63) if seed is None else seed
         self.stop = list(stop)
+        # stop strings are looked for from the min_tokens-th generated character on
+        # (the text before it is sent as it comes); include_stop: the stop string that
+        # ends the text is sent too
+        self.min_tokens, self.include_stop = min_tokens, include_stop
         self.routes = routes
         self.logprobs = logprobs   # None, or how many of the likeliest tokens to report
         self.echo = echo           # a "prompt" event when the prompt is read
@@ -874,8 +879,10 @@ class Engine:
         seq.held += self.token_texts[token]
         if req.routes:
             seq.held_routes.append(seq.ctx.route_lists(seq.ctx.n_past - 1, 1)[0])
-        if req.stop:
+        if req.stop and seq.n_gen >= req.min_tokens:
             end, found = find_stop(seq.held, req.stop, more=True)
+            if found and req.include_stop:   # what is held ends with the stop string
+                end = len(seq.held)
         else:
             end, found = len(seq.held), False
         self._flush(seq, end)

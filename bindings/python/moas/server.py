@@ -126,7 +126,8 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_
          "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed", "n",
          "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
          "logprobs", "cache_salt", "frequency_penalty", "presence_penalty",
-         "echo", "truncate_prompt_tokens"} | set(NEUTRAL)
+         "echo", "truncate_prompt_tokens", "min_tokens",
+         "include_stop_str_in_output"} | set(NEUTRAL)
 CACHE_SALT_MAX_CHARS = 256
 UNKNOWN_HINT = " (send \"unknown_chars\": \"replace\" or \"drop\")"
 TOKENIZE_FIELDS = {"model", "prompt", "unknown_chars", "return_token_strs",
@@ -286,6 +287,16 @@ def parse_completion(body, cfg):
             raise ApiError(400, "stop string %s has %s" % (json.dumps(s)[:80], bad),
                            param="stop", code="invalid_value")
     out["stop"] = [s for s in stop if s]
+    # vLLM's: no stop string ends a text before min_tokens characters, and the one that
+    # ends it may be kept at its end
+    out["min_tokens"] = _get(body, "min_tokens", lambda v: _is_int(v) and 0 <= v,
+                             "an integer >= 0", 0)
+    if out["min_tokens"] > out["max_tokens"]:
+        raise ApiError(400, "min_tokens (%d) must be at most max_tokens (%d)"
+                       % (out["min_tokens"], out["max_tokens"]), param="min_tokens",
+                       code="invalid_value")
+    out["include_stop"] = _get(body, "include_stop_str_in_output",
+                               lambda v: isinstance(v, bool), "a boolean", False)
     out["seed"] = _get(body, "seed", lambda v: _is_int(v) and 0 <= v < 2**63,
                        "an integer in [0, 2^63)", None)
     out["n"] = _get(body, "n", lambda v: _is_int(v) and 1 <= v <= cfg["max_n"],
@@ -713,7 +724,9 @@ class Server:
         reqs = []
         for k, part in enumerate(parts):
             req = Request(part["ids"], max_tokens=p["max_tokens"], n=p["n"], seed=p["seed"],
-                          stop=p["stop"], routes=p["routes"], logprobs=p["logprobs"],
+                          stop=p["stop"], min_tokens=p["min_tokens"],
+                          include_stop=p["include_stop"], routes=p["routes"],
+                          logprobs=p["logprobs"],
                           echo=p["echo"], cache_scope=p["cache_salt"],
                           group=reqs if len(parts) > 1 else None,
                           emit=lambda event, k=k: self._buffer(request, reqs, events,
