@@ -424,7 +424,10 @@ class Server:
         return "*" if "*" in allowed else origin if origin in allowed else None
 
     async def _cors_headers(self, request, response):
-        origin = self._allowed_origin(request)
+        # '*': on every answer, with an Origin or not, so that all get the same one (a
+        # cache that stored one without the header would give it to a browser's
+        # request, refused then; the Fetch standard's advice rather than Vary)
+        origin = "*" if "*" in self.args.allowed_origins else self._allowed_origin(request)
         if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = "Retry-After"
