@@ -1107,7 +1107,8 @@ def parse_args(argv=None):
                     "prompt itself still fits in it), as llama.cpp's server allows (off: "
                     "such a request is refused)")
     ap.add_argument("--step-delay", type=float, default=0.0,
-                    help="seconds to pause after each step (slow motion for demos, tests)")
+                    help="seconds to pause after each step, at most 3600 (slow motion for "
+                    "demos, tests)")
     ap.add_argument("--allowed-origins", default="",
                     help="web pages of these origins (comma-separated, e.g. "
                     "'http://localhost:3000'; '*': any) may call the API from a browser "
@@ -1144,7 +1145,8 @@ def parse_args(argv=None):
             ap.error("MOAS_API_KEY is set but empty (unset it to serve without a key)")
         args.api_key = env_key
     # every number in its range, or the server would start and then fail each request
-    # (a prefill chunk of 0 never reads a prompt; a negative delay raises per step)
+    # (a prefill chunk of 0 never reads a prompt; a negative delay, or one of years,
+    # raises per step)
     checks = (("--max-sequences", args.max_sequences >= 1, ">= 1"),
               ("--max-queue", args.max_queue >= 0, ">= 0"),
               ("--pool-mb", args.pool_mb > 0 and math.isfinite(args.pool_mb),
@@ -1168,8 +1170,8 @@ def parse_args(argv=None):
               ("--ctx-size", args.ctx_size >= 0, ">= 0 (0: the trained length)"),
               ("--steer-below", 0 <= args.steer_below <= 1, "in [0, 1]"),
               ("--force-scheme", args.force_scheme >= -1, ">= -1 (-1: the router)"),
-              ("--step-delay", args.step_delay >= 0 and math.isfinite(args.step_delay),
-               "a finite number of seconds >= 0"),
+              ("--step-delay", 0 <= args.step_delay <= 3600,
+               "a number of seconds in [0, 3600]"),
               ("--port", 0 <= args.port <= 65535, "in [0, 65535]"))
     for name, ok, want in checks:
         if not ok:   # NaN fails every comparison, so it lands here too

@@ -1592,6 +1592,7 @@ def test_streamed_chunks_say_how_many_prompt_chars_changed(server):
 
 @pytest.mark.parametrize("option", [
     ("--prefill-chunk", "0"), ("--prefill-chunk", "-5"), ("--step-delay", "-1"),
+    ("--step-delay", "1e10"),
     ("--queue-timeout", "-1"), ("--queue-timeout", "nan"), ("--max-tokens-cap", "-5"),
     ("--max-prompt-chars", "-1"), ("--max-body-bytes", "0"), ("--max-n", "0"),
     ("--threads", "-2"), ("--steer-below", "1.5"), ("--force-scheme", "-2"),
