@@ -1132,11 +1132,11 @@ def parse_args(argv=None):
             o = o[:-len(default)]
         origins.append(o)
     args.allowed_origins = origins
+    if args.served_model_name is not None and "" in args.served_model_name:
+        ap.error("--served-model-name: a name must not be empty")
     # an empty key would turn authentication off in silence (an unset secret in a
     # container's environment, a script's empty variable): refused, so that it fails
     # closed
-    if args.served_model_name is not None and "" in args.served_model_name:
-        ap.error("--served-model-name: a name must not be empty")
     if args.api_key == "":
         ap.error("--api-key must not be empty (leave it out to serve without a key)")
     if args.api_key is None:
