@@ -29,10 +29,12 @@ try:
     from aiohttp import web
     from aiohttp.http_exceptions import HttpProcessingError
     from aiohttp.web_protocol import RequestPayloadError
+    from aiohttp.abc import AbstractAccessLogger
     # what a client's bytes cause: unparsable HTTP, a body its encoding cannot undo
     CLIENT_ERRORS = (HttpProcessingError, RequestPayloadError)
 except ImportError:   # pragma: no cover - said once, clearly, by main()
     web = None
+    AbstractAccessLogger = object
 
 from . import Model, MoasError, Sampler, Status, version_string
 from .engine import Engine, Request
@@ -771,6 +773,11 @@ class Server:
         finally:
             for req in reqs:
                 self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
+            # for --access-log: what the engine did for it, however it ended
+            request["moas"] = "%s prompt=%d cached=%d completion=%d finish=%s" % (
+                meta["id"], sum(len(r.prompt_ids) for r in reqs),
+                sum(r.cached_tokens for r in reqs), sum(r.completion_tokens for r in reqs),
+                ",".join(request.get("moas_finish", [])) or "-")
 
     def _tokenize_prompt(self, p, which, text):
         """A prompt's text as token ids under unknown_chars, and how many characters that
@@ -823,6 +830,8 @@ class Server:
         handler's writes while the engine goes on: past --max-buffered-events waiting,
         the request ends as if the client had hung up (its handler then counts the
         disconnect) rather than holding their memory."""
+        if event[1].kind == "finish":   # each choice's reason, for --access-log
+            request.setdefault("moas_finish", []).append(event[1].data[1])
         if events.qsize() < self.args.max_buffered_events:
             events.put_nowait(event)
         elif not all(req.cancelled for req in reqs):
@@ -1109,6 +1118,10 @@ def parse_args(argv=None):
     ap.add_argument("--step-delay", type=float, default=0.0,
                     help="seconds to pause after each step, at most 3600 (slow motion for "
                     "demos, tests)")
+    ap.add_argument("--access-log", metavar="FILE", default=None,
+                    help="a line per request answered (client, path, status, seconds; "
+                    "a completion's id, prompt, cached and generated tokens, finish "
+                    "reasons) appended to FILE, '-' for stderr (none by default)")
     ap.add_argument("--allowed-origins", default="",
                     help="web pages of these origins (comma-separated, e.g. "
                     "'http://localhost:3000'; '*': any) may call the API from a browser "
@@ -1195,6 +1208,37 @@ def _started_on_a_lost_connection(exc):
             and code.co_filename.endswith(os.path.join("aiohttp", "web_protocol.py")))
 
 
+class AccessLog(AbstractAccessLogger):
+    """--access-log: a line for each request once it is answered: when (UTC), the
+    client, method and path as sent, status, seconds taken (a stream's whole time),
+    and for a completion its id, prompt tokens (those from the prompt cache),
+    generated tokens and each choice's finish reason ("-": none, as for a request
+    refused or whose client left first)."""
+
+    def log(self, request, response, time_taken):
+        path = request.raw_path
+        if len(path) > 200:
+            path = path[:200] + "..."
+        line = '%s %s "%s %s" %d %.3fs' % (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), request.remote,
+            request.method, path, response.status, time_taken)
+        if "moas" in request:
+            line += " " + request["moas"]
+        self.logger.info(line)
+
+
+def _access_logger(where):
+    """The logger AccessLog writes to: stderr for "-", else the file (appended)."""
+    logger = logging.getLogger("moas.access")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = (logging.StreamHandler(sys.stderr) if where == "-" else
+               logging.FileHandler(where, encoding="utf-8"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    return logger
+
+
 class QuietBadRequests(logging.Filter):
     """aiohttp logs every request it cannot parse (bytes that are not HTTP, a bad
     header or chunk) at ERROR with a traceback, before any of our code runs, and a body
@@ -1221,7 +1265,11 @@ class QuietBadRequests(logging.Filter):
 async def serve(args, ready=None):
     logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
     server = Server(args)
-    runner = web.AppRunner(server.app(), access_log=None)
+    if args.access_log:
+        runner = web.AppRunner(server.app(), access_log_class=AccessLog,
+                               access_log=_access_logger(args.access_log))
+    else:
+        runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     # at shutdown the open requests end at once (the engine answers them 503), so the
     # handlers need little of aiohttp's grace period

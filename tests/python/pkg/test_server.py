@@ -1972,3 +1972,43 @@ def test_min_tokens_and_include_stop_str_in_output(server, model):
                 {"include_stop_str_in_output": 1}):
         status, _, r = server.complete(prompt=PROMPT, max_tokens=40, **bad)
         assert status == 400, (bad, r)
+
+
+def test_access_log_has_a_line_per_request(tmp_path):
+    # --access-log FILE: one line per request answered, with its status and, for a
+    # completion, its id, prompt, cached and generated tokens and finish reasons, the
+    # same figures as its usage; nothing is written without the option
+    path = tmp_path / "access.log"
+    s = Server("--access-log", str(path))
+    try:
+        status, _, whole = s.complete(prompt=PROMPT, max_tokens=5, n=2, seed=3)
+        assert status == 200, whole
+        events = s.stream({"prompt": PROMPT, "max_tokens": 4, "stop": "\u2014" * 30})
+        assert events[-1] == "[DONE]"
+        status, _, r = s.complete(prompt=PROMPT, max_tokens=5, temperature=-1)
+        assert status == 400, r
+        assert s.request("GET", "/no/such/path?x=%22")[0] == 404
+    finally:
+        s.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4, lines
+    u = whole["usage"]
+    first = re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 "POST /v1/completions" '
+                         r'200 \d+\.\d{3}s (cmpl-\d+) prompt=(\d+) cached=(\d+) '
+                         r'completion=(\d+) finish=(\S+)', lines[0])
+    assert first, lines[0]
+    assert first.group(1) == whole["id"]
+    assert [int(first.group(i)) for i in (2, 3, 4)] == [
+        u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
+        u["completion_tokens"]] == [len(PROMPT), 0, 10]
+    assert first.group(5) == "length,length"
+    assert '"POST /v1/completions" 200 ' in lines[1] and lines[1].endswith(
+        " completion=4 finish=length"), lines[1]
+    assert '"POST /v1/completions" 400 ' in lines[2] and "cmpl-" not in lines[2], lines[2]
+    assert '"GET /no/such/path?x=%22" 404 ' in lines[3], lines[3]
+    s = Server()
+    try:
+        assert s.complete(prompt=PROMPT, max_tokens=2)[0] == 200
+    finally:
+        s.close()
+    assert "POST /v1/completions" not in "".join(s.output)
