@@ -495,8 +495,9 @@ static int run(int argc, char **argv) {
     for (int i = 0; i < o.n_npp; i++) {
         for (int j = 0; j < o.n_ntg; j++) {
             if (o.npp[i] + o.ntg[j] > n_train) {
-                die("PP %d + TG %d = %d tokens exceed the model's context of %d", o.npp[i],
-                    o.ntg[j], o.npp[i] + o.ntg[j], n_train);
+                die("PP %d + TG %d = %d tokens exceed the model's context of %d (give "
+                    "smaller -npp and -ntg, e.g. -npp %d -ntg %d)", o.npp[i], o.ntg[j],
+                    o.npp[i] + o.ntg[j], n_train, n_train / 2, n_train / 2);
             }
         }
     }
