@@ -881,8 +881,11 @@ class Engine:
             seq.held_routes.append(seq.ctx.route_lists(seq.ctx.n_past - 1, 1)[0])
         if req.stop and seq.n_gen >= req.min_tokens:
             end, found = find_stop(seq.held, req.stop, more=True)
-            if found and req.include_stop:   # what is held ends with the stop string
-                end = len(seq.held)
+            if found and req.include_stop:
+                # up to the end of the shortest stop string at `end`, the first of them
+                # to complete: what is held may run on past it, when a longer one begun
+                # earlier kept the search waiting for a character
+                end += min(len(s) for s in req.stop if seq.held.startswith(s, end))
         else:
             end, found = len(seq.held), False
         self._flush(seq, end)

@@ -1974,6 +1974,31 @@ def test_min_tokens_and_include_stop_str_in_output(server, model):
         assert status == 400, (bad, r)
 
 
+def test_include_stop_str_ends_at_the_stop_string(server, model):
+    # a stop string that completes while a longer one begun earlier may still come is
+    # only found a character later, once that one fails: the text kept must end with
+    # the stop string, not with the character that decided it (nor its logprobs entry)
+    whole = model.generate(PROMPT, 40, seed=4, mode="routed", temperature=1.0)
+    j = next(j for j in range(1, 30) if whole[j] not in whole[:j]
+             and whole[j + 1] != "\u2014")
+    stops = [whole[j - 1:j + 1] + "\u2014", whole[j]]   # the longer fails at j + 1
+    for stream in (False, True):
+        body = dict(prompt=PROMPT, max_tokens=40, seed=4, temperature=1.0, stop=stops,
+                    include_stop_str_in_output=True, logprobs=1)
+        if stream:
+            events = server.stream(dict(body, stream=True))
+            chunks = [c for e in events[:-1] for c in e["choices"]]
+            text = "".join(c["text"] for c in chunks)
+            tokens = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        else:
+            status, _, r = server.complete(**body)
+            assert status == 200, r
+            text, tokens = r["choices"][0]["text"], r["choices"][0]["logprobs"]["tokens"]
+            assert r["choices"][0]["finish_reason"] == "stop"
+        assert text == whole[:j + 1], (stream, stops, text, whole)
+        assert "".join(tokens) == text
+
+
 def test_access_log_has_a_line_per_request(tmp_path):
     # --access-log FILE: one line per request answered, with its status and, for a
     # completion, its id, prompt, cached and generated tokens and finish reasons, the
