@@ -90,9 +90,9 @@ class Request:
                              presence_penalty=presence_penalty)
         self.seed = random.getrandbits(63) if seed is None else seed
         self.stop = list(stop)
-        # stop strings are looked for from the min_tokens-th generated character on
-        # (the text before it is sent as it comes); include_stop: the stop string that
-        # ends the text is sent too
+        # stop strings are looked for only after the first min_tokens generated
+        # characters (sent as they come), so that a text has at least that many before
+        # one; include_stop: the stop string that ends the text is sent too
         self.min_tokens, self.include_stop = min_tokens, include_stop
         self.routes = routes
         self.logprobs = logprobs   # None, or how many of the likeliest tokens to report
@@ -879,7 +879,7 @@ class Engine:
         seq.held += self.token_texts[token]
         if req.routes:
             seq.held_routes.append(seq.ctx.route_lists(seq.ctx.n_past - 1, 1)[0])
-        if req.stop and seq.n_gen >= req.min_tokens:
+        if req.stop and seq.n_gen > req.min_tokens:
             end, found = find_stop(seq.held, req.stop, more=True)
             if found and req.include_stop:
                 # up to the end of the shortest stop string at `end`, the first of them

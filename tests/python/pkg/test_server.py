@@ -1945,16 +1945,16 @@ def test_served_model_names_are_listed_and_checked():
 
 def test_min_tokens_and_include_stop_str_in_output(server, model):
     # vLLM's: with include_stop_str_in_output the stop string that ends the text is
-    # part of it; with min_tokens no stop string is looked for before the min_tokens-th
-    # character, so the text runs on to the first one that starts there or later. The
+    # part of it; with min_tokens no stop string is looked for in the first min_tokens
+    # characters, so the text runs on to the first one that starts after them. The
     # texts are those of the same request without a stop string, cut by hand
     whole = model.generate(PROMPT, 40, seed=4, mode="routed", temperature=1.0)
     first = whole.index("\n")   # the seed was chosen so that new lines come early
     assert first < 10 and whole.count("\n") >= 3, whole
     for stream in (False, True):
         def text_of(**fields):
-            body = dict(prompt=PROMPT, max_tokens=40, seed=4, temperature=1.0,
-                        stop="\n", **fields)
+            body = dict(dict(prompt=PROMPT, max_tokens=40, seed=4, temperature=1.0,
+                             stop="\n"), **fields)
             if stream:
                 events = server.stream(dict(body, stream=True))
                 return "".join(c["text"] for e in events[:-1] for c in e["choices"])
@@ -1963,10 +1963,17 @@ def test_min_tokens_and_include_stop_str_in_output(server, model):
             return r["choices"][0]["text"]
         assert text_of() == whole[:first]
         assert text_of(include_stop_str_in_output=True) == whole[:first + 1]
-        later = whole.index("\n", first + 2)   # min_tokens first + 3: from index first + 2
+        later = whole.index("\n", first + 3)   # min_tokens first + 3: from index first + 3
         assert text_of(min_tokens=first + 3) == whole[:later]
         assert text_of(min_tokens=first + 3, include_stop_str_in_output=True) == \
             whole[:later + 1]
+        # a stop string at index min_tokens - 1 does not count: min_tokens=1 keeps a text
+        # from ending empty (as vLLM's), where it had done nothing
+        assert text_of(stop=whole[0]) == ""
+        again = whole.find(whole[0], 1)
+        assert text_of(stop=whole[0], min_tokens=1) == (whole[:again] if again > 0
+                                                        else whole)
+        assert text_of(min_tokens=first + 1) == whole[:whole.index("\n", first + 1)]
         assert text_of(min_tokens=40) == whole   # no stop looked for at all
     for bad in ({"min_tokens": -1}, {"min_tokens": 41}, {"min_tokens": 1.5},
                 {"include_stop_str_in_output": 1}):
