@@ -1221,10 +1221,19 @@ class AccessLog(AbstractAccessLogger):
             path = path[:200] + "..."
         line = '%s %s "%s %s" %d %.3fs' % (
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), request.remote,
-            request.method, path, response.status, time_taken)
+            request.method, _log_escaped(path), response.status, time_taken)
         if "moas" in request:
             line += " " + request["moas"]
         self.logger.info(line)
+
+
+def _log_escaped(text):
+    """A client's text for a log line: what is not printable ASCII, and quotes and
+    backslashes, as \\xHH of its UTF-8 bytes (as nginx does): aiohttp lets U+2028 and
+    U+0085 through in a path, and they end a line for Python's splitlines() and many
+    viewers, so that a client could write lines of its own."""
+    return re.sub(r'[^!#-\[\]-~]', lambda m: "".join(
+        "\\x%02x" % b for b in m.group().encode("utf-8", "surrogatepass")), text)
 
 
 def _access_logger(where):

@@ -2044,3 +2044,23 @@ def test_access_log_has_a_line_per_request(tmp_path):
     finally:
         s.close()
     assert "POST /v1/completions" not in "".join(s.output)
+
+
+def test_access_log_escapes_what_a_path_may_carry(tmp_path):
+    # a path's characters outside printable ASCII are written as \xHH of their UTF-8
+    # bytes, its quotes and backslashes too: U+2028 and U+0085, which aiohttp lets
+    # through, end a line for Python's splitlines() (and many viewers), so that a client
+    # could write a line of its own
+    path = tmp_path / "access.log"
+    s = Server("--access-log", str(path))
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+        sock.sendall("GET /x\u2028forged\u0085line\\ HTTP/1.1\r\nHost: x\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        assert b" 404 " in sock.makefile("rb").readline()
+        sock.close()
+    finally:
+        s.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1, lines
+    assert '"GET /x\\xe2\\x80\\xa8forged\\xc2\\x85line\\x5c" 404 ' in lines[0], lines
