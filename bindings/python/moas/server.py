@@ -773,11 +773,14 @@ class Server:
         finally:
             for req in reqs:
                 self.engine.cancel(req)   # a no-op when it ended; frees its pages if not
-            # for --access-log: what the engine did for it, however it ended
+            # for --access-log: what the engine did for it, however it ended; the
+            # reasons in the choices' order (they finish in any), "-" for one unfinished
+            finished = request.get("moas_finish", {})
             request["moas"] = "%s prompt=%d cached=%d completion=%d finish=%s" % (
                 meta["id"], sum(len(r.prompt_ids) for r in reqs),
                 sum(r.cached_tokens for r in reqs), sum(r.completion_tokens for r in reqs),
-                ",".join(request.get("moas_finish", [])) or "-")
+                ",".join(finished.get((k, i), "-") for k in range(len(reqs))
+                         for i in range(p["n"])) if finished else "-")
 
     def _tokenize_prompt(self, p, which, text):
         """A prompt's text as token ids under unknown_chars, and how many characters that
@@ -831,7 +834,8 @@ class Server:
         the request ends as if the client had hung up (its handler then counts the
         disconnect) rather than holding their memory."""
         if event[1].kind == "finish":   # each choice's reason, for --access-log
-            request.setdefault("moas_finish", []).append(event[1].data[1])
+            request.setdefault("moas_finish", {})[event[0], event[1].data[0]] = \
+                event[1].data[1]
         if events.qsize() < self.args.max_buffered_events:
             events.put_nowait(event)
         elif not all(req.cancelled for req in reqs):
@@ -1212,8 +1216,8 @@ class AccessLog(AbstractAccessLogger):
     """--access-log: a line for each request once it is answered: when (UTC), the
     client, method and path as sent, status, seconds taken (a stream's whole time),
     and for a completion its id, prompt tokens (those from the prompt cache),
-    generated tokens and each choice's finish reason ("-": none, as for a request
-    refused or whose client left first)."""
+    generated tokens and each choice's finish reason in the choices' order ("-" for
+    one unfinished; alone, none, as for a request refused or whose client left first)."""
 
     def log(self, request, response, time_taken):
         path = request.raw_path

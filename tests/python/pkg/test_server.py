@@ -2045,6 +2045,23 @@ def test_access_log_has_a_line_per_request(tmp_path):
         s.close()
     assert "POST /v1/completions" not in "".join(s.output)
 
+def test_access_log_finish_reasons_in_choice_order(tmp_path, model):
+    # finish= lists each choice's reason in the choices' order, whichever finished
+    # first ("-" for one that did not), so that a reader can tell which choice stopped
+    seed, c = next((s, c) for s in range(100) for c in alone(model, s + 1, 10)[:4]
+                   if c not in alone(model, s, 10) and c not in PROMPT)
+    path = tmp_path / "access.log"
+    s = Server("--access-log", str(path), "--mode", "routed")
+    try:
+        status, _, r = s.complete(prompt=[PROMPT, PROMPT], max_tokens=10, n=2, seed=seed,
+                                  stop=c)
+        assert status == 200, r
+        assert [ch["finish_reason"] for ch in r["choices"]] == ["length", "stop"] * 2
+    finally:
+        s.close()
+    line = path.read_text().splitlines()[0]
+    assert line.endswith(" finish=length,stop,length,stop"), line
+
 
 def test_access_log_escapes_what_a_path_may_carry(tmp_path):
     # a path's characters outside printable ASCII are written as \xHH of their UTF-8
