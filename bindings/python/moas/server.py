@@ -513,10 +513,11 @@ class Server:
 
     def _model_asked(self, body):
         """The name the request's "model" names (checked a string already), or the
-        first served name; with --served-model-name a name not served is a 404, as
-        OpenAI's and vLLM's answer."""
+        first served name when it names none or "" (as vLLM takes it: clients send ""
+        for a server of one model); with --served-model-name a name not served is a
+        404, as OpenAI's and vLLM's answer."""
         name = body.get("model")
-        if name is None or self.args.served_model_name is None:
+        if not name or self.args.served_model_name is None:
             return self.model_id
         if name not in self.model_names:
             raise ApiError(404, "The model `%s` does not exist." % name, param="model",

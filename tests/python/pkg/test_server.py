@@ -1913,13 +1913,14 @@ def test_truncate_prompt_tokens_keeps_the_end_of_a_long_prompt(server, model):
 def test_served_model_names_are_listed_and_checked():
     # --served-model-name (vLLM's): /v1/models lists each name, a request may name any
     # of them and its answer carries the name it asked for (the first when it names
-    # none); another name is a 404 model_not_found, on every endpoint that takes one.
+    # none, or "", which vLLM takes as none); another name is a 404 model_not_found, on
+    # every endpoint that takes one.
     # Without the option any "model" is taken as the file's
     s = Server("--served-model-name", "kjv", "gpt-3.5-turbo")
     try:
         status, _, body = s.request("GET", "/v1/models")
         assert status == 200 and [m["id"] for m in body["data"]] == ["kjv", "gpt-3.5-turbo"]
-        for asked, answered in ((None, "kjv"), ("kjv", "kjv"),
+        for asked, answered in ((None, "kjv"), ("", "kjv"), ("kjv", "kjv"),
                                 ("gpt-3.5-turbo", "gpt-3.5-turbo")):
             fields = {} if asked is None else {"model": asked}
             status, _, r = s.complete(prompt=PROMPT, max_tokens=2, **fields)
