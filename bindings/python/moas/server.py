@@ -1152,6 +1152,9 @@ def parse_args(argv=None):
     args.allowed_origins = origins
     if args.served_model_name is not None and "" in args.served_model_name:
         ap.error("--served-model-name: a name must not be empty")
+    # an empty file name (a script's unset variable) would leave the log off in silence
+    if args.access_log == "":
+        ap.error("--access-log: give a file, or '-' for stderr (leave it out for no log)")
     # an empty key would turn authentication off in silence (an unset secret in a
     # container's environment, a script's empty variable): refused, so that it fails
     # closed

@@ -1626,6 +1626,13 @@ def test_an_empty_api_key_stops_the_server_at_start(monkeypatch, capsys):
     assert parse_args(["-m", MODEL]).api_key is None
 
 
+def test_an_empty_access_log_stops_the_server_at_start(capsys):
+    # --access-log "$UNSET" served with no log and no word about it
+    from moas.server import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["-m", MODEL, "--access-log", ""])
+    assert e.value.code == 2 and "--access-log" in capsys.readouterr().err
+
 def test_routed_requests_are_sized_at_the_widest_scheme_not_mixture():
     # a model with its own K/V per scheme: mixture stores 1152 bytes a token, routed at
     # most MHA's 778. 50 tokens fit 0.05 MB routed (39 KB with slack); sized as mixture
