@@ -882,16 +882,20 @@ class Engine:
         if req.stop and seq.n_gen > req.min_tokens:
             end, found = find_stop(seq.held, req.stop, more=True)
             if found and req.include_stop:
-                # up to the end of the shortest stop string at `end`, the first of them
-                # to complete: what is held may run on past it, when a longer one begun
-                # earlier kept the search waiting for a character
-                end += min(len(s) for s in req.stop if seq.held.startswith(s, end))
+                end += self._stop_at(seq, end)
         else:
             end, found = len(seq.held), False
         self._flush(seq, end)
         if found:
             seq.held, seq.held_routes, seq.held_lps = "", [], []
             self._finish(seq, "stop")
+
+    @staticmethod
+    def _stop_at(seq, end):
+        """The length of the stop string found at `end` of what is held: the shortest
+        there, the first of them to complete. What is held may run on past it, when a
+        longer one begun earlier kept the search waiting for a character."""
+        return min(len(s) for s in seq.req.stop if seq.held.startswith(s, end))
 
     def _flush(self, seq, end):
         for i in range(end):
@@ -906,8 +910,12 @@ class Engine:
         if seq.done:
             return
         if seq.held:
-            end = find_stop(seq.held, seq.req.stop, more=False)[0] if seq.req.stop else \
-                len(seq.held)
+            end, found = find_stop(seq.held, seq.req.stop, more=False) if seq.req.stop \
+                else (len(seq.held), False)
+            if found:   # one found whole that waited on a longer one: it ends the text
+                reason = "stop"
+                if seq.req.include_stop:
+                    end += self._stop_at(seq, end)
             self._flush(seq, end)
         seq.done = True
         self._send(seq.req, "finish", (seq.index, reason, seq.n_gen))

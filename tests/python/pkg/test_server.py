@@ -2014,6 +2014,30 @@ def test_include_stop_str_ends_at_the_stop_string(server, model):
         assert "".join(tokens) == text
 
 
+def test_a_stop_string_decided_at_max_tokens_still_ends_the_text(server, model):
+    # the same wait at the last token: max_tokens reached while a longer stop string
+    # begun a character earlier may still come, the shorter one found whole then ends
+    # the text as it would have a character later: finish_reason "stop", and with
+    # include_stop_str_in_output the stop string kept (vLLM has it found at once)
+    whole = model.generate(PROMPT, 40, seed=4, mode="routed", temperature=1.0)
+    j = next(j for j in range(1, 30) if whole[j] not in whole[:j])
+    stops = [whole[j - 1:j + 1] + "\u2014", whole[j]]
+    for stream in (False, True):
+        for include in (False, True):
+            body = dict(prompt=PROMPT, max_tokens=j + 1, seed=4, temperature=1.0,
+                        stop=stops, include_stop_str_in_output=include)
+            if stream:
+                chunks = [c for e in server.stream(dict(body, stream=True))[:-1]
+                          for c in e["choices"]]
+                text = "".join(c["text"] for c in chunks)
+                reason = [c["finish_reason"] for c in chunks if c["finish_reason"]]
+            else:
+                status, _, r = server.complete(**body)
+                assert status == 200, r
+                text, reason = r["choices"][0]["text"], [r["choices"][0]["finish_reason"]]
+            assert (text, reason) == (whole[:j + include], ["stop"]), (stream, include)
+
+
 def test_access_log_has_a_line_per_request(tmp_path):
     # --access-log FILE: one line per request answered, with its status and, for a
     # completion, its id, prompt, cached and generated tokens and finish reasons, the
