@@ -1218,10 +1218,13 @@ class Model(_Handle):
                 held, held_routes = held[end:], held_routes[end:]
                 if found:
                     return "stop"
-            end = find_stop(held, stop, more=False)[0] if stop else len(held)
+            # nothing follows: a stop string found whole now (it waited on a longer one
+            # begun before it) ends the text as a stop, as `moas generate` and the server
+            # count it
+            end, found = find_stop(held, stop, more=False) if stop else (len(held), False)
             for i in range(end):
                 yield (held[i], held_routes[i]) if routes else held[i]
-            return "length"   # max_tokens, or a full context without context_shift
+            return "stop" if found else "length"   # max_tokens, or a full context
 
     @staticmethod
     def _make_room(ctx, window):

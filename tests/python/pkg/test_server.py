@@ -2113,3 +2113,20 @@ def test_access_log_escapes_what_a_path_may_carry(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1, lines
     assert '"GET /x\\xe2\\x80\\xa8forged\\xc2\\x85line\\x5c" 404 ' in lines[0], lines
+
+
+def test_generate_says_stop_for_a_stop_string_decided_at_max_tokens(model):
+    # Model.generate agrees with the server and `moas generate`: a stop string found
+    # whole only at the last token (a longer one begun a character before kept the
+    # search waiting) ends the text as a stop; without the longer one it is the same
+    # text and reason a token earlier
+    whole = model.generate(PROMPT, 40, seed=4, mode="routed", temperature=1.0)
+    j = next(j for j in range(1, 30) if whole[j] not in whole[:j])
+    for stops, max_tokens in (([whole[j - 1:j + 1] + "\u2014", whole[j]], j + 1),
+                              ([whole[j]], j + 1), ([whole[j]], j + 5)):
+        gen = model.generate(PROMPT, max_tokens, seed=4, mode="routed", temperature=1.0,
+                             stop=stops, stream=True)
+        assert "".join(gen) == whole[:j] and gen.finish_reason == "stop", stops
+    gen = model.generate(PROMPT, j, seed=4, mode="routed", temperature=1.0,
+                         stop=[whole[j]], stream=True)
+    assert "".join(gen) == whole[:j] and gen.finish_reason == "length"
