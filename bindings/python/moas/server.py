@@ -12,6 +12,7 @@ sequence (moas.engine); this module only parses, validates and streams.
 
 import argparse
 import asyncio
+import bisect
 import collections
 import faulthandler
 import hmac
@@ -83,6 +84,40 @@ class EventQueue:
         finally:
             timer.cancel()
             self._waiter = None
+
+
+class Histogram:
+    """A Prometheus histogram of seconds: how many observations fell at or below each
+    bound, their sum and count. Observed and read on the event loop only."""
+
+    def __init__(self, bounds):
+        self.bounds = list(bounds)
+        self.counts = [0] * len(self.bounds)   # per bound, not yet cumulative
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, seconds):
+        i = bisect.bisect_left(self.bounds, seconds)   # the first bound >= seconds
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def lines(self, name):
+        out, cumulative = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            cumulative += n
+            out.append('%s_bucket{le="%s"} %d' % (name, bound, cumulative))
+        out.append('%s_bucket{le="+Inf"} %d' % (name, self.count))
+        out.append("%s_sum %.6f" % (name, self.sum))
+        out.append("%s_count %d" % (name, self.count))
+        return out
+
+
+# the bounds of vLLM's histograms of the same names, so that its dashboards read ours
+TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0)
+LATENCY_BOUNDS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                  50.0, 60.0)
 
 
 class ApiError(Exception):
@@ -382,6 +417,12 @@ class Server:
                     "unknown": args.unknown, "n_vocab": self.model.n_vocab, "n_ctx": n_ctx}
         self.statuses = {}
         self.disconnects = 0
+        # completions' latencies, from the handler's start: until admitted (the first
+        # prompt of a list), until the first generated character reached the loop, and
+        # until the whole answer was ready (every prompt's usage)
+        self.latency = {"request_queue_time_seconds": Histogram(LATENCY_BOUNDS),
+                        "time_to_first_token_seconds": Histogram(TTFT_BOUNDS),
+                        "e2e_request_latency_seconds": Histogram(LATENCY_BOUNDS)}
         self.started = time.time()
         self.schemes = scheme_names(self.model)
 
@@ -624,6 +665,15 @@ class Server:
                "streaming).", [((), self.disconnects)])
         metric("requests_total", "counter", "HTTP requests answered, by status.",
                [((("status", str(s)),), n) for s, n in sorted(self.statuses.items())])
+        for name, help_ in (("request_queue_time_seconds", "Seconds completions waited "
+                             "before their first prompt was admitted."),
+                            ("time_to_first_token_seconds", "Seconds until a completion's "
+                             "first generated character (none for max_tokens 0)."),
+                            ("e2e_request_latency_seconds", "Seconds until a completion's "
+                             "whole answer was ready (those answered in full).")):
+            lines.append("# HELP moas_%s %s" % (name, help_))
+            lines.append("# TYPE moas_%s histogram" % name)
+            lines.extend(self.latency[name].lines("moas_" + name))
         return web.Response(text="\n".join(lines) + "\n",
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Format": "0.0.4"})
@@ -710,6 +760,7 @@ class Server:
 
     # POST /v1/completions
     async def completions(self, request):
+        start = self.loop.time()
         body = await self._json_body(request)
         p = parse_completion(body, self.cfg)
         model = self._model_asked(body)
@@ -782,6 +833,13 @@ class Server:
                 sum(r.cached_tokens for r in reqs), sum(r.completion_tokens for r in reqs),
                 ",".join(finished.get((k, i), "-") for k in range(len(reqs))
                          for i in range(p["n"])) if finished else "-")
+            for key, name in (("moas_admitted", "request_queue_time_seconds"),
+                              ("moas_first", "time_to_first_token_seconds")):
+                if key in request:
+                    self.latency[name].observe(request[key] - start)
+            if request.get("moas_dones") == len(reqs):
+                self.latency["e2e_request_latency_seconds"].observe(
+                    request["moas_end"] - start)
 
     def _tokenize_prompt(self, p, which, text):
         """A prompt's text as token ids under unknown_chars, and how many characters that
@@ -834,9 +892,17 @@ class Server:
         handler's writes while the engine goes on: past --max-buffered-events waiting,
         the request ends as if the client had hung up (its handler then counts the
         disconnect) rather than holding their memory."""
-        if event[1].kind == "finish":   # each choice's reason, for --access-log
+        kind = event[1].kind
+        if kind == "finish":   # each choice's reason, for --access-log
             request.setdefault("moas_finish", {})[event[0], event[1].data[0]] = \
                 event[1].data[1]
+        elif kind == "text" and "moas_first" not in request:   # latencies, /metrics
+            request["moas_first"] = self.loop.time()
+        elif kind == "admitted" and "moas_admitted" not in request:
+            request["moas_admitted"] = self.loop.time()
+        elif kind == "done":
+            request["moas_dones"] = request.get("moas_dones", 0) + 1
+            request["moas_end"] = self.loop.time()
         if events.qsize() < self.args.max_buffered_events:
             events.put_nowait(event)
         elif not all(req.cancelled for req in reqs):

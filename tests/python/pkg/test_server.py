@@ -2130,3 +2130,37 @@ def test_generate_says_stop_for_a_stop_string_decided_at_max_tokens(model):
     gen = model.generate(PROMPT, j, seed=4, mode="routed", temperature=1.0,
                          stop=[whole[j]], stream=True)
     assert "".join(gen) == whole[:j] and gen.finish_reason == "length"
+
+
+def test_latency_histograms_count_the_completions():
+    # /metrics: queue time, time to the first character and whole-answer latency of
+    # completions, as Prometheus histograms under vLLM's names and bounds: one
+    # observation per completion that got there (none for a refused one, no first
+    # character for max_tokens 0), buckets cumulative up to +Inf = count, and each
+    # request's first character no later than its end
+    s = Server("--step-delay", "0.002")
+    try:
+        for body in ({"prompt": PROMPT, "max_tokens": 6},
+                     {"prompt": PROMPT, "max_tokens": 6, "n": 2},
+                     {"prompt": [PROMPT, "In the"], "max_tokens": 3},
+                     {"prompt": PROMPT, "max_tokens": 0, "echo": True}):
+            assert s.complete(**body)[0] == 200, body
+        assert joined(s.stream({"prompt": PROMPT, "max_tokens": 5}))
+        assert s.complete(prompt=PROMPT, max_tokens=-1)[0] == 400
+        m = s.metrics()
+    finally:
+        s.close()
+    counts = {"request_queue_time_seconds": 5, "time_to_first_token_seconds": 4,
+              "e2e_request_latency_seconds": 5}
+    for name, count in counts.items():
+        name = "moas_" + name
+        buckets = [(k, v) for k, v in m.items() if k.startswith(name + "_bucket")]
+        values = [v for _, v in buckets]
+        assert buckets[-1][0] == name + '_bucket{le="+Inf"}', buckets
+        assert values == sorted(values) and values[-1] == m[name + "_count"] == count, \
+            (name, buckets)
+        assert m[name + "_sum"] > 0
+    assert m["moas_time_to_first_token_seconds_sum"] < m["moas_e2e_request_latency_seconds_sum"]
+    # vLLM's bounds, in its order
+    bounds = [k.split('"')[1] for k in m if k.startswith("moas_time_to_first_token_seconds_b")]
+    assert bounds[:3] == ["0.001", "0.005", "0.01"] and bounds[-2:] == ["10.0", "+Inf"]
