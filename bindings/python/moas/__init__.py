@@ -1555,7 +1555,10 @@ class Context(_Handle):
 
     # state
     n_past = property(lambda self: self._call("moas_context_n_past"))
-    n_ctx = property(lambda self: (self._p(), self._n_ctx)[1])
+    @property
+    def n_ctx(self):
+        self._p()   # a closed context's raises, as every call on it does
+        return self._n_ctx
     mode = property(lambda self: Mode(self._call("moas_context_mode")))
     kernels_name = property(lambda self: self._call("moas_context_kernels_name").decode())
 

@@ -391,9 +391,6 @@ class Server:
         # file's name, and any "model" a client sends is taken as this one
         self.model_names = args.served_model_name or [os.path.basename(args.model)]
         self.model_id = self.model_names[0]
-        # each token's text, looked up: the library's token_text is a call of about 6 us,
-        # per token on the event loop (a 1 MiB /tokenize held it, and every stream, 6 s)
-        self.token_texts = self.model.vocab
         # before the engine: its thread may deliver as soon as it exists
         self.loop = asyncio.get_running_loop()   # made by serve(), inside its loop
         self.engine = Engine(self.model, pool_bytes=int(args.pool_mb * (1 << 20)),
@@ -405,6 +402,10 @@ class Server:
                              prompt_cache=args.prompt_cache,
                              context_shift=args.context_shift, n_ctx=args.ctx_size,
                              deliver=self._deliver)
+        # each token's text, looked up in the engine's list (it reads it for each token
+        # it emits): the library's token_text is a call of about 6 us, per token on the
+        # event loop (a 1 MiB /tokenize held it, and every stream, 6 s)
+        self.token_texts = self.engine.token_texts
         n_ctx = self.engine.n_ctx
         # with context shift a completion may outgrow the context: max_tokens up to the
         # cap given, or 8 contexts' worth
