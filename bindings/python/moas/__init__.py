@@ -1195,6 +1195,44 @@ class Model(_Handle):
         text = "".join(p[0] if routes else p for p in out)
         return (text, [p[1] for p in out]) if routes else text
 
+    def generate_batch(self, prompts, max_tokens=128, **params):
+        """The continuations of many prompts at once, as vLLM's LLM.generate makes them:
+        every prompt's sequences share one KV pool (pages taken as tokens need them, a
+        routed token only its scheme's heads) and each step advances all of them with
+        one batched decode, each weight read once for all. Returns a list of
+        moas.engine.Completion, in the prompts' order: .text, .choices (n of
+        Choice(text, finish_reason, n_tokens)), .prompt_tokens, .cached_tokens.
+
+        Each result is what Model.generate gives alone, bit for bit: choice i of a
+        prompt is Model.generate(prompt, max_tokens, seed=seed + i, ...) with the same
+        arguments (sampling, stop, mode, n_ctx, kv_type, forced_scheme, unknown,
+        context_shift: RoPE models only here). Keyword arguments are Model.generate's
+        (not stream or routes) and:
+          n               continuations of each prompt (1); they share the prompt's
+                          pages (forks), choice i sampling with seed + i
+          min_tokens      stop strings count only after this many characters (0);
+          include_stop    the stop string that ends a text stays in it (False)
+          pool_bytes      the KV pool's capacity (256 MiB of address space; memory is
+                          taken only as pages are first used). Prompts that do not fit
+                          at once wait for room, and a sequence that runs out of pages
+                          is swapped out and back (docs/SERVING.md); one that does not
+                          fit even alone raises MoasError(ERR_POOL_FULL) before anything
+                          runs
+          max_sequences   sequences decoded at once (64)
+          page_heads      K/V heads per page (0: the library's default)
+          prefill_chunk, step_prefill
+                          prompt characters read per sequence and per step (64, 256)
+          prompt_cache    finished prompts kept for later prompts that begin with them
+                          (8; 0: none); what a later prompt takes from one is reported
+                          in its cached_tokens and changes no bit of its text
+        A prompt that is empty, longer than the context, or has characters the unknown
+        rule refuses raises MoasValueError before anything runs, naming the prompt's
+        index; a failure while running raises MoasError naming the first failing
+        prompt, after every sequence's pages are given back. The call blocks; it runs
+        the decode on a thread of its own."""
+        from .engine import generate_batch
+        return generate_batch(self, prompts, max_tokens, **params)
+
     def _generate(self, ctx, sampler, ids, max_tokens, stop, routes, context_shift):
         with ctx, sampler:
             sampler.accept(ids)

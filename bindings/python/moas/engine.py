@@ -59,7 +59,7 @@ import random
 import threading
 import time
 
-from . import MoasError, Pool, Sampler, Status, find_stop
+from . import MoasError, Pool, Sampler, Status, _int, find_stop
 
 Event = collections.namedtuple("Event", "kind data")
 # kinds: "admitted" None | "prompt" None, or the prompt's logprob entries (echo: sent
@@ -169,7 +169,7 @@ class Engine:
                  queue_timeout=30.0, prefill_chunk=32, step_prefill=64, n_threads=0,
                  page_heads=0, kv_type="f32", headroom=0.02, step_delay=0.0,
                  steer_below=0.0, forced_scheme=-1, prompt_cache=8, context_shift=False,
-                 n_ctx=0, deliver=None):
+                 n_ctx=0, deliver=None, commit=True):
         self.model = model
         self.deliver = deliver
         self._outbox = []                        # (request, event) of this step, for deliver
@@ -186,8 +186,10 @@ class Engine:
         # the cache as the engine thread last saw it (snapshot() must not walk it)
         self.cache_entries = self.cache_tokens = 0
         self.cache_bytes_held = 0                # pages the entries hold, a shared one in each
+        # commit: a server's memory resident from the start (its RSS then stays flat);
+        # generate_batch's pool takes memory only as pages are first used
         self.pool = Pool(model, pool_bytes, kv_type=kv_type, page_heads=page_heads,
-                         n_threads=n_threads, steer_below=steer_below, commit=True)
+                         n_threads=n_threads, steer_below=steer_below, commit=commit)
         self.forced_scheme = forced_scheme
         self.n_ctx = n_ctx   # 0: the trained length, until the probe says
         self.token_texts = model.vocab
@@ -919,3 +921,129 @@ class Engine:
             self._flush(seq, end)
         seq.done = True
         self._send(seq.req, "finish", (seq.index, reason, seq.n_gen))
+
+
+# ---- many prompts at once, offline (Model.generate_batch) ---------------------------------
+
+Choice = collections.namedtuple("Choice", "text finish_reason n_tokens")
+Choice.__doc__ = """One continuation of a prompt: its text, why it ended ("stop" or
+"length", as Model.generate's finish_reason) and how many characters were generated
+(a stop string and what followed it included, though not in the text)."""
+
+
+class Completion(collections.namedtuple("Completion", "prompt choices prompt_tokens "
+                                                      "cached_tokens")):
+    """A prompt's result of Model.generate_batch: the prompt, its n Choices, the
+    prompt's characters and how many of them were not decoded again because an
+    earlier prompt of the batch began with them (the prompt cache). `text` is the
+    first choice's text."""
+
+    __slots__ = ()
+
+    @property
+    def text(self):
+        return self.choices[0].text
+
+
+def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_k=0,
+                   top_p=1.0, min_p=0.0, repeat_penalty=1.0, repeat_last_n=64,
+                   logit_bias=None, seed=0, frequency_penalty=0.0, presence_penalty=0.0,
+                   stop=(), min_tokens=0, include_stop=False, mode="mixture", n_ctx=0,
+                   unknown="error", n_threads=0, forced_scheme=-1, kv_type="f32",
+                   context_shift=False, pool_bytes=256 << 20, max_sequences=64,
+                   page_heads=0, prefill_chunk=64, step_prefill=256, prompt_cache=8):
+    """Model.generate_batch: every prompt through one Engine, then its results."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("generate_batch takes a list of prompts (for one prompt, "
+                        "Model.generate)")
+    prompts = list(prompts)
+    for k, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError("prompt %d is %s, not str" % (k, type(prompt).__name__))
+    max_tokens, n = _int("max_tokens", max_tokens), _int("n", n)
+    min_tokens = _int("min_tokens", min_tokens)
+    for name, value, low in (("max_tokens", max_tokens, 0), ("n", n, 1),
+                             ("min_tokens", min_tokens, 0)):
+        if value < low:
+            raise MoasError(Status.ERR_INVALID_ARG, "%s must be >= %d, got %d"
+                            % (name, low, value))
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    ids = [model.tokenize(p, unknown=unknown) for p in prompts]
+    for k, prompt_ids in enumerate(ids):
+        if not prompt_ids:
+            raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is empty" % k)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                    logit_bias=logit_bias, frequency_penalty=frequency_penalty,
+                    presence_penalty=presence_penalty)
+    Sampler(model, seed=seed, **sampling).close()   # the library's word on the values
+    if not prompts:
+        return []
+
+    pieces = [[[] for _ in range(n)] for _ in prompts]
+    finished = [[None] * n for _ in prompts]
+    usage, errors = [None] * len(prompts), []
+    left = [len(prompts)]
+    all_done = threading.Event()
+
+    def deliver(batch):   # the engine thread, once a step
+        for req, event in batch:
+            k = req.batch_index
+            if event.kind == "text":
+                pieces[k][event.data[0]].append(event.data[1])
+            elif event.kind == "finish":
+                finished[k][event.data[0]] = event.data[1:]
+            elif event.kind in ("done", "error"):
+                if event.kind == "done":
+                    usage[k] = event.data
+                else:
+                    errors.append((k, event.data))
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+    engine = Engine(model, pool_bytes=pool_bytes, mode=mode, max_sequences=max_sequences,
+                    max_queue=len(prompts), queue_timeout=math.inf,
+                    prefill_chunk=prefill_chunk, step_prefill=step_prefill,
+                    n_threads=n_threads, page_heads=page_heads, kv_type=kv_type,
+                    forced_scheme=forced_scheme, prompt_cache=prompt_cache,
+                    context_shift=context_shift, n_ctx=n_ctx, deliver=deliver, commit=False)
+    try:
+        requests = []
+        for k, prompt_ids in enumerate(ids):
+            if len(prompt_ids) > engine.n_ctx:
+                raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is %d characters, the "
+                                "context holds %d" % (k, len(prompt_ids), engine.n_ctx))
+            # without a shift a full context ends the text ("length"), as in
+            # Model.generate: no more tokens than it holds are asked for, or reserved
+            limit = max_tokens if context_shift else min(max_tokens,
+                                                         engine.n_ctx - len(prompt_ids))
+            req = Request(prompt_ids, max_tokens=limit, n=n, seed=seed, stop=stop,
+                          min_tokens=min_tokens, include_stop=include_stop, **sampling)
+            req.batch_index = k
+            if not engine.fits(req):
+                raise MoasError(Status.ERR_POOL_FULL, "prompt %d (%d characters, %d x %d "
+                                "to generate) does not fit a pool of %d bytes even alone; "
+                                "give pool_bytes more" % (k, len(prompt_ids), n, limit,
+                                                          engine.stats.bytes_capacity))
+            requests.append(req)
+        for req in requests:
+            if not engine.submit(req):
+                raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
+        while not all_done.wait(0.1):   # a timeout, so that Ctrl-C gets through
+            pass
+    finally:
+        engine.close()
+    if errors:
+        k, (http_status, message, code) = min(errors)
+        raise MoasError(Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL,
+                        "prompt %d: %s (%s)" % (k, message, code))
+    return [Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i])
+                                    for i in range(n)],
+                       usage[k]["prompt_tokens"],
+                       usage[k]["prompt_tokens_details"]["cached_tokens"])
+            for k in range(len(prompts))]

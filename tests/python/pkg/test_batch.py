@@ -1,0 +1,153 @@
+"""Model.generate_batch: many prompts through one KV pool and batched decode, each
+result equal to Model.generate alone (the invariant the library holds bit for bit),
+and every bad input refused before anything runs. Run by `make pytest`."""
+import os
+import threading
+
+import pytest
+
+from conftest import ROOT
+import moas
+
+MODEL = os.path.join(ROOT, "tests", "data", "tiny-pooled-bias.gguf")        # 64 context
+MODERN = os.path.join(ROOT, "tests", "data", "tiny-modern-pooled-nobias.gguf")   # RoPE, 64
+PROMPTS = ["And God said, ", "In the beginning", "And the earth was ",
+           "And it came to pass, when", "Let there be light"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    with moas.Model(MODEL) as m:
+        yield m
+
+
+def alone(model, prompt, max_tokens, seed, **kw):
+    """Model.generate's text and finish reason for one prompt."""
+    gen = model.generate(prompt, max_tokens, seed=seed, stream=True, **kw)
+    text = "".join(gen)
+    return text, gen.finish_reason
+
+
+@pytest.mark.parametrize("kw", [
+    dict(mode="routed"),
+    dict(mode="mixture", kv_type="f16"),
+    dict(mode="routed", forced_scheme=1, top_k=8, repeat_penalty=1.2, min_p=0.05),
+])
+def test_every_choice_is_what_generate_gives_alone(model, kw):
+    out = model.generate_batch(PROMPTS, 30, n=3, seed=7, n_threads=2, **kw)
+    assert [c.prompt for c in out] == PROMPTS
+    for prompt, completion in zip(PROMPTS, out):
+        assert completion.prompt_tokens == len(model.tokenize(prompt))
+        assert len(completion.choices) == 3
+        for i, choice in enumerate(completion.choices):
+            text, reason = alone(model, prompt, 30, 7 + i, n_threads=2, **kw)
+            assert (choice.text, choice.finish_reason) == (text, reason)
+            assert choice.n_tokens == 30
+        assert completion.text == completion.choices[0].text
+    # the choices of a prompt differ (seed + i), so a choice is not its sibling's copy
+    assert len({c.text for c in out[0].choices}) == 3
+
+
+def test_stop_strings_and_a_full_context_end_as_alone(model):
+    # "dd" and "G" stop most texts early; n_ctx 32 ends the rest at the context's end
+    out = model.generate_batch(PROMPTS, 200, seed=3, stop=["dd", "G"], n_ctx=32,
+                               mode="routed")
+    reasons = set()
+    for prompt, completion in zip(PROMPTS, out):
+        text, reason = alone(model, prompt, 200, 3, stop=["dd", "G"], n_ctx=32,
+                             mode="routed")
+        assert (completion.text, completion.choices[0].finish_reason) == (text, reason)
+        reasons.add(reason)
+    assert reasons == {"stop", "length"}
+    full = [c for c in out if c.choices[0].finish_reason == "length"]
+    assert full and all(c.prompt_tokens + c.choices[0].n_tokens == 32 for c in full)
+
+
+def test_include_stop_and_min_tokens(model):
+    plain = model.generate_batch(PROMPTS, 40, seed=5, mode="routed")
+    out = model.generate_batch(PROMPTS, 40, seed=5, mode="routed", stop=["d"],
+                               include_stop=True, min_tokens=3)
+    stopped = 0
+    for p, c in zip(plain, out):
+        # the text runs to the first "d" that starts after its first 3 characters, the
+        # "d" kept; a text without one runs to max_tokens
+        cut = p.text.find("d", 3)
+        if cut < 0:
+            assert (c.text, c.choices[0].finish_reason) == (p.text, "length")
+            continue
+        assert (c.text, c.choices[0].finish_reason) == (p.text[:cut + 1], "stop")
+        stopped += 1
+    assert stopped >= 3
+
+
+def test_a_small_pool_makes_prompts_wait_and_swap_and_changes_no_text(model):
+    # 160 KB of pages hold a few of the 15 sequences at once: the rest wait for room,
+    # and sequences that outgrow the pool are swapped out and back
+    prompts = PROMPTS * 3
+    out = model.generate_batch(prompts, 40, seed=11, mode="mixture", pool_bytes=160 << 10)
+    want = model.generate_batch(prompts, 40, seed=11, mode="mixture")
+    assert [c.text for c in out] == [c.text for c in want]
+    for prompt, completion in zip(prompts[:5], out[:5]):
+        assert completion.text == alone(model, prompt, 40, 11, mode="mixture")[0]
+
+
+def test_context_shift_goes_past_the_context_as_alone():
+    with moas.Model(MODERN) as m:
+        prompts = ["And God said, Let there be light", "In the beginning God"]
+        out = m.generate_batch(prompts, 100, seed=2, mode="routed", context_shift=True)
+        for prompt, completion in zip(prompts, out):
+            text, reason = alone(m, prompt, 100, 2, mode="routed", context_shift=True)
+            assert (completion.text, completion.choices[0].finish_reason) == (text, reason)
+            assert completion.choices[0].n_tokens == 100 > 64
+        with pytest.raises(moas.MoasValueError, match="RoPE"):
+            moas.Model(MODEL).generate_batch(prompts, 10, context_shift=True)
+
+
+def test_no_prompts_no_work(model):
+    assert model.generate_batch([], 10) == []
+
+
+def test_bad_input_is_refused_before_anything_runs(model):
+    threads = threading.active_count()
+    with pytest.raises(TypeError, match="list of prompts"):
+        model.generate_batch("And God", 10)
+    with pytest.raises(TypeError, match="prompt 1 is int"):
+        model.generate_batch(["And", 5], 10)
+    with pytest.raises(moas.MoasValueError, match="prompt 1 is empty"):
+        model.generate_batch(["And", ""], 10)
+    with pytest.raises(moas.MoasValueError, match="prompt 2 is 200 characters, the "
+                                                  "context holds 64"):
+        model.generate_batch(["And", "God", "a" * 200], 10)
+    with pytest.raises(moas.MoasValueError) as e:
+        model.generate_batch(["And", "God Z"], 10)
+    assert e.value.status == moas.Status.ERR_UNKNOWN_CHAR
+    with pytest.raises(moas.MoasValueError):
+        model.generate_batch(["And"], 10, temperature=-1)
+    for name, value in (("max_tokens", -1), ("n", 0), ("min_tokens", -2)):
+        with pytest.raises(moas.MoasValueError, match="%s must be >= " % name):
+            model.generate_batch(["And"], **{"max_tokens": 10, name: value})
+    with pytest.raises(moas.MoasError) as e:
+        model.generate_batch(["And", "And God said, let there be light"], 90,
+                             pool_bytes=16 << 10, mode="mixture")
+    assert e.value.status == moas.Status.ERR_POOL_FULL
+    assert "prompt 0 " in e.value.message and "pool_bytes" in e.value.message
+    assert threading.active_count() == threads   # no engine thread left behind
+
+
+def test_batch_generate_bench_reports_equal_texts(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "batch_generate_bench.py"),
+                          "-m", MODEL, "--prompts", "3", "--prompt-chars", "10",
+                          "--max-tokens", "8", "--rounds", "2", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=120)
+    assert out.returncode == 0, out.stdout
+    report = json.loads(out.stdout)
+    assert report["same_text"] is True and len(report["rounds"]) == 2
+    assert all(r["chars"] == 24 and r["batch_chars_s"] > 0 for r in report["rounds"])
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "batch_generate_bench.py"),
+                          "-m", MODEL, "--prompts", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert bad.returncode == 2 and "--prompts must be at least 1" in bad.stdout
