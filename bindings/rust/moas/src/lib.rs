@@ -830,9 +830,14 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Bytes save_state() writes now (moas_context_state_size).
+    pub fn state_size(&self) -> usize {
+        unsafe { ffi::moas_context_state_size(self.raw()) }
+    }
+
     /// The sequence as bytes: its K/V, routing records, position and logits.
     pub fn save_state(&self) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; unsafe { ffi::moas_context_state_size(self.raw()) }];
+        let mut buf = vec![0u8; self.state_size()];
         let mut written = 0usize;
         check(unsafe {
             ffi::moas_context_state_save(
@@ -856,6 +861,12 @@ impl<'m> Context<'m> {
     /// KV pages the context holds (moas_context_kv_pages).
     pub fn kv_pages(&self) -> i32 {
         unsafe { ffi::moas_context_kv_pages(self.raw()) }
+    }
+
+    /// Bytes of the KV pages the context holds, shared ones included
+    /// (moas_context_kv_bytes_held): kv_pages() pages of the pool's page_bytes.
+    pub fn kv_bytes_held(&self) -> usize {
+        unsafe { ffi::moas_context_kv_bytes_held(self.raw()) }
     }
 
     /// Routed mode, pooled K/V: re-pool the stored MHA/GQA tokens before `n_before`

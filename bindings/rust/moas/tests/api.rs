@@ -1052,3 +1052,25 @@ fn sample_context_equals_sampling_the_logits_copied_out() {
         moas::ErrorKind::InvalidArg
     );
 }
+
+#[test]
+fn kv_bytes_held_and_state_size_are_the_c_figures() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    let page = pool.stats().page_bytes as usize;
+    let mut a = pool.context(&ContextParams::default()).unwrap();
+    assert_eq!((a.kv_pages(), a.kv_bytes_held()), (0, 0));
+    a.decode_batch(&ids[..20]).unwrap();
+    assert!(a.kv_pages() > 0);
+    assert_eq!(a.kv_bytes_held(), a.kv_pages() as usize * page);
+    // the pool's only context: it holds what the pool says is held
+    assert_eq!(a.kv_bytes_held() as u64, pool.stats().bytes_held);
+    // a fork shares the full pages: each holder counts them, the pool once
+    let f = a.fork().unwrap();
+    assert_eq!(f.kv_bytes_held(), f.kv_pages() as usize * page);
+    assert!(((a.kv_bytes_held() + f.kv_bytes_held()) as u64) > pool.stats().bytes_held);
+    // the bytes save_state() writes, asked before saving
+    assert_eq!(a.state_size(), a.save_state().unwrap().len());
+    assert_eq!(f.state_size(), f.save_state().unwrap().len());
+}
