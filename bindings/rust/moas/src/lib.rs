@@ -446,7 +446,8 @@ pub enum KvType {
     Q8_0,
 }
 
-/// moas_context_params, the fields a Rust caller sets. Default: the C defaults.
+/// moas_context_params, the fields a Rust caller sets. Default: the C defaults. Build it
+/// with `..Default::default()`: fields are added as the C struct grows.
 #[derive(Clone, Debug)]
 pub struct ContextParams {
     pub n_ctx: i32,     // 0: the trained length
@@ -455,6 +456,11 @@ pub struct ContextParams {
     pub kv_type: KvType,
     pub forced_scheme: Option<i32>, // routed mode: this scheme for every token
     pub kv_budget: u64,             // bytes, 0: none
+    /// Tokens per block of the context's own calls (decode, decode_batch; not
+    /// Pool::decode, whose blocks are the pool's); 0: 128, or n_ctx if smaller. Below
+    /// 64 its attention scratch is a quarter: for a context in a Pool decoded mostly
+    /// by Pool::decode.
+    pub n_batch: i32,
 }
 
 impl Default for ContextParams {
@@ -466,6 +472,7 @@ impl Default for ContextParams {
             kv_type: KvType::F32,
             forced_scheme: None,
             kv_budget: 0,
+            n_batch: 0,
         }
     }
 }
@@ -680,6 +687,7 @@ impl<'m> Context<'m> {
         };
         c.forced_scheme = p.forced_scheme.unwrap_or(-1);
         c.kv_budget_bytes = p.kv_budget;
+        c.n_batch = p.n_batch;
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_context_create(model.as_ptr(), &c, &mut out) })?;
         Ok(Context {

@@ -1074,3 +1074,43 @@ fn kv_bytes_held_and_state_size_are_the_c_figures() {
     assert_eq!(a.state_size(), a.save_state().unwrap().len());
     assert_eq!(f.state_size(), f.save_state().unwrap().len());
 }
+
+#[test]
+fn context_params_n_batch_sets_the_block_of_its_own_calls() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let pool = Pool::new(&m, 1 << 20, KvType::F32).unwrap();
+    // the abort callback is asked before each block: blocks of 4 tokens ask more often
+    let asks = |n_batch: i32| {
+        let p = ContextParams {
+            n_batch,
+            ..Default::default()
+        };
+        let mut c = pool.context(&p).unwrap();
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = n.clone();
+        c.set_abort_callback(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            false
+        });
+        c.decode_batch(&ids[..12]).unwrap();
+        let mut alone = Context::new(&m, &ContextParams::default()).unwrap();
+        alone.decode_batch(&ids[..12]).unwrap();
+        assert_eq!(c.logits(), alone.logits()); // the same numbers whatever the blocks
+        n.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (whole, fours) = (asks(0), asks(4));
+    assert!(
+        fours > whole,
+        "blocks of 4 asked {fours} times, of 128 {whole}"
+    );
+    assert_eq!(ContextParams::default().n_batch, 0);
+    let bad = ContextParams {
+        n_batch: 65537,
+        ..Default::default()
+    };
+    assert_eq!(
+        Context::new(&m, &bad).unwrap_err().kind(),
+        ErrorKind::InvalidArg
+    );
+}
