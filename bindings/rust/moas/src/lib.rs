@@ -166,6 +166,17 @@ impl Error {
         self.kind() == ErrorKind::Busy
     }
 
+    /// For [`ErrorKind::PoolFull`]: how many pages the pool lacked, which the library
+    /// gives in its message alone ("... the KV pool lacks 12 page(s): 16 needed, 4 free
+    /// of 64"); None for another kind, or a message without the count.
+    pub fn pages_lacking(&self) -> Option<u64> {
+        if self.kind() != ErrorKind::PoolFull {
+            return None;
+        }
+        let (_, after) = self.message.split_once("lacks ")?;
+        after.split(' ').next()?.parse().ok()
+    }
+
     /// "MOAS_ERR_IO" for -3: this crate's table, or the library's name for a status a
     /// newer library added ("MOAS_UNKNOWN" for none).
     pub fn name(&self) -> &'static str {

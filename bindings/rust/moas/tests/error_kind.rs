@@ -238,3 +238,37 @@ fn a_pool_decode_from_a_route_callback_of_that_pool_is_busy() {
     let got = kinds.lock().unwrap().clone();
     assert_eq!(got, vec![Err((ErrorKind::Busy, 0))]);
 }
+
+#[test]
+fn pool_full_says_how_many_pages_were_lacking() {
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let with_pages = |n_pages: u64| {
+        let page = Pool::new(&m, 1 << 20, moas::KvType::F32)
+            .unwrap()
+            .stats()
+            .page_bytes;
+        Pool::new(&m, n_pages * page, moas::KvType::F32).unwrap()
+    };
+    let decode = |pool: &Pool<'_>| {
+        let mut ctx = pool.context(&ContextParams::default()).unwrap();
+        ctx.decode_batch(&ids).map(|()| ctx.kv_pages())
+    };
+    let e = decode(&with_pages(2)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PoolFull, "{e}");
+    let lacking = e.pages_lacking().expect("a count of pages");
+    assert!(lacking > 0, "{e}");
+    // that many pages more and the same decode fits; one fewer and one page lacks
+    assert!(decode(&with_pages(2 + lacking)).is_ok());
+    let e = decode(&with_pages(1 + lacking)).unwrap_err();
+    assert_eq!(e.pages_lacking(), Some(1), "{e}");
+    // the same through a fork that cannot copy its parent's last pages
+    let pool = with_pages(2 + lacking);
+    let mut full = pool.context(&ContextParams::default()).unwrap();
+    full.decode_batch(&ids).unwrap();
+    let e = full.fork().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PoolFull, "{e}");
+    assert!(e.pages_lacking().unwrap_or(0) > 0, "{e}");
+    // another kind has no count
+    assert_eq!(error(ffi::MOAS_ERR_BUSY).pages_lacking(), None);
+}
