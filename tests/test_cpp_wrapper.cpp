@@ -93,6 +93,32 @@ int main(int argc, char **argv) {
         CHECK(same(in_pool.logits(), reference.logits(), n_vocab));
         CHECK(same(fork.logits(), reference.logits(), n_vocab));
 
+        // MOAS_ERR_POOL_FULL names the pages lacking (in moas_last_error() alone):
+        // that many pages more and the decode fits, one fewer and one page lacks
+        {
+            const uint64_t page = moas::pool(model, pp).stats().page_bytes;
+            const auto lacking_in = [&](uint64_t n_pages) -> std::optional<uint64_t> {
+                moas_pool_params small = pp;
+                small.capacity_bytes = n_pages * page;
+                moas::pool p(model, small);
+                moas::context c(model, p);
+                try {
+                    c.decode(ids);
+                } catch (const moas::error &e) {
+                    CHECK(e.status() == MOAS_ERR_POOL_FULL);
+                    return e.pages_lacking();
+                }
+                return 0;   // it fits
+            };
+            const std::optional<uint64_t> lacking = lacking_in(2);
+            CHECK(lacking && *lacking > 0);
+            if (lacking) {
+                CHECK(lacking_in(2 + *lacking) == std::optional<uint64_t>(0));
+                CHECK(lacking_in(1 + *lacking) == std::optional<uint64_t>(1));
+            }
+            CHECK(!moas::error(MOAS_ERR_BUSY, "the KV pool lacks 3 page(s)").pages_lacking());
+        }
+
         // a context assigned over one whose pool object is gone: the old context is freed
         // before its pool (the default move assignment freed the pool first)
         {

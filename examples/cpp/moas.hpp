@@ -50,6 +50,22 @@ public:
         static const std::string none;
         return message_ ? *message_ : none;          // (a moved-from error has none)
     }
+    /* MOAS_ERR_POOL_FULL: how many pages the pool lacked, which the library gives in its
+     * message alone ("... the KV pool lacks 12 page(s): 16 needed, 4 free of 64");
+     * nullopt for another status, or a message without the count. */
+    std::optional<uint64_t> pages_lacking() const noexcept {
+        const std::string &m = message();
+        const size_t at = m.find("lacks ");
+        if (status_ != MOAS_ERR_POOL_FULL || at == std::string::npos) {
+            return std::nullopt;
+        }
+        uint64_t n = 0;
+        size_t i = at + 6;
+        for (; i < m.size() && m[i] >= '0' && m[i] <= '9'; i++) {
+            n = n * 10 + static_cast<uint64_t>(m[i] - '0');
+        }
+        return i > at + 6 ? std::optional<uint64_t>(n) : std::nullopt;
+    }
 
 private:
     moas_status status_;
