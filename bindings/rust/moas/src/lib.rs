@@ -936,7 +936,7 @@ impl<'m> Context<'m> {
     pub fn decode_batch_logits(&mut self, tokens: &[i32], which: Logits) -> Result<Vec<f32>> {
         let n =
             i32::try_from(tokens.len()).map_err(|_| Error::invalid("too many tokens".into()))?;
-        self.check_room(tokens.len(), which)?;
+        self.check_room(tokens.len(), which, None)?;
         let mut out = vec![0.0f32; which.floats(tokens.len(), self.n_vocab)?];
         let st = unsafe {
             ffi::moas_context_decode_batch(
@@ -958,13 +958,18 @@ impl<'m> Context<'m> {
 
     /// MOAS_ERR_CONTEXT_FULL, as the library would say it, when every token's logits are
     /// asked for tokens that do not fit: before a buffer sized by the caller's count.
-    fn check_room(&self, n_tokens: usize, which: Logits) -> Result<()> {
+    /// The message names the call: decode_batch, or a pool's decode and its sequence `seq`.
+    fn check_room(&self, n_tokens: usize, which: Logits, seq: Option<usize>) -> Result<()> {
         let (n_past, n_ctx) = (self.n_past(), self.n_ctx());
         if matches!(which, Logits::All) && n_tokens > usize::try_from(n_ctx - n_past).unwrap_or(0) {
+            let what = match seq {
+                Some(i) => format!("pool decode: sequence {i}"),
+                None => "decode_batch".to_string(),
+            };
             return Err(Error {
                 status: ffi::MOAS_ERR_CONTEXT_FULL,
                 message: format!(
-                    "decode_batch: {n_tokens} tokens after {n_past} do not fit a context of {n_ctx}"
+                    "{what}: {n_tokens} tokens after {n_past} do not fit a context of {n_ctx}"
                 ),
             });
         }
@@ -1491,7 +1496,7 @@ impl<'m> Pool<'m> {
                 return Err(Error::invalid(format!("sequence {i}: too many tokens")));
             }
             let floats = if copy {
-                ctx.check_room(tokens.len(), *which)?;
+                ctx.check_room(tokens.len(), *which, Some(i))?;
                 which.floats(tokens.len(), ctx.n_vocab)?
             } else {
                 0

@@ -541,6 +541,21 @@ fn every_tokens_logits_of_too_many_tokens_fail_before_allocating() {
         .decode_logits(&mut [(&mut c, &tokens[..], Logits::All)])
         .unwrap_err();
     assert_eq!(e.name(), "MOAS_ERR_CONTEXT_FULL");
+    // the message names the call and the sequence that does not fit, not decode_batch
+    let mut d = pool.context(&ContextParams::default()).unwrap();
+    let e = pool
+        .decode_logits(&mut [
+            (&mut d, &tokens[..1], Logits::All),
+            (&mut c, &tokens[..], Logits::All),
+        ])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ContextFull);
+    assert!(e.message.starts_with("pool decode: sequence 1: "), "{e}");
+    assert!(ctx
+        .decode_batch_logits(&tokens, Logits::All)
+        .unwrap_err()
+        .message
+        .starts_with("decode_batch: "));
 }
 
 #[test]
