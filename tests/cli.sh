@@ -56,6 +56,20 @@ d=$("$moas" generate -m "$model" -p "And God" --predict 40 -s 5 --ctx-size 64 2>
 expect_error 1 "must be an integer in \[0, 18446744073709551615\]" "$moas" generate -m "$model" -p "And" --seed -1
 expect_error 1 "at least one character" "$moas" generate -m "$model" -p "And" --stop ""
 case "$a" in "And God"*) ;; *) fail "generate did not echo the prompt" ;; esac
+# --no-mmap reads the file into memory: the same model, the same numbers
+e=$("$moas" generate -m "$model" -p "And God" -n 40 --seed 5 --no-mmap 2>/dev/null)
+[ "$a" = "$e" ] || fail "--no-mmap changed the text"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --json >"$tmp/ppl-map.json"
+"$moas" perplexity -m "$model" -f "$data/tiny.txt" --json --no-mmap >"$tmp/ppl-read.json"
+python3 - "$tmp/ppl-map.json" "$tmp/ppl-read.json" <<'PY' || fail "--no-mmap changed perplexity"
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:])
+for r in (a, b):
+    del r["tokens_per_second"]
+assert a == b, (a, b)
+PY
+expect_error 1 "cannot open" "$moas" bench -m "$tmp/missing.gguf" --no-mmap
+expect_error 2 "inspect does not take --no-mmap" "$moas" inspect -m "$model" --no-mmap
 # generating past the context length slides the window instead of failing, and says so
 "$moas" generate -m "$model" -p "A" -n 200 --temp 0 >"$tmp/long.out" 2>"$tmp/long.err" \
     || fail "long generation"
@@ -358,9 +372,14 @@ assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["weight_bytes_per_
 c = json.load(open(sys.argv[2]))
 assert 0 < c["n_prompt"] <= 64 and c["depth"] == 0 and 0 < c["n_decode"] <= 64, c
 assert r["threads"] == 1 and c["threads"] == 1, (r, c)
+assert r["mmap"] is True and c["mmap"] is True, (r, c)
 d = json.load(open(sys.argv[3]))
 assert (d["depth"], d["n_decode"], d["threads"]) == (63, 1, int(sys.argv[4])), d
 PY
+"$moas" bench -m "$model" --n-prompt 8 -n 4 -r 1 -t 1 --no-mmap --json | grep -q '"mmap": false,' ||
+    fail "bench --no-mmap: not said in --json"
+"$moas" bench -m "$model" --n-prompt 8 -n 4 -r 1 -t 1 --no-mmap | grep -q '^model .*, 1 thread, as asked; read into memory)$' ||
+    fail "bench --no-mmap: not said"
 expect_error 1 "moas: error" "$moas" generate -m "$tmp/cut.gguf" -p "A"
 # a whole file whose metadata disagrees with itself: the MQA model with its one scheme
 # rewritten from 1 KV head to 4 (not a divisor of 6) is named as such, not as truncated

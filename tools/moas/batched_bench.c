@@ -46,7 +46,7 @@ static void usage(FILE *f) {
 static const opt_id accepted[] = {
     OPT_MODEL, OPT_NPP, OPT_NTG, OPT_NPL, OPT_SHARED_PROMPT, OPT_POOL_MB, OPT_BATCH,
     OPT_PAGE_HEADS, OPT_COMPACT_KEEP, OPT_FILE, OPT_UNKNOWN, OPT_JSON, OPT_THREADS, OPT_MODE,
-    OPT_KV_TYPE, OPT_FORCE_SCHEME, OPT_END,
+    OPT_KV_TYPE, OPT_FORCE_SCHEME, OPT_NO_MMAP, OPT_END,
 };
 
 static int run(int argc, char **argv);

@@ -30,7 +30,7 @@ static void usage(FILE *f) {
 
 static const opt_id accepted[] = {
     OPT_MODEL, OPT_N_PROMPT, OPT_N_GEN, OPT_N_DEPTH, OPT_REPEATS, OPT_JSON, OPT_THREADS,
-    OPT_MODE, OPT_KV_TYPE, OPT_FORCE_SCHEME, OPT_END,
+    OPT_MODE, OPT_KV_TYPE, OPT_FORCE_SCHEME, OPT_NO_MMAP, OPT_END,
 };
 
 static int run(int argc, char **argv);
@@ -185,24 +185,26 @@ static int run(int argc, char **argv) {
         fputs("{\"model\": ", stdout);
         put_json_string(stdout, o.model_path);
         printf(", \"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", "
-               "\"kernels\": \"%s\", \"threads\": %d, "
+               "\"kernels\": \"%s\", \"threads\": %d, \"mmap\": %s, "
                "\"n_prompt\": %d, \"n_decode\": %d, \"depth\": %d, \"repeats\": %d, "
                "\"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f, \"weight_bytes_per_token\": %.0f, \"decode_gb_s\": %.2f, "
                "\"decode_gflop_s\": %.2f, \"prefill_gflop_s\": %.2f}\n",
                mode_name(o.mode), o.forced, type_name(o.kv_type), moas_context_kernels_name(ctx),
-               moas_context_n_threads(ctx), n_prompt, n_gen, depth, o.repeats, prefill_tok_s,
+               moas_context_n_threads(ctx), o.no_mmap ? "false" : "true", n_prompt, n_gen,
+               depth, o.repeats, prefill_tok_s,
                decode_tok_s, dec_bytes, dec_gbs, dec_gflops, pre_gflops);
     } else {
         char forced[48] = "";
         if (o.forced >= 0) {
             snprintf(forced, sizeof forced, ", every token on scheme %d", o.forced);
         }
-        printf("model            %s (%s mode%s, %s K/V, %s kernels, %d thread%s%s)\n",
+        printf("model            %s (%s mode%s, %s K/V, %s kernels, %d thread%s%s%s)\n",
                o.model_path, mode_name(o.mode), forced, type_name(o.kv_type),
                moas_context_kernels_name(ctx),
                moas_context_n_threads(ctx), moas_context_n_threads(ctx) == 1 ? "" : "s",
-               o.n_threads ? ", as asked" : ", the default");
+               o.n_threads ? ", as asked" : ", the default",
+               o.no_mmap ? "; read into memory" : "");
         printf("prefill          %8.1f tokens/s  (%d tokens, median of %d; %.2f GFLOP/s in matrices)\n",
                prefill_tok_s, n_prompt, o.repeats, pre_gflops);
         printf("decode           %8.1f tokens/s  (%d tokens after %d cached, median of %d)\n",

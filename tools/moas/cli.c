@@ -164,8 +164,11 @@ int32_t *tokenize_all(const moas_model *model, const unknown_opt *unk, const cha
 }
 
 moas_model *load_model(const options *o) {
+    moas_model_params p;
     moas_model *model;
-    check(moas_model_load(o->model_path, NULL, &model), "cannot load the model");
+    moas_model_params_init(&p);
+    p.use_mmap = !o->no_mmap;
+    check(moas_model_load(o->model_path, &p, &model), "cannot load the model");
     return model;
 }
 

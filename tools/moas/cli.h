@@ -34,7 +34,7 @@ typedef enum {
     /* perplexity */
     OPT_STRIDE,
     /* the context: shared by the commands that decode text */
-    OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN, OPT_FORCE_SCHEME,
+    OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE, OPT_UNKNOWN, OPT_FORCE_SCHEME, OPT_NO_MMAP,
     /* bench */
     OPT_N_PROMPT, OPT_N_GEN, OPT_N_DEPTH, OPT_REPEATS,
     /* batched-bench */
@@ -103,6 +103,7 @@ typedef struct {
     moas_type kv_type;
     unknown_opt unknown;
     int forced;      /* routed mode: the context-wide forced scheme, -1: the router's */
+    int no_mmap;     /* read the model file into memory instead of mapping it */
     /* bench */
     int n_prompt;
     int n_gen;

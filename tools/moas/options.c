@@ -71,6 +71,7 @@ static const opt_name names[] = {
     {"--kv-type", OPT_KV_TYPE, 1, NULL},
     {"--unknown", OPT_UNKNOWN, 1, NULL},
     {"--force-scheme", OPT_FORCE_SCHEME, 1, NULL},
+    {"--no-mmap", OPT_NO_MMAP, 0, "1"},
     {"--n-prompt", OPT_N_PROMPT, 1, NULL},
     {"-n", OPT_N_GEN, 1, NULL},
     {"--n-gen", OPT_N_GEN, 1, NULL},
@@ -104,6 +105,8 @@ static const struct {
     {OPT_UNKNOWN, "      --unknown R         characters outside the vocabulary: error (default),\n"
                   "                          drop, replace (by a space) or replace:C (by C)\n"},
     {OPT_FORCE_SCHEME, "      --force-scheme S    routed mode: every token runs scheme S (e.g. 0: MHA)\n"},
+    {OPT_NO_MMAP, "      --no-mmap           read the model into memory instead of mapping the file\n"
+                  "                          (llama.cpp's --no-mmap; see docs/PERFORMANCE.md)\n"},
 };
 
 static int takes(const command *cmd, opt_id id) {
@@ -314,6 +317,7 @@ static void set_option(options *o, opt_id id, const char *name, const char *v) {
         }
         break;
     case OPT_FORCE_SCHEME: o->forced = (int)parse_long(v, name, 0, 7); break;
+    case OPT_NO_MMAP: o->no_mmap = 1; break;
     case OPT_N_PROMPT: o->n_prompt = (int)parse_long(v, name, 1, 1L << 20); break;
     case OPT_N_GEN: o->n_gen = (int)parse_long(v, name, 0, 1L << 20); break;
     case OPT_N_DEPTH: o->depth = (int)parse_long(v, name, 0, 1L << 20); break;

@@ -31,7 +31,7 @@ static void usage(FILE *f) {
 
 static const opt_id accepted[] = {
     OPT_MODEL, OPT_FILE, OPT_STRIDE, OPT_JSON, OPT_THREADS, OPT_CTX, OPT_MODE, OPT_KV_TYPE,
-    OPT_UNKNOWN, OPT_FORCE_SCHEME, OPT_END,
+    OPT_UNKNOWN, OPT_FORCE_SCHEME, OPT_NO_MMAP, OPT_END,
 };
 
 static int run(int argc, char **argv);

@@ -386,7 +386,7 @@ def parse_completion(body, cfg):
 class Server:
     def __init__(self, args):
         self.args = args
-        self.model = Model(args.model)
+        self.model = Model(args.model, use_mmap=not args.no_mmap)
         # the names clients may ask for (vLLM's --served-model-name); without it the
         # file's name, and any "model" a client sends is taken as this one
         self.model_names = args.served_model_name or [os.path.basename(args.model)]
@@ -574,7 +574,8 @@ class Server:
                          "n_vocab": self.model.n_vocab, "schemes": self.schemes,
                          "scheme_kv_heads": self.model.schemes, "mode": self.args.mode,
                          "kv_type": self.args.kv_type,
-                         "context_shift": self.args.context_shift}}
+                         "context_shift": self.args.context_shift,
+                         "mmap": not self.args.no_mmap}}
 
     async def models(self, request):
         return web.json_response({"object": "list",
@@ -1171,6 +1172,9 @@ def parse_args(argv=None):
                     "(0: the trained length; llama.cpp's -c, vLLM's --max-model-len)")
     ap.add_argument("--kv-type", choices=("f32", "f16", "q8_0"), default="f32",
                     help="K/V element type (f32; q8_0: head_dim a multiple of 32)")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="read the model into memory instead of mapping the file "
+                    "(llama.cpp's --no-mmap)")
     ap.add_argument("--steer-below", type=float, default=0.0,
                     help="routed mode: while less than this fraction of the pool's pages "
                     "is free, tokens take cheaper schemes (0: never; Pool steer_below)")

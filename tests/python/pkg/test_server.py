@@ -1684,6 +1684,23 @@ def test_kv_types_serve_what_a_context_of_that_type_generates(kv_type):
         s.close()
 
 
+def test_no_mmap_reads_the_model_and_serves_the_same_text():
+    s = Server("-m", MODEL, "--no-mmap", "--mode", "routed")
+    try:
+        status, _, body = s.complete(prompt=PROMPT, max_tokens=30, seed=9)
+        assert status == 200, body
+        with moas.Model(MODEL) as m:
+            assert body["choices"][0]["text"] == m.generate(PROMPT, 30, seed=9, mode="routed")
+        assert s.request("GET", "/v1/models")[2]["data"][0]["moas"]["mmap"] is False
+    finally:
+        s.close()
+    s = Server("-m", MODEL)
+    try:
+        assert s.request("GET", "/v1/models")[2]["data"][0]["moas"]["mmap"] is True
+    finally:
+        s.close()
+
+
 def test_q8_0_kv_on_a_model_it_does_not_fit_stops_the_server_at_start():
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
     r = subprocess.run([sys.executable, "-m", "moas.server", "-m", MODEL, "--port", "0",
