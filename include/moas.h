@@ -1151,7 +1151,9 @@ MOAS_API moas_status moas_context_compact(moas_context *ctx, int32_t n_before, i
  * (up to rounding: a re-rotated key differs from one rotated once by float round-off;
  * docs/KV_CACHE.md gives the measured difference). For a context that fills up:
  * llama.cpp's context shift, and with n_keep > 0 StreamingLLM's attention sinks. The
- * last logits stay. Pages shared with forks are copied first.
+ * last logits stay, unless the last token is among those dropped: then
+ * moas_context_logits() returns NULL until the next decode, as after
+ * moas_context_truncate(n_keep). Pages shared with forks are copied first.
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL ctx, a model with learned positions,
  *          a range outside the stored tokens), MOAS_ERR_POOL_FULL (copies of shared

@@ -2061,6 +2061,9 @@ static moas_status context_shift(moas_context *ctx, int32_t n_keep, int32_t n_di
     memmove(ctx->route_scheme + (size_t)n_keep * L, ctx->route_scheme + (size_t)(n_keep + n_discard) * L,
             (size_t)n_after * L);
     ctx->n_past -= n_discard;
+    if (n_after == 0) {   /* the logits were the last token's, dropped: as truncate */
+        ctx->logits_valid = false;
+    }
     pages_trim(ctx);
     return MOAS_OK;
 }

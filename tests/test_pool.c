@@ -3075,6 +3075,58 @@ TEST(context_shift_may_discard_every_token_after_n_keep) {
     return TEST_PASS;
 }
 
+/* A shift that drops the last token leaves the context as moas_context_truncate(n_keep)
+ * would, logits included: moas_context_logits() is NULL (they were the dropped token's),
+ * and a saved state says so. A shift that keeps the last token keeps its logits. */
+TEST(context_shift_dropping_the_last_token_drops_its_logits) {
+    enum { N = 8, KEEP = 3 };
+    int32_t tokens[N];
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_ctx_train = 64;
+    cfg.n_embd = 32;
+    cfg.rope = true;
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 77, &size);
+    moas_model *m;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(tokens, N, V, 91);
+    for (int mode = 0; mode < 2; mode++) {
+        moas_context *a = make_ctx(m, NULL, mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE,
+                                   MOAS_TYPE_F32, 1);
+        moas_context *b = make_ctx(m, NULL, mode ? MOAS_MODE_ROUTED : MOAS_MODE_MIXTURE,
+                                   MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(a != NULL && b != NULL);
+        ASSERT_OK(moas_context_decode_batch(a, tokens, N, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(moas_context_shift(a, 1, 2));   /* the last token stays: so do its logits */
+        ASSERT_TRUE(moas_context_logits(a) != NULL);
+        ASSERT_OK(moas_context_shift(a, KEEP, N - 2 - KEEP));   /* every token after n_keep */
+        ASSERT_EQ(moas_context_n_past(a), KEEP);
+        ASSERT_TRUE(moas_context_logits(a) == NULL);
+        /* the same as truncating: the same state, byte for byte */
+        ASSERT_OK(moas_context_decode_batch(b, tokens, N, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(moas_context_shift(b, 1, 2));
+        ASSERT_OK(moas_context_truncate(b, KEEP));
+        const size_t n = moas_context_state_size(a);
+        ASSERT_EQ(n, moas_context_state_size(b));
+        uint8_t *sa = malloc(n), *sb = malloc(n);
+        size_t written;
+        ASSERT_TRUE(sa != NULL && sb != NULL);
+        ASSERT_OK(moas_context_state_save(a, sa, n, &written));
+        ASSERT_OK(moas_context_state_save(b, sb, n, &written));
+        ASSERT_TRUE(memcmp(sa, sb, n) == 0);
+        free(sa);
+        free(sb);
+        moas_context_free(a);
+        moas_context_free(b);
+    }
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A Q8_0 cache (head_dim 32: one block per head): logits near an f32 cache's, batched
  * decode equal to decoding alone bit for bit, saved state and compaction working on
  * its blocks; refused when head_dim is not a multiple of 32. */
