@@ -583,6 +583,14 @@ static uint64_t pages_needed(const moas_context *ctx, int32_t n) {
     return need;
 }
 
+/* With the pool locked: the shared page stream i of ctx copies before writing n more
+ * tokens, or -1. */
+static int32_t copied_page(const moas_context *ctx, int32_t i, int32_t n) {
+    const uint32_t used = stream_heads(ctx, i, ctx->n_past);
+    return moas__kv_write_copy(ctx->pool, &ctx->kv[i], used,
+                               used + (uint32_t)n * (uint32_t)call_max_heads(ctx, i));
+}
+
 static void pages_take(moas_context *ctx, int32_t n) {
     ctx->call_heads = ctx->mode == MOAS_MODE_ROUTED ? call_max_heads(ctx, 0) : 0;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
@@ -1262,6 +1270,34 @@ static void release_seqs(const moas_pool_seq *seqs, int32_t n) {
     }
 }
 
+/* With the pool locked: the copies pages_needed() counted that the parts' pages_take()
+ * will not make. It counts a copy for every part writing into a shared page; when every
+ * holder of that page writes into it in this call, the last to take its pages finds
+ * the page its own (moas__kv_grow), so the call makes one copy fewer (a shared page sits
+ * at the same stream in each of its holders). */
+static uint64_t copies_spared(const moas_pool_seq *seqs, int32_t n_seqs) {
+    uint64_t spared = 0;
+    for (int32_t i = 0; i < n_seqs; i++) {
+        const moas_context *ctx = seqs[i].ctx;
+        for (int32_t s = 0; s < ctx->n_streams; s++) {
+            const int32_t page = copied_page(ctx, s, seqs[i].n_tokens);
+            if (page < 0) {
+                continue;
+            }
+            uint32_t writers = 1;   /* counted at the page's first writer in the call */
+            bool first = true;
+            for (int32_t j = 0; j < n_seqs && first; j++) {
+                const bool same =
+                    j != i && copied_page(seqs[j].ctx, s, seqs[j].n_tokens) == page;
+                first = !(same && j < i);
+                writers += same ? 1 : 0;
+            }
+            spared += first && writers == ctx->pool->refs[page] ? 1 : 0;
+        }
+    }
+    return spared;
+}
+
 /* Claim and check every part, then reserve the pages of all of them at once. The
  * first *held parts' contexts are held whatever happens: the caller lets them go as the
  * last thing it does, after its last use of the pool (a context let go may be freed at
@@ -1289,6 +1325,7 @@ static moas_status pool_decode_prepare(moas_pool *pool, const moas_pool_seq *seq
         steer(seqs[i].ctx);
         need += pages_needed(seqs[i].ctx, seqs[i].n_tokens);
     }
+    need -= copies_spared(seqs, n_seqs);
     if (need > (uint64_t)pool->n_free) {
         st = pool_full(pool, need, "pool_decode");
         moas__pool_unlock(pool);

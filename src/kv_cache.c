@@ -185,6 +185,11 @@ uint32_t moas__kv_need(const moas_pool *pool, const moas_kv_stream *kv, uint32_t
     return (total > have ? total - have : 0) + (writes_shared_page(pool, kv, used, want) ? 1 : 0);
 }
 
+int32_t moas__kv_write_copy(const moas_pool *pool, const moas_kv_stream *kv, uint32_t used,
+                            uint32_t want) {
+    return writes_shared_page(pool, kv, used, want) ? kv->pages[used >> pool->page_shift] : -1;
+}
+
 void moas__kv_grow(moas_pool *pool, moas_kv_stream *kv, uint32_t used, uint32_t want) {
     if (writes_shared_page(pool, kv, used, want)) {   /* copy on write */
         const uint32_t page = used >> pool->page_shift;

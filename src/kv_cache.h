@@ -222,6 +222,11 @@ uint32_t moas__kv_need(const struct moas_pool *pool, const moas_kv_stream *kv, u
                        uint32_t want);
 void moas__kv_grow(struct moas_pool *pool, moas_kv_stream *kv, uint32_t used, uint32_t want);
 
+/* With the pool locked: the shared page that growing `kv` from `used` heads to `want`
+ * writes into (moas__kv_need counts its copy), or -1. */
+int32_t moas__kv_write_copy(const struct moas_pool *pool, const moas_kv_stream *kv,
+                            uint32_t used, uint32_t want);
+
 /* With the pool locked: give `kv` its own copy of every shared page from page index
  * `from` on (the caller has checked enough pages are free). */
 void moas__kv_unshare(struct moas_pool *pool, moas_kv_stream *kv, uint32_t from);

@@ -657,6 +657,76 @@ TEST(fork_shares_pages_and_copies_on_write) {
     return TEST_PASS;
 }
 
+/* Two forks truncated into the page they share, both of them in one pool call: the
+ * first to write copies the page, the second then holds it alone and writes in place,
+ * so the call needs one copy, not two (it did count two, and refused a pool with the
+ * pages free that decoding them one after the other takes). The pooled model, mixture
+ * mode (4 heads a token and layer), pages of 16 heads, a pool of 6 pages. */
+TEST(pool_call_of_every_holder_of_a_shared_page_counts_one_copy) {
+    size_t size;
+    uint8_t *image = kind_image(3, &size);
+    moas_model *m;
+    int32_t prompt[5], next[2];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    const int32_t V = moas_model_n_vocab(m);
+    seq_tokens(prompt, 5, V, 31);
+    seq_tokens(next, 2, V, 32);
+    moas_pool *pool = make_pool(m, 6 * 512, MOAS_TYPE_F16, 1, 0, 16);
+    ASSERT_TRUE(pool != NULL);
+    ASSERT_EQ(pool->n_pages, 6);
+    moas_context *other = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F16, 1);
+    ASSERT_TRUE(other != NULL);
+    for (int order = 0; order < 3; order++) {
+        moas_context *parent = make_ctx(m, pool, MOAS_MODE_MIXTURE, MOAS_TYPE_F16, 1);
+        moas_context *child = NULL, *third = NULL;
+        ASSERT_TRUE(parent != NULL);
+        ASSERT_OK(moas_context_decode_batch(parent, prompt, 5, NULL, MOAS_LOGITS_NONE));
+        ASSERT_OK(moas_context_fork(parent, &child));   /* 4 pages and 2 copies */
+        ASSERT_EQ(pool->n_free, 0);
+        ASSERT_OK(moas_context_truncate(child, 1));   /* both hold the first pages, shared */
+        if (order == 2) {   /* and a third holder, outside the call */
+            ASSERT_OK(moas_context_fork(parent, &third));
+            ASSERT_OK(moas_context_truncate(third, 1));
+        }
+        ASSERT_OK(moas_context_truncate(parent, 1));
+        ASSERT_EQ(pool->refs[parent->kv[0].pages[0]], order == 2 ? 3u : 2u);
+        ASSERT_OK(moas_context_decode(other, prompt[0], NULL));
+        ASSERT_EQ(pool->n_free, 2);
+        moas_context *a = order == 1 ? child : parent, *b = order == 1 ? parent : child;
+        const moas_pool_seq q[2] = {{a, &next[0], 1, MOAS_LOGITS_LAST, NULL},
+                                    {b, &next[1], 1, MOAS_LOGITS_LAST, NULL}};
+        if (order == 2) {   /* then both writers copy: two pages are too few */
+            ASSERT_STATUS(moas_pool_decode(pool, q, 2), MOAS_ERR_POOL_FULL);
+            ASSERT_STR_EQ(moas_last_error(),
+                          "pool_decode: the KV pool lacks 2 page(s): 4 needed, 2 free of 6");
+            ASSERT_EQ(pool->n_free, 2);
+        } else {
+            ASSERT_OK(moas_pool_decode(pool, q, 2));
+            ASSERT_EQ(pool->n_free, 0);
+            for (int k = 0; k < 2; k++) {   /* as decoding alone */
+                moas_context *ref = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F16, 1);
+                ASSERT_TRUE(ref != NULL);
+                ASSERT_OK(moas_context_decode(ref, prompt[0], NULL));
+                ASSERT_OK(moas_context_decode(ref, next[k], NULL));
+                ASSERT_TRUE(memcmp(moas_context_logits(ref), moas_context_logits(k ? b : a),
+                                   (size_t)V * sizeof(float)) == 0);
+                ASSERT_TRUE(same_records(ref, k ? b : a));
+                moas_context_free(ref);
+            }
+        }
+        moas_context_free(third);
+        moas_context_free(child);
+        moas_context_free(parent);
+        moas_context_reset(other);
+        ASSERT_EQ(pool->n_free, pool->n_pages);
+    }
+    moas_context_free(other);
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A fork whose copies of the partly written last pages take exactly the pages left
  * runs (and one more fork then finds none); the fork's figures count in
  * moas_pool_stats at once, shared tokens in each holder. The pooled 2-layer model,
