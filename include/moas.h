@@ -738,9 +738,11 @@ MOAS_API moas_status moas_context_decode_batch(moas_context *ctx, const int32_t 
  * moas_context_logits() - the logits of the last decoded token.
  *
  * Returns: a borrowed array of moas_model_n_vocab() floats, valid until the next call
- *          that decodes, truncates, resets or frees `ctx`; NULL when no token has been
- *          decoded since creation, reset or a truncate, or when the last call that
- *          decoded tokens was a moas_context_decode_batch() with MOAS_LOGITS_NONE.
+ *          that decodes, truncates, resets, shifts, loads state into or frees `ctx`;
+ *          NULL when no token has been decoded since creation, reset, a truncate or a
+ *          shift that dropped the last token, when the last call that decoded tokens
+ *          was a moas_context_decode_batch() with MOAS_LOGITS_NONE, or after loading a
+ *          state saved without logits.
  * Thread safety: one thread per context.   Allocates: no.
  */
 MOAS_API const float *moas_context_logits(const moas_context *ctx);
