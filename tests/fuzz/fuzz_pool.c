@@ -395,6 +395,29 @@ static uint64_t need_tokens(const driver *d, const sctx *c, int32_t n) {
     return need;
 }
 
+/* Pages a moas_pool_decode call of these parts reserves: each part's need_tokens, in
+ * the call's order, with the copies made before it: a part that would copy a shared
+ * page all of whose other holders copied it earlier in the call holds it alone by its
+ * turn and writes in place. */
+static uint64_t need_call(driver *d, sctx *const *cs, const int32_t *n, int32_t n_parts) {
+    static int32_t refs[MAX_POOL_PAGES];
+    memcpy(refs, d->refs, sizeof refs);
+    uint64_t need = 0;
+    for (int32_t k = 0; k < n_parts; k++) {
+        need += need_tokens(d, cs[k], n[k]);
+        for (int32_t i = 0; i < cs[k]->n_streams; i++) {
+            const sstream *s = &cs[k]->st[i];
+            const uint32_t used = stream_heads(d, cs[k], i, cs[k]->n_past);
+            if (n[k] > 0 && writes_shared(d, s, used)) {
+                const int32_t id = s->ids[used / (uint32_t)d->P];
+                need -= refs[id] > 1 ? 0 : 1;   /* counted, but no longer shared */
+                refs[id] -= refs[id] > 1 ? 1 : 0;
+            }
+        }
+    }
+    return need;
+}
+
 static void cow(driver *d, sstream *s, int32_t page) {
     const int32_t copy = take_page(d);
     drop_page(d, s->ids[page]);
@@ -1555,11 +1578,14 @@ static void step_pool_decode(driver *d, fuzz_cursor *cur) {
             want = MOAS_ERR_INVALID_ARG;
         }
     }
-    uint64_t need = 0;
+    sctx *parts[MAX_SLOTS];
+    int32_t part_n[MAX_SLOTS];
     for (int32_t i = 0; i < n_seqs; i++) {
         call_limit(d, &d->c[slots[i]]);
-        need += need_tokens(d, &d->c[slots[i]], seqs[i].n_tokens);
+        parts[i] = &d->c[slots[i]];
+        part_n[i] = seqs[i].n_tokens;
     }
+    const uint64_t need = need_call(d, parts, part_n, n_seqs);
     if (want == MOAS_OK && need > (uint64_t)d->n_free) {
         want = MOAS_ERR_POOL_FULL;
     }
@@ -1756,7 +1782,11 @@ static void step_shift(driver *d, fuzz_cursor *cur) {
         c->pos_has[j] = false;
     }
     c->n_past -= n_discard;
-    c->stale = c->logits;   /* the last logits stay */
+    if (n_after == 0) {   /* the last token was dropped, its logits with it */
+        c->logits = c->stale = false;
+    } else {
+        c->stale = c->logits;   /* the last logits stay */
+    }
     take_heads(d, c);
     trim(d, c);
     check_logits_finite(d, c);
