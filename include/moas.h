@@ -1004,7 +1004,7 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  *          kernels, a Q8_0 kv_type with head_dim not a multiple of 32, n_threads
  *          outside [0, 1024], n_batch outside [0, 65536], steer_below outside [0, 1],
  *          an allocator without alloc or free, bad params->size), MOAS_ERR_NO_MEMORY
- *          (also for more pages than 2^32 - 1 heads or 2^31 - 1 pages).
+ *          (also for pages of 2^32 - 1 heads or more, or over 2^31 - 1 pages).
  * Thread safety: safe.   Allocates: yes.
  */
 MOAS_API moas_status moas_pool_create(const moas_model *model, const moas_pool_params *params,
