@@ -787,8 +787,12 @@ static void plan_token(moas_context *ctx, int32_t n_after) {
     if (ctx->mode != MOAS_MODE_ROUTED || ctx->kv_budget == 0) {
         return;
     }
-    const uint64_t left = ctx->kv_budget - kv_bytes_at(ctx, -1, ctx->n_past);
-    const uint64_t room = left - (uint64_t)n_after * min_token_bytes(ctx);
+    /* nothing left rather than a wrap below zero: a route callback may lower the budget
+     * under what the call's tokens already use (the rest then take the cheapest scheme) */
+    const uint64_t used = kv_bytes_at(ctx, -1, ctx->n_past);
+    const uint64_t later = (uint64_t)n_after * min_token_bytes(ctx);
+    const uint64_t left = used < ctx->kv_budget ? ctx->kv_budget - used : 0;
+    const uint64_t room = left > later ? left - later : 0;
     const uint64_t rate = left / (uint64_t)(ctx->n_ctx - ctx->n_past);
     ctx->plan_room = room;
     ctx->plan_rate = rate < room ? rate : room;

@@ -424,6 +424,48 @@ TEST(routed_kv_budget_holds) {
     return TEST_PASS;
 }
 
+/* MHA always, and at position 2 (layer 0) a budget of one MQA token set on the context
+ * being decoded, as a route callback may (THREADING in moas.h). */
+static int32_t mha_then_lower_budget(void *user, int32_t pos, int32_t layer,
+                                     const float *gates, int32_t n_scheme, int32_t proposed) {
+    (void)gates, (void)n_scheme, (void)proposed;
+    if (pos == 2 && layer == 0) {
+        (void)moas_context_set_kv_budget(user, N_LAYER * (1 * HEAD_DIM * 2 * 4 + META));
+    }
+    return 0;
+}
+
+/* A budget a route callback lowers below what the call's tokens already use binds the
+ * rest of the call: the later tokens take the cheapest scheme in every layer (the plan
+ * of a token once wrapped around below zero, and they went on at MHA), and the next
+ * call is refused. */
+TEST(kv_budget_lowered_during_a_call_binds_its_later_tokens) {
+    enum { N = 8 };
+    size_t size;
+    uint8_t *image = tiny_model_image(NULL, 8, &size);
+    moas_model *m;
+    int32_t tokens[N + 1], schemes[N * N_LAYER];
+    const uint64_t mha_token = N_LAYER * (4 * HEAD_DIM * 2 * 4 + META);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    pseudo_tokens(tokens, N + 1, 40, 9);
+    moas_context *ctx = routed_context(m, MOAS_TYPE_F32, -1);
+    ASSERT_TRUE(ctx != NULL);
+    ASSERT_OK(moas_context_set_kv_budget(ctx, N_CTX * mha_token));   /* all at MHA */
+    moas_context_set_route_callback(ctx, mha_then_lower_budget, ctx);
+    ASSERT_OK(moas_context_decode_batch(ctx, tokens, N, NULL, MOAS_LOGITS_LAST));
+    ASSERT_OK(moas_context_routes(ctx, 0, N, NULL, schemes, NULL));
+    for (int32_t j = 0; j < N; j++) {
+        for (int32_t l = 0; l < N_LAYER; l++) {
+            ASSERT_EQ(schemes[j * N_LAYER + l], j < 2 ? 0 : j == 2 ? schemes[2 * N_LAYER + l] : 2);
+        }
+    }
+    ASSERT_STATUS(moas_context_decode(ctx, tokens[N], NULL), MOAS_ERR_CONTEXT_FULL);
+    moas_context_free(ctx);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
 /* A budget is a bound the cache may reach, not one it must stay under: the least
  * budget (one token at the cheapest scheme in every layer) is accepted and holds
  * exactly one token, and a budget of exactly ten such tokens holds ten, the eleventh
