@@ -962,8 +962,17 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             raise TypeError("prompt %d is %s, not str" % (k, type(prompt).__name__))
     max_tokens, n = _int("max_tokens", max_tokens), _int("n", n)
     min_tokens = _int("min_tokens", min_tokens)
+    # the engine's sizes too: its thread would otherwise wait forever on a prompt never
+    # read (a chunk of 0) or die on a non-integer, and the call with it
+    max_sequences, prompt_cache = _int("max_sequences", max_sequences), \
+        _int("prompt_cache", prompt_cache)
+    prefill_chunk, step_prefill = _int("prefill_chunk", prefill_chunk), \
+        _int("step_prefill", step_prefill)
     for name, value, low in (("max_tokens", max_tokens, 0), ("n", n, 1),
-                             ("min_tokens", min_tokens, 0)):
+                             ("min_tokens", min_tokens, 0), ("max_sequences", max_sequences, 1),
+                             ("prompt_cache", prompt_cache, 0),
+                             ("prefill_chunk", prefill_chunk, 1),
+                             ("step_prefill", step_prefill, 1)):
         if value < low:
             raise MoasError(Status.ERR_INVALID_ARG, "%s must be >= %d, got %d"
                             % (name, low, value))

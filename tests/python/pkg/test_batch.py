@@ -151,3 +151,38 @@ def test_batch_generate_bench_reports_equal_texts(tmp_path):
                           "-m", MODEL, "--prompts", "0"], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert bad.returncode == 2 and "--prompts must be at least 1" in bad.stdout
+
+
+def finishes(fn):
+    """fn()'s exception or result, from a thread of its own: a call that never returns
+    fails the test instead of hanging the suite (60 s is no timing, only a hang)."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the call never returned"
+    return out
+
+
+@pytest.mark.parametrize("name, value, error", [
+    ("step_prefill", 0, moas.MoasValueError),     # no prompt would ever be read
+    ("prefill_chunk", 0, moas.MoasValueError),
+    ("prefill_chunk", -1, moas.MoasValueError),
+    ("max_sequences", 0, moas.MoasValueError),
+    ("max_sequences", None, TypeError),           # the engine thread would die on it
+    ("max_sequences", 2.5, TypeError),
+    ("prompt_cache", None, TypeError),
+    ("prompt_cache", -1, moas.MoasValueError),
+])
+def test_engine_sizes_are_refused_before_anything_runs(model, name, value, error):
+    threads = threading.active_count()
+    out = finishes(lambda: model.generate_batch(["And", "God"], 5, **{name: value}))
+    assert isinstance(out.get("error"), error), out
+    assert name in str(out["error"])
+    assert threading.active_count() == threads
