@@ -978,9 +978,10 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                             % (name, low, value))
     if stop is None:
         stop = ()
-    elif isinstance(stop, str):
+    elif isinstance(stop, (str, bytes)):   # one stop string, as in Model.generate
         stop = [stop]
     stop = list(stop)
+    find_stop("", stop)   # its word on the strings (NUL, not text) before anything runs
     ids = [model.tokenize(p, unknown=unknown) for p in prompts]
     for k, prompt_ids in enumerate(ids):
         if not prompt_ids:

@@ -186,3 +186,17 @@ def test_engine_sizes_are_refused_before_anything_runs(model, name, value, error
     assert isinstance(out.get("error"), error), out
     assert name in str(out["error"])
     assert threading.active_count() == threads
+
+
+def test_stop_strings_are_taken_and_refused_as_generate_takes_them(model):
+    # one bytes stop string is one string, as in Model.generate, not its byte values
+    out = model.generate_batch(PROMPTS, 40, seed=3, stop=b"dd", mode="routed")
+    for prompt, completion in zip(PROMPTS, out):
+        assert (completion.text, completion.choices[0].finish_reason) == \
+            alone(model, prompt, 40, 3, stop=b"dd", mode="routed")
+    # what find_stop refuses is refused before anything runs, as the error generate
+    # gives at its first character, not as an internal error of every prompt after it
+    with pytest.raises(ValueError, match="NUL"):
+        model.generate_batch(["And", "God"], 5, stop=["a\0"])
+    with pytest.raises(TypeError):
+        model.generate_batch(["And", "God"], 5, stop=["d", 5])
