@@ -994,8 +994,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     if not prompts:
         return []
 
-    pieces = [[[] for _ in range(n)] for _ in prompts]
-    finished = [[None] * n for _ in prompts]
+    pieces = finished = None   # made once the prompts are known to fit (n may not)
     usage, errors = [None] * len(prompts), []
     left = [len(prompts)]
     all_done = threading.Event()
@@ -1041,6 +1040,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                                 "give pool_bytes more" % (k, len(prompt_ids), n, limit,
                                                           engine.stats.bytes_capacity))
             requests.append(req)
+        pieces = [[[] for _ in range(n)] for _ in prompts]
+        finished = [[None] * n for _ in prompts]
         for req in requests:
             if not engine.submit(req):
                 raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")

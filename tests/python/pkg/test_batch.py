@@ -200,3 +200,24 @@ def test_stop_strings_are_taken_and_refused_as_generate_takes_them(model):
         model.generate_batch(["And", "God"], 5, stop=["a\0"])
     with pytest.raises(TypeError):
         model.generate_batch(["And", "God"], 5, stop=["d", 5])
+
+
+def test_an_n_too_large_for_the_pool_is_refused_before_any_memory_is_taken():
+    # n = 2^31 - 1 choices cannot fit any pool: ERR_POOL_FULL, before the lists that
+    # would hold their texts (64 GiB and more) are made. Under a 3 GiB address space,
+    # so that making them fails fast with MemoryError instead of taking the machine's
+    # memory.
+    import subprocess
+    import sys
+    code = ("import resource, moas\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "m = moas.Model(%r)\n"
+            "try:\n"
+            "    m.generate_batch(['And'], 5, n=2**31 - 1)\n"
+            "except moas.MoasError as e:\n"
+            "    print(e.status.name, 'prompt 0 ' in e.message)\n" % MODEL)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bindings", "python"))
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, timeout=120,
+                         env=env)
+    assert out.stdout.strip() == "ERR_POOL_FULL True", out.stdout
