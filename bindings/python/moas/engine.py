@@ -991,6 +991,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                     logit_bias=logit_bias, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty)
     Sampler(model, seed=seed, **sampling).close()   # the library's word on the values
+    Sampler(model, seed=seed + n - 1, **sampling).close()   # and on the last choice's seed
     if not prompts:
         return []
 

@@ -221,3 +221,15 @@ def test_an_n_too_large_for_the_pool_is_refused_before_any_memory_is_taken():
                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=120,
                          env=env)
     assert out.stdout.strip() == "ERR_POOL_FULL True", out.stdout
+
+
+def test_a_seed_whose_last_choice_overflows_is_refused_before_anything_runs(model,
+                                                                           monkeypatch):
+    # choice i samples with seed + i: the last one's seed must be a uint64 as well
+    import moas.engine
+    made = []
+    monkeypatch.setattr(moas.engine.Engine, "__init__",
+                        lambda self, *a, **kw: made.append(1) or pytest.fail("ran"))
+    with pytest.raises(moas.MoasValueError, match="seed 18446744073709551616 is outside"):
+        model.generate_batch(["And", "God"], 5, n=2, seed=2**64 - 1)
+    assert made == []
