@@ -1047,7 +1047,12 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             if not engine.submit(req):
                 raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
         while not all_done.wait(0.1):   # a timeout, so that Ctrl-C gets through
-            pass
+            # a bug that killed the engine thread (its traceback is on stderr) would
+            # otherwise leave the call waiting for events that never come
+            if not engine._thread.is_alive() and not all_done.is_set():
+                raise MoasError(Status.ERR_INTERNAL, "the engine thread stopped before "
+                                "every prompt was done (a bug; its traceback is on "
+                                "stderr)")
     finally:
         engine.close()
     if errors:

@@ -233,3 +233,19 @@ def test_a_seed_whose_last_choice_overflows_is_refused_before_anything_runs(mode
     with pytest.raises(moas.MoasValueError, match="seed 18446744073709551616 is outside"):
         model.generate_batch(["And", "God"], 5, n=2, seed=2**64 - 1)
     assert made == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_thread_that_dies_ends_the_call_with_an_error(model, monkeypatch):
+    # a bug that kills the engine thread (here: _reap raises, in the step and again in
+    # its recovery) must not leave the caller waiting forever
+    import moas.engine
+
+    def broken(self):
+        raise RuntimeError("broken on purpose")
+    monkeypatch.setattr(moas.engine.Engine, "_reap", broken)
+    threads = threading.active_count()
+    out = finishes(lambda: model.generate_batch(["And", "God"], 5))
+    assert isinstance(out.get("error"), moas.MoasError), out
+    assert out["error"].status == moas.Status.ERR_INTERNAL
+    assert threading.active_count() == threads
