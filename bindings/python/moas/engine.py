@@ -982,7 +982,14 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         stop = [stop]
     stop = list(stop)
     find_stop("", stop)   # its word on the strings (NUL, not text) before anything runs
-    ids = [model.tokenize(p, unknown=unknown) for p in prompts]
+    ids = []
+    for k, prompt in enumerate(prompts):
+        try:
+            ids.append(model.tokenize(prompt, unknown=unknown))
+        except MoasError as e:   # a character of this prompt: say which prompt
+            if e.status not in (Status.ERR_UNKNOWN_CHAR, Status.ERR_INVALID_UTF8):
+                raise   # the rule itself, no prompt's fault
+            raise MoasError(e.status, "prompt %d: %s" % (k, e.message)) from None
     for k, prompt_ids in enumerate(ids):
         if not prompt_ids:
             raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is empty" % k)

@@ -121,6 +121,7 @@ def test_bad_input_is_refused_before_anything_runs(model):
     with pytest.raises(moas.MoasValueError) as e:
         model.generate_batch(["And", "God Z"], 10)
     assert e.value.status == moas.Status.ERR_UNKNOWN_CHAR
+    assert e.value.message.startswith("prompt 1: ") and "'Z'" in e.value.message
     with pytest.raises(moas.MoasValueError):
         model.generate_batch(["And"], 10, temperature=-1)
     for name, value in (("max_tokens", -1), ("n", 0), ("min_tokens", -2)):
