@@ -1064,8 +1064,11 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         engine.close()
     if errors:
         k, (http_status, message, code) = min(errors)
-        raise MoasError(Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL,
-                        "prompt %d: %s (%s)" % (k, message, code))
+        try:   # the library's status, whose name the event's code is (as generate's)
+            status = Status[code.upper()[len("MOAS_"):]]
+        except KeyError:
+            status = Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL
+        raise MoasError(status, "prompt %d: %s (%s)" % (k, message, code))
     return [Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i])
                                     for i in range(n)],
                        usage[k]["prompt_tokens"],

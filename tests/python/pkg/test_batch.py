@@ -250,3 +250,16 @@ def test_an_engine_thread_that_dies_ends_the_call_with_an_error(model, monkeypat
     assert isinstance(out.get("error"), moas.MoasError), out
     assert out["error"].status == moas.Status.ERR_INTERNAL
     assert threading.active_count() == threads
+
+
+def test_a_failure_while_running_keeps_the_library_status(model, monkeypatch):
+    # Model.generate would raise the library's own status; so does the batch, naming
+    # the first prompt that failed (not MoasValueError(ERR_INVALID_ARG) for all)
+    def sample(self, logits):
+        raise moas.MoasError(moas.Status.ERR_NO_MEMORY, "no memory, on purpose")
+    monkeypatch.setattr(moas.Sampler, "sample", sample)
+    with pytest.raises(moas.MoasError) as e:
+        model.generate_batch(["And", "God"], 5)
+    assert e.value.status == moas.Status.ERR_NO_MEMORY
+    assert not isinstance(e.value, ValueError)
+    assert e.value.message.startswith("prompt 0: no memory, on purpose")
