@@ -1022,6 +1022,22 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                 left[0] -= 1
                 if left[0] == 0:
                     all_done.set()
+                feed()
+
+    # the prompts go to the engine a window at a time, topped up as they end: each
+    # submit and each step's queue pass walk the requests waiting, so all of them at
+    # once would cost the square of their number
+    requests, fed, feed_lock = [], [0], threading.Lock()
+    window = 2 * max_sequences
+
+    def feed():   # either thread; False when the engine has stopped
+        with feed_lock:
+            while (fed[0] < len(requests)
+                   and fed[0] - (len(prompts) - left[0]) < window):
+                if not engine.submit(requests[fed[0]]):
+                    return False
+                fed[0] += 1
+        return True
 
     engine = Engine(model, pool_bytes=pool_bytes, mode=mode, max_sequences=max_sequences,
                     max_queue=len(prompts), queue_timeout=math.inf,
@@ -1030,7 +1046,6 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                     forced_scheme=forced_scheme, prompt_cache=prompt_cache,
                     context_shift=context_shift, n_ctx=n_ctx, deliver=deliver, commit=False)
     try:
-        requests = []
         for k, prompt_ids in enumerate(ids):
             if len(prompt_ids) > engine.n_ctx:
                 raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is %d characters, the "
@@ -1050,9 +1065,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             requests.append(req)
         pieces = [[[] for _ in range(n)] for _ in prompts]
         finished = [[None] * n for _ in prompts]
-        for req in requests:
-            if not engine.submit(req):
-                raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
+        if not feed():
+            raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
         while not all_done.wait(0.1):   # a timeout, so that Ctrl-C gets through
             # a bug that killed the engine thread (its traceback is on stderr) would
             # otherwise leave the call waiting for events that never come

@@ -263,3 +263,23 @@ def test_a_failure_while_running_keeps_the_library_status(model, monkeypatch):
     assert e.value.status == moas.Status.ERR_NO_MEMORY
     assert not isinstance(e.value, ValueError)
     assert e.value.message.startswith("prompt 0: no memory, on purpose")
+
+
+def test_the_engine_is_handed_a_window_of_prompts_not_all_of_them(model, monkeypatch):
+    # each submit walks the requests waiting, as does each step's queue pass: all N
+    # prompts handed over at once cost N^2 (16,000 prompts: 8 s of submit alone). The
+    # engine holds fewer than 2 x max_sequences of them at a time, topped up as they end.
+    import moas.engine
+    seen = []
+    submit = moas.engine.Engine.submit
+
+    def counting(self, req):
+        with self._lock:
+            seen.append(len(self._incoming) + len(self._waiting))
+        return submit(self, req)
+    monkeypatch.setattr(moas.engine.Engine, "submit", counting)
+    prompts = PROMPTS * 40
+    out = model.generate_batch(prompts, 3, seed=1, max_sequences=4, mode="routed")
+    assert len(seen) == len(prompts) and max(seen) < 2 * 4
+    want = {p: alone(model, p, 3, 1, mode="routed")[0] for p in PROMPTS}
+    assert [c.text for c in out] == [want[p] for p in prompts]
