@@ -122,6 +122,10 @@ def test_bad_input_is_refused_before_anything_runs(model):
         model.generate_batch(["And", "God Z"], 10)
     assert e.value.status == moas.Status.ERR_UNKNOWN_CHAR
     assert e.value.message.startswith("prompt 1: ") and "'Z'" in e.value.message
+    # text that is no UTF-8 (a lone surrogate) is generate's UnicodeEncodeError, naming
+    # the prompt too
+    with pytest.raises(UnicodeEncodeError, match="prompt 1: surrogates"):
+        model.generate_batch(["And", "God\ud800"], 10, unknown="replace")
     with pytest.raises(moas.MoasValueError):
         model.generate_batch(["And"], 10, temperature=-1)
     for name, value in (("max_tokens", -1), ("n", 0), ("min_tokens", -2)):
