@@ -184,6 +184,8 @@ def finishes(fn):
     ("max_sequences", 2.5, TypeError),
     ("prompt_cache", None, TypeError),
     ("prompt_cache", -1, moas.MoasValueError),
+    ("pool_bytes", None, TypeError),              # named as the caller knows it
+    ("pool_bytes", 1.5e6, TypeError),
 ])
 def test_engine_sizes_are_refused_before_anything_runs(model, name, value, error):
     threads = threading.active_count()
