@@ -971,7 +971,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         _int("step_prefill", step_prefill)
     pool_bytes = _int("pool_bytes", pool_bytes, ctypes.c_uint64)   # Pool's name is not ours
     for name, value, low in (("max_tokens", max_tokens, 0), ("n", n, 1),
-                             ("min_tokens", min_tokens, 0), ("max_sequences", max_sequences, 1),
+                             ("min_tokens", min_tokens, 0),
+                             ("max_sequences", max_sequences, 1),
                              ("prompt_cache", prompt_cache, 0),
                              ("prefill_chunk", prefill_chunk, 1),
                              ("step_prefill", step_prefill, 1)):
