@@ -1225,6 +1225,10 @@ class Model(_Handle):
           prompt_cache    finished prompts kept for later prompts that begin with them
                           (8; 0: none); what a later prompt takes from one is reported
                           in its cached_tokens and changes no bit of its text
+          per_prompt      None, or a list with an entry per prompt: None, or a dict of
+                          that prompt's own max_tokens, n, seed, sampling arguments,
+                          stop, min_tokens or include_stop (vLLM's SamplingParams per
+                          prompt); the rest are the whole batch's
         A prompt that is empty, longer than the context, or has characters the unknown
         rule refuses raises MoasValueError before anything runs, naming the prompt's
         index; a failure while running raises MoasError naming the first failing

@@ -946,13 +946,55 @@ class Completion(collections.namedtuple("Completion", "prompt choices prompt_tok
         return self.choices[0].text
 
 
+# What one prompt's text depends on: Model.generate's arguments of the same names, which
+# generate_batch takes for all prompts and per_prompt may set for one.
+CHOICE_ARGS = ("max_tokens", "n", "seed", "temperature", "top_k", "top_p", "min_p",
+               "repeat_penalty", "repeat_last_n", "logit_bias", "frequency_penalty",
+               "presence_penalty", "stop", "min_tokens", "include_stop")
+SAMPLING_ARGS = CHOICE_ARGS[3:12]
+
+
+def _choice_args(model, args, where=""):
+    """`args` (CHOICE_ARGS) checked and made what Request takes, before anything runs:
+    MoasValueError (or TypeError) with `where` before the reason."""
+    try:
+        out = dict(args)
+        for name, low in (("max_tokens", 0), ("n", 1), ("min_tokens", 0)):
+            out[name] = _int(name, out[name])
+            if out[name] < low:
+                raise MoasError(Status.ERR_INVALID_ARG, "%s must be >= %d, got %d"
+                                % (name, low, out[name]))
+        stop = out["stop"]
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, (str, bytes)):   # one stop string, as in Model.generate
+            stop = [stop]
+        out["stop"] = list(stop)
+        find_stop("", out["stop"])   # its word on the strings (NUL, not text)
+        sampling = {name: out.pop(name) for name in SAMPLING_ARGS}
+        # the library's word on the values, and on the last choice's seed
+        Sampler(model, seed=out["seed"], **sampling).close()
+        Sampler(model, seed=out["seed"] + out["n"] - 1, **sampling).close()
+        out["sampling"] = sampling
+        return out
+    except MoasError as e:
+        if not where:
+            raise
+        raise MoasError(e.status, where + e.message) from None
+    except (TypeError, ValueError) as e:
+        if not where:
+            raise
+        raise type(e)(where + str(e)) from None
+
+
 def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_k=0,
                    top_p=1.0, min_p=0.0, repeat_penalty=1.0, repeat_last_n=64,
                    logit_bias=None, seed=0, frequency_penalty=0.0, presence_penalty=0.0,
                    stop=(), min_tokens=0, include_stop=False, mode="mixture", n_ctx=0,
                    unknown="error", n_threads=0, forced_scheme=-1, kv_type="f32",
                    context_shift=False, pool_bytes=256 << 20, max_sequences=64,
-                   page_heads=0, prefill_chunk=64, step_prefill=256, prompt_cache=8):
+                   page_heads=0, prefill_chunk=64, step_prefill=256, prompt_cache=8,
+                   per_prompt=None):
     """Model.generate_batch: every prompt through one Engine, then its results."""
     if isinstance(prompts, (str, bytes)):
         raise TypeError("generate_batch takes a list of prompts (for one prompt, "
@@ -961,8 +1003,6 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     for k, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError("prompt %d is %s, not str" % (k, type(prompt).__name__))
-    max_tokens, n = _int("max_tokens", max_tokens), _int("n", n)
-    min_tokens = _int("min_tokens", min_tokens)
     # the engine's sizes too: its thread would otherwise wait forever on a prompt never
     # read (a chunk of 0) or die on a non-integer, and the call with it
     max_sequences, prompt_cache = _int("max_sequences", max_sequences), \
@@ -970,21 +1010,42 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     prefill_chunk, step_prefill = _int("prefill_chunk", prefill_chunk), \
         _int("step_prefill", step_prefill)
     pool_bytes = _int("pool_bytes", pool_bytes, ctypes.c_uint64)   # Pool's name is not ours
-    for name, value, low in (("max_tokens", max_tokens, 0), ("n", n, 1),
-                             ("min_tokens", min_tokens, 0),
-                             ("max_sequences", max_sequences, 1),
+    for name, value, low in (("max_sequences", max_sequences, 1),
                              ("prompt_cache", prompt_cache, 0),
                              ("prefill_chunk", prefill_chunk, 1),
                              ("step_prefill", step_prefill, 1)):
         if value < low:
             raise MoasError(Status.ERR_INVALID_ARG, "%s must be >= %d, got %d"
                             % (name, low, value))
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, (str, bytes)):   # one stop string, as in Model.generate
-        stop = [stop]
-    stop = list(stop)
-    find_stop("", stop)   # its word on the strings (NUL, not text) before anything runs
+    base = _choice_args(model, dict(
+        max_tokens=max_tokens, n=n, seed=seed, temperature=temperature, top_k=top_k,
+        top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n, logit_bias=logit_bias,
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stop=stop,
+        min_tokens=min_tokens, include_stop=include_stop))
+    choices = [base] * len(prompts)
+    if per_prompt is not None:
+        per_prompt = list(per_prompt)
+        if len(per_prompt) != len(prompts):
+            raise MoasError(Status.ERR_INVALID_ARG, "per_prompt has %d entries for %d "
+                            "prompts" % (len(per_prompt), len(prompts)))
+        given = dict(max_tokens=max_tokens, n=n, seed=seed, temperature=temperature,
+                     top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                     repeat_last_n=repeat_last_n, logit_bias=logit_bias,
+                     frequency_penalty=frequency_penalty,
+                     presence_penalty=presence_penalty, stop=stop, min_tokens=min_tokens,
+                     include_stop=include_stop)
+        for k, own in enumerate(per_prompt):
+            if own is None:
+                continue
+            if not isinstance(own, dict):
+                raise TypeError("per_prompt %d is %s, not a dict (or None)"
+                                % (k, type(own).__name__))
+            unknown_keys = sorted(set(own) - set(CHOICE_ARGS), key=str)
+            if unknown_keys:
+                raise TypeError("per_prompt %d: %r is none of %s (the others are the "
+                                "whole batch's)" % (k, unknown_keys[0], ", ".join(CHOICE_ARGS)))
+            choices[k] = _choice_args(model, dict(given, **own), "prompt %d: " % k)
     ids = []
     for k, prompt in enumerate(prompts):
         try:
@@ -999,12 +1060,6 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     for k, prompt_ids in enumerate(ids):
         if not prompt_ids:
             raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is empty" % k)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                    logit_bias=logit_bias, frequency_penalty=frequency_penalty,
-                    presence_penalty=presence_penalty)
-    Sampler(model, seed=seed, **sampling).close()   # the library's word on the values
-    Sampler(model, seed=seed + n - 1, **sampling).close()   # and on the last choice's seed
     if not prompts:
         return []
 
@@ -1058,19 +1113,21 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                                 "context holds %d" % (k, len(prompt_ids), engine.n_ctx))
             # without a shift a full context ends the text ("length"), as in
             # Model.generate: no more tokens than it holds are asked for, or reserved
-            limit = max_tokens if context_shift else min(max_tokens,
-                                                         engine.n_ctx - len(prompt_ids))
-            req = Request(prompt_ids, max_tokens=limit, n=n, seed=seed, stop=stop,
-                          min_tokens=min_tokens, include_stop=include_stop, **sampling)
+            c = choices[k]
+            limit = c["max_tokens"] if context_shift else min(c["max_tokens"],
+                                                              engine.n_ctx - len(prompt_ids))
+            req = Request(prompt_ids, max_tokens=limit, n=c["n"], seed=c["seed"],
+                          stop=c["stop"], min_tokens=c["min_tokens"],
+                          include_stop=c["include_stop"], **c["sampling"])
             req.batch_index = k
             if not engine.fits(req):
                 raise MoasError(Status.ERR_POOL_FULL, "prompt %d (%d characters, %d x %d "
                                 "to generate) does not fit a pool of %d bytes even alone; "
-                                "give pool_bytes more" % (k, len(prompt_ids), n, limit,
+                                "give pool_bytes more" % (k, len(prompt_ids), c["n"], limit,
                                                           engine.stats.bytes_capacity))
             requests.append(req)
-        pieces = [[[] for _ in range(n)] for _ in prompts]
-        finished = [[None] * n for _ in prompts]
+        pieces = [[[] for _ in range(c["n"])] for c in choices]
+        finished = [[None] * c["n"] for c in choices]
         if not feed():
             raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
         while not all_done.wait(0.1):   # a timeout, so that Ctrl-C gets through
@@ -1090,7 +1147,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             status = Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL
         raise MoasError(status, "prompt %d: %s (%s)" % (k, message, code))
     return [Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i])
-                                    for i in range(n)],
+                                    for i in range(choices[k]["n"])],
                        usage[k]["prompt_tokens"],
                        usage[k]["prompt_tokens_details"]["cached_tokens"])
             for k in range(len(prompts))]

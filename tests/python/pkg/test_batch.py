@@ -289,3 +289,51 @@ def test_the_engine_is_handed_a_window_of_prompts_not_all_of_them(model, monkeyp
     assert len(seen) == len(prompts) and max(seen) < 2 * 4
     want = {p: alone(model, p, 3, 1, mode="routed")[0] for p in PROMPTS}
     assert [c.text for c in out] == [want[p] for p in prompts]
+
+
+def test_per_prompt_settings_give_each_prompt_generate_s_text_with_its_own(model):
+    # vLLM takes a SamplingParams per prompt; here a dict per prompt over the call's own
+    own = [None,
+           dict(max_tokens=12, seed=40, temperature=0.0),
+           dict(n=3, top_k=4, stop=["d"], include_stop=True),
+           dict(repeat_penalty=1.3, repeat_last_n=8, logit_bias={5: 2.0}, min_p=0.1),
+           dict(stop="dd", min_tokens=2, presence_penalty=0.5)]
+    out = model.generate_batch(PROMPTS, 25, seed=6, mode="routed", per_prompt=own)
+    for prompt, completion, args in zip(PROMPTS, out, own):
+        args = dict(args or {})
+        n = args.pop("n", 1)
+        assert len(completion.choices) == n
+        max_tokens = args.pop("max_tokens", 25)
+        seed = args.pop("seed", 6)
+        include_stop = args.pop("include_stop", False)
+        min_tokens = args.pop("min_tokens", 0)
+        for i, choice in enumerate(completion.choices):
+            if include_stop or min_tokens:   # generate has neither: the same call alone
+                want = model.generate_batch([prompt], max_tokens, seed=seed, mode="routed",
+                                            per_prompt=[own[PROMPTS.index(prompt)]])
+                assert choice == want[0].choices[i]
+                continue
+            text, reason = alone(model, prompt, max_tokens, seed + i, mode="routed", **args)
+            assert (choice.text, choice.finish_reason) == (text, reason)
+    assert out[1].choices[0].n_tokens == 12
+    # the third prompt's choices end at a "d", kept
+    assert all(c.text.endswith("d") and c.finish_reason == "stop" for c in out[2].choices)
+
+
+def test_per_prompt_settings_are_checked_and_named_before_anything_runs(model):
+    with pytest.raises(moas.MoasValueError, match="per_prompt has 1 entries for 2 prompts"):
+        model.generate_batch(["And", "God"], 5, per_prompt=[None])
+    with pytest.raises(TypeError, match="per_prompt 1 is int, not a dict"):
+        model.generate_batch(["And", "God"], 5, per_prompt=[None, 3])
+    with pytest.raises(TypeError, match="per_prompt 0: 'mode' is none of max_tokens"):
+        model.generate_batch(["And", "God"], 5, per_prompt=[dict(mode="routed"), None])
+    with pytest.raises(moas.MoasValueError, match="prompt 1: n must be >= 1, got 0"):
+        model.generate_batch(["And", "God"], 5, per_prompt=[None, dict(n=0)])
+    with pytest.raises(moas.MoasValueError, match="^.*prompt 1: .*temperature"):
+        model.generate_batch(["And", "God"], 5, per_prompt=[None, dict(temperature=-2)])
+    with pytest.raises(ValueError, match="prompt 0: "):
+        model.generate_batch(["And", "God"], 5, per_prompt=[dict(stop=["a\0"]), None])
+    with pytest.raises(moas.MoasError) as e:
+        model.generate_batch(["And", "God"], 5, pool_bytes=24 << 10, mode="mixture",
+                             per_prompt=[None, dict(n=40, max_tokens=60)])
+    assert e.value.status == moas.Status.ERR_POOL_FULL and "prompt 1 " in e.value.message
