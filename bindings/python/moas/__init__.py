@@ -1201,7 +1201,8 @@ class Model(_Handle):
         routed token only its scheme's heads) and each step advances all of them with
         one batched decode, each weight read once for all. Returns a list of
         moas.engine.Completion, in the prompts' order: .text, .choices (n of
-        Choice(text, finish_reason, n_tokens)), .prompt_tokens, .cached_tokens.
+        Choice(text, finish_reason, n_tokens, logprobs)), .prompt_tokens,
+        .cached_tokens.
 
         Each result is what Model.generate gives alone, bit for bit: choice i of a
         prompt is Model.generate(prompt, max_tokens, seed=seed + i, ...) with the same
@@ -1225,10 +1226,14 @@ class Model(_Handle):
           prompt_cache    finished prompts kept for later prompts that begin with them
                           (8; 0: none); what a later prompt takes from one is reported
                           in its cached_tokens and changes no bit of its text
+          logprobs        None, or k: each Choice's logprobs, per character of its
+                          text, (log p, the k likeliest characters' (character, log p),
+                          the character itself after them when it is not among them),
+                          the model's own distribution, as the server's logprobs
           per_prompt      None, or a list with an entry per prompt: None, or a dict of
                           that prompt's own max_tokens, n, seed, sampling arguments,
-                          stop, min_tokens or include_stop (vLLM's SamplingParams per
-                          prompt); the rest are the whole batch's
+                          stop, min_tokens, include_stop or logprobs (vLLM's
+                          SamplingParams per prompt); the rest are the whole batch's
         A prompt that is empty, longer than the context, or has characters the unknown
         rule refuses raises MoasValueError before anything runs, naming the prompt's
         index; a failure while running raises MoasError naming the first failing

@@ -926,10 +926,14 @@ class Engine:
 
 # ---- many prompts at once, offline (Model.generate_batch) ---------------------------------
 
-Choice = collections.namedtuple("Choice", "text finish_reason n_tokens")
+Choice = collections.namedtuple("Choice", "text finish_reason n_tokens logprobs")
 Choice.__doc__ = """One continuation of a prompt: its text, why it ended ("stop" or
-"length", as Model.generate's finish_reason) and how many characters were generated
-(a stop string and what followed it included, though not in the text)."""
+"length", as Model.generate's finish_reason), how many characters were generated (a
+stop string and what followed it included, though not in the text), and with
+logprobs=k, per character of the text, (log p of the character, [(character, log p) of
+the k likeliest, likeliest first, then the character itself when it is not among
+them]) under the model's own distribution (the softmax of its logits, before
+temperature, penalties, bias or filters, as the server's logprobs); else None."""
 
 
 class Completion(collections.namedtuple("Completion", "prompt choices prompt_tokens "
@@ -950,7 +954,7 @@ class Completion(collections.namedtuple("Completion", "prompt choices prompt_tok
 # generate_batch takes for all prompts and per_prompt may set for one.
 CHOICE_ARGS = ("max_tokens", "n", "seed", "temperature", "top_k", "top_p", "min_p",
                "repeat_penalty", "repeat_last_n", "logit_bias", "frequency_penalty",
-               "presence_penalty", "stop", "min_tokens", "include_stop")
+               "presence_penalty", "stop", "min_tokens", "include_stop", "logprobs")
 SAMPLING_ARGS = CHOICE_ARGS[3:12]
 
 
@@ -971,6 +975,11 @@ def _choice_args(model, args, where=""):
             stop = [stop]
         out["stop"] = list(stop)
         find_stop("", out["stop"])   # its word on the strings (NUL, not text)
+        if out["logprobs"] is not None:
+            out["logprobs"] = _int("logprobs", out["logprobs"])
+            if not 0 <= out["logprobs"] <= model.n_vocab:
+                raise MoasError(Status.ERR_INVALID_ARG, "logprobs must be in [0, %d] (the "
+                                "vocabulary), got %d" % (model.n_vocab, out["logprobs"]))
         sampling = {name: out.pop(name) for name in SAMPLING_ARGS}
         # the library's word on the values, and on the last choice's seed
         Sampler(model, seed=out["seed"], **sampling).close()
@@ -994,7 +1003,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                    unknown="error", n_threads=0, forced_scheme=-1, kv_type="f32",
                    context_shift=False, pool_bytes=256 << 20, max_sequences=64,
                    page_heads=0, prefill_chunk=64, step_prefill=256, prompt_cache=8,
-                   per_prompt=None):
+                   logprobs=None, per_prompt=None):
     """Model.generate_batch: every prompt through one Engine, then its results."""
     if isinstance(prompts, (str, bytes)):
         raise TypeError("generate_batch takes a list of prompts (for one prompt, "
@@ -1022,7 +1031,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
         repeat_last_n=repeat_last_n, logit_bias=logit_bias,
         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stop=stop,
-        min_tokens=min_tokens, include_stop=include_stop))
+        min_tokens=min_tokens, include_stop=include_stop, logprobs=logprobs))
     choices = [base] * len(prompts)
     if per_prompt is not None:
         per_prompt = list(per_prompt)
@@ -1034,7 +1043,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                      repeat_last_n=repeat_last_n, logit_bias=logit_bias,
                      frequency_penalty=frequency_penalty,
                      presence_penalty=presence_penalty, stop=stop, min_tokens=min_tokens,
-                     include_stop=include_stop)
+                     include_stop=include_stop, logprobs=logprobs)
         for k, own in enumerate(per_prompt):
             if own is None:
                 continue
@@ -1063,7 +1072,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     if not prompts:
         return []
 
-    pieces = finished = None   # made once the prompts are known to fit (n may not)
+    pieces = finished = lps = None   # made once the prompts are known to fit (n may not)
     usage, errors = [None] * len(prompts), []
     left = [len(prompts)]
     all_done = threading.Event()
@@ -1073,6 +1082,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             k = req.batch_index
             if event.kind == "text":
                 pieces[k][event.data[0]].append(event.data[1])
+                if event.data[3] is not None:
+                    lps[k][event.data[0]].append(event.data[3])
             elif event.kind == "finish":
                 finished[k][event.data[0]] = event.data[1:]
             elif event.kind in ("done", "error"):
@@ -1118,7 +1129,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                                                               engine.n_ctx - len(prompt_ids))
             req = Request(prompt_ids, max_tokens=limit, n=c["n"], seed=c["seed"],
                           stop=c["stop"], min_tokens=c["min_tokens"],
-                          include_stop=c["include_stop"], **c["sampling"])
+                          include_stop=c["include_stop"], logprobs=c["logprobs"],
+                          **c["sampling"])
             req.batch_index = k
             if not engine.fits(req):
                 raise MoasError(Status.ERR_POOL_FULL, "prompt %d (%d characters, %d x %d "
@@ -1128,6 +1140,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             requests.append(req)
         pieces = [[[] for _ in range(c["n"])] for c in choices]
         finished = [[None] * c["n"] for c in choices]
+        lps = [[[] for _ in range(c["n"])] for c in choices]
         if not feed():
             raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
         while not all_done.wait(0.1):   # a timeout, so that Ctrl-C gets through
@@ -1146,7 +1159,13 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         except KeyError:
             status = Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL
         raise MoasError(status, "prompt %d: %s (%s)" % (k, message, code))
-    return [Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i])
+    vocab = model.vocab
+
+    def logprob_list(entries):
+        return [(lp, [(vocab[t], p) for t, p in top]) for lp, top in entries]
+    return [Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i],
+                                           None if choices[k]["logprobs"] is None
+                                           else logprob_list(lps[k][i]))
                                     for i in range(choices[k]["n"])],
                        usage[k]["prompt_tokens"],
                        usage[k]["prompt_tokens_details"]["cached_tokens"])

@@ -337,3 +337,36 @@ def test_per_prompt_settings_are_checked_and_named_before_anything_runs(model):
         model.generate_batch(["And", "God"], 5, pool_bytes=24 << 10, mode="mixture",
                              per_prompt=[None, dict(n=40, max_tokens=60)])
     assert e.value.status == moas.Status.ERR_POOL_FULL and "prompt 1 " in e.value.message
+
+
+def log_softmax(row):
+    import math
+    top = max(row)
+    norm = top + math.log(sum(math.exp(x - top) for x in row))
+    return [x - norm for x in row]
+
+
+def test_logprobs_are_the_model_s_own_for_every_character(model):
+    out = model.generate_batch(PROMPTS[:3], 12, n=2, seed=8, mode="routed", logprobs=3,
+                               temperature=0.7, top_k=5,
+                               per_prompt=[None, dict(logprobs=0), dict(logprobs=None)])
+    assert out[2].choices[0].logprobs is None
+    for completion in out[:2]:
+        k = 3 if completion is out[0] else 0
+        for choice in completion.choices:
+            assert len(choice.logprobs) == len(choice.text) == 12
+            # the same text decoded by a context alone: the softmax of its raw logits
+            with model.context(mode="routed") as ctx:
+                row = list(ctx.decode_batch(model.tokenize(completion.prompt)))
+                for ch, (lp, top) in zip(choice.text, choice.logprobs):
+                    want = log_softmax(row)
+                    token = model.tokenize(ch)[0]
+                    assert abs(lp - want[token]) < 1e-9
+                    likeliest = sorted(range(len(row)), key=lambda t: -row[t])[:k]
+                    if token not in likeliest:
+                        likeliest.append(token)
+                    assert [c for c, _ in top] == [model.vocab[t] for t in likeliest]
+                    assert all(abs(p - want[t]) < 1e-9 for (_, p), t in zip(top, likeliest))
+                    row = list(ctx.decode(token))
+    with pytest.raises(moas.MoasValueError, match="logprobs must be in \\[0, 47\\]"):
+        model.generate_batch(["And"], 5, logprobs=48)
