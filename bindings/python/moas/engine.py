@@ -1026,24 +1026,18 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         if value < low:
             raise MoasError(Status.ERR_INVALID_ARG, "%s must be >= %d, got %d"
                             % (name, low, value))
-    base = _choice_args(model, dict(
-        max_tokens=max_tokens, n=n, seed=seed, temperature=temperature, top_k=top_k,
-        top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n, logit_bias=logit_bias,
-        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stop=stop,
-        min_tokens=min_tokens, include_stop=include_stop, logprobs=logprobs))
-    choices = [base] * len(prompts)
+    given = dict(max_tokens=max_tokens, n=n, seed=seed, temperature=temperature,
+                 top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                 repeat_last_n=repeat_last_n, logit_bias=logit_bias,
+                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                 stop=stop, min_tokens=min_tokens, include_stop=include_stop,
+                 logprobs=logprobs)
+    choices = [_choice_args(model, given)] * len(prompts)
     if per_prompt is not None:
         per_prompt = list(per_prompt)
         if len(per_prompt) != len(prompts):
             raise MoasError(Status.ERR_INVALID_ARG, "per_prompt has %d entries for %d "
                             "prompts" % (len(per_prompt), len(prompts)))
-        given = dict(max_tokens=max_tokens, n=n, seed=seed, temperature=temperature,
-                     top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                     repeat_last_n=repeat_last_n, logit_bias=logit_bias,
-                     frequency_penalty=frequency_penalty,
-                     presence_penalty=presence_penalty, stop=stop, min_tokens=min_tokens,
-                     include_stop=include_stop, logprobs=logprobs)
         for k, own in enumerate(per_prompt):
             if own is None:
                 continue
