@@ -3101,6 +3101,16 @@ TEST(context_shift_equals_decoding_the_shifted_text) {
     return TEST_PASS;
 }
 
+/* The image of the shift tests' model: tiny, 32 wide, RoPE, a context of 64. */
+static uint8_t *rope_model_image(size_t *size) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_ctx_train = 64;
+    cfg.n_embd = 32;
+    cfg.rope = true;
+    return tiny_model_image(&cfg, 77, size);
+}
+
 /* A shift may discard every token after n_keep (n_keep + n_discard = n_past): nothing
  * moves, and decoding on gives exactly the logits of a context that decoded only the
  * kept tokens. One token more than is stored is refused, naming both counts, and
@@ -3108,13 +3118,8 @@ TEST(context_shift_equals_decoding_the_shifted_text) {
 TEST(context_shift_may_discard_every_token_after_n_keep) {
     enum { N = 8, KEEP = 3 };
     int32_t tokens[N + 1];
-    tiny_model_config cfg;
-    tiny_model_config_default(&cfg);
-    cfg.n_ctx_train = 64;
-    cfg.n_embd = 32;
-    cfg.rope = true;
     size_t size;
-    uint8_t *image = tiny_model_image(&cfg, 77, &size);
+    uint8_t *image = rope_model_image(&size);
     moas_model *m;
     ASSERT_TRUE(image != NULL);
     ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
@@ -3151,13 +3156,8 @@ TEST(context_shift_may_discard_every_token_after_n_keep) {
 TEST(context_shift_dropping_the_last_token_drops_its_logits) {
     enum { N = 8, KEEP = 3 };
     int32_t tokens[N];
-    tiny_model_config cfg;
-    tiny_model_config_default(&cfg);
-    cfg.n_ctx_train = 64;
-    cfg.n_embd = 32;
-    cfg.rope = true;
     size_t size;
-    uint8_t *image = tiny_model_image(&cfg, 77, &size);
+    uint8_t *image = rope_model_image(&size);
     moas_model *m;
     ASSERT_TRUE(image != NULL);
     ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
