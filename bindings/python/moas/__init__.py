@@ -1225,7 +1225,10 @@ class Model(_Handle):
                           prompt characters read per sequence and per step (64, 256)
           prompt_cache    finished prompts kept for later prompts that begin with them
                           (8; 0: none); what a later prompt takes from one is reported
-                          in its cached_tokens and changes no bit of its text
+                          in its cached_tokens and changes no bit of its text. Prompts
+                          of the batch that begin alike (16 characters or more) have
+                          that beginning read once, before them, and fork it (up to
+                          prompt_cache such beginnings, those saving most first)
           logprobs        None, or k: each Choice's logprobs, per character of its
                           text, (log p, the k likeliest characters' (character, log p),
                           the character itself after them when it is not among them),

@@ -996,6 +996,31 @@ def _choice_args(model, args, where=""):
         raise type(e)(where + str(e)) from None
 
 
+SHARED_MIN = 16   # characters a run of prompts must begin with alike to read them once
+
+
+def shared_beginnings(ids, limit):
+    """Runs of prompts (token lists) that begin with the same SHARED_MIN tokens or more,
+    the prompts taken in sorted order: [(the run's common beginning, the indices of its
+    prompts)], at most `limit` of them (the prompt cache's size; none when it is 0), those
+    saving the most tokens first."""
+    order = sorted(range(len(ids)), key=lambda k: ids[k])
+    runs, run, common = [], [order[0]] if order else [], None
+    for a, b in zip(order, order[1:]):
+        n = common_prefix(ids[a], ids[b])
+        if n >= SHARED_MIN:
+            run.append(b)
+            common = n if common is None else min(common, n)
+            continue
+        if len(run) > 1:
+            runs.append((common, run))
+        run, common = [b], None
+    if len(run) > 1:
+        runs.append((common, run))
+    runs.sort(key=lambda r: -r[0] * (len(r[1]) - 1))
+    return [(ids[run[0]][:common], sorted(run)) for common, run in runs[:limit]]
+
+
 def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_k=0,
                    top_p=1.0, min_p=0.0, repeat_penalty=1.0, repeat_last_n=64,
                    logit_bias=None, seed=0, frequency_penalty=0.0, presence_penalty=0.0,
@@ -1074,6 +1099,13 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     def deliver(batch):   # the engine thread, once a step
         for req, event in batch:
             k = req.batch_index
+            if event.kind in ("done", "error"):
+                in_flight[0] -= 1
+            if k is None:   # a shared beginning's own request
+                if event.kind in ("done", "error"):   # read (or not): its prompts go
+                    ready.extend(held.pop(req.group_key))
+                    feed()
+                continue
             if event.kind == "text":
                 pieces[k][event.data[0]].append(event.data[1])
                 if event.data[3] is not None:
@@ -1093,16 +1125,17 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     # the prompts go to the engine a window at a time, topped up as they end: each
     # submit and each step's queue pass walk the requests waiting, so all of them at
     # once would cost the square of their number
-    requests, fed, feed_lock = [], [0], threading.Lock()
+    requests, ready, held = [], collections.deque(), {}
+    in_flight, feed_lock = [0], threading.Lock()
     window = 2 * max_sequences
 
     def feed():   # either thread; False when the engine has stopped
         with feed_lock:
-            while (fed[0] < len(requests)
-                   and fed[0] - (len(prompts) - left[0]) < window):
-                if not engine.submit(requests[fed[0]]):
+            while ready and in_flight[0] < window:
+                if not engine.submit(ready[0]):
                     return False
-                fed[0] += 1
+                ready.popleft()
+                in_flight[0] += 1
         return True
 
     engine = Engine(model, pool_bytes=pool_bytes, mode=mode, max_sequences=max_sequences,
@@ -1132,6 +1165,15 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                                 "give pool_bytes more" % (k, len(prompt_ids), c["n"], limit,
                                                           engine.stats.bytes_capacity))
             requests.append(req)
+        # prompts that begin alike: their beginning read once, by a request of its own
+        # that enters the prompt cache, before they go (they then fork it)
+        for key, (prefix, members) in enumerate(shared_beginnings(ids, prompt_cache)):
+            warm = Request(prefix, max_tokens=0, seed=0)
+            warm.batch_index, warm.group_key = None, key
+            ready.append(warm)
+            held[key] = [requests[k] for k in members]
+        grouped = {id(r) for group in held.values() for r in group}
+        ready.extend(r for r in requests if id(r) not in grouped)
         pieces = [[[] for _ in range(c["n"])] for c in choices]
         finished = [[None] * c["n"] for c in choices]
         lps = [[[] for _ in range(c["n"])] for c in choices]

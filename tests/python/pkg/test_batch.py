@@ -286,7 +286,9 @@ def test_the_engine_is_handed_a_window_of_prompts_not_all_of_them(model, monkeyp
     monkeypatch.setattr(moas.engine.Engine, "submit", counting)
     prompts = PROMPTS * 40
     out = model.generate_batch(prompts, 3, seed=1, max_sequences=4, mode="routed")
-    assert len(seen) == len(prompts) and max(seen) < 2 * 4
+    # and four requests of their own that read a beginning the copies share: four of
+    # the five prompts are 16 characters or more (shared_beginnings)
+    assert len(seen) == len(prompts) + 4 and max(seen) < 2 * 4
     want = {p: alone(model, p, 3, 1, mode="routed")[0] for p in PROMPTS}
     assert [c.text for c in out] == [want[p] for p in prompts]
 
@@ -370,3 +372,31 @@ def test_logprobs_are_the_model_s_own_for_every_character(model):
                     row = list(ctx.decode(token))
     with pytest.raises(moas.MoasValueError, match="logprobs must be in \\[0, 47\\]"):
         model.generate_batch(["And"], 5, logprobs=48)
+
+
+def test_shared_beginnings_are_runs_of_sorted_prompts():
+    from moas.engine import shared_beginnings
+    a = list(range(20))
+    ids = [a + [1], [5] * 30, a + [2, 3], a[:15] + [9], a + [1], [5] * 17 + [0]]
+    # prompts 0, 2 and 4 share 20 tokens; 1 and 5 share 17; 3 shares only 15
+    assert shared_beginnings(ids, 8) == [(a, [0, 2, 4]), ([5] * 17, [1, 5])]
+    assert shared_beginnings(ids, 1) == [(a, [0, 2, 4])]   # the larger saving first
+    assert shared_beginnings(ids, 0) == [] and shared_beginnings([], 8) == []
+
+
+def test_a_beginning_prompts_share_is_read_once_and_changes_no_text(model):
+    # eight prompts that begin with the same 30 characters, two that do not: the
+    # beginning is read once, by a request of its own, and each of the eight takes it
+    # from the prompt cache (cached_tokens); the texts are generate's alone
+    shared = "And God said, Let there be lig"
+    prompts = [shared + s for s in ("ht", " a", "ved", "ning", ": and", "s", "e", "h")]
+    prompts += ["In the beginning", "Let there be light"]
+    out = model.generate_batch(prompts, 20, seed=12, mode="routed", n=2)
+    for prompt, completion in zip(prompts, out):
+        for i, choice in enumerate(completion.choices):
+            assert choice.text == alone(model, prompt, 20, 12 + i, mode="routed")[0]
+    assert [c.cached_tokens for c in out[:8]] == [len(shared)] * 8
+    assert [c.cached_tokens for c in out[8:]] == [0, 0]
+    plain = model.generate_batch(prompts, 20, seed=12, mode="routed", n=2, prompt_cache=0)
+    assert [c.choices for c in plain] == [c.choices for c in out]
+    assert [c.cached_tokens for c in plain] == [0] * 10
