@@ -152,6 +152,15 @@ def test_batch_generate_bench_reports_equal_texts(tmp_path):
     report = json.loads(out.stdout)
     assert report["same_text"] is True and len(report["rounds"]) == 2
     assert all(r["chars"] == 24 and r["batch_chars_s"] > 0 for r in report["rounds"])
+    # prompts after a shared beginning: read once, each prompt's cached_tokens its length
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "batch_generate_bench.py"),
+                          "-m", MODEL, "--prompts", "3", "--prompt-chars", "5",
+                          "--shared-chars", "20", "--max-tokens", "4", "--rounds", "1",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=120)
+    assert out.returncode == 0, out.stdout
+    report = json.loads(out.stdout)
+    assert report["same_text"] is True and report["rounds"][0]["cached_tokens"] >= 3 * 20
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "batch_generate_bench.py"),
                           "-m", MODEL, "--prompts", "0"], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
