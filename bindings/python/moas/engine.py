@@ -1,4 +1,5 @@
-"""moas.engine - continuous batching over a KV pool, for moas.server.
+"""moas.engine - continuous batching over a KV pool, for moas.server and, at the end of
+this file, Model.generate_batch (many prompts offline).
 
 One thread (Engine._run) owns every library object but the Model: it admits requests
 between steps, and each step advances every active sequence with ONE Pool.decode call:
@@ -939,9 +940,10 @@ temperature, penalties, bias or filters, as the server's logprobs); else None.""
 class Completion(collections.namedtuple("Completion", "prompt choices prompt_tokens "
                                                       "cached_tokens")):
     """A prompt's result of Model.generate_batch: the prompt, its n Choices, the
-    prompt's characters and how many of them were not decoded again because an
-    earlier prompt of the batch began with them (the prompt cache). `text` is the
-    first choice's text."""
+    prompt's characters and how many of them were taken from the prompt cache instead
+    of being decoded again (a beginning the prompt shares with others of the batch,
+    read once, or an earlier prompt it begins with). `text` is the first choice's
+    text."""
 
     __slots__ = ()
 
