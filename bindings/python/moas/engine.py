@@ -1106,6 +1106,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             if k is None:   # a shared beginning's own request
                 if event.kind in ("done", "error"):   # read (or not): its prompts go
                     ready.extend(held.pop(req.group_key))
+                    if list(held) == ["rest"]:   # the last one read: the others go too
+                        ready.extend(held.pop("rest"))
                     feed()
                 continue
             if event.kind == "text":
@@ -1175,7 +1177,14 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             ready.append(warm)
             held[key] = [requests[k] for k in members]
         grouped = {id(r) for group in held.values() for r in group}
-        ready.extend(r for r in requests if id(r) not in grouped)
+        rest = [r for r in requests if id(r) not in grouped]
+        # the other prompts wait until every beginning is read, and then go behind the
+        # prompts that fork it: each of them that ended first would enter the cache and
+        # could push a beginning out before its prompts were admitted
+        if held:
+            held["rest"] = rest
+        else:
+            ready.extend(rest)
         pieces = [[[] for _ in range(c["n"])] for c in choices]
         finished = [[None] * c["n"] for c in choices]
         lps = [[[] for _ in range(c["n"])] for c in choices]

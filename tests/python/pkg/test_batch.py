@@ -409,3 +409,19 @@ def test_a_beginning_prompts_share_is_read_once_and_changes_no_text(model):
     plain = model.generate_batch(prompts, 20, seed=12, mode="routed", n=2, prompt_cache=0)
     assert [c.choices for c in plain] == [c.choices for c in out]
     assert [c.cached_tokens for c in plain] == [0] * 10
+
+
+def test_a_shared_beginning_is_still_cached_when_its_prompts_go(model):
+    # other prompts in the batch, listed before or after, must not end (each entering
+    # the prompt cache) between the beginning's read and its prompts' turn: they would
+    # push it out, and each of the eight would read it again
+    shared = "And God said, Let there be lig"
+    members = [shared + s for s in ("ht", " a", "ved", "ning", ": and", "s", "e", "h")]
+    others = ["And %s" % w for w in ("he", "she", "the", "was", "it", "God", "man",
+                                     "on", "in", "be", "so", "as")]
+    for prompts in (others + members, members + others):
+        out = model.generate_batch(prompts, 4, seed=1, mode="routed", max_sequences=4)
+        assert [c.cached_tokens for c in out if c.prompt in members] == [len(shared)] * 8
+        plain = model.generate_batch(prompts, 4, seed=1, mode="routed", max_sequences=4,
+                                     prompt_cache=0)
+        assert [c.choices for c in out] == [c.choices for c in plain]
