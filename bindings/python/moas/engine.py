@@ -105,6 +105,7 @@ class Request:
         # the prompt cache matches only entries of the same scope (a tenant's salt):
         # cached_tokens would otherwise tell a client another one's prompt and text
         self.cache_scope = cache_scope
+        self.keep = True           # its first context may enter the prompt cache when done
         self.emit = emit or (lambda event: None)
         self.cancelled = False
         self.created = time.monotonic()
@@ -492,7 +493,7 @@ class Engine:
         tokens = tuple(req.prompt_ids) + tuple(seq.generated)
         # (a shifted context holds fewer: not kept)
         if (self.prompt_cache <= 0 or seq.index != 0 or not seq.done or req.cancelled
-                or seq.ctx.n_past != len(tokens)):
+                or not req.keep or seq.ctx.n_past != len(tokens)):
             return False
         for key in [k for k, e in self._cache.items()
                     if e.scope == req.cache_scope and e.tokens == tokens[:len(e.tokens)]]:
@@ -1176,6 +1177,10 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             warm.batch_index, warm.group_key = None, key
             ready.append(warm)
             held[key] = [requests[k] for k in members]
+            # not kept when done: one that ended while another beginning's prompts
+            # still waited would push that beginning out of the cache
+            for r in held[key]:
+                r.keep = False
         grouped = {id(r) for group in held.values() for r in group}
         rest = [r for r in requests if id(r) not in grouped]
         # the other prompts wait until every beginning is read, and then go behind the

@@ -425,3 +425,17 @@ def test_a_shared_beginning_is_still_cached_when_its_prompts_go(model):
         plain = model.generate_batch(prompts, 4, seed=1, mode="routed", max_sequences=4,
                                      prompt_cache=0)
         assert [c.choices for c in out] == [c.choices for c in plain]
+
+
+@pytest.mark.parametrize("max_sequences", [1, 2, 64])
+def test_each_of_prompt_cache_beginnings_is_read_once(model, max_sequences):
+    # two beginnings, a cache of two: one's prompts, ending while the other's still
+    # wait, must not push the other out of the cache (one sequence at a time: three of
+    # its four prompts read it again)
+    a, b = "And God said, Let there be lig", "In the beginning God created th"
+    prompts = [a + s for s in "htsa"] + [b + s for s in "eaio"]
+    out = model.generate_batch(prompts, 4, seed=1, mode="routed", prompt_cache=2,
+                               max_sequences=max_sequences)
+    assert [c.cached_tokens for c in out] == [len(a)] * 4 + [len(b)] * 4
+    plain = model.generate_batch(prompts, 4, seed=1, mode="routed", prompt_cache=0)
+    assert [c.choices for c in out] == [c.choices for c in plain]
