@@ -1103,7 +1103,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         for req, event in batch:
             k = req.batch_index
             if event.kind in ("done", "error"):
-                in_flight[0] -= 1
+                with feed_lock:   # the caller's first feed() counts up under it too
+                    in_flight[0] -= 1
             if k is None:   # a shared beginning's own request
                 if event.kind in ("done", "error"):   # read (or not): its prompts go
                     ready.extend(held.pop(req.group_key))
