@@ -1237,6 +1237,10 @@ class Model(_Handle):
                           that prompt's own max_tokens, n, seed, sampling arguments,
                           stop, min_tokens, include_stop or logprobs (vLLM's
                           SamplingParams per prompt); the rest are the whole batch's
+          on_result       None, or a function called as on_result(index, completion)
+                          on the calling thread as each prompt ends (in the order they
+                          end: a progress bar, or work on the texts while the rest run);
+                          what it raises ends the call there, every page given back
         A prompt that is empty, longer than the context, or has characters the unknown
         rule refuses raises MoasValueError before anything runs, naming the prompt's
         index; a failure while running raises MoasError naming the first failing

@@ -57,6 +57,7 @@ import gc
 import heapq
 import itertools
 import math
+import queue
 import random
 import threading
 import time
@@ -1031,7 +1032,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                    unknown="error", n_threads=0, forced_scheme=-1, kv_type="f32",
                    context_shift=False, pool_bytes=256 << 20, max_sequences=64,
                    page_heads=0, prefill_chunk=64, step_prefill=256, prompt_cache=8,
-                   logprobs=None, per_prompt=None):
+                   logprobs=None, per_prompt=None, on_result=None):
     """Model.generate_batch: every prompt through one Engine, then its results."""
     if isinstance(prompts, (str, bytes)):
         raise TypeError("generate_batch takes a list of prompts (for one prompt, "
@@ -1040,6 +1041,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     for k, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError("prompt %d is %s, not str" % (k, type(prompt).__name__))
+    if on_result is not None and not callable(on_result):
+        raise TypeError("on_result is %s, not a function" % type(on_result).__name__)
     # the engine's sizes too: its thread would otherwise wait forever on a prompt never
     # read (a chunk of 0) or die on a non-integer, and the call with it
     max_sequences, prompt_cache = _int("max_sequences", max_sequences), \
@@ -1096,8 +1099,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
 
     pieces = finished = lps = None   # made once the prompts are known to fit (n may not)
     usage, errors = [None] * len(prompts), []
-    left = [len(prompts)]
-    all_done = threading.Event()
+    ended = queue.Queue()   # the index of each prompt done (or failed), as it ends
 
     def deliver(batch):   # the engine thread, once a step
         for req, event in batch:
@@ -1123,9 +1125,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                     usage[k] = event.data
                 else:
                     errors.append((k, event.data))
-                left[0] -= 1
-                if left[0] == 0:
-                    all_done.set()
+                ended.put(k)
                 feed()
 
     # the prompts go to the engine a window at a time, topped up as they end: each
@@ -1143,6 +1143,17 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                 ready.popleft()
                 in_flight[0] += 1
         return True
+
+    vocab = model.vocab
+
+    def completion(k):   # prompt k's result, once its "done" has come
+        return Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i],
+                                              None if choices[k]["logprobs"] is None
+                                              else [(lp, [(vocab[t], p) for t, p in top])
+                                                    for lp, top in lps[k][i]])
+                                       for i in range(choices[k]["n"])],
+                          usage[k]["prompt_tokens"],
+                          usage[k]["prompt_tokens_details"]["cached_tokens"])
 
     engine = Engine(model, pool_bytes=pool_bytes, mode=mode, max_sequences=max_sequences,
                     max_queue=len(prompts), queue_timeout=math.inf,
@@ -1196,13 +1207,20 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         lps = [[[] for _ in range(c["n"])] for c in choices]
         if not feed():
             raise MoasError(Status.ERR_INTERNAL, "the engine refused a prompt")
-        while not all_done.wait(0.1):   # a timeout, so that Ctrl-C gets through
-            # a bug that killed the engine thread (its traceback is on stderr) would
-            # otherwise leave the call waiting for events that never come
-            if not engine._thread.is_alive() and not all_done.is_set():
-                raise MoasError(Status.ERR_INTERNAL, "the engine thread stopped before "
-                                "every prompt was done (a bug; its traceback is on "
-                                "stderr)")
+        for _ in prompts:
+            while True:
+                try:   # a timeout, so that Ctrl-C gets through
+                    k = ended.get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    # a bug that killed the engine thread (its traceback is on stderr)
+                    # would otherwise leave the call waiting for events that never come
+                    if not engine._thread.is_alive() and ended.empty():
+                        raise MoasError(Status.ERR_INTERNAL, "the engine thread stopped "
+                                        "before every prompt was done (a bug; its "
+                                        "traceback is on stderr)") from None
+            if on_result is not None and usage[k] is not None:
+                on_result(k, completion(k))
     finally:
         engine.close()
     if errors:
@@ -1212,14 +1230,4 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         except KeyError:
             status = Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL
         raise MoasError(status, "prompt %d: %s (%s)" % (k, message, code))
-    vocab = model.vocab
-
-    def logprob_list(entries):
-        return [(lp, [(vocab[t], p) for t, p in top]) for lp, top in entries]
-    return [Completion(prompts[k], [Choice("".join(pieces[k][i]), *finished[k][i],
-                                           None if choices[k]["logprobs"] is None
-                                           else logprob_list(lps[k][i]))
-                                    for i in range(choices[k]["n"])],
-                       usage[k]["prompt_tokens"],
-                       usage[k]["prompt_tokens_details"]["cached_tokens"])
-            for k in range(len(prompts))]
+    return [completion(k) for k in range(len(prompts))]

@@ -439,3 +439,30 @@ def test_each_of_prompt_cache_beginnings_is_read_once(model, max_sequences):
     assert [c.cached_tokens for c in out] == [len(a)] * 4 + [len(b)] * 4
     plain = model.generate_batch(prompts, 4, seed=1, mode="routed", prompt_cache=0)
     assert [c.choices for c in out] == [c.choices for c in plain]
+
+
+def test_on_result_hears_each_prompt_as_it_ends(model):
+    # as each prompt ends, on the caller's thread, with what the call then returns
+    heard = []
+    caller = threading.get_ident()
+
+    def on_result(k, completion):
+        assert threading.get_ident() == caller
+        heard.append((k, completion))
+    out = model.generate_batch(PROMPTS * 2, 15, seed=4, mode="routed", max_sequences=3,
+                               n=2, on_result=on_result)
+    assert sorted(k for k, _ in heard) == list(range(len(PROMPTS) * 2))
+    assert all(out[k] == completion for k, completion in heard)
+    # what it raises ends the call there, every page and thread given back
+    threads = threading.active_count()
+
+    def stop_at_the_second(k, completion, seen=[]):
+        seen.append(k)
+        if len(seen) == 2:
+            raise KeyboardInterrupt("enough")
+    with pytest.raises(KeyboardInterrupt, match="enough"):
+        model.generate_batch(PROMPTS * 4, 30, seed=4, max_sequences=2,
+                             on_result=stop_at_the_second)
+    assert threading.active_count() == threads
+    with pytest.raises(TypeError, match="on_result is int, not a function"):
+        model.generate_batch(PROMPTS, 5, on_result=3)
