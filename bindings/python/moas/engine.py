@@ -1110,8 +1110,8 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             if k is None:   # a shared beginning's own request
                 if event.kind in ("done", "error"):   # read (or not): its prompts go
                     ready.extend(held.pop(req.group_key))
-                    if list(held) == ["rest"]:   # the last one read: the others go too
-                        ready.extend(held.pop("rest"))
+                    if not held:   # the last one read: the others go too
+                        ready.extend(rest)
                     feed()
                 continue
             if event.kind == "text":
@@ -1131,7 +1131,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     # the prompts go to the engine a window at a time, topped up as they end: each
     # submit and each step's queue pass walk the requests waiting, so all of them at
     # once would cost the square of their number
-    requests, ready, held = [], collections.deque(), {}
+    requests, ready, held, rest = [], collections.deque(), {}, []
     in_flight, feed_lock = [0], threading.Lock()
     window = 2 * max_sequences
 
@@ -1193,14 +1193,11 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             # still waited would push that beginning out of the cache
             for r in held[key]:
                 r.keep = False
-        grouped = {id(r) for group in held.values() for r in group}
-        rest = [r for r in requests if id(r) not in grouped]
         # the other prompts wait until every beginning is read, and then go behind the
         # prompts that fork it: each of them that ended first would enter the cache and
         # could push a beginning out before its prompts were admitted
-        if held:
-            held["rest"] = rest
-        else:
+        rest.extend(r for r in requests if r.keep)
+        if not held:
             ready.extend(rest)
         pieces = [[[] for _ in range(c["n"])] for c in choices]
         finished = [[None] * c["n"] for c in choices]
