@@ -56,6 +56,42 @@ def read_golden(path):
     return tokens, logits, gates, (n_tok, n_vocab, n_layer, n_scheme)
 
 
+def c_struct_layouts():
+    """{struct: (sizeof, alignof, [(field, offset, size)])} from abi/layout.c, built with
+    the system's C compiler ($CC, else cc) against this tree's moas.h."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "layout")
+        subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-I",
+                        os.path.join(ROOT, "include"), os.path.join(ROOT, "abi", "layout.c"),
+                        "-o", exe], check=True)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    layouts, current = {}, None
+    for line in out.splitlines():
+        kind, name, a, b = line.split()
+        if kind == "struct":
+            current = []
+            layouts[name] = (int(a), int(b), current)
+        else:
+            current.append((name, int(a), int(b)))
+    return layouts
+
+
+def header_struct_fields(header):
+    """{struct: [field names in order]} of each `typedef struct NAME { ... } NAME;`."""
+    text = re.sub(r"/\*.*?\*/", " ", header, flags=re.S)
+    structs = {}
+    for name, body in re.findall(r"typedef struct (\w+) \{(.*?)\} \1;", text, flags=re.S):
+        names = []
+        for decl in body.split(";"):
+            decl = decl.strip()
+            if decl:
+                pointer = re.search(r"\(\s*\*\s*(\w+)\s*\)", decl)   # a function pointer
+                names.append(pointer.group(1) if pointer else
+                             re.search(r"(\w+)\s*(\[[^\]]*\])?$", decl).group(1))
+        structs[name] = names
+    return structs
+
+
 class Base(unittest.TestCase):
     def setUp(self):
         self.model = moas.Model(MODEL)
@@ -101,6 +137,32 @@ class Library(unittest.TestCase):
                           (lib.moas_sampler_params_init_sized, moas.SamplerParams),
                           (lib.moas_pool_params_init_sized, moas.PoolParams)):
             self.assertEqual(moas._library_sizeof(init), ctypes.sizeof(cls), cls.__name__)
+
+    def test_struct_layouts_match_the_header(self):
+        """Every struct of moas.h, as the C compiler lays it out (abi/layout.c), has the
+        same fields in the same order, offsets and sizes in the ctypes declaration."""
+        layout = c_struct_layouts()
+        fields = header_struct_fields(read_text(HEADER))
+        self.assertEqual(set(layout), set(fields), "abi/layout.c against moas.h's structs")
+        for name, (size, align, c_fields) in layout.items():
+            self.assertEqual([f for f, _, _ in c_fields], fields[name],
+                             name + ": abi/layout.c lists other fields than moas.h")
+        classes = {"moas_allocator": moas.Allocator, "moas_model_params": moas.ModelParams,
+                   "moas_tensor_info": moas.TensorInfoC,
+                   "moas_context_params": moas.ContextParams,
+                   "moas_pool_params": moas.PoolParams, "moas_pool_info": moas.PoolInfo,
+                   "moas_pool_seq": moas.PoolSeq, "moas_tokenize_params": moas.TokenizeParams,
+                   "moas_logit_bias": moas.LogitBias,
+                   "moas_sampler_params": moas.SamplerParams}
+        self.assertEqual(set(classes), set(layout))
+        for name, cls in classes.items():
+            size, align, c_fields = layout[name]
+            self.assertEqual((ctypes.sizeof(cls), ctypes.alignment(cls)), (size, align), name)
+            self.assertEqual([f[0] for f in cls._fields_], [f for f, _, _ in c_fields], name)
+            for field, offset, field_size in c_fields:
+                got = getattr(cls, field)
+                self.assertEqual((got.offset, got.size), (offset, field_size),
+                                 "%s.%s" % (name, field))
 
     def test_status_table_matches_header(self):
         header = read_text(HEADER)
