@@ -109,6 +109,7 @@ class Request:
         self.keep = True           # its first context may enter the prompt cache when done
         self.emit = emit or (lambda event: None)
         self.cancelled = False
+        self.ended = False         # its "done" or "error" was sent: nothing comes after
         self.created = time.monotonic()
         self.queued = False        # an admission pass found no room: it waits
         self.admitted = False
@@ -447,8 +448,9 @@ class Engine:
                 req.cancelled = True   # their loop is gone: their clients too
 
     def _fail(self, req, status, message, code):
-        if not req.cancelled:
+        if not req.cancelled and not req.ended:
             self._send(req, "error", (status, message, code))
+            req.ended = True
         req.cancelled = True
 
     def _close_seq(self, seq):
@@ -539,6 +541,7 @@ class Engine:
             del self._requests[req.id]
             if not req.cancelled:
                 p = len(req.prompt_ids)
+                req.ended = True
                 self._send(req, "done", {"prompt_tokens": p,
                                          "completion_tokens": req.completion_tokens,
                                          "total_tokens": p + req.completion_tokens,
@@ -979,6 +982,8 @@ def _choice_args(model, args, where=""):
             stop = [stop]
         out["stop"] = list(stop)
         find_stop("", out["stop"])   # its word on the strings (NUL, not text)
+        if not isinstance(out["include_stop"], bool):   # 0 or "no" would read as a choice
+            raise TypeError("include_stop must be a bool, got %r" % (out["include_stop"],))
         if out["logprobs"] is not None:
             out["logprobs"] = _int("logprobs", out["logprobs"])
             if not 0 <= out["logprobs"] <= model.n_vocab:

@@ -131,6 +131,11 @@ def test_bad_input_is_refused_before_anything_runs(model):
     for name, value in (("max_tokens", -1), ("n", 0), ("min_tokens", -2)):
         with pytest.raises(moas.MoasValueError, match="%s must be >= " % name):
             model.generate_batch(["And"], **{"max_tokens": 10, name: value})
+    for value in (1, "no", None):   # not a bool: "no" would have kept the stop strings
+        with pytest.raises(TypeError, match="include_stop must be a bool"):
+            model.generate_batch(["And"], 10, include_stop=value)
+    with pytest.raises(TypeError, match="prompt 1: include_stop must be a bool"):
+        model.generate_batch(["And", "God"], 10, per_prompt=[None, {"include_stop": 0}])
     with pytest.raises(moas.MoasError) as e:
         model.generate_batch(["And", "And God said, let there be light"], 90,
                              pool_bytes=16 << 10, mode="mixture")

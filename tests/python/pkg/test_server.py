@@ -997,6 +997,47 @@ def test_engine_delivers_done_in_the_step_that_finished(model):
     assert len(last) == 1 and "done" in last[0], batches
 
 
+def test_a_request_that_ended_gets_no_error_from_a_failure_after_it(model):
+    # two requests end in one step; closing the second raises (a bug's stand-in) after
+    # the first was sent its "done": the engine fails the requests in flight, but the
+    # first has ended and must not get an "error" as well (one terminal event each)
+    from moas.engine import Engine, Request
+    events = {"a": [], "b": []}
+    both = threading.Event()
+
+    def emit_to(name):
+        def emit(event):
+            if event.kind in ("done", "error"):
+                events[name].append(event.kind)
+                if events["a"] and events["b"]:
+                    both.set()
+        return emit
+
+    engine = Engine(model, pool_bytes=1 << 20, mode="routed")
+    closed = []
+    close_seq = engine._close_seq
+
+    def failing_close(seq):
+        closed.append(seq.req)
+        if len(closed) == 2:
+            raise RuntimeError("closing failed")
+        close_seq(seq)
+
+    engine._close_seq = failing_close
+    try:
+        ids = model.tokenize(PROMPT)
+        a = Request(ids, max_tokens=2, seed=1, emit=emit_to("a"))
+        b = Request(ids, max_tokens=2, seed=2, emit=emit_to("b"))
+        with engine._lock:   # both admitted in one pass: they end in the same step
+            assert engine.submit(a) and engine.submit(b)
+        assert both.wait(30), events
+        time.sleep(0.2)   # anything sent after them would be here by now
+    finally:
+        engine.close()
+    assert closed[:2] == [a, b]
+    assert events == {"a": ["done"], "b": ["error"]}
+
+
 def settled(engine, timeout=10):
     """The engine's snapshot once no sequence is active and its figures were taken
     after the last one ended (a request's "done" may reach its emit first)."""
