@@ -1554,73 +1554,13 @@ size_t moas_context_kv_bytes_held(const moas_context *ctx) {
  *   per stream  [heads] K heads then [heads] V heads of head_dim elements */
 #define STATE_MAGIC0 0x53414f4du   /* "MOAS" */
 #define STATE_MAGIC1 0x54415453u   /* "STAT" */
-#define STATE_VERSION 2u   /* written; version 1 (fingerprint 1) is still read */
+/* written; versions 1 and 2 (their fingerprints) are still read */
+#define STATE_VERSION ((uint32_t)MOAS_FINGERPRINT_VERSION)
 enum {
     SH_MAGIC0, SH_MAGIC1, SH_VERSION, SH_PRINT_LO, SH_PRINT_HI, SH_MODE, SH_KV_TYPE,
     SH_N_LAYER, SH_N_SCHEME, SH_N_STREAMS, SH_HEAD_DIM, SH_N_VOCAB, SH_N_PAST,
     SH_LOGITS_VALID, STATE_HEADER_WORDS
 };
-
-static uint64_t fnv(uint64_t h, const void *data, size_t n) {
-    const uint8_t *p = data;
-    for (size_t i = 0; i < n; i++) {
-        h = (h ^ p[i]) * 0x100000001b3ull;
-    }
-    return h;
-}
-
-/* The first row of a weight matrix, if the model has it. */
-static uint64_t fnv_first_row(uint64_t h, const moas_weight *w) {
-    return w->data != NULL ? fnv(h, w->data, w->row_bytes) : h;
-}
-
-/* A fingerprint of the model (enough to tell checkpoints apart without reading
- * gigabytes). Version 1: its shape, vocabulary, the first row of the token and
- * position tables, the output matrix and each layer's MLP matrices, and each layer's
- * attention norm weights. Version 2 adds what version 1 let two models share: the
- * block options (RoPE and its base, RMSNorm, SwiGLU, the norm's epsilon) and the first
- * row of every other matrix (attention, router, SwiGLU's gate) with the MLP norm. */
-static uint64_t model_fingerprint(const moas_model *m, uint32_t version) {
-    const int32_t shape[] = {m->n_layer, m->n_embd, m->n_head, m->n_ff, m->n_vocab,
-                             m->n_ctx_train, m->n_scheme, m->n_router, (int32_t)m->mixing,
-                             (int32_t)m->kv_sharing, m->bias ? 1 : 0};
-    uint64_t h = fnv(0xcbf29ce484222325ull, shape, sizeof shape);
-    h = fnv(h, m->scheme_n_kv, (size_t)m->n_scheme * sizeof *m->scheme_n_kv);
-    h = fnv(h, m->vocab_cp, (size_t)m->n_vocab * sizeof *m->vocab_cp);
-    const moas_weight *top[] = {&m->tok_embd, &m->pos_embd, &m->output};
-    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) {
-        h = fnv(h, top[i]->data, top[i]->row_bytes);
-    }
-    for (int32_t l = 0; l < m->n_layer; l++) {
-        const moas_layer *y = &m->layers[l];
-        h = fnv(h, y->ffn_up.data, y->ffn_up.row_bytes);
-        h = fnv(h, y->ffn_down.data, y->ffn_down.row_bytes);
-        h = fnv(h, y->attn_norm_w, (size_t)m->n_embd * sizeof(float));
-    }
-    if (version < 2) {
-        return h;
-    }
-    const int32_t options[] = {m->rope ? 1 : 0, m->rms_norm ? 1 : 0, m->swiglu ? 1 : 0};
-    h = fnv(h, options, sizeof options);
-    h = fnv(h, &m->rope_base, sizeof m->rope_base);
-    h = fnv(h, &m->norm_eps, sizeof m->norm_eps);
-    for (int32_t l = 0; l < m->n_layer; l++) {
-        const moas_layer *y = &m->layers[l];
-        const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
-        for (int32_t s = 0; s < (pooled ? 1 : m->n_scheme); s++) {
-            const moas_scheme_weights *w = pooled ? &y->shared : &y->scheme[s];
-            const moas_weight *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo};
-            for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++) {
-                h = fnv_first_row(h, mats[i]);
-            }
-        }
-        h = fnv_first_row(h, &y->router_up);
-        h = fnv_first_row(h, &y->router_down);
-        h = fnv_first_row(h, &y->ffn_gate);
-        h = fnv(h, y->ffn_norm_w, (size_t)m->n_embd * sizeof(float));
-    }
-    return h;
-}
 
 /* Bytes of a state of n tokens whose streams hold heads[i] heads. */
 static uint64_t state_bytes(const moas_context *ctx, int32_t n, const uint32_t *heads,
@@ -1665,7 +1605,7 @@ moas_status moas_context_state_save(const moas_context *ctx, void *buf, size_t s
     }
     const moas_model *m = ctx->model;
     const moas_pool *pool = ctx->pool;
-    const uint64_t print = model_fingerprint(m, STATE_VERSION);
+    const uint64_t print = m->fingerprint;
     const uint32_t header[STATE_HEADER_WORDS] = {
         [SH_MAGIC0] = STATE_MAGIC0, [SH_MAGIC1] = STATE_MAGIC1, [SH_VERSION] = STATE_VERSION,
         [SH_PRINT_LO] = (uint32_t)print, [SH_PRINT_HI] = (uint32_t)(print >> 32),
@@ -1724,7 +1664,9 @@ static moas_status state_check(const moas_context *ctx, const uint8_t *buf, size
                    "%s: state version %u; this library reads versions 1 to %u", what,
                    h[SH_VERSION], STATE_VERSION);
     const uint64_t print = (uint64_t)h[SH_PRINT_LO] | (uint64_t)h[SH_PRINT_HI] << 32;
-    MOAS_RETURN_IF(print != model_fingerprint(m, h[SH_VERSION]) ||
+    MOAS_RETURN_IF(print != (h[SH_VERSION] == STATE_VERSION
+                                 ? m->fingerprint
+                                 : moas__model_fingerprint(m, h[SH_VERSION])) ||
                    h[SH_N_LAYER] != (uint32_t)m->n_layer || h[SH_N_SCHEME] != (uint32_t)m->n_scheme ||
                    h[SH_HEAD_DIM] != (uint32_t)m->head_dim || h[SH_N_VOCAB] != (uint32_t)m->n_vocab,
                    MOAS_ERR_CORRUPT, "%s: the state was saved from another model", what);

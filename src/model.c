@@ -534,6 +534,105 @@ static moas_status build_rope_table(moas_model *m) {
     return MOAS_OK;
 }
 
+/* ---- fingerprint ------------------------------------------------------------- */
+
+static uint64_t fnv(uint64_t h, const void *data, size_t n) {
+    const uint8_t *p = data;
+    for (size_t i = 0; i < n; i++) {
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* The first row of a weight matrix, if the model has it. */
+static uint64_t fnv_first_row(uint64_t h, const moas_weight *w) {
+    return w->data != NULL ? fnv(h, w->data, w->row_bytes) : h;
+}
+
+/* A vector of n floats (a norm's), if the model has it. */
+static uint64_t fnv_floats(uint64_t h, const float *v, int32_t n) {
+    return v != NULL ? fnv(h, v, (size_t)n * sizeof *v) : h;
+}
+
+/* A matrix's bias (one float per row), if the model has it. */
+static uint64_t fnv_bias(uint64_t h, const float *b, const moas_weight *w) {
+    return fnv_floats(h, b, w->n_rows);
+}
+
+/* The model's fingerprint (enough to tell checkpoints apart without reading
+ * gigabytes), as saved states carry it. Version 1: its shape, vocabulary, the first row of the token and
+ * position tables, the output matrix and each layer's MLP matrices, and each layer's
+ * attention norm weights. Version 2 adds what version 1 let two models share: the
+ * block options (RoPE and its base, RMSNorm, SwiGLU, the norm's epsilon) and the first
+ * row of every other matrix (attention, router, SwiGLU's gate) with the MLP norm.
+ * Version 3 adds the rest of the vectors, whole: the final norm, every norm's bias and
+ * every bias (a fine-tune of biases or norms alone changes no matrix). */
+uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version) {
+    const int32_t shape[] = {m->n_layer, m->n_embd, m->n_head, m->n_ff, m->n_vocab,
+                             m->n_ctx_train, m->n_scheme, m->n_router, (int32_t)m->mixing,
+                             (int32_t)m->kv_sharing, m->bias ? 1 : 0};
+    uint64_t h = fnv(0xcbf29ce484222325ull, shape, sizeof shape);
+    h = fnv(h, m->scheme_n_kv, (size_t)m->n_scheme * sizeof *m->scheme_n_kv);
+    h = fnv(h, m->vocab_cp, (size_t)m->n_vocab * sizeof *m->vocab_cp);
+    const moas_weight *top[] = {&m->tok_embd, &m->pos_embd, &m->output};
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) {
+        h = fnv(h, top[i]->data, top[i]->row_bytes);
+    }
+    for (int32_t l = 0; l < m->n_layer; l++) {
+        const moas_layer *y = &m->layers[l];
+        h = fnv(h, y->ffn_up.data, y->ffn_up.row_bytes);
+        h = fnv(h, y->ffn_down.data, y->ffn_down.row_bytes);
+        h = fnv(h, y->attn_norm_w, (size_t)m->n_embd * sizeof(float));
+    }
+    if (version < 2) {
+        return h;
+    }
+    const int32_t options[] = {m->rope ? 1 : 0, m->rms_norm ? 1 : 0, m->swiglu ? 1 : 0};
+    h = fnv(h, options, sizeof options);
+    h = fnv(h, &m->rope_base, sizeof m->rope_base);
+    h = fnv(h, &m->norm_eps, sizeof m->norm_eps);
+    for (int32_t l = 0; l < m->n_layer; l++) {
+        const moas_layer *y = &m->layers[l];
+        const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
+        for (int32_t s = 0; s < (pooled ? 1 : m->n_scheme); s++) {
+            const moas_scheme_weights *w = pooled ? &y->shared : &y->scheme[s];
+            const moas_weight *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo};
+            for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++) {
+                h = fnv_first_row(h, mats[i]);
+            }
+        }
+        h = fnv_first_row(h, &y->router_up);
+        h = fnv_first_row(h, &y->router_down);
+        h = fnv_first_row(h, &y->ffn_gate);
+        h = fnv(h, y->ffn_norm_w, (size_t)m->n_embd * sizeof(float));
+    }
+    if (version < 3) {
+        return h;
+    }
+    const int32_t C = m->n_embd;
+    h = fnv_floats(h, m->out_norm_w, C);
+    h = fnv_floats(h, m->out_norm_b, C);
+    for (int32_t l = 0; l < m->n_layer; l++) {
+        const moas_layer *y = &m->layers[l];
+        const bool pooled = m->kv_sharing == MOAS_KV_SHARING_POOLED;
+        h = fnv_floats(h, y->attn_norm_b, C);
+        h = fnv_floats(h, y->ffn_norm_b, C);
+        for (int32_t s = 0; s < (pooled ? 1 : m->n_scheme); s++) {
+            const moas_scheme_weights *w = pooled ? &y->shared : &y->scheme[s];
+            h = fnv_bias(h, w->bq, &w->wq);
+            h = fnv_bias(h, w->bk, &w->wk);
+            h = fnv_bias(h, w->bv, &w->wv);
+            h = fnv_bias(h, w->bo, &w->wo);
+        }
+        h = fnv_bias(h, y->router_up_b, &y->router_up);
+        h = fnv_bias(h, y->router_down_b, &y->router_down);
+        h = fnv_bias(h, y->ffn_up_b, &y->ffn_up);
+        h = fnv_bias(h, y->ffn_down_b, &y->ffn_down);
+        h = fnv_bias(h, y->ffn_gate_b, &y->ffn_gate);
+    }
+    return h;
+}
+
 static moas_status build(moas_model *m) {
     const moas_gguf_tensor *out;
 
@@ -571,6 +670,9 @@ static moas_status build(moas_model *m) {
     for (uint64_t i = 0; i < m->gguf->n_tensors; i++) {
         m->n_params += m->gguf->tensors[i].n_elements;
     }
+    /* once: every saved state carries it, and hashing a large model's vectors took
+     * longer than copying a short state */
+    m->fingerprint = moas__model_fingerprint(m, MOAS_FINGERPRINT_VERSION);
     return MOAS_OK;
 }
 

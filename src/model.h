@@ -77,6 +77,7 @@ struct moas_model {
     bool swiglu;                /* MLP down(SiLU(gate x) * up x) instead of down(GELU(up x)) */
     const char *name;
     uint64_t n_params;
+    uint64_t fingerprint;       /* moas__model_fingerprint(MOAS_FINGERPRINT_VERSION) */
 
     /* weights */
     moas_weight tok_embd;          /* [n_vocab, C] */
@@ -96,6 +97,14 @@ struct moas_model {
  * (as tools/train.py's tables are). */
 void moas__rope_angles(const moas_model *m, int32_t pos, int32_t i0, int32_t i1, float *cs,
                        float *sn);
+
+/* The version of moas__model_fingerprint that saved states are written with (their
+ * format's version). */
+#define MOAS_FINGERPRINT_VERSION 3
+
+/* The model's fingerprint of `version` (1 to MOAS_FINGERPRINT_VERSION), as saved states
+ * of that version carry it (docs/FORMAT.md, "Saved state"). */
+uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version);
 
 /* Decode one UTF-8 character from s[0..len): its code point and byte length, or
  * false for invalid or truncated UTF-8 (overlong forms, surrogates, > U+10FFFF). */

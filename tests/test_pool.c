@@ -1063,7 +1063,7 @@ TEST(state_load_edges_length_version_and_exact_buffers) {
 
     uint8_t *bad = malloc(n);
     ASSERT_TRUE(bad != NULL);
-    static const uint32_t versions[] = {0, 3, 0xffffffffu};
+    static const uint32_t versions[] = {0, 4, 0xffffffffu};
     for (size_t i = 0; i < sizeof versions / sizeof versions[0]; i++) {
         memcpy(bad, state, n);
         memcpy(bad + 8, &versions[i], 4);   /* header word 2 */
@@ -1131,33 +1131,39 @@ TEST(state_refuses_a_model_differing_only_in_its_block_options) {
     return TEST_PASS;
 }
 
-/* A state saved in format version 1 (by libmoas 1.1.0 before the second fingerprint,
- * with the reference kernels, whose bits every machine reproduces; tests/data/README.md)
- * still loads, and decodes on with the bits of decoding its text again. */
-TEST(state_of_version_1_still_loads) {
+/* Decode `text` into a routed context of `m` with the reference kernels (whose bits
+ * every machine reproduces), as the saved states of tests/data were written. */
+static moas_context *ref_routed_ctx(moas_model *m) {
+    moas_context_params cp;
+    moas_context_params_init(&cp);
+    cp.mode = MOAS_MODE_ROUTED;
+    cp.kernels = MOAS_KERNELS_REF;
+    moas_context *ctx = NULL;
+    return moas_context_create(m, &cp, &ctx) == MOAS_OK ? ctx : NULL;
+}
+
+/* A state saved by an older libmoas in format version `version` (tests/data/README.md)
+ * still loads, decodes on with the bits of decoding its text again, and is saved again
+ * in the current version. */
+static int older_state_still_loads(const char *file, uint32_t version) {
     static const char text[] = "the cat sat on the mat";
     moas_model *m;
     ASSERT_OK(moas_model_load(test_data("tiny-modern-pooled-nobias.gguf"), NULL, &m));
-    FILE *f = fopen(test_data("tiny-modern-pooled-nobias-routed.state-v1"), "rb");
+    FILE *f = fopen(test_data(file), "rb");
     ASSERT_TRUE(f != NULL);
     uint8_t buf[16384];
     const size_t n = fread(buf, 1, sizeof buf, f);
     fclose(f);
     ASSERT_TRUE(n > 56 && n < sizeof buf);
-    uint32_t version;
-    memcpy(&version, buf + 8, 4);
-    ASSERT_EQ(version, 1u);
+    uint32_t saved_version;
+    memcpy(&saved_version, buf + 8, 4);
+    ASSERT_EQ(saved_version, version);
     int32_t ids[32];
     size_t n_ids;
     ASSERT_OK(moas_tokenize(m, text, sizeof text - 1, ids, 32, &n_ids));
     const int32_t next = ids[3];   /* a space */
-    moas_context_params cp;
-    moas_context_params_init(&cp);
-    cp.mode = MOAS_MODE_ROUTED;
-    cp.kernels = MOAS_KERNELS_REF;
-    moas_context *loaded = NULL, *again = NULL;
-    ASSERT_OK(moas_context_create(m, &cp, &loaded));
-    ASSERT_OK(moas_context_create(m, &cp, &again));
+    moas_context *loaded = ref_routed_ctx(m), *again = ref_routed_ctx(m);
+    ASSERT_TRUE(loaded != NULL && again != NULL);
     ASSERT_OK(moas_context_state_load(loaded, buf, n));
     ASSERT_EQ(moas_context_n_past(loaded), (int32_t)n_ids);
     ASSERT_OK(moas_context_decode_batch(again, ids, (int32_t)n_ids, NULL, MOAS_LOGITS_LAST));
@@ -1167,18 +1173,103 @@ TEST(state_of_version_1_still_loads) {
     ASSERT_OK(moas_context_decode(loaded, next, NULL));
     ASSERT_OK(moas_context_decode(again, next, NULL));
     ASSERT_TRUE(memcmp(moas_context_logits(loaded), moas_context_logits(again), V * 4) == 0);
-    /* saved again, it is version 2 */
+    /* saved again, it is the current version, its bytes otherwise those of the old
+     * header's size and layout */
     const size_t n2 = moas_context_state_size(loaded);
     uint8_t *buf2 = malloc(n2);
     size_t written;
     ASSERT_TRUE(buf2 != NULL);
     ASSERT_OK(moas_context_state_save(loaded, buf2, n2, &written));
-    memcpy(&version, buf2 + 8, 4);
-    ASSERT_EQ(version, 2u);
+    memcpy(&saved_version, buf2 + 8, 4);
+    ASSERT_EQ(saved_version, 3u);
     free(buf2);
     moas_context_free(loaded);
     moas_context_free(again);
     moas_model_free(m);
+    return TEST_PASS;
+}
+
+/* Version 1: written by libmoas 1.1.0 before the second fingerprint. */
+TEST(state_of_version_1_still_loads) {
+    return older_state_still_loads("tiny-modern-pooled-nobias-routed.state-v1", 1);
+}
+
+/* Version 2: written before the third fingerprint. */
+TEST(state_of_version_2_still_loads) {
+    return older_state_still_loads("tiny-modern-pooled-nobias-routed.state-v2", 2);
+}
+
+/* A copy of a model image with float `index` of tensor `name` raised by 0.5. */
+static uint8_t *image_with_one_value_changed(const uint8_t *image, size_t size,
+                                             const moas_model *m, const char *name,
+                                             int64_t index) {
+    int64_t t;
+    moas_tensor_info info;
+    info.size = sizeof info;
+    if (moas_model_tensor_find(m, name, &t) != MOAS_OK || moas_model_tensor(m, t, &info) ||
+        info.type != MOAS_TYPE_F32 || (uint64_t)(index + 1) * 4 > info.n_bytes ||
+        info.offset + info.n_bytes > size) {
+        return NULL;
+    }
+    uint8_t *copy = malloc(size);
+    if (copy != NULL) {
+        float v;
+        memcpy(copy, image, size);
+        memcpy(&v, copy + info.offset + 4 * index, 4);
+        v += 0.5f;
+        memcpy(copy + info.offset + 4 * index, &v, 4);
+    }
+    return copy;
+}
+
+/* A state from a model that differs from the context's only in its final norm, a norm's
+ * bias or one bias of one matrix (which the second fingerprint left out) is refused, and
+ * the context keeps what it had; the model's own state still loads. */
+TEST(state_refuses_a_model_differing_only_in_a_norm_or_a_bias) {
+    static const char *const changed[] = {"output_norm.weight", "output_norm.bias",
+                                          "blk.1.attn_norm.bias", "blk.0.ffn_down.bias",
+                                          "blk.1.attn_v.2.bias", "blk.0.attn_router_up.bias"};
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    size_t size;
+    uint8_t *image = tiny_model_image(&cfg, 78, &size);
+    moas_model *m;
+    ASSERT_TRUE(image != NULL);
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    int32_t tokens[10];
+    seq_tokens(tokens, 10, moas_model_n_vocab(m), 6);
+    moas_context *src = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(src != NULL);
+    ASSERT_OK(moas_context_decode_batch(src, tokens, 10, NULL, MOAS_LOGITS_LAST));
+    const size_t n = moas_context_state_size(src);
+    uint8_t *buf = malloc(n);
+    size_t written;
+    ASSERT_TRUE(buf != NULL);
+    ASSERT_OK(moas_context_state_save(src, buf, n, &written));
+    for (size_t i = 0; i < sizeof changed / sizeof changed[0]; i++) {
+        uint8_t *image2 = image_with_one_value_changed(image, size, m, changed[i], 1);
+        moas_model *m2;
+        ASSERT_TRUE(image2 != NULL);
+        ASSERT_OK(moas_model_load_memory(image2, size, NULL, &m2));
+        moas_context *dst = make_ctx(m2, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(dst != NULL);
+        ASSERT_OK(moas_context_decode_batch(dst, tokens, 3, NULL, MOAS_LOGITS_LAST));
+        ASSERT_STATUS(moas_context_state_load(dst, buf, n), MOAS_ERR_CORRUPT);
+        ASSERT_TRUE(strstr(moas_last_error(), "another model") != NULL);
+        ASSERT_EQ(moas_context_n_past(dst), 3);
+        moas_context_free(dst);
+        moas_model_free(m2);
+        free(image2);
+    }
+    moas_context *same = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(same != NULL);
+    ASSERT_OK(moas_context_state_load(same, buf, n));
+    ASSERT_EQ(moas_context_n_past(same), 10);
+    moas_context_free(same);
+    moas_context_free(src);
+    moas_model_free(m);
+    free(buf);
+    free(image);
     return TEST_PASS;
 }
 
