@@ -449,6 +449,25 @@ pub enum Mode {
     Routed,
 }
 
+/// Which kernels a context or pool runs (moas_kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fastest the CPU has (AVX-512, AVX2 or the reference), chosen at run time.
+    Auto,
+    /// The reference kernels: plain C whose bits every machine reproduces (slower); for
+    /// results compared across machines.
+    Ref,
+}
+
+impl Kernels {
+    fn raw(self) -> i32 {
+        match self {
+            Kernels::Auto => ffi::MOAS_KERNELS_AUTO,
+            Kernels::Ref => ffi::MOAS_KERNELS_REF,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvType {
     F32,
@@ -472,6 +491,9 @@ pub struct ContextParams {
     /// 64 its attention scratch is a quarter: for a context in a Pool decoded mostly
     /// by Pool::decode.
     pub n_batch: i32,
+    /// A context of its own (not of a Pool, whose kernels it takes): which kernels
+    /// ([`Context::kernels_name`] says which ran).
+    pub kernels: Kernels,
 }
 
 impl Default for ContextParams {
@@ -484,6 +506,7 @@ impl Default for ContextParams {
             forced_scheme: None,
             kv_budget: 0,
             n_batch: 0,
+            kernels: Kernels::Auto,
         }
     }
 }
@@ -699,6 +722,7 @@ impl<'m> Context<'m> {
         c.forced_scheme = p.forced_scheme.unwrap_or(-1);
         c.kv_budget_bytes = p.kv_budget;
         c.n_batch = p.n_batch;
+        c.kernels = p.kernels.raw();
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_context_create(model.as_ptr(), &c, &mut out) })?;
         Ok(Context {
@@ -1405,6 +1429,7 @@ pub struct PoolParams {
     pub n_batch: i32,     // rows per block of Pool::decode; 0: 128
     pub steer_below: f32, // routed contexts: steer to cheaper schemes below this free share
     pub commit: bool,     // write every page at creation (resident from the start)
+    pub kernels: Kernels, // of Pool::decode and of the pool's contexts
 }
 
 impl Default for PoolParams {
@@ -1417,6 +1442,7 @@ impl Default for PoolParams {
             n_batch: 0,
             steer_below: 0.0,
             commit: false,
+            kernels: Kernels::Auto,
         }
     }
 }
@@ -1448,12 +1474,19 @@ impl<'m> Pool<'m> {
         p.n_batch = pp.n_batch;
         p.steer_below = pp.steer_below;
         p.commit = pp.commit as i32;
+        p.kernels = pp.kernels.raw();
         let mut out = ptr::null_mut();
         check(unsafe { ffi::moas_pool_create(model.as_ptr(), &p, &mut out) })?;
         Ok(Pool {
             ptr: NonNull::new(out).expect("OK and NULL"),
             model,
         })
+    }
+
+    /// The C pool, for calls this crate does not wrap (as [`Model::as_ptr`]); valid as
+    /// long as the Pool.
+    pub fn as_ptr(&self) -> *const ffi::moas_pool {
+        self.ptr.as_ptr()
     }
 
     /// A context whose pages come from this pool (its kv_type is the pool's).

@@ -1,7 +1,7 @@
 //! The safe wrappers on the tiny test model: load, decode, tokenizer, routed mode, errors.
 use moas::{
-    find_stop, Context, ContextParams, ErrorKind, KvType, Logits, Mode, Model, Pool, PoolParams,
-    Sampler, SamplerParams, Stop,
+    find_stop, Context, ContextParams, ErrorKind, Kernels, KvType, Logits, Mode, Model, Pool,
+    PoolParams, Sampler, SamplerParams, Stop,
 };
 
 mod common;
@@ -1128,4 +1128,49 @@ fn context_params_n_batch_sets_the_block_of_its_own_calls() {
         Context::new(&m, &bad).unwrap_err().kind(),
         ErrorKind::InvalidArg
     );
+}
+
+#[test]
+fn reference_kernels_for_a_context_and_a_pool() {
+    // Kernels::Ref runs the plain C kernels, for a context of its own and for every
+    // context of a pool; their logits are the same model's within round-off
+    let m = model();
+    let ids = m.tokenize(TEXT).unwrap();
+    let mut auto = Context::new(&m, &ContextParams::default()).unwrap();
+    let reference = ContextParams {
+        kernels: Kernels::Ref,
+        ..Default::default()
+    };
+    let mut alone = Context::new(&m, &reference).unwrap();
+    assert_eq!(alone.kernels_name(), "ref");
+    let pool = Pool::with_params(
+        &m,
+        &PoolParams {
+            capacity_bytes: 1 << 20,
+            kernels: Kernels::Ref,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut pooled = pool.context(&ContextParams::default()).unwrap();
+    assert_eq!(pooled.kernels_name(), "ref");
+    auto.decode_batch(&ids[..20]).unwrap();
+    alone.decode_batch(&ids[..20]).unwrap();
+    pooled.decode_batch(&ids[..20]).unwrap();
+    let a = auto.logits().unwrap();
+    for r in [alone.logits().unwrap(), pooled.logits().unwrap()] {
+        assert!(
+            a.iter().zip(r).all(|(x, y)| (x - y).abs() <= 1e-4),
+            "{a:?} {r:?}"
+        );
+    }
+    assert_eq!(alone.logits(), pooled.logits()); // the same kernels, the same bits
+
+    // as_ptr reaches the C pool: its stats through the raw call are the wrapper's
+    let mut info: moas::ffi::moas_pool_info = unsafe { std::mem::zeroed() };
+    info.size = std::mem::size_of::<moas::ffi::moas_pool_info>() as u32;
+    let status = unsafe { moas::ffi::moas_pool_stats(pool.as_ptr() as *mut _, &mut info) };
+    assert_eq!(status, moas::ffi::MOAS_OK);
+    assert_eq!(info.pages_free, pool.stats().pages_free);
+    assert_eq!(info.n_contexts, 1);
 }
