@@ -10,8 +10,8 @@
  *
  *   field NAME OFFSET SIZE
  *
- * test_binding.py also checks this list of fields against the header's own, so a field
- * added to moas.h and not here fails there.
+ * tests/python/test_api_doc.py checks this list of structs and fields against the
+ * header's own, so a field added to moas.h and not here fails there.
  */
 #include <moas.h>
 

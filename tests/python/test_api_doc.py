@@ -14,6 +14,23 @@ def read(path):
         return f.read()
 
 
+def header_struct_fields():
+    """{struct: [field names in order]} of each `typedef struct NAME { ... } NAME;` of
+    moas.h (a function pointer's field is the name inside its parentheses)."""
+    text = re.sub(r"/\*.*?\*/", " ", read("include/moas.h"), flags=re.S)
+    structs = {}
+    for name, body in re.findall(r"typedef struct (\w+) \{(.*?)\} \1;", text, flags=re.S):
+        names = []
+        for decl in body.split(";"):
+            decl = decl.strip()
+            if decl:
+                pointer = re.search(r"\(\s*\*\s*(\w+)\s*\)", decl)
+                names.append(pointer.group(1) if pointer else
+                             re.search(r"(\w+)\s*(\[[^\]]*\])?$", decl).group(1))
+        structs[name] = names
+    return structs
+
+
 def header_functions():
     return sorted(set(re.findall(r"MOAS_API\s+[^;(]*?\b(moas_\w+)\s*\(", read("include/moas.h"))))
 
@@ -71,19 +88,27 @@ class ApiDoc(unittest.TestCase):
         # src/core.c lists each size-prefixed struct's fields so that a size cutting one
         # is refused; a field missing there would be cut silently. Offsets alone cannot
         # tell a missing field from padding, so its list is checked against moas.h.
-        header = read("include/moas.h")
+        header = header_struct_fields()
         listed = {}
         for struct, member in re.findall(r"MOAS__FIELD\((moas_\w+), (\w+)\)",
                                          read("src/core.c")):
             listed.setdefault(struct, []).append(member)
         self.assertEqual(len(listed), 7)
         for struct, members in listed.items():
-            body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), header,
-                             re.S).group(1)
-            body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
-            declared = [re.findall(r"(\w+)\s*(?:\[\w+\])?$", d.strip())[0]
-                        for d in body.split(";") if d.strip()]
-            self.assertEqual(members, declared, struct)
+            self.assertEqual(members, header[struct], struct)
+
+    def test_abi_layout_lists_every_struct_and_field_of_the_header(self):
+        # abi/layout.c prints the layout the bindings' structs are checked against
+        # (test_binding.py, moas-sys's tests/layout.rs): a field it leaves out would go
+        # unchecked in both
+        listed = {}
+        for kind, struct, field in re.findall(r"\b(STRUCT|FIELD)\((moas_\w+)(?:, (\w+))?\);",
+                                              read("abi/layout.c")):
+            if kind == "STRUCT":
+                listed[struct] = []
+            else:
+                listed[struct].append(field)
+        self.assertEqual(listed, header_struct_fields())
 
     def test_abi_suppressions_name_every_count_enumerator(self):
         counts = set(re.findall(r"^\s+(MOAS_\w+_COUNT)\b", read("include/moas.h"), re.M))
