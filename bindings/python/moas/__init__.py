@@ -1249,6 +1249,23 @@ class Model(_Handle):
         from .engine import generate_batch
         return generate_batch(self, prompts, max_tokens, **params)
 
+    def generate_batch_iter(self, prompts, max_tokens=128, **params):
+        """generate_batch's results as they come: an iterator of (index, Completion),
+        one per prompt, in the order the prompts end (a short prompt's result while the
+        long ones still run). The same keyword arguments but on_result; the same
+        results, bit for bit. Bad arguments and prompts the tokenizer refuses raise
+        here, before anything runs; a prompt too long for the context or too large for
+        the pool, when the iteration begins; a prompt that fails while running raises
+        its MoasError (naming it) where its result would have come. The decode runs on
+        a thread of its own from the first next(); leaving the loop early (break,
+        close(), an exception, the iterator collected) stops it and gives back every
+        page and thread."""
+        from .engine import generate_batch
+        if "on_result" in params:
+            raise TypeError("generate_batch_iter takes no on_result: its results are "
+                            "what it yields")
+        return generate_batch(self, prompts, max_tokens, _as_iterator=True, **params)
+
     def _generate(self, ctx, sampler, ids, max_tokens, stop, routes, context_shift):
         with ctx, sampler:
             sampler.accept(ids)

@@ -52,6 +52,7 @@ Policy (docs/SERVING.md):
 """
 
 import collections
+import contextlib
 import ctypes
 import gc
 import heapq
@@ -1037,8 +1038,10 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                    unknown="error", n_threads=0, forced_scheme=-1, kv_type="f32",
                    context_shift=False, pool_bytes=256 << 20, max_sequences=64,
                    page_heads=0, prefill_chunk=64, step_prefill=256, prompt_cache=8,
-                   logprobs=None, per_prompt=None, on_result=None):
-    """Model.generate_batch: every prompt through one Engine, then its results."""
+                   logprobs=None, per_prompt=None, on_result=None, _as_iterator=False):
+    """Model.generate_batch: every prompt through one Engine, then its results (with
+    _as_iterator, Model.generate_batch_iter: the checks now, then an iterator of the
+    results as they come)."""
     if isinstance(prompts, (str, bytes)):
         raise TypeError("generate_batch takes a list of prompts (for one prompt, "
                         "Model.generate)")
@@ -1099,11 +1102,57 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
     for k, prompt_ids in enumerate(ids):
         if not prompt_ids:
             raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is empty" % k)
-    if not prompts:
-        return []
+    engine_args = dict(pool_bytes=pool_bytes, mode=mode, max_sequences=max_sequences,
+                       prefill_chunk=prefill_chunk, step_prefill=step_prefill,
+                       n_threads=n_threads, page_heads=page_heads, kv_type=kv_type,
+                       forced_scheme=forced_scheme, prompt_cache=prompt_cache,
+                       context_shift=context_shift, n_ctx=n_ctx)
+    if _as_iterator:
+        return _first_error_raised(_run_batch(model, prompts, ids, choices, engine_args))
+    completions = [None] * len(prompts)
+    errors = []
+    for k, result, error in _run_batch(model, prompts, ids, choices, engine_args):
+        if error is not None:
+            errors.append((k, error))
+            continue
+        completions[k] = result
+        if on_result is not None:
+            on_result(k, result)
+    if errors:
+        raise _prompt_error(*min(errors))
+    return completions
 
+
+def _prompt_error(k, error):
+    """The MoasError of prompt k's "error" event (http_status, message, code)."""
+    http_status, message, code = error
+    try:   # the library's status, whose name the event's code is (as generate's)
+        status = Status[code.upper()[len("MOAS_"):]]
+    except KeyError:
+        status = Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL
+    return MoasError(status, "prompt %d: %s (%s)" % (k, message, code))
+
+
+def _first_error_raised(results):
+    """generate_batch_iter's results: (index, Completion) as each prompt ends; the
+    first prompt that fails raises its MoasError there (the iterator then closes, and
+    with it the engine)."""
+    with contextlib.closing(results):
+        for k, result, error in results:
+            if error is not None:
+                raise _prompt_error(k, error)
+            yield k, result
+
+
+def _run_batch(model, prompts, ids, choices, engine_args):
+    """The checked prompts through one Engine: (index, Completion, None) for each prompt
+    as it ends, or (index, None, its error event's data) for one that failed. Closing
+    it early (or an exception in the caller while it waits) closes the engine: every
+    page and thread given back."""
+    prompt_cache, context_shift = engine_args["prompt_cache"], engine_args["context_shift"]
+    max_sequences = engine_args["max_sequences"]
     pieces = finished = lps = None   # made once the prompts are known to fit (n may not)
-    usage, errors = [None] * len(prompts), []
+    usage, errors = [None] * len(prompts), {}
     ended = queue.Queue()   # the index of each prompt done (or failed), as it ends
 
     def deliver(batch):   # the engine thread, once a step
@@ -1129,7 +1178,7 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                 if event.kind == "done":
                     usage[k] = event.data
                 else:
-                    errors.append((k, event.data))
+                    errors[k] = event.data
                 ended.put(k)
                 feed()
 
@@ -1160,12 +1209,10 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                           usage[k]["prompt_tokens"],
                           usage[k]["prompt_tokens_details"]["cached_tokens"])
 
-    engine = Engine(model, pool_bytes=pool_bytes, mode=mode, max_sequences=max_sequences,
-                    max_queue=len(prompts), queue_timeout=math.inf,
-                    prefill_chunk=prefill_chunk, step_prefill=step_prefill,
-                    n_threads=n_threads, page_heads=page_heads, kv_type=kv_type,
-                    forced_scheme=forced_scheme, prompt_cache=prompt_cache,
-                    context_shift=context_shift, n_ctx=n_ctx, deliver=deliver, commit=False)
+    if not prompts:
+        return
+    engine = Engine(model, max_queue=len(prompts), queue_timeout=math.inf, deliver=deliver,
+                    commit=False, **engine_args)
     try:
         for k, prompt_ids in enumerate(ids):
             if len(prompt_ids) > engine.n_ctx:
@@ -1221,15 +1268,9 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
                         raise MoasError(Status.ERR_INTERNAL, "the engine thread stopped "
                                         "before every prompt was done (a bug; its "
                                         "traceback is on stderr)") from None
-            if on_result is not None and usage[k] is not None:
-                on_result(k, completion(k))
+            if k in errors:
+                yield k, None, errors[k]
+            else:
+                yield k, completion(k), None
     finally:
         engine.close()
-    if errors:
-        k, (http_status, message, code) = min(errors)
-        try:   # the library's status, whose name the event's code is (as generate's)
-            status = Status[code.upper()[len("MOAS_"):]]
-        except KeyError:
-            status = Status.ERR_INVALID_ARG if http_status == 400 else Status.ERR_INTERNAL
-        raise MoasError(status, "prompt %d: %s (%s)" % (k, message, code))
-    return [completion(k) for k in range(len(prompts))]

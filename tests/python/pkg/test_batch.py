@@ -471,3 +471,63 @@ def test_on_result_hears_each_prompt_as_it_ends(model):
     assert threading.active_count() == threads
     with pytest.raises(TypeError, match="on_result is int, not a function"):
         model.generate_batch(PROMPTS, 5, on_result=3)
+
+
+def test_generate_batch_iter_yields_each_result_as_it_ends(model):
+    # the results of generate_batch, as (index, completion) in the order the prompts
+    # end: a prompt of 2 characters to make ends before those of 40 that share the pool
+    per_prompt = [None, {"max_tokens": 2}, None, None, None]
+    kw = dict(seed=7, mode="routed", max_sequences=5, per_prompt=per_prompt)
+    whole = model.generate_batch(PROMPTS, 40, **kw)
+    got = list(model.generate_batch_iter(PROMPTS, 40, **kw))
+    assert got[0][0] == 1
+    assert sorted(k for k, _ in got) == list(range(len(PROMPTS)))
+    assert all(whole[k] == completion for k, completion in got)
+    assert list(model.generate_batch_iter([], 5)) == []
+
+
+def test_generate_batch_iter_checks_before_anything_runs_and_stops_when_left(model):
+    threads = threading.active_count()
+    with pytest.raises(moas.MoasValueError, match="prompt 1 is empty"):
+        model.generate_batch_iter(["And", ""], 10)   # at the call, not at next()
+    with pytest.raises(moas.MoasValueError):
+        model.generate_batch_iter(["And"], 10, temperature=-1)
+    with pytest.raises(TypeError, match="no on_result"):
+        model.generate_batch_iter(["And"], 10, on_result=print)
+    results = model.generate_batch_iter(PROMPTS * 4, 30, max_sequences=2)
+    assert threading.active_count() == threads   # nothing runs before the first next()
+    for _ in results:   # left after the first: closed, every page and thread given back
+        break
+    results.close()
+    assert threading.active_count() == threads
+    for _ in model.generate_batch_iter(PROMPTS * 4, 30, max_sequences=2):
+        break   # the iterator dropped without close(): collected, the same
+    assert threading.active_count() == threads
+
+
+def test_generate_batch_iter_raises_where_a_failing_prompt_ends(model, monkeypatch):
+    # the results before it came; the failing prompt raises its own status, naming it
+    real_init, real_sample = moas.Sampler.__init__, moas.Sampler.sample
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.failing = kw.get("seed") == 99
+
+    def sample(self, logits):
+        if getattr(self, "failing", False):
+            raise moas.MoasError(moas.Status.ERR_NO_MEMORY, "no memory, on purpose")
+        return real_sample(self, logits)
+    monkeypatch.setattr(moas.Sampler, "__init__", init)
+    monkeypatch.setattr(moas.Sampler, "sample", sample)
+    threads = threading.active_count()
+    per_prompt = [{"max_tokens": 1}, {"seed": 99}, {"max_tokens": 1}]
+    results = model.generate_batch_iter(["And", "God", "said"], 20, per_prompt=per_prompt,
+                                        max_sequences=1)
+    seen = []
+    with pytest.raises(moas.MoasError) as e:
+        for k, completion in results:
+            seen.append(k)
+    assert seen == [0]
+    assert e.value.status == moas.Status.ERR_NO_MEMORY
+    assert e.value.message.startswith("prompt 1: no memory, on purpose")
+    assert threading.active_count() == threads
