@@ -8,7 +8,12 @@
  *
  * followed by one line per field, in declaration order:
  *
- *   field NAME OFFSET SIZE
+ *   field NAME OFFSET SIZE KIND
+ *
+ * KIND is f (floating point), i (integer or enum) or p (pointer, function pointer
+ * included); an array's is its elements'. A float declared where the header has an
+ * int32_t (or a pointer where it has a uint64_t) has the same offset and size: only the
+ * kind tells them apart, and the value would be read as the other type's bits.
  *
  * tests/python/test_api_doc.py checks this list of structs and fields against the
  * header's own, so a field added to moas.h and not here fails there.
@@ -20,7 +25,17 @@
 #include <stdio.h>
 
 #define STRUCT(T) printf("struct %s %zu %zu\n", #T, sizeof(T), alignof(T))
-#define FIELD(T, f) printf("field %s %zu %zu\n", #f, offsetof(T, f), sizeof(((T *)0)->f))
+/* not evaluated: _Generic and sizeof only look at the type */
+#define KIND(x)                                                                          \
+    _Generic((x), float: "f", double: "f", char: "i", signed char: "i",                 \
+             unsigned char: "i", short: "i", unsigned short: "i", int: "i",              \
+             unsigned: "i", long: "i", unsigned long: "i", long long: "i",               \
+             unsigned long long: "i", _Bool: "i", default: "p")
+#define FIELD_KIND(T, f, kind)                                                           \
+    printf("field %s %zu %zu %s\n", #f, offsetof(T, f), sizeof(((T *)0)->f), kind)
+#define FIELD(T, f) FIELD_KIND(T, f, KIND(((T *)0)->f))
+/* an array would decay to a pointer: its first element's kind */
+#define ARRAY_FIELD(T, f) FIELD_KIND(T, f, KIND(((T *)0)->f[0]))
 
 int main(void) {
     STRUCT(moas_allocator);
@@ -40,7 +55,7 @@ int main(void) {
     FIELD(moas_tensor_info, name);
     FIELD(moas_tensor_info, type);
     FIELD(moas_tensor_info, n_dims);
-    FIELD(moas_tensor_info, ne);
+    ARRAY_FIELD(moas_tensor_info, ne);
     FIELD(moas_tensor_info, offset);
     FIELD(moas_tensor_info, n_bytes);
     FIELD(moas_tensor_info, data);

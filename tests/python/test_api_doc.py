@@ -102,8 +102,9 @@ class ApiDoc(unittest.TestCase):
         # (test_binding.py, moas-sys's tests/layout.rs): a field it leaves out would go
         # unchecked in both
         listed = {}
-        for kind, struct, field in re.findall(r"\b(STRUCT|FIELD)\((moas_\w+)(?:, (\w+))?\);",
-                                              read("abi/layout.c")):
+        entries = re.findall(r"\b(STRUCT|FIELD|ARRAY_FIELD)\((moas_\w+)(?:, (\w+))?\);",
+                             read("abi/layout.c"))
+        for kind, struct, field in entries:
             if kind == "STRUCT":
                 listed[struct] = []
             else:

@@ -57,8 +57,8 @@ def read_golden(path):
 
 
 def c_struct_layouts():
-    """{struct: (sizeof, alignof, [(field, offset, size)])} from abi/layout.c, built with
-    the system's C compiler ($CC, else cc) against this tree's moas.h."""
+    """{struct: (sizeof, alignof, [(field, offset, size, kind)])} from abi/layout.c, built
+    with the system's C compiler ($CC, else cc) against this tree's moas.h."""
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "layout")
         subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-I",
@@ -67,13 +67,23 @@ def c_struct_layouts():
         out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     layouts, current = {}, None
     for line in out.splitlines():
-        kind, name, a, b = line.split()
-        if kind == "struct":
+        words = line.split()
+        if words[0] == "struct":
             current = []
-            layouts[name] = (int(a), int(b), current)
+            layouts[words[1]] = (int(words[2]), int(words[3]), current)
         else:
-            current.append((name, int(a), int(b)))
+            current.append((words[1], int(words[2]), int(words[3]), words[4]))
     return layouts
+
+
+def ctypes_kind(t):
+    """abi/layout.c's kind of a ctypes field type: f (floating point), i (integer), p
+    (pointer); an array's is its elements'."""
+    if issubclass(t, ctypes.Array):
+        return ctypes_kind(t._type_)
+    if issubclass(t, ctypes._SimpleCData) and t._type_ not in "PzZ":
+        return "f" if t._type_ in "fdg" else "i"
+    return "p"   # c_void_p, c_char_p, POINTER(...), CFUNCTYPE(...)
 
 
 class Base(unittest.TestCase):
@@ -125,7 +135,8 @@ class Library(unittest.TestCase):
     def test_struct_layouts_match_the_header(self):
         """Every struct of moas.h, as the C compiler lays it out (abi/layout.c, whose list
         test_api_doc.py checks against the header), has the same fields in the same
-        order, offsets and sizes in the ctypes declaration."""
+        order, offsets, sizes and kinds in the ctypes declaration (a c_int32 where the
+        header has a float has the float's offset and size)."""
         layout = c_struct_layouts()
         classes = {"moas_allocator": moas.Allocator, "moas_model_params": moas.ModelParams,
                    "moas_tensor_info": moas.TensorInfoC,
@@ -138,11 +149,12 @@ class Library(unittest.TestCase):
         for name, cls in classes.items():
             size, align, c_fields = layout[name]
             self.assertEqual((ctypes.sizeof(cls), ctypes.alignment(cls)), (size, align), name)
-            self.assertEqual([f[0] for f in cls._fields_], [f for f, _, _ in c_fields], name)
-            for field, offset, field_size in c_fields:
+            self.assertEqual([f[0] for f in cls._fields_], [f[0] for f in c_fields], name)
+            types = dict(cls._fields_)
+            for field, offset, field_size, kind in c_fields:
                 got = getattr(cls, field)
-                self.assertEqual((got.offset, got.size), (offset, field_size),
-                                 "%s.%s" % (name, field))
+                self.assertEqual((got.offset, got.size, ctypes_kind(types[field])),
+                                 (offset, field_size, kind), "%s.%s" % (name, field))
 
     def test_status_table_matches_header(self):
         header = read_text(HEADER)

@@ -1,18 +1,63 @@
 //! Every struct of moas-sys has the layout of include/moas.h's, as the system's C
 //! compiler lays it out: abi/layout.c, built with `$CC` (else `cc`) at test time, prints
-//! each struct's size and alignment and each field's offset and size, in the header's
-//! order (tests/python/test_binding.py checks that list against the header itself). A
-//! field missing here does not compile, and one of another type, in another place or
-//! a struct with one more all fail.
+//! each struct's size and alignment and each field's offset, size and kind (float,
+//! integer, pointer), in the header's order (tests/python/test_binding.py checks that
+//! list against the header itself). A field missing here does not compile, and one of
+//! another type (an i32 for a float too), in another place or a struct with one more all
+//! fail.
 use std::mem::{align_of, size_of, MaybeUninit};
 use std::path::Path;
 use std::process::Command;
 
-/// (name, size, alignment, [(field, offset, size)]) of one struct.
-type Layout = (String, usize, usize, Vec<(String, usize, usize)>);
+/// (field, offset, size, kind) of one field.
+type Field = (String, usize, usize, &'static str);
+/// (name, size, alignment, fields) of one struct.
+type Layout = (String, usize, usize, Vec<Field>);
+
+/// abi/layout.c's kind of a field's type: "f" floating point, "i" integer, "p" pointer
+/// (a function pointer too); an array's is its elements'. Same-sized types of two kinds
+/// (f32 and i32, a pointer and a u64) lay out alike: only this tells them apart.
+trait Kind {
+    const KIND: &'static str;
+}
+
+macro_rules! kind {
+    ($k:literal: $($t:ty),*) => { $(impl Kind for $t { const KIND: &'static str = $k; })* };
+}
+kind!("f": f32, f64);
+kind!("i": i8, u8, i16, u16, i32, u32, i64, u64, isize, usize);
+impl<T> Kind for *const T {
+    const KIND: &'static str = "p";
+}
+impl<T> Kind for *mut T {
+    const KIND: &'static str = "p";
+}
+impl<T: Kind, const N: usize> Kind for [T; N] {
+    const KIND: &'static str = T::KIND;
+}
+macro_rules! fn_kind {
+    ($($a:ident),*) => {
+        impl<R, $($a),*> Kind for Option<unsafe extern "C" fn($($a),*) -> R> {
+            const KIND: &'static str = "p";
+        }
+    };
+}
+fn_kind!();
+fn_kind!(A);
+fn_kind!(A, B);
+fn_kind!(A, B, C);
+fn_kind!(A, B, C, D);
+fn_kind!(A, B, C, D, E);
+fn_kind!(A, B, C, D, E, F);
+fn_kind!(A, B, C, D, E, F, G);
+fn_kind!(A, B, C, D, E, F, G, H);
 
 fn size_of_target<T, F>(_: fn(&T) -> &F) -> usize {
     size_of::<F>()
+}
+
+fn kind_of_target<T, F: Kind>(_: fn(&T) -> &F) -> &'static str {
+    F::KIND
 }
 
 /// A moas-sys struct's layout, its fields listed in the header's order (a Rust field
@@ -26,6 +71,7 @@ macro_rules! layout {
             // SAFETY: addr_of! forms the field's address without reading it.
             unsafe { std::ptr::addr_of!((*base).$f) as usize - base as usize },
             size_of_target(|s: &moas_sys::$t| &s.$f),
+            kind_of_target(|s: &moas_sys::$t| &s.$f),
         )),*];
         (stringify!($t).to_string(), size_of::<moas_sys::$t>(), align_of::<moas_sys::$t>(), fields)
     }};
@@ -148,11 +194,19 @@ fn c_layouts() -> Vec<Layout> {
         let number = |i: usize| -> usize { words[i].parse().unwrap() };
         match words[0] {
             "struct" => layouts.push((words[1].to_string(), number(2), number(3), Vec::new())),
-            _ => layouts
-                .last_mut()
-                .expect("a field after its struct")
-                .3
-                .push((words[1].to_string(), number(2), number(3))),
+            _ => {
+                let kind = match words[4] {
+                    "f" => "f",
+                    "i" => "i",
+                    "p" => "p",
+                    other => panic!("abi/layout.c: a kind {other}"),
+                };
+                layouts
+                    .last_mut()
+                    .expect("a field after its struct")
+                    .3
+                    .push((words[1].to_string(), number(2), number(3), kind))
+            }
         }
     }
     layouts
@@ -167,7 +221,7 @@ fn structs_have_the_headers_layout() {
     for (r, c) in rust.iter().zip(&c) {
         assert_eq!(
             r, c,
-            "{}: (name, size, alignment, [(field, offset, size)])",
+            "{}: (name, size, alignment, [(field, offset, size, kind)])",
             c.0
         );
     }
