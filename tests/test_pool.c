@@ -1199,18 +1199,18 @@ TEST(state_of_version_2_still_loads) {
     return older_state_still_loads("tiny-modern-pooled-nobias-routed.state-v2", 2);
 }
 
-/* A copy of a model image with float `index` of tensor `name` raised by 0.5. */
+/* A copy of a model image with the last float of tensor `name` raised by 0.5 (the
+ * last: a fingerprint that hashed the vector short would miss it). */
 static uint8_t *image_with_one_value_changed(const uint8_t *image, size_t size,
-                                             const moas_model *m, const char *name,
-                                             int64_t index) {
+                                             const moas_model *m, const char *name) {
     int64_t t;
     moas_tensor_info info;
     info.size = sizeof info;
     if (moas_model_tensor_find(m, name, &t) != MOAS_OK || moas_model_tensor(m, t, &info) ||
-        info.type != MOAS_TYPE_F32 || (uint64_t)(index + 1) * 4 > info.n_bytes ||
-        info.offset + info.n_bytes > size) {
+        info.type != MOAS_TYPE_F32 || info.n_bytes < 4 || info.offset + info.n_bytes > size) {
         return NULL;
     }
+    const uint64_t index = info.n_bytes / 4 - 1;
     uint8_t *copy = malloc(size);
     if (copy != NULL) {
         float v;
@@ -1226,9 +1226,12 @@ static uint8_t *image_with_one_value_changed(const uint8_t *image, size_t size,
  * bias or one bias of one matrix (which the second fingerprint left out) is refused, and
  * the context keeps what it had; the model's own state still loads. */
 TEST(state_refuses_a_model_differing_only_in_a_norm_or_a_bias) {
-    static const char *const changed[] = {"output_norm.weight", "output_norm.bias",
-                                          "blk.1.attn_norm.bias", "blk.0.ffn_down.bias",
-                                          "blk.1.attn_v.2.bias", "blk.0.attn_router_up.bias"};
+    static const char *const changed[] = {
+        "output_norm.weight",   "output_norm.bias",     "blk.1.attn_norm.bias",
+        "blk.0.ffn_norm.bias",  "blk.0.ffn_up.bias",    "blk.0.ffn_down.bias",
+        "blk.1.attn_q.0.bias",  "blk.0.attn_k.1.bias",  "blk.1.attn_v.2.bias",
+        "blk.0.attn_output.2.bias", "blk.0.attn_router_up.bias",
+        "blk.1.attn_router_down.bias"};
     tiny_model_config cfg;
     tiny_model_config_default(&cfg);
     size_t size;
@@ -1247,7 +1250,7 @@ TEST(state_refuses_a_model_differing_only_in_a_norm_or_a_bias) {
     ASSERT_TRUE(buf != NULL);
     ASSERT_OK(moas_context_state_save(src, buf, n, &written));
     for (size_t i = 0; i < sizeof changed / sizeof changed[0]; i++) {
-        uint8_t *image2 = image_with_one_value_changed(image, size, m, changed[i], 1);
+        uint8_t *image2 = image_with_one_value_changed(image, size, m, changed[i]);
         moas_model *m2;
         ASSERT_TRUE(image2 != NULL);
         ASSERT_OK(moas_model_load_memory(image2, size, NULL, &m2));

@@ -12,6 +12,7 @@ import gc
 import math
 import os
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -61,9 +62,10 @@ def c_struct_layouts():
     with the system's C compiler ($CC, else cc) against this tree's moas.h."""
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "layout")
-        subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-I",
-                        os.path.join(ROOT, "include"), os.path.join(ROOT, "abi", "layout.c"),
-                        "-o", exe], check=True)
+        # $CC may be a command with words of its own ("ccache gcc", "gcc -m64")
+        cc = shlex.split(os.environ.get("CC", "cc"))
+        subprocess.run(cc + ["-std=c11", "-I", os.path.join(ROOT, "include"),
+                             os.path.join(ROOT, "abi", "layout.c"), "-o", exe], check=True)
         out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     layouts, current = {}, None
     for line in out.splitlines():

@@ -174,8 +174,12 @@ fn rust_layouts() -> Vec<Layout> {
 fn c_layouts() -> Vec<Layout> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../..");
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("moas-layout");
+    // $CC may be a command with words of its own ("ccache gcc", "gcc -m64")
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let built = Command::new(&cc)
+    let words: Vec<&str> = cc.split_whitespace().collect();
+    let (program, cc_args) = words.split_first().expect("CC is empty");
+    let built = Command::new(program)
+        .args(cc_args)
         .args(["-std=c11", "-I"])
         .arg(root.join("include"))
         .arg(root.join("abi/layout.c"))
