@@ -560,13 +560,14 @@ static uint64_t fnv_bias(uint64_t h, const float *b, const moas_weight *w) {
 }
 
 /* The model's fingerprint (enough to tell checkpoints apart without reading
- * gigabytes), as saved states carry it. Version 1: its shape, vocabulary, the first row of the token and
- * position tables, the output matrix and each layer's MLP matrices, and each layer's
- * attention norm weights. Version 2 adds what version 1 let two models share: the
- * block options (RoPE and its base, RMSNorm, SwiGLU, the norm's epsilon) and the first
- * row of every other matrix (attention, router, SwiGLU's gate) with the MLP norm.
- * Version 3 adds the rest of the vectors, whole: the final norm, every norm's bias and
- * every bias (a fine-tune of biases or norms alone changes no matrix). */
+ * gigabytes), as saved states carry it. Version 1: its shape, vocabulary, the first
+ * row of the token and position tables, the output matrix and each layer's MLP
+ * matrices, and each layer's attention norm weights. Version 2 adds what version 1 let
+ * two models share: the block options (RoPE and its base, RMSNorm, SwiGLU, the norm's
+ * epsilon) and the first row of every other matrix (attention, router, SwiGLU's gate)
+ * with the MLP norm. Version 3 adds the rest of the vectors, whole: the final norm,
+ * every norm's bias and every bias (a fine-tune of biases or norms alone changes no
+ * matrix). */
 uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version) {
     const int32_t shape[] = {m->n_layer, m->n_embd, m->n_head, m->n_ff, m->n_vocab,
                              m->n_ctx_train, m->n_scheme, m->n_router, (int32_t)m->mixing,
