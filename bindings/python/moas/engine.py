@@ -246,6 +246,7 @@ class Engine:
         self.peak_bytes_held = 0
         self.peak_active = 0
         self._n_closed = 0                       # contexts closed: pages given back
+        self._close_on_exit = False              # close() came on the engine thread
         self._thread = threading.Thread(target=self._run, name="moas-engine", daemon=True)
         self._thread.start()
 
@@ -318,7 +319,17 @@ class Engine:
         with self._lock:
             self._stop = True
             self._lock.notify()
+        if threading.current_thread() is self._thread:
+            # a collection on the engine thread finalizing what owns the engine (an
+            # abandoned generate_batch_iter in a reference cycle): it cannot join
+            # itself and may be mid-step, so the loop gives everything back as it stops
+            self._close_on_exit = True
+            return
         self._thread.join()
+        self._release()
+
+    def _release(self):
+        """close() once the loop has stopped."""
         with self._lock:
             open_requests = (list(self._requests.values()) + list(self._waiting)
                              + list(self._incoming))
@@ -346,7 +357,7 @@ class Engine:
         while True:
             with self._lock:
                 if self._stop:
-                    return
+                    break
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
                 clears, self._clears = self._clears, []
@@ -374,6 +385,8 @@ class Engine:
                     self._fail(seq.req, 500, "internal error: %s" % e, "internal_error")
                 self._reap()
             self._deliver()
+        if self._close_on_exit:
+            self._release()
 
     COLLECT_EVERY = 1.0   # seconds at least between two collections when going idle
 

@@ -1,13 +1,17 @@
 """Model.generate_batch: many prompts through one KV pool and batched decode, each
 result equal to Model.generate alone (the invariant the library holds bit for bit),
 and every bad input refused before anything runs. Run by `make pytest`."""
+import gc
 import os
+import sys
 import threading
+import time
 
 import pytest
 
 from conftest import ROOT
 import moas
+import moas.engine
 
 MODEL = os.path.join(ROOT, "tests", "data", "tiny-pooled-bias.gguf")        # 64 context
 MODERN = os.path.join(ROOT, "tests", "data", "tiny-modern-pooled-nobias.gguf")   # RoPE, 64
@@ -531,3 +535,50 @@ def test_generate_batch_iter_raises_where_a_failing_prompt_ends(model, monkeypat
     assert e.value.status == moas.Status.ERR_NO_MEMORY
     assert e.value.message.startswith("prompt 1: no memory, on purpose")
     assert threading.active_count() == threads
+
+
+def test_generate_batch_iter_collected_on_the_engine_thread_gives_everything_back(
+        model, monkeypatch):
+    # an iterator left in a reference cycle is finalised by whichever thread collects
+    # it, here the engine's own as it goes idle: its close cannot join that thread
+    pools, unraisable = [], []
+
+    class RecordedPool(moas.Pool):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            pools.append(self)
+    monkeypatch.setattr(moas.engine, "Pool", RecordedPool)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    # the engine kept busy (its collection comes as it goes idle) until the iterator
+    # is garbage: prompt 1, admitted once prompt 0 is done, samples only then
+    real_init, real_sample = moas.Sampler.__init__, moas.Sampler.sample
+    dropped = threading.Event()
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.held = kw.get("seed") == 99
+
+    def sample(self, logits):
+        if getattr(self, "held", False):
+            dropped.wait(10)
+        return real_sample(self, logits)
+    monkeypatch.setattr(moas.Sampler, "__init__", init)
+    monkeypatch.setattr(moas.Sampler, "sample", sample)
+    threads = threading.active_count()
+    gc.disable()   # no collection on this thread: the engine's comes first
+    try:
+        results = model.generate_batch_iter(["And", "God"], 5, max_sequences=1,
+                                            per_prompt=[{"max_tokens": 1}, {"seed": 99}])
+        assert next(results)[0] == 0
+        cycle = [results]
+        cycle.append(cycle)
+        del cycle, results
+        dropped.set()
+        deadline = time.monotonic() + 10
+        while threading.active_count() != threads and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        gc.enable()
+    assert [u.exc_value for u in unraisable] == []
+    assert threading.active_count() == threads
+    assert [pool.closed for pool in pools] == [True]
