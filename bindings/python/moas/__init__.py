@@ -1253,9 +1253,11 @@ class Model(_Handle):
         """generate_batch's results as they come: an iterator of (index, Completion),
         one per prompt, in the order the prompts end (a short prompt's result while the
         long ones still run). The same keyword arguments but on_result; the same
-        results, bit for bit. Bad arguments and prompts the tokenizer refuses raise
-        here, before anything runs; a prompt too long for the context or too large for
-        the pool, when the iteration begins; a prompt that fails while running raises
+        results, bit for bit. Bad sampling arguments and prompts empty or refused by
+        the tokenizer raise here, before anything runs; the engine's (mode, n_ctx,
+        kv_type, pool_bytes, page_heads, n_threads, forced_scheme, context_shift) and a
+        prompt too long for the context or too large for the pool, when the iteration
+        begins; a prompt that fails while running raises
         its MoasError (naming it) where its result would have come. The decode runs on
         a thread of its own from the first next(); leaving the loop early (break,
         close(), an exception, the iterator collected) stops it and gives back every

@@ -498,6 +498,9 @@ def test_generate_batch_iter_checks_before_anything_runs_and_stops_when_left(mod
         model.generate_batch_iter(["And"], 10, temperature=-1)
     with pytest.raises(TypeError, match="no on_result"):
         model.generate_batch_iter(["And"], 10, on_result=print)
+    late = model.generate_batch_iter(["And"], 10, kv_type="f8")   # the engine's: at next()
+    with pytest.raises(moas.MoasValueError, match="f8"):
+        next(late)
     results = model.generate_batch_iter(PROMPTS * 4, 30, max_sequences=2)
     assert threading.active_count() == threads   # nothing runs before the first next()
     for _ in results:   # left after the first: closed, every page and thread given back
