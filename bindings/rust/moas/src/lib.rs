@@ -1419,7 +1419,8 @@ pub struct PoolStats {
 }
 
 /// moas_pool_params, the fields a Rust caller sets. Default: the C defaults (a
-/// capacity must still be given).
+/// capacity must still be given). Build it with `..Default::default()`: fields are
+/// added as the C struct grows (`kernels` was).
 #[derive(Clone, Debug)]
 pub struct PoolParams {
     pub capacity_bytes: u64,
