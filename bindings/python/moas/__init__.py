@@ -1259,9 +1259,10 @@ class Model(_Handle):
         prompt too long for the context or too large for the pool, when the iteration
         begins; a prompt that fails while running raises
         its MoasError (naming it) where its result would have come. The decode runs on
-        a thread of its own from the first next(); leaving the loop early (break,
-        close(), an exception, the iterator collected) stops it and gives back every
-        page and thread."""
+        a thread of its own from the first next(); leaving the loop early (break or an
+        exception when nothing else holds the iterator, close(), the iterator
+        collected) stops it and gives back every page and thread; one kept in a
+        variable decodes on until closed or dropped."""
         from .engine import generate_batch
         if "on_result" in params:
             raise TypeError("generate_batch_iter takes no on_result: its results are "

@@ -505,6 +505,7 @@ def test_generate_batch_iter_checks_before_anything_runs_and_stops_when_left(mod
     assert threading.active_count() == threads   # nothing runs before the first next()
     for _ in results:   # left after the first: closed, every page and thread given back
         break
+    assert threading.active_count() == threads + 1   # still held: it runs until closed
     results.close()
     assert threading.active_count() == threads
     for _ in model.generate_batch_iter(PROMPTS * 4, 30, max_sequences=2):
