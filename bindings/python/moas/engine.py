@@ -1124,13 +1124,15 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
         return _first_error_raised(_run_batch(model, prompts, ids, choices, engine_args))
     completions = [None] * len(prompts)
     errors = []
-    for k, result, error in _run_batch(model, prompts, ids, choices, engine_args):
-        if error is not None:
-            errors.append((k, error))
-            continue
-        completions[k] = result
-        if on_result is not None:
-            on_result(k, result)
+    # closed at once when on_result raises, not whenever the interpreter frees it
+    with contextlib.closing(_run_batch(model, prompts, ids, choices, engine_args)) as run:
+        for k, result, error in run:
+            if error is not None:
+                errors.append((k, error))
+                continue
+            completions[k] = result
+            if on_result is not None:
+                on_result(k, result)
     if errors:
         raise _prompt_error(*min(errors))
     return completions
