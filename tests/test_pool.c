@@ -1131,8 +1131,8 @@ TEST(state_refuses_a_model_differing_only_in_its_block_options) {
     return TEST_PASS;
 }
 
-/* Decode `text` into a routed context of `m` with the reference kernels (whose bits
- * every machine reproduces), as the saved states of tests/data were written. */
+/* A routed context of `m` on the reference kernels (whose bits every machine
+ * reproduces), as the saved states of tests/data were written from. */
 static moas_context *ref_routed_ctx(moas_model *m) {
     moas_context_params cp;
     moas_context_params_init(&cp);
@@ -1173,8 +1173,7 @@ static int older_state_still_loads(const char *file, uint32_t version) {
     ASSERT_OK(moas_context_decode(loaded, next, NULL));
     ASSERT_OK(moas_context_decode(again, next, NULL));
     ASSERT_TRUE(memcmp(moas_context_logits(loaded), moas_context_logits(again), V * 4) == 0);
-    /* saved again, it is the current version, its bytes otherwise those of the old
-     * header's size and layout */
+    /* saved again, it is the current version */
     const size_t n2 = moas_context_state_size(loaded);
     uint8_t *buf2 = malloc(n2);
     size_t written;
