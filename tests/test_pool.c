@@ -1174,11 +1174,9 @@ static int older_state_still_loads(const char *file, uint32_t version) {
     ASSERT_OK(moas_context_decode(again, next, NULL));
     ASSERT_TRUE(memcmp(moas_context_logits(loaded), moas_context_logits(again), V * 4) == 0);
     /* saved again, it is the current version */
-    const size_t n2 = moas_context_state_size(loaded);
-    uint8_t *buf2 = malloc(n2);
-    size_t written;
+    size_t n2;
+    uint8_t *buf2 = saved_state(loaded, &n2);
     ASSERT_TRUE(buf2 != NULL);
-    ASSERT_OK(moas_context_state_save(loaded, buf2, n2, &written));
     memcpy(&saved_version, buf2 + 8, 4);
     ASSERT_EQ(saved_version, 3u);
     free(buf2);
@@ -1243,11 +1241,9 @@ TEST(state_refuses_a_model_differing_only_in_a_norm_or_a_bias) {
     moas_context *src = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
     ASSERT_TRUE(src != NULL);
     ASSERT_OK(moas_context_decode_batch(src, tokens, 10, NULL, MOAS_LOGITS_LAST));
-    const size_t n = moas_context_state_size(src);
-    uint8_t *buf = malloc(n);
-    size_t written;
+    size_t n;
+    uint8_t *buf = saved_state(src, &n);
     ASSERT_TRUE(buf != NULL);
-    ASSERT_OK(moas_context_state_save(src, buf, n, &written));
     for (size_t i = 0; i < sizeof changed / sizeof changed[0]; i++) {
         uint8_t *image2 = image_with_one_value_changed(image, size, m, changed[i]);
         moas_model *m2;
