@@ -634,6 +634,18 @@ uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version) {
     return h;
 }
 
+uint64_t moas__model_fingerprint_current(const moas_model *m) {
+    /* the model is shared read-only; this one field is a cache, filled with the same
+     * value by whichever thread comes first */
+    _Atomic uint64_t *cache = &((moas_model *)m)->fingerprint;
+    uint64_t print = atomic_load_explicit(cache, memory_order_relaxed);
+    if (print == 0) {   /* a fingerprint that is 0 is only hashed every time */
+        print = moas__model_fingerprint(m, MOAS_FINGERPRINT_VERSION);
+        atomic_store_explicit(cache, print, memory_order_relaxed);
+    }
+    return print;
+}
+
 static moas_status build(moas_model *m) {
     const moas_gguf_tensor *out;
 
@@ -671,9 +683,6 @@ static moas_status build(moas_model *m) {
     for (uint64_t i = 0; i < m->gguf->n_tensors; i++) {
         m->n_params += m->gguf->tensors[i].n_elements;
     }
-    /* once: every saved state carries it, and hashing a large model's vectors took
-     * longer than copying a short state */
-    m->fingerprint = moas__model_fingerprint(m, MOAS_FINGERPRINT_VERSION);
     return MOAS_OK;
 }
 
