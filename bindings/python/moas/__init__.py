@@ -1257,12 +1257,12 @@ class Model(_Handle):
         the tokenizer raise here, before anything runs; the engine's (mode, n_ctx,
         kv_type, pool_bytes, page_heads, n_threads, forced_scheme, context_shift) and a
         prompt too long for the context or too large for the pool, when the iteration
-        begins; a prompt that fails while running raises
-        its MoasError (naming it) where its result would have come. The decode runs on
-        a thread of its own from the first next(); leaving the loop early (break or an
-        exception when nothing else holds the iterator, close(), the iterator
-        collected) stops it and gives back every page and thread; one kept in a
-        variable decodes on until closed or dropped."""
+        begins; a prompt that fails while running raises its MoasError (naming it)
+        where its result would have come. The decode runs on a thread of its own from
+        the first next(); leaving the loop early (break or an exception when nothing
+        else holds the iterator, close(), the iterator collected) stops it and gives
+        back every page and thread; one kept in a variable decodes on until closed or
+        dropped."""
         from .engine import generate_batch
         if "on_result" in params:
             raise TypeError("generate_batch_iter takes no on_result: its results are "
