@@ -1090,6 +1090,35 @@ TEST(state_load_edges_length_version_and_exact_buffers) {
     return TEST_PASS;
 }
 
+/* The saved state of a context of `m` in `mode` that decoded 10 tokens (seq_tokens with
+ * `seed`, left in tokens[10]), or NULL. */
+static uint8_t *state_of_ten_tokens(moas_model *m, moas_mode mode, uint32_t seed,
+                                    int32_t *tokens, size_t *n) {
+    seq_tokens(tokens, 10, moas_model_n_vocab(m), seed);
+    moas_context *src = make_ctx(m, NULL, mode, MOAS_TYPE_F32, 1);
+    uint8_t *state = NULL;
+    if (src != NULL &&
+        moas_context_decode_batch(src, tokens, 10, NULL, MOAS_LOGITS_LAST) == MOAS_OK) {
+        state = saved_state(src, n);
+    }
+    moas_context_free(src);
+    return state;
+}
+
+/* A context of `other` holding the first 3 of `tokens` refuses `state` (saved from another
+ * model) as another model's, and still holds its 3 tokens. */
+static int refused_as_another_models(moas_model *other, moas_mode mode, const int32_t *tokens,
+                                     const uint8_t *state, size_t n) {
+    moas_context *dst = make_ctx(other, NULL, mode, MOAS_TYPE_F32, 1);
+    ASSERT_TRUE(dst != NULL);
+    ASSERT_OK(moas_context_decode_batch(dst, tokens, 3, NULL, MOAS_LOGITS_LAST));
+    ASSERT_STATUS(moas_context_state_load(dst, state, n), MOAS_ERR_CORRUPT);
+    ASSERT_TRUE(strstr(moas_last_error(), "another model") != NULL);
+    ASSERT_EQ(moas_context_n_past(dst), 3);
+    moas_context_free(dst);
+    return TEST_PASS;
+}
+
 /* A state from a model that differs from the context's in its norm's epsilon alone (the
  * same shape, seed and weights: the first fingerprint could not tell them apart) is
  * refused, and the context keeps what it had. */
@@ -1107,23 +1136,11 @@ TEST(state_refuses_a_model_differing_only_in_its_block_options) {
     ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
     ASSERT_OK(moas_model_load_memory(image2, size2, NULL, &m2));
     int32_t tokens[10];
-    seq_tokens(tokens, 10, moas_model_n_vocab(m), 5);
-    moas_context *src = make_ctx(m, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
-    moas_context *dst = make_ctx(m2, NULL, MOAS_MODE_MIXTURE, MOAS_TYPE_F32, 1);
-    ASSERT_TRUE(src && dst);
-    ASSERT_OK(moas_context_decode_batch(src, tokens, 10, NULL, MOAS_LOGITS_LAST));
-    ASSERT_OK(moas_context_decode_batch(dst, tokens, 3, NULL, MOAS_LOGITS_LAST));
-    const size_t n = moas_context_state_size(src);
-    uint8_t *buf = malloc(n);
-    size_t written;
+    size_t n;
+    uint8_t *buf = state_of_ten_tokens(m, MOAS_MODE_MIXTURE, 5, tokens, &n);
     ASSERT_TRUE(buf != NULL);
-    ASSERT_OK(moas_context_state_save(src, buf, n, &written));
-    ASSERT_STATUS(moas_context_state_load(dst, buf, n), MOAS_ERR_CORRUPT);
-    ASSERT_TRUE(strstr(moas_last_error(), "another model") != NULL);
-    ASSERT_EQ(moas_context_n_past(dst), 3);
+    ASSERT_EQ(refused_as_another_models(m2, MOAS_MODE_MIXTURE, tokens, buf, n), TEST_PASS);
     free(buf);
-    moas_context_free(src);
-    moas_context_free(dst);
     moas_model_free(m);
     moas_model_free(m2);
     free(image);
@@ -1237,25 +1254,15 @@ TEST(state_refuses_a_model_differing_only_in_a_norm_or_a_bias) {
     ASSERT_TRUE(image != NULL);
     ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
     int32_t tokens[10];
-    seq_tokens(tokens, 10, moas_model_n_vocab(m), 6);
-    moas_context *src = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
-    ASSERT_TRUE(src != NULL);
-    ASSERT_OK(moas_context_decode_batch(src, tokens, 10, NULL, MOAS_LOGITS_LAST));
     size_t n;
-    uint8_t *buf = saved_state(src, &n);
+    uint8_t *buf = state_of_ten_tokens(m, MOAS_MODE_ROUTED, 6, tokens, &n);
     ASSERT_TRUE(buf != NULL);
     for (size_t i = 0; i < sizeof changed / sizeof changed[0]; i++) {
         uint8_t *image2 = image_with_one_value_changed(image, size, m, changed[i]);
         moas_model *m2;
         ASSERT_TRUE(image2 != NULL);
         ASSERT_OK(moas_model_load_memory(image2, size, NULL, &m2));
-        moas_context *dst = make_ctx(m2, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
-        ASSERT_TRUE(dst != NULL);
-        ASSERT_OK(moas_context_decode_batch(dst, tokens, 3, NULL, MOAS_LOGITS_LAST));
-        ASSERT_STATUS(moas_context_state_load(dst, buf, n), MOAS_ERR_CORRUPT);
-        ASSERT_TRUE(strstr(moas_last_error(), "another model") != NULL);
-        ASSERT_EQ(moas_context_n_past(dst), 3);
-        moas_context_free(dst);
+        ASSERT_EQ(refused_as_another_models(m2, MOAS_MODE_ROUTED, tokens, buf, n), TEST_PASS);
         moas_model_free(m2);
         free(image2);
     }
@@ -1264,7 +1271,6 @@ TEST(state_refuses_a_model_differing_only_in_a_norm_or_a_bias) {
     ASSERT_OK(moas_context_state_load(same, buf, n));
     ASSERT_EQ(moas_context_n_past(same), 10);
     moas_context_free(same);
-    moas_context_free(src);
     moas_model_free(m);
     free(buf);
     free(image);
@@ -3190,14 +3196,21 @@ TEST(context_shift_equals_decoding_the_shifted_text) {
     return TEST_PASS;
 }
 
-/* The image of the shift tests' model: tiny, 32 wide, RoPE, a context of 64. */
-static uint8_t *rope_model_image(size_t *size) {
+/* The shift tests' model, loaded from *image (the caller frees both): tiny, 32 wide,
+ * RoPE, a context of 64; NULL on failure. */
+static moas_model *rope_model(uint8_t **image) {
     tiny_model_config cfg;
     tiny_model_config_default(&cfg);
     cfg.n_ctx_train = 64;
     cfg.n_embd = 32;
     cfg.rope = true;
-    return tiny_model_image(&cfg, 77, size);
+    size_t size;
+    moas_model *m = NULL;
+    *image = tiny_model_image(&cfg, 77, &size);
+    if (*image != NULL && moas_model_load_memory(*image, size, NULL, &m) != MOAS_OK) {
+        m = NULL;
+    }
+    return m;
 }
 
 /* A shift may discard every token after n_keep (n_keep + n_discard = n_past): nothing
@@ -3207,11 +3220,9 @@ static uint8_t *rope_model_image(size_t *size) {
 TEST(context_shift_may_discard_every_token_after_n_keep) {
     enum { N = 8, KEEP = 3 };
     int32_t tokens[N + 1];
-    size_t size;
-    uint8_t *image = rope_model_image(&size);
-    moas_model *m;
-    ASSERT_TRUE(image != NULL);
-    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    uint8_t *image;
+    moas_model *m = rope_model(&image);
+    ASSERT_TRUE(m != NULL);
     const int32_t V = moas_model_n_vocab(m);
     seq_tokens(tokens, N + 1, V, 91);
     moas_context *a = make_ctx(m, NULL, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
@@ -3245,11 +3256,9 @@ TEST(context_shift_may_discard_every_token_after_n_keep) {
 TEST(context_shift_dropping_the_last_token_drops_its_logits) {
     enum { N = 8, KEEP = 3 };
     int32_t tokens[N];
-    size_t size;
-    uint8_t *image = rope_model_image(&size);
-    moas_model *m;
-    ASSERT_TRUE(image != NULL);
-    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    uint8_t *image;
+    moas_model *m = rope_model(&image);
+    ASSERT_TRUE(m != NULL);
     const int32_t V = moas_model_n_vocab(m);
     seq_tokens(tokens, N, V, 91);
     for (int mode = 0; mode < 2; mode++) {
