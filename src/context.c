@@ -1605,7 +1605,7 @@ moas_status moas_context_state_save(const moas_context *ctx, void *buf, size_t s
     }
     const moas_model *m = ctx->model;
     const moas_pool *pool = ctx->pool;
-    const uint64_t print = moas__model_fingerprint_current(m);
+    const uint64_t print = moas__model_fingerprint(m, STATE_VERSION);
     const uint32_t header[STATE_HEADER_WORDS] = {
         [SH_MAGIC0] = STATE_MAGIC0, [SH_MAGIC1] = STATE_MAGIC1, [SH_VERSION] = STATE_VERSION,
         [SH_PRINT_LO] = (uint32_t)print, [SH_PRINT_HI] = (uint32_t)(print >> 32),
@@ -1664,9 +1664,7 @@ static moas_status state_check(const moas_context *ctx, const uint8_t *buf, size
                    "%s: state version %u; this library reads versions 1 to %u", what,
                    h[SH_VERSION], STATE_VERSION);
     const uint64_t print = (uint64_t)h[SH_PRINT_LO] | (uint64_t)h[SH_PRINT_HI] << 32;
-    MOAS_RETURN_IF(print != (h[SH_VERSION] == STATE_VERSION
-                                 ? moas__model_fingerprint_current(m)
-                                 : moas__model_fingerprint(m, h[SH_VERSION])) ||
+    MOAS_RETURN_IF(print != moas__model_fingerprint(m, h[SH_VERSION]) ||
                    h[SH_N_LAYER] != (uint32_t)m->n_layer || h[SH_N_SCHEME] != (uint32_t)m->n_scheme ||
                    h[SH_HEAD_DIM] != (uint32_t)m->head_dim || h[SH_N_VOCAB] != (uint32_t)m->n_vocab,
                    MOAS_ERR_CORRUPT, "%s: the state was saved from another model", what);

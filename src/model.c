@@ -568,7 +568,7 @@ static uint64_t fnv_bias(uint64_t h, const float *b, const moas_weight *w) {
  * with the MLP norm. Version 3 adds the rest of the vectors, whole: the final norm,
  * every norm's bias and every bias (a fine-tune of biases or norms alone changes no
  * matrix). */
-uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version) {
+static uint64_t fingerprint_hash(const moas_model *m, uint32_t version) {
     const int32_t shape[] = {m->n_layer, m->n_embd, m->n_head, m->n_ff, m->n_vocab,
                              m->n_ctx_train, m->n_scheme, m->n_router, (int32_t)m->mixing,
                              (int32_t)m->kv_sharing, m->bias ? 1 : 0};
@@ -634,13 +634,16 @@ uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version) {
     return h;
 }
 
-uint64_t moas__model_fingerprint_current(const moas_model *m) {
+uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version) {
+    if (version != MOAS_FINGERPRINT_VERSION) {   /* an older state's: hashed each time */
+        return fingerprint_hash(m, version);
+    }
     /* the model is shared read-only; this one field is a cache, filled with the same
      * value by whichever thread comes first */
     _Atomic uint64_t *cache = &((moas_model *)m)->fingerprint;
     uint64_t print = atomic_load_explicit(cache, memory_order_relaxed);
     if (print == 0) {   /* a fingerprint that is 0 is only hashed every time */
-        print = moas__model_fingerprint(m, MOAS_FINGERPRINT_VERSION);
+        print = fingerprint_hash(m, version);
         atomic_store_explicit(cache, print, memory_order_relaxed);
     }
     return print;

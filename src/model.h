@@ -107,14 +107,12 @@ void moas__rope_angles(const moas_model *m, int32_t pos, int32_t i0, int32_t i1,
 #define MOAS_FINGERPRINT_VERSION 3
 
 /* The model's fingerprint of `version` (1 to MOAS_FINGERPRINT_VERSION), as saved states
- * of that version carry it (docs/FORMAT.md, "Saved state"). */
+ * of that version carry it (docs/FORMAT.md, "Saved state"). The current version's is
+ * hashed by the first call and kept: a large model's takes about 1 ms to hash and a few
+ * more to fault in the pages it reads, too much for every state saved or loaded (GPT-2
+ * small: 0.48 ms against 0.002 ms) and for every model loaded, most of which never save
+ * a state. */
 uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version);
-
-/* The fingerprint saved states are written with, hashed by the first call and kept: a
- * large model's takes about 1 ms to hash and a few more to fault in the pages it reads,
- * too much for every state saved or loaded (GPT-2 small: 0.48 ms against 0.002 ms) and
- * for every model loaded, most of which never save a state. */
-uint64_t moas__model_fingerprint_current(const moas_model *m);
 
 /* Decode one UTF-8 character from s[0..len): its code point and byte length, or
  * false for invalid or truncated UTF-8 (overlong forms, surrogates, > U+10FFFF). */
