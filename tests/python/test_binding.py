@@ -63,7 +63,7 @@ def c_struct_layouts():
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "layout")
         # $CC may be a command with words of its own ("ccache gcc", "gcc -m64")
-        cc = shlex.split(os.environ.get("CC", "cc"))
+        cc = shlex.split(os.environ.get("CC", "")) or ["cc"]   # an empty $CC as unset
         subprocess.run(cc + ["-std=c11", "-I", os.path.join(ROOT, "include"),
                              os.path.join(ROOT, "abi", "layout.c"), "-o", exe], check=True)
         out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout

@@ -174,10 +174,14 @@ fn rust_layouts() -> Vec<Layout> {
 fn c_layouts() -> Vec<Layout> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../..");
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("moas-layout");
-    // $CC may be a command with words of its own ("ccache gcc", "gcc -m64")
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    // $CC may be a command with words of its own ("ccache gcc", "gcc -m64"); an empty
+    // one is taken as unset
+    let cc = std::env::var("CC")
+        .ok()
+        .filter(|cc| !cc.trim().is_empty())
+        .unwrap_or_else(|| "cc".to_string());
     let words: Vec<&str> = cc.split_whitespace().collect();
-    let (program, cc_args) = words.split_first().expect("CC is empty");
+    let (program, cc_args) = words.split_first().expect("cc is a word");
     let built = Command::new(program)
         .args(cc_args)
         .args(["-std=c11", "-I"])

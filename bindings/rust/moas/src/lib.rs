@@ -1153,14 +1153,15 @@ impl<'m> Context<'m> {
 }
 
 /// Where the sequence is, e.g.
-/// `Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false,
-/// abort_callback: false }`.
+/// `Context { n_past: 3, n_ctx: 64, mode: Routed, kernels: "avx512",
+/// route_callback: false, abort_callback: false }`.
 impl fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
             .field("n_past", &self.n_past())
             .field("n_ctx", &self.n_ctx())
             .field("mode", &self.mode())
+            .field("kernels", &self.kernels_name())
             .field("route_callback", &self.route.is_some())
             .field("abort_callback", &self.abort.is_some())
             .finish()

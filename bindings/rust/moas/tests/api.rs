@@ -187,9 +187,13 @@ fn debug_shows_what_each_object_is() {
     assert_eq!(ctx.mode(), Mode::Routed);
     assert_eq!(
         format!("{ctx:?}"),
-        "Context { n_past: 3, n_ctx: 64, mode: Routed, route_callback: false, \
-         abort_callback: false }"
+        format!(
+            "Context {{ n_past: 3, n_ctx: 64, mode: Routed, kernels: {:?}, \
+             route_callback: false, abort_callback: false }}",
+            ctx.kernels_name()
+        )
     );
+    assert!(!ctx.kernels_name().is_empty());
     ctx.set_route_callback(|_| None);
     assert!(format!("{ctx:?}").ends_with("route_callback: true, abort_callback: false }"));
     ctx.set_abort_callback(|| false);
