@@ -312,6 +312,13 @@ class Engine:
     def closed(self):
         return self._stop
 
+    @property
+    def failed(self):
+        """Whether the engine thread has ended without close(): killed by a bug that
+        escaped the loop's own handling (its traceback on stderr). Nothing submitted
+        will be answered then."""
+        return not self._thread.is_alive() and not self._stop
+
     def close(self):
         """Stop the engine: every request not yet done gets a 503 error event (the
         server is shutting down) instead of waiting for an answer that will not come,

@@ -38,7 +38,7 @@ except ImportError:   # pragma: no cover - said once, clearly, by main()
     AbstractAccessLogger = object
 
 from . import Model, MoasError, Sampler, Status, version_string
-from .engine import Engine, Request
+from .engine import Engine, Event, Request
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -382,6 +382,11 @@ def parse_completion(body, cfg):
 
 # ---- the application -------------------------------------------------------------------
 
+# the event a waiting request gets once the engine thread has died of a bug (for no
+# prompt in particular: it ends the whole request)
+ENGINE_FAILED = Event("error", (500, "internal error: the engine thread stopped (its "
+                                "traceback is in the server's log)", "internal_error"))
+
 
 class Server:
     def __init__(self, args):
@@ -545,6 +550,9 @@ class Server:
 
     async def health(self, request):
         snap = self.engine.snapshot()
+        if self.engine.failed:   # a server that answers nothing is not healthy
+            raise ApiError(503, "the engine thread stopped (its traceback is in the "
+                           "server's log)", code="engine_failed")
         return web.json_response({"status": "ok", "model": self.model_id,
                                   "sequences_active": snap["active"],
                                   "requests_queued": snap["queued"]})
@@ -967,7 +975,7 @@ class Server:
         before the answer began), or ConnectionResetError once its client has hung
         up: aiohttp (3.8) does not cancel a handler whose connection closed, and a
         request nobody waits for would keep its sequences, or its place in the queue,
-        until it ended."""
+        until it ended. Once the engine thread has died, (None, ENGINE_FAILED)."""
         if early:
             return early.popleft()
         while True:
@@ -976,6 +984,11 @@ class Server:
                 raise ConnectionResetError("the client hung up")
             if not events.empty():
                 return events.get_nowait()
+            if self.engine.failed:
+                await asyncio.sleep(0)   # what it delivered before it ended comes first
+                if events.empty():   # nothing more will come: an error, not a wait forever
+                    return None, ENGINE_FAILED
+                continue
             await events.wait(self.POLL_SECONDS)
 
     @staticmethod

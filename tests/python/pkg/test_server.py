@@ -2222,3 +2222,48 @@ def test_latency_histograms_count_the_completions():
     # vLLM's bounds, in its order
     bounds = [k.split('"')[1] for k in m if k.startswith("moas_time_to_first_token_seconds_b")]
     assert bounds[:3] == ["0.001", "0.005", "0.01"] and bounds[-2:] == ["10.0", "+Inf"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_thread_fails_requests_instead_of_leaving_them_waiting():
+    # The engine thread catches what a step raises; something that escapes it (a bug
+    # in that handling, here a SystemExit standing in) ended the thread in silence, and
+    # every request, the one decoding and each sent after, waited for events that
+    # never came, for as long as its client stayed, while /health said "ok".
+    # generate_batch already notices a dead engine thread; the server now does too.
+    import asyncio
+    from aiohttp.test_utils import TestClient, TestServer
+    from moas import server as moas_server
+
+    async def run():
+        server = moas_server.Server(moas_server.parse_args(
+            ["-m", MODEL, "--pool-mb", "1", "-t", "1"]))
+        client = TestClient(TestServer(server.app(), host="127.0.0.1"))
+        await client.start_server()
+        iteration, calls = server.engine._iteration, []
+
+        def dies_at_its_second_step():
+            calls.append(1)
+            if len(calls) == 2:
+                raise SystemExit   # ends the thread (not an Exception: not caught)
+            iteration()
+        server.engine._iteration = dies_at_its_second_step
+        try:
+            # streamed, admitted: the engine dies after its first step
+            r = await asyncio.wait_for(client.post("/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 20, "stream": True}), 10)
+            assert r.status == 200
+            body = (await asyncio.wait_for(r.read(), 10)).decode()
+            frames = [b[6:] for b in body.split("\n\n") if b.startswith("data: ")]
+            assert frames[-1] == "[DONE]", frames
+            assert json.loads(frames[-2])["error"]["code"] == "internal_error", frames
+            # sent after it died: an answer at once rather than a wait
+            r = await asyncio.wait_for(client.post("/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 3}), 10)
+            assert r.status == 500 and (await r.json())["error"]["code"] == "internal_error"
+            r = await asyncio.wait_for(client.get("/health"), 10)
+            assert r.status == 503 and (await r.json())["error"]["code"] == "engine_failed"
+        finally:
+            await client.close()
+            server.engine.close()   # gives back what the dead thread held
+    asyncio.run(run())
