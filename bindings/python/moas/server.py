@@ -738,7 +738,7 @@ class Server:
                "token_strs": [self.token_texts[t] for t in ids] if strs else None}
         if changed:
             out["prompt_chars_changed"] = changed
-        return web.json_response(out)
+        return await self._send_whole(request, web.json_response(out))
 
     async def detokenize(self, request):
         body = self._object(await self._json_body(request), DETOKENIZE_FIELDS)
@@ -753,7 +753,8 @@ class Server:
                 raise ApiError(400, "'tokens' %d is %s, not a token id in [0, %d)"
                                % (i, json.dumps(t)[:40], n_vocab), param="tokens",
                                code="invalid_value")
-        return web.json_response({"prompt": "".join(self.token_texts[t] for t in tokens)})
+        return await self._send_whole(request, web.json_response(
+            {"prompt": "".join(self.token_texts[t] for t in tokens)}))
 
     @staticmethod
     def _object(body, known):
@@ -1039,8 +1040,12 @@ class Server:
         body = dict(meta, choices=choices, usage=self._usage(usages))
         if changed:
             body["prompt_chars_changed"] = changed
-        # sent here, not by aiohttp after the handler, so that --send-timeout bounds it
-        response = web.json_response(body)
+        return await self._send_whole(request, web.json_response(body))
+
+    async def _send_whole(self, request, response):
+        """A whole answer sent here, not by aiohttp after the handler, so that
+        --send-timeout bounds it: a client that reads nothing would otherwise hold it
+        for as long as it stays (/tokenize's, for a body of 1 MiB, is 8.5 MB)."""
         try:
             await response.prepare(request)
             await self._send(request, response.write_eof())

@@ -1554,6 +1554,10 @@ def test_token_texts_are_looked_up_not_asked_of_the_library_each(monkeypatch):
     async def run(text):
         server = moas_server.Server(moas_server.parse_args(
             ["-m", MODEL, "--pool-mb", "1", "-t", "1"]))
+
+        async def unsent(request, response):   # no connection to write it to
+            return response
+        server._send_whole = unsent
         try:
             del calls[:]
             got = json.loads((await server.tokenize(Request(
@@ -2267,3 +2271,25 @@ def test_a_dead_engine_thread_fails_requests_instead_of_leaving_them_waiting():
             await client.close()
             server.engine.close()   # gives back what the dead thread held
     asyncio.run(run())
+
+
+def test_a_tokenize_client_that_reads_nothing_is_let_go():
+    # /tokenize's answer is up to 9 bytes a byte of body (the ids and, asked for, each
+    # token's text): aiohttp wrote it after the handler, with no --send-timeout, so a
+    # client that read nothing held 8.5 MB for a body of 1 MiB for as long as it
+    # stayed, where a completion's client is let go. Now sent as a whole completion is.
+    s = Server("--pool-mb", "1", "--send-timeout", "0.5")
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", s.port))
+        data = json.dumps({"prompt": PROMPT * 70000, "return_token_strs": True}).encode()
+        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % len(data) + data)
+        wait_metric(s, "moas_client_disconnects_total", 1, 10)
+        sock.close()
+        status, _, body = s.request("POST", "/tokenize", {"prompt": PROMPT})
+        assert status == 200 and body["count"] == len(PROMPT)
+    finally:
+        s.close()
