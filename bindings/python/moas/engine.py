@@ -13,8 +13,8 @@ loop, as one wake-up per event cost more than the step's decode).
 Policy (docs/SERVING.md):
   * A request is admitted when a sequence slot is free (max_sequences), no sequence is
     swapped out, and the pool's free pages hold its prompt at the widest scheme (MHA in
-    routed mode, all schemes in mixture mode, the forced one if any) plus a
-    page per stream and headroom. Otherwise it waits in a bounded queue (max_queue);
+    routed mode, all schemes in mixture mode, the forced one if any) plus two
+    pages per stream and headroom. Otherwise it waits in a bounded queue (max_queue);
     a full queue, or a wait longer than queue_timeout, ends it with 503. The requests
     of one prompt list (a group) count as one against max_queue, and once one of them
     is admitted the others wait for room without a time limit: their client is being
