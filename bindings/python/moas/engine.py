@@ -1003,6 +1003,9 @@ def _choice_args(model, args, where=""):
             stop = [stop]
         out["stop"] = list(stop)
         find_stop("", out["stop"])   # its word on the strings (NUL, not text)
+        if type(out["include_stop"]).__module__ == "numpy" and \
+                type(out["include_stop"]).__name__ in ("bool_", "bool"):
+            out["include_stop"] = bool(out["include_stop"])   # numpy's own bool (a mask's)
         if not isinstance(out["include_stop"], bool):   # 0 or "no" would read as a choice
             raise TypeError("include_stop must be a bool, got %r" % (out["include_stop"],))
         if out["logprobs"] is not None:

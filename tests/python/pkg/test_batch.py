@@ -82,6 +82,14 @@ def test_include_stop_and_min_tokens(model):
         assert (c.text, c.choices[0].finish_reason) == (p.text[:cut + 1], "stop")
         stopped += 1
     assert stopped >= 3
+    numpy = pytest.importorskip("numpy")   # its bools are no Python bools, yet bools
+    for flag in (numpy.bool_(True), numpy.array([True, False])[1]):
+        again = model.generate_batch(PROMPTS, 40, seed=5, mode="routed", stop=["d"],
+                                     include_stop=flag, min_tokens=3)
+        # without the stop string, a stopped text loses its last character, the "d"
+        assert [c.text for c in again] == [
+            c.text[:-1] if not flag and c.choices[0].finish_reason == "stop" else c.text
+            for c in out]
 
 
 def test_a_small_pool_makes_prompts_wait_and_swap_and_changes_no_text(model):
