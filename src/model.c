@@ -226,7 +226,9 @@ static void format_shape(char *buf, size_t cap, uint32_t n_dims, const int64_t *
     }
 }
 
-/* Find tensor `name` and check it has GGUF shape [ne0] (ne1 == 0) or [ne0, ne1]. */
+/* Find tensor `name` and check it has GGUF shape [ne0] (ne1 == 0) or [ne0, ne1]. Dims of
+ * 1 at the end may be written or left out: ggml's writer leaves them out, so an [R, 1]
+ * matrix (one scheme's router) is stored as [R]. */
 static moas_status bind(const moas_model *m, enum tensor_kind kind, int64_t ne0, int64_t ne1,
                         const char *name, const moas_gguf_tensor **out) {
     const moas_gguf_tensor *t = moas__gguf_find_tensor(m->gguf, name);
@@ -238,7 +240,9 @@ static moas_status bind(const moas_model *m, enum tensor_kind kind, int64_t ne0,
     MOAS_RETURN_IF(t == NULL, MOAS_ERR_CORRUPT, "model: tensor '%s' is missing", name);
     format_shape(got_shape, sizeof got_shape, t->n_dims, t->ne);
     format_shape(want_shape, sizeof want_shape, want_dims, want);
-    MOAS_RETURN_IF(t->n_dims != want_dims || t->ne[0] != ne0 || (ne1 != 0 && t->ne[1] != ne1),
+    /* the reader sets the dims past n_dims to 1 */
+    MOAS_RETURN_IF(t->ne[0] != ne0 || t->ne[1] != (ne1 == 0 ? 1 : ne1) || t->ne[2] != 1 ||
+                       t->ne[3] != 1,
                    MOAS_ERR_CORRUPT, "model: tensor '%s' has shape %s, expected %s", name,
                    got_shape, want_shape);
     switch (kind) {

@@ -308,6 +308,71 @@ TEST(model_refuses_missing_or_misshapen_tensors) {
     return TEST_PASS;
 }
 
+/* The default tiny model with `name` replaced by a tensor of `n_dims` dims `ne`, its
+ * values all 0.5 (F32); the load's status and message. */
+static int expect_reshaped(const char *name, uint32_t n_dims, const int64_t *ne,
+                           moas_status want, const char *needle) {
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.omit_tensor = name;
+    gguf_writer *w = gguf_writer_create();
+    ASSERT_TRUE(w != NULL);
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    size_t n = 1;
+    for (uint32_t d = 0; d < n_dims; d++) {
+        n *= (size_t)ne[d];
+    }
+    float *values = malloc(n * sizeof *values);
+    ASSERT_TRUE(values != NULL);
+    for (size_t i = 0; i < n; i++) {
+        values[i] = 0.5f;
+    }
+    ASSERT_TRUE(gguf_writer_add_tensor(w, name, MOAS_TYPE_F32, n_dims, ne, values) >= 0);
+    free(values);
+    size_t size;
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    moas_model *m = (moas_model *)&size;
+    const moas_status st = moas_model_load_memory(image, size, NULL, &m);
+    free(image);
+    moas_model_free(st == MOAS_OK ? m : NULL);
+    if (st != want || (needle != NULL && strstr(moas_last_error(), needle) == NULL)) {
+        test_report(__FILE__, __LINE__, "expect_reshaped", "%s: status %d (want %d), "
+                    "message \"%s\"", name, (int)st, (int)want, moas_last_error());
+        return TEST_FAIL;
+    }
+    return TEST_PASS;
+}
+
+/* GGUF dims of 1 at the end may be left out (ggml's writer does) or written: [R, 1] and
+ * [R] are one shape, and so are [C] and [C, 1, 1]. Any other dim still has to match. */
+TEST(model_reads_trailing_dims_of_one) {
+    /* one routed scheme: the router's output matrix is [R, 1], written as [R] */
+    tiny_model_config cfg;
+    tiny_model_config_default(&cfg);
+    cfg.n_scheme = 1;
+    cfg.scheme_n_kv[0] = 2;
+    cfg.kv_sharing = "pooled";
+    if (expect_load(&cfg, MOAS_OK, NULL)) return TEST_FAIL;
+    cfg.kv_sharing = "independent";
+    if (expect_load(&cfg, MOAS_OK, NULL)) return TEST_FAIL;
+
+    const int64_t norm_2d[2] = {16, 1}, norm_3d[3] = {16, 1, 1}, up_3d[3] = {16, 64, 1};
+    if (expect_reshaped("blk.0.ffn_norm.weight", 2, norm_2d, MOAS_OK, NULL)) return TEST_FAIL;
+    if (expect_reshaped("output_norm.bias", 3, norm_3d, MOAS_OK, NULL)) return TEST_FAIL;
+    if (expect_reshaped("blk.1.ffn_up.weight", 3, up_3d, MOAS_OK, NULL)) return TEST_FAIL;
+
+    const int64_t norm_turned[2] = {1, 16}, norm_twice[2] = {16, 2}, up_deep[3] = {16, 64, 2};
+    if (expect_reshaped("blk.0.ffn_norm.weight", 2, norm_turned, MOAS_ERR_CORRUPT,
+                        "has shape [1, 16], expected [16]")) return TEST_FAIL;
+    if (expect_reshaped("blk.0.ffn_norm.weight", 2, norm_twice, MOAS_ERR_CORRUPT,
+                        "has shape [16, 2], expected [16]")) return TEST_FAIL;
+    if (expect_reshaped("blk.1.ffn_up.weight", 3, up_deep, MOAS_ERR_CORRUPT,
+                        "has shape [16, 64, 2], expected [16, 64]")) return TEST_FAIL;
+    return TEST_PASS;
+}
+
 TEST(model_refuses_bad_hyperparameters) {
     tiny_model_config cfg;
 
@@ -342,7 +407,7 @@ TEST(model_refuses_bad_hyperparameters) {
     if (expect_load(&cfg, MOAS_OK, NULL)) return TEST_FAIL;
     cfg.n_scheme = 1;
     cfg.scheme_n_kv[0] = 1;
-    cfg.mixing = MOAS_MIXING_SINGLE;   /* (tiny_model writes a [R, 1] matrix as a vector) */
+    cfg.mixing = MOAS_MIXING_SINGLE;
     if (expect_load(&cfg, MOAS_OK, NULL)) return TEST_FAIL;
     tiny_model_config_default(&cfg);
     cfg.kv_sharing = "pooled";
