@@ -184,10 +184,10 @@ bench: all $(BUILD)/tools/random_model
 # Random-weight models of any shape, for benchmarks (tools/random_model.c).
 RANDOM_MODEL := $(BUILD)/tools/random_model
 $(RANDOM_MODEL): tools/random_model.c tests/support/tiny_model.c tests/support/gguf_writer.c \
-                 $(wildcard tests/support/*.h)
+                 $(wildcard tests/support/*.h) $(STATIC_LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
-	$(Q)$(CC) $(PROG_CFLAGS) -Itests -o $@ $(filter %.c,$^) -lm $(LDFLAGS)
+	$(Q)$(CC) $(PROG_CFLAGS) -Itests -o $@ $(filter %.c,$^) $(PROG_LIBS) $(LDFLAGS)
 
 # ---- tests ---------------------------------------------------------------------
 TEST_SRCS := $(wildcard tests/*.c tests/support/*.c)

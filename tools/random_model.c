@@ -9,8 +9,11 @@
  *                [--type f32|f16|q8_0] [--untied] [--no-bias] [--seed 1]
  *
  * The file follows docs/FORMAT.md exactly; it is built by the same generator the tests
- * use (tests/support/tiny_model.c). A vocabulary larger than printable ASCII uses
- * consecutive code points from U+0100.
+ * use (tests/support/tiny_model.c), which writes whatever it is asked to, so the image
+ * is loaded by libmoas before it is written: arguments that make a model the library
+ * refuses (mixing single with three schemes, a scheme that does not divide the heads)
+ * are a usage error with the library's reason. A vocabulary larger than printable
+ * ASCII uses consecutive code points from U+0100.
  */
 #include "support/tiny_model.h"
 
@@ -160,6 +163,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "random_model: cannot build this shape (check the arguments)\n");
         return 1;
     }
+    moas_model *model;
+    if (moas_model_load_memory(image, size, NULL, &model) != MOAS_OK) {
+        fprintf(stderr, "random_model: libmoas would refuse this model: %s\n",
+                moas_last_error());
+        exit(2);
+    }
+    moas_model_free(model);
     FILE *f = fopen(out, "wb");
     if (f == NULL || fwrite(image, 1, size, f) != size || fclose(f) != 0) {
         fprintf(stderr, "random_model: cannot write '%s'\n", out);

@@ -123,6 +123,30 @@ class ToolErrors(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertTrue(os.path.getsize(out) > 0)
 
+    def test_random_model_refuses_a_model_libmoas_refuses(self):
+        """random_model writes what the tests' generator builds, which checks nothing:
+        arguments it reads but that make a model the library would not load (mixing
+        single with three schemes, kv heads not dividing the heads) are a usage error
+        with the library's reason, and no file."""
+        exe = os.environ.get("MOAS_RANDOM_MODEL",
+                             os.path.join(ROOT, "build", "tools", "random_model"))
+        if not os.path.exists(exe):
+            self.skipTest("%s not built (make %s)" % (exe, "build/tools/random_model"))
+        shape = ["--layers", "1", "--embd", "192", "--heads", "6", "--ctx", "8",
+                 "--vocab", "8"]
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "m.gguf")
+            for bad, expect in ((["--mixing", "single"], "needs exactly one scheme"),
+                                (["--schemes", "6,4,1"], "scheme 1 has 4 KV heads")):
+                with self.subTest(bad=bad):
+                    r = subprocess.run([exe] + shape + bad + ["-o", out],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       universal_newlines=True, timeout=60)
+                    self.assertEqual(r.returncode, 2, r.stderr)
+                    self.assertIn("libmoas would refuse this model", r.stderr)
+                    self.assertIn(expect, r.stderr)
+                    self.assertFalse(os.path.exists(out))
+
     def test_abi_sh_without_its_arguments_is_a_usage_line(self):
         usage = "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]\n"
         for args in ([], ["check"], ["check", "lib/libmoas.so"], ["diff", "a", "b"],
