@@ -682,6 +682,11 @@ class TestConvert(Tmp):
         # refused: an unknown option, an odd head size with RoPE
         build_checkpoint(ck, sd, dict(margs("moas", True), norm="batch"))
         self.convert_fails(ck, "model_args['norm']", "batch")
+        # a base outside libmoas's (1, 1e30), also once rounded to the float32 the file
+        # holds (1 + 1e-9 is 1.0 there, 0.99999999e30 is above 1e30)
+        for base in (1e31, 1.0 + 1e-9, 0.99999999e30):
+            build_checkpoint(ck, sd, dict(margs("moas", True), pos="rope", rope_base=base))
+            self.convert_fails(ck, "model_args['rope_base'] is %r" % base, "below 1e30")
         sd = model_tensors("baseline", False, C=12)
         del sd["transformer.wpe.weight"]
         build_checkpoint(ck, sd, dict(margs("baseline", False, C=12), pos="rope"))
