@@ -15,7 +15,9 @@ both orders (TensorInfo.shape row-major, TensorInfo.ne as stored).
 Quantization follows ggml's reference quantize_row_q8_0: per block of 32
 float32 values, amax = max |x|, d = amax / 127 and id = 1 / d (both in float32),
 q = roundf(x * id) (float32 product, ties away from zero), and the scale is
-stored as the float16 rounding of d.  An all-zero block has d = 0 and q = 0.
+stored as the float16 rounding of d.  An all-zero block has d = 0 and q = 0, and so
+does a block so small that 1/d overflows float32 (its F16 scale is 0 either way).  A
+block whose d is beyond the float16 range cannot be encoded (an error).
 
 Run as a script to print a file's metadata and tensor directory:
     python3 tools/gguf.py model.gguf
@@ -174,14 +176,24 @@ def quantize_q8_0(values):
         if not math.isfinite(amax):
             raise GGUFError("Q8_0 cannot encode a non-finite value")
         d = _f32(amax / 127.0)
-        if d == 0.0:
-            out[pos:pos + 2] = b"\x00\x00"
+        scale = _f16_pack_one(d)
+        if math.isinf(struct.unpack("<e", scale)[0]):
+            raise GGUFError("Q8_0 cannot encode the block of values %d..%d: its scale "
+                            "(largest |value| %g / 127) is beyond F16's range"
+                            % (b, b + QK8_0 - 1, amax))
+        try:
+            inv = _f32(1.0 / d) if d != 0.0 else 0.0
+        except OverflowError:
+            # 1/d is beyond float32 (C's would be inf) only for a d far below F16's
+            # smallest step: the scale is stored as 0 and every value decodes to 0
+            inv = 0.0
+        if inv == 0.0:
+            out[pos:pos + 2] = scale
             out[pos + 2:pos + Q8_0_BLOCK_BYTES] = zero_q
         else:
-            inv = _f32(1.0 / d)
             prod = array("f", [v * inv for v in blk])      # float32 products
             q = array("b", [_round_away(p) for p in prod])
-            out[pos:pos + 2] = _f16_pack_one(d)
+            out[pos:pos + 2] = scale
             out[pos + 2:pos + Q8_0_BLOCK_BYTES] = q.tobytes()
         pos += Q8_0_BLOCK_BYTES
     return bytes(out)
@@ -402,7 +414,10 @@ class GGUFWriter:
             vals = values() if callable(values) else values
             if len(vals) != n:
                 raise GGUFError("tensor %r: %d values for shape %r" % (name, len(vals), shape))
-            return encode_tensor(vals, ttype)
+            try:
+                return encode_tensor(vals, ttype)
+            except GGUFError as e:
+                raise GGUFError("tensor %r: %s" % (name, e)) from None
         self._add_pending(_PendingTensor(name, ne, ttype, nbytes, produce))
 
     def add_tensor_raw(self, name, ne, ttype, data):

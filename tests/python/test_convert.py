@@ -524,6 +524,21 @@ class TestGGUF(unittest.TestCase):
         self.assertEqual(back[64:69], [3.0, -3.0, 1.0, -1.0, 127.0])
         self.assertAlmostEqual(back[0], -127 * d1, places=6)
 
+    def test_q8_0_extreme_blocks(self):
+        """A block so small that 1/d overflows float32 (C's would be inf, and q undefined)
+        decodes to zeros as its F16 scale of 0 says; one whose scale d = amax / 127 is
+        beyond F16 is refused, naming the tensor, not stored as an inf scale."""
+        tiny = [1e-38, -3e-39] + [0.0] * 30
+        self.assertEqual(gguf.quantize_q8_0(tiny), bytes(34))
+        small = [1e-7] + [0.0] * 31                     # 1/d fits: ggml's q, scale 0
+        self.assertEqual(gguf.quantize_q8_0(small)[:3], b"\x00\x00\x7f")
+        with self.assertRaisesRegex(gguf.GGUFError, "values 32..63.*beyond F16"):
+            gguf.quantize_q8_0([0.5] * 32 + [9e6] + [0.5] * 31)
+        w = gguf.GGUFWriter()
+        w.add_tensor("blk.0.ffn_up.weight", [0.5] * 63 + [-9e6], (2, 32), gguf.Q8_0)
+        with self.assertRaisesRegex(gguf.GGUFError, "'blk.0.ffn_up.weight'.*beyond F16"):
+            w.to_bytes()
+
     def test_f16_bf16_known_values(self):
         self.assertEqual(gguf.encode_tensor([1.0, -2.0, 65504.0, 1e6], gguf.F16),
                          bytes.fromhex("003c00c0ff7b007c"))
@@ -894,6 +909,18 @@ class TestConvert(Tmp):
             self.assertEqual(r.kv["general.file_type"], {"f16": 1, "q8_0": 7}[wtype])
             if wtype == "q8_0":
                 self.assertIn("written as F16 instead of Q8_0", res.stderr)
+
+    def test_q8_0_scale_beyond_f16_is_refused(self):
+        """--type q8_0 on a matrix with a block whose scale overflows F16: an error naming
+        the tensor, and no file (the scale was written as inf: NaN weights)."""
+        C, H = 32, 4
+        sd = model_tensors("moas", True, C=C, H=H)
+        shape, values = sd["transformer.h.1.mlp.c_fc.weight"]
+        sd["transformer.h.1.mlp.c_fc.weight"] = (shape, f32([1e7] + list(values[1:])))
+        ck = self.path("c.pt")
+        build_checkpoint(ck, sd, margs("moas", True, C=C, H=H))
+        self.convert_fails(ck, "tensor 'blk.1.ffn_up.weight'", "beyond F16",
+                           extra=("--type", "q8_0"))
 
     def test_real_torch_checkpoint(self):
         """tests/data/tiny-ckpt.pt: torch.save of a 1-layer moas model with biases,
