@@ -158,7 +158,9 @@ static moas_status read_hparams(moas_model *m) {
     kv = moas__gguf_find_kv(g, "moas.attention.scheme_kv_heads");
     MOAS_RETURN_IF(kv == NULL, MOAS_ERR_CORRUPT,
                    "model: required key 'moas.attention.scheme_kv_heads' is missing");
-    MOAS_RETURN_IF(kv->value.type != MOAS_META_ARRAY, MOAS_ERR_CORRUPT,
+    /* moas__gguf_array_int() reads bools too; a bool is no count of heads */
+    MOAS_RETURN_IF(kv->value.type != MOAS_META_ARRAY || kv->value.elem_type == MOAS_META_BOOL,
+                   MOAS_ERR_CORRUPT,
                    "model: 'moas.attention.scheme_kv_heads' must be an array of integers");
     MOAS_RETURN_IF(kv->value.n < 1 || kv->value.n > MOAS_MAX_SCHEMES, MOAS_ERR_CORRUPT,
                    "model: %llu attention schemes; 1 to %d are supported",

@@ -61,6 +61,13 @@ static void add_scheme_strings(gguf_writer *w, const char *key) {
     gguf_writer_add_array_string(w, key, heads, 3);
 }
 
+/* true, true, true: bools that read as 1, but a bool is not an integer (GGUF's, or
+ * read_uint's for the scalar keys) */
+static void add_scheme_bools(gguf_writer *w, const char *key) {
+    const bool heads[3] = {true, true, true};
+    gguf_writer_add_array(w, key, MOAS_META_BOOL, heads, 3);
+}
+
 static void add_u32_4096(gguf_writer *w, const char *key) { gguf_writer_add_u32(w, key, 4096); }
 static void add_u32_4097(gguf_writer *w, const char *key) { gguf_writer_add_u32(w, key, 4097); }
 
@@ -117,6 +124,9 @@ TEST(bad_inputs_hyperparameters_out_of_range_or_mistyped) {
                         "9 attention schemes"))
         return TEST_FAIL;
     if (expect_with_key("moas.attention.scheme_kv_heads", add_scheme_strings, MOAS_ERR_CORRUPT,
+                        "array of integers"))
+        return TEST_FAIL;
+    if (expect_with_key("moas.attention.scheme_kv_heads", add_scheme_bools, MOAS_ERR_CORRUPT,
                         "array of integers"))
         return TEST_FAIL;
     /* a string where a string is expected, but of the wrong kind */
