@@ -743,6 +743,17 @@ class TestConvert(Tmp):
         del ma["n_head"]
         build_checkpoint(ck, sd, ma)
         self.convert_fails(ck, "n_head", "pooled_moas", "--config")
+        # Another type's scheme list or kv heads would be ignored: refused, as train.py's
+        # ModelArgs refuses them.
+        sd = model_tensors("moas", False)
+        for extra, owner in (({"schemes": [4, 2, 1]}, "pooled_moas"),
+                             ({"n_kv_head": 2}, "gqa")):
+            build_checkpoint(ck, sd, dict(margs("moas", False), **extra))
+            self.convert_fails(ck, "model_args['%s'] is for %s models, not moas"
+                               % (list(extra)[0], owner))
+        sd = model_tensors("gqa", False)
+        build_checkpoint(ck, sd, margs("gqa", False, n_kv_head=2, schemes="H,1"))
+        self.convert_fails(ck, "model_args['schemes'] is for pooled_moas models, not gqa")
         # A pooled key in another type's checkpoint is unexpected.
         sd = model_tensors("moas", False)
         build_checkpoint(ck, sd, margs("moas", False), extra_sd={
