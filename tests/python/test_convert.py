@@ -1032,6 +1032,15 @@ class TestConvert(Tmp):
         res = self.convert(ck, "--vocab-meta", meta, vocab=False)
         self.assertEqual(res.returncode, 0, res.stderr)
         self.assertEqual(gguf.GGUFReader(self.path("out.gguf")).kv["tokenizer.ggml.tokens"], VOCAB)
+        # a pickled str may be a lone surrogate, which UTF-8 (and libmoas) cannot hold
+        with open(meta, "wb") as f:
+            pickle.dump({"itos": dict(enumerate(VOCAB[:-1] + ["\udc80"]))}, f)
+        os.unlink(self.path("out.gguf"))
+        res = self.convert(ck, "--vocab-meta", meta, vocab=False)
+        self.assertEqual(res.returncode, 1, res.stderr)
+        self.assertEqual(res.stderr, "moas-convert: error: '%s': token %d is U+DC80, a lone "
+                         "surrogate, not a character\n" % (meta, len(VOCAB) - 1))
+        self.assertFalse(os.path.exists(self.path("out.gguf")))
 
     # -- bad inputs -------------------------------------------------------
 
