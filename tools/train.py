@@ -139,6 +139,10 @@ class ModelArgs:
             raise ValueError("'n_kv_head' is for gqa models only")
         elif self.attention_type in ("static_moas", "moas") and self.n_head % GQA_KV_HEADS:
             raise ValueError("n_head must be a multiple of %d for MoAS" % GQA_KV_HEADS)
+        if self.attention_type in ("moas", "pooled_moas") and self.n_embd < 4:
+            # its gates would be constants, and moas.router.hidden_length must be >= 1
+            raise ValueError("a router of n_embd / 4 = %d hidden units: %s needs n_embd >= 4"
+                             % (self.n_embd // 4, self.attention_type))
         # Only a missing (None) option takes the default: 0 for rope_base or n_ff is a
         # mistake to report, not a request for the default.
         def given(key, default):

@@ -73,6 +73,9 @@ class TestUserMistakes(unittest.TestCase):
                 (["--data", TINY, "--out", os.path.join(d, "no", "t.pt")], "does not exist"),
                 (["--data", TINY, "--out", out, "--n-embd", "10", "--n-head", "4"],
                  "not a multiple"),
+                # the router's C/4 hidden units would be none (a file libmoas refuses)
+                (["--data", TINY, "--out", out, "--attention-type", "pooled_moas",
+                  "--n-embd", "2", "--n-head", "2"], "router of n_embd / 4 = 0 hidden units"),
             ]
             for args, needle in cases:
                 err = self.run_train(*args)
