@@ -115,6 +115,10 @@ class ModelArgs:
             raise ValueError("model_args lacks %s" % ", ".join(missing))
         for k in self.KEYS:
             setattr(self, k, kw[k])
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError("%s is %r, not a positive integer" % (k, v))
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError("unknown attention_type %r" % self.attention_type)
         if self.n_embd % self.n_head:
@@ -679,7 +683,10 @@ def load_checkpoint(path, unsafe=False):
             sys.exit("train.py: cannot load %s: %s" % (path, e))
         except OSError as e:
             sys.exit("train.py: cannot read '%s': %s" % (path, e.strerror or e))
-    a = ModelArgs(**margs)
+    try:       # a checkpoint's model_args are data like its weights: a bad one is an error
+        a = ModelArgs(**margs)
+    except (TypeError, ValueError) as e:
+        sys.exit("train.py: cannot load %s: its model_args are not a model's: %s" % (path, e))
     model = MoASGPT(a)
     sd = clean_state_dict(sd)
     if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"],

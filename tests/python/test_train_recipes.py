@@ -653,6 +653,34 @@ class TestGoldenText(unittest.TestCase):
                 tokens = list(struct.unpack("<%di" % n, f.read(4 * n)))
         return tokens, log.getvalue(), err.getvalue(), code
 
+    def test_a_checkpoint_with_bad_model_args(self):
+        """model_args the model cannot be built from are the checkpoint's fault: one line
+        naming it and the value (n_head 0 was a ZeroDivisionError, a missing key or
+        n_head 3 for n_embd 8 a ValueError, each a traceback)."""
+        ck = torch.load(self.ckpt)
+        bad = os.path.join(self.tmp.name, "bad.pt")
+        saved = self.ckpt
+        try:
+            for change, needle in ((dict(n_head=0), "n_head is 0, not a positive integer"),
+                                   (dict(n_head=3), "n_embd must be a multiple of n_head"),
+                                   (dict(attention_type=None), "lacks attention_type"),
+                                   ([1, 2], "must be a mapping")):
+                with self.subTest(change=change):
+                    margs = dict(ck["model_args"])
+                    if isinstance(change, list):
+                        margs = change
+                    else:
+                        margs.update(change)
+                        margs = {k: v for k, v in margs.items() if v is not None}
+                    torch.save(dict(ck, model_args=margs), bad)
+                    self.ckpt = bad
+                    tokens, _, _, code = self.golden("--text", "abc")
+                    self.assertIsNone(tokens)
+                    self.assertIn("train.py: cannot load %s: its model_args" % bad, str(code))
+                    self.assertIn(needle, str(code))
+        finally:
+            self.ckpt = saved
+
     def test_help_says_which_options_apply(self):
         out = io.StringIO()
         with self.assertRaises(SystemExit), contextlib.redirect_stdout(out):
