@@ -975,6 +975,13 @@ class TestConvert(Tmp):
         with open(self.path("bad.safetensors"), "wb") as f:
             f.write(struct.pack("<Q", len(hb)) + hb + b"".join(blobs))
         self.convert_fails(self.path("bad.safetensors"), "__metadata__ is a list")
+        # a stated MLP width is checked against the weights, as a checkpoint's is (it was
+        # not read from __metadata__ at all)
+        bad = dict(header, __metadata__={"n_ff": "24"})
+        hb = json.dumps(bad).encode()
+        with open(self.path("bad.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", len(hb)) + hb + b"".join(blobs))
+        self.convert_fails(self.path("bad.safetensors"), "model_args['n_ff'] is 24", "32 wide")
         # A baseline model's n_head is not in its shapes: --config supplies it.
         sd = model_tensors("baseline", False)
         header, blobs, pos = {}, [], 0
