@@ -920,6 +920,14 @@ class TestConvert(Tmp):
             self.assertEqual(r.kv["general.file_type"], {"f16": 1, "q8_0": 7}[wtype])
             if wtype == "q8_0":
                 self.assertIn("written as F16 instead of Q8_0", res.stderr)
+        # no matrix of rows 8 or 24 wide can be Q8_0: the file is F16 and says so
+        sd = model_tensors("moas", True, n_ff=24)
+        build_checkpoint(ck, sd, margs("moas", True))
+        res = self.convert(ck, "--type", "q8_0")
+        self.assertEqual(res.returncode, 0, res.stderr)
+        r = gguf.GGUFReader(self.path("out.gguf"))
+        self.assertEqual({t.ttype for t in r.tensors.values()}, {gguf.F32, gguf.F16})
+        self.assertEqual(r.kv["general.file_type"], 1)
 
     def test_q8_0_scale_beyond_f16_is_refused(self):
         """--type q8_0 on a matrix with a block whose scale overflows F16: an error naming
