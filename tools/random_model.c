@@ -66,7 +66,7 @@ static void utf8(unsigned cp, char *buf) {
 int main(int argc, char **argv) {
     tiny_model_config cfg;
     const char *out = NULL, *schemes = NULL;
-    int mha = 0;
+    int mha = 0, mixing_given = 0;
     unsigned long long seed = 1;
 
     tiny_model_config_default(&cfg);
@@ -95,6 +95,7 @@ int main(int argc, char **argv) {
                          : !strcmp(v, "mean") ? MOAS_MIXING_MEAN
                          : !strcmp(v, "router") ? MOAS_MIXING_ROUTER
                                                 : refuse("--mixing", v, "single, mean or router");
+            mixing_given = 1;
             i++;
         } else if (!strcmp(a, "--type") && v) {
             cfg.mat_type = !strcmp(v, "f16") ? MOAS_TYPE_F16
@@ -109,6 +110,11 @@ int main(int argc, char **argv) {
     }
     if (out == NULL || cfg.n_embd % cfg.n_head != 0) {
         usage();
+    }
+    if (mha && (schemes != NULL || mixing_given)) {   /* it would override them */
+        fprintf(stderr, "random_model: --mha is one scheme of every head, mixed 'single'; "
+                        "it takes no --schemes or --mixing\n");
+        exit(2);
     }
     if (cfg.n_ff == 0) {
         cfg.n_ff = 4 * cfg.n_embd;

@@ -108,7 +108,11 @@ class ToolErrors(unittest.TestCase):
                                 (["--schemes", ""], "got ''"),
                                 (["--schemes", "6" + ",1" * 8], "at most 8"),
                                 (["--type", "f61"], "f32, f16 or q8_0"),
-                                (["--mixing", "routr"], "single, mean or router")):
+                                (["--mixing", "routr"], "single, mean or router"),
+                                # --mha sets both: given too, they were ignored
+                                (["--mha", "--schemes", "6,2,1"], "takes no --schemes"),
+                                (["--mixing", "router", "--mha"], "takes no --schemes or "
+                                 "--mixing")):
                 with self.subTest(bad=bad):
                     r = subprocess.run([exe] + shape + bad + ["-o", out],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
