@@ -149,7 +149,14 @@ int main(int argc, char **argv) {
         }
     }
 
-    /* vocabulary: printable ASCII first, then code points from U+0100 */
+    /* vocabulary: printable ASCII first, then code points from U+0100, of which Unicode
+     * has 0x110000 - 0x100 - 0x800 (the surrogates) */
+    const int32_t most_vocab = 95 + (0x110000 - 0x100 - 0x800);
+    if (cfg.n_vocab > most_vocab) {
+        fprintf(stderr, "random_model: --vocab is at most %d (one token per Unicode character "
+                        "this tool uses), got %d\n", most_vocab, cfg.n_vocab);
+        exit(2);
+    }
     char **vocab = malloc((size_t)cfg.n_vocab * sizeof *vocab);
     char *text = malloc((size_t)cfg.n_vocab * 5);
     if (vocab == NULL || text == NULL) {

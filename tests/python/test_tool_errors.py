@@ -112,7 +112,9 @@ class ToolErrors(unittest.TestCase):
                                 # --mha sets both: given too, they were ignored
                                 (["--mha", "--schemes", "6,2,1"], "takes no --schemes"),
                                 (["--mixing", "router", "--mha"], "takes no --schemes or "
-                                 "--mixing")):
+                                 "--mixing"),
+                                # past the last code point: tokens that are no character
+                                (["--vocab", "1111904"], "--vocab is at most 1111903")):
                 with self.subTest(bad=bad):
                     r = subprocess.run([exe] + shape + bad + ["-o", out],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
