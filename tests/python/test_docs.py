@@ -38,5 +38,33 @@ class HeaderDocs(unittest.TestCase):
             self.assertTrue(own or decl, name + " has no documentation")
 
 
+class FormatDocs(unittest.TestCase):
+    def test_limits_are_the_loaders(self):
+        """docs/FORMAT.md's limits are the bounds src/model.c and src/gguf.h enforce (a
+        file written from the page alone must not meet an unwritten one)."""
+        defines = {}
+        for path in ("src/model.c", "src/model.h", "src/gguf.h"):
+            for name, value in re.findall(r"#define (\w+) \(?(\d+u?(?: << \d+)?)\)?",
+                                          read(path)):
+                base, _, shift = value.partition(" << ")
+                defines[name] = int(base.rstrip("u")) << int(shift or 0)
+        want = {"moas.context_length": "MAX_CTX", "moas.embedding_length": "MAX_EMBD",
+                "moas.block_count": "MAX_LAYERS", "moas.feed_forward_length": "MAX_FF",
+                "moas.attention.head_count": "MOAS_MAX_HEADS",
+                "moas.router.hidden_length": "MAX_EMBD",
+                "tokenizer.ggml.tokens": "MAX_VOCAB"}
+        doc = read("docs/FORMAT.md")
+        table = dict(re.findall(r"^\| `([\w.]+)`[^|]* \| (\d+) \|$", doc, re.M))
+        self.assertEqual({k: int(v) for k, v in table.items()},
+                         {k: defines[d] for k, d in want.items()})
+        model_c = read("src/model.c")
+        for key, define in want.items():     # each is the limit of its own key
+            if key != "tokenizer.ggml.tokens":
+                self.assertIn('"%s", %s,' % (key, define), model_c)
+        self.assertIn("A key or tensor name is 1 to %d bytes, a string value at most %d "
+                      "bytes." % (defines["MOAS_GGUF_MAX_NAME"],
+                                  defines["MOAS_GGUF_MAX_STRING"]), " ".join(doc.split()))
+
+
 if __name__ == "__main__":
     unittest.main()
