@@ -1305,6 +1305,15 @@ def non_negative(s):
     return v
 
 
+def seed_value(s):
+    """argparse type: an integer torch.manual_seed takes, -2^63 to 2^64 - 1 (beyond them
+    it raised a RuntimeError after the model was built)."""
+    v = int(s)
+    if not -2**63 <= v < 2**64:
+        raise argparse.ArgumentTypeError("%d is outside -2^63 .. 2^64-1" % v)
+    return v
+
+
 def dropout_rate(s):
     """argparse type: a probability in [0, 1)."""
     v = finite_float(s)
@@ -1421,7 +1430,7 @@ def parse_args(argv=None):
     t.add_argument("--init-from", metavar="CKPT", default=None,
                    help="start from CKPT's weights: same attention type (all), or baseline -> "
                         "pooled_moas (c_attn split into q/k/v_proj; routers new)")
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=seed_value, default=1337)
     t.add_argument("--threads", type=non_negative, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--init-only", action="store_true", help="save a random-init checkpoint")
     t.add_argument("--kv-init-scale", type=positive_float, default=1.0, metavar="F",

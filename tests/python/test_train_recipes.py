@@ -124,6 +124,8 @@ class TestNumberOptions(unittest.TestCase):
             ("--kv-penalty-warmup", "-3", "negative"),
             ("--n-ff", "0", "not a positive integer"), ("--n-ff", "-4", "not a positive"),
             ("--kv-heads", "0", "not a positive integer"),
+            ("--seed", str(2**64), "outside -2^63 .. 2^64-1"),
+            ("--seed", str(-2**63 - 1), "outside"),
         ]
         for opt, value, needle in cases:
             err = io.StringIO()
@@ -136,6 +138,8 @@ class TestNumberOptions(unittest.TestCase):
             self.assertIn(needle, last, (opt, value))
         self.assertEqual(options("--router-entropy=-0.5").router_entropy, -0.5)
         self.assertEqual(options("--grad-clip", "0").grad_clip, 0.0)
+        self.assertEqual(options("--seed=%d" % (2**64 - 1)).seed, 2**64 - 1)
+        self.assertEqual(options("--seed=-1").seed, -1)
 
 
 @unittest.skipIf(torch is not None, "torch is here: the tests run in this interpreter")
