@@ -352,12 +352,17 @@ class GGUFWriter:
         w.write("model.gguf")
 
     `general.alignment` is written first unless write_alignment_key is false
-    (then the alignment must be GGUF's default 32 for readers to agree).
+    (then the alignment must be GGUF's default 32, which readers assume without
+    the key: another is refused).
     """
 
     def __init__(self, alignment=DEFAULT_ALIGNMENT, write_alignment_key=True):
         if alignment < 1 or alignment & (alignment - 1):
             raise GGUFError("alignment must be a power of two, got %r" % (alignment,))
+        if not write_alignment_key and alignment != 32:
+            # readers would place the data section and every tensor 32-aligned
+            raise GGUFError("alignment %d needs the general.alignment key (without it "
+                            "readers assume 32)" % alignment)
         self.alignment = alignment
         self._kv = OrderedDict()          # key -> (vtype, value, elem_type)
         self._tensors = OrderedDict()     # name -> _PendingTensor

@@ -495,6 +495,16 @@ class TestGGUF(unittest.TestCase):
         self.assertEqual(len(data), r.tensors["after"].offset + 10 + 54)   # padded to 64
 
     def test_alignment_32(self):
+        # without the key, readers take 32: another alignment would shift every tensor
+        # (the second tensor of this file read as 0.0, not 1.0)
+        with self.assertRaisesRegex(gguf.GGUFError, "alignment 64 needs the general"):
+            gguf.GGUFWriter(alignment=64, write_alignment_key=False)
+        w = gguf.GGUFWriter(alignment=32, write_alignment_key=False)
+        w.add_tensor("a", [1.0, 2.0], (2,))
+        w.add_tensor("b", [1.0], (1,))
+        r = gguf.GGUFReader(w.to_bytes())
+        self.assertNotIn("general.alignment", r.kv)
+        self.assertEqual((r.alignment, r.tensor_values("b")), (32, [1.0]))
         w = gguf.GGUFWriter(alignment=32)
         w.add_tensor("a", [1.0] * 3, (3,))
         w.add_tensor("b", [2.0] * 3, (3,))
