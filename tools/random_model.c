@@ -149,6 +149,20 @@ int main(int argc, char **argv) {
         }
     }
 
+    /* Q8_0 rows are blocks of 32: every matrix input (the width, the MLP's for its down
+     * matrix, the router's for its second) must be a multiple of it */
+    if (cfg.mat_type == MOAS_TYPE_Q8_0 &&
+        (cfg.n_embd % 32 != 0 || cfg.n_ff % 32 != 0 ||
+         (cfg.mixing == MOAS_MIXING_ROUTER && cfg.router_hidden % 32 != 0))) {
+        fprintf(stderr, "random_model: --type q8_0 needs rows of a multiple of 32: --embd %d, "
+                        "--ff %d", cfg.n_embd, cfg.n_ff);
+        if (cfg.mixing == MOAS_MIXING_ROUTER) {
+            fprintf(stderr, ", the router's embd/4 %d", cfg.router_hidden);
+        }
+        fputs("\n", stderr);
+        exit(2);
+    }
+
     /* vocabulary: printable ASCII first, then code points from U+0100, of which Unicode
      * has 0x110000 - 0x100 - 0x800 (the surrogates) */
     const int32_t most_vocab = 95 + (0x110000 - 0x100 - 0x800);

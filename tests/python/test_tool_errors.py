@@ -114,7 +114,11 @@ class ToolErrors(unittest.TestCase):
                                 (["--mixing", "router", "--mha"], "takes no --schemes or "
                                  "--mixing"),
                                 # past the last code point: tokens that are no character
-                                (["--vocab", "1111904"], "--vocab is at most 1111903")):
+                                (["--vocab", "1111904"], "--vocab is at most 1111903"),
+                                # a router of 192/4 = 48 wide: no Q8_0 rows ("cannot build
+                                # this shape" said nothing of why)
+                                (["--type", "q8_0"], "the router's embd/4 48"),
+                                (["--type", "q8_0", "--mha", "--ff", "100"], "--ff 100\n")):
                 with self.subTest(bad=bad):
                     r = subprocess.run([exe] + shape + bad + ["-o", out],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
