@@ -1215,6 +1215,17 @@ class TestConvert(Tmp):
     def test_bad_model_args(self):
         sd = model_tensors("moas", False)
         ck = self.path("c.pt")
+        # above a limit of docs/FORMAT.md the file would not load (a RoPE model's context
+        # is in no tensor's shape)
+        rope = dict(sd)
+        del rope["transformer.wpe.weight"]
+        for T, ok in ((1 << 20, True), ((1 << 20) + 1, False)):
+            build_checkpoint(ck, rope, dict(margs("moas", False, T=T), pos="rope"))
+            if ok:
+                self.assertEqual(self.convert_ok(ck).kv["moas.context_length"], T)
+            else:
+                self.convert_fails(ck, "model_args['block_size'] is 1048577, above libmoas's "
+                                   "limit 1048576")
         bad = dict(margs("moas", False), attention_type="sparse")
         build_checkpoint(ck, sd, bad)
         self.convert_fails(ck, "attention_type", "sparse")
