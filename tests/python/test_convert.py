@@ -1232,6 +1232,17 @@ class TestConvert(Tmp):
         bad = dict(margs("moas", False), n_head=3)
         build_checkpoint(ck, sd, bad)
         self.convert_fails(ck, "not a multiple of n_head 3")
+        # a GQA branch of 2 heads for 3 query heads (which the reference cannot make) has
+        # no file libmoas loads; 3 rows are no whole head of 4
+        sd3 = model_tensors("moas", False, C=12, H=3, G_=2)
+        build_checkpoint(ck, sd3, margs("moas", False, C=12, H=3))
+        self.convert_fails(ck, "'transformer.h.0.attn.gqa.k_proj.weight' has 8 rows",
+                           "divides n_head 3")
+        sd3 = model_tensors("moas", False, C=12, H=3, G_=1)
+        shape, values = sd3["transformer.h.0.attn.gqa.k_proj.weight"]
+        sd3["transformer.h.0.attn.gqa.k_proj.weight"] = ((3, 12), values[:36])
+        build_checkpoint(ck, sd3, margs("moas", False, C=12, H=3))
+        self.convert_fails(ck, "has 3 rows: not a number of kv heads of 4")
 
     def test_output_that_cannot_be_written(self):
         """An -o the converter cannot write: exit 1 with one line naming the path given
