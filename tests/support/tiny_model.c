@@ -175,7 +175,8 @@ static bool add_weights(const tiny_model_config *cfg, uint64_t seed, gguf_writer
                 bytes[2 * i + 1] = (uint8_t)(h >> 8);
             }
         } else if (type == MOAS_TYPE_Q8_0) {
-            /* ggml's reference quantisation: d = max|x| / 127, q = round(x / d). */
+            /* ggml's reference quantisation: d = max|x| / 127, q = round(x / d), halves
+             * away from zero (roundf, as ggml's; lrintf took them to even) */
             for (size_t b = 0; b < n / 32; b++) {
                 const float *x = values + 32 * b;
                 uint8_t *out = bytes + 34 * b;
@@ -188,7 +189,7 @@ static bool add_weights(const tiny_model_config *cfg, uint64_t seed, gguf_writer
                 out[0] = (uint8_t)h;
                 out[1] = (uint8_t)(h >> 8);
                 for (int i = 0; i < 32; i++) {
-                    const int8_t q = (int8_t)lrintf(x[i] * id);
+                    const int8_t q = (int8_t)roundf(x[i] * id);
                     memcpy(out + 2 + i, &q, 1);
                 }
             }
