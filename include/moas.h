@@ -1456,12 +1456,17 @@ MOAS_API void moas_sampler_reset(moas_sampler *sampler);
  * moas_text_find_stop() - where generated text meets a stop string.
  *
  * Looks in the `len` bytes of `text` for the first place where one of the `n_stops`
- * NUL-terminated `stops` begins (empty strings are ignored). If one occurs whole,
- * *found is 1 and *end its offset: keep text[0, *end) and stop. Otherwise *found is 0
- * and *end is how much of the text can be shown. While `more` is 1 (more text may
- * follow), that is all of it but a tail that is the start of a stop string and may
- * yet become one, to be looked at again with the text that follows; with `more` 0
- * (generation is over) it is all of it. Pass the text generated and not yet shown.
+ * NUL-terminated `stops` occurs whole (empty strings are ignored): then *found is 1
+ * and *end that offset: keep text[0, *end) and stop. Generation stops as soon as a stop
+ * string has been written (as OpenAI's API and vLLM's and llama.cpp's servers stop),
+ * even where the start of a longer one began before it. Otherwise *found is 0 and *end
+ * is how much of the text can be shown. While `more` is 1 (more text may follow),
+ * that is all of it but a tail that is the start of a stop string and may yet become
+ * one, to be looked at again with the text that follows; with `more` 0 (generation is
+ * over) it is all of it. Pass the text generated and not yet shown, after each token.
+ * (Builds before 2026-12-06 held a whole stop string back behind the cut-off start of
+ * another that began earlier: "abcd" and "c" in "abc" gave *found 0 and *end 0, where
+ * they now give 1 and 2.)
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `end` or `found`, NULL `text` with
  *          len > 0, NULL `stops` with n_stops > 0, a NULL stop string).

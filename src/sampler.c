@@ -388,11 +388,13 @@ moas_status moas_text_find_stop(const char *text, size_t len, const char *const 
         MOAS_RETURN_IF(stops[k] == NULL, MOAS_ERR_INVALID_ARG,
                        "text_find_stop: stop string %zu is NULL", k);
     }
-    /* The first offset where a stop string starts: whole (found), or, while more text
-     * may come, cut off by the end of the text (held back: a whole one further on
-     * cannot count yet, since the cut-off one may complete at an earlier offset). */
+    /* The first offset where a stop string occurs whole: generation stops as soon as
+     * one has been written, as OpenAI's, vLLM's and llama.cpp's servers stop, even
+     * where another stop string, cut off by the end of the text, began earlier and
+     * might have completed there. Else, while more text may come, the first offset
+     * where a stop string is cut off by the end of the text: the rest is held back. */
+    size_t held = len;
     for (size_t at = 0; at < len; at++) {
-        bool partial = false;
         for (size_t k = 0; k < n_stops; k++) {
             const size_t sl = strlen(stops[k]);
             if (sl == 0) {
@@ -405,16 +407,13 @@ moas_status moas_text_find_stop(const char *text, size_t len, const char *const 
                     *found = 1;
                     return MOAS_OK;
                 }
-                partial = true;
+                if (more && held == len) {
+                    held = at;
+                }
             }
         }
-        if (partial && more) {
-            *end = at;
-            *found = 0;
-            return MOAS_OK;
-        }
     }
-    *end = len;
+    *end = held;
     *found = 0;
     return MOAS_OK;
 }

@@ -534,14 +534,25 @@ TEST(text_find_stop_hand_computed) {
     FIND_("so. Ax", 1, 6, 0);                   /* "Ax" cannot */
     FIND_("", 1, 0, 0);
 #undef FIND_
-    /* a cut-off stop string at 0 holds back a whole one after it until the end */
+    /* a whole stop string ends the text at once, though a cut-off one began earlier
+     * ("abcd" might still complete at 0): generation stops when one is written */
     const char *const two[2] = {"abcd", "c"};
     ASSERT_OK(moas_text_find_stop("abc", 3, two, 2, 1, &end, &found));
-    ASSERT_EQ(end, 0);
-    ASSERT_EQ(found, 0);
+    ASSERT_EQ(end, 2);
+    ASSERT_EQ(found, 1);
     ASSERT_OK(moas_text_find_stop("abc", 3, two, 2, 0, &end, &found));
     ASSERT_EQ(end, 2);
     ASSERT_EQ(found, 1);
+    /* two whole at once (both end at the last character): the earlier start wins */
+    const char *const nested[2] = {"c", "bc"};
+    ASSERT_OK(moas_text_find_stop("abc", 3, nested, 2, 1, &end, &found));
+    ASSERT_EQ(end, 1);
+    ASSERT_EQ(found, 1);
+    /* held back from the first cut-off start, a later cut-off one notwithstanding */
+    const char *const cut[2] = {"xyz", "yq"};
+    ASSERT_OK(moas_text_find_stop("axy", 3, cut, 2, 1, &end, &found));
+    ASSERT_EQ(end, 1);
+    ASSERT_EQ(found, 0);
     /* no stop strings: everything can be shown */
     ASSERT_OK(moas_text_find_stop("abc", 3, NULL, 0, 1, &end, &found));
     ASSERT_EQ(end, 3);

@@ -723,7 +723,7 @@ struct stop_match {
 };
 
 /* Look in `text`, generated and not yet shown, for the first place where one of `stops`
- * begins (moas_text_find_stop; empty ones are ignored). A whole one: {its offset, true}.
+ * occurs whole (moas_text_find_stop; empty ones are ignored): {its offset, true}.
  * Otherwise {n, false}: text[0, n) can be shown, and while `more` text may follow, the
  * rest is the start of a stop string, held back to be looked at again with what follows
  * it; with `more` false, n is the whole text. */

@@ -635,6 +635,8 @@ class SamplerApi(Base):
         self.assertEqual(moas.find_stop("é—Amen", stops), (2, True))     # characters
         self.assertEqual(moas.find_stop("é—Amen".encode(), stops), (5, True))  # bytes
         self.assertEqual(moas.find_stop("abc", []), (3, False))
+        # a whole stop string ends the text at once, though "abcd" began earlier
+        self.assertEqual(moas.find_stop("abc", ["abcd", "c"]), (2, True))
         # a C string would end at NUL and match "e" alone: refused instead
         with self.assertRaisesRegex(ValueError, "NUL"):
             moas.find_stop("The LORD", ["e\0zzz"])

@@ -1292,9 +1292,9 @@ class Model(_Handle):
                 held, held_routes = held[end:], held_routes[end:]
                 if found:
                     return "stop"
-            # nothing follows: a stop string found whole now (it waited on a longer one
-            # begun before it) ends the text as a stop, as `moas generate` and the server
-            # count it
+            # nothing follows: what was held back (the start of a stop string) is text;
+            # a stop string found whole here still ends it as a stop, as `moas generate`
+            # and the server count it
             end, found = find_stop(held, stop, more=False) if stop else (len(held), False)
             for i in range(end):
                 yield (held[i], held_routes[i]) if routes else held[i]

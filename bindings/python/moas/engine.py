@@ -923,8 +923,7 @@ class Engine:
     @staticmethod
     def _stop_at(seq, end):
         """The length of the stop string found at `end` of what is held: the shortest
-        there, the first of them to complete. What is held may run on past it, when a
-        longer one begun earlier kept the search waiting for a character."""
+        there, the one that completed (the search stops at the first to complete)."""
         return min(len(s) for s in seq.req.stop if seq.held.startswith(s, end))
 
     def _flush(self, seq, end):
@@ -942,7 +941,7 @@ class Engine:
         if seq.held:
             end, found = find_stop(seq.held, seq.req.stop, more=False) if seq.req.stop \
                 else (len(seq.held), False)
-            if found:   # one found whole that waited on a longer one: it ends the text
+            if found:   # a stop string whole in what was held back: it ends the text
                 reason = "stop"
                 if seq.req.include_stop:
                     end += self._stop_at(seq, end)

@@ -96,6 +96,19 @@ def test_stream_equals_whole_and_routes_are_lists(model):
     assert [p[0] for p in streamed] == list(whole) and [p[1] for p in streamed] == routes
 
 
+def test_generation_stops_at_the_first_stop_string_written(model):
+    # as OpenAI's API, vLLM and llama.cpp stop: once a stop string has been written,
+    # even while a longer one that began a character earlier might still complete
+    whole = model.generate("And God", 30, temperature=0)
+    k = next(k for k in range(1, len(whole) - 2) if whole[k] not in whole[:k])
+    longer, short = whole[k - 1:k + 2], whole[k]   # the longer one completes next
+    assert model.generate("And God", 30, temperature=0, stop=[longer, short]) == whole[:k]
+    # one character past the prompt for each of the k + 1 written, none beyond
+    done = model.generate_batch(["And God"], 30, temperature=0, stop=[longer, short])[0]
+    assert (done.text, done.choices[0].finish_reason) == (whole[:k], "stop")
+    assert done.choices[0].n_tokens == k + 1
+
+
 def test_stop_strings_and_context_end(model):
     whole = model.generate("And God", 30, temperature=0.9, seed=3)
     stop = whole[10:12]

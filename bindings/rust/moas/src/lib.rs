@@ -1332,7 +1332,8 @@ pub enum Stop {
 }
 
 /// Look in `text`, generated and not yet shown, for the first place where one of `stops`
-/// begins (moas_text_find_stop; empty ones are ignored). `more`: more text may follow.
+/// occurs whole, else where one begins and is cut off by the end of the text
+/// (moas_text_find_stop; empty ones are ignored). `more`: more text may follow.
 pub fn find_stop<S: AsRef<str>>(text: &str, stops: &[S], more: bool) -> Result<Stop> {
     // a stop string with a NUL byte is refused: C would see it end there
     let owned = stops

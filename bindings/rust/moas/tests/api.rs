@@ -868,9 +868,9 @@ fn find_stop_as_the_c_library_hand_computed() {
     assert_eq!(at("so. A\n", true), Stop::Show(5)); // "\n" may become "\n\n"
     assert_eq!(at("so. Ax", true), Stop::Show(6)); // "Ax" cannot
     assert_eq!(at("", true), Stop::Show(0));
-    // a cut-off stop string at 0 holds back a whole one after it until the end
+    // a whole stop string ends the text at once, though "abcd" began earlier
     let two = vec!["abcd".to_string(), "c".to_string()];
-    assert_eq!(find_stop("abc", &two, true), Ok(Stop::Show(0)));
+    assert_eq!(find_stop("abc", &two, true), Ok(Stop::Found(2)));
     assert_eq!(find_stop("abc", &two, false), Ok(Stop::Found(2)));
     assert_eq!(find_stop::<&str>("abc", &[], true), Ok(Stop::Show(3)));
     assert_eq!(find_stop("abc", &["a\0b"], true).unwrap_err().status, -1);
