@@ -49,9 +49,11 @@ static moas_status tokenize(const moas_model *m, const char *text, size_t text_l
                        bad_utf8, "tokenize: invalid UTF-8 at byte offset %zu (byte 0x%02x)",
                        at, (unsigned)(unsigned char)text[at]);
         id = find_token(m, cp);
-        /* a control character is named, not printed: a raw CR or NUL in the message
-         * would garble the terminal line or end the string */
-        MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR && (cp < 0x20 || cp == 0x7f),
+        /* a control character (C0, DEL or C1) is named, not printed: a raw CR or NUL in
+         * the message would garble the terminal line or end the string, and a C1 CSI
+         * (U+009B) starts an escape sequence on terminals that honour it */
+        MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR &&
+                       (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)),
                        MOAS_ERR_UNKNOWN_CHAR, "tokenize: control character U+%04X at byte "
                        "offset %zu is not in the vocabulary", (unsigned)cp, at);
         MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR, MOAS_ERR_UNKNOWN_CHAR,

@@ -273,6 +273,29 @@ TEST(tokenize_names_del_as_a_control_character) {
     return TEST_PASS;
 }
 
+/* So are the C1 controls (U+0080 to U+009F): their raw bytes reached the message, and
+ * U+009B is CSI, which starts an escape sequence where a terminal honours C1. */
+TEST(tokenize_names_c1_controls_as_control_characters) {
+    moas_model *model;
+    int32_t tokens[16];
+    size_t n;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_STATUS(moas_tokenize(model, "A\xc2\x9b", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STR_EQ(moas_last_error(),
+                  "tokenize: control character U+009B at byte offset 1 is not in the vocabulary");
+    ASSERT_STATUS(moas_tokenize(model, "\xc2\x80", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "control character U+0080 at byte offset 0") != NULL);
+    /* the first character after them is printed as before */
+    ASSERT_STATUS(moas_tokenize(model, "\xc2\xa0", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "character '\xc2\xa0' (U+00A0)") != NULL);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 /* moas_detokenize needs the text's bytes and a NUL: "Aé—" (6 bytes) does not fit in
  * a capacity of 6, which is refused with nothing written at or past the capacity, and
  * fits in 7. */
