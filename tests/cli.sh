@@ -329,6 +329,24 @@ grep -q "routed in 9 windows of up to 64" "$tmp/map.err" || fail "routes: stderr
 [ "$(sed -n 's/^text  *//p' "$tmp/routes-map" | head -n 1)" = "$(head -n 1 "$tmp/routes-map")" ] \
     || fail "generate --show-routes: the map's text is not the generated text: $(cat "$tmp/routes-map")"
 
+# a control character of the vocabulary is one visible cell, as the layers' digits are
+# (a raw tab or CR in the text's row moved the cursor): the tiny model with "(" and ")"
+# made a tab and a CR, strings of one byte as before, so the file is otherwise the same
+python3 - "$model" "$tmp/ctl.gguf" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8 + 8
+for old, new in ((b"(", b"\t"), (b")", b"\r")):
+    entry = data.index(b"\x01" + b"\x00" * 7 + old, at)
+    data[entry + 8:entry + 9] = new
+open(sys.argv[2], "wb").write(data)
+PY
+printf 'A\tD\rG' >"$tmp/ctl.txt"
+"$moas" routes -m "$tmp/ctl.gguf" -f "$tmp/ctl.txt" --no-color >"$tmp/ctl.map" 2>/dev/null ||
+    fail "routes on a vocabulary with a tab and a CR"
+grep -q "$(printf '^text     A\342\220\211D\342\220\215G$')" "$tmp/ctl.map" &&
+    ! grep -q "$(printf '[\t\r]')" "$tmp/ctl.map" || fail "routes: control characters raw in the map"
+
 # logits: every position of the file's exact bytes, [n_tokens][n_vocab] float32
 printf 'And God saw' >"$tmp/text"
 "$moas" logits -m "$model" -f "$tmp/text" -o "$tmp/logits" 2>/dev/null

@@ -42,10 +42,27 @@ static const char *scheme_color(int32_t s) {
     return colors[s % 8];
 }
 
-/* Print token `t` as one visible cell: a newline as a pilcrow. */
+/* Print token `t` as one visible cell: a newline as a pilcrow, another control
+ * character as its picture (a tab or CR written raw moved the cursor, and the layers'
+ * rows no longer lined up under the text). A token is one character, so an empty text
+ * is NUL's. */
 static void put_cell(FILE *f, const moas_model *model, int32_t t) {
     const char *text = moas_token_text(model, t);
-    fputs(strcmp(text, "\n") == 0 ? "\xc2\xb6" : text, f);
+    const unsigned char c0 = (unsigned char)text[0];
+    const unsigned char c1 = c0 != 0 ? (unsigned char)text[1] : 0;
+    if (strcmp(text, "\n") == 0) {
+        fputs("\xc2\xb6", f);
+    } else if (c0 < 0x20 || c0 == 0x7f) {
+        /* C0 and DEL: Unicode's control pictures, U+2400 + c and U+2421 */
+        const unsigned picture = c0 == 0x7f ? 0x2421u : 0x2400u + c0;
+        fputc((int)(0xe0 | (picture >> 12)), f);
+        fputc((int)(0x80 | ((picture >> 6) & 0x3f)), f);
+        fputc((int)(0x80 | (picture & 0x3f)), f);
+    } else if (c0 == 0xc2 && c1 >= 0x80 && c1 <= 0x9f) {
+        fputs("\xef\xbf\xbd", f);   /* C1 has no pictures: U+FFFD */
+    } else {
+        fputs(text, f);
+    }
 }
 
 void print_route_map(FILE *f, const moas_context *ctx, const int32_t *tokens, int32_t n,
