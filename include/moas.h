@@ -1307,6 +1307,9 @@ MOAS_API moas_status moas_detokenize(const moas_model *model, const int32_t *tok
 /*
  * moas_token_text() - the text of one token.
  *
+ * A vocabulary may hold the NUL character: its text reads as empty here, and
+ * moas_detokenize() gives its byte.
+ *
  * Returns: a borrowed NUL-terminated UTF-8 string, or NULL for an id outside
  *          [0, n_vocab) or a NULL `model`.
  * Thread safety: safe.   Allocates: no.

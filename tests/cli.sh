@@ -347,6 +347,24 @@ printf 'A\tD\rG' >"$tmp/ctl.txt"
 grep -q "$(printf '^text     A\342\220\211D\342\220\215G$')" "$tmp/ctl.map" &&
     ! grep -q "$(printf '[\t\r]')" "$tmp/ctl.map" || fail "routes: control characters raw in the map"
 
+# a vocabulary may hold the NUL character (its C string is empty): generated, it is a
+# byte of the text, and routes' JSON names it; it vanished from both
+python3 - "$model" "$tmp/nul.gguf" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8 + 8
+entry = data.index(b"\x01" + b"\x00" * 7 + b"(", at)
+data[entry + 8:entry + 9] = b"\x00"
+open(sys.argv[2], "wb").write(data)
+PY
+"$moas" generate -m "$tmp/nul.gguf" -p "And" -n 3 --temp 0 --logit-bias 2=100 2>/dev/null |
+    od -An -c | tr -s ' \n' ' ' | grep -q '^ A n d \\0 \\0 \\0 \\n $' || fail "generate: the NUL character lost"
+printf 'A\0D' >"$tmp/nul.txt"
+"$moas" routes -m "$tmp/nul.gguf" -f "$tmp/nul.txt" --json 2>/dev/null | python3 -c '
+import json, sys
+assert [json.loads(line)["char"] for line in sys.stdin][::2] == ["A", "\0", "D"]' ||
+    fail "routes --json: the NUL character lost"
+
 # logits: every position of the file's exact bytes, [n_tokens][n_vocab] float32
 printf 'And God saw' >"$tmp/text"
 "$moas" logits -m "$model" -f "$tmp/text" -o "$tmp/logits" 2>/dev/null

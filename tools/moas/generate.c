@@ -143,6 +143,15 @@ static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg
     return b;
 }
 
+/* A token's bytes into `buf` (8 bytes: a character and a NUL), returning their count.
+ * Not moas_token_text's C string: a vocabulary may hold the NUL character, whose text
+ * reads as empty there, and the character vanished from the output. */
+static size_t token_bytes(const moas_model *model, int32_t token, char *buf) {
+    size_t len = 0;
+    check(moas_detokenize(model, &token, 1, buf, 8, &len), "detokenize");
+    return len;
+}
+
 /* ---- Ctrl-C ----------------------------------------------------------------------- */
 
 /* SIGINT sets a flag that the context's abort callback reads (a decode under way stops
@@ -306,8 +315,8 @@ static int run(int argc, char **argv) {
         put_text(prompt, prompt_len);
     } else {   /* --unknown dropped or replaced characters: show what the model read */
         for (size_t i = 0; i < n_prompt; i++) {
-            const char *piece = moas_token_text(model, tokens[i]);
-            put_text(piece, strlen(piece));
+            char piece[8];
+            put_text(piece, token_bytes(model, tokens[i], piece));
         }
     }
 
@@ -323,8 +332,8 @@ static int run(int argc, char **argv) {
         size_t show;
         check(moas_sampler_sample(smp, moas_context_logits(ctx), &token), "sample");
         n_generated++;
-        const char *piece = moas_token_text(model, token);
-        const size_t piece_len = strlen(piece);
+        char piece[8];
+        const size_t piece_len = token_bytes(model, token, piece);
         if (held + piece_len > held_cap) {
             held_cap = 2 * (held + piece_len);
             pending = realloc(pending, held_cap);

@@ -180,7 +180,12 @@ static int run(int argc, char **argv) {
                 const size_t rec = (size_t)j * L + l;
                 printf("{\"pos\": %zu, \"window\": %zu, \"window_pos\": %d, \"layer\": %d, "
                        "\"char\": ", begin + (size_t)j, window, j, l);
-                put_json_string(stdout, moas_token_text(model, tokens[begin + (size_t)j]));
+                const char *ch = moas_token_text(model, tokens[begin + (size_t)j]);
+                if (ch[0] == '\0') {   /* the NUL character: its C string is empty */
+                    fputs("\"\\u0000\"", stdout);
+                } else {
+                    put_json_string(stdout, ch);
+                }
                 printf(", \"gates\": [");
                 for (int32_t s = 0; s < S; s++) {
                     printf("%s%.6g", s ? ", " : "", gates[rec * S + (size_t)s]);
