@@ -26,6 +26,18 @@ expect_error() {
 grep -q '^layers  *2$' "$tmp/inspect" || fail "inspect: layers"
 grep -q 'blk.1.attn_router_down.weight' "$tmp/inspect" || fail "inspect: tensor list"
 grep -q 'tokenizer.ggml.tokens' "$tmp/inspect" || fail "inspect: metadata"
+# text of the model file is shown escaped, never raw: a name with an ESC sequence, a CR,
+# a quote, a backslash and a C1 CSI (the same 14 bytes as "tiny-moas-bias")
+python3 - "$model" "$tmp/esc.gguf" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+at = data.index(b"tiny-moas-bias", data.index(b"general.name"))
+data[at:at + 14] = b'\x1b[31mX\rY"\\\xc2\x9bZW'
+open(sys.argv[2], "wb").write(data)
+PY
+"$moas" inspect -m "$tmp/esc.gguf" >"$tmp/esc.out" || fail "inspect: a name with escapes"
+grep -q 'general.name  *"\\u001b\[31mX\\u000dY\\"\\\\\\u009bZW"$' "$tmp/esc.out" &&
+    ! grep -q "$(printf '[\033\r]')" "$tmp/esc.out" || fail "inspect: the file's text raw: $(grep general.name "$tmp/esc.out")"
 # inspect's KV bytes per token are the cache's own: a pooled model's mixture cache holds
 # one gate-mixed K/V of all 6 heads (2 layers x 6 heads x 8 x 2 x 4 bytes = 768), as
 # perplexity measures it, not every scheme's 9 heads

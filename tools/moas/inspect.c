@@ -3,6 +3,7 @@
  */
 #include "cli.h"
 
+#include <stdint.h>
 #include <string.h>
 
 static void usage(FILE *f) {
@@ -25,6 +26,42 @@ const command moas_cmd_inspect = {
     "inspect", "metadata, tensors, parameters, KV bytes per token", usage, accepted, run,
 };
 
+/* Write `len` bytes of `s`, text from the model file, so that it cannot drive the
+ * terminal (an ESC sequence, a CR back over the line): a control character (C0, DEL,
+ * C1) as \n or \u00XX, a quote and a backslash escaped; at most `max` bytes of `s`,
+ * cut at a character's end. Returns the bytes written. */
+static size_t put_escaped(const char *s, size_t len, size_t max) {
+    const unsigned char *u = (const unsigned char *)s;
+    size_t written = 0;
+    if (len > max) {
+        len = max;
+        while (len > 0 && (u[len] & 0xc0) == 0x80) {   /* not inside a character */
+            len--;
+        }
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (u[i] == '"' || u[i] == '\\') {
+            written += (size_t)printf("\\%c", u[i]);
+        } else if (u[i] == '\n') {
+            written += (size_t)printf("\\n");
+        } else if (u[i] < 0x20 || u[i] == 0x7f) {
+            written += (size_t)printf("\\u%04x", u[i]);
+        } else if (u[i] == 0xc2 && i + 1 < len && u[i + 1] >= 0x80 && u[i + 1] <= 0x9f) {
+            written += (size_t)printf("\\u%04x", u[++i]);   /* C1, in two bytes */
+        } else {
+            putchar(u[i]);
+            written++;
+        }
+    }
+    return written;
+}
+
+/* A name from the model file, escaped, then spaces to `width`. */
+static void put_name(const char *name, int width) {
+    const size_t n = put_escaped(name, strlen(name), SIZE_MAX);
+    printf("%*s", n < (size_t)width ? width - (int)n : 0, "");
+}
+
 static void print_meta_value(const moas_model *model, const char *key) {
     moas_meta_type type, elem;
     uint64_t n;
@@ -37,7 +74,9 @@ static void print_meta_value(const moas_model *model, const char *key) {
     check(moas_model_meta_type(model, key, &type), "metadata");
     if (type == MOAS_META_STRING) {
         check(moas_model_meta_string(model, key, &sv, &slen), "metadata");
-        printf("\"%.*s\"", slen > 80 ? 80 : (int)slen, sv);
+        putchar('"');
+        put_escaped(sv, slen, 80);
+        putchar('"');
     } else if (type == MOAS_META_BOOL) {
         check(moas_model_meta_bool(model, key, &bv), "metadata");
         printf("%s", bv ? "true" : "false");
@@ -50,7 +89,9 @@ static void print_meta_value(const moas_model *model, const char *key) {
         for (uint64_t i = 0; i < n && i < 8; i++) {
             if (elem == MOAS_META_STRING) {
                 check(moas_model_meta_array_string(model, key, i, &sv, &slen), "metadata");
-                printf("%s\"%s\"", i ? ", " : "", strcmp(sv, "\n") ? sv : "\\n");
+                printf("%s\"", i ? ", " : "");
+                put_escaped(sv, slen, SIZE_MAX);
+                putchar('"');
             } else if (elem == MOAS_META_FLOAT32 || elem == MOAS_META_FLOAT64) {
                 check(moas_model_meta_array_float(model, key, i, &fv), "metadata");
                 printf("%s%g", i ? ", " : "", fv);
@@ -125,7 +166,9 @@ static int run(int argc, char **argv) {
     printf("\nmetadata (%lld keys)\n", (long long)moas_model_meta_count(model));
     for (int64_t i = 0; i < moas_model_meta_count(model); i++) {
         const char *key = moas_model_meta_key(model, i);
-        printf("  %-40s ", key);
+        printf("  ");
+        put_name(key, 40);
+        putchar(' ');
         print_meta_value(model, key);
         putchar('\n');
     }
@@ -134,7 +177,9 @@ static int run(int argc, char **argv) {
         moas_tensor_info info;
         info.size = sizeof info;
         check(moas_model_tensor(model, i, &info), "tensor");
-        printf("  %-32s %-5s [", info.name, type_name(info.type));
+        printf("  ");
+        put_name(info.name, 32);
+        printf(" %-5s [", type_name(info.type));
         for (int32_t d = 0; d < info.n_dims; d++) {
             printf("%s%lld", d ? ", " : "", (long long)info.ne[d]);
         }
