@@ -129,6 +129,13 @@ grep -q "ended by a stop string" "$tmp/stop.err" || fail "--stop: stats line"
   "And GodAAAAA" ] || fail "--logit-bias A=100"
 [ "$("$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias 11=100 2>/dev/null)" = \
   "And GodAAAAA" ] || fail "--logit-bias 11=100 (the id of A)"
+# a digit the vocabulary holds ("5", id 7) is not silently token id 5 ("."): refused,
+# with the two spellings that are not ambiguous
+expect_error 1 "'5' is both token id 5 and the character '5' (id 7): write 05 for the id or 7" \
+    "$moas" generate -m "$model" -p "And" -n 3 --temp 0 --logit-bias 5=100
+[ "$("$moas" generate -m "$model" -p "And" -n 3 --temp 0 --logit-bias 05=100 2>/dev/null)" = "And..." ] &&
+[ "$("$moas" generate -m "$model" -p "And" -n 3 --temp 0 --logit-bias 7=100 2>/dev/null)" = "And555" ] ||
+    fail "--logit-bias 05 and 7"
 # a ban: greedy never picks the banned token, which greedy picks otherwise
 first_new() { python3 -c 'import sys; print(sys.stdin.read()[7], end="")'; }
 g=$("$moas" generate -m "$model" -p "And God" -n 1 --temp 0 2>/dev/null | first_new)
@@ -843,7 +850,7 @@ cmp -s "$data/tiny.txt" "$tmp/own.txt" || fail "logits -o TEXT changed the text"
 expect_error 2 "takes no argument" "$moas" --version extra
 # an error in the middle of the text starts a line of its own when both streams show
 # in one place: every token banned, the first sample fails after the prompt's echo
-bans=$(i=0; while [ $i -lt 47 ]; do printf -- '--logit-bias %s=-inf ' $i; i=$((i + 1)); done)
+bans=$(i=0; while [ $i -lt 47 ]; do printf -- '--logit-bias %02d=-inf ' $i; i=$((i + 1)); done)
 set +e
 # shellcheck disable=SC2086
 "$moas" generate -m "$model" -p "and" -n 3 $bans >"$tmp/both" 2>&1

@@ -47,7 +47,8 @@ static void usage(FILE *f) {
             "                          subtract F once from the logit of each token among\n"
             "                          the last N (default %g: off)\n"
             "      --logit-bias T=B    add B to token T's logit: T an id or one character, B a\n"
-            "                          number or -inf (never T); repeatable\n"
+            "                          number or -inf (never T); repeatable (a digit of the\n"
+            "                          vocabulary is refused: 05 is id 5)\n"
             "      --stop STRING       end the text just before STRING; repeatable\n"
             "      --show-routes       after the text, the route map of the last window (as\n"
             "                          moas routes draws it)\n"
@@ -115,7 +116,9 @@ static void timing(const char *what, double seconds, long n, int rates) {
 }
 
 /* --logit-bias TOKEN=BIAS: TOKEN is a token id (digits) or one character of the
- * vocabulary; BIAS a number, or -inf to ban the token. */
+ * vocabulary; BIAS a number, or -inf to ban the token. A single digit that is also a
+ * character of the vocabulary is refused as ambiguous ("05" is the id, the character's
+ * id the character). */
 static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg) {
     moas_logit_bias b;
     const char *eq = strrchr(arg, '=');
@@ -131,6 +134,14 @@ static moas_logit_bias parse_logit_bias(const moas_model *model, const char *arg
     b.bias = !strcmp(eq + 1, "-inf") ? -INFINITY   /* bans the token */
                                      : parse_float(eq + 1, "--logit-bias's BIAS");
     if (strspn(key, "0123456789") == strlen(key)) {
+        int32_t digit;
+        /* one digit that the vocabulary holds as a character names two tokens: the
+         * id was taken silently, a ban of the digit banned another token */
+        if (key[1] == '\0' && moas_tokenize(model, key, 1, &digit, 1, &n) == MOAS_OK) {
+            die("--logit-bias %s: '%s' is both token id %s and the character '%s' (id %d): "
+                "write 0%s for the id or %d for the character", arg, key, key, key,
+                (int)digit, key, (int)digit);
+        }
         b.token = (int32_t)parse_long(key, "--logit-bias's token id", 0,
                                       moas_model_n_vocab(model) - 1);
         return b;
