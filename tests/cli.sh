@@ -196,6 +196,17 @@ for opt in "--mode mixture" "--kv-type f16" "--force-scheme 0"; do
     [ "$want" = "$got" ] || fail "a cache made without $opt changed the text"
     grep -q "not used: .*written anew" "$tmp/pc.err" || fail "$opt: $(cat "$tmp/pc.err")"
 done
+# a forced scheme below -1 is no run's: said as such ("made without --force-scheme, this
+# run is without it" contradicted itself)
+python3 - "$tmp/pc.before" "$pc" <<'PY'
+import struct, sys
+data = bytearray(open(sys.argv[1], "rb").read())
+struct.pack_into("<i", data, 12, -2)
+open(sys.argv[2], "wb").write(data)
+PY
+gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
+grep -q "not used: its forced scheme -2 is not a scheme" "$tmp/pc.err" ||
+    fail "forced scheme -2: $(cat "$tmp/pc.err")"
 head -c 100 "$tmp/pc.before" >"$pc"
 gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
 grep -q "not used: it is truncated" "$tmp/pc.err" || fail "cut cache: $(cat "$tmp/pc.err")"

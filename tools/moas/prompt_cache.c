@@ -46,6 +46,11 @@ static const char *parse_cache(const unsigned char *buf, size_t len, int forced,
     }
     /* a forced scheme is the context's, not the state's: the state would load, and its
      * keys and values be those of the other setting */
+    if ((int32_t)get_u32(buf + 12) < -1) {   /* not "without": no run writes that */
+        snprintf(why, sizeof why, "its forced scheme %d is not a scheme",
+                 (int)(int32_t)get_u32(buf + 12));
+        return why;
+    }
     if ((int32_t)get_u32(buf + 12) != forced) {
         const int32_t made = (int32_t)get_u32(buf + 12);
         char was[32] = "without --force-scheme", is[32] = "without it";
