@@ -196,17 +196,36 @@ for opt in "--mode mixture" "--kv-type f16" "--force-scheme 0"; do
     [ "$want" = "$got" ] || fail "a cache made without $opt changed the text"
     grep -q "not used: .*written anew" "$tmp/pc.err" || fail "$opt: $(cat "$tmp/pc.err")"
 done
-# a forced scheme below -1 is no run's: said as such ("made without --force-scheme, this
-# run is without it" contradicted itself)
-python3 - "$tmp/pc.before" "$pc" <<'PY'
+# edit_pc OFFSET FORMAT VALUE [SUM]: the cache pc.before with struct.pack's VALUE at
+# OFFSET (negative: from the end), into $pc; its checksum (FNV-1a, 64-bit, of the
+# bytes before it) made right again when SUM is 1
+edit_pc() {
+    python3 - "$tmp/pc.before" "$pc" "$@" <<'PY'
 import struct, sys
 data = bytearray(open(sys.argv[1], "rb").read())
-struct.pack_into("<i", data, 12, -2)
+at = int(sys.argv[3])
+struct.pack_into(sys.argv[4], data, at if at >= 0 else len(data) + at, int(sys.argv[5]))
+if sys.argv[6:] == ["1"]:
+    h = 0xcbf29ce484222325
+    for b in data[:-8]:
+        h = ((h ^ b) * 0x100000001b3) & (2 ** 64 - 1)
+    struct.pack_into("<Q", data, len(data) - 8, h)
 open(sys.argv[2], "wb").write(data)
 PY
+}
+# a forced scheme below -1 is no run's: said as such ("made without --force-scheme, this
+# run is without it" contradicted itself)
+edit_pc 12 "<i" -2 1
 gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
 grep -q "not used: its forced scheme -2 is not a scheme" "$tmp/pc.err" ||
     fail "forced scheme -2: $(cat "$tmp/pc.err")"
+# a damaged byte of the state (here the last of the last V row) is found by the
+# checksum: the cache is not used (it loaded, and its keys and values changed the text)
+want=$(gen_pc -p "And God said" 2>/dev/null)
+edit_pc -9 "<B" 255
+got=$(gen_pc -p "And God said" --prompt-cache "$pc" --prompt-cache-ro 2>"$tmp/pc.err" || true)
+grep -q "not used: it is damaged (its checksum does not match its bytes)" "$tmp/pc.err" &&
+    [ "$got" = "$want" ] || fail "a damaged cache: '$got', without it '$want': $(cat "$tmp/pc.err")"
 head -c 100 "$tmp/pc.before" >"$pc"
 gen_pc -p "And God" --prompt-cache "$pc" >/dev/null 2>"$tmp/pc.err"
 grep -q "not used: it is truncated" "$tmp/pc.err" || fail "cut cache: $(cat "$tmp/pc.err")"

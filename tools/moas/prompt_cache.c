@@ -18,8 +18,20 @@
 
 #define CACHE_MAGIC0 0x53414f4du   /* "MOAS" */
 #define CACHE_MAGIC1 0x544d5250u   /* "PRMT" */
-#define CACHE_VERSION 1u
+#define CACHE_VERSION 2u          /* 1 had no checksum */
 #define CACHE_HEADER 20            /* magic, version, forced scheme, n_tokens: 5 u32 */
+#define CACHE_TRAILER 8            /* the checksum: FNV-1a (64-bit) of the bytes before */
+
+/* FNV-1a (64-bit): a state's keys, values and logits are not checked by the library
+ * (only its shape is), so a flipped bit loaded as it was and changed the text, or
+ * made every logit NaN. */
+static uint64_t checksum(const unsigned char *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) {
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    }
+    return h;
+}
 
 static uint32_t get_u32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -38,11 +50,26 @@ static const char *parse_cache(const unsigned char *buf, size_t len, int forced,
                                uint32_t *n_tokens, const unsigned char **state,
                                size_t *state_len) {
     static char why[96];
-    if (len < CACHE_HEADER + 8) {
+    if (len < CACHE_HEADER + 8 + CACHE_TRAILER) {
         return "it is truncated";
     }
     if (get_u32(buf + 8) != CACHE_VERSION) {
         return "it is of another version of the format";
+    }
+    len -= CACHE_TRAILER;   /* the sizes first: a cut file is said to be cut */
+    *n_tokens = get_u32(buf + 16);
+    if ((uint64_t)*n_tokens * 4 > len - CACHE_HEADER - 8) {
+        return "it is truncated";
+    }
+    const unsigned char *p = buf + CACHE_HEADER + (size_t)*n_tokens * 4;
+    const uint64_t n_state = (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
+    if (n_state != (uint64_t)(len - (size_t)(p + 8 - buf))) {
+        return n_state > (uint64_t)(len - (size_t)(p + 8 - buf)) ? "it is truncated"
+                                                                  : "it has bytes after its end";
+    }
+    const uint64_t sum = (uint64_t)get_u32(buf + len) | (uint64_t)get_u32(buf + len + 4) << 32;
+    if (checksum(buf, len) != sum) {
+        return "it is damaged (its checksum does not match its bytes)";
     }
     /* a forced scheme is the context's, not the state's: the state would load, and its
      * keys and values be those of the other setting */
@@ -62,16 +89,6 @@ static const char *parse_cache(const unsigned char *buf, size_t len, int forced,
         }
         snprintf(why, sizeof why, "it was made %s, this run is %s", was, is);
         return why;
-    }
-    *n_tokens = get_u32(buf + 16);
-    if ((uint64_t)*n_tokens * 4 > len - CACHE_HEADER - 8) {
-        return "it is truncated";
-    }
-    const unsigned char *p = buf + CACHE_HEADER + (size_t)*n_tokens * 4;
-    const uint64_t n_state = (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-    if (n_state != (uint64_t)(len - (size_t)(p + 8 - buf))) {
-        return n_state > (uint64_t)(len - (size_t)(p + 8 - buf)) ? "it is truncated"
-                                                                  : "it has bytes after its end";
     }
     *state = p + 8;
     *state_len = (size_t)n_state;
@@ -224,7 +241,7 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
     if (st != MOAS_ERR_BUFFER_TOO_SMALL && st != MOAS_OK) {
         check(st, "prompt cache");
     }
-    const size_t len = CACHE_HEADER + (size_t)n_window * 4 + 8 + n_state;
+    const size_t len = CACHE_HEADER + (size_t)n_window * 4 + 8 + n_state + CACHE_TRAILER;
     unsigned char *buf = malloc(len);
     char *file = link_target(path);
     char *tmp = malloc(strlen(file) + 8);
@@ -244,6 +261,9 @@ void prompt_cache_save(const char *path, const moas_context *ctx, int forced,
     put_u32(p + 4, (uint32_t)((uint64_t)n_state >> 32));
     size_t written = 0;
     check(moas_context_state_save(ctx, p + 8, n_state, &written), "prompt cache");
+    const uint64_t sum = checksum(buf, len - CACHE_TRAILER);
+    put_u32(buf + len - CACHE_TRAILER, (uint32_t)sum);
+    put_u32(buf + len - CACHE_TRAILER + 4, (uint32_t)(sum >> 32));
 
     sprintf(tmp, "%s.XXXXXX", file);
     /* mkstemp's file is private (0600); the cache keeps the permissions of the one it
