@@ -151,6 +151,10 @@ pen() { "$moas" generate -m "$model" -p "And God" -n 5 --temp 0 --logit-bias 11=
 [ "$(pen --frequency-penalty 60)" = "True 1" ] || fail "--frequency-penalty: $(pen --frequency-penalty 60)"
 [ "$(pen --presence-penalty 60)" = "True 5" ] || fail "--presence-penalty 60: $(pen --presence-penalty 60)"
 [ "$(pen --presence-penalty 200)" = "False 0" ] || fail "--presence-penalty 200: $(pen --presence-penalty 200)"
+# a stop string the model cannot write is an error, not ignored: '\n' without the
+# shell's $'...' is a backslash (not in the vocabulary) and an n
+expect_error 1 "stop '\\\\n' can never be generated: tokenize: character '\\\\' (U+005C) at byte offset 0" \
+    "$moas" generate -m "$model" -p "And" -n 3 --stop '\n'
 expect_error 1 "must be a finite number" "$moas" generate -m "$model" -p "A" --frequency-penalty inf
 expect_error 1 "min_p 2 outside" "$moas" generate -m "$model" -p "A" --min-p 2
 expect_error 1 "repeat_penalty 0 is not" "$moas" generate -m "$model" -p "A" --repeat-penalty 0

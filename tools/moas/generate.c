@@ -49,7 +49,8 @@ static void usage(FILE *f) {
             "      --logit-bias T=B    add B to token T's logit: T an id or one character, B a\n"
             "                          number or -inf (never T); repeatable (a digit of the\n"
             "                          vocabulary is refused: 05 is id 5)\n"
-            "      --stop STRING       end the text just before STRING; repeatable\n"
+            "      --stop STRING       end the text just before STRING (characters of the\n"
+            "                          vocabulary); repeatable\n"
             "      --show-routes       after the text, the route map of the last window (as\n"
             "                          moas routes draws it)\n"
             "      --prompt-cache FILE the prompt's decoded state kept in FILE: a later run\n"
@@ -253,6 +254,15 @@ static int run(int argc, char **argv) {
     }
     sp.n_logit_bias = o.n_bias;
     sp.logit_bias = bias;
+    /* a stop string the model cannot write would be ignored without a word: "\n\n"
+     * given without the shell's $'...' is a backslash and an n */
+    for (int i = 0; i < o.n_stop; i++) {
+        size_t n_stop_tokens;
+        if (moas_tokenize(model, o.stop[i], (size_t)-1, NULL, 0, &n_stop_tokens) ==
+            MOAS_ERR_UNKNOWN_CHAR) {
+            die("--stop '%s' can never be generated: %s", o.stop[i], moas_last_error());
+        }
+    }
     check(moas_sampler_create(&sp, moas_model_n_vocab(model), &smp), "cannot create a sampler");
     if (!o.no_warmup) {
         warm_up(ctx);
