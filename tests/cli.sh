@@ -38,6 +38,17 @@ PY
 "$moas" inspect -m "$tmp/esc.gguf" >"$tmp/esc.out" || fail "inspect: a name with escapes"
 grep -q 'general.name  *"\\u001b\[31mX\\u000dY\\"\\\\\\u009bZW"$' "$tmp/esc.out" &&
     ! grep -q "$(printf '[\033\r]')" "$tmp/esc.out" || fail "inspect: the file's text raw: $(grep general.name "$tmp/esc.out")"
+# an error quoting the file's text does not pass its control characters to the
+# terminal: an architecture of ESC [ 2 J (clear the screen), 4 bytes as "moas"
+python3 - "$model" "$tmp/arch.gguf" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+at = data.index(b"\x04" + b"\x00" * 7 + b"moas", data.index(b"general.architecture")) + 8
+data[at:at + 4] = b"\x1b[2J"
+open(sys.argv[2], "wb").write(data)
+PY
+expect_error 1 "architecture '\\\\u001b\[2J' is not supported" "$moas" inspect -m "$tmp/arch.gguf"
+! grep -q "$(printf '\033')" "$tmp/err" || fail "an error wrote the file's ESC to the terminal"
 # inspect's KV bytes per token are the cache's own: a pooled model's mixture cache holds
 # one gate-mixed K/V of all 6 heads (2 layers x 6 heads x 8 x 2 x 4 bytes = 768), as
 # perplexity measures it, not every scheme's 9 heads

@@ -30,14 +30,40 @@ const char *cli_note_start(void) {
     return "";
 }
 
+/* `s` on `f` with its control characters (C0 but a tab, DEL, C1) written as \u00XX:
+ * an error may quote a model file's text (its architecture, a key's value), and an ESC
+ * sequence or a CR there would reach the terminal. */
+static void put_printable(FILE *f, const char *s) {
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; u[i] != '\0'; i++) {
+        if ((u[i] < 0x20 && u[i] != '\t') || u[i] == 0x7f) {
+            fprintf(f, "\\u%04x", u[i]);
+        } else if (u[i] == 0xc2 && u[i + 1] >= 0x80 && u[i + 1] <= 0x9f) {
+            fprintf(f, "\\u%04x", u[++i]);
+        } else {
+            fputc(u[i], f);
+        }
+    }
+}
+
 void die(const char *fmt, ...) {
-    va_list ap;
+    va_list ap, again;
     fflush(stdout);
     fputs(cli_note_start(), stderr);   /* the error starts a line of its own */
     cli_line_open = 0;
     fputs("moas: error: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    va_copy(again, ap);
+    const int n = vsnprintf(NULL, 0, fmt, ap);
+    char *message = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (message != NULL) {
+        vsnprintf(message, (size_t)n + 1, fmt, again);
+        put_printable(stderr, message);
+        free(message);
+    } else {
+        vfprintf(stderr, fmt, again);
+    }
+    va_end(again);
     va_end(ap);
     fputc('\n', stderr);
     exit(1);
