@@ -176,6 +176,7 @@ X(tokenize_ex_replaces_or_drops_unknown_characters)
 X(tokenize_utf8_edges_are_exact)
 X(tokenize_names_del_as_a_control_character)
 X(tokenize_names_c1_controls_as_control_characters)
+X(tokenize_names_format_characters)
 X(detokenize_needs_room_for_the_nul)
 X(tokenize_fills_a_buffer_of_exactly_the_tokens_needed)
 

@@ -296,6 +296,31 @@ TEST(tokenize_names_c1_controls_as_control_characters) {
     return TEST_PASS;
 }
 
+/* An invisible format character is named by code point too: a BOM (U+FEFF) showed as
+ * empty quotes, and a right-to-left override (U+202E) reversed the rest of the message
+ * on the terminal. */
+TEST(tokenize_names_format_characters) {
+    moas_model *model;
+    int32_t tokens[16];
+    size_t n;
+
+    ASSERT_OK(moas_model_load(test_data(vocab_model), NULL, &model));
+    ASSERT_STATUS(moas_tokenize(model, "\xef\xbb\xbf" "And", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STR_EQ(moas_last_error(),
+                  "tokenize: format character U+FEFF at byte offset 0 is not in the vocabulary");
+    ASSERT_STATUS(moas_tokenize(model, "A\xe2\x80\xae" "dnA", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STR_EQ(moas_last_error(),
+                  "tokenize: format character U+202E at byte offset 1 is not in the vocabulary");
+    /* a visible character just past them is printed as before */
+    ASSERT_STATUS(moas_tokenize(model, "\xe2\x80\xb0", (size_t)-1, tokens, 16, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_TRUE(strstr(moas_last_error(), "character '\xe2\x80\xb0' (U+2030)") != NULL);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 /* moas_detokenize needs the text's bytes and a NUL: "Aé—" (6 bytes) does not fit in
  * a capacity of 6, which is refused with nothing written at or past the capacity, and
  * fits in 7. */
