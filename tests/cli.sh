@@ -872,6 +872,9 @@ PY
 # output that cannot be written is a failure: a closed stdout, or a reader that went
 # away while SIGPIPE is ignored (generation stops at the first failed write)
 expect_error 1 "cannot write stdout" sh -c '"$0" inspect -m "$1" >&-' "$moas" "$model"
+# a command's --help too, as moas help CMD (it exited 0 with nothing written)
+expect_error 1 "cannot write stdout" sh -c '"$0" generate --help >&-' "$moas"
+expect_error 1 "cannot write stdout" sh -c '"$0" help generate >&-' "$moas"
 set +e
 (trap '' PIPE; "$moas" generate -m "$model" -p "A" -n 5000 -t 1 2>"$tmp/pipe.err"; \
     echo $? >"$tmp/pipe.rc") | head -c 3 >/dev/null

@@ -366,8 +366,11 @@ void parse_options(const command *cmd, int argc, char **argv, options *o) {
             usage_error(cmd, a[0] == '-' ? "unknown option '%s'" : "unexpected argument '%s'",
                         a);
         }
-        if (found->id == OPT_HELP) {
+        if (found->id == OPT_HELP) {   /* as `moas help CMD`: a help not written fails */
             cmd->usage(stdout);
+            if (fflush(stdout) != 0 || ferror(stdout)) {
+                die("cannot write stdout: %s", strerror(errno));
+            }
             exit(0);
         }
         const char *value = found->fixed;
