@@ -526,6 +526,24 @@ expect_error 1 "invalid UTF-8 at byte offset 3 (byte 0xff) (text is not valid UT
     "$moas" perplexity -m "$model" -f "$tmp/bad-utf8.txt" --unknown drop
 ! grep -q "outside the vocabulary" "$tmp/err" || fail "invalid UTF-8 called outside the vocabulary"
 expect_error 2 "unknown option" "$moas" generate -m "$model" --bogus
+# logits that are not finite (the tiny model with a NaN in the embedding of "A", id 11)
+# are an error, in text and JSON: it printed nan ("nan" is no JSON number) and exited 0
+python3 - "$model" "$tmp/nan.gguf" <<'PY'
+import struct, sys
+sys.path.insert(0, "tools")
+import gguf
+t = gguf.GGUFReader(sys.argv[1]).tensors["token_embd.weight"]
+data = bytearray(open(sys.argv[1], "rb").read())
+struct.pack_into("<f", data, t.offset + 11 * t.ne[0] * 4, float("nan"))
+open(sys.argv[2], "wb").write(data)
+PY
+printf 'And God' >"$tmp/ag.txt"
+for how in "" --json "--stride 4"; do
+    # shellcheck disable=SC2086
+    expect_error 1 "the logits scoring token 1 of the text are not finite" \
+        "$moas" perplexity -m "$tmp/nan.gguf" -f "$tmp/ag.txt" $how
+    [ ! -s "$tmp/out" ] || fail "perplexity $how printed a result of NaN: $(cat "$tmp/out")"
+done
 # a context of one token scores nothing: an error (it printed NaN, and NaN in its JSON)
 expect_error 1 "leaves nothing to score" "$moas" perplexity -m "$model" -f "$data/tiny.txt" -c 1
 

@@ -84,7 +84,11 @@ typedef struct {
     size_t kv_bytes;   /* KV bytes at the end of the longest window */
 } score;
 
-static void score_visit(score *s, const float *logits, int32_t n_vocab, int32_t next) {
+/* Token `at` of the text, `next`, scored by the logits before it. Logits that are not
+ * finite (a damaged model's NaN) are an error: the sum went on as NaN, and the result
+ * and its JSON ("nan" is no JSON number) with it, under exit status 0. */
+static void score_visit(score *s, const float *logits, int32_t n_vocab, size_t at,
+                        int32_t next) {
     double max = logits[0], sum = 0.0;
     for (int32_t i = 1; i < n_vocab; i++) {
         max = logits[i] > max ? logits[i] : max;
@@ -92,7 +96,12 @@ static void score_visit(score *s, const float *logits, int32_t n_vocab, int32_t 
     for (int32_t i = 0; i < n_vocab; i++) {
         sum += exp((double)logits[i] - max);
     }
-    s->nll += log(sum) + max - (double)logits[next];
+    const double nll = log(sum) + max - (double)logits[next];
+    if (!isfinite(nll)) {
+        die("the logits scoring token %zu of the text are not finite (NaN or infinity): "
+            "the model computes no probability for it", at);
+    }
+    s->nll += nll;
     s->n_scored++;
 }
 
@@ -139,13 +148,14 @@ static double walk_windows(moas_context *ctx, const int32_t *tokens, size_t n_to
             check(moas_context_decode_batch(ctx, tokens + begin, (int32_t)(end - begin), all,
                                             MOAS_LOGITS_ALL), "decode_batch");
             for (size_t j = first; j < end; j++) {
-                score_visit(sc, all + (j - 1 - begin) * (size_t)n_vocab, n_vocab, tokens[j]);
+                score_visit(sc, all + (j - 1 - begin) * (size_t)n_vocab, n_vocab, j,
+                            tokens[j]);
             }
         } else {
             for (size_t i = begin; i < end; i++) {
                 check(moas_context_decode(ctx, tokens[i], NULL), "decode");
                 if (i + 1 < end) {
-                    score_visit(sc, moas_context_logits(ctx), n_vocab, tokens[i + 1]);
+                    score_visit(sc, moas_context_logits(ctx), n_vocab, i + 1, tokens[i + 1]);
                 }
             }
         }
