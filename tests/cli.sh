@@ -544,6 +544,14 @@ for how in "" --json "--stride 4"; do
         "$moas" perplexity -m "$tmp/nan.gguf" -f "$tmp/ag.txt" $how
     [ ! -s "$tmp/out" ] || fail "perplexity $how printed a result of NaN: $(cat "$tmp/out")"
 done
+# routes --json stays JSON on such a model: its gates are null where they are not finite
+"$moas" routes -m "$tmp/nan.gguf" -f "$tmp/ag.txt" --json 2>/dev/null | python3 -c '
+import json, sys
+def refuse(name):
+    raise ValueError(name)
+rows = [json.loads(line, parse_constant=refuse) for line in sys.stdin]
+assert len(rows) == 14 and rows[0]["gates"] == [None, None, None], rows[0]' ||
+    fail "routes --json: not JSON on a model whose gates are NaN"
 # a context of one token scores nothing: an error (it printed NaN, and NaN in its JSON)
 expect_error 1 "leaves nothing to score" "$moas" perplexity -m "$model" -f "$data/tiny.txt" -c 1
 

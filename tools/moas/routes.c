@@ -3,6 +3,7 @@
  */
 #include "cli.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,7 +18,8 @@ static void usage(FILE *f) {
           "  -m, --model PATH        GGUF model file\n"
           "  -f, --file TEXT         the text; - reads stdin\n"
           "      --json              one JSON object per character and layer: pos, window,\n"
-          "                          window_pos, layer, char, gates, scheme, kv_heads\n"
+          "                          window_pos, layer, char, gates (null where not\n"
+          "                          finite), scheme, kv_heads\n"
           "      --color, --no-color colour the map by scheme (default: when stdout is a\n"
           "                          terminal); without colour, each cell is the scheme's number\n",
           f);
@@ -188,7 +190,13 @@ static int run(int argc, char **argv) {
                 }
                 printf(", \"gates\": [");
                 for (int32_t s = 0; s < S; s++) {
-                    printf("%s%.6g", s ? ", " : "", gates[rec * S + (size_t)s]);
+                    /* a damaged model's NaN is null: "nan" is no JSON number */
+                    const float g = gates[rec * S + (size_t)s];
+                    if (isfinite(g)) {
+                        printf("%s%.6g", s ? ", " : "", (double)g);
+                    } else {
+                        printf("%snull", s ? ", " : "");
+                    }
                 }
                 printf("], \"scheme\": %d, \"kv_heads\": %d}\n", schemes[rec], heads[rec]);
             }
