@@ -208,7 +208,12 @@ MOAS_API const char *moas_status_name(moas_status status);
  *
  * Every failing libmoas call records, for the calling thread only, a message naming
  * the exact cause (a tensor, an offset, a token id). A successful call does not clear
- * it. The text stays valid until this thread's next failing libmoas call.
+ * it. The text stays valid until this thread's next failing libmoas call. It is UTF-8
+ * with no control or invisible format characters, safe to print: what it quotes from
+ * a file (an architecture's name, a key, a tensor's name) has its control characters
+ * but a tab, and its bidi and zero-width ones, written as \uXXXX, and its bytes that
+ * are no UTF-8 as \xXX; a message too long for its 511 bytes is cut at a character's
+ * boundary. Log callbacks get their lines the same way.
  *
  * Returns: a NUL-terminated string, never NULL; "" if nothing has failed yet.
  * Thread safety: safe; each thread sees its own message.   Allocates: no.

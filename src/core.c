@@ -57,11 +57,92 @@ const char *moas__error_text(void) {
     return error_text;
 }
 
+bool moas__utf8_decode(const char *s, size_t len, uint32_t *cp, size_t *n_bytes) {
+    const unsigned char *u = (const unsigned char *)s;
+    uint32_t c, min;
+    size_t n;
+
+    if (len == 0) {
+        return false;
+    }
+    if (u[0] < 0x80) {
+        *cp = u[0];
+        *n_bytes = 1;
+        return true;
+    } else if ((u[0] & 0xe0) == 0xc0) {
+        n = 2, c = u[0] & 0x1fu, min = 0x80;
+    } else if ((u[0] & 0xf0) == 0xe0) {
+        n = 3, c = u[0] & 0x0fu, min = 0x800;
+    } else if ((u[0] & 0xf8) == 0xf0) {
+        n = 4, c = u[0] & 0x07u, min = 0x10000;
+    } else {
+        return false;
+    }
+    if (len < n) {
+        return false;
+    }
+    for (size_t i = 1; i < n; i++) {
+        if ((u[i] & 0xc0) != 0x80) {
+            return false;
+        }
+        c = (c << 6) | (u[i] & 0x3fu);
+    }
+    if (c < min || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) {
+        return false;
+    }
+    *cp = c;
+    *n_bytes = n;
+    return true;
+}
+
+bool moas__is_format_character(uint32_t cp) {
+    return cp == 0xad || (cp >= 0x200b && cp <= 0x200f) || (cp >= 0x2028 && cp <= 0x202e) ||
+           (cp >= 0x2060 && cp <= 0x2069) || cp == 0xfeff;
+}
+
+/* text (NUL-terminated, in a buffer of `cap` bytes) made printable in place, as
+ * moas__set_error says; what no longer fits is left out whole (an escape or a
+ * character is never cut). A character vsnprintf cut off at the end is bytes that
+ * are no UTF-8 in a full buffer, whose escapes never fit: it goes too. */
+static void make_printable(char *text, size_t cap) {
+    char out[ERROR_CAPACITY];
+    const size_t room = (cap < sizeof out ? cap : sizeof out) - 1;
+    const size_t len = strlen(text);
+    size_t o = 0;
+
+    for (size_t i = 0; i < len;) {
+        uint32_t cp;
+        size_t n;
+        char esc[12];
+        const char *piece = text + i;
+        size_t piece_len;
+        if (!moas__utf8_decode(text + i, len - i, &cp, &n)) {
+            snprintf(esc, sizeof esc, "\\x%02x", (unsigned)(unsigned char)text[i]);
+            piece = esc, piece_len = strlen(esc), n = 1;
+        } else if ((cp < 0x20 && cp != '\t') || (cp >= 0x7f && cp <= 0x9f) ||
+                   moas__is_format_character(cp)) {
+            snprintf(esc, sizeof esc, "\\u%04x", (unsigned)cp);
+            piece = esc, piece_len = strlen(esc);
+        } else {
+            piece_len = n;
+        }
+        if (o + piece_len > room) {
+            break;
+        }
+        memcpy(out + o, piece, piece_len);
+        o += piece_len;
+        i += n;
+    }
+    out[o] = '\0';
+    memcpy(text, out, o + 1);
+}
+
 void moas__set_error(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(error_text, sizeof error_text, fmt, ap);
     va_end(ap);
+    make_printable(error_text, sizeof error_text);
 }
 
 void moas__log_error(moas_log_fn log, void *user) {
@@ -80,6 +161,7 @@ void moas__log(moas_log_fn log, void *user, moas_log_level level, const char *fm
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
+    make_printable(line, sizeof line);
     log(user, level, line);
 }
 

@@ -21,7 +21,20 @@
 #define MOAS_PRINTF(fmt_, args_)
 #endif
 
-/* Record the message for this thread's moas_last_error(). printf-style. */
+/* Decode one UTF-8 character from s[0..len): its code point and byte length, or
+ * false for invalid or truncated UTF-8 (overlong forms, surrogates, > U+10FFFF). */
+bool moas__utf8_decode(const char *s, size_t len, uint32_t *cp, size_t *n_bytes);
+
+/* Whether `cp` is an invisible format character that changes how the text around it
+ * shows: a soft hyphen, zero-width ones, the line and paragraph separators, bidi
+ * embeddings, overrides and isolates, the byte order mark. */
+bool moas__is_format_character(uint32_t cp);
+
+/* Set this thread's error message (moas_last_error()), printf-style. It is made
+ * printable: the control characters (C0 but a tab, DEL, C1) and format characters a
+ * message may quote from a file (an architecture's name, a key, a tensor's name) are
+ * written as \uXXXX, and bytes that are no UTF-8 as \xXX, so that no escape sequence,
+ * carriage return or bidi override reaches a terminal or log that prints it. */
 void moas__set_error(const char *fmt, ...) MOAS_PRINTF(1, 2);
 
 /* The buffer behind moas_last_error(), for the API boundary to forward to a log. */

@@ -403,44 +403,6 @@ static moas_status bind_layer(moas_model *m, int32_t l) {
 
 /* ---- vocabulary -------------------------------------------------------------- */
 
-bool moas__utf8_decode(const char *s, size_t len, uint32_t *cp, size_t *n_bytes) {
-    const unsigned char *u = (const unsigned char *)s;
-    uint32_t c, min;
-    size_t n;
-
-    if (len == 0) {
-        return false;
-    }
-    if (u[0] < 0x80) {
-        *cp = u[0];
-        *n_bytes = 1;
-        return true;
-    } else if ((u[0] & 0xe0) == 0xc0) {
-        n = 2, c = u[0] & 0x1fu, min = 0x80;
-    } else if ((u[0] & 0xf0) == 0xe0) {
-        n = 3, c = u[0] & 0x0fu, min = 0x800;
-    } else if ((u[0] & 0xf8) == 0xf0) {
-        n = 4, c = u[0] & 0x07u, min = 0x10000;
-    } else {
-        return false;
-    }
-    if (len < n) {
-        return false;
-    }
-    for (size_t i = 1; i < n; i++) {
-        if ((u[i] & 0xc0) != 0x80) {
-            return false;
-        }
-        c = (c << 6) | (u[i] & 0x3fu);
-    }
-    if (c < min || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) {
-        return false;
-    }
-    *cp = c;
-    *n_bytes = n;
-    return true;
-}
-
 /* Token ids by code point. qsort's comparator cannot take context in C11, so the ids
  * are sorted through a small array of (code point, id) pairs instead of a global. */
 typedef struct {

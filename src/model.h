@@ -114,8 +114,5 @@ void moas__rope_angles(const moas_model *m, int32_t pos, int32_t i0, int32_t i1,
  * a state. */
 uint64_t moas__model_fingerprint(const moas_model *m, uint32_t version);
 
-/* Decode one UTF-8 character from s[0..len): its code point and byte length, or
- * false for invalid or truncated UTF-8 (overlong forms, surrogates, > U+10FFFF). */
-bool moas__utf8_decode(const char *s, size_t len, uint32_t *cp, size_t *n_bytes);
 
 #endif /* MOAS_MODEL_H */

@@ -28,16 +28,6 @@ static int32_t find_token(const moas_model *m, uint32_t cp) {
     return -1;
 }
 
-/* Whether `cp` is an invisible format character that changes how the text around it
- * shows: a soft hyphen, zero-width ones, the line and paragraph separators, bidi
- * embeddings, overrides and isolates, the byte order mark. Printed in a message, an
- * override reversed the rest of it on the terminal, and a BOM (a file saved with one
- * starts with it) showed as empty quotes. */
-static bool is_format_character(uint32_t cp) {
-    return cp == 0xad || (cp >= 0x200b && cp <= 0x200f) || (cp >= 0x2028 && cp <= 0x202e) ||
-           (cp >= 0x2060 && cp <= 0x2069) || cp == 0xfeff;
-}
-
 /* Text -> ids under rule `unknown` (a moas_unknown; `replacement` for REPLACE).
  * Invalid UTF-8 fails with `bad_utf8`: MOAS_ERR_UNKNOWN_CHAR for moas_tokenize(),
  * which promised that in 1.0, MOAS_ERR_INVALID_UTF8 for moas_tokenize_ex(). */
@@ -66,7 +56,7 @@ static moas_status tokenize(const moas_model *m, const char *text, size_t text_l
                        (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)),
                        MOAS_ERR_UNKNOWN_CHAR, "tokenize: control character U+%04X at byte "
                        "offset %zu is not in the vocabulary", (unsigned)cp, at);
-        MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR && is_format_character(cp),
+        MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR && moas__is_format_character(cp),
                        MOAS_ERR_UNKNOWN_CHAR, "tokenize: format character U+%04X at byte "
                        "offset %zu is not in the vocabulary", (unsigned)cp, at);
         MOAS_RETURN_IF(id < 0 && unknown == MOAS_UNKNOWN_ERROR, MOAS_ERR_UNKNOWN_CHAR,

@@ -466,6 +466,52 @@ TEST(model_refuses_bad_hyperparameters) {
     ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
     ASSERT_TRUE(strstr(moas_last_error(), "'llama'") != NULL);
     free(image);
+
+    /* an architecture with an escape sequence, a bidi override and a byte that is no
+     * UTF-8: quoted escaped, so that printing the message cannot drive a terminal */
+    w = gguf_writer_create();
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "general.architecture";
+    gguf_writer_add_string(w, "general.architecture", "\x1b[2J\xe2\x80\xae\xff\tx");
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+    ASSERT_TRUE(strstr(moas_last_error(), "'\\u001b[2J\\u202e\\xff\tx'") != NULL);
+    free(image);
+
+    /* a message cut at the buffer's end is cut between characters, whichever byte the
+     * cut falls on: 'é' is two bytes, and one of the two names puts the cut inside one */
+    for (int odd = 0; odd < 2; odd++) {
+        char name[700];
+        size_t at = 0;
+        if (odd) {
+            name[at++] = 'x';
+        }
+        while (at + 2 < sizeof name) {
+            name[at++] = (char)0xc3;
+            name[at++] = (char)0xa9;
+        }
+        name[at] = '\0';
+        w = gguf_writer_create();
+        tiny_model_config_default(&cfg);
+        cfg.omit_key = "general.architecture";
+        gguf_writer_add_string(w, "general.architecture", name);
+        ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+        image = gguf_writer_finish(w, &size);
+        gguf_writer_free(w);
+        ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+        const unsigned char *msg = (const unsigned char *)moas_last_error();
+        const size_t len = strlen((const char *)msg);
+        ASSERT_TRUE(len > 400 && len < 512);
+        ASSERT_TRUE(msg[len - 1] == 0xa9);   /* the last 'é' whole, no \xc3 */
+        for (size_t i = 0; i < len; i++) {   /* printable ASCII or a whole 'é' */
+            ASSERT_TRUE((msg[i] >= 0x20 && msg[i] < 0x7f) ||
+                        (msg[i] == 0xc3 && i + 1 < len && msg[i + 1] == 0xa9) ||
+                        (msg[i] == 0xa9 && i > 0 && msg[i - 1] == 0xc3));
+        }
+        free(image);
+    }
     return TEST_PASS;
 }
 
