@@ -1222,9 +1222,9 @@ MOAS_API moas_status moas_context_state_load(moas_context *ctx, const void *buf,
  * moas_tokenize() - turn UTF-8 text into token ids, one per character.
  *
  * Reads `text_len` bytes of `text`, or up to its NUL when `text_len` is (size_t)-1.
- * Writes at most `n_max` ids to `tokens` and the number of ids the whole text needs
- * to *n_tokens (also when that is more than `n_max`; `tokens` may then be NULL to
- * ask for the count). A character outside the vocabulary, or invalid UTF-8, is an
+ * Writes the number of ids the whole text needs to *n_tokens (also when that is more
+ * than `n_max`; `tokens` may then be NULL to ask for the count) and, when they fit in
+ * `n_max`, the ids to `tokens`; a failing call writes none of them. A character outside the vocabulary, or invalid UTF-8, is an
  * error naming the character and its byte offset; both are MOAS_ERR_UNKNOWN_CHAR here,
  * as in 1.0 (moas_tokenize_ex() tells invalid UTF-8 apart and can replace or drop
  * unknown characters).

@@ -28,18 +28,14 @@ static int32_t find_token(const moas_model *m, uint32_t cp) {
     return -1;
 }
 
-/* Text -> ids under rule `unknown` (a moas_unknown; `replacement` for REPLACE).
- * Invalid UTF-8 fails with `bad_utf8`: MOAS_ERR_UNKNOWN_CHAR for moas_tokenize(),
- * which promised that in 1.0, MOAS_ERR_INVALID_UTF8 for moas_tokenize_ex(). */
-static moas_status tokenize(const moas_model *m, const char *text, size_t text_len,
-                            int32_t unknown, int32_t replacement, moas_status bad_utf8,
-                            int32_t *tokens, size_t n_max, size_t *n_tokens,
-                            size_t *n_changed) {
+/* The ids of text[0, text_len) under rule `unknown` (a moas_unknown; `replacement` for
+ * REPLACE), written to `tokens` unless it is NULL; how many in *n_tokens and how many
+ * characters were unknown in *n_changed. Invalid UTF-8 fails with `bad_utf8`. */
+static moas_status scan(const moas_model *m, const char *text, size_t text_len,
+                        int32_t unknown, int32_t replacement, moas_status bad_utf8,
+                        int32_t *tokens, size_t *n_tokens, size_t *n_changed) {
     size_t n = 0, changed = 0;
 
-    if (text_len == (size_t)-1) {
-        text_len = strlen(text);
-    }
     for (size_t at = 0; at < text_len;) {
         uint32_t cp;
         size_t n_bytes;
@@ -70,18 +66,38 @@ static moas_status tokenize(const moas_model *m, const char *text, size_t text_l
             }
             id = replacement;
         }
-        if (n < n_max) {
+        if (tokens != NULL) {
             tokens[n] = id;
         }
         n++;
     }
+    *n_tokens = n;
+    *n_changed = changed;
+    return MOAS_OK;
+}
+
+/* Text -> ids under rule `unknown`. Invalid UTF-8 fails with `bad_utf8`:
+ * MOAS_ERR_UNKNOWN_CHAR for moas_tokenize(), which promised that in 1.0,
+ * MOAS_ERR_INVALID_UTF8 for moas_tokenize_ex(). The text is read twice: checked and
+ * counted, then written, so that a failing call (a character it refuses, a buffer too
+ * small) leaves `tokens` as it was. */
+static moas_status tokenize(const moas_model *m, const char *text, size_t text_len,
+                            int32_t unknown, int32_t replacement, moas_status bad_utf8,
+                            int32_t *tokens, size_t n_max, size_t *n_tokens,
+                            size_t *n_changed) {
+    size_t n, changed;
+
+    if (text_len == (size_t)-1) {
+        text_len = strlen(text);
+    }
+    MOAS_TRY(scan(m, text, text_len, unknown, replacement, bad_utf8, NULL, &n, &changed));
     *n_tokens = n;
     if (n_changed != NULL) {
         *n_changed = changed;
     }
     MOAS_RETURN_IF(n > n_max, MOAS_ERR_BUFFER_TOO_SMALL,
                    "tokenize: the text needs %zu tokens, the buffer holds %zu", n, n_max);
-    return MOAS_OK;
+    return scan(m, text, text_len, unknown, replacement, bad_utf8, tokens, &n, &changed);
 }
 
 static moas_status check_args(const moas_model *m, const char *text, int32_t *tokens,

@@ -89,7 +89,17 @@ TEST(tokenize_reports_needed_size) {
     ASSERT_STATUS(moas_tokenize(model, "And God", (size_t)-1, tokens, 3, &n),
                   MOAS_ERR_BUFFER_TOO_SMALL);
     ASSERT_EQ(n, 7);
-    ASSERT_EQ(tokens[3], -7);   /* nothing written past n_max */
+    for (int i = 0; i < 4; i++) {   /* a failed call writes nothing, not even n_max ids */
+        ASSERT_EQ(tokens[i], -7);
+    }
+    /* nor does one that meets a character it refuses after the ids that would fit */
+    ASSERT_STATUS(moas_tokenize(model, "God\x01", (size_t)-1, tokens, 4, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    ASSERT_STATUS(moas_tokenize(model, "God\xff", (size_t)-1, tokens, 4, &n),
+                  MOAS_ERR_UNKNOWN_CHAR);
+    for (int i = 0; i < 4; i++) {
+        ASSERT_EQ(tokens[i], -7);
+    }
     ASSERT_STATUS(moas_tokenize(model, NULL, 0, tokens, 4, &n), MOAS_ERR_INVALID_ARG);
     ASSERT_STATUS(moas_tokenize(model, "A", 1, NULL, 4, &n), MOAS_ERR_INVALID_ARG);
     ASSERT_STATUS(moas_tokenize(model, "A", 1, tokens, 4, NULL), MOAS_ERR_INVALID_ARG);
