@@ -373,6 +373,32 @@ TEST(model_reads_trailing_dims_of_one) {
     return TEST_PASS;
 }
 
+/* The tiny default model with general.architecture the `len` bytes of `arch`: its load
+ * status must be `want`, with `needle` in the message. */
+static int load_with_architecture(const char *arch, size_t len, moas_status want,
+                                  const char *needle) {
+    tiny_model_config cfg;
+    size_t size;
+    moas_model *m = NULL;
+    gguf_writer *w = gguf_writer_create();
+    tiny_model_config_default(&cfg);
+    cfg.omit_key = "general.architecture";
+    gguf_writer_add_string_n(w, "general.architecture", arch, len);
+    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
+    uint8_t *image = gguf_writer_finish(w, &size);
+    gguf_writer_free(w);
+    ASSERT_TRUE(image != NULL);
+    const moas_status st = moas_model_load_memory(image, size, NULL, &m);
+    free(image);
+    moas_model_free(st == MOAS_OK ? m : NULL);
+    if (st != want || strstr(moas_last_error(), needle) == NULL) {
+        test_report(__FILE__, __LINE__, "load_with_architecture", "status %d (want %d), "
+                    "message \"%s\"", (int)st, (int)want, moas_last_error());
+        return TEST_FAIL;
+    }
+    return TEST_PASS;
+}
+
 TEST(model_refuses_bad_hyperparameters) {
     tiny_model_config cfg;
 
@@ -444,42 +470,16 @@ TEST(model_refuses_bad_hyperparameters) {
         return TEST_FAIL;
 
     /* an architecture with a NUL inside: not "moas" */
-    w = gguf_writer_create();
-    tiny_model_config_default(&cfg);
-    cfg.omit_key = "general.architecture";
-    gguf_writer_add_string_n(w, "general.architecture", "moas\0llama", 10);
-    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
-    image = gguf_writer_finish(w, &size);
-    gguf_writer_free(w);
-    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_CORRUPT);
-    ASSERT_TRUE(strstr(moas_last_error(), "NUL byte") != NULL);
-    free(image);
-
-    /* another architecture */
-    w = gguf_writer_create();
-    tiny_model_config_default(&cfg);
-    cfg.omit_key = "general.architecture";
-    gguf_writer_add_string(w, "general.architecture", "llama");
-    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
-    image = gguf_writer_finish(w, &size);
-    gguf_writer_free(w);
-    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
-    ASSERT_TRUE(strstr(moas_last_error(), "'llama'") != NULL);
-    free(image);
-
+    if (load_with_architecture("moas\0llama", 10, MOAS_ERR_CORRUPT, "NUL byte") ||
+        load_with_architecture("llama", 5, MOAS_ERR_UNSUPPORTED, "'llama'")) {
+        return TEST_FAIL;
+    }
     /* an architecture with an escape sequence, a bidi override and a byte that is no
      * UTF-8: quoted escaped, so that printing the message cannot drive a terminal */
-    w = gguf_writer_create();
-    tiny_model_config_default(&cfg);
-    cfg.omit_key = "general.architecture";
-    gguf_writer_add_string(w, "general.architecture", "\x1b[2J\xe2\x80\xae\xff\tx");
-    ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
-    image = gguf_writer_finish(w, &size);
-    gguf_writer_free(w);
-    ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
-    ASSERT_TRUE(strstr(moas_last_error(), "'\\u001b[2J\\u202e\\xff\tx'") != NULL);
-    free(image);
-
+    if (load_with_architecture("\x1b[2J\xe2\x80\xae\xff\tx", 10, MOAS_ERR_UNSUPPORTED,
+                               "'\\u001b[2J\\u202e\\xff\tx'")) {
+        return TEST_FAIL;
+    }
     /* a message cut at the buffer's end is cut between characters, whichever byte the
      * cut falls on: 'é' is two bytes, and one of the two names puts the cut inside one */
     for (int odd = 0; odd < 2; odd++) {
@@ -492,15 +492,9 @@ TEST(model_refuses_bad_hyperparameters) {
             name[at++] = (char)0xc3;
             name[at++] = (char)0xa9;
         }
-        name[at] = '\0';
-        w = gguf_writer_create();
-        tiny_model_config_default(&cfg);
-        cfg.omit_key = "general.architecture";
-        gguf_writer_add_string(w, "general.architecture", name);
-        ASSERT_TRUE(tiny_model_write(&cfg, 1, w));
-        image = gguf_writer_finish(w, &size);
-        gguf_writer_free(w);
-        ASSERT_STATUS(moas_model_load_memory(image, size, NULL, &m), MOAS_ERR_UNSUPPORTED);
+        if (load_with_architecture(name, at, MOAS_ERR_UNSUPPORTED, "architecture")) {
+            return TEST_FAIL;
+        }
         const unsigned char *msg = (const unsigned char *)moas_last_error();
         const size_t len = strlen((const char *)msg);
         ASSERT_TRUE(len > 400 && len < 512);
@@ -510,7 +504,6 @@ TEST(model_refuses_bad_hyperparameters) {
                         (msg[i] == 0xc3 && i + 1 < len && msg[i + 1] == 0xa9) ||
                         (msg[i] == 0xa9 && i > 0 && msg[i - 1] == 0xc3));
         }
-        free(image);
     }
     return TEST_PASS;
 }
