@@ -91,43 +91,55 @@ class ToolErrors(unittest.TestCase):
             self.assertFalse(os.path.exists(os.path.join(d, "moas.log")), "moas ran")
             self.assertFalse(os.path.exists(os.path.join(d, "build/bench/small-mha-f32.gguf")))
 
-    def test_random_model_refuses_what_it_does_not_know(self):
-        """random_model (the benchmarks' models; `make test` builds it): a scheme list,
-        type or mixing it cannot read is a usage error, not a model of another shape."""
+    RANDOM_SHAPE = ["--layers", "1", "--embd", "192", "--heads", "6", "--ctx", "8",
+                    "--vocab", "8"]
+
+    def random_model_refuses(self, cases, also=None):
+        """Each (arguments, text) of `cases` added to RANDOM_SHAPE: random_model (the
+        benchmarks' models; `make test` builds it) exits 2 saying `text` (and `also`)
+        and writes no file."""
         exe = os.environ.get("MOAS_RANDOM_MODEL",
                              os.path.join(ROOT, "build", "tools", "random_model"))
         if not os.path.exists(exe):
             self.skipTest("%s not built (make %s)" % (exe, "build/tools/random_model"))
-        shape = ["--layers", "1", "--embd", "192", "--heads", "6", "--ctx", "8",
-                 "--vocab", "8"]
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "m.gguf")
-            for bad, expect in ((["--schemes", "6,x,1"], "got 'x'"),
-                                (["--schemes", "6,,1"], "got ''"),
-                                (["--schemes", "6,2,"], "got ''"),
-                                (["--schemes", ""], "got ''"),
-                                (["--schemes", "6" + ",1" * 8], "at most 8"),
-                                (["--type", "f61"], "f32, f16 or q8_0"),
-                                (["--mixing", "routr"], "single, mean or router"),
-                                # --mha sets both: given too, they were ignored
-                                (["--mha", "--schemes", "6,2,1"], "takes no --schemes"),
-                                (["--mixing", "router", "--mha"], "takes no --schemes or "
-                                 "--mixing"),
-                                # past the last code point: tokens that are no character
-                                (["--vocab", "1111904"], "--vocab is at most 1111903"),
-                                # a router of 192/4 = 48 wide: no Q8_0 rows ("cannot build
-                                # this shape" said nothing of why)
-                                (["--type", "q8_0"], "the router's embd/4 48"),
-                                (["--type", "q8_0", "--mha", "--ff", "100"], "--ff 100\n")):
+            for bad, expect in cases:
                 with self.subTest(bad=bad):
-                    r = subprocess.run([exe] + shape + bad + ["-o", out],
+                    r = subprocess.run([exe] + self.RANDOM_SHAPE + bad + ["-o", out],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        universal_newlines=True, timeout=60)
                     self.assertEqual(r.returncode, 2, r.stderr)
                     self.assertIn(expect, r.stderr)
+                    if also is not None:
+                        self.assertIn(also, r.stderr)
                     self.assertFalse(os.path.exists(out))
-            r = subprocess.run([exe] + shape + ["--schemes", "6,3,1", "--type", "f16",
-                                                "--mixing", "mean", "-o", out],
+        return exe
+
+    def test_random_model_refuses_what_it_does_not_know(self):
+        """A scheme list, type or mixing random_model cannot read is a usage error, not
+        a model of another shape."""
+        exe = self.random_model_refuses((
+            (["--schemes", "6,x,1"], "got 'x'"),
+            (["--schemes", "6,,1"], "got ''"),
+            (["--schemes", "6,2,"], "got ''"),
+            (["--schemes", ""], "got ''"),
+            (["--schemes", "6" + ",1" * 8], "at most 8"),
+            (["--type", "f61"], "f32, f16 or q8_0"),
+            (["--mixing", "routr"], "single, mean or router"),
+            # --mha sets both: given too, they were ignored
+            (["--mha", "--schemes", "6,2,1"], "takes no --schemes"),
+            (["--mixing", "router", "--mha"], "takes no --schemes or --mixing"),
+            # past the last code point: tokens that are no character
+            (["--vocab", "1111904"], "--vocab is at most 1111903"),
+            # a router of 192/4 = 48 wide: no Q8_0 rows ("cannot build this shape" said
+            # nothing of why)
+            (["--type", "q8_0"], "the router's embd/4 48"),
+            (["--type", "q8_0", "--mha", "--ff", "100"], "--ff 100\n")))
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "m.gguf")
+            r = subprocess.run([exe] + self.RANDOM_SHAPE + ["--schemes", "6,3,1", "--type",
+                                                            "f16", "--mixing", "mean", "-o", out],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, timeout=60)
             self.assertEqual(r.returncode, 0, r.stderr)
@@ -138,24 +150,9 @@ class ToolErrors(unittest.TestCase):
         arguments it reads but that make a model the library would not load (mixing
         single with three schemes, kv heads not dividing the heads) are a usage error
         with the library's reason, and no file."""
-        exe = os.environ.get("MOAS_RANDOM_MODEL",
-                             os.path.join(ROOT, "build", "tools", "random_model"))
-        if not os.path.exists(exe):
-            self.skipTest("%s not built (make %s)" % (exe, "build/tools/random_model"))
-        shape = ["--layers", "1", "--embd", "192", "--heads", "6", "--ctx", "8",
-                 "--vocab", "8"]
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "m.gguf")
-            for bad, expect in ((["--mixing", "single"], "needs exactly one scheme"),
-                                (["--schemes", "6,4,1"], "scheme 1 has 4 KV heads")):
-                with self.subTest(bad=bad):
-                    r = subprocess.run([exe] + shape + bad + ["-o", out],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       universal_newlines=True, timeout=60)
-                    self.assertEqual(r.returncode, 2, r.stderr)
-                    self.assertIn("libmoas would refuse this model", r.stderr)
-                    self.assertIn(expect, r.stderr)
-                    self.assertFalse(os.path.exists(out))
+        self.random_model_refuses(((["--mixing", "single"], "needs exactly one scheme"),
+                                   (["--schemes", "6,4,1"], "scheme 1 has 4 KV heads")),
+                                  also="libmoas would refuse this model")
 
     def test_abi_sh_without_its_arguments_is_a_usage_line(self):
         usage = "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]\n"
