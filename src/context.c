@@ -376,7 +376,8 @@ static moas_status allocate(moas_context *ctx, moas_pool *pool, moas_kernels ker
                                (uint64_t)pool->page_heads);
     ctx->kv_pages = moas__calloc(ctx->alloc, (size_t)ctx->n_streams * (size_t)ctx->max_pages + 1,
                                  sizeof *ctx->kv_pages);
-    ctx->state_heads = moas__calloc(ctx->alloc, (size_t)ctx->n_streams, sizeof *ctx->state_heads);
+    ctx->state_heads =
+        moas__calloc(ctx->alloc, 2 * (size_t)ctx->n_streams, sizeof *ctx->state_heads);
     MOAS_RETURN_IF(ctx->kv_pages == NULL || ctx->state_heads == NULL, MOAS_ERR_NO_MEMORY,
                    "context_create: no memory for the page tables");
     for (int32_t i = 0; i < ctx->n_streams; i++) {
@@ -1808,17 +1809,33 @@ static bool pools_down(const moas_model *m, int32_t from, int32_t to) {
     return to < from && from % to == 0 && m->n_head % from == 0;
 }
 
+/* The page indices [*first, *last) of stream i that a rewrite of its heads [from[i],
+ * end[i]) writes into; none when from[i] is UINT32_MAX or the range is empty. */
+static void rewritten_pages(const moas_context *ctx, int32_t i, const uint32_t *from,
+                            const uint32_t *end, uint32_t *first, uint32_t *last) {
+    const moas_pool *pool = ctx->pool;
+    *first = *last = 0;
+    if (from[i] != UINT32_MAX && end[i] > from[i]) {
+        *first = from[i] >> pool->page_shift;
+        *last = (uint32_t)(((uint64_t)end[i] + (uint64_t)pool->page_heads - 1) >> pool->page_shift);
+    }
+}
+
 /* Before pages are rewritten in place: give each stream its own copy of every page it
- * shares from head from[i] on (UINT32_MAX: none of its pages), all or nothing
- * (MOAS_ERR_POOL_FULL changes nothing). */
-static moas_status unshare_from(moas_context *ctx, const uint32_t *from, const char *what) {
+ * shares among those holding its heads [from[i], end[i]), the heads the rewrite writes
+ * (UINT32_MAX: none), all or nothing (MOAS_ERR_POOL_FULL changes nothing). Shared pages
+ * past end[i] are only read, then given back: copying them would refuse a call that
+ * fits. */
+static moas_status unshare_from(moas_context *ctx, const uint32_t *from, const uint32_t *end,
+                                const char *what) {
     moas_pool *pool = ctx->pool;
     uint64_t need = 0;
     moas__pool_lock(pool);
     for (int32_t i = 0; i < ctx->n_streams; i++) {
         const moas_kv_stream *kv = &ctx->kv[i];
-        for (int64_t p = from[i] == UINT32_MAX ? kv->n_pages : (int64_t)(from[i] >> pool->page_shift);
-             p < kv->n_pages; p++) {
+        uint32_t first, last;
+        rewritten_pages(ctx, i, from, end, &first, &last);
+        for (uint32_t p = first; p < last && p < (uint32_t)kv->n_pages; p++) {
             need += pool->refs[kv->pages[p]] > 1 ? 1 : 0;
         }
     }
@@ -1828,9 +1845,9 @@ static moas_status unshare_from(moas_context *ctx, const uint32_t *from, const c
         return fail(ctx, st);
     }
     for (int32_t i = 0; i < ctx->n_streams; i++) {
-        if (from[i] != UINT32_MAX) {
-            moas__kv_unshare(pool, &ctx->kv[i], from[i] >> pool->page_shift);
-        }
+        uint32_t first, last;
+        rewritten_pages(ctx, i, from, end, &first, &last);
+        moas__kv_unshare(pool, &ctx->kv[i], first, last);
     }
     moas__pool_unlock(pool);
     return MOAS_OK;
@@ -1928,13 +1945,20 @@ static moas_status context_compact(moas_context *ctx, int32_t n_before, int32_t 
         return fail(ctx, st);
     }
 
-    /* the pages from the first head each layer changes on are rewritten */
+    /* the heads from the first each layer changes on to the layer's new end are
+     * rewritten */
     const int32_t target = m->scheme_n_kv[scheme], L = m->n_layer;
+    uint32_t *from = ctx->state_heads, *end = ctx->state_heads + ctx->n_streams;
     for (int32_t l = 0; l < L; l++) {
         const int32_t j = first_to_pool(ctx, l, n_before, target);
-        ctx->state_heads[l] = j < 0 ? UINT32_MAX : ctx->kv[l].off[j];
+        from[l] = j < 0 ? UINT32_MAX : ctx->kv[l].off[j];
+        end[l] = ctx->kv[l].off[ctx->n_past];
+        for (int32_t k = j < 0 ? n_before : j; k < n_before; k++) {
+            const int32_t heads = moas__kv_heads(&ctx->kv[l], k);
+            end[l] -= pools_down(m, heads, target) ? (uint32_t)(heads - target) : 0;
+        }
     }
-    if ((st = unshare_from(ctx, ctx->state_heads, what)) != MOAS_OK) {
+    if ((st = unshare_from(ctx, from, end, what)) != MOAS_OK) {
         return st;
     }
 
@@ -2003,11 +2027,15 @@ static moas_status context_shift(moas_context *ctx, int32_t n_keep, int32_t n_di
         return fail(ctx, st);
     }
 
-    /* every page from the first removed head on is rewritten */
+    /* the later tokens' heads are rewritten from the first removed head on, when there
+     * are any */
+    uint32_t *rewrite_from = ctx->state_heads, *rewrite_end = ctx->state_heads + ctx->n_streams;
     for (int32_t i = 0; i < ctx->n_streams; i++) {
-        ctx->state_heads[i] = stream_heads(ctx, i, n_keep);
+        rewrite_from[i] = stream_heads(ctx, i, n_keep);
+        rewrite_end[i] = rewrite_from[i] + stream_heads(ctx, i, ctx->n_past) -
+                         stream_heads(ctx, i, n_keep + n_discard);
     }
-    if ((st = unshare_from(ctx, ctx->state_heads, what)) != MOAS_OK) {
+    if ((st = unshare_from(ctx, rewrite_from, rewrite_end, what)) != MOAS_OK) {
         return st;
     }
     moas_pool *pool = ctx->pool;

@@ -143,7 +143,9 @@ struct moas_context {
     uint32_t *kv_offsets;    /* routed mode: [n_layer, n_ctx + 1] the streams' `off` */
     int32_t *kv_pages;       /* every stream's page table, max_pages each */
     int32_t max_pages;       /* pages a stream may hold at n_ctx tokens */
-    uint32_t *state_heads;   /* [n_streams] a state being loaded: each stream's heads */
+    uint32_t *state_heads;   /* [2, n_streams] a state being loaded: each stream's heads;
+                              * compaction and shift: the first head each stream
+                              * rewrites, then its end after the rewrite */
     bool pool_owned;         /* `pool` is this context's private pool */
     bool linked;             /* on the pool's list */
     struct moas_context *pool_next, *pool_prev;   /* the pool's list of contexts */

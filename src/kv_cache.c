@@ -203,8 +203,8 @@ void moas__kv_grow(moas_pool *pool, moas_kv_stream *kv, uint32_t used, uint32_t 
     }
 }
 
-void moas__kv_unshare(moas_pool *pool, moas_kv_stream *kv, uint32_t from) {
-    for (uint32_t p = from; p < (uint32_t)kv->n_pages; p++) {
+void moas__kv_unshare(moas_pool *pool, moas_kv_stream *kv, uint32_t from, uint32_t to) {
+    for (uint32_t p = from; p < to && p < (uint32_t)kv->n_pages; p++) {
         if (pool->refs[kv->pages[p]] > 1) {
             const int32_t copy = take_page(pool);
             copy_page(pool, copy, kv->pages[p]);

@@ -227,9 +227,9 @@ void moas__kv_grow(struct moas_pool *pool, moas_kv_stream *kv, uint32_t used, ui
 int32_t moas__kv_write_copy(const struct moas_pool *pool, const moas_kv_stream *kv,
                             uint32_t used, uint32_t want);
 
-/* With the pool locked: give `kv` its own copy of every shared page from page index
- * `from` on (the caller has checked enough pages are free). */
-void moas__kv_unshare(struct moas_pool *pool, moas_kv_stream *kv, uint32_t from);
+/* With the pool locked: give `kv` its own copy of every shared page of page indices
+ * [from, to) it holds (the caller has checked enough pages are free). */
+void moas__kv_unshare(struct moas_pool *pool, moas_kv_stream *kv, uint32_t from, uint32_t to);
 
 /* With the pool locked: drop every page `kv` holds. */
 void moas__kv_drop_all(struct moas_pool *pool, moas_kv_stream *kv);

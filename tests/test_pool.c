@@ -2352,8 +2352,9 @@ TEST(compaction_in_a_full_pool) {
             uint8_t *s0 = saved_state(ctx, &n0), *f0 = saved_state(fork, &n0);
             ASSERT_TRUE(s0 && f0);
             ASSERT_STATUS(moas_context_compact(ctx, 8, 2, &changed), MOAS_ERR_POOL_FULL);
-            ASSERT_TRUE(strstr(moas_last_error(), "context_compact: the KV pool lacks 16 "
-                                                  "page(s): 16 needed, 0 free of 20") != NULL);
+            /* the copies of the pages the pooled heads go to, 2 a layer */
+            ASSERT_TRUE(strstr(moas_last_error(), "context_compact: the KV pool lacks 4 "
+                                                  "page(s): 4 needed, 0 free of 20") != NULL);
             ASSERT_EQ(changed, 0);
             ASSERT_OK(moas_pool_stats(pool, &info));
             ASSERT_EQ(info.pages_free, 0);
@@ -2381,6 +2382,81 @@ TEST(compaction_in_a_full_pool) {
         ASSERT_OK(moas_pool_stats(pool, &info));
         ASSERT_EQ(info.pages_free, 12);
         moas_context_free(filler);
+        moas_context_free(ctx);
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 20);
+    }
+    moas_pool_free(pool);
+    moas_model_free(m);
+    free(image);
+    return TEST_PASS;
+}
+
+/* A shift or compaction of a context whose pages a fork shares copies only the shared
+ * pages it writes into: those holding the heads from the first it rewrites to its new
+ * end. The shared pages past that end are only read and then given back, so a pool with
+ * too few free pages to copy them still serves the call. op 0: a shift dropping every
+ * token after the first 2 (nothing is written: no copy), op 1: a shift dropping the
+ * first 6 of 8, op 2: compaction of all 8 from 4 heads to 1. Each context stores 4
+ * heads (a page) a token and layer: 8 tokens, 2 layers hold 16 of the pool's 20 pages.
+ * The fork keeps its state; the context ends as a context of its own pages does after
+ * the same call. */
+static int shift_or_compact(moas_context *ctx, int op, int32_t *changed) {
+    return op == 0   ? moas_context_shift(ctx, 2, 6)
+           : op == 1 ? moas_context_shift(ctx, 0, 6)
+                     : moas_context_compact(ctx, 8, 2, changed);
+}
+
+TEST(shift_and_compaction_copy_only_the_shared_pages_they_write) {
+    size_t size;
+    uint8_t *image = kind_image(4, &size);   /* pooled K/V, RoPE: compact and shift apply */
+    moas_model *m;
+    int32_t tokens[8];
+    ASSERT_OK(moas_model_load_memory(image, size, NULL, &m));
+    ASSERT_EQ(moas_model_n_layer(m), 2);
+    ASSERT_EQ(moas_model_head_dim(m), 8);
+    seq_tokens(tokens, 8, moas_model_n_vocab(m), 23);
+    moas_pool *pool = make_pool(m, 20 * 256, MOAS_TYPE_F32, 1, 0, 4);
+    ASSERT_TRUE(pool != NULL);
+    moas_pool_info info = {.size = sizeof info};
+    for (int op = 0; op < 3; op++) {
+        /* pages the call copies: 0; the 2 tokens kept, 2 pages a layer; 8 heads a layer */
+        const int32_t copies = op == 0 ? 0 : 4, pages_after = 4;
+        moas_context *ctx = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1), *fork = NULL;
+        ASSERT_TRUE(ctx != NULL);
+        ASSERT_OK(moas_context_force_scheme(ctx, 0));
+        ASSERT_OK(moas_context_decode_batch(ctx, tokens, 8, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(moas_context_fork(ctx, &fork));   /* 8 full pages a layer: all shared */
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 4);
+        size_t n_fork, n_after;
+        uint8_t *f0 = saved_state(fork, &n_fork);
+        ASSERT_TRUE(f0 != NULL);
+        int32_t changed = -1;
+        ASSERT_OK(shift_or_compact(ctx, op, &changed));
+        ASSERT_EQ(moas_context_kv_pages(ctx), pages_after);
+        ASSERT_OK(moas_pool_stats(pool, &info));
+        ASSERT_EQ(info.pages_free, 4 - copies);
+        uint8_t *f1 = saved_state(fork, &n_after), *s1 = saved_state(ctx, &n_after);
+        ASSERT_TRUE(f1 != NULL && s1 != NULL);
+        ASSERT_TRUE(memcmp(f1, f0, n_fork) == 0);
+        moas_context_free(fork);   /* the same call on a context holding its pages alone */
+        moas_context *alone = make_ctx(m, pool, MOAS_MODE_ROUTED, MOAS_TYPE_F32, 1);
+        ASSERT_TRUE(alone != NULL);
+        ASSERT_OK(moas_context_force_scheme(alone, 0));
+        ASSERT_OK(moas_context_decode_batch(alone, tokens, 8, NULL, MOAS_LOGITS_LAST));
+        ASSERT_OK(shift_or_compact(alone, op, &changed));
+        ASSERT_EQ(changed, op == 2 ? 8 * 2 : -1);
+        size_t n_alone;
+        uint8_t *a1 = saved_state(alone, &n_alone);
+        ASSERT_TRUE(a1 != NULL);
+        ASSERT_EQ(n_alone, n_after);
+        ASSERT_TRUE(memcmp(a1, s1, n_after) == 0);
+        free(f0);
+        free(f1);
+        free(s1);
+        free(a1);
+        moas_context_free(alone);
         moas_context_free(ctx);
         ASSERT_OK(moas_pool_stats(pool, &info));
         ASSERT_EQ(info.pages_free, 20);
