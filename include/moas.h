@@ -764,8 +764,9 @@ MOAS_API const char *moas_context_kernels_name(const moas_context *ctx); /* e.g.
  * moas_context_reset() - forget every token: empty the cache and the routing records.
  * METHOD: moas_context
  *
- * The context is as freshly created. A NULL `ctx` does nothing (moas_last_error() says
- * so). While another call holds
+ * Its tokens, routing records, logits and pages go; what was set on it since its
+ * creation stays (a forced scheme, a KV budget, route and abort callbacks). A NULL `ctx`
+ * does nothing (moas_last_error() says so). While another call holds
  * the context (its decode, from a route callback; another thread's call), it does
  * nothing and sets moas_last_error().
  *
@@ -1002,7 +1003,8 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  * a decode step can give each thread a share of the sequences to run through the
  * whole model (about 1.4 MB a thread for a 4-layer 192-wide model; docs/KV_CACHE.md).
  * A page holds page_heads K and V heads of head_dim elements of kv_type. The model is
- * borrowed and must outlive the pool; the pool must outlive its contexts.
+ * borrowed and must outlive the pool; contexts made in the pool keep it alive
+ * (moas_pool_free()).
  *
  * Returns: MOAS_OK, or MOAS_ERR_INVALID_ARG (NULL `model`/`out`, capacity below one
  *          page, page_heads not a power of two in [1, 4096], unknown kv_type or
