@@ -6,6 +6,48 @@
 //   node tests/browser/routing_view.js http://127.0.0.1:PORT/ OUT.png [CHROMIUM]
 const { chromium } = require("playwright-core");
 
+// A page whose API answers are made up (page.route): the server's refusals and faults
+// that the real server does not give on demand. `api` maps a path under the page
+// ("v1/models", "v1/pool", "v1/completions") to {status, body} or a function of the
+// request giving one; a path not in it gets the tiny model's answers below.
+const MODEL = { object: "list", data: [{ id: "fake.gguf", moas: {
+  schemes: ["MHA", "GQA-2", "MQA"], scheme_kv_heads: [4, 2, 1], n_layer: 2, n_ctx: 64,
+  mode: "routed" } }] };
+const POOL = { bytes_capacity: 1048576, bytes_held: 0, sequences_active: 0,
+               requests_queued: 0, tokens_per_second: 0 };
+async function fakePage(browser, url, api, init) {
+  const page = await browser.newPage({ viewport: { width: 1000, height: 560 } });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("dialog", (d) => { errors.push("dialog: " + d.message()); d.dismiss(); });
+  const answers = Object.assign({ "v1/models": { status: 200, body: MODEL },
+                                  "v1/pool": { status: 200, body: POOL } }, api);
+  for (const [path, answer] of Object.entries(answers)) {
+    await page.route(url + path, async (route) => {
+      const a = typeof answer === "function" ? await answer(route.request()) : answer;
+      await route.fulfill({ status: a.status, contentType: a.type || "application/json",
+                            body: typeof a.body === "string" ? a.body : JSON.stringify(a.body) });
+    });
+  }
+  if (init) await page.addInitScript(init);
+  await page.goto(url);
+  return { page, errors };
+}
+
+const status = (page, re) => page.waitForFunction((src) => new RegExp(src).test(
+  document.getElementById("status").textContent), re.source, { timeout: 10000 });
+
+async function faults(browser, url, fail) {
+  // a server started with --api-key, the page loaded without one: its own message
+  {
+    const { page } = await fakePage(browser, url, { "v1/models": { status: 401, body: {
+      error: { message: "missing API key (send 'Authorization: Bearer KEY')" } } } });
+    await status(page, /missing API key/).catch(async () => fail(
+      "model info refused: status " + JSON.stringify(await page.textContent("#status"))));
+    await page.close();
+  }
+}
+
 async function main() {
   const [url, out, exe] = process.argv.slice(2);
   const browser = await chromium.launch({
@@ -57,6 +99,7 @@ async function main() {
     if (external.length) await fail("external requests: " + external.join(", "));
     await page.screenshot({ path: out, fullPage: true });
     const text = await page.$$eval(".ch.gen .glyph", (g) => g.map((x) => x.textContent).join(""));
+    await faults(browser, url, fail);
     console.log("browser: ok (" + coloured + " coloured cells over " + layers +
                 " layers, " + colours.size + " colours; text " + JSON.stringify(text) +
                 "; screenshot " + out + ")");
