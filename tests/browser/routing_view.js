@@ -46,6 +46,18 @@ async function faults(browser, url, fail) {
       "model info refused: status " + JSON.stringify(await page.textContent("#status"))));
     await page.close();
   }
+  // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
+  {
+    const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
+      finish_reason: null, routes: [{ schemes: [0, 1], gates: [[1, 0, 0], [0, 1, 0]] }] }] }) + "\n\n";
+    const { page } = await fakePage(browser, url, { "v1/completions": {
+      status: 200, type: "text/event-stream", body: chunk("a") + chunk("b") } });
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await page.click("#go");
+    await status(page, /ended before/).catch(async () => fail(
+      "cut stream: status " + JSON.stringify(await page.textContent("#status"))));
+    await page.close();
+  }
 }
 
 async function main() {
