@@ -46,6 +46,19 @@ async function faults(browser, url, fail) {
       "model info refused: status " + JSON.stringify(await page.textContent("#status"))));
     await page.close();
   }
+  // a model of MOAS_MAX_SCHEMES (8) schemes: a colour each, every one its own
+  {
+    const names = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+    const eight = { object: "list", data: [{ id: "eight.gguf", moas: Object.assign({},
+      MODEL.data[0].moas, { schemes: names, scheme_kv_heads: [8, 4, 2, 1, 1, 1, 1, 1] }) }] };
+    const { page } = await fakePage(browser, url, { "v1/models": { status: 200, body: eight } });
+    await page.waitForSelector("#legend span >> nth=7", { timeout: 10000 });
+    const bg = await page.$$eval("#legend span", (es) => es.map((e) =>
+      getComputedStyle(e).backgroundColor));
+    if (bg.includes("rgba(0, 0, 0, 0)") || new Set(bg).size !== 8)
+      await fail("8 schemes, legend colours " + bg.join(", "));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
