@@ -46,6 +46,29 @@ async function faults(browser, url, fail) {
       "model info refused: status " + JSON.stringify(await page.textContent("#status"))));
     await page.close();
   }
+  // the pool refused (503, or 401 without a key): said, and asked ever less often. The
+  // page's timers for pollPool are recorded and run at once, five times, then no more
+  {
+    const init = () => {
+      const later = window.setTimeout;
+      window.pollDelays = [];
+      window.setTimeout = function (f, ms, ...rest) {
+        if (typeof f !== "function" || f.name !== "pollPool") return later(f, ms, ...rest);
+        window.pollDelays.push(ms);
+        return window.pollDelays.length > 5 ? 0 : later(f, 0, ...rest);
+      };
+    };
+    const { page } = await fakePage(browser, url, { "v1/pool": { status: 503, body: {
+      error: { message: "the engine thread stopped" } } } }, init);
+    await page.waitForFunction(() => window.pollDelays.length > 5, null, { timeout: 10000 })
+      .catch(() => {});
+    const delays = await page.evaluate(() => window.pollDelays);
+    if (delays.length < 6 || !delays.every((d, i) => i === 0 || d > delays[i - 1]))
+      await fail("pool refused, polled again after " + delays.join(", ") + " ms");
+    const text = await page.textContent("#pooltext");
+    if (!/engine thread stopped/.test(text)) await fail("pool refused: " + JSON.stringify(text));
+    await page.close();
+  }
   // a model of MOAS_MAX_SCHEMES (8) schemes: a colour each, every one its own
   {
     const names = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
