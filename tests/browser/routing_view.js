@@ -69,6 +69,25 @@ async function faults(browser, url, fail) {
     if (!/engine thread stopped/.test(text)) await fail("pool refused: " + JSON.stringify(text));
     await page.close();
   }
+  // Generate pressed while the page's own GET /v1/models is still unanswered: one
+  // model's layers in the selector, not two copies
+  {
+    let release, asked = 0;
+    const held = new Promise((resolve) => { release = resolve; });
+    const { page } = await fakePage(browser, url, { "v1/models": async () => {
+      asked++;
+      await held;
+      return { status: 200, body: MODEL };
+    } });
+    await page.click("#go");   // (a request arriving after release() is answered at once)
+    release();
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await status(page, /finish|error|stopped/).catch(() => {});
+    const layers = await page.$$eval("#layer option", (o) => o.map((x) => x.textContent));
+    if (layers.length !== MODEL.data[0].moas.n_layer + 1)
+      await fail("model read " + asked + " times, layer selector " + layers.join(", "));
+    await page.close();
+  }
   // a model of MOAS_MAX_SCHEMES (8) schemes: a colour each, every one its own
   {
     const names = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
