@@ -101,6 +101,17 @@ async function faults(browser, url, fail) {
       await fail("8 schemes, legend colours " + bg.join(", "));
     await page.close();
   }
+  // a refusal that is no JSON (a proxy's 502 page): its status said, its HTML not shown
+  {
+    const { page, errors } = await fakePage(browser, url, { "v1/completions": {
+      status: 502, type: "text/html", body: "<html><img src=x onerror=alert(1)>Bad Gateway</html>" } });
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await page.click("#go");
+    await status(page, /^error: 502\b/).catch(async () => fail(
+      "502 page: status " + JSON.stringify(await page.textContent("#status"))));
+    if (errors.length || await page.$("img")) await fail("502 page: " + errors.join("; "));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
