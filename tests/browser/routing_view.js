@@ -112,6 +112,20 @@ async function faults(browser, url, fail) {
     if (errors.length || await page.$("img")) await fail("502 page: " + errors.join("; "));
     await page.close();
   }
+  // every control named for a screen reader (the prompt's box too)
+  {
+    const { page } = await fakePage(browser, url, {});
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    const unnamed = [];
+    for (const id of ["prompt", "max_tokens", "temperature", "seed", "layer", "key", "go", "stop"]) {
+      const named = await page.locator("#" + id).evaluate((e) => e.labels && e.labels.length > 0 ||
+        !!e.getAttribute("aria-label") || e.tagName === "BUTTON" && e.textContent.trim() !== "");
+      if (!named) unnamed.push(id);
+    }
+    if (await page.getByRole("textbox", { name: "prompt" }).count() !== 1) unnamed.push("(prompt by name)");
+    if (unnamed.length) await fail("controls without a name: " + unnamed.join(", "));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
