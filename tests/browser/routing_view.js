@@ -126,6 +126,25 @@ async function faults(browser, url, fail) {
     if (unnamed.length) await fail("controls without a name: " + unnamed.join(", "));
     await page.close();
   }
+  // characters that draw nothing (NUL, ESC, CR, DEL, a bidi override) or a wide gap
+  // (tab), in the prompt and in the output: each box shows a visible symbol instead
+  {
+    const odd = ["\t", "\u0000", "\u001b", "\r", "\u007f", "\u202e", "\u2066"];
+    const { page } = await fakePage(browser, url, { "v1/completions": {
+      status: 200, type: "text/event-stream", body: odd.map((text) => "data: " + JSON.stringify({
+        choices: [{ text, index: 0, finish_reason: null, routes: [{ schemes: [0, 1],
+        gates: [[1, 0, 0], [0, 1, 0]] }] }] }) + "\n\n").join("") + "data: [DONE]\n\n" } });
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await page.fill("#prompt", "a\tb\u202ec");
+    await page.click("#go");
+    await page.waitForFunction((n) => document.querySelectorAll(".ch.gen").length >= n,
+                               odd.length, { timeout: 10000 });
+    const glyphs = await page.$$eval(".ch .glyph", (g) => g.map((x) => x.textContent));
+    const blank = glyphs.filter((t) => /^[\u0000-\u001f\u007f\u200e\u200f\u202a-\u202e\u2066-\u2069]*$/.test(t) ||
+                                       /[\u0000-\u001f\u007f\u202a-\u202e\u2066-\u2069]/.test(t));
+    if (blank.length) await fail("invisible glyphs " + JSON.stringify(blank));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
