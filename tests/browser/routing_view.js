@@ -145,6 +145,20 @@ async function faults(browser, url, fail) {
     if (blank.length) await fail("invisible glyphs " + JSON.stringify(blank));
     await page.close();
   }
+  // markup that ever reached the DOM runs no script (the page's Content-Security-Policy)
+  {
+    const { page } = await fakePage(browser, url, {});
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    const ran = await page.evaluate(() => new Promise((resolve) => {
+      const out = document.getElementById("out");
+      out.innerHTML = "<img src=x onerror=\"window.injected = 1\">";
+      const img = out.querySelector("img");
+      img.addEventListener("error", () => resolve(window.injected === 1));
+      img.addEventListener("load", () => resolve(window.injected === 1));
+    }));
+    if (ran) await fail("an injected onerror handler ran");
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,

@@ -12,9 +12,11 @@ sequence (moas.engine); this module only parses, validates and streams.
 
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import faulthandler
+import hashlib
 import hmac
 import json
 import logging
@@ -382,6 +384,24 @@ def parse_completion(body, cfg):
 
 # ---- the application -------------------------------------------------------------------
 
+def page_headers(path):
+    """GET /'s headers: a Content-Security-Policy that lets the page run its own inline
+    script and stylesheet (named by their SHA-256) and talk to this server alone, so that
+    markup ever reaching its DOM could run no script, load nothing and send nothing
+    elsewhere, and no other site may frame it (the API key is typed there); nosniff."""
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+
+    def hashes(tag):
+        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(
+            body.encode("utf-8")).digest()).decode()
+            for body in re.findall(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S)) or "'none'"
+    return {"Content-Security-Policy": "default-src 'none'; script-src %s; style-src %s; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors "
+            "'none'" % (hashes("script"), hashes("style")),
+            "X-Content-Type-Options": "nosniff"}
+
+
 # the event a waiting request gets once the engine thread has died of a bug (for no
 # prompt in particular: it ends the whole request)
 ENGINE_FAILED = Event("error", (500, "internal error: the engine thread stopped (its "
@@ -431,6 +451,7 @@ class Server:
                         "e2e_request_latency_seconds": Histogram(LATENCY_BOUNDS)}
         self.started = time.time()
         self.schemes = scheme_names(self.model)
+        self.page_headers = page_headers(os.path.join(STATIC, "index.html"))
 
     def _deliver(self, batch):
         """The engine thread, once per step: the step's events in one hop to the event
@@ -546,7 +567,8 @@ class Server:
         return response
 
     async def index(self, request):
-        return web.FileResponse(os.path.join(STATIC, "index.html"))
+        return web.FileResponse(os.path.join(STATIC, "index.html"),
+                                headers=self.page_headers)
 
     async def health(self, request):
         snap = self.engine.snapshot()

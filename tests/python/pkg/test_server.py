@@ -4,6 +4,8 @@ every error path answered in OpenAI's shape with the server unharmed, a client t
 disconnects mid-stream gives its pages back, a full server answers 503 with
 Retry-After, and a short concurrent load loses nothing. Standard-library clients only;
 the server needs aiohttp (skipped without it)."""
+import base64
+import hashlib
 import http.client
 import json
 import math
@@ -168,6 +170,16 @@ def test_health_models_metrics_page(server):
     assert status == 200 and "text/html" in headers["Content-Type"]
     assert "<script>" in page and "http" not in page.split("<script>")[1].replace(
         "http.", "")   # no external assets
+    # its own script and stylesheet allowed by hash, nothing else run, loaded or sent
+    # elsewhere (tests/browser checks the page works under it, and an injected handler not)
+    csp = headers["Content-Security-Policy"]
+    for tag in ("script", "style"):
+        body = page.split("<%s>" % tag)[1].split("</%s>" % tag)[0]
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert "%s-src 'sha256-%s'" % (tag, digest) in csp, csp
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "'unsafe-inline'" not in csp and "connect-src 'self'" in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_completion_equals_generate_alone(server, model):
