@@ -159,6 +159,30 @@ async function faults(browser, url, fail) {
     if (ran) await fail("an injected onerror handler ran");
     await page.close();
   }
+  // many layers: a tall gates tooltip, kept inside the window
+  {
+    const L = 24;
+    const deep = { object: "list", data: [{ id: "deep.gguf", moas: Object.assign({},
+      MODEL.data[0].moas, { n_layer: L }) }] };
+    const route = { schemes: Array.from({ length: L }, (_, l) => l % 3),
+                    gates: Array.from({ length: L }, () => [0.5, 0.25, 0.25]) };
+    const { page } = await fakePage(browser, url, { "v1/models": { status: 200, body: deep },
+      "v1/completions": { status: 200, type: "text/event-stream", body: ["x", "y", "z"].map(
+        (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0, finish_reason: null,
+          routes: [route] }] }) + "\n\n").join("") + "data: [DONE]\n\n" } });
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await page.click("#go");
+    await page.waitForFunction(() => document.querySelectorAll(".ch.gen").length === 3, null,
+                               { timeout: 10000 });
+    await page.hover(".ch.gen >> nth=2");
+    const box = await page.evaluate(() => {
+      const r = document.getElementById("tip").getBoundingClientRect();
+      return { top: r.top, bottom: r.bottom, right: r.right, h: innerHeight, w: innerWidth };
+    });
+    if (box.top < 0 || box.bottom > box.h || box.right > box.w)
+      await fail(L + " layers: tooltip outside the window " + JSON.stringify(box));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
