@@ -69,6 +69,25 @@ async function faults(browser, url, fail) {
     if (!/engine thread stopped/.test(text)) await fail("pool refused: " + JSON.stringify(text));
     await page.close();
   }
+  // the API key typed after the page was refused: the model and the pool read with it
+  // at once, without pressing Generate or waiting out the pool's backing off
+  {
+    const keyed = (body) => (req) => req.headers()["authorization"] === "Bearer k"
+      ? { status: 200, body }
+      : { status: 401, body: { error: { message: "missing API key" } } };
+    const { page } = await fakePage(browser, url, { "v1/models": keyed(MODEL),
+                                                    "v1/pool": keyed(POOL) });
+    await page.waitForFunction(() => /missing API key/.test(
+      document.getElementById("pooltext").textContent), null, { timeout: 10000 });
+    await page.fill("#key", "k");
+    await page.press("#key", "Enter");   // (a change, as Tab or a click elsewhere)
+    await page.waitForFunction(() => document.querySelector("#legend span") &&
+      /KiB held of/.test(document.getElementById("pooltext").textContent), null,
+      { timeout: 10000 }).catch(async () => fail("key typed: legend " +
+        JSON.stringify(await page.textContent("#legend")) + ", pool " +
+        JSON.stringify(await page.textContent("#pooltext"))));
+    await page.close();
+  }
   // Generate pressed while the page's own GET /v1/models is still unanswered: one
   // model's layers in the selector, not two copies
   {
