@@ -202,6 +202,28 @@ async function faults(browser, url, fail) {
       await fail(L + " layers: tooltip outside the window " + JSON.stringify(box));
     await page.close();
   }
+  // markup in everything the page shows from elsewhere (model name, scheme names, the
+  // generated text, an error event's message) shown as text, never parsed
+  {
+    const img = "<img src=x onerror=alert(1)>";
+    const bad = { object: "list", data: [{ id: img, moas: Object.assign({},
+      MODEL.data[0].moas, { schemes: [img, "<b>b</b>", "MQA"], mode: img }) }] };
+    const { page, errors } = await fakePage(browser, url, { "v1/models": { status: 200, body: bad },
+      "v1/completions": { status: 200, type: "text/event-stream", body: "data: " + JSON.stringify({
+        choices: [{ text: img, index: 0, finish_reason: null, routes: [{ schemes: [0, 1],
+        gates: [[1, 0, 0], [0, 1, 0]] }] }] }) + "\n\ndata: " + JSON.stringify({
+        error: { message: img } }) + "\n\ndata: [DONE]\n\n" } });
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    const legend = await page.textContent("#legend");
+    await page.click("#go");
+    await status(page, /^error: <img/).catch(async () => fail(
+      "markup: status " + JSON.stringify(await page.textContent("#status"))));
+    await page.hover(".ch.gen");
+    const tip = await page.textContent("#tip");
+    if (!legend.includes(img) || !tip.includes(img) || await page.$("img, b") || errors.length)
+      await fail("markup parsed: legend " + JSON.stringify(legend) + ", " + errors.join("; "));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
@@ -267,6 +289,28 @@ async function main() {
     if (external.length) await fail("external requests: " + external.join(", "));
     await page.screenshot({ path: out, fullPage: true });
     const text = await page.$$eval(".ch.gen .glyph", (g) => g.map((x) => x.textContent).join(""));
+    // Stop, then a new request at once: the old stream's characters stay out of it
+    await page.fill("#max_tokens", "48");
+    await page.click("#go");
+    await page.waitForFunction(() => {
+      if (document.querySelectorAll(".ch.gen").length < 2) return false;
+      if (!document.getElementById("stop").disabled) document.getElementById("stop").click();
+      return true;
+    }, null, { timeout: 20000 });
+    await page.waitForFunction(() => !document.getElementById("go").disabled, null,
+                               { timeout: 10000 });
+    await page.fill("#prompt", "God saw");
+    await page.fill("#max_tokens", "5");
+    await page.click("#go");
+    await status(page, /^5 characters, finish/).catch(() => {});
+    const after = await page.evaluate(() => ({
+      prompt: [...document.querySelectorAll(".ch.prompt .glyph")].map((g) => g.textContent).join(""),
+      gen: document.querySelectorAll(".ch.gen").length,
+      first: [...document.querySelectorAll(".ch")].findIndex((c) => c.classList.contains("gen")),
+      status: document.getElementById("status").textContent }));
+    if (after.prompt !== "God saw" || after.gen !== 5 || after.first !== 7 ||
+        !after.status.startsWith("5 characters"))
+      await fail("after Stop and a new request: " + JSON.stringify(after));
     await faults(browser, url, fail);
     console.log("browser: ok (" + coloured + " coloured cells over " + layers +
                 " layers, " + colours.size + " colours; text " + JSON.stringify(text) +
