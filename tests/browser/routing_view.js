@@ -88,6 +88,26 @@ async function faults(browser, url, fail) {
         JSON.stringify(await page.textContent("#pooltext"))));
     await page.close();
   }
+  // the model info refused again at Generate: no generation without it (no cells to
+  // colour, no scheme names for the gates)
+  {
+    let asked = 0;
+    const { page, errors } = await fakePage(browser, url, { "v1/models": () => ({
+      status: 503, body: { error: { message: ++asked === 1 ? "the server is starting"
+                                                           : "the engine thread stopped" } } }) });
+    await status(page, /server is starting/);
+    await page.click("#go");
+    await page.waitForFunction(() => !document.getElementById("go").disabled &&
+      /engine thread stopped/.test(document.getElementById("status").textContent), null,
+      { timeout: 10000 }).catch(() => {});
+    const st = await page.textContent("#status");
+    if (await page.$(".ch.gen")) {
+      await page.hover(".ch.gen");
+      await fail("generated without the model info: " + JSON.stringify(st) + "; " + errors.join("; "));
+    }
+    if (!/engine thread stopped/.test(st)) await fail("model info refused: " + JSON.stringify(st));
+    await page.close();
+  }
   // Generate pressed while the page's own GET /v1/models is still unanswered: one
   // model's layers in the selector, not two copies
   {
