@@ -163,6 +163,10 @@ async function faults(browser, url, fail) {
     }
     if (await page.getByRole("textbox", { name: "prompt" }).count() !== 1) unnamed.push("(prompt by name)");
     if (unnamed.length) await fail("controls without a name: " + unnamed.join(", "));
+    // the status line (finish, Stop, errors) is read out when it changes
+    const live = await page.getByRole("status").allTextContents();
+    if (live.length !== 1 || !/fake\.gguf: 2 layers/.test(live[0]))
+      await fail("status line not a live region: " + JSON.stringify(live));
     await page.close();
   }
   // characters that draw nothing (NUL, ESC, CR, DEL, a bidi override) or a wide gap
