@@ -248,6 +248,31 @@ async function faults(browser, url, fail) {
       await fail("markup parsed: legend " + JSON.stringify(legend) + ", " + errors.join("; "));
     await page.close();
   }
+  // the gates from the keyboard: Tab to the output, arrows from character to character
+  {
+    const chunk = (text, s0) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
+      finish_reason: null, routes: [{ schemes: [s0, 1], gates: [[0.5, 0.25, 0.25], [0, 1, 0]] }] }] }) + "\n\n";
+    const { page } = await fakePage(browser, url, { "v1/completions": { status: 200,
+      type: "text/event-stream", body: chunk("a", 0) + chunk("b", 2) + "data: [DONE]\n\n" } });
+    await page.waitForSelector("#legend span", { timeout: 10000 });
+    await page.click("#go");
+    await status(page, /finish|ended|error/).catch(() => {});
+    await page.focus("#stop").catch(() => {});
+    await page.focus("#go");
+    let focused = "";
+    for (let i = 0; i < 5 && focused !== "out"; i++) {   // Tab reaches it (Stop is disabled)
+      await page.keyboard.press("Tab");
+      focused = await page.evaluate(() => document.activeElement.id);
+    }
+    await page.keyboard.press("End");
+    const last = await page.textContent("#tip");
+    await page.keyboard.press("ArrowLeft");
+    const first = await page.textContent("#tip");
+    if (focused !== "out" || !/-> MQA$/m.test(last.split("\n")[0]) || !/^layer 0: MHA 0\.500.*-> MHA$/m.test(first))
+      await fail("gates by keyboard: focus " + JSON.stringify(focused) + ", tips " +
+                 JSON.stringify([last, first]));
+    await page.close();
+  }
   // a stream cut before its [DONE] (the server or a proxy gone): said, not left silent
   {
     const chunk = (text) => "data: " + JSON.stringify({ choices: [{ text, index: 0,
