@@ -1,7 +1,8 @@
 // routing_view.js - the server's routing view (GET /) in a real browser: Debian's
 // headless Chromium driven by playwright-core. Loads the page, types a prompt, clicks
 // Generate, waits for streamed characters whose cells are coloured by scheme, checks
-// the gates tooltip and the pool line, and saves a screenshot.
+// the gates tooltip and the pool line, Stop then a new request, and saves a screenshot;
+// then faults() on pages whose API answers are made up.
 //
 //   node tests/browser/routing_view.js http://127.0.0.1:PORT/ OUT.png [CHROMIUM]
 const { chromium } = require("playwright-core");
