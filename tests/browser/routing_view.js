@@ -128,6 +128,27 @@ async function faults(browser, url, fail) {
       await fail("model read " + asked + " times, layer selector " + layers.join(", "));
     await page.close();
   }
+  // Generate clicked twice while the model info is read: one completion, not two
+  // streams writing into one output
+  {
+    let release, posts = 0;
+    const held = new Promise((resolve) => { release = resolve; });
+    const one = "data: " + JSON.stringify({ choices: [{ text: "a", index: 0,
+      finish_reason: "length", routes: [{ schemes: [0, 1], gates: [[1, 0, 0], [0, 1, 0]] }] }] }) +
+      "\n\ndata: [DONE]\n\n";
+    const { page } = await fakePage(browser, url, {
+      "v1/models": async () => { await held; return { status: 200, body: MODEL }; },
+      "v1/completions": () => { posts++; return { status: 200, type: "text/event-stream", body: one }; } });
+    await page.evaluate(() => { const go = document.getElementById("go"); go.click(); go.click(); });
+    release();
+    await status(page, /finish/);
+    await page.waitForFunction(() => !document.getElementById("go").disabled, null,
+                               { timeout: 10000 });
+    const gen = await page.$$eval(".ch.gen", (c) => c.length);
+    if (posts !== 1 || gen !== 1) await fail("double click: " + posts + " completions, " + gen +
+                                             " characters");
+    await page.close();
+  }
   // a model of MOAS_MAX_SCHEMES (8) schemes: a colour each, every one its own
   {
     const names = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
