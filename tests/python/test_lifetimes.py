@@ -197,6 +197,30 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_closing_the_model_or_pool_from_a_callback_is_refused_closing_nothing(self):
+        # refused half-way, it closed the contexts it reached before the one calling,
+        # and the model (or pool) refused every call while `closed` said False
+        self.expect_ok("""
+            m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20)
+            others = [m.context() for _ in range(4)] + [p.context() for _ in range(4)]
+            for owner, make in ((m, m.context), (p, p.context), (m, p.context)):
+                c = make(route_callback=lambda pos, layer, g, prop, o=owner: o.close())
+                for call in (lambda: c.decode(1),
+                             lambda: p.decode([(c, [1])]) if c.pool else c.decode(1)):
+                    try:
+                        call()
+                        raise SystemExit("not refused")
+                    except moas.MoasError as e:
+                        assert e.status == moas.Status.ERR_BUSY, e
+                    assert not any(o.closed for o in others + [c, m, p])
+                    assert m.n_vocab == 47 and p.stats().n_contexts >= 4 and c.n_past == 0
+                c.close()
+            others[0].decode(1); others[-1].decode(1)
+            m.close()
+            assert p.closed and all(o.closed for o in others)
+            print("ok")
+        """)
+
     def test_a_forks_callback_error_is_its_own(self):
         self.expect_ok("""
             m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20)

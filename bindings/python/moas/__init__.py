@@ -788,12 +788,22 @@ class _Handle:
     def _stop_calls(self):
         """close() of a Model or Pool: refuse new calls, wait for those under way; one
         of this thread's own (a callback closing what called it) is refused."""
+        me = threading.get_ident()
         with self._users_cond:
-            if self._users.get(threading.get_ident()):
+            # checked before anything closes: refused half-way, the dependents closed
+            # before the one inside the call stayed closed, and this object refused
+            # every call while `closed` said it was open
+            if self._users.get(me) or any(dep._inside_call(me)
+                                          for dep in list(self._dependents)):
                 raise MoasError(Status.ERR_BUSY, "close: a callback must not close "
                                 "the %s it was called from" % self._kind)
             self._closing = True   # new calls are refused; those under way finish
             self._users_cond.wait_for(lambda: not self._users)
+
+    def _inside_call(self, me):
+        """Whether thread `me` is inside a call on this object (in one of its
+        callbacks)."""
+        return bool(getattr(self, "_users", {}).get(me))
 
     def _call(self, name, *args):
         fn = getattr(library(), name)
@@ -1498,6 +1508,9 @@ class Context(_Handle):
     def _free(self, ptr):
         library().moas_context_free(ptr)
         self._freed()
+
+    def _inside_call(self, me):
+        return self._calling == me
 
     def _check_not_inside(self, what):
         if self._calling == threading.get_ident():
