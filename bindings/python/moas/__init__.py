@@ -1336,7 +1336,8 @@ class Model(_Handle):
         character after a window's first scored; stride S (1 to n_ctx): windows S
         apart, each scoring only the S characters it adds, the rest its context (a
         sliding window, as long-context evaluations score). Returns a Perplexity
-        (perplexity, nll, n_scored, n_chars, n_changed)."""
+        (perplexity, nll, n_scored, n_chars, n_changed). Logits that give a token no
+        finite log-likelihood (a damaged model's NaN) raise MoasValueError naming it."""
         stride = _int("stride", stride)
         ids, changed = self.tokenize_ex(text, unknown=unknown)
         if len(ids) < 2:
@@ -1364,7 +1365,13 @@ class Model(_Handle):
                     row, nxt = rows[j - 1], chunk[j]
                     peak = max(row)
                     lse = peak + math.log(sum(math.exp(x - peak) for x in row))
-                    total += lse - row[nxt]
+                    nll = lse - row[nxt]
+                    if not math.isfinite(nll):   # a damaged model: summed, it gave nan
+                        raise MoasError(Status.ERR_CORRUPT, "the logits scoring token %d "
+                                        "of the text are not finite (NaN or infinity): "
+                                        "the model computes no probability for it"
+                                        % (start + j))
+                    total += nll
                     scored += 1
                 if stride and start + window >= len(ids):
                     break

@@ -237,3 +237,26 @@ def test_server_without_aiohttp_says_so():
     out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, universal_newlines=True)
     assert out.returncode == 1 and "needs aiohttp" in out.stdout, out.stdout
+
+
+def _with_embedding_row(scale):
+    """The test model's bytes with the embedding of "A" (id 11) multiplied by `scale`."""
+    with open(MODEL, "rb") as f:
+        raw = bytearray(f.read())
+    with moas.Model(MODEL) as m:
+        emb = m.tensor("token_embd.weight")
+        row = emb.offset + 11 * emb.shape[0] * 4
+    first = memoryview(raw)[row:row + 4].cast("f")
+    first[0] *= scale
+    first.release()
+    return bytes(raw)
+
+
+def test_perplexity_refuses_logits_that_are_not_finite():
+    # a NaN weight gave NaN logits, and perplexity summed them into a result of nan
+    # where `moas perplexity` names the token
+    with moas.Model.from_bytes(_with_embedding_row(float("nan"))) as bad:
+        for stride in (0, 4):
+            with pytest.raises(moas.MoasValueError, match="scoring token 1 of the text "
+                               "are not finite"):
+                bad.perplexity("And God", stride=stride, n_ctx=8)
