@@ -1375,8 +1375,13 @@ class Model(_Handle):
                     scored += 1
                 if stride and start + window >= len(ids):
                     break
-        return Perplexity(math.exp(total / scored), total / scored, scored,
-                          len(ids) + (changed if unknown == "drop" else 0), changed)
+        nll = total / scored
+        try:
+            ppl = math.exp(nll)
+        except OverflowError:   # beyond about 709 nats: infinity, as C's exp (the CLI)
+            ppl = math.inf
+        return Perplexity(ppl, nll, scored, len(ids) + (changed if unknown == "drop" else 0),
+                          changed)
 
     def logits(self, text, *, mode="mixture", unknown="error"):
         """Every position's logits for `text` (one window: at most the trained length):

@@ -260,3 +260,26 @@ def test_perplexity_refuses_logits_that_are_not_finite():
             with pytest.raises(moas.MoasValueError, match="scoring token 1 of the text "
                                "are not finite"):
                 bad.perplexity("And God", stride=stride, n_ctx=8)
+
+
+def test_perplexity_beyond_the_largest_float_is_infinite(tmp_path):
+    # logits 100 times as large: a finite mean of about 1100 nats, whose exp raised
+    # OverflowError where `moas perplexity` prints inf
+    with moas.Model(MODEL) as m:
+        emb = m.tensor("token_embd.weight")
+    with open(MODEL, "rb") as f:
+        whole = memoryview(bytearray(f.read()))
+    floats = whole[emb.offset:emb.offset + emb.n_bytes].cast("f")
+    for i in range(len(floats)):
+        floats[i] *= 100
+    floats.release()
+    (tmp_path / "big.gguf").write_bytes(whole)
+    (tmp_path / "t.txt").write_text("And God said", encoding="utf-8")
+    with moas.Model(str(tmp_path / "big.gguf")) as big:
+        p = big.perplexity("And God said")
+    out = subprocess.run([os.path.join(ROOT, "bin", "moas"), "perplexity", "-m",
+                          str(tmp_path / "big.gguf"), "-f", str(tmp_path / "t.txt")],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    assert re.search(r"perplexity\s+inf\b", out), out
+    assert p.perplexity == float("inf") and 709 < p.nll < float("inf")
+    assert "%.4f" % p.nll == re.search(r"nats/token\s+([\d.]+)", out).group(1)
