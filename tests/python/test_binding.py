@@ -167,6 +167,12 @@ class Library(unittest.TestCase):
             self.assertEqual(moas.status_string(int(value)), message)
             self.assertEqual(moas.status_name(int(value)), "MOAS_" + name)
         self.assertEqual(moas.status_string(-1000), "unknown status")
+        # beyond int32 ctypes wrapped them into the table: 2**32 - 1 was INVALID_ARG
+        for value in (2**32 - 1, 2**32, -2**32 - 1, 2**70, -2**31):
+            self.assertEqual(moas.status_name(value), "MOAS_UNKNOWN")
+            self.assertEqual(moas.status_string(value), "unknown status")
+            self.assertEqual(moas.MoasError(value, "x").name, "MOAS_UNKNOWN")
+        self.assertRaises(TypeError, moas.status_name, -1.0)
 
     def test_module_docstring_example_runs(self):
         lines = moas.__doc__.split("\n")

@@ -568,13 +568,21 @@ def version_string():
     return library().moas_version_string().decode()
 
 
+def _status(status):
+    """`status` as the int moas_status holds: ctypes would wrap one beyond int32 into
+    the table (2**32 - 1 named MOAS_ERR_INVALID_ARG); it stands for a value that no
+    status has, as it has none either."""
+    v = _index("status", status)
+    return v if -2**31 <= v < 2**31 else -2**31
+
+
 def status_string(status):
-    return library().moas_status_string(int(status)).decode()
+    return library().moas_status_string(_status(status)).decode()
 
 
 def status_name(status):
     """"MOAS_ERR_CORRUPT" and the like; "MOAS_UNKNOWN" for a value outside the table."""
-    return library().moas_status_name(int(status)).decode()
+    return library().moas_status_name(_status(status)).decode()
 
 
 def last_error():
