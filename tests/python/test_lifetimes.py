@@ -444,7 +444,13 @@ class Arguments(unittest.TestCase):
                                  (moas.Sampler, (m,), {"top_k": True}),
                                  (moas.Sampler, (True,), {}),
                                  (s.accept, (True,), {}), (s.accept, ([1, True],), {}),
-                                 (s.reseed, (False,), {})):
+                                 (s.reseed, (False,), {}),
+                                 (m.context, (), {"mode": True}),
+                                 (m.context, (), {"mode": 1.0}),
+                                 (m.context, (), {"kv_type": 8.0}),
+                                 (m.context, (), {"kernels": True}),
+                                 (c.decode_batch, ([1],), {"logits": 2.0}),
+                                 (moas.Pool, (m, 1 << 20), {"kv_type": True})):
                 with self.assertRaises(TypeError, msg=repr((fn, args, kw))):
                     fn(*args, **kw)
         self.assertEqual(c.n_past, 0)

@@ -654,12 +654,17 @@ def _float_rows(n):
 
 
 def _enum(cls, value):
-    """An enum member from its name (any case) or value; MoasValueError otherwise."""
+    """An enum member from its name (any case) or value; MoasValueError otherwise, and
+    TypeError for a bool or a float, which an enum takes as the int they equal
+    (mode=True was routed mode, kv_type=8.0 q8_0)."""
     try:
-        return cls[value.upper()] if isinstance(value, str) else cls(value)
+        member = cls[value.upper()] if isinstance(value, str) else cls(value)
     except (KeyError, ValueError, TypeError):
         raise MoasError(Status.ERR_INVALID_ARG, "%s must be one of %s, got %r" % (
             cls.__name__.lower(), ", ".join(m.name.lower() for m in cls), value)) from None
+    if not isinstance(value, str):
+        _index(cls.__name__.lower(), value)
+    return member
 
 
 def _text(ptr, length=None):
