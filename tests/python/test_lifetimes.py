@@ -522,6 +522,19 @@ class Arguments(unittest.TestCase):
         self.assertEqual(len(self.model.generate("And", Index(2), temperature=0, stop=None)),
                          2)
 
+    def test_sampler_accept_of_a_sequence_is_all_or_nothing(self):
+        # a refused id stopped the loop with the ids before it already remembered
+        logits = [0.5] * 47
+        logits[5] = 1.0   # penalised by 100: 0.01, below the rest
+        with moas.Sampler(self.model, temperature=0, repeat_penalty=100.0) as s:
+            for bad in (47, -1, 2**40, 1.5):
+                with self.assertRaises((moas.MoasValueError, TypeError)):
+                    s.accept([5, bad])
+                self.assertEqual(s.sample(logits), 5)   # 5 not penalised
+                s.reset()
+            s.accept([5])
+            self.assertNotEqual(s.sample(logits), 5)   # remembered: penalised
+
     def test_text_helpers_take_what_users_pass(self):
         self.assertEqual(moas.find_stop("hello", "lo"), (3, True))
         self.assertEqual(moas.find_stop("hello", ["lo"]), (3, True))

@@ -2149,7 +2149,7 @@ class Sampler(_Handle):
 
     def accept(self, tokens):
         """Remember a token id, or each of a sequence (a prompt), for the repetition
-        penalty, as if sampled."""
+        penalty, as if sampled; all or none."""
         if isinstance(tokens, bool):
             tokens = [tokens]   # one id, which _int refuses
         else:
@@ -2157,9 +2157,16 @@ class Sampler(_Handle):
                 tokens = [operator.index(tokens)]   # one id (an int, a numpy integer)
             except TypeError:   # a sequence (a numpy array has __index__, and refuses)
                 pass
+        # all checked before any is remembered: a refused one stopped the loop with
+        # those before it already in the penalty window
+        tokens = [_int("token", token) for token in tokens]
+        for token in tokens:
+            if not 0 <= token < self.n_vocab:
+                raise MoasError(Status.ERR_INVALID_ARG, "sampler_accept: token %d outside "
+                                "[0, %d)" % (token, self.n_vocab))
         with self._lock:
             for token in tokens:
-                _check(library().moas_sampler_accept(self._p(), _int("token", token)))
+                _check(library().moas_sampler_accept(self._p(), token))
 
     def reset(self):
         """Forget the tokens remembered for the repetition penalty."""
