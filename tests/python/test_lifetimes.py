@@ -366,6 +366,30 @@ class Lifetimes(unittest.TestCase):
             print("ok", got)
         """)
 
+    def test_decode_returns_its_own_logits_whatever_another_thread_does(self):
+        # decode() released the lock between the library call and making the view: a
+        # reset (or decode) by another thread in between made it return None (or that
+        # thread's logits). The other thread here tries just there, without waiting.
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            ctx = m.context()
+            ids = m.tokenize("And God")
+            logits = ctx.logits
+            def reset_if_free():
+                if ctx._lock.acquire(blocking=False):
+                    try:
+                        ctx.reset()
+                    finally:
+                        ctx._lock.release()
+            def meddle():
+                t = threading.Thread(target=reset_if_free); t.start(); t.join()
+                return logits()
+            ctx.logits = meddle
+            assert ctx.decode(ids[0]) is not None
+            assert ctx.decode_batch(ids[1:]) is not None and ctx.n_past == len(ids)
+            print("ok")
+        """)
+
     def test_model_close_waits_for_a_call_on_another_thread(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

@@ -1628,8 +1628,11 @@ class Context(_Handle):
 
     def decode(self, token):
         """Decode one token; returns the logits view (see logits())."""
-        self._run("moas_context_decode", token, None)
-        return self.logits()
+        # one hold of the lock: another thread's reset or decode between the call and
+        # the view made this return None or that thread's logits
+        with self._lock:
+            self._run("moas_context_decode", token, None)
+            return self.logits()
 
     def decode_batch(self, tokens, logits="last"):
         """Decode consecutive tokens, all or none. `logits` "last" (default) returns the
@@ -1640,14 +1643,17 @@ class Context(_Handle):
         ids, n_tokens = _ids(tokens)
         tokens = range(n_tokens)   # only its length below
         flat = out = None
-        if which == Logits.ALL:
-            self._check_room(len(tokens))   # before a buffer sized by the caller's count
-            flat, out = _float_rows(len(tokens) * self._n_vocab)
-        self._run("moas_context_decode_batch", ids, len(tokens), out, which)
+        with self._lock:   # the view of this call's logits, as decode()
+            if which == Logits.ALL:
+                self._check_room(len(tokens))   # before a buffer sized by the caller's count
+                flat, out = _float_rows(len(tokens) * self._n_vocab)
+            self._run("moas_context_decode_batch", ids, len(tokens), out, which)
+            if which == Logits.LAST:
+                return self.logits()
         if which == Logits.ALL:
             v = self._n_vocab
             return [flat[i * v:(i + 1) * v] for i in range(len(tokens))]
-        return self.logits() if which == Logits.LAST else None
+        return None
 
     def _check_room(self, n_tokens):
         """MoasValueError (ERR_CONTEXT_FULL) when n_tokens more do not fit n_ctx, as
