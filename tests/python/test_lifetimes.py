@@ -390,6 +390,32 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_save_state_while_another_thread_decodes_the_context(self):
+        # the size was read under one hold of the lock and the state saved under
+        # another: a decode between them made the state too large for its buffer
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            ctx = m.context()
+            ctx.decode_batch(m.tokenize("And God"))
+            call = ctx._call
+            def decode_if_free():
+                if ctx._lock.acquire(blocking=False):
+                    try:
+                        ctx.decode(1)
+                    finally:
+                        ctx._lock.release()
+            def meddle(name, *args):
+                if name == "moas_context_state_save":
+                    t = threading.Thread(target=decode_if_free); t.start(); t.join()
+                return call(name, *args)
+            ctx._call = meddle
+            state = ctx.save_state()
+            del ctx._call
+            other = m.context(); other.load_state(state)
+            assert other.n_past == ctx.n_past == 7
+            print("ok")
+        """)
+
     def test_model_close_waits_for_a_call_on_another_thread(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

@@ -1836,10 +1836,13 @@ class Context(_Handle):
 
     def save_state(self):
         """The sequence (its tokens' K/V, routing records, position, logits) as bytes."""
-        n = self._call("moas_context_state_size")
-        buf, arg = _exact(ctypes.c_char, n)
-        written = ctypes.c_size_t()
-        _check(self._call("moas_context_state_save", arg, n, ctypes.byref(written)))
+        # one hold of the lock: another thread's decode after the size was read made
+        # the state too large for the buffer (MOAS_ERR_BUFFER_TOO_SMALL)
+        with self._lock:
+            n = self._call("moas_context_state_size")
+            buf, arg = _exact(ctypes.c_char, n)
+            written = ctypes.c_size_t()
+            _check(self._call("moas_context_state_save", arg, n, ctypes.byref(written)))
         return bytes(memoryview(buf)[:written.value])
 
     def load_state(self, data):
