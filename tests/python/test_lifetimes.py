@@ -416,6 +416,43 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_a_change_of_the_logits_releases_a_view_another_thread_just_made(self):
+        # reset, truncate, compact and load_state released the views, then took the
+        # lock for their call: a view another thread made in between was not released
+        # and showed the logits of after the change
+        self.expect_ok("""
+            m = moas.Model(POOLED)
+            ctx = m.context(mode="routed")
+            ids = m.tokenize("And God said")
+            ctx.decode_batch(ids)
+            state = ctx.save_state()
+            views = []
+            def view_if_free():
+                if ctx._lock.acquire(blocking=False):
+                    try:
+                        views.append(ctx.logits())
+                    finally:
+                        ctx._lock.release()
+            call = ctx._call
+            def meddle(name, *args):
+                if name != "moas_context_n_past":
+                    t = threading.Thread(target=view_if_free); t.start(); t.join()
+                return call(name, *args)
+            for change in (lambda: ctx.truncate(len(ids) - 1), lambda: ctx.reset(),
+                           lambda: ctx.load_state(state), lambda: ctx.compact(4, 2)):
+                ctx._call = meddle
+                change()
+                del ctx._call
+                for v in views:
+                    try:
+                        v.tolist()
+                        raise SystemExit("a view outlived the change")
+                    except ValueError:
+                        pass
+                ctx.load_state(state)
+            print("ok")
+        """)
+
     def test_model_close_waits_for_a_call_on_another_thread(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

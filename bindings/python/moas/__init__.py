@@ -1663,13 +1663,18 @@ class Context(_Handle):
             raise MoasError(Status.ERR_CONTEXT_FULL, "decode_batch: %d tokens after %d "
                             "do not fit a context of %d" % (n_tokens, n_past, n_ctx))
 
+    # reset, truncate, compact and load_state release the views under the lock of
+    # their call: released before it, a view another thread made in between outlived
+    # the change
     def reset(self):
-        self._invalidate()
-        self._call("moas_context_reset")
+        with self._lock:
+            self._invalidate()
+            self._call("moas_context_reset")
 
     def truncate(self, n_keep):
-        self._invalidate()
-        _check(self._call("moas_context_truncate", n_keep))
+        with self._lock:
+            self._invalidate()
+            _check(self._call("moas_context_truncate", n_keep))
 
     # state
     n_past = property(lambda self: self._call("moas_context_n_past"))
@@ -1825,8 +1830,10 @@ class Context(_Handle):
         """Pool the K/V of tokens before `n_before` down to `scheme` (routed mode, pooled
         K/V models; moas_context_compact). Returns the token-layer pairs changed."""
         changed = ctypes.c_int32()
-        self._invalidate()
-        _check(self._call("moas_context_compact", n_before, scheme, ctypes.byref(changed)))
+        with self._lock:
+            self._invalidate()
+            _check(self._call("moas_context_compact", n_before, scheme,
+                              ctypes.byref(changed)))
         return changed.value
 
     def shift(self, n_keep, n_discard):
@@ -1848,8 +1855,9 @@ class Context(_Handle):
     def load_state(self, data):
         """Replace this context's sequence with one saved by save_state(); all or nothing."""
         data = bytes(memoryview(data))   # a buffer: bytes(5) would be five NULs
-        self._invalidate()
-        _check(self._call("moas_context_state_load", data, len(data)))
+        with self._lock:
+            self._invalidate()
+            _check(self._call("moas_context_state_load", data, len(data)))
 
     def kv_token_bytes(self, scheme=-1):
         """Bytes one token occupies over all layers: mixture mode's storage for -1,
