@@ -633,6 +633,16 @@ class Arguments(unittest.TestCase):
         with self.assertRaises(moas.MoasValueError):
             self.model.perplexity("And God said", n_ctx=1)
 
+    def test_generate_refuses_a_wrong_stop_string_at_the_call(self):
+        # a streaming generate checked its stop strings at the first piece, after the
+        # prompt was decoded, and a NUL in one was a plain ValueError, no MoasError
+        self.assertIn("NUL", self.refused(moas.find_stop, "a", ["b", "a\0"]))
+        for stream in (True, False):
+            self.assertIn("NUL", self.refused(self.model.generate, "And", 3, stop=["a\0"],
+                                              stream=stream))
+            with self.assertRaises(TypeError):
+                self.model.generate("And", 3, stop=["a", 5], stream=stream)
+
     def test_missing_model_is_a_file_not_found_error_with_its_errno(self):
         import errno
         path = MOAS + ".absent"

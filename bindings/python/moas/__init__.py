@@ -1187,6 +1187,8 @@ class Model(_Handle):
         elif isinstance(stop, (str, bytes)):
             stop = [stop]
         stop = list(stop)
+        for one in stop:   # wrong ones raise here, not at the first piece of a stream
+            _stop_bytes(one)
         max_tokens = _int("max_tokens", max_tokens)
         if max_tokens < 0:
             raise MoasError(Status.ERR_INVALID_ARG, "max_tokens must be >= 0, got %d"
@@ -2205,6 +2207,15 @@ def _numpy():
     return numpy
 
 
+def _stop_bytes(stop):
+    """A stop string as the C string moas_text_find_stop reads: TypeError for what is
+    no text, MoasValueError for a NUL (C would match only up to it)."""
+    raw = _utf8(stop)
+    if b"\0" in raw:
+        raise MoasError(Status.ERR_INVALID_ARG, "the stop string %r contains NUL" % (stop,))
+    return raw
+
+
 def find_stop(text, stops, more=True):
     """(end, found) for generated text not yet shown (moas_text_find_stop): found is
     True when a stop string occurs whole, and text[:end] is what comes before it;
@@ -2214,9 +2225,7 @@ def find_stop(text, stops, more=True):
     raw = _utf8(text)
     if isinstance(stops, (str, bytes)):   # one stop string, not its characters
         stops = [stops]
-    stop_raw = [_utf8(s) for s in stops]
-    if any(b"\0" in s for s in stop_raw):   # C strings: it would match only up to the NUL
-        raise ValueError("a stop string contains NUL")
+    stop_raw = [_stop_bytes(s) for s in stops]
     arr = _array(ctypes.c_char_p, len(stop_raw))
     arr[:len(stop_raw)] = stop_raw
     end, found = ctypes.c_size_t(), ctypes.c_int32()
