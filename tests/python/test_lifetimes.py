@@ -633,6 +633,28 @@ class Arguments(unittest.TestCase):
         with self.assertRaises(moas.MoasValueError):
             self.model.perplexity("And God said", n_ctx=1)
 
+    def test_a_callback_or_allocator_of_the_wrong_type_is_refused_where_given(self):
+        # a route or abort callback that is not callable failed every decode later, a
+        # log callback was never heard, and an allocator gave ctypes' "_type_ must have
+        # storage info"
+        c, m = self.ctx, self.model
+        for fn, kw in ((m.context, {"route_callback": 5}), (m.context, {"abort_callback": "x"}),
+                       (m.context, {"log": 5}), (moas.Model, {"log": 5}),
+                       (moas.Pool, {"log": 5}), (m.context, {"allocator": 5}),
+                       (moas.Model, {"allocator": 5}), (moas.Sampler, {"allocator": 5})):
+            args = (MOAS,) if fn is moas.Model else (m, 1 << 20) if fn is moas.Pool else \
+                (m,) if fn is moas.Sampler else ()
+            with self.assertRaises(TypeError, msg=repr(kw)) as cm:
+                fn(*args, **kw).close()
+            self.assertIn(list(kw)[0], str(cm.exception))
+        seen = []
+        c.set_route_callback(lambda *a: seen.append(a))
+        for setter in (c.set_route_callback, c.set_abort_callback):
+            with self.assertRaises(TypeError):
+                setter(5)
+        c.decode(1)   # the callbacks before the refusals stay
+        self.assertTrue(seen)
+
     def test_generate_refuses_a_wrong_stop_string_at_the_call(self):
         # a streaming generate checked its stop strings at the first piece, after the
         # prompt was decoded, and a NUL in one was a plain ValueError, no MoasError

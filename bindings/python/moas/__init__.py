@@ -589,9 +589,28 @@ def last_error():
     return library().moas_last_error().decode("utf-8", "replace")
 
 
+def _callback(what, fn):
+    """`fn` when it is None or callable, else TypeError now: a route or abort callback
+    failed every decode later, and a log callback was never heard."""
+    if fn is not None and not callable(fn):
+        raise TypeError("%s must be callable or None, not %s" % (what, type(fn).__name__))
+    return fn
+
+
+def _allocator(allocator):
+    """A pointer to `allocator` (an Allocator) for a params struct, or NULL for None;
+    TypeError for anything else (ctypes said "_type_ must have storage info")."""
+    if allocator is None:
+        return ctypes.POINTER(Allocator)()
+    if not isinstance(allocator, Allocator):
+        raise TypeError("allocator must be a moas.Allocator, not %s"
+                        % type(allocator).__name__)
+    return ctypes.pointer(allocator)
+
+
 def _log_callback(fn):
     """A ctypes log callback calling fn(level, message), or a NULL one."""
-    if fn is None:
+    if _callback("log", fn) is None:
         return LOG_FN()
 
     def log(_user, level, message):
@@ -914,8 +933,7 @@ class Model(_Handle):
         self._log = _log_callback(log)
         params.log = self._log
         self._allocator = allocator
-        if allocator is not None:
-            params.allocator = ctypes.pointer(allocator)
+        params.allocator = _allocator(allocator)
         return params
 
     # lifetime
@@ -1470,8 +1488,7 @@ class Context(_Handle):
         self._log = _log_callback(log)
         params.log = self._log
         self._allocator = allocator
-        if allocator is not None:
-            params.allocator = ctypes.pointer(allocator)
+        params.allocator = _allocator(allocator)
         self._route_fn = route_callback
         self._route = self._route_callback(route_callback)
         params.route_fn = self._route
@@ -1746,7 +1763,7 @@ class Context(_Handle):
         _check(self._call("moas_context_set_kv_budget", nbytes))
 
     def _route_callback(self, fn):
-        if fn is None:
+        if _callback("route_callback", fn) is None:
             return ROUTE_FN()
         ref = weakref.ref(self)   # no cycle through the C callback
 
@@ -1778,7 +1795,7 @@ class Context(_Handle):
         self._route, self._route_fn = callback, fn
 
     def _abort_callback(self, fn):
-        if fn is None:
+        if _callback("abort_callback", fn) is None:
             return ABORT_FN()
         ref = weakref.ref(self)   # no cycle through the C callback
 
@@ -2097,8 +2114,7 @@ class Sampler(_Handle):
         params.n_logit_bias = len(biases)
         params.logit_bias = bias_array   # copied by the library at creation
         self._allocator = allocator
-        if allocator is not None:
-            params.allocator = ctypes.pointer(allocator)
+        params.allocator = _allocator(allocator)
         out = ctypes.c_void_p()
         _check(library().moas_sampler_create(ctypes.byref(params), self.n_vocab,
                                              ctypes.byref(out)))
