@@ -1427,8 +1427,10 @@ class Model(_Handle):
                                 "context holds %d" % (len(ids), ctx.n_ctx))
             rows = ctx.decode_batch(ids, logits="all")
         np = _numpy()
-        if np is None or not rows:
+        if np is None:
             return rows
+        if not rows:   # the empty text: no rows, still an array (it was the list [])
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
         return np.frombuffer(rows[0].obj, dtype=np.float32).reshape(len(ids), self.n_vocab)
 
     def __repr__(self):

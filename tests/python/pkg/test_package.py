@@ -197,6 +197,9 @@ def test_logits_numpy_and_zero_copy(model):
     rows = model.logits(TEXT[:20])
     assert isinstance(rows, np.ndarray) and rows.shape == (20, model.n_vocab)
     assert rows.dtype == np.float32
+    empty = model.logits("")   # was the list []
+    assert isinstance(empty, np.ndarray) and empty.shape == (0, model.n_vocab)
+    assert empty.dtype == np.float32
     with model.context() as ctx:
         view = ctx.decode_batch(model.tokenize(TEXT[:20]))
         arr = ctx.logits_array()
