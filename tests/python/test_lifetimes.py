@@ -453,6 +453,46 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_a_callback_set_by_two_threads_is_the_one_kept(self):
+        # set_route_callback (and set_abort_callback) installed the callback, released
+        # the lock, then kept it: another thread's set in between left the library
+        # with that thread's callback and Python keeping the first, so the one the
+        # library called was freed (a crash, or the wrong callback)
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            ctx = m.context(mode="routed")
+            heard = []
+            first = lambda *a: heard.append("first")
+            second = lambda *a: heard.append("second")
+            call = ctx._call
+            for setter, name in ((ctx.set_route_callback, "moas_context_set_route_callback"),
+                                 (ctx.set_abort_callback, "moas_context_set_abort_callback")):
+                def set_second_if_free():
+                    if ctx._lock.acquire(blocking=False):
+                        try:
+                            setter(second)
+                        finally:
+                            ctx._lock.release()
+                def meddle(got, *args):
+                    out = call(got, *args)
+                    if got == name and args[0] is not None and not heard:
+                        heard.append("meddled")
+                        t = threading.Thread(target=set_second_if_free); t.start(); t.join()
+                    return out
+                ctx._call = meddle
+                setter(first)
+                del ctx._call
+                gc.collect()
+                heard.clear()
+                kept = ctx._route_fn if name.endswith("route_callback") else ctx._abort_fn
+                ctx.reset(); ctx.decode(1)
+                want = "first" if kept is first else "second"
+                assert heard and set(heard) == {want}, (heard, want)
+                setter(None)
+                heard.clear()
+            print("ok")
+        """)
+
     def test_model_close_waits_for_a_call_on_another_thread(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

@@ -1793,8 +1793,11 @@ class Context(_Handle):
         answers neither an integer nor None (TypeError), the decode is undone and the
         exception propagates from decode()."""
         callback = self._route_callback(fn)
-        self._call("moas_context_set_route_callback", callback, None)
-        self._route, self._route_fn = callback, fn
+        # one hold of the lock: another thread's set between the call and keeping the
+        # callback left the library calling one that was no longer kept (freed)
+        with self._lock:
+            self._call("moas_context_set_route_callback", callback, None)
+            self._route, self._route_fn = callback, fn
 
     def _abort_callback(self, fn):
         if _callback("abort_callback", fn) is None:
@@ -1820,8 +1823,9 @@ class Context(_Handle):
         the next decode. If fn raises, the call is stopped the same way and the
         exception propagates instead. A fork keeps its parent's abort callback."""
         callback = self._abort_callback(fn)
-        self._call("moas_context_set_abort_callback", callback, None)
-        self._abort, self._abort_fn = callback, fn
+        with self._lock:   # as set_route_callback
+            self._call("moas_context_set_abort_callback", callback, None)
+            self._abort, self._abort_fn = callback, fn
 
     def _layer(self, layer):
         if not -1 <= layer < self._n_layer:
