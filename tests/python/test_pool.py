@@ -69,6 +69,37 @@ class PoolTest(unittest.TestCase):
         for c in ctxs:
             c.close()
 
+    def test_a_pair_of_no_tokens_gets_its_logits_whatever_another_thread_does(self):
+        # its logits were read after the call let go of the contexts: another thread's
+        # decode in between gave that decode's logits (or released the view being
+        # copied). The other thread here decodes just there, only if the lock is free.
+        import threading
+        V = self.model.n_vocab
+        idle, busy = self.pool.context(), self.pool.context()
+        idle.decode_batch(tokens(4, V, 1))
+        before = list(idle.logits())
+        logits = idle.logits
+
+        def decode_if_free():
+            if idle._lock.acquire(blocking=False):
+                try:
+                    idle.decode(5)
+                finally:
+                    idle._lock.release()
+
+        def meddle():
+            t = threading.Thread(target=decode_if_free)
+            t.start()
+            t.join()
+            return logits()
+        idle.logits = meddle
+        got = self.pool.decode([(idle, []), (busy, tokens(3, V, 2))])
+        del idle.logits
+        self.assertEqual(list(got[0]), before)
+        self.assertEqual(idle.n_past, 4)
+        idle.close()
+        busy.close()
+
     def test_fork_and_state(self):
         V = self.model.n_vocab
         prompt, tail = tokens(13, V, 1), tokens(5, V, 2)

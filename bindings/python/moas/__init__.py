@@ -2062,13 +2062,20 @@ class Pool(_Handle):
                         if ctx._call("moas_context_n_past") != n_past[ctx]:
                             ctx._call("moas_context_truncate", n_past[ctx])
                 raise error
-        _check(status)
+            _check(status)
+            # a pair of no tokens gets what its context holds (as decode_batch([])),
+            # copied while the locks are held: after them another thread's decode gave
+            # its logits, or released the view being copied (ValueError)
+            held_logits = {}
+            for ctx, _, n, which in outs:
+                if n == 0 and which == Logits.LAST:
+                    last = ctx.logits()
+                    held_logits[id(ctx)] = None if last is None else _floats(
+                        _array_type(ctypes.c_float, v, exact=True).from_buffer_copy(last), v)
         result = []
         for ctx, flat, n, which in outs:
-            if n == 0 and which == Logits.LAST:   # as decode_batch([]): what it holds
-                last = ctx.logits()
-                result.append(None if last is None else _floats(
-                    _array_type(ctypes.c_float, v, exact=True).from_buffer_copy(last), v))
+            if n == 0 and which == Logits.LAST:
+                result.append(held_logits[id(ctx)])
                 continue
             if flat is None or n == 0:
                 result.append(None)
