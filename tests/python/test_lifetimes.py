@@ -221,6 +221,57 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_a_log_callback_cannot_close_the_context_whose_call_logs(self):
+        # a failing call logs its error: a log callback that closed the context got the
+        # library's refusal (the context in use), while Python counted it freed (its
+        # pages held to the end, the library object outliving its pool and model) and
+        # the call's error became context_free's
+        self.expect_ok("""
+            m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20)
+            box = {"refused": []}
+            def log(level, text):
+                for act in box.get("acts", ()):
+                    try:
+                        act()
+                    except moas.MoasError as e:
+                        box["refused"].append(e)
+            c = p.context(log=log, n_threads=1)
+            c.decode_batch([1, 2, 3])
+            other = p.context(log=log, n_threads=1)
+            box["acts"] = (c.close, lambda: c.n_past, m.close, p.close)
+            try:
+                c.truncate(999)
+                raise SystemExit("not refused")
+            except moas.MoasError as e:
+                assert "n_keep 999" in e.message, e.message
+            assert [e.status for e in box["refused"]] == [moas.Status.ERR_BUSY] * 4, box
+            assert "log callback" in box["refused"][0].message
+            assert not c.closed and c.n_past == 3 and p.stats().n_contexts == 2
+            box["acts"] = ()
+            c.close(); other.close()
+            assert p.stats().n_contexts == 0
+            # a fork that fails (a full pool) logs through its parent's callback
+            small = moas.Pool(m, 1 << 12)
+            parent = small.context(log=log, n_threads=1)
+            try:
+                while True:
+                    parent.decode(1)
+            except moas.MoasError as e:
+                assert e.status == moas.Status.ERR_POOL_FULL, e
+            box["acts"], box["refused"] = (parent.close,), []
+            try:
+                parent.fork()
+                raise SystemExit("not refused")
+            except moas.MoasError as e:
+                assert "context_fork" in e.message, e.message
+            assert [e.status for e in box["refused"]] == [moas.Status.ERR_BUSY], box
+            assert not parent.closed and small.stats().n_contexts == 1
+            box["acts"] = ()
+            parent.close()
+            assert small.stats().n_contexts == 0
+            print("ok")
+        """)
+
     def test_a_forks_callback_error_is_its_own(self):
         self.expect_ok("""
             m = moas.Model(POOLED); p = moas.Pool(m, 1 << 20)

@@ -47,8 +47,8 @@ one thread at a time. ctypes releases the GIL during every call into the library
 Context's (and a Sampler's) calls hold its lock, so calls from two threads wait for
 each other instead of corrupting it, and close() (of it, its Pool or its Model) waits
 for a call in flight; Sampler.sample(context) holds the context's lock too, as it
-reads its logits in place; a route or abort callback must not use the context it was
-called from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it). To stop a
+reads its logits in place; a route, abort or log callback must not use the context it
+was called from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it). To stop a
 long decode from another thread, give the context an abort callback that reads a flag
 (a threading.Event) the other thread sets.
 
@@ -1519,7 +1519,12 @@ class Context(_Handle):
                 self._abort = self._abort_callback(self._abort_fn)
                 with _fork_of._lock:
                     _fork_of._check_not_inside("fork")
-                    _check(library().moas_context_fork(_fork_of._p(), ctypes.byref(out)))
+                    _fork_of._calling = threading.get_ident()   # as in Context._call
+                    try:
+                        status = library().moas_context_fork(_fork_of._p(), ctypes.byref(out))
+                    finally:
+                        _fork_of._calling = None
+                    _check(status)
                 if self._route_fn is not None:
                     library().moas_context_set_route_callback(out.value, self._route, None)
             else:
@@ -1560,13 +1565,20 @@ class Context(_Handle):
 
     def _check_not_inside(self, what):
         if self._calling == threading.get_ident():
-            raise MoasError(Status.ERR_BUSY, "%s: a route callback or abort callback must "
-                            "not use the context it was called from" % what)
+            raise MoasError(Status.ERR_BUSY, "%s: a route callback, abort callback or log "
+                            "callback must not use the context it was called from" % what)
 
     def _call(self, name, *args):
         with self._lock:
             self._check_not_inside(name[5:])
-            return _Handle._call(self, name, *args)
+            # a log callback runs inside any call (a failing one logs its error): one
+            # that closed this context got the library's refusal while Python counted
+            # it freed (a leak, freed after its pool and model) and replaced the error
+            self._calling, prev = threading.get_ident(), self._calling
+            try:
+                return _Handle._call(self, name, *args)
+            finally:
+                self._calling = prev
 
 
     # the logits view
