@@ -632,6 +632,18 @@ class Arguments(unittest.TestCase):
                 with self.assertRaises(TypeError, msg=repr((fn, args, kw))):
                     fn(*args, **kw)
         self.assertEqual(c.n_past, 0)
+        # an index checked in Python before the library sees it: a float was a
+        # MoasValueError naming it truncated ("layer 5"), or broke the sizing of
+        # routes()'s buffers (AttributeError), a str a comparison's message
+        c.decode_batch([1, 2, 3])
+        for fn, args in ((c.routes, (0, 1.5)), (c.route_lists, (0, 2.0)), (c.routes, (0.0,)),
+                         (c.kv_bytes_used, (5.5,)), (c.kv_bytes_reserved, ("a",)),
+                         (c.kv_bytes_used, (None,)), (c.kv_token_bytes, (5.5,)),
+                         (c.kv_token_bytes, (True,))):
+            with self.assertRaises(TypeError, msg=repr((fn, args))) as cm:
+                fn(*args)
+            self.assertIn("must be an integer", str(cm.exception))
+        c.reset()
         with self.assertRaises(TypeError):
             moas.find_stop(5, [])
         with self.assertRaises(TypeError):

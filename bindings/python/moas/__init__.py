@@ -1722,6 +1722,10 @@ class Context(_Handle):
     def routes(self, pos=0, n_pos=None):
         """Routes of positions [pos, pos + n_pos) (default: to n_past)."""
         L, S = self._n_layer, self._n_scheme
+        # ints before the arithmetic that sizes the buffers (a float n_pos failed in it
+        # with AttributeError)
+        pos = _index("pos", pos)
+        n_pos = None if n_pos is None else _index("n_pos", n_pos)
         # one hold of the lock: the buffers are sized for the n_past the library then
         # reads (another thread's decode in between made it write past them)
         with self._lock:
@@ -1840,6 +1844,8 @@ class Context(_Handle):
             self._abort, self._abort_fn = callback, fn
 
     def _layer(self, layer):
+        # an int first: 5.5 was "layer 5 outside", a str a comparison's TypeError
+        layer = _index("layer", layer)
         if not -1 <= layer < self._n_layer:
             raise MoasError(Status.ERR_INVALID_ARG,
                             "layer %d outside [-1, %d)" % (layer, self._n_layer))
@@ -1899,6 +1905,7 @@ class Context(_Handle):
     def kv_token_bytes(self, scheme=-1):
         """Bytes one token occupies over all layers: mixture mode's storage for -1,
         routed mode's for a token routed to `scheme` (moas_context_kv_token_bytes)."""
+        scheme = _index("scheme", scheme)   # as _layer
         if not -1 <= scheme < self._n_scheme:
             raise MoasError(Status.ERR_INVALID_ARG,
                             "scheme %d outside [-1, %d)" % (scheme, self._n_scheme))
