@@ -644,6 +644,21 @@ class Arguments(unittest.TestCase):
                 fn(*args)
             self.assertIn("must be an integer", str(cm.exception))
         c.reset()
+        # a real number's parameter: named, where ctypes said "must be real number, not
+        # str"; True was taken as 1.0
+        for fn, args, kw in ((moas.Sampler, (m,), {"temperature": "0.5"}),
+                             (moas.Sampler, (m,), {"temperature": True}),
+                             (moas.Sampler, (m,), {"top_p": None}),
+                             (moas.Sampler, (m,), {"min_p": b"0"}),
+                             (moas.Sampler, (m,), {"repeat_penalty": [1.0]}),
+                             (moas.Sampler, (m,), {"frequency_penalty": "x"}),
+                             (moas.Sampler, (m,), {"presence_penalty": False}),
+                             (moas.Sampler, (m,), {"logit_bias": {1: "x"}}),
+                             (moas.Pool, (m, 1 << 20), {"steer_below": "x"})):
+            with self.assertRaises(TypeError, msg=repr(kw)) as cm:
+                fn(*args, **kw).close()
+            self.assertIn(list(kw)[0], str(cm.exception))
+        self.refused(moas.Sampler, m, temperature=10**400)   # not OverflowError
         with self.assertRaises(TypeError):
             moas.find_stop(5, [])
         with self.assertRaises(TypeError):

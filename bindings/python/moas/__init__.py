@@ -539,6 +539,18 @@ def _int(what, value, ctype=ctypes.c_int32):
     return v
 
 
+def _real(what, value):
+    """`value` as the float a float field takes: TypeError naming `what` for what is no
+    real number (ctypes said only "must be real number, not str") and for a bool
+    (temperature=True was 1.0)."""
+    if isinstance(value, (bool, str, bytes, complex)) or not hasattr(value, "__float__"):
+        raise TypeError("%s must be a real number, not %s" % (what, type(value).__name__))
+    try:
+        return float(value)
+    except OverflowError:   # an int beyond any float: infinite, which the library refuses
+        return math.inf if value > 0 else -math.inf
+
+
 def _key(key):
     """A metadata key or tensor name as the C string the library reads: TypeError for a
     non-str, MoasValueError for an embedded NUL (C would read only up to it)."""
@@ -1963,7 +1975,7 @@ class Pool(_Handle):
         params.page_heads, params.n_threads, params.n_batch = (
             _int("page_heads", page_heads), _int("n_threads", n_threads),
             _int("n_batch", n_batch))
-        params.steer_below = steer_below
+        params.steer_below = _real("steer_below", steer_below)
         params.commit = 1 if commit else 0
         params.kernels = _enum(Kernels, kernels)
         self._log = _log_callback(log)
@@ -2134,11 +2146,15 @@ class Sampler(_Handle):
         self.n_vocab = vocab.n_vocab if isinstance(vocab, Model) else _int("n_vocab", vocab)
         params = _params(library().moas_sampler_params_init_sized, SamplerParams)
         params.temperature, params.top_k, params.top_p, params.seed = (
-            temperature, _int("top_k", top_k), top_p, _int("seed", seed, ctypes.c_uint64))
+            _real("temperature", temperature), _int("top_k", top_k), _real("top_p", top_p),
+            _int("seed", seed, ctypes.c_uint64))
         params.min_p, params.repeat_penalty, params.repeat_last_n = (
-            min_p, repeat_penalty, _int("repeat_last_n", repeat_last_n))
-        params.frequency_penalty, params.presence_penalty = frequency_penalty, presence_penalty
-        biases = sorted((_int("logit_bias token", t), b)
+            _real("min_p", min_p), _real("repeat_penalty", repeat_penalty),
+            _int("repeat_last_n", repeat_last_n))
+        params.frequency_penalty, params.presence_penalty = (
+            _real("frequency_penalty", frequency_penalty),
+            _real("presence_penalty", presence_penalty))
+        biases = sorted((_int("logit_bias token", t), _real("logit_bias[%r]" % (t,), b))
                         for t, b in dict(logit_bias or {}).items())
         bias_array = _array(LogitBias, len(biases))
         for i, (t, b) in enumerate(biases):
