@@ -197,6 +197,20 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_repr_of_a_context_from_its_own_callback(self):
+        # repr() called the context, which is refused from its callbacks: a callback
+        # that logged or printed its context raised, and the decode was undone
+        self.expect_ok("""
+            m = moas.Model(MOAS)
+            seen = []
+            c = m.context(mode="routed", route_callback=lambda *a: seen.append(repr(c)),
+                          abort_callback=lambda: seen.append(repr(c)))
+            c.decode(1)
+            assert c.n_past == 1 and seen and all("moas.Context" in r for r in seen), seen
+            assert "1/64 tokens" in repr(c), repr(c)
+            print("ok")
+        """)
+
     def test_closing_the_model_or_pool_from_a_callback_is_refused_closing_nothing(self):
         # refused half-way, it closed the contexts it reached before the one calling,
         # and the model (or pool) refused every call while `closed` said False

@@ -1931,6 +1931,8 @@ class Context(_Handle):
     def __repr__(self):
         if self._ptr is None:
             return "<moas.Context closed>"
+        if self._calling == threading.get_ident():   # from its callback: no calls on it
+            return "<moas.Context of %d tokens, in a call>" % self._n_ctx
         return "<moas.Context %s, %d/%d tokens, kernels %s>" % (
             self.mode.name.lower(), self.n_past, self.n_ctx, self.kernels_name)
 
