@@ -1176,6 +1176,8 @@ class Model(_Handle):
         if text is None:
             raise MoasError(Status.ERR_INVALID_ARG,
                             "token %d outside [0, %d)" % (token, self.n_vocab))
+        if not text:   # the NUL character, whose C string reads as empty (moas.h)
+            return self.detokenize([token])
         return text.decode("utf-8", "surrogateescape")
 
     @property

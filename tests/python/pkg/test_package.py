@@ -286,3 +286,20 @@ def test_perplexity_beyond_the_largest_float_is_infinite(tmp_path):
     assert re.search(r"perplexity\s+inf\b", out), out
     assert p.perplexity == float("inf") and 709 < p.nll < float("inf")
     assert "%.4f" % p.nll == re.search(r"nats/token\s+([\d.]+)", out).group(1)
+
+
+def test_the_nul_character_of_a_vocabulary_is_text():
+    # a vocabulary may hold U+0000, whose moas_token_text reads as "": token_text and
+    # vocab gave "", and generate's text lost every NUL it generated (as `moas
+    # generate` did before it took the byte from moas_detokenize)
+    with open(MODEL, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 16
+    entry = data.index(b"\x01" + b"\x00" * 7 + b"(", at)   # "(" (id 2), 1 byte long
+    data[entry + 8] = 0
+    with moas.Model.from_bytes(bytes(data)) as m:
+        assert m.token_text(2) == "\0" and m.vocab[2] == "\0"
+        assert m.tokenize("A\0D") == [11, 2, 12]
+        assert m.generate("And", 3, temperature=0, logit_bias={2: 100}) == "\0\0\0"
+        text, routes = m.generate("And", 2, temperature=0, logit_bias={2: 100}, routes=True)
+        assert text == "\0\0" and len(routes) == 2
