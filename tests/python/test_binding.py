@@ -306,6 +306,18 @@ class ModelApi(Base):
         self.assertEqual(meta["tokenizer.ggml.tokens"], m.vocab)
         self.assertEqual(list(meta), m.meta_keys())
 
+    def test_a_metadata_key_that_is_no_utf8_is_read_and_found(self):
+        # the loader takes it; meta_key() decoded it strictly (UnicodeDecodeError), so
+        # meta_keys() and metadata() failed for the whole file
+        raw = bytearray(read_bytes(MODEL))
+        at = raw.index(b"general.name")
+        raw[at + 1] = 0xff
+        with moas.Model.from_bytes(bytes(raw)) as m:
+            key = "g\udcffneral.name"
+            self.assertIn(key, m.meta_keys())
+            self.assertEqual(m.metadata()[key], m.meta_string(key))
+            self.assertEqual(m.meta(key), "tiny-moas-bias")
+
     def test_tensors(self):
         m = self.model
         raw = read_bytes(MODEL)

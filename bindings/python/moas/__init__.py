@@ -1052,7 +1052,9 @@ class Model(_Handle):
         if key is None:
             raise MoasError(Status.ERR_INVALID_ARG,
                             "metadata index %d outside [0, %d)" % (index, self.meta_count))
-        return key.decode()
+        # a file's key need not be UTF-8: its bytes as surrogate escapes, which _key
+        # turns back into them (a strict decode raised UnicodeDecodeError)
+        return key.decode("utf-8", "surrogateescape")
 
     def meta_keys(self):
         return [self.meta_key(i) for i in range(self.meta_count)]
