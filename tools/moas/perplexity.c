@@ -231,12 +231,19 @@ static int run(int argc, char **argv) {
                                                                   : "error");
         printf("\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", \"n_tokens\": %zu, "
                "\"n_scored\": %zu, "
-               "\"n_ctx\": %d, \"stride\": %d, \"nats_per_token\": %.6f, \"perplexity\": %.6f, "
-               "\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
-               "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
+               "\"n_ctx\": %d, \"stride\": %d, \"nats_per_token\": %.6f, \"perplexity\": ",
                mode_name(o.mode), o.forced, type_name(o.kv_type), n_tokens,
-               s.n_scored, moas_context_n_ctx(ctx), o.stride, nats, exp(nats), tok_s, s.kv_bytes,
-               kv_per_token, mha_per_token);
+               s.n_scored, moas_context_n_ctx(ctx), o.stride, nats);
+        /* past about 709 nats a token the perplexity is more than a double holds: JSON
+         * has no inf, so null (the text says inf) */
+        if (isfinite(exp(nats))) {
+            printf("%.6f, ", exp(nats));
+        } else {
+            printf("null, ");
+        }
+        printf("\"tokens_per_second\": %.1f, \"kv_bytes\": %zu, \"kv_bytes_per_token\": %.2f, "
+               "\"mha_kv_bytes_per_token\": %lld, \"scheme_shares\": [",
+               tok_s, s.kv_bytes, kv_per_token, mha_per_token);
         for (int32_t i = 0; i < S; i++) {
             printf("%s%.6f", i ? ", " : "", (double)pairs[i] / (double)all_pairs);
         }

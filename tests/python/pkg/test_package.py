@@ -286,6 +286,12 @@ def test_perplexity_beyond_the_largest_float_is_infinite(tmp_path):
     assert re.search(r"perplexity\s+inf\b", out), out
     assert p.perplexity == float("inf") and 709 < p.nll < float("inf")
     assert "%.4f" % p.nll == re.search(r"nats/token\s+([\d.]+)", out).group(1)
+    # and --json stays JSON, which has no inf: the perplexity is null there
+    out = subprocess.run([os.path.join(ROOT, "bin", "moas"), "perplexity", "-m",
+                          str(tmp_path / "big.gguf"), "-f", str(tmp_path / "t.txt"), "--json"],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    strict = json.loads(out, parse_constant=lambda name: pytest.fail("not JSON: " + name))
+    assert strict["perplexity"] is None and 709 < strict["nats_per_token"] < float("inf")
 
 
 def test_the_nul_character_of_a_vocabulary_is_text():
