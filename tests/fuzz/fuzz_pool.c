@@ -459,25 +459,33 @@ static void drop_all(driver *d, sctx *c) {
     }
 }
 
-/* Shared pages from page index from[i] on (-1: none of stream i's). */
-static uint64_t need_unshare(const driver *d, const sctx *c, const int32_t *from) {
+/* The shared pages of page indices [from[i], to[i]) of each stream (from[i] -1: none
+ * of stream i's): those a shift or compaction writes into (the heads it rewrites, up to
+ * the stream's new end; the pages past that end are only read, then given back). */
+static uint64_t need_unshare(const driver *d, const sctx *c, const int32_t *from,
+                             const int32_t *to) {
     uint64_t need = 0;
     for (int32_t i = 0; i < c->n_streams; i++) {
-        for (int32_t p = from[i] < 0 ? c->st[i].n : from[i]; p < c->st[i].n; p++) {
+        for (int32_t p = from[i] < 0 ? c->st[i].n : from[i]; p < to[i] && p < c->st[i].n; p++) {
             need += d->refs[c->st[i].ids[p]] > 1 ? 1 : 0;
         }
     }
     return need;
 }
 
-static void unshare(driver *d, sctx *c, const int32_t *from) {
+static void unshare(driver *d, sctx *c, const int32_t *from, const int32_t *to) {
     for (int32_t i = 0; i < c->n_streams; i++) {
-        for (int32_t p = from[i] < 0 ? c->st[i].n : from[i]; p < c->st[i].n; p++) {
+        for (int32_t p = from[i] < 0 ? c->st[i].n : from[i]; p < to[i] && p < c->st[i].n; p++) {
             if (d->refs[c->st[i].ids[p]] > 1) {
                 cow(d, &c->st[i], p);
             }
         }
     }
+}
+
+/* The page index past the one holding head `end - 1`: to[] for a rewrite ending there. */
+static int32_t pages_to(const driver *d, uint32_t end) {
+    return (int32_t)((end + (uint32_t)d->P - 1) / (uint32_t)d->P);
 }
 
 static bool shares_pages(const driver *d) {
@@ -1738,12 +1746,19 @@ static void step_shift(driver *d, fuzz_cursor *cur) {
     const int32_t n_discard = pick_count(cur, c->n_past);
     const bool valid = d->rope && n_keep >= 0 && n_discard >= 0 &&
                        (int64_t)n_discard <= (int64_t)c->n_past - n_keep;
-    int32_t from[MAX_STREAMS];
+    int32_t from[MAX_STREAMS], to[MAX_STREAMS];
     for (int32_t i = 0; i < c->n_streams; i++) {
-        from[i] = valid ? (int32_t)(stream_heads(d, c, i, n_keep) / (uint32_t)d->P) : -1;
+        /* the later tokens' heads move down to the first dropped head: none when no
+         * token follows the dropped ones */
+        const uint32_t start = valid ? stream_heads(d, c, i, n_keep) : 0;
+        const uint32_t moved = valid ? stream_heads(d, c, i, c->n_past) -
+                                           stream_heads(d, c, i, n_keep + n_discard)
+                                     : 0;
+        from[i] = valid && moved > 0 ? (int32_t)(start / (uint32_t)d->P) : -1;
+        to[i] = pages_to(d, start + moved);
     }
     const bool noop = valid && n_discard == 0;
-    const uint64_t need = valid && !noop ? need_unshare(d, c, from) : 0;
+    const uint64_t need = valid && !noop ? need_unshare(d, c, from, to) : 0;
     const long live_before = counts.live;
     const bool had_ws = c->has_ws;
     fuzz_prime_error();
@@ -1760,7 +1775,7 @@ static void step_shift(driver *d, fuzz_cursor *cur) {
         expect_others_same(d, 0);
         return;
     }
-    unshare(d, c, from);
+    unshare(d, c, from, to);
     /* the routes of the kept tokens, and of the later ones moved down */
     static float gates[MAX_CTX * MAX_L * MAX_S];
     static int32_t schemes[MAX_CTX * MAX_L], heads[MAX_CTX * MAX_L];
@@ -1812,22 +1827,25 @@ static void step_compact(driver *d, fuzz_cursor *cur) {
     const int32_t scheme = sb < 240 ? sb % d->S : (sb & 1) ? d->S : -1;
     const bool valid = c->mode == MOAS_MODE_ROUTED && d->pooled && scheme >= 0 &&
                        scheme < d->S && n_before >= 0 && n_before <= c->n_past;
-    int32_t from[MAX_STREAMS], changed = 0;
+    int32_t from[MAX_STREAMS], to[MAX_STREAMS], changed = 0;
     const int32_t target = valid ? d->n_kv[scheme] : 0;
     for (int32_t l = 0; l < c->n_streams; l++) {
         from[l] = -1;
-        uint32_t off = 0;
-        for (int32_t j = 0; valid && j < n_before; j++) {
-            if (pools_down(d, c->heads[j][l], target)) {
+        uint32_t off = 0, end = 0;   /* end: the stream's heads after the call */
+        for (int32_t j = 0; valid && j < c->n_past; j++) {
+            const bool pooled = j < n_before && pools_down(d, c->heads[j][l], target);
+            if (pooled) {
                 if (from[l] < 0) {
                     from[l] = (int32_t)(off / (uint32_t)d->P);
                 }
                 changed++;
             }
             off += (uint32_t)c->heads[j][l];
+            end += pooled ? (uint32_t)target : (uint32_t)c->heads[j][l];
         }
+        to[l] = pages_to(d, end);
     }
-    const uint64_t need = valid ? need_unshare(d, c, from) : 0;
+    const uint64_t need = valid ? need_unshare(d, c, from, to) : 0;
     const long live_before = counts.live;
     const bool had_ws = c->has_ws;
     int32_t n_changed = -5;
@@ -1845,7 +1863,7 @@ static void step_compact(driver *d, fuzz_cursor *cur) {
         return;
     }
     FUZZ_CHECK((sb & 0x10) || n_changed == changed);
-    unshare(d, c, from);
+    unshare(d, c, from, to);
     /* exactly the tokens whose heads nest in the target's are pooled, to the target */
     static float gates[MAX_CTX * MAX_L * MAX_S];
     static int32_t schemes[MAX_CTX * MAX_L], heads[MAX_CTX * MAX_L];
