@@ -151,20 +151,6 @@ void moas__log_error(moas_log_fn log, void *user) {
     }
 }
 
-void moas__log(moas_log_fn log, void *user, moas_log_level level, const char *fmt, ...) {
-    char line[ERROR_CAPACITY];
-    va_list ap;
-
-    if (log == NULL) {
-        return;
-    }
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    make_printable(line, sizeof line);
-    log(user, level, line);
-}
-
 #if defined(MOAS_DEBUG)
 void moas__assert_fail(const char *expr, const char *file, int line) {
     moas__set_error("internal: assertion '%s' failed at %s:%d", expr, file, line);

@@ -72,10 +72,6 @@ void moas__assert_fail(const char *expr, const char *file, int line);
  * API boundary when a call fails, so a log sees exactly what moas_last_error() says. */
 void moas__log_error(moas_log_fn log, void *user);
 
-/* Format a line and send it to `log` at `level`; does nothing when `log` is NULL. */
-void moas__log(moas_log_fn log, void *user, moas_log_level level, const char *fmt, ...)
-    MOAS_PRINTF(4, 5);
-
 /* Allocation through an object's allocator (NULL means libc). moas__calloc zeroes
  * and checks n * size for overflow. Both return NULL on failure, and never record
  * an error: the caller knows what it was allocating and says so. */
