@@ -5,7 +5,7 @@
 #   make check           the C unit tests only
 #   make run             build, then generate text from the shipped model
 #   make install PREFIX=/usr/local [DESTDIR=...]   /   make uninstall
-#   make OPENMP=0        build without OpenMP;  make CC=clang;  make V=1 (loud)
+#   make OPENMP=0        tests without OpenMP;  make CC=clang;  make V=1 (loud)
 #   make asan            the C tests under AddressSanitizer + UBSan (own BUILD dir)
 #
 # Every core builds unless the command line says otherwise (make -j1, -jN): most of
@@ -49,6 +49,9 @@ ifeq ($(DEBUG),1)
 CFLAGS      := -O0 -g
 MOAS_CFLAGS += -DMOAS_DEBUG
 endif
+# The library starts its own threads (src/team.c). OpenMP is only for the programs
+# that use it themselves: the unit tests (a caller's parallel region leading teams)
+# and the kernel benchmark. OPENMP=0 builds them without it.
 ifeq ($(OPENMP),1)
 OMP_FLAGS := -fopenmp
 endif
@@ -87,7 +90,7 @@ lib: $(STATIC_LIB) $(SHARED_LIB)
 # others (OPENMP=0, CC=clang, CFLAGS=...) rebuilds them, and moas.pc follows. The
 # stamp is rewritten only when the flags change.
 FLAGS_STAMP := $(BUILD)/flags
-FLAGS_TEXT   = $(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(OMP_FLAGS) $(CFLAGS) \
+FLAGS_TEXT   = $(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(CFLAGS) \
                $(MOREFLAGS) $(SIMD_SAN_FLAGS) / $(LIBS_PRIVATE)
 .PHONY: FORCE
 $(FLAGS_STAMP): FORCE
@@ -97,7 +100,7 @@ $(FLAGS_STAMP): FORCE
 $(BUILD)/%.o: %.c $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
-	$(Q)$(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(OMP_FLAGS) $(CFLAGS) $(MOREFLAGS) \
+	$(Q)$(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(CFLAGS) $(MOREFLAGS) \
 	    $(ARCH_FLAGS) -MMD -MP -c -o $@ $<
 
 # SIMD kernel tables: ISA flags for these two objects only, and only when the compiler
@@ -117,25 +120,15 @@ $(SHARED_LIB): $(LIB_OBJS) src/libmoas.map
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(SHLIB_LDFLAGS) $(CFLAGS) $(MOREFLAGS) $(LDFLAGS) -o $@ $(LIB_OBJS) \
-	    $(OMP_FLAGS) -lm
+	    -pthread -lm
 	$(Q)ln -sf $(SHLIB_REAL) $(LIBOUT)/$(SHLIB_SONAME)
 	$(Q)ln -sf $(SHLIB_REAL) $(LIBOUT)/libmoas.so
 
 # moas.pc names the install directories, so `install` writes it again with the
 # PREFIX/LIBDIR of that command line; lib/moas.pc has those of the build's.
-# Libs.private names the OpenMP runtime the objects call, so that a static consumer
-# links whatever its own compiler (-fopenmp would name that compiler's runtime): GCC's
-# libgomp, or for a clang build LLVM's libomp, with the directory clang finds it in.
-ifeq ($(OPENMP),1)
-ifneq ($(findstring clang,$(shell $(CC) --version 2>/dev/null | head -n 1)),)
-OMP_LIB_DIR := $(shell d="$$(dirname "$$(realpath "$$(command -v $(CC))")")/../lib"; \
-                 test -e "$$d/libomp.so" && cd "$$d" && pwd)
-OMP_LIBS := $(if $(OMP_LIB_DIR),-L$(OMP_LIB_DIR) )-lomp
-else
-OMP_LIBS := -lgomp
-endif
-endif
-LIBS_PRIVATE := -lm $(OMP_LIBS)
+# Libs.private: what a static consumer links besides the archive (POSIX threads are
+# in glibc's libc since 2.34; -pthread names them for older C libraries).
+LIBS_PRIVATE := -lm -pthread
 PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
              -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
              -e 's|@LIBS_PRIVATE@|$(LIBS_PRIVATE)|' moas.pc.in
@@ -145,8 +138,8 @@ $(LIBOUT)/moas.pc: moas.pc.in include/moas.h Makefile $(FLAGS_STAMP)
 
 # ---- programs ------------------------------------------------------------------
 # Programs link the static library: one self-contained binary, no rpath games.
-PROG_CFLAGS := $(MOAS_CFLAGS) -Iinclude -Isrc $(OMP_FLAGS) $(CFLAGS) $(MOREFLAGS)
-PROG_LIBS   := $(STATIC_LIB) -lm $(OMP_FLAGS)
+PROG_CFLAGS := $(MOAS_CFLAGS) -Iinclude -Isrc $(CFLAGS) $(MOREFLAGS)
+PROG_LIBS   := $(STATIC_LIB) -lm -pthread
 
 # bin/moas: tools/moas/, one file per command (main.c dispatches, cli.c and options.c
 # are what they share).
@@ -164,7 +157,7 @@ bench-kernels: $(BUILD)/tools/bench_kernels
 $(BUILD)/tools/bench_kernels: tools/bench_kernels.c src/ops.h src/f16.h $(STATIC_LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
-	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/bench_kernels.c $(PROG_LIBS) $(LDFLAGS)
+	$(Q)$(CC) $(PROG_CFLAGS) $(OMP_FLAGS) -o $@ tools/bench_kernels.c $(PROG_LIBS) $(LDFLAGS)
 
 # Decode speed of two or more builds' shared libraries, interleaved in one process
 # (tools/ab_decode.c; docs/PERFORMANCE.md, "How to measure"). `make test` builds it
@@ -196,14 +189,16 @@ TEST_BIN  := $(BUILD)/tests/run_tests
 $(TEST_BIN): $(TEST_SRCS) $(wildcard tests/*.h tests/support/*.h) $(STATIC_LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
-	$(Q)$(CC) $(PROG_CFLAGS) -DMOAS_DEBUG -Itests -o $@ $(TEST_SRCS) $(PROG_LIBS) $(LDFLAGS)
+	$(Q)$(CC) $(PROG_CFLAGS) $(OMP_FLAGS) -DMOAS_DEBUG -Itests -o $@ $(TEST_SRCS) $(PROG_LIBS) \
+	    $(LDFLAGS)
 
 check: $(TEST_BIN)
 	$(TEST_BIN)
 
 # `make test` is what CI runs: unit tests, the Python tool tests, the CLI smoke test,
 # the installed pkg-config consumer (shared and static), then the unit tests again
-# built without OpenMP and a warning-free build with the other compiler.
+# built without OpenMP and without futexes (the waits of systems that have none:
+# src/futex.h), and a warning-free build with the other compiler.
 OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
 test: all $(TEST_BIN) $(AB_DECODE) $(RANDOM_MODEL)
 	$(TEST_BIN)
@@ -220,7 +215,7 @@ test: all $(TEST_BIN) $(AB_DECODE) $(RANDOM_MODEL)
 	$(MAKE) --no-print-directory rust-example
 	$(MAKE) --no-print-directory consumers
 	$(MAKE) --no-print-directory check OPENMP=0 BUILD=build-noomp LIBOUT=build-noomp/lib \
-	    BINOUT=build-noomp/bin
+	    BINOUT=build-noomp/bin MOREFLAGS=-DMOAS_NO_FUTEX
 	@if command -v $(OTHER_CC) >/dev/null 2>&1; then \
 	    $(MAKE) --no-print-directory lib CC=$(OTHER_CC) WERROR=1 BUILD=build-$(OTHER_CC) \
 	        LIBOUT=build-$(OTHER_CC)/lib; \
@@ -289,9 +284,8 @@ asan:
 #                        build-fuzz/corpus/<target>, crashes to build-fuzz/artifacts/
 #   make fuzz-merge      add what fuzz-run found (new edges only) to tests/fuzz/corpus
 #   make fuzz-coverage   lines of src/ that corpus reaches (clang, llvm-cov)
-#   make tsan            the C tests under ThreadSanitizer: OPENMP=0 (TSAN_CC, clang by
-#                        default), then with clang's OpenMP runtime and its TSan tool
-#                        (archer), which checks the forward call's team of threads
+#   make tsan            the C tests under ThreadSanitizer (TSAN_CC, clang by default),
+#                        OPENMP=0: the library's own threads, its teams, are checked
 #   make valgrind        bin/moas inspect, generate, perplexity under memcheck, OPENMP=0
 .PHONY: fuzz fuzz-bins fuzz-run fuzz-replay fuzz-corpus fuzz-merge fuzz-coverage tsan valgrind
 FUZZ_TARGETS := load tokenize decode state pool
@@ -384,17 +378,11 @@ fuzz-coverage:
 	    -instr-profile=build-cov/fuzz.profdata $(LIB_SRCS)
 
 TSAN_CC ?= clang
-TSAN_ARCHER ?= /usr/lib/llvm-14/lib/libarcher.so
 TSAN_FLAGS := -g -O1 -fsanitize=thread -fno-omit-frame-pointer
 tsan:
 	TSAN_OPTIONS="halt_on_error=1 $$TSAN_OPTIONS" $(MAKE) --no-print-directory check \
 	    CC=$(TSAN_CC) OPENMP=0 BUILD=build-tsan-$(TSAN_CC) LIBOUT=build-tsan-$(TSAN_CC)/lib \
 	    BINOUT=build-tsan-$(TSAN_CC)/bin MOREFLAGS="$(TSAN_FLAGS)"
-	@test -f $(TSAN_ARCHER) || { echo "tsan: $(TSAN_ARCHER) missing (libomp-14-dev)"; exit 1; }
-	OMP_TOOL_LIBRARIES=$(TSAN_ARCHER) \
-	TSAN_OPTIONS="halt_on_error=1 suppressions=$(CURDIR)/tests/tsan.supp $$TSAN_OPTIONS" \
-	    $(MAKE) --no-print-directory check CC=clang OPENMP=1 BUILD=build-tsan-omp \
-	    LIBOUT=build-tsan-omp/lib BINOUT=build-tsan-omp/bin MOREFLAGS="$(TSAN_FLAGS)"
 
 # The shipped model when it is there, else the tiny test model; the text is the plain
 # ASCII first five verses of tests/data/tiny.txt, which both vocabularies cover.

@@ -64,18 +64,22 @@
  * returned). The settings (forced scheme, budget,
  * route and abort callbacks) may be changed by a route callback on the decoding thread and are
  * refused the same way to another thread meanwhile; getters are not checked. A context
- * may use several threads inside one call (OpenMP, `n_threads`); results do not depend
- * on that number. The calling thread leads them and runs every callback; the others
- * spin briefly between the call's parallel steps, then sleep, and the calling thread
- * waiting for another's slice spins, yields, then sleeps. Between calls the workers are
- * the OpenMP runtime's, which keeps them spinning for a while by default
- * (OMP_WAIT_POLICY=passive: they sleep at once; docs/API.md, "Decode"). When the other
+ * may use several threads inside one call (`n_threads`); results do not depend on that
+ * number. The calling thread leads them and runs every callback; the others are the
+ * context's own (the pool's, for moas_pool_decode), started by its first call that
+ * uses them, kept until it is freed, with every signal blocked. A worker that finds
+ * nothing to do, within a call or between calls, spins for tens of microseconds, then
+ * sleeps until the next step; the calling thread waiting for another's slice spins,
+ * yields, then sleeps (docs/API.md, "Decode"). Changed 2026-12-06: the other threads
+ * were OpenMP's, whose runtime kept them spinning for milliseconds after each call
+ * (up to 200 ms with LLVM's). When the other
  * threads come late (the machine's cores are busy), the following calls run on the
  * calling thread alone for a while; and a small call (a decoded token of a small model)
  * runs on the calling thread alone whenever that was last measured faster than the
  * team. A call should still not ask for more threads than it has free cores. A decoding
- * call needs up to about 48 KB of stack on the calling thread and on each OpenMP worker
- * (Q8_0 weights make a block of rows into floats there).
+ * call needs up to about 48 KB of stack on the calling thread and on each worker (Q8_0
+ * weights make a block of rows into floats there); workers get the C library's
+ * default stack.
  *
  * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
  * pointer beyond the call unless the function's documentation says so (a memory
@@ -612,7 +616,8 @@ typedef enum moas_logits {
 typedef struct moas_context_params {
     uint32_t size;                    /* sizeof(moas_context_params); set by _init() */
     int32_t n_ctx;                    /* tokens the cache holds; 0 (default): trained length */
-    int32_t n_threads;                /* threads per call (<= 1024); 0: OpenMP's default */
+    int32_t n_threads;                /* threads per call (<= 1024); 0: every CPU the
+                                       * process may run on */
     int32_t mode;                     /* a moas_mode; default MOAS_MODE_MIXTURE */
     int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default), _F16, or
                                          _Q8_0 (blocks of 32 along a head: head_dim a
@@ -925,11 +930,12 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
 /*
  * moas_context_n_threads() - threads a decoding call of this context uses.
  *
- * params->n_threads as given, or for 0 the number it resolved to at creation
- * (OpenMP's default); always 1 in a library built without OpenMP. A call made inside
- * the caller's own OpenMP parallel region may get fewer, and a call runs on the
- * calling thread alone while the other threads come late, or, for a small call, while
- * that was measured faster (THREADING above).
+ * params->n_threads as given, or for 0 the number it resolved to at creation (the
+ * CPUs in the process's affinity mask on Linux, else the CPUs online). A call gets
+ * fewer should the system refuse to start a thread, and runs on the calling thread
+ * alone while the other threads come late, or, for a small call, while that was
+ * measured faster (THREADING above). Changed 2026-12-06: 0 was OpenMP's default
+ * (OMP_NUM_THREADS), and a library built without OpenMP used 1.
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.
  * Thread safety: one thread per context.   Allocates: no.
@@ -960,7 +966,8 @@ typedef struct moas_pool_params {
                                          multiple of 32) */
     int32_t page_heads;               /* head slots per page, a power of two;
                                          0 (default): 4 */
-    int32_t n_threads;                /* threads of moas_pool_decode; 0: OpenMP's default */
+    int32_t n_threads;                /* threads of moas_pool_decode; 0: every CPU the
+                                       * process may run on */
     int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
     int32_t n_batch;                  /* rows (tokens of all sequences) per block of
                                          moas_pool_decode; 0 (default): 128 */
@@ -997,7 +1004,7 @@ MOAS_API void moas_pool_params_init_sized(moas_pool_params *params, size_t size)
  *
  * Allocates capacity_bytes of pages (address space until written: the operating
  * system backs pages as they are first used, unless params->commit asks for them to be
- * written now) and the buffers of moas_pool_decode: with OpenMP, 2 to 8 threads and a
+ * written now) and the buffers of moas_pool_decode: with 2 to 8 threads and a
  * small enough model (a file of at most 16 MB, or blocks of n_batch rows that give
  * each thread a row for every 2 MB of it), one set of them per thread besides, so that
  * a decode step can give each thread a share of the sequences to run through the

@@ -15,10 +15,6 @@
 
 #include <string.h>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 void moas_context_params_init_sized(moas_context_params *params, size_t size) {
     moas_context_params p;
     memset(&p, 0, sizeof p);
@@ -81,11 +77,7 @@ int32_t moas__default_threads(int32_t n_threads) {
     if (n_threads != 0) {
         return n_threads;
     }
-#if defined(_OPENMP)
-    return omp_get_max_threads() < MOAS_MAX_THREADS ? omp_get_max_threads() : MOAS_MAX_THREADS;
-#else
-    return 1;
-#endif
+    return moas__team_default_threads();
 }
 
 uint64_t moas__kv_token_bytes(const moas_context *ctx, int32_t s) {
@@ -157,6 +149,7 @@ void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws) {
     if (ws == NULL) {
         return;
     }
+    moas__team_end(&ws->team);
     for (int32_t i = 0; ws->shards != NULL && i < ws->n_threads; i++) {
         moas__workspace_free(alloc, ws->shards[i]);
     }
@@ -265,10 +258,6 @@ moas_status moas__workspace_make(const moas_model *m, const moas_allocator *allo
 }
 
 moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc) {
-#if !defined(_OPENMP)
-    (void)ws, (void)alloc;
-    return MOAS_OK;   /* a call's team is its calling thread alone: no block is split */
-#else
     const moas_model *m = ws->model;
     if (ws->n_threads < 2 || ws->n_threads > MOAS_SHARD_MAX_THREADS ||
         !moas__shard_rows_suit(m, ws->max_rows / ws->n_threads)) {
@@ -278,7 +267,7 @@ moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *all
     MOAS_RETURN_IF(ws->shards == NULL, MOAS_ERR_NO_MEMORY,
                    "pool_create: no memory for the threads' workspaces");
     for (int32_t i = 0; i < ws->n_threads; i++) {
-        /* as many rows as the pool's own: a team that OpenMP gives fewer threads cuts
+        /* as many rows as the pool's own: a team that could start fewer threads cuts
          * a block into fewer, larger shares */
         const moas_status st = moas__workspace_make(m, alloc, ws->ops, 1, ws->max_rows,
                                                     ws->max_keys, ws->logit_rows, &ws->shards[i]);
@@ -290,7 +279,6 @@ moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *all
         ws->shards[i]->mm_hints = ws->mm_hints;
     }
     return MOAS_OK;
-#endif
 }
 
 void moas__workspace_commit(moas_workspace *ws) {

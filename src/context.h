@@ -208,8 +208,7 @@ moas_status moas__workspace_make(const moas_model *model, const moas_allocator *
 void moas__workspace_free(const moas_allocator *alloc, moas_workspace *ws);
 
 /* A pool's workspace: give it its shards (moas_workspace.shards) when the model and
- * the thread count qualify (never without OpenMP, whose absence leaves every call on
- * its calling thread); MOAS_OK (also when they do not), or MOAS_ERR_NO_MEMORY. */
+ * the thread count qualify; MOAS_OK (also when they do not), or MOAS_ERR_NO_MEMORY. */
 moas_status moas__workspace_shards(moas_workspace *ws, const moas_allocator *alloc);
 
 /* Give ctx its workspace if it has none yet: MOAS_OK, or MOAS_ERR_NO_MEMORY (named for
@@ -294,7 +293,7 @@ _Static_assert(MOAS_ATT_KEYS == MOAS_OPS_RUN_STRIDE, "attn_mix's constant stride
 #define MOAS_POOL_LOGIT_ROWS 64
 
 
-/* n_threads as the caller gave it, or OpenMP's default for 0 (1 without OpenMP). */
+/* n_threads as the caller gave it, or for 0 moas__team_default_threads(). */
 int32_t moas__default_threads(int32_t n_threads);
 
 /* Run tokens[0 .. n) (n <= ctx->ws->max_rows) at positions n_past .. n_past + n - 1 through the

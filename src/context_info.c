@@ -20,9 +20,5 @@ int32_t moas_context_n_threads(const moas_context *ctx) {
     if (ctx == NULL) {
         return 0;
     }
-#if defined(_OPENMP)
     return ctx->n_threads;
-#else
-    return 1;   /* without OpenMP a call runs on the calling thread alone (team.c) */
-#endif
 }

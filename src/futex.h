@@ -4,14 +4,15 @@
  * the team's idle workers and its leader (team.c), a thread waiting for a pool's
  * lock (kv_cache.c).
  *
- * Where futexes do not exist MOAS_HAVE_FUTEX is not defined and callers keep
- * yielding instead. A file that includes this one on Linux must be built with
+ * Where futexes do not exist MOAS_HAVE_FUTEX is not defined and callers yield or
+ * use a condition variable instead; -DMOAS_NO_FUTEX builds that way on Linux too, so
+ * that the tests run those paths. A file that includes this one on Linux must be built with
  * _DEFAULT_SOURCE (for syscall()) defined before any system header.
  */
 #ifndef MOAS_FUTEX_H
 #define MOAS_FUTEX_H
 
-#if defined(__linux__)
+#if defined(__linux__) && !defined(MOAS_NO_FUTEX)
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>

@@ -5,7 +5,14 @@
  * slices, waiting for them. Does not own: what a step computes or how it splits its
  * work (forward.c).
  *
- * The protocol, with C11 atomics. Steps are numbered 1, 2, ... within a call. The
+ * The threads. The calling thread leads; the others are the team's own, started by
+ * the first call that wants them and kept, sleeping between calls, until
+ * moas__team_end. A worker takes part in the steps of calls whose team size is above
+ * its number, and sits the others out.
+ *
+ * The protocol, with C11 atomics. Steps are numbered 1, 2, ... for the team's life,
+ * modulo 2^32 (step_reached), so a worker still on a step of an earlier call is one
+ * more thread on an older step. The
  * leader stores step k (fn, arg), marks the slices it has beyond step k - 1's as
  * claimed for k - 1, stores its number of slices n (release), sets `done` to 0 and
  * stores k in `posted` (release). A thread that sees `posted` reach k (acquire) reads
@@ -20,19 +27,21 @@
  * or more (claimed in step m - 1, or marked when m was posted, which the acquire of
  * n makes visible).
  *
- * Waiting. A worker that finds no new step spins briefly, then (Linux) sleeps on
- * `posted` with a futex: it counts itself in `sleepers`, looks at `posted` once more
- * and sleeps only if it still holds the step it saw (the kernel checks that again,
- * atomically). The leader, after storing a new `posted`, wakes the sleepers if
- * `sleepers` is not 0; both sides order these with sequentially consistent
- * operations, so either the leader sees the sleeper or the sleeper sees the step.
+ * Waiting. A worker that finds no new step, within a call or between calls, spins
+ * briefly, then sleeps on `posted`: it counts itself in `sleepers`, looks at `posted`
+ * once more and sleeps only if it still holds the step it saw (on Linux a futex, whose
+ * kernel checks that again atomically; elsewhere a condition variable, checked under
+ * its mutex). The leader, after storing a new `posted`, wakes the sleepers if
+ * `sleepers` is not 0 (taking that mutex to broadcast, where there is no futex); both
+ * sides order these with sequentially consistent operations, so either the leader
+ * sees the sleeper or the sleeper sees the step.
  * A sleeping worker gives its core to the leader or to other processes; the leader
  * never waits for it, since it claims whatever slices are left. Which thread runs a
  * slice never changes what the slice computes, so results are bit-for-bit the same.
  *
  * Late teams. The leader still waits for a thread that claimed a slice and was then
- * preempted, and for every thread at the end of the OpenMP region that holds the team
- * (OpenMP's barrier). On a machine whose cores other processes keep busy, that wait
+ * preempted (a call has no barrier at its end: a worker that comes after the last
+ * step finds nothing to claim). On a machine whose cores other processes keep busy, that wait
  * can be whole scheduler time slices per token: two threads decoded 20-30x slower
  * than one there. So the leader times what it loses waiting and what the others'
  * slices saved it (at its own pace per slice), and after a call that lost more than
@@ -42,18 +51,16 @@
  * machine crossed it now and then and ran 30% below a team that never judged.
  */
 #if defined(__linux__)
-#define _DEFAULT_SOURCE   /* syscall(), beside the build's _POSIX_C_SOURCE */
+#define _GNU_SOURCE   /* syscall() for futex.h; sched_getaffinity(), CPU_COUNT */
 #endif
 
 #include "team.h"
 #include "futex.h"
 
 #include <sched.h>
+#include <signal.h>
 #include <time.h>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include <unistd.h>
 
 /* Spins before a waiting thread starts giving its core away. Steps are microseconds
  * apart, so a worker normally waits well under this; yielding after it keeps a team
@@ -61,13 +68,6 @@
  * starving the threads it waits for. Yielding after 2^8 spins made prefill beside a
  * busy process 2-10x slower. */
 #define MOAS_TEAM_SPINS (1u << 14)
-
-/* Spins before an idle worker (no step posted) goes to sleep, where futexes exist.
- * Steps of one forward call follow each other within microseconds, which this covers;
- * between calls, or behind a leader slowed by other processes, the worker sleeps
- * instead of taking a core from them (spinning workers made decode with 2 threads
- * 20x slower than 1 beside busy processes). */
-#define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
 
 /* Yields, after MOAS_TEAM_SPINS spins, before a leader waiting for a slice another
  * thread runs sleeps until it ends, where futexes exist: past about 0.8 ms (on the
@@ -85,14 +85,25 @@ static void futex_wake_all(void *addr) {
 
 /* After storing a new `posted`: wake the workers that sleep on it, if any. */
 static void team_wake(moas_team *team) {
-#if defined(MOAS_HAVE_FUTEX)
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(&team->sleepers, memory_order_seq_cst) > 0) {
+#if defined(MOAS_HAVE_FUTEX)
         futex_wake_all(&team->posted);
-    }
 #else
-    (void)team;
+        pthread_mutex_lock(&team->sleep_lock);
+        pthread_cond_broadcast(&team->sleep_cond);
+        pthread_mutex_unlock(&team->sleep_lock);
 #endif
+    }
+}
+
+/* Whether step a is step b or a later one. Steps are numbered modulo 2^32 for the
+ * team's life (a few a microsecond at most: the count wraps in an hour or more), so
+ * this is right while no thread holds a step number 2^31 steps older than the newest,
+ * that is while no worker stays stopped in mid-step for half an hour as its team runs
+ * on. */
+static bool step_reached(unsigned a, unsigned b) {
+    return a - b < 0x80000000u;
 }
 
 static void team_wait(uint32_t *spins) {
@@ -171,7 +182,7 @@ void moas__team_compare_note(moas_team *team, int64_t ns, int64_t work) {
  * step k is over. */
 static bool team_take(moas_team *team, int32_t i, unsigned k) {
     unsigned seen = atomic_load_explicit(&team->claim[i], memory_order_relaxed);
-    if (seen >= k || !atomic_compare_exchange_strong_explicit(&team->claim[i], &seen, k,
+    if (step_reached(seen, k) || !atomic_compare_exchange_strong_explicit(&team->claim[i], &seen, k,
                                                               memory_order_acquire,
                                                               memory_order_relaxed)) {
         return false;
@@ -189,10 +200,11 @@ static bool team_take(moas_team *team, int32_t i, unsigned k) {
 }
 
 /* Every slice of step k this thread can still claim, of the step's n: its own share
- * of them first (thread `own` of nth), then the other threads' shares from their ends
- * (the slices a thread that has not come yet, or runs slower, would reach last). */
-static int32_t team_take_all(moas_team *team, int32_t own, unsigned k, int32_t n) {
-    const int32_t nth = team->nth;
+ * of them first (thread `own` of the call's nth), then the other threads' shares from
+ * their ends (the slices a thread that has not come yet, or runs slower, would reach
+ * last). */
+static int32_t team_take_all(moas_team *team, int32_t own, int32_t nth, unsigned k,
+                             int32_t n) {
     int32_t taken = 0;
     for (int32_t i = own * n / nth; i < (own + 1) * n / nth; i++) {
         taken += team_take(team, i, k);
@@ -226,8 +238,8 @@ void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void
      * so that a thread still on it, or on an older one, that reads this step's count
      * claims none of them (the protocol above); only a step with more slices than the
      * one before writes them, so that steps of one size touch no claim but their own.
-     * The first step of a call needs none (its claims were reset and no thread can be
-     * on an older step), so the count the last call left does no harm. */
+     * The first step of a call is no different: the count is the last call's last
+     * step's, and its claims hold that step's number or later. */
     for (int32_t i = atomic_load_explicit(&team->n_slices, memory_order_relaxed); i < n; i++) {
         atomic_store_explicit(&team->claim[i], k - 1u, memory_order_relaxed);
     }
@@ -236,7 +248,7 @@ void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void
     atomic_store_explicit(&team->posted, k, memory_order_seq_cst);
     team_wake(team);
     const int64_t t0 = now_ns();
-    const int32_t taken = team_take_all(team, 0, k, n);
+    const int32_t taken = team_take_all(team, 0, team->nth, k, n);
     const int64_t t1 = now_ns();
     if (taken > 0) {   /* the others' slices, at the leader's time per slice */
         team->saved_ns += (int64_t)(n - taken) * (t1 - t0) / taken;
@@ -244,12 +256,12 @@ void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void
     if (atomic_load_explicit(&team->done, memory_order_acquire) < n) {
         /* another thread still runs a slice it claimed */
         uint32_t spins = 0;
-#if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)
+#if defined(MOAS_HAVE_FUTEX)
         uint32_t yields = 0;   /* before the leader sleeps */
 #endif
         int done;
         while ((done = atomic_load_explicit(&team->done, memory_order_acquire)) < n) {
-#if defined(MOAS_HAVE_FUTEX) && defined(_OPENMP)
+#if defined(MOAS_HAVE_FUTEX)
             if (spins >= MOAS_TEAM_SPINS && yields++ >= MOAS_TEAM_YIELDS_BEFORE_SLEEP) {
                 atomic_store_explicit(&team->leader_asleep, 1, memory_order_seq_cst);
                 if (atomic_load_explicit(&team->done, memory_order_seq_cst) == done) {
@@ -269,50 +281,144 @@ void moas__team_run_slices(moas_team *team, bool parallel, moas_step_fn fn, void
     }
 }
 
-#if defined(_OPENMP)
-/* A worker: the slices it can claim of each step posted, until the leader posts
- * `stop`. It may miss steps the others finished without it; it joins the newest. */
-static void team_work(moas_team *team, int32_t ith) {
-    unsigned seen = 0;
+/* A worker: the slices it can claim of each step posted, until moas__team_end. It may
+ * miss steps the others finished without it; it joins the newest. */
+static void *team_work(void *arg) {
+    moas_team *team = arg;
+    const int32_t ith = atomic_fetch_add_explicit(&team->numbered, 1, memory_order_relaxed) + 1;
+    /* the step posted when the leader started it, not when it runs: a thread may first
+     * run after the call and the end that follow, and must not take the end's post
+     * for the step it has seen */
+    unsigned seen = atomic_load_explicit(&team->start_posted, memory_order_relaxed);
     for (;;) {
         uint32_t spins = 0;
         unsigned k;
         while ((k = atomic_load_explicit(&team->posted, memory_order_acquire)) == seen) {
-#if defined(MOAS_HAVE_FUTEX)
             if (spins >= MOAS_TEAM_SPINS_BEFORE_SLEEP) {
                 atomic_fetch_add_explicit(&team->sleepers, 1, memory_order_seq_cst);
+#if defined(MOAS_HAVE_FUTEX)
                 if (atomic_load_explicit(&team->posted, memory_order_seq_cst) == seen) {
                     moas__futex_wait(&team->posted, seen);
                 }
+#else
+                pthread_mutex_lock(&team->sleep_lock);
+                while (atomic_load_explicit(&team->posted, memory_order_seq_cst) == seen) {
+                    pthread_cond_wait(&team->sleep_cond, &team->sleep_lock);
+                }
+                pthread_mutex_unlock(&team->sleep_lock);
+#endif
                 atomic_fetch_sub_explicit(&team->sleepers, 1, memory_order_relaxed);
                 spins = 0;
                 continue;
             }
-#endif
             team_wait(&spins);
         }
         seen = k;
         if (atomic_load_explicit(&team->stop, memory_order_relaxed)) {
-            return;
+            return NULL;
         }
-        /* the step's slices: posted k was seen (acquire), so this is step k's count or,
-         * if the leader has posted another step since, a later one's; read with acquire,
-         * so that that step's marks are seen too and every claim for k then fails */
-        team_take_all(team, ith, k, atomic_load_explicit(&team->n_slices, memory_order_acquire));
+        /* the call's size and the step's slices: posted k was seen (acquire), so these
+         * are step k's or, if the leader has posted another step since, a later one's;
+         * the count is read with acquire, so that that step's marks are seen too and
+         * every claim for k then fails */
+        const int32_t nth = atomic_load_explicit(&team->call_nth, memory_order_relaxed);
+        if (ith < nth) {
+            team_take_all(team, ith, nth, k,
+                          atomic_load_explicit(&team->n_slices, memory_order_acquire));
+        }
     }
 }
+
+/* Start workers until the team has n_threads threads, or until one fails to start;
+ * returns the team's size. Signals are blocked in the workers (they inherit the mask
+ * at creation), so that a signal for the process reaches one of its own threads. */
+static int32_t team_start(moas_team *team, int32_t n_threads) {
+    if (team->n_workers + 1 >= n_threads || team->start_failed) {
+        return team->n_workers + 1 < n_threads ? team->n_workers + 1 : n_threads;
+    }
+    if (team->n_workers == 0) {   /* the sleeping pair exists exactly while workers do */
+        atomic_store_explicit(&team->stop, false, memory_order_relaxed);
+        atomic_store_explicit(&team->numbered, 0, memory_order_relaxed);
+        team->owner_pid = (long)getpid();
+#if !defined(MOAS_HAVE_FUTEX)
+        if (pthread_mutex_init(&team->sleep_lock, NULL) != 0) {
+            team->start_failed = true;
+            return 1;
+        }
+        if (pthread_cond_init(&team->sleep_cond, NULL) != 0) {
+            pthread_mutex_destroy(&team->sleep_lock);
+            team->start_failed = true;
+            return 1;
+        }
 #endif
+    }
+    atomic_store_explicit(&team->start_posted,
+                          atomic_load_explicit(&team->posted, memory_order_relaxed),
+                          memory_order_relaxed);
+    sigset_t all, old;
+    sigfillset(&all);
+    const bool masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
+    while (team->n_workers + 1 < n_threads) {
+        if (pthread_create(&team->threads[team->n_workers], NULL, team_work, team) != 0) {
+            team->start_failed = true;
+            break;
+        }
+        team->n_workers++;
+    }
+    if (masked) {
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+#if !defined(MOAS_HAVE_FUTEX)
+    if (team->n_workers == 0) {
+        pthread_cond_destroy(&team->sleep_cond);
+        pthread_mutex_destroy(&team->sleep_lock);
+    }
+#endif
+    return team->n_workers + 1;
+}
+
+void moas__team_end(moas_team *team) {
+    if (team->n_workers == 0) {
+        return;
+    }
+    if (team->owner_pid == (long)getpid()) {
+        atomic_store_explicit(&team->stop, true, memory_order_relaxed);
+        atomic_fetch_add_explicit(&team->posted, 1u, memory_order_seq_cst);
+        team_wake(team);
+        for (int32_t i = 0; i < team->n_workers; i++) {
+            pthread_join(team->threads[i], NULL);
+        }
+#if !defined(MOAS_HAVE_FUTEX)
+        pthread_cond_destroy(&team->sleep_cond);
+        pthread_mutex_destroy(&team->sleep_lock);
+#endif
+    }
+    team->n_workers = 0;
+    team->start_failed = false;
+}
+
+int32_t moas__team_default_threads(void) {
+    long n = 0;
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        n = CPU_COUNT(&set);
+    }
+#endif
+#if defined(_SC_NPROCESSORS_ONLN)
+    if (n < 1) {
+        n = sysconf(_SC_NPROCESSORS_ONLN);
+    }
+#endif
+    return n < 1 ? 1 : n > MOAS_MAX_THREADS ? MOAS_MAX_THREADS : (int32_t)n;
+}
 
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg) {
     team->nth = 1;
-    atomic_store_explicit(&team->stop, false, memory_order_relaxed);
-    atomic_store_explicit(&team->posted, 0u, memory_order_relaxed);
-    atomic_store_explicit(&team->done, 0, memory_order_relaxed);
-    atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);
     atomic_store_explicit(&team->leader_asleep, 0, memory_order_relaxed);
-#if defined(_OPENMP)
     const bool compared = n_threads > 1 && !team->never_solo && team->call_work > 0 &&
                           team->call_work <= MOAS_TEAM_COMPARE_MAX_WORK;
+    int32_t size = 1;
     if (n_threads > 1 && team->solo_left > 0 && !team->never_solo) {
         team->solo_left--;   /* the last teams came late: this call runs alone */
     } else if (compared && moas__team_compare_alone(team)) {
@@ -320,44 +426,24 @@ void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), v
         body(arg);
         moas__team_compare_note(team, now_ns() - start, team->call_work);
         return;
-    } else if (n_threads > 1) {
-        int64_t body_end = 0;
-        for (int32_t i = 0; i < MOAS_TEAM_SLICES_PER_THREAD * n_threads && i < MOAS_MAX_THREADS;
-             i++) {
-            atomic_store_explicit(&team->claim[i], 0u, memory_order_relaxed);
-        }
+    } else if (n_threads > 1 && (size = team_start(team, n_threads)) > 1) {
+        team->nth = size;
+        team->max_slices = MOAS_TEAM_SLICES_PER_THREAD * size < MOAS_MAX_THREADS
+                               ? MOAS_TEAM_SLICES_PER_THREAD * size
+                               : MOAS_MAX_THREADS;
+        atomic_store_explicit(&team->call_nth, size, memory_order_relaxed);
         team->wait_ns = 0;
         team->saved_ns = 0;
         const int64_t start = now_ns();
-#pragma omp parallel num_threads(n_threads)
-        {
-            if (omp_get_thread_num() == 0) {
-                team->nth = omp_get_num_threads();
-                team->max_slices = MOAS_TEAM_SLICES_PER_THREAD * team->nth < MOAS_MAX_THREADS
-                                       ? MOAS_TEAM_SLICES_PER_THREAD * team->nth
-                                       : MOAS_MAX_THREADS;
-                body(arg);
-                body_end = now_ns();
-                atomic_store_explicit(&team->stop, true, memory_order_relaxed);
-                atomic_fetch_add_explicit(&team->posted, 1u, memory_order_seq_cst);
-                team_wake(team);
-            } else {
-                team_work(team, omp_get_thread_num());
-            }
-        }
-        if (team->nth > 1) {   /* what the leader lost: waits in steps, and the end */
-            const int64_t end = now_ns();
-            const int64_t lost = team->wait_ns + (end - body_end);
-            moas__team_judge(team, (end - start) - lost, lost, team->saved_ns);
-            if (compared) {
-                moas__team_compare_note(team, end - start, team->call_work);
-            }
+        body(arg);
+        const int64_t end = now_ns();
+        /* what the leader lost: its waits inside steps */
+        moas__team_judge(team, (end - start) - team->wait_ns, team->wait_ns, team->saved_ns);
+        if (compared) {
+            moas__team_compare_note(team, end - start, team->call_work);
         }
         team->nth = 1;
         return;
     }
-#else
-    (void)n_threads;
-#endif
     body(arg);
 }

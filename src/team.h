@@ -1,17 +1,20 @@
 /*
- * team.h - the threads of one forward call: started once per call, handed each
- * parallel step by a shared counter instead of one OpenMP fork/join per step.
+ * team.h - the threads of a context's forward calls: the library's own, started with
+ * the first call that wants them and kept until the workspace is freed, handed each
+ * parallel step by a shared counter.
  *
- * A decoded token of a small model is dozens of parallel steps of microseconds each;
- * an OpenMP parallel region costs about 3 us to open and close on this project's
- * 2-core test machine, a posted step a fraction of that. The calling thread leads:
- * it runs the forward pass and, at each parallel step, posts the step, and every
- * thread then claims slices of it, its own first. A thread that is late (preempted by
- * another process, say) finds its slice done by the others instead of holding them.
+ * A decoded token of a small model is dozens of parallel steps of microseconds each; a
+ * posted step costs a fraction of a microsecond. The calling thread leads: it runs
+ * the forward pass and, at each parallel step, posts the step, and every thread then
+ * claims slices of it, its own first. A thread that is late (preempted by another
+ * process, say) finds its slice done by the others instead of holding them. Between
+ * calls the workers spin briefly, then sleep: the library decides how long its
+ * threads wait, not a threading runtime's defaults.
  */
 #ifndef MOAS_TEAM_H
 #define MOAS_TEAM_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -29,7 +32,8 @@ typedef struct moas_team {
      * once it holds a claim on one of the step's slices (which the leader cannot pass) */
     moas_step_fn fn;
     void *arg;
-    int32_t nth;              /* threads per step; 1 when no team started */
+    int32_t nth;              /* threads per step of the call under way; 1 outside a team
+                               * call (the leader's own: workers read call_nth) */
     int32_t max_slices;       /* slices a step of this call may have (claim[] entries in
                                * use): MOAS_TEAM_SLICES_PER_THREAD nth, at most
                                * MOAS_MAX_THREADS */
@@ -37,7 +41,10 @@ typedef struct moas_team {
                                * the leader before it posts; which slices to try for a
                                * thread before it claims, the step's count once it has;
                                * to the leader, the step before's when it posts */
-    atomic_bool stop;         /* set with the last `posted`: the workers leave */
+    atomic_bool stop;         /* set with the last `posted` (moas__team_end): the workers
+                               * leave */
+    atomic_int call_nth;      /* nth of the call under way, stored before its first step:
+                               * a worker numbered at or past it sits the call out */
     /* each counter on a cache line of its own (padding, not _Alignas: the struct lives
      * in calloc'd memory, which promises 16 bytes of alignment) */
     char pad0[64];
@@ -76,17 +83,45 @@ typedef struct moas_team {
     int32_t exploit_len;      /* calls the faster way runs before the other is tried */
     bool alone;               /* small calls run on the leader alone (else with the team) */
     bool trial;               /* this phase tries the other way */
+    /* the workers: the leader's bookkeeping (workers never read it) */
+    int32_t n_workers;        /* started and not yet ended; each numbers itself from 1 */
+    bool start_failed;        /* a thread could not be started: run with those there are */
+    long owner_pid;           /* the process that started them: a child of fork() has
+                               * none of them, and must not join them */
+    atomic_int numbered;      /* workers that took their number */
+    atomic_uint start_posted; /* `posted` when the newest workers were started: the step
+                               * each has seen as it begins */
+    pthread_mutex_t sleep_lock;   /* where futexes do not exist (futex.h), workers sleep */
+    pthread_cond_t sleep_cond;    /* on this pair; initialised with the first worker */
     char pad3[64];
     atomic_uint claim[MOAS_MAX_THREADS];   /* the last step each slice was claimed for */
+    pthread_t threads[MOAS_MAX_THREADS - 1];
 } moas_team;
 
 /* Run body(arg) on the calling thread with a team of up to n_threads threads (fewer
- * when OpenMP gives fewer, as inside a caller's own parallel region; one without
- * OpenMP, while team->solo_left says the last teams came late, or when a small call's
- * comparison says the leader alone is faster: moas__team_compare_alone), which
- * moas__team_run can then use. team->call_work is the call's work for that
- * comparison (0: not compared). */
+ * when threads could not be started; one while team->solo_left says the last teams
+ * came late, or when a small call's comparison says the leader alone is faster:
+ * moas__team_compare_alone), which moas__team_run can then use. The first call that
+ * wants more threads than the team has starts them (all signals blocked in them, so
+ * that the host's handlers run on its own threads); they stay, sleeping between
+ * calls, until moas__team_end. team->call_work is the call's work for that comparison
+ * (0: not compared). A team is zeroed memory before its first call. */
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg);
+
+/* Stop and join the team's threads (none started: nothing to do). Not from inside
+ * a call of the team. In a child of fork(), which has none of its parent's threads,
+ * it only forgets them. The team may lead calls again afterwards. */
+void moas__team_end(moas_team *team);
+
+/* Spins before a worker that has no step sleeps (moas__team_lead). Steps of one
+ * forward call follow each other within microseconds, which this covers, and so do
+ * the calls of a decoding loop; between calls further apart, or behind a leader that
+ * other processes slow, a worker sleeps instead of taking a core from them. */
+#define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
+
+/* Threads for n_threads = 0: the CPUs this process may run on (its affinity mask on
+ * Linux, else the CPUs online), at most MOAS_MAX_THREADS; 1 when that is unknown. */
+int32_t moas__team_default_threads(void);
 
 /* A team is late when the leader lost more waiting for it in one call (inside steps
  * and for the team to end) than the others saved it, by more than this: the call ran

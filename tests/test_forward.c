@@ -921,11 +921,7 @@ TEST(f16_kv_cache_close_to_f32) {
  * runs and single tokens gives each context what it gets alone. */
 TEST(fine_slices_identical_for_any_thread_count) {
     enum { N = 230 };
-#if defined(_OPENMP)
     static const int32_t threads[] = {1, 2, 5};   /* 5: more threads than the test host's cores */
-#else
-    static const int32_t threads[] = {1};   /* a team is its caller alone */
-#endif
     int32_t tokens[N];
     for (int kind = 0; kind < 5; kind++) {
         tiny_model_config cfg;

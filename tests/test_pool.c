@@ -211,11 +211,7 @@ TEST(pool_batch_equals_alone_bit_for_bit) {
                                    (size_t)V * sizeof(float)) == 0);
             }
             /* with a team, some blocks ran their sequences split between its threads */
-#if defined(_OPENMP)
             ASSERT_TRUE((pool->ws->shard_blocks > 0) == (threads > 1));
-#else
-            ASSERT_EQ(pool->ws->shard_blocks, 0);
-#endif
             for (int32_t s = 0; s < B; s++) {
                 moas_context_free(alone[s]);
                 moas_context_free(in_pool[s]);
@@ -1610,7 +1606,7 @@ static int64_t thread_cpu_ns(void) {
 }
 
 TEST(pool_lock_waiter_sleeps_while_the_holder_keeps_it) {
-#if !defined(__linux__)
+#if !defined(__linux__) || defined(MOAS_NO_FUTEX)   /* futex.h */
     return test_skip("a waiter sleeps only where futexes exist; elsewhere it yields");
 #endif
     size_t size;
@@ -1712,13 +1708,7 @@ TEST(pool_splits_sequences_only_where_the_weights_allow) {
     moas_pool *few_rows = make_pool(m, 1 << 20, MOAS_TYPE_F32, 2, 20, 4);   /* 10 a share */
     moas_pool *many_rows = make_pool(m, 1 << 20, MOAS_TYPE_F32, 2, 32, 4);  /* 16 a share */
     ASSERT_TRUE(few_rows != NULL && many_rows != NULL);
-    /* without OpenMP a call's team is its calling thread alone: no block is ever
-     * split, so no pool holds workspaces for the shares */
-#if defined(_OPENMP)
     ASSERT_TRUE(few_rows->ws->shards == NULL && many_rows->ws->shards != NULL);
-#else
-    ASSERT_TRUE(few_rows->ws->shards == NULL && many_rows->ws->shards == NULL);
-#endif
     enum { N_SEQ = 24 };
     moas_context *ctx[N_SEQ];
     moas_pool_seq q[N_SEQ];
@@ -1732,11 +1722,7 @@ TEST(pool_splits_sequences_only_where_the_weights_allow) {
     ASSERT_OK(moas_pool_decode(many_rows, q, 20));   /* 10 rows a share: not split */
     ASSERT_EQ(many_rows->ws->shard_blocks, 0);
     ASSERT_OK(moas_pool_decode(many_rows, q, 22));   /* 11 a share: split, with a team */
-#if defined(_OPENMP)
     ASSERT_EQ(many_rows->ws->shard_blocks, 1);
-#else
-    ASSERT_EQ(many_rows->ws->shard_blocks, 0);
-#endif
     for (int32_t s = 0; s < N_SEQ; s++) {
         moas_context_free(ctx[s]);
     }
@@ -1807,11 +1793,7 @@ TEST(pool_split_keeps_callbacks_on_the_caller_and_budgets_as_alone) {
             ASSERT_OK(moas_context_decode(alone[s], tokens[s][step], NULL));
         }
         ASSERT_OK(moas_pool_decode(pool, q, N_SEQ));
-#if defined(_OPENMP)
         ASSERT_EQ(pool->ws->shard_blocks - split_before, step < STEPS / 2 ? 1 : 0);
-#else
-        ASSERT_EQ(pool->ws->shard_blocks - split_before, 0);
-#endif
         for (int32_t s = 0; s < N_SEQ; s++) {
             ASSERT_TRUE(memcmp(moas_context_logits(alone[s]), moas_context_logits(in_pool[s]),
                                (size_t)V * sizeof(float)) == 0);
@@ -3537,11 +3519,7 @@ TEST(q8_0_kv_cache_split_between_threads_equals_alone) {
             for (int32_t s = 0; s < NS; s++) {
                 ASSERT_TRUE(same_records(alone[s], in_pool[s]));
             }
-#if defined(_OPENMP)
             ASSERT_TRUE(pool->ws->shard_blocks > 0);
-#else
-            ASSERT_EQ(pool->ws->shard_blocks, 0);
-#endif
             for (int32_t s = 0; s < NS; s++) {
                 moas_context_free(in_pool[s]);
                 moas_context_free(alone[s]);
@@ -3778,13 +3756,8 @@ TEST(abort_callback_stops_a_pool_decode_whole) {
             s.asked = 0;
             const int64_t shard_blocks = pool->ws->shard_blocks;
             ASSERT_OK(moas_pool_decode(pool, pq, 2));
-#if defined(_OPENMP)
             ASSERT_EQ(pool->ws->shard_blocks, shard_blocks + 1);
             ASSERT_EQ(s.asked, 1);   /* before the block only */
-#else
-            ASSERT_EQ(pool->ws->shard_blocks, shard_blocks);
-            ASSERT_EQ(s.asked, 2);
-#endif
             s.asked = 0;
             s.stop_at = 1;
             ASSERT_EQ(moas_pool_decode(pool, pq, 2), MOAS_ERR_ABORTED);

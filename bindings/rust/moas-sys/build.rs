@@ -6,10 +6,8 @@
 //! How: the shared library (`-l dylib=moas`) by default. With the `static` feature (or
 //! `MOAS_STATIC=1`), libmoas.a, plus its private libraries: what
 //! `pkg-config --static --libs moas` lists, or the `Libs.private` line of the `moas.pc`
-//! beside the library, or `-lm` and `-fopenmp` when the archive calls OpenMP. `-fopenmp`
-//! becomes the runtime the archive calls: libgomp for GCC's `GOMP_` calls, libomp for
-//! clang's `__kmpc_` calls (in the directory clang itself passes for it), none when
-//! it calls neither.
+//! beside the library, or `-lm`. The library's threads are POSIX threads, which Rust's
+//! standard library links already (`-pthread` needs nothing more).
 //!
 //! Link arguments of a build script apply to its own crate's targets only, so nothing
 //! here can put the directory into a dependent's binary. Dependents get it as metadata
@@ -42,51 +40,6 @@ fn pc_libs_private(pc: &Path) -> Option<Vec<String>> {
     Some(line.split_whitespace().map(str::to_string).collect())
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// The OpenMP runtime libmoas.a calls into, if any.
-fn openmp_runtime(archive: &Path) -> Option<&'static str> {
-    let bytes = fs::read(archive).ok()?;
-    if contains(&bytes, b"__kmpc_") {
-        Some("omp")
-    } else if contains(&bytes, b"GOMP_") {
-        Some("gomp")
-    } else {
-        None
-    }
-}
-
-/// The directory of libomp.so when the linker would not find it: clang keeps it in its
-/// own lib/ (Debian: /usr/lib/llvm-N/lib) and passes that directory when it links with
-/// -fopenmp, which `clang -### -fopenmp` shows.
-fn libomp_dir() -> Option<PathBuf> {
-    let mut compilers = Vec::new();
-    if let Ok(cc) = env::var("CC") {
-        compilers.push(cc);
-    }
-    compilers.push("clang".to_string());
-    compilers.into_iter().find_map(|cc| {
-        let out = Command::new(cc)
-            .args([
-                "-###",
-                "-fopenmp",
-                "-x",
-                "c",
-                "/dev/null",
-                "-o",
-                "/dev/null",
-            ])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stderr).into_owned();
-        text.split_whitespace()
-            .filter_map(|arg| arg.trim_matches('"').strip_prefix("-L").map(PathBuf::from))
-            .find(|dir| dir.join("libomp.so").exists())
-    })
-}
-
 fn main() {
     for var in [
         "MOAS_LIB_DIR",
@@ -95,7 +48,6 @@ fn main() {
         "PKG_CONFIG_PATH",
         "PKG_CONFIG_LIBDIR",
         "PKG_CONFIG_SYSROOT_DIR",
-        "CC",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -155,13 +107,7 @@ fn main() {
         } else {
             pc_libs_private(&dir.join("moas.pc"))
         };
-        let private = private.unwrap_or_else(|| {
-            let mut flags = vec!["-lm".to_string()];
-            if openmp_runtime(&archive).is_some() {
-                flags.push("-fopenmp".to_string());
-            }
-            flags
-        });
+        let private = private.unwrap_or_else(|| vec!["-lm".to_string()]);
         let mut libs: Vec<String> = Vec::new();
         for flag in &private {
             if let Some(path) = flag.strip_prefix("-L") {
@@ -172,16 +118,6 @@ fn main() {
                 if lib != "moas" {
                     libs.push(lib.to_string());
                 }
-            } else if flag == "-fopenmp" || flag.starts_with("-fopenmp=") {
-                // the runtime the archive calls (none: a moas.pc older than the archive)
-                if let Some(runtime) = openmp_runtime(&archive) {
-                    libs.push(runtime.to_string());
-                }
-            }
-        }
-        if libs.iter().any(|l| l == "omp") {
-            if let Some(omp) = libomp_dir() {
-                println!("cargo:rustc-link-search=native={}", omp.display());
             }
         }
         for lib in &libs {
