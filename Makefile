@@ -168,6 +168,15 @@ $(AB_DECODE): tools/ab_decode.c include/moas.h
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/ab_decode.c -ldl $(LDFLAGS)
 
+# CPU time a process spends per decoded token when its tokens come GAP ms apart
+# (tools/spaced_decode.c; docs/PERFORMANCE.md, "The library's own threads"): one
+# build per process, alternated by the caller. `make test` runs it once.
+SPACED_DECODE := $(BUILD)/tools/spaced_decode
+$(SPACED_DECODE): tools/spaced_decode.c include/moas.h
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(PROG_CFLAGS) -o $@ tools/spaced_decode.c -ldl $(LDFLAGS)
+
 # The benchmarks of docs/PERFORMANCE.md: random-weight models of the benchmark shapes,
 # moas bench on each (JSON lines). Minutes, and the machine should be otherwise idle.
 .PHONY: bench
@@ -200,10 +209,11 @@ check: $(TEST_BIN)
 # built without OpenMP and without futexes (the waits of systems that have none:
 # src/futex.h), and a warning-free build with the other compiler.
 OTHER_CC := $(if $(findstring clang,$(CC)),gcc,clang)
-test: all $(TEST_BIN) $(AB_DECODE) $(RANDOM_MODEL)
+test: all $(TEST_BIN) $(AB_DECODE) $(SPACED_DECODE) $(RANDOM_MODEL)
 	$(TEST_BIN)
 	$(AB_DECODE) -m models/pooled-rope-kjv-1k.gguf --text models/kjv-heldout.txt -d 16 -n 4 \
 	    -r 2 -b 2 $(LIBOUT)/$(SHLIB_REAL) $(LIBOUT)/$(SHLIB_REAL)@0 >/dev/null
+	$(SPACED_DECODE) -m models/moas-kjv.gguf -g 1 -n 20 -t 2 $(LIBOUT)/$(SHLIB_REAL) >/dev/null
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
 	MOAS_RANDOM_MODEL=$(RANDOM_MODEL) python3 -m unittest discover -s tests/python -t . -q

@@ -90,9 +90,13 @@ static void team_wake(moas_team *team) {
 #if defined(MOAS_HAVE_FUTEX)
         futex_wake_all(&team->posted);
 #else
-        pthread_mutex_lock(&team->sleep_lock);
-        pthread_cond_broadcast(&team->sleep_cond);
-        pthread_mutex_unlock(&team->sleep_lock);
+        /* not in a child of fork(), whose copy of the lock a worker of the parent may
+         * have held (and which has no workers to wake) */
+        if (team->owner_pid == (long)getpid()) {
+            pthread_mutex_lock(&team->sleep_lock);
+            pthread_cond_broadcast(&team->sleep_cond);
+            pthread_mutex_unlock(&team->sleep_lock);
+        }
 #endif
     }
 }
