@@ -373,11 +373,15 @@ class Tokenizer(Base):
         self.assertEqual(self.model.tokenize_ex(text, "drop"), ([a, n, d, sp, nl], 3))
         self.expect(moas.Status.ERR_INVALID_UTF8, self.model.tokenize_ex, b"A\xff", "drop")
         # invalid UTF-8 is that, not an unknown character, under every rule and call
-        for text in (b"A\xff", "A\udcff"):   # the str is those bytes, surrogate-escaped
+        # the str: those bytes, surrogate-escaped; a lone high surrogate, which no bytes
+        # stand for (it was a UnicodeEncodeError)
+        for text in (b"A\xff", "A\udcff", "A\ud800"):
             for unknown in ("error", "replace", "drop"):
                 self.expect(moas.Status.ERR_INVALID_UTF8, self.model.tokenize, text,
                             unknown)
             self.expect(moas.Status.ERR_INVALID_UTF8, self.model.generate, text, 1)
+        e = self.expect(moas.Status.ERR_INVALID_UTF8, self.model.tokenize, "And\ud800")
+        self.assertIn("lone surrogate U+D800 at index 3", e.message)
         self.expect(moas.Status.ERR_UNKNOWN_CHAR, self.model.tokenize_ex, text, "replace", "Q")
         self.expect(moas.Status.ERR_INVALID_ARG, self.model.tokenize_ex, text, "maybe")
 

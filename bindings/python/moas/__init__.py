@@ -635,7 +635,12 @@ def _log_callback(fn):
 
 def _utf8(text):
     if isinstance(text, str):
-        return text.encode("utf-8", "surrogateescape")
+        try:
+            return text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as e:   # a lone surrogate no bytes stand for
+            raise MoasError(Status.ERR_INVALID_UTF8, "text has a lone surrogate U+%04X at "
+                            "index %d, which UTF-8 cannot encode"
+                            % (ord(text[e.start]), e.start)) from None
     if isinstance(text, (bytes, bytearray, memoryview)):
         return bytes(text)
     raise TypeError("text must be str or bytes, not %s" % type(text).__name__)
