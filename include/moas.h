@@ -217,7 +217,8 @@ MOAS_API const char *moas_status_name(moas_status status);
  * a file (an architecture's name, a key, a tensor's name) has its control characters
  * but a tab, and its bidi and zero-width ones, written as \uXXXX, and its bytes that
  * are no UTF-8 as \xXX; a message too long for its 511 bytes is cut at a character's
- * boundary. A log callback gets the same text.
+ * boundary. A log callback gets the same text; a library call it makes that fails
+ * does not replace the message the failing call leaves (it did until 2026-12-06).
  *
  * Returns: a NUL-terminated string, never NULL; "" if nothing has failed yet.
  * Thread safety: safe; each thread sees its own message.   Allocates: no.

@@ -147,7 +147,12 @@ void moas__set_error(const char *fmt, ...) {
 
 void moas__log_error(moas_log_fn log, void *user) {
     if (log != NULL) {
-        log(user, MOAS_LOG_ERROR, error_text);
+        /* the callback may call the library, and a call of its that fails would
+         * replace the error the caller reads next: it hears a copy, which is put back */
+        char text[ERROR_CAPACITY];
+        memcpy(text, error_text, sizeof text);
+        log(user, MOAS_LOG_ERROR, text);
+        memcpy(error_text, text, sizeof text);
     }
 }
 

@@ -27,6 +27,14 @@ static void capture(void *user, moas_log_level level, const char *message) {
     snprintf(c->last, sizeof c->last, "%s", message);
 }
 
+/* A log callback that calls the library, which fails (as a logger that loads, or
+ * asks something of a freed object, might). */
+static void capture_and_fail(void *user, moas_log_level level, const char *message) {
+    capture(user, level, message);
+    moas_model *m;
+    (void)moas_model_load("/nonexistent/inside-the-callback.gguf", NULL, &m);
+}
+
 /* ---- helpers ------------------------------------------------------------------- */
 
 static char tmp_path[64];
@@ -820,6 +828,12 @@ TEST(model_load_errors_name_the_cause) {
     ASSERT_EQ(log.n_lines, 1);   /* success is silent */
     moas_model_free(m);
     free(image);
+    /* a failing call inside the callback leaves the caller's error as it was */
+    p.log = capture_and_fail;
+    ASSERT_STATUS(moas_model_load("/nonexistent/y.gguf", &p, &m), MOAS_ERR_IO);
+    ASSERT_EQ(log.n_lines, 2);
+    ASSERT_STR_EQ(log.last, moas_last_error());
+    ASSERT_TRUE(strstr(moas_last_error(), "/nonexistent/y.gguf") != NULL);
 
     /* params with a size this library does not know */
     moas_model_params_init(&p);
