@@ -399,7 +399,8 @@ tsan:
 VALGRIND       ?= valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=all \
                   --show-leak-kinds=all --quiet
 VALGRIND_ERR   ?= valgrind --error-exitcode=99 --leak-check=full \
-                  --errors-for-leak-kinds=definite,indirect,possible --quiet
+                  --errors-for-leak-kinds=definite,indirect,possible --quiet \
+                  --suppressions=tests/valgrind.supp
 VALGRIND_MODEL ?= $(firstword $(wildcard models/moas-kjv.gguf) tests/data/tiny-moas-bias.gguf)
 VALGRIND_TEXT  ?= build-valgrind/genesis.txt
 valgrind:
