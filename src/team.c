@@ -337,12 +337,19 @@ static void *team_work(void *arg) {
  * returns the team's size. Signals are blocked in the workers (they inherit the mask
  * at creation), so that a signal for the process reaches one of its own threads. */
 static int32_t team_start(moas_team *team, int32_t n_threads) {
+    if (team->n_workers > 0 && team->owner_pid != (long)getpid()) {
+        /* a child of fork(): the parent's workers are not here, and their sleeping pair
+         * may have been copied held; forget them and start the child's own */
+        team->n_workers = 0;
+        team->start_failed = false;
+    }
     if (team->n_workers + 1 >= n_threads || team->start_failed) {
         return team->n_workers + 1 < n_threads ? team->n_workers + 1 : n_threads;
     }
     if (team->n_workers == 0) {   /* the sleeping pair exists exactly while workers do */
         atomic_store_explicit(&team->stop, false, memory_order_relaxed);
         atomic_store_explicit(&team->numbered, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);   /* a fork's */
         team->owner_pid = (long)getpid();
 #if !defined(MOAS_HAVE_FUTEX)
         if (pthread_mutex_init(&team->sleep_lock, NULL) != 0) {

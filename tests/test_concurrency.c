@@ -802,6 +802,82 @@ TEST(team_leader_takes_a_held_up_threads_last_slices) {
     return TEST_PASS;
 }
 
+/* A child of fork() has none of its parent's workers, only their bookkeeping: its
+ * team starts threads of its own. Slice 0, the leader's, waits (at most 2 s) for
+ * slice 1 to begin on another thread; a child that took the parent's workers for its
+ * own would find none there and run slice 1 on the leader. The child's exit status
+ * says; the parent's team is unchanged. (Skipped under TSan, which does not follow a
+ * child of a threaded process that starts threads.) */
+typedef struct {
+    moas_team team;
+    pthread_t leader;
+    atomic_int other_started;   /* slice 1 has begun */
+    bool other_on_worker;
+    int32_t nth;
+} fork_probe;
+
+static void fork_slice(void *arg, int32_t ith, int32_t nth) {
+    fork_probe *p = arg;
+    (void)nth;
+    if (ith == 0) {
+        wait_for_flag(&p->other_started);
+        return;
+    }
+    p->other_on_worker = !pthread_equal(pthread_self(), p->leader);
+    atomic_store(&p->other_started, 1);
+}
+
+static void fork_body(void *arg) {
+    fork_probe *p = arg;
+    p->nth = p->team.nth;
+    p->leader = pthread_self();
+    p->other_on_worker = false;
+    atomic_store(&p->other_started, 0);
+    moas__team_run(&p->team, true, fork_slice, p);
+}
+
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TEST_UNDER_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define TEST_UNDER_TSAN 1
+#endif
+
+TEST(team_in_a_child_of_fork_starts_its_own_threads) {
+#if defined(TEST_UNDER_TSAN)
+    return test_skip("TSan does not follow threads started in a child of a threaded process");
+#else
+    fork_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.never_solo = true;
+    moas__team_lead(&p->team, 2, fork_body, p);
+    ASSERT_EQ(p->nth, 2);
+    ASSERT_TRUE(p->other_on_worker);
+    ASSERT_EQ(p->team.n_workers, 1);
+    fflush(NULL);
+    const pid_t child = fork();
+    ASSERT_TRUE(child >= 0);
+    if (child == 0) {
+        moas__team_lead(&p->team, 2, fork_body, p);
+        const bool ok = p->nth == 2 && p->other_on_worker && p->team.n_workers == 1;
+        moas__team_end(&p->team);
+        _exit(ok && p->team.n_workers == 0 ? 0 : 1);
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0);
+    moas__team_lead(&p->team, 2, fork_body, p);   /* the parent's own, still there */
+    ASSERT_TRUE(p->other_on_worker);
+    moas__team_end(&p->team);
+    ASSERT_EQ(p->team.n_workers, 0);
+    free(p);
+    return TEST_PASS;
+#endif
+}
+
 /* A thread that never comes (preempted for good, say) holds up nothing: the leader
  * claims every slice it left, its own share's first slice included. Here the team
  * has no workers at all (nth set by hand, none started), so the leader must run
