@@ -18,6 +18,7 @@
 #include "team.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -800,6 +801,61 @@ TEST(team_leader_takes_a_held_up_threads_last_slices) {
         ASSERT_TRUE(p->on_leader[i]);
     }
     ASSERT_TRUE(p->on_leader[5] && p->on_leader[6] && p->on_leader[7]);
+    free(p);
+    return TEST_PASS;
+}
+
+/* A team's workers block every signal, so that a signal for the process reaches one
+ * of the host's own threads, and the caller's mask is what it was once the call has
+ * started them: a slice held on a worker (the leader's slice 0 waits at most 2 s for
+ * it) reads that worker's mask. */
+typedef struct {
+    moas_team team;
+    pthread_t leader;
+    atomic_int on_worker;   /* slice 1 has run, on a worker */
+    bool all_blocked;       /* that worker blocked each signal checked */
+} mask_probe;
+
+static void mask_slice(void *arg, int32_t ith, int32_t nth) {
+    mask_probe *p = arg;
+    (void)nth;
+    if (ith == 0) {
+        wait_for_flag(&p->on_worker);
+        return;
+    }
+    if (pthread_equal(pthread_self(), p->leader)) {
+        return;
+    }
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGALRM, SIGCHLD,
+                               SIGPIPE};
+    sigset_t mask;
+    p->all_blocked = pthread_sigmask(SIG_BLOCK, NULL, &mask) == 0;
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+        p->all_blocked = p->all_blocked && sigismember(&mask, sigs[i]) == 1;
+    }
+    atomic_store(&p->on_worker, 1);
+}
+
+static void mask_body(void *arg) {
+    mask_probe *p = arg;
+    p->leader = pthread_self();
+    moas__team_run(&p->team, true, mask_slice, p);
+}
+
+TEST(team_workers_block_every_signal) {
+    mask_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.never_solo = true;
+    sigset_t before, after;
+    ASSERT_EQ(pthread_sigmask(SIG_BLOCK, NULL, &before), 0);
+    moas__team_lead(&p->team, 2, mask_body, p);
+    ASSERT_EQ(pthread_sigmask(SIG_BLOCK, NULL, &after), 0);
+    moas__team_end(&p->team);
+    ASSERT_EQ(atomic_load(&p->on_worker), 1);
+    ASSERT_TRUE(p->all_blocked);
+    for (int sig = 1; sig < SIGRTMIN; sig++) {   /* the caller's own, unchanged */
+        ASSERT_EQ(sigismember(&after, sig), sigismember(&before, sig));
+    }
     free(p);
     return TEST_PASS;
 }
