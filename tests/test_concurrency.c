@@ -593,13 +593,39 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
 /* Between calls the workers sleep instead of spinning: after a call of a team of 3,
  * both workers are soon asleep (each counted in `sleepers` just before it sleeps), and
  * over the next 100 ms their CPU clocks advance by under 5 ms all told; the next
- * call wakes them and runs with the same threads. A worker that kept spinning (as a
+ * call wakes them (a worker runs one of its slices) and runs with the same threads. A worker that kept spinning (as a
  * threading runtime's workers do for milliseconds to hundreds of milliseconds after
  * a parallel region) would spend the whole 100 ms on a core. */
 static int64_t clock_ns(clockid_t clock) {
     struct timespec ts;
     clock_gettime(clock, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* A step whose slice 0, the leader's, waits (at most 2 s) for a worker to run one of
+ * the others: only a worker woken by the step's post can. */
+typedef struct {
+    moas_team *team;
+    pthread_t leader;
+    atomic_int on_worker;
+} wake_probe;
+
+static void wait_for_flag(atomic_int *flag);
+
+static void wake_slice(void *arg, int32_t ith, int32_t nth) {
+    wake_probe *w = arg;
+    (void)nth;
+    if (ith == 0) {
+        wait_for_flag(&w->on_worker);
+    } else if (!pthread_equal(pthread_self(), w->leader)) {
+        atomic_store(&w->on_worker, 1);
+    }
+}
+
+static void wake_body(void *arg) {
+    wake_probe *w = arg;
+    w->leader = pthread_self();
+    moas__team_run(w->team, true, wake_slice, w);
 }
 
 TEST(team_workers_sleep_between_calls) {
@@ -629,6 +655,9 @@ TEST(team_workers_sleep_between_calls) {
             after += clock_ns(clocks[w]);
         }
         ASSERT_TRUE(after - before < 5000000);
+        wake_probe w = {.team = &p->team};   /* asleep, they wake for the next call */
+        moas__team_lead(&p->team, 3, wake_body, &w);
+        ASSERT_EQ(atomic_load(&w.on_worker), 1);
     }
     moas__team_end(&p->team);
     ASSERT_EQ(p->team.n_workers, 0);
