@@ -67,7 +67,8 @@
  * may use several threads inside one call (`n_threads`); results do not depend on that
  * number. The calling thread leads them and runs every callback; the others are the
  * context's own (the pool's, for moas_pool_decode), started by its first call that
- * uses them, kept until it is freed, with every signal blocked. A worker that finds
+ * uses them, kept until it is freed, with every signal blocked but SIGSEGV, SIGBUS,
+ * SIGFPE and SIGILL (a fault there reaches the host's handler). A worker that finds
  * nothing to do, within a call or between calls, spins for tens of microseconds, then
  * sleeps until the next step; the calling thread waiting for another's slice spins,
  * yields, then sleeps (docs/API.md, "Decode"). Changed 2026-12-06: the other threads

@@ -335,7 +335,9 @@ static void *team_work(void *arg) {
 
 /* Start workers until the team has n_threads threads, or until one fails to start;
  * returns the team's size. Signals are blocked in the workers (they inherit the mask
- * at creation), so that a signal for the process reaches one of its own threads. */
+ * at creation), so that a signal for the process reaches one of its own threads; but
+ * not those a fault raises, which go to the faulting thread: blocked, POSIX leaves
+ * them undefined, and Linux kills the process without running the host's handler. */
 static int32_t team_start(moas_team *team, int32_t n_threads) {
     if (team->n_workers > 0 && team->owner_pid != (long)getpid()) {
         /* a child of fork(): the parent's workers are not here, and their sleeping pair
@@ -368,6 +370,10 @@ static int32_t team_start(moas_team *team, int32_t n_threads) {
                           memory_order_relaxed);
     sigset_t all, old;
     sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
     const bool masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
     while (team->n_workers + 1 < n_threads) {
         if (pthread_create(&team->threads[team->n_workers], NULL, team_work, team) != 0) {

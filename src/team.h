@@ -102,8 +102,8 @@ typedef struct moas_team {
  * when threads could not be started; one while team->solo_left says the last teams
  * came late, or when a small call's comparison says the leader alone is faster:
  * moas__team_compare_alone), which moas__team_run can then use. The first call that
- * wants more threads than the team has starts them (all signals blocked in them, so
- * that the host's handlers run on its own threads); they stay, sleeping between
+ * wants more threads than the team has starts them (all signals blocked in them but
+ * those of faults, so that the host's handlers run on its own threads); they stay, sleeping between
  * calls, until moas__team_end. A child of fork() starts threads of its own. team->call_work is the call's work for that comparison
  * (0: not compared). A team is zeroed memory before its first call. */
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg);
