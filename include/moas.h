@@ -933,10 +933,11 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
  * moas_context_n_threads() - threads a decoding call of this context uses.
  *
  * params->n_threads as given, or for 0 the number it resolved to at creation (the
- * CPUs in the process's affinity mask on Linux, else the CPUs online). A call gets
- * fewer should the system refuse to start a thread, and runs on the calling thread
- * alone while the other threads come late, or, for a small call, while that was
- * measured faster (THREADING above). Changed 2026-12-06: 0 was OpenMP's default
+ * CPUs in the creating thread's affinity mask on Linux, which is the process's unless
+ * that thread changed its own; else the CPUs online). A call gets fewer should the
+ * system refuse to start a thread (the context then keeps those it has, and does not
+ * try again), and runs on the calling thread alone while the other threads come
+ * late, or, for a small call, while that was measured faster (THREADING above). Changed 2026-12-06: 0 was OpenMP's default
  * (OMP_NUM_THREADS), and a library built without OpenMP used 1.
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.

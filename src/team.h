@@ -119,8 +119,9 @@ void moas__team_end(moas_team *team);
  * other processes slow, a worker sleeps instead of taking a core from them. */
 #define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
 
-/* Threads for n_threads = 0: the CPUs this process may run on (its affinity mask on
- * Linux, else the CPUs online), at most MOAS_MAX_THREADS; 1 when that is unknown. */
+/* Threads for n_threads = 0: the CPUs the calling thread may run on (its affinity mask
+ * on Linux, the process's unless the thread changed it; else the CPUs online), at most
+ * MOAS_MAX_THREADS; 1 when that is unknown. */
 int32_t moas__team_default_threads(void);
 
 /* A team is late when the leader lost more waiting for it in one call (inside steps
