@@ -904,6 +904,16 @@ TEST(team_workers_block_signals_but_faults) {
  * own would find none there and run slice 1 on the leader. The child's exit status
  * says; the parent's team is unchanged. (Skipped under TSan, which does not follow a
  * child of a threaded process that starts threads.) */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TEST_UNDER_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define TEST_UNDER_TSAN 1
+#endif
+
+#if !defined(TEST_UNDER_TSAN)
 typedef struct {
     moas_team team;
     pthread_t leader;
@@ -931,14 +941,6 @@ static void fork_body(void *arg) {
     atomic_store(&p->other_started, 0);
     moas__team_run(&p->team, true, fork_slice, p);
 }
-
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define TEST_UNDER_TSAN 1
-#endif
-#endif
-#if defined(__SANITIZE_THREAD__)
-#define TEST_UNDER_TSAN 1
 #endif
 
 TEST(team_in_a_child_of_fork_starts_its_own_threads) {
