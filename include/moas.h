@@ -67,14 +67,14 @@
  * may use several threads inside one call (`n_threads`); results do not depend on that
  * number. The calling thread leads them and runs every callback; the others are the
  * context's own (the pool's, for moas_pool_decode), started by its first call that
- * uses them, kept until it is freed, with every signal blocked but SIGSEGV, SIGBUS,
- * SIGFPE and SIGILL (a fault there reaches the host's handler). A worker that finds
- * nothing to do, within a call or between calls, spins for tens of microseconds, then
- * sleeps until the next step; the calling thread waiting for another's slice spins,
- * yields, then sleeps (docs/API.md, "Decode"). Changed 2026-12-06: the other threads
- * were OpenMP's, whose runtime kept them spinning for milliseconds after each call
- * (up to 200 ms with LLVM's). When the other
- * threads come late (the machine's cores are busy), the following calls run on the
+ * uses them (in a child of fork(), by the child's first), kept until it is freed, with
+ * every signal blocked but SIGSEGV, SIGBUS, SIGFPE and SIGILL (a fault there reaches
+ * the host's handler). A worker that finds nothing to do, within a call or between
+ * calls, spins for tens of microseconds, then sleeps until the next step; the calling
+ * thread waiting for another's slice spins, yields, then sleeps (docs/API.md,
+ * "Decode"). Changed 2026-12-06: the other threads were OpenMP's, whose runtime kept
+ * them spinning for milliseconds after each call (up to 200 ms with LLVM's). When the
+ * other threads come late (the machine's cores are busy), the following calls run on the
  * calling thread alone for a while; and a small call (a decoded token of a small model)
  * runs on the calling thread alone whenever that was last measured faster than the
  * team. A call should still not ask for more threads than it has free cores. A decoding
