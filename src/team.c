@@ -90,13 +90,9 @@ static void team_wake(moas_team *team) {
 #if defined(MOAS_HAVE_FUTEX)
         futex_wake_all(&team->posted);
 #else
-        /* not in a child of fork(), whose copy of the lock a worker of the parent may
-         * have held (and which has no workers to wake) */
-        if (team->owner_pid == (long)getpid()) {
-            pthread_mutex_lock(&team->sleep_lock);
-            pthread_cond_broadcast(&team->sleep_cond);
-            pthread_mutex_unlock(&team->sleep_lock);
-        }
+        pthread_mutex_lock(&team->sleep_lock);
+        pthread_cond_broadcast(&team->sleep_cond);
+        pthread_mutex_unlock(&team->sleep_lock);
 #endif
     }
 }
@@ -338,8 +334,26 @@ static void *team_work(void *arg) {
  * at creation), so that a signal for the process reaches one of its own threads; but
  * not those a fault raises, which go to the faulting thread: blocked, POSIX leaves
  * them undefined, and Linux kills the process without running the host's handler. */
+/* Forks of this process since the library first started a thread, counted by a
+ * pthread_atfork() handler in each child (one comparison a call, where getpid() is a
+ * system call: a microsecond on the test host, 1-2% of a small model's token). glibc
+ * drops the handler when the library is unloaded; should registering it fail, a child
+ * takes its parent's workers for its own, and its calls run on the leader alone. */
+static atomic_uint forks;
+static pthread_once_t forks_counted = PTHREAD_ONCE_INIT;
+
+static void count_fork(void) {
+    atomic_fetch_add_explicit(&forks, 1u, memory_order_relaxed);
+}
+
+static void count_forks(void) {
+    (void)pthread_atfork(NULL, NULL, count_fork);
+}
+
 static int32_t team_start(moas_team *team, int32_t n_threads) {
-    if (team->n_workers > 0 && team->owner_pid != (long)getpid()) {
+    pthread_once(&forks_counted, count_forks);
+    if (team->n_workers > 0 &&
+        team->forks_seen != atomic_load_explicit(&forks, memory_order_relaxed)) {
         /* a child of fork(): the parent's workers are not here, and their sleeping pair
          * may have been copied held; forget them and start the child's own */
         team->n_workers = 0;
@@ -352,7 +366,7 @@ static int32_t team_start(moas_team *team, int32_t n_threads) {
         atomic_store_explicit(&team->stop, false, memory_order_relaxed);
         atomic_store_explicit(&team->numbered, 0, memory_order_relaxed);
         atomic_store_explicit(&team->sleepers, 0, memory_order_relaxed);   /* a fork's */
-        team->owner_pid = (long)getpid();
+        team->forks_seen = atomic_load_explicit(&forks, memory_order_relaxed);
 #if !defined(MOAS_HAVE_FUTEX)
         if (pthread_mutex_init(&team->sleep_lock, NULL) != 0) {
             team->start_failed = true;
@@ -398,7 +412,7 @@ void moas__team_end(moas_team *team) {
     if (team->n_workers == 0) {
         return;
     }
-    if (team->owner_pid == (long)getpid()) {
+    if (team->forks_seen == atomic_load_explicit(&forks, memory_order_relaxed)) {
         atomic_store_explicit(&team->stop, true, memory_order_relaxed);
         atomic_fetch_add_explicit(&team->posted, 1u, memory_order_seq_cst);
         team_wake(team);

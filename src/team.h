@@ -86,8 +86,8 @@ typedef struct moas_team {
     /* the workers: the leader's bookkeeping (workers never read it) */
     int32_t n_workers;        /* started and not yet ended; each numbers itself from 1 */
     bool start_failed;        /* a thread could not be started: run with those there are */
-    long owner_pid;           /* the process that started them: a child of fork() has
-                               * none of them, and must not join them */
+    unsigned forks_seen;      /* the process's fork() count when they were started: a
+                               * child has none of them, and must not join them */
     atomic_int numbered;      /* workers that took their number */
     atomic_uint start_posted; /* `posted` when the newest workers were started: the step
                                * each has seen as it begins */
