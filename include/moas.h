@@ -79,8 +79,8 @@
  * runs on the calling thread alone whenever that was last measured faster than the
  * team. A call should still not ask for more threads than it has free cores. A decoding
  * call needs up to about 48 KB of stack on the calling thread and on each worker (Q8_0
- * weights make a block of rows into floats there); workers get the C library's
- * default stack.
+ * weights make a block of rows into floats there); each worker has a stack of 1 MiB,
+ * whatever `ulimit -s` says.
  *
  * OWNERSHIP. The caller owns what it passes in; the library never keeps a caller's
  * pointer beyond the call unless the function's documentation says so (a memory

@@ -69,6 +69,10 @@
  * busy process 2-10x slower. */
 #define MOAS_TEAM_SPINS (1u << 14)
 
+/* A worker's stack: a call needs up to about 48 KB (moas.h, THREADING); a few times
+ * that, and address space only until touched. */
+#define MOAS_TEAM_STACK_BYTES ((size_t)1 << 20)
+
 /* Yields, after MOAS_TEAM_SPINS spins, before a leader waiting for a slice another
  * thread runs sleeps until it ends, where futexes exist: past about 0.8 ms (on the
  * 2-vCPU test host, idle: 2^14 pauses took 0.44-0.48 ms, 1,024 yields 0.31-0.32 ms) a
@@ -389,12 +393,23 @@ static int32_t team_start(moas_team *team, int32_t n_threads) {
     sigdelset(&all, SIGFPE);
     sigdelset(&all, SIGILL);
     const bool masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
+    /* a stack of its own size: the C library's default follows `ulimit -s`, which may
+     * be below what a call needs (moas.h, THREADING) */
+    pthread_attr_t attr;
+    const bool sized = pthread_attr_init(&attr) == 0;
+    if (sized) {
+        (void)pthread_attr_setstacksize(&attr, MOAS_TEAM_STACK_BYTES);
+    }
     while (team->n_workers + 1 < n_threads) {
-        if (pthread_create(&team->threads[team->n_workers], NULL, team_work, team) != 0) {
+        if (pthread_create(&team->threads[team->n_workers], sized ? &attr : NULL, team_work,
+                           team) != 0) {
             team->start_failed = true;
             break;
         }
         team->n_workers++;
+    }
+    if (sized) {
+        pthread_attr_destroy(&attr);
     }
     if (masked) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);

@@ -10,7 +10,7 @@
  * ThreadSanitizer, which checks the team's atomics and its sleeping and waking.
  */
 #if defined(__linux__)
-#define _DEFAULT_SOURCE   /* syscall(), for futex.h */
+#define _GNU_SOURCE   /* syscall(), for futex.h; pthread_getattr_np() */
 #endif
 
 #include "test.h"
@@ -803,13 +803,14 @@ TEST(team_leader_takes_a_held_up_threads_last_slices) {
  * the host's handler (blocked, POSIX leaves it undefined and Linux kills the process
  * with the default action); the caller's mask is what it was once the call has started
  * them. A slice held on a worker (the leader's slice 0 waits at most 2 s for it) reads
- * that worker's mask. */
+ * that worker's mask, and with glibc its stack's size: 1 MiB, not `ulimit -s`'s. */
 typedef struct {
     moas_team team;
     pthread_t leader;
     atomic_int on_worker;   /* slice 1 has run, on a worker */
     bool all_blocked;       /* that worker blocked each signal checked */
     bool faults_open;       /* and none of those a fault raises */
+    size_t stack_bytes;     /* that worker's stack (glibc), else 0 */
 } mask_probe;
 
 static void mask_slice(void *arg, int32_t ith, int32_t nth) {
@@ -834,6 +835,13 @@ static void mask_slice(void *arg, int32_t ith, int32_t nth) {
     for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++) {
         p->faults_open = p->faults_open && sigismember(&mask, faults[i]) == 0;
     }
+#if defined(__GLIBC__)
+    pthread_attr_t attr;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+        pthread_attr_getstacksize(&attr, &p->stack_bytes);
+        pthread_attr_destroy(&attr);
+    }
+#endif
     atomic_store(&p->on_worker, 1);
 }
 
@@ -855,6 +863,9 @@ TEST(team_workers_block_signals_but_faults) {
     ASSERT_EQ(atomic_load(&p->on_worker), 1);
     ASSERT_TRUE(p->all_blocked);
     ASSERT_TRUE(p->faults_open);
+#if defined(__GLIBC__)
+    ASSERT_EQ(p->stack_bytes, (size_t)1 << 20);
+#endif
     for (int sig = 1; sig < SIGRTMIN; sig++) {   /* the caller's own, unchanged */
         ASSERT_EQ(sigismember(&after, sig), sigismember(&before, sig));
     }
