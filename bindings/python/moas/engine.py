@@ -1118,9 +1118,6 @@ def generate_batch(model, prompts, max_tokens=128, *, n=1, temperature=1.0, top_
             if e.status not in (Status.ERR_UNKNOWN_CHAR, Status.ERR_INVALID_UTF8):
                 raise   # the rule itself, no prompt's fault
             raise MoasError(e.status, "prompt %d: %s" % (k, e.message)) from None
-        except UnicodeEncodeError as e:   # a lone surrogate: no UTF-8, as in generate
-            raise UnicodeEncodeError(e.encoding, e.object, e.start, e.end,
-                                     "prompt %d: %s" % (k, e.reason)) from None
     for k, prompt_ids in enumerate(ids):
         if not prompt_ids:
             raise MoasError(Status.ERR_INVALID_ARG, "prompt %d is empty" % k)

@@ -134,10 +134,12 @@ def test_bad_input_is_refused_before_anything_runs(model):
         model.generate_batch(["And", "God Z"], 10)
     assert e.value.status == moas.Status.ERR_UNKNOWN_CHAR
     assert e.value.message.startswith("prompt 1: ") and "'Z'" in e.value.message
-    # text that is no UTF-8 (a lone surrogate) is generate's UnicodeEncodeError, naming
-    # the prompt too
-    with pytest.raises(UnicodeEncodeError, match="prompt 1: surrogates"):
+    # text that no UTF-8 stands for (a lone surrogate) is ERR_INVALID_UTF8, as in
+    # generate, naming the prompt too
+    with pytest.raises(moas.MoasValueError, match="prompt 1: text has a lone surrogate "
+                       "U[+]D800 at index 3") as e:
         model.generate_batch(["And", "God\ud800"], 10, unknown="replace")
+    assert e.value.status == moas.Status.ERR_INVALID_UTF8
     with pytest.raises(moas.MoasValueError):
         model.generate_batch(["And"], 10, temperature=-1)
     for name, value in (("max_tokens", -1), ("n", 0), ("min_tokens", -2)):
