@@ -333,11 +333,6 @@ static void *team_work(void *arg) {
     }
 }
 
-/* Start workers until the team has n_threads threads, or until one fails to start;
- * returns the team's size. Signals are blocked in the workers (they inherit the mask
- * at creation), so that a signal for the process reaches one of its own threads; but
- * not those a fault raises, which go to the faulting thread: blocked, POSIX leaves
- * them undefined, and Linux kills the process without running the host's handler. */
 /* Forks of this process since the library first started a thread, counted by a
  * pthread_atfork() handler in each child (one comparison a call, where getpid() is a
  * system call: a microsecond on the test host, 1-2% of a small model's token). glibc
@@ -354,6 +349,11 @@ static void count_forks(void) {
     (void)pthread_atfork(NULL, NULL, count_fork);
 }
 
+/* Start workers until the team has n_threads threads, or until one fails to start;
+ * returns the team's size. Signals are blocked in the workers (they inherit the mask
+ * at creation), so that a signal for the process reaches one of its own threads; but
+ * not those a fault raises, which go to the faulting thread: blocked, POSIX leaves
+ * them undefined, and Linux kills the process without running the host's handler. */
 static int32_t team_start(moas_team *team, int32_t n_threads) {
     pthread_once(&forks_counted, count_forks);
     if (team->n_workers > 0 &&
