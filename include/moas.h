@@ -937,8 +937,9 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
  * that thread changed its own; else the CPUs online). A call gets fewer should the
  * system refuse to start a thread (the context then keeps those it has, and does not
  * try again), and runs on the calling thread alone while the other threads come
- * late, or, for a small call, while that was measured faster (THREADING above). Changed 2026-12-06: 0 was OpenMP's default
- * (OMP_NUM_THREADS), and a library built without OpenMP used 1.
+ * late, or, for a small call, while that was measured faster (THREADING above).
+ * Changed 2026-12-06: 0 was OpenMP's default (OMP_NUM_THREADS), and a library built
+ * without OpenMP used 1.
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.
  * Thread safety: one thread per context.   Allocates: no.
