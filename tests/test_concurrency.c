@@ -1144,6 +1144,36 @@ TEST(team_compare_runs_small_calls_the_faster_way) {
     return TEST_PASS;
 }
 
+/* A team whose thread start was refused (pthread_create failing: no memory, a limit on
+ * threads) runs with the threads it has and tries no more: none, and the call runs on
+ * the leader alone; one, and a call of 4 runs as a team of 2, every slice once.
+ * (The refusal is set by hand: nothing here can make pthread_create fail.) */
+TEST(team_runs_with_the_threads_it_could_start) {
+    team_probe *p = calloc(1, sizeof *p);
+    ASSERT_TRUE(p != NULL);
+    p->team.never_solo = true;
+    p->team.start_failed = true;
+    moas__team_lead(&p->team, 3, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+    ASSERT_EQ(p->nth, 1);
+    ASSERT_EQ(p->team.n_workers, 0);
+    p->team.start_failed = false;
+    memset(p->total, 0, sizeof p->total);
+    moas__team_lead(&p->team, 2, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+    ASSERT_EQ(p->nth, 2);
+    p->team.start_failed = true;   /* the next start is refused */
+    memset(p->total, 0, sizeof p->total);
+    moas__team_lead(&p->team, 4, team_probe_body, p);
+    ASSERT_TRUE(p->ok);
+    ASSERT_EQ(p->nth, 2);
+    ASSERT_EQ(p->team.n_workers, 1);
+    moas__team_end(&p->team);
+    ASSERT_EQ(p->team.n_workers, 0);
+    free(p);
+    return TEST_PASS;
+}
+
 /* While solo_left counts down, a call runs on the leader alone (the same results:
  * slices depend only on (ith, nth)); then the team is tried again. */
 TEST(team_runs_alone_while_backing_off) {

@@ -218,6 +218,7 @@ X(team_workers_block_signals_but_faults)
 X(team_in_a_child_of_fork_starts_its_own_threads)
 X(team_leader_runs_every_slice_of_threads_that_never_come)
 X(team_judge_backs_off_and_recovers)
+X(team_runs_with_the_threads_it_could_start)
 X(team_runs_alone_while_backing_off)
 X(team_compare_runs_small_calls_the_faster_way)
 
