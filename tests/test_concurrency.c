@@ -593,9 +593,10 @@ TEST(team_workers_that_sleep_still_run_every_slice_once) {
 /* Between calls the workers sleep instead of spinning: after a call of a team of 3,
  * both workers are soon asleep (each counted in `sleepers` just before it sleeps), and
  * over the next 100 ms their CPU clocks advance by under 5 ms all told; the next
- * call wakes them (a worker runs one of its slices) and runs with the same threads. A worker that kept spinning (as a
- * threading runtime's workers do for milliseconds to hundreds of milliseconds after
- * a parallel region) would spend the whole 100 ms on a core. */
+ * call wakes them (a worker runs one of its slices) and runs with the same threads.
+ * A worker that kept spinning (as a threading runtime's workers do for milliseconds
+ * to hundreds of milliseconds after a parallel region) would spend the whole 100 ms
+ * on a core. */
 static int64_t clock_ns(clockid_t clock) {
     struct timespec ts;
     clock_gettime(clock, &ts);
