@@ -87,8 +87,8 @@ all: lib $(LIBOUT)/moas.pc $(BINOUT)/moas
 lib: $(STATIC_LIB) $(SHARED_LIB)
 
 # Objects depend on the flags they were built with: building into the same BUILD with
-# others (OPENMP=0, CC=clang, CFLAGS=...) rebuilds them, and moas.pc follows. The
-# stamp is rewritten only when the flags change.
+# others (CC=clang, CFLAGS=...) rebuilds them, and moas.pc follows. The stamp is
+# rewritten only when the flags change.
 FLAGS_STAMP := $(BUILD)/flags
 FLAGS_TEXT   = $(CC) $(CPPFLAGS) $(MOAS_CFLAGS) $(LIB_CFLAGS) $(CFLAGS) \
                $(MOREFLAGS) $(SIMD_SAN_FLAGS) / $(LIBS_PRIVATE)
@@ -136,6 +136,14 @@ $(LIBOUT)/moas.pc: moas.pc.in include/moas.h Makefile $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(Q)$(PC_SED) > $@
 
+# OPENMP= changes no object of the library, only the programs that use OpenMP
+# themselves (the unit tests, the kernel benchmark): they depend on this stamp, so
+# that `make check OPENMP=0` after `make check` does not run the OpenMP build again.
+OMP_STAMP := $(BUILD)/omp-flags
+$(OMP_STAMP): FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(OMP_FLAGS)' | cmp -s - $@ || echo '$(OMP_FLAGS)' > $@
+
 # ---- programs ------------------------------------------------------------------
 # Programs link the static library: one self-contained binary, no rpath games.
 PROG_CFLAGS := $(MOAS_CFLAGS) -Iinclude -Isrc $(CFLAGS) $(MOREFLAGS)
@@ -154,7 +162,7 @@ $(BINOUT)/moas: $(MOAS_CLI_SRCS) tools/moas/cli.h $(STATIC_LIB)
 bench-kernels: $(BUILD)/tools/bench_kernels
 	$(BUILD)/tools/bench_kernels
 
-$(BUILD)/tools/bench_kernels: tools/bench_kernels.c src/ops.h src/f16.h $(STATIC_LIB)
+$(BUILD)/tools/bench_kernels: tools/bench_kernels.c src/ops.h src/f16.h $(STATIC_LIB) $(OMP_STAMP)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(PROG_CFLAGS) $(OMP_FLAGS) -o $@ tools/bench_kernels.c $(PROG_LIBS) $(LDFLAGS)
@@ -195,7 +203,8 @@ $(RANDOM_MODEL): tools/random_model.c tests/support/tiny_model.c tests/support/g
 TEST_SRCS := $(wildcard tests/*.c tests/support/*.c)
 TEST_BIN  := $(BUILD)/tests/run_tests
 
-$(TEST_BIN): $(TEST_SRCS) $(wildcard tests/*.h tests/support/*.h) $(STATIC_LIB)
+$(TEST_BIN): $(TEST_SRCS) $(wildcard tests/*.h tests/support/*.h) $(STATIC_LIB) \
+            $(OMP_STAMP)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(PROG_CFLAGS) $(OMP_FLAGS) -DMOAS_DEBUG -Itests -o $@ $(TEST_SRCS) $(PROG_LIBS) \
