@@ -225,7 +225,8 @@ test: all $(TEST_BIN) $(AB_DECODE) $(SPACED_DECODE) $(RANDOM_MODEL)
 	$(SPACED_DECODE) -m models/moas-kjv.gguf -g 1 -n 20 -t 2 $(LIBOUT)/$(SHLIB_REAL) >/dev/null
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
-	MOAS_RANDOM_MODEL=$(RANDOM_MODEL) python3 -m unittest discover -s tests/python -t . -q
+	MOAS_RANDOM_MODEL=$(RANDOM_MODEL) MOAS_SPACED_DECODE=$(SPACED_DECODE) \
+	    python3 -m unittest discover -s tests/python -t . -q
 	$(MAKE) --no-print-directory pytest
 	$(MAKE) --no-print-directory browser
 	sh tests/cli.sh $(BINOUT)/moas

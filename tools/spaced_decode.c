@@ -15,6 +15,7 @@
 #include <moas.h>
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +50,17 @@ static void usage(void) {
     exit(2);
 }
 
+/* A whole decimal number, else the usage: "-n 20k" must not quietly make 20 calls. */
+static long number(const char *text) {
+    char *end;
+    errno = 0;
+    const long v = strtol(text, &end, 10);
+    if (end == text || *end != '\0' || errno != 0) {
+        usage();
+    }
+    return v;
+}
+
 static void *symbol(void *lib, const char *name) {
     void *p = dlsym(lib, name);
     if (p == NULL) {
@@ -66,11 +78,11 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "-m") == 0 && value) {
             model_path = argv[++i];
         } else if (strcmp(argv[i], "-g") == 0 && value) {
-            gap_ms = strtol(argv[++i], NULL, 10);
+            gap_ms = number(argv[++i]);
         } else if (strcmp(argv[i], "-n") == 0 && value) {
-            calls = strtol(argv[++i], NULL, 10);
+            calls = number(argv[++i]);
         } else if (strcmp(argv[i], "-t") == 0 && value) {
-            threads = strtol(argv[++i], NULL, 10);
+            threads = number(argv[++i]);
         } else if (argv[i][0] != '-' && lib_path == NULL) {
             lib_path = argv[i];
         } else {
@@ -128,14 +140,20 @@ int main(int argc, char **argv) {
     }
     srand(1);
     for (int32_t i = 0; i < keep; i++) {   /* a few tokens of context, and warm caches */
-        decode(ctx, rand() % vocab, NULL);
+        if (decode(ctx, rand() % vocab, NULL) != MOAS_OK) {
+            fprintf(stderr, "spaced_decode: %s\n", last_error());
+            return 1;
+        }
     }
     const struct timespec gap = {gap_ms / 1000, (gap_ms % 1000) * 1000000};
     const double cpu0 = cpu_s(), wall0 = now_s();
     int32_t past = keep;
     for (long i = 0; i < calls; i++) {
         if (past == most) {
-            truncate(ctx, keep);
+            if (truncate(ctx, keep) != MOAS_OK) {
+                fprintf(stderr, "spaced_decode: %s\n", last_error());
+                return 1;
+            }
             past = keep;
         }
         const double t0 = now_s();

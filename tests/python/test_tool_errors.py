@@ -154,6 +154,29 @@ class ToolErrors(unittest.TestCase):
                                    (["--schemes", "6,4,1"], "scheme 1 has 4 KV heads")),
                                   also="libmoas would refuse this model")
 
+    def test_spaced_decode_refuses_a_number_it_cannot_read_whole(self):
+        """spaced_decode (`make test` builds it) answers an option's value that is not a
+        whole number with its usage: "-g 1O" measured 1 ms, "-n 20k" 20 calls."""
+        exe = os.environ.get("MOAS_SPACED_DECODE",
+                             os.path.join(ROOT, "build", "tools", "spaced_decode"))
+        if not os.path.exists(exe):
+            self.skipTest("%s not built (make %s)" % (exe, "build/tools/spaced_decode"))
+        lib = os.environ.get("MOAS_LIBRARY", os.path.join(ROOT, "lib", "libmoas.so.1"))
+        model = os.path.join(DATA, "tiny-moas-bias.gguf")
+        for bad in (["-g", "1O"], ["-n", "20k"], ["-t", ""], ["-g", "9" * 30]):
+            with self.subTest(bad=bad):
+                r = subprocess.run([exe, "-m", model, "-n", "2"] + bad + [lib],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True, timeout=60)
+                self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+                self.assertIn("usage: spaced_decode", r.stderr)
+                self.assertEqual(r.stdout, "")
+        r = subprocess.run([exe, "-m", model, "-n", "2", "-g", "0", "-t", "1", lib],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("2 calls 0 ms apart, 1 threads", r.stdout)
+
     def test_abi_sh_without_its_arguments_is_a_usage_line(self):
         usage = "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]\n"
         for args in ([], ["check"], ["check", "lib/libmoas.so"], ["diff", "a", "b"],
