@@ -238,8 +238,10 @@ typedef enum moas_log_level {
     MOAS_LOG_LEVEL_COUNT
 } moas_log_level;
 
-/* A log callback receives one complete line without a trailing newline. It may be
- * called from any thread that calls into the object it was given to. */
+/* A log callback receives one complete line without a trailing newline, in a buffer
+ * that lives only for the callback's call: copy it to keep it (moas_last_error()
+ * still gives the text afterwards). It may be called from any thread that calls into
+ * the object it was given to. */
 typedef void (*moas_log_fn)(void *user, moas_log_level level, const char *message);
 
 /*
