@@ -2284,7 +2284,8 @@ def _numpy():
 
 def _stop_bytes(stop):
     """A stop string as the C string moas_text_find_stop reads: TypeError for what is
-    no text, MoasValueError for a NUL (C would match only up to it)."""
+    no text, MoasValueError for a NUL (C would match only up to it) or a lone
+    surrogate (ERR_INVALID_UTF8, from _utf8)."""
     raw = _utf8(stop)
     if b"\0" in raw:
         raise MoasError(Status.ERR_INVALID_ARG, "the stop string %r contains NUL" % (stop,))
