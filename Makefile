@@ -225,7 +225,7 @@ test: all $(TEST_BIN) $(AB_DECODE) $(SPACED_DECODE) $(RANDOM_MODEL)
 	$(SPACED_DECODE) -m models/moas-kjv.gguf -g 1 -n 20 -t 2 $(LIBOUT)/$(SHLIB_REAL) >/dev/null
 	$(MAKE) --no-print-directory fuzz-replay
 	$(CXX) -std=c++11 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ include/moas.h
-	MOAS_RANDOM_MODEL=$(RANDOM_MODEL) MOAS_SPACED_DECODE=$(SPACED_DECODE) \
+	MOAS_RANDOM_MODEL=$(RANDOM_MODEL) MOAS_SPACED_DECODE=$(SPACED_DECODE) MOAS_AB_DECODE=$(AB_DECODE) \
 	    python3 -m unittest discover -s tests/python -t . -q
 	$(MAKE) --no-print-directory pytest
 	$(MAKE) --no-print-directory browser
@@ -318,9 +318,6 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS   ?=
 FUZZ_SAN     := -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer
-
-# tests/test_concurrency.c starts POSIX threads.
-$(TEST_BIN): LDFLAGS += -pthread
 
 $(BUILD)/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c $(FUZZ_SUPPORT) $(FUZZ_DEPS)
 	@mkdir -p $(dir $@)

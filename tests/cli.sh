@@ -456,9 +456,10 @@ grep -q "^moas: bench: -n 100000 does not fit after 0 cached tokens .*: decode m
     "$tmp/bench2.err" || fail "bench: -n clamp not said"
 # the default thread count is reported as the number used: the CPUs the process may
 # run on (one, under taskset; OpenMP's variables count for nothing)
-if command -v taskset >/dev/null 2>&1; then
-    pin="taskset -c $(taskset -pc $$ | sed 's/.*: *//; s/[-,].*//')"; want_threads=1
-else
+first_cpu=$(taskset -pc $$ 2>/dev/null | sed 's/.*: *//; s/[-,].*//')
+if [ -n "$first_cpu" ]; then
+    pin="taskset -c $first_cpu"; want_threads=1
+else   # no taskset, or it cannot read this shell's mask
     pin=; want_threads=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 fi
 OMP_NUM_THREADS=3 $pin "$moas" bench -m "$model" --n-prompt 8 -n 4 -d 200 -r 1 --json \

@@ -26,6 +26,8 @@
 #include <moas.h>
 
 #include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +75,18 @@ static void usage(void) {
             "  -d  cached tokens before timing (512)   -n  tokens decoded per round (64)\n"
             "  -r  rounds (20)   -t  threads (1)   -b  sequences in one pool (0: one context)\n");
     exit(2);
+}
+
+/* A whole decimal number that fits an int, else the usage: "-r 20x" must not quietly
+ * run 20 rounds, nor "LIB@x" force scheme 0. */
+static int number(const char *text) {
+    char *end;
+    errno = 0;
+    const long v = strtol(text, &end, 10);
+    if (end == text || *end != '\0' || errno != 0 || v < INT_MIN || v > INT_MAX) {
+        usage();
+    }
+    return (int)v;
 }
 
 static void fail(const build *b, const char *what) {
@@ -240,7 +254,7 @@ int main(int argc, char **argv) {
             b->arg = a;
             memcpy(b->path, a, len);
             b->path[len] = '\0';
-            b->forced = at != NULL ? atoi(at + 1) : -2;   /* -2: the options' */
+            b->forced = at != NULL ? number(at + 1) : -2;   /* -2: the options' */
             continue;
         }
         if (v == NULL) {
@@ -255,7 +269,7 @@ int main(int argc, char **argv) {
             k++;
         }
         if (k < sizeof ints / sizeof ints[0]) {
-            *ints[k].value = atoi(v);
+            *ints[k].value = number(v);
         } else if (!strcmp(a, "-m")) {
             o.model = v;
         } else if (!strcmp(a, "--text")) {

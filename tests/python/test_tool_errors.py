@@ -177,6 +177,29 @@ class ToolErrors(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("2 calls 0 ms apart, 1 threads", r.stdout)
 
+    def test_ab_decode_refuses_numbers_that_are_not(self):
+        """ab_decode (`make test` builds it) answers an option's value, or a build's
+        forced scheme after '@', that is not a whole number with its usage: it read them
+        with atoi, so "-r 2x" ran 2 rounds and "LIB@x" forced scheme 0."""
+        exe = os.environ.get("MOAS_AB_DECODE", os.path.join(ROOT, "build", "tools", "ab_decode"))
+        if not os.path.exists(exe):
+            self.skipTest("%s not built (make %s)" % (exe, "build/tools/ab_decode"))
+        lib = os.environ.get("MOAS_LIBRARY", os.path.join(ROOT, "lib", "libmoas.so.1"))
+        model = os.path.join(DATA, "tiny-moas-bias.gguf")
+        for bad in (["-r", "2x", lib, lib], ["-d", "", lib, lib], ["-n", "9" * 30, lib, lib],
+                    [lib, lib + "@x"], [lib, lib + "@"]):
+            with self.subTest(bad=bad):
+                r = subprocess.run([exe, "-m", model, "-d", "4", "-n", "2", "-r", "1"] + bad,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True, timeout=60)
+                self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+                self.assertIn("usage: ab_decode", r.stderr)
+                self.assertEqual(r.stdout, "")
+        r = subprocess.run([exe, "-m", model, "-d", "4", "-n", "2", "-r", "1", lib, lib + "@0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     def test_abi_sh_without_its_arguments_is_a_usage_line(self):
         usage = "usage: abi.sh check|update LIB BASELINE [SUPPRESSIONS]\n"
         for args in ([], ["check"], ["check", "lib/libmoas.so"], ["diff", "a", "b"],
