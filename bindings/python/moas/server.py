@@ -1,9 +1,11 @@
-"""moas.server - an OpenAI-compatible completions server for libmoas (docs/SERVING.md).
+"""moas.server - an OpenAI-compatible completions and chat server for libmoas
+(docs/SERVING.md).
 
     python3 -m moas.server -m MODEL [--host 127.0.0.1] [--port 8080] [--pool-mb N]
                            [--mode routed|mixture] [--max-sequences N] [--api-key KEY]
 
-Endpoints: POST /v1/completions (OpenAI's completions shape, plus `routes`), GET
+Endpoints: POST /v1/completions (OpenAI's completions shape, plus `routes`), POST
+/v1/chat/completions (the conversation written by ChatTemplate, then completed), GET
 /v1/models, GET /health, GET /metrics (Prometheus text), GET /v1/pool (the pool's
 occupancy as JSON, for the page), GET / (the routing view). Needs aiohttp (Debian:
 python3-aiohttp); the rest of the package does not. One engine thread batches every
@@ -382,6 +384,160 @@ def parse_completion(body, cfg):
     return out
 
 
+# ---- chat: OpenAI's chat completions over the same engine --------------------------------
+
+class ChatTemplate:
+    """How a conversation becomes the prompt the model continues. The models here are
+    character models with no chat template in their files, so the server has one of its
+    own, in plain text any vocabulary of letters can write:
+
+        system: You are terse.
+        user: Who begat Enos?
+        assistant: Seth.
+        user: And Enos?
+        assistant: 
+
+    Each message is its role, ": ", its content and a newline ("developer" is written as
+    "system", as OpenAI takes it); the prompt ends with "assistant: " for the answer,
+    which ends where the model writes a newline followed by a role's label (a stop
+    string of the template's, added to the request's own and never part of the text)."""
+
+    ROLES = {"system": "system", "developer": "system", "user": "user",
+             "assistant": "assistant"}
+    ANSWER = "assistant: "
+
+    def __init__(self):
+        labels = sorted(set(self.ROLES.values()))
+        self.stop = ["\n%s:" % r for r in labels]
+        # every character the template itself writes, for the check against a vocabulary
+        self.text = "".join("%s: \n" % r for r in labels)
+
+    def missing(self, vocab):
+        """The characters the template writes that the vocabulary `vocab` (a list of
+        token texts) has not, sorted: none for a model that can hold a conversation."""
+        return sorted(set(self.text) - set(vocab))
+
+    def render(self, messages):
+        return "".join("%s: %s\n" % (self.ROLES[m["role"]], m["content"])
+                       for m in messages) + self.ANSWER
+
+
+# chat fields this server takes only at their neutral value (or null): no tools, plain
+# text answers, nothing stored
+CHAT_NEUTRAL = {"response_format": ({"type": "text"},), "tools": ([],),
+                "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+                "store": (False,), "user": None}
+# the completions fields a chat request takes as they are (echo, prompt lists and their
+# truncation have no meaning for a conversation; logprobs is a boolean here)
+CHAT_SHARED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+               "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed",
+               "n", "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
+               "cache_salt", "frequency_penalty", "presence_penalty", "min_tokens",
+               "include_stop_str_in_output"}
+CHAT_KNOWN = CHAT_SHARED | {"messages", "max_completion_tokens", "logprobs",
+                            "top_logprobs"} | set(CHAT_NEUTRAL)
+CHAT_MAX_TOP_LOGPROBS = 20   # OpenAI's bound for chat (completions' is 5)
+CHAT_MESSAGE_FIELDS = {"role", "content", "name"}
+
+
+def _chat_content(m, i):
+    """Message i's content as one string: a string, or a list of text parts joined."""
+    content = m.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}):
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise ApiError(400, "messages[%d].content[%d] must be a text part "
+                               "{\"type\": \"text\", \"text\": ...}%s" % (
+                                   i, j, ", not %s" % json.dumps(kind)[:40]
+                                   if isinstance(kind, str) else ""),
+                               param="messages", code="invalid_value")
+        return "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ApiError(400, "messages[%d].content must be a string or a list of text "
+                       "parts" % i, param="messages", code="invalid_type")
+    return content
+
+
+def parse_chat(body, cfg):
+    """Check a chat completions body: (the conversation as a list of {"role",
+    "content"} with content one string, the completions-shaped parameters of
+    parse_completion with "max_tokens" None when the request gave none), or
+    ApiError(400)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    for name in body:
+        if name not in CHAT_KNOWN:
+            raise ApiError(400, "unrecognized request argument supplied: %s" % name,
+                           param=name, code="unknown_field")
+    for name, allowed in CHAT_NEUTRAL.items():
+        if allowed is not None and body.get(name) is not None and \
+                not _is_neutral(body[name], allowed):
+            raise ApiError(400, "'%s' is not supported by this server (only %s)"
+                           % (name, json.dumps(allowed[0])), param=name, code="unsupported")
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError(400, "'messages' is required", param="messages",
+                       code="missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of messages",
+                       param="messages", code="invalid_type")
+    conversation = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, "messages[%d] must be an object" % i, param="messages",
+                           code="invalid_type")
+        role = m.get("role")
+        if role not in ChatTemplate.ROLES:
+            raise ApiError(400, "messages[%d].role must be one of %s%s" % (
+                i, ", ".join(sorted(ChatTemplate.ROLES)),
+                ", not %s (this server has no tools)" % json.dumps(role)
+                if role in ("tool", "function") else ""),
+                param="messages", code="invalid_value")
+        for name in m:
+            if name not in CHAT_MESSAGE_FIELDS:
+                raise ApiError(400, "messages[%d].%s is not supported by this server"
+                               % (i, name[:40]), param="messages", code="unsupported")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise ApiError(400, "messages[%d].name must be a string" % i,
+                           param="messages", code="invalid_type")
+        content = _chat_content(m, i)
+        bad = _bad_text(content)
+        if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
+            raise ApiError(400, "messages[%d].content has %s" % (i, bad),
+                           param="messages", code="invalid_value")
+        conversation.append({"role": role, "content": content})
+    logprobs = _get(body, "logprobs", lambda v: isinstance(v, bool), "a boolean", False)
+    top = _get(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <=
+               CHAT_MAX_TOP_LOGPROBS, "an integer in [0, %d]" % CHAT_MAX_TOP_LOGPROBS, None)
+    if top is not None and not logprobs:   # as OpenAI
+        raise ApiError(400, "'top_logprobs' needs 'logprobs' true", param="top_logprobs",
+                       code="invalid_value")
+    limit = _get(body, "max_completion_tokens", lambda v: _is_int(v) and v >= 0,
+                 "an integer >= 0", None)
+    shared = {name: body[name] for name in CHAT_SHARED if name in body}
+    if limit is not None:   # the newer name wins, as vLLM takes them
+        shared["max_tokens"] = limit
+    given = shared.get("max_tokens") is not None
+    if not given:   # the rest of the context, settled once the prompt is read
+        shared["max_tokens"] = cfg["max_tokens_cap"]
+    shared["prompt"] = "x"   # checked below, as a conversation
+    try:
+        p = parse_completion(shared, cfg)
+    except ApiError as e:
+        if e.param == "max_tokens" and limit is not None:
+            e.param = "max_completion_tokens"
+            e.message = e.message.replace("'max_tokens'", "'max_completion_tokens'")
+        raise
+    p["prompts"] = None   # set by the handler from the conversation
+    p["limit_name"] = "max_completion_tokens" if limit is not None else "max_tokens"
+    p["max_tokens"] = p["max_tokens"] if given else None
+    p["logprobs"] = (top or 0) if logprobs else None
+    p["top_logprobs"] = top or 0
+    return conversation, p
+
+
 # ---- the application -------------------------------------------------------------------
 
 def page_headers(path):
@@ -441,6 +597,13 @@ class Server:
                     "max_n": min(args.max_n, args.max_sequences),
                     "max_prompts": args.max_prompts,
                     "unknown": args.unknown, "n_vocab": self.model.n_vocab, "n_ctx": n_ctx}
+        self.chat_template = ChatTemplate()
+        # a vocabulary without the template's letters cannot hold a conversation: the
+        # chat endpoint then says so, and the rest of the server is unchanged
+        missing = self.chat_template.missing(self.token_texts)
+        self.chat_unavailable = None if not missing else (
+            "this model's vocabulary has no %s, which the chat template writes; use "
+            "/v1/completions" % ", ".join(json.dumps(c) for c in missing))
         self.statuses = {}
         self.disconnects = 0
         # completions' latencies, from the handler's start: until admitted (the first
@@ -472,6 +635,7 @@ class Server:
                               middlewares=[middleware])
         app.on_response_prepare.append(self._cors_headers)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
@@ -796,6 +960,36 @@ class Server:
         start = self.loop.time()
         body = await self._json_body(request)
         p = parse_completion(body, self.cfg)
+        p["chat"] = False
+        return await self._complete(request, start, body, p)
+
+    async def chat_completions(self, request):
+        """OpenAI's chat completions: the conversation written by the chat template
+        (ChatTemplate), then answered as a completion of one prompt is."""
+        start = self.loop.time()
+        body = await self._json_body(request)
+        conversation, p = parse_chat(body, self.cfg)
+        if self.chat_unavailable:
+            raise ApiError(400, self.chat_unavailable, code="chat_template_unavailable")
+        prompt = self.chat_template.render(conversation)
+        if len(prompt) > PROMPT_CHARS_PER_TOKEN_LIMIT * self.cfg["max_prompt_chars"]:
+            raise ApiError(400, "the conversation is %d characters, this server takes at "
+                           "most %d tokens" % (len(prompt), self.cfg["max_prompt_chars"]),
+                           param="messages", code="prompt_too_long")
+        for i, m in enumerate(conversation):   # characters named by message and place
+            try:
+                self.model.tokenize_ex(m["content"], unknown=p["unknown"])
+            except MoasError as e:
+                hint = UNKNOWN_HINT if e.status == Status.ERR_UNKNOWN_CHAR else ""
+                raise ApiError(400, "messages[%d].content: %s%s" % (i, e.message, hint),
+                               param="messages", code=e.name.lower())
+        p["prompts"] = [prompt]
+        p["stop"] = p["stop"] + self.chat_template.stop
+        p["chat"] = True
+        return await self._complete(request, start, body, p)
+
+    async def _complete(self, request, start, body, p):
+        """A completion (p["chat"]: a chat completion) of the checked parameters p."""
         model = self._model_asked(body)
         # each prompt of a list is a request of its own to the engine (batched with the
         # others as any two requests are); prompt k's choice i is choice k n + i
@@ -829,7 +1023,8 @@ class Server:
         retry = {"Retry-After": str(max(1, int(self.args.queue_timeout)))}
         if self.engine.closed:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
-        meta = {"id": "cmpl-%d" % reqs[0].id, "object": "text_completion",
+        meta = {"id": "%s-%d" % ("chatcmpl" if p["chat"] else "cmpl", reqs[0].id),
+                "object": "chat.completion" if p["chat"] else "text_completion",
                 "created": int(time.time()), "model": model}
         changed = sum(part["changed"] for part in parts)
         try:
@@ -893,7 +1088,8 @@ class Server:
         """Prompt k of the request tokenized and checked: its ids, how many characters
         unknown_chars changed, its tokens' texts (echo, logprobs) and their length
         (logprobs' text_offset counts from the prompt's start, as OpenAI's does)."""
-        which = "the prompt" if len(p["prompts"]) == 1 else "prompt %d" % k
+        which = ("the conversation" if p["chat"] else "the prompt" if len(p["prompts"]) == 1
+                 else "prompt %d" % k)
         if isinstance(text, list):   # token ids, read as they are
             bad = next((t for t in text if not 0 <= t < self.model.n_vocab), None)
             if bad is not None:
@@ -909,12 +1105,21 @@ class Server:
             raise ApiError(400, "%s is %d tokens (characters in the vocabulary), this "
                            "server takes at most %d" % (which, len(ids),
                                                         self.cfg["max_prompt_chars"]),
-                           param="prompt", code="prompt_too_long")
+                           param="messages" if p["chat"] else "prompt",
+                           code="prompt_too_long")
+        if p["max_tokens"] is None:   # a chat's default: the rest of the context
+            p["max_tokens"] = min(max(self.engine.n_ctx - len(ids), 0),
+                                  self.cfg["max_tokens_cap"])
+            if p["min_tokens"] > p["max_tokens"]:
+                raise ApiError(400, "min_tokens (%d) must be at most the %d characters "
+                               "left in the context" % (p["min_tokens"], p["max_tokens"]),
+                               param="min_tokens", code="invalid_value")
         if len(ids) + p["max_tokens"] > self.engine.n_ctx and not self.args.context_shift:
+            name = p.get("limit_name", "max_tokens")
             raise ApiError(400, "this model's context holds %d characters; %s has %d and "
-                           "max_tokens asks for %d more" % (self.engine.n_ctx, which,
-                                                            len(ids), p["max_tokens"]),
-                           param="max_tokens", code="context_length_exceeded")
+                           "%s asks for %d more" % (self.engine.n_ctx, which, len(ids),
+                                                    name, p["max_tokens"]),
+                           param=name, code="context_length_exceeded")
         texts = [self.token_texts[t] for t in ids]
         return {"ids": ids, "changed": changed, "texts": texts,
                 "chars": sum(len(t) for t in texts)}
@@ -984,6 +1189,16 @@ class Server:
             offset += len(text)
         return out
 
+    def _chat_logprobs(self, entries, k):
+        """OpenAI's chat logprobs object for (text, entry) pairs: per character its log
+        probability and UTF-8 bytes, and the k likeliest (exactly k: the completions
+        shape's chosen character beyond them is left out, as chat has it)."""
+        def item(text, lp):
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"content": [dict(item(text, lp), top_logprobs=[
+            item(self.token_texts[t], v) for t, v in top[:k]])
+            for text, (lp, top) in entries]}
+
     @staticmethod
     def _echoed(part, entries):
         """A prompt's (text, entry) pairs of an echo request: its entries from the
@@ -1052,10 +1267,18 @@ class Server:
         choices = []
         for c in range(len(texts)):
             k = c // n
-            ch = {"text": "".join(t for t, _ in echoed[k]) + "".join(texts[c]), "index": c,
-                  "logprobs": None if p["logprobs"] is None else
-                  self._logprobs(echoed[k] + lps[c], 0 if echoed[k] else parts[k]["chars"]),
-                  "finish_reason": reasons[c]}
+            if p["chat"]:
+                ch = {"index": c, "message": {"role": "assistant",
+                                              "content": "".join(texts[c])},
+                      "logprobs": None if p["logprobs"] is None else
+                      self._chat_logprobs(lps[c], p["top_logprobs"]),
+                      "finish_reason": reasons[c]}
+            else:
+                ch = {"text": "".join(t for t, _ in echoed[k]) + "".join(texts[c]),
+                      "index": c, "logprobs": None if p["logprobs"] is None else
+                      self._logprobs(echoed[k] + lps[c],
+                                     0 if echoed[k] else parts[k]["chars"]),
+                      "finish_reason": reasons[c]}
             if p["routes"]:
                 ch["routes"] = routes[c]
             choices.append(ch)
@@ -1079,6 +1302,8 @@ class Server:
     async def _stream(self, request, events, reqs, meta, p, changed):
         if changed:   # every chunk says it, as the whole response's body does
             meta = dict(meta, prompt_chars_changed=changed)
+        if p["chat"]:
+            meta = dict(meta, object="chat.completion.chunk")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         try:
@@ -1096,6 +1321,11 @@ class Server:
         n, parts = p["n"], p["parts"]
         offsets = {}   # choice -> characters streamed so far, for text_offset
         usages = []
+        if p["chat"]:   # each choice's role first, as OpenAI's chunks begin
+            data = b"".join(frame(dict(meta, choices=[{
+                "index": i, "delta": {"role": "assistant", "content": ""},
+                "logprobs": None, "finish_reason": None}])) for i in range(n))
+            await self._send(request, response.write(data), len(data))
         while True:
             batch = [await self._next_event(request, events, p["early"])]
             while p["early"] and len(batch) < 256:
@@ -1113,6 +1343,15 @@ class Server:
                         if p["routes"]:   # routes are the generated characters' alone
                             ch["routes"] = []
                         frames.append(frame(dict(meta, choices=[ch])))
+                elif ev.kind == "text" and p["chat"]:
+                    i, text, route, lp = ev.data
+                    ch = {"index": i, "delta": {"content": text}, "logprobs": None if
+                          p["logprobs"] is None else
+                          self._chat_logprobs([(text, lp)], p["top_logprobs"]),
+                          "finish_reason": None}
+                    if p["routes"]:
+                        ch["routes"] = [route]
+                    frames.append(frame(dict(meta, choices=[ch])))
                 elif ev.kind == "text":
                     i, text, route, lp = ev.data
                     c = k * n + i
@@ -1126,9 +1365,10 @@ class Server:
                     frames.append(frame(dict(meta, choices=[ch])))
                 elif ev.kind == "finish":
                     i, reason, _ = ev.data
-                    frames.append(frame(dict(meta, choices=[{"text": "", "index": k * n + i,
-                                                             "logprobs": None,
-                                                             "finish_reason": reason}])))
+                    ch = ({"index": i, "delta": {}} if p["chat"] else
+                          {"text": "", "index": k * n + i})
+                    ch.update(logprobs=None, finish_reason=reason)
+                    frames.append(frame(dict(meta, choices=[ch])))
                 elif ev.kind == "error":
                     frames.append(frame({"error": {"message": ev.data[1],
                                                    "type": error_kind(ev.data[0]),
@@ -1160,8 +1400,9 @@ class Server:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python3 -m moas.server",
-                                 description="An OpenAI-compatible completions server for "
-                                 "libmoas, batching every request over one KV pool.")
+                                 description="An OpenAI-compatible completions and chat "
+                                 "server for libmoas, batching every request over one KV "
+                                 "pool.")
     ap.add_argument("-m", "--model", required=True, help="the GGUF model file")
     ap.add_argument("--served-model-name", nargs="+", metavar="NAME", default=None,
                     help="the names /v1/models lists and requests may give as 'model' "

@@ -76,13 +76,15 @@ class Server:
     def complete(self, **body):
         return self.request("POST", "/v1/completions", body)
 
-    def stream(self, body, stop_after=None):
-        """(chunks, sock): the parsed SSE events of a streamed completion; with
-        stop_after=k the connection is closed after k text chunks."""
+    def stream(self, body, stop_after=None, path="/v1/completions"):
+        """(chunks, sock): the parsed SSE events of a streamed completion (a chat
+        completion with path="/v1/chat/completions"); with stop_after=k the connection
+        is closed after k text chunks."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
         data = json.dumps(dict(body, stream=True)).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (path.encode(), len(data)) + data)
         f = sock.makefile("rb")
         status = f.readline()
         assert b" 200 " in status, status + f.read()
@@ -102,8 +104,9 @@ class Server:
                 if block.startswith("data: "):
                     payload = block[6:]
                     events.append(payload if payload == "[DONE]" else json.loads(payload))
-                    if payload != "[DONE]" and any(c.get("text") for c in
-                                                   events[-1].get("choices", [])):
+                    if payload != "[DONE]" and any(
+                            c.get("text") or c.get("delta", {}).get("content")
+                            for c in events[-1].get("choices", [])):
                         texts += 1
             if stop_after is not None and texts >= stop_after:
                 sock.close()
@@ -278,9 +281,6 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     err = check_error(server.complete(prompt=PROMPT, frobnicate=1), 400, "unknown_field",
                       "frobnicate")
     assert "unrecognized request argument" in err["message"]
-    # what docs/SERVING.md lists as not supported
-    check_error(server.request("POST", "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": PROMPT}]}), 404, "not_found")
     for prompt in ([1, "And"], ["And", 2], [["And"]], [[1], "And"], [True, 1], [1.0]):
         check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
     check_error(server.complete(prompt=None, max_tokens=1), 400, "missing_field", "prompt")
@@ -602,7 +602,7 @@ def test_a_client_that_hangs_up_after_done_is_not_a_disconnect(monkeypatch):
         return await server._stream(Request(), events, None, {"id": "cmpl-1"},
                                     {"logprobs": None, "routes": False, "n": 1,
                                      "parts": [{"chars": 3}], "early": collections.deque(),
-                                     "include_usage": True}, 0)
+                                     "include_usage": True, "chat": False}, 0)
     response = asyncio.run(run())
     assert server.disconnects == 0
     assert response.eof and response.data.endswith(b"data: [DONE]\n\n0\r\n\r\n")
@@ -1405,6 +1405,205 @@ def test_logprobs_are_the_models_own(server, model):
             assert any(len(top) == 2 for top in got["top_logprobs"]), got
     for bad in (6, -1, 2.0, True, "3"):
         check_error(server.complete(**dict(body, logprobs=bad)), 400, param="logprobs")
+
+
+# ---- chat completions ------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Speak."}, {"role": "user", "content": "And God"}]
+# the conversation as the template writes it (40 of the tiny model's 64 characters)
+CHAT_PROMPT = "system: Speak.\nuser: And God\nassistant: "
+CHAT_STOP = ["\nassistant:", "\nsystem:", "\nuser:"]
+
+
+def chat(server, **body):
+    return server.request("POST", "/v1/chat/completions", body)
+
+
+def chat_alone(model, seed, max_tokens, **kw):
+    return model.generate(CHAT_PROMPT, max_tokens, seed=seed, mode="routed",
+                          stop=kw.pop("stop", []) + CHAT_STOP, **kw)
+
+
+def test_chat_template_writes_each_message_then_the_answers_label():
+    from moas.server import ChatTemplate
+    t = ChatTemplate()
+    assert t.render(CHAT) == CHAT_PROMPT
+    # developer is written as system; an assistant's earlier turn as it was given
+    assert t.render([{"role": "developer", "content": "A"}, {"role": "user", "content": "B"},
+                     {"role": "assistant", "content": "C"},
+                     {"role": "user", "content": ""}]) == \
+        "system: A\nuser: B\nassistant: C\nuser: \nassistant: "
+    assert sorted(t.stop) == CHAT_STOP
+    # what a vocabulary needs to hold a conversation: the roles' letters, ':', ' ', '\n'
+    assert t.missing(list("abc")) == sorted(set("system: user: assistant: \n") - set("abc"))
+    with moas.Model(MODEL) as m:
+        assert t.missing(m.vocab) == []
+
+
+def test_chat_completion_equals_generate_of_its_conversation(server, model):
+    status, _, body = chat(server, messages=CHAT, max_completion_tokens=20, n=2, seed=11,
+                           temperature=0.9)
+    assert status == 200, body
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for i, c in enumerate(body["choices"]):
+        assert c["message"] == {"role": "assistant",
+                                "content": chat_alone(model, 11 + i, 20, temperature=0.9)}
+        assert c["finish_reason"] == "length" and c["logprobs"] is None
+    assert body["usage"]["prompt_tokens"] == len(CHAT_PROMPT)
+    assert body["usage"]["completion_tokens"] == 40
+    # no limit given: the rest of the context (OpenAI's default for chat); max_tokens,
+    # the older name, is taken too
+    status, _, body = chat(server, messages=CHAT, seed=12)
+    rest = 64 - len(CHAT_PROMPT)
+    assert body["choices"][0]["message"]["content"] == chat_alone(model, 12, rest)
+    assert body["usage"]["completion_tokens"] == rest
+    status, _, again = chat(server, messages=CHAT, seed=12, max_tokens=rest)
+    assert again["choices"] == body["choices"]
+    # a stop string of the request's own ends the answer before it
+    want = chat_alone(model, 11, 20, temperature=0.9)
+    status, _, body = chat(server, messages=CHAT, max_completion_tokens=20, seed=11,
+                           temperature=0.9, stop=want[4:6])
+    assert body["choices"][0]["message"]["content"] == want[:want.index(want[4:6])]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_answer_ends_where_the_model_writes_the_next_turn(server, model):
+    # only the characters of "\nuser:" allowed, hot: seed 8663 (found by trying seeds)
+    # writes "\nuser:" at character 10, where the answer must end, for the reason "stop"
+    bias = {t: float("-inf") for t, c in enumerate(model.vocab) if c not in "\nuser:"}
+    free = model.generate(CHAT_PROMPT, 24, seed=8663, mode="routed", temperature=2.0,
+                          logit_bias=bias)
+    assert free.index("\nuser:") == 10, free
+    body = {"messages": CHAT, "seed": 8663, "temperature": 2.0,
+            "logit_bias": {str(t): -100 for t in bias}}
+    status, _, whole = chat(server, **body)
+    assert status == 200, whole
+    assert whole["choices"][0]["message"]["content"] == free[:10]
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    assert whole["usage"]["completion_tokens"] == 16   # the stop string's six were generated
+    events = server.stream(body, path="/v1/chat/completions")
+    assert "".join(c["delta"].get("content", "") for e in events[:-1]
+                   for c in e["choices"]) == free[:10]
+    assert [c["finish_reason"] for e in events[:-1] for c in e["choices"]
+            if c["finish_reason"]] == ["stop"]
+
+
+def test_chat_stream_sends_the_role_then_deltas(server, model):
+    events = server.stream({"messages": CHAT, "max_completion_tokens": 12, "n": 2,
+                            "seed": 21, "routes": True,
+                            "stream_options": {"include_usage": True}},
+                           path="/v1/chat/completions")
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(e["object"] == "chat.completion.chunk" for e in chunks)
+    assert len({e["id"] for e in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    # first each choice's role, with no content yet
+    assert [e["choices"] for e in chunks[:2]] == [
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+          "finish_reason": None}] for i in range(2)]
+    for i in range(2):
+        mine = [c for e in chunks[2:] for c in e["choices"] if c["index"] == i]
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        want, routes = chat_alone(model, 21 + i, 12, temperature=1.0, routes=True)
+        assert text == want
+        assert [c["routes"][0]["schemes"] for c in mine if c["delta"]] == \
+            [r["schemes"] for r in routes]
+        # the end: an empty delta with the reason, once
+        ends = [c for c in mine if c["finish_reason"]]
+        assert ends == [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24
+    assert chunks[-1]["usage"]["prompt_tokens"] == len(CHAT_PROMPT)
+
+
+def test_chat_logprobs_are_the_models_own(server, model):
+    # per character: its log-probability under the model (raw logits), its UTF-8 bytes,
+    # and exactly top_logprobs of the likeliest, likeliest first (chat's shape, where
+    # completions add the chosen character when it is not among them)
+    body = {"messages": CHAT, "max_completion_tokens": 10, "seed": 31, "temperature": 1.3,
+            "logprobs": True, "top_logprobs": 3}
+    status, _, whole = chat(server, **body)
+    assert status == 200, whole
+    text = whole["choices"][0]["message"]["content"]
+    got = whole["choices"][0]["logprobs"]["content"]
+    want = model_logprobs(model, CHAT_PROMPT, text, 3)
+    assert [g["token"] for g in got] == list(text)
+    for g, (lp, top) in zip(got, want):
+        assert abs(g["logprob"] - lp) < 1e-6 and g["bytes"] == list(g["token"].encode())
+        likeliest = list(top)[:3]
+        assert [t["token"] for t in g["top_logprobs"]] == likeliest
+        for t in g["top_logprobs"]:
+            assert abs(t["logprob"] - top[t["token"]]) < 1e-6
+            assert t["bytes"] == list(t["token"].encode())
+    events = server.stream(body, path="/v1/chat/completions")
+    streamed = [c["logprobs"]["content"][0] for e in events[:-1] for c in e["choices"]
+                if c["delta"].get("content")]
+    assert streamed == got
+    # logprobs without top_logprobs: the characters' own, no alternatives
+    status, _, bare = chat(server, **dict(body, top_logprobs=None))
+    assert [g["top_logprobs"] for g in bare["choices"][0]["logprobs"]["content"]] == \
+        [[]] * len(text)
+    assert [g["logprob"] for g in bare["choices"][0]["logprobs"]["content"]] == \
+        [g["logprob"] for g in got]
+
+
+def test_chat_bad_requests_each_get_a_400(server, model):
+    user = {"role": "user", "content": "And"}
+    cases = [
+        ({}, "messages", "missing_field", "'messages' is required"),
+        ({"messages": []}, "messages", "invalid_type", "non-empty list"),
+        ({"messages": ["And"]}, "messages", "invalid_type", "messages[0] must be an object"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "invalid_value",
+         "has no tools"),
+        ({"messages": [{"role": "narrator", "content": "x"}]}, "messages", "invalid_value",
+         "messages[0].role must be one of"),
+        ({"messages": [user, {"role": "assistant", "content": None,
+                              "tool_calls": []}]},
+         "messages", "unsupported", "messages[1].tool_calls"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages", "invalid_type",
+         "messages[0].content must be a string"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+         "invalid_value", "content[0] must be a text part"),
+        ({"messages": [user, {"role": "user", "content": "a\ud800"}]}, "messages",
+         "invalid_value", "messages[1].content has a lone surrogate (U+D800) at character 1"),
+        ({"messages": [user, {"role": "user", "content": "And Xerxes"}]}, "messages",
+         "moas_err_unknown_char", "messages[1].content: "),
+        ({"messages": [user], "name": 3}, "name", "unknown_field", "name"),
+        ({"messages": [user], "prompt": "x"}, "prompt", "unknown_field", "prompt"),
+        ({"messages": [user], "echo": True}, "echo", "unknown_field", "echo"),
+        ({"messages": [user], "top_logprobs": 2}, "top_logprobs", "invalid_value",
+         "needs 'logprobs' true"),
+        ({"messages": [user], "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+         "invalid_type", "[0, 20]"),
+        ({"messages": [user], "logprobs": 3}, "logprobs", "invalid_type", "a boolean"),
+        ({"messages": [user], "tools": [{"type": "function"}]}, "tools", "unsupported",
+         "'tools' is not supported"),
+        ({"messages": [user], "response_format": {"type": "json_object"}},
+         "response_format", "unsupported", "not supported"),
+        ({"messages": [user], "max_completion_tokens": 65}, "max_completion_tokens",
+         "max_tokens_too_large", "'max_completion_tokens' is 65"),
+        ({"messages": [user], "max_completion_tokens": 60}, "max_completion_tokens",
+         "context_length_exceeded", "max_completion_tokens asks for 60 more"),
+        ({"messages": [user], "max_tokens": 60}, "max_tokens", "context_length_exceeded",
+         "max_tokens asks for 60 more"),
+        ({"messages": [user], "min_tokens": 60}, "min_tokens", "invalid_value",
+         "characters left in the context"),
+        ({"messages": [user], "temperature": -1}, "temperature", "invalid_type", "[0, 100]"),
+    ]
+    for body, param, code, message in cases:
+        status, _, answer = chat(server, **body)
+        assert status == 400, (body, answer)
+        err = answer["error"]
+        assert (err["param"], err["code"]) == (param, code), (body, err)
+        assert message in err["message"], (body, err)
+    # the neutral values of what it does not do are taken, and the server is unharmed
+    status, _, body = chat(server, messages=[user], max_completion_tokens=5, seed=1,
+                           tools=[], tool_choice="none", response_format={"type": "text"},
+                           store=False, user="someone", parallel_tool_calls=False)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == model.generate(
+        "user: And\nassistant: ", 5, seed=1, mode="routed", stop=CHAT_STOP)
 
 
 def prompt_logprobs(model, prompt, k):
