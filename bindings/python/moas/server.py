@@ -220,20 +220,32 @@ def _get(body, name, check, what, default):
     return v
 
 
-def parse_completion(body, cfg):
-    """Check a completions body against the server's limits: a dict of the request's
-    parameters, or ApiError(400)."""
+def _shown(name):
+    """A field's name as an error message shows it: at most 64 characters (a body may
+    be a megabyte of one name)."""
+    return name if len(name) <= 64 else name[:64] + "..."
+
+
+def _check_fields(body, known, neutral=()):
+    """ApiError(400) unless body is a JSON object of the fields `known`, those of
+    `neutral` (name -> allowed values, or None for any) at an allowed value or null."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
     for name in body:
-        if name not in KNOWN:
-            raise ApiError(400, "unrecognized request argument supplied: %s" % name,
-                           param=name, code="unknown_field")
-    for name, allowed in NEUTRAL.items():
+        if name not in known:
+            raise ApiError(400, "unrecognized request argument supplied: %s" % _shown(name),
+                           param=_shown(name), code="unknown_field")
+    for name, allowed in dict(neutral).items():
         if allowed is not None and body.get(name) is not None and \
                 not _is_neutral(body[name], allowed):
             raise ApiError(400, "'%s' is not supported by this server (only %s)"
                            % (name, json.dumps(allowed[0])), param=name, code="unsupported")
+
+
+def parse_completion(body, cfg):
+    """Check a completions body against the server's limits: a dict of the request's
+    parameters, or ApiError(400)."""
+    _check_fields(body, KNOWN, NEUTRAL)
     _get(body, "model", lambda v: isinstance(v, str), "a string", None)
     _get(body, "user", lambda v: isinstance(v, str), "a string", None)
     if body.get("prompt") is None:   # null is absence, as for every field
@@ -465,17 +477,7 @@ def parse_chat(body, cfg):
     "content"} with content one string, the completions-shaped parameters of
     parse_completion with "max_tokens" None when the request gave none), or
     ApiError(400)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
-    for name in body:
-        if name not in CHAT_KNOWN:
-            raise ApiError(400, "unrecognized request argument supplied: %s" % name,
-                           param=name, code="unknown_field")
-    for name, allowed in CHAT_NEUTRAL.items():
-        if allowed is not None and body.get(name) is not None and \
-                not _is_neutral(body[name], allowed):
-            raise ApiError(400, "'%s' is not supported by this server (only %s)"
-                           % (name, json.dumps(allowed[0])), param=name, code="unsupported")
+    _check_fields(body, CHAT_KNOWN, CHAT_NEUTRAL)
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "'messages' is required", param="messages",
@@ -498,7 +500,7 @@ def parse_chat(body, cfg):
         for name in m:
             if name not in CHAT_MESSAGE_FIELDS:
                 raise ApiError(400, "messages[%d].%s is not supported by this server"
-                               % (i, name[:40]), param="messages", code="unsupported")
+                               % (i, _shown(name)), param="messages", code="unsupported")
         if m.get("name") is not None and not isinstance(m["name"], str):
             raise ApiError(400, "messages[%d].name must be a string" % i,
                            param="messages", code="invalid_type")
@@ -945,13 +947,7 @@ class Server:
     @staticmethod
     def _object(body, known):
         """A JSON object of the fields `known` (and `model`, any string), or ApiError."""
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object",
-                           code="invalid_type")
-        for name in body:
-            if name not in known:
-                raise ApiError(400, "unrecognized request argument supplied: %s" % name,
-                               param=name, code="unknown_field")
+        _check_fields(body, known)
         _get(body, "model", lambda v: isinstance(v, str), "a string", None)
         return body
 

@@ -281,6 +281,19 @@ def test_bad_input_is_4xx_in_openai_shape(server, model):
     err = check_error(server.complete(prompt=PROMPT, frobnicate=1), 400, "unknown_field",
                       "frobnicate")
     assert "unrecognized request argument" in err["message"]
+    # a long name is shown cut (the body's limit here is 4 KB; by default 1 MiB of it
+    # would come back), on every endpoint that checks its fields
+    name = "f" * 3000
+    for path, body in (("/v1/completions", {"prompt": PROMPT}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                               "content": "And"}]}),
+                       ("/tokenize", {"prompt": "And"})):
+        err = check_error(server.request("POST", path, dict(body, **{name: 1})), 400,
+                          "unknown_field", "f" * 64 + "...")
+        assert err["message"].endswith(": " + "f" * 64 + "...")
+    err = check_error(server.request("POST", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "And", name: 1}]}), 400, "unsupported", "messages")
+    assert err["message"] == "messages[0].%s... is not supported by this server" % ("f" * 64)
     for prompt in ([1, "And"], ["And", 2], [["And"]], [[1], "And"], [True, 1], [1.0]):
         check_error(server.complete(prompt=prompt, max_tokens=1), 400, "invalid_type", "prompt")
     check_error(server.complete(prompt=None, max_tokens=1), 400, "missing_field", "prompt")
