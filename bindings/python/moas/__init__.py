@@ -1259,6 +1259,45 @@ class Model(_Handle):
         text = "".join(p[0] if routes else p for p in out)
         return (text, [p[1] for p in out]) if routes else text
 
+    def chat(self, messages, max_tokens=None, *, stop=(), **params):
+        """The answer to a conversation, as the server's /v1/chat/completions gives it.
+
+        `messages` are OpenAI's: a list of {"role", "content"}, the role system,
+        developer, user or assistant, the content a string or a list of text parts
+        {"type": "text", "text": ...}. moas.chat.ChatTemplate writes them into one
+        prompt ("user: ...\n" each, then "assistant: "), which Model.generate
+        continues until the model begins the next turn (a newline and a role's label,
+        the template's stop strings, added to `stop`), one of `stop`, max_tokens
+        characters (None: the rest of the context) or a full context. Keyword
+        arguments are Model.generate's (sampling, seed, stream, routes, mode, n_ctx,
+        unknown, ...), and it returns what Model.generate returns. A conversation that
+        is not one raises moas.chat.ChatMessageError (a MoasValueError); a character
+        outside the vocabulary, MoasValueError naming the message."""
+        from .chat import ChatTemplate, conversation
+        template = ChatTemplate()
+        missing = template.missing(self.vocab)
+        if missing:
+            raise MoasError(Status.ERR_INVALID_ARG, "this model's vocabulary has no %s, "
+                            "which the chat template writes"
+                            % ", ".join(repr(c) for c in missing))
+        plain = conversation(messages)
+        unknown = params.get("unknown", "error")
+        for i, m in enumerate(plain):   # an error names the message, not the prompt
+            try:
+                self.tokenize(m["content"], unknown=unknown)
+            except MoasError as e:
+                raise MoasError(e.status, "messages[%d].content: %s" % (i, e.message)) \
+                    from None
+        prompt = template.render(plain)
+        if max_tokens is None:
+            n_ctx = params.get("n_ctx") or self.n_ctx_train
+            max_tokens = max(n_ctx - len(self.tokenize(prompt, unknown=unknown)), 0)
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, (str, bytes)):
+            stop = [stop]
+        return self.generate(prompt, max_tokens, stop=list(stop) + template.stop, **params)
+
     def generate_batch(self, prompts, max_tokens=128, **params):
         """The continuations of many prompts at once, as vLLM's LLM.generate makes them:
         every prompt's sequences share one KV pool (pages taken as tokens need them, a

@@ -42,6 +42,8 @@ except ImportError:   # pragma: no cover - said once, clearly, by main()
     AbstractAccessLogger = object
 
 from . import Model, MoasError, Sampler, Status, version_string
+from .chat import (ChatMessageError, ChatTemplate, conversation as chat_conversation,
+                   short_name)
 from .engine import Engine, Event, Request
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -220,12 +222,6 @@ def _get(body, name, check, what, default):
     return v
 
 
-def _shown(name):
-    """A field's name as an error message shows it: at most 64 characters (a body may
-    be a megabyte of one name)."""
-    return name if len(name) <= 64 else name[:64] + "..."
-
-
 def _check_fields(body, known, neutral=()):
     """ApiError(400) unless body is a JSON object of the fields `known`, those of
     `neutral` (name -> allowed values, or None for any) at an allowed value or null."""
@@ -233,8 +229,8 @@ def _check_fields(body, known, neutral=()):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
     for name in body:
         if name not in known:
-            raise ApiError(400, "unrecognized request argument supplied: %s" % _shown(name),
-                           param=_shown(name), code="unknown_field")
+            raise ApiError(400, "unrecognized request argument supplied: %s" % short_name(name),
+                           param=short_name(name), code="unknown_field")
     for name, allowed in dict(neutral).items():
         if allowed is not None and body.get(name) is not None and \
                 not _is_neutral(body[name], allowed):
@@ -398,42 +394,6 @@ def parse_completion(body, cfg):
 
 # ---- chat: OpenAI's chat completions over the same engine --------------------------------
 
-class ChatTemplate:
-    """How a conversation becomes the prompt the model continues. The models here are
-    character models with no chat template in their files, so the server has one of its
-    own, in plain text any vocabulary of letters can write:
-
-        system: You are terse.
-        user: Who begat Enos?
-        assistant: Seth.
-        user: And Enos?
-        assistant: 
-
-    Each message is its role, ": ", its content and a newline ("developer" is written as
-    "system", as OpenAI takes it); the prompt ends with "assistant: " for the answer,
-    which ends where the model writes a newline followed by a role's label (a stop
-    string of the template's, added to the request's own and never part of the text)."""
-
-    ROLES = {"system": "system", "developer": "system", "user": "user",
-             "assistant": "assistant"}
-    ANSWER = "assistant: "
-
-    def __init__(self):
-        labels = sorted(set(self.ROLES.values()))
-        self.stop = ["\n%s:" % r for r in labels]
-        # every character the template itself writes, for the check against a vocabulary
-        self.text = "".join("%s: \n" % r for r in labels)
-
-    def missing(self, vocab):
-        """The characters the template writes that the vocabulary `vocab` (a list of
-        token texts) has not, sorted: none for a model that can hold a conversation."""
-        return sorted(set(self.text) - set(vocab))
-
-    def render(self, messages):
-        return "".join("%s: %s\n" % (self.ROLES[m["role"]], m["content"])
-                       for m in messages) + self.ANSWER
-
-
 # chat fields this server takes only at their neutral value (or null): no tools, plain
 # text answers, nothing stored
 CHAT_NEUTRAL = {"response_format": ({"type": "text"},), "tools": ([],),
@@ -449,27 +409,6 @@ CHAT_SHARED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p",
 CHAT_KNOWN = CHAT_SHARED | {"messages", "max_completion_tokens", "logprobs",
                             "top_logprobs"} | set(CHAT_NEUTRAL)
 CHAT_MAX_TOP_LOGPROBS = 20   # OpenAI's bound for chat (completions' is 5)
-CHAT_MESSAGE_FIELDS = {"role", "content", "name"}
-
-
-def _chat_content(m, i):
-    """Message i's content as one string: a string, or a list of text parts joined."""
-    content = m.get("content")
-    if isinstance(content, list):
-        for j, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}):
-                kind = part.get("type") if isinstance(part, dict) else None
-                raise ApiError(400, "messages[%d].content[%d] must be a text part "
-                               "{\"type\": \"text\", \"text\": ...}%s" % (
-                                   i, j, ", not %s" % json.dumps(kind)[:40]
-                                   if isinstance(kind, str) else ""),
-                               param="messages", code="invalid_value")
-        return "".join(part["text"] for part in content)
-    if not isinstance(content, str):
-        raise ApiError(400, "messages[%d].content must be a string or a list of text "
-                       "parts" % i, param="messages", code="invalid_type")
-    return content
 
 
 def parse_chat(body, cfg):
@@ -482,34 +421,15 @@ def parse_chat(body, cfg):
     if messages is None:
         raise ApiError(400, "'messages' is required", param="messages",
                        code="missing_field")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of messages",
-                       param="messages", code="invalid_type")
-    conversation = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, "messages[%d] must be an object" % i, param="messages",
-                           code="invalid_type")
-        role = m.get("role")
-        if role not in ChatTemplate.ROLES:
-            raise ApiError(400, "messages[%d].role must be one of %s%s" % (
-                i, ", ".join(sorted(ChatTemplate.ROLES)),
-                ", not %s (this server has no tools)" % json.dumps(role)
-                if role in ("tool", "function") else ""),
-                param="messages", code="invalid_value")
-        for name in m:
-            if name not in CHAT_MESSAGE_FIELDS:
-                raise ApiError(400, "messages[%d].%s is not supported by this server"
-                               % (i, _shown(name)), param="messages", code="unsupported")
-        if m.get("name") is not None and not isinstance(m["name"], str):
-            raise ApiError(400, "messages[%d].name must be a string" % i,
-                           param="messages", code="invalid_type")
-        content = _chat_content(m, i)
-        bad = _bad_text(content)
+    try:
+        conversation = chat_conversation(messages)
+    except ChatMessageError as e:
+        raise ApiError(400, e.message, param="messages", code=e.code)
+    for i, m in enumerate(conversation):
+        bad = _bad_text(m["content"])
         if bad is not None and "NUL" not in bad:   # NUL is a character, maybe unknown
             raise ApiError(400, "messages[%d].content has %s" % (i, bad),
                            param="messages", code="invalid_value")
-        conversation.append({"role": role, "content": content})
     logprobs = _get(body, "logprobs", lambda v: isinstance(v, bool), "a boolean", False)
     top = _get(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <=
                CHAT_MAX_TOP_LOGPROBS, "an integer in [0, %d]" % CHAT_MAX_TOP_LOGPROBS, None)

@@ -1,0 +1,103 @@
+"""Model.chat and moas.chat: a conversation written by the chat template and continued
+by Model.generate; the answer ends where the model begins the next turn; a
+conversation that is not one, or a character outside the vocabulary, names the
+message at fault. (The server's /v1/chat/completions, on the same template, is tested
+in test_server.py.)"""
+import os
+
+import pytest
+
+from conftest import ROOT
+import moas
+from moas.chat import ChatMessageError, ChatTemplate, conversation
+
+MODEL = os.path.join(ROOT, "tests", "data", "tiny-pooled-bias.gguf")
+CHAT = [{"role": "system", "content": "Speak."}, {"role": "user", "content": "And God"}]
+# what the template writes for CHAT, by hand; the tiny model's context is 64 characters
+PROMPT = "system: Speak.\nuser: And God\nassistant: "
+STOP = ["\nassistant:", "\nsystem:", "\nuser:"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    with moas.Model(MODEL) as m:
+        yield m
+
+
+def test_chat_continues_the_written_conversation(model):
+    # no limit: the rest of the context (64 - 40 characters)
+    assert model.chat(CHAT, seed=12, mode="routed") == model.generate(
+        PROMPT, 24, seed=12, mode="routed", stop=STOP)
+    # a limit, sampling settings, text parts and a stop string of the caller's
+    parts = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": "And "},
+                                                   {"type": "text", "text": "God"}]}]
+    want = model.generate(PROMPT, 12, seed=3, temperature=0.7, top_k=5, stop=STOP)
+    assert model.chat(parts, 12, seed=3, temperature=0.7, top_k=5) == want
+    cut = want[3:5]
+    assert model.chat(CHAT, 12, seed=3, temperature=0.7, top_k=5, stop=cut) == \
+        want[:want.index(cut)]
+    text, routes = model.chat(CHAT, 6, seed=4, mode="routed", routes=True)
+    assert (text, routes) == model.generate(PROMPT, 6, seed=4, mode="routed", stop=STOP,
+                                            routes=True)
+
+
+def test_chat_ends_where_the_model_begins_the_next_turn(model):
+    # only the characters of "\nuser:" allowed, hot: seed 8663 writes "\nuser:" at
+    # character 10 (as in test_server.py), where the answer ends, for the reason "stop"
+    bias = {t: float("-inf") for t, c in enumerate(model.vocab) if c not in "\nuser:"}
+    free = model.generate(PROMPT, 24, seed=8663, mode="routed", temperature=2.0,
+                          logit_bias=bias)
+    assert free.index("\nuser:") == 10, free
+    pieces = model.chat(CHAT, seed=8663, mode="routed", temperature=2.0, logit_bias=bias,
+                        stream=True)
+    assert "".join(pieces) == free[:10] and pieces.finish_reason == "stop"
+
+
+def test_template_and_conversation():
+    t = ChatTemplate()
+    assert t.render(conversation(CHAT)) == PROMPT
+    assert t.render(conversation([{"role": "developer", "content": "A"},
+                                  {"role": "assistant", "content": "B", "name": "x"},
+                                  {"role": "user", "content": []}])) == \
+        "system: A\nassistant: B\nuser: \nassistant: "
+    assert sorted(t.stop) == STOP
+    assert t.missing(list("abc")) == sorted(set("system: user: assistant: \n") - set("abc"))
+
+
+def test_a_conversation_that_is_not_one_names_the_message(model):
+    user = {"role": "user", "content": "And"}
+    for messages, code, message in [
+            ([], "invalid_type", "'messages' must be a non-empty list"),
+            ("user: And", "invalid_type", "'messages' must be a non-empty list"),
+            ([user, "And"], "invalid_type", "messages[1] must be an object"),
+            ([{"role": "tool", "content": "x"}], "invalid_value", "(there are no tools)"),
+            ([user, {"role": "User", "content": "x"}], "invalid_value",
+             "messages[1].role must be one of assistant, developer, system, user"),
+            ([user, dict(user, tool_calls=[])], "unsupported",
+             "messages[1].tool_calls is not supported"),
+            ([dict(user, name=1)], "invalid_type", "messages[0].name must be a string"),
+            ([{"role": "user", "content": None}], "invalid_type",
+             "messages[0].content must be a string or a list of text parts"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+             "invalid_value", "messages[0].content[0] must be a text part"),
+            ([{"role": "user", "content": [{"type": "text", "text": 5}]}],
+             "invalid_value", "messages[0].content[0] must be a text part")]:
+        with pytest.raises(ChatMessageError) as info:
+            model.chat(messages, 4)
+        e = info.value
+        assert isinstance(e, moas.MoasValueError) and isinstance(e, ValueError)
+        assert e.status == moas.Status.ERR_INVALID_ARG and e.code == code
+        assert message in e.message, e.message
+    # the library's refusals of a message's text, said of that message
+    with pytest.raises(moas.MoasValueError) as info:
+        model.chat([user, {"role": "user", "content": "And Xerxes"}], 4)
+    assert info.value.status == moas.Status.ERR_UNKNOWN_CHAR
+    assert info.value.message.startswith("messages[1].content: ")
+    assert "byte offset 4" in info.value.message
+    with pytest.raises(moas.MoasValueError) as info:
+        model.chat([{"role": "user", "content": "a\ud800"}], 4)
+    assert info.value.status == moas.Status.ERR_INVALID_UTF8
+    assert info.value.message.startswith("messages[0].content: ")
+    # with unknown="drop" the same text is taken, as generate takes it
+    assert model.chat([{"role": "user", "content": "AndX"}], 4, seed=2, unknown="drop") == \
+        model.generate("user: And\nassistant: ", 4, seed=2, stop=STOP)
