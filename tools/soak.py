@@ -7,7 +7,8 @@ Starts python3 -m moas.server on a free 127.0.0.1 port (pooled-kjv-kvinit, route
 a 1.5 MB pool, --max-queue 20, --queue-timeout 5, --body-timeout 2, so that the pool
 fills, sequences swap, requests queue or get 503 and a stalled body gets 408), then for
 --duration seconds (at most --max-requests requests) WORKERS clients send a random
-mix: streamed and whole completions, n > 1, stop strings, logprobs, sampling filters,
+mix: streamed and whole completions and chat completions, n > 1, stop strings,
+logprobs, sampling filters,
 echo (the prompt scored with logprobs, max_tokens 0 at times), lists of prompts,
 cache_salts, conversations continuing an earlier answer (prompt cache hits), long
 prompts, several requests on one kept-alive connection, streams cut after a few
@@ -46,6 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
 os.environ.setdefault("MOAS_LIBRARY", os.path.join(ROOT, "lib", "libmoas.so.1"))
 import moas  # noqa: E402
+from moas.chat import ChatTemplate  # noqa: E402
+
+TEMPLATE = ChatTemplate()
 
 N_CTX = 128
 SALTS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
@@ -71,7 +75,7 @@ KINDS = [("stream", 18), ("whole", 12), ("fork_whole", 6), ("fork_stream", 4),
          ("stop", 8), ("logprobs", 8), ("long", 8), ("conversation", 6), ("cut_stream", 6),
          ("cut_body", 3), ("drop_before_read", 4), ("stall_body", 1), ("bad_json", 3),
          ("bad_field", 5), ("too_large", 1), ("not_found", 1), ("bad_method", 1),
-         ("keepalive", 4), ("echo", 5), ("list", 5)]
+         ("keepalive", 4), ("echo", 5), ("list", 5), ("chat", 8)]
 SHIFT_KINDS = [("shift", 12)]   # added with --context-shift
 
 
@@ -190,7 +194,8 @@ async def answer(reader, cut_after=None, keep=False):
             if ev.get("usage"):
                 out["usage"] = ev["usage"]
             for c in ev["choices"]:
-                texts[c["index"]] += c["text"]
+                texts[c["index"]] += c["text"] if "text" in c else \
+                    c["delta"].get("content", "")
                 if c["finish_reason"]:
                     reasons[c["index"]] = c["finish_reason"]
         if out["done"] and not keep:
@@ -236,8 +241,39 @@ class Soak:
         else:
             self.statuses[status] += 1
 
+    def chat_body(self):
+        """A conversation of 1-4 messages cut from the held-out text (a system message
+        at times), streamed or whole, n of 1-2, with the answer's room in the context."""
+        rng = self.rng
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"role": "system", "content": "Answer as the book."})
+        for turn in range(rng.randint(1, 3)):
+            role = "user" if turn % 2 == 0 else "assistant"
+            plen = rng.randint(3, 20)
+            start = rng.randrange(len(self.text) - plen)
+            messages.append({"role": role, "content": self.text[start:start + plen]})
+        if messages[-1]["role"] != "user":
+            messages.append({"role": "user", "content": "And?"})
+        room = N_CTX - len(TEMPLATE.render(messages))
+        b = {"messages": messages, "seed": rng.randrange(2**31),
+             "temperature": rng.choice([0, 0.5, 0.8, 1.0]), "n": rng.choice([1, 1, 2])}
+        if rng.random() < 0.7:   # else the rest of the context, chat's default
+            b["max_completion_tokens"] = rng.randint(1, max(1, min(64, room)))
+        if rng.random() < 0.25:
+            b["stop"] = rng.sample(STOPS, rng.randint(1, 2))
+        if rng.random() < 0.2:
+            b["logprobs"] = True
+            b["top_logprobs"] = rng.randint(0, 5)
+        if rng.random() < 0.5:   # usage counts the tokens: the template has stop strings
+            b["stream"] = True
+            b["stream_options"] = {"include_usage": True}
+        return b
+
     def body(self, kind):
         rng = self.rng
+        if kind == "chat":
+            return self.chat_body()
         if kind == "long":
             plen = rng.randint(80, 112)
         elif kind == "shift":
@@ -333,7 +369,7 @@ class Soak:
             r = await post(json.dumps({"prompt": "a" * (self.args.max_body + 10)}).encode())
             return r, 413
         if kind == "not_found":
-            return await call(self.port, "POST", "/v1/chat/completions", b"{}"), 404
+            return await call(self.port, "POST", "/v1/embeddings", b"{}"), 404
         if kind == "bad_method":
             return await call(self.port, "GET", "/v1/completions"), 405
         if kind == "keepalive":   # a client's connection pool: requests in turn on one
@@ -371,6 +407,10 @@ class Soak:
         if kind == "drop_before_read":
             self.tokens_unsure += body["max_tokens"] * body.get("n", 1)
             return await post(data, leave="read"), None
+        if kind == "chat":
+            r = await call(self.port, "POST", "/v1/chat/completions", data)
+            r["req"] = body
+            return r, 200
         cut = rng.randint(1, 5) if kind == "cut_stream" else None
         r = await post(data, cut_after=cut)
         r["req"] = body
@@ -393,8 +433,10 @@ class Soak:
             return
         body = r["req"]
         n = body.get("n", 1)
+        chat = "messages" in body
         # a list's prompt k has choices k n .. k n + n - 1; echo begins each with its prompt
-        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        prompts = ([TEMPLATE.render(body["messages"])] if chat else body["prompt"]
+                   if isinstance(body["prompt"], list) else [body["prompt"]])
         n_choices = n * len(prompts)
 
         def unechoed(texts):
@@ -412,7 +454,8 @@ class Soak:
 
         def check(texts, cut):
             for k, prompt in enumerate(prompts):
-                self.checks.append((dict(body, prompt=prompt), texts[k * n:(k + 1) * n], cut))
+                self.checks.append((body if chat else dict(body, prompt=prompt),
+                                    texts[k * n:(k + 1) * n], cut))
                 # a choice of G characters decoded at least its first G - 1 (a stop
                 # string's held back or cut text only adds to them)
                 if not cut:
@@ -431,11 +474,14 @@ class Soak:
                 return
             usage = r["usage"]
             if usage is None:
-                if "stop" in body:
+                if "stop" in body or chat:
                     self.problems.append("%s: no usage" % kind)
                 self.tokens += sum(map(len, texts))
             else:
-                if "stop" not in body and usage["completion_tokens"] != sum(map(len, texts)):
+                # a stop string's characters were generated, not sent (chat's template
+                # has stop strings of its own)
+                if "stop" not in body and not chat and \
+                        usage["completion_tokens"] != sum(map(len, texts)):
                     self.problems.append("%s: usage %r for %d characters" % (
                         kind, usage, sum(map(len, texts))))
                 self.tokens += usage["completion_tokens"]
@@ -448,7 +494,8 @@ class Soak:
             if [c["index"] for c in choices] != list(range(n_choices)):
                 self.problems.append("%s: choices %r for %d" % (
                     kind, [c["index"] for c in choices], n_choices))
-            texts = unechoed([c["text"] for c in choices])
+            texts = unechoed([c["message"]["content"] if chat else c["text"]
+                              for c in choices])
             usage = r["body"]["usage"]
             self.tokens += usage["completion_tokens"]
             self.prompt_read += (usage["prompt_tokens"]
@@ -456,7 +503,7 @@ class Soak:
             self.cached += usage["prompt_tokens_details"]["cached_tokens"]
             self.hits += usage["prompt_tokens_details"]["cached_tokens"] > 0
         check(texts, False)
-        if n_choices == 1 and "stop" not in body and kind != "shift":
+        if n_choices == 1 and "stop" not in body and kind not in ("shift", "chat"):
             self.convs.append((prompts[0] + texts[0], body.get("cache_salt")))
 
     async def worker(self):
@@ -714,13 +761,19 @@ async def shutdown_under_load(soak, args):
     return out
 
 
+def past_the_context(body):
+    """Whether a request asked for more than the context holds (a chat's answer never
+    does: its limit is at most the rest of the context)."""
+    return "prompt" in body and len(body["prompt"]) + body["max_tokens"] > N_CTX
+
+
 def verify(soak, args, model):
     """Answers against Model.generate (same seed and sampling): a sample of them."""
     rng = random.Random(args.seed + 1)
     shift = dict(n_ctx=N_CTX, context_shift=True) if args.context_shift else {}
     if shift:   # half of them past the context: they are fewer, and what is new
-        past = [c for c in soak.checks if len(c[0]["prompt"]) + c[0]["max_tokens"] > N_CTX]
-        rest = [c for c in soak.checks if len(c[0]["prompt"]) + c[0]["max_tokens"] <= N_CTX]
+        past = [c for c in soak.checks if past_the_context(c[0])]
+        rest = [c for c in soak.checks if not past_the_context(c[0])]
         sample = rng.sample(past, min(args.verify // 2, len(past)))
         sample += rng.sample(rest, min(args.verify - len(sample), len(rest)))
     else:
@@ -731,8 +784,14 @@ def verify(soak, args, model):
         if "repetition_penalty" in body:
             kw["repeat_penalty"] = body["repetition_penalty"]
         for i, text in enumerate(texts):
-            want = model.generate(body["prompt"], body["max_tokens"], seed=body["seed"] + i,
-                                  stop=body.get("stop", ()), mode=args.mode, **kw, **shift)
+            if "messages" in body:
+                want = model.chat(body["messages"], body.get("max_completion_tokens"),
+                                  seed=body["seed"] + i, stop=body.get("stop", ()),
+                                  mode=args.mode, **kw, **shift)
+            else:
+                want = model.generate(body["prompt"], body["max_tokens"],
+                                      seed=body["seed"] + i, stop=body.get("stop", ()),
+                                      mode=args.mode, **kw, **shift)
             if (not want.startswith(text)) if cut else text != want:
                 bad += 1
                 soak.problems.append("text differs from Model.generate: %r %r != %r"
@@ -745,8 +804,8 @@ def verify(soak, args, model):
         soak.problems.append("the deterministic request: %r, Model.generate %r"
                              % (soak.deterministic_texts, want))
     return {"checked": len(sample), "differ": bad,
-            "past_the_context": sum(len(b["prompt"]) + b["max_tokens"] > N_CTX
-                                    for b, _, _ in sample)}
+            "past_the_context": sum(past_the_context(b) for b, _, _ in sample),
+            "chat": sum("messages" in b for b, _, _ in sample)}
 
 
 def main():
