@@ -58,7 +58,7 @@ def conversation(messages):
         if not isinstance(m, dict):
             raise ChatMessageError("messages[%d] must be an object" % i, "invalid_type")
         role = m.get("role")
-        if role not in ChatTemplate.ROLES:
+        if not isinstance(role, str) or role not in ChatTemplate.ROLES:
             raise ChatMessageError("messages[%d].role must be one of %s%s" % (
                 i, ", ".join(sorted(ChatTemplate.ROLES)),
                 ", not %s (there are no tools)" % json.dumps(role)

@@ -1554,6 +1554,8 @@ def test_chat_bad_requests_each_get_a_400(server, model):
          "there are no tools"),
         ({"messages": [{"role": "narrator", "content": "x"}]}, "messages", "invalid_value",
          "messages[0].role must be one of"),
+        ({"messages": [{"role": ["user"], "content": "x"}]}, "messages", "invalid_value",
+         "messages[0].role must be one of"),
         ({"messages": [user, {"role": "assistant", "content": None,
                               "tool_calls": []}]},
          "messages", "unsupported", "messages[1].tool_calls"),
