@@ -440,6 +440,8 @@ def parse_chat(body, cfg):
                  "an integer >= 0", None)
     shared = {name: body[name] for name in CHAT_SHARED if name in body}
     if limit is not None:   # the newer name wins, as vLLM takes them
+        # the older one still checked, so that a bad value is never let through unseen
+        _get(body, "max_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", None)
         shared["max_tokens"] = limit
     given = shared.get("max_tokens") is not None
     if not given:   # the rest of the context, settled once the prompt is read

@@ -1586,6 +1586,8 @@ def test_chat_bad_requests_each_get_a_400(server, model):
          "context_length_exceeded", "max_completion_tokens asks for 60 more"),
         ({"messages": [user], "max_tokens": 60}, "max_tokens", "context_length_exceeded",
          "max_tokens asks for 60 more"),
+        ({"messages": [user], "max_tokens": "x", "max_completion_tokens": 3}, "max_tokens",
+         "invalid_type", "'max_tokens' must be an integer >= 0"),
         ({"messages": [user], "min_tokens": 60}, "min_tokens", "invalid_value",
          "characters left in the context"),
         ({"messages": [user], "temperature": -1}, "temperature", "invalid_type", "[0, 100]"),
