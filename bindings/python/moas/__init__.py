@@ -1268,7 +1268,8 @@ class Model(_Handle):
         prompt ("user: ...\n" each, then "assistant: "), which Model.generate
         continues until the model begins the next turn (a newline and a role's label,
         the template's stop strings, added to `stop`), one of `stop`, max_tokens
-        characters (None: the rest of the context) or a full context. Keyword
+        characters (None: the rest of the context; a conversation that fills it raises
+        MoasValueError) or a full context. Keyword
         arguments are Model.generate's (sampling, seed, stream, routes, mode, n_ctx,
         unknown, ...), and it returns what Model.generate returns. A conversation that
         is not one raises moas.chat.ChatMessageError (a MoasValueError); a character
@@ -1291,7 +1292,12 @@ class Model(_Handle):
         prompt = template.render(plain)
         if max_tokens is None:
             n_ctx = params.get("n_ctx") or self.n_ctx_train
-            max_tokens = max(n_ctx - len(self.tokenize(prompt, unknown=unknown)), 0)
+            used = len(self.tokenize(prompt, unknown=unknown))
+            if used >= n_ctx:   # none left: not an empty answer, as the server
+                raise MoasError(Status.ERR_INVALID_ARG, "the context holds %d characters "
+                                "and the conversation has %d: none is left for the answer"
+                                % (n_ctx, used))
+            max_tokens = n_ctx - used
         if stop is None:
             stop = ()
         elif isinstance(stop, (str, bytes)):

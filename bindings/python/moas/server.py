@@ -1026,8 +1026,12 @@ class Server:
                            param="messages" if p["chat"] else "prompt",
                            code="prompt_too_long")
         if p["max_tokens"] is None:   # a chat's default: the rest of the context
-            p["max_tokens"] = min(max(self.engine.n_ctx - len(ids), 0),
-                                  self.cfg["max_tokens_cap"])
+            if len(ids) >= self.engine.n_ctx:   # none left: not an empty answer, as vLLM
+                raise ApiError(400, "this model's context holds %d characters and %s has "
+                               "%d: none is left for the answer" % (
+                                   self.engine.n_ctx, which, len(ids)),
+                               param="messages", code="context_length_exceeded")
+            p["max_tokens"] = min(self.engine.n_ctx - len(ids), self.cfg["max_tokens_cap"])
             if p["min_tokens"] > p["max_tokens"]:
                 raise ApiError(400, "min_tokens (%d) must be at most the %d characters "
                                "left in the context" % (p["min_tokens"], p["max_tokens"]),

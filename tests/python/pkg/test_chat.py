@@ -102,6 +102,10 @@ def test_a_conversation_that_is_not_one_names_the_message(model):
         model.chat([{"role": "user", "content": "a\ud800"}], 4)
     assert info.value.status == moas.Status.ERR_INVALID_UTF8
     assert info.value.message.startswith("messages[0].content: ")
+    # a conversation that fills the context, with no limit: no room for an answer
+    with pytest.raises(moas.MoasValueError) as info:
+        model.chat([{"role": "user", "content": ("And God " * 6)[:46]}])
+    assert "none is left for the answer" in info.value.message
     # with unknown="drop" the same text is taken, as generate takes it
     assert model.chat([{"role": "user", "content": "AndX"}], 4, seed=2, unknown="drop") == \
         model.generate("user: And\nassistant: ", 4, seed=2, stop=STOP)

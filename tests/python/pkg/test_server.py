@@ -1590,6 +1590,9 @@ def test_chat_bad_requests_each_get_a_400(server, model):
          "invalid_type", "'max_tokens' must be an integer >= 0"),
         ({"messages": [user], "min_tokens": 60}, "min_tokens", "invalid_value",
          "characters left in the context"),
+        # 18 characters of template and 46 of content fill the 64: no answer fits
+        ({"messages": [{"role": "user", "content": ("And God " * 6)[:46]}]}, "messages",
+         "context_length_exceeded", "none is left for the answer"),
         ({"messages": [user], "temperature": -1}, "temperature", "invalid_type", "[0, 100]"),
     ]
     for body, param, code, message in cases:
