@@ -36,7 +36,8 @@ def _content(m, i):
                 raise ChatMessageError(
                     "messages[%d].content[%d] must be a text part {\"type\": \"text\", "
                     "\"text\": ...}%s" % (i, j, ", not %s" % json.dumps(kind)[:40]
-                                          if isinstance(kind, str) else ""), "invalid_value")
+                                          if isinstance(kind, str) and kind != "text"
+                                          else ""), "invalid_value")
         return "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise ChatMessageError("messages[%d].content must be a string or a list of text "

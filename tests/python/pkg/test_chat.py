@@ -92,6 +92,7 @@ def test_a_conversation_that_is_not_one_names_the_message(model):
         assert isinstance(e, moas.MoasValueError) and isinstance(e, ValueError)
         assert e.status == moas.Status.ERR_INVALID_ARG and e.code == code
         assert message in e.message, e.message
+        assert 'not "text"' not in e.message, e.message   # a text part of a wrong shape
     # the library's refusals of a message's text, said of that message
     with pytest.raises(moas.MoasValueError) as info:
         model.chat([user, {"role": "user", "content": "And Xerxes"}], 4)
