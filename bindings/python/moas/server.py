@@ -398,14 +398,14 @@ def parse_completion(body, cfg):
 # text answers, nothing stored
 CHAT_NEUTRAL = {"response_format": ({"type": "text"},), "tools": ([],),
                 "tool_choice": ("none",), "parallel_tool_calls": (True, False),
-                "store": (False,), "user": None}
+                "store": (False,)}
 # the completions fields a chat request takes as they are (echo, prompt lists and their
 # truncation have no meaning for a conversation; logprobs is a boolean here)
 CHAT_SHARED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p",
                "repetition_penalty", "repeat_penalty", "repeat_last_n", "stop", "seed",
                "n", "stream", "stream_options", "routes", "logit_bias", "unknown_chars",
                "cache_salt", "frequency_penalty", "presence_penalty", "min_tokens",
-               "include_stop_str_in_output"}
+               "include_stop_str_in_output", "user"}
 CHAT_KNOWN = CHAT_SHARED | {"messages", "max_completion_tokens", "logprobs",
                             "top_logprobs"} | set(CHAT_NEUTRAL)
 CHAT_MAX_TOP_LOGPROBS = 20   # OpenAI's bound for chat (completions' is 5)

@@ -1594,6 +1594,8 @@ def test_chat_bad_requests_each_get_a_400(server, model):
         ({"messages": [{"role": "user", "content": ("And God " * 6)[:46]}]}, "messages",
          "context_length_exceeded", "none is left for the answer"),
         ({"messages": [user], "temperature": -1}, "temperature", "invalid_type", "[0, 100]"),
+        ({"messages": [user], "user": 5}, "user", "invalid_type",
+         "'user' must be a string"),
     ]
     for body, param, code, message in cases:
         status, _, answer = chat(server, **body)
