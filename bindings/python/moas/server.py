@@ -235,7 +235,8 @@ def _check_fields(body, known, neutral=()):
         if allowed is not None and body.get(name) is not None and \
                 not _is_neutral(body[name], allowed):
             raise ApiError(400, "'%s' is not supported by this server (only %s)"
-                           % (name, json.dumps(allowed[0])), param=name, code="unsupported")
+                           % (name, " or ".join(json.dumps(a) for a in allowed)),
+                           param=name, code="unsupported")
 
 
 def parse_completion(body, cfg):

@@ -1596,6 +1596,8 @@ def test_chat_bad_requests_each_get_a_400(server, model):
         ({"messages": [user], "temperature": -1}, "temperature", "invalid_type", "[0, 100]"),
         ({"messages": [user], "user": 5}, "user", "invalid_type",
          "'user' must be a string"),
+        ({"messages": [user], "parallel_tool_calls": 1}, "parallel_tool_calls",
+         "unsupported", "(only true or false)"),
     ]
     for body, param, code, message in cases:
         status, _, answer = chat(server, **body)
