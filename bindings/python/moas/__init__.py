@@ -1274,21 +1274,14 @@ class Model(_Handle):
         unknown, ...), and it returns what Model.generate returns. A conversation that
         is not one raises moas.chat.ChatMessageError (a MoasValueError); a character
         outside the vocabulary, MoasValueError naming the message."""
-        from .chat import ChatTemplate, conversation
+        from .chat import ChatTemplate, check_contents, conversation
         template = ChatTemplate()
-        missing = template.missing(self.vocab)
-        if missing:
-            raise MoasError(Status.ERR_INVALID_ARG, "this model's vocabulary has no %s, "
-                            "which the chat template writes"
-                            % ", ".join(repr(c) for c in missing))
+        why = template.unavailable(self.vocab)
+        if why:
+            raise MoasError(Status.ERR_INVALID_ARG, why)
         plain = conversation(messages)
         unknown = params.get("unknown", "error")
-        for i, m in enumerate(plain):   # an error names the message, not the prompt
-            try:
-                self.tokenize(m["content"], unknown=unknown)
-            except MoasError as e:
-                raise MoasError(e.status, "messages[%d].content: %s" % (i, e.message)) \
-                    from None
+        check_contents(self.tokenize, plain, unknown)   # an error names the message
         prompt = template.render(plain)
         if max_tokens is None:
             n_ctx = params.get("n_ctx") or self.n_ctx_train

@@ -3,7 +3,7 @@
 
 import json
 
-from . import MoasValueError, Status
+from . import MoasError, MoasValueError, Status
 
 
 class ChatMessageError(MoasValueError):
@@ -74,6 +74,18 @@ def conversation(messages):
     return out
 
 
+def check_contents(tokenize, messages, unknown):
+    """Each message's content read by `tokenize` (a Model's) with the rule `unknown`, as
+    the written prompt will be: a character it refuses raises its MoasError with the
+    message named ("messages[1].content: ...", the offset within that message)."""
+    for i, m in enumerate(messages):
+        try:
+            tokenize(m["content"], unknown=unknown)
+        except MoasError as e:
+            raise MoasError(e.status, "messages[%d].content: %s" % (i, e.message)) \
+                from None
+
+
 class ChatTemplate:
     """How a conversation becomes the prompt the model continues. The models here are
     character models with no chat template in their files, so the package has one of
@@ -104,6 +116,13 @@ class ChatTemplate:
         """The characters the template writes that the vocabulary `vocab` (a list of
         token texts) has not, sorted: none for a model that can hold a conversation."""
         return sorted(set(self.text) - set(vocab))
+
+    def unavailable(self, vocab):
+        """Why a model of the vocabulary `vocab` cannot hold a conversation, or None."""
+        missing = self.missing(vocab)
+        return None if not missing else (
+            "this model's vocabulary has no %s, which the chat template writes"
+            % ", ".join(json.dumps(c) for c in missing))
 
     def render(self, messages):
         return "".join("%s: %s\n" % (self.ROLES[m["role"]], m["content"])

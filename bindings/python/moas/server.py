@@ -42,8 +42,8 @@ except ImportError:   # pragma: no cover - said once, clearly, by main()
     AbstractAccessLogger = object
 
 from . import Model, MoasError, Sampler, Status, version_string
-from .chat import (ChatMessageError, ChatTemplate, conversation as chat_conversation,
-                   short_name)
+from .chat import (ChatMessageError, ChatTemplate, check_contents,
+                   conversation as chat_conversation, short_name)
 from .engine import Engine, Event, Request
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -525,10 +525,8 @@ class Server:
         self.chat_template = ChatTemplate()
         # a vocabulary without the template's letters cannot hold a conversation: the
         # chat endpoint then says so, and the rest of the server is unchanged
-        missing = self.chat_template.missing(self.token_texts)
-        self.chat_unavailable = None if not missing else (
-            "this model's vocabulary has no %s, which the chat template writes; use "
-            "/v1/completions" % ", ".join(json.dumps(c) for c in missing))
+        why = self.chat_template.unavailable(self.token_texts)
+        self.chat_unavailable = why and why + "; use /v1/completions"
         self.statuses = {}
         self.disconnects = 0
         # completions' latencies, from the handler's start: until admitted (the first
@@ -895,13 +893,11 @@ class Server:
             raise ApiError(400, "the conversation is %d characters, this server takes at "
                            "most %d tokens" % (len(prompt), self.cfg["max_prompt_chars"]),
                            param="messages", code="prompt_too_long")
-        for i, m in enumerate(conversation):   # characters named by message and place
-            try:
-                self.model.tokenize_ex(m["content"], unknown=p["unknown"])
-            except MoasError as e:
-                hint = UNKNOWN_HINT if e.status == Status.ERR_UNKNOWN_CHAR else ""
-                raise ApiError(400, "messages[%d].content: %s%s" % (i, e.message, hint),
-                               param="messages", code=e.name.lower())
+        try:   # characters named by message and place
+            check_contents(self.model.tokenize, conversation, p["unknown"])
+        except MoasError as e:
+            hint = UNKNOWN_HINT if e.status == Status.ERR_UNKNOWN_CHAR else ""
+            raise ApiError(400, e.message + hint, param="messages", code=e.name.lower())
         p["prompts"] = [prompt]
         p["stop"] = p["stop"] + self.chat_template.stop
         p["chat"] = True

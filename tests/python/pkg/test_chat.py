@@ -62,6 +62,19 @@ def test_template_and_conversation():
         "system: A\nassistant: B\nuser: \nassistant: "
     assert sorted(t.stop) == STOP
     assert t.missing(list("abc")) == sorted(set("system: user: assistant: \n") - set("abc"))
+    assert t.unavailable(list("system: user: assistant: \n")) is None
+    assert t.unavailable([c for c in "system: user: assistant: \n" if c not in ":\n"]) == \
+        "this model's vocabulary has no \"\\n\", \":\", which the chat template writes"
+
+
+def test_a_model_that_cannot_write_the_template_says_so(model, monkeypatch):
+    # the sentence of ChatTemplate.unavailable, which the server gives too (adding where
+    # to go instead)
+    monkeypatch.setattr(ChatTemplate, "missing", lambda self, vocab: ["\x01"])
+    with pytest.raises(moas.MoasValueError) as info:
+        model.chat(CHAT, 4)
+    assert info.value.message == \
+        "this model's vocabulary has no \"\\u0001\", which the chat template writes"
 
 
 def test_a_conversation_that_is_not_one_names_the_message(model):
