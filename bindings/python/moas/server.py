@@ -450,10 +450,13 @@ def parse_chat(body, cfg):
     shared["prompt"] = "x"   # checked below, as a conversation
     try:
         p = parse_completion(shared, cfg)
-    except ApiError as e:
-        if e.param == "max_tokens" and limit is not None:
-            e.param = "max_completion_tokens"
-            e.message = e.message.replace("'max_tokens'", "'max_completion_tokens'")
+    except ApiError as e:   # said of the limit the request gave, or of none
+        if e.param in ("max_tokens", "min_tokens") and limit is not None:
+            e.param = "max_completion_tokens" if e.param == "max_tokens" else e.param
+            e.message = e.message.replace("max_tokens", "max_completion_tokens")
+        elif e.param == "min_tokens" and e.code == "invalid_value" and not given:
+            e.message = "min_tokens (%d) must be at most %d, the longest answer this " \
+                "server gives" % (body["min_tokens"], cfg["max_tokens_cap"])
         raise
     p["prompts"] = None   # set by the handler from the conversation
     p["limit_name"] = "max_completion_tokens" if limit is not None else "max_tokens"

@@ -1590,6 +1590,13 @@ def test_chat_bad_requests_each_get_a_400(server, model):
          "invalid_type", "'max_tokens' must be an integer >= 0"),
         ({"messages": [user], "min_tokens": 60}, "min_tokens", "invalid_value",
          "characters left in the context"),
+        # min_tokens above a limit is said of the limit the request gave, or of none
+        ({"messages": [user], "max_completion_tokens": 3, "min_tokens": 5}, "min_tokens",
+         "invalid_value", "min_tokens (5) must be at most max_completion_tokens (3)"),
+        ({"messages": [user], "min_tokens": 65}, "min_tokens", "invalid_value",
+         "min_tokens (65) must be at most 64, the longest answer this server gives"),
+        ({"messages": [user], "min_tokens": "x"}, "min_tokens", "invalid_type",
+         "'min_tokens' must be an integer >= 0"),
         # 18 characters of template and 46 of content fill the 64: no answer fits
         ({"messages": [{"role": "user", "content": ("And God " * 6)[:46]}]}, "messages",
          "context_length_exceeded", "none is left for the answer"),
