@@ -50,7 +50,8 @@ def conversation(messages):
     with each content one string, or ChatMessageError. A message is an object of a
     role (system, developer, user or assistant), a content (a string, or a list of text
     parts {"type": "text", "text": ...}, joined) and optionally a name (a string, not
-    written); tools, images and other fields are not taken."""
+    written); tools, images and other fields are not taken, but any field at null is
+    as if absent."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatMessageError("'messages' must be a non-empty list of messages",
                                "invalid_type")
@@ -64,8 +65,8 @@ def conversation(messages):
                 i, ", ".join(sorted(ChatTemplate.ROLES)),
                 ", not %s (there are no tools)" % json.dumps(role)
                 if role in ("tool", "function") else ""), "invalid_value")
-        for name in m:
-            if name not in MESSAGE_FIELDS:
+        for name in m:   # null is absence (a client's own copy of an answer has them)
+            if name not in MESSAGE_FIELDS and m[name] is not None:
                 raise ChatMessageError("messages[%d].%s is not supported"
                                        % (i, short_name(name)), "unsupported")
         if m.get("name") is not None and not isinstance(m["name"], str):

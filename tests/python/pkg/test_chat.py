@@ -60,6 +60,10 @@ def test_template_and_conversation():
                                   {"role": "assistant", "content": "B", "name": "x"},
                                   {"role": "user", "content": []}])) == \
         "system: A\nassistant: B\nuser: \nassistant: "
+    # other fields at null are absent (a client's copy of an answer, model_dump()ed)
+    assert conversation([{"role": "assistant", "content": "B", "refusal": None,
+                          "tool_calls": None, "function_call": None, "audio": None}]) == \
+        [{"role": "assistant", "content": "B"}]
     assert sorted(t.stop) == STOP
     assert t.missing(list("abc")) == sorted(set("system: user: assistant: \n") - set("abc"))
     assert t.unavailable(list("system: user: assistant: \n")) is None

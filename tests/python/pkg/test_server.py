@@ -1617,6 +1617,9 @@ def test_chat_bad_requests_each_get_a_400(server, model):
                            tools=[], tool_choice="none", response_format={"type": "text"},
                            store=False, user="someone", parallel_tool_calls=False)
     assert status == 200, body
+    status, _, again = chat(server, messages=[dict(user, tool_calls=None, refusal=None)],
+                            max_completion_tokens=5, seed=1)
+    assert status == 200 and again["choices"] == body["choices"], again
     assert body["choices"][0]["message"]["content"] == model.generate(
         "user: And\nassistant: ", 5, seed=1, mode="routed", stop=CHAT_STOP)
 
