@@ -1269,11 +1269,11 @@ class Model(_Handle):
         continues until the model begins the next turn (a newline and a role's label,
         the template's stop strings, added to `stop`), one of `stop`, max_tokens
         characters (None: the rest of the context; a conversation that fills it raises
-        MoasValueError) or a full context. Keyword
-        arguments are Model.generate's (sampling, seed, stream, routes, mode, n_ctx,
-        unknown, ...), and it returns what Model.generate returns. A conversation that
-        is not one raises moas.chat.ChatMessageError (a MoasValueError); a character
-        outside the vocabulary, MoasValueError naming the message."""
+        MoasValueError) or a full context. Keyword arguments are Model.generate's
+        (sampling, seed, stream, routes, mode, n_ctx, unknown, ...), and it returns what
+        Model.generate returns. A conversation that is not one raises
+        moas.chat.ChatMessageError (a MoasValueError); a character outside the
+        vocabulary, MoasValueError naming the message."""
         from .chat import ChatTemplate, check_contents, conversation
         template = ChatTemplate()
         why = template.unavailable(self.vocab)
