@@ -1297,6 +1297,60 @@ class Model(_Handle):
             stop = [stop]
         return self.generate(prompt, max_tokens, stop=list(stop) + template.stop, **params)
 
+    def chat_batch(self, conversations, max_tokens=None, *, stop=(), per_prompt=None,
+                   **params):
+        """The answers to many conversations at once, as vLLM's LLM.chat gives them:
+        each conversation written as Model.chat writes it, then all of them through
+        Model.generate_batch (one KV pool, one batched decode a step). Returns its list
+        of moas.engine.Completion, in the conversations' order; choice i of a
+        conversation is Model.chat(conversation, max_tokens, seed=seed + i, ...) with
+        the same arguments, character for character. max_tokens None is, for each
+        conversation, the rest of its context (one that fills it raises); the
+        template's stop strings are added to `stop` and to each per_prompt entry's.
+        Keyword arguments are generate_batch's. A conversation that is not one raises
+        moas.chat.ChatMessageError, and a character outside the vocabulary
+        MoasValueError, naming the conversation and the message, before anything
+        runs."""
+        from .chat import ChatTemplate, check_contents, conversation
+        template = ChatTemplate()
+        why = template.unavailable(self.vocab)
+        if why:
+            raise MoasError(Status.ERR_INVALID_ARG, why)
+        unknown = params.get("unknown", "error")
+        n_ctx = params.get("n_ctx") or self.n_ctx_train
+        conversations = list(conversations)
+        prompts, limits = [], []
+        for k, messages in enumerate(conversations):
+            try:
+                plain = conversation(messages)
+                check_contents(self.tokenize, plain, unknown)
+            except MoasError as e:
+                e.message = "conversation %d: %s" % (k, e.message)
+                raise
+            prompts.append(template.render(plain))
+            used = len(self.tokenize(prompts[-1], unknown=unknown))
+            if max_tokens is None and used >= n_ctx:
+                raise MoasError(Status.ERR_INVALID_ARG, "conversation %d: the context holds "
+                                "%d characters and the conversation has %d: none is left "
+                                "for the answer" % (k, n_ctx, used))
+            limits.append(n_ctx - used)
+        if per_prompt is not None and len(per_prompt) != len(prompts):
+            raise MoasError(Status.ERR_INVALID_ARG, "per_prompt has %d entries for %d "
+                            "conversations" % (len(per_prompt), len(prompts)))
+        stop = [] if stop is None else [stop] if isinstance(stop, (str, bytes)) else list(stop)
+        own = []
+        for k in range(len(prompts)):
+            entry = dict((per_prompt or [None] * len(prompts))[k] or {})
+            if max_tokens is None and "max_tokens" not in entry:
+                entry["max_tokens"] = limits[k]
+            if "stop" in entry:
+                one = entry["stop"]
+                entry["stop"] = ([] if one is None else [one] if isinstance(one, (str, bytes))
+                                 else list(one)) + template.stop
+            own.append(entry)
+        return self.generate_batch(prompts, 0 if max_tokens is None else max_tokens,
+                                   stop=stop + template.stop, per_prompt=own, **params)
+
     def generate_batch(self, prompts, max_tokens=128, **params):
         """The continuations of many prompts at once, as vLLM's LLM.generate makes them:
         every prompt's sequences share one KV pool (pages taken as tokens need them, a

@@ -127,3 +127,38 @@ def test_a_conversation_that_is_not_one_names_the_message(model):
     # with unknown="drop" the same text is taken, as generate takes it
     assert model.chat([{"role": "user", "content": "AndX"}], 4, seed=2, unknown="drop") == \
         model.generate("user: And\nassistant: ", 4, seed=2, stop=STOP)
+
+
+def test_chat_batch_answers_each_conversation_as_chat_alone(model):
+    # conversations of different lengths (so different default limits), n = 2, and one
+    # with its own settings (per_prompt) whose answer ends at the next turn's label
+    convs = [CHAT, [{"role": "user", "content": "And"}], CHAT]
+    bias = {t: float("-inf") for t, c in enumerate(model.vocab) if c not in "\nuser:"}
+    outs = model.chat_batch(convs, seed=5, mode="routed", n=2,
+                            per_prompt=[None, {"temperature": 0.5},
+                                        {"seed": 8663, "temperature": 2.0,
+                                         "logit_bias": bias, "n": 1}])
+    assert [len(o.choices) for o in outs] == [2, 2, 1]
+    for i in range(2):
+        assert outs[0].choices[i].text == model.chat(CHAT, seed=5 + i, mode="routed")
+        assert outs[1].choices[i].text == model.chat(convs[1], seed=5 + i, mode="routed",
+                                                     temperature=0.5)
+    assert outs[0].choices[0].n_tokens == 24   # the rest of the 64-character context
+    assert outs[1].choices[0].n_tokens == 64 - len("user: And\nassistant: ")
+    stopped = outs[2].choices[0]
+    assert (stopped.text, stopped.finish_reason) == (
+        model.chat(CHAT, seed=8663, mode="routed", temperature=2.0, logit_bias=bias),
+        "stop")
+    assert len(stopped.text) == 10
+    # a limit for all, and a stop string of the caller's beside the template's
+    want = model.chat(CHAT, 12, seed=3, stop="d")
+    assert model.chat_batch([CHAT], 12, seed=3, stop="d")[0].text == want
+    # errors name the conversation, before anything runs
+    with pytest.raises(ChatMessageError) as info:
+        model.chat_batch([CHAT, [{"role": "tool", "content": "x"}]], 4)
+    assert info.value.message.startswith("conversation 1: messages[0].role")
+    with pytest.raises(moas.MoasValueError) as info:
+        model.chat_batch([CHAT, CHAT, [{"role": "user", "content": "X"}]], 4)
+    assert info.value.message.startswith("conversation 2: messages[0].content: ")
+    with pytest.raises(moas.MoasValueError, match="per_prompt has 1 entries for 2"):
+        model.chat_batch([CHAT, CHAT], 4, per_prompt=[None])
