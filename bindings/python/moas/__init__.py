@@ -526,6 +526,13 @@ def _index(what, value):
     raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__))
 
 
+def _stop_list(stop):
+    """Stop strings as a list: None is none, one string (or bytes) is one."""
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, (str, bytes)) else list(stop)
+
+
 def _int(what, value, ctype=ctypes.c_int32):
     """`value` as an int that `ctype` holds exactly: TypeError for a non-integer
     (_index), MoasValueError outside the type's range."""
@@ -1221,11 +1228,7 @@ class Model(_Handle):
         that does not fit raises MoasValueError, as do wrong arguments; `unknown`
         ("error", "replace", "drop") is Model.tokenize's rule for characters outside
         the vocabulary; forced_scheme, mode, kv_type and n_ctx are Context's."""
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, (str, bytes)):
-            stop = [stop]
-        stop = list(stop)
+        stop = _stop_list(stop)
         for one in stop:   # wrong ones raise here, not at the first piece of a stream
             _stop_bytes(one)
         max_tokens = _int("max_tokens", max_tokens)
@@ -1274,28 +1277,37 @@ class Model(_Handle):
         Model.generate returns. A conversation that is not one raises
         moas.chat.ChatMessageError (a MoasValueError); a character outside the
         vocabulary, MoasValueError naming the message."""
-        from .chat import ChatTemplate, check_contents, conversation
+        template = self._chat_template()
+        prompt, room = self._chat_prompt(template, messages, max_tokens is None, params)
+        return self.generate(prompt, room if max_tokens is None else max_tokens,
+                             stop=_stop_list(stop) + template.stop, **params)
+
+    def _chat_template(self):
+        """The chat template, or MoasValueError if this vocabulary cannot write it."""
+        from .chat import ChatTemplate
         template = ChatTemplate()
         why = template.unavailable(self.vocab)
         if why:
             raise MoasError(Status.ERR_INVALID_ARG, why)
+        return template
+
+    def _chat_prompt(self, template, messages, need_room, params):
+        """(the conversation written as a prompt, the characters its context has left
+        after it), each message checked (an error names it); with need_room a
+        conversation that leaves none raises, rather than get an empty answer (as the
+        server)."""
+        from .chat import check_contents, conversation
         plain = conversation(messages)
         unknown = params.get("unknown", "error")
-        check_contents(self.tokenize, plain, unknown)   # an error names the message
+        check_contents(self.tokenize, plain, unknown)
         prompt = template.render(plain)
-        if max_tokens is None:
-            n_ctx = params.get("n_ctx") or self.n_ctx_train
-            used = len(self.tokenize(prompt, unknown=unknown))
-            if used >= n_ctx:   # none left: not an empty answer, as the server
-                raise MoasError(Status.ERR_INVALID_ARG, "the context holds %d characters "
-                                "and the conversation has %d: none is left for the answer"
-                                % (n_ctx, used))
-            max_tokens = n_ctx - used
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, (str, bytes)):
-            stop = [stop]
-        return self.generate(prompt, max_tokens, stop=list(stop) + template.stop, **params)
+        n_ctx = params.get("n_ctx") or self.n_ctx_train
+        used = len(self.tokenize(prompt, unknown=unknown))
+        if need_room and used >= n_ctx:
+            raise MoasError(Status.ERR_INVALID_ARG, "the context holds %d characters and "
+                            "the conversation has %d: none is left for the answer"
+                            % (n_ctx, used))
+        return prompt, n_ctx - used
 
     def chat_batch(self, conversations, max_tokens=None, *, stop=(), per_prompt=None,
                    **params):
@@ -1311,45 +1323,29 @@ class Model(_Handle):
         moas.chat.ChatMessageError, and a character outside the vocabulary
         MoasValueError, naming the conversation and the message, before anything
         runs."""
-        from .chat import ChatTemplate, check_contents, conversation
-        template = ChatTemplate()
-        why = template.unavailable(self.vocab)
-        if why:
-            raise MoasError(Status.ERR_INVALID_ARG, why)
-        unknown = params.get("unknown", "error")
-        n_ctx = params.get("n_ctx") or self.n_ctx_train
+        template = self._chat_template()
+        prompts, own = [], []
         conversations = list(conversations)
-        prompts, limits = [], []
+        if per_prompt is not None and len(per_prompt) != len(conversations):
+            raise MoasError(Status.ERR_INVALID_ARG, "per_prompt has %d entries for %d "
+                            "conversations" % (len(per_prompt), len(conversations)))
         for k, messages in enumerate(conversations):
             try:
-                plain = conversation(messages)
-                check_contents(self.tokenize, plain, unknown)
+                prompt, room = self._chat_prompt(template, messages, max_tokens is None,
+                                                 params)
             except MoasError as e:
                 e.message = "conversation %d: %s" % (k, e.message)
                 raise
-            prompts.append(template.render(plain))
-            used = len(self.tokenize(prompts[-1], unknown=unknown))
-            if max_tokens is None and used >= n_ctx:
-                raise MoasError(Status.ERR_INVALID_ARG, "conversation %d: the context holds "
-                                "%d characters and the conversation has %d: none is left "
-                                "for the answer" % (k, n_ctx, used))
-            limits.append(n_ctx - used)
-        if per_prompt is not None and len(per_prompt) != len(prompts):
-            raise MoasError(Status.ERR_INVALID_ARG, "per_prompt has %d entries for %d "
-                            "conversations" % (len(per_prompt), len(prompts)))
-        stop = [] if stop is None else [stop] if isinstance(stop, (str, bytes)) else list(stop)
-        own = []
-        for k in range(len(prompts)):
-            entry = dict((per_prompt or [None] * len(prompts))[k] or {})
+            prompts.append(prompt)
+            entry = dict(per_prompt[k] or {}) if per_prompt is not None else {}
             if max_tokens is None and "max_tokens" not in entry:
-                entry["max_tokens"] = limits[k]
+                entry["max_tokens"] = room
             if "stop" in entry:
-                one = entry["stop"]
-                entry["stop"] = ([] if one is None else [one] if isinstance(one, (str, bytes))
-                                 else list(one)) + template.stop
+                entry["stop"] = _stop_list(entry["stop"]) + template.stop
             own.append(entry)
         return self.generate_batch(prompts, 0 if max_tokens is None else max_tokens,
-                                   stop=stop + template.stop, per_prompt=own, **params)
+                                   stop=_stop_list(stop) + template.stop, per_prompt=own,
+                                   **params)
 
     def generate_batch(self, prompts, max_tokens=128, **params):
         """The continuations of many prompts at once, as vLLM's LLM.generate makes them:

@@ -63,7 +63,7 @@ import random
 import threading
 import time
 
-from . import MoasError, Pool, Sampler, Status, _int, find_stop
+from . import MoasError, Pool, Sampler, Status, _int, _stop_list, find_stop
 
 Event = collections.namedtuple("Event", "kind data")
 # kinds: "admitted" None | "prompt" None, or the prompt's logprob entries (echo: sent
@@ -995,12 +995,7 @@ def _choice_args(model, args, where=""):
             if out[name] < low:
                 raise MoasError(Status.ERR_INVALID_ARG, "%s must be >= %d, got %d"
                                 % (name, low, out[name]))
-        stop = out["stop"]
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, (str, bytes)):   # one stop string, as in Model.generate
-            stop = [stop]
-        out["stop"] = list(stop)
+        out["stop"] = _stop_list(out["stop"])   # one string is one stop string
         find_stop("", out["stop"])   # its word on the strings (NUL, not text)
         if type(out["include_stop"]).__module__ == "numpy" and \
                 type(out["include_stop"]).__name__ in ("bool_", "bool"):
