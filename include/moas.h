@@ -621,7 +621,8 @@ typedef struct moas_context_params {
     uint32_t size;                    /* sizeof(moas_context_params); set by _init() */
     int32_t n_ctx;                    /* tokens the cache holds; 0 (default): trained length */
     int32_t n_threads;                /* threads per call (<= 1024); 0: every CPU the
-                                       * process may run on */
+                                       * process may run on, within its cgroup's CPU
+                                       * quota */
     int32_t mode;                     /* a moas_mode; default MOAS_MODE_MIXTURE */
     int32_t kv_type;                  /* a moas_type: MOAS_TYPE_F32 (default), _F16, or
                                          _Q8_0 (blocks of 32 along a head: head_dim a
@@ -936,12 +937,15 @@ MOAS_API uint64_t moas_context_kv_token_bytes(const moas_context *ctx, int32_t s
  *
  * params->n_threads as given, or for 0 the number it resolved to at creation (the
  * CPUs in the creating thread's affinity mask on Linux, which is the process's unless
- * that thread changed its own; else the CPUs online). A call gets fewer should the
+ * that thread changed its own; else the CPUs online), on Linux no more than the CPU
+ * quota of the process's control group and its ancestors, rounded up (a container's
+ * CPU limit: cgroup v2's cpu.max or v1's cpu.cfs_quota_us over cpu.cfs_period_us; a
+ * quota of 1.5 CPUs gives 2 threads). A call gets fewer should the
  * system refuse to start a thread (the context then keeps those it has, and does not
  * try again), and runs on the calling thread alone while the other threads come
  * late, or, for a small call, while that was measured faster (THREADING above).
  * Changed 2026-12-06: 0 was OpenMP's default (OMP_NUM_THREADS), and a library built
- * without OpenMP used 1.
+ * without OpenMP used 1; the cgroup quota bounds it since 2026-12-06 too.
  *
  * Returns: the count (>= 1); 0 for a NULL `ctx`.
  * Thread safety: one thread per context.   Allocates: no.
@@ -973,7 +977,8 @@ typedef struct moas_pool_params {
     int32_t page_heads;               /* head slots per page, a power of two;
                                          0 (default): 4 */
     int32_t n_threads;                /* threads of moas_pool_decode; 0: every CPU the
-                                       * process may run on */
+                                       * process may run on, within its cgroup's CPU
+                                       * quota */
     int32_t kernels;                  /* a moas_kernels; default MOAS_KERNELS_AUTO */
     int32_t n_batch;                  /* rows (tokens of all sequences) per block of
                                          moas_pool_decode; 0 (default): 128 */

@@ -55,6 +55,7 @@
 #endif
 
 #include "team.h"
+#include "cpu_quota.h"
 #include "futex.h"
 
 #include <sched.h>
@@ -443,6 +444,14 @@ void moas__team_end(moas_team *team) {
     team->start_failed = false;
 }
 
+int32_t moas__team_threads_for(long n_cpus, int32_t quota_cpus) {
+    long n = n_cpus;
+    if (quota_cpus > 0 && quota_cpus < n) {
+        n = quota_cpus;
+    }
+    return n < 1 ? 1 : n > MOAS_MAX_THREADS ? MOAS_MAX_THREADS : (int32_t)n;
+}
+
 int32_t moas__team_default_threads(void) {
     long n = 0;
 #if defined(__linux__)
@@ -456,7 +465,7 @@ int32_t moas__team_default_threads(void) {
         n = sysconf(_SC_NPROCESSORS_ONLN);
     }
 #endif
-    return n < 1 ? 1 : n > MOAS_MAX_THREADS ? MOAS_MAX_THREADS : (int32_t)n;
+    return moas__team_threads_for(n, moas__cpu_quota(""));
 }
 
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg) {

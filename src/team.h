@@ -120,9 +120,14 @@ void moas__team_end(moas_team *team);
 #define MOAS_TEAM_SPINS_BEFORE_SLEEP (1u << 11)
 
 /* Threads for n_threads = 0: the CPUs the calling thread may run on (its affinity mask
- * on Linux, the process's unless the thread changed it; else the CPUs online), at most
- * MOAS_MAX_THREADS; 1 when that is unknown. */
+ * on Linux, the process's unless the thread changed it; else the CPUs online), no more
+ * than its control group's CPU quota (cpu_quota.h), at most MOAS_MAX_THREADS; 1 when
+ * that is unknown. */
 int32_t moas__team_default_threads(void);
+
+/* That rule: n_cpus, or quota_cpus when it is above 0 and fewer, within 1 ..
+ * MOAS_MAX_THREADS. */
+int32_t moas__team_threads_for(long n_cpus, int32_t quota_cpus);
 
 /* A team is late when the leader lost more waiting for it in one call (inside steps
  * and for the team to end) than the others saved it, by more than this: the call ran

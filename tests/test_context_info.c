@@ -6,6 +6,8 @@
 #endif
 
 #include "test.h"
+#include "cpu_quota.h"
+#include "team.h"
 
 #include <stdlib.h>
 
@@ -107,12 +109,13 @@ TEST(context_reports_its_thread_count) {
     ASSERT_OK(moas_context_create(model, &cp, &ctx));
     ASSERT_EQ(moas_context_n_threads(ctx), 3);
     moas_context_free(ctx);
-    cp.n_threads = 0;   /* the CPUs this process may run on */
+    cp.n_threads = 0;   /* the CPUs this process may run on, within its cgroup quota */
     ASSERT_OK(moas_context_create(model, &cp, &ctx));
 #if defined(__linux__)
     cpu_set_t set;
     ASSERT_EQ(sched_getaffinity(0, sizeof set, &set), 0);
-    ASSERT_EQ(moas_context_n_threads(ctx), CPU_COUNT(&set));
+    ASSERT_EQ(moas_context_n_threads(ctx),
+              moas__team_threads_for(CPU_COUNT(&set), moas__cpu_quota("")));
 #else
     ASSERT_TRUE(moas_context_n_threads(ctx) >= 1);
 #endif

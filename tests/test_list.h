@@ -222,6 +222,15 @@ X(team_runs_with_the_threads_it_could_start)
 X(team_runs_alone_while_backing_off)
 X(team_compare_runs_small_calls_the_faster_way)
 
+/* tests/test_cpu_quota.c */
+X(cpu_quota_v2_takes_the_tightest_level_rounded_up)
+X(cpu_quota_v1_reads_the_cpu_hierarchy)
+X(cpu_quota_of_v1_and_v2_together_is_the_tighter)
+X(cpu_quota_follows_a_mount_of_a_subtree)
+X(cpu_quota_reads_escaped_mount_points)
+X(cpu_quota_of_malformed_files_is_none)
+X(default_threads_take_the_cpu_quota_when_fewer)
+
 /* tests/test_bad_inputs.c */
 X(bad_inputs_hyperparameters_out_of_range_or_mistyped)
 X(bad_inputs_hyperparameter_limit_is_inclusive)

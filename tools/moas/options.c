@@ -96,7 +96,8 @@ static const struct {
     opt_id id;
     const char *help;
 } context_help[] = {
-    {OPT_THREADS, "  -t, --threads N         threads per call (default: each CPU it may use)\n"},
+    {OPT_THREADS, "  -t, --threads N         threads per call (default: each CPU it may use,\n"
+                  "                          within its cgroup's CPU quota)\n"},
     {OPT_CTX, "  -c, --ctx N             context length; 0 (the default): the trained length\n"
               "                          (--ctx-size, as llama.cpp spells it)\n"},
     {OPT_MODE, "      --mode M            mixture (default) or routed\n"},
