@@ -181,6 +181,41 @@ class Lifetimes(unittest.TestCase):
             print("ok")
         """)
 
+    def test_a_route_callback_may_decode_a_context_another_pool_call_waits_for(self):
+        # Thread A's pool call runs c's route callback, which decodes x; thread B's pool
+        # call names x and c. B held x's lock while it waited for c's, which A holds
+        # until its call ends, and A's callback waited for x's: each waited for the
+        # other for ever. B now waits holding none of them.
+        self.expect_ok("""
+            m = moas.Model(POOLED)
+            p = moas.Pool(m, 1 << 20)
+            asked = threading.Event()
+            decoded = []
+            def route(pos, layer, gates, proposed):
+                if pos == 0 and layer == 0 and not decoded:
+                    asked.set()
+                    time.sleep(0.3)   # B asks for x and c meanwhile
+                    decoded.append(len(x.decode(1)))   # a view, gone with x's next call
+            c = p.context(mode="routed", route_callback=route)
+            # B took the locks in the order of id(): x's before c's
+            others = [p.context(mode="routed") for _ in range(64)]
+            x = next(o for o in others if id(o) < id(c))
+            a = threading.Thread(target=lambda: p.decode([(c, [1])]), daemon=True)
+            b = threading.Thread(target=lambda: (asked.wait(), time.sleep(0.05),
+                                                 p.decode([(x, [2]), (c, [3])])),
+                                 daemon=True)
+            for t in (a, b):
+                t.start()
+            for t in (a, b):
+                t.join(10)
+            if a.is_alive() or b.is_alive():
+                print("deadlocked", flush=True)
+                os._exit(1)
+            assert decoded == [m.n_vocab], decoded
+            assert (x.n_past, c.n_past) == (2, 2), (x.n_past, c.n_past)
+            print("ok")
+        """)
+
     def test_a_route_callback_cannot_use_its_own_context(self):
         self.expect_ok("""
             m = moas.Model(MOAS)

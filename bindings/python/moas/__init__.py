@@ -48,7 +48,10 @@ Context's (and a Sampler's) calls hold its lock, so calls from two threads wait 
 each other instead of corrupting it, and close() (of it, its Pool or its Model) waits
 for a call in flight; Sampler.sample(context) holds the context's lock too, as it
 reads its logits in place; a route, abort or log callback must not use the context it
-was called from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it). To stop a
+was called from (refused: MoasError(MOAS_ERR_BUSY), as the library refuses it). A
+Pool.decode holds the locks of every context it names, and waits for a busy one
+holding none of them: a route callback of another thread's pool call may decode one
+of those contexts while its own, named there too, stays held. To stop a
 long decode from another thread, give the context an abort callback that reads a flag
 (a threading.Event) the other thread sets.
 
@@ -2155,13 +2158,12 @@ class Pool(_Handle):
             arr[i].tokens, arr[i].n_tokens = ids, len(tokens)
             arr[i].which = which
             arr[i].logits = out
-        # each context held for the call (another thread's close waits), in one order
-        # so that two calls cannot wait for each other; none from its route or abort
-        # callback
-        ctxs = sorted({id(ctx): ctx for ctx, _ in seqs}.values(), key=id)
+        # each context held for the call (another thread's close waits); none from its
+        # route or abort callback
+        ctxs = list({id(ctx): ctx for ctx, _ in seqs}.values())
         with contextlib.ExitStack() as held:
+            _hold_all([ctx._lock for ctx in ctxs], held)
             for ctx in ctxs:
-                held.enter_context(ctx._lock)
                 ctx._check_not_inside("pool decode")
             for i, (ctx, _) in enumerate(seqs):
                 ctx._invalidate()
@@ -2220,6 +2222,34 @@ class Pool(_Handle):
         st = self.stats()
         return "<moas.Pool %d/%d pages free, %d contexts>" % (st.pages_free, st.n_pages,
                                                               st.n_contexts)
+
+
+def _hold_all(locks, held):
+    """Take every lock, never waiting for one while holding another, and give each to
+    `held` (an ExitStack) to release. Another thread may hold one of them and want one
+    of ours: a route callback of a pool call, decoding a context this call names while
+    its own context, also named here, stays held until that call ends. So wait for one
+    lock alone, then try the rest without waiting; if one is taken, let go and wait
+    for that one."""
+    first = 0
+    while locks:
+        locks[first].acquire()
+        taken = [locks[first]]
+        busy = None
+        for i, lock in enumerate(locks):
+            if i == first:
+                continue
+            if not lock.acquire(blocking=False):
+                busy = i
+                break
+            taken.append(lock)
+        if busy is None:
+            for lock in taken:
+                held.callback(lock.release)
+            return
+        for lock in reversed(taken):
+            lock.release()
+        first = busy
 
 
 # ---- sampler --------------------------------------------------------------------------
