@@ -188,6 +188,19 @@ TEST(cpu_quota_reads_escaped_mount_points) {
     return TEST_PASS;
 }
 
+/* A mount's root is escaped like its mount point, and a group's name may hold a space,
+ * which /proc/self/cgroup writes as it is. */
+TEST(cpu_quota_reads_an_escaped_mount_root) {
+    const char *files[] = {
+        "/proc/self/cgroup", "0::/my group/ctr\n",
+        "/proc/self/mountinfo",
+        "30 22 0:27 /my\\040group /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw\n",
+        "/sys/fs/cgroup/ctr/cpu.max", "100000 100000\n",
+    };
+    ASSERT_EQ(quota_of(files, 3), 1);
+    return TEST_PASS;
+}
+
 /* Text that is not what the kernel writes means no limit, never a guess, and a line
  * too long to read is skipped without losing the lines after it. */
 TEST(cpu_quota_of_malformed_files_is_none) {
@@ -270,6 +283,7 @@ CGROUP_SKIP(cpu_quota_v1_reads_the_cpu_hierarchy)
 CGROUP_SKIP(cpu_quota_of_v1_and_v2_together_is_the_tighter)
 CGROUP_SKIP(cpu_quota_follows_a_mount_of_a_subtree)
 CGROUP_SKIP(cpu_quota_reads_escaped_mount_points)
+CGROUP_SKIP(cpu_quota_reads_an_escaped_mount_root)
 CGROUP_SKIP(cpu_quota_of_malformed_files_is_none)
 
 #endif
