@@ -267,18 +267,25 @@ int32_t moas__cpu_quota(const char *root) {
     }
     int32_t best = 0;
     while (next_line(f, line, sizeof line)) {
+        /* Fields are one space apart, and a mount's source may be empty (mount(2) given
+         * ""): split at every space, so the super options stay the third field past
+         * the dash. */
         char *field[MOUNT_FIELDS];
         int32_t n = 0, dash = -1;
-        char *save = NULL;
-        for (char *t = strtok_r(line, " ", &save); t != NULL && n < MOUNT_FIELDS;
-             t = strtok_r(NULL, " ", &save)) {
-            if (dash < 0 && n >= 6 && strcmp(t, "-") == 0) {
+        for (char *p = line; p != NULL && n < MOUNT_FIELDS; n++) {
+            char *space = strchr(p, ' ');
+            if (space != NULL) {
+                *space = '\0';
+            }
+            if (dash < 0 && n >= 6 && strcmp(p, "-") == 0) {
                 dash = n;
             }
-            field[n++] = t;
+            field[n] = p;
+            p = space != NULL ? space + 1 : NULL;
         }
-        if (dash < 0 || dash + 3 >= n) {
-            continue;   /* type, source and super options follow the dash */
+        if (dash < 0 || dash + 3 >= n || field[3][0] != '/' || field[4][0] != '/') {
+            continue;   /* type, source and super options follow the dash; the mount's root
+                           and point are absolute */
         }
         const char *type = field[dash + 1], *options = field[dash + 3];
         const bool is_v2 = strcmp(type, "cgroup2") == 0 && g.v2[0] != '\0';

@@ -201,6 +201,26 @@ TEST(cpu_quota_reads_an_escaped_mount_root) {
     return TEST_PASS;
 }
 
+/* A mount's source may be empty (mount(2) given ""): mountinfo then writes two spaces
+ * in a row, and the super options are still the field after it. */
+TEST(cpu_quota_reads_a_mount_with_an_empty_source) {
+    const char *v2[] = {
+        "/proc/self/cgroup", "0::/g\n",
+        "/proc/self/mountinfo", "30 22 0:27 / /sys/fs/cgroup rw shared:4 - cgroup2  rw\n",
+        "/sys/fs/cgroup/g/cpu.max", "100000 100000\n",
+    };
+    ASSERT_EQ(quota_of(v2, 3), 1);
+    const char *v1[] = {
+        "/proc/self/cgroup", "4:cpu,cpuacct:/g\n",
+        "/proc/self/mountinfo",
+        "31 22 0:28 / /sys/fs/cgroup/cpu rw shared:8 - cgroup  rw,cpu,cpuacct\n",
+        "/sys/fs/cgroup/cpu/g/cpu.cfs_quota_us", "200000\n",
+        "/sys/fs/cgroup/cpu/g/cpu.cfs_period_us", "100000\n",
+    };
+    ASSERT_EQ(quota_of(v1, 4), 2);
+    return TEST_PASS;
+}
+
 /* Text that is not what the kernel writes means no limit, never a guess, and a line
  * too long to read is skipped without losing the lines after it. */
 TEST(cpu_quota_of_malformed_files_is_none) {
@@ -239,6 +259,7 @@ TEST(cpu_quota_of_malformed_files_is_none) {
         "30 22 0:27 / /sys/fs/cgroup rw shared:4 cgroup2 cgroup2 rw\n",   /* no dash */
         "30 22 0:27 / /sys/fs/cgroup rw shared:4 - cgroup2\n",           /* cut short */
         "30 22 0:27 / rw - cgroup2 cgroup2 rw\n",                        /* a field short */
+        "30 22 0:27  /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",          /* no root */
         "30 22 0:27 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n",
     };
     for (size_t i = 0; i < sizeof bad_mount / sizeof bad_mount[0]; i++) {
@@ -284,6 +305,7 @@ CGROUP_SKIP(cpu_quota_of_v1_and_v2_together_is_the_tighter)
 CGROUP_SKIP(cpu_quota_follows_a_mount_of_a_subtree)
 CGROUP_SKIP(cpu_quota_reads_escaped_mount_points)
 CGROUP_SKIP(cpu_quota_reads_an_escaped_mount_root)
+CGROUP_SKIP(cpu_quota_reads_a_mount_with_an_empty_source)
 CGROUP_SKIP(cpu_quota_of_malformed_files_is_none)
 
 #endif
