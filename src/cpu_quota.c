@@ -213,6 +213,17 @@ static int32_t group_limit(const char *dir, bool v2) {
     return ends_line(rest) ? quota_cpus(quota, period) : 0;
 }
 
+/* Whether `path` has a ".." step: a group outside the cgroup namespace's root, which
+ * /proc/self/cgroup writes as "/../sibling" and no mount in the namespace shows. */
+static bool climbs_out(const char *path) {
+    for (const char *p = strstr(path, "/.."); p != NULL; p = strstr(p + 1, "/..")) {
+        if (p[3] == '/' || p[3] == '\0') {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The tightest limit from group `path`'s directory under a mount (root-prefixed
  * mount point `mount_dir`, showing group `mount_root` there) up to the mount point;
  * 0 for none or a group the mount does not show. */
@@ -220,7 +231,9 @@ static int32_t limit_under(const char *mount_dir, const char *mount_root, const 
                            bool v2) {
     const char *rel;
     const size_t root_len = strlen(mount_root);
-    if (strcmp(mount_root, "/") == 0) {
+    if (climbs_out(path) || climbs_out(mount_root)) {
+        return 0;
+    } else if (strcmp(mount_root, "/") == 0) {
         rel = path;
     } else if (strncmp(path, mount_root, root_len) == 0 &&
                (path[root_len] == '\0' || path[root_len] == '/')) {

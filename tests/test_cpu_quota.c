@@ -221,6 +221,20 @@ TEST(cpu_quota_reads_a_mount_with_an_empty_source) {
     return TEST_PASS;
 }
 
+/* A process outside its cgroup namespace's root has a path that climbs out of it
+ * ("/../sibling"): its group and the groups above it are not under the mount, and the
+ * namespace root's limit is not its own. */
+TEST(cpu_quota_of_a_group_outside_the_namespace_is_none) {
+    const char *files[] = {
+        "/proc/self/cgroup", "0::/../sibling\n",
+        "/proc/self/mountinfo", MOUNT_V2,
+        "/sys/fs/cgroup/cpu.max", "100000 100000\n",
+        "/sys/fs/sibling/cpu.max", "200000 100000\n",
+    };
+    ASSERT_EQ(quota_of(files, 4), 0);
+    return TEST_PASS;
+}
+
 /* Text that is not what the kernel writes means no limit, never a guess, and a line
  * too long to read is skipped without losing the lines after it. */
 TEST(cpu_quota_of_malformed_files_is_none) {
@@ -306,6 +320,7 @@ CGROUP_SKIP(cpu_quota_follows_a_mount_of_a_subtree)
 CGROUP_SKIP(cpu_quota_reads_escaped_mount_points)
 CGROUP_SKIP(cpu_quota_reads_an_escaped_mount_root)
 CGROUP_SKIP(cpu_quota_reads_a_mount_with_an_empty_source)
+CGROUP_SKIP(cpu_quota_of_a_group_outside_the_namespace_is_none)
 CGROUP_SKIP(cpu_quota_of_malformed_files_is_none)
 
 #endif

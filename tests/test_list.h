@@ -230,6 +230,7 @@ X(cpu_quota_follows_a_mount_of_a_subtree)
 X(cpu_quota_reads_escaped_mount_points)
 X(cpu_quota_reads_an_escaped_mount_root)
 X(cpu_quota_reads_a_mount_with_an_empty_source)
+X(cpu_quota_of_a_group_outside_the_namespace_is_none)
 X(cpu_quota_of_malformed_files_is_none)
 X(default_threads_take_the_cpu_quota_when_fewer)
 
