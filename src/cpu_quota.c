@@ -15,8 +15,9 @@
  * among the options). The group's directory is the mount point followed by the
  * group's path past the mount's root; a group outside that root is not visible there.
  *
- * Every read is bounded: a line longer than LINE_BYTES is skipped whole, a path longer
- * than PATH_BYTES is given up on, and anything unexpected means no limit.
+ * Every read is bounded: a line that does not fit LINE_BYTES with its newline and NUL is
+ * skipped whole, a path longer than PATH_BYTES is given up on, and anything unexpected
+ * means no limit.
  */
 #if defined(__linux__)
 #define _GNU_SOURCE   /* fopen's "e" (close on exec) */
@@ -201,7 +202,7 @@ static int32_t group_limit(const char *dir, bool v2) {
         !read_small("", path, text, sizeof text)) {
         return 0;
     }
-    const uint64_t quota = parse_count(text, &rest);   /* "-1" reads as 0: none */
+    const uint64_t quota = parse_count(text, &rest);   /* "-1" (no limit) is no count */
     if (!ends_line(rest)) {
         return 0;
     }
