@@ -1565,7 +1565,8 @@ class Context(_Handle):
     """An inference stream (moas_context): KV cache, position, routing records.
 
     Parameters, all optional, as moas_context_params: n_ctx (0: trained length),
-    n_threads (0: every CPU the process may run on, within its cgroup's CPU quota), mode ("mixture" | "routed" or Mode), kv_type
+    n_threads (0: every CPU the process may run on, within its cgroup's CPU quota),
+    mode ("mixture" | "routed" or Mode), kv_type
     ("f32" | "f16" | "q8_0" or Type), kernels ("auto" | "ref"), forced_scheme (-1: the router),
     kv_budget (bytes, 0: none), route_callback (see set_route_callback), abort_callback
     (see set_abort_callback), log (fn(level, message)), allocator (an Allocator).
@@ -2051,7 +2052,8 @@ class Pool(_Handle):
 
     capacity_bytes (required), kv_type ("f32" | "f16" | "q8_0": head_dim a multiple of
     32), page_heads (0: default),
-    n_threads (0: every CPU the process may run on, within its cgroup's CPU quota), kernels, n_batch (rows per block of decode()),
+    n_threads (0: every CPU the process may run on, within its cgroup's CPU quota),
+    kernels, n_batch (rows per block of decode()),
     steer_below (routed contexts take cheaper schemes while the free fraction of pages
     is below it; 0: never), commit (write every page and decode() buffer now, so the
     pool's memory is resident from the start and RSS stays flat while sequences come

@@ -1428,7 +1428,7 @@ pub struct PoolParams {
     pub capacity_bytes: u64,
     pub kv_type: KvType,
     pub page_heads: i32,  // head slots per page, a power of two; 0: 4
-    pub n_threads: i32,   // threads of Pool::decode; 0: every CPU the process may run on, within its cgroup's CPU quota
+    pub n_threads: i32,   // threads of Pool::decode; 0: each CPU, within the cgroup quota
     pub n_batch: i32,     // rows per block of Pool::decode; 0: 128
     pub steer_below: f32, // routed contexts: steer to cheaper schemes below this free share
     pub commit: bool,     // write every page at creation (resident from the start)
