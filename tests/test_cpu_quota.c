@@ -291,9 +291,10 @@ TEST(cpu_quota_of_malformed_files_is_none) {
      * ends in what would read as a mount of a decoy hierarchy were the line cut where
      * the buffer ends and its tail taken for a line. */
     static char long_lines[4096 + 256];
-    memset(long_lines, 'x', 4095);
+    memset(long_lines, 'x', 4094);
+    long_lines[4094] = ' ';   /* the buffer's 4,095 characters end here */
     snprintf(long_lines + 4095, sizeof long_lines - 4095,
-             " 30 22 0:27 / /decoy rw shared:4 - cgroup2 cgroup2 rw\n%s", MOUNT_V2);
+             "30 22 0:27 / /decoy rw shared:4 - cgroup2 cgroup2 rw\n%s", MOUNT_V2);
     const char *files[] = {
         "/proc/self/cgroup", "0::/g\n",
         "/proc/self/mountinfo", long_lines,
