@@ -15,14 +15,9 @@
  * among the options). The group's directory is the mount point followed by the
  * group's path past the mount's root; a group outside that root is not visible there.
  *
- * Every read is bounded: a line that does not fit LINE_BYTES with its newline and NUL is
- * skipped whole, a path longer than PATH_BYTES is given up on, and anything unexpected
- * means no limit.
+ * Every read is bounded: a line of LINE_BYTES characters or more is skipped whole, a
+ * path longer than PATH_BYTES is given up on, and anything unexpected means no limit.
  */
-#if defined(__linux__)
-#define _GNU_SOURCE   /* fopen's "e" (close on exec) */
-#endif
-
 #include "cpu_quota.h"
 
 #include <stdbool.h>
@@ -32,6 +27,9 @@
 #include <string.h>
 
 #if defined(__linux__)
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #define LINE_BYTES 4096
 #define PATH_BYTES 4096
@@ -44,42 +42,80 @@ typedef struct {
     char v1[PATH_BYTES];
 } group_paths;
 
-/* Read `path` (root-prefixed) whole into buf (NUL-terminated); false if it is missing,
- * unreadable or does not fit. */
-static bool read_small(const char *root, const char *path, char *buf, size_t cap) {
-    char full[PATH_BYTES];
-    if ((size_t)snprintf(full, sizeof full, "%s%s", root, path) >= sizeof full) {
-        return false;
-    }
-    FILE *f = fopen(full, "re");
-    if (f == NULL) {
-        return false;
-    }
-    const size_t n = fread(buf, 1, cap - 1, f);
-    const bool whole = n < cap - 1 || fgetc(f) == EOF;
-    const bool failed = ferror(f) != 0;
-    fclose(f);
-    buf[n] = '\0';
-    return whole && !failed;
+/* Plain reads, not stdio: the library allocates only through the caller's allocator,
+ * and stdio would malloc its FILE and buffer. */
+
+/* read(), retried when a signal interrupts it; -1 on error. */
+static ssize_t read_some(int fd, char *buf, size_t n) {
+    ssize_t got;
+    do {
+        got = read(fd, buf, n);
+    } while (got < 0 && errno == EINTR);
+    return got;
 }
 
-/* The next line of f into line, without its newline; lines that do not fit are
- * skipped. False at the end. */
-static bool next_line(FILE *f, char *line, size_t cap) {
-    while (fgets(line, (int)cap, f) != NULL) {
-        const size_t len = strlen(line);
-        if (len > 0 && line[len - 1] == '\n') {
-            line[len - 1] = '\0';
-            return true;
+/* Read `path` whole into buf (NUL-terminated); false if it is missing, unreadable or
+ * does not fit. */
+static bool read_small(const char *path, char *buf, size_t cap) {
+    const int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return false;
+    }
+    size_t n = 0;
+    ssize_t got = 1;
+    while (n < cap - 1 && (got = read_some(fd, buf + n, cap - 1 - n)) > 0) {
+        n += (size_t)got;
+    }
+    char extra;
+    const bool whole = got == 0 || (got > 0 && read_some(fd, &extra, 1) == 0);
+    close(fd);
+    buf[n] = '\0';
+    return whole;
+}
+
+/* A file read line by line through a small buffer. */
+typedef struct {
+    int fd;
+    size_t len, pos;   /* bytes in buf, the next one to hand out */
+    char buf[512];
+} line_reader;
+
+static bool reader_open(line_reader *r, const char *path) {
+    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    r->len = r->pos = 0;
+    return r->fd >= 0;
+}
+
+/* The next line into line (NUL-terminated, without its newline); a line of more than
+ * cap - 1 characters is skipped whole. False at the end or on a read error. */
+static bool next_line(line_reader *r, char *line, size_t cap) {
+    size_t n = 0;
+    bool too_long = false;
+    for (;;) {
+        if (r->pos == r->len) {
+            const ssize_t got = read_some(r->fd, r->buf, sizeof r->buf);
+            if (got <= 0) {   /* the end: a last line without its newline counts */
+                line[n] = '\0';
+                r->len = r->pos = 0;
+                return n > 0 && !too_long && got == 0;
+            }
+            r->len = (size_t)got;
+            r->pos = 0;
         }
-        if (len + 1 < cap) {
-            return true;   /* the file's last line, without a newline */
-        }
-        int c;   /* too long: skip the rest of it */
-        while ((c = fgetc(f)) != EOF && c != '\n') {
+        const char c = r->buf[r->pos++];
+        if (c == '\n') {
+            if (!too_long) {
+                line[n] = '\0';
+                return true;
+            }
+            n = 0;
+            too_long = false;
+        } else if (n + 1 < cap) {
+            line[n++] = c;
+        } else {
+            too_long = true;
         }
     }
-    return false;
 }
 
 /* Whether the comma-separated list holds `name`. */
@@ -113,11 +149,11 @@ static void read_groups(const char *root, group_paths *g) {
     if ((size_t)snprintf(full, sizeof full, "%s/proc/self/cgroup", root) >= sizeof full) {
         return;
     }
-    FILE *f = fopen(full, "re");
-    if (f == NULL) {
+    line_reader r;
+    if (!reader_open(&r, full)) {
         return;
     }
-    while (next_line(f, line, sizeof line)) {
+    while (next_line(&r, line, sizeof line)) {
         char *c1 = strchr(line, ':');
         char *c2 = c1 != NULL ? strchr(c1 + 1, ':') : NULL;
         if (c2 == NULL || c2[1] != '/') {
@@ -131,7 +167,7 @@ static void read_groups(const char *root, group_paths *g) {
             copy_path(g->v1, path);
         }
     }
-    fclose(f);
+    close(r.fd);
 }
 
 /* mountinfo's escapes (\040 for a space, \011, \012, \134) undone in place. */
@@ -188,7 +224,7 @@ static int32_t group_limit(const char *dir, bool v2) {
     const char *rest;
     if (v2) {
         if ((size_t)snprintf(path, sizeof path, "%s/cpu.max", dir) >= sizeof path ||
-            !read_small("", path, text, sizeof text)) {
+            !read_small(path, text, sizeof text)) {
             return 0;
         }
         const uint64_t quota = parse_count(text, &rest);
@@ -199,7 +235,7 @@ static int32_t group_limit(const char *dir, bool v2) {
         return ends_line(rest) ? quota_cpus(quota, period) : 0;
     }
     if ((size_t)snprintf(path, sizeof path, "%s/cpu.cfs_quota_us", dir) >= sizeof path ||
-        !read_small("", path, text, sizeof text)) {
+        !read_small(path, text, sizeof text)) {
         return 0;
     }
     const uint64_t quota = parse_count(text, &rest);   /* "-1" (no limit) is no count */
@@ -207,7 +243,7 @@ static int32_t group_limit(const char *dir, bool v2) {
         return 0;
     }
     if ((size_t)snprintf(path, sizeof path, "%s/cpu.cfs_period_us", dir) >= sizeof path ||
-        !read_small("", path, text, sizeof text)) {
+        !read_small(path, text, sizeof text)) {
         return 0;
     }
     const uint64_t period = parse_count(text, &rest);
@@ -275,12 +311,12 @@ int32_t moas__cpu_quota(const char *root) {
     if ((size_t)snprintf(full, sizeof full, "%s/proc/self/mountinfo", root) >= sizeof full) {
         return 0;
     }
-    FILE *f = fopen(full, "re");
-    if (f == NULL) {
+    line_reader r;
+    if (!reader_open(&r, full)) {
         return 0;
     }
     int32_t best = 0;
-    while (next_line(f, line, sizeof line)) {
+    while (next_line(&r, line, sizeof line)) {
         /* Fields are one space apart, and a mount's source may be empty (mount(2) given
          * ""): split at every space, so the super options stay the third field past
          * the dash. */
@@ -321,7 +357,7 @@ int32_t moas__cpu_quota(const char *root) {
             best = limit;
         }
     }
-    fclose(f);
+    close(r.fd);
     return best;
 }
 

@@ -12,7 +12,7 @@
  * cpu.cfs_period_us; 0 when there is none or it cannot be read. `root` is prefixed to
  * every path read (/proc/self/cgroup, /proc/self/mountinfo and the group's files):
  * "" for the running system, a directory holding a made-up tree for tests. Reads a
- * few small files through stdio. 0 off Linux. */
+ * few small files with open() and read(), allocating nothing. 0 off Linux. */
 int32_t moas__cpu_quota(const char *root);
 
 #endif
