@@ -452,6 +452,25 @@ int32_t moas__team_threads_for(long n_cpus, int32_t quota_cpus) {
     return n < 1 ? 1 : n > MOAS_MAX_THREADS ? MOAS_MAX_THREADS : (int32_t)n;
 }
 
+/* The cgroup's CPU quota, read again at most once a second. Reading it opens a few
+ * files under /proc and /sys, tens of microseconds, where the rest of making a context
+ * in a pool takes about one. A thread that finds the reading stale reads it again;
+ * two at once both read, and either's value is current. */
+#define QUOTA_READ_EVERY_NS 1000000000
+static int32_t cpu_quota_now(void) {
+    static _Atomic int64_t read_at = INT64_MIN;
+    static atomic_int quota;
+    const int64_t t = now_ns();
+    const int64_t at = atomic_load_explicit(&read_at, memory_order_acquire);
+    if (at != INT64_MIN && t - at < QUOTA_READ_EVERY_NS) {
+        return atomic_load_explicit(&quota, memory_order_relaxed);
+    }
+    const int32_t q = moas__cpu_quota("");
+    atomic_store_explicit(&quota, q, memory_order_relaxed);
+    atomic_store_explicit(&read_at, t, memory_order_release);
+    return q;
+}
+
 int32_t moas__team_default_threads(void) {
     long n = 0;
 #if defined(__linux__)
@@ -465,7 +484,7 @@ int32_t moas__team_default_threads(void) {
         n = sysconf(_SC_NPROCESSORS_ONLN);
     }
 #endif
-    return moas__team_threads_for(n, moas__cpu_quota(""));
+    return moas__team_threads_for(n, cpu_quota_now());
 }
 
 void moas__team_lead(moas_team *team, int32_t n_threads, void (*body)(void *), void *arg) {
