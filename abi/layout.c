@@ -102,6 +102,7 @@ int main(void) {
     FIELD(moas_pool_info, bytes_held);
     FIELD(moas_pool_info, bytes_used);
     FIELD(moas_pool_info, bytes_stored);
+    FIELD(moas_pool_info, n_threads);
 
     STRUCT(moas_pool_seq);
     FIELD(moas_pool_seq, ctx);

@@ -1064,6 +1064,9 @@ typedef struct moas_pool_info {
                                  without routed mode's 5 bytes of bookkeeping per token
                                  and layer (which live beside the pages); held pages
                                  minus this is the pool's waste */
+    int32_t n_threads;        /* threads of moas_pool_decode: params->n_threads, or for
+                                 0 the number it resolved to at creation, as
+                                 moas_context_n_threads() says (since 2026-12-06) */
 } moas_pool_info;
 
 /*

@@ -306,8 +306,9 @@ static const moas__field pool_info_fields[] = {
     MOAS__FIELD(moas_pool_info, pages_free),     MOAS__FIELD(moas_pool_info, n_contexts),
     MOAS__FIELD(moas_pool_info, bytes_capacity), MOAS__FIELD(moas_pool_info, bytes_held),
     MOAS__FIELD(moas_pool_info, bytes_used),     MOAS__FIELD(moas_pool_info, bytes_stored),
+    MOAS__FIELD(moas_pool_info, n_threads),
 };
-LAYOUT_ENDS_WITH(moas_pool_info, bytes_stored);
+LAYOUT_ENDS_WITH(moas_pool_info, n_threads);
 LAYOUT(moas__pool_info_layout, moas_pool_info, pool_info_fields);
 
 static const moas__field tokenize_params_fields[] = {

@@ -419,6 +419,7 @@ moas_status moas_pool_stats(moas_pool *pool, moas_pool_info *info) {
     r.n_contexts = pool->n_contexts;
     r.bytes_capacity = (uint64_t)pool->n_pages * page_bytes;
     r.bytes_held = (uint64_t)(pool->n_pages - pool->n_free) * page_bytes;
+    r.n_threads = pool->ws->n_threads;
     for (const moas_context *c = pool->contexts; c != NULL; c = c->pool_next) {
         r.bytes_used += c->published_used;   /* as of each context's last call */
         r.bytes_stored += c->published_stored;

@@ -594,6 +594,7 @@ for r in rows:
         assert k in r, k
     assert r["n_kv"] == r["b"] * 12 and r["kv_bytes"] == r["b"] * 12 * 1152, r
     assert r["s_tg"] > 0 and r["pages"] > 0
+    assert r["threads"] == 1, r   # the pool's, as -t gave it
 shared = json.loads(open(sys.argv[2]).read())
 assert shared["n_kv"] == 8 + 3 * 4, shared
 # the forks' shared prompt counts once in the bytes too (1152 bytes a token)

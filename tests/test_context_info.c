@@ -98,6 +98,45 @@ TEST(kv_bytes_of_a_layer_out_of_range_are_zero) {
     return TEST_PASS;
 }
 
+/* A pool reports its decode threads as a context does: as given, or for 0 the CPUs
+ * the process may run on within its cgroup quota; a caller of the older, shorter
+ * struct gets the fields before it and no more. */
+TEST(pool_reports_its_thread_count) {
+    moas_model *model;
+    moas_pool *pool;
+    moas_pool_params pp;
+
+    ASSERT_OK(moas_model_load(test_data("tiny-pooled-bias.gguf"), NULL, &model));
+    moas_pool_params_init(&pp);
+    pp.capacity_bytes = 1 << 16;
+    pp.n_threads = 3;
+    ASSERT_OK(moas_pool_create(model, &pp, &pool));
+    moas_pool_info info = {.size = sizeof info};
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.size, sizeof info);
+    ASSERT_EQ(info.n_threads, 3);
+    info.n_threads = -7;
+    info.size = (uint32_t)offsetof(moas_pool_info, n_threads);   /* the struct before it */
+    ASSERT_OK(moas_pool_stats(pool, &info));
+    ASSERT_EQ(info.size, offsetof(moas_pool_info, n_threads));
+    ASSERT_EQ(info.n_threads, -7);
+    moas_pool_free(pool);
+    pp.n_threads = 0;
+    ASSERT_OK(moas_pool_create(model, &pp, &pool));
+    info.size = sizeof info;
+    ASSERT_OK(moas_pool_stats(pool, &info));
+#if defined(__linux__)
+    cpu_set_t set;
+    ASSERT_EQ(sched_getaffinity(0, sizeof set, &set), 0);
+    ASSERT_EQ(info.n_threads, moas__team_threads_for(CPU_COUNT(&set), moas__cpu_quota("")));
+#else
+    ASSERT_TRUE(info.n_threads >= 1);
+#endif
+    moas_pool_free(pool);
+    moas_model_free(model);
+    return TEST_PASS;
+}
+
 TEST(context_reports_its_thread_count) {
     moas_model *model;
     moas_context *ctx;

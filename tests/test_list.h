@@ -167,6 +167,7 @@ X(mean_mixing_ties_route_to_the_first_scheme)
 X(kv_token_bytes_is_what_the_cache_uses)
 X(kv_bytes_of_a_layer_out_of_range_are_zero)
 X(context_reports_its_thread_count)
+X(pool_reports_its_thread_count)
 
 /* tests/test_tokenizer.c */
 X(tokenize_follows_sorted_vocabulary)

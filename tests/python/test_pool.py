@@ -46,6 +46,14 @@ class PoolTest(unittest.TestCase):
                 ctx.close()
         self.assertEqual(self.pool.stats().pages_free, self.pool.stats().n_pages)
 
+    def test_stats_report_the_decode_threads(self):
+        with moas.Pool(self.model, 1 << 16, n_threads=3) as pool:
+            self.assertEqual(pool.stats().n_threads, 3)
+        with moas.Pool(self.model, 1 << 16) as pool, self.model.context() as ctx:
+            # 0 resolves as a context's does: the CPUs it may use, within a cgroup quota
+            self.assertEqual(pool.stats().n_threads, ctx.n_threads)
+            self.assertGreaterEqual(pool.stats().n_threads, 1)
+
     def test_logits_asked_per_pair(self):
         # one pair's every row, another's last, a third's none, in one call: each what
         # decode_batch gives alone with that choice

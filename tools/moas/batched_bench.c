@@ -428,12 +428,12 @@ static void print_row(moas_pool *pool, const bb_options *o, int pp, int tg, int 
                "\"t_tg\": %.6f, \"s_tg\": %.2f, \"t\": %.6f, \"s\": %.2f, \"kv_bytes\": %llu, "
                "\"held_bytes\": %llu, \"stored_bytes\": %llu, \"pages\": %d, \"page_bytes\": %llu, "
                "\"mode\": \"%s\", \"forced_scheme\": %d, \"kv_type\": \"%s\", "
-               "\"shared_prompt\": %s",
+               "\"shared_prompt\": %s, \"threads\": %d",
                pp, tg, pl, n_kv, t_pp, s_pp, t_tg, s_tg, t, s,
                (unsigned long long)kv_bytes, (unsigned long long)info.bytes_held,
                (unsigned long long)info.bytes_stored, pages, (unsigned long long)info.page_bytes,
                o->mode == MOAS_MODE_ROUTED ? "routed" : "mixture", o->fixed_scheme,
-               type_name(o->kv_type), o->shared_prompt ? "true" : "false");
+               type_name(o->kv_type), o->shared_prompt ? "true" : "false", info.n_threads);
         if (o->shared_prompt) {
             /* the forks' own tokens' bytes: every fork counts the prompt's as its own */
             const double own = (double)info.bytes_stored - (double)pl * (double)r->prompt_stored;

@@ -218,7 +218,8 @@ class PoolInfo(ctypes.Structure):
                 ("page_bytes", ctypes.c_uint64), ("n_pages", ctypes.c_int32),
                 ("pages_free", ctypes.c_int32), ("n_contexts", ctypes.c_int32),
                 ("bytes_capacity", ctypes.c_uint64), ("bytes_held", ctypes.c_uint64),
-                ("bytes_used", ctypes.c_uint64), ("bytes_stored", ctypes.c_uint64)]
+                ("bytes_used", ctypes.c_uint64), ("bytes_stored", ctypes.c_uint64),
+                ("n_threads", ctypes.c_int32)]
 
 
 class PoolSeq(ctypes.Structure):
@@ -2043,8 +2044,9 @@ class Context(_Handle):
 
 class PoolStats(namedtuple("PoolStats", [
         "page_heads", "page_bytes", "n_pages", "pages_free", "n_contexts", "bytes_capacity",
-        "bytes_held", "bytes_used", "bytes_stored"])):
-    """moas_pool_info: capacity and occupancy of a Pool."""
+        "bytes_held", "bytes_used", "bytes_stored", "n_threads"])):
+    """moas_pool_info: capacity and occupancy of a Pool, and the threads of its decode()
+    (n_threads as given, or for 0 what it resolved to)."""
 
 
 class Pool(_Handle):

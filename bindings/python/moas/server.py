@@ -707,7 +707,7 @@ class Server:
         return web.json_response({
             "bytes_capacity": st.bytes_capacity, "bytes_held": st.bytes_held,
             "bytes_used": st.bytes_used, "pages": st.n_pages, "pages_free": st.pages_free,
-            "sequences_active": snap["active"], "sequences_swapped": snap["swapped"],
+            "threads": st.n_threads, "sequences_active": snap["active"], "sequences_swapped": snap["swapped"],
             "requests_queued": snap["queued"],
             "prompt_cache_entries": snap["cache_entries"],
             "prompt_cache_entry_tokens": snap["cache_tokens"],
@@ -1581,9 +1581,10 @@ async def serve(args, ready=None):
         if hasattr(signal, name):
             loop.add_signal_handler(getattr(signal, name), stop)
     port = site._server.sockets[0].getsockname()[1]
-    print("moas.server: %s (%s mode, %.0f MB pool, %d sequences) on http://%s:%d/"
-          % (server.model_id, args.mode, args.pool_mb, args.max_sequences, args.host, port),
-          flush=True)
+    threads = server.engine.pool.stats().n_threads
+    print("moas.server: %s (%s mode, %.0f MB pool, %d sequences, %d thread%s) on http://%s:%d/"
+          % (server.model_id, args.mode, args.pool_mb, args.max_sequences, threads,
+             "" if threads == 1 else "s", args.host, port), flush=True)
     try:
         await asyncio.Event().wait()
     finally:

@@ -36,7 +36,7 @@ class Server:
             [sys.executable, "-m", "moas.server", "-m", MODEL, "--port", "0", "-t", "1"]
             + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             universal_newlines=True)
-        line = self.proc.stdout.readline()
+        line = self.first_line = self.proc.stdout.readline()
         assert "http://127.0.0.1:" in line, line + self.proc.stdout.read()
         self.port = int(line.rsplit(":", 1)[1].strip("/\n"))
         self.key = None
@@ -169,6 +169,10 @@ def test_health_models_metrics_page(server):
                  'moas_scheme_share{scheme="MQA"}'):
         assert name in m, name
     assert m["moas_pool_bytes_capacity"] == 1 << 20
+    # the pool's decode threads, as Server starts it (-t 1), in /v1/pool and the first line
+    status, _, body = server.request("GET", "/v1/pool")
+    assert status == 200 and body["threads"] == 1, body
+    assert ", 1 thread) on http://" in server.first_line, server.first_line
     status, headers, page = server.request("GET", "/")
     assert status == 200 and "text/html" in headers["Content-Type"]
     assert "<script>" in page and "http" not in page.split("<script>")[1].replace(

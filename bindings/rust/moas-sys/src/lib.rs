@@ -201,6 +201,7 @@ pub struct moas_pool_info {
     pub bytes_held: u64,
     pub bytes_used: u64,
     pub bytes_stored: u64,
+    pub n_threads: i32,
 }
 
 #[repr(C)]

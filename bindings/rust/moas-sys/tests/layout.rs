@@ -139,6 +139,7 @@ fn rust_layouts() -> Vec<Layout> {
             bytes_held,
             bytes_used,
             bytes_stored,
+            n_threads,
         }),
         layout!(moas_pool_seq {
             ctx,

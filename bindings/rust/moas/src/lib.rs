@@ -1418,6 +1418,7 @@ pub struct PoolStats {
     pub bytes_held: u64,
     pub bytes_used: u64,
     pub bytes_stored: u64,
+    pub n_threads: i32, // of Pool::decode: as given, or for 0 what it resolved to
 }
 
 /// moas_pool_params, the fields a Rust caller sets. Default: the C defaults (a
@@ -1584,6 +1585,7 @@ impl<'m> Pool<'m> {
             bytes_held: info.bytes_held,
             bytes_used: info.bytes_used,
             bytes_stored: info.bytes_stored,
+            n_threads: info.n_threads,
         }
     }
 }

@@ -380,6 +380,7 @@ fn pool_params_compaction_and_shift() {
     let pool = Pool::with_params(&m, &pp).unwrap();
     let st = pool.stats();
     assert_eq!(st.page_heads, 8);
+    assert_eq!(st.n_threads, 1);
     assert_eq!(st.page_bytes, 8 * m.head_dim() as u64 * 2 * 4);
     assert_eq!(st.bytes_capacity, st.page_bytes * st.n_pages as u64);
     assert!(Pool::with_params(
