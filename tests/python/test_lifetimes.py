@@ -4,10 +4,12 @@ picks), close() waits for a call another thread is making, a route callback cann
 use its own context, integers out of their C type's range are refused rather than
 wrapped, and wrong types are TypeErrors. Each case that once crashed the interpreter
 runs in a subprocess of its own, so a crash is a failed test, not a lost run."""
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -215,6 +217,21 @@ class Lifetimes(unittest.TestCase):
             assert (x.n_past, c.n_past) == (2, 2), (x.n_past, c.n_past)
             print("ok")
         """)
+
+    def test_pool_decode_lets_go_of_the_locks_it_took_when_taking_one_raises(self):
+        # an exception between two acquisitions (a KeyboardInterrupt) left the ones
+        # already taken held: every later call on those contexts waited for ever
+        class Raising:
+            def acquire(self, blocking=True):
+                raise KeyboardInterrupt
+
+        first = threading.RLock()
+        with self.assertRaises(KeyboardInterrupt), contextlib.ExitStack() as held:
+            moas._hold_all([first, Raising()], held)
+        t = threading.Thread(target=lambda: first.acquire() and first.release())
+        t.start()
+        t.join(5)
+        self.assertFalse(t.is_alive(), "the first lock stayed held")
 
     def test_a_route_callback_cannot_use_its_own_context(self):
         self.expect_ok("""

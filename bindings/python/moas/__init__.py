@@ -2234,25 +2234,23 @@ def _hold_all(locks, held):
     of ours: a route callback of a pool call, decoding a context this call names while
     its own context, also named here, stays held until that call ends. So wait for one
     lock alone, then try the rest without waiting; if one is taken, let go and wait
-    for that one."""
+    for that one. Each lock taken goes on an ExitStack at once, so that an exception
+    (a KeyboardInterrupt between two of them) lets go of those already taken."""
     first = 0
     while locks:
-        locks[first].acquire()
-        taken = [locks[first]]
-        busy = None
-        for i, lock in enumerate(locks):
-            if i == first:
-                continue
-            if not lock.acquire(blocking=False):
-                busy = i
-                break
-            taken.append(lock)
-        if busy is None:
-            for lock in taken:
-                held.callback(lock.release)
-            return
-        for lock in reversed(taken):
-            lock.release()
+        with contextlib.ExitStack() as attempt:
+            attempt.enter_context(locks[first])
+            busy = None
+            for i, lock in enumerate(locks):
+                if i == first:
+                    continue
+                if not lock.acquire(blocking=False):
+                    busy = i
+                    break
+                attempt.callback(lock.release)
+            if busy is None:
+                held.enter_context(attempt.pop_all())
+                return
         first = busy
 
 
