@@ -707,7 +707,8 @@ class Server:
         return web.json_response({
             "bytes_capacity": st.bytes_capacity, "bytes_held": st.bytes_held,
             "bytes_used": st.bytes_used, "pages": st.n_pages, "pages_free": st.pages_free,
-            "threads": st.n_threads, "sequences_active": snap["active"], "sequences_swapped": snap["swapped"],
+            "threads": st.n_threads, "sequences_active": snap["active"],
+            "sequences_swapped": snap["swapped"],
             "requests_queued": snap["queued"],
             "prompt_cache_entries": snap["cache_entries"],
             "prompt_cache_entry_tokens": snap["cache_tokens"],
