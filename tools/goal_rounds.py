@@ -11,7 +11,11 @@ round alike. Per round each goal's ratio is taken from that round's figures (the
 small shape's one sequence runs three times a round, its median taken, as its 128
 tokens take about 10 ms); the summary gives, per goal, the medians of the figures
 over rounds, the median ratio and its range, the ratio of every round, and whether
-the median meets the goal.
+the median meets the goal. Under the table, for the 16 sequences at depth, the bytes a
+decode step reads on each side (the weights once, from `bench`'s
+weight_bytes_per_token, and each sequence's K/V at its mean depth, from
+`batched-bench`'s kv_bytes) and their ratio, which a decode bound by the bytes it reads
+would reach.
 
 --small and --gpt2 default to random-weight models of the documented shapes under
 build/bench, made with build/tools/random_model (`make bench` builds it) when missing;
@@ -80,7 +84,7 @@ class RunError(Exception):
 
 
 def run_one(argv, key):
-    """The figure `key` of the first JSON line argv prints."""
+    """The figure `key` of the first JSON line argv prints, and that whole line."""
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, encoding="utf-8",
                               timeout=1800)
@@ -93,13 +97,14 @@ def run_one(argv, key):
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             try:
-                value = json.loads(line)[key]
+                record = json.loads(line)
+                value = record[key]
             except (ValueError, KeyError) as e:
                 raise RunError("%s: no '%s' in its JSON (%s)" % (" ".join(argv), key, e))
             if not isinstance(value, (int, float)) or value <= 0:
                 raise RunError("%s: '%s' is %r, not a positive number" % (" ".join(argv),
                                                                           key, value))
-            return float(value)
+            return float(value), record
     raise RunError("%s: printed no JSON line" % " ".join(argv))
 
 
@@ -130,6 +135,32 @@ def markdown(rows, n_rounds):
     return "\n".join(out)
 
 
+def bytes_note(records, rows):
+    """The line under the table on what the 16 sequences' decode steps read, from the
+    last round's runs; None when a figure it needs is missing (an older moas)."""
+    try:
+        weights = float(records[("one_routed", 1)]["weight_bytes_per_token"])
+        step = {}
+        for name in ("b16_routed", "b16_mha"):
+            r = records[(name, 2)]
+            b, pp, tg = int(r["b"]), int(r["pp"]), int(r["tg"])
+            per_token = float(r["kv_bytes"]) / (b * (pp + tg))
+            # keys read by the decoded tokens' steps: pp + 1 .. pp + tg, pp + (tg + 1) / 2
+            # on average
+            step[name] = weights + b * per_token * (pp + (tg + 1) / 2)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    ratio = step["b16_mha"] / step["b16_routed"]
+    line = ("16 sequences at depth 960: a decode step reads %.1f MB routed against %.1f MB "
+            "MHA-sized (the weights once, each sequence's K/V at its mean depth), a byte "
+            "ratio of %.2f" % (step["b16_routed"] / 1e6, step["b16_mha"] / 1e6, ratio))
+    for goal, _, _, _, ratios, _ in rows:
+        if goal.startswith("16 sequences"):
+            line += "; the median ratio is %.0f%% of it" % (
+                100 * statistics.median(ratios) / ratio)
+    return line + "."
+
+
 def ensure_model(path, random_model, shape):
     if os.path.exists(path):
         return
@@ -144,12 +175,13 @@ def ensure_model(path, random_model, shape):
 
 
 def measure(a, small, gpt2, log):
-    """a.rounds rounds; per round {(name, threads): tok/s}."""
-    per_round = []
+    """a.rounds rounds: per round {(name, threads): tok/s}, and the last round's JSON
+    line of each run {(name, threads): record}."""
+    per_round, records = [], {}
     for r in range(1, a.rounds + 1):
         figures, small_b1 = {}, {}
         for name, threads, key, cmd in round_commands(a.moas, small, gpt2, a.long):
-            v = run_one(cmd, key)
+            v, records[(name, threads)] = run_one(cmd, key)
             line = json.dumps({"round": r, "what": name, "threads": threads, "tok_s": v})
             print(line, file=sys.stderr, flush=True)
             print(line, file=log, flush=True)
@@ -160,7 +192,7 @@ def measure(a, small, gpt2, log):
         for threads, vs in small_b1.items():
             figures[(SMALL_B1, threads)] = statistics.median(vs)
         per_round.append(figures)
-    return per_round
+    return per_round, records
 
 
 
@@ -189,11 +221,15 @@ def main(argv=None):
         except OSError as e:
             raise RunError("--log %s: %s" % (a.log, e.strerror))
         with log:
-            per_round = measure(a, small, gpt2, log)
+            per_round, records = measure(a, small, gpt2, log)
     except RunError as e:
         print("goal_rounds: %s" % e, file=sys.stderr)
         return 1
-    print(markdown(summarize(per_round), a.rounds))
+    rows = summarize(per_round)
+    print(markdown(rows, a.rounds))
+    note = bytes_note(records, rows)
+    if note:
+        print("\n" + note)
     return 0
 
 

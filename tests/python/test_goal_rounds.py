@@ -22,7 +22,8 @@ sys.dont_write_bytecode = True
 # 9000 at 1 (medians 2000 and 1500) in every round; its 64 sequences 4200 in the first
 # round and 3800 in the second at 2 threads, 1800 at 1. GPT-2 100 / 650 at 2 threads and
 # 80 / 300 at 1; one long-context sequence routed 900 / 1000 (1 / 2 threads), MHA-sized
-# 600 / 700; 16 of them routed 7000, MHA-sized 2000.
+# 600 / 700; 16 of them routed 7000, MHA-sized 2000. The weights are 1,000,000 bytes a
+# token; the 16 sequences' K/V 1,000 bytes a token routed and 4,000 MHA-sized.
 FAKE_MOAS = r'''
 import json, os, sys
 argv = sys.argv[1:]
@@ -42,9 +43,10 @@ def nth(key):
 forced = "--force-scheme" in argv
 if argv[0] == "bench":
     v = {(1, False): 900, (2, False): 1000, (1, True): 600, (2, True): 700}[(t, forced)]
-    out = {"prefill_tok_s": 1.0, "decode_tok_s": v}
+    out = {"prefill_tok_s": 1.0, "decode_tok_s": v, "weight_bytes_per_token": 1000000}
 elif opt["-npp"] == "960":
-    out = {"s_tg": 2000 if forced else 7000}
+    out = {"s_tg": 2000 if forced else 7000, "b": 16, "pp": 960, "tg": 64,
+           "kv_bytes": 16 * 1024 * (4000 if forced else 1000)}
 elif opt["-ntg"] == "32":
     out = {"s_tg": {(2, "1"): 100, (2, "16"): 650, (1, "1"): 80, (1, "16"): 300}[(t, opt["-npl"])]}
 elif opt["-npl"] == "1":
@@ -105,8 +107,8 @@ class GoalRounds(unittest.TestCase):
         log = os.path.join(self.dir, "runs.jsonl")
         r = self.run_tool("--rounds", "2", "--log", log, *self.models())
         self.assertEqual(r.returncode, 0, r.stderr)
-        rows = [[c.strip() for c in line.strip("|").split(" | ")]
-                for line in r.stdout.splitlines()[2:]]
+        lines = r.stdout.splitlines()
+        rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:10]]
         self.assertEqual([row[0] for row in rows], [
             "small shape: S_TG at B = 64 >= 2x B = 1", "the same, against B = 1 at 1 thread",
             "the same, 1 thread", "GPT-2 small: S_TG at B = 16 >= 6x B = 1", "the same, 1 thread",
@@ -126,6 +128,13 @@ class GoalRounds(unittest.TestCase):
                                        "met"])
         self.assertEqual(rows[6][3:], ["1.50 (1.50-1.50)", "1.50 1.50", "not met (1.50 of 1.8)"])
         self.assertEqual(rows[7][3], "1.43 (1.43-1.43)")
+        # a step of the 16 decodes, by hand: 1e6 + 16 * K * 1000 routed and 1e6 + 16 * K *
+        # 4000 MHA-sized bytes, K = 960 + 65 / 2 = 992.5 keys on average: 16.88 and 64.52 MB,
+        # 3.82x; 3.5 is 92% of it
+        self.assertEqual(lines[10:], ["", "16 sequences at depth 960: a decode step reads "
+                                      "16.9 MB routed against 64.5 MB MHA-sized (the weights "
+                                      "once, each sequence's K/V at its mean depth), a byte "
+                                      "ratio of 3.82; the median ratio is 92% of it."])
         # every run logged, in the documented order, round after round
         with open(log) as f:
             runs = [json.loads(line) for line in f]
