@@ -455,7 +455,7 @@ int32_t moas__team_threads_for(long n_cpus, int32_t quota_cpus) {
 /* The cgroup's CPU quota, read again at most once a second. Reading it opens a few
  * files under /proc and /sys, tens of microseconds, where the rest of making a context
  * in a pool takes about one. A thread that finds the reading stale reads it again;
- * two at once both read, and either's value is current. */
+ * two at once both read, and the one that stores last stands for the next second. */
 #define QUOTA_READ_EVERY_NS 1000000000
 static int32_t cpu_quota_now(void) {
     static _Atomic int64_t read_at = INT64_MIN;

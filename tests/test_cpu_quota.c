@@ -169,7 +169,8 @@ TEST(cpu_quota_follows_a_mount_of_a_subtree) {
                           "cgroup2 rw\n",
             "/sys/fs/cgroup/cpu.max", "300000 100000\n",
             "/sys/fs/cgroup/inner/cpu.max", "200000 100000\n",
-            "/sys/fs/cgroupd/cpu.max", "100000 100000\n",   /* were "abcd" taken for "abc" + "d" */
+            /* what "abcd" would read were it taken for "abc" + "d" */
+            "/sys/fs/cgroupd/cpu.max", "100000 100000\n",
         };
         ASSERT_EQ(quota_of(files, 5), cases[i].want);
     }
@@ -235,39 +236,43 @@ TEST(cpu_quota_of_a_group_outside_the_namespace_is_none) {
     return TEST_PASS;
 }
 
+/* Where each file of a v2 tree of group /g sits in a quota_of() list. */
+enum { GROUP_FILE = 1, MOUNT_FILE = 3, CPU_MAX_FILE = 5 };
+
+/* Each of `texts` in place of one file (`slot`) of a v2 tree that, as it is, limits
+ * group /g to one CPU: the index of the first text that still gives a limit, or -1. */
+static int first_with_a_limit(const char *const *texts, size_t n, int slot) {
+    for (size_t i = 0; i < n; i++) {
+        const char *files[] = {
+            "/proc/self/cgroup", "0::/g\n",
+            "/proc/self/mountinfo", MOUNT_V2,
+            "/sys/fs/cgroup/g/cpu.max", "100000 100000\n",
+        };
+        files[slot] = texts[i];
+        if (quota_of(files, 3) != 0) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
 /* Text that is not what the kernel writes means no limit, never a guess, and a line
  * too long to read is skipped without losing the lines after it. */
 TEST(cpu_quota_of_malformed_files_is_none) {
+    static const char *const good_cpu_max[] = {"100000 100000\n"};
+    ASSERT_EQ(first_with_a_limit(good_cpu_max, 1, CPU_MAX_FILE), 0);   /* the tree as it is */
     static const char *const bad_cpu_max[] = {
         "", "max", "abc\n", "100000\n", "0 100000\n", "100000 0\n", "-5 100000\n",
         "100000 100000 7\n", "100000  100000\n", "99999999999999999999999 1\n",
         "100000 100000\nx", "200000000000 1\n" /* 2e11 CPUs: as good as none */,
     };
-    for (size_t i = 0; i < sizeof bad_cpu_max / sizeof bad_cpu_max[0]; i++) {
-        const char *files[] = {
-            "/proc/self/cgroup", "0::/g\n",
-            "/proc/self/mountinfo", MOUNT_V2,
-            "/sys/fs/cgroup/g/cpu.max", bad_cpu_max[i],
-        };
-        if (quota_of(files, 3) != 0) {
-            test_report(__FILE__, __LINE__, "cpu.max", "'%s' gave a limit", bad_cpu_max[i]);
-            return TEST_FAIL;
-        }
-    }
+    ASSERT_EQ(first_with_a_limit(bad_cpu_max, sizeof bad_cpu_max / sizeof bad_cpu_max[0],
+                                 CPU_MAX_FILE), -1);
     static const char *const bad_group[] = {
         "", "0::\n", "0:/g\n", "g\n", "0::g\n", "1:cpuset:/g\n", "0:cpu:/g\n",
     };
-    for (size_t i = 0; i < sizeof bad_group / sizeof bad_group[0]; i++) {
-        const char *files[] = {
-            "/proc/self/cgroup", bad_group[i],
-            "/proc/self/mountinfo", MOUNT_V2,
-            "/sys/fs/cgroup/g/cpu.max", "100000 100000\n",
-        };
-        if (quota_of(files, 3) != 0) {
-            test_report(__FILE__, __LINE__, "cgroup", "'%s' gave a limit", bad_group[i]);
-            return TEST_FAIL;
-        }
-    }
+    ASSERT_EQ(first_with_a_limit(bad_group, sizeof bad_group / sizeof bad_group[0],
+                                 GROUP_FILE), -1);
     static const char *const bad_mount[] = {
         "",
         "30 22 0:27 / /sys/fs/cgroup rw shared:4 cgroup2 cgroup2 rw\n",   /* no dash */
@@ -276,17 +281,8 @@ TEST(cpu_quota_of_malformed_files_is_none) {
         "30 22 0:27  /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",          /* no root */
         "30 22 0:27 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n",
     };
-    for (size_t i = 0; i < sizeof bad_mount / sizeof bad_mount[0]; i++) {
-        const char *files[] = {
-            "/proc/self/cgroup", "0::/g\n",
-            "/proc/self/mountinfo", bad_mount[i],
-            "/sys/fs/cgroup/g/cpu.max", "100000 100000\n",
-        };
-        if (quota_of(files, 3) != 0) {
-            test_report(__FILE__, __LINE__, "mountinfo", "'%s' gave a limit", bad_mount[i]);
-            return TEST_FAIL;
-        }
-    }
+    ASSERT_EQ(first_with_a_limit(bad_mount, sizeof bad_mount / sizeof bad_mount[0],
+                                 MOUNT_FILE), -1);
     /* A line longer than the reader's 4,096 bytes, then the real mount. The long one
      * ends in what would read as a mount of a decoy hierarchy were the line cut where
      * the buffer ends and its tail taken for a line. */
